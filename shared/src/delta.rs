@@ -1,0 +1,483 @@
+//! Versioned profile deltas: what origin-sync sends and the edge applies.
+//!
+//! A profile's version counts the events folded into it and only moves forward. A patch says
+//! which version it was made from and how many versions it advances; the edge applies it only
+//! on top of exactly that version. Anything at or below the version already held is a duplicate
+//! and a no-op; a patch from a version the edge does not hold is a gap, and the edge refetches
+//! the snapshot instead of guessing. Erasure is a tombstone with its own version, so older
+//! in-flight data cannot bring an erased profile back.
+//!
+//! Ops are chosen for size: a typical single-event delta, user key included, is under 32 bytes.
+
+use crate::ids::{CategoryId, ItemId, Secs};
+use crate::keys::UserKey;
+use crate::profile::{
+    CartLine, Consent, Interest, MAX_PURCHASES, MAX_RECENT, Profile, PurchaseRecord, Score,
+    Segments,
+};
+use serde::{Deserialize, Serialize};
+
+/// A change to one shopper's profile.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Delta {
+    pub user: UserKey,
+    pub change: Change,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Change {
+    /// Takes the profile from version `from` to `from + steps`, moving `updated_at` forward by
+    /// `advance` seconds. Relative numbers keep the common delta to a few bytes.
+    Patch {
+        from: u64,
+        steps: u32,
+        advance: u32,
+        ops: Vec<Op>,
+    },
+    /// The whole profile: first sync, gap repair, or when no patch can express the change.
+    Snapshot(Profile),
+    /// Erased at `version`: nothing at or below it may bring the profile back.
+    Tombstone { version: u64 },
+}
+
+/// One field-level change. Variant order is the wire order: append only.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Op {
+    /// Upsert an interest whose time is the patched profile's `updated_at`.
+    InterestNow { category: CategoryId, score: Score },
+    /// Upsert an interest with its own time.
+    Interest(Interest),
+    DropInterest(CategoryId),
+    /// `recent = items ++ (recent without items)`, truncated.
+    RecentPrepend(Vec<ItemId>),
+    Recent(Vec<ItemId>),
+    /// Upsert a cart line; quantity 0 removes it.
+    Cart(CartLine),
+    /// `purchases = items ++ purchases`, truncated.
+    PurchasesPrepend(Vec<PurchaseRecord>),
+    Purchases(Vec<PurchaseRecord>),
+    LastPurchase(Option<Secs>),
+    Spend(u64),
+    Views(u32),
+    Segments(Segments),
+    Bucket(u8),
+    Consent(Consent),
+}
+
+/// What is stored for a user key at the edge (KV and cache) or at the origin.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Stored {
+    Profile(Profile),
+    Tombstone { version: u64 },
+}
+
+impl Stored {
+    pub fn version(&self) -> u64 {
+        match self {
+            Stored::Profile(p) => p.version,
+            Stored::Tombstone { version } => *version,
+        }
+    }
+
+    pub fn profile(&self) -> Option<&Profile> {
+        match self {
+            Stored::Profile(p) => Some(p),
+            Stored::Tombstone { .. } => None,
+        }
+    }
+}
+
+impl Change {
+    /// The version the change brings the profile to (saturating on hostile input).
+    pub fn to_version(&self) -> u64 {
+        match self {
+            Change::Patch { from, steps, .. } => from.saturating_add(u64::from(*steps)),
+            Change::Snapshot(p) => p.version,
+            Change::Tombstone { version } => *version,
+        }
+    }
+}
+
+/// A change that was not applied, and why.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The patch was made from a version this side does not hold: refetch the snapshot.
+    #[error("version gap: holding {have}, patch is from {from}")]
+    Gap { have: u64, from: u64 },
+    /// The change is malformed (bad counts, or it would break a profile invariant).
+    #[error("invalid delta: {0}")]
+    Invalid(&'static str),
+}
+
+/// The result of a change that did not fail.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Applied {
+    /// The stored value moved forward.
+    Updated,
+    /// Already at or past the change's version: nothing to do.
+    Duplicate,
+}
+
+/// Applies `change` to what is held (`None`: nothing, version 0) under the version rules.
+///
+/// On error `held` is unchanged.
+pub fn apply(held: &mut Option<Stored>, change: &Change) -> Result<Applied, ApplyError> {
+    let have = held.as_ref().map_or(0, Stored::version);
+    match change {
+        Change::Patch {
+            from,
+            steps,
+            advance,
+            ops,
+        } => {
+            if *steps == 0 {
+                return Err(ApplyError::Invalid("a patch must advance the version"));
+            }
+            let to = from
+                .checked_add(u64::from(*steps))
+                .ok_or(ApplyError::Invalid("version overflow"))?;
+            if to <= have {
+                return Ok(Applied::Duplicate);
+            }
+            let base = match held {
+                Some(Stored::Profile(p)) if p.version == *from => p.clone(),
+                None if *from == 0 => Profile::default(),
+                _ => return Err(ApplyError::Gap { have, from: *from }),
+            };
+            let next = patched(base, to, *advance, ops)?;
+            *held = Some(Stored::Profile(next));
+            Ok(Applied::Updated)
+        }
+        Change::Snapshot(p) => {
+            if p.version <= have {
+                return Ok(Applied::Duplicate);
+            }
+            p.check().map_err(ApplyError::Invalid)?;
+            *held = Some(Stored::Profile(p.clone()));
+            Ok(Applied::Updated)
+        }
+        Change::Tombstone { version } => {
+            if *version <= have {
+                return Ok(Applied::Duplicate);
+            }
+            *held = Some(Stored::Tombstone { version: *version });
+            Ok(Applied::Updated)
+        }
+    }
+}
+
+fn patched(mut p: Profile, to: u64, advance: u32, ops: &[Op]) -> Result<Profile, ApplyError> {
+    p.version = to;
+    p.updated_at = Secs(
+        p.updated_at
+            .0
+            .checked_add(advance)
+            .ok_or(ApplyError::Invalid("time overflow"))?,
+    );
+    for op in ops {
+        match op {
+            Op::InterestNow { category, score } => upsert_interest(
+                &mut p.interests,
+                Interest {
+                    category: *category,
+                    score: *score,
+                    at: p.updated_at,
+                },
+            ),
+            Op::Interest(i) => upsert_interest(&mut p.interests, *i),
+            Op::DropInterest(c) => p.interests.retain(|i| i.category != *c),
+            Op::RecentPrepend(items) => {
+                let mut next = items.clone();
+                next.extend(p.recent.iter().filter(|i| !items.contains(i)));
+                next.truncate(MAX_RECENT);
+                p.recent = next;
+            }
+            Op::Recent(items) => p.recent = items.clone(),
+            Op::Cart(line) => match p.cart.binary_search_by_key(&line.item, |l| l.item) {
+                Ok(i) if line.quantity == 0 => {
+                    p.cart.remove(i);
+                }
+                Ok(i) => p.cart[i] = *line,
+                Err(_) if line.quantity == 0 => {}
+                Err(i) => p.cart.insert(i, *line),
+            },
+            Op::PurchasesPrepend(items) => {
+                let mut next = items.clone();
+                next.extend(p.purchases.iter().copied());
+                next.truncate(MAX_PURCHASES);
+                p.purchases = next;
+            }
+            Op::Purchases(items) => p.purchases = items.clone(),
+            Op::LastPurchase(t) => p.last_purchase_at = *t,
+            Op::Spend(v) => p.spend_cents = *v,
+            Op::Views(v) => p.views = *v,
+            Op::Segments(s) => p.segments = *s,
+            Op::Bucket(b) => p.bucket = *b,
+            Op::Consent(c) => p.consent = *c,
+        }
+    }
+    p.check().map_err(ApplyError::Invalid)?;
+    Ok(p)
+}
+
+fn upsert_interest(interests: &mut Vec<Interest>, i: Interest) {
+    match interests.binary_search_by_key(&i.category, |x| x.category) {
+        Ok(pos) => interests[pos] = i,
+        Err(pos) => interests.insert(pos, i),
+    }
+}
+
+/// The change that takes `old` to `new`: a patch when `new` is a forward step from `old`, else
+/// a snapshot of `new`.
+pub fn diff(old: &Profile, new: &Profile) -> Change {
+    if new.version <= old.version || new.updated_at < old.updated_at {
+        return Change::Snapshot(new.clone());
+    }
+    let (Ok(steps), Ok(advance)) = (
+        u32::try_from(new.version - old.version),
+        u32::try_from(new.updated_at.0 - old.updated_at.0),
+    ) else {
+        return Change::Snapshot(new.clone());
+    };
+    let mut ops = Vec::new();
+
+    for i in &new.interests {
+        if old.interest(i.category) != Some(i) {
+            ops.push(if i.at == new.updated_at {
+                Op::InterestNow {
+                    category: i.category,
+                    score: i.score,
+                }
+            } else {
+                Op::Interest(*i)
+            });
+        }
+    }
+    for i in &old.interests {
+        if new.interest(i.category).is_none() {
+            ops.push(Op::DropInterest(i.category));
+        }
+    }
+
+    if old.recent != new.recent {
+        ops.push(match recent_prefix(&old.recent, &new.recent) {
+            Some(k) => Op::RecentPrepend(new.recent[..k].to_vec()),
+            None => Op::Recent(new.recent.clone()),
+        });
+    }
+
+    for line in &new.cart {
+        if old.cart_quantity(line.item) != line.quantity {
+            ops.push(Op::Cart(*line));
+        }
+    }
+    for line in &old.cart {
+        if new.cart_quantity(line.item) == 0 {
+            ops.push(Op::Cart(CartLine {
+                item: line.item,
+                quantity: 0,
+            }));
+        }
+    }
+
+    if old.purchases != new.purchases {
+        ops.push(match purchases_prefix(&old.purchases, &new.purchases) {
+            Some(k) => Op::PurchasesPrepend(new.purchases[..k].to_vec()),
+            None => Op::Purchases(new.purchases.clone()),
+        });
+    }
+    if old.last_purchase_at != new.last_purchase_at {
+        ops.push(Op::LastPurchase(new.last_purchase_at));
+    }
+    if old.spend_cents != new.spend_cents {
+        ops.push(Op::Spend(new.spend_cents));
+    }
+    if old.views != new.views {
+        ops.push(Op::Views(new.views));
+    }
+    if old.segments != new.segments {
+        ops.push(Op::Segments(new.segments));
+    }
+    if old.bucket != new.bucket {
+        ops.push(Op::Bucket(new.bucket));
+    }
+    if old.consent != new.consent {
+        ops.push(Op::Consent(new.consent));
+    }
+    Change::Patch {
+        from: old.version,
+        steps,
+        advance,
+        ops,
+    }
+}
+
+/// The smallest `k` such that prepending `new[..k]` to `old` gives `new`.
+fn recent_prefix(old: &[ItemId], new: &[ItemId]) -> Option<usize> {
+    (1..=new.len()).find(|&k| {
+        let head = &new[..k];
+        let rest = old.iter().filter(|i| !head.contains(i));
+        let expect_len = (k + rest.clone().count()).min(MAX_RECENT);
+        expect_len == new.len() && rest.take(new.len() - k).eq(new[k..].iter())
+    })
+}
+
+/// The smallest `k` such that prepending `new[..k]` to `old` gives `new`.
+fn purchases_prefix(old: &[PurchaseRecord], new: &[PurchaseRecord]) -> Option<usize> {
+    (1..=new.len()).find(|&k| {
+        (k + old.len()).min(MAX_PURCHASES) == new.len()
+            && old.iter().take(new.len() - k).eq(new[k..].iter())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse_event;
+    use crate::fold::fold;
+
+    const T0: u64 = 1_732_960_000_000;
+
+    fn ev(n: u64, fields: &str) -> crate::event::Event {
+        let json = format!(
+            r#"{{"event_id":"e{n}","user_id":"u1","ts":{},{fields}}}"#,
+            T0 + n * 60_000
+        );
+        parse_event(json.as_bytes()).expect("valid test event")
+    }
+
+    fn history() -> Profile {
+        let mut p = Profile::new(42);
+        for n in 0..12 {
+            fold(
+                &mut p,
+                &ev(
+                    n,
+                    &format!(r#""type":"product_view","item":"sku-{n}","category":"cat-{}""#, n % 4),
+                ),
+            );
+        }
+        p
+    }
+
+    #[test]
+    fn patch_applies_only_on_its_base() {
+        let old = history();
+        let mut new = old.clone();
+        fold(
+            &mut new,
+            &ev(20, r#""type":"add_to_cart","item":"cam-001","category":"cameras","price":499"#),
+        );
+        let change = diff(&old, &new);
+        assert!(matches!(change, Change::Patch { steps: 1, .. }));
+
+        let mut held = Some(Stored::Profile(old.clone()));
+        assert_eq!(apply(&mut held, &change), Ok(Applied::Updated));
+        assert_eq!(held, Some(Stored::Profile(new.clone())));
+        // the same delta again is a no-op
+        assert_eq!(apply(&mut held, &change), Ok(Applied::Duplicate));
+        assert_eq!(held, Some(Stored::Profile(new.clone())));
+
+        // a holder that is behind detects the gap and stays as it was
+        let mut older = old.clone();
+        older.version -= 1;
+        let mut behind = Some(Stored::Profile(older.clone()));
+        assert_eq!(
+            apply(&mut behind, &change),
+            Err(ApplyError::Gap {
+                have: old.version - 1,
+                from: old.version
+            })
+        );
+        assert_eq!(behind, Some(Stored::Profile(older)));
+    }
+
+    #[test]
+    fn versions_only_move_forward() {
+        let p = history();
+        let mut held = Some(Stored::Profile(p.clone()));
+        let mut stale = p.clone();
+        stale.version -= 3;
+        stale.views = 0;
+        assert_eq!(
+            apply(&mut held, &Change::Snapshot(stale)),
+            Ok(Applied::Duplicate)
+        );
+        assert_eq!(held, Some(Stored::Profile(p.clone())));
+    }
+
+    #[test]
+    fn tombstone_beats_older_data() {
+        let p = history();
+        let mut held = Some(Stored::Profile(p.clone()));
+        let erase = Change::Tombstone {
+            version: p.version + 1,
+        };
+        assert_eq!(apply(&mut held, &erase), Ok(Applied::Updated));
+        // an in-flight snapshot and patch made before the erasure are no-ops now
+        assert_eq!(
+            apply(&mut held, &Change::Snapshot(p.clone())),
+            Ok(Applied::Duplicate)
+        );
+        let mut newer = p.clone();
+        fold(&mut newer, &ev(30, r#""type":"page_view""#));
+        assert_eq!(apply(&mut held, &diff(&p, &newer)), Ok(Applied::Duplicate));
+        assert_eq!(held.as_ref().and_then(Stored::profile), None);
+    }
+
+    #[test]
+    fn first_patch_applies_to_nothing() {
+        let mut p = Profile::new(42);
+        fold(&mut p, &ev(1, r#""type":"page_view""#));
+        let change = diff(&Profile::default(), &p);
+        let mut held = None;
+        assert_eq!(apply(&mut held, &change), Ok(Applied::Updated));
+        assert_eq!(held, Some(Stored::Profile(p)));
+    }
+
+    #[test]
+    fn hostile_patches_are_refused_without_change() {
+        let p = history();
+        let from = p.version;
+        for (ops, steps) in [
+            (vec![Op::Cart(CartLine { item: ItemId(1), quantity: 5000 })], 1),
+            (vec![Op::Recent(vec![ItemId(1); 3])], 1),
+            (vec![Op::Bucket(200)], 1),
+            (vec![], 0),
+        ] {
+            let mut held = Some(Stored::Profile(p.clone()));
+            let change = Change::Patch {
+                from,
+                steps,
+                advance: 0,
+                ops,
+            };
+            assert!(matches!(apply(&mut held, &change), Err(ApplyError::Invalid(_))));
+            assert_eq!(held, Some(Stored::Profile(p.clone())));
+        }
+        let mut held = Some(Stored::Profile(p.clone()));
+        let overflow = Change::Patch {
+            from,
+            steps: 1,
+            advance: u32::MAX,
+            ops: vec![],
+        };
+        assert!(apply(&mut held, &overflow).is_err());
+    }
+
+    #[test]
+    fn single_event_patches_use_compact_ops() {
+        let old = history();
+        let mut new = old.clone();
+        fold(
+            &mut new,
+            &ev(13, r#""type":"product_view","item":"sku-3","category":"cat-3""#),
+        );
+        let Change::Patch { ops, .. } = diff(&old, &new) else {
+            panic!("expected a patch");
+        };
+        assert!(ops.contains(&Op::RecentPrepend(vec![ItemId::of_sku("sku-3")])));
+        assert!(ops.iter().any(|o| matches!(o, Op::InterestNow { .. })));
+    }
+}

@@ -1,0 +1,641 @@
+//! Customer events: the JSON schema shoppers' browsers, the edge and Kafka share.
+//!
+//! Events arrive from untrusted clients, so parsing is hand-written over `serde_json::Value`
+//! rather than derived: every rejection names the field and says what was expected, which is
+//! what ends up in the HTTP 4xx body and in the dead-letter topic's reason header.
+//!
+//! ```json
+//! {"event_id":"e-1","user_id":"u-42","ts":1732960000000,"type":"add_to_cart",
+//!  "item":"cam-001","category":"cameras","price":499.0,"quantity":1}
+//! ```
+
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// Largest accepted JSON text for one event.
+pub const MAX_EVENT_BYTES: usize = 8 * 1024;
+/// Largest accepted batch of events in one request.
+pub const MAX_BATCH_EVENTS: usize = 100;
+/// Largest number of lines in one purchase.
+pub const MAX_PURCHASE_LINES: usize = 50;
+/// Earliest accepted event time: 2024-01-01T00:00:00Z, in Unix milliseconds.
+pub const MIN_TS_MS: u64 = 1_704_067_200_000;
+/// Latest accepted event time: 2100-01-01T00:00:00Z, in Unix milliseconds.
+pub const MAX_TS_MS: u64 = 4_102_444_800_000;
+
+/// A validated event.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Event {
+    /// Unique per event; redelivered copies carry the same id.
+    pub id: String,
+    pub user: String,
+    /// Unix milliseconds.
+    pub ts_ms: u64,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub enum EventKind {
+    PageView,
+    ProductView { item: String, category: String },
+    AddToCart(Line),
+    RemoveFromCart { item: String, quantity: u16 },
+    Purchase(Vec<Line>),
+    Search { query: String, category: Option<String> },
+    Consent { personalization: bool },
+}
+
+/// An item with its category, unit price and quantity.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Line {
+    pub item: String,
+    pub category: String,
+    pub price_cents: u64,
+    pub quantity: u16,
+}
+
+impl EventKind {
+    /// The wire name in the `type` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::PageView => "page_view",
+            EventKind::ProductView { .. } => "product_view",
+            EventKind::AddToCart(_) => "add_to_cart",
+            EventKind::RemoveFromCart { .. } => "remove_from_cart",
+            EventKind::Purchase(_) => "purchase",
+            EventKind::Search { .. } => "search",
+            EventKind::Consent { .. } => "consent",
+        }
+    }
+
+    /// The Kafka topic this kind of event travels on by default.
+    pub fn default_topic(&self) -> &'static str {
+        match self {
+            EventKind::PageView | EventKind::ProductView { .. } | EventKind::Search { .. } => {
+                "customer_clicks"
+            }
+            EventKind::AddToCart(_) | EventKind::RemoveFromCart { .. } => "cart_events",
+            EventKind::Purchase(_) | EventKind::Consent { .. } => "purchase_events",
+        }
+    }
+}
+
+/// The event types the schema knows.
+pub const EVENT_TYPES: [&str; 7] = [
+    "page_view",
+    "product_view",
+    "add_to_cart",
+    "remove_from_cart",
+    "purchase",
+    "search",
+    "consent",
+];
+
+/// Why an event was rejected: the field (if one is to blame) and the problem.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct EventError {
+    pub field: Option<&'static str>,
+    pub problem: String,
+}
+
+impl EventError {
+    fn field(field: &'static str, problem: impl Into<String>) -> Self {
+        EventError {
+            field: Some(field),
+            problem: problem.into(),
+        }
+    }
+
+    fn whole(problem: impl Into<String>) -> Self {
+        EventError {
+            field: None,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.field {
+            Some(field) => write!(f, "field `{field}`: {}", self.problem),
+            None => f.write_str(&self.problem),
+        }
+    }
+}
+
+impl std::error::Error for EventError {}
+
+/// Parses and validates one event from JSON bytes.
+pub fn parse_event(bytes: &[u8]) -> Result<Event, EventError> {
+    if bytes.len() > MAX_EVENT_BYTES {
+        return Err(EventError::whole(format!(
+            "event is {} bytes; the limit is {MAX_EVENT_BYTES}",
+            bytes.len()
+        )));
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| EventError::whole(format!("not valid JSON: {e}")))?;
+    Event::from_json(&value)
+}
+
+/// Parses a batch: a JSON array of events, or `{"events": [...]}`.
+///
+/// The outer error is for a batch that cannot be read at all; each element then has its own
+/// result, so one bad event does not cost the good ones in the same batch.
+pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Result<Event, EventError>>, EventError> {
+    let limit = MAX_EVENT_BYTES * MAX_BATCH_EVENTS;
+    if bytes.len() > limit {
+        return Err(EventError::whole(format!(
+            "batch is {} bytes; the limit is {limit}",
+            bytes.len()
+        )));
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| EventError::whole(format!("not valid JSON: {e}")))?;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Object(mut map) => match map.remove("events") {
+            Some(Value::Array(items)) if map.is_empty() => items,
+            _ => {
+                return Err(EventError::whole(
+                    "expected a JSON array of events or {\"events\": [...]}",
+                ));
+            }
+        },
+        _ => {
+            return Err(EventError::whole(
+                "expected a JSON array of events or {\"events\": [...]}",
+            ));
+        }
+    };
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(EventError::whole(format!(
+            "batch has {} events; the limit is {MAX_BATCH_EVENTS}",
+            items.len()
+        )));
+    }
+    Ok(items.iter().map(Event::from_json).collect())
+}
+
+impl Event {
+    /// Validates an already-parsed JSON value.
+    pub fn from_json(value: &Value) -> Result<Event, EventError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| EventError::whole("an event must be a JSON object"))?;
+        let ty = req_str(obj, "type", 32)?;
+        let allowed: &[&str] = match ty {
+            "page_view" => &[],
+            "product_view" => &["item", "category"],
+            "add_to_cart" => &["item", "category", "price", "quantity"],
+            "remove_from_cart" => &["item", "category", "quantity"],
+            "purchase" => &["item", "category", "price", "quantity", "items"],
+            "search" => &["query", "category"],
+            "consent" => &["personalization"],
+            other => {
+                return Err(EventError::field(
+                    "type",
+                    format!(
+                        "unknown event type {other:?}; expected one of {}",
+                        EVENT_TYPES.join(", ")
+                    ),
+                ));
+            }
+        };
+        for key in obj.keys() {
+            let common = matches!(key.as_str(), "event_id" | "user_id" | "ts" | "type");
+            if !common && !allowed.contains(&key.as_str()) {
+                return Err(EventError {
+                    field: None,
+                    problem: format!("unknown field {key:?} for a {ty} event"),
+                });
+            }
+        }
+        let id = req_token(obj, "event_id", 64)?.to_owned();
+        let user = req_user(obj)?;
+        let ts_ms = match obj.get("ts") {
+            None => return Err(EventError::field("ts", "missing")),
+            Some(v) => v.as_u64().filter(|t| (MIN_TS_MS..MAX_TS_MS).contains(t)).ok_or_else(
+                || {
+                    EventError::field(
+                        "ts",
+                        "must be an integer of Unix milliseconds between 2024 and 2100",
+                    )
+                },
+            )?,
+        };
+        let kind = match ty {
+            "page_view" => EventKind::PageView,
+            "product_view" => EventKind::ProductView {
+                item: req_sku(obj, "item")?,
+                category: req_category(obj, "category")?,
+            },
+            "add_to_cart" => EventKind::AddToCart(line(obj)?),
+            "remove_from_cart" => {
+                if let Some(v) = obj.get("category") {
+                    category_value("category", v)?;
+                }
+                EventKind::RemoveFromCart {
+                    item: req_sku(obj, "item")?,
+                    quantity: quantity(obj)?,
+                }
+            }
+            "purchase" => EventKind::Purchase(purchase_lines(obj)?),
+            "search" => EventKind::Search {
+                query: req_str(obj, "query", 256)?.to_owned(),
+                category: match obj.get("category") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(category_value("category", v)?),
+                },
+            },
+            _ => EventKind::Consent {
+                personalization: match obj.get("personalization") {
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return Err(EventError::field("personalization", "must be true or false"));
+                    }
+                    None => return Err(EventError::field("personalization", "missing")),
+                },
+            },
+        };
+        Ok(Event {
+            id,
+            user,
+            ts_ms,
+            kind,
+        })
+    }
+
+    /// The canonical JSON form (what goes to Kafka); `parse_event` reads it back unchanged.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("event_id".into(), self.id.clone().into());
+        m.insert("user_id".into(), self.user.clone().into());
+        m.insert("ts".into(), self.ts_ms.into());
+        m.insert("type".into(), self.kind.name().into());
+        let put_line = |m: &mut Map<String, Value>, l: &Line| {
+            m.insert("item".into(), l.item.clone().into());
+            m.insert("category".into(), l.category.clone().into());
+            m.insert("price".into(), cents_to_json(l.price_cents));
+            m.insert("quantity".into(), l.quantity.into());
+        };
+        match &self.kind {
+            EventKind::PageView => {}
+            EventKind::ProductView { item, category } => {
+                m.insert("item".into(), item.clone().into());
+                m.insert("category".into(), category.clone().into());
+            }
+            EventKind::AddToCart(l) => put_line(&mut m, l),
+            EventKind::RemoveFromCart { item, quantity } => {
+                m.insert("item".into(), item.clone().into());
+                m.insert("quantity".into(), (*quantity).into());
+            }
+            EventKind::Purchase(lines) => {
+                let items = lines
+                    .iter()
+                    .map(|l| {
+                        let mut o = Map::new();
+                        put_line(&mut o, l);
+                        Value::Object(o)
+                    })
+                    .collect();
+                m.insert("items".into(), Value::Array(items));
+            }
+            EventKind::Search { query, category } => {
+                m.insert("query".into(), query.clone().into());
+                if let Some(c) = category {
+                    m.insert("category".into(), c.clone().into());
+                }
+            }
+            EventKind::Consent { personalization } => {
+                m.insert("personalization".into(), (*personalization).into());
+            }
+        }
+        Value::Object(m)
+    }
+
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        // Serializing a `Value` built from strings and numbers cannot fail.
+        serde_json::to_vec(&self.to_json()).unwrap_or_default()
+    }
+
+    /// The total order the fold applies events in: event time, then event id.
+    pub fn order_key(&self) -> (u64, &str) {
+        (self.ts_ms, &self.id)
+    }
+}
+
+fn cents_to_json(cents: u64) -> Value {
+    // Two decimals exactly; f64 holds every cent value we accept exactly enough to round back.
+    Value::from(cents as f64 / 100.0)
+}
+
+fn req_str<'a>(
+    obj: &'a Map<String, Value>,
+    field: &'static str,
+    max: usize,
+) -> Result<&'a str, EventError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(EventError::field(field, "missing")),
+        Some(Value::String(s)) => {
+            if s.is_empty() {
+                Err(EventError::field(field, "must not be empty"))
+            } else if s.len() > max {
+                Err(EventError::field(
+                    field,
+                    format!("is {} bytes; the limit is {max}", s.len()),
+                ))
+            } else if s.chars().any(char::is_control) {
+                Err(EventError::field(field, "must not contain control characters"))
+            } else {
+                Ok(s)
+            }
+        }
+        Some(_) => Err(EventError::field(field, "must be a string")),
+    }
+}
+
+fn token_ok(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn req_token<'a>(
+    obj: &'a Map<String, Value>,
+    field: &'static str,
+    max: usize,
+) -> Result<&'a str, EventError> {
+    let s = req_str(obj, field, max)?;
+    if token_ok(s) {
+        Ok(s)
+    } else {
+        Err(EventError::field(
+            field,
+            "may contain only letters, digits and - _ . :",
+        ))
+    }
+}
+
+fn req_user(obj: &Map<String, Value>) -> Result<String, EventError> {
+    // User ids are the site's own (emails, UUIDs, numbers): any printable text, but bounded.
+    match obj.get("user_id") {
+        Some(Value::Number(n)) if n.is_u64() => Ok(n.to_string()),
+        _ => req_str(obj, "user_id", 128).map(str::to_owned),
+    }
+}
+
+fn req_sku(obj: &Map<String, Value>, field: &'static str) -> Result<String, EventError> {
+    req_token(obj, field, 64).map(str::to_owned)
+}
+
+fn category_value(field: &'static str, v: &Value) -> Result<String, EventError> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| EventError::field(field, "must be a string"))?;
+    if s.is_empty() || s.len() > 48 {
+        return Err(EventError::field(field, "must be 1 to 48 characters"));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err(EventError::field(
+            field,
+            "may contain only lowercase letters, digits, - and _",
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+fn req_category(obj: &Map<String, Value>, field: &'static str) -> Result<String, EventError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(EventError::field(field, "missing")),
+        Some(v) => category_value(field, v),
+    }
+}
+
+fn quantity_value(v: Option<&Value>) -> Result<u16, EventError> {
+    match v {
+        None => Ok(1),
+        Some(v) => v
+            .as_u64()
+            .filter(|q| (1..=999).contains(q))
+            .map(|q| q as u16)
+            .ok_or_else(|| EventError::field("quantity", "must be an integer from 1 to 999")),
+    }
+}
+
+fn quantity(obj: &Map<String, Value>) -> Result<u16, EventError> {
+    quantity_value(obj.get("quantity"))
+}
+
+fn price(obj: &Map<String, Value>) -> Result<u64, EventError> {
+    let v = obj
+        .get("price")
+        .ok_or_else(|| EventError::field("price", "missing"))?;
+    let p = v
+        .as_f64()
+        .filter(|p| p.is_finite() && (0.0..=10_000_000.0).contains(p))
+        .ok_or_else(|| EventError::field("price", "must be a number from 0 to 10000000"))?;
+    Ok((p * 100.0).round() as u64)
+}
+
+fn line(obj: &Map<String, Value>) -> Result<Line, EventError> {
+    Ok(Line {
+        item: req_sku(obj, "item")?,
+        category: req_category(obj, "category")?,
+        price_cents: price(obj)?,
+        quantity: quantity(obj)?,
+    })
+}
+
+fn purchase_lines(obj: &Map<String, Value>) -> Result<Vec<Line>, EventError> {
+    let Some(items) = obj.get("items") else {
+        return Ok(vec![line(obj)?]);
+    };
+    if obj.contains_key("item") {
+        return Err(EventError::field(
+            "items",
+            "give either `items` or a single `item`, not both",
+        ));
+    }
+    let items = items
+        .as_array()
+        .filter(|a| !a.is_empty() && a.len() <= MAX_PURCHASE_LINES)
+        .ok_or_else(|| {
+            EventError::field(
+                "items",
+                format!("must be an array of 1 to {MAX_PURCHASE_LINES} lines"),
+            )
+        })?;
+    items
+        .iter()
+        .map(|v| {
+            let o = v
+                .as_object()
+                .ok_or_else(|| EventError::field("items", "each line must be an object"))?;
+            if let Some(k) = o
+                .keys()
+                .find(|k| !matches!(k.as_str(), "item" | "category" | "price" | "quantity"))
+            {
+                return Err(EventError::field(
+                    "items",
+                    format!("unknown field {k:?} in a purchase line"),
+                ));
+            }
+            line(o)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TS: u64 = 1_732_960_000_000;
+
+    fn ev(fields: &str) -> String {
+        format!(r#"{{"event_id":"e1","user_id":"u1","ts":{TS},{fields}}}"#)
+    }
+
+    /// One line per case: the JSON and the expected result (`Ok` debug or the error text).
+    fn check(json: &str, expected: &str) {
+        let got = match parse_event(json.as_bytes()) {
+            Ok(e) => format!("ok {}", e.kind.name()),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(got, expected, "for {json}");
+    }
+
+    #[test]
+    fn accepts_every_type() {
+        check(&ev(r#""type":"page_view""#), "ok page_view");
+        check(
+            &ev(r#""type":"product_view","item":"cam-001","category":"cameras""#),
+            "ok product_view",
+        );
+        check(
+            &ev(r#""type":"add_to_cart","item":"cam-001","category":"cameras","price":499.99"#),
+            "ok add_to_cart",
+        );
+        check(
+            &ev(r#""type":"remove_from_cart","item":"cam-001","quantity":2"#),
+            "ok remove_from_cart",
+        );
+        check(
+            &ev(r#""type":"purchase","item":"cam-001","category":"cameras","price":1,"quantity":1"#),
+            "ok purchase",
+        );
+        check(
+            &ev(
+                r#""type":"purchase","items":[{"item":"a","category":"c","price":1},{"item":"b","category":"c","price":2,"quantity":3}]"#,
+            ),
+            "ok purchase",
+        );
+        check(&ev(r#""type":"search","query":"tripod""#), "ok search");
+        check(&ev(r#""type":"consent","personalization":false"#), "ok consent");
+    }
+
+    #[test]
+    fn rejects_with_the_field_and_reason() {
+        check("{", "not valid JSON: EOF while parsing an object at line 1 column 1");
+        check("[]", "an event must be a JSON object");
+        check(r#"{"type":"page_view"}"#, "field `event_id`: missing");
+        check(
+            &ev(r#""type":"teleport""#),
+            "field `type`: unknown event type \"teleport\"; expected one of page_view, product_view, add_to_cart, remove_from_cart, purchase, search, consent",
+        );
+        check(
+            &ev(r#""type":"product_view","category":"cameras""#),
+            "field `item`: missing",
+        );
+        check(
+            &ev(r#""type":"add_to_cart","item":"a","category":"c","price":"free""#),
+            "field `price`: must be a number from 0 to 10000000",
+        );
+        check(
+            &ev(r#""type":"add_to_cart","item":"a","category":"c","price":1,"quantity":0"#),
+            "field `quantity`: must be an integer from 1 to 999",
+        );
+        check(
+            &ev(r#""type":"add_to_cart","item":"a","category":"c","price":1,"quantity":1.5"#),
+            "field `quantity`: must be an integer from 1 to 999",
+        );
+        check(
+            &ev(r#""type":"product_view","item":"a b","category":"c""#),
+            "field `item`: may contain only letters, digits and - _ . :",
+        );
+        check(
+            &ev(r#""type":"product_view","item":"a","category":"Cameras""#),
+            "field `category`: may contain only lowercase letters, digits, - and _",
+        );
+        check(
+            &ev(r#""type":"page_view","extra":1"#),
+            "unknown field \"extra\" for a page_view event",
+        );
+        check(
+            r#"{"event_id":"e1","user_id":"u1","ts":5,"type":"page_view"}"#,
+            "field `ts`: must be an integer of Unix milliseconds between 2024 and 2100",
+        );
+        check(
+            r#"{"event_id":"e1","user_id":"","ts":1732960000000,"type":"page_view"}"#,
+            "field `user_id`: must not be empty",
+        );
+        check(
+            r#"{"event_id":"e1","user_id":"a\u0000b","ts":1732960000000,"type":"page_view"}"#,
+            "field `user_id`: must not contain control characters",
+        );
+        check(
+            &ev(r#""type":"consent","personalization":"yes""#),
+            "field `personalization`: must be true or false",
+        );
+        check(
+            &ev(r#""type":"purchase","items":[]"#),
+            "field `items`: must be an array of 1 to 50 lines",
+        );
+    }
+
+    #[test]
+    fn rejects_oversized_input() {
+        let big = ev(&format!(r#""type":"search","query":"{}""#, "x".repeat(9000)));
+        assert!(
+            parse_event(big.as_bytes())
+                .unwrap_err()
+                .to_string()
+                .contains("the limit is 8192")
+        );
+    }
+
+    #[test]
+    fn canonical_json_round_trips() {
+        for fields in [
+            r#""type":"page_view""#,
+            r#""type":"add_to_cart","item":"cam-001","category":"cameras","price":499.99,"quantity":2"#,
+            r#""type":"remove_from_cart","item":"cam-001","quantity":1"#,
+            r#""type":"purchase","items":[{"item":"a","category":"c","price":0.1,"quantity":3}]"#,
+            r#""type":"search","query":"q","category":"c""#,
+        ] {
+            let e = parse_event(ev(fields).as_bytes()).expect("valid");
+            let back = parse_event(&e.to_json_bytes()).expect("round trip");
+            assert_eq!(e, back);
+        }
+    }
+
+    #[test]
+    fn batch_keeps_good_events_next_to_bad_ones() {
+        let batch = format!(
+            "[{},{{\"type\":1}},{}]",
+            ev(r#""type":"page_view""#),
+            ev(r#""type":"search","query":"x""#)
+        );
+        let results = parse_batch(batch.as_bytes()).expect("readable batch");
+        assert!(results[0].is_ok());
+        assert_eq!(
+            results[1].as_ref().unwrap_err().to_string(),
+            "field `type`: must be a string"
+        );
+        assert!(results[2].is_ok());
+        assert!(parse_batch(b"{\"events\":5}").is_err());
+        assert!(parse_batch(b"\xff\xfe").is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! Compact, stable identifiers and the profile clock.
+//!
+//! Profiles must stay small (a typical one encodes to well under 256 bytes), so items and
+//! categories are not stored as strings but as fixed-width hashes of their catalog names.
+//! The hashes are stable across catalog versions and platforms (FNV-1a, no seeds), and the
+//! catalog compiler rejects a catalog in which two names collide.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// FNV-1a, 32 bits. Stable across platforms and releases: ids are persisted.
+pub const fn fnv1a32(bytes: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u32;
+        hash = hash.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    hash
+}
+
+/// A catalog item, identified by the FNV-1a hash of its SKU.
+///
+/// Encoded as four raw bytes (not a varint: hashes are large, a varint would take five).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "[u8; 4]", into = "[u8; 4]")]
+pub struct ItemId(pub u32);
+
+impl ItemId {
+    pub fn of_sku(sku: &str) -> Self {
+        ItemId(fnv1a32(sku.as_bytes()))
+    }
+}
+
+impl From<[u8; 4]> for ItemId {
+    fn from(b: [u8; 4]) -> Self {
+        ItemId(u32::from_le_bytes(b))
+    }
+}
+
+impl From<ItemId> for [u8; 4] {
+    fn from(id: ItemId) -> Self {
+        id.0.to_le_bytes()
+    }
+}
+
+impl fmt::Debug for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "item#{:08x}", self.0)
+    }
+}
+
+/// A product category, identified by a 16-bit fold of the FNV-1a hash of its name.
+///
+/// Catalogs have dozens of categories, not thousands; the catalog compiler rejects collisions.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "[u8; 2]", into = "[u8; 2]")]
+pub struct CategoryId(pub u16);
+
+impl CategoryId {
+    pub fn of_name(name: &str) -> Self {
+        let h = fnv1a32(name.as_bytes());
+        CategoryId(((h >> 16) ^ (h & 0xffff)) as u16)
+    }
+}
+
+impl From<[u8; 2]> for CategoryId {
+    fn from(b: [u8; 2]) -> Self {
+        CategoryId(u16::from_le_bytes(b))
+    }
+}
+
+impl From<CategoryId> for [u8; 2] {
+    fn from(id: CategoryId) -> Self {
+        id.0.to_le_bytes()
+    }
+}
+
+impl fmt::Debug for CategoryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cat#{:04x}", self.0)
+    }
+}
+
+/// Seconds since the Edgewise epoch, 2024-01-01T00:00:00Z.
+///
+/// A custom epoch keeps timestamps in four varint bytes until 2032 and in a `u32` until 2160;
+/// second resolution is plenty for decay and recency.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+pub struct Secs(pub u32);
+
+impl Secs {
+    /// 2024-01-01T00:00:00Z in Unix milliseconds.
+    pub const EPOCH_UNIX_MS: u64 = 1_704_067_200_000;
+
+    /// Saturates: instants before the epoch become 0, after 2160 become `u32::MAX`.
+    pub fn from_unix_ms(ms: u64) -> Self {
+        let s = ms.saturating_sub(Self::EPOCH_UNIX_MS) / 1000;
+        Secs(u32::try_from(s).unwrap_or(u32::MAX))
+    }
+
+    pub fn to_unix_ms(self) -> u64 {
+        Self::EPOCH_UNIX_MS + u64::from(self.0) * 1000
+    }
+
+    /// Seconds from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Secs) -> u32 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable() {
+        // Persisted: changing the hash would orphan every stored profile.
+        assert_eq!(fnv1a32(b""), 0x811c_9dc5);
+        assert_eq!(fnv1a32(b"a"), 0xe40c_292c);
+        assert_eq!(ItemId::of_sku("cam-001").0, fnv1a32(b"cam-001"));
+        let c = CategoryId::of_name("cameras");
+        assert_eq!(c, CategoryId::of_name("cameras"));
+        assert_ne!(c, CategoryId::of_name("lenses"));
+    }
+
+    #[test]
+    fn clock_saturates() {
+        assert_eq!(Secs::from_unix_ms(0), Secs(0));
+        assert_eq!(Secs::from_unix_ms(Secs::EPOCH_UNIX_MS + 1999), Secs(1));
+        assert_eq!(Secs::from_unix_ms(u64::MAX), Secs(u32::MAX));
+        assert_eq!(Secs(5).to_unix_ms(), Secs::EPOCH_UNIX_MS + 5000);
+        assert_eq!(Secs(3).since(Secs(9)), 0);
+    }
+}

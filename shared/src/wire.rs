@@ -1,0 +1,294 @@
+//! The one place that defines Edgewise's binary formats.
+//!
+//! Two kinds of bytes cross process boundaries:
+//!
+//! * **Sync frames** (origin-sync → edge `/v1/sync`, and the bodies it batches):
+//!   `[FORMAT_VERSION][codec][body]`, where `body` is a postcard-encoded [`SyncBatch`], either
+//!   raw (`Codec::None`) or LZ4-block compressed behind its uncompressed length as a varint
+//!   (`Codec::Lz4`).
+//! * **Stored values** (Workers KV, origin's store): `[FORMAT_VERSION]` + postcard of
+//!   [`Stored`]. Single profiles are ~150 bytes and barely compress, so they are not.
+//!
+//! LZ4 was chosen over DEFLATE and over no compression by measurement (see the `core` bench and
+//! ARCHITECTURE.md): on delta batches it keeps most of DEFLATE's size win, decodes several
+//! times faster, and adds far less to the wasm bundle. Every decoder here takes untrusted bytes:
+//! lengths are checked before anything is allocated, and errors are returned, never panics.
+//! Golden-bytes tests pin the format; changing it means a new `FORMAT_VERSION`.
+
+use crate::delta::{Delta, Stored};
+use serde::{Deserialize, Serialize};
+
+/// Version of every format in this module. Decoders reject any other.
+pub const FORMAT_VERSION: u8 = 1;
+/// Largest sync frame accepted, compressed.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+/// Largest body a frame may inflate to: bounds memory against decompression bombs.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// Largest stored value accepted.
+pub const MAX_STORED_BYTES: usize = 64 << 10;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Codec {
+    None = 0,
+    Lz4 = 1,
+}
+
+/// A batch of changes published by origin-sync.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct SyncBatch {
+    pub items: Vec<SyncItem>,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SyncItem {
+    Delta(Delta),
+    Config(ConfigDoc),
+}
+
+/// A versioned catalog or rules document, published through the same signed path.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ConfigDoc {
+    pub kind: ConfigKind,
+    pub version: u64,
+    /// The TOML source; the edge compiles and validates it before switching to it.
+    pub source: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ConfigKind {
+    Catalog,
+    Rules,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    #[error("empty input")]
+    Empty,
+    #[error("unsupported format version {0}; this build reads version {FORMAT_VERSION}")]
+    Version(u8),
+    #[error("unknown codec {0}")]
+    Codec(u8),
+    #[error("input is {0} bytes; the limit is {1}")]
+    TooLarge(usize, usize),
+    #[error("corrupt compressed body")]
+    Corrupt,
+    #[error("malformed body: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a batch as a sync frame.
+pub fn encode_batch(batch: &SyncBatch, codec: Codec) -> Vec<u8> {
+    // postcard into a Vec cannot fail for these types (no maps with non-string keys, no
+    // unsupported serde features).
+    let body = postcard::to_allocvec(batch).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() / 2 + 16);
+    out.push(FORMAT_VERSION);
+    out.push(codec as u8);
+    match codec {
+        Codec::None => out.extend_from_slice(&body),
+        Codec::Lz4 => {
+            push_varint(&mut out, body.len() as u64);
+            out.extend_from_slice(&lz4_flex::block::compress(&body));
+        }
+    }
+    out
+}
+
+/// Decodes a sync frame.
+pub fn decode_batch(frame: &[u8]) -> Result<SyncBatch, WireError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge(frame.len(), MAX_FRAME_BYTES));
+    }
+    let (&version, rest) = frame.split_first().ok_or(WireError::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(WireError::Version(version));
+    }
+    let (&codec, rest) = rest.split_first().ok_or(WireError::Empty)?;
+    let body = match codec {
+        0 => rest.to_vec(),
+        1 => {
+            let (len, compressed) = read_varint(rest).ok_or(WireError::Corrupt)?;
+            let len = usize::try_from(len).map_err(|_| WireError::Corrupt)?;
+            if len > MAX_BODY_BYTES {
+                return Err(WireError::TooLarge(len, MAX_BODY_BYTES));
+            }
+            let mut body = vec![0u8; len];
+            let written = lz4_flex::block::decompress_into(compressed, &mut body)
+                .map_err(|_| WireError::Corrupt)?;
+            if written != len {
+                return Err(WireError::Corrupt);
+            }
+            body
+        }
+        other => return Err(WireError::Codec(other)),
+    };
+    postcard::from_bytes(&body).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Encodes what is stored under a user key.
+pub fn encode_stored(stored: &Stored) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION];
+    // Cannot fail for these types; see `encode_batch`.
+    out.extend(postcard::to_allocvec(stored).unwrap_or_default());
+    out
+}
+
+/// Decodes and checks a stored value.
+pub fn decode_stored(bytes: &[u8]) -> Result<Stored, WireError> {
+    if bytes.len() > MAX_STORED_BYTES {
+        return Err(WireError::TooLarge(bytes.len(), MAX_STORED_BYTES));
+    }
+    let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(WireError::Version(version));
+    }
+    let stored: Stored =
+        postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if let Stored::Profile(p) = &stored {
+        p.check()
+            .map_err(|why| WireError::Malformed(why.to_owned()))?;
+    }
+    Ok(stored)
+}
+
+/// The encoded size of one delta on its own (for metrics and benchmarks).
+pub fn delta_len(delta: &Delta) -> usize {
+    postcard::to_allocvec(delta).map_or(0, |v| v.len())
+}
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn read_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v: u64 = 0;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some((v, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::{Change, Op};
+    use crate::ids::{CategoryId, ItemId, Secs};
+    use crate::keys::UserKey;
+    use crate::profile::{CartLine, Profile, Score};
+
+    fn sample_delta() -> Delta {
+        Delta {
+            user: UserKey([0xab; 12]),
+            change: Change::Patch {
+                from: 5,
+                steps: 1,
+                advance: 300,
+                ops: vec![
+                    Op::InterestNow {
+                        category: CategoryId(0x1234),
+                        score: Score(192),
+                    },
+                    Op::Cart(CartLine {
+                        item: ItemId(0xdead_beef),
+                        quantity: 1,
+                    }),
+                ],
+            },
+        }
+    }
+
+    /// Golden bytes: if this test fails, the wire format changed. Bump FORMAT_VERSION and keep
+    /// a decoder for the old version, or revert.
+    #[test]
+    fn golden_delta_frame() {
+        let batch = SyncBatch {
+            items: vec![SyncItem::Delta(sample_delta())],
+        };
+        let frame = encode_batch(&batch, Codec::None);
+        let expected: Vec<u8> = [
+            vec![1, 0],       // format version, codec none
+            vec![1, 0],       // one item, SyncItem::Delta
+            vec![0xab; 12],   // user key
+            vec![0, 5, 1],    // Change::Patch, from 5, steps 1
+            vec![0xac, 0x02], // advance 300 (varint)
+            vec![2],          // two ops
+            vec![0, 0x34, 0x12, 0xc0, 0x01], // InterestNow cat 0x1234, score 192
+            vec![5, 0xef, 0xbe, 0xad, 0xde, 1], // Cart item 0xdeadbeef qty 1
+        ]
+        .concat();
+        assert_eq!(frame, expected);
+        assert_eq!(decode_batch(&frame), Ok(batch));
+    }
+
+    #[test]
+    fn golden_stored_profile() {
+        let p = Profile {
+            version: 3,
+            updated_at: Secs(1000),
+            recent: vec![ItemId(1)],
+            bucket: 7,
+            ..Profile::default()
+        };
+        let bytes = encode_stored(&Stored::Profile(p.clone()));
+        assert_eq!(
+            bytes,
+            [
+                1, // format version
+                0, // Stored::Profile
+                3, 0xe8, 0x07, // version 3, updated_at 1000 (varint)
+                0,    // no interests
+                1, 1, 0, 0, 0, // recent: [item 1]
+                0, 0, 0, // cart, purchases, last_purchase_at: None
+                0, 0, 0, // spend, views, segments
+                7, 1, // bucket 7, consent: personalization
+            ]
+        );
+        assert_eq!(decode_stored(&bytes), Ok(Stored::Profile(p)));
+    }
+
+    #[test]
+    fn lz4_round_trip() {
+        let batch = SyncBatch {
+            items: (0..50).map(|_| SyncItem::Delta(sample_delta())).collect(),
+        };
+        let frame = encode_batch(&batch, Codec::Lz4);
+        assert!(frame.len() < encode_batch(&batch, Codec::None).len() / 4);
+        assert_eq!(decode_batch(&frame), Ok(batch));
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert_eq!(decode_batch(&[]), Err(WireError::Empty));
+        assert_eq!(decode_batch(&[2, 0]), Err(WireError::Version(2)));
+        assert_eq!(decode_batch(&[1, 9]), Err(WireError::Codec(9)));
+        // a bomb: claims 4 GiB uncompressed
+        assert_eq!(
+            decode_batch(&[1, 1, 0x80, 0x80, 0x80, 0x80, 0x10, 0]),
+            Err(WireError::TooLarge(1 << 32, MAX_BODY_BYTES))
+        );
+        assert_eq!(decode_batch(&[1, 1, 10, 0xff]), Err(WireError::Corrupt));
+        assert!(matches!(decode_batch(&[1, 0, 5]), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode_batch(&vec![1; MAX_FRAME_BYTES + 1]),
+            Err(WireError::TooLarge(..))
+        ));
+        // a stored profile that decodes but breaks an invariant
+        let bad = Profile {
+            bucket: 150,
+            ..Profile::default()
+        };
+        assert!(matches!(
+            decode_stored(&encode_stored(&Stored::Profile(bad))),
+            Err(WireError::Malformed(_))
+        ));
+    }
+}
