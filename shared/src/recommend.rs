@@ -1,1 +1,1447 @@
-//! (in progress)
+//! The recommender: catalog + compiled rules + (optional) profile + request → top-k items,
+//! an offer, and the rules that fired.
+//!
+//! Why it is shaped this way:
+//!
+//! * **Bounded work, never the whole catalog.** A request must cost microseconds on a
+//!   10k-item catalog with hundreds of rules. Facts are computed once ([`crate::rules`]), rules
+//!   are cheap checks over them, and only a bounded candidate set (at most
+//!   [`MAX_CANDIDATES`]) is scored: accessories of the cart, of the current and recently
+//!   viewed items, the top items of the strongest interest categories, items of categories /
+//!   tags / SKUs boosted by fired rules, then global best sellers. Per-item state (excluded,
+//!   already a candidate, accessory of the cart…) lives in one byte per catalog item, so
+//!   deduplication and filtering are array lookups, not hashing.
+//! * **One additive score, explainable.** `popularity + affinity + cart/viewed accessory
+//!   signal + rule boosts`; the largest personal contribution becomes the item's [`Reason`],
+//!   so the edge can say "because it goes with your camera".
+//! * **Diversity by greedy selection.** Each additional pick from a category costs
+//!   [`DIVERSITY_PENALTY`]; candidates are grouped by category so the greedy step only
+//!   compares the head of each group. Pins are applied last, at their positions.
+//! * **Deterministic.** Ties are broken by a seeded hash of `(seed, item id)` and then the
+//!   item index; no hash-map iteration order reaches the output. The same inputs give the same
+//!   output on native and wasm; a different seed only reorders equal scores.
+//! * **Consent first.** Without a profile, or without personalization consent, only request
+//!   facts are used: popular items, accessories of the page's item, and rules that need no
+//!   profile.
+
+use crate::catalog::{Catalog, Item, ItemView};
+use crate::ids::{ItemId, Secs};
+use crate::profile::{MAX_RECENT, Profile};
+use crate::rules::{CatSet, CompiledRules, Device, Facts, Offer, PROFILE_SCAN_LIMIT, Slot, Target};
+use serde::Serialize;
+
+/// Largest number of items one request may ask for.
+pub const MAX_K: usize = 50;
+/// Items returned when the caller has no preference.
+pub const DEFAULT_K: usize = 10;
+/// Most candidates scored per request.
+pub const MAX_CANDIDATES: usize = 300;
+
+/// Score of an item listed as an accessory of a cart item.
+pub const W_CART_ACCESSORY_ITEM: f32 = 3.0;
+/// Score of an item in an accessory category of a cart item's category.
+pub const W_CART_ACCESSORY_CATEGORY: f32 = 2.0;
+/// Score of an accessory of the current or a recently viewed item.
+pub const W_VIEWED_ACCESSORY_ITEM: f32 = 1.5;
+/// Score of an item in an accessory category of the current item's category.
+pub const W_VIEWED_ACCESSORY_CATEGORY: f32 = 1.0;
+/// Weight of category affinity (interest normalized to the strongest, 0..=1).
+pub const W_AFFINITY: f32 = 2.0;
+/// Weight of catalog popularity (0..=1).
+pub const W_POPULARITY: f32 = 1.0;
+/// Subtracted from an item's score for each item of its category already picked.
+pub const DIVERSITY_PENALTY: f32 = 0.75;
+
+const PER_CART_ACCESSORY_CATEGORY: usize = 8;
+const PER_VIEWED_ACCESSORY_CATEGORY: usize = 6;
+const RECENT_ACCESSORIES: usize = 4;
+const TOP_INTERESTS: usize = 3;
+const PER_INTEREST_CATEGORY: usize = 20;
+const BOOSTED_SOURCES: usize = 8;
+const PER_BOOSTED_SOURCE: usize = 10;
+const MIN_POPULAR_CANDIDATES: usize = 40;
+
+// Per-item flags, one byte per catalog item per request.
+const EXCLUDED: u8 = 1;
+const SEEN: u8 = 2;
+const CART_ACCESSORY: u8 = 4;
+const VIEWED_ACCESSORY: u8 = 8;
+
+/// What the request says, besides the profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestContext {
+    pub slot: Slot,
+    /// How many items to return; clamped to `1..=MAX_K`.
+    pub k: usize,
+    pub now: Secs,
+    /// ISO 3166 alpha-2 (case-insensitive), if known.
+    pub country: Option<[u8; 2]>,
+    pub device: Device,
+    /// Breaks ties between equal scores; e.g. a hash of the visitor and the day.
+    pub seed: u64,
+    /// The product being viewed (product pages): never recommended, its accessories are.
+    pub current_item: Option<ItemId>,
+}
+
+impl RequestContext {
+    /// A request for `slot` at `now` with [`DEFAULT_K`] items and nothing else known.
+    pub fn new(slot: Slot, now: Secs) -> Self {
+        RequestContext {
+            slot,
+            k: DEFAULT_K,
+            now,
+            country: None,
+            device: Device::Unknown,
+            seed: 0,
+            current_item: None,
+        }
+    }
+}
+
+/// Why an item was recommended: its strongest signal.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Goes with something in the cart.
+    CartAccessory,
+    /// Goes with the item being viewed or a recently viewed one.
+    RecentlyViewedAccessory,
+    /// From a category the shopper is interested in.
+    Interest,
+    /// Popular in the store.
+    Popular,
+    /// Placed by a rule's pin.
+    Pinned,
+    /// Promoted by a rule's boost.
+    Rule,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::CartAccessory => "cart_accessory",
+            Reason::RecentlyViewedAccessory => "recently_viewed_accessory",
+            Reason::Interest => "interest",
+            Reason::Popular => "popular",
+            Reason::Pinned => "pinned",
+            Reason::Rule => "rule",
+        }
+    }
+}
+
+/// One recommended item.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct RecommendedItem {
+    pub item: ItemId,
+    /// Dense index in the catalog ([`Catalog::item_at`]).
+    pub index: u32,
+    /// Score at selection (after the diversity penalty); higher is better.
+    pub score: f32,
+    pub reason: Reason,
+}
+
+impl RecommendedItem {
+    /// The catalog item.
+    pub fn get<'c>(&self, catalog: &'c Catalog) -> Option<&'c Item> {
+        catalog.item_at(self.index as usize)
+    }
+
+    /// The API view of the item.
+    pub fn view<'c>(&self, catalog: &'c Catalog) -> Option<ItemView<'c>> {
+        self.get(catalog).map(|it| catalog.view(it))
+    }
+}
+
+/// The result of one request.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Recommendation<'a> {
+    /// At most `k` distinct, in-stock items, best first.
+    pub items: Vec<RecommendedItem>,
+    /// The offer of the highest-priority fired rule that has one.
+    pub offer: Option<&'a Offer>,
+    /// Names of the rules that fired, highest priority first.
+    pub fired_rules: Vec<&'a str>,
+    /// Whether profile data was used (a profile with personalization consent).
+    pub personalized: bool,
+}
+
+impl Recommendation<'_> {
+    /// SKUs of the items, in order.
+    pub fn skus<'c>(&self, catalog: &'c Catalog) -> Vec<&'c str> {
+        self.items
+            .iter()
+            .filter_map(|r| r.get(catalog))
+            .map(Item::sku)
+            .collect()
+    }
+}
+
+/// Why a recommender could not be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecommendError {
+    #[error(
+        "the rules were compiled against a different catalog; recompile them with this catalog"
+    )]
+    CatalogMismatch,
+}
+
+/// A catalog paired with rules compiled against it. Cheap to build and to copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Recommender<'a> {
+    catalog: &'a Catalog,
+    rules: &'a CompiledRules,
+}
+
+impl<'a> Recommender<'a> {
+    pub fn new(catalog: &'a Catalog, rules: &'a CompiledRules) -> Result<Self, RecommendError> {
+        if rules.is_for(catalog) {
+            Ok(Recommender { catalog, rules })
+        } else {
+            Err(RecommendError::CatalogMismatch)
+        }
+    }
+
+    pub fn catalog(&self) -> &'a Catalog {
+        self.catalog
+    }
+
+    pub fn rules(&self) -> &'a CompiledRules {
+        self.rules
+    }
+
+    /// Recommends up to `ctx.k` items. Never panics, whatever the profile holds.
+    pub fn recommend(&self, profile: Option<&Profile>, ctx: &RequestContext) -> Recommendation<'a> {
+        Request::new(self.catalog, self.rules, profile, ctx).run()
+    }
+}
+
+/// One-shot convenience for [`Recommender::new`] + [`Recommender::recommend`].
+pub fn recommend<'a>(
+    catalog: &'a Catalog,
+    rules: &'a CompiledRules,
+    profile: Option<&Profile>,
+    ctx: &RequestContext,
+) -> Result<Recommendation<'a>, RecommendError> {
+    Ok(Recommender::new(catalog, rules)?.recommend(profile, ctx))
+}
+
+/// SplitMix64's finalizer: a fast, well-mixed, stable hash for tie-breaking.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Scored {
+    index: u32,
+    category: u16,
+    score: f32,
+    tie: u64,
+    reason: Reason,
+}
+
+/// Per-request working state.
+struct Request<'a, 'p> {
+    catalog: &'a Catalog,
+    rules: &'a CompiledRules,
+    profile: Option<&'p Profile>,
+    ctx: &'p RequestContext,
+    k: usize,
+    facts: Facts,
+    flags: Vec<u8>,
+    candidates: Vec<u32>,
+    excluded_categories: CatSet,
+    cart_accessory_categories: CatSet,
+    viewed_accessory_categories: CatSet,
+    /// Per dense category; empty when no category boost fired.
+    category_boost: Vec<f32>,
+    /// Sorted by tag, summed.
+    tag_boosts: Vec<(u32, f32)>,
+    /// Sorted by item, summed.
+    item_boosts: Vec<(u32, f32)>,
+    /// Interest per dense category normalized to the strongest (empty without interests).
+    affinity: Vec<f32>,
+    /// `(position, item)` in rule order.
+    pins: Vec<(u8, u32)>,
+    offer: Option<&'a Offer>,
+    fired: Vec<&'a str>,
+}
+
+impl<'a, 'p> Request<'a, 'p> {
+    fn new(
+        catalog: &'a Catalog,
+        rules: &'a CompiledRules,
+        profile: Option<&'p Profile>,
+        ctx: &'p RequestContext,
+    ) -> Self {
+        let profile = profile.filter(|p| p.consent.personalization());
+        Request {
+            catalog,
+            rules,
+            profile,
+            ctx,
+            k: ctx.k.clamp(1, MAX_K),
+            facts: Facts::build(catalog, profile, ctx),
+            flags: vec![0; catalog.items.len()],
+            candidates: Vec::with_capacity(MAX_CANDIDATES),
+            excluded_categories: CatSet::new(),
+            cart_accessory_categories: CatSet::new(),
+            viewed_accessory_categories: CatSet::new(),
+            category_boost: Vec::new(),
+            tag_boosts: Vec::new(),
+            item_boosts: Vec::new(),
+            affinity: Vec::new(),
+            pins: Vec::new(),
+            offer: None,
+            fired: Vec::new(),
+        }
+    }
+
+    fn run(mut self) -> Recommendation<'a> {
+        self.apply_rules();
+        self.compute_affinity();
+        self.generate_candidates();
+        let scored = self.score_candidates();
+        let mut items = self.select(scored);
+        self.apply_pins(&mut items);
+        Recommendation {
+            items,
+            offer: self.offer,
+            fired_rules: self.fired,
+            personalized: self.profile.is_some(),
+        }
+    }
+
+    fn mark(&mut self, index: usize, bit: u8) {
+        if let Some(f) = self.flags.get_mut(index) {
+            *f |= bit;
+        }
+    }
+
+    fn flag(&self, index: usize) -> u8 {
+        self.flags.get(index).copied().unwrap_or(EXCLUDED)
+    }
+
+    /// Evaluates every rule once; collects boosts, pins, exclusions, the offer.
+    fn apply_rules(&mut self) {
+        let (mut purchased_on, mut purchased_off) = (false, false);
+        let (mut in_cart_on, mut in_cart_off) = (false, false);
+        let mut exclude_items: Vec<u32> = Vec::new();
+        let n_categories = self.catalog.categories.len();
+        for rule in &self.rules.rules {
+            if !rule.fires(&self.facts) {
+                continue;
+            }
+            self.fired.push(&rule.name);
+            if self.offer.is_none() {
+                self.offer = rule.offer.as_ref();
+            }
+            for (target, by) in rule.boosts.iter() {
+                match *target {
+                    Target::Category(c) => {
+                        if self.category_boost.is_empty() {
+                            self.category_boost = vec![0.0; n_categories];
+                        }
+                        if let Some(b) = self.category_boost.get_mut(usize::from(c)) {
+                            *b += by;
+                        }
+                    }
+                    Target::Tag(t) => self.tag_boosts.push((t, *by)),
+                    Target::Item(i) => self.item_boosts.push((i, *by)),
+                }
+            }
+            for (item, position) in rule.pins.iter() {
+                self.pins.push((*position, *item));
+            }
+            match rule.exclude_purchased {
+                Some(true) => purchased_on = true,
+                Some(false) => purchased_off = true,
+                None => {}
+            }
+            match rule.exclude_in_cart {
+                Some(true) => in_cart_on = true,
+                Some(false) => in_cart_off = true,
+                None => {}
+            }
+            for c in rule.exclude_categories.iter() {
+                self.excluded_categories.insert(*c);
+            }
+            exclude_items.extend_from_slice(&rule.exclude_items);
+        }
+        merge_sorted(&mut self.tag_boosts);
+        merge_sorted(&mut self.item_boosts);
+
+        // Hard filters. Purchased and in-cart items are excluded by default; a fired rule may
+        // lift that (`purchased = false`) unless another fired rule insists (`true` wins).
+        for i in exclude_items {
+            self.mark(i as usize, EXCLUDED);
+        }
+        if let Some(cur) = self
+            .ctx
+            .current_item
+            .and_then(|id| self.catalog.index_of(id))
+        {
+            self.mark(cur, EXCLUDED);
+        }
+        if let Some(p) = self.profile {
+            if purchased_on || !purchased_off {
+                for rec in p.purchases.iter().take(PROFILE_SCAN_LIMIT) {
+                    if let Some(i) = self.catalog.index_of(rec.item) {
+                        self.mark(i, EXCLUDED);
+                    }
+                }
+            }
+            if in_cart_on || !in_cart_off {
+                for line in p.cart.iter().take(PROFILE_SCAN_LIMIT) {
+                    if let Some(i) = self.catalog.index_of(line.item) {
+                        self.mark(i, EXCLUDED);
+                    }
+                }
+            }
+        }
+    }
+
+    fn compute_affinity(&mut self) {
+        let max = self.facts.interest.iter().copied().fold(0.0f32, f32::max);
+        if max > 0.0 && max.is_finite() {
+            self.affinity = self.facts.interest.iter().map(|v| v / max).collect();
+        }
+    }
+
+    /// Whether an item may be shown at all.
+    fn allowed(&self, index: u32) -> bool {
+        self.flag(index as usize) & EXCLUDED == 0
+            && self
+                .catalog
+                .items
+                .get(index as usize)
+                .is_some_and(|it| it.in_stock && !self.excluded_categories.contains(it.category))
+    }
+
+    fn full(&self) -> bool {
+        self.candidates.len() >= MAX_CANDIDATES
+    }
+
+    /// Adds a candidate; returns whether it was new and allowed.
+    fn add(&mut self, index: u32) -> bool {
+        if self.full() || self.flag(index as usize) & (SEEN | EXCLUDED) != 0 {
+            return false;
+        }
+        if !self.allowed(index) {
+            self.mark(index as usize, EXCLUDED);
+            return false;
+        }
+        self.mark(index as usize, SEEN);
+        self.candidates.push(index);
+        true
+    }
+
+    /// Adds up to `n` allowed items from a popularity-ordered list.
+    fn add_top(&mut self, list: &[u32], n: usize) {
+        let mut added = 0;
+        for &i in list {
+            if added >= n || self.full() {
+                break;
+            }
+            if self.add(i) {
+                added += 1;
+            }
+        }
+    }
+
+    fn add_category_top(&mut self, category: u16, n: usize) {
+        let catalog = self.catalog;
+        if let Some(c) = catalog.categories.get(usize::from(category)) {
+            self.add_top(&c.items, n);
+        }
+    }
+
+    /// Accessories of `item` (flagged with `bit`), and returns its accessory categories.
+    fn add_accessories(&mut self, item: usize, bit: u8, limit: usize) -> &'a [u16] {
+        let catalog = self.catalog;
+        let Some(it) = catalog.items.get(item) else {
+            return &[];
+        };
+        for &a in it.accessories.iter().take(limit) {
+            self.mark(a as usize, bit);
+            self.add(a);
+        }
+        catalog
+            .categories
+            .get(usize::from(it.category))
+            .map_or(&[], |c| &c.accessory_categories)
+    }
+
+    fn generate_candidates(&mut self) {
+        let catalog = self.catalog;
+
+        // 1. What goes with the cart: listed accessories, then accessory categories.
+        if let Some(p) = self.profile {
+            let mut acc_categories: Vec<u16> = Vec::new();
+            for line in p.cart.iter().take(PROFILE_SCAN_LIMIT) {
+                if let Some(i) = catalog.index_of(line.item) {
+                    for &c in self.add_accessories(i, CART_ACCESSORY, usize::MAX) {
+                        if !self.cart_accessory_categories.contains(c) {
+                            self.cart_accessory_categories.insert(c);
+                            acc_categories.push(c);
+                        }
+                    }
+                }
+            }
+            for c in acc_categories {
+                self.add_category_top(c, PER_CART_ACCESSORY_CATEGORY);
+            }
+        }
+
+        // 2. What goes with the page's item.
+        if let Some(cur) = self.ctx.current_item.and_then(|id| catalog.index_of(id)) {
+            let acc_categories = self.add_accessories(cur, VIEWED_ACCESSORY, usize::MAX);
+            for &c in acc_categories {
+                self.viewed_accessory_categories.insert(c);
+            }
+            for &c in acc_categories {
+                self.add_category_top(c, PER_VIEWED_ACCESSORY_CATEGORY);
+            }
+        }
+
+        if let Some(p) = self.profile {
+            // 3. What goes with recently viewed items.
+            for id in p.recent.iter().take(MAX_RECENT) {
+                if let Some(i) = catalog.index_of(*id) {
+                    self.add_accessories(i, VIEWED_ACCESSORY, RECENT_ACCESSORIES);
+                }
+            }
+
+            // 4. The strongest interest categories.
+            let mut top: Vec<(u16, f32)> = self
+                .facts
+                .interest
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| **v > 0.0)
+                .map(|(c, v)| (u16::try_from(c).unwrap_or(u16::MAX), *v))
+                .collect();
+            top.sort_by(|a, b| {
+                b.1.total_cmp(&a.1).then_with(|| {
+                    let id = |c: u16| catalog.categories.get(usize::from(c)).map(|c| c.id);
+                    id(a.0).cmp(&id(b.0))
+                })
+            });
+            for (c, _) in top.into_iter().take(TOP_INTERESTS) {
+                self.add_category_top(c, PER_INTEREST_CATEGORY);
+            }
+        }
+
+        // 5. What fired rules promote.
+        let mut boosted: Vec<(u16, f32)> = self
+            .category_boost
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b > 0.0)
+            .map(|(c, b)| (u16::try_from(c).unwrap_or(u16::MAX), *b))
+            .collect();
+        boosted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (c, _) in boosted.into_iter().take(BOOSTED_SOURCES) {
+            self.add_category_top(c, PER_BOOSTED_SOURCE);
+        }
+        let mut tags: Vec<(u32, f32)> = self
+            .tag_boosts
+            .iter()
+            .copied()
+            .filter(|(_, b)| *b > 0.0)
+            .collect();
+        tags.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (t, _) in tags.into_iter().take(BOOSTED_SOURCES) {
+            if let Some(list) = catalog.items_by_tag.get(t as usize) {
+                self.add_top(list, PER_BOOSTED_SOURCE);
+            }
+        }
+        let items: Vec<u32> = self
+            .item_boosts
+            .iter()
+            .filter(|(_, b)| *b > 0.0)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in items {
+            self.add(i);
+        }
+
+        // 6. Best sellers, so there is always something to show.
+        let target = (self.k * 4).clamp(MIN_POPULAR_CANDIDATES, MAX_CANDIDATES);
+        for &i in &catalog.popular {
+            if self.candidates.len() >= target {
+                break;
+            }
+            self.add(i);
+        }
+    }
+
+    /// Score and reason of one item.
+    fn score(&self, index: u32) -> Option<(f32, Reason, u16)> {
+        let it = self.catalog.items.get(index as usize)?;
+        let c = it.category;
+        let flags = self.flag(index as usize);
+        let popularity = W_POPULARITY * it.popularity;
+        let affinity = W_AFFINITY * self.affinity.get(usize::from(c)).copied().unwrap_or(0.0);
+        let cart = if flags & CART_ACCESSORY != 0 {
+            W_CART_ACCESSORY_ITEM
+        } else if self.cart_accessory_categories.contains(c) {
+            W_CART_ACCESSORY_CATEGORY
+        } else {
+            0.0
+        };
+        let viewed = if flags & VIEWED_ACCESSORY != 0 {
+            W_VIEWED_ACCESSORY_ITEM
+        } else if self.viewed_accessory_categories.contains(c) {
+            W_VIEWED_ACCESSORY_CATEGORY
+        } else {
+            0.0
+        };
+        let mut rule = self
+            .category_boost
+            .get(usize::from(c))
+            .copied()
+            .unwrap_or(0.0);
+        if !self.tag_boosts.is_empty() {
+            for t in it.tags.iter() {
+                if let Ok(p) = self.tag_boosts.binary_search_by_key(t, |(k, _)| *k) {
+                    rule += self.tag_boosts.get(p).map_or(0.0, |(_, b)| *b);
+                }
+            }
+        }
+        if let Ok(p) = self.item_boosts.binary_search_by_key(&index, |(k, _)| *k) {
+            rule += self.item_boosts.get(p).map_or(0.0, |(_, b)| *b);
+        }
+        let total = popularity + affinity + cart + viewed + rule;
+        let reason = if cart > 0.0 {
+            Reason::CartAccessory
+        } else {
+            let mut best = (0.0f32, Reason::Popular);
+            for (v, r) in [
+                (rule, Reason::Rule),
+                (viewed, Reason::RecentlyViewedAccessory),
+                (affinity, Reason::Interest),
+            ] {
+                if v > best.0 {
+                    best = (v, r);
+                }
+            }
+            best.1
+        };
+        Some((total, reason, c))
+    }
+
+    fn tie(&self, index: u32) -> u64 {
+        let id = self
+            .catalog
+            .items
+            .get(index as usize)
+            .map_or(u64::from(index), |it| u64::from(it.id.0));
+        mix64(self.ctx.seed ^ mix64(id))
+    }
+
+    fn score_candidates(&self) -> Vec<Scored> {
+        self.candidates
+            .iter()
+            .filter_map(|&index| {
+                let (score, reason, category) = self.score(index)?;
+                Some(Scored {
+                    index,
+                    category,
+                    score,
+                    tie: self.tie(index),
+                    reason,
+                })
+            })
+            .collect()
+    }
+
+    /// Greedy top-k with a per-category penalty. Candidates are grouped by category (best
+    /// first inside each group), so each step compares only the group heads.
+    fn select(&self, mut scored: Vec<Scored>) -> Vec<RecommendedItem> {
+        scored.sort_unstable_by(|a, b| {
+            a.category
+                .cmp(&b.category)
+                .then_with(|| better(a.score, a.tie, a.index, b.score, b.tie, b.index))
+        });
+        // (cursor, end, picked) per category group.
+        let mut groups: Vec<(usize, usize, u32)> = Vec::new();
+        let mut start = 0;
+        while start < scored.len() {
+            let cat = scored.get(start).map(|s| s.category);
+            let mut end = start + 1;
+            while end < scored.len() && scored.get(end).map(|s| s.category) == cat {
+                end += 1;
+            }
+            groups.push((start, end, 0));
+            start = end;
+        }
+        let mut out = Vec::with_capacity(self.k);
+        while out.len() < self.k {
+            let mut best: Option<(usize, f32, &Scored)> = None;
+            for (g, (cursor, end, picked)) in groups.iter().enumerate() {
+                if cursor >= end {
+                    continue;
+                }
+                let Some(s) = scored.get(*cursor) else {
+                    continue;
+                };
+                let eff = s.score - DIVERSITY_PENALTY * *picked as f32;
+                let wins = match best {
+                    None => true,
+                    Some((_, beff, b)) => {
+                        better(eff, s.tie, s.index, beff, b.tie, b.index)
+                            == std::cmp::Ordering::Less
+                    }
+                };
+                if wins {
+                    best = Some((g, eff, s));
+                }
+            }
+            let Some((g, eff, s)) = best else { break };
+            out.push(RecommendedItem {
+                item: self
+                    .catalog
+                    .items
+                    .get(s.index as usize)
+                    .map_or(ItemId(0), |it| it.id),
+                index: s.index,
+                score: eff,
+                reason: s.reason,
+            });
+            if let Some((cursor, _, picked)) = groups.get_mut(g) {
+                *cursor += 1;
+                *picked += 1;
+            }
+        }
+        out
+    }
+
+    /// Places pinned items at their positions (higher-priority rules first; a later pin for a
+    /// taken position goes right after it). Pins obey the same filters as everything else.
+    fn apply_pins(&self, items: &mut Vec<RecommendedItem>) {
+        if self.pins.is_empty() {
+            return;
+        }
+        let mut pinned: Vec<(u8, u32)> = Vec::with_capacity(self.pins.len());
+        for &(pos, index) in &self.pins {
+            if self.allowed(index) && !pinned.iter().any(|(_, i)| *i == index) {
+                pinned.push((pos, index));
+            }
+        }
+        if pinned.is_empty() {
+            return;
+        }
+        items.retain(|r| !pinned.iter().any(|(_, i)| *i == r.index));
+        pinned.sort_by_key(|(pos, _)| *pos); // stable: rule order within a position
+        let mut next_free = 0usize;
+        for (pos, index) in pinned {
+            let at = usize::from(pos).max(next_free).min(items.len());
+            if at >= self.k {
+                continue;
+            }
+            let Some((score, _, _)) = self.score(index) else {
+                continue;
+            };
+            let item = self
+                .catalog
+                .items
+                .get(index as usize)
+                .map_or(ItemId(0), |it| it.id);
+            items.insert(
+                at,
+                RecommendedItem {
+                    item,
+                    index,
+                    score,
+                    reason: Reason::Pinned,
+                },
+            );
+            next_free = at + 1;
+        }
+        items.truncate(self.k);
+    }
+}
+
+/// `Less` when `(s1, t1, i1)` ranks before `(s2, t2, i2)`: higher score, then lower tie hash,
+/// then lower index.
+fn better(s1: f32, t1: u64, i1: u32, s2: f32, t2: u64, i2: u32) -> std::cmp::Ordering {
+    s2.total_cmp(&s1).then(t1.cmp(&t2)).then(i1.cmp(&i2))
+}
+
+/// Sorts `(key, value)` pairs by key and sums values of equal keys.
+fn merge_sorted(v: &mut Vec<(u32, f32)>) {
+    if v.len() < 2 {
+        return;
+    }
+    v.sort_by_key(|(k, _)| *k);
+    let mut out: Vec<(u32, f32)> = Vec::with_capacity(v.len());
+    for &(k, b) in v.iter() {
+        match out.last_mut() {
+            Some((lk, lb)) if *lk == k => *lb += b,
+            _ => out.push((k, b)),
+        }
+    }
+    *v = out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Category;
+    use crate::ids::CategoryId;
+    use crate::profile::{CartLine, Consent, Interest, PurchaseRecord, Score, Segments};
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    const NOW: Secs = Secs(200 * 86_400);
+
+    fn demo() -> (Catalog, CompiledRules) {
+        let c = Catalog::demo().expect("demo catalog");
+        let r = CompiledRules::demo(&c).expect("demo rules");
+        (c, r)
+    }
+
+    fn cart_profile(skus: &[&str]) -> Profile {
+        let mut p = Profile::new(77);
+        let mut cart: Vec<CartLine> = skus
+            .iter()
+            .map(|s| CartLine {
+                item: ItemId::of_sku(s),
+                quantity: 1,
+            })
+            .collect();
+        cart.sort_by_key(|l| l.item);
+        p.cart = cart;
+        if !skus.is_empty() {
+            p.segments = p.segments | Segments::CART_ACTIVE;
+        }
+        p
+    }
+
+    fn ctx(slot: Slot) -> RequestContext {
+        RequestContext::new(slot, NOW)
+    }
+
+    fn run<'a>(
+        catalog: &'a Catalog,
+        rules: &'a CompiledRules,
+        profile: Option<&Profile>,
+        ctx: &RequestContext,
+    ) -> Recommendation<'a> {
+        recommend(catalog, rules, profile, ctx).expect("rules match catalog")
+    }
+
+    fn category_slug<'c>(catalog: &'c Catalog, r: &RecommendedItem) -> &'c str {
+        r.get(catalog)
+            .and_then(|it| catalog.category_of(it))
+            .map_or("", Category::slug)
+    }
+
+    /// The seed scenario: a camera in the cart brings camera accessories and the offer.
+    #[test]
+    fn camera_in_cart_gets_camera_accessories_and_offer() {
+        let (catalog, rules) = demo();
+        let cams = catalog.category_by_slug("cameras").expect("cameras");
+        let accessory_categories: Vec<&str> = catalog
+            .accessory_categories_of(cams)
+            .map(Category::slug)
+            .collect();
+        let with_camera = cart_profile(&["cam-001"]);
+        for slot in [Slot::Home, Slot::Product, Slot::Cart] {
+            let rec = run(&catalog, &rules, Some(&with_camera), &ctx(slot));
+            assert!(rec.personalized);
+            assert_eq!(rec.items.len(), DEFAULT_K);
+            for r in rec.items.iter().take(3) {
+                let slug = category_slug(&catalog, r);
+                assert!(
+                    accessory_categories.contains(&slug),
+                    "{slot:?}: top-3 item {:?} in {slug} is not a camera accessory: {:?}",
+                    r.get(&catalog).map(Item::sku),
+                    rec.skus(&catalog)
+                );
+            }
+            // Nothing from the cameras category (the rule excludes it), and not the cart item.
+            assert!(
+                rec.items
+                    .iter()
+                    .all(|r| category_slug(&catalog, r) != "cameras")
+            );
+            assert_eq!(rec.offer.map(|o| o.id.as_str()), Some("cam-accessories-10"));
+            assert!(rec.fired_rules.contains(&"camera-accessories"));
+            assert_eq!(rec.fired_rules.first(), Some(&"camera-accessories"));
+            // The pinned kit leads; the listed accessories follow with the cart reason.
+            assert_eq!(rec.skus(&catalog).first(), Some(&"kit-cam-starter"));
+            assert_eq!(rec.items.first().map(|r| r.reason), Some(Reason::Pinned));
+            assert!(
+                rec.items
+                    .iter()
+                    .skip(1)
+                    .take(3)
+                    .all(|r| r.reason == Reason::CartAccessory)
+            );
+        }
+
+        // Without the camera (empty cart, or a phone), no camera offer.
+        for profile in [cart_profile(&[]), cart_profile(&["ph-001"])] {
+            let rec = run(&catalog, &rules, Some(&profile), &ctx(Slot::Cart));
+            assert_ne!(rec.offer.map(|o| o.id.as_str()), Some("cam-accessories-10"));
+            assert!(!rec.fired_rules.contains(&"camera-accessories"));
+        }
+        let phone = run(
+            &catalog,
+            &rules,
+            Some(&cart_profile(&["ph-001"])),
+            &ctx(Slot::Cart),
+        );
+        assert_eq!(phone.offer.map(|o| o.id.as_str()), Some("phone-case-15"));
+        assert_eq!(category_slug(&catalog, &phone.items[0]), "phone-cases");
+        let anon = run(&catalog, &rules, None, &ctx(Slot::Home));
+        assert!(!anon.personalized);
+        assert_eq!(anon.offer, None);
+        assert_eq!(anon.fired_rules, ["anonymous-bestsellers"]);
+    }
+
+    #[test]
+    fn demo_rules_fire_as_described() {
+        let (catalog, rules) = demo();
+        // Returning buyer: bought 45 days ago.
+        let mut buyer = Profile::new(90);
+        let bought = Secs(NOW.0 - 45 * 86_400);
+        buyer.purchases = vec![PurchaseRecord {
+            item: ItemId::of_sku("hp-001"),
+            at: bought,
+        }];
+        buyer.last_purchase_at = Some(bought);
+        buyer.segments = Segments::BUYER;
+        let rec = run(&catalog, &rules, Some(&buyer), &ctx(Slot::Home));
+        assert_eq!(rec.offer.map(|o| o.id.as_str()), Some("welcome-back-5"));
+        assert!(
+            rec.skus(&catalog).iter().all(|s| *s != "hp-001"),
+            "purchased item shown"
+        );
+
+        // Mobile in the US, anonymous: the mobile rule fires with its offer.
+        let mut c = ctx(Slot::Home);
+        c.device = Device::Mobile;
+        c.country = Some(*b"US");
+        let rec = run(&catalog, &rules, None, &c);
+        assert_eq!(rec.offer.map(|o| o.id.as_str()), Some("free-2day-mobile"));
+        c.country = Some(*b"FR");
+        let rec = run(&catalog, &rules, None, &c);
+        assert_eq!(rec.offer, None);
+
+        // Percentage rollout: bucket 5 is in, bucket 50 is out.
+        for (bucket, fires) in [(5u8, true), (50, false)] {
+            let mut p = Profile::new(bucket);
+            p.segments = Segments(0);
+            let rec = run(&catalog, &rules, Some(&p), &ctx(Slot::Home));
+            assert_eq!(
+                rec.fired_rules.contains(&"new-arrivals-rollout"),
+                fires,
+                "bucket {bucket}"
+            );
+        }
+    }
+
+    #[test]
+    fn same_inputs_same_output() {
+        let (catalog, rules) = demo();
+        let mut p = cart_profile(&["lap-001"]);
+        p.recent = vec![ItemId::of_sku("cam-005"), ItemId::of_sku("hp-002")];
+        p.interests = vec![Interest {
+            category: CategoryId::of_name("headphones"),
+            score: Score::from_f32(5.0),
+            at: NOW,
+        }];
+        p.interests.sort_by_key(|i| i.category);
+        let mut c = ctx(Slot::Product);
+        c.current_item = Some(ItemId::of_sku("cam-005"));
+        c.seed = 1234;
+        c.k = 20;
+        let a = run(&catalog, &rules, Some(&p), &c);
+        let b = run(&catalog, &rules, Some(&p), &c);
+        assert_eq!(a, b);
+        // Rebuilding catalog and rules from text changes nothing either.
+        let (catalog2, rules2) = demo();
+        let c2 = run(&catalog2, &rules2, Some(&p), &c);
+        assert_eq!(a.skus(&catalog), c2.skus(&catalog2));
+    }
+
+    /// A catalog of `n` items in `cats` categories, all equally popular.
+    fn flat_catalog(n: usize, cats: usize) -> Catalog {
+        let mut doc = String::from("version = 1\n");
+        for c in 0..cats {
+            doc.push_str(&format!("[[category]]\nid = \"c{c}\"\nname = \"C{c}\"\n"));
+        }
+        for i in 0..n {
+            doc.push_str(&format!(
+                "[[item]]\nsku = \"i{i}\"\nname = \"I{i}\"\ncategory = \"c{}\"\nprice = 1\npopularity = 0.5\n",
+                i % cats
+            ));
+        }
+        Catalog::from_toml(&doc).expect("flat catalog")
+    }
+
+    #[test]
+    fn seeds_only_reorder_ties() {
+        let catalog = flat_catalog(30, 1);
+        let rules = CompiledRules::none(&catalog);
+        let mut orders = BTreeSet::new();
+        let mut c = ctx(Slot::Home);
+        c.k = 10;
+        let reference = run(&catalog, &rules, None, &c);
+        for seed in 0..16 {
+            c.seed = seed;
+            let rec = run(&catalog, &rules, None, &c);
+            let scores: Vec<f32> = rec.items.iter().map(|r| r.score).collect();
+            let ref_scores: Vec<f32> = reference.items.iter().map(|r| r.score).collect();
+            assert_eq!(scores, ref_scores, "seed {seed} changed scores");
+            orders.insert(rec.skus(&catalog).join(","));
+        }
+        assert!(
+            orders.len() > 8,
+            "seeds should reorder ties, got {} orders",
+            orders.len()
+        );
+
+        // With distinct scores, the seed changes nothing.
+        let (catalog, rules) = demo();
+        let p = cart_profile(&["cam-001"]);
+        let mut c = ctx(Slot::Cart);
+        let a = run(&catalog, &rules, Some(&p), &c);
+        c.seed = 99;
+        let b = run(&catalog, &rules, Some(&p), &c);
+        let sa: Vec<f32> = a.items.iter().map(|r| r.score).collect();
+        let sb: Vec<f32> = b.items.iter().map(|r| r.score).collect();
+        assert_eq!(sa, sb);
+    }
+
+    const FILTER_CATALOG: &str = r#"
+version = 1
+[[category]]
+id = "a"
+name = "A"
+[[category]]
+id = "b"
+name = "B"
+[[item]]
+sku = "top"
+name = "Top"
+category = "a"
+price = 1
+popularity = 1.0
+[[item]]
+sku = "bought"
+name = "Bought"
+category = "a"
+price = 1
+popularity = 0.99
+[[item]]
+sku = "carted"
+name = "Carted"
+category = "b"
+price = 1
+popularity = 0.98
+[[item]]
+sku = "gone"
+name = "Gone"
+category = "b"
+price = 1
+popularity = 0.97
+in_stock = false
+[[item]]
+sku = "viewing"
+name = "Viewing"
+category = "a"
+price = 1
+popularity = 0.96
+accessories = ["acc"]
+[[item]]
+sku = "acc"
+name = "Accessory"
+category = "b"
+price = 1
+popularity = 0.1
+[[item]]
+sku = "low1"
+name = "Low 1"
+category = "a"
+price = 1
+popularity = 0.2
+[[item]]
+sku = "low2"
+name = "Low 2"
+category = "b"
+price = 1
+popularity = 0.2
+"#;
+
+    fn filter_profile() -> Profile {
+        let mut p = cart_profile(&["carted"]);
+        p.purchases = vec![PurchaseRecord {
+            item: ItemId::of_sku("bought"),
+            at: NOW,
+        }];
+        p.last_purchase_at = Some(NOW);
+        p
+    }
+
+    #[test]
+    fn filters_are_always_applied() {
+        let catalog = Catalog::from_toml(FILTER_CATALOG).expect("catalog");
+        let rules = CompiledRules::none(&catalog);
+        let p = filter_profile();
+        let mut c = ctx(Slot::Product);
+        c.current_item = Some(ItemId::of_sku("viewing"));
+        c.k = 50;
+        let rec = run(&catalog, &rules, Some(&p), &c);
+        let skus = rec.skus(&catalog);
+        for banned in ["bought", "carted", "gone", "viewing"] {
+            assert!(!skus.contains(&banned), "{banned} recommended: {skus:?}");
+        }
+        assert_eq!(skus.len(), 4, "{skus:?}");
+        // The page item's accessory outranks more popular items.
+        assert_eq!(skus.first(), Some(&"acc"));
+        assert_eq!(rec.items[0].reason, Reason::RecentlyViewedAccessory);
+
+        // Anonymous: purchased/cart unknown, but out of stock and the current item still go.
+        let rec = run(&catalog, &rules, None, &c);
+        let skus = rec.skus(&catalog);
+        assert!(
+            !skus.contains(&"gone") && !skus.contains(&"viewing"),
+            "{skus:?}"
+        );
+        assert!(
+            skus.contains(&"bought") && skus.contains(&"carted"),
+            "{skus:?}"
+        );
+    }
+
+    #[test]
+    fn rules_can_lift_or_add_exclusions() {
+        let catalog = Catalog::from_toml(FILTER_CATALOG).expect("catalog");
+        let p = filter_profile();
+        let c = RequestContext {
+            k: 50,
+            ..ctx(Slot::Home)
+        };
+        let lift = CompiledRules::compile(
+            "version = 1\n[[rule]]\nname = \"rebuy\"\nexclude = { purchased = false, in_cart = false }\n",
+            &catalog,
+        )
+        .expect("rules");
+        let skus = run(&catalog, &lift, Some(&p), &c).skus(&catalog);
+        assert!(
+            skus.contains(&"bought") && skus.contains(&"carted"),
+            "{skus:?}"
+        );
+        assert!(!skus.contains(&"gone"));
+
+        // An explicit `true` from another fired rule wins over `false`.
+        let both = CompiledRules::compile(
+            "version = 1\n[[rule]]\nname = \"rebuy\"\nexclude = { purchased = false }\n[[rule]]\nname = \"strict\"\nexclude = { purchased = true }\n",
+            &catalog,
+        )
+        .expect("rules");
+        let skus = run(&catalog, &both, Some(&p), &c).skus(&catalog);
+        assert!(!skus.contains(&"bought"), "{skus:?}");
+
+        let extra = CompiledRules::compile(
+            "version = 1\n[[rule]]\nname = \"no-b\"\nexclude = { categories = [\"b\"], items = [\"top\"] }\n",
+            &catalog,
+        )
+        .expect("rules");
+        let skus = run(&catalog, &extra, None, &c).skus(&catalog);
+        assert_eq!(skus, ["bought", "viewing", "low1"]);
+    }
+
+    #[test]
+    fn k_is_respected_and_clamped() {
+        let (catalog, rules) = demo();
+        let p = cart_profile(&["cam-001"]);
+        for (k, expected) in [
+            (0usize, 1usize),
+            (1, 1),
+            (3, 3),
+            (10, 10),
+            (50, 50),
+            (51, 50),
+            (usize::MAX, 50),
+        ] {
+            let c = RequestContext {
+                k,
+                ..ctx(Slot::Home)
+            };
+            let rec = run(&catalog, &rules, Some(&p), &c);
+            assert_eq!(rec.items.len(), expected, "k = {k}");
+            let distinct: BTreeSet<u32> = rec.items.iter().map(|r| r.index).collect();
+            assert_eq!(distinct.len(), rec.items.len());
+        }
+        // A tiny catalog returns what it has.
+        let catalog = flat_catalog(3, 1);
+        let rules = CompiledRules::none(&catalog);
+        let c = RequestContext {
+            k: 10,
+            ..ctx(Slot::Home)
+        };
+        assert_eq!(run(&catalog, &rules, None, &c).items.len(), 3);
+        let empty = Catalog::from_toml("version = 1\n").expect("empty");
+        let none = CompiledRules::none(&empty);
+        assert!(run(&empty, &none, Some(&p), &c).items.is_empty());
+    }
+
+    #[test]
+    fn diversity_spreads_categories() {
+        // Category a's items are all more popular than b's; without a penalty, top-4 would be a.
+        let mut doc = String::from(
+            "version = 1\n[[category]]\nid = \"a\"\nname = \"A\"\n[[category]]\nid = \"b\"\nname = \"B\"\n",
+        );
+        for i in 0..6 {
+            doc.push_str(&format!("[[item]]\nsku = \"a{i}\"\nname = \"A\"\ncategory = \"a\"\nprice = 1\npopularity = 0.9{i}\n"));
+            doc.push_str(&format!("[[item]]\nsku = \"b{i}\"\nname = \"B\"\ncategory = \"b\"\nprice = 1\npopularity = 0.5{i}\n"));
+        }
+        let catalog = Catalog::from_toml(&doc).expect("catalog");
+        let rules = CompiledRules::none(&catalog);
+        let c = RequestContext {
+            k: 4,
+            ..ctx(Slot::Home)
+        };
+        let rec = run(&catalog, &rules, None, &c);
+        // a5 (0.95), then b5 (0.55) beats a4 (0.94 - 0.75), then a4 (0.19) beats b4 (0.54 - 0.75).
+        assert_eq!(rec.skus(&catalog), ["a5", "b5", "a4", "b4"]);
+        // Selection scores never increase (the penalty only lowers later picks).
+        assert!(rec.items.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+
+    #[test]
+    fn pins_take_their_positions() {
+        let catalog = Catalog::from_toml(FILTER_CATALOG).expect("catalog");
+        let rules = CompiledRules::compile(
+            r#"version = 1
+[[rule]]
+name = "pin-low"
+priority = 2
+pin = [{ item = "low1", position = 1 }, { item = "gone", position = 0 }]
+[[rule]]
+name = "pin-low2"
+priority = 1
+pin = [{ item = "low2", position = 1 }, { item = "acc", position = 40 }]
+"#,
+            &catalog,
+        )
+        .expect("rules");
+        let c = RequestContext {
+            k: 5,
+            ..ctx(Slot::Home)
+        };
+        let rec = run(&catalog, &rules, None, &c);
+        let skus = rec.skus(&catalog);
+        // Out-of-stock pin ignored; the higher-priority pin keeps position 1, the other follows.
+        assert_eq!(skus.get(1), Some(&"low1"), "{skus:?}");
+        assert_eq!(skus.get(2), Some(&"low2"), "{skus:?}");
+        assert!(!skus.contains(&"gone"));
+        assert_eq!(skus.len(), 5);
+        assert_eq!(rec.items[1].reason, Reason::Pinned);
+        // A pin beyond k is not shown; with a large k it lands at the end of a short list.
+        assert!(!skus.contains(&"acc"));
+        let c = RequestContext {
+            k: 50,
+            ..ctx(Slot::Home)
+        };
+        let skus = run(&catalog, &rules, None, &c).skus(&catalog);
+        assert_eq!(skus.last(), Some(&"acc"), "{skus:?}");
+        assert_eq!(skus.iter().filter(|s| **s == "low1").count(), 1);
+    }
+
+    #[test]
+    fn interest_drives_personal_results() {
+        let (catalog, rules) = demo();
+        let mut p = Profile::new(99);
+        p.segments = Segments(0);
+        p.interests = vec![Interest {
+            category: CategoryId::of_name("monitors"),
+            score: Score::from_f32(10.0),
+            at: NOW,
+        }];
+        let rec = run(&catalog, &rules, Some(&p), &ctx(Slot::Home));
+        assert_eq!(category_slug(&catalog, &rec.items[0]), "monitors");
+        assert_eq!(rec.items[0].reason, Reason::Interest);
+        let monitors = rec
+            .items
+            .iter()
+            .filter(|r| category_slug(&catalog, r) == "monitors")
+            .count();
+        assert!(
+            (2..=6).contains(&monitors),
+            "diversity keeps some variety: {monitors}"
+        );
+
+        // Without consent the profile is ignored entirely.
+        p.consent = Consent::default().with_personalization(false);
+        let off = run(&catalog, &rules, Some(&p), &ctx(Slot::Home));
+        let anon = run(&catalog, &rules, None, &ctx(Slot::Home));
+        assert!(!off.personalized);
+        assert_eq!(off, anon);
+        assert!(
+            anon.items
+                .iter()
+                .all(|r| matches!(r.reason, Reason::Popular | Reason::Rule))
+        );
+    }
+
+    #[test]
+    fn mismatched_rules_are_refused() {
+        let (catalog, _) = demo();
+        let other = flat_catalog(3, 1);
+        let rules = CompiledRules::none(&other);
+        assert_eq!(
+            Recommender::new(&catalog, &rules).err(),
+            Some(RecommendError::CatalogMismatch)
+        );
+        assert_eq!(
+            RecommendError::CatalogMismatch.to_string(),
+            "the rules were compiled against a different catalog; recompile them with this catalog"
+        );
+    }
+
+    #[test]
+    fn views_serialize() {
+        let (catalog, rules) = demo();
+        let rec = run(
+            &catalog,
+            &rules,
+            Some(&cart_profile(&["cam-001"])),
+            &ctx(Slot::Cart),
+        );
+        let first = rec.items.first().expect("items");
+        let view = first.view(&catalog).expect("view");
+        assert_eq!(view.sku, "kit-cam-starter");
+        let json = serde_json::to_string(&(view, first.reason)).expect("json");
+        assert!(json.contains("\"pinned\""), "{json}");
+        let offer = serde_json::to_string(&rec.offer).expect("json");
+        assert!(offer.contains("cam-accessories-10"), "{offer}");
+    }
+
+    // ----- property tests ------------------------------------------------------------------
+
+    fn arb_profile(skus: Vec<String>, cats: Vec<String>) -> impl Strategy<Value = Profile> {
+        let n_items = skus.len();
+        let n_cats = cats.len();
+        // Mostly real ids, sometimes unknown ones.
+        let item = move || {
+            prop_oneof![
+                9 => (0..n_items).prop_map({
+                    let skus = skus.clone();
+                    move |i| ItemId::of_sku(&skus[i])
+                }),
+                1 => any::<u32>().prop_map(ItemId),
+            ]
+        };
+        let cat = (0..n_cats).prop_map(move |i| CategoryId::of_name(&cats[i]));
+        (
+            prop::collection::vec((cat, any::<u16>(), 0u32..NOW.0 + 1000), 0..20),
+            prop::collection::vec(item(), 0..12),
+            prop::collection::vec((item(), 1u16..5), 0..10),
+            prop::collection::vec((item(), 0u32..NOW.0), 0..10),
+            any::<u16>(),
+            0u8..100,
+            any::<bool>(),
+        )
+            .prop_map(
+                |(interests, recent, cart, purchases, segments, bucket, consent)| {
+                    let mut p = Profile::new(bucket);
+                    p.interests = interests
+                        .into_iter()
+                        .map(|(category, s, at)| Interest {
+                            category,
+                            score: Score(s),
+                            at: Secs(at),
+                        })
+                        .collect();
+                    p.interests.sort_by_key(|i| i.category);
+                    p.interests.dedup_by_key(|i| i.category);
+                    p.recent = recent;
+                    p.cart = cart
+                        .into_iter()
+                        .map(|(item, quantity)| CartLine { item, quantity })
+                        .collect();
+                    p.cart.sort_by_key(|l| l.item);
+                    p.cart.dedup_by_key(|l| l.item);
+                    p.purchases = purchases
+                        .into_iter()
+                        .map(|(item, at)| PurchaseRecord { item, at: Secs(at) })
+                        .collect();
+                    p.last_purchase_at = p.purchases.iter().map(|r| r.at).max();
+                    p.segments = Segments(segments);
+                    p.consent = Consent::default().with_personalization(consent);
+                    p
+                },
+            )
+    }
+
+    fn demo_names() -> (Vec<String>, Vec<String>) {
+        let catalog = Catalog::demo().expect("demo");
+        (
+            catalog.items().map(|i| i.sku().to_string()).collect(),
+            catalog
+                .categories()
+                .iter()
+                .map(|c| c.slug().to_string())
+                .collect(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn never_panics_and_respects_invariants(
+            profile in {
+                let (skus, cats) = demo_names();
+                prop::option::of(arb_profile(skus, cats))
+            },
+            k in 0usize..80,
+            slot in prop::sample::select(Slot::ALL.to_vec()),
+            device in prop::sample::select(vec![Device::Unknown, Device::Mobile, Device::Desktop, Device::Tablet]),
+            country in prop::option::of(prop::sample::select(vec![*b"US", *b"CA", *b"de", *b"!!"])),
+            seed in any::<u64>(),
+            current in prop::option::of(0usize..400),
+            now in 0u32..u32::MAX,
+        ) {
+            let (catalog, rules) = demo();
+            let current_item = current.and_then(|i| catalog.item_at(i)).map(Item::id);
+            let c = RequestContext { slot, k, now: Secs(now), country, device, seed, current_item };
+            let rec = run(&catalog, &rules, profile.as_ref(), &c);
+            let k = k.clamp(1, MAX_K);
+            prop_assert!(rec.items.len() <= k);
+            let distinct: BTreeSet<u32> = rec.items.iter().map(|r| r.index).collect();
+            prop_assert_eq!(distinct.len(), rec.items.len());
+            let personal = profile.as_ref().filter(|p| p.consent.personalization());
+            prop_assert_eq!(rec.personalized, personal.is_some());
+            for r in &rec.items {
+                let it = r.get(&catalog).expect("index valid");
+                prop_assert_eq!(it.id(), r.item);
+                prop_assert!(it.in_stock(), "{} out of stock", it.sku());
+                prop_assert!(Some(it.id()) != current_item, "current item recommended");
+                prop_assert!(r.score.is_finite());
+                if let Some(p) = personal {
+                    // No demo rule lifts the default exclusions.
+                    prop_assert!(!p.cart.iter().any(|l| l.item == it.id()), "{} in cart", it.sku());
+                    prop_assert!(!p.has_purchased(it.id()), "{} purchased", it.sku());
+                }
+            }
+            // The catalog has far more than 50 in-stock items: k is always met.
+            prop_assert_eq!(rec.items.len(), k);
+            // Deterministic.
+            let again = run(&catalog, &rules, profile.as_ref(), &c);
+            prop_assert_eq!(rec, again);
+        }
+    }
+}

@@ -1,1 +1,123 @@
-fn main() {}
+//! Developer commands for Edgewise, run as `cargo xtask <command>`.
+//!
+//! A Rust program rather than a Makefile or shell scripts: it runs wherever cargo does, it can
+//! check what is installed before installing it (so every command is idempotent), and it keeps
+//! the two commands the README promises — `cargo xtask dev` and `cargo xtask test` — working on
+//! a bare machine by running `setup` first. It depends on nothing but `anyhow`, so it builds
+//! in seconds.
+
+mod setup;
+mod util;
+mod worker;
+
+use anyhow::{Result, bail};
+use std::process::ExitCode;
+use util::{Cmd, root, step};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  setup          install what is missing (rust target, Debian packages, cargo tools, npm packages)
+  build-worker   build the edge worker bundle with worker-build (skipped when up to date)
+  dev            set up, build and start the local stack (wrangler dev) in the foreground
+  test           set up, build the worker once, then run every test
+  bench          run the benchmarks and print their figures
+  codec-sizes    build the codec probes for wasm32 and print what each adds to a bundle
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("build-worker") => worker::build().map(|_| ()),
+        Some("dev") => dev(),
+        Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("codec-sizes") => worker::codec_sizes(),
+        Some("help" | "--help" | "-h") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the local stack in the foreground; Ctrl-C stops it.
+fn dev() -> Result<()> {
+    setup::run()?;
+    worker::build()?;
+    step("starting wrangler dev (workerd) on http://127.0.0.1:8787 — Ctrl-C stops it");
+    println!("  storefront:      http://127.0.0.1:8787/");
+    println!("  health:          http://127.0.0.1:8787/healthz");
+    println!("  recommendations: http://127.0.0.1:8787/v1/recommendations?slot=home&k=8");
+    let status = Cmd::new(util::wrangler())
+        .args(["dev", "--ip", "127.0.0.1", "--port", "8787", "--persist-to"])
+        .arg(root().join(".wrangler/state"))
+        .env("EDGEWISE_SKIP_BUILD", "1")
+        .cwd(root())
+        .status()?;
+    if !status.success() {
+        bail!("wrangler dev exited with {status}");
+    }
+    Ok(())
+}
+
+/// Every test: native unit, property and integration tests, the wasm build of the pure core,
+/// and the worker bundle (built once here and reused by the end-to-end tests).
+fn test(extra: &[String]) -> Result<()> {
+    let started = std::time::Instant::now();
+    setup::run()?;
+    let bundle = worker::build()?;
+    step("checking that the pure core builds for wasm32");
+    Cmd::new("cargo")
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "shared",
+            "--target",
+            "wasm32-unknown-unknown",
+        ])
+        .cwd(root())
+        .run()?;
+    step("running the test suite");
+    Cmd::new("cargo")
+        .args(["test", "--workspace", "--exclude", "edge-worker"])
+        .args(extra)
+        .env("EDGEWISE_WORKER_BUNDLE", &bundle)
+        .cwd(root())
+        .run()?;
+    // The worker's own tests run natively; its wasm-only glue is covered by the e2e tests.
+    Cmd::new("cargo")
+        .args(["test", "-p", "edge-worker"])
+        .args(extra)
+        .cwd(root())
+        .run()?;
+    step(&format!(
+        "all tests passed in {:.0?}",
+        started.elapsed()
+    ));
+    Ok(())
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    setup::run()?;
+    step("benchmarks of the pure core (fold, codec, sizes, recommender)");
+    Cmd::new("cargo")
+        .args(["bench", "-p", "shared", "--bench", "core"])
+        .args(extra)
+        .cwd(root())
+        .run()?;
+    worker::codec_sizes()?;
+    let bundle = worker::build()?;
+    worker::report_bundle_size(&bundle)?;
+    Ok(())
+}
