@@ -41,7 +41,10 @@ fn mac(secret: &[u8], timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
 
 /// The signature header value for `body` signed at `timestamp`.
 pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
-    format!("v1={}", hex(&mac(secret, timestamp, body).finalize().into_bytes()))
+    format!(
+        "v1={}",
+        hex(&mac(secret, timestamp, body).finalize().into_bytes())
+    )
 }
 
 /// Checks a signature header value; returns the raw signature bytes for the replay guard.
@@ -133,7 +136,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| match c {
@@ -192,7 +195,10 @@ mod tests {
     fn replay_guard_rejects_repeats_and_forgets_old() {
         let mut g = ReplayGuard::new(300, 3);
         assert!(g.check_and_record([1; 32], NOW, NOW).is_ok());
-        assert_eq!(g.check_and_record([1; 32], NOW, NOW), Err(AuthError::Replay));
+        assert_eq!(
+            g.check_and_record([1; 32], NOW, NOW),
+            Err(AuthError::Replay)
+        );
         assert!(g.check_and_record([2; 32], NOW, NOW).is_ok());
         assert!(g.check_and_record([3; 32], NOW, NOW).is_ok());
         assert_eq!(

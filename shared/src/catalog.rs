@@ -399,6 +399,22 @@ pub struct Catalog {
     /// Per tag (same order as `tags`), item indexes most popular first.
     pub(crate) items_by_tag: Vec<Box<[u32]>>,
     pub(crate) fingerprint: u64,
+    /// Per item (same order as `items`), the fields the recommender reads for every candidate,
+    /// packed so that ten thousand of them stay in cache.
+    pub(crate) hot: Vec<Hot>,
+    /// All items' tag indexes, concatenated; [`Hot::tags_at`] and [`Hot::n_tags`] slice it.
+    pub(crate) item_tags: Vec<u32>,
+}
+
+/// The per-candidate fields of an item, 16 bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hot {
+    pub(crate) popularity: f32,
+    pub(crate) id: ItemId,
+    pub(crate) tags_at: u32,
+    pub(crate) category: u16,
+    pub(crate) n_tags: u8,
+    pub(crate) in_stock: bool,
 }
 
 impl Catalog {
@@ -580,6 +596,14 @@ impl Catalog {
         self.index_of(ItemId::of_sku(sku))
             .filter(|i| self.items.get(*i).is_some_and(|it| it.sku == sku))
             .map(|i| i as u32)
+    }
+
+    /// Tag indexes of an item, from the packed array.
+    pub(crate) fn hot_tags(&self, h: &Hot) -> &[u32] {
+        let start = h.tags_at as usize;
+        self.item_tags
+            .get(start..start + usize::from(h.n_tags))
+            .unwrap_or(&[])
     }
 
     pub(crate) fn tag_index(&self, tag: &str) -> Option<u32> {
@@ -903,6 +927,24 @@ fn compile(raw: RawCatalog) -> Result<Catalog, CatalogError> {
     }
     let items_by_tag: Vec<Box<[u32]>> = per_tag.into_iter().map(Vec::into_boxed_slice).collect();
 
+    let mut item_tags: Vec<u32> = Vec::new();
+    let hot: Vec<Hot> = items
+        .iter()
+        .map(|it| {
+            let tags_at = u32::try_from(item_tags.len()).unwrap_or(u32::MAX);
+            item_tags.extend_from_slice(&it.tags);
+            Hot {
+                popularity: it.popularity,
+                id: it.id,
+                tags_at,
+                category: it.category,
+                // At most MAX_TAGS_PER_ITEM (16), checked above.
+                n_tags: u8::try_from(it.tags.len()).unwrap_or(u8::MAX),
+                in_stock: it.in_stock,
+            }
+        })
+        .collect();
+
     let mut item_index: Vec<(ItemId, u32)> = items
         .iter()
         .enumerate()
@@ -940,6 +982,8 @@ fn compile(raw: RawCatalog) -> Result<Catalog, CatalogError> {
         tags,
         items_by_tag,
         fingerprint: h.0,
+        hot,
+        item_tags,
     })
 }
 

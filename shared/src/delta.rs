@@ -44,7 +44,10 @@ pub enum Change {
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Op {
     /// Upsert an interest whose time is the patched profile's `updated_at`.
-    InterestNow { category: CategoryId, score: Score },
+    InterestNow {
+        category: CategoryId,
+        score: Score,
+    },
     /// Upsert an interest with its own time.
     Interest(Interest),
     DropInterest(CategoryId),
@@ -234,12 +237,10 @@ pub fn diff(old: &Profile, new: &Profile) -> Change {
     if new.version <= old.version || new.updated_at < old.updated_at {
         return Change::Snapshot(new.clone());
     }
-    let (Ok(steps), Ok(advance)) = (
-        u32::try_from(new.version - old.version),
-        u32::try_from(new.updated_at.0 - old.updated_at.0),
-    ) else {
+    let Ok(steps) = u32::try_from(new.version - old.version) else {
         return Change::Snapshot(new.clone());
     };
+    let advance = new.updated_at.0 - old.updated_at.0;
     let mut ops = Vec::new();
 
     for i in &new.interests {
@@ -354,7 +355,10 @@ mod tests {
                 &mut p,
                 &ev(
                     n,
-                    &format!(r#""type":"product_view","item":"sku-{n}","category":"cat-{}""#, n % 4),
+                    &format!(
+                        r#""type":"product_view","item":"sku-{n}","category":"cat-{}""#,
+                        n % 4
+                    ),
                 ),
             );
         }
@@ -367,7 +371,10 @@ mod tests {
         let mut new = old.clone();
         fold(
             &mut new,
-            &ev(20, r#""type":"add_to_cart","item":"cam-001","category":"cameras","price":499"#),
+            &ev(
+                20,
+                r#""type":"add_to_cart","item":"cam-001","category":"cameras","price":499"#,
+            ),
         );
         let change = diff(&old, &new);
         assert!(matches!(change, Change::Patch { steps: 1, .. }));
@@ -441,7 +448,13 @@ mod tests {
         let p = history();
         let from = p.version;
         for (ops, steps) in [
-            (vec![Op::Cart(CartLine { item: ItemId(1), quantity: 5000 })], 1),
+            (
+                vec![Op::Cart(CartLine {
+                    item: ItemId(1),
+                    quantity: 5000,
+                })],
+                1,
+            ),
             (vec![Op::Recent(vec![ItemId(1); 3])], 1),
             (vec![Op::Bucket(200)], 1),
             (vec![], 0),
@@ -453,7 +466,10 @@ mod tests {
                 advance: 0,
                 ops,
             };
-            assert!(matches!(apply(&mut held, &change), Err(ApplyError::Invalid(_))));
+            assert!(matches!(
+                apply(&mut held, &change),
+                Err(ApplyError::Invalid(_))
+            ));
             assert_eq!(held, Some(Stored::Profile(p.clone())));
         }
         let mut held = Some(Stored::Profile(p.clone()));
@@ -472,7 +488,10 @@ mod tests {
         let mut new = old.clone();
         fold(
             &mut new,
-            &ev(13, r#""type":"product_view","item":"sku-3","category":"cat-3""#),
+            &ev(
+                13,
+                r#""type":"product_view","item":"sku-3","category":"cat-3""#,
+            ),
         );
         let Change::Patch { ops, .. } = diff(&old, &new) else {
             panic!("expected a patch");

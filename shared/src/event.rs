@@ -37,12 +37,23 @@ pub struct Event {
 #[derive(Clone, PartialEq, Debug)]
 pub enum EventKind {
     PageView,
-    ProductView { item: String, category: String },
+    ProductView {
+        item: String,
+        category: String,
+    },
     AddToCart(Line),
-    RemoveFromCart { item: String, quantity: u16 },
+    RemoveFromCart {
+        item: String,
+        quantity: u16,
+    },
     Purchase(Vec<Line>),
-    Search { query: String, category: Option<String> },
-    Consent { personalization: bool },
+    Search {
+        query: String,
+        category: Option<String>,
+    },
+    Consent {
+        personalization: bool,
+    },
 }
 
 /// An item with its category, unit price and quantity.
@@ -215,14 +226,15 @@ impl Event {
         let user = req_user(obj)?;
         let ts_ms = match obj.get("ts") {
             None => return Err(EventError::field("ts", "missing")),
-            Some(v) => v.as_u64().filter(|t| (MIN_TS_MS..MAX_TS_MS).contains(t)).ok_or_else(
-                || {
+            Some(v) => v
+                .as_u64()
+                .filter(|t| (MIN_TS_MS..MAX_TS_MS).contains(t))
+                .ok_or_else(|| {
                     EventError::field(
                         "ts",
                         "must be an integer of Unix milliseconds between 2024 and 2100",
                     )
-                },
-            )?,
+                })?,
         };
         let kind = match ty {
             "page_view" => EventKind::PageView,
@@ -252,7 +264,10 @@ impl Event {
                 personalization: match obj.get("personalization") {
                     Some(Value::Bool(b)) => *b,
                     Some(_) => {
-                        return Err(EventError::field("personalization", "must be true or false"));
+                        return Err(EventError::field(
+                            "personalization",
+                            "must be true or false",
+                        ));
                     }
                     None => return Err(EventError::field("personalization", "missing")),
                 },
@@ -346,7 +361,10 @@ fn req_str<'a>(
                     format!("is {} bytes; the limit is {max}", s.len()),
                 ))
             } else if s.chars().any(char::is_control) {
-                Err(EventError::field(field, "must not contain control characters"))
+                Err(EventError::field(
+                    field,
+                    "must not contain control characters",
+                ))
             } else {
                 Ok(s)
             }
@@ -523,7 +541,9 @@ mod tests {
             "ok remove_from_cart",
         );
         check(
-            &ev(r#""type":"purchase","item":"cam-001","category":"cameras","price":1,"quantity":1"#),
+            &ev(
+                r#""type":"purchase","item":"cam-001","category":"cameras","price":1,"quantity":1"#,
+            ),
             "ok purchase",
         );
         check(
@@ -533,12 +553,18 @@ mod tests {
             "ok purchase",
         );
         check(&ev(r#""type":"search","query":"tripod""#), "ok search");
-        check(&ev(r#""type":"consent","personalization":false"#), "ok consent");
+        check(
+            &ev(r#""type":"consent","personalization":false"#),
+            "ok consent",
+        );
     }
 
     #[test]
     fn rejects_with_the_field_and_reason() {
-        check("{", "not valid JSON: EOF while parsing an object at line 1 column 1");
+        check(
+            "{",
+            "not valid JSON: EOF while parsing an object at line 1 column 1",
+        );
         check("[]", "an event must be a JSON object");
         check(r#"{"type":"page_view"}"#, "field `event_id`: missing");
         check(
@@ -597,7 +623,10 @@ mod tests {
 
     #[test]
     fn rejects_oversized_input() {
-        let big = ev(&format!(r#""type":"search","query":"{}""#, "x".repeat(9000)));
+        let big = ev(&format!(
+            r#""type":"search","query":"{}""#,
+            "x".repeat(9000)
+        ));
         assert!(
             parse_event(big.as_bytes())
                 .unwrap_err()

@@ -44,7 +44,12 @@ pub fn fold(profile: &mut Profile, event: &Event) {
             profile.recent.truncate(MAX_RECENT);
         }
         EventKind::AddToCart(line) => {
-            bump_interest(profile, CategoryId::of_name(&line.category), WEIGHT_CART, at);
+            bump_interest(
+                profile,
+                CategoryId::of_name(&line.category),
+                WEIGHT_CART,
+                at,
+            );
             add_to_cart(profile, ItemId::of_sku(&line.item), line.quantity);
         }
         EventKind::RemoveFromCart { item, quantity } => {
@@ -120,7 +125,8 @@ fn bump_interest(p: &mut Profile, category: CategoryId, weight: f32, at: Secs) {
                 it.at = at;
             } else {
                 // A late event: its weight has already decayed by the time `it.at` stands for.
-                it.score = Score::from_f32(it.score.to_f32() + weight * decay_factor(it.at.since(at)));
+                it.score =
+                    Score::from_f32(it.score.to_f32() + weight * decay_factor(it.at.since(at)));
             }
         }
         Err(i) => p.interests.insert(
@@ -253,7 +259,10 @@ mod tests {
             r#""type":"purchase","item":"cam-001","category":"cameras","price":499.5,"quantity":1"#,
         );
         fold(&mut p, &buy);
-        assert!(p.cart.is_empty(), "a purchase takes the item out of the cart");
+        assert!(
+            p.cart.is_empty(),
+            "a purchase takes the item out of the cart"
+        );
         assert!(p.has_purchased(ItemId::of_sku("cam-001")));
         assert_eq!(p.spend_cents, 49_950);
         assert!(p.segments.contains(Segments::BUYER));
@@ -331,7 +340,10 @@ mod tests {
     #[test]
     fn consent_is_recorded() {
         let mut p = Profile::new(0);
-        fold(&mut p, &ev("a", 0, r#""type":"consent","personalization":false"#));
+        fold(
+            &mut p,
+            &ev("a", 0, r#""type":"consent","personalization":false"#),
+        );
         assert!(!p.consent.personalization());
     }
 }

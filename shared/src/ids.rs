@@ -87,7 +87,9 @@ impl fmt::Debug for CategoryId {
 ///
 /// A custom epoch keeps timestamps in four varint bytes until 2032 and in a `u32` until 2160;
 /// second resolution is plenty for decay and recency.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct Secs(pub u32);
 
 impl Secs {

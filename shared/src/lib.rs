@@ -17,6 +17,7 @@ pub mod profile;
 pub mod recommend;
 pub mod rules;
 pub mod synthetic;
+pub mod traffic;
 pub mod wire;
 
 pub use ids::{CategoryId, ItemId, Secs};

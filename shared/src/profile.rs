@@ -24,7 +24,9 @@ pub const INTEREST_HALF_LIFE_SECS: u32 = 7 * 24 * 3600;
 /// A non-negative interest score in fixed point, 1/64 of an event weight per unit.
 ///
 /// Fixed point (not `f32`) so that stored values compare exactly and encode in 1–3 bytes.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct Score(pub u16);
 
 impl Score {
@@ -104,7 +106,10 @@ impl Segments {
     ];
 
     pub fn by_name(name: &str) -> Option<Segments> {
-        Self::NAMED.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+        Self::NAMED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
     }
 
     pub fn contains(self, other: Segments) -> bool {
@@ -223,7 +228,11 @@ impl Profile {
         if self.interests.len() > MAX_INTERESTS {
             return Err("too many interests");
         }
-        if !self.interests.windows(2).all(|w| w[0].category < w[1].category) {
+        if !self
+            .interests
+            .windows(2)
+            .all(|w| w[0].category < w[1].category)
+        {
             return Err("interests not sorted and distinct");
         }
         if self.recent.len() > MAX_RECENT {

@@ -60,6 +60,9 @@ const PER_INTEREST_CATEGORY: usize = 20;
 const BOOSTED_SOURCES: usize = 8;
 const PER_BOOSTED_SOURCE: usize = 10;
 const MIN_POPULAR_CANDIDATES: usize = 40;
+/// Tag boosts are summed into a dense per-tag array when the catalog has at most this many
+/// distinct tags (a 16 KiB allocation at most), else looked up by binary search.
+const DENSE_TAG_LIMIT: usize = 4096;
 
 // Per-item flags, one byte per catalog item per request.
 const EXCLUDED: u8 = 1;
@@ -259,6 +262,8 @@ struct Request<'a, 'p> {
     category_boost: Vec<f32>,
     /// Sorted by tag, summed.
     tag_boosts: Vec<(u32, f32)>,
+    /// The same per tag index, when the catalog has few enough tags (empty otherwise).
+    tag_boost_dense: Vec<f32>,
     /// Sorted by item, summed.
     item_boosts: Vec<(u32, f32)>,
     /// Interest per dense category normalized to the strongest (empty without interests).
@@ -290,12 +295,13 @@ impl<'a, 'p> Request<'a, 'p> {
             cart_accessory_categories: CatSet::new(),
             viewed_accessory_categories: CatSet::new(),
             category_boost: Vec::new(),
-            tag_boosts: Vec::new(),
-            item_boosts: Vec::new(),
+            tag_boosts: Vec::with_capacity(32),
+            tag_boost_dense: Vec::new(),
+            item_boosts: Vec::with_capacity(32),
             affinity: Vec::new(),
             pins: Vec::new(),
             offer: None,
-            fired: Vec::new(),
+            fired: Vec::with_capacity(rules.rules.len().min(64)),
         }
     }
 
@@ -330,8 +336,9 @@ impl<'a, 'p> Request<'a, 'p> {
         let (mut in_cart_on, mut in_cart_off) = (false, false);
         let mut exclude_items: Vec<u32> = Vec::new();
         let n_categories = self.catalog.categories.len();
-        for rule in &self.rules.rules {
-            if !rule.fires(&self.facts) {
+        let rules = self.rules;
+        for (rule, head) in rules.rules.iter().zip(&rules.heads) {
+            if !rules.head_fires(head, &self.facts) {
                 continue;
             }
             self.fired.push(&rule.name);
@@ -372,6 +379,15 @@ impl<'a, 'p> Request<'a, 'p> {
         }
         merge_sorted(&mut self.tag_boosts);
         merge_sorted(&mut self.item_boosts);
+        let n_tags = self.catalog.tags.len();
+        if !self.tag_boosts.is_empty() && n_tags <= DENSE_TAG_LIMIT {
+            self.tag_boost_dense = vec![0.0; n_tags];
+            for (t, b) in &self.tag_boosts {
+                if let Some(d) = self.tag_boost_dense.get_mut(*t as usize) {
+                    *d = *b;
+                }
+            }
+        }
 
         // Hard filters. Purchased and in-cart items are excluded by default; a fired rule may
         // lift that (`purchased = false`) unless another fired rule insists (`true` wins).
@@ -415,9 +431,9 @@ impl<'a, 'p> Request<'a, 'p> {
         self.flag(index as usize) & EXCLUDED == 0
             && self
                 .catalog
-                .items
+                .hot
                 .get(index as usize)
-                .is_some_and(|it| it.in_stock && !self.excluded_categories.contains(it.category))
+                .is_some_and(|h| h.in_stock && !self.excluded_categories.contains(h.category))
     }
 
     fn full(&self) -> bool {
@@ -580,7 +596,7 @@ impl<'a, 'p> Request<'a, 'p> {
 
     /// Score and reason of one item.
     fn score(&self, index: u32) -> Option<(f32, Reason, u16)> {
-        let it = self.catalog.items.get(index as usize)?;
+        let it = self.catalog.hot.get(index as usize)?;
         let c = it.category;
         let flags = self.flag(index as usize);
         let popularity = W_POPULARITY * it.popularity;
@@ -604,14 +620,24 @@ impl<'a, 'p> Request<'a, 'p> {
             .get(usize::from(c))
             .copied()
             .unwrap_or(0.0);
-        if !self.tag_boosts.is_empty() {
-            for t in it.tags.iter() {
+        if !self.tag_boost_dense.is_empty() {
+            for t in self.catalog.hot_tags(it) {
+                rule += self
+                    .tag_boost_dense
+                    .get(*t as usize)
+                    .copied()
+                    .unwrap_or(0.0);
+            }
+        } else if !self.tag_boosts.is_empty() {
+            for t in self.catalog.hot_tags(it) {
                 if let Ok(p) = self.tag_boosts.binary_search_by_key(t, |(k, _)| *k) {
                     rule += self.tag_boosts.get(p).map_or(0.0, |(_, b)| *b);
                 }
             }
         }
-        if let Ok(p) = self.item_boosts.binary_search_by_key(&index, |(k, _)| *k) {
+        if !self.item_boosts.is_empty()
+            && let Ok(p) = self.item_boosts.binary_search_by_key(&index, |(k, _)| *k)
+        {
             rule += self.item_boosts.get(p).map_or(0.0, |(_, b)| *b);
         }
         let total = popularity + affinity + cart + viewed + rule;
@@ -633,46 +659,66 @@ impl<'a, 'p> Request<'a, 'p> {
         Some((total, reason, c))
     }
 
+    fn id_of(&self, index: u32) -> ItemId {
+        self.catalog
+            .hot
+            .get(index as usize)
+            .map_or(ItemId(0), |h| h.id)
+    }
+
     fn tie(&self, index: u32) -> u64 {
         let id = self
             .catalog
-            .items
+            .hot
             .get(index as usize)
-            .map_or(u64::from(index), |it| u64::from(it.id.0));
-        mix64(self.ctx.seed ^ mix64(id))
+            .map_or(u64::from(index), |h| u64::from(h.id.0));
+        mix64(self.ctx.seed ^ mix64(id)) & TIE_MASK
     }
 
     fn score_candidates(&self) -> Vec<Scored> {
-        self.candidates
-            .iter()
-            .filter_map(|&index| {
-                let (score, reason, category) = self.score(index)?;
-                Some(Scored {
+        let mut scored = Vec::with_capacity(self.candidates.len());
+        for &index in &self.candidates {
+            if let Some((score, reason, category)) = self.score(index) {
+                scored.push(Scored {
                     index,
                     category,
                     score,
                     tie: self.tie(index),
                     reason,
-                })
-            })
-            .collect()
+                });
+            }
+        }
+        scored
     }
 
     /// Greedy top-k with a per-category penalty. Candidates are grouped by category (best
     /// first inside each group), so each step compares only the group heads.
-    fn select(&self, mut scored: Vec<Scored>) -> Vec<RecommendedItem> {
-        scored.sort_unstable_by(|a, b| {
-            a.category
-                .cmp(&b.category)
-                .then_with(|| better(a.score, a.tie, a.index, b.score, b.tie, b.index))
-        });
+    fn select(&self, scored: Vec<Scored>) -> Vec<RecommendedItem> {
+        // One integer key per candidate: category, score descending, tie hash, position.
+        // Integers sort several times faster than a field-by-field comparator, and the
+        // position (deterministic) makes the order total.
+        let mut keys: Vec<u128> = scored
+            .iter()
+            .enumerate()
+            .map(|(pos, s)| {
+                (u128::from(s.category) << 112)
+                    | (u128::from(descending_bits(s.score)) << 80)
+                    | (u128::from(s.tie & TIE_MASK) << 32)
+                    | pos as u128
+            })
+            .collect();
+        keys.sort_unstable();
+        let at = |i: usize| -> Option<&Scored> {
+            keys.get(i)
+                .and_then(|k| scored.get((k & 0xffff_ffff) as usize))
+        };
         // (cursor, end, picked) per category group.
-        let mut groups: Vec<(usize, usize, u32)> = Vec::new();
+        let mut groups: Vec<(usize, usize, u32)> = Vec::with_capacity(32);
         let mut start = 0;
-        while start < scored.len() {
-            let cat = scored.get(start).map(|s| s.category);
+        while start < keys.len() {
+            let cat = keys.get(start).map(|k| k >> 112);
             let mut end = start + 1;
-            while end < scored.len() && scored.get(end).map(|s| s.category) == cat {
+            while end < keys.len() && keys.get(end).map(|k| k >> 112) == cat {
                 end += 1;
             }
             groups.push((start, end, 0));
@@ -685,7 +731,7 @@ impl<'a, 'p> Request<'a, 'p> {
                 if cursor >= end {
                     continue;
                 }
-                let Some(s) = scored.get(*cursor) else {
+                let Some(s) = at(*cursor) else {
                     continue;
                 };
                 let eff = s.score - DIVERSITY_PENALTY * *picked as f32;
@@ -702,11 +748,7 @@ impl<'a, 'p> Request<'a, 'p> {
             }
             let Some((g, eff, s)) = best else { break };
             out.push(RecommendedItem {
-                item: self
-                    .catalog
-                    .items
-                    .get(s.index as usize)
-                    .map_or(ItemId(0), |it| it.id),
+                item: self.id_of(s.index),
                 index: s.index,
                 score: eff,
                 reason: s.reason,
@@ -745,11 +787,7 @@ impl<'a, 'p> Request<'a, 'p> {
             let Some((score, _, _)) = self.score(index) else {
                 continue;
             };
-            let item = self
-                .catalog
-                .items
-                .get(index as usize)
-                .map_or(ItemId(0), |it| it.id);
+            let item = self.id_of(index);
             items.insert(
                 at,
                 RecommendedItem {
@@ -771,20 +809,32 @@ fn better(s1: f32, t1: u64, i1: u32, s2: f32, t2: u64, i2: u32) -> std::cmp::Ord
     s2.total_cmp(&s1).then(t1.cmp(&t2)).then(i1.cmp(&i2))
 }
 
-/// Sorts `(key, value)` pairs by key and sums values of equal keys.
+/// Sorts `(key, value)` pairs by key and sums values of equal keys, in place. Values are
+/// part of the sort order so the float sums are bit-identical whatever the input order.
 fn merge_sorted(v: &mut Vec<(u32, f32)>) {
-    if v.len() < 2 {
-        return;
-    }
-    v.sort_by_key(|(k, _)| *k);
-    let mut out: Vec<(u32, f32)> = Vec::with_capacity(v.len());
-    for &(k, b) in v.iter() {
-        match out.last_mut() {
-            Some((lk, lb)) if *lk == k => *lb += b,
-            _ => out.push((k, b)),
+    v.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    v.dedup_by(|cur, kept| {
+        if cur.0 == kept.0 {
+            kept.1 += cur.1;
+            true
+        } else {
+            false
         }
-    }
-    *v = out;
+    });
+}
+
+/// Tie hashes keep 48 bits so they fit the selection sort key.
+const TIE_MASK: u64 = (1 << 48) - 1;
+
+/// Bits of `s` that sort (as unsigned integers) in descending order of `s`.
+fn descending_bits(s: f32) -> u32 {
+    let b = s.to_bits();
+    let ascending = if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    };
+    !ascending
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -543,7 +543,20 @@ pub struct CompiledRules {
     pub(crate) version: u32,
     /// Highest priority first, ties by name.
     pub(crate) rules: Vec<Rule>,
+    /// What the per-request loop reads, packed: one head per rule (same order) and all
+    /// conditions back to back, so evaluating hundreds of rules walks two small arrays.
+    pub(crate) heads: Vec<RuleHead>,
+    pub(crate) checks: Vec<Check>,
     pub(crate) catalog_fingerprint: u64,
+}
+
+/// A rule's gate and its conditions' place in [`CompiledRules::checks`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RuleHead {
+    checks_at: u32,
+    n_checks: u8,
+    slots: u8,
+    needs_profile: bool,
 }
 
 /// The name the design notes use; the same type.
@@ -570,11 +583,7 @@ impl CompiledRules {
 
     /// No rules, for `catalog`.
     pub fn none(catalog: &Catalog) -> CompiledRules {
-        CompiledRules {
-            version: RULES_VERSION as u32,
-            rules: Vec::new(),
-            catalog_fingerprint: catalog.fingerprint(),
-        }
+        CompiledRules::pack(Vec::new(), catalog.fingerprint())
     }
 
     pub fn version(&self) -> u32 {
@@ -596,6 +605,43 @@ impl CompiledRules {
 
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// Whether the rule with this head fires for these facts (the hot-loop twin of
+    /// [`Rule::fires`]).
+    pub(crate) fn head_fires(&self, head: &RuleHead, facts: &Facts) -> bool {
+        let start = head.checks_at as usize;
+        head.slots & facts.slot != 0
+            && (facts.has_profile || !head.needs_profile)
+            && self
+                .checks
+                .get(start..start + usize::from(head.n_checks))
+                .is_some_and(|cs| cs.iter().all(|c| c.holds(facts)))
+    }
+
+    fn pack(rules: Vec<Rule>, catalog_fingerprint: u64) -> CompiledRules {
+        let mut checks: Vec<Check> = Vec::new();
+        let heads = rules
+            .iter()
+            .map(|r| {
+                let checks_at = u32::try_from(checks.len()).unwrap_or(u32::MAX);
+                checks.extend(r.checks.iter().cloned());
+                RuleHead {
+                    checks_at,
+                    // One check per condition kind: at most 11.
+                    n_checks: u8::try_from(r.checks.len()).unwrap_or(u8::MAX),
+                    slots: r.slots,
+                    needs_profile: r.needs_profile,
+                }
+            })
+            .collect();
+        CompiledRules {
+            version: RULES_VERSION as u32,
+            rules,
+            heads,
+            checks,
+            catalog_fingerprint,
+        }
     }
 
     /// Whether these rules were compiled against `catalog`.
@@ -842,11 +888,7 @@ fn compile(raw: RawRules, catalog: &Catalog) -> Result<CompiledRules, RulesError
             .cmp(&a.priority)
             .then_with(|| a.name.cmp(&b.name))
     });
-    Ok(CompiledRules {
-        version: RULES_VERSION as u32,
-        rules,
-        catalog_fingerprint: catalog.fingerprint(),
-    })
+    Ok(CompiledRules::pack(rules, catalog.fingerprint()))
 }
 
 fn compile_rule(r: &RawRule, cx: &RuleCx<'_>) -> Result<Rule, RulesError> {

@@ -695,7 +695,7 @@ mod tests {
             .collect();
         let mut samples: Vec<u128> = Vec::new();
         let mut fired = 0usize;
-        for round in 0..20 {
+        for round in 0..100 {
             for (p, ctx) in &inputs {
                 let t = std::time::Instant::now();
                 let out = rec.recommend(Some(p), ctx);

@@ -9,8 +9,8 @@ use shared::fold::{fold, fold_all};
 use shared::keys::UserKey;
 use shared::profile::Profile;
 use shared::wire::{
-    Codec, ConfigDoc, ConfigKind, SyncBatch, SyncItem, decode_batch, decode_stored,
-    encode_batch, encode_stored,
+    Codec, ConfigDoc, ConfigKind, SyncBatch, SyncItem, decode_batch, decode_stored, encode_batch,
+    encode_stored,
 };
 
 const T0: u64 = 1_732_960_000_000;

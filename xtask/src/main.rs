@@ -101,10 +101,7 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra)
         .cwd(root())
         .run()?;
-    step(&format!(
-        "all tests passed in {:.0?}",
-        started.elapsed()
-    ));
+    step(&format!("all tests passed in {:.0?}", started.elapsed()));
     Ok(())
 }
 

@@ -45,7 +45,10 @@ fn wasm_target() -> Result<()> {
         .cwd(root())
         .output()
         .unwrap_or_default();
-    if installed.lines().any(|l| l.trim() == "wasm32-unknown-unknown") {
+    if installed
+        .lines()
+        .any(|l| l.trim() == "wasm32-unknown-unknown")
+    {
         println!("    ok    rust target wasm32-unknown-unknown");
         return Ok(());
     }
@@ -73,7 +76,10 @@ fn apt_packages() -> Result<()> {
         return Ok(());
     }
     println!("    apt   installing {}", missing.join(", "));
-    let is_root = Cmd::new("id").arg("-u").output().is_some_and(|s| s.trim() == "0");
+    let is_root = Cmd::new("id")
+        .arg("-u")
+        .output()
+        .is_some_and(|s| s.trim() == "0");
     let prefix: Vec<&str> = if is_root { vec![] } else { vec!["sudo", "-n"] };
     let apt = |args: &[&str]| {
         let mut all: Vec<&str> = prefix.clone();
@@ -84,9 +90,8 @@ fn apt_packages() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .run()
     };
-    apt(&["update", "-qq"]).context(
-        "apt-get update failed; run `sudo apt-get update` yourself, then retry",
-    )?;
+    apt(&["update", "-qq"])
+        .context("apt-get update failed; run `sudo apt-get update` yourself, then retry")?;
     let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
     install.extend(missing.iter().copied());
     apt(&install).with_context(|| {
@@ -165,7 +170,8 @@ fn cargo_install(tool: &CargoTool) -> Result<()> {
         ),
     }
     let started = Instant::now();
-    let mut cmd = Cmd::new("cargo").args(["install", tool.krate, "--version", &tool.version, "--force"]);
+    let mut cmd =
+        Cmd::new("cargo").args(["install", tool.krate, "--version", &tool.version, "--force"]);
     if !tool.features.is_empty() {
         cmd = cmd.args(["--features", tool.features]);
     }

@@ -10,7 +10,12 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
 /// Inputs of the bundle: a change to any of them rebuilds it.
-const INPUT_DIRS: &[&str] = &["edge-worker/src", "edge-worker/static", "shared/src", "shared/data"];
+const INPUT_DIRS: &[&str] = &[
+    "edge-worker/src",
+    "edge-worker/static",
+    "shared/src",
+    "shared/data",
+];
 const INPUT_FILES: &[&str] = &[
     "Cargo.toml",
     "Cargo.lock",
@@ -129,25 +134,31 @@ pub fn report_bundle_size(out: &Path) -> Result<()> {
 /// what each one costs the bundle.
 pub fn codec_sizes() -> Result<()> {
     step("codec probes: what each codec adds to a wasm32 module (release, wasm-opt -Oz)");
-    let probes = ["codec_none", "codec_lz4", "codec_deflate"];
-    let mut cmd = Cmd::new("cargo").args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "shared",
-        "--target",
-        "wasm32-unknown-unknown",
-    ]);
-    for p in probes {
-        cmd = cmd.args(["--example", p]);
+    let probes = [("none", ""), ("lz4", "lz4"), ("deflate", "deflate")];
+    let dir = root().join("target/wasm32-unknown-unknown/release");
+    for (name, feature) in probes {
+        let mut cmd = Cmd::new("cargo").args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "codec-probe",
+            "--target",
+            "wasm32-unknown-unknown",
+        ]);
+        if !feature.is_empty() {
+            cmd = cmd.args(["--features", feature]);
+        }
+        cmd.cwd(root()).run()?;
+        std::fs::copy(
+            dir.join("codec_probe.wasm"),
+            dir.join(format!("codec_probe_{name}.wasm")),
+        )?;
     }
-    cmd.cwd(root()).run()?;
-    let dir = root().join("target/wasm32-unknown-unknown/release/examples");
     let mut base = None;
-    for p in probes {
-        let wasm = dir.join(format!("{p}.wasm"));
-        let opt = dir.join(format!("{p}.opt.wasm"));
+    for (p, _) in probes {
+        let wasm = dir.join(format!("codec_probe_{p}.wasm"));
+        let opt = dir.join(format!("codec_probe_{p}.opt.wasm"));
         Cmd::new(node_bin(".bin/wasm-opt"))
             .args(["-Oz", "--strip-debug", "-o"])
             .arg(&opt)
@@ -158,7 +169,7 @@ pub fn codec_sizes() -> Result<()> {
         let extra = base.map_or(String::new(), |b: (i64, i64)| {
             format!("  (+{} B raw, +{} B gzip over none)", len - b.0, g - b.1)
         });
-        println!("    {p:<14} {len:>7} B raw {g:>7} B gzip{extra}");
+        println!("    {p:<8} {len:>7} B raw {g:>7} B gzip{extra}");
         base.get_or_insert((len, g));
     }
     Ok(())

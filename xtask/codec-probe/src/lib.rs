@@ -1,0 +1,26 @@
+//! One exported function that decodes with the codec chosen by feature (none, `lz4`,
+//! `deflate`). Built for wasm32 once per feature, the size differences are what each codec's
+//! decoder costs the edge bundle; the edge only ever decodes, so only decoders are probed.
+#![allow(unsafe_code)] // exporting a symbol needs #[unsafe(no_mangle)]
+
+#[unsafe(no_mangle)]
+pub extern "C" fn probe(len: usize) -> usize {
+    let input = std::hint::black_box(vec![0u8; len]);
+    decode(&input)
+}
+
+#[cfg(feature = "lz4")]
+fn decode(input: &[u8]) -> usize {
+    let mut out = vec![0u8; 1 << 16];
+    lz4_flex::block::decompress_into(input, &mut out).unwrap_or(0)
+}
+
+#[cfg(feature = "deflate")]
+fn decode(input: &[u8]) -> usize {
+    miniz_oxide::inflate::decompress_to_vec_with_limit(input, 1 << 16).map_or(0, |v| v.len())
+}
+
+#[cfg(not(any(feature = "lz4", feature = "deflate")))]
+fn decode(input: &[u8]) -> usize {
+    input.iter().map(|b| usize::from(*b)).sum()
+}
