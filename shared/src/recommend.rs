@@ -62,6 +62,8 @@ const PER_BOOSTED_SOURCE: usize = 10;
 const MIN_POPULAR_CANDIDATES: usize = 40;
 /// Tag boosts are summed into a dense per-tag array when the catalog has at most this many
 /// distinct tags (a 16 KiB allocation at most), else looked up by binary search.
+pub static CANDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const DENSE_TAG_LIMIT: usize = 4096;
 
 // Per-item flags, one byte per catalog item per request.
@@ -309,6 +311,8 @@ impl<'a, 'p> Request<'a, 'p> {
         self.apply_rules();
         self.compute_affinity();
         self.generate_candidates();
+        CANDS.fetch_add(self.candidates.len(), std::sync::atomic::Ordering::Relaxed);
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let scored = self.score_candidates();
         let mut items = self.select(scored);
         self.apply_pins(&mut items);
