@@ -133,7 +133,11 @@ impl Service {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("{} exited with {status}:\n{}", self.name, self.log()));
+                return Err(format!(
+                    "{} exited with {status}:\n{}",
+                    self.name,
+                    self.log()
+                ));
             }
             if http(self.port, "GET", path, &[], b"").is_ok_and(|r| r.status == 200) {
                 return Ok(());

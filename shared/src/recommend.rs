@@ -57,7 +57,7 @@ const PER_VIEWED_ACCESSORY_CATEGORY: usize = 6;
 const RECENT_ACCESSORIES: usize = 4;
 const TOP_INTERESTS: usize = 3;
 const PER_INTEREST_CATEGORY: usize = 20;
-const BOOSTED_SOURCES: usize = 8;
+const BOOSTED_SOURCES: usize = 6;
 const PER_BOOSTED_SOURCE: usize = 10;
 const MIN_POPULAR_CANDIDATES: usize = 40;
 /// Tag boosts are summed into a dense per-tag array when the catalog has at most this many
@@ -71,6 +71,7 @@ const EXCLUDED: u8 = 1;
 const SEEN: u8 = 2;
 const CART_ACCESSORY: u8 = 4;
 const VIEWED_ACCESSORY: u8 = 8;
+const ITEM_BOOSTED: u8 = 16;
 
 /// What the request says, besides the profile.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,9 +263,10 @@ struct Request<'a, 'p> {
     viewed_accessory_categories: CatSet,
     /// Per dense category; empty when no category boost fired.
     category_boost: Vec<f32>,
-    /// Sorted by tag, summed.
+    /// Boosted tags, sorted, with their summed boost.
     tag_boosts: Vec<(u32, f32)>,
-    /// The same per tag index, when the catalog has few enough tags (empty otherwise).
+    /// Summed boost per tag index, when the catalog has at most [`DENSE_TAG_LIMIT`] tags
+    /// (empty otherwise, or when no tag boost fired).
     tag_boost_dense: Vec<f32>,
     /// Sorted by item, summed.
     item_boosts: Vec<(u32, f32)>,
@@ -340,17 +342,21 @@ impl<'a, 'p> Request<'a, 'p> {
         let (mut in_cart_on, mut in_cart_off) = (false, false);
         let mut exclude_items: Vec<u32> = Vec::new();
         let n_categories = self.catalog.categories.len();
+        let n_tags = self.catalog.tags.len();
+        let dense_tags = n_tags <= DENSE_TAG_LIMIT;
         let rules = self.rules;
-        for (rule, head) in rules.rules.iter().zip(&rules.heads) {
+        for (i, head) in rules.heads.iter().enumerate() {
             if !rules.head_fires(head, &self.facts) {
                 continue;
             }
-            self.fired.push(&rule.name);
-            if self.offer.is_none() {
-                self.offer = rule.offer.as_ref();
+            if let Some(name) = rules.names.get(i) {
+                self.fired.push(name);
             }
-            for (target, by) in rule.boosts.iter() {
-                match *target {
+            if head.has_offer && self.offer.is_none() {
+                self.offer = rules.rules.get(i).and_then(|r| r.offer.as_ref());
+            }
+            for &(target, by) in rules.head_boosts(head) {
+                match target {
                     Target::Category(c) => {
                         if self.category_boost.is_empty() {
                             self.category_boost = vec![0.0; n_categories];
@@ -359,10 +365,28 @@ impl<'a, 'p> Request<'a, 'p> {
                             *b += by;
                         }
                     }
-                    Target::Tag(t) => self.tag_boosts.push((t, *by)),
-                    Target::Item(i) => self.item_boosts.push((i, *by)),
+                    Target::Tag(t) if dense_tags => {
+                        if self.tag_boost_dense.is_empty() {
+                            self.tag_boost_dense = vec![0.0; n_tags];
+                        }
+                        if let Some(b) = self.tag_boost_dense.get_mut(t as usize) {
+                            *b += by;
+                        }
+                        self.tag_boosts.push((t, 0.0));
+                    }
+                    Target::Tag(t) => self.tag_boosts.push((t, by)),
+                    Target::Item(i) => {
+                        self.mark(i as usize, ITEM_BOOSTED);
+                        self.item_boosts.push((i, by));
+                    }
                 }
             }
+            if !head.has_extras {
+                continue;
+            }
+            let Some(rule) = rules.rules.get(i) else {
+                continue;
+            };
             for (item, position) in rule.pins.iter() {
                 self.pins.push((*position, *item));
             }
@@ -381,16 +405,20 @@ impl<'a, 'p> Request<'a, 'p> {
             }
             exclude_items.extend_from_slice(&rule.exclude_items);
         }
-        merge_sorted(&mut self.tag_boosts);
         merge_sorted(&mut self.item_boosts);
-        let n_tags = self.catalog.tags.len();
-        if !self.tag_boosts.is_empty() && n_tags <= DENSE_TAG_LIMIT {
-            self.tag_boost_dense = vec![0.0; n_tags];
-            for (t, b) in &self.tag_boosts {
-                if let Some(d) = self.tag_boost_dense.get_mut(*t as usize) {
-                    *d = *b;
-                }
+        if dense_tags {
+            // Sums are in the dense array already; list each boosted tag once with its sum.
+            self.tag_boosts.sort_unstable_by_key(|(t, _)| *t);
+            self.tag_boosts.dedup_by_key(|(t, _)| *t);
+            for (t, b) in &mut self.tag_boosts {
+                *b = self
+                    .tag_boost_dense
+                    .get(*t as usize)
+                    .copied()
+                    .unwrap_or(0.0);
             }
+        } else {
+            merge_sorted(&mut self.tag_boosts);
         }
 
         // Hard filters. Purchased and in-cart items are excluded by default; a fired rule may
@@ -438,6 +466,12 @@ impl<'a, 'p> Request<'a, 'p> {
                 .hot
                 .get(index as usize)
                 .is_some_and(|h| h.in_stock && !self.excluded_categories.contains(h.category))
+    }
+
+    /// How deep to read one popularity-ordered source: with the diversity penalty, a small k
+    /// never reaches far into one category, so small requests read shallower lists.
+    fn depth(&self, base: usize) -> usize {
+        base.min(self.k / 2 + 4)
     }
 
     fn full(&self) -> bool {
@@ -511,7 +545,7 @@ impl<'a, 'p> Request<'a, 'p> {
                 }
             }
             for c in acc_categories {
-                self.add_category_top(c, PER_CART_ACCESSORY_CATEGORY);
+                self.add_category_top(c, self.depth(PER_CART_ACCESSORY_CATEGORY));
             }
         }
 
@@ -522,7 +556,7 @@ impl<'a, 'p> Request<'a, 'p> {
                 self.viewed_accessory_categories.insert(c);
             }
             for &c in acc_categories {
-                self.add_category_top(c, PER_VIEWED_ACCESSORY_CATEGORY);
+                self.add_category_top(c, self.depth(PER_VIEWED_ACCESSORY_CATEGORY));
             }
         }
 
@@ -550,7 +584,7 @@ impl<'a, 'p> Request<'a, 'p> {
                 })
             });
             for (c, _) in top.into_iter().take(TOP_INTERESTS) {
-                self.add_category_top(c, PER_INTEREST_CATEGORY);
+                self.add_category_top(c, self.depth(PER_INTEREST_CATEGORY));
             }
         }
 
@@ -564,7 +598,7 @@ impl<'a, 'p> Request<'a, 'p> {
             .collect();
         boosted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         for (c, _) in boosted.into_iter().take(BOOSTED_SOURCES) {
-            self.add_category_top(c, PER_BOOSTED_SOURCE);
+            self.add_category_top(c, self.depth(PER_BOOSTED_SOURCE));
         }
         let mut tags: Vec<(u32, f32)> = self
             .tag_boosts
@@ -575,7 +609,7 @@ impl<'a, 'p> Request<'a, 'p> {
         tags.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         for (t, _) in tags.into_iter().take(BOOSTED_SOURCES) {
             if let Some(list) = catalog.items_by_tag.get(t as usize) {
-                self.add_top(list, PER_BOOSTED_SOURCE);
+                self.add_top(list, self.depth(PER_BOOSTED_SOURCE));
             }
         }
         let items: Vec<u32> = self
@@ -639,7 +673,7 @@ impl<'a, 'p> Request<'a, 'p> {
                 }
             }
         }
-        if !self.item_boosts.is_empty()
+        if flags & ITEM_BOOSTED != 0
             && let Ok(p) = self.item_boosts.binary_search_by_key(&index, |(k, _)| *k)
         {
             rule += self.item_boosts.get(p).map_or(0.0, |(_, b)| *b);

@@ -547,16 +547,26 @@ pub struct CompiledRules {
     /// conditions back to back, so evaluating hundreds of rules walks two small arrays.
     pub(crate) heads: Vec<RuleHead>,
     pub(crate) checks: Vec<Check>,
+    pub(crate) boosts: Vec<(Target, f32)>,
+    /// Rule names again, packed, for the list of fired rules.
+    pub(crate) names: Vec<Box<str>>,
     pub(crate) catalog_fingerprint: u64,
 }
 
-/// A rule's gate and its conditions' place in [`CompiledRules::checks`].
+/// What the per-request loop needs of one rule, 16 bytes: its gate, where its conditions
+/// and boosts sit in the packed arrays, and whether the rarely used parts (offer, pins,
+/// exclusions, kept in [`Rule`]) need a look.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RuleHead {
     checks_at: u32,
+    boosts_at: u32,
     n_checks: u8,
+    n_boosts: u8,
     slots: u8,
     needs_profile: bool,
+    pub(crate) has_offer: bool,
+    /// Pins or exclusions.
+    pub(crate) has_extras: bool,
 }
 
 /// The name the design notes use; the same type.
@@ -619,27 +629,50 @@ impl CompiledRules {
                 .is_some_and(|cs| cs.iter().all(|c| c.holds(facts)))
     }
 
+    /// The boosts of the rule with this head.
+    pub(crate) fn head_boosts(&self, head: &RuleHead) -> &[(Target, f32)] {
+        let start = head.boosts_at as usize;
+        self.boosts
+            .get(start..start + usize::from(head.n_boosts))
+            .unwrap_or(&[])
+    }
+
     fn pack(rules: Vec<Rule>, catalog_fingerprint: u64) -> CompiledRules {
         let mut checks: Vec<Check> = Vec::new();
+        let mut boosts: Vec<(Target, f32)> = Vec::new();
         let heads = rules
             .iter()
             .map(|r| {
                 let checks_at = u32::try_from(checks.len()).unwrap_or(u32::MAX);
+                let boosts_at = u32::try_from(boosts.len()).unwrap_or(u32::MAX);
                 checks.extend(r.checks.iter().cloned());
+                boosts.extend_from_slice(&r.boosts);
                 RuleHead {
                     checks_at,
+                    boosts_at,
                     // One check per condition kind: at most 11.
                     n_checks: u8::try_from(r.checks.len()).unwrap_or(u8::MAX),
+                    // At most MAX_BOOSTS_PER_RULE (32).
+                    n_boosts: u8::try_from(r.boosts.len()).unwrap_or(u8::MAX),
                     slots: r.slots,
                     needs_profile: r.needs_profile,
+                    has_offer: r.offer.is_some(),
+                    has_extras: !r.pins.is_empty()
+                        || r.exclude_purchased.is_some()
+                        || r.exclude_in_cart.is_some()
+                        || !r.exclude_categories.is_empty()
+                        || !r.exclude_items.is_empty(),
                 }
             })
             .collect();
+        let names = rules.iter().map(|r| r.name.as_str().into()).collect();
         CompiledRules {
             version: RULES_VERSION as u32,
             rules,
             heads,
             checks,
+            boosts,
+            names,
             catalog_fingerprint,
         }
     }

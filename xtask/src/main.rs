@@ -24,6 +24,7 @@ commands:
   test           set up, build the worker once, then run every test
   bench          run the benchmarks and print their figures
   codec-sizes    build the codec probes for wasm32 and print what each adds to a bundle
+  fuzz [SECS]    run every fuzz target of the decoders for SECS seconds each (default 60)
 ";
 
 fn main() -> ExitCode {
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("codec-sizes") => worker::codec_sizes(),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             Ok(())
@@ -116,5 +118,51 @@ fn bench(extra: &[String]) -> Result<()> {
     worker::codec_sizes()?;
     let bundle = worker::build()?;
     worker::report_bundle_size(&bundle)?;
+    Ok(())
+}
+
+/// Runs each fuzz target for a while (needs cargo-fuzz, installed on first use, and a nightly
+/// toolchain if one is present; otherwise stable with RUSTC_BOOTSTRAP for the sanitizer flags).
+fn fuzz(extra: &[String]) -> Result<()> {
+    let secs: u64 = match extra.first() {
+        Some(s) => s
+            .parse()
+            .map_err(|_| anyhow::anyhow!("`cargo xtask fuzz [SECONDS]`: {s:?} is not a number"))?,
+        None => 60,
+    };
+    if Cmd::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_none()
+    {
+        step("installing cargo-fuzz");
+        Cmd::new("cargo")
+            .args(["install", "cargo-fuzz", "--version", "0.13.2"])
+            .cwd(std::env::temp_dir())
+            .run()?;
+    }
+    let nightly = Cmd::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .is_some_and(|l| l.lines().any(|t| t.starts_with("nightly")));
+    let fuzz_dir = root().join("shared/fuzz");
+    for target in ["sync_frame", "stored_profile", "event_json", "config_toml"] {
+        step(&format!("fuzzing {target} for {secs} s"));
+        let mut cmd = Cmd::new("cargo");
+        if nightly {
+            cmd = cmd.arg("+nightly");
+        } else {
+            cmd = cmd.env("RUSTC_BOOTSTRAP", "1");
+        }
+        cmd.args([
+            "fuzz",
+            "run",
+            target,
+            "--",
+            &format!("-max_total_time={secs}"),
+        ])
+        .cwd(&fuzz_dir)
+        .run()?;
+    }
     Ok(())
 }
