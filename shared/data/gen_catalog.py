@@ -117,7 +117,8 @@ for i, (brand, cap, cls, lo, hi) in enumerate(
     tags = ["camera-accessory", cls]
     if cls == "microsd":
         tags.append("mobile-accessory")
-    add(sku, f"{brand} {cap}GB {kind} Card ({cls.upper()})", "memory-cards", price(lo, hi), tags,
+    label = {"uhs-i": " (UHS-I)", "uhs-ii": " (UHS-II)"}.get(cls, "")
+    add(sku, f"{brand} {cap}GB {kind} Card{label}", "memory-cards", price(lo, hi), tags,
         popularity=0.88 if sku == "sd-128" else None)
     CARDS.append(sku)
 SD_CARDS = [c for c in CARDS if items[[i["sku"] for i in items].index(c)]["tags"][1] != "microsd"]

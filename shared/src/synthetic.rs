@@ -707,11 +707,6 @@ mod tests {
             }
         }
         samples.sort_unstable();
-        println!(
-            "avg candidates {}",
-            crate::recommend::CANDS.load(std::sync::atomic::Ordering::Relaxed) as f64
-                / crate::recommend::CALLS.load(std::sync::atomic::Ordering::Relaxed) as f64
-        );
         let pct = |q: f64| {
             samples
                 .get((samples.len() as f64 * q) as usize)

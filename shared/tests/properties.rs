@@ -123,7 +123,7 @@ proptest! {
     ) {
         let a = profile_from(&x, 1);
         let mut b = profile_from(&y, 2);
-        b.version = a.version + 1 + b.version;
+        b.version += a.version + 1;
         let mut held = Some(Stored::Profile(a.clone()));
         let _ = apply(&mut held, &diff(&a, &b));
         prop_assert_eq!(held, Some(Stored::Profile(b)));

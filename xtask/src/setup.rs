@@ -108,14 +108,15 @@ fn locked_wasm_bindgen() -> Result<String> {
         .context("Cargo.lock is missing; run `cargo generate-lockfile`")?;
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
-        if line == "name = \"wasm-bindgen\"" {
-            if let Some(v) = lines
-                .next()
-                .and_then(|l| l.strip_prefix("version = \""))
-                .and_then(|l| l.strip_suffix('"'))
-            {
-                return Ok(v.to_owned());
-            }
+        if line != "name = \"wasm-bindgen\"" {
+            continue;
+        }
+        if let Some(v) = lines
+            .next()
+            .and_then(|l| l.strip_prefix("version = \""))
+            .and_then(|l| l.strip_suffix('"'))
+        {
+            return Ok(v.to_owned());
         }
     }
     bail!("Cargo.lock does not lock `wasm-bindgen`; is the edge-worker crate in the workspace?")
