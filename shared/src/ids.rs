@@ -2,8 +2,8 @@
 //!
 //! Profiles must stay small (a typical one encodes to well under 256 bytes), so items and
 //! categories are not stored as strings but as fixed-width hashes of their catalog names.
-//! The hashes are stable across catalog versions and platforms (FNV-1a, no seeds), and the
-//! catalog compiler rejects a catalog in which two names collide.
+//! The hashes are stable across catalog versions and platforms (FNV-1a, no seeds). The catalog
+//! compiler rejects colliding category names and reports (but tolerates) colliding SKUs.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -51,27 +51,28 @@ impl fmt::Debug for ItemId {
     }
 }
 
-/// A product category, identified by a 16-bit fold of the FNV-1a hash of its name.
+/// A product category, identified by the FNV-1a hash of its name.
 ///
-/// Catalogs have dozens of categories, not thousands; the catalog compiler rejects collisions.
+/// 32 bits, not 16: a merged pair of categories would mix two shoppers' interests, and 16-bit
+/// ids collide with even odds at ~300 categories (32-bit: ~10^-4 at the 1024 cap). The catalog
+/// compiler rejects collisions. Encoded as four raw bytes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(from = "[u8; 2]", into = "[u8; 2]")]
-pub struct CategoryId(pub u16);
+#[serde(from = "[u8; 4]", into = "[u8; 4]")]
+pub struct CategoryId(pub u32);
 
 impl CategoryId {
     pub fn of_name(name: &str) -> Self {
-        let h = fnv1a32(name.as_bytes());
-        CategoryId(((h >> 16) ^ (h & 0xffff)) as u16)
+        CategoryId(fnv1a32(name.as_bytes()))
     }
 }
 
-impl From<[u8; 2]> for CategoryId {
-    fn from(b: [u8; 2]) -> Self {
-        CategoryId(u16::from_le_bytes(b))
+impl From<[u8; 4]> for CategoryId {
+    fn from(b: [u8; 4]) -> Self {
+        CategoryId(u32::from_le_bytes(b))
     }
 }
 
-impl From<CategoryId> for [u8; 2] {
+impl From<CategoryId> for [u8; 4] {
     fn from(id: CategoryId) -> Self {
         id.0.to_le_bytes()
     }
@@ -79,7 +80,7 @@ impl From<CategoryId> for [u8; 2] {
 
 impl fmt::Debug for CategoryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cat#{:04x}", self.0)
+        write!(f, "cat#{:08x}", self.0)
     }
 }
 

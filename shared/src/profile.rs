@@ -50,7 +50,9 @@ impl Score {
 
 /// Exponential decay factor for `elapsed` seconds: 2^(-elapsed / half-life).
 pub fn decay_factor(elapsed_secs: u32) -> f32 {
-    (-(elapsed_secs as f32) / INTEREST_HALF_LIFE_SECS as f32).exp2()
+    // libm, not `f32::exp2`: the platform's exp2 may round differently on native and wasm, and
+    // the fold must give the same bits everywhere.
+    libm::exp2f(-(elapsed_secs as f32) / INTEREST_HALF_LIFE_SECS as f32)
 }
 
 /// Interest in one category: `score` as of `at`; it decays from there.

@@ -108,7 +108,7 @@ pub fn catalog_toml(n_items: usize, n_categories: usize, seed: u64) -> String {
     let n_items = n_items.min(MAX_ITEMS);
     let n_cat = n_categories.clamp(1, MAX_CATEGORIES);
 
-    // Category slugs whose 16-bit ids do not collide.
+    // Category slugs whose ids do not collide.
     let mut cat_ids: BTreeSet<CategoryId> = BTreeSet::new();
     let mut cats: Vec<String> = Vec::with_capacity(n_cat);
     for i in 0..n_cat {

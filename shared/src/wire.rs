@@ -215,14 +215,14 @@ mod tests {
         };
         let frame = encode_batch(&batch, Codec::None);
         let expected: Vec<u8> = [
-            vec![1, 0],                         // format version, codec none
-            vec![1, 0],                         // one item, SyncItem::Delta
-            vec![0xab; 12],                     // user key
-            vec![0, 5, 1],                      // Change::Patch, from 5, steps 1
-            vec![0xac, 0x02],                   // advance 300 (varint)
-            vec![2],                            // two ops
-            vec![0, 0x34, 0x12, 0xc0, 0x01],    // InterestNow cat 0x1234, score 192
-            vec![5, 0xef, 0xbe, 0xad, 0xde, 1], // Cart item 0xdeadbeef qty 1
+            vec![1, 0],                            // format version, codec none
+            vec![1, 0],                            // one item, SyncItem::Delta
+            vec![0xab; 12],                        // user key
+            vec![0, 5, 1],                         // Change::Patch, from 5, steps 1
+            vec![0xac, 0x02],                      // advance 300 (varint)
+            vec![2],                               // two ops
+            vec![0, 0x34, 0x12, 0, 0, 0xc0, 0x01], // InterestNow cat 0x1234, score 192
+            vec![5, 0xef, 0xbe, 0xad, 0xde, 1],    // Cart item 0xdeadbeef qty 1
         ]
         .concat();
         assert_eq!(frame, expected);
