@@ -2233,7 +2233,7 @@ tags = ["camera-accessory"]
                 quantity: 0,
             });
             p.interests.push(Interest {
-                category: CategoryId(i as u32),
+                category: CategoryId(i),
                 score: Score(u16::MAX),
                 at: Secs(u32::MAX),
             });
