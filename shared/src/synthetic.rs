@@ -681,44 +681,4 @@ mod tests {
             assert_eq!(out.items.len(), ctx.k);
         }
     }
-
-    /// Rough timing of one recommend call on the 10k-item / 500-rule setup. Not an assertion:
-    /// run with `cargo test -p shared --profile native --lib -- --ignored --nocapture timing`.
-    #[test]
-    #[ignore]
-    fn timing_10k_items_500_rules() {
-        let (catalog, rules) = setup(10_000, 60, 500, 42).expect("setup");
-        let rec = Recommender::new(&catalog, &rules).expect("matched");
-        let now = Secs(30_000_000);
-        let inputs: Vec<(Profile, RequestContext)> = (0..256)
-            .map(|s| (profile(&catalog, s, now), request(&catalog, s, now)))
-            .collect();
-        let mut samples: Vec<u128> = Vec::new();
-        let mut fired = 0usize;
-        for round in 0..100 {
-            for (p, ctx) in &inputs {
-                let t = std::time::Instant::now();
-                let out = rec.recommend(Some(p), ctx);
-                samples.push(t.elapsed().as_nanos());
-                if round == 0 {
-                    fired += out.fired_rules.len();
-                }
-                std::hint::black_box(out);
-            }
-        }
-        samples.sort_unstable();
-        let pct = |q: f64| {
-            samples
-                .get((samples.len() as f64 * q) as usize)
-                .copied()
-                .unwrap_or(0)
-        };
-        println!(
-            "recommend on 10k items / 500 rules: median {:.1} µs, p90 {:.1} µs, p99 {:.1} µs; {:.1} rules fired on average",
-            pct(0.5) as f64 / 1000.0,
-            pct(0.9) as f64 / 1000.0,
-            pct(0.99) as f64 / 1000.0,
-            fired as f64 / inputs.len() as f64
-        );
-    }
 }

@@ -91,19 +91,28 @@ fn test(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     step("running the test suite");
+    let mut totals = util::TestTotals::default();
     Cmd::new("cargo")
         .args(["test", "--workspace", "--exclude", "edge-worker"])
         .args(extra)
         .env("EDGEWISE_WORKER_BUNDLE", &bundle)
         .cwd(root())
-        .run()?;
+        .run_tests(&mut totals)?;
     // The worker's own tests run natively; its wasm-only glue is covered by the e2e tests.
     Cmd::new("cargo")
         .args(["test", "-p", "edge-worker"])
         .args(extra)
         .cwd(root())
-        .run()?;
-    step(&format!("all tests passed in {:.0?}", started.elapsed()));
+        .run_tests(&mut totals)?;
+    step(&format!("tests finished in {:.0?}", started.elapsed()));
+    // A plain closing line that any CI can read.
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
 }
 

@@ -98,6 +98,29 @@ impl Cmd {
         Ok(())
     }
 
+    /// Runs `cargo test`-like output through to ours, adding up its `test result:` lines.
+    pub fn run_tests(mut self, totals: &mut TestTotals) -> Result<()> {
+        use std::io::{BufRead, BufReader};
+        let shown = self.shown.clone();
+        let mut child = self
+            .inner
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("could not start `{shown}`"))?;
+        if let Some(out) = child.stdout.take() {
+            for line in BufReader::new(out).lines() {
+                let line = line?;
+                println!("{line}");
+                totals.add_line(&line);
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("`{shown}` failed ({status})");
+        }
+        Ok(())
+    }
+
     /// Runs quietly and returns stdout as text; `None` if it could not run or failed.
     pub fn output(self) -> Option<String> {
         self.output_bytes()
@@ -113,5 +136,51 @@ impl Cmd {
             .output()
             .ok()?;
         out.status.success().then_some(out.stdout)
+    }
+}
+
+/// Test counts summed over several runs of libtest.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TestTotals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds `test result: ok. 3 passed; 0 failed; 1 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_libtest_summaries() {
+        let mut t = TestTotals::default();
+        t.add_line("test result: ok. 82 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 2.70s");
+        t.add_line(
+            "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("running 3 tests");
+        assert_eq!((t.passed, t.failed, t.ignored), (83, 2, 1));
     }
 }
