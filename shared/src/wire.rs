@@ -227,6 +227,32 @@ mod tests {
         .concat();
         assert_eq!(frame, expected);
         assert_eq!(decode_batch(&frame), Ok(batch));
+
+        // the other change kinds and a config document
+        let tomb = SyncItem::Delta(Delta {
+            user: UserKey([7; 12]),
+            change: Change::Tombstone { version: 9 },
+        });
+        let config = SyncItem::Config(ConfigDoc {
+            kind: ConfigKind::Rules,
+            version: 3,
+            source: "v".into(),
+        });
+        let frame = encode_batch(
+            &SyncBatch {
+                items: vec![tomb, config],
+            },
+            Codec::None,
+        );
+        let expected: Vec<u8> = [
+            vec![1, 0, 2],          // format version, codec none, two items
+            vec![0],                // SyncItem::Delta
+            vec![7; 12],            // user key
+            vec![2, 9],             // Change::Tombstone, version 9
+            vec![1, 1, 3, 1, b'v'], // SyncItem::Config, ConfigKind::Rules, version 3, "v"
+        ]
+        .concat();
+        assert_eq!(frame, expected);
     }
 
     #[test]
@@ -252,6 +278,51 @@ mod tests {
                 7, 1, // bucket 7, consent: personalization
             ]
         );
+        assert_eq!(decode_stored(&bytes), Ok(Stored::Profile(p)));
+    }
+
+    /// Every field kind of a profile, pinned byte for byte.
+    #[test]
+    fn golden_full_profile() {
+        use crate::profile::{Consent, Interest, PurchaseRecord, Segments};
+        let p = Profile {
+            version: 300,
+            updated_at: Secs(1000),
+            interests: vec![Interest {
+                category: CategoryId(0x0102_0304),
+                score: Score(192),
+                at: Secs(900),
+            }],
+            recent: vec![ItemId(0x0a0b_0c0d)],
+            cart: vec![CartLine {
+                item: ItemId(5),
+                quantity: 2,
+            }],
+            purchases: vec![PurchaseRecord {
+                item: ItemId(6),
+                at: Secs(800),
+            }],
+            last_purchase_at: Some(Secs(800)),
+            spend_cents: 49_950,
+            views: 7,
+            segments: Segments::BUYER | Segments::CART_ACTIVE,
+            bucket: 42,
+            consent: Consent::default(),
+        };
+        let expected: Vec<u8> = [
+            vec![1, 0],                                  // format version, Stored::Profile
+            vec![0xac, 0x02, 0xe8, 0x07],                // version 300, updated_at 1000
+            vec![1, 4, 3, 2, 1, 0xc0, 0x01, 0x84, 0x07], // one interest: cat, score 192, at 900
+            vec![1, 0x0d, 0x0c, 0x0b, 0x0a],             // recent
+            vec![1, 5, 0, 0, 0, 2],                      // cart: item 5 × 2
+            vec![1, 6, 0, 0, 0, 0xa0, 0x06],             // purchases: item 6 at 800
+            vec![1, 0xa0, 0x06],                         // last_purchase_at Some(800)
+            vec![0x9e, 0x86, 0x03],                      // spend 49950
+            vec![7, 10, 42, 1],                          // views, segments, bucket, consent
+        ]
+        .concat();
+        let bytes = encode_stored(&Stored::Profile(p.clone()));
+        assert_eq!(bytes, expected);
         assert_eq!(decode_stored(&bytes), Ok(Stored::Profile(p)));
     }
 
