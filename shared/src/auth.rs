@@ -3,7 +3,9 @@
 //! Only origin-sync may write profiles to the edge. A request carries the Unix time it was
 //! signed at and an HMAC-SHA256 over `"{timestamp}.{body}"` under a shared secret. The edge
 //! accepts it only inside a bounded clock window, compares in constant time, and remembers
-//! signatures it has seen for that window so a captured request cannot be replayed.
+//! signatures it has seen for that window. The memory is per isolate, so a captured request
+//! could still be replayed to another isolate within the window; that is harmless by design,
+//! because what a sync request carries is versioned and a second application is a no-op.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;

@@ -12,10 +12,14 @@
 use crate::ids::{CategoryId, ItemId, Secs};
 use crate::keys::UserKey;
 use crate::profile::{
-    CartLine, Consent, Interest, MAX_PURCHASES, MAX_RECENT, Profile, PurchaseRecord, Score,
-    Segments,
+    CartLine, Consent, Interest, MAX_CART_LINES, MAX_INTERESTS, MAX_PURCHASES, MAX_RECENT, Profile,
+    PurchaseRecord, Score, Segments,
 };
 use serde::{Deserialize, Serialize};
+
+/// Most ops in one patch. A diff between two valid profiles needs far fewer (one per interest,
+/// cart line and scalar field); the cap bounds what a hostile patch can cost to decode and apply.
+pub const MAX_OPS: usize = 128;
 
 /// A change to one shopper's profile.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -32,6 +36,7 @@ pub enum Change {
         from: u64,
         steps: u32,
         advance: u32,
+        #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_OPS>")]
         ops: Vec<Op>,
     },
     /// The whole profile: first sync, gap repair, or when no patch can express the change.
@@ -143,9 +148,10 @@ pub fn apply(held: &mut Option<Stored>, change: &Change) -> Result<Applied, Appl
             if to <= have {
                 return Ok(Applied::Duplicate);
             }
+            // There is no patch onto nothing: a profile's first change is a snapshot, because
+            // version 0 does not pin down a base (a new profile already has its bucket).
             let base = match held {
                 Some(Stored::Profile(p)) if p.version == *from => p.clone(),
-                None if *from == 0 => Profile::default(),
                 _ => return Err(ApplyError::Gap { have, from: *from }),
             };
             let next = patched(base, to, *advance, ops)?;
@@ -161,7 +167,9 @@ pub fn apply(held: &mut Option<Stored>, change: &Change) -> Result<Applied, Appl
             Ok(Applied::Updated)
         }
         Change::Tombstone { version } => {
-            if *version <= have {
+            // Erasure wins a tie with a profile of the same version, whatever the arrival order.
+            let tie_with_profile = *version == have && matches!(held, Some(Stored::Profile(_)));
+            if *version < have || (*version == have && !tie_with_profile) {
                 return Ok(Applied::Duplicate);
             }
             *held = Some(Stored::Tombstone { version: *version });
@@ -187,8 +195,8 @@ fn patched(mut p: Profile, to: u64, advance: u32, ops: &[Op]) -> Result<Profile,
                     score: *score,
                     at: p.updated_at,
                 },
-            ),
-            Op::Interest(i) => upsert_interest(&mut p.interests, *i),
+            )?,
+            Op::Interest(i) => upsert_interest(&mut p.interests, *i)?,
             Op::DropInterest(c) => p.interests.retain(|i| i.category != *c),
             Op::RecentPrepend(items) => {
                 let mut next = items.clone();
@@ -203,6 +211,9 @@ fn patched(mut p: Profile, to: u64, advance: u32, ops: &[Op]) -> Result<Profile,
                 }
                 Ok(i) => p.cart[i] = *line,
                 Err(_) if line.quantity == 0 => {}
+                Err(_) if p.cart.len() >= MAX_CART_LINES => {
+                    return Err(ApplyError::Invalid("too many cart lines"));
+                }
                 Err(i) => p.cart.insert(i, *line),
             },
             Op::PurchasesPrepend(items) => {
@@ -224,17 +235,22 @@ fn patched(mut p: Profile, to: u64, advance: u32, ops: &[Op]) -> Result<Profile,
     Ok(p)
 }
 
-fn upsert_interest(interests: &mut Vec<Interest>, i: Interest) {
+/// Fails as soon as the bound is passed, so a hostile patch cannot make apply quadratic.
+fn upsert_interest(interests: &mut Vec<Interest>, i: Interest) -> Result<(), ApplyError> {
     match interests.binary_search_by_key(&i.category, |x| x.category) {
         Ok(pos) => interests[pos] = i,
+        Err(_) if interests.len() >= MAX_INTERESTS => {
+            return Err(ApplyError::Invalid("too many interests"));
+        }
         Err(pos) => interests.insert(pos, i),
     }
+    Ok(())
 }
 
-/// The change that takes `old` to `new`: a patch when `new` is a forward step from `old`, else
-/// a snapshot of `new`.
+/// The change that takes `old` to `new`: a patch when `new` is a forward step from a profile
+/// that has a version (> 0), else a snapshot of `new`.
 pub fn diff(old: &Profile, new: &Profile) -> Change {
-    if new.version <= old.version || new.updated_at < old.updated_at {
+    if old.version == 0 || new.version <= old.version || new.updated_at < old.updated_at {
         return Change::Snapshot(new.clone());
     }
     let Ok(steps) = u32::try_from(new.version - old.version) else {
@@ -433,14 +449,88 @@ mod tests {
         assert_eq!(held.as_ref().and_then(Stored::profile), None);
     }
 
+    /// Review finding: a patch from version 0 onto nothing lost the bucket and segments of
+    /// `Profile::new`. A profile's first change is now always a snapshot.
     #[test]
-    fn first_patch_applies_to_nothing() {
+    fn first_change_is_a_snapshot() {
         let mut p = Profile::new(42);
         fold(&mut p, &ev(1, r#""type":"page_view""#));
-        let change = diff(&Profile::default(), &p);
+        let change = diff(&Profile::new(42), &p);
+        assert!(matches!(change, Change::Snapshot(_)));
         let mut held = None;
         assert_eq!(apply(&mut held, &change), Ok(Applied::Updated));
         assert_eq!(held, Some(Stored::Profile(p)));
+        // and a patch onto nothing is a gap, not a guess
+        let patch = Change::Patch {
+            from: 0,
+            steps: 1,
+            advance: 0,
+            ops: vec![Op::Views(1)],
+        };
+        let mut nothing = None;
+        assert_eq!(
+            apply(&mut nothing, &patch),
+            Err(ApplyError::Gap { have: 0, from: 0 })
+        );
+    }
+
+    #[test]
+    fn tombstone_wins_a_tie_in_either_order() {
+        let p = history();
+        let erase = Change::Tombstone { version: p.version };
+        let mut a = Some(Stored::Profile(p.clone()));
+        assert_eq!(apply(&mut a, &erase), Ok(Applied::Updated));
+        let mut b = None;
+        apply(&mut b, &erase).expect("tombstone applies");
+        assert_eq!(
+            apply(&mut b, &Change::Snapshot(p.clone())),
+            Ok(Applied::Duplicate)
+        );
+        assert_eq!(a, b);
+        assert_eq!(apply(&mut a, &erase), Ok(Applied::Duplicate));
+    }
+
+    /// Review finding: 250k descending cart inserts made apply quadratic before the bound was
+    /// checked at the end. Now it fails at the first line past the bound.
+    #[test]
+    fn hostile_growth_fails_fast() {
+        let p = history();
+        let ops: Vec<Op> = (0..MAX_OPS as u32)
+            .rev()
+            .map(|i| {
+                Op::Cart(CartLine {
+                    item: ItemId(i),
+                    quantity: 1,
+                })
+            })
+            .collect();
+        let mut held = Some(Stored::Profile(p.clone()));
+        let change = Change::Patch {
+            from: p.version,
+            steps: 1,
+            advance: 0,
+            ops,
+        };
+        assert_eq!(
+            apply(&mut held, &change),
+            Err(ApplyError::Invalid("too many cart lines"))
+        );
+        let interests: Vec<Op> = (0..40u32)
+            .map(|c| Op::InterestNow {
+                category: CategoryId(c),
+                score: Score(1),
+            })
+            .collect();
+        let change = Change::Patch {
+            from: p.version,
+            steps: 1,
+            advance: 0,
+            ops: interests,
+        };
+        assert_eq!(
+            apply(&mut held, &change),
+            Err(ApplyError::Invalid("too many interests"))
+        );
     }
 
     #[test]

@@ -16,8 +16,10 @@ use std::fmt;
 pub const MAX_EVENT_BYTES: usize = 8 * 1024;
 /// Largest accepted batch of events in one request.
 pub const MAX_BATCH_EVENTS: usize = 100;
-/// Largest number of lines in one purchase.
-pub const MAX_PURCHASE_LINES: usize = 50;
+/// Largest number of lines in one purchase. Chosen with the field limits so that the canonical
+/// JSON of any accepted event stays under [`MAX_EVENT_BYTES`]: what the edge accepts, origin
+/// accepts too.
+pub const MAX_PURCHASE_LINES: usize = 40;
 /// Earliest accepted event time: 2024-01-01T00:00:00Z, in Unix milliseconds.
 pub const MIN_TS_MS: u64 = 1_704_067_200_000;
 /// Latest accepted event time: 2100-01-01T00:00:00Z, in Unix milliseconds.
@@ -105,14 +107,14 @@ pub const EVENT_TYPES: [&str; 7] = [
 /// Why an event was rejected: the field (if one is to blame) and the problem.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct EventError {
-    pub field: Option<&'static str>,
+    pub field: Option<String>,
     pub problem: String,
 }
 
 impl EventError {
-    fn field(field: &'static str, problem: impl Into<String>) -> Self {
+    fn field(field: &str, problem: impl Into<String>) -> Self {
         EventError {
-            field: Some(field),
+            field: Some(field.to_owned()),
             problem: problem.into(),
         }
     }
@@ -127,7 +129,7 @@ impl EventError {
 
 impl fmt::Display for EventError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.field {
+        match &self.field {
             Some(field) => write!(f, "field `{field}`: {}", self.problem),
             None => f.write_str(&self.problem),
         }
@@ -216,10 +218,10 @@ impl Event {
         for key in obj.keys() {
             let common = matches!(key.as_str(), "event_id" | "user_id" | "ts" | "type");
             if !common && !allowed.contains(&key.as_str()) {
-                return Err(EventError {
-                    field: None,
-                    problem: format!("unknown field {key:?} for a {ty} event"),
-                });
+                return Err(EventError::field(
+                    key,
+                    format!("unknown field for a {ty} event"),
+                ));
             }
         }
         let id = req_token(obj, "event_id", 64)?.to_owned();
@@ -471,10 +473,13 @@ fn purchase_lines(obj: &Map<String, Value>) -> Result<Vec<Line>, EventError> {
     let Some(items) = obj.get("items") else {
         return Ok(vec![line(obj)?]);
     };
-    if obj.contains_key("item") {
+    if let Some(k) = ["item", "category", "price", "quantity"]
+        .into_iter()
+        .find(|k| obj.contains_key(*k))
+    {
         return Err(EventError::field(
-            "items",
-            "give either `items` or a single `item`, not both",
+            k,
+            "give the lines in `items`, or one line with item, category, price and quantity at the top, not both",
         ));
     }
     let items = items
@@ -597,7 +602,11 @@ mod tests {
         );
         check(
             &ev(r#""type":"page_view","extra":1"#),
-            "unknown field \"extra\" for a page_view event",
+            "field `extra`: unknown field for a page_view event",
+        );
+        check(
+            &ev(r#""type":"purchase","items":[{"item":"a","category":"c","price":1}],"price":5"#),
+            "field `price`: give the lines in `items`, or one line with item, category, price and quantity at the top, not both",
         );
         check(
             r#"{"event_id":"e1","user_id":"u1","ts":5,"type":"page_view"}"#,
@@ -617,7 +626,7 @@ mod tests {
         );
         check(
             &ev(r#""type":"purchase","items":[]"#),
-            "field `items`: must be an array of 1 to 50 lines",
+            "field `items`: must be an array of 1 to 40 lines",
         );
     }
 
@@ -633,6 +642,27 @@ mod tests {
                 .to_string()
                 .contains("the limit is 8192")
         );
+    }
+
+    /// Review finding: a purchase of 50 long lines was accepted, but its canonical JSON (what
+    /// goes to Kafka) was over the size limit, so origin dead-lettered what the edge applied.
+    #[test]
+    fn the_largest_accepted_event_stays_acceptable_in_canonical_form() {
+        let line = format!(
+            r#"{{"item":"{}","category":"{}","price":10000000}}"#,
+            "s".repeat(64),
+            "c".repeat(48)
+        );
+        let lines = vec![line; MAX_PURCHASE_LINES].join(",");
+        let json = format!(
+            r#"{{"event_id":"{}","user_id":"{}","ts":{TS},"type":"purchase","items":[{lines}]}}"#,
+            "e".repeat(64),
+            "u".repeat(128)
+        );
+        let e = parse_event(json.as_bytes()).expect("the largest purchase is accepted");
+        let canonical = e.to_json_bytes();
+        assert!(canonical.len() <= MAX_EVENT_BYTES, "{}", canonical.len());
+        assert_eq!(parse_event(&canonical), Ok(e));
     }
 
     #[test]

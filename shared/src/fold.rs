@@ -87,9 +87,19 @@ pub fn fold(profile: &mut Profile, event: &Event) {
 }
 
 /// Folds a set of events in event-time order, whatever order they came in.
+///
+/// A set: copies of one event (same id and time, as redelivery produces) count once. Should two
+/// different events share an id and time, the order between them is still fixed (by their
+/// canonical JSON) and the first in that order wins, so the result never depends on arrival.
+/// [`fold`] itself does not deduplicate; exactly-once across batches is origin-sync's job.
 pub fn fold_all<'a>(profile: &mut Profile, events: impl IntoIterator<Item = &'a Event>) {
     let mut events: Vec<&Event> = events.into_iter().collect();
-    events.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+    events.sort_by(|a, b| {
+        a.order_key()
+            .cmp(&b.order_key())
+            .then_with(|| a.to_json_bytes().cmp(&b.to_json_bytes()))
+    });
+    events.dedup_by(|later, earlier| later.order_key() == earlier.order_key());
     for e in events {
         fold(profile, e);
     }
@@ -281,6 +291,26 @@ mod tests {
         let mut backward = Profile::new(1);
         fold_all(&mut backward, events.iter().rev());
         assert_eq!(forward, backward);
+    }
+
+    /// Review finding: redelivered copies counted twice, and same-key events folded in arrival
+    /// order.
+    #[test]
+    fn fold_all_is_a_set_operation() {
+        let add = add("x", 1, "cam-001", 2);
+        let mut twice = Profile::new(0);
+        fold_all(&mut twice, [&add, &add]);
+        let mut once = Profile::new(0);
+        fold_all(&mut once, [&add]);
+        assert_eq!(twice, once);
+
+        let remove = remove("x", 1, "cam-001", 2);
+        let mut a = Profile::new(0);
+        fold_all(&mut a, [&add, &remove]);
+        let mut b = Profile::new(0);
+        fold_all(&mut b, [&remove, &add]);
+        assert_eq!(a, b);
+        assert_eq!(a.version, 1);
     }
 
     #[test]

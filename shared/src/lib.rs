@@ -7,6 +7,7 @@
 //! Nothing here may panic on input: every decoder and parser returns an error instead.
 
 pub mod auth;
+mod bounded;
 pub mod catalog;
 pub mod delta;
 pub mod event;

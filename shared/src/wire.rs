@@ -26,6 +26,8 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 pub const MAX_BODY_BYTES: usize = 8 << 20;
 /// Largest stored value accepted.
 pub const MAX_STORED_BYTES: usize = 64 << 10;
+/// Most items in one sync batch: bounds decoded memory, not just bytes (see `bounded`).
+pub const MAX_BATCH_ITEMS: usize = 4096;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
@@ -37,6 +39,7 @@ pub enum Codec {
 /// A batch of changes published by origin-sync.
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct SyncBatch {
+    #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_BATCH_ITEMS>")]
     pub items: Vec<SyncItem>,
 }
 
@@ -124,7 +127,20 @@ pub fn decode_batch(frame: &[u8]) -> Result<SyncBatch, WireError> {
         }
         other => return Err(WireError::Codec(other)),
     };
-    postcard::from_bytes(&body).map_err(|e| WireError::Malformed(e.to_string()))
+    exact(&body)
+}
+
+/// Decodes all of `bytes` as one `T`: trailing bytes are an error, so each value has exactly
+/// one encoding.
+fn exact<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
+    match postcard::take_from_bytes(bytes) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, rest)) => Err(WireError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        ))),
+        Err(e) => Err(WireError::Malformed(e.to_string())),
+    }
 }
 
 /// Encodes what is stored under a user key.
@@ -144,8 +160,7 @@ pub fn decode_stored(bytes: &[u8]) -> Result<Stored, WireError> {
     if version != FORMAT_VERSION {
         return Err(WireError::Version(version));
     }
-    let stored: Stored =
-        postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let stored: Stored = exact(body)?;
     if let Stored::Profile(p) = &stored {
         p.check()
             .map_err(|why| WireError::Malformed(why.to_owned()))?;
@@ -166,11 +181,18 @@ fn push_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Reads a LEB128 varint in its one minimal form; overlong or overflowing ones are rejected.
 fn read_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let mut v: u64 = 0;
-    for (i, b) in bytes.iter().enumerate().take(10) {
-        v |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        if i == 9 && b > 1 {
+            return None; // more than 64 bits
+        }
+        v |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
+            if i > 0 && b == 0 {
+                return None; // overlong: a trailing zero group
+            }
             return Some((v, &bytes[i + 1..]));
         }
     }
@@ -334,6 +356,60 @@ mod tests {
         let frame = encode_batch(&batch, Codec::Lz4);
         assert!(frame.len() < encode_batch(&batch, Codec::None).len() / 4);
         assert_eq!(decode_batch(&frame), Ok(batch));
+    }
+
+    #[test]
+    fn each_value_has_one_encoding() {
+        let stored = encode_stored(&Stored::Tombstone { version: 3 });
+        let mut trailing = stored.clone();
+        trailing.extend_from_slice(b"garbage");
+        assert_eq!(
+            decode_stored(&trailing),
+            Err(WireError::Malformed("7 trailing bytes".into()))
+        );
+        let mut frame = encode_batch(&SyncBatch::default(), Codec::None);
+        frame.extend_from_slice(&[9, 9, 9]);
+        assert!(matches!(decode_batch(&frame), Err(WireError::Malformed(_))));
+        assert_eq!(read_varint(&[0x85, 0x00]), None, "overlong");
+        assert_eq!(read_varint(&[0x05]), Some((5, &[][..])));
+        assert_eq!(
+            read_varint(&[0xff; 9].iter().chain(&[0x02]).copied().collect::<Vec<_>>()),
+            None
+        );
+        assert_eq!(
+            read_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]),
+            Some((u64::MAX, &[][..]))
+        );
+    }
+
+    /// A review found that 31 KB of LZ4 could inflate to 2M tiny items (775 MB in memory):
+    /// counts are capped while decoding, not only bytes.
+    #[test]
+    fn item_counts_are_capped_before_allocation() {
+        let config = [1u8, 0, 0, 0]; // SyncItem::Config(Catalog, version 0, "")
+        let n = MAX_BATCH_ITEMS + 1;
+        let mut body = Vec::new();
+        push_varint(&mut body, n as u64);
+        for _ in 0..n {
+            body.extend_from_slice(&config);
+        }
+        let mut frame = vec![FORMAT_VERSION, Codec::Lz4 as u8];
+        push_varint(&mut frame, body.len() as u64);
+        frame.extend_from_slice(&lz4_flex::block::compress(&body));
+        assert!(matches!(decode_batch(&frame), Err(WireError::Malformed(_))));
+        // and at the cap it decodes
+        let ok = SyncBatch {
+            items: (0..MAX_BATCH_ITEMS)
+                .map(|_| {
+                    SyncItem::Config(ConfigDoc {
+                        kind: ConfigKind::Catalog,
+                        version: 0,
+                        source: String::new(),
+                    })
+                })
+                .collect(),
+        };
+        assert_eq!(decode_batch(&encode_batch(&ok, Codec::Lz4)), Ok(ok));
     }
 
     #[test]
