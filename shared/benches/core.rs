@@ -178,6 +178,21 @@ fn fold_events(bencher: Bencher) {
         });
 }
 
+/// Validation of the same events from their JSON: the step before the fold in origin-sync, and
+/// the baseline the fold's cost is best read against.
+#[divan::bench]
+fn parse_events(bencher: Bencher) {
+    let jsons: Vec<Vec<u8>> = EVENTS[..10_000].iter().map(Event::to_json_bytes).collect();
+    bencher
+        .counter(ItemsCount::new(jsons.len()))
+        .bench_local(|| {
+            jsons
+                .iter()
+                .filter(|j| shared::event::parse_event(black_box(j)).is_ok())
+                .count()
+        });
+}
+
 #[divan::bench]
 fn profile_encode(bencher: Bencher) {
     let stored = Stored::Profile(typical_profile().clone());
