@@ -31,10 +31,15 @@ pub enum AuthError {
     Replay,
 }
 
-fn mac(secret: &[u8], timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
+/// HMAC-SHA256 keyed with `secret`, the one constructor for every keyed hash in the crate.
+pub(crate) fn hmac_sha256(secret: &[u8]) -> Hmac<Sha256> {
     // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("hmac accepts any key length"));
+    <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("hmac accepts any key length"))
+}
+
+fn mac(secret: &[u8], timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
+    let mut m = hmac_sha256(secret);
     m.update(timestamp.to_string().as_bytes());
     m.update(b".");
     m.update(body);

@@ -35,10 +35,7 @@ pub const CATALOG_VERSION: i64 = 1;
 pub const MAX_ITEMS: usize = 100_000;
 /// Most categories a catalog may hold (dense category indexes fit comfortably in a `u16`).
 pub const MAX_CATEGORIES: usize = 1024;
-/// Longest category id or tag.
-pub const MAX_SLUG_LEN: usize = 48;
-/// Longest SKU.
-pub const MAX_SKU_LEN: usize = 64;
+pub use crate::ids::{MAX_SKU_LEN, MAX_SLUG_LEN, is_sku, is_slug};
 /// Longest display name.
 pub const MAX_NAME_LEN: usize = 200;
 /// Longest description.
@@ -204,22 +201,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
         .rposition(|b| *b == b'\n')
         .map_or(0, |p| p + 1);
     (line, before.len() - line_start + 1)
-}
-
-/// `[a-z0-9_-]{1,48}`: category ids and tags.
-pub(crate) fn is_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_SLUG_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-/// `[A-Za-z0-9._:-]{1,64}`.
-pub(crate) fn is_sku(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_SKU_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 // ---------------------------------------------------------------------------------------------

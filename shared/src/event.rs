@@ -9,6 +9,7 @@
 //!  "item":"cam-001","category":"cameras","price":499.0,"quantity":1}
 //! ```
 
+use crate::ids::{MAX_SKU_LEN, MAX_SLUG_LEN, is_sku, is_slug};
 use serde_json::{Map, Value};
 use std::fmt;
 
@@ -224,7 +225,7 @@ impl Event {
                 ));
             }
         }
-        let id = req_token(obj, "event_id", 64)?.to_owned();
+        let id = req_token(obj, "event_id")?.to_owned();
         let user = req_user(obj)?;
         let ts_ms = match obj.get("ts") {
             None => return Err(EventError::field("ts", "missing")),
@@ -375,18 +376,10 @@ fn req_str<'a>(
     }
 }
 
-fn token_ok(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-}
-
-fn req_token<'a>(
-    obj: &'a Map<String, Value>,
-    field: &'static str,
-    max: usize,
-) -> Result<&'a str, EventError> {
-    let s = req_str(obj, field, max)?;
-    if token_ok(s) {
+/// A SKU-shaped token (item, event id): the grammar of [`is_sku`].
+fn req_token<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<&'a str, EventError> {
+    let s = req_str(obj, field, MAX_SKU_LEN)?;
+    if is_sku(s) {
         Ok(s)
     } else {
         Err(EventError::field(
@@ -405,20 +398,17 @@ fn req_user(obj: &Map<String, Value>) -> Result<String, EventError> {
 }
 
 fn req_sku(obj: &Map<String, Value>, field: &'static str) -> Result<String, EventError> {
-    req_token(obj, field, 64).map(str::to_owned)
+    req_token(obj, field).map(str::to_owned)
 }
 
 fn category_value(field: &'static str, v: &Value) -> Result<String, EventError> {
     let s = v
         .as_str()
         .ok_or_else(|| EventError::field(field, "must be a string"))?;
-    if s.is_empty() || s.len() > 48 {
+    if s.is_empty() || s.len() > MAX_SLUG_LEN {
         return Err(EventError::field(field, "must be 1 to 48 characters"));
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-    {
+    if !is_slug(s) {
         return Err(EventError::field(
             field,
             "may contain only lowercase letters, digits, - and _",

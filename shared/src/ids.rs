@@ -8,6 +8,28 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// Longest SKU (and event id).
+pub const MAX_SKU_LEN: usize = 64;
+/// Longest category id or tag.
+pub const MAX_SLUG_LEN: usize = 48;
+
+/// `[A-Za-z0-9._:-]{1,64}`: SKUs, which events, the catalog and rules all name. One grammar
+/// for all of them, so an event can name every item the catalog accepts.
+pub fn is_sku(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_SKU_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// `[a-z0-9_-]{1,48}`: category ids and tags.
+pub fn is_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_SLUG_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
 /// FNV-1a, 32 bits. Stable across platforms and releases: ids are persisted.
 pub const fn fnv1a32(bytes: &[u8]) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;

@@ -5,9 +5,8 @@
 //! deployment secret, truncated to 96 bits: short enough to keep deltas small, long enough that
 //! two shoppers collide with negligible probability (about 10^-13 at 10^8 users).
 
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use std::fmt;
 
 /// Domain separation, so the same secret can key other hashes without overlap.
@@ -18,11 +17,7 @@ pub struct UserKey(pub [u8; 12]);
 
 impl UserKey {
     pub fn derive(secret: &[u8], user_id: &str) -> UserKey {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
-            Ok(m) => m,
-            Err(_) => return UserKey([0; 12]),
-        };
+        let mut mac = crate::auth::hmac_sha256(secret);
         mac.update(CONTEXT);
         mac.update(user_id.as_bytes());
         let digest = mac.finalize().into_bytes();

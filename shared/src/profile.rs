@@ -268,6 +268,20 @@ impl Profile {
     }
 }
 
+/// A sorted cart of one of each SKU: the cart tests across the crate start from.
+#[cfg(test)]
+pub(crate) fn cart_of(skus: &[&str]) -> Vec<CartLine> {
+    let mut cart: Vec<CartLine> = skus
+        .iter()
+        .map(|s| CartLine {
+            item: ItemId::of_sku(s),
+            quantity: 1,
+        })
+        .collect();
+    cart.sort_by_key(|l| l.item);
+    cart
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1038,15 +1038,7 @@ mod tests {
 
     fn cart_profile(skus: &[&str]) -> Profile {
         let mut p = Profile::new(77);
-        let mut cart: Vec<CartLine> = skus
-            .iter()
-            .map(|s| CartLine {
-                item: ItemId::of_sku(s),
-                quantity: 1,
-            })
-            .collect();
-        cart.sort_by_key(|l| l.item);
-        p.cart = cart;
+        p.cart = crate::profile::cart_of(skus);
         if !skus.is_empty() {
             p.segments = p.segments | Segments::CART_ACTIVE;
         }

@@ -1862,15 +1862,7 @@ tags = ["camera-accessory"]
 
     fn with_cart(items: &[&str]) -> Profile {
         let mut p = base_profile();
-        let mut cart: Vec<CartLine> = items
-            .iter()
-            .map(|s| CartLine {
-                item: ItemId::of_sku(s),
-                quantity: 1,
-            })
-            .collect();
-        cart.sort_by_key(|l| l.item);
-        p.cart = cart;
+        p.cart = crate::profile::cart_of(items);
         p
     }
 

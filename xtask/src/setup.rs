@@ -5,7 +5,7 @@
 //! registries (crates.io, npm, Debian): worker-build's own downloader is bypassed by pointing
 //! it at the wasm-bindgen, esbuild and wasm-opt installed here.
 
-use crate::util::{Cmd, cargo_tool, node_bin, root, step};
+use crate::util::{Cmd, node_bin, root, step};
 use anyhow::{Context, Result, bail};
 use std::time::Instant;
 
@@ -209,9 +209,5 @@ fn npm_packages() -> Result<()> {
         .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
         .cwd(root())
         .run()
-        .context("npm ci failed; is Node.js 20+ with npm installed?")?;
-    if !cargo_tool("wasm-bindgen").exists() {
-        bail!("wasm-bindgen is missing after setup");
-    }
-    Ok(())
+        .context("npm ci failed; is Node.js 20+ with npm installed?")
 }

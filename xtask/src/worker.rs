@@ -31,12 +31,12 @@ pub fn bundle_dir() -> PathBuf {
 /// Builds the worker bundle unless it is up to date; returns its directory.
 pub fn build() -> Result<PathBuf> {
     let out = bundle_dir();
-    let stamp = out.join(".fingerprint");
-    let print = fingerprint()?;
     let entry = out.join("worker/shim.mjs");
     if std::env::var_os("EDGEWISE_SKIP_BUILD").is_some() && entry.exists() {
         return Ok(out);
     }
+    let stamp = out.join(".fingerprint");
+    let print = fingerprint()?;
     if entry.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(print.as_str()) {
         println!("==> worker bundle is up to date ({})", out.display());
         return Ok(out);
