@@ -1,14 +1,180 @@
-//! The only code that touches workers-rs: it converts the request, calls the handlers and
-//! converts their reply. Keep it this thin.
+//! The only code that touches workers-rs: it converts the request, calls [`App::handle`] and
+//! converts the reply; it provides the KV-backed [`Store`], the clock and the random source,
+//! and sends the outbound requests to origin with `ctx.wait_until`. Keep it this thin.
 
-use crate::handlers::{Reply, route};
-use worker::{Context, Env, Request, Response, Result, event};
+use crate::app::{App, Clock, HttpRequest, Outbound, Reply};
+use crate::config::EdgeConfig;
+use crate::store::{Store, StoreError, Versioned};
+use futures_util::future::{Either, select};
+use serde::{Deserialize, Serialize};
+use std::cell::OnceCell;
+use std::rc::Rc;
+use std::time::Duration;
+use worker::{
+    Context, Delay, Env, Fetch, Headers, Method, Request, RequestInit, Response, Result,
+    console_error, console_warn, event, js_sys, kv::KvStore, wasm_bindgen::JsValue,
+};
+
+/// The KV namespace binding (see `wrangler.toml`).
+const KV_BINDING: &str = "EDGEWISE";
+/// Bodies larger than this are refused before they are read.
+const MAX_REQUEST_BODY: u64 = 2 << 20;
+
+thread_local! {
+    /// One `App` per isolate: the cache lives as long as the isolate does.
+    static APP: OnceCell<Rc<App>> = const { OnceCell::new() };
+}
+
+fn app(env: &Env) -> Rc<App> {
+    APP.with(|cell| {
+        cell.get_or_init(|| {
+            let config = EdgeConfig::from_vars(|name| {
+                env.secret(name)
+                    .map(|s| s.to_string())
+                    .or_else(|_| env.var(name).map(|v| v.to_string()))
+                    .ok()
+            });
+            for problem in &config.problems {
+                console_warn!("edgewise config: {problem}");
+            }
+            Rc::new(App::new(config))
+        })
+        .clone()
+    })
+}
+
+struct JsClock;
+
+impl Clock for JsClock {
+    fn now_ms(&self) -> f64 {
+        js_sys::Date::now()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    v: u64,
+}
+
+struct Kv {
+    kv: Option<KvStore>,
+    timeout_ms: u32,
+}
+
+impl Store for Kv {
+    async fn get(&self, key: &str) -> std::result::Result<Option<Versioned>, StoreError> {
+        let kv = self.kv.as_ref().ok_or_else(no_binding)?;
+        let read = Box::pin(kv.get(key).bytes_with_metadata::<Meta>());
+        let timeout = Delay::from(Duration::from_millis(u64::from(self.timeout_ms)));
+        match select(read, timeout).await {
+            Either::Left((Ok((value, meta)), _)) => Ok(value.map(|v| (v, meta.map(|m| m.v)))),
+            Either::Left((Err(e), _)) => Err(StoreError::Backend(e.to_string())),
+            Either::Right(_) => Err(StoreError::Timeout(self.timeout_ms)),
+        }
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: u64,
+    ) -> std::result::Result<(), StoreError> {
+        let kv = self.kv.as_ref().ok_or_else(no_binding)?;
+        let backend = |e: worker::kv::KvError| StoreError::Backend(e.to_string());
+        kv.put_bytes(key, value)
+            .map_err(backend)?
+            .metadata(Meta { v: version })
+            .map_err(backend)?
+            .execute()
+            .await
+            .map_err(backend)
+    }
+}
+
+fn no_binding() -> StoreError {
+    StoreError::Backend(format!(
+        "no KV binding named {KV_BINDING}; add it to wrangler.toml"
+    ))
+}
 
 #[event(fetch)]
-async fn fetch(req: Request, _env: Env, _ctx: Context) -> Result<Response> {
+async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
+    let app = app(&env);
     let url = req.url()?;
-    let reply = route(req.method().as_ref(), url.path());
-    into_response(reply)
+    let too_large = req
+        .headers()
+        .get("content-length")?
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_REQUEST_BODY);
+    if too_large {
+        return into_response(Reply::error(413, "request body is too large"));
+    }
+    let method = req.method().to_string();
+    let body = if matches!(method.as_str(), "GET" | "HEAD") {
+        Vec::new()
+    } else {
+        req.bytes().await.unwrap_or_default()
+    };
+    let request = HttpRequest {
+        method,
+        path: url.path().to_owned(),
+        query: url.query().unwrap_or("").to_owned(),
+        headers: req
+            .headers()
+            .entries()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect(),
+        body,
+    };
+    let store = Kv {
+        kv: env.kv(KV_BINDING).ok(),
+        timeout_ms: app.config().kv_timeout_ms,
+    };
+    let handled = app.handle(&store, &JsClock, &request, mint).await;
+    if !handled.outbound.is_empty() {
+        ctx.wait_until(send_all(handled.outbound));
+    }
+    into_response(handled.reply)
+}
+
+/// 16 random bytes for a visitor id. `getrandom` uses `crypto.getRandomValues` here; should it
+/// ever fail, a time-based id still beats failing the page.
+fn mint() -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        let t = js_sys::Date::now().to_bits().to_le_bytes();
+        bytes[..8].copy_from_slice(&t);
+        bytes[8..].copy_from_slice(&(js_sys::Math::random().to_bits()).to_le_bytes());
+    }
+    bytes
+}
+
+async fn send_all(outbound: Vec<Outbound>) {
+    for o in outbound {
+        let url = o.url.clone();
+        match send(o).await {
+            Ok(status) if (200..300).contains(&status) => {}
+            Ok(status) => console_error!("edgewise: origin answered {status} to {url}"),
+            Err(e) => console_error!("edgewise: could not reach origin at {url}: {e}"),
+        }
+    }
+}
+
+async fn send(o: Outbound) -> Result<u16> {
+    let headers = Headers::new();
+    for (k, v) in &o.headers {
+        headers.set(k, v)?;
+    }
+    let mut init = RequestInit::new();
+    init.with_method(Method::from(o.method.to_string()))
+        .with_headers(headers);
+    if !o.body.is_empty() {
+        init.with_body(Some(JsValue::from(js_sys::Uint8Array::from(
+            o.body.as_slice(),
+        ))));
+    }
+    let req = Request::new_with_init(&o.url, &init)?;
+    Ok(Fetch::Request(req).send().await?.status_code())
 }
 
 fn into_response(reply: Reply) -> Result<Response> {
@@ -16,7 +182,11 @@ fn into_response(reply: Reply) -> Result<Response> {
     let headers = resp.headers_mut();
     headers.set("content-type", reply.content_type)?;
     for (k, v) in reply.headers {
-        headers.set(k, &v)?;
+        if k.eq_ignore_ascii_case("set-cookie") {
+            headers.append(k, &v)?;
+        } else {
+            headers.set(k, &v)?;
+        }
     }
     Ok(resp)
 }

@@ -1,11 +1,17 @@
 //! The Edgewise edge worker: a Cloudflare Worker in Rust, compiled to wasm.
 //!
-//! Shaped as plain Rust handlers over `shared` plus a thin `#[event(fetch)]` glue (the `glue`
-//! module, wasm32 only) that converts between workers-rs types and these handlers. Everything
-//! worth testing lives in the handlers and runs natively in `cargo test`; the glue is exercised
-//! against the real workerd runtime by the end-to-end tests.
+//! Shaped as plain Rust over `shared` plus a thin `#[event(fetch)]` glue (the `glue` module,
+//! wasm32 only) that converts between workers-rs types and [`app::App::handle`]. Everything
+//! worth testing (routing, tiers, the cache, sync verification, identity, pages) runs natively
+//! in `cargo test` against an in-memory [`store::MemoryStore`]; the glue is exercised against
+//! the real workerd runtime by the end-to-end tests in `tests/`.
 
-pub mod handlers;
+pub mod app;
+pub mod cache;
+pub mod config;
+pub mod identity;
+pub mod store;
+pub mod storefront;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

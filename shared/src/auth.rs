@@ -123,6 +123,16 @@ impl ReplayGuard {
         Ok(())
     }
 
+    /// Forgets a recorded signature, so the same request may be retried: for requests that
+    /// were recorded but then failed before taking effect.
+    pub fn forget(&mut self, signature: &[u8; 32]) {
+        if self.seen.remove(signature) {
+            for sigs in self.by_time.values_mut() {
+                sigs.retain(|s| s != signature);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.seen.len()
     }

@@ -1,0 +1,405 @@
+//! The in-isolate profile cache: an LRU bounded by bytes as well as by entries.
+//!
+//! Entries hold the profile *encoded* (the shared stored format, ~150 bytes), not as a decoded
+//! struct with its own heap vectors: that keeps 10k profiles within a few megabytes and makes
+//! the byte bound exact. Decoding one on use costs about a microsecond.
+//!
+//! Each entry has two layers:
+//! * the **base**: what origin-sync last published (through `/v1/sync` or KV), with its version
+//!   and the time it was fetched. Versions only move forward; a patch that does not fit the
+//!   held version drops the entry so the next request refetches the snapshot from KV;
+//! * the **local events**: the shopper's own events accepted at this edge and not yet seen in
+//!   the base (read-your-writes). They are folded over the base when the profile is read and
+//!   dropped once a base at least as new as their time arrives.
+
+use lru::LruCache;
+use shared::delta::{self, Applied, Change, Stored};
+use shared::event::Event;
+use shared::fold::fold;
+use shared::ids::Secs;
+use shared::keys::UserKey;
+use shared::profile::Profile;
+use shared::wire;
+
+/// Bookkeeping per entry besides its payload: key, timestamps, LRU links, map slot.
+pub const ENTRY_OVERHEAD: usize = 96;
+/// Most local events kept per shopper; older ones are dropped first (origin has them).
+pub const MAX_LOCAL_EVENTS: usize = 32;
+
+#[derive(Debug)]
+pub struct Entry {
+    /// `encode_stored` bytes of the base; `None` if KV had nothing for this shopper.
+    base: Option<Box<[u8]>>,
+    version: u64,
+    /// Latest event time in the base (`updated_at`), to retire local events.
+    base_updated_at: Secs,
+    fetched_at_ms: u64,
+    local: Vec<Event>,
+    bytes: usize,
+}
+
+impl Entry {
+    fn new(stored: Option<&Stored>, fetched_at_ms: u64) -> Entry {
+        let mut e = Entry {
+            base: None,
+            version: 0,
+            base_updated_at: Secs(0),
+            fetched_at_ms,
+            local: Vec::new(),
+            bytes: 0,
+        };
+        e.set_base(stored, fetched_at_ms);
+        e
+    }
+
+    fn set_base(&mut self, stored: Option<&Stored>, fetched_at_ms: u64) {
+        self.base = stored.map(|s| wire::encode_stored(s).into_boxed_slice());
+        self.version = stored.map_or(0, Stored::version);
+        self.base_updated_at = stored
+            .and_then(Stored::profile)
+            .map_or(Secs(0), |p| p.updated_at);
+        self.fetched_at_ms = fetched_at_ms;
+        let seen = self.base_updated_at;
+        if stored.is_some() {
+            self.local
+                .retain(|e| Secs::from_unix_ms(e.ts_ms).0 > seen.0);
+        }
+        self.recount();
+    }
+
+    fn recount(&mut self) {
+        self.bytes = ENTRY_OVERHEAD
+            + self.base.as_ref().map_or(0, |b| b.len())
+            + self.local.iter().map(local_event_bytes).sum::<usize>();
+    }
+
+    /// The base as origin published it (`None`: nothing known, or the bytes no longer decode).
+    pub fn base(&self) -> Option<Stored> {
+        self.base
+            .as_deref()
+            .and_then(|b| wire::decode_stored(b).ok())
+    }
+
+    /// The version of the base (0 when there is none).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn fetched_at_ms(&self) -> u64 {
+        self.fetched_at_ms
+    }
+
+    pub fn local_events(&self) -> usize {
+        self.local.len()
+    }
+
+    /// What the shopper's pages see: the base with the local events folded over it.
+    /// `None` when there is neither a profile nor a local event (or the base is a tombstone
+    /// and nothing happened since).
+    pub fn profile(&self, bucket: u8) -> Option<Profile> {
+        let base = self.base().and_then(|s| match s {
+            Stored::Profile(p) => Some(p),
+            Stored::Tombstone { .. } => None,
+        });
+        if self.local.is_empty() {
+            return base;
+        }
+        let mut p = base.unwrap_or_else(|| Profile::new(bucket));
+        for e in &self.local {
+            fold(&mut p, e);
+        }
+        Some(p)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+fn local_event_bytes(e: &Event) -> usize {
+    // The struct plus its strings; close enough for a memory bound.
+    std::mem::size_of::<Event>() + e.id.len() + e.user.len() + 48
+}
+
+/// What a sync change did to a cached entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheApply {
+    NotCached,
+    Applied(Applied),
+    /// The change did not fit the cached version: the entry was dropped.
+    Dropped,
+}
+
+#[derive(Debug)]
+pub struct ProfileCache {
+    lru: LruCache<UserKey, Entry>,
+    max_bytes: usize,
+    max_entries: usize,
+    bytes: usize,
+}
+
+impl ProfileCache {
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+        ProfileCache {
+            lru: LruCache::unbounded(),
+            max_bytes,
+            max_entries: max_entries.max(1),
+            bytes: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lru.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lru.is_empty()
+    }
+
+    /// Bytes accounted to entries (payloads plus [`ENTRY_OVERHEAD`] each).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Looks an entry up and marks it recently used.
+    pub fn get(&mut self, key: &UserKey) -> Option<&Entry> {
+        self.lru.get(key).map(|e| e as &Entry)
+    }
+
+    pub fn peek(&self, key: &UserKey) -> Option<&Entry> {
+        self.lru.peek(key)
+    }
+
+    pub fn remove(&mut self, key: &UserKey) -> Option<Entry> {
+        let e = self.lru.pop(key)?;
+        self.bytes -= e.bytes;
+        Some(e)
+    }
+
+    /// Records what KV returned for `key` (`None`: no value). Never moves a cached base
+    /// backwards: KV is eventually consistent and may lag what `/v1/sync` already delivered.
+    pub fn put_fetched(&mut self, key: UserKey, stored: Option<Stored>, now_ms: u64) {
+        let fetched_version = stored.as_ref().map_or(0, Stored::version);
+        self.modify(key, now_ms, |e| {
+            if fetched_version >= e.version {
+                e.set_base(stored.as_ref(), now_ms);
+            } else {
+                e.fetched_at_ms = now_ms;
+            }
+        });
+    }
+
+    /// Applies a synced change to the cached entry, if any, under the version rules.
+    pub fn apply(&mut self, key: &UserKey, change: &Change, now_ms: u64) -> CacheApply {
+        let Some(entry) = self.lru.peek(key) else {
+            return CacheApply::NotCached;
+        };
+        let mut held = entry.base();
+        if entry.base.is_some() && held.is_none() {
+            // Undecodable bytes cannot be patched; start over from KV.
+            self.remove(key);
+            return CacheApply::Dropped;
+        }
+        match delta::apply(&mut held, change) {
+            Ok(Applied::Duplicate) => CacheApply::Applied(Applied::Duplicate),
+            Ok(Applied::Updated) => {
+                self.modify(*key, now_ms, |e| e.set_base(held.as_ref(), now_ms));
+                CacheApply::Applied(Applied::Updated)
+            }
+            Err(_) => {
+                self.remove(key);
+                CacheApply::Dropped
+            }
+        }
+    }
+
+    /// Adds the shopper's own event (read-your-writes). Creates an entry with an empty base
+    /// when the shopper is not cached; callers load the base from KV first where they can.
+    pub fn push_local(&mut self, key: UserKey, event: Event, now_ms: u64) {
+        self.modify(key, now_ms, |e| {
+            if e.local.len() == MAX_LOCAL_EVENTS {
+                e.local.remove(0);
+            }
+            e.local.push(event);
+        });
+    }
+
+    /// Erases the shopper locally: the base becomes `tombstone`, local events are gone.
+    pub fn erase(&mut self, key: UserKey, tombstone: Stored, now_ms: u64) {
+        self.modify(key, now_ms, |e| {
+            e.local.clear();
+            e.set_base(Some(&tombstone), now_ms);
+        });
+    }
+
+    fn modify(&mut self, key: UserKey, now_ms: u64, f: impl FnOnce(&mut Entry)) {
+        let entry = match self.lru.pop(&key) {
+            Some(e) => {
+                self.bytes -= e.bytes;
+                e
+            }
+            None => Entry::new(None, now_ms),
+        };
+        let mut entry = entry;
+        f(&mut entry);
+        entry.recount();
+        self.bytes += entry.bytes;
+        self.lru.push(key, entry);
+        self.evict();
+    }
+
+    fn evict(&mut self) {
+        while self.lru.len() > self.max_entries
+            || (self.bytes > self.max_bytes && self.lru.len() > 1)
+        {
+            match self.lru.pop_lru() {
+                Some((_, e)) => self.bytes -= e.bytes,
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::event::parse_event;
+
+    fn key(n: u8) -> UserKey {
+        UserKey([n; 12])
+    }
+
+    fn profile(version: u64) -> Stored {
+        let mut p = Profile::new(7);
+        p.version = version;
+        p.views = version as u32;
+        Stored::Profile(p)
+    }
+
+    fn add_camera(ts_ms: u64) -> Event {
+        parse_event(
+            format!(
+                r#"{{"event_id":"e{ts_ms}","user_id":"u","ts":{ts_ms},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn bounded_by_entries_and_bytes() {
+        let mut c = ProfileCache::new(3, usize::MAX);
+        for n in 0..5 {
+            c.put_fetched(key(n), Some(profile(1)), 0);
+        }
+        assert_eq!(c.len(), 3);
+        assert!(c.peek(&key(0)).is_none() && c.peek(&key(4)).is_some());
+
+        let one = {
+            let mut c = ProfileCache::new(10, usize::MAX);
+            c.put_fetched(key(0), Some(profile(1)), 0);
+            c.bytes()
+        };
+        let mut c = ProfileCache::new(100, one * 2 + one / 2);
+        for n in 0..5 {
+            c.put_fetched(key(n), Some(profile(1)), 0);
+        }
+        assert_eq!(c.len(), 2);
+        assert!(c.bytes() <= one * 2 + one / 2);
+        // recently used survives
+        c.get(&key(3));
+        c.put_fetched(key(9), Some(profile(1)), 0);
+        assert!(c.peek(&key(3)).is_some() && c.peek(&key(4)).is_none());
+    }
+
+    #[test]
+    fn byte_count_stays_exact_through_updates_and_removals() {
+        let mut c = ProfileCache::new(100, usize::MAX);
+        c.put_fetched(key(1), Some(profile(1)), 0);
+        c.push_local(key(1), add_camera(1_800_000_000_000), 0);
+        c.put_fetched(key(2), None, 0);
+        c.remove(&key(2));
+        let sum: usize = [key(1)].iter().map(|k| c.peek(k).unwrap().bytes()).sum();
+        assert_eq!(c.bytes(), sum);
+    }
+
+    #[test]
+    fn versions_only_move_forward() {
+        let mut c = ProfileCache::new(10, usize::MAX);
+        c.put_fetched(key(1), Some(profile(5)), 0);
+        c.put_fetched(key(1), Some(profile(3)), 10);
+        let e = c.peek(&key(1)).unwrap();
+        assert_eq!(e.version(), 5);
+        assert_eq!(
+            e.fetched_at_ms(),
+            10,
+            "a lagging read still counts as a check"
+        );
+    }
+
+    #[test]
+    fn patches_apply_on_their_version_and_gaps_drop_the_entry() {
+        let mut c = ProfileCache::new(10, usize::MAX);
+        let Stored::Profile(v5) = profile(5) else {
+            unreachable!()
+        };
+        let mut v6 = v5.clone();
+        v6.version = 6;
+        v6.views = 99;
+        let patch = delta::diff(&v5, &v6);
+        assert_eq!(c.apply(&key(1), &patch, 0), CacheApply::NotCached);
+        c.put_fetched(key(1), Some(Stored::Profile(v5)), 0);
+        assert_eq!(
+            c.apply(&key(1), &patch, 1),
+            CacheApply::Applied(Applied::Updated)
+        );
+        assert_eq!(c.peek(&key(1)).unwrap().profile(0).unwrap().views, 99);
+        assert_eq!(
+            c.apply(&key(1), &patch, 2),
+            CacheApply::Applied(Applied::Duplicate)
+        );
+        // a patch from a version we do not hold
+        let mut v8 = v6.clone();
+        v8.version = 8;
+        let mut v9 = v8.clone();
+        v9.version = 9;
+        assert_eq!(
+            c.apply(&key(1), &delta::diff(&v8, &v9), 3),
+            CacheApply::Dropped
+        );
+        assert!(c.peek(&key(1)).is_none());
+    }
+
+    #[test]
+    fn local_events_show_at_once_and_retire_when_origin_has_them() {
+        let mut c = ProfileCache::new(10, usize::MAX);
+        let ts = 1_800_000_000_000;
+        c.push_local(key(1), add_camera(ts), 0);
+        let seen = c.peek(&key(1)).unwrap().profile(3).unwrap();
+        assert_eq!(seen.cart.len(), 1);
+        assert_eq!(seen.bucket, 3);
+        // origin's profile now includes the event
+        let mut folded = Profile::new(3);
+        fold(&mut folded, &add_camera(ts));
+        c.put_fetched(key(1), Some(Stored::Profile(folded)), 1);
+        let e = c.peek(&key(1)).unwrap();
+        assert_eq!(e.local_events(), 0);
+        assert_eq!(
+            e.profile(3).unwrap().cart[0].quantity,
+            1,
+            "not counted twice"
+        );
+    }
+
+    #[test]
+    fn erased_shoppers_have_no_profile_until_they_act_again() {
+        let mut c = ProfileCache::new(10, usize::MAX);
+        c.put_fetched(key(1), Some(profile(4)), 0);
+        c.erase(key(1), Stored::Tombstone { version: 5 }, 1);
+        assert!(c.peek(&key(1)).unwrap().profile(0).is_none());
+        assert_eq!(c.peek(&key(1)).unwrap().version(), 5);
+        // an older profile from a lagging KV read cannot bring it back
+        c.put_fetched(key(1), Some(profile(4)), 2);
+        assert!(c.peek(&key(1)).unwrap().profile(0).is_none());
+    }
+}

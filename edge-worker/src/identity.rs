@@ -1,0 +1,229 @@
+//! Who is asking: the site's user id, or an anonymous visitor id kept in a cookie.
+//!
+//! Signed-in shoppers are named by the site through a request header (by default
+//! `x-edgewise-user`), which the site's own front layer must set and strip from browser
+//! requests. Everyone else gets a random visitor id from `getrandom`, in an HttpOnly,
+//! SameSite=Lax cookie that is `Secure` except on loopback hosts (configurable). Both are
+//! untrusted text: they are checked here before anything else sees them.
+
+/// The visitor cookie's name.
+pub const VISITOR_COOKIE: &str = "ew_vid";
+/// Longest `Cookie` header looked at; browsers cap a cookie at 4 KB and headers near 8 KB.
+pub const MAX_COOKIE_HEADER: usize = 8 * 1024;
+/// Longest user id accepted from the site (the event schema's limit).
+pub const MAX_USER_ID: usize = 128;
+/// Visitor cookie lifetime.
+pub const VISITOR_MAX_AGE_SECS: u32 = 365 * 24 * 3600;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// Named by the site.
+    User(String),
+    /// Anonymous; `minted` when this request created the id (the reply must set the cookie).
+    Visitor { id: String, minted: bool },
+}
+
+impl Identity {
+    /// The user id events and keys use. Visitor ids are prefixed so they can never collide
+    /// with a site's own ids.
+    pub fn user_id(&self) -> String {
+        match self {
+            Identity::User(id) => id.clone(),
+            Identity::Visitor { id, .. } => format!("v-{id}"),
+        }
+    }
+
+    pub fn is_minted(&self) -> bool {
+        matches!(self, Identity::Visitor { minted: true, .. })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    #[error("the user header must be 1 to 128 printable characters")]
+    BadUserHeader,
+    #[error("the ew_vid cookie must be 32 lowercase hex digits; clear it to get a new one")]
+    BadVisitorCookie,
+    #[error("the cookie header is too large")]
+    CookieTooLarge,
+}
+
+/// Resolves the identity of a request. `mint` supplies 16 random bytes when a new visitor id
+/// is needed (`getrandom` in the worker).
+pub fn resolve(
+    user_header: Option<&str>,
+    cookie_header: Option<&str>,
+    mint: impl FnOnce() -> [u8; 16],
+) -> Result<Identity, IdentityError> {
+    if let Some(user) = user_header {
+        let ok =
+            !user.is_empty() && user.len() <= MAX_USER_ID && user.chars().all(|c| !c.is_control());
+        return if ok {
+            Ok(Identity::User(user.to_owned()))
+        } else {
+            Err(IdentityError::BadUserHeader)
+        };
+    }
+    if let Some(id) = visitor_cookie(cookie_header)? {
+        return Ok(Identity::Visitor {
+            id: id.to_owned(),
+            minted: false,
+        });
+    }
+    Ok(Identity::Visitor {
+        id: shared::auth::hex(&mint()),
+        minted: true,
+    })
+}
+
+/// The visitor id in a `Cookie` header, if there is a valid one.
+fn visitor_cookie(header: Option<&str>) -> Result<Option<&str>, IdentityError> {
+    let Some(header) = header else {
+        return Ok(None);
+    };
+    if header.len() > MAX_COOKIE_HEADER {
+        return Err(IdentityError::CookieTooLarge);
+    }
+    let value = header.split(';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (name.trim() == VISITOR_COOKIE).then(|| value.trim().trim_matches('"'))
+    });
+    match value {
+        None => Ok(None),
+        Some(v) if v.len() == 32 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
+            Ok(Some(v))
+        }
+        Some(_) => Err(IdentityError::BadVisitorCookie),
+    }
+}
+
+/// The `Set-Cookie` value that keeps a visitor id.
+pub fn visitor_set_cookie(id: &str, secure: bool) -> String {
+    format!(
+        "{VISITOR_COOKIE}={id}; Path=/; Max-Age={VISITOR_MAX_AGE_SECS}; HttpOnly; SameSite=Lax{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+/// The `Set-Cookie` value that removes the visitor id (after erasure).
+pub fn visitor_clear_cookie(secure: bool) -> String {
+    format!(
+        "{VISITOR_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+/// Whether a `Host` header names this machine (cookies there cannot require HTTPS).
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    matches!(name, "localhost" | "127.0.0.1" | "[::1]") || name.ends_with(".localhost")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
+    fn check(user: Option<&str>, cookie: Option<&str>, expect: Result<Identity, IdentityError>) {
+        assert_eq!(
+            resolve(user, cookie, || [0xab; 16]),
+            expect,
+            "{user:?} {cookie:?}"
+        );
+    }
+
+    fn visitor(id: &str, minted: bool) -> Result<Identity, IdentityError> {
+        Ok(Identity::Visitor {
+            id: id.to_owned(),
+            minted,
+        })
+    }
+
+    #[test]
+    fn identities() {
+        let minted = "abababababababababababababababab";
+        check(None, None, visitor(minted, true));
+        check(None, Some(""), visitor(minted, true));
+        check(None, Some("a=b; other=c"), visitor(minted, true));
+        check(None, Some(&format!("ew_vid={ID}")), visitor(ID, false));
+        check(
+            None,
+            Some(&format!("x=1;  ew_vid=\"{ID}\" ; y=2")),
+            visitor(ID, false),
+        );
+        check(
+            Some("alice@example.com"),
+            Some("ew_vid=zz"),
+            Ok(Identity::User("alice@example.com".into())),
+        );
+        // hostile input
+        check(
+            None,
+            Some("ew_vid=zz"),
+            Err(IdentityError::BadVisitorCookie),
+        );
+        check(
+            None,
+            Some(&format!("ew_vid={}", ID.to_uppercase())),
+            Err(IdentityError::BadVisitorCookie),
+        );
+        check(
+            None,
+            Some(&format!("ew_vid={ID}{ID}")),
+            Err(IdentityError::BadVisitorCookie),
+        );
+        check(
+            None,
+            Some("ew_vid=../../etc; "),
+            Err(IdentityError::BadVisitorCookie),
+        );
+        check(
+            None,
+            Some(&"a".repeat(MAX_COOKIE_HEADER + 1)),
+            Err(IdentityError::CookieTooLarge),
+        );
+        check(Some(""), None, Err(IdentityError::BadUserHeader));
+        check(Some("a\u{7}b"), None, Err(IdentityError::BadUserHeader));
+        check(
+            Some(&"u".repeat(129)),
+            None,
+            Err(IdentityError::BadUserHeader),
+        );
+    }
+
+    #[test]
+    fn visitor_ids_cannot_collide_with_site_ids() {
+        let v = Identity::Visitor {
+            id: ID.into(),
+            minted: false,
+        };
+        assert_eq!(v.user_id(), format!("v-{ID}"));
+        assert_eq!(Identity::User(ID.into()).user_id(), ID);
+    }
+
+    #[test]
+    fn cookies() {
+        let c = visitor_set_cookie(ID, true);
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.ends_with("; Secure"));
+        assert!(!visitor_set_cookie(ID, false).contains("Secure"));
+        assert!(visitor_clear_cookie(false).contains("Max-Age=0"));
+        for (host, local) in [
+            ("localhost:8787", true),
+            ("127.0.0.1:8787", true),
+            ("127.0.0.1", true),
+            ("shop.localhost", true),
+            ("shop.example.com", false),
+            ("localhost.example.com", false),
+        ] {
+            assert_eq!(is_loopback_host(host), local, "{host}");
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The key-value store behind the profile cache: Workers KV in production (see `glue`), an
+//! in-memory map in tests.
+//!
+//! Values are opaque bytes with the version they hold beside them (KV metadata `{"v": n}`), so a
+//! writer can tell what it would replace without decoding it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+/// Why a store operation failed. The handlers degrade on any of these; none is a 5xx page.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("store did not answer within {0} ms")]
+    Timeout(u32),
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+/// A value and the version its metadata carries (`None`: written without metadata).
+pub type Versioned = (Vec<u8>, Option<u64>);
+
+/// The store the edge reads profiles and config from and writes synced changes to.
+///
+/// Not `Send`: a Workers isolate is single-threaded, and so are the native tests.
+#[allow(async_fn_in_trait)]
+pub trait Store {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError>;
+}
+
+/// An in-memory [`Store`] that can be told to fail, for tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    map: RefCell<HashMap<String, Versioned>>,
+    failing: Cell<bool>,
+    reads: Cell<u64>,
+    writes: Cell<u64>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        MemoryStore::default()
+    }
+
+    /// Makes every later operation fail (true) or succeed again (false).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.set(failing);
+    }
+
+    pub fn reads(&self) -> u64 {
+        self.reads.get()
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.writes.get()
+    }
+
+    pub fn raw(&self, key: &str) -> Option<Versioned> {
+        self.map.borrow().get(key).cloned()
+    }
+
+    pub fn insert_raw(&self, key: &str, value: Vec<u8>, version: Option<u64>) {
+        self.map
+            .borrow_mut()
+            .insert(key.to_owned(), (value, version));
+    }
+}
+
+impl Store for MemoryStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.reads.set(self.reads.get() + 1);
+        if self.failing.get() {
+            return Err(StoreError::Timeout(50));
+        }
+        Ok(self.map.borrow().get(key).cloned())
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        self.writes.set(self.writes.get() + 1);
+        if self.failing.get() {
+            return Err(StoreError::Backend("injected failure".into()));
+        }
+        self.map
+            .borrow_mut()
+            .insert(key.to_owned(), (value.to_vec(), Some(version)));
+        Ok(())
+    }
+}

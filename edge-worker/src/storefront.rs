@@ -1,0 +1,196 @@
+//! The demo storefront, rendered at the edge: a home page and product pages, each with a
+//! personalized recommendations block, and the JS SDK that reports the shopper's events.
+//!
+//! Plain server-side HTML with no framework: the page is complete on first byte, the SDK only
+//! sends events. Everything from the catalog is HTML-escaped (catalogs are published data).
+
+use crate::app::Reply;
+use serde_json::Value;
+use shared::catalog::{Catalog, Item};
+use std::fmt::Write;
+
+/// The SDK source, served at `/sdk.js`.
+pub const SDK_JS: &str = include_str!("sdk.js");
+
+pub fn sdk() -> Reply {
+    Reply {
+        status: 200,
+        content_type: "text/javascript; charset=utf-8",
+        headers: vec![("cache-control", "public, max-age=300".into())],
+        body: SDK_JS.as_bytes().to_vec(),
+    }
+}
+
+pub fn not_found() -> Reply {
+    let mut html = head("Not found");
+    html.push_str("<main><h1>Not found</h1><p>No such page. <a href=\"/\">Back to the store</a></p></main></body></html>");
+    Reply {
+        status: 404,
+        content_type: "text/html; charset=utf-8",
+        headers: Vec::new(),
+        body: html.into_bytes(),
+    }
+}
+
+/// A page: the product `item` if given, else the home page. `recs` is the recommendations
+/// JSON (as `/v1/recommendations` returns it), `cart` the number of items in the cart.
+pub fn page(catalog: &Catalog, item: Option<&Item>, recs: &Value, tier: &str, cart: u32) -> String {
+    let title = item.map_or("Edgewise Demo Store", Item::name);
+    let mut h = head(title);
+    let _ = write!(
+        h,
+        "<header><a class=\"brand\" href=\"/\">Edgewise Demo Store</a>\
+         <span class=\"cart\">Cart: <b id=\"ew-cart-count\">{cart}</b></span></header><main>"
+    );
+    match item {
+        Some(it) => {
+            let category = catalog.category_of(it);
+            let cat_slug = category.map_or("", |c| c.slug());
+            let _ = write!(
+                h,
+                "<article class=\"product\" data-ew-product=\"{sku}\" data-ew-category=\"{cat}\">\
+                 <div class=\"ph\">{initial}</div><div><h1>{name}</h1><p class=\"muted\">{cat_name}</p>\
+                 <p class=\"price\">${price:.2}</p><p>{desc}</p>\
+                 <button id=\"ew-add\" data-ew-add=\"{sku}\" data-ew-category=\"{cat}\" data-ew-price=\"{price:.2}\">Add to cart</button>\
+                 <span id=\"ew-status\" role=\"status\"></span></div></article>",
+                sku = esc(it.sku()),
+                cat = esc(cat_slug),
+                initial = esc(&it.name().chars().next().unwrap_or('?').to_string()),
+                name = esc(it.name()),
+                cat_name = esc(category.map_or("", |c| c.name())),
+                price = it.price(),
+                desc = esc(it.description().unwrap_or("")),
+            );
+            recs_block(&mut h, catalog, recs, tier, "Goes well with");
+        }
+        None => {
+            recs_block(&mut h, catalog, recs, tier, "Recommended for you");
+            h.push_str("<section><h2>Popular now</h2><ul class=\"grid\">");
+            let mut popular: Vec<&Item> = catalog.items().filter(|i| i.in_stock()).collect();
+            popular.sort_by(|a, b| {
+                b.popularity()
+                    .total_cmp(&a.popularity())
+                    .then(a.sku().cmp(b.sku()))
+            });
+            for it in popular.into_iter().take(12) {
+                card(&mut h, catalog, it, None);
+            }
+            h.push_str("</ul></section>");
+        }
+    }
+    h.push_str("</main><script src=\"/sdk.js\" defer></script></body></html>");
+    h
+}
+
+fn recs_block(h: &mut String, catalog: &Catalog, recs: &Value, tier: &str, title: &str) {
+    let _ = write!(
+        h,
+        "<section id=\"ew-recs\" data-tier=\"{}\"><h2>{}</h2>",
+        esc(tier),
+        esc(title)
+    );
+    if let Some(offer) = recs.get("offer").filter(|o| o.is_object()) {
+        let _ = write!(
+            h,
+            "<p class=\"offer\" data-offer-id=\"{}\">{}</p>",
+            esc(offer["id"].as_str().unwrap_or("")),
+            esc(offer["text"].as_str().unwrap_or(""))
+        );
+    }
+    h.push_str("<ul class=\"grid\">");
+    for v in recs["items"].as_array().into_iter().flatten() {
+        if let Some(it) = v["sku"].as_str().and_then(|s| catalog.item_by_sku(s)) {
+            card(h, catalog, it, v["reason"].as_str());
+        }
+    }
+    h.push_str("</ul></section>");
+}
+
+fn card(h: &mut String, catalog: &Catalog, it: &Item, reason: Option<&str>) {
+    let _ = write!(
+        h,
+        "<li class=\"card\" data-sku=\"{sku}\"{reason}><a href=\"/p/{sku}\"><div class=\"ph\">{initial}</div>\
+         <span class=\"name\">{name}</span></a><span class=\"muted\">{cat}</span><span class=\"price\">${price:.2}</span></li>",
+        sku = esc(it.sku()),
+        reason = reason.map_or(String::new(), |r| format!(" data-reason=\"{}\"", esc(r))),
+        initial = esc(&it.name().chars().next().unwrap_or('?').to_string()),
+        name = esc(it.name()),
+        cat = esc(catalog.category_of(it).map_or("", |c| c.name())),
+        price = it.price(),
+    );
+}
+
+fn head(title: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{}</title><style>{CSS}</style></head><body>",
+        esc(title)
+    )
+}
+
+const CSS: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:0;color:#222}\
+header{display:flex;justify-content:space-between;padding:12px 24px;background:#1d3557;color:#fff}\
+header a{color:#fff;text-decoration:none;font-weight:600}main{max-width:1100px;margin:auto;padding:0 24px}\
+.grid{list-style:none;padding:0;display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:16px}\
+.card{border:1px solid #ddd;border-radius:8px;padding:10px;display:flex;flex-direction:column;gap:4px}\
+.card a{color:inherit;text-decoration:none}.ph{background:#e9eef5;height:90px;border-radius:6px;display:flex;\
+align-items:center;justify-content:center;font-size:32px;color:#456}.product{display:grid;grid-template-columns:240px 1fr;\
+gap:24px;margin:24px 0}.product .ph{height:240px}.muted{color:#777;font-size:13px}.price{font-weight:600}\
+.offer{background:#fff3cd;border:1px solid #ffe08a;padding:8px 12px;border-radius:6px}\
+button{background:#e63946;color:#fff;border:0;border-radius:6px;padding:10px 18px;font-size:15px;cursor:pointer}";
+
+/// Escapes text for HTML content and double-quoted attributes.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn escapes_everything_that_could_break_out() {
+        assert_eq!(
+            esc(r#"<a href="x">'&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+    }
+
+    #[test]
+    fn pages_render_the_block_the_tier_and_the_add_button() {
+        let catalog = Catalog::demo().unwrap();
+        let recs = json!({
+            "items": [{ "sku": "lens-001", "reason": "cart_accessory" }, { "sku": "nope" }],
+            "offer": { "id": "cam-accessories-10", "text": "10% <off>" },
+        });
+        let home = page(&catalog, None, &recs, "fresh", 2);
+        assert!(home.contains("data-tier=\"fresh\""));
+        assert!(home.contains("data-sku=\"lens-001\" data-reason=\"cart_accessory\""));
+        assert!(home.contains("data-offer-id=\"cam-accessories-10\">10% &lt;off&gt;"));
+        assert!(home.contains("<b id=\"ew-cart-count\">2</b>"));
+        assert!(home.contains("Popular now"));
+        let cam = catalog.item_by_sku("cam-001").unwrap();
+        let product = page(&catalog, Some(cam), &json!({}), "popular", 0);
+        assert!(product.contains(
+            "data-ew-add=\"cam-001\" data-ew-category=\"cameras\" data-ew-price=\"499.00\""
+        ));
+        assert!(product.contains("Goes well with"));
+    }
+
+    #[test]
+    fn the_sdk_stays_small() {
+        assert!(SDK_JS.len() < 4096, "sdk.js is {} bytes", SDK_JS.len());
+    }
+}
