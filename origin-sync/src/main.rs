@@ -1,19 +1,193 @@
-//! origin-sync: consumes customer events from Kafka, folds them into versioned profiles exactly
-//! once, and pushes compressed profile deltas to the edge.
-//!
-//! This is the skeleton the foundation ships; the service itself is built on top of the pure
-//! core in `shared` (fold, deltas, wire format), so that the edge and the origin cannot disagree
-//! on what an event means.
+//! The `origin-sync` binary: CLI, logging and signal handling over the library.
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--version") | Some("version") => {
-            println!("origin-sync {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
-        }
-        _ => anyhow::bail!(
-            "origin-sync is not implemented yet in this build; run `origin-sync --version`"
-        ),
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use origin_sync::config::Config;
+use origin_sync::kafka::{Outgoing, produce_all};
+use origin_sync::metrics::Metrics;
+use tokio::sync::watch;
+
+mod bench;
+mod replay;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "origin-sync",
+    version,
+    about = "Edgewise origin: Kafka events → profiles → edge"
+)]
+struct Cli {
+    /// The TOML config file; `ORIGIN_SYNC__SECTION__KEY` variables override it.
+    #[arg(long, short, global = true, env = "ORIGIN_SYNC_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    json_logs: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Consume, fold and deliver until SIGTERM/SIGINT.
+    Run,
+    /// Produce realistic shopper traffic into Kafka.
+    Simulate {
+        /// Events per second (0: as fast as possible).
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Distinct shoppers.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Stop after this many events (0: run until interrupted).
+        #[arg(long, default_value_t = 0)]
+        events: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// User id prefix.
+        #[arg(long, default_value = "sim")]
+        prefix: String,
+    },
+    /// Rebuild the store from the earliest offsets of every topic.
+    Replay,
+    /// Mark the catalog and rules for publication again.
+    Republish,
+    /// Benchmark against a broker this command starts (needs `tansu`).
+    Bench(bench::BenchArgs),
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
+}
+
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown requested; finishing the batch");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.json_logs);
+    let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    match cli.command {
+        Command::Run => {
+            let metrics = Arc::new(Metrics::default());
+            origin_sync::service::run(config, metrics, shutdown_signal()).await?;
+        }
+        Command::Simulate {
+            rate,
+            users,
+            events,
+            seed,
+            prefix,
+        } => {
+            simulate(
+                &config,
+                rate,
+                users,
+                events,
+                seed,
+                &prefix,
+                shutdown_signal(),
+            )
+            .await?
+        }
+        Command::Replay => replay::replay(&config).await?,
+        Command::Republish => {
+            let store = origin_sync::service::open_store(&config)?;
+            store.republish_documents()?;
+            println!("catalog and rules will be published again at the next start or change");
+        }
+        Command::Bench(args) => bench::bench(args).await?,
+    }
+    Ok(())
+}
+
+async fn simulate(
+    config: &Config,
+    rate: u64,
+    users: usize,
+    total: u64,
+    seed: u64,
+    prefix: &str,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let catalog = shared::catalog::Catalog::demo().context("demo catalog")?;
+    let producer = origin_sync::kafka::producer(&config.kafka)?;
+    let now = origin_sync::pipeline::now_ms();
+    let mut traffic = shared::traffic::Traffic::new(&catalog, users, prefix, now, 1, seed);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let chunk = if rate == 0 {
+        1000
+    } else {
+        (rate / 50).clamp(1, 1000)
+    };
+    while total == 0 || sent < total {
+        if *shutdown.borrow() {
+            break;
+        }
+        let n = if total == 0 {
+            chunk
+        } else {
+            chunk.min(total - sent)
+        };
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let Some(mut e) = traffic.next() else { break };
+            e.ts_ms = origin_sync::pipeline::now_ms();
+            out.push(Outgoing {
+                topic: e.kind.default_topic().to_owned(),
+                key: e.user.as_bytes().to_vec(),
+                payload: e.to_json_bytes(),
+                headers: Vec::new(),
+            });
+        }
+        produce_all(&producer, &out).await?;
+        sent += out.len() as u64;
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if sent % (chunk * 50).max(1) < chunk {
+            tracing::info!(sent, "simulated events");
+        }
+    }
+    println!(
+        "produced {sent} events in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

@@ -1,0 +1,420 @@
+//! One TOML file plus environment overrides, validated before anything starts.
+//!
+//! Every key has a default, so an empty file is a working local setup. Environment variables
+//! named `ORIGIN_SYNC__<SECTION>__<KEY>` (upper case) override the file: the value is read as a
+//! TOML value when it parses as one, else as a string. Unknown keys are rejected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The HMAC key used to sign sync and ingest requests when none is configured (local only).
+pub const DEV_SYNC_SECRET: &str = "dev-sync-secret";
+/// The user-key secret used when none is configured (local only).
+pub const DEV_USER_KEY_SECRET: &str = "dev-user-key-secret";
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "ORIGIN_SYNC__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config is not valid: {0}")]
+    Parse(String),
+    #[error("environment override {var} is not valid: {why}")]
+    Env { var: String, why: String },
+    #[error("config key {key}: {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub store: StoreConfig,
+    pub sync: SyncConfig,
+    pub sinks: SinksConfig,
+    pub http: HttpConfig,
+    pub documents: DocumentsConfig,
+}
+
+/// Kafka consumer and producer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    pub brokers: String,
+    /// Consumer group id.
+    pub group_id: String,
+    /// Topics consumed.
+    pub topics: Vec<String>,
+    /// Where rejected events go, with the reason and source in headers.
+    pub dead_letter_topic: String,
+    /// Most messages folded in one store transaction.
+    pub max_batch: usize,
+    /// How long a batch waits for more messages after its first one.
+    pub batch_linger_ms: u64,
+    /// librdkafka `fetch.wait.max.ms`: small for latency.
+    pub fetch_wait_max_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "origin-sync".into(),
+            topics: vec![
+                "customer_clicks".into(),
+                "cart_events".into(),
+                "purchase_events".into(),
+            ],
+            dead_letter_topic: "events_dlq".into(),
+            max_batch: 5000,
+            batch_linger_ms: 2,
+            fetch_wait_max_ms: 1,
+        }
+    }
+}
+
+/// The embedded profile store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The redb file holding profiles, offsets and the outbox.
+    pub path: PathBuf,
+    /// Event-time window in which a user's events are kept unfolded, so events that arrive out
+    /// of order (topics interleave arbitrarily) still fold in timestamp order.
+    pub reorder_window_ms: u64,
+    /// Most events kept in a user's reorder window; older ones are folded for good.
+    pub max_window_events: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("origin-sync.redb"),
+            reorder_window_ms: 30_000,
+            max_window_events: 64,
+        }
+    }
+}
+
+/// Secrets shared with the edge, coalescing and delivery.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// HMAC key of `/v1/sync`, `/ingest` and erasure requests. Override in production.
+    pub sync_secret: String,
+    /// Key of the user-id hash the edge stores profiles under. Override in production.
+    pub user_key_secret: String,
+    /// At most one write per user key per this window (KV allows one per second per key).
+    pub coalesce_window_ms: u64,
+    /// Most items in one sync batch.
+    pub max_batch_items: usize,
+    /// Consumption pauses while more users than this wait to be delivered.
+    pub max_outbox: usize,
+    /// First retry delay; doubles up to `retry_max_ms`, with full jitter.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// Per-request timeout towards sinks.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            sync_secret: DEV_SYNC_SECRET.into(),
+            user_key_secret: DEV_USER_KEY_SECRET.into(),
+            coalesce_window_ms: 1000,
+            max_batch_items: 1000,
+            max_outbox: 100_000,
+            retry_initial_ms: 100,
+            retry_max_ms: 10_000,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Where deltas go. Every sink must acknowledge a batch before it leaves the outbox.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinksConfig {
+    /// Edge workers receiving signed `/v1/sync` batches.
+    pub edge_urls: Vec<String>,
+    /// Cloudflare KV bulk REST API (production); absent means off.
+    pub kv: Option<KvConfig>,
+}
+
+impl Default for SinksConfig {
+    fn default() -> Self {
+        SinksConfig {
+            edge_urls: vec!["http://127.0.0.1:8787".into()],
+            kv: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvConfig {
+    pub account_id: String,
+    pub namespace_id: String,
+    pub api_token: String,
+    /// API base; change it only for tests.
+    #[serde(default = "default_kv_base")]
+    pub api_base: String,
+}
+
+fn default_kv_base() -> String {
+    "https://api.cloudflare.com/client/v4".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/ingest`, `/users/{id}`, `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
+        }
+    }
+}
+
+/// Catalog and rules published to the edge; absent paths publish nothing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DocumentsConfig {
+    pub catalog: Option<PathBuf>,
+    pub rules: Option<PathBuf>,
+    /// How often the files are checked for changes.
+    pub poll_ms: u64,
+}
+
+impl Default for DocumentsConfig {
+    fn default() -> Self {
+        DocumentsConfig {
+            catalog: None,
+            rules: None,
+            poll_ms: 2000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (if given), applies environment overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Config::from_parts(&text, std::env::vars())
+    }
+
+    /// Parses `text` with `env` overrides applied, then validates.
+    pub fn from_parts(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(ConfigError::Env {
+                    var,
+                    why: "expected ORIGIN_SYNC__SECTION__KEY".into(),
+                });
+            }
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            set_path(&mut table, &path, parsed).map_err(|why| ConfigError::Env {
+                var: var.clone(),
+                why,
+            })?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                why: why.into(),
+            })
+        };
+        if self.kafka.brokers.trim().is_empty() {
+            return bad(
+                "kafka.brokers",
+                "must name at least one broker, e.g. \"127.0.0.1:9092\"",
+            );
+        }
+        if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.is_empty()) {
+            return bad("kafka.topics", "must list at least one non-empty topic");
+        }
+        if self.kafka.topics.contains(&self.kafka.dead_letter_topic) {
+            return bad(
+                "kafka.dead_letter_topic",
+                "must not be one of kafka.topics, or rejects would be consumed again",
+            );
+        }
+        if !(1..=100_000).contains(&self.kafka.max_batch) {
+            return bad("kafka.max_batch", "must be between 1 and 100000");
+        }
+        if self.sync.sync_secret.len() < 8 {
+            return bad("sync.sync_secret", "must be at least 8 bytes");
+        }
+        if self.sync.user_key_secret.len() < 8 {
+            return bad("sync.user_key_secret", "must be at least 8 bytes");
+        }
+        if !(1..=shared::wire::MAX_BATCH_ITEMS).contains(&self.sync.max_batch_items) {
+            return bad("sync.max_batch_items", "must be between 1 and 4096");
+        }
+        if self.sync.max_outbox == 0 {
+            return bad("sync.max_outbox", "must be at least 1");
+        }
+        if self.sync.retry_initial_ms == 0 || self.sync.retry_max_ms < self.sync.retry_initial_ms {
+            return bad(
+                "sync.retry_max_ms",
+                "retry_initial_ms must be > 0 and retry_max_ms at least retry_initial_ms",
+            );
+        }
+        if self.store.max_window_events == 0 {
+            return bad("store.max_window_events", "must be at least 1");
+        }
+        if self.sinks.edge_urls.is_empty() && self.sinks.kv.is_none() {
+            return bad(
+                "sinks.edge_urls",
+                "no sink configured: list an edge URL or configure [sinks.kv]",
+            );
+        }
+        for url in &self.sinks.edge_urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    key: "sinks.edge_urls",
+                    why: format!("{url:?} must start with http:// or https://"),
+                });
+            }
+        }
+        if let Some(kv) = &self.sinks.kv {
+            for (key, v) in [
+                ("sinks.kv.account_id", &kv.account_id),
+                ("sinks.kv.namespace_id", &kv.namespace_id),
+                ("sinks.kv.api_token", &kv.api_token),
+            ] {
+                if v.trim().is_empty() {
+                    return bad(key, "must not be empty");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when a development default secret is in use.
+    pub fn uses_dev_secrets(&self) -> bool {
+        self.sync.sync_secret == DEV_SYNC_SECRET || self.sync.user_key_secret == DEV_USER_KEY_SECRET
+    }
+
+    /// True when some sink is not on the loopback interface.
+    pub fn has_remote_sink(&self) -> bool {
+        let local = |u: &str| {
+            let rest = u
+                .trim_start_matches("http://")
+                .trim_start_matches("https://");
+            rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
+        };
+        self.sinks.kv.is_some() || self.sinks.edge_urls.iter().any(|u| !local(u))
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".into()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => set_path(t, rest, value),
+                _ => Err(format!("{first} is not a section")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_file_is_a_local_setup() {
+        let c = Config::from_parts("", env(&[])).expect("defaults are valid");
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert!(c.uses_dev_secrets());
+        assert!(!c.has_remote_sink());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = Config::from_parts("[kafka]\nbrokerz = \"x\"\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("brokerz"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let c = Config::from_parts(
+            "[kafka]\nbrokers = \"a:1\"\n",
+            env(&[
+                ("ORIGIN_SYNC__KAFKA__BROKERS", "b:2"),
+                ("ORIGIN_SYNC__SYNC__MAX_OUTBOX", "7"),
+                (
+                    "ORIGIN_SYNC__SINKS__EDGE_URLS",
+                    "[\"https://edge.example\"]",
+                ),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.kafka.brokers, "b:2");
+        assert_eq!(c.sync.max_outbox, 7);
+        assert!(c.has_remote_sink());
+    }
+
+    #[test]
+    fn validation_says_what_to_fix() {
+        let e = Config::from_parts("[sync]\nmax_outbox = 0\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("sync.max_outbox"), "{e}");
+        let e = Config::from_parts("[sinks]\nedge_urls = [\"ftp://x\"]\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("http://"), "{e}");
+    }
+}

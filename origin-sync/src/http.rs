@@ -1,0 +1,175 @@
+//! HTTP: `POST /ingest` (events from the edge into Kafka), `DELETE /users/{id}` (erasure),
+//! `GET /metrics`, `GET /healthz`, `GET /readyz`. Requests that change state are signed like
+//! `/v1/sync`. Clients see a clear JSON error; details are logged.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use rdkafka::producer::FutureProducer;
+use serde_json::json;
+use shared::auth::{DEFAULT_WINDOW_SECS, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify};
+use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_batch};
+
+use crate::kafka::{Outgoing, produce_all};
+use crate::metrics::{Emit as _, UserErased};
+use crate::pipeline::{Shared, now_ms};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub shared: Arc<Shared>,
+    pub producer: FutureProducer,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/ingest", post(ingest))
+        .route("/users/{id}", delete(erase))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .layer(DefaultBodyLimit::max(
+            MAX_EVENT_BYTES * MAX_BATCH_EVENTS + 1024,
+        ))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": msg.into()}))).into_response()
+}
+
+/// The rejection to answer when the request is not signed with `secret`.
+fn check_signature(secret: &[u8], headers: &HeaderMap, body: &[u8]) -> Option<Response> {
+    let ts = headers
+        .get(TIMESTAMP_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let sig = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    let (Some(ts), Some(sig)) = (ts, sig) else {
+        return Some(error(
+            StatusCode::UNAUTHORIZED,
+            format!("missing or malformed {TIMESTAMP_HEADER} / {SIGNATURE_HEADER} headers"),
+        ));
+    };
+    verify(secret, ts, body, sig, now_ms() / 1000, DEFAULT_WINDOW_SECS)
+        .err()
+        .map(|e| error(StatusCode::UNAUTHORIZED, format!("signature rejected: {e}")))
+}
+
+async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let secret = st.shared.config.sync.sync_secret.as_bytes();
+    if let Some(r) = check_signature(secret, &headers, &body) {
+        return r;
+    }
+    let results = match parse_batch(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    let mut out = Vec::new();
+    let mut rejected = Vec::new();
+    for (index, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(e) => out.push(Outgoing {
+                topic: e.kind.default_topic().to_owned(),
+                key: e.user.as_bytes().to_vec(),
+                payload: e.to_json_bytes(),
+                headers: Vec::new(),
+            }),
+            Err(e) => rejected.push(json!({"index": index, "reason": e.to_string()})),
+        }
+    }
+    if let Err(e) = produce_all(&st.producer, &out).await {
+        tracing::error!(error = %e, "ingest produce failed");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "events could not be written to Kafka; retry later",
+        );
+    }
+    let m = &st.shared.metrics;
+    m.ingest_accepted.fetch_add(out.len() as u64, Relaxed);
+    m.ingest_rejected.fetch_add(rejected.len() as u64, Relaxed);
+    if rejected.is_empty() {
+        (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"accepted": out.len()})),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({
+                "error": format!("{} events rejected; the other {} were accepted", rejected.len(), out.len()),
+                "accepted": out.len(),
+                "rejected": rejected,
+            })),
+        )
+            .into_response()
+    }
+}
+
+async fn erase(State(st): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let secret = st.shared.config.sync.sync_secret.as_bytes();
+    if let Some(r) = check_signature(secret, &headers, b"") {
+        return r;
+    }
+    if id.is_empty() || id.len() > 256 {
+        return error(StatusCode::BAD_REQUEST, "user id must be 1 to 256 bytes");
+    }
+    let store = st.shared.store.clone();
+    let result = tokio::task::spawn_blocking(move || store.erase(&id, now_ms())).await;
+    match result {
+        Ok(Ok((key, version))) => {
+            UserErased { version }.emit(&st.shared.metrics);
+            let _ = st.shared.touched.send(vec![key]).await;
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({"erased": true, "version": version})),
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "erasure failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "erasure could not be stored; retry",
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "erasure task failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "erasure could not be stored; retry",
+            )
+        }
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        st.shared.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn ready(State(st): State<AppState>) -> Response {
+    if st.shared.metrics.ready.load(Relaxed) == 1 {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    }
+}

@@ -1,0 +1,17 @@
+//! origin-sync: consumes customer events from Kafka, folds them into versioned profiles exactly
+//! once, and pushes compressed profile deltas to the edge.
+//!
+//! Shaped around one rule: an effect counts only once it is durable. A batch of messages is
+//! folded into the embedded store (redb) together with the partition offsets and the outbox in
+//! one transaction; Kafka offsets are committed after that, and an outbox entry leaves only
+//! when every sink acknowledged it. Everything that decides what an event means lives in
+//! `shared`, so the edge and the origin cannot disagree.
+
+pub mod config;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod pipeline;
+pub mod service;
+pub mod sink;
+pub mod store;

@@ -1,0 +1,534 @@
+//! The run loop: consume → validate (rejects to the dead-letter topic) → fold into the store
+//! with offsets and outbox in one transaction → hand touched users to the sender, which
+//! coalesces them per user, pushes to every sink with retries, and removes what every sink
+//! acknowledged. The outbox depth bounds everything: past `max_outbox` consumption pauses.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::Rng as _;
+use rdkafka::Message as _;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+use shared::catalog::Catalog;
+use shared::event::parse_event;
+use shared::keys::UserKey;
+use shared::rules::CompiledRules;
+use shared::wire::ConfigKind;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::config::Config;
+use crate::kafka::{Outgoing, produce_all};
+use crate::metrics::{
+    Backpressure, BatchDelivered, BatchFolded, Emit as _, EventRejected, Metrics, SinkFailed,
+};
+use crate::sink::{OutBatch, Sink};
+use crate::store::{Record, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kafka: {0}; check kafka.brokers and that the topics exist")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the consumer, the sender and the HTTP handlers share.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// Users whose state changed; bounded, so a slow sender slows the consumer.
+    pub touched: mpsc::Sender<Vec<UserKey>>,
+    /// Signalled when the outbox shrinks.
+    pub room: Notify,
+    /// Signalled when documents changed.
+    pub documents: Notify,
+}
+
+/// Runs `f` on the blocking pool (store transactions fsync).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Corrupt(format!("store task failed: {e}"))),
+    }
+}
+
+struct Reject {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    reason: String,
+}
+
+/// Consumes until `shutdown`; each batch is durable in the store before offsets are committed.
+pub async fn consume(
+    shared: Arc<Shared>,
+    consumer: Arc<StreamConsumer>,
+    producer: FutureProducer,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let cfg = &shared.config.kafka;
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let linger = Duration::from_millis(cfg.batch_linger_ms);
+    let max_outbox = shared.config.sync.max_outbox as u64;
+    loop {
+        // backpressure: wait for room in the outbox before taking more
+        let mut paused = false;
+        loop {
+            let depth = shared.metrics.outbox_depth.load(Relaxed);
+            if depth < max_outbox {
+                break;
+            }
+            if !paused {
+                Backpressure {
+                    depth,
+                    limit: max_outbox,
+                }
+                .emit(&shared.metrics);
+                paused = true;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                _ = shared.room.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let mut records: Vec<Record> = Vec::new();
+        let mut rejects: Vec<Reject> = Vec::new();
+        fn take(
+            m: &rdkafka::message::BorrowedMessage<'_>,
+            records: &mut Vec<Record>,
+            rejects: &mut Vec<Reject>,
+        ) {
+            let payload = m.payload().unwrap_or_default();
+            let event = match parse_event(payload) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    rejects.push(Reject {
+                        topic: m.topic().to_owned(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().unwrap_or_default().to_vec(),
+                        payload: payload.to_vec(),
+                        reason: e.to_string(),
+                    });
+                    None
+                }
+            };
+            records.push(Record {
+                topic: m.topic().to_owned(),
+                partition: m.partition(),
+                offset: m.offset(),
+                event,
+            });
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            m = consumer.recv() => match m {
+                Ok(m) => take(&m, &mut records, &mut rejects),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consume error; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while records.len() < cfg.max_batch {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => take(&m, &mut records, &mut rejects),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka consume error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // dead letters first: they must be durable before their offsets are
+        if !rejects.is_empty() {
+            let out: Vec<Outgoing> = rejects
+                .iter()
+                .map(|r| Outgoing {
+                    topic: cfg.dead_letter_topic.clone(),
+                    key: r.key.clone(),
+                    payload: r.payload.clone(),
+                    headers: vec![
+                        ("edgewise-reason", r.reason.clone()),
+                        ("edgewise-source-topic", r.topic.clone()),
+                        ("edgewise-source-partition", r.partition.to_string()),
+                        ("edgewise-source-offset", r.offset.to_string()),
+                    ],
+                })
+                .collect();
+            let mut delay = 100;
+            while let Err(e) = produce_all(&producer, &out).await {
+                tracing::warn!(error = %e, topic = %cfg.dead_letter_topic, "dead-letter produce failed; retrying");
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                delay = (delay * 2).min(5000);
+            }
+            for r in &rejects {
+                EventRejected {
+                    topic: &r.topic,
+                    partition: r.partition,
+                    offset: r.offset,
+                    reason: &r.reason,
+                }
+                .emit(&shared.metrics);
+            }
+        }
+        let started = Instant::now();
+        let n = records.len() as u64;
+        let store = shared.store.clone();
+        let records = Arc::new(records);
+        let recs = records.clone();
+        let outcome = blocking(move || store.apply_batch(&recs)).await?;
+        BatchFolded {
+            messages: n,
+            outcome: &outcome,
+            micros: started.elapsed().as_micros() as u64,
+        }
+        .emit(&shared.metrics);
+        if !outcome.touched.is_empty() {
+            let keys = outcome.touched.iter().map(|(k, _)| *k).collect();
+            if shared.touched.send(keys).await.is_err() {
+                return Ok(());
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, next) in &outcome.offsets {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*next));
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "kafka offset commit failed; the store's offsets stay authoritative");
+        }
+    }
+}
+
+/// Refreshes per-partition high watermarks for the lag gauge.
+pub async fn watch_lag(
+    metrics: Arc<Metrics>,
+    consumer: Arc<StreamConsumer>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let parts: Vec<(String, i32)> = match metrics.partitions.lock() {
+            Ok(p) => p.keys().cloned().collect(),
+            Err(_) => return,
+        };
+        let c = consumer.clone();
+        let highs = tokio::task::spawn_blocking(move || {
+            parts
+                .into_iter()
+                .filter_map(|(t, p)| {
+                    c.fetch_watermarks(&t, p, Duration::from_secs(2))
+                        .ok()
+                        .map(|(_, high)| ((t, p), high))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if let Ok(mut p) = metrics.partitions.lock() {
+            for (k, high) in highs {
+                if let Some(e) = p.get_mut(&k) {
+                    e.1 = high;
+                }
+            }
+        }
+    }
+}
+
+fn backoff(cfg: &crate::config::SyncConfig, attempt: u32) -> Duration {
+    let cap = cfg
+        .retry_initial_ms
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(cfg.retry_max_ms);
+    // full jitter, never below a tenth of the initial delay
+    let ms = rand::rng().random_range(cfg.retry_initial_ms / 10..=cap.max(1));
+    Duration::from_millis(ms)
+}
+
+/// Pushes `batch` to every sink until each acknowledges; `None` when shut down first.
+async fn deliver(
+    shared: &Shared,
+    sinks: &[Arc<dyn Sink>],
+    batch: &OutBatch,
+    shutdown: &mut watch::Receiver<bool>,
+    give_up_at: Option<Instant>,
+) -> Option<Vec<UserKey>> {
+    let mut done = vec![false; sinks.len()];
+    let mut resend = Vec::new();
+    let mut attempt = 0u32;
+    loop {
+        for (i, sink) in sinks.iter().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let started = Instant::now();
+            match sink.push(batch).await {
+                Ok(ack) => {
+                    done[i] = true;
+                    resend.extend(ack.resend);
+                    shared
+                        .metrics
+                        .push_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                }
+                Err(e) => {
+                    let delay = backoff(&shared.config.sync, attempt);
+                    if e.is_rejection() {
+                        tracing::error!(sink = sink.name(), error = %e, "sink rejected a batch: this is a configuration error or a bug; retrying");
+                    }
+                    SinkFailed {
+                        sink: sink.name(),
+                        attempt,
+                        error: &e,
+                        retry_in_ms: delay.as_millis() as u64,
+                    }
+                    .emit(&shared.metrics);
+                }
+            }
+        }
+        if done.iter().all(|d| *d) {
+            resend.sort();
+            resend.dedup();
+            return Some(resend);
+        }
+        if give_up_at.is_some_and(|t| Instant::now() >= t) {
+            return None;
+        }
+        let delay = backoff(&shared.config.sync, attempt);
+        attempt = attempt.saturating_add(1);
+        if give_up_at.is_none() {
+            tokio::select! {
+                _ = shutdown.changed() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        } else {
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// Delivers the outbox: coalesces per user (one write per key per window), batches, retries.
+pub async fn send(
+    shared: Arc<Shared>,
+    sinks: Vec<Arc<dyn Sink>>,
+    mut touched: mpsc::Receiver<Vec<UserKey>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let window = Duration::from_millis(shared.config.sync.coalesce_window_ms);
+    let max_items = shared.config.sync.max_batch_items;
+    // key → earliest time it may be written again
+    let mut dirty: HashMap<UserKey, Instant> = HashMap::new();
+    let store = shared.store.clone();
+    let start = Instant::now();
+    for (k, _) in blocking(move || store.outbox()).await? {
+        dirty.insert(k, start);
+    }
+    let mut documents_due = true;
+    let mut stopping = false;
+    loop {
+        while let Ok(keys) = touched.try_recv() {
+            for k in keys {
+                dirty.entry(k).or_insert_with(Instant::now);
+            }
+        }
+        shared
+            .metrics
+            .outbox_depth
+            .store(dirty.len() as u64, Relaxed);
+        if (dirty.len() as u64) < shared.config.sync.max_outbox as u64 {
+            shared.room.notify_waiters();
+        }
+        let now = Instant::now();
+        let ready: Vec<UserKey> = dirty
+            .iter()
+            .filter(|(_, at)| stopping || **at <= now)
+            .map(|(k, _)| *k)
+            .take(max_items)
+            .collect();
+        let documents = if documents_due {
+            documents_due = false;
+            let store = shared.store.clone();
+            blocking(move || store.pending_documents()).await?
+        } else {
+            Vec::new()
+        };
+        if ready.is_empty() && documents.is_empty() {
+            if stopping {
+                return Ok(());
+            }
+            let wake = dirty
+                .values()
+                .min()
+                .copied()
+                .unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => { stopping = true; }
+                keys = touched.recv() => match keys {
+                    Some(keys) => for k in keys { dirty.entry(k).or_insert_with(Instant::now); },
+                    None => { stopping = true; }
+                },
+                _ = shared.documents.notified() => { documents_due = true; }
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            continue;
+        }
+        let store = shared.store.clone();
+        let keys = ready.clone();
+        let items = blocking(move || store.prepare(&keys)).await?;
+        let batch = OutBatch { items, documents };
+        let resend = if batch.is_empty() {
+            Some(Vec::new())
+        } else {
+            let started = Instant::now();
+            let give_up = stopping.then(|| Instant::now() + Duration::from_secs(3));
+            let r = deliver(&shared, &sinks, &batch, &mut shutdown, give_up).await;
+            if r.is_some() {
+                BatchDelivered {
+                    items: batch.items.len() as u64,
+                    documents: batch.documents.len() as u64,
+                    micros: started.elapsed().as_micros() as u64,
+                    resend: r.as_ref().map_or(0, |v| v.len() as u64),
+                }
+                .emit(&shared.metrics);
+            }
+            r
+        };
+        let Some(resend) = resend else {
+            // shut down while a sink was down: the outbox keeps everything for the next start
+            return Ok(());
+        };
+        let acked_at = now_ms();
+        for i in &batch.items {
+            shared
+                .metrics
+                .observe_freshness(acked_at.saturating_sub(i.oldest_ts_ms));
+        }
+        let store = shared.store.clone();
+        let docs = batch.documents.clone();
+        let items = batch.items;
+        let cleanup: Vec<UserKey> = ready
+            .iter()
+            .filter(|k| !items.iter().any(|i| i.delta.user == **k))
+            .copied()
+            .collect();
+        let still = blocking(move || {
+            store.acknowledge_documents(&docs)?;
+            store.acknowledge(&items, &resend, &cleanup)
+        })
+        .await?;
+        let next = Instant::now() + window;
+        for k in &ready {
+            dirty.remove(k);
+        }
+        for k in still {
+            dirty.insert(k, next);
+        }
+        if *shutdown.borrow() {
+            stopping = true;
+        }
+    }
+}
+
+fn read_document(kind: ConfigKind, path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {kind:?} file {}: {e}", path.display()))
+}
+
+/// Loads, validates and versions the catalog and rules; republishes when the files change.
+pub async fn watch_documents(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let cfg = shared.config.documents.clone();
+    if cfg.catalog.is_none() && cfg.rules.is_none() {
+        return;
+    }
+    let mut last_error = String::new();
+    loop {
+        match check_documents(&shared, &cfg).await {
+            Ok(changed) => {
+                last_error.clear();
+                if changed {
+                    shared.documents.notify_one();
+                }
+            }
+            Err(e) => {
+                if e != last_error {
+                    tracing::error!(error = %e, "catalog/rules not published; fix the file, the last valid version stays live");
+                    last_error = e;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(cfg.poll_ms.max(100))) => {}
+        }
+    }
+}
+
+/// Returns true when a document got a new version.
+pub async fn check_documents(
+    shared: &Shared,
+    cfg: &crate::config::DocumentsConfig,
+) -> Result<bool, String> {
+    let catalog_src = match &cfg.catalog {
+        Some(p) => Some(read_document(ConfigKind::Catalog, p)?),
+        None => None,
+    };
+    let rules_src = match &cfg.rules {
+        Some(p) => Some(read_document(ConfigKind::Rules, p)?),
+        None => None,
+    };
+    let catalog = match &catalog_src {
+        Some(src) => Catalog::from_toml(src).map_err(|e| format!("catalog: {e}"))?,
+        None => Catalog::demo().map_err(|e| format!("demo catalog: {e}"))?,
+    };
+    if let Some(src) = &rules_src {
+        CompiledRules::compile(src, &catalog).map_err(|e| format!("rules: {e}"))?;
+    }
+    let mut changed = false;
+    for (kind, src) in [
+        (ConfigKind::Catalog, catalog_src),
+        (ConfigKind::Rules, rules_src),
+    ] {
+        if let Some(src) = src {
+            let store = shared.store.clone();
+            let v = blocking(move || store.put_document(kind, &src))
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(v) = v {
+                tracing::info!(kind = ?kind, version = v, "document changed; publishing");
+                changed = true;
+            }
+        }
+    }
+    Ok(changed)
+}

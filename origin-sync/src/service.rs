@@ -1,0 +1,136 @@
+//! Wires the parts together for `origin-sync run`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, PipelineError, Shared};
+use crate::sink::{self, EdgeSink, KvSink, Sink};
+use crate::store::{Store, StoreError, Window};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kafka client: {0}; check kafka.brokers")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("http client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("cannot listen on {addr}: {source}; pick a free http.listen address")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("a task failed: {0}")]
+    Task(String),
+}
+
+/// Builds the sinks the config names.
+pub fn sinks(config: &Config) -> Result<Vec<Arc<dyn Sink>>, reqwest::Error> {
+    let client = sink::client(Duration::from_millis(config.sync.request_timeout_ms))?;
+    let mut out: Vec<Arc<dyn Sink>> = Vec::new();
+    for url in &config.sinks.edge_urls {
+        out.push(Arc::new(EdgeSink::new(
+            url,
+            config.sync.sync_secret.as_bytes(),
+            client.clone(),
+        )));
+    }
+    if let Some(kv) = &config.sinks.kv {
+        out.push(Arc::new(KvSink::new(kv, client.clone())));
+    }
+    Ok(out)
+}
+
+pub fn open_store(config: &Config) -> Result<Store, StoreError> {
+    Store::open(
+        &config.store.path,
+        config.sync.user_key_secret.as_bytes(),
+        Window {
+            reorder_ms: config.store.reorder_window_ms,
+            max_events: config.store.max_window_events,
+        },
+    )
+}
+
+/// Runs the service until `shutdown` turns true; then finishes the batch, flushes and stops.
+pub async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ServiceError> {
+    if config.uses_dev_secrets() && config.has_remote_sink() {
+        tracing::warn!(
+            "DEVELOPMENT SECRETS IN USE WITH A NON-LOOPBACK SINK: set sync.sync_secret and sync.user_key_secret (ORIGIN_SYNC__SYNC__SYNC_SECRET, ORIGIN_SYNC__SYNC__USER_KEY_SECRET)"
+        );
+    }
+    let store = Arc::new(open_store(&config)?);
+    let sinks = sinks(&config)?;
+    let consumer = Arc::new(crate::kafka::consumer(
+        &config.kafka,
+        &config.kafka.group_id,
+    )?);
+    let producer = crate::kafka::producer(&config.kafka)?;
+    let (touched_tx, touched_rx) = mpsc::channel(64);
+    let listen = config.http.listen;
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        metrics: metrics.clone(),
+        touched: touched_tx,
+        room: Notify::new(),
+        documents: Notify::new(),
+    });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServiceError::Listen {
+            addr: listen,
+            source,
+        })?;
+    tracing::info!(%listen, "http listening");
+    let app = crate::http::app(crate::http::AppState {
+        shared: shared.clone(),
+        producer: producer.clone(),
+    });
+    let mut http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let docs = tokio::spawn(pipeline::watch_documents(shared.clone(), shutdown.clone()));
+    let lag = tokio::spawn(pipeline::watch_lag(
+        metrics.clone(),
+        consumer.clone(),
+        shutdown.clone(),
+    ));
+    let sender = tokio::spawn(pipeline::send(
+        shared.clone(),
+        sinks,
+        touched_rx,
+        shutdown.clone(),
+    ));
+    metrics.ready.store(1, Relaxed);
+    let consumed = pipeline::consume(shared.clone(), consumer, producer, shutdown.clone()).await;
+    metrics.ready.store(0, Relaxed);
+    tracing::info!("consumer stopped; flushing");
+    drop(shared);
+    let sent = sender
+        .await
+        .map_err(|e| ServiceError::Task(e.to_string()))?;
+    let _ = docs.await;
+    let _ = lag.await;
+    let _ = http.await;
+    consumed?;
+    sent?;
+    tracing::info!("stopped");
+    Ok(())
+}
