@@ -60,6 +60,17 @@ pub struct KafkaConfig {
     pub batch_linger_ms: u64,
     /// librdkafka `fetch.wait.max.ms`: small for latency.
     pub fetch_wait_max_ms: u64,
+    /// `static`: this instance reads every partition of the topics from the offsets in its
+    /// store (instant restarts, no rebalance waits). `group`: partitions are shared through the
+    /// consumer group's rebalancing (several instances; state does not move with a partition).
+    pub assignment: Assignment,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Assignment {
+    Static,
+    Group,
 }
 
 impl Default for KafkaConfig {
@@ -76,6 +87,7 @@ impl Default for KafkaConfig {
             max_batch: 5000,
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,
+            assignment: Assignment::Static,
         }
     }
 }

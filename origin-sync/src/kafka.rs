@@ -22,9 +22,7 @@ pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, 
         .set("fetch.min.bytes", "1")
         // bounded prefetch: memory stays flat while consumption is paused
         .set("queued.max.messages.kbytes", "32768")
-        // backpressure stops polling while sinks are down; stay in the group meanwhile
-        .set("max.poll.interval.ms", "86400000")
-        .set("session.timeout.ms", "10000")
+        .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("log_level", "3")
         .create()

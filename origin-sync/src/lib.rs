@@ -15,3 +15,4 @@ pub mod pipeline;
 pub mod service;
 pub mod sink;
 pub mod store;
+pub mod testkit;

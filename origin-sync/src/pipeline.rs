@@ -34,6 +34,8 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("kafka: {0}; check kafka.brokers and that the topics exist")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka setup: {0}")]
+    Setup(String),
 }
 
 pub fn now_ms() -> u64 {
@@ -83,8 +85,22 @@ pub async fn consume(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let cfg = &shared.config.kafka;
-    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
+    match cfg.assignment {
+        crate::config::Assignment::Static => {
+            let store = shared.store.clone();
+            let stored = blocking(move || store.offsets()).await?;
+            let tpl = static_assignment(&consumer, &cfg.topics, &stored).await?;
+            tracing::info!(
+                partitions = tpl.count(),
+                "assigned every partition of the topics, from the store's offsets"
+            );
+            consumer.assign(&tpl)?;
+        }
+        crate::config::Assignment::Group => {
+            let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
+    }
     let linger = Duration::from_millis(cfg.batch_linger_ms);
     let max_outbox = shared.config.sync.max_outbox as u64;
     loop {
@@ -227,6 +243,41 @@ pub async fn consume(
     }
 }
 
+/// Every partition of `topics`, each at the store's next offset (or the beginning).
+pub async fn static_assignment(
+    consumer: &Arc<StreamConsumer>,
+    topics: &[String],
+    stored: &std::collections::BTreeMap<(String, i32), i64>,
+) -> Result<TopicPartitionList, PipelineError> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let c = consumer.clone();
+        let t = topic.clone();
+        let md = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| PipelineError::Setup(e.to_string()))??;
+        let Some(mt) = md.topics().iter().find(|m| m.name() == topic) else {
+            return Err(PipelineError::Setup(format!(
+                "topic {topic} not found; create it"
+            )));
+        };
+        if mt.partitions().is_empty() {
+            return Err(PipelineError::Setup(format!(
+                "topic {topic} has no partitions; create it before starting"
+            )));
+        }
+        for p in mt.partitions() {
+            let offset = stored
+                .get(&(topic.clone(), p.id()))
+                .map_or(Offset::Beginning, |n| Offset::Offset(*n));
+            tpl.add_partition_offset(topic, p.id(), offset)?;
+        }
+    }
+    Ok(tpl)
+}
+
 /// Refreshes per-partition high watermarks for the lag gauge.
 pub async fn watch_lag(
     metrics: Arc<Metrics>,
@@ -282,6 +333,8 @@ async fn deliver(
     batch: &OutBatch,
     shutdown: &mut watch::Receiver<bool>,
     give_up_at: Option<Instant>,
+    touched: &mut mpsc::Receiver<Vec<UserKey>>,
+    dirty: &mut HashMap<UserKey, Instant>,
 ) -> Option<Vec<UserKey>> {
     let mut done = vec![false; sinks.len()];
     let mut resend = Vec::new();
@@ -327,9 +380,26 @@ async fn deliver(
         let delay = backoff(&shared.config.sync, attempt);
         attempt = attempt.saturating_add(1);
         if give_up_at.is_none() {
-            tokio::select! {
-                _ = shutdown.changed() => return None,
-                _ = tokio::time::sleep(delay) => {}
+            // keep taking note of changed users while waiting, so the outbox depth (and with
+            // it backpressure) stays exact while a sink is down
+            let wake = tokio::time::Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return None,
+                    keys = touched.recv() => match keys {
+                        Some(keys) => {
+                            for k in keys {
+                                dirty.entry(k).or_insert_with(Instant::now);
+                            }
+                            shared.metrics.outbox_depth.store(dirty.len() as u64, Relaxed);
+                        }
+                        None => {
+                            tokio::time::sleep_until(wake).await;
+                            break;
+                        }
+                    },
+                    _ = tokio::time::sleep_until(wake) => break,
+                }
             }
         } else {
             tokio::time::sleep(delay).await;
@@ -412,7 +482,16 @@ pub async fn send(
         } else {
             let started = Instant::now();
             let give_up = stopping.then(|| Instant::now() + Duration::from_secs(3));
-            let r = deliver(&shared, &sinks, &batch, &mut shutdown, give_up).await;
+            let r = deliver(
+                &shared,
+                &sinks,
+                &batch,
+                &mut shutdown,
+                give_up,
+                &mut touched,
+                &mut dirty,
+            )
+            .await;
             if r.is_some() {
                 BatchDelivered {
                     items: batch.items.len() as u64,

@@ -1,0 +1,249 @@
+//! Helpers shared by the integration tests: a broker, a fake edge, the service (in-process or
+//! as the real binary), event generation and the reference fold.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use origin_sync::config::{Config, DEV_SYNC_SECRET, DEV_USER_KEY_SECRET};
+use origin_sync::kafka::{Outgoing, produce_all};
+use origin_sync::metrics::Metrics;
+use origin_sync::testkit::{FakeEdge, Tansu, kill_group, target_dir};
+use shared::Profile;
+use shared::catalog::Catalog;
+use shared::delta::Stored;
+use shared::event::Event;
+use shared::fold::fold_all;
+use shared::keys::UserKey;
+use shared::traffic::Traffic;
+use tokio::sync::watch;
+
+/// Starts a broker with the event topics, or returns None (after saying so) without tansu.
+pub fn broker(name: &str) -> Option<Tansu> {
+    match Tansu::start(name) {
+        Ok(t) => {
+            t.create_event_topics(2).expect("topics are created");
+            Some(t)
+        }
+        Err(origin_sync::testkit::KitError::NoTansu) => {
+            eprintln!("SKIPPED: tansu is not installed (cargo xtask setup installs it)");
+            None
+        }
+        Err(e) => panic!("broker did not start: {e}"),
+    }
+}
+
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = target_dir()
+        .join("origin-sync-tests")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A config TOML for the test broker and edge.
+pub fn config_toml(tansu: &Tansu, edge: &FakeEdge, dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "test"
+batch_linger_ms = 5
+[store]
+path = "{store}"
+reorder_window_ms = 3600000
+max_window_events = 100000
+[sync]
+coalesce_window_ms = 200
+retry_initial_ms = 20
+retry_max_ms = 500
+[sinks]
+edge_urls = ["{edge}"]
+[http]
+listen = "127.0.0.1:{port}"
+{extra}
+"#,
+        brokers = tansu.brokers(),
+        store = dir.join("store.redb").display(),
+        edge = edge.url(),
+        port = origin_sync::testkit::free_port().expect("port"),
+    )
+}
+
+pub fn config(text: &str) -> Config {
+    Config::from_parts(text, Vec::new()).expect("test config is valid")
+}
+
+/// The service running in this process.
+pub struct InProcess {
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), origin_sync::service::ServiceError>>,
+}
+
+impl InProcess {
+    pub fn start(config: Config) -> InProcess {
+        let metrics = Arc::new(Metrics::default());
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(origin_sync::service::run(config, metrics.clone(), rx));
+        InProcess {
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(20), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("service did not stop cleanly: {other:?}"),
+        }
+    }
+}
+
+/// The real binary, in its own process group.
+pub struct Binary {
+    child: Child,
+}
+
+impl Binary {
+    pub fn start(config_path: &std::path::Path, log: &std::path::Path) -> Binary {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_origin-sync"))
+            .arg("--config")
+            .arg(config_path)
+            .arg("run")
+            .env("RUST_LOG", "info,rdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("origin-sync starts");
+        Binary { child }
+    }
+
+    pub fn sigkill(mut self) {
+        kill_group(&mut self.child, "KILL");
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        kill_group(&mut self.child, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                kill_group(&mut self.child, "KILL");
+                panic!("origin-sync did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            kill_group(&mut self.child, "KILL");
+        }
+    }
+}
+
+pub fn traffic(users: usize, n: usize, prefix: &str, seed: u64) -> Vec<Event> {
+    let catalog = Catalog::demo().expect("demo catalog");
+    Traffic::new(&catalog, users, prefix, 1_764_000_000_000, 1, seed)
+        .take(n)
+        .collect()
+}
+
+pub fn outgoing(e: &Event) -> Outgoing {
+    Outgoing {
+        topic: e.kind.default_topic().to_owned(),
+        key: e.user.as_bytes().to_vec(),
+        payload: e.to_json_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+pub async fn produce(brokers: &str, messages: &[Outgoing]) {
+    let cfg = origin_sync::config::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let producer = origin_sync::kafka::producer(&cfg).expect("producer");
+    for chunk in messages.chunks(2000) {
+        produce_all(&producer, chunk).await.expect("produce");
+    }
+}
+
+pub fn key(user: &str) -> UserKey {
+    UserKey::derive(DEV_USER_KEY_SECRET.as_bytes(), user)
+}
+
+/// The independent reference: every user's events folded as a set.
+pub fn reference(events: &[Event]) -> HashMap<UserKey, Profile> {
+    let mut by_user: HashMap<&str, Vec<&Event>> = HashMap::new();
+    for e in events {
+        by_user.entry(e.user.as_str()).or_default().push(e);
+    }
+    by_user
+        .into_iter()
+        .map(|(user, evs)| {
+            let k = key(user);
+            let mut p = Profile::new(k.bucket());
+            fold_all(&mut p, evs);
+            (k, p)
+        })
+        .collect()
+}
+
+/// How many users the edge holds that differ from the reference.
+pub fn mismatches(edge: &FakeEdge, want: &HashMap<UserKey, Profile>) -> usize {
+    let st = edge.state.lock().expect("edge state");
+    want.iter()
+        .filter(|(k, p)| st.profiles.get(k) != Some(&Stored::Profile((*p).clone())))
+        .count()
+}
+
+/// Waits until the edge equals the reference; panics with a diagnosis on timeout.
+pub async fn converge(edge: &FakeEdge, want: &HashMap<UserKey, Profile>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let bad = mismatches(edge, want);
+        if bad == 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            let st = edge.state.lock().expect("edge state");
+            let example = want
+                .iter()
+                .find(|(k, p)| st.profiles.get(k) != Some(&Stored::Profile((*p).clone())));
+            if let Some((k, p)) = example {
+                panic!(
+                    "{bad} of {} users differ from the reference; e.g. {k:?}: want version {}, edge holds {:?}",
+                    want.len(),
+                    p.version,
+                    st.profiles.get(k).map(Stored::version)
+                );
+            }
+            panic!("{bad} users differ");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn secret() -> &'static str {
+    DEV_SYNC_SECRET
+}
