@@ -54,3 +54,193 @@ async fn exactly_once_across_sigkills() {
         edge.items.load(std::sync::atomic::Ordering::Relaxed),
     );
 }
+
+fn hostile_payloads() -> Vec<(&'static str, Vec<u8>)> {
+    let mut huge =
+        br#"{"id":"h","user":"x","ts":1764000000000,"type":"page_view","pad":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 100_000));
+    huge.extend(br#""}"#);
+    vec![
+        ("bad json", b"{not json".to_vec()),
+        (
+            "wrong types",
+            br#"{"id":5,"user":["u"],"ts":"soon","type":"page_view"}"#.to_vec(),
+        ),
+        (
+            "unknown type",
+            br#"{"id":"x1","user":"u","ts":1764000000000,"type":"teleport"}"#.to_vec(),
+        ),
+        ("missing fields", br#"{"type":"add_to_cart"}"#.to_vec()),
+        ("invalid utf-8", vec![b'{', b'"', 0xff, 0xfe, b'"', b'}']),
+        ("empty", Vec::new()),
+        ("huge", huge),
+    ]
+}
+
+/// Malformed and hostile messages go to the dead-letter topic with their reason and source;
+/// good events in the same batches, redelivered copies and duplicate events are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
+    let Some(tansu) = broker("dlq") else { return };
+    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let dir = scratch("dlq");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let events = traffic(50, 2000, "d", 5);
+    let want = reference(&events);
+    let mut messages = Vec::new();
+    let hostile = hostile_payloads();
+    for (i, e) in events.iter().enumerate() {
+        messages.push(outgoing(e));
+        if i % 300 == 0 {
+            // the same event produced twice (an edge retry)
+            messages.push(outgoing(e));
+            for (_, payload) in &hostile {
+                let mut m = outgoing(e);
+                m.payload = payload.clone();
+                messages.push(m);
+            }
+        }
+    }
+    let n_hostile = messages.len() - events.len() - events.len().div_ceil(300);
+    produce(&tansu.brokers(), &messages).await;
+    let service = InProcess::start(cfg.clone());
+    converge(&edge, &want, Duration::from_secs(60)).await;
+    let m = service.metrics.clone();
+    assert_eq!(
+        m.rejected.load(std::sync::atomic::Ordering::Relaxed),
+        n_hostile as u64
+    );
+    assert_eq!(
+        m.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+        events.len().div_ceil(300) as u64
+    );
+    service.stop().await;
+
+    // every reject is on the dead-letter topic with reason and source position
+    let dead = read_topic(&tansu.brokers(), "events_dlq", n_hostile).await;
+    assert_eq!(dead.len(), n_hostile);
+    for (headers, _) in &dead {
+        for h in [
+            "edgewise-reason",
+            "edgewise-source-topic",
+            "edgewise-source-partition",
+            "edgewise-source-offset",
+        ] {
+            assert!(
+                headers.contains_key(h),
+                "dead letter lacks {h}: {headers:?}"
+            );
+        }
+    }
+    assert!(
+        dead.iter()
+            .any(|(h, _)| h["edgewise-reason"].contains("limit")),
+        "the huge event names the size limit"
+    );
+
+    // a restart re-reads nothing twice: the store's offsets are authoritative
+    let service = InProcess::start(cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(mismatches(&edge, &want), 0);
+    service.stop().await;
+}
+
+/// Reads `n` messages (headers, payload) of a topic's partition 0 from the beginning.
+async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+) -> Vec<(std::collections::HashMap<String, String>, Vec<u8>)> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::message::Headers as _;
+    let cfg = origin_sync::config::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let c = origin_sync::kafka::consumer(&cfg, "dlq-reader").expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .expect("tpl");
+    c.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(20), c.recv())
+            .await
+            .expect("dead letters arrive")
+            .expect("consume");
+        let mut headers = std::collections::HashMap::new();
+        if let Some(hs) = m.headers() {
+            for h in hs.iter() {
+                headers.insert(
+                    h.key.to_owned(),
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        out.push((headers, m.payload().unwrap_or_default().to_vec()));
+    }
+    out
+}
+
+/// A sink that stays down pauses consumption with a bounded outbox; when it comes back
+/// everything is delivered and the final state is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_down_pauses_consumption_then_catches_up() {
+    let Some(tansu) = broker("down") else { return };
+    let edge = FakeEdge::start(secret()).await.expect("edge");
+    edge.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    let dir = scratch("down");
+    let cfg = config(
+        &config_toml(&tansu, &edge, &dir, "")
+            .replace("[sync]", "[sync]\nmax_outbox = 20")
+            .replace("batch_linger_ms = 5", "batch_linger_ms = 5\nmax_batch = 50"),
+    );
+    let events = traffic(300, 6000, "b", 9);
+    let want = reference(&events);
+    produce(
+        &tansu.brokers(),
+        &events.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let service = InProcess::start(cfg);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let m = service.metrics.clone();
+    let depth = m.outbox_depth.load(std::sync::atomic::Ordering::Relaxed);
+    let consumed = m.consumed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        depth <= 20 + 50,
+        "outbox depth {depth} is bounded by max_outbox + one batch"
+    );
+    assert!(consumed < 6000, "consumption paused ({consumed} consumed)");
+    assert!(
+        m.backpressure_pauses
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert!(m.push_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    edge.down.store(false, std::sync::atomic::Ordering::Relaxed);
+    converge(&edge, &want, Duration::from_secs(90)).await;
+    service.stop().await;
+}
+
+/// The broker restarts mid-stream (SQLite storage keeps the log): recovery, correct state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream() {
+    let Some(mut tansu) = broker("restart") else {
+        return;
+    };
+    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let dir = scratch("restart");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let events = traffic(200, 6000, "r", 13);
+    let want = reference(&events);
+    let messages: Vec<_> = events.iter().map(outgoing).collect();
+    produce(&tansu.brokers(), &messages[..3000]).await;
+    let service = InProcess::start(cfg);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tansu.restart().expect("broker restarts");
+    produce(&tansu.brokers(), &messages[3000..]).await;
+    converge(&edge, &want, Duration::from_secs(90)).await;
+    service.stop().await;
+}
