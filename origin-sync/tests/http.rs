@@ -1,0 +1,296 @@
+//! The HTTP surface and the production sink against a real broker: signed ingest, erasure,
+//! catalog/rules publication, and the Cloudflare KV bulk request format.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use origin_sync::testkit::FakeEdge;
+use shared::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
+use shared::delta::Stored;
+use shared::wire::{decode_stored, encode_stored};
+
+fn now() -> u64 {
+    origin_sync::pipeline::now_ms() / 1000
+}
+
+fn signed(req: reqwest::RequestBuilder, body: &[u8]) -> reqwest::RequestBuilder {
+    let ts = now();
+    req.header(TIMESTAMP_HEADER, ts.to_string())
+        .header(SIGNATURE_HEADER, sign(secret().as_bytes(), ts, body))
+}
+
+async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `/ingest` verifies the signature, produces good events and names the bad ones; erasure
+/// answers once durable and leaves a tombstone above every version the profile had; catalog
+/// and rules are published and republished when their file changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_erasure_and_documents() {
+    let Some(tansu) = broker("http") else { return };
+    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let dir = scratch("http");
+    let rules = dir.join("rules.toml");
+    let catalog = dir.join("catalog.toml");
+    std::fs::write(&rules, shared::rules::DEMO_RULES).expect("rules");
+    std::fs::write(&catalog, shared::catalog::DEMO_CATALOG).expect("catalog");
+    let docs = format!(
+        "[documents]\ncatalog = \"{}\"\nrules = \"{}\"\npoll_ms = 200\n",
+        catalog.display(),
+        rules.display()
+    );
+    let cfg = config(&config_toml(&tansu, &edge, &dir, &docs));
+    let base = format!("http://{}", cfg.http.listen);
+    let service = InProcess::start(cfg);
+    let client = reqwest::Client::new();
+    wait_for(
+        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
+        "http",
+    )
+    .await;
+
+    // health and readiness
+    let r = client
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(r.status(), 200);
+
+    // unsigned → 401 with a JSON error
+    let body = br#"{"events":[]}"#.to_vec();
+    let r = client
+        .post(format!("{base}/ingest"))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 401);
+    let j: serde_json::Value = r.json().await.expect("json");
+    assert!(
+        j["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("signature") || e.contains("missing"))
+    );
+
+    // mixed batch: the good ones are produced, the bad one is named
+    let events = traffic(5, 40, "h", 3);
+    let mut items: Vec<serde_json::Value> = events.iter().map(|e| e.to_json()).collect();
+    items.insert(7, serde_json::json!({"type": "page_view"}));
+    let body = serde_json::to_vec(&serde_json::json!({ "events": items })).expect("json");
+    let r = signed(client.post(format!("{base}/ingest")), &body)
+        .body(body)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 400);
+    let j: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(j["accepted"], 40);
+    assert_eq!(j["rejected"][0]["index"], 7);
+
+    // all good → 202 with the count (the same events again: duplicates, no effect)
+    let body = serde_json::to_vec(&serde_json::json!({
+        "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>()
+    }))
+    .expect("json");
+    let r = signed(client.post(format!("{base}/ingest")), &body)
+        .body(body)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202);
+    let j: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(j["accepted"], 40);
+
+    let want = reference(&events);
+    converge(&edge, &want, Duration::from_secs(30)).await;
+
+    // documents were published at version 1
+    wait_for(
+        || {
+            let st = edge.state.lock().expect("state");
+            st.documents.get("catalog").map(|d| d.0) == Some(1)
+                && st.documents.get("rules").map(|d| d.0) == Some(1)
+        },
+        "catalog and rules v1",
+    )
+    .await;
+    // an invalid rules file is not published; a valid change is, as version 2
+    std::fs::write(&rules, "this is = not [valid").expect("rules");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        edge.state
+            .lock()
+            .expect("state")
+            .documents
+            .get("rules")
+            .map(|d| d.0),
+        Some(1)
+    );
+    std::fs::write(
+        &rules,
+        format!("{}\n# changed\n", shared::rules::DEMO_RULES),
+    )
+    .expect("rules");
+    wait_for(
+        || {
+            edge.state
+                .lock()
+                .expect("state")
+                .documents
+                .get("rules")
+                .map(|d| d.0)
+                == Some(2)
+        },
+        "rules v2",
+    )
+    .await;
+
+    // erasure: signed DELETE, 202 once durable, a tombstone above the profile's version
+    let user = "h-u1";
+    let k = key(user);
+    let had = want.get(&k).map_or(0, |p| p.version);
+    let r = client
+        .delete(format!("{base}/users/{user}"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 401);
+    let r = signed(client.delete(format!("{base}/users/{user}")), b"")
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 202);
+    wait_for(
+        || matches!(edge.get(&k), Some(Stored::Tombstone { version }) if version == had + 1),
+        "tombstone at the edge",
+    )
+    .await;
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "edgewise_consumed_total",
+        "edgewise_rejected_total",
+        "edgewise_partition_lag",
+        "edgewise_fold_seconds_total",
+        "edgewise_push_seconds_total",
+        "edgewise_push_failures_total",
+        "edgewise_outbox_depth",
+        "edgewise_freshness_seconds_bucket",
+        "edgewise_erasures_total 1",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}");
+    }
+    service.stop().await;
+}
+
+/// The KV sink writes Cloudflare's bulk format: a JSON array of `{key, value, base64: true,
+/// metadata: {v}}`, values being the shared stored encoding; erasure writes a tombstone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_bulk_requests_follow_the_cloudflare_format() {
+    let Some(tansu) = broker("kv") else { return };
+    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let dir = scratch("kv");
+    let kv = format!(
+        "[sinks.kv]\naccount_id = \"acc\"\nnamespace_id = \"ns\"\napi_token = \"tok\"\napi_base = \"{}\"\n",
+        edge.kv_base()
+    );
+    let text = config_toml(&tansu, &edge, &dir, "").replace(
+        &format!("edge_urls = [\"{}\"]", edge.url()),
+        &format!("edge_urls = []\n{kv}"),
+    );
+    let cfg = config(&text);
+    let base = format!("http://{}", cfg.http.listen);
+    let events = traffic(10, 300, "k", 21);
+    let want = reference(&events);
+    produce(
+        &tansu.brokers(),
+        &events.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let service = InProcess::start(cfg);
+    let latest = |edge: &FakeEdge| {
+        let st = edge.state.lock().expect("state");
+        let mut latest = std::collections::HashMap::new();
+        for req in &st.kv_requests {
+            for pair in req.as_array().expect("a JSON array") {
+                latest.insert(pair["key"].as_str().expect("key").to_owned(), pair.clone());
+            }
+        }
+        latest
+    };
+    wait_for(
+        || {
+            let l = latest(&edge);
+            want.iter().all(|(k, p)| {
+                l.get(&k.kv_key())
+                    .is_some_and(|pair| pair["metadata"]["v"] == p.version)
+            })
+        },
+        "every profile in KV at its final version",
+    )
+    .await;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for (k, p) in &want {
+        let l = latest(&edge);
+        let pair = &l[&k.kv_key()];
+        assert_eq!(pair["base64"], true);
+        assert!(k.kv_key().starts_with("p:") && k.kv_key().len() == 26);
+        let bytes = b64
+            .decode(pair["value"].as_str().expect("value"))
+            .expect("base64");
+        assert_eq!(bytes, encode_stored(&Stored::Profile(p.clone())));
+        assert_eq!(
+            decode_stored(&bytes).expect("decodes"),
+            Stored::Profile(p.clone())
+        );
+        assert_eq!(pair.as_object().map(|o| o.len()), Some(4), "{pair}");
+    }
+    // erasure writes a tombstone value under the key
+    let user = "k-u2";
+    let k = key(user);
+    let client = reqwest::Client::new();
+    let ts = now();
+    let r = client
+        .delete(format!("{base}/users/{user}"))
+        .header(TIMESTAMP_HEADER, ts.to_string())
+        .header(SIGNATURE_HEADER, sign(secret().as_bytes(), ts, b""))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 202);
+    let v = want.get(&k).map_or(0, |p| p.version) + 1;
+    wait_for(
+        || {
+            latest(&edge)
+                .get(&k.kv_key())
+                .is_some_and(|p| p["metadata"]["v"] == v)
+        },
+        "tombstone in KV",
+    )
+    .await;
+    let pair = latest(&edge)[&k.kv_key()].clone();
+    let bytes = b64
+        .decode(pair["value"].as_str().expect("value"))
+        .expect("base64");
+    assert_eq!(
+        decode_stored(&bytes).expect("decodes"),
+        Stored::Tombstone { version: v }
+    );
+    service.stop().await;
+}
