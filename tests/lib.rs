@@ -71,9 +71,41 @@ pub fn http(
     req.push_str("\r\n");
     s.write_all(req.as_bytes())?;
     s.write_all(body)?;
+    // Read exactly one response: workerd's dev proxy keeps the connection open for a while
+    // despite `connection: close`, so waiting for EOF would cost seconds per request.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    let mut buf = [0u8; 16384];
+    loop {
+        if response_complete(&raw) {
+            break;
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
     parse_response(&raw).ok_or_else(|| std::io::Error::other("malformed HTTP response"))
+}
+
+/// Whether `raw` holds a whole response (by content-length, or a chunked body's last chunk).
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = &raw[split + 4..];
+    if let Some(len) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= len;
+    }
+    if head.contains("transfer-encoding: chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    head.starts_with("http/1.1 204") || head.starts_with("http/1.1 304")
 }
 
 fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
@@ -171,6 +203,11 @@ impl Drop for Service {
 
 /// Starts `wrangler dev` with the prebuilt bundle and a fresh local KV under `state`.
 pub fn start_worker(state: &Path) -> Result<Service, String> {
+    start_worker_with(state, &[])
+}
+
+/// [`start_worker`] with Workers vars overridden (`wrangler dev --var NAME:VALUE`).
+pub fn start_worker_with(state: &Path, vars: &[(&str, &str)]) -> Result<Service, String> {
     let port = free_port().map_err(|e| e.to_string())?;
     std::fs::create_dir_all(state).map_err(|e| e.to_string())?;
     let log = state.join("wrangler.log");
@@ -180,6 +217,10 @@ pub fn start_worker(state: &Path) -> Result<Service, String> {
     let child = Command::new(root().join("node_modules/.bin/wrangler"))
         .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
         .args(["--inspector-port", &inspector.to_string()])
+        .args(
+            vars.iter()
+                .flat_map(|(k, v)| ["--var".to_owned(), format!("{k}:{v}")]),
+        )
         .arg("--persist-to")
         .arg(state)
         .env("EDGEWISE_SKIP_BUILD", "1")
@@ -212,4 +253,108 @@ pub fn temp_dir(name: &str) -> PathBuf {
         .join(format!("{name}-{}-{nanos}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     dir
+}
+
+/// A request received by [`FakeOrigin`].
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A loopback HTTP server that records every request and answers `202 {}`: stands in for
+/// origin-sync where a test only checks what the edge sends.
+#[derive(Debug)]
+pub struct FakeOrigin {
+    pub port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl FakeOrigin {
+    pub fn start() -> std::io::Result<FakeOrigin> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Some(r) = read_request(&stream) {
+                    if let Ok(mut all) = sink.lock() {
+                        all.push(r);
+                    }
+                }
+                let mut stream = stream;
+                let _ = stream.write_all(
+                    b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                );
+            }
+        });
+        Ok(FakeOrigin { port, received })
+    }
+
+    /// Waits up to `timeout` for at least `n` requests and returns all received so far.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let start = Instant::now();
+        loop {
+            let all = self.received.lock().map(|v| v.clone()).unwrap_or_default();
+            if all.len() >= n || start.elapsed() > timeout {
+                return all;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn read_request(mut stream: &TcpStream) -> Option<Received> {
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+    };
+    let head = std::str::from_utf8(&raw[..head_end]).ok()?.to_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let (method, path) = (first.next()?.to_owned(), first.next()?.to_owned());
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = raw[head_end + 4..].to_vec();
+    while body.len() < len {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    Some(Received {
+        method,
+        path,
+        headers,
+        body,
+    })
 }

@@ -3,6 +3,10 @@
 //! A bad value never stops pages: the setting falls back to its default and the problem is
 //! reported by `/healthz` (and logged), naming the variable and what to write instead.
 
+/// Shortest secret accepted. Production secrets should be 32+ random characters; the bound
+/// only catches truncated or placeholder values.
+pub const MIN_SECRET_LEN: usize = 12;
+
 /// Settings and the problems found reading them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EdgeConfig {
@@ -52,7 +56,7 @@ impl EdgeConfig {
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> EdgeConfig {
         let mut c = EdgeConfig::default();
         let secret = |name: &str, problems: &mut Vec<String>| match var(name) {
-            Some(s) if s.len() >= 16 => Some(s.into_bytes()),
+            Some(s) if s.len() >= MIN_SECRET_LEN => Some(s.into_bytes()),
             Some(_) => {
                 problems.push(format!(
                     "{name} is shorter than 16 characters; use a long random secret"

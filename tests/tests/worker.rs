@@ -1,24 +1,402 @@
 //! End-to-end: the worker bundle built by `cargo xtask test` runs on the real workerd runtime
-//! through `wrangler dev`.
+//! through `wrangler dev`, with a fresh local KV per test.
 
-use tests::{http, start_worker, temp_dir, worker_bundle};
+use serde_json::Value;
+use shared::auth;
+use shared::delta::{Change, Delta};
+use shared::event::parse_event;
+use shared::fold::fold;
+use shared::keys::UserKey;
+use shared::profile::Profile;
+use shared::wire::{Codec, SyncBatch, SyncItem, encode_batch};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tests::{FakeOrigin, HttpResponse, Service, http, start_worker_with, temp_dir, worker_bundle};
 
-#[test]
-fn worker_serves_health_and_json_errors_on_workerd() {
+/// The development secrets in `.dev.vars`.
+const SYNC_SECRET: &[u8] = b"dev-sync-secret";
+const USER_KEY_SECRET: &[u8] = b"dev-user-key-secret";
+
+fn worker(name: &str, vars: &[(&str, &str)]) -> Option<Service> {
     if worker_bundle().is_none() {
         eprintln!("skipped: run `cargo xtask test`, which builds the worker bundle first");
-        return;
+        return None;
     }
-    let worker = start_worker(&temp_dir("worker")).unwrap_or_else(|e| panic!("{e}"));
+    Some(start_worker_with(&temp_dir(name), vars).unwrap_or_else(|e| panic!("{e}")))
+}
 
-    let health = http(worker.port, "GET", "/healthz", &[], b"").expect("healthz answers");
-    assert_eq!(health.status, 200);
-    assert_eq!(health.header("content-type"), Some("application/json"));
-    let body: serde_json::Value = serde_json::from_slice(&health.body).expect("JSON body");
-    assert_eq!(body["status"], "ok");
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
-    let missing = http(worker.port, "GET", "/no-such-page", &[], b"").expect("answers");
-    assert_eq!(missing.status, 404);
-    let body: serde_json::Value = serde_json::from_slice(&missing.body).expect("JSON error");
-    assert!(body["error"].is_string(), "{}", missing.text());
+fn json(r: &HttpResponse) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.text()))
+}
+
+/// A profile for `user` with a camera in the cart, as origin-sync would fold it.
+fn camera_profile(user: &str) -> Profile {
+    let e = parse_event(
+        format!(
+            r#"{{"event_id":"e1","user_id":"{user}","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}}"#,
+            now_ms() - 1000
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let key = UserKey::derive(USER_KEY_SECRET, user);
+    let mut p = Profile::new(key.bucket());
+    fold(&mut p, &e);
+    p
+}
+
+fn snapshot_frame(users: &[(&str, Profile)]) -> Vec<u8> {
+    let items = users
+        .iter()
+        .map(|(u, p)| {
+            SyncItem::Delta(Delta {
+                user: UserKey::derive(USER_KEY_SECRET, u),
+                change: Change::Snapshot(p.clone()),
+            })
+        })
+        .collect();
+    encode_batch(&SyncBatch { items }, Codec::Lz4)
+}
+
+fn sync(port: u16, frame: &[u8], ts: u64, signature: &str) -> HttpResponse {
+    let ts = ts.to_string();
+    http(
+        port,
+        "POST",
+        "/v1/sync",
+        &[
+            (auth::TIMESTAMP_HEADER, &ts),
+            (auth::SIGNATURE_HEADER, signature),
+            ("content-type", "application/octet-stream"),
+        ],
+        frame,
+    )
+    .unwrap()
+}
+
+fn signed_sync(port: u16, frame: &[u8]) -> HttpResponse {
+    let ts = now_ms() / 1000;
+    sync(port, frame, ts, &auth::sign(SYNC_SECRET, ts, frame))
+}
+
+fn cache_entries(port: u16) -> u64 {
+    let h = http(port, "GET", "/healthz", &[], b"").unwrap();
+    json(&h)["cache"]["entries"].as_u64().unwrap()
+}
+
+#[test]
+fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refused() {
+    let Some(w) = worker("edge-sync", &[("ORIGIN_URL", "")]) else {
+        return;
+    };
+    let port = w.port;
+
+    // empty KV: pages and recommendations from the bundled catalog
+    let home = http(port, "GET", "/", &[], b"").unwrap();
+    assert_eq!(home.status, 200, "{}", home.text());
+    assert_eq!(home.header("x-edgewise-tier"), Some("popular"));
+    assert!(home.header("set-cookie").unwrap().starts_with("ew_vid="));
+    assert!(home.text().contains("id=\"ew-recs\""));
+    let recs = http(
+        port,
+        "GET",
+        "/v1/recommendations?slot=home&k=5",
+        &[("x-edgewise-user", "alice")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(recs.status, 200);
+    assert_eq!(json(&recs)["items"].as_array().unwrap().len(), 5);
+    assert_eq!(json(&recs)["offer"], Value::Null);
+
+    // origin-sync publishes alice's profile (and bob's, never read: KV only)
+    let frame = snapshot_frame(&[
+        ("alice", camera_profile("alice")),
+        ("bob", camera_profile("bob")),
+    ]);
+    let ts = now_ms() / 1000;
+    let sig = auth::sign(SYNC_SECRET, ts, &frame);
+    let out = sync(port, &frame, ts, &sig);
+    assert_eq!(out.status, 200, "{}", out.text());
+    assert_eq!(json(&out)["applied"], 2);
+    // alice was cached (as "no profile") by the request above: sync refreshed her entry
+    let recs = http(
+        port,
+        "GET",
+        "/v1/recommendations?slot=home&k=6",
+        &[("x-edgewise-user", "alice")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        recs.header("x-edgewise-tier"),
+        Some("fresh"),
+        "{}",
+        recs.text()
+    );
+    assert_eq!(recs.header("x-edgewise-profile-version"), Some("1"));
+    assert!(recs.header("server-timing").unwrap().contains("total;dur="));
+    assert_eq!(json(&recs)["offer"]["id"], "cam-accessories-10");
+    assert_eq!(json(&recs)["items"][0]["sku"], "kit-cam-starter");
+    // bob comes from KV (a cold read on the real runtime)
+    let bob = http(
+        port,
+        "GET",
+        "/v1/recommendations",
+        &[("x-edgewise-user", "bob")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        bob.header("x-edgewise-tier"),
+        Some("fresh"),
+        "{}",
+        bob.text()
+    );
+    assert_eq!(json(&bob)["offer"]["id"], "cam-accessories-10");
+
+    // every kind of bad input: a 4xx JSON error, and the isolate (and its cache) survives
+    let before = cache_entries(port);
+    assert!(before >= 2);
+    let old = ts - 3600;
+    let garbage = b"\x01\x01\xff\xff\xff\xff\x0fnot lz4".to_vec();
+    let garbage_sig = auth::sign(SYNC_SECRET, ts, &garbage);
+    let cases: Vec<(&str, &str, Vec<(&str, String)>, Vec<u8>, u16)> = vec![
+        ("POST", "/v1/events", vec![], b"{not json".to_vec(), 400),
+        ("POST", "/v1/events", vec![], vec![b'['; 70_000], 413),
+        (
+            "POST",
+            "/v1/events",
+            vec![],
+            br#"[{"event_id":"x","type":"add_to_cart","item":"cam-001"}]"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/events",
+            vec![],
+            b"[\"\xff\xfe\"]".to_vec(),
+            400,
+        ),
+        ("POST", "/v1/sync", vec![], frame.clone(), 401),
+        (
+            "POST",
+            "/v1/sync",
+            vec![
+                (auth::TIMESTAMP_HEADER, ts.to_string()),
+                (auth::SIGNATURE_HEADER, "v1=abc".into()),
+            ],
+            frame.clone(),
+            401,
+        ),
+        (
+            "POST",
+            "/v1/sync",
+            vec![
+                (auth::TIMESTAMP_HEADER, ts.to_string()),
+                (
+                    auth::SIGNATURE_HEADER,
+                    auth::sign(b"wrong-secret-123", ts, &frame),
+                ),
+            ],
+            frame.clone(),
+            401,
+        ),
+        (
+            "POST",
+            "/v1/sync",
+            vec![
+                (auth::TIMESTAMP_HEADER, old.to_string()),
+                (auth::SIGNATURE_HEADER, auth::sign(SYNC_SECRET, old, &frame)),
+            ],
+            frame.clone(),
+            401,
+        ),
+        (
+            "POST",
+            "/v1/sync",
+            vec![
+                (auth::TIMESTAMP_HEADER, ts.to_string()),
+                (auth::SIGNATURE_HEADER, sig.clone()),
+            ],
+            frame.clone(),
+            409,
+        ),
+        (
+            "POST",
+            "/v1/sync",
+            vec![
+                (auth::TIMESTAMP_HEADER, ts.to_string()),
+                (auth::SIGNATURE_HEADER, garbage_sig),
+            ],
+            garbage,
+            400,
+        ),
+        (
+            "GET",
+            "/v1/recommendations?slot=%3Cscript%3E",
+            vec![],
+            vec![],
+            400,
+        ),
+        ("GET", "/v1/recommendations?k=-1", vec![], vec![], 400),
+        ("GET", "/v1/recommendations?item=%ff", vec![], vec![], 400),
+        (
+            "GET",
+            "/v1/recommendations",
+            vec![("cookie", "ew_vid=';DROP TABLE".into())],
+            vec![],
+            400,
+        ),
+        (
+            "GET",
+            "/v1/me",
+            vec![("x-edgewise-user", "\u{7f}".into())],
+            vec![],
+            400,
+        ),
+        ("PATCH", "/v1/me", vec![], vec![], 405),
+    ];
+    for (method, path, headers, body, status) in cases {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = http(port, method, path, &h, &body).unwrap();
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text());
+        assert!(
+            json(&r)["error"].is_string(),
+            "{method} {path}: {}",
+            r.text()
+        );
+    }
+    assert_eq!(
+        cache_entries(port),
+        before,
+        "bad requests must not reset the isolate's cache"
+    );
+    let again = http(
+        port,
+        "GET",
+        "/v1/recommendations",
+        &[("x-edgewise-user", "alice")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(again.header("x-edgewise-tier"), Some("fresh"));
+    let page = http(port, "GET", "/", &[("cookie", "ew_vid=<bad>")], b"").unwrap();
+    assert_eq!(page.status, 200, "a hostile cookie never fails a page");
+}
+
+#[test]
+fn shoppers_events_apply_at_once_reach_origin_signed_and_erasure_is_forwarded() {
+    let origin = FakeOrigin::start().unwrap();
+    let url = format!("http://127.0.0.1:{}", origin.port);
+    let Some(w) = worker("edge-events", &[("ORIGIN_URL", &url)]) else {
+        return;
+    };
+    let port = w.port;
+    let vid = "ew_vid=00112233445566778899aabbccddeeff";
+    let event = br#"{"events":[{"event_id":"rw-1","type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}]}"#;
+    let sent = http(
+        port,
+        "POST",
+        "/v1/events",
+        &[("cookie", vid), ("content-type", "application/json")],
+        event,
+    )
+    .unwrap();
+    assert_eq!(sent.status, 202, "{}", sent.text());
+
+    let home = http(port, "GET", "/", &[("cookie", vid)], b"").unwrap();
+    assert!(
+        home.text().contains("data-offer-id=\"cam-accessories-10\""),
+        "read-your-writes failed"
+    );
+    let me = json(&http(port, "GET", "/v1/me", &[("cookie", vid)], b"").unwrap());
+    assert_eq!(me["profile"]["cart"][0]["item"], "cam-001");
+    assert_eq!(me["pending_local_events"], 1);
+
+    let got = origin.wait_for(1, Duration::from_secs(10));
+    let ingest = got
+        .iter()
+        .find(|r| r.path == "/ingest")
+        .expect("events forwarded to origin");
+    assert_eq!(ingest.method, "POST");
+    let ts: u64 = ingest
+        .header(auth::TIMESTAMP_HEADER)
+        .unwrap()
+        .parse()
+        .unwrap();
+    auth::verify(
+        SYNC_SECRET,
+        ts,
+        &ingest.body,
+        ingest.header(auth::SIGNATURE_HEADER).unwrap(),
+        now_ms() / 1000,
+        60,
+    )
+    .expect("forwarded events are signed");
+    let body: Value = serde_json::from_slice(&ingest.body).unwrap();
+    assert_eq!(
+        body["events"][0]["user_id"],
+        "v-00112233445566778899aabbccddeeff"
+    );
+
+    let erased = http(port, "DELETE", "/v1/me", &[("cookie", vid)], b"").unwrap();
+    assert_eq!(erased.status, 202, "{}", erased.text());
+    assert!(erased.header("set-cookie").unwrap().contains("Max-Age=0"));
+    let me = json(&http(port, "GET", "/v1/me", &[("cookie", vid)], b"").unwrap());
+    assert_eq!(me["profile"], Value::Null);
+    let got = origin.wait_for(2, Duration::from_secs(10));
+    let delete = got
+        .iter()
+        .find(|r| r.method == "DELETE")
+        .expect("erasure forwarded");
+    assert_eq!(delete.path, "/users/v-00112233445566778899aabbccddeeff");
+    assert!(delete.header(auth::SIGNATURE_HEADER).is_some());
+    // and a late snapshot from before the erasure cannot bring the profile back
+    let user = "v-00112233445566778899aabbccddeeff";
+    let out = signed_sync(port, &snapshot_frame(&[(user, camera_profile(user))]));
+    assert_eq!(json(&out)["duplicates"], 1, "{}", out.text());
+}
+
+/// A real browser: add a camera on the product page, open the home page, see accessories.
+#[test]
+fn in_a_real_browser_adding_a_camera_shows_accessories_on_the_next_page() {
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|b| which(b))
+    else {
+        panic!("no Chromium on PATH; run `cargo xtask setup`");
+    };
+    let Some(w) = worker("edge-browser", &[("ORIGIN_URL", "")]) else {
+        return;
+    };
+    let script = tests::root().join("tests/browser/seed.mjs");
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}", w.port))
+        .env("CHROMIUM_PATH", chromium)
+        .current_dir(tests::root())
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "browser check failed:\n{stdout}\n{stderr}\nworker log:\n{}",
+        w.log()
+    );
+}
+
+fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(bin))
+        .find(|p| p.is_file())
 }

@@ -53,6 +53,23 @@ pub fn build() -> Result<PathBuf> {
     if !entry.exists() {
         bail!("worker-build finished but {} is missing", entry.display());
     }
+    // worker-build keeps the name section (function names, ~200 KB raw): useful for
+    // debugging, dead weight on the wire. Strip it and other debug sections.
+    let wasm = out.join("index_bg.wasm");
+    Cmd::new(node_bin(".bin/wasm-opt"))
+        .args([
+            "--strip-debug",
+            "--strip-producers",
+            "--enable-bulk-memory",
+            "--enable-nontrapping-float-to-int",
+            "--enable-sign-ext",
+            "--enable-mutable-globals",
+            "-o",
+        ])
+        .arg(&wasm)
+        .arg(&wasm)
+        .run()
+        .context("stripping the wasm module failed")?;
     std::fs::write(&stamp, &print)?;
     report_bundle_size(&out)?;
     Ok(out)

@@ -561,7 +561,14 @@ fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
     );
 
     // (method, path, headers, body, expected status, text the error must contain)
-    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, String)>, Vec<u8>, u16, &'a str);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<(&'a str, String)>,
+        Vec<u8>,
+        u16,
+        &'a str,
+    );
     let cases: Vec<Case> = vec![
         ("POST", "/v1/events", vec![], b"{not json".to_vec(), 400, "not valid JSON"),
         ("POST", "/v1/events", vec![], b"42".to_vec(), 400, "expected an event"),
