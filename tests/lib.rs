@@ -289,10 +289,8 @@ impl FakeOrigin {
         let sink = received.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                if let Some(r) = read_request(&stream) {
-                    if let Ok(mut all) = sink.lock() {
-                        all.push(r);
-                    }
+                if let (Some(r), Ok(mut all)) = (read_request(&stream), sink.lock()) {
+                    all.push(r);
                 }
                 let mut stream = stream;
                 let _ = stream.write_all(

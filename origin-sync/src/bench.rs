@@ -1,6 +1,299 @@
-//! `origin-sync bench`: whole-system figures against a broker it starts.
+//! `origin-sync bench`: whole-system figures against a tansu broker it starts itself, all
+//! measured in the same run so ratios compare like with like:
+//!
+//! 1. throughput: events/s from the broker through validation, fold, delta and outbox (the
+//!    service, delivering to an in-process fake edge), next to the raw consume rate of the
+//!    same broker and partitions;
+//! 2. latency: event timestamp → every-sink acknowledgement, p50/p99, at a steady moderate
+//!    rate;
+//! 3. hot users: KV writes per event when a few shoppers produce most events.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use origin_sync::config::Config;
+use origin_sync::kafka::{Outgoing, produce_all};
+use origin_sync::metrics::Metrics;
+use origin_sync::testkit::{FakeEdge, Tansu, free_port, target_dir};
+use rdkafka::consumer::Consumer as _;
+use shared::catalog::Catalog;
+use shared::event::Event;
+use shared::traffic::Traffic;
+use tokio::sync::watch;
+
 #[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
-pub async fn bench(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench is not implemented yet")
+pub struct BenchArgs {
+    /// Events for the throughput phase.
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Shoppers in the throughput phase.
+    #[arg(long, default_value_t = 50_000)]
+    users: usize,
+    /// Partitions per topic.
+    #[arg(long, default_value_t = 2)]
+    partitions: u32,
+    /// Events per second in the latency phase.
+    #[arg(long, default_value_t = 500)]
+    latency_rate: u64,
+    /// Seconds of the latency phase.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Shoppers in the hot-user phase.
+    #[arg(long, default_value_t = 10)]
+    hot_users: usize,
+    /// Events in the hot-user phase (sent over about five seconds).
+    #[arg(long, default_value_t = 10_000)]
+    hot_events: usize,
+}
+
+const KINDS: [&str; 3] = ["customer_clicks", "cart_events", "purchase_events"];
+
+fn topics(prefix: &str) -> Vec<String> {
+    KINDS.iter().map(|k| format!("{prefix}_{k}")).collect()
+}
+
+fn outgoing(prefix: &str, e: &Event) -> Outgoing {
+    Outgoing {
+        topic: format!("{prefix}_{}", e.kind.default_topic()),
+        key: e.user.as_bytes().to_vec(),
+        payload: e.to_json_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+fn config(tansu: &Tansu, edge: &FakeEdge, prefix: &str, extra: &str) -> anyhow::Result<Config> {
+    let dir = target_dir().join("origin-sync-bench");
+    std::fs::create_dir_all(&dir)?;
+    let store = dir.join(format!("{prefix}-{}.redb", std::process::id()));
+    let _ = std::fs::remove_file(&store);
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{}"
+topics = {:?}
+dead_letter_topic = "{prefix}_dlq"
+[store]
+path = "{}"
+[sinks]
+edge_urls = ["{}"]
+[http]
+listen = "127.0.0.1:{}"
+{extra}
+"#,
+        tansu.brokers(),
+        topics(prefix),
+        store.display(),
+        edge.url(),
+        free_port()?,
+    );
+    Ok(Config::from_parts(&text, Vec::new())?)
+}
+
+struct Running {
+    metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), origin_sync::service::ServiceError>>,
+    store: std::path::PathBuf,
+}
+
+fn start(config: Config) -> Running {
+    let metrics = Arc::new(Metrics::default());
+    if let Ok(mut s) = metrics.samples.lock() {
+        *s = Some(Vec::new());
+    }
+    let (stop, rx) = watch::channel(false);
+    let store = config.store.path.clone();
+    let task = tokio::spawn(origin_sync::service::run(config, metrics.clone(), rx));
+    Running {
+        metrics,
+        stop,
+        task,
+        store,
+    }
+}
+
+impl Running {
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await??;
+        let _ = std::fs::remove_file(&self.store);
+        Ok(())
+    }
+}
+
+async fn wait(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            anyhow::bail!("bench timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let mut tansu = Tansu::start("bench").context("starting tansu")?;
+    let catalog = Catalog::demo().context("demo catalog")?;
+    let edge = FakeEdge::start(origin_sync::config::DEV_SYNC_SECRET).await?;
+    let producer = origin_sync::kafka::producer(&origin_sync::config::KafkaConfig {
+        brokers: tansu.brokers(),
+        ..Default::default()
+    })?;
+    for prefix in ["tp", "lat", "hot"] {
+        for t in topics(prefix) {
+            tansu.create_topic(&t, args.partitions)?;
+        }
+        tansu.create_topic(&format!("{prefix}_dlq"), 1)?;
+    }
+    println!("origin-sync bench (tansu, {} partitions per topic)", args.partitions);
+
+    // 1. throughput
+    let start_ms = origin_sync::pipeline::now_ms() - 3_600_000;
+    let events: Vec<Outgoing> = Traffic::new(&catalog, args.users, "tp", start_ms, 1, 42)
+        .take(args.events)
+        .map(|e| outgoing("tp", &e))
+        .collect();
+    let t = Instant::now();
+    for chunk in events.chunks(20_000) {
+        produce_all(&producer, chunk).await?;
+    }
+    println!(
+        "  produced {} events over {} users in {:.2}s",
+        events.len(),
+        args.users,
+        t.elapsed().as_secs_f64()
+    );
+    let raw = raw_consume(&tansu.brokers(), &topics("tp"), events.len()).await?;
+    let cfg = config(&tansu, &edge, "tp", "")?;
+    let t = Instant::now();
+    let run = start(cfg);
+    let m = run.metrics.clone();
+    let n = events.len() as u64;
+    wait("the pipeline to consume", Duration::from_secs(600), || {
+        m.consumed.load(Relaxed) >= n
+    })
+    .await?;
+    let took = t.elapsed().as_secs_f64();
+    let pipeline = n as f64 / took;
+    let fold_s = m.fold_micros.load(Relaxed) as f64 / 1e6;
+    run.stop().await?;
+    println!("  raw consume:      {raw:>10.0} events/s");
+    println!(
+        "  pipeline:         {pipeline:>10.0} events/s  (validate + fold + delta + outbox, one redb transaction per batch; {:.2}s in store transactions)",
+        fold_s
+    );
+    println!("  ratio:            {:>10.2} × raw consume", pipeline / raw);
+
+    // 2. latency at a steady moderate rate
+    let cfg = config(&tansu, &edge, "lat", "")?;
+    let run = start(cfg);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut traffic = Traffic::new(&catalog, 20_000, "lat", 0, 1, 7);
+    let total = args.latency_rate * args.latency_secs;
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let mut e = traffic.next().context("traffic")?;
+        e.ts_ms = origin_sync::pipeline::now_ms();
+        produce_all(&producer, &[outgoing("lat", &e)]).await?;
+        sent += 1;
+        let due = Duration::from_secs_f64(sent as f64 / args.latency_rate as f64);
+        if let Some(w) = due.checked_sub(t.elapsed()) {
+            tokio::time::sleep(w).await;
+        }
+    }
+    let m = run.metrics.clone();
+    wait("latency phase delivery", Duration::from_secs(60), || {
+        m.consumed.load(Relaxed) >= total && m.outbox_depth.load(Relaxed) == 0
+    })
+    .await?;
+    let mut samples = m
+        .samples
+        .lock()
+        .ok()
+        .and_then(|mut s| s.take())
+        .unwrap_or_default();
+    samples.sort_unstable();
+    run.stop().await?;
+    println!(
+        "  latency:          p50 {} ms, p99 {} ms  (event timestamp → edge ack, {} ev/s, {} deliveries; produce includes the producer's ack wait)",
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        args.latency_rate,
+        samples.len()
+    );
+
+    // 3. hot users: KV writes per event
+    let cfg = config(&tansu, &edge, "hot", "")?;
+    let items_before = edge.items.load(Relaxed);
+    let run = start(cfg);
+    let per_tick = (args.hot_events / 100).max(1);
+    let mut traffic = Traffic::new(&catalog, args.hot_users, "hot", 0, 1, 9);
+    let mut sent = 0usize;
+    while sent < args.hot_events {
+        let batch: Vec<Outgoing> = (0..per_tick.min(args.hot_events - sent))
+            .filter_map(|_| traffic.next())
+            .map(|mut e| {
+                e.ts_ms = origin_sync::pipeline::now_ms();
+                outgoing("hot", &e)
+            })
+            .collect();
+        sent += batch.len();
+        produce_all(&producer, &batch).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = run.metrics.clone();
+    let hot = args.hot_events as u64;
+    wait("hot phase delivery", Duration::from_secs(60), || {
+        m.consumed.load(Relaxed) >= hot && m.outbox_depth.load(Relaxed) == 0
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let writes = edge.items.load(Relaxed) - items_before;
+    run.stop().await?;
+    println!(
+        "  hot users:        {:.4} KV writes per event  ({writes} writes for {hot} events of {} users over ~5 s; target ≤ 0.1)",
+        writes as f64 / hot as f64,
+        args.hot_users
+    );
+    tansu.stop();
+    Ok(())
+}
+
+/// Reads `n` messages from every partition of `topics` as fast as possible.
+async fn raw_consume(brokers: &str, topics: &[String], n: usize) -> anyhow::Result<f64> {
+    let cfg = origin_sync::config::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let consumer = Arc::new(origin_sync::kafka::consumer(&cfg, "bench-raw")?);
+    let tpl = origin_sync::pipeline::static_assignment(
+        &consumer,
+        topics,
+        &std::collections::BTreeMap::new(),
+    )
+    .await?;
+    consumer.assign(&tpl)?;
+    let t = Instant::now();
+    let mut count = 0usize;
+    while count < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .context("raw consumer stalled")??;
+        drop(m);
+        count += 1;
+    }
+    let rate = count as f64 / t.elapsed().as_secs_f64();
+    Ok(rate)
 }
