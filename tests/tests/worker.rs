@@ -1,6 +1,9 @@
 //! End-to-end: the worker bundle built by `cargo xtask test` runs on the real workerd runtime
 //! through `wrangler dev`, with a fresh local KV per test.
 
+// Helpers below run only inside tests, where a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use serde_json::Value;
 use shared::auth;
 use shared::delta::{Change, Delta};
