@@ -169,7 +169,9 @@ fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refuse
     let old = ts - 3600;
     let garbage = b"\x01\x01\xff\xff\xff\xff\x0fnot lz4".to_vec();
     let garbage_sig = auth::sign(SYNC_SECRET, ts, &garbage);
-    let cases: Vec<(&str, &str, Vec<(&str, String)>, Vec<u8>, u16)> = vec![
+    // (method, path, headers, body, expected status)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, String)>, Vec<u8>, u16);
+    let cases: Vec<Case> = vec![
         ("POST", "/v1/events", vec![], b"{not json".to_vec(), 400),
         ("POST", "/v1/events", vec![], vec![b'['; 70_000], 413),
         (
