@@ -15,14 +15,14 @@ use crate::store::Store;
 use crate::storefront;
 use serde_json::{Value, json};
 use shared::auth::{self, AuthError, ReplayGuard};
-use shared::catalog::{Catalog, DEMO_CATALOG};
+use shared::catalog::{Catalog, DEMO_CATALOG_JSON};
 use shared::delta::{self, Applied, ApplyError, Stored};
 use shared::event::{Event, MAX_BATCH_EVENTS};
 use shared::ids::{ItemId, Secs};
 use shared::keys::UserKey;
 use shared::profile::Profile;
 use shared::recommend::{Recommender, RequestContext};
-use shared::rules::{CompiledRules, DEMO_RULES, Device, Slot};
+use shared::rules::{CompiledRules, DEMO_RULES_JSON, Device, Slot};
 use shared::wire::{self, ConfigKind, SyncItem};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -191,8 +191,8 @@ impl Site {
             rules,
             catalog_version: 0,
             rules_version: 0,
-            catalog_source: Rc::from(DEMO_CATALOG),
-            rules_source: Rc::from(DEMO_RULES),
+            catalog_source: Rc::from(DEMO_CATALOG_JSON),
+            rules_source: Rc::from(DEMO_RULES_JSON),
         }
     }
 }
@@ -905,7 +905,7 @@ impl App {
         let (catalog_version, catalog_source, compiled_catalog) = match catalog {
             Some((v, src)) => {
                 let c =
-                    Catalog::from_toml(&src).map_err(|e| format!("catalog version {v}: {e}"))?;
+                    Catalog::from_json(&src).map_err(|e| format!("catalog version {v}: {e}"))?;
                 (v, Rc::from(src), c)
             }
             None => (
@@ -918,7 +918,7 @@ impl App {
             Some((v, src)) => (v, Rc::from(src)),
             None => (current.rules_version, current.rules_source.clone()),
         };
-        let compiled_rules = CompiledRules::compile(&rules_source, &compiled_catalog)
+        let compiled_rules = CompiledRules::compile_json(&rules_source, &compiled_catalog)
             .map_err(|e| format!("rules version {rules_version}: {e}"))?;
         *self.site.borrow_mut() = Rc::new(Site {
             catalog: compiled_catalog,

@@ -618,11 +618,15 @@ impl Store {
         for kind in [ConfigKind::Catalog, ConfigKind::Rules] {
             if let Some(g) = t.get(doc_name(kind))? {
                 let d: DocState = decode(g.value(), "document")?;
-                if d.acked < d.version {
+                // The edge reads the JSON form (it carries no TOML parser). The source was
+                // validated before it was stored, so conversion cannot fail; skip it if it does.
+                if d.acked < d.version
+                    && let Ok(source) = shared::catalog::toml_to_json(&d.source)
+                {
                     out.push(ConfigDoc {
                         kind,
                         version: d.version,
-                        source: d.source,
+                        source,
                     });
                 }
             }

@@ -53,6 +53,8 @@ pub const MAX_PRICE: f64 = 1_000_000_000.0;
 
 /// The demo store's catalog (a few hundred products), compiled by tests and used by the demo.
 pub const DEMO_CATALOG: &str = include_str!("../data/catalog.toml");
+/// [`DEMO_CATALOG`] in its JSON form (generated from it at build time).
+pub const DEMO_CATALOG_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/catalog.json"));
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -161,6 +163,9 @@ pub enum CatalogError {
         column: usize,
         message: String,
     },
+    /// Not JSON, or not the catalog's shape (the published form; see [`toml_to_json`]).
+    #[error("catalog json: {0}")]
+    Json(String),
     #[error(
         "field \"version\": unsupported catalog version {found}; this build reads version {CATALOG_VERSION}"
     )]
@@ -178,7 +183,16 @@ pub enum CatalogError {
     },
 }
 
+/// Converts a TOML document (catalog or rules) to the JSON form that is published to the edge.
+/// Validate it first ([`Catalog::from_toml`], `CompiledRules::compile`); this only re-encodes.
+#[cfg(feature = "toml")]
+pub fn toml_to_json(text: &str) -> Result<String, String> {
+    let value: toml::Value = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+    serde_json::to_string(&value).map_err(|e| e.to_string())
+}
+
 /// Turns a TOML error into a line, a column and a one-line message (shared with the rules).
+#[cfg(feature = "toml")]
 pub(crate) fn toml_position(text: &str, err: &toml::de::Error) -> (usize, usize, String) {
     let (line, column) = match err.span() {
         Some(span) => line_col(text, span.start),
@@ -192,6 +206,7 @@ pub(crate) fn toml_position(text: &str, err: &toml::de::Error) -> (usize, usize,
     (line, column, message)
 }
 
+#[cfg(feature = "toml")]
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let bytes = text.as_bytes();
     let before = bytes.get(..offset).unwrap_or(bytes);
@@ -407,6 +422,7 @@ pub(crate) struct Hot {
 
 impl Catalog {
     /// Parses, validates and indexes a catalog.
+    #[cfg(feature = "toml")]
     pub fn from_toml(text: &str) -> Result<Catalog, CatalogError> {
         let raw: RawCatalog = toml::from_str(text).map_err(|e| {
             let (line, column, message) = toml_position(text, &e);
@@ -419,9 +435,16 @@ impl Catalog {
         compile(raw)
     }
 
+    /// Parses, validates and indexes a catalog in its JSON form (what the edge receives).
+    pub fn from_json(text: &str) -> Result<Catalog, CatalogError> {
+        let raw: RawCatalog =
+            serde_json::from_str(text).map_err(|e| CatalogError::Json(e.to_string()))?;
+        compile(raw)
+    }
+
     /// The demo store's catalog.
     pub fn demo() -> Result<Catalog, CatalogError> {
-        Catalog::from_toml(DEMO_CATALOG)
+        Catalog::from_json(DEMO_CATALOG_JSON)
     }
 
     /// The `version` the document declared.
@@ -1018,6 +1041,30 @@ fn compile(raw: RawCatalog) -> Result<Catalog, CatalogError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_json_form_is_the_same_document() {
+        use crate::rules::{CompiledRules, DEMO_RULES, DEMO_RULES_JSON};
+        let from_toml = Catalog::from_toml(DEMO_CATALOG).unwrap();
+        let json = toml_to_json(DEMO_CATALOG).unwrap();
+        let from_json = Catalog::from_json(&json).unwrap();
+        assert_eq!(from_json.fingerprint(), from_toml.fingerprint());
+        assert_eq!(
+            Catalog::demo().unwrap().fingerprint(),
+            from_toml.fingerprint()
+        );
+        let rules = CompiledRules::compile(DEMO_RULES, &from_toml).unwrap();
+        let rules_json = CompiledRules::compile_json(DEMO_RULES_JSON, &from_json).unwrap();
+        assert_eq!(format!("{rules:?}"), format!("{rules_json:?}"));
+        assert!(matches!(
+            Catalog::from_json("{\"version\": 1, \"item\": 3}"),
+            Err(CatalogError::Json(_))
+        ));
+        assert!(matches!(
+            CompiledRules::compile_json("[", &from_json),
+            Err(crate::rules::RulesError::Json(_))
+        ));
+    }
     use std::collections::BTreeSet;
 
     const HEAD: &str = r#"

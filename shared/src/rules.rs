@@ -27,7 +27,9 @@
 //! * **Bound to one catalog.** Compiled rules hold dense indexes, so they remember the
 //!   catalog's fingerprint; the recommender refuses to pair them with another catalog.
 
-use crate::catalog::{Catalog, MAX_CATEGORIES, is_sku, is_slug, toml_position};
+#[cfg(feature = "toml")]
+use crate::catalog::toml_position;
+use crate::catalog::{Catalog, MAX_CATEGORIES, is_sku, is_slug};
 use crate::ids::{ItemId, Secs};
 use crate::profile::{Profile, Segments};
 use crate::recommend::{MAX_K, RequestContext};
@@ -58,6 +60,8 @@ pub const MAX_DESCRIPTION_LEN: usize = 1000;
 
 /// The demo store's rules, written against [`crate::catalog::DEMO_CATALOG`].
 pub const DEMO_RULES: &str = include_str!("../data/rules.toml");
+/// [`DEMO_RULES`] in its JSON form (generated from it at build time).
+pub const DEMO_RULES_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/rules.json"));
 
 const DAY_SECS: u64 = 86_400;
 
@@ -296,6 +300,9 @@ pub enum RulesError {
         column: usize,
         message: String,
     },
+    /// Not JSON, or not the rules' shape (the published form).
+    #[error("rules json: {0}")]
+    Json(String),
     #[error(
         "field \"version\": unsupported rules version {found}; this build reads version {RULES_VERSION}"
     )]
@@ -902,6 +909,7 @@ impl RuleIndex {
 
 impl CompiledRules {
     /// Parses and validates a rules document against `catalog`.
+    #[cfg(feature = "toml")]
     pub fn compile(text: &str, catalog: &Catalog) -> Result<CompiledRules, RulesError> {
         let raw: RawRules = toml::from_str(text).map_err(|e| {
             let (line, column, message) = toml_position(text, &e);
@@ -914,9 +922,16 @@ impl CompiledRules {
         compile(raw, catalog)
     }
 
+    /// [`CompiledRules::compile`] for the JSON form (what the edge receives).
+    pub fn compile_json(text: &str, catalog: &Catalog) -> Result<CompiledRules, RulesError> {
+        let raw: RawRules =
+            serde_json::from_str(text).map_err(|e| RulesError::Json(e.to_string()))?;
+        compile(raw, catalog)
+    }
+
     /// The demo store's rules against `catalog` (which should be the demo catalog).
     pub fn demo(catalog: &Catalog) -> Result<CompiledRules, RulesError> {
-        CompiledRules::compile(DEMO_RULES, catalog)
+        CompiledRules::compile_json(DEMO_RULES_JSON, catalog)
     }
 
     /// No rules, for `catalog`.

@@ -20,7 +20,9 @@ use crate::profile::{
     Segments,
 };
 use crate::recommend::RequestContext;
-use crate::rules::{CompiledRules, Device, Slot};
+#[cfg(feature = "toml")]
+use crate::rules::CompiledRules;
+use crate::rules::{Device, Slot};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
@@ -474,6 +476,7 @@ pub fn rules_toml(n_rules: usize, catalog: &Catalog, seed: u64) -> String {
 }
 
 /// Compiles a synthetic catalog and rules (what benches want in one call).
+#[cfg(feature = "toml")]
 pub fn setup(
     n_items: usize,
     n_categories: usize,

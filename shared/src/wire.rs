@@ -54,7 +54,8 @@ pub enum SyncItem {
 pub struct ConfigDoc {
     pub kind: ConfigKind,
     pub version: u64,
-    /// The TOML source; the edge compiles and validates it before switching to it.
+    /// The document in JSON form (`catalog::toml_to_json` of the validated TOML): the edge
+    /// compiles and validates it before switching to it, and carries no TOML parser.
     pub source: String,
 }
 

@@ -21,6 +21,7 @@ const INPUT_FILES: &[&str] = &[
     "Cargo.lock",
     "edge-worker/Cargo.toml",
     "shared/Cargo.toml",
+    "shared/build.rs",
 ];
 
 /// The directory worker-build writes the bundle to.

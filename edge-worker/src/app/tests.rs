@@ -421,7 +421,7 @@ fn withdrawn_consent_turns_personalization_off() {
 #[test]
 fn config_is_published_through_sync_and_hot_reloaded_by_version() {
     let w = World::new();
-    let rules = format!("{DEMO_RULES}\n");
+    let rules = format!("{DEMO_RULES_JSON}\n");
     let doc = |kind, version, source: &str| {
         SyncItem::Config(ConfigDoc {
             kind,
@@ -431,7 +431,7 @@ fn config_is_published_through_sync_and_hot_reloaded_by_version() {
     };
     let out = w.sync(vec![
         doc(ConfigKind::Rules, 7, &rules),
-        doc(ConfigKind::Catalog, 3, DEMO_CATALOG),
+        doc(ConfigKind::Catalog, 3, DEMO_CATALOG_JSON),
     ]);
     assert_eq!(out["config"], 2);
     let h = w.get("/healthz", &[]).body_json();
