@@ -156,7 +156,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         tansu.create_topic(&format!("{prefix}_dlq"), 1)?;
     }
-    println!("origin-sync bench (tansu, {} partitions per topic)", args.partitions);
+    println!(
+        "origin-sync bench (tansu, {} partitions per topic)",
+        args.partitions
+    );
 
     // 1. throughput
     let start_ms = origin_sync::pipeline::now_ms() - 3_600_000;
@@ -206,6 +209,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     while sent < total {
         let mut e = traffic.next().context("traffic")?;
         e.ts_ms = origin_sync::pipeline::now_ms();
+        // spread over many shoppers, so what is measured is the pipeline, not the coalescing
+        // window a hot shopper waits by design
+        e.user = format!("lat-u{}", sent % 100_000);
         produce_all(&producer, &[outgoing("lat", &e)]).await?;
         sent += 1;
         let due = Duration::from_secs_f64(sent as f64 / args.latency_rate as f64);
@@ -227,7 +233,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     samples.sort_unstable();
     run.stop().await?;
     println!(
-        "  latency:          p50 {} ms, p99 {} ms  (event timestamp → edge ack, {} ev/s, {} deliveries; produce includes the producer's ack wait)",
+        "  latency:          p50 {} ms, p99 {} ms  (event timestamp → edge ack at {} ev/s over distinct shoppers, {} deliveries)",
         percentile(&samples, 0.5),
         percentile(&samples, 0.99),
         args.latency_rate,

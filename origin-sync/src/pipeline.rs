@@ -326,6 +326,75 @@ fn backoff(cfg: &crate::config::SyncConfig, attempt: u32) -> Duration {
     Duration::from_millis(ms)
 }
 
+/// Which users wait for delivery, and when each may be written again: at most one write per
+/// key per window (Workers KV allows one write per second per key).
+#[derive(Debug)]
+pub struct Coalescer {
+    window: Duration,
+    /// key → earliest time it may be written
+    dirty: HashMap<UserKey, Instant>,
+    /// keys written within the last window → when
+    recent: HashMap<UserKey, Instant>,
+}
+
+impl Coalescer {
+    pub fn new(window: Duration) -> Self {
+        Coalescer {
+            window,
+            dirty: HashMap::new(),
+            recent: HashMap::new(),
+        }
+    }
+
+    pub fn touch(&mut self, key: UserKey) {
+        if self.dirty.contains_key(&key) {
+            return;
+        }
+        let now = Instant::now();
+        let at = match self.recent.get(&key) {
+            Some(t) if *t + self.window > now => *t + self.window,
+            _ => now,
+        };
+        self.dirty.insert(key, at);
+    }
+
+    pub fn len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirty.is_empty()
+    }
+
+    /// Up to `max` keys due now (all keys when `flush`).
+    pub fn ready(&self, max: usize, flush: bool) -> Vec<UserKey> {
+        let now = Instant::now();
+        self.dirty
+            .iter()
+            .filter(|(_, at)| flush || **at <= now)
+            .map(|(k, _)| *k)
+            .take(max)
+            .collect()
+    }
+
+    pub fn next_due(&self) -> Option<Instant> {
+        self.dirty.values().min().copied()
+    }
+
+    /// `written` were delivered (or had nothing to send); `still` remain pending.
+    pub fn delivered(&mut self, written: &[UserKey], still: &[UserKey]) {
+        let now = Instant::now();
+        self.recent.retain(|_, t| *t + self.window > now);
+        for k in written {
+            self.dirty.remove(k);
+            self.recent.insert(*k, now);
+        }
+        for k in still {
+            self.dirty.insert(*k, now + self.window);
+        }
+    }
+}
+
 /// Pushes `batch` to every sink until each acknowledges; `None` when shut down first.
 async fn deliver(
     shared: &Shared,
@@ -334,7 +403,7 @@ async fn deliver(
     shutdown: &mut watch::Receiver<bool>,
     give_up_at: Option<Instant>,
     touched: &mut mpsc::Receiver<Vec<UserKey>>,
-    dirty: &mut HashMap<UserKey, Instant>,
+    dirty: &mut Coalescer,
 ) -> Option<Vec<UserKey>> {
     let mut done = vec![false; sinks.len()];
     let mut resend = Vec::new();
@@ -389,7 +458,7 @@ async fn deliver(
                     keys = touched.recv() => match keys {
                         Some(keys) => {
                             for k in keys {
-                                dirty.entry(k).or_insert_with(Instant::now);
+                                dirty.touch(k);
                             }
                             shared.metrics.outbox_depth.store(dirty.len() as u64, Relaxed);
                         }
@@ -416,19 +485,17 @@ pub async fn send(
 ) -> Result<(), PipelineError> {
     let window = Duration::from_millis(shared.config.sync.coalesce_window_ms);
     let max_items = shared.config.sync.max_batch_items;
-    // key → earliest time it may be written again
-    let mut dirty: HashMap<UserKey, Instant> = HashMap::new();
+    let mut dirty = Coalescer::new(window);
     let store = shared.store.clone();
-    let start = Instant::now();
     for (k, _) in blocking(move || store.outbox()).await? {
-        dirty.insert(k, start);
+        dirty.touch(k);
     }
     let mut documents_due = true;
     let mut stopping = false;
     loop {
         while let Ok(keys) = touched.try_recv() {
             for k in keys {
-                dirty.entry(k).or_insert_with(Instant::now);
+                dirty.touch(k);
             }
         }
         shared
@@ -438,13 +505,7 @@ pub async fn send(
         if (dirty.len() as u64) < shared.config.sync.max_outbox as u64 {
             shared.room.notify_waiters();
         }
-        let now = Instant::now();
-        let ready: Vec<UserKey> = dirty
-            .iter()
-            .filter(|(_, at)| stopping || **at <= now)
-            .map(|(k, _)| *k)
-            .take(max_items)
-            .collect();
+        let ready = dirty.ready(max_items, stopping);
         let documents = if documents_due {
             documents_due = false;
             let store = shared.store.clone();
@@ -457,15 +518,13 @@ pub async fn send(
                 return Ok(());
             }
             let wake = dirty
-                .values()
-                .min()
-                .copied()
-                .unwrap_or(now + Duration::from_secs(3600));
+                .next_due()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => { stopping = true; }
                 keys = touched.recv() => match keys {
-                    Some(keys) => for k in keys { dirty.entry(k).or_insert_with(Instant::now); },
+                    Some(keys) => for k in keys { dirty.touch(k); },
                     None => { stopping = true; }
                 },
                 _ = shared.documents.notified() => { documents_due = true; }
@@ -526,13 +585,7 @@ pub async fn send(
             store.acknowledge(&items, &resend, &cleanup)
         })
         .await?;
-        let next = Instant::now() + window;
-        for k in &ready {
-            dirty.remove(k);
-        }
-        for k in still {
-            dirty.insert(k, next);
-        }
+        dirty.delivered(&ready, &still);
         if *shutdown.borrow() {
             stopping = true;
         }
@@ -610,4 +663,29 @@ pub async fn check_documents(
         }
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_written_at_most_once_per_window() {
+        let mut c = Coalescer::new(Duration::from_millis(200));
+        let k = UserKey([1; 12]);
+        c.touch(k);
+        assert_eq!(c.ready(10, false), vec![k]);
+        c.delivered(&[k], &[]);
+        assert!(c.is_empty());
+        // touched again right after a write: due only when the window has passed
+        c.touch(k);
+        assert!(c.ready(10, false).is_empty());
+        assert_eq!(c.ready(10, true), vec![k], "a flush ignores the window");
+        std::thread::sleep(Duration::from_millis(210));
+        assert_eq!(c.ready(10, false), vec![k]);
+        // still pending after a write (changed during the push): waits a window too
+        c.delivered(&[k], &[k]);
+        assert!(c.ready(10, false).is_empty());
+        assert_eq!(c.len(), 1);
+    }
 }
