@@ -127,6 +127,27 @@ fn bench(extra: &[String]) -> Result<()> {
     worker::codec_sizes()?;
     let bundle = worker::build()?;
     worker::report_bundle_size(&bundle)?;
+    step("edge: memory of the profile cache at 10k profiles");
+    Cmd::new("cargo")
+        .args(["bench", "-p", "edge-worker", "--bench", "cache_memory"])
+        .cwd(root())
+        .run()?;
+    step("edge: load on workerd (wrk against wrangler dev; about a minute)");
+    Cmd::new("cargo")
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "tests",
+            "--bin",
+            "edge-load",
+            "--",
+            "8",
+        ])
+        .env("EDGEWISE_WORKER_BUNDLE", &bundle)
+        .env("EDGEWISE_SKIP_BUILD", "1")
+        .cwd(root())
+        .run()?;
     Ok(())
 }
 

@@ -1,0 +1,291 @@
+//! Load benchmark of the edge worker on the real workerd runtime (`wrangler dev`), driven by
+//! `wrk` over loopback: personalized recommendations with a warm cache and with a cold one
+//! (every request reads KV), against `/healthz` on the same worker in the same run.
+//!
+//! Usage: `edge-load [SECONDS_PER_RUN]` with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench`
+//! does both). Prints a table and the ratios; exits non-zero if a run fails outright.
+
+use shared::auth;
+use shared::catalog::Catalog;
+use shared::delta::{Change, Delta};
+use shared::ids::Secs;
+use shared::keys::UserKey;
+use shared::wire::{Codec, SyncBatch, SyncItem, encode_batch};
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tests::{http, start_worker_with, temp_dir, worker_bundle};
+
+const SYNC_SECRET: &[u8] = b"dev-sync-secret";
+const USER_KEY_SECRET: &[u8] = b"dev-user-key-secret";
+const USERS: usize = 10_000;
+const WARM_USERS: usize = 500;
+const CONNECTIONS: &str = "4";
+
+#[derive(Debug)]
+struct Run {
+    name: &'static str,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    errors: u64,
+}
+
+fn main() {
+    let secs: u32 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    if let Err(e) = run(secs) {
+        eprintln!("edge-load: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(secs: u32) -> Result<(), String> {
+    worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
+    let state = temp_dir("edge-load");
+    let lua_dir = state.join("lua");
+    std::fs::create_dir_all(&lua_dir).map_err(|e| e.to_string())?;
+    let users: Vec<String> = (0..USERS).map(|n| format!("load-u{n}")).collect();
+
+    println!("==> seeding {USERS} profiles into local KV through signed /v1/sync batches");
+    let worker = start_worker_with(&state.join("kv"), &[("ORIGIN_URL", "")])?;
+    seed(worker.port, &users)?;
+
+    let mut runs = Vec::new();
+    runs.push(wrk(
+        worker.port,
+        "healthz",
+        "/healthz",
+        None,
+        &lua_dir,
+        secs,
+    )?);
+    // warm: the same few hundred shoppers, all cached after the first request each
+    let warm = &users[..WARM_USERS];
+    for u in warm {
+        http(
+            worker.port,
+            "GET",
+            "/v1/recommendations?slot=home&k=8",
+            &[("x-edgewise-user", u)],
+            b"",
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    runs.push(wrk(
+        worker.port,
+        "recommendations, warm cache",
+        "/v1/recommendations?slot=home&k=8",
+        Some(warm),
+        &lua_dir,
+        secs,
+    )?);
+    runs.push(wrk(
+        worker.port,
+        "home page (HTML), warm cache",
+        "/",
+        Some(warm),
+        &lua_dir,
+        secs,
+    )?);
+    drop(worker);
+
+    // cold: a worker whose cached profiles expire at once, so every request reads KV
+    let cold_worker = start_worker_with(
+        &state.join("kv"),
+        &[("ORIGIN_URL", ""), ("PROFILE_TTL_SECS", "0")],
+    )?;
+    runs.push(wrk(
+        cold_worker.port,
+        "healthz (cold worker)",
+        "/healthz",
+        None,
+        &lua_dir,
+        secs,
+    )?);
+    runs.push(wrk(
+        cold_worker.port,
+        "recommendations, cold (KV read each)",
+        "/v1/recommendations?slot=home&k=8",
+        Some(&users),
+        &lua_dir,
+        secs,
+    )?);
+    drop(cold_worker);
+
+    println!();
+    println!(
+        "edge load on workerd via `wrangler dev`, wrk -c{CONNECTIONS} -t1 -d{secs}s, loopback, {} cores",
+        cores()
+    );
+    println!("| run | req/s | p50 ms | p99 ms | requests | errors |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in &runs {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            r.name, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors
+        );
+    }
+    let p50 = |i: usize| runs[i].p50_ms;
+    println!();
+    println!(
+        "warm recommendations p50 / healthz p50 = {:.2}x (target <= 1.25x)",
+        p50(1) / p50(0)
+    );
+    println!("home page p50 / healthz p50 = {:.2}x", p50(2) / p50(0));
+    println!(
+        "cold recommendations p50 / healthz p50 (same worker) = {:.2}x",
+        p50(4) / p50(3)
+    );
+    if runs.iter().any(|r| r.requests == 0) {
+        return Err("a run completed no requests".into());
+    }
+    Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn seed(port: u16, users: &[String]) -> Result<(), String> {
+    let catalog = Catalog::demo().map_err(|e| e.to_string())?;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let now = Secs::from_unix_ms(now_ms);
+    let items: Vec<SyncItem> = users
+        .iter()
+        .enumerate()
+        .map(|(n, u)| {
+            let key = UserKey::derive(USER_KEY_SECRET, u);
+            let mut p = shared::synthetic::profile(&catalog, n as u64, now);
+            p.bucket = key.bucket();
+            SyncItem::Delta(Delta {
+                user: key,
+                change: Change::Snapshot(p),
+            })
+        })
+        .collect();
+    for (i, chunk) in items.chunks(400).enumerate() {
+        let frame = encode_batch(
+            &SyncBatch {
+                items: chunk.to_vec(),
+            },
+            Codec::Lz4,
+        );
+        // distinct timestamps per batch are not needed: the frames differ
+        let ts = now_ms / 1000;
+        let sig = auth::sign(SYNC_SECRET, ts, &frame);
+        let r = http(
+            port,
+            "POST",
+            "/v1/sync",
+            &[
+                (auth::TIMESTAMP_HEADER, &ts.to_string()),
+                (auth::SIGNATURE_HEADER, &sig),
+            ],
+            &frame,
+        )
+        .map_err(|e| e.to_string())?;
+        if r.status != 200 {
+            return Err(format!(
+                "sync batch {i} answered {}: {}",
+                r.status,
+                r.text()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn wrk(
+    port: u16,
+    name: &'static str,
+    path: &str,
+    users: Option<&[String]>,
+    lua_dir: &Path,
+    secs: u32,
+) -> Result<Run, String> {
+    println!("==> {name}: {path}");
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t1",
+        "-c",
+        CONNECTIONS,
+        "-d",
+        &format!("{secs}s"),
+        "--latency",
+    ]);
+    if let Some(users) = users {
+        // rotate the shopper per request
+        let list: Vec<String> = users.iter().map(|u| format!("{u:?}")).collect();
+        let script = format!(
+            "local users = {{{}}}\nlocal i = 0\nrequest = function()\n  i = i % #users + 1\n  return wrk.format(\"GET\", {path:?}, {{[\"x-edgewise-user\"] = users[i]}})\nend\n",
+            list.join(",")
+        );
+        let file = lua_dir.join(format!(
+            "{}.lua",
+            name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        ));
+        std::fs::write(&file, script).map_err(|e| e.to_string())?;
+        cmd.arg("-s").arg(&file);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}{path}"));
+    let out = cmd
+        .output()
+        .map_err(|e| format!("could not run wrk (run `cargo xtask setup`): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    parse_wrk(name, &text).ok_or_else(|| format!("could not read wrk's output:\n{text}"))
+}
+
+fn parse_wrk(name: &'static str, text: &str) -> Option<Run> {
+    let ms = |v: &str| -> Option<f64> {
+        let v = v.trim();
+        if let Some(x) = v.strip_suffix("us") {
+            x.parse::<f64>().ok().map(|x| x / 1000.0)
+        } else if let Some(x) = v.strip_suffix("ms") {
+            x.parse().ok()
+        } else if let Some(x) = v.strip_suffix('s') {
+            x.parse::<f64>().ok().map(|x| x * 1000.0)
+        } else {
+            None
+        }
+    };
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::trim))
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let errors = text
+        .lines()
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum();
+    Some(Run {
+        name,
+        rps: field("Requests/sec:")?.parse().ok()?,
+        p50_ms: ms(field("50%")?)?,
+        p99_ms: ms(field("99%")?)?,
+        requests,
+        errors,
+    })
+}
