@@ -32,6 +32,9 @@ const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
 
+/// A user record as stored: key bytes and encoded state.
+pub type RawUser = (Vec<u8>, Vec<u8>);
+
 /// How many folded event ids a user remembers for duplicate detection of late events.
 const SEEN_IDS: usize = 64;
 
@@ -533,6 +536,36 @@ impl Store {
         still.sort();
         still.dedup();
         Ok(still)
+    }
+
+    /// Users erased in this store, as raw records (for `replay`, so erasure survives it).
+    pub fn erased_users(&self) -> Result<Vec<RawUser>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(USERS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let state: UserState = decode(v.value(), "user")?;
+            if state.erased.is_some() {
+                out.push((k.value().to_vec(), v.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes raw user records taken from [`Store::erased_users`] and queues them for delivery.
+    pub fn put_users(&self, users: &[RawUser]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(USERS)?;
+            let mut o = tx.open_table(OUTBOX)?;
+            for (k, v) in users {
+                t.insert(k.as_slice(), v.as_slice())?;
+                o.insert(k.as_slice(), encode(&Pending::default()).as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// The current value stored for a user (tests, tools).
