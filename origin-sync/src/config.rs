@@ -397,6 +397,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_and_shows_the_defaults() {
+        let example = include_str!("../origin-sync.example.toml");
+        let c = Config::from_parts(example, env(&[])).expect("example is valid");
+        let d = Config::default();
+        assert_eq!(c.kafka.topics, d.kafka.topics);
+        assert_eq!(c.sync.coalesce_window_ms, d.sync.coalesce_window_ms);
+        assert_eq!(c.store.max_window_events, d.store.max_window_events);
+        assert_eq!(c.http.listen, d.http.listen);
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let e = Config::from_parts("[kafka]\nbrokerz = \"x\"\n", env(&[])).unwrap_err();
         assert!(e.to_string().contains("brokerz"), "{e}");
