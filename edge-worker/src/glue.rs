@@ -149,18 +149,37 @@ fn mint() -> [u8; 16] {
     bytes
 }
 
+/// Sends each request to origin, retrying a failed attempt twice (after 100 ms and 500 ms):
+/// enough for a restarting origin, well inside `wait_until`'s time. 4xx answers are not
+/// retried (they will not change). What still fails is logged; the shopper's own view already
+/// has the events.
 async fn send_all(outbound: Vec<Outbound>) {
     for o in outbound {
-        let url = o.url.clone();
-        match send(o).await {
-            Ok(status) if (200..300).contains(&status) => {}
-            Ok(status) => console_error!("edgewise: origin answered {status} to {url}"),
-            Err(e) => console_error!("edgewise: could not reach origin at {url}: {e}"),
+        for (attempt, backoff_ms) in [0u64, 100, 500].into_iter().enumerate() {
+            if backoff_ms > 0 {
+                Delay::from(Duration::from_millis(backoff_ms)).await;
+            }
+            let last = attempt == 2;
+            match send(&o).await {
+                Ok(status) if (200..300).contains(&status) => break,
+                Ok(status) if (400..500).contains(&status) || last => {
+                    console_error!(
+                        "edgewise: origin answered {status} to {} {}",
+                        o.method,
+                        o.url
+                    );
+                    break;
+                }
+                Err(e) if last => {
+                    console_error!("edgewise: could not reach origin at {}: {e}", o.url);
+                }
+                _ => {}
+            }
         }
     }
 }
 
-async fn send(o: Outbound) -> Result<u16> {
+async fn send(o: &Outbound) -> Result<u16> {
     let headers = Headers::new();
     for (k, v) in &o.headers {
         headers.set(k, v)?;
