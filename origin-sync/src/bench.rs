@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// Events in the hot-user phase (sent over about five seconds).
     #[arg(long, default_value_t = 10_000)]
     hot_events: usize,
+    /// Only measure the service's own path, fed from memory (no broker needed).
+    #[arg(long)]
+    offline_only: bool,
 }
 
 const KINDS: [&str; 3] = ["customer_clicks", "cart_events", "purchase_events"];
@@ -143,6 +146,20 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.offline_only {
+        let catalog = Catalog::demo().context("demo catalog")?;
+        let events: Vec<Outgoing> =
+            Traffic::new(&catalog, args.users, "tp", 1_764_000_000_000, 1, 42)
+                .take(args.events)
+                .map(|e| outgoing("tp", &e))
+                .collect();
+        let rate = without_broker(&events)?;
+        println!(
+            "without broker: {rate:.0} events/s ({} events, {} users)",
+            args.events, args.users
+        );
+        return Ok(());
+    }
     let mut tansu = Tansu::start("bench").context("starting tansu")?;
     let catalog = Catalog::demo().context("demo catalog")?;
     let edge = FakeEdge::start(origin_sync::config::DEV_SYNC_SECRET).await?;
@@ -177,6 +194,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         args.users,
         t.elapsed().as_secs_f64()
     );
+    let offline = without_broker(&events)?;
     let raw = raw_consume(&tansu.brokers(), &topics("tp"), events.len()).await?;
     let cfg = config(&tansu, &edge, "tp", "")?;
     let t = Instant::now();
@@ -197,6 +215,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         fold_s
     );
     println!("  ratio:            {:>10.2} × raw consume", pipeline / raw);
+    println!(
+        "  without broker:   {offline:>10.0} events/s  (same events and batches: validate + fold + outbox + delta + acknowledge, no Kafka, no HTTP)"
+    );
 
     // 2. latency at a steady moderate rate
     let cfg = config(&tansu, &edge, "lat", "")?;
@@ -275,6 +296,50 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     tansu.stop();
     Ok(())
+}
+
+/// The service's own cost per event: the store path fed from memory.
+fn without_broker(events: &[Outgoing]) -> anyhow::Result<f64> {
+    let dir = target_dir().join("origin-sync-bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("offline-{}.redb", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let d = Config::default();
+    let store = origin_sync::store::Store::open(
+        &path,
+        d.sync.user_key_secret.as_bytes(),
+        origin_sync::store::Window {
+            reorder_ms: d.store.reorder_window_ms,
+            max_events: d.store.max_window_events,
+        },
+    )?;
+    let t = Instant::now();
+    for (b, chunk) in events.chunks(d.kafka.max_batch).enumerate() {
+        let records: Vec<origin_sync::store::Record> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, m)| origin_sync::store::Record {
+                topic: "t".into(),
+                partition: 0,
+                offset: (b * d.kafka.max_batch + i) as i64,
+                event: shared::event::parse_event(&m.payload).ok(),
+            })
+            .collect();
+        let out = store.apply_batch(&records)?;
+        let keys: Vec<_> = out.touched.iter().map(|(k, _)| *k).collect();
+        for keys in keys.chunks(d.sync.max_batch_items) {
+            let items = store.prepare(keys)?;
+            let _frame = origin_sync::sink::sync_frame(&origin_sync::sink::OutBatch {
+                items: items.clone(),
+                documents: Vec::new(),
+            });
+            store.acknowledge(&items, &[], &[])?;
+        }
+    }
+    let rate = events.len() as f64 / t.elapsed().as_secs_f64();
+    drop(store);
+    let _ = std::fs::remove_file(&path);
+    Ok(rate)
 }
 
 /// Reads `n` messages from every partition of `topics` as fast as possible.

@@ -30,6 +30,8 @@ use shared::wire::{ConfigDoc, ConfigKind};
 const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
+/// What every sink last acknowledged per user (kept apart: acknowledging rewrites only this).
+const ACKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("acked");
 const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
 
 /// A user record as stored: key bytes and encoded state.
@@ -119,8 +121,8 @@ struct UserState {
     seen: Vec<u64>,
     /// Erased at (version, unix ms).
     erased: Option<(u64, u64)>,
-    /// What every sink last acknowledged.
-    acked: Option<Stored>,
+    /// `base` with the window folded on top, kept so in-order events fold incrementally.
+    current: Profile,
 }
 
 /// Outbox entry: the oldest event time not yet acknowledged.
@@ -164,8 +166,20 @@ impl UserState {
     fn fresh(key: &UserKey) -> Self {
         UserState {
             base: Profile::new(key.bucket()),
+            current: Profile::new(key.bucket()),
             ..UserState::default()
         }
+    }
+
+    /// Folds the window on top of the base again (after an out-of-order arrival).
+    fn refold(&mut self) {
+        let mut p = self.base.clone();
+        for w in &self.window {
+            if let Ok(e) = parse_event(&w.json) {
+                fold(&mut p, &e);
+            }
+        }
+        self.current = p;
     }
 
     fn insert(&mut self, ev: &Event, window: Window) -> Insert {
@@ -184,6 +198,7 @@ impl UserState {
             }
             fold(&mut self.base, ev);
             self.remember(h);
+            self.refold();
             return Insert::Late;
         }
         match self
@@ -191,14 +206,22 @@ impl UserState {
             .binary_search_by(|w| (w.ts_ms, w.id.as_str()).cmp(&key))
         {
             Ok(_) => return Insert::Duplicate,
-            Err(at) => self.window.insert(
-                at,
-                WindowEvent {
-                    ts_ms: ev.ts_ms,
-                    id: ev.id.clone(),
-                    json: ev.to_json_bytes(),
-                },
-            ),
+            Err(at) => {
+                let in_order = at == self.window.len();
+                self.window.insert(
+                    at,
+                    WindowEvent {
+                        ts_ms: ev.ts_ms,
+                        id: ev.id.clone(),
+                        json: ev.to_json_bytes(),
+                    },
+                );
+                if in_order {
+                    fold(&mut self.current, ev);
+                } else {
+                    self.refold();
+                }
+            }
         }
         let newest = self.window.last().map_or(0, |w| w.ts_ms);
         while let Some(first) = self.window.first() {
@@ -226,22 +249,15 @@ impl UserState {
 
     fn current(&self) -> Stored {
         if let Some((v, _)) = self.erased
-            && self.base.version == v
-            && self.window.is_empty()
+            && self.current.version == v
         {
             return Stored::Tombstone { version: v };
         }
-        let mut p = self.base.clone();
-        for w in &self.window {
-            if let Ok(e) = parse_event(&w.json) {
-                fold(&mut p, &e);
-            }
-        }
-        Stored::Profile(p)
+        Stored::Profile(self.current.clone())
     }
 
     fn current_version(&self) -> u64 {
-        self.base.version + self.window.len() as u64
+        self.current.version
     }
 }
 
@@ -294,6 +310,7 @@ impl Store {
         tx.open_table(USERS)?;
         tx.open_table(OFFSETS)?;
         tx.open_table(OUTBOX)?;
+        tx.open_table(ACKED)?;
         tx.open_table(DOCUMENTS)?;
         tx.commit()?;
         Ok(Store {
@@ -402,7 +419,6 @@ impl Store {
                 Some(g) => Some(decode(g.value(), "user")?),
                 None => None,
             };
-            let acked = old.as_ref().and_then(|s| s.acked.clone());
             let had = old.as_ref().map_or(0, UserState::current_version);
             let at = old
                 .as_ref()
@@ -412,12 +428,12 @@ impl Store {
             let mut base = Profile::new(key.bucket());
             base.version = version;
             let state = UserState {
+                current: base.clone(),
                 base,
                 window: Vec::new(),
                 frozen: None,
                 seen: Vec::new(),
                 erased: Some((version, at)),
-                acked,
             };
             users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
             outbox_t.insert(
@@ -457,6 +473,7 @@ impl Store {
         let tx = self.db.begin_read()?;
         let users_t = tx.open_table(USERS)?;
         let outbox_t = tx.open_table(OUTBOX)?;
+        let acked_t = tx.open_table(ACKED)?;
         let mut items = Vec::new();
         for key in keys {
             let Some(pending) = outbox_t.get(key.0.as_slice())? else {
@@ -468,7 +485,11 @@ impl Store {
             };
             let state: UserState = decode(state.value(), "user")?;
             let current = state.current();
-            if let Some(change) = change_for(state.acked.as_ref(), &current) {
+            let acked: Option<Stored> = match acked_t.get(key.0.as_slice())? {
+                Some(g) => Some(decode(g.value(), "acked")?),
+                None => None,
+            };
+            if let Some(change) = change_for(acked.as_ref(), &current) {
                 items.push(OutItem {
                     delta: Delta { user: *key, change },
                     stored: current,
@@ -490,46 +511,40 @@ impl Store {
         let tx = self.db.begin_write()?;
         let mut still = Vec::new();
         {
-            let mut users_t = tx.open_table(USERS)?;
+            let users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
-            let forget = |outbox_t: &mut redb::Table<&[u8], &[u8]>,
-                          users_t: &redb::Table<&[u8], &[u8]>,
-                          key: &UserKey|
-             -> Result<bool, StoreError> {
-                // true when the key is still pending
-                let Some(state) = users_t.get(key.0.as_slice())? else {
-                    outbox_t.remove(key.0.as_slice())?;
-                    return Ok(false);
+            let mut acked_t = tx.open_table(ACKED)?;
+            let mut settle = |key: &UserKey, acked: Option<&Stored>| -> Result<(), StoreError> {
+                let pending = match users_t.get(key.0.as_slice())? {
+                    Some(g) => {
+                        let state: UserState = decode(g.value(), "user")?;
+                        acked != Some(&state.current())
+                    }
+                    None => false,
                 };
-                let state: UserState = decode(state.value(), "user")?;
-                if state.acked.as_ref() == Some(&state.current()) {
-                    outbox_t.remove(key.0.as_slice())?;
-                    Ok(false)
+                if pending {
+                    still.push(*key);
                 } else {
-                    Ok(true)
+                    outbox_t.remove(key.0.as_slice())?;
                 }
+                Ok(())
             };
             for item in items {
                 let key = item.delta.user;
-                let mut state: UserState = match users_t.get(key.0.as_slice())? {
-                    Some(g) => decode(g.value(), "user")?,
-                    None => continue,
-                };
-                state.acked = if resend.contains(&key) {
-                    None
+                if resend.contains(&key) {
+                    acked_t.remove(key.0.as_slice())?;
+                    settle(&key, None)?;
                 } else {
-                    Some(item.stored.clone())
-                };
-                users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
-                if forget(&mut outbox_t, &users_t, &key)? {
-                    still.push(key);
+                    acked_t.insert(key.0.as_slice(), encode(&item.stored).as_slice())?;
+                    settle(&key, Some(&item.stored))?;
                 }
             }
             for key in cleanup {
-                if !forget(&mut outbox_t, &users_t, key)? {
-                    continue;
-                }
-                still.push(*key);
+                let acked: Option<Stored> = match acked_t.get(key.0.as_slice())? {
+                    Some(g) => Some(decode(g.value(), "acked")?),
+                    None => None,
+                };
+                settle(key, acked.as_ref())?;
             }
         }
         tx.commit()?;
