@@ -27,9 +27,10 @@ async fn exactly_once_across_sigkills() {
     let brokers = tansu.brokers();
     // produce while the service is being killed and restarted
     let producer = tokio::spawn(async move {
-        for chunk in messages.chunks(2000) {
+        // spread over the kills, so they land mid-batch and mid-push
+        for chunk in messages.chunks(500) {
             produce(&brokers, chunk).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
     let mut kills = 0;
@@ -285,5 +286,43 @@ async fn replay_rebuilds_state_from_the_log() {
     let text = text.replace(&edge.url(), &fresh.url());
     let service = InProcess::start(config(&text));
     converge(&fresh, &want, Duration::from_secs(60)).await;
+    service.stop().await;
+}
+
+/// An edge that lost its state answers patches with `resend`; origin-sync then sends
+/// snapshots through the outbox and the edge ends up exact again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_resend_is_repaired_with_snapshots() {
+    let Some(tansu) = broker("resend") else {
+        return;
+    };
+    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let dir = scratch("resend");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let events = traffic(50, 1000, "s", 23);
+    produce(
+        &tansu.brokers(),
+        &events.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let service = InProcess::start(cfg);
+    converge(&edge, &reference(&events), Duration::from_secs(60)).await;
+    // the edge forgets everything (a new KV namespace, say)
+    edge.state.lock().expect("state").profiles.clear();
+    let more = traffic(50, 1000, "s", 24)
+        .into_iter()
+        .map(|mut e| {
+            e.id = format!("more-{}", e.id);
+            e.ts_ms += 10_000_000;
+            e
+        })
+        .collect::<Vec<_>>();
+    produce(
+        &tansu.brokers(),
+        &more.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let all: Vec<_> = events.iter().chain(more.iter()).cloned().collect();
+    converge(&edge, &reference(&all), Duration::from_secs(60)).await;
     service.stop().await;
 }
