@@ -214,6 +214,8 @@ pub struct App {
     cache: RefCell<ProfileCache>,
     site: RefCell<Rc<Site>>,
     replay: RefCell<ReplayGuard>,
+    /// Signatures of `/v1/sync` batches recorded but still being applied.
+    in_flight: RefCell<std::collections::HashSet<[u8; 32]>>,
     config_checked_ms: Cell<Option<u64>>,
 }
 
@@ -226,6 +228,7 @@ impl App {
             )),
             replay: RefCell::new(ReplayGuard::new(config.sync_window_secs, REPLAY_CAPACITY)),
             site: RefCell::new(Rc::new(Site::bundled())),
+            in_flight: RefCell::default(),
             config_checked_ms: Cell::new(None),
             config,
         }
@@ -597,24 +600,23 @@ impl App {
         let Some(key) = self.key_of(who) else {
             return Reply::error(503, "erasure is unavailable: USER_KEY_SECRET is not set").into();
         };
-        // The tombstone must outrank what this edge holds, from the cache or KV.
-        let cached = self.cache.borrow().peek(&key).map(|e| e.version());
-        let held = match cached {
-            Some(v) => v,
-            None => match store.get(&key.kv_key()).await {
-                Ok(v) => v
-                    .and_then(|(bytes, meta)| {
-                        wire::decode_stored(&bytes)
-                            .ok()
-                            .map(|s| s.version())
-                            .or(meta)
-                    })
-                    .unwrap_or(0),
-                Err(e) => {
-                    return Reply::error(503, &format!("erasure not stored, retry: {e}")).into();
-                }
-            },
+        // The tombstone must outrank what this edge holds, in the cache *and* in KV (the cache
+        // may lag what other isolates synced; KV may lag this isolate's own writes).
+        let from_kv = match store.get(&key.kv_key()).await {
+            Ok(v) => v
+                .and_then(|(bytes, meta)| {
+                    wire::decode_stored(&bytes)
+                        .ok()
+                        .map(|s| s.version())
+                        .or(meta)
+                })
+                .unwrap_or(0),
+            Err(e) => {
+                return Reply::error(503, &format!("erasure not stored, retry: {e}")).into();
+            }
         };
+        let cached = self.cache.borrow().peek(&key).map_or(0, |e| e.version());
+        let held = from_kv.max(cached);
         let tombstone = Stored::Tombstone { version: held + 1 };
         if let Err(e) = store
             .put(&key.kv_key(), &wire::encode_stored(&tombstone), held + 1)
@@ -722,20 +724,22 @@ impl App {
     /// signature is only remembered once its batch was applied, so origin may treat it as an
     /// acknowledgement.
     async fn sync<S: Store>(&self, store: &S, req: &HttpRequest, now_ms: u64) -> Reply {
+        // Dropped at the end, or when the request is cancelled mid-batch: unless the batch
+        // took effect (200), its signature is forgotten so origin's retry is not a "replay".
         let mut recorded = None;
         let reply = self.sync_checked(store, req, now_ms, &mut recorded).await;
-        if let Some(sig) = recorded.filter(|_| reply.status != 200) {
-            self.replay.borrow_mut().forget(&sig);
+        if let Some(r) = recorded.as_mut() {
+            r.took_effect = reply.status == 200;
         }
         reply
     }
 
-    async fn sync_checked<S: Store>(
-        &self,
+    async fn sync_checked<'a, S: Store>(
+        &'a self,
         store: &S,
         req: &HttpRequest,
         now_ms: u64,
-        recorded: &mut Option<[u8; 32]>,
+        recorded: &mut Option<Recorded<'a>>,
     ) -> Reply {
         let Some(secret) = self.config.sync_secret.as_deref() else {
             return Reply::error(503, "sync is not configured: set the SYNC_SECRET secret");
@@ -772,12 +776,23 @@ impl App {
             Ok(raw) => raw,
             Err(e) => return Reply::error(401, &e.to_string()),
         };
-        if let Err(e @ AuthError::Replay) =
-            self.replay.borrow_mut().check_and_record(raw, ts, now_s)
-        {
+        let checked = self.replay.borrow_mut().check_and_record(raw, ts, now_s);
+        if let Err(e @ AuthError::Replay) = checked {
+            // 409 tells origin "already applied": only say it when that is true.
+            if self.in_flight.borrow().contains(&raw) {
+                return Reply::error(503, "this batch is still being applied; retry it");
+            }
+            if self.replay.borrow().len() >= REPLAY_CAPACITY {
+                return Reply::error(503, "replay memory is full; retry the batch later");
+            }
             return Reply::error(409, &e.to_string());
         }
-        *recorded = Some(raw);
+        self.in_flight.borrow_mut().insert(raw);
+        *recorded = Some(Recorded {
+            app: self,
+            sig: raw,
+            took_effect: false,
+        });
         let batch = match wire::decode_batch(&req.body) {
             Ok(b) => b,
             Err(e) => return Reply::error(400, &format!("undecodable sync frame: {e}")),
@@ -810,19 +825,20 @@ impl App {
                 }
                 SyncItem::Delta(d) => {
                     let key = d.user;
-                    // The cache holds what this isolate last wrote; otherwise ask KV.
+                    // The cache may lag KV (another isolate synced since it was fetched) and KV may
+                    // lag this isolate's own writes: the change applies to the newer of the two.
                     let cached = self.cache.borrow().peek(&key).and_then(|e| e.base());
-                    let mut held = match cached {
-                        Some(s) => Some(s),
-                        None => match store.get(&key.kv_key()).await {
-                            Ok(v) => v.and_then(|(bytes, _)| wire::decode_stored(&bytes).ok()),
-                            Err(e) => {
-                                return Reply::error(
-                                    503,
-                                    &format!("KV read failed, retry the batch: {e}"),
-                                );
-                            }
-                        },
+                    let mut held = match store.get(&key.kv_key()).await {
+                        Ok(v) => newer(
+                            cached,
+                            v.and_then(|(bytes, _)| wire::decode_stored(&bytes).ok()),
+                        ),
+                        Err(e) => {
+                            return Reply::error(
+                                503,
+                                &format!("KV read failed, retry the batch: {e}"),
+                            );
+                        }
                     };
                     match delta::apply(&mut held, &d.change) {
                         Ok(Applied::Updated) => {
@@ -848,7 +864,7 @@ impl App {
                         }
                         Ok(Applied::Duplicate) => duplicates += 1,
                         Err(ApplyError::Gap { .. }) => {
-                            self.cache.borrow_mut().remove(&key);
+                            self.cache.borrow_mut().drop_base(&key);
                             resend.push(key.to_hex());
                         }
                         Err(_) => invalid += 1,
@@ -861,8 +877,16 @@ impl App {
         if catalog.is_some() || rules.is_some() {
             match self.update_site(catalog.clone(), rules.clone()) {
                 Ok(()) => {
-                    for (key, doc) in [(CATALOG_KEY, &catalog), (RULES_KEY, &rules)] {
+                    let site = self.site();
+                    for (key, doc, active) in [
+                        (CATALOG_KEY, &catalog, site.catalog_version),
+                        (RULES_KEY, &rules, site.rules_version),
+                    ] {
                         if let Some((version, source)) = doc {
+                            // A late or resent batch must not move KV back to an older document.
+                            if *version < active {
+                                continue;
+                            }
                             if let Err(e) = store.put(key, source.as_bytes(), *version).await {
                                 return Reply::error(
                                     503,
@@ -954,6 +978,34 @@ impl App {
 }
 
 // ---- helpers ------------------------------------------------------------------------------
+
+/// A `/v1/sync` signature recorded in the replay guard while its batch is applied.
+struct Recorded<'a> {
+    app: &'a App,
+    sig: [u8; 32],
+    took_effect: bool,
+}
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        self.app.in_flight.borrow_mut().remove(&self.sig);
+        if !self.took_effect {
+            self.app.replay.borrow_mut().forget(&self.sig);
+        }
+    }
+}
+
+/// The newer of two stored values; a tombstone wins a tie with a profile.
+fn newer(a: Option<Stored>, b: Option<Stored>) -> Option<Stored> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let a_wins = a.version() > b.version()
+                || (a.version() == b.version() && matches!(a, Stored::Tombstone { .. }));
+            Some(if a_wins { a } else { b })
+        }
+        (a, b) => a.or(b),
+    }
+}
 
 fn is_page(path: &str) -> bool {
     path == "/"

@@ -54,6 +54,13 @@ impl Entry {
     }
 
     fn set_base(&mut self, stored: Option<&Stored>, fetched_at_ms: u64) {
+        // Erasure wins: a newly arrived tombstone also erases the local events folded over the
+        // old base (a tombstone carries no time to retire them by).
+        if let Some(Stored::Tombstone { version }) = stored
+            && (*version > self.version || !self.is_tombstone())
+        {
+            self.local.clear();
+        }
         self.base = stored.map(|s| wire::encode_stored(s).into_boxed_slice());
         self.version = stored.map_or(0, Stored::version);
         self.base_updated_at = stored
@@ -79,6 +86,11 @@ impl Entry {
         self.base
             .as_deref()
             .and_then(|b| wire::decode_stored(b).ok())
+    }
+
+    /// Whether the base is a tombstone (the shopper was erased).
+    pub fn is_tombstone(&self) -> bool {
+        matches!(self.base(), Some(Stored::Tombstone { .. }))
     }
 
     /// The version of the base (0 when there is none).
@@ -177,12 +189,32 @@ impl ProfileCache {
         Some(e)
     }
 
+    /// Drops the base of `key` (its version no longer fits what origin sends) so the next read
+    /// refetches it from KV, but keeps the shopper's local events: origin may not have them yet.
+    pub fn drop_base(&mut self, key: &UserKey) {
+        let keeps_events = self.lru.peek(key).is_some_and(|e| !e.local.is_empty());
+        if !keeps_events {
+            self.remove(key);
+            return;
+        }
+        self.modify(*key, 0, |e| {
+            e.base = None;
+            e.version = 0;
+            e.base_updated_at = Secs(0);
+            e.fetched_at_ms = 0; // past any TTL: the next lookup reads KV
+        });
+    }
+
     /// Records what KV returned for `key` (`None`: no value). Never moves a cached base
     /// backwards: KV is eventually consistent and may lag what `/v1/sync` already delivered.
     pub fn put_fetched(&mut self, key: UserKey, stored: Option<Stored>, now_ms: u64) {
         let fetched_version = stored.as_ref().map_or(0, Stored::version);
+        let fetched_profile = matches!(stored, Some(Stored::Profile(_)));
         self.modify(key, now_ms, |e| {
-            if fetched_version >= e.version {
+            // A tombstone wins a tie with a profile of the same version.
+            let tombstone_wins =
+                fetched_version == e.version && fetched_profile && e.is_tombstone();
+            if fetched_version >= e.version && !tombstone_wins {
                 e.set_base(stored.as_ref(), now_ms);
             } else {
                 e.fetched_at_ms = now_ms;
@@ -208,7 +240,7 @@ impl ProfileCache {
                 CacheApply::Applied(Applied::Updated)
             }
             Err(_) => {
-                self.remove(key);
+                self.drop_base(key);
                 CacheApply::Dropped
             }
         }
@@ -217,7 +249,13 @@ impl ProfileCache {
     /// Adds the shopper's own event (read-your-writes). Creates an entry with an empty base
     /// when the shopper is not cached; callers load the base from KV first where they can.
     pub fn push_local(&mut self, key: UserKey, event: Event, now_ms: u64) {
+        let unchecked = self.lru.peek(&key).is_none();
         self.modify(key, now_ms, |e| {
+            if unchecked {
+                // The base was never read (KV failed): leave it due for a read, or the
+                // shopper's KV profile would be hidden behind these events for a whole TTL.
+                e.fetched_at_ms = 0;
+            }
             if e.local.len() == MAX_LOCAL_EVENTS {
                 e.local.remove(0);
             }
@@ -390,6 +428,41 @@ mod tests {
             1,
             "not counted twice"
         );
+    }
+
+    #[test]
+    fn a_lagging_profile_of_the_tombstones_version_cannot_revive_it() {
+        let mut c = ProfileCache::new(10, usize::MAX);
+        c.put_fetched(key(1), Some(profile(4)), 0);
+        c.erase(key(1), Stored::Tombstone { version: 5 }, 1);
+        // KV (eventually consistent) still serves a profile of the same version
+        c.put_fetched(key(1), Some(profile(5)), 2);
+        assert!(
+            c.peek(&key(1)).unwrap().profile(0).is_none(),
+            "erasure wins the tie"
+        );
+    }
+
+    #[test]
+    fn a_tombstone_from_sync_or_kv_erases_local_events_too() {
+        let ts = 1_800_000_000_000;
+        let mut c = ProfileCache::new(10, usize::MAX);
+        c.put_fetched(key(1), Some(profile(4)), 0);
+        c.push_local(key(1), add_camera(ts), 0);
+        // another isolate erased the shopper; KV now holds the tombstone
+        c.put_fetched(key(1), Some(Stored::Tombstone { version: 5 }), 1);
+        assert!(c.peek(&key(1)).unwrap().profile(0).is_none(), "from KV");
+
+        let mut c = ProfileCache::new(10, usize::MAX);
+        c.put_fetched(key(1), Some(profile(4)), 0);
+        c.push_local(key(1), add_camera(ts), 0);
+        let r = c.apply(&key(1), &Change::Tombstone { version: 5 }, 1);
+        assert_eq!(r, CacheApply::Applied(Applied::Updated));
+        assert!(c.peek(&key(1)).unwrap().profile(0).is_none(), "from sync");
+        // acting again after the erasure shows, and survives a re-read of the same tombstone
+        c.push_local(key(1), add_camera(ts + 5_000), 2);
+        c.put_fetched(key(1), Some(Stored::Tombstone { version: 5 }), 3);
+        assert_eq!(c.peek(&key(1)).unwrap().profile(0).unwrap().cart.len(), 1);
     }
 
     #[test]

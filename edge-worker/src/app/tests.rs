@@ -2,7 +2,7 @@
 //! verification and versions, config hot reload, erasure, and every bad-input case.
 
 use super::*;
-use crate::store::MemoryStore;
+use crate::store::{MemoryStore, StoreError};
 use shared::delta::{Change, Delta, diff};
 use shared::event::parse_event;
 use shared::fold::fold;
@@ -715,4 +715,275 @@ fn a_batch_that_failed_to_store_can_be_retried_with_the_same_signature() {
         "not a replay: it never took effect"
     );
     assert_eq!(w.signed_sync(&frame).status, 409, "now it did");
+}
+
+// ---- review regressions -------------------------------------------------------------------
+
+#[test]
+fn a_late_older_config_document_never_replaces_a_newer_one_in_kv() {
+    let w = World::new();
+    let rules = format!("{DEMO_RULES_JSON}\n");
+    let doc = |version, source: &str| {
+        SyncItem::Config(ConfigDoc {
+            kind: ConfigKind::Rules,
+            version,
+            source: source.into(),
+        })
+    };
+    w.sync(vec![doc(7, &rules)]);
+    // a delayed batch with an older (here: unusable) document arrives
+    let out = w.sync(vec![doc(6, "garbage")]);
+    assert_eq!(out["config"], 0, "{out}");
+    let (bytes, version) = w.store.raw(RULES_KEY).unwrap();
+    assert_eq!(version, Some(7), "KV moved back to an older document");
+    assert_eq!(bytes, rules.as_bytes());
+}
+
+#[test]
+fn a_stale_cached_base_never_moves_kv_back() {
+    let w = World::new();
+    let e1 = event("alice", 1, VIEW_LAPTOP);
+    let v1 = profile_of("alice", std::slice::from_ref(&e1));
+    w.sync(vec![snapshot("alice", &v1)]);
+    w.get("/v1/recommendations", &alice()); // this isolate caches v1
+    // another isolate synced v7 since
+    let mut v7 = profile_of("alice", &[e1, event("alice", 2, ADD_CAMERA)]);
+    v7.version = 7;
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(v7)),
+        Some(7),
+    );
+    // a late snapshot v5 reaches this isolate
+    let mut v5 = v1.clone();
+    v5.version = 5;
+    let out = w.sync(vec![snapshot("alice", &v5)]);
+    assert_eq!(out["duplicates"], 1, "{out}");
+    assert_eq!(w.store.raw(&key("alice").kv_key()).unwrap().1, Some(7));
+}
+
+#[test]
+fn erasure_outranks_what_kv_holds_even_when_the_cache_lags() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    w.get("/v1/me", &alice()); // cached at version 1
+    let mut v5 = p.clone();
+    v5.version = 5;
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(v5.clone())),
+        Some(5),
+    );
+    let mut req = HttpRequest::get("/v1/me");
+    req.method = "DELETE".into();
+    req.headers = vec![("x-edgewise-user".into(), "alice".into())];
+    assert_eq!(w.send(req).reply.status, 202);
+    let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
+    assert_eq!(
+        wire::decode_stored(&bytes).unwrap(),
+        Stored::Tombstone { version: 6 }
+    );
+    // origin's pre-erasure snapshot at the version KV held next cannot revive the shopper
+    let mut v6 = v5;
+    v6.version = 6;
+    w.sync(vec![snapshot("alice", &v6)]);
+    assert_eq!(
+        w.get("/v1/me", &alice()).body_json()["profile"],
+        Value::Null
+    );
+}
+
+#[test]
+fn a_full_replay_memory_is_not_reported_as_already_applied() {
+    let w = World::new();
+    let now_s = w.now() / 1000;
+    {
+        let mut guard = w.app.replay.borrow_mut();
+        for n in 0..REPLAY_CAPACITY as u32 {
+            let mut sig = [0u8; 32];
+            sig[..4].copy_from_slice(&n.to_le_bytes());
+            guard.check_and_record(sig, now_s, now_s).unwrap();
+        }
+    }
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &p)],
+        },
+        Codec::Lz4,
+    );
+    let r = w.signed_sync(&frame);
+    assert_ne!(r.status, 409, "409 means applied, but nothing was");
+    assert!(w.store.raw(&key("alice").kv_key()).is_none());
+}
+
+/// A store whose reads wait until opened.
+struct GatedStore {
+    inner: MemoryStore,
+    closed: Cell<bool>,
+}
+
+impl Store for GatedStore {
+    async fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, StoreError> {
+        std::future::poll_fn(|_| {
+            if self.closed.get() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        self.inner.put(key, value, version).await
+    }
+}
+
+#[test]
+fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
+    let app = App::new(config());
+    let store = GatedStore {
+        inner: MemoryStore::new(),
+        closed: Cell::new(true),
+    };
+    let clock = TestClock(Cell::new(NOW_MS as f64));
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &p)],
+        },
+        Codec::Lz4,
+    );
+    let ts = NOW_MS / 1000;
+    let req = HttpRequest {
+        method: "POST".into(),
+        path: "/v1/sync".into(),
+        headers: vec![
+            (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
+            (
+                auth::SIGNATURE_HEADER.into(),
+                auth::sign(SYNC_SECRET.as_bytes(), ts, &frame),
+            ),
+        ],
+        body: frame,
+        ..HttpRequest::default()
+    };
+    let mut first = Box::pin(app.handle(&store, &clock, &req, || [1; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    // origin timed out and retries while the first attempt waits on KV
+    let retry = run(app.handle(&store, &clock, &req, || [1; 16]));
+    assert_ne!(retry.reply.status, 409, "not applied yet");
+    // the first attempt then fails
+    store.inner.set_failing(true);
+    store.closed.set(false);
+    let Poll::Ready(h) = first.as_mut().poll(&mut cx) else {
+        panic!("pending")
+    };
+    assert_eq!(h.reply.status, 503);
+    store.inner.set_failing(false);
+    assert_eq!(
+        run(app.handle(&store, &clock, &req, || [1; 16]))
+            .reply
+            .status,
+        200
+    );
+    drop(first);
+
+    // a request cancelled mid-batch (the future dropped) does not count as applied either
+    let p2 = profile_of("bob", &[event("bob", 1, ADD_CAMERA)]);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("bob", &p2)],
+        },
+        Codec::Lz4,
+    );
+    let mut req = req.clone();
+    req.headers[1].1 = auth::sign(SYNC_SECRET.as_bytes(), ts, &frame);
+    req.body = frame;
+    store.closed.set(true);
+    let mut cancelled = Box::pin(app.handle(&store, &clock, &req, || [1; 16]));
+    assert!(cancelled.as_mut().poll(&mut cx).is_pending());
+    drop(cancelled);
+    store.closed.set(false);
+    assert_eq!(
+        run(app.handle(&store, &clock, &req, || [1; 16]))
+            .reply
+            .status,
+        200
+    );
+}
+
+#[test]
+fn a_tombstone_synced_from_origin_hides_local_events_too() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let body = format!(r#"{{"event_id":"x1","ts":{},{ADD_CAMERA}}}"#, w.now());
+    assert_eq!(
+        w.post("/v1/events", &alice(), body.as_bytes()).reply.status,
+        202
+    );
+    // erased through another edge; origin pushes the tombstone
+    w.sync(vec![SyncItem::Delta(Delta {
+        user: key("alice"),
+        change: Change::Tombstone { version: 2 },
+    })]);
+    assert_eq!(
+        w.get("/v1/me", &alice()).body_json()["profile"],
+        Value::Null
+    );
+}
+
+#[test]
+fn a_gap_keeps_the_shoppers_own_events() {
+    let w = World::new();
+    let e1 = event("alice", 1, VIEW_LAPTOP);
+    let v1 = profile_of("alice", std::slice::from_ref(&e1));
+    w.sync(vec![snapshot("alice", &v1)]);
+    let body = format!(r#"{{"event_id":"x1","ts":{},{ADD_CAMERA}}}"#, w.now());
+    assert_eq!(
+        w.post("/v1/events", &alice(), body.as_bytes()).reply.status,
+        202
+    );
+    // origin moved on (v5 -> v6) without the local event; this edge holds v1: a gap
+    let mut v5 = v1.clone();
+    v5.version = 5;
+    let mut v6 = v5.clone();
+    v6.version = 6;
+    v6.views += 1;
+    let out = w.sync(vec![SyncItem::Delta(Delta {
+        user: key("alice"),
+        change: diff(&v5, &v6),
+    })]);
+    assert_eq!(out["resend"], json!([key("alice").to_hex()]));
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["pending_local_events"], 1, "{me}");
+    assert_eq!(me["profile"]["cart"][0]["item"], "cam-001", "{me}");
+}
+
+#[test]
+fn events_accepted_while_kv_failed_do_not_hide_the_profile_once_it_answers() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(p)),
+        Some(1),
+    );
+    w.store.set_failing(true);
+    let body = format!(r#"{{"event_id":"x1","ts":{},{ADD_CAMERA}}}"#, w.now());
+    assert_eq!(
+        w.post("/v1/events", &alice(), body.as_bytes()).reply.status,
+        202
+    );
+    w.store.set_failing(false);
+    w.advance(1000);
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["profile_version"], 1, "{me}");
+    assert_eq!(me["profile"]["recently_viewed"][0], "lap-001", "{me}");
+    assert_eq!(me["profile"]["cart"][0]["item"], "cam-001", "{me}");
 }
