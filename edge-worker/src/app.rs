@@ -627,8 +627,12 @@ impl App {
         self.cache.borrow_mut().erase(key, tombstone, now_ms);
         let mut outbound = Vec::new();
         if let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret) {
-            let url = format!("{origin}/users/{}", percent_encode(&who.user_id()));
-            outbound.push(signed(secret, "DELETE", url, Vec::new(), now_ms));
+            let user = who.user_id();
+            let url = format!("{origin}/users/{}", percent_encode(&user));
+            // The signature covers the body only, so the body names the user: a captured
+            // erasure request cannot be replayed against another user's path.
+            let body = serde_json::to_vec(&json!({ "user_id": user })).unwrap_or_default();
+            outbound.push(signed(secret, "DELETE", url, body, now_ms));
         }
         let mut reply = Reply::json(202, &json!({ "erased": true, "version": held + 1 }));
         if matches!(who, Identity::Visitor { .. }) {

@@ -484,6 +484,10 @@ fn erasure_removes_the_profile_and_older_updates_cannot_bring_it_back() {
     assert_eq!(h.reply.status, 202);
     assert_eq!(h.outbound[0].method, "DELETE");
     assert_eq!(h.outbound[0].url, "http://origin.test/users/alice");
+    assert_eq!(
+        h.outbound[0].body, br#"{"user_id":"alice"}"#,
+        "the signed body names the user"
+    );
     let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
     assert_eq!(
         wire::decode_stored(&bytes).unwrap(),
