@@ -121,13 +121,30 @@ async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> 
     }
 }
 
-async fn erase(State(st): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+/// `DELETE /users/{id}`, signed, with the body `{"user_id": id}`: the signature covers only
+/// the timestamp and the body, so the body must name the user, or a captured request could be
+/// replayed against any other user's path within the signature window.
+async fn erase(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let secret = st.shared.config.sync.sync_secret.as_bytes();
-    if let Some(r) = check_signature(secret, &headers, b"") {
+    if let Some(r) = check_signature(secret, &headers, &body) {
         return r;
     }
     if id.is_empty() || id.len() > 256 {
         return error(StatusCode::BAD_REQUEST, "user id must be 1 to 256 bytes");
+    }
+    let named = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("user_id").and_then(|u| u.as_str()).map(str::to_owned));
+    if named.as_deref() != Some(id.as_str()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the signed body must name the user in the path: {\"user_id\": \"<id>\"}",
+        );
     }
     let store = st.shared.store.clone();
     let result = tokio::task::spawn_blocking(move || store.erase(&id, now_ms())).await;

@@ -103,7 +103,9 @@ pub async fn consume(
     }
     let linger = Duration::from_millis(cfg.batch_linger_ms);
     let max_outbox = shared.config.sync.max_outbox as u64;
-    loop {
+    // one store transaction runs while the next batch is collected; they commit in order
+    let mut inflight: Option<Inflight> = None;
+    'batches: loop {
         // backpressure: wait for room in the outbox before taking more
         let mut paused = false;
         loop {
@@ -120,13 +122,13 @@ pub async fn consume(
                 paused = true;
             }
             tokio::select! {
-                _ = shutdown.changed() => return Ok(()),
+                _ = shutdown.changed() => break 'batches,
                 _ = shared.room.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
         if *shutdown.borrow() {
-            return Ok(());
+            break 'batches;
         }
         let mut records: Vec<Record> = Vec::new();
         let mut rejects: Vec<Reject> = Vec::new();
@@ -157,17 +159,37 @@ pub async fn consume(
                 event,
             });
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => return Ok(()),
-            m = consumer.recv() => match m {
-                Ok(m) => take(&m, &mut records, &mut rejects),
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka consume error; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+        // overlap the previous batch's transaction with this batch only while messages are
+        // waiting; otherwise finish it first, so an idle stream is never left unpublished
+        let ready = if inflight.is_some() {
+            tokio::time::timeout(Duration::ZERO, consumer.recv())
+                .await
+                .ok()
+        } else {
+            None
+        };
+        let first = match ready {
+            Some(m) => m,
+            None => {
+                if let Some(previous) = inflight.take()
+                    && !finish(&shared, &consumer, previous).await?
+                {
+                    return Ok(());
                 }
-            },
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => break 'batches,
+                    m = consumer.recv() => m,
+                }
+            }
+        };
+        match first {
+            Ok(m) => take(&m, &mut records, &mut rejects),
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka consume error; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         }
         let deadline = tokio::time::Instant::now() + linger;
         while records.len() < cfg.max_batch {
@@ -200,7 +222,7 @@ pub async fn consume(
             while let Err(e) = produce_all(&producer, &out).await {
                 tracing::warn!(error = %e, topic = %cfg.dead_letter_topic, "dead-letter produce failed; retrying");
                 if *shutdown.borrow() {
-                    return Ok(());
+                    break 'batches;
                 }
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 delay = (delay * 2).min(5000);
@@ -215,32 +237,62 @@ pub async fn consume(
                 .emit(&shared.metrics);
             }
         }
-        let started = Instant::now();
+        if let Some(previous) = inflight.take()
+            && !finish(&shared, &consumer, previous).await?
+        {
+            return Ok(());
+        }
         let n = records.len() as u64;
         let store = shared.store.clone();
-        let records = Arc::new(records);
-        let recs = records.clone();
-        let outcome = blocking(move || store.apply_batch(&recs)).await?;
-        BatchFolded {
-            messages: n,
-            outcome: &outcome,
-            micros: started.elapsed().as_micros() as u64,
-        }
-        .emit(&shared.metrics);
-        if !outcome.touched.is_empty() {
-            let keys = outcome.touched.iter().map(|(k, _)| *k).collect();
-            if shared.touched.send(keys).await.is_err() {
-                return Ok(());
-            }
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (t, p, next) in &outcome.offsets {
-            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*next));
-        }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            tracing::debug!(error = %e, "kafka offset commit failed; the store's offsets stay authoritative");
+        inflight = Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let outcome = store.apply_batch(&records);
+            (outcome, n, started.elapsed())
+        }));
+    }
+    if let Some(previous) = inflight.take() {
+        finish(&shared, &consumer, previous).await?;
+    }
+    Ok(())
+}
+
+type Inflight = tokio::task::JoinHandle<(
+    Result<crate::store::BatchOutcome, StoreError>,
+    u64,
+    Duration,
+)>;
+
+/// Waits for a batch's store transaction, then hands its users to the sender and commits its
+/// offsets to Kafka. False when the sender is gone (shutting down).
+async fn finish(
+    shared: &Shared,
+    consumer: &StreamConsumer,
+    inflight: Inflight,
+) -> Result<bool, PipelineError> {
+    let (outcome, n, took) = inflight
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?;
+    let outcome = outcome?;
+    BatchFolded {
+        messages: n,
+        outcome: &outcome,
+        micros: took.as_micros() as u64,
+    }
+    .emit(&shared.metrics);
+    if !outcome.touched.is_empty() {
+        let keys = outcome.touched.iter().map(|(k, _)| *k).collect();
+        if shared.touched.send(keys).await.is_err() {
+            return Ok(false);
         }
     }
+    let mut tpl = TopicPartitionList::new();
+    for (t, p, next) in &outcome.offsets {
+        let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*next));
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::debug!(error = %e, "kafka offset commit failed; the store's offsets stay authoritative");
+    }
+    Ok(true)
 }
 
 /// Every partition of `topics`, each at the store's next offset (or the beginning).

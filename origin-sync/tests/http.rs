@@ -167,10 +167,25 @@ async fn ingest_erasure_and_documents() {
         .await
         .expect("delete");
     assert_eq!(r.status(), 401);
-    let r = signed(client.delete(format!("{base}/users/{user}")), b"")
-        .send()
-        .await
-        .expect("delete");
+    // a signed erasure for someone else cannot be pointed at this user
+    let r = signed(
+        client.delete(format!("{base}/users/{user}")),
+        br#"{"user_id":"someone-else"}"#,
+    )
+    .body(r#"{"user_id":"someone-else"}"#)
+    .send()
+    .await
+    .expect("delete");
+    assert_eq!(r.status(), 400);
+    let body = format!(r#"{{"user_id":"{user}"}}"#);
+    let r = signed(
+        client.delete(format!("{base}/users/{user}")),
+        body.as_bytes(),
+    )
+    .body(body.clone())
+    .send()
+    .await
+    .expect("delete");
     assert_eq!(r.status(), 202);
     wait_for(
         || matches!(edge.get(&k), Some(Stored::Tombstone { version }) if version == had + 1),
@@ -266,10 +281,15 @@ async fn kv_bulk_requests_follow_the_cloudflare_format() {
     let k = key(user);
     let client = reqwest::Client::new();
     let ts = now();
+    let body = format!(r#"{{"user_id":"{user}"}}"#);
     let r = client
         .delete(format!("{base}/users/{user}"))
         .header(TIMESTAMP_HEADER, ts.to_string())
-        .header(SIGNATURE_HEADER, sign(secret().as_bytes(), ts, b""))
+        .header(
+            SIGNATURE_HEADER,
+            sign(secret().as_bytes(), ts, body.as_bytes()),
+        )
+        .body(body)
         .send()
         .await
         .expect("delete");

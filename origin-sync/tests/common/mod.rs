@@ -98,12 +98,20 @@ impl InProcess {
         }
     }
 
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         let _ = self.stop.send(true);
-        match tokio::time::timeout(Duration::from_secs(20), self.task).await {
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
+        match tokio::time::timeout(Duration::from_secs(20), task).await {
             Ok(Ok(Ok(()))) => {}
             other => panic!("service did not stop cleanly: {other:?}"),
         }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        // a failing test unwinds through here: let the service stop instead of lingering
+        let _ = self.stop.send(true);
     }
 }
 
