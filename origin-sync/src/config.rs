@@ -125,7 +125,7 @@ pub struct SyncConfig {
     pub user_key_secret: String,
     /// At most one write per user key per this window (KV allows one per second per key).
     pub coalesce_window_ms: u64,
-    /// Most items in one sync batch.
+    /// Most items in one sync batch (at most 450 with edge sinks: the edge's per-request limit).
     pub max_batch_items: usize,
     /// Consumption pauses while more users than this wait to be delivered.
     pub max_outbox: usize,
@@ -142,7 +142,7 @@ impl Default for SyncConfig {
             sync_secret: DEV_SYNC_SECRET.into(),
             user_key_secret: DEV_USER_KEY_SECRET.into(),
             coalesce_window_ms: 1000,
-            max_batch_items: 1000,
+            max_batch_items: 400,
             max_outbox: 100_000,
             retry_initial_ms: 100,
             retry_max_ms: 10_000,
@@ -300,6 +300,14 @@ impl Config {
         }
         if !(1..=shared::wire::MAX_BATCH_ITEMS).contains(&self.sync.max_batch_items) {
             return bad("sync.max_batch_items", "must be between 1 and 4096");
+        }
+        if !self.sinks.edge_urls.is_empty()
+            && self.sync.max_batch_items > shared::wire::MAX_EDGE_SYNC_DELTAS
+        {
+            return bad(
+                "sync.max_batch_items",
+                "must be at most 450 when edge_urls are set: the edge takes at most 450 deltas per /v1/sync request",
+            );
         }
         if self.sync.max_outbox == 0 {
             return bad("sync.max_outbox", "must be at least 1");
