@@ -314,3 +314,31 @@ async fn kv_bulk_requests_follow_the_cloudflare_format() {
     );
     service.stop().await;
 }
+
+/// A bad config stops the binary at start with a message naming what to fix.
+#[test]
+fn invalid_config_is_refused_at_start() {
+    let dir = scratch("badcfg");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[kafka]\nbrokers = \"x:1\"\nmax_batchh = 3\n").expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
+        .arg("--config")
+        .arg(&path)
+        .arg("run")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_batchh"), "{err}");
+    std::fs::write(&path, "[sync]\nmax_batch_items = 0\n").expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
+        .arg("--config")
+        .arg(&path)
+        .arg("run")
+        .env("ORIGIN_SYNC__SYNC__MAX_BATCH_ITEMS", "9999")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sync.max_batch_items"), "{err}");
+}
