@@ -31,9 +31,8 @@ use std::rc::Rc;
 pub const MAX_EVENTS_BODY: usize = 64 * 1024;
 /// Longest query string looked at.
 pub const MAX_QUERY: usize = 2048;
-/// Most delta items one `/v1/sync` request may carry: each costs up to two KV operations and
-/// a Workers invocation may make about a thousand.
-pub const MAX_SYNC_ITEMS: usize = 450;
+/// Most delta items one `/v1/sync` request may carry (origin-sync validates against it).
+pub const MAX_SYNC_ITEMS: usize = wire::MAX_EDGE_SYNC_DELTAS;
 /// KV keys of the published catalog and rules.
 pub const CATALOG_KEY: &str = "cfg:catalog";
 pub const RULES_KEY: &str = "cfg:rules";

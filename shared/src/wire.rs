@@ -28,6 +28,9 @@ pub const MAX_BODY_BYTES: usize = 8 << 20;
 pub const MAX_STORED_BYTES: usize = 64 << 10;
 /// Most items in one sync batch: bounds decoded memory, not just bytes (see `bounded`).
 pub const MAX_BATCH_ITEMS: usize = 4096;
+/// Most deltas the edge's `/v1/sync` takes in one request: each may cost a KV read and a
+/// write, and a Workers invocation may make about a thousand KV operations.
+pub const MAX_EDGE_SYNC_DELTAS: usize = 450;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]

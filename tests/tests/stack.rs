@@ -105,7 +105,7 @@ rules = "{rules}"
     .unwrap();
     let log = std::fs::File::create(dir.join("origin-sync.log")).unwrap();
     let _origin = Origin(
-        Command::new(bin)
+        Command::new(&bin)
             .arg("--config")
             .arg(&config)
             .arg("run")
@@ -172,6 +172,47 @@ rules = "{rules}"
         me["profile"],
         Value::Null,
         "{me}\norigin log:\n{}",
+        origin_log()
+    );
+
+    // a burst: 1000 shoppers, 3000 events straight into Kafka. Every event must reach the edge
+    // exactly once: versions count folded events, so they must add up to 3000.
+    let (users, events) = (1000, 3000u64);
+    let sim = Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .args(["simulate", "--rate", "0", "--users", &users.to_string()])
+        .args(["--events", &events.to_string(), "--prefix", "burst"])
+        .output()
+        .unwrap();
+    assert!(
+        sim.status.success(),
+        "simulate failed: {}",
+        String::from_utf8_lossy(&sim.stderr)
+    );
+    let start = Instant::now();
+    let total = loop {
+        let total: u64 = (0..users)
+            .map(|n| {
+                let user = format!("burst-u{n}");
+                json_of(edge.port, "/v1/me", &[("x-edgewise-user", &user)])["profile_version"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum();
+        if total >= events || start.elapsed() > Duration::from_secs(60) {
+            break total;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    println!(
+        "burst of {events} events over {users} shoppers at the edge after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        total,
+        events,
+        "events folded at the edge\norigin log:\n{}",
         origin_log()
     );
 }
