@@ -84,7 +84,7 @@ impl Default for KafkaConfig {
                 "purchase_events".into(),
             ],
             dead_letter_topic: "events_dlq".into(),
-            max_batch: 5000,
+            max_batch: 20000,
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,
             assignment: Assignment::Static,
