@@ -326,3 +326,25 @@ async fn edge_resend_is_repaired_with_snapshots() {
     converge(&edge, &reference(&all), Duration::from_secs(60)).await;
     service.stop().await;
 }
+
+/// `assignment = "group"`: partitions come from the consumer group's rebalancing; the store's
+/// offsets still decide what was folded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_group_assignment_works() {
+    let Some(tansu) = broker("group") else { return };
+    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let dir = scratch("group");
+    let text = config_toml(&tansu, &edge, &dir, "").replace(
+        "group_id = \"test\"",
+        "group_id = \"test\"\nassignment = \"group\"",
+    );
+    let events = traffic(50, 2000, "g", 29);
+    produce(
+        &tansu.brokers(),
+        &events.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let service = InProcess::start(config(&text));
+    converge(&edge, &reference(&events), Duration::from_secs(60)).await;
+    service.stop().await;
+}
