@@ -132,6 +132,19 @@ fn bench(extra: &[String]) -> Result<()> {
         .args(["bench", "-p", "edge-worker", "--bench", "cache_memory"])
         .cwd(root())
         .run()?;
+    step("origin-sync: throughput vs raw consume, event -> ack latency, KV writes per event");
+    Cmd::new("cargo")
+        .args([
+            "run",
+            "--profile",
+            "native",
+            "-p",
+            "origin-sync",
+            "--",
+            "bench",
+        ])
+        .cwd(root())
+        .run()?;
     step("edge: load on workerd (wrk against wrangler dev; about a minute)");
     Cmd::new("cargo")
         .args([
