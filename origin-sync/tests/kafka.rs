@@ -237,11 +237,22 @@ async fn broker_restart_mid_stream() {
     let events = traffic(200, 6000, "r", 13);
     let want = reference(&events);
     let messages: Vec<_> = events.iter().map(outgoing).collect();
-    produce(&tansu.brokers(), &messages[..3000]).await;
+    produce(&tansu.brokers(), &messages[..2000]).await;
     let service = InProcess::start(cfg);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    tansu.restart().expect("broker restarts");
-    produce(&tansu.brokers(), &messages[3000..]).await;
+    // the rest is produced in small chunks while origin-sync consumes; the broker restarts in
+    // the middle of that, so consumer, producer and sinks all see it go away mid-stream
+    let brokers = tansu.brokers();
+    let rest = messages[2000..].to_vec();
+    let producing = tokio::spawn(async move {
+        for chunk in rest.chunks(200) {
+            produce(&brokers, chunk).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!producing.is_finished(), "the restart must land mid-stream");
+    tokio::task::block_in_place(|| tansu.restart()).expect("broker restarts");
+    producing.await.expect("producer task");
     converge(&edge, &want, Duration::from_secs(90)).await;
     service.stop().await;
 }
