@@ -264,10 +264,14 @@ impl ProfileCache {
     }
 
     /// Erases the shopper locally: the base becomes `tombstone`, local events are gone.
+    /// Never lowers the held version: should a sync have moved the entry past the tombstone
+    /// while the erasure was being stored, the tombstone takes that version (a tombstone wins
+    /// a tie), and origin's own tombstone settles the rest.
     pub fn erase(&mut self, key: UserKey, tombstone: Stored, now_ms: u64) {
         self.modify(key, now_ms, |e| {
+            let version = tombstone.version().max(e.version);
             e.local.clear();
-            e.set_base(Some(&tombstone), now_ms);
+            e.set_base(Some(&Stored::Tombstone { version }), now_ms);
         });
     }
 
@@ -463,6 +467,16 @@ mod tests {
         c.push_local(key(1), add_camera(ts + 5_000), 2);
         c.put_fetched(key(1), Some(Stored::Tombstone { version: 5 }), 3);
         assert_eq!(c.peek(&key(1)).unwrap().profile(0).unwrap().cart.len(), 1);
+    }
+
+    #[test]
+    fn erasure_never_lowers_the_cached_version() {
+        let mut c = ProfileCache::new(10, usize::MAX);
+        c.put_fetched(key(1), Some(profile(7)), 0);
+        c.erase(key(1), Stored::Tombstone { version: 5 }, 1);
+        let e = c.peek(&key(1)).unwrap();
+        assert_eq!(e.version(), 7);
+        assert!(e.profile(0).is_none());
     }
 
     #[test]

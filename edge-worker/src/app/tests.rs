@@ -600,6 +600,7 @@ fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
         ("GET", "/v1/recommendations?item=no-such-sku", vec![], vec![], 400, "not in the catalog"),
         ("GET", "/v1/recommendations?slot=%ZZ", vec![], vec![], 400, "percent-encoded"),
         ("GET", "/v1/recommendations?slot=%C3%28", vec![], vec![], 400, "percent-encoded"),
+        ("GET", "/v1/recommendations?slot=%+1", vec![], vec![], 400, "percent-encoded"),
         ("GET", "/v1/recommendations?country=usa", vec![], vec![], 400, "country"),
         ("GET", long_query.as_str(), vec![], vec![], 400, "longer than"),
         ("GET", "/v1/recommendations", bad_cookie.iter().map(|(k, v)| (*k, v.to_string())).collect(), vec![], 400, "ew_vid cookie"),
