@@ -1,7 +1,7 @@
 //! Harness for Edgewise's end-to-end tests: starts real processes (today `wrangler dev` running
 //! the worker on workerd) on free loopback ports, waits until they are healthy, and stops them
 //! (with their children) when dropped. Tiny on purpose: a blocking HTTP/1.1 client on
-//! `std::net` is all the tests need, and it keeps this crate dependency-free.
+//! `std::net` is all the tests need, and it keeps the harness free of HTTP dependencies.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -9,6 +9,44 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The development secrets in `.dev.vars` (origin-sync's embedded defaults are the same).
+pub const DEV_SYNC_SECRET: &[u8] = b"dev-sync-secret";
+pub const DEV_USER_KEY_SECRET: &[u8] = b"dev-user-key-secret";
+
+/// `POST /v1/sync` with `frame`, signed at `ts` with `signature`.
+pub fn post_sync(
+    port: u16,
+    frame: &[u8],
+    ts: u64,
+    signature: &str,
+) -> std::io::Result<HttpResponse> {
+    let ts = ts.to_string();
+    http(
+        port,
+        "POST",
+        "/v1/sync",
+        &[
+            ("x-edgewise-timestamp", &ts),
+            ("x-edgewise-signature", signature),
+            ("content-type", "application/octet-stream"),
+        ],
+        frame,
+    )
+}
+
+/// [`post_sync`] signed now with the development secret, as origin-sync would.
+pub fn signed_sync(port: u16, frame: &[u8]) -> std::io::Result<HttpResponse> {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    post_sync(
+        port,
+        frame,
+        ts,
+        &shared::auth::sign(DEV_SYNC_SECRET, ts, frame),
+    )
+}
 
 /// The workspace root.
 pub fn root() -> PathBuf {

@@ -36,6 +36,10 @@ pub const MAX_SYNC_ITEMS: usize = wire::MAX_EDGE_SYNC_DELTAS;
 /// KV keys of the published catalog and rules.
 pub const CATALOG_KEY: &str = "cfg:catalog";
 pub const RULES_KEY: &str = "cfg:rules";
+/// The header for per-shopper answers: no browser or shared cache may keep them.
+fn no_store() -> (&'static str, String) {
+    ("cache-control", "private, no-store".into())
+}
 /// Replay memory: signatures seen within the window, at most this many.
 const REPLAY_CAPACITY: usize = 100_000;
 
@@ -441,16 +445,13 @@ impl App {
         ctx.device = query.device.unwrap_or_else(|| device_of(req));
         ctx.country = ctx.country.or_else(|| country_of(req));
         let t0 = clock.now_ms();
-        let (body, tier) = recommend_json(&site, found.profile.as_ref(), &ctx, found.tier);
+        let (mut body, tier) = recommend_json(&site, found.profile.as_ref(), &ctx, found.tier);
         let rec_ms = clock.now_ms() - t0;
-        let mut body = body;
         body["tier"] = tier.as_str().into();
         body["profile_version"] = found.version.into();
         let mut reply = Reply::json(200, &body);
         tier_headers(&mut reply, tier, &found, rec_ms);
-        reply
-            .headers
-            .push(("cache-control", "private, no-store".into()));
+        reply.headers.push(no_store());
         reply
     }
 
@@ -583,9 +584,7 @@ impl App {
                 "profile": found.profile.as_ref().map(|p| profile_json(p, &site.catalog)),
             }),
         );
-        reply
-            .headers
-            .push(("cache-control", "private, no-store".into()));
+        reply.headers.push(no_store());
         reply
     }
 
@@ -705,7 +704,7 @@ impl App {
         let mut reply = Reply {
             status: 200,
             content_type: "text/html; charset=utf-8",
-            headers: vec![("cache-control", "private, no-store".into())],
+            headers: vec![no_store()],
             body: if req.method == "HEAD" {
                 Vec::new()
             } else {

@@ -5,7 +5,6 @@
 //! Usage: `edge-load [SECONDS_PER_RUN]` with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench`
 //! does both). Prints a table and the ratios; exits non-zero if a run fails outright.
 
-use shared::auth;
 use shared::catalog::Catalog;
 use shared::delta::{Change, Delta};
 use shared::ids::Secs;
@@ -16,8 +15,7 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tests::{http, start_worker_with, temp_dir, worker_bundle};
 
-const SYNC_SECRET: &[u8] = b"dev-sync-secret";
-const USER_KEY_SECRET: &[u8] = b"dev-user-key-secret";
+const USER_KEY_SECRET: &[u8] = tests::DEV_USER_KEY_SECRET;
 const USERS: usize = 10_000;
 const WARM_USERS: usize = 500;
 const CONNECTIONS: &str = "4";
@@ -176,20 +174,7 @@ fn seed(port: u16, users: &[String]) -> Result<(), String> {
             },
             Codec::Lz4,
         );
-        // distinct timestamps per batch are not needed: the frames differ
-        let ts = now_ms / 1000;
-        let sig = auth::sign(SYNC_SECRET, ts, &frame);
-        let r = http(
-            port,
-            "POST",
-            "/v1/sync",
-            &[
-                (auth::TIMESTAMP_HEADER, &ts.to_string()),
-                (auth::SIGNATURE_HEADER, &sig),
-            ],
-            &frame,
-        )
-        .map_err(|e| e.to_string())?;
+        let r = tests::signed_sync(port, &frame).map_err(|e| e.to_string())?;
         if r.status != 200 {
             return Err(format!(
                 "sync batch {i} answered {}: {}",

@@ -15,9 +15,8 @@ use shared::wire::{Codec, SyncBatch, SyncItem, encode_batch};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tests::{FakeOrigin, HttpResponse, Service, http, start_worker_with, temp_dir, worker_bundle};
 
-/// The development secrets in `.dev.vars`.
-const SYNC_SECRET: &[u8] = b"dev-sync-secret";
-const USER_KEY_SECRET: &[u8] = b"dev-user-key-secret";
+const SYNC_SECRET: &[u8] = tests::DEV_SYNC_SECRET;
+const USER_KEY_SECRET: &[u8] = tests::DEV_USER_KEY_SECRET;
 
 fn worker(name: &str, vars: &[(&str, &str)]) -> Option<Service> {
     if worker_bundle().is_none() {
@@ -67,24 +66,11 @@ fn snapshot_frame(users: &[(&str, Profile)]) -> Vec<u8> {
 }
 
 fn sync(port: u16, frame: &[u8], ts: u64, signature: &str) -> HttpResponse {
-    let ts = ts.to_string();
-    http(
-        port,
-        "POST",
-        "/v1/sync",
-        &[
-            (auth::TIMESTAMP_HEADER, &ts),
-            (auth::SIGNATURE_HEADER, signature),
-            ("content-type", "application/octet-stream"),
-        ],
-        frame,
-    )
-    .unwrap()
+    tests::post_sync(port, frame, ts, signature).unwrap()
 }
 
 fn signed_sync(port: u16, frame: &[u8]) -> HttpResponse {
-    let ts = now_ms() / 1000;
-    sync(port, frame, ts, &auth::sign(SYNC_SECRET, ts, frame))
+    tests::signed_sync(port, frame).unwrap()
 }
 
 fn cache_entries(port: u16) -> u64 {
