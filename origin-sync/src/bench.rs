@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Events in the hot-user phase (sent over about five seconds).
     #[arg(long, default_value_t = 10_000)]
     hot_events: usize,
+    /// Where the broker keeps its log: `sqlite` (as in the tests; survives restarts) or
+    /// `memory` (the broker's own ceiling is higher).
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "memory"])]
+    broker_storage: String,
     /// Only measure the service's own path, fed from memory (no broker needed).
     #[arg(long)]
     offline_only: bool,
@@ -160,7 +164,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let mut tansu = Tansu::start("bench").context("starting tansu")?;
+    let mut tansu = if args.broker_storage == "memory" {
+        Tansu::start_in_memory("bench")
+    } else {
+        Tansu::start("bench")
+    }
+    .context("starting tansu")?;
     let catalog = Catalog::demo().context("demo catalog")?;
     let edge = FakeEdge::start(origin_sync::config::DEV_SYNC_SECRET).await?;
     let producer = origin_sync::kafka::producer(&origin_sync::config::KafkaConfig {
@@ -174,8 +183,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         tansu.create_topic(&format!("{prefix}_dlq"), 1)?;
     }
     println!(
-        "origin-sync bench (tansu, {} partitions per topic)",
-        args.partitions
+        "origin-sync bench (tansu with {} storage, {} partitions per topic)",
+        args.broker_storage, args.partitions
     );
 
     // 1. throughput

@@ -76,12 +76,24 @@ pub struct Tansu {
     bin: PathBuf,
     pub port: u16,
     pub db: PathBuf,
+    /// Keep the log in the broker's memory instead of SQLite (lost on restart).
+    in_memory: bool,
     child: Option<Child>,
 }
 
 impl Tansu {
     /// Starts a broker on a free port with a fresh SQLite file under `target/`.
     pub fn start(name: &str) -> Result<Tansu, KitError> {
+        Tansu::start_with(name, false)
+    }
+
+    /// Starts a broker that keeps its log in memory: no restart survives it, but it measures
+    /// the broker's serving rate without SQLite's per-record cost.
+    pub fn start_in_memory(name: &str) -> Result<Tansu, KitError> {
+        Tansu::start_with(name, true)
+    }
+
+    fn start_with(name: &str, in_memory: bool) -> Result<Tansu, KitError> {
         let bin = find_tansu().ok_or(KitError::NoTansu)?;
         let dir = target_dir().join("origin-sync-tests");
         std::fs::create_dir_all(&dir)?;
@@ -93,6 +105,7 @@ impl Tansu {
             bin,
             port: free_port()?,
             db,
+            in_memory,
             child: None,
         };
         t.spawn()?;
@@ -101,17 +114,21 @@ impl Tansu {
 
     fn spawn(&mut self) -> Result<(), KitError> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(&self.bin)
-            .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .arg("--storage-engine")
+        let storage = if self.in_memory {
+            "memory://tansu/".to_owned()
+        } else {
             // tansu resolves the sqlite path against its working directory
-            .arg(format!(
+            format!(
                 "sqlite://{}",
                 self.db
                     .file_name()
                     .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-            ))
+            )
+        };
+        let child = Command::new(&self.bin)
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", &storage])
             .current_dir(self.db.parent().unwrap_or(Path::new(".")))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
