@@ -342,3 +342,138 @@ fn invalid_config_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sync.max_batch_items"), "{err}");
 }
+
+/// Every metric the Grafana dashboard (`ops/grafana/origin-sync.json`) queries is a series the
+/// running service exposes on `/metrics`, and every label it groups by is one the series carry
+/// (or one Prometheus adds when scraping): renaming a metric breaks this test, not the dashboard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_dashboard_queries_only_exposed_metrics() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/grafana/origin-sync.json");
+    let text = std::fs::read_to_string(&path).expect("the dashboard file");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+
+    let vars = dash["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    assert!(
+        vars.iter()
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+        "the dashboard needs a datasource variable of type prometheus"
+    );
+    let mut panels = Vec::new();
+    let mut stack: Vec<&serde_json::Value> = vec![&dash];
+    while let Some(v) = stack.pop() {
+        for p in v["panels"].as_array().into_iter().flatten() {
+            panels.push(p);
+            stack.push(p);
+        }
+    }
+    let mut exprs: Vec<String> = Vec::new();
+    for p in &panels {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().expect("a target has an expr").to_owned());
+        }
+        if p["type"] != "row" {
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "panel {} does not use the datasource variable",
+                p["title"]
+            );
+        }
+    }
+    for v in vars.iter().filter(|v| v["type"] == "query") {
+        let q = v["query"]["query"].as_str().or(v["query"].as_str());
+        exprs.extend(q.map(str::to_owned));
+    }
+    assert!(
+        panels.iter().filter(|p| p["type"] != "row").count() >= 6,
+        "the dashboard has too few panels"
+    );
+
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut names = std::collections::BTreeSet::new();
+    let mut grouped = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("edgewise_") {
+            let before_ok = !rest[..i].ends_with(ident);
+            let tail = &rest[i..];
+            let end = tail.find(|c| !ident(c)).unwrap_or(tail.len());
+            if before_ok {
+                names.insert(tail[..end].to_owned());
+            }
+            rest = &tail[end..];
+        }
+        for kw in ["by (", "by(", "without (", "without("] {
+            let mut rest = e.as_str();
+            while let Some(i) = rest.find(kw) {
+                let tail = &rest[i + kw.len()..];
+                let end = tail.find(')').expect("a closed label list");
+                grouped.extend(tail[..end].split(',').map(|l| l.trim().to_owned()));
+                rest = &tail[end..];
+            }
+        }
+    }
+    assert!(
+        names.len() >= 10,
+        "too few metrics found in the dashboard: {names:?}"
+    );
+
+    // a running service that has consumed and delivered, so every labelled series exists
+    let Some(tansu) = broker("grafana") else {
+        return;
+    };
+    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let dir = scratch("grafana");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let base = format!("http://{}", cfg.http.listen);
+    let events = traffic(4, 60, "g", 5);
+    produce(
+        &tansu.brokers(),
+        &events.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let service = InProcess::start(cfg);
+    converge(&edge, &reference(&events), Duration::from_secs(30)).await;
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    service.stop().await;
+
+    let mut series = std::collections::BTreeSet::new();
+    let mut labels = std::collections::BTreeSet::new();
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        series.insert(line[..end].to_owned());
+        if let Some(l) = line[end..].strip_prefix('{') {
+            let inner = &l[..l.find('}').expect("closed labels")];
+            labels.extend(
+                inner
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, _)| k.to_owned()),
+            );
+        }
+    }
+    let missing: Vec<_> = names.iter().filter(|n| !series.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, which /metrics does not expose; it exposes {series:?}"
+    );
+    // `instance` and `job` are added by Prometheus when it scrapes
+    let unknown: Vec<_> = grouped
+        .iter()
+        .filter(|l| !labels.contains(*l) && !["instance", "job"].contains(&l.as_str()))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard groups by {unknown:?}, labels no series carries ({labels:?})"
+    );
+}
