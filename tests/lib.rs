@@ -1,7 +1,9 @@
-//! Harness for Edgewise's end-to-end tests: starts real processes (today `wrangler dev` running
+//! Harness for Edgewise's end-to-end tests: starts real processes (`wrangler dev` running
 //! the worker on workerd) on free loopback ports, waits until they are healthy, and stops them
 //! (with their children) when dropped. Tiny on purpose: a blocking HTTP/1.1 client on
 //! `std::net` is all the tests need, and it keeps the harness free of HTTP dependencies.
+
+pub mod stack;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -222,12 +224,30 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Whether the process has exited (with its status).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGKILL to the whole group, as a crash would.
+    pub fn kill(mut self) {
+        let pgid = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &pgid]).status();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
         // The whole group: wrangler runs workerd as a child.
         let pgid = format!("-{}", self.child.id());
         let _ = Command::new("kill").args(["-TERM", "--", &pgid]).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // origin-sync finishes its batch and flushes on SIGTERM
+        let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
@@ -247,6 +267,16 @@ pub fn start_worker(state: &Path) -> Result<Service, String> {
 /// [`start_worker`] with Workers vars overridden (`wrangler dev --var NAME:VALUE`).
 pub fn start_worker_with(state: &Path, vars: &[(&str, &str)]) -> Result<Service, String> {
     let port = free_port().map_err(|e| e.to_string())?;
+    start_worker_on(state, port, vars)
+}
+
+/// [`start_worker_with`] on a given port.
+pub fn start_worker_on(state: &Path, port: u16, vars: &[(&str, &str)]) -> Result<Service, String> {
+    if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        return Err(format!(
+            "port {port} is taken: is another `wrangler dev` or stack running?"
+        ));
+    }
     std::fs::create_dir_all(state).map_err(|e| e.to_string())?;
     let log = state.join("wrangler.log");
     let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
@@ -278,6 +308,31 @@ pub fn start_worker_with(state: &Path, vars: &[(&str, &str)]) -> Result<Service,
     };
     svc.wait_healthy("/healthz", Duration::from_secs(60))?;
     Ok(svc)
+}
+
+/// Starts `command` in its own process group with its output in `log`, as a [`Service`]
+/// answering HTTP on `port`.
+pub fn spawn_service(
+    name: &'static str,
+    port: u16,
+    command: &mut Command,
+    log: &Path,
+) -> Result<Service, String> {
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("could not start {name}: {e}"))?;
+    Ok(Service {
+        name,
+        port,
+        child,
+        log: log.to_path_buf(),
+    })
 }
 
 /// A fresh temporary directory under the target dir (kept on failure for inspection).

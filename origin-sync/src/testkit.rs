@@ -78,6 +78,8 @@ pub struct Tansu {
     pub db: PathBuf,
     /// Keep the log in the broker's memory instead of SQLite (lost on restart).
     in_memory: bool,
+    /// Remove the SQLite file when dropped (tests); a local stack keeps its log.
+    temporary: bool,
     child: Option<Child>,
 }
 
@@ -106,10 +108,36 @@ impl Tansu {
             port: free_port()?,
             db,
             in_memory,
+            temporary: true,
             child: None,
         };
         t.spawn()?;
         Ok(t)
+    }
+
+    /// Starts a broker on `port` whose SQLite log is `db`, kept when dropped: the local stack's
+    /// broker. Returns whether the log is new (its topics still to be created).
+    pub fn start_at(db: &Path, port: u16) -> Result<(Tansu, bool), KitError> {
+        let bin = find_tansu().ok_or(KitError::NoTansu)?;
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Err(KitError::Failed(format!(
+                "port {port} is taken: another broker running? Stop it, or give an existing Kafka's address instead"
+            )));
+        }
+        if let Some(dir) = db.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let new = !db.exists();
+        let mut t = Tansu {
+            bin,
+            port,
+            db: db.to_path_buf(),
+            in_memory: false,
+            temporary: false,
+            child: None,
+        };
+        t.spawn()?;
+        Ok((t, new))
     }
 
     fn spawn(&mut self) -> Result<(), KitError> {
@@ -176,9 +204,21 @@ impl Tansu {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_group(&mut c, "KILL");
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        if !self.temporary {
+            // a kept log gets a clean shutdown first; a test broker is killed like a crash
+            kill_group(&mut c, "TERM");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
+        kill_group(&mut c, "KILL");
     }
 
     /// Stops and starts again on the same port and storage.
@@ -191,6 +231,9 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         self.stop();
+        if !self.temporary {
+            return;
+        }
         for suffix in ["", "-wal", "-shm", "-journal"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
         }

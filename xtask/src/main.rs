@@ -20,7 +20,8 @@ usage: cargo xtask <command>
 commands:
   setup          install what is missing (rust target, Debian packages, cargo tools, npm packages)
   build-worker   build the edge worker bundle with worker-build (skipped when up to date)
-  dev            set up, build and start the local stack (wrangler dev) in the foreground
+  dev [OPTIONS]  set up, build and start the local stack in the foreground: broker, topics,
+                 origin-sync, wrangler dev (`cargo xtask dev --help` lists the options)
   test           set up, build the worker once, then run every test
   bench          run the benchmarks and print their figures
   codec-sizes    build the codec probes for wasm32 and print what each adds to a bundle
@@ -32,7 +33,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup::run(),
         Some("build-worker") => worker::build().map(|_| ()),
-        Some("dev") => dev(),
+        Some("dev") => dev(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("codec-sizes") => worker::codec_sizes(),
@@ -52,24 +53,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Starts the local stack in the foreground; Ctrl-C stops it.
-fn dev() -> Result<()> {
+/// Starts the whole local stack in the foreground (broker, topics, origin-sync, wrangler dev);
+/// Ctrl-C stops it. Options after `dev` go to `edgewise-stack` (`--simulate 50`, `--kafka …`).
+fn dev(extra: &[String]) -> Result<()> {
     setup::run()?;
     worker::build()?;
-    step("starting wrangler dev (workerd) on http://127.0.0.1:8787 — Ctrl-C stops it");
-    println!("  storefront:      http://127.0.0.1:8787/");
-    println!("  health:          http://127.0.0.1:8787/healthz");
-    println!("  recommendations: http://127.0.0.1:8787/v1/recommendations?slot=home&k=8");
-    let status = Cmd::new(util::wrangler())
-        .args(["dev", "--ip", "127.0.0.1", "--port", "8787", "--persist-to"])
-        .arg(root().join(".wrangler/state"))
-        .env("EDGEWISE_SKIP_BUILD", "1")
+    step("building origin-sync and the stack runner");
+    Cmd::new("cargo")
+        .args(["build", "-p", "origin-sync", "--bin", "origin-sync"])
+        .args(["-p", "tests", "--bin", "edgewise-stack"])
         .cwd(root())
-        .status()?;
-    if !status.success() {
-        bail!("wrangler dev exited with {status}");
-    }
-    Ok(())
+        .run()?;
+    let runner = root().join("target/debug/edgewise-stack");
+    // Replace this process: Ctrl-C then reaches the runner alone, which stops what it started
+    // in order instead of racing a parent that already exited.
+    use std::os::unix::process::CommandExt as _;
+    let err = std::process::Command::new(&runner)
+        .args(extra)
+        .env("EDGEWISE_SKIP_BUILD", "1")
+        .current_dir(root())
+        .exec();
+    bail!("could not run {}: {err}", runner.display())
 }
 
 /// Every test: native unit, property and integration tests, the wasm build of the pure core,

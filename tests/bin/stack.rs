@@ -1,0 +1,142 @@
+//! `edgewise-stack`: the whole local stack in the foreground. `cargo xtask dev` builds it and
+//! runs it; Ctrl-C stops everything it started.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use tests::stack::{Stack, StackConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgewise-stack",
+    about = "Edgewise's local stack: broker, topics, origin-sync, wrangler dev with the worker"
+)]
+struct Args {
+    /// Folder for the broker's log, origin-sync's store, the edge's local KV and the logs.
+    #[arg(long, env = "EDGEWISE_STATE")]
+    state: Option<PathBuf>,
+    /// Use this Kafka cluster (`host:port,…`) instead of starting the embedded broker. Its
+    /// topics (customer_clicks, cart_events, purchase_events, events_dlq) must exist.
+    #[arg(long, env = "EDGEWISE_KAFKA")]
+    kafka: Option<String>,
+    /// Also run the traffic simulator at this many events per second.
+    #[arg(long, value_name = "EVENTS_PER_SEC")]
+    simulate: Option<u64>,
+    /// Shoppers the simulator plays.
+    #[arg(long, default_value_t = 1000)]
+    simulate_users: usize,
+    #[arg(long, default_value_t = 8787)]
+    edge_port: u16,
+    /// origin-sync's port; the worker's `ORIGIN_URL` follows it.
+    #[arg(long, default_value_t = 8788)]
+    origin_port: u16,
+    #[arg(long, default_value_t = 9092)]
+    broker_port: u16,
+    /// The origin-sync binary (default: next to this one).
+    #[arg(long)]
+    origin_bin: Option<PathBuf>,
+}
+
+fn say(line: &str) {
+    println!("\x1b[1m==>\x1b[0m {line}");
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while stopping is ignored: stopping is bounded and leaves no strays.
+        if let Err(e) = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)) {
+            eprintln!("edgewise-stack: cannot handle Ctrl-C: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let origin_bin = args.origin_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("origin-sync")))
+            .unwrap_or_else(|| PathBuf::from("origin-sync"))
+    });
+    let mut config = StackConfig::local(origin_bin.clone());
+    if let Some(state) = &args.state {
+        config.state = state.clone();
+    }
+    config.kafka = args.kafka.clone();
+    config.edge_ports = vec![args.edge_port];
+    config.origin_port = args.origin_port;
+    config.broker_port = args.broker_port;
+
+    let mut stack = match Stack::start(config, &mut |s| say(s)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edgewise-stack: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut simulator: Option<Child> = None;
+    if let Some(rate) = args.simulate {
+        say(&format!(
+            "starting the traffic simulator: {rate} events/s over {} shoppers",
+            args.simulate_users
+        ));
+        match Command::new(&origin_bin)
+            .arg("--config")
+            .arg(stack.origin_config())
+            .args(["simulate", "--rate", &rate.to_string()])
+            .args(["--users", &args.simulate_users.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => simulator = Some(c),
+            Err(e) => eprintln!("edgewise-stack: the simulator did not start: {e}"),
+        }
+    }
+    let edge = args.edge_port;
+    let origin = args.origin_port;
+    println!();
+    println!("Edgewise is running:");
+    println!("  storefront       http://127.0.0.1:{edge}/");
+    println!(
+        "  a product page   http://127.0.0.1:{edge}/p/cam-001  (add it to the cart, then open the storefront)"
+    );
+    println!("  recommendations  http://127.0.0.1:{edge}/v1/recommendations?slot=home&k=8");
+    println!("  edge health      http://127.0.0.1:{edge}/healthz");
+    println!("  origin metrics   http://127.0.0.1:{origin}/metrics");
+    println!("  kafka            {}", stack.brokers);
+    println!(
+        "  state and logs   {}",
+        stack.config.state.join("logs").display()
+    );
+    println!("Ctrl-C stops everything.");
+
+    let mut code = ExitCode::SUCCESS;
+    while !stop.load(Ordering::SeqCst) {
+        if let Some(what) = stack.exited() {
+            eprintln!(
+                "edgewise-stack: {what}; stopping the rest (logs in {})",
+                stack.config.state.join("logs").display()
+            );
+            code = ExitCode::FAILURE;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!();
+    if let Some(mut sim) = simulator {
+        say("stopping the simulator");
+        let _ = Command::new("kill")
+            .args(["-INT", &sim.id().to_string()])
+            .status();
+        let _ = sim.wait();
+    }
+    stack.stop(&mut |s| say(s));
+    say("stopped");
+    code
+}

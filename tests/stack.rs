@@ -1,0 +1,311 @@
+//! The whole local stack: a Kafka-protocol broker (tansu, its log in SQLite), the event topics,
+//! origin-sync, and one or more edges (`wrangler dev`: the worker on workerd with local KV).
+//! `cargo xtask dev` runs it through the `edgewise-stack` binary and the end-to-end tests start
+//! it the same way, so what a developer clicks through is what the tests check.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use origin_sync::testkit::Tansu;
+
+use crate::{Service, http, root, spawn_service, start_worker_on};
+
+/// The event topics origin-sync consumes by default, and its dead-letter topic.
+pub const EVENT_TOPICS: [&str; 3] = ["customer_clicks", "cart_events", "purchase_events"];
+pub const DEAD_LETTER_TOPIC: &str = "events_dlq";
+
+/// What to start, and where.
+#[derive(Clone, Debug)]
+pub struct StackConfig {
+    /// The broker's log, origin-sync's store, the edges' local KV and every log file.
+    pub state: PathBuf,
+    /// An existing Kafka cluster (`host:port,…`); `None` starts the embedded broker.
+    pub kafka: Option<String>,
+    /// The embedded broker's port.
+    pub broker_port: u16,
+    /// origin-sync's HTTP port (`/ingest`, erasure, `/metrics`); the edges' `ORIGIN_URL`.
+    pub origin_port: u16,
+    /// One edge per port, all fed by the same origin-sync, each with its own KV: several
+    /// CDN locations in one machine.
+    pub edge_ports: Vec<u16>,
+    /// Partitions per event topic when the embedded broker creates them.
+    pub partitions: u32,
+    /// The origin-sync binary.
+    pub origin_bin: PathBuf,
+    /// Extra TOML appended to origin-sync's generated config (tests tune it with this).
+    pub origin_extra: String,
+}
+
+impl StackConfig {
+    /// The local defaults: the ports `wrangler.toml` and the README name, state in `.edgewise/`.
+    pub fn local(origin_bin: PathBuf) -> StackConfig {
+        StackConfig {
+            state: root().join(".edgewise"),
+            kafka: None,
+            broker_port: 9092,
+            origin_port: 8788,
+            edge_ports: vec![8787],
+            partitions: 2,
+            origin_bin,
+            origin_extra: String::new(),
+        }
+    }
+}
+
+/// The running stack; everything it started stops when it is dropped (origin-sync first, so
+/// its last batch is flushed while the edges and the broker are still up).
+#[derive(Debug)]
+pub struct Stack {
+    pub config: StackConfig,
+    /// `host:port` of the broker in use.
+    pub brokers: String,
+    pub edges: Vec<Service>,
+    origin: Option<Service>,
+    broker: Option<Tansu>,
+    origin_config: PathBuf,
+}
+
+impl Stack {
+    /// Starts every part and waits until each is healthy and the catalog and rules have
+    /// reached every edge. `progress` hears about each step.
+    pub fn start(config: StackConfig, progress: &mut dyn FnMut(&str)) -> Result<Stack, String> {
+        let logs = config.state.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+        let _ = std::fs::remove_file(logs.join("origin-sync.earlier.log"));
+        if !config.origin_bin.is_file() {
+            return Err(format!(
+                "origin-sync is not built at {} (`cargo build -p origin-sync`)",
+                config.origin_bin.display()
+            ));
+        }
+        let (broker, brokers) = match &config.kafka {
+            Some(brokers) => {
+                progress(&format!(
+                    "using the Kafka cluster at {brokers} (no embedded broker)"
+                ));
+                (None, brokers.clone())
+            }
+            None => {
+                progress(&format!(
+                    "starting the broker (tansu, log in {})",
+                    config.state.join("kafka.db").display()
+                ));
+                let (tansu, new) =
+                    Tansu::start_at(&config.state.join("kafka.db"), config.broker_port)
+                        .map_err(|e| e.to_string())?;
+                if new {
+                    progress("creating the topics");
+                    for t in EVENT_TOPICS {
+                        tansu
+                            .create_topic(t, config.partitions)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    tansu
+                        .create_topic(DEAD_LETTER_TOPIC, 1)
+                        .map_err(|e| e.to_string())?;
+                }
+                let brokers = tansu.brokers();
+                (Some(tansu), brokers)
+            }
+        };
+        let origin_url = format!("http://127.0.0.1:{}", config.origin_port);
+        let mut edges = Vec::new();
+        for (i, port) in config.edge_ports.iter().enumerate() {
+            progress(&format!(
+                "starting edge {} (wrangler dev, workerd) on port {port}",
+                i + 1
+            ));
+            edges.push(start_worker_on(
+                &config.state.join(format!("edge-{}", i + 1)),
+                *port,
+                &[("ORIGIN_URL", &origin_url)],
+            )?);
+        }
+        let origin_config = config.state.join("origin-sync.toml");
+        let data = root().join("shared/data");
+        let edge_urls: Vec<String> = config
+            .edge_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        let text = format!(
+            "# Written by the local stack on every start; edit origin-sync.example.toml for your own.\n\
+             [kafka]\nbrokers = \"{brokers}\"\n\
+             [store]\npath = \"{store}\"\n\
+             [sinks]\nedge_urls = {edge_urls:?}\n\
+             [http]\nlisten = \"127.0.0.1:{port}\"\n\
+             [documents]\ncatalog = \"{catalog}\"\nrules = \"{rules}\"\n{extra}\n",
+            store = config.state.join("origin.redb").display(),
+            port = config.origin_port,
+            catalog = data.join("catalog.toml").display(),
+            rules = data.join("rules.toml").display(),
+            extra = config.origin_extra,
+        );
+        std::fs::write(&origin_config, text)
+            .map_err(|e| format!("{}: {e}", origin_config.display()))?;
+        let mut stack = Stack {
+            config,
+            brokers,
+            edges,
+            origin: None,
+            broker,
+            origin_config,
+        };
+        stack.start_origin(progress)?;
+        progress("waiting for the catalog and rules to reach every edge");
+        for edge in &stack.edges {
+            wait_for(
+                "the catalog and rules at the edge",
+                Duration::from_secs(30),
+                || {
+                    let h = get_json(edge.port, "/healthz", &[]);
+                    h["catalog_version"].as_u64() >= Some(1)
+                        && h["rules_version"].as_u64() >= Some(1)
+                },
+            )
+            .map_err(|e| format!("{e}\norigin-sync log:\n{}", stack.origin_log()))?;
+        }
+        Ok(stack)
+    }
+
+    /// The generated origin-sync config (for `origin-sync --config … simulate` and friends).
+    pub fn origin_config(&self) -> &Path {
+        &self.origin_config
+    }
+
+    pub fn origin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.config.origin_port)
+    }
+
+    pub fn origin_running(&self) -> bool {
+        self.origin.is_some()
+    }
+
+    /// Starts origin-sync (again) and waits for its `/healthz`.
+    pub fn start_origin(&mut self, progress: &mut dyn FnMut(&str)) -> Result<(), String> {
+        if self.origin.is_some() {
+            return Ok(());
+        }
+        progress(&format!(
+            "starting origin-sync on port {}",
+            self.config.origin_port
+        ));
+        let mut origin = spawn_service(
+            "origin-sync",
+            self.config.origin_port,
+            Command::new(&self.config.origin_bin)
+                .arg("--config")
+                .arg(&self.origin_config)
+                .arg("run"),
+            &self.log_path("origin-sync"),
+        )?;
+        origin.wait_healthy("/healthz", Duration::from_secs(60))?;
+        self.origin = Some(origin);
+        Ok(())
+    }
+
+    /// SIGTERM: origin-sync finishes its batch, flushes and exits.
+    pub fn stop_origin(&mut self) {
+        if let Some(origin) = self.origin.take() {
+            self.keep_log("origin-sync");
+            drop(origin);
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill_origin(&mut self) {
+        if let Some(origin) = self.origin.take() {
+            self.keep_log("origin-sync");
+            origin.kill();
+        }
+    }
+
+    /// origin-sync's output, across restarts.
+    pub fn origin_log(&self) -> String {
+        let earlier =
+            std::fs::read_to_string(self.log_path("origin-sync.earlier")).unwrap_or_default();
+        let now = self.origin.as_ref().map(Service::log).unwrap_or_default();
+        format!("{earlier}{now}")
+    }
+
+    /// The first part that exited on its own, if any.
+    pub fn exited(&mut self) -> Option<String> {
+        if let Some(o) = self.origin.as_mut()
+            && let Some(status) = o.exited()
+        {
+            return Some(format!("origin-sync exited with {status}"));
+        }
+        for e in &mut self.edges {
+            if let Some(status) = e.exited() {
+                return Some(format!(
+                    "wrangler dev on port {} exited with {status}",
+                    e.port
+                ));
+            }
+        }
+        None
+    }
+
+    /// Stops everything, origin-sync first.
+    pub fn stop(mut self, progress: &mut dyn FnMut(&str)) {
+        progress("stopping origin-sync");
+        self.stop_origin();
+        progress("stopping the edges");
+        self.edges.clear();
+        if let Some(mut b) = self.broker.take() {
+            progress("stopping the broker");
+            b.stop();
+        }
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.config.state.join("logs").join(format!("{name}.log"))
+    }
+
+    fn keep_log(&self, name: &str) {
+        use std::io::Write as _;
+        let now = std::fs::read(self.log_path(name)).unwrap_or_default();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&format!("{name}.earlier")))
+        {
+            let _ = f.write_all(&now);
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop_origin();
+        self.edges.clear();
+        if let Some(mut b) = self.broker.take() {
+            b.stop();
+        }
+    }
+}
+
+/// GET `path` as JSON (`Null` when it fails or is not JSON).
+pub fn get_json(port: u16, path: &str, headers: &[(&str, &str)]) -> serde_json::Value {
+    http(port, "GET", path, headers, b"")
+        .ok()
+        .and_then(|r| serde_json::from_slice(&r.body).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Polls `done` every 10 ms until it holds; how long that took, or an error naming `what`.
+pub fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > timeout {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(start.elapsed())
+}
