@@ -65,6 +65,15 @@ pub fn worker_bundle() -> Option<PathBuf> {
     dir.join("worker/shim.mjs").exists().then_some(dir)
 }
 
+/// Chromium (installed by `cargo xtask setup`) for the browser tests.
+pub fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|b| std::env::split_paths(&path).map(move |d| d.join(b)))
+        .find(|p| p.is_file())
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -59,7 +59,7 @@ impl EdgeConfig {
             Some(s) if s.len() >= MIN_SECRET_LEN => Some(s.into_bytes()),
             Some(_) => {
                 problems.push(format!(
-                    "{name} is shorter than 16 characters; use a long random secret"
+                    "{name} is shorter than {MIN_SECRET_LEN} characters; use a long random secret"
                 ));
                 None
             }

@@ -465,15 +465,11 @@ async fn deliver(
             if done[i] {
                 continue;
             }
-            let started = Instant::now();
             match sink.push(batch).await {
                 Ok(ack) => {
+                    // push time is counted once per batch, by `BatchDelivered`
                     done[i] = true;
                     resend.extend(ack.resend);
-                    shared
-                        .metrics
-                        .push_micros
-                        .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
                 }
                 Err(e) => {
                     let delay = backoff(&shared.config.sync, attempt);

@@ -1,18 +1,35 @@
-//! The edge and origin-sync together on real components: a tansu broker, the origin-sync
-//! binary, and the worker on workerd through `wrangler dev`. A shopper's event goes
-//! edge → origin `/ingest` → Kafka → origin-sync's fold → signed `/v1/sync` → the edge's KV and
-//! cache; the catalog and rules are published the same way.
+//! The whole system on real components, the way `cargo xtask dev` runs it: a tansu broker,
+//! the origin-sync binary, and two edges (`wrangler dev`, workerd, each with its own KV — two
+//! CDN locations) fed by it. One stack serves every phase, in order, to keep the suite fast:
+//!
+//! 1. the seed workflow in Chromium: add a camera at edge A; the same shopper at edge B, which
+//!    has never seen them, gets camera accessories once origin-sync's delta arrives;
+//! 2. erasure: `DELETE /v1/me` removes the profile from the edge, both KVs and origin, and
+//!    older updates still in flight do not bring it back;
+//! 3. degradation: origin-sync stopped → pages are still served, with the fallback tier;
+//!    restarted → it catches up on what Kafka received meanwhile;
+//! 4. crash: origin-sync SIGKILLed twice while events stream in; the edges end up holding
+//!    exactly the reference fold of every event.
 
 // Helpers below run only inside tests, where a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use origin_sync::testkit::Tansu;
-use serde_json::Value;
-use std::os::unix::process::CommandExt;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::{free_port, http, root, start_worker_with, temp_dir, worker_bundle};
+
+use origin_sync::kafka::{Outgoing, produce_all, producer};
+use rdkafka::producer::FutureProducer;
+use serde_json::{Value, json};
+use shared::Profile;
+use shared::catalog::Catalog;
+use shared::delta::Stored;
+use shared::event::Event;
+use shared::fold::fold_all;
+use shared::keys::UserKey;
+use shared::traffic::Traffic;
+use tests::stack::{Stack, StackConfig, get_json, wait_for};
+use tests::{DEV_USER_KEY_SECRET, chromium, free_port, http, root, temp_dir, worker_bundle};
 
 /// The origin-sync binary cargo built next to this test.
 fn origin_binary() -> Option<PathBuf> {
@@ -21,198 +38,377 @@ fn origin_binary() -> Option<PathBuf> {
     bin.is_file().then_some(bin)
 }
 
-struct Origin(Child);
+struct System {
+    stack: Stack,
+    a: u16,
+    b: u16,
+    catalog: Catalog,
+    producer: FutureProducer,
+    rt: tokio::runtime::Runtime,
+}
 
-impl Drop for Origin {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", self.0.id())])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+fn messages(events: &[Event]) -> Vec<Outgoing> {
+    events
+        .iter()
+        .map(|e| Outgoing {
+            topic: e.kind.default_topic().to_owned(),
+            key: e.user.as_bytes().to_vec(),
+            payload: e.to_json_bytes(),
+            headers: Vec::new(),
+        })
+        .collect()
+}
+
+impl System {
+    fn produce(&self, events: &[Event]) {
+        self.rt
+            .block_on(produce_all(&self.producer, &messages(events)))
+            .unwrap();
+    }
+
+    fn me(&self, port: u16, user: &str) -> Value {
+        get_json(port, "/v1/me", &[("x-edgewise-user", user)])
+    }
+
+    fn restart_origin(&mut self) {
+        self.stack
+            .start_origin(&mut |s| println!("  stack: {s}"))
+            .unwrap();
+    }
+
+    /// What the KV of edge `n` (1-based) holds for `user`.
+    fn kv(&self, n: usize, user: &str) -> Option<Stored> {
+        let key = UserKey::derive(DEV_USER_KEY_SECRET, user).kv_key();
+        let out = std::process::Command::new(root().join("node_modules/.bin/wrangler"))
+            .args(["kv", "key", "get", &key, "--binding", "EDGEWISE", "--local"])
+            .arg("--persist-to")
+            .arg(self.stack.config.state.join(format!("edge-{n}")))
+            .env("WRANGLER_SEND_METRICS", "false")
+            .current_dir(root())
+            .output()
+            .unwrap();
+        if !out.status.success() || out.stdout.starts_with(b"Value not found") {
+            return None;
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        Some(shared::wire::decode_stored(&out.stdout).unwrap())
+    }
+
+    fn origin_log(&self) -> String {
+        self.stack.origin_log()
     }
 }
 
-fn json_of(port: u16, path: &str, headers: &[(&str, &str)]) -> Value {
-    let r = http(port, "GET", path, headers, b"").unwrap();
-    serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+/// The fields of `/v1/me`'s profile that the reference fold must reproduce exactly.
+fn essentials(profile: &Value) -> Value {
+    json!({
+        "version": profile["version"],
+        "cart": profile["cart"],
+        "recently_viewed": profile["recently_viewed"],
+        "spend_cents": profile["spend_cents"],
+        "views": profile["views"],
+        "segments": profile["segments"],
+        "purchases": profile["purchases"].as_array().map(Vec::len),
+    })
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+fn reference_essentials(p: &Profile, catalog: &Catalog) -> Value {
+    let sku = |id| catalog.item(id).map(|i| i.sku().to_owned());
+    json!({
+        "version": p.version,
+        "cart": p.cart.iter().map(|l| json!({ "item": sku(l.item), "quantity": l.quantity })).collect::<Vec<_>>(),
+        "recently_viewed": p.recent.iter().map(|i| sku(*i)).collect::<Vec<_>>(),
+        "spend_cents": p.spend_cents,
+        "views": p.views,
+        "segments": p.segments.names().collect::<Vec<_>>(),
+        "purchases": p.purchases.len(),
+    })
+}
+
+/// Every user's profile folded from `events`, rendered like [`essentials`].
+fn reference(events: &[Event], catalog: &Catalog) -> BTreeMap<String, Value> {
+    let mut by_user: BTreeMap<String, Vec<&Event>> = BTreeMap::new();
+    for e in events {
+        by_user.entry(e.user.clone()).or_default().push(e);
+    }
+    by_user
+        .into_iter()
+        .map(|(user, evs)| {
+            let mut p = Profile::new(UserKey::derive(DEV_USER_KEY_SECRET, &user).bucket());
+            fold_all(&mut p, evs);
+            let view = reference_essentials(&p, catalog);
+            (user, view)
+        })
+        .collect()
+}
+
+/// Waits until edge `port` holds the reference profile of every user in `want`.
+fn converge(sys: &System, port: u16, want: &BTreeMap<String, Value>, timeout: Duration) {
     let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+    let mut wrong: Vec<(String, Value, Value)>;
+    loop {
+        wrong = want
+            .iter()
+            .filter_map(|(user, w)| {
+                let got = essentials(&sys.me(port, user)["profile"]);
+                (&got != w).then(|| (user.clone(), got, w.clone()))
+            })
+            .collect();
+        if wrong.is_empty() {
+            return;
+        }
+        if start.elapsed() > timeout {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
-    start.elapsed()
+    let (user, got, w) = &wrong[0];
+    panic!(
+        "{} of {} users differ from the reference fold at the edge on port {port}; first: {user}\n got  {got}\n want {w}\norigin log (tail):\n{}",
+        wrong.len(),
+        want.len(),
+        tail(&sys.origin_log(), 40)
+    );
+}
+
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn traffic(sys: &System, prefix: &str, users: usize, events: usize, seed: u64) -> Vec<Event> {
+    let start = origin_sync::pipeline::now_ms() - 60_000;
+    Traffic::new(&sys.catalog, users, prefix, start, 1, seed)
+        .take(events)
+        .collect()
 }
 
 #[test]
-fn events_flow_through_kafka_and_origin_sync_back_to_the_edge() {
+fn the_whole_system_on_one_stack() {
     if worker_bundle().is_none() {
         eprintln!("skipped: run `cargo xtask test`, which builds the worker bundle first");
         return;
     }
-    let Some(bin) = origin_binary() else {
+    let Some(origin_bin) = origin_binary() else {
         eprintln!("skipped: the origin-sync binary is not built (`cargo xtask test` builds it)");
         return;
     };
-    let tansu = match Tansu::start("stack") {
-        Ok(t) => t,
-        Err(e) => panic!("{e}"),
+    let Some(chromium) = chromium() else {
+        panic!("no Chromium on PATH; run `cargo xtask setup`");
     };
-    tansu.create_event_topics(2).unwrap();
-    let dir = temp_dir("stack");
-    let origin_port = free_port().unwrap();
-    let origin_url = format!("http://127.0.0.1:{origin_port}");
-    let edge = start_worker_with(&dir.join("edge"), &[("ORIGIN_URL", &origin_url)]).unwrap();
-
-    let config = dir.join("origin-sync.toml");
-    let data = root().join("shared/data");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[kafka]
-brokers = "{brokers}"
-[store]
-path = "{store}"
-[sinks]
-edge_urls = ["http://127.0.0.1:{edge}"]
-[http]
-listen = "127.0.0.1:{origin_port}"
-[documents]
-catalog = "{catalog}"
-rules = "{rules}"
-"#,
-            brokers = tansu.brokers(),
-            store = dir.join("origin.redb").display(),
-            edge = edge.port,
-            catalog = data.join("catalog.toml").display(),
-            rules = data.join("rules.toml").display(),
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("origin-sync.log")).unwrap();
-    let _origin = Origin(
-        Command::new(&bin)
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .process_group(0)
-            .spawn()
+    let started = Instant::now();
+    let config = StackConfig {
+        state: temp_dir("system"),
+        kafka: None,
+        broker_port: free_port().unwrap(),
+        origin_port: free_port().unwrap(),
+        edge_ports: vec![free_port().unwrap(), free_port().unwrap()],
+        partitions: 2,
+        origin_bin,
+        origin_extra: String::new(),
+    };
+    let stack = Stack::start(config, &mut |s| println!("stack: {s}")).unwrap();
+    println!("stack up in {:?}", started.elapsed());
+    let (a, b) = (stack.edges[0].port, stack.edges[1].port);
+    let mut sys = System {
+        producer: producer(&origin_sync::config::KafkaConfig {
+            brokers: stack.brokers.clone(),
+            ..Default::default()
+        })
+        .unwrap(),
+        stack,
+        a,
+        b,
+        catalog: Catalog::demo().unwrap(),
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap(),
-    );
-    let origin_log = || std::fs::read_to_string(dir.join("origin-sync.log")).unwrap_or_default();
-    let healthy =
-        |port: u16| http(port, "GET", "/healthz", &[], b"").is_ok_and(|r| r.status == 200);
-    let start = Instant::now();
-    while !healthy(origin_port) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "origin-sync did not start:\n{}",
-            origin_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    };
 
-    // the catalog and rules are published to the edge through the signed sync path
-    wait_until(
-        "the catalog to reach the edge",
-        Duration::from_secs(20),
-        || {
-            let h = json_of(edge.port, "/healthz", &[]);
-            h["catalog_version"].as_u64() >= Some(1) && h["rules_version"].as_u64() >= Some(1)
-        },
+    let phase = Instant::now();
+    seed_workflow_in_a_browser(&sys, &chromium);
+    println!(
+        "phase 1, seed workflow in Chromium: ok in {:?}",
+        phase.elapsed()
     );
+    let phase = Instant::now();
+    erasure_reaches_every_copy_and_stays(&mut sys);
+    println!("phase 2, erasure: ok in {:?}", phase.elapsed());
+    let phase = Instant::now();
+    origin_down_pages_still_served_then_catch_up(&mut sys);
+    println!(
+        "phase 3, degradation and catch-up: ok in {:?}",
+        phase.elapsed()
+    );
+    let phase = Instant::now();
+    crashes_mid_stream_lose_and_double_nothing(&mut sys);
+    println!("phase 4, crashes mid-stream: ok in {:?}", phase.elapsed());
 
-    // a shopper adds a camera at the edge
-    let vid = "ew_vid=0f0e0d0c0b0a09080706050403020100";
-    let event = br#"{"events":[{"event_id":"stack-1","type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}]}"#;
-    let sent = http(edge.port, "POST", "/v1/events", &[("cookie", vid)], event).unwrap();
-    assert_eq!(sent.status, 202, "{}", sent.text());
-    // ...and origin's folded profile comes back: version 1, the local copy retired
-    let took = wait_until(
-        "origin's profile at the edge",
-        Duration::from_secs(20),
-        || {
-            let me = json_of(edge.port, "/v1/me", &[("cookie", vid)]);
-            me["profile_version"].as_u64() >= Some(1) && me["pending_local_events"] == 0
-        },
+    // origin's own copy of the erased shopper: only a tombstone (its store is free once stopped)
+    sys.stack.stop_origin();
+    let cfg = origin_sync::config::Config::load(Some(sys.stack.origin_config())).unwrap();
+    let store = origin_sync::service::open_store(&cfg).unwrap();
+    assert!(
+        matches!(
+            store.current(ERASED_USER).unwrap(),
+            None | Some(Stored::Tombstone { .. })
+        ),
+        "origin still holds the erased profile"
     );
-    println!("event at the edge -> folded by origin-sync -> back at the edge: {took:?}");
-    let me = json_of(edge.port, "/v1/me", &[("cookie", vid)]);
-    assert_eq!(
-        me["profile"]["cart"],
-        serde_json::json!([{ "item": "cam-001", "quantity": 1 }]),
-        "{me}"
-    );
-    let recs = json_of(edge.port, "/v1/recommendations", &[("cookie", vid)]);
-    assert_eq!(recs["offer"]["id"], "cam-accessories-10");
+    println!("whole system: ok in {:?}", started.elapsed());
+}
 
-    // erasure: gone at the edge at once, and origin's tombstone keeps it gone
-    let erased = http(edge.port, "DELETE", "/v1/me", &[("cookie", vid)], b"").unwrap();
-    assert_eq!(erased.status, 202);
-    std::thread::sleep(Duration::from_secs(2));
-    let me = json_of(edge.port, "/v1/me", &[("cookie", vid)]);
-    assert_eq!(
-        me["profile"],
-        Value::Null,
-        "{me}\norigin log:\n{}",
-        origin_log()
-    );
-
-    // a burst: 1000 shoppers, 3000 events straight into Kafka. Every event must reach the edge
-    // exactly once: versions count folded events, so they must add up to 3000.
-    let (users, events) = (1000, 3000u64);
-    let sim = Command::new(&bin)
-        .arg("--config")
-        .arg(&config)
-        .args(["simulate", "--rate", "0", "--users", &users.to_string()])
-        .args(["--events", &events.to_string(), "--prefix", "burst"])
+fn seed_workflow_in_a_browser(sys: &System, chromium: &std::path::Path) {
+    let out = std::process::Command::new("node")
+        .arg(root().join("tests/browser/system.mjs"))
+        .arg(format!("http://127.0.0.1:{}", sys.a))
+        .arg(format!("http://127.0.0.1:{}", sys.b))
+        .env("CHROMIUM_PATH", chromium)
+        .current_dir(root())
         .output()
         .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        sim.status.success(),
-        "simulate failed: {}",
-        String::from_utf8_lossy(&sim.stderr)
+        out.status.success(),
+        "browser: {stdout}\n{}\norigin log (tail):\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&sys.origin_log(), 40)
     );
-    let start = Instant::now();
-    let total = loop {
-        let total: u64 = (0..users)
-            .map(|n| {
-                let user = format!("burst-u{n}");
-                json_of(edge.port, "/v1/me", &[("x-edgewise-user", &user)])["profile_version"]
-                    .as_u64()
-                    .unwrap_or(0)
-            })
-            .sum();
-        if total >= events || start.elapsed() > Duration::from_secs(60) {
-            break total;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    };
+    let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
     println!(
-        "burst of {events} events over {users} shoppers at the edge after {:?}",
-        start.elapsed()
+        "  click at edge A -> the shopper's profile at edge B: {} ms ({} polls); B's home page: {seen}",
+        seen["freshness_ms"], seen["polls"]
     );
+    // edge B learned it from origin, not from a local copy: version 1, nothing pending
+    let vid = format!("ew_vid={}", seen["vid"].as_str().unwrap());
+    let me = get_json(sys.b, "/v1/me", &[("cookie", &vid)]);
+    assert_eq!(me["profile_version"], 1, "{me}");
+    assert_eq!(me["pending_local_events"], 0, "{me}");
     assert_eq!(
-        total,
-        events,
-        "events folded at the edge\norigin log:\n{}",
-        origin_log()
+        me["profile"]["cart"],
+        json!([{ "item": "cam-001", "quantity": 1 }]),
+        "{me}"
+    );
+}
+
+const ERASED_USER: &str = "erase-me";
+
+fn erasure_reaches_every_copy_and_stays(sys: &mut System) {
+    let user = ERASED_USER;
+    let add = br#"{"events":[{"event_id":"erase-1","type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}]}"#;
+    let r = http(
+        sys.a,
+        "POST",
+        "/v1/events",
+        &[("x-edgewise-user", user)],
+        add,
+    )
+    .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let took = wait_for("the profile at both edges", Duration::from_secs(20), || {
+        [sys.a, sys.b].iter().all(|p| {
+            let me = sys.me(*p, user);
+            me["profile_version"] == 1 && me["pending_local_events"] == 0
+        })
+    })
+    .unwrap();
+    println!("  event at edge A -> origin -> both edges: {took:?}");
+    assert!(matches!(sys.kv(2, user), Some(Stored::Profile(_))));
+
+    let erased = http(sys.a, "DELETE", "/v1/me", &[("x-edgewise-user", user)], b"").unwrap();
+    assert_eq!(erased.status, 202, "{}", erased.text());
+    assert_eq!(sys.me(sys.a, user)["profile"], Value::Null);
+    // an older event still in Kafka (timestamped before the erasure) arrives afterwards
+    let mut late = traffic(sys, "late", 1, 1, 3).remove(0);
+    late.user = user.to_owned();
+    late.ts_ms = origin_sync::pipeline::now_ms() - 5_000;
+    sys.produce(&[late]);
+    let took = wait_for("the tombstone at edge B", Duration::from_secs(20), || {
+        sys.me(sys.b, user)["profile"] == Value::Null
+    })
+    .unwrap();
+    println!("  erasure at edge A -> gone at edge B: {took:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    for (n, port) in [(1, sys.a), (2, sys.b)] {
+        assert_eq!(sys.me(port, user)["profile"], Value::Null, "edge {n}");
+        assert!(
+            matches!(sys.kv(n, user), Some(Stored::Tombstone { .. })),
+            "edge {n}'s KV should hold the tombstone, not the profile"
+        );
+    }
+}
+
+fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
+    sys.stack.stop_origin();
+    // Kafka keeps taking events while origin-sync is down (the site's backend, other edges)
+    let events = traffic(sys, "down", 200, 600, 11);
+    sys.produce(&events);
+    for port in [sys.a, sys.b] {
+        let page = http(port, "GET", "/", &[("x-edgewise-user", "down-u0")], b"").unwrap();
+        assert_eq!(page.status, 200);
+        assert_eq!(
+            page.header("x-edgewise-tier"),
+            Some("popular"),
+            "a shopper origin has not delivered yet gets the popular fallback"
+        );
+        let recs = get_json(
+            port,
+            "/v1/recommendations?slot=home&k=4",
+            &[("x-edgewise-user", "down-u1")],
+        );
+        assert_eq!(recs["tier"], "popular", "{recs}");
+        assert!(
+            recs["items"].as_array().is_some_and(|i| !i.is_empty()),
+            "{recs}"
+        );
+    }
+    let page = http(sys.b, "GET", "/p/cam-001", &[], b"").unwrap();
+    assert_eq!(page.status, 200);
+
+    let t = Instant::now();
+    sys.restart_origin();
+    converge(
+        sys,
+        sys.b,
+        &reference(&events, &sys.catalog),
+        Duration::from_secs(60),
+    );
+    println!(
+        "  600 events produced while origin-sync was down: at edge B {:?} after the restart",
+        t.elapsed()
+    );
+    let page = http(sys.b, "GET", "/", &[("x-edgewise-user", "down-u0")], b"").unwrap();
+    assert_eq!(page.header("x-edgewise-tier"), Some("fresh"));
+}
+
+fn crashes_mid_stream_lose_and_double_nothing(sys: &mut System) {
+    let events = traffic(sys, "crash", 300, 6000, 23);
+    let want = reference(&events, &sys.catalog);
+    let producer = sys.producer.clone();
+    std::thread::scope(|s| {
+        let producing = s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            // ~2000 events/s for three seconds, in slices, so the kills land mid-stream
+            for chunk in events.chunks(200) {
+                rt.block_on(produce_all(&producer, &messages(chunk)))
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(900));
+            sys.stack.kill_origin();
+            std::thread::sleep(Duration::from_millis(200));
+            sys.restart_origin();
+        }
+        producing.join().unwrap();
+    });
+    converge(sys, sys.a, &want, Duration::from_secs(60));
+    converge(sys, sys.b, &want, Duration::from_secs(30));
+    println!(
+        "  6000 events over 300 shoppers, origin-sync killed twice mid-stream: both edges equal the reference fold"
     );
 }

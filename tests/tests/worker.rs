@@ -357,10 +357,7 @@ fn shoppers_events_apply_at_once_reach_origin_signed_and_erasure_is_forwarded() 
 /// A real browser: add a camera on the product page, open the home page, see accessories.
 #[test]
 fn in_a_real_browser_adding_a_camera_shows_accessories_on_the_next_page() {
-    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .find_map(|b| which(b))
-    else {
+    let Some(chromium) = tests::chromium() else {
         panic!("no Chromium on PATH; run `cargo xtask setup`");
     };
     let Some(w) = worker("edge-browser", &[("ORIGIN_URL", "")]) else {
@@ -382,12 +379,4 @@ fn in_a_real_browser_adding_a_camera_shows_accessories_on_the_next_page() {
         "browser check failed:\n{stdout}\n{stderr}\nworker log:\n{}",
         w.log()
     );
-}
-
-fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(bin))
-        .find(|p| p.is_file())
 }
