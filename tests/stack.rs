@@ -174,6 +174,16 @@ impl Stack {
         &self.origin_config
     }
 
+    /// Creates a topic on the embedded broker (benchmarks use their own topics).
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<(), String> {
+        match &self.broker {
+            Some(t) => t.create_topic(name, partitions).map_err(|e| e.to_string()),
+            None => Err(format!(
+                "topic {name}: an external Kafka's topics are created by its operators"
+            )),
+        }
+    }
+
     pub fn origin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.config.origin_port)
     }

@@ -845,22 +845,24 @@ impl App {
                     match delta::apply(&mut held, &d.change) {
                         Ok(Applied::Updated) => {
                             let Some(stored) = held else { continue };
-                            if let Err(e) = store
-                                .put(
-                                    &key.kv_key(),
-                                    &wire::encode_stored(&stored),
-                                    stored.version(),
-                                )
-                                .await
+                            let bytes = wire::encode_stored(&stored);
+                            let version = stored.version();
+                            // Visible here before the KV write completes: a shopper's next
+                            // request should not wait for KV. Should the write fail, the entry
+                            // forgets its base (reads go back to KV) and origin retries the
+                            // batch, which then applies again.
                             {
+                                let mut cache = self.cache.borrow_mut();
+                                if cache.peek(&key).is_some() {
+                                    cache.put_fetched(key, Some(stored), now_ms);
+                                }
+                            }
+                            if let Err(e) = store.put(&key.kv_key(), &bytes, version).await {
+                                self.cache.borrow_mut().drop_base(&key);
                                 return Reply::error(
                                     503,
                                     &format!("KV write failed, retry the batch: {e}"),
                                 );
-                            }
-                            let mut cache = self.cache.borrow_mut();
-                            if cache.peek(&key).is_some() {
-                                cache.put_fetched(key, Some(stored), now_ms);
                             }
                             applied += 1;
                         }

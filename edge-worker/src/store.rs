@@ -34,6 +34,7 @@ pub trait Store {
 pub struct MemoryStore {
     map: RefCell<HashMap<String, Versioned>>,
     failing: Cell<bool>,
+    failing_writes: Cell<bool>,
     reads: Cell<u64>,
     writes: Cell<u64>,
 }
@@ -46,6 +47,11 @@ impl MemoryStore {
     /// Makes every later operation fail (true) or succeed again (false).
     pub fn set_failing(&self, failing: bool) {
         self.failing.set(failing);
+    }
+
+    /// Makes later writes fail (true) while reads still succeed.
+    pub fn set_failing_writes(&self, failing: bool) {
+        self.failing_writes.set(failing);
     }
 
     pub fn reads(&self) -> u64 {
@@ -78,7 +84,7 @@ impl Store for MemoryStore {
 
     async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
         self.writes.set(self.writes.get() + 1);
-        if self.failing.get() {
+        if self.failing.get() || self.failing_writes.get() {
             return Err(StoreError::Backend("injected failure".into()));
         }
         self.map

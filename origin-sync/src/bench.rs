@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// `memory` (the broker's own ceiling is higher).
     #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "memory"])]
     broker_storage: String,
+    /// Also write the figures to this file as JSON (for the benchmark report).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
     /// Only measure the service's own path, fed from memory (no broker needed).
     #[arg(long)]
     offline_only: bool,
@@ -305,6 +308,25 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     drop(producer);
     tansu.stop();
+    if let Some(path) = &args.json {
+        let figures = serde_json::json!({
+            "broker_storage": args.broker_storage,
+            "events": args.events,
+            "users": args.users,
+            "partitions": args.partitions,
+            "raw_consume_per_s": raw,
+            "pipeline_per_s": pipeline,
+            "offline_per_s": offline,
+            "latency_rate": args.latency_rate,
+            "latency_p50_ms": percentile(&samples, 0.5),
+            "latency_p99_ms": percentile(&samples, 0.99),
+            "hot_users": args.hot_users,
+            "hot_events": hot,
+            "kv_writes_per_event": writes as f64 / hot as f64,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&figures)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -626,7 +626,11 @@ impl Store {
         resend: &[UserKey],
         cleanup: &[UserKey],
     ) -> Result<Vec<UserKey>, StoreError> {
-        let tx = self.db.begin_write()?;
+        let mut tx = self.db.begin_write()?;
+        // Not fsynced on its own: the next batch's durable commit persists it. A crash before
+        // that only loses acknowledgements, so those items are sent again and the edge and KV
+        // skip them by version. Keeps an fsync off every delivery's path.
+        tx.set_durability(redb::Durability::Eventual);
         let mut still = Vec::new();
         {
             let users_t = tx.open_table(USERS)?;

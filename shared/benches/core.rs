@@ -127,6 +127,20 @@ fn report() {
          median / JSON profile = 1/{:.1} (target >= 1/10)",
         json.len() as f64 / median as f64
     );
+    // `cargo xtask bench` collects the figures for BENCHMARKS.md
+    if let Some(dir) = std::env::var_os("EDGEWISE_BENCH_OUT") {
+        let figures = serde_json::json!({
+            "typical_profile_events": typical.version,
+            "typical_profile_bytes": stored.len(),
+            "typical_profile_json_bytes": json.len(),
+            "delta_median_bytes": median,
+            "delta_p90_bytes": p90,
+        });
+        let path = std::path::Path::new(&dir).join("sizes.json");
+        if let Err(e) = std::fs::write(&path, figures.to_string()) {
+            eprintln!("could not write {}: {e}", path.display());
+        }
+    }
 
     let batch = delta_batch();
     let raw = encode_batch(&batch, Codec::None);

@@ -28,7 +28,12 @@ struct Run {
     p99_ms: f64,
     requests: u64,
     errors: u64,
+    /// (percentile, ms) from wrk's latency histogram, for the report's plot.
+    curve: Vec<(f64, f64)>,
 }
+
+/// wrk's `done` hook: the latency distribution at these percentiles, one line each.
+const PERCENTILES_LUA: &str = "done = function(summary, latency, requests)\n  for _, p in ipairs({1,5,10,20,30,40,50,60,70,80,90,95,97,99,99.5,99.9}) do\n    io.write(string.format(\"pct %g %d\\n\", p, latency:percentile(p)))\n  end\nend\n";
 
 fn main() {
     let secs: u32 = std::env::args()
@@ -141,6 +146,23 @@ fn run(secs: u32) -> Result<(), String> {
     if runs.iter().any(|r| r.requests == 0) {
         return Err("a run completed no requests".into());
     }
+    if let Some(dir) = std::env::var_os("EDGEWISE_BENCH_OUT") {
+        let figures = serde_json::json!({
+            "connections": CONNECTIONS,
+            "seconds": secs,
+            "cores": cores(),
+            "runs": runs.iter().map(|r| serde_json::json!({
+                "name": r.name, "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+                "requests": r.requests, "errors": r.errors, "curve": r.curve,
+            })).collect::<Vec<_>>(),
+            "warm_over_healthz_p50": p50(1) / p50(0),
+            "home_over_healthz_p50": p50(2) / p50(0),
+            "cold_over_healthz_p50": p50(4) / p50(3),
+        });
+        let path = std::path::Path::new(&dir).join("edge-load.json");
+        std::fs::write(&path, figures.to_string())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -204,20 +226,21 @@ fn wrk(
         &format!("{secs}s"),
         "--latency",
     ]);
+    let mut script = PERCENTILES_LUA.to_owned();
     if let Some(users) = users {
         // rotate the shopper per request
         let list: Vec<String> = users.iter().map(|u| format!("{u:?}")).collect();
-        let script = format!(
+        script += &format!(
             "local users = {{{}}}\nlocal i = 0\nrequest = function()\n  i = i % #users + 1\n  return wrk.format(\"GET\", {path:?}, {{[\"x-edgewise-user\"] = users[i]}})\nend\n",
             list.join(",")
         );
-        let file = lua_dir.join(format!(
-            "{}.lua",
-            name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
-        ));
-        std::fs::write(&file, script).map_err(|e| e.to_string())?;
-        cmd.arg("-s").arg(&file);
     }
+    let file = lua_dir.join(format!(
+        "{}.lua",
+        name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+    ));
+    std::fs::write(&file, script).map_err(|e| e.to_string())?;
+    cmd.arg("-s").arg(&file);
     cmd.arg(format!("http://127.0.0.1:{port}{path}"));
     let out = cmd
         .output()
@@ -265,8 +288,18 @@ fn parse_wrk(name: &'static str, text: &str) -> Option<Run> {
                 .sum::<u64>()
         })
         .sum();
+    let curve = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("pct ")?.split_whitespace();
+            let p: f64 = w.next()?.parse().ok()?;
+            let us: f64 = w.next()?.parse().ok()?;
+            Some((p, us / 1000.0))
+        })
+        .collect();
     Some(Run {
         name,
+        curve,
         rps: field("Requests/sec:")?.parse().ok()?,
         p50_ms: ms(field("50%")?)?,
         p99_ms: ms(field("99%")?)?,

@@ -722,6 +722,40 @@ fn a_batch_that_failed_to_store_can_be_retried_with_the_same_signature() {
     assert_eq!(w.signed_sync(&frame).status, 409, "now it did");
 }
 
+#[test]
+fn a_synced_profile_shows_before_its_kv_write_and_is_withdrawn_if_that_fails() {
+    let w = World::new();
+    let v1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.sync(vec![snapshot("alice", &v1)]);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
+    let v2 = profile_of(
+        "alice",
+        &[
+            event("alice", 1, VIEW_LAPTOP),
+            event("alice", 2, ADD_CAMERA),
+        ],
+    );
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &v2)],
+        },
+        Codec::Lz4,
+    );
+    w.store.set_failing_writes(true);
+    assert_eq!(w.signed_sync(&frame).status, 503);
+    w.store.set_failing_writes(false);
+    // the cache gave the version back: what is served is what KV holds
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["profile_version"], 1, "{me}");
+    // origin retries; now it sticks, in the cache and in KV
+    assert_eq!(w.signed_sync(&frame).status, 200);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
+    assert_eq!(
+        w.store.raw(&key("alice").kv_key()).and_then(|v| v.1),
+        Some(2)
+    );
+}
+
 // ---- review regressions -------------------------------------------------------------------
 
 #[test]

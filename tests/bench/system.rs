@@ -1,0 +1,219 @@
+//! Freshness on the whole local stack (tansu, origin-sync, the worker on workerd through
+//! `wrangler dev`), next to the raw broker in the same run:
+//!
+//! - raw broker: a message produced → received by a consumer with origin-sync's own (latency
+//!   tuned) client settings, on a topic of its own;
+//! - freshness: an add-to-cart event produced to Kafka → the shopper's profile visible at the
+//!   edge (`GET /v1/me` shows it; polled every few milliseconds, so each sample includes up to
+//!   one poll's round trip).
+//!
+//! Both at the same steady rate, one new shopper per event. Writes `system.json` (samples
+//! included) into `EDGEWISE_BENCH_OUT` for the report. Usage: `system-bench [EVENTS] [RATE]`
+//! with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench` does both).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use origin_sync::kafka::{Outgoing, produce_all, producer};
+use rdkafka::Message as _;
+use rdkafka::consumer::Consumer as _;
+use shared::event::{Event, EventKind, Line};
+use tests::stack::{Stack, StackConfig, get_json};
+use tests::{free_port, temp_dir, worker_bundle};
+
+const POLL_EVERY: Duration = Duration::from_millis(5);
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let events: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let rate: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(50);
+    if let Err(e) = run(events, rate) {
+        eprintln!("system-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn run(events: usize, rate: u64) -> Result<(), String> {
+    worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
+    let origin_bin = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("origin-sync")))
+        .filter(|p| p.is_file())
+        .ok_or("origin-sync is not built next to this binary (`cargo xtask bench` builds it)")?;
+    let config = StackConfig {
+        state: temp_dir("system-bench"),
+        kafka: None,
+        broker_port: free_port().map_err(|e| e.to_string())?,
+        origin_port: free_port().map_err(|e| e.to_string())?,
+        edge_ports: vec![free_port().map_err(|e| e.to_string())?],
+        partitions: 2,
+        origin_bin,
+        origin_extra: String::new(),
+    };
+    let stack = Stack::start(config, &mut |s| println!("==> {s}"))?;
+    let edge = stack.edges[0].port;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let kafka = origin_sync::config::KafkaConfig {
+        brokers: stack.brokers.clone(),
+        ..Default::default()
+    };
+    let producer = producer(&kafka).map_err(|e| e.to_string())?;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+
+    // 1. the raw broker: produce → consume, same rate, same broker
+    println!("==> raw broker: {events} messages at {rate}/s, produce -> consume");
+    stack.create_topic("bench_raw", 1)?;
+    let raw: Vec<f64> = rt.block_on(async {
+        let consumer = Arc::new(
+            origin_sync::kafka::consumer(&kafka, "bench-raw-latency").map_err(|e| e.to_string())?,
+        );
+        let tpl = origin_sync::pipeline::static_assignment(
+            &consumer,
+            &["bench_raw".to_owned()],
+            &Default::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        let receiving = tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(events);
+            while samples.len() < events {
+                let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                    .await
+                    .map_err(|_| "the raw consumer stalled".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                let sent: u64 = std::str::from_utf8(m.payload().unwrap_or_default())
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("a raw message without a timestamp")?;
+                samples.push(unix_us().saturating_sub(sent) as f64 / 1000.0);
+            }
+            Ok::<_, String>(samples)
+        });
+        // let the consumer's first fetch start before the clock runs
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let start = Instant::now();
+        for n in 0..events {
+            let msg = Outgoing {
+                topic: "bench_raw".into(),
+                key: n.to_string().into_bytes(),
+                payload: unix_us().to_string().into_bytes(),
+                headers: Vec::new(),
+            };
+            let producer = producer.clone();
+            tokio::spawn(async move { produce_all(&producer, &[msg]).await });
+            tokio::time::sleep_until((start + interval * (n as u32 + 1)).into()).await;
+        }
+        receiving.await.map_err(|e| e.to_string())?
+    })?;
+
+    // 2. freshness: produced to Kafka → visible at the edge
+    println!(
+        "==> freshness: {events} add-to-cart events at {rate}/s, Kafka -> origin-sync -> edge"
+    );
+    let start = Instant::now();
+    let mut pollers = Vec::with_capacity(events);
+    for n in 0..events {
+        let user = format!("fresh-u{n}");
+        let event = Event {
+            id: format!("fresh-{n}"),
+            user: user.clone(),
+            ts_ms: unix_us() / 1000,
+            kind: EventKind::AddToCart(Line {
+                item: "cam-001".into(),
+                category: "cameras".into(),
+                price_cents: 49_900,
+                quantity: 1,
+            }),
+        };
+        let msg = Outgoing {
+            topic: event.kind.default_topic().to_owned(),
+            key: user.clone().into_bytes(),
+            payload: event.to_json_bytes(),
+            headers: Vec::new(),
+        };
+        let produced = Instant::now();
+        let producer = producer.clone();
+        rt.spawn(async move { produce_all(&producer, &[msg]).await });
+        pollers.push(std::thread::spawn(move || {
+            while produced.elapsed() < Duration::from_secs(20) {
+                let me = get_json(edge, "/v1/me", &[("x-edgewise-user", &user)]);
+                if me["profile_version"].as_u64() >= Some(1) {
+                    return Some(produced.elapsed().as_secs_f64() * 1000.0);
+                }
+                std::thread::sleep(POLL_EVERY);
+            }
+            None
+        }));
+        if let Some(wait) = (interval * (n as u32 + 1)).checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let mut fresh = Vec::with_capacity(events);
+    let mut missing = 0;
+    for p in pollers {
+        match p.join().ok().flatten() {
+            Some(ms) => fresh.push(ms),
+            None => missing += 1,
+        }
+    }
+    drop(producer);
+    stack.stop(&mut |s| println!("==> {s}"));
+    if missing > 0 {
+        return Err(format!(
+            "{missing} of {events} events never became visible at the edge within 20 s"
+        ));
+    }
+
+    let mut raw_sorted = raw.clone();
+    raw_sorted.sort_by(f64::total_cmp);
+    let mut fresh_sorted = fresh.clone();
+    fresh_sorted.sort_by(f64::total_cmp);
+    let (rp50, rp99) = (percentile(&raw_sorted, 0.5), percentile(&raw_sorted, 0.99));
+    let (fp50, fp99) = (
+        percentile(&fresh_sorted, 0.5),
+        percentile(&fresh_sorted, 0.99),
+    );
+    println!();
+    println!("| at {rate}/s, {events} each | p50 ms | p99 ms |");
+    println!("| --- | ---: | ---: |");
+    println!("| raw broker produce -> consume | {rp50:.1} | {rp99:.1} |");
+    println!("| event produced -> visible at the edge | {fp50:.1} | {fp99:.1} |");
+    println!(
+        "freshness p99 {fp99:.1} ms (target <= 50 ms), {:.1}x the raw broker p99 (target <= 5x)",
+        fp99 / rp99
+    );
+    if let Some(dir) = std::env::var_os("EDGEWISE_BENCH_OUT") {
+        let figures = serde_json::json!({
+            "events": events,
+            "rate": rate,
+            "poll_every_ms": POLL_EVERY.as_millis() as u64,
+            "raw_p50_ms": rp50, "raw_p99_ms": rp99,
+            "fresh_p50_ms": fp50, "fresh_p99_ms": fp99,
+            "raw_samples_ms": raw_sorted,
+            "fresh_samples_ms": fresh_sorted,
+        });
+        let path = PathBuf::from(dir).join("system.json");
+        std::fs::write(&path, figures.to_string())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
