@@ -56,7 +56,7 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     /// Most messages folded in one store transaction.
     pub max_batch: usize,
-    /// How long a batch waits for more messages after its first one.
+    /// How long a batch waits for more messages during a burst (a lone message does not wait).
     pub batch_linger_ms: u64,
     /// librdkafka `fetch.wait.max.ms`: small for latency.
     pub fetch_wait_max_ms: u64,

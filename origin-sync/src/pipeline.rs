@@ -191,8 +191,18 @@ pub async fn consume(
                 continue;
             }
         }
-        let deadline = tokio::time::Instant::now() + linger;
+        // Take what is already waiting. Linger for more only while a burst is under way (more
+        // than one message was waiting), so a lone event at a quiet moment goes straight to the
+        // fold instead of waiting out the linger.
         while records.len() < cfg.max_batch {
+            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(Ok(m)) => take(&m, &mut records, &mut rejects),
+                _ => break,
+            }
+        }
+        let burst = records.len() > 1;
+        let deadline = tokio::time::Instant::now() + if burst { linger } else { Duration::ZERO };
+        while burst && records.len() < cfg.max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(m)) => take(&m, &mut records, &mut rejects),
                 Ok(Err(e)) => {
@@ -461,11 +471,13 @@ async fn deliver(
     let mut resend = Vec::new();
     let mut attempt = 0u32;
     loop {
-        for (i, sink) in sinks.iter().enumerate() {
-            if done[i] {
-                continue;
-            }
-            match sink.push(batch).await {
+        // every sink at once: an edge's freshness should not wait for another edge's answer
+        let pending: Vec<usize> = (0..sinks.len()).filter(|i| !done[*i]).collect();
+        let results =
+            futures_util::future::join_all(pending.iter().map(|i| sinks[*i].push(batch))).await;
+        for (i, result) in pending.into_iter().zip(results) {
+            let sink = &sinks[i];
+            match result {
                 Ok(ack) => {
                     // push time is counted once per batch, by `BatchDelivered`
                     done[i] = true;

@@ -122,47 +122,84 @@ fn test(extra: &[String]) -> Result<()> {
 
 fn bench(extra: &[String]) -> Result<()> {
     setup::run()?;
+    let out = root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    // figures of an earlier run must not leak into this run's report
+    for f in std::fs::read_dir(&out)? {
+        let f = f?.path();
+        if f.extension().is_some_and(|e| e == "json") {
+            std::fs::remove_file(f)?;
+        }
+    }
     step("benchmarks of the pure core (fold, codec, sizes, recommender)");
     Cmd::new("cargo")
         .args(["bench", "-p", "shared", "--bench", "core"])
         .args(extra)
+        .env("EDGEWISE_BENCH_OUT", &out)
         .cwd(root())
         .run()?;
     worker::codec_sizes()?;
     let bundle = worker::build()?;
-    worker::report_bundle_size(&bundle)?;
+    let (raw, gzip) = worker::report_bundle_size(&bundle)?;
+    std::fs::write(
+        out.join("bundle.json"),
+        format!("{{\"raw_bytes\": {raw}, \"gzip_bytes\": {gzip}}}"),
+    )?;
     step("edge: memory of the profile cache at 10k profiles");
     Cmd::new("cargo")
         .args(["bench", "-p", "edge-worker", "--bench", "cache_memory"])
         .cwd(root())
         .run()?;
-    step("origin-sync: throughput vs raw consume, event -> ack latency, KV writes per event");
+    step(
+        "building the native benchmark binaries (origin-sync, system-bench, edge-load, bench-report)",
+    );
     Cmd::new("cargo")
         .args([
-            "run",
+            "build",
             "--profile",
             "native",
             "-p",
             "origin-sync",
-            "--",
-            "bench",
+            "--bin",
+            "origin-sync",
         ])
+        .args(["-p", "tests", "--bin", "system-bench", "--bin", "edge-load"])
+        .args(["--bin", "bench-report"])
         .cwd(root())
         .run()?;
+    let bin = |name: &str| root().join("target/native").join(name);
+    for storage in ["memory", "sqlite"] {
+        step(&format!(
+            "origin-sync, tansu with {storage} storage: throughput vs raw consume, event -> ack latency, KV writes per event"
+        ));
+        Cmd::new(bin("origin-sync"))
+            .args(["bench", "--broker-storage", storage, "--json"])
+            .arg(out.join(format!("origin-{storage}.json")))
+            .cwd(root())
+            .run()?;
+    }
     step("edge: load on workerd (wrk against wrangler dev; about a minute)");
-    Cmd::new("cargo")
-        .args([
-            "run",
-            "--release",
-            "-p",
-            "tests",
-            "--bin",
-            "edge-load",
-            "--",
-            "8",
-        ])
+    Cmd::new(bin("edge-load"))
+        .arg("8")
         .env("EDGEWISE_WORKER_BUNDLE", &bundle)
         .env("EDGEWISE_SKIP_BUILD", "1")
+        .env("EDGEWISE_BENCH_OUT", &out)
+        .cwd(root())
+        .run()?;
+    step(
+        "whole stack: freshness, event produced to Kafka -> visible at the edge, vs the raw broker",
+    );
+    Cmd::new(bin("system-bench"))
+        .args(["1000", "50"])
+        .env("EDGEWISE_WORKER_BUNDLE", &bundle)
+        .env("EDGEWISE_SKIP_BUILD", "1")
+        .env("EDGEWISE_BENCH_OUT", &out)
+        .cwd(root())
+        .run()?;
+    step("writing BENCHMARKS.md");
+    Cmd::new(bin("bench-report"))
+        .arg(&out)
+        .arg(root())
         .cwd(root())
         .run()?;
     Ok(())

@@ -10,13 +10,14 @@ use anyhow::{Context, Result, bail};
 use std::time::Instant;
 
 /// Debian packages: a C toolchain's helpers for librdkafka (cmake, curl headers), the browser
-/// for end-to-end tests, and the loopback load generator.
+/// for end-to-end tests, the loopback load generator, and the font of the benchmark plot.
 const APT_PACKAGES: &[&str] = &[
     "cmake",
     "pkg-config",
     "libcurl4-openssl-dev",
     "chromium",
     "wrk",
+    "fonts-dejavu-core",
 ];
 
 struct CargoTool {

@@ -35,10 +35,6 @@ pub fn node_bin(rel: &str) -> PathBuf {
     root().join("node_modules").join(rel)
 }
 
-pub fn wrangler() -> PathBuf {
-    node_bin(".bin/wrangler")
-}
-
 /// A command with the context needed for a useful error.
 pub struct Cmd {
     inner: Command,

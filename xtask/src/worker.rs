@@ -122,7 +122,8 @@ fn gzip_len(path: &Path) -> Option<usize> {
 }
 
 /// Prints the bundle's size, raw and gzipped, against the 400 KB gzip target.
-pub fn report_bundle_size(out: &Path) -> Result<()> {
+/// Prints the bundle's files and returns its total size, raw and gzipped.
+pub fn report_bundle_size(out: &Path) -> Result<(usize, usize)> {
     let mut files = Vec::new();
     collect(out, &mut files)?;
     let (mut raw, mut gz) = (0usize, 0usize);
@@ -145,7 +146,7 @@ pub fn report_bundle_size(out: &Path) -> Result<()> {
         "    worker bundle: {raw} B raw, {gz} B gzip ({:.0}% of the 400 KB gzip budget)",
         gz as f64 / 4000.0
     );
-    Ok(())
+    Ok((raw, gz))
 }
 
 /// Builds one tiny wasm module per codec and prints its size, so the codec choice accounts for
