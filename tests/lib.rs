@@ -65,6 +65,18 @@ pub fn worker_bundle() -> Option<PathBuf> {
     dir.join("worker/shim.mjs").exists().then_some(dir)
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every wait of the harness give up at once (Ctrl-C while the stack is starting), so
+/// whatever already started is stopped by its owner's drop instead of being left running.
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Chromium (installed by `cargo xtask setup`) for the browser tests.
 pub fn chromium() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -213,6 +225,9 @@ impl Service {
     pub fn wait_healthy(&mut self, path: &str, timeout: Duration) -> Result<(), String> {
         let start = Instant::now();
         while start.elapsed() < timeout {
+            if interrupted() {
+                return Err(format!("interrupted while {} was starting", self.name));
+            }
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
                     "{} exited with {status}:\n{}",
@@ -250,6 +265,11 @@ impl Service {
 impl Drop for Service {
     fn drop(&mut self) {
         if self.exited().is_some() {
+            // the leader is gone, but a child it started (workerd under wrangler) may not be
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stderr(Stdio::null())
+                .status();
             return;
         }
         // The whole group: wrangler runs workerd as a child.

@@ -94,16 +94,19 @@ impl Stack {
                 let (tansu, new) =
                     Tansu::start_at(&config.state.join("kafka.db"), config.broker_port)
                         .map_err(|e| e.to_string())?;
-                if new {
-                    progress("creating the topics");
-                    for t in EVENT_TOPICS {
-                        tansu
-                            .create_topic(t, config.partitions)
-                            .map_err(|e| e.to_string())?;
+                // Every start: a first start interrupted halfway must not leave a topic missing.
+                // On a kept log they exist already, and tansu refuses to create them again.
+                progress("creating the topics");
+                for (t, partitions) in EVENT_TOPICS
+                    .iter()
+                    .map(|t| (*t, config.partitions))
+                    .chain([(DEAD_LETTER_TOPIC, 1)])
+                {
+                    if let Err(e) = tansu.create_topic(t, partitions)
+                        && new
+                    {
+                        return Err(e.to_string());
                     }
-                    tansu
-                        .create_topic(DEAD_LETTER_TOPIC, 1)
-                        .map_err(|e| e.to_string())?;
                 }
                 let brokers = tansu.brokers();
                 (Some(tansu), brokers)
@@ -314,6 +317,9 @@ pub fn wait_for(
     while !done() {
         if start.elapsed() > timeout {
             return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        if crate::interrupted() {
+            return Err(format!("interrupted while waiting for {what}"));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -219,6 +219,8 @@ pub struct App {
     replay: RefCell<ReplayGuard>,
     /// Signatures of `/v1/sync` batches recorded but still being applied.
     in_flight: RefCell<std::collections::HashSet<[u8; 32]>>,
+    /// Profiles whose synced value is in the cache while its KV write is still running.
+    writing: RefCell<std::collections::HashSet<UserKey>>,
     config_checked_ms: Cell<Option<u64>>,
 }
 
@@ -232,6 +234,7 @@ impl App {
             replay: RefCell::new(ReplayGuard::new(config.sync_window_secs, REPLAY_CAPACITY)),
             site: RefCell::new(Rc::new(Site::bundled())),
             in_flight: RefCell::default(),
+            writing: RefCell::default(),
             config_checked_ms: Cell::new(None),
             config,
         }
@@ -827,9 +830,18 @@ impl App {
                 }
                 SyncItem::Delta(d) => {
                     let key = d.user;
+                    // A retry that overtakes the write it repeats must not count that write as
+                    // done: the cache already shows it, KV may never get it.
+                    if self.writing.borrow().contains(&key) {
+                        return Reply::error(
+                            503,
+                            "a write of this profile is still running, retry the batch",
+                        );
+                    }
                     // The cache may lag KV (another isolate synced since it was fetched) and KV may
                     // lag this isolate's own writes: the change applies to the newer of the two.
                     let cached = self.cache.borrow().peek(&key).and_then(|e| e.base());
+                    let cached_version = cached.as_ref().map(Stored::version);
                     let mut held = match store.get(&key.kv_key()).await {
                         Ok(v) => newer(
                             cached,
@@ -848,9 +860,10 @@ impl App {
                             let bytes = wire::encode_stored(&stored);
                             let version = stored.version();
                             // Visible here before the KV write completes: a shopper's next
-                            // request should not wait for KV. Should the write fail, the entry
-                            // forgets its base (reads go back to KV) and origin retries the
-                            // batch, which then applies again.
+                            // request should not wait for KV. Should the write fail (or this
+                            // request be dropped), the entry forgets its base, so reads go back
+                            // to KV, and origin's retry applies again.
+                            let mut write = Writing::start(self, key);
                             {
                                 let mut cache = self.cache.borrow_mut();
                                 if cache.peek(&key).is_some() {
@@ -858,15 +871,27 @@ impl App {
                                 }
                             }
                             if let Err(e) = store.put(&key.kv_key(), &bytes, version).await {
-                                self.cache.borrow_mut().drop_base(&key);
                                 return Reply::error(
                                     503,
                                     &format!("KV write failed, retry the batch: {e}"),
                                 );
                             }
+                            write.done = true;
                             applied += 1;
                         }
-                        Ok(Applied::Duplicate) => duplicates += 1,
+                        Ok(Applied::Duplicate) => {
+                            duplicates += 1;
+                            // KV was ahead of this isolate's copy (another isolate, or the KV
+                            // sink, wrote it): serve what KV holds
+                            if let Some(stored) = held
+                                && cached_version.is_some_and(|v| v < stored.version())
+                            {
+                                let mut cache = self.cache.borrow_mut();
+                                if cache.peek(&key).is_some() {
+                                    cache.put_fetched(key, Some(stored), now_ms);
+                                }
+                            }
+                        }
                         Err(ApplyError::Gap { .. }) => {
                             self.cache.borrow_mut().drop_base(&key);
                             resend.push(key.to_hex());
@@ -995,6 +1020,34 @@ impl Drop for Recorded<'_> {
         self.app.in_flight.borrow_mut().remove(&self.sig);
         if !self.took_effect {
             self.app.replay.borrow_mut().forget(&self.sig);
+        }
+    }
+}
+
+/// A synced profile's KV write in progress; see `App::writing`. Dropped unfinished (the write
+/// failed, or the request was cancelled), the cache forgets the value it showed early.
+struct Writing<'a> {
+    app: &'a App,
+    key: UserKey,
+    done: bool,
+}
+
+impl<'a> Writing<'a> {
+    fn start(app: &'a App, key: UserKey) -> Writing<'a> {
+        app.writing.borrow_mut().insert(key);
+        Writing {
+            app,
+            key,
+            done: false,
+        }
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.app.writing.borrow_mut().remove(&self.key);
+        if !self.done {
+            self.app.cache.borrow_mut().drop_base(&self.key);
         }
     }
 }

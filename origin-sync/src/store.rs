@@ -248,6 +248,47 @@ struct UserState {
     current: Profile,
 }
 
+/// [`UserState`] as stores written before the compact window form hold it (window events as
+/// JSON, the folded profile stored too). Read, never written.
+#[derive(Deserialize)]
+struct LegacyUserState {
+    base: Profile,
+    window: Vec<LegacyWindowEvent>,
+    frozen: Option<(u64, String)>,
+    seen: Vec<u64>,
+    erased: Option<(u64, u64)>,
+    #[allow(dead_code)]
+    current: Profile,
+}
+
+#[derive(Deserialize)]
+struct LegacyWindowEvent {
+    #[allow(dead_code)]
+    ts_ms: u64,
+    #[allow(dead_code)]
+    id: String,
+    json: Vec<u8>,
+}
+
+impl LegacyUserState {
+    fn upgrade(self) -> UserState {
+        UserState {
+            base: self.base,
+            // these were validated when first stored
+            window: self
+                .window
+                .iter()
+                .filter_map(|w| shared::event::parse_event(&w.json).ok())
+                .map(|e| WindowEvent::new(&e))
+                .collect(),
+            frozen: self.frozen,
+            seen: self.seen,
+            erased: self.erased,
+            current: Profile::default(),
+        }
+    }
+}
+
 /// Outbox entry: the oldest event time not yet acknowledged.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 struct Pending {
@@ -353,7 +394,14 @@ impl UserState {
     }
 
     fn decode(bytes: &[u8]) -> Result<UserState, StoreError> {
-        let mut state: UserState = decode(bytes, "user")?;
+        let mut state: UserState = match decode(bytes, "user") {
+            Ok(s) => s,
+            // written before window events had their binary form: convert on read
+            Err(e) => match postcard::from_bytes::<LegacyUserState>(bytes) {
+                Ok(old) => old.upgrade(),
+                Err(_) => return Err(e),
+            },
+        };
         state.refold();
         Ok(state)
     }
@@ -627,10 +675,11 @@ impl Store {
         cleanup: &[UserKey],
     ) -> Result<Vec<UserKey>, StoreError> {
         let mut tx = self.db.begin_write()?;
-        // Not fsynced on its own: the next batch's durable commit persists it. A crash before
-        // that only loses acknowledgements, so those items are sent again and the edge and KV
-        // skip them by version. Keeps an fsync off every delivery's path.
-        tx.set_durability(redb::Durability::Eventual);
+        // Not persisted on its own (redb's `Eventual` still fsyncs on Linux; `None` does not):
+        // the next batch's durable commit persists it. A crash before that only loses
+        // acknowledgements, so those items are sent again and the edge and KV skip them by
+        // version. Keeps an fsync off every delivery's path.
+        tx.set_durability(redb::Durability::None);
         let mut still = Vec::new();
         {
             let users_t = tx.open_table(USERS)?;
@@ -884,6 +933,50 @@ mod tests {
             let back: WindowEvent = decode(&stored, "window").expect("decodes");
             assert_eq!(back.event(), ev);
         }
+    }
+
+    #[test]
+    fn state_written_before_the_compact_window_form_still_reads() {
+        #[derive(Serialize)]
+        struct OldWindowEvent {
+            ts_ms: u64,
+            id: String,
+            json: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        struct OldState {
+            base: Profile,
+            window: Vec<OldWindowEvent>,
+            frozen: Option<(u64, String)>,
+            seen: Vec<u64>,
+            erased: Option<(u64, u64)>,
+            current: Profile,
+        }
+        let catalog = Catalog::demo().expect("demo catalog");
+        let events: Vec<Event> = Traffic::new(&catalog, 1, "old", 1_764_000_000_000, 1, 5)
+            .take(3)
+            .collect();
+        let key = UserKey::derive(b"k", "old-u0");
+        let mut current = Profile::new(key.bucket());
+        fold_all(&mut current, &events);
+        let old = OldState {
+            base: Profile::new(key.bucket()),
+            window: events
+                .iter()
+                .map(|e| OldWindowEvent {
+                    ts_ms: e.ts_ms,
+                    id: e.id.clone(),
+                    json: e.to_json_bytes(),
+                })
+                .collect(),
+            frozen: None,
+            seen: Vec::new(),
+            erased: None,
+            current: current.clone(),
+        };
+        let state = UserState::decode(&encode(&old)).expect("reads the old form");
+        assert_eq!(state.window.len(), 3);
+        assert_eq!(state.current, current);
     }
 
     fn records(events: &[Event], topic: &str, start: i64) -> Vec<Record> {

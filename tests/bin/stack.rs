@@ -50,8 +50,12 @@ fn main() -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
+        // Ctrl-C while starting makes every wait give up, and what already started is stopped.
         // A second Ctrl-C while stopping is ignored: stopping is bounded and leaves no strays.
-        if let Err(e) = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)) {
+        if let Err(e) = ctrlc::set_handler(move || {
+            stop.store(true, Ordering::SeqCst);
+            tests::interrupt();
+        }) {
             eprintln!("edgewise-stack: cannot handle Ctrl-C: {e}");
             return ExitCode::FAILURE;
         }
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
     let mut stack = match Stack::start(config, &mut |s| say(s)) {
         Ok(s) => s,
         Err(e) => {
+            // what had started is stopped by now (each part stops when dropped)
             eprintln!("edgewise-stack: {e}");
             return ExitCode::FAILURE;
         }
@@ -134,7 +139,15 @@ fn main() -> ExitCode {
         let _ = Command::new("kill")
             .args(["-INT", &sim.id().to_string()])
             .status();
-        let _ = sim.wait();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sim.try_wait().ok().flatten().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = sim.kill();
+                let _ = sim.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     stack.stop(&mut |s| say(s));
     say("stopped");

@@ -279,11 +279,12 @@ fn seed_workflow_in_a_browser(sys: &System, chromium: &std::path::Path) {
         "  click at edge A -> the shopper's profile at edge B: {} ms ({} polls); B's home page: {seen}",
         seen["freshness_ms"], seen["polls"]
     );
-    // edge B learned it from origin, not from a local copy: version 1, nothing pending
+    // Edge B learned the cart from origin: the shopper never added anything there. (The SDK
+    // also sends page and product views a second after each page, so the version may be above
+    // 1 and B may hold its own page view as a pending local event.)
     let vid = format!("ew_vid={}", seen["vid"].as_str().unwrap());
     let me = get_json(sys.b, "/v1/me", &[("cookie", &vid)]);
-    assert_eq!(me["profile_version"], 1, "{me}");
-    assert_eq!(me["pending_local_events"], 0, "{me}");
+    assert!(me["profile_version"].as_u64() >= Some(1), "{me}");
     assert_eq!(
         me["profile"]["cart"],
         json!([{ "item": "cam-001", "quantity": 1 }]),

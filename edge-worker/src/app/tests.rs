@@ -2,7 +2,7 @@
 //! verification and versions, config hot reload, erasure, and every bad-input case.
 
 use super::*;
-use crate::store::{MemoryStore, StoreError};
+use crate::store::{MemoryStore, Store, StoreError, Versioned};
 use shared::delta::{Change, Delta, diff};
 use shared::event::parse_event;
 use shared::fold::fold;
@@ -754,6 +754,117 @@ fn a_synced_profile_shows_before_its_kv_write_and_is_withdrawn_if_that_fails() {
         w.store.raw(&key("alice").kv_key()).and_then(|v| v.1),
         Some(2)
     );
+}
+
+/// A store whose writes wait until the test opens the gate: a KV write still running.
+struct WriteGatedStore<'a> {
+    inner: &'a MemoryStore,
+    open: Cell<bool>,
+}
+
+impl Store for WriteGatedStore<'_> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        std::future::poll_fn(|_| {
+            if self.open.get() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        self.inner.put(key, value, version).await
+    }
+}
+
+fn sync_request(w: &World, frame: &[u8]) -> HttpRequest {
+    let ts = w.now() / 1000;
+    let sig = auth::sign(SYNC_SECRET.as_bytes(), ts, frame);
+    let mut req = HttpRequest::get("/v1/sync");
+    req.method = "POST".into();
+    req.headers = vec![
+        (auth::TIMESTAMP_HEADER.to_owned(), ts.to_string()),
+        (auth::SIGNATURE_HEADER.to_owned(), sig),
+    ];
+    req.body = frame.to_vec();
+    req
+}
+
+#[test]
+fn a_retry_that_overtakes_a_running_kv_write_is_told_to_come_back() {
+    let w = World::new();
+    let v1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.sync(vec![snapshot("alice", &v1)]);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
+    let v2 = profile_of(
+        "alice",
+        &[
+            event("alice", 1, VIEW_LAPTOP),
+            event("alice", 2, ADD_CAMERA),
+        ],
+    );
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &v2)],
+        },
+        Codec::Lz4,
+    );
+    let gated = WriteGatedStore {
+        inner: &w.store,
+        open: Cell::new(false),
+    };
+    let first = sync_request(&w, &frame);
+    let mut running = pin!(w.app.handle(&gated, &w.clock, &first, || [0x11; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(running.as_mut().poll(&mut cx).is_pending(), "waits on KV");
+    // origin timed out and re-sent, signed anew: not "already applied", since KV has not got it
+    w.advance(1000);
+    let retry = run(w
+        .app
+        .handle(&gated, &w.clock, &sync_request(&w, &frame), || [0x11; 16]));
+    assert_eq!(
+        retry.reply.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&retry.reply.body)
+    );
+    gated.open.set(true);
+    let Poll::Ready(done) = running.as_mut().poll(&mut cx) else {
+        panic!("the gate is open")
+    };
+    assert_eq!(done.reply.status, 200);
+    assert_eq!(
+        w.store.raw(&key("alice").kv_key()).and_then(|v| v.1),
+        Some(2)
+    );
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
+}
+
+#[test]
+fn a_change_kv_already_holds_still_refreshes_this_isolates_copy() {
+    let w = World::new();
+    let v1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.sync(vec![snapshot("alice", &v1)]);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
+    // origin's KV sink wrote version 2 first; then the same change reaches this edge
+    let v2 = profile_of(
+        "alice",
+        &[
+            event("alice", 1, VIEW_LAPTOP),
+            event("alice", 2, ADD_CAMERA),
+        ],
+    );
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(v2.clone())),
+        Some(2),
+    );
+    let out = w.sync(vec![snapshot("alice", &v2)]);
+    assert_eq!(out["duplicates"], 1, "{out}");
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
 }
 
 // ---- review regressions -------------------------------------------------------------------
