@@ -228,54 +228,24 @@ fn plot(system: &Value, runs: &[Value], path: &Path) -> Result<(), String> {
     let area = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
     area.fill(&WHITE).map_err(|e| e.to_string())?;
     let (left, right) = area.split_horizontally(700);
-    let e = |e: DrawingAreaErrorKind<_>| e.to_string();
 
-    let fresh = curve(&samples(&system["fresh_samples_ms"]));
-    let raw = curve(&samples(&system["raw_samples_ms"]));
-    let max = fresh.iter().chain(&raw).map(|p| p.1).fold(1.0, f64::max) * 1.05;
-    let mut chart = ChartBuilder::on(&left)
-        .caption(
-            "Freshness: produced to Kafka -> visible at the edge",
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0.0..max, 0.0..100.0)
-        .map_err(e)?;
-    chart
-        .configure_mesh()
-        .x_desc("milliseconds")
-        .y_desc("percentile")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(e)?;
-    for (data, name, color) in [
-        (&fresh, "event -> edge (whole stack)", RED),
-        (&raw, "raw broker produce -> consume", BLUE),
-    ] {
-        chart
-            .draw_series(LineSeries::new(
-                data.iter().map(|(p, ms)| (*ms, *p)),
-                color.stroke_width(2),
-            ))
-            .map_err(e)?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(e)?;
-
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
-    let curves: Vec<(String, Vec<(f64, f64)>)> = runs
+    let freshness = vec![
+        (
+            "raw broker produce -> consume".to_owned(),
+            curve(&samples(&system["raw_samples_ms"])),
+        ),
+        (
+            "event -> edge (whole stack)".to_owned(),
+            curve(&samples(&system["fresh_samples_ms"])),
+        ),
+    ];
+    cdf_panel(
+        &left,
+        "Freshness: produced to Kafka -> visible at the edge",
+        &freshness,
+        100.0,
+    )?;
+    let edge: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
         .map(|r| {
             let pts = r["curve"]
@@ -289,21 +259,37 @@ fn plot(system: &Value, runs: &[Value], path: &Path) -> Result<(), String> {
             (r["name"].as_str().unwrap_or("?").to_owned(), pts)
         })
         .collect();
-    // the slow tail would flatten everything else: show up to the 99th percentile
+    // wrk's slow tail would flatten everything else: up to the 99th percentile
+    cdf_panel(
+        &right,
+        "Edge answer latency under load (wrk, wrangler dev)",
+        &edge,
+        99.0,
+    )?;
+    area.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// One panel: latency (x) against percentile (y), a line per named curve of
+/// `(percentile, ms)` points, up to `top` percent.
+fn cdf_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    curves: &[(String, Vec<(f64, f64)>)],
+    top: f64,
+) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<_>| e.to_string();
     let max = curves
         .iter()
-        .flat_map(|(_, c)| c.iter().filter(|(p, _)| *p <= 99.0).map(|p| p.1))
+        .flat_map(|(_, c)| c.iter().filter(|(p, _)| *p <= top).map(|p| p.1))
         .fold(1.0, f64::max)
         * 1.05;
-    let mut chart = ChartBuilder::on(&right)
-        .caption(
-            "Edge answer latency under load (wrk, wrangler dev)",
-            ("sans-serif", 20),
-        )
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
-        .build_cartesian_2d(0.0..max, 0.0..99.0)
+        .build_cartesian_2d(0.0..max, 0.0..top)
         .map_err(e)?;
     chart
         .configure_mesh()
@@ -312,12 +298,13 @@ fn plot(system: &Value, runs: &[Value], path: &Path) -> Result<(), String> {
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(e)?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
     for (i, (name, pts)) in curves.iter().enumerate() {
         let color = colors[i % colors.len()];
         chart
             .draw_series(LineSeries::new(
                 pts.iter()
-                    .filter(|(p, _)| *p <= 99.0)
+                    .filter(|(p, _)| *p <= top)
                     .map(|(p, ms)| (*ms, *p)),
                 color.stroke_width(2),
             ))
@@ -335,6 +322,5 @@ fn plot(system: &Value, runs: &[Value], path: &Path) -> Result<(), String> {
         .label_font(("sans-serif", 14))
         .draw()
         .map_err(e)?;
-    area.present().map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -722,9 +722,9 @@ fn a_batch_that_failed_to_store_can_be_retried_with_the_same_signature() {
     assert_eq!(w.signed_sync(&frame).status, 409, "now it did");
 }
 
-#[test]
-fn a_synced_profile_shows_before_its_kv_write_and_is_withdrawn_if_that_fails() {
-    let w = World::new();
+/// Alice's profile synced at version 1 (and served), and her version 2: the profile and a
+/// sync frame carrying it.
+fn alice_at_v1_with_v2_coming(w: &World) -> (Profile, Vec<u8>) {
     let v1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
     w.sync(vec![snapshot("alice", &v1)]);
     assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
@@ -741,6 +741,13 @@ fn a_synced_profile_shows_before_its_kv_write_and_is_withdrawn_if_that_fails() {
         },
         Codec::Lz4,
     );
+    (v2, frame)
+}
+
+#[test]
+fn a_synced_profile_shows_before_its_kv_write_and_is_withdrawn_if_that_fails() {
+    let w = World::new();
+    let (_, frame) = alice_at_v1_with_v2_coming(&w);
     w.store.set_failing_writes(true);
     assert_eq!(w.signed_sync(&frame).status, 503);
     w.store.set_failing_writes(false);
@@ -796,22 +803,7 @@ fn sync_request(w: &World, frame: &[u8]) -> HttpRequest {
 #[test]
 fn a_retry_that_overtakes_a_running_kv_write_is_told_to_come_back() {
     let w = World::new();
-    let v1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
-    w.sync(vec![snapshot("alice", &v1)]);
-    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
-    let v2 = profile_of(
-        "alice",
-        &[
-            event("alice", 1, VIEW_LAPTOP),
-            event("alice", 2, ADD_CAMERA),
-        ],
-    );
-    let frame = encode_batch(
-        &SyncBatch {
-            items: vec![snapshot("alice", &v2)],
-        },
-        Codec::Lz4,
-    );
+    let (_, frame) = alice_at_v1_with_v2_coming(&w);
     let gated = WriteGatedStore {
         inner: &w.store,
         open: Cell::new(false),
@@ -846,17 +838,8 @@ fn a_retry_that_overtakes_a_running_kv_write_is_told_to_come_back() {
 #[test]
 fn a_change_kv_already_holds_still_refreshes_this_isolates_copy() {
     let w = World::new();
-    let v1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
-    w.sync(vec![snapshot("alice", &v1)]);
-    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
+    let (v2, _) = alice_at_v1_with_v2_coming(&w);
     // origin's KV sink wrote version 2 first; then the same change reaches this edge
-    let v2 = profile_of(
-        "alice",
-        &[
-            event("alice", 1, VIEW_LAPTOP),
-            event("alice", 2, ADD_CAMERA),
-        ],
-    );
     w.store.insert_raw(
         &key("alice").kv_key(),
         wire::encode_stored(&Stored::Profile(v2.clone())),
