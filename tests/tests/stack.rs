@@ -314,7 +314,13 @@ fn erasure_reaches_every_copy_and_stays(sys: &mut System) {
     })
     .unwrap();
     println!("  event at edge A -> origin -> both edges: {took:?}");
-    assert!(matches!(sys.kv(2, user), Some(Stored::Profile(_))));
+    // the edge serves a synced profile before its KV write completes: give the write a moment
+    wait_for(
+        "the profile in edge B's KV",
+        Duration::from_secs(10),
+        || matches!(sys.kv(2, user), Some(Stored::Profile(_))),
+    )
+    .unwrap();
 
     let erased = http(sys.a, "DELETE", "/v1/me", &[("x-edgewise-user", user)], b"").unwrap();
     assert_eq!(erased.status, 202, "{}", erased.text());
