@@ -155,6 +155,21 @@ impl Stack {
             broker,
             origin_config,
         };
+        // An edge's KV may have been wiped while origin's store remembers delivering the
+        // catalog and rules: publish them again (the same versions; an edge that has them
+        // skips them).
+        let republished = Command::new(&stack.config.origin_bin)
+            .arg("--config")
+            .arg(&stack.origin_config)
+            .arg("republish")
+            .output()
+            .map_err(|e| format!("origin-sync republish: {e}"))?;
+        if !republished.status.success() {
+            return Err(format!(
+                "origin-sync republish failed: {}",
+                String::from_utf8_lossy(&republished.stderr)
+            ));
+        }
         stack.start_origin(progress)?;
         progress("waiting for the catalog and rules to reach every edge");
         for edge in &stack.edges {

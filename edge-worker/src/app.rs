@@ -265,7 +265,12 @@ impl App {
         let started = clock.now_ms();
         let now_ms = started as u64;
         let mut handled = match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/healthz") => self.healthz().into(),
+            ("GET", "/healthz") => {
+                // report what KV holds (as often as pages check it), not only what this
+                // isolate happened to load: a fresh isolate has served no page yet
+                self.refresh_site(store, now_ms).await;
+                self.healthz().into()
+            }
             ("GET", "/sdk.js") => storefront::sdk().into(),
             ("POST", "/v1/sync") => self.sync(store, req, now_ms).await.into(),
             (_, "/v1/sync") => method_not_allowed("POST"),

@@ -850,6 +850,18 @@ fn a_change_kv_already_holds_still_refreshes_this_isolates_copy() {
     assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
 }
 
+#[test]
+fn health_reports_the_catalog_and_rules_kv_holds_before_any_page_was_served() {
+    let w = World::new();
+    w.store
+        .insert_raw(CATALOG_KEY, DEMO_CATALOG_JSON.as_bytes().to_vec(), Some(4));
+    w.store
+        .insert_raw(RULES_KEY, DEMO_RULES_JSON.as_bytes().to_vec(), Some(7));
+    let h = w.get("/healthz", &[]).body_json();
+    assert_eq!(h["catalog_version"], 4, "{h}");
+    assert_eq!(h["rules_version"], 7, "{h}");
+}
+
 // ---- review regressions -------------------------------------------------------------------
 
 #[test]
