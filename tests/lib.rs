@@ -86,6 +86,18 @@ pub fn chromium() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The origin-sync binary cargo built beside the running one: next to a binary, or one
+/// folder up from a test (tests run from `target/<profile>/deps`).
+pub fn origin_sync_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("origin-sync"))
+        .find(|p| p.is_file())
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

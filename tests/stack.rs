@@ -202,14 +202,6 @@ impl Stack {
         }
     }
 
-    pub fn origin_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.config.origin_port)
-    }
-
-    pub fn origin_running(&self) -> bool {
-        self.origin.is_some()
-    }
-
     /// Starts origin-sync (again) and waits for its `/healthz`.
     pub fn start_origin(&mut self, progress: &mut dyn FnMut(&str)) -> Result<(), String> {
         if self.origin.is_some() {

@@ -67,9 +67,7 @@ fn topics(prefix: &str) -> Vec<String> {
 fn outgoing(prefix: &str, e: &Event) -> Outgoing {
     Outgoing {
         topic: format!("{prefix}_{}", e.kind.default_topic()),
-        key: e.user.as_bytes().to_vec(),
-        payload: e.to_json_bytes(),
-        headers: Vec::new(),
+        ..Outgoing::event(e)
     }
 }
 

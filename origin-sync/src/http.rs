@@ -83,12 +83,7 @@ async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> 
     let mut rejected = Vec::new();
     for (index, r) in results.into_iter().enumerate() {
         match r {
-            Ok(e) => out.push(Outgoing {
-                topic: e.kind.default_topic().to_owned(),
-                key: e.user.as_bytes().to_vec(),
-                payload: e.to_json_bytes(),
-                headers: Vec::new(),
-            }),
+            Ok(e) => out.push(Outgoing::event(&e)),
             Err(e) => rejected.push(json!({"index": index, "reason": e.to_string()})),
         }
     }

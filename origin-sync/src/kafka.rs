@@ -48,6 +48,19 @@ pub struct Outgoing {
     pub headers: Vec<(&'static str, String)>,
 }
 
+impl Outgoing {
+    /// An event to its kind's default topic, keyed by its user (so a user's events stay in
+    /// one partition, in order).
+    pub fn event(e: &shared::event::Event) -> Outgoing {
+        Outgoing {
+            topic: e.kind.default_topic().to_owned(),
+            key: e.user.as_bytes().to_vec(),
+            payload: e.to_json_bytes(),
+            headers: Vec::new(),
+        }
+    }
+}
+
 /// Produces every message and waits until the broker has all of them.
 pub async fn produce_all(
     producer: &FutureProducer,

@@ -171,12 +171,7 @@ async fn simulate(
         for _ in 0..n {
             let Some(mut e) = traffic.next() else { break };
             e.ts_ms = origin_sync::pipeline::now_ms();
-            out.push(Outgoing {
-                topic: e.kind.default_topic().to_owned(),
-                key: e.user.as_bytes().to_vec(),
-                payload: e.to_json_bytes(),
-                headers: Vec::new(),
-            });
+            out.push(Outgoing::event(&e));
         }
         produce_all(&producer, &out).await?;
         sent += out.len() as u64;

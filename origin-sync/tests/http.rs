@@ -192,12 +192,7 @@ async fn ingest_erasure_and_documents() {
         "tombstone at the edge",
     )
     .await;
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&base).await;
     for name in [
         "edgewise_consumed_total",
         "edgewise_rejected_total",
@@ -436,12 +431,7 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
     .await;
     let service = InProcess::start(cfg);
     converge(&edge, &reference(&events), Duration::from_secs(30)).await;
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&base).await;
     service.stop().await;
 
     let mut series = std::collections::BTreeSet::new();
@@ -476,4 +466,14 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
         unknown.is_empty(),
         "the dashboard groups by {unknown:?}, labels no series carries ({labels:?})"
     );
+}
+
+/// `GET /metrics` of the service at `base`, as text.
+async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }

@@ -21,7 +21,7 @@ use rdkafka::Message as _;
 use rdkafka::consumer::Consumer as _;
 use shared::event::{Event, EventKind, Line};
 use tests::stack::{Stack, StackConfig, get_json};
-use tests::{free_port, temp_dir, worker_bundle};
+use tests::{free_port, origin_sync_binary, temp_dir, worker_bundle};
 
 const POLL_EVERY: Duration = Duration::from_millis(5);
 
@@ -50,10 +50,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn run(events: usize, rate: u64) -> Result<(), String> {
     worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
-    let origin_bin = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("origin-sync")))
-        .filter(|p| p.is_file())
+    let origin_bin = origin_sync_binary()
         .ok_or("origin-sync is not built next to this binary (`cargo xtask bench` builds it)")?;
     let config = StackConfig {
         state: temp_dir("system-bench"),
@@ -145,12 +142,7 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
                 quantity: 1,
             }),
         };
-        let msg = Outgoing {
-            topic: event.kind.default_topic().to_owned(),
-            key: user.clone().into_bytes(),
-            payload: event.to_json_bytes(),
-            headers: Vec::new(),
-        };
+        let msg = Outgoing::event(&event);
         let produced = Instant::now();
         let producer = producer.clone();
         rt.spawn(async move { produce_all(&producer, &[msg]).await });

@@ -60,12 +60,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let origin_bin = args.origin_bin.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.join("origin-sync")))
-            .unwrap_or_else(|| PathBuf::from("origin-sync"))
-    });
+    let origin_bin = args
+        .origin_bin
+        .clone()
+        .or_else(tests::origin_sync_binary)
+        .unwrap_or_else(|| PathBuf::from("origin-sync"));
     let mut config = StackConfig::local(origin_bin.clone());
     if let Some(state) = &args.state {
         config.state = state.clone();

@@ -15,7 +15,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use origin_sync::kafka::{Outgoing, produce_all, producer};
@@ -29,14 +28,10 @@ use shared::fold::fold_all;
 use shared::keys::UserKey;
 use shared::traffic::Traffic;
 use tests::stack::{Stack, StackConfig, get_json, wait_for};
-use tests::{DEV_USER_KEY_SECRET, chromium, free_port, http, root, temp_dir, worker_bundle};
-
-/// The origin-sync binary cargo built next to this test.
-fn origin_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("origin-sync");
-    bin.is_file().then_some(bin)
-}
+use tests::{
+    DEV_USER_KEY_SECRET, chromium, free_port, http, origin_sync_binary, root, temp_dir,
+    worker_bundle,
+};
 
 struct System {
     stack: Stack,
@@ -48,15 +43,7 @@ struct System {
 }
 
 fn messages(events: &[Event]) -> Vec<Outgoing> {
-    events
-        .iter()
-        .map(|e| Outgoing {
-            topic: e.kind.default_topic().to_owned(),
-            key: e.user.as_bytes().to_vec(),
-            payload: e.to_json_bytes(),
-            headers: Vec::new(),
-        })
-        .collect()
+    events.iter().map(Outgoing::event).collect()
 }
 
 impl System {
@@ -188,7 +175,7 @@ fn the_whole_system_on_one_stack() {
         eprintln!("skipped: run `cargo xtask test`, which builds the worker bundle first");
         return;
     }
-    let Some(origin_bin) = origin_binary() else {
+    let Some(origin_bin) = origin_sync_binary() else {
         eprintln!("skipped: the origin-sync binary is not built (`cargo xtask test` builds it)");
         return;
     };

@@ -177,12 +177,7 @@ pub fn traffic(users: usize, n: usize, prefix: &str, seed: u64) -> Vec<Event> {
 }
 
 pub fn outgoing(e: &Event) -> Outgoing {
-    Outgoing {
-        topic: e.kind.default_topic().to_owned(),
-        key: e.user.as_bytes().to_vec(),
-        payload: e.to_json_bytes(),
-        headers: Vec::new(),
-    }
+    Outgoing::event(e)
 }
 
 pub async fn produce(brokers: &str, messages: &[Outgoing]) {
