@@ -5,6 +5,7 @@
 
 pub mod stack;
 
+use shared::protocol::{Signed, route};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -16,21 +17,16 @@ use std::time::{Duration, Instant};
 pub const DEV_SYNC_SECRET: &[u8] = b"dev-sync-secret";
 pub const DEV_USER_KEY_SECRET: &[u8] = b"dev-user-key-secret";
 
-/// `POST /v1/sync` with `frame`, signed at `ts` with `signature`.
-pub fn post_sync(
-    port: u16,
-    frame: &[u8],
-    ts: u64,
-    signature: &str,
-) -> std::io::Result<HttpResponse> {
-    let ts = ts.to_string();
+/// `POST /v1/sync` with `frame` and the given signature.
+pub fn post_sync(port: u16, frame: &[u8], signed: &Signed) -> std::io::Result<HttpResponse> {
+    let [(ts_name, ts), (sig_name, sig)] = signed.headers();
     http(
         port,
         "POST",
-        "/v1/sync",
+        route::SYNC,
         &[
-            ("x-edgewise-timestamp", &ts),
-            ("x-edgewise-signature", signature),
+            (ts_name, &ts),
+            (sig_name, &sig),
             ("content-type", "application/octet-stream"),
         ],
         frame,
@@ -42,12 +38,7 @@ pub fn signed_sync(port: u16, frame: &[u8]) -> std::io::Result<HttpResponse> {
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    post_sync(
-        port,
-        frame,
-        ts,
-        &shared::auth::sign(DEV_SYNC_SECRET, ts, frame),
-    )
+    post_sync(port, frame, &Signed::new(DEV_SYNC_SECRET, ts, frame))
 }
 
 /// The workspace root.

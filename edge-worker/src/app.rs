@@ -11,16 +11,18 @@
 use crate::cache::ProfileCache;
 use crate::config::EdgeConfig;
 use crate::identity::{self, Identity, IdentityError};
+use crate::log;
 use crate::store::Store;
 use crate::storefront;
 use serde_json::{Value, json};
-use shared::auth::{self, AuthError, ReplayGuard};
+use shared::auth::{AuthError, ReplayGuard};
 use shared::catalog::{Catalog, DEMO_CATALOG_JSON};
 use shared::delta::{self, Applied, ApplyError, Stored};
 use shared::event::{Event, MAX_BATCH_EVENTS};
 use shared::ids::{ItemId, Secs};
 use shared::keys::UserKey;
 use shared::profile::Profile;
+use shared::protocol::{self, ErasureBody, Signed, SyncReply, route};
 use shared::recommend::{Recommender, RequestContext};
 use shared::rules::{CompiledRules, DEMO_RULES_JSON, Device, Slot};
 use shared::wire::{self, ConfigKind, SyncItem};
@@ -33,9 +35,7 @@ pub const MAX_EVENTS_BODY: usize = 64 * 1024;
 pub const MAX_QUERY: usize = 2048;
 /// Most delta items one `/v1/sync` request may carry (origin-sync validates against it).
 pub const MAX_SYNC_ITEMS: usize = wire::MAX_EDGE_SYNC_DELTAS;
-/// KV keys of the published catalog and rules.
-pub const CATALOG_KEY: &str = "cfg:catalog";
-pub const RULES_KEY: &str = "cfg:rules";
+pub use shared::protocol::{CATALOG_KEY, RULES_KEY};
 /// The header for per-shopper answers: no browser or shared cache may keep them.
 fn no_store() -> (&'static str, String) {
     ("cache-control", "private, no-store".into())
@@ -90,6 +90,16 @@ impl Reply {
             content_type: "application/json",
             headers: Vec::new(),
             body: serde_json::to_vec(value).unwrap_or_default(),
+        }
+    }
+
+    /// A JSON body already serialized.
+    pub fn bytes_json(status: u16, body: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body,
         }
     }
 
@@ -272,8 +282,8 @@ impl App {
                 self.healthz().into()
             }
             ("GET", "/sdk.js") => storefront::sdk().into(),
-            ("POST", "/v1/sync") => self.sync(store, req, now_ms).await.into(),
-            (_, "/v1/sync") => method_not_allowed("POST"),
+            ("POST", route::SYNC) => self.sync(store, req, now_ms).await.into(),
+            (_, route::SYNC) => method_not_allowed("POST"),
             ("GET" | "HEAD", _) if is_page(&req.path) => {
                 self.page(store, clock, req, now_ms, mint).await
             }
@@ -541,15 +551,11 @@ impl App {
             &self.config.sync_secret,
             good.is_empty(),
         ) {
-            let body = serde_json::to_vec(&json!({
-                "events": good.iter().map(Event::to_json).collect::<Vec<_>>()
-            }))
-            .unwrap_or_default();
             outbound.push(signed(
                 secret,
                 "POST",
-                format!("{origin}/ingest"),
-                body,
+                format!("{origin}{}", route::INGEST),
+                protocol::ingest_body(&good),
                 now_ms,
             ));
         }
@@ -633,11 +639,9 @@ impl App {
         self.cache.borrow_mut().erase(key, tombstone, now_ms);
         let mut outbound = Vec::new();
         if let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret) {
-            let user = who.user_id();
-            let url = format!("{origin}/users/{}", percent_encode(&user));
-            // The signature covers the body only, so the body names the user: a captured
-            // erasure request cannot be replayed against another user's path.
-            let body = serde_json::to_vec(&json!({ "user_id": user })).unwrap_or_default();
+            let user_id = who.user_id();
+            let url = format!("{origin}{}", route::erase(&user_id));
+            let body = ErasureBody { user_id }.to_json_bytes();
             outbound.push(signed(secret, "DELETE", url, body, now_ms));
         }
         let mut reply = Reply::json(202, &json!({ "erased": true, "version": held + 1 }));
@@ -764,26 +768,13 @@ impl App {
                 ),
             );
         }
-        let Some(ts) = req
-            .header(auth::TIMESTAMP_HEADER)
-            .and_then(|t| t.trim().parse::<u64>().ok())
-        else {
-            return Reply::error(
-                401,
-                "missing or malformed x-edgewise-timestamp (Unix seconds)",
-            );
-        };
         let now_s = now_ms / 1000;
-        let sig = req.header(auth::SIGNATURE_HEADER).unwrap_or("");
-        let raw = match auth::verify(
-            secret,
-            ts,
-            &req.body,
-            sig,
-            now_s,
-            self.config.sync_window_secs,
-        ) {
-            Ok(raw) => raw,
+        let signed = Signed::from_headers(|name| req.header(name));
+        let (ts, raw) = match signed.and_then(|s| {
+            let raw = s.verify(secret, &req.body, now_s, self.config.sync_window_secs)?;
+            Ok((s.timestamp, raw))
+        }) {
+            Ok(checked) => checked,
             Err(e) => return Reply::error(401, &e.to_string()),
         };
         let checked = self.replay.borrow_mut().check_and_record(raw, ts, now_s);
@@ -818,8 +809,7 @@ impl App {
                 &format!("batch has {deltas} deltas; send at most {MAX_SYNC_ITEMS} per request"),
             );
         }
-        let (mut applied, mut duplicates, mut invalid) = (0u32, 0u32, 0u32);
-        let mut resend = Vec::new();
+        let mut answer = SyncReply::default();
         let mut catalog = None;
         let mut rules = None;
         for item in &batch.items {
@@ -882,10 +872,10 @@ impl App {
                                 );
                             }
                             write.done = true;
-                            applied += 1;
+                            answer.applied += 1;
                         }
                         Ok(Applied::Duplicate) => {
-                            duplicates += 1;
+                            answer.duplicates += 1;
                             // KV was ahead of this isolate's copy (another isolate, or the KV
                             // sink, wrote it): serve what KV holds
                             if let Some(stored) = held
@@ -899,15 +889,19 @@ impl App {
                         }
                         Err(ApplyError::Gap { .. }) => {
                             self.cache.borrow_mut().drop_base(&key);
-                            resend.push(key.to_hex());
+                            answer.resend.push(key);
                         }
-                        Err(_) => invalid += 1,
+                        Err(e) => {
+                            // origin's diff and this apply disagree: origin sends the
+                            // snapshot, and logs it (the bug is worth finding)
+                            log::warn(&format!("sync: refused a patch for {key:?}: {e}"));
+                            answer.invalid += 1;
+                            answer.invalid_keys.push(key);
+                        }
                     }
                 }
             }
         }
-        let mut config = 0;
-        let mut config_error = None;
         if catalog.is_some() || rules.is_some() {
             match self.update_site(catalog.clone(), rules.clone()) {
                 Ok(()) => {
@@ -927,24 +921,14 @@ impl App {
                                     &format!("KV write failed, retry the batch: {e}"),
                                 );
                             }
-                            config += 1;
+                            answer.config += 1;
                         }
                     }
                 }
-                Err(e) => config_error = Some(e),
+                Err(e) => answer.config_error = Some(e),
             }
         }
-        let mut body = json!({
-            "applied": applied,
-            "duplicates": duplicates,
-            "invalid": invalid,
-            "config": config,
-            "resend": resend,
-        });
-        if let Some(e) = config_error {
-            body["config_error"] = e.into();
-        }
-        Reply::json(200, &body)
+        Reply::bytes_json(200, answer.to_json_bytes())
     }
 
     /// Switches to newer catalog and/or rules, compiled and validated first. Documents not
@@ -1113,11 +1097,7 @@ fn signed(
     body: Vec<u8>,
     now_ms: u64,
 ) -> Outbound {
-    let ts = now_ms / 1000;
-    let mut headers = vec![
-        (auth::TIMESTAMP_HEADER, ts.to_string()),
-        (auth::SIGNATURE_HEADER, auth::sign(secret, ts, &body)),
-    ];
+    let mut headers = Signed::new(secret, now_ms / 1000, &body).headers().to_vec();
     if !body.is_empty() {
         headers.push(("content-type", "application/json".into()));
     }
@@ -1225,18 +1205,6 @@ fn profile_json(p: &Profile, catalog: &Catalog) -> Value {
         "bucket": p.bucket,
         "personalization": p.consent.personalization(),
     })
-}
-
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn percent_decode(s: &str) -> Option<String> {

@@ -6,7 +6,7 @@ use crate::app::{App, Clock, HttpRequest, Outbound, Reply};
 use crate::config::EdgeConfig;
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
-use serde::{Deserialize, Serialize};
+use shared::protocol::KvMetadata;
 use std::cell::OnceCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -51,11 +51,6 @@ impl Clock for JsClock {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct Meta {
-    v: u64,
-}
-
 struct Kv {
     kv: Option<KvStore>,
     timeout_ms: u32,
@@ -64,7 +59,7 @@ struct Kv {
 impl Store for Kv {
     async fn get(&self, key: &str) -> std::result::Result<Option<Versioned>, StoreError> {
         let kv = self.kv.as_ref().ok_or_else(no_binding)?;
-        let read = Box::pin(kv.get(key).bytes_with_metadata::<Meta>());
+        let read = Box::pin(kv.get(key).bytes_with_metadata::<KvMetadata>());
         let timeout = Delay::from(Duration::from_millis(u64::from(self.timeout_ms)));
         match select(read, timeout).await {
             Either::Left((Ok((value, meta)), _)) => Ok(value.map(|v| (v, meta.map(|m| m.v)))),
@@ -83,7 +78,7 @@ impl Store for Kv {
         let backend = |e: worker::kv::KvError| StoreError::Backend(e.to_string());
         kv.put_bytes(key, value)
             .map_err(backend)?
-            .metadata(Meta { v: version })
+            .metadata(KvMetadata { v: version })
             .map_err(backend)?
             .execute()
             .await

@@ -10,6 +10,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod identity;
+pub mod log;
 pub mod store;
 pub mod storefront;
 

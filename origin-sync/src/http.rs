@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use rdkafka::producer::FutureProducer;
 use serde_json::json;
-use shared::auth::{DEFAULT_WINDOW_SECS, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify};
+use shared::auth::DEFAULT_WINDOW_SECS;
 use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_batch};
+use shared::protocol::{ErasureBody, Signed, route};
 
 use crate::kafka::{Outgoing, produce_all};
 use crate::metrics::{Emit as _, UserErased};
@@ -34,8 +35,8 @@ impl std::fmt::Debug for AppState {
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/ingest", post(ingest))
-        .route("/users/{id}", delete(erase))
+        .route(route::INGEST, post(ingest))
+        .route(route::ERASE_ROUTE, delete(erase))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -51,18 +52,9 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 /// The rejection to answer when the request is not signed with `secret`.
 fn check_signature(secret: &[u8], headers: &HeaderMap, body: &[u8]) -> Option<Response> {
-    let ts = headers
-        .get(TIMESTAMP_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let sig = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    let (Some(ts), Some(sig)) = (ts, sig) else {
-        return Some(error(
-            StatusCode::UNAUTHORIZED,
-            format!("missing or malformed {TIMESTAMP_HEADER} / {SIGNATURE_HEADER} headers"),
-        ));
-    };
-    verify(secret, ts, body, sig, now_ms() / 1000, DEFAULT_WINDOW_SECS)
+    let signed = Signed::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    signed
+        .and_then(|s| s.verify(secret, body, now_ms() / 1000, DEFAULT_WINDOW_SECS))
         .err()
         .map(|e| error(StatusCode::UNAUTHORIZED, format!("signature rejected: {e}")))
 }
@@ -132,9 +124,7 @@ async fn erase(
     if id.is_empty() || id.len() > 256 {
         return error(StatusCode::BAD_REQUEST, "user id must be 1 to 256 bytes");
     }
-    let named = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("user_id").and_then(|u| u.as_str()).map(str::to_owned));
+    let named = ErasureBody::parse(&body).map(|b| b.user_id);
     if named.as_deref() != Some(id.as_str()) {
         return error(
             StatusCode::BAD_REQUEST,

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub push_micros: AtomicU64,
     pub pushes: AtomicU64,
     pub push_failures: AtomicU64,
+    pub sync_invalid: AtomicU64,
+    pub snapshot_resends: AtomicU64,
     pub items_delivered: AtomicU64,
     pub documents_delivered: AtomicU64,
     pub outbox_depth: AtomicU64,
@@ -89,7 +91,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 16] = [
+        let counters: [(&str, &str, &AtomicU64); 18] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -134,6 +136,16 @@ impl Metrics {
                 "edgewise_push_failures_total",
                 "sink requests that failed",
                 &self.push_failures,
+            ),
+            (
+                "edgewise_sync_invalid_total",
+                "patches a sink refused as invalid (each resent as a snapshot)",
+                &self.sync_invalid,
+            ),
+            (
+                "edgewise_snapshot_resends_total",
+                "snapshots a sink asked for (version gaps and invalid patches)",
+                &self.snapshot_resends,
             ),
             (
                 "edgewise_delivered_items_total",
@@ -294,6 +306,27 @@ impl Emit for SinkFailed<'_> {
     }
 }
 
+/// A sink refused patches as invalid for the version it holds: origin's diff and the sink's
+/// apply disagree. Each is resent as a snapshot, which repairs the shopper; the log line is
+/// there so the disagreement gets found and fixed.
+#[derive(Debug)]
+pub struct PatchesRefused<'a> {
+    pub sink: &'a str,
+    pub keys: &'a [shared::keys::UserKey],
+}
+
+impl Emit for PatchesRefused<'_> {
+    fn emit(&self, m: &Metrics) {
+        tracing::warn!(
+            sink = self.sink,
+            count = self.keys.len(),
+            first = ?self.keys.first(),
+            "sink refused patches as invalid; resending snapshots"
+        );
+        m.sync_invalid.fetch_add(self.keys.len() as u64, Relaxed);
+    }
+}
+
 #[derive(Debug)]
 pub struct BatchDelivered {
     pub items: u64,
@@ -315,6 +348,7 @@ impl Emit for BatchDelivered {
         m.items_delivered.fetch_add(self.items, Relaxed);
         m.documents_delivered.fetch_add(self.documents, Relaxed);
         m.push_micros.fetch_add(self.micros, Relaxed);
+        m.snapshot_resends.fetch_add(self.resend, Relaxed);
     }
 }
 

@@ -23,7 +23,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::config::Config;
 use crate::kafka::{Outgoing, produce_all};
 use crate::metrics::{
-    Backpressure, BatchDelivered, BatchFolded, Emit as _, EventRejected, Metrics, SinkFailed,
+    Backpressure, BatchDelivered, BatchFolded, Emit as _, EventRejected, Metrics, PatchesRefused,
+    SinkFailed,
 };
 use crate::sink::{OutBatch, Sink};
 use crate::store::{Record, Store, StoreError};
@@ -481,6 +482,13 @@ async fn deliver(
                 Ok(ack) => {
                     // push time is counted once per batch, by `BatchDelivered`
                     done[i] = true;
+                    if !ack.invalid.is_empty() {
+                        PatchesRefused {
+                            sink: sink.name(),
+                            keys: &ack.invalid,
+                        }
+                        .emit(&shared.metrics);
+                    }
                     resend.extend(ack.resend);
                 }
                 Err(e) => {

@@ -8,12 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use serde::Deserialize;
-use shared::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
-use shared::delta::Stored;
 use shared::keys::UserKey;
-use shared::wire::{
-    Codec, ConfigDoc, ConfigKind, SyncBatch, SyncItem, encode_batch, encode_stored,
-};
+use shared::protocol::{KvMetadata, Signed, SyncReply, document_key, profile_key, route};
+use shared::wire::{Codec, ConfigDoc, SyncBatch, SyncItem, encode_batch, encode_stored};
 
 use crate::store::OutItem;
 
@@ -33,8 +30,11 @@ impl OutBatch {
 /// A sink's acknowledgement.
 #[derive(Clone, Debug, Default)]
 pub struct Ack {
-    /// Keys the sink could not patch (it holds another version): send a snapshot.
+    /// Keys the sink could not patch: send a snapshot. Includes `invalid`.
     pub resend: Vec<UserKey>,
+    /// Keys whose patch the sink refused as invalid: origin's diff and the edge's apply
+    /// disagree, which is a bug worth a log line and a metric, and a snapshot repairs.
+    pub invalid: Vec<UserKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,18 +103,12 @@ pub struct EdgeSink {
     client: reqwest::Client,
 }
 
-#[derive(Deserialize)]
-struct EdgeAnswer {
-    #[serde(default)]
-    resend: Vec<String>,
-}
-
 impl EdgeSink {
     pub fn new(base_url: &str, secret: &[u8], client: reqwest::Client) -> Self {
         let base = base_url.trim_end_matches('/');
         EdgeSink {
             name: format!("edge {base}"),
-            url: format!("{base}/v1/sync"),
+            url: format!("{base}{}", route::SYNC),
             secret: secret.to_vec(),
             client,
         }
@@ -130,35 +124,26 @@ impl Sink for EdgeSink {
         Box::pin(async move {
             let body = sync_frame(batch);
             // signed fresh on every attempt: the edge rejects a replayed signature
-            let ts = now_secs();
-            let signature = sign(&self.secret, ts, &body);
-            let resp = self
+            let signed = Signed::new(&self.secret, now_secs(), &body);
+            let mut request = self
                 .client
                 .post(&self.url)
-                .header("content-type", "application/octet-stream")
-                .header(TIMESTAMP_HEADER, ts.to_string())
-                .header(SIGNATURE_HEADER, signature)
-                .body(body)
-                .send()
-                .await?;
+                .header("content-type", "application/octet-stream");
+            for (name, value) in signed.headers() {
+                request = request.header(name, value);
+            }
+            let resp = request.body(body).send().await?;
             if !resp.status().is_success() {
                 return Err(error_for(resp).await);
             }
             let bytes = resp.bytes().await?;
-            let answer: EdgeAnswer = serde_json::from_slice(&bytes)
-                .map_err(|e| SinkError::BadAnswer(format!("sync answer is not JSON: {e}")))?;
-            let mut resend = Vec::new();
-            for hex in answer.resend {
-                match UserKey::from_hex(&hex) {
-                    Some(k) => resend.push(k),
-                    None => {
-                        return Err(SinkError::BadAnswer(format!(
-                            "resend holds {hex:?}, not a user key"
-                        )));
-                    }
-                }
-            }
-            Ok(Ack { resend })
+            let reply: SyncReply = serde_json::from_slice(&bytes).map_err(|e| {
+                SinkError::BadAnswer(format!("sync answer is not a sync reply: {e}"))
+            })?;
+            Ok(Ack {
+                resend: reply.snapshots_wanted(),
+                invalid: reply.invalid_keys,
+            })
         })
     }
 }
@@ -189,14 +174,6 @@ struct KvResult {
     unsuccessful_keys: Vec<String>,
 }
 
-/// The KV key of a document.
-pub fn document_key(kind: ConfigKind) -> &'static str {
-    match kind {
-        ConfigKind::Catalog => "cfg:catalog",
-        ConfigKind::Rules => "cfg:rules",
-    }
-}
-
 /// The bulk request body for a batch: JSON array of `{key, value, base64, metadata}`.
 pub fn kv_bulk_body(batch: &OutBatch) -> serde_json::Value {
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -205,21 +182,17 @@ pub fn kv_bulk_body(batch: &OutBatch) -> serde_json::Value {
         pairs.push(serde_json::json!({
             "key": document_key(d.kind),
             "value": d.source,
-            "metadata": {"v": d.version},
+            "metadata": KvMetadata { v: d.version },
         }));
     }
     for i in &batch.items {
         // erasure writes a tombstone value, so older in-flight data cannot revive the key
         let value = encode_stored(&i.stored);
-        let version = match &i.stored {
-            Stored::Profile(p) => p.version,
-            Stored::Tombstone { version } => *version,
-        };
         pairs.push(serde_json::json!({
-            "key": i.delta.user.kv_key(),
+            "key": profile_key(&i.delta.user),
             "value": b64.encode(value),
             "base64": true,
-            "metadata": {"v": version},
+            "metadata": KvMetadata { v: i.stored.version() },
         }));
     }
     serde_json::Value::Array(pairs)

@@ -17,9 +17,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
-use shared::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, verify};
 use shared::delta::{Stored, apply};
 use shared::keys::UserKey;
+use shared::protocol::{Signed, SyncReply, route};
 use shared::wire::{ConfigKind, SyncItem, decode_batch};
 
 #[derive(Debug, thiserror::Error)]
@@ -275,7 +275,7 @@ impl FakeEdge {
             secret: Arc::new(secret.as_bytes().to_vec()),
         };
         let app = Router::new()
-            .route("/v1/sync", post(sync))
+            .route(route::SYNC, post(sync))
             .route(
                 "/client/v4/accounts/{account}/storage/kv/namespaces/{ns}/bulk",
                 put(kv_bulk),
@@ -312,16 +312,11 @@ async fn sync(State(edge): State<FakeEdge>, headers: HeaderMap, body: Bytes) -> 
     if edge.down.load(Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
     }
-    let ts = headers
-        .get(TIMESTAMP_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let sig = headers
-        .get(SIGNATURE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if verify(&edge.secret, ts, &body, sig, now_secs(), 300).is_err() {
+    let signed = Signed::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    if signed
+        .and_then(|s| s.verify(&edge.secret, &body, now_secs(), 300))
+        .is_err()
+    {
         return (
             StatusCode::UNAUTHORIZED,
             axum::Json(serde_json::json!({"error": "bad signature"})),
@@ -341,8 +336,7 @@ async fn sync(State(edge): State<FakeEdge>, headers: HeaderMap, body: Bytes) -> 
     let Ok(mut st) = edge.state.lock() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let (mut applied, mut duplicates, mut config) = (0, 0, 0);
-    let mut resend = Vec::new();
+    let mut answer = SyncReply::default();
     for item in batch.items {
         match item {
             SyncItem::Delta(d) => {
@@ -351,17 +345,21 @@ async fn sync(State(edge): State<FakeEdge>, headers: HeaderMap, body: Bytes) -> 
                 let mut held = st.profiles.get(&d.user).cloned();
                 match apply(&mut held, &d.change) {
                     Ok(shared::delta::Applied::Updated) => {
-                        applied += 1;
+                        answer.applied += 1;
                         if let Some(h) = held {
                             st.profiles.insert(d.user, h);
                         }
                     }
-                    Ok(shared::delta::Applied::Duplicate) => duplicates += 1,
-                    Err(_) => resend.push(d.user.to_hex()),
+                    Ok(shared::delta::Applied::Duplicate) => answer.duplicates += 1,
+                    Err(shared::delta::ApplyError::Gap { .. }) => answer.resend.push(d.user),
+                    Err(_) => {
+                        answer.invalid += 1;
+                        answer.invalid_keys.push(d.user);
+                    }
                 }
             }
             SyncItem::Config(doc) => {
-                config += 1;
+                answer.config += 1;
                 let name = match doc.kind {
                     ConfigKind::Catalog => "catalog",
                     ConfigKind::Rules => "rules",
@@ -370,10 +368,7 @@ async fn sync(State(edge): State<FakeEdge>, headers: HeaderMap, body: Bytes) -> 
             }
         }
     }
-    axum::Json(serde_json::json!({
-        "applied": applied, "duplicates": duplicates, "config": config, "resend": resend,
-    }))
-    .into_response()
+    axum::Json(answer).into_response()
 }
 
 async fn kv_bulk(State(edge): State<FakeEdge>, headers: HeaderMap, body: Bytes) -> Response {

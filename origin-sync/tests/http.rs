@@ -8,18 +8,19 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::*;
 use origin_sync::testkit::FakeEdge;
-use shared::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
 use shared::delta::Stored;
+use shared::protocol::{ErasureBody, Signed, route};
 use shared::wire::{decode_stored, encode_stored};
 
 fn now() -> u64 {
     origin_sync::pipeline::now_ms() / 1000
 }
 
-fn signed(req: reqwest::RequestBuilder, body: &[u8]) -> reqwest::RequestBuilder {
-    let ts = now();
-    req.header(TIMESTAMP_HEADER, ts.to_string())
-        .header(SIGNATURE_HEADER, sign(secret().as_bytes(), ts, body))
+fn signed(mut req: reqwest::RequestBuilder, body: &[u8]) -> reqwest::RequestBuilder {
+    for (name, value) in Signed::new(secret().as_bytes(), now(), body).headers() {
+        req = req.header(name, value);
+    }
+    req
 }
 
 async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
@@ -162,14 +163,14 @@ async fn ingest_erasure_and_documents() {
     let k = key(user);
     let had = want.get(&k).map_or(0, |p| p.version);
     let r = client
-        .delete(format!("{base}/users/{user}"))
+        .delete(format!("{base}{}", route::erase(user)))
         .send()
         .await
         .expect("delete");
     assert_eq!(r.status(), 401);
     // a signed erasure for someone else cannot be pointed at this user
     let r = signed(
-        client.delete(format!("{base}/users/{user}")),
+        client.delete(format!("{base}{}", route::erase(user))),
         br#"{"user_id":"someone-else"}"#,
     )
     .body(r#"{"user_id":"someone-else"}"#)
@@ -179,7 +180,7 @@ async fn ingest_erasure_and_documents() {
     assert_eq!(r.status(), 400);
     let body = format!(r#"{{"user_id":"{user}"}}"#);
     let r = signed(
-        client.delete(format!("{base}/users/{user}")),
+        client.delete(format!("{base}{}", route::erase(user))),
         body.as_bytes(),
     )
     .body(body.clone())
@@ -275,19 +276,18 @@ async fn kv_bulk_requests_follow_the_cloudflare_format() {
     let user = "k-u2";
     let k = key(user);
     let client = reqwest::Client::new();
-    let ts = now();
-    let body = format!(r#"{{"user_id":"{user}"}}"#);
-    let r = client
-        .delete(format!("{base}/users/{user}"))
-        .header(TIMESTAMP_HEADER, ts.to_string())
-        .header(
-            SIGNATURE_HEADER,
-            sign(secret().as_bytes(), ts, body.as_bytes()),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("delete");
+    let body = ErasureBody {
+        user_id: user.into(),
+    }
+    .to_json_bytes();
+    let r = signed(
+        client.delete(format!("{base}{}", route::erase(user))),
+        &body,
+    )
+    .body(body)
+    .send()
+    .await
+    .expect("delete");
     assert_eq!(r.status(), 202);
     let v = want.get(&k).map_or(0, |p| p.version) + 1;
     wait_for(

@@ -11,10 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::{BTreeMap, HashSet};
 
-/// Header carrying the signing time, Unix seconds.
-pub const TIMESTAMP_HEADER: &str = "x-edgewise-timestamp";
-/// Header carrying `v1=<hex hmac>`.
-pub const SIGNATURE_HEADER: &str = "x-edgewise-signature";
+pub use crate::protocol::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 /// How far the signing time may be from the verifier's clock, either way.
 pub const DEFAULT_WINDOW_SECS: u64 = 300;
 
@@ -23,6 +20,11 @@ pub const DEFAULT_WINDOW_SECS: u64 = 300;
 pub enum AuthError {
     #[error("missing or malformed signature; expected `v1=<64 hex digits>`")]
     Malformed,
+    #[error(
+        "missing or malformed {} header; expected Unix seconds",
+        TIMESTAMP_HEADER
+    )]
+    Timestamp,
     #[error("signature timestamp is outside the accepted clock window")]
     Expired,
     #[error("signature does not match")]

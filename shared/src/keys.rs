@@ -42,7 +42,7 @@ impl UserKey {
 
     /// The Workers KV key of this shopper's profile.
     pub fn kv_key(&self) -> String {
-        format!("p:{}", self.to_hex())
+        crate::protocol::profile_key(self)
     }
 }
 
@@ -62,11 +62,18 @@ mod tests {
         assert_eq!(a, UserKey::derive(b"secret", "alice@example.com"));
         assert_ne!(a, UserKey::derive(b"other", "alice@example.com"));
         assert_ne!(a, UserKey::derive(b"secret", "bob@example.com"));
-        // pinned: a change would orphan every stored profile
-        assert_eq!(
-            UserKey::derive(b"secret", "u-1").to_hex(),
-            UserKey::derive(b"secret", "u-1").to_hex()
-        );
+        // pinned by values computed outside this code (Python's hmac): a change would orphan
+        // every stored profile
+        let golden = [
+            (&b"secret"[..], "u-1", "bd40b225c6a0d3dcf6995fe3", 7),
+            (b"secret", "alice@example.com", "283ebd6c4625c86b68466068", 20),
+            (b"dev-user-key-secret", "alice", "82d930d9c18fdbaa6074177e", 79),
+        ];
+        for (secret, user, hex, bucket) in golden {
+            let k = UserKey::derive(secret, user);
+            assert_eq!(k.to_hex(), hex, "{user}");
+            assert_eq!(k.bucket(), bucket, "{user}");
+        }
         assert_eq!(a.kv_key().len(), 2 + 24);
         assert!(!a.kv_key().contains("alice"));
         assert_eq!(UserKey::from_hex(&a.to_hex()), Some(a));

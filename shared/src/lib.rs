@@ -15,6 +15,7 @@ pub mod fold;
 pub mod ids;
 pub mod keys;
 pub mod profile;
+pub mod protocol;
 pub mod recommend;
 pub mod rules;
 pub mod synthetic;

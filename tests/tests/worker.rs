@@ -66,7 +66,11 @@ fn snapshot_frame(users: &[(&str, Profile)]) -> Vec<u8> {
 }
 
 fn sync(port: u16, frame: &[u8], ts: u64, signature: &str) -> HttpResponse {
-    tests::post_sync(port, frame, ts, signature).unwrap()
+    let signed = shared::protocol::Signed {
+        timestamp: ts,
+        signature: signature.to_owned(),
+    };
+    tests::post_sync(port, frame, &signed).unwrap()
 }
 
 fn signed_sync(port: u16, frame: &[u8]) -> HttpResponse {

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::store::{MemoryStore, Store, StoreError, Versioned};
+use shared::auth;
 use shared::delta::{Change, Delta, diff};
 use shared::event::parse_event;
 use shared::fold::fold;
@@ -356,6 +357,42 @@ fn patches_apply_in_order_duplicates_are_no_ops_and_gaps_ask_for_a_snapshot() {
         w.get("/v1/recommendations", &alice())
             .header("x-edgewise-profile-version"),
         Some("6")
+    );
+}
+
+/// A patch the edge cannot apply (here: a cart line past the bound) is answered with the key
+/// in `invalid_keys`, so origin sends the snapshot instead of counting it as delivered.
+#[test]
+fn an_invalid_patch_names_its_shopper_for_a_snapshot() {
+    let w = World::new();
+    let mut full = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    full.cart = (0..shared::profile::MAX_CART_LINES as u32)
+        .map(|n| shared::profile::CartLine {
+            item: shared::ids::ItemId(n * 2 + 1),
+            quantity: 1,
+        })
+        .collect();
+    assert_eq!(w.sync(vec![snapshot("alice", &full)])["applied"], 1);
+    let refused = SyncItem::Delta(Delta {
+        user: key("alice"),
+        change: Change::Patch {
+            from: full.version,
+            steps: 1,
+            advance: 0,
+            ops: vec![shared::delta::Op::Cart(shared::profile::CartLine {
+                item: shared::ids::ItemId(2),
+                quantity: 1,
+            })],
+        },
+    });
+    let out: SyncReply = serde_json::from_value(w.sync(vec![refused])).expect("a sync reply");
+    assert_eq!((out.applied, out.invalid), (0, 1));
+    assert_eq!(out.invalid_keys, vec![key("alice")]);
+    assert_eq!(out.snapshots_wanted(), vec![key("alice")]);
+    assert_eq!(
+        w.store.raw(&key("alice").kv_key()).unwrap().1,
+        Some(full.version),
+        "KV untouched"
     );
 }
 

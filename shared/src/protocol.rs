@@ -1,0 +1,346 @@
+//! The edge ↔ origin contract, beside the binary formats of [`crate::wire`]: routes, the signed
+//! request headers, the JSON bodies and answers, and the Workers KV layout.
+//!
+//! Both sides and the test harness use these definitions, so a field, header or key prefix is
+//! spelled in exactly one place. Three kinds of request cross the boundary:
+//!
+//! * origin-sync → edge `POST /v1/sync`: a sync frame ([`crate::wire::encode_batch`]), answered
+//!   with [`SyncReply`];
+//! * edge → origin-sync `POST /ingest`: the shopper's accepted events, [`ingest_body`];
+//! * edge → origin-sync `DELETE /users/{id}`: an erasure, [`ErasureBody`].
+//!
+//! Each is signed with [`Signed`]: an HMAC-SHA256 over `"{timestamp}.{body}"` under the shared
+//! `SYNC_SECRET`, the timestamp in Unix seconds, carried in [`TIMESTAMP_HEADER`] and
+//! [`SIGNATURE_HEADER`] (`v1=<64 hex digits>`).
+//!
+//! KV holds one value per shopper under [`profile_key`] (`p:<hex user key>`, a
+//! [`crate::wire::encode_stored`] value) and the published documents under [`document_key`]
+//! (`cfg:catalog`, `cfg:rules`, their JSON source); every value carries [`KvMetadata`]
+//! (`{"v": version}`), so a writer can tell what it would replace without decoding it.
+
+use crate::auth::{self, AuthError};
+use crate::event::Event;
+use crate::keys::UserKey;
+use crate::wire::ConfigKind;
+use serde::{Deserialize, Serialize};
+
+/// Route paths.
+pub mod route {
+    /// origin-sync → edge: signed sync frames.
+    pub const SYNC: &str = "/v1/sync";
+    /// edge → origin-sync: the shopper's events, on their way to Kafka.
+    pub const INGEST: &str = "/ingest";
+    /// edge → origin-sync: an erasure, in the router's path syntax.
+    pub const ERASE_ROUTE: &str = "/users/{id}";
+
+    /// The erasure path of one user, percent-encoded.
+    pub fn erase(user_id: &str) -> String {
+        format!("/users/{}", super::percent_encode(user_id))
+    }
+}
+
+/// Header carrying the signing time, Unix seconds.
+pub const TIMESTAMP_HEADER: &str = "x-edgewise-timestamp";
+/// Header carrying `v1=<hex hmac>`.
+pub const SIGNATURE_HEADER: &str = "x-edgewise-signature";
+
+/// The signature of one request: who builds it sends [`Signed::headers`]; who receives it
+/// reads them back with [`Signed::from_headers`] and checks them with [`Signed::verify`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signed {
+    /// Unix seconds.
+    pub timestamp: u64,
+    /// `v1=<64 hex digits>`.
+    pub signature: String,
+}
+
+impl Signed {
+    /// Signs `body` at `timestamp` (Unix seconds).
+    pub fn new(secret: &[u8], timestamp: u64, body: &[u8]) -> Signed {
+        Signed {
+            timestamp,
+            signature: auth::sign(secret, timestamp, body),
+        }
+    }
+
+    /// The two headers to send, name and value.
+    pub fn headers(&self) -> [(&'static str, String); 2] {
+        [
+            (TIMESTAMP_HEADER, self.timestamp.to_string()),
+            (SIGNATURE_HEADER, self.signature.clone()),
+        ]
+    }
+
+    /// Reads the signature headers through `header` (a case-insensitive lookup).
+    pub fn from_headers<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Result<Signed, AuthError> {
+        let timestamp = header(TIMESTAMP_HEADER)
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .ok_or(AuthError::Timestamp)?;
+        let signature = header(SIGNATURE_HEADER).ok_or(AuthError::Malformed)?;
+        Ok(Signed {
+            timestamp,
+            signature: signature.trim().to_owned(),
+        })
+    }
+
+    /// Checks the signature over `body` against `secret`, within `window_secs` of `now_secs`;
+    /// returns the raw signature for a replay guard.
+    pub fn verify(
+        &self,
+        secret: &[u8],
+        body: &[u8],
+        now_secs: u64,
+        window_secs: u64,
+    ) -> Result<[u8; 32], AuthError> {
+        auth::verify(
+            secret,
+            self.timestamp,
+            body,
+            &self.signature,
+            now_secs,
+            window_secs,
+        )
+    }
+}
+
+/// The edge's answer to a `/v1/sync` request that took effect (status 200).
+///
+/// Other statuses carry `{"error": "..."}`: 401 (signature), 400 (undecodable frame), 409
+/// (this exact request already took effect), 413 (too large), 503 (retry later).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReply {
+    /// Changes that moved a stored value forward.
+    #[serde(default)]
+    pub applied: u32,
+    /// Changes at or below the version already held: no-ops.
+    #[serde(default)]
+    pub duplicates: u32,
+    /// Patches the edge refused as malformed for the version it holds (they would break a
+    /// profile invariant); their keys are in `invalid_keys`.
+    #[serde(default)]
+    pub invalid: u32,
+    /// Catalog/rules documents stored.
+    #[serde(default)]
+    pub config: u32,
+    /// Why the documents in the batch were not switched to, if they were not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
+    /// Shoppers whose patch was made from a version the edge does not hold (a gap): send
+    /// their snapshot.
+    #[serde(default, with = "hex_keys")]
+    pub resend: Vec<UserKey>,
+    /// Shoppers whose patch was refused as invalid: send their snapshot too, and look into
+    /// why origin's diff and the edge's apply disagree.
+    #[serde(default, with = "hex_keys")]
+    pub invalid_keys: Vec<UserKey>,
+}
+
+impl SyncReply {
+    /// Every shopper whose snapshot origin must send: gaps and invalid patches, sorted, once.
+    pub fn snapshots_wanted(&self) -> Vec<UserKey> {
+        let mut keys: Vec<UserKey> = self
+            .resend
+            .iter()
+            .chain(&self.invalid_keys)
+            .copied()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// User keys as lowercase hex strings in JSON.
+mod hex_keys {
+    use crate::keys::UserKey;
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(keys: &[UserKey], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(keys.iter().map(UserKey::to_hex))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<UserKey>, D::Error> {
+        let hex: Vec<String> = Vec::deserialize(d)?;
+        hex.iter()
+            .map(|h| {
+                UserKey::from_hex(h)
+                    .ok_or_else(|| D::Error::custom(format!("{h:?} is not a 24-digit user key")))
+            })
+            .collect()
+    }
+}
+
+/// The `/ingest` body for accepted events: `{"events": [...]}`, each in its JSON form. origin
+/// reads it with [`crate::event::parse_batch`].
+pub fn ingest_body(events: &[Event]) -> Vec<u8> {
+    let events: Vec<serde_json::Value> = events.iter().map(Event::to_json).collect();
+    serde_json::to_vec(&serde_json::json!({ "events": events })).unwrap_or_default()
+}
+
+/// The signed body of `DELETE /users/{id}`. The signature covers only the timestamp and the
+/// body, so the body names the user: a captured request cannot be replayed against another
+/// user's path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureBody {
+    pub user_id: String,
+}
+
+impl ErasureBody {
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The user the body names, if it is an erasure body.
+    pub fn parse(bytes: &[u8]) -> Option<ErasureBody> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// KV key prefix of shoppers' stored values.
+pub const PROFILE_KEY_PREFIX: &str = "p:";
+/// KV key of the published catalog.
+pub const CATALOG_KEY: &str = "cfg:catalog";
+/// KV key of the published rules.
+pub const RULES_KEY: &str = "cfg:rules";
+
+/// The KV key of one shopper's stored value: the prefix and the user key in hex.
+pub fn profile_key(user: &UserKey) -> String {
+    format!("{PROFILE_KEY_PREFIX}{}", user.to_hex())
+}
+
+/// The KV key of a published document.
+pub fn document_key(kind: ConfigKind) -> &'static str {
+    match kind {
+        ConfigKind::Catalog => CATALOG_KEY,
+        ConfigKind::Rules => RULES_KEY,
+    }
+}
+
+/// The metadata every KV value carries: the version it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvMetadata {
+    pub v: u64,
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push_str(&auth::hex(&[b]).to_ascii_uppercase());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_764_500_000;
+
+    #[test]
+    fn signed_round_trips_through_headers() {
+        let signed = Signed::new(b"secret", NOW, b"body");
+        let headers = signed.headers();
+        let lookup = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let back = Signed::from_headers(lookup).expect("headers parse");
+        assert_eq!(back, signed);
+        assert!(back.verify(b"secret", b"body", NOW + 5, 300).is_ok());
+        assert_eq!(
+            back.verify(b"secret", b"bodx", NOW, 300),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            back.verify(b"other", b"body", NOW, 300),
+            Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn missing_headers_are_named() {
+        let none = |_: &str| None;
+        assert_eq!(Signed::from_headers(none), Err(AuthError::Timestamp));
+        let ts_only = |n: &str| (n == TIMESTAMP_HEADER).then_some("123");
+        assert_eq!(Signed::from_headers(ts_only), Err(AuthError::Malformed));
+        let bad_ts = |n: &str| {
+            Some(if n == TIMESTAMP_HEADER {
+                "soon"
+            } else {
+                "v1=00"
+            })
+        };
+        assert_eq!(Signed::from_headers(bad_ts), Err(AuthError::Timestamp));
+        assert!(AuthError::Timestamp.to_string().contains(TIMESTAMP_HEADER));
+    }
+
+    #[test]
+    fn sync_reply_json_shape() {
+        let k = UserKey([7; 12]);
+        let reply = SyncReply {
+            applied: 2,
+            duplicates: 1,
+            invalid: 1,
+            config: 0,
+            config_error: None,
+            resend: vec![k],
+            invalid_keys: vec![UserKey([1; 12])],
+        };
+        let json: serde_json::Value = serde_json::from_slice(&reply.to_json_bytes()).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "applied": 2, "duplicates": 1, "invalid": 1, "config": 0,
+                "resend": ["070707070707070707070707"],
+                "invalid_keys": ["010101010101010101010101"],
+            })
+        );
+        let back: SyncReply = serde_json::from_value(json).expect("parses");
+        assert_eq!(back, reply);
+        assert_eq!(back.snapshots_wanted(), vec![UserKey([1; 12]), k]);
+        // an older edge's answer (no invalid_keys) still reads
+        let old: SyncReply = serde_json::from_str(
+            r#"{"applied":0,"duplicates":0,"invalid":1,"config":0,"resend":[]}"#,
+        )
+        .expect("parses");
+        assert_eq!(old.invalid, 1);
+        assert!(old.invalid_keys.is_empty());
+        // a key that is not one is an error, not a silent drop
+        assert!(serde_json::from_str::<SyncReply>(r#"{"resend":["zz"]}"#).is_err());
+    }
+
+    #[test]
+    fn kv_layout() {
+        let k = UserKey([0xab; 12]);
+        assert_eq!(profile_key(&k), format!("p:{}", "ab".repeat(12)));
+        assert_eq!(document_key(ConfigKind::Catalog), "cfg:catalog");
+        assert_eq!(document_key(ConfigKind::Rules), "cfg:rules");
+        assert_eq!(
+            serde_json::to_string(&KvMetadata { v: 3 }).expect("json"),
+            r#"{"v":3}"#
+        );
+    }
+
+    #[test]
+    fn erasure_body_and_path() {
+        let body = ErasureBody {
+            user_id: "a b/é".into(),
+        };
+        assert_eq!(ErasureBody::parse(&body.to_json_bytes()), Some(body));
+        assert_eq!(route::erase("a b/é"), "/users/a%20b%2F%C3%A9");
+        assert_eq!(ErasureBody::parse(b"{}"), None);
+    }
+}
