@@ -259,6 +259,15 @@ pub fn diff(old: &Profile, new: &Profile) -> Change {
     let advance = new.updated_at.0 - old.updated_at.0;
     let mut ops = Vec::new();
 
+    // Removals before insertions, for interests and cart lines alike: `apply` refuses an
+    // insertion into a list at its bound, so at the bound a swap (one out, one in) must free
+    // the slot first. (It did not, once: a full cart with a remove and an add in one coalescing
+    // window gave a patch the edge refused.)
+    for i in &old.interests {
+        if new.interest(i.category).is_none() {
+            ops.push(Op::DropInterest(i.category));
+        }
+    }
     for i in &new.interests {
         if old.interest(i.category) != Some(i) {
             ops.push(if i.at == new.updated_at {
@@ -271,11 +280,6 @@ pub fn diff(old: &Profile, new: &Profile) -> Change {
             });
         }
     }
-    for i in &old.interests {
-        if new.interest(i.category).is_none() {
-            ops.push(Op::DropInterest(i.category));
-        }
-    }
 
     if old.recent != new.recent {
         ops.push(match recent_prefix(&old.recent, &new.recent) {
@@ -284,17 +288,17 @@ pub fn diff(old: &Profile, new: &Profile) -> Change {
         });
     }
 
-    for line in &new.cart {
-        if old.cart_quantity(line.item) != line.quantity {
-            ops.push(Op::Cart(*line));
-        }
-    }
     for line in &old.cart {
         if new.cart_quantity(line.item) == 0 {
             ops.push(Op::Cart(CartLine {
                 item: line.item,
                 quantity: 0,
             }));
+        }
+    }
+    for line in &new.cart {
+        if old.cart_quantity(line.item) != line.quantity {
+            ops.push(Op::Cart(*line));
         }
     }
 
@@ -379,6 +383,40 @@ mod tests {
             );
         }
         p
+    }
+
+    /// Regression: a cart at its 32-line bound, then a remove and an add of a new item inside
+    /// one coalescing window, gave a patch whose add came before its remove, which `apply`
+    /// refused ("too many cart lines"); origin took the answer as delivered and the shopper's
+    /// edge profile stayed stale.
+    #[test]
+    fn a_swap_in_a_full_cart_patches() {
+        let mut old = Profile::new(3);
+        for n in 0..MAX_CART_LINES as u64 {
+            let add =
+                format!(r#""type":"add_to_cart","item":"sku-{n}","category":"cat-1","price":5"#);
+            fold(&mut old, &ev(n, &add));
+        }
+        assert_eq!(old.cart.len(), MAX_CART_LINES);
+        let mut new = old.clone();
+        fold(
+            &mut new,
+            &ev(
+                100,
+                r#""type":"remove_from_cart","item":"sku-3","quantity":1"#,
+            ),
+        );
+        fold(
+            &mut new,
+            &ev(
+                101,
+                r#""type":"add_to_cart","item":"sku-new","category":"cat-1","price":5"#,
+            ),
+        );
+        assert_eq!(new.cart.len(), MAX_CART_LINES);
+        let mut held = Some(Stored::Profile(old.clone()));
+        assert_eq!(apply(&mut held, &diff(&old, &new)), Ok(Applied::Updated));
+        assert_eq!(held, Some(Stored::Profile(new)));
     }
 
     #[test]

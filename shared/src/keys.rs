@@ -66,8 +66,18 @@ mod tests {
         // every stored profile
         let golden = [
             (&b"secret"[..], "u-1", "bd40b225c6a0d3dcf6995fe3", 7),
-            (b"secret", "alice@example.com", "283ebd6c4625c86b68466068", 20),
-            (b"dev-user-key-secret", "alice", "82d930d9c18fdbaa6074177e", 79),
+            (
+                b"secret",
+                "alice@example.com",
+                "283ebd6c4625c86b68466068",
+                20,
+            ),
+            (
+                b"dev-user-key-secret",
+                "alice",
+                "82d930d9c18fdbaa6074177e",
+                79,
+            ),
         ];
         for (secret, user, hex, bucket) in golden {
             let k = UserKey::derive(secret, user);

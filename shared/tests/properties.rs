@@ -6,8 +6,12 @@ use proptest::prelude::*;
 use shared::delta::{Applied, Change, Delta, Stored, apply, diff};
 use shared::event::{Event, EventKind, Line, parse_batch, parse_event};
 use shared::fold::{fold, fold_all};
+use shared::ids::{CategoryId, ItemId, Secs};
 use shared::keys::UserKey;
-use shared::profile::Profile;
+use shared::profile::{
+    CartLine, Consent, Interest, MAX_CART_LINES, MAX_INTERESTS, MAX_PURCHASES, MAX_QUANTITY,
+    MAX_RECENT, Profile, PurchaseRecord, Score, Segments,
+};
 use shared::wire::{
     Codec, ConfigDoc, ConfigKind, SyncBatch, SyncItem, decode_batch, decode_stored, encode_batch,
     encode_stored,
@@ -68,8 +72,101 @@ fn profile_from(events: &[Event], bucket: u8) -> Profile {
     p
 }
 
+/// A valid profile whose bounded lists are at or just below their bounds, drawn from small id
+/// universes so that two of them share most entries: what a diff between neighbouring versions
+/// of a busy shopper looks like.
+fn profile_at_bounds() -> impl Strategy<Value = Profile> {
+    let ids = |n: usize| (0..n as u32).collect::<Vec<u32>>();
+    let interests = (
+        prop::sample::subsequence(ids(MAX_INTERESTS + 8), MAX_INTERESTS - 2..=MAX_INTERESTS),
+        prop::collection::vec((any::<u16>(), 0..1000u32), MAX_INTERESTS),
+    )
+        .prop_map(|(cats, values)| cats.into_iter().zip(values).collect::<Vec<_>>());
+    let recent =
+        prop::sample::subsequence(ids(MAX_RECENT + 6), MAX_RECENT - 1..=MAX_RECENT).prop_shuffle();
+    let cart = (
+        prop::sample::subsequence(ids(MAX_CART_LINES + 8), MAX_CART_LINES - 3..=MAX_CART_LINES),
+        prop::collection::vec(1..=MAX_QUANTITY, MAX_CART_LINES),
+    )
+        .prop_map(|(items, qty)| items.into_iter().zip(qty).collect::<Vec<_>>());
+    let purchases =
+        prop::collection::vec((0..20u32, 0..1000u32), MAX_PURCHASES - 1..=MAX_PURCHASES);
+    (
+        (1..1000u64, 1000..2000u32),
+        interests,
+        recent,
+        cart,
+        purchases,
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u16>(),
+            0..100u8,
+            any::<bool>(),
+        ),
+    )
+        .prop_map(
+            |((version, at), interests, recent, cart, purchases, scalars)| {
+                let (spend_cents, views, segments, bucket, personalization) = scalars;
+                Profile {
+                    version,
+                    updated_at: Secs(at),
+                    interests: interests
+                        .into_iter()
+                        .map(|(c, (score, t))| Interest {
+                            category: CategoryId(c),
+                            score: Score(score),
+                            at: Secs(t),
+                        })
+                        .collect(),
+                    recent: recent.into_iter().map(ItemId).collect(),
+                    cart: cart
+                        .into_iter()
+                        .map(|(item, quantity)| CartLine {
+                            item: ItemId(item),
+                            quantity,
+                        })
+                        .collect(),
+                    purchases: purchases
+                        .into_iter()
+                        .map(|(item, t)| PurchaseRecord {
+                            item: ItemId(item),
+                            at: Secs(t),
+                        })
+                        .collect(),
+                    last_purchase_at: None,
+                    spend_cents,
+                    views,
+                    segments: Segments(segments),
+                    bucket,
+                    consent: Consent::default().with_personalization(personalization),
+                }
+            },
+        )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// `apply(diff(a, b), a) == b` where it is hardest: both profiles at the bounds of every
+    /// list (32 cart lines, 16 interests, 10 recent views, 8 purchases), with entries swapped
+    /// in and out between them. The edge refusing such a patch once left shoppers stale.
+    #[test]
+    fn diff_reproduces_its_target_at_every_bound(
+        a in profile_at_bounds(),
+        b in profile_at_bounds(),
+        steps in 1..50u64,
+        advance in 0..10_000u32,
+    ) {
+        prop_assume!(a.check().is_ok() && b.check().is_ok());
+        let mut b = b;
+        b.version = a.version + steps;
+        b.updated_at = Secs(a.updated_at.0 + advance);
+        let change = diff(&a, &b);
+        let mut held = Some(Stored::Profile(a.clone()));
+        prop_assert_eq!(apply(&mut held, &change), Ok(Applied::Updated));
+        prop_assert_eq!(held, Some(Stored::Profile(b)));
+    }
 
     #[test]
     fn fold_is_deterministic_for_any_arrival_order(
