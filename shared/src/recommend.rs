@@ -4,8 +4,8 @@
 //! Why it is shaped this way:
 //!
 //! * **Bounded work, never the whole catalog.** A request must cost microseconds on a
-//!   10k-item catalog with hundreds of rules. Facts are computed once ([`crate::rules`]), rules
-//!   are cheap checks over them, and only a bounded candidate set (at most
+//!   10k-item catalog with hundreds of rules. Facts are computed once ([`crate::context`]),
+//!   rules are cheap checks over them, and only a bounded candidate set (at most
 //!   [`MAX_CANDIDATES`]) is scored: accessories of the cart, of the current and recently
 //!   viewed items, the top items of the strongest interest categories, items of categories /
 //!   tags / SKUs boosted by fired rules, then global best sellers; small `k` reads shallower
@@ -31,19 +31,16 @@
 //!   facts are used: popular items, accessories of the page's item, and rules that need no
 //!   profile.
 
+pub use crate::context::{DEFAULT_K, MAX_K, RequestContext};
+
 use crate::catalog::{Catalog, Item, ItemView};
-use crate::ids::{ItemId, Secs};
+use crate::context::{CatSet, Facts, PROFILE_SCAN_LIMIT};
+use crate::ids::ItemId;
 use crate::profile::{MAX_RECENT, Profile};
-use crate::rules::{
-    CatSet, CompiledRules, Device, Facts, Offer, PROFILE_SCAN_LIMIT, RuleScratch, Slot, Target,
-};
+use crate::rules::{CompiledRules, Offer, RuleScratch, Target};
 use serde::Serialize;
 use std::cell::RefCell;
 
-/// Largest number of items one request may ask for.
-pub const MAX_K: usize = 50;
-/// Items returned when the caller has no preference.
-pub const DEFAULT_K: usize = 10;
 /// Most candidates scored per request.
 pub const MAX_CANDIDATES: usize = 300;
 
@@ -80,37 +77,6 @@ const SEEN: u8 = 2;
 const CART_ACCESSORY: u8 = 4;
 const VIEWED_ACCESSORY: u8 = 8;
 const ITEM_BOOSTED: u8 = 16;
-
-/// What the request says, besides the profile.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestContext {
-    pub slot: Slot,
-    /// How many items to return; clamped to `1..=MAX_K`.
-    pub k: usize,
-    pub now: Secs,
-    /// ISO 3166 alpha-2 (case-insensitive), if known.
-    pub country: Option<[u8; 2]>,
-    pub device: Device,
-    /// Breaks ties between equal scores; e.g. a hash of the visitor and the day.
-    pub seed: u64,
-    /// The product being viewed (product pages): never recommended, its accessories are.
-    pub current_item: Option<ItemId>,
-}
-
-impl RequestContext {
-    /// A request for `slot` at `now` with [`DEFAULT_K`] items and nothing else known.
-    pub fn new(slot: Slot, now: Secs) -> Self {
-        RequestContext {
-            slot,
-            k: DEFAULT_K,
-            now,
-            country: None,
-            device: Device::Unknown,
-            seed: 0,
-            current_item: None,
-        }
-    }
-}
 
 /// Why an item was recommended: its strongest signal.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize)]
@@ -1023,7 +989,8 @@ fn descending_bits(s: f32) -> u32 {
 mod tests {
     use super::*;
     use crate::catalog::Category;
-    use crate::ids::CategoryId;
+    use crate::context::{Device, Slot};
+    use crate::ids::{CategoryId, Secs};
     use crate::profile::{CartLine, Consent, Interest, PurchaseRecord, Score, Segments};
     use proptest::prelude::*;
     use std::collections::BTreeSet;

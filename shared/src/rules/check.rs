@@ -6,7 +6,7 @@
 //! `holds` for the numeric thresholds. The tests here pin what each condition means, through
 //! both paths, and check they agree.
 
-use super::facts::Facts;
+use crate::context::Facts;
 use crate::ids::ItemId;
 
 /// One compiled condition: an O(1) (or tiny, bounded) test over [`Facts`].
@@ -73,11 +73,11 @@ impl Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::{Device, RequestContext, Slot};
     use crate::ids::{CategoryId, Secs};
     use crate::profile::{Consent, Interest, Profile, PurchaseRecord, Score, Segments};
-    use crate::recommend::RequestContext;
     use crate::rules::tests::{OK, catalog};
-    use crate::rules::{CompiledRules, Device, RuleScratch, Slot};
+    use crate::rules::{CompiledRules, RuleScratch};
 
     const NOW: Secs = Secs(100 * 86_400);
 

@@ -10,14 +10,14 @@ use super::check::Check;
 use super::error::{RuleProblem, RulesError};
 use super::raw::{RawDays, RawRule, RawRules, RawWhen};
 use super::{
-    ALL_SLOTS, CompiledRules, Device, MAX_BOOST, MAX_BOOSTS_PER_RULE, MAX_DAYS,
-    MAX_DESCRIPTION_LEN, MAX_INTEREST_SCORE, MAX_LIST_LEN, MAX_OFFER_TEXT_LEN, MAX_PINS_PER_RULE,
-    MAX_RULES, Offer, RULES_VERSION, Rule, Slot, Target,
+    ALL_SLOTS, CompiledRules, MAX_BOOST, MAX_BOOSTS_PER_RULE, MAX_DAYS, MAX_DESCRIPTION_LEN,
+    MAX_INTEREST_SCORE, MAX_LIST_LEN, MAX_OFFER_TEXT_LEN, MAX_PINS_PER_RULE, MAX_RULES, Offer,
+    RULES_VERSION, Rule, Target,
 };
 use crate::catalog::{Catalog, is_sku, is_slug};
+use crate::context::{Device, MAX_K, Slot};
 use crate::ids::ItemId;
 use crate::profile::Segments;
-use crate::recommend::MAX_K;
 use std::collections::BTreeSet;
 
 const DAY_SECS: u64 = 86_400;

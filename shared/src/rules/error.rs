@@ -5,7 +5,8 @@
 //! the field, and saying what to do instead. Kept apart from the compiler so the vocabulary can
 //! be read (and reviewed for tone) in one place.
 
-use super::{RULES_VERSION, Slot};
+use super::RULES_VERSION;
+use crate::context::Slot;
 use crate::profile::Segments;
 use std::fmt;
 

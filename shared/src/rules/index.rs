@@ -6,9 +6,9 @@
 //! of 6). Only numeric thresholds stay per-rule checks, run for the few rules still alive.
 //! The tests check the index agrees with the reference semantics (`Rule::fires`).
 
+use super::Rule;
 use super::check::Check;
-use super::facts::Facts;
-use super::{Device, Rule, Slot};
+use crate::context::{Device, Facts, Slot};
 use crate::ids::ItemId;
 
 /// A set of rule indexes.

@@ -29,30 +29,31 @@
 //!
 //! The code follows those seams. `error` holds the problem vocabulary and its messages; `raw`
 //! the serde shape of a document as written; `compile` the validation that turns it into
-//! [`Rule`]s; `check` the compiled conditions and their reference semantics; `facts` what one
-//! request knows; `index` the sets over rules that evaluate conditions for all rules at once.
-//! This file keeps the compiled form and the public API, and re-exports what the submodules
-//! define, so every path stays `crate::rules::…`.
+//! [`Rule`]s; `check` the compiled conditions and their reference semantics; `index` the sets
+//! over rules that evaluate conditions for all rules at once. What a request says and knows
+//! (slots, devices, facts) lives below, in [`crate::context`], so this module never reads the
+//! recommender. This file keeps the compiled form and the public API, and re-exports what the
+//! submodules define (and [`Slot`] and [`Device`]), so every path stays `crate::rules::…`.
 
 mod check;
 mod compile;
 mod error;
-mod facts;
 mod index;
 mod raw;
 
+pub use crate::context::{Device, Slot};
 pub use error::{RuleProblem, RulesError};
-pub(crate) use facts::{CatSet, Facts, PROFILE_SCAN_LIMIT};
 pub(crate) use index::RuleScratch;
 
 use crate::catalog::Catalog;
 #[cfg(feature = "toml")]
 use crate::catalog::toml_position;
+use crate::context::Facts;
 use check::Check;
 use compile::compile;
 use index::RuleIndex;
 use raw::RawRules;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// The rules format version this build reads.
 pub const RULES_VERSION: i64 = 1;
@@ -80,85 +81,9 @@ pub const DEMO_RULES: &str = include_str!("../../data/rules.toml");
 /// [`DEMO_RULES`] in its JSON form (generated from it at build time).
 pub const DEMO_RULES_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/rules.json"));
 
-// ---------------------------------------------------------------------------------------------
-// Request vocabulary: slots and devices
-// ---------------------------------------------------------------------------------------------
-
-/// Where on the site recommendations are shown.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Slot {
-    Home,
-    Product,
-    Category,
-    Cart,
-    Checkout,
-}
-
-impl Slot {
-    pub const ALL: [Slot; 5] = [
-        Slot::Home,
-        Slot::Product,
-        Slot::Category,
-        Slot::Cart,
-        Slot::Checkout,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::Home => "home",
-            Slot::Product => "product",
-            Slot::Category => "category",
-            Slot::Cart => "cart",
-            Slot::Checkout => "checkout",
-        }
-    }
-
-    /// The slot with this name (as rules and the API spell it).
-    pub fn parse(name: &str) -> Option<Slot> {
-        Slot::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-
-    pub(crate) fn bit(self) -> u8 {
-        1 << (self as u8)
-    }
-}
-
+/// Every slot, as a [`Rule`]'s slot mask (rules without `slots` apply to all).
 const ALL_SLOTS: u8 = (1 << Slot::ALL.len()) - 1;
 
-/// The shopper's device class, from the request.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Device {
-    /// Not known; `device` conditions never match it.
-    #[default]
-    Unknown,
-    Desktop,
-    Mobile,
-    Tablet,
-}
-
-impl Device {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Device::Unknown => "unknown",
-            Device::Desktop => "desktop",
-            Device::Mobile => "mobile",
-            Device::Tablet => "tablet",
-        }
-    }
-
-    /// `"mobile"`, `"desktop"` or `"tablet"`; anything else is not a device class.
-    pub fn parse(name: &str) -> Option<Device> {
-        [Device::Desktop, Device::Mobile, Device::Tablet]
-            .into_iter()
-            .find(|d| d.as_str() == name)
-    }
-
-    pub(crate) fn bit(self) -> u8 {
-        1 << (self as u8)
-    }
-}
 // ---------------------------------------------------------------------------------------------
 // Compiled form
 // ---------------------------------------------------------------------------------------------
@@ -413,17 +338,6 @@ tags = ["camera-accessory"]
     }
 
     pub(crate) const OK: &str = "boost = [{ category = \"lenses\", by = 1.0 }]";
-
-    #[test]
-    fn vocabulary_parses() {
-        for s in Slot::ALL {
-            assert_eq!(Slot::parse(s.as_str()), Some(s));
-        }
-        assert_eq!(Slot::parse("Home"), None);
-        assert_eq!(Device::parse("mobile"), Some(Device::Mobile));
-        assert_eq!(Device::parse("unknown"), None);
-        assert_eq!(Device::default(), Device::Unknown);
-    }
 
     #[test]
     fn demo_rules_compile() {

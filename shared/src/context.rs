@@ -1,15 +1,141 @@
-//! Facts: what one request knows, computed once before any rule is looked at.
+//! The request vocabulary that both the rules and the recommender read: what a request says
+//! ([`RequestContext`], [`Slot`], [`Device`]) and what it knows once the profile has been
+//! looked at (`Facts`).
 //!
-//! Rule conditions read these, never the profile itself, so the cost of a request does not grow
-//! with the number of rules times the size of the profile: the profile is scanned once, with
-//! bounded reads (at most [`PROFILE_SCAN_LIMIT`] entries of each list, since profiles come from
-//! the client and are untrusted), into flat per-category arrays and sorted lists.
+//! Why it is its own module: rules are written in terms of slots and devices and evaluated over
+//! a request's facts, while the recommender builds those facts and applies the rules. Kept in
+//! either of the two, this vocabulary made each import from the other. Here it sits below both:
+//! `rules` and `recommend` import from `context`, `recommend` imports from `rules`, and nothing
+//! imports the other way. The old paths (`crate::rules::Slot`, `crate::recommend::MAX_K`,
+//! `crate::recommend::RequestContext`, …) are re-exports of these.
+//!
+//! Facts are computed once per request, before any rule is looked at. Rule conditions read
+//! them, never the profile itself: the profile (untrusted, from the client) is scanned once, with
+//! bounded reads (at most [`PROFILE_SCAN_LIMIT`] entries of each list), into flat per-category
+//! arrays and sorted lists.
 
-use super::Device;
 use crate::catalog::{Catalog, MAX_CATEGORIES};
 use crate::ids::{ItemId, Secs};
 use crate::profile::Profile;
-use crate::recommend::RequestContext;
+use serde::{Deserialize, Serialize};
+
+/// Largest number of items one request may ask for.
+pub const MAX_K: usize = 50;
+/// Items returned when the caller has no preference.
+pub const DEFAULT_K: usize = 10;
+
+// ---------------------------------------------------------------------------------------------
+// What the request says: slot, device, the rest of the request
+// ---------------------------------------------------------------------------------------------
+
+/// Where on the site recommendations are shown.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Slot {
+    Home,
+    Product,
+    Category,
+    Cart,
+    Checkout,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 5] = [
+        Slot::Home,
+        Slot::Product,
+        Slot::Category,
+        Slot::Cart,
+        Slot::Checkout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::Home => "home",
+            Slot::Product => "product",
+            Slot::Category => "category",
+            Slot::Cart => "cart",
+            Slot::Checkout => "checkout",
+        }
+    }
+
+    /// The slot with this name (as rules and the API spell it).
+    pub fn parse(name: &str) -> Option<Slot> {
+        Slot::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    pub(crate) fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// The shopper's device class, from the request.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    /// Not known; `device` conditions never match it.
+    #[default]
+    Unknown,
+    Desktop,
+    Mobile,
+    Tablet,
+}
+
+impl Device {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Unknown => "unknown",
+            Device::Desktop => "desktop",
+            Device::Mobile => "mobile",
+            Device::Tablet => "tablet",
+        }
+    }
+
+    /// `"mobile"`, `"desktop"` or `"tablet"`; anything else is not a device class.
+    pub fn parse(name: &str) -> Option<Device> {
+        [Device::Desktop, Device::Mobile, Device::Tablet]
+            .into_iter()
+            .find(|d| d.as_str() == name)
+    }
+
+    pub(crate) fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// What the request says, besides the profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestContext {
+    pub slot: Slot,
+    /// How many items to return; clamped to `1..=MAX_K`.
+    pub k: usize,
+    pub now: Secs,
+    /// ISO 3166 alpha-2 (case-insensitive), if known.
+    pub country: Option<[u8; 2]>,
+    pub device: Device,
+    /// Breaks ties between equal scores; e.g. a hash of the visitor and the day.
+    pub seed: u64,
+    /// The product being viewed (product pages): never recommended, its accessories are.
+    pub current_item: Option<ItemId>,
+}
+
+impl RequestContext {
+    /// A request for `slot` at `now` with [`DEFAULT_K`] items and nothing else known.
+    pub fn new(slot: Slot, now: Secs) -> Self {
+        RequestContext {
+            slot,
+            k: DEFAULT_K,
+            now,
+            country: None,
+            device: Device::Unknown,
+            seed: 0,
+            current_item: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Facts: what one request knows, computed once
+// ---------------------------------------------------------------------------------------------
 
 /// A set of dense category indexes (< [`MAX_CATEGORIES`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -153,8 +279,29 @@ mod tests {
     use super::*;
     use crate::ids::CategoryId;
     use crate::profile::{CartLine, Interest, PurchaseRecord, Score};
-    use crate::rules::Slot;
     use crate::rules::tests::catalog;
+
+    /// Downstream crates name these types by the paths they had before this module existed.
+    #[test]
+    fn old_paths_name_the_same_types() {
+        let slot: crate::rules::Slot = Slot::Cart;
+        let device: crate::rules::Device = Device::Tablet;
+        let ctx: crate::recommend::RequestContext = RequestContext::new(slot, Secs(7));
+        assert_eq!(ctx.k, crate::recommend::DEFAULT_K);
+        assert_eq!(crate::recommend::MAX_K, MAX_K);
+        assert_eq!((ctx.slot, device), (Slot::Cart, Device::Tablet));
+    }
+
+    #[test]
+    fn vocabulary_parses() {
+        for s in Slot::ALL {
+            assert_eq!(Slot::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Slot::parse("Home"), None);
+        assert_eq!(Device::parse("mobile"), Some(Device::Mobile));
+        assert_eq!(Device::parse("unknown"), None);
+        assert_eq!(Device::default(), Device::Unknown);
+    }
 
     fn cam() -> ItemId {
         ItemId::of_sku("cam-001")
