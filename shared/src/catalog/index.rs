@@ -8,7 +8,7 @@
 //! validated (`compile`), so these only arrange; none of them can fail.
 
 use super::{Category, EMPTY, Hot, Item, table_slot};
-use crate::ids::CategoryId;
+use crate::ids::{CategoryId, Fnv1a64};
 
 /// Popularity orderings: all items (returned), each category's items (stored in
 /// `categories`) and each tag's items (returned), most popular first, ties by SKU.
@@ -102,45 +102,35 @@ pub(super) fn build_category_index(categories: &[Category]) -> Vec<(CategoryId, 
 }
 
 /// A hash of everything dense indexes depend on: the version, then categories, SKUs and tags
-/// in index order (see [`Catalog::fingerprint`](super::Catalog::fingerprint)).
+/// in index order (see [`Catalog::fingerprint`](super::Catalog::fingerprint)). FNV-1a 64 over
+/// the fields, each followed by a `0xff` byte.
 pub(super) fn fingerprint(
     version: u32,
     categories: &[Category],
     items: &[Item],
     tags: &[String],
 ) -> u64 {
-    let mut h = Fnv64::new();
-    h.write(&version.to_le_bytes());
+    let mut h = Fnv1a64::new();
+    field(&mut h, &version.to_le_bytes());
     for c in categories {
-        h.write(c.slug.as_bytes());
+        field(&mut h, c.slug.as_bytes());
     }
-    h.write(b"--items--");
+    field(&mut h, b"--items--");
     for it in items {
-        h.write(it.sku.as_bytes());
+        field(&mut h, it.sku.as_bytes());
     }
-    h.write(b"--tags--");
+    field(&mut h, b"--tags--");
     for t in tags {
-        h.write(t.as_bytes());
+        field(&mut h, t.as_bytes());
     }
-    h.0
+    h.finish()
 }
 
-/// FNV-1a, 64 bits, fed piecewise.
-pub(crate) struct Fnv64(u64);
-
-impl Fnv64 {
-    pub(crate) fn new() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
-    pub(crate) fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // A separator so that ("ab", "c") and ("a", "bc") differ.
-        self.0 ^= 0xff;
-        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+/// Feeds one field of the fingerprint, then a separator so that ("ab", "c") and ("a", "bc")
+/// differ.
+fn field(h: &mut Fnv1a64, bytes: &[u8]) {
+    h.write(bytes);
+    h.write(&[0xff]);
 }
 
 #[cfg(test)]
@@ -222,5 +212,30 @@ popularity = 0.9
         assert_eq!(a.fingerprint(), b.fingerprint());
         let c = parse(&CAM.replace("lens-014", "lens-015")).expect("valid");
         assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    /// The fingerprint is FNV-1a 64 over version, slugs, SKUs and tags, each followed by 0xff:
+    /// pinned here byte by byte, since rules compiled by one build are checked against
+    /// catalogs compiled by another.
+    #[test]
+    fn fingerprint_is_fnv1a64_of_the_framed_fields() {
+        let c = parse(CAM).expect("valid");
+        let mut bytes: Vec<u8> = Vec::new();
+        let fields: [&[u8]; 9] = [
+            &1u32.to_le_bytes(),
+            b"cameras",
+            b"lenses",
+            b"--items--",
+            b"cam-001",
+            b"lens-014",
+            b"--tags--",
+            b"4k",
+            b"mirrorless",
+        ];
+        for f in fields {
+            bytes.extend_from_slice(f);
+            bytes.push(0xff);
+        }
+        assert_eq!(c.fingerprint(), crate::ids::fnv1a64(&bytes));
     }
 }
