@@ -9,6 +9,7 @@
 pub mod auth;
 mod bounded;
 pub mod catalog;
+pub mod context;
 pub mod delta;
 pub mod event;
 pub mod fold;

@@ -14,15 +14,14 @@
 //!   comparable over time and the crate buildable for wasm.
 
 use crate::catalog::{Catalog, MAX_CATEGORIES, MAX_ITEMS};
+use crate::context::{Device, RequestContext, Slot};
 use crate::ids::{CategoryId, ItemId, Secs};
 use crate::profile::{
     CartLine, Interest, MAX_INTERESTS, MAX_PURCHASES, MAX_RECENT, Profile, PurchaseRecord, Score,
     Segments,
 };
-use crate::recommend::RequestContext;
 #[cfg(feature = "toml")]
 use crate::rules::CompiledRules;
-use crate::rules::{Device, Slot};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
