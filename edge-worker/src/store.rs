@@ -66,6 +66,20 @@ impl MemoryStore {
         self.map.borrow().get(key).cloned()
     }
 
+    /// Every key and value, in no particular order.
+    pub fn entries(&self) -> Vec<(String, Versioned)> {
+        self.map
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Forgets every value, as a new namespace would.
+    pub fn clear(&self) {
+        self.map.borrow_mut().clear();
+    }
+
     pub fn insert_raw(&self, key: &str, value: Vec<u8>, version: Option<u64>) {
         self.map
             .borrow_mut()

@@ -15,4 +15,5 @@ pub mod pipeline;
 pub mod service;
 pub mod sink;
 pub mod store;
+#[cfg(feature = "testkit")]
 pub mod testkit;

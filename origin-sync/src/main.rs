@@ -11,7 +11,6 @@ use origin_sync::kafka::{Outgoing, produce_all};
 use origin_sync::metrics::Metrics;
 use tokio::sync::watch;
 
-mod bench;
 mod replay;
 
 // The fold allocates many small, short-lived values (events, profile maps, encoded rows);
@@ -61,8 +60,6 @@ enum Command {
     Replay,
     /// Mark the catalog and rules for publication again.
     Republish,
-    /// Benchmark against a broker this command starts (needs `tansu`).
-    Bench(bench::BenchArgs),
 }
 
 fn init_logs(json: bool) {
@@ -133,7 +130,6 @@ async fn main() -> anyhow::Result<()> {
             store.republish_documents()?;
             println!("catalog and rules will be published again at the next start or change");
         }
-        Command::Bench(args) => bench::bench(args).await?,
     }
     Ok(())
 }

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::*;
-use origin_sync::testkit::FakeEdge;
+use origin_sync::testkit::TestEdge;
 use shared::delta::Stored;
 use shared::protocol::{ErasureBody, Signed, route};
+use shared::wire::ConfigKind;
 use shared::wire::{decode_stored, encode_stored};
 
 fn now() -> u64 {
@@ -40,7 +41,7 @@ async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_erasure_and_documents() {
     let Some(tansu) = broker("http") else { return };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("http");
     let rules = dir.join("rules.toml");
     let catalog = dir.join("catalog.toml");
@@ -120,9 +121,9 @@ async fn ingest_erasure_and_documents() {
     // documents were published at version 1
     wait_for(
         || {
-            let st = edge.state.lock().expect("state");
-            st.documents.get("catalog").map(|d| d.0) == Some(1)
-                && st.documents.get("rules").map(|d| d.0) == Some(1)
+            edge.document_version(ConfigKind::Catalog) == Some(1)
+                && edge.document_version(ConfigKind::Rules) == Some(1)
+                && edge.site_versions() == (1, 1)
         },
         "catalog and rules v1",
     )
@@ -130,30 +131,14 @@ async fn ingest_erasure_and_documents() {
     // an invalid rules file is not published; a valid change is, as version 2
     std::fs::write(&rules, "this is = not [valid").expect("rules");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        edge.state
-            .lock()
-            .expect("state")
-            .documents
-            .get("rules")
-            .map(|d| d.0),
-        Some(1)
-    );
+    assert_eq!(edge.document_version(ConfigKind::Rules), Some(1));
     std::fs::write(
         &rules,
         format!("{}\n# changed\n", shared::rules::DEMO_RULES),
     )
     .expect("rules");
     wait_for(
-        || {
-            edge.state
-                .lock()
-                .expect("state")
-                .documents
-                .get("rules")
-                .map(|d| d.0)
-                == Some(2)
-        },
+        || edge.document_version(ConfigKind::Rules) == Some(2) && edge.site_versions().1 == 2,
         "rules v2",
     )
     .await;
@@ -215,7 +200,7 @@ async fn ingest_erasure_and_documents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_bulk_requests_follow_the_cloudflare_format() {
     let Some(tansu) = broker("kv") else { return };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("kv");
     let kv = format!(
         "[sinks.kv]\naccount_id = \"acc\"\nnamespace_id = \"ns\"\napi_token = \"tok\"\napi_base = \"{}\"\n",
@@ -235,10 +220,9 @@ async fn kv_bulk_requests_follow_the_cloudflare_format() {
     )
     .await;
     let service = InProcess::start(cfg);
-    let latest = |edge: &FakeEdge| {
-        let st = edge.state.lock().expect("state");
+    let latest = |edge: &TestEdge| {
         let mut latest = std::collections::HashMap::new();
-        for req in &st.kv_requests {
+        for req in &edge.kv_requests() {
             for pair in req.as_array().expect("a JSON array") {
                 latest.insert(pair["key"].as_str().expect("key").to_owned(), pair.clone());
             }
@@ -419,7 +403,7 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
     let Some(tansu) = broker("grafana") else {
         return;
     };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("grafana");
     let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
     let base = format!("http://{}", cfg.http.listen);

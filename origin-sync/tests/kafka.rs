@@ -1,12 +1,13 @@
 //! Integration tests against a real Kafka-protocol broker (tansu, SQLite storage) and a fake
-//! edge. Each test starts its own broker; without tansu they print SKIPPED and pass.
+//! edge. Each test starts its own broker; without tansu they fail under `CI=true`
+//! and are counted as skipped elsewhere.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use origin_sync::testkit::FakeEdge;
+use origin_sync::testkit::TestEdge;
 use rand::Rng as _;
 
 /// Exactly-once under crashes: SIGKILL the real binary at random points, restart it, and the
@@ -15,7 +16,7 @@ use rand::Rng as _;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_across_sigkills() {
     let Some(tansu) = broker("crash") else { return };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("crash");
     let cfg_path = dir.join("origin-sync.toml");
     std::fs::write(&cfg_path, config_toml(&tansu, &edge, &dir, "")).expect("config");
@@ -51,8 +52,8 @@ async fn exactly_once_across_sigkills() {
         "exactly-once: {} users, {} events, {kills} SIGKILLs, {} sync requests, {} delta items",
         want.len(),
         events.len(),
-        edge.requests.load(std::sync::atomic::Ordering::Relaxed),
-        edge.items.load(std::sync::atomic::Ordering::Relaxed),
+        edge.sync_requests(),
+        edge.kv_writes(),
     );
 }
 
@@ -83,7 +84,7 @@ fn hostile_payloads() -> Vec<(&'static str, Vec<u8>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
     let Some(tansu) = broker("dlq") else { return };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("dlq");
     let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
     let events = traffic(50, 2000, "d", 5);
@@ -189,8 +190,8 @@ async fn read_topic(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_down_pauses_consumption_then_catches_up() {
     let Some(tansu) = broker("down") else { return };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
-    edge.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    edge.set_down(true);
     let dir = scratch("down");
     let cfg = config(
         &config_toml(&tansu, &edge, &dir, "")
@@ -220,7 +221,7 @@ async fn sink_down_pauses_consumption_then_catches_up() {
             >= 1
     );
     assert!(m.push_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
-    edge.down.store(false, std::sync::atomic::Ordering::Relaxed);
+    edge.set_down(false);
     converge(&edge, &want, Duration::from_secs(90)).await;
     service.stop().await;
 }
@@ -231,7 +232,7 @@ async fn broker_restart_mid_stream() {
     let Some(mut tansu) = broker("restart") else {
         return;
     };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("restart");
     let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
     let events = traffic(200, 6000, "r", 13);
@@ -264,7 +265,7 @@ async fn replay_rebuilds_state_from_the_log() {
     let Some(tansu) = broker("replay") else {
         return;
     };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("replay");
     let text = config_toml(&tansu, &edge, &dir, "");
     let events = traffic(100, 3000, "p", 17);
@@ -293,7 +294,7 @@ async fn replay_rebuilds_state_from_the_log() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 3000 messages"));
 
-    let fresh = FakeEdge::start(secret()).await.expect("edge");
+    let fresh = TestEdge::start(secret()).await.expect("edge");
     let text = text.replace(&edge.url(), &fresh.url());
     let service = InProcess::start(config(&text));
     converge(&fresh, &want, Duration::from_secs(60)).await;
@@ -307,7 +308,7 @@ async fn edge_resend_is_repaired_with_snapshots() {
     let Some(tansu) = broker("resend") else {
         return;
     };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("resend");
     let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
     let events = traffic(50, 1000, "s", 23);
@@ -319,7 +320,7 @@ async fn edge_resend_is_repaired_with_snapshots() {
     let service = InProcess::start(cfg);
     converge(&edge, &reference(&events), Duration::from_secs(60)).await;
     // the edge forgets everything (a new KV namespace, say)
-    edge.state.lock().expect("state").profiles.clear();
+    edge.forget_everything();
     let more = traffic(50, 1000, "s", 24)
         .into_iter()
         .map(|mut e| {
@@ -343,7 +344,7 @@ async fn edge_resend_is_repaired_with_snapshots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_group_assignment_works() {
     let Some(tansu) = broker("group") else { return };
-    let edge = FakeEdge::start(secret()).await.expect("edge");
+    let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("group");
     let text = config_toml(&tansu, &edge, &dir, "").replace(
         "group_id = \"test\"",

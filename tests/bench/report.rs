@@ -180,7 +180,7 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
            profiles; the warm run rotates over 500 cached shoppers. The Node proxy of `wrangler dev` \
            is most of these latencies; production figures will differ.\n";
     md += &format!(
-        "- **origin-sync** (`origin-sync bench`): {} events over {} shoppers, 3 topics × {} \
+        "- **origin-sync** (`origin-sync-bench`): {} events over {} shoppers, 3 topics × {} \
          partitions, delivered to an in-process edge; run against tansu in memory and against \
          tansu on SQLite. Neither broker gives both throughput targets at once: on SQLite the \
          broker itself serves {:.0} events/s, so no consumer reaches 100k/s through it; in memory \

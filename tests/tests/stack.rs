@@ -172,11 +172,17 @@ fn traffic(sys: &System, prefix: &str, users: usize, events: usize, seed: u64) -
 #[test]
 fn the_whole_system_on_one_stack() {
     if worker_bundle().is_none() {
-        eprintln!("skipped: run `cargo xtask test`, which builds the worker bundle first");
+        origin_sync::testkit::skip(
+            "the worker bundle",
+            "run `cargo xtask test`, which builds it first",
+        );
         return;
     }
     let Some(origin_bin) = origin_sync_binary() else {
-        eprintln!("skipped: the origin-sync binary is not built (`cargo xtask test` builds it)");
+        origin_sync::testkit::skip(
+            "the origin-sync binary",
+            "run `cargo xtask test`, which builds it first",
+        );
         return;
     };
     let Some(chromium) = chromium() else {

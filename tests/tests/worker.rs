@@ -4,6 +4,7 @@
 // Helpers below run only inside tests, where a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
+use origin_sync::testkit::skip;
 use serde_json::Value;
 use shared::auth;
 use shared::delta::{Change, Delta};
@@ -20,7 +21,10 @@ const USER_KEY_SECRET: &[u8] = tests::DEV_USER_KEY_SECRET;
 
 fn worker(name: &str, vars: &[(&str, &str)]) -> Option<Service> {
     if worker_bundle().is_none() {
-        eprintln!("skipped: run `cargo xtask test`, which builds the worker bundle first");
+        skip(
+            "the worker bundle",
+            "run `cargo xtask test`, which builds it first",
+        );
         return None;
     }
     Some(start_worker_with(&temp_dir(name), vars).unwrap_or_else(|e| panic!("{e}")))

@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: a broker, a fake edge, the service (in-process or
+//! Helpers shared by the integration tests: a broker, the real edge, the service (in-process or
 //! as the real binary), event generation and the reference fold.
 #![allow(dead_code)]
 
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use origin_sync::config::{Config, DEV_SYNC_SECRET, DEV_USER_KEY_SECRET};
 use origin_sync::kafka::{Outgoing, produce_all};
 use origin_sync::metrics::Metrics;
-use origin_sync::testkit::{FakeEdge, Tansu, kill_group, target_dir};
+use origin_sync::testkit::{Tansu, TestEdge, kill_group, target_dir};
 use shared::Profile;
 use shared::catalog::Catalog;
 use shared::delta::Stored;
@@ -22,7 +22,8 @@ use shared::keys::UserKey;
 use shared::traffic::Traffic;
 use tokio::sync::watch;
 
-/// Starts a broker with the event topics, or returns None (after saying so) without tansu.
+/// Starts a broker with the event topics, or returns None without tansu (a failure under
+/// `CI=true`, a recorded skip elsewhere).
 pub fn broker(name: &str) -> Option<Tansu> {
     match Tansu::start(name) {
         Ok(t) => {
@@ -30,7 +31,7 @@ pub fn broker(name: &str) -> Option<Tansu> {
             Some(t)
         }
         Err(origin_sync::testkit::KitError::NoTansu) => {
-            eprintln!("SKIPPED: tansu is not installed (cargo xtask setup installs it)");
+            origin_sync::testkit::skip("the tansu broker", "run `cargo xtask setup`");
             None
         }
         Err(e) => panic!("broker did not start: {e}"),
@@ -47,7 +48,7 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 /// A config TOML for the test broker and edge.
-pub fn config_toml(tansu: &Tansu, edge: &FakeEdge, dir: &std::path::Path, extra: &str) -> String {
+pub fn config_toml(tansu: &Tansu, edge: &TestEdge, dir: &std::path::Path, extra: &str) -> String {
     format!(
         r#"
 [kafka]
@@ -213,15 +214,15 @@ pub fn reference(events: &[Event]) -> HashMap<UserKey, Profile> {
 }
 
 /// How many users the edge holds that differ from the reference.
-pub fn mismatches(edge: &FakeEdge, want: &HashMap<UserKey, Profile>) -> usize {
-    let st = edge.state.lock().expect("edge state");
+pub fn mismatches(edge: &TestEdge, want: &HashMap<UserKey, Profile>) -> usize {
+    let held = edge.profiles();
     want.iter()
-        .filter(|(k, p)| st.profiles.get(k) != Some(&Stored::Profile((*p).clone())))
+        .filter(|(k, p)| held.get(k) != Some(&Stored::Profile((*p).clone())))
         .count()
 }
 
 /// Waits until the edge equals the reference; panics with a diagnosis on timeout.
-pub async fn converge(edge: &FakeEdge, want: &HashMap<UserKey, Profile>, timeout: Duration) {
+pub async fn converge(edge: &TestEdge, want: &HashMap<UserKey, Profile>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let bad = mismatches(edge, want);
@@ -229,16 +230,16 @@ pub async fn converge(edge: &FakeEdge, want: &HashMap<UserKey, Profile>, timeout
             return;
         }
         if Instant::now() > deadline {
-            let st = edge.state.lock().expect("edge state");
+            let held = edge.profiles();
             let example = want
                 .iter()
-                .find(|(k, p)| st.profiles.get(k) != Some(&Stored::Profile((*p).clone())));
+                .find(|(k, p)| held.get(k) != Some(&Stored::Profile((*p).clone())));
             if let Some((k, p)) = example {
                 panic!(
                     "{bad} of {} users differ from the reference; e.g. {k:?}: want version {}, edge holds {:?}",
                     want.len(),
                     p.version,
-                    st.profiles.get(k).map(Stored::version)
+                    held.get(k).map(Stored::version)
                 );
             }
             panic!("{bad} users differ");

@@ -1,12 +1,14 @@
-//! `origin-sync bench`: whole-system figures against a tansu broker it starts itself, all
+//! `origin-sync-bench`: whole-system figures against a tansu broker it starts itself, all
 //! measured in the same run so ratios compare like with like:
 //!
 //! 1. throughput: events/s from the broker through validation, fold, delta and outbox (the
-//!    service, delivering to an in-process fake edge), next to the raw consume rate of the
+//!    service, delivering to the real edge worker's handlers in this process), next to the raw consume rate of the
 //!    same broker and partitions;
 //! 2. latency: event timestamp → every-sink acknowledgement, p50/p99, at a steady moderate
 //!    rate;
 //! 3. hot users: KV writes per event when a few shoppers produce most events.
+//!
+//! A binary of its own (behind the `testkit` feature), so the service binary carries none of it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,14 +18,23 @@ use anyhow::Context as _;
 use origin_sync::config::Config;
 use origin_sync::kafka::{Outgoing, produce_all};
 use origin_sync::metrics::Metrics;
-use origin_sync::testkit::{FakeEdge, Tansu, free_port, target_dir};
+use origin_sync::testkit::{Tansu, TestEdge, free_port, target_dir};
 use rdkafka::consumer::Consumer as _;
 use shared::catalog::Catalog;
 use shared::event::Event;
 use shared::traffic::Traffic;
 use tokio::sync::watch;
 
-#[derive(clap::Args, Debug)]
+// as in the service: the fold's many small allocations are what this measures
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "origin-sync-bench",
+    version,
+    about = "origin-sync's throughput, latency and KV writes against a broker it starts (needs tansu)"
+)]
 pub struct BenchArgs {
     /// Events for the throughput phase.
     #[arg(long, default_value_t = 300_000)]
@@ -71,7 +82,7 @@ fn outgoing(prefix: &str, e: &Event) -> Outgoing {
     }
 }
 
-fn config(tansu: &Tansu, edge: &FakeEdge, prefix: &str, extra: &str) -> anyhow::Result<Config> {
+fn config(tansu: &Tansu, edge: &TestEdge, prefix: &str, extra: &str) -> anyhow::Result<Config> {
     let dir = target_dir().join("origin-sync-bench");
     std::fs::create_dir_all(&dir)?;
     let store = dir.join(format!("{prefix}-{}.redb", std::process::id()));
@@ -150,7 +161,19 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = <BenchArgs as clap::Parser>::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    bench(args).await
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.offline_only {
         let catalog = Catalog::demo().context("demo catalog")?;
         let events: Vec<Outgoing> =
@@ -172,7 +195,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     .context("starting tansu")?;
     let catalog = Catalog::demo().context("demo catalog")?;
-    let edge = FakeEdge::start(origin_sync::config::DEV_SYNC_SECRET).await?;
+    let edge = TestEdge::start(origin_sync::config::DEV_SYNC_SECRET).await?;
     let producer = origin_sync::kafka::producer(&origin_sync::config::KafkaConfig {
         brokers: tansu.brokers(),
         ..Default::default()
@@ -273,7 +296,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     // 3. hot users: KV writes per event
     let cfg = config(&tansu, &edge, "hot", "")?;
-    let items_before = edge.items.load(Relaxed);
+    let writes_before = edge.kv_writes();
     let run = start(cfg);
     let per_tick = (args.hot_events / 100).max(1);
     let mut traffic = Traffic::new(&catalog, args.hot_users, "hot", 0, 1, 9);
@@ -297,7 +320,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let writes = edge.items.load(Relaxed) - items_before;
+    let writes = edge.kv_writes() - writes_before;
     run.stop().await?;
     println!(
         "  hot users:        {:.4} KV writes per event  ({writes} writes for {hot} events of {} users over ~5 s; target ≤ 0.1)",
