@@ -37,7 +37,10 @@ pub struct Event {
     pub kind: EventKind,
 }
 
-#[derive(Clone, PartialEq, Debug)]
+/// The serde derives give the binary form origin-sync stores a user's reorder window in
+/// (postcard); the only wire form is the validated JSON. Variant and field order is that
+/// stored form: append only.
+#[derive(Clone, PartialEq, Debug, serde::Serialize, serde::Deserialize)]
 pub enum EventKind {
     PageView,
     ProductView {
@@ -60,7 +63,7 @@ pub enum EventKind {
 }
 
 /// An item with its category, unit price and quantity.
-#[derive(Clone, PartialEq, Debug)]
+#[derive(Clone, PartialEq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Line {
     pub item: String,
     pub category: String,

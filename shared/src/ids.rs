@@ -60,6 +60,12 @@ impl Fnv1a64 {
         Fnv1a64(Self::OFFSET_BASIS)
     }
 
+    /// A hasher whose start state is the offset basis XOR `seed`: a cheap way to hash a number
+    /// and a string together (origin's store keys recently seen event ids this way).
+    pub const fn seeded(seed: u64) -> Self {
+        Fnv1a64(Self::OFFSET_BASIS ^ seed)
+    }
+
     pub const fn write(&mut self, bytes: &[u8]) {
         let mut i = 0;
         while i < bytes.len() {

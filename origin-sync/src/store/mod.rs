@@ -15,17 +15,20 @@
 //! is computed at send time from the last acknowledged value (`acked`) to the current one, so
 //! any number of events coalesce into one write.
 
+mod documents;
+mod state;
+
+pub use state::Window;
+use state::{Insert, UserState, change_for};
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use shared::Profile;
-use shared::delta::{Change, Delta, Stored, diff};
-use shared::event::{Event, EventKind, Line};
-use shared::fold::fold;
+use shared::delta::{Delta, Stored};
+use shared::event::Event;
 use shared::keys::UserKey;
-use shared::wire::{ConfigDoc, ConfigKind};
 
 const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
@@ -36,9 +39,6 @@ const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents"
 
 /// A user record as stored: key bytes and encoded state.
 pub type RawUser = (Vec<u8>, Vec<u8>);
-
-/// How many folded event ids a user remembers for duplicate detection of late events.
-const SEEN_IDS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -68,13 +68,6 @@ from_redb!(
     redb::CommitError
 );
 
-/// The reorder window's parameters.
-#[derive(Clone, Copy, Debug)]
-pub struct Window {
-    pub reorder_ms: u64,
-    pub max_events: usize,
-}
-
 /// One consumed message: its position, and the event when it was valid.
 #[derive(Debug)]
 pub struct Record {
@@ -103,192 +96,6 @@ pub struct BatchOutcome {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
-/// An event of a user's reorder window, stored in a compact binary form: the window is most
-/// of a user's stored state, and that state is rewritten on every change (as JSON the average
-/// state was 381 bytes at the benchmark's traffic, 60% of it window).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct WindowEvent {
-    ts_ms: u64,
-    id: String,
-    kind: WindowKind,
-}
-
-/// [`EventKind`] with serde derives; `shared` keeps its event type free of a binary form
-/// because its only wire form is the validated JSON.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-enum WindowKind {
-    PageView,
-    ProductView {
-        item: String,
-        category: String,
-    },
-    AddToCart(WindowLine),
-    RemoveFromCart {
-        item: String,
-        quantity: u16,
-    },
-    Purchase(Vec<WindowLine>),
-    Search {
-        query: String,
-        category: Option<String>,
-    },
-    Consent {
-        personalization: bool,
-    },
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct WindowLine {
-    item: String,
-    category: String,
-    price_cents: u64,
-    quantity: u16,
-}
-
-impl From<&Line> for WindowLine {
-    fn from(l: &Line) -> Self {
-        WindowLine {
-            item: l.item.clone(),
-            category: l.category.clone(),
-            price_cents: l.price_cents,
-            quantity: l.quantity,
-        }
-    }
-}
-
-impl From<&WindowLine> for Line {
-    fn from(l: &WindowLine) -> Self {
-        Line {
-            item: l.item.clone(),
-            category: l.category.clone(),
-            price_cents: l.price_cents,
-            quantity: l.quantity,
-        }
-    }
-}
-
-impl WindowEvent {
-    fn new(ev: &Event) -> Self {
-        let kind = match &ev.kind {
-            EventKind::PageView => WindowKind::PageView,
-            EventKind::ProductView { item, category } => WindowKind::ProductView {
-                item: item.clone(),
-                category: category.clone(),
-            },
-            EventKind::AddToCart(l) => WindowKind::AddToCart(l.into()),
-            EventKind::RemoveFromCart { item, quantity } => WindowKind::RemoveFromCart {
-                item: item.clone(),
-                quantity: *quantity,
-            },
-            EventKind::Purchase(lines) => {
-                WindowKind::Purchase(lines.iter().map(Into::into).collect())
-            }
-            EventKind::Search { query, category } => WindowKind::Search {
-                query: query.clone(),
-                category: category.clone(),
-            },
-            EventKind::Consent { personalization } => WindowKind::Consent {
-                personalization: *personalization,
-            },
-        };
-        WindowEvent {
-            ts_ms: ev.ts_ms,
-            id: ev.id.clone(),
-            kind,
-        }
-    }
-
-    /// The event again, for folding; the fold never reads the user id, which the store keys by.
-    fn event(&self) -> Event {
-        let kind = match &self.kind {
-            WindowKind::PageView => EventKind::PageView,
-            WindowKind::ProductView { item, category } => EventKind::ProductView {
-                item: item.clone(),
-                category: category.clone(),
-            },
-            WindowKind::AddToCart(l) => EventKind::AddToCart(l.into()),
-            WindowKind::RemoveFromCart { item, quantity } => EventKind::RemoveFromCart {
-                item: item.clone(),
-                quantity: *quantity,
-            },
-            WindowKind::Purchase(lines) => {
-                EventKind::Purchase(lines.iter().map(Into::into).collect())
-            }
-            WindowKind::Search { query, category } => EventKind::Search {
-                query: query.clone(),
-                category: category.clone(),
-            },
-            WindowKind::Consent { personalization } => EventKind::Consent {
-                personalization: *personalization,
-            },
-        };
-        Event {
-            id: self.id.clone(),
-            user: String::new(),
-            ts_ms: self.ts_ms,
-            kind,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct UserState {
-    base: Profile,
-    /// Sorted by `(ts_ms, id)`, all after `frozen`.
-    window: Vec<WindowEvent>,
-    /// Order key of the newest event folded into `base`.
-    frozen: Option<(u64, String)>,
-    /// Hashes of the ids of recently frozen events, newest last.
-    seen: Vec<u64>,
-    /// Erased at (version, unix ms).
-    erased: Option<(u64, u64)>,
-    /// `base` with the window folded on top, kept so in-order events fold incrementally.
-    /// Not stored: rebuilt on load, which costs less than writing it with every change.
-    #[serde(skip)]
-    current: Profile,
-}
-
-/// [`UserState`] as stores written before the compact window form hold it (window events as
-/// JSON, the folded profile stored too). Read, never written.
-#[derive(Deserialize)]
-struct LegacyUserState {
-    base: Profile,
-    window: Vec<LegacyWindowEvent>,
-    frozen: Option<(u64, String)>,
-    seen: Vec<u64>,
-    erased: Option<(u64, u64)>,
-    #[allow(dead_code)]
-    current: Profile,
-}
-
-#[derive(Deserialize)]
-struct LegacyWindowEvent {
-    #[allow(dead_code)]
-    ts_ms: u64,
-    #[allow(dead_code)]
-    id: String,
-    json: Vec<u8>,
-}
-
-impl LegacyUserState {
-    fn upgrade(self) -> UserState {
-        UserState {
-            base: self.base,
-            // these were validated when first stored
-            window: self
-                .window
-                .iter()
-                .filter_map(|w| shared::event::parse_event(&w.json).ok())
-                .map(|e| WindowEvent::new(&e))
-                .collect(),
-            frozen: self.frozen,
-            seen: self.seen,
-            erased: self.erased,
-            current: Profile::default(),
-        }
-    }
-}
-
 /// Outbox entry: the oldest event time not yet acknowledged.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 struct Pending {
@@ -303,130 +110,6 @@ pub struct OutItem {
     pub oldest_ts_ms: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct DocState {
-    version: u64,
-    source: String,
-    acked: u64,
-}
-
-enum Insert {
-    Windowed,
-    Late,
-    Duplicate,
-    Erased,
-}
-
-fn id_hash(ts_ms: u64, id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ ts_ms;
-    for b in id.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-impl UserState {
-    fn fresh(key: &UserKey) -> Self {
-        UserState {
-            base: Profile::new(key.bucket()),
-            current: Profile::new(key.bucket()),
-            ..UserState::default()
-        }
-    }
-
-    /// Folds the window on top of the base again (after an out-of-order arrival).
-    fn refold(&mut self) {
-        let mut p = self.base.clone();
-        for w in &self.window {
-            fold(&mut p, &w.event());
-        }
-        self.current = p;
-    }
-
-    fn insert(&mut self, ev: &Event, window: Window) -> Insert {
-        if let Some((_, at)) = self.erased
-            && ev.ts_ms <= at
-        {
-            return Insert::Erased;
-        }
-        let key = (ev.ts_ms, ev.id.as_str());
-        if let Some((fts, fid)) = &self.frozen
-            && key <= (*fts, fid.as_str())
-        {
-            let h = id_hash(ev.ts_ms, &ev.id);
-            if self.seen.contains(&h) {
-                return Insert::Duplicate;
-            }
-            fold(&mut self.base, ev);
-            self.remember(h);
-            self.refold();
-            return Insert::Late;
-        }
-        match self
-            .window
-            .binary_search_by(|w| (w.ts_ms, w.id.as_str()).cmp(&key))
-        {
-            Ok(_) => return Insert::Duplicate,
-            Err(at) => {
-                let in_order = at == self.window.len();
-                self.window.insert(at, WindowEvent::new(ev));
-                if in_order {
-                    fold(&mut self.current, ev);
-                } else {
-                    self.refold();
-                }
-            }
-        }
-        let newest = self.window.last().map_or(0, |w| w.ts_ms);
-        while let Some(first) = self.window.first() {
-            let too_many = self.window.len() > window.max_events;
-            let too_old = first.ts_ms.saturating_add(window.reorder_ms) < newest;
-            if !(too_many || too_old) {
-                break;
-            }
-            let first = self.window.remove(0);
-            fold(&mut self.base, &first.event());
-            self.remember(id_hash(first.ts_ms, &first.id));
-            self.frozen = Some((first.ts_ms, first.id));
-        }
-        Insert::Windowed
-    }
-
-    fn decode(bytes: &[u8]) -> Result<UserState, StoreError> {
-        let mut state: UserState = match decode(bytes, "user") {
-            Ok(s) => s,
-            // written before window events had their binary form: convert on read
-            Err(e) => match postcard::from_bytes::<LegacyUserState>(bytes) {
-                Ok(old) => old.upgrade(),
-                Err(_) => return Err(e),
-            },
-        };
-        state.refold();
-        Ok(state)
-    }
-
-    fn remember(&mut self, h: u64) {
-        self.seen.push(h);
-        if self.seen.len() > SEEN_IDS {
-            self.seen.remove(0);
-        }
-    }
-
-    fn current(&self) -> Stored {
-        if let Some((v, _)) = self.erased
-            && self.current.version == v
-        {
-            return Stored::Tombstone { version: v };
-        }
-        Stored::Profile(self.current.clone())
-    }
-
-    fn current_version(&self) -> u64 {
-        self.current.version
-    }
-}
-
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
@@ -434,27 +117,6 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, S
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing these plain structs into a Vec cannot fail.
     postcard::to_allocvec(v).unwrap_or_default()
-}
-
-fn doc_name(kind: ConfigKind) -> &'static str {
-    match kind {
-        ConfigKind::Catalog => "catalog",
-        ConfigKind::Rules => "rules",
-    }
-}
-
-/// Change a delta from the acknowledged value to the current one.
-fn change_for(acked: Option<&Stored>, current: &Stored) -> Option<Change> {
-    if acked == Some(current) {
-        return None;
-    }
-    Some(match (acked, current) {
-        (_, Stored::Tombstone { version }) => Change::Tombstone { version: *version },
-        (Some(Stored::Profile(old)), Stored::Profile(new)) if old.version < new.version => {
-            diff(old, new)
-        }
-        (_, Stored::Profile(new)) => Change::Snapshot(new.clone()),
-    })
 }
 
 #[derive(Debug)]
@@ -588,19 +250,10 @@ impl Store {
             let had = old.as_ref().map_or(0, UserState::current_version);
             let at = old
                 .as_ref()
-                .and_then(|s| s.erased)
+                .and_then(UserState::erased)
                 .map_or(now_ms, |(_, t)| t.max(now_ms));
             version = had + 1;
-            let mut base = Profile::new(key.bucket());
-            base.version = version;
-            let state = UserState {
-                current: base.clone(),
-                base,
-                window: Vec::new(),
-                frozen: None,
-                seen: Vec::new(),
-                erased: Some((version, at)),
-            };
+            let state = UserState::tombstone(&key, version, at);
             users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
             outbox_t.insert(
                 key.0.as_slice(),
@@ -732,7 +385,7 @@ impl Store {
         for row in t.iter()? {
             let (k, v) = row?;
             let state: UserState = UserState::decode(v.value())?;
-            if state.erased.is_some() {
+            if state.erased().is_some() {
                 out.push((k.value().to_vec(), v.value().to_vec()));
             }
         }
@@ -777,105 +430,14 @@ impl Store {
         }
         Ok(out)
     }
-
-    /// Records a catalog or rules source; a changed source gets the next version.
-    /// Returns the version when it changed.
-    pub fn put_document(&self, kind: ConfigKind, source: &str) -> Result<Option<u64>, StoreError> {
-        let tx = self.db.begin_write()?;
-        let changed;
-        {
-            let mut t = tx.open_table(DOCUMENTS)?;
-            let old: Option<DocState> = match t.get(doc_name(kind))? {
-                Some(g) => Some(decode(g.value(), "document")?),
-                None => None,
-            };
-            changed = match old {
-                Some(d) if d.source == source => None,
-                old => {
-                    let version = old.as_ref().map_or(1, |d| d.version + 1);
-                    let state = DocState {
-                        version,
-                        source: source.to_owned(),
-                        acked: old.map_or(0, |d| d.acked),
-                    };
-                    t.insert(doc_name(kind), encode(&state).as_slice())?;
-                    Some(version)
-                }
-            };
-        }
-        tx.commit()?;
-        Ok(changed)
-    }
-
-    /// Forces the next publication of every document (the `republish` command).
-    pub fn republish_documents(&self) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(DOCUMENTS)?;
-            let mut all = Vec::new();
-            for row in t.iter()? {
-                let (k, v) = row?;
-                all.push((
-                    k.value().to_owned(),
-                    decode::<DocState>(v.value(), "document")?,
-                ));
-            }
-            for (k, mut d) in all {
-                d.acked = 0;
-                t.insert(k.as_str(), encode(&d).as_slice())?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Documents not yet acknowledged at their current version.
-    pub fn pending_documents(&self) -> Result<Vec<ConfigDoc>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(DOCUMENTS)?;
-        let mut out = Vec::new();
-        for kind in [ConfigKind::Catalog, ConfigKind::Rules] {
-            if let Some(g) = t.get(doc_name(kind))? {
-                let d: DocState = decode(g.value(), "document")?;
-                // The edge reads the JSON form (it carries no TOML parser). The source was
-                // validated before it was stored, so conversion cannot fail; skip it if it does.
-                if d.acked < d.version
-                    && let Ok(source) = shared::catalog::toml_to_json(&d.source)
-                {
-                    out.push(ConfigDoc {
-                        kind,
-                        version: d.version,
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn acknowledge_documents(&self, docs: &[ConfigDoc]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(DOCUMENTS)?;
-            for doc in docs {
-                let Some(g) = t.get(doc_name(doc.kind))? else {
-                    continue;
-                };
-                let mut d: DocState = decode(g.value(), "document")?;
-                drop(g);
-                d.acked = d.acked.max(doc.version);
-                t.insert(doc_name(doc.kind), encode(&d).as_slice())?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::Profile;
     use shared::catalog::Catalog;
+    use shared::delta::Change;
     use shared::fold::fold_all;
     use shared::traffic::Traffic;
 
@@ -888,95 +450,6 @@ mod tests {
 
     fn open(name: &str, window: Window) -> Store {
         Store::open(&tmp(name), b"dev-user-key-secret", window).expect("store opens")
-    }
-
-    #[test]
-    fn window_events_keep_every_kind_through_the_stored_form() {
-        let line = |item: &str| Line {
-            item: item.into(),
-            category: "cameras".into(),
-            price_cents: 129_900,
-            quantity: 2,
-        };
-        let kinds = [
-            EventKind::PageView,
-            EventKind::ProductView {
-                item: "cam-001".into(),
-                category: "cameras".into(),
-            },
-            EventKind::AddToCart(line("cam-001")),
-            EventKind::RemoveFromCart {
-                item: "cam-001".into(),
-                quantity: 1,
-            },
-            EventKind::Purchase(vec![line("cam-001"), line("lens-002")]),
-            EventKind::Search {
-                query: "tripod".into(),
-                category: Some("accessories".into()),
-            },
-            EventKind::Search {
-                query: "bag".into(),
-                category: None,
-            },
-            EventKind::Consent {
-                personalization: false,
-            },
-        ];
-        for kind in kinds {
-            let ev = Event {
-                id: "e-1".into(),
-                user: String::new(),
-                ts_ms: 1_764_000_000_123,
-                kind,
-            };
-            let stored = encode(&WindowEvent::new(&ev));
-            let back: WindowEvent = decode(&stored, "window").expect("decodes");
-            assert_eq!(back.event(), ev);
-        }
-    }
-
-    #[test]
-    fn state_written_before_the_compact_window_form_still_reads() {
-        #[derive(Serialize)]
-        struct OldWindowEvent {
-            ts_ms: u64,
-            id: String,
-            json: Vec<u8>,
-        }
-        #[derive(Serialize)]
-        struct OldState {
-            base: Profile,
-            window: Vec<OldWindowEvent>,
-            frozen: Option<(u64, String)>,
-            seen: Vec<u64>,
-            erased: Option<(u64, u64)>,
-            current: Profile,
-        }
-        let catalog = Catalog::demo().expect("demo catalog");
-        let events: Vec<Event> = Traffic::new(&catalog, 1, "old", 1_764_000_000_000, 1, 5)
-            .take(3)
-            .collect();
-        let key = UserKey::derive(b"k", "old-u0");
-        let mut current = Profile::new(key.bucket());
-        fold_all(&mut current, &events);
-        let old = OldState {
-            base: Profile::new(key.bucket()),
-            window: events
-                .iter()
-                .map(|e| OldWindowEvent {
-                    ts_ms: e.ts_ms,
-                    id: e.id.clone(),
-                    json: e.to_json_bytes(),
-                })
-                .collect(),
-            frozen: None,
-            seen: Vec::new(),
-            erased: None,
-            current: current.clone(),
-        };
-        let state = UserState::decode(&encode(&old)).expect("reads the old form");
-        assert_eq!(state.window.len(), 3);
-        assert_eq!(state.current, current);
     }
 
     fn records(events: &[Event], topic: &str, start: i64) -> Vec<Record> {
