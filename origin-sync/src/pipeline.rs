@@ -69,6 +69,7 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// One consumed message that failed validation, on its way to the dead-letter topic.
 struct Reject {
     topic: String,
     partition: i32,
@@ -78,19 +79,93 @@ struct Reject {
     reason: String,
 }
 
+/// The messages of one store transaction, validated as they are taken.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Record>,
+    rejects: Vec<Reject>,
+}
+
+impl Batch {
+    fn take(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let payload = m.payload().unwrap_or_default();
+        let event = match parse_event(payload) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                self.rejects.push(Reject {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    payload: payload.to_vec(),
+                    reason: e.to_string(),
+                });
+                None
+            }
+        };
+        self.records.push(Record {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            event,
+        });
+    }
+}
+
 /// Consumes until `shutdown`; each batch is durable in the store before offsets are committed.
+///
+/// Each round: wait for room in the outbox (backpressure), take a first message, fill the
+/// batch, dead-letter what failed validation, then start the batch's store transaction, which
+/// runs while the next batch is collected (they commit in order).
 pub async fn consume(
     shared: Arc<Shared>,
     consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
+    assign(&shared, &consumer).await?;
+    let mut inflight: Option<Inflight> = None;
+    loop {
+        if !wait_for_room(&shared, &mut shutdown).await || *shutdown.borrow() {
+            break;
+        }
+        let mut batch = Batch::default();
+        match first_message(&shared, &consumer, &mut inflight, &mut shutdown).await? {
+            First::Message(Ok(m)) => batch.take(&m),
+            First::Message(Err(e)) => {
+                tracing::warn!(error = %e, "kafka consume error; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            First::Shutdown => break,
+            First::SenderGone => return Ok(()),
+        }
+        fill(&shared, &consumer, &mut batch).await;
+        if !dead_letter(&shared, &producer, &batch.rejects, &mut shutdown).await {
+            break;
+        }
+        if let Some(previous) = inflight.take()
+            && !finish(&shared, &consumer, previous).await?
+        {
+            return Ok(());
+        }
+        inflight = Some(fold(&shared, batch.records));
+    }
+    if let Some(previous) = inflight.take() {
+        finish(&shared, &consumer, previous).await?;
+    }
+    Ok(())
+}
+
+/// Takes the configured partitions: every partition at the store's offsets (static), or what
+/// the consumer group assigns.
+async fn assign(shared: &Shared, consumer: &Arc<StreamConsumer>) -> Result<(), PipelineError> {
     let cfg = &shared.config.kafka;
     match cfg.assignment {
         crate::config::Assignment::Static => {
             let store = shared.store.clone();
             let stored = blocking(move || store.offsets()).await?;
-            let tpl = static_assignment(&consumer, &cfg.topics, &stored).await?;
+            let tpl = static_assignment(consumer, &cfg.topics, &stored).await?;
             tracing::info!(
                 partitions = tpl.count(),
                 "assigned every partition of the topics, from the store's offsets"
@@ -102,169 +177,151 @@ pub async fn consume(
             consumer.subscribe(&topics)?;
         }
     }
-    let linger = Duration::from_millis(cfg.batch_linger_ms);
+    Ok(())
+}
+
+/// Backpressure: waits while the outbox is full. False when shut down while waiting.
+async fn wait_for_room(shared: &Shared, shutdown: &mut watch::Receiver<bool>) -> bool {
     let max_outbox = shared.config.sync.max_outbox as u64;
-    // one store transaction runs while the next batch is collected; they commit in order
-    let mut inflight: Option<Inflight> = None;
-    'batches: loop {
-        // backpressure: wait for room in the outbox before taking more
-        let mut paused = false;
-        loop {
-            let depth = shared.metrics.outbox_depth.load(Relaxed);
-            if depth < max_outbox {
+    let mut paused = false;
+    loop {
+        let depth = shared.metrics.outbox_depth.load(Relaxed);
+        if depth < max_outbox {
+            return true;
+        }
+        if !paused {
+            Backpressure {
+                depth,
+                limit: max_outbox,
+            }
+            .emit(&shared.metrics);
+            paused = true;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return false,
+            _ = shared.room.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+enum First<'a> {
+    Message(rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'a>>),
+    Shutdown,
+    /// The sender stopped (shutting down): nothing more may be folded.
+    SenderGone,
+}
+
+/// The first message of a batch. The previous batch's transaction overlaps with this one only
+/// while messages are waiting; otherwise it is finished first, so an idle stream is never left
+/// unpublished.
+async fn first_message<'a>(
+    shared: &Shared,
+    consumer: &'a StreamConsumer,
+    inflight: &mut Option<Inflight>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<First<'a>, PipelineError> {
+    if inflight.is_some()
+        && let Ok(m) = tokio::time::timeout(Duration::ZERO, consumer.recv()).await
+    {
+        return Ok(First::Message(m));
+    }
+    if let Some(previous) = inflight.take()
+        && !finish(shared, consumer, previous).await?
+    {
+        return Ok(First::SenderGone);
+    }
+    Ok(tokio::select! {
+        biased;
+        _ = shutdown.changed() => First::Shutdown,
+        m = consumer.recv() => First::Message(m),
+    })
+}
+
+/// Takes what is already waiting. Lingers for more only while a burst is under way (more than
+/// one message was waiting), so a lone event at a quiet moment goes straight to the fold
+/// instead of waiting out the linger.
+async fn fill(shared: &Shared, consumer: &StreamConsumer, batch: &mut Batch) {
+    let cfg = &shared.config.kafka;
+    while batch.records.len() < cfg.max_batch {
+        match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+            Ok(Ok(m)) => batch.take(&m),
+            _ => break,
+        }
+    }
+    let burst = batch.records.len() > 1;
+    if !burst {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.batch_linger_ms);
+    while batch.records.len() < cfg.max_batch {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => batch.take(&m),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "kafka consume error");
                 break;
             }
-            if !paused {
-                Backpressure {
-                    depth,
-                    limit: max_outbox,
-                }
-                .emit(&shared.metrics);
-                paused = true;
-            }
-            tokio::select! {
-                _ = shutdown.changed() => break 'batches,
-                _ = shared.room.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
+            Err(_) => break,
         }
+    }
+}
+
+/// Produces the rejects to the dead-letter topic, retrying until they are durable: they must be
+/// before their offsets are. False when shut down first.
+async fn dead_letter(
+    shared: &Shared,
+    producer: &FutureProducer,
+    rejects: &[Reject],
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    if rejects.is_empty() {
+        return true;
+    }
+    let topic = &shared.config.kafka.dead_letter_topic;
+    let out: Vec<Outgoing> = rejects
+        .iter()
+        .map(|r| Outgoing {
+            topic: topic.clone(),
+            key: r.key.clone(),
+            payload: r.payload.clone(),
+            headers: vec![
+                ("edgewise-reason", r.reason.clone()),
+                ("edgewise-source-topic", r.topic.clone()),
+                ("edgewise-source-partition", r.partition.to_string()),
+                ("edgewise-source-offset", r.offset.to_string()),
+            ],
+        })
+        .collect();
+    let mut delay = 100;
+    while let Err(e) = produce_all(producer, &out).await {
+        tracing::warn!(error = %e, topic = %topic, "dead-letter produce failed; retrying");
         if *shutdown.borrow() {
-            break 'batches;
+            return false;
         }
-        let mut records: Vec<Record> = Vec::new();
-        let mut rejects: Vec<Reject> = Vec::new();
-        fn take(
-            m: &rdkafka::message::BorrowedMessage<'_>,
-            records: &mut Vec<Record>,
-            rejects: &mut Vec<Reject>,
-        ) {
-            let payload = m.payload().unwrap_or_default();
-            let event = match parse_event(payload) {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    rejects.push(Reject {
-                        topic: m.topic().to_owned(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: m.key().unwrap_or_default().to_vec(),
-                        payload: payload.to_vec(),
-                        reason: e.to_string(),
-                    });
-                    None
-                }
-            };
-            records.push(Record {
-                topic: m.topic().to_owned(),
-                partition: m.partition(),
-                offset: m.offset(),
-                event,
-            });
-        }
-        // overlap the previous batch's transaction with this batch only while messages are
-        // waiting; otherwise finish it first, so an idle stream is never left unpublished
-        let ready = if inflight.is_some() {
-            tokio::time::timeout(Duration::ZERO, consumer.recv())
-                .await
-                .ok()
-        } else {
-            None
-        };
-        let first = match ready {
-            Some(m) => m,
-            None => {
-                if let Some(previous) = inflight.take()
-                    && !finish(&shared, &consumer, previous).await?
-                {
-                    return Ok(());
-                }
-                tokio::select! {
-                    biased;
-                    _ = shutdown.changed() => break 'batches,
-                    m = consumer.recv() => m,
-                }
-            }
-        };
-        match first {
-            Ok(m) => take(&m, &mut records, &mut rejects),
-            Err(e) => {
-                tracing::warn!(error = %e, "kafka consume error; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        }
-        // Take what is already waiting. Linger for more only while a burst is under way (more
-        // than one message was waiting), so a lone event at a quiet moment goes straight to the
-        // fold instead of waiting out the linger.
-        while records.len() < cfg.max_batch {
-            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                Ok(Ok(m)) => take(&m, &mut records, &mut rejects),
-                _ => break,
-            }
-        }
-        let burst = records.len() > 1;
-        let deadline = tokio::time::Instant::now() + if burst { linger } else { Duration::ZERO };
-        while burst && records.len() < cfg.max_batch {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => take(&m, &mut records, &mut rejects),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka consume error");
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        // dead letters first: they must be durable before their offsets are
-        if !rejects.is_empty() {
-            let out: Vec<Outgoing> = rejects
-                .iter()
-                .map(|r| Outgoing {
-                    topic: cfg.dead_letter_topic.clone(),
-                    key: r.key.clone(),
-                    payload: r.payload.clone(),
-                    headers: vec![
-                        ("edgewise-reason", r.reason.clone()),
-                        ("edgewise-source-topic", r.topic.clone()),
-                        ("edgewise-source-partition", r.partition.to_string()),
-                        ("edgewise-source-offset", r.offset.to_string()),
-                    ],
-                })
-                .collect();
-            let mut delay = 100;
-            while let Err(e) = produce_all(&producer, &out).await {
-                tracing::warn!(error = %e, topic = %cfg.dead_letter_topic, "dead-letter produce failed; retrying");
-                if *shutdown.borrow() {
-                    break 'batches;
-                }
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                delay = (delay * 2).min(5000);
-            }
-            for r in &rejects {
-                EventRejected {
-                    topic: &r.topic,
-                    partition: r.partition,
-                    offset: r.offset,
-                    reason: &r.reason,
-                }
-                .emit(&shared.metrics);
-            }
-        }
-        if let Some(previous) = inflight.take()
-            && !finish(&shared, &consumer, previous).await?
-        {
-            return Ok(());
-        }
-        let n = records.len() as u64;
-        let store = shared.store.clone();
-        inflight = Some(tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let outcome = store.apply_batch(&records);
-            (outcome, n, started.elapsed())
-        }));
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        delay = (delay * 2).min(5000);
     }
-    if let Some(previous) = inflight.take() {
-        finish(&shared, &consumer, previous).await?;
+    for r in rejects {
+        EventRejected {
+            topic: &r.topic,
+            partition: r.partition,
+            offset: r.offset,
+            reason: &r.reason,
+        }
+        .emit(&shared.metrics);
     }
-    Ok(())
+    true
+}
+
+/// Starts the batch's store transaction on the blocking pool.
+fn fold(shared: &Shared, records: Vec<Record>) -> Inflight {
+    let n = records.len() as u64;
+    let store = shared.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let outcome = store.apply_batch(&records);
+        (outcome, n, started.elapsed())
+    })
 }
 
 type Inflight = tokio::task::JoinHandle<(
