@@ -69,6 +69,8 @@ pub struct Metrics {
     pub ingest_rejected: AtomicU64,
     pub erasures: AtomicU64,
     pub ready: AtomicU64,
+    /// 1 while the catalog/rules files fail validation (the last valid version stays live).
+    pub documents_invalid: AtomicU64,
     pub freshness: Histogram,
     /// Next offset consumed and high watermark per (topic, partition).
     pub partitions: Mutex<BTreeMap<(String, i32), (i64, i64)>>,
@@ -91,7 +93,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 18] = [
+        let counters: [(&str, &str, &AtomicU64); 19] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -177,6 +179,11 @@ impl Metrics {
                 "edgewise_ready",
                 "1 when consuming and delivering",
                 &self.ready,
+            ),
+            (
+                "edgewise_documents_invalid",
+                "1 while the catalog/rules files fail validation (the last valid version stays live)",
+                &self.documents_invalid,
             ),
         ];
         for (name, help, v) in counters {

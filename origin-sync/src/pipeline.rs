@@ -467,10 +467,14 @@ impl Coalescer {
     }
 
     pub fn touch(&mut self, key: UserKey) {
+        self.touch_at(key, Instant::now());
+    }
+
+    /// [`Coalescer::touch`] at `now` (the `_at` forms let tests move time instead of waiting).
+    pub fn touch_at(&mut self, key: UserKey, now: Instant) {
         if self.dirty.contains_key(&key) {
             return;
         }
-        let now = Instant::now();
         let at = match self.recent.get(&key) {
             Some(t) if *t + self.window > now => *t + self.window,
             _ => now,
@@ -488,7 +492,10 @@ impl Coalescer {
 
     /// Up to `max` keys due now (all keys when `flush`).
     pub fn ready(&self, max: usize, flush: bool) -> Vec<UserKey> {
-        let now = Instant::now();
+        self.ready_at(max, flush, Instant::now())
+    }
+
+    pub fn ready_at(&self, max: usize, flush: bool, now: Instant) -> Vec<UserKey> {
         self.dirty
             .iter()
             .filter(|(_, at)| flush || **at <= now)
@@ -503,7 +510,10 @@ impl Coalescer {
 
     /// `written` were delivered (or had nothing to send); `still` remain pending.
     pub fn delivered(&mut self, written: &[UserKey], still: &[UserKey]) {
-        let now = Instant::now();
+        self.delivered_at(written, still, Instant::now());
+    }
+
+    pub fn delivered_at(&mut self, written: &[UserKey], still: &[UserKey], now: Instant) {
         self.recent.retain(|_, t| *t + self.window > now);
         for k in written {
             self.dirty.remove(k);
@@ -733,11 +743,13 @@ pub async fn watch_documents(shared: Arc<Shared>, mut shutdown: watch::Receiver<
         match check_documents(&shared, &cfg).await {
             Ok(changed) => {
                 last_error.clear();
+                shared.metrics.documents_invalid.store(0, Relaxed);
                 if changed {
                     shared.documents.notify_one();
                 }
             }
             Err(e) => {
+                shared.metrics.documents_invalid.store(1, Relaxed);
                 if e != last_error {
                     tracing::error!(error = %e, "catalog/rules not published; fix the file, the last valid version stays live");
                     last_error = e;
@@ -798,19 +810,28 @@ mod tests {
     fn a_key_is_written_at_most_once_per_window() {
         let mut c = Coalescer::new(Duration::from_millis(200));
         let k = UserKey([1; 12]);
-        c.touch(k);
-        assert_eq!(c.ready(10, false), vec![k]);
-        c.delivered(&[k], &[]);
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(210);
+        c.touch_at(k, t0);
+        assert_eq!(c.ready_at(10, false, t0), vec![k]);
+        c.delivered_at(&[k], &[], t0);
         assert!(c.is_empty());
         // touched again right after a write: due only when the window has passed
-        c.touch(k);
-        assert!(c.ready(10, false).is_empty());
-        assert_eq!(c.ready(10, true), vec![k], "a flush ignores the window");
-        std::thread::sleep(Duration::from_millis(210));
-        assert_eq!(c.ready(10, false), vec![k]);
+        c.touch_at(k, t0);
+        assert!(c.ready_at(10, false, t0).is_empty());
+        assert_eq!(
+            c.ready_at(10, true, t0),
+            vec![k],
+            "a flush ignores the window"
+        );
+        assert_eq!(c.ready_at(10, false, later), vec![k]);
         // still pending after a write (changed during the push): waits a window too
-        c.delivered(&[k], &[k]);
-        assert!(c.ready(10, false).is_empty());
+        c.delivered_at(&[k], &[k], later);
+        assert!(c.ready_at(10, false, later).is_empty());
         assert_eq!(c.len(), 1);
+        assert_eq!(
+            c.ready_at(10, false, later + Duration::from_millis(200)),
+            vec![k]
+        );
     }
 }

@@ -24,6 +24,13 @@ fn signed(mut req: reqwest::RequestBuilder, body: &[u8]) -> reqwest::RequestBuil
     req
 }
 
+fn metric(
+    service: &InProcess,
+    pick: impl Fn(&origin_sync::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    pick(&service.metrics).load(std::sync::atomic::Ordering::Relaxed)
+}
+
 async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !f() {
@@ -130,7 +137,11 @@ async fn ingest_erasure_and_documents() {
     .await;
     // an invalid rules file is not published; a valid change is, as version 2
     std::fs::write(&rules, "this is = not [valid").expect("rules");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    wait_for(
+        || metric(&service, |m| &m.documents_invalid) == 1,
+        "the invalid rules file reported",
+    )
+    .await;
     assert_eq!(edge.document_version(ConfigKind::Rules), Some(1));
     std::fs::write(
         &rules,
@@ -138,7 +149,11 @@ async fn ingest_erasure_and_documents() {
     )
     .expect("rules");
     wait_for(
-        || edge.document_version(ConfigKind::Rules) == Some(2) && edge.site_versions().1 == 2,
+        || {
+            edge.document_version(ConfigKind::Rules) == Some(2)
+                && edge.site_versions().1 == 2
+                && metric(&service, |m| &m.documents_invalid) == 0
+        },
         "rules v2",
     )
     .await;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use origin_sync::testkit::TestEdge;
 use rand::Rng as _;
+use shared::event::Event;
 
 /// Exactly-once under crashes: SIGKILL the real binary at random points, restart it, and the
 /// edge must end up holding exactly the reference fold of every event (a lost event or one
@@ -140,9 +141,32 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
         "the huge event names the size limit"
     );
 
-    // a restart re-reads nothing twice: the store's offsets are authoritative
+    // a restart re-reads nothing twice: the store's offsets are authoritative. Sentinel events
+    // of new shoppers land in every partition after the old messages; once they are all
+    // folded, anything re-read would have been consumed before them (per-partition order).
     let service = InProcess::start(cfg);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sentinels = traffic(30, 300, "after-restart", 6);
+    let sentinels: Vec<Event> = sentinels
+        .into_iter()
+        .map(|mut e| {
+            e.ts_ms += 10_000_000;
+            e
+        })
+        .collect();
+    produce(
+        &tansu.brokers(),
+        &sentinels.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let mut all = events.clone();
+    all.extend(sentinels.iter().cloned());
+    converge(&edge, &reference(&all), Duration::from_secs(60)).await;
+    let m = service.metrics.clone();
+    assert_eq!(
+        m.consumed.load(std::sync::atomic::Ordering::Relaxed),
+        sentinels.len() as u64,
+        "the restarted service consumed only the new messages"
+    );
     assert_eq!(mismatches(&edge, &want), 0);
     service.stop().await;
 }
@@ -206,8 +230,19 @@ async fn sink_down_pauses_consumption_then_catches_up() {
     )
     .await;
     let service = InProcess::start(cfg);
-    tokio::time::sleep(Duration::from_secs(4)).await;
     let m = service.metrics.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while m
+        .backpressure_pauses
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumption never paused for the full outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let depth = m.outbox_depth.load(std::sync::atomic::Ordering::Relaxed);
     let consumed = m.consumed.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
