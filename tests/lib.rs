@@ -5,6 +5,7 @@
 
 pub mod stack;
 
+use origin_sync::testkit::{Signal, signal_group};
 use shared::protocol::{Signed, route};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -35,9 +36,7 @@ pub fn post_sync(port: u16, frame: &[u8], signed: &Signed) -> std::io::Result<Ht
 
 /// [`post_sync`] signed now with the development secret, as origin-sync would.
 pub fn signed_sync(port: u16, frame: &[u8]) -> std::io::Result<HttpResponse> {
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let ts = origin_sync::clock::now_secs();
     post_sync(port, frame, &Signed::new(DEV_SYNC_SECRET, ts, frame))
 }
 
@@ -259,8 +258,7 @@ impl Service {
 
     /// SIGKILL to the whole group, as a crash would.
     pub fn kill(mut self) {
-        let pgid = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-KILL", "--", &pgid]).status();
+        signal_group(self.child.id(), Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -269,15 +267,11 @@ impl Drop for Service {
     fn drop(&mut self) {
         if self.exited().is_some() {
             // the leader is gone, but a child it started (workerd under wrangler) may not be
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", self.child.id())])
-                .stderr(Stdio::null())
-                .status();
+            signal_group(self.child.id(), Signal::SIGKILL);
             return;
         }
         // The whole group: wrangler runs workerd as a child.
-        let pgid = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &pgid]).status();
+        signal_group(self.child.id(), Signal::SIGTERM);
         // origin-sync finishes its batch and flushes on SIGTERM
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -286,7 +280,7 @@ impl Drop for Service {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("kill").args(["-KILL", "--", &pgid]).status();
+        signal_group(self.child.id(), Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -369,10 +363,7 @@ pub fn spawn_service(
 
 /// A fresh temporary directory under the target dir (kept on failure for inspection).
 pub fn temp_dir(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = u128::from(origin_sync::clock::now_us()) * 1000;
     let dir = root()
         .join("target/e2e")
         .join(format!("{name}-{}-{nanos}", std::process::id()));

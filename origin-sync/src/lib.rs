@@ -7,6 +7,7 @@
 //! when every sink acknowledged it. Everything that decides what an event means lives in
 //! `shared`, so the edge and the origin cannot disagree.
 
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod kafka;

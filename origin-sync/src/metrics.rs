@@ -71,6 +71,8 @@ pub struct Metrics {
     pub ready: AtomicU64,
     /// 1 while the catalog/rules files fail validation (the last valid version stays live).
     pub documents_invalid: AtomicU64,
+    /// Pairs of catalog SKUs whose item ids collide, in the catalog last checked.
+    pub catalog_id_collisions: AtomicU64,
     pub freshness: Histogram,
     /// Next offset consumed and high watermark per (topic, partition).
     pub partitions: Mutex<BTreeMap<(String, i32), (i64, i64)>>,
@@ -93,7 +95,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 19] = [
+        let counters: [(&str, &str, &AtomicU64); 20] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -184,6 +186,11 @@ impl Metrics {
                 "edgewise_documents_invalid",
                 "1 while the catalog/rules files fail validation (the last valid version stays live)",
                 &self.documents_invalid,
+            ),
+            (
+                "edgewise_catalog_id_collisions",
+                "pairs of catalog SKUs sharing an item id (profiles cannot tell them apart)",
+                &self.catalog_id_collisions,
             ),
         ];
         for (name, help, v) in counters {

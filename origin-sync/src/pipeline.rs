@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 use rdkafka::Message as _;
@@ -14,7 +14,7 @@ use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use shared::catalog::Catalog;
-use shared::event::parse_event;
+use shared::event::{check_topic, parse_event};
 use shared::keys::UserKey;
 use shared::rules::CompiledRules;
 use shared::wire::ConfigKind;
@@ -39,11 +39,7 @@ pub enum PipelineError {
     Setup(String),
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::clock::now_ms;
 
 /// What the consumer, the sender and the HTTP handlers share.
 #[derive(Debug)]
@@ -89,7 +85,9 @@ struct Batch {
 impl Batch {
     fn take(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
         let payload = m.payload().unwrap_or_default();
-        let event = match parse_event(payload) {
+        let checked =
+            parse_event(payload).and_then(|e| check_topic(m.topic(), &e.kind).map(|()| e));
+        let event = match checked {
             Ok(e) => Some(e),
             Err(e) => {
                 self.rejects.push(Reject {
@@ -782,6 +780,20 @@ pub async fn check_documents(
     };
     if let Some(src) = &rules_src {
         CompiledRules::compile(src, &catalog).map_err(|e| format!("rules: {e}"))?;
+    }
+    // Two SKUs whose 32-bit item ids collide are served, but profiles cannot tell them apart
+    // (a view of one counts as a view of both): worth an operator's attention, not a refusal.
+    let collisions = catalog.id_collisions();
+    let before = shared
+        .metrics
+        .catalog_id_collisions
+        .swap(collisions.len() as u64, Relaxed);
+    if !collisions.is_empty() && before != collisions.len() as u64 {
+        tracing::warn!(
+            count = collisions.len(),
+            pairs = ?collisions.iter().take(10).collect::<Vec<_>>(),
+            "catalog SKUs share an item id; profiles will not tell each pair apart"
+        );
     }
     let mut changed = false;
     for (kind, src) in [

@@ -5,7 +5,7 @@
 //! snapshot; edges ignore snapshots at or below the version they hold.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,9 +22,7 @@ pub async fn replay(config: &Config) -> anyhow::Result<()> {
         let old = origin_sync::service::open_store(config)?;
         erased = old.erased_users()?;
         drop(old);
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let stamp = origin_sync::clock::now_secs();
         let aside = path.with_extension(format!("pre-replay-{stamp}"));
         std::fs::rename(path, &aside)
             .with_context(|| format!("moving the old store aside to {}", aside.display()))?;

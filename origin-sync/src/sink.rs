@@ -4,7 +4,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::now_secs;
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -61,12 +63,6 @@ pub type PushFuture<'a> = Pin<Box<dyn Future<Output = Result<Ack, SinkError>> + 
 pub trait Sink: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &str;
     fn push<'a>(&'a self, batch: &'a OutBatch) -> PushFuture<'a>;
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 async fn error_for(resp: reqwest::Response) -> SinkError {

@@ -13,9 +13,7 @@ use shared::protocol::{ErasureBody, Signed, route};
 use shared::wire::ConfigKind;
 use shared::wire::{decode_stored, encode_stored};
 
-fn now() -> u64 {
-    origin_sync::pipeline::now_ms() / 1000
-}
+use origin_sync::clock::now_secs as now;
 
 fn signed(mut req: reqwest::RequestBuilder, body: &[u8]) -> reqwest::RequestBuilder {
     for (name, value) in Signed::new(secret().as_bytes(), now(), body).headers() {

@@ -104,6 +104,17 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
             }
         }
     }
+    // valid JSON that is still refused: a cart event on the clicks topic, a numeric user id
+    let misrouted = r#"{"event_id":"m1","user_id":"d-misrouted","ts":1764000000000,"type":"add_to_cart","item":"cam-001","category":"cameras","price":1}"#;
+    let numeric = r#"{"event_id":"m2","user_id":42,"ts":1764000000000,"type":"page_view"}"#;
+    for (topic, payload) in [("customer_clicks", misrouted), ("customer_clicks", numeric)] {
+        messages.push(origin_sync::kafka::Outgoing {
+            topic: topic.into(),
+            key: b"d-misrouted".to_vec(),
+            payload: payload.as_bytes().to_vec(),
+            headers: Vec::new(),
+        });
+    }
     let n_hostile = messages.len() - events.len() - events.len().div_ceil(300);
     produce(&tansu.brokers(), &messages).await;
     let service = InProcess::start(cfg.clone());
@@ -140,6 +151,16 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
             .any(|(h, _)| h["edgewise-reason"].contains("limit")),
         "the huge event names the size limit"
     );
+    for reason in [
+        "add_to_cart events belong on the cart_events topic, not customer_clicks",
+        "must be a string",
+    ] {
+        assert!(
+            dead.iter()
+                .any(|(h, _)| h["edgewise-reason"].contains(reason)),
+            "a dead letter says {reason:?}"
+        );
+    }
 
     // a restart re-reads nothing twice: the store's offsets are authoritative. Sentinel events
     // of new shoppers land in every partition after the old messages; once they are all

@@ -85,15 +85,46 @@ impl EventKind {
         }
     }
 
-    /// The Kafka topic this kind of event travels on by default.
+    /// The Kafka topic this kind of event belongs on (see [`TOPICS`]).
     pub fn default_topic(&self) -> &'static str {
-        match self {
-            EventKind::PageView | EventKind::ProductView { .. } | EventKind::Search { .. } => {
-                "customer_clicks"
-            }
-            EventKind::AddToCart(_) | EventKind::RemoveFromCart { .. } => "cart_events",
-            EventKind::Purchase(_) | EventKind::Consent { .. } => "purchase_events",
-        }
+        let name = self.name();
+        TOPICS
+            .iter()
+            .find(|(_, types)| types.contains(&name))
+            .map_or("customer_clicks", |(topic, _)| topic)
+    }
+}
+
+/// The event topics and the types that belong on each. origin-sync dead-letters an event that
+/// arrives on another of these topics (`check_topic`): a producer that routes cart events to
+/// the clicks topic has a bug worth seeing, even though the fold, which orders by event time,
+/// would give the same profile.
+pub const TOPICS: [(&str, &[&str]); 3] = [
+    ("customer_clicks", &["page_view", "product_view", "search"]),
+    ("cart_events", &["add_to_cart", "remove_from_cart"]),
+    ("purchase_events", &["purchase", "consent"]),
+];
+
+/// Checks that `kind` belongs on `topic`. A topic is one of [`TOPICS`] when its name is that
+/// name or ends with it after `_`, `.` or `-` (a deployment's prefix, e.g. `shop1.cart_events`);
+/// a topic of any other name is not checked.
+pub fn check_topic(topic: &str, kind: &EventKind) -> Result<(), EventError> {
+    let role = TOPICS.iter().map(|(t, _)| *t).find(|t| {
+        topic == *t
+            || topic
+                .strip_suffix(t)
+                .is_some_and(|prefix| prefix.ends_with(['_', '.', '-']))
+    });
+    match role {
+        Some(role) if role != kind.default_topic() => Err(EventError::field(
+            "type",
+            format!(
+                "{} events belong on the {} topic, not {topic}",
+                kind.name(),
+                kind.default_topic()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -393,11 +424,16 @@ fn req_token<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<&'a
 }
 
 fn req_user(obj: &Map<String, Value>) -> Result<String, EventError> {
-    // User ids are the site's own (emails, UUIDs, numbers): any printable text, but bounded.
-    match obj.get("user_id") {
-        Some(Value::Number(n)) if n.is_u64() => Ok(n.to_string()),
-        _ => req_str(obj, "user_id", 128).map(str::to_owned),
+    // User ids are the site's own (emails, UUIDs, numeric ids): any printable text, bounded,
+    // and always a string. A JSON number is refused rather than turned into text: 123 and
+    // "123" would alias, and JavaScript producers silently round numbers past 2^53.
+    if let Some(Value::Number(_)) = obj.get("user_id") {
+        return Err(EventError::field(
+            "user_id",
+            "must be a string (send a numeric id as \"123\")",
+        ));
     }
+    req_str(obj, "user_id", 128).map(str::to_owned)
 }
 
 fn req_sku(obj: &Map<String, Value>, field: &'static str) -> Result<String, EventError> {
@@ -621,6 +657,50 @@ mod tests {
             &ev(r#""type":"purchase","items":[]"#),
             "field `items`: must be an array of 1 to 40 lines",
         );
+    }
+
+    #[test]
+    fn a_user_id_is_always_a_string() {
+        check(
+            r#"{"event_id":"e1","user_id":123,"ts":1732960000000,"type":"page_view"}"#,
+            "field `user_id`: must be a string (send a numeric id as \"123\")",
+        );
+        check(
+            r#"{"event_id":"e1","user_id":"123","ts":1732960000000,"type":"page_view"}"#,
+            "ok page_view",
+        );
+    }
+
+    #[test]
+    fn events_belong_on_their_topic() {
+        let cart = parse_event(
+            ev(r#""type":"add_to_cart","item":"a","category":"c","price":1"#).as_bytes(),
+        )
+        .expect("valid");
+        assert_eq!(cart.kind.default_topic(), "cart_events");
+        for ok in [
+            "cart_events",
+            "shop1.cart_events",
+            "bench_cart_events",
+            "other-topic",
+        ] {
+            assert_eq!(check_topic(ok, &cart.kind), Ok(()), "{ok}");
+        }
+        for wrong in ["customer_clicks", "purchase_events", "x_customer_clicks"] {
+            let e = check_topic(wrong, &cart.kind).expect_err(wrong);
+            assert!(
+                e.to_string().contains("belong on the cart_events topic"),
+                "{e}"
+            );
+        }
+        // every type has exactly one topic
+        for ty in EVENT_TYPES {
+            let n = TOPICS
+                .iter()
+                .filter(|(_, types)| types.contains(&ty))
+                .count();
+            assert_eq!(n, 1, "{ty}");
+        }
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //!   `[FORMAT_VERSION][codec][body]`, where `body` is a postcard-encoded [`SyncBatch`], either
 //!   raw (`Codec::None`) or LZ4-block compressed behind its uncompressed length as a varint
 //!   (`Codec::Lz4`).
-//! * **Stored values** (Workers KV, origin's store): `[FORMAT_VERSION]` + postcard of
-//!   [`Stored`]. Single profiles are ~150 bytes and barely compress, so they are not.
+//! * **Stored values** (Workers KV): `[FORMAT_VERSION]` + postcard of [`Stored`]. Single
+//!   profiles are ~150 bytes and barely compress, so they are not. (origin-sync's own redb
+//!   store keeps its records as plain postcard without this header: they never leave its
+//!   process, and it reads its older layouts itself; see `origin-sync/src/store/state.rs`.)
 //!
 //! LZ4 was chosen over DEFLATE and over no compression by measurement (see the `core` bench and
 //! ARCHITECTURE.md): on delta batches it keeps most of DEFLATE's size win, decodes several

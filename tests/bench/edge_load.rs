@@ -12,7 +12,6 @@ use shared::keys::UserKey;
 use shared::wire::{Codec, SyncBatch, SyncItem, encode_batch};
 use std::path::Path;
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tests::{http, start_worker_with, temp_dir, worker_bundle};
 
 const USER_KEY_SECRET: &[u8] = tests::DEV_USER_KEY_SECRET;
@@ -172,9 +171,7 @@ fn cores() -> usize {
 
 fn seed(port: u16, users: &[String]) -> Result<(), String> {
     let catalog = Catalog::demo().map_err(|e| e.to_string())?;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = origin_sync::clock::now_ms();
     let now = Secs::from_unix_ms(now_ms);
     let items: Vec<SyncItem> = users
         .iter()

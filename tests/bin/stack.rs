@@ -135,9 +135,12 @@ fn main() -> ExitCode {
     println!();
     if let Some(mut sim) = simulator {
         say("stopping the simulator");
-        let _ = Command::new("kill")
-            .args(["-INT", &sim.id().to_string()])
-            .status();
+        if let Ok(pid) = i32::try_from(sim.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while sim.try_wait().ok().flatten().is_none() {
             if std::time::Instant::now() > deadline {

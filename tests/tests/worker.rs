@@ -13,7 +13,7 @@ use shared::fold::fold;
 use shared::keys::UserKey;
 use shared::profile::Profile;
 use shared::wire::{Codec, SyncBatch, SyncItem, encode_batch};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tests::{FakeOrigin, HttpResponse, Service, http, start_worker_with, temp_dir, worker_bundle};
 
 const SYNC_SECRET: &[u8] = tests::DEV_SYNC_SECRET;
@@ -30,11 +30,7 @@ fn worker(name: &str, vars: &[(&str, &str)]) -> Option<Service> {
     Some(start_worker_with(&temp_dir(name), vars).unwrap_or_else(|e| panic!("{e}")))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use origin_sync::clock::now_ms;
 
 fn json(r: &HttpResponse) -> Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.text()))

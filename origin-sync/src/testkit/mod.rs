@@ -74,15 +74,22 @@ pub fn free_port() -> Result<u16, std::io::Error> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Kills a process group started with `process_group(0)`.
-pub fn kill_group(child: &mut Child, signal: &str) {
-    let _ = Command::new("kill")
-        .args(["-s", signal, "--"])
-        .arg(format!("-{}", child.id()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if signal == "KILL" {
+pub use nix::sys::signal::Signal;
+
+/// Sends `signal` to the process group led by `leader` (a child started with
+/// `process_group(0)`, so its own children, e.g. workerd under wrangler, get it too). False
+/// when there was no such group.
+pub fn signal_group(leader: u32, signal: Signal) -> bool {
+    let Ok(pid) = i32::try_from(leader) else {
+        return false;
+    };
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal).is_ok()
+}
+
+/// Signals a process group started with `process_group(0)`; after SIGKILL also reaps it.
+pub fn kill_group(child: &mut Child, signal: Signal) {
+    signal_group(child.id(), signal);
+    if signal == Signal::SIGKILL {
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -227,7 +234,7 @@ impl Tansu {
         };
         if !self.temporary {
             // a kept log gets a clean shutdown first; a test broker is killed like a crash
-            kill_group(&mut c, "TERM");
+            kill_group(&mut c, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -236,7 +243,7 @@ impl Tansu {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        kill_group(&mut c, "KILL");
+        kill_group(&mut c, Signal::SIGKILL);
     }
 
     /// Stops and starts again on the same port and storage.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use origin_sync::config::{Config, DEV_SYNC_SECRET, DEV_USER_KEY_SECRET};
 use origin_sync::kafka::{Outgoing, produce_all};
 use origin_sync::metrics::Metrics;
-use origin_sync::testkit::{Tansu, TestEdge, kill_group, target_dir};
+use origin_sync::testkit::{Signal, Tansu, TestEdge, kill_group, target_dir};
 use shared::Profile;
 use shared::catalog::Catalog;
 use shared::delta::Stored;
@@ -142,19 +142,19 @@ impl Binary {
     }
 
     pub fn sigkill(mut self) {
-        kill_group(&mut self.child, "KILL");
+        kill_group(&mut self.child, Signal::SIGKILL);
     }
 
     /// SIGTERM, then waits for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        kill_group(&mut self.child, "TERM");
+        kill_group(&mut self.child, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s;
             }
             if Instant::now() > deadline {
-                kill_group(&mut self.child, "KILL");
+                kill_group(&mut self.child, Signal::SIGKILL);
                 panic!("origin-sync did not stop within 20 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -165,7 +165,7 @@ impl Binary {
 impl Drop for Binary {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            kill_group(&mut self.child, "KILL");
+            kill_group(&mut self.child, Signal::SIGKILL);
         }
     }
 }

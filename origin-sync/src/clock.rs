@@ -1,0 +1,21 @@
+//! Wall-clock time, the one place origin-sync (and the tests and benchmarks built on it) reads
+//! it. `shared` takes time as an argument and never reads a clock.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+/// Unix time in seconds: what signed requests carry.
+pub fn now_secs() -> u64 {
+    now_us() / 1_000_000
+}
+
+/// Unix time in microseconds, for latency samples.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
