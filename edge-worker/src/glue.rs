@@ -2,8 +2,9 @@
 //! converts the reply; it provides the KV-backed [`Store`], the clock and the random source,
 //! and sends the outbound requests to origin with `ctx.wait_until`. Keep it this thin.
 
-use crate::app::{App, Clock, HttpRequest, Outbound, Reply};
+use crate::app::App;
 use crate::config::EdgeConfig;
+use crate::http::{Clock, HttpRequest, Outbound, Reply};
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
 use shared::protocol::KvMetadata;
