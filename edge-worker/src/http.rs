@@ -9,6 +9,7 @@
 
 use serde_json::{Value, json};
 use shared::catalog::Catalog;
+use shared::context::parse_country;
 use shared::ids::Secs;
 use shared::recommend::RequestContext;
 use shared::rules::{Device, Slot};
@@ -139,27 +140,34 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> Handled {
     r.into()
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                // `from_str_radix` alone would accept a sign ("%+1")
-                if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return None;
-                }
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
+/// Whether every `%` in `raw` starts an escape of two hex digits. The decoder passes a
+/// malformed escape (`%ZZ`, `%+1`, a trailing `%`) through as text; the API refuses it, so a
+/// client's encoding bug is answered as one rather than as "no such slot".
+fn escapes_are_well_formed(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'%')
+        .all(|(i, _)| {
+            bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+        })
+}
+
+/// A query value, form-decoded (`+` is a space, `%2B` a plus); `None` if an escape is
+/// malformed or the decoded bytes are not UTF-8.
+fn decode_value(raw: &str) -> Option<String> {
+    if !escapes_are_well_formed(raw) {
+        return None;
     }
-    String::from_utf8(out).ok()
+    // '+' first: a plus the client meant arrives as %2B and is decoded after this
+    let spaced = raw.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 /// The query of `/v1/recommendations`, checked.
@@ -180,7 +188,7 @@ impl Query {
         let mut q = Query::default();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, raw) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(raw).ok_or_else(|| {
+            let value = decode_value(raw).ok_or_else(|| {
                 format!("query parameter {name:?} is not valid percent-encoded UTF-8")
             })?;
             match name {
@@ -216,12 +224,10 @@ impl Query {
                         Device::parse(&value).ok_or("device must be desktop, mobile or tablet")?,
                     )
                 }
-                "country" => match value.as_bytes() {
-                    [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
-                        q.country = Some([a.to_ascii_uppercase(), b.to_ascii_uppercase()])
-                    }
-                    _ => return Err("country must be a two-letter ISO code".into()),
-                },
+                "country" => {
+                    q.country =
+                        Some(parse_country(&value).ok_or("country must be a two-letter ISO code")?)
+                }
                 _ => {} // unknown parameters (cache busters, analytics) are ignored
             }
         }
@@ -243,5 +249,56 @@ impl Query {
             ctx.current_item = Some(item.id());
         }
         Ok(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(query: &str) -> Result<Query, String> {
+        Query::parse(query)
+    }
+
+    #[test]
+    fn values_are_form_decoded() {
+        assert_eq!(decode_value("a+b%2Bc%20d").as_deref(), Some("a b+c d"));
+        assert_eq!(decode_value("%63%61%6D-001").as_deref(), Some("cam-001"));
+        assert_eq!(decode_value("caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(decode_value("").as_deref(), Some(""));
+        let q = parsed("slot=%70roduct&k=%33&item=cam-001&device=mobile&country=de").unwrap();
+        assert_eq!(
+            q,
+            Query {
+                slot: Some(Slot::Product),
+                k: Some(3),
+                item: Some("cam-001".into()),
+                device: Some(Device::Mobile),
+                country: Some(*b"DE"),
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_escapes_and_invalid_utf8_are_refused() {
+        for raw in [
+            "%ff", "%C3%28", "%+1", "%-1", "%ZZ", "%", "%4", "a%", "%%41", "%é1",
+        ] {
+            assert_eq!(decode_value(raw), None, "{raw:?}");
+            let e = parsed(&format!("slot={raw}")).unwrap_err();
+            assert!(e.contains("percent-encoded"), "{raw:?}: {e}");
+        }
+        // unknown parameters are ignored, but only once they decode
+        assert_eq!(parsed("utm=a%20b&x"), Ok(Query::default()));
+        assert!(parsed("utm=%ZZ").unwrap_err().contains("\"utm\""));
+    }
+
+    #[test]
+    fn a_country_is_two_letters_in_either_case() {
+        assert_eq!(parsed("country=us").unwrap().country, Some(*b"US"));
+        for bad in ["usa", "u", "T1", "%C3%A9s", ""] {
+            let e = parsed(&format!("country={bad}")).unwrap_err();
+            assert!(e.contains("two-letter"), "{bad:?}: {e}");
+        }
     }
 }

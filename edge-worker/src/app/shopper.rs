@@ -13,6 +13,7 @@ use crate::identity::{self, Identity, IdentityError};
 use crate::store::Store;
 use serde_json::{Value, json};
 use shared::catalog::Catalog;
+use shared::context::parse_country;
 use shared::delta::Stored;
 use shared::event::{Event, MAX_BATCH_EVENTS};
 use shared::ids::ItemId;
@@ -422,14 +423,10 @@ pub(super) fn device_of(req: &HttpRequest) -> Device {
     }
 }
 
+/// The country Cloudflare located the shopper in. Its special values (`XX` unknown, `T1` Tor)
+/// are not two letters, or match no rule: either way no country condition fires.
 pub(super) fn country_of(req: &HttpRequest) -> Option<[u8; 2]> {
-    let c = req.header("cf-ipcountry")?.as_bytes();
-    match c {
-        [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
-            Some([a.to_ascii_uppercase(), b.to_ascii_uppercase()])
-        }
-        _ => None,
-    }
+    parse_country(req.header("cf-ipcountry")?)
 }
 
 /// Runs the recommender, falling back to the bundled store's bestsellers if the active
