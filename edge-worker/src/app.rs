@@ -15,11 +15,13 @@
 
 use crate::cache::ProfileCache;
 use crate::config::EdgeConfig;
+use crate::log;
 use crate::store::Store;
 use crate::storefront;
 use serde_json::json;
 use shared::auth::ReplayGuard;
 use shared::catalog::{Catalog, DEMO_CATALOG_JSON};
+use shared::delta::Stored;
 use shared::keys::UserKey;
 use shared::profile::Profile;
 use shared::protocol::route;
@@ -34,7 +36,7 @@ mod sync;
 
 /// The HTTP types moved to [`crate::http`]; these paths keep naming them.
 pub use crate::http::{Clock, Handled, HttpRequest, MAX_QUERY, Outbound, Reply};
-use crate::http::{method_not_allowed, set_header};
+use crate::http::{EdgeError, set_header};
 pub use shared::protocol::{CATALOG_KEY, RULES_KEY};
 
 /// Largest `/v1/events` body.
@@ -161,29 +163,30 @@ impl App {
     ) -> Handled {
         let started = clock.now_ms();
         let now_ms = started as u64;
-        let mut handled = match (req.method.as_str(), req.path.as_str()) {
+        let routed: Result<Handled, EdgeError> = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/healthz") => {
                 // report what KV holds (as often as pages check it), not only what this
                 // isolate happened to load: a fresh isolate has served no page yet
                 self.refresh_site(store, now_ms).await;
-                self.healthz().into()
+                Ok(self.healthz().into())
             }
-            ("GET", "/sdk.js") => storefront::sdk().into(),
-            ("POST", route::SYNC) => self.sync(store, req, now_ms).await.into(),
-            (_, route::SYNC) => method_not_allowed("POST"),
+            ("GET", "/sdk.js") => Ok(storefront::sdk().into()),
+            ("POST", route::SYNC) => self.sync(store, req, now_ms).await.map(Handled::from),
+            (_, route::SYNC) => Err(EdgeError::MethodNotAllowed { allow: "POST" }),
             ("GET" | "HEAD", _) if is_page(&req.path) => {
-                self.page(store, clock, req, now_ms, mint).await
+                Ok(self.page(store, clock, req, now_ms, mint).await)
             }
             (_, "/v1/recommendations" | "/v1/events" | "/v1/me") | (_, "/v1") => {
                 self.api(store, clock, req, now_ms, mint).await
             }
-            ("GET", _) if !req.path.starts_with("/v1/") => Reply {
+            ("GET", _) if !req.path.starts_with("/v1/") => Ok(Reply {
                 status: 404,
                 ..storefront::not_found()
             }
-            .into(),
-            _ => Reply::error(404, "no such route; see /healthz for the API list").into(),
+            .into()),
+            _ => Err(EdgeError::NoRoute),
         };
+        let mut handled = routed.unwrap_or_else(Handled::from);
         let total = clock.now_ms() - started;
         let timing = match handled.reply.header("server-timing") {
             Some(t) => format!("{t}, total;dur={total:.1}"),
@@ -211,6 +214,22 @@ impl App {
                 ],
             }),
         )
+    }
+}
+
+/// A stored profile value, decoded. Bytes that do not decode are served as no value (the next
+/// snapshot from origin replaces them), and logged: a writer and this build disagree on the
+/// format, which no retry fixes.
+fn decode_stored(key: &UserKey, bytes: &[u8]) -> Option<Stored> {
+    match wire::decode_stored(bytes) {
+        Ok(stored) => Some(stored),
+        Err(e) => {
+            log::warn(&format!(
+                "KV value {} does not decode ({e}); serving it as absent until origin resends it",
+                key.kv_key()
+            ));
+            None
+        }
     }
 }
 

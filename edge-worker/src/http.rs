@@ -1,18 +1,23 @@
 //! The edge's HTTP vocabulary, independent of the Workers runtime: the request and reply the
-//! handlers see, the requests to origin they leave behind, the clock, the header helpers and
-//! the checked query of `/v1/recommendations`.
+//! handlers see, the requests to origin they leave behind, the clock, the header helpers, the
+//! checked query of `/v1/recommendations`, and [`EdgeError`], every way a request can fail.
 //!
 //! Why it is its own module: the handlers (`app`) and the pages (`storefront`) both build
 //! replies. Kept in `app`, the reply type made `storefront` import from `app` while `app`
 //! imports `storefront`. Here it sits below both, and imports neither; `app` re-exports these
 //! types so `edge_worker::app::HttpRequest` and friends keep naming them.
 
+use crate::identity::IdentityError;
+use crate::log;
+use crate::store::StoreError;
 use serde_json::{Value, json};
-use shared::catalog::Catalog;
+use shared::auth::AuthError;
+use shared::catalog::{Catalog, CatalogError};
 use shared::context::parse_country;
 use shared::ids::Secs;
-use shared::recommend::RequestContext;
-use shared::rules::{Device, Slot};
+use shared::recommend::{MAX_K, RequestContext};
+use shared::rules::{Device, RulesError, Slot};
+use shared::wire::WireError;
 
 /// Longest query string looked at.
 pub const MAX_QUERY: usize = 2048;
@@ -134,10 +139,167 @@ pub(crate) fn set_header(reply: &mut Reply, name: &'static str, value: String) {
     reply.headers.push((name, value));
 }
 
-pub(crate) fn method_not_allowed(allow: &'static str) -> Handled {
-    let mut r = Reply::error(405, &format!("method not allowed; use {allow}"));
-    r.headers.push(("allow", allow.into()));
-    r.into()
+/// Why the edge refused a request or could not complete it. Each variant is one HTTP status
+/// and a body `{"error": "<message>"}`, converted in one place (`From<EdgeError> for Reply`).
+/// A 4xx message says what the caller should change. A 5xx message says what to do (retry);
+/// the internal detail a 5xx carries (a KV error, the key it was about) is logged there and
+/// never sent, since it is about this deployment, not the request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EdgeError {
+    #[error("no such route; see /healthz for the API list")]
+    NoRoute,
+    /// Answered with an `allow` header naming `allow`.
+    #[error("method not allowed; use {allow}")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("{what} is {len} bytes; the limit is {limit}")]
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        limit: u64,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+
+    // ---- the query of /v1/recommendations
+    #[error("query string is longer than {MAX_QUERY} bytes")]
+    QueryTooLong,
+    #[error("query parameter {name:?} is not valid percent-encoded UTF-8")]
+    BadEncoding { name: String },
+    #[error("slot {0:?} is not one of home, product, category, cart, checkout")]
+    BadSlot(String),
+    #[error("k must be a whole number from 1 to {MAX_K}")]
+    BadK,
+    #[error("item must be a SKU (letters, digits and - _ . :)")]
+    BadItem,
+    #[error("item {0:?} is not in the catalog")]
+    UnknownItem(String),
+    #[error("device must be desktop, mobile or tablet")]
+    BadDevice,
+    #[error("country must be a two-letter ISO code")]
+    BadCountry,
+
+    // ---- the body of /v1/events
+    #[error("body is not valid JSON: {0}")]
+    BadJson(serde_json::Error),
+    #[error("expected an event object, an array of events, or {{\"events\": [...]}}")]
+    NotEvents,
+    #[error("a batch holds 1 to {limit} events; this one has {len}")]
+    BatchSize { len: usize, limit: usize },
+
+    // ---- /v1/sync and what needs a secret
+    #[error("{feature} is not configured: set the {secret} secret")]
+    Unconfigured {
+        feature: &'static str,
+        secret: &'static str,
+    },
+    /// 409 for a replay (the batch already took effect), 401 for the rest.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("undecodable sync frame: {0}")]
+    BadFrame(WireError),
+    #[error("batch has {deltas} deltas; send at most {limit} per request")]
+    TooManyDeltas { deltas: usize, limit: usize },
+    #[error("this batch is still being applied; retry it")]
+    BatchInFlight,
+    #[error("replay memory is full; retry the batch later")]
+    ReplayMemoryFull,
+    #[error("a write of this profile is still running, retry the batch")]
+    WriteInFlight,
+
+    // ---- the store failed; `key` and `source` are logged, `then` is sent
+    #[error("KV read failed; {then}")]
+    KvRead {
+        key: String,
+        then: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    #[error("KV write failed; {then}")]
+    KvWrite {
+        key: String,
+        then: &'static str,
+        #[source]
+        source: StoreError,
+    },
+
+    // ---- a published document that does not compile; `/v1/sync` reports it in its answer
+    #[error("catalog version {version}: {source}")]
+    Catalog { version: u64, source: CatalogError },
+    #[error("rules version {version}: {source}")]
+    Rules { version: u64, source: RulesError },
+}
+
+impl EdgeError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            EdgeError::NoRoute => 404,
+            EdgeError::MethodNotAllowed { .. } => 405,
+            EdgeError::TooLarge { .. } | EdgeError::TooManyDeltas { .. } => 413,
+            EdgeError::Auth(AuthError::Replay) => 409,
+            EdgeError::Auth(_) => 401,
+            EdgeError::Unconfigured { .. }
+            | EdgeError::BatchInFlight
+            | EdgeError::ReplayMemoryFull
+            | EdgeError::WriteInFlight
+            | EdgeError::KvRead { .. }
+            | EdgeError::KvWrite { .. } => 503,
+            EdgeError::Catalog { .. } | EdgeError::Rules { .. } => 422,
+            EdgeError::Identity(_)
+            | EdgeError::QueryTooLong
+            | EdgeError::BadEncoding { .. }
+            | EdgeError::BadSlot(_)
+            | EdgeError::BadK
+            | EdgeError::BadItem
+            | EdgeError::UnknownItem(_)
+            | EdgeError::BadDevice
+            | EdgeError::BadCountry
+            | EdgeError::BadJson(_)
+            | EdgeError::NotEvents
+            | EdgeError::BatchSize { .. }
+            | EdgeError::BadFrame(_) => 400,
+        }
+    }
+
+    /// What an operator should see: the failures that are about this deployment rather than
+    /// the request. Retry races (`BatchInFlight`, `WriteInFlight`) are not; a missing secret
+    /// is already reported by `/healthz` and at startup.
+    fn log_line(&self) -> Option<String> {
+        match self {
+            EdgeError::KvRead { key, source, .. } => {
+                Some(format!("KV read of {key} failed, answered 503: {source}"))
+            }
+            EdgeError::KvWrite { key, source, .. } => {
+                Some(format!("KV write of {key} failed, answered 503: {source}"))
+            }
+            EdgeError::ReplayMemoryFull => Some(
+                "sync replay memory is full: refusing batches until signatures age out of the window"
+                    .to_owned(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// The one place an [`EdgeError`] becomes a reply, and where its internal detail is logged.
+impl From<EdgeError> for Reply {
+    fn from(e: EdgeError) -> Reply {
+        if let Some(line) = e.log_line() {
+            log::warn(&line);
+        }
+        let mut reply = Reply::error(e.status(), &e.to_string());
+        if let EdgeError::MethodNotAllowed { allow } = e {
+            reply.headers.push(("allow", allow.into()));
+        }
+        reply
+    }
+}
+
+impl From<EdgeError> for Handled {
+    fn from(e: EdgeError) -> Handled {
+        Reply::from(e).into()
+    }
 }
 
 /// Whether every `%` in `raw` starts an escape of two hex digits. The decoder passes a
@@ -181,53 +343,33 @@ pub(crate) struct Query {
 }
 
 impl Query {
-    pub(crate) fn parse(query: &str) -> Result<Query, String> {
+    pub(crate) fn parse(query: &str) -> Result<Query, EdgeError> {
         if query.len() > MAX_QUERY {
-            return Err(format!("query string is longer than {MAX_QUERY} bytes"));
+            return Err(EdgeError::QueryTooLong);
         }
         let mut q = Query::default();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, raw) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = decode_value(raw).ok_or_else(|| {
-                format!("query parameter {name:?} is not valid percent-encoded UTF-8")
+            let value = decode_value(raw).ok_or_else(|| EdgeError::BadEncoding {
+                name: name.to_owned(),
             })?;
             match name {
-                "slot" => {
-                    q.slot = Some(Slot::parse(&value).ok_or_else(|| {
-                        format!(
-                            "slot {value:?} is not one of home, product, category, cart, checkout"
-                        )
-                    })?)
-                }
+                "slot" => q.slot = Some(Slot::parse(&value).ok_or(EdgeError::BadSlot(value))?),
                 "k" => {
+                    let k = value.parse::<usize>().ok();
                     q.k = Some(
-                        value
-                            .parse::<usize>()
-                            .ok()
-                            .filter(|k| (1..=shared::recommend::MAX_K).contains(k))
-                            .ok_or_else(|| {
-                                format!(
-                                    "k must be a whole number from 1 to {}",
-                                    shared::recommend::MAX_K
-                                )
-                            })?,
-                    )
+                        k.filter(|k| (1..=MAX_K).contains(k))
+                            .ok_or(EdgeError::BadK)?,
+                    );
                 }
                 "item" => {
                     if !shared::ids::is_sku(&value) || value.len() > shared::ids::MAX_SKU_LEN {
-                        return Err("item must be a SKU (letters, digits and - _ . :)".into());
+                        return Err(EdgeError::BadItem);
                     }
                     q.item = Some(value);
                 }
-                "device" => {
-                    q.device = Some(
-                        Device::parse(&value).ok_or("device must be desktop, mobile or tablet")?,
-                    )
-                }
-                "country" => {
-                    q.country =
-                        Some(parse_country(&value).ok_or("country must be a two-letter ISO code")?)
-                }
+                "device" => q.device = Some(Device::parse(&value).ok_or(EdgeError::BadDevice)?),
+                "country" => q.country = Some(parse_country(&value).ok_or(EdgeError::BadCountry)?),
                 _ => {} // unknown parameters (cache busters, analytics) are ignored
             }
         }
@@ -235,7 +377,11 @@ impl Query {
     }
 
     /// The request context the query asks for, with its item looked up in `catalog`.
-    pub(crate) fn context(&self, catalog: &Catalog, now_ms: u64) -> Result<RequestContext, String> {
+    pub(crate) fn context(
+        &self,
+        catalog: &Catalog,
+        now_ms: u64,
+    ) -> Result<RequestContext, EdgeError> {
         let mut ctx =
             RequestContext::new(self.slot.unwrap_or(Slot::Home), Secs::from_unix_ms(now_ms));
         if let Some(k) = self.k {
@@ -245,7 +391,7 @@ impl Query {
         if let Some(sku) = &self.item {
             let item = catalog
                 .item_by_sku(sku)
-                .ok_or_else(|| format!("item {sku:?} is not in the catalog"))?;
+                .ok_or_else(|| EdgeError::UnknownItem(sku.clone()))?;
             ctx.current_item = Some(item.id());
         }
         Ok(ctx)
@@ -257,7 +403,7 @@ mod tests {
     use super::*;
 
     fn parsed(query: &str) -> Result<Query, String> {
-        Query::parse(query)
+        Query::parse(query).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -291,6 +437,66 @@ mod tests {
         // unknown parameters are ignored, but only once they decode
         assert_eq!(parsed("utm=a%20b&x"), Ok(Query::default()));
         assert!(parsed("utm=%ZZ").unwrap_err().contains("\"utm\""));
+    }
+
+    fn body(reply: &Reply) -> Value {
+        assert_eq!(reply.content_type, "application/json");
+        reply.body_json()
+    }
+
+    #[test]
+    fn errors_answer_their_status_with_a_json_error() {
+        for (e, status) in [
+            (EdgeError::NoRoute, 404),
+            (EdgeError::BadK, 400),
+            (EdgeError::Identity(IdentityError::CookieTooLarge), 400),
+            (EdgeError::Auth(AuthError::BadSignature), 401),
+            (EdgeError::Auth(AuthError::Replay), 409),
+            (
+                EdgeError::TooManyDeltas {
+                    deltas: 9,
+                    limit: 1,
+                },
+                413,
+            ),
+            (EdgeError::WriteInFlight, 503),
+        ] {
+            let message = e.to_string();
+            let reply = Reply::from(e);
+            assert_eq!(reply.status, status, "{message}");
+            assert_eq!(body(&reply), json!({ "error": message }));
+        }
+        let reply = Reply::from(EdgeError::MethodNotAllowed {
+            allow: "GET, DELETE",
+        });
+        assert_eq!(
+            (reply.status, reply.header("allow")),
+            (405, Some("GET, DELETE"))
+        );
+        assert_eq!(body(&reply)["error"], "method not allowed; use GET, DELETE");
+    }
+
+    #[test]
+    fn an_internal_failure_is_logged_and_not_sent() {
+        log::take();
+        let reply = Reply::from(EdgeError::KvRead {
+            key: "p:00ff".into(),
+            then: "retry the batch",
+            source: StoreError::Backend("kv exploded at 10.0.0.7".into()),
+        });
+        assert_eq!(reply.status, 503);
+        assert_eq!(
+            body(&reply),
+            json!({ "error": "KV read failed; retry the batch" })
+        );
+        let logged = log::take().join("\n");
+        assert!(
+            logged.contains("p:00ff") && logged.contains("kv exploded at 10.0.0.7"),
+            "{logged}"
+        );
+        // a caller's mistake is the caller's to fix, not the operator's
+        assert_eq!(Reply::from(EdgeError::BadCountry).status, 400);
+        assert_eq!(log::take(), Vec::<String>::new());
     }
 
     #[test]

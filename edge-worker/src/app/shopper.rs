@@ -5,12 +5,13 @@
 //! Answers that show a shopper's data (recommendations, `/v1/me`) carry `private, no-store`:
 //! no browser or shared cache may keep them.
 
-use super::{App, Lookup, MAX_EVENTS_BODY, Site, Tier};
+use super::{App, Lookup, MAX_EVENTS_BODY, Site, Tier, decode_stored};
 use crate::http::{
-    Clock, Handled, HttpRequest, Outbound, Query, Reply, method_not_allowed, no_store, set_header,
+    Clock, EdgeError, Handled, HttpRequest, Outbound, Query, Reply, no_store, set_header,
 };
 use crate::identity::{self, Identity, IdentityError};
-use crate::store::Store;
+use crate::log;
+use crate::store::{Store, StoreError};
 use serde_json::{Value, json};
 use shared::catalog::Catalog;
 use shared::context::parse_country;
@@ -35,7 +36,8 @@ impl Clock for Frozen {
 
 impl App {
     /// The `/v1` routes. A visitor id minted for this request is set as a cookie on whatever
-    /// the route answered, errors included, so the next request is the same visitor.
+    /// the route answered, errors included, so the next request is the same visitor; only a
+    /// request whose identity was refused is answered with the error alone.
     pub(super) async fn api<S: Store>(
         &self,
         store: &S,
@@ -43,30 +45,29 @@ impl App {
         req: &HttpRequest,
         now_ms: u64,
         mint: impl FnOnce() -> [u8; 16],
-    ) -> Handled {
-        let who = match self.identify(req, mint) {
-            Ok(who) => who,
-            Err(e) => return Reply::error(400, &e.to_string()).into(),
-        };
+    ) -> Result<Handled, EdgeError> {
+        let who = self.identify(req, mint)?;
         self.refresh_site(store, now_ms).await;
-        let mut handled = match (req.method.as_str(), req.path.as_str()) {
+        let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
+        let routed = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/v1/recommendations") => self
                 .recommendations(store, clock, req, &who, now_ms)
                 .await
-                .into(),
+                .map(Handled::from),
             ("POST", "/v1/events") => self.events(store, req, &who, now_ms).await,
-            ("GET", "/v1/me") => self.me(store, &who, now_ms).await.into(),
+            ("GET", "/v1/me") => Ok(self.me(store, &who, now_ms).await.into()),
             ("DELETE", "/v1/me") => self.erase(store, req, &who, now_ms).await,
-            (_, "/v1/recommendations") => method_not_allowed("GET"),
-            (_, "/v1/events") => method_not_allowed("POST"),
-            (_, "/v1/me") => method_not_allowed("GET, DELETE"),
-            _ => Reply::error(404, "no such route").into(),
+            (_, "/v1/recommendations") => not_allowed("GET"),
+            (_, "/v1/events") => not_allowed("POST"),
+            (_, "/v1/me") => not_allowed("GET, DELETE"),
+            _ => Err(EdgeError::NoRoute),
         };
+        let mut handled = routed.unwrap_or_else(Handled::from);
         if who.is_minted() && handled.reply.header("set-cookie").is_none() {
             let cookie = self.set_cookie(req, &who);
             set_header(&mut handled.reply, "set-cookie", cookie);
         }
-        handled
+        Ok(handled)
     }
 
     pub(super) fn identify(
@@ -126,10 +127,20 @@ impl App {
             out.kv_ms = clock.now_ms() - t0;
             match got {
                 Ok(value) => {
-                    let stored = value.and_then(|(bytes, _)| wire::decode_stored(&bytes).ok());
+                    let stored = value.and_then(|(bytes, _)| decode_stored(&key, &bytes));
                     self.cache.borrow_mut().put_fetched(key, stored, now_ms);
                 }
-                Err(_) => kv_failed = true,
+                Err(e) => {
+                    // A read slower than KV_TIMEOUT_MS is the tier ladder doing its job, and the
+                    // tier header says so on every answer; anything else is worth a look.
+                    if !matches!(e, StoreError::Timeout(_)) {
+                        log::warn(&format!(
+                            "KV read of {} failed; serving the cached profile, if any: {e}",
+                            key.kv_key()
+                        ));
+                    }
+                    kv_failed = true;
+                }
             }
         }
         let cache = self.cache.borrow();
@@ -155,16 +166,10 @@ impl App {
         req: &HttpRequest,
         who: &Identity,
         now_ms: u64,
-    ) -> Reply {
-        let query = match Query::parse(&req.query) {
-            Ok(q) => q,
-            Err(e) => return Reply::error(400, &e),
-        };
+    ) -> Result<Reply, EdgeError> {
+        let query = Query::parse(&req.query)?;
         let site = self.site();
-        let mut ctx = match query.context(&site.catalog, now_ms) {
-            Ok(ctx) => ctx,
-            Err(e) => return Reply::error(400, &e),
-        };
+        let mut ctx = query.context(&site.catalog, now_ms)?;
         let key = self.key_of(who);
         let found = self.lookup(store, clock, key, now_ms).await;
         ctx.seed = seed(key, now_ms);
@@ -178,53 +183,40 @@ impl App {
         let mut reply = Reply::json(200, &body);
         tier_headers(&mut reply, tier, &found, rec_ms);
         reply.headers.push(no_store());
-        reply
+        Ok(reply)
     }
 
+    /// `POST /v1/events`. A batch with some bad events is answered 400 naming them, and its
+    /// good events are still taken (shown to the shopper, forwarded to origin): that answer is
+    /// a result, not an [`EdgeError`].
     async fn events<S: Store>(
         &self,
         store: &S,
         req: &HttpRequest,
         who: &Identity,
         now_ms: u64,
-    ) -> Handled {
+    ) -> Result<Handled, EdgeError> {
         if req.body.len() > MAX_EVENTS_BODY {
-            return Reply::error(
-                413,
-                &format!(
-                    "body is {} bytes; the limit is {MAX_EVENTS_BODY}",
-                    req.body.len()
-                ),
-            )
-            .into();
+            return Err(EdgeError::TooLarge {
+                what: "body",
+                len: req.body.len() as u64,
+                limit: MAX_EVENTS_BODY as u64,
+            });
         }
-        let parsed: Value = match serde_json::from_slice(&req.body) {
-            Ok(v) => v,
-            Err(e) => return Reply::error(400, &format!("body is not valid JSON: {e}")).into(),
-        };
+        let parsed: Value = serde_json::from_slice(&req.body).map_err(EdgeError::BadJson)?;
         let items = match &parsed {
             Value::Array(a) => a.as_slice(),
             Value::Object(o) => match o.get("events") {
                 Some(Value::Array(a)) => a.as_slice(),
                 _ => std::slice::from_ref(&parsed),
             },
-            _ => {
-                return Reply::error(
-                    400,
-                    "expected an event object, an array of events, or {\"events\": [...]}",
-                )
-                .into();
-            }
+            _ => return Err(EdgeError::NotEvents),
         };
         if items.is_empty() || items.len() > MAX_BATCH_EVENTS {
-            return Reply::error(
-                400,
-                &format!(
-                    "a batch holds 1 to {MAX_BATCH_EVENTS} events; this one has {}",
-                    items.len()
-                ),
-            )
-            .into();
+            return Err(EdgeError::BatchSize {
+                len: items.len(),
+                limit: MAX_BATCH_EVENTS,
+            });
         }
         let user = who.user_id();
         let mut good = Vec::new();
@@ -286,7 +278,7 @@ impl App {
                 }),
             )
         };
-        Handled { reply, outbound }
+        Ok(Handled { reply, outbound })
     }
 
     async fn me<S: Store>(&self, store: &S, who: &Identity, now_ms: u64) -> Reply {
@@ -316,34 +308,38 @@ impl App {
         req: &HttpRequest,
         who: &Identity,
         now_ms: u64,
-    ) -> Handled {
+    ) -> Result<Handled, EdgeError> {
         let Some(key) = self.key_of(who) else {
-            return Reply::error(503, "erasure is unavailable: USER_KEY_SECRET is not set").into();
+            return Err(EdgeError::Unconfigured {
+                feature: "erasure",
+                secret: "USER_KEY_SECRET",
+            });
         };
+        const THEN: &str = "the erasure was not stored, retry it";
         // The tombstone must outrank what this edge holds, in the cache *and* in KV (the cache
         // may lag what other isolates synced; KV may lag this isolate's own writes).
-        let from_kv = match store.get(&key.kv_key()).await {
-            Ok(v) => v
-                .and_then(|(bytes, meta)| {
-                    wire::decode_stored(&bytes)
-                        .ok()
-                        .map(|s| s.version())
-                        .or(meta)
-                })
-                .unwrap_or(0),
-            Err(e) => {
-                return Reply::error(503, &format!("erasure not stored, retry: {e}")).into();
-            }
-        };
+        let kv_key = key.kv_key();
+        let from_kv = store
+            .get(&kv_key)
+            .await
+            .map_err(|source| EdgeError::KvRead {
+                key: kv_key.clone(),
+                then: THEN,
+                source,
+            })?
+            .and_then(|(bytes, meta)| decode_stored(&key, &bytes).map(|s| s.version()).or(meta))
+            .unwrap_or(0);
         let cached = self.cache.borrow().peek(&key).map_or(0, |e| e.version());
         let held = from_kv.max(cached);
         let tombstone = Stored::Tombstone { version: held + 1 };
-        if let Err(e) = store
-            .put(&key.kv_key(), &wire::encode_stored(&tombstone), held + 1)
+        store
+            .put(&kv_key, &wire::encode_stored(&tombstone), held + 1)
             .await
-        {
-            return Reply::error(503, &format!("erasure not stored, retry: {e}")).into();
-        }
+            .map_err(|source| EdgeError::KvWrite {
+                key: kv_key.clone(),
+                then: THEN,
+                source,
+            })?;
         self.cache.borrow_mut().erase(key, tombstone, now_ms);
         let mut outbound = Vec::new();
         if let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret) {
@@ -359,7 +355,7 @@ impl App {
                 identity::visitor_clear_cookie(self.cookie_secure(req)),
             ));
         }
-        Handled { reply, outbound }
+        Ok(Handled { reply, outbound })
     }
 }
 
@@ -461,7 +457,13 @@ pub(super) fn recommend_json(
                 tier,
             )
         }
-        Err(_) => {
+        Err(e) => {
+            // Sync and the KV refresh compile rules against their catalog before either goes
+            // live, so this is a bug worth finding, not a bad document.
+            log::warn(&format!(
+                "active catalog {} and rules {} do not fit together ({e}); serving the bundled store",
+                site.catalog_version, site.rules_version
+            ));
             let bundled = Site::bundled();
             let (v, _) = recommend_json(&bundled, None, ctx, Tier::Static);
             (v, Tier::Static)

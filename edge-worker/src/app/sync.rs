@@ -5,8 +5,8 @@
 //! shopper's next request does not wait for KV; the guards below (`Recorded`, `Writing`) undo
 //! what a failed or cancelled request left behind, so origin's retry applies again.
 
-use super::{App, CATALOG_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site};
-use crate::http::{HttpRequest, Reply};
+use super::{App, CATALOG_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site, decode_stored};
+use crate::http::{EdgeError, HttpRequest, Reply};
 use crate::log;
 use crate::store::Store;
 use shared::auth::AuthError;
@@ -22,15 +22,20 @@ impl App {
     /// `POST /v1/sync`. A 409 (replay) means this exact request already took effect: a
     /// signature is only remembered once its batch was applied, so origin may treat it as an
     /// acknowledgement.
-    pub(super) async fn sync<S: Store>(&self, store: &S, req: &HttpRequest, now_ms: u64) -> Reply {
+    pub(super) async fn sync<S: Store>(
+        &self,
+        store: &S,
+        req: &HttpRequest,
+        now_ms: u64,
+    ) -> Result<Reply, EdgeError> {
         // Dropped at the end, or when the request is cancelled mid-batch: unless the batch
         // took effect (200), its signature is forgotten so origin's retry is not a "replay".
         let mut recorded = None;
-        let reply = self.sync_checked(store, req, now_ms, &mut recorded).await;
+        let answer = self.sync_checked(store, req, now_ms, &mut recorded).await;
         if let Some(r) = recorded.as_mut() {
-            r.took_effect = reply.status == 200;
+            r.took_effect = answer.is_ok();
         }
-        reply
+        answer.map(|a| Reply::bytes_json(200, a.to_json_bytes()))
     }
 
     async fn sync_checked<'a, S: Store>(
@@ -39,39 +44,39 @@ impl App {
         req: &HttpRequest,
         now_ms: u64,
         recorded: &mut Option<Recorded<'a>>,
-    ) -> Reply {
+    ) -> Result<SyncReply, EdgeError> {
+        const THEN: &str = "retry the batch";
         let Some(secret) = self.config.sync_secret.as_deref() else {
-            return Reply::error(503, "sync is not configured: set the SYNC_SECRET secret");
+            return Err(EdgeError::Unconfigured {
+                feature: "sync",
+                secret: "SYNC_SECRET",
+            });
         };
         if req.body.len() > wire::MAX_FRAME_BYTES {
-            return Reply::error(
-                413,
-                &format!(
-                    "frame is {} bytes; the limit is {}",
-                    req.body.len(),
-                    wire::MAX_FRAME_BYTES
-                ),
-            );
+            return Err(EdgeError::TooLarge {
+                what: "frame",
+                len: req.body.len() as u64,
+                limit: wire::MAX_FRAME_BYTES as u64,
+            });
         }
         let now_s = now_ms / 1000;
-        let signed = Signed::from_headers(|name| req.header(name));
-        let (ts, raw) = match signed.and_then(|s| {
-            let raw = s.verify(secret, &req.body, now_s, self.config.sync_window_secs)?;
-            Ok((s.timestamp, raw))
-        }) {
-            Ok(checked) => checked,
-            Err(e) => return Reply::error(401, &e.to_string()),
-        };
-        let checked = self.replay.borrow_mut().check_and_record(raw, ts, now_s);
-        if let Err(e @ AuthError::Replay) = checked {
+        let signed = Signed::from_headers(|name| req.header(name))?;
+        let raw = signed.verify(secret, &req.body, now_s, self.config.sync_window_secs)?;
+        let checked = self
+            .replay
+            .borrow_mut()
+            .check_and_record(raw, signed.timestamp, now_s);
+        if let Err(e) = checked {
             // 409 tells origin "already applied": only say it when that is true.
-            if self.in_flight.borrow().contains(&raw) {
-                return Reply::error(503, "this batch is still being applied; retry it");
+            if e == AuthError::Replay {
+                if self.in_flight.borrow().contains(&raw) {
+                    return Err(EdgeError::BatchInFlight);
+                }
+                if self.replay.borrow().len() >= REPLAY_CAPACITY {
+                    return Err(EdgeError::ReplayMemoryFull);
+                }
             }
-            if self.replay.borrow().len() >= REPLAY_CAPACITY {
-                return Reply::error(503, "replay memory is full; retry the batch later");
-            }
-            return Reply::error(409, &e.to_string());
+            return Err(e.into());
         }
         self.in_flight.borrow_mut().insert(raw);
         *recorded = Some(Recorded {
@@ -79,20 +84,17 @@ impl App {
             sig: raw,
             took_effect: false,
         });
-        let batch = match wire::decode_batch(&req.body) {
-            Ok(b) => b,
-            Err(e) => return Reply::error(400, &format!("undecodable sync frame: {e}")),
-        };
+        let batch = wire::decode_batch(&req.body).map_err(EdgeError::BadFrame)?;
         let deltas = batch
             .items
             .iter()
             .filter(|i| matches!(i, SyncItem::Delta(_)))
             .count();
         if deltas > MAX_SYNC_ITEMS {
-            return Reply::error(
-                413,
-                &format!("batch has {deltas} deltas; send at most {MAX_SYNC_ITEMS} per request"),
-            );
+            return Err(EdgeError::TooManyDeltas {
+                deltas,
+                limit: MAX_SYNC_ITEMS,
+            });
         }
         let mut answer = SyncReply::default();
         let mut catalog = None;
@@ -113,27 +115,25 @@ impl App {
                     // A retry that overtakes the write it repeats must not count that write as
                     // done: the cache already shows it, KV may never get it.
                     if self.writing.borrow().contains(&key) {
-                        return Reply::error(
-                            503,
-                            "a write of this profile is still running, retry the batch",
-                        );
+                        return Err(EdgeError::WriteInFlight);
                     }
                     // The cache may lag KV (another isolate synced since it was fetched) and KV may
                     // lag this isolate's own writes: the change applies to the newer of the two.
                     let cached = self.cache.borrow().peek(&key).and_then(|e| e.base());
                     let cached_version = cached.as_ref().map(Stored::version);
-                    let mut held = match store.get(&key.kv_key()).await {
-                        Ok(v) => newer(
-                            cached,
-                            v.and_then(|(bytes, _)| wire::decode_stored(&bytes).ok()),
-                        ),
-                        Err(e) => {
-                            return Reply::error(
-                                503,
-                                &format!("KV read failed, retry the batch: {e}"),
-                            );
-                        }
-                    };
+                    let kv_key = key.kv_key();
+                    let from_kv = store
+                        .get(&kv_key)
+                        .await
+                        .map_err(|source| EdgeError::KvRead {
+                            key: kv_key.clone(),
+                            then: THEN,
+                            source,
+                        })?;
+                    let mut held = newer(
+                        cached,
+                        from_kv.and_then(|(bytes, _)| decode_stored(&key, &bytes)),
+                    );
                     match delta::apply(&mut held, &d.change) {
                         Ok(Applied::Updated) => {
                             let Some(stored) = held else { continue };
@@ -150,12 +150,14 @@ impl App {
                                     cache.put_fetched(key, Some(stored), now_ms);
                                 }
                             }
-                            if let Err(e) = store.put(&key.kv_key(), &bytes, version).await {
-                                return Reply::error(
-                                    503,
-                                    &format!("KV write failed, retry the batch: {e}"),
-                                );
-                            }
+                            store
+                                .put(&kv_key, &bytes, version)
+                                .await
+                                .map_err(|source| EdgeError::KvWrite {
+                                    key: kv_key,
+                                    then: THEN,
+                                    source,
+                                })?;
                             write.done = true;
                             answer.applied += 1;
                         }
@@ -200,20 +202,22 @@ impl App {
                             if *version < active {
                                 continue;
                             }
-                            if let Err(e) = store.put(key, source.as_bytes(), *version).await {
-                                return Reply::error(
-                                    503,
-                                    &format!("KV write failed, retry the batch: {e}"),
-                                );
-                            }
+                            store.put(key, source.as_bytes(), *version).await.map_err(
+                                |source| EdgeError::KvWrite {
+                                    key: key.to_owned(),
+                                    then: THEN,
+                                    source,
+                                },
+                            )?;
                             answer.config += 1;
                         }
                     }
                 }
-                Err(e) => answer.config_error = Some(e),
+                // origin logs and reports it; the active documents stay
+                Err(e) => answer.config_error = Some(e.to_string()),
             }
         }
-        Reply::bytes_json(200, answer.to_json_bytes())
+        Ok(answer)
     }
 
     /// Switches to newer catalog and/or rules, compiled and validated first. Documents not
@@ -222,7 +226,7 @@ impl App {
         &self,
         catalog: Option<(u64, String)>,
         rules: Option<(u64, String)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), EdgeError> {
         let current = self.site();
         let catalog = catalog.filter(|(v, _)| *v > current.catalog_version);
         let rules = rules.filter(|(v, _)| *v > current.rules_version);
@@ -231,8 +235,8 @@ impl App {
         }
         let (catalog_version, catalog_source, compiled_catalog) = match catalog {
             Some((v, src)) => {
-                let c =
-                    Catalog::from_json(&src).map_err(|e| format!("catalog version {v}: {e}"))?;
+                let c = Catalog::from_json(&src)
+                    .map_err(|source| EdgeError::Catalog { version: v, source })?;
                 (v, Rc::from(src), c)
             }
             None => (
@@ -246,7 +250,10 @@ impl App {
             None => (current.rules_version, current.rules_source.clone()),
         };
         let compiled_rules = CompiledRules::compile_json(&rules_source, &compiled_catalog)
-            .map_err(|e| format!("rules version {rules_version}: {e}"))?;
+            .map_err(|source| EdgeError::Rules {
+                version: rules_version,
+                source,
+            })?;
         *self.site.borrow_mut() = Rc::new(Site {
             catalog: compiled_catalog,
             rules: compiled_rules,
@@ -270,13 +277,29 @@ impl App {
         self.config_checked_ms.set(Some(now_ms));
         let mut docs = [None, None];
         for (slot, key) in docs.iter_mut().zip([CATALOG_KEY, RULES_KEY]) {
-            if let Ok(Some((bytes, Some(version)))) = store.get(key).await {
-                *slot = String::from_utf8(bytes).ok().map(|text| (version, text));
+            // Each failure keeps the active document; said here since no request reports it.
+            match store.get(key).await {
+                Ok(None) => {}
+                Ok(Some((_, None))) => log::warn(&format!(
+                    "config check: {key} in KV has no version metadata; publish it through origin"
+                )),
+                Ok(Some((bytes, Some(version)))) => match String::from_utf8(bytes) {
+                    Ok(text) => *slot = Some((version, text)),
+                    Err(_) => log::warn(&format!(
+                        "config check: {key} version {version} in KV is not UTF-8; republish it"
+                    )),
+                },
+                Err(e) => log::warn(&format!("config check: could not read {key}: {e}")),
             }
         }
         let [catalog, rules] = docs;
-        // A bad stored document keeps the current one; `/v1/sync` reported it when published.
-        let _ = self.update_site(catalog, rules);
+        // `/v1/sync` refuses a bad document before it reaches KV, so one found here was
+        // written some other way; this isolate keeps serving what it has.
+        if let Err(e) = self.update_site(catalog, rules) {
+            log::warn(&format!(
+                "config check: kept the active catalog and rules; the one in KV is unusable: {e}"
+            ));
+        }
     }
 }
 

@@ -83,3 +83,27 @@ fn a_late_older_config_document_never_replaces_a_newer_one_in_kv() {
     assert_eq!(version, Some(7), "KV moved back to an older document");
     assert_eq!(bytes, rules.as_bytes());
 }
+
+/// `/v1/sync` never stores a bad document, so one in KV was written some other way: the
+/// isolate keeps what it serves, and says why.
+#[test]
+fn an_unusable_document_in_kv_is_logged_and_the_active_one_kept() {
+    let w = World::new();
+    w.store
+        .insert_raw(RULES_KEY, b"{\"rules\": 42}".to_vec(), Some(9));
+    w.store
+        .insert_raw(CATALOG_KEY, DEMO_CATALOG_JSON.as_bytes().to_vec(), None);
+    log::take();
+    let h = w.get("/healthz", &[]).body_json();
+    assert_eq!(
+        (h["catalog_version"].as_u64(), h["rules_version"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let logged = log::take().join("\n");
+    assert!(logged.contains("rules version 9"), "{logged}");
+    assert!(
+        logged.contains(&format!("{CATALOG_KEY} in KV has no version metadata")),
+        "{logged}"
+    );
+    assert_eq!(w.get("/", &[]).status, 200, "pages still served");
+}

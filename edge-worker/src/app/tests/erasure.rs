@@ -106,3 +106,48 @@ fn a_tombstone_synced_from_origin_hides_local_events_too() {
         Value::Null
     );
 }
+
+/// A KV failure is a 503 that says to retry; what KV said goes to the log, not to the shopper.
+#[test]
+fn a_failed_erasure_says_retry_and_logs_what_kv_said() {
+    let w = World::new();
+    let erase = || {
+        let mut req = HttpRequest::get("/v1/me");
+        req.method = "DELETE".into();
+        req.headers = vec![("x-edgewise-user".into(), "alice".into())];
+        w.send(req).reply
+    };
+    log::take();
+    w.store.set_failing_writes(true);
+    let r = erase();
+    assert_eq!(r.status, 503);
+    let error = r.body_json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("KV write failed") && error.contains("retry"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("injected"),
+        "internal detail leaked: {error}"
+    );
+    let logged = log::take().join("\n");
+    assert!(
+        logged.contains("injected failure") && logged.contains(&key("alice").kv_key()),
+        "{logged}"
+    );
+
+    w.store.set_failing(true);
+    let r = erase();
+    assert_eq!(r.status, 503);
+    assert!(
+        r.body_json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("KV read failed")
+    );
+    assert!(log::take().join("\n").contains("did not answer within"));
+
+    w.store.set_failing(false);
+    w.store.set_failing_writes(false);
+    assert_eq!(erase().status, 202, "the retry goes through");
+}

@@ -183,3 +183,48 @@ fn the_cache_holds_ten_thousand_profiles_within_its_byte_bound() {
     assert_eq!(entries, profiles.len());
     assert!(bytes <= w.app.config().cache_max_bytes);
 }
+
+/// A store that fails as a missing or broken KV binding does.
+struct Unbound;
+
+impl Store for Unbound {
+    async fn get(&self, _: &str) -> Result<Option<Versioned>, StoreError> {
+        Err(StoreError::Backend("no KV binding named EDGEWISE".into()))
+    }
+
+    async fn put(&self, _: &str, _: &[u8], _: u64) -> Result<(), StoreError> {
+        Err(StoreError::Backend("no KV binding named EDGEWISE".into()))
+    }
+}
+
+/// A slow KV read is the tier ladder at work (the tier header says so); a broken one is logged.
+#[test]
+fn kv_errors_are_logged_unless_they_are_timeouts_and_pages_are_served_either_way() {
+    let w = World::new();
+    w.store.set_failing(true);
+    log::take();
+    let r = w.get("/v1/recommendations", &alice());
+    assert_eq!(
+        (r.status, r.header("x-edgewise-tier")),
+        (200, Some("popular"))
+    );
+    let logged = log::take();
+    assert!(
+        !logged.iter().any(|l| l.contains("KV read of")),
+        "{logged:?}"
+    );
+
+    let mut req = HttpRequest::get("/v1/recommendations");
+    req.headers = vec![("x-edgewise-user".into(), "alice".into())];
+    let r = run(w.app.handle(&Unbound, &w.clock, &req, || [0x11; 16])).reply;
+    assert_eq!(
+        (r.status, r.header("x-edgewise-tier")),
+        (200, Some("popular"))
+    );
+    let logged = log::take().join("\n");
+    assert!(
+        logged.contains(&format!("KV read of {}", key("alice").kv_key()))
+            && logged.contains("no KV binding named EDGEWISE"),
+        "{logged}"
+    );
+}

@@ -414,3 +414,38 @@ fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
         200
     );
 }
+
+#[test]
+fn a_failed_kv_write_in_sync_is_logged_and_not_sent_to_origin() {
+    let w = World::new();
+    let (_, frame) = alice_at_v1_with_v2_coming(&w);
+    log::take();
+    w.store.set_failing_writes(true);
+    let r = w.signed_sync(&frame);
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.body_json(),
+        json!({ "error": "KV write failed; retry the batch" })
+    );
+    assert!(log::take().join("\n").contains("injected failure"));
+}
+
+/// KV bytes this build cannot decode are served as no profile, and said: no retry fixes them.
+#[test]
+fn an_undecodable_profile_in_kv_is_logged_and_replaced_by_the_next_snapshot() {
+    let w = World::new();
+    let kv_key = key("alice").kv_key();
+    w.store
+        .insert_raw(&kv_key, b"\xff not a stored value".to_vec(), Some(3));
+    log::take();
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["profile"], Value::Null, "{me}");
+    let logged = log::take().join("\n");
+    assert!(
+        logged.contains(&kv_key) && logged.contains("does not decode"),
+        "{logged}"
+    );
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    assert_eq!(w.sync(vec![snapshot("alice", &p)])["applied"], 1);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
+}
