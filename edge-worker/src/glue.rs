@@ -2,8 +2,9 @@
 //! converts the reply; it provides the KV-backed [`Store`], the clock and the random source,
 //! and sends the outbound requests to origin with `ctx.wait_until`. Keep it this thin.
 
-use crate::app::{App, Clock, HttpRequest, Outbound, Reply};
+use crate::app::App;
 use crate::config::EdgeConfig;
+use crate::http::{Clock, EdgeError, HttpRequest, Outbound, Reply};
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
 use shared::protocol::KvMetadata;
@@ -96,19 +97,29 @@ fn no_binding() -> StoreError {
 async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let app = app(&env);
     let url = req.url()?;
-    let too_large = req
+    let length = req
         .headers()
         .get("content-length")?
-        .and_then(|n| n.parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_REQUEST_BODY);
-    if too_large {
-        return into_response(Reply::error(413, "request body is too large"));
+        .and_then(|n| n.parse::<u64>().ok());
+    if let Some(len) = length.filter(|n| *n > MAX_REQUEST_BODY) {
+        return into_response(
+            EdgeError::TooLarge {
+                what: "request body",
+                len,
+                limit: MAX_REQUEST_BODY,
+            }
+            .into(),
+        );
     }
     let method = req.method().to_string();
     let body = if matches!(method.as_str(), "GET" | "HEAD") {
         Vec::new()
     } else {
-        req.bytes().await.unwrap_or_default()
+        // the handler then answers as for an empty body; the cause is only seen here
+        req.bytes().await.unwrap_or_else(|e| {
+            console_warn!("edgewise: could not read the {method} body: {e}");
+            Vec::new()
+        })
     };
     let request = HttpRequest {
         method,

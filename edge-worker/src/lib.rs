@@ -9,6 +9,7 @@
 pub mod app;
 pub mod cache;
 pub mod config;
+pub mod http;
 pub mod identity;
 pub mod log;
 pub mod store;

@@ -3,8 +3,22 @@
 //! up is still said here, so an operator can find it.
 
 pub fn warn(message: &str) {
+    #[cfg(test)]
+    CAPTURED.with(|lines| lines.borrow_mut().push(message.to_owned()));
     #[cfg(target_arch = "wasm32")]
     worker::console_warn!("edgewise: {message}");
     #[cfg(not(target_arch = "wasm32"))]
     eprintln!("edgewise: warning: {message}");
+}
+
+#[cfg(test)]
+thread_local! {
+    static CAPTURED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The lines warned on this thread since the last call, so a test can check that a failure
+/// was said (a test and the handlers it drives run on one thread).
+#[cfg(test)]
+pub(crate) fn take() -> Vec<String> {
+    CAPTURED.with(|lines| std::mem::take(&mut *lines.borrow_mut()))
 }

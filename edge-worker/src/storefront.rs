@@ -4,7 +4,7 @@
 //! Plain server-side HTML with no framework: the page is complete on first byte, the SDK only
 //! sends events. Everything from the catalog is HTML-escaped (catalogs are published data).
 
-use crate::app::Reply;
+use crate::http::Reply;
 use serde_json::Value;
 use shared::catalog::{Catalog, Item};
 use std::fmt::Write;

@@ -133,6 +133,19 @@ impl RequestContext {
     }
 }
 
+/// A two-letter ISO 3166 alpha-2 code as [`RequestContext::country`] holds it (uppercase), from
+/// text in either case (a `cf-ipcountry` header, an API parameter). Anything else (`"USA"`,
+/// `"T1"`, `""`) is not a country code. The one parser of request countries, so the edge's
+/// header and its query parameter cannot disagree on what a country is.
+pub fn parse_country(code: &str) -> Option<[u8; 2]> {
+    match code.as_bytes() {
+        [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
+            Some([a.to_ascii_uppercase(), b.to_ascii_uppercase()])
+        }
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Facts: what one request knows, computed once
 // ---------------------------------------------------------------------------------------------
@@ -290,6 +303,16 @@ mod tests {
         assert_eq!(ctx.k, crate::recommend::DEFAULT_K);
         assert_eq!(crate::recommend::MAX_K, MAX_K);
         assert_eq!((ctx.slot, device), (Slot::Cart, Device::Tablet));
+    }
+
+    #[test]
+    fn countries_are_two_ascii_letters_in_either_case() {
+        assert_eq!(parse_country("US"), Some(*b"US"));
+        assert_eq!(parse_country("de"), Some(*b"DE"));
+        assert_eq!(parse_country("fR"), Some(*b"FR"));
+        for bad in ["", "U", "USA", "T1", "1U", "é", "éé", "U ", " U"] {
+            assert_eq!(parse_country(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

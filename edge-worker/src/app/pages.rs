@@ -1,0 +1,94 @@
+//! The storefront's pages (`GET|HEAD /` and `/p/{sku}`), rendered at the edge with the
+//! shopper's recommendations in them.
+//!
+//! A page is never refused: where the API would answer 400 (a hostile cookie or user header),
+//! a page serves a fresh visitor; where KV fails, the tier degrades. The HTML itself is
+//! `storefront`'s.
+
+use super::App;
+use super::shopper::{country_of, device_of, recommend_json, seed, tier_headers};
+use crate::http::{Clock, Handled, HttpRequest, Reply, no_store};
+use crate::identity::Identity;
+use crate::store::Store;
+use crate::storefront;
+use shared::ids::Secs;
+use shared::recommend::RequestContext;
+use shared::rules::Slot;
+
+impl App {
+    pub(super) async fn page<S: Store>(
+        &self,
+        store: &S,
+        clock: &dyn Clock,
+        req: &HttpRequest,
+        now_ms: u64,
+        mint: impl FnOnce() -> [u8; 16],
+    ) -> Handled {
+        let mut mint = Some(mint);
+        // A page is never refused: a hostile identity is replaced by a fresh visitor id.
+        let who = match self.identify(req, || mint.take().map_or([0; 16], |m| m())) {
+            Ok(who) => who,
+            Err(_) => Identity::Visitor {
+                id: shared::auth::hex(&mint.take().map_or([0; 16], |m| m())),
+                minted: true,
+            },
+        };
+        self.refresh_site(store, now_ms).await;
+        let site = self.site();
+        let current = req.path.strip_prefix("/p/").map(str::to_owned);
+        let item = match &current {
+            Some(sku) => match site.catalog.item_by_sku(sku) {
+                Some(item) => Some(item),
+                None => {
+                    let mut reply = storefront::not_found();
+                    if who.is_minted() {
+                        reply
+                            .headers
+                            .push(("set-cookie", self.set_cookie(req, &who)));
+                    }
+                    return reply.into();
+                }
+            },
+            None => None,
+        };
+        let key = self.key_of(&who);
+        let found = self.lookup(store, clock, key, now_ms).await;
+        let mut ctx = RequestContext::new(
+            if item.is_some() {
+                Slot::Product
+            } else {
+                Slot::Home
+            },
+            Secs::from_unix_ms(now_ms),
+        );
+        ctx.k = 8;
+        ctx.seed = seed(key, now_ms);
+        ctx.device = device_of(req);
+        ctx.country = country_of(req);
+        ctx.current_item = item.map(|i| i.id());
+        let t0 = clock.now_ms();
+        let (recs, tier) = recommend_json(&site, found.profile.as_ref(), &ctx, found.tier);
+        let rec_ms = clock.now_ms() - t0;
+        let cart = found.profile.as_ref().map_or(0, |p| {
+            p.cart.iter().map(|l| u32::from(l.quantity)).sum::<u32>()
+        });
+        let html = storefront::page(&site.catalog, item, &recs, tier.as_str(), cart);
+        let mut reply = Reply {
+            status: 200,
+            content_type: "text/html; charset=utf-8",
+            headers: vec![no_store()],
+            body: if req.method == "HEAD" {
+                Vec::new()
+            } else {
+                html.into_bytes()
+            },
+        };
+        tier_headers(&mut reply, tier, &found, rec_ms);
+        if who.is_minted() {
+            reply
+                .headers
+                .push(("set-cookie", self.set_cookie(req, &who)));
+        }
+        reply.into()
+    }
+}

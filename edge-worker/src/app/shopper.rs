@@ -1,0 +1,498 @@
+//! The shopper's side of the edge: the `/v1` API (`GET /v1/recommendations`, `POST /v1/events`,
+//! `GET|DELETE /v1/me`), who is asking (user header or visitor cookie), and the profile lookup
+//! through the fallback tiers that the storefront pages use too.
+//!
+//! Answers that show a shopper's data (recommendations, `/v1/me`) carry `private, no-store`:
+//! no browser or shared cache may keep them.
+
+use super::{App, Lookup, MAX_EVENTS_BODY, Site, Tier, decode_stored};
+use crate::http::{
+    Clock, EdgeError, Handled, HttpRequest, Outbound, Query, Reply, no_store, set_header,
+};
+use crate::identity::{self, Identity, IdentityError};
+use crate::log;
+use crate::store::{Store, StoreError};
+use serde_json::{Value, json};
+use shared::catalog::Catalog;
+use shared::context::parse_country;
+use shared::delta::Stored;
+use shared::event::{Event, MAX_BATCH_EVENTS};
+use shared::ids::ItemId;
+use shared::keys::UserKey;
+use shared::profile::Profile;
+use shared::protocol::{self, ErasureBody, Signed, route};
+use shared::recommend::{Recommender, RequestContext};
+use shared::rules::Device;
+use shared::wire;
+
+/// A clock that stands still, for lookups whose timing is not reported.
+struct Frozen(u64);
+
+impl Clock for Frozen {
+    fn now_ms(&self) -> f64 {
+        self.0 as f64
+    }
+}
+
+impl App {
+    /// The `/v1` routes. A visitor id minted for this request is set as a cookie on whatever
+    /// the route answered, errors included, so the next request is the same visitor; only a
+    /// request whose identity was refused is answered with the error alone.
+    pub(super) async fn api<S: Store>(
+        &self,
+        store: &S,
+        clock: &dyn Clock,
+        req: &HttpRequest,
+        now_ms: u64,
+        mint: impl FnOnce() -> [u8; 16],
+    ) -> Result<Handled, EdgeError> {
+        let who = self.identify(req, mint)?;
+        self.refresh_site(store, now_ms).await;
+        let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
+        let routed = match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/v1/recommendations") => self
+                .recommendations(store, clock, req, &who, now_ms)
+                .await
+                .map(Handled::from),
+            ("POST", "/v1/events") => self.events(store, req, &who, now_ms).await,
+            ("GET", "/v1/me") => Ok(self.me(store, &who, now_ms).await.into()),
+            ("DELETE", "/v1/me") => self.erase(store, req, &who, now_ms).await,
+            (_, "/v1/recommendations") => not_allowed("GET"),
+            (_, "/v1/events") => not_allowed("POST"),
+            (_, "/v1/me") => not_allowed("GET, DELETE"),
+            _ => Err(EdgeError::NoRoute),
+        };
+        let mut handled = routed.unwrap_or_else(Handled::from);
+        if who.is_minted() && handled.reply.header("set-cookie").is_none() {
+            let cookie = self.set_cookie(req, &who);
+            set_header(&mut handled.reply, "set-cookie", cookie);
+        }
+        Ok(handled)
+    }
+
+    pub(super) fn identify(
+        &self,
+        req: &HttpRequest,
+        mint: impl FnOnce() -> [u8; 16],
+    ) -> Result<Identity, IdentityError> {
+        let user = self
+            .config
+            .user_header
+            .as_deref()
+            .and_then(|h| req.header(h));
+        identity::resolve(user, req.header("cookie"), mint)
+    }
+
+    fn cookie_secure(&self, req: &HttpRequest) -> bool {
+        self.config
+            .cookie_secure
+            .unwrap_or_else(|| !identity::is_loopback_host(req.header("host").unwrap_or("")))
+    }
+
+    pub(super) fn set_cookie(&self, req: &HttpRequest, who: &Identity) -> String {
+        match who {
+            Identity::Visitor { id, .. } => {
+                identity::visitor_set_cookie(id, self.cookie_secure(req))
+            }
+            Identity::User(_) => String::new(),
+        }
+    }
+
+    pub(super) fn key_of(&self, who: &Identity) -> Option<UserKey> {
+        let secret = self.config.user_key_secret.as_deref()?;
+        Some(UserKey::derive(secret, &who.user_id()))
+    }
+
+    /// The shopper's profile through the tiers: cache within TTL → KV → stale cache → none.
+    pub(super) async fn lookup<S: Store>(
+        &self,
+        store: &S,
+        clock: &dyn Clock,
+        key: Option<UserKey>,
+        now_ms: u64,
+    ) -> Lookup {
+        let mut out = Lookup {
+            profile: None,
+            version: 0,
+            tier: Tier::Popular,
+            age_ms: None,
+            kv_ms: 0.0,
+        };
+        let Some(key) = key else { return out };
+        let fetched = self.cache.borrow_mut().get(&key).map(|e| e.fetched_at_ms());
+        let mut kv_failed = false;
+        if fetched.is_none_or(|t| now_ms.saturating_sub(t) > self.config.profile_ttl_ms) {
+            let t0 = clock.now_ms();
+            let got = store.get(&key.kv_key()).await;
+            out.kv_ms = clock.now_ms() - t0;
+            match got {
+                Ok(value) => {
+                    let stored = value.and_then(|(bytes, _)| decode_stored(&key, &bytes));
+                    self.cache.borrow_mut().put_fetched(key, stored, now_ms);
+                }
+                Err(e) => {
+                    // A read slower than KV_TIMEOUT_MS is the tier ladder doing its job, and the
+                    // tier header says so on every answer; anything else is worth a look.
+                    if !matches!(e, StoreError::Timeout(_)) {
+                        log::warn(&format!(
+                            "KV read of {} failed; serving the cached profile, if any: {e}",
+                            key.kv_key()
+                        ));
+                    }
+                    kv_failed = true;
+                }
+            }
+        }
+        let cache = self.cache.borrow();
+        if let Some(e) = cache.peek(&key) {
+            out.profile = e
+                .profile(key.bucket())
+                .filter(|p| p.consent.personalization());
+            out.version = e.version();
+            out.age_ms = Some(now_ms.saturating_sub(e.fetched_at_ms()));
+        }
+        out.tier = match (&out.profile, kv_failed) {
+            (None, _) => Tier::Popular,
+            (Some(_), true) => Tier::Stale,
+            (Some(_), false) => Tier::Fresh,
+        };
+        out
+    }
+
+    async fn recommendations<S: Store>(
+        &self,
+        store: &S,
+        clock: &dyn Clock,
+        req: &HttpRequest,
+        who: &Identity,
+        now_ms: u64,
+    ) -> Result<Reply, EdgeError> {
+        let query = Query::parse(&req.query)?;
+        let site = self.site();
+        let mut ctx = query.context(&site.catalog, now_ms)?;
+        let key = self.key_of(who);
+        let found = self.lookup(store, clock, key, now_ms).await;
+        ctx.seed = seed(key, now_ms);
+        ctx.device = query.device.unwrap_or_else(|| device_of(req));
+        ctx.country = ctx.country.or_else(|| country_of(req));
+        let t0 = clock.now_ms();
+        let (mut body, tier) = recommend_json(&site, found.profile.as_ref(), &ctx, found.tier);
+        let rec_ms = clock.now_ms() - t0;
+        body["tier"] = tier.as_str().into();
+        body["profile_version"] = found.version.into();
+        let mut reply = Reply::json(200, &body);
+        tier_headers(&mut reply, tier, &found, rec_ms);
+        reply.headers.push(no_store());
+        Ok(reply)
+    }
+
+    /// `POST /v1/events`. A batch with some bad events is answered 400 naming them, and its
+    /// good events are still taken (shown to the shopper, forwarded to origin): that answer is
+    /// a result, not an [`EdgeError`].
+    async fn events<S: Store>(
+        &self,
+        store: &S,
+        req: &HttpRequest,
+        who: &Identity,
+        now_ms: u64,
+    ) -> Result<Handled, EdgeError> {
+        if req.body.len() > MAX_EVENTS_BODY {
+            return Err(EdgeError::TooLarge {
+                what: "body",
+                len: req.body.len() as u64,
+                limit: MAX_EVENTS_BODY as u64,
+            });
+        }
+        let parsed: Value = serde_json::from_slice(&req.body).map_err(EdgeError::BadJson)?;
+        let items = match &parsed {
+            Value::Array(a) => a.as_slice(),
+            Value::Object(o) => match o.get("events") {
+                Some(Value::Array(a)) => a.as_slice(),
+                _ => std::slice::from_ref(&parsed),
+            },
+            _ => return Err(EdgeError::NotEvents),
+        };
+        if items.is_empty() || items.len() > MAX_BATCH_EVENTS {
+            return Err(EdgeError::BatchSize {
+                len: items.len(),
+                limit: MAX_BATCH_EVENTS,
+            });
+        }
+        let user = who.user_id();
+        let mut good = Vec::new();
+        let mut rejected = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            // The shopper may only write their own events: the user id comes from the request's
+            // identity, never from the body. A missing time is the edge's.
+            let mut item = item.clone();
+            if let Value::Object(o) = &mut item {
+                o.insert("user_id".into(), user.clone().into());
+                o.entry("ts").or_insert_with(|| now_ms.into());
+            }
+            match Event::from_json(&item) {
+                Ok(e) => good.push(e),
+                Err(e) => rejected.push(json!({ "index": index, "reason": e.to_string() })),
+            }
+        }
+        if let Some(key) = self.key_of(who).filter(|_| !good.is_empty()) {
+            // Load the base first so the local events fold over what origin knows.
+            let cached = self.cache.borrow().peek(&key).is_some();
+            if !cached {
+                self.lookup(store, &Frozen(now_ms), Some(key), now_ms).await;
+            }
+            let mut cache = self.cache.borrow_mut();
+            for e in &good {
+                cache.push_local(key, e.clone(), now_ms);
+            }
+        }
+        let mut outbound = Vec::new();
+        if let (Some(origin), Some(secret), false) = (
+            &self.config.origin_url,
+            &self.config.sync_secret,
+            good.is_empty(),
+        ) {
+            outbound.push(signed(
+                secret,
+                "POST",
+                format!("{origin}{}", route::INGEST),
+                protocol::ingest_body(&good),
+                now_ms,
+            ));
+        }
+        let accepted = good.len();
+        let reply = if rejected.is_empty() {
+            Reply::json(202, &json!({ "accepted": accepted }))
+        } else {
+            Reply::json(
+                400,
+                &json!({
+                    "error": format!(
+                        "{} of {} events rejected; event {}: {}",
+                        rejected.len(),
+                        items.len(),
+                        rejected[0]["index"],
+                        rejected[0]["reason"].as_str().unwrap_or("")
+                    ),
+                    "accepted": accepted,
+                    "rejected": rejected,
+                }),
+            )
+        };
+        Ok(Handled { reply, outbound })
+    }
+
+    async fn me<S: Store>(&self, store: &S, who: &Identity, now_ms: u64) -> Reply {
+        let key = self.key_of(who);
+        let found = self.lookup(store, &Frozen(now_ms), key, now_ms).await;
+        let pending = key
+            .and_then(|k| self.cache.borrow().peek(&k).map(|e| e.local_events()))
+            .unwrap_or(0);
+        let site = self.site();
+        let mut reply = Reply::json(
+            200,
+            &json!({
+                "user_key": key.map(|k| k.to_hex()),
+                "profile_version": found.version,
+                "tier": found.tier.as_str(),
+                "pending_local_events": pending,
+                "profile": found.profile.as_ref().map(|p| profile_json(p, &site.catalog)),
+            }),
+        );
+        reply.headers.push(no_store());
+        reply
+    }
+
+    async fn erase<S: Store>(
+        &self,
+        store: &S,
+        req: &HttpRequest,
+        who: &Identity,
+        now_ms: u64,
+    ) -> Result<Handled, EdgeError> {
+        let Some(key) = self.key_of(who) else {
+            return Err(EdgeError::Unconfigured {
+                feature: "erasure",
+                secret: "USER_KEY_SECRET",
+            });
+        };
+        const THEN: &str = "the erasure was not stored, retry it";
+        // The tombstone must outrank what this edge holds, in the cache *and* in KV (the cache
+        // may lag what other isolates synced; KV may lag this isolate's own writes).
+        let kv_key = key.kv_key();
+        let from_kv = store
+            .get(&kv_key)
+            .await
+            .map_err(|source| EdgeError::KvRead {
+                key: kv_key.clone(),
+                then: THEN,
+                source,
+            })?
+            .and_then(|(bytes, meta)| decode_stored(&key, &bytes).map(|s| s.version()).or(meta))
+            .unwrap_or(0);
+        let cached = self.cache.borrow().peek(&key).map_or(0, |e| e.version());
+        let held = from_kv.max(cached);
+        let tombstone = Stored::Tombstone { version: held + 1 };
+        store
+            .put(&kv_key, &wire::encode_stored(&tombstone), held + 1)
+            .await
+            .map_err(|source| EdgeError::KvWrite {
+                key: kv_key.clone(),
+                then: THEN,
+                source,
+            })?;
+        self.cache.borrow_mut().erase(key, tombstone, now_ms);
+        let mut outbound = Vec::new();
+        if let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret) {
+            let user_id = who.user_id();
+            let url = format!("{origin}{}", route::erase(&user_id));
+            let body = ErasureBody { user_id }.to_json_bytes();
+            outbound.push(signed(secret, "DELETE", url, body, now_ms));
+        }
+        let mut reply = Reply::json(202, &json!({ "erased": true, "version": held + 1 }));
+        if matches!(who, Identity::Visitor { .. }) {
+            reply.headers.push((
+                "set-cookie",
+                identity::visitor_clear_cookie(self.cookie_secure(req)),
+            ));
+        }
+        Ok(Handled { reply, outbound })
+    }
+}
+
+pub(super) fn tier_headers(reply: &mut Reply, tier: Tier, found: &Lookup, rec_ms: f64) {
+    reply
+        .headers
+        .push(("x-edgewise-tier", tier.as_str().into()));
+    reply
+        .headers
+        .push(("x-edgewise-profile-version", found.version.to_string()));
+    if let Some(age) = found.age_ms {
+        reply.headers.push((
+            "x-edgewise-profile-age",
+            format!("{:.1}", age as f64 / 1000.0),
+        ));
+    }
+    reply.headers.push((
+        "server-timing",
+        format!("kv;dur={:.1}, rec;dur={rec_ms:.1}", found.kv_ms),
+    ));
+}
+
+fn signed(
+    secret: &[u8],
+    method: &'static str,
+    url: String,
+    body: Vec<u8>,
+    now_ms: u64,
+) -> Outbound {
+    let mut headers = Signed::new(secret, now_ms / 1000, &body).headers().to_vec();
+    if !body.is_empty() {
+        headers.push(("content-type", "application/json".into()));
+    }
+    Outbound {
+        method,
+        url,
+        headers,
+        body,
+    }
+}
+
+/// Ties between equal scores vary by shopper and day, never between two requests of a day.
+pub(super) fn seed(key: Option<UserKey>, now_ms: u64) -> u64 {
+    let day = now_ms / 86_400_000;
+    let k = key.map_or(0, |k| {
+        u64::from_le_bytes(k.0[..8].try_into().unwrap_or([0; 8]))
+    });
+    k ^ day.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+pub(super) fn device_of(req: &HttpRequest) -> Device {
+    let ua = req.header("user-agent").unwrap_or("");
+    if ua.contains("iPad") || ua.contains("Tablet") {
+        Device::Tablet
+    } else if ua.contains("Mobi") || ua.contains("Android") {
+        Device::Mobile
+    } else if ua.is_empty() {
+        Device::Unknown
+    } else {
+        Device::Desktop
+    }
+}
+
+/// The country Cloudflare located the shopper in. Its special values (`XX` unknown, `T1` Tor)
+/// are not two letters, or match no rule: either way no country condition fires.
+pub(super) fn country_of(req: &HttpRequest) -> Option<[u8; 2]> {
+    parse_country(req.header("cf-ipcountry")?)
+}
+
+/// Runs the recommender, falling back to the bundled store's bestsellers if the active
+/// catalog and rules cannot be used together (the static tier).
+pub(super) fn recommend_json(
+    site: &Site,
+    profile: Option<&Profile>,
+    ctx: &RequestContext,
+    tier: Tier,
+) -> (Value, Tier) {
+    match Recommender::new(&site.catalog, &site.rules) {
+        Ok(r) => {
+            let rec = r.recommend(profile, ctx);
+            let items: Vec<Value> = rec
+                .items
+                .iter()
+                .filter_map(|it| {
+                    let view = it.view(&site.catalog)?;
+                    let mut v = serde_json::to_value(view).ok()?;
+                    v["reason"] = it.reason.as_str().into();
+                    Some(v)
+                })
+                .collect();
+            (
+                json!({
+                    "slot": ctx.slot.as_str(),
+                    "items": items,
+                    "offer": rec.offer.map(|o| json!({ "id": o.id, "text": o.text })),
+                    "rules": rec.fired_rules,
+                    "personalized": rec.personalized,
+                }),
+                tier,
+            )
+        }
+        Err(e) => {
+            // Sync and the KV refresh compile rules against their catalog before either goes
+            // live, so this is a bug worth finding, not a bad document.
+            log::warn(&format!(
+                "active catalog {} and rules {} do not fit together ({e}); serving the bundled store",
+                site.catalog_version, site.rules_version
+            ));
+            let bundled = Site::bundled();
+            let (v, _) = recommend_json(&bundled, None, ctx, Tier::Static);
+            (v, Tier::Static)
+        }
+    }
+}
+
+/// The profile as the shopper may see it: names instead of hashes where the catalog knows them.
+fn profile_json(p: &Profile, catalog: &Catalog) -> Value {
+    let now = p.updated_at;
+    let item = |id: ItemId| {
+        catalog
+            .item(id)
+            .map_or_else(|| Value::from(format!("{id:?}")), |i| Value::from(i.sku()))
+    };
+    json!({
+        "version": p.version,
+        "updated_at_ms": p.updated_at.to_unix_ms(),
+        "interests": p.top_interests(now).iter().map(|(c, score)| json!({
+            "category": catalog.category(*c).map_or_else(|| format!("{c:?}"), |c| c.slug().to_owned()),
+            "score": (score * 100.0).round() / 100.0,
+        })).collect::<Vec<_>>(),
+        "recently_viewed": p.recent.iter().map(|i| item(*i)).collect::<Vec<_>>(),
+        "cart": p.cart.iter().map(|l| json!({ "item": item(l.item), "quantity": l.quantity })).collect::<Vec<_>>(),
+        "purchases": p.purchases.iter().map(|r| json!({ "item": item(r.item), "at_ms": r.at.to_unix_ms() })).collect::<Vec<_>>(),
+        "spend_cents": p.spend_cents,
+        "views": p.views,
+        "segments": p.segments.names().collect::<Vec<_>>(),
+        "bucket": p.bucket,
+        "personalization": p.consent.personalization(),
+    })
+}

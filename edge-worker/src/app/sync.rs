@@ -1,0 +1,360 @@
+//! Origin → edge: `POST /v1/sync` applies signed batches of profile deltas and config documents,
+//! and `refresh_site` picks up the catalog and rules another isolate stored in KV.
+//!
+//! A synced change is visible in this isolate's cache before its KV write completes, so the
+//! shopper's next request does not wait for KV; the guards below (`Recorded`, `Writing`) undo
+//! what a failed or cancelled request left behind, so origin's retry applies again.
+
+use super::{App, CATALOG_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site, decode_stored};
+use crate::http::{EdgeError, HttpRequest, Reply};
+use crate::log;
+use crate::store::Store;
+use shared::auth::AuthError;
+use shared::catalog::Catalog;
+use shared::delta::{self, Applied, ApplyError, Stored};
+use shared::keys::UserKey;
+use shared::protocol::{Signed, SyncReply};
+use shared::rules::CompiledRules;
+use shared::wire::{self, ConfigKind, SyncItem};
+use std::rc::Rc;
+
+impl App {
+    /// `POST /v1/sync`. A 409 (replay) means this exact request already took effect: a
+    /// signature is only remembered once its batch was applied, so origin may treat it as an
+    /// acknowledgement.
+    pub(super) async fn sync<S: Store>(
+        &self,
+        store: &S,
+        req: &HttpRequest,
+        now_ms: u64,
+    ) -> Result<Reply, EdgeError> {
+        // Dropped at the end, or when the request is cancelled mid-batch: unless the batch
+        // took effect (200), its signature is forgotten so origin's retry is not a "replay".
+        let mut recorded = None;
+        let answer = self.sync_checked(store, req, now_ms, &mut recorded).await;
+        if let Some(r) = recorded.as_mut() {
+            r.took_effect = answer.is_ok();
+        }
+        answer.map(|a| Reply::bytes_json(200, a.to_json_bytes()))
+    }
+
+    async fn sync_checked<'a, S: Store>(
+        &'a self,
+        store: &S,
+        req: &HttpRequest,
+        now_ms: u64,
+        recorded: &mut Option<Recorded<'a>>,
+    ) -> Result<SyncReply, EdgeError> {
+        const THEN: &str = "retry the batch";
+        let Some(secret) = self.config.sync_secret.as_deref() else {
+            return Err(EdgeError::Unconfigured {
+                feature: "sync",
+                secret: "SYNC_SECRET",
+            });
+        };
+        if req.body.len() > wire::MAX_FRAME_BYTES {
+            return Err(EdgeError::TooLarge {
+                what: "frame",
+                len: req.body.len() as u64,
+                limit: wire::MAX_FRAME_BYTES as u64,
+            });
+        }
+        let now_s = now_ms / 1000;
+        let signed = Signed::from_headers(|name| req.header(name))?;
+        let raw = signed.verify(secret, &req.body, now_s, self.config.sync_window_secs)?;
+        let checked = self
+            .replay
+            .borrow_mut()
+            .check_and_record(raw, signed.timestamp, now_s);
+        if let Err(e) = checked {
+            // 409 tells origin "already applied": only say it when that is true.
+            if e == AuthError::Replay {
+                if self.in_flight.borrow().contains(&raw) {
+                    return Err(EdgeError::BatchInFlight);
+                }
+                if self.replay.borrow().len() >= REPLAY_CAPACITY {
+                    return Err(EdgeError::ReplayMemoryFull);
+                }
+            }
+            return Err(e.into());
+        }
+        self.in_flight.borrow_mut().insert(raw);
+        *recorded = Some(Recorded {
+            app: self,
+            sig: raw,
+            took_effect: false,
+        });
+        let batch = wire::decode_batch(&req.body).map_err(EdgeError::BadFrame)?;
+        let deltas = batch
+            .items
+            .iter()
+            .filter(|i| matches!(i, SyncItem::Delta(_)))
+            .count();
+        if deltas > MAX_SYNC_ITEMS {
+            return Err(EdgeError::TooManyDeltas {
+                deltas,
+                limit: MAX_SYNC_ITEMS,
+            });
+        }
+        let mut answer = SyncReply::default();
+        let mut catalog = None;
+        let mut rules = None;
+        for item in &batch.items {
+            match item {
+                SyncItem::Config(doc) => {
+                    let slot = match doc.kind {
+                        ConfigKind::Catalog => &mut catalog,
+                        ConfigKind::Rules => &mut rules,
+                    };
+                    if slot.as_ref().is_none_or(|(v, _)| *v < doc.version) {
+                        *slot = Some((doc.version, doc.source.clone()));
+                    }
+                }
+                SyncItem::Delta(d) => {
+                    let key = d.user;
+                    // A retry that overtakes the write it repeats must not count that write as
+                    // done: the cache already shows it, KV may never get it.
+                    if self.writing.borrow().contains(&key) {
+                        return Err(EdgeError::WriteInFlight);
+                    }
+                    // The cache may lag KV (another isolate synced since it was fetched) and KV may
+                    // lag this isolate's own writes: the change applies to the newer of the two.
+                    let cached = self.cache.borrow().peek(&key).and_then(|e| e.base());
+                    let cached_version = cached.as_ref().map(Stored::version);
+                    let kv_key = key.kv_key();
+                    let from_kv = store
+                        .get(&kv_key)
+                        .await
+                        .map_err(|source| EdgeError::KvRead {
+                            key: kv_key.clone(),
+                            then: THEN,
+                            source,
+                        })?;
+                    let mut held = newer(
+                        cached,
+                        from_kv.and_then(|(bytes, _)| decode_stored(&key, &bytes)),
+                    );
+                    match delta::apply(&mut held, &d.change) {
+                        Ok(Applied::Updated) => {
+                            let Some(stored) = held else { continue };
+                            let bytes = wire::encode_stored(&stored);
+                            let version = stored.version();
+                            // Visible here before the KV write completes: a shopper's next
+                            // request should not wait for KV. Should the write fail (or this
+                            // request be dropped), the entry forgets its base, so reads go back
+                            // to KV, and origin's retry applies again.
+                            let mut write = Writing::start(self, key);
+                            {
+                                let mut cache = self.cache.borrow_mut();
+                                if cache.peek(&key).is_some() {
+                                    cache.put_fetched(key, Some(stored), now_ms);
+                                }
+                            }
+                            store
+                                .put(&kv_key, &bytes, version)
+                                .await
+                                .map_err(|source| EdgeError::KvWrite {
+                                    key: kv_key,
+                                    then: THEN,
+                                    source,
+                                })?;
+                            write.done = true;
+                            answer.applied += 1;
+                        }
+                        Ok(Applied::Duplicate) => {
+                            answer.duplicates += 1;
+                            // KV was ahead of this isolate's copy (another isolate, or the KV
+                            // sink, wrote it): serve what KV holds
+                            if let Some(stored) = held
+                                && cached_version.is_some_and(|v| v < stored.version())
+                            {
+                                let mut cache = self.cache.borrow_mut();
+                                if cache.peek(&key).is_some() {
+                                    cache.put_fetched(key, Some(stored), now_ms);
+                                }
+                            }
+                        }
+                        Err(ApplyError::Gap { .. }) => {
+                            self.cache.borrow_mut().drop_base(&key);
+                            answer.resend.push(key);
+                        }
+                        Err(e) => {
+                            // origin's diff and this apply disagree: origin sends the
+                            // snapshot, and logs it (the bug is worth finding)
+                            log::warn(&format!("sync: refused a patch for {key:?}: {e}"));
+                            answer.invalid += 1;
+                            answer.invalid_keys.push(key);
+                        }
+                    }
+                }
+            }
+        }
+        if catalog.is_some() || rules.is_some() {
+            match self.update_site(catalog.clone(), rules.clone()) {
+                Ok(()) => {
+                    let site = self.site();
+                    for (key, doc, active) in [
+                        (CATALOG_KEY, &catalog, site.catalog_version),
+                        (RULES_KEY, &rules, site.rules_version),
+                    ] {
+                        if let Some((version, source)) = doc {
+                            // A late or resent batch must not move KV back to an older document.
+                            if *version < active {
+                                continue;
+                            }
+                            store.put(key, source.as_bytes(), *version).await.map_err(
+                                |source| EdgeError::KvWrite {
+                                    key: key.to_owned(),
+                                    then: THEN,
+                                    source,
+                                },
+                            )?;
+                            answer.config += 1;
+                        }
+                    }
+                }
+                // origin logs and reports it; the active documents stay
+                Err(e) => answer.config_error = Some(e.to_string()),
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Switches to newer catalog and/or rules, compiled and validated first. Documents not
+    /// newer than the active ones are ignored; on any error nothing changes.
+    fn update_site(
+        &self,
+        catalog: Option<(u64, String)>,
+        rules: Option<(u64, String)>,
+    ) -> Result<(), EdgeError> {
+        let current = self.site();
+        let catalog = catalog.filter(|(v, _)| *v > current.catalog_version);
+        let rules = rules.filter(|(v, _)| *v > current.rules_version);
+        if catalog.is_none() && rules.is_none() {
+            return Ok(());
+        }
+        let (catalog_version, catalog_source, compiled_catalog) = match catalog {
+            Some((v, src)) => {
+                let c = Catalog::from_json(&src)
+                    .map_err(|source| EdgeError::Catalog { version: v, source })?;
+                (v, Rc::from(src), c)
+            }
+            None => (
+                current.catalog_version,
+                current.catalog_source.clone(),
+                current.catalog.clone(),
+            ),
+        };
+        let (rules_version, rules_source) = match rules {
+            Some((v, src)) => (v, Rc::from(src)),
+            None => (current.rules_version, current.rules_source.clone()),
+        };
+        let compiled_rules = CompiledRules::compile_json(&rules_source, &compiled_catalog)
+            .map_err(|source| EdgeError::Rules {
+                version: rules_version,
+                source,
+            })?;
+        *self.site.borrow_mut() = Rc::new(Site {
+            catalog: compiled_catalog,
+            rules: compiled_rules,
+            catalog_version,
+            rules_version,
+            catalog_source,
+            rules_source,
+        });
+        Ok(())
+    }
+
+    /// Picks up catalog/rules another isolate stored, at most every `config_check_ms`.
+    pub(super) async fn refresh_site<S: Store>(&self, store: &S, now_ms: u64) {
+        let due = self
+            .config_checked_ms
+            .get()
+            .is_none_or(|t| now_ms.saturating_sub(t) >= self.config.config_check_ms);
+        if !due {
+            return;
+        }
+        self.config_checked_ms.set(Some(now_ms));
+        let mut docs = [None, None];
+        for (slot, key) in docs.iter_mut().zip([CATALOG_KEY, RULES_KEY]) {
+            // Each failure keeps the active document; said here since no request reports it.
+            match store.get(key).await {
+                Ok(None) => {}
+                Ok(Some((_, None))) => log::warn(&format!(
+                    "config check: {key} in KV has no version metadata; publish it through origin"
+                )),
+                Ok(Some((bytes, Some(version)))) => match String::from_utf8(bytes) {
+                    Ok(text) => *slot = Some((version, text)),
+                    Err(_) => log::warn(&format!(
+                        "config check: {key} version {version} in KV is not UTF-8; republish it"
+                    )),
+                },
+                Err(e) => log::warn(&format!("config check: could not read {key}: {e}")),
+            }
+        }
+        let [catalog, rules] = docs;
+        // `/v1/sync` refuses a bad document before it reaches KV, so one found here was
+        // written some other way; this isolate keeps serving what it has.
+        if let Err(e) = self.update_site(catalog, rules) {
+            log::warn(&format!(
+                "config check: kept the active catalog and rules; the one in KV is unusable: {e}"
+            ));
+        }
+    }
+}
+
+/// A `/v1/sync` signature recorded in the replay guard while its batch is applied.
+struct Recorded<'a> {
+    app: &'a App,
+    sig: [u8; 32],
+    took_effect: bool,
+}
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        self.app.in_flight.borrow_mut().remove(&self.sig);
+        if !self.took_effect {
+            self.app.replay.borrow_mut().forget(&self.sig);
+        }
+    }
+}
+
+/// A synced profile's KV write in progress; see `App::writing`. Dropped unfinished (the write
+/// failed, or the request was cancelled), the cache forgets the value it showed early.
+struct Writing<'a> {
+    app: &'a App,
+    key: UserKey,
+    done: bool,
+}
+
+impl<'a> Writing<'a> {
+    fn start(app: &'a App, key: UserKey) -> Writing<'a> {
+        app.writing.borrow_mut().insert(key);
+        Writing {
+            app,
+            key,
+            done: false,
+        }
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.app.writing.borrow_mut().remove(&self.key);
+        if !self.done {
+            self.app.cache.borrow_mut().drop_base(&self.key);
+        }
+    }
+}
+
+/// The newer of two stored values; a tombstone wins a tie with a profile.
+fn newer(a: Option<Stored>, b: Option<Stored>) -> Option<Stored> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let a_wins = a.version() > b.version()
+                || (a.version() == b.version() && matches!(a, Stored::Tombstone { .. }));
+            Some(if a_wins { a } else { b })
+        }
+        (a, b) => a.or(b),
+    }
+}

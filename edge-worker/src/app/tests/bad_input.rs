@@ -1,0 +1,137 @@
+//! Every bad request, on every route: a 4xx JSON error that says what to fix, and the cache
+//! left as it was.
+
+use super::*;
+
+/// Every bad request gets a 4xx JSON error, and leaves the cache exactly as it was.
+#[test]
+fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    w.get("/v1/recommendations", &alice());
+    let cached = w.app.cache_stats();
+    let ts = (w.now() / 1000).to_string();
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("bob", &p)],
+        },
+        Codec::Lz4,
+    );
+    let good_sig = auth::sign(SYNC_SECRET.as_bytes(), w.now() / 1000, &frame);
+    let old_ts = (w.now() / 1000 - 3600).to_string();
+    let old_sig = auth::sign(SYNC_SECRET.as_bytes(), w.now() / 1000 - 3600, &frame);
+    let garbage = b"\x01\x01\xff\xff\xff\xff\x0f garbage";
+    let garbage_sig = auth::sign(SYNC_SECRET.as_bytes(), w.now() / 1000, garbage);
+    let big = vec![b'x'; MAX_EVENTS_BODY + 1];
+    let bad_cookie = [("cookie", "ew_vid=<script>alert(1)</script>")];
+    let ok = |s: &str| (auth::TIMESTAMP_HEADER, s.to_owned());
+    let long_query = format!("/v1/recommendations?{}", "a=b&".repeat(1000));
+
+    // first the one good sync whose signature we will then replay
+    assert_eq!(
+        w.post(
+            "/v1/sync",
+            &[
+                (auth::TIMESTAMP_HEADER, &ts),
+                (auth::SIGNATURE_HEADER, &good_sig)
+            ],
+            &frame
+        )
+        .reply
+        .status,
+        200
+    );
+    let cached_after_good = w.app.cache_stats();
+    assert_eq!(
+        cached_after_good, cached,
+        "bob is not cached, so the cache is unchanged"
+    );
+
+    // (method, path, headers, body, expected status, text the error must contain)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<(&'a str, String)>,
+        Vec<u8>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        ("POST", "/v1/events", vec![], b"{not json".to_vec(), 400, "not valid JSON"),
+        ("POST", "/v1/events", vec![], b"42".to_vec(), 400, "expected an event"),
+        ("POST", "/v1/events", vec![], b"[]".to_vec(), 400, "1 to 100 events"),
+        ("POST", "/v1/events", vec![], big.clone(), 413, "limit"),
+        ("POST", "/v1/events", vec![], br#"[{"event_id":"z","type":"teleport"}]"#.to_vec(), 400, "unknown event type"),
+        ("POST", "/v1/events", vec![], br#"[{"event_id":"z","type":"add_to_cart","item":"cam-001","category":"cameras","price":"free","quantity":1}]"#.to_vec(), 400, "price"),
+        ("POST", "/v1/events", vec![], b"[\"\xff\xfe\"]".to_vec(), 400, "not valid JSON"),
+        ("POST", "/v1/events", bad_cookie.iter().map(|(k, v)| (*k, v.to_string())).collect(), b"[]".to_vec(), 400, "ew_vid cookie"),
+        ("POST", "/v1/sync", vec![], frame.clone(), 401, "x-edgewise-timestamp"),
+        ("POST", "/v1/sync", vec![ok(&ts)], frame.clone(), 401, "malformed signature"),
+        ("POST", "/v1/sync", vec![ok(&ts), (auth::SIGNATURE_HEADER, "v1=00".into())], frame.clone(), 401, "malformed signature"),
+        ("POST", "/v1/sync", vec![ok(&ts), (auth::SIGNATURE_HEADER, format!("v1={}", "0".repeat(64)))], frame.clone(), 401, "does not match"),
+        ("POST", "/v1/sync", vec![ok("soon"), (auth::SIGNATURE_HEADER, good_sig.clone())], frame.clone(), 401, "timestamp"),
+        ("POST", "/v1/sync", vec![ok(&old_ts), (auth::SIGNATURE_HEADER, old_sig)], frame.clone(), 401, "clock window"),
+        ("POST", "/v1/sync", vec![ok(&ts), (auth::SIGNATURE_HEADER, good_sig.clone())], frame.clone(), 409, "replay"),
+        ("POST", "/v1/sync", vec![ok(&ts), (auth::SIGNATURE_HEADER, good_sig.replace("v1=", "v1=f"))], frame.clone(), 401, "malformed"),
+        ("POST", "/v1/sync", vec![ok(&ts), (auth::SIGNATURE_HEADER, garbage_sig)], garbage.to_vec(), 400, "undecodable"),
+        ("POST", "/v1/sync", vec![], vec![0; wire::MAX_FRAME_BYTES + 1], 413, "limit"),
+        ("GET", "/v1/sync", vec![], vec![], 405, "POST"),
+        ("GET", "/v1/recommendations?slot=evil", vec![], vec![], 400, "slot"),
+        ("GET", "/v1/recommendations?k=0", vec![], vec![], 400, "k must be"),
+        ("GET", "/v1/recommendations?k=99999999999999999999999", vec![], vec![], 400, "k must be"),
+        ("GET", "/v1/recommendations?item=%3Cscript%3E", vec![], vec![], 400, "item must be"),
+        ("GET", "/v1/recommendations?item=no-such-sku", vec![], vec![], 400, "not in the catalog"),
+        ("GET", "/v1/recommendations?slot=%ZZ", vec![], vec![], 400, "percent-encoded"),
+        ("GET", "/v1/recommendations?slot=%C3%28", vec![], vec![], 400, "percent-encoded"),
+        ("GET", "/v1/recommendations?slot=%+1", vec![], vec![], 400, "percent-encoded"),
+        ("GET", "/v1/recommendations?country=usa", vec![], vec![], 400, "country"),
+        ("GET", long_query.as_str(), vec![], vec![], 400, "longer than"),
+        ("GET", "/v1/recommendations", bad_cookie.iter().map(|(k, v)| (*k, v.to_string())).collect(), vec![], 400, "ew_vid cookie"),
+        ("GET", "/v1/recommendations", vec![("cookie", "a".repeat(9000))], vec![], 400, "too large"),
+        ("GET", "/v1/recommendations", vec![("x-edgewise-user", "bad\u{1}user".into())], vec![], 400, "user header"),
+        ("PUT", "/v1/me", vec![], vec![], 405, "GET, DELETE"),
+        ("GET", "/v1/nope", vec![], vec![], 404, "no such route"),
+    ];
+    for (method, path, headers, body, status, needle) in cases {
+        let mut req = HttpRequest::get(path);
+        req.method = method.into();
+        req.headers = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        req.body = body;
+        let r = w.send(req).reply;
+        let shown = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, status, "{method} {path}: {shown}");
+        assert_eq!(r.content_type, "application/json", "{method} {path}");
+        let error = r.body_json()["error"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_default();
+        assert!(
+            error.to_lowercase().contains(&needle.to_lowercase()),
+            "{method} {path}: {error:?} lacks {needle:?}"
+        );
+        assert_eq!(
+            w.app.cache_stats(),
+            cached,
+            "{method} {path} changed the cache"
+        );
+    }
+    // and alice is still served from the cache, fresh
+    assert_eq!(
+        w.get("/v1/recommendations", &alice())
+            .header("x-edgewise-tier"),
+        Some("fresh")
+    );
+    // a hostile cookie never fails a page: it is replaced by a fresh visitor id
+    let page = w.get("/", &bad_cookie);
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("set-cookie")
+            .unwrap()
+            .starts_with("ew_vid=1111")
+    );
+    assert_eq!(w.get("/p/%3Cscript%3E", &[]).status, 404);
+}

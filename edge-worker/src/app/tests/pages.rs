@@ -1,0 +1,87 @@
+//! The storefront pages: served on a fresh deployment, without secrets, and through KV failures.
+
+use super::*;
+
+#[test]
+fn a_fresh_deployment_with_empty_kv_serves_pages_and_recommendations() {
+    let w = World::new();
+    let page = w.get("/", &[("host", "shop.example.com")]);
+    assert_eq!(page.status, 200);
+    assert_eq!(page.header("x-edgewise-tier"), Some("popular"));
+    assert_eq!(page.header("x-edgewise-profile-version"), Some("0"));
+    let cookie = page.header("set-cookie").unwrap();
+    assert!(
+        cookie.starts_with("ew_vid=11111111111111111111111111111111;"),
+        "{cookie}"
+    );
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax") && cookie.contains("Secure")
+    );
+    assert!(page.header("server-timing").unwrap().contains("total;dur="));
+    let html = String::from_utf8(page.body).unwrap();
+    assert!(html.contains("id=\"ew-recs\"") && html.contains("data-sku="));
+
+    let r = w.get(
+        "/v1/recommendations?slot=home&k=4",
+        &[("host", "localhost:8787")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body_json()["tier"], "popular");
+    assert_eq!(r.body_json()["items"].as_array().unwrap().len(), 4);
+    assert!(
+        !r.header("set-cookie").unwrap().contains("Secure"),
+        "loopback hosts get no Secure flag"
+    );
+
+    let h = w.get("/healthz", &[]);
+    assert_eq!(h.body_json()["status"], "ok");
+    assert_eq!(h.body_json()["catalog_version"], 0);
+}
+
+#[test]
+fn kv_failures_degrade_the_tier_and_never_fail_the_page() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    assert_eq!(
+        w.get("/", &alice()).header("x-edgewise-tier"),
+        Some("fresh")
+    );
+    w.store.set_failing(true);
+    w.advance(w.app.config().profile_ttl_ms + 1);
+    for path in ["/", "/p/cam-001", "/v1/recommendations"] {
+        let r = w.get(path, &alice());
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("x-edgewise-tier"), Some("stale"), "{path}");
+        assert_eq!(r.header("x-edgewise-profile-version"), Some("1"));
+    }
+    let r = w.get("/", &[("x-edgewise-user", "bob")]);
+    assert_eq!(
+        (r.status, r.header("x-edgewise-tier")),
+        (200, Some("popular"))
+    );
+    w.store.set_failing(false);
+    assert_eq!(
+        w.get("/", &alice()).header("x-edgewise-tier"),
+        Some("fresh")
+    );
+}
+
+#[test]
+fn without_secrets_pages_still_work_and_sync_says_what_to_set() {
+    let w = World::with(EdgeConfig::from_vars(|_| None));
+    let r = w.get("/", &[]);
+    assert_eq!(
+        (r.status, r.header("x-edgewise-tier")),
+        (200, Some("popular"))
+    );
+    let s = w.signed_sync(b"\x01\x00\x00");
+    assert_eq!(s.status, 503);
+    assert!(
+        s.body_json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("SYNC_SECRET")
+    );
+    assert_eq!(w.get("/healthz", &[]).body_json()["status"], "degraded");
+}

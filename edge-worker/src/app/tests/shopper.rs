@@ -1,0 +1,230 @@
+//! The shopper's API: tiers and personalization, read-your-writes through `/v1/events`, and
+//! the cache's bound.
+
+use super::*;
+
+#[test]
+fn a_synced_profile_personalizes_recommendations_with_tier_headers() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    let out = w.sync(vec![snapshot("alice", &p)]);
+    assert_eq!(out["applied"], 1);
+    let (bytes, meta) = w.store.raw(&key("alice").kv_key()).unwrap();
+    assert_eq!(meta, Some(p.version));
+    assert_eq!(
+        wire::decode_stored(&bytes).unwrap(),
+        Stored::Profile(p.clone())
+    );
+
+    let r = w.get("/v1/recommendations?slot=home&k=6", &alice());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-edgewise-tier"), Some("fresh"));
+    assert_eq!(r.header("x-edgewise-profile-version"), Some("1"));
+    assert!(r.header("server-timing").unwrap().contains("kv;dur="));
+    let (skus, offer) = skus_and_offer(&r);
+    assert_eq!(offer.as_deref(), Some("cam-accessories-10"));
+    assert_eq!(skus[0], "kit-cam-starter", "the rule pins the starter kit");
+    assert!(
+        !skus.contains(&"cam-001".to_owned()),
+        "in-cart items are not recommended"
+    );
+    assert_eq!(r.body_json()["personalized"], true);
+}
+
+#[test]
+fn the_shoppers_own_events_show_on_the_next_page_and_go_to_origin() {
+    let w = World::new();
+    let cookie = visitor_cookie();
+    let h = [("cookie", cookie.as_str())];
+    let before = w.get("/v1/recommendations", &h);
+    assert_eq!(before.body_json()["offer"], Value::Null);
+
+    let body = br#"{"events":[{"event_id":"a1","type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}]}"#;
+    let sent = w.post("/v1/events", &h, body);
+    assert_eq!(sent.reply.status, 202, "{:?}", sent.reply.body_json());
+    assert_eq!(sent.reply.body_json()["accepted"], 1);
+    // forwarded to origin, signed, with the identity the edge resolved
+    let [out] = sent.outbound.as_slice() else {
+        panic!("{:?}", sent.outbound)
+    };
+    assert_eq!(
+        (out.method, out.url.as_str()),
+        ("POST", "http://origin.test/ingest")
+    );
+    let ts: u64 = out
+        .headers
+        .iter()
+        .find(|(k, _)| *k == auth::TIMESTAMP_HEADER)
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let sig = &out
+        .headers
+        .iter()
+        .find(|(k, _)| *k == auth::SIGNATURE_HEADER)
+        .unwrap()
+        .1;
+    auth::verify(SYNC_SECRET.as_bytes(), ts, &out.body, sig, ts, 1).unwrap();
+    let fwd: Value = serde_json::from_slice(&out.body).unwrap();
+    assert_eq!(fwd["events"][0]["user_id"], format!("v-{VISITOR}"));
+
+    let after = w.get("/v1/recommendations", &h);
+    let (skus, offer) = skus_and_offer(&after);
+    assert_eq!(offer.as_deref(), Some("cam-accessories-10"));
+    assert_eq!(skus[0], "kit-cam-starter");
+    let page = String::from_utf8(w.get("/", &h).body).unwrap();
+    assert!(page.contains("data-offer-id=\"cam-accessories-10\""));
+    assert!(page.contains("<b id=\"ew-cart-count\">1</b>"));
+
+    // origin's fold of the same event arrives: counted once, local copy retired
+    let p = profile_of(
+        &format!("v-{VISITOR}"),
+        &[parse_event(&serde_json::to_vec(&fwd["events"][0]).unwrap()).unwrap()],
+    );
+    w.sync(vec![snapshot(&format!("v-{VISITOR}"), &p)]);
+    let me = w.get("/v1/me", &h).body_json();
+    assert_eq!(me["pending_local_events"], 0);
+    assert_eq!(
+        me["profile"]["cart"][0],
+        json!({ "item": "cam-001", "quantity": 1 })
+    );
+    assert_eq!(me["profile_version"], 1);
+}
+
+#[test]
+fn the_user_id_in_an_event_body_is_ignored() {
+    let w = World::new();
+    let body = br#"[{"event_id":"x1","user_id":"mallory-target","type":"page_view"}]"#;
+    let sent = w.post("/v1/events", &alice(), body);
+    assert_eq!(sent.reply.status, 202);
+    assert!(String::from_utf8_lossy(&sent.outbound[0].body).contains("\"user_id\":\"alice\""));
+}
+
+#[test]
+fn withdrawn_consent_turns_personalization_off() {
+    let w = World::new();
+    let consent_off = event("alice", 2, r#""type":"consent","personalization":false"#);
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA), consent_off]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let r = w.get("/v1/recommendations", &alice());
+    assert_eq!(r.header("x-edgewise-tier"), Some("popular"));
+    assert_eq!(r.body_json()["personalized"], false);
+}
+
+#[test]
+fn events_with_some_bad_entries_keep_the_good_ones() {
+    let w = World::new();
+    let body =
+        br#"[{"event_id":"g1","type":"page_view"},{"event_id":"b1","type":"page_view","extra":1}]"#;
+    let h = w.post("/v1/events", &alice(), body);
+    assert_eq!(h.reply.status, 400);
+    let v = h.reply.body_json();
+    assert_eq!(v["accepted"], 1);
+    assert_eq!(v["rejected"][0]["index"], 1);
+    assert!(
+        v["rejected"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("extra")
+    );
+    assert_eq!(h.outbound.len(), 1, "the good event still goes to origin");
+}
+
+#[test]
+fn events_accepted_while_kv_failed_do_not_hide_the_profile_once_it_answers() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(p)),
+        Some(1),
+    );
+    w.store.set_failing(true);
+    let body = format!(r#"{{"event_id":"x1","ts":{},{ADD_CAMERA}}}"#, w.now());
+    assert_eq!(
+        w.post("/v1/events", &alice(), body.as_bytes()).reply.status,
+        202
+    );
+    w.store.set_failing(false);
+    w.advance(1000);
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["profile_version"], 1, "{me}");
+    assert_eq!(me["profile"]["recently_viewed"][0], "lap-001", "{me}");
+    assert_eq!(me["profile"]["cart"][0]["item"], "cam-001", "{me}");
+}
+
+#[test]
+fn the_cache_holds_ten_thousand_profiles_within_its_byte_bound() {
+    let w = World::new();
+    let site = w.app.site();
+    let traffic =
+        shared::traffic::Traffic::new(&site.catalog, 10_000, "u", NOW_MS - 3_600_000, 5, 7);
+    let mut profiles = std::collections::HashMap::<String, Profile>::new();
+    for e in traffic.take(60_000) {
+        let p = profiles
+            .entry(e.user.clone())
+            .or_insert_with(|| Profile::new(key(&e.user).bucket()));
+        fold(p, &e);
+    }
+    let items: Vec<SyncItem> = profiles.iter().map(|(u, p)| snapshot(u, p)).collect();
+    for chunk in items.chunks(MAX_SYNC_ITEMS) {
+        w.advance(1);
+        w.sync(chunk.to_vec());
+    }
+    for u in profiles.keys() {
+        w.get("/v1/recommendations?k=1", &[("x-edgewise-user", u)]);
+    }
+    let (entries, bytes) = w.app.cache_stats();
+    println!(
+        "cache: {entries} profiles in {bytes} bytes ({} per profile)",
+        bytes / entries.max(1)
+    );
+    assert_eq!(entries, profiles.len());
+    assert!(bytes <= w.app.config().cache_max_bytes);
+}
+
+/// A store that fails as a missing or broken KV binding does.
+struct Unbound;
+
+impl Store for Unbound {
+    async fn get(&self, _: &str) -> Result<Option<Versioned>, StoreError> {
+        Err(StoreError::Backend("no KV binding named EDGEWISE".into()))
+    }
+
+    async fn put(&self, _: &str, _: &[u8], _: u64) -> Result<(), StoreError> {
+        Err(StoreError::Backend("no KV binding named EDGEWISE".into()))
+    }
+}
+
+/// A slow KV read is the tier ladder at work (the tier header says so); a broken one is logged.
+#[test]
+fn kv_errors_are_logged_unless_they_are_timeouts_and_pages_are_served_either_way() {
+    let w = World::new();
+    w.store.set_failing(true);
+    log::take();
+    let r = w.get("/v1/recommendations", &alice());
+    assert_eq!(
+        (r.status, r.header("x-edgewise-tier")),
+        (200, Some("popular"))
+    );
+    let logged = log::take();
+    assert!(
+        !logged.iter().any(|l| l.contains("KV read of")),
+        "{logged:?}"
+    );
+
+    let mut req = HttpRequest::get("/v1/recommendations");
+    req.headers = vec![("x-edgewise-user".into(), "alice".into())];
+    let r = run(w.app.handle(&Unbound, &w.clock, &req, || [0x11; 16])).reply;
+    assert_eq!(
+        (r.status, r.header("x-edgewise-tier")),
+        (200, Some("popular"))
+    );
+    let logged = log::take().join("\n");
+    assert!(
+        logged.contains(&format!("KV read of {}", key("alice").kv_key()))
+            && logged.contains("no KV binding named EDGEWISE"),
+        "{logged}"
+    );
+}

@@ -1,0 +1,451 @@
+//! `/v1/sync`: versions, gaps and refused patches, and what a failed, overtaken, retried or
+//! cancelled batch leaves behind (never a 409 for a batch that did not take effect).
+
+use super::*;
+
+#[test]
+fn patches_apply_in_order_duplicates_are_no_ops_and_gaps_ask_for_a_snapshot() {
+    let w = World::new();
+    let e1 = event("alice", 1, VIEW_LAPTOP);
+    let e2 = event("alice", 2, ADD_CAMERA);
+    let e3 = event("alice", 3, VIEW_LAPTOP);
+    let v1 = profile_of("alice", std::slice::from_ref(&e1));
+    let v2 = profile_of("alice", &[e1.clone(), e2.clone()]);
+    let v3 = profile_of("alice", &[e1, e2, e3]);
+    let patch = |a: &Profile, b: &Profile| {
+        SyncItem::Delta(Delta {
+            user: key("alice"),
+            change: diff(a, b),
+        })
+    };
+
+    assert_eq!(w.sync(vec![snapshot("alice", &v1)])["applied"], 1);
+    w.get("/v1/recommendations", &alice()); // cache it
+    let out = w.sync(vec![patch(&v1, &v2), patch(&v1, &v2)]);
+    assert_eq!(
+        (out["applied"].as_u64(), out["duplicates"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        w.get("/v1/recommendations", &alice())
+            .header("x-edgewise-profile-version"),
+        Some("2")
+    );
+    // an older snapshot never replaces a newer version, in KV or the cache
+    assert_eq!(w.sync(vec![snapshot("alice", &v1)])["duplicates"], 1);
+    assert_eq!(w.store.raw(&key("alice").kv_key()).unwrap().1, Some(2));
+
+    // a patch from a version this edge does not hold: dropped, refetch requested
+    let mut v5 = v3.clone();
+    v5.version = 5;
+    let mut v6 = v5.clone();
+    v6.views += 1;
+    v6.version = 6;
+    let out = w.sync(vec![patch(&v5, &v6)]);
+    assert_eq!(out["resend"], json!([key("alice").to_hex()]));
+    assert_eq!(w.app.cache_stats().0, 0, "the gapped entry was dropped");
+    assert_eq!(
+        w.store.raw(&key("alice").kv_key()).unwrap().1,
+        Some(2),
+        "KV untouched"
+    );
+    w.sync(vec![snapshot("alice", &v6)]);
+    assert_eq!(
+        w.get("/v1/recommendations", &alice())
+            .header("x-edgewise-profile-version"),
+        Some("6")
+    );
+}
+
+/// A patch the edge cannot apply (here: a cart line past the bound) is answered with the key
+/// in `invalid_keys`, so origin sends the snapshot instead of counting it as delivered.
+#[test]
+fn an_invalid_patch_names_its_shopper_for_a_snapshot() {
+    let w = World::new();
+    let mut full = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    full.cart = (0..shared::profile::MAX_CART_LINES as u32)
+        .map(|n| shared::profile::CartLine {
+            item: shared::ids::ItemId(n * 2 + 1),
+            quantity: 1,
+        })
+        .collect();
+    assert_eq!(w.sync(vec![snapshot("alice", &full)])["applied"], 1);
+    let refused = SyncItem::Delta(Delta {
+        user: key("alice"),
+        change: Change::Patch {
+            from: full.version,
+            steps: 1,
+            advance: 0,
+            ops: vec![shared::delta::Op::Cart(shared::profile::CartLine {
+                item: shared::ids::ItemId(2),
+                quantity: 1,
+            })],
+        },
+    });
+    let out: SyncReply = serde_json::from_value(w.sync(vec![refused])).expect("a sync reply");
+    assert_eq!((out.applied, out.invalid), (0, 1));
+    assert_eq!(out.invalid_keys, vec![key("alice")]);
+    assert_eq!(out.snapshots_wanted(), vec![key("alice")]);
+    assert_eq!(
+        w.store.raw(&key("alice").kv_key()).unwrap().1,
+        Some(full.version),
+        "KV untouched"
+    );
+}
+
+#[test]
+fn a_gap_keeps_the_shoppers_own_events() {
+    let w = World::new();
+    let e1 = event("alice", 1, VIEW_LAPTOP);
+    let v1 = profile_of("alice", std::slice::from_ref(&e1));
+    w.sync(vec![snapshot("alice", &v1)]);
+    let body = format!(r#"{{"event_id":"x1","ts":{},{ADD_CAMERA}}}"#, w.now());
+    assert_eq!(
+        w.post("/v1/events", &alice(), body.as_bytes()).reply.status,
+        202
+    );
+    // origin moved on (v5 -> v6) without the local event; this edge holds v1: a gap
+    let mut v5 = v1.clone();
+    v5.version = 5;
+    let mut v6 = v5.clone();
+    v6.version = 6;
+    v6.views += 1;
+    let out = w.sync(vec![SyncItem::Delta(Delta {
+        user: key("alice"),
+        change: diff(&v5, &v6),
+    })]);
+    assert_eq!(out["resend"], json!([key("alice").to_hex()]));
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["pending_local_events"], 1, "{me}");
+    assert_eq!(me["profile"]["cart"][0]["item"], "cam-001", "{me}");
+}
+
+#[test]
+fn a_stale_cached_base_never_moves_kv_back() {
+    let w = World::new();
+    let e1 = event("alice", 1, VIEW_LAPTOP);
+    let v1 = profile_of("alice", std::slice::from_ref(&e1));
+    w.sync(vec![snapshot("alice", &v1)]);
+    w.get("/v1/recommendations", &alice()); // this isolate caches v1
+    // another isolate synced v7 since
+    let mut v7 = profile_of("alice", &[e1, event("alice", 2, ADD_CAMERA)]);
+    v7.version = 7;
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(v7)),
+        Some(7),
+    );
+    // a late snapshot v5 reaches this isolate
+    let mut v5 = v1.clone();
+    v5.version = 5;
+    let out = w.sync(vec![snapshot("alice", &v5)]);
+    assert_eq!(out["duplicates"], 1, "{out}");
+    assert_eq!(w.store.raw(&key("alice").kv_key()).unwrap().1, Some(7));
+}
+
+#[test]
+fn a_change_kv_already_holds_still_refreshes_this_isolates_copy() {
+    let w = World::new();
+    let (v2, _) = alice_at_v1_with_v2_coming(&w);
+    // origin's KV sink wrote version 2 first; then the same change reaches this edge
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(v2.clone())),
+        Some(2),
+    );
+    let out = w.sync(vec![snapshot("alice", &v2)]);
+    assert_eq!(out["duplicates"], 1, "{out}");
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
+}
+
+#[test]
+fn a_batch_that_failed_to_store_can_be_retried_with_the_same_signature() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &p)],
+        },
+        Codec::Lz4,
+    );
+    w.store.set_failing(true);
+    assert_eq!(w.signed_sync(&frame).status, 503);
+    w.store.set_failing(false);
+    assert_eq!(
+        w.signed_sync(&frame).status,
+        200,
+        "not a replay: it never took effect"
+    );
+    assert_eq!(w.signed_sync(&frame).status, 409, "now it did");
+}
+
+#[test]
+fn a_full_replay_memory_is_not_reported_as_already_applied() {
+    let w = World::new();
+    let now_s = w.now() / 1000;
+    {
+        let mut guard = w.app.replay.borrow_mut();
+        for n in 0..REPLAY_CAPACITY as u32 {
+            let mut sig = [0u8; 32];
+            sig[..4].copy_from_slice(&n.to_le_bytes());
+            guard.check_and_record(sig, now_s, now_s).unwrap();
+        }
+    }
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &p)],
+        },
+        Codec::Lz4,
+    );
+    let r = w.signed_sync(&frame);
+    assert_ne!(r.status, 409, "409 means applied, but nothing was");
+    assert!(w.store.raw(&key("alice").kv_key()).is_none());
+}
+
+/// Alice's profile synced at version 1 (and served), and her version 2: the profile and a
+/// sync frame carrying it.
+fn alice_at_v1_with_v2_coming(w: &World) -> (Profile, Vec<u8>) {
+    let v1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.sync(vec![snapshot("alice", &v1)]);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
+    let v2 = profile_of(
+        "alice",
+        &[
+            event("alice", 1, VIEW_LAPTOP),
+            event("alice", 2, ADD_CAMERA),
+        ],
+    );
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &v2)],
+        },
+        Codec::Lz4,
+    );
+    (v2, frame)
+}
+
+#[test]
+fn a_synced_profile_shows_before_its_kv_write_and_is_withdrawn_if_that_fails() {
+    let w = World::new();
+    let (_, frame) = alice_at_v1_with_v2_coming(&w);
+    w.store.set_failing_writes(true);
+    assert_eq!(w.signed_sync(&frame).status, 503);
+    w.store.set_failing_writes(false);
+    // the cache gave the version back: what is served is what KV holds
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["profile_version"], 1, "{me}");
+    // origin retries; now it sticks, in the cache and in KV
+    assert_eq!(w.signed_sync(&frame).status, 200);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
+    assert_eq!(
+        w.store.raw(&key("alice").kv_key()).and_then(|v| v.1),
+        Some(2)
+    );
+}
+
+/// A store whose writes wait until the test opens the gate: a KV write still running.
+struct WriteGatedStore<'a> {
+    inner: &'a MemoryStore,
+    open: Cell<bool>,
+}
+
+impl Store for WriteGatedStore<'_> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        std::future::poll_fn(|_| {
+            if self.open.get() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        self.inner.put(key, value, version).await
+    }
+}
+
+fn sync_request(w: &World, frame: &[u8]) -> HttpRequest {
+    let ts = w.now() / 1000;
+    let sig = auth::sign(SYNC_SECRET.as_bytes(), ts, frame);
+    let mut req = HttpRequest::get("/v1/sync");
+    req.method = "POST".into();
+    req.headers = vec![
+        (auth::TIMESTAMP_HEADER.to_owned(), ts.to_string()),
+        (auth::SIGNATURE_HEADER.to_owned(), sig),
+    ];
+    req.body = frame.to_vec();
+    req
+}
+
+#[test]
+fn a_retry_that_overtakes_a_running_kv_write_is_told_to_come_back() {
+    let w = World::new();
+    let (_, frame) = alice_at_v1_with_v2_coming(&w);
+    let gated = WriteGatedStore {
+        inner: &w.store,
+        open: Cell::new(false),
+    };
+    let first = sync_request(&w, &frame);
+    let mut running = pin!(w.app.handle(&gated, &w.clock, &first, || [0x11; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(running.as_mut().poll(&mut cx).is_pending(), "waits on KV");
+    // origin timed out and re-sent, signed anew: not "already applied", since KV has not got it
+    w.advance(1000);
+    let retry = run(w
+        .app
+        .handle(&gated, &w.clock, &sync_request(&w, &frame), || [0x11; 16]));
+    assert_eq!(
+        retry.reply.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&retry.reply.body)
+    );
+    gated.open.set(true);
+    let Poll::Ready(done) = running.as_mut().poll(&mut cx) else {
+        panic!("the gate is open")
+    };
+    assert_eq!(done.reply.status, 200);
+    assert_eq!(
+        w.store.raw(&key("alice").kv_key()).and_then(|v| v.1),
+        Some(2)
+    );
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
+}
+
+/// A store whose reads wait until opened.
+struct GatedStore {
+    inner: MemoryStore,
+    closed: Cell<bool>,
+}
+
+impl Store for GatedStore {
+    async fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, StoreError> {
+        std::future::poll_fn(|_| {
+            if self.closed.get() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        self.inner.put(key, value, version).await
+    }
+}
+
+#[test]
+fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
+    let app = App::new(config());
+    let store = GatedStore {
+        inner: MemoryStore::new(),
+        closed: Cell::new(true),
+    };
+    let clock = TestClock(Cell::new(NOW_MS as f64));
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &p)],
+        },
+        Codec::Lz4,
+    );
+    let ts = NOW_MS / 1000;
+    let req = HttpRequest {
+        method: "POST".into(),
+        path: "/v1/sync".into(),
+        headers: vec![
+            (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
+            (
+                auth::SIGNATURE_HEADER.into(),
+                auth::sign(SYNC_SECRET.as_bytes(), ts, &frame),
+            ),
+        ],
+        body: frame,
+        ..HttpRequest::default()
+    };
+    let mut first = Box::pin(app.handle(&store, &clock, &req, || [1; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    // origin timed out and retries while the first attempt waits on KV
+    let retry = run(app.handle(&store, &clock, &req, || [1; 16]));
+    assert_ne!(retry.reply.status, 409, "not applied yet");
+    // the first attempt then fails
+    store.inner.set_failing(true);
+    store.closed.set(false);
+    let Poll::Ready(h) = first.as_mut().poll(&mut cx) else {
+        panic!("pending")
+    };
+    assert_eq!(h.reply.status, 503);
+    store.inner.set_failing(false);
+    assert_eq!(
+        run(app.handle(&store, &clock, &req, || [1; 16]))
+            .reply
+            .status,
+        200
+    );
+    drop(first);
+
+    // a request cancelled mid-batch (the future dropped) does not count as applied either
+    let p2 = profile_of("bob", &[event("bob", 1, ADD_CAMERA)]);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("bob", &p2)],
+        },
+        Codec::Lz4,
+    );
+    let mut req = req.clone();
+    req.headers[1].1 = auth::sign(SYNC_SECRET.as_bytes(), ts, &frame);
+    req.body = frame;
+    store.closed.set(true);
+    let mut cancelled = Box::pin(app.handle(&store, &clock, &req, || [1; 16]));
+    assert!(cancelled.as_mut().poll(&mut cx).is_pending());
+    drop(cancelled);
+    store.closed.set(false);
+    assert_eq!(
+        run(app.handle(&store, &clock, &req, || [1; 16]))
+            .reply
+            .status,
+        200
+    );
+}
+
+#[test]
+fn a_failed_kv_write_in_sync_is_logged_and_not_sent_to_origin() {
+    let w = World::new();
+    let (_, frame) = alice_at_v1_with_v2_coming(&w);
+    log::take();
+    w.store.set_failing_writes(true);
+    let r = w.signed_sync(&frame);
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.body_json(),
+        json!({ "error": "KV write failed; retry the batch" })
+    );
+    assert!(log::take().join("\n").contains("injected failure"));
+}
+
+/// KV bytes this build cannot decode are served as no profile, and said: no retry fixes them.
+#[test]
+fn an_undecodable_profile_in_kv_is_logged_and_replaced_by_the_next_snapshot() {
+    let w = World::new();
+    let kv_key = key("alice").kv_key();
+    w.store
+        .insert_raw(&kv_key, b"\xff not a stored value".to_vec(), Some(3));
+    log::take();
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["profile"], Value::Null, "{me}");
+    let logged = log::take().join("\n");
+    assert!(
+        logged.contains(&kv_key) && logged.contains("does not decode"),
+        "{logged}"
+    );
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    assert_eq!(w.sync(vec![snapshot("alice", &p)])["applied"], 1);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
+}

@@ -1,0 +1,510 @@
+//! The edge's HTTP vocabulary, independent of the Workers runtime: the request and reply the
+//! handlers see, the requests to origin they leave behind, the clock, the header helpers, the
+//! checked query of `/v1/recommendations`, and [`EdgeError`], every way a request can fail.
+//!
+//! Why it is its own module: the handlers (`app`) and the pages (`storefront`) both build
+//! replies. Kept in `app`, the reply type made `storefront` import from `app` while `app`
+//! imports `storefront`. Here it sits below both, and imports neither; `app` re-exports these
+//! types so `edge_worker::app::HttpRequest` and friends keep naming them.
+
+use crate::identity::IdentityError;
+use crate::log;
+use crate::store::StoreError;
+use serde_json::{Value, json};
+use shared::auth::AuthError;
+use shared::catalog::{Catalog, CatalogError};
+use shared::context::parse_country;
+use shared::ids::Secs;
+use shared::recommend::{MAX_K, RequestContext};
+use shared::rules::{Device, RulesError, Slot};
+use shared::wire::WireError;
+
+/// Longest query string looked at.
+pub const MAX_QUERY: usize = 2048;
+
+/// A request in runtime-neutral form. Header names are lowercase.
+#[derive(Clone, Debug, Default)]
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    pub fn get(path_and_query: &str) -> HttpRequest {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        HttpRequest {
+            method: "GET".into(),
+            path: path.into(),
+            query: query.into(),
+            ..HttpRequest::default()
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A response in runtime-neutral form: the glue turns it into a `worker::Response`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(status: u16, value: &Value) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: serde_json::to_vec(value).unwrap_or_default(),
+        }
+    }
+
+    /// A JSON body already serialized.
+    pub fn bytes_json(status: u16, body: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body,
+        }
+    }
+
+    pub fn error(status: u16, message: &str) -> Reply {
+        Reply::json(status, &json!({ "error": message }))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A request to origin, sent after the reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outbound {
+    pub method: &'static str,
+    pub url: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What handling a request produced: the reply, and the requests to send to origin after it.
+#[derive(Debug)]
+pub struct Handled {
+    pub reply: Reply,
+    pub outbound: Vec<Outbound>,
+}
+
+impl From<Reply> for Handled {
+    fn from(reply: Reply) -> Self {
+        Handled {
+            reply,
+            outbound: Vec::new(),
+        }
+    }
+}
+
+/// Wall-clock milliseconds (`Date.now()` in the worker).
+pub trait Clock {
+    fn now_ms(&self) -> f64;
+}
+
+/// The header for per-shopper answers: no browser or shared cache may keep them.
+pub(crate) fn no_store() -> (&'static str, String) {
+    ("cache-control", "private, no-store".into())
+}
+
+/// Replaces every `name` header of `reply` with one holding `value`.
+pub(crate) fn set_header(reply: &mut Reply, name: &'static str, value: String) {
+    reply.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    reply.headers.push((name, value));
+}
+
+/// Why the edge refused a request or could not complete it. Each variant is one HTTP status
+/// and a body `{"error": "<message>"}`, converted in one place (`From<EdgeError> for Reply`).
+/// A 4xx message says what the caller should change. A 5xx message says what to do (retry);
+/// the internal detail a 5xx carries (a KV error, the key it was about) is logged there and
+/// never sent, since it is about this deployment, not the request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EdgeError {
+    #[error("no such route; see /healthz for the API list")]
+    NoRoute,
+    /// Answered with an `allow` header naming `allow`.
+    #[error("method not allowed; use {allow}")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("{what} is {len} bytes; the limit is {limit}")]
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        limit: u64,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+
+    // ---- the query of /v1/recommendations
+    #[error("query string is longer than {MAX_QUERY} bytes")]
+    QueryTooLong,
+    #[error("query parameter {name:?} is not valid percent-encoded UTF-8")]
+    BadEncoding { name: String },
+    #[error("slot {0:?} is not one of home, product, category, cart, checkout")]
+    BadSlot(String),
+    #[error("k must be a whole number from 1 to {MAX_K}")]
+    BadK,
+    #[error("item must be a SKU (letters, digits and - _ . :)")]
+    BadItem,
+    #[error("item {0:?} is not in the catalog")]
+    UnknownItem(String),
+    #[error("device must be desktop, mobile or tablet")]
+    BadDevice,
+    #[error("country must be a two-letter ISO code")]
+    BadCountry,
+
+    // ---- the body of /v1/events
+    #[error("body is not valid JSON: {0}")]
+    BadJson(serde_json::Error),
+    #[error("expected an event object, an array of events, or {{\"events\": [...]}}")]
+    NotEvents,
+    #[error("a batch holds 1 to {limit} events; this one has {len}")]
+    BatchSize { len: usize, limit: usize },
+
+    // ---- /v1/sync and what needs a secret
+    #[error("{feature} is not configured: set the {secret} secret")]
+    Unconfigured {
+        feature: &'static str,
+        secret: &'static str,
+    },
+    /// 409 for a replay (the batch already took effect), 401 for the rest.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("undecodable sync frame: {0}")]
+    BadFrame(WireError),
+    #[error("batch has {deltas} deltas; send at most {limit} per request")]
+    TooManyDeltas { deltas: usize, limit: usize },
+    #[error("this batch is still being applied; retry it")]
+    BatchInFlight,
+    #[error("replay memory is full; retry the batch later")]
+    ReplayMemoryFull,
+    #[error("a write of this profile is still running, retry the batch")]
+    WriteInFlight,
+
+    // ---- the store failed; `key` and `source` are logged, `then` is sent
+    #[error("KV read failed; {then}")]
+    KvRead {
+        key: String,
+        then: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    #[error("KV write failed; {then}")]
+    KvWrite {
+        key: String,
+        then: &'static str,
+        #[source]
+        source: StoreError,
+    },
+
+    // ---- a published document that does not compile; `/v1/sync` reports it in its answer
+    #[error("catalog version {version}: {source}")]
+    Catalog { version: u64, source: CatalogError },
+    #[error("rules version {version}: {source}")]
+    Rules { version: u64, source: RulesError },
+}
+
+impl EdgeError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            EdgeError::NoRoute => 404,
+            EdgeError::MethodNotAllowed { .. } => 405,
+            EdgeError::TooLarge { .. } | EdgeError::TooManyDeltas { .. } => 413,
+            EdgeError::Auth(AuthError::Replay) => 409,
+            EdgeError::Auth(_) => 401,
+            EdgeError::Unconfigured { .. }
+            | EdgeError::BatchInFlight
+            | EdgeError::ReplayMemoryFull
+            | EdgeError::WriteInFlight
+            | EdgeError::KvRead { .. }
+            | EdgeError::KvWrite { .. } => 503,
+            EdgeError::Catalog { .. } | EdgeError::Rules { .. } => 422,
+            EdgeError::Identity(_)
+            | EdgeError::QueryTooLong
+            | EdgeError::BadEncoding { .. }
+            | EdgeError::BadSlot(_)
+            | EdgeError::BadK
+            | EdgeError::BadItem
+            | EdgeError::UnknownItem(_)
+            | EdgeError::BadDevice
+            | EdgeError::BadCountry
+            | EdgeError::BadJson(_)
+            | EdgeError::NotEvents
+            | EdgeError::BatchSize { .. }
+            | EdgeError::BadFrame(_) => 400,
+        }
+    }
+
+    /// What an operator should see: the failures that are about this deployment rather than
+    /// the request. Retry races (`BatchInFlight`, `WriteInFlight`) are not; a missing secret
+    /// is already reported by `/healthz` and at startup.
+    fn log_line(&self) -> Option<String> {
+        match self {
+            EdgeError::KvRead { key, source, .. } => {
+                Some(format!("KV read of {key} failed, answered 503: {source}"))
+            }
+            EdgeError::KvWrite { key, source, .. } => {
+                Some(format!("KV write of {key} failed, answered 503: {source}"))
+            }
+            EdgeError::ReplayMemoryFull => Some(
+                "sync replay memory is full: refusing batches until signatures age out of the window"
+                    .to_owned(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// The one place an [`EdgeError`] becomes a reply, and where its internal detail is logged.
+impl From<EdgeError> for Reply {
+    fn from(e: EdgeError) -> Reply {
+        if let Some(line) = e.log_line() {
+            log::warn(&line);
+        }
+        let mut reply = Reply::error(e.status(), &e.to_string());
+        if let EdgeError::MethodNotAllowed { allow } = e {
+            reply.headers.push(("allow", allow.into()));
+        }
+        reply
+    }
+}
+
+impl From<EdgeError> for Handled {
+    fn from(e: EdgeError) -> Handled {
+        Reply::from(e).into()
+    }
+}
+
+/// Whether every `%` in `raw` starts an escape of two hex digits. The decoder passes a
+/// malformed escape (`%ZZ`, `%+1`, a trailing `%`) through as text; the API refuses it, so a
+/// client's encoding bug is answered as one rather than as "no such slot".
+fn escapes_are_well_formed(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'%')
+        .all(|(i, _)| {
+            bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+        })
+}
+
+/// A query value, form-decoded (`+` is a space, `%2B` a plus); `None` if an escape is
+/// malformed or the decoded bytes are not UTF-8.
+fn decode_value(raw: &str) -> Option<String> {
+    if !escapes_are_well_formed(raw) {
+        return None;
+    }
+    // '+' first: a plus the client meant arrives as %2B and is decoded after this
+    let spaced = raw.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
+}
+
+/// The query of `/v1/recommendations`, checked.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Query {
+    pub(crate) slot: Option<Slot>,
+    pub(crate) k: Option<usize>,
+    pub(crate) item: Option<String>,
+    pub(crate) device: Option<Device>,
+    pub(crate) country: Option<[u8; 2]>,
+}
+
+impl Query {
+    pub(crate) fn parse(query: &str) -> Result<Query, EdgeError> {
+        if query.len() > MAX_QUERY {
+            return Err(EdgeError::QueryTooLong);
+        }
+        let mut q = Query::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, raw) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = decode_value(raw).ok_or_else(|| EdgeError::BadEncoding {
+                name: name.to_owned(),
+            })?;
+            match name {
+                "slot" => q.slot = Some(Slot::parse(&value).ok_or(EdgeError::BadSlot(value))?),
+                "k" => {
+                    let k = value.parse::<usize>().ok();
+                    q.k = Some(
+                        k.filter(|k| (1..=MAX_K).contains(k))
+                            .ok_or(EdgeError::BadK)?,
+                    );
+                }
+                "item" => {
+                    if !shared::ids::is_sku(&value) || value.len() > shared::ids::MAX_SKU_LEN {
+                        return Err(EdgeError::BadItem);
+                    }
+                    q.item = Some(value);
+                }
+                "device" => q.device = Some(Device::parse(&value).ok_or(EdgeError::BadDevice)?),
+                "country" => q.country = Some(parse_country(&value).ok_or(EdgeError::BadCountry)?),
+                _ => {} // unknown parameters (cache busters, analytics) are ignored
+            }
+        }
+        Ok(q)
+    }
+
+    /// The request context the query asks for, with its item looked up in `catalog`.
+    pub(crate) fn context(
+        &self,
+        catalog: &Catalog,
+        now_ms: u64,
+    ) -> Result<RequestContext, EdgeError> {
+        let mut ctx =
+            RequestContext::new(self.slot.unwrap_or(Slot::Home), Secs::from_unix_ms(now_ms));
+        if let Some(k) = self.k {
+            ctx.k = k;
+        }
+        ctx.country = self.country;
+        if let Some(sku) = &self.item {
+            let item = catalog
+                .item_by_sku(sku)
+                .ok_or_else(|| EdgeError::UnknownItem(sku.clone()))?;
+            ctx.current_item = Some(item.id());
+        }
+        Ok(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(query: &str) -> Result<Query, String> {
+        Query::parse(query).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn values_are_form_decoded() {
+        assert_eq!(decode_value("a+b%2Bc%20d").as_deref(), Some("a b+c d"));
+        assert_eq!(decode_value("%63%61%6D-001").as_deref(), Some("cam-001"));
+        assert_eq!(decode_value("caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(decode_value("").as_deref(), Some(""));
+        let q = parsed("slot=%70roduct&k=%33&item=cam-001&device=mobile&country=de").unwrap();
+        assert_eq!(
+            q,
+            Query {
+                slot: Some(Slot::Product),
+                k: Some(3),
+                item: Some("cam-001".into()),
+                device: Some(Device::Mobile),
+                country: Some(*b"DE"),
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_escapes_and_invalid_utf8_are_refused() {
+        for raw in [
+            "%ff", "%C3%28", "%+1", "%-1", "%ZZ", "%", "%4", "a%", "%%41", "%é1",
+        ] {
+            assert_eq!(decode_value(raw), None, "{raw:?}");
+            let e = parsed(&format!("slot={raw}")).unwrap_err();
+            assert!(e.contains("percent-encoded"), "{raw:?}: {e}");
+        }
+        // unknown parameters are ignored, but only once they decode
+        assert_eq!(parsed("utm=a%20b&x"), Ok(Query::default()));
+        assert!(parsed("utm=%ZZ").unwrap_err().contains("\"utm\""));
+    }
+
+    fn body(reply: &Reply) -> Value {
+        assert_eq!(reply.content_type, "application/json");
+        reply.body_json()
+    }
+
+    #[test]
+    fn errors_answer_their_status_with_a_json_error() {
+        for (e, status) in [
+            (EdgeError::NoRoute, 404),
+            (EdgeError::BadK, 400),
+            (EdgeError::Identity(IdentityError::CookieTooLarge), 400),
+            (EdgeError::Auth(AuthError::BadSignature), 401),
+            (EdgeError::Auth(AuthError::Replay), 409),
+            (
+                EdgeError::TooManyDeltas {
+                    deltas: 9,
+                    limit: 1,
+                },
+                413,
+            ),
+            (EdgeError::WriteInFlight, 503),
+        ] {
+            let message = e.to_string();
+            let reply = Reply::from(e);
+            assert_eq!(reply.status, status, "{message}");
+            assert_eq!(body(&reply), json!({ "error": message }));
+        }
+        let reply = Reply::from(EdgeError::MethodNotAllowed {
+            allow: "GET, DELETE",
+        });
+        assert_eq!(
+            (reply.status, reply.header("allow")),
+            (405, Some("GET, DELETE"))
+        );
+        assert_eq!(body(&reply)["error"], "method not allowed; use GET, DELETE");
+    }
+
+    #[test]
+    fn an_internal_failure_is_logged_and_not_sent() {
+        log::take();
+        let reply = Reply::from(EdgeError::KvRead {
+            key: "p:00ff".into(),
+            then: "retry the batch",
+            source: StoreError::Backend("kv exploded at 10.0.0.7".into()),
+        });
+        assert_eq!(reply.status, 503);
+        assert_eq!(
+            body(&reply),
+            json!({ "error": "KV read failed; retry the batch" })
+        );
+        let logged = log::take().join("\n");
+        assert!(
+            logged.contains("p:00ff") && logged.contains("kv exploded at 10.0.0.7"),
+            "{logged}"
+        );
+        // a caller's mistake is the caller's to fix, not the operator's
+        assert_eq!(Reply::from(EdgeError::BadCountry).status, 400);
+        assert_eq!(log::take(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_country_is_two_letters_in_either_case() {
+        assert_eq!(parsed("country=us").unwrap().country, Some(*b"US"));
+        for bad in ["usa", "u", "T1", "%C3%A9s", ""] {
+            let e = parsed(&format!("country={bad}")).unwrap_err();
+            assert!(e.contains("two-letter"), "{bad:?}: {e}");
+        }
+    }
+}
