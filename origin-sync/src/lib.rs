@@ -13,6 +13,8 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod publish;
+pub mod sender;
 pub mod service;
 pub mod sink;
 pub mod store;

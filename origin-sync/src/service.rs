@@ -106,13 +106,16 @@ pub async fn run(
             })
             .await
     });
-    let docs = tokio::spawn(pipeline::watch_documents(shared.clone(), shutdown.clone()));
+    let docs = tokio::spawn(crate::publish::watch_documents(
+        shared.clone(),
+        shutdown.clone(),
+    ));
     let lag = tokio::spawn(pipeline::watch_lag(
         metrics.clone(),
         consumer.clone(),
         shutdown.clone(),
     ));
-    let sender = tokio::spawn(pipeline::send(
+    let sender = tokio::spawn(crate::sender::send(
         shared.clone(),
         sinks,
         touched_rx,
