@@ -11,7 +11,11 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::{BTreeMap, HashSet};
 
-pub use crate::protocol::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
+/// Header carrying the signing time, Unix seconds (re-exported by [`crate::protocol`], where
+/// the rest of the contract lives; defined here so signing depends on nothing above it).
+pub const TIMESTAMP_HEADER: &str = "x-edgewise-timestamp";
+/// Header carrying `v1=<hex hmac>`.
+pub const SIGNATURE_HEADER: &str = "x-edgewise-signature";
 /// How far the signing time may be from the verifier's clock, either way.
 pub const DEFAULT_WINDOW_SECS: u64 = 300;
 

@@ -9,6 +9,9 @@ use hmac::Mac;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// KV key prefix of shoppers' stored values (see `crate::protocol` for the whole KV layout).
+pub const PROFILE_KEY_PREFIX: &str = "p:";
+
 /// Domain separation, so the same secret can key other hashes without overlap.
 const CONTEXT: &[u8] = b"edgewise/user-key/v1\0";
 
@@ -42,7 +45,7 @@ impl UserKey {
 
     /// The Workers KV key of this shopper's profile.
     pub fn kv_key(&self) -> String {
-        crate::protocol::profile_key(self)
+        format!("{PROFILE_KEY_PREFIX}{}", self.to_hex())
     }
 }
 

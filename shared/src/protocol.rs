@@ -39,10 +39,7 @@ pub mod route {
     }
 }
 
-/// Header carrying the signing time, Unix seconds.
-pub const TIMESTAMP_HEADER: &str = "x-edgewise-timestamp";
-/// Header carrying `v1=<hex hmac>`.
-pub const SIGNATURE_HEADER: &str = "x-edgewise-signature";
+pub use crate::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 
 /// The signature of one request: who builds it sends [`Signed::headers`]; who receives it
 /// reads them back with [`Signed::from_headers`] and checks them with [`Signed::verify`].
@@ -201,8 +198,7 @@ impl ErasureBody {
     }
 }
 
-/// KV key prefix of shoppers' stored values.
-pub const PROFILE_KEY_PREFIX: &str = "p:";
+pub use crate::keys::PROFILE_KEY_PREFIX;
 /// KV key of the published catalog.
 pub const CATALOG_KEY: &str = "cfg:catalog";
 /// KV key of the published rules.
@@ -210,7 +206,7 @@ pub const RULES_KEY: &str = "cfg:rules";
 
 /// The KV key of one shopper's stored value: the prefix and the user key in hex.
 pub fn profile_key(user: &UserKey) -> String {
-    format!("{PROFILE_KEY_PREFIX}{}", user.to_hex())
+    user.kv_key()
 }
 
 /// The KV key of a published document.
