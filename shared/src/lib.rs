@@ -15,6 +15,7 @@ pub mod event;
 pub mod fold;
 pub mod ids;
 pub mod keys;
+pub mod problem;
 pub mod profile;
 pub mod protocol;
 pub mod recommend;

@@ -28,6 +28,7 @@ use super::{
     MAX_TAGS_PER_ITEM,
 };
 use crate::ids::{CategoryId, ItemId, is_sku, is_slug};
+use crate::problem::FieldProblem;
 use std::collections::BTreeMap;
 
 /// Validates and indexes a parsed catalog, phase by phase (see the module docs).
@@ -67,11 +68,12 @@ pub(super) fn compile(raw: RawCatalog) -> Result<Catalog, CatalogError> {
 // Validation
 // ---------------------------------------------------------------------------------------------
 
-fn invalid(subject: Subject, field: &'static str, problem: Problem) -> CatalogError {
+/// Takes `impl Into<Problem>` so a shared [`FieldProblem`] needs no wrapping at the call site.
+fn invalid(subject: Subject, field: &'static str, problem: impl Into<Problem>) -> CatalogError {
     CatalogError::Invalid {
         subject,
         field,
-        problem,
+        problem: problem.into(),
     }
 }
 
@@ -83,14 +85,14 @@ fn check_text(
     allow_empty: bool,
 ) -> Result<(), CatalogError> {
     if !allow_empty && value.trim().is_empty() {
-        return Err(invalid(subject.clone(), field, Problem::Empty));
+        return Err(invalid(subject.clone(), field, FieldProblem::Empty));
     }
     let len = value.chars().count();
     if len > max {
         return Err(invalid(
             subject.clone(),
             field,
-            Problem::TooLong { len, max },
+            FieldProblem::TooLong { len, max },
         ));
     }
     Ok(())
@@ -129,7 +131,7 @@ fn declare_categories(raw: &[RawCategory]) -> Result<BTreeMap<&str, u16>, Catalo
             return Err(invalid(subject, "id", Problem::BadSlug));
         }
         if cat_by_slug.contains_key(c.id.as_str()) {
-            return Err(invalid(subject, "id", Problem::Duplicate));
+            return Err(invalid(subject, "id", FieldProblem::Duplicate));
         }
         let cid = CategoryId::of_name(&c.id);
         if let Some(other) = cat_by_hash.get(&cid) {
@@ -166,7 +168,7 @@ fn build_categories(
             return Err(invalid(
                 subject(),
                 "accessory_categories",
-                Problem::TooMany {
+                FieldProblem::TooMany {
                     count: c.accessory_categories.len(),
                     max: MAX_ACCESSORY_CATEGORIES,
                 },
@@ -178,7 +180,7 @@ fn build_categories(
                 return Err(invalid(
                     subject(),
                     "accessory_categories",
-                    Problem::UnknownCategory(a.clone()),
+                    FieldProblem::UnknownCategory(a.clone()),
                 ));
             };
             if usize::from(ai) == i {
@@ -229,7 +231,7 @@ fn declare_items<'a>(
             return Err(invalid(subject, "sku", Problem::BadSku));
         }
         if sku_to_index.contains_key(it.sku.as_str()) {
-            return Err(invalid(subject, "sku", Problem::Duplicate));
+            return Err(invalid(subject, "sku", FieldProblem::Duplicate));
         }
         let id = ItemId::of_sku(&it.sku);
         if let Some(other) = item_by_hash.get(&id) {
@@ -265,14 +267,14 @@ fn check_item_fields(
         return Err(invalid(
             subject.clone(),
             "category",
-            Problem::UnknownCategory(it.category.clone()),
+            FieldProblem::UnknownCategory(it.category.clone()),
         ));
     }
     if !(0.0..=MAX_PRICE).contains(&it.price) {
         return Err(invalid(
             subject.clone(),
             "price",
-            Problem::OutOfRange {
+            FieldProblem::OutOfRange {
                 value: it.price,
                 range: "a number from 0 to 1000000000",
             },
@@ -282,7 +284,7 @@ fn check_item_fields(
         return Err(invalid(
             subject.clone(),
             "popularity",
-            Problem::OutOfRange {
+            FieldProblem::OutOfRange {
                 value: it.popularity,
                 range: "a number from 0 to 1",
             },
@@ -292,7 +294,7 @@ fn check_item_fields(
         return Err(invalid(
             subject.clone(),
             "tags",
-            Problem::TooMany {
+            FieldProblem::TooMany {
                 count: it.tags.len(),
                 max: MAX_TAGS_PER_ITEM,
             },
@@ -305,7 +307,7 @@ fn check_item_fields(
         return Err(invalid(
             subject.clone(),
             "accessories",
-            Problem::TooMany {
+            FieldProblem::TooMany {
                 count: it.accessories.len(),
                 max: MAX_ACCESSORIES_PER_ITEM,
             },
@@ -345,7 +347,7 @@ fn build_items(
                 return Err(invalid(
                     Subject::Item(it.sku.clone()),
                     "accessories",
-                    Problem::UnknownSku(a.clone()),
+                    FieldProblem::UnknownSku(a.clone()),
                 ));
             };
             if ai as usize == i {
@@ -399,7 +401,7 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 "[[item]]\nsku = \"cam-001\"\nname = \"Cam\"\ncategory = \"camras\"\nprice = 1\n",
-                r#"item "cam-001": field "category": unknown category "camras"; declare it under [[category]]"#,
+                r#"item "cam-001": field "category": unknown category "camras"; use the id of a [[category]] in the catalog"#,
             ),
             (
                 "[[item]]\nsku = \"cam 001\"\nname = \"Cam\"\ncategory = \"cameras\"\nprice = 1\n",
@@ -439,7 +441,7 @@ mod tests {
             ),
             (
                 &item("accessories = [\"lens-999\"]"),
-                r#"item "cam-001": field "accessories": unknown sku "lens-999"; list only skus of items in this catalog"#,
+                r#"item "cam-001": field "accessories": unknown sku "lens-999"; use the sku of an [[item]] in the catalog"#,
             ),
             (
                 &item("accessories = [\"cam-001\"]"),
@@ -537,7 +539,7 @@ mod tests {
             ),
             (
                 "version = 1\n[[category]]\nid = \"cameras\"\nname = \"Cameras\"\naccessory_categories = [\"lense\"]\n",
-                r#"category "cameras": field "accessory_categories": unknown category "lense"; declare it under [[category]]"#,
+                r#"category "cameras": field "accessory_categories": unknown category "lense"; use the id of a [[category]] in the catalog"#,
             ),
             (
                 "version = 1\n[[category]]\nid = \"cameras\"\nname = \"Cameras\"\naccessory_categories = [\"cameras\"]\n",
@@ -651,7 +653,7 @@ mod tests {
             CatalogError::Invalid {
                 subject: Subject::Item("a".into()),
                 field: "category",
-                problem: Problem::UnknownCategory("x".into()),
+                problem: Problem::Field(FieldProblem::UnknownCategory("x".into())),
             }
         );
     }

@@ -2,11 +2,13 @@
 //!
 //! Errors are data first ([`CatalogError`], [`Problem`], [`Subject`]) so callers and tests can
 //! match on them, and their `Display` is the message a merchandiser reads: lowercase, naming the
-//! category or item and the field, and saying what to do instead. TOML errors are reduced to a
-//! line, a column and one line of message here too (the rules' errors use the same).
+//! category or item and the field, and saying what to do instead. Problems the rules can have
+//! too (blank, too long, unknown category, …) are a [`FieldProblem`], defined once in
+//! [`crate::problem`]; [`Problem`] keeps only the catalog's own.
 
 use super::CATALOG_VERSION;
 use crate::ids::{MAX_SKU_LEN, MAX_SLUG_LEN};
+use crate::problem::FieldProblem;
 use std::fmt;
 
 /// What a validation error is about.
@@ -31,35 +33,32 @@ impl fmt::Display for Subject {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Problem {
+    /// A problem the rules share (blank, too long, too many, out of range, a second category
+    /// with the same id or item with the same SKU, an undeclared category or SKU).
+    Field(FieldProblem),
     /// Not a valid category id or tag.
     BadSlug,
     /// Not a valid SKU.
     BadSku,
-    /// An empty (or blank) string.
-    Empty,
-    /// A string longer than allowed.
-    TooLong { len: usize, max: usize },
-    /// A second category with the same id, or a second item with the same SKU.
-    Duplicate,
-    /// Refers to a category that is not declared.
-    UnknownCategory(String),
-    /// Refers to a SKU that is not in the catalog.
-    UnknownSku(String),
     /// An item lists itself as its accessory.
     SelfAccessory,
     /// A category lists itself as its accessory category.
     SelfAccessoryCategory,
-    /// A number outside its range; `range` says which values are accepted.
-    OutOfRange { value: f64, range: &'static str },
     /// The id hash equals that of another, differently named, entry.
     HashCollision { id: String, other: Subject },
-    /// A list with more entries than allowed.
-    TooMany { count: usize, max: usize },
+}
+
+/// Lets validation write `FieldProblem::Empty` where a [`Problem`] is expected.
+impl From<FieldProblem> for Problem {
+    fn from(p: FieldProblem) -> Self {
+        Problem::Field(p)
+    }
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Problem::Field(p) => fmt::Display::fmt(p, f),
             Problem::BadSlug => write!(
                 f,
                 "use 1 to {MAX_SLUG_LEN} characters from a-z, 0-9, \"_\" and \"-\""
@@ -68,18 +67,6 @@ impl fmt::Display for Problem {
                 f,
                 "use 1 to {MAX_SKU_LEN} characters from A-Z, a-z, 0-9, \".\", \"_\", \":\" and \"-\""
             ),
-            Problem::Empty => write!(f, "must not be empty"),
-            Problem::TooLong { len, max } => {
-                write!(f, "is {len} characters long; shorten it to at most {max}")
-            }
-            Problem::Duplicate => write!(f, "declared more than once; each must be unique"),
-            Problem::UnknownCategory(c) => {
-                write!(f, "unknown category {c:?}; declare it under [[category]]")
-            }
-            Problem::UnknownSku(s) => write!(
-                f,
-                "unknown sku {s:?}; list only skus of items in this catalog"
-            ),
             Problem::SelfAccessory => {
                 write!(f, "an item cannot be its own accessory; remove its own sku")
             }
@@ -87,16 +74,10 @@ impl fmt::Display for Problem {
                 f,
                 "a category cannot be its own accessory category; remove its own id"
             ),
-            Problem::OutOfRange { value, range } => {
-                write!(f, "{value} is out of range; use {range}")
-            }
             Problem::HashCollision { id, other } => write!(
                 f,
                 "its id {id} collides with that of {other}; rename one of them"
             ),
-            Problem::TooMany { count, max } => {
-                write!(f, "lists {count} entries; at most {max} are allowed")
-            }
         }
     }
 }
@@ -130,31 +111,4 @@ pub enum CatalogError {
         field: &'static str,
         problem: Problem,
     },
-}
-
-/// Turns a TOML error into a line, a column and a one-line message (shared with the rules).
-#[cfg(feature = "toml")]
-pub(crate) fn toml_position(text: &str, err: &toml::de::Error) -> (usize, usize, String) {
-    let (line, column) = match err.span() {
-        Some(span) => line_col(text, span.start),
-        None => (1, 1),
-    };
-    let message = err
-        .message()
-        .trim()
-        .trim_end_matches('.')
-        .replace('\n', "; ");
-    (line, column, message)
-}
-
-#[cfg(feature = "toml")]
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let bytes = text.as_bytes();
-    let before = bytes.get(..offset).unwrap_or(bytes);
-    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-    let line_start = before
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map_or(0, |p| p + 1);
-    (line, before.len() - line_start + 1)
 }

@@ -4,9 +4,9 @@
 //!
 //! * **TOML, validated up front.** Merchandisers edit the catalog by hand, so every mistake is
 //!   reported at load time with the item or category, the field, and what to do about it
-//!   (`item "cam-001": field "category": unknown category "camras"; declare it under
-//!   [[category]]`). The recommender then works on a catalog that is known to be consistent and
-//!   never has to handle a dangling reference.
+//!   (`item "cam-001": field "category": unknown category "camras"; use the id of a
+//!   [[category]] in the catalog`). The recommender then works on a catalog that is known to
+//!   be consistent and never has to handle a dangling reference.
 //! * **Hashed ids are checked here.** Profiles refer to items and categories by
 //!   [`ItemId::of_sku`] and [`CategoryId::of_name`] hashes (see [`crate::ids`]). Two names
 //!   that hash alike would silently share interest and cart state, so the compiler rejects them
@@ -24,19 +24,21 @@
 //!   catalog; [`Catalog::fingerprint`] lets the recommender refuse a mismatched pair instead of
 //!   reading the wrong items.
 //!
-//! The code follows those seams. `error` holds the problem vocabulary and its messages; `raw`
-//! the serde shape of a document as written; `compile` the validation, one function per phase;
-//! `index` the indexes built from the validated items. This file keeps the compiled form, its
-//! lookups and the public API, and re-exports what the submodules define, so every path stays
-//! `crate::catalog::…`.
+//! The code follows those seams. `error` holds the catalog's problem vocabulary and its
+//! messages (the part shared with the rules, [`FieldProblem`], lives in [`crate::problem`]);
+//! `raw` the serde shape of a document as written; `compile` the validation, one function per
+//! phase; `index` the indexes built from the validated items. This file keeps the compiled
+//! form, its lookups and the public API, and re-exports what the submodules define (and
+//! [`FieldProblem`]), so every path stays `crate::catalog::…`.
 
 mod compile;
 mod error;
 mod index;
 mod raw;
 
+pub use crate::problem::FieldProblem;
 #[cfg(feature = "toml")]
-pub(crate) use error::toml_position;
+use crate::problem::toml_position;
 pub use error::{CatalogError, Problem, Subject};
 
 use crate::ids::{CategoryId, ItemId};

@@ -17,6 +17,7 @@ use super::{
 use crate::catalog::{Catalog, is_sku, is_slug};
 use crate::context::{Device, MAX_K, Slot};
 use crate::ids::ItemId;
+use crate::problem::FieldProblem;
 use crate::profile::Segments;
 use std::collections::BTreeSet;
 
@@ -28,24 +29,26 @@ struct RuleCx<'a> {
 }
 
 impl RuleCx<'_> {
-    fn err(&self, field: impl Into<String>, problem: RuleProblem) -> RulesError {
+    /// Takes `impl Into<RuleProblem>` so a shared [`FieldProblem`] needs no wrapping at the
+    /// call site.
+    fn err(&self, field: impl Into<String>, problem: impl Into<RuleProblem>) -> RulesError {
         RulesError::Invalid {
             rule: self.name.to_string(),
             field: field.into(),
-            problem,
+            problem: problem.into(),
         }
     }
 
     fn category(&self, field: impl Into<String>, slug: &str) -> Result<u16, RulesError> {
         self.catalog
             .category_index_by_slug(slug)
-            .ok_or_else(|| self.err(field, RuleProblem::UnknownCategory(slug.to_string())))
+            .ok_or_else(|| self.err(field, FieldProblem::UnknownCategory(slug.to_string())))
     }
 
     fn item(&self, field: impl Into<String>, sku: &str) -> Result<u32, RulesError> {
         self.catalog
             .item_index_by_sku(sku)
-            .ok_or_else(|| self.err(field, RuleProblem::UnknownSku(sku.to_string())))
+            .ok_or_else(|| self.err(field, FieldProblem::UnknownSku(sku.to_string())))
     }
 
     fn tag(&self, field: impl Into<String>, tag: &str) -> Result<u32, RulesError> {
@@ -62,18 +65,18 @@ impl RuleCx<'_> {
 
     fn list_len(&self, field: &str, len: usize, max: usize) -> Result<(), RulesError> {
         if len > max {
-            return Err(self.err(field, RuleProblem::TooMany { count: len, max }));
+            return Err(self.err(field, FieldProblem::TooMany { count: len, max }));
         }
         Ok(())
     }
 
     fn text(&self, field: &str, value: &str, max: usize) -> Result<(), RulesError> {
         if value.trim().is_empty() {
-            return Err(self.err(field, RuleProblem::Empty));
+            return Err(self.err(field, FieldProblem::Empty));
         }
         let len = value.chars().count();
         if len > max {
-            return Err(self.err(field, RuleProblem::TooLong { len, max }));
+            return Err(self.err(field, FieldProblem::TooLong { len, max }));
         }
         Ok(())
     }
@@ -82,7 +85,7 @@ impl RuleCx<'_> {
         if d.days > MAX_DAYS {
             return Err(self.err(
                 format!("{field}.days"),
-                RuleProblem::OutOfRange {
+                FieldProblem::OutOfRange {
                     value: f64::from(d.days),
                     range: "a whole number of days from 0 to 3650",
                 },
@@ -117,7 +120,7 @@ pub(super) fn compile(raw: RawRules, catalog: &Catalog) -> Result<CompiledRules,
             return Err(cx.err("name", RuleProblem::BadName));
         }
         if !names.insert(&r.name) {
-            return Err(cx.err("name", RuleProblem::Duplicate));
+            return Err(cx.err("name", FieldProblem::Duplicate));
         }
         rules.push(compile_rule(r, &cx)?);
     }
@@ -163,7 +166,7 @@ fn compile_rule(r: &RawRule, cx: &RuleCx<'_>) -> Result<Rule, RulesError> {
         if n > 100 {
             return Err(cx.err(
                 "when.bucket_below",
-                RuleProblem::OutOfRange {
+                FieldProblem::OutOfRange {
                     value: f64::from(n),
                     range: "a whole number from 0 to 100",
                 },
@@ -205,7 +208,7 @@ fn compile_rule(r: &RawRule, cx: &RuleCx<'_>) -> Result<Rule, RulesError> {
         if !(0.0..=MAX_INTEREST_SCORE).contains(&i.score) {
             return Err(cx.err(
                 "when.interest_at_least.score",
-                RuleProblem::OutOfRange {
+                FieldProblem::OutOfRange {
                     value: i.score,
                     range: "a number from 0 to 1000",
                 },
@@ -287,7 +290,7 @@ fn compile_rule(r: &RawRule, cx: &RuleCx<'_>) -> Result<Rule, RulesError> {
         if !(-MAX_BOOST..=MAX_BOOST).contains(&b.by) || b.by == 0.0 {
             return Err(cx.err(
                 format!("{field}.by"),
-                RuleProblem::OutOfRange {
+                FieldProblem::OutOfRange {
                     value: b.by,
                     range: "a non-zero number from -100 to 100",
                 },
@@ -303,7 +306,7 @@ fn compile_rule(r: &RawRule, cx: &RuleCx<'_>) -> Result<Rule, RulesError> {
         if p.position >= MAX_K as u32 {
             return Err(cx.err(
                 format!("pin[{i}].position"),
-                RuleProblem::OutOfRange {
+                FieldProblem::OutOfRange {
                     value: f64::from(p.position),
                     range: "a position from 0 to 49",
                 },
@@ -442,15 +445,15 @@ mod tests {
             ),
             (
                 "name = \"r\"\nwhen = { cart_has_category = \"camras\" }\nboost = [{ category = \"lenses\", by = 1.0 }]",
-                r#"rule "r": field "when.cart_has_category": unknown category "camras"; it is not a category of the catalog"#,
+                r#"rule "r": field "when.cart_has_category": unknown category "camras"; use the id of a [[category]] in the catalog"#,
             ),
             (
                 "name = \"r\"\nwhen = { cart_has_item = \"cam-999\" }\nboost = [{ category = \"lenses\", by = 1.0 }]",
-                r#"rule "r": field "when.cart_has_item": unknown sku "cam-999"; it is not an item of the catalog"#,
+                r#"rule "r": field "when.cart_has_item": unknown sku "cam-999"; use the sku of an [[item]] in the catalog"#,
             ),
             (
                 "name = \"r\"\nwhen = { interest_at_least = { category = \"lens\", score = 2.0 } }\nboost = [{ category = \"lenses\", by = 1.0 }]",
-                r#"rule "r": field "when.interest_at_least.category": unknown category "lens"; it is not a category of the catalog"#,
+                r#"rule "r": field "when.interest_at_least.category": unknown category "lens"; use the id of a [[category]] in the catalog"#,
             ),
             (
                 "name = \"r\"\nwhen = { interest_at_least = { category = \"lenses\", score = -1.0 } }\nboost = [{ category = \"lenses\", by = 1.0 }]",
@@ -462,7 +465,7 @@ mod tests {
             ),
             (
                 "name = \"r\"\nwhen = { days_since_purchase_at_most = { days = 5, category = \"toys\" } }\nboost = [{ category = \"lenses\", by = 1.0 }]",
-                r#"rule "r": field "when.days_since_purchase_at_most.category": unknown category "toys"; it is not a category of the catalog"#,
+                r#"rule "r": field "when.days_since_purchase_at_most.category": unknown category "toys"; use the id of a [[category]] in the catalog"#,
             ),
             (
                 "name = \"r\"\nwhen = { days_since_purchase_at_least = { days = 30 }, days_since_purchase_at_most = { days = 7 } }\nboost = [{ category = \"lenses\", by = 1.0 }]",
@@ -514,7 +517,7 @@ mod tests {
             ),
             (
                 "name = \"r\"\nboost = [{ item = \"sd-128\", by = 2.0 }]",
-                r#"rule "r": field "boost[0].item": unknown sku "sd-128"; it is not an item of the catalog"#,
+                r#"rule "r": field "boost[0].item": unknown sku "sd-128"; use the sku of an [[item]] in the catalog"#,
             ),
             (
                 "name = \"r\"\nboost = [{ category = \"lenses\", tag = \"camera-accessory\", by = 2.0 }]",
@@ -538,7 +541,7 @@ mod tests {
             ),
             (
                 "name = \"r\"\npin = [{ item = \"bundle\", position = 0 }]",
-                r#"rule "r": field "pin[0].item": unknown sku "bundle"; it is not an item of the catalog"#,
+                r#"rule "r": field "pin[0].item": unknown sku "bundle"; use the sku of an [[item]] in the catalog"#,
             ),
             (
                 "name = \"r\"\npin = [{ item = \"lens-014\", position = 50 }]",
@@ -554,11 +557,11 @@ mod tests {
             ),
             (
                 "name = \"r\"\nexclude = { categories = [\"camera\"] }",
-                r#"rule "r": field "exclude.categories": unknown category "camera"; it is not a category of the catalog"#,
+                r#"rule "r": field "exclude.categories": unknown category "camera"; use the id of a [[category]] in the catalog"#,
             ),
             (
                 "name = \"r\"\nexclude = { items = [\"x\"] }",
-                r#"rule "r": field "exclude.items": unknown sku "x"; it is not an item of the catalog"#,
+                r#"rule "r": field "exclude.items": unknown sku "x"; use the sku of an [[item]] in the catalog"#,
             ),
             (
                 "name = \"r\"\noffer = { id = \"has space\", text = \"hi\" }",
@@ -608,7 +611,7 @@ mod tests {
             ),
             (
                 "version = 1\n[[rule]]\nname = \"r\"\nboost = [{ category = \"lenses\", by = 1.0 }]\n[[rule]]\nname = \"r\"\nboost = [{ category = \"lenses\", by = 1.0 }]\n",
-                r#"rule "r": field "name": declared more than once; each rule name must be unique"#,
+                r#"rule "r": field "name": declared more than once; each must be unique"#,
             ),
             (
                 "version = 1\n[[rule]]\nname = \"r\"\nboost = [{ category = \"lenses\", by = 1.0 }]\nweight = 3\n",

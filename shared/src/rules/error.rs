@@ -3,10 +3,13 @@
 //! Errors are data first ([`RulesError`], [`RuleProblem`]) so callers and tests can match on
 //! them, and their `Display` is the message a merchandiser reads: lowercase, naming the rule and
 //! the field, and saying what to do instead. Kept apart from the compiler so the vocabulary can
-//! be read (and reviewed for tone) in one place.
+//! be read (and reviewed for tone) in one place; the problems the catalog can have too (blank,
+//! too long, unknown category, …) are a [`FieldProblem`], defined once in [`crate::problem`],
+//! and [`RuleProblem`] keeps only the rules' own.
 
 use super::RULES_VERSION;
 use crate::context::Slot;
+use crate::problem::FieldProblem;
 use crate::profile::Segments;
 use std::fmt;
 
@@ -14,30 +17,17 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum RuleProblem {
+    /// A problem the catalog shares (blank, too long, too many, out of range, a second rule
+    /// with the same name, a category or SKU the catalog does not have).
+    Field(FieldProblem),
     BadName,
     BadOfferId,
-    Empty,
-    TooLong {
-        len: usize,
-        max: usize,
-    },
-    Duplicate,
     EmptyList,
-    TooMany {
-        count: usize,
-        max: usize,
-    },
-    UnknownCategory(String),
-    UnknownSku(String),
     UnknownTag(String),
     UnknownSlot(String),
     UnknownSegment(String),
     UnknownDevice(String),
     BadCountry(String),
-    OutOfRange {
-        value: f64,
-        range: &'static str,
-    },
     /// A boost must name exactly one target.
     BoostTargets {
         count: usize,
@@ -57,9 +47,17 @@ pub enum RuleProblem {
     NoEffect,
 }
 
+/// Lets the compiler write `FieldProblem::Empty` where a [`RuleProblem`] is expected.
+impl From<FieldProblem> for RuleProblem {
+    fn from(p: FieldProblem) -> Self {
+        RuleProblem::Field(p)
+    }
+}
+
 impl fmt::Display for RuleProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            RuleProblem::Field(p) => fmt::Display::fmt(p, f),
             RuleProblem::BadName => {
                 write!(f, "use 1 to 48 characters from a-z, 0-9, \"_\" and \"-\"")
             }
@@ -67,27 +65,10 @@ impl fmt::Display for RuleProblem {
                 f,
                 "use 1 to 64 characters from A-Z, a-z, 0-9, \".\", \"_\", \":\" and \"-\""
             ),
-            RuleProblem::Empty => write!(f, "must not be empty"),
-            RuleProblem::TooLong { len, max } => {
-                write!(f, "is {len} characters long; shorten it to at most {max}")
-            }
-            RuleProblem::Duplicate => {
-                write!(f, "declared more than once; each rule name must be unique")
-            }
             RuleProblem::EmptyList => write!(
                 f,
                 "is an empty list; list at least one value or omit the field"
             ),
-            RuleProblem::TooMany { count, max } => {
-                write!(f, "lists {count} entries; at most {max} are allowed")
-            }
-            RuleProblem::UnknownCategory(c) => write!(
-                f,
-                "unknown category {c:?}; it is not a category of the catalog"
-            ),
-            RuleProblem::UnknownSku(s) => {
-                write!(f, "unknown sku {s:?}; it is not an item of the catalog")
-            }
             RuleProblem::UnknownTag(t) => {
                 write!(f, "unknown tag {t:?}; no catalog item carries it")
             }
@@ -109,9 +90,6 @@ impl fmt::Display for RuleProblem {
                 f,
                 "{c:?} is not a country code; use two uppercase letters such as \"US\""
             ),
-            RuleProblem::OutOfRange { value, range } => {
-                write!(f, "{value} is out of range; use {range}")
-            }
             RuleProblem::BoostTargets { count } => write!(
                 f,
                 "names {count} targets; give exactly one of category, tag or item"

@@ -33,7 +33,8 @@
 //! over rules that evaluate conditions for all rules at once. What a request says and knows
 //! (slots, devices, facts) lives below, in [`crate::context`], so this module never reads the
 //! recommender. This file keeps the compiled form and the public API, and re-exports what the
-//! submodules define (and [`Slot`] and [`Device`]), so every path stays `crate::rules::…`.
+//! submodules define (and [`Slot`], [`Device`] and [`FieldProblem`]), so every path stays
+//! `crate::rules::…`.
 
 mod check;
 mod compile;
@@ -42,13 +43,14 @@ mod index;
 mod raw;
 
 pub use crate::context::{Device, Slot};
+pub use crate::problem::FieldProblem;
 pub use error::{RuleProblem, RulesError};
 pub(crate) use index::RuleScratch;
 
 use crate::catalog::Catalog;
-#[cfg(feature = "toml")]
-use crate::catalog::toml_position;
 use crate::context::Facts;
+#[cfg(feature = "toml")]
+use crate::problem::toml_position;
 use check::Check;
 use compile::compile;
 use index::RuleIndex;
