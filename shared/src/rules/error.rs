@@ -9,6 +9,7 @@
 
 use super::RULES_VERSION;
 use crate::context::Slot;
+use crate::ids::{MAX_SKU_LEN, MAX_SLUG_LEN};
 use crate::problem::FieldProblem;
 use crate::profile::Segments;
 use std::fmt;
@@ -59,11 +60,14 @@ impl fmt::Display for RuleProblem {
         match self {
             RuleProblem::Field(p) => fmt::Display::fmt(p, f),
             RuleProblem::BadName => {
-                write!(f, "use 1 to 48 characters from a-z, 0-9, \"_\" and \"-\"")
+                write!(
+                    f,
+                    "use 1 to {MAX_SLUG_LEN} characters from a-z, 0-9, \"_\" and \"-\""
+                )
             }
             RuleProblem::BadOfferId => write!(
                 f,
-                "use 1 to 64 characters from A-Z, a-z, 0-9, \".\", \"_\", \":\" and \"-\""
+                "use 1 to {MAX_SKU_LEN} characters from A-Z, a-z, 0-9, \".\", \"_\", \":\" and \"-\""
             ),
             RuleProblem::EmptyList => write!(
                 f,
