@@ -1,7 +1,7 @@
 //! Harness for Edgewise's end-to-end tests: starts real processes (`wrangler dev` running
 //! the worker on workerd) on free loopback ports, waits until they are healthy, and stops them
-//! (with their children) when dropped. Tiny on purpose: a blocking HTTP/1.1 client on
-//! `std::net` is all the tests need, and it keeps the harness free of HTTP dependencies.
+//! (with their children) when dropped. HTTP goes through reqwest (blocking) and axum; only
+//! [`raw_status`] writes bytes by hand, for hostile requests a real client refuses to send.
 
 pub mod stack;
 
@@ -114,7 +114,22 @@ impl HttpResponse {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`.
+/// The harness's HTTP client: blocking (the tests are plain threads), no pooling surprises
+/// across the restarts the tests cause, and a timeout so a hung service fails the test.
+fn client() -> &'static reqwest::blocking::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_else(|e| panic!("the test HTTP client builds: {e}"))
+    })
+}
+
+/// One request to a service on `port`. Header values must be valid HTTP; to send bytes a real
+/// client refuses (a hostile browser's), use [`raw_status`].
 pub fn http(
     port: u16,
     method: &str,
@@ -122,90 +137,56 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<HttpResponse> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
+    let mut req = client()
+        .request(method, format!("http://127.0.0.1:{port}{path}"))
+        .body(body.to_vec());
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        req = req.header(*k, *v);
     }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    // Read exactly one response: workerd's dev proxy keeps the connection open for a while
-    // despite `connection: close`, so waiting for EOF would cost seconds per request.
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        if response_complete(&raw) {
-            break;
-        }
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&buf[..n]);
-    }
-    parse_response(&raw).ok_or_else(|| std::io::Error::other("malformed HTTP response"))
-}
-
-/// Whether `raw` holds a whole response (by content-length, or a chunked body's last chunk).
-fn response_complete(raw: &[u8]) -> bool {
-    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let body = &raw[split + 4..];
-    if let Some(len) = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-    {
-        return body.len() >= len;
-    }
-    if head.contains("transfer-encoding: chunked") {
-        return body.ends_with(b"0\r\n\r\n");
-    }
-    head.starts_with("http/1.1 204") || head.starts_with("http/1.1 304")
-}
-
-fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..split]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    let chunked = headers
+    let resp = req.send().map_err(std::io::Error::other)?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
         .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    if chunked {
-        body = dechunk(&body)?;
-    }
-    Some(HttpResponse {
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = resp.bytes().map_err(std::io::Error::other)?.to_vec();
+    Ok(HttpResponse {
         status,
         headers,
         body,
     })
 }
 
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).ok()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Some(out);
+/// The status of a request written byte for byte: `head` is the request line and headers,
+/// without the blank line that ends them. For hostile input that HTTP clients refuse to send,
+/// such as a control byte in a header value.
+pub fn raw_status(port: u16, head: &[u8]) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(head)?;
+    s.write_all(b"\r\n\r\n")?;
+    // the status line is all this needs: "HTTP/1.1 400 Bad Request"
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
+        got.extend_from_slice(&buf[..n]);
     }
+    String::from_utf8_lossy(&got)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status line in the answer"))
 }
 
 /// A child process group that is terminated when dropped.
@@ -389,8 +370,8 @@ impl Received {
     }
 }
 
-/// A loopback HTTP server that records every request and answers `202 {}`: stands in for
-/// origin-sync where a test only checks what the edge sends.
+/// A loopback HTTP server (axum, on a thread of its own) that records every request and
+/// answers `202 {}`: stands in for origin-sync where a test only checks what the edge sends.
 #[derive(Debug)]
 pub struct FakeOrigin {
     pub port: u16,
@@ -400,19 +381,54 @@ pub struct FakeOrigin {
 impl FakeOrigin {
     pub fn start() -> std::io::Result<FakeOrigin> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = received.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let (Some(r), Ok(mut all)) = (read_request(&stream), sink.lock()) {
-                    all.push(r);
-                }
-                let mut stream = stream;
-                let _ = stream.write_all(
-                    b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
-                );
-            }
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app = axum::Router::new().fallback(axum::routing::any(
+                    move |method: axum::http::Method,
+                          uri: axum::http::Uri,
+                          headers: axum::http::HeaderMap,
+                          body: axum::body::Bytes| {
+                        let sink = sink.clone();
+                        async move {
+                            let r = Received {
+                                method: method.as_str().to_owned(),
+                                path: uri
+                                    .path_and_query()
+                                    .map_or_else(|| uri.path().to_owned(), |p| p.to_string()),
+                                headers: headers
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.as_str().to_owned(),
+                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                        )
+                                    })
+                                    .collect(),
+                                body: body.to_vec(),
+                            };
+                            if let Ok(mut all) = sink.lock() {
+                                all.push(r);
+                            }
+                            (
+                                axum::http::StatusCode::ACCEPTED,
+                                [("content-type", "application/json")],
+                                "{}",
+                            )
+                        }
+                    },
+                ));
+                let _ = axum::serve(listener, app).await;
+            });
         });
         Ok(FakeOrigin { port, received })
     }
@@ -428,47 +444,4 @@ impl FakeOrigin {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-fn read_request(mut stream: &TcpStream) -> Option<Received> {
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    let head_end = loop {
-        let n = stream.read(&mut buf).ok()?;
-        if n == 0 {
-            return None;
-        }
-        raw.extend_from_slice(&buf[..n]);
-        if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
-        }
-    };
-    let head = std::str::from_utf8(&raw[..head_end]).ok()?.to_owned();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let (method, path) = (first.next()?.to_owned(), first.next()?.to_owned());
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = raw[head_end + 4..].to_vec();
-    while body.len() < len {
-        let n = stream.read(&mut buf).ok()?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&buf[..n]);
-    }
-    Some(Received {
-        method,
-        path,
-        headers,
-        body,
-    })
 }

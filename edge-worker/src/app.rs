@@ -220,6 +220,24 @@ impl App {
 /// A stored profile value, decoded. Bytes that do not decode are served as no value (the next
 /// snapshot from origin replaces them), and logged: a writer and this build disagree on the
 /// format, which no retry fixes.
+/// A shopper's value in KV; a failed read is an [`EdgeError::KvRead`] telling the client what
+/// to do `then` (the key and the store's error are logged, not sent).
+async fn read_profile<S: Store>(
+    store: &S,
+    key: &UserKey,
+    then: &'static str,
+) -> Result<Option<crate::store::Versioned>, EdgeError> {
+    let kv_key = key.kv_key();
+    store
+        .get(&kv_key)
+        .await
+        .map_err(|source| EdgeError::KvRead {
+            key: kv_key,
+            then,
+            source,
+        })
+}
+
 fn decode_stored(key: &UserKey, bytes: &[u8]) -> Option<Stored> {
     match wire::decode_stored(bytes) {
         Ok(stored) => Some(stored),

@@ -5,7 +5,7 @@
 //! Answers that show a shopper's data (recommendations, `/v1/me`) carry `private, no-store`:
 //! no browser or shared cache may keep them.
 
-use super::{App, Lookup, MAX_EVENTS_BODY, Site, Tier, decode_stored};
+use super::{App, Lookup, MAX_EVENTS_BODY, Site, Tier, decode_stored, read_profile};
 use crate::http::{
     Clock, EdgeError, Handled, HttpRequest, Outbound, Query, Reply, no_store, set_header,
 };
@@ -319,14 +319,8 @@ impl App {
         // The tombstone must outrank what this edge holds, in the cache *and* in KV (the cache
         // may lag what other isolates synced; KV may lag this isolate's own writes).
         let kv_key = key.kv_key();
-        let from_kv = store
-            .get(&kv_key)
-            .await
-            .map_err(|source| EdgeError::KvRead {
-                key: kv_key.clone(),
-                then: THEN,
-                source,
-            })?
+        let from_kv = read_profile(store, &key, THEN)
+            .await?
             .and_then(|(bytes, meta)| decode_stored(&key, &bytes).map(|s| s.version()).or(meta))
             .unwrap_or(0);
         let cached = self.cache.borrow().peek(&key).map_or(0, |e| e.version());

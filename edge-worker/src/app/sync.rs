@@ -5,7 +5,9 @@
 //! shopper's next request does not wait for KV; the guards below (`Recorded`, `Writing`) undo
 //! what a failed or cancelled request left behind, so origin's retry applies again.
 
-use super::{App, CATALOG_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site, decode_stored};
+use super::{
+    App, CATALOG_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site, decode_stored, read_profile,
+};
 use crate::http::{EdgeError, HttpRequest, Reply};
 use crate::log;
 use crate::store::Store;
@@ -122,14 +124,7 @@ impl App {
                     let cached = self.cache.borrow().peek(&key).and_then(|e| e.base());
                     let cached_version = cached.as_ref().map(Stored::version);
                     let kv_key = key.kv_key();
-                    let from_kv = store
-                        .get(&kv_key)
-                        .await
-                        .map_err(|source| EdgeError::KvRead {
-                            key: kv_key.clone(),
-                            then: THEN,
-                            source,
-                        })?;
+                    let from_kv = read_profile(store, &key, THEN).await?;
                     let mut held = newer(
                         cached,
                         from_kv.and_then(|(bytes, _)| decode_stored(&key, &bytes)),
