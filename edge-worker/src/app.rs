@@ -207,6 +207,8 @@ impl App {
                 "problems": self.config.problems,
                 "catalog_version": site.catalog_version,
                 "rules_version": site.rules_version,
+                // SKUs whose item ids collide: served, but profiles cannot tell each pair apart
+                "catalog_id_collisions": site.catalog.id_collisions().len(),
                 "cache": { "entries": entries, "bytes": bytes },
                 "routes": [
                     "GET /", "GET /p/{sku}", "GET /sdk.js", "GET /v1/recommendations?slot=&k=",

@@ -107,3 +107,34 @@ fn an_unusable_document_in_kv_is_logged_and_the_active_one_kept() {
     );
     assert_eq!(w.get("/", &[]).status, 200, "pages still served");
 }
+
+/// A catalog whose SKUs share an item id is served (it is only a loss of precision in
+/// profiles), and `/healthz` says how many pairs collide.
+#[test]
+fn health_counts_catalog_item_id_collisions() {
+    let w = World::new();
+    assert_eq!(
+        w.get("/healthz", &[]).body_json()["catalog_id_collisions"],
+        0
+    );
+    // "s2aad" and "s1fcd8" have the same 32-bit FNV-1a hash
+    let catalog = r#"{"version":1,"category":[{"id":"cameras","name":"Cameras"}],"item":[
+        {"sku":"s2aad","name":"A","category":"cameras","price":1},
+        {"sku":"s1fcd8","name":"B","category":"cameras","price":1}]}"#;
+    let out = w.sync(vec![
+        SyncItem::Config(ConfigDoc {
+            kind: ConfigKind::Catalog,
+            version: 2,
+            source: catalog.into(),
+        }),
+        SyncItem::Config(ConfigDoc {
+            kind: ConfigKind::Rules,
+            version: 2,
+            source: r#"{"version":1}"#.into(),
+        }),
+    ]);
+    assert_eq!(out.get("config_error"), None, "{out}");
+    let h = w.get("/healthz", &[]).body_json();
+    assert_eq!(h["catalog_version"], 2, "{h}");
+    assert_eq!(h["catalog_id_collisions"], 1, "{h}");
+}
