@@ -226,18 +226,14 @@ impl App {
 /// to do `then` (the key and the store's error are logged, not sent).
 async fn read_profile<S: Store>(
     store: &S,
-    key: &UserKey,
+    kv_key: &str,
     then: &'static str,
 ) -> Result<Option<crate::store::Versioned>, EdgeError> {
-    let kv_key = key.kv_key();
-    store
-        .get(&kv_key)
-        .await
-        .map_err(|source| EdgeError::KvRead {
-            key: kv_key,
-            then,
-            source,
-        })
+    store.get(kv_key).await.map_err(|source| EdgeError::KvRead {
+        key: kv_key.to_owned(),
+        then,
+        source,
+    })
 }
 
 fn decode_stored(key: &UserKey, bytes: &[u8]) -> Option<Stored> {

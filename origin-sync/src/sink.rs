@@ -11,7 +11,7 @@ use crate::clock::now_secs;
 use base64::Engine as _;
 use serde::Deserialize;
 use shared::keys::UserKey;
-use shared::protocol::{KvMetadata, Signed, SyncReply, document_key, profile_key, route};
+use shared::protocol::{KvMetadata, Signed, SyncReply, document_key, route};
 use shared::wire::{Codec, ConfigDoc, SyncBatch, SyncItem, encode_batch, encode_stored};
 
 use crate::store::OutItem;
@@ -185,7 +185,7 @@ pub fn kv_bulk_body(batch: &OutBatch) -> serde_json::Value {
         // erasure writes a tombstone value, so older in-flight data cannot revive the key
         let value = encode_stored(&i.stored);
         pairs.push(serde_json::json!({
-            "key": profile_key(&i.delta.user),
+            "key": i.delta.user.kv_key(),
             "value": b64.encode(value),
             "base64": true,
             "metadata": KvMetadata { v: i.stored.version() },

@@ -13,7 +13,7 @@
 //! `SYNC_SECRET`, the timestamp in Unix seconds, carried in [`TIMESTAMP_HEADER`] and
 //! [`SIGNATURE_HEADER`] (`v1=<64 hex digits>`).
 //!
-//! KV holds one value per shopper under [`profile_key`] (`p:<hex user key>`, a
+//! KV holds one value per shopper under `UserKey::kv_key` (`p:<hex user key>`, a
 //! [`crate::wire::encode_stored`] value) and the published documents under [`document_key`]
 //! (`cfg:catalog`, `cfg:rules`, their JSON source); every value carries [`KvMetadata`]
 //! (`{"v": version}`), so a writer can tell what it would replace without decoding it.
@@ -204,11 +204,6 @@ pub const CATALOG_KEY: &str = "cfg:catalog";
 /// KV key of the published rules.
 pub const RULES_KEY: &str = "cfg:rules";
 
-/// The KV key of one shopper's stored value: the prefix and the user key in hex.
-pub fn profile_key(user: &UserKey) -> String {
-    user.kv_key()
-}
-
 /// The KV key of a published document.
 pub fn document_key(kind: ConfigKind) -> &'static str {
     match kind {
@@ -321,7 +316,7 @@ mod tests {
     #[test]
     fn kv_layout() {
         let k = UserKey([0xab; 12]);
-        assert_eq!(profile_key(&k), format!("p:{}", "ab".repeat(12)));
+        assert_eq!(k.kv_key(), format!("p:{}", "ab".repeat(12)));
         assert_eq!(document_key(ConfigKind::Catalog), "cfg:catalog");
         assert_eq!(document_key(ConfigKind::Rules), "cfg:rules");
         assert_eq!(

@@ -319,7 +319,7 @@ impl App {
         // The tombstone must outrank what this edge holds, in the cache *and* in KV (the cache
         // may lag what other isolates synced; KV may lag this isolate's own writes).
         let kv_key = key.kv_key();
-        let from_kv = read_profile(store, &key, THEN)
+        let from_kv = read_profile(store, &kv_key, THEN)
             .await?
             .and_then(|(bytes, meta)| decode_stored(&key, &bytes).map(|s| s.version()).or(meta))
             .unwrap_or(0);

@@ -124,7 +124,7 @@ impl App {
                     let cached = self.cache.borrow().peek(&key).and_then(|e| e.base());
                     let cached_version = cached.as_ref().map(Stored::version);
                     let kv_key = key.kv_key();
-                    let from_kv = read_profile(store, &key, THEN).await?;
+                    let from_kv = read_profile(store, &kv_key, THEN).await?;
                     let mut held = newer(
                         cached,
                         from_kv.and_then(|(bytes, _)| decode_stored(&key, &bytes)),

@@ -511,26 +511,30 @@ mod tests {
         }
     }
 
+    /// A window small enough that test traffic freezes events out of it.
+    const SMALL_WINDOW: Window = Window {
+        reorder_ms: 1000,
+        max_events: 8,
+    };
+
+    fn outbox_keys(store: &Store) -> Vec<UserKey> {
+        store
+            .outbox()
+            .expect("outbox")
+            .into_iter()
+            .map(|k| k.0)
+            .collect()
+    }
+
     #[test]
     fn outbox_coalesces_and_acknowledges() {
         let catalog = Catalog::demo().expect("demo");
         let events: Vec<Event> = Traffic::new(&catalog, 3, "o", 1_732_960_000_000, 10, 5)
             .take(60)
             .collect();
-        let store = open(
-            "outbox",
-            Window {
-                reorder_ms: 1000,
-                max_events: 8,
-            },
-        );
+        let store = open("outbox", SMALL_WINDOW);
         store.apply_batch(&records(&events, "a", 0)).expect("batch");
-        let keys: Vec<UserKey> = store
-            .outbox()
-            .expect("outbox")
-            .into_iter()
-            .map(|k| k.0)
-            .collect();
+        let keys = outbox_keys(&store);
         assert!(keys.len() <= 3);
         let items = store.prepare(&keys).expect("prepare");
         assert_eq!(items.len(), keys.len());
@@ -547,23 +551,13 @@ mod tests {
             .take(30)
             .collect();
         store.apply_batch(&records(&more, "a", 60)).expect("batch");
-        let keys: Vec<UserKey> = store
-            .outbox()
-            .expect("outbox")
-            .into_iter()
-            .map(|k| k.0)
-            .collect();
+        let keys = outbox_keys(&store);
         let items = store.prepare(&keys).expect("prepare");
         for i in &items {
             let Change::Patch { from, .. } = i.delta.change else {
                 panic!("expected a patch, got {:?}", i.delta.change)
             };
-            let mut held = None;
-            for it in &items {
-                let _ = it;
-            }
             assert!(from > 0);
-            held.replace(());
         }
         // a resend request turns the next change into a snapshot
         let first = items[0].delta.user;
@@ -579,13 +573,7 @@ mod tests {
         let events: Vec<Event> = Traffic::new(&catalog, 1, "e", 1_732_960_000_000, 10, 5)
             .take(10)
             .collect();
-        let store = open(
-            "erase",
-            Window {
-                reorder_ms: 1000,
-                max_events: 8,
-            },
-        );
+        let store = open("erase", SMALL_WINDOW);
         store.apply_batch(&records(&events, "a", 0)).expect("batch");
         let (_, v) = store.erase("e-u0", 1_732_960_000_050).expect("erase");
         assert_eq!(v, 11);

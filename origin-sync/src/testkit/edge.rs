@@ -49,16 +49,6 @@ struct Shared {
     kv_requests: Mutex<Vec<serde_json::Value>>,
 }
 
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Job::Http(..) => "Http",
-            Job::Inspect(_) => "Inspect",
-            Job::Reset => "Reset",
-        })
-    }
-}
-
 /// The real edge on a loopback port (`url()`, its `/v1/sync`), and a KV bulk API stand-in
 /// (`kv_base()`) that records what it was sent.
 #[derive(Debug)]
