@@ -17,6 +17,28 @@ use std::time::{Duration, Instant};
 /// The development secrets in `.dev.vars` (origin-sync's embedded defaults are the same).
 pub const DEV_SYNC_SECRET: &[u8] = b"dev-sync-secret";
 pub const DEV_USER_KEY_SECRET: &[u8] = b"dev-user-key-secret";
+/// The local stack's sign-in: HS256 tokens with this secret (`.dev.vars`), issuer and
+/// audience (`wrangler.toml`). Stands in for the retailer's identity provider.
+pub const DEV_JWT_SECRET: &[u8] = b"dev-jwt-secret-local-sign-in-only-0123";
+pub const DEV_JWT_ISSUER: &str = "edgewise-dev";
+pub const DEV_JWT_AUDIENCE: &str = "edgewise";
+
+/// The `Authorization` value that signs `user` in on the local stack for an hour, as the
+/// retailer's site would after its own sign-in.
+pub fn bearer(user: &str) -> String {
+    let now = origin_sync::clock::now_secs();
+    let claims = serde_json::json!({
+        "sub": user, "iss": DEV_JWT_ISSUER, "aud": DEV_JWT_AUDIENCE,
+        "iat": now, "exp": now + 3600,
+    });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(DEV_JWT_SECRET),
+    )
+    .expect("HS256 signing cannot fail");
+    format!("Bearer {token}")
+}
 
 /// `POST /v1/sync` with `frame` and the given signature.
 pub fn post_sync(port: u16, frame: &[u8], signed: &Signed) -> std::io::Result<HttpResponse> {

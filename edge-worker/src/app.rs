@@ -121,6 +121,10 @@ pub struct App {
     /// Profiles whose synced value is in the cache while its KV write is still running.
     writing: RefCell<std::collections::HashSet<UserKey>>,
     config_checked_ms: Cell<Option<u64>>,
+    /// `POST /v1/events` budget per shopper.
+    events_limit: RefCell<crate::limit::RateLimiter>,
+    /// Identity tokens this isolate refused, by reason.
+    tokens_refused: RefCell<crate::token::RefusedTokens>,
 }
 
 impl App {
@@ -135,6 +139,11 @@ impl App {
             in_flight: RefCell::default(),
             writing: RefCell::default(),
             config_checked_ms: Cell::new(None),
+            tokens_refused: RefCell::default(),
+            events_limit: RefCell::new(crate::limit::RateLimiter::new(
+                config.events_per_sec,
+                config.events_burst,
+            )),
             config,
         }
     }
@@ -210,6 +219,12 @@ impl App {
                 // SKUs whose item ids collide: served, but profiles cannot tell each pair apart
                 "catalog_id_collisions": site.catalog.id_collisions().len(),
                 "cache": { "entries": entries, "bytes": bytes },
+                "identity": {
+                    "mode": self.config.identity_mode(),
+                    "token": self.config.token.as_ref().map(|t| t.describe()),
+                    "trusted_user_header": self.config.trusted_user_header,
+                    "tokens_refused": self.tokens_refused.borrow().to_json(),
+                },
                 "routes": [
                     "GET /", "GET /p/{sku}", "GET /sdk.js", "GET /v1/recommendations?slot=&k=",
                     "POST /v1/events", "GET /v1/me", "DELETE /v1/me", "POST /v1/sync", "GET /healthz"

@@ -2,6 +2,10 @@
 //!
 //! A bad value never stops pages: the setting falls back to its default and the problem is
 //! reported by `/healthz` (and logged), naming the variable and what to write instead.
+//! Identity settings fail safe: a bad `JWT_*` value means nobody is signed in, never that
+//! tokens go unchecked.
+
+use crate::token::{KeyMaterial, TokenAlgorithm, TokenSource, TokenVerifier};
 
 /// Shortest secret accepted. Production secrets should be 32+ random characters; the bound
 /// only catches truncated or placeholder values.
@@ -27,8 +31,15 @@ pub struct EdgeConfig {
     pub cookie_secure: Option<bool>,
     /// How often an isolate looks for newer catalog/rules in KV.
     pub config_check_ms: u64,
-    /// The header the site names signed-in shoppers with; `None` disables it.
-    pub user_header: Option<String>,
+    /// `POST /v1/events` budget per shopper and isolate: events a second, and the burst.
+    pub events_per_sec: u32,
+    pub events_burst: u32,
+    /// Verifies the site's identity tokens (`JWT_*`); `None`: no token names anyone.
+    pub token: Option<TokenVerifier>,
+    /// A header naming signed-in shoppers that a trusted front layer sets and strips from
+    /// browser requests (`TRUSTED_USER_HEADER`). Off by default: believed blindly, any browser
+    /// could name any shopper with it.
+    pub trusted_user_header: Option<String>,
     pub problems: Vec<String>,
 }
 
@@ -45,7 +56,10 @@ impl Default for EdgeConfig {
             sync_window_secs: shared::auth::DEFAULT_WINDOW_SECS,
             cookie_secure: None,
             config_check_ms: 30_000,
-            user_header: Some("x-edgewise-user".to_owned()),
+            events_per_sec: 10,
+            events_burst: 200,
+            token: None,
+            trusted_user_header: None,
             problems: Vec::new(),
         }
     }
@@ -106,12 +120,17 @@ impl EdgeConfig {
             3600,
         );
         let check = number("CONFIG_CHECK_SECS", 30, 1, 86_400);
+        let skew = number("JWT_CLOCK_SKEW_SECS", 30, 0, crate::token::MAX_SKEW_SECS);
+        let events_per_sec = number("EVENTS_PER_SEC", 10, 1, 10_000);
+        let events_burst = number("EVENTS_BURST", 200, 1, 100_000);
         c.profile_ttl_ms = ttl * 1000;
         c.cache_max_entries = entries as usize;
         c.cache_max_bytes = bytes as usize;
         c.kv_timeout_ms = timeout as u32;
         c.sync_window_secs = window;
         c.config_check_ms = check * 1000;
+        c.events_per_sec = events_per_sec as u32;
+        c.events_burst = events_burst as u32;
         match var("COOKIE_SECURE").as_deref() {
             None | Some("auto") => {}
             Some("true") => c.cookie_secure = Some(true),
@@ -120,11 +139,94 @@ impl EdgeConfig {
                 "COOKIE_SECURE is {other:?}; expected auto, true or false (using auto)"
             )),
         }
-        if let Some(h) = var("USER_HEADER") {
+        c.token = token_verifier(&var, skew, &mut c.problems);
+        if let Some(h) = var("TRUSTED_USER_HEADER") {
             let h = h.trim().to_ascii_lowercase();
-            c.user_header = (!h.is_empty()).then_some(h);
+            c.trusted_user_header = (!h.is_empty()).then_some(h);
+        }
+        if var("USER_HEADER").is_some() {
+            c.problems.push(
+                "USER_HEADER is no longer read: any browser can send a header. Sign shoppers in \
+                 with a token (JWT_ALGORITHM and its keys), or, if a front layer you trust sets \
+                 the header and strips it from browser requests, name it in TRUSTED_USER_HEADER"
+                    .into(),
+            );
         }
         c
+    }
+
+    /// How signed-in shoppers are recognised, for `/healthz`.
+    pub fn identity_mode(&self) -> &'static str {
+        match (&self.token, &self.trusted_user_header) {
+            (Some(_), None) => "jwt",
+            (Some(_), Some(_)) => "jwt+trusted-header",
+            (None, Some(_)) => "trusted-header",
+            (None, None) => "anonymous-only",
+        }
+    }
+}
+
+/// The token verifier the `JWT_*` settings describe; a problem (and `None`) when they are
+/// incomplete or wrong.
+fn token_verifier(
+    var: &impl Fn(&str) -> Option<String>,
+    skew_secs: u64,
+    problems: &mut Vec<String>,
+) -> Option<TokenVerifier> {
+    let algorithm = var("JWT_ALGORITHM").filter(|a| !a.trim().is_empty())?;
+    let fail = |problems: &mut Vec<String>, why: String| {
+        problems.push(format!(
+            "{why}; until it is fixed every shopper is served as anonymous"
+        ));
+        None
+    };
+    let Some(algorithm) = TokenAlgorithm::parse(&algorithm) else {
+        return fail(
+            problems,
+            format!("JWT_ALGORITHM is {algorithm:?}; expected HS256, ES256 or RS256"),
+        );
+    };
+    let source = match var("JWT_FROM") {
+        None => TokenSource::Authorization,
+        Some(s) => match TokenSource::parse(&s) {
+            Some(source) => source,
+            None => {
+                return fail(
+                    problems,
+                    format!(
+                        "JWT_FROM is {s:?}; expected authorization, cookie:<name> or header:<name>"
+                    ),
+                );
+            }
+        },
+    };
+    let (secret, jwks) = (var("JWT_SECRET"), var("JWT_JWKS"));
+    let material = match (algorithm, &secret, &jwks) {
+        (TokenAlgorithm::Hs256, Some(secret), _) => KeyMaterial::Secret(secret.as_bytes()),
+        (TokenAlgorithm::Hs256, None, _) => {
+            return fail(
+                problems,
+                "JWT_ALGORITHM is HS256 but JWT_SECRET is not set; add it with \
+                 `wrangler secret put JWT_SECRET`"
+                    .into(),
+            );
+        }
+        (_, _, Some(jwks)) => KeyMaterial::Jwks(jwks),
+        (_, _, None) => {
+            return fail(
+                problems,
+                format!(
+                    "JWT_ALGORITHM is {} but JWT_JWKS (the public keys, as a JWKS document) is not set",
+                    algorithm.as_str()
+                ),
+            );
+        }
+    };
+    let issuer = var("JWT_ISSUER").unwrap_or_default();
+    let audience = var("JWT_AUDIENCE").unwrap_or_default();
+    match TokenVerifier::new(algorithm, material, &issuer, &audience, skew_secs, source) {
+        Ok(v) => Some(v),
+        Err(why) => fail(problems, why),
     }
 }
 
@@ -149,13 +251,14 @@ mod tests {
             ("ORIGIN_URL", "http://127.0.0.1:8788/"),
             ("PROFILE_TTL_SECS", "5"),
             ("COOKIE_SECURE", "false"),
-            ("USER_HEADER", ""),
         ]);
         assert!(c.problems.is_empty(), "{:?}", c.problems);
         assert_eq!(c.origin_url.as_deref(), Some("http://127.0.0.1:8788"));
         assert_eq!(c.profile_ttl_ms, 5000);
         assert_eq!(c.cookie_secure, Some(false));
-        assert_eq!(c.user_header, None);
+        assert_eq!(c.token, None);
+        assert_eq!(c.trusted_user_header, None);
+        assert_eq!(c.identity_mode(), "anonymous-only");
         assert_eq!(c.kv_timeout_ms, 50);
     }
 

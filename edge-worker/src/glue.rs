@@ -4,7 +4,7 @@
 
 use crate::app::App;
 use crate::config::EdgeConfig;
-use crate::http::{Clock, EdgeError, HttpRequest, Outbound, Reply};
+use crate::http::{Clock, EdgeError, HttpRequest, Outbound, Reply, body_limit};
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
 use shared::protocol::KvMetadata;
@@ -18,8 +18,6 @@ use worker::{
 
 /// The KV namespace binding (see `wrangler.toml`).
 const KV_BINDING: &str = "EDGEWISE";
-/// Bodies larger than this are refused before they are read.
-const MAX_REQUEST_BODY: u64 = 2 << 20;
 
 thread_local! {
     /// One `App` per isolate: the cache lives as long as the isolate does.
@@ -97,29 +95,24 @@ fn no_binding() -> StoreError {
 async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let app = app(&env);
     let url = req.url()?;
+    let limit = body_limit(url.path());
     let length = req
         .headers()
         .get("content-length")?
         .and_then(|n| n.parse::<u64>().ok());
-    if let Some(len) = length.filter(|n| *n > MAX_REQUEST_BODY) {
-        return into_response(
-            EdgeError::TooLarge {
-                what: "request body",
-                len,
-                limit: MAX_REQUEST_BODY,
-            }
-            .into(),
-        );
+    if let Some(len) = length.filter(|n| *n > limit) {
+        return into_response(too_large(len, limit));
     }
     let method = req.method().to_string();
     let body = if matches!(method.as_str(), "GET" | "HEAD") {
         Vec::new()
     } else {
-        // the handler then answers as for an empty body; the cause is only seen here
-        req.bytes().await.unwrap_or_else(|e| {
-            console_warn!("edgewise: could not read the {method} body: {e}");
-            Vec::new()
-        })
+        match read_body(&mut req, limit).await {
+            Ok(body) => body,
+            Err(Some(len)) => return into_response(too_large(len, limit)),
+            // the handler then answers as for an empty body; the cause was logged
+            Err(None) => Vec::new(),
+        }
     };
     let request = HttpRequest {
         method,
@@ -141,6 +134,39 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         ctx.wait_until(send_all(handled.outbound));
     }
     into_response(handled.reply)
+}
+
+fn too_large(len: u64, limit: u64) -> Reply {
+    EdgeError::TooLarge {
+        what: "request body",
+        len,
+        limit,
+    }
+    .into()
+}
+
+/// The body, read chunk by chunk and given up as soon as it passes `limit` (`Err(Some(bytes
+/// read so far))`): `Content-Length` is only a claim, and a chunked upload has none.
+/// `Err(None)`: the body could not be read (logged).
+async fn read_body(req: &mut Request, limit: u64) -> std::result::Result<Vec<u8>, Option<u64>> {
+    use futures_util::StreamExt;
+    let mut stream = match req.stream() {
+        Ok(stream) => stream,
+        // no body at all
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            console_warn!("edgewise: could not read the request body: {e}");
+            None
+        })?;
+        body.extend_from_slice(&chunk);
+        if body.len() as u64 > limit {
+            return Err(Some(body.len() as u64));
+        }
+    }
+    Ok(body)
 }
 
 /// 16 random bytes for a visitor id. `getrandom` uses `crypto.getRandomValues` here; should it

@@ -21,6 +21,19 @@ use shared::wire::WireError;
 
 /// Longest query string looked at.
 pub const MAX_QUERY: usize = 2048;
+/// Largest body of routes that take none worth reading (`DELETE /v1/me`, pages, unknown).
+pub const MAX_OTHER_BODY: u64 = 4 * 1024;
+
+/// The most body bytes a request to `path` may carry. The glue stops reading there, whether or
+/// not the request said its length: a chunked upload without `Content-Length` is cut off and
+/// answered 413 after at most this many bytes, so a hostile client costs an isolate no more.
+pub fn body_limit(path: &str) -> u64 {
+    match path {
+        "/v1/events" => crate::app::MAX_EVENTS_BODY as u64,
+        shared::protocol::route::SYNC => shared::wire::MAX_FRAME_BYTES as u64,
+        _ => MAX_OTHER_BODY,
+    }
+}
 
 /// A request in runtime-neutral form. Header names are lowercase.
 #[derive(Clone, Debug, Default)]
@@ -160,6 +173,9 @@ pub enum EdgeError {
     },
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// Answered 429 with `retry-after`.
+    #[error("too many events from this shopper; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
 
     // ---- the query of /v1/recommendations
     #[error("query string is longer than {MAX_QUERY} bytes")]
@@ -246,6 +262,7 @@ impl EdgeError {
             | EdgeError::KvRead { .. }
             | EdgeError::KvWrite { .. } => 503,
             EdgeError::Catalog { .. } | EdgeError::Rules { .. } => 422,
+            EdgeError::RateLimited { .. } => 429,
             EdgeError::Identity(_)
             | EdgeError::QueryTooLong
             | EdgeError::BadEncoding { .. }
@@ -289,8 +306,14 @@ impl From<EdgeError> for Reply {
             log::warn(&line);
         }
         let mut reply = Reply::error(e.status(), &e.to_string());
-        if let EdgeError::MethodNotAllowed { allow } = e {
-            reply.headers.push(("allow", allow.into()));
+        match e {
+            EdgeError::MethodNotAllowed { allow } => reply.headers.push(("allow", allow.into())),
+            EdgeError::RateLimited { retry_after_secs } => {
+                reply
+                    .headers
+                    .push(("retry-after", retry_after_secs.to_string()));
+            }
+            _ => {}
         }
         reply
     }

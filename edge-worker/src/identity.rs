@@ -1,10 +1,10 @@
 //! Who is asking: the site's user id, or an anonymous visitor id kept in a cookie.
 //!
-//! Signed-in shoppers are named by the site through a request header (by default
-//! `x-edgewise-user`), which the site's own front layer must set and strip from browser
-//! requests. Everyone else gets a random visitor id from `getrandom`, in an HttpOnly,
-//! SameSite=Lax cookie that is `Secure` except on loopback hosts (configurable). Both are
-//! untrusted text: they are checked here before anything else sees them.
+//! A signed-in shopper is named only by a token the edge verified ([`crate::token`]), or —
+//! when the operator says a trusted front layer sets it and strips it from browser requests —
+//! by a configured header. Everyone else gets a random visitor id from `getrandom`, in an
+//! HttpOnly, SameSite=Lax cookie that is `Secure` except on loopback hosts (configurable).
+//! Everything here is untrusted text, checked before anything else sees it.
 
 /// The visitor cookie's name.
 pub const VISITOR_COOKIE: &str = "ew_vid";
@@ -41,7 +41,7 @@ impl Identity {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum IdentityError {
-    #[error("the user header must be 1 to 128 printable characters")]
+    #[error("the trusted user header must be 1 to 128 printable characters")]
     BadUserHeader,
     #[error("the ew_vid cookie must be 32 lowercase hex digits; clear it to get a new one")]
     BadVisitorCookie,
@@ -49,21 +49,36 @@ pub enum IdentityError {
     CookieTooLarge,
 }
 
+/// Whether `s` can be a site's user id: 1 to [`MAX_USER_ID`] bytes, no control characters.
+pub fn is_user_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_USER_ID && s.chars().all(|c| !c.is_control())
+}
+
+/// How the request named a signed-in shopper, once the token (if any) was checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignedIn<'a> {
+    /// No one: anonymous (no token, or one that did not verify).
+    No,
+    /// A verified token's `sub`.
+    Verified(&'a str),
+    /// The trusted front layer's header, as it came (checked here).
+    TrustedHeader(&'a str),
+}
+
 /// Resolves the identity of a request. `mint` supplies 16 random bytes when a new visitor id
 /// is needed (`getrandom` in the worker).
 pub fn resolve(
-    user_header: Option<&str>,
+    signed_in: SignedIn<'_>,
     cookie_header: Option<&str>,
     mint: impl FnOnce() -> [u8; 16],
 ) -> Result<Identity, IdentityError> {
-    if let Some(user) = user_header {
-        let ok =
-            !user.is_empty() && user.len() <= MAX_USER_ID && user.chars().all(|c| !c.is_control());
-        return if ok {
-            Ok(Identity::User(user.to_owned()))
-        } else {
-            Err(IdentityError::BadUserHeader)
-        };
+    match signed_in {
+        SignedIn::Verified(user) => return Ok(Identity::User(user.to_owned())),
+        SignedIn::TrustedHeader(user) if is_user_id(user) => {
+            return Ok(Identity::User(user.to_owned()));
+        }
+        SignedIn::TrustedHeader(_) => return Err(IdentityError::BadUserHeader),
+        SignedIn::No => {}
     }
     if let Some(id) = visitor_cookie(cookie_header)? {
         return Ok(Identity::Visitor {
@@ -85,11 +100,7 @@ fn visitor_cookie(header: Option<&str>) -> Result<Option<&str>, IdentityError> {
     if header.len() > MAX_COOKIE_HEADER {
         return Err(IdentityError::CookieTooLarge);
     }
-    let value = header.split(';').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        (name.trim() == VISITOR_COOKIE).then(|| value.trim().trim_matches('"'))
-    });
-    match value {
+    match crate::token::cookie(header, VISITOR_COOKIE) {
         None => Ok(None),
         Some(v) if v.len() == 32 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
             Ok(Some(v))
@@ -133,8 +144,9 @@ mod tests {
     const ID: &str = "0123456789abcdef0123456789abcdef";
 
     fn check(user: Option<&str>, cookie: Option<&str>, expect: Result<Identity, IdentityError>) {
+        let signed_in = user.map_or(SignedIn::No, SignedIn::TrustedHeader);
         assert_eq!(
-            resolve(user, cookie, || [0xab; 16]),
+            resolve(signed_in, cookie, || [0xab; 16]),
             expect,
             "{user:?} {cookie:?}"
         );

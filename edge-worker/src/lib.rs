@@ -11,9 +11,11 @@ pub mod cache;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod limit;
 pub mod log;
 pub mod store;
 pub mod storefront;
+pub mod token;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

@@ -72,7 +72,7 @@ fn run(secs: u32) -> Result<(), String> {
             worker.port,
             "GET",
             "/v1/recommendations?slot=home&k=8",
-            &[("x-edgewise-user", u)],
+            &[("authorization", &tests::bearer(u))],
             b"",
         )
         .map_err(|e| e.to_string())?;
@@ -226,9 +226,13 @@ fn wrk(
     let mut script = PERCENTILES_LUA.to_owned();
     if let Some(users) = users {
         // rotate the shopper per request
-        let list: Vec<String> = users.iter().map(|u| format!("{u:?}")).collect();
+        // each shopper signed in with its own token, as the site would have issued
+        let list: Vec<String> = users
+            .iter()
+            .map(|u| format!("{:?}", tests::bearer(u)))
+            .collect();
         script += &format!(
-            "local users = {{{}}}\nlocal i = 0\nrequest = function()\n  i = i % #users + 1\n  return wrk.format(\"GET\", {path:?}, {{[\"x-edgewise-user\"] = users[i]}})\nend\n",
+            "local users = {{{}}}\nlocal i = 0\nrequest = function()\n  i = i % #users + 1\n  return wrk.format(\"GET\", {path:?}, {{[\"authorization\"] = users[i]}})\nend\n",
             list.join(",")
         );
     }

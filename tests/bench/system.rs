@@ -145,7 +145,7 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
         pollers.push(std::thread::spawn(move || {
             while produced.elapsed() < Duration::from_secs(20) {
                 let asked = produced.elapsed();
-                let me = get_json(edge, "/v1/me", &[("x-edgewise-user", &user)]);
+                let me = get_json(edge, "/v1/me", &[("authorization", &tests::bearer(&user))]);
                 if me["profile_version"].as_u64() >= Some(1) {
                     // visible somewhere between this poll's request and its answer
                     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

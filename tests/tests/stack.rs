@@ -54,7 +54,7 @@ impl System {
     }
 
     fn me(&self, port: u16, user: &str) -> Value {
-        get_json(port, "/v1/me", &[("x-edgewise-user", user)])
+        get_json(port, "/v1/me", &[("authorization", &tests::bearer(user))])
     }
 
     fn restart_origin(&mut self) {
@@ -294,7 +294,7 @@ fn erasure_reaches_every_copy_and_stays(sys: &mut System) {
         sys.a,
         "POST",
         "/v1/events",
-        &[("x-edgewise-user", user)],
+        &[("authorization", &tests::bearer(user))],
         add,
     )
     .unwrap();
@@ -315,7 +315,14 @@ fn erasure_reaches_every_copy_and_stays(sys: &mut System) {
     )
     .unwrap();
 
-    let erased = http(sys.a, "DELETE", "/v1/me", &[("x-edgewise-user", user)], b"").unwrap();
+    let erased = http(
+        sys.a,
+        "DELETE",
+        "/v1/me",
+        &[("authorization", &tests::bearer(user))],
+        b"",
+    )
+    .unwrap();
     assert_eq!(erased.status, 202, "{}", erased.text());
     assert_eq!(sys.me(sys.a, user)["profile"], Value::Null);
     // an older event still in Kafka (timestamped before the erasure) arrives afterwards
@@ -344,7 +351,14 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
     let events = traffic(sys, "down", 200, 600, 11);
     sys.produce(&events);
     for port in [sys.a, sys.b] {
-        let page = http(port, "GET", "/", &[("x-edgewise-user", "down-u0")], b"").unwrap();
+        let page = http(
+            port,
+            "GET",
+            "/",
+            &[("authorization", &tests::bearer("down-u0"))],
+            b"",
+        )
+        .unwrap();
         assert_eq!(page.status, 200);
         assert_eq!(
             page.header("x-edgewise-tier"),
@@ -354,7 +368,7 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
         let recs = get_json(
             port,
             "/v1/recommendations?slot=home&k=4",
-            &[("x-edgewise-user", "down-u1")],
+            &[("authorization", &tests::bearer("down-u1"))],
         );
         assert_eq!(recs["tier"], "popular", "{recs}");
         assert!(
@@ -377,7 +391,14 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
         "  600 events produced while origin-sync was down: at edge B {:?} after the restart",
         t.elapsed()
     );
-    let page = http(sys.b, "GET", "/", &[("x-edgewise-user", "down-u0")], b"").unwrap();
+    let page = http(
+        sys.b,
+        "GET",
+        "/",
+        &[("authorization", &tests::bearer("down-u0"))],
+        b"",
+    )
+    .unwrap();
     assert_eq!(page.header("x-edgewise-tier"), Some("fresh"));
 }
 

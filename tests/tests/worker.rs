@@ -99,7 +99,7 @@ fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refuse
         port,
         "GET",
         "/v1/recommendations?slot=home&k=5",
-        &[("x-edgewise-user", "alice")],
+        &[("authorization", &tests::bearer("alice"))],
         b"",
     )
     .unwrap();
@@ -122,7 +122,7 @@ fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refuse
         port,
         "GET",
         "/v1/recommendations?slot=home&k=6",
-        &[("x-edgewise-user", "alice")],
+        &[("authorization", &tests::bearer("alice"))],
         b"",
     )
     .unwrap();
@@ -141,7 +141,7 @@ fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refuse
         port,
         "GET",
         "/v1/recommendations",
-        &[("x-edgewise-user", "bob")],
+        &[("authorization", &tests::bearer("bob"))],
         b"",
     )
     .unwrap();
@@ -262,7 +262,7 @@ fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refuse
     }
     // a header value no HTTP client sends (a control byte), written by hand
     let head = format!(
-        "GET /v1/me HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\nx-edgewise-user: \u{7f}"
+        "GET /v1/me HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncookie: ew_vid=\u{7f}"
     );
     assert_eq!(tests::raw_status(port, head.as_bytes()).unwrap(), 400);
     assert_eq!(
@@ -274,7 +274,7 @@ fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refuse
         port,
         "GET",
         "/v1/recommendations",
-        &[("x-edgewise-user", "alice")],
+        &[("authorization", &tests::bearer("alice"))],
         b"",
     )
     .unwrap();

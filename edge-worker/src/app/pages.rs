@@ -26,7 +26,7 @@ impl App {
     ) -> Handled {
         let mut mint = Some(mint);
         // A page is never refused: a hostile identity is replaced by a fresh visitor id.
-        let who = match self.identify(req, || mint.take().map_or([0; 16], |m| m())) {
+        let who = match self.identify(req, now_ms, || mint.take().map_or([0; 16], |m| m())) {
             Ok(who) => who,
             Err(_) => Identity::Visitor {
                 id: shared::auth::hex(&mint.take().map_or([0; 16], |m| m())),

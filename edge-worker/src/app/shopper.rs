@@ -9,7 +9,7 @@ use super::{App, Lookup, MAX_EVENTS_BODY, Site, Tier, decode_stored, read_profil
 use crate::http::{
     Clock, EdgeError, Handled, HttpRequest, Outbound, Query, Reply, no_store, set_header,
 };
-use crate::identity::{self, Identity, IdentityError};
+use crate::identity::{self, Identity, IdentityError, SignedIn};
 use crate::log;
 use crate::store::{Store, StoreError};
 use serde_json::{Value, json};
@@ -46,7 +46,7 @@ impl App {
         now_ms: u64,
         mint: impl FnOnce() -> [u8; 16],
     ) -> Result<Handled, EdgeError> {
-        let who = self.identify(req, mint)?;
+        let who = self.identify(req, now_ms, mint)?;
         self.refresh_site(store, now_ms).await;
         let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
         let routed = match (req.method.as_str(), req.path.as_str()) {
@@ -70,17 +70,28 @@ impl App {
         Ok(handled)
     }
 
+    /// Who is asking: a verified token's subject, the trusted front layer's header when one is
+    /// configured, or the visitor cookie. A token that does not verify is not an error: the
+    /// request is anonymous (invariant 10), and the refusal is counted for `/healthz`.
     pub(super) fn identify(
         &self,
         req: &HttpRequest,
+        now_ms: u64,
         mint: impl FnOnce() -> [u8; 16],
     ) -> Result<Identity, IdentityError> {
-        let user = self
-            .config
-            .user_header
-            .as_deref()
-            .and_then(|h| req.header(h));
-        identity::resolve(user, req.header("cookie"), mint)
+        let verified = self.config.token.as_ref().and_then(|verifier| {
+            let token = verifier.source().find(|h| req.header(h))?;
+            verifier
+                .verify(token, now_ms / 1000)
+                .map_err(|e| self.tokens_refused.borrow_mut().count(e))
+                .ok()
+        });
+        let signed_in = match (&verified, &self.config.trusted_user_header) {
+            (Some(user), _) => SignedIn::Verified(user),
+            (None, Some(h)) => req.header(h).map_or(SignedIn::No, SignedIn::TrustedHeader),
+            (None, None) => SignedIn::No,
+        };
+        identity::resolve(signed_in, req.header("cookie"), mint)
     }
 
     fn cookie_secure(&self, req: &HttpRequest) -> bool {
@@ -217,6 +228,25 @@ impl App {
                 len: items.len(),
                 limit: MAX_BATCH_EVENTS,
             });
+        }
+        // A client without a visitor cookie is a new visitor on every request: its budget is
+        // its address's instead, or dropping the cookie would reset it.
+        let budget = match who {
+            Identity::Visitor { minted: true, .. } => {
+                let ip = req.header("cf-connecting-ip").unwrap_or("unknown");
+                self.config
+                    .user_key_secret
+                    .as_deref()
+                    .map(|secret| UserKey::derive(secret, &format!("ip:{ip}")))
+            }
+            _ => self.key_of(who),
+        };
+        if let Some(key) = budget {
+            let n = items.len() as u32;
+            self.events_limit
+                .borrow_mut()
+                .take(key, n, now_ms)
+                .map_err(|retry_after_secs| EdgeError::RateLimited { retry_after_secs })?;
         }
         let user = who.user_id();
         let mut good = Vec::new();

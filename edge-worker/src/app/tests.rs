@@ -1,11 +1,12 @@
 //! The handlers end to end over an in-memory store, one file per area: `pages`, `shopper`,
-//! `sync`, `config_reload`, `erasure` and `bad_input`. This file is their shared harness: a
+//! `sync`, `config_reload`, `erasure`, `identity` and `bad_input`. This file is their shared harness: a
 //! [`World`] (one isolate, its KV and a clock the test moves), and the profiles, events and
 //! sync frames the tests build.
 
 mod bad_input;
 mod config_reload;
 mod erasure;
+mod identity;
 mod pages;
 mod shopper;
 mod sync;
@@ -50,13 +51,62 @@ struct World {
     clock: TestClock,
 }
 
+const TOKEN_SECRET: &str = "test-token-secret-of-at-least-32-bytes";
+const TOKEN_ISSUER: &str = "https://shop.test";
+const TOKEN_AUDIENCE: &str = "edgewise-test";
+
 fn config() -> EdgeConfig {
-    EdgeConfig::from_vars(|k| match k {
-        "SYNC_SECRET" => Some(SYNC_SECRET.into()),
-        "USER_KEY_SECRET" => Some(USER_SECRET.into()),
-        "ORIGIN_URL" => Some("http://origin.test".into()),
-        _ => None,
+    config_with(&[])
+}
+
+/// The test settings, with `extra` added or overriding them.
+fn config_with(extra: &[(&str, &str)]) -> EdgeConfig {
+    let extra: Vec<(String, String)> = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    EdgeConfig::from_vars(move |k| {
+        if let Some((_, v)) = extra.iter().find(|(name, _)| name == k) {
+            return Some(v.clone());
+        }
+        match k {
+            "SYNC_SECRET" => Some(SYNC_SECRET.into()),
+            "USER_KEY_SECRET" => Some(USER_SECRET.into()),
+            "ORIGIN_URL" => Some("http://origin.test".into()),
+            "JWT_ALGORITHM" => Some("HS256".into()),
+            "JWT_SECRET" => Some(TOKEN_SECRET.into()),
+            "JWT_ISSUER" => Some(TOKEN_ISSUER.into()),
+            "JWT_AUDIENCE" => Some(TOKEN_AUDIENCE.into()),
+            _ => None,
+        }
     })
+}
+
+/// A token the site would issue for `user`, valid for a day from the tests' start.
+fn token(user: &str) -> String {
+    token_with(serde_json::json!({
+        "sub": user, "iss": TOKEN_ISSUER, "aud": TOKEN_AUDIENCE,
+        "iat": NOW_MS / 1000, "exp": NOW_MS / 1000 + 86_400,
+    }))
+}
+
+fn token_with(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(TOKEN_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The `Authorization` value that signs `user` in (leaked: tests pass headers as `&str`).
+fn bearer(user: &str) -> &'static str {
+    Box::leak(format!("Bearer {}", token(user)).into_boxed_str())
+}
+
+/// The request header that signs `user` in.
+fn signed_in(user: &str) -> (&'static str, &'static str) {
+    ("authorization", bearer(user))
 }
 
 impl World {
@@ -165,7 +215,7 @@ fn snapshot(user: &str, p: &Profile) -> SyncItem {
 }
 
 fn alice() -> [(&'static str, &'static str); 1] {
-    [("x-edgewise-user", "alice")]
+    [signed_in("alice")]
 }
 
 fn visitor_cookie() -> String {

@@ -89,7 +89,6 @@ fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
         ("GET", long_query.as_str(), vec![], vec![], 400, "longer than"),
         ("GET", "/v1/recommendations", bad_cookie.iter().map(|(k, v)| (*k, v.to_string())).collect(), vec![], 400, "ew_vid cookie"),
         ("GET", "/v1/recommendations", vec![("cookie", "a".repeat(9000))], vec![], 400, "too large"),
-        ("GET", "/v1/recommendations", vec![("x-edgewise-user", "bad\u{1}user".into())], vec![], 400, "user header"),
         ("PUT", "/v1/me", vec![], vec![], 405, "GET, DELETE"),
         ("GET", "/v1/nope", vec![], vec![], 404, "no such route"),
     ];
@@ -134,4 +133,56 @@ fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
             .starts_with("ew_vid=1111")
     );
     assert_eq!(w.get("/p/%3Cscript%3E", &[]).status, 404);
+}
+
+#[test]
+fn a_shopper_posting_too_many_events_is_told_when_to_retry() {
+    let w = World::with(config_with(&[
+        ("EVENTS_PER_SEC", "2"),
+        ("EVENTS_BURST", "10"),
+    ]));
+    let batch = |n: usize| {
+        let events: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"event_id":"rl{i}-{}","type":"page_view"}}"#, w.now()))
+            .collect();
+        format!("[{}]", events.join(",")).into_bytes()
+    };
+    let post = |headers: &[(&str, &str)], n| w.post("/v1/events", headers, &batch(n)).reply;
+    let cookie = visitor_cookie();
+    let visitor = [("cookie", cookie.as_str())];
+    assert_eq!(post(&visitor, 10).status, 202);
+    let refused = post(&visitor, 3);
+    assert_eq!(
+        refused.status,
+        429,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.header("retry-after"), Some("2"));
+    assert!(
+        refused.body_json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("retry in 2 s")
+    );
+    // other shoppers are not held back; signed-in shoppers have budgets of their own
+    assert_eq!(post(&alice(), 10).status, 202);
+    // after the wait, the shopper may post again
+    w.advance(2000);
+    assert_eq!(post(&visitor, 3).status, 202);
+    // dropping the cookie does not reset the budget: cookieless clients share their address's
+    let from = [("cf-connecting-ip", "203.0.113.9")];
+    assert_eq!(post(&from, 10).status, 202);
+    assert_eq!(post(&from, 1).status, 429);
+    assert_eq!(post(&[("cf-connecting-ip", "203.0.113.10")], 1).status, 202);
+}
+
+#[test]
+fn body_limits_are_per_route() {
+    use crate::http::{MAX_OTHER_BODY, body_limit};
+    assert_eq!(body_limit("/v1/events"), MAX_EVENTS_BODY as u64);
+    assert_eq!(body_limit("/v1/sync"), shared::wire::MAX_FRAME_BYTES as u64);
+    for path in ["/v1/me", "/", "/p/cam-001", "/nope"] {
+        assert_eq!(body_limit(path), MAX_OTHER_BODY, "{path}");
+    }
 }

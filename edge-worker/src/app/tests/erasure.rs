@@ -14,7 +14,7 @@ fn erasure_removes_the_profile_and_older_updates_cannot_bring_it_back() {
 
     let mut req = HttpRequest::get("/v1/me");
     req.method = "DELETE".into();
-    req.headers = vec![("x-edgewise-user".into(), "alice".into())];
+    req.headers = vec![("authorization".into(), bearer("alice").into())];
     let h = w.send(req);
     assert_eq!(h.reply.status, 202);
     assert_eq!(h.outbound[0].method, "DELETE");
@@ -69,7 +69,7 @@ fn erasure_outranks_what_kv_holds_even_when_the_cache_lags() {
     );
     let mut req = HttpRequest::get("/v1/me");
     req.method = "DELETE".into();
-    req.headers = vec![("x-edgewise-user".into(), "alice".into())];
+    req.headers = vec![("authorization".into(), bearer("alice").into())];
     assert_eq!(w.send(req).reply.status, 202);
     let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
     assert_eq!(
@@ -114,7 +114,7 @@ fn a_failed_erasure_says_retry_and_logs_what_kv_said() {
     let erase = || {
         let mut req = HttpRequest::get("/v1/me");
         req.method = "DELETE".into();
-        req.headers = vec![("x-edgewise-user".into(), "alice".into())];
+        req.headers = vec![("authorization".into(), bearer("alice").into())];
         w.send(req).reply
     };
     log::take();

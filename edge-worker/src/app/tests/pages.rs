@@ -55,7 +55,7 @@ fn kv_failures_degrade_the_tier_and_never_fail_the_page() {
         assert_eq!(r.header("x-edgewise-tier"), Some("stale"), "{path}");
         assert_eq!(r.header("x-edgewise-profile-version"), Some("1"));
     }
-    let r = w.get("/", &[("x-edgewise-user", "bob")]);
+    let r = w.get("/", &[signed_in("bob")]);
     assert_eq!(
         (r.status, r.header("x-edgewise-tier")),
         (200, Some("popular"))

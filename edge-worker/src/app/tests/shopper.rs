@@ -173,7 +173,7 @@ fn the_cache_holds_ten_thousand_profiles_within_its_byte_bound() {
         w.sync(chunk.to_vec());
     }
     for u in profiles.keys() {
-        w.get("/v1/recommendations?k=1", &[("x-edgewise-user", u)]);
+        w.get("/v1/recommendations?k=1", &[signed_in(u)]);
     }
     let (entries, bytes) = w.app.cache_stats();
     println!(
@@ -215,7 +215,7 @@ fn kv_errors_are_logged_unless_they_are_timeouts_and_pages_are_served_either_way
     );
 
     let mut req = HttpRequest::get("/v1/recommendations");
-    req.headers = vec![("x-edgewise-user".into(), "alice".into())];
+    req.headers = vec![("authorization".into(), bearer("alice").into())];
     let r = run(w.app.handle(&Unbound, &w.clock, &req, || [0x11; 16])).reply;
     assert_eq!(
         (r.status, r.header("x-edgewise-tier")),
