@@ -31,12 +31,7 @@ pub fn bearer(user: &str) -> String {
         "sub": user, "iss": DEV_JWT_ISSUER, "aud": DEV_JWT_AUDIENCE,
         "iat": now, "exp": now + 3600,
     });
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(DEV_JWT_SECRET),
-    )
-    .expect("HS256 signing cannot fail");
+    let token = edge_worker::token::sign_hs256(DEV_JWT_SECRET, &claims);
     format!("Bearer {token}")
 }
 
@@ -209,6 +204,69 @@ pub fn raw_status(port: u16, head: &[u8]) -> std::io::Result<u16> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other("no HTTP status line in the answer"))
+}
+
+/// POSTs `total` bytes to `path` as a chunked upload (no `Content-Length`: the server cannot
+/// know the size before reading it) while reading the answer, and returns its status and how
+/// many bytes were written before the answer came. Writing stops at the answer or when the
+/// server stops reading.
+pub fn chunked_upload(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    total: usize,
+) -> std::io::Result<(u16, usize)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ntransfer-encoding: chunked\r\n\
+         content-type: application/octet-stream\r\nconnection: close\r\n"
+    );
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    s.write_all(head.as_bytes())?;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let mut s = s.try_clone()?;
+        let answered = answered.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < total && !answered.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = chunk.len().min(total - sent);
+                let framed = [format!("{n:x}\r\n").as_bytes(), &chunk[..n], b"\r\n"].concat();
+                if s.write_all(&framed).is_err() {
+                    break;
+                }
+                sent += n;
+            }
+            if sent == total {
+                let _ = s.write_all(b"0\r\n\r\n");
+            }
+            sent
+        })
+    };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    answered.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let sent = writer.join().unwrap_or(0);
+    let status = String::from_utf8_lossy(&got)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status line in the answer"))?;
+    Ok((status, sent))
 }
 
 /// A child process group that is terminated when dropped.

@@ -11,6 +11,8 @@
 //!
 //! Any failure makes the request anonymous (invariant 10); the reason is for logs and tests only.
 
+mod crypto;
+
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -317,6 +319,7 @@ impl TokenVerifier {
                 ));
             }
         };
+        crypto::install();
         let mut validation = Validation::new(algorithm.jwt());
         // Claims are checked by `verify` on the request's clock; the crate checks the signature.
         validation.validate_exp = false;
@@ -404,6 +407,25 @@ impl TokenVerifier {
         }
         Ok(sub)
     }
+}
+
+/// Signs `claims` as an HS256 JWT: what the retailer's site does at sign-in. The edge never
+/// calls it; the local stack and the tests sign shoppers in with it.
+pub fn sign_hs256(secret: &[u8], claims: &serde_json::Value) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use hmac::{Hmac, Mac};
+    let signing_input = format!(
+        "{}.{}",
+        B64.encode(br#"{"alg":"HS256","typ":"JWT"}"#),
+        B64.encode(claims.to_string())
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(signing_input.as_bytes());
+    format!(
+        "{signing_input}.{}",
+        B64.encode(mac.finalize().into_bytes())
+    )
 }
 
 /// The keys of a JWKS document usable with `algorithm`; keys for other algorithms or uses are

@@ -265,6 +265,12 @@ fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refuse
         "GET /v1/me HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncookie: ew_vid=\u{7f}"
     );
     assert_eq!(tests::raw_status(port, head.as_bytes()).unwrap(), 400);
+    // 10 MB uploads that never say their length: cut off at the route's limit
+    for path in ["/v1/events", "/v1/sync"] {
+        let (status, sent) = tests::chunked_upload(port, path, &[], 10 << 20).unwrap();
+        assert_eq!(status, 413, "{path}");
+        println!("chunked 10 MB upload to {path}: 413 after {sent} bytes written");
+    }
     assert_eq!(
         cache_entries(port),
         before,

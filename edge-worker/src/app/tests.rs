@@ -91,12 +91,7 @@ fn token(user: &str) -> String {
 }
 
 fn token_with(claims: Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(TOKEN_SECRET.as_bytes()),
-    )
-    .unwrap()
+    crate::token::sign_hs256(TOKEN_SECRET.as_bytes(), &claims)
 }
 
 /// The `Authorization` value that signs `user` in (leaked: tests pass headers as `&str`).

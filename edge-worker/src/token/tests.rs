@@ -4,7 +4,6 @@
 use super::*;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
 pub(crate) const SECRET: &[u8] = b"an-hs256-test-secret-of-32-bytes!";
@@ -17,12 +16,38 @@ fn claims(sub: &str) -> Value {
 }
 
 fn hs256(secret: &[u8], claims: &Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .unwrap()
+    sign_hs256(secret, claims)
+}
+
+/// A JWS with this header and claims, signed by `sign` over the signing input.
+fn jws(header: &Value, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let signature = sign(input.as_bytes());
+    format!("{input}.{}", B64.encode(signature))
+}
+
+/// How a test key signs.
+enum TestKey {
+    Ec(p256::ecdsa::SigningKey),
+    Rsa(Box<rsa::RsaPrivateKey>),
+}
+
+impl TestKey {
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        match self {
+            TestKey::Ec(k) => {
+                let sig: p256::ecdsa::Signature = p256::ecdsa::signature::Signer::sign(k, msg);
+                sig.to_bytes().to_vec()
+            }
+            TestKey::Rsa(k) => k
+                .sign(rsa::Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(msg))
+                .unwrap(),
+        }
+    }
 }
 
 fn verifier(alg: TokenAlgorithm, keys: KeyMaterial<'_>) -> TokenVerifier {
@@ -193,39 +218,42 @@ fn garbage_and_oversized_tokens_are_refused() {
 }
 
 /// A P-256 key pair: the signing key and a JWKS with its public half under `kid`.
-fn ec_key(kid: &str) -> (EncodingKey, String) {
+fn ec_key(kid: &str) -> (TestKey, String) {
     use p256::ecdsa::SigningKey;
-    use p256::pkcs8::EncodePrivateKey;
     let key = SigningKey::random(&mut rand::rngs::OsRng);
-    let der = key.to_pkcs8_der().unwrap();
     let point = key.verifying_key().to_encoded_point(false);
     let jwks = json!({ "keys": [{
         "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
         "x": B64.encode(point.x().unwrap()), "y": B64.encode(point.y().unwrap()),
     }]});
-    (EncodingKey::from_ec_der(der.as_bytes()), jwks.to_string())
+    (TestKey::Ec(key), jwks.to_string())
 }
 
-fn rsa_key(kid: &str) -> (EncodingKey, String) {
+fn rsa_key(kid: &str) -> (TestKey, String) {
     rsa_key_of(kid, 2048)
 }
 
-fn rsa_key_of(kid: &str, bits: usize) -> (EncodingKey, String) {
-    use rsa::pkcs1::EncodeRsaPrivateKey;
+fn rsa_key_of(kid: &str, bits: usize) -> (TestKey, String) {
     use rsa::traits::PublicKeyParts;
     let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, bits).unwrap();
-    let der = key.to_pkcs1_der().unwrap();
     let jwks = json!({ "keys": [{
         "kty": "RSA", "kid": kid, "alg": "RS256",
         "n": B64.encode(key.n().to_bytes_be()), "e": B64.encode(key.e().to_bytes_be()),
     }]});
-    (EncodingKey::from_rsa_der(der.as_bytes()), jwks.to_string())
+    (TestKey::Rsa(Box::new(key)), jwks.to_string())
 }
 
-fn signed(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, claims: &Value) -> String {
-    let mut header = Header::new(alg);
-    header.kid = kid.map(str::to_owned);
-    encode(&header, claims, key).unwrap()
+fn signed(alg: Algorithm, kid: Option<&str>, key: &TestKey, claims: &Value) -> String {
+    let alg = match alg {
+        Algorithm::ES256 => "ES256",
+        Algorithm::RS256 => "RS256",
+        other => panic!("no test signer for {other:?}"),
+    };
+    let header = match kid {
+        Some(kid) => json!({ "alg": alg, "typ": "JWT", "kid": kid }),
+        None => json!({ "alg": alg, "typ": "JWT" }),
+    };
+    jws(&header, claims, |m| key.sign(m))
 }
 
 /// Two JWKS documents' keys as one document.
