@@ -145,9 +145,15 @@ fn too_large(len: u64, limit: u64) -> Reply {
     .into()
 }
 
-/// The body, read chunk by chunk and given up as soon as it passes `limit` (`Err(Some(bytes
-/// read so far))`): `Content-Length` is only a claim, and a chunked upload has none.
-/// `Err(None)`: the body could not be read (logged).
+/// How much of an oversized body is read and dropped before answering 413. Answering while
+/// the client is still sending makes `wrangler dev`'s proxy answer 503 in the worker's place,
+/// so the rest is drained, without keeping it: memory stays at the route's limit, and a body
+/// past this bound is cut off regardless.
+const MAX_DRAIN: u64 = 32 << 20;
+
+/// The body, read chunk by chunk and kept only up to `limit`: `Content-Length` is only a claim,
+/// and a chunked upload has none. `Err(Some(bytes read))`: the body passed the limit (the
+/// rest was drained up to [`MAX_DRAIN`]). `Err(None)`: it could not be read (logged).
 async fn read_body(req: &mut Request, limit: u64) -> std::result::Result<Vec<u8>, Option<u64>> {
     use futures_util::StreamExt;
     let mut stream = match req.stream() {
@@ -156,15 +162,21 @@ async fn read_body(req: &mut Request, limit: u64) -> std::result::Result<Vec<u8>
         Err(_) => return Ok(Vec::new()),
     };
     let mut body = Vec::new();
+    let mut read: u64 = 0;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             console_warn!("edgewise: could not read the request body: {e}");
             None
         })?;
-        body.extend_from_slice(&chunk);
-        if body.len() as u64 > limit {
-            return Err(Some(body.len() as u64));
+        read += chunk.len() as u64;
+        if read <= limit {
+            body.extend_from_slice(&chunk);
+        } else if read > MAX_DRAIN {
+            break;
         }
+    }
+    if read > limit {
+        return Err(Some(read));
     }
     Ok(body)
 }
