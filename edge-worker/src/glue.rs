@@ -4,7 +4,7 @@
 
 use crate::app::App;
 use crate::config::EdgeConfig;
-use crate::http::{Clock, EdgeError, HttpRequest, Outbound, Reply, body_limit};
+use crate::http::{Clock, EdgeError, HttpRequest, Outbound, Reply, body_limit, origin_retry_ms};
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
 use shared::protocol::KvMetadata;
@@ -193,37 +193,48 @@ fn mint() -> [u8; 16] {
     bytes
 }
 
-/// Sends each request to origin, retrying a failed attempt twice (after 100 ms and 500 ms):
-/// enough for a restarting origin, well inside `wait_until`'s time. 4xx answers are not
-/// retried (they will not change). What still fails is logged; the shopper's own view already
-/// has the events.
+/// Sends each request to origin, retrying what origin may take later (no answer, 408, 429,
+/// 5xx) as [`origin_retry_ms`] says — honouring `Retry-After` — within `wait_until`'s time.
+/// Other 4xx answers are not retried (they will not change). What still fails is logged; the
+/// shopper's own view already has the events.
 async fn send_all(outbound: Vec<Outbound>) {
     for o in outbound {
-        for (attempt, backoff_ms) in [0u64, 100, 500].into_iter().enumerate() {
-            if backoff_ms > 0 {
-                Delay::from(Duration::from_millis(backoff_ms)).await;
+        let mut attempt = 0;
+        loop {
+            let outcome = send(&o).await;
+            let answered = outcome
+                .as_ref()
+                .ok()
+                .map(|(status, retry_after)| (*status, retry_after.as_deref()));
+            if answered.is_some_and(|(status, _)| (200..300).contains(&status)) {
+                break;
             }
-            let last = attempt == 2;
-            match send(&o).await {
-                Ok(status) if (200..300).contains(&status) => break,
-                Ok(status) if (400..500).contains(&status) || last => {
-                    console_error!(
-                        "edgewise: origin answered {status} to {} {}",
-                        o.method,
-                        o.url
-                    );
+            match origin_retry_ms(attempt, answered) {
+                Some(wait_ms) => {
+                    Delay::from(Duration::from_millis(wait_ms)).await;
+                    attempt += 1;
+                }
+                None => {
+                    match outcome {
+                        Ok((status, _)) => console_error!(
+                            "edgewise: origin answered {status} to {} {} (attempt {})",
+                            o.method,
+                            o.url,
+                            attempt + 1
+                        ),
+                        Err(e) => {
+                            console_error!("edgewise: could not reach origin at {}: {e}", o.url)
+                        }
+                    }
                     break;
                 }
-                Err(e) if last => {
-                    console_error!("edgewise: could not reach origin at {}: {e}", o.url);
-                }
-                _ => {}
             }
         }
     }
 }
 
-async fn send(o: &Outbound) -> Result<u16> {
+/// The status origin answered, and its `retry-after` header.
+async fn send(o: &Outbound) -> Result<(u16, Option<String>)> {
     let headers = Headers::new();
     for (k, v) in &o.headers {
         headers.set(k, v)?;
@@ -237,7 +248,8 @@ async fn send(o: &Outbound) -> Result<u16> {
         ))));
     }
     let req = Request::new_with_init(&o.url, &init)?;
-    Ok(Fetch::Request(req).send().await?.status_code())
+    let resp = Fetch::Request(req).send().await?;
+    Ok((resp.status_code(), resp.headers().get("retry-after")?))
 }
 
 fn into_response(reply: Reply) -> Result<Response> {

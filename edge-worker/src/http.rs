@@ -21,6 +21,31 @@ use shared::wire::WireError;
 
 /// Longest query string looked at.
 pub const MAX_QUERY: usize = 2048;
+/// Attempts at one request to origin, the first included.
+pub const ORIGIN_ATTEMPTS: u32 = 4;
+/// Longest wait between two of them: `wait_until` gives the worker 30 s after the answer.
+const MAX_ORIGIN_WAIT_MS: u64 = 8_000;
+
+/// How long to wait before attempt `attempt + 1` at a request to origin, after attempt
+/// `attempt` (0-based) got `outcome`: an answer's status and `retry-after` header, or `None`
+/// for no answer. `None`: stop (it succeeded, origin refused it for good, or the attempts are
+/// spent). 429 and 5xx are origin saying "later": `Retry-After` is honoured up to a bound.
+pub fn origin_retry_ms(attempt: u32, outcome: Option<(u16, Option<&str>)>) -> Option<u64> {
+    const BACKOFF_MS: [u64; 3] = [100, 500, 2_000];
+    let retryable = match outcome {
+        None => true,
+        Some((status, _)) => status == 408 || status == 429 || status >= 500,
+    };
+    if !retryable || attempt + 1 >= ORIGIN_ATTEMPTS {
+        return None;
+    }
+    let asked = outcome
+        .and_then(|(_, retry_after)| retry_after?.trim().parse::<u64>().ok())
+        .map(|secs| secs.saturating_mul(1000));
+    let backoff = BACKOFF_MS[(attempt as usize).min(BACKOFF_MS.len() - 1)];
+    Some(asked.unwrap_or(backoff).clamp(backoff, MAX_ORIGIN_WAIT_MS))
+}
+
 /// Largest body of routes that take none worth reading (`DELETE /v1/me`, pages, unknown).
 pub const MAX_OTHER_BODY: u64 = 4 * 1024;
 

@@ -190,12 +190,17 @@ fn default_kv_base() -> String {
 pub struct HttpConfig {
     /// Address of `/ingest`, `/users/{id}`, `/metrics`, `/healthz`, `/readyz`.
     pub listen: SocketAddr,
+    /// `/ingest` budget per connecting address: events a second, and the burst past it.
+    pub ingest_events_per_sec: u32,
+    pub ingest_burst: u32,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
+            ingest_events_per_sec: 5_000,
+            ingest_burst: 20_000,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -18,6 +18,7 @@ use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_batch};
 use shared::protocol::{ErasureBody, Signed, route};
 
 use crate::kafka::{Outgoing, produce_all};
+use crate::limit::SourceLimiter;
 use crate::metrics::{Emit as _, UserErased};
 use crate::pipeline::{Shared, now_ms};
 
@@ -33,7 +34,14 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+/// The routes. Serve them with `into_make_service_with_connect_info::<SocketAddr>()`: the
+/// `/ingest` budget is per connecting address.
 pub fn app(state: AppState) -> Router {
+    let http = &state.shared.config.http;
+    let ingest_limit = Arc::new(SourceLimiter::new(
+        http.ingest_events_per_sec,
+        http.ingest_burst,
+    ));
     Router::new()
         .route(route::INGEST, post(ingest))
         .route(route::ERASE_ROUTE, delete(erase))
@@ -43,6 +51,7 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(
             MAX_EVENT_BYTES * MAX_BATCH_EVENTS + 1024,
         ))
+        .layer(Extension(ingest_limit))
         .with_state(state)
 }
 
@@ -59,7 +68,13 @@ fn check_signature(secret: &[u8], headers: &HeaderMap, body: &[u8]) -> Option<Re
         .map(|e| error(StatusCode::UNAUTHORIZED, format!("signature rejected: {e}")))
 }
 
-async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn ingest(
+    State(st): State<AppState>,
+    Extension(limit): Extension<Arc<SourceLimiter>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let secret = st.shared.config.sync.sync_secret.as_bytes();
     if let Some(r) = check_signature(secret, &headers, &body) {
         return r;
@@ -71,6 +86,17 @@ async fn ingest(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> 
             return error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
+    if let Err(secs) = limit.take(peer.ip(), results.len() as u32, now_ms()) {
+        tracing::warn!(%peer, events = results.len(), "ingest budget spent; answered 429");
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many events from this address; retry in {secs} s"),
+        );
+        if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        return r;
+    }
     let mut out = Vec::new();
     let mut rejected = Vec::new();
     for (index, r) in results.into_iter().enumerate() {

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod kafka;
+pub mod limit;
 pub mod metrics;
 pub mod pipeline;
 pub mod publish;

@@ -100,11 +100,14 @@ pub async fn run(
     });
     let mut http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|s| *s).await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = http_shutdown.wait_for(|s| *s).await;
+        })
+        .await
     });
     let docs = tokio::spawn(crate::publish::watch_documents(
         shared.clone(),

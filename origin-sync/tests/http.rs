@@ -466,6 +466,56 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
 }
 
 /// `GET /metrics` of the service at `base`, as text.
+/// `/ingest` takes a burst per connecting address, then answers 429 with `Retry-After` until
+/// the budget refills; nothing of a refused batch is produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_is_budgeted_per_source() {
+    let Some(tansu) = broker("ingest-limit") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("ingest-limit");
+    let cfg = config(&config_toml(
+        &tansu,
+        &edge,
+        &dir,
+        "ingest_events_per_sec = 20\ningest_burst = 50\n",
+    ));
+    let base = format!("http://{}", cfg.http.listen);
+    let _service = InProcess::start(cfg);
+    let client = reqwest::Client::new();
+    wait_for(
+        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
+        "http",
+    )
+    .await;
+    let post = |events: &[shared::event::Event]| {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>()
+        }))
+        .expect("json");
+        signed(client.post(format!("{base}/ingest")), &body)
+            .body(body)
+            .send()
+    };
+    let events = traffic(5, 90, "lim", 3);
+    let r = post(&events[..50]).await.expect("ingest");
+    assert_eq!(r.status(), 202, "the burst is taken");
+    let r = post(&events[50..90]).await.expect("ingest");
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert_eq!(wait, 2, "40 events at 20/s");
+    let j: serde_json::Value = r.json().await.expect("json");
+    assert!(j["error"].as_str().expect("error").contains("retry in 2 s"));
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let r = post(&events[50..90]).await.expect("ingest");
+    assert_eq!(r.status(), 202, "after Retry-After the batch is taken");
+}
+
 async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
         .await

@@ -186,3 +186,26 @@ fn body_limits_are_per_route() {
         assert_eq!(body_limit(path), MAX_OTHER_BODY, "{path}");
     }
 }
+
+#[test]
+fn requests_to_origin_are_retried_when_origin_says_later() {
+    use crate::http::{ORIGIN_ATTEMPTS, origin_retry_ms};
+    // no answer, 408, 429 and 5xx are retried with growing waits
+    assert_eq!(origin_retry_ms(0, None), Some(100));
+    assert_eq!(origin_retry_ms(1, Some((503, None))), Some(500));
+    assert_eq!(origin_retry_ms(2, Some((408, None))), Some(2000));
+    // Retry-After is honoured, within the worker's time after the answer
+    assert_eq!(origin_retry_ms(0, Some((429, Some("2")))), Some(2000));
+    assert_eq!(origin_retry_ms(0, Some((429, Some("3600")))), Some(8000));
+    assert_eq!(
+        origin_retry_ms(1, Some((429, Some("0")))),
+        Some(500),
+        "never faster than backoff"
+    );
+    assert_eq!(origin_retry_ms(0, Some((429, Some("soon")))), Some(100));
+    // other 4xx will not change; the attempts end
+    for status in [400, 401, 403, 404, 413] {
+        assert_eq!(origin_retry_ms(0, Some((status, None))), None, "{status}");
+    }
+    assert_eq!(origin_retry_ms(ORIGIN_ATTEMPTS - 1, None), None);
+}
