@@ -64,6 +64,174 @@ pub struct KafkaConfig {
     /// store (instant restarts, no rebalance waits). `group`: partitions are shared through the
     /// consumer group's rebalancing (several instances; state does not move with a partition).
     pub assignment: Assignment,
+    /// How origin-sync talks to the brokers: TLS and SASL, as production clusters require.
+    pub security: KafkaSecurity,
+}
+
+/// TLS and SASL settings, passed to librdkafka (`security.protocol`, `sasl.*`, `ssl.*`).
+/// Secrets belong in the environment: `ORIGIN_SYNC__KAFKA__SECURITY__SASL_PASSWORD`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSecurity {
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: SecurityProtocol,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with a `sasl_*` protocol).
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<String>,
+    /// PEM file of the CA that signed the brokers' certificates (default: the system's).
+    pub ssl_ca_location: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub ssl_certificate_location: Option<PathBuf>,
+    pub ssl_key_location: Option<PathBuf>,
+    pub ssl_key_password: Option<String>,
+    /// Check that the broker's certificate names the broker (default true).
+    pub ssl_verify_hostname: Option<bool>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    fn sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+}
+
+impl KafkaSecurity {
+    /// The librdkafka properties these settings stand for.
+    pub fn properties(&self) -> Vec<(&'static str, String)> {
+        let mut p = vec![(
+            "security.protocol",
+            self.protocol.as_librdkafka().to_owned(),
+        )];
+        if self.protocol.sasl() {
+            let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+            p.push(("sasl.mechanism", opt(&self.sasl_mechanism)));
+            p.push(("sasl.username", opt(&self.sasl_username)));
+            p.push(("sasl.password", opt(&self.sasl_password)));
+        }
+        if self.protocol.tls() {
+            let path = |v: &PathBuf| v.display().to_string();
+            if let Some(ca) = &self.ssl_ca_location {
+                p.push(("ssl.ca.location", path(ca)));
+            }
+            if let Some(cert) = &self.ssl_certificate_location {
+                p.push(("ssl.certificate.location", path(cert)));
+            }
+            if let Some(key) = &self.ssl_key_location {
+                p.push(("ssl.key.location", path(key)));
+            }
+            if let Some(pw) = &self.ssl_key_password {
+                p.push(("ssl.key.password", pw.clone()));
+            }
+            let verify = self.ssl_verify_hostname.unwrap_or(true);
+            p.push((
+                "ssl.endpoint.identification.algorithm",
+                if verify { "https" } else { "none" }.to_owned(),
+            ));
+        }
+        p
+    }
+
+    /// What is wrong with these settings, naming the key.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        const KEY: &str = "kafka.security";
+        if self.protocol.sasl() {
+            match self.sasl_mechanism.as_deref() {
+                Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {}
+                Some(other) => {
+                    return Err((
+                        KEY,
+                        format!(
+                            "sasl_mechanism {other:?} is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err((
+                        KEY,
+                        "a sasl_* protocol needs sasl_mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)".into(),
+                    ));
+                }
+            }
+            if self.sasl_username.as_deref().is_none_or(str::is_empty)
+                || self.sasl_password.as_deref().is_none_or(str::is_empty)
+            {
+                return Err((
+                    KEY,
+                    "a sasl_* protocol needs sasl_username and sasl_password (put the password in \
+                     ORIGIN_SYNC__KAFKA__SECURITY__SASL_PASSWORD)"
+                        .into(),
+                ));
+            }
+            if self.sasl_mechanism.as_deref() == Some("PLAIN")
+                && self.protocol == SecurityProtocol::SaslPlaintext
+            {
+                tracing::warn!(
+                    "kafka.security: SASL PLAIN over plaintext sends the password in the clear; use sasl_ssl"
+                );
+            }
+        } else if self.sasl_mechanism.is_some() || self.sasl_username.is_some() {
+            return Err((
+                KEY,
+                format!(
+                    "sasl_* settings are given but protocol is {}; use sasl_plaintext or sasl_ssl",
+                    self.protocol.as_librdkafka()
+                ),
+            ));
+        }
+        let files = [
+            ("ssl_ca_location", &self.ssl_ca_location),
+            ("ssl_certificate_location", &self.ssl_certificate_location),
+            ("ssl_key_location", &self.ssl_key_location),
+        ];
+        for (name, path) in files {
+            let Some(path) = path else { continue };
+            if !self.protocol.tls() {
+                return Err((
+                    KEY,
+                    format!("{name} is given but protocol is not ssl or sasl_ssl"),
+                ));
+            }
+            if !path.is_file() {
+                return Err((
+                    KEY,
+                    format!("{name} {} is not a readable file", path.display()),
+                ));
+            }
+        }
+        if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
+            return Err((
+                KEY,
+                "mutual TLS needs both ssl_certificate_location and ssl_key_location".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -88,6 +256,7 @@ impl Default for KafkaConfig {
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,
             assignment: Assignment::Static,
+            security: KafkaSecurity::default(),
         }
     }
 }
@@ -285,6 +454,9 @@ impl Config {
                 "must name at least one broker, e.g. \"127.0.0.1:9092\"",
             );
         }
+        if let Err((key, why)) = self.kafka.security.check() {
+            return bad(key, &why);
+        }
         if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.is_empty()) {
             return bad("kafka.topics", "must list at least one non-empty topic");
         }
@@ -444,6 +616,39 @@ mod tests {
         assert_eq!(c.kafka.brokers, "b:2");
         assert_eq!(c.sync.max_outbox, 7);
         assert!(c.has_remote_sink());
+    }
+
+    #[test]
+    fn kafka_security_is_checked_and_takes_its_password_from_the_environment() {
+        let text = "[kafka.security]\nprotocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"edgewise\"\n";
+        let e = Config::from_parts(text, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("SASL_PASSWORD"), "{e}");
+        let c = Config::from_parts(
+            text,
+            env(&[("ORIGIN_SYNC__KAFKA__SECURITY__SASL_PASSWORD", "s3cret")]),
+        )
+        .expect("valid");
+        assert_eq!(c.kafka.security.sasl_password.as_deref(), Some("s3cret"));
+        for (bad, needle) in [
+            (
+                "protocol = \"sasl_ssl\"\nsasl_mechanism = \"GSSAPI\"",
+                "not one of PLAIN",
+            ),
+            ("protocol = \"sasl_ssl\"", "needs sasl_mechanism"),
+            (
+                "sasl_mechanism = \"PLAIN\"",
+                "use sasl_plaintext or sasl_ssl",
+            ),
+            (
+                "protocol = \"ssl\"\nssl_ca_location = \"/no/such/ca.pem\"",
+                "not a readable file",
+            ),
+            ("protocol = \"tls\"", "protocol"),
+        ] {
+            let e =
+                Config::from_parts(&format!("[kafka.security]\n{bad}\n"), env(&[])).unwrap_err();
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]

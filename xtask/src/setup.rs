@@ -15,6 +15,8 @@ const APT_PACKAGES: &[&str] = &[
     "cmake",
     "pkg-config",
     "libcurl4-openssl-dev",
+    // librdkafka with TLS and SASL/SCRAM (rdkafka's `ssl` feature)
+    "libssl-dev",
     "chromium",
     "wrk",
     "fonts-dejavu-core",
