@@ -137,6 +137,13 @@ async fn ingest(
 /// `DELETE /users/{id}`, signed, with the body `{"user_id": id}`: the signature covers only
 /// the timestamp and the body, so the body must name the user, or a captured request could be
 /// replayed against any other user's path within the signature window.
+///
+/// The erasure's time — its cutoff: events at or before it are dropped — is the time the
+/// request was signed (the end of that second; the signature check bounds it to the window
+/// around now), not the time it arrived. A replayed request, or
+/// the edge retrying one whose answer was lost, has the same time, and an erasure no later
+/// than the last one changes nothing ([`crate::store::Store::erase`]): it cannot move the
+/// cutoff or wipe what the shopper did since.
 async fn erase(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -147,6 +154,11 @@ async fn erase(
     if let Some(r) = check_signature(secret, &headers, &body) {
         return r;
     }
+    // the end of the second it was signed in: within that second, erasure wins
+    let at_ms = Signed::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+        .map_or(now_ms(), |s| {
+            s.timestamp.saturating_mul(1000).saturating_add(999)
+        });
     if id.is_empty() || id.len() > 256 {
         return error(StatusCode::BAD_REQUEST, "user id must be 1 to 256 bytes");
     }
@@ -158,14 +170,16 @@ async fn erase(
         );
     }
     let store = st.shared.store.clone();
-    let result = tokio::task::spawn_blocking(move || store.erase(&id, now_ms())).await;
+    let result = tokio::task::spawn_blocking(move || store.erase(&id, at_ms)).await;
     match result {
-        Ok(Ok((key, version))) => {
-            UserErased { version }.emit(&st.shared.metrics);
-            let _ = st.shared.touched.send(vec![key]).await;
+        Ok(Ok((key, version, changed))) => {
+            if changed {
+                UserErased { version }.emit(&st.shared.metrics);
+                let _ = st.shared.touched.send(vec![key]).await;
+            }
             (
                 StatusCode::ACCEPTED,
-                axum::Json(json!({"erased": true, "version": version})),
+                axum::Json(json!({"erased": true, "version": version, "already": !changed})),
             )
                 .into_response()
         }

@@ -177,20 +177,59 @@ async fn ingest_erasure_and_documents() {
     .expect("delete");
     assert_eq!(r.status(), 400);
     let body = format!(r#"{{"user_id":"{user}"}}"#);
-    let r = signed(
-        client.delete(format!("{base}{}", route::erase(user))),
-        body.as_bytes(),
-    )
-    .body(body.clone())
-    .send()
-    .await
-    .expect("delete");
+    let replay_ts = now();
+    let replay_sig = shared::auth::sign(secret().as_bytes(), replay_ts, body.as_bytes());
+    let r = client
+        .delete(format!("{base}{}", route::erase(user)))
+        .header(shared::auth::TIMESTAMP_HEADER, replay_ts.to_string())
+        .header(shared::auth::SIGNATURE_HEADER, &replay_sig)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("delete");
     assert_eq!(r.status(), 202);
     wait_for(
         || matches!(edge.get(&k), Some(Stored::Tombstone { version }) if version == had + 1),
         "tombstone at the edge",
     )
     .await;
+    // the shopper comes back after the erasure: newer events start a fresh profile
+    let mut back = events
+        .iter()
+        .find(|e| e.user == user)
+        .expect("an event of the user")
+        .clone();
+    back.id = "after-erasure".into();
+    back.ts_ms = now() * 1000 + 2_000;
+    let fresh =
+        serde_json::to_vec(&serde_json::json!({ "events": [back.to_json()] })).expect("json");
+    let r = signed(client.post(format!("{base}/ingest")), &fresh)
+        .body(fresh)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202);
+    wait_for(
+        || matches!(edge.get(&k), Some(Stored::Profile(p)) if p.version == had + 2),
+        "the fresh profile at the edge",
+    )
+    .await;
+    // the erasure request replayed, byte for byte: accepted, and nothing changes
+    let r = client
+        .delete(format!("{base}{}", route::erase(user)))
+        .header(shared::auth::TIMESTAMP_HEADER, replay_ts.to_string())
+        .header(shared::auth::SIGNATURE_HEADER, &replay_sig)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        matches!(edge.get(&k), Some(Stored::Profile(p)) if p.version == had + 2),
+        "a replayed erasure wiped what the shopper did since: {:?}",
+        edge.get(&k)
+    );
     let metrics = metrics_text(&base).await;
     for name in [
         "edgewise_consumed_total",

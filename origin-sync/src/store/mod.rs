@@ -236,7 +236,8 @@ impl Store {
 
     /// Erases a user: state gone, a tombstone above every version it had, in the outbox.
     /// Returns the tombstone's version.
-    pub fn erase(&self, user_id: &str, now_ms: u64) -> Result<(UserKey, u64), StoreError> {
+    /// Erases `user_id` at `at_ms`: (key, version now, whether anything changed).
+    pub fn erase(&self, user_id: &str, at_ms: u64) -> Result<(UserKey, u64, bool), StoreError> {
         let key = self.user_key(user_id);
         let tx = self.db.begin_write()?;
         let version;
@@ -247,24 +248,28 @@ impl Store {
                 Some(g) => Some(UserState::decode(g.value())?),
                 None => None,
             };
+            // An erasure at or before the last one's time covers nothing that erasure did not:
+            // what the user did since is newer than both. So a replayed or retried request
+            // (its time is the time it was signed) changes nothing, even after a restart.
+            if let Some(old) = &old
+                && old.erased().is_some_and(|(_, at)| at_ms <= at)
+            {
+                return Ok((key, old.current_version(), false));
+            }
             let had = old.as_ref().map_or(0, UserState::current_version);
-            let at = old
-                .as_ref()
-                .and_then(UserState::erased)
-                .map_or(now_ms, |(_, t)| t.max(now_ms));
             version = had + 1;
-            let state = UserState::tombstone(&key, version, at);
+            let state = UserState::tombstone(&key, version, at_ms);
             users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
             outbox_t.insert(
                 key.0.as_slice(),
                 encode(&Pending {
-                    oldest_ts_ms: now_ms,
+                    oldest_ts_ms: at_ms,
                 })
                 .as_slice(),
             )?;
         }
         tx.commit()?;
-        Ok((key, version))
+        Ok((key, version, true))
     }
 
     /// Every outbox entry, for the sender to start from after a restart.
@@ -575,7 +580,7 @@ mod tests {
             .collect();
         let store = open("erase", SMALL_WINDOW);
         store.apply_batch(&records(&events, "a", 0)).expect("batch");
-        let (_, v) = store.erase("e-u0", 1_732_960_000_050).expect("erase");
+        let (_, v, _) = store.erase("e-u0", 1_732_960_000_050).expect("erase");
         assert_eq!(v, 11);
         assert_eq!(
             store.current("e-u0").expect("read"),
@@ -597,5 +602,14 @@ mod tests {
             Some(Stored::Profile(p)) => assert_eq!(p.version, 12),
             other => panic!("{other:?}"),
         }
+        // the same erasure again (a replay, or a retry whose answer was lost) changes nothing:
+        // the newer event's profile stays
+        assert_eq!(store.erase("e-u0", 1_732_960_000_050).expect("erase").1, 12);
+        assert!(matches!(
+            store.current("e-u0").expect("read"),
+            Some(Stored::Profile(_))
+        ));
+        // a later erasure erases it
+        assert_eq!(store.erase("e-u0", 1_732_960_002_000).expect("erase").1, 13);
     }
 }
