@@ -118,6 +118,11 @@ fn main() -> ExitCode {
         "  state and logs   {}",
         stack.config.state.join("logs").display()
     );
+    // The demo storefront has no sign-in page; this is what the retailer's would hand out.
+    println!(
+        "  signed in as alice (an hour): curl -H 'authorization: {}' http://127.0.0.1:{edge}/v1/me",
+        tests::bearer("alice")
+    );
     println!("Ctrl-C stops everything.");
 
     let mut code = ExitCode::SUCCESS;
