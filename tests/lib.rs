@@ -372,6 +372,8 @@ pub fn start_worker_on(state: &Path, port: u16, vars: &[(&str, &str)]) -> Result
     let child = Command::new(root().join("node_modules/.bin/wrangler"))
         .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
         .args(["--inspector-port", &inspector.to_string()])
+        // GET /__scheduled runs the Cron Trigger (the erasure sweep) on demand
+        .arg("--test-scheduled")
         .args(
             vars.iter()
                 .flat_map(|(k, v)| ["--var".to_owned(), format!("{k}:{v}")]),

@@ -13,7 +13,8 @@ use std::rc::Rc;
 use std::time::Duration;
 use worker::{
     Context, Delay, Env, Fetch, Headers, Method, Request, RequestInit, Response, Result,
-    console_error, console_warn, event, js_sys, kv::KvStore, wasm_bindgen::JsValue,
+    ScheduleContext, ScheduledEvent, console_error, console_warn, event, js_sys, kv::KvStore,
+    wasm_bindgen::JsValue,
 };
 
 /// The KV namespace binding (see `wrangler.toml`).
@@ -83,6 +84,35 @@ impl Store for Kv {
             .await
             .map_err(backend)
     }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> std::result::Result<Vec<String>, StoreError> {
+        let listed = self
+            .binding()?
+            .list()
+            .prefix(prefix.to_owned())
+            .limit(limit as u64)
+            .execute()
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(listed.keys.into_iter().map(|k| k.name).collect())
+    }
+
+    async fn delete(&self, key: &str) -> std::result::Result<(), StoreError> {
+        self.binding()?
+            .delete(key)
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+}
+
+impl Kv {
+    fn binding(&self) -> std::result::Result<&KvStore, StoreError> {
+        self.kv.as_ref().ok_or_else(no_binding)
+    }
 }
 
 fn no_binding() -> StoreError {
@@ -131,7 +161,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     };
     let handled = app.handle(&store, &JsClock, &request, mint).await;
     if !handled.outbound.is_empty() {
-        ctx.wait_until(send_all(handled.outbound));
+        ctx.wait_until(send_all(handled.outbound, store.kv.clone()));
     }
     into_response(handled.reply)
 }
@@ -181,6 +211,26 @@ async fn read_body(req: &mut Request, limit: u64) -> std::result::Result<Vec<u8>
     Ok(body)
 }
 
+/// The Cron Trigger (`[triggers] crons` in `wrangler.toml`): sends again every erasure origin
+/// has not acknowledged. Locally: `wrangler dev --test-scheduled`, then
+/// `GET /__scheduled?cron=*+*+*+*+*`.
+#[event(scheduled)]
+async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
+    let app = app(&env);
+    let store = Kv {
+        kv: env.kv(KV_BINDING).ok(),
+        timeout_ms: app.config().kv_timeout_ms.max(1_000),
+    };
+    let outbound = app.sweep_erasures(&store, js_sys::Date::now() as u64).await;
+    if !outbound.is_empty() {
+        console_warn!(
+            "edgewise: sending {} erasures origin has not acknowledged yet",
+            outbound.len()
+        );
+        send_all(outbound, store.kv.clone()).await;
+    }
+}
+
 /// 16 random bytes for a visitor id. `getrandom` uses `crypto.getRandomValues` here; should it
 /// ever fail, a time-based id still beats failing the page.
 fn mint() -> [u8; 16] {
@@ -197,7 +247,7 @@ fn mint() -> [u8; 16] {
 /// 5xx) as [`origin_retry_ms`] says — honouring `Retry-After` — within `wait_until`'s time.
 /// Other 4xx answers are not retried (they will not change). What still fails is logged; the
 /// shopper's own view already has the events.
-async fn send_all(outbound: Vec<Outbound>) {
+async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
     for o in outbound {
         let mut attempt = 0;
         loop {
@@ -207,6 +257,12 @@ async fn send_all(outbound: Vec<Outbound>) {
                 .ok()
                 .map(|(status, retry_after)| (*status, retry_after.as_deref()));
             if answered.is_some_and(|(status, _)| (200..300).contains(&status)) {
+                // origin took it: retire the record that would have it sent again
+                if let (Some(key), Some(kv)) = (&o.then_delete, &kv)
+                    && let Err(e) = kv.delete(key).await
+                {
+                    console_warn!("edgewise: could not delete {key} (it will be sent again): {e}");
+                }
                 break;
             }
             match origin_retry_ms(attempt, answered) {

@@ -143,6 +143,9 @@ pub struct Outbound {
     pub url: String,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
+    /// A KV key to delete once origin answered 2xx: the pending-erasure record this request
+    /// delivers, kept until then so the Cron sweep sends it again if it never arrives.
+    pub then_delete: Option<String>,
 }
 
 /// What handling a request produced: the reply, and the requests to send to origin after it.

@@ -27,6 +27,16 @@ pub type Versioned = (Vec<u8>, Option<u64>);
 pub trait Store {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
     async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError>;
+
+    /// Up to `limit` keys starting with `prefix`. Only the erasure sweep lists; stores that
+    /// never hold pending erasures need not support it.
+    async fn list(&self, _prefix: &str, _limit: usize) -> Result<Vec<String>, StoreError> {
+        Err(StoreError::Backend("this store cannot list keys".into()))
+    }
+
+    async fn delete(&self, _key: &str) -> Result<(), StoreError> {
+        Err(StoreError::Backend("this store cannot delete keys".into()))
+    }
 }
 
 /// An in-memory [`Store`] that can be told to fail, for tests and benchmarks.
@@ -104,6 +114,33 @@ impl Store for MemoryStore {
         self.map
             .borrow_mut()
             .insert(key.to_owned(), (value.to_vec(), Some(version)));
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.reads.set(self.reads.get() + 1);
+        if self.failing.get() {
+            return Err(StoreError::Timeout(50));
+        }
+        let mut keys: Vec<String> = self
+            .map
+            .borrow()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        // KV lists in key order
+        keys.sort();
+        keys.truncate(limit);
+        Ok(keys)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.writes.set(self.writes.get() + 1);
+        if self.failing.get() || self.failing_writes.get() {
+            return Err(StoreError::Backend("injected failure".into()));
+        }
+        self.map.borrow_mut().remove(key);
         Ok(())
     }
 }

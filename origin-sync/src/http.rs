@@ -15,7 +15,8 @@ use rdkafka::producer::FutureProducer;
 use serde_json::json;
 use shared::auth::DEFAULT_WINDOW_SECS;
 use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_batch};
-use shared::protocol::{ErasureBody, Signed, route};
+use shared::keys::UserKey;
+use shared::protocol::{ErasureBody, KeyErasureBody, Signed, route};
 
 use crate::kafka::{Outgoing, produce_all};
 use crate::limit::SourceLimiter;
@@ -45,6 +46,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route(route::INGEST, post(ingest))
         .route(route::ERASE_ROUTE, delete(erase))
+        .route(route::ERASE_KEY_ROUTE, delete(erase_key))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -169,8 +171,52 @@ async fn erase(
             "the signed body must name the user in the path: {\"user_id\": \"<id>\"}",
         );
     }
+    let user_key = st.shared.store.user_key(&id);
+    store_erasure(&st, user_key, at_ms).await
+}
+
+/// `DELETE /erasures/{key}`, signed, with the body `{"user_key": key, "erased_at_ms": t}`: how
+/// the edge erases (it keeps no user ids). `t` is when the edge accepted the erasure, and is
+/// its cutoff however late the request comes — the edge's Cron sweep may deliver it hours
+/// later; the same erasure delivered twice changes nothing the second time.
+async fn erase_key(
+    State(st): State<AppState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let secret = st.shared.config.sync.sync_secret.as_bytes();
+    if let Some(r) = check_signature(secret, &headers, &body) {
+        return r;
+    }
+    let Some(named) = KeyErasureBody::parse(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected the signed body {\"user_key\": \"<24 hex digits>\", \"erased_at_ms\": <Unix ms>}",
+        );
+    };
+    if named.user_key.to_hex() != key {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the signed body must name the key in the path",
+        );
+    }
+    // the edge's clock, give or take the signature window; an erasure from the future would
+    // drop events the shopper has not made yet
+    if named.erased_at_ms > now_ms() + DEFAULT_WINDOW_SECS * 1000 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "erased_at_ms is in the future; check the edge's clock",
+        );
+    }
+    store_erasure(&st, named.user_key, named.erased_at_ms).await
+}
+
+/// Stores an erasure and answers it: 202 once durable (`already`: it changed nothing, being no
+/// later than the user's last erasure), 500 to retry.
+async fn store_erasure(st: &AppState, user_key: UserKey, at_ms: u64) -> Response {
     let store = st.shared.store.clone();
-    let result = tokio::task::spawn_blocking(move || store.erase(&id, at_ms)).await;
+    let result = tokio::task::spawn_blocking(move || store.erase_key(user_key, at_ms)).await;
     match result {
         Ok(Ok((key, version, changed))) => {
             if changed {

@@ -230,6 +230,43 @@ async fn ingest_erasure_and_documents() {
         "a replayed erasure wiped what the shopper did since: {:?}",
         edge.get(&k)
     );
+    // the edge's erasure by key: the cutoff is when the edge accepted it, however late it
+    // arrives; delivered again (the Cron sweep, freshly signed) it changes nothing
+    let user2 = "h-u2";
+    let k2 = key(user2);
+    let had2 = want.get(&k2).map_or(0, |p| p.version);
+    let by_key = |erased_at_ms: u64, key_hex: String| {
+        let body = serde_json::json!({ "user_key": k2.to_hex(), "erased_at_ms": erased_at_ms })
+            .to_string();
+        signed(
+            client.delete(format!("{base}/erasures/{key_hex}")),
+            body.as_bytes(),
+        )
+        .body(body)
+        .send()
+    };
+    let accepted_at = now() * 1000 - 1_000;
+    let r = by_key(accepted_at, k2.to_hex()).await.expect("delete");
+    assert_eq!(r.status(), 202);
+    let j: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(j["already"], false);
+    wait_for(
+        || matches!(edge.get(&k2), Some(Stored::Tombstone { version }) if version == had2 + 1),
+        "the by-key tombstone at the edge",
+    )
+    .await;
+    let r = by_key(accepted_at, k2.to_hex()).await.expect("delete");
+    let j: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(j["already"], true, "{j}");
+    let r = by_key(now() * 1000 + 3_600_000, k2.to_hex())
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 400, "an erasure from the future");
+    let r = by_key(accepted_at, key("someone-else").to_hex())
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 400, "the body names another key");
+
     let metrics = metrics_text(&base).await;
     for name in [
         "edgewise_consumed_total",
@@ -240,7 +277,7 @@ async fn ingest_erasure_and_documents() {
         "edgewise_push_failures_total",
         "edgewise_outbox_depth",
         "edgewise_freshness_seconds_bucket",
-        "edgewise_erasures_total 1",
+        "edgewise_erasures_total 2",
     ] {
         assert!(metrics.contains(name), "metrics lack {name}");
     }

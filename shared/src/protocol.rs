@@ -37,6 +37,15 @@ pub mod route {
     pub fn erase(user_id: &str) -> String {
         format!("/users/{}", super::percent_encode(user_id))
     }
+
+    /// edge → origin-sync: an erasure named by the user's key (the edge keeps no user ids),
+    /// in the router's path syntax.
+    pub const ERASE_KEY_ROUTE: &str = "/erasures/{key}";
+
+    /// The erasure path of one user key.
+    pub fn erase_key(key: &crate::keys::UserKey) -> String {
+        format!("/erasures/{}", key.to_hex())
+    }
 }
 
 pub use crate::auth::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
@@ -196,6 +205,50 @@ impl ErasureBody {
     pub fn parse(bytes: &[u8]) -> Option<ErasureBody> {
         serde_json::from_slice(bytes).ok()
     }
+}
+
+/// The signed body of `DELETE /erasures/{key}`: the key again (the signature does not cover
+/// the path), and when the edge accepted the erasure. That time is the erasure's cutoff at
+/// origin, however late the request arrives: a durable retry hours later erases what the
+/// shopper had then, not what they did since.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyErasureBody {
+    #[serde(with = "key_hex")]
+    pub user_key: UserKey,
+    pub erased_at_ms: u64,
+}
+
+impl KeyErasureBody {
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn parse(bytes: &[u8]) -> Option<KeyErasureBody> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+mod key_hex {
+    use crate::keys::UserKey;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(key: &UserKey, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&key.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<UserKey, D::Error> {
+        let hex = String::deserialize(d)?;
+        UserKey::from_hex(&hex).ok_or_else(|| D::Error::custom("not a user key (24 hex digits)"))
+    }
+}
+
+/// KV keys of erasures the edge accepted and origin has not acknowledged yet (swept by the
+/// worker's Cron Trigger until it does).
+pub const PENDING_ERASURE_PREFIX: &str = "erase:";
+
+/// The KV key of a pending erasure.
+pub fn pending_erasure_key(key: &UserKey) -> String {
+    format!("{PENDING_ERASURE_PREFIX}{}", key.to_hex())
 }
 
 pub use crate::keys::PROFILE_KEY_PREFIX;

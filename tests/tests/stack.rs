@@ -66,8 +66,14 @@ impl System {
     /// What the KV of edge `n` (1-based) holds for `user`.
     fn kv(&self, n: usize, user: &str) -> Option<Stored> {
         let key = UserKey::derive(DEV_USER_KEY_SECRET, user).kv_key();
+        let value = self.kv_raw(n, &key)?;
+        Some(shared::wire::decode_stored(&value).unwrap())
+    }
+
+    /// The raw value of `key` in the KV of edge `n` (1-based).
+    fn kv_raw(&self, n: usize, key: &str) -> Option<Vec<u8>> {
         let out = std::process::Command::new(root().join("node_modules/.bin/wrangler"))
-            .args(["kv", "key", "get", &key, "--binding", "EDGEWISE", "--local"])
+            .args(["kv", "key", "get", key, "--binding", "EDGEWISE", "--local"])
             .arg("--persist-to")
             .arg(self.stack.config.state.join(format!("edge-{n}")))
             .env("WRANGLER_SEND_METRICS", "false")
@@ -77,7 +83,7 @@ impl System {
         if !out.status.success() || out.stdout.starts_with(b"Value not found") {
             return None;
         }
-        Some(shared::wire::decode_stored(&out.stdout).unwrap())
+        Some(out.stdout)
     }
 
     fn origin_log(&self) -> String {
@@ -345,8 +351,31 @@ fn erasure_reaches_every_copy_and_stays(sys: &mut System) {
     }
 }
 
+const ERASED_WHILE_DOWN: &str = "down-erased";
+
 fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
     sys.stack.stop_origin();
+    let down_since = Instant::now();
+    // a shopper's events are in Kafka, not folded yet; the shopper erases at edge A meanwhile
+    let mut theirs = traffic(sys, "down-e", 1, 3, 5);
+    for e in &mut theirs {
+        e.user = ERASED_WHILE_DOWN.to_owned();
+        e.ts_ms = origin_sync::pipeline::now_ms() - 10_000;
+    }
+    sys.produce(&theirs);
+    let erased = http(
+        sys.a,
+        "DELETE",
+        "/v1/me",
+        &[("authorization", &tests::bearer(ERASED_WHILE_DOWN))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(erased.status, 202, "{}", erased.text());
+    let pending = shared::protocol::pending_erasure_key(&UserKey::derive(
+        DEV_USER_KEY_SECRET,
+        ERASED_WHILE_DOWN,
+    ));
     // Kafka keeps taking events while origin-sync is down (the site's backend, other edges)
     let events = traffic(sys, "down", 200, 600, 11);
     sys.produce(&events);
@@ -378,9 +407,28 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
     }
     let page = http(sys.b, "GET", "/p/cam-001", &[], b"").unwrap();
     assert_eq!(page.status, 200);
+    // every attempt after the request failed: the erasure is pending in edge A's KV
+    assert!(
+        sys.kv_raw(1, &pending).is_some(),
+        "no pending erasure record"
+    );
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(down_since.elapsed()));
 
     let t = Instant::now();
     sys.restart_origin();
+    // the Cron Trigger (run on demand by `wrangler dev --test-scheduled`) delivers it
+    let swept = http(sys.a, "GET", "/__scheduled?cron=*+*+*+*+*", &[], b"").unwrap();
+    assert_eq!(swept.status, 200, "{}", swept.text());
+    let took = wait_for(
+        "the erasure acknowledged by origin",
+        Duration::from_secs(20),
+        || sys.kv_raw(1, &pending).is_none(),
+    )
+    .unwrap();
+    println!(
+        "  erasure accepted while origin-sync was down {:?}: acknowledged {took:?} after the restart",
+        down_since.elapsed() - t.elapsed()
+    );
     converge(
         sys,
         sys.b,
@@ -400,6 +448,20 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
     )
     .unwrap();
     assert_eq!(page.header("x-edgewise-tier"), Some("fresh"));
+    // erased at origin (its events, folded after the restart, were dropped), at edge B, in
+    // both KVs, and it stays so
+    for (n, port) in [(1, sys.a), (2, sys.b)] {
+        assert_eq!(
+            sys.me(port, ERASED_WHILE_DOWN)["profile"],
+            Value::Null,
+            "edge {n}"
+        );
+        let kv = sys.kv(n, ERASED_WHILE_DOWN);
+        assert!(
+            kv.is_none() || matches!(kv, Some(Stored::Tombstone { .. })),
+            "edge {n}'s KV holds {kv:?}"
+        );
+    }
 }
 
 fn crashes_mid_stream_lose_and_double_nothing(sys: &mut System) {

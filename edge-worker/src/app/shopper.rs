@@ -20,7 +20,7 @@ use shared::event::{Event, MAX_BATCH_EVENTS};
 use shared::ids::ItemId;
 use shared::keys::UserKey;
 use shared::profile::Profile;
-use shared::protocol::{self, ErasureBody, Signed, route};
+use shared::protocol::{self, KeyErasureBody, Signed, route};
 use shared::recommend::{Recommender, RequestContext};
 use shared::rules::Device;
 use shared::wire;
@@ -367,10 +367,19 @@ impl App {
         self.cache.borrow_mut().erase(key, tombstone, now_ms);
         let mut outbound = Vec::new();
         if let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret) {
-            let user_id = who.user_id();
-            let url = format!("{origin}{}", route::erase(&user_id));
-            let body = ErasureBody { user_id }.to_json_bytes();
-            outbound.push(signed(secret, "DELETE", url, body, now_ms));
+            // Durable before it is answered: if every attempt to reach origin fails, the Cron
+            // sweep finds this record and sends the erasure again until origin takes it.
+            let pending = protocol::pending_erasure_key(&key);
+            let record = json!({ "erased_at_ms": now_ms }).to_string();
+            store
+                .put(&pending, record.as_bytes(), 0)
+                .await
+                .map_err(|source| EdgeError::KvWrite {
+                    key: pending,
+                    then: THEN,
+                    source,
+                })?;
+            outbound.push(erasure_request(origin, secret, key, now_ms, now_ms));
         }
         let mut reply = Reply::json(202, &json!({ "erased": true, "version": held + 1 }));
         if matches!(who, Identity::Visitor { .. }) {
@@ -418,6 +427,78 @@ fn signed(
         url,
         headers,
         body,
+        then_delete: None,
+    }
+}
+
+/// The signed request that delivers the erasure of `key`, accepted at `erased_at_ms`, and
+/// retires its pending record once origin took it.
+fn erasure_request(
+    origin: &str,
+    secret: &[u8],
+    key: UserKey,
+    erased_at_ms: u64,
+    now_ms: u64,
+) -> Outbound {
+    let url = format!("{origin}{}", route::erase_key(&key));
+    let body = KeyErasureBody {
+        user_key: key,
+        erased_at_ms,
+    }
+    .to_json_bytes();
+    Outbound {
+        then_delete: Some(protocol::pending_erasure_key(&key)),
+        ..signed(secret, "DELETE", url, body, now_ms)
+    }
+}
+
+/// Most pending erasures one sweep sends: each costs a KV read and, once acknowledged, a
+/// delete, inside Workers' ~1,000 operations per invocation; a backlog takes several sweeps.
+pub const SWEEP_BATCH: usize = 200;
+
+impl App {
+    /// The Cron Trigger's work: every erasure this deployment accepted that origin has not
+    /// acknowledged yet (origin was down, or every attempt after the request failed), as
+    /// requests to send again. Each carries the time the erasure was accepted, so however
+    /// late it lands, it erases what the shopper had then and nothing they did since.
+    pub async fn sweep_erasures<S: Store>(&self, store: &S, now_ms: u64) -> Vec<Outbound> {
+        let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret)
+        else {
+            return Vec::new();
+        };
+        let keys = match store
+            .list(protocol::PENDING_ERASURE_PREFIX, SWEEP_BATCH)
+            .await
+        {
+            Ok(keys) => keys,
+            Err(e) => {
+                log::warn(&format!("listing pending erasures failed: {e}"));
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for kv_key in keys {
+            let Some(key) = kv_key
+                .strip_prefix(protocol::PENDING_ERASURE_PREFIX)
+                .and_then(UserKey::from_hex)
+            else {
+                continue;
+            };
+            let erased_at_ms = match store.get(&kv_key).await {
+                Ok(Some((bytes, _))) => serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["erased_at_ms"].as_u64()),
+                Ok(None) => continue,
+                Err(e) => {
+                    log::warn(&format!("reading {kv_key} failed: {e}"));
+                    continue;
+                }
+            };
+            // a record that does not say when is erased as of now: later is never too little
+            let erased_at_ms = erased_at_ms.unwrap_or(now_ms);
+            out.push(erasure_request(origin, secret, key, erased_at_ms, now_ms));
+        }
+        out
     }
 }
 

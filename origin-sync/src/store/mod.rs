@@ -238,7 +238,11 @@ impl Store {
     /// Returns the tombstone's version.
     /// Erases `user_id` at `at_ms`: (key, version now, whether anything changed).
     pub fn erase(&self, user_id: &str, at_ms: u64) -> Result<(UserKey, u64, bool), StoreError> {
-        let key = self.user_key(user_id);
+        self.erase_key(self.user_key(user_id), at_ms)
+    }
+
+    /// [`Store::erase`] of the user with this key (the edge names users by key only).
+    pub fn erase_key(&self, key: UserKey, at_ms: u64) -> Result<(UserKey, u64, bool), StoreError> {
         let tx = self.db.begin_write()?;
         let version;
         {

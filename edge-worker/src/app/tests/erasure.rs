@@ -18,10 +18,15 @@ fn erasure_removes_the_profile_and_older_updates_cannot_bring_it_back() {
     let h = w.send(req);
     assert_eq!(h.reply.status, 202);
     assert_eq!(h.outbound[0].method, "DELETE");
-    assert_eq!(h.outbound[0].url, "http://origin.test/users/alice");
+    let hex = key("alice").to_hex();
     assert_eq!(
-        h.outbound[0].body, br#"{"user_id":"alice"}"#,
-        "the signed body names the user"
+        h.outbound[0].url,
+        format!("http://origin.test/erasures/{hex}")
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&h.outbound[0].body),
+        format!(r#"{{"user_key":"{hex}","erased_at_ms":{}}}"#, w.now()),
+        "the signed body names the key and when the erasure was accepted; never the user id"
     );
     let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
     assert_eq!(
@@ -150,4 +155,51 @@ fn a_failed_erasure_says_retry_and_logs_what_kv_said() {
     w.store.set_failing(false);
     w.store.set_failing_writes(false);
     assert_eq!(erase().status, 202, "the retry goes through");
+}
+
+#[test]
+fn an_accepted_erasure_stays_pending_until_origin_takes_it() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let accepted_at = w.now();
+    let mut req = HttpRequest::get("/v1/me");
+    req.method = "DELETE".into();
+    req.headers = vec![("authorization".into(), bearer("alice").into())];
+    let h = w.send(req);
+    assert_eq!(h.reply.status, 202);
+    let pending = shared::protocol::pending_erasure_key(&key("alice"));
+    assert_eq!(h.outbound[0].then_delete.as_deref(), Some(pending.as_str()));
+    assert!(
+        w.store.raw(&pending).is_some(),
+        "durable before it is answered"
+    );
+    assert!(!pending.contains("alice"), "no user id in KV: {pending}");
+
+    // origin was down for every attempt: the Cron sweep sends it again, an hour later, with
+    // the time it was accepted (so it erases what alice had then, not what she did since)
+    w.advance(3_600_000);
+    let swept = run(w.app.sweep_erasures(&w.store, w.now()));
+    assert_eq!(swept.len(), 1);
+    let body: Value = serde_json::from_slice(&swept[0].body).unwrap();
+    assert_eq!(body["erased_at_ms"], accepted_at);
+    assert_eq!(body["user_key"], key("alice").to_hex());
+    assert_eq!(swept[0].then_delete.as_deref(), Some(pending.as_str()));
+    // freshly signed: the first attempt's signature has left the window
+    let ts = swept[0]
+        .headers
+        .iter()
+        .find(|(k, _)| *k == auth::TIMESTAMP_HEADER)
+        .map(|(_, v)| v.parse::<u64>().unwrap());
+    assert_eq!(ts, Some(w.now() / 1000));
+    // once origin took it (the glue deletes the record), nothing is left to send
+    run(w.store.delete(&pending)).unwrap();
+    assert!(run(w.app.sweep_erasures(&w.store, w.now())).is_empty());
+
+    // if the pending record cannot be written, the erasure is not accepted
+    w.store.set_failing_writes(true);
+    let mut req = HttpRequest::get("/v1/me");
+    req.method = "DELETE".into();
+    req.headers = vec![("authorization".into(), bearer("bob").into())];
+    assert_eq!(w.send(req).reply.status, 503);
 }
