@@ -189,7 +189,12 @@ pub fn raw_status(port: u16, head: &[u8]) -> std::io::Result<u16> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(head)?;
     s.write_all(b"\r\n\r\n")?;
-    // the status line is all this needs: "HTTP/1.1 400 Bad Request"
+    read_status(&mut s)
+}
+
+/// The status of the answer on `s`: the status line is all the raw helpers need
+/// ("HTTP/1.1 400 Bad Request").
+fn read_status(s: &mut TcpStream) -> std::io::Result<u16> {
     let mut got = Vec::new();
     let mut buf = [0u8; 512];
     while !got.windows(2).any(|w| w == b"\r\n") {
@@ -249,24 +254,11 @@ pub fn chunked_upload(
             sent
         })
     };
-    let mut got = Vec::new();
-    let mut buf = [0u8; 512];
-    while !got.windows(2).any(|w| w == b"\r\n") {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
+    let status = read_status(&mut s);
     answered.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = s.shutdown(std::net::Shutdown::Both);
     let sent = writer.join().unwrap_or(0);
-    let status = String::from_utf8_lossy(&got)
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no HTTP status line in the answer"))?;
-    Ok((status, sent))
+    Ok((status?, sent))
 }
 
 /// A child process group that is terminated when dropped.
