@@ -354,7 +354,15 @@ fn shoppers_events_apply_at_once_reach_origin_signed_and_erasure_is_forwarded() 
         .iter()
         .find(|r| r.method == "DELETE")
         .expect("erasure forwarded");
-    assert_eq!(delete.path, "/users/v-00112233445566778899aabbccddeeff");
+    // by key: the edge keeps no user ids, not even to erase one
+    let key = shared::keys::UserKey::derive(
+        tests::DEV_USER_KEY_SECRET,
+        "v-00112233445566778899aabbccddeeff",
+    );
+    assert_eq!(delete.path, format!("/erasures/{}", key.to_hex()));
+    let body: Value = serde_json::from_slice(&delete.body).unwrap();
+    assert_eq!(body["user_key"], key.to_hex());
+    assert!(body["erased_at_ms"].as_u64().is_some_and(|t| t <= now_ms()));
     assert!(delete.header(auth::SIGNATURE_HEADER).is_some());
     // and a late snapshot from before the erasure cannot bring the profile back
     let user = "v-00112233445566778899aabbccddeeff";
