@@ -64,6 +64,10 @@ pub struct KafkaConfig {
     /// store (instant restarts, no rebalance waits). `group`: partitions are shared through the
     /// consumer group's rebalancing (several instances; state does not move with a partition).
     pub assignment: Assignment,
+    /// Consumption counts as stalled (`/readyz` 503, `edgewise_consumer_stalled` 1) after
+    /// this long without folding a batch while messages wait, or while a step keeps failing
+    /// (consuming, writing a dead letter). 0: never.
+    pub stall_after_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -88,6 +92,7 @@ impl Default for KafkaConfig {
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,
             assignment: Assignment::Static,
+            stall_after_ms: 60_000,
         }
     }
 }
