@@ -397,3 +397,68 @@ async fn a_document_too_large_for_a_sync_frame() {
         sender.stop().await;
     }
 }
+
+/// `origin-sync quarantine list` shows what a sink refused; `quarantine replay` puts it back
+/// in the outbox for the next start.
+#[test]
+fn the_quarantine_commands_list_and_replay() {
+    let dir = scratch("quarantine-cli");
+    let cfg_path = dir.join("origin-sync.toml");
+    std::fs::write(
+        &cfg_path,
+        format!("[store]\npath = \"{}\"\n", dir.join("store.redb").display()),
+    )
+    .expect("config");
+    let config = Config::load(Some(&cfg_path)).expect("config");
+    let user = key("c-u0");
+    {
+        let store = origin_sync::service::open_store(&config).expect("store");
+        let events = traffic(1, 5, "c", 59);
+        let records: Vec<Record> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Record {
+                topic: "t".into(),
+                partition: 0,
+                offset: i as i64,
+                event: Some(e.clone()),
+            })
+            .collect();
+        store.apply_batch(&records).expect("fold");
+        let items = store.prepare("edge x", &[user]).expect("prepare");
+        let quarantined = [(items[0].clone(), "http_413".into(), "too big".into())];
+        let report = origin_sync::store::SinkReport {
+            quarantined: &quarantined,
+            ..Default::default()
+        };
+        store
+            .settle("edge x", &["edge x".into()], &report, 0)
+            .expect("settle");
+        assert_eq!(store.outbox_len().expect("outbox"), 0);
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .args(args)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = run(&["quarantine", "list"]);
+    assert!(
+        listed.contains("edge x") && listed.contains("http_413"),
+        "{listed}"
+    );
+    assert!(listed.contains(&user.to_hex()), "{listed}");
+    assert!(run(&["quarantine", "replay", "--sink", "other"]).starts_with("0 "));
+    assert!(run(&["quarantine", "replay", "--sink", "edge x"]).starts_with("1 "));
+    let store = origin_sync::service::open_store(&config).expect("store");
+    assert!(store.quarantined().expect("list").is_empty());
+    assert_eq!(store.outbox_len().expect("outbox"), 1);
+}
