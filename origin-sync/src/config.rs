@@ -132,7 +132,8 @@ pub struct SyncConfig {
     pub coalesce_window_ms: u64,
     /// Most items in one sync batch (at most 450 with edge sinks: the edge's per-request limit).
     pub max_batch_items: usize,
-    /// Consumption pauses while more users than this wait to be delivered.
+    /// Most users a sink holds waiting (past that it pages through the store's outbox);
+    /// consumption pauses while every sink holds this many.
     pub max_outbox: usize,
     /// First retry delay; doubles up to `retry_max_ms`, with full jitter.
     pub retry_initial_ms: u64,
@@ -156,7 +157,8 @@ impl Default for SyncConfig {
     }
 }
 
-/// Where deltas go. Every sink must acknowledge a batch before it leaves the outbox.
+/// Where deltas go. Each sink progresses on its own; a change leaves the outbox once every
+/// sink acknowledged or quarantined it.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SinksConfig {
