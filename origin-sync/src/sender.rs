@@ -658,7 +658,8 @@ impl Worker {
                     Err(e) => e,
                 };
                 tries += 1;
-                let proven = self.successes > base;
+                // a frame too large is refused before it is sent: the part's fault, not the sink's
+                let proven = self.successes > base || matches!(error, SinkError::TooLarge { .. });
                 let class = error.class();
                 let (reason, quarantinable) = match &class {
                     Class::Retry { after } => {
