@@ -378,8 +378,17 @@ impl Worker {
         let mut documents_due = true;
         let mut documents_retry: Option<Instant> = None;
         let mut stopping = false;
+        // when a stopping worker gives up on a failing sink: one deadline for the whole flush,
+        // or parts deferred and retried would keep it going round after round
+        let mut give_up: Option<Instant> = None;
         let mut open = true;
         loop {
+            if stopping {
+                let t = *give_up.get_or_insert_with(|| Instant::now() + FLUSH_FOR);
+                if Instant::now() >= t {
+                    return Ok(());
+                }
+            }
             while let Ok(keys) = lane.try_recv() {
                 self.take(keys);
             }
@@ -434,7 +443,6 @@ impl Worker {
                 .filter(|k| !items.iter().any(|i| i.delta.user == **k))
                 .copied()
                 .collect();
-            let give_up = stopping.then(|| Instant::now() + FLUSH_FOR);
             let round = self
                 .deliver(docs, items, give_up, &mut lane, &mut open, &mut shutdown)
                 .await;

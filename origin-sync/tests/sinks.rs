@@ -462,3 +462,25 @@ fn the_quarantine_commands_list_and_replay() {
     assert!(store.quarantined().expect("list").is_empty());
     assert_eq!(store.outbox_len().expect("outbox"), 1);
 }
+
+/// A stopping service gives a refusing sink one bounded flush, not a new one per round of
+/// parts deferred and retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_while_a_sink_refuses_everything_is_bounded() {
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    edge.inject(Fault::new(Api::Sync, 400));
+    let mut sender = Sender::start("stop-refusing", &edge_only(&edge), "");
+    sender.fold(&traffic(20, 100, "s", 61)).await;
+    wait_for(Duration::from_secs(10), "a refusal", || {
+        edge.answered().iter().any(|a| a.status == 400)
+    })
+    .await;
+    let started = Instant::now();
+    sender.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    // nothing was dropped: it all waits in the outbox for the next start
+}
