@@ -484,3 +484,17 @@ async fn stopping_while_a_sink_refuses_everything_is_bounded() {
     );
     // nothing was dropped: it all waits in the outbox for the next start
 }
+
+/// A lone edge that is down pauses (bounded backlog), and when it is back everything arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_down_then_back_catches_up() {
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    edge.set_down(true);
+    let mut sender = Sender::start("down-back", &edge_only(&edge), "max_outbox = 10");
+    let events = traffic(100, 500, "d", 67);
+    sender.fold(&events).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    edge.set_down(false);
+    converge(&edge, &reference(&events), Duration::from_secs(30)).await;
+    sender.stop().await;
+}
