@@ -326,10 +326,24 @@ impl Worker {
         self.report_backlog();
     }
 
+    /// Whether the outbox holds users this sink has not taken: it is paging through it, or it
+    /// dropped some (fell behind, possibly during a scan, behind its cursor) and must page
+    /// again.
+    fn paging(&self) -> bool {
+        self.scan.is_some() || self.behind.load(Relaxed)
+    }
+
+    /// How many users the next page may take: none until there is room for half the bound.
+    fn page_room(&self) -> Option<usize> {
+        let max = self.max_outbox();
+        let room = max.saturating_sub(self.dirty.len());
+        (room > 0 && room >= max / 2).then_some(room)
+    }
+
     fn report_backlog(&self) {
         let max = self.max_outbox() as u64;
         let len = self.dirty.len() as u64;
-        let backlog = if self.scan.is_some() || self.behind.load(Relaxed) {
+        let backlog = if self.paging() {
             len.max(max)
         } else {
             len
@@ -341,7 +355,8 @@ impl Worker {
     }
 
     /// A sink that fell behind takes the next page of the outbox once it has room for half
-    /// of its bound; when a page comes back short, it has seen the whole outbox.
+    /// of its bound; when a page comes back short, it has seen the whole outbox. If it fell
+    /// behind again meanwhile (users dropped behind its cursor), the next call starts over.
     async fn page_outbox(&mut self) -> Result<(), PipelineError> {
         if self.scan.is_none() && self.behind.swap(false, Relaxed) {
             self.scan = Some(None);
@@ -349,11 +364,9 @@ impl Worker {
         let Some(cursor) = self.scan else {
             return Ok(());
         };
-        let max = self.max_outbox();
-        let room = max.saturating_sub(self.dirty.len());
-        if room == 0 || room < max / 2 {
+        let Some(room) = self.page_room() else {
             return Ok(());
-        }
+        };
         let store = self.shared.store.clone();
         let page = blocking(move || store.outbox_page(cursor, room)).await?;
         for k in &page {
@@ -411,7 +424,10 @@ impl Worker {
                 if stopping {
                     return Ok(());
                 }
-                if self.scan.is_some() && self.dirty.len() < self.max_outbox() / 2 {
+                // behind (or mid-scan) with room: page now. Nothing else would wake this
+                // worker: its backlog reads as full, so the consumer is paused and the lane
+                // stays empty
+                if self.paging() && self.page_room().is_some() {
                     continue;
                 }
                 let wake = [self.dirty.next_due(), documents_retry]
