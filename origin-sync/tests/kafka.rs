@@ -477,7 +477,6 @@ async fn an_oversized_malformed_message_never_stops_consumption() {
 /// messages waiting) for longer than `kafka.stall_after_ms`, `/readyz` answers 503 and
 /// `edgewise_consumer_stalled` is 1; moving again, it is ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "reaches 503 as it should, but after the edge is back the service does not catch up (as in sink_down_pauses_consumption_then_catches_up since per-sink workers); under investigation"]
 async fn readiness_goes_false_while_consumption_stalls() {
     let Some(tansu) = broker("stall") else { return };
     let edge = TestEdge::start(secret()).await.expect("edge");
