@@ -343,11 +343,7 @@ impl Worker {
     fn report_backlog(&self) {
         let max = self.max_outbox() as u64;
         let len = self.dirty.len() as u64;
-        let backlog = if self.paging() {
-            len.max(max)
-        } else {
-            len
-        };
+        let backlog = if self.paging() { len.max(max) } else { len };
         self.stats.backlog.store(backlog, Relaxed);
         if self.shared.metrics.update_outbox_depth() < max {
             self.shared.room.notify_waiters();
@@ -828,5 +824,101 @@ mod tests {
             c.ready_at(10, false, later + Duration::from_millis(200)),
             vec![k]
         );
+    }
+
+    /// Acknowledges every push, counting the items.
+    #[derive(Debug, Default)]
+    struct AckAll {
+        items: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Sink for AckAll {
+        fn name(&self) -> &str {
+            "ack-all"
+        }
+
+        fn push<'a>(&'a self, batch: &'a OutBatch) -> crate::sink::PushFuture<'a> {
+            self.items.fetch_add(batch.items.len(), Relaxed);
+            Box::pin(async { Ok(crate::sink::Ack::default()) })
+        }
+    }
+
+    /// A sink that fell behind while paging the outbox (users dropped behind its cursor) ends
+    /// that scan still behind. Nothing else wakes it then: its backlog reads as full, so the
+    /// consumer is paused and its lane stays empty. It must page again on its own.
+    #[tokio::test]
+    async fn a_sink_behind_at_the_end_of_a_scan_pages_again() {
+        let dir = std::env::temp_dir().join(format!("origin-sync-sender-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let text = format!(
+            "[store]\npath = \"{}\"\n[sync]\nmax_outbox = 10\ncoalesce_window_ms = 10\n",
+            dir.join("store.redb").display()
+        );
+        let config = crate::config::Config::from_parts(&text, Vec::new()).expect("config");
+        let store = Arc::new(crate::service::open_store(&config).expect("store"));
+        let catalog = shared::catalog::Catalog::demo().expect("demo");
+        let events: Vec<_> =
+            shared::traffic::Traffic::new(&catalog, 30, "b", 1_764_000_000_000, 1, 7)
+                .take(300)
+                .collect();
+        let records: Vec<_> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| crate::store::Record {
+                topic: "t".into(),
+                partition: 0,
+                offset: i as i64,
+                event: Some(e.clone()),
+            })
+            .collect();
+        store.apply_batch(&records).expect("fold");
+        let pending = store.outbox_page(None, 1000).expect("outbox");
+        assert!(pending.len() > 10, "more users than the sink holds");
+        let (touched, _touched_rx) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            config,
+            store: store.clone(),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            touched,
+            room: tokio::sync::Notify::new(),
+            documents: watch::channel(0).0,
+        });
+        let sink = Arc::new(AckAll::default());
+        let worker = Worker {
+            stats: shared.metrics.sink("ack-all"),
+            documents_to_kv: false,
+            shared: shared.clone(),
+            sink: sink.clone(),
+            sinks: vec!["ack-all".to_owned()].into(),
+            // mid-scan, at the last key, and behind again since the scan started
+            behind: Arc::new(AtomicBool::new(true)),
+            dirty: Coalescer::new(Duration::from_millis(10)),
+            scan: Some(pending.last().copied()),
+            attempt: 0,
+            successes: 0,
+            suspects: HashMap::new(),
+        };
+        // the lane stays open and empty, as while the consumer is paused
+        let (_lane_tx, lane_rx) = mpsc::channel(LANE_CAPACITY);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(worker.run(lane_rx, stop_rx));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !store.outbox_page(None, 1).expect("outbox").is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the sink never paged the outbox again ({} items pushed)",
+                sink.items.load(Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            shared.metrics.outbox_depth.load(Relaxed),
+            0,
+            "the consumer may resume"
+        );
+        let _ = stop.send(true);
+        task.await.expect("worker").expect("worker stops");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
