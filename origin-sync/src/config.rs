@@ -66,6 +66,10 @@ pub struct KafkaConfig {
     pub assignment: Assignment,
     /// How origin-sync talks to the brokers: TLS and SASL, as production clusters require.
     pub security: KafkaSecurity,
+    /// Consumption counts as stalled (`/readyz` 503, `edgewise_consumer_stalled` 1) after
+    /// this long without folding a batch while messages wait, or while a step keeps failing
+    /// (consuming, writing a dead letter). 0: never.
+    pub stall_after_ms: u64,
 }
 
 /// TLS and SASL settings, passed to librdkafka (`security.protocol`, `sasl.*`, `ssl.*`).
@@ -257,6 +261,7 @@ impl Default for KafkaConfig {
             fetch_wait_max_ms: 1,
             assignment: Assignment::Static,
             security: KafkaSecurity::default(),
+            stall_after_ms: 60_000,
         }
     }
 }
@@ -296,7 +301,8 @@ pub struct SyncConfig {
     pub coalesce_window_ms: u64,
     /// Most items in one sync batch (at most 450 with edge sinks: the edge's per-request limit).
     pub max_batch_items: usize,
-    /// Consumption pauses while more users than this wait to be delivered.
+    /// Most users a sink holds waiting (past that it pages through the store's outbox);
+    /// consumption pauses while every sink holds this many.
     pub max_outbox: usize,
     /// First retry delay; doubles up to `retry_max_ms`, with full jitter.
     pub retry_initial_ms: u64,
@@ -320,7 +326,8 @@ impl Default for SyncConfig {
     }
 }
 
-/// Where deltas go. Every sink must acknowledge a batch before it leaves the outbox.
+/// Where deltas go. Each sink progresses on its own; a change leaves the outbox once every
+/// sink acknowledged or quarantined it.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SinksConfig {

@@ -254,10 +254,11 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
+/// 200 while consuming and delivering; 503 naming why not (starting or stopping, a stalled
+/// consumer, a sink that refuses every request as misconfigured).
 async fn ready(State(st): State<AppState>) -> Response {
-    if st.shared.metrics.ready.load(Relaxed) == 1 {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    match st.shared.metrics.readiness(now_ms()) {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
 }

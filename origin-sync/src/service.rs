@@ -78,6 +78,10 @@ pub async fn run(
     )?);
     let producer = crate::kafka::producer(&config.kafka)?;
     let (touched_tx, touched_rx) = mpsc::channel(64);
+    metrics
+        .progress
+        .stall_after_ms
+        .store(config.kafka.stall_after_ms, Relaxed);
     let listen = config.http.listen;
     let shared = Arc::new(Shared {
         config,
@@ -85,7 +89,7 @@ pub async fn run(
         metrics: metrics.clone(),
         touched: touched_tx,
         room: Notify::new(),
-        documents: Notify::new(),
+        documents: watch::channel(0).0,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

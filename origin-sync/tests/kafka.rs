@@ -416,3 +416,117 @@ async fn consumer_group_assignment_works() {
     converge(&edge, &reference(&events), Duration::from_secs(60)).await;
     service.stop().await;
 }
+
+/// Regression (issue "Trust", item 6): a malformed 1,000,000-byte message the broker took made
+/// its dead-letter copy (payload plus headers) fail with `MessageSizeTooLarge`, retried every
+/// ~5 s forever, and no partition was consumed again. A dead letter is now bounded: a prefix of
+/// the payload with its size and SHA-256; the good events behind it reach the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_malformed_message_never_stops_consumption() {
+    use sha2::Digest as _;
+    let Some(tansu) = broker("oversized") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("oversized");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let mut bad = br#"{"event_id":"huge","user_id":"o-u1","pad":""#.to_vec();
+    bad.resize(1_000_000, b'a');
+    let before = traffic(20, 200, "o", 51);
+    // other shoppers: topics interleave, so later events of the same shoppers could arrive
+    // past their reorder window and fold differently from the reference
+    let after = traffic(20, 200, "p", 52);
+    let mut messages: Vec<_> = before.iter().map(outgoing).collect();
+    messages.push(origin_sync::kafka::Outgoing {
+        topic: "customer_clicks".into(),
+        key: b"o-u1".to_vec(),
+        payload: bad.clone(),
+        headers: Vec::new(),
+    });
+    messages.extend(after.iter().map(outgoing));
+    // a producer that may send it (librdkafka's own limit is 1,000,000 bytes with overhead)
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .set("message.max.bytes", "2000000")
+        .create()
+        .expect("producer");
+    origin_sync::kafka::produce_all(&producer, &messages)
+        .await
+        .expect("the broker takes the oversized message");
+    let service = InProcess::start(cfg);
+    let all: Vec<Event> = before.iter().chain(after.iter()).cloned().collect();
+    converge(&edge, &reference(&all), Duration::from_secs(60)).await;
+    let m = service.metrics.clone();
+    assert_eq!(m.rejected.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(m.readiness(origin_sync::clock::now_ms()).is_ok());
+    service.stop().await;
+    let dead = read_topic(&tansu.brokers(), "events_dlq", 1).await;
+    let (headers, payload) = &dead[0];
+    assert_eq!(payload.as_slice(), &bad[..4096]);
+    assert_eq!(headers["edgewise-payload-bytes"], "1000000");
+    assert_eq!(headers["edgewise-payload-truncated"], "true");
+    let sha: String = sha2::Sha256::digest(&bad)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(headers["edgewise-payload-sha256"], sha);
+    assert_eq!(headers["edgewise-source-topic"], "customer_clicks");
+}
+
+/// Readiness follows consumption: stalled (here by backpressure, with every sink down and
+/// messages waiting) for longer than `kafka.stall_after_ms`, `/readyz` answers 503 and
+/// `edgewise_consumer_stalled` is 1; moving again, it is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_goes_false_while_consumption_stalls() {
+    let Some(tansu) = broker("stall") else { return };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    edge.set_down(true);
+    let dir = scratch("stall");
+    let cfg = config(
+        &config_toml(&tansu, &edge, &dir, "")
+            .replace("[sync]", "[sync]\nmax_outbox = 10")
+            .replace(
+                "batch_linger_ms = 5",
+                "batch_linger_ms = 5\nmax_batch = 20\nstall_after_ms = 1000",
+            ),
+    );
+    let base = format!("http://{}", cfg.http.listen);
+    let events = traffic(200, 2000, "t", 53);
+    produce(
+        &tansu.brokers(),
+        &events.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let service = InProcess::start(cfg);
+    let client = reqwest::Client::new();
+    let readyz = || async {
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while readyz().await != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never reported the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        service
+            .metrics
+            .render()
+            .contains("edgewise_consumer_stalled 1")
+    );
+    edge.set_down(false);
+    converge(&edge, &reference(&events), Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while readyz().await != 200 {
+        assert!(std::time::Instant::now() < deadline, "readyz stayed 503");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    service.stop().await;
+}

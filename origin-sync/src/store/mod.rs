@@ -11,15 +11,18 @@
 //! holds `max_window_events`. An event older than the folded part is *late*: it is folded on
 //! top (counted) unless it is a known duplicate.
 //!
-//! Outbox: one entry per user whose current state the sinks have not acknowledged. The delta
-//! is computed at send time from the last acknowledged value (`acked`) to the current one, so
-//! any number of events coalesce into one write.
+//! Outbox: one entry per user whose current state some sink has not acknowledged. The delta
+//! is computed at send time, per sink, from the value that sink last acknowledged to the
+//! current one, so any number of events coalesce into one write (`sinks.rs`).
 
 mod documents;
+mod sinks;
 mod state;
 
+pub use sinks::{Quarantined, Settled, SinkReport, Subject};
+
 pub use state::Window;
-use state::{Insert, UserState, change_for};
+use state::{Insert, UserState};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -33,7 +36,8 @@ use shared::keys::UserKey;
 const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
-/// What every sink last acknowledged per user (kept apart: acknowledging rewrites only this).
+/// What every sink last acknowledged per user, in stores written before each sink had its own
+/// progress (`sinks.rs`); read as the starting point of a sink without a mark of its own.
 const ACKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("acked");
 const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
 
@@ -140,6 +144,9 @@ impl Store {
         tx.open_table(OUTBOX)?;
         tx.open_table(ACKED)?;
         tx.open_table(DOCUMENTS)?;
+        tx.open_table(sinks::SINK_MARKS)?;
+        tx.open_table(sinks::SINK_DOCUMENTS)?;
+        tx.open_table(sinks::QUARANTINE)?;
         tx.commit()?;
         Ok(Store {
             db,
@@ -294,96 +301,6 @@ impl Store {
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(OUTBOX)?.len()?)
-    }
-
-    /// The items to send for `keys`; keys with nothing to send leave the outbox.
-    pub fn prepare(&self, keys: &[UserKey]) -> Result<Vec<OutItem>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let users_t = tx.open_table(USERS)?;
-        let outbox_t = tx.open_table(OUTBOX)?;
-        let acked_t = tx.open_table(ACKED)?;
-        let mut items = Vec::new();
-        for key in keys {
-            let Some(pending) = outbox_t.get(key.0.as_slice())? else {
-                continue;
-            };
-            let pending: Pending = decode(pending.value(), "outbox")?;
-            let Some(state) = users_t.get(key.0.as_slice())? else {
-                continue;
-            };
-            let state: UserState = UserState::decode(state.value())?;
-            let current = state.current();
-            let acked: Option<Stored> = match acked_t.get(key.0.as_slice())? {
-                Some(g) => Some(decode(g.value(), "acked")?),
-                None => None,
-            };
-            if let Some(change) = change_for(acked.as_ref(), &current) {
-                items.push(OutItem {
-                    delta: Delta { user: *key, change },
-                    stored: current,
-                    oldest_ts_ms: pending.oldest_ts_ms,
-                });
-            }
-        }
-        Ok(items)
-    }
-
-    /// Records that every sink acknowledged `items`. Keys in `resend` get a snapshot next
-    /// (an edge holds a version it cannot patch). Returns the keys still in the outbox.
-    pub fn acknowledge(
-        &self,
-        items: &[OutItem],
-        resend: &[UserKey],
-        cleanup: &[UserKey],
-    ) -> Result<Vec<UserKey>, StoreError> {
-        let mut tx = self.db.begin_write()?;
-        // Not persisted on its own (redb's `Eventual` still fsyncs on Linux; `None` does not):
-        // the next batch's durable commit persists it. A crash before that only loses
-        // acknowledgements, so those items are sent again and the edge and KV skip them by
-        // version. Keeps an fsync off every delivery's path.
-        tx.set_durability(redb::Durability::None);
-        let mut still = Vec::new();
-        {
-            let users_t = tx.open_table(USERS)?;
-            let mut outbox_t = tx.open_table(OUTBOX)?;
-            let mut acked_t = tx.open_table(ACKED)?;
-            let mut settle = |key: &UserKey, acked: Option<&Stored>| -> Result<(), StoreError> {
-                let pending = match users_t.get(key.0.as_slice())? {
-                    Some(g) => {
-                        let state: UserState = UserState::decode(g.value())?;
-                        acked != Some(&state.current())
-                    }
-                    None => false,
-                };
-                if pending {
-                    still.push(*key);
-                } else {
-                    outbox_t.remove(key.0.as_slice())?;
-                }
-                Ok(())
-            };
-            for item in items {
-                let key = item.delta.user;
-                if resend.contains(&key) {
-                    acked_t.remove(key.0.as_slice())?;
-                    settle(&key, None)?;
-                } else {
-                    acked_t.insert(key.0.as_slice(), encode(&item.stored).as_slice())?;
-                    settle(&key, Some(&item.stored))?;
-                }
-            }
-            for key in cleanup {
-                let acked: Option<Stored> = match acked_t.get(key.0.as_slice())? {
-                    Some(g) => Some(decode(g.value(), "acked")?),
-                    None => None,
-                };
-                settle(key, acked.as_ref())?;
-            }
-        }
-        tx.commit()?;
-        still.sort();
-        still.dedup();
-        Ok(still)
     }
 
     /// Users erased in this store, as raw records (for `replay`, so erasure survives it).
@@ -545,15 +462,16 @@ mod tests {
         store.apply_batch(&records(&events, "a", 0)).expect("batch");
         let keys = outbox_keys(&store);
         assert!(keys.len() <= 3);
-        let items = store.prepare(&keys).expect("prepare");
+        let items = store.prepare(SINK, &keys).expect("prepare");
         assert_eq!(items.len(), keys.len());
         assert!(
             items
                 .iter()
                 .all(|i| matches!(i.delta.change, Change::Snapshot(_)))
         );
-        let still = store.acknowledge(&items, &[], &[]).expect("ack");
-        assert!(still.is_empty());
+        let settled = settle(&store, SINK, &[SINK], &items, &[]);
+        assert!(settled.still.is_empty());
+        assert_eq!(settled.retired.len(), items.len());
         assert_eq!(store.outbox_len().expect("len"), 0);
         // more events: patches from the acknowledged version
         let more: Vec<Event> = Traffic::new(&catalog, 3, "o", 1_732_960_100_000, 10, 6)
@@ -561,7 +479,7 @@ mod tests {
             .collect();
         store.apply_batch(&records(&more, "a", 60)).expect("batch");
         let keys = outbox_keys(&store);
-        let items = store.prepare(&keys).expect("prepare");
+        let items = store.prepare(SINK, &keys).expect("prepare");
         for i in &items {
             let Change::Patch { from, .. } = i.delta.change else {
                 panic!("expected a patch, got {:?}", i.delta.change)
@@ -570,10 +488,87 @@ mod tests {
         }
         // a resend request turns the next change into a snapshot
         let first = items[0].delta.user;
-        let still = store.acknowledge(&items, &[first], &[]).expect("ack");
-        assert_eq!(still, vec![first]);
-        let again = store.prepare(&[first]).expect("prepare");
+        let settled = settle(&store, SINK, &[SINK], &items, &[first]);
+        assert_eq!(settled.still, vec![first]);
+        let again = store.prepare(SINK, &[first]).expect("prepare");
         assert!(matches!(again[0].delta.change, Change::Snapshot(_)));
+    }
+
+    const SINK: &str = "edge";
+
+    fn settle(
+        store: &Store,
+        sink: &str,
+        sinks: &[&str],
+        acked: &[OutItem],
+        resend: &[UserKey],
+    ) -> Settled {
+        let sinks: Vec<String> = sinks.iter().map(|s| (*s).to_owned()).collect();
+        let report = SinkReport {
+            acked,
+            resend,
+            ..SinkReport::default()
+        };
+        store.settle(sink, &sinks, &report, 0).expect("settle")
+    }
+
+    /// Each sink progresses on its own: an entry leaves the outbox only when every sink
+    /// acknowledged or quarantined its user, and a quarantined change can be put back.
+    #[test]
+    fn sinks_progress_apart_and_quarantine_can_be_replayed() {
+        let catalog = Catalog::demo().expect("demo");
+        let events: Vec<Event> = Traffic::new(&catalog, 2, "q", 1_732_960_000_000, 10, 7)
+            .take(20)
+            .collect();
+        let store = open("sinks", SMALL_WINDOW);
+        store.apply_batch(&records(&events, "a", 0)).expect("batch");
+        let keys = outbox_keys(&store);
+        assert_eq!(keys.len(), 2);
+        let both = ["edge", "kv"].map(String::from);
+        let edge_items = store.prepare("edge", &keys).expect("prepare");
+        let settled = settle(&store, "edge", &["edge", "kv"], &edge_items, &[]);
+        assert!(settled.still.is_empty());
+        assert!(settled.retired.is_empty(), "kv has not acknowledged");
+        assert!(store.prepare("edge", &keys).expect("prepare").is_empty());
+        assert_eq!(outbox_keys(&store).len(), 2);
+        // kv acknowledges one and quarantines the other
+        let kv_items = store.prepare("kv", &keys).expect("prepare");
+        assert_eq!(kv_items.len(), 2);
+        let bad = kv_items[1].clone();
+        let quarantined = [(bad.clone(), "http_413".to_owned(), "too big".to_owned())];
+        let report = SinkReport {
+            acked: &kv_items[..1],
+            quarantined: &quarantined,
+            ..SinkReport::default()
+        };
+        let settled = store.settle("kv", &both, &report, 5).expect("settle");
+        assert_eq!(settled.retired.len(), 2);
+        assert_eq!(store.outbox_len().expect("len"), 0);
+        let listed = store.quarantined().expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.subject, Subject::User(bad.delta.user));
+        assert_eq!(listed[0].1.reason, "http_413");
+        // replayed: back in the outbox, for kv only, as a snapshot
+        let n = store
+            .requeue_quarantined(|_, r| r.sink == "kv", 9)
+            .expect("requeue");
+        assert_eq!(n, 1);
+        assert!(store.quarantined().expect("list").is_empty());
+        assert_eq!(outbox_keys(&store), vec![bad.delta.user]);
+        assert!(
+            store
+                .prepare("edge", &[bad.delta.user])
+                .expect("prepare")
+                .is_empty()
+        );
+        let again = store.prepare("kv", &[bad.delta.user]).expect("prepare");
+        assert!(matches!(again[0].delta.change, Change::Snapshot(_)));
+        // paging through the outbox
+        store.apply_batch(&records(&events, "b", 0)).expect("batch");
+        let first = store.outbox_page(None, 1).expect("page");
+        assert_eq!(first.len(), 1);
+        let rest = store.outbox_page(Some(first[0]), 10).expect("page");
+        assert!(!rest.contains(&first[0]));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 mod edge;
 
-pub use edge::TestEdge;
+pub use edge::{Answered, Api, Fault, TestEdge};
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
