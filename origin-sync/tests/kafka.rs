@@ -58,6 +58,65 @@ async fn exactly_once_across_sigkills() {
     );
 }
 
+/// As the stack's phase 4: two edges (two sinks, each with its own progress), SIGKILLs
+/// mid-stream, and every shopper must reach *both* edges afterwards.
+///
+/// NOTE (crash investigation): written to reproduce the stack's phase-4 failure (half the
+/// shoppers never reaching edge A) against the real broker and binary, with the stack's
+/// sync defaults and documents; it passes on `sinks-merged` 779f3db (~24 s), so it does NOT
+/// reproduce it: the difference is likely the real edge (workerd, local KV latency).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_converge_across_sigkills() {
+    let Some(tansu) = broker("crash2") else {
+        return;
+    };
+    let a = TestEdge::start(secret()).await.expect("edge a");
+    let b = TestEdge::start(secret()).await.expect("edge b");
+    let dir = scratch("crash2");
+    let cfg_path = dir.join("origin-sync.toml");
+    let text = config_toml(&tansu, &a, &dir, "").replace(
+        &format!("edge_urls = [\"{}\"]", a.url()),
+        &format!("edge_urls = [\"{}\", \"{}\"]", a.url(), b.url()),
+    );
+    // the stack's settings: the service's defaults, and the catalog and rules to publish
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    let text = text
+        .replace("coalesce_window_ms = 200", "coalesce_window_ms = 1000")
+        .replace("retry_initial_ms = 20", "retry_initial_ms = 100")
+        .replace("retry_max_ms = 500", "retry_max_ms = 10000")
+        + &format!(
+            "[documents]\ncatalog = \"{}\"\nrules = \"{}\"\n",
+            data.join("catalog.toml").display(),
+            data.join("rules.toml").display()
+        );
+    assert!(text.contains(&b.url()));
+    std::fs::write(&cfg_path, text).expect("config");
+    let log = dir.join("origin-sync.log");
+
+    let events = traffic(300, 6000, "c2", 23);
+    let want = reference(&events);
+    let messages: Vec<_> = events.iter().map(outgoing).collect();
+    let brokers = tansu.brokers();
+    let producer = tokio::spawn(async move {
+        for chunk in messages.chunks(200) {
+            produce(&brokers, chunk).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut bin = Binary::start(&cfg_path, &log);
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        bin.sigkill();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        bin = Binary::start(&cfg_path, &log);
+    }
+    producer.await.expect("producer task");
+    converge(&a, &want, Duration::from_secs(60)).await;
+    converge(&b, &want, Duration::from_secs(30)).await;
+    let status = bin.terminate();
+    assert!(status.success(), "SIGTERM exit: {status}");
+}
+
 fn hostile_payloads() -> Vec<(&'static str, Vec<u8>)> {
     let mut huge =
         br#"{"id":"h","user":"x","ts":1764000000000,"type":"page_view","pad":""#.to_vec();
