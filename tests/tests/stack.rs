@@ -155,10 +155,34 @@ fn converge(sys: &System, port: u16, want: &BTreeMap<String, Value>, timeout: Du
         std::thread::sleep(Duration::from_millis(500));
     }
     let (user, got, w) = &wrong[0];
+    // what tells a lost delivery from a stale read: that edge's KV, the other edge, and
+    // origin's own count of what each sink took
+    let n = if port == sys.a { 1 } else { 2 };
+    let other = if port == sys.a { sys.b } else { sys.a };
+    let kv = sys.kv(n, user);
+    let at_other = essentials(&sys.me(other, user)["profile"]);
+    let other_wrong = want
+        .iter()
+        .filter(|(u, w)| &essentials(&sys.me(other, u)["profile"]) != *w)
+        .count();
+    let metrics = tests::http(sys.stack.config.origin_port, "GET", "/metrics", &[], b"")
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .unwrap_or_else(|e| format!("(no answer: {e})"));
+    let sink_lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#') && (l.contains("sink") || l.contains("outbox") || l.contains("lag"))
+        })
+        .collect();
     panic!(
-        "{} of {} users differ from the reference fold at the edge on port {port}; first: {user}\n got  {got}\n want {w}\norigin log (tail):\n{}",
+        "{} of {} users differ from the reference fold at the edge on port {port}; first: {user}\n got  {got}\n want {w}\n\
+         that edge's KV holds version {:?}; the other edge shows version {} ({other_wrong} users differ there)\n\
+         origin metrics:\n{}\norigin log (tail):\n{}",
         wrong.len(),
         want.len(),
+        kv.as_ref().map(Stored::version),
+        at_other["version"],
+        sink_lines.join("\n"),
         tail(&sys.origin_log(), 40)
     );
 }

@@ -458,7 +458,10 @@ fn an_undecodable_profile_in_kv_is_logged_and_replaced_by_the_next_snapshot() {
 fn a_duplicate_sync_replaces_a_cached_absence() {
     let w = World::new();
     let v1 = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
-    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile"], Value::Null);
+    assert_eq!(
+        w.get("/v1/me", &alice()).body_json()["profile"],
+        Value::Null
+    );
     // KV gets the value some other way than this isolate's sync
     w.store.insert_raw(
         &key("alice").kv_key(),
