@@ -54,6 +54,10 @@ pub struct KafkaConfig {
     pub topics: Vec<String>,
     /// Where rejected events go, with the reason and source in headers.
     pub dead_letter_topic: String,
+    /// The erasure log: every erasure is written here before it is acknowledged, and read
+    /// back at every start and by `replay` (see `erasures.rs`). Create it compacted
+    /// (`cleanup.policy=compact`) with infinite retention; never one of `topics`.
+    pub erasure_topic: String,
     /// Most messages folded in one store transaction.
     pub max_batch: usize,
     /// How long a batch waits for more messages during a burst (a lone message does not wait).
@@ -256,6 +260,7 @@ impl Default for KafkaConfig {
                 "purchase_events".into(),
             ],
             dead_letter_topic: "events_dlq".into(),
+            erasure_topic: "erasures".into(),
             max_batch: 20000,
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,
@@ -471,6 +476,15 @@ impl Config {
             return bad(
                 "kafka.dead_letter_topic",
                 "must not be one of kafka.topics, or rejects would be consumed again",
+            );
+        }
+        if self.kafka.erasure_topic.is_empty()
+            || self.kafka.topics.contains(&self.kafka.erasure_topic)
+            || self.kafka.erasure_topic == self.kafka.dead_letter_topic
+        {
+            return bad(
+                "kafka.erasure_topic",
+                "must be a topic of its own: not one of kafka.topics nor the dead-letter topic",
             );
         }
         if !(1..=100_000).contains(&self.kafka.max_batch) {

@@ -168,8 +168,19 @@ impl Batch {
             partition: m.partition(),
             offset: m.offset(),
             event,
+            arrived_ms: arrived_ms(m),
         });
     }
+}
+
+/// When the broker took `m`: its timestamp (append time, or the producer's create time:
+/// origin's own clock for what `/ingest` produced, a server's for other channels; never the
+/// browser's). What an erasure's cutoff compares with.
+pub fn arrived_ms<M: rdkafka::Message>(m: &M) -> Option<u64> {
+    m.timestamp()
+        .to_millis()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
 }
 
 /// Consumes until `shutdown`; each batch is durable in the store before offsets are committed.

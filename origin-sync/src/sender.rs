@@ -870,6 +870,7 @@ mod tests {
                 partition: 0,
                 offset: i as i64,
                 event: Some(e.clone()),
+                arrived_ms: None,
             })
             .collect();
         store.apply_batch(&records).expect("fold");

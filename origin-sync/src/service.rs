@@ -71,6 +71,14 @@ pub async fn run(
         );
     }
     let store = Arc::new(open_store(&config)?);
+    // before a single event is folded: a lost or new store learns every erasure first
+    let caught = crate::erasures::catch_up(&config, &store).await?;
+    tracing::info!(
+        read = caught.read,
+        applied = caught.applied,
+        topic = %config.kafka.erasure_topic,
+        "erasure log read"
+    );
     let sinks = sinks(&config)?;
     let consumer = Arc::new(crate::kafka::consumer(
         &config.kafka,

@@ -193,7 +193,12 @@ async fn ingest_erasure_and_documents() {
         "tombstone at the edge",
     )
     .await;
-    // the shopper comes back after the erasure: newer events start a fresh profile
+    // the shopper comes back after the erasure: newer events start a fresh profile. The
+    // cutoff is the end of the second the erasure was signed in and compares with when origin
+    // took an event, so "after" means after that second
+    while origin_sync::pipeline::now_ms() <= replay_ts * 1000 + 999 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut back = events
         .iter()
         .find(|e| e.user == user)

@@ -589,3 +589,99 @@ async fn readiness_goes_false_while_consumption_stalls() {
     }
     service.stop().await;
 }
+
+/// Erasure that cannot be undone by losing the store: shoppers erased through the edge's
+/// signed `DELETE /erasures/{key}` stay erased after origin-sync's store file is deleted,
+/// whether the store is rebuilt with `replay` or a new instance simply starts on an empty one
+/// (both read the erasure log before folding an event). Everyone else comes back exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erased_shoppers_stay_erased_when_the_store_is_lost() {
+    let Some(tansu) = broker("erasure-log") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("erasure-log");
+    let text = config_toml(&tansu, &edge, &dir, "");
+    let events = traffic(20, 600, "x", 29);
+    let mut want = reference(&events);
+    produce(
+        &tansu.brokers(),
+        &events.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let cfg = config(&text);
+    let base = format!("http://{}", cfg.http.listen);
+    let service = InProcess::start(cfg);
+    converge(&edge, &want, Duration::from_secs(60)).await;
+
+    // five shoppers erased, as the edge asks for it
+    let erased: Vec<_> = (0..5).map(|n| key(&format!("x-u{n}"))).collect();
+    let client = reqwest::Client::new();
+    for k in &erased {
+        let body = shared::protocol::KeyErasureBody {
+            user_key: *k,
+            erased_at_ms: origin_sync::pipeline::now_ms(),
+        }
+        .to_json_bytes();
+        let mut req = client.delete(format!("{base}/erasures/{}", k.to_hex()));
+        for (name, value) in shared::protocol::Signed::new(
+            secret().as_bytes(),
+            origin_sync::clock::now_secs(),
+            &body,
+        )
+        .headers()
+        {
+            req = req.header(name, value);
+        }
+        let r = req.body(body).send().await.expect("erasure");
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    }
+    service.stop().await;
+    for k in &erased {
+        want.remove(k);
+    }
+    let stays_erased = |edge: &TestEdge, how: &str| {
+        for k in &erased {
+            let held = edge.get(k);
+            assert!(
+                held.is_none() || matches!(held, Some(shared::delta::Stored::Tombstone { .. })),
+                "{how}: an erased shopper is back at the edge: {held:?}"
+            );
+        }
+    };
+
+    // 1. the store file is lost; `replay` rebuilds it from the log
+    let store = dir.join("store.redb");
+    std::fs::remove_file(&store).expect("store deleted");
+    let cfg_path = dir.join("origin-sync.toml");
+    std::fs::write(&cfg_path, &text).expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("replay")
+        .output()
+        .expect("replay runs");
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("erasure log: 5 records, 5 shoppers erased"),
+        "{stdout}"
+    );
+    let fresh = TestEdge::start(secret()).await.expect("edge");
+    let service = InProcess::start(config(&text.replace(&edge.url(), &fresh.url())));
+    converge(&fresh, &want, Duration::from_secs(60)).await;
+    service.stop().await;
+    stays_erased(&fresh, "after replay");
+
+    // 2. lost again, and a new instance starts on an empty store: no replay at all
+    std::fs::remove_file(&store).expect("store deleted");
+    let blank = TestEdge::start(secret()).await.expect("edge");
+    let service = InProcess::start(config(&text.replace(&edge.url(), &blank.url())));
+    converge(&blank, &want, Duration::from_secs(60)).await;
+    stays_erased(&blank, "on an empty store");
+    service.stop().await;
+}

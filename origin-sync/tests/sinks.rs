@@ -79,6 +79,7 @@ impl Sender {
                     partition: 0,
                     offset: self.offset,
                     event: Some(e.clone()),
+                    arrived_ms: None,
                 }
             })
             .collect();
@@ -456,6 +457,7 @@ fn the_quarantine_commands_list_and_replay() {
                 partition: 0,
                 offset: i as i64,
                 event: Some(e.clone()),
+                arrived_ms: None,
             })
             .collect();
         store.apply_batch(&records).expect("fold");

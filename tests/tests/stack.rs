@@ -355,11 +355,25 @@ fn erasure_reaches_every_copy_and_stays(sys: &mut System) {
     .unwrap();
     assert_eq!(erased.status, 202, "{}", erased.text());
     assert_eq!(sys.me(sys.a, user)["profile"], Value::Null);
-    // an older event still in Kafka (timestamped before the erasure) arrives afterwards
+    // an event the broker took before the erasure, consumed after it, whose browser clock ran
+    // an hour ahead: the cutoff is when the broker took it, so it is dropped
     let mut late = traffic(sys, "late", 1, 1, 3).remove(0);
     late.user = user.to_owned();
-    late.ts_ms = origin_sync::pipeline::now_ms() - 5_000;
-    sys.produce(&[late]);
+    late.ts_ms = origin_sync::pipeline::now_ms() + 3_600_000;
+    let taken_at = origin_sync::pipeline::now_ms() as i64 - 5_000;
+    let m = Outgoing::event(&late);
+    sys.rt
+        .block_on(
+            sys.producer.send(
+                rdkafka::producer::FutureRecord::to(&m.topic)
+                    .key(&m.key)
+                    .payload(&m.payload)
+                    .timestamp(taken_at),
+                Duration::from_secs(10),
+            ),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
     let took = wait_for("the tombstone at edge B", Duration::from_secs(20), || {
         sys.me(sys.b, user)["profile"] == Value::Null
     })

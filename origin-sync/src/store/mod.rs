@@ -80,6 +80,9 @@ pub struct Record {
     pub offset: i64,
     /// None: rejected (already dead-lettered); only the offset moves.
     pub event: Option<Event>,
+    /// When the broker took the message (its timestamp, Unix ms): what an erasure's cutoff
+    /// compares with. `None` when the broker gave none.
+    pub arrived_ms: Option<u64>,
 }
 
 /// What a batch did.
@@ -196,7 +199,7 @@ impl Store {
                         v.insert((state, version, u64::MAX))
                     }
                 };
-                match entry.0.insert(ev, self.window) {
+                match entry.0.insert(ev, r.arrived_ms, self.window) {
                     Insert::Windowed => out.applied += 1,
                     Insert::Late => {
                         out.applied += 1;
@@ -251,36 +254,43 @@ impl Store {
     /// [`Store::erase`] of the user with this key (the edge names users by key only).
     pub fn erase_key(&self, key: UserKey, at_ms: u64) -> Result<(UserKey, u64, bool), StoreError> {
         let tx = self.db.begin_write()?;
-        let version;
+        let (version, changed) = {
+            let mut users_t = tx.open_table(USERS)?;
+            let mut outbox_t = tx.open_table(OUTBOX)?;
+            erase_in(&mut users_t, &mut outbox_t, key, at_ms)?
+        };
+        if changed {
+            tx.commit()?;
+        }
+        Ok((key, version, changed))
+    }
+
+    /// Applies records of the erasure log (`crate::erasures`) and moves its offsets, in one
+    /// transaction. Returns the users whose state changed (already erased as late: no change).
+    pub fn apply_erasures(&self, records: &[ErasureRecord]) -> Result<Vec<UserKey>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut changed = Vec::new();
         {
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
-            let old: Option<UserState> = match users_t.get(key.0.as_slice())? {
-                Some(g) => Some(UserState::decode(g.value())?),
-                None => None,
-            };
-            // An erasure at or before the last one's time covers nothing that erasure did not:
-            // what the user did since is newer than both. So a replayed or retried request
-            // (its time is the time it was signed) changes nothing, even after a restart.
-            if let Some(old) = &old
-                && old.erased().is_some_and(|(_, at)| at_ms <= at)
-            {
-                return Ok((key, old.current_version(), false));
+            let mut offsets_t = tx.open_table(OFFSETS)?;
+            for r in records {
+                let next = offsets_t
+                    .get((r.topic.as_str(), r.partition))?
+                    .map_or(0, |g| g.value());
+                if r.offset < next {
+                    continue;
+                }
+                if let Some((key, at_ms)) = r.erasure
+                    && erase_in(&mut users_t, &mut outbox_t, key, at_ms)?.1
+                {
+                    changed.push(key);
+                }
+                offsets_t.insert((r.topic.as_str(), r.partition), r.offset + 1)?;
             }
-            let had = old.as_ref().map_or(0, UserState::current_version);
-            version = had + 1;
-            let state = UserState::tombstone(&key, version, at_ms);
-            users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
-            outbox_t.insert(
-                key.0.as_slice(),
-                encode(&Pending {
-                    oldest_ts_ms: at_ms,
-                })
-                .as_slice(),
-            )?;
         }
         tx.commit()?;
-        Ok((key, version, true))
+        Ok(changed)
     }
 
     /// Every outbox entry, for the sender to start from after a restart.
@@ -358,6 +368,50 @@ impl Store {
     }
 }
 
+/// Erases `key` at `at_ms` within a write transaction: (the user's version now, whether
+/// anything changed).
+fn erase_in(
+    users_t: &mut redb::Table<&[u8], &[u8]>,
+    outbox_t: &mut redb::Table<&[u8], &[u8]>,
+    key: UserKey,
+    at_ms: u64,
+) -> Result<(u64, bool), StoreError> {
+    let old: Option<UserState> = match users_t.get(key.0.as_slice())? {
+        Some(g) => Some(UserState::decode(g.value())?),
+        None => None,
+    };
+    // An erasure at or before the last one's time covers nothing that erasure did not: what
+    // the user did since is newer than both. So a replayed or retried request (its time is the
+    // time it was signed), or the erasure log read again, changes nothing, even after a restart.
+    if let Some(old) = &old
+        && old.erased().is_some_and(|(_, at)| at_ms <= at)
+    {
+        return Ok((old.current_version(), false));
+    }
+    let had = old.as_ref().map_or(0, UserState::current_version);
+    let version = had + 1;
+    let state = UserState::tombstone(&key, version, at_ms);
+    users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
+    outbox_t.insert(
+        key.0.as_slice(),
+        encode(&Pending {
+            oldest_ts_ms: at_ms,
+        })
+        .as_slice(),
+    )?;
+    Ok((version, true))
+}
+
+/// One record of the erasure log: where it is, and the erasure (`None`: unreadable, only the
+/// offset moves).
+#[derive(Clone, Debug)]
+pub struct ErasureRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub erasure: Option<(UserKey, u64)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +441,7 @@ mod tests {
                 partition: 0,
                 offset: start + i as i64,
                 event: Some(e.clone()),
+                arrived_ms: None,
             })
             .collect()
     }
@@ -610,5 +665,48 @@ mod tests {
         ));
         // a later erasure erases it
         assert_eq!(store.erase("e-u0", 1_732_960_002_000).expect("erase").1, 13);
+    }
+
+    /// The cutoff is origin-side time (when the broker took the event), never the browser's
+    /// clock: events taken before the erasure are dropped even when their browser time runs an
+    /// hour ahead of it, and an event taken after it is kept even when its browser clock is an
+    /// hour behind.
+    #[test]
+    fn the_erasure_cutoff_is_arrival_time_not_browser_time() {
+        let catalog = Catalog::demo().expect("demo");
+        let t0 = 1_732_960_000_000;
+        let hour = 3_600_000;
+        let events: Vec<Event> = Traffic::new(&catalog, 1, "h", t0, 10, 9).take(6).collect();
+        let store = open("arrival", SMALL_WINDOW);
+        let erased_at = t0 + 1_000;
+        store.erase("h-u0", erased_at).expect("erase");
+        let at = |evs: &[Event], start: i64, arrived: u64, shift: i64| -> Vec<Record> {
+            let mut recs = records(evs, "a", start);
+            for r in &mut recs {
+                r.arrived_ms = Some(arrived);
+                if let Some(e) = r.event.as_mut() {
+                    e.ts_ms = e.ts_ms.saturating_add_signed(shift);
+                }
+            }
+            recs
+        };
+        // taken before the erasure (consumed after it), browser clock an hour ahead: dropped
+        let early = store
+            .apply_batch(&at(&events[..3], 0, erased_at - 10, hour))
+            .expect("batch");
+        assert_eq!(early.erased, 3, "{early:?}");
+        assert!(matches!(
+            store.current("h-u0").expect("read"),
+            Some(Stored::Tombstone { .. })
+        ));
+        // taken after it, browser clock an hour behind: a new profile
+        let later = store
+            .apply_batch(&at(&events[3..], 3, erased_at + 10, -hour))
+            .expect("batch");
+        assert_eq!((later.erased, later.applied), (0, 3), "{later:?}");
+        assert!(matches!(
+            store.current("h-u0").expect("read"),
+            Some(Stored::Profile(_))
+        ));
     }
 }
