@@ -355,9 +355,12 @@ impl App {
             .unwrap_or(0);
         let cached = self.cache.borrow().peek(&key).map_or(0, |e| e.version());
         let held = from_kv.max(cached);
-        let tombstone = Stored::Tombstone { version: held + 1 };
+        // the next erasure epoch: above whatever origin may still deliver from before it,
+        // and the very version origin's own tombstone will carry
+        let version = shared::delta::tombstone_version(held);
+        let tombstone = Stored::Tombstone { version };
         store
-            .put(&kv_key, &wire::encode_stored(&tombstone), held + 1)
+            .put(&kv_key, &wire::encode_stored(&tombstone), version)
             .await
             .map_err(|source| EdgeError::KvWrite {
                 key: kv_key.clone(),
@@ -381,7 +384,7 @@ impl App {
                 })?;
             outbound.push(erasure_request(origin, secret, key, now_ms, now_ms));
         }
-        let mut reply = Reply::json(202, &json!({ "erased": true, "version": held + 1 }));
+        let mut reply = Reply::json(202, &json!({ "erased": true, "version": version }));
         if matches!(who, Identity::Visitor { .. }) {
             reply.headers.push((
                 "set-cookie",

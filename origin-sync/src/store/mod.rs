@@ -389,7 +389,8 @@ fn erase_in(
         return Ok((old.current_version(), false));
     }
     let had = old.as_ref().map_or(0, UserState::current_version);
-    let version = had + 1;
+    // the next erasure epoch: the version the edge's own tombstone has (see `EPOCH_SHIFT`)
+    let version = shared::delta::tombstone_version(had);
     let state = UserState::tombstone(&key, version, at_ms);
     users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
     outbox_t.insert(
@@ -635,10 +636,12 @@ mod tests {
         let store = open("erase", SMALL_WINDOW);
         store.apply_batch(&records(&events, "a", 0)).expect("batch");
         let (_, v, _) = store.erase("e-u0", 1_732_960_000_050).expect("erase");
-        assert_eq!(v, 11);
+        // the next erasure epoch, above all ten versions (and any origin had not delivered)
+        let epoch1 = 1u64 << shared::delta::EPOCH_SHIFT;
+        assert_eq!(v, epoch1);
         assert_eq!(
             store.current("e-u0").expect("read"),
-            Some(Stored::Tombstone { version: 11 })
+            Some(Stored::Tombstone { version: epoch1 })
         );
         // an older in-flight event does not bring it back
         let late = store
@@ -653,18 +656,24 @@ mod tests {
             .apply_batch(&records(&[newer], "b", 3))
             .expect("batch");
         match store.current("e-u0").expect("read") {
-            Some(Stored::Profile(p)) => assert_eq!(p.version, 12),
+            Some(Stored::Profile(p)) => assert_eq!(p.version, epoch1 + 1),
             other => panic!("{other:?}"),
         }
         // the same erasure again (a replay, or a retry whose answer was lost) changes nothing:
         // the newer event's profile stays
-        assert_eq!(store.erase("e-u0", 1_732_960_000_050).expect("erase").1, 12);
+        assert_eq!(
+            store.erase("e-u0", 1_732_960_000_050).expect("erase").1,
+            epoch1 + 1
+        );
         assert!(matches!(
             store.current("e-u0").expect("read"),
             Some(Stored::Profile(_))
         ));
         // a later erasure erases it
-        assert_eq!(store.erase("e-u0", 1_732_960_002_000).expect("erase").1, 13);
+        assert_eq!(
+            store.erase("e-u0", 1_732_960_002_000).expect("erase").1,
+            2 * epoch1
+        );
     }
 
     /// The cutoff is origin-side time (when the broker took the event), never the browser's
