@@ -30,7 +30,7 @@ use std::path::Path;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shared::delta::{Delta, Stored};
-use shared::event::Event;
+use shared::event::{Event, EventKind};
 use shared::keys::UserKey;
 
 const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
@@ -97,6 +97,8 @@ pub struct BatchOutcome {
     pub late: u64,
     /// Events at or before their user's erasure.
     pub erased: u64,
+    /// Sign-ins that joined a visitor's profile into the signed-in one.
+    pub identified: u64,
     /// Users whose state changed, with the oldest event time of the batch for them.
     pub touched: Vec<(UserKey, u64)>,
     /// Next offset per partition after the batch.
@@ -171,7 +173,7 @@ impl Store {
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
             let mut next: HashMap<(String, i32), i64> = HashMap::new();
-            let mut users: HashMap<UserKey, (UserState, u64, u64)> = HashMap::new();
+            let mut users: Loaded = HashMap::new();
             for r in records {
                 let pk = (r.topic.clone(), r.partition);
                 let n = match next.get(&pk) {
@@ -188,16 +190,39 @@ impl Store {
                 next.insert(pk, r.offset + 1);
                 let Some(ev) = &r.event else { continue };
                 let key = self.user_key(&ev.user);
-                let entry = match users.entry(key) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        let state = match users_t.get(key.0.as_slice())? {
-                            Some(g) => UserState::decode(g.value())?,
-                            None => UserState::fresh(&key),
+                load(&mut users, &users_t, key)?;
+                // a sign-in: the visitor's profile, as it stands now, travels in the event, so
+                // every later refold of this user's window folds the same thing
+                let mut joined = None;
+                let identified;
+                let ev = match &ev.kind {
+                    EventKind::Identify {
+                        anonymous,
+                        absorbed: None,
+                    } if self.user_key(anonymous) != key => {
+                        let anon = self.user_key(anonymous);
+                        load(&mut users, &users_t, anon)?;
+                        let visitor = users.get(&anon).map(|e| e.0.current());
+                        let absorbed = match visitor {
+                            Some(Stored::Profile(p)) if p.version > 0 => {
+                                joined = Some((anon, p.version));
+                                Some(Box::new(p))
+                            }
+                            _ => None,
                         };
-                        let version = state.current_version();
-                        v.insert((state, version, u64::MAX))
+                        identified = Event {
+                            kind: EventKind::Identify {
+                                anonymous: anonymous.clone(),
+                                absorbed,
+                            },
+                            ..ev.clone()
+                        };
+                        &identified
                     }
+                    _ => ev,
+                };
+                let Some(entry) = users.get_mut(&key) else {
+                    continue;
                 };
                 match entry.0.insert(ev, r.arrived_ms, self.window) {
                     Insert::Windowed => out.applied += 1,
@@ -215,6 +240,17 @@ impl Store {
                     }
                 }
                 entry.2 = entry.2.min(ev.ts_ms);
+                // the visitor's profile now lives in the signed-in one: retire it (a new epoch,
+                // so no copy of it anywhere outranks the retirement), dropping nothing that
+                // arrives for that visitor later
+                if let Some((anon, version)) = joined
+                    && let Some(visitor) = users.get_mut(&anon)
+                {
+                    visitor.0 =
+                        UserState::tombstone(&anon, shared::delta::tombstone_version(version), 0);
+                    visitor.2 = visitor.2.min(ev.ts_ms);
+                    out.identified += 1;
+                }
             }
             for (key, (state, before, oldest)) in users {
                 if state.current_version() == before {
@@ -366,6 +402,25 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+type Loaded = HashMap<UserKey, (UserState, u64, u64)>;
+
+/// Brings `key`'s state into a batch's working set: (state, version before, oldest event).
+fn load(
+    users: &mut Loaded,
+    users_t: &redb::Table<&[u8], &[u8]>,
+    key: UserKey,
+) -> Result<(), StoreError> {
+    if let std::collections::hash_map::Entry::Vacant(v) = users.entry(key) {
+        let state = match users_t.get(key.0.as_slice())? {
+            Some(g) => UserState::decode(g.value())?,
+            None => UserState::fresh(&key),
+        };
+        let version = state.current_version();
+        v.insert((state, version, u64::MAX));
+    }
+    Ok(())
 }
 
 /// Erases `key` at `at_ms` within a write transaction: (the user's version now, whether
@@ -674,6 +729,97 @@ mod tests {
             store.erase("e-u0", 1_732_960_002_000).expect("erase").1,
             2 * epoch1
         );
+    }
+
+    /// Identity stitching: a visitor's cart of two items joins the profile they sign in to,
+    /// once — whether the sign-in event is redelivered, or the shopper signs in again — and
+    /// the visitor's own profile is retired.
+    #[test]
+    fn a_sign_in_joins_the_visitors_profile_once() {
+        let ev = |id: &str, user: &str, dt: u64, body: &str| {
+            shared::event::parse_event(
+                format!(
+                    r#"{{"event_id":"{id}","user_id":"{user}","ts":{},{body}}}"#,
+                    1_732_960_000_000 + dt * 1000
+                )
+                .as_bytes(),
+            )
+            .expect("event")
+        };
+        let add = |id: &str, user: &str, dt: u64, item: &str| {
+            ev(
+                id,
+                user,
+                dt,
+                &format!(
+                    r#""type":"add_to_cart","item":"{item}","category":"cameras","price":100,"quantity":1"#
+                ),
+            )
+        };
+        let visitor = "v-00112233445566778899aabbccddeeff";
+        let identify = |id: &str, dt: u64| {
+            ev(
+                id,
+                "alice",
+                dt,
+                &format!(r#""type":"identify","anonymous_id":"{visitor}""#),
+            )
+        };
+        let store = open("identify", SMALL_WINDOW);
+        store
+            .apply_batch(&records(
+                &[
+                    add("a1", visitor, 1, "cam-001"),
+                    add("a2", visitor, 2, "sd-128"),
+                    add("s1", "alice", 3, "tri-001"),
+                ],
+                "c",
+                0,
+            ))
+            .expect("batch");
+        let cart = |store: &Store| match store.current("alice").expect("read") {
+            Some(Stored::Profile(p)) => {
+                let mut c: Vec<(u32, u16)> =
+                    p.cart.iter().map(|l| (l.item.0, l.quantity)).collect();
+                c.sort();
+                c
+            }
+            other => panic!("{other:?}"),
+        };
+        let out = store
+            .apply_batch(&records(&[identify("sign-in-1", 4)], "c", 3))
+            .expect("batch");
+        assert_eq!(out.identified, 1);
+        let want: Vec<(u32, u16)> = {
+            let mut w: Vec<(u32, u16)> = ["cam-001", "sd-128", "tri-001"]
+                .iter()
+                .map(|s| (shared::ids::ItemId::of_sku(s).0, 1))
+                .collect();
+            w.sort();
+            w
+        };
+        assert_eq!(cart(&store), want, "both visitor items joined, once");
+        assert!(matches!(
+            store.current(visitor).expect("read"),
+            Some(Stored::Tombstone { .. })
+        ));
+        // redelivered (another copy of the same event), and a second sign-in later
+        let out = store
+            .apply_batch(&records(&[identify("sign-in-1", 4)], "d", 0))
+            .expect("batch");
+        assert_eq!((out.duplicates, out.identified), (1, 0));
+        store
+            .apply_batch(&records(&[identify("sign-in-2", 20)], "c", 4))
+            .expect("batch");
+        assert_eq!(cart(&store), want, "still once");
+        // the visitor browsing on after the sign-in starts afresh; nothing is dropped
+        store
+            .apply_batch(&records(&[add("a3", visitor, 30, "bag-001")], "c", 5))
+            .expect("batch");
+        assert!(matches!(
+            store.current(visitor).expect("read"),
+            Some(Stored::Profile(p)) if p.cart.len() == 1
+        ));
     }
 
     /// The cutoff is origin-side time (when the broker took the event), never the browser's
