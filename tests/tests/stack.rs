@@ -255,6 +255,9 @@ fn the_whole_system_on_one_stack() {
         phase.elapsed()
     );
     let phase = Instant::now();
+    sign_in_joins_the_visitors_cart(&sys);
+    println!("phase 1b, identity stitching: ok in {:?}", phase.elapsed());
+    let phase = Instant::now();
     erasure_reaches_every_copy_and_stays(&mut sys);
     println!("phase 2, erasure: ok in {:?}", phase.elapsed());
     let phase = Instant::now();
@@ -313,6 +316,90 @@ fn seed_workflow_in_a_browser(sys: &System, chromium: &std::path::Path) {
         json!([{ "item": "cam-001", "quantity": 1 }]),
         "{me}"
     );
+}
+
+/// Cart lines of a `/v1/me` answer, as `sku x quantity`, sorted.
+fn cart_of(me: &Value) -> Vec<String> {
+    let mut lines: Vec<String> = me["profile"]["cart"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|l| format!("{} x{}", l["item"].as_str().unwrap_or("?"), l["quantity"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    lines.sort();
+    lines
+}
+
+/// A visitor adds two items at edge A, then signs in at edge B: B's answer already shows
+/// both in the signed-in cart, origin joins them once and retires the visitor's profile, and
+/// both edges end up with the joined cart; signing in again with the same cookie adds nothing.
+fn sign_in_joins_the_visitors_cart(sys: &System) {
+    let vid = format!("{:032x}", origin_sync::pipeline::now_ms());
+    let cookie = format!("ew_vid={vid}");
+    let user = "stitch-u1";
+    let bearer = tests::bearer(user);
+    let visitor = [("cookie", cookie.as_str())];
+    let both = [
+        ("cookie", cookie.as_str()),
+        ("authorization", bearer.as_str()),
+    ];
+    let me = |port: u16, headers: &[(&str, &str)]| get_json(port, "/v1/me", headers);
+    let adds = br#"{"events":[
+        {"event_id":"st-1","type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1},
+        {"event_id":"st-2","type":"add_to_cart","item":"sd-128","category":"accessories","price":19,"quantity":1}]}"#;
+    let r = http(sys.a, "POST", "/v1/events", &visitor, adds).unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let want = vec!["cam-001 x1".to_owned(), "sd-128 x1".to_owned()];
+    wait_for(
+        "the visitor's cart at edge B",
+        Duration::from_secs(20),
+        || {
+            let m = me(sys.b, &visitor);
+            m["profile_version"] == 2 && m["pending_local_events"] == 0
+        },
+    )
+    .unwrap();
+    let t = Instant::now();
+    let signed_in = http(sys.b, "GET", "/v1/me", &both, b"").unwrap();
+    let body: Value = serde_json::from_slice(&signed_in.body).unwrap();
+    assert_eq!(cart_of(&body), want, "the signed-in answer itself: {body}");
+    assert!(
+        signed_in
+            .header("set-cookie")
+            .is_some_and(|c| c.contains("Max-Age=0")),
+        "the visitor cookie is cleared"
+    );
+    let took = wait_for(
+        "the joined cart from origin at both edges",
+        Duration::from_secs(20),
+        || {
+            [sys.a, sys.b].iter().all(|p| {
+                let m = me(*p, &[("authorization", bearer.as_str())]);
+                cart_of(&m) == want && m["pending_local_events"] == 0
+            })
+        },
+    )
+    .unwrap();
+    println!(
+        "  sign-in at edge B -> joined cart from origin at both edges: {took:?} ({:?} in all)",
+        t.elapsed()
+    );
+    wait_for(
+        "the visitor's profile retired",
+        Duration::from_secs(20),
+        || me(sys.a, &visitor)["profile"] == Value::Null,
+    )
+    .unwrap();
+    // the cookie's removal lost: the same pair again, at edge A
+    let again = me(sys.a, &both);
+    assert_eq!(cart_of(&again), want, "{again}");
+    std::thread::sleep(Duration::from_secs(1));
+    for port in [sys.a, sys.b] {
+        let m = me(port, &[("authorization", bearer.as_str())]);
+        assert_eq!(cart_of(&m), want, "still once: {m}");
+    }
 }
 
 const ERASED_USER: &str = "erase-me";
