@@ -14,6 +14,8 @@ use crate::{Service, http, root, spawn_service, start_worker_on};
 /// The event topics origin-sync consumes by default, and its dead-letter topic.
 pub const EVENT_TOPICS: [&str; 3] = ["customer_clicks", "cart_events", "purchase_events"];
 pub const DEAD_LETTER_TOPIC: &str = "events_dlq";
+/// The erasure log (compacted), origin-sync's default `kafka.erasure_topic`.
+pub const ERASURE_TOPIC: &str = "erasures";
 
 /// What to start, and where.
 #[derive(Clone, Debug)]
@@ -108,6 +110,8 @@ impl Stack {
                         return Err(e.to_string());
                     }
                 }
+                // a log kept from before the erasure log existed gets it now
+                let _ = tansu.create_erasure_topic(ERASURE_TOPIC);
                 let brokers = tansu.brokers();
                 (Some(tansu), brokers)
             }

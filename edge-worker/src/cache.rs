@@ -248,6 +248,13 @@ impl ProfileCache {
 
     /// Adds the shopper's own event (read-your-writes). Creates an entry with an empty base
     /// when the shopper is not cached; callers load the base from KV first where they can.
+    /// Whether `key` holds a not-yet-synced local event with this id.
+    pub fn has_local(&self, key: &UserKey, id: &str) -> bool {
+        self.lru
+            .peek(key)
+            .is_some_and(|e| e.local.iter().any(|l| l.id == id))
+    }
+
     pub fn push_local(&mut self, key: UserKey, event: Event, now_ms: u64) {
         let unchecked = self.lru.peek(&key).is_none();
         self.modify(key, now_ms, |e| {

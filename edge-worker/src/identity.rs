@@ -92,6 +92,23 @@ pub fn resolve(
     })
 }
 
+/// The anonymous visitor a signed-in request still carries the cookie of (they just signed
+/// in): what that visitor did is to join their profile. `None` for a visitor request, or
+/// without a valid visitor cookie.
+pub fn signed_in_visitor(who: &Identity, cookie_header: Option<&str>) -> Option<String> {
+    match who {
+        Identity::User(_) => visitor_cookie(cookie_header)
+            .ok()
+            .flatten()
+            .map(|id| Identity::Visitor {
+                id: id.to_owned(),
+                minted: false,
+            })
+            .map(|v| v.user_id()),
+        Identity::Visitor { .. } => None,
+    }
+}
+
 /// The visitor id in a `Cookie` header, if there is a valid one.
 fn visitor_cookie(header: Option<&str>) -> Result<Option<&str>, IdentityError> {
     let Some(header) = header else {

@@ -54,6 +54,10 @@ pub struct KafkaConfig {
     pub topics: Vec<String>,
     /// Where rejected events go, with the reason and source in headers.
     pub dead_letter_topic: String,
+    /// The erasure log: every erasure is written here before it is acknowledged, and read
+    /// back at every start and by `replay` (see `erasures.rs`). Create it compacted
+    /// (`cleanup.policy=compact`) with infinite retention; never one of `topics`.
+    pub erasure_topic: String,
     /// Most messages folded in one store transaction.
     pub max_batch: usize,
     /// How long a batch waits for more messages during a burst (a lone message does not wait).
@@ -66,6 +70,10 @@ pub struct KafkaConfig {
     pub assignment: Assignment,
     /// How origin-sync talks to the brokers: TLS and SASL, as production clusters require.
     pub security: KafkaSecurity,
+    /// Consumption counts as stalled (`/readyz` 503, `edgewise_consumer_stalled` 1) after
+    /// this long without folding a batch while messages wait, or while a step keeps failing
+    /// (consuming, writing a dead letter). 0: never.
+    pub stall_after_ms: u64,
 }
 
 /// TLS and SASL settings, passed to librdkafka (`security.protocol`, `sasl.*`, `ssl.*`).
@@ -252,11 +260,13 @@ impl Default for KafkaConfig {
                 "purchase_events".into(),
             ],
             dead_letter_topic: "events_dlq".into(),
+            erasure_topic: "erasures".into(),
             max_batch: 20000,
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,
             assignment: Assignment::Static,
             security: KafkaSecurity::default(),
+            stall_after_ms: 60_000,
         }
     }
 }
@@ -296,7 +306,8 @@ pub struct SyncConfig {
     pub coalesce_window_ms: u64,
     /// Most items in one sync batch (at most 450 with edge sinks: the edge's per-request limit).
     pub max_batch_items: usize,
-    /// Consumption pauses while more users than this wait to be delivered.
+    /// Most users a sink holds waiting (past that it pages through the store's outbox);
+    /// consumption pauses while every sink holds this many.
     pub max_outbox: usize,
     /// First retry delay; doubles up to `retry_max_ms`, with full jitter.
     pub retry_initial_ms: u64,
@@ -320,7 +331,8 @@ impl Default for SyncConfig {
     }
 }
 
-/// Where deltas go. Every sink must acknowledge a batch before it leaves the outbox.
+/// Where deltas go. Each sink progresses on its own; a change leaves the outbox once every
+/// sink acknowledged or quarantined it.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SinksConfig {
@@ -464,6 +476,15 @@ impl Config {
             return bad(
                 "kafka.dead_letter_topic",
                 "must not be one of kafka.topics, or rejects would be consumed again",
+            );
+        }
+        if self.kafka.erasure_topic.is_empty()
+            || self.kafka.topics.contains(&self.kafka.erasure_topic)
+            || self.kafka.erasure_topic == self.kafka.dead_letter_topic
+        {
+            return bad(
+                "kafka.erasure_topic",
+                "must be a topic of its own: not one of kafka.topics nor the dead-letter topic",
             );
         }
         if !(1..=100_000).contains(&self.kafka.max_batch) {

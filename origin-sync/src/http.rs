@@ -215,6 +215,15 @@ async fn erase_key(
 /// Stores an erasure and answers it: 202 once durable (`already`: it changed nothing, being no
 /// later than the user's last erasure), 500 to retry.
 async fn store_erasure(st: &AppState, user_key: UserKey, at_ms: u64) -> Response {
+    // the erasure log first: once it is there, no lost store or new instance can undo it
+    let topic = &st.shared.config.kafka.erasure_topic;
+    if let Err(e) = crate::erasures::record(&st.producer, topic, user_key, at_ms).await {
+        tracing::error!(error = %e, topic = %topic, "erasure could not be written to the erasure log");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "erasure could not be recorded; retry",
+        );
+    }
     let store = st.shared.store.clone();
     let result = tokio::task::spawn_blocking(move || store.erase_key(user_key, at_ms)).await;
     match result {
@@ -254,10 +263,11 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
+/// 200 while consuming and delivering; 503 naming why not (starting or stopping, a stalled
+/// consumer, a sink that refuses every request as misconfigured).
 async fn ready(State(st): State<AppState>) -> Response {
-    if st.shared.metrics.ready.load(Relaxed) == 1 {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    match st.shared.metrics.readiness(now_ms()) {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod erasures;
 pub mod http;
 pub mod kafka;
 pub mod limit;

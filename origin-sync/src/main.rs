@@ -60,6 +60,28 @@ enum Command {
     Replay,
     /// Mark the catalog and rules for publication again.
     Republish,
+    /// The changes sinks refused for good (run with the service stopped: the store file is
+    /// one process's).
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QuarantineAction {
+    /// Print every quarantined change: id, sink, what, version, reason, detail.
+    List,
+    /// Put quarantined changes back for delivery at the next start: a shopper's current
+    /// value goes to that sink as a snapshot, a document at its current version.
+    Replay {
+        /// Only those of this sink (its name as listed).
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only these ids (repeatable); all when none is given.
+        #[arg(long)]
+        id: Vec<u64>,
+    },
 }
 
 fn init_logs(json: bool) {
@@ -129,6 +151,33 @@ async fn main() -> anyhow::Result<()> {
             let store = origin_sync::service::open_store(&config)?;
             store.republish_documents()?;
             println!("catalog and rules will be published again at the next start or change");
+        }
+        Command::Quarantine { action } => {
+            let store = origin_sync::service::open_store(&config)?;
+            match action {
+                QuarantineAction::List => {
+                    for (id, q) in store.quarantined()? {
+                        let what = match q.subject {
+                            origin_sync::store::Subject::User(k) => format!("user {}", k.to_hex()),
+                            origin_sync::store::Subject::Document(kind) => format!("{kind:?}"),
+                        };
+                        println!(
+                            "{id}\t{}\t{what}\tv{}\t{}\t{}",
+                            q.sink, q.version, q.reason, q.detail
+                        );
+                    }
+                }
+                QuarantineAction::Replay { sink, id } => {
+                    let n = store.requeue_quarantined(
+                        |i, q| {
+                            (id.is_empty() || id.contains(&i))
+                                && sink.as_ref().is_none_or(|s| *s == q.sink)
+                        },
+                        origin_sync::clock::now_ms(),
+                    )?;
+                    println!("{n} quarantined changes will be delivered again at the next start");
+                }
+            }
         }
     }
     Ok(())

@@ -65,10 +65,17 @@ pub struct Metrics {
     pub documents_delivered: AtomicU64,
     pub outbox_depth: AtomicU64,
     pub backpressure_pauses: AtomicU64,
+    /// Sink changes quarantined, by sink and reason (also per sink in [`SinkStats`]).
+    pub quarantined: AtomicU64,
     pub ingest_accepted: AtomicU64,
     pub ingest_rejected: AtomicU64,
     pub erasures: AtomicU64,
+    /// 1 once the service runs; what `/readyz` answers also needs [`Metrics::readiness`].
     pub ready: AtomicU64,
+    /// Consumer progress, for readiness: when it last moved, since when it keeps failing.
+    pub progress: Progress,
+    /// Per-sink figures, one entry per sink (registered by the sender).
+    pub sinks: Mutex<Vec<std::sync::Arc<SinkStats>>>,
     /// 1 while the catalog/rules files fail validation (the last valid version stays live).
     pub documents_invalid: AtomicU64,
     /// Pairs of catalog SKUs whose item ids collide, in the catalog last checked.
@@ -82,7 +89,126 @@ pub struct Metrics {
 
 const MAX_SAMPLES: usize = 1_000_000;
 
+/// One sink's figures.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    pub name: String,
+    /// Users waiting for this sink (the bound when it fell behind and pages the outbox).
+    pub backlog: AtomicU64,
+    /// 1 while the sink refuses every request as a configuration fault (401/403/404: a wrong
+    /// secret, token or URL) and nothing it was sent got through since.
+    pub config_fault: AtomicU64,
+    /// Quarantined changes by reason.
+    pub quarantined: Mutex<BTreeMap<String, u64>>,
+}
+
+/// Whether consumption moves: readiness turns false when it does not (a stall).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Wall-clock ms when a batch was last folded (or the consumer started).
+    pub last_ms: AtomicU64,
+    /// Wall-clock ms since which a step keeps failing (a consume error, a dead-letter produce);
+    /// 0 while nothing fails.
+    pub failing_since_ms: AtomicU64,
+    /// How long without progress (while there is lag, or while failing) is a stall; 0: never.
+    pub stall_after_ms: AtomicU64,
+}
+
+impl Progress {
+    pub fn moved(&self, now_ms: u64) {
+        self.last_ms.store(now_ms, Relaxed);
+        self.failing_since_ms.store(0, Relaxed);
+    }
+
+    pub fn failed(&self, now_ms: u64) {
+        let _ = self
+            .failing_since_ms
+            .compare_exchange(0, now_ms.max(1), Relaxed, Relaxed);
+    }
+
+    pub fn recovered(&self) {
+        self.failing_since_ms.store(0, Relaxed);
+    }
+}
+
 impl Metrics {
+    /// Registers a sink's figures.
+    pub fn sink(&self, name: &str) -> std::sync::Arc<SinkStats> {
+        let stats = std::sync::Arc::new(SinkStats {
+            name: name.to_owned(),
+            ..SinkStats::default()
+        });
+        if let Ok(mut sinks) = self.sinks.lock() {
+            sinks.push(stats.clone());
+        }
+        stats
+    }
+
+    /// The outbox depth backpressure goes by: the smallest sink backlog. A sink that fell
+    /// behind (down, throttled) pages through the store's outbox later instead of pausing
+    /// consumption for the others; only when every sink is behind does consumption wait.
+    pub fn update_outbox_depth(&self) -> u64 {
+        let depth = self
+            .sinks
+            .lock()
+            .ok()
+            .and_then(|s| s.iter().map(|s| s.backlog.load(Relaxed)).min())
+            .unwrap_or(0);
+        self.outbox_depth.store(depth, Relaxed);
+        depth
+    }
+
+    /// Total lag over the partitions consumed, as last measured.
+    pub fn lag(&self) -> i64 {
+        self.partitions.lock().map_or(0, |p| {
+            p.values().map(|(next, high)| (high - next).max(0)).sum()
+        })
+    }
+
+    /// True when consumption has not moved for `stall_after_ms` while there was lag, or a
+    /// step has failed for that long.
+    pub fn stalled(&self, now_ms: u64) -> bool {
+        let p = &self.progress;
+        let after = p.stall_after_ms.load(Relaxed);
+        if after == 0 {
+            return false;
+        }
+        let failing = p.failing_since_ms.load(Relaxed);
+        if failing != 0 && now_ms.saturating_sub(failing) >= after {
+            return true;
+        }
+        let last = p.last_ms.load(Relaxed);
+        self.lag() > 0 && last != 0 && now_ms.saturating_sub(last) >= after
+    }
+
+    /// `Ok` when consuming and delivering; else why not.
+    pub fn readiness(&self, now_ms: u64) -> Result<(), String> {
+        if self.ready.load(Relaxed) != 1 {
+            return Err("starting or stopping".into());
+        }
+        if self.stalled(now_ms) {
+            return Err(
+                "consumption stalled: no progress while messages wait; see the logs".into(),
+            );
+        }
+        let faults: Vec<String> = self.sinks.lock().map_or_else(
+            |_| Vec::new(),
+            |s| {
+                s.iter()
+                    .filter(|s| s.config_fault.load(Relaxed) == 1)
+                    .map(|s| s.name.clone())
+                    .collect()
+            },
+        );
+        if !faults.is_empty() {
+            return Err(format!(
+                "sink configuration fault (check secrets, tokens, URLs): {}",
+                faults.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
     pub fn observe_freshness(&self, ms: u64) {
         self.freshness.observe_ms(ms);
         if let Ok(mut s) = self.samples.lock()
@@ -95,7 +221,10 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 20] = [
+        let now = crate::clock::now_ms();
+        let ready = AtomicU64::new(u64::from(self.readiness(now).is_ok()));
+        let stalled = AtomicU64::new(u64::from(self.stalled(now)));
+        let counters: [(&str, &str, &AtomicU64); 22] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -179,8 +308,18 @@ impl Metrics {
             ("edgewise_erasures_total", "users erased", &self.erasures),
             (
                 "edgewise_ready",
-                "1 when consuming and delivering",
-                &self.ready,
+                "1 when consuming and delivering (what /readyz answers)",
+                &ready,
+            ),
+            (
+                "edgewise_consumer_stalled",
+                "1 while consumption makes no progress though messages wait, or a step keeps failing",
+                &stalled,
+            ),
+            (
+                "edgewise_quarantined_total",
+                "changes a sink refused for good, quarantined (see edgewise_sink_quarantined_total)",
+                &self.quarantined,
             ),
             (
                 "edgewise_documents_invalid",
@@ -233,6 +372,7 @@ impl Metrics {
                 );
             }
         }
+        self.render_sinks(&mut out);
         self.freshness.render(
             "edgewise_freshness_seconds",
             "event timestamp to every-sink acknowledgement",
@@ -240,6 +380,52 @@ impl Metrics {
         );
         out
     }
+}
+
+impl Metrics {
+    fn render_sinks(&self, out: &mut String) {
+        let Ok(sinks) = self.sinks.lock() else { return };
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_sink_quarantined_total changes a sink refused for good, by reason\n# TYPE edgewise_sink_quarantined_total counter"
+        );
+        for s in sinks.iter() {
+            if let Ok(q) = s.quarantined.lock() {
+                for (reason, n) in q.iter() {
+                    let _ = writeln!(
+                        out,
+                        "edgewise_sink_quarantined_total{{sink=\"{}\",reason=\"{}\"}} {n}",
+                        label(&s.name),
+                        label(reason)
+                    );
+                }
+            }
+        }
+        for (name, help, pick) in [
+            (
+                "edgewise_sink_backlog",
+                "users waiting for this sink",
+                (|s: &SinkStats| s.backlog.load(Relaxed)) as fn(&SinkStats) -> u64,
+            ),
+            (
+                "edgewise_sink_config_fault",
+                "1 while the sink refuses every request as a configuration fault (401/403/404)",
+                |s: &SinkStats| s.config_fault.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for s in sinks.iter() {
+                let _ = writeln!(out, "{name}{{sink=\"{}\"}} {}", label(&s.name), pick(s));
+            }
+        }
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// A notable runtime event: logs with `tracing` and counts in [`Metrics`].
@@ -310,13 +496,49 @@ pub struct SinkFailed<'a> {
     pub sink: &'a str,
     pub attempt: u32,
     pub error: &'a dyn std::error::Error,
+    /// What happens next: `retry`, `split` (to find the items at fault), `config_fault`.
+    pub then: &'static str,
+    pub items: usize,
     pub retry_in_ms: u64,
 }
 
 impl Emit for SinkFailed<'_> {
     fn emit(&self, m: &Metrics) {
-        tracing::warn!(sink = self.sink, attempt = self.attempt, error = %self.error, retry_in_ms = self.retry_in_ms, "sink push failed; retrying");
+        if self.then == "config_fault" {
+            tracing::error!(sink = self.sink, attempt = self.attempt, error = %self.error, items = self.items, retry_in_ms = self.retry_in_ms, "sink refused the request as misconfigured (secret, token or URL); backing off, nothing is dropped");
+        } else {
+            tracing::warn!(sink = self.sink, attempt = self.attempt, error = %self.error, then = self.then, items = self.items, retry_in_ms = self.retry_in_ms, "sink push failed");
+        }
         m.push_failures.fetch_add(1, Relaxed);
+    }
+}
+
+/// A change a sink refused for good: kept in the store's quarantine (replay with
+/// `origin-sync quarantine replay`), counted by sink and reason; every other change flows on.
+#[derive(Debug)]
+pub struct SinkQuarantined<'a> {
+    pub sink: &'a SinkStats,
+    /// `user <hex key>` or `catalog`/`rules`.
+    pub what: &'a str,
+    pub version: u64,
+    pub reason: &'a str,
+    pub error: &'a str,
+}
+
+impl Emit for SinkQuarantined<'_> {
+    fn emit(&self, m: &Metrics) {
+        tracing::error!(
+            sink = %self.sink.name,
+            what = self.what,
+            version = self.version,
+            reason = self.reason,
+            error = self.error,
+            "sink refused a change for good; quarantined (replay with `origin-sync quarantine replay`)"
+        );
+        m.quarantined.fetch_add(1, Relaxed);
+        if let Ok(mut q) = self.sink.quarantined.lock() {
+            *q.entry(self.reason.to_owned()).or_default() += 1;
+        }
     }
 }
 

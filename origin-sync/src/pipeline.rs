@@ -43,8 +43,8 @@ pub struct Shared {
     pub touched: mpsc::Sender<Vec<UserKey>>,
     /// Signalled when the outbox shrinks.
     pub room: Notify,
-    /// Signalled when documents changed.
-    pub documents: Notify,
+    /// Bumped when documents changed (every sink worker watches it).
+    pub documents: watch::Sender<u64>,
 }
 
 /// Runs `f` on the blocking pool (store transactions fsync).
@@ -57,14 +57,84 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 
-/// One consumed message that failed validation, on its way to the dead-letter topic.
-struct Reject {
+/// The most of a rejected message's payload its dead letter carries. The broker took the
+/// message, but a copy with headers may not fit its (or the producer's) size limit, and a
+/// dead letter that cannot be written stops every partition: so a dead letter is bounded,
+/// and carries the size and SHA-256 of the whole payload to find the original by.
+pub const DEAD_LETTER_PREFIX_BYTES: usize = 4096;
+/// The most of a rejected message's key a dead letter carries.
+pub const DEAD_LETTER_KEY_BYTES: usize = 1024;
+/// The most characters of a rejection reason a dead letter carries.
+pub const DEAD_LETTER_REASON_CHARS: usize = 1024;
+
+/// One consumed message that failed validation, on its way to the dead-letter topic: already
+/// bounded, so a huge message is not held in memory twice.
+#[derive(Debug)]
+pub struct Reject {
     topic: String,
     partition: i32,
     offset: i64,
     key: Vec<u8>,
-    payload: Vec<u8>,
+    key_len: usize,
+    prefix: Vec<u8>,
+    len: usize,
+    sha256: String,
     reason: String,
+}
+
+impl Reject {
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: &[u8],
+        payload: &[u8],
+        reason: &str,
+    ) -> Reject {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(payload);
+        let sha256 = digest.iter().fold(String::with_capacity(64), |mut s, b| {
+            let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+            s
+        });
+        Reject {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            key: key[..key.len().min(DEAD_LETTER_KEY_BYTES)].to_vec(),
+            key_len: key.len(),
+            prefix: payload[..payload.len().min(DEAD_LETTER_PREFIX_BYTES)].to_vec(),
+            len: payload.len(),
+            sha256,
+            reason: reason.chars().take(DEAD_LETTER_REASON_CHARS).collect(),
+        }
+    }
+
+    /// The dead letter: the payload's first [`DEAD_LETTER_PREFIX_BYTES`], the reason and the
+    /// source position, the whole payload's size and hash (`docs/CONTRACTS.md`).
+    pub fn dead_letter(&self, topic: &str) -> Outgoing {
+        let mut headers = vec![
+            ("edgewise-reason", self.reason.clone()),
+            ("edgewise-source-topic", self.topic.clone()),
+            ("edgewise-source-partition", self.partition.to_string()),
+            ("edgewise-source-offset", self.offset.to_string()),
+            ("edgewise-payload-bytes", self.len.to_string()),
+            ("edgewise-payload-sha256", self.sha256.clone()),
+            (
+                "edgewise-payload-truncated",
+                (self.prefix.len() < self.len).to_string(),
+            ),
+        ];
+        if self.key.len() < self.key_len {
+            headers.push(("edgewise-key-bytes", self.key_len.to_string()));
+        }
+        Outgoing {
+            topic: topic.to_owned(),
+            key: self.key.clone(),
+            payload: self.prefix.clone(),
+            headers,
+        }
+    }
 }
 
 /// The messages of one store transaction, validated as they are taken.
@@ -82,14 +152,14 @@ impl Batch {
         let event = match checked {
             Ok(e) => Some(e),
             Err(e) => {
-                self.rejects.push(Reject {
-                    topic: m.topic().to_owned(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().unwrap_or_default().to_vec(),
-                    payload: payload.to_vec(),
-                    reason: e.to_string(),
-                });
+                self.rejects.push(Reject::new(
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    m.key().unwrap_or_default(),
+                    payload,
+                    &e.to_string(),
+                ));
                 None
             }
         };
@@ -98,8 +168,19 @@ impl Batch {
             partition: m.partition(),
             offset: m.offset(),
             event,
+            arrived_ms: arrived_ms(m),
         });
     }
+}
+
+/// When the broker took `m`: its timestamp (append time, or the producer's create time:
+/// origin's own clock for what `/ingest` produced, a server's for other channels; never the
+/// browser's). What an erasure's cutoff compares with.
+pub fn arrived_ms<M: rdkafka::Message>(m: &M) -> Option<u64> {
+    m.timestamp()
+        .to_millis()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
 }
 
 /// Consumes until `shutdown`; each batch is durable in the store before offsets are committed.
@@ -114,6 +195,7 @@ pub async fn consume(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     assign(&shared, &consumer).await?;
+    shared.metrics.progress.moved(now_ms());
     let mut inflight: Option<Inflight> = None;
     loop {
         if !wait_for_room(&shared, &mut shutdown).await || *shutdown.borrow() {
@@ -123,6 +205,7 @@ pub async fn consume(
         match first_message(&shared, &consumer, &mut inflight, &mut shutdown).await? {
             First::Message(Ok(m)) => batch.take(&m),
             First::Message(Err(e)) => {
+                shared.metrics.progress.failed(now_ms());
                 tracing::warn!(error = %e, "kafka consume error; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -156,6 +239,17 @@ async fn assign(shared: &Shared, consumer: &Arc<StreamConsumer>) -> Result<(), P
             let store = shared.store.clone();
             let stored = blocking(move || store.offsets()).await?;
             let tpl = static_assignment(consumer, &cfg.topics, &stored).await?;
+            // known before the first batch, so lag (and a stall) shows even if none folds
+            if let Ok(mut p) = shared.metrics.partitions.lock() {
+                for e in tpl.elements() {
+                    let next = stored
+                        .get(&(e.topic().to_owned(), e.partition()))
+                        .copied()
+                        .unwrap_or(0);
+                    p.entry((e.topic().to_owned(), e.partition()))
+                        .or_insert((next, next));
+                }
+            }
             tracing::info!(
                 partitions = tpl.count(),
                 "assigned every partition of the topics, from the store's offsets"
@@ -268,22 +362,12 @@ async fn dead_letter(
         return true;
     }
     let topic = &shared.config.kafka.dead_letter_topic;
-    let out: Vec<Outgoing> = rejects
-        .iter()
-        .map(|r| Outgoing {
-            topic: topic.clone(),
-            key: r.key.clone(),
-            payload: r.payload.clone(),
-            headers: vec![
-                ("edgewise-reason", r.reason.clone()),
-                ("edgewise-source-topic", r.topic.clone()),
-                ("edgewise-source-partition", r.partition.to_string()),
-                ("edgewise-source-offset", r.offset.to_string()),
-            ],
-        })
-        .collect();
+    let out: Vec<Outgoing> = rejects.iter().map(|r| r.dead_letter(topic)).collect();
     let mut delay = 100;
     while let Err(e) = produce_all(producer, &out).await {
+        // consumption waits for this (a reject's offset must not pass before its dead
+        // letter is durable): a failure that keeps repeating is a stall, which readiness shows
+        shared.metrics.progress.failed(now_ms());
         tracing::warn!(error = %e, topic = %topic, "dead-letter produce failed; retrying");
         if *shutdown.borrow() {
             return false;
@@ -291,6 +375,7 @@ async fn dead_letter(
         tokio::time::sleep(Duration::from_millis(delay)).await;
         delay = (delay * 2).min(5000);
     }
+    shared.metrics.progress.recovered();
     for r in rejects {
         EventRejected {
             topic: &r.topic,
@@ -337,6 +422,7 @@ async fn finish(
         micros: took.as_micros() as u64,
     }
     .emit(&shared.metrics);
+    shared.metrics.progress.moved(now_ms());
     if !outcome.touched.is_empty() {
         let keys = outcome.touched.iter().map(|(k, _)| *k).collect();
         if shared.touched.send(keys).await.is_err() {
@@ -395,9 +481,16 @@ pub async fn watch_lag(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
+        // often enough that a stall is seen within its threshold
+        let stall = metrics.progress.stall_after_ms.load(Relaxed);
+        let every = if stall == 0 {
+            5000
+        } else {
+            (stall / 2).clamp(100, 5000)
+        };
         tokio::select! {
             _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(every)) => {}
         }
         let parts: Vec<(String, i32)> = match metrics.partitions.lock() {
             Ok(p) => p.keys().cloned().collect(),
@@ -423,5 +516,68 @@ pub async fn watch_lag(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message the broker took can still be too large to copy with headers: the dead
+    /// letter of a 1,000,000-byte message is a few KiB, and says how to find the original.
+    #[test]
+    fn a_dead_letter_is_bounded_whatever_the_message() {
+        let payload = vec![b'{'; 1_000_000];
+        let key = vec![b'k'; 5000];
+        let reason = "x".repeat(100_000);
+        let r = Reject::new("cart_events", 1, 42, &key, &payload, &reason);
+        let out = r.dead_letter("events_dlq");
+        let size = out.payload.len()
+            + out.key.len()
+            + out
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        assert!(size <= 8 * 1024, "dead letter is {size} bytes");
+        assert_eq!(out.payload, &payload[..DEAD_LETTER_PREFIX_BYTES]);
+        assert_eq!(out.key.len(), DEAD_LETTER_KEY_BYTES);
+        let h = |name: &str| {
+            out.headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(h("edgewise-payload-bytes"), "1000000");
+        assert_eq!(h("edgewise-payload-truncated"), "true");
+        assert_eq!(h("edgewise-key-bytes"), "5000");
+        assert_eq!(h("edgewise-source-offset"), "42");
+        assert_eq!(
+            h("edgewise-reason").chars().count(),
+            DEAD_LETTER_REASON_CHARS
+        );
+        // sha256 of the whole payload, lowercase hex
+        let sha = h("edgewise-payload-sha256");
+        assert_eq!(sha.len(), 64);
+        assert!(
+            sha.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        // a small message is carried whole
+        let small = Reject::new("t", 0, 0, b"u", b"{}", "bad").dead_letter("dlq");
+        assert_eq!(small.payload, b"{}");
+        assert!(
+            small
+                .headers
+                .contains(&("edgewise-payload-truncated", "false".into()))
+        );
+        assert!(
+            small.headers.contains(&(
+                "edgewise-payload-sha256",
+                "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a".into()
+            )),
+            "sha256 of {{}}"
+        );
     }
 }

@@ -31,7 +31,7 @@ pub async fn watch_documents(shared: Arc<Shared>, mut shutdown: watch::Receiver<
                 last_error.clear();
                 shared.metrics.documents_invalid.store(0, Relaxed);
                 if changed {
-                    shared.documents.notify_one();
+                    shared.documents.send_modify(|v| *v += 1);
                 }
             }
             Err(e) => {

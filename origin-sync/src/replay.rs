@@ -1,7 +1,8 @@
 //! `origin-sync replay`: rebuilds the store from the earliest offsets of every topic.
 //!
-//! The old store is moved aside (never deleted); erasures are carried over from it, because
-//! they do not live in Kafka. Every rebuilt profile is queued, and the next `run` sends it as a
+//! The old store is moved aside (never deleted). Erasures come first: those of the erasure
+//! log (`kafka.erasure_topic`), which survive a lost store, and those the old store holds
+//! (erasures made before the log existed); only then are events folded. Every rebuilt profile is queued, and the next `run` sends it as a
 //! snapshot; edges ignore snapshots at or below the version they hold.
 
 use std::sync::Arc;
@@ -28,8 +29,14 @@ pub async fn replay(config: &Config) -> anyhow::Result<()> {
             .with_context(|| format!("moving the old store aside to {}", aside.display()))?;
         println!("old store kept at {}", aside.display());
     }
-    let store = origin_sync::service::open_store(config)?;
+    let store = Arc::new(origin_sync::service::open_store(config)?);
     store.put_users(&erased)?;
+    // every erasure in the erasure log, before any event: the old store may be gone
+    let caught = origin_sync::erasures::catch_up(config, &store).await?;
+    println!(
+        "erasure log: {} records, {} shoppers erased before replaying events",
+        caught.read, caught.applied
+    );
     let consumer = Arc::new(origin_sync::kafka::consumer(
         &config.kafka,
         &format!("{}-replay", config.kafka.group_id),
@@ -84,6 +91,7 @@ pub async fn replay(config: &Config) -> anyhow::Result<()> {
             partition: key.1,
             offset: m.offset(),
             event,
+            arrived_ms: origin_sync::pipeline::arrived_ms(&m),
         });
         if m.offset() + 1 >= *end {
             done.insert(key);

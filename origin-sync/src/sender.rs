@@ -1,20 +1,46 @@
-//! The sender: coalesces touched users per key (at most one write per key per window, as
-//! Workers KV allows), batches them, pushes each batch to every sink at once with retries
-//! (backoff with full jitter), and takes an outbox entry out only when every sink acknowledged
-//! it. Snapshots are sent for the keys a sink asks for (gaps and refused patches).
+//! The sender: one worker per sink, each with its own progress, so a sink that is down,
+//! throttled or refusing holds back only itself. Each worker coalesces touched users per key
+//! (at most one write per key per window, as Workers KV allows), batches them, pushes, and
+//! records what its sink acknowledged; an outbox entry leaves once every sink acknowledged
+//! (or quarantined) it.
+//!
+//! A failed push is classified (`sink::Class`). An outage or a throttle (5xx, 408, 429, a
+//! network error) is retried with backoff and full jitter, honouring `Retry-After`. A refusal
+//! (another 4xx, an answer that does not decode) is split in halves until the items at fault
+//! are alone; such an item is quarantined only once the sink took something else since (the
+//! evidence that it is this item, not the sink, that is wrong), so a sink that refuses
+//! everything — a wrong secret, a format the edge does not speak — quarantines nothing: it
+//! backs off, and `/readyz` and `edgewise_sink_config_fault` say so. 401, 403 and 404 are
+//! configuration faults and never quarantine.
+//!
+//! Memory is bounded per sink: a sink holds at most `max_outbox` users; past that (or when
+//! its lane is full) it is *behind* and pages through the store's outbox once it has room.
+//! Consumption pauses only while every sink is that far behind.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 use shared::keys::UserKey;
+use shared::wire::ConfigDoc;
 use tokio::sync::{mpsc, watch};
 
-use crate::metrics::{BatchDelivered, Emit as _, PatchesRefused, SinkFailed};
+use crate::metrics::{
+    BatchDelivered, Emit as _, PatchesRefused, SinkFailed, SinkQuarantined, SinkStats,
+};
 use crate::pipeline::{PipelineError, Shared, blocking, now_ms};
-use crate::sink::{OutBatch, Sink};
+use crate::sink::{Class, OutBatch, Sink, SinkError};
+use crate::store::{OutItem, SinkReport, StoreError};
+
+/// Touched-user lists a sink's lane holds before the sink counts as behind.
+const LANE_CAPACITY: usize = 64;
+/// Tries of one batch through an outage (not a throttle) before it is split: an edge that
+/// answers 500 to one batch every time must not hold back the rest.
+const SPLIT_AFTER_TRIES: u32 = 5;
+/// How long a stopping service keeps trying a failing sink.
+const FLUSH_FOR: Duration = Duration::from_secs(3);
 
 fn backoff(cfg: &crate::config::SyncConfig, attempt: u32) -> Duration {
     let cap = cfg
@@ -66,6 +92,15 @@ impl Coalescer {
         self.dirty.len()
     }
 
+    pub fn contains(&self, key: &UserKey) -> bool {
+        self.dirty.contains_key(key)
+    }
+
+    /// `key` stays pending, due no sooner than `at` (a part the sink refused, tried later).
+    pub fn defer_until(&mut self, key: UserKey, at: Instant) {
+        self.dirty.insert(key, at);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.dirty.is_empty()
     }
@@ -105,206 +140,657 @@ impl Coalescer {
     }
 }
 
-/// Pushes `batch` to every sink until each acknowledges; `None` when shut down first.
-async fn deliver(
-    shared: &Shared,
-    sinks: &[Arc<dyn Sink>],
-    batch: &OutBatch,
-    shutdown: &mut watch::Receiver<bool>,
-    give_up_at: Option<Instant>,
-    touched: &mut mpsc::Receiver<Vec<UserKey>>,
-    dirty: &mut Coalescer,
-) -> Option<Vec<UserKey>> {
-    let mut done = vec![false; sinks.len()];
-    let mut resend = Vec::new();
-    let mut attempt = 0u32;
-    loop {
-        // every sink at once: an edge's freshness should not wait for another edge's answer
-        let pending: Vec<usize> = (0..sinks.len()).filter(|i| !done[*i]).collect();
-        let results =
-            futures_util::future::join_all(pending.iter().map(|i| sinks[*i].push(batch))).await;
-        for (i, result) in pending.into_iter().zip(results) {
-            let sink = &sinks[i];
-            match result {
-                Ok(ack) => {
-                    // push time is counted once per batch, by `BatchDelivered`
-                    done[i] = true;
-                    if !ack.invalid.is_empty() {
-                        PatchesRefused {
-                            sink: sink.name(),
-                            keys: &ack.invalid,
-                        }
-                        .emit(&shared.metrics);
-                    }
-                    resend.extend(ack.resend);
-                }
-                Err(e) => {
-                    let delay = backoff(&shared.config.sync, attempt);
-                    if e.is_rejection() {
-                        tracing::error!(sink = sink.name(), error = %e, "sink rejected a batch: this is a configuration error or a bug; retrying");
-                    }
-                    SinkFailed {
-                        sink: sink.name(),
-                        attempt,
-                        error: &e,
-                        retry_in_ms: delay.as_millis() as u64,
-                    }
-                    .emit(&shared.metrics);
-                }
-            }
-        }
-        if done.iter().all(|d| *d) {
-            resend.sort();
-            resend.dedup();
-            return Some(resend);
-        }
-        if give_up_at.is_some_and(|t| Instant::now() >= t) {
-            return None;
-        }
-        let delay = backoff(&shared.config.sync, attempt);
-        attempt = attempt.saturating_add(1);
-        if give_up_at.is_none() {
-            // keep taking note of changed users while waiting, so the outbox depth (and with
-            // it backpressure) stays exact while a sink is down
-            let wake = tokio::time::Instant::now() + delay;
-            loop {
-                tokio::select! {
-                    _ = shutdown.changed() => return None,
-                    keys = touched.recv() => match keys {
-                        Some(keys) => {
-                            for k in keys {
-                                dirty.touch(k);
-                            }
-                            shared.metrics.outbox_depth.store(dirty.len() as u64, Relaxed);
-                        }
-                        None => {
-                            tokio::time::sleep_until(wake).await;
-                            break;
-                        }
-                    },
-                    _ = tokio::time::sleep_until(wake) => break,
-                }
-            }
-        } else {
-            tokio::time::sleep(delay).await;
+/// A sink's lane: touched users, and the flag saying it missed some and must page the outbox.
+struct Lane {
+    tx: mpsc::Sender<Vec<UserKey>>,
+    behind: Arc<AtomicBool>,
+}
+
+fn fan_out(lanes: &[Lane], keys: &[UserKey]) {
+    for lane in lanes {
+        match lane.tx.try_send(keys.to_vec()) {
+            Ok(()) => {}
+            // the keys are in the store's outbox; the sink pages through it once it has room
+            Err(mpsc::error::TrySendError::Full(_)) => lane.behind.store(true, Relaxed),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }
 
-/// Delivers the outbox: coalesces per user (one write per key per window), batches, retries.
+/// Delivers the outbox to every sink, each on its own worker.
 pub async fn send(
     shared: Arc<Shared>,
     sinks: Vec<Arc<dyn Sink>>,
     mut touched: mpsc::Receiver<Vec<UserKey>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
-    let window = Duration::from_millis(shared.config.sync.coalesce_window_ms);
-    let max_items = shared.config.sync.max_batch_items;
-    let mut dirty = Coalescer::new(window);
-    let store = shared.store.clone();
-    for (k, _) in blocking(move || store.outbox()).await? {
-        dirty.touch(k);
+    let names: Arc<[String]> = sinks.iter().map(|s| s.name().to_owned()).collect();
+    let kv_sink = sinks.iter().any(|s| s.writes_kv());
+    let mut lanes = Vec::new();
+    let mut workers = Vec::new();
+    for sink in sinks {
+        let (tx, rx) = mpsc::channel(LANE_CAPACITY);
+        // a new worker starts behind: what the outbox held at the last stop is its backlog
+        let behind = Arc::new(AtomicBool::new(true));
+        lanes.push(Lane {
+            tx,
+            behind: behind.clone(),
+        });
+        let worker = Worker {
+            stats: shared.metrics.sink(sink.name()),
+            documents_to_kv: kv_sink && !sink.writes_kv(),
+            shared: shared.clone(),
+            sink,
+            sinks: names.clone(),
+            behind,
+            dirty: Coalescer::new(Duration::from_millis(shared.config.sync.coalesce_window_ms)),
+            scan: None,
+            attempt: 0,
+            successes: 0,
+            suspects: HashMap::new(),
+        };
+        workers.push(tokio::spawn(worker.run(rx, shutdown.clone())));
     }
-    let mut documents_due = true;
-    let mut stopping = false;
     loop {
-        while let Ok(keys) = touched.try_recv() {
-            for k in keys {
-                dirty.touch(k);
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            keys = touched.recv() => match keys {
+                Some(keys) => fan_out(&lanes, &keys),
+                None => break,
+            },
+        }
+    }
+    while let Ok(keys) = touched.try_recv() {
+        fan_out(&lanes, &keys);
+    }
+    // the consumer's next hand-over fails: nothing more is folded while the workers flush
+    drop(touched);
+    drop(lanes);
+    let mut result = Ok(());
+    for w in workers {
+        match w.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(e) => result = Err(StoreError::Corrupt(format!("sink worker failed: {e}")).into()),
+        }
+    }
+    result
+}
+
+/// What a push carries, kept apart so a refused batch can be split down to its parts.
+// One round's parts are short-lived and mostly items, so boxing them would only add an
+// allocation per item.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+enum Part {
+    Document(ConfigDoc),
+    Item(OutItem),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum PartKey {
+    User(UserKey),
+    /// `ConfigKind` is not `Hash`: its name.
+    Document(&'static str),
+}
+
+fn kind_name(kind: shared::wire::ConfigKind) -> &'static str {
+    match kind {
+        shared::wire::ConfigKind::Catalog => "catalog",
+        shared::wire::ConfigKind::Rules => "rules",
+    }
+}
+
+impl Part {
+    fn key(&self) -> PartKey {
+        match self {
+            Part::Document(d) => PartKey::Document(kind_name(d.kind)),
+            Part::Item(i) => PartKey::User(i.delta.user),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Part::Document(d) => format!("{:?} document", d.kind),
+            Part::Item(i) => format!("user {}", i.delta.user.to_hex()),
+        }
+    }
+}
+
+fn to_batch(parts: &[Part]) -> OutBatch {
+    let mut batch = OutBatch::default();
+    for p in parts {
+        match p {
+            Part::Document(d) => batch.documents.push(d.clone()),
+            Part::Item(i) => batch.items.push(i.clone()),
+        }
+    }
+    batch
+}
+
+/// What one round of pushes to a sink came to.
+#[derive(Debug, Default)]
+struct Round {
+    acked: Vec<OutItem>,
+    resend: Vec<UserKey>,
+    quarantined: Vec<(OutItem, String, String)>,
+    documents_acked: Vec<ConfigDoc>,
+    documents_quarantined: Vec<(ConfigDoc, String, String)>,
+    /// Parts to try again later, with the delay.
+    deferred: Vec<(Part, Duration)>,
+    /// Shut down before everything was tried: the outbox keeps the rest.
+    stopped: bool,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    sink: Arc<dyn Sink>,
+    /// Every sink's name: an outbox entry leaves once all of them settled it.
+    sinks: Arc<[String]>,
+    stats: Arc<SinkStats>,
+    behind: Arc<AtomicBool>,
+    /// A KV sink also runs: a document too large for this sink's frames is left to it.
+    documents_to_kv: bool,
+    dirty: Coalescer,
+    /// Paging through the outbox after falling behind: the last key taken.
+    scan: Option<Option<UserKey>>,
+    /// Consecutive failed tries, for the backoff.
+    attempt: u32,
+    /// Pushes the sink took: what a refused item's quarantine needs more of than when it was
+    /// first refused (the sink works; this item is what it refuses).
+    successes: u64,
+    /// Parts refused without that evidence yet, with the success count at their first refusal.
+    suspects: HashMap<PartKey, u64>,
+}
+
+impl Worker {
+    fn name(&self) -> &str {
+        self.sink.name()
+    }
+
+    fn max_outbox(&self) -> usize {
+        self.shared.config.sync.max_outbox
+    }
+
+    /// Takes note of touched users, up to the bound; past it the sink is behind.
+    fn take(&mut self, keys: Vec<UserKey>) {
+        let max = self.max_outbox();
+        for k in keys {
+            if self.dirty.len() >= max && !self.dirty.contains(&k) {
+                self.behind.store(true, Relaxed);
+            } else {
+                self.dirty.touch(k);
             }
         }
-        shared
-            .metrics
-            .outbox_depth
-            .store(dirty.len() as u64, Relaxed);
-        if (dirty.len() as u64) < shared.config.sync.max_outbox as u64 {
-            shared.room.notify_waiters();
+        self.report_backlog();
+    }
+
+    /// Whether the outbox holds users this sink has not taken: it is paging through it, or it
+    /// dropped some (fell behind, possibly during a scan, behind its cursor) and must page
+    /// again.
+    fn paging(&self) -> bool {
+        self.scan.is_some() || self.behind.load(Relaxed)
+    }
+
+    /// How many users the next page may take: none until there is room for half the bound.
+    fn page_room(&self) -> Option<usize> {
+        let max = self.max_outbox();
+        let room = max.saturating_sub(self.dirty.len());
+        (room > 0 && room >= max / 2).then_some(room)
+    }
+
+    fn report_backlog(&self) {
+        let max = self.max_outbox() as u64;
+        let len = self.dirty.len() as u64;
+        let backlog = if self.paging() { len.max(max) } else { len };
+        self.stats.backlog.store(backlog, Relaxed);
+        if self.shared.metrics.update_outbox_depth() < max {
+            self.shared.room.notify_waiters();
         }
-        let ready = dirty.ready(max_items, stopping);
-        let documents = if documents_due {
-            documents_due = false;
-            let store = shared.store.clone();
-            blocking(move || store.pending_documents()).await?
+    }
+
+    /// A sink that fell behind takes the next page of the outbox once it has room for half
+    /// of its bound; when a page comes back short, it has seen the whole outbox. If it fell
+    /// behind again meanwhile (users dropped behind its cursor), the next call starts over.
+    async fn page_outbox(&mut self) -> Result<(), PipelineError> {
+        if self.scan.is_none() && self.behind.swap(false, Relaxed) {
+            self.scan = Some(None);
+        }
+        let Some(cursor) = self.scan else {
+            return Ok(());
+        };
+        let Some(room) = self.page_room() else {
+            return Ok(());
+        };
+        let store = self.shared.store.clone();
+        let page = blocking(move || store.outbox_page(cursor, room)).await?;
+        for k in &page {
+            self.dirty.touch(*k);
+        }
+        self.scan = if page.len() < room {
+            None
+        } else {
+            Some(page.last().copied())
+        };
+        self.report_backlog();
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut lane: mpsc::Receiver<Vec<UserKey>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let max_items = self.shared.config.sync.max_batch_items;
+        let mut documents = self.shared.documents.subscribe();
+        let mut documents_due = true;
+        let mut documents_retry: Option<Instant> = None;
+        let mut stopping = false;
+        // when a stopping worker gives up on a failing sink: one deadline for the whole flush,
+        // or parts deferred and retried would keep it going round after round
+        let mut give_up: Option<Instant> = None;
+        let mut open = true;
+        loop {
+            if stopping {
+                let t = *give_up.get_or_insert_with(|| Instant::now() + FLUSH_FOR);
+                if Instant::now() >= t {
+                    return Ok(());
+                }
+            }
+            while let Ok(keys) = lane.try_recv() {
+                self.take(keys);
+            }
+            self.page_outbox().await?;
+            self.report_backlog();
+            if documents_retry.is_some_and(|t| Instant::now() >= t) {
+                documents_retry = None;
+                documents_due = true;
+            }
+            let docs = if documents_due {
+                documents_due = false;
+                let store = self.shared.store.clone();
+                let sink = self.name().to_owned();
+                blocking(move || store.pending_documents(&sink)).await?
+            } else {
+                Vec::new()
+            };
+            let ready = self.dirty.ready(max_items, stopping);
+            if ready.is_empty() && docs.is_empty() {
+                if stopping {
+                    return Ok(());
+                }
+                // behind (or mid-scan) with room: page now. Nothing else would wake this
+                // worker: its backlog reads as full, so the consumer is paused and the lane
+                // stays empty
+                if self.paging() && self.page_room().is_some() {
+                    continue;
+                }
+                let wake = [self.dirty.next_due(), documents_retry]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => stopping = true,
+                    keys = lane.recv(), if open => match keys {
+                        Some(keys) => self.take(keys),
+                        None => {
+                            open = false;
+                            stopping = true;
+                        }
+                    },
+                    _ = documents.changed() => documents_due = true,
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                }
+                continue;
+            }
+            let store = self.shared.store.clone();
+            let sink = self.name().to_owned();
+            let keys = ready.clone();
+            let items = blocking(move || store.prepare(&sink, &keys)).await?;
+            let cleanup: Vec<UserKey> = ready
+                .iter()
+                .filter(|k| !items.iter().any(|i| i.delta.user == **k))
+                .copied()
+                .collect();
+            let round = self
+                .deliver(docs, items, give_up, &mut lane, &mut open, &mut shutdown)
+                .await;
+            if round
+                .deferred
+                .iter()
+                .any(|(p, _)| matches!(p, Part::Document(_)))
+            {
+                let delay = round
+                    .deferred
+                    .iter()
+                    .filter(|(p, _)| matches!(p, Part::Document(_)))
+                    .map(|(_, d)| *d)
+                    .max()
+                    .unwrap_or_default();
+                documents_retry = Some(Instant::now() + delay);
+            }
+            self.settle(round, ready, cleanup).await?;
+            if *shutdown.borrow() || !open {
+                stopping = true;
+            }
+        }
+    }
+
+    /// Records a round in the store and in the coalescer. Returns after the store has it.
+    async fn settle(
+        &mut self,
+        round: Round,
+        ready: Vec<UserKey>,
+        cleanup: Vec<UserKey>,
+    ) -> Result<(), PipelineError> {
+        let now = now_ms();
+        for (item, reason, detail) in &round.quarantined {
+            SinkQuarantined {
+                sink: &self.stats,
+                what: &Part::Item(item.clone()).describe(),
+                version: item.stored.version(),
+                reason,
+                error: detail,
+            }
+            .emit(&self.shared.metrics);
+        }
+        for (doc, reason, detail) in &round.documents_quarantined {
+            SinkQuarantined {
+                sink: &self.stats,
+                what: &Part::Document(doc.clone()).describe(),
+                version: doc.version,
+                reason,
+                error: detail,
+            }
+            .emit(&self.shared.metrics);
+        }
+        let quarantined_keys: Vec<UserKey> = round
+            .quarantined
+            .iter()
+            .map(|(i, _, _)| i.delta.user)
+            .collect();
+        for k in round
+            .acked
+            .iter()
+            .map(|i| i.delta.user)
+            .chain(quarantined_keys.iter().copied())
+        {
+            self.suspects.remove(&PartKey::User(k));
+        }
+        for d in &round.documents_acked {
+            self.suspects.remove(&PartKey::Document(kind_name(d.kind)));
+        }
+        if self.suspects.len() > self.max_outbox() {
+            // bounded: a suspect that loses its entry only needs fresh evidence
+            self.suspects.clear();
+        }
+        let deferred: Vec<(UserKey, Duration)> = round
+            .deferred
+            .iter()
+            .filter_map(|(p, d)| match p {
+                Part::Item(i) => Some((i.delta.user, *d)),
+                Part::Document(_) => None,
+            })
+            .collect();
+        let unsent: Vec<UserKey> = if round.stopped {
+            // what was not tried stays pending, in the store and here
+            ready
+                .iter()
+                .filter(|k| {
+                    !round.acked.iter().any(|i| i.delta.user == **k)
+                        && !quarantined_keys.contains(k)
+                        && !cleanup.contains(k)
+                })
+                .copied()
+                .collect()
         } else {
             Vec::new()
         };
-        if ready.is_empty() && documents.is_empty() {
-            if stopping {
-                return Ok(());
+        let store = self.shared.store.clone();
+        let sink = self.name().to_owned();
+        let sinks = self.sinks.clone();
+        let Round {
+            acked,
+            resend,
+            quarantined,
+            documents_acked,
+            documents_quarantined,
+            ..
+        } = round;
+        let settled = blocking(move || {
+            if !documents_acked.is_empty() || !documents_quarantined.is_empty() {
+                store.settle_documents(&sink, &documents_acked, &documents_quarantined, now)?;
             }
-            let wake = dirty
-                .next_due()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => { stopping = true; }
-                keys = touched.recv() => match keys {
-                    Some(keys) => for k in keys { dirty.touch(k); },
-                    None => { stopping = true; }
-                },
-                _ = shared.documents.notified() => { documents_due = true; }
-                _ = tokio::time::sleep_until(wake.into()) => {}
-            }
-            continue;
-        }
-        let store = shared.store.clone();
-        let keys = ready.clone();
-        let items = blocking(move || store.prepare(&keys)).await?;
-        let batch = OutBatch { items, documents };
-        let resend = if batch.is_empty() {
-            Some(Vec::new())
-        } else {
-            let started = Instant::now();
-            let give_up = stopping.then(|| Instant::now() + Duration::from_secs(3));
-            let r = deliver(
-                &shared,
-                &sinks,
-                &batch,
-                &mut shutdown,
-                give_up,
-                &mut touched,
-                &mut dirty,
-            )
-            .await;
-            if r.is_some() {
-                BatchDelivered {
-                    items: batch.items.len() as u64,
-                    documents: batch.documents.len() as u64,
-                    micros: started.elapsed().as_micros() as u64,
-                    resend: r.as_ref().map_or(0, |v| v.len() as u64),
-                }
-                .emit(&shared.metrics);
-            }
-            r
-        };
-        let Some(resend) = resend else {
-            // shut down while a sink was down: the outbox keeps everything for the next start
-            return Ok(());
-        };
-        let acked_at = now_ms();
-        for i in &batch.items {
-            shared
-                .metrics
-                .observe_freshness(acked_at.saturating_sub(i.oldest_ts_ms));
-        }
-        let store = shared.store.clone();
-        let docs = batch.documents.clone();
-        let items = batch.items;
-        let cleanup: Vec<UserKey> = ready
-            .iter()
-            .filter(|k| !items.iter().any(|i| i.delta.user == **k))
-            .copied()
-            .collect();
-        let still = blocking(move || {
-            store.acknowledge_documents(&docs)?;
-            store.acknowledge(&items, &resend, &cleanup)
+            let report = SinkReport {
+                acked: &acked,
+                resend: &resend,
+                quarantined: &quarantined,
+                cleanup: &cleanup,
+            };
+            store.settle(&sink, &sinks, &report, now)
         })
         .await?;
-        dirty.delivered(&ready, &still);
-        if *shutdown.borrow() {
-            stopping = true;
+        for (key, oldest) in &settled.retired {
+            if !quarantined_keys.contains(key) {
+                self.shared
+                    .metrics
+                    .observe_freshness(now.saturating_sub(*oldest));
+            }
+        }
+        let written: Vec<UserKey> = ready
+            .into_iter()
+            .filter(|k| !deferred.iter().any(|(d, _)| d == k) && !unsent.contains(k))
+            .collect();
+        self.dirty.delivered(&written, &settled.still);
+        let at = Instant::now();
+        for (k, delay) in deferred {
+            self.dirty.defer_until(k, at + delay);
+        }
+        self.report_backlog();
+        Ok(())
+    }
+
+    /// Waits `delay` while taking note of touched users (so the backlog, and with it
+    /// backpressure, stays exact). False when the service stops first.
+    async fn pause(
+        &mut self,
+        delay: Duration,
+        give_up: Option<Instant>,
+        lane: &mut mpsc::Receiver<Vec<UserKey>>,
+        open: &mut bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        if let Some(t) = give_up {
+            let now = Instant::now();
+            if now >= t {
+                return false;
+            }
+            tokio::time::sleep(delay.min(t - now)).await;
+            return true;
+        }
+        let wake = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return false,
+                keys = lane.recv(), if *open => match keys {
+                    Some(keys) => self.take(keys),
+                    None => *open = false,
+                },
+                _ = tokio::time::sleep_until(wake) => return true,
+            }
         }
     }
+
+    /// Pushes documents (each alone, so a large one travels by itself) and items, splitting
+    /// what the sink refuses until the parts at fault are alone.
+    async fn deliver(
+        &mut self,
+        docs: Vec<ConfigDoc>,
+        items: Vec<OutItem>,
+        give_up: Option<Instant>,
+        lane: &mut mpsc::Receiver<Vec<UserKey>>,
+        open: &mut bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Round {
+        let mut round = Round::default();
+        let base = self.successes;
+        let mut work: Vec<(Vec<Part>, u64)> = Vec::new();
+        if !items.is_empty() {
+            work.push((items.into_iter().map(Part::Item).collect(), base));
+        }
+        for d in docs.into_iter().rev() {
+            work.push((vec![Part::Document(d)], base));
+        }
+        // refused parts on their own: (part, reason, detail, evidence base, quarantinable)
+        let mut refused: Vec<(Part, String, String, u64, bool)> = Vec::new();
+        while let Some((parts, base)) = work.pop() {
+            let batch = to_batch(&parts);
+            let mut tries = 0u32;
+            loop {
+                let started = Instant::now();
+                let error = match self.sink.push(&batch).await {
+                    Ok(ack) => {
+                        self.successes += 1;
+                        self.attempt = 0;
+                        self.stats.config_fault.store(0, Relaxed);
+                        BatchDelivered {
+                            items: batch.items.len() as u64,
+                            documents: batch.documents.len() as u64,
+                            micros: started.elapsed().as_micros() as u64,
+                            resend: ack.resend.len() as u64,
+                        }
+                        .emit(&self.shared.metrics);
+                        if !ack.invalid.is_empty() {
+                            PatchesRefused {
+                                sink: self.sink.name(),
+                                keys: &ack.invalid,
+                            }
+                            .emit(&self.shared.metrics);
+                        }
+                        round.resend.extend(ack.resend);
+                        round.acked.extend(batch.items);
+                        round.documents_acked.extend(batch.documents);
+                        break;
+                    }
+                    Err(e) => e,
+                };
+                tries += 1;
+                // a frame too large is refused before it is sent: the part's fault, not the sink's
+                let proven = self.successes > base || matches!(error, SinkError::TooLarge { .. });
+                let class = error.class();
+                let (reason, quarantinable) = match &class {
+                    Class::Retry { after } => {
+                        let throttled = is_throttle(&error);
+                        if throttled || tries < SPLIT_AFTER_TRIES {
+                            let delay = match after {
+                                // honoured, plus a little jitter so instances do not all
+                                // come back in the same instant
+                                Some(a) => *a + jitter(*a / 10),
+                                None => backoff(&self.shared.config.sync, self.attempt),
+                            };
+                            self.failed(&error, "retry", parts.len(), delay);
+                            if !self.pause(delay, give_up, lane, open, shutdown).await {
+                                round.stopped = true;
+                                return round;
+                            }
+                            continue;
+                        }
+                        ("outage".to_owned(), false)
+                    }
+                    Class::Misconfigured => ("config_fault".to_owned(), false),
+                    Class::Permanent { reason } => (reason.clone(), true),
+                };
+                if !proven {
+                    // nothing got through since this batch was first tried: as likely the
+                    // sink as the batch, so go slowly and say so
+                    if !matches!(class, Class::Retry { .. }) {
+                        self.stats.config_fault.store(1, Relaxed);
+                    }
+                    let delay = backoff(&self.shared.config.sync, self.attempt);
+                    let then = if matches!(class, Class::Retry { .. }) {
+                        "split"
+                    } else {
+                        "config_fault"
+                    };
+                    self.failed(&error, then, parts.len(), delay);
+                    if !self.pause(delay, give_up, lane, open, shutdown).await {
+                        round.stopped = true;
+                        return round;
+                    }
+                } else {
+                    self.failed(&error, "split", parts.len(), Duration::ZERO);
+                }
+                if parts.len() > 1 {
+                    let (a, b) = parts.split_at(parts.len() / 2);
+                    work.push((b.to_vec(), base));
+                    work.push((a.to_vec(), base));
+                } else if let Some(part) = parts.into_iter().next() {
+                    let base = self
+                        .suspects
+                        .get(&part.key())
+                        .copied()
+                        .map_or(base, |b| b.min(base));
+                    let detail: String = error.to_string().chars().take(300).collect();
+                    refused.push((part, reason, detail, base, quarantinable));
+                }
+                break;
+            }
+        }
+        let delay = backoff(&self.shared.config.sync, self.attempt);
+        for (part, reason, detail, base, quarantinable) in refused {
+            // a document no sync frame can carry goes through KV, which the edge reads
+            if let Part::Document(doc) = &part
+                && reason == "too_large"
+                && self.documents_to_kv
+            {
+                tracing::info!(sink = self.name(), kind = ?doc.kind, version = doc.version, "document too large for a sync frame; the KV sink publishes it and the edge reads it from KV");
+                round.documents_acked.push(doc.clone());
+                continue;
+            }
+            // too large is this part's own fault whatever the sink does
+            let proven = self.successes > base || reason == "too_large";
+            if quarantinable && proven {
+                match part {
+                    Part::Item(i) => round.quarantined.push((i, reason, detail)),
+                    Part::Document(d) => round.documents_quarantined.push((d, reason, detail)),
+                }
+            } else {
+                self.suspects.entry(part.key()).or_insert(base);
+                round.deferred.push((part, delay));
+            }
+        }
+        if !round.deferred.is_empty() {
+            self.attempt = self.attempt.saturating_add(1);
+        }
+        round
+    }
+
+    fn failed(&mut self, error: &SinkError, then: &'static str, items: usize, delay: Duration) {
+        SinkFailed {
+            sink: self.sink.name(),
+            attempt: self.attempt,
+            error,
+            then,
+            items,
+            retry_in_ms: delay.as_millis() as u64,
+        }
+        .emit(&self.shared.metrics);
+        if !delay.is_zero() {
+            self.attempt = self.attempt.saturating_add(1);
+        }
+    }
+}
+
+fn is_throttle(e: &SinkError) -> bool {
+    matches!(e, SinkError::Status { status: 429, .. })
+}
+
+fn jitter(max: Duration) -> Duration {
+    let ms = max.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(0..=ms))
 }
 
 #[cfg(test)]
@@ -338,5 +824,102 @@ mod tests {
             c.ready_at(10, false, later + Duration::from_millis(200)),
             vec![k]
         );
+    }
+
+    /// Acknowledges every push, counting the items.
+    #[derive(Debug, Default)]
+    struct AckAll {
+        items: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Sink for AckAll {
+        fn name(&self) -> &str {
+            "ack-all"
+        }
+
+        fn push<'a>(&'a self, batch: &'a OutBatch) -> crate::sink::PushFuture<'a> {
+            self.items.fetch_add(batch.items.len(), Relaxed);
+            Box::pin(async { Ok(crate::sink::Ack::default()) })
+        }
+    }
+
+    /// A sink that fell behind while paging the outbox (users dropped behind its cursor) ends
+    /// that scan still behind. Nothing else wakes it then: its backlog reads as full, so the
+    /// consumer is paused and its lane stays empty. It must page again on its own.
+    #[tokio::test]
+    async fn a_sink_behind_at_the_end_of_a_scan_pages_again() {
+        let dir = std::env::temp_dir().join(format!("origin-sync-sender-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let text = format!(
+            "[store]\npath = \"{}\"\n[sync]\nmax_outbox = 10\ncoalesce_window_ms = 10\n",
+            dir.join("store.redb").display()
+        );
+        let config = crate::config::Config::from_parts(&text, Vec::new()).expect("config");
+        let store = Arc::new(crate::service::open_store(&config).expect("store"));
+        let catalog = shared::catalog::Catalog::demo().expect("demo");
+        let events: Vec<_> =
+            shared::traffic::Traffic::new(&catalog, 30, "b", 1_764_000_000_000, 1, 7)
+                .take(300)
+                .collect();
+        let records: Vec<_> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| crate::store::Record {
+                topic: "t".into(),
+                partition: 0,
+                offset: i as i64,
+                event: Some(e.clone()),
+                arrived_ms: None,
+            })
+            .collect();
+        store.apply_batch(&records).expect("fold");
+        let pending = store.outbox_page(None, 1000).expect("outbox");
+        assert!(pending.len() > 10, "more users than the sink holds");
+        let (touched, _touched_rx) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            config,
+            store: store.clone(),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            touched,
+            room: tokio::sync::Notify::new(),
+            documents: watch::channel(0).0,
+        });
+        let sink = Arc::new(AckAll::default());
+        let worker = Worker {
+            stats: shared.metrics.sink("ack-all"),
+            documents_to_kv: false,
+            shared: shared.clone(),
+            sink: sink.clone(),
+            sinks: vec!["ack-all".to_owned()].into(),
+            // mid-scan, at the last key, and behind again since the scan started
+            behind: Arc::new(AtomicBool::new(true)),
+            dirty: Coalescer::new(Duration::from_millis(10)),
+            scan: Some(pending.last().copied()),
+            attempt: 0,
+            successes: 0,
+            suspects: HashMap::new(),
+        };
+        // the lane stays open and empty, as while the consumer is paused
+        let (_lane_tx, lane_rx) = mpsc::channel(LANE_CAPACITY);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(worker.run(lane_rx, stop_rx));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !store.outbox_page(None, 1).expect("outbox").is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the sink never paged the outbox again ({} items pushed)",
+                sink.items.load(Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            shared.metrics.outbox_depth.load(Relaxed),
+            0,
+            "the consumer may resume"
+        );
+        let _ = stop.send(true);
+        task.await.expect("worker").expect("worker stops");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

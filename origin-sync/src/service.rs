@@ -71,6 +71,14 @@ pub async fn run(
         );
     }
     let store = Arc::new(open_store(&config)?);
+    // before a single event is folded: a lost or new store learns every erasure first
+    let caught = crate::erasures::catch_up(&config, &store).await?;
+    tracing::info!(
+        read = caught.read,
+        applied = caught.applied,
+        topic = %config.kafka.erasure_topic,
+        "erasure log read"
+    );
     let sinks = sinks(&config)?;
     let consumer = Arc::new(crate::kafka::consumer(
         &config.kafka,
@@ -78,6 +86,10 @@ pub async fn run(
     )?);
     let producer = crate::kafka::producer(&config.kafka)?;
     let (touched_tx, touched_rx) = mpsc::channel(64);
+    metrics
+        .progress
+        .stall_after_ms
+        .store(config.kafka.stall_after_ms, Relaxed);
     let listen = config.http.listen;
     let shared = Arc::new(Shared {
         config,
@@ -85,7 +97,7 @@ pub async fn run(
         metrics: metrics.clone(),
         touched: touched_tx,
         room: Notify::new(),
-        documents: Notify::new(),
+        documents: watch::channel(0).0,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

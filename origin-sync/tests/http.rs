@@ -189,11 +189,16 @@ async fn ingest_erasure_and_documents() {
         .expect("delete");
     assert_eq!(r.status(), 202);
     wait_for(
-        || matches!(edge.get(&k), Some(Stored::Tombstone { version }) if version == had + 1),
+        || matches!(edge.get(&k), Some(Stored::Tombstone { version }) if version == shared::delta::tombstone_version(had)),
         "tombstone at the edge",
     )
     .await;
-    // the shopper comes back after the erasure: newer events start a fresh profile
+    // the shopper comes back after the erasure: newer events start a fresh profile. The
+    // cutoff is the end of the second the erasure was signed in and compares with when origin
+    // took an event, so "after" means after that second
+    while origin_sync::pipeline::now_ms() <= replay_ts * 1000 + 999 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut back = events
         .iter()
         .find(|e| e.user == user)
@@ -210,7 +215,7 @@ async fn ingest_erasure_and_documents() {
         .expect("ingest");
     assert_eq!(r.status(), 202);
     wait_for(
-        || matches!(edge.get(&k), Some(Stored::Profile(p)) if p.version == had + 2),
+        || matches!(edge.get(&k), Some(Stored::Profile(p)) if p.version == shared::delta::tombstone_version(had) + 1),
         "the fresh profile at the edge",
     )
     .await;
@@ -226,7 +231,7 @@ async fn ingest_erasure_and_documents() {
     assert_eq!(r.status(), 202);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        matches!(edge.get(&k), Some(Stored::Profile(p)) if p.version == had + 2),
+        matches!(edge.get(&k), Some(Stored::Profile(p)) if p.version == shared::delta::tombstone_version(had) + 1),
         "a replayed erasure wiped what the shopper did since: {:?}",
         edge.get(&k)
     );
@@ -251,7 +256,7 @@ async fn ingest_erasure_and_documents() {
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["already"], false);
     wait_for(
-        || matches!(edge.get(&k2), Some(Stored::Tombstone { version }) if version == had2 + 1),
+        || matches!(edge.get(&k2), Some(Stored::Tombstone { version }) if version == shared::delta::tombstone_version(had2)),
         "the by-key tombstone at the edge",
     )
     .await;
@@ -362,7 +367,7 @@ async fn kv_bulk_requests_follow_the_cloudflare_format() {
     .await
     .expect("delete");
     assert_eq!(r.status(), 202);
-    let v = want.get(&k).map_or(0, |p| p.version) + 1;
+    let v = shared::delta::tombstone_version(want.get(&k).map_or(0, |p| p.version));
     wait_for(
         || {
             latest(&edge)
@@ -599,4 +604,86 @@ async fn metrics_text(base: &str) -> String {
         .text()
         .await
         .expect("text")
+}
+
+/// Identity stitching through the real pipeline: a visitor's two cart items, forwarded by the
+/// edge through `/ingest`, join the profile the visitor signs in to, once — the identify event
+/// redelivered by the broker and a second sign-in add nothing — and the visitor's profile is
+/// retired (a tombstone at the edge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_joins_the_visitors_cart_once() {
+    let Some(tansu) = broker("stitch") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("stitch");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let base = format!("http://{}", cfg.http.listen);
+    let service = InProcess::start(cfg);
+    let client = reqwest::Client::new();
+    let visitor = "v-00112233445566778899aabbccddeeff";
+    let t0 = origin_sync::pipeline::now_ms() - 60_000;
+    let ingest = |events: serde_json::Value| {
+        let body = serde_json::to_vec(&serde_json::json!({ "events": events })).expect("json");
+        signed(client.post(format!("{base}/ingest")), &body)
+            .body(body)
+            .send()
+    };
+    wait_for(
+        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
+        "http",
+    )
+    .await;
+    let add = |id: &str, user: &str, dt: u64, item: &str| {
+        serde_json::json!({"event_id": id, "user_id": user, "ts": t0 + dt,
+            "type": "add_to_cart", "item": item, "category": "cameras", "price": 100, "quantity": 1})
+    };
+    let r = ingest(serde_json::json!([
+        add("a1", visitor, 1, "cam-001"),
+        add("a2", visitor, 2, "sd-128"),
+        add("s1", "alice", 3, "tri-001"),
+    ]))
+    .await
+    .expect("ingest");
+    assert_eq!(r.status(), 202);
+    let cart = |edge: &TestEdge| match edge.get(&key("alice")) {
+        Some(Stored::Profile(p)) => p.cart.iter().map(|l| l.quantity).sum::<u16>(),
+        _ => 0,
+    };
+    wait_for(|| cart(&edge) == 1, "alice's own cart").await;
+    wait_for(
+        || matches!(edge.get(&key(visitor)), Some(Stored::Profile(p)) if p.cart.len() == 2),
+        "the visitor's cart",
+    )
+    .await;
+    let identify = |id: &str, dt: u64| {
+        serde_json::json!({"event_id": id, "user_id": "alice", "ts": t0 + dt,
+            "type": "identify", "anonymous_id": visitor})
+    };
+    let r = ingest(serde_json::json!([identify("sign-in-1", 10)]))
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202);
+    wait_for(|| cart(&edge) == 3, "both visitor items in alice's cart").await;
+    wait_for(
+        || matches!(edge.get(&key(visitor)), Some(Stored::Tombstone { .. })),
+        "the visitor's profile retired",
+    )
+    .await;
+    // the broker redelivers the same event, and alice signs in again later
+    let redelivered = shared::event::Event::from_json(&identify("sign-in-1", 10)).expect("event");
+    produce(&tansu.brokers(), &[outgoing(&redelivered)]).await;
+    let r = ingest(serde_json::json!([identify("sign-in-2", 20)]))
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202);
+    let version_after = |edge: &TestEdge| edge.get(&key("alice")).map(|s| s.version());
+    // the second sign-in is folded (a version), and nothing more joins
+    wait_for(
+        || version_after(&edge) == Some(3),
+        "the second sign-in folded",
+    )
+    .await;
+    assert_eq!(cart(&edge), 3, "still once");
+    service.stop().await;
 }

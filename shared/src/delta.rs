@@ -72,6 +72,24 @@ pub enum Op {
     Consent(Consent),
 }
 
+/// Versions carry an erasure epoch in their top bits (`version >> EPOCH_SHIFT`). An erasure's
+/// tombstone is the first version of the next epoch ([`tombstone_version`]), so it outranks
+/// every version made before the erasure — including those origin had not delivered when the
+/// edge erased — and the edge and origin, each starting from the version it holds, reach the
+/// same tombstone version without asking each other. Events after the erasure count up from
+/// there. 2^40 versions per epoch, 2^24 erasures per shopper.
+pub const EPOCH_SHIFT: u32 = 40;
+
+/// The erasure epoch of a version: how many erasures made it.
+pub fn erasure_epoch(version: u64) -> u64 {
+    version >> EPOCH_SHIFT
+}
+
+/// The version of a tombstone that erases what `held` was: the start of the next epoch.
+pub fn tombstone_version(held: u64) -> u64 {
+    erasure_epoch(held).saturating_add(1) << EPOCH_SHIFT
+}
+
 /// What is stored for a user key at the edge (KV and cache) or at the origin.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Stored {
@@ -357,6 +375,29 @@ mod tests {
     use super::*;
     use crate::event::parse_event;
     use crate::fold::fold;
+
+    /// Every version of one epoch erases to the same tombstone, which outranks all of them,
+    /// and the versions after it belong to the new epoch.
+    #[test]
+    fn a_tombstone_starts_the_next_epoch() {
+        let e1 = 1u64 << EPOCH_SHIFT;
+        for held in [0, 1, 7, 40, e1 - 1] {
+            assert_eq!(tombstone_version(held), e1, "from {held}");
+        }
+        assert_eq!(tombstone_version(e1), 2 * e1);
+        assert_eq!(tombstone_version(e1 + 12), 2 * e1);
+        assert_eq!(erasure_epoch(e1 + 12), 1);
+        // a patch made before the erasure is a duplicate against the tombstone
+        let mut held = Some(Stored::Tombstone {
+            version: tombstone_version(40),
+        });
+        let mut p = Profile::new(0);
+        p.version = 40;
+        assert_eq!(
+            apply(&mut held, &Change::Snapshot(p)),
+            Ok(Applied::Duplicate)
+        );
+    }
 
     const T0: u64 = 1_732_960_000_000;
 

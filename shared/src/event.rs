@@ -60,6 +60,16 @@ pub enum EventKind {
     Consent {
         personalization: bool,
     },
+    /// The shopper, until now the anonymous visitor `anonymous`, signed in: what that visitor
+    /// did joins this profile. Only the edge emits it (it alone sees both identities at that
+    /// moment); a browser's batch carrying one is refused. origin-sync fills `absorbed` with
+    /// the visitor's profile as it stands when it folds the event, so the event folds the
+    /// same way every time (a refold of the reorder window, a replay of the store), and
+    /// retires the visitor's profile.
+    Identify {
+        anonymous: String,
+        absorbed: Option<Box<crate::Profile>>,
+    },
 }
 
 /// An item with its category, unit price and quantity.
@@ -82,6 +92,7 @@ impl EventKind {
             EventKind::Purchase(_) => "purchase",
             EventKind::Search { .. } => "search",
             EventKind::Consent { .. } => "consent",
+            EventKind::Identify { .. } => "identify",
         }
     }
 
@@ -100,7 +111,10 @@ impl EventKind {
 /// the clicks topic has a bug worth seeing, even though the fold, which orders by event time,
 /// would give the same profile.
 pub const TOPICS: [(&str, &[&str]); 3] = [
-    ("customer_clicks", &["page_view", "product_view", "search"]),
+    (
+        "customer_clicks",
+        &["page_view", "product_view", "search", "identify"],
+    ),
     ("cart_events", &["add_to_cart", "remove_from_cart"]),
     ("purchase_events", &["purchase", "consent"]),
 ];
@@ -129,7 +143,7 @@ pub fn check_topic(topic: &str, kind: &EventKind) -> Result<(), EventError> {
 }
 
 /// The event types the schema knows.
-pub const EVENT_TYPES: [&str; 7] = [
+pub const EVENT_TYPES: [&str; 8] = [
     "page_view",
     "product_view",
     "add_to_cart",
@@ -137,6 +151,7 @@ pub const EVENT_TYPES: [&str; 7] = [
     "purchase",
     "search",
     "consent",
+    "identify",
 ];
 
 /// Why an event was rejected: the field (if one is to blame) and the problem.
@@ -240,6 +255,7 @@ impl Event {
             "purchase" => &["item", "category", "price", "quantity", "items"],
             "search" => &["query", "category"],
             "consent" => &["personalization"],
+            "identify" => &["anonymous_id"],
             other => {
                 return Err(EventError::field(
                     "type",
@@ -297,6 +313,14 @@ impl Event {
                     Some(v) => Some(category_value("category", v)?),
                 },
             },
+            "identify" => {
+                // a user id like any other (the edge's visitor ids are `v-` and 32 hex digits)
+                let anonymous = req_str(obj, "anonymous_id", 128)?.to_owned();
+                EventKind::Identify {
+                    anonymous,
+                    absorbed: None,
+                }
+            }
             _ => EventKind::Consent {
                 personalization: match obj.get("personalization") {
                     Some(Value::Bool(b)) => *b,
@@ -361,6 +385,10 @@ impl Event {
             }
             EventKind::Consent { personalization } => {
                 m.insert("personalization".into(), (*personalization).into());
+            }
+            // `absorbed` is origin's, filled as it folds: never on the wire
+            EventKind::Identify { anonymous, .. } => {
+                m.insert("anonymous_id".into(), anonymous.clone().into());
             }
         }
         Value::Object(m)
@@ -603,7 +631,7 @@ mod tests {
         check(r#"{"type":"page_view"}"#, "field `event_id`: missing");
         check(
             &ev(r#""type":"teleport""#),
-            "field `type`: unknown event type \"teleport\"; expected one of page_view, product_view, add_to_cart, remove_from_cart, purchase, search, consent",
+            "field `type`: unknown event type \"teleport\"; expected one of page_view, product_view, add_to_cart, remove_from_cart, purchase, search, consent, identify",
         );
         check(
             &ev(r#""type":"product_view","category":"cameras""#),

@@ -81,6 +81,13 @@ pub fn fold(profile: &mut Profile, event: &Event) {
         EventKind::Consent { personalization } => {
             profile.consent = profile.consent.with_personalization(*personalization);
         }
+        // without the visitor's profile (the edge's own view, before origin filled it in)
+        // there is nothing to join yet
+        EventKind::Identify { absorbed, .. } => {
+            if let Some(anonymous) = absorbed {
+                absorb(profile, anonymous);
+            }
+        }
     }
     prune_interests(profile);
     profile.segments = segments_of(profile);
@@ -204,6 +211,47 @@ fn take_from_cart(p: &mut Profile, item: ItemId, quantity: u16) {
     }
 }
 
+/// Joins what an anonymous visitor did into the profile they signed in to: cart lines add up
+/// (within the bounds), their recently viewed items come first (they are the latest), interests
+/// add up at the later of the two times, views, spend and purchases add up. An opt-out of
+/// personalization on either side stays an opt-out. Bounded like every fold step.
+pub fn absorb(p: &mut Profile, anonymous: &Profile) {
+    for line in &anonymous.cart {
+        add_to_cart(p, line.item, line.quantity);
+    }
+    let mut recent = anonymous.recent.clone();
+    recent.extend(p.recent.iter().filter(|i| !anonymous.recent.contains(i)));
+    recent.truncate(MAX_RECENT);
+    p.recent = recent;
+    for it in &anonymous.interests {
+        match p
+            .interests
+            .binary_search_by_key(&it.category, |i| i.category)
+        {
+            Ok(i) => {
+                let mine = &mut p.interests[i];
+                let at = mine.at.max(it.at);
+                mine.score = Score::from_f32(mine.score_at(at) + it.score_at(at));
+                mine.at = at;
+            }
+            Err(i) => p.interests.insert(i, *it),
+        }
+    }
+    for r in anonymous.purchases.iter().rev() {
+        record_purchase(p, r.item, r.at);
+    }
+    p.last_purchase_at = match (p.last_purchase_at, anonymous.last_purchase_at) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    p.spend_cents = p.spend_cents.saturating_add(anonymous.spend_cents);
+    p.views = p.views.saturating_add(anonymous.views);
+    p.updated_at = p.updated_at.max(anonymous.updated_at);
+    if !anonymous.consent.personalization() {
+        p.consent = p.consent.with_personalization(false);
+    }
+}
+
 /// Files a purchase by time, newest first, keeping the newest [`MAX_PURCHASES`].
 fn record_purchase(p: &mut Profile, item: ItemId, at: Secs) {
     let pos = p
@@ -246,6 +294,55 @@ mod tests {
             dt,
             &format!(r#""type":"remove_from_cart","item":"{item}","quantity":{q}"#),
         )
+    }
+
+    /// An anonymous cart of two items joins the signed-in profile once the identify event
+    /// carries it; the same event without it (the edge's own view) changes only the version.
+    #[test]
+    fn identify_joins_the_anonymous_profile() {
+        let mut anon = Profile::new(3);
+        fold_all(
+            &mut anon,
+            &[
+                add("a1", 1, "cam-001", 1),
+                add("a2", 2, "sd-128", 2),
+                ev(
+                    "a3",
+                    3,
+                    r#""type":"product_view","item":"lens-001","category":"lenses""#,
+                ),
+            ],
+        );
+        let mut signed_in = Profile::new(5);
+        fold_all(&mut signed_in, &[add("s1", 0, "sd-128", 1)]);
+        let mut identify = ev(
+            "id1",
+            10,
+            r#""type":"identify","anonymous_id":"v-00112233445566778899aabbccddeeff""#,
+        );
+        let mut bare = signed_in.clone();
+        fold(&mut bare, &identify);
+        assert_eq!(
+            (bare.cart.clone(), bare.version),
+            (signed_in.cart.clone(), 2)
+        );
+        if let EventKind::Identify { absorbed, .. } = &mut identify.kind {
+            *absorbed = Some(Box::new(anon.clone()));
+        }
+        fold(&mut signed_in, &identify);
+        let qty = |p: &Profile, sku: &str| {
+            p.cart
+                .iter()
+                .find(|l| l.item == ItemId::of_sku(sku))
+                .map_or(0, |l| l.quantity)
+        };
+        assert_eq!(qty(&signed_in, "cam-001"), 1);
+        assert_eq!(qty(&signed_in, "sd-128"), 3, "quantities add up");
+        assert_eq!(signed_in.recent[0], ItemId::of_sku("lens-001"));
+        assert_eq!(signed_in.views, 1);
+        assert!(signed_in.interest(CategoryId::of_name("cameras")).is_some());
+        assert_eq!(signed_in.version, 2);
+        assert!(signed_in.check().is_ok());
     }
 
     #[test]

@@ -107,6 +107,20 @@ fn cases() -> Vec<(&'static str, Value, bool)> {
             true,
         ),
         (
+            "identify",
+            with(
+                "identify",
+                json!({"anonymous_id": "v-00112233445566778899aabbccddeeff"}),
+            ),
+            true,
+        ),
+        ("identify without the anonymous id", base("identify"), false),
+        (
+            "identify with a numeric anonymous id",
+            with("identify", json!({"anonymous_id": 7})),
+            false,
+        ),
+        (
             "user id of digits as a string",
             with("page_view", json!({"user_id": "123"})),
             true,

@@ -51,6 +51,8 @@ impl App {
             },
             None => None,
         };
+        // a visitor who just signed in: their cart joins the signed-in one on this very page
+        let stitched = self.stitch(store, req, &who, now_ms).await;
         let key = self.key_of(&who);
         let found = self.lookup(store, clock, key, now_ms).await;
         let mut ctx = RequestContext::new(
@@ -89,6 +91,11 @@ impl App {
                 .headers
                 .push(("set-cookie", self.set_cookie(req, &who)));
         }
-        reply.into()
+        let mut handled: Handled = reply.into();
+        if let Some((identify, clear)) = stitched {
+            handled.reply.headers.push(("set-cookie", clear));
+            handled.outbound.push(identify);
+        }
+        handled
     }
 }

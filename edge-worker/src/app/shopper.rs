@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use shared::catalog::Catalog;
 use shared::context::parse_country;
 use shared::delta::Stored;
-use shared::event::{Event, MAX_BATCH_EVENTS};
+use shared::event::{Event, EventKind, MAX_BATCH_EVENTS};
 use shared::ids::ItemId;
 use shared::keys::UserKey;
 use shared::profile::Profile;
@@ -48,6 +48,8 @@ impl App {
     ) -> Result<Handled, EdgeError> {
         let who = self.identify(req, now_ms, mint)?;
         self.refresh_site(store, now_ms).await;
+        // before the route, so what it answers already shows the joined profile
+        let stitched = self.stitch(store, req, &who, now_ms).await;
         let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
         let routed = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/v1/recommendations") => self
@@ -63,6 +65,12 @@ impl App {
             _ => Err(EdgeError::NoRoute),
         };
         let mut handled = routed.unwrap_or_else(Handled::from);
+        if let Some((identify, clear)) = stitched {
+            handled.outbound.push(identify);
+            if handled.reply.header("set-cookie").is_none() {
+                set_header(&mut handled.reply, "set-cookie", clear);
+            }
+        }
         if who.is_minted() && handled.reply.header("set-cookie").is_none() {
             let cookie = self.set_cookie(req, &who);
             set_header(&mut handled.reply, "set-cookie", cookie);
@@ -92,6 +100,71 @@ impl App {
             (None, None) => SignedIn::No,
         };
         identity::resolve(signed_in, req.header("cookie"), mint)
+    }
+
+    /// Identity stitching: a signed-in request that still carries a visitor cookie is the
+    /// moment the edge sees both identities. It sends origin an `identify` event (the
+    /// visitor's profile joins the signed-in one there, once, and the visitor's is retired),
+    /// shows the joined profile at once (a local event carrying the visitor's profile, retired
+    /// when origin's arrives) and clears the visitor cookie. Nothing without an origin to tell.
+    pub(super) async fn stitch<S: Store>(
+        &self,
+        store: &S,
+        req: &HttpRequest,
+        who: &Identity,
+        now_ms: u64,
+    ) -> Option<(Outbound, String)> {
+        let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret)
+        else {
+            return None;
+        };
+        let anonymous = identity::signed_in_visitor(who, req.header("cookie"))?;
+        let key = self.key_of(who)?;
+        let visitor = self.key_of(&Identity::User(anonymous.clone()));
+        let mut event = Event {
+            id: format!(
+                "identify-{}",
+                &anonymous[anonymous.len().saturating_sub(16)..]
+            ),
+            user: who.user_id(),
+            ts_ms: now_ms,
+            kind: EventKind::Identify {
+                anonymous: anonymous.clone(),
+                absorbed: None,
+            },
+        };
+        let body = protocol::ingest_body(std::slice::from_ref(&event));
+        // once per sign-in at this isolate: a second request racing the cleared cookie must
+        // not join the visitor's cart twice here (origin joins it once whatever comes)
+        let seen = if self.cache.borrow().has_local(&key, &event.id) {
+            None
+        } else {
+            self.lookup(store, &Frozen(now_ms), visitor, now_ms)
+                .await
+                .profile
+        };
+        if let Some(profile) = seen {
+            // the shopper's next page shows the joined cart without waiting for origin
+            if self.cache.borrow().peek(&key).is_none() {
+                self.lookup(store, &Frozen(now_ms), Some(key), now_ms).await;
+            }
+            event.kind = EventKind::Identify {
+                anonymous,
+                absorbed: Some(Box::new(profile)),
+            };
+            self.cache.borrow_mut().push_local(key, event, now_ms);
+        }
+        let outbound = signed(
+            secret,
+            "POST",
+            format!("{origin}{}", route::INGEST),
+            body,
+            now_ms,
+        );
+        Some((
+            outbound,
+            identity::visitor_clear_cookie(self.cookie_secure(req)),
+        ))
     }
 
     fn cookie_secure(&self, req: &HttpRequest) -> bool {
@@ -260,6 +333,11 @@ impl App {
                 o.entry("ts").or_insert_with(|| now_ms.into());
             }
             match Event::from_json(&item) {
+                // only the edge, which verified both identities, may join two profiles
+                Ok(e) if matches!(e.kind, EventKind::Identify { .. }) => rejected.push(json!({
+                    "index": index,
+                    "reason": "field `type`: identify events are the edge's own (it sends one when a visitor signs in)",
+                })),
                 Ok(e) => good.push(e),
                 Err(e) => rejected.push(json!({ "index": index, "reason": e.to_string() })),
             }
@@ -355,9 +433,12 @@ impl App {
             .unwrap_or(0);
         let cached = self.cache.borrow().peek(&key).map_or(0, |e| e.version());
         let held = from_kv.max(cached);
-        let tombstone = Stored::Tombstone { version: held + 1 };
+        // the next erasure epoch: above whatever origin may still deliver from before it,
+        // and the very version origin's own tombstone will carry
+        let version = shared::delta::tombstone_version(held);
+        let tombstone = Stored::Tombstone { version };
         store
-            .put(&kv_key, &wire::encode_stored(&tombstone), held + 1)
+            .put(&kv_key, &wire::encode_stored(&tombstone), version)
             .await
             .map_err(|source| EdgeError::KvWrite {
                 key: kv_key.clone(),
@@ -381,7 +462,7 @@ impl App {
                 })?;
             outbound.push(erasure_request(origin, secret, key, now_ms, now_ms));
         }
-        let mut reply = Reply::json(202, &json!({ "erased": true, "version": held + 1 }));
+        let mut reply = Reply::json(202, &json!({ "erased": true, "version": version }));
         if matches!(who, Identity::Visitor { .. }) {
             reply.headers.push((
                 "set-cookie",

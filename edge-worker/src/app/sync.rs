@@ -142,7 +142,7 @@ impl App {
                             {
                                 let mut cache = self.cache.borrow_mut();
                                 if cache.peek(&key).is_some() {
-                                    cache.put_fetched(key, Some(stored), now_ms);
+                                    cache.put_fetched(key, Some(stored.clone()), now_ms);
                                 }
                             }
                             store
@@ -154,14 +154,24 @@ impl App {
                                     source,
                                 })?;
                             write.done = true;
+                            // A read that missed the cache while the write ran may have cached
+                            // what KV held before it (nothing, for a new shopper), for a whole
+                            // TTL: show the written value to it too (versions only move forward).
+                            {
+                                let mut cache = self.cache.borrow_mut();
+                                if cache.peek(&key).is_some() {
+                                    cache.put_fetched(key, Some(stored), now_ms);
+                                }
+                            }
                             answer.applied += 1;
                         }
                         Ok(Applied::Duplicate) => {
                             answer.duplicates += 1;
                             // KV was ahead of this isolate's copy (another isolate, or the KV
-                            // sink, wrote it): serve what KV holds
+                            // sink, wrote it; or this isolate cached "no profile" before it
+                            // did): serve what KV holds
                             if let Some(stored) = held
-                                && cached_version.is_some_and(|v| v < stored.version())
+                                && cached_version.is_none_or(|v| v < stored.version())
                             {
                                 let mut cache = self.cache.borrow_mut();
                                 if cache.peek(&key).is_some() {

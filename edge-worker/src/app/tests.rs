@@ -9,6 +9,7 @@ mod erasure;
 mod identity;
 mod pages;
 mod shopper;
+mod stitching;
 mod sync;
 
 use super::*;

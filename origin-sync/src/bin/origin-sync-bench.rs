@@ -93,6 +93,7 @@ fn config(tansu: &Tansu, edge: &TestEdge, prefix: &str, extra: &str) -> anyhow::
 brokers = "{}"
 topics = {:?}
 dead_letter_topic = "{prefix}_dlq"
+erasure_topic = "{prefix}_erasures"
 [store]
 path = "{}"
 [sinks]
@@ -205,6 +206,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             tansu.create_topic(&t, args.partitions)?;
         }
         tansu.create_topic(&format!("{prefix}_dlq"), 1)?;
+        tansu.create_erasure_topic(&format!("{prefix}_erasures"))?;
     }
     println!(
         "origin-sync bench (tansu with {} storage, {} partitions per topic)",
@@ -376,6 +378,7 @@ fn without_broker(events: &[Outgoing]) -> anyhow::Result<f64> {
                 partition: 0,
                 offset: (b * d.kafka.max_batch + i) as i64,
                 event: shared::event::parse_event(&m.payload).ok(),
+                arrived_ms: None,
             })
             .collect();
         store.apply_batch(&records)?;

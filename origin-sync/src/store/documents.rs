@@ -1,11 +1,21 @@
-//! The catalog and rules documents origin-sync publishes: their source, version and the version
-//! every sink acknowledged, in the store's `documents` table.
+//! The catalog and rules documents origin-sync publishes: their source and version, in the
+//! store's `documents` table (what each sink acknowledged is in `sinks.rs`).
 
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
-use shared::wire::{ConfigDoc, ConfigKind};
+use shared::wire::ConfigKind;
 
+use super::sinks::SINK_DOCUMENTS;
 use super::{DOCUMENTS, Store, StoreError, decode, encode};
+
+/// A stored document, for `sinks.rs`.
+#[derive(Clone, Debug)]
+pub(super) struct DocRow {
+    pub kind: ConfigKind,
+    pub version: u64,
+    pub source: String,
+    pub legacy_acked: u64,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct DocState {
@@ -14,7 +24,7 @@ struct DocState {
     acked: u64,
 }
 
-fn doc_name(kind: ConfigKind) -> &'static str {
+pub(super) fn doc_name(kind: ConfigKind) -> &'static str {
     match kind {
         ConfigKind::Catalog => "catalog",
         ConfigKind::Rules => "rules",
@@ -68,50 +78,31 @@ impl Store {
                 d.acked = 0;
                 t.insert(k.as_str(), encode(&d).as_slice())?;
             }
+            // every sink's own acknowledgements too
+            let mut sinks_t = tx.open_table(SINK_DOCUMENTS)?;
+            sinks_t.retain(|_, _| false)?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Documents not yet acknowledged at their current version.
-    pub fn pending_documents(&self) -> Result<Vec<ConfigDoc>, StoreError> {
+    /// Every document with its version, source and the acknowledged version older stores
+    /// kept for all sinks (a sink without its own starts from it).
+    pub(super) fn documents(&self) -> Result<Vec<DocRow>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(DOCUMENTS)?;
         let mut out = Vec::new();
         for kind in [ConfigKind::Catalog, ConfigKind::Rules] {
             if let Some(g) = t.get(doc_name(kind))? {
                 let d: DocState = decode(g.value(), "document")?;
-                // The edge reads the JSON form (it carries no TOML parser). The source was
-                // validated before it was stored, so conversion cannot fail; skip it if it does.
-                if d.acked < d.version
-                    && let Ok(source) = shared::catalog::toml_to_json(&d.source)
-                {
-                    out.push(ConfigDoc {
-                        kind,
-                        version: d.version,
-                        source,
-                    });
-                }
+                out.push(DocRow {
+                    kind,
+                    version: d.version,
+                    source: d.source,
+                    legacy_acked: d.acked,
+                });
             }
         }
         Ok(out)
-    }
-
-    pub fn acknowledge_documents(&self, docs: &[ConfigDoc]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(DOCUMENTS)?;
-            for doc in docs {
-                let Some(g) = t.get(doc_name(doc.kind))? else {
-                    continue;
-                };
-                let mut d: DocState = decode(g.value(), "document")?;
-                drop(g);
-                d.acked = d.acked.max(doc.version);
-                t.insert(doc_name(doc.kind), encode(&d).as_slice())?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
     }
 }

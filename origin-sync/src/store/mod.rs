@@ -11,15 +11,18 @@
 //! holds `max_window_events`. An event older than the folded part is *late*: it is folded on
 //! top (counted) unless it is a known duplicate.
 //!
-//! Outbox: one entry per user whose current state the sinks have not acknowledged. The delta
-//! is computed at send time from the last acknowledged value (`acked`) to the current one, so
-//! any number of events coalesce into one write.
+//! Outbox: one entry per user whose current state some sink has not acknowledged. The delta
+//! is computed at send time, per sink, from the value that sink last acknowledged to the
+//! current one, so any number of events coalesce into one write (`sinks.rs`).
 
 mod documents;
+mod sinks;
 mod state;
 
+pub use sinks::{Quarantined, Settled, SinkReport, Subject};
+
 pub use state::Window;
-use state::{Insert, UserState, change_for};
+use state::{Insert, UserState};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -27,13 +30,14 @@ use std::path::Path;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shared::delta::{Delta, Stored};
-use shared::event::Event;
+use shared::event::{Event, EventKind};
 use shared::keys::UserKey;
 
 const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 const OUTBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
-/// What every sink last acknowledged per user (kept apart: acknowledging rewrites only this).
+/// What every sink last acknowledged per user, in stores written before each sink had its own
+/// progress (`sinks.rs`); read as the starting point of a sink without a mark of its own.
 const ACKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("acked");
 const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
 
@@ -76,6 +80,9 @@ pub struct Record {
     pub offset: i64,
     /// None: rejected (already dead-lettered); only the offset moves.
     pub event: Option<Event>,
+    /// When the broker took the message (its timestamp, Unix ms): what an erasure's cutoff
+    /// compares with. `None` when the broker gave none.
+    pub arrived_ms: Option<u64>,
 }
 
 /// What a batch did.
@@ -90,6 +97,8 @@ pub struct BatchOutcome {
     pub late: u64,
     /// Events at or before their user's erasure.
     pub erased: u64,
+    /// Sign-ins that joined a visitor's profile into the signed-in one.
+    pub identified: u64,
     /// Users whose state changed, with the oldest event time of the batch for them.
     pub touched: Vec<(UserKey, u64)>,
     /// Next offset per partition after the batch.
@@ -140,6 +149,9 @@ impl Store {
         tx.open_table(OUTBOX)?;
         tx.open_table(ACKED)?;
         tx.open_table(DOCUMENTS)?;
+        tx.open_table(sinks::SINK_MARKS)?;
+        tx.open_table(sinks::SINK_DOCUMENTS)?;
+        tx.open_table(sinks::QUARANTINE)?;
         tx.commit()?;
         Ok(Store {
             db,
@@ -161,7 +173,7 @@ impl Store {
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
             let mut next: HashMap<(String, i32), i64> = HashMap::new();
-            let mut users: HashMap<UserKey, (UserState, u64, u64)> = HashMap::new();
+            let mut users: Loaded = HashMap::new();
             for r in records {
                 let pk = (r.topic.clone(), r.partition);
                 let n = match next.get(&pk) {
@@ -178,18 +190,41 @@ impl Store {
                 next.insert(pk, r.offset + 1);
                 let Some(ev) = &r.event else { continue };
                 let key = self.user_key(&ev.user);
-                let entry = match users.entry(key) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        let state = match users_t.get(key.0.as_slice())? {
-                            Some(g) => UserState::decode(g.value())?,
-                            None => UserState::fresh(&key),
+                load(&mut users, &users_t, key)?;
+                // a sign-in: the visitor's profile, as it stands now, travels in the event, so
+                // every later refold of this user's window folds the same thing
+                let mut joined = None;
+                let identified;
+                let ev = match &ev.kind {
+                    EventKind::Identify {
+                        anonymous,
+                        absorbed: None,
+                    } if self.user_key(anonymous) != key => {
+                        let anon = self.user_key(anonymous);
+                        load(&mut users, &users_t, anon)?;
+                        let visitor = users.get(&anon).map(|e| e.0.current());
+                        let absorbed = match visitor {
+                            Some(Stored::Profile(p)) if p.version > 0 => {
+                                joined = Some((anon, p.version));
+                                Some(Box::new(p))
+                            }
+                            _ => None,
                         };
-                        let version = state.current_version();
-                        v.insert((state, version, u64::MAX))
+                        identified = Event {
+                            kind: EventKind::Identify {
+                                anonymous: anonymous.clone(),
+                                absorbed,
+                            },
+                            ..ev.clone()
+                        };
+                        &identified
                     }
+                    _ => ev,
                 };
-                match entry.0.insert(ev, self.window) {
+                let Some(entry) = users.get_mut(&key) else {
+                    continue;
+                };
+                match entry.0.insert(ev, r.arrived_ms, self.window) {
                     Insert::Windowed => out.applied += 1,
                     Insert::Late => {
                         out.applied += 1;
@@ -205,6 +240,17 @@ impl Store {
                     }
                 }
                 entry.2 = entry.2.min(ev.ts_ms);
+                // the visitor's profile now lives in the signed-in one: retire it (a new epoch,
+                // so no copy of it anywhere outranks the retirement), dropping nothing that
+                // arrives for that visitor later
+                if let Some((anon, version)) = joined
+                    && let Some(visitor) = users.get_mut(&anon)
+                {
+                    visitor.0 =
+                        UserState::tombstone(&anon, shared::delta::tombstone_version(version), 0);
+                    visitor.2 = visitor.2.min(ev.ts_ms);
+                    out.identified += 1;
+                }
             }
             for (key, (state, before, oldest)) in users {
                 if state.current_version() == before {
@@ -244,36 +290,43 @@ impl Store {
     /// [`Store::erase`] of the user with this key (the edge names users by key only).
     pub fn erase_key(&self, key: UserKey, at_ms: u64) -> Result<(UserKey, u64, bool), StoreError> {
         let tx = self.db.begin_write()?;
-        let version;
+        let (version, changed) = {
+            let mut users_t = tx.open_table(USERS)?;
+            let mut outbox_t = tx.open_table(OUTBOX)?;
+            erase_in(&mut users_t, &mut outbox_t, key, at_ms)?
+        };
+        if changed {
+            tx.commit()?;
+        }
+        Ok((key, version, changed))
+    }
+
+    /// Applies records of the erasure log (`crate::erasures`) and moves its offsets, in one
+    /// transaction. Returns the users whose state changed (already erased as late: no change).
+    pub fn apply_erasures(&self, records: &[ErasureRecord]) -> Result<Vec<UserKey>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut changed = Vec::new();
         {
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
-            let old: Option<UserState> = match users_t.get(key.0.as_slice())? {
-                Some(g) => Some(UserState::decode(g.value())?),
-                None => None,
-            };
-            // An erasure at or before the last one's time covers nothing that erasure did not:
-            // what the user did since is newer than both. So a replayed or retried request
-            // (its time is the time it was signed) changes nothing, even after a restart.
-            if let Some(old) = &old
-                && old.erased().is_some_and(|(_, at)| at_ms <= at)
-            {
-                return Ok((key, old.current_version(), false));
+            let mut offsets_t = tx.open_table(OFFSETS)?;
+            for r in records {
+                let next = offsets_t
+                    .get((r.topic.as_str(), r.partition))?
+                    .map_or(0, |g| g.value());
+                if r.offset < next {
+                    continue;
+                }
+                if let Some((key, at_ms)) = r.erasure
+                    && erase_in(&mut users_t, &mut outbox_t, key, at_ms)?.1
+                {
+                    changed.push(key);
+                }
+                offsets_t.insert((r.topic.as_str(), r.partition), r.offset + 1)?;
             }
-            let had = old.as_ref().map_or(0, UserState::current_version);
-            version = had + 1;
-            let state = UserState::tombstone(&key, version, at_ms);
-            users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
-            outbox_t.insert(
-                key.0.as_slice(),
-                encode(&Pending {
-                    oldest_ts_ms: at_ms,
-                })
-                .as_slice(),
-            )?;
         }
         tx.commit()?;
-        Ok((key, version, true))
+        Ok(changed)
     }
 
     /// Every outbox entry, for the sender to start from after a restart.
@@ -294,96 +347,6 @@ impl Store {
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(OUTBOX)?.len()?)
-    }
-
-    /// The items to send for `keys`; keys with nothing to send leave the outbox.
-    pub fn prepare(&self, keys: &[UserKey]) -> Result<Vec<OutItem>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let users_t = tx.open_table(USERS)?;
-        let outbox_t = tx.open_table(OUTBOX)?;
-        let acked_t = tx.open_table(ACKED)?;
-        let mut items = Vec::new();
-        for key in keys {
-            let Some(pending) = outbox_t.get(key.0.as_slice())? else {
-                continue;
-            };
-            let pending: Pending = decode(pending.value(), "outbox")?;
-            let Some(state) = users_t.get(key.0.as_slice())? else {
-                continue;
-            };
-            let state: UserState = UserState::decode(state.value())?;
-            let current = state.current();
-            let acked: Option<Stored> = match acked_t.get(key.0.as_slice())? {
-                Some(g) => Some(decode(g.value(), "acked")?),
-                None => None,
-            };
-            if let Some(change) = change_for(acked.as_ref(), &current) {
-                items.push(OutItem {
-                    delta: Delta { user: *key, change },
-                    stored: current,
-                    oldest_ts_ms: pending.oldest_ts_ms,
-                });
-            }
-        }
-        Ok(items)
-    }
-
-    /// Records that every sink acknowledged `items`. Keys in `resend` get a snapshot next
-    /// (an edge holds a version it cannot patch). Returns the keys still in the outbox.
-    pub fn acknowledge(
-        &self,
-        items: &[OutItem],
-        resend: &[UserKey],
-        cleanup: &[UserKey],
-    ) -> Result<Vec<UserKey>, StoreError> {
-        let mut tx = self.db.begin_write()?;
-        // Not persisted on its own (redb's `Eventual` still fsyncs on Linux; `None` does not):
-        // the next batch's durable commit persists it. A crash before that only loses
-        // acknowledgements, so those items are sent again and the edge and KV skip them by
-        // version. Keeps an fsync off every delivery's path.
-        tx.set_durability(redb::Durability::None);
-        let mut still = Vec::new();
-        {
-            let users_t = tx.open_table(USERS)?;
-            let mut outbox_t = tx.open_table(OUTBOX)?;
-            let mut acked_t = tx.open_table(ACKED)?;
-            let mut settle = |key: &UserKey, acked: Option<&Stored>| -> Result<(), StoreError> {
-                let pending = match users_t.get(key.0.as_slice())? {
-                    Some(g) => {
-                        let state: UserState = UserState::decode(g.value())?;
-                        acked != Some(&state.current())
-                    }
-                    None => false,
-                };
-                if pending {
-                    still.push(*key);
-                } else {
-                    outbox_t.remove(key.0.as_slice())?;
-                }
-                Ok(())
-            };
-            for item in items {
-                let key = item.delta.user;
-                if resend.contains(&key) {
-                    acked_t.remove(key.0.as_slice())?;
-                    settle(&key, None)?;
-                } else {
-                    acked_t.insert(key.0.as_slice(), encode(&item.stored).as_slice())?;
-                    settle(&key, Some(&item.stored))?;
-                }
-            }
-            for key in cleanup {
-                let acked: Option<Stored> = match acked_t.get(key.0.as_slice())? {
-                    Some(g) => Some(decode(g.value(), "acked")?),
-                    None => None,
-                };
-                settle(key, acked.as_ref())?;
-            }
-        }
-        tx.commit()?;
-        still.sort();
-        still.dedup();
-        Ok(still)
     }
 
     /// Users erased in this store, as raw records (for `replay`, so erasure survives it).
@@ -441,6 +404,70 @@ impl Store {
     }
 }
 
+type Loaded = HashMap<UserKey, (UserState, u64, u64)>;
+
+/// Brings `key`'s state into a batch's working set: (state, version before, oldest event).
+fn load(
+    users: &mut Loaded,
+    users_t: &redb::Table<&[u8], &[u8]>,
+    key: UserKey,
+) -> Result<(), StoreError> {
+    if let std::collections::hash_map::Entry::Vacant(v) = users.entry(key) {
+        let state = match users_t.get(key.0.as_slice())? {
+            Some(g) => UserState::decode(g.value())?,
+            None => UserState::fresh(&key),
+        };
+        let version = state.current_version();
+        v.insert((state, version, u64::MAX));
+    }
+    Ok(())
+}
+
+/// Erases `key` at `at_ms` within a write transaction: (the user's version now, whether
+/// anything changed).
+fn erase_in(
+    users_t: &mut redb::Table<&[u8], &[u8]>,
+    outbox_t: &mut redb::Table<&[u8], &[u8]>,
+    key: UserKey,
+    at_ms: u64,
+) -> Result<(u64, bool), StoreError> {
+    let old: Option<UserState> = match users_t.get(key.0.as_slice())? {
+        Some(g) => Some(UserState::decode(g.value())?),
+        None => None,
+    };
+    // An erasure at or before the last one's time covers nothing that erasure did not: what
+    // the user did since is newer than both. So a replayed or retried request (its time is the
+    // time it was signed), or the erasure log read again, changes nothing, even after a restart.
+    if let Some(old) = &old
+        && old.erased().is_some_and(|(_, at)| at_ms <= at)
+    {
+        return Ok((old.current_version(), false));
+    }
+    let had = old.as_ref().map_or(0, UserState::current_version);
+    // the next erasure epoch: the version the edge's own tombstone has (see `EPOCH_SHIFT`)
+    let version = shared::delta::tombstone_version(had);
+    let state = UserState::tombstone(&key, version, at_ms);
+    users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
+    outbox_t.insert(
+        key.0.as_slice(),
+        encode(&Pending {
+            oldest_ts_ms: at_ms,
+        })
+        .as_slice(),
+    )?;
+    Ok((version, true))
+}
+
+/// One record of the erasure log: where it is, and the erasure (`None`: unreadable, only the
+/// offset moves).
+#[derive(Clone, Debug)]
+pub struct ErasureRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub erasure: Option<(UserKey, u64)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +497,7 @@ mod tests {
                 partition: 0,
                 offset: start + i as i64,
                 event: Some(e.clone()),
+                arrived_ms: None,
             })
             .collect()
     }
@@ -545,15 +573,16 @@ mod tests {
         store.apply_batch(&records(&events, "a", 0)).expect("batch");
         let keys = outbox_keys(&store);
         assert!(keys.len() <= 3);
-        let items = store.prepare(&keys).expect("prepare");
+        let items = store.prepare(SINK, &keys).expect("prepare");
         assert_eq!(items.len(), keys.len());
         assert!(
             items
                 .iter()
                 .all(|i| matches!(i.delta.change, Change::Snapshot(_)))
         );
-        let still = store.acknowledge(&items, &[], &[]).expect("ack");
-        assert!(still.is_empty());
+        let settled = settle(&store, SINK, &[SINK], &items, &[]);
+        assert!(settled.still.is_empty());
+        assert_eq!(settled.retired.len(), items.len());
         assert_eq!(store.outbox_len().expect("len"), 0);
         // more events: patches from the acknowledged version
         let more: Vec<Event> = Traffic::new(&catalog, 3, "o", 1_732_960_100_000, 10, 6)
@@ -561,7 +590,7 @@ mod tests {
             .collect();
         store.apply_batch(&records(&more, "a", 60)).expect("batch");
         let keys = outbox_keys(&store);
-        let items = store.prepare(&keys).expect("prepare");
+        let items = store.prepare(SINK, &keys).expect("prepare");
         for i in &items {
             let Change::Patch { from, .. } = i.delta.change else {
                 panic!("expected a patch, got {:?}", i.delta.change)
@@ -570,10 +599,87 @@ mod tests {
         }
         // a resend request turns the next change into a snapshot
         let first = items[0].delta.user;
-        let still = store.acknowledge(&items, &[first], &[]).expect("ack");
-        assert_eq!(still, vec![first]);
-        let again = store.prepare(&[first]).expect("prepare");
+        let settled = settle(&store, SINK, &[SINK], &items, &[first]);
+        assert_eq!(settled.still, vec![first]);
+        let again = store.prepare(SINK, &[first]).expect("prepare");
         assert!(matches!(again[0].delta.change, Change::Snapshot(_)));
+    }
+
+    const SINK: &str = "edge";
+
+    fn settle(
+        store: &Store,
+        sink: &str,
+        sinks: &[&str],
+        acked: &[OutItem],
+        resend: &[UserKey],
+    ) -> Settled {
+        let sinks: Vec<String> = sinks.iter().map(|s| (*s).to_owned()).collect();
+        let report = SinkReport {
+            acked,
+            resend,
+            ..SinkReport::default()
+        };
+        store.settle(sink, &sinks, &report, 0).expect("settle")
+    }
+
+    /// Each sink progresses on its own: an entry leaves the outbox only when every sink
+    /// acknowledged or quarantined its user, and a quarantined change can be put back.
+    #[test]
+    fn sinks_progress_apart_and_quarantine_can_be_replayed() {
+        let catalog = Catalog::demo().expect("demo");
+        let events: Vec<Event> = Traffic::new(&catalog, 2, "q", 1_732_960_000_000, 10, 7)
+            .take(20)
+            .collect();
+        let store = open("sinks", SMALL_WINDOW);
+        store.apply_batch(&records(&events, "a", 0)).expect("batch");
+        let keys = outbox_keys(&store);
+        assert_eq!(keys.len(), 2);
+        let both = ["edge", "kv"].map(String::from);
+        let edge_items = store.prepare("edge", &keys).expect("prepare");
+        let settled = settle(&store, "edge", &["edge", "kv"], &edge_items, &[]);
+        assert!(settled.still.is_empty());
+        assert!(settled.retired.is_empty(), "kv has not acknowledged");
+        assert!(store.prepare("edge", &keys).expect("prepare").is_empty());
+        assert_eq!(outbox_keys(&store).len(), 2);
+        // kv acknowledges one and quarantines the other
+        let kv_items = store.prepare("kv", &keys).expect("prepare");
+        assert_eq!(kv_items.len(), 2);
+        let bad = kv_items[1].clone();
+        let quarantined = [(bad.clone(), "http_413".to_owned(), "too big".to_owned())];
+        let report = SinkReport {
+            acked: &kv_items[..1],
+            quarantined: &quarantined,
+            ..SinkReport::default()
+        };
+        let settled = store.settle("kv", &both, &report, 5).expect("settle");
+        assert_eq!(settled.retired.len(), 2);
+        assert_eq!(store.outbox_len().expect("len"), 0);
+        let listed = store.quarantined().expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.subject, Subject::User(bad.delta.user));
+        assert_eq!(listed[0].1.reason, "http_413");
+        // replayed: back in the outbox, for kv only, as a snapshot
+        let n = store
+            .requeue_quarantined(|_, r| r.sink == "kv", 9)
+            .expect("requeue");
+        assert_eq!(n, 1);
+        assert!(store.quarantined().expect("list").is_empty());
+        assert_eq!(outbox_keys(&store), vec![bad.delta.user]);
+        assert!(
+            store
+                .prepare("edge", &[bad.delta.user])
+                .expect("prepare")
+                .is_empty()
+        );
+        let again = store.prepare("kv", &[bad.delta.user]).expect("prepare");
+        assert!(matches!(again[0].delta.change, Change::Snapshot(_)));
+        // paging through the outbox
+        store.apply_batch(&records(&events, "b", 0)).expect("batch");
+        let first = store.outbox_page(None, 1).expect("page");
+        assert_eq!(first.len(), 1);
+        let rest = store.outbox_page(Some(first[0]), 10).expect("page");
+        assert!(!rest.contains(&first[0]));
     }
 
     #[test]
@@ -585,10 +691,12 @@ mod tests {
         let store = open("erase", SMALL_WINDOW);
         store.apply_batch(&records(&events, "a", 0)).expect("batch");
         let (_, v, _) = store.erase("e-u0", 1_732_960_000_050).expect("erase");
-        assert_eq!(v, 11);
+        // the next erasure epoch, above all ten versions (and any origin had not delivered)
+        let epoch1 = 1u64 << shared::delta::EPOCH_SHIFT;
+        assert_eq!(v, epoch1);
         assert_eq!(
             store.current("e-u0").expect("read"),
-            Some(Stored::Tombstone { version: 11 })
+            Some(Stored::Tombstone { version: epoch1 })
         );
         // an older in-flight event does not bring it back
         let late = store
@@ -603,17 +711,157 @@ mod tests {
             .apply_batch(&records(&[newer], "b", 3))
             .expect("batch");
         match store.current("e-u0").expect("read") {
-            Some(Stored::Profile(p)) => assert_eq!(p.version, 12),
+            Some(Stored::Profile(p)) => assert_eq!(p.version, epoch1 + 1),
             other => panic!("{other:?}"),
         }
         // the same erasure again (a replay, or a retry whose answer was lost) changes nothing:
         // the newer event's profile stays
-        assert_eq!(store.erase("e-u0", 1_732_960_000_050).expect("erase").1, 12);
+        assert_eq!(
+            store.erase("e-u0", 1_732_960_000_050).expect("erase").1,
+            epoch1 + 1
+        );
         assert!(matches!(
             store.current("e-u0").expect("read"),
             Some(Stored::Profile(_))
         ));
         // a later erasure erases it
-        assert_eq!(store.erase("e-u0", 1_732_960_002_000).expect("erase").1, 13);
+        assert_eq!(
+            store.erase("e-u0", 1_732_960_002_000).expect("erase").1,
+            2 * epoch1
+        );
+    }
+
+    /// Identity stitching: a visitor's cart of two items joins the profile they sign in to,
+    /// once — whether the sign-in event is redelivered, or the shopper signs in again — and
+    /// the visitor's own profile is retired.
+    #[test]
+    fn a_sign_in_joins_the_visitors_profile_once() {
+        let ev = |id: &str, user: &str, dt: u64, body: &str| {
+            shared::event::parse_event(
+                format!(
+                    r#"{{"event_id":"{id}","user_id":"{user}","ts":{},{body}}}"#,
+                    1_732_960_000_000 + dt * 1000
+                )
+                .as_bytes(),
+            )
+            .expect("event")
+        };
+        let add = |id: &str, user: &str, dt: u64, item: &str| {
+            ev(
+                id,
+                user,
+                dt,
+                &format!(
+                    r#""type":"add_to_cart","item":"{item}","category":"cameras","price":100,"quantity":1"#
+                ),
+            )
+        };
+        let visitor = "v-00112233445566778899aabbccddeeff";
+        let identify = |id: &str, dt: u64| {
+            ev(
+                id,
+                "alice",
+                dt,
+                &format!(r#""type":"identify","anonymous_id":"{visitor}""#),
+            )
+        };
+        let store = open("identify", SMALL_WINDOW);
+        store
+            .apply_batch(&records(
+                &[
+                    add("a1", visitor, 1, "cam-001"),
+                    add("a2", visitor, 2, "sd-128"),
+                    add("s1", "alice", 3, "tri-001"),
+                ],
+                "c",
+                0,
+            ))
+            .expect("batch");
+        let cart = |store: &Store| match store.current("alice").expect("read") {
+            Some(Stored::Profile(p)) => {
+                let mut c: Vec<(u32, u16)> =
+                    p.cart.iter().map(|l| (l.item.0, l.quantity)).collect();
+                c.sort();
+                c
+            }
+            other => panic!("{other:?}"),
+        };
+        let out = store
+            .apply_batch(&records(&[identify("sign-in-1", 4)], "c", 3))
+            .expect("batch");
+        assert_eq!(out.identified, 1);
+        let want: Vec<(u32, u16)> = {
+            let mut w: Vec<(u32, u16)> = ["cam-001", "sd-128", "tri-001"]
+                .iter()
+                .map(|s| (shared::ids::ItemId::of_sku(s).0, 1))
+                .collect();
+            w.sort();
+            w
+        };
+        assert_eq!(cart(&store), want, "both visitor items joined, once");
+        assert!(matches!(
+            store.current(visitor).expect("read"),
+            Some(Stored::Tombstone { .. })
+        ));
+        // redelivered (another copy of the same event), and a second sign-in later
+        let out = store
+            .apply_batch(&records(&[identify("sign-in-1", 4)], "d", 0))
+            .expect("batch");
+        assert_eq!((out.duplicates, out.identified), (1, 0));
+        store
+            .apply_batch(&records(&[identify("sign-in-2", 20)], "c", 4))
+            .expect("batch");
+        assert_eq!(cart(&store), want, "still once");
+        // the visitor browsing on after the sign-in starts afresh; nothing is dropped
+        store
+            .apply_batch(&records(&[add("a3", visitor, 30, "bag-001")], "c", 5))
+            .expect("batch");
+        assert!(matches!(
+            store.current(visitor).expect("read"),
+            Some(Stored::Profile(p)) if p.cart.len() == 1
+        ));
+    }
+
+    /// The cutoff is origin-side time (when the broker took the event), never the browser's
+    /// clock: events taken before the erasure are dropped even when their browser time runs an
+    /// hour ahead of it, and an event taken after it is kept even when its browser clock is an
+    /// hour behind.
+    #[test]
+    fn the_erasure_cutoff_is_arrival_time_not_browser_time() {
+        let catalog = Catalog::demo().expect("demo");
+        let t0 = 1_732_960_000_000;
+        let hour = 3_600_000;
+        let events: Vec<Event> = Traffic::new(&catalog, 1, "h", t0, 10, 9).take(6).collect();
+        let store = open("arrival", SMALL_WINDOW);
+        let erased_at = t0 + 1_000;
+        store.erase("h-u0", erased_at).expect("erase");
+        let at = |evs: &[Event], start: i64, arrived: u64, shift: i64| -> Vec<Record> {
+            let mut recs = records(evs, "a", start);
+            for r in &mut recs {
+                r.arrived_ms = Some(arrived);
+                if let Some(e) = r.event.as_mut() {
+                    e.ts_ms = e.ts_ms.saturating_add_signed(shift);
+                }
+            }
+            recs
+        };
+        // taken before the erasure (consumed after it), browser clock an hour ahead: dropped
+        let early = store
+            .apply_batch(&at(&events[..3], 0, erased_at - 10, hour))
+            .expect("batch");
+        assert_eq!(early.erased, 3, "{early:?}");
+        assert!(matches!(
+            store.current("h-u0").expect("read"),
+            Some(Stored::Tombstone { .. })
+        ));
+        // taken after it, browser clock an hour behind: a new profile
+        let later = store
+            .apply_batch(&at(&events[3..], 3, erased_at + 10, -hour))
+            .expect("batch");
+        assert_eq!((later.erased, later.applied), (0, 3), "{later:?}");
+        assert!(matches!(
+            store.current("h-u0").expect("read"),
+            Some(Stored::Profile(_))
+        ));
     }
 }

@@ -160,9 +160,14 @@ impl UserState {
         self.current = p;
     }
 
-    pub(super) fn insert(&mut self, ev: &Event, window: Window) -> Insert {
+    /// Folds `ev` in, which reached origin's side (the broker's message timestamp, or origin's
+    /// ingest time) at `arrived_ms`. An erasure's cutoff compares with that, never with the
+    /// event's own `ts_ms`, which the browser chose: an event taken before the erasure is
+    /// dropped however far ahead its browser clock ran, and one taken after it is kept however
+    /// far behind. Without an arrival time (a test, an old record) the event time stands in.
+    pub(super) fn insert(&mut self, ev: &Event, arrived_ms: Option<u64>, window: Window) -> Insert {
         if let Some((_, at)) = self.erased
-            && ev.ts_ms <= at
+            && arrived_ms.unwrap_or(ev.ts_ms) <= at
         {
             return Insert::Erased;
         }

@@ -47,6 +47,149 @@ struct Shared {
     down: AtomicBool,
     sync_requests: AtomicU64,
     kv_requests: Mutex<Vec<serde_json::Value>>,
+    faults: Mutex<Vec<Fault>>,
+    /// Every request to `/v1/sync` and the KV bulk API: when, where, and what it was answered.
+    log: Mutex<Vec<Answered>>,
+}
+
+/// Which of the test edge's two APIs a fault or a log entry is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// The edge's `POST /v1/sync`.
+    Sync,
+    /// The Cloudflare KV bulk API stand-in.
+    KvBulk,
+}
+
+/// A request the test edge answered.
+#[derive(Clone, Debug)]
+pub struct Answered {
+    pub api: Api,
+    pub at: std::time::Instant,
+    pub status: u16,
+    /// The shoppers the request carried.
+    pub users: Vec<UserKey>,
+}
+
+/// An answer the test edge gives instead of handling a request: fault injection.
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub api: Api,
+    pub status: u16,
+    /// A `Retry-After` header to send.
+    pub retry_after: Option<String>,
+    /// The body to send (a JSON error by default).
+    pub body: Option<String>,
+    /// Only for requests carrying this shopper (all requests when `None`).
+    pub only_with: Option<UserKey>,
+    /// How many requests it answers; `None`: until cleared.
+    pub times: Option<u32>,
+}
+
+impl Fault {
+    /// `status` for every request to `api` until cleared.
+    pub fn new(api: Api, status: u16) -> Fault {
+        Fault {
+            api,
+            status,
+            retry_after: None,
+            body: None,
+            only_with: None,
+            times: None,
+        }
+    }
+
+    pub fn only_with(mut self, user: UserKey) -> Fault {
+        self.only_with = Some(user);
+        self
+    }
+
+    pub fn times(mut self, n: u32) -> Fault {
+        self.times = Some(n);
+        self
+    }
+
+    pub fn retry_after(mut self, value: &str) -> Fault {
+        self.retry_after = Some(value.to_owned());
+        self
+    }
+
+    pub fn body(mut self, body: &str) -> Fault {
+        self.body = Some(body.to_owned());
+        self
+    }
+}
+
+/// The shoppers a sync frame carries (none when it does not decode).
+fn sync_users(body: &[u8]) -> Vec<UserKey> {
+    shared::wire::decode_batch(body)
+        .map(|b| {
+            b.items
+                .iter()
+                .filter_map(|i| match i {
+                    shared::wire::SyncItem::Delta(d) => Some(d.user),
+                    shared::wire::SyncItem::Config(_) => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The shoppers a KV bulk body carries.
+fn kv_users(json: &serde_json::Value) -> Vec<UserKey> {
+    json.as_array()
+        .map(|pairs| {
+            pairs
+                .iter()
+                .filter_map(|p| {
+                    let key = p.get("key")?.as_str()?;
+                    UserKey::from_hex(key.strip_prefix(PROFILE_KEY_PREFIX)?)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Shared {
+    /// The fault that answers this request, if any (counting it down).
+    fn fault_for(&self, api: Api, users: &[UserKey]) -> Option<Response> {
+        let mut faults = self.faults.lock().ok()?;
+        let i = faults.iter().position(|f| {
+            f.api == api && f.times != Some(0) && f.only_with.is_none_or(|u| users.contains(&u))
+        })?;
+        let f = &mut faults[i];
+        if let Some(n) = f.times.as_mut() {
+            *n -= 1;
+        }
+        let body = f
+            .body
+            .clone()
+            .unwrap_or_else(|| format!("{{\"error\": \"injected {}\"}}", f.status));
+        let mut response = (
+            StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            body,
+        )
+            .into_response();
+        if let Some(v) = f
+            .retry_after
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            response.headers_mut().insert("retry-after", v);
+        }
+        Some(response)
+    }
+
+    fn record(&self, api: Api, status: u16, users: Vec<UserKey>) {
+        if let Ok(mut log) = self.log.lock() {
+            log.push(Answered {
+                api,
+                at: std::time::Instant::now(),
+                status,
+                users,
+            });
+        }
+    }
 }
 
 /// The real edge on a loopback port (`url()`, its `/v1/sync`), and a KV bulk API stand-in
@@ -112,6 +255,8 @@ impl TestEdge {
             down: AtomicBool::new(false),
             sync_requests: AtomicU64::new(0),
             kv_requests: Mutex::default(),
+            faults: Mutex::default(),
+            log: Mutex::default(),
         });
         let router = Router::new()
             .route(
@@ -143,6 +288,29 @@ impl TestEdge {
     /// While down, every request answers 503 (an outage, not a refusal).
     pub fn set_down(&self, down: bool) {
         self.shared.down.store(down, Relaxed);
+    }
+
+    /// Answers `fault` instead of handling the requests it matches (after earlier faults).
+    pub fn inject(&self, fault: Fault) {
+        if let Ok(mut faults) = self.shared.faults.lock() {
+            faults.push(fault);
+        }
+    }
+
+    /// Takes every injected fault away.
+    pub fn clear_faults(&self) {
+        if let Ok(mut faults) = self.shared.faults.lock() {
+            faults.clear();
+        }
+    }
+
+    /// Every `/v1/sync` and KV bulk request so far, in order, with its answer.
+    pub fn answered(&self) -> Vec<Answered> {
+        self.shared
+            .log
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 
     /// `/v1/sync` requests received (including those answered 503 while down).
@@ -235,11 +403,22 @@ async fn to_edge(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if uri.path() == shared::protocol::route::SYNC {
+    let is_sync = uri.path() == shared::protocol::route::SYNC;
+    let users = if is_sync {
         edge.sync_requests.fetch_add(1, Relaxed);
-    }
+        sync_users(&body)
+    } else {
+        Vec::new()
+    };
     if edge.down.load(Relaxed) {
+        if is_sync {
+            edge.record(Api::Sync, 503, users);
+        }
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    if is_sync && let Some(r) = edge.fault_for(Api::Sync, &users) {
+        edge.record(Api::Sync, r.status().as_u16(), users);
+        return r;
     }
     let req = HttpRequest {
         method: method.as_str().to_owned(),
@@ -259,6 +438,9 @@ async fn to_edge(
     let Ok(reply) = rx.await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "the test edge stopped").into_response();
     };
+    if is_sync {
+        edge.record(Api::Sync, reply.status, users);
+    }
     let mut response = (
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         reply.body,
@@ -283,24 +465,33 @@ async fn to_edge(
 /// Cloudflare's KV bulk write API as far as the KV sink uses it: bearer auth, a JSON array of
 /// pairs, `{"success": true, "result": {"unsuccessful_keys": []}}`.
 async fn kv_bulk(State(edge): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let users = parsed.as_ref().map(kv_users).unwrap_or_default();
     if edge.down.load(Relaxed) {
+        edge.record(Api::KvBulk, 503, users);
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    if let Some(r) = edge.fault_for(Api::KvBulk, &users) {
+        edge.record(Api::KvBulk, r.status().as_u16(), users);
+        return r;
     }
     let auth_ok = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("Bearer ") && v.len() > 7);
-    let json: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(j) => j,
-        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+    let Some(json) = parsed else {
+        edge.record(Api::KvBulk, 400, users);
+        return StatusCode::BAD_REQUEST.into_response();
     };
     if !auth_ok {
+        edge.record(Api::KvBulk, 401, users);
         return (
             StatusCode::UNAUTHORIZED,
             axum::Json(serde_json::json!({"success": false, "errors": [{"code": 10000, "message": "Authentication error"}]})),
         )
             .into_response();
     }
+    edge.record(Api::KvBulk, 200, users);
     let n = json.as_array().map_or(0, Vec::len);
     if let Ok(mut requests) = edge.kv_requests.lock() {
         requests.push(json);

@@ -5,7 +5,7 @@
 
 mod edge;
 
-pub use edge::TestEdge;
+pub use edge::{Answered, Api, Fault, TestEdge};
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
@@ -204,9 +204,25 @@ impl Tansu {
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) -> Result<(), KitError> {
+        self.create_topic_with(name, partitions, &[])
+    }
+
+    /// The erasure log's topic: compacted, as production should create it.
+    pub fn create_erasure_topic(&self, name: &str) -> Result<(), KitError> {
+        self.create_topic_with(name, 1, &["cleanup.policy=compact"])
+    }
+
+    /// A topic with `configs` (`name=value` each).
+    pub fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: &[&str],
+    ) -> Result<(), KitError> {
         let status = Command::new(&self.bin)
             .args(["topic", "create", name, "--partitions"])
             .arg(partitions.to_string())
+            .args(configs.iter().flat_map(|c| ["--config", c]))
             .arg("--broker")
             .arg(format!("tcp://127.0.0.1:{}", self.port))
             .stdout(Stdio::null())
@@ -220,12 +236,13 @@ impl Tansu {
         Ok(())
     }
 
-    /// The event topics and the dead-letter topic.
+    /// The event topics, the dead-letter topic and the erasure log.
     pub fn create_event_topics(&self, partitions: u32) -> Result<(), KitError> {
         for t in ["customer_clicks", "cart_events", "purchase_events"] {
             self.create_topic(t, partitions)?;
         }
-        self.create_topic("events_dlq", 1)
+        self.create_topic("events_dlq", 1)?;
+        self.create_erasure_topic("erasures")
     }
 
     pub fn stop(&mut self) {

@@ -29,9 +29,11 @@ fn erasure_removes_the_profile_and_older_updates_cannot_bring_it_back() {
         "the signed body names the key and when the erasure was accepted; never the user id"
     );
     let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
+    let epoch1 = shared::delta::tombstone_version(1);
+    assert_eq!(epoch1, 1 << shared::delta::EPOCH_SHIFT);
     assert_eq!(
         wire::decode_stored(&bytes).unwrap(),
-        Stored::Tombstone { version: 2 }
+        Stored::Tombstone { version: epoch1 }
     );
     assert_eq!(
         w.get("/v1/me", &alice()).body_json()["profile"],
@@ -40,6 +42,27 @@ fn erasure_removes_the_profile_and_older_updates_cannot_bring_it_back() {
 
     // an in-flight update made before the erasure arrives late
     assert_eq!(w.sync(vec![snapshot("alice", &p)])["duplicates"], 1);
+    // and so does one origin had made but not delivered when the edge erased (the edge held
+    // version 1, origin was at 40): the tombstone is a new epoch, above all of them
+    let mut undelivered = p.clone();
+    undelivered.version = 40;
+    assert_eq!(
+        w.sync(vec![snapshot("alice", &undelivered)])["duplicates"],
+        1
+    );
+    assert_eq!(
+        w.get("/v1/me", &alice()).body_json()["profile"],
+        Value::Null
+    );
+    // origin's own tombstone, made from the version it held, is the same version
+    assert_eq!(shared::delta::tombstone_version(40), epoch1);
+    assert_eq!(
+        w.sync(vec![SyncItem::Delta(Delta {
+            user: key("alice"),
+            change: Change::Tombstone { version: epoch1 },
+        })])["duplicates"],
+        1
+    );
     assert_eq!(
         w.get("/v1/me", &alice()).body_json()["profile"],
         Value::Null
@@ -79,7 +102,9 @@ fn erasure_outranks_what_kv_holds_even_when_the_cache_lags() {
     let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
     assert_eq!(
         wire::decode_stored(&bytes).unwrap(),
-        Stored::Tombstone { version: 6 }
+        Stored::Tombstone {
+            version: shared::delta::tombstone_version(5)
+        }
     );
     // origin's pre-erasure snapshot at the version KV held next cannot revive the shopper
     let mut v6 = v5;
@@ -104,7 +129,9 @@ fn a_tombstone_synced_from_origin_hides_local_events_too() {
     // erased through another edge; origin pushes the tombstone
     w.sync(vec![SyncItem::Delta(Delta {
         user: key("alice"),
-        change: Change::Tombstone { version: 2 },
+        change: Change::Tombstone {
+            version: shared::delta::tombstone_version(1),
+        },
     })]);
     assert_eq!(
         w.get("/v1/me", &alice()).body_json()["profile"],

@@ -449,3 +449,30 @@ fn an_undecodable_profile_in_kv_is_logged_and_replaced_by_the_next_snapshot() {
     assert_eq!(w.sync(vec![snapshot("alice", &p)])["applied"], 1);
     assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
 }
+
+/// A shopper looked up before any profile existed is cached as "no profile" for a TTL. A sync
+/// whose value KV already holds (the KV sink, another isolate, or origin resending after a
+/// crash) is a duplicate, but must still replace that empty entry: otherwise the shopper's
+/// pages ignore a profile this edge has for up to the whole TTL.
+#[test]
+fn a_duplicate_sync_replaces_a_cached_absence() {
+    let w = World::new();
+    let v1 = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    assert_eq!(
+        w.get("/v1/me", &alice()).body_json()["profile"],
+        Value::Null
+    );
+    // KV gets the value some other way than this isolate's sync
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        shared::wire::encode_stored(&Stored::Profile(v1.clone())),
+        Some(v1.version),
+    );
+    assert_eq!(w.sync(vec![snapshot("alice", &v1)])["duplicates"], 1);
+    assert_eq!(
+        w.get("/v1/recommendations", &alice())
+            .header("x-edgewise-profile-version"),
+        Some("1"),
+        "the cached absence was replaced within the TTL"
+    );
+}

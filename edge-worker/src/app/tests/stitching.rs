@@ -1,0 +1,97 @@
+//! Identity stitching: a visitor who signs in keeps what they did anonymously.
+
+use super::*;
+
+const ADD_CARD: &str =
+    r#""type":"add_to_cart","item":"sd-128","category":"accessories","price":19,"quantity":1"#;
+
+fn cart_items(me: &Value) -> Vec<String> {
+    let mut items: Vec<String> = me["profile"]["cart"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|l| format!("{}x{}", l["item"].as_str().unwrap_or("?"), l["quantity"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    items.sort();
+    items
+}
+
+/// The visitor's two cart items show in the signed-in profile on the first signed-in
+/// request, once (a second request that still carries the cookie does not add them again);
+/// origin is told with an `identify` event, and the visitor cookie is cleared.
+#[test]
+fn signing_in_joins_the_visitors_cart_once() {
+    let w = World::new();
+    let cookie = visitor_cookie();
+    let visitor = [("cookie", cookie.as_str())];
+    for (n, body) in [ADD_CAMERA, ADD_CARD].iter().enumerate() {
+        let b = format!(r#"{{"event_id":"anon-{n}","ts":{},{body}}}"#, w.now());
+        assert_eq!(
+            w.post("/v1/events", &visitor, b.as_bytes()).reply.status,
+            202
+        );
+    }
+    let both = [("cookie", cookie.as_str()), signed_in("alice")];
+    let first = w.send({
+        let mut r = HttpRequest::get("/v1/me");
+        r.headers = both
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        r
+    });
+    assert_eq!(
+        cart_items(&first.reply.body_json()),
+        vec!["cam-001x1", "sd-128x1"],
+        "{}",
+        first.reply.body_json()
+    );
+    assert!(
+        first
+            .reply
+            .header("set-cookie")
+            .is_some_and(|c| c.starts_with("ew_vid=;") && c.contains("Max-Age=0")),
+        "the visitor cookie is cleared"
+    );
+    let identify = first
+        .outbound
+        .iter()
+        .find(|o| o.url.ends_with("/ingest"))
+        .expect("an identify event for origin");
+    let sent: Value = serde_json::from_slice(&identify.body).unwrap();
+    assert_eq!(sent["events"][0]["type"], "identify");
+    assert_eq!(sent["events"][0]["user_id"], "alice");
+    assert_eq!(
+        sent["events"][0]["anonymous_id"],
+        format!("v-{VISITOR}"),
+        "{sent}"
+    );
+    // the cookie's removal has not reached the browser yet: another request, same pair
+    let again = w.get("/v1/me", &both);
+    assert_eq!(
+        cart_items(&again.body_json()),
+        vec!["cam-001x1", "sd-128x1"],
+        "still once"
+    );
+    // signed in without the cookie: nothing more to join
+    let h = w.send(HttpRequest {
+        headers: vec![("authorization".into(), bearer("alice").into())],
+        ..HttpRequest::get("/v1/me")
+    });
+    assert!(h.outbound.is_empty());
+}
+
+/// Only the edge may join two profiles: a browser's own `identify` event is refused.
+#[test]
+fn a_browser_cannot_send_an_identify_event() {
+    let w = World::new();
+    let b = format!(
+        r#"{{"event_id":"x","ts":{},"type":"identify","anonymous_id":"v-{VISITOR}"}}"#,
+        w.now()
+    );
+    let h = w.post("/v1/events", &alice(), b.as_bytes());
+    assert_eq!(h.reply.status, 400, "{}", h.reply.body_json());
+    assert!(h.outbound.is_empty(), "nothing reaches origin");
+}

@@ -1,0 +1,161 @@
+//! The erasure log: every erasure origin-sync accepts is first written to a compacted Kafka
+//! topic (`kafka.erasure_topic`, keyed by the user key, so compaction keeps the latest erasure
+//! of each shopper), and only then stored and acknowledged. The store is a copy of it: at
+//! every start, and before `replay` folds a single event, origin-sync reads the topic from the
+//! offsets its store holds (all of it, for a new or lost store) and applies what it has not
+//! seen. So a lost store file, `replay`, or a new instance cannot bring an erased shopper back.
+//!
+//! A record is the edge's erasure body, `{"user_key": "<hex>", "erased_at_ms": t}`; applying
+//! one is idempotent (an erasure no later than the user's last changes nothing).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::Message as _;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use shared::keys::UserKey;
+use shared::protocol::KeyErasureBody;
+
+use crate::config::Config;
+use crate::kafka::{Outgoing, produce_all};
+use crate::pipeline::{PipelineError, static_assignment};
+use crate::store::{ErasureRecord, Store};
+
+/// The message that records an erasure.
+pub fn message(topic: &str, user_key: UserKey, erased_at_ms: u64) -> Outgoing {
+    Outgoing {
+        topic: topic.to_owned(),
+        key: user_key.to_hex().into_bytes(),
+        payload: KeyErasureBody {
+            user_key,
+            erased_at_ms,
+        }
+        .to_json_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+/// Writes an erasure to the log and waits until the broker has it (idempotent producer,
+/// `acks=all`).
+pub async fn record(
+    producer: &FutureProducer,
+    topic: &str,
+    user_key: UserKey,
+    erased_at_ms: u64,
+) -> Result<(), rdkafka::error::KafkaError> {
+    produce_all(producer, &[message(topic, user_key, erased_at_ms)]).await
+}
+
+/// How many records a catch-up read and how many of them erased something.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUp {
+    pub read: u64,
+    pub applied: u64,
+    pub unreadable: u64,
+}
+
+/// Applies every erasure of the log the store has not seen, up to the end of the log as it
+/// is now. Offsets move with the erasures, in one store transaction per chunk.
+pub async fn catch_up(config: &Config, store: &Arc<Store>) -> Result<CatchUp, PipelineError> {
+    let topic = config.kafka.erasure_topic.clone();
+    let consumer = Arc::new(crate::kafka::consumer(
+        &config.kafka,
+        &format!("{}-erasures", config.kafka.group_id),
+    )?);
+    let s = store.clone();
+    let stored = crate::pipeline::blocking(move || s.offsets()).await?;
+    // (a partition list is not `Send`: assigned at once, never held across an await)
+    let partitions: Vec<i32> = {
+        let tpl = static_assignment(&consumer, std::slice::from_ref(&topic), &stored).await?;
+        consumer.assign(&tpl)?;
+        tpl.elements().iter().map(|e| e.partition()).collect()
+    };
+    // where each partition ends now, and where this store is in it
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for p in partitions {
+        let c = consumer.clone();
+        let t = topic.clone();
+        let (low, high) =
+            tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10)))
+                .await
+                .map_err(|e| PipelineError::Setup(e.to_string()))??;
+        let next = stored.get(&(topic.clone(), p)).copied().unwrap_or(low);
+        if high > next.max(low) {
+            ends.insert(p, high);
+        }
+    }
+    let mut out = CatchUp::default();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    let mut chunk: Vec<ErasureRecord> = Vec::new();
+    let mut done = std::collections::HashSet::new();
+    while done.len() < ends.len() {
+        let m = read_one(&consumer).await?;
+        let p = m.partition();
+        let Some(end) = ends.get(&p).copied() else {
+            continue;
+        };
+        if m.offset() >= end {
+            done.insert(p);
+            continue;
+        }
+        let body = KeyErasureBody::parse(m.payload().unwrap_or_default());
+        if body.is_none() {
+            // not ours to judge: skip it, say so, and move on (the offset still moves)
+            tracing::warn!(topic = %topic, partition = p, offset = m.offset(), "erasure log record is not an erasure; skipped");
+            out.unreadable += 1;
+        }
+        chunk.push(ErasureRecord {
+            topic: topic.clone(),
+            partition: p,
+            offset: m.offset(),
+            erasure: body.map(|b| (b.user_key, b.erased_at_ms)),
+        });
+        out.read += 1;
+        if m.offset() + 1 >= end {
+            done.insert(p);
+        }
+        if chunk.len() >= 1000 || done.len() == ends.len() {
+            out.applied += apply(store, std::mem::take(&mut chunk)).await?;
+        }
+    }
+    if !chunk.is_empty() {
+        out.applied += apply(store, chunk).await?;
+    }
+    Ok(out)
+}
+
+async fn read_one(
+    consumer: &StreamConsumer,
+) -> Result<rdkafka::message::OwnedMessage, PipelineError> {
+    match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+        Ok(Ok(m)) => Ok(m.detach()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(PipelineError::Setup(
+            "the erasure log sent nothing for 30 s before its end; check the broker".into(),
+        )),
+    }
+}
+
+async fn apply(store: &Arc<Store>, chunk: Vec<ErasureRecord>) -> Result<u64, PipelineError> {
+    let s = store.clone();
+    let changed = crate::pipeline::blocking(move || s.apply_erasures(&chunk)).await?;
+    Ok(changed.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_the_edge_erasure_body_keyed_by_the_user_key() {
+        let key = UserKey([7; 12]);
+        let m = message("erasures", key, 1_764_000_000_123);
+        assert_eq!(m.key, key.to_hex().into_bytes());
+        let body = KeyErasureBody::parse(&m.payload).expect("parses");
+        assert_eq!((body.user_key, body.erased_at_ms), (key, 1_764_000_000_123));
+    }
+}
