@@ -22,6 +22,7 @@ use serde_json::json;
 use shared::auth::ReplayGuard;
 use shared::catalog::{Catalog, DEMO_CATALOG_JSON};
 use shared::delta::Stored;
+use shared::fence::ErasureFence;
 use shared::keys::UserKey;
 use shared::profile::Profile;
 use shared::protocol::route;
@@ -37,7 +38,7 @@ mod sync;
 /// The HTTP types moved to [`crate::http`]; these paths keep naming them.
 pub use crate::http::{Clock, Handled, HttpRequest, MAX_QUERY, Outbound, Reply};
 use crate::http::{EdgeError, set_header};
-pub use shared::protocol::{CATALOG_KEY, RULES_KEY};
+pub use shared::protocol::{CATALOG_KEY, ERASURES_KEY, RULES_KEY};
 
 /// Largest `/v1/events` body.
 pub const MAX_EVENTS_BODY: usize = 64 * 1024;
@@ -125,6 +126,10 @@ pub struct App {
     events_limit: RefCell<crate::limit::RateLimiter>,
     /// Identity tokens this isolate refused, by reason.
     tokens_refused: RefCell<crate::token::RefusedTokens>,
+    /// Recent erasures: what this isolate erased, and origin's published fence (its version
+    /// in `fence_version`). Every profile read is checked against it (`shared::fence`).
+    fence: RefCell<ErasureFence>,
+    fence_version: Cell<u64>,
 }
 
 impl App {
@@ -140,6 +145,8 @@ impl App {
             writing: RefCell::default(),
             config_checked_ms: Cell::new(None),
             tokens_refused: RefCell::default(),
+            fence: RefCell::default(),
+            fence_version: Cell::new(0),
             events_limit: RefCell::new(crate::limit::RateLimiter::new(
                 config.events_per_sec,
                 config.events_burst,
@@ -219,6 +226,11 @@ impl App {
                 // SKUs whose item ids collide: served, but profiles cannot tell each pair apart
                 "catalog_id_collisions": site.catalog.id_collisions().len(),
                 "cache": { "entries": entries, "bytes": bytes },
+                // recent erasures every read here is checked against, and origin's version
+                "erasure_fence": {
+                    "version": self.fence_version.get(),
+                    "entries": self.fence.borrow().len(),
+                },
                 "identity": {
                     "mode": self.config.identity_mode(),
                     "token": self.config.token.as_ref().map(|t| t.describe()),

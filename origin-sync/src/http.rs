@@ -230,6 +230,8 @@ async fn store_erasure(st: &AppState, user_key: UserKey, at_ms: u64) -> Response
         Ok(Ok((key, version, changed))) => {
             if changed {
                 UserErased { version }.emit(&st.shared.metrics);
+                // the erasure fence document changed with it (`store::documents`)
+                st.shared.documents.send_modify(|v| *v += 1);
                 let _ = st.shared.touched.send(vec![key]).await;
             }
             (

@@ -236,10 +236,7 @@ enum PartKey {
 }
 
 fn kind_name(kind: shared::wire::ConfigKind) -> &'static str {
-    match kind {
-        shared::wire::ConfigKind::Catalog => "catalog",
-        shared::wire::ConfigKind::Rules => "rules",
-    }
+    kind.name()
 }
 
 impl Part {

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use common::*;
 use origin_sync::testkit::TestEdge;
 use shared::delta::Stored;
-use shared::protocol::{ErasureBody, Signed, route};
+use shared::protocol::{ERASURES_KEY, ErasureBody, Signed, route};
 use shared::wire::ConfigKind;
 use shared::wire::{decode_stored, encode_stored};
 
@@ -263,6 +263,12 @@ async fn ingest_erasure_and_documents() {
     let r = by_key(accepted_at, k2.to_hex()).await.expect("delete");
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["already"], true, "{j}");
+    // both erasures are in the fence origin published to the edge
+    wait_for(
+        || edge.document_version(ConfigKind::Erasures) == Some(2),
+        "the erasure fence at the edge",
+    )
+    .await;
     let r = by_key(now() * 1000 + 3_600_000, k2.to_hex())
         .await
         .expect("delete");
@@ -385,6 +391,20 @@ async fn kv_bulk_requests_follow_the_cloudflare_format() {
         decode_stored(&bytes).expect("decodes"),
         Stored::Tombstone { version: v }
     );
+    // and the erasure fence every edge reader checks: a write of k-u2's data from before
+    // the erasure that lands after it is read as erased (`shared::fence`)
+    wait_for(
+        || {
+            latest(&edge).get(ERASURES_KEY).is_some_and(|pair| {
+                pair["value"]
+                    .as_str()
+                    .and_then(|s| shared::fence::ErasureFence::from_json(s).ok())
+                    .is_some_and(|f| f.floor(&k) == Some(v))
+            })
+        },
+        "the erasure fence in KV",
+    )
+    .await;
     service.stop().await;
 }
 

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod context;
 pub mod delta;
 pub mod event;
+pub mod fence;
 pub mod fold;
 pub mod ids;
 pub mod keys;

@@ -257,11 +257,15 @@ pub const CATALOG_KEY: &str = "cfg:catalog";
 /// KV key of the published rules.
 pub const RULES_KEY: &str = "cfg:rules";
 
+/// KV key of the published erasure fence (`crate::fence`).
+pub const ERASURES_KEY: &str = "cfg:erasures";
+
 /// The KV key of a published document.
 pub fn document_key(kind: ConfigKind) -> &'static str {
     match kind {
         ConfigKind::Catalog => CATALOG_KEY,
         ConfigKind::Rules => RULES_KEY,
+        ConfigKind::Erasures => ERASURES_KEY,
     }
 }
 
@@ -372,6 +376,7 @@ mod tests {
         assert_eq!(k.kv_key(), format!("p:{}", "ab".repeat(12)));
         assert_eq!(document_key(ConfigKind::Catalog), "cfg:catalog");
         assert_eq!(document_key(ConfigKind::Rules), "cfg:rules");
+        assert_eq!(document_key(ConfigKind::Erasures), "cfg:erasures");
         assert_eq!(
             serde_json::to_string(&KvMetadata { v: 3 }).expect("json"),
             r#"{"v":3}"#

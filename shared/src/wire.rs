@@ -54,7 +54,7 @@ pub enum SyncItem {
     Config(ConfigDoc),
 }
 
-/// A versioned catalog or rules document, published through the same signed path.
+/// A versioned catalog, rules or erasure-fence document, published through the same signed path.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct ConfigDoc {
     pub kind: ConfigKind,
@@ -68,6 +68,22 @@ pub struct ConfigDoc {
 pub enum ConfigKind {
     Catalog,
     Rules,
+    /// Recent erasures (`crate::fence`): not configuration, but published the same way so
+    /// every isolate gets it from the push or from KV.
+    Erasures,
+}
+
+impl ConfigKind {
+    pub const ALL: [ConfigKind; 3] = [ConfigKind::Catalog, ConfigKind::Rules, ConfigKind::Erasures];
+
+    /// The document's name in logs, metrics and origin's store.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConfigKind::Catalog => "catalog",
+            ConfigKind::Rules => "rules",
+            ConfigKind::Erasures => "erasures",
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]

@@ -227,6 +227,14 @@ impl App {
                 }
             }
         }
+        // A value from before a recent erasure (a write that landed after the tombstone, or
+        // one cached before this isolate heard of it) is read as the tombstone.
+        if let Some(floor) = self.fence.borrow().floor(&key) {
+            let mut cache = self.cache.borrow_mut();
+            if cache.peek(&key).is_some_and(|e| e.version() < floor) {
+                cache.put_fetched(key, Some(Stored::Tombstone { version: floor }), now_ms);
+            }
+        }
         let cache = self.cache.borrow();
         if let Some(e) = cache.peek(&key) {
             out.profile = e
@@ -446,6 +454,8 @@ impl App {
                 source,
             })?;
         self.cache.borrow_mut().erase(key, tombstone, now_ms);
+        // and fenced: a write from before the erasure that lands later is read as erased here
+        self.fence.borrow_mut().raise(key, version, now_ms);
         let mut outbound = Vec::new();
         if let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret) {
             // Durable before it is answered: if every attempt to reach origin fails, the Cron

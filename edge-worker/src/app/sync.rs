@@ -1,12 +1,14 @@
-//! Origin → edge: `POST /v1/sync` applies signed batches of profile deltas and config documents,
-//! and `refresh_site` picks up the catalog and rules another isolate stored in KV.
+//! Origin → edge: `POST /v1/sync` applies signed batches of profile deltas and config documents
+//! (catalog, rules, the erasure fence), and `refresh_site` picks up those another isolate
+//! stored in KV.
 //!
 //! A synced change is visible in this isolate's cache before its KV write completes, so the
 //! shopper's next request does not wait for KV; the guards below (`Recorded`, `Writing`) undo
 //! what a failed or cancelled request left behind, so origin's retry applies again.
 
 use super::{
-    App, CATALOG_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site, decode_stored, read_profile,
+    App, CATALOG_KEY, ERASURES_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site,
+    decode_stored, read_profile,
 };
 use crate::http::{EdgeError, HttpRequest, Reply};
 use crate::log;
@@ -14,6 +16,7 @@ use crate::store::Store;
 use shared::auth::AuthError;
 use shared::catalog::Catalog;
 use shared::delta::{self, Applied, ApplyError, Stored};
+use shared::fence::{ErasureFence, FenceError};
 use shared::keys::UserKey;
 use shared::protocol::{Signed, SyncReply};
 use shared::rules::CompiledRules;
@@ -101,12 +104,14 @@ impl App {
         let mut answer = SyncReply::default();
         let mut catalog = None;
         let mut rules = None;
+        let mut fence = None;
         for item in &batch.items {
             match item {
                 SyncItem::Config(doc) => {
                     let slot = match doc.kind {
                         ConfigKind::Catalog => &mut catalog,
                         ConfigKind::Rules => &mut rules,
+                        ConfigKind::Erasures => &mut fence,
                     };
                     if slot.as_ref().is_none_or(|(v, _)| *v < doc.version) {
                         *slot = Some((doc.version, doc.source.clone()));
@@ -124,13 +129,38 @@ impl App {
                     let cached = self.cache.borrow().peek(&key).and_then(|e| e.base());
                     let cached_version = cached.as_ref().map(Stored::version);
                     let kv_key = key.kv_key();
-                    let from_kv = read_profile(store, &kv_key, THEN).await?;
-                    let mut held = newer(
-                        cached,
-                        from_kv.and_then(|(bytes, _)| decode_stored(&key, &bytes)),
-                    );
-                    match delta::apply(&mut held, &d.change) {
-                        Ok(Applied::Updated) => {
+                    let from_kv = read_profile(store, &kv_key, THEN)
+                        .await?
+                        .and_then(|(bytes, _)| decode_stored(&key, &bytes));
+                    let kv_version = from_kv.as_ref().map(Stored::version);
+                    let mut held = newer(cached, from_kv);
+                    // A value from before a recent erasure is that erasure's tombstone: a
+                    // change origin made before it heard of the erasure is not written back,
+                    // and a KV that holds such a value (a write that landed after the
+                    // tombstone) gets the tombstone again.
+                    let floor = self.fence.borrow().floor(&key);
+                    if floor.is_some() {
+                        held = self.fence.borrow().check(&key, held);
+                    }
+                    let outcome = delta::apply(&mut held, &d.change);
+                    let repair = matches!(outcome, Ok(Applied::Duplicate))
+                        && floor.is_some_and(|f| kv_version.is_none_or(|v| v < f));
+                    match outcome {
+                        Ok(Applied::Duplicate) if !repair => {
+                            answer.duplicates += 1;
+                            // KV was ahead of this isolate's copy (another isolate, or the KV
+                            // sink, wrote it; or this isolate cached "no profile" before it
+                            // did): serve what KV holds
+                            if let Some(stored) = held
+                                && cached_version.is_none_or(|v| v < stored.version())
+                            {
+                                let mut cache = self.cache.borrow_mut();
+                                if cache.peek(&key).is_some() {
+                                    cache.put_fetched(key, Some(stored), now_ms);
+                                }
+                            }
+                        }
+                        Ok(applied) => {
                             let Some(stored) = held else { continue };
                             let bytes = wire::encode_stored(&stored);
                             let version = stored.version();
@@ -163,20 +193,10 @@ impl App {
                                     cache.put_fetched(key, Some(stored), now_ms);
                                 }
                             }
-                            answer.applied += 1;
-                        }
-                        Ok(Applied::Duplicate) => {
-                            answer.duplicates += 1;
-                            // KV was ahead of this isolate's copy (another isolate, or the KV
-                            // sink, wrote it; or this isolate cached "no profile" before it
-                            // did): serve what KV holds
-                            if let Some(stored) = held
-                                && cached_version.is_none_or(|v| v < stored.version())
-                            {
-                                let mut cache = self.cache.borrow_mut();
-                                if cache.peek(&key).is_some() {
-                                    cache.put_fetched(key, Some(stored), now_ms);
-                                }
+                            if applied == Applied::Updated {
+                                answer.applied += 1;
+                            } else {
+                                answer.duplicates += 1;
                             }
                         }
                         Err(ApplyError::Gap { .. }) => {
@@ -192,6 +212,24 @@ impl App {
                         }
                     }
                 }
+            }
+        }
+        if let Some((version, source)) = fence {
+            match self.update_fence(version, &source, now_ms) {
+                Ok(()) => {
+                    if version >= self.fence_version.get() {
+                        store
+                            .put(ERASURES_KEY, source.as_bytes(), version)
+                            .await
+                            .map_err(|source| EdgeError::KvWrite {
+                                key: ERASURES_KEY.to_owned(),
+                                then: THEN,
+                                source,
+                            })?;
+                        answer.config += 1;
+                    }
+                }
+                Err(e) => answer.config_error = Some(e.to_string()),
             }
         }
         if catalog.is_some() || rules.is_some() {
@@ -223,6 +261,20 @@ impl App {
             }
         }
         Ok(answer)
+    }
+
+    /// Takes in origin's erasure fence when it is newer than the one this isolate has: merged
+    /// with what this isolate erased itself (origin's may not list those yet).
+    fn update_fence(&self, version: u64, source: &str, now_ms: u64) -> Result<(), FenceError> {
+        if version <= self.fence_version.get() {
+            return Ok(());
+        }
+        let published = ErasureFence::from_json(source)?;
+        let mut fence = self.fence.borrow_mut();
+        fence.merge(&published);
+        fence.trim(now_ms);
+        self.fence_version.set(version);
+        Ok(())
     }
 
     /// Switches to newer catalog and/or rules, compiled and validated first. Documents not
@@ -280,8 +332,8 @@ impl App {
             return;
         }
         self.config_checked_ms.set(Some(now_ms));
-        let mut docs = [None, None];
-        for (slot, key) in docs.iter_mut().zip([CATALOG_KEY, RULES_KEY]) {
+        let mut docs = [None, None, None];
+        for (slot, key) in docs.iter_mut().zip([CATALOG_KEY, RULES_KEY, ERASURES_KEY]) {
             // Each failure keeps the active document; said here since no request reports it.
             match store.get(key).await {
                 Ok(None) => {}
@@ -297,7 +349,14 @@ impl App {
                 Err(e) => log::warn(&format!("config check: could not read {key}: {e}")),
             }
         }
-        let [catalog, rules] = docs;
+        let [catalog, rules, fence] = docs;
+        if let Some((version, source)) = fence
+            && let Err(e) = self.update_fence(version, &source, now_ms)
+        {
+            log::warn(&format!(
+                "config check: kept the erasure fence this isolate has; the one in KV is unusable: {e}"
+            ));
+        }
         // `/v1/sync` refuses a bad document before it reaches KV, so one found here was
         // written some other way; this isolate keeps serving what it has.
         if let Err(e) = self.update_site(catalog, rules) {

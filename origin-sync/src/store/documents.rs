@@ -1,8 +1,11 @@
-//! The catalog and rules documents origin-sync publishes: their source and version, in the
-//! store's `documents` table (what each sink acknowledged is in `sinks.rs`).
+//! The documents origin-sync publishes (catalog, rules, and the erasure fence built from the
+//! erasures it stores): their source and version, in the store's `documents` table (what each
+//! sink acknowledged is in `sinks.rs`).
 
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
+use shared::fence::ErasureFence;
+use shared::keys::UserKey;
 use shared::wire::ConfigKind;
 
 use super::sinks::SINK_DOCUMENTS;
@@ -25,10 +28,47 @@ struct DocState {
 }
 
 pub(super) fn doc_name(kind: ConfigKind) -> &'static str {
-    match kind {
-        ConfigKind::Catalog => "catalog",
-        ConfigKind::Rules => "rules",
+    kind.name()
+}
+
+/// Adds erasures (user key, tombstone version, erasure time) to the erasure fence document, in
+/// the transaction that stores them, so the fence never misses an erasure the store holds. The
+/// fence keeps the window before the newest erasure (not the wall clock), so it depends only
+/// on the erasures.
+pub(super) fn fence_erasures(
+    tx: &redb::WriteTransaction,
+    erased: &[(UserKey, u64, u64)],
+) -> Result<(), StoreError> {
+    if erased.is_empty() {
+        return Ok(());
     }
+    let mut t = tx.open_table(DOCUMENTS)?;
+    let name = doc_name(ConfigKind::Erasures);
+    let old: Option<DocState> = match t.get(name)? {
+        Some(g) => Some(decode(g.value(), "document")?),
+        None => None,
+    };
+    // origin wrote it, so it parses; were it ever unreadable, starting again from these
+    // erasures beats refusing to store them
+    let mut fence = old
+        .as_ref()
+        .and_then(|d| ErasureFence::from_json(&d.source).ok())
+        .unwrap_or_default();
+    for &(key, version, at_ms) in erased {
+        fence.raise(key, version, at_ms);
+    }
+    fence.trim(fence.newest_ms());
+    let source = fence.to_json();
+    if old.as_ref().is_some_and(|d| d.source == source) {
+        return Ok(());
+    }
+    let state = DocState {
+        version: old.as_ref().map_or(1, |d| d.version + 1),
+        source,
+        acked: old.map_or(0, |d| d.acked),
+    };
+    t.insert(name, encode(&state).as_slice())?;
+    Ok(())
 }
 
 impl Store {
@@ -92,7 +132,7 @@ impl Store {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(DOCUMENTS)?;
         let mut out = Vec::new();
-        for kind in [ConfigKind::Catalog, ConfigKind::Rules] {
+        for kind in ConfigKind::ALL {
             if let Some(g) = t.get(doc_name(kind))? {
                 let d: DocState = decode(g.value(), "document")?;
                 out.push(DocRow {

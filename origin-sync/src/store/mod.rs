@@ -296,6 +296,7 @@ impl Store {
             erase_in(&mut users_t, &mut outbox_t, key, at_ms)?
         };
         if changed {
+            documents::fence_erasures(&tx, &[(key, version, at_ms)])?;
             tx.commit()?;
         }
         Ok((key, version, changed))
@@ -317,16 +318,18 @@ impl Store {
                 if r.offset < next {
                     continue;
                 }
-                if let Some((key, at_ms)) = r.erasure
-                    && erase_in(&mut users_t, &mut outbox_t, key, at_ms)?.1
-                {
-                    changed.push(key);
+                if let Some((key, at_ms)) = r.erasure {
+                    let (version, did) = erase_in(&mut users_t, &mut outbox_t, key, at_ms)?;
+                    if did {
+                        changed.push((key, version, at_ms));
+                    }
                 }
                 offsets_t.insert((r.topic.as_str(), r.partition), r.offset + 1)?;
             }
         }
+        documents::fence_erasures(&tx, &changed)?;
         tx.commit()?;
-        Ok(changed)
+        Ok(changed.into_iter().map(|(key, ..)| key).collect())
     }
 
     /// Every outbox entry, for the sender to start from after a restart.
@@ -863,5 +866,48 @@ mod tests {
             store.current("h-u0").expect("read"),
             Some(Stored::Profile(_))
         ));
+    }
+
+    /// Every erasure the store takes (from the edge, or read back from the erasure log) is in
+    /// the erasure fence document it publishes, in the same transaction; a repeat changes
+    /// neither the fence nor its version.
+    #[test]
+    fn erasures_are_published_in_the_fence() {
+        use shared::fence::ErasureFence;
+        use shared::wire::ConfigKind;
+        let store = open("fence", SMALL_WINDOW);
+        let fence_of = |store: &Store| {
+            store
+                .pending_documents("edge")
+                .expect("documents")
+                .into_iter()
+                .find(|d| d.kind == ConfigKind::Erasures)
+                .map(|d| {
+                    (
+                        d.version,
+                        ErasureFence::from_json(&d.source).expect("parses"),
+                    )
+                })
+        };
+        assert_eq!(fence_of(&store), None);
+        let (alice, t, _) = store.erase("alice", 1_732_960_000_000).expect("erase");
+        let (version, fence) = fence_of(&store).expect("published");
+        assert_eq!((version, fence.floor(&alice)), (1, Some(t)));
+        store.erase("alice", 1_732_960_000_000).expect("repeat");
+        assert_eq!(fence_of(&store).expect("published").0, 1);
+        let bob = store.user_key("bob");
+        let changed = store
+            .apply_erasures(&[ErasureRecord {
+                topic: "erasures".into(),
+                partition: 0,
+                offset: 0,
+                erasure: Some((bob, 1_732_960_001_000)),
+            }])
+            .expect("log");
+        assert_eq!(changed, vec![bob]);
+        let (version, fence) = fence_of(&store).expect("published");
+        assert_eq!(version, 2);
+        assert_eq!(fence.len(), 2);
+        assert_eq!(fence.floor(&bob), Some(1 << shared::delta::EPOCH_SHIFT));
     }
 }

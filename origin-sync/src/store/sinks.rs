@@ -269,7 +269,14 @@ impl Store {
             if acked < doc.version {
                 // The edge reads the JSON form (it carries no TOML parser). The source was
                 // validated before it was stored, so conversion cannot fail; skip it if it does.
-                if let Ok(source) = shared::catalog::toml_to_json(&doc.source) {
+                // The erasure fence is built as JSON.
+                let source = match doc.kind {
+                    ConfigKind::Erasures => Ok(doc.source),
+                    ConfigKind::Catalog | ConfigKind::Rules => {
+                        shared::catalog::toml_to_json(&doc.source)
+                    }
+                };
+                if let Ok(source) = source {
                     out.push(ConfigDoc {
                         kind: doc.kind,
                         version: doc.version,

@@ -230,3 +230,115 @@ fn an_accepted_erasure_stays_pending_until_origin_takes_it() {
     req.headers = vec![("authorization".into(), bearer("bob").into())];
     assert_eq!(w.send(req).reply.status, 503);
 }
+
+/// Another isolate over the same KV (`World` owns one isolate and the KV).
+fn me_at(app: &App, w: &World) -> Value {
+    let mut req = HttpRequest::get("/v1/me");
+    req.headers = vec![("authorization".into(), bearer("alice").into())];
+    run(app.handle(&w.store, &w.clock, &req, || [0x22; 16]))
+        .reply
+        .body_json()["profile"]
+        .clone()
+}
+
+/// KV has no compare-and-swap: a write carrying data from before the erasure (origin's KV bulk
+/// sink, or an isolate applying a push origin sent before it heard of the erasure) may land
+/// after the tombstone. Every reader refuses it: the isolate that erased at once, the others
+/// from origin's erasure fence, through the push or KV.
+#[test]
+fn a_write_from_before_the_erasure_that_lands_after_it_is_read_as_erased_everywhere() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let cached_before = App::new(config());
+    assert_eq!(me_at(&cached_before, &w)["cart"][0]["item"], "cam-001");
+
+    let mut req = HttpRequest::get("/v1/me");
+    req.method = "DELETE".into();
+    req.headers = vec![("authorization".into(), bearer("alice").into())];
+    assert_eq!(w.send(req).reply.status, 202);
+    let t = shared::delta::tombstone_version(1);
+
+    // origin's bulk write of version 40, sent before it heard of the erasure, lands now
+    let kv_key = key("alice").kv_key();
+    let mut late = p.clone();
+    late.version = 40;
+    let late_bytes = wire::encode_stored(&Stored::Profile(late.clone()));
+    w.store.insert_raw(&kv_key, late_bytes.clone(), Some(40));
+
+    // the isolate that erased: its own fence, even once the tombstone left its cache
+    w.app.cache.borrow_mut().remove(&key("alice"));
+    assert_eq!(
+        w.get("/v1/me", &alice()).body_json()["profile"],
+        Value::Null
+    );
+
+    // origin publishes its fence with the erasure; the entry isolate stores it in KV
+    let mut fence = shared::fence::ErasureFence::default();
+    fence.raise(key("alice"), t, w.now());
+    let out = w.sync(vec![SyncItem::Config(ConfigDoc {
+        kind: ConfigKind::Erasures,
+        version: 1,
+        source: fence.to_json(),
+    })]);
+    assert_eq!(out["config"], 1, "{out}");
+    assert_eq!(w.store.raw(ERASURES_KEY).unwrap().1, Some(1));
+
+    // an isolate that never saw alice reads the late write from KV: refused
+    let fresh = App::new(config());
+    assert_eq!(me_at(&fresh, &w), Value::Null);
+    // one that cached her before the erasure refuses it once it checks KV again
+    w.advance(30_001);
+    assert_eq!(me_at(&cached_before, &w), Value::Null);
+    let health = run(cached_before.handle(
+        &w.store,
+        &w.clock,
+        &HttpRequest::get("/healthz"),
+        || [0; 16],
+    ));
+    assert_eq!(
+        health.reply.body_json()["erasure_fence"],
+        serde_json::json!({"version": 1, "entries": 1})
+    );
+
+    // a push origin made before the erasure is not written over KV by a fenced isolate,
+    // which puts the tombstone back instead
+    let mut pre = late.clone();
+    pre.version = 41;
+    let push = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &pre)],
+        },
+        Codec::None,
+    );
+    let ts = w.now() / 1000;
+    let mut req = HttpRequest::get(shared::protocol::route::SYNC);
+    req.method = "POST".into();
+    req.headers = vec![
+        (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
+        (
+            auth::SIGNATURE_HEADER.into(),
+            auth::sign(SYNC_SECRET.as_bytes(), ts, &push),
+        ),
+    ];
+    req.body = push;
+    let reply = run(fresh.handle(&w.store, &w.clock, &req, || [0; 16])).reply;
+    assert_eq!(reply.body_json()["duplicates"], 1);
+    let (bytes, version) = w.store.raw(&kv_key).unwrap();
+    assert_eq!(
+        (wire::decode_stored(&bytes).unwrap(), version),
+        (Stored::Tombstone { version: t }, Some(t))
+    );
+    assert_ne!(bytes, late_bytes);
+
+    // what alice does after the erasure counts up from the tombstone, and is served
+    let mut after = profile_of("alice", &[event("alice", 9, VIEW_LAPTOP)]);
+    after.version = t + 1;
+    w.store.insert_raw(
+        &kv_key,
+        wire::encode_stored(&Stored::Profile(after)),
+        Some(t + 1),
+    );
+    let another = App::new(config());
+    assert_ne!(me_at(&another, &w), Value::Null);
+}
