@@ -8,7 +8,32 @@ pub fn warn(message: &str) {
     #[cfg(target_arch = "wasm32")]
     worker::console_warn!("edgewise: {message}");
     #[cfg(not(target_arch = "wasm32"))]
-    eprintln!("edgewise: warning: {message}");
+    {
+        let quiet = QUIET.with(|q| {
+            let (on, n) = q.get();
+            q.set((on, n + u64::from(on)));
+            on
+        });
+        if !quiet {
+            eprintln!("edgewise: warning: {message}");
+        }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+thread_local! {
+    static QUIET: std::cell::Cell<(bool, u64)> = const { std::cell::Cell::new((false, 0)) };
+}
+
+/// Natively, counts warnings instead of printing them (on this thread): a simulation of a
+/// thousand isolates would otherwise drown its own output. Returns how many were counted.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn quiet(on: bool) -> u64 {
+    QUIET.with(|q| {
+        let (_, n) = q.get();
+        q.set((on, n));
+        n
+    })
 }
 
 #[cfg(test)]

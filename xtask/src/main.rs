@@ -24,6 +24,8 @@ commands:
                  origin-sync, wrangler dev (`cargo xtask dev --help` lists the options)
   test           set up, build the worker once, then run every test
   bench          run the benchmarks and print their figures
+  sim [OPTIONS]  simulate the edge as Cloudflare runs it (locations x isolates over one KV) and
+                 print what shoppers saw; `cargo xtask sim --help` lists the options
   codec-sizes    build the codec probes for wasm32 and print what each adds to a bundle
   fuzz [SECS]    run every fuzz target of the decoders for SECS seconds each (default 60)
 ";
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Some("dev") => dev(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("sim") => sim(&args[1..]),
         Some("codec-sizes") => worker::codec_sizes(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
@@ -51,6 +54,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The edge topology simulator, built for speed; its report also goes to
+/// `target/sim/topology.json` unless `--out` says otherwise.
+fn sim(extra: &[String]) -> Result<()> {
+    step("edge topology simulation");
+    let mut args = extra.to_vec();
+    if !args
+        .iter()
+        .any(|a| a == "--out" || a == "--help" || a == "-h")
+    {
+        args.push("--out".into());
+        args.push(
+            root()
+                .join("target/sim/topology.json")
+                .display()
+                .to_string(),
+        );
+    }
+    Cmd::new("cargo")
+        .args(["run", "-q", "--profile", "native", "-p", "edgewise-sim"])
+        .args(["--bin", "edge-topology", "--"])
+        .args(&args)
+        .cwd(root())
+        .run()
 }
 
 /// Starts the whole local stack in the foreground (broker, topics, origin-sync, wrangler dev);
