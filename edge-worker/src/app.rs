@@ -32,6 +32,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 mod pages;
+mod session;
 mod shopper;
 mod sync;
 

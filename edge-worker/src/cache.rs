@@ -249,6 +249,48 @@ impl ProfileCache {
     /// Adds the shopper's own event (read-your-writes). Creates an entry with an empty base
     /// when the shopper is not cached; callers load the base from KV first where they can.
     /// Whether `key` holds a not-yet-synced local event with this id.
+    /// What the shopper's session cookie says they were shown (`shared::session`): a base
+    /// newer than the cached one replaces it — keeping when KV was last read, so a newer
+    /// value there is still picked up when due — and their own events join the local ones
+    /// (once each; those the base already holds retire as usual).
+    pub fn adopt(&mut self, key: UserKey, base: Option<&Stored>, events: Vec<Event>, now_ms: u64) {
+        let cached = self.lru.peek(&key).is_some();
+        self.modify(key, now_ms, |e| {
+            if !cached {
+                // never read here: leave it due for a KV read
+                e.fetched_at_ms = 0;
+            }
+            if let Some(b) = base {
+                let tombstone_wins = b.version() == e.version
+                    && matches!(b, Stored::Tombstone { .. })
+                    && !e.is_tombstone();
+                if b.version() > e.version || tombstone_wins {
+                    let fetched = e.fetched_at_ms;
+                    e.set_base(Some(b), fetched);
+                }
+            }
+            for ev in events {
+                if e.local.iter().any(|l| l.id == ev.id) {
+                    continue;
+                }
+                if e.local.len() == MAX_LOCAL_EVENTS {
+                    e.local.remove(0);
+                }
+                e.local.push(ev);
+            }
+            e.local.sort_by_key(|l| l.ts_ms);
+            if e.base.is_some() {
+                let seen = e.base_updated_at;
+                e.local.retain(|l| Secs::from_unix_ms(l.ts_ms).0 > seen.0);
+            }
+        });
+    }
+
+    /// The base and the own events a shopper's session cookie should carry after this request.
+    pub fn session_state(&self, key: &UserKey) -> Option<(Option<Stored>, Vec<Event>)> {
+        self.lru.peek(key).map(|e| (e.base(), e.local.clone()))
+    }
+
     pub fn has_local(&self, key: &UserKey, id: &str) -> bool {
         self.lru
             .peek(key)

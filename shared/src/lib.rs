@@ -21,6 +21,7 @@ pub mod profile;
 pub mod protocol;
 pub mod recommend;
 pub mod rules;
+pub mod session;
 pub mod synthetic;
 pub mod traffic;
 pub mod wire;

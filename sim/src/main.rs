@@ -27,13 +27,25 @@ fn main() -> ExitCode {
         }
     };
     let out = params.out.clone();
-    let report = world::run(&params);
-    println!("{}", report.table());
+    let designs = if params.both {
+        vec![world::Design::Today, world::Design::Session]
+    } else {
+        vec![params.design]
+    };
+    let mut all = serde_json::Map::new();
+    for design in designs {
+        let report = world::run(&world::Params {
+            design,
+            ..params.clone()
+        });
+        println!("{}", report.table());
+        all.insert(design.name().into(), report.json());
+    }
     if let Some(path) = out {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        match std::fs::write(&path, report.json().to_string()) {
+        match std::fs::write(&path, serde_json::Value::Object(all).to_string()) {
             Ok(()) => println!("written to {}", path.display()),
             Err(e) => {
                 eprintln!("edge-topology: could not write {}: {e}", path.display());

@@ -51,6 +51,8 @@ impl App {
             },
             None => None,
         };
+        // what the shopper was last shown, wherever that was (`shared::session`)
+        let shown = self.adopt_session(req, &who, now_ms);
         // a visitor who just signed in: their cart joins the signed-in one on this very page
         let stitched = self.stitch(store, req, &who, now_ms).await;
         let key = self.key_of(&who);
@@ -95,6 +97,9 @@ impl App {
         if let Some((identify, clear)) = stitched {
             handled.reply.headers.push(("set-cookie", clear));
             handled.outbound.push(identify);
+        }
+        if let Some(cookie) = self.session_cookie(req, &who, shown.as_ref(), now_ms) {
+            handled.reply.headers.push(("set-cookie", cookie));
         }
         handled
     }

@@ -48,6 +48,8 @@ impl App {
     ) -> Result<Handled, EdgeError> {
         let who = self.identify(req, now_ms, mint)?;
         self.refresh_site(store, now_ms).await;
+        // what the shopper was last shown, wherever that was (`shared::session`)
+        let shown = self.adopt_session(req, &who, now_ms);
         // before the route, so what it answers already shows the joined profile
         let stitched = self.stitch(store, req, &who, now_ms).await;
         let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
@@ -74,6 +76,9 @@ impl App {
         if who.is_minted() && handled.reply.header("set-cookie").is_none() {
             let cookie = self.set_cookie(req, &who);
             set_header(&mut handled.reply, "set-cookie", cookie);
+        }
+        if let Some(cookie) = self.session_cookie(req, &who, shown.as_ref(), now_ms) {
+            handled.reply.headers.push(("set-cookie", cookie));
         }
         Ok(handled)
     }
@@ -167,7 +172,7 @@ impl App {
         ))
     }
 
-    fn cookie_secure(&self, req: &HttpRequest) -> bool {
+    pub(super) fn cookie_secure(&self, req: &HttpRequest) -> bool {
         self.config
             .cookie_secure
             .unwrap_or_else(|| !identity::is_loopback_host(req.header("host").unwrap_or("")))

@@ -1,0 +1,73 @@
+//! The shopper's session cookie at the edge (`shared::session`): read before a request is
+//! answered, so this isolate starts from what the shopper was last shown wherever that was;
+//! written after, when what they were shown changed.
+
+use super::App;
+use crate::http::HttpRequest;
+use crate::identity::Identity;
+use shared::session::{self, MAX_AGE_S, OwnEvent, Session};
+
+impl App {
+    /// Seeds this isolate's cache from the request's session cookie, when it carries a valid
+    /// record for `who`. Returns the record, to tell later whether it changed.
+    pub(super) fn adopt_session(
+        &self,
+        req: &HttpRequest,
+        who: &Identity,
+        now_ms: u64,
+    ) -> Option<Session> {
+        let secret = self.config.user_key_secret.as_deref()?;
+        let key = self.key_of(who)?;
+        let value = crate::token::cookie(req.header("cookie")?, session::COOKIE)?;
+        let record = Session::decode(secret, value, &key, now_ms / 1000)?;
+        let user = who.user_id();
+        let events = record
+            .events
+            .iter()
+            .cloned()
+            .map(|e| e.into_event(user.clone()))
+            .collect();
+        self.cache
+            .borrow_mut()
+            .adopt(key, record.base.as_ref(), events, now_ms);
+        Some(record)
+    }
+
+    /// The `Set-Cookie` value carrying what this answer showed `who`, when it differs from
+    /// what the request carried (`incoming`).
+    pub(super) fn session_cookie(
+        &self,
+        req: &HttpRequest,
+        who: &Identity,
+        incoming: Option<&Session>,
+        now_ms: u64,
+    ) -> Option<String> {
+        let secret = self.config.user_key_secret.as_deref()?;
+        let key = self.key_of(who)?;
+        let (base, events) = self.cache.borrow().session_state(&key)?;
+        let events: Vec<OwnEvent> = events.iter().map(OwnEvent::of).collect();
+        let unchanged = match incoming {
+            Some(old) => old.base == base && old.events == events,
+            None => base.is_none() && events.is_empty(),
+        };
+        if unchanged {
+            return None;
+        }
+        let record = Session {
+            user: key,
+            issued_s: now_ms / 1000,
+            base,
+            events,
+        };
+        Some(format!(
+            "{}={}; Path=/; Max-Age={MAX_AGE_S}; HttpOnly; SameSite=Lax{}",
+            session::COOKIE,
+            record.encode(secret),
+            if self.cookie_secure(req) {
+                "; Secure"
+            } else {
+                ""
+            }
+        ))
+    }
+}

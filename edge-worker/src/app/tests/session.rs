@@ -1,0 +1,199 @@
+//! The session cookie: whichever isolate takes the shopper's next request shows what they were
+//! last shown, their own events and their erasure (read-your-writes, monotonic reads).
+
+use super::*;
+
+/// The shopper's browser: the cookies it was given, sent back with every request.
+#[derive(Default)]
+struct Browser {
+    session: Option<String>,
+}
+
+impl Browser {
+    fn send(&mut self, app: &App, w: &World, mut req: HttpRequest, user: &str) -> Reply {
+        req.headers
+            .push(("authorization".into(), bearer(user).into()));
+        if let Some(s) = &self.session {
+            req.headers.push(("cookie".into(), format!("ew_s={s}")));
+        }
+        let reply = run(app.handle(&w.store, &w.clock, &req, || [0x33; 16])).reply;
+        for (name, value) in &reply.headers {
+            if *name == "set-cookie"
+                && let Some(v) = value.strip_prefix("ew_s=")
+            {
+                self.session = v.split(';').next().map(str::to_owned);
+            }
+        }
+        reply
+    }
+
+    fn me(&mut self, app: &App, w: &World, user: &str) -> Value {
+        self.send(app, w, HttpRequest::get("/v1/me"), user)
+            .body_json()["profile"]
+            .clone()
+    }
+
+    fn post_event(&mut self, app: &App, w: &World, user: &str, id: &str, body: &str) {
+        let mut req = HttpRequest::get("/v1/events");
+        req.method = "POST".into();
+        req.body = format!(r#"{{"event_id":"{id}","ts":{},{body}}}"#, w.now()).into_bytes();
+        assert_eq!(self.send(app, w, req, user).status, 202);
+    }
+}
+
+#[test]
+fn the_next_isolate_shows_the_shoppers_own_event() {
+    let w = World::new();
+    let b_isolate = App::new(config());
+    let mut alice_browser = Browser::default();
+    alice_browser.post_event(&w.app, &w, "alice", "a1", ADD_CAMERA);
+    assert!(
+        alice_browser.session.is_some(),
+        "the answer carries the session"
+    );
+    // a second isolate, which origin has not told yet
+    assert_eq!(
+        alice_browser.me(&b_isolate, &w, "alice")["cart"][0]["item"],
+        "cam-001"
+    );
+    // without the cookie (today's edge) it would not know
+    let mut cookieless = Browser::default();
+    assert_eq!(cookieless.me(&App::new(config()), &w, "alice"), Value::Null);
+}
+
+#[test]
+fn a_shopper_never_sees_an_older_profile_after_a_newer_one() {
+    let w = World::new();
+    let p1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.sync(vec![snapshot("alice", &p1)]);
+    let b_isolate = App::new(config());
+    let mut browser = Browser::default();
+    // B caches version 1
+    assert_eq!(browser.me(&b_isolate, &w, "alice")["version"], 1);
+    // origin pushes version 2 to A, where the shopper sees it; B's KV still gives version 1
+    // (KV in B's location lags)
+    let p2 = profile_of(
+        "alice",
+        &[
+            event("alice", 1, VIEW_LAPTOP),
+            event("alice", 2, ADD_CAMERA),
+        ],
+    );
+    w.sync(vec![snapshot("alice", &p2)]);
+    assert_eq!(browser.me(&w.app, &w, "alice")["version"], 2);
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(p1.clone())),
+        Some(1),
+    );
+    // back at B, whose cache (within its TTL) and KV both hold version 1
+    assert_eq!(browser.me(&b_isolate, &w, "alice")["version"], 2);
+    assert_eq!(
+        browser.me(&b_isolate, &w, "alice")["cart"][0]["item"],
+        "cam-001"
+    );
+}
+
+#[test]
+fn an_erasure_holds_at_every_isolate_for_the_shoppers_session() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let b_isolate = App::new(config());
+    let mut browser = Browser::default();
+    assert_eq!(
+        browser.me(&b_isolate, &w, "alice")["cart"][0]["item"],
+        "cam-001"
+    );
+    let mut req = HttpRequest::get("/v1/me");
+    req.method = "DELETE".into();
+    assert_eq!(browser.send(&w.app, &w, req, "alice").status, 202);
+    // B still caches the profile, and (here) KV gives it back too
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(p.clone())),
+        Some(p.version),
+    );
+    assert_eq!(browser.me(&b_isolate, &w, "alice"), Value::Null);
+    // what the shopper does after the erasure shows, at either isolate
+    browser.post_event(&b_isolate, &w, "alice", "after", VIEW_LAPTOP);
+    let shown = browser.me(&w.app, &w, "alice");
+    assert_eq!(
+        (shown["views"].clone(), shown["cart"].clone()),
+        (1.into(), json!([]))
+    );
+}
+
+#[test]
+fn a_forged_or_borrowed_session_shows_nothing() {
+    let w = World::new();
+    let mut alice_browser = Browser::default();
+    alice_browser.post_event(&w.app, &w, "alice", "a1", ADD_CAMERA);
+    let alices = alice_browser.session.clone().expect("a session");
+    // bob presents alice's cookie: it is bound to alice, so bob sees only his own (nothing)
+    let mut bob_browser = Browser {
+        session: Some(alices.clone()),
+    };
+    let b_isolate = App::new(config());
+    assert_eq!(bob_browser.me(&b_isolate, &w, "bob"), Value::Null);
+    // a cookie edited to claim more, or signed with another key, is ignored
+    let (payload, sig) = alices.split_once('.').unwrap();
+    let mut bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let edited = format!(
+        "{}.{sig}",
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &bytes)
+    );
+    for bad in [
+        edited,
+        format!("{payload}.AAAAAAAAAAAAAAAAAAAAAA"),
+        "x".repeat(5000),
+    ] {
+        let mut browser = Browser { session: Some(bad) };
+        assert_eq!(browser.me(&App::new(config()), &w, "alice"), Value::Null);
+    }
+}
+
+#[test]
+fn the_session_stays_small_and_forgets_what_the_base_holds() {
+    let w = World::new();
+    let mut browser = Browser::default();
+    for i in 0..60 {
+        browser.post_event(&w.app, &w, "alice", &format!("view-{i}"), VIEW_LAPTOP);
+        w.advance(1_000);
+    }
+    let cookie = browser.session.clone().unwrap();
+    assert!(
+        cookie.len() <= shared::session::MAX_COOKIE_LEN,
+        "{}",
+        cookie.len()
+    );
+    // origin's profile now holds every one of them: the cookie carries the base, no events,
+    // and no isolate counts a view twice
+    let views: Vec<Event> = (0..60)
+        .map(|i| {
+            parse_event(
+                format!(
+                    r#"{{"event_id":"view-{i}","user_id":"alice","ts":{},{VIEW_LAPTOP}}}"#,
+                    w.now() - 60_000 + i * 1_000
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        })
+        .collect();
+    w.sync(vec![snapshot("alice", &profile_of("alice", &views))]);
+    assert_eq!(browser.me(&w.app, &w, "alice")["views"], 60);
+    let after = browser.session.clone().unwrap();
+    let record = shared::session::Session::decode(
+        USER_SECRET.as_bytes(),
+        &after,
+        &key("alice"),
+        w.now() / 1000,
+    )
+    .unwrap();
+    assert!(record.events.is_empty(), "{:?}", record.events.len());
+    assert_eq!(browser.me(&App::new(config()), &w, "alice")["views"], 60);
+}
