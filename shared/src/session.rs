@@ -28,7 +28,7 @@ pub const COOKIE: &str = "ew_s";
 /// Longest cookie value written or read (browsers keep 4096 bytes per cookie, name included).
 pub const MAX_COOKIE_LEN: usize = 3_000;
 /// Own events carried, newest kept.
-pub const MAX_EVENTS: usize = 16;
+pub const MAX_EVENTS: usize = 32;
 /// How long a record is believed after it was issued.
 pub const MAX_AGE_S: u64 = 24 * 3600;
 

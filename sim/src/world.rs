@@ -606,7 +606,10 @@ pub fn run(p: &Params) -> Report {
                 if let Some(key) = s.key {
                     origin.take(key, &event, now);
                     s.spend += cents;
-                    s.unseen_other.push_back((s.spend, now));
+                    // measured on the pages of a session under way (the next may be an hour off)
+                    if s.in_session {
+                        s.unseen_other.push_back((s.spend, now));
+                    }
                 }
             }
             Ev::Ingest(body) => {
@@ -709,6 +712,18 @@ fn observe(s: &mut Shopper, reply: &Reply, now: u64, seen: &mut Seen) {
     }
 }
 
+/// (percentile, value) at every whole percent, for plots.
+fn curve(xs: &mut [u64]) -> Value {
+    if xs.is_empty() {
+        return json!([]);
+    }
+    xs.sort_unstable();
+    let n = xs.len();
+    (1..=100)
+        .map(|pct| json!([pct, xs[((n - 1) * pct / 100).min(n - 1)]]))
+        .collect()
+}
+
 fn percentiles(xs: &mut [u64]) -> Value {
     if xs.is_empty() {
         return json!(null);
@@ -769,9 +784,11 @@ impl Report {
                 "data_the_shopper_never_made": s.phantom,
             },
             "own_event_to_visible_ms": percentiles(&mut own),
+            "own_event_to_visible_curve": curve(&mut own),
             "own_events_never_shown_in_their_session": s.own_never_shown_in_session,
             "next_page_gap_ms": percentiles(&mut gaps),
             "other_channel_to_visible_ms": percentiles(&mut other),
+            "other_channel_to_visible_curve": curve(&mut other),
             "other_channel_stale_pages": s.other_stale_pages,
             "other_channel_never_shown_in_their_session": s.other_never_shown_in_session,
             "tiers": s.tiers,

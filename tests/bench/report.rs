@@ -1,6 +1,7 @@
 //! Writes `BENCHMARKS.md` and its latency plot from the figures the benchmarks of one
 //! `cargo xtask bench` run left in `EDGEWISE_BENCH_OUT` (`sizes.json`, `bundle.json`,
-//! `origin-sqlite.json`, `origin-memory.json`, `edge-load.json`, `system.json`).
+//! `origin-sqlite.json`, `origin-memory.json`, `edge-load.json`, `system.json`, and the edge
+//! topology simulator's `topology.json`).
 //! Usage: `bench-report OUT_DIR REPO_ROOT`.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 const PLOT: &str = "docs/bench-latency.png";
+const SIM_PLOT: &str = "docs/sim-visibility.png";
 /// Debian's `fonts-dejavu-core`, installed by `cargo xtask setup`.
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -74,6 +76,7 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
     let memory = load(dir, "origin-memory.json")?;
     let edge = load(dir, "edge-load.json")?;
     let system = load(dir, "system.json")?;
+    let topology = load(dir, "topology.json")?;
 
     let (fp50, fp99) = (num(&system["fresh_p50_ms"]), num(&system["fresh_p99_ms"]));
     let (rp50, rp99) = (num(&system["raw_p50_ms"]), num(&system["raw_p99_ms"]));
@@ -160,6 +163,7 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
         verdict(gz <= 400_000.0)
     );
     md += &format!("![latency distributions]({PLOT})\n\n");
+    md += &topology_section(&topology);
     md += "## How each figure is measured\n\n";
     md += &format!(
         "- **Freshness** (`system-bench`): the whole local stack as `cargo xtask dev` runs it \
@@ -197,7 +201,8 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
     let out = root.join("BENCHMARKS.md");
     std::fs::write(&out, md).map_err(|e| format!("{}: {e}", out.display()))?;
     plot(&system, &runs, &root.join(PLOT))?;
-    println!("wrote {} and {PLOT}", out.display());
+    plot_topology(&topology, &root.join(SIM_PLOT))?;
+    println!("wrote {} and {PLOT}, {SIM_PLOT}", out.display());
     Ok(())
 }
 
@@ -244,6 +249,7 @@ fn plot(system: &Value, runs: &[Value], path: &Path) -> Result<(), String> {
         "Freshness: produced to Kafka -> visible at the edge",
         &freshness,
         100.0,
+        "milliseconds",
     )?;
     let edge: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
@@ -265,6 +271,7 @@ fn plot(system: &Value, runs: &[Value], path: &Path) -> Result<(), String> {
         "Edge answer latency under load (wrk, wrangler dev)",
         &edge,
         99.0,
+        "milliseconds",
     )?;
     area.present().map_err(|e| e.to_string())?;
     Ok(())
@@ -277,6 +284,7 @@ fn cdf_panel(
     title: &str,
     curves: &[(String, Vec<(f64, f64)>)],
     top: f64,
+    unit: &str,
 ) -> Result<(), String> {
     let e = |e: DrawingAreaErrorKind<_>| e.to_string();
     let max = curves
@@ -293,7 +301,7 @@ fn cdf_panel(
         .map_err(e)?;
     chart
         .configure_mesh()
-        .x_desc("milliseconds")
+        .x_desc(unit)
         .y_desc("percentile")
         .label_style(("sans-serif", 14))
         .draw()
@@ -322,5 +330,196 @@ fn cdf_panel(
         .label_font(("sans-serif", 14))
         .draw()
         .map_err(e)?;
+    Ok(())
+}
+
+/// The simulator's figures, today's design beside the session design (same seed and traffic).
+fn topology_section(t: &Value) -> String {
+    let (today, session) = (&t["today"], &t["session"]);
+    let p = &session["params"];
+    let mut md = String::from("## The edge as Cloudflare runs it (simulated)\n\n");
+    md += &format!(
+        "`cargo xtask sim`: {} locations × {} isolates of the real edge `App` over a model of \
+         Workers KV (per-location `cacheTtl` {} s, replication delay mean {} ms, one write per \
+         second per key, 1,000 operations per invocation), origin's fold, coalescer ({} ms) and \
+         pushes to one entry isolate every {} ms; {} page views of {} shoppers at {}/s, {} of \
+         sessions moving location midway, seed {}. Virtual time: {:.0} simulated s took {:.0} s \
+         (today) and {:.0} s (session). Both columns are the same traffic.\n\n",
+        p["locations"],
+        p["isolates_per_location"],
+        p["kv_cache_ttl_s"],
+        p["kv_replication_ms"],
+        p["coalesce_ms"],
+        p["push_ms"],
+        session["pages"],
+        p["shoppers"],
+        p["page_rate"],
+        p["switch"],
+        p["seed"],
+        num(&session["simulated_s"]),
+        num(&today["wall_s"]),
+        num(&session["wall_s"])
+    );
+    md += "| figure | today | session cookie | target |\n| --- | ---: | ---: | --- |\n";
+    let row = |name: &str, f: &dyn Fn(&Value) -> String, target: &str| {
+        format!("| {name} | {} | {} | {target} |\n", f(today), f(session))
+    };
+    let count = |path: &'static [&'static str]| {
+        move |j: &Value| {
+            let mut v = j;
+            for k in path {
+                v = &v[*k];
+            }
+            format!("{}", v)
+        }
+    };
+    let pcts = |key: &'static str| {
+        move |j: &Value| {
+            let v = &j[key];
+            if v.is_null() {
+                "—".to_owned()
+            } else {
+                format!(
+                    "{:.1} / {:.1} / {:.1} s",
+                    num(&v["p50"]) / 1000.0,
+                    num(&v["p90"]) / 1000.0,
+                    num(&v["p99"]) / 1000.0
+                )
+            }
+        }
+    };
+    md += &row(
+        "read-your-writes violations (pages)",
+        &count(&["violations", "read_your_writes"]),
+        "0",
+    );
+    md += &row(
+        "monotonic-read violations",
+        &count(&["violations", "monotonic_reads"]),
+        "0",
+    );
+    md += &row(
+        "erasure violations (erased data shown)",
+        &count(&["violations", "erasure"]),
+        "0",
+    );
+    md += &row(
+        "own event → visible on a page, p50 / p90 / p99",
+        &pcts("own_event_to_visible_ms"),
+        "the next page",
+    );
+    md += &row(
+        "gap to the next page, p50 / p90 / p99",
+        &pcts("next_page_gap_ms"),
+        "",
+    );
+    md += &row(
+        "other channel (Kafka) → visible, p50 / p90 / p99",
+        &pcts("other_channel_to_visible_ms"),
+        "p99 ≤ 60 s",
+    );
+    md += &row(
+        "pages that missed an earlier other-channel event",
+        &count(&["other_channel_stale_pages"]),
+        "",
+    );
+    md += &row(
+        "KV reads per page",
+        &|j: &Value| format!("{:.3}", num(&j["kv"]["reads_per_page"])),
+        "≤ 1 on a miss",
+    );
+    md += &row(
+        "KV writes per event",
+        &|j: &Value| format!("{:.3}", num(&j["kv"]["writes_per_event"])),
+        "",
+    );
+    md += &row(
+        "KV 429s (one write per second per key)",
+        &count(&["kv", "rate_limited_429"]),
+        "",
+    );
+    md += &row(
+        "origin reads per page",
+        &count(&["origin", "reads_per_page"]),
+        "≤ 0.05",
+    );
+    md += &row("tiers", &|j: &Value| j["tiers"].to_string(), "");
+    md += &row(
+        "session cookie, p50 / p99 / max bytes",
+        &|j: &Value| {
+            let c = &j["session_cookie_bytes"];
+            if c.is_null() {
+                "—".to_owned()
+            } else {
+                format!("{} / {} / {}", c["p50"], c["p99"], c["max"])
+            }
+        },
+        "≤ 3,000",
+    );
+    md += &row(
+        "cost per million page views (USD)",
+        &|j: &Value| format!("{:.2}", num(&j["cost_usd_per_million_pages"]["total"])),
+        "",
+    );
+    md += &format!(
+        "\nCost: requests, KV reads and writes at Cloudflare's list prices beyond the Workers Paid \
+         plan's included usage ({}); CPU is native time on this machine as a stand-in. \"Visible\" \
+         counts the pages of the same session only: an event on a session's last page is never \
+         shown in that session. A page is a `GET /v1/me` (the profile lookup every page makes), \
+         followed by the page's own `page_view` event posted to any isolate of the location.\n\n",
+        session["cost_usd_per_million_pages"]["sources"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default()
+    );
+    md += &format!("![visibility in the simulator]({SIM_PLOT})\n\n");
+    md
+}
+
+fn plot_topology(t: &Value, path: &Path) -> Result<(), String> {
+    let area = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    area.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (left, right) = area.split_horizontally(700);
+    let points = |v: &Value| -> Vec<(f64, f64)> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()? / 1000.0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let own: Vec<(String, Vec<(f64, f64)>)> = ["today", "session"]
+        .iter()
+        .map(|d| (d.to_string(), points(&t[*d]["own_event_to_visible_curve"])))
+        .collect();
+    cdf_panel(
+        &left,
+        "Own event -> visible on the shopper's page",
+        &own,
+        99.0,
+        "seconds",
+    )?;
+    let other: Vec<(String, Vec<(f64, f64)>)> = ["today", "session"]
+        .iter()
+        .map(|d| {
+            (
+                d.to_string(),
+                points(&t[*d]["other_channel_to_visible_curve"]),
+            )
+        })
+        .collect();
+    cdf_panel(
+        &right,
+        "Other-channel event -> visible",
+        &other,
+        99.0,
+        "seconds",
+    )?;
+    area.present().map_err(|e| e.to_string())?;
     Ok(())
 }

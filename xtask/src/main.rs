@@ -197,7 +197,7 @@ fn bench(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     step(
-        "building the native benchmark binaries (origin-sync-bench, system-bench, edge-load, bench-report)",
+        "building the native benchmark binaries (origin-sync-bench, system-bench, edge-load, bench-report, edge-topology)",
     );
     Cmd::new("cargo")
         .args([
@@ -213,6 +213,7 @@ fn bench(extra: &[String]) -> Result<()> {
         ])
         .args(["-p", "tests", "--bin", "system-bench", "--bin", "edge-load"])
         .args(["--bin", "bench-report"])
+        .args(["-p", "edgewise-sim", "--bin", "edge-topology"])
         .cwd(root())
         .run()?;
     let bin = |name: &str| root().join("target/native").join(name);
@@ -242,6 +243,12 @@ fn bench(extra: &[String]) -> Result<()> {
         .env("EDGEWISE_WORKER_BUNDLE", &bundle)
         .env("EDGEWISE_SKIP_BUILD", "1")
         .env("EDGEWISE_BENCH_OUT", &out)
+        .cwd(root())
+        .run()?;
+    step("edge topology simulation: today's design and the session cookie, same traffic");
+    Cmd::new(bin("edge-topology"))
+        .arg("--out")
+        .arg(out.join("topology.json"))
         .cwd(root())
         .run()?;
     step("writing BENCHMARKS.md");
