@@ -12,6 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The development secrets in `.dev.vars` (origin-sync's embedded defaults are the same).
@@ -517,5 +518,145 @@ impl FakeOrigin {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A front router for several edges over one KV (isolates of one location, as Cloudflare
+/// spreads a shopper's requests): writes (`POST`, `DELETE`) go to the first backend, reads to
+/// the others in turn, so the page after a shopper's event always lands on an isolate that
+/// did not take it. HTTP/1.1, one request per connection (`Connection: close` both ways),
+/// bodies by `Content-Length`.
+#[derive(Debug)]
+pub struct FrontRouter {
+    pub port: u16,
+    /// (method and path, backend index) of every request routed, in order.
+    pub routed: Arc<Mutex<Vec<(String, usize)>>>,
+}
+
+impl FrontRouter {
+    pub fn start(backends: Vec<u16>) -> std::io::Result<FrontRouter> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let routed: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+        let log = routed.clone();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (log, next, backends) = (log.clone(), next.clone(), backends.clone());
+                std::thread::spawn(move || {
+                    let _ = route_one(conn, &backends, &next, &log);
+                });
+            }
+        });
+        Ok(FrontRouter { port, routed })
+    }
+}
+
+fn route_one(
+    mut client: TcpStream,
+    backends: &[u16],
+    next: &std::sync::atomic::AtomicUsize,
+    log: &Mutex<Vec<(String, usize)>>,
+) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_owned();
+    let mut length = 0usize;
+    let mut forwarded = format!("{request_line}\r\n");
+    for line in lines.filter(|l| !l.is_empty()) {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if name == "content-length" {
+            length = line[line.find(':').map_or(0, |i| i + 1)..]
+                .trim()
+                .parse()
+                .unwrap_or(0);
+        }
+        if name == "connection" || name == "keep-alive" {
+            continue;
+        }
+        forwarded += line;
+        forwarded += "\r\n";
+    }
+    forwarded += "Connection: close\r\n\r\n";
+    while buf.len() < head_end + length {
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let write = request_line.starts_with("POST ") || request_line.starts_with("DELETE ");
+    let which = if write || backends.len() == 1 {
+        0
+    } else {
+        1 + next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % (backends.len() - 1)
+    };
+    let target = request_line
+        .split(' ')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    log.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((target, which));
+    let mut backend = TcpStream::connect(("127.0.0.1", backends[which]))?;
+    backend.write_all(forwarded.as_bytes())?;
+    backend.write_all(&buf[head_end..])?;
+    let response = read_response(&mut backend)?;
+    client.write_all(&response)?;
+    client.flush()
+}
+
+/// One HTTP/1.1 response, whole: up to its `Content-Length`, the end of its chunks, or EOF
+/// (a backend may keep the connection open whatever the request asked).
+fn read_response(backend: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    backend.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let mut head_end = None;
+    loop {
+        if head_end.is_none() {
+            head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        }
+        if let Some(end) = head_end {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            let no_body = head.starts_with("http/1.1 204") || head.starts_with("http/1.1 304");
+            match length {
+                _ if no_body => return Ok(buf),
+                Some(n) if buf.len() >= end + n => return Ok(buf),
+                None if head.contains("transfer-encoding: chunked")
+                    && buf[end..].ends_with(b"0\r\n\r\n") =>
+                {
+                    return Ok(buf);
+                }
+                _ => {}
+            }
+        }
+        let n = backend.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(buf);
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }

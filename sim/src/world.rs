@@ -262,6 +262,8 @@ struct Seen {
     own_never_shown_in_session: u64,
     other_never_shown_in_session: u64,
     session_cookie_bytes: Vec<u64>,
+    own_missed_age_ms: Vec<u64>,
+    other_missed_age_ms: Vec<u64>,
 }
 
 pub struct Report {
@@ -710,6 +712,18 @@ fn observe(s: &mut Shopper, reply: &Reply, now: u64, seen: &mut Seen) {
             seen.other_visible_ms.push(now - t);
         }
     }
+    // how old the oldest event this page should have shown but did not is: the empirical
+    // bound on staleness, free of the shopper's think time
+    if let Some((_, t)) = s.unseen_own.front()
+        && *t < now
+    {
+        seen.own_missed_age_ms.push(now - t);
+    }
+    if let Some((_, t)) = s.unseen_other.front()
+        && *t < now
+    {
+        seen.other_missed_age_ms.push(now - t);
+    }
 }
 
 /// (percentile, value) at every whole percent, for plots.
@@ -757,6 +771,9 @@ impl Report {
         let mut other = s.other_visible_ms.clone();
         let mut kv_ms = s.page_kv_ms.clone();
         let mut cookie = s.session_cookie_bytes.clone();
+        let mut own_missed = s.own_missed_age_ms.clone();
+        let mut other_missed = s.other_missed_age_ms.clone();
+        let over_60s = other_missed.iter().filter(|ms| **ms > 60_000).count();
         let p = &self.params;
         json!({
             "design": p.design.name(),
@@ -790,6 +807,10 @@ impl Report {
             "other_channel_to_visible_ms": percentiles(&mut other),
             "other_channel_to_visible_curve": curve(&mut other),
             "other_channel_stale_pages": s.other_stale_pages,
+            "own_event_missed_age_ms": percentiles(&mut own_missed),
+            "other_channel_missed_age_ms": percentiles(&mut other_missed),
+            "other_channel_missed_age_curve": curve(&mut other_missed),
+            "pages_missing_an_other_channel_event_older_than_60s": over_60s,
             "other_channel_never_shown_in_their_session": s.other_never_shown_in_session,
             "tiers": s.tiers,
             "kv": {
@@ -864,6 +885,18 @@ impl Report {
             &j["other_channel_never_shown_in_their_session"],
         );
         out += &row("other-channel stale pages", &j["other_channel_stale_pages"]);
+        out += &row(
+            "age of an own event a page missed",
+            &j["own_event_missed_age_ms"],
+        );
+        out += &row(
+            "age of an other-channel event missed",
+            &j["other_channel_missed_age_ms"],
+        );
+        out += &row(
+            "  pages missing one older than 60 s",
+            &j["pages_missing_an_other_channel_event_older_than_60s"],
+        );
         out += &row("tiers", &j["tiers"]);
         out += &row("KV reads per page", &j["kv"]["reads_per_page"]);
         out += &row("KV writes per event", &j["kv"]["writes_per_event"]);

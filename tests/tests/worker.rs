@@ -396,3 +396,100 @@ fn in_a_real_browser_adding_a_camera_shows_accessories_on_the_next_page() {
         w.log()
     );
 }
+
+/// The `ew_s` value a response set, if any.
+fn session_cookie(r: &HttpResponse) -> Option<String> {
+    r.headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .find_map(|(_, v)| v.strip_prefix("ew_s="))
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned)
+}
+
+/// Two isolates with caches of their own over one KV namespace (two workerd processes on one
+/// local KV), behind a router that sends each request to the other one: the shopper's own
+/// event and their erasure hold at whichever isolate takes the next request.
+#[test]
+fn two_isolates_over_one_kv_show_the_shopper_what_they_did_at_either() {
+    let Some(chromium) = tests::chromium() else {
+        panic!("no Chromium on PATH; run `cargo xtask setup`");
+    };
+    if worker_bundle().is_none() {
+        skip(
+            "the worker bundle",
+            "run `cargo xtask test`, which builds it first",
+        );
+        return;
+    }
+    let kv = temp_dir("edge-two-isolates");
+    let vars = [("ORIGIN_URL", "")];
+    let a = start_worker_with(&kv, &vars).unwrap_or_else(|e| panic!("{e}"));
+    let b = start_worker_with(&kv, &vars).unwrap_or_else(|e| panic!("{e}"));
+    let user = tests::bearer("two-isolates-alice");
+    let auth = [("authorization", user.as_str())];
+    let me = |port: u16, cookie: Option<&str>| {
+        let c = cookie.map(|c| format!("ew_s={c}"));
+        let mut h: Vec<(&str, &str)> = auth.to_vec();
+        if let Some(c) = &c {
+            h.push(("cookie", c));
+        }
+        json(&http(port, "GET", "/v1/me", &h, b"").unwrap())["profile"].clone()
+    };
+
+    // the shopper adds a camera at A
+    let body = format!(
+        r#"{{"event_id":"two-1","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#,
+        now_ms()
+    );
+    let r = http(a.port, "POST", "/v1/events", &auth, body.as_bytes()).unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let cookie = session_cookie(&r).expect("the answer carries the shopper's session");
+    // B has its own cache and nothing in KV for this shopper yet: without the cookie it cannot
+    // know; with it, the next page shows the camera
+    assert_eq!(me(b.port, None), Value::Null, "B shares no cache with A");
+    assert_eq!(me(b.port, Some(&cookie))["cart"][0]["item"], "cam-001");
+
+    // the erasure at A holds at B at once, although B has just shown the cart
+    let with_cookie = format!("ew_s={cookie}");
+    let h = [auth[0], ("cookie", with_cookie.as_str())];
+    let r = http(a.port, "DELETE", "/v1/me", &h, b"").unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let erased = session_cookie(&r).expect("the erasure's answer carries the session");
+    assert_eq!(me(b.port, Some(&erased)), Value::Null);
+    // (the record from before the erasure is what B would otherwise still believe)
+    assert_eq!(me(b.port, Some(&cookie))["cart"][0]["item"], "cam-001");
+
+    // Chromium through the router: the seed workflow, the add to cart at A and the pages at B
+    let router = tests::FrontRouter::start(vec![a.port, b.port]).unwrap();
+    let out = std::process::Command::new("node")
+        .arg(tests::root().join("tests/browser/seed.mjs"))
+        .arg(format!("http://127.0.0.1:{}", router.port))
+        .env("CHROMIUM_PATH", chromium)
+        .current_dir(tests::root())
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let routed = router.routed.lock().unwrap().clone();
+    println!("{stdout}\nrouted: {routed:?}");
+    assert!(
+        out.status.success(),
+        "browser check through the router failed:\n{stdout}\n{}\nA:\n{}\nB:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log(),
+        b.log()
+    );
+    let add = routed
+        .iter()
+        .position(|(r, _)| r == "POST /v1/events")
+        .expect("the add to cart went through the router");
+    let next_page = routed[add..]
+        .iter()
+        .find(|(r, _)| r == "GET /")
+        .expect("the home page after it");
+    assert_eq!(
+        (routed[add].1, next_page.1),
+        (0, 1),
+        "the event at A and the next page at B: {routed:?}"
+    );
+}
