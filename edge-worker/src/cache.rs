@@ -36,6 +36,9 @@ pub struct Entry {
     base_updated_at: Secs,
     fetched_at_ms: u64,
     local: Vec<Event>,
+    /// The base version the local events were taken over: a newer base holds at most as many
+    /// of them as it advanced past it.
+    local_since: u64,
     bytes: usize,
 }
 
@@ -47,6 +50,7 @@ impl Entry {
             base_updated_at: Secs(0),
             fetched_at_ms,
             local: Vec::new(),
+            local_since: 0,
             bytes: 0,
         };
         e.set_base(stored, fetched_at_ms);
@@ -67,10 +71,10 @@ impl Entry {
             .and_then(Stored::profile)
             .map_or(Secs(0), |p| p.updated_at);
         self.fetched_at_ms = fetched_at_ms;
-        let seen = self.base_updated_at;
         if stored.is_some() {
-            self.local
-                .retain(|e| Secs::from_unix_ms(e.ts_ms).0 > seen.0);
+            let advanced = self.version.saturating_sub(self.local_since);
+            retire(&mut self.local, advanced, self.base_updated_at);
+            self.local_since = self.version;
         }
         self.recount();
     }
@@ -127,6 +131,32 @@ impl Entry {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+}
+
+/// Retires the local events a new base holds. Events retire by time (the base holds nothing
+/// after its newest event's second), but a second holds many events — a page view and an add
+/// to cart are often one second apart or less — so of those at or before it, only the oldest
+/// `advanced` retire: a base holds at most as many events more than the base the local events
+/// were taken over as its version advanced (one version per event).
+fn retire(local: &mut Vec<Event>, advanced: u64, seen: Secs) {
+    let mut held: Vec<(u64, usize)> = local
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| Secs::from_unix_ms(e.ts_ms).0 <= seen.0)
+        .map(|(i, e)| (e.ts_ms, i))
+        .collect();
+    held.sort_unstable();
+    let gone: std::collections::BTreeSet<usize> = held
+        .into_iter()
+        .take(usize::try_from(advanced).unwrap_or(usize::MAX))
+        .map(|(_, i)| i)
+        .collect();
+    let mut i = 0;
+    local.retain(|_| {
+        let keep = !gone.contains(&i);
+        i += 1;
+        keep
+    });
 }
 
 fn local_event_bytes(e: &Event) -> usize {
@@ -269,20 +299,23 @@ impl ProfileCache {
                     e.set_base(Some(b), fetched);
                 }
             }
-            for ev in events {
-                if e.local.iter().any(|l| l.id == ev.id) {
-                    continue;
-                }
+            // the record's events were taken over its base: a newer cached base holds at most as
+            // many of them as it advanced past that one
+            let mut fresh: Vec<Event> = events
+                .into_iter()
+                .filter(|ev| !e.local.iter().any(|l| l.id == ev.id))
+                .collect();
+            let since = base.map_or(0, Stored::version);
+            if e.base.is_some() && e.version > since {
+                retire(&mut fresh, e.version - since, e.base_updated_at);
+            }
+            for ev in fresh {
                 if e.local.len() == MAX_LOCAL_EVENTS {
                     e.local.remove(0);
                 }
                 e.local.push(ev);
             }
             e.local.sort_by_key(|l| l.ts_ms);
-            if e.base.is_some() {
-                let seen = e.base_updated_at;
-                e.local.retain(|l| Secs::from_unix_ms(l.ts_ms).0 > seen.0);
-            }
         });
     }
 
@@ -376,6 +409,46 @@ mod tests {
             .as_bytes(),
         )
         .unwrap()
+    }
+
+    /// A page view and an add to cart in the same second: origin's profile with the first only
+    /// (its newest event is in that very second) must not retire the second, and the profile
+    /// with both retires both — neither lost nor counted twice.
+    #[test]
+    fn events_of_one_second_retire_one_per_version_the_base_advanced() {
+        let mut c = ProfileCache::new(10, usize::MAX);
+        let ts = 1_800_000_000_200;
+        let view = parse_event(
+            format!(r#"{{"event_id":"v","user_id":"u","ts":{ts},"type":"page_view"}}"#).as_bytes(),
+        )
+        .unwrap();
+        let add = add_camera(ts + 300);
+        c.put_fetched(key(1), None, 0);
+        c.push_local(key(1), view.clone(), 0);
+        c.push_local(key(1), add.clone(), 0);
+        let mut first = Profile::new(3);
+        fold(&mut first, &view);
+        c.put_fetched(key(1), Some(Stored::Profile(first.clone())), 1);
+        let seen = c.peek(&key(1)).unwrap().profile(3).unwrap();
+        assert_eq!(
+            (seen.views, seen.cart.len()),
+            (1, 1),
+            "the add to cart is kept"
+        );
+        // the same base read again retires nothing more
+        c.put_fetched(key(1), Some(Stored::Profile(first.clone())), 2);
+        assert_eq!(c.peek(&key(1)).unwrap().local_events(), 1);
+        let mut both = first;
+        fold(&mut both, &add);
+        c.put_fetched(key(1), Some(Stored::Profile(both)), 3);
+        let e = c.peek(&key(1)).unwrap();
+        assert_eq!(e.local_events(), 0);
+        let seen = e.profile(3).unwrap();
+        assert_eq!(
+            (seen.views, seen.cart[0].quantity),
+            (1, 1),
+            "nothing counted twice"
+        );
     }
 
     #[test]
