@@ -197,7 +197,7 @@ fn bench(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     step(
-        "building the native benchmark binaries (origin-sync-bench, system-bench, edge-load, bench-report, edge-topology)",
+        "building the native benchmark binaries (origin-sync, origin-sync-bench, system-bench, edge-load, bench-report, edge-topology)",
     );
     Cmd::new("cargo")
         .args([
@@ -210,6 +210,9 @@ fn bench(extra: &[String]) -> Result<()> {
             "testkit",
             "--bin",
             "origin-sync-bench",
+            // the whole-stack benchmark runs the service binary next to it
+            "--bin",
+            "origin-sync",
         ])
         .args(["-p", "tests", "--bin", "system-bench", "--bin", "edge-load"])
         .args(["--bin", "bench-report"])
