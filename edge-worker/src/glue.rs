@@ -54,12 +54,18 @@ impl Clock for JsClock {
 struct Kv {
     kv: Option<KvStore>,
     timeout_ms: u32,
+    /// KV's `cacheTtl` for reads (`KV_CACHE_TTL_SECS`).
+    cache_ttl_s: u64,
 }
 
 impl Store for Kv {
     async fn get(&self, key: &str) -> std::result::Result<Option<Versioned>, StoreError> {
         let kv = self.kv.as_ref().ok_or_else(no_binding)?;
-        let read = Box::pin(kv.get(key).bytes_with_metadata::<KvMetadata>());
+        let read = Box::pin(
+            kv.get(key)
+                .cache_ttl(self.cache_ttl_s)
+                .bytes_with_metadata::<KvMetadata>(),
+        );
         let timeout = Delay::from(Duration::from_millis(u64::from(self.timeout_ms)));
         match select(read, timeout).await {
             Either::Left((Ok((value, meta)), _)) => Ok(value.map(|v| (v, meta.map(|m| m.v)))),
@@ -158,6 +164,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let store = Kv {
         kv: env.kv(KV_BINDING).ok(),
         timeout_ms: app.config().kv_timeout_ms,
+        cache_ttl_s: app.config().kv_cache_ttl_s,
     };
     let handled = app.handle(&store, &JsClock, &request, mint).await;
     if !handled.outbound.is_empty() {
@@ -220,6 +227,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let store = Kv {
         kv: env.kv(KV_BINDING).ok(),
         timeout_ms: app.config().kv_timeout_ms.max(1_000),
+        cache_ttl_s: app.config().kv_cache_ttl_s,
     };
     let outbound = app.sweep_erasures(&store, js_sys::Date::now() as u64).await;
     if !outbound.is_empty() {

@@ -32,7 +32,8 @@ usage: edge-topology [--key value ...]
   --erase F            share of sessions that end in an erasure (default 0.005)
   --other-channel F    share of sessions with a purchase through another channel (default 0.3)
   --profile-ttl S      the edge's PROFILE_TTL_SECS (default 30)
-  --cache-ttl S        KV's cacheTtl at each location (default 60, minimum 30)
+  --cache-ttl S        KV's cacheTtl at each location, the edge's KV_CACHE_TTL_SECS (default 30,
+                       the minimum)
   --replication-ms M   mean delay before a KV write reaches other locations' misses (default 1000)
   --push-ms M          origin's push interval (default 50)
   --coalesce-ms M      origin pushes a shopper at most once per window (default 1000)
@@ -109,7 +110,7 @@ impl Default for Params {
             erase: 0.005,
             other_channel: 0.3,
             profile_ttl_s: 30,
-            cache_ttl_s: 60,
+            cache_ttl_s: 30,
             replication_ms: 1_000.0,
             push_ms: 50,
             coalesce_ms: 1_000,

@@ -166,6 +166,9 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// (PROFILE_TTL_SECS, KV_CACHE_TTL_SECS) pairs the benchmark simulates side by side.
+const SIM_KNOBS: [(u64, u64); 4] = [(30, 60), (30, 30), (10, 30), (5, 30)];
+
 fn bench(extra: &[String]) -> Result<()> {
     setup::run()?;
     let out = root().join("target/bench");
@@ -254,6 +257,29 @@ fn bench(extra: &[String]) -> Result<()> {
         .arg(out.join("topology.json"))
         .cwd(root())
         .run()?;
+    step("edge topology simulation: what the TTL knobs buy (session design, 100 locations)");
+    for (i, (ttl, cache_ttl)) in SIM_KNOBS.iter().enumerate() {
+        Cmd::new(bin("edge-topology"))
+            .args([
+                "--design",
+                "session",
+                "--locations",
+                "100",
+                "--pages",
+                "300000",
+            ])
+            .args(["--shoppers", "20000", "--page-rate", "150"])
+            .args([
+                "--profile-ttl",
+                &ttl.to_string(),
+                "--cache-ttl",
+                &cache_ttl.to_string(),
+            ])
+            .arg("--out")
+            .arg(out.join(format!("topology-knobs-{i}.json")))
+            .cwd(root())
+            .run()?;
+    }
     step("writing BENCHMARKS.md");
     Cmd::new(bin("bench-report"))
         .arg(&out)
