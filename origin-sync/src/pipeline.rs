@@ -439,6 +439,62 @@ async fn finish(
     Ok(true)
 }
 
+/// What is wrong, if anything, with the event topics' partition counts. The topics must be
+/// co-partitioned: with one partition count, Kafka's default partitioner puts a key in the same
+/// partition number on every topic, so all of a shopper's events (clicks, cart, purchases) are
+/// one partition's, the unit of state that scaling out moves between instances.
+pub fn co_partition_problem(counts: &[(String, usize)]) -> Option<String> {
+    let first = counts.first()?.1;
+    if counts.iter().all(|(_, n)| *n == first) {
+        return None;
+    }
+    let list = counts
+        .iter()
+        .map(|(t, n)| format!("{t}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let most = counts.iter().map(|(_, n)| *n).max().unwrap_or(first);
+    Some(format!(
+        "the event topics are not co-partitioned ({list} partitions): a shopper's events must \
+         land in the same partition number on every topic. Give every event topic the same \
+         partition count, e.g. {most} (`kafka-topics --alter --topic <name> --partitions {most}`; \
+         adding partitions moves keys, so do it before the topics hold events, or recreate \
+         them), and produce every event keyed by user_id with the default partitioner"
+    ))
+}
+
+/// Refuses event topics that are not co-partitioned ([`co_partition_problem`]), or missing.
+pub async fn check_co_partitioned(
+    consumer: &Arc<StreamConsumer>,
+    topics: &[String],
+) -> Result<(), PipelineError> {
+    let mut counts = Vec::new();
+    for topic in topics {
+        let c = consumer.clone();
+        let t = topic.clone();
+        let md = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| PipelineError::Setup(e.to_string()))??;
+        let n = md
+            .topics()
+            .iter()
+            .find(|m| m.name() == topic)
+            .map_or(0, |m| m.partitions().len());
+        if n == 0 {
+            return Err(PipelineError::Setup(format!(
+                "topic {topic} not found or without partitions; create it"
+            )));
+        }
+        counts.push((topic.clone(), n));
+    }
+    match co_partition_problem(&counts) {
+        Some(problem) => Err(PipelineError::Setup(problem)),
+        None => Ok(()),
+    }
+}
+
 /// Every partition of `topics`, each at the store's next offset (or the beginning).
 pub async fn static_assignment(
     consumer: &Arc<StreamConsumer>,
@@ -522,6 +578,33 @@ pub async fn watch_lag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_topics_must_share_a_partition_count() {
+        let counts = |c: &[(&str, usize)]| -> Vec<(String, usize)> {
+            c.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+        };
+        assert_eq!(co_partition_problem(&[]), None);
+        assert_eq!(
+            co_partition_problem(&counts(&[("customer_clicks", 6), ("cart_events", 6)])),
+            None
+        );
+        let problem = co_partition_problem(&counts(&[
+            ("customer_clicks", 3),
+            ("cart_events", 2),
+            ("purchase_events", 3),
+        ]))
+        .expect("refused");
+        for needle in [
+            "customer_clicks: 3",
+            "cart_events: 2",
+            "purchase_events: 3",
+            "--partitions 3",
+            "keyed by user_id",
+        ] {
+            assert!(problem.contains(needle), "{needle} missing: {problem}");
+        }
+    }
 
     /// A message the broker took can still be too large to copy with headers: the dead
     /// letter of a 1,000,000-byte message is a few KiB, and says how to find the original.

@@ -84,6 +84,8 @@ pub async fn run(
         &config.kafka,
         &config.kafka.group_id,
     )?);
+    // a shopper's events on every topic must be one partition's (the unit of state)
+    crate::pipeline::check_co_partitioned(&consumer, &config.kafka.topics).await?;
     let producer = crate::kafka::producer(&config.kafka)?;
     let (touched_tx, touched_rx) = mpsc::channel(64);
     metrics

@@ -685,3 +685,47 @@ async fn erased_shoppers_stay_erased_when_the_store_is_lost() {
     stays_erased(&blank, "on an empty store");
     service.stop().await;
 }
+
+/// Event topics with different partition counts would split a shopper's events over partitions
+/// (and, scaled out, instances): origin-sync refuses to start, naming each topic's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_topics_that_are_not_co_partitioned_are_refused_at_start() {
+    let tansu = match origin_sync::testkit::Tansu::start("copart") {
+        Ok(t) => t,
+        Err(origin_sync::testkit::KitError::NoTansu) => {
+            origin_sync::testkit::skip("the tansu broker", "run `cargo xtask setup`");
+            return;
+        }
+        Err(e) => panic!("broker did not start: {e}"),
+    };
+    for (topic, partitions) in [
+        ("customer_clicks", 3),
+        ("cart_events", 2),
+        ("purchase_events", 3),
+    ] {
+        tansu.create_topic(topic, partitions).expect("topic");
+    }
+    tansu.create_topic("events_dlq", 1).expect("topic");
+    tansu.create_erasure_topic("erasures").expect("topic");
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("copart");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let metrics = std::sync::Arc::new(origin_sync::metrics::Metrics::default());
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        origin_sync::service::run(cfg, metrics, rx),
+    )
+    .await
+    .expect("refused at start, not left running")
+    .expect_err("refused");
+    let message = refused.to_string();
+    for needle in [
+        "not co-partitioned",
+        "customer_clicks: 3",
+        "cart_events: 2",
+        "purchase_events: 3",
+    ] {
+        assert!(message.contains(needle), "{needle} missing: {message}");
+    }
+}
