@@ -31,6 +31,8 @@ usage: edge-topology [--key value ...]
   --switch F           share of sessions that move to another location midway (default 0.1)
   --erase F            share of sessions that end in an erasure (default 0.005)
   --other-channel F    share of sessions with a purchase through another channel (default 0.3)
+  --add-to-cart F      share of pages that also add an item to the cart, in the same second
+                       and request as the page view (default 0.15)
   --profile-ttl S      the edge's PROFILE_TTL_SECS (default 30)
   --cache-ttl S        KV's cacheTtl at each location, the edge's KV_CACHE_TTL_SECS (default 30,
                        the minimum)
@@ -52,6 +54,13 @@ const START_MS: u64 = 1_800_000_000_000;
 const SYNC_SECRET: &str = "simulated-sync-secret-of-32-bytes!!";
 const USER_SECRET: &str = "simulated-user-key-secret-32-bytes!";
 const USER_HEADER: &str = "x-shopper";
+/// What shoppers add to their carts (demo catalog SKUs and categories).
+const ADD_ITEMS: [(&str, &str); 4] = [
+    ("cam-001", "cameras"),
+    ("lens-001", "lenses"),
+    ("sd-128", "memory-cards"),
+    ("tri-001", "tripods"),
+];
 
 /// What the shoppers' browsers do with the session cookie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +94,7 @@ pub struct Params {
     pub switch: f64,
     pub erase: f64,
     pub other_channel: f64,
+    pub add_to_cart: f64,
     pub profile_ttl_s: u64,
     pub cache_ttl_s: u64,
     pub replication_ms: f64,
@@ -109,6 +119,7 @@ impl Default for Params {
             switch: 0.1,
             erase: 0.005,
             other_channel: 0.3,
+            add_to_cart: 0.15,
             profile_ttl_s: 30,
             cache_ttl_s: 30,
             replication_ms: 1_000.0,
@@ -176,6 +187,7 @@ impl Params {
                 "--switch" => p.switch = share()?,
                 "--erase" => p.erase = share()?,
                 "--other-channel" => p.other_channel = share()?,
+                "--add-to-cart" => p.add_to_cart = share()?,
                 "--profile-ttl" => p.profile_ttl_s = whole(1.0)?,
                 "--cache-ttl" => p.cache_ttl_s = whole(MIN_CACHE_TTL_S as f64)?,
                 "--replication-ms" => p.replication_ms = num("a duration")?,
@@ -501,8 +513,20 @@ pub fn run(p: &Params) -> Report {
                 }
                 // the page's SDK reports the view: a request of its own, to any isolate
                 let isolate = loc * p.isolates + rng.below(p.isolates);
-                let body =
+                // and, on some pages, an add to cart in the same second (the same batch)
+                let view =
                     format!(r#"{{"event_id":"v{who}-{now}","ts":{now},"type":"page_view"}}"#);
+                let body = if rng.chance(p.add_to_cart) {
+                    let item = ADD_ITEMS[rng.below(ADD_ITEMS.len())];
+                    format!(
+                        r#"{{"events":[{view},{{"event_id":"a{who}-{now}","ts":{},"type":"add_to_cart","item":"{}","category":"{}","price":99}}]}}"#,
+                        now + 1 + rng.below(900) as u64,
+                        item.0,
+                        item.1
+                    )
+                } else {
+                    view
+                };
                 let mut req = HttpRequest::get("/v1/events");
                 req.method = "POST".into();
                 req.headers = vec![
@@ -787,6 +811,7 @@ impl Report {
                 "seed": p.seed, "locations": p.locations, "isolates_per_location": p.isolates,
                 "pages": p.pages, "page_rate": p.page_rate, "shoppers": p.shoppers,
                 "switch": p.switch, "erase": p.erase, "other_channel": p.other_channel,
+                "add_to_cart": p.add_to_cart,
                 "profile_ttl_s": p.profile_ttl_s, "kv_cache_ttl_s": p.cache_ttl_s,
                 "kv_replication_ms": p.replication_ms, "push_ms": p.push_ms, "coalesce_ms": p.coalesce_ms,
                 "origin_rtt_ms": p.origin_rtt_ms, "kv_sink": p.kv_sink,
