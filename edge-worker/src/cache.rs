@@ -58,10 +58,12 @@ impl Entry {
     }
 
     fn set_base(&mut self, stored: Option<&Stored>, fetched_at_ms: u64) {
-        // Erasure wins: a newly arrived tombstone also erases the local events folded over the
-        // old base (a tombstone carries no time to retire them by).
+        // Erasure wins: a newly arrived tombstone also erases the local events folded over an
+        // older base (a tombstone carries no time to retire them by). Events taken over this
+        // very tombstone (after the erasure) stay, however often it is read again.
         if let Some(Stored::Tombstone { version }) = stored
             && (*version > self.version || !self.is_tombstone())
+            && *version > self.local_since
         {
             self.local.clear();
         }
@@ -133,27 +135,28 @@ impl Entry {
     }
 }
 
-/// Retires the local events a new base holds. Events retire by time (the base holds nothing
-/// after its newest event's second), but a second holds many events — a page view and an add
-/// to cart are often one second apart or less — so of those at or before it, only the oldest
-/// `advanced` retire: a base holds at most as many events more than the base the local events
-/// were taken over as its version advanced (one version per event).
+/// Retires the local events a new base holds. The base holds nothing after its newest event's
+/// second, and everything before that second (origin folds an event within moments, so an
+/// event of an earlier second it does not hold never reached it). A second holds many events —
+/// a page view and an add to cart are often one second apart or less — so of those in the
+/// base's own second, only as many retire, oldest first, as the base's version advanced past
+/// the base they were taken over (one version per event) less those of earlier seconds.
 fn retire(local: &mut Vec<Event>, advanced: u64, seen: Secs) {
-    let mut held: Vec<(u64, usize)> = local
+    let sec = |e: &Event| Secs::from_unix_ms(e.ts_ms).0;
+    let earlier = local.iter().filter(|e| sec(e) < seen.0).count() as u64;
+    let mut same: Vec<(u64, usize)> = local
         .iter()
         .enumerate()
-        .filter(|(_, e)| Secs::from_unix_ms(e.ts_ms).0 <= seen.0)
+        .filter(|(_, e)| sec(e) == seen.0)
         .map(|(i, e)| (e.ts_ms, i))
         .collect();
-    held.sort_unstable();
-    let gone: std::collections::BTreeSet<usize> = held
-        .into_iter()
-        .take(usize::try_from(advanced).unwrap_or(usize::MAX))
-        .map(|(_, i)| i)
-        .collect();
+    same.sort_unstable();
+    let budget = usize::try_from(advanced.saturating_sub(earlier)).unwrap_or(usize::MAX);
+    let gone: std::collections::BTreeSet<usize> =
+        same.into_iter().take(budget).map(|(_, i)| i).collect();
     let mut i = 0;
-    local.retain(|_| {
-        let keep = !gone.contains(&i);
+    local.retain(|e| {
+        let keep = sec(e) > seen.0 || (sec(e) == seen.0 && !gone.contains(&i));
         i += 1;
         keep
     });
@@ -276,9 +279,6 @@ impl ProfileCache {
         }
     }
 
-    /// Adds the shopper's own event (read-your-writes). Creates an entry with an empty base
-    /// when the shopper is not cached; callers load the base from KV first where they can.
-    /// Whether `key` holds a not-yet-synced local event with this id.
     /// What the shopper's session cookie says they were shown (`shared::session`): a base
     /// newer than the cached one replaces it — keeping when KV was last read, so a newer
     /// value there is still picked up when due — and their own events join the local ones
@@ -301,21 +301,25 @@ impl ProfileCache {
             }
             // the record's events were taken over its base: a newer cached base holds at most as
             // many of them as it advanced past that one
+            let since = base.map_or(0, Stored::version);
+            // a record from before an erasure this isolate knows of (an old cookie replayed, or
+            // another device's): its events are what was erased
+            if delta::erasure_epoch(e.version) > delta::erasure_epoch(since) {
+                return;
+            }
             let mut fresh: Vec<Event> = events
                 .into_iter()
                 .filter(|ev| !e.local.iter().any(|l| l.id == ev.id))
                 .collect();
-            let since = base.map_or(0, Stored::version);
             if e.base.is_some() && e.version > since {
                 retire(&mut fresh, e.version - since, e.base_updated_at);
             }
-            for ev in fresh {
-                if e.local.len() == MAX_LOCAL_EVENTS {
-                    e.local.remove(0);
-                }
-                e.local.push(ev);
-            }
+            e.local.extend(fresh);
             e.local.sort_by_key(|l| l.ts_ms);
+            if e.local.len() > MAX_LOCAL_EVENTS {
+                let extra = e.local.len() - MAX_LOCAL_EVENTS;
+                e.local.drain(..extra);
+            }
         });
     }
 
@@ -324,12 +328,17 @@ impl ProfileCache {
         self.lru.peek(key).map(|e| (e.base(), e.local.clone()))
     }
 
+    /// Whether `key` holds a not-yet-synced local event with this id.
     pub fn has_local(&self, key: &UserKey, id: &str) -> bool {
         self.lru
             .peek(key)
             .is_some_and(|e| e.local.iter().any(|l| l.id == id))
     }
 
+    /// Adds the shopper's own event (read-your-writes), once per event id (a retried post or
+    /// one the session cookie already brought is not counted twice). Creates an entry with an
+    /// empty base when the shopper is not cached; callers load the base from KV first where
+    /// they can.
     pub fn push_local(&mut self, key: UserKey, event: Event, now_ms: u64) {
         let unchecked = self.lru.peek(&key).is_none();
         self.modify(key, now_ms, |e| {
@@ -337,6 +346,9 @@ impl ProfileCache {
                 // The base was never read (KV failed): leave it due for a read, or the
                 // shopper's KV profile would be hidden behind these events for a whole TTL.
                 e.fetched_at_ms = 0;
+            }
+            if e.local.iter().any(|l| l.id == event.id) {
+                return;
             }
             if e.local.len() == MAX_LOCAL_EVENTS {
                 e.local.remove(0);

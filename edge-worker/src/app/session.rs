@@ -5,6 +5,7 @@
 use super::App;
 use crate::http::HttpRequest;
 use crate::identity::Identity;
+use shared::delta::Stored;
 use shared::session::{self, MAX_AGE_S, OwnEvent, Session};
 
 impl App {
@@ -44,7 +45,20 @@ impl App {
     ) -> Option<String> {
         let secret = self.config.user_key_secret.as_deref()?;
         let key = self.key_of(who)?;
-        let (base, events) = self.cache.borrow().session_state(&key)?;
+        let (mut base, events) = self.cache.borrow().session_state(&key)?;
+        // never behind what the shopper was shown (the entry may have been evicted or dropped
+        // while KV was read); a tombstone wins a tie
+        if let Some(old) = incoming.and_then(|r| r.base.as_ref()) {
+            let newer = base.as_ref().is_none_or(|b| {
+                old.version() > b.version()
+                    || (old.version() == b.version()
+                        && matches!(old, Stored::Tombstone { .. })
+                        && !matches!(b, Stored::Tombstone { .. }))
+            });
+            if newer {
+                base = Some(old.clone());
+            }
+        }
         let events: Vec<OwnEvent> = events.iter().map(OwnEvent::of).collect();
         let unchanged = match incoming {
             Some(old) => old.base == base && old.events == events,

@@ -105,6 +105,21 @@ impl App {
         let mut catalog = None;
         let mut rules = None;
         let mut fence = None;
+        // the batch's erasure fence first: its deltas are read against it
+        if let Some((version, source)) = batch
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                SyncItem::Config(d) if d.kind == ConfigKind::Erasures => {
+                    Some((d.version, d.source.as_str()))
+                }
+                _ => None,
+            })
+            .max_by_key(|(v, _)| *v)
+            && let Err(e) = self.update_fence(version, source, now_ms)
+        {
+            answer.config_error = Some(e.to_string());
+        }
         for item in &batch.items {
             match item {
                 SyncItem::Config(doc) => {
@@ -132,21 +147,19 @@ impl App {
                     let from_kv = read_profile(store, &kv_key, THEN)
                         .await?
                         .and_then(|(bytes, _)| decode_stored(&key, &bytes));
-                    let kv_version = from_kv.as_ref().map(Stored::version);
                     let mut held = newer(cached, from_kv);
-                    // A value from before a recent erasure is that erasure's tombstone: a
-                    // change origin made before it heard of the erasure is not written back,
-                    // and a KV that holds such a value (a write that landed after the
-                    // tombstone) gets the tombstone again.
-                    let floor = self.fence.borrow().floor(&key);
-                    if floor.is_some() {
-                        held = self.fence.borrow().check(&key, held);
-                    }
                     let outcome = delta::apply(&mut held, &d.change);
-                    let repair = matches!(outcome, Ok(Applied::Duplicate))
-                        && floor.is_some_and(|f| kv_version.is_none_or(|v| v < f));
+                    // A change origin made before it heard of a recent erasure (or applied
+                    // over a value from before it that landed in KV after the tombstone) is
+                    // not written: the erasure's tombstone is, in its place.
+                    if matches!(outcome, Ok(Applied::Updated))
+                        && let Some(floor) = self.fence.borrow().floor(&key)
+                        && held.as_ref().is_some_and(|h| h.version() < floor)
+                    {
+                        held = Some(Stored::Tombstone { version: floor });
+                    }
                     match outcome {
-                        Ok(Applied::Duplicate) if !repair => {
+                        Ok(Applied::Duplicate) => {
                             answer.duplicates += 1;
                             // KV was ahead of this isolate's copy (another isolate, or the KV
                             // sink, wrote it; or this isolate cached "no profile" before it
@@ -160,7 +173,7 @@ impl App {
                                 }
                             }
                         }
-                        Ok(applied) => {
+                        Ok(Applied::Updated) => {
                             let Some(stored) = held else { continue };
                             let bytes = wire::encode_stored(&stored);
                             let version = stored.version();
@@ -193,11 +206,7 @@ impl App {
                                     cache.put_fetched(key, Some(stored), now_ms);
                                 }
                             }
-                            if applied == Applied::Updated {
-                                answer.applied += 1;
-                            } else {
-                                answer.duplicates += 1;
-                            }
+                            answer.applied += 1;
                         }
                         Err(ApplyError::Gap { .. }) => {
                             self.cache.borrow_mut().drop_base(&key);

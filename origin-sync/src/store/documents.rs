@@ -31,10 +31,9 @@ pub(super) fn doc_name(kind: ConfigKind) -> &'static str {
     kind.name()
 }
 
-/// Adds erasures (user key, tombstone version, erasure time) to the erasure fence document, in
-/// the transaction that stores them, so the fence never misses an erasure the store holds. The
-/// fence keeps the window before the newest erasure (not the wall clock), so it depends only
-/// on the erasures.
+/// Adds erasures (user key, tombstone version, when origin stored it) to the erasure fence
+/// document, in the transaction that stores them, so the fence never misses an erasure the
+/// store holds. The fence keeps the window before the newest entry.
 pub(super) fn fence_erasures(
     tx: &redb::WriteTransaction,
     erased: &[(UserKey, u64, u64)],

@@ -296,7 +296,10 @@ impl Store {
             erase_in(&mut users_t, &mut outbox_t, key, at_ms)?
         };
         if changed {
-            documents::fence_erasures(&tx, &[(key, version, at_ms)])?;
+            // fenced from when origin stored it, not when the edge accepted it: an erasure
+            // delivered late (origin was down) is fenced while writes from before it may
+            // still land
+            documents::fence_erasures(&tx, &[(key, version, crate::clock::now_ms())])?;
             tx.commit()?;
         }
         Ok((key, version, changed))
@@ -321,7 +324,7 @@ impl Store {
                 if let Some((key, at_ms)) = r.erasure {
                     let (version, did) = erase_in(&mut users_t, &mut outbox_t, key, at_ms)?;
                     if did {
-                        changed.push((key, version, at_ms));
+                        changed.push((key, version, crate::clock::now_ms()));
                     }
                 }
                 offsets_t.insert((r.topic.as_str(), r.partition), r.offset + 1)?;

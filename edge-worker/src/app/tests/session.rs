@@ -197,3 +197,34 @@ fn the_session_stays_small_and_forgets_what_the_base_holds() {
     assert!(record.events.is_empty(), "{:?}", record.events.len());
     assert_eq!(browser.me(&App::new(config()), &w, "alice")["views"], 60);
 }
+
+/// A cookie from before an erasure (another device's, or one kept and replayed) must not bring
+/// the erased events back at an isolate that knows of the erasure.
+#[test]
+fn an_old_cookie_cannot_bring_erased_events_back() {
+    let w = World::new();
+    let mut laptop = Browser::default();
+    laptop.post_event(&w.app, &w, "alice", "a1", ADD_CAMERA);
+    let mut phone = Browser::default();
+    let mut req = HttpRequest::get("/v1/me");
+    req.method = "DELETE".into();
+    assert_eq!(phone.send(&w.app, &w, req, "alice").status, 202);
+    // the laptop still sends its record from before the erasure
+    assert_eq!(laptop.me(&w.app, &w, "alice"), Value::Null);
+    // and the record it gets back carries none of it to other isolates
+    assert_eq!(laptop.me(&App::new(config()), &w, "alice"), Value::Null);
+}
+
+/// A retried post of the same event (same id) counts once, here and through the cookie.
+#[test]
+fn a_retried_event_counts_once() {
+    let w = World::new();
+    let mut browser = Browser::default();
+    browser.post_event(&w.app, &w, "alice", "same", ADD_CAMERA);
+    browser.post_event(&w.app, &w, "alice", "same", ADD_CAMERA);
+    assert_eq!(browser.me(&w.app, &w, "alice")["cart"][0]["quantity"], 1);
+    assert_eq!(
+        browser.me(&App::new(config()), &w, "alice")["cart"][0]["quantity"],
+        1
+    );
+}
