@@ -470,29 +470,37 @@ pub async fn check_co_partitioned(
 ) -> Result<(), PipelineError> {
     let mut counts = Vec::new();
     for topic in topics {
-        let c = consumer.clone();
-        let t = topic.clone();
-        let md = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&t), Duration::from_secs(10))
-        })
-        .await
-        .map_err(|e| PipelineError::Setup(e.to_string()))??;
-        let n = md
-            .topics()
-            .iter()
-            .find(|m| m.name() == topic)
-            .map_or(0, |m| m.partitions().len());
-        if n == 0 {
-            return Err(PipelineError::Setup(format!(
-                "topic {topic} not found or without partitions; create it"
-            )));
-        }
-        counts.push((topic.clone(), n));
+        counts.push((topic.clone(), partitions_of(consumer, topic).await?.len()));
     }
     match co_partition_problem(&counts) {
         Some(problem) => Err(PipelineError::Setup(problem)),
         None => Ok(()),
     }
+}
+
+/// The partition ids of `topic`, from the broker's metadata; a missing topic, or one without
+/// partitions, is a setup error that says to create it.
+async fn partitions_of(
+    consumer: &Arc<StreamConsumer>,
+    topic: &str,
+) -> Result<Vec<i32>, PipelineError> {
+    let c = consumer.clone();
+    let t = topic.to_owned();
+    let md =
+        tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), Duration::from_secs(10)))
+            .await
+            .map_err(|e| PipelineError::Setup(e.to_string()))??;
+    let Some(mt) = md.topics().iter().find(|m| m.name() == topic) else {
+        return Err(PipelineError::Setup(format!(
+            "topic {topic} not found; create it"
+        )));
+    };
+    if mt.partitions().is_empty() {
+        return Err(PipelineError::Setup(format!(
+            "topic {topic} has no partitions; create it before starting"
+        )));
+    }
+    Ok(mt.partitions().iter().map(|p| p.id()).collect())
 }
 
 /// Every partition of `topics`, each at the store's next offset (or the beginning).
@@ -503,28 +511,11 @@ pub async fn static_assignment(
 ) -> Result<TopicPartitionList, PipelineError> {
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
-        let c = consumer.clone();
-        let t = topic.clone();
-        let md = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&t), Duration::from_secs(10))
-        })
-        .await
-        .map_err(|e| PipelineError::Setup(e.to_string()))??;
-        let Some(mt) = md.topics().iter().find(|m| m.name() == topic) else {
-            return Err(PipelineError::Setup(format!(
-                "topic {topic} not found; create it"
-            )));
-        };
-        if mt.partitions().is_empty() {
-            return Err(PipelineError::Setup(format!(
-                "topic {topic} has no partitions; create it before starting"
-            )));
-        }
-        for p in mt.partitions() {
+        for p in partitions_of(consumer, topic).await? {
             let offset = stored
-                .get(&(topic.clone(), p.id()))
+                .get(&(topic.clone(), p))
                 .map_or(Offset::Beginning, |n| Offset::Offset(*n));
-            tpl.add_partition_offset(topic, p.id(), offset)?;
+            tpl.add_partition_offset(topic, p, offset)?;
         }
     }
     Ok(tpl)

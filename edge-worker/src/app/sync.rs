@@ -147,8 +147,15 @@ impl App {
                     let from_kv = read_profile(store, &kv_key, THEN)
                         .await?
                         .and_then(|(bytes, _)| decode_stored(&key, &bytes));
+                    let kv_version = from_kv.as_ref().map(Stored::version);
                     let mut held = newer(cached, from_kv);
                     let outcome = delta::apply(&mut held, &d.change);
+                    // This isolate's tombstone (its own erasure, or the fence read into its
+                    // cache) that KV here does not hold yet: origin's tombstone is a duplicate
+                    // for the cache, not for KV, which gets it now.
+                    let repair = matches!(outcome, Ok(Applied::Duplicate))
+                        && matches!(&held, Some(Stored::Tombstone { version })
+                            if kv_version.is_none_or(|v| v < *version));
                     // A change origin made before it heard of a recent erasure (or applied
                     // over a value from before it that landed in KV after the tombstone) is
                     // not written: the erasure's tombstone is, in its place.
@@ -159,7 +166,7 @@ impl App {
                         held = Some(Stored::Tombstone { version: floor });
                     }
                     match outcome {
-                        Ok(Applied::Duplicate) => {
+                        Ok(Applied::Duplicate) if !repair => {
                             answer.duplicates += 1;
                             // KV was ahead of this isolate's copy (another isolate, or the KV
                             // sink, wrote it; or this isolate cached "no profile" before it
@@ -173,7 +180,7 @@ impl App {
                                 }
                             }
                         }
-                        Ok(Applied::Updated) => {
+                        Ok(applied) => {
                             let Some(stored) = held else { continue };
                             let bytes = wire::encode_stored(&stored);
                             let version = stored.version();
@@ -206,7 +213,11 @@ impl App {
                                     cache.put_fetched(key, Some(stored), now_ms);
                                 }
                             }
-                            answer.applied += 1;
+                            if applied == Applied::Updated {
+                                answer.applied += 1;
+                            } else {
+                                answer.duplicates += 1;
+                            }
                         }
                         Err(ApplyError::Gap { .. }) => {
                             self.cache.borrow_mut().drop_base(&key);

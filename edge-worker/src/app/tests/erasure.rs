@@ -348,3 +348,38 @@ fn a_write_from_before_the_erasure_that_lands_after_it_is_read_as_erased_everywh
     let another = App::new(config());
     assert_ne!(me_at(&another, &w), Value::Null);
 }
+
+/// Erased at another edge: this one learns the fence first (and shows the shopper erased from
+/// its cache at once), then origin's tombstone arrives. That tombstone is nothing new for the
+/// cache, but KV here still holds the profile: it is written there too.
+#[test]
+fn origins_tombstone_reaches_kv_after_the_fence_did() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    assert_ne!(
+        w.get("/v1/me", &alice()).body_json()["profile"],
+        Value::Null
+    );
+    let t = shared::delta::tombstone_version(1);
+    let mut fence = shared::fence::ErasureFence::default();
+    fence.raise(key("alice"), t, w.now());
+    w.sync(vec![SyncItem::Config(ConfigDoc {
+        kind: ConfigKind::Erasures,
+        version: 1,
+        source: fence.to_json(),
+    })]);
+    assert_eq!(
+        w.get("/v1/me", &alice()).body_json()["profile"],
+        Value::Null
+    );
+    w.sync(vec![SyncItem::Delta(Delta {
+        user: key("alice"),
+        change: Change::Tombstone { version: t },
+    })]);
+    let (bytes, version) = w.store.raw(&key("alice").kv_key()).unwrap();
+    assert_eq!(
+        (wire::decode_stored(&bytes).unwrap(), version),
+        (Stored::Tombstone { version: t }, Some(t))
+    );
+}
