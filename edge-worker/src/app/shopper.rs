@@ -144,6 +144,9 @@ impl App {
         let seen = if self.cache.borrow().has_local(&key, &event.id) {
             None
         } else {
+            // the session record still names the visitor: what they did at other isolates
+            // joins too
+            self.adopt_session(req, &Identity::User(anonymous.clone()), now_ms);
             self.lookup(store, &Frozen(now_ms), visitor, now_ms)
                 .await
                 .profile

@@ -95,3 +95,39 @@ fn a_browser_cannot_send_an_identify_event() {
     assert_eq!(h.reply.status, 400, "{}", h.reply.body_json());
     assert!(h.outbound.is_empty(), "nothing reaches origin");
 }
+
+/// The visitor's cart was taken at another isolate (this one knows it only from the session
+/// cookie, which still names the visitor): signing in here joins it all the same.
+#[test]
+fn signing_in_at_another_isolate_joins_what_the_session_cookie_carries() {
+    let w = World::new();
+    let cookie = visitor_cookie();
+    let b = format!(r#"{{"event_id":"anon-0","ts":{},{ADD_CAMERA}}}"#, w.now());
+    let posted = w.post("/v1/events", &[("cookie", cookie.as_str())], b.as_bytes());
+    assert_eq!(posted.reply.status, 202);
+    let session = posted
+        .reply
+        .headers
+        .iter()
+        .find_map(|(k, v)| {
+            (*k == "set-cookie")
+                .then_some(v)
+                .filter(|v| v.starts_with("ew_s="))
+        })
+        .and_then(|v| v.split(';').next())
+        .expect("the visitor's session record")
+        .to_owned();
+    let other = App::new(config());
+    let mut r = HttpRequest::get("/v1/me");
+    r.headers = vec![
+        ("cookie".into(), format!("{cookie}; {session}")),
+        ("authorization".into(), bearer("alice").into()),
+    ];
+    let joined = run(other.handle(&w.store, &w.clock, &r, || [0x44; 16]));
+    assert_eq!(
+        cart_items(&joined.reply.body_json()),
+        vec!["cam-001x1"],
+        "{}",
+        joined.reply.body_json()
+    );
+}
