@@ -235,14 +235,10 @@ enum PartKey {
     Document(&'static str),
 }
 
-fn kind_name(kind: shared::wire::ConfigKind) -> &'static str {
-    kind.name()
-}
-
 impl Part {
     fn key(&self) -> PartKey {
         match self {
-            Part::Document(d) => PartKey::Document(kind_name(d.kind)),
+            Part::Document(d) => PartKey::Document(d.kind.name()),
             Part::Item(i) => PartKey::User(i.delta.user),
         }
     }
@@ -518,7 +514,7 @@ impl Worker {
             self.suspects.remove(&PartKey::User(k));
         }
         for d in &round.documents_acked {
-            self.suspects.remove(&PartKey::Document(kind_name(d.kind)));
+            self.suspects.remove(&PartKey::Document(d.kind.name()));
         }
         if self.suspects.len() > self.max_outbox() {
             // bounded: a suspect that loses its entry only needs fresh evidence

@@ -104,9 +104,8 @@ impl App {
         let mut answer = SyncReply::default();
         let mut catalog = None;
         let mut rules = None;
-        let mut fence = None;
         // the batch's erasure fence first: its deltas are read against it
-        if let Some((version, source)) = batch
+        let fence = batch
             .items
             .iter()
             .filter_map(|i| match i {
@@ -116,17 +115,22 @@ impl App {
                 _ => None,
             })
             .max_by_key(|(v, _)| *v)
-            && let Err(e) = self.update_fence(version, source, now_ms)
-        {
-            answer.config_error = Some(e.to_string());
-        }
+            .filter(
+                |(version, source)| match self.update_fence(*version, source, now_ms) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        answer.config_error = Some(e.to_string());
+                        false
+                    }
+                },
+            );
         for item in &batch.items {
             match item {
                 SyncItem::Config(doc) => {
                     let slot = match doc.kind {
                         ConfigKind::Catalog => &mut catalog,
                         ConfigKind::Rules => &mut rules,
-                        ConfigKind::Erasures => &mut fence,
+                        ConfigKind::Erasures => continue, // taken in above
                     };
                     if slot.as_ref().is_none_or(|(v, _)| *v < doc.version) {
                         *slot = Some((doc.version, doc.source.clone()));
@@ -234,23 +238,19 @@ impl App {
                 }
             }
         }
-        if let Some((version, source)) = fence {
-            match self.update_fence(version, &source, now_ms) {
-                Ok(()) => {
-                    if version >= self.fence_version.get() {
-                        store
-                            .put(ERASURES_KEY, source.as_bytes(), version)
-                            .await
-                            .map_err(|source| EdgeError::KvWrite {
-                                key: ERASURES_KEY.to_owned(),
-                                then: THEN,
-                                source,
-                            })?;
-                        answer.config += 1;
-                    }
-                }
-                Err(e) => answer.config_error = Some(e.to_string()),
-            }
+        // stored for other isolates unless older than the one this isolate has
+        if let Some((version, source)) = fence
+            && version >= self.fence_version.get()
+        {
+            store
+                .put(ERASURES_KEY, source.as_bytes(), version)
+                .await
+                .map_err(|source| EdgeError::KvWrite {
+                    key: ERASURES_KEY.to_owned(),
+                    then: THEN,
+                    source,
+                })?;
+            answer.config += 1;
         }
         if catalog.is_some() || rules.is_some() {
             match self.update_site(catalog.clone(), rules.clone()) {
