@@ -18,7 +18,7 @@ use shared::event::Event;
 use shared::fold::fold;
 use shared::ids::Secs;
 use shared::keys::UserKey;
-use shared::profile::Profile;
+use shared::profile::{EventTag, Profile};
 use shared::wire;
 
 /// Bookkeeping per entry besides its payload: key, timestamps, LRU links, map slot, allocator
@@ -32,8 +32,6 @@ pub struct Entry {
     /// `encode_stored` bytes of the base; `None` if KV had nothing for this shopper.
     base: Option<Box<[u8]>>,
     version: u64,
-    /// Latest event time in the base (`updated_at`), to retire local events.
-    base_updated_at: Secs,
     fetched_at_ms: u64,
     local: Vec<Event>,
     /// The base version the local events were taken over: a newer base holds at most as many
@@ -47,7 +45,6 @@ impl Entry {
         let mut e = Entry {
             base: None,
             version: 0,
-            base_updated_at: Secs(0),
             fetched_at_ms,
             local: Vec::new(),
             local_since: 0,
@@ -69,13 +66,10 @@ impl Entry {
         }
         self.base = stored.map(|s| wire::encode_stored(s).into_boxed_slice());
         self.version = stored.map_or(0, Stored::version);
-        self.base_updated_at = stored
-            .and_then(Stored::profile)
-            .map_or(Secs(0), |p| p.updated_at);
         self.fetched_at_ms = fetched_at_ms;
-        if stored.is_some() {
+        if let Some(stored) = stored {
             let advanced = self.version.saturating_sub(self.local_since);
-            retire(&mut self.local, advanced, self.base_updated_at);
+            retire(&mut self.local, advanced, stored.profile());
             self.local_since = self.version;
         }
         self.recount();
@@ -135,13 +129,23 @@ impl Entry {
     }
 }
 
-/// Retires the local events a new base holds. The base holds nothing after its newest event's
-/// second, and everything before that second (origin folds an event within moments, so an
-/// event of an earlier second it does not hold never reached it). A second holds many events —
-/// a page view and an add to cart are often one second apart or less — so of those in the
-/// base's own second, only as many retire, oldest first, as the base's version advanced past
-/// the base they were taken over (one version per event) less those of earlier seconds.
-fn retire(local: &mut Vec<Event>, advanced: u64, seen: Secs) {
+/// Retires the local events a new base holds.
+///
+/// A base names the events it folded last (`Profile::folded`, newest first). When those tags
+/// reach back over every event folded since the base the local events were taken over
+/// (`advanced` versions, one per event), the answer is exact: an event whose tag is there is
+/// held, one whose tag is not is not — whatever else (another channel's purchase in the same
+/// second) moved the version. Only when more events came in between than tags are kept, or
+/// the base predates the tags (wire format 1), does time decide: the base holds nothing after
+/// its newest event's second and everything before it, and of those in that very second as
+/// many retire, oldest first, as the version advanced less those of earlier seconds.
+fn retire(local: &mut Vec<Event>, advanced: u64, base: Option<&Profile>) {
+    let (tags, seen) = base.map_or((&[][..], Secs(0)), |p| (&p.folded[..], p.updated_at));
+    if advanced <= tags.len() as u64 {
+        let held: Vec<EventTag> = tags[..advanced as usize].to_vec();
+        local.retain(|e| !held.contains(&EventTag::of(&e.id)));
+        return;
+    }
     let sec = |e: &Event| Secs::from_unix_ms(e.ts_ms).0;
     let earlier = local.iter().filter(|e| sec(e) < seen.0).count() as u64;
     let mut same: Vec<(u64, usize)> = local
@@ -233,7 +237,6 @@ impl ProfileCache {
         self.modify(*key, 0, |e| {
             e.base = None;
             e.version = 0;
-            e.base_updated_at = Secs(0);
             e.fetched_at_ms = 0; // past any TTL: the next lookup reads KV
         });
     }
@@ -311,8 +314,8 @@ impl ProfileCache {
                 .into_iter()
                 .filter(|ev| !e.local.iter().any(|l| l.id == ev.id))
                 .collect();
-            if e.base.is_some() && e.version > since {
-                retire(&mut fresh, e.version - since, e.base_updated_at);
+            if let Some(held) = e.base().filter(|_| e.version > since) {
+                retire(&mut fresh, e.version - since, held.profile());
             }
             e.local.extend(fresh);
             e.local.sort_by_key(|l| l.ts_ms);
@@ -461,6 +464,64 @@ mod tests {
             (1, 1),
             "nothing counted twice"
         );
+    }
+
+    /// Another channel's purchase folded in the very second of the shopper's own page view:
+    /// the version moved by one and the base's newest second is the view's, yet the base does
+    /// not hold the view. Its event tags say so (by time alone the view was retired, and the
+    /// shopper's next page missed it). A base without tags (format 1) still falls back to time.
+    #[test]
+    fn another_channels_event_in_the_same_second_does_not_retire_the_shoppers_own() {
+        let ts: u64 = 1_800_000_000_200;
+        let view = parse_event(
+            format!(r#"{{"event_id":"v","user_id":"u","ts":{ts},"type":"page_view"}}"#).as_bytes(),
+        )
+        .unwrap();
+        let purchase = parse_event(
+            format!(
+                r#"{{"event_id":"call-centre-1","user_id":"u","ts":{},"type":"purchase","item":"lens-001","category":"lenses","price":199}}"#,
+                ts + 500
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut c = ProfileCache::new(10, usize::MAX);
+        let base = Profile::new(3);
+        c.put_fetched(key(1), None, 0);
+        c.push_local(key(1), view.clone(), 0);
+        let mut other = base.clone();
+        fold(&mut other, &purchase);
+        c.put_fetched(key(1), Some(Stored::Profile(other.clone())), 1);
+        let e = c.peek(&key(1)).unwrap();
+        assert_eq!(e.local_events(), 1, "the view is not in that base");
+        let seen = e.profile(3).unwrap();
+        assert_eq!((seen.views, seen.purchases.len()), (1, 1));
+        // the next base holds both: nothing kept, nothing counted twice
+        let mut both = other;
+        fold(&mut both, &view);
+        c.put_fetched(key(1), Some(Stored::Profile(both)), 2);
+        let e = c.peek(&key(1)).unwrap();
+        assert_eq!(e.local_events(), 0);
+        assert_eq!(e.profile(3).unwrap().views, 1);
+
+        // the same through the session cookie's record, adopted at another isolate
+        let mut elsewhere = ProfileCache::new(10, usize::MAX);
+        let mut other = base.clone();
+        fold(&mut other, &purchase);
+        elsewhere.put_fetched(key(1), Some(Stored::Profile(other.clone())), 1);
+        elsewhere.adopt(key(1), None, vec![view.clone()], 1);
+        assert_eq!(
+            elsewhere.peek(&key(1)).unwrap().profile(3).unwrap().views,
+            1
+        );
+
+        // a base of wire format 1 carries no tags: time decides, as before
+        let mut old = ProfileCache::new(10, usize::MAX);
+        old.put_fetched(key(1), None, 0);
+        old.push_local(key(1), view, 0);
+        other.folded.clear();
+        old.put_fetched(key(1), Some(Stored::Profile(other)), 1);
+        assert_eq!(old.peek(&key(1)).unwrap().local_events(), 0);
     }
 
     #[test]

@@ -12,8 +12,8 @@
 use crate::ids::{CategoryId, ItemId, Secs};
 use crate::keys::UserKey;
 use crate::profile::{
-    CartLine, Consent, Interest, MAX_CART_LINES, MAX_INTERESTS, MAX_PURCHASES, MAX_RECENT, Profile,
-    PurchaseRecord, Score, Segments,
+    CartLine, Consent, EventTag, Interest, MAX_CART_LINES, MAX_FOLDED, MAX_INTERESTS,
+    MAX_PURCHASES, MAX_RECENT, Profile, PurchaseRecord, Score, Segments,
 };
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,9 @@ pub enum Op {
     Segments(Segments),
     Bucket(u8),
     Consent(Consent),
+    /// `folded = tags ++ folded`, truncated (format 2).
+    FoldedPrepend(Vec<EventTag>),
+    Folded(Vec<EventTag>),
 }
 
 /// Versions carry an erasure epoch in their top bits (`version >> EPOCH_SHIFT`). An erasure's
@@ -247,6 +250,13 @@ fn patched(mut p: Profile, to: u64, advance: u32, ops: &[Op]) -> Result<Profile,
             Op::Segments(s) => p.segments = *s,
             Op::Bucket(b) => p.bucket = *b,
             Op::Consent(c) => p.consent = *c,
+            Op::FoldedPrepend(tags) => {
+                let mut next = tags.clone();
+                next.extend(p.folded.iter().copied());
+                next.truncate(MAX_FOLDED);
+                p.folded = next;
+            }
+            Op::Folded(tags) => p.folded = tags.clone(),
         }
     }
     p.check().map_err(ApplyError::Invalid)?;
@@ -343,6 +353,19 @@ pub fn diff(old: &Profile, new: &Profile) -> Change {
     }
     if old.consent != new.consent {
         ops.push(Op::Consent(new.consent));
+    }
+    if old.folded != new.folded {
+        // the fold prepends one tag per event: the new tags ahead of the old, truncated
+        let k = (1..=new.folded.len()).find(|&k| {
+            let mut expect = new.folded[..k].to_vec();
+            expect.extend(old.folded.iter().copied());
+            expect.truncate(MAX_FOLDED);
+            expect == new.folded
+        });
+        ops.push(match k {
+            Some(k) => Op::FoldedPrepend(new.folded[..k].to_vec()),
+            None => Op::Folded(new.folded.clone()),
+        });
     }
     Change::Patch {
         from: old.version,

@@ -11,8 +11,8 @@
 use crate::event::{Event, EventKind, Line};
 use crate::ids::{CategoryId, ItemId, Secs};
 use crate::profile::{
-    CartLine, Interest, MAX_CART_LINES, MAX_INTERESTS, MAX_PURCHASES, MAX_QUANTITY, MAX_RECENT,
-    Profile, PurchaseRecord, Score, Segments, decay_factor,
+    CartLine, EventTag, Interest, MAX_CART_LINES, MAX_FOLDED, MAX_INTERESTS, MAX_PURCHASES,
+    MAX_QUANTITY, MAX_RECENT, Profile, PurchaseRecord, Score, Segments, decay_factor,
 };
 
 /// Interest added by viewing a product of the category.
@@ -31,6 +31,8 @@ pub fn fold(profile: &mut Profile, event: &Event) {
     let at = Secs::from_unix_ms(event.ts_ms);
     profile.version = profile.version.saturating_add(1);
     profile.updated_at = profile.updated_at.max(at);
+    profile.folded.insert(0, EventTag::of(&event.id));
+    profile.folded.truncate(MAX_FOLDED);
     match &event.kind {
         EventKind::PageView => {
             profile.views = profile.views.saturating_add(1);

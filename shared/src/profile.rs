@@ -18,6 +18,8 @@ pub const MAX_PURCHASES: usize = 8;
 pub const MAX_CART_LINES: usize = 32;
 /// Largest quantity of one cart line.
 pub const MAX_QUANTITY: u16 = 999;
+/// How many tags of the latest folded events a profile keeps, newest first.
+pub const MAX_FOLDED: usize = 16;
 /// Interest halves every week without new activity in the category.
 pub const INTEREST_HALF_LIFE_SECS: u32 = 7 * 24 * 3600;
 
@@ -80,6 +82,18 @@ pub struct CartLine {
 pub struct PurchaseRecord {
     pub item: ItemId,
     pub at: Secs,
+}
+
+/// A short tag of an event id (FNV-1a 32 of the id): which events a profile has folded, so
+/// the edge knows exactly which of a shopper's own events a newer base already holds. A tag
+/// clash can only retire one of the shopper's own events early (they see it at the next base).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+pub struct EventTag(pub [u8; 4]);
+
+impl EventTag {
+    pub fn of(event_id: &str) -> EventTag {
+        EventTag(crate::ids::fnv1a32(event_id.as_bytes()).to_le_bytes())
+    }
 }
 
 /// Named segments as a bitset; recomputed by the fold after every event.
@@ -184,6 +198,8 @@ pub struct Profile {
     /// Experiment bucket 0..100, from the keyed user hash: rules roll out by percentage.
     pub bucket: u8,
     pub consent: Consent,
+    /// Tags of the events folded last, newest first, at most [`MAX_FOLDED`] (format 2 on).
+    pub folded: Vec<EventTag>,
 }
 
 impl Profile {
@@ -263,6 +279,9 @@ impl Profile {
         }
         if self.bucket >= 100 {
             return Err("bucket out of range");
+        }
+        if self.folded.len() > MAX_FOLDED {
+            return Err("too many folded event tags");
         }
         Ok(())
     }

@@ -32,8 +32,10 @@ pub const MAX_EVENTS: usize = 32;
 /// How long a record is believed after it was issued.
 pub const MAX_AGE_S: u64 = 24 * 3600;
 
-/// Domain separation from the user-key hash made with the same secret.
-const CONTEXT: &[u8] = b"edgewise/session/v1\0";
+/// Domain separation from the user-key hash made with the same secret. The version names the
+/// record's layout (postcard of [`Session`], which holds a `Profile`): a record of another
+/// layout fails its tag and is ignored, never misread (v2: `Profile::folded`).
+const CONTEXT: &[u8] = b"edgewise/session/v2\0";
 const TAG_LEN: usize = 16;
 
 /// One of the shopper's own events, without the user (the record is bound to them).

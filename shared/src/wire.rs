@@ -15,13 +15,17 @@
 //! ARCHITECTURE.md): on delta batches it keeps most of DEFLATE's size win, decodes several
 //! times faster, and adds far less to the wasm bundle. Every decoder here takes untrusted bytes:
 //! lengths are checked before anything is allocated, and errors are returned, never panics.
-//! Golden-bytes tests pin the format; changing it means a new `FORMAT_VERSION`.
+//! Golden-bytes tests pin the format; changing it means a new `FORMAT_VERSION`, and the
+//! decoders keep reading the previous one ([`v1`]) so values already in KV and frames from an
+//! origin-sync not yet upgraded keep working through a rolling deploy (edge first).
+//!
+//! Format 2 added `Profile::folded` (and the patch ops that carry it).
 
 use crate::delta::{Delta, Stored};
 use serde::{Deserialize, Serialize};
 
-/// Version of every format in this module. Decoders reject any other.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version of every format this module writes. Decoders also read [`v1::VERSION`].
+pub const FORMAT_VERSION: u8 = 2;
 /// Largest sync frame accepted, compressed.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Largest body a frame may inflate to: bounds memory against decompression bombs.
@@ -91,7 +95,7 @@ impl ConfigKind {
 pub enum WireError {
     #[error("empty input")]
     Empty,
-    #[error("unsupported format version {0}; this build reads version {FORMAT_VERSION}")]
+    #[error("unsupported format version {0}; this build reads versions 1 to {FORMAT_VERSION}")]
     Version(u8),
     #[error("unknown codec {0}")]
     Codec(u8),
@@ -127,7 +131,7 @@ pub fn decode_batch(frame: &[u8]) -> Result<SyncBatch, WireError> {
         return Err(WireError::TooLarge(frame.len(), MAX_FRAME_BYTES));
     }
     let (&version, rest) = frame.split_first().ok_or(WireError::Empty)?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != v1::VERSION {
         return Err(WireError::Version(version));
     }
     let (&codec, rest) = rest.split_first().ok_or(WireError::Empty)?;
@@ -149,6 +153,9 @@ pub fn decode_batch(frame: &[u8]) -> Result<SyncBatch, WireError> {
         }
         other => return Err(WireError::Codec(other)),
     };
+    if version == v1::VERSION {
+        return exact::<v1::SyncBatch>(&body).map(Into::into);
+    }
     exact(&body)
 }
 
@@ -179,15 +186,167 @@ pub fn decode_stored(bytes: &[u8]) -> Result<Stored, WireError> {
         return Err(WireError::TooLarge(bytes.len(), MAX_STORED_BYTES));
     }
     let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
-    if version != FORMAT_VERSION {
-        return Err(WireError::Version(version));
-    }
-    let stored: Stored = exact(body)?;
+    let stored: Stored = match version {
+        FORMAT_VERSION => exact(body)?,
+        v1::VERSION => exact::<v1::Stored>(body)?.into(),
+        other => return Err(WireError::Version(other)),
+    };
     if let Stored::Profile(p) = &stored {
         p.check()
             .map_err(|why| WireError::Malformed(why.to_owned()))?;
     }
     Ok(stored)
+}
+
+/// Format 1, read and never written: the same as format 2 but for `Profile::folded`, which a
+/// format-1 profile reads as empty (the edge then retires a shopper's own events by time, as
+/// it did before). Format 1's patch ops are a prefix of format 2's, so only the types that
+/// hold a whole profile are mirrored here.
+pub mod v1 {
+    use crate::delta::{MAX_OPS, Op};
+    use crate::ids::Secs;
+    use crate::keys::UserKey;
+    use crate::profile::{CartLine, Consent, Interest, PurchaseRecord, Segments};
+    use serde::{Deserialize, Serialize};
+
+    pub const VERSION: u8 = 1;
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Profile {
+        version: u64,
+        updated_at: Secs,
+        interests: Vec<Interest>,
+        recent: Vec<crate::ids::ItemId>,
+        cart: Vec<CartLine>,
+        purchases: Vec<PurchaseRecord>,
+        last_purchase_at: Option<Secs>,
+        spend_cents: u64,
+        views: u32,
+        segments: Segments,
+        bucket: u8,
+        consent: Consent,
+    }
+
+    impl From<Profile> for crate::Profile {
+        fn from(p: Profile) -> crate::Profile {
+            crate::Profile {
+                version: p.version,
+                updated_at: p.updated_at,
+                interests: p.interests,
+                recent: p.recent,
+                cart: p.cart,
+                purchases: p.purchases,
+                last_purchase_at: p.last_purchase_at,
+                spend_cents: p.spend_cents,
+                views: p.views,
+                segments: p.segments,
+                bucket: p.bucket,
+                consent: p.consent,
+                folded: Vec::new(),
+            }
+        }
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum Stored {
+        Profile(Profile),
+        Tombstone { version: u64 },
+    }
+
+    /// A profile as format 1 wrote it (its tags dropped): for tests of the upgrade paths.
+    impl From<&crate::Profile> for Profile {
+        fn from(p: &crate::Profile) -> Profile {
+            let p = p.clone();
+            Profile {
+                version: p.version,
+                updated_at: p.updated_at,
+                interests: p.interests,
+                recent: p.recent,
+                cart: p.cart,
+                purchases: p.purchases,
+                last_purchase_at: p.last_purchase_at,
+                spend_cents: p.spend_cents,
+                views: p.views,
+                segments: p.segments,
+                bucket: p.bucket,
+                consent: p.consent,
+            }
+        }
+    }
+
+    impl From<Stored> for crate::delta::Stored {
+        fn from(s: Stored) -> Self {
+            match s {
+                Stored::Profile(p) => crate::delta::Stored::Profile(p.into()),
+                Stored::Tombstone { version } => crate::delta::Stored::Tombstone { version },
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct SyncBatch {
+        #[serde(deserialize_with = "crate::bounded::vec::<_, _, { super::MAX_BATCH_ITEMS }>")]
+        items: Vec<SyncItem>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    enum SyncItem {
+        Delta(Delta),
+        Config(super::ConfigDoc),
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Delta {
+        user: UserKey,
+        change: Change,
+    }
+
+    #[derive(Debug, Deserialize)]
+    enum Change {
+        Patch {
+            from: u64,
+            steps: u32,
+            advance: u32,
+            #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_OPS>")]
+            ops: Vec<Op>,
+        },
+        Snapshot(Profile),
+        Tombstone {
+            version: u64,
+        },
+    }
+
+    impl From<SyncBatch> for super::SyncBatch {
+        fn from(b: SyncBatch) -> Self {
+            use crate::delta::{Change as C, Delta as D};
+            let items = b
+                .items
+                .into_iter()
+                .map(|item| match item {
+                    SyncItem::Config(doc) => super::SyncItem::Config(doc),
+                    SyncItem::Delta(d) => super::SyncItem::Delta(D {
+                        user: d.user,
+                        change: match d.change {
+                            Change::Patch {
+                                from,
+                                steps,
+                                advance,
+                                ops,
+                            } => C::Patch {
+                                from,
+                                steps,
+                                advance,
+                                ops,
+                            },
+                            Change::Snapshot(p) => C::Snapshot(p.into()),
+                            Change::Tombstone { version } => C::Tombstone { version },
+                        },
+                    }),
+                })
+                .collect();
+            super::SyncBatch { items }
+        }
+    }
 }
 
 /// The encoded size of one delta on its own (for metrics and benchmarks).
@@ -259,7 +418,7 @@ mod tests {
         };
         let frame = encode_batch(&batch, Codec::None);
         let expected: Vec<u8> = [
-            vec![1, 0],                            // format version, codec none
+            vec![2, 0],                            // format version, codec none
             vec![1, 0],                            // one item, SyncItem::Delta
             vec![0xab; 12],                        // user key
             vec![0, 5, 1],                         // Change::Patch, from 5, steps 1
@@ -270,7 +429,11 @@ mod tests {
         ]
         .concat();
         assert_eq!(frame, expected);
-        assert_eq!(decode_batch(&frame), Ok(batch));
+        assert_eq!(decode_batch(&frame), Ok(batch.clone()));
+        // format 1 (an origin-sync not yet upgraded) is still read
+        let mut v1 = frame.clone();
+        v1[0] = 1;
+        assert_eq!(decode_batch(&v1), Ok(batch));
 
         // the other change kinds and a config document
         let tomb = SyncItem::Delta(Delta {
@@ -289,7 +452,7 @@ mod tests {
             Codec::None,
         );
         let expected: Vec<u8> = [
-            vec![1, 0, 2],          // format version, codec none, two items
+            vec![2, 0, 2],          // format version, codec none, two items
             vec![0],                // SyncItem::Delta
             vec![7; 12],            // user key
             vec![2, 9],             // Change::Tombstone, version 9
@@ -312,7 +475,7 @@ mod tests {
         assert_eq!(
             bytes,
             [
-                1, // format version
+                2, // format version
                 0, // Stored::Profile
                 3, 0xe8, 0x07, // version 3, updated_at 1000 (varint)
                 0,    // no interests
@@ -320,15 +483,26 @@ mod tests {
                 0, 0, 0, // cart, purchases, last_purchase_at: None
                 0, 0, 0, // spend, views, segments
                 7, 1, // bucket 7, consent: personalization
+                0, // no folded event tags
             ]
         );
-        assert_eq!(decode_stored(&bytes), Ok(Stored::Profile(p)));
+        assert_eq!(decode_stored(&bytes), Ok(Stored::Profile(p.clone())));
+        // format 1, as KV holds values written before format 2: no tags
+        let v1 = [
+            1, 0, 3, 0xe8, 0x07, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 1,
+        ];
+        assert_eq!(decode_stored(&v1), Ok(Stored::Profile(p)));
+        assert_eq!(
+            decode_stored(&[1, 1, 9]),
+            Ok(Stored::Tombstone { version: 9 })
+        );
+        assert_eq!(decode_stored(&[3, 1, 9]), Err(WireError::Version(3)));
     }
 
     /// Every field kind of a profile, pinned byte for byte.
     #[test]
     fn golden_full_profile() {
-        use crate::profile::{Consent, Interest, PurchaseRecord, Segments};
+        use crate::profile::{Consent, EventTag, Interest, PurchaseRecord, Segments};
         let p = Profile {
             version: 300,
             updated_at: Secs(1000),
@@ -352,9 +526,10 @@ mod tests {
             segments: Segments::BUYER | Segments::CART_ACTIVE,
             bucket: 42,
             consent: Consent::default(),
+            folded: vec![EventTag([1, 2, 3, 4])],
         };
         let expected: Vec<u8> = [
-            vec![1, 0],                                  // format version, Stored::Profile
+            vec![2, 0],                                  // format version, Stored::Profile
             vec![0xac, 0x02, 0xe8, 0x07],                // version 300, updated_at 1000
             vec![1, 4, 3, 2, 1, 0xc0, 0x01, 0x84, 0x07], // one interest: cat, score 192, at 900
             vec![1, 0x0d, 0x0c, 0x0b, 0x0a],             // recent
@@ -363,11 +538,21 @@ mod tests {
             vec![1, 0xa0, 0x06],                         // last_purchase_at Some(800)
             vec![0x9e, 0x86, 0x03],                      // spend 49950
             vec![7, 10, 42, 1],                          // views, segments, bucket, consent
+            vec![1, 1, 2, 3, 4],                         // folded: one tag
         ]
         .concat();
         let bytes = encode_stored(&Stored::Profile(p.clone()));
         assert_eq!(bytes, expected);
-        assert_eq!(decode_stored(&bytes), Ok(Stored::Profile(p)));
+        assert_eq!(decode_stored(&bytes), Ok(Stored::Profile(p.clone())));
+        let mut v1 = expected[..expected.len() - 5].to_vec();
+        v1[0] = 1;
+        assert_eq!(
+            decode_stored(&v1),
+            Ok(Stored::Profile(Profile {
+                folded: Vec::new(),
+                ..p
+            }))
+        );
     }
 
     #[test]
@@ -437,7 +622,8 @@ mod tests {
     #[test]
     fn rejects_bad_frames() {
         assert_eq!(decode_batch(&[]), Err(WireError::Empty));
-        assert_eq!(decode_batch(&[2, 0]), Err(WireError::Version(2)));
+        assert_eq!(decode_batch(&[3, 0]), Err(WireError::Version(3)));
+        assert_eq!(decode_batch(&[0, 0]), Err(WireError::Version(0)));
         assert_eq!(decode_batch(&[1, 9]), Err(WireError::Codec(9)));
         // a bomb: claims 4 GiB uncompressed
         assert_eq!(

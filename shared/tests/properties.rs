@@ -9,8 +9,8 @@ use shared::fold::{fold, fold_all};
 use shared::ids::{CategoryId, ItemId, Secs};
 use shared::keys::UserKey;
 use shared::profile::{
-    CartLine, Consent, Interest, MAX_CART_LINES, MAX_INTERESTS, MAX_PURCHASES, MAX_QUANTITY,
-    MAX_RECENT, Profile, PurchaseRecord, Score, Segments,
+    CartLine, Consent, EventTag, Interest, MAX_CART_LINES, MAX_FOLDED, MAX_INTERESTS,
+    MAX_PURCHASES, MAX_QUANTITY, MAX_RECENT, Profile, PurchaseRecord, Score, Segments,
 };
 use shared::wire::{
     Codec, ConfigDoc, ConfigKind, SyncBatch, SyncItem, decode_batch, decode_stored, encode_batch,
@@ -140,6 +140,11 @@ fn profile_at_bounds() -> impl Strategy<Value = Profile> {
                     segments: Segments(segments),
                     bucket,
                     consent: Consent::default().with_personalization(personalization),
+                    // tags counted down from the version: two profiles a few versions apart
+                    // share a run of them, as neighbouring versions of one shopper do
+                    folded: (0..MAX_FOLDED as u64)
+                        .map(|i| EventTag((version.wrapping_sub(i) as u32).to_le_bytes()))
+                        .collect(),
                 }
             },
         )

@@ -16,6 +16,7 @@
 //! current one, so any number of events coalesce into one write (`sinks.rs`).
 
 mod documents;
+mod layout;
 mod sinks;
 mod state;
 
@@ -152,7 +153,15 @@ impl Store {
         tx.open_table(sinks::SINK_MARKS)?;
         tx.open_table(sinks::SINK_DOCUMENTS)?;
         tx.open_table(sinks::QUARANTINE)?;
+        let upgraded = layout::upgrade(&tx)?;
         tx.commit()?;
+        if upgraded > 0 {
+            tracing::info!(
+                records = upgraded,
+                layout = layout::LAYOUT,
+                "store upgraded to the current layout"
+            );
+        }
         Ok(Store {
             db,
             user_key_secret: user_key_secret.to_vec(),

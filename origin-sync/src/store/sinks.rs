@@ -30,14 +30,29 @@ pub(super) const SINK_DOCUMENTS: TableDefinition<(&str, &str), u64> =
 pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-struct SinkMark {
+pub(super) struct SinkMark {
     /// What the sink last acknowledged; `None` also after it asked for a snapshot.
     acked: Option<Stored>,
     /// The version the sink quarantined: settled while the user stays at it.
     quarantined: Option<u64>,
 }
 
+/// [`SinkMark`] in a layout-1 store (`super::layout`).
+#[derive(Deserialize)]
+struct SinkMarkV1 {
+    acked: Option<shared::wire::v1::Stored>,
+    quarantined: Option<u64>,
+}
+
 impl SinkMark {
+    pub(super) fn decode_layout1(bytes: &[u8]) -> Result<SinkMark, StoreError> {
+        let old: SinkMarkV1 = decode(bytes, "sink mark")?;
+        Ok(SinkMark {
+            acked: old.acked.map(Into::into),
+            quarantined: old.quarantined,
+        })
+    }
+
     fn settles(&self, current: &Stored) -> bool {
         self.acked.as_ref() == Some(current) || self.quarantined == Some(current.version())
     }

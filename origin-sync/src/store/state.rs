@@ -8,6 +8,7 @@ use shared::delta::{Change, Stored, diff};
 use shared::event::{Event, EventKind};
 use shared::fold::fold;
 use shared::keys::UserKey;
+use shared::wire::v1;
 
 use super::{StoreError, decode};
 
@@ -68,17 +69,28 @@ pub(super) struct UserState {
     current: Profile,
 }
 
+/// [`UserState`] as layout-1 stores hold it: the same fields, the profile in wire format 1
+/// (before `Profile::folded`). Read by the layout upgrade, never written.
+#[derive(Deserialize)]
+struct UserStateV1 {
+    base: v1::Profile,
+    window: Vec<WindowEvent>,
+    frozen: Option<(u64, String)>,
+    seen: Vec<u64>,
+    erased: Option<(u64, u64)>,
+}
+
 /// [`UserState`] as stores written before the compact window form hold it (window events as
-/// JSON, the folded profile stored too). Read, never written.
+/// JSON, the folded profile stored too; layout 1). Read, never written.
 #[derive(Deserialize)]
 struct LegacyUserState {
-    base: Profile,
+    base: v1::Profile,
     window: Vec<LegacyWindowEvent>,
     frozen: Option<(u64, String)>,
     seen: Vec<u64>,
     erased: Option<(u64, u64)>,
     #[allow(dead_code)]
-    current: Profile,
+    current: v1::Profile,
 }
 
 #[derive(Deserialize)]
@@ -93,7 +105,7 @@ struct LegacyWindowEvent {
 impl LegacyUserState {
     fn upgrade(self) -> UserState {
         UserState {
-            base: self.base,
+            base: self.base.into(),
             // these were validated when first stored
             window: self
                 .window
@@ -215,16 +227,51 @@ impl UserState {
     }
 
     pub(super) fn decode(bytes: &[u8]) -> Result<UserState, StoreError> {
-        let mut state: UserState = match decode(bytes, "user") {
-            Ok(s) => s,
+        let mut state: UserState = decode(bytes, "user")?;
+        state.refold();
+        Ok(state)
+    }
+
+    /// A record of a layout-1 store (`super::layout`), in either of its two forms.
+    pub(super) fn decode_layout1(bytes: &[u8]) -> Result<UserState, StoreError> {
+        let state = match decode::<UserStateV1>(bytes, "user") {
+            Ok(s) => UserState {
+                base: s.base.into(),
+                window: s.window,
+                frozen: s.frozen,
+                seen: s.seen,
+                erased: s.erased,
+                current: Profile::default(),
+            },
             // written before window events had their binary form: convert on read
             Err(e) => match postcard::from_bytes::<LegacyUserState>(bytes) {
                 Ok(old) => old.upgrade(),
                 Err(_) => return Err(e),
             },
         };
+        let mut state = state;
         state.refold();
         Ok(state)
+    }
+
+    /// The record as a layout-1 store held it: for tests of the upgrade.
+    #[cfg(test)]
+    pub(super) fn encode_layout1(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Layout1<'a> {
+            base: v1::Profile,
+            window: &'a [WindowEvent],
+            frozen: &'a Option<(u64, String)>,
+            seen: &'a [u64],
+            erased: Option<(u64, u64)>,
+        }
+        super::encode(&Layout1 {
+            base: (&self.base).into(),
+            window: &self.window,
+            frozen: &self.frozen,
+            seen: &self.seen,
+            erased: self.erased,
+        })
     }
 
     pub(super) fn remember(&mut self, h: u64) {
@@ -329,12 +376,12 @@ mod tests {
         }
         #[derive(Serialize)]
         struct OldState {
-            base: Profile,
+            base: v1::Profile,
             window: Vec<OldWindowEvent>,
             frozen: Option<(u64, String)>,
             seen: Vec<u64>,
             erased: Option<(u64, u64)>,
-            current: Profile,
+            current: v1::Profile,
         }
         let catalog = Catalog::demo().expect("demo catalog");
         let events: Vec<Event> = Traffic::new(&catalog, 1, "old", 1_764_000_000_000, 1, 5)
@@ -344,7 +391,7 @@ mod tests {
         let mut current = Profile::new(key.bucket());
         fold_all(&mut current, &events);
         let old = OldState {
-            base: Profile::new(key.bucket()),
+            base: (&Profile::new(key.bucket())).into(),
             window: events
                 .iter()
                 .map(|e| OldWindowEvent {
@@ -356,9 +403,9 @@ mod tests {
             frozen: None,
             seen: Vec::new(),
             erased: None,
-            current: current.clone(),
+            current: (&current).into(),
         };
-        let state = UserState::decode(&encode(&old)).expect("reads the old form");
+        let state = UserState::decode_layout1(&encode(&old)).expect("reads the old form");
         assert_eq!(state.window.len(), 3);
         assert_eq!(state.current, current);
     }

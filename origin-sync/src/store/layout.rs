@@ -1,0 +1,193 @@
+//! The store's layout version, and the upgrade from older layouts.
+//!
+//! Records are plain postcard, which carries no version of its own: a record of an older
+//! layout could decode as a newer one and be misread. So the store keeps its layout in the
+//! `meta` table, and opening an older store rewrites its records in the current layout, in the
+//! same write transaction that records the new version (all or nothing, and at most once).
+//!
+//! * layout 1: profiles in wire format 1 (users, sink marks, the older shared `acked` values);
+//! * layout 2: profiles carry `folded` (wire format 2).
+//!
+//! There is no downgrade: an older origin-sync must not open a store this one has upgraded.
+
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use shared::wire::v1;
+
+use super::sinks::{SINK_MARKS, SinkMark};
+use super::state::UserState;
+use super::{ACKED, StoreError, USERS, decode, encode};
+
+/// `"layout"` → the layout the store's records are in.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// A sink mark's key, owned.
+type SinkAndKey = (String, Vec<u8>);
+
+/// The layout this build writes.
+pub(super) const LAYOUT: u64 = 2;
+
+/// Brings the store to [`LAYOUT`]; returns how many records were rewritten.
+pub(super) fn upgrade(tx: &WriteTransaction) -> Result<u64, StoreError> {
+    let mut meta = tx.open_table(META)?;
+    let layout = meta.get("layout")?.map(|g| g.value());
+    match layout {
+        Some(LAYOUT) => return Ok(0),
+        Some(newer) if newer > LAYOUT => {
+            return Err(StoreError::Corrupt(format!(
+                "the store has layout {newer}, written by a newer origin-sync; this build reads \
+                 layout {LAYOUT} and older (run the newer build, or start from an empty store)"
+            )));
+        }
+        _ => {}
+    }
+    let mut rewritten = 0;
+    {
+        let mut users = tx.open_table(USERS)?;
+        let old: Vec<(Vec<u8>, Vec<u8>)> = users
+            .iter()?
+            .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
+            .collect::<Result<_, _>>()?;
+        for (k, v) in old {
+            let state = UserState::decode_layout1(&v)?;
+            users.insert(k.as_slice(), encode(&state).as_slice())?;
+            rewritten += 1;
+        }
+    }
+    {
+        let mut marks = tx.open_table(SINK_MARKS)?;
+        let old: Vec<(SinkAndKey, Vec<u8>)> = marks
+            .iter()?
+            .map(|r| {
+                r.map(|(k, v)| {
+                    let (sink, key) = k.value();
+                    ((sink.to_owned(), key.to_vec()), v.value().to_vec())
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        for ((sink, key), v) in old {
+            let mark = SinkMark::decode_layout1(&v)?;
+            marks.insert((sink.as_str(), key.as_slice()), encode(&mark).as_slice())?;
+            rewritten += 1;
+        }
+    }
+    {
+        let mut acked = tx.open_table(ACKED)?;
+        let old: Vec<(Vec<u8>, Vec<u8>)> = acked
+            .iter()?
+            .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
+            .collect::<Result<_, _>>()?;
+        for (k, v) in old {
+            let stored: shared::delta::Stored = decode::<v1::Stored>(&v, "acked")?.into();
+            acked.insert(k.as_slice(), encode(&stored).as_slice())?;
+            rewritten += 1;
+        }
+    }
+    meta.insert("layout", LAYOUT)?;
+    Ok(rewritten)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Store, Window};
+    use shared::delta::Stored;
+    use shared::event::parse_event;
+    use shared::keys::UserKey;
+
+    const SECRET: &[u8] = b"layout-test-secret";
+    const WINDOW: Window = Window {
+        reorder_ms: 0,
+        max_events: 0,
+    };
+
+    fn path(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("edgewise-layout-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    fn add(id: &str, ts: u64) -> shared::event::Event {
+        parse_event(
+            format!(
+                r#"{{"event_id":"{id}","user_id":"u1","ts":{ts},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#
+            )
+            .as_bytes(),
+        )
+        .expect("valid")
+    }
+
+    /// A store written by the previous release (profiles in wire format 1, no `meta` table)
+    /// opens, is rewritten in the current layout once, and reads as it did.
+    #[test]
+    fn a_layout_1_store_is_upgraded_once_and_reads_the_same() {
+        let file = path("upgrade");
+        let key = UserKey::derive(SECRET, "u1");
+        let mut state = UserState::fresh(&key);
+        for (i, ts) in [1_800_000_000_000u64, 1_800_000_001_000].iter().enumerate() {
+            state.insert(&add(&format!("e{i}"), *ts), None, WINDOW);
+        }
+        let before = match state.current() {
+            Stored::Profile(p) => p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(before.cart.len(), 1);
+        {
+            let db = redb::Database::create(&file).expect("db");
+            let tx = db.begin_write().expect("tx");
+            {
+                let mut users = tx.open_table(USERS).expect("users");
+                users
+                    .insert(key.0.as_slice(), state.encode_layout1().as_slice())
+                    .expect("insert");
+                let mut acked = tx.open_table(ACKED).expect("acked");
+                let old = v1::Stored::Profile((&before).into());
+                acked
+                    .insert(key.0.as_slice(), encode(&old).as_slice())
+                    .expect("insert");
+            }
+            tx.commit().expect("commit");
+        }
+
+        let store = Store::open(&file, SECRET, WINDOW).expect("the old store opens");
+        match store.current("u1").expect("reads") {
+            // the profile as before; the tags the base lost in format 1 are simply absent
+            Some(Stored::Profile(p)) => {
+                assert_eq!(
+                    (p.version, &p.cart, p.views),
+                    (2, &before.cart, before.views)
+                );
+                assert!(p.folded.len() <= 2, "{:?}", p.folded);
+            }
+            other => panic!("{other:?}"),
+        }
+        let tx = store.db.begin_read().expect("read");
+        let acked = tx.open_table(ACKED).expect("acked");
+        let value = acked.get(key.0.as_slice()).expect("get").expect("kept");
+        let stored: Stored = decode(value.value(), "acked").expect("current layout");
+        assert_eq!(stored.version(), 2);
+        drop((value, acked, tx));
+
+        // at most once: the second open rewrites nothing
+        let tx = store.db.begin_write().expect("tx");
+        assert_eq!(upgrade(&tx).expect("upgrade"), 0);
+        tx.commit().expect("commit");
+        drop(store);
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn a_store_of_a_newer_layout_is_refused_with_what_to_do() {
+        let file = path("newer");
+        {
+            let db = redb::Database::create(&file).expect("db");
+            let tx = db.begin_write().expect("tx");
+            tx.open_table(META)
+                .expect("meta")
+                .insert("layout", LAYOUT + 1)
+                .expect("insert");
+            tx.commit().expect("commit");
+        }
+        let err = Store::open(&file, SECRET, WINDOW).expect_err("refused");
+        assert!(err.to_string().contains("newer origin-sync"), "{err}");
+        let _ = std::fs::remove_file(&file);
+    }
+}
