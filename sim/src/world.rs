@@ -38,6 +38,8 @@ usage: edge-topology [--key value ...]
                        the minimum)
   --replication-ms M   mean delay before a KV write reaches other locations' misses (default 1000)
   --push-ms M          origin's push interval (default 50)
+  --push-fanout F      origin posts every frame to F locations (default 1: the entry isolate);
+                       each copy lands on a random isolate there, as a POST to the worker does
   --coalesce-ms M      origin pushes a shopper at most once per window (default 1000)
   --origin-rtt-ms M    round trip edge <-> origin (default 50)
   --kv-sink            origin also writes every change to KV through the bulk API
@@ -50,6 +52,9 @@ const MIN_CACHE_TTL_S: u64 = 30;
 const MEAN_PAGES: f64 = 8.0;
 const MEAN_GAP_MS: f64 = 15_000.0;
 const MIN_GAP_MS: u64 = 1_000;
+/// Share of next pages requested at once after the page's events (a shopper who clicks on right
+/// after adding to cart), 50 to 500 ms later: before origin's push can have arrived.
+const QUICK_CLICK: f64 = 0.1;
 const START_MS: u64 = 1_800_000_000_000;
 const SYNC_SECRET: &str = "simulated-sync-secret-of-32-bytes!!";
 const USER_SECRET: &str = "simulated-user-key-secret-32-bytes!";
@@ -99,6 +104,7 @@ pub struct Params {
     pub cache_ttl_s: u64,
     pub replication_ms: f64,
     pub push_ms: u64,
+    pub push_fanout: usize,
     pub coalesce_ms: u64,
     pub origin_rtt_ms: u64,
     pub kv_sink: bool,
@@ -124,6 +130,7 @@ impl Default for Params {
             cache_ttl_s: 30,
             replication_ms: 1_000.0,
             push_ms: 50,
+            push_fanout: 1,
             coalesce_ms: 1_000,
             origin_rtt_ms: 50,
             kv_sink: false,
@@ -192,11 +199,18 @@ impl Params {
                 "--cache-ttl" => p.cache_ttl_s = whole(MIN_CACHE_TTL_S as f64)?,
                 "--replication-ms" => p.replication_ms = num("a duration")?,
                 "--push-ms" => p.push_ms = whole(1.0)?,
+                "--push-fanout" => p.push_fanout = whole(1.0)? as usize,
                 "--coalesce-ms" => p.coalesce_ms = whole(0.0)?,
                 "--origin-rtt-ms" => p.origin_rtt_ms = whole(0.0)?,
                 "--out" => p.out = Some(PathBuf::from(value)),
                 other => return Err(format!("unknown option {other}")),
             }
+        }
+        if p.push_fanout > p.locations {
+            return Err(format!(
+                "--push-fanout {} is more than --locations {}",
+                p.push_fanout, p.locations
+            ));
         }
         Ok(p)
     }
@@ -220,7 +234,8 @@ impl Clock for VirtualClock {
 
 #[derive(Debug)]
 enum Ev {
-    SessionStart(usize),
+    /// A shopper's session of so many pages.
+    SessionStart(usize, u32),
     Page(usize, u32),
     /// An erasure, and how many more times the shopper tries if it fails.
     Erase(usize, u32),
@@ -241,7 +256,8 @@ struct Shopper {
     in_session: bool,
     /// Own page views accepted since the last erasure, and those not yet seen on a page.
     own_views: u32,
-    unseen_own: VecDeque<(u32, u64)>,
+    /// (views count, when accepted, the first page after it that did not show it)
+    unseen_own: VecDeque<(u32, u64, Option<u64>)>,
     /// Spend from other channels since the last erasure, and purchases not yet seen.
     spend: u64,
     unseen_other: VecDeque<(u64, u64)>,
@@ -259,6 +275,9 @@ struct Seen {
     phantom: u64,
     other_stale_pages: u64,
     own_visible_ms: Vec<u64>,
+    own_late_ms: Vec<u64>,
+    fanout_requests: u64,
+    fanout_refused: u64,
     next_page_gap_ms: Vec<u64>,
     other_visible_ms: Vec<u64>,
     tiers: HashMap<String, u64>,
@@ -348,12 +367,20 @@ pub fn run(p: &Params) -> Report {
     };
     // sessions arrive as a Poisson process sized to the page budget
     let sessions_per_ms = p.page_rate / MEAN_PAGES / 1000.0;
-    let sessions = (p.pages as f64 / MEAN_PAGES).ceil() as u64;
     let mut t = START_MS as f64;
-    for _ in 0..sessions {
+    let mut planned = 0u64;
+    while planned < p.pages {
         t += -(1.0 - rng.unit()).ln() / sessions_per_ms;
         let who = rng.below(p.shoppers);
-        at(&mut queue, &mut payloads, t as u64, Ev::SessionStart(who));
+        let pages = (1 + (-(1.0 - rng.unit()).ln() * (MEAN_PAGES - 1.0)) as u32)
+            .min(u32::try_from(p.pages - planned).unwrap_or(u32::MAX));
+        planned += u64::from(pages);
+        at(
+            &mut queue,
+            &mut payloads,
+            t as u64,
+            Ev::SessionStart(who, pages),
+        );
     }
     at(
         &mut queue,
@@ -454,13 +481,33 @@ pub fn run(p: &Params) -> Report {
                     let answer = (reply.status == 200)
                         .then(|| serde_json::from_slice::<SyncReply>(&reply.body).ok())
                         .flatten();
+                    // copies to other locations, spread evenly; origin settles on the entry's
+                    // answer alone (a copy's failure costs it nothing but the request)
+                    for f in 1..p.push_fanout {
+                        let loc = f * p.locations / p.push_fanout;
+                        let isolate = loc * p.isolates + rng.below(p.isolates);
+                        seen.fanout_requests += 1;
+                        let (copy, _, _) = handle(
+                            &isolates[isolate],
+                            loc,
+                            now + half_rtt,
+                            "sync",
+                            &req,
+                            None,
+                            &mut rng,
+                            &mut seen,
+                        );
+                        if copy.status != 200 {
+                            seen.fanout_refused += 1;
+                        }
+                    }
                     origin.settle(push, answer);
                 }
                 if !queue.is_empty() {
                     at(&mut queue, &mut payloads, now + p.push_ms, Ev::PushTick);
                 }
             }
-            Ev::SessionStart(mut who) => {
+            Ev::SessionStart(mut who, pages) => {
                 // a shopper has one session at a time: someone else starts this one
                 for _ in 0..16 {
                     if !shoppers[who].in_session {
@@ -475,7 +522,6 @@ pub fn run(p: &Params) -> Report {
                 }
                 s.in_session = true;
                 s.loc = s.home;
-                let pages = 1 + (-(1.0 - rng.unit()).ln() * (MEAN_PAGES - 1.0)) as u32;
                 at(&mut queue, &mut payloads, now, Ev::Page(who, pages));
                 if rng.chance(p.other_channel) {
                     let later = now + (rng.unit() * pages as f64 * MEAN_GAP_MS) as u64;
@@ -548,7 +594,7 @@ pub fn run(p: &Params) -> Report {
                     seen.events_accepted += 1;
                     let s = &mut shoppers[who];
                     s.own_views += 1;
-                    s.unseen_own.push_back((s.own_views, now + 5));
+                    s.unseen_own.push_back((s.own_views, now + 5, None));
                 } else {
                     seen.events_refused += 1;
                 }
@@ -560,7 +606,11 @@ pub fn run(p: &Params) -> Report {
                     now + 5 + half_rtt,
                 );
                 if left > 1 {
-                    let gap = MIN_GAP_MS + (-(1.0 - rng.unit()).ln() * MEAN_GAP_MS) as u64;
+                    let gap = if rng.chance(QUICK_CLICK) {
+                        50 + rng.below(450) as u64
+                    } else {
+                        MIN_GAP_MS + (-(1.0 - rng.unit()).ln() * MEAN_GAP_MS) as u64
+                    };
                     seen.next_page_gap_ms.push(gap);
                     at(
                         &mut queue,
@@ -724,9 +774,15 @@ fn observe(s: &mut Shopper, reply: &Reply, now: u64, seen: &mut Seen) {
     }
     s.max_views_shown = s.max_views_shown.max(views);
     s.max_spend_shown = s.max_spend_shown.max(spend);
-    while s.unseen_own.front().is_some_and(|(k, _)| *k <= views) {
-        if let Some((_, t)) = s.unseen_own.pop_front() {
+    while s.unseen_own.front().is_some_and(|(k, _, _)| *k <= views) {
+        if let Some((_, t, first_miss)) = s.unseen_own.pop_front() {
             seen.own_visible_ms.push(now - t);
+            seen.own_late_ms.push(first_miss.map_or(0, |m| now - m));
+        }
+    }
+    for (_, t, first_miss) in s.unseen_own.iter_mut() {
+        if *t < now && first_miss.is_none() {
+            *first_miss = Some(now);
         }
     }
     if s.unseen_other.front().is_some_and(|(_, t)| *t < now) && spend < s.spend {
@@ -739,7 +795,7 @@ fn observe(s: &mut Shopper, reply: &Reply, now: u64, seen: &mut Seen) {
     }
     // how old the oldest event this page should have shown but did not is: the empirical
     // bound on staleness, free of the shopper's think time
-    if let Some((_, t)) = s.unseen_own.front()
+    if let Some((_, t, _)) = s.unseen_own.front()
         && *t < now
     {
         seen.own_missed_age_ms.push(now - t);
@@ -749,6 +805,10 @@ fn observe(s: &mut Shopper, reply: &Reply, now: u64, seen: &mut Seen) {
     {
         seen.other_missed_age_ms.push(now - t);
     }
+}
+
+fn p_fanout(j: &Value) -> u64 {
+    j["params"]["push_fanout"].as_u64().unwrap_or(1)
 }
 
 /// (percentile, value) at every whole percent, for plots.
@@ -792,6 +852,7 @@ impl Report {
             .map(|o| o.values().filter_map(Value::as_f64).sum())
             .unwrap_or(0.0);
         let mut own = s.own_visible_ms.clone();
+        let mut own_late = s.own_late_ms.clone();
         let mut gaps = s.next_page_gap_ms.clone();
         let mut other = s.other_visible_ms.clone();
         let mut kv_ms = s.page_kv_ms.clone();
@@ -814,7 +875,7 @@ impl Report {
                 "add_to_cart": p.add_to_cart,
                 "profile_ttl_s": p.profile_ttl_s, "kv_cache_ttl_s": p.cache_ttl_s,
                 "kv_replication_ms": p.replication_ms, "push_ms": p.push_ms, "coalesce_ms": p.coalesce_ms,
-                "origin_rtt_ms": p.origin_rtt_ms, "kv_sink": p.kv_sink,
+                "origin_rtt_ms": p.origin_rtt_ms, "kv_sink": p.kv_sink, "push_fanout": p.push_fanout,
             },
             "simulated_s": self.simulated_ms as f64 / 1000.0,
             "wall_s": self.wall_s,
@@ -827,6 +888,8 @@ impl Report {
                 "data_the_shopper_never_made": s.phantom,
             },
             "own_event_to_visible_ms": percentiles(&mut own),
+            "own_event_visible_late_ms": percentiles(&mut own_late),
+            "own_event_visible_late_note": "how long after the first page that should have shown an own event it showed: 0 when the very next page did, however soon it came (10% of next pages come 50-500 ms after the event, before origin's push can arrive)",
             "own_event_to_visible_curve": curve(&mut own),
             "own_events_never_shown_in_their_session": s.own_never_shown_in_session,
             "next_page_gap_ms": percentiles(&mut gaps),
@@ -855,6 +918,8 @@ impl Report {
                 "events_folded": self.origin.0,
                 "events_dropped_by_erasure": self.origin.1,
                 "sync_frames": self.origin.2,
+                "fanout_requests": s.fanout_requests,
+                "fanout_refused": s.fanout_refused,
                 "deltas": self.origin.3,
                 "snapshots_resent": self.origin.4,
             },
@@ -898,6 +963,10 @@ impl Report {
         out += &row("erasure violations", &j["violations"]["erasure"]);
         out += &row("own event -> visible (ms)", &j["own_event_to_visible_ms"]);
         out += &row(
+            "  late beyond the page that missed it",
+            &j["own_event_visible_late_ms"],
+        );
+        out += &row(
             "  never shown in its session",
             &j["own_events_never_shown_in_their_session"],
         );
@@ -934,6 +1003,15 @@ impl Report {
             ]),
         );
         out += &row("origin reads per page", &j["origin"]["reads_per_page"]);
+        if p_fanout(&j) > 1 {
+            out += &row(
+                "push copies / refused",
+                &json!([
+                    j["origin"]["fanout_requests"],
+                    j["origin"]["fanout_refused"]
+                ]),
+            );
+        }
         out += &row("session cookie bytes", &j["session_cookie_bytes"]);
         out += &row(
             "cost USD per 1M pages",
@@ -1038,6 +1116,21 @@ mod tests {
                 .as_u64()
                 .is_some_and(|b| b < 3_200)
         );
+        // every own event shows on the very next page, also one requested 50 ms after it
+        assert_eq!(
+            session["own_event_visible_late_ms"]["max"], 0,
+            "{}",
+            session["own_event_visible_late_ms"]
+        );
+        assert!(
+            today["own_event_visible_late_ms"]["p99"]
+                .as_u64()
+                .is_some_and(|ms| ms > 1_000),
+            "{}",
+            today["own_event_visible_late_ms"]
+        );
+        // the page budget is met exactly
+        assert_eq!(session["pages"], small(8, 4).pages);
     }
 
     #[test]
@@ -1080,6 +1173,11 @@ mod tests {
         assert_eq!(
             parse(&["--kv-sink", "--seed", "7"]).map(|p| (p.kv_sink, p.seed)),
             Ok((true, 7))
+        );
+        assert!(
+            parse(&["--locations", "3", "--push-fanout", "4"])
+                .unwrap_err()
+                .contains("more than --locations")
         );
     }
 }

@@ -410,7 +410,12 @@ fn topology_section(t: &Value) -> String {
         "the next page",
     );
     md += &row(
-        "gap to the next page, p50 / p90 / p99",
+        "own event → visible, late beyond the first page that should show it, p50 / p90 / p99",
+        &pcts("own_event_visible_late_ms"),
+        "p99 ≤ one origin round trip (50 ms)",
+    );
+    md += &row(
+        "gap to the next page, p50 / p90 / p99 (10% within 50–500 ms)",
         &pcts("next_page_gap_ms"),
         "",
     );
@@ -491,7 +496,8 @@ fn topology_section(t: &Value) -> String {
     md
 }
 
-/// What the TTL knobs buy and cost: the session design at each setting, same traffic.
+/// What the knobs (TTLs, push fan-out) buy and cost: the session design at each setting, same
+/// traffic.
 fn knobs_section(dir: &Path) -> String {
     let runs: Vec<Value> = (0..)
         .map_while(|i| load(dir, &format!("topology-knobs-{i}.json")).ok())
@@ -501,25 +507,30 @@ fn knobs_section(dir: &Path) -> String {
         return String::new();
     }
     let mut md = String::from(
-        "### What the TTL knobs buy (simulated)\n\nThe session design at each setting of the \
-         edge's profile TTL (`PROFILE_TTL_SECS`) and KV's `cacheTtl` (`KV_CACHE_TTL_SECS`), on \
-         the same traffic: 100 locations × 4 isolates, 300k pages. Freshness from other \
-         channels is the age of the oldest other-channel event a page missed.\n\n\
-         | profile TTL / cacheTtl | other channel missed, p50 / p99 / max | pages missing one > 60 s | KV reads per page | cost per million pages (USD) |\n\
-         | --- | ---: | ---: | ---: | ---: |\n",
+        "### What the knobs buy (simulated)\n\nThe session design at each setting of the \
+         edge's profile TTL (`PROFILE_TTL_SECS`), KV's `cacheTtl` (`KV_CACHE_TTL_SECS`) and \
+         origin's push fan-out (each sync frame posted to that many locations, landing on a \
+         random isolate there), on the same traffic: 100 locations × 4 isolates, 300k pages. \
+         Freshness from other channels is the age of the oldest other-channel event a page \
+         missed.\n\n\
+         | profile TTL / cacheTtl / fan-out | other channel missed, p50 / p99 / max | pages missing one > 60 s | KV reads per page | KV writes per event | KV 429s | cost per million pages (USD) |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in &runs {
         let p = &r["params"];
         let m = &r["other_channel_missed_age_ms"];
         md += &format!(
-            "| {} s / {} s | {:.1} / {:.1} / {:.1} s | {} | {:.3} | {:.2} |\n",
+            "| {} s / {} s / {} | {:.1} / {:.1} / {:.1} s | {} | {:.3} | {:.3} | {} | {:.2} |\n",
             p["profile_ttl_s"],
             p["kv_cache_ttl_s"],
+            p["push_fanout"].as_u64().unwrap_or(1),
             num(&m["p50"]) / 1000.0,
             num(&m["p99"]) / 1000.0,
             num(&m["max"]) / 1000.0,
             r["pages_missing_an_other_channel_event_older_than_60s"],
             num(&r["kv"]["reads_per_page"]),
+            num(&r["kv"]["writes_per_event"]),
+            r["kv"]["rate_limited_429"],
             num(&r["cost_usd_per_million_pages"]["total"]),
         );
     }

@@ -166,8 +166,14 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// (PROFILE_TTL_SECS, KV_CACHE_TTL_SECS) pairs the benchmark simulates side by side.
-const SIM_KNOBS: [(u64, u64); 4] = [(30, 60), (30, 30), (10, 30), (5, 30)];
+/// (PROFILE_TTL_SECS, KV_CACHE_TTL_SECS, push fan-out) the benchmark simulates side by side.
+const SIM_KNOBS: [(u64, u64, u64); 5] = [
+    (30, 60, 1),
+    (30, 30, 1),
+    (10, 30, 1),
+    (5, 30, 1),
+    (30, 30, 4),
+];
 
 fn bench(extra: &[String]) -> Result<()> {
     setup::run()?;
@@ -257,8 +263,8 @@ fn bench(extra: &[String]) -> Result<()> {
         .arg(out.join("topology.json"))
         .cwd(root())
         .run()?;
-    step("edge topology simulation: what the TTL knobs buy (session design, 100 locations)");
-    for (i, (ttl, cache_ttl)) in SIM_KNOBS.iter().enumerate() {
+    step("edge topology simulation: what the knobs buy (session design, 100 locations)");
+    for (i, (ttl, cache_ttl, fanout)) in SIM_KNOBS.iter().enumerate() {
         Cmd::new(bin("edge-topology"))
             .args([
                 "--design",
@@ -274,6 +280,8 @@ fn bench(extra: &[String]) -> Result<()> {
                 &ttl.to_string(),
                 "--cache-ttl",
                 &cache_ttl.to_string(),
+                "--push-fanout",
+                &fanout.to_string(),
             ])
             .arg("--out")
             .arg(out.join(format!("topology-knobs-{i}.json")))
