@@ -526,29 +526,53 @@ impl FakeOrigin {
 /// the others in turn, so the page after a shopper's event always lands on an isolate that
 /// did not take it. HTTP/1.1, one request per connection (`Connection: close` both ways),
 /// bodies by `Content-Length`.
+/// Stops listening when dropped.
 #[derive(Debug)]
 pub struct FrontRouter {
     pub port: u16,
     /// (method and path, backend index) of every request routed, in order.
     pub routed: Arc<Mutex<Vec<(String, usize)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FrontRouter {
     pub fn start(backends: Vec<u16>) -> std::io::Result<FrontRouter> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::start_on(0, backends)
+    }
+
+    /// On `port` (0: any free one).
+    pub fn start_on(port: u16, backends: Vec<u16>) -> std::io::Result<FrontRouter> {
+        Self::serve(TcpListener::bind(("127.0.0.1", port))?, backends)
+    }
+
+    /// On a listener bound already (so the port is held while the backends start).
+    pub fn serve(listener: TcpListener, backends: Vec<u16>) -> std::io::Result<FrontRouter> {
         let port = listener.local_addr()?.port();
         let routed: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
         let log = routed.clone();
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 let (log, next, backends) = (log.clone(), next.clone(), backends.clone());
                 std::thread::spawn(move || {
                     let _ = route_one(conn, &backends, &next, &log);
                 });
             }
         });
-        Ok(FrontRouter { port, routed })
+        Ok(FrontRouter { port, routed, stop })
+    }
+}
+
+impl Drop for FrontRouter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // wake the accept loop so it sees the flag and closes the listener
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

@@ -1,5 +1,8 @@
 //! The whole local stack: a Kafka-protocol broker (tansu, its log in SQLite), the event topics,
-//! origin-sync, and one or more edges (`wrangler dev`: the worker on workerd with local KV).
+//! origin-sync, and one or more edges. An edge is a CDN location: one or more isolates
+//! (`wrangler dev`: the worker on workerd) over one local KV, behind a front router that, like
+//! Cloudflare, lands a shopper's consecutive requests on different isolates (writes on the
+//! first, which also takes origin's pushes; reads on the others).
 //! `cargo xtask dev` runs it through the `edgewise-stack` binary and the end-to-end tests start
 //! it the same way, so what a developer clicks through is what the tests check.
 
@@ -9,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use origin_sync::testkit::Tansu;
 
-use crate::{Service, http, root, spawn_service, start_worker_on};
+use crate::{FrontRouter, Service, free_port, http, root, spawn_service, start_worker_on};
 
 /// The event topics origin-sync consumes by default, and its dead-letter topic.
 pub const EVENT_TOPICS: [&str; 3] = ["customer_clicks", "cart_events", "purchase_events"];
@@ -31,6 +34,9 @@ pub struct StackConfig {
     /// One edge per port, all fed by the same origin-sync, each with its own KV: several
     /// CDN locations in one machine.
     pub edge_ports: Vec<u16>,
+    /// Isolates per edge, over the edge's one KV; more than one puts a front router on the
+    /// edge's port.
+    pub isolates: usize,
     /// Partitions per event topic when the embedded broker creates them.
     pub partitions: u32,
     /// The origin-sync binary.
@@ -48,11 +54,22 @@ impl StackConfig {
             broker_port: 9092,
             origin_port: 8788,
             edge_ports: vec![8787],
+            isolates: 2,
             partitions: 2,
             origin_bin,
             origin_extra: String::new(),
         }
     }
+}
+
+/// One CDN location: its isolates over one KV, and the router in front of them.
+#[derive(Debug)]
+pub struct Edge {
+    /// Where shoppers and origin-sync reach the location.
+    pub port: u16,
+    /// The first takes writes and origin's pushes; reads go to the others in turn.
+    pub isolates: Vec<Service>,
+    pub router: Option<FrontRouter>,
 }
 
 /// The running stack; everything it started stops when it is dropped (origin-sync first, so
@@ -62,7 +79,7 @@ pub struct Stack {
     pub config: StackConfig,
     /// `host:port` of the broker in use.
     pub brokers: String,
-    pub edges: Vec<Service>,
+    pub edges: Vec<Edge>,
     origin: Option<Service>,
     broker: Option<Tansu>,
     origin_config: PathBuf,
@@ -118,16 +135,51 @@ impl Stack {
         };
         let origin_url = format!("http://127.0.0.1:{}", config.origin_port);
         let mut edges = Vec::new();
+        let isolates = config.isolates.max(1);
         for (i, port) in config.edge_ports.iter().enumerate() {
             progress(&format!(
-                "starting edge {} (wrangler dev, workerd) on port {port}",
-                i + 1
+                "starting edge {}: {isolates} isolate(s) (wrangler dev, workerd) over one KV{}",
+                i + 1,
+                if isolates > 1 {
+                    format!(", behind a front router on port {port}")
+                } else {
+                    format!(" on port {port}")
+                }
             ));
-            edges.push(start_worker_on(
-                &config.state.join(format!("edge-{}", i + 1)),
-                *port,
-                &[("ORIGIN_URL", &origin_url)],
-            )?);
+            let kv = config.state.join(format!("edge-{}", i + 1));
+            // the router holds the edge's port before the isolates pick theirs
+            let front = if isolates > 1 {
+                Some(
+                    std::net::TcpListener::bind(("127.0.0.1", *port))
+                        .map_err(|e| format!("the front router on port {port}: {e}"))?,
+                )
+            } else {
+                None
+            };
+            let mut started = Vec::new();
+            for _ in 0..isolates {
+                let on = if isolates == 1 {
+                    *port
+                } else {
+                    free_port().map_err(|e| e.to_string())?
+                };
+                started.push(start_worker_on(&kv, on, &[("ORIGIN_URL", &origin_url)])?);
+            }
+            let router = match front {
+                Some(listener) => {
+                    let backends = started.iter().map(|s| s.port).collect();
+                    Some(
+                        FrontRouter::serve(listener, backends)
+                            .map_err(|e| format!("the front router on port {port}: {e}"))?,
+                    )
+                }
+                None => None,
+            };
+            edges.push(Edge {
+                port: *port,
+                isolates: started,
+                router,
+            });
         }
         let origin_config = config.state.join("origin-sync.toml");
         let data = root().join("shared/data");
@@ -176,12 +228,12 @@ impl Stack {
         }
         stack.start_origin(progress)?;
         progress("waiting for the catalog and rules to reach every edge");
-        for edge in &stack.edges {
+        for isolate in stack.edges.iter().flat_map(|e| &e.isolates) {
             wait_for(
                 "the catalog and rules at the edge",
                 Duration::from_secs(30),
                 || {
-                    let h = get_json(edge.port, "/healthz", &[]);
+                    let h = get_json(isolate.port, "/healthz", &[]);
                     h["catalog_version"].as_u64() >= Some(1)
                         && h["rules_version"].as_u64() >= Some(1)
                 },
@@ -260,7 +312,7 @@ impl Stack {
         {
             return Some(format!("origin-sync exited with {status}"));
         }
-        for e in &mut self.edges {
+        for e in self.edges.iter_mut().flat_map(|e| &mut e.isolates) {
             if let Some(status) = e.exited() {
                 return Some(format!(
                     "wrangler dev on port {} exited with {status}",

@@ -17,6 +17,14 @@ pub enum StoreError {
     Backend(String),
 }
 
+impl StoreError {
+    /// Workers KV refused a write for its limit of one write per second to a key (HTTP 429,
+    /// which the binding reports in its error message): that key only, and only for now.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, StoreError::Backend(m) if m.contains("429"))
+    }
+}
+
 /// A value and the version its metadata carries (`None`: written without metadata).
 pub type Versioned = (Vec<u8>, Option<u64>);
 

@@ -125,6 +125,10 @@ pub struct SyncReply {
     /// profile invariant); their keys are in `invalid_keys`.
     #[serde(default)]
     pub invalid: u32,
+    /// Changes KV refused for its limit of one write per second to a key (a 429): not stored
+    /// and not shown; their keys are in `resend`, for a snapshot a moment later.
+    #[serde(default)]
+    pub rate_limited: u32,
     /// Catalog/rules documents stored.
     #[serde(default)]
     pub config: u32,
@@ -342,6 +346,7 @@ mod tests {
             applied: 2,
             duplicates: 1,
             invalid: 1,
+            rate_limited: 1,
             config: 0,
             config_error: None,
             resend: vec![k],
@@ -351,7 +356,7 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "applied": 2, "duplicates": 1, "invalid": 1, "config": 0,
+                "applied": 2, "duplicates": 1, "invalid": 1, "rate_limited": 1, "config": 0,
                 "resend": ["070707070707070707070707"],
                 "invalid_keys": ["010101010101010101010101"],
             })

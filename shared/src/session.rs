@@ -23,8 +23,17 @@ use base64::Engine as _;
 use hmac::Mac;
 use serde::{Deserialize, Serialize};
 
-/// The cookie's name.
+/// The cookie's name for a signed-in shopper's record.
 pub const COOKIE: &str = "ew_s";
+/// The cookie's name for an anonymous visitor's record: apart from the signed-in one, so
+/// browsing signed out does not overwrite what a signed-in session was shown, and signing in
+/// can join both (the visitor's record is cleared then, with the visitor cookie).
+pub const VISITOR_COOKIE: &str = "ew_sv";
+
+/// The record's cookie name for a signed-in shopper or a visitor.
+pub fn cookie_name(signed_in: bool) -> &'static str {
+    if signed_in { COOKIE } else { VISITOR_COOKIE }
+}
 /// Longest cookie value written or read (browsers keep 4096 bytes per cookie, name included).
 pub const MAX_COOKIE_LEN: usize = 3_000;
 /// Own events carried, newest kept.

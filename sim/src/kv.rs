@@ -56,6 +56,8 @@ pub struct KvStats {
     pub misses: u64,
     pub rate_limited: u64,
     pub over_op_limit: u64,
+    /// Writes that landed, per key.
+    pub writes_by_key: HashMap<String, u64>,
 }
 
 impl Kv {
@@ -108,6 +110,7 @@ impl Kv {
             ));
         }
         self.last_write_ms.insert(key.to_owned(), now);
+        *self.stats.writes_by_key.entry(key.to_owned()).or_default() += 1;
         let delay = -self.replication_ms * (1.0 - self.rng.unit()).ln();
         let ws = self.central.entry(key.to_owned()).or_default();
         ws.push(Write {

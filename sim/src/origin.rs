@@ -6,7 +6,7 @@
 //! tested against the real service elsewhere; here only what reaches the edge, and when.
 
 use shared::delta::{self, Change, Delta, Stored, tombstone_version};
-use shared::event::Event;
+use shared::event::{Event, EventKind};
 use shared::fold::fold;
 use shared::keys::UserKey;
 use shared::profile::Profile;
@@ -67,6 +67,31 @@ impl Origin {
         rec.current = Some(Stored::Profile(p));
         self.events_folded += 1;
         self.touched.insert(key);
+    }
+
+    /// A sign-in (`identify`) taken at `arrived_ms`: as origin-sync does, the visitor's profile
+    /// as it stands travels in the event and joins the signed-in one, and the visitor is
+    /// retired with a tombstone of the next epoch.
+    pub fn identify(&mut self, key: UserKey, visitor: UserKey, event: &Event, arrived_ms: u64) {
+        let absorbed = match self.users.get(&visitor).and_then(|r| r.current.clone()) {
+            Some(Stored::Profile(p)) if p.version > 0 && visitor != key => Some(p),
+            _ => None,
+        };
+        let mut joined = event.clone();
+        if let EventKind::Identify { anonymous, .. } = &event.kind {
+            joined.kind = EventKind::Identify {
+                anonymous: anonymous.clone(),
+                absorbed: absorbed.clone().map(Box::new),
+            };
+        }
+        self.take(key, &joined, arrived_ms);
+        if let Some(p) = absorbed {
+            let rec = self.users.entry(visitor).or_default();
+            rec.current = Some(Stored::Tombstone {
+                version: tombstone_version(p.version),
+            });
+            self.touched.insert(visitor);
+        }
     }
 
     /// An erasure the edge accepted at `at_ms`. A repeat (no later) changes nothing.

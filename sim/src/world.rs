@@ -31,6 +31,10 @@ usage: edge-topology [--key value ...]
   --switch F           share of sessions that move to another location midway (default 0.1)
   --erase F            share of sessions that end in an erasure (default 0.005)
   --other-channel F    share of sessions with a purchase through another channel (default 0.3)
+  --sign-in F          share of sessions that start anonymous (a visitor cookie) and sign in
+                       at a random later page, their visitor profile joining theirs (default 0.2)
+  --hot N              hot shoppers: each streams 20 events/s for a minute through another
+                       channel (an app's product views), at a random time (default 20)
   --add-to-cart F      share of pages that also add an item to the cart, in the same second
                        and request as the page view (default 0.15)
   --profile-ttl S      the edge's PROFILE_TTL_SECS (default 30)
@@ -55,6 +59,9 @@ const MIN_GAP_MS: u64 = 1_000;
 /// Share of next pages requested at once after the page's events (a shopper who clicks on right
 /// after adding to cart), 50 to 500 ms later: before origin's push can have arrived.
 const QUICK_CLICK: f64 = 0.1;
+/// A hot shopper's stream: events per second, for so many seconds.
+const HOT_RATE: u32 = 20;
+const HOT_SECS: u32 = 60;
 const START_MS: u64 = 1_800_000_000_000;
 const SYNC_SECRET: &str = "simulated-sync-secret-of-32-bytes!!";
 const USER_SECRET: &str = "simulated-user-key-secret-32-bytes!";
@@ -100,6 +107,8 @@ pub struct Params {
     pub erase: f64,
     pub other_channel: f64,
     pub add_to_cart: f64,
+    pub sign_in: f64,
+    pub hot: usize,
     pub profile_ttl_s: u64,
     pub cache_ttl_s: u64,
     pub replication_ms: f64,
@@ -126,6 +135,8 @@ impl Default for Params {
             erase: 0.005,
             other_channel: 0.3,
             add_to_cart: 0.15,
+            sign_in: 0.2,
+            hot: 20,
             profile_ttl_s: 30,
             cache_ttl_s: 30,
             replication_ms: 1_000.0,
@@ -195,6 +206,8 @@ impl Params {
                 "--erase" => p.erase = share()?,
                 "--other-channel" => p.other_channel = share()?,
                 "--add-to-cart" => p.add_to_cart = share()?,
+                "--sign-in" => p.sign_in = share()?,
+                "--hot" => p.hot = whole(0.0)? as usize,
                 "--profile-ttl" => p.profile_ttl_s = whole(1.0)?,
                 "--cache-ttl" => p.cache_ttl_s = whole(MIN_CACHE_TTL_S as f64)?,
                 "--replication-ms" => p.replication_ms = num("a duration")?,
@@ -240,6 +253,8 @@ enum Ev {
     /// An erasure, and how many more times the shopper tries if it fails.
     Erase(usize, u32),
     OtherChannel(usize),
+    /// A hot shopper's stream through another channel: events left.
+    Hot(usize, u32),
     Ingest(Vec<u8>),
     OriginErase(Vec<u8>),
     PushTick,
@@ -248,8 +263,15 @@ enum Ev {
 #[derive(Debug, Default)]
 struct Shopper {
     id: String,
-    /// The session cookie the browser holds.
-    session: Option<String>,
+    /// The cookies the browser holds.
+    jar: Jar,
+    /// Signed in this session (else a visitor until `sign_in_at` pages are left).
+    signed_in: bool,
+    sign_in_at: Option<u32>,
+    /// Page views made as a visitor this session (their profile joins at sign-in), and the
+    /// most the visitor profile showed.
+    anon_views: u32,
+    anon_max_views: u32,
     key: Option<UserKey>,
     home: usize,
     loc: usize,
@@ -266,6 +288,15 @@ struct Shopper {
     erased: bool,
 }
 
+/// What a shopper's browser sends back: the session records (signed in, and as a visitor)
+/// and the visitor id.
+#[derive(Debug, Default, Clone)]
+struct Jar {
+    session: Option<String>,
+    visitor_session: Option<String>,
+    visitor: Option<String>,
+}
+
 #[derive(Debug, Default)]
 struct Seen {
     pages: u64,
@@ -276,7 +307,10 @@ struct Seen {
     other_stale_pages: u64,
     own_visible_ms: Vec<u64>,
     own_late_ms: Vec<u64>,
+    sign_ins: u64,
+    sign_in_ryw_violations: u64,
     fanout_requests: u64,
+    hot_events: u64,
     fanout_refused: u64,
     next_page_gap_ms: Vec<u64>,
     other_visible_ms: Vec<u64>,
@@ -382,6 +416,18 @@ pub fn run(p: &Params) -> Report {
             Ev::SessionStart(who, pages),
         );
     }
+    // hot shoppers (`hot{i}`, apart from those who browse, whose pages would show their
+    // stream) stream events through another channel for a minute each, somewhere in the run
+    let span_ms = (p.pages as f64 / p.page_rate * 1000.0) as u64;
+    for who in 0..p.hot {
+        let start = START_MS + (rng.unit() * span_ms as f64 * 0.9) as u64;
+        at(
+            &mut queue,
+            &mut payloads,
+            start,
+            Ev::Hot(who, HOT_RATE * HOT_SECS),
+        );
+    }
     at(
         &mut queue,
         &mut payloads,
@@ -392,28 +438,39 @@ pub fn run(p: &Params) -> Report {
     let mut progress = 0;
     let mut last_ms = START_MS;
 
-    // the shopper's browser keeps the session cookie and sends it back (the session design);
-    // today's design is a browser that never does
+    // the shopper's browser keeps its cookies and sends them back; today's design is a browser
+    // that never returns the session record (the visitor cookie it does)
     let handle = |app: &App,
                   loc: usize,
                   now: u64,
                   class: &'static str,
                   req: &HttpRequest,
-                  jar: Option<&mut Option<String>>,
+                  jar: Option<&mut Jar>,
                   rng: &mut SplitMix64,
                   seen: &mut Seen|
      -> (Reply, Vec<Outbound>, f64) {
         clock.0.set(now as f64);
         let mut with_cookie;
         let mut req = req;
-        let jar = jar.filter(|_| p.design == Design::Session);
-        if let Some(Some(cookie)) = jar.as_deref() {
-            with_cookie = req.clone();
-            with_cookie.headers.push((
-                "cookie".into(),
-                format!("{}={cookie}", shared::session::COOKIE),
-            ));
-            req = &with_cookie;
+        let keeps_session = p.design == Design::Session;
+        if let Some(jar) = jar.as_deref() {
+            let mut cookies = Vec::new();
+            if let Some(v) = &jar.visitor {
+                cookies.push(format!("{}={v}", edge_worker::identity::VISITOR_COOKIE));
+            }
+            if let Some(c) = jar.session.as_ref().filter(|_| keeps_session) {
+                cookies.push(format!("{}={c}", shared::session::COOKIE));
+            }
+            if let Some(c) = jar.visitor_session.as_ref().filter(|_| keeps_session) {
+                cookies.push(format!("{}={c}", shared::session::VISITOR_COOKIE));
+            }
+            if !cookies.is_empty() {
+                with_cookie = req.clone();
+                with_cookie
+                    .headers
+                    .push(("cookie".into(), cookies.join("; ")));
+                req = &with_cookie;
+            }
         }
         let inv = Invocation::new(&kv, loc, now, class);
         let mut id = [0u8; 16];
@@ -424,11 +481,28 @@ pub fn run(p: &Params) -> Report {
         seen.handler_ns += t0.elapsed().as_nanos();
         seen.requests += 1;
         if let Some(jar) = jar {
+            let session = format!("{}=", shared::session::COOKIE);
+            let visitor_session = format!("{}=", shared::session::VISITOR_COOKIE);
+            let visitor = format!("{}=", edge_worker::identity::VISITOR_COOKIE);
             for (name, value) in &h.reply.headers {
-                let prefix = format!("{}=", shared::session::COOKIE);
-                if *name == "set-cookie" && value.starts_with(&prefix) {
-                    *jar = value[prefix.len()..].split(';').next().map(str::to_owned);
+                if *name != "set-cookie" {
+                    continue;
+                }
+                let cookie_value = |prefix: &str| {
+                    value[prefix.len()..]
+                        .split(';')
+                        .next()
+                        .filter(|v| !v.is_empty() && !value.contains("Max-Age=0"))
+                        .map(str::to_owned)
+                };
+                if value.starts_with(&session) && keeps_session {
+                    jar.session = cookie_value(&session);
                     seen.session_cookie_bytes.push(value.len() as u64);
+                } else if value.starts_with(&visitor_session) && keeps_session {
+                    jar.visitor_session = cookie_value(&visitor_session);
+                    seen.session_cookie_bytes.push(value.len() as u64);
+                } else if value.starts_with(&visitor) {
+                    jar.visitor = cookie_value(&visitor);
                 }
             }
         }
@@ -522,6 +596,13 @@ pub fn run(p: &Params) -> Report {
                 }
                 s.in_session = true;
                 s.loc = s.home;
+                // some sessions start as a visitor (a fresh visitor cookie) and sign in later
+                s.signed_in = !(pages > 1 && rng.chance(p.sign_in));
+                s.sign_in_at = (!s.signed_in).then(|| 1 + rng.below(pages as usize - 1) as u32);
+                s.jar.visitor = None;
+                s.jar.visitor_session = None;
+                s.anon_views = 0;
+                s.anon_max_views = 0;
                 at(&mut queue, &mut payloads, now, Ev::Page(who, pages));
                 if rng.chance(p.other_channel) {
                     let later = now + (rng.unit() * pages as f64 * MEAN_GAP_MS) as u64;
@@ -534,20 +615,42 @@ pub fn run(p: &Params) -> Report {
                 }
                 let loc = shoppers[who].loc;
                 let isolate = loc * p.isolates + rng.below(p.isolates);
+                // the visitor signs in on this page: the edge joins their visitor profile to
+                // theirs on this very answer, and tells origin
+                let signs_in = {
+                    let s = &mut shoppers[who];
+                    let now_signing = !s.signed_in && s.sign_in_at == Some(left);
+                    if now_signing {
+                        s.signed_in = true;
+                        let before = s.own_views;
+                        for (k, _, _) in s.unseen_own.iter_mut() {
+                            *k += before;
+                        }
+                        s.own_views += s.anon_views;
+                        s.anon_views = 0;
+                        seen.sign_ins += 1;
+                    }
+                    now_signing
+                };
                 let mut req = HttpRequest::get("/v1/me");
-                req.headers = vec![(USER_HEADER.into(), shoppers[who].id.clone())];
-                let (reply, _, kv_ms) = handle(
+                req.headers = identity_headers(&shoppers[who]);
+                let (reply, outbound, kv_ms) = handle(
                     &isolates[isolate],
                     loc,
                     now,
                     "page",
                     &req,
-                    Some(&mut shoppers[who].session),
+                    Some(&mut shoppers[who].jar),
                     &mut rng,
                     &mut seen,
                 );
+                send(&mut queue, &mut payloads, &mut at, outbound, now + half_rtt);
                 seen.page_kv_ms.push(kv_ms as u64);
+                let ryw_before = seen.ryw_violations;
                 observe(&mut shoppers[who], &reply, now, &mut seen);
+                if signs_in && seen.ryw_violations > ryw_before {
+                    seen.sign_in_ryw_violations += 1;
+                }
                 progress += 1;
                 if progress % (p.pages / 10).max(1) == 0 {
                     eprintln!(
@@ -575,10 +678,9 @@ pub fn run(p: &Params) -> Report {
                 };
                 let mut req = HttpRequest::get("/v1/events");
                 req.method = "POST".into();
-                req.headers = vec![
-                    (USER_HEADER.into(), shoppers[who].id.clone()),
-                    ("content-type".into(), "application/json".into()),
-                ];
+                req.headers = identity_headers(&shoppers[who]);
+                req.headers
+                    .push(("content-type".into(), "application/json".into()));
                 req.body = body.into_bytes();
                 let (reply, outbound, _) = handle(
                     &isolates[isolate],
@@ -586,15 +688,21 @@ pub fn run(p: &Params) -> Report {
                     now + 5,
                     "events",
                     &req,
-                    Some(&mut shoppers[who].session),
+                    Some(&mut shoppers[who].jar),
                     &mut rng,
                     &mut seen,
                 );
                 if reply.status == 202 {
                     seen.events_accepted += 1;
                     let s = &mut shoppers[who];
-                    s.own_views += 1;
-                    s.unseen_own.push_back((s.own_views, now + 5, None));
+                    let made = if s.signed_in {
+                        s.own_views += 1;
+                        s.own_views
+                    } else {
+                        s.anon_views += 1;
+                        s.anon_views
+                    };
+                    s.unseen_own.push_back((made, now + 5, None));
                 } else {
                     seen.events_refused += 1;
                 }
@@ -618,7 +726,7 @@ pub fn run(p: &Params) -> Report {
                         now + gap,
                         Ev::Page(who, left - 1),
                     );
-                } else if rng.chance(p.erase) {
+                } else if shoppers[who].signed_in && rng.chance(p.erase) {
                     let gap = MIN_GAP_MS + (-(1.0 - rng.unit()).ln() * MEAN_GAP_MS) as u64;
                     at(&mut queue, &mut payloads, now + gap, Ev::Erase(who, 3));
                 } else {
@@ -630,14 +738,14 @@ pub fn run(p: &Params) -> Report {
                 let isolate = loc * p.isolates + rng.below(p.isolates);
                 let mut req = HttpRequest::get("/v1/me");
                 req.method = "DELETE".into();
-                req.headers = vec![(USER_HEADER.into(), shoppers[who].id.clone())];
+                req.headers = identity_headers(&shoppers[who]);
                 let (reply, outbound, _) = handle(
                     &isolates[isolate],
                     loc,
                     now,
                     "erase",
                     &req,
-                    Some(&mut shoppers[who].session),
+                    Some(&mut shoppers[who].jar),
                     &mut rng,
                     &mut seen,
                 );
@@ -683,17 +791,47 @@ pub fn run(p: &Params) -> Report {
                 if let Some(key) = s.key {
                     origin.take(key, &event, now);
                     s.spend += cents;
-                    // measured on the pages of a session under way (the next may be an hour off)
-                    if s.in_session {
+                    // measured on the signed-in pages of a session under way (the next session
+                    // may be an hour off; a visitor's pages do not show it)
+                    if s.in_session && s.signed_in {
                         s.unseen_other.push_back((s.spend, now));
                     }
+                }
+            }
+            Ev::Hot(who, left) => {
+                let id = format!("hot{who}");
+                let event = shared::event::parse_event(
+                    format!(
+                        r#"{{"event_id":"h{who}-{now}","user_id":"{id}","ts":{now},"type":"product_view","item":"lens-001","category":"lenses"}}"#
+                    )
+                    .as_bytes(),
+                )
+                .expect("a valid product view");
+                origin.take(UserKey::derive(USER_SECRET.as_bytes(), &id), &event, now);
+                seen.hot_events += 1;
+                if left > 1 {
+                    at(
+                        &mut queue,
+                        &mut payloads,
+                        now + u64::from(1000 / HOT_RATE),
+                        Ev::Hot(who, left - 1),
+                    );
                 }
             }
             Ev::Ingest(body) => {
                 if let Ok(events) = shared::event::parse_batch(&body) {
                     for e in events.into_iter().flatten() {
                         let key = UserKey::derive(USER_SECRET.as_bytes(), &e.user);
-                        origin.take(key, &e, now);
+                        match &e.kind {
+                            shared::event::EventKind::Identify {
+                                anonymous,
+                                absorbed: None,
+                            } => {
+                                let visitor = UserKey::derive(USER_SECRET.as_bytes(), anonymous);
+                                origin.identify(key, visitor, &e, now);
+                            }
+                            _ => origin.take(key, &e, now),
+                        }
                     }
                 }
             }
@@ -719,6 +857,16 @@ pub fn run(p: &Params) -> Report {
         ),
         simulated_ms: last_ms - START_MS,
         wall_s: wall.elapsed().as_secs_f64(),
+    }
+}
+
+/// Who the request says the shopper is: signed in (the site's trusted header), or nobody (the
+/// visitor cookie in the jar speaks for them).
+fn identity_headers(s: &Shopper) -> Vec<(String, String)> {
+    if s.signed_in {
+        vec![(USER_HEADER.into(), s.id.clone())]
+    } else {
+        Vec::new()
     }
 }
 
@@ -758,13 +906,19 @@ fn observe(s: &mut Shopper, reply: &Reply, now: u64, seen: &mut Seen) {
     let profile = &body["profile"];
     let views = profile["views"].as_u64().unwrap_or(0) as u32;
     let spend = profile["spend_cents"].as_u64().unwrap_or(0);
-    if views < s.own_views {
+    // a visitor's page shows their visitor profile: only what they did as a visitor
+    let (made_views, made_spend, max_views, max_spend) = if s.signed_in {
+        (s.own_views, s.spend, s.max_views_shown, s.max_spend_shown)
+    } else {
+        (s.anon_views, 0, s.anon_max_views, 0)
+    };
+    if views < made_views {
         seen.ryw_violations += 1;
     }
-    if views < s.max_views_shown || spend < s.max_spend_shown {
+    if views < max_views || spend < max_spend {
         seen.monotonic_violations += 1;
     }
-    if views > s.own_views || spend > s.spend {
+    if views > made_views || spend > made_spend {
         // data the shopper does not have: from before their erasure
         if s.erased {
             seen.erasure_violations += 1;
@@ -772,8 +926,12 @@ fn observe(s: &mut Shopper, reply: &Reply, now: u64, seen: &mut Seen) {
             seen.phantom += 1;
         }
     }
-    s.max_views_shown = s.max_views_shown.max(views);
-    s.max_spend_shown = s.max_spend_shown.max(spend);
+    if s.signed_in {
+        s.max_views_shown = s.max_views_shown.max(views);
+        s.max_spend_shown = s.max_spend_shown.max(spend);
+    } else {
+        s.anon_max_views = s.anon_max_views.max(views);
+    }
     while s.unseen_own.front().is_some_and(|(k, _, _)| *k <= views) {
         if let Some((_, t, first_miss)) = s.unseen_own.pop_front() {
             seen.own_visible_ms.push(now - t);
@@ -860,6 +1018,12 @@ impl Report {
         let mut own_missed = s.own_missed_age_ms.clone();
         let mut other_missed = s.other_missed_age_ms.clone();
         let over_60s = other_missed.iter().filter(|ms| **ms > 60_000).count();
+        let hot_writes: u64 = (0..self.params.hot)
+            .filter_map(|i| {
+                let key = UserKey::derive(USER_SECRET.as_bytes(), &format!("hot{i}"));
+                self.kv.writes_by_key.get(&key.kv_key()).copied()
+            })
+            .sum();
         let p = &self.params;
         json!({
             "design": p.design.name(),
@@ -872,7 +1036,7 @@ impl Report {
                 "seed": p.seed, "locations": p.locations, "isolates_per_location": p.isolates,
                 "pages": p.pages, "page_rate": p.page_rate, "shoppers": p.shoppers,
                 "switch": p.switch, "erase": p.erase, "other_channel": p.other_channel,
-                "add_to_cart": p.add_to_cart,
+                "add_to_cart": p.add_to_cart, "sign_in": p.sign_in, "hot_shoppers": p.hot,
                 "profile_ttl_s": p.profile_ttl_s, "kv_cache_ttl_s": p.cache_ttl_s,
                 "kv_replication_ms": p.replication_ms, "push_ms": p.push_ms, "coalesce_ms": p.coalesce_ms,
                 "origin_rtt_ms": p.origin_rtt_ms, "kv_sink": p.kv_sink, "push_fanout": p.push_fanout,
@@ -907,6 +1071,13 @@ impl Report {
                 "reads_by_request": self.kv.reads,
                 "writes_by_request": self.kv.writes,
                 "writes_per_event": writes as f64 / (s.events_accepted.max(1)) as f64,
+                "hot_shoppers": {
+                    "shoppers": self.params.hot,
+                    "events": s.hot_events,
+                    "kv_writes": hot_writes,
+                    "writes_per_event": hot_writes as f64 / s.hot_events.max(1) as f64,
+                    "note": "each streams 20 events/s for 60 s through another channel; origin pushes a key at most once a second, so KV gets at most one write per second per key",
+                },
                 "location_cache_hits": self.kv.cache_hits,
                 "misses": self.kv.misses,
                 "rate_limited_429": self.kv.rate_limited,
@@ -923,6 +1094,8 @@ impl Report {
                 "deltas": self.origin.3,
                 "snapshots_resent": self.origin.4,
             },
+            "sign_ins": s.sign_ins,
+            "sign_in_pages_that_missed_an_own_event": s.sign_in_ryw_violations,
             "events": {"accepted": s.events_accepted, "refused": s.events_refused, "erasures": s.erasures, "erasures_refused": s.erasures_refused},
             "sessions_skipped": s.sessions_skipped,
             "edge_warnings": s.edge_warnings,
@@ -995,6 +1168,14 @@ impl Report {
         out += &row("tiers", &j["tiers"]);
         out += &row("KV reads per page", &j["kv"]["reads_per_page"]);
         out += &row("KV writes per event", &j["kv"]["writes_per_event"]);
+        out += &row(
+            "  hot shoppers: events / writes",
+            &json!([
+                j["kv"]["hot_shoppers"]["events"],
+                j["kv"]["hot_shoppers"]["kv_writes"],
+                j["kv"]["hot_shoppers"]["writes_per_event"]
+            ]),
+        );
         out += &row(
             "KV 429s / over op limit",
             &json!([
@@ -1131,6 +1312,19 @@ mod tests {
         );
         // the page budget is met exactly
         assert_eq!(session["pages"], small(8, 4).pages);
+        // hot shoppers cost KV at most one write per second each: ≤ 0.1 per event at 20/s
+        let hot = &session["kv"]["hot_shoppers"];
+        assert!(hot["events"].as_u64().is_some_and(|n| n > 1_000), "{hot}");
+        assert!(
+            hot["writes_per_event"].as_f64().is_some_and(|w| w <= 0.1),
+            "{hot}"
+        );
+        // visitors sign in, and their sign-in pages show what they did
+        assert!(
+            session["sign_ins"].as_u64().is_some_and(|n| n > 10),
+            "{}",
+            session["sign_ins"]
+        );
     }
 
     #[test]

@@ -450,6 +450,11 @@ fn topology_section(t: &Value) -> String {
         "",
     );
     md += &row(
+        "KV writes per event of hot shoppers (20 events/s each)",
+        &|j: &Value| format!("{:.3}", num(&j["kv"]["hot_shoppers"]["writes_per_event"])),
+        "≤ 0.1",
+    );
+    md += &row(
         "KV 429s (one write per second per key)",
         &count(&["kv", "rate_limited_429"]),
         "",

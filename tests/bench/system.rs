@@ -54,6 +54,8 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
         broker_port: free_port().map_err(|e| e.to_string())?,
         origin_port: free_port().map_err(|e| e.to_string())?,
         edge_ports: vec![free_port().map_err(|e| e.to_string())?],
+        // freshness is measured where origin's push lands, without a router in the path
+        isolates: 1,
         partitions: 2,
         origin_bin,
         origin_extra: String::new(),

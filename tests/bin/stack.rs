@@ -31,6 +31,10 @@ struct Args {
     simulate_users: usize,
     #[arg(long, default_value_t = 8787)]
     edge_port: u16,
+    /// Isolates of the edge, each with its own cache, over one KV, behind a front router on
+    /// the edge port that lands consecutive requests on different isolates (as Cloudflare may).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=8))]
+    isolates: u16,
     /// origin-sync's port; the worker's `ORIGIN_URL` follows it.
     #[arg(long, default_value_t = 8788)]
     origin_port: u16,
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
     }
     config.kafka = args.kafka.clone();
     config.edge_ports = vec![args.edge_port];
+    config.isolates = usize::from(args.isolates);
     config.origin_port = args.origin_port;
     config.broker_port = args.broker_port;
 
@@ -112,6 +117,16 @@ fn main() -> ExitCode {
     );
     println!("  recommendations  http://127.0.0.1:{edge}/v1/recommendations?slot=home&k=8");
     println!("  edge health      http://127.0.0.1:{edge}/healthz");
+    if let Some(e) = stack.edges.first()
+        && e.isolates.len() > 1
+    {
+        let ports: Vec<String> = e.isolates.iter().map(|i| i.port.to_string()).collect();
+        println!(
+            "  isolates         {} over one KV, behind the router on {edge} (direct: {})",
+            e.isolates.len(),
+            ports.join(", ")
+        );
+    }
     println!("  origin metrics   http://127.0.0.1:{origin}/metrics");
     println!("  kafka            {}", stack.brokers);
     println!(

@@ -4,7 +4,7 @@
 // the same shopper (same visitor cookie) at edge B, another location whose cache and KV have
 // never seen them, so only origin-sync's delta can personalize it. We print how long after the
 // click edge B had the shopper's profile (event → edge freshness, seen by B's own requests), then
-// B's home page must show camera accessories or the camera offer.
+// B's home page must show camera accessories or the camera offer, and A's next page the cart.
 // Usage: node tests/browser/system.mjs EDGE_A_URL EDGE_B_URL   (CHROMIUM_PATH names the browser)
 import { chromium } from "playwright-core";
 
@@ -62,6 +62,12 @@ try {
     };
   }
   if (!seen) throw new Error(`edge B has the profile but its home page shows no camera accessories or offer: ${JSON.stringify(items)}`);
+  // A's next page: when edge A is several isolates behind a router, it lands on one that did
+  // not take the add to cart, and the shopper's session cookie brings the cart along
+  await pageA.goto(`${edgeA}/`);
+  const cartA = (await pageA.textContent("#ew-cart-count"))?.trim();
+  if (cartA !== "1") throw new Error(`edge A's next page shows cart count ${cartA}, expected 1`);
+  seen.cart_at_a_next_page = cartA;
   console.log(JSON.stringify({ vid: vid.value, ...seen }));
 } finally {
   await browser.close();

@@ -35,8 +35,11 @@ use tests::{
 
 struct System {
     stack: Stack,
+    /// The first isolate of edges A and B (origin's pushes land there).
     a: u16,
     b: u16,
+    /// Edge A's front router: consecutive requests land on different isolates.
+    a_front: u16,
     catalog: Catalog,
     producer: FutureProducer,
     rt: tokio::runtime::Runtime,
@@ -225,13 +228,21 @@ fn the_whole_system_on_one_stack() {
         broker_port: free_port().unwrap(),
         origin_port: free_port().unwrap(),
         edge_ports: vec![free_port().unwrap(), free_port().unwrap()],
+        // as the local stack runs: two isolates per location behind a front router
+        isolates: 2,
         partitions: 2,
         origin_bin,
         origin_extra: String::new(),
     };
     let stack = Stack::start(config, &mut |s| println!("stack: {s}")).unwrap();
     println!("stack up in {:?}", started.elapsed());
-    let (a, b) = (stack.edges[0].port, stack.edges[1].port);
+    // origin's pushes land on each location's first isolate: what arrives from origin is read
+    // there; the browser shops through A's front router, across both of A's isolates
+    let (a, b) = (
+        stack.edges[0].isolates[0].port,
+        stack.edges[1].isolates[0].port,
+    );
+    let a_front = stack.edges[0].port;
     let mut sys = System {
         producer: producer(&origin_sync::config::KafkaConfig {
             brokers: stack.brokers.clone(),
@@ -241,6 +252,7 @@ fn the_whole_system_on_one_stack() {
         stack,
         a,
         b,
+        a_front,
         catalog: Catalog::demo().unwrap(),
         rt: tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -287,7 +299,7 @@ fn the_whole_system_on_one_stack() {
 fn seed_workflow_in_a_browser(sys: &System, chromium: &std::path::Path) {
     let out = std::process::Command::new("node")
         .arg(root().join("tests/browser/system.mjs"))
-        .arg(format!("http://127.0.0.1:{}", sys.a))
+        .arg(format!("http://127.0.0.1:{}", sys.a_front))
         .arg(format!("http://127.0.0.1:{}", sys.b))
         .env("CHROMIUM_PATH", chromium)
         .current_dir(root())
@@ -301,6 +313,19 @@ fn seed_workflow_in_a_browser(sys: &System, chromium: &std::path::Path) {
         tail(&sys.origin_log(), 40)
     );
     let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
+    // through A's router: the add to cart at A's first isolate, A's next page at its second
+    if let Some(router) = &sys.stack.edges[0].router {
+        let routed = router.routed.lock().unwrap().clone();
+        let add = routed
+            .iter()
+            .position(|(r, _)| r == "POST /v1/events")
+            .expect("the add to cart went through A's router");
+        let next = routed[add..]
+            .iter()
+            .find(|(r, _)| r == "GET /")
+            .expect("A's next page");
+        assert_eq!((routed[add].1, next.1), (0, 1), "{routed:?}");
+    }
     println!(
         "  click at edge A -> the shopper's profile at edge B: {} ms ({} polls); B's home page: {seen}",
         seen["freshness_ms"], seen["polls"]

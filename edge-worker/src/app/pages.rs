@@ -96,6 +96,10 @@ impl App {
         let mut handled: Handled = reply.into();
         if let Some((identify, clear)) = stitched {
             handled.reply.headers.push(("set-cookie", clear));
+            handled
+                .reply
+                .headers
+                .push(("set-cookie", self.visitor_record_clear(req)));
             handled.outbound.push(identify);
         }
         if let Some(cookie) = self.session_cookie(req, &who, shown.as_ref(), now_ms) {

@@ -19,7 +19,8 @@ impl App {
     ) -> Option<Session> {
         let secret = self.config.user_key_secret.as_deref()?;
         let key = self.key_of(who)?;
-        let value = crate::token::cookie(req.header("cookie")?, session::COOKIE)?;
+        let name = session::cookie_name(matches!(who, Identity::User(_)));
+        let value = crate::token::cookie(req.header("cookie")?, name)?;
         let record = Session::decode(secret, value, &key, now_ms / 1000)?;
         let user = who.user_id();
         let events = record
@@ -75,7 +76,7 @@ impl App {
         };
         Some(format!(
             "{}={}; Path=/; Max-Age={MAX_AGE_S}; HttpOnly; SameSite=Lax{}",
-            session::COOKIE,
+            session::cookie_name(matches!(who, Identity::User(_))),
             record.encode(secret),
             if self.cookie_secure(req) {
                 "; Secure"
@@ -83,5 +84,18 @@ impl App {
                 ""
             }
         ))
+    }
+
+    /// Clears the visitor's record once the visitor signed in (it joined the signed-in one).
+    pub(super) fn visitor_record_clear(&self, req: &HttpRequest) -> String {
+        format!(
+            "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
+            session::VISITOR_COOKIE,
+            if self.cookie_secure(req) {
+                "; Secure"
+            } else {
+                ""
+            }
+        )
     }
 }

@@ -72,6 +72,8 @@ impl App {
             if handled.reply.header("set-cookie").is_none() {
                 set_header(&mut handled.reply, "set-cookie", clear);
             }
+            let clear_record = self.visitor_record_clear(req);
+            handled.reply.headers.push(("set-cookie", clear_record));
         }
         if who.is_minted() && handled.reply.header("set-cookie").is_none() {
             let cookie = self.set_cookie(req, &who);
@@ -144,18 +146,28 @@ impl App {
         let seen = if self.cache.borrow().has_local(&key, &event.id) {
             None
         } else {
-            // the session record still names the visitor: what they did at other isolates
-            // joins too
-            self.adopt_session(req, &Identity::User(anonymous.clone()), now_ms);
+            // the visitor's session record: what they did at other isolates joins too
+            self.adopt_session(
+                req,
+                &Identity::Visitor {
+                    id: anonymous
+                        .strip_prefix("v-")
+                        .unwrap_or(&anonymous)
+                        .to_owned(),
+                    minted: false,
+                },
+                now_ms,
+            );
             self.lookup(store, &Frozen(now_ms), visitor, now_ms)
                 .await
                 .profile
         };
         if let Some(profile) = seen {
-            // the shopper's next page shows the joined cart without waiting for origin
-            if self.cache.borrow().peek(&key).is_none() {
-                self.lookup(store, &Frozen(now_ms), Some(key), now_ms).await;
-            }
+            // the shopper's next page shows the joined cart without waiting for origin. Their
+            // base is brought up to date first (KV when due, and the erasure fence): a join
+            // pushed over a base from before their erasure would be wiped with it when the
+            // tombstone is read next
+            self.lookup(store, &Frozen(now_ms), Some(key), now_ms).await;
             event.kind = EventKind::Identify {
                 anonymous,
                 absorbed: Some(Box::new(profile)),

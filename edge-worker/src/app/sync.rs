@@ -199,14 +199,26 @@ impl App {
                                     cache.put_fetched(key, Some(stored.clone()), now_ms);
                                 }
                             }
-                            store
-                                .put(&kv_key, &bytes, version)
-                                .await
-                                .map_err(|source| EdgeError::KvWrite {
-                                    key: kv_key,
-                                    then: THEN,
-                                    source,
-                                })?;
+                            match store.put(&kv_key, &bytes, version).await {
+                                Ok(()) => {}
+                                // KV's one write per second to this key (the shopper's own
+                                // erasure, or another isolate, wrote it a moment ago): the
+                                // rest of the batch goes on; this key is not stored (the
+                                // guard drops the cached base) and origin resends it
+                                Err(e) if e.is_rate_limited() => {
+                                    drop(write);
+                                    answer.rate_limited += 1;
+                                    answer.resend.push(key);
+                                    continue;
+                                }
+                                Err(source) => {
+                                    return Err(EdgeError::KvWrite {
+                                        key: kv_key,
+                                        then: THEN,
+                                        source,
+                                    });
+                                }
+                            }
                             write.done = true;
                             // A read that missed the cache while the write ran may have cached
                             // what KV held before it (nothing, for a new shopper), for a whole

@@ -112,7 +112,7 @@ fn signing_in_at_another_isolate_joins_what_the_session_cookie_carries() {
         .find_map(|(k, v)| {
             (*k == "set-cookie")
                 .then_some(v)
-                .filter(|v| v.starts_with("ew_s="))
+                .filter(|v| v.starts_with("ew_sv="))
         })
         .and_then(|v| v.split(';').next())
         .expect("the visitor's session record")
@@ -129,5 +129,69 @@ fn signing_in_at_another_isolate_joins_what_the_session_cookie_carries() {
         vec!["cam-001x1"],
         "{}",
         joined.reply.body_json()
+    );
+}
+
+/// The record a cookie of a response carries, as `name=value`.
+fn record(h: &Handled, name: &str) -> Option<String> {
+    h.reply
+        .headers
+        .iter()
+        .filter(|(k, _)| *k == "set-cookie")
+        .find(|(_, v)| v.starts_with(&format!("{name}=")) && !v.contains("Max-Age=0"))
+        .and_then(|(_, v)| v.split(';').next())
+        .map(str::to_owned)
+}
+
+/// Signed in, then browsing signed out, then signing in again, all before origin has folded
+/// anything: the signed-in session's record is not overwritten by the visitor's (it has a
+/// cookie of its own), so the sign-in at an isolate that saw none of it shows both the
+/// shopper's own earlier cart and what they added as a visitor, and clears the visitor's.
+#[test]
+fn browsing_signed_out_keeps_the_signed_in_record_and_signing_in_joins_both() {
+    let w = World::new();
+    let alice = signed_in("alice");
+    let b = format!(r#"{{"event_id":"mine-0","ts":{},{ADD_CARD}}}"#, w.now());
+    let mine = w.post("/v1/events", &[alice], b.as_bytes());
+    assert_eq!(mine.reply.status, 202);
+    let alice_record = record(&mine, "ew_s").expect("alice's record");
+    assert!(record(&mine, "ew_sv").is_none());
+
+    let cookie = visitor_cookie();
+    let both_cookies = format!("{cookie}; {alice_record}");
+    let b = format!(r#"{{"event_id":"anon-0","ts":{},{ADD_CAMERA}}}"#, w.now());
+    let anon = w.post(
+        "/v1/events",
+        &[("cookie", both_cookies.as_str())],
+        b.as_bytes(),
+    );
+    assert_eq!(anon.reply.status, 202);
+    assert!(
+        record(&anon, "ew_s").is_none(),
+        "alice's record is left alone"
+    );
+    let visitor_record = record(&anon, "ew_sv").expect("the visitor's record");
+
+    let other = App::new(config());
+    let mut r = HttpRequest::get("/v1/me");
+    r.headers = vec![
+        (
+            "cookie".into(),
+            format!("{cookie}; {alice_record}; {visitor_record}"),
+        ),
+        (alice.0.into(), alice.1.into()),
+    ];
+    let joined = run(other.handle(&w.store, &w.clock, &r, || [0x45; 16]));
+    assert_eq!(
+        cart_items(&joined.reply.body_json()),
+        vec!["cam-001x1", "sd-128x1"],
+        "{}",
+        joined.reply.body_json()
+    );
+    assert!(
+        joined.reply.headers.iter().any(|(k, v)| *k == "set-cookie"
+            && v.starts_with("ew_sv=;")
+            && v.contains("Max-Age=0")),
+        "the visitor's record is cleared"
     );
 }

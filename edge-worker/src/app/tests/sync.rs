@@ -476,3 +476,59 @@ fn a_duplicate_sync_replaces_a_cached_absence() {
         "the cached absence was replaced within the TTL"
     );
 }
+
+/// A store that refuses writes to one key the way Workers KV does past one write per second
+/// to a key.
+struct RateLimitedStore<'a> {
+    inner: &'a MemoryStore,
+    limited: String,
+}
+
+impl Store for RateLimitedStore<'_> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        if key == self.limited {
+            return Err(StoreError::Backend(
+                "KV PUT failed: 429 Too Many Requests".into(),
+            ));
+        }
+        self.inner.put(key, value, version).await
+    }
+}
+
+/// KV's one write per second to a key refuses one shopper of a batch (their own erasure wrote
+/// the key a moment ago): the rest of the batch is stored and shown, that one is not, and
+/// origin is asked to resend it. The whole batch failing held back every shopper in it.
+#[test]
+fn a_write_kv_rate_limits_holds_back_that_shopper_only() {
+    let w = World::new();
+    let a = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    let b = profile_of("bob", &[event("bob", 1, VIEW_LAPTOP)]);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![snapshot("alice", &a), snapshot("bob", &b)],
+        },
+        Codec::Lz4,
+    );
+    let limited = RateLimitedStore {
+        inner: &w.store,
+        limited: key("alice").kv_key(),
+    };
+    let r = run(w
+        .app
+        .handle(&limited, &w.clock, &sync_request(&w, &frame), || [0x12; 16]));
+    assert_eq!(r.reply.status, 200, "{}", r.reply.body_json());
+    let answer: SyncReply = serde_json::from_slice(&r.reply.body).unwrap();
+    assert_eq!((answer.applied, answer.rate_limited), (1, 1));
+    assert_eq!(answer.resend, vec![key("alice")]);
+    assert!(w.store.raw(&key("bob").kv_key()).is_some());
+    assert!(w.store.raw(&key("alice").kv_key()).is_none());
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 0);
+    // origin's resend a moment later lands
+    w.advance(1000);
+    assert_eq!(w.sync(vec![snapshot("alice", &a)])["applied"], 1);
+    assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 1);
+}
