@@ -238,6 +238,11 @@ impl App {
                     "trusted_user_header": self.config.trusted_user_header,
                     "tokens_refused": self.tokens_refused.borrow().to_json(),
                 },
+                // proxy: in front of the site at `site_origin`; standalone: the demo store
+                "mode": match &self.config.proxy {
+                    Some(p) => json!({"proxy": {"site_origin": p.site_origin}}),
+                    None => json!("standalone"),
+                },
                 "routes": [
                     "GET /", "GET /p/{sku}", "GET /sdk.js", "GET /v1/recommendations?slot=&k=",
                     "POST /v1/events", "GET /v1/me", "DELETE /v1/me", "POST /v1/sync", "GET /healthz"

@@ -45,6 +45,9 @@ pub struct EdgeConfig {
     /// browser requests (`TRUSTED_USER_HEADER`). Off by default: believed blindly, any browser
     /// could name any shopper with it.
     pub trusted_user_header: Option<String>,
+    /// Proxy mode: in front of the retailer's own site (`SITE_ORIGIN`); `None`: the worker is
+    /// the whole site (the demo storefront).
+    pub proxy: Option<crate::proxy::ProxyConfig>,
     pub problems: Vec<String>,
 }
 
@@ -66,6 +69,7 @@ impl Default for EdgeConfig {
             events_burst: 200,
             token: None,
             trusted_user_header: None,
+            proxy: None,
             problems: Vec::new(),
         }
     }
@@ -151,6 +155,12 @@ impl EdgeConfig {
         if let Some(h) = var("TRUSTED_USER_HEADER") {
             let h = h.trim().to_ascii_lowercase();
             c.trusted_user_header = (!h.is_empty()).then_some(h);
+        }
+        match crate::proxy::ProxyConfig::from_vars(&var) {
+            Ok(proxy) => c.proxy = proxy,
+            Err(e) => c.problems.push(format!(
+                "{e}; serving the standalone storefront until it is fixed"
+            )),
         }
         if var("USER_HEADER").is_some() {
             c.problems.push(

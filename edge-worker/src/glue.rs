@@ -127,10 +127,19 @@ fn no_binding() -> StoreError {
     ))
 }
 
+mod forward;
+
 #[event(fetch)]
 async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let app = app(&env);
     let url = req.url()?;
+    // proxy mode: everything but Edgewise's own routes goes to the site, streamed
+    if let Some(proxy) = &app.config().proxy {
+        let route = proxy.route(req.method().as_ref(), url.path());
+        if route != crate::proxy::Route::Edgewise {
+            return forward::forward(req, proxy, &url, route).await;
+        }
+    }
     let limit = body_limit(url.path());
     let length = req
         .headers()

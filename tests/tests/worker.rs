@@ -493,3 +493,90 @@ fn two_isolates_over_one_kv_show_the_shopper_what_they_did_at_either() {
         "the event at A and the next page at B: {routed:?}"
     );
 }
+
+/// Proxy mode in front of the retailer's own site: every kind of answer the site gives comes
+/// back as the site sent it (byte for byte, status and type), a POST's body and the site's own
+/// cookies reach the site while Edgewise's cookies do not, Edgewise's own routes still answer,
+/// and a site that does not answer at all gets a 502 that says so.
+#[test]
+fn in_proxy_mode_the_sites_answers_pass_through_untouched() {
+    let site = tests::site::Site::start().unwrap();
+    let origin = format!("http://127.0.0.1:{}", site.port);
+    let Some(w) = worker(
+        "edge-proxy",
+        &[
+            ("ORIGIN_URL", ""),
+            ("SITE_ORIGIN", &origin),
+            ("PERSONALIZED_PATHS", "/,/p/*"),
+        ],
+    ) else {
+        return;
+    };
+    for path in [
+        "/",
+        "/plain.html",
+        "/download.bin",
+        "/big.html",
+        "/moved",
+        "/missing",
+        "/boom",
+    ] {
+        let direct = http(site.port, "GET", path, &[], b"").unwrap();
+        let proxied = http(w.port, "GET", path, &[], b"").unwrap();
+        assert_eq!(proxied.status, direct.status, "{path}\n{}", w.log());
+        assert!(proxied.body == direct.body, "{path}: the body changed");
+        for h in ["content-type", "location"] {
+            assert_eq!(proxied.header(h), direct.header(h), "{path}: {h}");
+        }
+    }
+    assert_eq!(
+        http(w.port, "GET", "/download.bin", &[], b"").unwrap().body,
+        tests::site::binary()
+    );
+
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let r = http(
+        w.port,
+        "POST",
+        "/echo",
+        &[
+            (
+                "cookie",
+                "ew_vid=00112233445566778899aabbccddeeff; session=site-1; ew_s=a.b; cart=3",
+            ),
+            ("content-type", "application/octet-stream"),
+        ],
+        &body,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", w.log());
+    assert!(r.body == body, "the POST body arrived changed");
+    assert_eq!(r.header("x-seen-cookie"), Some("session=site-1; cart=3"));
+    assert_eq!(
+        r.header("x-seen-forwarded-host"),
+        Some(format!("127.0.0.1:{}", w.port).as_str())
+    );
+
+    // Edgewise's own routes are not forwarded
+    let before = site.received.lock().unwrap().len();
+    let health = json(&http(w.port, "GET", "/healthz", &[], b"").unwrap());
+    assert_eq!(health["mode"]["proxy"]["site_origin"], origin.as_str());
+    let me = http(w.port, "GET", "/v1/me", &[], b"").unwrap();
+    assert_eq!(me.status, 200);
+    assert_eq!(site.received.lock().unwrap().len(), before);
+
+    // a site that does not answer
+    let down = tests::free_port().unwrap();
+    let Some(w) = worker(
+        "edge-proxy-down",
+        &[
+            ("ORIGIN_URL", ""),
+            ("SITE_ORIGIN", &format!("http://127.0.0.1:{down}")),
+        ],
+    ) else {
+        return;
+    };
+    let r = http(w.port, "GET", "/", &[], b"").unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("x-edgewise-proxy"), Some("site-unreachable"));
+}

@@ -1,0 +1,164 @@
+//! A retailer's own site for the proxy-mode tests: fixed answers of every kind a proxy must
+//! pass through untouched (HTML with and without placeholders, a binary download, a redirect,
+//! a POST echo, the site's own 404 and 500, a large page), served by axum on a thread of its
+//! own. Every request it got is recorded, to check what the edge forwarded.
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use crate::Received;
+
+/// The home page: a placeholder the edge fills, in a page the site authored.
+pub const HOME: &str = "<!doctype html><html><head><title>Site</title></head><body>\
+<h1>The retailer's own page</h1>\
+<div data-edgewise-slot=\"home\" data-k=\"4\"><p>Popular picks</p></div>\
+</body></html>";
+/// A page with no placeholder.
+pub const PLAIN: &str = "<!doctype html><html><body><p>No placeholders here.</p></body></html>";
+
+/// The 1 MiB binary download, deterministic.
+pub fn binary() -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// A 5 MB HTML page.
+pub fn big_page() -> String {
+    let row = "<p>Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.</p>\n";
+    let mut s = String::from("<!doctype html><html><body>\n");
+    while s.len() < 5_000_000 {
+        s += row;
+    }
+    s += "</body></html>\n";
+    s
+}
+
+#[derive(Debug)]
+pub struct Site {
+    pub port: u16,
+    pub received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Site {
+    pub fn start() -> std::io::Result<Site> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let sink = received.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (bin, big) = (binary(), big_page());
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app = axum::Router::new().fallback(axum::routing::any(
+                    move |method: axum::http::Method,
+                          uri: axum::http::Uri,
+                          headers: axum::http::HeaderMap,
+                          body: axum::body::Bytes| {
+                        let (sink, bin, big) = (sink.clone(), bin.clone(), big.clone());
+                        async move {
+                            let header = |name: &str| {
+                                headers
+                                    .get(name)
+                                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                                    .unwrap_or_default()
+                            };
+                            let seen = (header("cookie"), header("x-forwarded-host"));
+                            if let Ok(mut all) = sink.lock() {
+                                all.push(Received {
+                                    method: method.as_str().to_owned(),
+                                    path: uri.path().to_owned(),
+                                    headers: headers
+                                        .iter()
+                                        .map(|(k, v)| {
+                                            (
+                                                k.as_str().to_owned(),
+                                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                            )
+                                        })
+                                        .collect(),
+                                    body: body.to_vec(),
+                                });
+                            }
+                            answer(uri.path(), &body, seen, &bin, &big)
+                        }
+                    },
+                ));
+                let _ = axum::serve(listener, app).await;
+            });
+        });
+        Ok(Site { port, received })
+    }
+}
+
+fn answer(
+    path: &str,
+    body: &[u8],
+    (cookie, forwarded_host): (String, String),
+    bin: &[u8],
+    big: &str,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let html = "text/html; charset=utf-8";
+    match path {
+        "/" => (
+            [
+                (header::CONTENT_TYPE, html),
+                (header::CACHE_CONTROL, "public, max-age=60"),
+                (header::ETAG, "\"home-1\""),
+            ],
+            HOME,
+        )
+            .into_response(),
+        "/plain.html" => ([(header::CONTENT_TYPE, html)], PLAIN).into_response(),
+        "/download.bin" => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            bin.to_vec(),
+        )
+            .into_response(),
+        "/moved" => (
+            StatusCode::FOUND,
+            [
+                (header::LOCATION, "/plain.html"),
+                (header::CONTENT_TYPE, html),
+            ],
+            "<a href=\"/plain.html\">moved</a>",
+        )
+            .into_response(),
+        "/echo" => (
+            [
+                ("content-type", "application/octet-stream"),
+                ("x-seen-cookie", cookie.as_str()),
+                ("x-seen-forwarded-host", forwarded_host.as_str()),
+            ],
+            body.to_vec(),
+        )
+            .into_response(),
+        "/big.html" => ([(header::CONTENT_TYPE, html)], big.to_owned()).into_response(),
+        "/boom" => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "the site's own 500",
+        )
+            .into_response(),
+        _ => (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, html)],
+            "<h1>The site's own 404</h1>",
+        )
+            .into_response(),
+    }
+}
