@@ -13,6 +13,14 @@ pub const HOME: &str = "<!doctype html><html><head><title>Site</title></head><bo
 <h1>The retailer's own page</h1>\
 <div data-edgewise-slot=\"home\" data-k=\"4\"><p>Popular picks</p></div>\
 </body></html>";
+/// A product page: the site's own add-to-cart button (the injected SDK binds it) and a
+/// "goes well with" placeholder about the item.
+pub const CAMERA: &str = "<!doctype html><html><head><title>Camera</title></head><body>\
+<article data-ew-product=\"cam-001\" data-ew-category=\"cameras\"><h1>A camera</h1>\
+<button id=\"ew-add\" data-ew-add=\"cam-001\" data-ew-category=\"cameras\" data-ew-price=\"499\">Add to cart</button>\
+<span id=\"ew-status\" role=\"status\"></span></article>\
+<h2>Goes well with</h2><div data-edgewise-slot=\"product\" data-item=\"cam-001\" data-k=\"4\"></div>\
+</body></html>";
 /// A page with no placeholder.
 pub const PLAIN: &str = "<!doctype html><html><body><p>No placeholders here.</p></body></html>";
 
@@ -124,6 +132,7 @@ fn answer(
         )
             .into_response(),
         "/plain.html" => ([(header::CONTENT_TYPE, html)], PLAIN).into_response(),
+        "/p/cam-001" => ([(header::CONTENT_TYPE, html)], CAMERA).into_response(),
         "/download.bin" => (
             [(header::CONTENT_TYPE, "application/octet-stream")],
             bin.to_vec(),

@@ -32,6 +32,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 mod pages;
+pub mod proxied;
 mod session;
 mod shopper;
 mod sync;

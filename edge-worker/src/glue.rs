@@ -134,10 +134,15 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let app = app(&env);
     let url = req.url()?;
     // proxy mode: everything but Edgewise's own routes goes to the site, streamed
-    if let Some(proxy) = &app.config().proxy {
+    if let Some(proxy) = app.config().proxy.clone() {
         let route = proxy.route(req.method().as_ref(), url.path());
         if route != crate::proxy::Route::Edgewise {
-            return forward::forward(req, proxy, &url, route).await;
+            let store = Kv {
+                kv: env.kv(KV_BINDING).ok(),
+                timeout_ms: app.config().kv_timeout_ms,
+                cache_ttl_s: app.config().kv_cache_ttl_s,
+            };
+            return forward::forward(req, &proxy, &url, route, app.clone(), store, &ctx).await;
         }
     }
     let limit = body_limit(url.path());

@@ -106,6 +106,33 @@ fn recs_block(h: &mut String, catalog: &Catalog, recs: &Value, tier: &str, title
     h.push_str("</ul></section>");
 }
 
+/// The block that fills a placeholder of the site's own page (proxy mode): the offer, if one
+/// fired, then a card per item, each with `data-sku` and `data-reason`. Classes (`ew-block`,
+/// `ew-offer`, `ew-items`) are for the site's stylesheet; the cards are the storefront's.
+pub fn slot_block(catalog: &Catalog, recs: &Value, tier: &str) -> String {
+    let mut h = format!(
+        "<div class=\"ew-block\" data-ew-slot=\"{}\" data-tier=\"{}\">",
+        esc(recs["slot"].as_str().unwrap_or("")),
+        esc(tier)
+    );
+    if let Some(offer) = recs.get("offer").filter(|o| o.is_object()) {
+        let _ = write!(
+            h,
+            "<p class=\"ew-offer\" data-offer-id=\"{}\">{}</p>",
+            esc(offer["id"].as_str().unwrap_or("")),
+            esc(offer["text"].as_str().unwrap_or(""))
+        );
+    }
+    h.push_str("<ul class=\"ew-items\">");
+    for v in recs["items"].as_array().into_iter().flatten() {
+        if let Some(it) = v["sku"].as_str().and_then(|s| catalog.item_by_sku(s)) {
+            card(&mut h, catalog, it, v["reason"].as_str());
+        }
+    }
+    h.push_str("</ul></div>");
+    h
+}
+
 fn card(h: &mut String, catalog: &Catalog, it: &Item, reason: Option<&str>) {
     let _ = write!(
         h,

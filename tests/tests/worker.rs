@@ -507,7 +507,8 @@ fn in_proxy_mode_the_sites_answers_pass_through_untouched() {
         &[
             ("ORIGIN_URL", ""),
             ("SITE_ORIGIN", &origin),
-            ("PERSONALIZED_PATHS", "/,/p/*"),
+            // nothing the site serves here is personalizable: every page passes untouched
+            ("PERSONALIZED_PATHS", "/p/*"),
         ],
     ) else {
         return;
@@ -579,4 +580,127 @@ fn in_proxy_mode_the_sites_answers_pass_through_untouched() {
     let r = http(w.port, "GET", "/", &[], b"").unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.header("x-edgewise-proxy"), Some("site-unreachable"));
+}
+
+/// Proxy mode fills the placeholders of the site's own page as it streams through: the
+/// shopper's block in place of what the site put there, the SDK added once, the tier and the
+/// visitor's cookie on the answer, no stale length or shared caching; after the visitor adds a
+/// camera, the next page's placeholder shows its accessories. A 5 MB page streams through
+/// whole, and pages off the personalized paths stay byte for byte the site's.
+#[test]
+fn in_proxy_mode_the_sites_placeholders_get_the_shoppers_blocks() {
+    let site = tests::site::Site::start().unwrap();
+    let origin = format!("http://127.0.0.1:{}", site.port);
+    let Some(w) = worker(
+        "edge-proxy-inject",
+        &[
+            ("ORIGIN_URL", ""),
+            ("SITE_ORIGIN", &origin),
+            ("PERSONALIZED_PATHS", "/,/big.html"),
+        ],
+    ) else {
+        return;
+    };
+    let first = http(w.port, "GET", "/", &[], b"").unwrap();
+    let html = first.text();
+    assert_eq!(first.status, 200, "{html}\n{}", w.log());
+    assert!(html.contains("The retailer's own page"), "{html}");
+    assert!(html.contains("data-edgewise-filled"), "{html}");
+    assert!(
+        !html.contains("Popular picks"),
+        "the site's stand-in is replaced: {html}"
+    );
+    assert_eq!(html.matches("<li class=\"card\"").count(), 4, "{html}");
+    assert_eq!(
+        html.matches("<script src=\"/sdk.js\" defer></script>")
+            .count(),
+        1
+    );
+    assert!(html.ends_with("</body></html>"), "{html}");
+    assert_eq!(first.header("x-edgewise-tier"), Some("popular"));
+    // never the site's length for a body that changed
+    assert_ne!(
+        first.header("content-length"),
+        Some(tests::site::HOME.len().to_string().as_str())
+    );
+    assert!(first.header("etag").is_none());
+    assert!(
+        first
+            .header("cache-control")
+            .is_some_and(|c| c.starts_with("private")),
+        "{:?}",
+        first.header("cache-control")
+    );
+    let vid = first
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .find_map(|(_, v)| v.strip_prefix("ew_vid="))
+        .and_then(|v| v.split(';').next())
+        .expect("a visitor cookie")
+        .to_owned();
+    let cookie = format!("ew_vid={vid}");
+
+    let body = format!(
+        r#"{{"event_id":"proxy-1","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#,
+        now_ms()
+    );
+    let r = http(
+        w.port,
+        "POST",
+        "/v1/events",
+        &[("cookie", cookie.as_str())],
+        body.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let next = http(w.port, "GET", "/", &[("cookie", cookie.as_str())], b"").unwrap();
+    let html = next.text();
+    assert_eq!(next.header("x-edgewise-tier"), Some("fresh"), "{html}");
+    assert!(html.contains("data-reason=\"cart_accessory\""), "{html}");
+
+    // 5 MB streams through, with the SDK added before </body>
+    let big = http(w.port, "GET", "/big.html", &[], b"").unwrap();
+    let direct = tests::site::big_page();
+    assert_eq!(big.status, 200);
+    assert_eq!(
+        big.text(),
+        direct.replace("</body>", "<script src=\"/sdk.js\" defer></script></body>")
+    );
+    // off the personalized paths: the site's bytes
+    let plain = http(w.port, "GET", "/plain.html", &[], b"").unwrap();
+    assert_eq!(plain.text(), tests::site::PLAIN);
+}
+
+/// Chromium through the proxy: the site's camera page, its own add-to-cart button (bound by
+/// the SDK Edgewise injected), and the site's home page with camera accessories in its
+/// placeholder; no placeholder left unfilled.
+#[test]
+fn in_a_real_browser_the_sites_pages_through_the_proxy_show_the_shoppers_blocks() {
+    let Some(chromium) = tests::chromium() else {
+        panic!("no Chromium on PATH; run `cargo xtask setup`");
+    };
+    let site = tests::site::Site::start().unwrap();
+    let origin = format!("http://127.0.0.1:{}", site.port);
+    let Some(w) = worker(
+        "edge-proxy-browser",
+        &[("ORIGIN_URL", ""), ("SITE_ORIGIN", &origin)],
+    ) else {
+        return;
+    };
+    let out = std::process::Command::new("node")
+        .arg(tests::root().join("tests/browser/proxy.mjs"))
+        .arg(format!("http://127.0.0.1:{}", w.port))
+        .env("CHROMIUM_PATH", chromium)
+        .current_dir(tests::root())
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "browser check through the proxy failed:\n{stdout}\n{}\nworker log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.log()
+    );
 }

@@ -8,6 +8,7 @@ mod config_reload;
 mod erasure;
 mod identity;
 mod pages;
+mod proxied;
 mod session;
 mod shopper;
 mod stitching;

@@ -1,23 +1,56 @@
 //! Proxy mode's glue: forwards a request to the site origin and streams the answer back
 //! (`crate::proxy` decides what is forwarded and which headers pass). Bodies are never read
 //! into memory here: the browser's request body and the site's response body are streams
-//! handed from one side to the other.
+//! handed from one side to the other. A personalizable page is rewritten as it streams, by
+//! the runtime's own HTMLRewriter (`rewrite.js`), calling back into
+//! `PagePersonalization::render` for each placeholder.
 
+use super::{JsClock, Kv, mint, send_all};
+use crate::app::App;
+use crate::app::proxied::PagePersonalization;
+use crate::http::HttpRequest;
 use crate::proxy::{self, ProxyConfig, Route};
+use std::rc::Rc;
+use worker::js_sys::{self, Reflect};
+use worker::wasm_bindgen::prelude::*;
+use worker::wasm_bindgen::{JsCast, JsValue};
+use worker::wasm_bindgen_futures::JsFuture;
 use worker::{
-    Fetch, Headers, Request, RequestInit, RequestRedirect, Response, ResponseBody, Result, Url,
-    console_error,
+    Context, Fetch, Headers, Request, RequestInit, RequestRedirect, Response, ResponseBody, Result,
+    Url, console_error, web_sys,
 };
 
-/// The site origin's answer to `req`, streamed. A site that does not answer at all gets a 502
-/// that says so (a site that answers with an error passes its own through).
+#[wasm_bindgen(module = "/src/rewrite.js")]
+extern "C" {
+    /// `{response, done}`: the page rewritten as it streams, and when it has.
+    #[wasm_bindgen(js_name = personalize)]
+    fn js_personalize(
+        response: &web_sys::Response,
+        render: &js_sys::Function,
+        sdk: &str,
+    ) -> JsValue;
+}
+
+/// Where the SDK is served (an Edgewise route, so never the site's).
+const SDK_SRC: &str = "/sdk.js";
+
+/// The site origin's answer to `req`, streamed, personalized when `route` allows and the answer
+/// is an HTML page. A site that does not answer at all gets a 502 that says so (a site that
+/// answers with an error passes its own through).
 pub async fn forward(
     req: Request,
     proxy: &ProxyConfig,
     url: &Url,
     route: Route,
+    app: Rc<App>,
+    store: Kv,
+    ctx: &Context,
 ) -> Result<Response> {
-    let incoming: Vec<(String, String)> = req.headers().entries().collect();
+    let incoming: Vec<(String, String)> = req
+        .headers()
+        .entries()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
     let host = match (url.host_str(), url.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
@@ -33,16 +66,34 @@ pub async fn forward(
         .with_headers(headers)
         // the browser follows the site's redirects itself, through the edge
         .with_redirect(RequestRedirect::Manual);
-    if !matches!(method, worker::Method::Get | worker::Method::Head)
-        && let Some(body) = req.inner().body()
-    {
+    let readable = matches!(method, worker::Method::Get | worker::Method::Head);
+    if !readable && let Some(body) = req.inner().body() {
         init.with_body(Some(body.into()));
     }
     let target = proxy.upstream_url(url.path(), url.query().unwrap_or(""));
-    let upstream = match Fetch::Request(Request::new_with_init(&target, &init)?)
-        .send()
-        .await
-    {
+    let fetch = Fetch::Request(Request::new_with_init(&target, &init)?);
+    let site = fetch.send();
+    // the shopper's profile is looked up while the site's page is on its way
+    let personalize = route == Route::Personalized && method == worker::Method::Get;
+    let shopper = async {
+        if !personalize {
+            return None;
+        }
+        let request = HttpRequest {
+            method: "GET".into(),
+            path: url.path().to_owned(),
+            query: url.query().unwrap_or("").to_owned(),
+            headers: incoming.clone(),
+            body: Vec::new(),
+        };
+        let now = js_sys::Date::now() as u64;
+        Some(
+            app.personalize_page(&store, &JsClock, &request, now, mint)
+                .await,
+        )
+    };
+    let (upstream, shopper) = futures_util::future::join(site, shopper).await;
+    let upstream = match upstream {
         Ok(r) => r,
         Err(e) => {
             console_error!("edgewise: the site origin did not answer {method:?} {target}: {e}");
@@ -55,24 +106,67 @@ pub async fn forward(
     };
     let status = upstream.status_code();
     let site_headers: Vec<(String, String)> = upstream.headers().entries().collect();
-    let _rewrite = route == Route::Personalized
-        && proxy::rewritable(
-            status,
-            site_headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-                .map(|(_, v)| v.as_str()),
-        );
+    let content_type = site_headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.as_str());
+    let body = web_sys::Response::from(upstream).body();
+    let shopper = shopper.filter(|_| proxy::rewritable(status, content_type));
+    let Some(shopper) = shopper else {
+        let out = Headers::new();
+        for (k, v) in proxy::response_headers(&site_headers, false) {
+            out.append(&k, &v)?;
+        }
+        return Ok(Response::builder()
+            .with_status(status)
+            .with_headers(out)
+            .body(match body {
+                Some(stream) => ResponseBody::Stream(stream),
+                None => ResponseBody::Empty,
+            }));
+    };
     let out = Headers::new();
-    for (k, v) in proxy::response_headers(&site_headers, false) {
+    for (k, v) in proxy::response_headers(&site_headers, true) {
         out.append(&k, &v)?;
     }
-    let body = worker::web_sys::Response::from(upstream).body();
-    Ok(Response::builder()
-        .with_status(status)
-        .with_headers(out)
-        .body(match body {
-            Some(stream) => ResponseBody::Stream(stream),
-            None => ResponseBody::Empty,
-        }))
+    for (k, v) in &shopper.headers {
+        out.append(k, v)?;
+    }
+    let mut shopper = shopper;
+    let outbound = std::mem::take(&mut shopper.outbound);
+    let page = rewrite(status, out, body, shopper, ctx)?;
+    if !outbound.is_empty() {
+        ctx.wait_until(send_all(outbound, store.kv.clone()));
+    }
+    Ok(page)
+}
+
+/// The page with its placeholders filled as it streams; `render` lives until the page has
+/// streamed through (`done`), kept by `wait_until`.
+fn rewrite(
+    status: u16,
+    headers: Headers,
+    body: Option<web_sys::ReadableStream>,
+    shopper: PagePersonalization,
+    ctx: &Context,
+) -> Result<Response> {
+    let init = web_sys::ResponseInit::new();
+    init.set_status(status);
+    init.set_headers(&headers.0);
+    let page = web_sys::Response::new_with_opt_readable_stream_and_init(body.as_ref(), &init)?;
+    let shopper = Rc::new(shopper);
+    let render = Closure::<dyn Fn(String, String, String) -> JsValue>::new(
+        move |slot: String, k: String, item: String| match shopper.render(&slot, &k, &item) {
+            Some(html) => JsValue::from_str(&html),
+            None => JsValue::UNDEFINED,
+        },
+    );
+    let result = js_personalize(&page, render.as_ref().unchecked_ref(), SDK_SRC);
+    let rewritten: web_sys::Response = Reflect::get(&result, &"response".into())?.dyn_into()?;
+    let done: js_sys::Promise = Reflect::get(&result, &"done".into())?.dyn_into()?;
+    ctx.wait_until(async move {
+        let _ = JsFuture::from(done).await;
+        drop(render);
+    });
+    Ok(Response::from(rewritten))
 }

@@ -1,0 +1,127 @@
+//! Proxy mode's personalization of the site's own pages (`crate::proxy`): who the shopper is
+//! and their profile, looked up while the site's page is on its way; then, as the page streams
+//! through the glue's HTMLRewriter, one block per placeholder the site marked
+//! (`<div data-edgewise-slot="home" data-k="8" data-item="cam-001">`), rendered here.
+//!
+//! Never worse than no Edgewise: a hostile identity is a fresh visitor, a failed or slow KV
+//! read degrades the tier as on every page, and a placeholder this cannot fill (an unknown
+//! slot) keeps what the site put in it.
+
+use super::shopper::{country_of, device_of, recommend_json, seed, tier_headers};
+use super::{App, Site, Tier};
+use crate::http::{Clock, HttpRequest, Outbound, Reply};
+use crate::identity::Identity;
+use crate::store::Store;
+use crate::storefront;
+use shared::ids::Secs;
+use shared::profile::Profile;
+use shared::recommend::RequestContext;
+use shared::rules::Slot;
+use std::rc::Rc;
+
+/// Most items a placeholder may ask for (`data-k`); without one it gets the default.
+pub const MAX_SLOT_ITEMS: usize = 24;
+pub const DEFAULT_SLOT_ITEMS: usize = 8;
+
+/// What one page's personalization needs once the profile is known.
+#[derive(Debug)]
+pub struct PagePersonalization {
+    /// Headers of the page's answer: the visitor and session cookies, the tier headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Requests to origin after the answer (a sign-in's `identify`).
+    pub outbound: Vec<Outbound>,
+    site: Rc<Site>,
+    profile: Option<Profile>,
+    tier: Tier,
+    seed: u64,
+    device: shared::context::Device,
+    country: Option<[u8; 2]>,
+    now_ms: u64,
+}
+
+impl App {
+    /// Identifies the shopper and looks their profile up, as a storefront page does.
+    pub async fn personalize_page<S: Store>(
+        &self,
+        store: &S,
+        clock: &dyn Clock,
+        req: &HttpRequest,
+        now_ms: u64,
+        mint: impl FnOnce() -> [u8; 16],
+    ) -> PagePersonalization {
+        let mut mint = Some(mint);
+        // never refused: a hostile identity is replaced by a fresh visitor id
+        let who = match self.identify(req, now_ms, || mint.take().map_or([0; 16], |m| m())) {
+            Ok(who) => who,
+            Err(_) => Identity::Visitor {
+                id: shared::auth::hex(&mint.take().map_or([0; 16], |m| m())),
+                minted: true,
+            },
+        };
+        self.refresh_site(store, now_ms).await;
+        let shown = self.adopt_session(req, &who, now_ms);
+        let stitched = self.stitch(store, req, &who, now_ms).await;
+        let key = self.key_of(&who);
+        let found = self.lookup(store, clock, key, now_ms).await;
+        let mut reply = Reply::json(200, &serde_json::Value::Null);
+        tier_headers(&mut reply, found.tier, &found, 0.0);
+        if who.is_minted() {
+            reply
+                .headers
+                .push(("set-cookie", self.set_cookie(req, &who)));
+        }
+        let mut outbound = Vec::new();
+        if let Some((identify, clear)) = stitched {
+            reply.headers.push(("set-cookie", clear));
+            reply
+                .headers
+                .push(("set-cookie", self.visitor_record_clear(req)));
+            outbound.push(identify);
+        }
+        if let Some(cookie) = self.session_cookie(req, &who, shown.as_ref(), now_ms) {
+            reply.headers.push(("set-cookie", cookie));
+        }
+        PagePersonalization {
+            headers: reply.headers,
+            outbound,
+            site: self.site(),
+            profile: found.profile,
+            tier: found.tier,
+            seed: seed(key, now_ms),
+            device: device_of(req),
+            country: country_of(req),
+            now_ms,
+        }
+    }
+}
+
+impl PagePersonalization {
+    /// The block for one placeholder: its `slot` (home, product, category, cart, checkout),
+    /// `k` items (1 to [`MAX_SLOT_ITEMS`], else [`DEFAULT_SLOT_ITEMS`]) and the `item` the
+    /// page is about (a SKU; product pages show what goes with it). `None` for a slot this
+    /// does not know: the placeholder keeps the site's own content.
+    pub fn render(&self, slot: &str, k: &str, item: &str) -> Option<String> {
+        let slot = Slot::ALL.into_iter().find(|s| s.as_str() == slot.trim())?;
+        let mut ctx = RequestContext::new(slot, Secs::from_unix_ms(self.now_ms));
+        ctx.k = k
+            .trim()
+            .parse()
+            .ok()
+            .filter(|k| (1..=MAX_SLOT_ITEMS).contains(k))
+            .unwrap_or(DEFAULT_SLOT_ITEMS);
+        ctx.seed = self.seed;
+        ctx.device = self.device;
+        ctx.country = self.country;
+        ctx.current_item = self.site.catalog.item_by_sku(item.trim()).map(|i| i.id());
+        let (recs, tier) = recommend_json(&self.site, self.profile.as_ref(), &ctx, self.tier);
+        Some(storefront::slot_block(
+            &self.site.catalog,
+            &recs,
+            tier.as_str(),
+        ))
+    }
+
+    pub fn tier(&self) -> &'static str {
+        self.tier.as_str()
+    }
+}
