@@ -24,6 +24,25 @@ pub const CAMERA: &str = "<!doctype html><html><head><title>Camera</title></head
 /// A page with no placeholder.
 pub const PLAIN: &str = "<!doctype html><html><body><p>No placeholders here.</p></body></html>";
 
+/// `page` gzip-encoded, as a site behind a compressing server sends it.
+pub fn gzip(page: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let _ = e.write_all(page);
+    e.finish().unwrap_or_default()
+}
+
+/// A body as the browser reads it: gunzipped when its `Content-Encoding` says gzip.
+pub fn decoded(content_encoding: Option<&str>, body: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    if content_encoding != Some("gzip") {
+        return body.to_vec();
+    }
+    let mut out = Vec::new();
+    let _ = flate2::read::GzDecoder::new(body).read_to_end(&mut out);
+    out
+}
+
 /// The 1 MiB binary download, deterministic.
 pub fn binary() -> Vec<u8> {
     let mut x: u32 = 0x9e37_79b9;
@@ -133,6 +152,14 @@ fn answer(
             .into_response(),
         "/plain.html" => ([(header::CONTENT_TYPE, html)], PLAIN).into_response(),
         "/p/cam-001" => ([(header::CONTENT_TYPE, html)], CAMERA).into_response(),
+        "/home.gz.html" => (
+            [
+                (header::CONTENT_TYPE, html),
+                (header::CONTENT_ENCODING, "gzip"),
+            ],
+            gzip(HOME.as_bytes()),
+        )
+            .into_response(),
         "/download.bin" => (
             [(header::CONTENT_TYPE, "application/octet-stream")],
             bin.to_vec(),

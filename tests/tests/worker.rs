@@ -534,6 +534,25 @@ fn in_proxy_mode_the_sites_answers_pass_through_untouched() {
         http(w.port, "GET", "/download.bin", &[], b"").unwrap().body,
         tests::site::binary()
     );
+    // a gzip-encoded page: the browser reads the site's page, encoded as the site said
+    let gz = http(
+        w.port,
+        "GET",
+        "/home.gz.html",
+        &[("accept-encoding", "gzip")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(gz.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&tests::site::decoded(
+            gz.header("content-encoding"),
+            &gz.body
+        )),
+        tests::site::HOME,
+        "{:?}",
+        gz.headers
+    );
 
     let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let r = http(
@@ -596,7 +615,7 @@ fn in_proxy_mode_the_sites_placeholders_get_the_shoppers_blocks() {
         &[
             ("ORIGIN_URL", ""),
             ("SITE_ORIGIN", &origin),
-            ("PERSONALIZED_PATHS", "/,/big.html"),
+            ("PERSONALIZED_PATHS", "/,/big.html,/home.gz.html"),
         ],
     ) else {
         return;
@@ -666,6 +685,31 @@ fn in_proxy_mode_the_sites_placeholders_get_the_shoppers_blocks() {
     assert_eq!(
         big.text(),
         direct.replace("</body>", "<script src=\"/sdk.js\" defer></script></body>")
+    );
+    // a gzip-encoded page is rewritten as the HTML it encodes, and sent encoded as the site did
+    let gz = http(
+        w.port,
+        "GET",
+        "/home.gz.html",
+        &[("accept-encoding", "gzip")],
+        b"",
+    )
+    .unwrap();
+    let page = String::from_utf8_lossy(&tests::site::decoded(
+        gz.header("content-encoding"),
+        &gz.body,
+    ))
+    .into_owned();
+    assert!(
+        page.contains("data-edgewise-filled"),
+        "{:?}\n{page}",
+        gz.headers
+    );
+    assert_eq!(
+        gz.header("content-encoding"),
+        Some("gzip"),
+        "{:?}",
+        gz.headers
     );
     // off the personalized paths: the site's bytes
     let plain = http(w.port, "GET", "/plain.html", &[], b"").unwrap();
