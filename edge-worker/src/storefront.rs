@@ -33,14 +33,22 @@ pub fn not_found() -> Reply {
 }
 
 /// A page: the product `item` if given, else the home page. `recs` is the recommendations
-/// JSON (as `/v1/recommendations` returns it), `cart` the number of items in the cart.
-pub fn page(catalog: &Catalog, item: Option<&Item>, recs: &Value, tier: &str, cart: u32) -> String {
+/// JSON (as `/v1/recommendations` returns it), `cart` the items in the cart (they stay out of
+/// "Popular now": the shopper has them already) and `cart_count` how many.
+pub fn page(
+    catalog: &Catalog,
+    item: Option<&Item>,
+    recs: &Value,
+    tier: &str,
+    cart: &[shared::ids::ItemId],
+    cart_count: u32,
+) -> String {
     let title = item.map_or("Edgewise Demo Store", Item::name);
     let mut h = head(title);
     let _ = write!(
         h,
         "<header><a class=\"brand\" href=\"/\">Edgewise Demo Store</a>\
-         <span class=\"cart\">Cart: <b id=\"ew-cart-count\">{cart}</b></span></header><main>"
+         <span class=\"cart\">Cart: <b id=\"ew-cart-count\">{cart_count}</b></span></header><main>"
     );
     match item {
         Some(it) => {
@@ -66,7 +74,10 @@ pub fn page(catalog: &Catalog, item: Option<&Item>, recs: &Value, tier: &str, ca
         None => {
             recs_block(&mut h, catalog, recs, tier, "Recommended for you");
             h.push_str("<section><h2>Popular now</h2><ul class=\"grid\">");
-            let mut popular: Vec<&Item> = catalog.items().filter(|i| i.in_stock()).collect();
+            let mut popular: Vec<&Item> = catalog
+                .items()
+                .filter(|i| i.in_stock() && !cart.contains(&i.id()))
+                .collect();
             popular.sort_by(|a, b| {
                 b.popularity()
                     .total_cmp(&a.popularity())
@@ -202,14 +213,14 @@ mod tests {
             "items": [{ "sku": "lens-001", "reason": "cart_accessory" }, { "sku": "nope" }],
             "offer": { "id": "cam-accessories-10", "text": "10% <off>" },
         });
-        let home = page(&catalog, None, &recs, "fresh", 2);
+        let home = page(&catalog, None, &recs, "fresh", &[], 2);
         assert!(home.contains("data-tier=\"fresh\""));
         assert!(home.contains("data-sku=\"lens-001\" data-reason=\"cart_accessory\""));
         assert!(home.contains("data-offer-id=\"cam-accessories-10\">10% &lt;off&gt;"));
         assert!(home.contains("<b id=\"ew-cart-count\">2</b>"));
         assert!(home.contains("Popular now"));
         let cam = catalog.item_by_sku("cam-001").unwrap();
-        let product = page(&catalog, Some(cam), &json!({}), "popular", 0);
+        let product = page(&catalog, Some(cam), &json!({}), "popular", &[], 0);
         assert!(product.contains(
             "data-ew-add=\"cam-001\" data-ew-category=\"cameras\" data-ew-price=\"499.00\""
         ));

@@ -73,10 +73,15 @@ impl App {
         let t0 = clock.now_ms();
         let (recs, tier) = recommend_json(&site, found.profile.as_ref(), &ctx, found.tier);
         let rec_ms = clock.now_ms() - t0;
-        let cart = found.profile.as_ref().map_or(0, |p| {
+        let cart: Vec<shared::ids::ItemId> = found
+            .profile
+            .as_ref()
+            .map(|p| p.cart.iter().map(|l| l.item).collect())
+            .unwrap_or_default();
+        let cart_count = found.profile.as_ref().map_or(0, |p| {
             p.cart.iter().map(|l| u32::from(l.quantity)).sum::<u32>()
         });
-        let html = storefront::page(&site.catalog, item, &recs, tier.as_str(), cart);
+        let html = storefront::page(&site.catalog, item, &recs, tier.as_str(), &cart, cart_count);
         let mut reply = Reply {
             status: 200,
             content_type: "text/html; charset=utf-8",

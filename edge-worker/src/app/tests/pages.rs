@@ -85,3 +85,33 @@ fn without_secrets_pages_still_work_and_sync_says_what_to_set() {
     );
     assert_eq!(w.get("/healthz", &[]).body_json()["status"], "degraded");
 }
+
+/// "Popular now" leaves out what the shopper has in the cart (it showed the camera just added).
+#[test]
+fn popular_now_leaves_out_what_is_in_the_cart() {
+    let w = World::new();
+    let popular_skus = |html: &str| -> Vec<String> {
+        let section = html.split("Popular now").nth(1).unwrap_or("");
+        section
+            .split("data-sku=\"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = String::from_utf8(w.get("/", &alice()).body).unwrap();
+    let top = popular_skus(&before);
+    let first = top.first().expect("popular items").clone();
+    let b = format!(
+        r#"{{"event_id":"pop-1","ts":{},"type":"add_to_cart","item":"{first}","category":"x","price":1}}"#,
+        w.now()
+    );
+    assert_eq!(
+        w.post("/v1/events", &alice(), b.as_bytes()).reply.status,
+        202
+    );
+    let after = String::from_utf8(w.get("/", &alice()).body).unwrap();
+    let shown = popular_skus(&after);
+    assert!(!shown.contains(&first), "{first} is in the cart: {shown:?}");
+    assert_eq!(shown.len(), top.len(), "the next one takes its place");
+}

@@ -62,3 +62,26 @@ fn placeholders_get_the_shoppers_blocks_and_unknown_ones_are_left_alone() {
     let hostile = personalize(&w, &[("cookie", "ew_vid=<script>")]);
     assert!(hostile.render("home", "2", "").is_some());
 }
+
+/// KV down: the site's page still gets blocks, from the fallback tiers (the cached profile past
+/// its TTL, else popular items), never an empty placeholder.
+#[test]
+fn with_kv_down_placeholders_are_filled_from_the_fallback_tiers() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    assert_eq!(personalize(&w, &alice()).tier(), "fresh");
+    w.store.set_failing(true);
+    w.advance(120_000);
+    let stale = personalize(&w, &alice());
+    assert_eq!(stale.tier(), "stale");
+    let block = stale.render("home", "4", "").expect("a block");
+    assert!(block.contains("data-reason=\"cart_accessory\""), "{block}");
+    let nobody = personalize(&w, &[("cookie", visitor_cookie().as_str())]);
+    assert_eq!(nobody.tier(), "popular");
+    assert!(
+        nobody
+            .render("home", "4", "")
+            .is_some_and(|b| b.contains("data-sku"))
+    );
+}
