@@ -3,6 +3,7 @@
 //! (with their children) when dropped. HTTP goes through reqwest (blocking) and axum; only
 //! [`raw_status`] writes bytes by hand, for hostile requests a real client refuses to send.
 
+pub mod demo_site;
 pub mod site;
 pub mod stack;
 

@@ -37,6 +37,9 @@ pub struct StackConfig {
     /// Isolates per edge, over the edge's one KV; more than one puts a front router on the
     /// edge's port.
     pub isolates: usize,
+    /// The demo store as a site of its own on this port, with the edges in proxy mode in front
+    /// of it (`SITE_ORIGIN`); `None`: the worker's built-in storefront (standalone mode).
+    pub site_port: Option<u16>,
     /// Partitions per event topic when the embedded broker creates them.
     pub partitions: u32,
     /// The origin-sync binary.
@@ -55,6 +58,7 @@ impl StackConfig {
             origin_port: 8788,
             edge_ports: vec![8787],
             isolates: 2,
+            site_port: Some(8790),
             partitions: 2,
             origin_bin,
             origin_extra: String::new(),
@@ -80,6 +84,8 @@ pub struct Stack {
     /// `host:port` of the broker in use.
     pub brokers: String,
     pub edges: Vec<Edge>,
+    /// The retailer's site the edges proxy, when there is one.
+    pub site: Option<crate::demo_site::DemoSite>,
     origin: Option<Service>,
     broker: Option<Tansu>,
     origin_config: PathBuf,
@@ -134,6 +140,21 @@ impl Stack {
             }
         };
         let origin_url = format!("http://127.0.0.1:{}", config.origin_port);
+        let site = match config.site_port {
+            Some(port) => {
+                let site = crate::demo_site::DemoSite::start_on(port)?;
+                progress(&format!(
+                    "the demo store as the retailer's own site on port {} (the edges proxy it)",
+                    site.port
+                ));
+                Some(site)
+            }
+            None => None,
+        };
+        let site_origin = site
+            .as_ref()
+            .map(|s| format!("http://127.0.0.1:{}", s.port))
+            .unwrap_or_default();
         let mut edges = Vec::new();
         let isolates = config.isolates.max(1);
         for (i, port) in config.edge_ports.iter().enumerate() {
@@ -163,7 +184,11 @@ impl Stack {
                 } else {
                     free_port().map_err(|e| e.to_string())?
                 };
-                started.push(start_worker_on(&kv, on, &[("ORIGIN_URL", &origin_url)])?);
+                started.push(start_worker_on(
+                    &kv,
+                    on,
+                    &[("ORIGIN_URL", &origin_url), ("SITE_ORIGIN", &site_origin)],
+                )?);
             }
             let router = match front {
                 Some(listener) => {
@@ -207,6 +232,7 @@ impl Stack {
             config,
             brokers,
             edges,
+            site,
             origin: None,
             broker,
             origin_config,

@@ -56,6 +56,7 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
         edge_ports: vec![free_port().map_err(|e| e.to_string())?],
         // freshness is measured where origin's push lands, without a router in the path
         isolates: 1,
+        site_port: None,
         partitions: 2,
         origin_bin,
         origin_extra: String::new(),

@@ -35,6 +35,12 @@ struct Args {
     /// the edge port that lands consecutive requests on different isolates (as Cloudflare may).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=8))]
     isolates: u16,
+    /// The demo store's own site, which the edge proxies (SITE_ORIGIN).
+    #[arg(long, default_value_t = 8790)]
+    site_port: u16,
+    /// No site: the worker serves its built-in storefront itself (standalone mode).
+    #[arg(long)]
+    standalone: bool,
     /// origin-sync's port; the worker's `ORIGIN_URL` follows it.
     #[arg(long, default_value_t = 8788)]
     origin_port: u16,
@@ -76,6 +82,7 @@ fn main() -> ExitCode {
     config.kafka = args.kafka.clone();
     config.edge_ports = vec![args.edge_port];
     config.isolates = usize::from(args.isolates);
+    config.site_port = (!args.standalone).then_some(args.site_port);
     config.origin_port = args.origin_port;
     config.broker_port = args.broker_port;
 
@@ -111,7 +118,20 @@ fn main() -> ExitCode {
     let origin = args.origin_port;
     println!();
     println!("Edgewise is running:");
-    println!("  storefront       http://127.0.0.1:{edge}/");
+    match &stack.site {
+        Some(site) => {
+            println!(
+                "  storefront       http://127.0.0.1:{edge}/  (the demo site through Edgewise)"
+            );
+            println!(
+                "  the site itself  http://127.0.0.1:{}/  (what the retailer serves, unpersonalized)",
+                site.port
+            );
+        }
+        None => {
+            println!("  storefront       http://127.0.0.1:{edge}/  (the worker's own, standalone)")
+        }
+    }
     println!(
         "  a product page   http://127.0.0.1:{edge}/p/cam-001  (add it to the cart, then open the storefront)"
     );

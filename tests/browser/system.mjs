@@ -55,7 +55,8 @@ try {
     seen = {
       freshness_ms: freshness,
       polls,
-      tier: await pageB.getAttribute("#ew-recs", "data-tier"),
+      // the storefront's block carries the tier itself; a proxied site's placeholder holds it
+      tier: await pageB.$eval("#ew-recs", (s) => s.dataset.tier ?? s.querySelector("[data-tier]")?.dataset.tier ?? null),
       offer,
       accessories: accessories.map((i) => i.sku),
       cart: await pageB.textContent("#ew-cart-count"),

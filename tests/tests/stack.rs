@@ -228,8 +228,10 @@ fn the_whole_system_on_one_stack() {
         broker_port: free_port().unwrap(),
         origin_port: free_port().unwrap(),
         edge_ports: vec![free_port().unwrap(), free_port().unwrap()],
-        // as the local stack runs: two isolates per location behind a front router
+        // as the local stack runs: two isolates per location behind a front router, in proxy
+        // mode in front of the demo store as a site of its own
         isolates: 2,
+        site_port: Some(free_port().unwrap()),
         partitions: 2,
         origin_bin,
         origin_extra: String::new(),

@@ -19,6 +19,8 @@ use shared::recommend::RequestContext;
 use shared::rules::Slot;
 use std::rc::Rc;
 
+/// A placeholder that takes the number of items in the shopper's cart (a header's badge).
+pub const CART_COUNT_SLOT: &str = "cart-count";
 /// Most items a placeholder may ask for (`data-k`); without one it gets the default.
 pub const MAX_SLOT_ITEMS: usize = 24;
 pub const DEFAULT_SLOT_ITEMS: usize = 8;
@@ -96,11 +98,19 @@ impl App {
 }
 
 impl PagePersonalization {
-    /// The block for one placeholder: its `slot` (home, product, category, cart, checkout),
+    /// The block for one placeholder: its `slot` (home, product, category, cart, checkout; or
+    /// [`CART_COUNT_SLOT`], which takes the cart's item count as text),
     /// `k` items (1 to [`MAX_SLOT_ITEMS`], else [`DEFAULT_SLOT_ITEMS`]) and the `item` the
     /// page is about (a SKU; product pages show what goes with it). `None` for a slot this
     /// does not know: the placeholder keeps the site's own content.
     pub fn render(&self, slot: &str, k: &str, item: &str) -> Option<String> {
+        if slot.trim() == CART_COUNT_SLOT {
+            let count: u32 = self
+                .profile
+                .as_ref()
+                .map_or(0, |p| p.cart.iter().map(|l| u32::from(l.quantity)).sum());
+            return Some(count.to_string());
+        }
         let slot = Slot::ALL.into_iter().find(|s| s.as_str() == slot.trim())?;
         let mut ctx = RequestContext::new(slot, Secs::from_unix_ms(self.now_ms));
         ctx.k = k

@@ -46,6 +46,7 @@ fn placeholders_get_the_shoppers_blocks_and_unknown_ones_are_left_alone() {
         "not the item itself"
     );
     assert!(page.render("sidebar", "4", "").is_none());
+    assert_eq!(page.render("cart-count", "", "").as_deref(), Some("1"));
 
     let fresh = personalize(&w, &[]);
     assert_eq!(fresh.tier(), "popular");
