@@ -163,6 +163,7 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
         verdict(gz <= 400_000.0)
     );
     md += &format!("![latency distributions]({PLOT})\n\n");
+    md += &proxy_section(dir);
     md += &topology_section(&topology);
     md += &knobs_section(dir);
     md += "## How each figure is measured\n\n";
@@ -498,6 +499,48 @@ fn topology_section(t: &Value) -> String {
             .unwrap_or_default()
     );
     md += &format!("![visibility in the simulator]({SIM_PLOT})\n\n");
+    md
+}
+
+/// Proxy mode's cost to the site's pages (`proxy-ttfb`), when it ran.
+fn proxy_section(dir: &Path) -> String {
+    let Ok(p) = load(dir, "proxy.json") else {
+        return String::new();
+    };
+    let mut md = format!(
+        "## Proxy mode: the site's pages through Edgewise
+
+`proxy-ttfb`: the demo store's own \
+         pages fetched directly from the site, through Edgewise passed through untouched, and \
+         through Edgewise personalized (placeholders filled as the page streams), {} requests \
+         per variant, one at a time and alternating, each on a fresh connection. Every request \
+         through Edgewise also crosses `wrangler dev`'s Node proxy: \"passed through\" is that \
+         baseline, and personalized ÷ passed through is what filling the placeholders costs.\n\n\
+         | variant | TTFB p50 | TTFB p99 | last byte p50 | bytes |\n| --- | ---: | ---: | ---: | ---: |\n",
+        p["requests"]
+    );
+    for r in p["rows"].as_array().into_iter().flatten() {
+        md += &format!(
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {} |\n",
+            r["variant"].as_str().unwrap_or(""),
+            num(&r["ttfb_p50_ms"]),
+            num(&r["ttfb_p99_ms"]),
+            num(&r["last_p50_ms"]),
+            r["bytes"]
+        );
+    }
+    let x = &p["ratios"];
+    md += &format!(
+        "\n| ratio (p50) | measured | target |\n| --- | ---: | --- |\n\
+         | product page TTFB, personalized ÷ passed through | {:.2}× | |\n\
+         | product page last byte, personalized ÷ passed through | {:.2}× | |\n\
+         | home TTFB, personalized ÷ direct to the site | {:.2}× | ≤ 1.1× |\n\
+         | home last byte, personalized ÷ direct to the site | {:.2}× | ≤ 1.25× |\n\n",
+        num(&x["product_ttfb_personalized_vs_passed_through"]),
+        num(&x["product_last_personalized_vs_passed_through"]),
+        num(&x["home_ttfb_vs_direct"]),
+        num(&x["home_last_vs_direct"]),
+    );
     md
 }
 

@@ -206,7 +206,7 @@ fn bench(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     step(
-        "building the native benchmark binaries (origin-sync, origin-sync-bench, system-bench, edge-load, bench-report, edge-topology)",
+        "building the native benchmark binaries (origin-sync, origin-sync-bench, system-bench, edge-load, proxy-ttfb, bench-report, edge-topology)",
     );
     Cmd::new("cargo")
         .args([
@@ -224,6 +224,7 @@ fn bench(extra: &[String]) -> Result<()> {
             "origin-sync",
         ])
         .args(["-p", "tests", "--bin", "system-bench", "--bin", "edge-load"])
+        .args(["--bin", "proxy-ttfb"])
         .args(["--bin", "bench-report"])
         .args(["-p", "edgewise-sim", "--bin", "edge-topology"])
         .cwd(root())
@@ -242,6 +243,16 @@ fn bench(extra: &[String]) -> Result<()> {
     step("edge: load on workerd (wrk against wrangler dev; about a minute)");
     Cmd::new(bin("edge-load"))
         .arg("8")
+        .env("EDGEWISE_WORKER_BUNDLE", &bundle)
+        .env("EDGEWISE_SKIP_BUILD", "1")
+        .env("EDGEWISE_BENCH_OUT", &out)
+        .cwd(root())
+        .run()?;
+    step(
+        "proxy mode: the demo site's pages direct, passed through and personalized (TTFB, last byte)",
+    );
+    Cmd::new(bin("proxy-ttfb"))
+        .arg("300")
         .env("EDGEWISE_WORKER_BUNDLE", &bundle)
         .env("EDGEWISE_SKIP_BUILD", "1")
         .env("EDGEWISE_BENCH_OUT", &out)

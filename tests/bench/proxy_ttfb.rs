@@ -1,0 +1,190 @@
+//! Proxy mode's cost to the site's pages: time to first byte and to the last byte of the demo
+//! site's pages fetched directly, through Edgewise passed through untouched, and through
+//! Edgewise personalized (placeholders filled as the page streams), in one run, one request
+//! at a time, alternating so that drift hits every variant alike.
+//!
+//! The edge runs on workerd through `wrangler dev`, whose Node proxy is in the path of every
+//! request through Edgewise: "pass-through" is that baseline, and "personalized ÷ pass-through"
+//! is what filling the placeholders itself costs.
+//!
+//! Every request is the same returning visitor's (their `ew_vid` cookie; the site ignores it),
+//! so Edgewise's cache holds their profile as it would for a shopper browsing.
+//!
+//! Usage: `proxy-ttfb [REQUESTS_PER_VARIANT]` with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask
+//! bench` does both); writes `proxy.json` to `EDGEWISE_BENCH_OUT` when set.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use tests::{start_worker_with, temp_dir, worker_bundle};
+
+/// The visitor every request comes from.
+const VISITOR: &str = "0123456789abcdef0123456789abcdef";
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    if let Err(e) = run(n) {
+        eprintln!("proxy-ttfb: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// (time to first byte, time to last byte, bytes) of one `GET path`, on a fresh connection.
+/// The last byte is where the response says it ends (its `Content-Length`, or the last chunk):
+/// `wrangler dev` keeps the connection open whatever the request asked.
+fn timed_get(port: u16, path: &str) -> Result<(Duration, Duration, usize), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    s.write_all(
+        // a returning visitor (their cookie), so a page costs what it costs a browsing shopper
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: ew_vid={VISITOR}\r\nConnection: close\r\n\r\n"
+        )
+            .as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let mut first = None;
+    loop {
+        if complete(&buf) {
+            break;
+        }
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(|| t0.elapsed());
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let first = first.ok_or_else(|| format!("GET {path} on {port}: no answer"))?;
+    Ok((first, t0.elapsed(), buf.len()))
+}
+
+/// Whether `buf` holds a whole HTTP/1.1 response.
+fn complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let length = head.lines().find_map(|l| {
+        l.strip_prefix("content-length:")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    });
+    match length {
+        Some(n) => buf.len() >= end + n,
+        None if head.contains("transfer-encoding: chunked") => buf[end..].ends_with(b"0\r\n\r\n"),
+        None => false,
+    }
+}
+
+fn pct(xs: &mut [f64], q: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[((xs.len() - 1) as f64 * q).round() as usize]
+}
+
+fn run(n: usize) -> Result<(), String> {
+    worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
+    let site = tests::demo_site::DemoSite::start_on(0)?;
+    let origin = format!("http://127.0.0.1:{}", site.port);
+    // two paths to the same page kind: `/p/…` personalized, the same item's page under a path
+    // the proxy only passes through; the home page personalized
+    let state = temp_dir("proxy-ttfb");
+    let edge = start_worker_with(
+        &state,
+        &[
+            ("ORIGIN_URL", ""),
+            ("SITE_ORIGIN", &origin),
+            ("PERSONALIZED_PATHS", "/,/p/*"),
+            ("PASS_THROUGH_PATHS", "/p/lens-001"),
+        ],
+    )?;
+    let variants: [(&str, u16, &str); 5] = [
+        ("home, direct to the site", site.port, "/"),
+        ("home, through Edgewise, personalized", edge.port, "/"),
+        ("product page, direct to the site", site.port, "/p/cam-001"),
+        (
+            "product page, through Edgewise, passed through",
+            edge.port,
+            "/p/lens-001",
+        ),
+        (
+            "product page, through Edgewise, personalized",
+            edge.port,
+            "/p/cam-001",
+        ),
+    ];
+    // warm up: the isolate, its caches, the connections' paths
+    for round in 0..10 {
+        for (name, port, path) in &variants {
+            let (first, last, bytes) = timed_get(*port, path)?;
+            if round == 0 {
+                println!("  warm-up {name}: first byte {first:?}, last {last:?}, {bytes} B");
+            }
+        }
+    }
+    println!("==> {n} requests per variant, one at a time, alternating");
+    let mut samples: Vec<(Vec<f64>, Vec<f64>, usize)> = variants
+        .iter()
+        .map(|_| (Vec::new(), Vec::new(), 0))
+        .collect();
+    for _ in 0..n {
+        for (i, (_, port, path)) in variants.iter().enumerate() {
+            let (first, last, bytes) = timed_get(*port, path)?;
+            samples[i].0.push(first.as_secs_f64() * 1000.0);
+            samples[i].1.push(last.as_secs_f64() * 1000.0);
+            samples[i].2 = bytes;
+        }
+    }
+    let mut rows = Vec::new();
+    println!(
+        "{:<50} {:>12} {:>12} {:>12} {:>9}",
+        "variant", "TTFB p50", "TTFB p99", "last p50", "bytes"
+    );
+    for ((name, _, _), (first, last, bytes)) in variants.iter().zip(samples.iter_mut()) {
+        let row = serde_json::json!({
+            "variant": name,
+            "ttfb_p50_ms": pct(first, 0.5),
+            "ttfb_p99_ms": pct(first, 0.99),
+            "last_p50_ms": pct(last, 0.5),
+            "last_p99_ms": pct(last, 0.99),
+            "bytes": bytes,
+        });
+        println!(
+            "{:<50} {:>9.2} ms {:>9.2} ms {:>9.2} ms {:>9}",
+            name,
+            row["ttfb_p50_ms"].as_f64().unwrap_or(0.0),
+            row["ttfb_p99_ms"].as_f64().unwrap_or(0.0),
+            row["last_p50_ms"].as_f64().unwrap_or(0.0),
+            bytes
+        );
+        rows.push(row);
+    }
+    let f = |i: usize, k: &str| rows[i][k].as_f64().unwrap_or(f64::NAN);
+    let ratios = serde_json::json!({
+        "home_ttfb_vs_direct": f(1, "ttfb_p50_ms") / f(0, "ttfb_p50_ms"),
+        "home_last_vs_direct": f(1, "last_p50_ms") / f(0, "last_p50_ms"),
+        "product_ttfb_vs_direct": f(4, "ttfb_p50_ms") / f(2, "ttfb_p50_ms"),
+        "product_last_vs_direct": f(4, "last_p50_ms") / f(2, "last_p50_ms"),
+        "product_ttfb_personalized_vs_passed_through": f(4, "ttfb_p50_ms") / f(3, "ttfb_p50_ms"),
+        "product_last_personalized_vs_passed_through": f(4, "last_p50_ms") / f(3, "last_p50_ms"),
+    });
+    println!("ratios (p50): {ratios}");
+    if let Some(dir) = std::env::var_os("EDGEWISE_BENCH_OUT") {
+        let out = std::path::Path::new(&dir).join("proxy.json");
+        std::fs::write(
+            &out,
+            serde_json::to_vec_pretty(
+                &serde_json::json!({"requests": n, "rows": rows, "ratios": ratios}),
+            )
+            .map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    Ok(())
+}
