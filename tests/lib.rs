@@ -439,6 +439,31 @@ pub struct Received {
 }
 
 impl Received {
+    /// What an axum handler was given.
+    pub fn of(
+        method: &axum::http::Method,
+        uri: &axum::http::Uri,
+        headers: &axum::http::HeaderMap,
+        body: &[u8],
+    ) -> Received {
+        Received {
+            method: method.as_str().to_owned(),
+            path: uri
+                .path_and_query()
+                .map_or_else(|| uri.path().to_owned(), |p| p.to_string()),
+            headers: headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.to_vec(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -477,24 +502,8 @@ impl FakeOrigin {
                           body: axum::body::Bytes| {
                         let sink = sink.clone();
                         async move {
-                            let r = Received {
-                                method: method.as_str().to_owned(),
-                                path: uri
-                                    .path_and_query()
-                                    .map_or_else(|| uri.path().to_owned(), |p| p.to_string()),
-                                headers: headers
-                                    .iter()
-                                    .map(|(k, v)| {
-                                        (
-                                            k.as_str().to_owned(),
-                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                        )
-                                    })
-                                    .collect(),
-                                body: body.to_vec(),
-                            };
                             if let Ok(mut all) = sink.lock() {
-                                all.push(r);
+                                all.push(Received::of(&method, &uri, &headers, &body));
                             }
                             (
                                 axum::http::StatusCode::ACCEPTED,

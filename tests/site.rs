@@ -104,20 +104,7 @@ impl Site {
                             };
                             let seen = (header("cookie"), header("x-forwarded-host"));
                             if let Ok(mut all) = sink.lock() {
-                                all.push(Received {
-                                    method: method.as_str().to_owned(),
-                                    path: uri.path().to_owned(),
-                                    headers: headers
-                                        .iter()
-                                        .map(|(k, v)| {
-                                            (
-                                                k.as_str().to_owned(),
-                                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                            )
-                                        })
-                                        .collect(),
-                                    body: body.to_vec(),
-                                });
+                                all.push(Received::of(&method, &uri, &headers, &body));
                             }
                             answer(uri.path(), &body, seen, &bin, &big)
                         }

@@ -494,23 +494,30 @@ fn two_isolates_over_one_kv_show_the_shopper_what_they_did_at_either() {
     );
 }
 
+/// The test site (`tests::site`), and a worker in proxy mode in front of it that personalizes
+/// `personalized` (`PERSONALIZED_PATHS`); the site's origin URL.
+fn proxy_worker(name: &str, personalized: &str) -> Option<(tests::site::Site, Service, String)> {
+    let site = tests::site::Site::start().unwrap();
+    let origin = format!("http://127.0.0.1:{}", site.port);
+    let w = worker(
+        name,
+        &[
+            ("ORIGIN_URL", ""),
+            ("SITE_ORIGIN", &origin),
+            ("PERSONALIZED_PATHS", personalized),
+        ],
+    )?;
+    Some((site, w, origin))
+}
+
 /// Proxy mode in front of the retailer's own site: every kind of answer the site gives comes
 /// back as the site sent it (byte for byte, status and type), a POST's body and the site's own
 /// cookies reach the site while Edgewise's cookies do not, Edgewise's own routes still answer,
 /// and a site that does not answer at all gets a 502 that says so.
 #[test]
 fn in_proxy_mode_the_sites_answers_pass_through_untouched() {
-    let site = tests::site::Site::start().unwrap();
-    let origin = format!("http://127.0.0.1:{}", site.port);
-    let Some(w) = worker(
-        "edge-proxy",
-        &[
-            ("ORIGIN_URL", ""),
-            ("SITE_ORIGIN", &origin),
-            // nothing the site serves here is personalizable: every page passes untouched
-            ("PERSONALIZED_PATHS", "/p/*"),
-        ],
-    ) else {
+    // nothing the site serves here is personalizable: every page passes untouched
+    let Some((site, w, origin)) = proxy_worker("edge-proxy", "/p/*") else {
         return;
     };
     for path in [
@@ -608,16 +615,7 @@ fn in_proxy_mode_the_sites_answers_pass_through_untouched() {
 /// whole, and pages off the personalized paths stay byte for byte the site's.
 #[test]
 fn in_proxy_mode_the_sites_placeholders_get_the_shoppers_blocks() {
-    let site = tests::site::Site::start().unwrap();
-    let origin = format!("http://127.0.0.1:{}", site.port);
-    let Some(w) = worker(
-        "edge-proxy-inject",
-        &[
-            ("ORIGIN_URL", ""),
-            ("SITE_ORIGIN", &origin),
-            ("PERSONALIZED_PATHS", "/,/big.html,/home.gz.html"),
-        ],
-    ) else {
+    let Some((_site, w, _)) = proxy_worker("edge-proxy-inject", "/,/big.html,/home.gz.html") else {
         return;
     };
     let first = http(w.port, "GET", "/", &[], b"").unwrap();
@@ -724,12 +722,7 @@ fn in_a_real_browser_the_sites_pages_through_the_proxy_show_the_shoppers_blocks(
     let Some(chromium) = tests::chromium() else {
         panic!("no Chromium on PATH; run `cargo xtask setup`");
     };
-    let site = tests::site::Site::start().unwrap();
-    let origin = format!("http://127.0.0.1:{}", site.port);
-    let Some(w) = worker(
-        "edge-proxy-browser",
-        &[("ORIGIN_URL", ""), ("SITE_ORIGIN", &origin)],
-    ) else {
+    let Some((_site, w, _)) = proxy_worker("edge-proxy-browser", "/*") else {
         return;
     };
     let out = std::process::Command::new("node")

@@ -8,7 +8,6 @@
 use super::App;
 use super::shopper::{country_of, device_of, recommend_json, seed, tier_headers};
 use crate::http::{Clock, Handled, HttpRequest, Reply, no_store};
-use crate::identity::Identity;
 use crate::store::Store;
 use crate::storefront;
 use shared::ids::Secs;
@@ -24,15 +23,7 @@ impl App {
         now_ms: u64,
         mint: impl FnOnce() -> [u8; 16],
     ) -> Handled {
-        let mut mint = Some(mint);
-        // A page is never refused: a hostile identity is replaced by a fresh visitor id.
-        let who = match self.identify(req, now_ms, || mint.take().map_or([0; 16], |m| m())) {
-            Ok(who) => who,
-            Err(_) => Identity::Visitor {
-                id: shared::auth::hex(&mint.take().map_or([0; 16], |m| m())),
-                minted: true,
-            },
-        };
+        let who = self.page_identity(req, now_ms, mint);
         self.refresh_site(store, now_ms).await;
         let site = self.site();
         let current = req.path.strip_prefix("/p/").map(str::to_owned);
@@ -93,23 +84,8 @@ impl App {
             },
         };
         tier_headers(&mut reply, tier, &found, rec_ms);
-        if who.is_minted() {
-            reply
-                .headers
-                .push(("set-cookie", self.set_cookie(req, &who)));
-        }
         let mut handled: Handled = reply.into();
-        if let Some((identify, clear)) = stitched {
-            handled.reply.headers.push(("set-cookie", clear));
-            handled
-                .reply
-                .headers
-                .push(("set-cookie", self.visitor_record_clear(req)));
-            handled.outbound.push(identify);
-        }
-        if let Some(cookie) = self.session_cookie(req, &who, shown.as_ref(), now_ms) {
-            handled.reply.headers.push(("set-cookie", cookie));
-        }
+        self.page_cookies(req, &who, stitched, shown.as_ref(), now_ms, &mut handled);
         handled
     }
 }

@@ -9,7 +9,7 @@
 
 use super::shopper::{country_of, device_of, recommend_json, seed, tier_headers};
 use super::{App, Site, Tier};
-use crate::http::{Clock, HttpRequest, Outbound, Reply};
+use crate::http::{Clock, Handled, HttpRequest, Outbound, Reply};
 use crate::identity::Identity;
 use crate::store::Store;
 use crate::storefront;
@@ -51,15 +51,7 @@ impl App {
         now_ms: u64,
         mint: impl FnOnce() -> [u8; 16],
     ) -> PagePersonalization {
-        let mut mint = Some(mint);
-        // never refused: a hostile identity is replaced by a fresh visitor id
-        let who = match self.identify(req, now_ms, || mint.take().map_or([0; 16], |m| m())) {
-            Ok(who) => who,
-            Err(_) => Identity::Visitor {
-                id: shared::auth::hex(&mint.take().map_or([0; 16], |m| m())),
-                minted: true,
-            },
-        };
+        let who = self.page_identity(req, now_ms, mint);
         self.refresh_site(store, now_ms).await;
         let shown = self.adopt_session(req, &who, now_ms);
         let stitched = self.stitch(store, req, &who, now_ms).await;
@@ -67,25 +59,11 @@ impl App {
         let found = self.lookup(store, clock, key, now_ms).await;
         let mut reply = Reply::json(200, &serde_json::Value::Null);
         tier_headers(&mut reply, found.tier, &found, 0.0);
-        if who.is_minted() {
-            reply
-                .headers
-                .push(("set-cookie", self.set_cookie(req, &who)));
-        }
-        let mut outbound = Vec::new();
-        if let Some((identify, clear)) = stitched {
-            reply.headers.push(("set-cookie", clear));
-            reply
-                .headers
-                .push(("set-cookie", self.visitor_record_clear(req)));
-            outbound.push(identify);
-        }
-        if let Some(cookie) = self.session_cookie(req, &who, shown.as_ref(), now_ms) {
-            reply.headers.push(("set-cookie", cookie));
-        }
+        let mut handled: Handled = reply.into();
+        self.page_cookies(req, &who, stitched, shown.as_ref(), now_ms, &mut handled);
         PagePersonalization {
-            headers: reply.headers,
-            outbound,
+            headers: handled.reply.headers,
+            outbound: handled.outbound,
             site: self.site(),
             profile: found.profile,
             tier: found.tier,
@@ -93,6 +71,57 @@ impl App {
             device: device_of(req),
             country: country_of(req),
             now_ms,
+        }
+    }
+}
+
+impl App {
+    /// Who a page is for. A page is never refused: a hostile identity (a forged cookie, a bad
+    /// header) is replaced by a fresh visitor id.
+    pub(super) fn page_identity(
+        &self,
+        req: &HttpRequest,
+        now_ms: u64,
+        mint: impl FnOnce() -> [u8; 16],
+    ) -> Identity {
+        let mut mint = Some(mint);
+        match self.identify(req, now_ms, || mint.take().map_or([0; 16], |m| m())) {
+            Ok(who) => who,
+            Err(_) => Identity::Visitor {
+                id: shared::auth::hex(&mint.take().map_or([0; 16], |m| m())),
+                minted: true,
+            },
+        }
+    }
+
+    /// The cookies a page's answer sets, and what it tells origin: a newly minted visitor's id,
+    /// a sign-in's join (`identify`, the visitor's cookies cleared), the session record when
+    /// what the shopper was shown changed.
+    pub(super) fn page_cookies(
+        &self,
+        req: &HttpRequest,
+        who: &Identity,
+        stitched: Option<(Outbound, String)>,
+        shown: Option<&shared::session::Session>,
+        now_ms: u64,
+        handled: &mut Handled,
+    ) {
+        if who.is_minted() {
+            handled
+                .reply
+                .headers
+                .push(("set-cookie", self.set_cookie(req, who)));
+        }
+        if let Some((identify, clear)) = stitched {
+            handled.reply.headers.push(("set-cookie", clear));
+            handled
+                .reply
+                .headers
+                .push(("set-cookie", self.visitor_record_clear(req)));
+            handled.outbound.push(identify);
+        }
+        if let Some(cookie) = self.session_cookie(req, who, shown, now_ms) {
+            handled.reply.headers.push(("set-cookie", cookie));
         }
     }
 }
