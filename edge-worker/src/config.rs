@@ -48,6 +48,9 @@ pub struct EdgeConfig {
     /// Proxy mode: in front of the retailer's own site (`SITE_ORIGIN`); `None`: the worker is
     /// the whole site (the demo storefront).
     pub proxy: Option<crate::proxy::ProxyConfig>,
+    /// The site's markup for one item of a block it has Edgewise fill (`SLOT_ITEM_TEMPLATE`);
+    /// `None`: the storefront's cards.
+    pub slot_item_template: Option<crate::storefront::ItemTemplate>,
     pub problems: Vec<String>,
 }
 
@@ -70,6 +73,7 @@ impl Default for EdgeConfig {
             token: None,
             trusted_user_header: None,
             proxy: None,
+            slot_item_template: None,
             problems: Vec::new(),
         }
     }
@@ -161,6 +165,14 @@ impl EdgeConfig {
             Err(e) => c.problems.push(format!(
                 "{e}; serving the standalone storefront until it is fixed"
             )),
+        }
+        if let Some(t) = var("SLOT_ITEM_TEMPLATE").filter(|t| !t.trim().is_empty()) {
+            match crate::storefront::ItemTemplate::parse(&t) {
+                Ok(t) => c.slot_item_template = Some(t),
+                Err(e) => c.problems.push(format!(
+                    "SLOT_ITEM_TEMPLATE: {e} (using the built-in cards)"
+                )),
+            }
         }
         if var("USER_HEADER").is_some() {
             c.problems.push(

@@ -117,10 +117,94 @@ fn recs_block(h: &mut String, catalog: &Catalog, recs: &Value, tier: &str, title
     h.push_str("</ul></section>");
 }
 
+/// The site's own markup for one item of a block (`SLOT_ITEM_TEMPLATE`): HTML with fields in
+/// braces — `{sku}`, `{name}`, `{price}`, `{category}`, `{reason}` — each HTML-escaped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemTemplate(Vec<Piece>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Field(Field),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Sku,
+    Name,
+    Price,
+    Category,
+    Reason,
+}
+
+impl ItemTemplate {
+    /// Longest template accepted.
+    pub const MAX_LEN: usize = 4096;
+
+    pub fn parse(s: &str) -> Result<ItemTemplate, String> {
+        if s.len() > Self::MAX_LEN {
+            return Err(format!("longer than {} bytes", Self::MAX_LEN));
+        }
+        let mut pieces = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                pieces.push(Piece::Text(rest[..open].to_owned()));
+            }
+            let close = rest[open..].find('}').ok_or_else(|| {
+                format!(
+                    "a {{ at byte {} is never closed",
+                    s.len() - rest.len() + open
+                )
+            })?;
+            let field = match &rest[open + 1..open + close] {
+                "sku" => Field::Sku,
+                "name" => Field::Name,
+                "price" => Field::Price,
+                "category" => Field::Category,
+                "reason" => Field::Reason,
+                other => {
+                    return Err(format!(
+                        "unknown field {{{other}}}; the fields are {{sku}}, {{name}}, {{price}}, {{category}}, {{reason}}"
+                    ));
+                }
+            };
+            pieces.push(Piece::Field(field));
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_owned()));
+        }
+        Ok(ItemTemplate(pieces))
+    }
+
+    fn render(&self, h: &mut String, catalog: &Catalog, it: &Item, reason: Option<&str>) {
+        for p in &self.0 {
+            match p {
+                Piece::Text(t) => h.push_str(t),
+                Piece::Field(Field::Sku) => h.push_str(&esc(it.sku())),
+                Piece::Field(Field::Name) => h.push_str(&esc(it.name())),
+                Piece::Field(Field::Price) => {
+                    let _ = write!(h, "{:.2}", it.price());
+                }
+                Piece::Field(Field::Category) => {
+                    h.push_str(&esc(catalog.category_of(it).map_or("", |c| c.name())));
+                }
+                Piece::Field(Field::Reason) => h.push_str(&esc(reason.unwrap_or(""))),
+            }
+        }
+    }
+}
+
 /// The block that fills a placeholder of the site's own page (proxy mode): the offer, if one
-/// fired, then a card per item, each with `data-sku` and `data-reason`. Classes (`ew-block`,
-/// `ew-offer`, `ew-items`) are for the site's stylesheet; the cards are the storefront's.
-pub fn slot_block(catalog: &Catalog, recs: &Value, tier: &str) -> String {
+/// fired, then one entry per item — the site's `template`, or a card with `data-sku` and
+/// `data-reason`. Classes (`ew-block`, `ew-offer`, `ew-items`) are for the site's stylesheet.
+pub fn slot_block(
+    catalog: &Catalog,
+    recs: &Value,
+    tier: &str,
+    template: Option<&ItemTemplate>,
+) -> String {
     let mut h = format!(
         "<div class=\"ew-block\" data-ew-slot=\"{}\" data-tier=\"{}\">",
         esc(recs["slot"].as_str().unwrap_or("")),
@@ -137,7 +221,10 @@ pub fn slot_block(catalog: &Catalog, recs: &Value, tier: &str) -> String {
     h.push_str("<ul class=\"ew-items\">");
     for v in recs["items"].as_array().into_iter().flatten() {
         if let Some(it) = v["sku"].as_str().and_then(|s| catalog.item_by_sku(s)) {
-            card(&mut h, catalog, it, v["reason"].as_str());
+            match template {
+                Some(t) => t.render(&mut h, catalog, it, v["reason"].as_str()),
+                None => card(&mut h, catalog, it, v["reason"].as_str()),
+            }
         }
     }
     h.push_str("</ul></div>");
@@ -191,6 +278,43 @@ pub fn esc(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_sites_item_template_renders_escaped_fields_and_bad_ones_are_refused() {
+        let catalog = Catalog::demo().unwrap();
+        let t =
+            ItemTemplate::parse("<li data-x=\"{sku}\">{name} ({category}) ${price} {reason}</li>")
+                .unwrap();
+        let recs = json!({"slot": "home", "items": [{"sku": "cam-001", "reason": "pinned"}]});
+        let html = slot_block(&catalog, &recs, "fresh", Some(&t));
+        let cam = catalog.item_by_sku("cam-001").unwrap();
+        assert!(
+            html.contains(&format!("<li data-x=\"cam-001\">{} (", esc(cam.name()))),
+            "{html}"
+        );
+        assert!(
+            html.contains(&format!("${:.2} pinned</li>", cam.price())),
+            "{html}"
+        );
+        assert!(!html.contains("class=\"card\""), "{html}");
+        assert!(
+            ItemTemplate::parse("<li>{sku</li>")
+                .unwrap_err()
+                .contains("never closed")
+        );
+        assert!(
+            ItemTemplate::parse("<li>{script}</li>")
+                .unwrap_err()
+                .contains("unknown field {script}")
+        );
+        assert!(ItemTemplate::parse(&"x".repeat(5000)).is_err());
+    }
 }
 
 #[cfg(test)]

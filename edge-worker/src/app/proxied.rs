@@ -39,6 +39,7 @@ pub struct PagePersonalization {
     device: shared::context::Device,
     country: Option<[u8; 2]>,
     now_ms: u64,
+    template: Option<storefront::ItemTemplate>,
 }
 
 impl App {
@@ -71,6 +72,7 @@ impl App {
             device: device_of(req),
             country: country_of(req),
             now_ms,
+            template: self.config.slot_item_template.clone(),
         }
     }
 }
@@ -157,6 +159,7 @@ impl PagePersonalization {
             &self.site.catalog,
             &recs,
             tier.as_str(),
+            self.template.as_ref(),
         ))
     }
 
