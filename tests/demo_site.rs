@@ -8,7 +8,6 @@
 //! generated picture), `/favicon.svg`; anything else is the site's own 404.
 
 use std::fmt::Write as _;
-use std::net::TcpListener;
 use std::sync::Arc;
 
 use shared::catalog::{Catalog, Item};
@@ -23,28 +22,12 @@ impl DemoSite {
     /// On `127.0.0.1:port` (0: any free port).
     pub fn start_on(port: u16) -> Result<DemoSite, String> {
         let catalog = Arc::new(Catalog::demo().map_err(|e| format!("the demo catalog: {e}"))?);
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .map_err(|e| format!("the demo site on port {port}: {e}"))?;
-        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        std::thread::spawn(move || {
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let app = axum::Router::new().fallback(axum::routing::get(
-                    move |uri: axum::http::Uri| {
-                        let catalog = catalog.clone();
-                        async move { answer(&catalog, uri.path()) }
-                    },
-                ));
-                let _ = axum::serve(listener, app).await;
-            });
-        });
+        let app = axum::Router::new().fallback(axum::routing::get(move |uri: axum::http::Uri| {
+            let catalog = catalog.clone();
+            async move { answer(&catalog, uri.path()) }
+        }));
+        let port =
+            crate::serve(port, app).map_err(|e| format!("the demo site on port {port}: {e}"))?;
         Ok(DemoSite { port })
     }
 }

@@ -472,6 +472,25 @@ impl Received {
     }
 }
 
+/// Serves `app` on `127.0.0.1:port` (0: any free port) from a thread of its own, for as long
+/// as the process lives; returns the port.
+pub fn serve(port: u16, app: axum::Router) -> std::io::Result<u16> {
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                let _ = axum::serve(listener, app).await;
+            }
+        });
+    });
+    Ok(port)
+}
+
 /// A loopback HTTP server (axum, on a thread of its own) that records every request and
 /// answers `202 {}`: stands in for origin-sync where a test only checks what the edge sends.
 #[derive(Debug)]
@@ -482,40 +501,27 @@ pub struct FakeOrigin {
 
 impl FakeOrigin {
     pub fn start() -> std::io::Result<FakeOrigin> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let port = listener.local_addr()?.port();
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = received.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::spawn(move || {
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let app = axum::Router::new().fallback(axum::routing::any(
-                    move |method: axum::http::Method,
-                          uri: axum::http::Uri,
-                          headers: axum::http::HeaderMap,
-                          body: axum::body::Bytes| {
-                        let sink = sink.clone();
-                        async move {
-                            if let Ok(mut all) = sink.lock() {
-                                all.push(Received::of(&method, &uri, &headers, &body));
-                            }
-                            (
-                                axum::http::StatusCode::ACCEPTED,
-                                [("content-type", "application/json")],
-                                "{}",
-                            )
-                        }
-                    },
-                ));
-                let _ = axum::serve(listener, app).await;
-            });
-        });
+        let app = axum::Router::new().fallback(axum::routing::any(
+            move |method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    if let Ok(mut all) = sink.lock() {
+                        all.push(Received::of(&method, &uri, &headers, &body));
+                    }
+                    (
+                        axum::http::StatusCode::ACCEPTED,
+                        [("content-type", "application/json")],
+                        "{}",
+                    )
+                }
+            },
+        ));
+        let port = serve(0, app)?;
         Ok(FakeOrigin { port, received })
     }
 

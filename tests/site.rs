@@ -3,7 +3,6 @@
 //! a POST echo, the site's own 404 and 500, a large page), served by axum on a thread of its
 //! own. Every request it got is recorded, to check what the edge forwarded.
 
-use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 use crate::Received;
@@ -75,44 +74,31 @@ pub struct Site {
 
 impl Site {
     pub fn start() -> std::io::Result<Site> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let port = listener.local_addr()?.port();
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let sink = received.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         let (bin, big) = (binary(), big_page());
-        std::thread::spawn(move || {
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let app = axum::Router::new().fallback(axum::routing::any(
-                    move |method: axum::http::Method,
-                          uri: axum::http::Uri,
-                          headers: axum::http::HeaderMap,
-                          body: axum::body::Bytes| {
-                        let (sink, bin, big) = (sink.clone(), bin.clone(), big.clone());
-                        async move {
-                            let header = |name: &str| {
-                                headers
-                                    .get(name)
-                                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                                    .unwrap_or_default()
-                            };
-                            let seen = (header("cookie"), header("x-forwarded-host"));
-                            if let Ok(mut all) = sink.lock() {
-                                all.push(Received::of(&method, &uri, &headers, &body));
-                            }
-                            answer(uri.path(), &body, seen, &bin, &big)
-                        }
-                    },
-                ));
-                let _ = axum::serve(listener, app).await;
-            });
-        });
+        let app = axum::Router::new().fallback(axum::routing::any(
+            move |method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Bytes| {
+                let (sink, bin, big) = (sink.clone(), bin.clone(), big.clone());
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                            .unwrap_or_default()
+                    };
+                    let seen = (header("cookie"), header("x-forwarded-host"));
+                    if let Ok(mut all) = sink.lock() {
+                        all.push(Received::of(&method, &uri, &headers, &body));
+                    }
+                    answer(uri.path(), &body, seen, &bin, &big)
+                }
+            },
+        ));
+        let port = crate::serve(0, app)?;
         Ok(Site { port, received })
     }
 }

@@ -116,6 +116,15 @@ impl Store for Kv {
 }
 
 impl Kv {
+    /// The KV binding as the isolate's settings read it (timeout, `cacheTtl`).
+    fn of(env: &Env, app: &App) -> Kv {
+        Kv {
+            kv: env.kv(KV_BINDING).ok(),
+            timeout_ms: app.config().kv_timeout_ms,
+            cache_ttl_s: app.config().kv_cache_ttl_s,
+        }
+    }
+
     fn binding(&self) -> std::result::Result<&KvStore, StoreError> {
         self.kv.as_ref().ok_or_else(no_binding)
     }
@@ -137,11 +146,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     if let Some(proxy) = app.config().proxy.clone() {
         let route = proxy.route(req.method().as_ref(), url.path());
         if route != crate::proxy::Route::Edgewise {
-            let store = Kv {
-                kv: env.kv(KV_BINDING).ok(),
-                timeout_ms: app.config().kv_timeout_ms,
-                cache_ttl_s: app.config().kv_cache_ttl_s,
-            };
+            let store = Kv::of(&env, &app);
             return forward::forward(req, &proxy, &url, route, app.clone(), store, &ctx).await;
         }
     }
@@ -175,11 +180,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
             .collect(),
         body,
     };
-    let store = Kv {
-        kv: env.kv(KV_BINDING).ok(),
-        timeout_ms: app.config().kv_timeout_ms,
-        cache_ttl_s: app.config().kv_cache_ttl_s,
-    };
+    let store = Kv::of(&env, &app);
     let handled = app.handle(&store, &JsClock, &request, mint).await;
     if !handled.outbound.is_empty() {
         ctx.wait_until(send_all(handled.outbound, store.kv.clone()));
@@ -238,11 +239,9 @@ async fn read_body(req: &mut Request, limit: u64) -> std::result::Result<Vec<u8>
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let app = app(&env);
-    let store = Kv {
-        kv: env.kv(KV_BINDING).ok(),
-        timeout_ms: app.config().kv_timeout_ms.max(1_000),
-        cache_ttl_s: app.config().kv_cache_ttl_s,
-    };
+    // the sweep runs off the request path: it may wait for KV longer than a page would
+    let mut store = Kv::of(&env, &app);
+    store.timeout_ms = store.timeout_ms.max(1_000);
     let outbound = app.sweep_erasures(&store, js_sys::Date::now() as u64).await;
     if !outbound.is_empty() {
         console_warn!(

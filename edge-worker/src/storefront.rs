@@ -100,21 +100,37 @@ fn recs_block(h: &mut String, catalog: &Catalog, recs: &Value, tier: &str, title
         esc(tier),
         esc(title)
     );
+    offer_and_items(h, catalog, recs, ("offer", "grid"), None);
+    h.push_str("</section>");
+}
+
+/// A block's offer (if one fired) and its list of items: a card each, or the site's template.
+/// `classes`: of the offer paragraph and of the list.
+fn offer_and_items(
+    h: &mut String,
+    catalog: &Catalog,
+    recs: &Value,
+    (offer_class, list_class): (&str, &str),
+    template: Option<&ItemTemplate>,
+) {
     if let Some(offer) = recs.get("offer").filter(|o| o.is_object()) {
         let _ = write!(
             h,
-            "<p class=\"offer\" data-offer-id=\"{}\">{}</p>",
+            "<p class=\"{offer_class}\" data-offer-id=\"{}\">{}</p>",
             esc(offer["id"].as_str().unwrap_or("")),
             esc(offer["text"].as_str().unwrap_or(""))
         );
     }
-    h.push_str("<ul class=\"grid\">");
+    let _ = write!(h, "<ul class=\"{list_class}\">");
     for v in recs["items"].as_array().into_iter().flatten() {
         if let Some(it) = v["sku"].as_str().and_then(|s| catalog.item_by_sku(s)) {
-            card(h, catalog, it, v["reason"].as_str());
+            match template {
+                Some(t) => t.render(h, catalog, it, v["reason"].as_str()),
+                None => card(h, catalog, it, v["reason"].as_str()),
+            }
         }
     }
-    h.push_str("</ul></section>");
+    h.push_str("</ul>");
 }
 
 /// The site's own markup for one item of a block (`SLOT_ITEM_TEMPLATE`): HTML with fields in
@@ -210,24 +226,8 @@ pub fn slot_block(
         esc(recs["slot"].as_str().unwrap_or("")),
         esc(tier)
     );
-    if let Some(offer) = recs.get("offer").filter(|o| o.is_object()) {
-        let _ = write!(
-            h,
-            "<p class=\"ew-offer\" data-offer-id=\"{}\">{}</p>",
-            esc(offer["id"].as_str().unwrap_or("")),
-            esc(offer["text"].as_str().unwrap_or(""))
-        );
-    }
-    h.push_str("<ul class=\"ew-items\">");
-    for v in recs["items"].as_array().into_iter().flatten() {
-        if let Some(it) = v["sku"].as_str().and_then(|s| catalog.item_by_sku(s)) {
-            match template {
-                Some(t) => t.render(&mut h, catalog, it, v["reason"].as_str()),
-                None => card(&mut h, catalog, it, v["reason"].as_str()),
-            }
-        }
-    }
-    h.push_str("</ul></div>");
+    offer_and_items(&mut h, catalog, recs, ("ew-offer", "ew-items"), template);
+    h.push_str("</div>");
     h
 }
 
