@@ -20,6 +20,25 @@ pub const CAMERA: &str = "<!doctype html><html><head><title>Camera</title></head
 <span id=\"ew-status\" role=\"status\"></span></article>\
 <h2>Goes well with</h2><div data-edgewise-slot=\"product\" data-item=\"cam-001\" data-k=\"4\"></div>\
 </body></html>";
+/// A page a shared cache may keep (`Cache-Control: public, max-age=300`), with a placeholder:
+/// the edge keeps the site's copy and personalizes each shopper's page from it.
+pub const SHARED: &str = "<!doctype html><html><head><title>Deals</title></head><body>\
+<h1>This week's deals</h1><div data-edgewise-slot=\"home\" data-k=\"3\"><p>Deals</p></div>\
+</body></html>";
+/// Placeholders on [`many_placeholders`]' page.
+pub const MANY: usize = 2_000;
+
+/// A page with [`MANY`] placeholders, each with the site's own content: what a broken (or
+/// hostile) template could publish.
+pub fn many_placeholders() -> String {
+    let mut s = String::from("<!doctype html><html><body>\n");
+    for i in 0..MANY {
+        s += &format!("<div data-edgewise-slot=\"home\" data-k=\"2\"><p>site-{i}</p></div>\n");
+    }
+    s += "</body></html>\n";
+    s
+}
+
 /// A page with no placeholder.
 pub const PLAIN: &str = "<!doctype html><html><body><p>No placeholders here.</p></body></html>";
 
@@ -124,11 +143,22 @@ fn answer(
         )
             .into_response(),
         "/plain.html" => ([(header::CONTENT_TYPE, html)], PLAIN).into_response(),
+        "/shared.html" => (
+            [
+                (header::CONTENT_TYPE, html),
+                (header::CACHE_CONTROL, "public, max-age=300"),
+                (header::VARY, "Accept-Encoding"),
+            ],
+            SHARED,
+        )
+            .into_response(),
+        "/many.html" => ([(header::CONTENT_TYPE, html)], many_placeholders()).into_response(),
         "/p/cam-001" => ([(header::CONTENT_TYPE, html)], CAMERA).into_response(),
         "/home.gz.html" => (
             [
                 (header::CONTENT_TYPE, html),
                 (header::CONTENT_ENCODING, "gzip"),
+                (header::CACHE_CONTROL, "public, max-age=60"),
             ],
             gzip(HOME.as_bytes()),
         )

@@ -51,6 +51,9 @@ pub struct EdgeConfig {
     /// The site's markup for one item of a block it has Edgewise fill (`SLOT_ITEM_TEMPLATE`);
     /// `None`: the storefront's cards.
     pub slot_item_template: Option<crate::storefront::ItemTemplate>,
+    /// Time a proxied page's blocks may take together (`RENDER_BUDGET_MS`) before the rest
+    /// come from the popular tier.
+    pub render_budget_ms: u32,
     pub problems: Vec<String>,
 }
 
@@ -74,6 +77,7 @@ impl Default for EdgeConfig {
             trusted_user_header: None,
             proxy: None,
             slot_item_template: None,
+            render_budget_ms: 10,
             problems: Vec::new(),
         }
     }
@@ -138,6 +142,7 @@ impl EdgeConfig {
         let skew = number("JWT_CLOCK_SKEW_SECS", 30, 0, crate::token::MAX_SKEW_SECS);
         let events_per_sec = number("EVENTS_PER_SEC", 10, 1, 10_000);
         let events_burst = number("EVENTS_BURST", 200, 1, 100_000);
+        let render_budget = number("RENDER_BUDGET_MS", 10, 0, 10_000);
         c.profile_ttl_ms = ttl * 1000;
         c.cache_max_entries = entries as usize;
         c.cache_max_bytes = bytes as usize;
@@ -147,6 +152,7 @@ impl EdgeConfig {
         c.config_check_ms = check * 1000;
         c.events_per_sec = events_per_sec as u32;
         c.events_burst = events_burst as u32;
+        c.render_budget_ms = render_budget as u32;
         match var("COOKIE_SECURE").as_deref() {
             None | Some("auto") => {}
             Some("true") => c.cookie_secure = Some(true),

@@ -270,6 +270,60 @@ pub fn rewritable(status: u16, content_type: Option<&str>) -> bool {
         })
 }
 
+/// How long the edge may keep the site's page for every shopper (the Cache API, keyed by the
+/// site's URL, no cookie, no shopper): personalization is applied after the cache, so a
+/// personalized page costs no site request while the copy is fresh. Only what a shared cache
+/// may keep by HTTP's rules (RFC 9111), read conservatively: a 200 to a request without
+/// `Authorization`, `Cache-Control` with `s-maxage` or `max-age` above 0 and none of
+/// `private`, `no-store`, `no-cache`; no `Set-Cookie` (one visitor's cookie must never go to
+/// another); `Vary` at most `Accept-Encoding`. No heuristic freshness: a page without
+/// `Cache-Control` is fetched every time.
+pub fn shared_cache_ttl(
+    request: &[(String, String)],
+    status: u16,
+    response: &[(String, String)],
+) -> Option<u32> {
+    if status != 200
+        || request
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+    {
+        return None;
+    }
+    let mut max_age = None;
+    let mut s_maxage = None;
+    for (k, v) in response {
+        let name = k.to_ascii_lowercase();
+        match name.as_str() {
+            "set-cookie" => return None,
+            "vary" => {
+                let only_encoding = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|f| !f.is_empty())
+                    .all(|f| f.eq_ignore_ascii_case("accept-encoding"));
+                if !only_encoding {
+                    return None;
+                }
+            }
+            "cache-control" => {
+                for d in v.split(',') {
+                    let (directive, value) = d.split_once('=').unwrap_or((d, ""));
+                    let seconds = value.trim().trim_matches('"').parse::<u32>().ok();
+                    match directive.trim().to_ascii_lowercase().as_str() {
+                        "private" | "no-store" | "no-cache" => return None,
+                        "s-maxage" => s_maxage = seconds,
+                        "max-age" => max_age = seconds,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    s_maxage.or(max_age).filter(|ttl| *ttl > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,5 +481,47 @@ mod tests {
         assert!(!rewritable(302, Some("text/html")));
         assert!(!rewritable(404, Some("text/html")));
         assert!(!rewritable(500, Some("text/html")));
+    }
+
+    #[test]
+    fn only_pages_a_shared_cache_may_keep_are_kept_for_every_shopper() {
+        let none: Vec<(String, String)> = Vec::new();
+        let page = |cc: &str| h(&[("content-type", "text/html"), ("cache-control", cc)]);
+        assert_eq!(
+            shared_cache_ttl(&none, 200, &page("public, max-age=60")),
+            Some(60)
+        );
+        assert_eq!(
+            shared_cache_ttl(&none, 200, &page("max-age=60, s-maxage=300")),
+            Some(300),
+            "s-maxage is the shared cache's"
+        );
+        for cc in [
+            "private, max-age=60",
+            "no-store",
+            "no-cache, max-age=60",
+            "max-age=0",
+        ] {
+            assert_eq!(shared_cache_ttl(&none, 200, &page(cc)), None, "{cc}");
+        }
+        assert_eq!(
+            shared_cache_ttl(&none, 200, &h(&[("content-type", "text/html")])),
+            None,
+            "no heuristic freshness"
+        );
+        assert_eq!(shared_cache_ttl(&none, 404, &page("max-age=60")), None);
+        let mut with_cookie = page("max-age=60");
+        with_cookie.push(("Set-Cookie".into(), "session=site-1".into()));
+        assert_eq!(shared_cache_ttl(&none, 200, &with_cookie), None);
+        let mut vary = page("max-age=60");
+        vary.push(("vary".into(), "Accept-Encoding".into()));
+        assert_eq!(shared_cache_ttl(&none, 200, &vary), Some(60));
+        vary.push(("vary".into(), "Cookie".into()));
+        assert_eq!(shared_cache_ttl(&none, 200, &vary), None);
+        let signed_in = h(&[("authorization", "Bearer x")]);
+        assert_eq!(
+            shared_cache_ttl(&signed_in, 200, &page("public, max-age=60")),
+            None
+        );
     }
 }

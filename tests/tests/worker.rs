@@ -684,34 +684,194 @@ fn in_proxy_mode_the_sites_placeholders_get_the_shoppers_blocks() {
         big.text(),
         direct.replace("</body>", "<script src=\"/sdk.js\" defer></script></body>")
     );
-    // a gzip-encoded page is rewritten as the HTML it encodes, and sent encoded as the site did
-    let gz = http(
-        w.port,
-        "GET",
-        "/home.gz.html",
-        &[("accept-encoding", "gzip")],
-        b"",
-    )
-    .unwrap();
-    let page = String::from_utf8_lossy(&tests::site::decoded(
-        gz.header("content-encoding"),
-        &gz.body,
-    ))
-    .into_owned();
-    assert!(
-        page.contains("data-edgewise-filled"),
-        "{:?}\n{page}",
-        gz.headers
-    );
-    assert_eq!(
-        gz.header("content-encoding"),
-        Some("gzip"),
-        "{:?}",
-        gz.headers
-    );
+    // a gzip-encoded page is rewritten as the HTML it encodes, and sent encoded as the site
+    // did; from the site, then from the edge's copy of it
+    let mut from = Vec::new();
+    for attempt in 0..20 {
+        let gz = http(
+            w.port,
+            "GET",
+            "/home.gz.html",
+            &[("accept-encoding", "gzip")],
+            b"",
+        )
+        .unwrap();
+        let page = String::from_utf8_lossy(&tests::site::decoded(
+            gz.header("content-encoding"),
+            &gz.body,
+        ))
+        .into_owned();
+        assert!(
+            page.contains("data-edgewise-filled") && page.contains("The retailer's own page"),
+            "attempt {attempt}: {:?}\n{page}",
+            gz.headers
+        );
+        assert_eq!(
+            gz.header("content-encoding"),
+            Some("gzip"),
+            "{:?}",
+            gz.headers
+        );
+        let cache = gz.header("x-edgewise-site-cache").unwrap_or("").to_owned();
+        from.push(cache.clone());
+        if cache == "hit" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(from.first().map(String::as_str), Some("miss"));
+    assert_eq!(from.last().map(String::as_str), Some("hit"), "{from:?}");
     // off the personalized paths: the site's bytes
     let plain = http(w.port, "GET", "/plain.html", &[], b"").unwrap();
     assert_eq!(plain.text(), tests::site::PLAIN);
+}
+
+/// The site's page is kept at the edge when HTTP lets a shared cache keep it, and every
+/// shopper's page is personalized from that one copy: the second shopper's page costs no site
+/// request, yet shows their own blocks. A page without caching headers, and a signed-in
+/// request, always go to the site.
+#[test]
+fn in_proxy_mode_a_cacheable_page_is_fetched_once_and_personalized_for_each_shopper() {
+    let Some((site, w, _)) = proxy_worker("edge-proxy-cache", "/*") else {
+        return;
+    };
+    let asked = |path: &str| {
+        site.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .count()
+    };
+    let first = http(w.port, "GET", "/shared.html", &[], b"").unwrap();
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), w.log());
+    assert_eq!(first.header("x-edgewise-site-cache"), Some("miss"));
+    assert!(first.text().contains("data-edgewise-filled"));
+    // a shopper with a camera in the cart, on the same page: from the edge's copy
+    let cookie = visitor_with_camera(w.port);
+    let mut second = None;
+    for _ in 0..20 {
+        // the copy is written after the first answer (wait_until): give it a moment
+        let r = http(w.port, "GET", "/shared.html", &[("cookie", &cookie)], b"").unwrap();
+        if r.header("x-edgewise-site-cache") == Some("hit") {
+            second = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = second.expect("the site's page kept at the edge");
+    let html = second.text();
+    assert!(html.contains("This week's deals"), "{html}");
+    assert!(html.contains("data-reason=\"cart_accessory\""), "{html}");
+    assert_eq!(second.header("x-edgewise-tier"), Some("fresh"));
+    assert!(
+        second
+            .header("cache-control")
+            .is_some_and(|c| c.starts_with("private")),
+        "one shopper's page is never shared: {:?}",
+        second.header("cache-control")
+    );
+    let fetched = asked("/shared.html");
+    for _ in 0..3 {
+        let r = http(w.port, "GET", "/shared.html", &[], b"").unwrap();
+        assert_eq!(r.header("x-edgewise-site-cache"), Some("hit"));
+    }
+    assert_eq!(asked("/shared.html"), fetched, "hits cost no site request");
+    // signed in: the site may answer differently, so it is asked
+    let r = http(
+        w.port,
+        "GET",
+        "/shared.html",
+        &[("authorization", "Bearer site-token")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(asked("/shared.html"), fetched + 1);
+    // no caching headers: every page from the site
+    for _ in 0..2 {
+        let r = http(w.port, "GET", "/p/cam-001", &[], b"").unwrap();
+        assert_eq!(r.header("x-edgewise-site-cache"), Some("miss"));
+    }
+    assert_eq!(asked("/p/cam-001"), 2);
+}
+
+/// A visitor cookie whose cart holds a camera (added through the worker's own route).
+fn visitor_with_camera(port: u16) -> String {
+    // any personalized page of the site hands a new visitor their cookie
+    let page = http(port, "GET", "/plain.html", &[], b"").unwrap();
+    let vid = page
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .find_map(|(_, v)| v.strip_prefix("ew_vid="))
+        .and_then(|v| v.split(';').next())
+        .expect("a visitor cookie")
+        .to_owned();
+    let cookie = format!("ew_vid={vid}");
+    let body = format!(
+        r#"{{"event_id":"cam-{vid}","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#,
+        now_ms()
+    );
+    let r = http(
+        port,
+        "POST",
+        "/v1/events",
+        &[("cookie", &cookie)],
+        body.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    cookie
+}
+
+/// Never worse than no Edgewise: with the blocks' time budget spent (here: none at all), the
+/// shopper still gets the page with every placeholder filled from the popular tier, and the
+/// tier headers; a page with thousands of placeholders arrives whole, with at most
+/// MAX_BLOCKS_PER_PAGE of them filled and the rest as the site wrote them.
+#[test]
+fn in_proxy_mode_past_the_budget_the_page_arrives_with_fallback_blocks() {
+    let site = tests::site::Site::start().unwrap();
+    let origin = format!("http://127.0.0.1:{}", site.port);
+    let Some(w) = worker(
+        "edge-proxy-budget",
+        &[
+            ("ORIGIN_URL", ""),
+            ("SITE_ORIGIN", &origin),
+            ("RENDER_BUDGET_MS", "0"),
+        ],
+    ) else {
+        return;
+    };
+    let cookie = visitor_with_camera(w.port);
+    let r = http(w.port, "GET", "/", &[("cookie", &cookie)], b"").unwrap();
+    let html = r.text();
+    assert_eq!(r.status, 200, "{html}\n{}", w.log());
+    assert_eq!(
+        r.header("x-edgewise-tier"),
+        Some("fresh"),
+        "the profile was read"
+    );
+    assert!(html.contains("data-edgewise-filled"), "{html}");
+    assert!(html.contains("data-tier=\"popular\""), "{html}");
+    assert!(!html.contains("cart_accessory"), "{html}");
+    assert_eq!(html.matches("<li class=\"card\"").count(), 4, "{html}");
+
+    let many = http(w.port, "GET", "/many.html", &[], b"").unwrap();
+    let html = many.text();
+    assert_eq!(many.status, 200);
+    assert_eq!(
+        html.matches("data-edgewise-filled").count(),
+        32,
+        "MAX_BLOCKS_PER_PAGE"
+    );
+    assert_eq!(
+        html.matches("<p>site-").count(),
+        tests::site::MANY - 32,
+        "the rest as the site wrote them"
+    );
+    assert!(html.contains(&format!("<p>site-{}</p>", tests::site::MANY - 1)));
+    assert!(html.trim_end().ends_with("</body></html>"));
 }
 
 /// Chromium through the proxy: the site's camera page, its own add-to-cart button (bound by

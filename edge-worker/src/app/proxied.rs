@@ -5,7 +5,11 @@
 //!
 //! Never worse than no Edgewise: a hostile identity is a fresh visitor, a failed or slow KV
 //! read degrades the tier as on every page, and a placeholder this cannot fill (an unknown
-//! slot) keeps what the site put in it.
+//! slot) keeps what the site put in it. A page's blocks share a time budget
+//! (`RENDER_BUDGET_MS`): once spent, later placeholders get the popular tier's block, which
+//! reads no profile. A page may have at most [`MAX_BLOCKS_PER_PAGE`] blocks filled: a site
+//! page with thousands of placeholders (by mistake or by an attacker who can write to it)
+//! costs at most that many recommender runs; the rest keep the site's own content.
 
 use super::shopper::{country_of, device_of, recommend_json, seed, tier_headers};
 use super::{App, Site, Tier};
@@ -17,6 +21,7 @@ use shared::ids::Secs;
 use shared::profile::Profile;
 use shared::recommend::RequestContext;
 use shared::rules::Slot;
+use std::cell::Cell;
 use std::rc::Rc;
 
 /// A placeholder that takes the number of items in the shopper's cart (a header's badge).
@@ -24,6 +29,8 @@ pub const CART_COUNT_SLOT: &str = "cart-count";
 /// Most items a placeholder may ask for (`data-k`); without one it gets the default.
 pub const MAX_SLOT_ITEMS: usize = 24;
 pub const DEFAULT_SLOT_ITEMS: usize = 8;
+/// Most placeholders of one page that get a block (the cart count included).
+pub const MAX_BLOCKS_PER_PAGE: usize = 32;
 
 /// What one page's personalization needs once the profile is known.
 #[derive(Debug)]
@@ -40,6 +47,10 @@ pub struct PagePersonalization {
     country: Option<[u8; 2]>,
     now_ms: u64,
     template: Option<storefront::ItemTemplate>,
+    /// Time the page's blocks may take, and what they took so far.
+    budget_ms: f64,
+    spent_ms: Cell<f64>,
+    blocks: Cell<usize>,
 }
 
 impl App {
@@ -73,6 +84,9 @@ impl App {
             country: country_of(req),
             now_ms,
             template: self.config.slot_item_template.clone(),
+            budget_ms: f64::from(self.config.render_budget_ms),
+            spent_ms: Cell::new(0.0),
+            blocks: Cell::new(0),
         }
     }
 }
@@ -133,16 +147,48 @@ impl PagePersonalization {
     /// [`CART_COUNT_SLOT`], which takes the cart's item count as text),
     /// `k` items (1 to [`MAX_SLOT_ITEMS`], else [`DEFAULT_SLOT_ITEMS`]) and the `item` the
     /// page is about (a SKU; product pages show what goes with it). `None` for a slot this
-    /// does not know: the placeholder keeps the site's own content.
-    pub fn render(&self, slot: &str, k: &str, item: &str) -> Option<String> {
-        if slot.trim() == CART_COUNT_SLOT {
+    /// does not know, or past the page's [`MAX_BLOCKS_PER_PAGE`]: the placeholder keeps the
+    /// site's own content. Once the page's blocks have taken `RENDER_BUDGET_MS` by `clock`,
+    /// blocks come from the popular tier (no profile, no personal rules).
+    ///
+    /// On Cloudflare, clocks advance only at I/O, so the budget sees time spent between a
+    /// page's chunks, not inside one synchronous run; the block limit is what bounds a page's
+    /// work there (each run is bounded by the catalog and `MAX_RULES`), and the platform's CPU
+    /// limit ends a request that exceeds it.
+    pub fn render(&self, clock: &dyn Clock, slot: &str, k: &str, item: &str) -> Option<String> {
+        let slot = slot.trim();
+        let slot = if slot == CART_COUNT_SLOT {
+            None
+        } else {
+            Some(Slot::ALL.into_iter().find(|s| s.as_str() == slot)?)
+        };
+        if self.blocks.get() >= MAX_BLOCKS_PER_PAGE {
+            return None;
+        }
+        self.blocks.set(self.blocks.get() + 1);
+        let started = clock.now_ms();
+        let over_budget = self.spent_ms.get() >= self.budget_ms;
+        let block = self.block(slot, k, item, over_budget);
+        self.spent_ms
+            .set(self.spent_ms.get() + (clock.now_ms() - started).max(0.0));
+        Some(block)
+    }
+
+    /// `slot` `None`: the cart count.
+    fn block(&self, slot: Option<Slot>, k: &str, item: &str, over_budget: bool) -> String {
+        let Some(slot) = slot else {
+            // the count is the profile's, not a recommendation: it stays exact past the budget
             let count: u32 = self
                 .profile
                 .as_ref()
                 .map_or(0, |p| p.cart.iter().map(|l| u32::from(l.quantity)).sum());
-            return Some(count.to_string());
-        }
-        let slot = Slot::ALL.into_iter().find(|s| s.as_str() == slot.trim())?;
+            return count.to_string();
+        };
+        let profile = if over_budget {
+            None
+        } else {
+            self.profile.as_ref()
+        };
         let mut ctx = RequestContext::new(slot, Secs::from_unix_ms(self.now_ms));
         ctx.k = k
             .trim()
@@ -154,13 +200,18 @@ impl PagePersonalization {
         ctx.device = self.device;
         ctx.country = self.country;
         ctx.current_item = self.site.catalog.item_by_sku(item.trim()).map(|i| i.id());
-        let (recs, tier) = recommend_json(&self.site, self.profile.as_ref(), &ctx, self.tier);
-        Some(storefront::slot_block(
+        let tier = if over_budget {
+            Tier::Popular
+        } else {
+            self.tier
+        };
+        let (recs, tier) = recommend_json(&self.site, profile, &ctx, tier);
+        storefront::slot_block(
             &self.site.catalog,
             &recs,
             tier.as_str(),
             self.template.as_ref(),
-        ))
+        )
     }
 
     pub fn tier(&self) -> &'static str {

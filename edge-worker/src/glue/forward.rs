@@ -16,8 +16,8 @@ use worker::wasm_bindgen::prelude::*;
 use worker::wasm_bindgen::{JsCast, JsValue};
 use worker::wasm_bindgen_futures::JsFuture;
 use worker::{
-    Context, Fetch, Headers, Request, RequestInit, RequestRedirect, Response, ResponseBody, Result,
-    Url, console_error, web_sys,
+    Cache, Context, Fetch, Headers, Request, RequestInit, RequestRedirect, Response, ResponseBody,
+    Result, Url, console_error, console_warn, web_sys,
 };
 
 #[wasm_bindgen(module = "/src/rewrite.js")]
@@ -72,9 +72,28 @@ pub async fn forward(
     }
     let target = proxy.upstream_url(url.path(), url.query().unwrap_or(""));
     let fetch = Fetch::Request(Request::new_with_init(&target, &init)?);
-    let site = fetch.send();
-    // the shopper's profile is looked up while the site's page is on its way
     let personalize = route == Route::Personalized && method == worker::Method::Get;
+    // A personalized page may come from the edge's cache: the site's copy is the same for
+    // every shopper (kept only when HTTP says a shared cache may), the shopper's blocks are
+    // added after it. A signed-in request is never answered from it.
+    let cache_key = (personalize && !incoming.iter().any(|(k, _)| k == "authorization"))
+        .then(|| target.clone());
+    let site = async {
+        if let Some(key) = &cache_key {
+            match Cache::default().get(key.as_str(), false).await {
+                Ok(Some(hit)) => return (Ok(hit), SiteCache::Hit),
+                Ok(None) => {}
+                Err(e) => console_warn!("edgewise: the edge cache could not be read: {e}"),
+            }
+        }
+        let state = if cache_key.is_some() {
+            SiteCache::Miss
+        } else {
+            SiteCache::Off
+        };
+        (fetch.send().await, state)
+    };
+    // the shopper's profile is looked up while the site's page is on its way
     let shopper = async {
         if !personalize {
             return None;
@@ -92,8 +111,8 @@ pub async fn forward(
                 .await,
         )
     };
-    let (upstream, shopper) = futures_util::future::join(site, shopper).await;
-    let upstream = match upstream {
+    let ((upstream, cached), shopper) = futures_util::future::join(site, shopper).await;
+    let mut upstream = match upstream {
         Ok(r) => r,
         Err(e) => {
             console_error!("edgewise: the site origin did not answer {method:?} {target}: {e}");
@@ -110,6 +129,21 @@ pub async fn forward(
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
         .map(|(_, v)| v.as_str());
+    if cached == SiteCache::Miss
+        && let Some(key) = cache_key
+        && proxy::shared_cache_ttl(&incoming, status, &site_headers).is_some()
+        && proxy::rewritable(status, content_type)
+    {
+        // The copy's body is a tee of the page's: the shopper's page is not held back by it.
+        // It is kept decoded: the runtime hands the worker a gzip page's body decoded, and a
+        // copy still labelled gzip would be decoded twice when read back.
+        let copy = identity_copy(&mut upstream, &site_headers)?;
+        ctx.wait_until(async move {
+            if let Err(e) = Cache::default().put(key.as_str(), copy).await {
+                console_warn!("edgewise: the site's page could not be kept at the edge: {e}");
+            }
+        });
+    }
     let body = web_sys::Response::from(upstream).body();
     let shopper = shopper.filter(|_| proxy::rewritable(status, content_type));
     let Some(shopper) = shopper else {
@@ -132,6 +166,9 @@ pub async fn forward(
     for (k, v) in &shopper.headers {
         out.append(k, v)?;
     }
+    if cached != SiteCache::Off {
+        out.set("x-edgewise-site-cache", cached.as_str())?;
+    }
     let mut shopper = shopper;
     let outbound = std::mem::take(&mut shopper.outbound);
     let page = rewrite(status, out, body, shopper, ctx)?;
@@ -139,6 +176,47 @@ pub async fn forward(
         ctx.wait_until(send_all(outbound, store.kv.clone()));
     }
     Ok(page)
+}
+
+/// A copy of the site's answer as the worker reads it: the decoded body (a tee), the site's
+/// headers without `Content-Encoding` and `Content-Length`.
+fn identity_copy(upstream: &mut Response, site_headers: &[(String, String)]) -> Result<Response> {
+    let body = web_sys::Response::from(upstream.cloned()?).body();
+    let headers = Headers::new();
+    for (k, v) in site_headers {
+        if !k.eq_ignore_ascii_case("content-encoding") && !k.eq_ignore_ascii_case("content-length")
+        {
+            headers.append(k, v)?;
+        }
+    }
+    Ok(Response::builder()
+        .with_status(upstream.status_code())
+        .with_headers(headers)
+        .body(match body {
+            Some(stream) => ResponseBody::Stream(stream),
+            None => ResponseBody::Empty,
+        }))
+}
+
+/// Where a personalized page's site copy came from (`x-edgewise-site-cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SiteCache {
+    /// Not looked up (a signed-in request, or a page that is not personalized).
+    Off,
+    /// The edge's copy: no request to the site.
+    Hit,
+    /// From the site; kept when HTTP allows a shared cache to.
+    Miss,
+}
+
+impl SiteCache {
+    fn as_str(self) -> &'static str {
+        match self {
+            SiteCache::Off => "off",
+            SiteCache::Hit => "hit",
+            SiteCache::Miss => "miss",
+        }
+    }
 }
 
 /// The page with its placeholders filled as it streams; `render` lives until the page has
@@ -156,7 +234,9 @@ fn rewrite(
     let page = web_sys::Response::new_with_opt_readable_stream_and_init(body.as_ref(), &init)?;
     let shopper = Rc::new(shopper);
     let render = Closure::<dyn Fn(String, String, String) -> JsValue>::new(
-        move |slot: String, k: String, item: String| match shopper.render(&slot, &k, &item) {
+        move |slot: String, k: String, item: String| match shopper
+            .render(&JsClock, &slot, &k, &item)
+        {
             Some(html) => JsValue::from_str(&html),
             None => JsValue::UNDEFINED,
         },

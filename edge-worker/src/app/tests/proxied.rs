@@ -29,24 +29,31 @@ fn placeholders_get_the_shoppers_blocks_and_unknown_ones_are_left_alone() {
     );
     let page = personalize(&w, &[("cookie", cookie.as_str())]);
     assert_eq!(page.tier(), "fresh");
-    let home = page.render("home", "4", "").expect("a home block");
+    let home = page
+        .render(&w.clock, "home", "4", "")
+        .expect("a home block");
     assert!(home.contains("data-reason=\"cart_accessory\""), "{home}");
     assert_eq!(home.matches("<li ").count(), 4, "{home}");
-    let many = page.render("home", "500", "").expect("a home block");
+    let many = page
+        .render(&w.clock, "home", "500", "")
+        .expect("a home block");
     assert_eq!(
         many.matches("<li ").count(),
         crate::app::proxied::DEFAULT_SLOT_ITEMS,
         "an out-of-range k gets the default"
     );
     let product = page
-        .render("product", "", "cam-001")
+        .render(&w.clock, "product", "", "cam-001")
         .expect("a product block");
     assert!(
         !product.contains("data-sku=\"cam-001\""),
         "not the item itself"
     );
-    assert!(page.render("sidebar", "4", "").is_none());
-    assert_eq!(page.render("cart-count", "", "").as_deref(), Some("1"));
+    assert!(page.render(&w.clock, "sidebar", "4", "").is_none());
+    assert_eq!(
+        page.render(&w.clock, "cart-count", "", "").as_deref(),
+        Some("1")
+    );
 
     let fresh = personalize(&w, &[]);
     assert_eq!(fresh.tier(), "popular");
@@ -58,10 +65,13 @@ fn placeholders_get_the_shoppers_blocks_and_unknown_ones_are_left_alone() {
         "{:?}",
         fresh.headers
     );
-    assert!(fresh.render("home", "4", "").is_some(), "popular items");
+    assert!(
+        fresh.render(&w.clock, "home", "4", "").is_some(),
+        "popular items"
+    );
     // a hostile cookie is a fresh visitor, never a refusal
     let hostile = personalize(&w, &[("cookie", "ew_vid=<script>")]);
-    assert!(hostile.render("home", "2", "").is_some());
+    assert!(hostile.render(&w.clock, "home", "2", "").is_some());
 }
 
 /// KV down: the site's page still gets blocks, from the fallback tiers (the cached profile past
@@ -76,13 +86,78 @@ fn with_kv_down_placeholders_are_filled_from_the_fallback_tiers() {
     w.advance(120_000);
     let stale = personalize(&w, &alice());
     assert_eq!(stale.tier(), "stale");
-    let block = stale.render("home", "4", "").expect("a block");
+    let block = stale.render(&w.clock, "home", "4", "").expect("a block");
     assert!(block.contains("data-reason=\"cart_accessory\""), "{block}");
     let nobody = personalize(&w, &[("cookie", visitor_cookie().as_str())]);
     assert_eq!(nobody.tier(), "popular");
     assert!(
         nobody
-            .render("home", "4", "")
+            .render(&w.clock, "home", "4", "")
             .is_some_and(|b| b.contains("data-sku"))
     );
+}
+
+/// A clock that moves by a step every time it is read: every block "takes" that long.
+struct SlowClock(std::cell::Cell<f64>, f64);
+
+impl Clock for SlowClock {
+    fn now_ms(&self) -> f64 {
+        let t = self.0.get();
+        self.0.set(t + self.1);
+        t
+    }
+}
+
+/// Blocks share the page's time budget: once spent, the next placeholders get the popular
+/// tier's block (still a block, never an empty placeholder), while the cart count stays exact.
+#[test]
+fn past_the_render_budget_placeholders_get_the_popular_tier() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let page = personalize(&w, &alice());
+    // each block takes 6 ms (the clock moves at every read) against the default budget of
+    // 10 ms: two personal blocks, then
+    // the popular tier's
+    let slow = SlowClock(std::cell::Cell::new(0.0), 6.0);
+    let first = page.render(&slow, "home", "4", "").unwrap();
+    let second = page.render(&slow, "home", "4", "").unwrap();
+    let third = page.render(&slow, "home", "4", "").unwrap();
+    assert!(first.contains("data-tier=\"fresh\""), "{first}");
+    assert!(first.contains("data-reason=\"cart_accessory\""), "{first}");
+    assert!(second.contains("data-tier=\"fresh\""), "{second}");
+    assert!(third.contains("data-tier=\"popular\""), "{third}");
+    assert!(
+        !third.contains("cart_accessory"),
+        "no profile past the budget: {third}"
+    );
+    assert_eq!(third.matches("<li ").count(), 4);
+    assert_eq!(
+        page.render(&slow, "cart-count", "", "").as_deref(),
+        Some("1")
+    );
+
+    // a budget of 0: every block from the popular tier
+    let mut c = config();
+    c.render_budget_ms = 0;
+    let w = World::with(c);
+    w.sync(vec![snapshot("alice", &p)]);
+    let page = personalize(&w, &alice());
+    assert_eq!(page.tier(), "fresh");
+    let block = page.render(&w.clock, "home", "4", "").unwrap();
+    assert!(block.contains("data-tier=\"popular\""), "{block}");
+}
+
+/// A page with thousands of placeholders costs at most MAX_BLOCKS_PER_PAGE recommender runs;
+/// the rest keep the site's own content. Unknown slots do not count against the limit.
+#[test]
+fn a_page_with_thousands_of_placeholders_gets_a_bounded_number_of_blocks() {
+    use crate::app::proxied::MAX_BLOCKS_PER_PAGE;
+    let w = World::new();
+    let page = personalize(&w, &[("cookie", visitor_cookie().as_str())]);
+    assert!(page.render(&w.clock, "sidebar", "4", "").is_none());
+    let filled = (0..5_000)
+        .filter(|_| page.render(&w.clock, "home", "2", "").is_some())
+        .count();
+    assert_eq!(filled, MAX_BLOCKS_PER_PAGE);
 }
