@@ -312,6 +312,18 @@ impl Service {
         self.child.try_wait().ok().flatten()
     }
 
+    /// SIGKILL to what is left of the process group of a service whose leader exited
+    /// (workerd under a dead wrangler would keep the port).
+    pub fn reap(&mut self) {
+        signal_group(self.child.id(), Signal::SIGKILL);
+        let _ = self.child.try_wait();
+    }
+
+    /// The process id of the service's leader.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL to the whole group, as a crash would.
     pub fn kill(mut self) {
         signal_group(self.child.id(), Signal::SIGKILL);
@@ -354,14 +366,28 @@ pub fn start_worker_with(state: &Path, vars: &[(&str, &str)]) -> Result<Service,
 
 /// [`start_worker_with`] on a given port.
 pub fn start_worker_on(state: &Path, port: u16, vars: &[(&str, &str)]) -> Result<Service, String> {
+    start_worker_logged(state, port, vars, &state.join("wrangler.log"))
+}
+
+/// [`start_worker_on`] with its output in `log` (several isolates share one `state`).
+pub fn start_worker_logged(
+    state: &Path,
+    port: u16,
+    vars: &[(&str, &str)],
+    log: &Path,
+) -> Result<Service, String> {
     if TcpStream::connect(("127.0.0.1", port)).is_ok() {
         return Err(format!(
             "port {port} is taken: is another `wrangler dev` or stack running?"
         ));
     }
     std::fs::create_dir_all(state).map_err(|e| e.to_string())?;
-    let log = state.join("wrangler.log");
-    let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    // appended: a restarted isolate's log keeps what the one before it said
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let inspector = free_port().map_err(|e| e.to_string())?;
     let child = Command::new(root().join("node_modules/.bin/wrangler"))
@@ -377,6 +403,9 @@ pub fn start_worker_on(state: &Path, port: u16, vars: &[(&str, &str)]) -> Result
         .arg(state)
         .env("EDGEWISE_SKIP_BUILD", "1")
         .env("WRANGLER_SEND_METRICS", "false")
+        // local development never reaches the internet: miniflare's `request.cf` is its
+        // built-in stand-in instead of a download from workers.cloudflare.com
+        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
         .current_dir(root())
         .stdin(Stdio::null())
         .stdout(out)
@@ -388,7 +417,7 @@ pub fn start_worker_on(state: &Path, port: u16, vars: &[(&str, &str)]) -> Result
         name: "wrangler dev",
         port,
         child,
-        log,
+        log: log.to_path_buf(),
     };
     svc.wait_healthy("/healthz", Duration::from_secs(60))?;
     Ok(svc)
@@ -402,7 +431,12 @@ pub fn spawn_service(
     command: &mut Command,
     log: &Path,
 ) -> Result<Service, String> {
-    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    // appended: a restarted isolate's log keeps what the one before it said
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let child = command
         .stdin(Stdio::null())

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use origin_sync::testkit::Tansu;
 
-use crate::{FrontRouter, Service, free_port, http, root, spawn_service, start_worker_on};
+use crate::{FrontRouter, Service, free_port, http, root, spawn_service, start_worker_logged};
 
 /// The event topics origin-sync consumes by default, and its dead-letter topic.
 pub const EVENT_TOPICS: [&str; 3] = ["customer_clicks", "cart_events", "purchase_events"];
@@ -74,6 +74,9 @@ pub struct Edge {
     /// The first takes writes and origin's pushes; reads go to the others in turn.
     pub isolates: Vec<Service>,
     pub router: Option<FrontRouter>,
+    /// The location's one KV, and the vars its isolates run with (to restart one).
+    kv: PathBuf,
+    vars: Vec<(String, String)>,
 }
 
 /// The running stack; everything it started stops when it is dropped (origin-sync first, so
@@ -89,6 +92,53 @@ pub struct Stack {
     origin: Option<Service>,
     broker: Option<Tansu>,
     origin_config: PathBuf,
+    /// Parts that died and are restarted by [`Stack::supervise`], by name.
+    restarts: std::collections::BTreeMap<String, Restart>,
+}
+
+/// A part's restarts: the first after 1 s, then twice as long each time up to 30 s; a part
+/// that stayed up a minute starts again from 1 s.
+#[derive(Debug, Default)]
+struct Restart {
+    /// Deaths (and failed restarts) in a row.
+    failures: u32,
+    /// When the part is started again; `None` while it runs.
+    due: Option<Instant>,
+    /// When it was last (re)started.
+    up_since: Option<Instant>,
+}
+
+impl Restart {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+    const STABLE: Duration = Duration::from_secs(60);
+
+    /// The part died (or did not start): when to try again.
+    fn failed(&mut self, now: Instant) -> Duration {
+        if self.up_since.is_some_and(|t| now - t >= Restart::STABLE) {
+            self.failures = 0;
+        }
+        self.up_since = None;
+        let wait = Restart::FIRST
+            .saturating_mul(1 << self.failures.min(5))
+            .min(Restart::MAX);
+        self.failures += 1;
+        self.due = Some(now + wait);
+        wait
+    }
+
+    fn is_due(&self, now: Instant) -> bool {
+        self.due.is_some_and(|t| now >= t)
+    }
+
+    fn is_down(&self) -> bool {
+        self.due.is_some()
+    }
+
+    fn started(&mut self, now: Instant) {
+        self.due = None;
+        self.up_since = Some(now);
+    }
 }
 
 impl Stack {
@@ -116,9 +166,12 @@ impl Stack {
                     "starting the broker (tansu, log in {})",
                     config.state.join("kafka.db").display()
                 ));
-                let (tansu, new) =
-                    Tansu::start_at(&config.state.join("kafka.db"), config.broker_port)
-                        .map_err(|e| e.to_string())?;
+                let (tansu, new) = Tansu::start_at(
+                    &config.state.join("kafka.db"),
+                    config.broker_port,
+                    &logs.join("broker.log"),
+                )
+                .map_err(|e| e.to_string())?;
                 // Every start: a first start interrupted halfway must not leave a topic missing.
                 // On a kept log they exist already, and tansu refuses to create them again.
                 progress("creating the topics");
@@ -177,17 +230,22 @@ impl Stack {
             } else {
                 None
             };
+            let vars = vec![
+                ("ORIGIN_URL".to_owned(), origin_url.clone()),
+                ("SITE_ORIGIN".to_owned(), site_origin.clone()),
+            ];
             let mut started = Vec::new();
-            for _ in 0..isolates {
+            for n in 0..isolates {
                 let on = if isolates == 1 {
                     *port
                 } else {
                     free_port().map_err(|e| e.to_string())?
                 };
-                started.push(start_worker_on(
+                started.push(start_isolate(
                     &kv,
                     on,
-                    &[("ORIGIN_URL", &origin_url), ("SITE_ORIGIN", &site_origin)],
+                    &vars,
+                    &logs.join(isolate_log(i, n)),
                 )?);
             }
             let router = match front {
@@ -204,6 +262,8 @@ impl Stack {
                 port: *port,
                 isolates: started,
                 router,
+                kv,
+                vars,
             });
         }
         let origin_config = config.state.join("origin-sync.toml");
@@ -236,6 +296,7 @@ impl Stack {
             origin: None,
             broker,
             origin_config,
+            restarts: Default::default(),
         };
         // An edge's KV may have been wiped while origin's store remembers delivering the
         // catalog and rules: publish them again (the same versions; an edge that has them
@@ -331,22 +392,104 @@ impl Stack {
         format!("{earlier}{now}")
     }
 
-    /// The first part that exited on its own, if any.
-    pub fn exited(&mut self) -> Option<String> {
-        if let Some(o) = self.origin.as_mut()
-            && let Some(status) = o.exited()
-        {
-            return Some(format!("origin-sync exited with {status}"));
+    /// Restarts what died, with backoff ([`Restart`]), and says so through `say`: the broker,
+    /// origin-sync, any isolate. Call it often (the runner does every 200 ms); it returns at
+    /// once unless a restart is due, which waits for the part to be healthy again.
+    pub fn supervise(&mut self, say: &mut dyn FnMut(&str)) {
+        let now = Instant::now();
+        let logs = self.config.state.join("logs");
+        // notice what died
+        let mut died: Vec<(String, String, PathBuf)> = Vec::new();
+        if let Some(status) = self.broker.as_mut().and_then(Tansu::exited) {
+            died.push((
+                "the broker".into(),
+                status.to_string(),
+                logs.join("broker.log"),
+            ));
         }
-        for e in self.edges.iter_mut().flat_map(|e| &mut e.isolates) {
-            if let Some(status) = e.exited() {
-                return Some(format!(
-                    "wrangler dev on port {} exited with {status}",
-                    e.port
-                ));
+        if let Some(status) = self.origin.as_mut().and_then(Service::exited) {
+            self.keep_log("origin-sync");
+            // dropped: whatever of its process group is left goes with it
+            self.origin = None;
+            died.push((
+                "origin-sync".into(),
+                status.to_string(),
+                logs.join("origin-sync.earlier.log"),
+            ));
+        }
+        for (i, edge) in self.edges.iter_mut().enumerate() {
+            for (n, isolate) in edge.isolates.iter_mut().enumerate() {
+                let name = isolate_name(i, n);
+                if self.restarts.get(&name).is_some_and(Restart::is_down) {
+                    continue;
+                }
+                if let Some(status) = isolate.exited() {
+                    isolate.reap();
+                    died.push((name, status.to_string(), logs.join(isolate_log(i, n))));
+                }
             }
         }
-        None
+        for (name, status, log) in died {
+            let restart = self.restarts.entry(name.clone()).or_default();
+            if restart.is_down() {
+                continue;
+            }
+            let wait = restart.failed(now);
+            say(&format!(
+                "{name} exited ({status}); restarting it in {}s (its log: {})",
+                wait.as_secs(),
+                log.display()
+            ));
+        }
+        // restart what is due
+        let due: Vec<String> = self
+            .restarts
+            .iter()
+            .filter(|(_, r)| r.is_due(now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let result = self.restart_part(&name, say);
+            let now = Instant::now();
+            let Some(restart) = self.restarts.get_mut(&name) else {
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    restart.started(now);
+                    say(&format!("{name} is running again"));
+                }
+                Err(e) => {
+                    let wait = restart.failed(now);
+                    say(&format!(
+                        "{name} did not start again ({e}); next try in {}s",
+                        wait.as_secs()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn restart_part(&mut self, name: &str, say: &mut dyn FnMut(&str)) -> Result<(), String> {
+        if name == "the broker" {
+            let broker = self.broker.as_mut().ok_or("no embedded broker")?;
+            return broker.restart().map_err(|e| e.to_string());
+        }
+        if name == "origin-sync" {
+            return self.start_origin(say);
+        }
+        let logs = self.config.state.join("logs");
+        for (i, edge) in self.edges.iter_mut().enumerate() {
+            for n in 0..edge.isolates.len() {
+                if isolate_name(i, n) == name {
+                    let port = edge.isolates[n].port;
+                    edge.isolates[n] =
+                        start_isolate(&edge.kv, port, &edge.vars, &logs.join(isolate_log(i, n)))?;
+                    return Ok(());
+                }
+            }
+        }
+        Err(format!("no part named {name}"))
     }
 
     /// Stops everything, origin-sync first.
@@ -388,6 +531,26 @@ impl Drop for Stack {
     }
 }
 
+/// An isolate's name in the runner's messages.
+fn isolate_name(edge: usize, isolate: usize) -> String {
+    format!("edge {} isolate {}", edge + 1, isolate + 1)
+}
+
+/// An isolate's log file, under the stack's `logs/`.
+pub fn isolate_log(edge: usize, isolate: usize) -> String {
+    format!("edge-{}.isolate-{}.log", edge + 1, isolate + 1)
+}
+
+fn start_isolate(
+    kv: &Path,
+    port: u16,
+    vars: &[(String, String)],
+    log: &Path,
+) -> Result<Service, String> {
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    start_worker_logged(kv, port, &vars, log)
+}
+
 /// GET `path` as JSON (`Null` when it fails or is not JSON).
 pub fn get_json(port: u16, path: &str, headers: &[(&str, &str)]) -> serde_json::Value {
     http(port, "GET", path, headers, b"")
@@ -413,4 +576,25 @@ pub fn wait_for(
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(start.elapsed())
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_and_start_over_after_a_stable_minute() {
+        let mut r = Restart::default();
+        let t = Instant::now();
+        let waits: Vec<u64> = (0..8).map(|_| r.failed(t).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert!(r.is_down() && !r.is_due(t) && r.is_due(t + Duration::from_secs(30)));
+        r.started(t);
+        assert!(!r.is_down());
+        // died again within the minute: the backoff goes on
+        assert_eq!(r.failed(t + Duration::from_secs(5)).as_secs(), 30);
+        r.started(t);
+        // up for a minute: from 1 s again
+        assert_eq!(r.failed(t + Duration::from_secs(61)).as_secs(), 1);
+    }
 }

@@ -149,10 +149,21 @@ fn main() -> ExitCode {
     }
     println!("  origin metrics   http://127.0.0.1:{origin}/metrics");
     println!("  kafka            {}", stack.brokers);
-    println!(
-        "  state and logs   {}",
-        stack.config.state.join("logs").display()
-    );
+    let logs = stack.config.state.join("logs");
+    println!("  state            {}", stack.config.state.display());
+    println!("  logs             {}", logs.display());
+    let mut files = Vec::new();
+    if stack.config.kafka.is_none() {
+        files.push("broker.log".to_owned());
+    }
+    files.push("origin-sync.log".to_owned());
+    for (i, e) in stack.edges.iter().enumerate() {
+        for n in 0..e.isolates.len() {
+            files.push(tests::stack::isolate_log(i, n));
+        }
+    }
+    println!("                   {}", files.join(", "));
+    println!("  a part that dies is restarted (after 1 s, doubling to 30 s); this window says so");
     // The demo storefront has no sign-in page; this is what the retailer's would hand out.
     println!(
         "  signed in as alice (an hour): curl -H 'authorization: {}' http://127.0.0.1:{edge}/v1/me",
@@ -160,16 +171,9 @@ fn main() -> ExitCode {
     );
     println!("Ctrl-C stops everything.");
 
-    let mut code = ExitCode::SUCCESS;
+    // a part that dies is restarted, with backoff, and the runner says so
     while !stop.load(Ordering::SeqCst) {
-        if let Some(what) = stack.exited() {
-            eprintln!(
-                "edgewise-stack: {what}; stopping the rest (logs in {})",
-                stack.config.state.join("logs").display()
-            );
-            code = ExitCode::FAILURE;
-            break;
-        }
+        stack.supervise(&mut |s| say(s));
         std::thread::sleep(Duration::from_millis(200));
     }
     println!();
@@ -193,5 +197,5 @@ fn main() -> ExitCode {
     }
     stack.stop(&mut |s| say(s));
     say("stopped");
-    code
+    ExitCode::SUCCESS
 }

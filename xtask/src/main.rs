@@ -30,6 +30,9 @@ commands:
   fuzz [SECS]    run every fuzz target of the decoders for SECS seconds each (default 60)
 ";
 
+/// `edgewise-stack --help`, the options `cargo xtask dev` passes on.
+const DEV_HELP: &str = include_str!("dev-help.txt");
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -84,6 +87,15 @@ fn sim(extra: &[String]) -> Result<()> {
 /// Starts the whole local stack in the foreground (broker, topics, origin-sync, wrangler dev);
 /// Ctrl-C stops it. Options after `dev` go to `edgewise-stack` (`--simulate 50`, `--kafka …`).
 fn dev(extra: &[String]) -> Result<()> {
+    if extra.iter().any(|a| a == "--help" || a == "-h") {
+        // The runner's own `--help`, kept beside this file (a test keeps the two equal): help
+        // must not wait for setup and a build.
+        print!("{DEV_HELP}");
+        println!(
+            "\n`cargo xtask dev [OPTIONS]` sets up, builds, then runs edgewise-stack with them."
+        );
+        return Ok(());
+    }
     setup::run()?;
     worker::build()?;
     step("building origin-sync and the stack runner");

@@ -105,6 +105,8 @@ pub struct Tansu {
     in_memory: bool,
     /// Remove the SQLite file when dropped (tests); a local stack keeps its log.
     temporary: bool,
+    /// Where the broker's output goes (appended across restarts); `None`: nowhere.
+    log: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -134,6 +136,7 @@ impl Tansu {
             db,
             in_memory,
             temporary: true,
+            log: None,
             child: None,
         };
         t.spawn()?;
@@ -141,8 +144,9 @@ impl Tansu {
     }
 
     /// Starts a broker on `port` whose SQLite log is `db`, kept when dropped: the local stack's
-    /// broker. Returns whether the log is new (its topics still to be created).
-    pub fn start_at(db: &Path, port: u16) -> Result<(Tansu, bool), KitError> {
+    /// broker, its output appended to `log`. Returns whether the log is new (its topics still
+    /// to be created).
+    pub fn start_at(db: &Path, port: u16, log: &Path) -> Result<(Tansu, bool), KitError> {
         let bin = find_tansu().ok_or(KitError::NoTansu)?;
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Err(KitError::Failed(format!(
@@ -159,6 +163,7 @@ impl Tansu {
             db: db.to_path_buf(),
             in_memory: false,
             temporary: false,
+            log: Some(log.to_path_buf()),
             child: None,
         };
         t.spawn()?;
@@ -178,14 +183,24 @@ impl Tansu {
                     .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
             )
         };
+        let (stdout, stderr) = match &self.log {
+            Some(path) => {
+                let out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                (Stdio::from(out.try_clone()?), Stdio::from(out))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
         let child = Command::new(&self.bin)
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", &storage])
             .current_dir(self.db.parent().unwrap_or(Path::new(".")))
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
             .process_group(0)
             .spawn()?;
         self.child = Some(child);
@@ -261,6 +276,11 @@ impl Tansu {
             }
         }
         kill_group(&mut c, Signal::SIGKILL);
+    }
+
+    /// Whether the broker has exited on its own (with its status).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// Stops and starts again on the same port and storage.
