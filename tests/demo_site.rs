@@ -3,9 +3,12 @@
 //! serves it and runs the edge in proxy mode in front of it, which is how a retailer deploys
 //! Edgewise; the worker's built-in storefront remains its standalone mode.
 //!
-//! Pages: `/` (recommendations placeholder, the site's own bestsellers), `/p/{sku}` (the item,
-//! an add-to-cart button the SDK binds, a "goes well with" placeholder), `/img/{sku}.svg` (a
-//! generated picture), `/favicon.svg`; anything else is the site's own 404.
+//! Pages: `/` (recommendations placeholder, "Popular now" placeholder holding the site's own
+//! bestsellers), `/p/{sku}` (the item, an add-to-cart button the SDK binds, a "goes well with"
+//! placeholder), `/cart` (the cart placeholder: lines, quantities, remove, total; and what
+//! goes with the cart), `/img/{sku}.svg` (a generated picture), `/favicon.svg`; anything else
+//! is the site's own 404. The site keeps no cart of its own: in this demo the shopper's cart is
+//! the profile Edgewise holds, filled into the page at the edge.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -49,6 +52,9 @@ fn answer(catalog: &Catalog, path: &str) -> axum::response::Response {
     };
     if path == "/" {
         return page(home(catalog));
+    }
+    if path == "/cart" {
+        return page(cart());
     }
     if path == "/favicon.svg" || path == "/favicon.ico" {
         return (
@@ -99,7 +105,7 @@ fn head(title: &str) -> String {
          <link rel=\"icon\" href=\"/favicon.svg\" type=\"image/svg+xml\"><title>{}</title>\
          <style>{CSS}</style></head><body>\
          <header><a class=\"brand\" href=\"/\">Edgewise Demo Store</a>\
-         <span class=\"cart\">Cart: <b id=\"ew-cart-count\" data-edgewise-slot=\"cart-count\">0</b></span></header>",
+         <a class=\"cart\" href=\"/cart\">Cart: <b id=\"ew-cart-count\" data-edgewise-slot=\"cart-count\">0</b></a></header>",
         esc(title)
     )
 }
@@ -119,11 +125,24 @@ fn home(catalog: &Catalog) -> String {
     for it in best.iter().take(8) {
         card(&mut h, catalog, it);
     }
-    h += "</ul></section><h2>Popular now</h2><ul class=\"grid\">";
+    // Edgewise leaves out what is in the shopper's cart; the site's own list stands in
+    h += "</ul></section><h2>Popular now</h2>\
+          <section id=\"ew-popular\" data-edgewise-slot=\"popular\" data-k=\"12\"><ul class=\"grid\">";
     for it in best.iter().skip(8).take(12) {
         card(&mut h, catalog, it);
     }
-    h += "</ul></main></body></html>";
+    h += "</ul></section></main></body></html>";
+    h
+}
+
+fn cart() -> String {
+    let mut h = head("Your cart");
+    h += "<main><h1>Your cart</h1><span id=\"ew-status\" role=\"status\" aria-live=\"polite\"></span>\
+          <section id=\"ew-cart\" data-edgewise-slot=\"cart-lines\">\
+          <p>Your cart is shown here when the store can reach it.</p></section>\
+          <h2>Goes well with your cart</h2>\
+          <section id=\"ew-recs\" data-edgewise-slot=\"cart\" data-k=\"4\"></section>\
+          </main></body></html>";
     h
 }
 
@@ -198,4 +217,6 @@ header a{color:#fff;text-decoration:none;font-weight:600}main{max-width:1100px;m
 display:flex;align-items:center;justify-content:center;font-size:32px;color:#456}.product{display:grid;\
 grid-template-columns:240px 1fr;gap:24px;margin:24px 0}.muted{color:#777;font-size:13px}.price{font-weight:600}\
 .ew-offer{background:#fff3cd;border:1px solid #ffe08a;padding:8px 12px;border-radius:6px}\
-button{background:#e63946;color:#fff;border:0;padding:10px 16px;border-radius:6px;cursor:pointer}";
+button{background:#e63946;color:#fff;border:0;padding:10px 16px;border-radius:6px;cursor:pointer}\
+.ew-cart{border-collapse:collapse;width:100%;margin:16px 0}.ew-cart td,.ew-cart th{padding:8px;\
+border-bottom:1px solid #ddd;text-align:left}.ew-cart button{padding:4px 10px}.ew-total{font-weight:600}";

@@ -38,6 +38,9 @@
     addToCart: function (item, category, price, quantity) {
       return ew.send("add_to_cart", { item: item, category: category, price: price, quantity: quantity || 1 });
     },
+    removeFromCart: function (item, category, quantity) {
+      return ew.send("remove_from_cart", { item: item, category: category, quantity: quantity || 1 });
+    },
     flush: flush
   };
   addEventListener("pagehide", flush);
@@ -47,19 +50,29 @@
   ew.track("page_view");
   var product = document.querySelector("[data-ew-product]");
   if (product) ew.track("product_view", { item: product.dataset.ewProduct, category: product.dataset.ewCategory });
+  function say(text) {
+    var status = document.getElementById("ew-status");
+    if (status) status.textContent = text;
+  }
   document.addEventListener("click", function (ev) {
-    var b = ev.target.closest && ev.target.closest("[data-ew-add]");
+    var b = ev.target.closest && ev.target.closest("[data-ew-add],[data-ew-remove]");
     if (!b) return;
     b.disabled = true;
-    var status = document.getElementById("ew-status");
-    ew.addToCart(b.dataset.ewAdd, b.dataset.ewCategory, Number(b.dataset.ewPrice)).then(function (r) {
+    var removing = b.hasAttribute("data-ew-remove");
+    var sent = removing
+      ? ew.removeFromCart(b.dataset.ewRemove, b.dataset.ewCategory, Number(b.dataset.ewQuantity) || 1)
+      : ew.addToCart(b.dataset.ewAdd, b.dataset.ewCategory, Number(b.dataset.ewPrice));
+    sent.then(function (r) {
       if (!r.ok) throw new Error("HTTP " + r.status);
+      say(removing ? "Removed from cart" : "Added to cart");
+      /* the edge applied the event: a page showing the cart (data-ew-reload, or any remove)
+         is shown again as it now is */
+      if (removing || b.hasAttribute("data-ew-reload")) return location.reload();
       var n = document.getElementById("ew-cart-count");
       if (n) n.textContent = String(Number(n.textContent) + 1);
-      if (status) status.textContent = "Added to cart";
       b.dataset.state = "added";
     }).catch(function (e) {
-      if (status) status.textContent = "Could not add to cart (" + e.message + ")";
+      say("Could not " + (removing ? "remove from" : "add to") + " cart (" + e.message + ")");
     }).then(function () { b.disabled = false; });
   });
 })();

@@ -74,22 +74,81 @@ pub fn page(
         None => {
             recs_block(&mut h, catalog, recs, tier, "Recommended for you");
             h.push_str("<section><h2>Popular now</h2><ul class=\"grid\">");
-            let mut popular: Vec<&Item> = catalog
-                .items()
-                .filter(|i| i.in_stock() && !cart.contains(&i.id()))
-                .collect();
-            popular.sort_by(|a, b| {
-                b.popularity()
-                    .total_cmp(&a.popularity())
-                    .then(a.sku().cmp(b.sku()))
-            });
-            for it in popular.into_iter().take(12) {
+            for it in popular_now(catalog, cart, 12) {
                 card(&mut h, catalog, it, None);
             }
             h.push_str("</ul></section>");
         }
     }
     h.push_str("</main><script src=\"/sdk.js\" defer></script></body></html>");
+    h
+}
+
+/// The catalog's best sellers in stock, most popular first, without what is in the cart (the
+/// shopper has it already): "Popular now".
+pub fn popular_now<'a>(
+    catalog: &'a Catalog,
+    cart: &[shared::ids::ItemId],
+    k: usize,
+) -> Vec<&'a Item> {
+    let mut popular: Vec<&Item> = catalog
+        .items()
+        .filter(|i| i.in_stock() && !cart.contains(&i.id()))
+        .collect();
+    popular.sort_by(|a, b| {
+        b.popularity()
+            .total_cmp(&a.popularity())
+            .then(a.sku().cmp(b.sku()))
+    });
+    popular.truncate(k);
+    popular
+}
+
+/// The shopper's cart as a table the site styles (`ew-cart`): each line's item, price,
+/// quantity with one-fewer/one-more buttons and a remove button (the SDK binds
+/// `data-ew-remove` and `data-ew-add`, then reloads: the edge applies the event at once), and
+/// the total. An item the catalog no longer has is listed by its id, to be removed.
+pub fn cart_lines(catalog: &Catalog, lines: &[shared::profile::CartLine]) -> String {
+    if lines.iter().all(|l| l.quantity == 0) {
+        return "<p class=\"ew-cart-empty\">Your cart is empty.</p>".into();
+    }
+    let mut h = String::from(
+        "<table class=\"ew-cart\"><thead><tr><th>Item</th><th>Price</th><th>Quantity</th>\
+         <th>Total</th><th></th></tr></thead><tbody>",
+    );
+    let mut total = 0.0f64;
+    for line in lines.iter().filter(|l| l.quantity > 0) {
+        let Some(it) = catalog.item(line.item) else {
+            let _ = write!(
+                h,
+                "<tr><td>item {:08x}</td><td></td><td>{}</td><td></td><td>no longer sold</td></tr>",
+                line.item.0, line.quantity
+            );
+            continue;
+        };
+        let line_total = it.price() * f64::from(line.quantity);
+        total += line_total;
+        let _ = write!(
+            h,
+            "<tr data-sku=\"{sku}\"><td><a href=\"/p/{sku}\">{name}</a></td><td>${price:.2}</td>\
+             <td><button data-ew-remove=\"{sku}\" data-ew-category=\"{cat}\" data-ew-quantity=\"1\" \
+             aria-label=\"One fewer {name}\">\u{2212}</button> <span class=\"ew-qty\">{qty}</span> \
+             <button data-ew-add=\"{sku}\" data-ew-category=\"{cat}\" data-ew-price=\"{price:.2}\" \
+             data-ew-reload aria-label=\"One more {name}\">+</button></td><td>${line_total:.2}</td>\
+             <td><button data-ew-remove=\"{sku}\" data-ew-category=\"{cat}\" data-ew-quantity=\"{qty}\" \
+             aria-label=\"Remove {name}\">Remove</button></td></tr>",
+            sku = esc(it.sku()),
+            name = esc(it.name()),
+            cat = esc(catalog.category_of(it).map_or("", |c| c.slug())),
+            price = it.price(),
+            qty = line.quantity,
+        );
+    }
+    let _ = write!(
+        h,
+        "</tbody><tfoot><tr><td colspan=\"3\">Total</td><td class=\"ew-total\">${total:.2}</td>\
+         <td></td></tr></tfoot></table>"
+    );
     h
 }
 

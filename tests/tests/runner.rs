@@ -1,7 +1,8 @@
 //! The local stack's runner (`edgewise-stack`, what `cargo xtask dev` starts) as a developer
-//! meets it: a part that dies is restarted and the runner says so, every part's log is where
-//! the banner says, `wrangler dev` does not reach for the internet, and `cargo xtask dev
-//! --help` is the runner's own help.
+//! meets it: the demo store through Edgewise as a shopper tries it (Chromium), a part that dies
+//! is restarted and the runner says so, every part's log is where the banner says,
+//! `wrangler dev` does not reach for the internet, and `cargo xtask dev --help` is the
+//! runner's own help.
 
 // Helpers below run only inside tests, where a panic is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -173,6 +174,7 @@ fn the_local_stack_restarts_a_part_that_dies_and_says_so() {
             .contains("Ready on"),
         "the isolate's own output is in its log"
     );
+    shop_the_demo_in_a_browser(edge);
 
     // origin-sync crashes
     let config = state.join("origin-sync.toml");
@@ -207,6 +209,31 @@ fn the_local_stack_restarts_a_part_that_dies_and_says_so() {
         "a part dying does not stop the stack"
     );
     assert_no_internet(&logs);
+}
+
+/// The demo store as a person tries it, in Chromium through the stack's edge
+/// (`tests/browser/demo.mjs`).
+fn shop_the_demo_in_a_browser(edge: u16) {
+    let Some(chromium) = tests::chromium() else {
+        panic!("no Chromium on PATH; run `cargo xtask setup`");
+    };
+    let out = Command::new("node")
+        .arg(root().join("tests/browser/demo.mjs"))
+        .arg(format!("http://127.0.0.1:{edge}"))
+        .env("CHROMIUM_PATH", chromium)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "browser: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "the demo as a shopper: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
 }
 
 /// The isolates' own ports, from the banner's `isolates … (direct: p1, p2)` line.

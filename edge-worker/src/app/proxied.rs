@@ -26,6 +26,11 @@ use std::rc::Rc;
 
 /// A placeholder that takes the number of items in the shopper's cart (a header's badge).
 pub const CART_COUNT_SLOT: &str = "cart-count";
+/// A placeholder that takes the shopper's cart: its lines with quantities, buttons to change
+/// them, and the total (a cart page).
+pub const CART_LINES_SLOT: &str = "cart-lines";
+/// A placeholder that takes the catalog's best sellers without what is in the cart.
+pub const POPULAR_SLOT: &str = "popular";
 /// Most items a placeholder may ask for (`data-k`); without one it gets the default.
 pub const MAX_SLOT_ITEMS: usize = 24;
 pub const DEFAULT_SLOT_ITEMS: usize = 8;
@@ -142,9 +147,19 @@ impl App {
     }
 }
 
+/// What a placeholder asks for.
+#[derive(Clone, Copy, Debug)]
+enum Placeholder {
+    CartCount,
+    CartLines,
+    Popular,
+    Recommend(Slot),
+}
+
 impl PagePersonalization {
     /// The block for one placeholder: its `slot` (home, product, category, cart, checkout; or
-    /// [`CART_COUNT_SLOT`], which takes the cart's item count as text),
+    /// [`CART_COUNT_SLOT`], which takes the cart's item count as text, [`CART_LINES_SLOT`] the
+    /// cart's lines, [`POPULAR_SLOT`] best sellers not in the cart),
     /// `k` items (1 to [`MAX_SLOT_ITEMS`], else [`DEFAULT_SLOT_ITEMS`]) and the `item` the
     /// page is about (a SKU; product pages show what goes with it). `None` for a slot this
     /// does not know, or past the page's [`MAX_BLOCKS_PER_PAGE`]: the placeholder keeps the
@@ -156,11 +171,11 @@ impl PagePersonalization {
     /// work there (each run is bounded by the catalog and `MAX_RULES`), and the platform's CPU
     /// limit ends a request that exceeds it.
     pub fn render(&self, clock: &dyn Clock, slot: &str, k: &str, item: &str) -> Option<String> {
-        let slot = slot.trim();
-        let slot = if slot == CART_COUNT_SLOT {
-            None
-        } else {
-            Some(Slot::ALL.into_iter().find(|s| s.as_str() == slot)?)
+        let slot = match slot.trim() {
+            CART_COUNT_SLOT => Placeholder::CartCount,
+            CART_LINES_SLOT => Placeholder::CartLines,
+            POPULAR_SLOT => Placeholder::Popular,
+            name => Placeholder::Recommend(Slot::ALL.into_iter().find(|s| s.as_str() == name)?),
         };
         if self.blocks.get() >= MAX_BLOCKS_PER_PAGE {
             return None;
@@ -174,15 +189,37 @@ impl PagePersonalization {
         Some(block)
     }
 
-    /// `slot` `None`: the cart count.
-    fn block(&self, slot: Option<Slot>, k: &str, item: &str, over_budget: bool) -> String {
-        let Some(slot) = slot else {
-            // the count is the profile's, not a recommendation: it stays exact past the budget
-            let count: u32 = self
-                .profile
-                .as_ref()
-                .map_or(0, |p| p.cart.iter().map(|l| u32::from(l.quantity)).sum());
-            return count.to_string();
+    fn block(&self, slot: Placeholder, k: &str, item: &str, over_budget: bool) -> String {
+        let k = k
+            .trim()
+            .parse()
+            .ok()
+            .filter(|k| (1..=MAX_SLOT_ITEMS).contains(k))
+            .unwrap_or(DEFAULT_SLOT_ITEMS);
+        // the cart is the profile's, not a recommendation: it stays exact past the budget
+        let cart = self.profile.as_ref().map_or(&[][..], |p| &p.cart[..]);
+        let slot = match slot {
+            Placeholder::CartCount => {
+                let count: u32 = cart.iter().map(|l| u32::from(l.quantity)).sum();
+                return count.to_string();
+            }
+            Placeholder::CartLines => return storefront::cart_lines(&self.site.catalog, cart),
+            Placeholder::Popular => {
+                let in_cart: Vec<_> = cart.iter().map(|l| l.item).collect();
+                let items: Vec<serde_json::Value> =
+                    storefront::popular_now(&self.site.catalog, &in_cart, k)
+                        .into_iter()
+                        .map(|it| serde_json::json!({ "sku": it.sku(), "reason": "popular" }))
+                        .collect();
+                let recs = serde_json::json!({ "slot": POPULAR_SLOT, "items": items });
+                return storefront::slot_block(
+                    &self.site.catalog,
+                    &recs,
+                    self.tier.as_str(),
+                    self.template.as_ref(),
+                );
+            }
+            Placeholder::Recommend(slot) => slot,
         };
         let profile = if over_budget {
             None
@@ -190,12 +227,7 @@ impl PagePersonalization {
             self.profile.as_ref()
         };
         let mut ctx = RequestContext::new(slot, Secs::from_unix_ms(self.now_ms));
-        ctx.k = k
-            .trim()
-            .parse()
-            .ok()
-            .filter(|k| (1..=MAX_SLOT_ITEMS).contains(k))
-            .unwrap_or(DEFAULT_SLOT_ITEMS);
+        ctx.k = k;
         ctx.seed = self.seed;
         ctx.device = self.device;
         ctx.country = self.country;

@@ -161,3 +161,106 @@ fn a_page_with_thousands_of_placeholders_gets_a_bounded_number_of_blocks() {
         .count();
     assert_eq!(filled, MAX_BLOCKS_PER_PAGE);
 }
+
+/// "Goes well with" on a camera's page is the camera's accessories, also for a visitor the
+/// edge knows nothing about (the demo rules' best-seller boosts are for the other slots): no
+/// laptop, no other camera.
+#[test]
+fn an_anonymous_visitors_product_page_shows_what_goes_with_its_item() {
+    let w = World::new();
+    let page = personalize(&w, &[("cookie", visitor_cookie().as_str())]);
+    let block = page.render(&w.clock, "product", "8", "cam-001").unwrap();
+    let catalog = shared::catalog::Catalog::demo().unwrap();
+    let camera = catalog.item_by_sku("cam-001").unwrap();
+    let accessory_categories = ["lenses", "memory-cards", "tripods", "camera-bags"];
+    let skus: Vec<&str> = block
+        .split("data-sku=\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .collect();
+    assert_eq!(skus.len(), 8, "{block}");
+    for sku in skus {
+        let it = catalog.item_by_sku(sku).unwrap();
+        let category = catalog.category_of(it).map_or("", |c| c.slug());
+        assert!(
+            catalog.accessories_of(camera).any(|a| a.id() == it.id())
+                || accessory_categories.contains(&category),
+            "{sku} ({category}) does not go with a camera: {block}"
+        );
+    }
+}
+
+/// A cart page: the shopper's lines with quantities, one-fewer/one-more and remove buttons the
+/// SDK binds, and the total; after a remove event the next page shows the smaller cart. "Popular
+/// now" leaves out what is in the cart.
+#[test]
+fn the_cart_page_and_popular_now_follow_the_shoppers_cart() {
+    let w = World::new();
+    let cookie = visitor_cookie();
+    let send = |id: &str, body: &str| {
+        let b = format!(r#"{{"event_id":"{id}","ts":{},{body}}}"#, w.now());
+        let r = w.post("/v1/events", &[("cookie", cookie.as_str())], b.as_bytes());
+        assert_eq!(
+            r.reply.status,
+            202,
+            "{}",
+            String::from_utf8_lossy(&r.reply.body)
+        );
+    };
+    let empty = personalize(&w, &[("cookie", cookie.as_str())]);
+    assert_eq!(
+        empty.render(&w.clock, "cart-lines", "", "").as_deref(),
+        Some("<p class=\"ew-cart-empty\">Your cart is empty.</p>")
+    );
+    let popular = empty.render(&w.clock, "popular", "12", "").unwrap();
+    assert!(
+        popular.contains("data-sku=\"cam-001\""),
+        "the best seller: {popular}"
+    );
+
+    send("c-1", ADD_CAMERA);
+    send("c-2", ADD_CAMERA);
+    send(
+        "c-3",
+        r#""type":"add_to_cart","item":"lens-001","category":"lenses","price":174.99"#,
+    );
+    let page = personalize(&w, &[("cookie", cookie.as_str())]);
+    let cart = page.render(&w.clock, "cart-lines", "", "").unwrap();
+    assert_eq!(cart.matches("<tr data-sku=").count(), 2, "{cart}");
+    assert!(cart.contains("<span class=\"ew-qty\">2</span>"), "{cart}");
+    assert!(
+        cart.contains(
+            "data-ew-remove=\"cam-001\" data-ew-category=\"cameras\" data-ew-quantity=\"2\""
+        ),
+        "{cart}"
+    );
+    assert!(
+        cart.contains("<td class=\"ew-total\">$1172.99</td>"),
+        "{cart}"
+    );
+    assert_eq!(
+        page.render(&w.clock, "cart-count", "", "").as_deref(),
+        Some("3")
+    );
+    let popular = page.render(&w.clock, "popular", "12", "").unwrap();
+    assert!(!popular.contains("data-sku=\"cam-001\""), "{popular}");
+    assert!(!popular.contains("data-sku=\"lens-001\""), "{popular}");
+    assert_eq!(popular.matches("<li ").count(), 12);
+
+    send(
+        "c-4",
+        r#""type":"remove_from_cart","item":"cam-001","category":"cameras","quantity":1"#,
+    );
+    send(
+        "c-5",
+        r#""type":"remove_from_cart","item":"lens-001","category":"lenses","quantity":1"#,
+    );
+    let page = personalize(&w, &[("cookie", cookie.as_str())]);
+    let cart = page.render(&w.clock, "cart-lines", "", "").unwrap();
+    assert_eq!(cart.matches("<tr data-sku=").count(), 1, "{cart}");
+    assert!(cart.contains("<span class=\"ew-qty\">1</span>"), "{cart}");
+    assert!(
+        cart.contains("<td class=\"ew-total\">$499.00</td>"),
+        "{cart}"
+    );
+}
