@@ -24,10 +24,21 @@ pub struct DemoSite {
 impl DemoSite {
     /// On `127.0.0.1:port` (0: any free port).
     pub fn start_on(port: u16) -> Result<DemoSite, String> {
+        DemoSite::start_with(port, std::time::Duration::ZERO)
+    }
+
+    /// A site that takes `think` to start each answer, as a real one rendering its pages does
+    /// (benchmarks compare Edgewise's cost against that).
+    pub fn start_with(port: u16, think: std::time::Duration) -> Result<DemoSite, String> {
         let catalog = Arc::new(Catalog::demo().map_err(|e| format!("the demo catalog: {e}"))?);
         let app = axum::Router::new().fallback(axum::routing::get(move |uri: axum::http::Uri| {
             let catalog = catalog.clone();
-            async move { answer(&catalog, uri.path()) }
+            async move {
+                if !think.is_zero() {
+                    tokio::time::sleep(think).await;
+                }
+                answer(&catalog, uri.path())
+            }
         }));
         let port =
             crate::serve(port, app).map_err(|e| format!("the demo site on port {port}: {e}"))?;

@@ -6,6 +6,7 @@
 pub mod demo_site;
 pub mod site;
 pub mod stack;
+pub mod workerd;
 
 use origin_sync::testkit::{Signal, signal_group};
 use shared::protocol::{Signed, route};

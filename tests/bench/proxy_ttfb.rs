@@ -3,9 +3,14 @@
 //! Edgewise personalized (placeholders filled as the page streams), in one run, one request
 //! at a time, alternating so that drift hits every variant alike.
 //!
-//! The edge runs on workerd through `wrangler dev`, whose Node proxy is in the path of every
-//! request through Edgewise: "pass-through" is that baseline, and "personalized ÷ pass-through"
-//! is what filling the placeholders itself costs.
+//! Three edges: `wrangler dev` (its Node proxy in the path of every request, as the local
+//! stack runs), standalone workerd (`tests::workerd`: no proxy, KV one loopback hop away) in
+//! front of the same site, and standalone workerd in front of a site that takes 20 ms to start
+//! each page, as one that renders its pages does: a loopback site answering in 0.2 ms makes
+//! any hop look large, so the targets (personalized ÷ direct TTFB ≤ 1.1×, last byte ≤ 1.25×)
+//! are read on that site, and the absolute cost in milliseconds is printed for all three.
+//! workerd has no Cache API behind it here, so every page is fetched from the site; `wrangler
+//! dev` has one (the demo pages are cacheable), so its personalized pages may not be.
 //!
 //! Every request is the same returning visitor's (their `ew_vid` cookie; the site ignores it),
 //! so Edgewise's cache holds their profile as it would for a shopper browsing.
@@ -16,6 +21,8 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
+use tests::demo_site::DemoSite;
+use tests::workerd::Workerd;
 use tests::{start_worker_with, temp_dir, worker_bundle};
 
 /// The visitor every request comes from.
@@ -83,43 +90,74 @@ fn complete(buf: &[u8]) -> bool {
     }
 }
 
+fn as_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect()
+}
+
 fn pct(xs: &mut [f64], q: f64) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[((xs.len() - 1) as f64 * q).round() as usize]
 }
 
+/// The site's think time for the "rendering site" variants.
+const THINK: Duration = Duration::from_millis(20);
+
 fn run(n: usize) -> Result<(), String> {
-    worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
-    let site = tests::demo_site::DemoSite::start_on(0)?;
-    let origin = format!("http://127.0.0.1:{}", site.port);
-    // two paths to the same page kind: `/p/…` personalized, the same item's page under a path
-    // the proxy only passes through; the home page personalized
-    let state = temp_dir("proxy-ttfb");
-    let edge = start_worker_with(
-        &state,
-        &[
-            ("ORIGIN_URL", ""),
-            ("SITE_ORIGIN", &origin),
-            ("PERSONALIZED_PATHS", "/,/p/*"),
-            ("PASS_THROUGH_PATHS", "/p/lens-001"),
-        ],
+    let bundle =
+        worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
+    let fast = DemoSite::start_on(0)?;
+    let slow = DemoSite::start_with(0, THINK)?;
+    let proxy_vars = |site: &DemoSite| {
+        vec![
+            ("ORIGIN_URL".to_owned(), String::new()),
+            (
+                "SITE_ORIGIN".to_owned(),
+                format!("http://127.0.0.1:{}", site.port),
+            ),
+            ("PERSONALIZED_PATHS".to_owned(), "/,/p/*".to_owned()),
+            ("PASS_THROUGH_PATHS".to_owned(), "/p/lens-001".to_owned()),
+        ]
+    };
+    let fast_vars = proxy_vars(&fast);
+    let slow_vars = proxy_vars(&slow);
+    let wrangler = start_worker_with(&temp_dir("proxy-ttfb"), &as_refs(&fast_vars))?;
+    let workerd = Workerd::start(
+        &bundle,
+        &temp_dir("proxy-ttfb-workerd"),
+        &as_refs(&fast_vars),
     )?;
-    let variants: [(&str, u16, &str); 5] = [
-        ("home, direct to the site", site.port, "/"),
-        ("home, through Edgewise, personalized", edge.port, "/"),
-        ("product page, direct to the site", site.port, "/p/cam-001"),
-        (
-            "product page, through Edgewise, passed through",
-            edge.port,
-            "/p/lens-001",
-        ),
-        (
-            "product page, through Edgewise, personalized",
-            edge.port,
-            "/p/cam-001",
-        ),
+    let workerd_slow = Workerd::start(
+        &bundle,
+        &temp_dir("proxy-ttfb-workerd-slow"),
+        &as_refs(&slow_vars),
+    )?;
+    // (edge name, its port, the site's port): one group of variants each
+    let groups: [(&str, u16, u16); 3] = [
+        ("wrangler dev", wrangler.port, fast.port),
+        ("workerd", workerd.port, fast.port),
+        ("workerd, site renders 20 ms", workerd_slow.port, slow.port),
     ];
-    // warm up: the isolate, its caches, the connections' paths
+    let mut variants: Vec<(String, u16, &str)> = Vec::new();
+    for (edge, port, site) in groups {
+        variants.push((format!("{edge}: home, direct to the site"), site, "/"));
+        variants.push((format!("{edge}: home, personalized"), port, "/"));
+        variants.push((
+            format!("{edge}: product page, direct to the site"),
+            site,
+            "/p/cam-001",
+        ));
+        variants.push((
+            format!("{edge}: product page, passed through"),
+            port,
+            "/p/lens-001",
+        ));
+        variants.push((
+            format!("{edge}: product page, personalized"),
+            port,
+            "/p/cam-001",
+        ));
+    }
+    // warm up: the isolates, their caches, the connections' paths
     for round in 0..10 {
         for (name, port, path) in &variants {
             let (first, last, bytes) = timed_get(*port, path)?;
@@ -143,7 +181,7 @@ fn run(n: usize) -> Result<(), String> {
     }
     let mut rows = Vec::new();
     println!(
-        "{:<50} {:>12} {:>12} {:>12} {:>9}",
+        "{:<60} {:>12} {:>12} {:>12} {:>9}",
         "variant", "TTFB p50", "TTFB p99", "last p50", "bytes"
     );
     for ((name, _, _), (first, last, bytes)) in variants.iter().zip(samples.iter_mut()) {
@@ -156,7 +194,7 @@ fn run(n: usize) -> Result<(), String> {
             "bytes": bytes,
         });
         println!(
-            "{:<50} {:>9.2} ms {:>9.2} ms {:>9.2} ms {:>9}",
+            "{:<60} {:>9.2} ms {:>9.2} ms {:>9.2} ms {:>9}",
             name,
             row["ttfb_p50_ms"].as_f64().unwrap_or(0.0),
             row["ttfb_p99_ms"].as_f64().unwrap_or(0.0),
@@ -166,22 +204,40 @@ fn run(n: usize) -> Result<(), String> {
         rows.push(row);
     }
     let f = |i: usize, k: &str| rows[i][k].as_f64().unwrap_or(f64::NAN);
-    let ratios = serde_json::json!({
-        "home_ttfb_vs_direct": f(1, "ttfb_p50_ms") / f(0, "ttfb_p50_ms"),
-        "home_last_vs_direct": f(1, "last_p50_ms") / f(0, "last_p50_ms"),
-        "product_ttfb_vs_direct": f(4, "ttfb_p50_ms") / f(2, "ttfb_p50_ms"),
-        "product_last_vs_direct": f(4, "last_p50_ms") / f(2, "last_p50_ms"),
-        "product_ttfb_personalized_vs_passed_through": f(4, "ttfb_p50_ms") / f(3, "ttfb_p50_ms"),
-        "product_last_personalized_vs_passed_through": f(4, "last_p50_ms") / f(3, "last_p50_ms"),
-    });
-    println!("ratios (p50): {ratios}");
+    // per edge: rows base+0 home direct, +1 home personalized, +2 product direct, +3 passed
+    // through, +4 product personalized
+    let ratios: Vec<serde_json::Value> = groups
+        .iter()
+        .enumerate()
+        .map(|(g, (edge, _, _))| {
+            let b = g * 5;
+            serde_json::json!({
+                "edge": edge,
+                "home_ttfb_vs_direct": f(b + 1, "ttfb_p50_ms") / f(b, "ttfb_p50_ms"),
+                "home_last_vs_direct": f(b + 1, "last_p50_ms") / f(b, "last_p50_ms"),
+                "home_ttfb_added_ms": f(b + 1, "ttfb_p50_ms") - f(b, "ttfb_p50_ms"),
+                "product_ttfb_vs_direct": f(b + 4, "ttfb_p50_ms") / f(b + 2, "ttfb_p50_ms"),
+                "product_last_vs_direct": f(b + 4, "last_p50_ms") / f(b + 2, "last_p50_ms"),
+                "product_ttfb_personalized_vs_passed_through":
+                    f(b + 4, "ttfb_p50_ms") / f(b + 3, "ttfb_p50_ms"),
+                "product_last_personalized_vs_passed_through":
+                    f(b + 4, "last_p50_ms") / f(b + 3, "last_p50_ms"),
+            })
+        })
+        .collect();
+    for r in &ratios {
+        println!("ratios (p50): {r}");
+    }
     if let Some(dir) = std::env::var_os("EDGEWISE_BENCH_OUT") {
         let out = std::path::Path::new(&dir).join("proxy.json");
         std::fs::write(
             &out,
-            serde_json::to_vec_pretty(
-                &serde_json::json!({"requests": n, "rows": rows, "ratios": ratios}),
-            )
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "requests": n,
+                "site_think_ms": THINK.as_secs_f64() * 1000.0,
+                "rows": rows,
+                "ratios": ratios,
+            }))
             .map_err(|e| e.to_string())?,
         )
         .map_err(|e| format!("{}: {e}", out.display()))?;

@@ -901,3 +901,97 @@ fn in_a_real_browser_the_sites_pages_through_the_proxy_show_the_shoppers_blocks(
         w.log()
     );
 }
+
+/// The benchmarks' standalone harness (`tests::workerd`: `workerd serve`, no wrangler, KV from
+/// `KvServer`) runs the same bundle as `wrangler dev` does: a visitor's event applies, their
+/// recommendations follow it, the profile lands in KV, and proxy mode fills the site's page.
+#[test]
+fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
+    let Some(bundle) = worker_bundle() else {
+        skip(
+            "the worker bundle",
+            "run `cargo xtask test`, which builds it first",
+        );
+        return;
+    };
+    if tests::workerd::workerd_binary().is_none() {
+        skip("workerd", "run `cargo xtask setup` (wrangler brings it)");
+        return;
+    }
+    let site = tests::site::Site::start().unwrap();
+    let origin = format!("http://127.0.0.1:{}", site.port);
+    let w = tests::workerd::Workerd::start(
+        &bundle,
+        &temp_dir("workerd"),
+        &[("SITE_ORIGIN", &origin), ("PERSONALIZED_PATHS", "/")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let health = json(&http(w.port, "GET", "/healthz", &[], b"").unwrap());
+    assert_eq!(health["status"], "ok", "{health}\n{}", w.log());
+    let first = http(w.port, "GET", "/", &[], b"").unwrap();
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), w.log());
+    assert!(
+        first.text().contains("data-edgewise-filled"),
+        "{}",
+        first.text()
+    );
+    let vid = first
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .find_map(|(_, v)| v.strip_prefix("ew_vid="))
+        .and_then(|v| v.split(';').next())
+        .expect("a visitor cookie")
+        .to_owned();
+    let cookie = format!("ew_vid={vid}");
+    let body = format!(
+        r#"{{"event_id":"wd-1","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#,
+        now_ms()
+    );
+    let r = http(
+        w.port,
+        "POST",
+        "/v1/events",
+        &[("cookie", &cookie)],
+        body.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 202, "{}\n{}", r.text(), w.log());
+    let recs = json(
+        &http(
+            w.port,
+            "GET",
+            "/v1/recommendations?slot=home&k=4",
+            &[("cookie", &cookie)],
+            b"",
+        )
+        .unwrap(),
+    );
+    assert!(
+        recs["items"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i["reason"] == "cart_accessory")),
+        "{recs}"
+    );
+    assert!(
+        w.kv.reads.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the edge looked the shopper up in KV"
+    );
+    // origin's signed push lands in KV (a PUT with the version as metadata), and is read back
+    let r = signed_sync(
+        w.port,
+        &snapshot_frame(&[("alice", camera_profile("alice"))]),
+    );
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), w.log());
+    assert!(
+        w.kv.keys().iter().any(|k| k.starts_with("p:")),
+        "the profile is in KV: {:?}",
+        w.kv.keys()
+    );
+    let next = http(w.port, "GET", "/", &[("cookie", &cookie)], b"").unwrap();
+    assert!(
+        next.text().contains("data-reason=\"cart_accessory\""),
+        "{}",
+        next.text()
+    );
+}
