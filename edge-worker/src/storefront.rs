@@ -85,23 +85,18 @@ pub fn page(
 }
 
 /// The catalog's best sellers in stock, most popular first, without what is in the cart (the
-/// shopper has it already): "Popular now".
+/// shopper has it already): "Popular now". Reads the catalog's popularity order only as deep
+/// as it needs.
 pub fn popular_now<'a>(
     catalog: &'a Catalog,
     cart: &[shared::ids::ItemId],
     k: usize,
 ) -> Vec<&'a Item> {
-    let mut popular: Vec<&Item> = catalog
-        .items()
+    catalog
+        .popular()
         .filter(|i| i.in_stock() && !cart.contains(&i.id()))
-        .collect();
-    popular.sort_by(|a, b| {
-        b.popularity()
-            .total_cmp(&a.popularity())
-            .then(a.sku().cmp(b.sku()))
-    });
-    popular.truncate(k);
-    popular
+        .take(k)
+        .collect()
 }
 
 /// The shopper's cart as a table the site styles (`ew-cart`): each line's item, price,
