@@ -35,6 +35,8 @@ pub struct KvServer {
     entries: Arc<Mutex<HashMap<String, Entry>>>,
     /// `GET`s of one key (lists not counted).
     pub reads: Arc<AtomicU64>,
+    /// While set, every request is answered 503, as KV down.
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl KvServer {
@@ -43,11 +45,15 @@ impl KvServer {
         use axum::response::IntoResponse;
         let entries: Arc<Mutex<HashMap<String, Entry>>> = Arc::default();
         let reads = Arc::new(AtomicU64::new(0));
-        let (store, counter) = (entries.clone(), reads.clone());
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (store, counter, down) = (entries.clone(), reads.clone(), failing.clone());
         let app = axum::Router::new().fallback(axum::routing::any(
             move |method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
-                let (store, counter) = (store.clone(), counter.clone());
+                let (store, counter, down) = (store.clone(), counter.clone(), down.clone());
                 async move {
+                    if down.load(Ordering::Relaxed) {
+                        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    }
                     let key = percent_decode(uri.path().trim_start_matches('/'));
                     let Ok(mut map) = store.lock() else {
                         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -110,7 +116,13 @@ impl KvServer {
             port,
             entries,
             reads,
+            failing,
         })
+    }
+
+    /// KV down (every request answered 503) or back up.
+    pub fn set_failing(&self, down: bool) {
+        self.failing.store(down, Ordering::Relaxed);
     }
 
     /// Keys stored now.

@@ -904,7 +904,8 @@ fn in_a_real_browser_the_sites_pages_through_the_proxy_show_the_shoppers_blocks(
 
 /// The benchmarks' standalone harness (`tests::workerd`: `workerd serve`, no wrangler, KV from
 /// `KvServer`) runs the same bundle as `wrangler dev` does: a visitor's event applies, their
-/// recommendations follow it, the profile lands in KV, and proxy mode fills the site's page.
+/// recommendations follow it, the profile lands in KV, and proxy mode fills the site's page —
+/// also with KV down (every KV request answered 503): the page arrives with fallback blocks.
 #[test]
 fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
     let Some(bundle) = worker_bundle() else {
@@ -923,7 +924,12 @@ fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
     let w = tests::workerd::Workerd::start(
         &bundle,
         &temp_dir("workerd"),
-        &[("SITE_ORIGIN", &origin), ("PERSONALIZED_PATHS", "/")],
+        &[
+            ("SITE_ORIGIN", &origin),
+            ("PERSONALIZED_PATHS", "/"),
+            // every page reads KV: KV down then shows on the next one
+            ("PROFILE_TTL_SECS", "0"),
+        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let health = json(&http(w.port, "GET", "/healthz", &[], b"").unwrap());
@@ -994,4 +1000,45 @@ fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
         "{}",
         next.text()
     );
+
+    // KV down: the site's page still arrives whole, every placeholder filled from a fallback
+    // tier, and the tier header says which
+    w.kv.set_failing(true);
+    let stranger = http(w.port, "GET", "/", &[], b"").unwrap();
+    let html = stranger.text();
+    assert_eq!(stranger.status, 200, "{html}\n{}", w.log());
+    assert_eq!(
+        stranger.header("x-edgewise-tier"),
+        Some("popular"),
+        "{html}"
+    );
+    assert!(html.contains("The retailer's own page"), "{html}");
+    assert_eq!(html.matches("<li class=\"card\"").count(), 4, "{html}");
+    assert!(html.trim_end().ends_with("</body></html>"), "{html}");
+    // a signed-in shopper whose profile origin pushed: from KV while it answers, then from
+    // the isolate's copy past its TTL (stale) while it does not
+    let alice = tests::bearer("alice");
+    w.kv.set_failing(false);
+    let fresh = http(w.port, "GET", "/", &[("authorization", &alice)], b"").unwrap();
+    assert_eq!(
+        fresh.header("x-edgewise-tier"),
+        Some("fresh"),
+        "{}",
+        fresh.text()
+    );
+    w.kv.set_failing(true);
+    let stale = http(w.port, "GET", "/", &[("authorization", &alice)], b"").unwrap();
+    assert_eq!(stale.status, 200);
+    assert_eq!(
+        stale.header("x-edgewise-tier"),
+        Some("stale"),
+        "{}",
+        stale.text()
+    );
+    assert!(
+        stale.text().contains("data-reason=\"cart_accessory\""),
+        "{}",
+        stale.text()
+    );
+    w.kv.set_failing(false);
 }
