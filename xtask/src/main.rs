@@ -26,7 +26,8 @@ commands:
   bench          run the benchmarks and print their figures
   sim [OPTIONS]  simulate the edge as Cloudflare runs it (locations x isolates over one KV) and
                  print what shoppers saw; `cargo xtask sim --help` lists the options
-  codec-sizes    build the codec probes for wasm32 and print what each adds to a bundle
+  codec-sizes    build the codec probes (and an HTML rewriter probe) for wasm32 and print what
+                 each adds to a bundle
   fuzz [SECS]    run every fuzz target of the decoders for SECS seconds each (default 60)
 ";
 

@@ -153,7 +153,13 @@ pub fn report_bundle_size(out: &Path) -> Result<(usize, usize)> {
 /// what each one costs the bundle.
 pub fn codec_sizes() -> Result<()> {
     step("codec probes: what each codec adds to a wasm32 module (release, wasm-opt -Oz)");
-    let probes = [("none", ""), ("lz4", "lz4"), ("deflate", "deflate")];
+    let probes = [
+        ("none", ""),
+        ("lz4", "lz4"),
+        ("deflate", "deflate"),
+        // not a codec: what compiling an HTML rewriter in (instead of the runtime's) would add
+        ("lol_html", "lol_html"),
+    ];
     let dir = root().join("target/wasm32-unknown-unknown/release");
     for (name, feature) in probes {
         let mut cmd = Cmd::new("cargo").args([

@@ -20,7 +20,29 @@ fn decode(input: &[u8]) -> usize {
     miniz_oxide::inflate::decompress_to_vec_with_limit(input, 1 << 16).map_or(0, |v| v.len())
 }
 
-#[cfg(not(any(feature = "lz4", feature = "deflate")))]
+/// Fills every placeholder of a page as proxy mode does, streaming.
+#[cfg(feature = "lol_html")]
+fn decode(input: &[u8]) -> usize {
+    use lol_html::html_content::ContentType;
+    use lol_html::{HtmlRewriter, Settings, element};
+    let mut out = Vec::new();
+    let mut rewriter = HtmlRewriter::new(
+        Settings {
+            element_content_handlers: vec![element!("[data-edgewise-slot]", |el| {
+                let slot = el.get_attribute("data-edgewise-slot").unwrap_or_default();
+                el.set_inner_content(&slot, ContentType::Html);
+                Ok(())
+            })],
+            ..Settings::new()
+        },
+        |c: &[u8]| out.extend_from_slice(c),
+    );
+    let _ = rewriter.write(input);
+    let _ = rewriter.end();
+    out.len()
+}
+
+#[cfg(not(any(feature = "lz4", feature = "deflate", feature = "lol_html")))]
 fn decode(input: &[u8]) -> usize {
     input.iter().map(|b| usize::from(*b)).sum()
 }
