@@ -255,6 +255,22 @@ impl Workerd {
     pub fn log(&self) -> String {
         self.service.log()
     }
+
+    /// CPU time workerd's threads have used so far, in nanoseconds (the sum over
+    /// `/proc/<pid>/task/*/schedstat`: nanosecond resolution, unlike `utime`'s ticks).
+    pub fn cpu_ns(&self) -> Option<u64> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.service.pid())).ok()?;
+        let mut total = 0u64;
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Some(total)
+    }
 }
 
 /// A Cap'n Proto text literal.

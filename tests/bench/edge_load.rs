@@ -1,6 +1,9 @@
-//! Load benchmark of the edge worker on the real workerd runtime (`wrangler dev`), driven by
-//! `wrk` over loopback: personalized recommendations with a warm cache and with a cold one
-//! (every request reads KV), against `/healthz` on the same worker in the same run.
+//! Load benchmark of the edge worker on the real workerd runtime, driven by `wrk` over
+//! loopback: personalized recommendations with a warm cache and with a cold one (every request
+//! reads KV), against `/healthz` on the same worker in the same run, through `wrangler dev`;
+//! then on standalone workerd (`tests::workerd`, no Node proxy in the path) against an empty
+//! route (an unknown path: the worker's 404, no KV, no recommender), with the CPU time workerd
+//! spends per request measured from its threads' `schedstat` around one request at a time.
 //!
 //! Usage: `edge-load [SECONDS_PER_RUN]` with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench`
 //! does both). Prints a table and the ratios; exits non-zero if a run fails outright.
@@ -12,6 +15,7 @@ use shared::keys::UserKey;
 use shared::wire::{Codec, SyncBatch, SyncItem, encode_batch};
 use std::path::Path;
 use std::process::Command;
+use tests::workerd::Workerd;
 use tests::{http, start_worker_with, temp_dir, worker_bundle};
 
 const USER_KEY_SECRET: &[u8] = tests::DEV_USER_KEY_SECRET;
@@ -46,7 +50,8 @@ fn main() {
 }
 
 fn run(secs: u32) -> Result<(), String> {
-    worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
+    let bundle =
+        worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
     let state = temp_dir("edge-load");
     let lua_dir = state.join("lua");
     std::fs::create_dir_all(&lua_dir).map_err(|e| e.to_string())?;
@@ -142,6 +147,7 @@ fn run(secs: u32) -> Result<(), String> {
         "cold recommendations p50 / healthz p50 (same worker) = {:.2}x",
         p50(4) / p50(3)
     );
+    let standalone = standalone(&bundle, &state, &users, &lua_dir, secs)?;
     if runs.iter().any(|r| r.requests == 0) {
         return Err("a run completed no requests".into());
     }
@@ -157,12 +163,143 @@ fn run(secs: u32) -> Result<(), String> {
             "warm_over_healthz_p50": p50(1) / p50(0),
             "home_over_healthz_p50": p50(2) / p50(0),
             "cold_over_healthz_p50": p50(4) / p50(3),
+            "workerd": standalone,
         });
         let path = std::path::Path::new(&dir).join("edge-load.json");
         std::fs::write(&path, figures.to_string())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// Requests per route for the CPU-time samples.
+const CPU_SAMPLES: usize = 1500;
+
+/// The worker on standalone workerd: wrk against an empty route and the personalized ones,
+/// and the CPU time per request; returns the figures as JSON.
+fn standalone(
+    bundle: &Path,
+    state: &Path,
+    users: &[String],
+    lua_dir: &Path,
+    secs: u32,
+) -> Result<serde_json::Value, String> {
+    println!("==> standalone workerd: seeding {} profiles", users.len());
+    let wd = Workerd::start(bundle, &state.join("workerd"), &[("ORIGIN_URL", "")])?;
+    seed(wd.port, users)?;
+    let warm = &users[..WARM_USERS];
+    for u in warm {
+        http(
+            wd.port,
+            "GET",
+            "/v1/recommendations?slot=home&k=8",
+            &[("authorization", &tests::bearer(u))],
+            b"",
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    const EMPTY: &str = "/v1/nothing-here";
+    const RECS: &str = "/v1/recommendations?slot=home&k=8";
+    let runs = [
+        wrk(
+            wd.port,
+            "workerd: empty route (404, wrk's non-2xx)",
+            EMPTY,
+            None,
+            lua_dir,
+            secs,
+        )?,
+        wrk(
+            wd.port,
+            "workerd: recommendations, warm cache",
+            RECS,
+            Some(warm),
+            lua_dir,
+            secs,
+        )?,
+        wrk(
+            wd.port,
+            "workerd: home page (HTML), warm cache",
+            "/",
+            Some(warm),
+            lua_dir,
+            secs,
+        )?,
+    ];
+    // CPU per request: one request at a time, workerd's CPU clock read around each
+    println!("==> standalone workerd: CPU time per request, {CPU_SAMPLES} each, alternating");
+    let tokens: Vec<String> = warm.iter().map(|u| tests::bearer(u)).collect();
+    let mut empty_us = Vec::with_capacity(CPU_SAMPLES);
+    let mut recs_us = Vec::with_capacity(CPU_SAMPLES);
+    let cpu = || {
+        wd.cpu_ns()
+            .ok_or("workerd's CPU time is not readable (/proc)")
+    };
+    for i in 0..CPU_SAMPLES {
+        let before = cpu()?;
+        let r = http(wd.port, "GET", EMPTY, &[], b"").map_err(|e| e.to_string())?;
+        empty_us.push((cpu()? - before) as f64 / 1000.0);
+        if r.status != 404 {
+            return Err(format!("the empty route answered {}", r.status));
+        }
+        let token = &tokens[i % tokens.len()];
+        let before = cpu()?;
+        let r = http(wd.port, "GET", RECS, &[("authorization", token)], b"")
+            .map_err(|e| e.to_string())?;
+        recs_us.push((cpu()? - before) as f64 / 1000.0);
+        if r.status != 200 {
+            return Err(format!("recommendations answered {}", r.status));
+        }
+    }
+    let pct = |xs: &mut Vec<f64>, q: f64| {
+        xs.sort_by(f64::total_cmp);
+        xs[((xs.len() - 1) as f64 * q).round() as usize]
+    };
+    let cpu_figures = serde_json::json!({
+        "samples": CPU_SAMPLES,
+        "empty_p50_us": pct(&mut empty_us, 0.5),
+        "empty_p99_us": pct(&mut empty_us, 0.99),
+        "recs_p50_us": pct(&mut recs_us, 0.5),
+        "recs_p99_us": pct(&mut recs_us, 0.99),
+    });
+    println!();
+    println!("standalone workerd, wrk -c{CONNECTIONS} -t1 -d{secs}s");
+    println!("| run | req/s | p50 ms | p99 ms | requests | errors |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in &runs {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            r.name, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors
+        );
+    }
+    let p50_ratio = runs[1].p50_ms / runs[0].p50_ms;
+    let p99_ratio = runs[1].p99_ms / runs[0].p99_ms;
+    println!(
+        "recommendations / empty route: p50 {p50_ratio:.2}x (target <= 1.25x), p99 {p99_ratio:.2}x (target <= 1.5x)"
+    );
+    println!(
+        "CPU time per request (workerd, all threads): empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us (target p99 <= 1 ms)",
+        num(&cpu_figures["empty_p50_us"]),
+        num(&cpu_figures["empty_p99_us"]),
+        num(&cpu_figures["recs_p50_us"]),
+        num(&cpu_figures["recs_p99_us"]),
+    );
+    if runs.iter().any(|r| r.requests == 0) {
+        return Err("a standalone workerd run completed no requests".into());
+    }
+    Ok(serde_json::json!({
+        "runs": runs.iter().map(|r| serde_json::json!({
+            "name": r.name, "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+            "requests": r.requests, "errors": r.errors,
+        })).collect::<Vec<_>>(),
+        "recs_over_empty_p50": p50_ratio,
+        "recs_over_empty_p99": p99_ratio,
+        "cpu": cpu_figures,
+    }))
+}
+
+fn num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
 }
 
 fn cores() -> usize {

@@ -163,6 +163,7 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
         verdict(gz <= 400_000.0)
     );
     md += &format!("![latency distributions]({PLOT})\n\n");
+    md += &standalone_section(&edge);
     md += &proxy_section(dir);
     md += &topology_section(&topology);
     md += &knobs_section(dir);
@@ -499,6 +500,52 @@ fn topology_section(t: &Value) -> String {
             .unwrap_or_default()
     );
     md += &format!("![visibility in the simulator]({SIM_PLOT})\n\n");
+    md
+}
+
+/// The edge on standalone workerd (`edge-load`'s second half), when it ran.
+fn standalone_section(edge: &Value) -> String {
+    let Some(w) = edge.get("workerd").filter(|w| w.is_object()) else {
+        return String::new();
+    };
+    let mut md = String::from(
+        "## The edge on standalone workerd\n\n`edge-load`, second half: the same bundle on \
+         `workerd serve` (`tests::workerd`: no wrangler, no Node proxy; KV an in-memory service \
+         one loopback hop away), 10k seeded profiles, `wrk` with the same settings. The empty \
+         route is an unknown path (the worker's 404: no KV, no recommender; wrk counts its \
+         answers as non-2xx). CPU time is workerd's (all threads, from `schedstat`) around one \
+         request at a time on a fresh connection, so it includes accepting the connection and \
+         parsing HTTP; the difference between the routes is Edgewise's.\n\n\
+         | run | req/s | p50 | p99 |\n| --- | ---: | ---: | ---: |\n",
+    );
+    for r in w["runs"].as_array().into_iter().flatten() {
+        md += &format!(
+            "| {} | {:.0} | {:.2} ms | {:.2} ms |\n",
+            r["name"].as_str().unwrap_or(""),
+            num(&r["rps"]),
+            num(&r["p50_ms"]),
+            num(&r["p99_ms"])
+        );
+    }
+    let cpu = &w["cpu"];
+    let (p50, p99) = (
+        num(&w["recs_over_empty_p50"]),
+        num(&w["recs_over_empty_p99"]),
+    );
+    let cpu_p99 = num(&cpu["recs_p99_us"]);
+    md += &format!(
+        "\n| figure | measured | target | |\n| --- | ---: | --- | --- |\n\
+         | recommendations ÷ empty route, p50 | {p50:.2}× | ≤ 1.25× | {} |\n\
+         | recommendations ÷ empty route, p99 | {p99:.2}× | ≤ 1.5× | {} |\n\
+         | CPU per request, empty route, p50 / p99 | {:.0} / {:.0} µs | | |\n\
+         | CPU per request, recommendations, p50 / p99 | {:.0} / {cpu_p99:.0} µs | p99 ≤ 1 ms | {} |\n\n",
+        verdict(p50 <= 1.25),
+        verdict(p99 <= 1.5),
+        num(&cpu["empty_p50_us"]),
+        num(&cpu["empty_p99_us"]),
+        num(&cpu["recs_p50_us"]),
+        verdict(cpu_p99 <= 1000.0),
+    );
     md
 }
 

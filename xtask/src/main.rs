@@ -253,7 +253,9 @@ fn bench(extra: &[String]) -> Result<()> {
             .cwd(root())
             .run()?;
     }
-    step("edge: load on workerd (wrk against wrangler dev; about a minute)");
+    step(
+        "edge: load on workerd (wrk against wrangler dev, then standalone workerd with CPU time per request; about two minutes)",
+    );
     Cmd::new(bin("edge-load"))
         .arg("8")
         .env("EDGEWISE_WORKER_BUNDLE", &bundle)
