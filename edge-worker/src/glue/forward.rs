@@ -76,14 +76,16 @@ pub async fn forward(
     // A personalized page may come from the edge's cache: the site's copy is the same for
     // every shopper (kept only when HTTP says a shared cache may), the shopper's blocks are
     // added after it. A signed-in request is never answered from it.
-    let cache_key = (personalize && !incoming.iter().any(|(k, _)| k == "authorization"))
-        .then(|| target.clone());
+    let cache_key = (personalize
+        && !incoming.iter().any(|(k, _)| k == "authorization")
+        && !NO_CACHE.get())
+    .then(|| target.clone());
     let site = async {
         if let Some(key) = &cache_key {
             match Cache::default().get(key.as_str(), false).await {
                 Ok(Some(hit)) => return (Ok(hit), SiteCache::Hit),
                 Ok(None) => {}
-                Err(e) => console_warn!("edgewise: the edge cache could not be read: {e}"),
+                Err(e) => no_cache(&e),
             }
         }
         let state = if cache_key.is_some() {
@@ -140,7 +142,7 @@ pub async fn forward(
         let copy = identity_copy(&mut upstream, &site_headers)?;
         ctx.wait_until(async move {
             if let Err(e) = Cache::default().put(key.as_str(), copy).await {
-                console_warn!("edgewise: the site's page could not be kept at the edge: {e}");
+                no_cache(&e);
             }
         });
     }
@@ -196,6 +198,24 @@ fn identity_copy(upstream: &mut Response, site_headers: &[(String, String)]) -> 
             Some(stream) => ResponseBody::Stream(stream),
             None => ResponseBody::Empty,
         }))
+}
+
+thread_local! {
+    /// Set once the runtime said it has no Cache API (a bare `workerd serve` without a cache
+    /// service): the isolate stops looking, instead of failing and logging on every page.
+    static NO_CACHE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The edge cache failed: logged; a runtime without one is not asked again by this isolate.
+fn no_cache(e: &worker::Error) {
+    let text = e.to_string();
+    if text.contains("No Cache was configured") {
+        if !NO_CACHE.replace(true) {
+            console_warn!("edgewise: this runtime has no Cache API; pages are fetched from the site every time");
+        }
+    } else {
+        console_warn!("edgewise: the edge cache failed: {text}");
+    }
 }
 
 /// Where a personalized page's site copy came from (`x-edgewise-site-cache`).
