@@ -76,10 +76,9 @@ pub async fn forward(
     // A personalized page may come from the edge's cache: the site's copy is the same for
     // every shopper (kept only when HTTP says a shared cache may), the shopper's blocks are
     // added after it. A signed-in request is never answered from it.
-    let cache_key = (personalize
-        && !incoming.iter().any(|(k, _)| k == "authorization")
-        && !NO_CACHE.get())
-    .then(|| target.clone());
+    let cache_key =
+        (personalize && !incoming.iter().any(|(k, _)| k == "authorization") && !NO_CACHE.get())
+            .then(|| target.clone());
     let site = async {
         if let Some(key) = &cache_key {
             match Cache::default().get(key.as_str(), false).await {
@@ -211,7 +210,9 @@ fn no_cache(e: &worker::Error) {
     let text = e.to_string();
     if text.contains("No Cache was configured") {
         if !NO_CACHE.replace(true) {
-            console_warn!("edgewise: this runtime has no Cache API; pages are fetched from the site every time");
+            console_warn!(
+                "edgewise: this runtime has no Cache API; pages are fetched from the site every time"
+            );
         }
     } else {
         console_warn!("edgewise: the edge cache failed: {text}");
