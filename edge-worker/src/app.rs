@@ -132,7 +132,19 @@ pub struct App {
     /// in `fence_version`). Every profile read is checked against it (`shared::fence`).
     fence: RefCell<ErasureFence>,
     fence_version: Cell<u64>,
+    /// Tokens that verified, by their exact text: a shopper's every request carries the same
+    /// token, and checking the time again is all it needs until it expires (the keys only
+    /// change with a deploy, which starts new isolates).
+    verified_tokens: RefCell<lru::LruCache<Box<str>, crate::token::Verified>>,
+    /// User key of each recent user id (an HMAC per request otherwise).
+    user_keys: RefCell<lru::LruCache<String, UserKey>>,
 }
+
+/// Entries of the verified-token and user-key caches (a few hundred bytes each at most).
+const IDENTITY_CACHE: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(1024) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};
 
 impl App {
     pub fn new(config: EdgeConfig) -> App {
@@ -149,6 +161,8 @@ impl App {
             tokens_refused: RefCell::default(),
             fence: RefCell::default(),
             fence_version: Cell::new(0),
+            verified_tokens: RefCell::new(lru::LruCache::new(IDENTITY_CACHE)),
+            user_keys: RefCell::new(lru::LruCache::new(IDENTITY_CACHE)),
             events_limit: RefCell::new(crate::limit::RateLimiter::new(
                 config.events_per_sec,
                 config.events_burst,

@@ -5,9 +5,59 @@
 //! sends events. Everything from the catalog is HTML-escaped (catalogs are published data).
 
 use crate::http::Reply;
-use serde_json::Value;
+use serde::Serialize;
 use shared::catalog::{Catalog, Item};
 use std::fmt::Write;
+
+/// One recommendation as every surface shows it: `/v1/recommendations` serializes it as it is
+/// (no intermediate JSON tree: fields in alphabetical order, as the API always listed them),
+/// and pages render their blocks from it. Borrowed from the catalog and rules it came from.
+#[derive(Debug, Default, Serialize)]
+pub struct Recs<'a> {
+    pub items: Vec<RecItem<'a>>,
+    pub offer: Option<OfferView<'a>>,
+    pub personalized: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_version: Option<u64>,
+    /// Names of the rules that fired, highest priority first.
+    pub rules: Vec<&'a str>,
+    pub slot: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<&'static str>,
+}
+
+/// A recommended item: what the API shows of it, and why it is there.
+#[derive(Debug, Serialize)]
+pub struct RecItem<'a> {
+    /// The category's slug.
+    pub category: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<&'a str>,
+    pub name: &'a str,
+    pub price: f64,
+    pub reason: &'static str,
+    pub sku: &'a str,
+}
+
+impl<'a> RecItem<'a> {
+    pub fn of(catalog: &'a Catalog, item: &'a Item, reason: &'static str) -> RecItem<'a> {
+        let view = catalog.view(item);
+        RecItem {
+            category: view.category,
+            image: view.image,
+            name: view.name,
+            price: view.price,
+            reason,
+            sku: view.sku,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct OfferView<'a> {
+    pub id: &'a str,
+    pub text: &'a str,
+}
 
 /// The SDK source, served at `/sdk.js`.
 pub const SDK_JS: &str = include_str!("sdk.js");
@@ -38,7 +88,7 @@ pub fn not_found() -> Reply {
 pub fn page(
     catalog: &Catalog,
     item: Option<&Item>,
-    recs: &Value,
+    recs: &Recs<'_>,
     tier: &str,
     cart: &[shared::ids::ItemId],
     cart_count: u32,
@@ -147,7 +197,7 @@ pub fn cart_lines(catalog: &Catalog, lines: &[shared::profile::CartLine]) -> Str
     h
 }
 
-fn recs_block(h: &mut String, catalog: &Catalog, recs: &Value, tier: &str, title: &str) {
+fn recs_block(h: &mut String, catalog: &Catalog, recs: &Recs<'_>, tier: &str, title: &str) {
     let _ = write!(
         h,
         "<section id=\"ew-recs\" data-tier=\"{}\"><h2>{}</h2>",
@@ -163,24 +213,24 @@ fn recs_block(h: &mut String, catalog: &Catalog, recs: &Value, tier: &str, title
 fn offer_and_items(
     h: &mut String,
     catalog: &Catalog,
-    recs: &Value,
+    recs: &Recs<'_>,
     (offer_class, list_class): (&str, &str),
     template: Option<&ItemTemplate>,
 ) {
-    if let Some(offer) = recs.get("offer").filter(|o| o.is_object()) {
+    if let Some(offer) = &recs.offer {
         let _ = write!(
             h,
             "<p class=\"{offer_class}\" data-offer-id=\"{}\">{}</p>",
-            esc(offer["id"].as_str().unwrap_or("")),
-            esc(offer["text"].as_str().unwrap_or(""))
+            esc(offer.id),
+            esc(offer.text)
         );
     }
     let _ = write!(h, "<ul class=\"{list_class}\">");
-    for v in recs["items"].as_array().into_iter().flatten() {
-        if let Some(it) = v["sku"].as_str().and_then(|s| catalog.item_by_sku(s)) {
+    for v in &recs.items {
+        if let Some(it) = catalog.item_by_sku(v.sku) {
             match template {
-                Some(t) => t.render(h, catalog, it, v["reason"].as_str()),
-                None => card(h, catalog, it, v["reason"].as_str()),
+                Some(t) => t.render(h, catalog, it, Some(v.reason)),
+                None => card(h, catalog, it, Some(v.reason)),
             }
         }
     }
@@ -271,13 +321,13 @@ impl ItemTemplate {
 /// `data-reason`. Classes (`ew-block`, `ew-offer`, `ew-items`) are for the site's stylesheet.
 pub fn slot_block(
     catalog: &Catalog,
-    recs: &Value,
+    recs: &Recs<'_>,
     tier: &str,
     template: Option<&ItemTemplate>,
 ) -> String {
     let mut h = format!(
         "<div class=\"ew-block\" data-ew-slot=\"{}\" data-tier=\"{}\">",
-        esc(recs["slot"].as_str().unwrap_or("")),
+        esc(recs.slot),
         esc(tier)
     );
     offer_and_items(&mut h, catalog, recs, ("ew-offer", "ew-items"), template);
@@ -337,7 +387,6 @@ pub fn esc(s: &str) -> String {
 #[cfg(test)]
 mod template_tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn the_sites_item_template_renders_escaped_fields_and_bad_ones_are_refused() {
@@ -345,9 +394,13 @@ mod template_tests {
         let t =
             ItemTemplate::parse("<li data-x=\"{sku}\">{name} ({category}) ${price} {reason}</li>")
                 .unwrap();
-        let recs = json!({"slot": "home", "items": [{"sku": "cam-001", "reason": "pinned"}]});
-        let html = slot_block(&catalog, &recs, "fresh", Some(&t));
         let cam = catalog.item_by_sku("cam-001").unwrap();
+        let recs = Recs {
+            slot: "home",
+            items: vec![RecItem::of(&catalog, cam, "pinned")],
+            ..Recs::default()
+        };
+        let html = slot_block(&catalog, &recs, "fresh", Some(&t));
         assert!(
             html.contains(&format!("<li data-x=\"cam-001\">{} (", esc(cam.name()))),
             "{html}"
@@ -374,7 +427,6 @@ mod template_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn escapes_everything_that_could_break_out() {
@@ -387,10 +439,17 @@ mod tests {
     #[test]
     fn pages_render_the_block_the_tier_and_the_add_button() {
         let catalog = Catalog::demo().unwrap();
-        let recs = json!({
-            "items": [{ "sku": "lens-001", "reason": "cart_accessory" }, { "sku": "nope" }],
-            "offer": { "id": "cam-accessories-10", "text": "10% <off>" },
-        });
+        let lens = catalog.item_by_sku("lens-001").unwrap();
+        let mut gone = RecItem::of(&catalog, lens, "popular");
+        gone.sku = "nope";
+        let recs = Recs {
+            items: vec![RecItem::of(&catalog, lens, "cart_accessory"), gone],
+            offer: Some(OfferView {
+                id: "cam-accessories-10",
+                text: "10% <off>",
+            }),
+            ..Recs::default()
+        };
         let home = page(&catalog, None, &recs, "fresh", &[], 2);
         assert!(home.contains("data-tier=\"fresh\""));
         assert!(home.contains("data-sku=\"lens-001\" data-reason=\"cart_accessory\""));
@@ -398,7 +457,7 @@ mod tests {
         assert!(home.contains("<b id=\"ew-cart-count\">2</b>"));
         assert!(home.contains("Popular now"));
         let cam = catalog.item_by_sku("cam-001").unwrap();
-        let product = page(&catalog, Some(cam), &json!({}), "popular", &[], 0);
+        let product = page(&catalog, Some(cam), &Recs::default(), "popular", &[], 0);
         assert!(product.contains(
             "data-ew-add=\"cam-001\" data-ew-category=\"cameras\" data-ew-price=\"499.00\""
         ));

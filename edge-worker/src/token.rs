@@ -361,6 +361,12 @@ impl TokenVerifier {
 
     /// The user id a token names, if it verifies at `now_secs`.
     pub fn verify(&self, token: &str, now_secs: u64) -> Result<String, TokenError> {
+        self.verify_claims(token, now_secs).map(|v| v.sub)
+    }
+
+    /// [`TokenVerifier::verify`], keeping the token's validity window with the user id, so a
+    /// cache of verified tokens can check the time again without the signature.
+    pub fn verify_claims(&self, token: &str, now_secs: u64) -> Result<Verified, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLong);
         }
@@ -405,7 +411,31 @@ impl TokenVerifier {
         if !crate::identity::is_user_id(&sub) {
             return Err(TokenError::BadSubject);
         }
-        Ok(sub)
+        Ok(Verified {
+            sub,
+            exp,
+            nbf: claims.nbf,
+            skew_secs: self.skew_secs,
+        })
+    }
+}
+
+/// A token that verified: whom it names and when it is valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub sub: String,
+    exp: u64,
+    nbf: Option<u64>,
+    skew_secs: u64,
+}
+
+impl Verified {
+    /// Whether the token is still (or already) valid at `now_secs`, as `verify` would judge.
+    pub fn valid_at(&self, now_secs: u64) -> bool {
+        now_secs < self.exp.saturating_add(self.skew_secs)
+            && self
+                .nbf
+                .is_none_or(|nbf| now_secs.saturating_add(self.skew_secs) >= nbf)
     }
 }
 

@@ -218,6 +218,11 @@ fn bench(extra: &[String]) -> Result<()> {
         .args(["bench", "-p", "edge-worker", "--bench", "cache_memory"])
         .cwd(root())
         .run()?;
+    step("edge: the answer path natively (a personalized answer vs an empty route)");
+    Cmd::new("cargo")
+        .args(["bench", "-p", "edge-worker", "--bench", "answer"])
+        .cwd(root())
+        .run()?;
     step(
         "building the native benchmark binaries (origin-sync, origin-sync-bench, system-bench, edge-load, proxy-ttfb, bench-report, edge-topology)",
     );

@@ -6,7 +6,7 @@
 //! `storefront`'s.
 
 use super::App;
-use super::shopper::{country_of, device_of, recommend_json, seed, tier_headers};
+use super::shopper::{country_of, device_of, recommend, seed, tier_headers};
 use crate::http::{Clock, Handled, HttpRequest, Reply, no_store};
 use crate::store::Store;
 use crate::storefront;
@@ -62,7 +62,7 @@ impl App {
         ctx.country = country_of(req);
         ctx.current_item = item.map(|i| i.id());
         let t0 = clock.now_ms();
-        let (recs, tier) = recommend_json(&site, found.profile.as_ref(), &ctx, found.tier);
+        let (recs, tier) = recommend(&site, found.profile.as_ref(), &ctx, found.tier);
         let rec_ms = clock.now_ms() - t0;
         let cart: Vec<shared::ids::ItemId> = found
             .profile

@@ -11,7 +11,7 @@
 //! page with thousands of placeholders (by mistake or by an attacker who can write to it)
 //! costs at most that many recommender runs; the rest keep the site's own content.
 
-use super::shopper::{country_of, device_of, recommend_json, seed, tier_headers};
+use super::shopper::{country_of, device_of, recommend, seed, tier_headers};
 use super::{App, Site, Tier};
 use crate::http::{Clock, Handled, HttpRequest, Outbound, Reply};
 use crate::identity::Identity;
@@ -206,12 +206,15 @@ impl PagePersonalization {
             Placeholder::CartLines => return storefront::cart_lines(&self.site.catalog, cart),
             Placeholder::Popular => {
                 let in_cart: Vec<_> = cart.iter().map(|l| l.item).collect();
-                let items: Vec<serde_json::Value> =
-                    storefront::popular_now(&self.site.catalog, &in_cart, k)
+                let catalog = &self.site.catalog;
+                let recs = storefront::Recs {
+                    slot: POPULAR_SLOT,
+                    items: storefront::popular_now(catalog, &in_cart, k)
                         .into_iter()
-                        .map(|it| serde_json::json!({ "sku": it.sku(), "reason": "popular" }))
-                        .collect();
-                let recs = serde_json::json!({ "slot": POPULAR_SLOT, "items": items });
+                        .map(|it| storefront::RecItem::of(catalog, it, "popular"))
+                        .collect(),
+                    ..storefront::Recs::default()
+                };
                 return storefront::slot_block(
                     &self.site.catalog,
                     &recs,
@@ -237,7 +240,7 @@ impl PagePersonalization {
         } else {
             self.tier
         };
-        let (recs, tier) = recommend_json(&self.site, profile, &ctx, tier);
+        let (recs, tier) = recommend(&self.site, profile, &ctx, tier);
         storefront::slot_block(
             &self.site.catalog,
             &recs,

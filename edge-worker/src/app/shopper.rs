@@ -12,6 +12,7 @@ use crate::http::{
 use crate::identity::{self, Identity, IdentityError, SignedIn};
 use crate::log;
 use crate::store::{Store, StoreError};
+use crate::storefront::{OfferView, RecItem, Recs};
 use serde_json::{Value, json};
 use shared::catalog::Catalog;
 use shared::context::parse_country;
@@ -96,10 +97,24 @@ impl App {
     ) -> Result<Identity, IdentityError> {
         let verified = self.config.token.as_ref().and_then(|verifier| {
             let token = verifier.source().find(|h| req.header(h))?;
-            verifier
-                .verify(token, now_ms / 1000)
-                .map_err(|e| self.tokens_refused.borrow_mut().count(e))
-                .ok()
+            let now = now_ms / 1000;
+            if let Some(v) = self.verified_tokens.borrow_mut().get(token)
+                && v.valid_at(now)
+            {
+                return Some(v.sub.clone());
+            }
+            // not seen, or past its window: verified in full (and refused with its reason)
+            match verifier.verify_claims(token, now) {
+                Ok(v) => {
+                    let sub = v.sub.clone();
+                    self.verified_tokens.borrow_mut().put(token.into(), v);
+                    Some(sub)
+                }
+                Err(e) => {
+                    self.tokens_refused.borrow_mut().count(e);
+                    None
+                }
+            }
         });
         let signed_in = match (&verified, &self.config.trusted_user_header) {
             (Some(user), _) => SignedIn::Verified(user),
@@ -204,7 +219,14 @@ impl App {
 
     pub(super) fn key_of(&self, who: &Identity) -> Option<UserKey> {
         let secret = self.config.user_key_secret.as_deref()?;
-        Some(UserKey::derive(secret, &who.user_id()))
+        let id = who.user_id();
+        let mut keys = self.user_keys.borrow_mut();
+        if let Some(key) = keys.get(&id) {
+            return Some(*key);
+        }
+        let key = UserKey::derive(secret, &id);
+        keys.put(id, key);
+        Some(key)
     }
 
     /// The shopper's profile through the tiers: cache within TTL → KV → stale cache → none.
@@ -288,11 +310,11 @@ impl App {
         ctx.device = query.device.unwrap_or_else(|| device_of(req));
         ctx.country = ctx.country.or_else(|| country_of(req));
         let t0 = clock.now_ms();
-        let (mut body, tier) = recommend_json(&site, found.profile.as_ref(), &ctx, found.tier);
+        let (mut body, tier) = recommend(&site, found.profile.as_ref(), &ctx, found.tier);
         let rec_ms = clock.now_ms() - t0;
-        body["tier"] = tier.as_str().into();
-        body["profile_version"] = found.version.into();
-        let mut reply = Reply::json(200, &body);
+        body.tier = Some(tier.as_str());
+        body.profile_version = Some(found.version);
+        let mut reply = Reply::bytes_json(200, serde_json::to_vec(&body).unwrap_or_default());
         tier_headers(&mut reply, tier, &found, rec_ms);
         reply.headers.push(no_store());
         Ok(reply)
@@ -643,35 +665,34 @@ pub(super) fn country_of(req: &HttpRequest) -> Option<[u8; 2]> {
 
 /// Runs the recommender, falling back to the bundled store's bestsellers if the active
 /// catalog and rules cannot be used together (the static tier).
-pub(super) fn recommend_json(
-    site: &Site,
+pub(super) fn recommend<'s>(
+    site: &'s Site,
     profile: Option<&Profile>,
     ctx: &RequestContext,
     tier: Tier,
-) -> (Value, Tier) {
+) -> (Recs<'s>, Tier) {
     match Recommender::new(&site.catalog, &site.rules) {
         Ok(r) => {
             let rec = r.recommend(profile, ctx);
-            let items: Vec<Value> = rec
-                .items
-                .iter()
-                .filter_map(|it| {
-                    let view = it.view(&site.catalog)?;
-                    let mut v = serde_json::to_value(view).ok()?;
-                    v["reason"] = it.reason.as_str().into();
-                    Some(v)
-                })
-                .collect();
-            (
-                json!({
-                    "slot": ctx.slot.as_str(),
-                    "items": items,
-                    "offer": rec.offer.map(|o| json!({ "id": o.id, "text": o.text })),
-                    "rules": rec.fired_rules,
-                    "personalized": rec.personalized,
+            let catalog = &site.catalog;
+            let recs = Recs {
+                items: rec
+                    .items
+                    .iter()
+                    .filter_map(|it| {
+                        Some(RecItem::of(catalog, it.get(catalog)?, it.reason.as_str()))
+                    })
+                    .collect(),
+                offer: rec.offer.map(|o| OfferView {
+                    id: &o.id,
+                    text: &o.text,
                 }),
-                tier,
-            )
+                personalized: rec.personalized,
+                rules: rec.fired_rules,
+                slot: ctx.slot.as_str(),
+                ..Recs::default()
+            };
+            (recs, tier)
         }
         Err(e) => {
             // Sync and the KV refresh compile rules against their catalog before either goes
@@ -680,11 +701,19 @@ pub(super) fn recommend_json(
                 "active catalog {} and rules {} do not fit together ({e}); serving the bundled store",
                 site.catalog_version, site.rules_version
             ));
-            let bundled = Site::bundled();
-            let (v, _) = recommend_json(&bundled, None, ctx, Tier::Static);
-            (v, Tier::Static)
+            let (recs, _) = recommend(bundled_site(), None, ctx, Tier::Static);
+            (recs, Tier::Static)
         }
     }
+}
+
+thread_local! {
+    /// The bundled store, built the first time an isolate needs it and kept for its life.
+    static BUNDLED: &'static Site = Box::leak(Box::new(Site::bundled()));
+}
+
+fn bundled_site() -> &'static Site {
+    BUNDLED.with(|s| *s)
 }
 
 /// The profile as the shopper may see it: names instead of hashes where the catalog knows them.

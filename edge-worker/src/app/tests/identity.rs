@@ -231,3 +231,35 @@ fn healthz_states_the_identity_mode_and_bad_settings_fail_safe() {
         );
     }
 }
+
+/// A token that verified is remembered by its exact text, but only within its window: the
+/// same token past `exp` (plus the allowed skew) is refused as expired, and one that is not
+/// yet valid is not made valid by an earlier sighting of a different token.
+#[test]
+fn a_remembered_token_still_expires_and_a_changed_byte_is_verified_again() {
+    let w = world_with_alice();
+    let now = NOW_MS / 1000;
+    let short = with("alice", "exp", (now + 10).into());
+    let bearer = format!("Bearer {short}");
+    let header = [("authorization", bearer.as_str())];
+    let alice_key = key("alice").to_hex();
+    assert_eq!(seen(&w, &header).0, alice_key, "verified, then remembered");
+    assert_eq!(seen(&w, &header).0, alice_key, "from the cache");
+    // past exp + the 30 s skew: anonymous, and counted as expired
+    w.advance(41_000);
+    assert_ne!(seen(&w, &header).0, alice_key);
+    let refused = w.get("/healthz", &[]).body_json()["identity"]["tokens_refused"]["expired"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(refused >= 1, "the expiry was checked again");
+    // one byte changed in the signature of a remembered token: verified again, refused
+    let good = with("alice", "exp", (now + 3600).into());
+    let good_header = format!("Bearer {good}");
+    assert_eq!(seen(&w, &[("authorization", &good_header)]).0, alice_key);
+    // a character well inside the signature (the last one carries padding bits)
+    let mut forged: Vec<char> = good_header.chars().collect();
+    let i = forged.len() - 10;
+    forged[i] = if forged[i] == 'A' { 'B' } else { 'A' };
+    let forged: String = forged.into_iter().collect();
+    assert_ne!(seen(&w, &[("authorization", &forged)]).0, alice_key);
+}
