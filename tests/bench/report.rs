@@ -514,8 +514,9 @@ fn standalone_section(edge: &Value) -> String {
          one loopback hop away), 10k seeded profiles, `wrk` with the same settings. The empty \
          route is an unknown path (the worker's 404: no KV, no recommender; wrk counts its \
          answers as non-2xx). CPU time is workerd's (all threads, from `schedstat`) around one \
-         request at a time on a fresh connection, so it includes accepting the connection and \
-         parsing HTTP; the difference between the routes is Edgewise's.\n\n\
+         request at a time on a kept-alive connection, so it includes parsing HTTP and the \
+         runtime's own work for a request (the empty route's figure); the difference between \
+         the routes is Edgewise's.\n\n\
          | run | req/s | p50 | p99 |\n| --- | ---: | ---: | ---: |\n",
     );
     for r in w["runs"].as_array().into_iter().flatten() {
