@@ -364,10 +364,23 @@ impl App {
             return;
         }
         self.config_checked_ms.set(Some(now_ms));
+        // the three reads at once: a new isolate's first request waits for one KV round trip
+        // (bounded by KV_TIMEOUT_MS), not three
+        let (catalog, rules, fence) = futures_util::future::join3(
+            store.get(CATALOG_KEY),
+            store.get(RULES_KEY),
+            store.get(ERASURES_KEY),
+        )
+        .await;
         let mut docs = [None, None, None];
-        for (slot, key) in docs.iter_mut().zip([CATALOG_KEY, RULES_KEY, ERASURES_KEY]) {
+        let mut failed = false;
+        for ((slot, key), read) in docs
+            .iter_mut()
+            .zip([CATALOG_KEY, RULES_KEY, ERASURES_KEY])
+            .zip([catalog, rules, fence])
+        {
             // Each failure keeps the active document; said here since no request reports it.
-            match store.get(key).await {
+            match read {
                 Ok(None) => {}
                 Ok(Some((_, None))) => log::warn(&format!(
                     "config check: {key} in KV has no version metadata; publish it through origin"
@@ -378,8 +391,19 @@ impl App {
                         "config check: {key} version {version} in KV is not UTF-8; republish it"
                     )),
                 },
-                Err(e) => log::warn(&format!("config check: could not read {key}: {e}")),
+                Err(e) => {
+                    failed = true;
+                    log::warn(&format!("config check: could not read {key}: {e}"));
+                }
             }
+        }
+        if failed {
+            // A slow or failed read is tried again in CONFIG_RETRY_MS, not a whole check
+            // interval later: a new isolate must not serve the bundled store for 30 s because
+            // one read was slow.
+            let retry_at = now_ms.saturating_add(CONFIG_RETRY_MS);
+            self.config_checked_ms
+                .set(Some(retry_at.saturating_sub(self.config.config_check_ms)));
         }
         let [catalog, rules, fence] = docs;
         if let Some((version, source)) = fence
@@ -398,6 +422,9 @@ impl App {
         }
     }
 }
+
+/// How soon a config check whose KV read failed or timed out is made again.
+pub const CONFIG_RETRY_MS: u64 = 1_000;
 
 /// A `/v1/sync` signature recorded in the replay guard while its batch is applied.
 struct Recorded<'a> {

@@ -138,3 +138,29 @@ fn health_counts_catalog_item_id_collisions() {
     assert_eq!(h["catalog_version"], 2, "{h}");
     assert_eq!(h["catalog_id_collisions"], 1, "{h}");
 }
+
+/// A new isolate whose first KV reads fail (or time out) serves the bundled store for that
+/// request only: the check is made again a second later, not a whole interval (30 s) later,
+/// and the published catalog and rules are served from then on.
+#[test]
+fn a_failed_first_read_is_retried_in_a_second_not_after_the_check_interval() {
+    let w = World::new();
+    w.store
+        .insert_raw(CATALOG_KEY, DEMO_CATALOG_JSON.as_bytes().to_vec(), Some(4));
+    w.store
+        .insert_raw(RULES_KEY, DEMO_RULES_JSON.as_bytes().to_vec(), Some(7));
+    w.store.set_failing(true);
+    let h = w.get("/healthz", &[]).body_json();
+    assert_eq!(h["catalog_version"], 0, "the bundled store, this once: {h}");
+    w.store.set_failing(false);
+    // within the retry delay: not asked again
+    w.advance(500);
+    assert_eq!(w.get("/healthz", &[]).body_json()["catalog_version"], 0);
+    w.advance(600);
+    let h = w.get("/healthz", &[]).body_json();
+    assert_eq!(
+        (h["catalog_version"].as_u64(), h["rules_version"].as_u64()),
+        (Some(4), Some(7)),
+        "{h}"
+    );
+}
