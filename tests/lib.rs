@@ -354,6 +354,26 @@ impl Drop for Service {
     }
 }
 
+/// The origin-sync binary, when the worker bundle is built too: what a test of the whole stack
+/// needs. `None` after recording the skip (which fails under `CI=true`).
+pub fn stack_prerequisites() -> Option<PathBuf> {
+    if worker_bundle().is_none() {
+        origin_sync::testkit::skip(
+            "the worker bundle",
+            "run `cargo xtask test`, which builds it first",
+        );
+        return None;
+    }
+    let origin_bin = origin_sync_binary();
+    if origin_bin.is_none() {
+        origin_sync::testkit::skip(
+            "the origin-sync binary",
+            "run `cargo xtask test`, which builds it first",
+        );
+    }
+    origin_bin
+}
+
 /// Starts `wrangler dev` with the prebuilt bundle and a fresh local KV under `state`.
 pub fn start_worker(state: &Path) -> Result<Service, String> {
     start_worker_with(state, &[])

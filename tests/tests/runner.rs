@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tests::stack::wait_for;
-use tests::{free_port, http, origin_sync_binary, root, temp_dir, worker_bundle};
+use tests::{free_port, http, root, temp_dir};
 
 /// The runner, its output line by line; stopped with Ctrl-C (SIGINT) when dropped, so a
 /// failing test leaves no broker or `wrangler dev` behind.
@@ -120,18 +120,7 @@ fn healthy(port: u16) -> bool {
 /// where the banner says; no isolate tried to reach the internet.
 #[test]
 fn the_local_stack_restarts_a_part_that_dies_and_says_so() {
-    if worker_bundle().is_none() {
-        origin_sync::testkit::skip(
-            "the worker bundle",
-            "run `cargo xtask test`, which builds it first",
-        );
-        return;
-    }
-    let Some(origin_bin) = origin_sync_binary() else {
-        origin_sync::testkit::skip(
-            "the origin-sync binary",
-            "run `cargo xtask test`, which builds it first",
-        );
+    let Some(origin_bin) = tests::stack_prerequisites() else {
         return;
     };
     let state = temp_dir("runner");

@@ -28,10 +28,7 @@ use shared::fold::fold_all;
 use shared::keys::UserKey;
 use shared::traffic::Traffic;
 use tests::stack::{Stack, StackConfig, get_json, wait_for};
-use tests::{
-    DEV_USER_KEY_SECRET, chromium, free_port, http, origin_sync_binary, root, temp_dir,
-    worker_bundle,
-};
+use tests::{DEV_USER_KEY_SECRET, chromium, free_port, http, root, temp_dir};
 
 struct System {
     stack: Stack,
@@ -204,18 +201,7 @@ fn traffic(sys: &System, prefix: &str, users: usize, events: usize, seed: u64) -
 
 #[test]
 fn the_whole_system_on_one_stack() {
-    if worker_bundle().is_none() {
-        origin_sync::testkit::skip(
-            "the worker bundle",
-            "run `cargo xtask test`, which builds it first",
-        );
-        return;
-    }
-    let Some(origin_bin) = origin_sync_binary() else {
-        origin_sync::testkit::skip(
-            "the origin-sync binary",
-            "run `cargo xtask test`, which builds it first",
-        );
+    let Some(origin_bin) = tests::stack_prerequisites() else {
         return;
     };
     let Some(chromium) = chromium() else {

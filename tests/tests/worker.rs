@@ -648,29 +648,8 @@ fn in_proxy_mode_the_sites_placeholders_get_the_shoppers_blocks() {
         "{:?}",
         first.header("cache-control")
     );
-    let vid = first
-        .headers
-        .iter()
-        .filter(|(k, _)| k == "set-cookie")
-        .find_map(|(_, v)| v.strip_prefix("ew_vid="))
-        .and_then(|v| v.split(';').next())
-        .expect("a visitor cookie")
-        .to_owned();
-    let cookie = format!("ew_vid={vid}");
-
-    let body = format!(
-        r#"{{"event_id":"proxy-1","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#,
-        now_ms()
-    );
-    let r = http(
-        w.port,
-        "POST",
-        "/v1/events",
-        &[("cookie", cookie.as_str())],
-        body.as_bytes(),
-    )
-    .unwrap();
-    assert_eq!(r.status, 202, "{}", r.text());
+    let cookie = visitor_cookie_of(&first);
+    add_camera(w.port, &cookie);
     let next = http(w.port, "GET", "/", &[("cookie", cookie.as_str())], b"").unwrap();
     let html = next.text();
     assert_eq!(next.header("x-edgewise-tier"), Some("fresh"), "{html}");
@@ -800,29 +779,39 @@ fn in_proxy_mode_a_cacheable_page_is_fetched_once_and_personalized_for_each_shop
 fn visitor_with_camera(port: u16) -> String {
     // any personalized page of the site hands a new visitor their cookie
     let page = http(port, "GET", "/plain.html", &[], b"").unwrap();
+    let cookie = visitor_cookie_of(&page);
+    add_camera(port, &cookie);
+    cookie
+}
+
+/// The `ew_vid=…` cookie a page's answer set for a new visitor.
+fn visitor_cookie_of(page: &HttpResponse) -> String {
     let vid = page
         .headers
         .iter()
         .filter(|(k, _)| k == "set-cookie")
         .find_map(|(_, v)| v.strip_prefix("ew_vid="))
         .and_then(|v| v.split(';').next())
-        .expect("a visitor cookie")
-        .to_owned();
-    let cookie = format!("ew_vid={vid}");
+        .expect("a visitor cookie");
+    format!("ew_vid={vid}")
+}
+
+/// The visitor (`cookie`) adds a camera to the cart through the worker's own route.
+fn add_camera(port: u16, cookie: &str) {
+    let vid = cookie.trim_start_matches("ew_vid=");
+    let now = now_ms();
     let body = format!(
-        r#"{{"event_id":"cam-{vid}","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#,
-        now_ms()
+        r#"{{"event_id":"cam-{vid}-{now}","ts":{now},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#
     );
     let r = http(
         port,
         "POST",
         "/v1/events",
-        &[("cookie", &cookie)],
+        &[("cookie", cookie)],
         body.as_bytes(),
     )
     .unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
-    cookie
 }
 
 /// Never worse than no Edgewise: with the blocks' time budget spent (here: none at all), the
@@ -941,28 +930,8 @@ fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
         "{}",
         first.text()
     );
-    let vid = first
-        .headers
-        .iter()
-        .filter(|(k, _)| k == "set-cookie")
-        .find_map(|(_, v)| v.strip_prefix("ew_vid="))
-        .and_then(|v| v.split(';').next())
-        .expect("a visitor cookie")
-        .to_owned();
-    let cookie = format!("ew_vid={vid}");
-    let body = format!(
-        r#"{{"event_id":"wd-1","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#,
-        now_ms()
-    );
-    let r = http(
-        w.port,
-        "POST",
-        "/v1/events",
-        &[("cookie", &cookie)],
-        body.as_bytes(),
-    )
-    .unwrap();
-    assert_eq!(r.status, 202, "{}\n{}", r.text(), w.log());
+    let cookie = visitor_cookie_of(&first);
+    add_camera(w.port, &cookie);
     let recs = json(
         &http(
             w.port,
