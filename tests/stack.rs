@@ -93,7 +93,26 @@ pub struct Stack {
     broker: Option<Tansu>,
     origin_config: PathBuf,
     /// Parts that died and are restarted by [`Stack::supervise`], by name.
-    restarts: std::collections::BTreeMap<String, Restart>,
+    restarts: std::collections::BTreeMap<Part, Restart>,
+}
+
+/// A part of the stack the runner restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    Broker,
+    Origin,
+    /// (edge, isolate), from 0.
+    Isolate(usize, usize),
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Part::Broker => f.write_str("the broker"),
+            Part::Origin => f.write_str("origin-sync"),
+            Part::Isolate(edge, n) => write!(f, "edge {} isolate {}", edge + 1, n + 1),
+        }
+    }
 }
 
 /// A part's restarts: the first after 1 s, then twice as long each time up to 30 s; a part
@@ -399,70 +418,66 @@ impl Stack {
         let now = Instant::now();
         let logs = self.config.state.join("logs");
         // notice what died
-        let mut died: Vec<(String, String, PathBuf)> = Vec::new();
+        let mut died: Vec<(Part, String, PathBuf)> = Vec::new();
         if let Some(status) = self.broker.as_mut().and_then(Tansu::exited) {
-            died.push((
-                "the broker".into(),
-                status.to_string(),
-                logs.join("broker.log"),
-            ));
+            died.push((Part::Broker, status.to_string(), logs.join("broker.log")));
         }
         if let Some(status) = self.origin.as_mut().and_then(Service::exited) {
             self.keep_log("origin-sync");
             // dropped: whatever of its process group is left goes with it
             self.origin = None;
             died.push((
-                "origin-sync".into(),
+                Part::Origin,
                 status.to_string(),
                 logs.join("origin-sync.earlier.log"),
             ));
         }
         for (i, edge) in self.edges.iter_mut().enumerate() {
             for (n, isolate) in edge.isolates.iter_mut().enumerate() {
-                let name = isolate_name(i, n);
-                if self.restarts.get(&name).is_some_and(Restart::is_down) {
+                let part = Part::Isolate(i, n);
+                if self.restarts.get(&part).is_some_and(Restart::is_down) {
                     continue;
                 }
                 if let Some(status) = isolate.exited() {
                     isolate.reap();
-                    died.push((name, status.to_string(), logs.join(isolate_log(i, n))));
+                    died.push((part, status.to_string(), logs.join(isolate_log(i, n))));
                 }
             }
         }
-        for (name, status, log) in died {
-            let restart = self.restarts.entry(name.clone()).or_default();
+        for (part, status, log) in died {
+            let restart = self.restarts.entry(part).or_default();
             if restart.is_down() {
                 continue;
             }
             let wait = restart.failed(now);
             say(&format!(
-                "{name} exited ({status}); restarting it in {}s (its log: {})",
+                "{part} exited ({status}); restarting it in {}s (its log: {})",
                 wait.as_secs(),
                 log.display()
             ));
         }
         // restart what is due
-        let due: Vec<String> = self
+        let due: Vec<Part> = self
             .restarts
             .iter()
             .filter(|(_, r)| r.is_due(now))
-            .map(|(n, _)| n.clone())
+            .map(|(p, _)| *p)
             .collect();
-        for name in due {
-            let result = self.restart_part(&name, say);
+        for part in due {
+            let result = self.restart_part(part, say);
             let now = Instant::now();
-            let Some(restart) = self.restarts.get_mut(&name) else {
+            let Some(restart) = self.restarts.get_mut(&part) else {
                 continue;
             };
             match result {
                 Ok(()) => {
                     restart.started(now);
-                    say(&format!("{name} is running again"));
+                    say(&format!("{part} is running again"));
                 }
                 Err(e) => {
                     let wait = restart.failed(now);
                     say(&format!(
-                        "{name} did not start again ({e}); next try in {}s",
+                        "{part} did not start again ({e}); next try in {}s",
                         wait.as_secs()
                     ));
                 }
@@ -470,26 +485,21 @@ impl Stack {
         }
     }
 
-    fn restart_part(&mut self, name: &str, say: &mut dyn FnMut(&str)) -> Result<(), String> {
-        if name == "the broker" {
-            let broker = self.broker.as_mut().ok_or("no embedded broker")?;
-            return broker.restart().map_err(|e| e.to_string());
-        }
-        if name == "origin-sync" {
-            return self.start_origin(say);
-        }
-        let logs = self.config.state.join("logs");
-        for (i, edge) in self.edges.iter_mut().enumerate() {
-            for n in 0..edge.isolates.len() {
-                if isolate_name(i, n) == name {
-                    let port = edge.isolates[n].port;
-                    edge.isolates[n] =
-                        start_isolate(&edge.kv, port, &edge.vars, &logs.join(isolate_log(i, n)))?;
-                    return Ok(());
-                }
+    fn restart_part(&mut self, part: Part, say: &mut dyn FnMut(&str)) -> Result<(), String> {
+        match part {
+            Part::Broker => {
+                let broker = self.broker.as_mut().ok_or("no embedded broker")?;
+                broker.restart().map_err(|e| e.to_string())
+            }
+            Part::Origin => self.start_origin(say),
+            Part::Isolate(i, n) => {
+                let log = self.config.state.join("logs").join(isolate_log(i, n));
+                let edge = self.edges.get_mut(i).ok_or("no such edge")?;
+                let port = edge.isolates.get(n).ok_or("no such isolate")?.port;
+                edge.isolates[n] = start_isolate(&edge.kv, port, &edge.vars, &log)?;
+                Ok(())
             }
         }
-        Err(format!("no part named {name}"))
     }
 
     /// Stops everything, origin-sync first.
@@ -529,11 +539,6 @@ impl Drop for Stack {
             b.stop();
         }
     }
-}
-
-/// An isolate's name in the runner's messages.
-fn isolate_name(edge: usize, isolate: usize) -> String {
-    format!("edge {} isolate {}", edge + 1, isolate + 1)
 }
 
 /// An isolate's log file, under the stack's `logs/`.

@@ -72,16 +72,7 @@ fn run(secs: u32) -> Result<(), String> {
     )?);
     // warm: the same few hundred shoppers, all cached after the first request each
     let warm = &users[..WARM_USERS];
-    for u in warm {
-        http(
-            worker.port,
-            "GET",
-            "/v1/recommendations?slot=home&k=8",
-            &[("authorization", &tests::bearer(u))],
-            b"",
-        )
-        .map_err(|e| e.to_string())?;
-    }
+    warm_up(worker.port, warm)?;
     runs.push(wrk(
         worker.port,
         "recommendations, warm cache",
@@ -188,16 +179,7 @@ fn standalone(
     let wd = Workerd::start(bundle, &state.join("workerd"), &[("ORIGIN_URL", "")])?;
     seed(wd.port, users)?;
     let warm = &users[..WARM_USERS];
-    for u in warm {
-        http(
-            wd.port,
-            "GET",
-            "/v1/recommendations?slot=home&k=8",
-            &[("authorization", &tests::bearer(u))],
-            b"",
-        )
-        .map_err(|e| e.to_string())?;
-    }
+    warm_up(wd.port, warm)?;
     const EMPTY: &str = "/v1/nothing-here";
     const RECS: &str = "/v1/recommendations?slot=home&k=8";
     let runs = [
@@ -300,6 +282,21 @@ fn standalone(
 
 fn num(v: &serde_json::Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// One request per shopper, so each is in the isolate's cache before a warm run.
+fn warm_up(port: u16, users: &[String]) -> Result<(), String> {
+    for u in users {
+        http(
+            port,
+            "GET",
+            "/v1/recommendations?slot=home&k=8",
+            &[("authorization", &tests::bearer(u))],
+            b"",
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn cores() -> usize {

@@ -542,14 +542,7 @@ fn in_proxy_mode_the_sites_answers_pass_through_untouched() {
         tests::site::binary()
     );
     // a gzip-encoded page: the browser reads the site's page, encoded as the site said
-    let gz = http(
-        w.port,
-        "GET",
-        "/home.gz.html",
-        &[("accept-encoding", "gzip")],
-        b"",
-    )
-    .unwrap();
+    let gz = get_gzip(w.port, "/home.gz.html");
     assert_eq!(gz.status, 200);
     assert_eq!(
         String::from_utf8_lossy(&tests::site::decoded(
@@ -667,14 +660,7 @@ fn in_proxy_mode_the_sites_placeholders_get_the_shoppers_blocks() {
     // did; from the site, then from the edge's copy of it
     let mut from = Vec::new();
     for attempt in 0..20 {
-        let gz = http(
-            w.port,
-            "GET",
-            "/home.gz.html",
-            &[("accept-encoding", "gzip")],
-            b"",
-        )
-        .unwrap();
+        let gz = get_gzip(w.port, "/home.gz.html");
         let page = String::from_utf8_lossy(&tests::site::decoded(
             gz.header("content-encoding"),
             &gz.body,
@@ -773,6 +759,11 @@ fn in_proxy_mode_a_cacheable_page_is_fetched_once_and_personalized_for_each_shop
         assert_eq!(r.header("x-edgewise-site-cache"), Some("miss"));
     }
     assert_eq!(asked("/p/cam-001"), 2);
+}
+
+/// `GET path` from a browser that accepts gzip.
+fn get_gzip(port: u16, path: &str) -> HttpResponse {
+    http(port, "GET", path, &[("accept-encoding", "gzip")], b"").unwrap()
 }
 
 /// A visitor cookie whose cart holds a camera (added through the worker's own route).

@@ -248,6 +248,14 @@ fn bench(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     let bin = |name: &str| root().join("target/native").join(name);
+    // the benchmarks that run the worker: this bundle, no rebuild, figures into `out`
+    let on_the_bundle = |program: std::path::PathBuf| {
+        Cmd::new(program)
+            .env("EDGEWISE_WORKER_BUNDLE", &bundle)
+            .env("EDGEWISE_SKIP_BUILD", "1")
+            .env("EDGEWISE_BENCH_OUT", &out)
+            .cwd(root())
+    };
     for storage in ["memory", "sqlite"] {
         step(&format!(
             "origin-sync, tansu with {storage} storage: throughput vs raw consume, event -> ack latency, KV writes per event"
@@ -261,32 +269,16 @@ fn bench(extra: &[String]) -> Result<()> {
     step(
         "edge: load on workerd (wrk against wrangler dev, then standalone workerd with CPU time per request; about two minutes)",
     );
-    Cmd::new(bin("edge-load"))
-        .arg("8")
-        .env("EDGEWISE_WORKER_BUNDLE", &bundle)
-        .env("EDGEWISE_SKIP_BUILD", "1")
-        .env("EDGEWISE_BENCH_OUT", &out)
-        .cwd(root())
-        .run()?;
+    on_the_bundle(bin("edge-load")).arg("8").run()?;
     step(
         "proxy mode: the demo site's pages direct, passed through and personalized (TTFB, last byte)",
     );
-    Cmd::new(bin("proxy-ttfb"))
-        .arg("300")
-        .env("EDGEWISE_WORKER_BUNDLE", &bundle)
-        .env("EDGEWISE_SKIP_BUILD", "1")
-        .env("EDGEWISE_BENCH_OUT", &out)
-        .cwd(root())
-        .run()?;
+    on_the_bundle(bin("proxy-ttfb")).arg("300").run()?;
     step(
         "whole stack: freshness, event produced to Kafka -> visible at the edge, vs the raw broker",
     );
-    Cmd::new(bin("system-bench"))
+    on_the_bundle(bin("system-bench"))
         .args(["1000", "50"])
-        .env("EDGEWISE_WORKER_BUNDLE", &bundle)
-        .env("EDGEWISE_SKIP_BUILD", "1")
-        .env("EDGEWISE_BENCH_OUT", &out)
-        .cwd(root())
         .run()?;
     step("edge topology simulation: today's design and the session cookie, same traffic");
     Cmd::new(bin("edge-topology"))
