@@ -752,6 +752,7 @@ fn in_proxy_mode_a_cacheable_page_is_fetched_once_and_personalized_for_each_shop
     )
     .unwrap();
     assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-edgewise-site-cache"), Some("off"));
     assert_eq!(asked("/shared.html"), fetched + 1);
     // no caching headers: every page from the site
     for _ in 0..2 {

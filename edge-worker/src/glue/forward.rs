@@ -167,9 +167,7 @@ pub async fn forward(
     for (k, v) in &shopper.headers {
         out.append(k, v)?;
     }
-    if cached != SiteCache::Off {
-        out.set("x-edgewise-site-cache", cached.as_str())?;
-    }
+    out.set("x-edgewise-site-cache", cached.as_str())?;
     let mut shopper = shopper;
     let outbound = std::mem::take(&mut shopper.outbound);
     let page = rewrite(status, out, body, shopper, ctx)?;
@@ -222,7 +220,7 @@ fn no_cache(e: &worker::Error) {
 /// Where a personalized page's site copy came from (`x-edgewise-site-cache`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SiteCache {
-    /// Not looked up (a signed-in request, or a page that is not personalized).
+    /// Not looked up: a signed-in request, or a runtime without a Cache API.
     Off,
     /// The edge's copy: no request to the site.
     Hit,
