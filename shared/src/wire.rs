@@ -114,15 +114,43 @@ pub fn encode_batch(batch: &SyncBatch, codec: Codec) -> Vec<u8> {
     let body = postcard::to_allocvec(batch).unwrap_or_default();
     let mut out = Vec::with_capacity(body.len() / 2 + 16);
     out.push(FORMAT_VERSION);
+    push_body(&mut out, &body, codec);
+    out
+}
+
+/// Appends `[codec][body]`, the body LZ4-compressed behind its length for `Codec::Lz4`.
+fn push_body(out: &mut Vec<u8>, body: &[u8], codec: Codec) {
     out.push(codec as u8);
     match codec {
-        Codec::None => out.extend_from_slice(&body),
+        Codec::None => out.extend_from_slice(body),
         Codec::Lz4 => {
-            push_varint(&mut out, body.len() as u64);
-            out.extend_from_slice(&lz4_flex::block::compress(&body));
+            push_varint(out, body.len() as u64);
+            out.extend_from_slice(&lz4_flex::block::compress(body));
         }
     }
-    out
+}
+
+/// Reads what [`push_body`] wrote; the body may inflate to at most `max_body` bytes.
+fn read_body(rest: &[u8], max_body: usize) -> Result<Vec<u8>, WireError> {
+    let (&codec, rest) = rest.split_first().ok_or(WireError::Empty)?;
+    match codec {
+        0 => Ok(rest.to_vec()),
+        1 => {
+            let (len, compressed) = read_varint(rest).ok_or(WireError::Corrupt)?;
+            let len = usize::try_from(len).map_err(|_| WireError::Corrupt)?;
+            if len > max_body {
+                return Err(WireError::TooLarge(len, max_body));
+            }
+            let mut body = vec![0u8; len];
+            let written = lz4_flex::block::decompress_into(compressed, &mut body)
+                .map_err(|_| WireError::Corrupt)?;
+            if written != len {
+                return Err(WireError::Corrupt);
+            }
+            Ok(body)
+        }
+        other => Err(WireError::Codec(other)),
+    }
 }
 
 /// Decodes a sync frame.
@@ -134,25 +162,7 @@ pub fn decode_batch(frame: &[u8]) -> Result<SyncBatch, WireError> {
     if version != FORMAT_VERSION && version != v1::VERSION {
         return Err(WireError::Version(version));
     }
-    let (&codec, rest) = rest.split_first().ok_or(WireError::Empty)?;
-    let body = match codec {
-        0 => rest.to_vec(),
-        1 => {
-            let (len, compressed) = read_varint(rest).ok_or(WireError::Corrupt)?;
-            let len = usize::try_from(len).map_err(|_| WireError::Corrupt)?;
-            if len > MAX_BODY_BYTES {
-                return Err(WireError::TooLarge(len, MAX_BODY_BYTES));
-            }
-            let mut body = vec![0u8; len];
-            let written = lz4_flex::block::decompress_into(compressed, &mut body)
-                .map_err(|_| WireError::Corrupt)?;
-            if written != len {
-                return Err(WireError::Corrupt);
-            }
-            body
-        }
-        other => return Err(WireError::Codec(other)),
-    };
+    let body = read_body(rest, MAX_BODY_BYTES)?;
     if version == v1::VERSION {
         return exact::<v1::SyncBatch>(&body).map(Into::into);
     }
@@ -347,6 +357,51 @@ pub mod v1 {
             super::SyncBatch { items }
         }
     }
+}
+
+/// First bytes of a compiled catalog image: tells it apart from a catalog's JSON form (which
+/// starts with `{`) in KV.
+pub const CATALOG_MAGIC: [u8; 4] = *b"EWci";
+/// Version of the catalog image layout ([`crate::catalog::CatalogImage`]).
+pub const CATALOG_FORMAT: u8 = 1;
+/// Largest catalog image accepted, inflated. 100k items with names, images and short
+/// descriptions take ~10 MB; the cap bounds memory, not a retailer's catalog (which is capped
+/// by `catalog::MAX_ITEMS`).
+pub const MAX_CATALOG_BYTES: usize = 96 << 20;
+
+/// A compiled catalog as bytes: `[CATALOG_MAGIC][CATALOG_FORMAT][codec][body]`, the body the
+/// postcard of [`Catalog::image`](crate::catalog::Catalog::image), LZ4-compressed (names and
+/// SKUs repeat a lot: about half the size, and decompressing costs far less than the KV read
+/// it saves).
+pub fn encode_catalog(catalog: &crate::catalog::Catalog) -> Vec<u8> {
+    // Cannot fail for these types; see `encode_batch`.
+    let body = postcard::to_allocvec(&catalog.image()).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() / 2 + 16);
+    out.extend_from_slice(&CATALOG_MAGIC);
+    out.push(CATALOG_FORMAT);
+    push_body(&mut out, &body, Codec::Lz4);
+    out
+}
+
+/// Whether stored bytes are a catalog image (rather than a catalog's JSON form).
+pub fn is_catalog_image(bytes: &[u8]) -> bool {
+    bytes.starts_with(&CATALOG_MAGIC)
+}
+
+/// Decodes and checks a catalog image (see [`Catalog::from_image`](crate::catalog::Catalog::from_image)).
+pub fn decode_catalog(bytes: &[u8]) -> Result<crate::catalog::Catalog, WireError> {
+    let rest = bytes
+        .strip_prefix(&CATALOG_MAGIC)
+        .ok_or_else(|| WireError::Malformed("not a catalog image".into()))?;
+    let (&format, rest) = rest.split_first().ok_or(WireError::Empty)?;
+    if format != CATALOG_FORMAT {
+        return Err(WireError::Malformed(format!(
+            "catalog image format {format}; this build reads {CATALOG_FORMAT}"
+        )));
+    }
+    let body = read_body(rest, MAX_CATALOG_BYTES)?;
+    let image = exact::<crate::catalog::CatalogImage>(&body)?;
+    crate::catalog::Catalog::from_image(image).map_err(WireError::Malformed)
 }
 
 /// The encoded size of one delta on its own (for metrics and benchmarks).
@@ -648,5 +703,70 @@ mod tests {
             decode_stored(&encode_stored(&Stored::Profile(bad))),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    fn tiny_catalog() -> crate::catalog::Catalog {
+        crate::catalog::Catalog::from_json(
+            r#"{"version":1,"category":[{"id":"cams","name":"Cams"}],
+                "item":[{"sku":"c1","name":"C","category":"cams","price":2.5,"tags":["t"]}]}"#,
+        )
+        .expect("valid")
+    }
+
+    /// Golden bytes of a catalog image body: if this fails, the image layout changed. Bump
+    /// CATALOG_FORMAT (an isolate then recompiles from the JSON form), or revert.
+    #[test]
+    fn golden_catalog_image() {
+        let body = postcard::to_allocvec(&tiny_catalog().image()).expect("encodes");
+        let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, GOLDEN_CATALOG_IMAGE);
+        let bytes = encode_catalog(&tiny_catalog());
+        assert_eq!(
+            bytes.get(..6),
+            Some(&[b'E', b'W', b'c', b'i', CATALOG_FORMAT, 1][..])
+        );
+        let back = decode_catalog(&bytes).expect("decodes");
+        assert_eq!(back.fingerprint(), tiny_catalog().fingerprint());
+        assert_eq!(back.item_by_sku("c1").map(|i| i.price()), Some(2.5));
+    }
+
+    const GOLDEN_CATALOG_IMAGE: &str = "01010463616d730443616d730d3befac000001d9df2988026331014300000000000000044000000000010100000000010174010000b784daa2e2f280e5d301";
+
+    #[test]
+    fn bad_catalog_images_are_errors_not_panics() {
+        let bytes = encode_catalog(&tiny_catalog());
+        for n in 0..bytes.len() {
+            assert!(decode_catalog(&bytes[..n]).is_err(), "prefix of {n} bytes");
+        }
+        assert!(!is_catalog_image(b"{\"version\":1}"));
+        assert!(is_catalog_image(&bytes));
+        let mut other = bytes.clone();
+        other[4] = CATALOG_FORMAT + 1;
+        assert!(
+            matches!(decode_catalog(&other), Err(WireError::Malformed(m)) if m.contains("format 2"))
+        );
+        // a length past the cap is refused before anything is allocated
+        let mut bomb = CATALOG_MAGIC.to_vec();
+        bomb.extend([CATALOG_FORMAT, 1]);
+        push_varint(&mut bomb, (MAX_CATALOG_BYTES + 1) as u64);
+        assert!(matches!(
+            decode_catalog(&bomb),
+            Err(WireError::TooLarge(..))
+        ));
+        // uncompressed bodies with any one byte changed decode or fail, never panic
+        let mut plain = CATALOG_MAGIC.to_vec();
+        plain.push(CATALOG_FORMAT);
+        push_body(
+            &mut plain,
+            &postcard::to_allocvec(&tiny_catalog().image()).expect("encodes"),
+            Codec::None,
+        );
+        for i in 6..plain.len() {
+            for b in [0u8, 1, 0x7f, 0x80, 0xff] {
+                let mut p = plain.clone();
+                p[i] = b;
+                let _ = decode_catalog(&p);
+            }
+        }
     }
 }

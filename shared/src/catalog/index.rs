@@ -17,19 +17,41 @@ pub(super) fn popularity_orders(
     categories: &mut [Category],
     n_tags: usize,
 ) -> (Vec<u32>, Vec<Box<[u32]>>) {
+    let popular = popularity_order(items);
+    let items_by_tag = group_by_popularity(&popular, items, categories, n_tags);
+    (popular, items_by_tag)
+}
+
+/// All item indexes, most popular first, ties by SKU (a total order, the same everywhere).
+pub(super) fn popularity_order(items: &[Item]) -> Vec<u32> {
     let mut popular: Vec<u32> = (0..items.len()).map(|i| i as u32).collect();
     popular.sort_by(
         |a, b| match (items.get(*a as usize), items.get(*b as usize)) {
-            (Some(x), Some(y)) => y
-                .popularity
-                .total_cmp(&x.popularity)
-                .then_with(|| x.sku.cmp(&y.sku)),
+            (Some(x), Some(y)) => popularity_cmp(x, y),
             _ => a.cmp(b),
         },
     );
+    popular
+}
+
+/// The popularity order between two items: more popular first, ties by SKU.
+pub(super) fn popularity_cmp(x: &Item, y: &Item) -> std::cmp::Ordering {
+    y.popularity
+        .total_cmp(&x.popularity)
+        .then_with(|| x.sku.cmp(&y.sku))
+}
+
+/// Each category's items (stored in `categories`) and each tag's items (returned), in the order
+/// of `popular`: one pass, no sort.
+pub(super) fn group_by_popularity(
+    popular: &[u32],
+    items: &[Item],
+    categories: &mut [Category],
+    n_tags: usize,
+) -> Vec<Box<[u32]>> {
     let mut per_category: Vec<Vec<u32>> = vec![Vec::new(); categories.len()];
     let mut per_tag: Vec<Vec<u32>> = vec![Vec::new(); n_tags];
-    for &i in &popular {
+    for &i in popular {
         if let Some(it) = items.get(i as usize) {
             if let Some(v) = per_category.get_mut(usize::from(it.category)) {
                 v.push(i);
@@ -44,8 +66,7 @@ pub(super) fn popularity_orders(
     for (c, v) in categories.iter_mut().zip(per_category) {
         c.items = v.into_boxed_slice();
     }
-    let items_by_tag: Vec<Box<[u32]>> = per_tag.into_iter().map(Vec::into_boxed_slice).collect();
-    (popular, items_by_tag)
+    per_tag.into_iter().map(Vec::into_boxed_slice).collect()
 }
 
 /// The per-candidate fields of every item, packed, and all items' tag indexes concatenated

@@ -33,6 +33,7 @@
 
 mod compile;
 mod error;
+mod image;
 mod index;
 mod raw;
 
@@ -40,11 +41,12 @@ pub use crate::problem::FieldProblem;
 #[cfg(feature = "toml")]
 use crate::problem::toml_position;
 pub use error::{CatalogError, Problem, Subject};
+pub use image::{CatalogImage, CatalogImageRef};
 
 use crate::ids::{CategoryId, ItemId};
 use compile::compile;
 use raw::RawCatalog;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The catalog format version this build reads.
 pub const CATALOG_VERSION: i64 = 1;
@@ -85,8 +87,8 @@ pub fn toml_to_json(text: &str) -> Result<String, String> {
 // Compiled form
 // ---------------------------------------------------------------------------------------------
 
-/// One category of a compiled catalog.
-#[derive(Clone, Debug)]
+/// One category of a compiled catalog. Serialized as part of a catalog image (`image`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Category {
     pub(crate) slug: String,
     pub(crate) name: String,
@@ -94,7 +96,8 @@ pub struct Category {
     pub(crate) description: Option<String>,
     /// Dense indexes of accessory categories, as declared (deduplicated).
     pub(crate) accessory_categories: Box<[u16]>,
-    /// Dense item indexes, most popular first (ties by SKU).
+    /// Dense item indexes, most popular first (ties by SKU). Derived, so not in an image.
+    #[serde(skip)]
     pub(crate) items: Box<[u32]>,
 }
 
@@ -123,8 +126,8 @@ impl Category {
     }
 }
 
-/// One item of a compiled catalog.
-#[derive(Clone, Debug)]
+/// One item of a compiled catalog. Serialized as part of a catalog image (`image`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Item {
     pub(crate) id: ItemId,
     pub(crate) sku: String,
