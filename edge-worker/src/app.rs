@@ -20,7 +20,7 @@ use crate::store::Store;
 use crate::storefront;
 use serde_json::json;
 use shared::auth::ReplayGuard;
-use shared::catalog::{Catalog, DEMO_CATALOG_JSON};
+use shared::catalog::Catalog;
 use shared::delta::Stored;
 use shared::fence::ErasureFence;
 use shared::keys::UserKey;
@@ -74,14 +74,15 @@ impl Tier {
 }
 
 /// A catalog with rules compiled against it, and the versions they were published as
-/// (0: bundled with the build).
+/// (0: bundled with the build). The catalog is shared: a rules-only update compiles the new
+/// rules against it without copying it (at 100k items a copy is tens of megabytes).
 #[derive(Debug)]
 pub struct Site {
-    pub catalog: Catalog,
+    pub catalog: Rc<Catalog>,
     pub rules: CompiledRules,
     pub catalog_version: u64,
     pub rules_version: u64,
-    catalog_source: Rc<str>,
+    /// Kept to compile the rules again against the next catalog.
     rules_source: Rc<str>,
 }
 
@@ -92,11 +93,10 @@ impl Site {
         let catalog = Catalog::demo().expect("bundled catalog is valid");
         let rules = CompiledRules::demo(&catalog).expect("bundled rules are valid");
         Site {
-            catalog,
+            catalog: Rc::new(catalog),
             rules,
             catalog_version: 0,
             rules_version: 0,
-            catalog_source: Rc::from(DEMO_CATALOG_JSON),
             rules_source: Rc::from(DEMO_RULES_JSON),
         }
     }
@@ -124,6 +124,11 @@ pub struct App {
     /// Profiles whose synced value is in the cache while its KV write is still running.
     writing: RefCell<std::collections::HashSet<UserKey>>,
     config_checked_ms: Cell<Option<u64>>,
+    /// The isolate's first config check has run (on its first request; every later check runs
+    /// off the request path, see [`App::config_refresh_due`]).
+    config_started: Cell<bool>,
+    /// A config check has completed without a failed read.
+    config_loaded: Cell<bool>,
     /// `POST /v1/events` budget per shopper.
     events_limit: RefCell<crate::limit::RateLimiter>,
     /// Identity tokens this isolate refused, by reason.
@@ -158,6 +163,8 @@ impl App {
             in_flight: RefCell::default(),
             writing: RefCell::default(),
             config_checked_ms: Cell::new(None),
+            config_started: Cell::new(false),
+            config_loaded: Cell::new(false),
             tokens_refused: RefCell::default(),
             fence: RefCell::default(),
             fence_version: Cell::new(0),

@@ -36,6 +36,11 @@ pub struct EdgeConfig {
     pub cookie_secure: Option<bool>,
     /// How often an isolate looks for newer catalog/rules in KV.
     pub config_check_ms: u64,
+    /// A document read (catalog, rules, fence) slower than this fails, and is tried again a
+    /// second later. Longer than a profile read's: a new isolate's first request waits for it
+    /// once rather than answer from the bundled demo store, and later checks run after the
+    /// answer (`CONFIG_TIMEOUT_MS`).
+    pub config_timeout_ms: u32,
     /// `POST /v1/events` budget per shopper and isolate: events a second, and the burst.
     pub events_per_sec: u32,
     pub events_burst: u32,
@@ -71,6 +76,7 @@ impl Default for EdgeConfig {
             sync_window_secs: shared::auth::DEFAULT_WINDOW_SECS,
             cookie_secure: None,
             config_check_ms: 30_000,
+            config_timeout_ms: 1_000,
             events_per_sec: 10,
             events_burst: 200,
             token: None,
@@ -139,6 +145,7 @@ impl EdgeConfig {
             3600,
         );
         let check = number("CONFIG_CHECK_SECS", 30, 1, 86_400);
+        let config_timeout = number("CONFIG_TIMEOUT_MS", 1_000, 1, 60_000);
         let skew = number("JWT_CLOCK_SKEW_SECS", 30, 0, crate::token::MAX_SKEW_SECS);
         let events_per_sec = number("EVENTS_PER_SEC", 10, 1, 10_000);
         let events_burst = number("EVENTS_BURST", 200, 1, 100_000);
@@ -150,6 +157,7 @@ impl EdgeConfig {
         c.kv_cache_ttl_s = kv_cache_ttl;
         c.sync_window_secs = window;
         c.config_check_ms = check * 1000;
+        c.config_timeout_ms = config_timeout as u32;
         c.events_per_sec = events_per_sec as u32;
         c.events_burst = events_burst as u32;
         c.render_budget_ms = render_budget as u32;

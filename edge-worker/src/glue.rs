@@ -54,24 +54,19 @@ impl Clock for JsClock {
 struct Kv {
     kv: Option<KvStore>,
     timeout_ms: u32,
+    /// For published documents (`CONFIG_TIMEOUT_MS`); see [`Store::get_document`].
+    document_timeout_ms: u32,
     /// KV's `cacheTtl` for reads (`KV_CACHE_TTL_SECS`).
     cache_ttl_s: u64,
 }
 
 impl Store for Kv {
     async fn get(&self, key: &str) -> std::result::Result<Option<Versioned>, StoreError> {
-        let kv = self.kv.as_ref().ok_or_else(no_binding)?;
-        let read = Box::pin(
-            kv.get(key)
-                .cache_ttl(self.cache_ttl_s)
-                .bytes_with_metadata::<KvMetadata>(),
-        );
-        let timeout = Delay::from(Duration::from_millis(u64::from(self.timeout_ms)));
-        match select(read, timeout).await {
-            Either::Left((Ok((value, meta)), _)) => Ok(value.map(|v| (v, meta.map(|m| m.v)))),
-            Either::Left((Err(e), _)) => Err(StoreError::Backend(e.to_string())),
-            Either::Right(_) => Err(StoreError::Timeout(self.timeout_ms)),
-        }
+        self.read(key, self.timeout_ms).await
+    }
+
+    async fn get_document(&self, key: &str) -> std::result::Result<Option<Versioned>, StoreError> {
+        self.read(key, self.document_timeout_ms).await
     }
 
     async fn put(
@@ -116,12 +111,32 @@ impl Store for Kv {
 }
 
 impl Kv {
-    /// The KV binding as the isolate's settings read it (timeout, `cacheTtl`).
+    /// The KV binding as the isolate's settings read it (timeouts, `cacheTtl`).
     fn of(env: &Env, app: &App) -> Kv {
         Kv {
             kv: env.kv(KV_BINDING).ok(),
             timeout_ms: app.config().kv_timeout_ms,
+            document_timeout_ms: app.config().config_timeout_ms,
             cache_ttl_s: app.config().kv_cache_ttl_s,
+        }
+    }
+
+    async fn read(
+        &self,
+        key: &str,
+        timeout_ms: u32,
+    ) -> std::result::Result<Option<Versioned>, StoreError> {
+        let kv = self.binding()?;
+        let read = Box::pin(
+            kv.get(key)
+                .cache_ttl(self.cache_ttl_s)
+                .bytes_with_metadata::<KvMetadata>(),
+        );
+        let timeout = Delay::from(Duration::from_millis(u64::from(timeout_ms)));
+        match select(read, timeout).await {
+            Either::Left((Ok((value, meta)), _)) => Ok(value.map(|v| (v, meta.map(|m| m.v)))),
+            Either::Left((Err(e), _)) => Err(StoreError::Backend(e.to_string())),
+            Either::Right(_) => Err(StoreError::Timeout(timeout_ms)),
         }
     }
 
@@ -185,7 +200,17 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     if !handled.outbound.is_empty() {
         ctx.wait_until(send_all(handled.outbound, store.kv.clone()));
     }
+    refresh_config_after(&app, store, &ctx);
     into_response(handled.reply)
+}
+
+/// Runs a due config check after the answer (see [`App::config_refresh_due`]).
+fn refresh_config_after(app: &Rc<App>, store: Kv, ctx: &Context) {
+    let now = js_sys::Date::now() as u64;
+    if app.config_refresh_due(now) {
+        let app = app.clone();
+        ctx.wait_until(async move { app.refresh_config(&store, now).await });
+    }
 }
 
 fn too_large(len: u64, limit: u64) -> Reply {

@@ -34,6 +34,14 @@ pub type Versioned = (Vec<u8>, Option<u64>);
 #[allow(async_fn_in_trait)]
 pub trait Store {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+
+    /// A published document (catalog, rules, fence): larger than a profile, read rarely and
+    /// not for one shopper's page, so the KV store gives it a longer timeout
+    /// (`CONFIG_TIMEOUT_MS`) than a profile read.
+    async fn get_document(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.get(key).await
+    }
+
     async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError>;
 
     /// Up to `limit` keys starting with `prefix`. Only the erasure sweep lists; stores that
@@ -55,6 +63,8 @@ pub struct MemoryStore {
     failing_writes: Cell<bool>,
     reads: Cell<u64>,
     writes: Cell<u64>,
+    /// Keys read, in order, since the last [`MemoryStore::take_read_keys`].
+    read_keys: RefCell<Vec<String>>,
 }
 
 impl MemoryStore {
@@ -74,6 +84,11 @@ impl MemoryStore {
 
     pub fn reads(&self) -> u64 {
         self.reads.get()
+    }
+
+    /// The keys read since the last call, in order.
+    pub fn take_read_keys(&self) -> Vec<String> {
+        std::mem::take(&mut *self.read_keys.borrow_mut())
     }
 
     pub fn writes(&self) -> u64 {
@@ -108,6 +123,7 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         self.reads.set(self.reads.get() + 1);
+        self.read_keys.borrow_mut().push(key.to_owned());
         if self.failing.get() {
             return Err(StoreError::Timeout(50));
         }

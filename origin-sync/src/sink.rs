@@ -11,7 +11,7 @@ use crate::clock::now_secs;
 use base64::Engine as _;
 use serde::Deserialize;
 use shared::keys::UserKey;
-use shared::protocol::{KvMetadata, Signed, SyncReply, document_key, route};
+use shared::protocol::{KvMetadata, Signed, SyncReply, document_key, document_version_key, route};
 use shared::wire::{
     Codec, ConfigDoc, MAX_BODY_BYTES, MAX_FRAME_BYTES, SyncBatch, SyncItem, encode_batch,
     encode_stored,
@@ -287,9 +287,31 @@ pub fn kv_bulk_body(batch: &OutBatch) -> serde_json::Value {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut pairs = Vec::with_capacity(batch.items.len() + batch.documents.len());
     for d in &batch.documents {
+        // The catalog as the edge stores it, compiled (it was validated before publication);
+        // the JSON form only should this build fail to compile it, which the edge also reads.
+        let compiled = match d.kind {
+            shared::wire::ConfigKind::Catalog => {
+                shared::catalog::Catalog::from_json(&d.source).ok()
+            }
+            _ => None,
+        };
+        pairs.push(match compiled {
+            Some(c) => serde_json::json!({
+                "key": document_key(d.kind),
+                "value": b64.encode(shared::wire::encode_catalog(&c)),
+                "base64": true,
+                "metadata": KvMetadata { v: d.version },
+            }),
+            None => serde_json::json!({
+                "key": document_key(d.kind),
+                "value": d.source,
+                "metadata": KvMetadata { v: d.version },
+            }),
+        });
+        // the version marker edge isolates check instead of downloading the document
         pairs.push(serde_json::json!({
-            "key": document_key(d.kind),
-            "value": d.source,
+            "key": document_version_key(d.kind),
+            "value": "",
             "metadata": KvMetadata { v: d.version },
         }));
     }
@@ -454,5 +476,45 @@ mod tests {
             }
         );
         assert!(check_frame(&OutBatch::default(), &sync_frame(&OutBatch::default())).is_ok());
+    }
+
+    /// The KV sink stores the catalog as the edge does: compiled, with a version marker.
+    #[test]
+    fn the_kv_sink_writes_the_catalog_compiled_and_version_markers() {
+        use base64::Engine;
+        let doc = |kind, source: &str| ConfigDoc {
+            kind,
+            version: 4,
+            source: source.into(),
+        };
+        let batch = OutBatch {
+            items: Vec::new(),
+            documents: vec![
+                doc(
+                    shared::wire::ConfigKind::Catalog,
+                    shared::catalog::DEMO_CATALOG_JSON,
+                ),
+                doc(shared::wire::ConfigKind::Rules, "{}"),
+            ],
+        };
+        let body = kv_bulk_body(&batch);
+        let pairs = body.as_array().expect("array");
+        let keys: Vec<&str> = pairs.iter().filter_map(|p| p["key"].as_str()).collect();
+        assert_eq!(
+            keys,
+            ["cfg:catalog", "cfg:v:catalog", "cfg:rules", "cfg:v:rules"]
+        );
+        let image = base64::engine::general_purpose::STANDARD
+            .decode(pairs[0]["value"].as_str().expect("value"))
+            .expect("base64");
+        let catalog = shared::wire::decode_catalog(&image).expect("an image");
+        assert_eq!(
+            catalog.fingerprint(),
+            shared::catalog::Catalog::demo()
+                .expect("demo")
+                .fingerprint()
+        );
+        assert!(pairs.iter().all(|p| p["metadata"]["v"] == 4));
+        assert_eq!(pairs[2]["value"], "{}");
     }
 }

@@ -15,7 +15,11 @@
 //!
 //! KV holds one value per shopper under `UserKey::kv_key` (`p:<hex user key>`, a
 //! [`crate::wire::encode_stored`] value) and the published documents under [`document_key`]
-//! (`cfg:catalog`, `cfg:rules`, their JSON source); every value carries [`KvMetadata`]
+//! (`cfg:catalog`: the compiled catalog image, `crate::wire::encode_catalog`, or, as written
+//! before it, the JSON form; `cfg:rules` and `cfg:erasures`: their JSON). Beside each document a
+//! small marker under [`document_version_key`] (`cfg:v:catalog`, …) holds no value, only the
+//! version, written after the document: an isolate checks three markers for newer documents
+//! instead of downloading the documents themselves. Every value carries [`KvMetadata`]
 //! (`{"v": version}`), so a writer can tell what it would replace without decoding it.
 
 use crate::auth::{self, AuthError};
@@ -273,6 +277,16 @@ pub fn document_key(kind: ConfigKind) -> &'static str {
     }
 }
 
+/// The KV key of a published document's version marker (an empty value; the version is in its
+/// [`KvMetadata`]).
+pub fn document_version_key(kind: ConfigKind) -> &'static str {
+    match kind {
+        ConfigKind::Catalog => "cfg:v:catalog",
+        ConfigKind::Rules => "cfg:v:rules",
+        ConfigKind::Erasures => "cfg:v:erasures",
+    }
+}
+
 /// The metadata every KV value carries: the version it holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvMetadata {
@@ -382,6 +396,9 @@ mod tests {
         assert_eq!(document_key(ConfigKind::Catalog), "cfg:catalog");
         assert_eq!(document_key(ConfigKind::Rules), "cfg:rules");
         assert_eq!(document_key(ConfigKind::Erasures), "cfg:erasures");
+        assert_eq!(document_version_key(ConfigKind::Catalog), "cfg:v:catalog");
+        assert_eq!(document_version_key(ConfigKind::Rules), "cfg:v:rules");
+        assert_eq!(document_version_key(ConfigKind::Erasures), "cfg:v:erasures");
         assert_eq!(
             serde_json::to_string(&KvMetadata { v: 3 }).expect("json"),
             r#"{"v":3}"#

@@ -18,7 +18,7 @@ use shared::catalog::Catalog;
 use shared::delta::{self, Applied, ApplyError, Stored};
 use shared::fence::{ErasureFence, FenceError};
 use shared::keys::UserKey;
-use shared::protocol::{Signed, SyncReply};
+use shared::protocol::{Signed, SyncReply, document_key, document_version_key};
 use shared::rules::CompiledRules;
 use shared::wire::{self, ConfigKind, SyncItem};
 use std::rc::Rc;
@@ -254,38 +254,30 @@ impl App {
         if let Some((version, source)) = fence
             && version >= self.fence_version.get()
         {
-            store
-                .put(ERASURES_KEY, source.as_bytes(), version)
-                .await
-                .map_err(|source| EdgeError::KvWrite {
-                    key: ERASURES_KEY.to_owned(),
-                    then: THEN,
-                    source,
-                })?;
+            publish(store, ConfigKind::Erasures, source.as_bytes(), version).await?;
             answer.config += 1;
         }
+        let catalog_version = catalog.as_ref().map(|(v, _)| *v);
+        let rules_doc = rules.clone();
         if catalog.is_some() || rules.is_some() {
-            match self.update_site(catalog.clone(), rules.clone()) {
+            let catalog = catalog.map(|(v, text)| (v, CatalogDoc::Json(text)));
+            match self.update_site(catalog, rules) {
                 Ok(()) => {
+                    // A late or resent batch must not move KV back to an older document.
                     let site = self.site();
-                    for (key, doc, active) in [
-                        (CATALOG_KEY, &catalog, site.catalog_version),
-                        (RULES_KEY, &rules, site.rules_version),
-                    ] {
-                        if let Some((version, source)) = doc {
-                            // A late or resent batch must not move KV back to an older document.
-                            if *version < active {
-                                continue;
-                            }
-                            store.put(key, source.as_bytes(), *version).await.map_err(
-                                |source| EdgeError::KvWrite {
-                                    key: key.to_owned(),
-                                    then: THEN,
-                                    source,
-                                },
-                            )?;
-                            answer.config += 1;
-                        }
+                    if let Some(version) = catalog_version
+                        && version >= site.catalog_version
+                    {
+                        // Stored compiled: other isolates decode it instead of compiling it.
+                        let image = wire::encode_catalog(&site.catalog);
+                        publish(store, ConfigKind::Catalog, &image, version).await?;
+                        answer.config += 1;
+                    }
+                    if let Some((version, source)) = rules_doc
+                        && version >= site.rules_version
+                    {
+                        publish(store, ConfigKind::Rules, source.as_bytes(), version).await?;
+                        answer.config += 1;
                     }
                 }
                 // origin logs and reports it; the active documents stay
@@ -313,7 +305,7 @@ impl App {
     /// newer than the active ones are ignored; on any error nothing changes.
     fn update_site(
         &self,
-        catalog: Option<(u64, String)>,
+        catalog: Option<(u64, CatalogDoc)>,
         rules: Option<(u64, String)>,
     ) -> Result<(), EdgeError> {
         let current = self.site();
@@ -322,17 +314,17 @@ impl App {
         if catalog.is_none() && rules.is_none() {
             return Ok(());
         }
-        let (catalog_version, catalog_source, compiled_catalog) = match catalog {
-            Some((v, src)) => {
-                let c = Catalog::from_json(&src)
-                    .map_err(|source| EdgeError::Catalog { version: v, source })?;
-                (v, Rc::from(src), c)
-            }
-            None => (
-                current.catalog_version,
-                current.catalog_source.clone(),
-                current.catalog.clone(),
+        let (catalog_version, compiled_catalog) = match catalog {
+            Some((v, CatalogDoc::Json(src))) => (
+                v,
+                Rc::new(
+                    Catalog::from_json(&src)
+                        .map_err(|source| EdgeError::Catalog { version: v, source })?,
+                ),
             ),
+            Some((v, CatalogDoc::Compiled(c))) => (v, Rc::from(c)),
+            // a rules-only update: the catalog is shared, not copied
+            None => (current.catalog_version, current.catalog.clone()),
         };
         let (rules_version, rules_source) = match rules {
             Some((v, src)) => (v, Rc::from(src)),
@@ -348,55 +340,134 @@ impl App {
             rules: compiled_rules,
             catalog_version,
             rules_version,
-            catalog_source,
             rules_source,
         });
         Ok(())
     }
 
-    /// Picks up catalog/rules another isolate stored, at most every `config_check_ms`.
-    pub(super) async fn refresh_site<S: Store>(&self, store: &S, now_ms: u64) {
-        let due = self
-            .config_checked_ms
+    fn config_due(&self, now_ms: u64) -> bool {
+        self.config_checked_ms
             .get()
-            .is_none_or(|t| now_ms.saturating_sub(t) >= self.config.config_check_ms);
-        if !due {
+            .is_none_or(|t| now_ms.saturating_sub(t) >= self.config.config_check_ms)
+    }
+
+    /// Whether a config check is due that the runtime should run after the answer (with
+    /// `ctx.wait_until`, through [`App::refresh_config`]): every check after an isolate's
+    /// first runs off the request path, so no shopper waits for KV because the catalog might
+    /// have changed.
+    pub fn config_refresh_due(&self, now_ms: u64) -> bool {
+        self.config_started.get() && self.config_due(now_ms)
+    }
+
+    /// A config check, off the request path (see [`App::config_refresh_due`]).
+    pub async fn refresh_config<S: Store>(&self, store: &S, now_ms: u64) {
+        self.refresh_site(store, now_ms).await;
+    }
+
+    /// On a request: the isolate's first config check is made before it answers, so a new
+    /// isolate does not answer from the bundled demo store while KV holds the published one
+    /// (its reads wait up to `CONFIG_TIMEOUT_MS`, not a profile read's `KV_TIMEOUT_MS`).
+    pub(super) async fn first_config_check<S: Store>(&self, store: &S, now_ms: u64) {
+        if !self.config_started.get() {
+            self.refresh_site(store, now_ms).await;
+        }
+    }
+
+    /// Picks up catalog, rules and fence another isolate stored, at most every
+    /// `config_check_ms`: first the three version markers (empty values), then only the
+    /// documents newer than this isolate's.
+    pub(super) async fn refresh_site<S: Store>(&self, store: &S, now_ms: u64) {
+        if !self.config_due(now_ms) {
             return;
         }
         self.config_checked_ms.set(Some(now_ms));
-        // the three reads at once: a new isolate's first request waits for one KV round trip
-        // (bounded by KV_TIMEOUT_MS), not three
+        self.config_started.set(true);
+        // until a check has completed, documents without a marker are read too
+        let first = !self.config_loaded.get();
+        let active = {
+            let site = self.site();
+            [
+                site.catalog_version,
+                site.rules_version,
+                self.fence_version.get(),
+            ]
+        };
+        const KINDS: [ConfigKind; 3] =
+            [ConfigKind::Catalog, ConfigKind::Rules, ConfigKind::Erasures];
+        let [c, r, f] = KINDS.map(document_version_key);
+        // all reads at once: a new isolate's first request waits for two KV round trips
+        let (c, r, f) = futures_util::future::join3(store.get(c), store.get(r), store.get(f)).await;
+        let mut failed = false;
+        let mut marked = [None; 3];
+        let mut wanted = [false; 3];
+        for (i, read) in [c, r, f].into_iter().enumerate() {
+            let (Some(want), Some(mark), Some(kind), Some(active)) = (
+                wanted.get_mut(i),
+                marked.get_mut(i),
+                KINDS.get(i),
+                active.get(i),
+            ) else {
+                continue;
+            };
+            match read {
+                Ok(Some((_, Some(version)))) => {
+                    *mark = Some(version);
+                    *want = version > *active;
+                }
+                // No marker: nothing published yet, or written before markers existed (read
+                // once; every writer since writes markers).
+                Ok(_) => *want = first,
+                Err(e) => {
+                    failed = true;
+                    log::warn(&format!(
+                        "config check: could not read {}: {e}",
+                        document_version_key(*kind)
+                    ));
+                }
+            }
+        }
+        let fetch = |want: bool, key: &'static str| async move {
+            if want {
+                Some(store.get_document(key).await)
+            } else {
+                None
+            }
+        };
+        let [wc, wr, wf] = wanted;
         let (catalog, rules, fence) = futures_util::future::join3(
-            store.get(CATALOG_KEY),
-            store.get(RULES_KEY),
-            store.get(ERASURES_KEY),
+            fetch(wc, CATALOG_KEY),
+            fetch(wr, RULES_KEY),
+            fetch(wf, ERASURES_KEY),
         )
         .await;
-        let mut docs = [None, None, None];
-        let mut failed = false;
-        for ((slot, key), read) in docs
+        let mut docs: [Option<(u64, Vec<u8>)>; 3] = [None, None, None];
+        for (((slot, key), read), mark) in docs
             .iter_mut()
             .zip([CATALOG_KEY, RULES_KEY, ERASURES_KEY])
             .zip([catalog, rules, fence])
+            .zip(marked)
         {
             // Each failure keeps the active document; said here since no request reports it.
             match read {
-                Ok(None) => {}
-                Ok(Some((_, None))) => log::warn(&format!(
+                None | Some(Ok(None)) => {}
+                Some(Ok(Some((_, None)))) => log::warn(&format!(
                     "config check: {key} in KV has no version metadata; publish it through origin"
                 )),
-                Ok(Some((bytes, Some(version)))) => match String::from_utf8(bytes) {
-                    Ok(text) => *slot = Some((version, text)),
-                    Err(_) => log::warn(&format!(
-                        "config check: {key} version {version} in KV is not UTF-8; republish it"
-                    )),
-                },
-                Err(e) => {
+                Some(Ok(Some((bytes, Some(version))))) => {
+                    // the marker of a newer document arrived here before the document did
+                    // (KV propagates keys independently): look again soon
+                    if mark.is_some_and(|m| m > version) {
+                        failed = true;
+                    }
+                    *slot = Some((version, bytes));
+                }
+                Some(Err(e)) => {
                     failed = true;
                     log::warn(&format!("config check: could not read {key}: {e}"));
                 }
             }
         }
+        self.config_loaded.set(self.config_loaded.get() || !failed);
         if failed {
             // A slow or failed read is tried again in CONFIG_RETRY_MS, not a whole check
             // interval later: a new isolate must not serve the bundled store for 30 s because
@@ -406,13 +477,41 @@ impl App {
                 .set(Some(retry_at.saturating_sub(self.config.config_check_ms)));
         }
         let [catalog, rules, fence] = docs;
-        if let Some((version, source)) = fence
+        let text = |key: &str, (version, bytes): (u64, Vec<u8>)| match String::from_utf8(bytes) {
+            Ok(text) => Some((version, text)),
+            Err(_) => {
+                log::warn(&format!(
+                    "config check: {key} version {version} in KV is not UTF-8; republish it"
+                ));
+                None
+            }
+        };
+        if let Some((version, source)) = fence.and_then(|d| text(ERASURES_KEY, d))
             && let Err(e) = self.update_fence(version, &source, now_ms)
         {
             log::warn(&format!(
                 "config check: kept the erasure fence this isolate has; the one in KV is unusable: {e}"
             ));
         }
+        let catalog = catalog.and_then(|(version, bytes)| {
+            if !wire::is_catalog_image(&bytes) {
+                return text(CATALOG_KEY, (version, bytes))
+                    .map(|(v, t)| (v, CatalogDoc::Json(t)));
+            }
+            if version <= active[0] {
+                return None;
+            }
+            match wire::decode_catalog(&bytes) {
+                Ok(c) => Some((version, CatalogDoc::Compiled(Box::new(c)))),
+                Err(e) => {
+                    log::warn(&format!(
+                        "config check: kept the active catalog; {CATALOG_KEY} version {version} in KV is unusable: {e}"
+                    ));
+                    None
+                }
+            }
+        });
+        let rules = rules.and_then(|d| text(RULES_KEY, d));
         // `/v1/sync` refuses a bad document before it reaches KV, so one found here was
         // written some other way; this isolate keeps serving what it has.
         if let Err(e) = self.update_site(catalog, rules) {
@@ -421,6 +520,37 @@ impl App {
             ));
         }
     }
+}
+
+/// A catalog as it arrives: JSON to compile (from origin, or KV written before images), or an
+/// image already compiled (`wire::decode_catalog`).
+pub(super) enum CatalogDoc {
+    Json(String),
+    Compiled(Box<Catalog>),
+}
+
+/// Stores a published document for other isolates, then its version marker (written second,
+/// so a marker never names a document KV does not hold here).
+async fn publish<S: Store>(
+    store: &S,
+    kind: ConfigKind,
+    bytes: &[u8],
+    version: u64,
+) -> Result<(), EdgeError> {
+    for (key, value) in [
+        (document_key(kind), bytes),
+        (document_version_key(kind), &[][..]),
+    ] {
+        store
+            .put(key, value, version)
+            .await
+            .map_err(|source| EdgeError::KvWrite {
+                key: key.to_owned(),
+                then: "retry the batch",
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// How soon a config check whose KV read failed or timed out is made again.

@@ -128,10 +128,16 @@ impl World {
         self.clock.0.set(self.clock.0.get() + ms as f64);
     }
 
+    /// One request, then what the runtime runs after the answer (`ctx.wait_until`): the
+    /// config check, when one is due.
     fn send(&self, req: HttpRequest) -> Handled {
-        run(self
+        let handled = run(self
             .app
-            .handle(&self.store, &self.clock, &req, || [0x11; 16]))
+            .handle(&self.store, &self.clock, &req, || [0x11; 16]));
+        if self.app.config_refresh_due(self.now()) {
+            run(self.app.refresh_config(&self.store, self.now()));
+        }
+        handled
     }
 
     fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {

@@ -174,6 +174,7 @@ pub async fn forward(
     if !outbound.is_empty() {
         ctx.wait_until(send_all(outbound, store.kv.clone()));
     }
+    super::refresh_config_after(&app, store, ctx);
     Ok(page)
 }
 

@@ -1,7 +1,9 @@
 //! Catalog and rules published through `/v1/sync`, hot reloaded by version, and picked up
 //! from KV by other isolates.
 
+use super::super::sync::CONFIG_RETRY_MS;
 use super::*;
+use shared::catalog::DEMO_CATALOG_JSON;
 
 #[test]
 fn config_is_published_through_sync_and_hot_reloaded_by_version() {
@@ -163,4 +165,161 @@ fn a_failed_first_read_is_retried_in_a_second_not_after_the_check_interval() {
         (Some(4), Some(7)),
         "{h}"
     );
+}
+
+fn catalog_doc(version: u64, source: &str) -> SyncItem {
+    SyncItem::Config(ConfigDoc {
+        kind: ConfigKind::Catalog,
+        version,
+        source: source.into(),
+    })
+}
+
+/// The isolate that receives a catalog compiles it once and stores it compiled, with a version
+/// marker; another isolate loads the image without compiling, and later checks read only the
+/// three markers while nothing changed.
+#[test]
+fn a_published_catalog_is_stored_compiled_and_checked_by_version() {
+    let w = World::new();
+    w.sync(vec![catalog_doc(5, DEMO_CATALOG_JSON)]);
+    let (stored, version) = w.store.raw(CATALOG_KEY).expect("stored");
+    assert!(wire::is_catalog_image(&stored), "stored as an image");
+    assert_eq!(version, Some(5));
+    let marker = shared::protocol::document_version_key(ConfigKind::Catalog);
+    assert_eq!(w.store.raw(marker), Some((Vec::new(), Some(5))));
+
+    let other = World {
+        app: App::new(config()),
+        store: MemoryStore::new(),
+        clock: TestClock(Cell::new(w.now() as f64)),
+    };
+    for (k, (v, meta)) in w.store.entries() {
+        other.store.insert_raw(&k, v, meta);
+    }
+    let h = other.get("/healthz", &[]).body_json();
+    assert_eq!(h["catalog_version"], 5, "{h}");
+    assert_eq!(
+        other.app.site().catalog.fingerprint(),
+        w.app.site().catalog.fingerprint()
+    );
+    // nothing new: a check reads the three markers, no document
+    other.advance(30_001);
+    other.store.take_read_keys();
+    other.get("/healthz", &[]);
+    assert_eq!(
+        other.store.take_read_keys(),
+        ["cfg:v:catalog", "cfg:v:rules", "cfg:v:erasures"]
+    );
+    // a newer marker: the document is read
+    w.sync(vec![catalog_doc(6, DEMO_CATALOG_JSON)]);
+    for key in [CATALOG_KEY, marker] {
+        let (v, meta) = w.store.raw(key).expect("stored");
+        other.store.insert_raw(key, v, meta);
+    }
+    other.advance(30_001);
+    other.store.take_read_keys();
+    assert_eq!(other.get("/healthz", &[]).body_json()["catalog_version"], 6);
+    assert_eq!(
+        other.store.take_read_keys(),
+        [
+            "cfg:v:catalog",
+            "cfg:v:rules",
+            "cfg:v:erasures",
+            CATALOG_KEY
+        ]
+    );
+}
+
+/// A marker that arrived before its document (KV propagates keys independently) is looked at
+/// again a second later, not a whole interval later.
+#[test]
+fn a_marker_ahead_of_its_document_is_checked_again_soon() {
+    let w = World::new();
+    let marker = shared::protocol::document_version_key(ConfigKind::Rules);
+    w.store
+        .insert_raw(RULES_KEY, DEMO_RULES_JSON.as_bytes().to_vec(), Some(3));
+    w.store.insert_raw(marker, Vec::new(), Some(4));
+    assert_eq!(w.get("/healthz", &[]).body_json()["rules_version"], 3);
+    let rules4 = format!("{DEMO_RULES_JSON}\n");
+    w.store.insert_raw(RULES_KEY, rules4.into_bytes(), Some(4));
+    w.advance(CONFIG_RETRY_MS + 1);
+    assert_eq!(w.get("/healthz", &[]).body_json()["rules_version"], 4);
+}
+
+/// After an isolate's first request, config checks run after the answer (`wait_until`), so
+/// no page waits for KV because the catalog might have changed.
+#[test]
+fn later_config_checks_run_off_the_request_path() {
+    let w = World::new();
+    w.store
+        .insert_raw(RULES_KEY, DEMO_RULES_JSON.as_bytes().to_vec(), Some(3));
+    // the first request checks before it answers
+    let page = |w: &World| {
+        run(w
+            .app
+            .handle(&w.store, &w.clock, &HttpRequest::get("/"), || [1; 16]))
+    };
+    page(&w);
+    assert_eq!(w.app.site().rules_version, 3);
+    assert!(!w.app.config_refresh_due(w.now()));
+    // published as every writer does: the document, then its marker
+    w.store
+        .insert_raw(RULES_KEY, DEMO_RULES_JSON.as_bytes().to_vec(), Some(4));
+    let marker = shared::protocol::document_version_key(ConfigKind::Rules);
+    w.store.insert_raw(marker, Vec::new(), Some(4));
+    w.advance(30_001);
+    w.store.take_read_keys();
+    assert_eq!(page(&w).reply.status, 200);
+    let read = w.store.take_read_keys();
+    assert!(
+        read.iter().all(|k| !k.starts_with("cfg:")),
+        "the page read no document or marker: {read:?}"
+    );
+    assert_eq!(w.app.site().rules_version, 3);
+    assert!(
+        w.app.config_refresh_due(w.now()),
+        "the runtime is asked to check"
+    );
+    run(w.app.refresh_config(&w.store, w.now()));
+    assert_eq!(w.app.site().rules_version, 4);
+    assert!(!w.app.config_refresh_due(w.now()));
+}
+
+/// New rules compile against the active catalog, which is shared, not copied.
+#[test]
+fn a_rules_only_update_keeps_the_same_catalog() {
+    let w = World::new();
+    w.sync(vec![catalog_doc(5, DEMO_CATALOG_JSON)]);
+    let before = w.app.site();
+    w.sync(vec![SyncItem::Config(ConfigDoc {
+        kind: ConfigKind::Rules,
+        version: 9,
+        source: format!("{DEMO_RULES_JSON}\n"),
+    })]);
+    let after = w.app.site();
+    assert_eq!(after.rules_version, 9);
+    assert!(Rc::ptr_eq(&before.catalog, &after.catalog));
+}
+
+/// KV written before catalog images (the JSON form, no marker) is still read.
+#[test]
+fn a_catalog_in_its_json_form_without_a_marker_is_still_read() {
+    let w = World::new();
+    w.store
+        .insert_raw(CATALOG_KEY, DEMO_CATALOG_JSON.as_bytes().to_vec(), Some(2));
+    assert_eq!(w.get("/healthz", &[]).body_json()["catalog_version"], 2);
+}
+
+/// A damaged image in KV is refused (logged), and the active catalog kept.
+#[test]
+fn a_damaged_catalog_image_is_refused_and_the_active_catalog_kept() {
+    let w = World::new();
+    let mut image = wire::encode_catalog(&w.app.site().catalog);
+    let n = image.len();
+    image.truncate(n - 3);
+    w.store.insert_raw(CATALOG_KEY, image, Some(8));
+    log::take();
+    assert_eq!(w.get("/healthz", &[]).body_json()["catalog_version"], 0);
+    let logged = log::take().join("\n");
+    assert!(logged.contains("version 8 in KV is unusable"), "{logged}");
 }
