@@ -120,6 +120,17 @@ impl KvServer {
         })
     }
 
+    /// Stores `value` under `key` with `{"v": version}` as its metadata, as the worker's
+    /// writes do.
+    pub fn insert(&self, key: &str, value: Vec<u8>, version: u64) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.insert(
+                key.to_owned(),
+                (value, Some(format!("{{\"v\":{version}}}"))),
+            );
+        }
+    }
+
     /// KV down (every request answered 503) or back up.
     pub fn set_failing(&self, down: bool) {
         self.failing.store(down, Ordering::Relaxed);
@@ -170,8 +181,22 @@ impl Workerd {
     /// port with `vars` over the development ones, its config and log under `dir`, and waits
     /// for `/healthz`.
     pub fn start(bundle: &Path, dir: &Path, vars: &[(&str, &str)]) -> Result<Workerd, String> {
-        let bin = workerd_binary().ok_or("workerd is not installed; run `cargo xtask setup`")?;
         let kv = KvServer::start().map_err(|e| format!("the KV service: {e}"))?;
+        let mut wd = Workerd::start_cold(bundle, dir, vars, kv)?;
+        wd.service
+            .wait_healthy("/healthz", Duration::from_secs(30))?;
+        Ok(wd)
+    }
+
+    /// Starts the worker over an existing KV and returns once workerd accepts connections,
+    /// without a request: the isolate's first request is the caller's (cold-start timings).
+    pub fn start_cold(
+        bundle: &Path,
+        dir: &Path,
+        vars: &[(&str, &str)],
+        kv: KvServer,
+    ) -> Result<Workerd, String> {
+        let bin = workerd_binary().ok_or("workerd is not installed; run `cargo xtask setup`")?;
         let port = free_port().map_err(|e| e.to_string())?;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let utf8 = |s: &[u8]| String::from_utf8_lossy(s).into_owned();
@@ -233,8 +258,35 @@ impl Workerd {
             Command::new(&bin).arg("serve").arg(&config_path),
             &dir.join("workerd.log"),
         )?;
-        service.wait_healthy("/healthz", Duration::from_secs(30))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = service.exited() {
+                return Err(format!("workerd exited ({status}):\n{}", service.log()));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "workerd did not listen in 30 s:\n{}",
+                    service.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Ok(Workerd { port, kv, service })
+    }
+
+    /// workerd's resident memory now, in bytes (`VmRSS`).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.service.pid())).ok()?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+        Some(kb * 1024)
     }
 
     /// workerd's output so far.

@@ -129,6 +129,8 @@ pub struct App {
     config_started: Cell<bool>,
     /// A config check has completed without a failed read.
     config_loaded: Cell<bool>,
+    /// What the last check that took in a document cost.
+    config_load: Cell<Option<sync::ConfigLoad>>,
     /// `POST /v1/events` budget per shopper.
     events_limit: RefCell<crate::limit::RateLimiter>,
     /// Identity tokens this isolate refused, by reason.
@@ -165,6 +167,7 @@ impl App {
             config_checked_ms: Cell::new(None),
             config_started: Cell::new(false),
             config_loaded: Cell::new(false),
+            config_load: Cell::new(None),
             tokens_refused: RefCell::default(),
             fence: RefCell::default(),
             fence_version: Cell::new(0),
@@ -206,7 +209,7 @@ impl App {
             ("GET", "/healthz") => {
                 // report what KV holds (as often as pages check it), not only what this
                 // isolate happened to load: a fresh isolate has served no page yet
-                self.refresh_site(store, now_ms).await;
+                self.refresh_site(store, clock).await;
                 Ok(self.healthz().into())
             }
             ("GET", "/sdk.js") => Ok(storefront::sdk().into()),
@@ -248,6 +251,13 @@ impl App {
                 "rules_version": site.rules_version,
                 // SKUs whose item ids collide: served, but profiles cannot tell each pair apart
                 "catalog_id_collisions": site.catalog.id_collisions().len(),
+                "catalog_items": site.catalog.len(),
+                // the last config check that loaded a document, by phase
+                "config_load": self.config_load.get().map(|l| json!({
+                    "markers_ms": l.markers_ms, "documents_ms": l.documents_ms,
+                    "decode_ms": l.decode_ms, "compile_ms": l.compile_ms,
+                    "catalog_bytes": l.catalog_bytes,
+                })),
                 "cache": { "entries": entries, "bytes": bytes },
                 // recent erasures every read here is checked against, and origin's version
                 "erasure_fence": {

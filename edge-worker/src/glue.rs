@@ -209,7 +209,7 @@ fn refresh_config_after(app: &Rc<App>, store: Kv, ctx: &Context) {
     let now = js_sys::Date::now() as u64;
     if app.config_refresh_due(now) {
         let app = app.clone();
-        ctx.wait_until(async move { app.refresh_config(&store, now).await });
+        ctx.wait_until(async move { app.refresh_config(&store, &JsClock).await });
     }
 }
 

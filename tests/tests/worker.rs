@@ -12,7 +12,7 @@ use shared::event::parse_event;
 use shared::fold::fold;
 use shared::keys::UserKey;
 use shared::profile::Profile;
-use shared::wire::{Codec, SyncBatch, SyncItem, encode_batch};
+use shared::wire::{Codec, ConfigKind, SyncBatch, SyncItem, encode_batch};
 use std::time::Duration;
 use tests::{FakeOrigin, HttpResponse, Service, http, start_worker_with, temp_dir, worker_bundle};
 
@@ -1002,4 +1002,68 @@ fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
         stale.text()
     );
     w.kv.set_failing(false);
+}
+
+/// A new isolate whose KV holds a published catalog (stored compiled, as the edge stores it)
+/// answers its very first request from that catalog, never from the bundled demo store; and
+/// a catalog of the largest size a catalog may have (100k items) with 500 rules loads.
+#[test]
+fn a_new_isolate_answers_its_first_request_from_the_published_catalog_even_at_100k_items() {
+    use shared::protocol::{CATALOG_KEY, RULES_KEY, document_version_key};
+    let Some(bundle) = tests::worker_bundle() else {
+        skip(
+            "the worker bundle",
+            "run `cargo xtask test`, which builds it first",
+        );
+        return;
+    };
+    if tests::workerd::workerd_binary().is_none() {
+        skip("workerd", "run `cargo xtask setup` (wrangler brings it)");
+        return;
+    }
+    let items = shared::catalog::MAX_ITEMS;
+    let toml = shared::synthetic::catalog_toml(items, 1000, 7);
+    let catalog = shared::catalog::Catalog::from_toml(&toml).expect("valid catalog");
+    assert_eq!(catalog.len(), items);
+    let rules = shared::synthetic::rules_toml(500, &catalog, 3);
+    let rules = shared::catalog::toml_to_json(&rules).expect("rules json");
+    let kv = tests::workerd::KvServer::start().expect("kv");
+    let image = shared::wire::encode_catalog(&catalog);
+    assert!(
+        image.len() < 25 << 20,
+        "{} B: past Workers KV's 25 MiB value limit",
+        image.len()
+    );
+    kv.insert(CATALOG_KEY, image, 3);
+    kv.insert(RULES_KEY, rules.into_bytes(), 3);
+    for kind in [ConfigKind::Catalog, ConfigKind::Rules] {
+        kv.insert(document_version_key(kind), Vec::new(), 3);
+    }
+    let dir = tests::temp_dir("worker-cold-100k");
+    let w = tests::workerd::Workerd::start_cold(&bundle, &dir, &[], kv).expect("workerd");
+    let auth = tests::bearer("cold-shopper");
+    let r = http(
+        w.port,
+        "GET",
+        "/v1/recommendations?slot=home&k=8",
+        &[("authorization", auth.as_str())],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let skus: Vec<String> = json(&r)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["sku"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !skus.is_empty() && skus.iter().all(|s| s.starts_with("sku-")),
+        "the first answer is not from the published catalog: {skus:?}\n{}",
+        w.log()
+    );
+    let h = json(&http(w.port, "GET", "/healthz", &[], b"").unwrap());
+    assert_eq!(h["catalog_version"], 3, "{h}");
+    assert_eq!(h["catalog_items"], items, "{h}");
+    assert_eq!(h["rules_version"], 3, "{h}");
 }

@@ -224,7 +224,7 @@ fn bench(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     step(
-        "building the native benchmark binaries (origin-sync, origin-sync-bench, system-bench, edge-load, proxy-ttfb, bench-report, edge-topology)",
+        "building the native benchmark binaries (origin-sync, origin-sync-bench, system-bench, edge-load, cold-start, proxy-ttfb, bench-report, edge-topology)",
     );
     Cmd::new("cargo")
         .args([
@@ -242,7 +242,7 @@ fn bench(extra: &[String]) -> Result<()> {
             "origin-sync",
         ])
         .args(["-p", "tests", "--bin", "system-bench", "--bin", "edge-load"])
-        .args(["--bin", "proxy-ttfb"])
+        .args(["--bin", "proxy-ttfb", "--bin", "cold-start"])
         .args(["--bin", "bench-report"])
         .args(["-p", "edgewise-sim", "--bin", "edge-topology"])
         .cwd(root())
@@ -270,6 +270,10 @@ fn bench(extra: &[String]) -> Result<()> {
         "edge: load on workerd (wrk against wrangler dev, then standalone workerd with CPU time per request; about two minutes)",
     );
     on_the_bundle(bin("edge-load")).arg("8").run()?;
+    step(
+        "edge: cold isolates on standalone workerd with catalogs of 320, 10k and 100k items (a new workerd per sample)",
+    );
+    on_the_bundle(bin("cold-start")).arg("5").run()?;
     step(
         "proxy mode: the demo site's pages direct, passed through and personalized (TTFB, last byte)",
     );

@@ -69,7 +69,7 @@ impl App {
         mint: impl FnOnce() -> [u8; 16],
     ) -> PagePersonalization {
         let who = self.page_identity(req, now_ms, mint);
-        self.first_config_check(store, now_ms).await;
+        self.first_config_check(store, clock).await;
         let shown = self.adopt_session(req, &who, now_ms);
         let stitched = self.stitch(store, req, &who, now_ms).await;
         let key = self.key_of(&who);

@@ -48,7 +48,7 @@ impl App {
         mint: impl FnOnce() -> [u8; 16],
     ) -> Result<Handled, EdgeError> {
         let who = self.identify(req, now_ms, mint)?;
-        self.first_config_check(store, now_ms).await;
+        self.first_config_check(store, clock).await;
         // what the shopper was last shown, wherever that was (`shared::session`)
         let shown = self.adopt_session(req, &who, now_ms);
         // before the route, so what it answers already shows the joined profile

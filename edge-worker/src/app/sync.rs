@@ -10,7 +10,7 @@ use super::{
     App, CATALOG_KEY, ERASURES_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site,
     decode_stored, read_profile,
 };
-use crate::http::{EdgeError, HttpRequest, Reply};
+use crate::http::{Clock, EdgeError, HttpRequest, Reply};
 use crate::log;
 use crate::store::Store;
 use shared::auth::AuthError;
@@ -360,23 +360,25 @@ impl App {
     }
 
     /// A config check, off the request path (see [`App::config_refresh_due`]).
-    pub async fn refresh_config<S: Store>(&self, store: &S, now_ms: u64) {
-        self.refresh_site(store, now_ms).await;
+    pub async fn refresh_config<S: Store>(&self, store: &S, clock: &dyn Clock) {
+        self.refresh_site(store, clock).await;
     }
 
     /// On a request: the isolate's first config check is made before it answers, so a new
     /// isolate does not answer from the bundled demo store while KV holds the published one
     /// (its reads wait up to `CONFIG_TIMEOUT_MS`, not a profile read's `KV_TIMEOUT_MS`).
-    pub(super) async fn first_config_check<S: Store>(&self, store: &S, now_ms: u64) {
+    pub(super) async fn first_config_check<S: Store>(&self, store: &S, clock: &dyn Clock) {
         if !self.config_started.get() {
-            self.refresh_site(store, now_ms).await;
+            self.refresh_site(store, clock).await;
         }
     }
 
     /// Picks up catalog, rules and fence another isolate stored, at most every
     /// `config_check_ms`: first the three version markers (empty values), then only the
     /// documents newer than this isolate's.
-    pub(super) async fn refresh_site<S: Store>(&self, store: &S, now_ms: u64) {
+    pub(super) async fn refresh_site<S: Store>(&self, store: &S, clock: &dyn Clock) {
+        let started = clock.now_ms();
+        let now_ms = started as u64;
         if !self.config_due(now_ms) {
             return;
         }
@@ -434,12 +436,14 @@ impl App {
             }
         };
         let [wc, wr, wf] = wanted;
+        let markers_at = clock.now_ms();
         let (catalog, rules, fence) = futures_util::future::join3(
             fetch(wc, CATALOG_KEY),
             fetch(wr, RULES_KEY),
             fetch(wf, ERASURES_KEY),
         )
         .await;
+        let read_at = clock.now_ms();
         let mut docs: [Option<(u64, Vec<u8>)>; 3] = [None, None, None];
         for (((slot, key), read), mark) in docs
             .iter_mut()
@@ -493,6 +497,7 @@ impl App {
                 "config check: kept the erasure fence this isolate has; the one in KV is unusable: {e}"
             ));
         }
+        let catalog_bytes = catalog.as_ref().map_or(0, |(_, b)| b.len());
         let catalog = catalog.and_then(|(version, bytes)| {
             if !wire::is_catalog_image(&bytes) {
                 return text(CATALOG_KEY, (version, bytes))
@@ -512,6 +517,8 @@ impl App {
             }
         });
         let rules = rules.and_then(|d| text(RULES_KEY, d));
+        let decoded_at = clock.now_ms();
+        let loads = catalog.is_some() || rules.is_some();
         // `/v1/sync` refuses a bad document before it reaches KV, so one found here was
         // written some other way; this isolate keeps serving what it has.
         if let Err(e) = self.update_site(catalog, rules) {
@@ -519,7 +526,33 @@ impl App {
                 "config check: kept the active catalog and rules; the one in KV is unusable: {e}"
             ));
         }
+        if loads {
+            // what loading documents cost this isolate, for /healthz (on a cold isolate this
+            // is most of its first answer)
+            let done = clock.now_ms();
+            self.config_load.set(Some(ConfigLoad {
+                markers_ms: markers_at - started,
+                documents_ms: read_at - markers_at,
+                decode_ms: decoded_at - read_at,
+                compile_ms: done - decoded_at,
+                catalog_bytes,
+            }));
+        }
     }
+}
+
+/// The time the last config check that took in a document spent, by phase.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConfigLoad {
+    /// Reading the three version markers.
+    pub markers_ms: f64,
+    /// Reading the newer documents.
+    pub documents_ms: f64,
+    /// Decoding the catalog image (or nothing, for JSON).
+    pub decode_ms: f64,
+    /// Compiling (rules; a JSON catalog) and switching.
+    pub compile_ms: f64,
+    pub catalog_bytes: usize,
 }
 
 /// A catalog as it arrives: JSON to compile (from origin, or KV written before images), or an

@@ -135,7 +135,7 @@ impl World {
             .app
             .handle(&self.store, &self.clock, &req, || [0x11; 16]));
         if self.app.config_refresh_due(self.now()) {
-            run(self.app.refresh_config(&self.store, self.now()));
+            run(self.app.refresh_config(&self.store, &self.clock));
         }
         handled
     }

@@ -280,7 +280,7 @@ fn later_config_checks_run_off_the_request_path() {
         w.app.config_refresh_due(w.now()),
         "the runtime is asked to check"
     );
-    run(w.app.refresh_config(&w.store, w.now()));
+    run(w.app.refresh_config(&w.store, &w.clock));
     assert_eq!(w.app.site().rules_version, 4);
     assert!(!w.app.config_refresh_due(w.now()));
 }

@@ -238,7 +238,7 @@ fn me_at(app: &App, w: &World) -> Value {
     let reply = run(app.handle(&w.store, &w.clock, &req, || [0x22; 16])).reply;
     // what the runtime runs after the answer
     if app.config_refresh_due(w.now()) {
-        run(app.refresh_config(&w.store, w.now()));
+        run(app.refresh_config(&w.store, &w.clock));
     }
     reply.body_json()["profile"].clone()
 }
