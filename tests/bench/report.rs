@@ -1,6 +1,7 @@
 //! Writes `BENCHMARKS.md` and its latency plot from the figures the benchmarks of one
 //! `cargo xtask bench` run left in `EDGEWISE_BENCH_OUT` (`sizes.json`, `bundle.json`,
-//! `origin-sqlite.json`, `origin-memory.json`, `edge-load.json`, `cold-start.json`, `system.json`, and the edge
+//! `origin-sqlite.json`, `origin-memory.json`, `edge-load.json`, `cold-start.json`,
+//! `wasm-recommend.json`, `system.json`, and the edge
 //! topology simulator's `topology.json`).
 //! Usage: `bench-report OUT_DIR REPO_ROOT`.
 
@@ -164,6 +165,7 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
     );
     md += &format!("![latency distributions]({PLOT})\n\n");
     md += &standalone_section(&edge);
+    md += &wasm_recommend_section(dir);
     md += &cold_start_section(dir);
     md += &proxy_section(dir);
     md += &topology_section(&topology);
@@ -549,6 +551,35 @@ fn standalone_section(edge: &Value) -> String {
         verdict(cpu_p99 <= 1000.0),
     );
     md
+}
+
+/// The recommender inside wasm under V8 (`cargo xtask wasm-bench`), when it ran.
+fn wasm_recommend_section(dir: &Path) -> String {
+    let Ok(w) = load(dir, "wasm-recommend.json") else {
+        return String::new();
+    };
+    let p99 = num(&w["p99_us"]);
+    format!(
+        "## The recommender inside wasm\n\n`cargo xtask wasm-bench`: the recommender and the \
+         catalog decoder compiled for wasm32 with the worker's profile (`shared` at opt-level 2), \
+         run under Node {} (V8, the engine Workers run), timed one call at a time with \
+         `process.hrtime` (the timer alone: {:.2} µs) after 2,000 warm-up calls; {} items, {} \
+         rules, {} calls over 64 shoppers.\n\n\
+         | figure | measured | target | |\n| --- | ---: | --- | --- |\n\
+         | recommend p50 / p90 | {:.1} / {:.1} µs | | |\n\
+         | recommend p99 | {p99:.1} µs | ≤ 100 µs | {} |\n\
+         | decode the catalog image (as a new isolate does), first / p50 of 7 | {:.1} / {:.1} ms | | |\n\n",
+        w["node"].as_str().unwrap_or("?"),
+        num(&w["timer_p50_us"]),
+        w["items"],
+        w["rules"],
+        w["calls"],
+        num(&w["p50_us"]),
+        num(&w["p90_us"]),
+        verdict(p99 <= 100.0),
+        num(&w["decode_ms_first"]),
+        num(&w["decode_ms_p50"]),
+    )
 }
 
 /// Cold isolates with catalogs of 320 to 100k items (`cold-start`), when it ran.

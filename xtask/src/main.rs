@@ -28,6 +28,8 @@ commands:
                  print what shoppers saw; `cargo xtask sim --help` lists the options
   codec-sizes    build the codec probes (and an HTML rewriter probe) for wasm32 and print what
                  each adds to a bundle
+  wasm-bench     the recommender compiled to wasm as the worker is, timed call by call under
+                 V8 (10k items, 500 rules)
   fuzz [SECS]    run every fuzz target of the decoders for SECS seconds each (default 60)
 ";
 
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("sim") => sim(&args[1..]),
         Some("codec-sizes") => worker::codec_sizes(),
+        Some("wasm-bench") => worker::wasm_bench(None),
         Some("fuzz") => fuzz(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
@@ -207,6 +210,7 @@ fn bench(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     worker::codec_sizes()?;
+    worker::wasm_bench(Some(&out))?;
     let bundle = worker::build()?;
     let (raw, gzip) = worker::report_bundle_size(&bundle)?;
     std::fs::write(

@@ -374,8 +374,8 @@ impl App {
     }
 
     /// Picks up catalog, rules and fence another isolate stored, at most every
-    /// `config_check_ms`: first the three version markers (empty values), then only the
-    /// documents newer than this isolate's.
+    /// `config_check_ms`: the three version markers (empty values), then only the documents
+    /// newer than this isolate's; until a check has completed, the documents at once.
     pub(super) async fn refresh_site<S: Store>(&self, store: &S, clock: &dyn Clock) {
         let started = clock.now_ms();
         let now_ms = started as u64;
@@ -384,7 +384,6 @@ impl App {
         }
         self.config_checked_ms.set(Some(now_ms));
         self.config_started.set(true);
-        // until a check has completed, documents without a marker are read too
         let first = !self.config_loaded.get();
         let active = {
             let site = self.site();
@@ -396,35 +395,38 @@ impl App {
         };
         const KINDS: [ConfigKind; 3] =
             [ConfigKind::Catalog, ConfigKind::Rules, ConfigKind::Erasures];
-        let [c, r, f] = KINDS.map(document_version_key);
-        // all reads at once: a new isolate's first request waits for two KV round trips
-        let (c, r, f) = futures_util::future::join3(store.get(c), store.get(r), store.get(f)).await;
         let mut failed = false;
         let mut marked = [None; 3];
-        let mut wanted = [false; 3];
-        for (i, read) in [c, r, f].into_iter().enumerate() {
-            let (Some(want), Some(mark), Some(kind), Some(active)) = (
-                wanted.get_mut(i),
-                marked.get_mut(i),
-                KINDS.get(i),
-                active.get(i),
-            ) else {
-                continue;
-            };
-            match read {
-                Ok(Some((_, Some(version)))) => {
-                    *mark = Some(version);
-                    *want = version > *active;
-                }
-                // No marker: nothing published yet, or written before markers existed (read
-                // once; every writer since writes markers).
-                Ok(_) => *want = first,
-                Err(e) => {
-                    failed = true;
-                    log::warn(&format!(
-                        "config check: could not read {}: {e}",
-                        document_version_key(*kind)
-                    ));
+        // Until a check has completed (a new isolate), the documents are read straight away,
+        // without the markers first: one KV round trip on its first request, not two.
+        let mut wanted = [first; 3];
+        if !first {
+            let [c, r, f] = KINDS.map(document_version_key);
+            let (c, r, f) =
+                futures_util::future::join3(store.get(c), store.get(r), store.get(f)).await;
+            for (i, read) in [c, r, f].into_iter().enumerate() {
+                let (Some(want), Some(mark), Some(kind), Some(active)) = (
+                    wanted.get_mut(i),
+                    marked.get_mut(i),
+                    KINDS.get(i),
+                    active.get(i),
+                ) else {
+                    continue;
+                };
+                match read {
+                    Ok(Some((_, Some(version)))) => {
+                        *mark = Some(version);
+                        *want = version > *active;
+                    }
+                    // no marker: nothing published since (every writer writes markers)
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed = true;
+                        log::warn(&format!(
+                            "config check: could not read {}: {e}",
+                            document_version_key(*kind)
+                        ));
+                    }
                 }
             }
         }

@@ -368,19 +368,18 @@ fn build_items(
             .collect();
         item_tags.sort_unstable();
         item_tags.dedup();
-        items.push(Item {
-            id: ItemId::of_sku(&it.sku),
-            sku: it.sku.clone(),
-            name: it.name.clone(),
-            category: cat_by_slug.get(it.category.as_str()).copied().unwrap_or(0),
-            price: it.price,
-            popularity: it.popularity as f32,
-            in_stock: it.in_stock,
-            tags: item_tags.into_boxed_slice(),
-            accessories: accessories.into_boxed_slice(),
-            image: it.image.clone(),
-            description: it.description.clone(),
-        });
+        items.push(Item::new(
+            &it.sku,
+            &it.name,
+            it.image.as_deref(),
+            it.description.as_deref(),
+            cat_by_slug.get(it.category.as_str()).copied().unwrap_or(0),
+            it.price,
+            it.popularity as f32,
+            it.in_stock,
+            &item_tags,
+            &accessories,
+        ));
     }
     Ok(items)
 }

@@ -145,21 +145,24 @@ fn check_categories(categories: &[Category]) -> Result<(), String> {
 fn check_items(items: &[Item], n_categories: usize, n_tags: usize) -> Result<(), String> {
     let n = items.len();
     for it in items {
-        let problem = if it.id != ItemId::of_sku(&it.sku) {
+        let problem = if !it.text_is_consistent() {
+            "text offsets out of order"
+        } else if it.id != ItemId::of_sku(it.sku()) {
             "id is not its SKU's hash"
         } else if usize::from(it.category) >= n_categories {
             "category out of range"
-        } else if it.tags.len() > MAX_TAGS_PER_ITEM || it.tags.iter().any(|t| *t as usize >= n_tags)
+        } else if usize::from(it.n_tags) > MAX_TAGS_PER_ITEM.min(it.refs.len())
+            || it.tag_indexes().iter().any(|t| *t as usize >= n_tags)
         {
             "tags out of range"
-        } else if it.accessories.len() > MAX_ACCESSORIES_PER_ITEM
-            || it.accessories.iter().any(|a| *a as usize >= n)
+        } else if it.accessory_indexes().len() > MAX_ACCESSORIES_PER_ITEM
+            || it.accessory_indexes().iter().any(|a| *a as usize >= n)
         {
             "accessories out of range"
         } else {
             continue;
         };
-        return Err(format!("item {:?}: {problem}", it.sku));
+        return Err(format!("item {:?}: {problem}", it.sku()));
     }
     Ok(())
 }
@@ -208,8 +211,9 @@ mod tests {
         let d = roundtrip(&c).expect("round trip");
         assert_eq!(d.fingerprint(), c.fingerprint());
         assert_eq!(d.version(), c.version());
-        let skus =
-            |it: &mut dyn Iterator<Item = &Item>| it.map(|i| i.sku.clone()).collect::<Vec<_>>();
+        let skus = |it: &mut dyn Iterator<Item = &Item>| {
+            it.map(|i| i.sku().to_owned()).collect::<Vec<_>>()
+        };
         assert_eq!(skus(&mut d.popular()), skus(&mut c.popular()));
         for (a, b) in c.categories().iter().zip(d.categories()) {
             assert_eq!(skus(&mut c.items_in(a)), skus(&mut d.items_in(b)));
@@ -264,14 +268,8 @@ popularity = 0.5
             &|b| b.items[0].category = 9,
             "item \"a\": category out of range",
         );
-        refused(
-            &|b| b.items[0].tags = vec![7].into(),
-            "item \"a\": tags out of range",
-        );
-        refused(
-            &|b| b.items[0].accessories = vec![2].into(),
-            "accessories out of range",
-        );
+        refused(&|b| b.items[0].refs[0] = 7, "item \"a\": tags out of range");
+        refused(&|b| b.items[0].refs[1] = 2, "accessories out of range");
         refused(&|b| b.items[0].id = ItemId(1), "id is not its SKU's hash");
         refused(
             &|b| b.categories[0].accessory_categories = vec![5].into(),
@@ -283,9 +281,34 @@ popularity = 0.5
         refused(&|b| b.popular[0] = 40, "item 40, out of range");
         refused(&|b| b.tags.push("a".into()), "tags are not sorted");
         refused(
+            &|b| b.items[0].ends = [2, 1, 2],
+            "text offsets out of order",
+        );
+        refused(&|b| b.items[0].ends[2] = 9, "text offsets out of order");
+        // an offset inside a character
+        refused(
             &|b| {
-                b.items[1].sku = "c".into();
-                b.items[1].id = ItemId::of_sku("c");
+                b.items[0].text = "a\u{e9}".into();
+                b.items[0].ends = [1, 2, 3];
+            },
+            "text offsets out of order",
+        );
+        refused(&|b| b.items[1].n_tags = 3, "item \"b\": tags out of range");
+        refused(
+            &|b| {
+                let it = b.items[1].clone();
+                b.items[1] = Item::new(
+                    "c",
+                    it.name(),
+                    None,
+                    None,
+                    it.category,
+                    it.price,
+                    it.popularity,
+                    it.in_stock,
+                    &[],
+                    &[],
+                );
             },
             "fingerprint",
         );

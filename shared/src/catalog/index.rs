@@ -38,7 +38,7 @@ pub(super) fn popularity_order(items: &[Item]) -> Vec<u32> {
 pub(super) fn popularity_cmp(x: &Item, y: &Item) -> std::cmp::Ordering {
     y.popularity
         .total_cmp(&x.popularity)
-        .then_with(|| x.sku.cmp(&y.sku))
+        .then_with(|| x.sku().cmp(y.sku()))
 }
 
 /// Each category's items (stored in `categories`) and each tag's items (returned), in the order
@@ -49,14 +49,29 @@ pub(super) fn group_by_popularity(
     categories: &mut [Category],
     n_tags: usize,
 ) -> Vec<Box<[u32]>> {
-    let mut per_category: Vec<Vec<u32>> = vec![Vec::new(); categories.len()];
-    let mut per_tag: Vec<Vec<u32>> = vec![Vec::new(); n_tags];
+    // counted first, so each list is allocated once at its size (a new isolate loading a
+    // large catalog spends its time allocating otherwise)
+    let mut category_len = vec![0usize; categories.len()];
+    let mut tag_len = vec![0usize; n_tags];
+    for it in items {
+        if let Some(n) = category_len.get_mut(usize::from(it.category)) {
+            *n += 1;
+        }
+        for t in it.tag_indexes() {
+            if let Some(n) = tag_len.get_mut(*t as usize) {
+                *n += 1;
+            }
+        }
+    }
+    let mut per_category: Vec<Vec<u32>> =
+        category_len.into_iter().map(Vec::with_capacity).collect();
+    let mut per_tag: Vec<Vec<u32>> = tag_len.into_iter().map(Vec::with_capacity).collect();
     for &i in popular {
         if let Some(it) = items.get(i as usize) {
             if let Some(v) = per_category.get_mut(usize::from(it.category)) {
                 v.push(i);
             }
-            for t in it.tags.iter() {
+            for t in it.tag_indexes() {
                 if let Some(v) = per_tag.get_mut(*t as usize) {
                     v.push(i);
                 }
@@ -77,14 +92,14 @@ pub(super) fn pack_hot(items: &[Item]) -> (Vec<Hot>, Vec<u32>) {
         .iter()
         .map(|it| {
             let tags_at = u32::try_from(item_tags.len()).unwrap_or(u32::MAX);
-            item_tags.extend_from_slice(&it.tags);
+            item_tags.extend_from_slice(it.tag_indexes());
             Hot {
                 popularity: it.popularity,
                 id: it.id,
                 tags_at,
                 category: it.category,
                 // At most MAX_TAGS_PER_ITEM (16), checked by the compiler.
-                n_tags: u8::try_from(it.tags.len()).unwrap_or(u8::MAX),
+                n_tags: it.n_tags,
                 in_stock: it.in_stock,
             }
         })
@@ -138,7 +153,7 @@ pub(super) fn fingerprint(
     }
     field(&mut h, b"--items--");
     for it in items {
-        field(&mut h, it.sku.as_bytes());
+        field(&mut h, it.sku().as_bytes());
     }
     field(&mut h, b"--tags--");
     for t in tags {
@@ -210,7 +225,7 @@ popularity = 0.9
                 (it.id, it.category, it.in_stock)
             );
             assert_eq!(h.popularity, it.popularity);
-            assert_eq!(c.hot_tags(h), &*it.tags);
+            assert_eq!(c.hot_tags(h), it.tag_indexes());
         }
         let known: BTreeSet<ItemId> = c.items().map(Item::id).collect();
         let mut misses = 0;

@@ -77,7 +77,7 @@ impl<'a, 'p, 's> Request<'a, 'p, 's> {
         let Some(it) = catalog.items.get(item) else {
             return &[];
         };
-        for &a in it.accessories.iter().take(limit) {
+        for &a in it.accessory_indexes().iter().take(limit) {
             self.mark(a as usize, bit);
             self.add(a);
         }

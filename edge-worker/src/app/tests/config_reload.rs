@@ -238,7 +238,11 @@ fn a_marker_ahead_of_its_document_is_checked_again_soon() {
     let marker = shared::protocol::document_version_key(ConfigKind::Rules);
     w.store
         .insert_raw(RULES_KEY, DEMO_RULES_JSON.as_bytes().to_vec(), Some(3));
+    w.store.insert_raw(marker, Vec::new(), Some(3));
+    assert_eq!(w.get("/healthz", &[]).body_json()["rules_version"], 3);
+    // the marker of version 4 is here, its document not yet
     w.store.insert_raw(marker, Vec::new(), Some(4));
+    w.advance(30_001);
     assert_eq!(w.get("/healthz", &[]).body_json()["rules_version"], 3);
     let rules4 = format!("{DEMO_RULES_JSON}\n");
     w.store.insert_raw(RULES_KEY, rules4.into_bytes(), Some(4));
