@@ -145,6 +145,39 @@ pub struct App {
     verified_tokens: RefCell<lru::LruCache<Box<str>, crate::token::Verified>>,
     /// User key of each recent user id (an HMAC per request otherwise).
     user_keys: RefCell<lru::LruCache<String, UserKey>>,
+    /// What an operator must see (`crate::metrics`), and the label this isolate's series carry.
+    metrics: RefCell<crate::metrics::EdgeMetrics>,
+    isolate: String,
+}
+
+/// A duration as `server-timing` writes it (`12.3`), without `str::parse::<f64>`: the float
+/// parser would add ~17 KB to the bundle for this one use.
+fn tenths(ms: &str) -> f64 {
+    let (whole, frac) = ms.trim().split_once('.').unwrap_or((ms.trim(), "0"));
+    let digit = |s: &str| {
+        s.bytes()
+            .take(1)
+            .map(|b| b.wrapping_sub(b'0'))
+            .find(|d| *d < 10)
+    };
+    match whole.parse::<u64>() {
+        Ok(w) => w as f64 + f64::from(digit(frac).unwrap_or(0)) / 10.0,
+        Err(_) => 0.0,
+    }
+}
+
+/// The route in a metric's dimensions: a small fixed set, whatever the path.
+fn route_label(req: &HttpRequest) -> &'static str {
+    match req.path.as_str() {
+        "/v1/recommendations" => "recommendations",
+        "/v1/events" => "events",
+        "/v1/me" => "me",
+        "/healthz" => "healthz",
+        "/v1/metrics" => "metrics",
+        "/sdk.js" => "sdk",
+        p if is_page(p) => "page",
+        _ => "other",
+    }
 }
 
 /// Entries of the verified-token and user-key caches (a few hundred bytes each at most).
@@ -173,12 +206,25 @@ impl App {
             fence_version: Cell::new(0),
             verified_tokens: RefCell::new(lru::LruCache::new(IDENTITY_CACHE)),
             user_keys: RefCell::new(lru::LruCache::new(IDENTITY_CACHE)),
+            metrics: RefCell::default(),
+            isolate: "0".into(),
             events_limit: RefCell::new(crate::limit::RateLimiter::new(
                 config.events_per_sec,
                 config.events_burst,
             )),
             config,
         }
+    }
+
+    /// Names this isolate in its metrics (the glue gives it a random id; tests a fixed one).
+    pub fn with_isolate_id(mut self, id: String) -> App {
+        self.isolate = id;
+        self
+    }
+
+    /// This isolate's counters so far.
+    pub fn metrics(&self) -> crate::metrics::EdgeMetrics {
+        self.metrics.borrow().clone()
     }
 
     pub fn config(&self) -> &EdgeConfig {
@@ -213,7 +259,8 @@ impl App {
                 Ok(self.healthz().into())
             }
             ("GET", "/sdk.js") => Ok(storefront::sdk().into()),
-            ("POST", route::SYNC) => self.sync(store, req, now_ms).await.map(Handled::from),
+            ("POST", route::SYNC) => Ok(self.sync(store, req, now_ms).await),
+            ("GET", "/v1/metrics") => self.metrics_page(req).map(Handled::from),
             (_, route::SYNC) => Err(EdgeError::MethodNotAllowed { allow: "POST" }),
             ("GET" | "HEAD", _) if is_page(&req.path) => {
                 Ok(self.page(store, clock, req, now_ms, mint).await)
@@ -230,12 +277,76 @@ impl App {
         };
         let mut handled = routed.unwrap_or_else(Handled::from);
         let total = clock.now_ms() - started;
+        if handled.metric.is_none() {
+            let tier = handled.reply.header("x-edgewise-tier").map(str::to_owned);
+            self.count_answer(tier.as_deref());
+            let kv_ms = handled
+                .reply
+                .header("server-timing")
+                .and_then(|t| t.split("kv;dur=").nth(1))
+                .and_then(|t| t.split(',').next())
+                .map_or(0.0, tenths);
+            handled.metric = Some(crate::metrics::DataPoint::answer(
+                route_label(req),
+                tier.as_deref(),
+                handled.reply.status,
+                kv_ms,
+                total,
+            ));
+        }
         let timing = match handled.reply.header("server-timing") {
             Some(t) => format!("{t}, total;dur={total:.1}"),
             None => format!("total;dur={total:.1}"),
         };
         set_header(&mut handled.reply, "server-timing", timing);
         handled
+    }
+
+    /// Counts an answer under the tier that served it (`x-edgewise-tier`), if one did.
+    pub(crate) fn count_answer(&self, tier: Option<&str>) {
+        let i = match tier {
+            Some("fresh") => 0,
+            Some("stale") => 1,
+            Some("popular") => 2,
+            Some("static") => 3,
+            _ => return,
+        };
+        if let Some(n) = self.metrics.borrow_mut().answers.get_mut(i) {
+            *n += 1;
+        }
+    }
+
+    /// `GET /v1/metrics`: this isolate's counters in Prometheus' text format, for a bearer of
+    /// `METRICS_TOKEN`; no such route while it is unset.
+    fn metrics_page(&self, req: &HttpRequest) -> Result<Reply, EdgeError> {
+        let Some(token) = self.config.metrics_token.as_deref() else {
+            return Err(EdgeError::NoRoute);
+        };
+        let given = req
+            .header("authorization")
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !crate::metrics::same_secret(given.as_bytes(), token.as_bytes()) {
+            return Err(EdgeError::MetricsToken);
+        }
+        let site = self.site();
+        let (entries, bytes) = self.cache_stats();
+        let gauges = crate::metrics::Gauges {
+            catalog_version: site.catalog_version,
+            rules_version: site.rules_version,
+            fence_version: self.fence_version.get(),
+            cache_entries: entries,
+            cache_bytes: bytes,
+            cache_evictions: self.cache.borrow().evictions(),
+        };
+        let text = self.metrics.borrow().prometheus(&self.isolate, &gauges);
+        let mut reply = Reply::bytes_json(200, text.into_bytes());
+        set_header(
+            &mut reply,
+            "content-type",
+            "text/plain; version=0.0.4; charset=utf-8".into(),
+        );
+        Ok(reply)
     }
 
     fn healthz(&self) -> Reply {

@@ -186,6 +186,8 @@ pub struct ProfileCache {
     max_bytes: usize,
     max_entries: usize,
     bytes: usize,
+    /// Entries evicted to stay within the bounds, since the cache was made.
+    evictions: u64,
 }
 
 impl ProfileCache {
@@ -195,7 +197,13 @@ impl ProfileCache {
             max_bytes,
             max_entries: max_entries.max(1),
             bytes: 0,
+            evictions: 0,
         }
+    }
+
+    /// Entries evicted to stay within the bounds so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     pub fn len(&self) -> usize {
@@ -393,7 +401,10 @@ impl ProfileCache {
             || (self.bytes > self.max_bytes && self.lru.len() > 1)
         {
             match self.lru.pop_lru() {
-                Some((_, e)) => self.bytes -= e.bytes,
+                Some((_, e)) => {
+                    self.bytes -= e.bytes;
+                    self.evictions += 1;
+                }
                 None => break,
             }
         }
@@ -532,6 +543,7 @@ mod tests {
         }
         assert_eq!(c.len(), 3);
         assert!(c.peek(&key(0)).is_none() && c.peek(&key(4)).is_some());
+        assert_eq!(c.evictions(), 2);
 
         let one = {
             let mut c = ProfileCache::new(10, usize::MAX);

@@ -56,6 +56,8 @@ pub struct EdgeConfig {
     /// The site's markup for one item of a block it has Edgewise fill (`SLOT_ITEM_TEMPLATE`);
     /// `None`: the storefront's cards.
     pub slot_item_template: Option<crate::storefront::ItemTemplate>,
+    /// Bearer token of `GET /v1/metrics` (secret `METRICS_TOKEN`); `None`: no such route.
+    pub metrics_token: Option<String>,
     /// Time a proxied page's blocks may take together (`RENDER_BUDGET_MS`) before the rest
     /// come from the popular tier.
     pub render_budget_ms: u32,
@@ -84,6 +86,7 @@ impl Default for EdgeConfig {
             proxy: None,
             slot_item_template: None,
             render_budget_ms: 10,
+            metrics_token: None,
             problems: Vec::new(),
         }
     }
@@ -187,6 +190,14 @@ impl EdgeConfig {
                     "SLOT_ITEM_TEMPLATE: {e} (using the built-in cards)"
                 )),
             }
+        }
+        match var("METRICS_TOKEN").filter(|t| !t.is_empty()) {
+            Some(t) if t.len() >= MIN_SECRET_LEN => c.metrics_token = Some(t),
+            Some(_) => c.problems.push(format!(
+                "METRICS_TOKEN is shorter than {MIN_SECRET_LEN} characters; use a long random \
+                 secret (GET /v1/metrics stays off until then)"
+            )),
+            None => {}
         }
         if var("USER_HEADER").is_some() {
             c.problems.push(

@@ -19,6 +19,9 @@ use worker::{
 
 /// The KV namespace binding (see `wrangler.toml`).
 const KV_BINDING: &str = "EDGEWISE";
+/// The Workers Analytics Engine dataset binding the edge's data points go to, when configured
+/// (see `wrangler.toml`); without it nothing is written.
+const METRICS_BINDING: &str = "EDGEWISE_METRICS";
 
 thread_local! {
     /// One `App` per isolate: the cache lives as long as the isolate does.
@@ -37,7 +40,9 @@ fn app(env: &Env) -> Rc<App> {
             for problem in &config.problems {
                 console_warn!("edgewise config: {problem}");
             }
-            Rc::new(App::new(config))
+            let id = mint();
+            let isolate = id.iter().take(4).map(|b| format!("{b:02x}")).collect();
+            Rc::new(App::new(config).with_isolate_id(isolate))
         })
         .clone()
     })
@@ -196,12 +201,31 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         body,
     };
     let store = Kv::of(&env, &app);
-    let handled = app.handle(&store, &JsClock, &request, mint).await;
+    let mut handled = app.handle(&store, &JsClock, &request, mint).await;
+    if let Some(point) = handled.metric.take() {
+        write_point(&env, point);
+    }
     if !handled.outbound.is_empty() {
         ctx.wait_until(send_all(handled.outbound, store.kv.clone()));
     }
     refresh_config_after(&app, store, &ctx);
     into_response(handled.reply)
+}
+
+/// Writes a data point to the Analytics Engine dataset, if one is bound. The write does not
+/// wait for anything; a failure is logged, never the answer's.
+fn write_point(env: &Env, point: crate::metrics::DataPoint) {
+    let Ok(dataset) = env.analytics_engine(METRICS_BINDING) else {
+        return;
+    };
+    let built = worker::AnalyticsEngineDataPointBuilder::new()
+        .indexes([point.index])
+        .blobs(point.blobs)
+        .doubles(point.doubles)
+        .build();
+    if let Err(e) = dataset.write_data_point(&built) {
+        console_warn!("edgewise: could not write a metrics data point: {e}");
+    }
 }
 
 /// Runs a due config check after the answer (see [`App::config_refresh_due`]).

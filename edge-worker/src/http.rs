@@ -153,6 +153,8 @@ pub struct Outbound {
 pub struct Handled {
     pub reply: Reply,
     pub outbound: Vec<Outbound>,
+    /// What the glue writes to Workers Analytics Engine about this request, if bound.
+    pub metric: Option<crate::metrics::DataPoint>,
 }
 
 impl From<Reply> for Handled {
@@ -160,6 +162,7 @@ impl From<Reply> for Handled {
         Handled {
             reply,
             outbound: Vec::new(),
+            metric: None,
         }
     }
 }
@@ -240,6 +243,8 @@ pub enum EdgeError {
     /// 409 for a replay (the batch already took effect), 401 for the rest.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("send the metrics token: Authorization: Bearer <METRICS_TOKEN>")]
+    MetricsToken,
     #[error("undecodable sync frame: {0}")]
     BadFrame(WireError),
     #[error("batch has {deltas} deltas; send at most {limit} per request")]
@@ -282,7 +287,7 @@ impl EdgeError {
             EdgeError::MethodNotAllowed { .. } => 405,
             EdgeError::TooLarge { .. } | EdgeError::TooManyDeltas { .. } => 413,
             EdgeError::Auth(AuthError::Replay) => 409,
-            EdgeError::Auth(_) => 401,
+            EdgeError::Auth(_) | EdgeError::MetricsToken => 401,
             EdgeError::Unconfigured { .. }
             | EdgeError::BatchInFlight
             | EdgeError::ReplayMemoryFull

@@ -13,6 +13,7 @@ pub mod http;
 pub mod identity;
 pub mod limit;
 pub mod log;
+pub mod metrics;
 pub mod proxy;
 pub mod store;
 pub mod storefront;

@@ -6,8 +6,8 @@
 //! Every sample is a new workerd process (a new isolate, the wasm instantiated again) over the
 //! same in-memory KV, which holds the documents as the edge stores them: the compiled catalog
 //! image with its version marker, and the rules. The first request is a signed-in shopper's
-//! `GET /v1/recommendations` (the isolate reads the three markers, then the catalog and rules,
-//! decodes and compiles, then reads the shopper's profile); it must answer from the published
+//! `GET /v1/recommendations` (the isolate reads the catalog, rules and fence at once, decodes
+//! and compiles, then reads the shopper's profile); it must answer from the published
 //! catalog, not the bundled demo store (checked on every sample, and by `/healthz` after).
 //! For comparison, the 10k catalog is also measured in its JSON form (what KV held before
 //! images: every new isolate parsed and compiled it).

@@ -590,8 +590,9 @@ fn cold_start_section(dir: &Path) -> String {
     let mut md = format!(
         "## Cold isolates on standalone workerd\n\n`cold-start`: every sample is a new workerd \
          process over the same KV (a new isolate, the wasm instantiated again). Its first request \
-         is a signed-in shopper's recommendations: the isolate reads the three version markers, \
-         then the catalog and {} rules, decodes or compiles them, reads the shopper's profile \
+         is a signed-in shopper's recommendations: the isolate reads the catalog, the {} rules \
+         and the fence at once (a new isolate skips the version markers), decodes or compiles \
+         them, reads the shopper's profile \
          and answers from the published catalog (checked on every sample). The baseline is the \
          same bundle's first answer on an empty route (an unknown path: no KV, no catalog), \
          measured on new processes in the same run. The phases are the worker's own account \

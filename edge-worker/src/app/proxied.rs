@@ -74,6 +74,7 @@ impl App {
         let stitched = self.stitch(store, req, &who, now_ms).await;
         let key = self.key_of(&who);
         let found = self.lookup(store, clock, key, now_ms).await;
+        self.count_answer(Some(found.tier.as_str()));
         let mut reply = Reply::json(200, &serde_json::Value::Null);
         tier_headers(&mut reply, found.tier, &found, 0.0);
         let mut handled: Handled = reply.into();

@@ -11,6 +11,7 @@ use crate::http::{
 };
 use crate::identity::{self, Identity, IdentityError, SignedIn};
 use crate::log;
+use crate::metrics::KvOutcome;
 use crate::store::{Store, StoreError};
 use crate::storefront::{OfferView, RecItem, Recs};
 use serde_json::{Value, json};
@@ -251,6 +252,18 @@ impl App {
             let t0 = clock.now_ms();
             let got = store.get(&key.kv_key()).await;
             out.kv_ms = clock.now_ms() - t0;
+            {
+                let mut m = self.metrics.borrow_mut();
+                m.cache_misses += 1;
+                m.kv_read(
+                    out.kv_ms,
+                    match &got {
+                        Ok(_) => KvOutcome::Ok,
+                        Err(StoreError::Timeout(_)) => KvOutcome::Timeout,
+                        Err(_) => KvOutcome::Error,
+                    },
+                );
+            }
             match got {
                 Ok(value) => {
                     let stored = value.and_then(|(bytes, _)| decode_stored(&key, &bytes));
@@ -268,6 +281,8 @@ impl App {
                     kv_failed = true;
                 }
             }
+        } else {
+            self.metrics.borrow_mut().cache_hits += 1;
         }
         // A value from before a recent erasure (a write that landed after the tombstone, or
         // one cached before this isolate heard of it) is read as the tombstone.
@@ -436,7 +451,11 @@ impl App {
                 }),
             )
         };
-        Ok(Handled { reply, outbound })
+        Ok(Handled {
+            reply,
+            outbound,
+            metric: None,
+        })
     }
 
     async fn me<S: Store>(&self, store: &S, who: &Identity, now_ms: u64) -> Reply {
@@ -521,7 +540,11 @@ impl App {
                 identity::visitor_clear_cookie(self.cookie_secure(req)),
             ));
         }
-        Ok(Handled { reply, outbound })
+        Ok(Handled {
+            reply,
+            outbound,
+            metric: None,
+        })
     }
 }
 

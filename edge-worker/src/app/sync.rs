@@ -10,8 +10,9 @@ use super::{
     App, CATALOG_KEY, ERASURES_KEY, MAX_SYNC_ITEMS, REPLAY_CAPACITY, RULES_KEY, Site,
     decode_stored, read_profile,
 };
-use crate::http::{Clock, EdgeError, HttpRequest, Reply};
+use crate::http::{Clock, EdgeError, Handled, HttpRequest, Reply};
 use crate::log;
+use crate::metrics::DataPoint;
 use crate::store::Store;
 use shared::auth::AuthError;
 use shared::catalog::Catalog;
@@ -32,7 +33,7 @@ impl App {
         store: &S,
         req: &HttpRequest,
         now_ms: u64,
-    ) -> Result<Reply, EdgeError> {
+    ) -> Handled {
         // Dropped at the end, or when the request is cancelled mid-batch: unless the batch
         // took effect (200), its signature is forgotten so origin's retry is not a "replay".
         let mut recorded = None;
@@ -40,7 +41,35 @@ impl App {
         if let Some(r) = recorded.as_mut() {
             r.took_effect = answer.is_ok();
         }
-        answer.map(|a| Reply::bytes_json(200, a.to_json_bytes()))
+        let mut m = self.metrics.borrow_mut();
+        let (mut handled, point) = match answer {
+            Ok(a) => {
+                let items = [
+                    u64::from(a.applied),
+                    u64::from(a.duplicates),
+                    a.resend.len() as u64,
+                    u64::from(a.invalid),
+                    u64::from(a.config),
+                ];
+                m.sync_applied += 1;
+                m.deltas_applied += items[0];
+                m.deltas_duplicate += items[1];
+                m.deltas_resend += items[2];
+                m.deltas_invalid += items[3];
+                m.documents_stored += items[4];
+                (
+                    Handled::from(Reply::bytes_json(200, a.to_json_bytes())),
+                    DataPoint::sync("applied", items),
+                )
+            }
+            Err(e) => {
+                let reason = refusal_reason(&e);
+                m.refused(reason);
+                (Handled::from(e), DataPoint::sync(reason, [0; 5]))
+            }
+        };
+        handled.metric = Some(point);
+        handled
     }
 
     async fn sync_checked<'a, S: Store>(
@@ -474,6 +503,7 @@ impl App {
             }
         }
         self.config_loaded.set(self.config_loaded.get() || !failed);
+        self.metrics.borrow_mut().config_failures += u64::from(failed);
         if failed {
             // A slow or failed read is tried again in CONFIG_RETRY_MS, not a whole check
             // interval later: a new isolate must not serve the bundled store for 30 s because
@@ -529,6 +559,7 @@ impl App {
             ));
         }
         if loads {
+            self.metrics.borrow_mut().config_loads += 1;
             // what loading documents cost this isolate, for /healthz (on a cold isolate this
             // is most of its first answer)
             let done = clock.now_ms();
@@ -555,6 +586,20 @@ pub struct ConfigLoad {
     /// Compiling (rules; a JSON catalog) and switching.
     pub compile_ms: f64,
     pub catalog_bytes: usize,
+}
+
+/// Why a `/v1/sync` request was refused, as the metrics name it.
+fn refusal_reason(e: &EdgeError) -> &'static str {
+    match e {
+        EdgeError::Auth(AuthError::Replay) => "replay",
+        EdgeError::Auth(_) => "signature",
+        EdgeError::TooLarge { .. } | EdgeError::TooManyDeltas { .. } => "too_large",
+        EdgeError::BadFrame(_) => "bad_frame",
+        EdgeError::Unconfigured { .. } => "unconfigured",
+        EdgeError::BatchInFlight | EdgeError::WriteInFlight | EdgeError::ReplayMemoryFull => "busy",
+        EdgeError::KvRead { .. } | EdgeError::KvWrite { .. } => "kv",
+        _ => "other",
+    }
 }
 
 /// A catalog as it arrives: JSON to compile (from origin, or KV written before images), or an

@@ -7,6 +7,7 @@ mod bad_input;
 mod config_reload;
 mod erasure;
 mod identity;
+mod metrics;
 mod pages;
 mod proxied;
 mod session;

@@ -1,0 +1,336 @@
+//! What an operator must see of the edge, counted per isolate: which tier answered, the
+//! profile cache's hits, misses and evictions, KV reads (latency, errors, timeouts), sync
+//! batches applied and refused (by reason) with what their deltas did, and the documents each
+//! isolate serves.
+//!
+//! Two ways out, both built here so they stay runtime-neutral and tested natively:
+//!
+//! * [`EdgeMetrics::prometheus`]: the isolate's counters in Prometheus' text format, for
+//!   `GET /v1/metrics` (answered only with `METRICS_TOKEN` as a bearer token; 404 while it is
+//!   unset). Locally every isolate of the stack has its own port, so each can be scraped.
+//! * [`DataPoint`]: one Workers Analytics Engine data point per answer and per sync batch,
+//!   which the glue writes to the `EDGEWISE_METRICS` binding when one is configured. On
+//!   Cloudflare isolates cannot be addressed one by one, so this is the production path: the
+//!   points are summed by SQL (see `ops/grafana/README.md`).
+
+use std::fmt::Write;
+
+/// Why a `/v1/sync` batch may be refused, as the metrics name it.
+pub const REFUSALS: [&str; 8] = [
+    "signature",
+    "replay",
+    "too_large",
+    "bad_frame",
+    "busy",
+    "kv",
+    "unconfigured",
+    "other",
+];
+
+/// Upper bounds of the KV read latency buckets, in milliseconds (the last is +Inf).
+pub const KV_BUCKETS_MS: [f64; 8] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0];
+
+/// One isolate's counters since it started.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EdgeMetrics {
+    /// Answers by tier: fresh, stale, popular, static (`Tier` order).
+    pub answers: [u64; 4],
+    /// Profile lookups answered from the cache within its TTL, and those that read KV.
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub kv_reads: u64,
+    pub kv_read_timeouts: u64,
+    pub kv_read_errors: u64,
+    /// Cumulative counts per bucket of [`KV_BUCKETS_MS`], then +Inf; and the sum.
+    pub kv_read_buckets: [u64; 9],
+    pub kv_read_ms_sum: f64,
+    /// `/v1/sync` batches that took effect, and those refused, by reason.
+    pub sync_applied: u64,
+    /// Refused batches, in [`REFUSALS`] order.
+    pub sync_refused: [u64; REFUSALS.len()],
+    /// What the applied batches' items did.
+    pub deltas_applied: u64,
+    pub deltas_duplicate: u64,
+    pub deltas_resend: u64,
+    pub deltas_invalid: u64,
+    pub documents_stored: u64,
+    /// Config checks that read a document, and checks with a failed read.
+    pub config_loads: u64,
+    pub config_failures: u64,
+}
+
+impl EdgeMetrics {
+    pub fn kv_read(&mut self, ms: f64, outcome: KvOutcome) {
+        self.kv_reads += 1;
+        match outcome {
+            KvOutcome::Ok => {}
+            KvOutcome::Timeout => self.kv_read_timeouts += 1,
+            KvOutcome::Error => self.kv_read_errors += 1,
+        }
+        self.kv_read_ms_sum += ms;
+        let bucket = KV_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(KV_BUCKETS_MS.len());
+        if let Some(n) = self.kv_read_buckets.get_mut(bucket) {
+            *n += 1;
+        }
+    }
+
+    pub fn refused(&mut self, reason: &'static str) {
+        let i = REFUSALS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(REFUSALS.len() - 1);
+        if let Some(n) = self.sync_refused.get_mut(i) {
+            *n += 1;
+        }
+    }
+
+    /// Refused batches with this reason.
+    pub fn refused_for(&self, reason: &str) -> u64 {
+        REFUSALS
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.sync_refused.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The counters in Prometheus' text exposition format, every series labelled with the
+    /// isolate, plus the gauges the caller knows (`versions`: catalog, rules, fence; the
+    /// cache's entries, bytes and evictions).
+    pub fn prometheus(&self, isolate: &str, gauges: &Gauges) -> String {
+        let mut out = String::new();
+        let l = format!("isolate=\"{isolate}\"");
+        let mut counter = |name: &str, help: &str, series: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP edgewise_edge_{name} {help}");
+            let _ = writeln!(out, "# TYPE edgewise_edge_{name} counter");
+            for (labels, v) in series {
+                let _ = writeln!(out, "edgewise_edge_{name}{{{l}{labels}}} {v}");
+            }
+        };
+        let tiers = ["fresh", "stale", "popular", "static"];
+        let answers: Vec<(String, f64)> = tiers
+            .iter()
+            .zip(self.answers)
+            .map(|(t, n)| (format!(",tier=\"{t}\""), n as f64))
+            .collect();
+        counter(
+            "answers_total",
+            "Answers by the tier that served them.",
+            &answers,
+        );
+        counter(
+            "profile_cache_total",
+            "Profile lookups: from the isolate's cache within its TTL (hit), or read from KV (miss).",
+            &[
+                (",result=\"hit\"".into(), self.cache_hits as f64),
+                (",result=\"miss\"".into(), self.cache_misses as f64),
+            ],
+        );
+        counter(
+            "kv_reads_total",
+            "Profile reads from KV, by outcome.",
+            &[
+                (
+                    ",outcome=\"ok\"".into(),
+                    (self.kv_reads - self.kv_read_timeouts - self.kv_read_errors) as f64,
+                ),
+                (",outcome=\"timeout\"".into(), self.kv_read_timeouts as f64),
+                (",outcome=\"error\"".into(), self.kv_read_errors as f64),
+            ],
+        );
+        let refused: Vec<(String, f64)> = REFUSALS
+            .iter()
+            .zip(self.sync_refused)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (format!(",result=\"refused\",reason=\"{r}\""), n as f64))
+            .chain([(",result=\"applied\"".into(), self.sync_applied as f64)])
+            .collect();
+        counter(
+            "sync_batches_total",
+            "/v1/sync batches: applied, or refused by reason.",
+            &refused,
+        );
+        counter(
+            "sync_items_total",
+            "What applied sync batches' items did.",
+            &[
+                (",result=\"applied\"".into(), self.deltas_applied as f64),
+                (",result=\"duplicate\"".into(), self.deltas_duplicate as f64),
+                (",result=\"resend\"".into(), self.deltas_resend as f64),
+                (",result=\"invalid\"".into(), self.deltas_invalid as f64),
+                (",result=\"document\"".into(), self.documents_stored as f64),
+            ],
+        );
+        counter(
+            "config_checks_total",
+            "Config checks that loaded a document, and checks with a failed read.",
+            &[
+                (",result=\"loaded\"".into(), self.config_loads as f64),
+                (",result=\"failed\"".into(), self.config_failures as f64),
+            ],
+        );
+        counter(
+            "profile_cache_evictions_total",
+            "Profiles evicted from the isolate's cache to stay within its bounds.",
+            &[(String::new(), gauges.cache_evictions as f64)],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_edge_kv_read_ms Profile read latency from KV, milliseconds."
+        );
+        let _ = writeln!(out, "# TYPE edgewise_edge_kv_read_ms histogram");
+        let mut cumulative = 0u64;
+        for (i, n) in self.kv_read_buckets.iter().enumerate() {
+            cumulative += n;
+            let le = KV_BUCKETS_MS
+                .get(i)
+                .map_or("+Inf".to_owned(), |b| format!("{b}"));
+            let _ = writeln!(
+                out,
+                "edgewise_edge_kv_read_ms_bucket{{{l},le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "edgewise_edge_kv_read_ms_sum{{{l}}} {}\nedgewise_edge_kv_read_ms_count{{{l}}} {}",
+            self.kv_read_ms_sum, self.kv_reads
+        );
+        for (name, help, v) in [
+            (
+                "document_version",
+                "Version of each document this isolate serves (0: bundled).",
+                None,
+            ),
+            (
+                "profile_cache_entries",
+                "Profiles in the isolate's cache.",
+                Some(gauges.cache_entries as f64),
+            ),
+            (
+                "profile_cache_bytes",
+                "Bytes of profiles in the isolate's cache.",
+                Some(gauges.cache_bytes as f64),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP edgewise_edge_{name} {help}");
+            let _ = writeln!(out, "# TYPE edgewise_edge_{name} gauge");
+            match v {
+                Some(v) => {
+                    let _ = writeln!(out, "edgewise_edge_{name}{{{l}}} {v}");
+                }
+                None => {
+                    for (doc, v) in [
+                        ("catalog", gauges.catalog_version),
+                        ("rules", gauges.rules_version),
+                        ("erasures", gauges.fence_version),
+                    ] {
+                        let _ = writeln!(out, "edgewise_edge_{name}{{{l},document=\"{doc}\"}} {v}");
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether a presented token is the configured one, in time that does not depend on where
+/// they first differ.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// How a KV read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvOutcome {
+    Ok,
+    Timeout,
+    Error,
+}
+
+/// Values the isolate knows at scrape time.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Gauges {
+    pub catalog_version: u64,
+    pub rules_version: u64,
+    pub fence_version: u64,
+    pub cache_entries: usize,
+    pub cache_bytes: usize,
+    pub cache_evictions: u64,
+}
+
+/// One Workers Analytics Engine data point: `blobs` are the dimensions (what happened),
+/// `doubles` the measures, `index` the sampling key. Written by the glue, never on the answer's
+/// path (the binding's writes do not wait).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataPoint {
+    pub index: &'static str,
+    pub blobs: Vec<String>,
+    pub doubles: Vec<f64>,
+}
+
+impl DataPoint {
+    /// An answer: `blobs` [kind, route, tier, status class], `doubles` [1, KV ms, total ms].
+    pub fn answer(route: &str, tier: Option<&str>, status: u16, kv_ms: f64, total_ms: f64) -> Self {
+        DataPoint {
+            index: "answer",
+            blobs: vec![
+                "answer".into(),
+                route.into(),
+                tier.unwrap_or("none").into(),
+                ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                    .get(usize::from(status / 100).saturating_sub(1))
+                    .unwrap_or(&"other")
+                    .to_string(),
+            ],
+            doubles: vec![1.0, kv_ms, total_ms],
+        }
+    }
+
+    /// A sync batch: `blobs` [kind, "applied" or the refusal reason], `doubles` [1, applied,
+    /// duplicates, resend, invalid, documents].
+    pub fn sync(outcome: &str, items: [u64; 5]) -> Self {
+        DataPoint {
+            index: "sync",
+            blobs: vec!["sync".into(), outcome.into()],
+            doubles: std::iter::once(1.0)
+                .chain(items.iter().map(|n| *n as f64))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_reads_land_in_their_buckets_and_the_text_is_cumulative() {
+        let mut m = EdgeMetrics::default();
+        m.kv_read(0.5, KvOutcome::Ok);
+        m.kv_read(7.0, KvOutcome::Ok);
+        m.kv_read(50.0, KvOutcome::Timeout);
+        m.kv_read(900.0, KvOutcome::Error);
+        assert_eq!(m.kv_read_buckets, [1, 0, 0, 1, 0, 1, 0, 0, 1]);
+        let text = m.prometheus("i1", &Gauges::default());
+        for line in [
+            "edgewise_edge_kv_read_ms_bucket{isolate=\"i1\",le=\"1\"} 1",
+            "edgewise_edge_kv_read_ms_bucket{isolate=\"i1\",le=\"10\"} 2",
+            "edgewise_edge_kv_read_ms_bucket{isolate=\"i1\",le=\"50\"} 3",
+            "edgewise_edge_kv_read_ms_bucket{isolate=\"i1\",le=\"+Inf\"} 4",
+            "edgewise_edge_kv_read_ms_count{isolate=\"i1\"} 4",
+            "edgewise_edge_kv_reads_total{isolate=\"i1\",outcome=\"ok\"} 2",
+            "edgewise_edge_kv_reads_total{isolate=\"i1\",outcome=\"timeout\"} 1",
+            "edgewise_edge_kv_reads_total{isolate=\"i1\",outcome=\"error\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}
