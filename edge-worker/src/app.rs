@@ -277,6 +277,12 @@ impl App {
         };
         let mut handled = routed.unwrap_or_else(Handled::from);
         let total = clock.now_ms() - started;
+        if let Some(point) = handled.metric.as_mut().filter(|p| p.index == "sync") {
+            point.doubles.push(total);
+            if handled.reply.status == 200 {
+                self.metrics.borrow_mut().sync_apply_ms.observe(total);
+            }
+        }
         if handled.metric.is_none() {
             let tier = handled.reply.header("x-edgewise-tier").map(str::to_owned);
             self.count_answer(tier.as_deref());

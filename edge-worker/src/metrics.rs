@@ -27,8 +27,51 @@ pub const REFUSALS: [&str; 8] = [
     "other",
 ];
 
-/// Upper bounds of the KV read latency buckets, in milliseconds (the last is +Inf).
-pub const KV_BUCKETS_MS: [f64; 8] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0];
+/// Upper bounds of the latency buckets, in milliseconds (then +Inf).
+pub const BUCKETS_MS: [f64; 8] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0];
+/// [`BUCKETS_MS`] as Prometheus `le` labels.
+const BUCKET_LABELS: [&str; 9] = ["1", "2", "5", "10", "20", "50", "100", "250", "+Inf"];
+
+/// A latency histogram in milliseconds over [`BUCKETS_MS`].
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct MsHistogram {
+    /// Counts per bucket (not cumulative), then +Inf.
+    pub buckets: [u64; 9],
+    pub sum_ms: f64,
+    pub count: u64,
+}
+
+impl MsHistogram {
+    pub fn observe(&mut self, ms: f64) {
+        self.count += 1;
+        self.sum_ms += ms;
+        let bucket = BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(BUCKETS_MS.len());
+        if let Some(n) = self.buckets.get_mut(bucket) {
+            *n += 1;
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let _ = writeln!(out, "# HELP edgewise_edge_{name} {help}");
+        let _ = writeln!(out, "# TYPE edgewise_edge_{name} histogram");
+        let mut cumulative = 0u64;
+        for (n, le) in self.buckets.iter().zip(BUCKET_LABELS) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "edgewise_edge_{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "edgewise_edge_{name}_sum{{{labels}}} {}\nedgewise_edge_{name}_count{{{labels}}} {}",
+            self.sum_ms, self.count
+        );
+    }
+}
 
 /// One isolate's counters since it started.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -41,9 +84,10 @@ pub struct EdgeMetrics {
     pub kv_reads: u64,
     pub kv_read_timeouts: u64,
     pub kv_read_errors: u64,
-    /// Cumulative counts per bucket of [`KV_BUCKETS_MS`], then +Inf; and the sum.
-    pub kv_read_buckets: [u64; 9],
-    pub kv_read_ms_sum: f64,
+    pub kv_read_ms: MsHistogram,
+    /// The edge-side half of freshness: a `/v1/sync` request received → its batch applied
+    /// (visible in this isolate at once, and stored in KV for the others).
+    pub sync_apply_ms: MsHistogram,
     /// `/v1/sync` batches that took effect, and those refused, by reason.
     pub sync_applied: u64,
     /// Refused batches, in [`REFUSALS`] order.
@@ -67,14 +111,7 @@ impl EdgeMetrics {
             KvOutcome::Timeout => self.kv_read_timeouts += 1,
             KvOutcome::Error => self.kv_read_errors += 1,
         }
-        self.kv_read_ms_sum += ms;
-        let bucket = KV_BUCKETS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .unwrap_or(KV_BUCKETS_MS.len());
-        if let Some(n) = self.kv_read_buckets.get_mut(bucket) {
-            *n += 1;
-        }
+        self.kv_read_ms.observe(ms);
     }
 
     pub fn refused(&mut self, reason: &'static str) {
@@ -177,26 +214,17 @@ impl EdgeMetrics {
             "Profiles evicted from the isolate's cache to stay within its bounds.",
             &[(String::new(), gauges.cache_evictions as f64)],
         );
-        let _ = writeln!(
-            out,
-            "# HELP edgewise_edge_kv_read_ms Profile read latency from KV, milliseconds."
+        self.kv_read_ms.render(
+            &mut out,
+            "kv_read_ms",
+            "Profile read latency from KV, milliseconds.",
+            &l,
         );
-        let _ = writeln!(out, "# TYPE edgewise_edge_kv_read_ms histogram");
-        let mut cumulative = 0u64;
-        for (i, n) in self.kv_read_buckets.iter().enumerate() {
-            cumulative += n;
-            let le = KV_BUCKETS_MS
-                .get(i)
-                .map_or("+Inf".to_owned(), |b| format!("{b}"));
-            let _ = writeln!(
-                out,
-                "edgewise_edge_kv_read_ms_bucket{{{l},le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "edgewise_edge_kv_read_ms_sum{{{l}}} {}\nedgewise_edge_kv_read_ms_count{{{l}}} {}",
-            self.kv_read_ms_sum, self.kv_reads
+        self.sync_apply_ms.render(
+            &mut out,
+            "sync_apply_ms",
+            "A /v1/sync request received to its batch applied (the edge-side half of freshness), milliseconds.",
+            &l,
         );
         for (name, help, v) in [
             (
@@ -295,7 +323,8 @@ impl DataPoint {
     }
 
     /// A sync batch: `blobs` [kind, "applied" or the refusal reason], `doubles` [1, applied,
-    /// duplicates, resend, invalid, documents].
+    /// duplicates, resend, invalid, documents]; [`App::handle`](crate::app::App::handle) adds
+    /// the time the batch took to apply.
     pub fn sync(outcome: &str, items: [u64; 5]) -> Self {
         DataPoint {
             index: "sync",
@@ -318,7 +347,7 @@ mod tests {
         m.kv_read(7.0, KvOutcome::Ok);
         m.kv_read(50.0, KvOutcome::Timeout);
         m.kv_read(900.0, KvOutcome::Error);
-        assert_eq!(m.kv_read_buckets, [1, 0, 0, 1, 0, 1, 0, 0, 1]);
+        assert_eq!(m.kv_read_ms.buckets, [1, 0, 0, 1, 0, 1, 0, 0, 1]);
         let text = m.prometheus("i1", &Gauges::default());
         for line in [
             "edgewise_edge_kv_read_ms_bucket{isolate=\"i1\",le=\"1\"} 1",

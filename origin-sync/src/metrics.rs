@@ -80,7 +80,11 @@ pub struct Metrics {
     pub documents_invalid: AtomicU64,
     /// Pairs of catalog SKUs whose item ids collide, in the catalog last checked.
     pub catalog_id_collisions: AtomicU64,
+    /// The broker took the event (its timestamp) → every sink acknowledged.
     pub freshness: Histogram,
+    /// The event's own timestamp → every sink acknowledged: only as good as the clock that
+    /// stamped it (a browser's may be off by anything), so kept apart and labelled.
+    pub freshness_event_clock: Histogram,
     /// Next offset consumed and high watermark per (topic, partition).
     pub partitions: Mutex<BTreeMap<(String, i32), (i64, i64)>>,
     /// Optional raw freshness samples (benchmarks), bounded.
@@ -375,7 +379,13 @@ impl Metrics {
         self.render_sinks(&mut out);
         self.freshness.render(
             "edgewise_freshness_seconds",
-            "event timestamp to every-sink acknowledgement",
+            "the broker's timestamp of the event to every-sink acknowledgement",
+            &mut out,
+        );
+        self.freshness_event_clock.render(
+            "edgewise_freshness_event_clock_seconds",
+            "the event's own timestamp (a browser's or a server's clock) to every-sink \
+             acknowledgement; off by however far that clock is",
             &mut out,
         );
         out

@@ -568,9 +568,10 @@ impl Worker {
         .await?;
         for (key, oldest) in &settled.retired {
             if !quarantined_keys.contains(key) {
-                self.shared
-                    .metrics
-                    .observe_freshness(now.saturating_sub(*oldest));
+                let m = &self.shared.metrics;
+                m.observe_freshness(now.saturating_sub(oldest.broker_ms));
+                m.freshness_event_clock
+                    .observe_ms(now.saturating_sub(oldest.event_ms));
             }
         }
         let written: Vec<UserKey> = ready

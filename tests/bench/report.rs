@@ -145,7 +145,7 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
         verdict(sql_ratio >= 0.5)
     );
     md += &format!(
-        "| origin-sync event → edge acknowledgement at {}/s, p50 / p99 | {} / {} ms | | | — | |\n",
+        "| origin-sync, broker timestamp → edge acknowledgement at {}/s, p50 / p99 | {} / {} ms | | | — | |\n",
         memory["latency_rate"], memory["latency_p50_ms"], memory["latency_p99_ms"]
     );
     md += &format!(

@@ -4,7 +4,7 @@
 //! 1. throughput: events/s from the broker through validation, fold, delta and outbox (the
 //!    service, delivering to the real edge worker's handlers in this process), next to the raw consume rate of the
 //!    same broker and partitions;
-//! 2. latency: event timestamp → every-sink acknowledgement, p50/p99, at a steady moderate
+//! 2. latency: the broker's timestamp of the event → every-sink acknowledgement, p50/p99, at a steady moderate
 //!    rate;
 //! 3. hot users: KV writes per event when a few shoppers produce most events.
 //!
@@ -289,7 +289,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     samples.sort_unstable();
     run.stop().await?;
     println!(
-        "  latency:          p50 {} ms, p99 {} ms  (event timestamp → edge ack at {} ev/s over distinct shoppers, {} deliveries)",
+        "  latency:          p50 {} ms, p99 {} ms  (broker timestamp → edge ack at {} ev/s over distinct shoppers, {} deliveries)",
         percentile(&samples, 0.5),
         percentile(&samples, 0.99),
         args.latency_rate,

@@ -106,10 +106,57 @@ pub struct BatchOutcome {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
-/// Outbox entry: the oldest event time not yet acknowledged.
+/// Outbox entry: the oldest change not yet acknowledged, by the time its event says (the
+/// browser's or a server's clock) and by when the broker took it (`Record::arrived_ms`).
+/// Freshness is measured from the broker's time; the event's own is kept as a separate,
+/// labelled figure, since a browser's clock may be off by anything.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 struct Pending {
     oldest_ts_ms: u64,
+    /// Added in layout 2; a layout-1 entry (the event time alone) reads as both.
+    oldest_arrived_ms: u64,
+}
+
+impl Pending {
+    fn at(ts_ms: u64, arrived_ms: u64) -> Pending {
+        Pending {
+            oldest_ts_ms: ts_ms,
+            oldest_arrived_ms: arrived_ms,
+        }
+    }
+
+    fn merge(self, ts_ms: u64, arrived_ms: u64) -> Pending {
+        Pending::at(
+            self.oldest_ts_ms.min(ts_ms),
+            self.oldest_arrived_ms.min(arrived_ms),
+        )
+    }
+
+    /// Reads either layout: 2 (two varints), or 1 (the event time alone), written before.
+    fn decode(bytes: &[u8]) -> Result<Pending, StoreError> {
+        match postcard::from_bytes::<Pending>(bytes) {
+            Ok(p) => Ok(p),
+            Err(_) => {
+                let ts: u64 = decode(bytes, "outbox")?;
+                Ok(Pending::at(ts, ts))
+            }
+        }
+    }
+
+    fn oldest(self) -> Oldest {
+        Oldest {
+            event_ms: self.oldest_ts_ms,
+            broker_ms: self.oldest_arrived_ms,
+        }
+    }
+}
+
+/// When the oldest change of a retired outbox entry happened, by the event's own clock and by
+/// the broker's (Unix ms).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Oldest {
+    pub event_ms: u64,
+    pub broker_ms: u64,
 }
 
 /// A user's change ready to send: the delta for the edge and the full value for KV.
@@ -249,6 +296,8 @@ impl Store {
                     }
                 }
                 entry.2 = entry.2.min(ev.ts_ms);
+                let arrived = r.arrived_ms.unwrap_or(ev.ts_ms);
+                entry.3 = entry.3.min(arrived);
                 // the visitor's profile now lives in the signed-in one: retire it (a new epoch,
                 // so no copy of it anywhere outranks the retirement), dropping nothing that
                 // arrives for that visitor later
@@ -258,24 +307,18 @@ impl Store {
                     visitor.0 =
                         UserState::tombstone(&anon, shared::delta::tombstone_version(version), 0);
                     visitor.2 = visitor.2.min(ev.ts_ms);
+                    visitor.3 = visitor.3.min(arrived);
                     out.identified += 1;
                 }
             }
-            for (key, (state, before, oldest)) in users {
+            for (key, (state, before, oldest, arrived)) in users {
                 if state.current_version() == before {
                     continue;
                 }
                 users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
                 let pending = match outbox_t.get(key.0.as_slice())? {
-                    Some(g) => {
-                        let p: Pending = decode(g.value(), "outbox")?;
-                        Pending {
-                            oldest_ts_ms: p.oldest_ts_ms.min(oldest),
-                        }
-                    }
-                    None => Pending {
-                        oldest_ts_ms: oldest,
-                    },
+                    Some(g) => Pending::decode(g.value())?.merge(oldest, arrived),
+                    None => Pending::at(oldest, arrived),
                 };
                 outbox_t.insert(key.0.as_slice(), encode(&pending).as_slice())?;
                 out.touched.push((key, pending.oldest_ts_ms));
@@ -353,7 +396,7 @@ impl Store {
             let (k, v) = row?;
             let key = <[u8; 12]>::try_from(k.value())
                 .map_err(|_| StoreError::Corrupt("outbox key".into()))?;
-            let p: Pending = decode(v.value(), "outbox")?;
+            let p = Pending::decode(v.value())?;
             out.push((UserKey(key), p.oldest_ts_ms));
         }
         Ok(out)
@@ -419,9 +462,10 @@ impl Store {
     }
 }
 
-type Loaded = HashMap<UserKey, (UserState, u64, u64)>;
+type Loaded = HashMap<UserKey, (UserState, u64, u64, u64)>;
 
-/// Brings `key`'s state into a batch's working set: (state, version before, oldest event).
+/// Brings `key`'s state into a batch's working set: (state, version before, oldest event
+/// time, oldest broker time).
 fn load(
     users: &mut Loaded,
     users_t: &redb::Table<&[u8], &[u8]>,
@@ -433,7 +477,7 @@ fn load(
             None => UserState::fresh(&key),
         };
         let version = state.current_version();
-        v.insert((state, version, u64::MAX));
+        v.insert((state, version, u64::MAX, u64::MAX));
     }
     Ok(())
 }
@@ -465,10 +509,7 @@ fn erase_in(
     users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
     outbox_t.insert(
         key.0.as_slice(),
-        encode(&Pending {
-            oldest_ts_ms: at_ms,
-        })
-        .as_slice(),
+        encode(&Pending::at(at_ms, at_ms)).as_slice(),
     )?;
     Ok((version, true))
 }
@@ -618,6 +659,80 @@ mod tests {
         assert_eq!(settled.still, vec![first]);
         let again = store.prepare(SINK, &[first]).expect("prepare");
         assert!(matches!(again[0].delta.change, Change::Snapshot(_)));
+    }
+
+    /// Freshness starts when the broker took the event, not at the time the event claims (a
+    /// browser an hour ahead would make it read negative, one behind, an hour late); the
+    /// event's own time is kept apart.
+    #[test]
+    fn retired_entries_say_when_the_broker_took_their_oldest_event() {
+        let catalog = Catalog::demo().expect("demo");
+        let events: Vec<Event> = Traffic::new(&catalog, 1, "f", 1_732_960_000_000, 10, 5)
+            .take(3)
+            .collect();
+        let store = open("freshness-broker", SMALL_WINDOW);
+        let mut recs = records(&events, "a", 0);
+        for (i, r) in recs.iter_mut().enumerate() {
+            // the browser's clock is an hour ahead of the broker's
+            r.arrived_ms = r.event.as_ref().map(|e| e.ts_ms - 3_600_000 + i as u64);
+        }
+        store.apply_batch(&recs).expect("batch");
+        let keys = outbox_keys(&store);
+        let items = store.prepare(SINK, &keys).expect("prepare");
+        let settled = settle(&store, SINK, &[SINK], &items, &[]);
+        let oldest_event = events.iter().map(|e| e.ts_ms).min().expect("events");
+        let oldest_broker = recs
+            .iter()
+            .filter_map(|r| r.arrived_ms)
+            .min()
+            .expect("times");
+        assert_eq!(
+            settled.retired,
+            vec![(
+                keys[0],
+                Oldest {
+                    event_ms: oldest_event,
+                    broker_ms: oldest_broker,
+                }
+            )]
+        );
+    }
+
+    /// An outbox written before broker times were kept (the event time alone) is still read:
+    /// its entries are sent and retired, the event time standing in for the broker's.
+    #[test]
+    fn an_outbox_entry_of_the_first_layout_is_read() {
+        let store = open("outbox-layout-1", SMALL_WINDOW);
+        let key = store.user_key("old-layout");
+        {
+            let tx = store.db.begin_write().expect("tx");
+            {
+                let mut users = tx.open_table(USERS).expect("users");
+                let mut outbox = tx.open_table(OUTBOX).expect("outbox");
+                users
+                    .insert(key.0.as_slice(), encode(&UserState::fresh(&key)).as_slice())
+                    .expect("user");
+                let legacy: u64 = 1_700_000_000_123;
+                outbox
+                    .insert(key.0.as_slice(), encode(&legacy).as_slice())
+                    .expect("entry");
+            }
+            tx.commit().expect("commit");
+        }
+        assert_eq!(
+            store.outbox().expect("outbox"),
+            vec![(key, 1_700_000_000_123)]
+        );
+        let pending = Pending::decode(&encode(&1_700_000_000_123u64)).expect("layout 1");
+        assert_eq!(
+            pending.oldest(),
+            Oldest {
+                event_ms: 1_700_000_000_123,
+                broker_ms: 1_700_000_000_123
+            }
+        );
+        let now = Pending::decode(&encode(&Pending::at(5, 7))).expect("layout 2");
+        assert_eq!((now.oldest_ts_ms, now.oldest_arrived_ms), (5, 7));
     }
 
     const SINK: &str = "edge";

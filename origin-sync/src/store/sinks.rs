@@ -18,7 +18,7 @@ use shared::keys::UserKey;
 use shared::wire::{ConfigDoc, ConfigKind};
 
 use super::state::{UserState, change_for};
-use super::{ACKED, OUTBOX, OutItem, Pending, Store, StoreError, USERS, decode, encode};
+use super::{ACKED, OUTBOX, Oldest, OutItem, Pending, Store, StoreError, USERS, decode, encode};
 
 /// `(sink, user key)` → [`SinkMark`].
 pub(super) const SINK_MARKS: TableDefinition<(&str, &[u8]), &[u8]> =
@@ -96,8 +96,8 @@ pub struct SinkReport<'a> {
 pub struct Settled {
     /// Keys still pending for this sink (changed while it was being pushed).
     pub still: Vec<UserKey>,
-    /// Outbox entries retired (every sink settled), with their oldest event time.
-    pub retired: Vec<(UserKey, u64)>,
+    /// Outbox entries retired (every sink settled), with when their oldest change happened.
+    pub retired: Vec<(UserKey, Oldest)>,
 }
 
 fn doc_name(kind: ConfigKind) -> &'static str {
@@ -137,7 +137,7 @@ impl Store {
             let Some(pending) = outbox_t.get(key.0.as_slice())? else {
                 continue;
             };
-            let pending: Pending = decode(pending.value(), "outbox")?;
+            let pending = Pending::decode(pending.value())?;
             let Some(state) = users_t.get(key.0.as_slice())? else {
                 continue;
             };
@@ -231,8 +231,8 @@ impl Store {
                     }
                 }
                 if everywhere && let Some(g) = outbox_t.remove(key.0.as_slice())? {
-                    let p: Pending = decode(g.value(), "outbox")?;
-                    out.retired.push((key, p.oldest_ts_ms));
+                    out.retired
+                        .push((key, Pending::decode(g.value())?.oldest()));
                 }
             }
         }
@@ -384,9 +384,7 @@ impl Store {
                             encode(&SinkMark::default()).as_slice(),
                         )?;
                         if outbox_t.get(key.0.as_slice())?.is_none() {
-                            let pending = Pending {
-                                oldest_ts_ms: now_ms,
-                            };
+                            let pending = Pending::at(now_ms, now_ms);
                             outbox_t.insert(key.0.as_slice(), encode(&pending).as_slice())?;
                         }
                     }

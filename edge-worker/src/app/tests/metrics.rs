@@ -49,11 +49,14 @@ fn answers_cache_kv_and_sync_are_counted_and_exposed() {
         b"frame",
     );
     assert_eq!(forged.reply.status, 401);
+    let point = forged.metric.expect("a data point");
+    let expected = DataPoint::sync("signature", [0; 5]);
     assert_eq!(
-        forged.metric,
-        Some(DataPoint::sync("signature", [0; 5])),
+        point.blobs, expected.blobs,
         "a refused batch's data point names why"
     );
+    assert_eq!(point.doubles.get(..6), Some(&expected.doubles[..]));
+    assert_eq!(point.doubles.len(), 7, "and the time it took");
     // alice: a KV read (miss), then from the cache (hit); a stranger: popular
     let r = w.get("/v1/recommendations?slot=home", &alice());
     assert_eq!(r.header("x-edgewise-tier"), Some("fresh"));
@@ -66,6 +69,7 @@ fn answers_cache_kv_and_sync_are_counted_and_exposed() {
     assert_eq!(m.deltas_applied, 1);
     assert_eq!(m.refused_for("signature"), 1);
     assert!(m.kv_reads >= 1 && m.cache_hits >= 1, "{m:?}");
+    assert_eq!(m.sync_apply_ms.count, 1, "the applied batch was timed");
 
     let text = String::from_utf8(scrape(&w, METRICS_TOKEN).body).unwrap();
     for line in [
