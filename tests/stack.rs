@@ -46,6 +46,9 @@ pub struct StackConfig {
     pub origin_bin: PathBuf,
     /// Extra TOML appended to origin-sync's generated config (tests tune it with this).
     pub origin_extra: String,
+    /// Edges origin-sync pushes to that the stack does not start (a benchmark's standalone
+    /// workerd), as base URLs.
+    pub extra_edge_urls: Vec<String>,
 }
 
 impl StackConfig {
@@ -62,6 +65,7 @@ impl StackConfig {
             partitions: 2,
             origin_bin,
             origin_extra: String::new(),
+            extra_edge_urls: Vec::new(),
         }
     }
 }
@@ -291,6 +295,7 @@ impl Stack {
             .edge_ports
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
+            .chain(config.extra_edge_urls.iter().cloned())
             .collect();
         let text = format!(
             "# Written by the local stack on every start; edit origin-sync.example.toml for your own.\n\

@@ -112,6 +112,19 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
         "| | | | | p99 ≤ 5× the raw broker's | {} |\n",
         verdict(fp99 / rp99 <= 5.0)
     );
+    // the same on standalone workerd, when the run measured it
+    if let Some(wd) = system.get("workerd") {
+        let (wp50, wp99) = (num(&wd["fresh_p50_ms"]), num(&wd["fresh_p99_ms"]));
+        md += &format!(
+            "| the same on standalone workerd (no wrangler in the path), p50 / p99 | {wp50:.1} / {wp99:.1} ms | the same raw broker | p99 {:.1}× | p99 ≤ 25 ms | {} |\n",
+            wp99 / rp99,
+            verdict(wp99 <= 25.0)
+        );
+        md += &format!(
+            "| | | | | p99 ≤ 3× the raw broker's | {} |\n",
+            verdict(wp99 / rp99 <= 3.0)
+        );
+    }
     md += &format!(
         "| edge under load (wrk -c{}): personalized recommendations, warm cache, p50 | {:.2} ms | `/healthz` p50: {:.2} ms | {warm:.2}× | ≤ 1.25× | {} |\n",
         edge["connections"].as_str().unwrap_or("?"),

@@ -8,7 +8,10 @@
 //!   successful poll's answer arrives (an upper bound: it includes that poll's round trip and up
 //!   to one poll interval); the poll's request time is kept as the lower bound.
 //!
-//! Both at the same steady rate, one new shopper per event. Writes `system.json` (samples
+//! - the same on standalone workerd (`tests::workerd`: no wrangler, no Node proxy in the path),
+//!   fed by the same origin-sync as a second edge, with other shoppers.
+//!
+//! All at the same steady rate, one new shopper per event. Writes `system.json` (samples
 //! included) into `EDGEWISE_BENCH_OUT` for the report. Usage: `system-bench [EVENTS] [RATE]`
 //! with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench` does both).
 
@@ -21,6 +24,7 @@ use rdkafka::Message as _;
 use rdkafka::consumer::Consumer as _;
 use shared::event::{Event, EventKind, Line};
 use tests::stack::{Stack, StackConfig, get_json};
+use tests::workerd::Workerd;
 use tests::{free_port, origin_sync_binary, temp_dir, worker_bundle};
 
 const POLL_EVERY: Duration = Duration::from_millis(5);
@@ -45,14 +49,25 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn run(events: usize, rate: u64) -> Result<(), String> {
-    worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
+    let bundle =
+        worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
     let origin_bin = origin_sync_binary()
         .ok_or("origin-sync is not built next to this binary (`cargo xtask bench` builds it)")?;
+    let state = temp_dir("system-bench");
+    let origin_port = free_port().map_err(|e| e.to_string())?;
+    // the same worker on standalone workerd (no wrangler, no Node proxy in the path), fed by
+    // the same origin-sync as a second edge
+    println!("==> the worker on standalone workerd, a second edge of the same origin-sync");
+    let standalone = Workerd::start(
+        &bundle,
+        &state.join("workerd"),
+        &[("ORIGIN_URL", &format!("http://127.0.0.1:{origin_port}"))],
+    )?;
     let config = StackConfig {
-        state: temp_dir("system-bench"),
+        state,
         kafka: None,
         broker_port: free_port().map_err(|e| e.to_string())?,
-        origin_port: free_port().map_err(|e| e.to_string())?,
+        origin_port,
         edge_ports: vec![free_port().map_err(|e| e.to_string())?],
         // freshness is measured where origin's push lands, without a router in the path
         isolates: 1,
@@ -60,6 +75,7 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
         partitions: 2,
         origin_bin,
         origin_extra: String::new(),
+        extra_edge_urls: vec![format!("http://127.0.0.1:{}", standalone.port)],
     };
     let stack = Stack::start(config, &mut |s| println!("==> {s}"))?;
     let edge = stack.edges[0].port;
@@ -122,16 +138,110 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
         receiving.await.map_err(|e| e.to_string())?
     })?;
 
-    // 2. freshness: produced to Kafka → visible at the edge
+    // 2. freshness: produced to Kafka → visible at the edge, through wrangler dev
     println!(
-        "==> freshness: {events} add-to-cart events at {rate}/s, Kafka -> origin-sync -> edge"
+        "==> freshness: {events} add-to-cart events at {rate}/s, Kafka -> origin-sync -> edge (wrangler dev)"
     );
+    let (fresh, mut asked, missing) = freshness(&rt, &producer, edge, "fresh", events, rate);
+    // 3. the same on standalone workerd
+    println!(
+        "==> freshness: {events} add-to-cart events at {rate}/s, Kafka -> origin-sync -> edge (standalone workerd)"
+    );
+    let (wd_fresh, mut wd_asked, wd_missing) =
+        freshness(&rt, &producer, standalone.port, "freshwd", events, rate);
+    asked.sort_by(f64::total_cmp);
+    wd_asked.sort_by(f64::total_cmp);
+    drop(producer);
+    stack.stop(&mut |s| println!("==> {s}"));
+    drop(standalone);
+    if missing > 0 || wd_missing > 0 {
+        return Err(format!(
+            "{missing} (wrangler dev) and {wd_missing} (standalone workerd) of {events} events \
+             never became visible at the edge within 20 s"
+        ));
+    }
+    let mut wd_sorted = wd_fresh.clone();
+    wd_sorted.sort_by(f64::total_cmp);
+    let (wp50, wp99) = (percentile(&wd_sorted, 0.5), percentile(&wd_sorted, 0.99));
+
+    let mut raw_sorted = raw.clone();
+    raw_sorted.sort_by(f64::total_cmp);
+    let mut fresh_sorted = fresh.clone();
+    fresh_sorted.sort_by(f64::total_cmp);
+    let (rp50, rp99) = (percentile(&raw_sorted, 0.5), percentile(&raw_sorted, 0.99));
+    let (fp50, fp99) = (
+        percentile(&fresh_sorted, 0.5),
+        percentile(&fresh_sorted, 0.99),
+    );
+    println!();
+    println!("| at {rate}/s, {events} each | p50 ms | p99 ms |");
+    println!("| --- | ---: | ---: |");
+    println!("| raw broker produce -> consume | {rp50:.1} | {rp99:.1} |");
+    println!(
+        "| event produced -> visible at the edge (the poll's answer) | {fp50:.1} | {fp99:.1} |"
+    );
+    println!(
+        "| ... the same, at the poll's request (lower bound) | {:.1} | {:.1} |",
+        percentile(&asked, 0.5),
+        percentile(&asked, 0.99)
+    );
+    println!(
+        "| event produced -> visible at the edge on standalone workerd (the poll's answer) | {wp50:.1} | {wp99:.1} |"
+    );
+    println!(
+        "| ... the same, at the poll's request (lower bound) | {:.1} | {:.1} |",
+        percentile(&wd_asked, 0.5),
+        percentile(&wd_asked, 0.99)
+    );
+    println!(
+        "freshness p99 {fp99:.1} ms (target <= 50 ms), {:.1}x the raw broker p99 (target <= 5x)",
+        fp99 / rp99
+    );
+    println!(
+        "on standalone workerd: freshness p99 {wp99:.1} ms (target <= 25 ms), {:.1}x the raw broker p99 (target <= 3x)",
+        wp99 / rp99
+    );
+    if let Some(dir) = std::env::var_os("EDGEWISE_BENCH_OUT") {
+        let figures = serde_json::json!({
+            "events": events,
+            "rate": rate,
+            "poll_every_ms": POLL_EVERY.as_millis() as u64,
+            "raw_p50_ms": rp50, "raw_p99_ms": rp99,
+            "fresh_p50_ms": fp50, "fresh_p99_ms": fp99,
+            "fresh_asked_p50_ms": percentile(&asked, 0.5),
+            "fresh_asked_p99_ms": percentile(&asked, 0.99),
+            "raw_samples_ms": raw_sorted,
+            "fresh_samples_ms": fresh_sorted,
+            "workerd": {
+                "fresh_p50_ms": wp50, "fresh_p99_ms": wp99,
+                "fresh_asked_p50_ms": percentile(&wd_asked, 0.5),
+                "fresh_asked_p99_ms": percentile(&wd_asked, 0.99),
+            },
+        });
+        let path = PathBuf::from(dir).join("system.json");
+        std::fs::write(&path, figures.to_string())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Produces `events` add-to-cart events for new shoppers (`{prefix}-u{n}`) at `rate` and polls
+/// `edge` until each shows; (answer times, request times, never seen), in ms from produce.
+fn freshness(
+    rt: &tokio::runtime::Runtime,
+    producer: &rdkafka::producer::FutureProducer,
+    edge: u16,
+    prefix: &str,
+    events: usize,
+    rate: u64,
+) -> (Vec<f64>, Vec<f64>, usize) {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = Instant::now();
     let mut pollers = Vec::with_capacity(events);
     for n in 0..events {
-        let user = format!("fresh-u{n}");
+        let user = format!("{prefix}-u{n}");
         let event = Event {
-            id: format!("fresh-{n}"),
+            id: format!("{prefix}-{n}"),
             user: user.clone(),
             ts_ms: unix_us() / 1000,
             kind: EventKind::AddToCart(Line {
@@ -174,55 +284,5 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
             None => missing += 1,
         }
     }
-    asked.sort_by(f64::total_cmp);
-    drop(producer);
-    stack.stop(&mut |s| println!("==> {s}"));
-    if missing > 0 {
-        return Err(format!(
-            "{missing} of {events} events never became visible at the edge within 20 s"
-        ));
-    }
-
-    let mut raw_sorted = raw.clone();
-    raw_sorted.sort_by(f64::total_cmp);
-    let mut fresh_sorted = fresh.clone();
-    fresh_sorted.sort_by(f64::total_cmp);
-    let (rp50, rp99) = (percentile(&raw_sorted, 0.5), percentile(&raw_sorted, 0.99));
-    let (fp50, fp99) = (
-        percentile(&fresh_sorted, 0.5),
-        percentile(&fresh_sorted, 0.99),
-    );
-    println!();
-    println!("| at {rate}/s, {events} each | p50 ms | p99 ms |");
-    println!("| --- | ---: | ---: |");
-    println!("| raw broker produce -> consume | {rp50:.1} | {rp99:.1} |");
-    println!(
-        "| event produced -> visible at the edge (the poll's answer) | {fp50:.1} | {fp99:.1} |"
-    );
-    println!(
-        "| ... the same, at the poll's request (lower bound) | {:.1} | {:.1} |",
-        percentile(&asked, 0.5),
-        percentile(&asked, 0.99)
-    );
-    println!(
-        "freshness p99 {fp99:.1} ms (target <= 50 ms), {:.1}x the raw broker p99 (target <= 5x)",
-        fp99 / rp99
-    );
-    if let Some(dir) = std::env::var_os("EDGEWISE_BENCH_OUT") {
-        let figures = serde_json::json!({
-            "events": events,
-            "rate": rate,
-            "poll_every_ms": POLL_EVERY.as_millis() as u64,
-            "raw_p50_ms": rp50, "raw_p99_ms": rp99,
-            "fresh_p50_ms": fp50, "fresh_p99_ms": fp99,
-            "fresh_asked_p50_ms": percentile(&asked, 0.5),
-            "fresh_asked_p99_ms": percentile(&asked, 0.99),
-            "raw_samples_ms": raw_sorted,
-            "fresh_samples_ms": fresh_sorted,
-        });
-        let path = PathBuf::from(dir).join("system.json");
-        std::fs::write(&path, figures.to_string())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    Ok(())
+    (fresh, asked, missing)
 }

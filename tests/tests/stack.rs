@@ -221,6 +221,7 @@ fn the_whole_system_on_one_stack() {
         partitions: 2,
         origin_bin,
         origin_extra: String::new(),
+        extra_edge_urls: Vec::new(),
     };
     let stack = Stack::start(config, &mut |s| println!("stack: {s}")).unwrap();
     println!("stack up in {:?}", started.elapsed());
