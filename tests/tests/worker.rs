@@ -889,17 +889,9 @@ fn in_a_real_browser_the_sites_pages_through_the_proxy_show_the_shoppers_blocks(
 /// also with KV down (every KV request answered 503): the page arrives with fallback blocks.
 #[test]
 fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
-    let Some(bundle) = worker_bundle() else {
-        skip(
-            "the worker bundle",
-            "run `cargo xtask test`, which builds it first",
-        );
+    let Some(bundle) = standalone_prerequisites() else {
         return;
     };
-    if tests::workerd::workerd_binary().is_none() {
-        skip("workerd", "run `cargo xtask setup` (wrangler brings it)");
-        return;
-    }
     let site = tests::site::Site::start().unwrap();
     let origin = format!("http://127.0.0.1:{}", site.port);
     let w = tests::workerd::Workerd::start(
@@ -1010,17 +1002,9 @@ fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
 #[test]
 fn a_new_isolate_answers_its_first_request_from_the_published_catalog_even_at_100k_items() {
     use shared::protocol::{CATALOG_KEY, RULES_KEY, document_version_key};
-    let Some(bundle) = tests::worker_bundle() else {
-        skip(
-            "the worker bundle",
-            "run `cargo xtask test`, which builds it first",
-        );
+    let Some(bundle) = standalone_prerequisites() else {
         return;
     };
-    if tests::workerd::workerd_binary().is_none() {
-        skip("workerd", "run `cargo xtask setup` (wrangler brings it)");
-        return;
-    }
     let items = shared::catalog::MAX_ITEMS;
     let toml = shared::synthetic::catalog_toml(items, 1000, 7);
     let catalog = shared::catalog::Catalog::from_toml(&toml).expect("valid catalog");
@@ -1066,4 +1050,21 @@ fn a_new_isolate_answers_its_first_request_from_the_published_catalog_even_at_10
     assert_eq!(h["catalog_version"], 3, "{h}");
     assert_eq!(h["catalog_items"], items, "{h}");
     assert_eq!(h["rules_version"], 3, "{h}");
+}
+
+/// The bundle, when it and workerd are there to run it standalone; otherwise says which is
+/// missing (`skip` fails the test under `CI=true`).
+fn standalone_prerequisites() -> Option<std::path::PathBuf> {
+    let Some(bundle) = worker_bundle() else {
+        skip(
+            "the worker bundle",
+            "run `cargo xtask test`, which builds it first",
+        );
+        return None;
+    };
+    if tests::workerd::workerd_binary().is_none() {
+        skip("workerd", "run `cargo xtask setup` (wrangler brings it)");
+        return None;
+    }
+    Some(bundle)
 }

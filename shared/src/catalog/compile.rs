@@ -9,8 +9,8 @@
 //! 4. [`declare_items`]: SKUs, uniqueness, id collisions, every item field, the tag names.
 //! 5. [`number_tags`]: dense tag indexes, in sorted order.
 //! 6. [`build_items`]: accessories (which need every SKU declared first) and tags resolved.
-//! 7. The indexes over the valid items (`index`): [`popularity_orders`], [`pack_hot`],
-//!    [`build_item_table`], [`build_category_index`] and [`fingerprint`].
+//! 7. The indexes over the valid items (`index`): [`popularity_order`] and [`fingerprint`],
+//!    then [`assemble`] derives the rest (the same way a loaded image does).
 //!
 //! Each validating phase reports the first problem it meets, in document order; the phases that
 //! resolve references (3 and 6) run only once every name they could refer to has been declared
@@ -18,9 +18,7 @@
 //! the error messages exactly: they are the interface a merchandiser sees.
 
 use super::error::{CatalogError, Problem, Subject};
-use super::index::{
-    build_category_index, build_item_table, fingerprint, pack_hot, popularity_orders,
-};
+use super::index::{assemble, fingerprint, popularity_order};
 use super::raw::{RawCatalog, RawCategory, RawItem};
 use super::{
     CATALOG_VERSION, Catalog, Category, Item, MAX_ACCESSORIES_PER_ITEM, MAX_ACCESSORY_CATEGORIES,
@@ -35,7 +33,7 @@ use std::collections::BTreeMap;
 pub(super) fn compile(raw: RawCatalog) -> Result<Catalog, CatalogError> {
     let version = check_document(&raw)?;
     let cat_by_slug = declare_categories(&raw.category)?;
-    let mut categories = build_categories(&raw.category, &cat_by_slug)?;
+    let categories = build_categories(&raw.category, &cat_by_slug)?;
     let DeclaredItems {
         sku_to_index,
         id_collisions,
@@ -43,25 +41,17 @@ pub(super) fn compile(raw: RawCatalog) -> Result<Catalog, CatalogError> {
     } = declare_items(&raw.item, &cat_by_slug)?;
     let tags = number_tags(&mut tag_names);
     let items = build_items(&raw.item, &cat_by_slug, &sku_to_index, &tag_names)?;
-    let (popular, items_by_tag) = popularity_orders(&items, &mut categories, tags.len());
-    let (hot, item_tags) = pack_hot(&items);
-    let item_table = build_item_table(&items);
-    let category_index = build_category_index(&categories);
+    let popular = popularity_order(&items);
     let fingerprint = fingerprint(version, &categories, &items, &tags);
-    Ok(Catalog {
+    Ok(assemble(
         version,
         categories,
         items,
-        item_table,
-        category_index,
-        popular,
         tags,
-        items_by_tag,
-        fingerprint,
-        hot,
+        popular,
         id_collisions,
-        item_tags,
-    })
+        fingerprint,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,7 +146,7 @@ fn declare_categories(raw: &[RawCategory]) -> Result<BTreeMap<&str, u16>, Catalo
 }
 
 /// Phase 3: the compiled categories, with their accessory categories resolved (which needs
-/// every category declared first). Their item lists are filled in by [`popularity_orders`].
+/// every category declared first). Their item lists are filled in by [`assemble`].
 fn build_categories(
     raw: &[RawCategory],
     cat_by_slug: &BTreeMap<&str, u16>,

@@ -15,10 +15,7 @@
 //! their names, the popularity order is a sorted permutation, and the fingerprint recomputed
 //! from the decoded names equals the one stored.
 
-use super::index::{
-    build_category_index, build_item_table, fingerprint, group_by_popularity, pack_hot,
-    popularity_cmp,
-};
+use super::index::{assemble, fingerprint, popularity_cmp};
 use super::{
     CATALOG_VERSION, Catalog, Category, Item, MAX_ACCESSORIES_PER_ITEM, MAX_ACCESSORY_CATEGORIES,
     MAX_CATEGORIES, MAX_ITEMS, MAX_TAGS_PER_ITEM,
@@ -78,7 +75,7 @@ impl Catalog {
     pub fn from_image(image: CatalogImage) -> Result<Catalog, String> {
         let CatalogImage {
             version,
-            mut categories,
+            categories,
             items,
             tags,
             popular,
@@ -103,24 +100,15 @@ impl Catalog {
                  {stored_fingerprint:016x}"
             ));
         }
-        let items_by_tag = group_by_popularity(&popular, &items, &mut categories, tags.len());
-        let (hot, item_tags) = pack_hot(&items);
-        let item_table = build_item_table(&items);
-        let category_index = build_category_index(&categories);
-        Ok(Catalog {
+        Ok(assemble(
             version,
             categories,
             items,
-            item_table,
-            category_index,
-            popular,
             tags,
-            items_by_tag,
-            fingerprint: stored_fingerprint,
-            hot,
+            popular,
             id_collisions,
-            item_tags,
-        })
+            stored_fingerprint,
+        ))
     }
 }
 

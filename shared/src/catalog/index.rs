@@ -10,18 +10,6 @@
 use super::{Category, EMPTY, Hot, Item, table_slot};
 use crate::ids::{CategoryId, Fnv1a64};
 
-/// Popularity orderings: all items (returned), each category's items (stored in
-/// `categories`) and each tag's items (returned), most popular first, ties by SKU.
-pub(super) fn popularity_orders(
-    items: &[Item],
-    categories: &mut [Category],
-    n_tags: usize,
-) -> (Vec<u32>, Vec<Box<[u32]>>) {
-    let popular = popularity_order(items);
-    let items_by_tag = group_by_popularity(&popular, items, categories, n_tags);
-    (popular, items_by_tag)
-}
-
 /// All item indexes, most popular first, ties by SKU (a total order, the same everywhere).
 pub(super) fn popularity_order(items: &[Item]) -> Vec<u32> {
     let mut popular: Vec<u32> = (0..items.len()).map(|i| i as u32).collect();
@@ -43,7 +31,7 @@ pub(super) fn popularity_cmp(x: &Item, y: &Item) -> std::cmp::Ordering {
 
 /// Each category's items (stored in `categories`) and each tag's items (returned), in the order
 /// of `popular`: one pass, no sort.
-pub(super) fn group_by_popularity(
+fn group_by_popularity(
     popular: &[u32],
     items: &[Item],
     categories: &mut [Category],
@@ -84,9 +72,41 @@ pub(super) fn group_by_popularity(
     per_tag.into_iter().map(Vec::into_boxed_slice).collect()
 }
 
+/// The catalog from its validated parts and its popularity order: the per-category and
+/// per-tag lists, the packed hot fields, the id table and the category index are derived
+/// here, the same way for a compiled document and for a loaded image.
+pub(super) fn assemble(
+    version: u32,
+    mut categories: Vec<Category>,
+    items: Vec<Item>,
+    tags: Vec<String>,
+    popular: Vec<u32>,
+    id_collisions: Vec<(String, String)>,
+    fingerprint: u64,
+) -> super::Catalog {
+    let items_by_tag = group_by_popularity(&popular, &items, &mut categories, tags.len());
+    let (hot, item_tags) = pack_hot(&items);
+    let item_table = build_item_table(&items);
+    let category_index = build_category_index(&categories);
+    super::Catalog {
+        version,
+        categories,
+        items,
+        item_table,
+        category_index,
+        popular,
+        tags,
+        items_by_tag,
+        fingerprint,
+        hot,
+        id_collisions,
+        item_tags,
+    }
+}
+
 /// The per-candidate fields of every item, packed, and all items' tag indexes concatenated
 /// (which [`Hot::tags_at`] and [`Hot::n_tags`] slice).
-pub(super) fn pack_hot(items: &[Item]) -> (Vec<Hot>, Vec<u32>) {
+fn pack_hot(items: &[Item]) -> (Vec<Hot>, Vec<u32>) {
     let mut item_tags: Vec<u32> = Vec::new();
     let hot: Vec<Hot> = items
         .iter()
@@ -110,7 +130,7 @@ pub(super) fn pack_hot(items: &[Item]) -> (Vec<Hot>, Vec<u32>) {
 /// The open-addressing table from [`ItemId`](crate::ids::ItemId) to dense index, at most half
 /// full. An id that collides with an earlier item's (tolerated by the compiler) probes on past
 /// it, so a lookup by that id finds the earlier item.
-pub(super) fn build_item_table(items: &[Item]) -> Vec<u32> {
+fn build_item_table(items: &[Item]) -> Vec<u32> {
     let capacity = (items.len() * 2).max(16).next_power_of_two();
     let mut item_table = vec![EMPTY; capacity];
     let mask = capacity - 1;
@@ -127,7 +147,7 @@ pub(super) fn build_item_table(items: &[Item]) -> Vec<u32> {
 }
 
 /// `(id, dense index)` of every category, sorted by id.
-pub(super) fn build_category_index(categories: &[Category]) -> Vec<(CategoryId, u16)> {
+fn build_category_index(categories: &[Category]) -> Vec<(CategoryId, u16)> {
     let mut category_index: Vec<(CategoryId, u16)> = categories
         .iter()
         .enumerate()
