@@ -110,6 +110,16 @@ pub fn origin_sync_binary() -> Option<PathBuf> {
 }
 
 /// A loopback port nobody listens on right now.
+/// The `q` quantile of `xs` (sorted here), nearest rank; NaN for no samples. The one
+/// definition every benchmark reports with.
+pub fn percentile(xs: &mut [f64], q: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs[((xs.len() - 1) as f64 * q).round() as usize]
+}
+
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

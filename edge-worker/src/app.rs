@@ -123,10 +123,9 @@ pub struct App {
     in_flight: RefCell<std::collections::HashSet<[u8; 32]>>,
     /// Profiles whose synced value is in the cache while its KV write is still running.
     writing: RefCell<std::collections::HashSet<UserKey>>,
+    /// When the last config check started; `None` until an isolate's first request makes
+    /// its first (every later one runs off the request path, see [`App::config_refresh_due`]).
     config_checked_ms: Cell<Option<u64>>,
-    /// The isolate's first config check has run (on its first request; every later check runs
-    /// off the request path, see [`App::config_refresh_due`]).
-    config_started: Cell<bool>,
     /// A config check has completed without a failed read.
     config_loaded: Cell<bool>,
     /// What the last check that took in a document cost.
@@ -198,7 +197,6 @@ impl App {
             in_flight: RefCell::default(),
             writing: RefCell::default(),
             config_checked_ms: Cell::new(None),
-            config_started: Cell::new(false),
             config_loaded: Cell::new(false),
             config_load: Cell::new(None),
             tokens_refused: RefCell::default(),

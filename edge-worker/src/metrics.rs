@@ -140,44 +140,12 @@ impl EdgeMetrics {
     pub fn prometheus(&self, isolate: &str, gauges: &Gauges) -> String {
         let mut out = String::new();
         let l = format!("isolate=\"{isolate}\"");
-        let mut counter = |name: &str, help: &str, series: &[(String, f64)]| {
-            let _ = writeln!(out, "# HELP edgewise_edge_{name} {help}");
-            let _ = writeln!(out, "# TYPE edgewise_edge_{name} counter");
-            for (labels, v) in series {
-                let _ = writeln!(out, "edgewise_edge_{name}{{{l}{labels}}} {v}");
-            }
-        };
         let tiers = ["fresh", "stale", "popular", "static"];
         let answers: Vec<(String, f64)> = tiers
             .iter()
             .zip(self.answers)
             .map(|(t, n)| (format!(",tier=\"{t}\""), n as f64))
             .collect();
-        counter(
-            "answers_total",
-            "Answers by the tier that served them.",
-            &answers,
-        );
-        counter(
-            "profile_cache_total",
-            "Profile lookups: from the isolate's cache within its TTL (hit), or read from KV (miss).",
-            &[
-                (",result=\"hit\"".into(), self.cache_hits as f64),
-                (",result=\"miss\"".into(), self.cache_misses as f64),
-            ],
-        );
-        counter(
-            "kv_reads_total",
-            "Profile reads from KV, by outcome.",
-            &[
-                (
-                    ",outcome=\"ok\"".into(),
-                    (self.kv_reads - self.kv_read_timeouts - self.kv_read_errors) as f64,
-                ),
-                (",outcome=\"timeout\"".into(), self.kv_read_timeouts as f64),
-                (",outcome=\"error\"".into(), self.kv_read_errors as f64),
-            ],
-        );
         let refused: Vec<(String, f64)> = REFUSALS
             .iter()
             .zip(self.sync_refused)
@@ -185,35 +153,65 @@ impl EdgeMetrics {
             .map(|(r, n)| (format!(",result=\"refused\",reason=\"{r}\""), n as f64))
             .chain([(",result=\"applied\"".into(), self.sync_applied as f64)])
             .collect();
-        counter(
-            "sync_batches_total",
-            "/v1/sync batches: applied, or refused by reason.",
-            &refused,
-        );
-        counter(
-            "sync_items_total",
-            "What applied sync batches' items did.",
-            &[
-                (",result=\"applied\"".into(), self.deltas_applied as f64),
-                (",result=\"duplicate\"".into(), self.deltas_duplicate as f64),
-                (",result=\"resend\"".into(), self.deltas_resend as f64),
-                (",result=\"invalid\"".into(), self.deltas_invalid as f64),
-                (",result=\"document\"".into(), self.documents_stored as f64),
-            ],
-        );
-        counter(
-            "config_checks_total",
-            "Config checks that loaded a document, and checks with a failed read.",
-            &[
-                (",result=\"loaded\"".into(), self.config_loads as f64),
-                (",result=\"failed\"".into(), self.config_failures as f64),
-            ],
-        );
-        counter(
-            "profile_cache_evictions_total",
-            "Profiles evicted from the isolate's cache to stay within its bounds.",
-            &[(String::new(), gauges.cache_evictions as f64)],
-        );
+        let counters: [Family; 7] = [
+            (
+                "answers_total",
+                "Answers by the tier that served them.",
+                answers,
+            ),
+            (
+                "profile_cache_total",
+                "Profile lookups: from the isolate's cache within its TTL (hit), or read from KV (miss).",
+                vec![
+                    (",result=\"hit\"".into(), self.cache_hits as f64),
+                    (",result=\"miss\"".into(), self.cache_misses as f64),
+                ],
+            ),
+            (
+                "kv_reads_total",
+                "Profile reads from KV, by outcome.",
+                vec![
+                    (
+                        ",outcome=\"ok\"".into(),
+                        (self.kv_reads - self.kv_read_timeouts - self.kv_read_errors) as f64,
+                    ),
+                    (",outcome=\"timeout\"".into(), self.kv_read_timeouts as f64),
+                    (",outcome=\"error\"".into(), self.kv_read_errors as f64),
+                ],
+            ),
+            (
+                "sync_batches_total",
+                "/v1/sync batches: applied, or refused by reason.",
+                refused,
+            ),
+            (
+                "sync_items_total",
+                "What applied sync batches' items did.",
+                vec![
+                    (",result=\"applied\"".into(), self.deltas_applied as f64),
+                    (",result=\"duplicate\"".into(), self.deltas_duplicate as f64),
+                    (",result=\"resend\"".into(), self.deltas_resend as f64),
+                    (",result=\"invalid\"".into(), self.deltas_invalid as f64),
+                    (",result=\"document\"".into(), self.documents_stored as f64),
+                ],
+            ),
+            (
+                "config_checks_total",
+                "Config checks that loaded a document, and checks with a failed read.",
+                vec![
+                    (",result=\"loaded\"".into(), self.config_loads as f64),
+                    (",result=\"failed\"".into(), self.config_failures as f64),
+                ],
+            ),
+            (
+                "profile_cache_evictions_total",
+                "Profiles evicted from the isolate's cache to stay within its bounds.",
+                vec![(String::new(), gauges.cache_evictions as f64)],
+            ),
+        ];
+        for (name, help, series) in &counters {
+            family(&mut out, &l, name, "counter", help, series);
+        }
         self.kv_read_ms.render(
             &mut out,
             "kv_read_ms",
@@ -226,41 +224,55 @@ impl EdgeMetrics {
             "A /v1/sync request received to its batch applied (the edge-side half of freshness), milliseconds.",
             &l,
         );
-        for (name, help, v) in [
+        let versions: Vec<(String, f64)> = [
+            ("catalog", gauges.catalog_version),
+            ("rules", gauges.rules_version),
+            ("erasures", gauges.fence_version),
+        ]
+        .iter()
+        .map(|(doc, v)| (format!(",document=\"{doc}\""), *v as f64))
+        .collect();
+        let gauge_families: [Family; 3] = [
             (
                 "document_version",
                 "Version of each document this isolate serves (0: bundled).",
-                None,
+                versions,
             ),
             (
                 "profile_cache_entries",
                 "Profiles in the isolate's cache.",
-                Some(gauges.cache_entries as f64),
+                vec![(String::new(), gauges.cache_entries as f64)],
             ),
             (
                 "profile_cache_bytes",
                 "Bytes of profiles in the isolate's cache.",
-                Some(gauges.cache_bytes as f64),
+                vec![(String::new(), gauges.cache_bytes as f64)],
             ),
-        ] {
-            let _ = writeln!(out, "# HELP edgewise_edge_{name} {help}");
-            let _ = writeln!(out, "# TYPE edgewise_edge_{name} gauge");
-            match v {
-                Some(v) => {
-                    let _ = writeln!(out, "edgewise_edge_{name}{{{l}}} {v}");
-                }
-                None => {
-                    for (doc, v) in [
-                        ("catalog", gauges.catalog_version),
-                        ("rules", gauges.rules_version),
-                        ("erasures", gauges.fence_version),
-                    ] {
-                        let _ = writeln!(out, "edgewise_edge_{name}{{{l},document=\"{doc}\"}} {v}");
-                    }
-                }
-            }
+        ];
+        for (name, help, series) in &gauge_families {
+            family(&mut out, &l, name, "gauge", help, series);
         }
         out
+    }
+}
+
+/// A family's name, help and series (`(extra labels, value)`).
+type Family = (&'static str, &'static str, Vec<(String, f64)>);
+
+/// One metric family in Prometheus' text format: its help, its type, and a series per
+/// `(extra labels, value)`, every one labelled with `isolate` first.
+fn family(
+    out: &mut String,
+    isolate: &str,
+    name: &str,
+    kind: &str,
+    help: &str,
+    series: &[(String, f64)],
+) {
+    let _ = writeln!(out, "# HELP edgewise_edge_{name} {help}");
+    let _ = writeln!(out, "# TYPE edgewise_edge_{name} {kind}");
+    for (labels, v) in series {
+        let _ = writeln!(out, "edgewise_edge_{name}{{{isolate}{labels}}} {v}");
     }
 }
 

@@ -119,14 +119,7 @@ fn run(secs: u32) -> Result<(), String> {
         "edge load on workerd via `wrangler dev`, wrk -c{CONNECTIONS} -t1 -d{secs}s, loopback, {} cores",
         cores()
     );
-    println!("| run | req/s | p50 ms | p99 ms | requests | errors |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for r in &runs {
-        println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
-            r.name, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors
-        );
-    }
+    print_runs(&runs);
     let p50 = |i: usize| runs[i].p50_ms;
     println!();
     println!(
@@ -233,10 +226,7 @@ fn standalone(
             return Err(format!("recommendations answered {}", r.status));
         }
     }
-    let pct = |xs: &mut Vec<f64>, q: f64| {
-        xs.sort_by(f64::total_cmp);
-        xs[((xs.len() - 1) as f64 * q).round() as usize]
-    };
+    let pct = tests::percentile;
     let cpu_figures = serde_json::json!({
         "samples": CPU_SAMPLES,
         "empty_p50_us": pct(&mut empty_us, 0.5),
@@ -246,14 +236,7 @@ fn standalone(
     });
     println!();
     println!("standalone workerd, wrk -c{CONNECTIONS} -t1 -d{secs}s");
-    println!("| run | req/s | p50 ms | p99 ms | requests | errors |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for r in &runs {
-        println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
-            r.name, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors
-        );
-    }
+    print_runs(&runs);
     let p50_ratio = runs[1].p50_ms / runs[0].p50_ms;
     let p99_ratio = runs[1].p99_ms / runs[0].p99_ms;
     println!(
@@ -441,4 +424,16 @@ fn parse_wrk(name: &'static str, text: &str) -> Option<Run> {
         requests,
         errors,
     })
+}
+
+/// The runs as a Markdown table.
+fn print_runs(runs: &[Run]) {
+    println!("| run | req/s | p50 ms | p99 ms | requests | errors |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in runs {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            r.name, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors
+        );
+    }
 }

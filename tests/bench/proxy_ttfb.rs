@@ -94,11 +94,6 @@ fn as_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
     v.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect()
 }
 
-fn pct(xs: &mut [f64], q: f64) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[((xs.len() - 1) as f64 * q).round() as usize]
-}
-
 /// The site's think time for the "rendering site" variants.
 const THINK: Duration = Duration::from_millis(20);
 
@@ -187,10 +182,10 @@ fn run(n: usize) -> Result<(), String> {
     for ((name, _, _), (first, last, bytes)) in variants.iter().zip(samples.iter_mut()) {
         let row = serde_json::json!({
             "variant": name,
-            "ttfb_p50_ms": pct(first, 0.5),
-            "ttfb_p99_ms": pct(first, 0.99),
-            "last_p50_ms": pct(last, 0.5),
-            "last_p99_ms": pct(last, 0.99),
+            "ttfb_p50_ms": tests::percentile(first, 0.5),
+            "ttfb_p99_ms": tests::percentile(first, 0.99),
+            "last_p50_ms": tests::percentile(last, 0.5),
+            "last_p99_ms": tests::percentile(last, 0.99),
             "bytes": bytes,
         });
         println!(

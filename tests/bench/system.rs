@@ -41,12 +41,7 @@ fn main() {
 
 use origin_sync::clock::now_us as unix_us;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
+use tests::percentile;
 
 fn run(events: usize, rate: u64) -> Result<(), String> {
     let bundle =
@@ -162,16 +157,22 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
     }
     let mut wd_sorted = wd_fresh.clone();
     wd_sorted.sort_by(f64::total_cmp);
-    let (wp50, wp99) = (percentile(&wd_sorted, 0.5), percentile(&wd_sorted, 0.99));
+    let (wp50, wp99) = (
+        percentile(&mut wd_sorted, 0.5),
+        percentile(&mut wd_sorted, 0.99),
+    );
 
     let mut raw_sorted = raw.clone();
     raw_sorted.sort_by(f64::total_cmp);
     let mut fresh_sorted = fresh.clone();
     fresh_sorted.sort_by(f64::total_cmp);
-    let (rp50, rp99) = (percentile(&raw_sorted, 0.5), percentile(&raw_sorted, 0.99));
+    let (rp50, rp99) = (
+        percentile(&mut raw_sorted, 0.5),
+        percentile(&mut raw_sorted, 0.99),
+    );
     let (fp50, fp99) = (
-        percentile(&fresh_sorted, 0.5),
-        percentile(&fresh_sorted, 0.99),
+        percentile(&mut fresh_sorted, 0.5),
+        percentile(&mut fresh_sorted, 0.99),
     );
     println!();
     println!("| at {rate}/s, {events} each | p50 ms | p99 ms |");
@@ -182,16 +183,16 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
     );
     println!(
         "| ... the same, at the poll's request (lower bound) | {:.1} | {:.1} |",
-        percentile(&asked, 0.5),
-        percentile(&asked, 0.99)
+        percentile(&mut asked, 0.5),
+        percentile(&mut asked, 0.99)
     );
     println!(
         "| event produced -> visible at the edge on standalone workerd (the poll's answer) | {wp50:.1} | {wp99:.1} |"
     );
     println!(
         "| ... the same, at the poll's request (lower bound) | {:.1} | {:.1} |",
-        percentile(&wd_asked, 0.5),
-        percentile(&wd_asked, 0.99)
+        percentile(&mut wd_asked, 0.5),
+        percentile(&mut wd_asked, 0.99)
     );
     println!(
         "freshness p99 {fp99:.1} ms (target <= 50 ms), {:.1}x the raw broker p99 (target <= 5x)",
@@ -208,14 +209,14 @@ fn run(events: usize, rate: u64) -> Result<(), String> {
             "poll_every_ms": POLL_EVERY.as_millis() as u64,
             "raw_p50_ms": rp50, "raw_p99_ms": rp99,
             "fresh_p50_ms": fp50, "fresh_p99_ms": fp99,
-            "fresh_asked_p50_ms": percentile(&asked, 0.5),
-            "fresh_asked_p99_ms": percentile(&asked, 0.99),
+            "fresh_asked_p50_ms": percentile(&mut asked, 0.5),
+            "fresh_asked_p99_ms": percentile(&mut asked, 0.99),
             "raw_samples_ms": raw_sorted,
             "fresh_samples_ms": fresh_sorted,
             "workerd": {
                 "fresh_p50_ms": wp50, "fresh_p99_ms": wp99,
-                "fresh_asked_p50_ms": percentile(&wd_asked, 0.5),
-                "fresh_asked_p99_ms": percentile(&wd_asked, 0.99),
+                "fresh_asked_p50_ms": percentile(&mut wd_asked, 0.5),
+                "fresh_asked_p99_ms": percentile(&mut wd_asked, 0.99),
             },
         });
         let path = PathBuf::from(dir).join("system.json");

@@ -385,7 +385,7 @@ impl App {
     /// first runs off the request path, so no shopper waits for KV because the catalog might
     /// have changed.
     pub fn config_refresh_due(&self, now_ms: u64) -> bool {
-        self.config_started.get() && self.config_due(now_ms)
+        self.config_checked_ms.get().is_some() && self.config_due(now_ms)
     }
 
     /// A config check, off the request path (see [`App::config_refresh_due`]).
@@ -397,7 +397,7 @@ impl App {
     /// isolate does not answer from the bundled demo store while KV holds the published one
     /// (its reads wait up to `CONFIG_TIMEOUT_MS`, not a profile read's `KV_TIMEOUT_MS`).
     pub(super) async fn first_config_check<S: Store>(&self, store: &S, clock: &dyn Clock) {
-        if !self.config_started.get() {
+        if self.config_checked_ms.get().is_none() {
             self.refresh_site(store, clock).await;
         }
     }
@@ -412,7 +412,6 @@ impl App {
             return;
         }
         self.config_checked_ms.set(Some(now_ms));
-        self.config_started.set(true);
         let first = !self.config_loaded.get();
         let active = {
             let site = self.site();
