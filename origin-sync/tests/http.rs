@@ -440,7 +440,7 @@ fn invalid_config_is_refused_at_start() {
 /// running service exposes on `/metrics`, and every label it groups by is one the series carry
 /// (or one Prometheus adds when scraping): renaming a metric breaks this test, not the dashboard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grafana_dashboard_queries_only_exposed_metrics() {
+async fn dashboard_and_alert_rules_query_only_exposed_metrics() {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/grafana/origin-sync.json");
     let text = std::fs::read_to_string(&path).expect("the dashboard file");
@@ -484,20 +484,9 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
         "the dashboard has too few panels"
     );
 
-    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
-    let mut names = std::collections::BTreeSet::new();
+    let names = metric_names(&exprs);
     let mut grouped = std::collections::BTreeSet::new();
     for e in &exprs {
-        let mut rest = e.as_str();
-        while let Some(i) = rest.find("edgewise_") {
-            let before_ok = !rest[..i].ends_with(ident);
-            let tail = &rest[i..];
-            let end = tail.find(|c| !ident(c)).unwrap_or(tail.len());
-            if before_ok {
-                names.insert(tail[..end].to_owned());
-            }
-            rest = &tail[end..];
-        }
         for kw in ["by (", "by(", "without (", "without("] {
             let mut rest = e.as_str();
             while let Some(i) = rest.find(kw) {
@@ -511,6 +500,16 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
     assert!(
         names.len() >= 10,
         "too few metrics found in the dashboard: {names:?}"
+    );
+    // the alerting rules' expressions must name exposed metrics too
+    let alerts = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/prometheus/alerts.yml"),
+    )
+    .expect("the alert rules file");
+    let alert_names = metric_names(&alert_expressions(&alerts));
+    assert!(
+        alert_names.len() >= 6,
+        "too few metrics found in the alert rules: {alert_names:?}"
     );
 
     // a running service that has consumed and delivered, so every labelled series exists
@@ -534,6 +533,12 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
 
     let mut series = std::collections::BTreeSet::new();
     let mut labels = std::collections::BTreeSet::new();
+    // a family with no series yet (nothing quarantined) is still declared
+    let declared: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
     for line in metrics
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -555,6 +560,14 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
         missing.is_empty(),
         "the dashboard queries {missing:?}, which /metrics does not expose; it exposes {series:?}"
     );
+    let undeclared: Vec<_> = alert_names
+        .iter()
+        .filter(|n| !series.contains(*n) && !declared.contains(n.as_str()))
+        .collect();
+    assert!(
+        undeclared.is_empty(),
+        "ops/prometheus/alerts.yml queries {undeclared:?}, which /metrics does not expose"
+    );
     // `instance` and `job` are added by Prometheus when it scrapes
     let unknown: Vec<_> = grouped
         .iter()
@@ -566,7 +579,47 @@ async fn grafana_dashboard_queries_only_exposed_metrics() {
     );
 }
 
-/// `GET /metrics` of the service at `base`, as text.
+/// The `edgewise_*` metric names `exprs` query.
+fn metric_names(exprs: &[String]) -> std::collections::BTreeSet<String> {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut names = std::collections::BTreeSet::new();
+    for e in exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("edgewise_") {
+            let before_ok = !rest[..i].ends_with(ident);
+            let tail = &rest[i..];
+            let end = tail.find(|c| !ident(c)).unwrap_or(tail.len());
+            if before_ok {
+                names.insert(tail[..end].to_owned());
+            }
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+/// The `expr:` values of a Prometheus rule file: the key's line and the lines indented below it.
+fn alert_expressions(rules: &str) -> Vec<String> {
+    let mut exprs = Vec::new();
+    let mut lines = rules.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(at) = line.find("expr:") else {
+            continue;
+        };
+        let mut e = line[at + "expr:".len()..].to_owned();
+        while let Some(next) = lines.peek() {
+            if next.len() - next.trim_start().len() <= at {
+                break;
+            }
+            e.push('\n');
+            e.push_str(next);
+            lines.next();
+        }
+        exprs.push(e);
+    }
+    exprs
+}
+
 /// `/ingest` takes a burst per connecting address, then answers 429 with `Retry-After` until
 /// the budget refills; nothing of a refused batch is produced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -617,6 +670,7 @@ async fn ingest_is_budgeted_per_source() {
     assert_eq!(r.status(), 202, "after Retry-After the batch is taken");
 }
 
+/// `GET /metrics` of the service at `base`, as text.
 async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
         .await

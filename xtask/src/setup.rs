@@ -10,7 +10,8 @@ use anyhow::{Context, Result, bail};
 use std::time::Instant;
 
 /// Debian packages: a C toolchain's helpers for librdkafka (cmake, curl headers), the browser
-/// for end-to-end tests, the loopback load generator, and the font of the benchmark plot.
+/// for end-to-end tests, the loopback load generator, the font of the benchmark plot, and
+/// Prometheus's rule checker.
 const APT_PACKAGES: &[&str] = &[
     "cmake",
     "pkg-config",
@@ -20,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     "wrk",
     "fonts-dejavu-core",
+    // `promtool`, which checks and unit-tests the alerting rules in ops/prometheus
+    "prometheus",
 ];
 
 struct CargoTool {
