@@ -64,10 +64,21 @@ pub struct KafkaConfig {
     pub batch_linger_ms: u64,
     /// librdkafka `fetch.wait.max.ms`: small for latency.
     pub fetch_wait_max_ms: u64,
-    /// `static`: this instance reads every partition of the topics from the offsets in its
-    /// store (instant restarts, no rebalance waits). `group`: partitions are shared through the
-    /// consumer group's rebalancing (several instances; state does not move with a partition).
+    /// `static`: this one instance reads every partition of the topics from the offsets in its
+    /// store (instant restarts, no rebalance waits). `group`: several instances share the
+    /// partitions through the consumer group (cooperative rebalancing); a partition's state
+    /// moves with it through `changelog_topic`.
     pub assignment: Assignment,
+    /// With `assignment = "group"`: the compacted topic every change of a shopper's state is
+    /// also written to, keyed by user key, one partition per event-topic partition. A
+    /// partition's new owner restores its state from here before consuming it. Create it
+    /// with `cleanup.policy=compact` and as many partitions as the event topics.
+    pub changelog_topic: String,
+    /// With `assignment = "group"`: this instance's `group.instance.id` (static membership:
+    /// a restart within the session timeout keeps its partitions, nothing moves). Unique per
+    /// instance, stable across its restarts (e.g. the host or pod name). Unset: dynamic
+    /// membership.
+    pub instance_id: Option<String>,
     /// How origin-sync talks to the brokers: TLS and SASL, as production clusters require.
     pub security: KafkaSecurity,
     /// Consumption counts as stalled (`/readyz` 503, `edgewise_consumer_stalled` 1) after
@@ -261,6 +272,8 @@ impl Default for KafkaConfig {
             ],
             dead_letter_topic: "events_dlq".into(),
             erasure_topic: "erasures".into(),
+            changelog_topic: "edgewise_profile_changelog".into(),
+            instance_id: None,
             max_batch: 20000,
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,
@@ -485,6 +498,28 @@ impl Config {
             return bad(
                 "kafka.erasure_topic",
                 "must be a topic of its own: not one of kafka.topics nor the dead-letter topic",
+            );
+        }
+        if self.kafka.assignment == Assignment::Group
+            && (self.kafka.changelog_topic.is_empty()
+                || self.kafka.topics.contains(&self.kafka.changelog_topic)
+                || [&self.kafka.dead_letter_topic, &self.kafka.erasure_topic]
+                    .contains(&&self.kafka.changelog_topic))
+        {
+            return bad(
+                "kafka.changelog_topic",
+                "must be a topic of its own: not one of kafka.topics, the dead-letter or the erasure topic",
+            );
+        }
+        if self
+            .kafka
+            .instance_id
+            .as_ref()
+            .is_some_and(|id| id.trim().is_empty() || id.len() > 249)
+        {
+            return bad(
+                "kafka.instance_id",
+                "must be 1 to 249 characters, unique per instance and stable across its restarts",
             );
         }
         if !(1..=100_000).contains(&self.kafka.max_batch) {

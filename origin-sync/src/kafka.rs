@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 
@@ -22,8 +22,12 @@ fn client(config: &KafkaConfig) -> ClientConfig {
 }
 
 pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, KafkaError> {
-    client(config)
-        .set("group.id", group_id)
+    consumer_config(config, group_id).create()
+}
+
+fn consumer_config(config: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut c = client(config);
+    c.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -33,6 +37,79 @@ pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, 
         .set("queued.max.messages.kbytes", "32768")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
+        .set("log_level", "3");
+    c
+}
+
+/// What the consumer group did to this instance's partitions (`assignment = "group"`): the
+/// partition numbers it now owns or gave up, reported from librdkafka's rebalance callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebalanced {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// The membership consumer's context: reports rebalances and pauses every partition it is
+/// given, so it never fetches; it only holds the group's ownership (see [`membership`]).
+#[derive(Debug)]
+pub struct MembershipContext {
+    events: tokio::sync::mpsc::UnboundedSender<Rebalanced>,
+}
+
+impl ClientContext for MembershipContext {}
+
+impl ConsumerContext for MembershipContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let numbers =
+            |tpl: &TopicPartitionList| tpl.elements().iter().map(|e| e.partition()).collect();
+        match rebalance {
+            Rebalance::Assign(tpl) if tpl.count() > 0 => {
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "could not pause the membership consumer");
+                }
+                let _ = self.events.send(Rebalanced::Assigned(numbers(tpl)));
+            }
+            Rebalance::Revoke(tpl) if tpl.count() > 0 => {
+                let _ = self.events.send(Rebalanced::Revoked(numbers(tpl)));
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "consumer group rebalance failed"),
+            _ => {}
+        }
+    }
+}
+
+pub type Membership = BaseConsumer<MembershipContext>;
+
+/// The group membership of `assignment = "group"`. It subscribes to the changelog topic: owning
+/// changelog partition N is owning state partition N, and with it partition N of every event
+/// topic, which the event consumer then takes by assignment. (Subscribing to the event topics
+/// themselves would let the assignor split one partition number's topics between instances,
+/// and a shopper's events with them.) Cooperative incremental rebalancing, so partitions that
+/// stay put never pause; static membership when `kafka.instance_id` is set. Its offsets are
+/// the group's: the event topics' offsets are committed through it.
+pub fn membership(
+    config: &KafkaConfig,
+) -> Result<(Membership, tokio::sync::mpsc::UnboundedReceiver<Rebalanced>), KafkaError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut c = consumer_config(config, &config.group_id);
+    c.set("partition.assignment.strategy", "cooperative-sticky");
+    if let Some(id) = &config.instance_id {
+        c.set("group.instance.id", id);
+    }
+    let consumer: Membership = c.create_with_context(MembershipContext { events: tx })?;
+    consumer.subscribe(&[config.changelog_topic.as_str()])?;
+    Ok((consumer, rx))
+}
+
+/// A consumer that reads assigned partitions to their end and commits nothing (restoring a
+/// changelog partition).
+pub fn reader(config: &KafkaConfig) -> Result<BaseConsumer, KafkaError> {
+    client(config)
+        .set("group.id", format!("{}-restore", config.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "50")
         .set("log_level", "3")
         .create()
 }

@@ -7,6 +7,7 @@
 //! when every sink acknowledged it. Everything that decides what an event means lives in
 //! `shared`, so the edge and the origin cannot disagree.
 
+pub mod changelog;
 pub mod clock;
 pub mod config;
 pub mod erasures;
@@ -14,6 +15,7 @@ pub mod http;
 pub mod kafka;
 pub mod limit;
 pub mod metrics;
+pub mod ownership;
 pub mod pipeline;
 pub mod publish;
 pub mod sender;

@@ -89,6 +89,21 @@ pub struct Metrics {
     pub partitions: Mutex<BTreeMap<(String, i32), (i64, i64)>>,
     /// Optional raw freshness samples (benchmarks), bounded.
     pub samples: Mutex<Option<Vec<u64>>>,
+    /// `assignment = "group"`: the partition numbers this instance owns, and of those, the
+    /// ones whose state is being restored from the changelog (not consumed yet).
+    pub owned_partitions: AtomicU64,
+    pub restoring_partitions: AtomicU64,
+    pub restores: AtomicU64,
+    pub restore_records: AtomicU64,
+    pub restore_bytes: AtomicU64,
+    pub restore_micros: AtomicU64,
+    /// Rebalances that assigned or revoked partitions of this instance.
+    pub rebalances: AtomicU64,
+    /// Changelog records the broker acknowledged, and the ones produced but not yet.
+    pub changelog_records: AtomicU64,
+    pub changelog_pending: AtomicU64,
+    /// Messages of a partition still restoring, held until its state is in place.
+    pub held_messages: AtomicU64,
 }
 
 const MAX_SAMPLES: usize = 1_000_000;
@@ -190,6 +205,12 @@ impl Metrics {
         if self.ready.load(Relaxed) != 1 {
             return Err("starting or stopping".into());
         }
+        let restoring = self.restoring_partitions.load(Relaxed);
+        if restoring > 0 {
+            return Err(format!(
+                "restoring the state of {restoring} partitions from the changelog"
+            ));
+        }
         if self.stalled(now_ms) {
             return Err(
                 "consumption stalled: no progress while messages wait; see the logs".into(),
@@ -228,7 +249,7 @@ impl Metrics {
         let now = crate::clock::now_ms();
         let ready = AtomicU64::new(u64::from(self.readiness(now).is_ok()));
         let stalled = AtomicU64::new(u64::from(self.stalled(now)));
-        let counters: [(&str, &str, &AtomicU64); 22] = [
+        let counters: [(&str, &str, &AtomicU64); 31] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -331,6 +352,51 @@ impl Metrics {
                 &self.documents_invalid,
             ),
             (
+                "edgewise_owned_partitions",
+                "partition numbers this instance owns (assignment = group)",
+                &self.owned_partitions,
+            ),
+            (
+                "edgewise_restoring_partitions",
+                "owned partitions whose state is being restored from the changelog",
+                &self.restoring_partitions,
+            ),
+            (
+                "edgewise_restores_total",
+                "partition restores from the changelog completed",
+                &self.restores,
+            ),
+            (
+                "edgewise_restore_records_total",
+                "changelog records read while restoring",
+                &self.restore_records,
+            ),
+            (
+                "edgewise_restore_bytes_total",
+                "changelog bytes read while restoring",
+                &self.restore_bytes,
+            ),
+            (
+                "edgewise_rebalances_total",
+                "consumer group rebalances that assigned or revoked partitions here",
+                &self.rebalances,
+            ),
+            (
+                "edgewise_changelog_records_total",
+                "state changes the broker acknowledged on the changelog",
+                &self.changelog_records,
+            ),
+            (
+                "edgewise_changelog_pending",
+                "state changes folded but not yet acknowledged on the changelog (their offsets wait)",
+                &self.changelog_pending,
+            ),
+            (
+                "edgewise_held_messages",
+                "messages of partitions still restoring, held until their state is in place",
+                &self.held_messages,
+            ),
+            (
                 "edgewise_catalog_id_collisions",
                 "pairs of catalog SKUs sharing an item id (profiles cannot tell them apart)",
                 &self.catalog_id_collisions,
@@ -357,6 +423,11 @@ impl Metrics {
             out,
             "# HELP edgewise_fold_seconds_total time spent folding batches into the store\n# TYPE edgewise_fold_seconds_total counter\nedgewise_fold_seconds_total {}",
             self.fold_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_restore_seconds_total time spent restoring partitions from the changelog\n# TYPE edgewise_restore_seconds_total counter\nedgewise_restore_seconds_total {}",
+            self.restore_micros.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(
             out,

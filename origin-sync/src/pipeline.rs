@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message as _;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use shared::event::{check_topic, parse_event};
@@ -192,6 +192,7 @@ pub async fn consume(
     shared: Arc<Shared>,
     consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
+    mut group: Option<Group>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     assign(&shared, &consumer).await?;
@@ -202,7 +203,26 @@ pub async fn consume(
             break;
         }
         let mut batch = Batch::default();
-        match first_message(&shared, &consumer, &mut inflight, &mut shutdown).await? {
+        let (owner, changelog) = match group.as_mut() {
+            Some(g) => (Some(&mut g.owner), Some(&g.changelog)),
+            None => (None, None),
+        };
+        match first_message(
+            &shared,
+            &consumer,
+            &mut inflight,
+            owner,
+            changelog,
+            &mut shutdown,
+        )
+        .await?
+        {
+            First::Control(c) => {
+                if let Some(g) = group.as_mut() {
+                    g.owner.handle(&shared, &consumer, c).await?;
+                }
+                continue;
+            }
             First::Message(Ok(m)) => batch.take(&m),
             First::Message(Err(e)) => {
                 shared.metrics.progress.failed(now_ms());
@@ -218,17 +238,43 @@ pub async fn consume(
             break;
         }
         if let Some(previous) = inflight.take()
-            && !finish(&shared, &consumer, previous).await?
+            && !finish(
+                &shared,
+                &consumer,
+                group.as_ref().map(|g| &g.changelog),
+                previous,
+            )
+            .await?
         {
             return Ok(());
+        }
+        if let Some(g) = group.as_mut() {
+            crate::ownership::release(&shared, g.owner.take_released()).await?;
         }
         inflight = Some(fold(&shared, batch.records));
     }
     if let Some(previous) = inflight.take() {
-        finish(&shared, &consumer, previous).await?;
+        finish(
+            &shared,
+            &consumer,
+            group.as_ref().map(|g| &g.changelog),
+            previous,
+        )
+        .await?;
     }
     Ok(())
 }
+
+/// What consuming as one of several instances adds (`assignment = "group"`): the partitions
+/// owned, and the changelog writer each batch's records and offsets go to.
+#[derive(Debug)]
+pub struct Group {
+    pub owner: crate::ownership::Owner,
+    pub changelog: Changelog,
+}
+
+/// Where each batch's changelog records and offsets go (`changelog::write`).
+pub type Changelog = mpsc::Sender<crate::changelog::Commit>;
 
 /// Takes the configured partitions: every partition at the store's offsets (static), or what
 /// the consumer group assigns.
@@ -257,8 +303,8 @@ async fn assign(shared: &Shared, consumer: &Arc<StreamConsumer>) -> Result<(), P
             consumer.assign(&tpl)?;
         }
         crate::config::Assignment::Group => {
-            let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-            consumer.subscribe(&topics)?;
+            // partitions arrive through the group membership (`ownership.rs`), each once its
+            // state is restored
         }
     }
     Ok(())
@@ -291,6 +337,8 @@ async fn wait_for_room(shared: &Shared, shutdown: &mut watch::Receiver<bool>) ->
 
 enum First<'a> {
     Message(rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'a>>),
+    /// The partitions owned changed (`assignment = "group"`).
+    Control(crate::ownership::Control),
     Shutdown,
     /// The sender stopped (shutting down): nothing more may be folded.
     SenderGone,
@@ -303,6 +351,8 @@ async fn first_message<'a>(
     shared: &Shared,
     consumer: &'a StreamConsumer,
     inflight: &mut Option<Inflight>,
+    owner: Option<&mut crate::ownership::Owner>,
+    changelog: Option<&Changelog>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<First<'a>, PipelineError> {
     if inflight.is_some()
@@ -311,13 +361,20 @@ async fn first_message<'a>(
         return Ok(First::Message(m));
     }
     if let Some(previous) = inflight.take()
-        && !finish(shared, consumer, previous).await?
+        && !finish(shared, consumer, changelog, previous).await?
     {
         return Ok(First::SenderGone);
     }
+    let control = async {
+        match owner {
+            Some(o) => o.next().await,
+            None => std::future::pending().await,
+        }
+    };
     Ok(tokio::select! {
         biased;
         _ = shutdown.changed() => First::Shutdown,
+        c = control => First::Control(c),
         m = consumer.recv() => First::Message(m),
     })
 }
@@ -410,6 +467,7 @@ type Inflight = tokio::task::JoinHandle<(
 async fn finish(
     shared: &Shared,
     consumer: &StreamConsumer,
+    changelog: Option<&Changelog>,
     inflight: Inflight,
 ) -> Result<bool, PipelineError> {
     let (outcome, n, took) = inflight
@@ -428,6 +486,18 @@ async fn finish(
         if shared.touched.send(keys).await.is_err() {
             return Ok(false);
         }
+    }
+    if let Some(changelog) = changelog {
+        // offsets are committed once the changelog has the batch (`changelog.rs`)
+        shared
+            .metrics
+            .changelog_pending
+            .fetch_add(outcome.logged.len() as u64, Relaxed);
+        let commit = crate::changelog::Commit {
+            logged: outcome.logged,
+            offsets: outcome.offsets,
+        };
+        return Ok(changelog.send(commit).await.is_ok());
     }
     let mut tpl = TopicPartitionList::new();
     for (t, p, next) in &outcome.offsets {
@@ -464,24 +534,25 @@ pub fn co_partition_problem(counts: &[(String, usize)]) -> Option<String> {
 }
 
 /// Refuses event topics that are not co-partitioned ([`co_partition_problem`]), or missing.
+/// Returns their partition count.
 pub async fn check_co_partitioned(
     consumer: &Arc<StreamConsumer>,
     topics: &[String],
-) -> Result<(), PipelineError> {
+) -> Result<usize, PipelineError> {
     let mut counts = Vec::new();
     for topic in topics {
         counts.push((topic.clone(), partitions_of(consumer, topic).await?.len()));
     }
     match co_partition_problem(&counts) {
         Some(problem) => Err(PipelineError::Setup(problem)),
-        None => Ok(()),
+        None => Ok(counts.first().map_or(0, |c| c.1)),
     }
 }
 
 /// The partition ids of `topic`, from the broker's metadata; a missing topic, or one without
 /// partitions, is a setup error that says to create it.
-async fn partitions_of(
-    consumer: &Arc<StreamConsumer>,
+pub(crate) async fn partitions_of<C: ConsumerContext + 'static>(
+    consumer: &Arc<StreamConsumer<C>>,
     topic: &str,
 ) -> Result<Vec<i32>, PipelineError> {
     let c = consumer.clone();

@@ -70,7 +70,9 @@ pub async fn run(
             "DEVELOPMENT SECRETS IN USE WITH A NON-LOOPBACK SINK: set sync.sync_secret and sync.user_key_secret (ORIGIN_SYNC__SYNC__SYNC_SECRET, ORIGIN_SYNC__SYNC__USER_KEY_SECRET)"
         );
     }
-    let store = Arc::new(open_store(&config)?);
+    let grouped = config.kafka.assignment == crate::config::Assignment::Group;
+    let store = open_store(&config)?;
+    let store = Arc::new(if grouped { store.partitioned() } else { store });
     // before a single event is folded: a lost or new store learns every erasure first
     let caught = crate::erasures::catch_up(&config, &store).await?;
     tracing::info!(
@@ -85,7 +87,10 @@ pub async fn run(
         &config.kafka.group_id,
     )?);
     // a shopper's events on every topic must be one partition's (the unit of state)
-    crate::pipeline::check_co_partitioned(&consumer, &config.kafka.topics).await?;
+    let partitions = crate::pipeline::check_co_partitioned(&consumer, &config.kafka.topics).await?;
+    if grouped {
+        crate::changelog::check_topic(&consumer, &config.kafka, partitions).await?;
+    }
     let producer = crate::kafka::producer(&config.kafka)?;
     let (touched_tx, touched_rx) = mpsc::channel(64);
     metrics
@@ -138,10 +143,59 @@ pub async fn run(
         touched_rx,
         shutdown.clone(),
     ));
+    let (group, membership) = if grouped {
+        let (membership, rebalances) = crate::kafka::membership(&shared.config.kafka)?;
+        let membership = Arc::new(membership);
+        let (changelog, commits) = mpsc::channel(8);
+        // what a crash left folded but not on the changelog goes there first
+        let store = shared.store.clone();
+        let unlogged = pipeline::blocking(move || store.unlogged()).await?;
+        if !unlogged.is_empty() {
+            tracing::info!(
+                records = unlogged.len(),
+                "writing changes a crash left off the changelog"
+            );
+        }
+        let _ = changelog
+            .send(crate::changelog::Commit {
+                logged: unlogged,
+                offsets: Vec::new(),
+            })
+            .await;
+        let writer = tokio::spawn(crate::changelog::write(
+            shared.clone(),
+            membership.clone(),
+            producer.clone(),
+            commits,
+        ));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let polling = {
+            let (m, stop) = (membership.clone(), stop.clone());
+            let is_static = shared.config.kafka.instance_id.is_some();
+            std::thread::spawn(move || crate::ownership::poll_membership(m, stop, is_static))
+        };
+        let owner = crate::ownership::Owner::new(membership, rebalances);
+        (
+            Some(pipeline::Group { owner, changelog }),
+            Some((writer, stop, polling)),
+        )
+    } else {
+        (None, None)
+    };
     metrics.ready.store(1, Relaxed);
-    let consumed = pipeline::consume(shared.clone(), consumer, producer, shutdown.clone()).await;
+    let consumed =
+        pipeline::consume(shared.clone(), consumer, producer, group, shutdown.clone()).await;
     metrics.ready.store(0, Relaxed);
     tracing::info!("consumer stopped; flushing");
+    if let Some((writer, stop, polling)) = membership {
+        // the changelog has every folded batch before the group learns this instance left
+        let written = writer
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))?;
+        stop.store(true, Relaxed);
+        let _ = tokio::task::spawn_blocking(move || polling.join()).await;
+        written?;
+    }
     drop(shared);
     let sent = sender
         .await

@@ -17,9 +17,11 @@
 
 mod documents;
 mod layout;
+mod partitions;
 mod sinks;
 mod state;
 
+pub use partitions::{LogRecord, LogValue, Logged, Restored, Stamp};
 pub use sinks::{Quarantined, Settled, SinkReport, Subject};
 
 pub use state::Window;
@@ -104,6 +106,8 @@ pub struct BatchOutcome {
     pub touched: Vec<(UserKey, u64)>,
     /// Next offset per partition after the batch.
     pub offsets: Vec<(String, i32, i64)>,
+    /// The changelog records of the changed users (a partitioned store only).
+    pub logged: Vec<Logged>,
 }
 
 /// Outbox entry: the oldest change not yet acknowledged, by the time its event says (the
@@ -181,6 +185,9 @@ pub struct Store {
     db: Database,
     user_key_secret: Vec<u8>,
     window: Window,
+    /// Partition state moves between instances (`assignment = "group"`): stamps, changelog
+    /// records and unlogged marks are kept (`partitions.rs`).
+    partitioned: bool,
 }
 
 impl Store {
@@ -200,6 +207,9 @@ impl Store {
         tx.open_table(sinks::SINK_MARKS)?;
         tx.open_table(sinks::SINK_DOCUMENTS)?;
         tx.open_table(sinks::QUARANTINE)?;
+        tx.open_table(partitions::STAMPS)?;
+        tx.open_table(partitions::UNLOGGED)?;
+        tx.open_table(partitions::CHANGELOG_POS)?;
         let upgraded = layout::upgrade(&tx)?;
         tx.commit()?;
         if upgraded > 0 {
@@ -213,7 +223,14 @@ impl Store {
             db,
             user_key_secret: user_key_secret.to_vec(),
             window,
+            partitioned: false,
         })
+    }
+
+    /// Keeps what moving partitions between instances needs (`partitions.rs`).
+    pub fn partitioned(mut self) -> Store {
+        self.partitioned = true;
+        self
     }
 
     pub fn user_key(&self, user_id: &str) -> UserKey {
@@ -228,8 +245,11 @@ impl Store {
             let mut offsets_t = tx.open_table(OFFSETS)?;
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
+            let mut stamps_t = tx.open_table(partitions::STAMPS)?;
+            let mut unlogged_t = tx.open_table(partitions::UNLOGGED)?;
             let mut next: HashMap<(String, i32), i64> = HashMap::new();
             let mut users: Loaded = HashMap::new();
+            let mut stamps: HashMap<UserKey, Stamp> = HashMap::new();
             for r in records {
                 let pk = (r.topic.clone(), r.partition);
                 let n = match next.get(&pk) {
@@ -246,6 +266,15 @@ impl Store {
                 next.insert(pk, r.offset + 1);
                 let Some(ev) = &r.event else { continue };
                 let key = self.user_key(&ev.user);
+                if self.partitioned {
+                    // folded by whoever wrote this state (another owner, before a handover)
+                    let stamp = load_stamp(&mut stamps, &stamps_t, key, r.partition)?;
+                    if stamp.next_of(&r.topic) > r.offset {
+                        out.redelivered += 1;
+                        continue;
+                    }
+                    stamp.advance(&r.topic, r.offset + 1);
+                }
                 load(&mut users, &users_t, key)?;
                 // a sign-in: the visitor's profile, as it stands now, travels in the event, so
                 // every later refold of this user's window folds the same thing
@@ -255,7 +284,9 @@ impl Store {
                     EventKind::Identify {
                         anonymous,
                         absorbed: None,
-                    } if self.user_key(anonymous) != key => {
+                    } if self.user_key(anonymous) != key
+                        && self.joinable(&mut stamps, &stamps_t, anonymous, r.partition)? =>
+                    {
                         let anon = self.user_key(anonymous);
                         load(&mut users, &users_t, anon)?;
                         let visitor = users.get(&anon).map(|e| e.0.current());
@@ -315,7 +346,25 @@ impl Store {
                 if state.current_version() == before {
                     continue;
                 }
-                users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
+                let encoded = encode(&state);
+                users_t.insert(key.0.as_slice(), encoded.as_slice())?;
+                if self.partitioned
+                    && let Some(stamp) = stamps.get(&key)
+                {
+                    let version = state.current_version();
+                    stamps_t.insert(key.0.as_slice(), encode(stamp).as_slice())?;
+                    unlogged_t.insert(key.0.as_slice(), version)?;
+                    out.logged.push(Logged {
+                        partition: stamp.partition,
+                        key,
+                        version,
+                        value: LogValue {
+                            stamp: stamp.clone(),
+                            state: encoded,
+                        }
+                        .to_bytes(),
+                    });
+                }
                 let pending = match outbox_t.get(key.0.as_slice())? {
                     Some(g) => Pending::decode(g.value())?.merge(oldest, arrived),
                     None => Pending::at(oldest, arrived),
@@ -463,6 +512,60 @@ impl Store {
 }
 
 type Loaded = HashMap<UserKey, (UserState, u64, u64, u64)>;
+
+impl Store {
+    /// Whether a sign-in on `partition` may join the visitor `anonymous`'s profile. In a
+    /// partitioned store only a visitor of the same partition is joined: another partition's
+    /// state may be another instance's, and the fold must not depend on who owns what (a
+    /// visitor's history then stays its own; see ARCHITECTURE.md).
+    fn joinable(
+        &self,
+        stamps: &mut HashMap<UserKey, Stamp>,
+        stamps_t: &redb::Table<&[u8], &[u8]>,
+        anonymous: &str,
+        partition: i32,
+    ) -> Result<bool, StoreError> {
+        if !self.partitioned {
+            return Ok(true);
+        }
+        let anon = self.user_key(anonymous);
+        if let std::collections::hash_map::Entry::Vacant(e) = stamps.entry(anon) {
+            // kept in the working set: a joined visitor's retirement is logged with its stamp
+            match stamps_t.get(anon.0.as_slice())? {
+                Some(g) => {
+                    e.insert(decode(g.value(), "stamp")?);
+                }
+                None => return Ok(false),
+            }
+        }
+        Ok(stamps.get(&anon).is_some_and(|s| s.partition == partition))
+    }
+}
+
+/// Brings `key`'s stamp into a batch's working set. A stamp of another partition (the topics'
+/// partition count changed, moving the user) starts over on `partition`.
+fn load_stamp<'a>(
+    stamps: &'a mut HashMap<UserKey, Stamp>,
+    stamps_t: &redb::Table<&[u8], &[u8]>,
+    key: UserKey,
+    partition: i32,
+) -> Result<&'a mut Stamp, StoreError> {
+    if let std::collections::hash_map::Entry::Vacant(v) = stamps.entry(key) {
+        let stored: Option<Stamp> = match stamps_t.get(key.0.as_slice())? {
+            Some(g) => Some(decode(g.value(), "stamp")?),
+            None => None,
+        };
+        v.insert(stored.unwrap_or_default());
+    }
+    let stamp = stamps.get_mut(&key).expect("inserted above");
+    if stamp.partition != partition || stamp.next.is_empty() {
+        *stamp = Stamp {
+            partition,
+            next: Vec::new(),
+        };
+    }
+    Ok(stamp)
+}
 
 /// Brings `key`'s state into a batch's working set: (state, version before, oldest event
 /// time, oldest broker time).

@@ -257,6 +257,12 @@ impl Tansu {
             self.create_topic(t, partitions)?;
         }
         self.create_topic("events_dlq", 1)?;
+        // partition state's changelog (`assignment = "group"`): partitioned like the events
+        self.create_topic_with(
+            "edgewise_profile_changelog",
+            partitions,
+            &["cleanup.policy=compact"],
+        )?;
         self.create_erasure_topic("erasures")
     }
 

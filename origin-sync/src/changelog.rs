@@ -1,0 +1,238 @@
+//! The changelog of partition state (`assignment = "group"`): written after every batch,
+//! read back by a partition's new owner before it consumes the partition. The store's side
+//! (stamps, unlogged marks, applying records) is `store/partitions.rs`.
+//!
+//! Order per batch: the store transaction commits → the batch's records are produced and the
+//! broker acknowledges them → only then are the batch's input offsets committed to the group.
+//! So a new owner that restores the changelog to its end and starts at the committed offsets
+//! misses nothing; what it consumes again is skipped by the users' stamps.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use shared::keys::UserKey;
+use tokio::sync::mpsc;
+
+use crate::kafka::Membership;
+use crate::pipeline::{PipelineError, Shared, blocking, now_ms};
+use crate::store::{LogRecord, Logged, Restored, StoreError};
+
+/// One batch's changelog records and the input offsets that may be committed once the broker
+/// has them.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub logged: Vec<Logged>,
+    pub offsets: Vec<(String, i32, i64)>,
+}
+
+/// Writes each batch's records, in order, then commits its offsets; marks the records logged
+/// in the store. Produce failures are retried until the broker takes them (consumption waits
+/// behind the bounded channel meanwhile, and readiness shows the stall).
+pub async fn write(
+    shared: Arc<Shared>,
+    membership: Arc<Membership>,
+    producer: FutureProducer,
+    mut commits: mpsc::Receiver<Commit>,
+) -> Result<(), PipelineError> {
+    let topic = shared.config.kafka.changelog_topic.clone();
+    while let Some(commit) = commits.recv().await {
+        let n = commit.logged.len() as u64;
+        let mut delay = 50;
+        while let Err(e) = produce(&producer, &topic, &commit.logged).await {
+            shared.metrics.progress.failed(now_ms());
+            tracing::warn!(error = %e, topic = %topic, "changelog produce failed; retrying");
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            delay = (delay * 2).min(5000);
+        }
+        shared.metrics.progress.recovered();
+        shared.metrics.changelog_records.fetch_add(n, Relaxed);
+        shared.metrics.changelog_pending.fetch_sub(
+            n.min(shared.metrics.changelog_pending.load(Relaxed)),
+            Relaxed,
+        );
+        if !commit.offsets.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p, next) in &commit.offsets {
+                let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*next));
+            }
+            if let Err(e) = membership.commit(&tpl, CommitMode::Async) {
+                // the users' stamps make starting earlier harmless
+                tracing::debug!(error = %e, "offset commit failed; a new owner starts earlier");
+            }
+        }
+        let marks: Vec<(UserKey, u64)> = commit.logged.iter().map(|l| (l.key, l.version)).collect();
+        let store = shared.store.clone();
+        blocking(move || store.mark_logged(&marks)).await?;
+    }
+    Ok(())
+}
+
+/// Produces `logged` to its partitions and waits until the broker has every record.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    logged: &[Logged],
+) -> Result<(), KafkaError> {
+    let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(logged.len());
+    for l in logged {
+        loop {
+            let record = FutureRecord::to(topic)
+                .partition(l.partition)
+                .key(l.key.0.as_slice())
+                .payload(l.value.as_slice());
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    let mut first_err = None;
+    for f in pending {
+        match f.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert(KafkaError::Canceled);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Records applied per store transaction while restoring.
+const RESTORE_CHUNK: usize = 5000;
+
+/// What restoring one partition did.
+#[derive(Debug, Default, Clone)]
+pub struct RestoreReport {
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+    pub bytes: u64,
+    pub restored: Restored,
+    pub took: Duration,
+}
+
+/// Restores changelog partition `partition` into the store, from the position the store read
+/// it to before (a local copy left by an earlier ownership is rolled forward) to the end the
+/// broker reports now. Blocking: run it on the blocking pool.
+pub fn restore(shared: &Shared, partition: i32) -> Result<RestoreReport, PipelineError> {
+    let started = Instant::now();
+    let cfg = &shared.config.kafka;
+    let topic = cfg.changelog_topic.as_str();
+    let reader: BaseConsumer = crate::kafka::reader(cfg)?;
+    let (low, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    let stored = shared.store.changelog_position(partition)?;
+    let from = stored.max(low);
+    let mut report = RestoreReport {
+        partition,
+        from,
+        to: high,
+        ..RestoreReport::default()
+    };
+    if from >= high {
+        report.took = started.elapsed();
+        return Ok(report);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
+    reader.assign(&tpl)?;
+    let mut chunk: Vec<LogRecord> = Vec::with_capacity(RESTORE_CHUNK);
+    let mut next = from;
+    let mut idle_since = Instant::now();
+    while next < high {
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                idle_since = Instant::now();
+                if m.offset() < next {
+                    continue; // a repeat (a broker may resend around compaction gaps)
+                }
+                next = m.offset() + 1;
+                let key = m.key().unwrap_or_default().to_vec();
+                let value = m.payload().map(<[u8]>::to_vec);
+                report.bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
+                chunk.push(LogRecord { key, value });
+                if chunk.len() >= RESTORE_CHUNK {
+                    apply(shared, partition, &mut chunk, next, &mut report.restored)?;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, partition, "changelog read failed; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            None => {
+                if idle_since.elapsed() > Duration::from_secs(60) {
+                    return Err(PipelineError::Setup(format!(
+                        "restoring {topic} partition {partition}: nothing read for 60 s at offset {next} of {high}; check the broker"
+                    )));
+                }
+            }
+        }
+    }
+    apply(shared, partition, &mut chunk, next, &mut report.restored)?;
+    report.took = started.elapsed();
+    Ok(report)
+}
+
+fn apply(
+    shared: &Shared,
+    partition: i32,
+    chunk: &mut Vec<LogRecord>,
+    next: i64,
+    total: &mut Restored,
+) -> Result<(), StoreError> {
+    let r = shared
+        .store
+        .apply_changelog(partition, chunk, next, now_ms())?;
+    shared.metrics.restore_records.fetch_add(r.read, Relaxed);
+    total.read += r.read;
+    total.applied += r.applied;
+    total.behind += r.behind;
+    total.unreadable += r.unreadable;
+    total.touched.extend(r.touched);
+    chunk.clear();
+    Ok(())
+}
+
+/// Refuses a changelog topic that is missing or not partitioned like the event topics.
+pub async fn check_topic<C: ConsumerContext + 'static>(
+    consumer: &Arc<StreamConsumer<C>>,
+    config: &crate::config::KafkaConfig,
+    event_partitions: usize,
+) -> Result<(), PipelineError> {
+    let topic = &config.changelog_topic;
+    let found = crate::pipeline::partitions_of(consumer, topic)
+        .await
+        .map_err(|_| {
+            PipelineError::Setup(format!(
+                "the changelog topic {topic} (kafka.changelog_topic) is missing: create it with \
+                 {event_partitions} partitions, like the event topics, compacted: \
+                 `kafka-topics --create --topic {topic} --partitions {event_partitions} \
+                 --config cleanup.policy=compact --config retention.ms=-1`"
+            ))
+        })?
+        .len();
+    if found != event_partitions {
+        return Err(PipelineError::Setup(format!(
+            "the changelog topic {topic} has {found} partitions, the event topics \
+             {event_partitions}: a partition's state is its changelog partition of the same \
+             number, so they must match; recreate {topic} with {event_partitions} partitions"
+        )));
+    }
+    Ok(())
+}

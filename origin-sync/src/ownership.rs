@@ -1,0 +1,275 @@
+//! Which partitions this instance owns (`assignment = "group"`), and what taking or giving one
+//! up does: an assigned partition number is restored from its changelog (`changelog.rs`), then
+//! partition N of every event topic is added to the event consumer at the group's committed
+//! offsets; a revoked one leaves the event consumer at once, and its users' outbox entries go
+//! once the batch in flight is folded (its new owner sends them).
+//!
+//! Ownership comes from the group membership consumer ([`crate::kafka::membership`]), polled
+//! on a thread of its own so that heartbeats and rebalances never wait for a batch.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::changelog::{RestoreReport, restore};
+use crate::kafka::{Membership, Rebalanced};
+use crate::pipeline::{PipelineError, Shared, blocking};
+
+/// A restore's outcome: its report and where each event topic's partition starts.
+type RestoreResult = Result<(RestoreReport, Vec<(String, i64)>), PipelineError>;
+
+/// Something that changed this instance's partitions.
+#[derive(Debug)]
+pub enum Control {
+    Rebalanced(Rebalanced),
+    Restored(i32, Box<RestoreResult>),
+}
+
+pub struct Owner {
+    membership: Arc<Membership>,
+    rebalances: mpsc::UnboundedReceiver<Rebalanced>,
+    restored_tx: mpsc::UnboundedSender<(i32, Box<RestoreResult>)>,
+    restored_rx: mpsc::UnboundedReceiver<(i32, Box<RestoreResult>)>,
+    owned: BTreeSet<i32>,
+    restoring: BTreeSet<i32>,
+    released: Vec<i32>,
+}
+
+/// Polls the membership consumer until `stop` (rebalance callbacks run in its polls), then
+/// leaves the group: at once with dynamic membership, so the partitions move now; not with
+/// static membership (`kafka.instance_id`), whose restart within the session timeout keeps
+/// them.
+pub fn poll_membership(membership: Arc<Membership>, stop: Arc<AtomicBool>, is_static: bool) {
+    while !stop.load(Relaxed) {
+        // every partition is paused: a poll only serves the group protocol
+        let _ = membership.poll(Duration::from_millis(100));
+    }
+    if !is_static {
+        membership.unsubscribe();
+        for _ in 0..5 {
+            let _ = membership.poll(Duration::from_millis(100));
+        }
+    }
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owner")
+            .field("owned", &self.owned)
+            .field("restoring", &self.restoring)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Owner {
+    pub fn new(
+        membership: Arc<Membership>,
+        rebalances: mpsc::UnboundedReceiver<Rebalanced>,
+    ) -> Owner {
+        let (restored_tx, restored_rx) = mpsc::unbounded_channel();
+        Owner {
+            membership,
+            rebalances,
+            restored_tx,
+            restored_rx,
+            owned: BTreeSet::new(),
+            restoring: BTreeSet::new(),
+            released: Vec::new(),
+        }
+    }
+
+    /// The next change (cancel-safe: nothing is lost when another branch of a select wins).
+    pub async fn next(&mut self) -> Control {
+        tokio::select! {
+            Some(r) = self.rebalances.recv() => Control::Rebalanced(r),
+            Some((p, r)) = self.restored_rx.recv() => Control::Restored(p, r),
+            else => std::future::pending().await,
+        }
+    }
+
+    pub async fn handle(
+        &mut self,
+        shared: &Arc<Shared>,
+        events: &StreamConsumer,
+        control: Control,
+    ) -> Result<(), PipelineError> {
+        let metrics = &shared.metrics;
+        match control {
+            Control::Rebalanced(Rebalanced::Assigned(ps)) => {
+                metrics.rebalances.fetch_add(1, Relaxed);
+                for p in ps {
+                    if self.owned.insert(p) {
+                        self.restoring.insert(p);
+                        self.spawn_restore(shared, p, Duration::ZERO);
+                    }
+                }
+                tracing::info!(owned = ?self.owned, restoring = ?self.restoring, "partitions assigned");
+            }
+            Control::Rebalanced(Rebalanced::Revoked(ps)) => {
+                metrics.rebalances.fetch_add(1, Relaxed);
+                let tpl = event_partitions(shared, &ps, None);
+                if let Err(e) = events.incremental_unassign(&tpl) {
+                    tracing::debug!(error = %e, "unassigning revoked partitions");
+                }
+                for p in &ps {
+                    self.owned.remove(p);
+                    self.restoring.remove(p);
+                }
+                if let Ok(mut lag) = metrics.partitions.lock() {
+                    lag.retain(|(_, p), _| !ps.contains(p));
+                }
+                self.released.extend(ps);
+                tracing::info!(owned = ?self.owned, "partitions revoked");
+            }
+            Control::Restored(p, result) => {
+                if !self.restoring.contains(&p) {
+                    // revoked while restoring: what was restored stays as a local copy
+                    return Ok(());
+                }
+                match *result {
+                    Ok((report, starts)) => {
+                        self.restoring.remove(&p);
+                        self.restored(shared, events, report, &starts).await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, partition = p, "restore failed; retrying in 1 s");
+                        self.spawn_restore(shared, p, Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+        metrics
+            .owned_partitions
+            .store(self.owned.len() as u64, Relaxed);
+        metrics
+            .restoring_partitions
+            .store(self.restoring.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Partition numbers revoked since the last call: their outbox entries are to be released
+    /// once the batch in flight is folded.
+    pub fn take_released(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.released)
+    }
+
+    async fn restored(
+        &mut self,
+        shared: &Arc<Shared>,
+        events: &StreamConsumer,
+        report: RestoreReport,
+        starts: &[(String, i64)],
+    ) -> Result<(), PipelineError> {
+        let metrics = &shared.metrics;
+        metrics.restores.fetch_add(1, Relaxed);
+        metrics
+            .restore_micros
+            .fetch_add(report.took.as_micros() as u64, Relaxed);
+        metrics.restore_bytes.fetch_add(report.bytes, Relaxed);
+        let secs = report.took.as_secs_f64();
+        tracing::info!(
+            partition = report.partition,
+            from = report.from,
+            to = report.to,
+            records = report.restored.read,
+            applied = report.restored.applied,
+            behind = report.restored.behind,
+            unreadable = report.restored.unreadable,
+            seconds = secs,
+            records_per_sec = (report.restored.read as f64 / secs.max(1e-6)) as u64,
+            "partition restored from the changelog"
+        );
+        let p = report.partition;
+        let tpl = event_partitions(shared, &[p], Some(starts));
+        events.incremental_assign(&tpl)?;
+        if let Ok(mut lag) = metrics.partitions.lock() {
+            for (topic, next) in starts {
+                lag.insert((topic.clone(), p), (*next, *next));
+            }
+        }
+        for keys in report.restored.touched.chunks(10_000) {
+            if shared.touched.send(keys.to_vec()).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_restore(&self, shared: &Arc<Shared>, p: i32, after: Duration) {
+        let shared = shared.clone();
+        let membership = self.membership.clone();
+        let tx = self.restored_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let report = restore(&shared, p)?;
+                let starts = committed(&shared, &membership, p)?;
+                Ok((report, starts))
+            })
+            .await
+            .unwrap_or_else(|e| Err(PipelineError::Setup(format!("restore task failed: {e}"))));
+            let _ = tx.send((p, Box::new(result)));
+        });
+    }
+}
+
+/// Where partition `p` of each event topic starts: the group's committed offset, or the
+/// beginning. Never past what the changelog holds, since offsets are committed only after
+/// their batch's changelog records are acknowledged.
+fn committed(
+    shared: &Shared,
+    membership: &Membership,
+    p: i32,
+) -> Result<Vec<(String, i64)>, PipelineError> {
+    let tpl = event_partitions(shared, &[p], None);
+    let got = membership.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(shared
+        .config
+        .kafka
+        .topics
+        .iter()
+        .map(|t| {
+            let next = match got.find_partition(t, p).map(|e| e.offset()) {
+                Some(Offset::Offset(n)) if n >= 0 => n,
+                _ => 0,
+            };
+            (t.clone(), next)
+        })
+        .collect())
+}
+
+/// Partition numbers `ps` of every event topic, at `starts` when given.
+fn event_partitions(
+    shared: &Shared,
+    ps: &[i32],
+    starts: Option<&[(String, i64)]>,
+) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for t in &shared.config.kafka.topics {
+        for p in ps {
+            let offset = starts
+                .and_then(|s| s.iter().find(|(topic, _)| topic == t))
+                .map_or(Offset::Invalid, |(_, n)| Offset::Offset(*n));
+            let _ = tpl.add_partition_offset(t, *p, offset);
+        }
+    }
+    tpl
+}
+
+/// Releases the outbox entries of revoked partitions (after the batch in flight is folded).
+pub async fn release(shared: &Arc<Shared>, partitions: Vec<i32>) -> Result<(), PipelineError> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    let store = shared.store.clone();
+    let ps = partitions.clone();
+    let n = blocking(move || store.release(&ps)).await?;
+    tracing::info!(partitions = ?partitions, released = n, "revoked partitions' outbox entries left to their new owner");
+    Ok(())
+}

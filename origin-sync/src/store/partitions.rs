@@ -1,0 +1,540 @@
+//! Partition state that moves between instances (`assignment = "group"`; see the crate's
+//! ARCHITECTURE.md, "Partition state").
+//!
+//! - Every user's state carries a *stamp*: the partition its events come from and, per topic,
+//!   the next input offset already folded into it. A message below its user's stamp was folded
+//!   by whichever instance wrote the state, so it is skipped, whoever consumes it again after a
+//!   handover or a crash. That is the exactly-once rule across owners; no broker transaction is
+//!   involved.
+//! - Every change is also written to the changelog topic (partition = the input partition,
+//!   key = the user key, value = [`LogValue`]). A change is *unlogged* (table `unlogged`,
+//!   written in the batch's own transaction) until the broker has it, so a crash between the
+//!   store's commit and the changelog's acknowledgement re-produces it at the next start.
+//! - A partition that arrives is restored from its changelog, from the position this store
+//!   read it to before (`changelog_pos`), before its input is consumed. A record replaces the
+//!   local state unless the local one is further ahead (its stamp dominates): what was folded
+//!   never goes backwards, whatever order stale writers left in the log.
+
+use std::collections::HashMap;
+
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use shared::keys::UserKey;
+
+use super::state::UserState;
+use super::{OUTBOX, Pending, Store, StoreError, USERS, decode, encode};
+
+/// `UserKey` → [`Stamp`].
+pub(super) const STAMPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("stamps");
+/// `UserKey` → the version whose changelog record the broker has not acknowledged yet.
+pub(super) const UNLOGGED: TableDefinition<&[u8], u64> = TableDefinition::new("unlogged");
+/// Changelog partition → the next changelog offset this store has applied.
+pub(super) const CHANGELOG_POS: TableDefinition<i32, i64> = TableDefinition::new("changelog_pos");
+
+/// Which input a user's state has folded: its partition and, per topic, the next offset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub partition: i32,
+    pub next: Vec<(String, i64)>,
+}
+
+impl Stamp {
+    pub fn next_of(&self, topic: &str) -> i64 {
+        self.next
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub(super) fn advance(&mut self, topic: &str, next: i64) {
+        match self.next.iter_mut().find(|(t, _)| t == topic) {
+            Some((_, n)) => *n = (*n).max(next),
+            None => self.next.push((topic.to_owned(), next)),
+        }
+    }
+
+    /// True when `self` has folded everything `other` has (on every topic at least as far).
+    pub fn covers(&self, other: &Stamp) -> bool {
+        other.next.iter().all(|(t, n)| self.next_of(t) >= *n)
+    }
+}
+
+/// The changelog's value format: a format byte, then postcard.
+pub const LOG_FORMAT: u8 = 1;
+
+/// One changelog value: a user's stamp and state (the store's own encoding).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogValue {
+    pub stamp: Stamp,
+    pub state: Vec<u8>,
+}
+
+impl LogValue {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![LOG_FORMAT];
+        out.extend_from_slice(&encode(self));
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<LogValue, StoreError> {
+        match bytes.split_first() {
+            Some((&LOG_FORMAT, rest)) => decode(rest, "changelog record"),
+            Some((f, _)) => Err(StoreError::Corrupt(format!(
+                "changelog record of format {f}; this build reads {LOG_FORMAT} (upgrade it)"
+            ))),
+            None => Err(StoreError::Corrupt("empty changelog record".into())),
+        }
+    }
+}
+
+/// One change for the changelog: where it goes and what it says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Logged {
+    pub partition: i32,
+    pub key: UserKey,
+    pub version: u64,
+    pub value: Vec<u8>,
+}
+
+/// One record read back from the changelog.
+#[derive(Clone, Debug)]
+pub struct LogRecord {
+    pub key: Vec<u8>,
+    /// None: a tombstone or an unreadable value (skipped; counted by the caller).
+    pub value: Option<Vec<u8>>,
+}
+
+/// What applying changelog records did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub read: u64,
+    /// Records that replaced the local state (now in the outbox, to be sent again).
+    pub applied: u64,
+    /// Records behind the local state (a stale writer's, or this store's own, read again).
+    pub behind: u64,
+    pub unreadable: u64,
+    pub touched: Vec<UserKey>,
+}
+
+pub(super) fn user_key(bytes: &[u8], what: &str) -> Result<UserKey, StoreError> {
+    <[u8; 12]>::try_from(bytes)
+        .map(UserKey)
+        .map_err(|_| StoreError::Corrupt(format!("{what} key")))
+}
+
+impl Store {
+    /// The changelog records of every change not yet acknowledged by the broker (after a
+    /// crash: produced again, which is harmless, since a record is a whole state).
+    pub fn unlogged(&self) -> Result<Vec<Logged>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let unlogged_t = tx.open_table(UNLOGGED)?;
+        let users_t = tx.open_table(USERS)?;
+        let stamps_t = tx.open_table(STAMPS)?;
+        let mut out = Vec::new();
+        for row in unlogged_t.iter()? {
+            let (k, _) = row?;
+            let key = user_key(k.value(), "unlogged")?;
+            let (Some(state), Some(stamp)) = (users_t.get(k.value())?, stamps_t.get(k.value())?)
+            else {
+                continue;
+            };
+            let stamp: Stamp = decode(stamp.value(), "stamp")?;
+            let version = UserState::decode(state.value())?.current_version();
+            out.push(Logged {
+                partition: stamp.partition,
+                key,
+                version,
+                value: LogValue {
+                    stamp,
+                    state: state.value().to_vec(),
+                }
+                .to_bytes(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Marks changes as acknowledged by the broker: each unlogged mark goes if it is still
+    /// for that version (a later change keeps its own mark).
+    pub fn mark_logged(&self, logged: &[(UserKey, u64)]) -> Result<(), StoreError> {
+        if logged.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write()?;
+        // losing this on a crash only produces those records again
+        tx.set_durability(redb::Durability::None);
+        {
+            let mut t = tx.open_table(UNLOGGED)?;
+            for (key, version) in logged {
+                let same = t
+                    .get(key.0.as_slice())?
+                    .is_some_and(|g| g.value() == *version);
+                if same {
+                    t.remove(key.0.as_slice())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How far this store has applied changelog partition `partition` (0: never).
+    pub fn changelog_position(&self, partition: i32) -> Result<i64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(CHANGELOG_POS)?;
+        Ok(t.get(partition)?.map_or(0, |g| g.value()))
+    }
+
+    /// Applies changelog records of `partition` and moves its position to `next`, in one
+    /// transaction. A record replaces the local state unless the local stamp covers it (the
+    /// local state is as far or further); what it replaces goes to the outbox, since this
+    /// store cannot know what the sinks got from the previous owner (the edge's version rules
+    /// make sending it again harmless).
+    pub fn apply_changelog(
+        &self,
+        partition: i32,
+        records: &[LogRecord],
+        next: i64,
+        now_ms: u64,
+    ) -> Result<Restored, StoreError> {
+        let mut out = Restored::default();
+        let tx = self.db.begin_write()?;
+        {
+            let mut users_t = tx.open_table(USERS)?;
+            let mut stamps_t = tx.open_table(STAMPS)?;
+            let mut outbox_t = tx.open_table(OUTBOX)?;
+            let mut pos_t = tx.open_table(CHANGELOG_POS)?;
+            // the last record of a key in this chunk is the one that counts
+            let mut last: HashMap<&[u8], &[u8]> = HashMap::new();
+            for r in records {
+                out.read += 1;
+                match &r.value {
+                    Some(v) => {
+                        last.insert(r.key.as_slice(), v.as_slice());
+                    }
+                    None => out.unreadable += 1,
+                }
+            }
+            for (k, v) in last {
+                let (Ok(key), Ok(value)) = (user_key(k, "changelog"), LogValue::from_bytes(v))
+                else {
+                    out.unreadable += 1;
+                    continue;
+                };
+                if UserState::decode(&value.state).is_err() {
+                    out.unreadable += 1;
+                    continue;
+                }
+                let local: Option<Stamp> = match stamps_t.get(k)? {
+                    Some(g) => Some(decode(g.value(), "stamp")?),
+                    None => None,
+                };
+                if local
+                    .as_ref()
+                    .is_some_and(|l| l.covers(&value.stamp) && *l != value.stamp)
+                {
+                    out.behind += 1;
+                    continue;
+                }
+                let same = users_t.get(k)?.is_some_and(|g| g.value() == value.state);
+                if same {
+                    out.behind += 1;
+                    continue;
+                }
+                users_t.insert(k, value.state.as_slice())?;
+                stamps_t.insert(k, encode(&value.stamp).as_slice())?;
+                let pending = match outbox_t.get(k)? {
+                    Some(g) => Pending::decode(g.value())?.merge(now_ms, now_ms),
+                    None => Pending::at(now_ms, now_ms),
+                };
+                outbox_t.insert(k, encode(&pending).as_slice())?;
+                out.applied += 1;
+                out.touched.push(key);
+            }
+            pos_t.insert(partition, next)?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Gives up the outbox entries of users of `partitions` (revoked: their new owner sends
+    /// them). Returns how many left.
+    pub fn release(&self, partitions: &[i32]) -> Result<u64, StoreError> {
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write()?;
+        let mut released = 0;
+        {
+            let stamps_t = tx.open_table(STAMPS)?;
+            let mut outbox_t = tx.open_table(OUTBOX)?;
+            let mut gone = Vec::new();
+            for row in outbox_t.iter()? {
+                let (k, _) = row?;
+                if let Some(s) = stamps_t.get(k.value())? {
+                    let stamp: Stamp = decode(s.value(), "stamp")?;
+                    if partitions.contains(&stamp.partition) {
+                        gone.push(k.value().to_vec());
+                    }
+                }
+            }
+            for k in gone {
+                outbox_t.remove(k.as_slice())?;
+                released += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(released)
+    }
+
+    /// A user's stamp (tests, tools).
+    pub fn stamp(&self, user_id: &str) -> Result<Option<Stamp>, StoreError> {
+        let key = self.user_key(user_id);
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(STAMPS)?;
+        match t.get(key.0.as_slice())? {
+            Some(g) => Ok(Some(decode(g.value(), "stamp")?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Record, Window};
+    use shared::Profile;
+    use shared::catalog::Catalog;
+    use shared::delta::Stored;
+    use shared::event::Event;
+    use shared::fold::fold_all;
+    use shared::traffic::Traffic;
+
+    /// Small enough that most of a shopper's events freeze out of the window and out of the
+    /// recent-id memory: only the stamp can tell a re-consumed event from a new one.
+    const SMALL: Window = Window {
+        reorder_ms: 0,
+        max_events: 1,
+    };
+
+    fn open(name: &str) -> Store {
+        let path =
+            std::env::temp_dir().join(format!("origin-sync-parts-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Store::open(&path, b"dev-user-key-secret", SMALL)
+            .expect("store opens")
+            .partitioned()
+    }
+
+    fn traffic(users: usize, n: usize, seed: u64) -> Vec<Event> {
+        let catalog = Catalog::demo().expect("demo");
+        Traffic::new(&catalog, users, "p", 1_732_960_000_000, 10, seed)
+            .take(n)
+            .collect()
+    }
+
+    /// The events as partition `partition` of topic "t", offsets from 0 in order.
+    fn records(events: &[Event], partition: i32) -> Vec<Record> {
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Record {
+                topic: "t".into(),
+                partition,
+                offset: i as i64,
+                event: Some(e.clone()),
+                arrived_ms: Some(1),
+            })
+            .collect()
+    }
+
+    /// What a new owner reads from the changelog: the last record per key of `logged`.
+    fn as_read(logged: &[Logged]) -> Vec<LogRecord> {
+        logged
+            .iter()
+            .map(|l| LogRecord {
+                key: l.key.0.to_vec(),
+                value: Some(l.value.clone()),
+            })
+            .collect()
+    }
+
+    fn profile(store: &Store, user: &str) -> Option<Profile> {
+        match store.current(user).expect("read") {
+            Some(Stored::Profile(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn reference(store: &Store, events: &[Event], user: &str) -> Profile {
+        let mut p = Profile::new(store.user_key(user).bucket());
+        fold_all(&mut p, events.iter().filter(|e| e.user == user));
+        p
+    }
+
+    /// The handover: the old owner folded 0..1500 and wrote the changelog; the group's
+    /// committed offset is only 1000 (it died before committing more). The new owner restores
+    /// the changelog, then consumes from 1000: events 1000..1500 are recognised by the stamps
+    /// and skipped, so every shopper's version is exactly their event count.
+    #[test]
+    fn a_new_owner_skips_what_the_restored_state_already_folded() {
+        let events = traffic(4, 2000, 7);
+        let recs = records(&events, 3);
+        let old = open("old-owner");
+        let mut logged = Vec::new();
+        for chunk in recs[..1500].chunks(100) {
+            logged.extend(old.apply_batch(chunk).expect("fold").logged);
+        }
+        let new = open("new-owner");
+        let restored = new
+            .apply_changelog(3, &as_read(&logged), logged.len() as i64, 5)
+            .expect("restore");
+        assert_eq!(restored.applied, 4, "one state per shopper");
+        assert_eq!(new.changelog_position(3).expect("pos"), logged.len() as i64);
+        let again = new
+            .apply_batch(&recs[1000..])
+            .expect("fold from the committed offset");
+        assert_eq!(again.redelivered, 500);
+        assert_eq!(again.applied, 500);
+        for u in 0..4 {
+            let user = format!("p-u{u}");
+            let want = reference(&new, &events, &user);
+            assert_eq!(
+                profile(&new, &user).map(|p| p.version),
+                Some(want.version),
+                "{user}"
+            );
+        }
+    }
+
+    /// A stale writer's record (behind the local stamp) never rolls the state back, wherever
+    /// it sits in the log; the same record read twice changes nothing.
+    #[test]
+    fn a_record_behind_the_local_state_is_ignored() {
+        let events = traffic(1, 300, 9);
+        let recs = records(&events, 0);
+        let writer = open("writer");
+        let early = writer.apply_batch(&recs[..100]).expect("fold").logged;
+        let late = writer.apply_batch(&recs[100..]).expect("fold").logged;
+        let reader = open("reader");
+        let first = reader
+            .apply_changelog(0, &as_read(&late), 1, 1)
+            .expect("late first");
+        assert_eq!(first.applied, 1);
+        let stale = reader
+            .apply_changelog(0, &as_read(&early), 2, 1)
+            .expect("early after");
+        assert_eq!((stale.applied, stale.behind), (0, 1));
+        let again = reader
+            .apply_changelog(0, &as_read(&late), 3, 1)
+            .expect("read again");
+        assert_eq!((again.applied, again.behind), (0, 1));
+        let user = "p-u0";
+        assert_eq!(
+            profile(&reader, user).map(|p| p.version),
+            Some(reference(&reader, &events, user).version)
+        );
+        assert_eq!(
+            reader
+                .stamp(user)
+                .expect("stamp")
+                .expect("some")
+                .next_of("t"),
+            300
+        );
+        // unreadable values are counted, not applied
+        let junk = reader
+            .apply_changelog(
+                0,
+                &[
+                    LogRecord {
+                        key: vec![1; 12],
+                        value: Some(vec![LOG_FORMAT, 0xff, 0xff]),
+                    },
+                    LogRecord {
+                        key: vec![2; 3],
+                        value: Some(late[0].value.clone()),
+                    },
+                    LogRecord {
+                        key: vec![3; 12],
+                        value: None,
+                    },
+                ],
+                4,
+                1,
+            )
+            .expect("junk");
+        assert_eq!((junk.applied, junk.unreadable), (0, 3));
+    }
+
+    /// A change is unlogged until the broker has its record; a mark for an older version does
+    /// not clear a newer change's.
+    #[test]
+    fn a_change_stays_unlogged_until_its_own_version_is_acknowledged() {
+        let events = traffic(2, 40, 11);
+        let recs = records(&events, 1);
+        let store = open("unlogged");
+        let first = store.apply_batch(&recs[..20]).expect("fold").logged;
+        assert_eq!(store.unlogged().expect("unlogged").len(), first.len());
+        let second = store.apply_batch(&recs[20..]).expect("fold").logged;
+        let marks: Vec<(UserKey, u64)> = first.iter().map(|l| (l.key, l.version)).collect();
+        store.mark_logged(&marks).expect("mark");
+        let still = store.unlogged().expect("unlogged");
+        assert_eq!(still.len(), second.len(), "newer changes keep their marks");
+        assert_eq!(still, second);
+        let marks: Vec<(UserKey, u64)> = second.iter().map(|l| (l.key, l.version)).collect();
+        store.mark_logged(&marks).expect("mark");
+        assert!(store.unlogged().expect("unlogged").is_empty());
+    }
+
+    /// Giving up a partition drops its users' outbox entries and no one else's.
+    #[test]
+    fn release_leaves_other_partitions_outbox_entries() {
+        let events = traffic(6, 120, 13);
+        let store = open("release");
+        store.apply_batch(&records(&events[..60], 0)).expect("p0");
+        let mut later = records(&events[60..], 1);
+        for r in &mut later {
+            r.event.as_mut().expect("event").user.push_str("-1");
+        }
+        store.apply_batch(&later).expect("p1");
+        let before = store.outbox_len().expect("len");
+        let released = store.release(&[1]).expect("release");
+        assert!(released > 0);
+        assert_eq!(store.outbox_len().expect("len"), before - released);
+        for (key, _) in store.outbox().expect("outbox") {
+            let tx = store.db.begin_read().expect("read");
+            let t = tx.open_table(STAMPS).expect("stamps");
+            let stamp: Stamp = decode(
+                t.get(key.0.as_slice())
+                    .expect("get")
+                    .expect("stamp")
+                    .value(),
+                "stamp",
+            )
+            .expect("stamp");
+            assert_eq!(stamp.partition, 0);
+        }
+    }
+
+    #[test]
+    fn stamps_cover_componentwise() {
+        let s = |v: &[(&str, i64)]| Stamp {
+            partition: 0,
+            next: v.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
+        };
+        assert!(s(&[("a", 5), ("b", 3)]).covers(&s(&[("a", 5)])));
+        assert!(s(&[("a", 5), ("b", 3)]).covers(&s(&[("b", 3), ("a", 1)])));
+        assert!(!s(&[("a", 5)]).covers(&s(&[("a", 5), ("b", 1)])));
+        assert!(!s(&[("a", 4)]).covers(&s(&[("a", 5)])));
+        let bytes = LogValue {
+            stamp: s(&[("a", 1)]),
+            state: vec![1, 2, 3],
+        }
+        .to_bytes();
+        assert_eq!(bytes[0], LOG_FORMAT);
+        assert!(LogValue::from_bytes(&bytes).is_ok());
+        assert!(LogValue::from_bytes(&[9, 0]).is_err());
+        assert!(LogValue::from_bytes(&[]).is_err());
+    }
+}

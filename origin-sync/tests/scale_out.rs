@@ -1,0 +1,201 @@
+//! Several origin-sync instances in one consumer group (`assignment = "group"`), as the real
+//! binary against a real broker (tansu): partitions move between instances with their state
+//! (the changelog), and the edge ends equal to an independent reference fold whatever was
+//! killed, stopped or added on the way.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use origin_sync::testkit::{Tansu, TestEdge};
+use shared::keys::UserKey;
+
+const PARTITIONS: u32 = 6;
+
+fn group_broker(name: &str) -> Option<Tansu> {
+    match Tansu::start(name) {
+        Ok(t) => {
+            t.create_event_topics(PARTITIONS)
+                .expect("topics are created");
+            Some(t)
+        }
+        Err(origin_sync::testkit::KitError::NoTansu) => {
+            origin_sync::testkit::skip("the tansu broker", "run `cargo xtask setup`");
+            None
+        }
+        Err(e) => panic!("broker did not start: {e}"),
+    }
+}
+
+/// One instance's config file (its own store and port, the group's assignment) and log.
+fn instance(
+    tansu: &Tansu,
+    edge: &TestEdge,
+    dir: &Path,
+    name: &str,
+    extra: &str,
+) -> (PathBuf, PathBuf) {
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own).expect("instance dir");
+    let text = config_toml(tansu, edge, &own, "").replace(
+        "group_id = \"test\"",
+        &format!("group_id = \"test\"\nassignment = \"group\"\n{extra}"),
+    );
+    let path = own.join("origin-sync.toml");
+    std::fs::write(&path, text).expect("config");
+    (path, own.join("origin-sync.log"))
+}
+
+fn start(tansu: &Tansu, edge: &TestEdge, dir: &Path, name: &str) -> Binary {
+    let (config, log) = instance(tansu, edge, dir, name, "");
+    Binary::start(&config, &log)
+}
+
+/// The restores an instance's log reports: (partition, records read, records applied).
+fn restores(dir: &Path, name: &str) -> Vec<(i64, u64, u64)> {
+    let text = std::fs::read_to_string(dir.join(name).join("origin-sync.log")).unwrap_or_default();
+    let field = |line: &str, name: &str| -> Option<i64> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        let rest = &line[at..];
+        rest[..rest.find(' ').unwrap_or(rest.len())].parse().ok()
+    };
+    text.lines()
+        .filter(|l| l.contains("partition restored from the changelog"))
+        .filter_map(|l| {
+            let plain: String = strip_ansi(l);
+            Some((
+                field(&plain, "partition")?,
+                field(&plain, "records")? as u64,
+                field(&plain, "applied")? as u64,
+            ))
+        })
+        .collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Watches the edge while the test runs: a version that goes down between two looks fails
+/// the test (the edge's own rules refuse older versions; this checks nothing slipped by).
+struct Monotonic {
+    seen: HashMap<UserKey, u64>,
+    regressions: Vec<String>,
+}
+
+impl Monotonic {
+    fn look(&mut self, edge: &TestEdge) {
+        for (k, stored) in edge.profiles() {
+            let v = stored.version();
+            let before = self.seen.insert(k, v).unwrap_or(0);
+            if v < before && self.regressions.len() < 10 {
+                self.regressions
+                    .push(format!("{k:?}: version {before} then {v}"));
+            }
+        }
+    }
+
+    /// Looks every 100 ms for `span`.
+    async fn during(&mut self, edge: &TestEdge, span: Duration) {
+        let until = Instant::now() + span;
+        loop {
+            self.look(edge);
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Three instances share the group while events stream in; one is SIGKILLed, one stopped
+/// gracefully, one added. The edge ends equal to the reference fold (a lost event, or one
+/// folded twice, shows as a different version: version = the shopper's event count), and no
+/// version the edge held ever went down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_killed_stopped_and_added_lose_nothing_and_count_nothing_twice() {
+    let Some(tansu) = group_broker("scale-out") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-out");
+    let events = traffic(2000, 100_000, "s", 41);
+    let want = reference(&events);
+    let messages: Vec<_> = events.iter().map(outgoing).collect();
+    let brokers = tansu.brokers();
+    let started = Instant::now();
+    let producer = tokio::spawn(async move {
+        for chunk in messages.chunks(2000) {
+            produce(&brokers, chunk).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+
+    let a = start(&tansu, &edge, &dir, "a");
+    let b = start(&tansu, &edge, &dir, "b");
+    let c = start(&tansu, &edge, &dir, "c");
+    let mut watch = Monotonic {
+        seen: HashMap::new(),
+        regressions: Vec::new(),
+    };
+    watch.during(&edge, Duration::from_secs(5)).await;
+    a.sigkill();
+    eprintln!("{:.1?}: a SIGKILLed", started.elapsed());
+    watch.during(&edge, Duration::from_secs(4)).await;
+    let status = b.terminate();
+    assert!(status.success(), "b's SIGTERM exit: {status}");
+    eprintln!("{:.1?}: b stopped", started.elapsed());
+    let d = start(&tansu, &edge, &dir, "d");
+    eprintln!("{:.1?}: d added", started.elapsed());
+    producer.await.expect("producer task");
+    eprintln!("{:.1?}: every event produced", started.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while mismatches(&edge, &want) > 0 && Instant::now() < deadline {
+        watch.during(&edge, Duration::from_millis(200)).await;
+    }
+    converge(&edge, &want, Duration::from_secs(1)).await;
+    eprintln!(
+        "{:.1?}: the edge equals the reference: {} shoppers, {} events, {} sync requests",
+        started.elapsed(),
+        want.len(),
+        events.len(),
+        edge.sync_requests()
+    );
+    assert!(
+        watch.regressions.is_empty(),
+        "versions went down at the edge: {:?}",
+        watch.regressions
+    );
+    for (name, bin) in [("c", c), ("d", d)] {
+        let status = bin.terminate();
+        assert!(status.success(), "{name}'s SIGTERM exit: {status}");
+    }
+    // the partitions did move with their state: some instance restored a partition that
+    // another had written to the changelog
+    let mut moved = 0;
+    for name in ["a", "b", "c", "d"] {
+        let r = restores(&dir, name);
+        eprintln!("{name}: restores (partition, records read, applied): {r:?}");
+        moved += r.iter().filter(|(_, read, _)| *read > 0).count();
+    }
+    assert!(
+        moved >= 2,
+        "no partition was restored from another instance's changelog"
+    );
+}
