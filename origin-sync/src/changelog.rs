@@ -41,7 +41,31 @@ pub async fn write(
     mut commits: mpsc::Receiver<Commit>,
 ) -> Result<(), PipelineError> {
     let topic = shared.config.kafka.changelog_topic.clone();
-    while let Some(commit) = commits.recv().await {
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let commit = tokio::select! {
+            c = commits.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+            _ = sweep.tick() => {
+                // changes no batch carries (an erasure of an owned user), or whose batch's
+                // records failed and were retried past: produced from the store
+                let store = shared.store.clone();
+                let by = now_ms().saturating_sub(SWEEP_EVERY.as_millis() as u64);
+                let logged = blocking(move || {
+                    let owned = store.owned();
+                    store.unlogged_of(Some(&owned), by)
+                })
+                .await?;
+                if logged.is_empty() {
+                    continue;
+                }
+                shared.metrics.changelog_pending.fetch_add(logged.len() as u64, Relaxed);
+                Commit { logged, offsets: Vec::new() }
+            }
+        };
         let n = commit.logged.len() as u64;
         let mut delay = 50;
         while let Err(e) = produce(&producer, &topic, &commit.logged).await {
@@ -112,6 +136,9 @@ async fn produce(
     }
     first_err.map_or(Ok(()), Err)
 }
+
+/// How often changes marked unlogged for longer than this are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Records applied per store transaction while restoring.
 const RESTORE_CHUNK: usize = 5000;

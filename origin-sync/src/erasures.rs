@@ -58,7 +58,11 @@ pub struct CatchUp {
 
 /// Applies every erasure of the log the store has not seen, up to the end of the log as it
 /// is now. Offsets move with the erasures, in one store transaction per chunk.
-pub async fn catch_up(config: &Config, store: &Arc<Store>) -> Result<CatchUp, PipelineError> {
+/// A consumer of the erasure log, assigned every partition from the store's offsets.
+async fn open_log(
+    config: &Config,
+    store: &Arc<Store>,
+) -> Result<(Arc<StreamConsumer>, Vec<i32>, OffsetMap), PipelineError> {
     let topic = config.kafka.erasure_topic.clone();
     let consumer = Arc::new(crate::kafka::consumer(
         &config.kafka,
@@ -72,6 +76,59 @@ pub async fn catch_up(config: &Config, store: &Arc<Store>) -> Result<CatchUp, Pi
         consumer.assign(&tpl)?;
         tpl.elements().iter().map(|e| e.partition()).collect()
     };
+    Ok((consumer, partitions, stored))
+}
+
+type OffsetMap = std::collections::BTreeMap<(String, i32), i64>;
+
+/// With several instances (`assignment = "group"`), every instance keeps reading the erasure
+/// log after [`catch_up`]: an erasure taken by any instance reaches the owner of the shopper's
+/// partition, which logs the tombstone to the changelog (`Store::log_erasure`), and every
+/// other copy of the state, which a later ownership might roll forward from.
+pub async fn follow(
+    shared: Arc<crate::pipeline::Shared>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let topic = shared.config.kafka.erasure_topic.clone();
+    let (consumer, _, _) = open_log(&shared.config, &shared.store).await?;
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            m = consumer.recv() => m,
+        };
+        let mut chunk = Vec::new();
+        let take = |m: &rdkafka::message::BorrowedMessage<'_>| ErasureRecord {
+            topic: topic.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+            erasure: KeyErasureBody::parse(m.payload().unwrap_or_default())
+                .map(|b| (b.user_key, b.erased_at_ms)),
+        };
+        match first {
+            Ok(m) => chunk.push(take(&m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "erasure log read failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        }
+        while chunk.len() < 1000 {
+            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(Ok(m)) => chunk.push(take(&m)),
+                _ => break,
+            }
+        }
+        let s = shared.store.clone();
+        let changed = crate::pipeline::blocking(move || s.apply_erasures(&chunk)).await?;
+        if !changed.is_empty() && shared.touched.send(changed).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+pub async fn catch_up(config: &Config, store: &Arc<Store>) -> Result<CatchUp, PipelineError> {
+    let topic = config.kafka.erasure_topic.clone();
+    let (consumer, partitions, stored) = open_log(config, store).await?;
     // where each partition ends now, and where this store is in it
     let mut ends: HashMap<i32, i64> = HashMap::new();
     for p in partitions {

@@ -33,6 +33,7 @@ pub enum Control {
 
 pub struct Owner {
     membership: Arc<Membership>,
+    changelog: crate::pipeline::Changelog,
     rebalances: mpsc::UnboundedReceiver<Rebalanced>,
     restored_tx: mpsc::UnboundedSender<(i32, Box<RestoreResult>)>,
     restored_rx: mpsc::UnboundedReceiver<(i32, Box<RestoreResult>)>,
@@ -71,10 +72,12 @@ impl Owner {
     pub fn new(
         membership: Arc<Membership>,
         rebalances: mpsc::UnboundedReceiver<Rebalanced>,
+        changelog: crate::pipeline::Changelog,
     ) -> Owner {
         let (restored_tx, restored_rx) = mpsc::unbounded_channel();
         Owner {
             membership,
+            changelog,
             rebalances,
             restored_tx,
             restored_rx,
@@ -144,6 +147,8 @@ impl Owner {
                 }
             }
         }
+        let owned: Vec<i32> = self.owned.iter().copied().collect();
+        shared.store.set_owned(&owned);
         metrics
             .owned_partitions
             .store(self.owned.len() as u64, Relaxed);
@@ -186,6 +191,27 @@ impl Owner {
             "partition restored from the changelog"
         );
         let p = report.partition;
+        // what this store folded but the changelog never got (a crash) goes there now, before
+        // anything newer: it is ahead of what was just restored
+        let store = shared.store.clone();
+        let unlogged = blocking(move || store.unlogged_of(Some(&[p]), u64::MAX)).await?;
+        if !unlogged.is_empty() {
+            tracing::info!(
+                partition = p,
+                records = unlogged.len(),
+                "writing changes a crash left off the changelog"
+            );
+            metrics
+                .changelog_pending
+                .fetch_add(unlogged.len() as u64, Relaxed);
+            let _ = self
+                .changelog
+                .send(crate::changelog::Commit {
+                    logged: unlogged,
+                    offsets: Vec::new(),
+                })
+                .await;
+        }
         let tpl = event_partitions(shared, &[p], Some(starts));
         events.incremental_assign(&tpl)?;
         if let Ok(mut lag) = metrics.partitions.lock() {

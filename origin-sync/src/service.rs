@@ -147,21 +147,6 @@ pub async fn run(
         let (membership, rebalances) = crate::kafka::membership(&shared.config.kafka)?;
         let membership = Arc::new(membership);
         let (changelog, commits) = mpsc::channel(8);
-        // what a crash left folded but not on the changelog goes there first
-        let store = shared.store.clone();
-        let unlogged = pipeline::blocking(move || store.unlogged()).await?;
-        if !unlogged.is_empty() {
-            tracing::info!(
-                records = unlogged.len(),
-                "writing changes a crash left off the changelog"
-            );
-        }
-        let _ = changelog
-            .send(crate::changelog::Commit {
-                logged: unlogged,
-                offsets: Vec::new(),
-            })
-            .await;
         let writer = tokio::spawn(crate::changelog::write(
             shared.clone(),
             membership.clone(),
@@ -174,10 +159,11 @@ pub async fn run(
             let is_static = shared.config.kafka.instance_id.is_some();
             std::thread::spawn(move || crate::ownership::poll_membership(m, stop, is_static))
         };
-        let owner = crate::ownership::Owner::new(membership, rebalances);
+        let owner = crate::ownership::Owner::new(membership, rebalances, changelog.clone());
+        let follow = tokio::spawn(crate::erasures::follow(shared.clone(), shutdown.clone()));
         (
             Some(pipeline::Group { owner, changelog }),
-            Some((writer, stop, polling)),
+            Some((writer, stop, polling, follow)),
         )
     } else {
         (None, None)
@@ -187,7 +173,12 @@ pub async fn run(
         pipeline::consume(shared.clone(), consumer, producer, group, shutdown.clone()).await;
     metrics.ready.store(0, Relaxed);
     tracing::info!("consumer stopped; flushing");
-    if let Some((writer, stop, polling)) = membership {
+    if let Some((writer, stop, polling, follow)) = membership {
+        match follow.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "following the erasure log stopped"),
+            Err(e) => tracing::warn!(error = %e, "the erasure-log task failed"),
+            Ok(Ok(())) => {}
+        }
         // the changelog has every folded batch before the group learns this instance left
         let written = writer
             .await

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use origin_sync::testkit::{Tansu, TestEdge};
+use shared::delta::Stored;
 use shared::keys::UserKey;
 
 const PARTITIONS: u32 = 6;
@@ -52,6 +53,70 @@ fn instance(
 fn start(tansu: &Tansu, edge: &TestEdge, dir: &Path, name: &str) -> Binary {
     let (config, log) = instance(tansu, edge, dir, name, "");
     Binary::start(&config, &log)
+}
+
+/// An instance's HTTP base URL, from its config file.
+fn base(dir: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(name).join("origin-sync.toml")).expect("config");
+    let listen = text
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("http.listen");
+    format!("http://{listen}")
+}
+
+/// `DELETE /erasures/{key}` on the instance at `base`, signed as the edge signs it.
+async fn erase(base: &str, user: UserKey) {
+    let body = shared::protocol::KeyErasureBody {
+        user_key: user,
+        erased_at_ms: origin_sync::pipeline::now_ms(),
+    }
+    .to_json_bytes();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut req = client.delete(format!("{base}/erasures/{}", user.to_hex()));
+        for (name, value) in shared::protocol::Signed::new(
+            secret().as_bytes(),
+            origin_sync::clock::now_secs(),
+            &body,
+        )
+        .headers()
+        {
+            req = req.header(name, value);
+        }
+        match req.body(body.clone()).send().await {
+            Ok(r) if r.status() == 202 => return,
+            other if Instant::now() > deadline => panic!("erasure not accepted: {other:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Waits until `check` holds for the edge's copy of every one of `users`.
+async fn until_each(
+    edge: &TestEdge,
+    users: &[UserKey],
+    what: &str,
+    check: impl Fn(Option<&Stored>) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = edge.profiles();
+        let bad: Vec<_> = users.iter().filter(|k| !check(held.get(k))).collect();
+        if bad.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} shoppers not there, e.g. {:?} holds {:?}",
+            bad.len(),
+            bad[0],
+            held.get(bad[0])
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The restores an instance's log reports: (partition, records read, records applied).
@@ -198,4 +263,91 @@ async fn instances_killed_stopped_and_added_lose_nothing_and_count_nothing_twice
         moved >= 2,
         "no partition was restored from another instance's changelog"
     );
+}
+
+/// An erasure taken by any instance reaches the owner of the shopper's partition (every
+/// instance follows the erasure log): the owner's later events for that shopper start a
+/// fresh profile above the tombstone, which the edge takes. Then the partition moves (its
+/// owner SIGKILLed, the other instance stopped) to a new instance on an empty store, which
+/// restores it from the changelog: the erased shoppers' old profiles do not come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_reaches_the_owner_and_survives_the_partitions_move() {
+    let Some(tansu) = group_broker("scale-erasure") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-erasure");
+    let before = traffic(30, 1500, "e", 43);
+    produce(
+        &tansu.brokers(),
+        &before.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let a = start(&tansu, &edge, &dir, "a");
+    let b = start(&tansu, &edge, &dir, "b");
+    converge(&edge, &reference(&before), Duration::from_secs(90)).await;
+
+    // five shoppers erased through a, whichever instance owns them
+    let erased: Vec<UserKey> = (0..5).map(|n| key(&format!("e-u{n}"))).collect();
+    let old_versions: HashMap<UserKey, u64> = erased
+        .iter()
+        .map(|k| (*k, edge.get(k).map_or(0, |s| s.version())))
+        .collect();
+    for k in &erased {
+        erase(&base(&dir, "a"), *k).await;
+    }
+    until_each(&edge, &erased, "tombstones", |s| {
+        matches!(s, Some(Stored::Tombstone { .. }))
+    })
+    .await;
+    let tombstone = |k: &UserKey| shared::delta::tombstone_version(old_versions[k]);
+
+    // they come back and shop again: their owner must know of the erasure, or its versions
+    // stay below the tombstone and the edge refuses them
+    let mut after = traffic(30, 600, "e", 44);
+    for e in &mut after {
+        e.ts_ms = origin_sync::pipeline::now_ms();
+    }
+    produce(
+        &tansu.brokers(),
+        &after.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let fresh_above_tombstone = |k: &UserKey, s: Option<&Stored>| matches!(s, Some(Stored::Profile(p)) if p.version > tombstone(k));
+    for k in &erased {
+        until_each(&edge, std::slice::from_ref(k), "fresh profiles", |s| {
+            fresh_above_tombstone(k, s)
+        })
+        .await;
+    }
+    // everyone else: exactly the fold of all their events
+    let mut want = reference(&[before.clone(), after.clone()].concat());
+    for k in &erased {
+        want.remove(k);
+    }
+    converge(&edge, &want, Duration::from_secs(60)).await;
+
+    // the partitions move to a new instance with an empty store and its own (blank) edge
+    b.sigkill();
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+    let blank = TestEdge::start(secret()).await.expect("edge");
+    let c = start(&tansu, &blank, &dir, "c");
+    converge(&blank, &want, Duration::from_secs(90)).await;
+    for k in &erased {
+        until_each(
+            &blank,
+            std::slice::from_ref(k),
+            "fresh profiles after the move",
+            |s| fresh_above_tombstone(k, s),
+        )
+        .await;
+        assert_eq!(
+            blank.get(k),
+            edge.get(k),
+            "the erased shopper's fresh profile moved whole"
+        );
+    }
+    let status = c.terminate();
+    assert!(status.success(), "c's SIGTERM exit: {status}");
 }

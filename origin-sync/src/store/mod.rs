@@ -188,6 +188,8 @@ pub struct Store {
     /// Partition state moves between instances (`assignment = "group"`): stamps, changelog
     /// records and unlogged marks are kept (`partitions.rs`).
     partitioned: bool,
+    /// The partition numbers this instance owns (partitioned only).
+    owned: std::sync::Mutex<std::collections::BTreeSet<i32>>,
 }
 
 impl Store {
@@ -224,6 +226,7 @@ impl Store {
             user_key_secret: user_key_secret.to_vec(),
             window,
             partitioned: false,
+            owned: std::sync::Mutex::default(),
         })
     }
 
@@ -353,7 +356,7 @@ impl Store {
                 {
                     let version = state.current_version();
                     stamps_t.insert(key.0.as_slice(), encode(stamp).as_slice())?;
-                    unlogged_t.insert(key.0.as_slice(), version)?;
+                    unlogged_t.insert(key.0.as_slice(), (version, crate::clock::now_ms()))?;
                     out.logged.push(Logged {
                         partition: stamp.partition,
                         key,
@@ -397,6 +400,7 @@ impl Store {
             erase_in(&mut users_t, &mut outbox_t, key, at_ms)?
         };
         if changed {
+            self.log_erasure(&tx, key, version, crate::clock::now_ms())?;
             // fenced from when origin stored it, not when the edge accepted it: an erasure
             // delivered late (origin was down) is fenced while writes from before it may
             // still land
@@ -430,6 +434,9 @@ impl Store {
                 }
                 offsets_t.insert((r.topic.as_str(), r.partition), r.offset + 1)?;
             }
+        }
+        for (key, version, now) in &changed {
+            self.log_erasure(&tx, *key, *version, *now)?;
         }
         documents::fence_erasures(&tx, &changed)?;
         tx.commit()?;

@@ -26,8 +26,9 @@ use super::{OUTBOX, Pending, Store, StoreError, USERS, decode, encode};
 
 /// `UserKey` → [`Stamp`].
 pub(super) const STAMPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("stamps");
-/// `UserKey` → the version whose changelog record the broker has not acknowledged yet.
-pub(super) const UNLOGGED: TableDefinition<&[u8], u64> = TableDefinition::new("unlogged");
+/// `UserKey` → (the version whose changelog record the broker has not acknowledged yet, when
+/// it was marked, Unix ms).
+pub(super) const UNLOGGED: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("unlogged");
 /// Changelog partition → the next changelog offset this store has applied.
 pub(super) const CHANGELOG_POS: TableDefinition<i32, i64> = TableDefinition::new("changelog_pos");
 
@@ -126,19 +127,37 @@ impl Store {
     /// The changelog records of every change not yet acknowledged by the broker (after a
     /// crash: produced again, which is harmless, since a record is a whole state).
     pub fn unlogged(&self) -> Result<Vec<Logged>, StoreError> {
+        self.unlogged_of(None, u64::MAX)
+    }
+
+    /// [`Store::unlogged`] of `partitions` only (all: `None`), marked at or before
+    /// `marked_by_ms`. Only an owner produces a partition's records: a change of a partition
+    /// that moved meanwhile is left to the new owner, which folds its input again (its
+    /// offsets were never committed, since that waits for the changelog).
+    pub fn unlogged_of(
+        &self,
+        partitions: Option<&[i32]>,
+        marked_by_ms: u64,
+    ) -> Result<Vec<Logged>, StoreError> {
         let tx = self.db.begin_read()?;
         let unlogged_t = tx.open_table(UNLOGGED)?;
         let users_t = tx.open_table(USERS)?;
         let stamps_t = tx.open_table(STAMPS)?;
         let mut out = Vec::new();
         for row in unlogged_t.iter()? {
-            let (k, _) = row?;
+            let (k, mark) = row?;
+            if mark.value().1 > marked_by_ms {
+                continue;
+            }
             let key = user_key(k.value(), "unlogged")?;
             let (Some(state), Some(stamp)) = (users_t.get(k.value())?, stamps_t.get(k.value())?)
             else {
                 continue;
             };
             let stamp: Stamp = decode(stamp.value(), "stamp")?;
+            if partitions.is_some_and(|ps| !ps.contains(&stamp.partition)) {
+                continue;
+            }
             let version = UserState::decode(state.value())?.current_version();
             out.push(Logged {
                 partition: stamp.partition,
@@ -168,7 +187,7 @@ impl Store {
             for (key, version) in logged {
                 let same = t
                     .get(key.0.as_slice())?
-                    .is_some_and(|g| g.value() == *version);
+                    .is_some_and(|g| g.value().0 == *version);
                 if same {
                     t.remove(key.0.as_slice())?;
                 }
@@ -221,8 +240,20 @@ impl Store {
                     out.unreadable += 1;
                     continue;
                 };
-                if UserState::decode(&value.state).is_err() {
+                let Ok(theirs) = UserState::decode(&value.state) else {
                     out.unreadable += 1;
+                    continue;
+                };
+                // erasure wins: every instance reads the whole erasure log before consuming,
+                // so a local erasure the record does not carry is newer than its writer knew
+                let erased_here = match users_t.get(k)? {
+                    Some(g) => UserState::decode(g.value())?.erased(),
+                    None => None,
+                };
+                if let Some((_, at)) = erased_here
+                    && theirs.erased().is_none_or(|(_, their_at)| their_at < at)
+                {
+                    out.behind += 1;
                     continue;
                 }
                 let local: Option<Stamp> = match stamps_t.get(k)? {
@@ -285,6 +316,51 @@ impl Store {
         }
         tx.commit()?;
         Ok(released)
+    }
+
+    /// The partition numbers this instance owns (`ownership.rs` keeps it current): an erasure
+    /// of one of their users is logged by this instance, the owner.
+    pub fn set_owned(&self, partitions: &[i32]) {
+        if let Ok(mut owned) = self.owned.lock() {
+            owned.clear();
+            owned.extend(partitions);
+        }
+    }
+
+    /// The partition numbers this instance owns.
+    pub fn owned(&self) -> Vec<i32> {
+        self.owned
+            .lock()
+            .map(|o| o.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Marks an erased user's change for the changelog when this instance owns its partition
+    /// (every instance applies every erasure; only the owner logs it).
+    pub(super) fn log_erasure(
+        &self,
+        tx: &redb::WriteTransaction,
+        key: UserKey,
+        version: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if !self.partitioned {
+            return Ok(());
+        }
+        let stamps_t = tx.open_table(STAMPS)?;
+        let Some(stamp) = stamps_t.get(key.0.as_slice())? else {
+            return Ok(());
+        };
+        let stamp: Stamp = decode(stamp.value(), "stamp")?;
+        let owned = self
+            .owned
+            .lock()
+            .is_ok_and(|o| o.contains(&stamp.partition));
+        if owned {
+            tx.open_table(UNLOGGED)?
+                .insert(key.0.as_slice(), (version, now_ms))?;
+        }
+        Ok(())
     }
 
     /// A user's stamp (tests, tools).
@@ -479,7 +555,10 @@ mod tests {
         let second = store.apply_batch(&recs[20..]).expect("fold").logged;
         let marks: Vec<(UserKey, u64)> = first.iter().map(|l| (l.key, l.version)).collect();
         store.mark_logged(&marks).expect("mark");
-        let still = store.unlogged().expect("unlogged");
+        let mut still = store.unlogged().expect("unlogged");
+        let mut second = second;
+        still.sort_by_key(|l| l.key);
+        second.sort_by_key(|l| l.key);
         assert_eq!(still.len(), second.len(), "newer changes keep their marks");
         assert_eq!(still, second);
         let marks: Vec<(UserKey, u64)> = second.iter().map(|l| (l.key, l.version)).collect();
@@ -515,6 +594,44 @@ mod tests {
             .expect("stamp");
             assert_eq!(stamp.partition, 0);
         }
+    }
+
+    /// Erasure wins: a record that does not carry a local erasure (its writer had not read it
+    /// yet) does not bring the erased profile back.
+    #[test]
+    fn a_record_without_a_local_erasure_does_not_undo_it() {
+        let events = traffic(1, 50, 17);
+        let writer = open("erasure-writer");
+        let logged = writer
+            .apply_batch(&records(&events, 0))
+            .expect("fold")
+            .logged;
+        let marks: Vec<(UserKey, u64)> = logged.iter().map(|l| (l.key, l.version)).collect();
+        writer.mark_logged(&marks).expect("the broker has them");
+        let reader = open("erasure-reader");
+        reader.erase("p-u0", 1_900_000_000_000).expect("erase");
+        let r = reader
+            .apply_changelog(0, &as_read(&logged), 1, 1)
+            .expect("restore");
+        assert_eq!((r.applied, r.behind), (0, 1));
+        assert!(matches!(
+            reader.current("p-u0").expect("read"),
+            Some(Stored::Tombstone { .. })
+        ));
+        // the writer learns of the erasure: its record now carries it and is taken
+        writer.erase("p-u0", 1_900_000_000_000).expect("erase");
+        let logged = writer.unlogged().expect("unlogged");
+        assert!(logged.is_empty(), "not owned by the writer: not logged");
+        writer.set_owned(&[0]);
+        writer
+            .erase("p-u0", 1_900_000_000_001)
+            .expect("erase again, later");
+        let logged = writer.unlogged().expect("unlogged");
+        assert_eq!(logged.len(), 1, "owned: the owner logs the tombstone");
+        let r = reader
+            .apply_changelog(0, &as_read(&logged), 2, 1)
+            .expect("restore");
+        assert_eq!(r.applied, 1);
     }
 
     #[test]
