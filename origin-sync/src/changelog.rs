@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -98,7 +98,7 @@ pub async fn write(
 }
 
 /// Produces `logged` to its partitions and waits until the broker has every record.
-async fn produce(
+pub async fn produce(
     producer: &FutureProducer,
     topic: &str,
     logged: &[Logged],
@@ -161,7 +161,7 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<RestoreReport, Pipelin
     let started = Instant::now();
     let cfg = &shared.config.kafka;
     let topic = cfg.changelog_topic.as_str();
-    let reader: BaseConsumer = crate::kafka::reader(cfg)?;
+    let reader = crate::kafka::reader(cfg)?;
     let (low, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
     let stored = shared.store.changelog_position(partition)?;
     let from = stored.max(low);

@@ -92,7 +92,9 @@ pub fn membership(
 ) -> Result<(Membership, tokio::sync::mpsc::UnboundedReceiver<Rebalanced>), KafkaError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut c = consumer_config(config, &config.group_id);
-    c.set("partition.assignment.strategy", "cooperative-sticky");
+    c.set("partition.assignment.strategy", "cooperative-sticky")
+        // a rebalance is learnt from a heartbeat's answer: frequent ones shorten handovers
+        .set("heartbeat.interval.ms", "300");
     if let Some(id) = &config.instance_id {
         c.set("group.instance.id", id);
     }
@@ -102,17 +104,36 @@ pub fn membership(
 }
 
 /// A consumer that reads assigned partitions to their end and commits nothing (restoring a
-/// changelog partition).
-pub fn reader(config: &KafkaConfig) -> Result<BaseConsumer, KafkaError> {
+/// changelog partition): large fetches, and the end of a partition reported as an event.
+pub fn reader(config: &KafkaConfig) -> Result<Reader, KafkaError> {
     client(config)
         .set("group.id", format!("{}-restore", config.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "50")
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("fetch.max.bytes", "67108864")
         .set("log_level", "3")
-        .create()
+        .create_with_context(ReaderContext)
 }
+
+pub type Reader = BaseConsumer<ReaderContext>;
+
+/// The restore reader's context: reaching a partition's end is how a restore knows it is
+/// done, not an error worth a log line.
+#[derive(Debug)]
+pub struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::error!(error = %error, reason, "librdkafka");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
 
 /// The producer of `/ingest` and the dead letters: idempotent, so a retry inside librdkafka
 /// (a lost ack, a broker fail-over) never writes an event twice or out of order.

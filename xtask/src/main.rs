@@ -228,7 +228,7 @@ fn bench(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     step(
-        "building the native benchmark binaries (origin-sync, origin-sync-bench, system-bench, edge-load, cold-start, proxy-ttfb, bench-report, edge-topology)",
+        "building the native benchmark binaries (origin-sync, origin-sync-bench, origin-sync-scale-bench, system-bench, edge-load, cold-start, proxy-ttfb, bench-report, edge-topology)",
     );
     Cmd::new("cargo")
         .args([
@@ -241,7 +241,9 @@ fn bench(extra: &[String]) -> Result<()> {
             "testkit",
             "--bin",
             "origin-sync-bench",
-            // the whole-stack benchmark runs the service binary next to it
+            "--bin",
+            "origin-sync-scale-bench",
+            // the whole-stack and scale-out benchmarks run the service binary next to them
             "--bin",
             "origin-sync",
         ])
@@ -270,6 +272,14 @@ fn bench(extra: &[String]) -> Result<()> {
             .cwd(root())
             .run()?;
     }
+    step(
+        "origin-sync scaled out: changelog restore rate, handover pauses (graceful and SIGKILL), throughput with one and two instances (about three minutes)",
+    );
+    Cmd::new(bin("origin-sync-scale-bench"))
+        .arg("--json")
+        .arg(out.join("origin-scale.json"))
+        .cwd(root())
+        .run()?;
     step(
         "edge: load on workerd (wrk against wrangler dev, then standalone workerd with CPU time per request; about two minutes)",
     );
