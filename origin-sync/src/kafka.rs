@@ -80,7 +80,7 @@ impl ConsumerContext for MembershipContext {
 
 pub type Membership = BaseConsumer<MembershipContext>;
 
-/// The group membership of `assignment = "group"`. It subscribes to the changelog topic: owning
+/// The group membership of `assignment = "group"`, over `topic`, the changelog topic: owning
 /// changelog partition N is owning state partition N, and with it partition N of every event
 /// topic, which the event consumer then takes by assignment. (Subscribing to the event topics
 /// themselves would let the assignor split one partition number's topics between instances,
@@ -89,6 +89,7 @@ pub type Membership = BaseConsumer<MembershipContext>;
 /// the group's: the event topics' offsets are committed through it.
 pub fn membership(
     config: &KafkaConfig,
+    topic: &str,
 ) -> Result<(Membership, tokio::sync::mpsc::UnboundedReceiver<Rebalanced>), KafkaError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut c = consumer_config(config, &config.group_id);
@@ -99,7 +100,7 @@ pub fn membership(
         c.set("group.instance.id", id);
     }
     let consumer: Membership = c.create_with_context(MembershipContext { events: tx })?;
-    consumer.subscribe(&[config.changelog_topic.as_str()])?;
+    consumer.subscribe(&[topic])?;
     Ok((consumer, rx))
 }
 

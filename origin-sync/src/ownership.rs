@@ -299,3 +299,132 @@ pub async fn release(shared: &Arc<Shared>, partitions: Vec<i32>) -> Result<(), P
     tracing::info!(partitions = ?partitions, released = n, "revoked partitions' outbox entries left to their new owner");
     Ok(())
 }
+
+/// Grace a static instance gives a rebalance to hand it every partition (a killed earlier run
+/// of itself stays a member until its session times out).
+pub const STATIC_GRACE: Duration = Duration::from_secs(15);
+
+/// With `assignment = "static"` one instance reads every partition, so a second one would
+/// fold and send everything twice from its own store. Each static instance therefore also
+/// joins a consumer group as a member (`<group_id>-static-guard`, over the first event topic,
+/// every partition paused, nothing consumed through it). An instance that has held every partition keeps running
+/// (another member that joins later only gets a warning); one that is not given every
+/// partition within [`STATIC_GRACE`] refuses to run, naming the fix.
+pub struct StaticGuard {
+    refused: Arc<std::sync::Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    polling: Option<std::thread::JoinHandle<()>>,
+    watching: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for StaticGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticGuard").finish_non_exhaustive()
+    }
+}
+
+pub fn guard_static(
+    config: &crate::config::KafkaConfig,
+    partitions: usize,
+    shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+) -> StaticGuard {
+    let refused = Arc::new(std::sync::Mutex::new(None));
+    let stop = Arc::new(AtomicBool::new(false));
+    let idle = |refused, stop| StaticGuard {
+        refused,
+        stop,
+        polling: None,
+        watching: tokio::spawn(async {}),
+    };
+    let Some(topic) = config.topics.first().cloned() else {
+        return idle(refused, stop);
+    };
+    // a group of its own: the instance's offsets stay the ones its assign-mode consumer commits
+    let guard_config = crate::config::KafkaConfig {
+        group_id: format!("{}-static-guard", config.group_id),
+        instance_id: None,
+        ..config.clone()
+    };
+    let (membership, mut rebalances) = match crate::kafka::membership(&guard_config, &topic) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot join the consumer group to check that this static instance is alone");
+            return idle(refused, stop);
+        }
+    };
+    let membership = Arc::new(membership);
+    let polling = {
+        let (m, stop) = (membership.clone(), stop.clone());
+        std::thread::spawn(move || poll_membership(m, stop, false))
+    };
+    let group = config.group_id.clone();
+    let r = refused.clone();
+    let watching = tokio::spawn(async move {
+        let mut owned = BTreeSet::new();
+        let mut incumbent = false;
+        let deadline = tokio::time::Instant::now() + STATIC_GRACE;
+        loop {
+            let event = if incumbent {
+                rebalances.recv().await
+            } else {
+                match tokio::time::timeout_at(deadline, rebalances.recv()).await {
+                    Ok(e) => e,
+                    Err(_) => {
+                        let why = format!(
+                            "another origin-sync instance is consuming group {group}: with \
+                             kafka.assignment = \"static\" one instance reads every partition, \
+                             and this one was given {} of {partitions} within {} s. Stop the \
+                             other instance, or run every instance with assignment = \"group\" \
+                             (README, \"Scaling out\")",
+                            owned.len(),
+                            STATIC_GRACE.as_secs()
+                        );
+                        tracing::error!("{why}");
+                        if let Ok(mut r) = r.lock() {
+                            *r = Some(why);
+                        }
+                        let _ = shutdown.send(true);
+                        return;
+                    }
+                }
+            };
+            match event {
+                Some(Rebalanced::Assigned(ps)) => owned.extend(ps),
+                Some(Rebalanced::Revoked(ps)) => {
+                    for p in ps {
+                        owned.remove(&p);
+                    }
+                    if incumbent {
+                        tracing::warn!(
+                            group = %group,
+                            "another member joined this static instance's consumer group; it \
+                             will refuse to run unless this one stops"
+                        );
+                    }
+                }
+                None => return,
+            }
+            if owned.len() >= partitions {
+                incumbent = true;
+            }
+        }
+    });
+    StaticGuard {
+        refused,
+        stop,
+        polling: Some(polling),
+        watching,
+    }
+}
+
+impl StaticGuard {
+    /// Leaves the group; returns why this instance refused to run, if it did.
+    pub async fn finish(self) -> Option<String> {
+        self.watching.abort();
+        self.stop.store(true, Relaxed);
+        if let Some(p) = self.polling {
+            let _ = tokio::task::spawn_blocking(move || p.join()).await;
+        }
+        self.refused.lock().ok().and_then(|r| r.clone())
+    }
+}

@@ -63,8 +63,20 @@ pub fn open_store(config: &Config) -> Result<Store, StoreError> {
 pub async fn run(
     config: Config,
     metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
+    outer: watch::Receiver<bool>,
 ) -> Result<(), ServiceError> {
+    // stops on the caller's signal, or when the static-assignment guard finds another instance
+    let (stop, shutdown) = watch::channel(false);
+    let stop = Arc::new(stop);
+    {
+        let (stop, mut outer) = (stop.clone(), outer.clone());
+        tokio::spawn(async move {
+            // a caller that drops its sender never asks to stop
+            if outer.wait_for(|s| *s).await.is_ok() {
+                let _ = stop.send(true);
+            }
+        });
+    }
     if config.uses_dev_secrets() && config.has_remote_sink() {
         tracing::warn!(
             "DEVELOPMENT SECRETS IN USE WITH A NON-LOOPBACK SINK: set sync.sync_secret and sync.user_key_secret (ORIGIN_SYNC__SYNC__SYNC_SECRET, ORIGIN_SYNC__SYNC__USER_KEY_SECRET)"
@@ -144,7 +156,8 @@ pub async fn run(
         shutdown.clone(),
     ));
     let (group, membership) = if grouped {
-        let (membership, rebalances) = crate::kafka::membership(&shared.config.kafka)?;
+        let (membership, rebalances) =
+            crate::kafka::membership(&shared.config.kafka, &shared.config.kafka.changelog_topic)?;
         let membership = Arc::new(membership);
         let (changelog, commits) = mpsc::channel(8);
         let writer = tokio::spawn(crate::changelog::write(
@@ -168,6 +181,8 @@ pub async fn run(
     } else {
         (None, None)
     };
+    let guard = (!grouped)
+        .then(|| crate::ownership::guard_static(&shared.config.kafka, partitions, stop.clone()));
     metrics.ready.store(1, Relaxed);
     let consumed =
         pipeline::consume(shared.clone(), consumer, producer, group, shutdown.clone()).await;
@@ -194,6 +209,12 @@ pub async fn run(
     let _ = docs.await;
     let _ = lag.await;
     let _ = http.await;
+    if let Some(guard) = guard {
+        let refused = guard.finish().await;
+        if let Some(why) = refused {
+            return Err(PipelineError::Setup(why).into());
+        }
+    }
     consumed?;
     sent?;
     tracing::info!("stopped");

@@ -729,3 +729,66 @@ async fn event_topics_that_are_not_co_partitioned_are_refused_at_start() {
         assert!(message.contains(needle), "{needle} missing: {message}");
     }
 }
+
+/// `assignment = "static"` is one instance reading every partition: a second one started with
+/// the same group refuses to run (within the guard's grace), naming the fix, and the first
+/// keeps consuming. A graceful restart of the first is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_static_instance_refuses_to_run() {
+    let Some(tansu) = broker("static-twice") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("static-twice");
+    let first = InProcess::start(config(&config_toml(&tansu, &edge, &dir.join("a"), "")));
+    let events = traffic(20, 400, "st", 31);
+    produce(
+        &tansu.brokers(),
+        &events.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    converge(&edge, &reference(&events), Duration::from_secs(60)).await;
+
+    let started = std::time::Instant::now();
+    let second = origin_sync::service::run(
+        config(&config_toml(&tansu, &edge, &dir.join("b"), "")),
+        std::sync::Arc::new(origin_sync::metrics::Metrics::default()),
+        tokio::sync::watch::channel(false).1,
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second instance stops by itself");
+    let err = refused
+        .expect_err("the second static instance refuses")
+        .to_string();
+    for needle in [
+        "another origin-sync instance",
+        "assignment = \"group\"",
+        "group test",
+    ] {
+        assert!(err.contains(needle), "{needle} missing: {err}");
+    }
+    eprintln!("refused after {:.1?}: {err}", started.elapsed());
+
+    // the first still consumes
+    let more = traffic(20, 400, "st2", 32);
+    produce(
+        &tansu.brokers(),
+        &more.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    converge(&edge, &reference(&more), Duration::from_secs(60)).await;
+    first.stop().await;
+
+    // a graceful restart of the one instance runs
+    let again = InProcess::start(config(&config_toml(&tansu, &edge, &dir.join("a"), "")));
+    let last = traffic(20, 200, "st3", 33);
+    produce(
+        &tansu.brokers(),
+        &last.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    converge(&edge, &reference(&last), Duration::from_secs(60)).await;
+    tokio::time::sleep(origin_sync::ownership::STATIC_GRACE).await;
+    again.stop().await;
+}
