@@ -148,7 +148,12 @@ impl Owner {
             }
         }
         let owned: Vec<i32> = self.owned.iter().copied().collect();
+        let published = shared.store.publishes();
         shared.store.set_owned(&owned);
+        if shared.store.publishes() && !published {
+            // partition 0 arrived: this instance publishes the documents from now on
+            shared.documents.send_modify(|v| *v += 1);
+        }
         metrics
             .owned_partitions
             .store(self.owned.len() as u64, Relaxed);

@@ -37,6 +37,7 @@ pub(super) fn doc_name(kind: ConfigKind) -> &'static str {
 pub(super) fn fence_erasures(
     tx: &redb::WriteTransaction,
     erased: &[(UserKey, u64, u64)],
+    versions: Versions,
 ) -> Result<(), StoreError> {
     if erased.is_empty() {
         return Ok(());
@@ -62,12 +63,35 @@ pub(super) fn fence_erasures(
         return Ok(());
     }
     let state = DocState {
-        version: old.as_ref().map_or(1, |d| d.version + 1),
+        version: versions.next(old.as_ref().map(|d| d.version)),
         source,
         acked: old.map_or(0, |d| d.acked),
     };
     t.insert(name, encode(&state).as_slice())?;
     Ok(())
+}
+
+/// How a changed document's next version is picked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Versions {
+    /// One instance: the previous version + 1.
+    Counted,
+    /// Several instances (`assignment = "group"`): the publisher may change hands, and the
+    /// next publisher's store holds versions of its own, so a version is the time it was made
+    /// (Unix ms), and above the previous one. A new publisher's change then outranks the
+    /// previous publisher's versions at the edge (clocks in sync within the time between
+    /// two changes of a document).
+    Timed,
+}
+
+impl Versions {
+    fn next(self, old: Option<u64>) -> u64 {
+        let counted = old.map_or(1, |v| v + 1);
+        match self {
+            Versions::Counted => counted,
+            Versions::Timed => counted.max(crate::clock::now_ms()),
+        }
+    }
 }
 
 impl Store {
@@ -85,7 +109,7 @@ impl Store {
             changed = match old {
                 Some(d) if d.source == source => None,
                 old => {
-                    let version = old.as_ref().map_or(1, |d| d.version + 1);
+                    let version = self.versions().next(old.as_ref().map(|d| d.version));
                     let state = DocState {
                         version,
                         source: source.to_owned(),

@@ -362,6 +362,7 @@ impl Store {
                         key,
                         version,
                         value: LogValue {
+                            layout: layout::LAYOUT,
                             stamp: stamp.clone(),
                             state: encoded,
                         }
@@ -404,7 +405,11 @@ impl Store {
             // fenced from when origin stored it, not when the edge accepted it: an erasure
             // delivered late (origin was down) is fenced while writes from before it may
             // still land
-            documents::fence_erasures(&tx, &[(key, version, crate::clock::now_ms())])?;
+            documents::fence_erasures(
+                &tx,
+                &[(key, version, crate::clock::now_ms())],
+                self.versions(),
+            )?;
             tx.commit()?;
         }
         Ok((key, version, changed))
@@ -438,7 +443,7 @@ impl Store {
         for (key, version, now) in &changed {
             self.log_erasure(&tx, *key, *version, *now)?;
         }
-        documents::fence_erasures(&tx, &changed)?;
+        documents::fence_erasures(&tx, &changed, self.versions())?;
         tx.commit()?;
         Ok(changed.into_iter().map(|(key, ..)| key).collect())
     }

@@ -63,9 +63,12 @@ impl Stamp {
 /// The changelog's value format: a format byte, then postcard.
 pub const LOG_FORMAT: u8 = 1;
 
-/// One changelog value: a user's stamp and state (the store's own encoding).
+/// One changelog value: a user's stamp and state in the store's own encoding, with the store
+/// layout that encoding is (instances of different builds share one changelog during a
+/// rolling upgrade).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LogValue {
+    pub layout: u64,
     pub stamp: Stamp,
     pub state: Vec<u8>,
 }
@@ -164,6 +167,7 @@ impl Store {
                 key,
                 version,
                 value: LogValue {
+                    layout: super::layout::LAYOUT,
                     stamp,
                     state: state.value().to_vec(),
                 }
@@ -240,6 +244,15 @@ impl Store {
                     out.unreadable += 1;
                     continue;
                 };
+                if value.layout > super::layout::LAYOUT {
+                    // not skipped: that shopper's state would be lost, and folded again wrong
+                    return Err(StoreError::Corrupt(format!(
+                        "changelog record of store layout {} from a newer origin-sync; this \
+                         build reads up to {}: upgrade this instance",
+                        value.layout,
+                        super::layout::LAYOUT
+                    )));
+                }
                 let Ok(theirs) = UserState::decode(&value.state) else {
                     out.unreadable += 1;
                     continue;
@@ -324,6 +337,21 @@ impl Store {
         if let Ok(mut owned) = self.owned.lock() {
             owned.clear();
             owned.extend(partitions);
+        }
+    }
+
+    /// Whether this instance publishes the catalog, rules and erasure fence: the only one, or
+    /// with several, the owner of partition 0, so that one instance publishes and a
+    /// publisher's restart or loss hands publication over with the partition.
+    pub fn publishes(&self) -> bool {
+        !self.partitioned || self.owned.lock().is_ok_and(|o| o.contains(&0))
+    }
+
+    pub(super) fn versions(&self) -> super::documents::Versions {
+        if self.partitioned {
+            super::documents::Versions::Timed
+        } else {
+            super::documents::Versions::Counted
         }
     }
 
@@ -634,6 +662,68 @@ mod tests {
         assert_eq!(r.applied, 1);
     }
 
+    /// A record of a newer store layout (a newer build, mid rolling upgrade) stops the restore
+    /// with a message to upgrade: skipping it would lose that shopper's state.
+    #[test]
+    fn a_record_of_a_newer_layout_is_refused_not_skipped() {
+        let store = open("newer-layout");
+        let value = LogValue {
+            layout: super::super::layout::LAYOUT + 1,
+            stamp: Stamp::default(),
+            state: vec![0],
+        }
+        .to_bytes();
+        let err = store
+            .apply_changelog(
+                0,
+                &[LogRecord {
+                    key: vec![1; 12],
+                    value: Some(value),
+                }],
+                1,
+                1,
+            )
+            .expect_err("refused");
+        assert!(err.to_string().contains("upgrade this instance"), "{err}");
+        assert_eq!(
+            store.changelog_position(0).expect("pos"),
+            0,
+            "nothing moved"
+        );
+    }
+
+    /// With several instances one publishes the documents: the owner of partition 0. Its
+    /// versions are times, so a publisher that takes over outranks the previous one's.
+    #[test]
+    fn only_the_owner_of_partition_0_publishes_with_timed_versions() {
+        let store = open("publisher");
+        let before = crate::clock::now_ms();
+        store.erase("p-u1", before).expect("erase"); // changes the erasure fence document
+        assert!(!store.publishes());
+        assert!(store.pending_documents("edge").expect("docs").is_empty());
+        store.set_owned(&[1, 2]);
+        assert!(store.pending_documents("edge").expect("docs").is_empty());
+        store.set_owned(&[0, 2]);
+        let docs = store.pending_documents("edge").expect("docs");
+        assert_eq!(docs.len(), 1, "the erasure fence");
+        assert!(
+            docs[0].version >= before,
+            "a timed version: {}",
+            docs[0].version
+        );
+        // one instance publishes everything, with counted versions
+        let path =
+            std::env::temp_dir().join(format!("origin-sync-parts-{}-single", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let single = Store::open(&path, b"dev-user-key-secret", SMALL).expect("opens");
+        single.erase("p-u1", before).expect("erase");
+        assert!(single.publishes());
+        assert_eq!(
+            single.pending_documents("edge").expect("docs")[0].version,
+            1
+        );
+    }
+
     #[test]
     fn stamps_cover_componentwise() {
         let s = |v: &[(&str, i64)]| Stamp {
@@ -645,6 +735,7 @@ mod tests {
         assert!(!s(&[("a", 5)]).covers(&s(&[("a", 5), ("b", 1)])));
         assert!(!s(&[("a", 4)]).covers(&s(&[("a", 5)])));
         let bytes = LogValue {
+            layout: 2,
             stamp: s(&[("a", 1)]),
             state: vec![1, 2, 3],
         }

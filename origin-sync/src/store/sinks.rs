@@ -271,8 +271,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Documents `sink` has not acknowledged at their current version.
+    /// Documents `sink` has not acknowledged at their current version (none on an instance
+    /// that does not publish: [`Store::publishes`]).
     pub fn pending_documents(&self, sink: &str) -> Result<Vec<ConfigDoc>, StoreError> {
+        if !self.publishes() {
+            return Ok(Vec::new());
+        }
         let tx = self.db.begin_read()?;
         let t = tx.open_table(SINK_DOCUMENTS)?;
         let mut out = Vec::new();
