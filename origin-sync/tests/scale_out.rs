@@ -16,8 +16,10 @@ use shared::keys::UserKey;
 
 const PARTITIONS: u32 = 6;
 
+/// A broker that compacts the changelog every 2 s, so restores read it as production
+/// brokers leave it (gaps, a moved low watermark).
 fn group_broker(name: &str) -> Option<Tansu> {
-    match Tansu::start(name) {
+    match Tansu::start_compacting(name, Duration::from_secs(2)) {
         Ok(t) => {
             t.create_event_topics(PARTITIONS)
                 .expect("topics are created");
@@ -350,4 +352,59 @@ async fn an_erasure_reaches_the_owner_and_survives_the_partitions_move() {
     }
     let status = c.terminate();
     assert!(status.success(), "c's SIGTERM exit: {status}");
+}
+
+/// A changelog topic that is missing, or partitioned unlike the event topics, is refused at
+/// start with the command that fixes it: partition N's state is changelog partition N.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_mispartitioned_changelog_is_refused_at_start() {
+    let Some(tansu) = group_broker("scale-changelog") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-changelog");
+    tansu
+        .create_topic_with("short_changelog", 4, &["cleanup.policy=compact"])
+        .expect("topic");
+    for (topic, needles) in [
+        (
+            "absent_changelog",
+            vec![
+                "absent_changelog",
+                "missing",
+                "--partitions 6",
+                "cleanup.policy=compact",
+            ],
+        ),
+        (
+            "short_changelog",
+            vec![
+                "short_changelog has 4 partitions",
+                "the event topics 6",
+                "recreate",
+            ],
+        ),
+    ] {
+        let (path, _) = instance(
+            &tansu,
+            &edge,
+            &dir,
+            topic,
+            &format!("changelog_topic = \"{topic}\""),
+        );
+        let text = std::fs::read_to_string(&path).expect("config");
+        let run = origin_sync::service::run(
+            config(&text),
+            std::sync::Arc::new(origin_sync::metrics::Metrics::default()),
+            tokio::sync::watch::channel(false).1,
+        );
+        let err = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("refused promptly")
+            .expect_err("refused")
+            .to_string();
+        for needle in needles {
+            assert!(err.contains(needle), "{needle} missing: {err}");
+        }
+    }
 }

@@ -105,6 +105,9 @@ pub struct Tansu {
     in_memory: bool,
     /// Remove the SQLite file when dropped (tests); a local stack keeps its log.
     temporary: bool,
+    /// How often the broker compacts `cleanup.policy=compact` topics (tansu's SQLite engine;
+    /// its default is 10 minutes).
+    maintenance: Option<Duration>,
     /// Where the broker's output goes (appended across restarts); `None`: nowhere.
     log: Option<PathBuf>,
     child: Option<Child>,
@@ -113,16 +116,26 @@ pub struct Tansu {
 impl Tansu {
     /// Starts a broker on a free port with a fresh SQLite file under `target/`.
     pub fn start(name: &str) -> Result<Tansu, KitError> {
-        Tansu::start_with(name, false)
+        Tansu::start_with(name, false, None)
+    }
+
+    /// Starts a broker (SQLite, like [`Tansu::start`]) that compacts its compacted topics
+    /// every `every`, so a test reads changelogs as production brokers leave them.
+    pub fn start_compacting(name: &str, every: Duration) -> Result<Tansu, KitError> {
+        Tansu::start_with(name, false, Some(every))
     }
 
     /// Starts a broker that keeps its log in memory: no restart survives it, but it measures
     /// the broker's serving rate without SQLite's per-record cost.
     pub fn start_in_memory(name: &str) -> Result<Tansu, KitError> {
-        Tansu::start_with(name, true)
+        Tansu::start_with(name, true, None)
     }
 
-    fn start_with(name: &str, in_memory: bool) -> Result<Tansu, KitError> {
+    fn start_with(
+        name: &str,
+        in_memory: bool,
+        maintenance: Option<Duration>,
+    ) -> Result<Tansu, KitError> {
         let bin = find_tansu().ok_or(KitError::NoTansu)?;
         let dir = target_dir().join("origin-sync-tests");
         std::fs::create_dir_all(&dir)?;
@@ -136,6 +149,7 @@ impl Tansu {
             db,
             in_memory,
             temporary: true,
+            maintenance,
             log: None,
             child: None,
         };
@@ -163,6 +177,7 @@ impl Tansu {
             db: db.to_path_buf(),
             in_memory: false,
             temporary: false,
+            maintenance: None,
             log: Some(log.to_path_buf()),
             child: None,
         };
@@ -177,10 +192,14 @@ impl Tansu {
         } else {
             // tansu resolves the sqlite path against its working directory
             format!(
-                "sqlite://{}",
+                "sqlite://{}{}",
                 self.db
                     .file_name()
-                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                self.maintenance.map_or_else(String::new, |d| format!(
+                    "?maintenance_interval={}s",
+                    d.as_secs().max(1)
+                ))
             )
         };
         let (stdout, stderr) = match &self.log {
