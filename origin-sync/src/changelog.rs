@@ -141,7 +141,7 @@ pub async fn produce(
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Records applied per store transaction while restoring.
-const RESTORE_CHUNK: usize = 5000;
+pub const RESTORE_CHUNK: usize = 20_000;
 
 /// What restoring one partition did.
 #[derive(Debug, Default, Clone)]

@@ -613,8 +613,8 @@ fn scale_out_section(dir: &Path) -> String {
          | restore a partition of {} shoppers ({:.1} MB) from its changelog into an empty store | {rate:.0} records/s, {:.1} MB/s, {:.2} s | the broker's read of the same records, nothing applied: {:.0} records/s | {:.2}× | ≥ 200k records/s | {} |\n\
          | the same records applied from memory (origin-sync's own ceiling) | {:.0} records/s | | | ≥ 200k records/s | {} |\n\
          | graceful handover, pause per moved partition, p50 / p99 ({} partitions) | {:.0} / {:.0} ms | a probe event every {} ms; nothing moving, longest pause: {:.0} ms | | p99 ≤ 1 s | {} |\n\
-         | of which the group's rebalance (stop or join → partition assigned), p50 / p99 | {:.0} / {:.0} ms | | | | |\n\
-         | of which origin-sync's restore (assigned → restored and resumed), p50 / p99 | {:.0} / {:.0} ms | | | | |\n\
+         | the group's part: SIGTERM or start → partition assigned (the stopping instance still serves part of it), p50 / p99 | {:.0} / {:.0} ms | | | | |\n\
+         | origin-sync's part: assigned → restored and consuming, p50 / p99 | {:.0} / {:.0} ms | | | | |\n\
          | after SIGKILL, pause per moved partition, p50 / p99 | {:.0} / {:.0} ms | session timeout {} ms | | ≤ session timeout + restore | {} |\n\
          | throughput, one instance, once the group settled ({} events, {} partitions) | {:.0} events/s | raw consume: {raw:.0} events/s | {:.2}× | | |\n\
          | throughput, two instances | {:.0} events/s | the same raw consume | {:.2}× | | |\n\n\

@@ -15,8 +15,6 @@
 //!   local state unless the local one is further ahead (its stamp dominates): what was folded
 //!   never goes backwards, whatever order stale writers left in the log.
 
-use std::collections::HashMap;
-
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shared::keys::UserKey;
@@ -227,8 +225,9 @@ impl Store {
             let mut stamps_t = tx.open_table(STAMPS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
             let mut pos_t = tx.open_table(CHANGELOG_POS)?;
-            // the last record of a key in this chunk is the one that counts
-            let mut last: HashMap<&[u8], &[u8]> = HashMap::new();
+            // the last record of a key in this chunk is the one that counts; applied in key
+            // order, which is the B-trees' (sequential leaves: about twice as fast as random)
+            let mut last: std::collections::BTreeMap<&[u8], &[u8]> = Default::default();
             for r in records {
                 out.read += 1;
                 match &r.value {
@@ -257,10 +256,15 @@ impl Store {
                     out.unreadable += 1;
                     continue;
                 };
+                let here = users_t.get(k)?.map(|g| g.value().to_vec());
+                if here.as_deref() == Some(value.state.as_slice()) {
+                    out.behind += 1;
+                    continue;
+                }
                 // erasure wins: every instance reads the whole erasure log before consuming,
                 // so a local erasure the record does not carry is newer than its writer knew
-                let erased_here = match users_t.get(k)? {
-                    Some(g) => UserState::decode(g.value())?.erased(),
+                let erased_here = match &here {
+                    Some(bytes) => UserState::decode(bytes)?.erased(),
                     None => None,
                 };
                 if let Some((_, at)) = erased_here
@@ -277,11 +281,6 @@ impl Store {
                     .as_ref()
                     .is_some_and(|l| l.covers(&value.stamp) && *l != value.stamp)
                 {
-                    out.behind += 1;
-                    continue;
-                }
-                let same = users_t.get(k)?.is_some_and(|g| g.value() == value.state);
-                if same {
                     out.behind += 1;
                     continue;
                 }
