@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::kafka::Membership;
 use crate::pipeline::{PipelineError, Shared, blocking, now_ms};
-use crate::store::{LogRecord, Logged, Restored, StoreError};
+use crate::store::{Applier, LogRecord, Logged, Restored, StoreError};
 
 /// One batch's changelog records and the input offsets that may be committed once the broker
 /// has them.
@@ -158,6 +158,64 @@ pub struct RestoreReport {
 /// it to before (a local copy left by an earlier ownership is rolled forward) to the end the
 /// broker reports now. Blocking: run it on the blocking pool.
 pub fn restore(shared: &Shared, partition: i32) -> Result<RestoreReport, PipelineError> {
+    let mut report = read_into_store(shared, partition, Applier::Owner)?;
+    // what a standby replica here applied of this partition was never sent from here
+    let standby = shared.store.pend_standby(partition, now_ms())?;
+    report.restored.touched.extend(standby);
+    Ok(report)
+}
+
+/// With `kafka.standby = true`: keeps a warm copy of every partition this instance does not
+/// own, so a fail-over to it reads only the changelog's tail. Every `STANDBY_EVERY`, each
+/// partition not owned is read from this store's position to its end; nothing of it is sent.
+pub async fn tail_standby(
+    shared: Arc<Shared>,
+    partitions: usize,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(STANDBY_EVERY) => {}
+        }
+        let owned = shared.store.owned();
+        for p in (0..partitions as i32).filter(|p| !owned.contains(p)) {
+            let s = shared.clone();
+            let read =
+                tokio::task::spawn_blocking(move || read_into_store(&s, p, Applier::Standby)).await;
+            match read {
+                Ok(Ok(r)) if r.restored.read > 0 => {
+                    shared
+                        .metrics
+                        .standby_records
+                        .fetch_add(r.restored.read, Relaxed);
+                    tracing::debug!(
+                        partition = p,
+                        records = r.restored.read,
+                        "standby copy caught up"
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, partition = p, "standby read failed"),
+                Err(e) => tracing::warn!(error = %e, partition = p, "standby task failed"),
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+/// How often a standby replica catches up.
+const STANDBY_EVERY: Duration = Duration::from_secs(2);
+
+/// Reads changelog partition `partition` from this store's position to the end the broker
+/// reports now, applying it as `applier`.
+fn read_into_store(
+    shared: &Shared,
+    partition: i32,
+    applier: Applier,
+) -> Result<RestoreReport, PipelineError> {
     let started = Instant::now();
     let cfg = &shared.config.kafka;
     let topic = cfg.changelog_topic.as_str();
@@ -194,7 +252,14 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<RestoreReport, Pipelin
                 report.bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
                 chunk.push(LogRecord { key, value });
                 if chunk.len() >= RESTORE_CHUNK {
-                    apply(shared, partition, &mut chunk, next, &mut report.restored)?;
+                    apply(
+                        shared,
+                        partition,
+                        &mut chunk,
+                        next,
+                        applier,
+                        &mut report.restored,
+                    )?;
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => break,
@@ -211,7 +276,14 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<RestoreReport, Pipelin
             }
         }
     }
-    apply(shared, partition, &mut chunk, next, &mut report.restored)?;
+    apply(
+        shared,
+        partition,
+        &mut chunk,
+        next,
+        applier,
+        &mut report.restored,
+    )?;
     report.took = started.elapsed();
     Ok(report)
 }
@@ -221,12 +293,15 @@ fn apply(
     partition: i32,
     chunk: &mut Vec<LogRecord>,
     next: i64,
+    applier: Applier,
     total: &mut Restored,
 ) -> Result<(), StoreError> {
     let r = shared
         .store
-        .apply_changelog(partition, chunk, next, now_ms())?;
-    shared.metrics.restore_records.fetch_add(r.read, Relaxed);
+        .apply_log(partition, chunk, next, now_ms(), applier)?;
+    if applier == Applier::Owner {
+        shared.metrics.restore_records.fetch_add(r.read, Relaxed);
+    }
     total.read += r.read;
     total.applied += r.applied;
     total.behind += r.behind;

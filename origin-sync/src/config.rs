@@ -79,6 +79,10 @@ pub struct KafkaConfig {
     /// instance, stable across its restarts (e.g. the host or pod name). Unset: dynamic
     /// membership.
     pub instance_id: Option<String>,
+    /// With `assignment = "group"`: keep a warm copy of the partitions this instance does not
+    /// own by tailing their changelog partitions, so a fail-over to it restores only the tail.
+    /// Costs a copy of every partition's state on this instance's disk.
+    pub standby: bool,
     /// How origin-sync talks to the brokers: TLS and SASL, as production clusters require.
     pub security: KafkaSecurity,
     /// Consumption counts as stalled (`/readyz` 503, `edgewise_consumer_stalled` 1) after
@@ -274,6 +278,7 @@ impl Default for KafkaConfig {
             erasure_topic: "erasures".into(),
             changelog_topic: "edgewise_profile_changelog".into(),
             instance_id: None,
+            standby: false,
             max_batch: 20000,
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,

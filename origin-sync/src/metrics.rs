@@ -102,8 +102,8 @@ pub struct Metrics {
     /// Changelog records the broker acknowledged, and the ones produced but not yet.
     pub changelog_records: AtomicU64,
     pub changelog_pending: AtomicU64,
-    /// Messages of a partition still restoring, held until its state is in place.
-    pub held_messages: AtomicU64,
+    /// Changelog records a standby replica applied (`kafka.standby`).
+    pub standby_records: AtomicU64,
 }
 
 const MAX_SAMPLES: usize = 1_000_000;
@@ -392,9 +392,9 @@ impl Metrics {
                 &self.changelog_pending,
             ),
             (
-                "edgewise_held_messages",
-                "messages of partitions still restoring, held until their state is in place",
-                &self.held_messages,
+                "edgewise_standby_records_total",
+                "changelog records applied to this instance's warm copies of partitions it does not own",
+                &self.standby_records,
             ),
             (
                 "edgewise_catalog_id_collisions",

@@ -408,3 +408,69 @@ async fn a_missing_or_mispartitioned_changelog_is_refused_at_start() {
         }
     }
 }
+
+/// With `kafka.standby = true`, an instance keeps warm copies of the partitions it does not
+/// own: when their owner stops, it restores them from where its copy had got to (only the
+/// changelog's tail), and the edge still ends equal to the reference. (Stopped, not killed:
+/// with two members, tansu 0.6.0 sometimes hands nobody the partitions after a member's
+/// session times out; the three-instance test above kills one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_restores_only_the_tail() {
+    let Some(tansu) = group_broker("scale-standby") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-standby");
+    let events = traffic(300, 6000, "w", 47);
+    let want = reference(&events);
+    let (first, second) = events.split_at(4000);
+    produce(
+        &tansu.brokers(),
+        &first.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let (a_cfg, a_log) = instance(&tansu, &edge, &dir, "a", "standby = true");
+    let a = Binary::start(&a_cfg, &a_log);
+    let (b_cfg, b_log) = instance(&tansu, &edge, &dir, "b", "standby = true");
+    let b = Binary::start(&b_cfg, &b_log);
+    converge(&edge, &reference(first), Duration::from_secs(90)).await;
+    // a few standby rounds (every 2 s) after the last change
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let before = restores(&dir, "a").len();
+    let status = b.terminate();
+    assert!(status.success(), "b's SIGTERM exit: {status}");
+    produce(
+        &tansu.brokers(),
+        &second.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    converge(&edge, &want, Duration::from_secs(90)).await;
+    let taken: Vec<_> = restores_from(&dir, "a").into_iter().skip(before).collect();
+    assert!(!taken.is_empty(), "a restored nothing after b was killed");
+    for (partition, from) in &taken {
+        assert!(
+            *from > 0,
+            "partition {partition} was restored from 0, not from a warm copy"
+        );
+    }
+    eprintln!("a took over (partition, restored from offset): {taken:?}");
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+}
+
+/// The (partition, from) of every restore an instance's log reports.
+fn restores_from(dir: &Path, name: &str) -> Vec<(i64, i64)> {
+    let text = std::fs::read_to_string(dir.join(name).join("origin-sync.log")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("partition restored from the changelog"))
+        .filter_map(|l| {
+            let plain = strip_ansi(l);
+            let field = |name: &str| -> Option<i64> {
+                plain
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{name}="))?.parse().ok())
+            };
+            Some((field("partition")?, field("from")?))
+        })
+        .collect()
+}

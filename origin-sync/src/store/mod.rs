@@ -21,7 +21,7 @@ mod partitions;
 mod sinks;
 mod state;
 
-pub use partitions::{LogRecord, LogValue, Logged, Restored, Stamp};
+pub use partitions::{Applier, LogRecord, LogValue, Logged, Restored, Stamp};
 pub use sinks::{Quarantined, Settled, SinkReport, Subject};
 
 pub use state::Window;
@@ -190,6 +190,9 @@ pub struct Store {
     partitioned: bool,
     /// The partition numbers this instance owns (partitioned only).
     owned: std::sync::Mutex<std::collections::BTreeSet<i32>>,
+    /// Held while changelog records are applied: an owner's restore and a standby's tail of
+    /// the same partition never interleave.
+    applying: std::sync::Mutex<()>,
 }
 
 impl Store {
@@ -212,6 +215,7 @@ impl Store {
         tx.open_table(partitions::STAMPS)?;
         tx.open_table(partitions::UNLOGGED)?;
         tx.open_table(partitions::CHANGELOG_POS)?;
+        tx.open_table(partitions::STANDBY)?;
         let upgraded = layout::upgrade(&tx)?;
         tx.commit()?;
         if upgraded > 0 {
@@ -227,6 +231,7 @@ impl Store {
             window,
             partitioned: false,
             owned: std::sync::Mutex::default(),
+            applying: std::sync::Mutex::default(),
         })
     }
 

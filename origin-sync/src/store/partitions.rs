@@ -29,6 +29,18 @@ pub(super) const STAMPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("s
 pub(super) const UNLOGGED: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("unlogged");
 /// Changelog partition → the next changelog offset this store has applied.
 pub(super) const CHANGELOG_POS: TableDefinition<i32, i64> = TableDefinition::new("changelog_pos");
+/// `UserKey` → its partition: users a standby replica applied (not owned: not sent). When the
+/// partition arrives they go to the outbox, since what the owner's sinks acknowledged is
+/// unknown here.
+pub(super) const STANDBY: TableDefinition<&[u8], i32> = TableDefinition::new("standby");
+
+/// Who applies changelog records: the partition's new owner (what changed goes to the sinks),
+/// or a standby replica keeping a warm copy (nothing is sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applier {
+    Owner,
+    Standby,
+}
 
 /// Which input a user's state has folded: its partition and, per topic, the next offset.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,12 +230,31 @@ impl Store {
         next: i64,
         now_ms: u64,
     ) -> Result<Restored, StoreError> {
+        self.apply_log(partition, records, next, now_ms, Applier::Owner)
+    }
+
+    /// [`Store::apply_changelog`] by `applier`. A standby's records go to no outbox, and are
+    /// not applied at all once the partition is owned here (its owner's restore has run or is
+    /// running: the owner's changes are the ones that count).
+    pub fn apply_log(
+        &self,
+        partition: i32,
+        records: &[LogRecord],
+        next: i64,
+        now_ms: u64,
+        applier: Applier,
+    ) -> Result<Restored, StoreError> {
+        let _one_at_a_time = self.applying.lock();
         let mut out = Restored::default();
+        if applier == Applier::Standby && self.owned().contains(&partition) {
+            return Ok(out);
+        }
         let tx = self.db.begin_write()?;
         {
             let mut users_t = tx.open_table(USERS)?;
             let mut stamps_t = tx.open_table(STAMPS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
+            let mut standby_t = tx.open_table(STANDBY)?;
             let mut pos_t = tx.open_table(CHANGELOG_POS)?;
             // the last record of a key in this chunk is the one that counts; applied in key
             // order, which is the B-trees' (sequential leaves: about twice as fast as random)
@@ -286,18 +317,52 @@ impl Store {
                 }
                 users_t.insert(k, value.state.as_slice())?;
                 stamps_t.insert(k, encode(&value.stamp).as_slice())?;
+                out.applied += 1;
+                if applier == Applier::Standby {
+                    standby_t.insert(k, partition)?;
+                    continue;
+                }
                 let pending = match outbox_t.get(k)? {
                     Some(g) => Pending::decode(g.value())?.merge(now_ms, now_ms),
                     None => Pending::at(now_ms, now_ms),
                 };
                 outbox_t.insert(k, encode(&pending).as_slice())?;
-                out.applied += 1;
                 out.touched.push(key);
             }
             pos_t.insert(partition, next)?;
         }
         tx.commit()?;
         Ok(out)
+    }
+
+    /// Puts the users a standby replica applied for `partition` in the outbox (the partition
+    /// is now owned here). Returns them.
+    pub fn pend_standby(&self, partition: i32, now_ms: u64) -> Result<Vec<UserKey>, StoreError> {
+        let _one_at_a_time = self.applying.lock();
+        let tx = self.db.begin_write()?;
+        let mut keys = Vec::new();
+        {
+            let mut standby_t = tx.open_table(STANDBY)?;
+            let mut outbox_t = tx.open_table(OUTBOX)?;
+            let mut gone = Vec::new();
+            for row in standby_t.iter()? {
+                let (k, p) = row?;
+                if p.value() == partition {
+                    gone.push(k.value().to_vec());
+                }
+            }
+            for k in gone {
+                standby_t.remove(k.as_slice())?;
+                let pending = match outbox_t.get(k.as_slice())? {
+                    Some(g) => Pending::decode(g.value())?.merge(now_ms, now_ms),
+                    None => Pending::at(now_ms, now_ms),
+                };
+                outbox_t.insert(k.as_slice(), encode(&pending).as_slice())?;
+                keys.push(user_key(&k, "standby")?);
+            }
+        }
+        tx.commit()?;
+        Ok(keys)
     }
 
     /// Gives up the outbox entries of users of `partitions` (revoked: their new owner sends
@@ -721,6 +786,40 @@ mod tests {
             single.pending_documents("edge").expect("docs")[0].version,
             1
         );
+    }
+
+    /// A standby replica applies what the owner logs without sending any of it; once the
+    /// partition is owned here, a standby's records are not applied, and what it applied
+    /// goes to the outbox.
+    #[test]
+    fn a_standby_copy_is_sent_only_once_its_partition_is_owned_here() {
+        let events = traffic(3, 90, 19);
+        let writer = open("standby-writer");
+        let logged = writer
+            .apply_batch(&records(&events, 2))
+            .expect("fold")
+            .logged;
+        let replica = open("standby-replica");
+        let r = replica
+            .apply_log(2, &as_read(&logged), 3, 1, Applier::Standby)
+            .expect("standby");
+        assert_eq!(r.applied, 3);
+        assert!(r.touched.is_empty(), "nothing sent");
+        assert_eq!(replica.outbox_len().expect("len"), 0);
+        assert_eq!(replica.changelog_position(2).expect("pos"), 3);
+        replica.set_owned(&[2]);
+        let more = writer
+            .apply_batch(&records(&events, 2)[..0])
+            .expect("nothing");
+        assert!(more.logged.is_empty());
+        let skipped = replica
+            .apply_log(2, &as_read(&logged), 4, 1, Applier::Standby)
+            .expect("standby of an owned partition");
+        assert_eq!(skipped.read, 0, "not applied: the owner's restore counts");
+        let pending = replica.pend_standby(2, 1).expect("pend");
+        assert_eq!(pending.len(), 3);
+        assert_eq!(replica.outbox_len().expect("len"), 3);
+        assert!(replica.pend_standby(2, 1).expect("again").is_empty());
     }
 
     #[test]
