@@ -122,19 +122,7 @@ pub async fn produce(
             }
         }
     }
-    let mut first_err = None;
-    for f in pending {
-        match f.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => {
-                first_err.get_or_insert(e);
-            }
-            Err(_) => {
-                first_err.get_or_insert(KafkaError::Canceled);
-            }
-        }
-    }
-    first_err.map_or(Ok(()), Err)
+    crate::kafka::await_all(&mut pending).await
 }
 
 /// How often changes marked unlogged for longer than this are looked for.

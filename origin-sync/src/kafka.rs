@@ -209,7 +209,8 @@ pub async fn produce_all(
     await_all(&mut pending).await
 }
 
-async fn await_all(pending: &mut Vec<DeliveryFuture>) -> Result<(), KafkaError> {
+/// Waits for every delivery; the first failure, if any.
+pub(crate) async fn await_all(pending: &mut Vec<DeliveryFuture>) -> Result<(), KafkaError> {
     let mut first_err = None;
     for f in pending.drain(..) {
         match f.await {

@@ -393,16 +393,7 @@ async fn a_missing_or_mispartitioned_changelog_is_refused_at_start() {
             &format!("changelog_topic = \"{topic}\""),
         );
         let text = std::fs::read_to_string(&path).expect("config");
-        let run = origin_sync::service::run(
-            config(&text),
-            std::sync::Arc::new(origin_sync::metrics::Metrics::default()),
-            tokio::sync::watch::channel(false).1,
-        );
-        let err = tokio::time::timeout(Duration::from_secs(30), run)
-            .await
-            .expect("refused promptly")
-            .expect_err("refused")
-            .to_string();
+        let err = refusal(config(&text), Duration::from_secs(30)).await;
         for needle in needles {
             assert!(err.contains(needle), "{needle} missing: {err}");
         }

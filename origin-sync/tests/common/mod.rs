@@ -116,6 +116,21 @@ impl Drop for InProcess {
     }
 }
 
+/// Runs the service in this process with `config`, expecting it to refuse to run within
+/// `within`; returns why.
+pub async fn refusal(config: Config, within: Duration) -> String {
+    let run = origin_sync::service::run(
+        config,
+        Arc::new(Metrics::default()),
+        watch::channel(false).1,
+    );
+    tokio::time::timeout(within, run)
+        .await
+        .expect("the service stops by itself")
+        .expect_err("the service refuses to run")
+        .to_string()
+}
+
 /// The real binary, in its own process group.
 pub struct Binary {
     child: Child,
