@@ -227,51 +227,41 @@ fn read_into_store(
     let mut chunk: Vec<LogRecord> = Vec::with_capacity(RESTORE_CHUNK);
     let mut next = from;
     let mut idle_since = Instant::now();
-    while next < high {
-        match reader.poll(Duration::from_millis(200)) {
+    loop {
+        let at_end = match reader.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 idle_since = Instant::now();
-                if m.offset() < next {
-                    continue; // a repeat (a broker may resend around compaction gaps)
+                // below `next`: a repeat (a broker may resend around compaction gaps)
+                if m.offset() >= next {
+                    next = m.offset() + 1;
+                    let key = m.key().unwrap_or_default().to_vec();
+                    let value = m.payload().map(<[u8]>::to_vec);
+                    report.bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
+                    chunk.push(LogRecord { key, value });
                 }
-                next = m.offset() + 1;
-                let key = m.key().unwrap_or_default().to_vec();
-                let value = m.payload().map(<[u8]>::to_vec);
-                report.bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
-                chunk.push(LogRecord { key, value });
-                if chunk.len() >= RESTORE_CHUNK {
-                    apply(
-                        shared,
-                        partition,
-                        &mut chunk,
-                        next,
-                        applier,
-                        &mut report.restored,
-                    )?;
-                }
+                next >= high
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(KafkaError::PartitionEOF(_))) => true,
             Some(Err(e)) => {
                 tracing::warn!(error = %e, partition, "changelog read failed; retrying");
                 std::thread::sleep(Duration::from_millis(200));
+                false
             }
-            None => {
-                if idle_since.elapsed() > Duration::from_secs(60) {
-                    return Err(PipelineError::Setup(format!(
-                        "restoring {topic} partition {partition}: nothing read for 60 s at offset {next} of {high}; check the broker"
-                    )));
-                }
+            None if idle_since.elapsed() > Duration::from_secs(60) => {
+                return Err(PipelineError::Setup(format!(
+                    "restoring {topic} partition {partition}: nothing read for 60 s at offset {next} of {high}; check the broker"
+                )));
             }
+            None => false,
+        };
+        if at_end || chunk.len() >= RESTORE_CHUNK {
+            let restored = &mut report.restored;
+            apply(shared, partition, &mut chunk, next, applier, restored)?;
+        }
+        if at_end {
+            break;
         }
     }
-    apply(
-        shared,
-        partition,
-        &mut chunk,
-        next,
-        applier,
-        &mut report.restored,
-    )?;
     report.took = started.elapsed();
     Ok(report)
 }

@@ -19,7 +19,6 @@ use origin_sync::config::Config;
 use origin_sync::kafka::{Outgoing, produce_all};
 use origin_sync::metrics::Metrics;
 use origin_sync::testkit::{Tansu, TestEdge, free_port, target_dir};
-use rdkafka::consumer::Consumer as _;
 use shared::catalog::Catalog;
 use shared::event::Event;
 use shared::traffic::Traffic;
@@ -230,7 +229,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     let offline = without_broker(&events)?;
-    let raw = raw_consume(&tansu.brokers(), &topics("tp"), events.len()).await?;
+    let raw =
+        origin_sync::testkit::raw_consume(&tansu.brokers(), &topics("tp"), events.len()).await?;
     let cfg = config(&tansu, &edge, "tp", "")?;
     let t = Instant::now();
     let run = start(cfg);
@@ -386,32 +386,5 @@ fn without_broker(events: &[Outgoing]) -> anyhow::Result<f64> {
     let rate = events.len() as f64 / t.elapsed().as_secs_f64();
     drop(store);
     let _ = std::fs::remove_file(&path);
-    Ok(rate)
-}
-
-/// Reads `n` messages from every partition of `topics` as fast as possible.
-async fn raw_consume(brokers: &str, topics: &[String], n: usize) -> anyhow::Result<f64> {
-    let cfg = origin_sync::config::KafkaConfig {
-        brokers: brokers.to_owned(),
-        ..Default::default()
-    };
-    let consumer = Arc::new(origin_sync::kafka::consumer(&cfg, "bench-raw")?);
-    let tpl = origin_sync::pipeline::static_assignment(
-        &consumer,
-        topics,
-        &std::collections::BTreeMap::new(),
-    )
-    .await?;
-    consumer.assign(&tpl)?;
-    let t = Instant::now();
-    let mut count = 0usize;
-    while count < n {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .context("raw consumer stalled")??;
-        drop(m);
-        count += 1;
-    }
-    let rate = count as f64 / t.elapsed().as_secs_f64();
     Ok(rate)
 }

@@ -741,7 +741,9 @@ async fn throughput_phase(
             produce_all(&producer, chunk).await?;
         }
         if instances == 1 {
-            raw = raw_consume(&tansu.brokers(), &topics(prefix), events.len()).await?;
+            raw =
+                origin_sync::testkit::raw_consume(&tansu.brokers(), &topics(prefix), events.len())
+                    .await?;
             println!(
                 "  raw consume:      {raw:>10.0} events/s  ({} events, {} partitions per topic)",
                 events.len(),
@@ -810,25 +812,4 @@ async fn throughput_phase(
     figures.insert("events".into(), (args.events as u64).into());
     figures.insert("partitions".into(), args.partitions.into());
     Ok(serde_json::Value::Object(figures))
-}
-
-/// Reads `n` messages from every partition of `topics` as fast as possible.
-async fn raw_consume(brokers: &str, topics: &[String], n: usize) -> anyhow::Result<f64> {
-    let cfg = KafkaConfig {
-        brokers: brokers.to_owned(),
-        ..Default::default()
-    };
-    let consumer = Arc::new(origin_sync::kafka::consumer(&cfg, "bench-raw")?);
-    let tpl = origin_sync::pipeline::static_assignment(&consumer, topics, &BTreeMap::new()).await?;
-    consumer.assign(&tpl)?;
-    let t = Instant::now();
-    let mut count = 0usize;
-    while count < n {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .context("raw consumer stalled")??;
-        drop(m);
-        count += 1;
-    }
-    Ok(count as f64 / t.elapsed().as_secs_f64())
 }

@@ -326,3 +326,29 @@ impl Drop for Tansu {
         }
     }
 }
+
+/// Reads `n` messages from every partition of `topics` as fast as one consumer can, with
+/// origin-sync's client settings: the raw consume rate (messages/s) the benchmarks compare
+/// the service with, on the same broker in the same run.
+pub async fn raw_consume(brokers: &str, topics: &[String], n: usize) -> Result<f64, KitError> {
+    use rdkafka::consumer::Consumer as _;
+    let failed = |e: &dyn std::fmt::Display| KitError::Failed(format!("raw consume: {e}"));
+    let cfg = crate::config::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let consumer =
+        std::sync::Arc::new(crate::kafka::consumer(&cfg, "bench-raw").map_err(|e| failed(&e))?);
+    let tpl = crate::pipeline::static_assignment(&consumer, topics, &Default::default())
+        .await
+        .map_err(|e| failed(&e))?;
+    consumer.assign(&tpl).map_err(|e| failed(&e))?;
+    let t = Instant::now();
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .map_err(|_| failed(&"the consumer stalled for 30 s"))?
+            .map_err(|e| failed(&e))?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
