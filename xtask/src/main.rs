@@ -122,9 +122,27 @@ fn dev(extra: &[String]) -> Result<()> {
 
 /// Every test: native unit, property and integration tests, the wasm build of the pure core,
 /// and the worker bundle (built once here and reused by the end-to-end tests).
+/// About what a first build and run of the suite writes to disk (measured: see the profile
+/// notes in Cargo.toml), warned about up front rather than found out by a failing linker.
+const TEST_DISK_BYTES: u64 = 12_000_000_000;
+
 fn test(extra: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
     setup::run()?;
+    // Brokers' logs and stores the tests keep for inspection: only the last run's are useful.
+    for scratch in ["target/origin-sync-tests", "target/e2e"] {
+        let _ = std::fs::remove_dir_all(root().join(scratch));
+    }
+    if let Some(free) = util::free_bytes(&root()) {
+        if free < TEST_DISK_BYTES {
+            println!(
+                "    warning: {:.1} GB free on disk; a first build and run of the suite needs about {:.0} GB \
+                 (`cargo clean` removes old build output)",
+                free as f64 / 1e9,
+                TEST_DISK_BYTES as f64 / 1e9
+            );
+        }
+    }
     let bundle = worker::build()?;
     step("checking that the pure core builds for wasm32");
     Cmd::new("cargo")

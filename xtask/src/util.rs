@@ -18,6 +18,21 @@ pub fn step(msg: &str) {
     println!("==> {msg}");
 }
 
+/// Free bytes on the file system holding `path`, as `df` reports them (None when it cannot).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let out = Command::new("df").arg("-Pk").arg(path).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    // POSIX format: a header line, then "fs 1024-blocks used available capacity mount".
+    let kib: u64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// The cargo bin directory, where `cargo install` puts tools.
 pub fn cargo_bin_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("CARGO_HOME") {
