@@ -133,15 +133,15 @@ fn test(extra: &[String]) -> Result<()> {
     for scratch in ["target/origin-sync-tests", "target/e2e"] {
         let _ = std::fs::remove_dir_all(root().join(scratch));
     }
-    if let Some(free) = util::free_bytes(&root()) {
-        if free < TEST_DISK_BYTES {
-            println!(
-                "    warning: {:.1} GB free on disk; a first build and run of the suite needs about {:.0} GB \
-                 (`cargo clean` removes old build output)",
-                free as f64 / 1e9,
-                TEST_DISK_BYTES as f64 / 1e9
-            );
-        }
+    if let Some(free) = util::free_bytes(&root())
+        && free < TEST_DISK_BYTES
+    {
+        println!(
+            "    warning: {:.1} GB free on disk; a first build and run of the suite needs about {:.0} GB \
+             (`cargo clean` removes old build output)",
+            free as f64 / 1e9,
+            TEST_DISK_BYTES as f64 / 1e9
+        );
     }
     let bundle = worker::build()?;
     step("checking that the pure core builds for wasm32");
