@@ -224,24 +224,95 @@ fn read_into_store(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
     reader.assign(&tpl)?;
+    // Reading and applying overlap: this thread polls the broker while another applies the
+    // previous chunk (one store transaction each), so a restore runs at the slower of the two
+    // rates, not at their sum.
+    let (chunks, applying) = std::sync::mpsc::sync_channel::<(Vec<LogRecord>, i64, bool)>(1);
+    std::thread::scope(|scope| {
+        let applier_thread = scope.spawn(move || -> Result<Restored, StoreError> {
+            let mut total = Restored::default();
+            for (chunk, next, last) in applying {
+                // only the last chunk's commit waits for the disk: a crash before it loses
+                // the earlier chunks and their position together, and the restore reads
+                // them again
+                let r = shared
+                    .store
+                    .apply_log(partition, &chunk, next, now_ms(), applier, last)?;
+                if applier == Applier::Owner {
+                    shared.metrics.restore_records.fetch_add(r.read, Relaxed);
+                }
+                total.read += r.read;
+                total.applied += r.applied;
+                total.behind += r.behind;
+                total.unreadable += r.unreadable;
+                total.touched.extend(r.touched);
+            }
+            Ok(total)
+        });
+        let read = read_chunks(
+            &reader,
+            topic,
+            partition,
+            from,
+            high,
+            &mut report.bytes,
+            |c, n, l| chunks.send((c, n, l)).is_ok(),
+        );
+        drop(chunks);
+        let applied = applier_thread.join().map_err(|_| {
+            PipelineError::Setup(format!(
+                "restoring partition {partition}: the apply thread panicked"
+            ))
+        })?;
+        // an apply error is the cause of a read stopped early: report it first
+        report.restored = applied?;
+        read
+    })?;
+    report.took = started.elapsed();
+    Ok(report)
+}
+
+/// Polls changelog partition `partition` from `from` to `high`, handing `deliver` chunks of
+/// up to [`RESTORE_CHUNK`] records with the offset after them and whether it is the last.
+/// Stops early when `deliver` returns false (the applier gave up).
+fn read_chunks(
+    reader: &crate::kafka::Reader,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    high: i64,
+    bytes: &mut u64,
+    mut deliver: impl FnMut(Vec<LogRecord>, i64, bool) -> bool,
+) -> Result<(), PipelineError> {
     let mut chunk: Vec<LogRecord> = Vec::with_capacity(RESTORE_CHUNK);
     let mut next = from;
     let mut idle_since = Instant::now();
+    // An end-of-partition event below `high` is believed only once a poll after it brings
+    // nothing: a broker may signal the end of what one fetch returned (tansu serving from
+    // memory does), and a restore that stopped there would miss shoppers. The log can truly
+    // end below `high` when compaction removed its last records.
+    let mut eof_below_high = false;
     loop {
         let at_end = match reader.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 idle_since = Instant::now();
+                eof_below_high = false;
                 // below `next`: a repeat (a broker may resend around compaction gaps)
                 if m.offset() >= next {
                     next = m.offset() + 1;
                     let key = m.key().unwrap_or_default().to_vec();
                     let value = m.payload().map(<[u8]>::to_vec);
-                    report.bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
+                    *bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
                     chunk.push(LogRecord { key, value });
                 }
                 next >= high
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => true,
+            Some(Err(KafkaError::PartitionEOF(_))) if next >= high => true,
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                eof_below_high = true;
+                false
+            }
+            None if eof_below_high => true,
             Some(Err(e)) => {
                 tracing::warn!(error = %e, partition, "changelog read failed; retrying");
                 std::thread::sleep(Duration::from_millis(200));
@@ -255,38 +326,15 @@ fn read_into_store(
             None => false,
         };
         if at_end || chunk.len() >= RESTORE_CHUNK {
-            let restored = &mut report.restored;
-            apply(shared, partition, &mut chunk, next, applier, restored)?;
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(RESTORE_CHUNK));
+            if !deliver(full, next, at_end) {
+                return Ok(());
+            }
         }
         if at_end {
-            break;
+            return Ok(());
         }
     }
-    report.took = started.elapsed();
-    Ok(report)
-}
-
-fn apply(
-    shared: &Shared,
-    partition: i32,
-    chunk: &mut Vec<LogRecord>,
-    next: i64,
-    applier: Applier,
-    total: &mut Restored,
-) -> Result<(), StoreError> {
-    let r = shared
-        .store
-        .apply_log(partition, chunk, next, now_ms(), applier)?;
-    if applier == Applier::Owner {
-        shared.metrics.restore_records.fetch_add(r.read, Relaxed);
-    }
-    total.read += r.read;
-    total.applied += r.applied;
-    total.behind += r.behind;
-    total.unreadable += r.unreadable;
-    total.touched.extend(r.touched);
-    chunk.clear();
-    Ok(())
 }
 
 /// Refuses a changelog topic that is missing or not partitioned like the event topics.

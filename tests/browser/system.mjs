@@ -67,7 +67,12 @@ try {
   // not take the add to cart, and the shopper's session cookie brings the cart along
   await pageA.goto(`${edgeA}/`);
   const cartA = (await pageA.textContent("#ew-cart-count"))?.trim();
-  if (cartA !== "1") throw new Error(`edge A's next page shows cart count ${cartA}, expected 1`);
+  if (cartA !== "1") {
+    // what the next isolate had to go on: the cookies it was sent, and its view of the shopper
+    const jar = (await a.cookies()).map((c) => `${c.name} (${c.value.length} B)`);
+    const me = await pageA.evaluate(async () => (await fetch("/v1/me", { cache: "no-store" })).text());
+    throw new Error(`edge A's next page shows cart count ${cartA}, expected 1; cookies: ${jar.join(", ")}; /v1/me now: ${me}`);
+  }
   seen.cart_at_a_next_page = cartA;
   console.log(JSON.stringify({ vid: vid.value, ...seen }));
 } finally {

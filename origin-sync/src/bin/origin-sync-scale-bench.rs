@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use origin_sync::config::{Config, DEV_SYNC_SECRET, DEV_USER_KEY_SECRET, KafkaCon
 use origin_sync::kafka::{Outgoing, produce_all};
 use origin_sync::metrics::Metrics;
 use origin_sync::pipeline::Shared;
-use origin_sync::store::{Logged, Record, Store, Window};
+use origin_sync::store::{Applier, Logged, Record, Store, Window};
 use origin_sync::testkit::{Signal, Tansu, TestEdge, free_port, kill_group, target_dir};
 use rdkafka::Message as _;
 use rdkafka::consumer::Consumer as _;
@@ -63,6 +63,10 @@ struct Args {
     /// Only the restore phase.
     #[arg(long)]
     restore_only: bool,
+    /// Only origin-sync's side of a restore: the changelog applied from memory, no broker
+    /// (for profiling the apply).
+    #[arg(long)]
+    apply_only: bool,
 }
 
 const KINDS: [&str; 3] = ["customer_clicks", "cart_events", "purchase_events"];
@@ -146,25 +150,11 @@ impl Instance {
         let config = dir.join("origin-sync.toml");
         std::fs::write(&config, text)?;
         let log = dir.join("origin-sync.log");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
         let bin = std::env::current_exe()?
             .parent()
             .context("the bench binary's directory")?
             .join("origin-sync");
-        use std::os::unix::process::CommandExt as _;
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("RUST_LOG", "info,rdkafka=warn")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .process_group(0)
-            .spawn()
+        let child = origin_sync::testkit::spawn_service(&bin, &config, &log)
             .with_context(|| format!("starting {} (build it with the bench)", bin.display()))?;
         Ok(Instance {
             name: name.to_owned(),
@@ -301,6 +291,15 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let _ = std::fs::remove_dir_all(scratch());
+    if args.apply_only {
+        let logged = changelog_of(args.restore_users)?;
+        let rate = apply_only(&logged)?;
+        println!(
+            "  apply only: {rate:>10.0} records/s  ({} shoppers from memory into an empty store)",
+            logged.len()
+        );
+        return Ok(());
+    }
     let mut tansu = Tansu::start("scale-bench").context("starting tansu")?;
     let edge = Arc::new(TestEdge::start(DEV_SYNC_SECRET).await?);
     println!("origin-sync scale-out bench (tansu, SQLite storage)");
@@ -360,9 +359,30 @@ fn changelog_of(users: usize) -> anyhow::Result<Vec<Logged>> {
     Ok(last.into_values().collect())
 }
 
-async fn restore_phase(tansu: &Tansu, args: &Args) -> anyhow::Result<serde_json::Value> {
+/// One restore measured on one broker.
+struct RestoreRun {
+    read: u64,
+    applied: u64,
+    bytes: u64,
+    seconds: f64,
+    /// The broker's read of the same records, nothing applied (records/s).
+    raw: f64,
+}
+
+impl RestoreRun {
+    fn rate(&self) -> f64 {
+        self.read as f64 / self.seconds
+    }
+
+    fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.seconds
+    }
+}
+
+/// Writes `logged` as changelog partition 0 on `tansu`, reads it back raw (the baseline), then
+/// restores it into an empty store as a new owner does.
+async fn restore_from(tansu: &Tansu, logged: &[Logged], label: &str) -> anyhow::Result<RestoreRun> {
     create_topics(tansu, "rs", 1)?;
-    let logged = changelog_of(args.restore_users)?;
     let kafka = KafkaConfig {
         brokers: tansu.brokers(),
         topics: topics("rs"),
@@ -373,12 +393,6 @@ async fn restore_phase(tansu: &Tansu, args: &Args) -> anyhow::Result<serde_json:
     for chunk in logged.chunks(10_000) {
         origin_sync::changelog::produce(&producer, "rs_changelog", chunk).await?;
     }
-    let bytes: usize = logged.iter().map(|l| 12 + l.value.len()).sum();
-    println!(
-        "  restore: a changelog partition of {} shoppers, {:.1} MB",
-        logged.len(),
-        bytes as f64 / 1e6
-    );
 
     // the baseline: the same records read without applying them
     let reader = origin_sync::kafka::reader(&kafka)?;
@@ -389,20 +403,25 @@ async fn restore_phase(tansu: &Tansu, args: &Args) -> anyhow::Result<serde_json:
         reader.assign(&tpl)?;
         let t = Instant::now();
         let mut next = 0;
+        let mut got = 0;
         while next < n {
             match reader.poll(Duration::from_secs(10)) {
-                Some(Ok(m)) => next = next.max(m.offset() + 1),
+                Some(Ok(m)) => {
+                    got += 1;
+                    next = next.max(m.offset() + 1);
+                }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => return Err(e.into()),
                 None => anyhow::bail!("the raw reader stalled at {next} of {n}"),
             }
         }
+        anyhow::ensure!(got == n, "the raw reader got {got} records of {n}");
         Ok(n as f64 / t.elapsed().as_secs_f64())
     })
     .await??;
 
     // the restore itself, into an empty store
-    let path = scratch().join("restored.redb");
+    let path = scratch().join(format!("restored-{label}.redb"));
     let config = Config::from_parts(
         &format!(
             "[kafka]\nbrokers = \"{}\"\ntopics = {:?}\nchangelog_topic = \"rs_changelog\"\nassignment = \"group\"\ndead_letter_topic = \"rs_dlq\"\nerasure_topic = \"rs_erasures\"\n[store]\npath = \"{}\"\n",
@@ -436,58 +455,103 @@ async fn restore_phase(tansu: &Tansu, args: &Args) -> anyhow::Result<serde_json:
     let s = shared.clone();
     let report =
         tokio::task::spawn_blocking(move || origin_sync::changelog::restore(&s, 0)).await??;
-    let secs = report.took.as_secs_f64();
-    let rate = report.restored.read as f64 / secs;
+    drop(shared);
+    let _ = std::fs::remove_file(&path);
+    Ok(RestoreRun {
+        read: report.restored.read,
+        applied: report.restored.applied,
+        bytes: report.bytes,
+        seconds: report.took.as_secs_f64(),
+        raw,
+    })
+}
+
+async fn restore_phase(tansu: &Tansu, args: &Args) -> anyhow::Result<serde_json::Value> {
+    let logged = changelog_of(args.restore_users)?;
+    let bytes: usize = logged.iter().map(|l| 12 + l.value.len()).sum();
+    println!(
+        "  restore: a changelog partition of {} shoppers, {:.1} MB",
+        logged.len(),
+        bytes as f64 / 1e6
+    );
+    let sqlite = restore_from(tansu, &logged, "sqlite").await?;
+    // the same on a broker serving from memory: what the restore does when the broker's
+    // storage is not the limit (a production broker serves a compacted log from page cache)
+    let mut memory_broker =
+        Tansu::start_in_memory("scale-bench-restore").context("starting tansu in memory")?;
+    let memory = restore_from(&memory_broker, &logged, "memory").await?;
+    memory_broker.stop();
     // our side alone: the same records applied from memory into another empty store
-    let apply_only = {
-        let path = scratch().join("applied.redb");
-        let store = Store::open(
-            &path,
-            DEV_USER_KEY_SECRET.as_bytes(),
-            Window {
-                reorder_ms: 60_000,
-                max_events: 16,
-            },
-        )?
-        .partitioned();
-        let records: Vec<origin_sync::store::LogRecord> = logged
-            .iter()
-            .map(|l| origin_sync::store::LogRecord {
-                key: l.key.0.to_vec(),
-                value: Some(l.value.clone()),
-            })
-            .collect();
-        let t = Instant::now();
-        let per = origin_sync::changelog::RESTORE_CHUNK;
-        for (i, chunk) in records.chunks(per).enumerate() {
-            store.apply_changelog(0, chunk, ((i + 1) * per) as i64, 1)?;
-        }
-        let r = records.len() as f64 / t.elapsed().as_secs_f64();
-        drop(store);
-        let _ = std::fs::remove_file(&path);
-        r
-    };
-    let mb_s = report.bytes as f64 / 1e6 / secs;
-    println!(
-        "  restore:          {rate:>10.0} records/s  {mb_s:>6.1} MB/s  {secs:.2} s for {} shoppers ({} applied)",
-        report.restored.read, report.restored.applied
-    );
-    println!(
-        "  read only:        {raw:>10.0} records/s  (the same partition from the broker, nothing applied) → restore is {:.2}× of it",
-        rate / raw
-    );
+    let apply_only = apply_only(&logged)?;
+    for (run, broker) in [(&sqlite, "SQLite"), (&memory, "in memory")] {
+        println!(
+            "  restore, tansu {broker:<9}: {:>8.0} records/s  {:>6.1} MB/s  {:.2} s for {} shoppers ({} applied); the broker's read alone {:>8.0} records/s → {:.2}×",
+            run.rate(),
+            run.mb_per_s(),
+            run.seconds,
+            run.read,
+            run.applied,
+            run.raw,
+            run.rate() / run.raw
+        );
+    }
     println!(
         "  apply only:       {apply_only:>10.0} records/s  (the same records from memory into an empty store: origin-sync's own ceiling)"
     );
+    let figures = |run: &RestoreRun| {
+        serde_json::json!({
+            "seconds": run.seconds,
+            "records_per_s": run.rate(),
+            "mb_per_s": run.mb_per_s(),
+            "read_only_records_per_s": run.raw,
+        })
+    };
     Ok(serde_json::json!({
-        "shoppers": report.restored.read,
-        "bytes": report.bytes,
-        "seconds": secs,
-        "records_per_s": rate,
-        "mb_per_s": mb_s,
-        "read_only_records_per_s": raw,
+        "shoppers": sqlite.read,
+        "bytes": sqlite.bytes,
+        "seconds": sqlite.seconds,
+        "records_per_s": sqlite.rate(),
+        "mb_per_s": sqlite.mb_per_s(),
+        "read_only_records_per_s": sqlite.raw,
+        "in_memory_broker": figures(&memory),
         "apply_only_records_per_s": apply_only,
     }))
+}
+
+/// Applies `logged` from memory into an empty store, in the restore's chunks: origin-sync's
+/// own ceiling for a restore. Returns records/s.
+fn apply_only(logged: &[Logged]) -> anyhow::Result<f64> {
+    let path = scratch().join("applied.redb");
+    std::fs::create_dir_all(scratch())?;
+    let _ = std::fs::remove_file(&path);
+    let store = Store::open(
+        &path,
+        DEV_USER_KEY_SECRET.as_bytes(),
+        Window {
+            reorder_ms: 60_000,
+            max_events: 16,
+        },
+    )?
+    .partitioned();
+    let records: Vec<origin_sync::store::LogRecord> = logged
+        .iter()
+        .map(|l| origin_sync::store::LogRecord {
+            key: l.key.0.to_vec(),
+            value: Some(l.value.clone()),
+        })
+        .collect();
+    let t = Instant::now();
+    let per = origin_sync::changelog::RESTORE_CHUNK;
+    let chunks = records.len().div_ceil(per);
+    for (i, chunk) in records.chunks(per).enumerate() {
+        // as a restore commits: only the last chunk waits for the disk
+        let last = i + 1 == chunks;
+        store.apply_log(0, chunk, ((i + 1) * per) as i64, 1, Applier::Owner, last)?;
+    }
+    let rate = records.len() as f64 / t.elapsed().as_secs_f64();
+    drop(store);
+    let _ = std::fs::remove_file(&path);
+    Ok(rate)
 }
 
 /// A probe shopper per partition, an event every 20 ms each; records when each probe's version

@@ -101,6 +101,47 @@ impl LogValue {
     }
 }
 
+/// [`LogValue`] as the restore reads it: the state borrowed from the record, not copied.
+/// Postcard writes a `Vec<u8>` and a `&[u8]` alike (a length, then the bytes).
+#[derive(Deserialize)]
+struct LogValueRef<'a> {
+    layout: u64,
+    stamp: Stamp,
+    #[serde(borrow)]
+    state: &'a [u8],
+}
+
+impl<'a> LogValueRef<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<LogValueRef<'a>, StoreError> {
+        match bytes.split_first() {
+            Some((&LOG_FORMAT, rest)) => postcard::from_bytes(rest)
+                .map_err(|e| StoreError::Corrupt(format!("changelog record: {e}"))),
+            Some((f, _)) => Err(StoreError::Corrupt(format!(
+                "changelog record of format {f}; this build reads {LOG_FORMAT} (upgrade it)"
+            ))),
+            None => Err(StoreError::Corrupt("empty changelog record".into())),
+        }
+    }
+
+    /// The state in this build's store layout: an older instance's record (a rolling upgrade
+    /// shares one changelog) is converted, since postcard carries no layout of its own and
+    /// would misread it. A newer layout is refused: skipping it would lose that shopper's
+    /// state, and folding it again from the input would count wrong.
+    fn state_in_layout(&self) -> Result<std::borrow::Cow<'a, [u8]>, StoreError> {
+        use super::layout::LAYOUT;
+        match self.layout {
+            LAYOUT => Ok(std::borrow::Cow::Borrowed(self.state)),
+            1 => Ok(std::borrow::Cow::Owned(encode(&UserState::decode_layout1(
+                self.state,
+            )?))),
+            newer => Err(StoreError::Corrupt(format!(
+                "changelog record of store layout {newer} from a newer origin-sync; this build \
+                 reads up to {LAYOUT}: upgrade this instance"
+            ))),
+        }
+    }
+}
+
 /// One change for the changelog: where it goes and what it says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Logged {
@@ -230,12 +271,14 @@ impl Store {
         next: i64,
         now_ms: u64,
     ) -> Result<Restored, StoreError> {
-        self.apply_log(partition, records, next, now_ms, Applier::Owner)
+        self.apply_log(partition, records, next, now_ms, Applier::Owner, true)
     }
 
     /// [`Store::apply_changelog`] by `applier`. A standby's records go to no outbox, and are
     /// not applied at all once the partition is owned here (its owner's restore has run or is
-    /// running: the owner's changes are the ones that count).
+    /// running: the owner's changes are the ones that count). Not `durable`: the commit does
+    /// not wait for the disk, and a crash before the next durable commit (any of the store's)
+    /// loses these records together with the position they moved, so they are read again.
     pub fn apply_log(
         &self,
         partition: i32,
@@ -243,13 +286,17 @@ impl Store {
         next: i64,
         now_ms: u64,
         applier: Applier,
+        durable: bool,
     ) -> Result<Restored, StoreError> {
         let _one_at_a_time = self.applying.lock();
         let mut out = Restored::default();
         if applier == Applier::Standby && self.owned().contains(&partition) {
             return Ok(out);
         }
-        let tx = self.db.begin_write()?;
+        let mut tx = self.db.begin_write()?;
+        if !durable {
+            tx.set_durability(redb::Durability::None);
+        }
         {
             let mut users_t = tx.open_table(USERS)?;
             let mut stamps_t = tx.open_table(STAMPS)?;
@@ -268,34 +315,36 @@ impl Store {
                     None => out.unreadable += 1,
                 }
             }
+            // an owner's new outbox entry is the same for every record: encoded once
+            let fresh_pending = encode(&Pending::at(now_ms, now_ms));
             for (k, v) in last {
-                let (Ok(key), Ok(value)) = (user_key(k, "changelog"), LogValue::from_bytes(v))
-                else {
+                let (Ok(key), Ok(value)) = (user_key(k, "changelog"), LogValueRef::parse(v)) else {
                     out.unreadable += 1;
                     continue;
                 };
-                if value.layout > super::layout::LAYOUT {
-                    // not skipped: that shopper's state would be lost, and folded again wrong
-                    return Err(StoreError::Corrupt(format!(
-                        "changelog record of store layout {} from a newer origin-sync; this \
-                         build reads up to {}: upgrade this instance",
-                        value.layout,
-                        super::layout::LAYOUT
-                    )));
-                }
-                let Ok(theirs) = UserState::decode(&value.state) else {
+                let state = match value.state_in_layout() {
+                    Ok(state) => state,
+                    Err(newer) if value.layout > super::layout::LAYOUT => return Err(newer),
+                    Err(_) => {
+                        out.unreadable += 1;
+                        continue;
+                    }
+                };
+                // Read without replaying the window (the restore never needs the profile): a
+                // check that the record is whole, and its erasure.
+                let Ok(theirs) = UserState::decode_unfolded(&state) else {
                     out.unreadable += 1;
                     continue;
                 };
                 let here = users_t.get(k)?.map(|g| g.value().to_vec());
-                if here.as_deref() == Some(value.state.as_slice()) {
+                if here.as_deref() == Some(&*state) {
                     out.behind += 1;
                     continue;
                 }
                 // erasure wins: every instance reads the whole erasure log before consuming,
                 // so a local erasure the record does not carry is newer than its writer knew
                 let erased_here = match &here {
-                    Some(bytes) => UserState::decode(bytes)?.erased(),
+                    Some(bytes) => UserState::decode_unfolded(bytes)?.erased(),
                     None => None,
                 };
                 if let Some((_, at)) = erased_here
@@ -315,18 +364,18 @@ impl Store {
                     out.behind += 1;
                     continue;
                 }
-                users_t.insert(k, value.state.as_slice())?;
+                users_t.insert(k, &*state)?;
                 stamps_t.insert(k, encode(&value.stamp).as_slice())?;
                 out.applied += 1;
                 if applier == Applier::Standby {
                     standby_t.insert(k, partition)?;
                     continue;
                 }
-                let pending = match outbox_t.get(k)? {
-                    Some(g) => Pending::decode(g.value())?.merge(now_ms, now_ms),
-                    None => Pending::at(now_ms, now_ms),
+                let merged = match outbox_t.get(k)? {
+                    Some(g) => Some(encode(&Pending::decode(g.value())?.merge(now_ms, now_ms))),
+                    None => None,
                 };
-                outbox_t.insert(k, encode(&pending).as_slice())?;
+                outbox_t.insert(k, merged.as_deref().unwrap_or(&fresh_pending))?;
                 out.touched.push(key);
             }
             pos_t.insert(partition, next)?;
@@ -756,6 +805,56 @@ mod tests {
         );
     }
 
+    /// During a rolling upgrade an older instance's records share the changelog: a record of
+    /// store layout 1 is converted to this build's layout, not stored as it came (postcard
+    /// would misread it). The restore reads records borrowed from the log (`LogValueRef`):
+    /// the same bytes `LogValue` writes.
+    #[test]
+    fn a_record_of_an_older_layout_is_converted() {
+        let events = traffic(3, 300, 11);
+        let old = open("layout1-writer");
+        let logged = old.apply_batch(&records(&events, 2)).expect("fold").logged;
+        let as_layout1: Vec<LogRecord> = logged
+            .iter()
+            .map(|l| {
+                let v = LogValue::from_bytes(&l.value).expect("a record");
+                let parsed = LogValueRef::parse(&l.value).expect("borrowed");
+                assert_eq!(
+                    (parsed.layout, parsed.state),
+                    (v.layout, v.state.as_slice())
+                );
+                let state = UserState::decode(&v.state).expect("state");
+                LogRecord {
+                    key: l.key.0.to_vec(),
+                    value: Some(
+                        LogValue {
+                            layout: 1,
+                            stamp: v.stamp,
+                            state: state.encode_layout1(),
+                        }
+                        .to_bytes(),
+                    ),
+                }
+            })
+            .collect();
+        let new = open("layout1-reader");
+        let r = new.apply_changelog(2, &as_layout1, 3, 1).expect("restore");
+        assert_eq!((r.applied, r.unreadable), (3, 0));
+        // layout 1 kept no event tags of the folded base (`Profile::folded`): all else is equal
+        let untagged = |mut p: Profile| {
+            p.folded.clear();
+            p
+        };
+        for u in 0..3 {
+            let user = format!("p-u{u}");
+            assert_eq!(
+                profile(&new, &user).map(untagged),
+                Some(untagged(reference(&new, &events, &user))),
+                "{user}"
+            );
+        }
+    }
+
     /// With several instances one publishes the documents: the owner of partition 0. Its
     /// versions are times, so a publisher that takes over outranks the previous one's.
     #[test]
@@ -801,7 +900,7 @@ mod tests {
             .logged;
         let replica = open("standby-replica");
         let r = replica
-            .apply_log(2, &as_read(&logged), 3, 1, Applier::Standby)
+            .apply_log(2, &as_read(&logged), 3, 1, Applier::Standby, true)
             .expect("standby");
         assert_eq!(r.applied, 3);
         assert!(r.touched.is_empty(), "nothing sent");
@@ -813,7 +912,7 @@ mod tests {
             .expect("nothing");
         assert!(more.logged.is_empty());
         let skipped = replica
-            .apply_log(2, &as_read(&logged), 4, 1, Applier::Standby)
+            .apply_log(2, &as_read(&logged), 4, 1, Applier::Standby, true)
             .expect("standby of an owned partition");
         assert_eq!(skipped.read, 0, "not applied: the owner's restore counts");
         let pending = replica.pend_standby(2, 1).expect("pend");

@@ -232,6 +232,12 @@ impl UserState {
         Ok(state)
     }
 
+    /// The stored record as it is, its profile not computed (`current` is empty): for what
+    /// needs only the record's own fields, such as its erasure.
+    pub(super) fn decode_unfolded(bytes: &[u8]) -> Result<UserState, StoreError> {
+        decode(bytes, "user")
+    }
+
     /// A record of a layout-1 store (`super::layout`), in either of its two forms.
     pub(super) fn decode_layout1(bytes: &[u8]) -> Result<UserState, StoreError> {
         let state = match decode::<UserStateV1>(bytes, "user") {

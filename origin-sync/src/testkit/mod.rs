@@ -95,6 +95,25 @@ pub fn kill_group(child: &mut Child, signal: Signal) {
     }
 }
 
+/// Runs the service binary `bin` with `config` (`origin-sync --config … run`) in its own
+/// process group, its log appended to `log`: how the tests and the scale-out bench run
+/// instances.
+pub fn spawn_service(bin: &Path, config: &Path, log: &Path) -> std::io::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("RUST_LOG", "info,rdkafka=warn")
+        .stdout(Stdio::null())
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+}
+
 /// A tansu broker; killed (process group) on drop.
 #[derive(Debug)]
 pub struct Tansu {

@@ -3,9 +3,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,9 +24,19 @@ use tokio::sync::watch;
 /// Starts a broker with the event topics, or returns None without tansu (a failure under
 /// `CI=true`, a recorded skip elsewhere).
 pub fn broker(name: &str) -> Option<Tansu> {
-    match Tansu::start(name) {
+    with_topics(Tansu::start(name), 2)
+}
+
+/// A broker `started` one way or another, with the event topics of `partitions` partitions
+/// (None: tansu is missing, as for [`broker`]).
+pub fn with_topics(
+    started: Result<Tansu, origin_sync::testkit::KitError>,
+    partitions: u32,
+) -> Option<Tansu> {
+    match started {
         Ok(t) => {
-            t.create_event_topics(2).expect("topics are created");
+            t.create_event_topics(partitions)
+                .expect("topics are created");
             Some(t)
         }
         Err(origin_sync::testkit::KitError::NoTansu) => {
@@ -138,21 +147,9 @@ pub struct Binary {
 
 impl Binary {
     pub fn start(config_path: &std::path::Path, log: &std::path::Path) -> Binary {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_origin-sync"))
-            .arg("--config")
-            .arg(config_path)
-            .arg("run")
-            .env("RUST_LOG", "info,rdkafka=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("origin-sync starts");
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_origin-sync"));
+        let child =
+            origin_sync::testkit::spawn_service(bin, config_path, log).expect("origin-sync starts");
         Binary { child }
     }
 
