@@ -42,7 +42,15 @@ const pct = (xs, p) => {
   const s = Float64Array.from(xs).sort();
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
 };
+// per shopper (call i answers shopper i % 64): is the tail a few costly shoppers, or every
+// shopper's occasional slow call (a GC, a tier-up)?
+const perShopper = Array.from({ length: 64 }, (_, s) => us.filter((_, i) => i % 64 === s));
+const shopperP50 = perShopper.map((xs) => pct(xs, 50));
+const slowest = shopperP50.map((p50, s) => ({ s, p50 })).sort((x, y) => y.p50 - x.p50)[0];
 console.log(JSON.stringify({
+  slowest_shopper: slowest.s, slowest_shopper_p50_us: slowest.p50,
+  shoppers_p50_above_100_us: shopperP50.filter((p) => p > 100).length,
+  median_shopper_p99_us: pct(perShopper.map((xs) => pct(xs, 99)), 50),
   items: Number(items), rules: Number(rules), calls: n, setup_ms: setupMs,
   p50_us: pct(us, 50), p90_us: pct(us, 90), p99_us: pct(us, 99), max_us: pct(us, 100),
   timer_p50_us: pct(floor, 50), empty_answers: empty, node: process.version,
