@@ -323,16 +323,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A store at `path` as a group-mode instance opens it.
+fn empty_store(path: &std::path::Path) -> anyhow::Result<Store> {
+    let window = Window {
+        reorder_ms: 60_000,
+        max_events: 16,
+    };
+    Ok(Store::open(path, DEV_USER_KEY_SECRET.as_bytes(), window)?.partitioned())
+}
+
 /// The changelog of one partition of `users` shoppers, as the service writes it: the last
 /// record per shopper of a fold of their events.
 fn changelog_of(users: usize) -> anyhow::Result<Vec<Logged>> {
     let path = scratch().join("restore-source.redb");
     std::fs::create_dir_all(scratch())?;
-    let window = Window {
-        reorder_ms: 60_000,
-        max_events: 16,
-    };
-    let store = Store::open(&path, DEV_USER_KEY_SECRET.as_bytes(), window)?.partitioned();
+    let store = empty_store(&path)?;
     let catalog = Catalog::demo().context("demo catalog")?;
     let events: Vec<Event> = Traffic::new(&catalog, users, "rs", 1_764_000_000_000, 1, 5)
         .take(users * 3)
@@ -431,17 +436,7 @@ async fn restore_from(tansu: &Tansu, logged: &[Logged], label: &str) -> anyhow::
         ),
         Vec::new(),
     )?;
-    let store = Arc::new(
-        Store::open(
-            &path,
-            DEV_USER_KEY_SECRET.as_bytes(),
-            Window {
-                reorder_ms: 60_000,
-                max_events: 16,
-            },
-        )?
-        .partitioned(),
-    );
+    let store = Arc::new(empty_store(&path)?);
     let (touched, mut drain) = mpsc::channel(64);
     tokio::spawn(async move { while drain.recv().await.is_some() {} });
     let shared = Arc::new(Shared {
@@ -524,15 +519,7 @@ fn apply_only(logged: &[Logged]) -> anyhow::Result<f64> {
     let path = scratch().join("applied.redb");
     std::fs::create_dir_all(scratch())?;
     let _ = std::fs::remove_file(&path);
-    let store = Store::open(
-        &path,
-        DEV_USER_KEY_SECRET.as_bytes(),
-        Window {
-            reorder_ms: 60_000,
-            max_events: 16,
-        },
-    )?
-    .partitioned();
+    let store = empty_store(&path)?;
     let records: Vec<origin_sync::store::LogRecord> = logged
         .iter()
         .map(|l| origin_sync::store::LogRecord {

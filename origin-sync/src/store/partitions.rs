@@ -91,13 +91,18 @@ impl LogValue {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<LogValue, StoreError> {
-        match bytes.split_first() {
-            Some((&LOG_FORMAT, rest)) => decode(rest, "changelog record"),
-            Some((f, _)) => Err(StoreError::Corrupt(format!(
-                "changelog record of format {f}; this build reads {LOG_FORMAT} (upgrade it)"
-            ))),
-            None => Err(StoreError::Corrupt("empty changelog record".into())),
-        }
+        decode(log_body(bytes)?, "changelog record")
+    }
+}
+
+/// A changelog value's postcard body, once its format byte is checked.
+fn log_body(bytes: &[u8]) -> Result<&[u8], StoreError> {
+    match bytes.split_first() {
+        Some((&LOG_FORMAT, rest)) => Ok(rest),
+        Some((f, _)) => Err(StoreError::Corrupt(format!(
+            "changelog record of format {f}; this build reads {LOG_FORMAT} (upgrade it)"
+        ))),
+        None => Err(StoreError::Corrupt("empty changelog record".into())),
     }
 }
 
@@ -113,14 +118,8 @@ struct LogValueRef<'a> {
 
 impl<'a> LogValueRef<'a> {
     fn parse(bytes: &'a [u8]) -> Result<LogValueRef<'a>, StoreError> {
-        match bytes.split_first() {
-            Some((&LOG_FORMAT, rest)) => postcard::from_bytes(rest)
-                .map_err(|e| StoreError::Corrupt(format!("changelog record: {e}"))),
-            Some((f, _)) => Err(StoreError::Corrupt(format!(
-                "changelog record of format {f}; this build reads {LOG_FORMAT} (upgrade it)"
-            ))),
-            None => Err(StoreError::Corrupt("empty changelog record".into())),
-        }
+        postcard::from_bytes(log_body(bytes)?)
+            .map_err(|e| StoreError::Corrupt(format!("changelog record: {e}")))
     }
 
     /// The state in this build's store layout: an older instance's record (a rolling upgrade
