@@ -126,20 +126,20 @@ fn home(catalog: &Catalog) -> String {
     h += "<main><h2>Recommended for you</h2>\
           <section id=\"ew-recs\" data-edgewise-slot=\"home\" data-k=\"8\">";
     // what the site shows where Edgewise does not fill the placeholder
-    let mut best: Vec<&Item> = catalog.items().filter(|i| i.in_stock()).collect();
+    let mut best: Vec<Item> = catalog.items().filter(|i| i.in_stock()).collect();
     best.sort_by(|a, b| {
         b.popularity()
             .total_cmp(&a.popularity())
             .then(a.sku().cmp(b.sku()))
     });
     h += "<ul class=\"grid\">";
-    for it in best.iter().take(8) {
+    for it in best.iter().copied().take(8) {
         card(&mut h, catalog, it);
     }
     // Edgewise leaves out what is in the shopper's cart; the site's own list stands in
     h += "</ul></section><h2>Popular now</h2>\
           <section id=\"ew-popular\" data-edgewise-slot=\"popular\" data-k=\"12\"><ul class=\"grid\">";
-    for it in best.iter().skip(8).take(12) {
+    for it in best.iter().copied().skip(8).take(12) {
         card(&mut h, catalog, it);
     }
     h += "</ul></section></main></body></html>";
@@ -157,7 +157,7 @@ fn cart() -> String {
     h
 }
 
-fn product(catalog: &Catalog, it: &Item) -> String {
+fn product(catalog: &Catalog, it: Item<'_>) -> String {
     let mut h = head(it.name());
     let category = catalog.category_of(it);
     let cat = category.map_or("", |c| c.slug());
@@ -182,7 +182,7 @@ fn product(catalog: &Catalog, it: &Item) -> String {
     h
 }
 
-fn card(h: &mut String, catalog: &Catalog, it: &Item) {
+fn card(h: &mut String, catalog: &Catalog, it: Item<'_>) {
     let _ = write!(
         h,
         "<li class=\"card\" data-sku=\"{sku}\"><a href=\"/p/{sku}\">\

@@ -40,7 +40,7 @@ pub struct RecItem<'a> {
 }
 
 impl<'a> RecItem<'a> {
-    pub fn of(catalog: &'a Catalog, item: &'a Item, reason: &'static str) -> RecItem<'a> {
+    pub fn of(catalog: &'a Catalog, item: Item<'a>, reason: &'static str) -> RecItem<'a> {
         let view = catalog.view(item);
         RecItem {
             category: view.category,
@@ -87,7 +87,7 @@ pub fn not_found() -> Reply {
 /// "Popular now": the shopper has them already) and `cart_count` how many.
 pub fn page(
     catalog: &Catalog,
-    item: Option<&Item>,
+    item: Option<Item<'_>>,
     recs: &Recs<'_>,
     tier: &str,
     cart: &[shared::ids::ItemId],
@@ -141,7 +141,7 @@ pub fn popular_now<'a>(
     catalog: &'a Catalog,
     cart: &[shared::ids::ItemId],
     k: usize,
-) -> Vec<&'a Item> {
+) -> Vec<Item<'a>> {
     catalog
         .popular()
         .filter(|i| i.in_stock() && !cart.contains(&i.id()))
@@ -298,7 +298,7 @@ impl ItemTemplate {
         Ok(ItemTemplate(pieces))
     }
 
-    fn render(&self, h: &mut String, catalog: &Catalog, it: &Item, reason: Option<&str>) {
+    fn render(&self, h: &mut String, catalog: &Catalog, it: Item<'_>, reason: Option<&str>) {
         for p in &self.0 {
             match p {
                 Piece::Text(t) => h.push_str(t),
@@ -335,7 +335,7 @@ pub fn slot_block(
     h
 }
 
-fn card(h: &mut String, catalog: &Catalog, it: &Item, reason: Option<&str>) {
+fn card(h: &mut String, catalog: &Catalog, it: Item<'_>, reason: Option<&str>) {
     let _ = write!(
         h,
         "<li class=\"card\" data-sku=\"{sku}\"{reason}><a href=\"/p/{sku}\"><div class=\"ph\">{initial}</div>\

@@ -243,10 +243,10 @@ impl Facts {
         self.cart_items.dedup();
         for id in &self.cart_items {
             if let Some(it) = catalog.item(*id)
-                && !self.cart_categories.contains(it.category)
+                && !self.cart_categories.contains(it.rec.category)
             {
-                self.cart_categories.insert(it.category);
-                self.cart_category_list.push(it.category);
+                self.cart_categories.insert(it.rec.category);
+                self.cart_category_list.push(it.rec.category);
             }
         }
         self.interest.resize(catalog.categories.len(), 0.0);
@@ -265,10 +265,10 @@ impl Facts {
                 match self
                     .purchase_by_category
                     .iter_mut()
-                    .find(|(c, _)| *c == it.category)
+                    .find(|(c, _)| *c == it.rec.category)
                 {
                     Some((_, at)) => *at = (*at).max(rec.at),
-                    None => self.purchase_by_category.push((it.category, rec.at)),
+                    None => self.purchase_by_category.push((it.rec.category, rec.at)),
                 }
             }
         }

@@ -21,7 +21,7 @@ use super::error::{CatalogError, Problem, Subject};
 use super::index::{assemble, fingerprint, popularity_order};
 use super::raw::{RawCatalog, RawCategory, RawItem};
 use super::{
-    CATALOG_VERSION, Catalog, Category, Item, MAX_ACCESSORIES_PER_ITEM, MAX_ACCESSORY_CATEGORIES,
+    CATALOG_VERSION, Catalog, Category, Items, MAX_ACCESSORIES_PER_ITEM, MAX_ACCESSORY_CATEGORIES,
     MAX_CATEGORIES, MAX_DESCRIPTION_LEN, MAX_IMAGE_LEN, MAX_ITEMS, MAX_NAME_LEN, MAX_PRICE,
     MAX_TAGS_PER_ITEM,
 };
@@ -328,8 +328,8 @@ fn build_items(
     cat_by_slug: &BTreeMap<&str, u16>,
     sku_to_index: &BTreeMap<&str, u32>,
     tag_names: &BTreeMap<&str, u32>,
-) -> Result<Vec<Item>, CatalogError> {
-    let mut items: Vec<Item> = Vec::with_capacity(raw.len());
+) -> Result<Items, CatalogError> {
+    let mut items = Items::with_capacity(raw.len());
     for (i, it) in raw.iter().enumerate() {
         let mut accessories: Vec<u32> = Vec::with_capacity(it.accessories.len());
         for a in &it.accessories {
@@ -358,7 +358,7 @@ fn build_items(
             .collect();
         item_tags.sort_unstable();
         item_tags.dedup();
-        items.push(Item::new(
+        items.push(
             &it.sku,
             &it.name,
             it.image.as_deref(),
@@ -369,7 +369,7 @@ fn build_items(
             it.in_stock,
             &item_tags,
             &accessories,
-        ));
+        );
     }
     Ok(items)
 }
@@ -378,7 +378,7 @@ fn build_items(
 mod tests {
     use super::*;
     use crate::catalog::tests::{CAM, check, check_doc, mutate, parse};
-    use crate::catalog::{DEMO_CATALOG, MAX_SKU_LEN, MAX_SLUG_LEN};
+    use crate::catalog::{DEMO_CATALOG, Item, MAX_SKU_LEN, MAX_SLUG_LEN};
 
     #[test]
     fn field_errors() {

@@ -7,11 +7,11 @@
 //! id, and the fingerprint that ties compiled rules to this catalog. Every input is already
 //! validated (`compile`), so these only arrange; none of them can fail.
 
-use super::{Category, EMPTY, Hot, Item, table_slot};
+use super::{Category, EMPTY, Hot, Item, Items, table_slot};
 use crate::ids::{CategoryId, Fnv1a64};
 
 /// All item indexes, most popular first, ties by SKU (a total order, the same everywhere).
-pub(super) fn popularity_order(items: &[Item]) -> Vec<u32> {
+pub(super) fn popularity_order(items: &Items) -> Vec<u32> {
     let mut popular: Vec<u32> = (0..items.len()).map(|i| i as u32).collect();
     popular.sort_by(
         |a, b| match (items.get(*a as usize), items.get(*b as usize)) {
@@ -23,43 +23,53 @@ pub(super) fn popularity_order(items: &[Item]) -> Vec<u32> {
 }
 
 /// The popularity order between two items: more popular first, ties by SKU.
-pub(super) fn popularity_cmp(x: &Item, y: &Item) -> std::cmp::Ordering {
-    y.popularity
-        .total_cmp(&x.popularity)
+pub(super) fn popularity_cmp(x: Item<'_>, y: Item<'_>) -> std::cmp::Ordering {
+    y.popularity()
+        .total_cmp(&x.popularity())
         .then_with(|| x.sku().cmp(y.sku()))
 }
 
 /// Each category's items (stored in `categories`) and each tag's items (returned), in the order
-/// of `popular`: one pass, no sort.
+/// of `popular`: one pass, no sort. Reads the packed fields (`hot`, `item_tags`), not the
+/// items: `popular` visits items in no particular memory order, and 16 bytes per item stay in
+/// cache where whole items (and their tag lists behind a pointer) do not; at 100k items that
+/// is most of the cost of assembling.
 fn group_by_popularity(
     popular: &[u32],
-    items: &[Item],
+    hot: &[Hot],
+    item_tags: &[u32],
     categories: &mut [Category],
     n_tags: usize,
 ) -> Vec<Box<[u32]>> {
+    let tags_of = |h: &Hot| {
+        let start = h.tags_at as usize;
+        item_tags
+            .get(start..start + usize::from(h.n_tags))
+            .unwrap_or(&[])
+    };
     // counted first, so each list is allocated once at its size (a new isolate loading a
     // large catalog spends its time allocating otherwise)
     let mut category_len = vec![0usize; categories.len()];
     let mut tag_len = vec![0usize; n_tags];
-    for it in items {
-        if let Some(n) = category_len.get_mut(usize::from(it.category)) {
+    for h in hot {
+        if let Some(n) = category_len.get_mut(usize::from(h.category)) {
             *n += 1;
         }
-        for t in it.tag_indexes() {
-            if let Some(n) = tag_len.get_mut(*t as usize) {
-                *n += 1;
-            }
+    }
+    for t in item_tags {
+        if let Some(n) = tag_len.get_mut(*t as usize) {
+            *n += 1;
         }
     }
     let mut per_category: Vec<Vec<u32>> =
         category_len.into_iter().map(Vec::with_capacity).collect();
     let mut per_tag: Vec<Vec<u32>> = tag_len.into_iter().map(Vec::with_capacity).collect();
     for &i in popular {
-        if let Some(it) = items.get(i as usize) {
-            if let Some(v) = per_category.get_mut(usize::from(it.category)) {
+        if let Some(h) = hot.get(i as usize) {
+            if let Some(v) = per_category.get_mut(usize::from(h.category)) {
                 v.push(i);
             }
-            for t in it.tag_indexes() {
+            for t in tags_of(h) {
                 if let Some(v) = per_tag.get_mut(*t as usize) {
                     v.push(i);
                 }
@@ -78,14 +88,14 @@ fn group_by_popularity(
 pub(super) fn assemble(
     version: u32,
     mut categories: Vec<Category>,
-    items: Vec<Item>,
+    items: Items,
     tags: Vec<String>,
     popular: Vec<u32>,
     id_collisions: Vec<(String, String)>,
     fingerprint: u64,
 ) -> super::Catalog {
-    let items_by_tag = group_by_popularity(&popular, &items, &mut categories, tags.len());
     let (hot, item_tags) = pack_hot(&items);
+    let items_by_tag = group_by_popularity(&popular, &hot, &item_tags, &mut categories, tags.len());
     let item_table = build_item_table(&items);
     let category_index = build_category_index(&categories);
     super::Catalog {
@@ -106,7 +116,7 @@ pub(super) fn assemble(
 
 /// The per-candidate fields of every item, packed, and all items' tag indexes concatenated
 /// (which [`Hot::tags_at`] and [`Hot::n_tags`] slice).
-fn pack_hot(items: &[Item]) -> (Vec<Hot>, Vec<u32>) {
+fn pack_hot(items: &Items) -> (Vec<Hot>, Vec<u32>) {
     let mut item_tags: Vec<u32> = Vec::new();
     let hot: Vec<Hot> = items
         .iter()
@@ -114,13 +124,13 @@ fn pack_hot(items: &[Item]) -> (Vec<Hot>, Vec<u32>) {
             let tags_at = u32::try_from(item_tags.len()).unwrap_or(u32::MAX);
             item_tags.extend_from_slice(it.tag_indexes());
             Hot {
-                popularity: it.popularity,
-                id: it.id,
+                popularity: it.rec.popularity,
+                id: it.rec.id,
                 tags_at,
-                category: it.category,
+                category: it.rec.category,
                 // At most MAX_TAGS_PER_ITEM (16), checked by the compiler.
-                n_tags: it.n_tags,
-                in_stock: it.in_stock,
+                n_tags: it.rec.n_tags,
+                in_stock: it.rec.in_stock,
             }
         })
         .collect();
@@ -130,11 +140,11 @@ fn pack_hot(items: &[Item]) -> (Vec<Hot>, Vec<u32>) {
 /// The open-addressing table from [`ItemId`](crate::ids::ItemId) to dense index, at most half
 /// full. An id that collides with an earlier item's (tolerated by the compiler) probes on past
 /// it, so a lookup by that id finds the earlier item.
-fn build_item_table(items: &[Item]) -> Vec<u32> {
+fn build_item_table(items: &Items) -> Vec<u32> {
     let capacity = (items.len() * 2).max(16).next_power_of_two();
     let mut item_table = vec![EMPTY; capacity];
     let mask = capacity - 1;
-    for (i, it) in items.iter().enumerate() {
+    for (i, it) in items.records.iter().enumerate() {
         let mut slot = table_slot(it.id, mask);
         while item_table.get(slot).is_some_and(|s| *s != EMPTY) {
             slot = (slot + 1) & mask;
@@ -163,18 +173,31 @@ fn build_category_index(categories: &[Category]) -> Vec<(CategoryId, u16)> {
 pub(super) fn fingerprint(
     version: u32,
     categories: &[Category],
-    items: &[Item],
+    items: &Items,
     tags: &[String],
 ) -> u64 {
+    let mut h = fingerprint_head(version, categories);
+    for it in items.iter() {
+        field(&mut h, it.sku().as_bytes());
+    }
+    fingerprint_tail(h, tags)
+}
+
+/// The fingerprint up to the items: the version and the categories. A loaded image feeds
+/// each item's SKU with [`field`] in the pass that checks the item (its text is in cache
+/// then), and finishes with [`fingerprint_tail`]; [`fingerprint`] is the same three steps.
+pub(super) fn fingerprint_head(version: u32, categories: &[Category]) -> Fnv1a64 {
     let mut h = Fnv1a64::new();
     field(&mut h, &version.to_le_bytes());
     for c in categories {
         field(&mut h, c.slug.as_bytes());
     }
     field(&mut h, b"--items--");
-    for it in items {
-        field(&mut h, it.sku().as_bytes());
-    }
+    h
+}
+
+/// The fingerprint's tags, after every SKU; the finished hash.
+pub(super) fn fingerprint_tail(mut h: Fnv1a64, tags: &[String]) -> u64 {
     field(&mut h, b"--tags--");
     for t in tags {
         field(&mut h, t.as_bytes());
@@ -184,7 +207,7 @@ pub(super) fn fingerprint(
 
 /// Feeds one field of the fingerprint, then a separator so that ("ab", "c") and ("a", "bc")
 /// differ.
-fn field(h: &mut Fnv1a64, bytes: &[u8]) {
+pub(super) fn field(h: &mut Fnv1a64, bytes: &[u8]) {
     h.write(bytes);
     h.write(&[0xff]);
 }
@@ -242,9 +265,9 @@ popularity = 0.9
             let h = c.hot.get(i).expect("hot");
             assert_eq!(
                 (h.id, h.category, h.in_stock),
-                (it.id, it.category, it.in_stock)
+                (it.id(), it.rec.category, it.in_stock())
             );
-            assert_eq!(h.popularity, it.popularity);
+            assert_eq!(h.popularity, it.popularity());
             assert_eq!(c.hot_tags(h), it.tag_indexes());
         }
         let known: BTreeSet<ItemId> = c.items().map(Item::id).collect();

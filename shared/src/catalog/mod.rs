@@ -126,18 +126,30 @@ impl Category {
     }
 }
 
-/// One item of a compiled catalog. Serialized as part of a catalog image (`image`).
+/// Every item of a compiled catalog: the fixed fields per item, and all items' text and
+/// references each back to back in one allocation.
 ///
-/// Its text (SKU, name, image, description) is one allocation and its references (tags, then
-/// accessories) another: a new isolate decoding a 100k-item catalog makes two allocations
-/// per item instead of six, and each item is smaller in memory.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Item {
+/// A new isolate decodes the catalog on the request that wakes it. Two allocations per item
+/// (its text, its references) made a 100k-item catalog cost 200k allocations to decode and as
+/// many frees to replace; here it is three, and an item's text is found by offset.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Items {
+    pub(crate) records: Vec<ItemRecord>,
+    /// Each item's SKU, name, image and description, item after item.
+    pub(crate) text: String,
+    /// Each item's tag indexes then accessory indexes, item after item.
+    pub(crate) refs: Vec<u32>,
+}
+
+/// The fixed fields of one item; its text and references are spans of [`Items`].
+#[derive(Clone, Debug)]
+pub(crate) struct ItemRecord {
     pub(crate) id: ItemId,
-    /// SKU, name, image and description, one after the other.
-    pub(crate) text: Box<str>,
-    /// Where the SKU, the name and the image end in `text` (the description runs to the end).
-    /// Checked to be ascending char boundaries when an image is loaded.
+    /// Where the item's text starts in [`Items::text`], and its length.
+    pub(crate) text_at: u32,
+    pub(crate) text_len: u32,
+    /// Where the SKU, the name and the image end in the item's text (the description runs to
+    /// the end). Checked to be ascending char boundaries when an image is loaded.
     pub(crate) ends: [u32; 3],
     /// Bit 0: the item has an image; bit 1: a description (an empty one is still one).
     pub(crate) has: u8,
@@ -146,20 +158,31 @@ pub struct Item {
     pub(crate) price: f64,
     pub(crate) popularity: f32,
     pub(crate) in_stock: bool,
-    /// Tag indexes into [`Catalog::tags`] (sorted, distinct), then the dense item indexes of
-    /// accessories (as declared, deduplicated).
-    pub(crate) refs: Box<[u32]>,
-    /// How many of `refs` are tags.
+    /// Where the item's references start in [`Items::refs`], and how many: tag indexes into
+    /// [`Catalog::tags`] (sorted, distinct), then the dense item indexes of accessories (as
+    /// declared, deduplicated).
+    pub(crate) refs_at: u32,
+    pub(crate) refs_len: u32,
+    /// How many of the references are tags.
     pub(crate) n_tags: u8,
 }
 
 const HAS_IMAGE: u8 = 1;
 const HAS_DESCRIPTION: u8 = 2;
 
-impl Item {
-    /// An item from its fields (`tags` and `accessories` already resolved to indexes).
+impl Items {
+    pub(crate) fn with_capacity(items: usize) -> Items {
+        Items {
+            records: Vec::with_capacity(items),
+            text: String::new(),
+            refs: Vec::new(),
+        }
+    }
+
+    /// Adds an item from its fields (`tags` and `accessories` already resolved to indexes).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    pub(crate) fn push(
+        &mut self,
         sku: &str,
         name: &str,
         image: Option<&str>,
@@ -170,22 +193,21 @@ impl Item {
         in_stock: bool,
         tags: &[u32],
         accessories: &[u32],
-    ) -> Item {
-        let mut text = String::with_capacity(
-            sku.len() + name.len() + image.map_or(0, str::len) + description.map_or(0, str::len),
-        );
+    ) {
+        let text_at = self.text.len();
         let mut ends = [0u32; 3];
         for (end, part) in ends.iter_mut().zip([sku, name, image.unwrap_or("")]) {
-            text.push_str(part);
-            *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
+            self.text.push_str(part);
+            *end = offset(self.text.len() - text_at);
         }
-        text.push_str(description.unwrap_or(""));
-        let mut refs = Vec::with_capacity(tags.len() + accessories.len());
-        refs.extend_from_slice(tags);
-        refs.extend_from_slice(accessories);
-        Item {
+        self.text.push_str(description.unwrap_or(""));
+        let refs_at = self.refs.len();
+        self.refs.extend_from_slice(tags);
+        self.refs.extend_from_slice(accessories);
+        self.records.push(ItemRecord {
             id: ItemId::of_sku(sku),
-            text: text.into_boxed_str(),
+            text_at: offset(text_at),
+            text_len: offset(self.text.len() - text_at),
             ends,
             has: u8::from(image.is_some()) * HAS_IMAGE
                 + u8::from(description.is_some()) * HAS_DESCRIPTION,
@@ -193,80 +215,149 @@ impl Item {
             price,
             popularity,
             in_stock,
-            refs: refs.into_boxed_slice(),
+            refs_at: offset(refs_at),
+            refs_len: offset(self.refs.len() - refs_at),
             // at most MAX_TAGS_PER_ITEM (16), checked by the compiler
             n_tags: u8::try_from(tags.len()).unwrap_or(u8::MAX),
-        }
+        });
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The item at a dense index.
+    pub(crate) fn get(&self, index: usize) -> Option<Item<'_>> {
+        self.records.get(index).map(|r| self.item(r))
+    }
+
+    /// Every item, in dense index order.
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = Item<'_>> + '_ {
+        self.records.iter().map(|r| self.item(r))
+    }
+
+    /// The item of one record. A span out of range (a corrupt image, before it is checked)
+    /// reads as empty.
+    fn item<'a>(&'a self, rec: &'a ItemRecord) -> Item<'a> {
+        let text_at = rec.text_at as usize;
+        let refs_at = rec.refs_at as usize;
+        Item {
+            rec,
+            text: self
+                .text
+                .get(text_at..text_at + rec.text_len as usize)
+                .unwrap_or(""),
+            refs: self
+                .refs
+                .get(refs_at..refs_at + rec.refs_len as usize)
+                .unwrap_or(&[]),
+        }
+    }
+}
+
+/// An offset into the catalog's text or references. The catalog's limits (100k items, 64
+/// references and a few KB of text each) keep every one far below `u32::MAX`.
+fn offset(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// One item of a compiled catalog: a view of its record, text and references.
+#[derive(Clone, Copy, Debug)]
+pub struct Item<'a> {
+    pub(crate) rec: &'a ItemRecord,
+    /// SKU, name, image and description, one after the other.
+    text: &'a str,
+    refs: &'a [u32],
+}
+
+impl<'a> Item<'a> {
     /// Part `i` of the text: 0 SKU, 1 name, 2 image, 3 description.
-    fn part(&self, i: usize) -> &str {
+    fn part(self, i: usize) -> &'a str {
         let start = match i {
             0 => 0,
-            _ => self.ends.get(i - 1).map_or(0, |e| *e as usize),
+            _ => self.rec.ends.get(i - 1).map_or(0, |e| *e as usize),
         };
-        let end = self.ends.get(i).map_or(self.text.len(), |e| *e as usize);
+        let end = self
+            .rec
+            .ends
+            .get(i)
+            .map_or(self.text.len(), |e| *e as usize);
         self.text.get(start..end).unwrap_or("")
     }
 
-    /// Whether `text` and `ends` agree: ascending, within the text, on char boundaries (what a
-    /// loaded image must hold for the parts to be what was stored).
-    pub(crate) fn text_is_consistent(&self) -> bool {
+    /// Whether the text span and `ends` agree: within the catalog's text, ascending, on char
+    /// boundaries (what a loaded image must hold for the parts to be what was stored).
+    pub(crate) fn text_is_consistent(self, catalog_text: &str) -> bool {
+        let at = self.rec.text_at as usize;
+        let Some(text) = catalog_text.get(at..at + self.rec.text_len as usize) else {
+            return false;
+        };
         let mut previous = 0usize;
-        self.ends.iter().all(|e| {
+        self.rec.ends.iter().all(|e| {
             let e = *e as usize;
-            let ok = e >= previous && e <= self.text.len() && self.text.is_char_boundary(e);
+            let ok = e >= previous && e <= text.len() && text.is_char_boundary(e);
             previous = e;
             ok
         })
     }
 
+    /// All references: tags, then accessories.
+    pub(crate) fn refs(self) -> &'a [u32] {
+        self.refs
+    }
+
     /// The tag indexes, sorted.
-    pub(crate) fn tag_indexes(&self) -> &[u32] {
-        self.refs.get(..usize::from(self.n_tags)).unwrap_or(&[])
+    pub(crate) fn tag_indexes(self) -> &'a [u32] {
+        self.refs.get(..usize::from(self.rec.n_tags)).unwrap_or(&[])
     }
 
     /// The accessories' dense item indexes, as declared.
-    pub(crate) fn accessory_indexes(&self) -> &[u32] {
-        self.refs.get(usize::from(self.n_tags)..).unwrap_or(&[])
+    pub(crate) fn accessory_indexes(self) -> &'a [u32] {
+        self.refs.get(usize::from(self.rec.n_tags)..).unwrap_or(&[])
     }
 
     /// The compact id profiles use: `ItemId::of_sku(sku)`.
-    pub fn id(&self) -> ItemId {
-        self.id
+    pub fn id(self) -> ItemId {
+        self.rec.id
     }
-    pub fn sku(&self) -> &str {
+    pub fn sku(self) -> &'a str {
         // the hottest part (popularity ties, lookups by SKU): no general `part` here
-        self.text.get(..self.ends[0] as usize).unwrap_or_default()
+        self.text
+            .get(..self.rec.ends[0] as usize)
+            .unwrap_or_default()
     }
-    pub fn name(&self) -> &str {
+    pub fn name(self) -> &'a str {
         self.part(1)
     }
     /// Price in currency units.
-    pub fn price(&self) -> f64 {
-        self.price
+    pub fn price(self) -> f64 {
+        self.rec.price
     }
     /// Price in cents, rounded.
-    pub fn price_cents(&self) -> u64 {
+    pub fn price_cents(self) -> u64 {
         // Validated finite and within 0..=MAX_PRICE, so the cast is exact enough and in range.
-        (self.price * 100.0).round() as u64
+        (self.rec.price * 100.0).round() as u64
     }
     /// Popularity in 0..=1.
-    pub fn popularity(&self) -> f32 {
-        self.popularity
+    pub fn popularity(self) -> f32 {
+        self.rec.popularity
     }
-    pub fn in_stock(&self) -> bool {
-        self.in_stock
+    pub fn in_stock(self) -> bool {
+        self.rec.in_stock
     }
-    pub fn image(&self) -> Option<&str> {
-        (self.has & HAS_IMAGE != 0).then(|| self.part(2))
+    pub fn image(self) -> Option<&'a str> {
+        (self.rec.has & HAS_IMAGE != 0).then(|| self.part(2))
     }
-    pub fn description(&self) -> Option<&str> {
-        (self.has & HAS_DESCRIPTION != 0).then(|| self.part(3))
+    pub fn description(self) -> Option<&'a str> {
+        (self.rec.has & HAS_DESCRIPTION != 0).then(|| self.part(3))
     }
     /// Dense index of the item's category; see [`Catalog::category_at`].
-    pub fn category_index(&self) -> usize {
-        usize::from(self.category)
+    pub fn category_index(self) -> usize {
+        usize::from(self.rec.category)
     }
 }
 
@@ -287,7 +378,7 @@ pub struct ItemView<'a> {
 pub struct Catalog {
     pub(crate) version: u32,
     pub(crate) categories: Vec<Category>,
-    pub(crate) items: Vec<Item>,
+    pub(crate) items: Items,
     /// Open-addressing table from [`ItemId`] to dense index (`EMPTY` = free slot), at most
     /// half full. Ids are already hashes, so one multiply spreads them; lookups are one or two
     /// probes instead of a 14-step binary search over 10k ids (profiles are resolved to items
@@ -370,7 +461,7 @@ impl Catalog {
     }
 
     /// Items in declaration order (their dense index order).
-    pub fn items(&self) -> impl ExactSizeIterator<Item = &Item> + '_ {
+    pub fn items(&self) -> impl ExactSizeIterator<Item = Item<'_>> + '_ {
         self.items.iter()
     }
 
@@ -385,12 +476,12 @@ impl Catalog {
     }
 
     /// The item with this id.
-    pub fn item(&self, id: ItemId) -> Option<&Item> {
+    pub fn item(&self, id: ItemId) -> Option<Item<'_>> {
         self.index_of(id).and_then(|i| self.items.get(i))
     }
 
     /// The item with this SKU.
-    pub fn item_by_sku(&self, sku: &str) -> Option<&Item> {
+    pub fn item_by_sku(&self, sku: &str) -> Option<Item<'_>> {
         match self.item(ItemId::of_sku(sku)) {
             Some(it) if it.sku() == sku => Some(it),
             // The SKU's id collides with an earlier item's (rare): find it the slow way.
@@ -427,7 +518,7 @@ impl Catalog {
     }
 
     /// The item at a dense index.
-    pub fn item_at(&self, index: usize) -> Option<&Item> {
+    pub fn item_at(&self, index: usize) -> Option<Item<'_>> {
         self.items.get(index)
     }
 
@@ -449,8 +540,8 @@ impl Catalog {
     }
 
     /// The category an item belongs to.
-    pub fn category_of(&self, item: &Item) -> Option<&Category> {
-        self.categories.get(usize::from(item.category))
+    pub fn category_of(&self, item: Item<'_>) -> Option<&Category> {
+        self.categories.get(usize::from(item.rec.category))
     }
 
     /// The compact category id of the item with this id (what the fold needs to credit interest).
@@ -461,7 +552,7 @@ impl Catalog {
     }
 
     /// Items of a category, most popular first.
-    pub fn items_in<'a>(&'a self, category: &'a Category) -> impl Iterator<Item = &'a Item> + 'a {
+    pub fn items_in<'a>(&'a self, category: &'a Category) -> impl Iterator<Item = Item<'a>> + 'a {
         category
             .items
             .iter()
@@ -480,14 +571,14 @@ impl Catalog {
     }
 
     /// Accessories of an item, as declared.
-    pub fn accessories_of<'a>(&'a self, item: &'a Item) -> impl Iterator<Item = &'a Item> + 'a {
+    pub fn accessories_of<'a>(&'a self, item: Item<'a>) -> impl Iterator<Item = Item<'a>> + 'a {
         item.accessory_indexes()
             .iter()
             .filter_map(|i| self.items.get(*i as usize))
     }
 
     /// Tags of an item, sorted.
-    pub fn tags_of<'a>(&'a self, item: &'a Item) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn tags_of<'a>(&'a self, item: Item<'a>) -> impl Iterator<Item = &'a str> + 'a {
         item.tag_indexes()
             .iter()
             .filter_map(|t| self.tags.get(*t as usize))
@@ -495,19 +586,19 @@ impl Catalog {
     }
 
     /// All items, most popular first (ties by SKU).
-    pub fn popular(&self) -> impl Iterator<Item = &Item> + '_ {
+    pub fn popular(&self) -> impl Iterator<Item = Item<'_>> + '_ {
         self.popular
             .iter()
             .filter_map(|i| self.items.get(*i as usize))
     }
 
     /// The API view of an item.
-    pub fn view<'a>(&'a self, item: &'a Item) -> ItemView<'a> {
+    pub fn view<'a>(&'a self, item: Item<'a>) -> ItemView<'a> {
         ItemView {
             sku: item.sku(),
             name: item.name(),
             category: self.category_of(item).map_or("", |c| c.slug.as_str()),
-            price: item.price,
+            price: item.price(),
             image: item.image(),
         }
     }

@@ -83,7 +83,7 @@ impl<'a, 'p, 's> Request<'a, 'p, 's> {
         }
         catalog
             .categories
-            .get(usize::from(it.category))
+            .get(usize::from(it.rec.category))
             .map_or(&[], |c| &c.accessory_categories)
     }
 

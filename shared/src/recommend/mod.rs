@@ -134,7 +134,7 @@ pub struct RecommendedItem {
 
 impl RecommendedItem {
     /// The catalog item.
-    pub fn get<'c>(&self, catalog: &'c Catalog) -> Option<&'c Item> {
+    pub fn get<'c>(&self, catalog: &'c Catalog) -> Option<Item<'c>> {
         catalog.item_at(self.index as usize)
     }
 
