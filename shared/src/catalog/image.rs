@@ -499,6 +499,49 @@ mod tests {
         );
     }
 
+    /// An image that claims more items than a catalog may hold is refused while decoding,
+    /// before its items are stored.
+    #[test]
+    fn an_image_of_too_many_items_is_refused() {
+        #[derive(Serialize)]
+        struct Image<'a> {
+            version: u32,
+            categories: &'a [Category],
+            items: Vec<ItemOut<'a>>,
+            tags: &'a [String],
+            popular: &'a [u32],
+            id_collisions: &'a [(String, String)],
+            fingerprint: u64,
+        }
+        let item = || ItemOut {
+            id: ItemId::of_sku("a"),
+            text: "aA",
+            ends: [1, 2, 2],
+            has: 0,
+            category: 0,
+            price: 1.0,
+            popularity: 0.5,
+            in_stock: true,
+            refs: &[],
+            n_tags: 0,
+        };
+        let bytes = postcard::to_allocvec(&Image {
+            version: 1,
+            categories: &[],
+            items: (0..=MAX_ITEMS).map(|_| item()).collect(),
+            tags: &[],
+            popular: &[],
+            id_collisions: &[],
+            fingerprint: 0,
+        })
+        .expect("encodes");
+        let e = postcard::from_bytes::<CatalogImage>(&bytes)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!e.is_empty(), "decoded an image of {} items", MAX_ITEMS + 1);
+    }
+
     /// Each inconsistency an image could carry is refused, naming it.
     #[test]
     fn inconsistent_images_are_refused() {
