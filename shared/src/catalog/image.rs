@@ -159,7 +159,7 @@ fn check_items(
 ) -> Result<(), String> {
     let n = items.len();
     for it in items.iter() {
-        let problem = if !it.text_is_consistent(&items.text) {
+        let problem = if !it.text_is_consistent() {
             "text offsets out of order"
         } else if it.id() != ItemId::of_sku(it.sku()) {
             "id is not its SKU's hash"

@@ -289,17 +289,14 @@ impl<'a> Item<'a> {
         self.text.get(start..end).unwrap_or("")
     }
 
-    /// Whether the text span and `ends` agree: within the catalog's text, ascending, on char
-    /// boundaries (what a loaded image must hold for the parts to be what was stored).
-    pub(crate) fn text_is_consistent(self, catalog_text: &str) -> bool {
-        let at = self.rec.text_at as usize;
-        let Some(text) = catalog_text.get(at..at + self.rec.text_len as usize) else {
-            return false;
-        };
+    /// Whether `ends` agree with the item's text: ascending, within it, on char boundaries
+    /// (what a loaded image must hold for the parts to be what was stored). The text's own
+    /// span is in range by construction: the image decoder appends it and records where.
+    pub(crate) fn text_is_consistent(self) -> bool {
         let mut previous = 0usize;
         self.rec.ends.iter().all(|e| {
             let e = *e as usize;
-            let ok = e >= previous && e <= text.len() && text.is_char_boundary(e);
+            let ok = e >= previous && e <= self.text.len() && self.text.is_char_boundary(e);
             previous = e;
             ok
         })
