@@ -4,6 +4,7 @@
 //! [`raw_status`] writes bytes by hand, for hostile requests a real client refuses to send.
 
 pub mod demo_site;
+pub mod load;
 pub mod site;
 pub mod stack;
 pub mod workerd;

@@ -1,5 +1,5 @@
-//! Load benchmark of the edge worker on the real workerd runtime, driven by `wrk` over
-//! loopback: personalized recommendations with a warm cache and with a cold one (every request
+//! Load benchmark of the edge worker on the real workerd runtime, driven over loopback by a
+//! closed-loop client (`tests::load`, which times every request itself): personalized recommendations with a warm cache and with a cold one (every request
 //! reads KV), against `/healthz` on the same worker in the same run, through `wrangler dev`;
 //! then on standalone workerd (`tests::workerd`, no Node proxy in the path) against an empty
 //! route (an unknown path: the worker's 404, no KV, no recommender), with the CPU time workerd
@@ -14,14 +14,13 @@ use shared::ids::Secs;
 use shared::keys::UserKey;
 use shared::wire::{Codec, SyncBatch, SyncItem, encode_batch};
 use std::path::Path;
-use std::process::Command;
 use tests::workerd::Workerd;
 use tests::{http, start_worker_with, temp_dir, worker_bundle};
 
 const USER_KEY_SECRET: &[u8] = tests::DEV_USER_KEY_SECRET;
 const USERS: usize = 10_000;
 const WARM_USERS: usize = 500;
-const CONNECTIONS: &str = "4";
+const CONNECTIONS: usize = 4;
 
 #[derive(Debug)]
 struct Run {
@@ -31,12 +30,9 @@ struct Run {
     p99_ms: f64,
     requests: u64,
     errors: u64,
-    /// (percentile, ms) from wrk's latency histogram, for the report's plot.
+    /// (percentile, ms) from the run's latencies, for the report's plot.
     curve: Vec<(f64, f64)>,
 }
-
-/// wrk's `done` hook: the latency distribution at these percentiles, one line each.
-const PERCENTILES_LUA: &str = "done = function(summary, latency, requests)\n  for _, p in ipairs({1,5,10,20,30,40,50,60,70,80,90,95,97,99,99.5,99.9}) do\n    io.write(string.format(\"pct %g %d\\n\", p, latency:percentile(p)))\n  end\nend\n";
 
 fn main() {
     let secs: u32 = std::env::args()
@@ -53,8 +49,6 @@ fn run(secs: u32) -> Result<(), String> {
     let bundle =
         worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
     let state = temp_dir("edge-load");
-    let lua_dir = state.join("lua");
-    std::fs::create_dir_all(&lua_dir).map_err(|e| e.to_string())?;
     let users: Vec<String> = (0..USERS).map(|n| format!("load-u{n}")).collect();
 
     println!("==> seeding {USERS} profiles into local KV through signed /v1/sync batches");
@@ -62,31 +56,23 @@ fn run(secs: u32) -> Result<(), String> {
     seed(worker.port, &users)?;
 
     let mut runs = Vec::new();
-    runs.push(wrk(
-        worker.port,
-        "healthz",
-        "/healthz",
-        None,
-        &lua_dir,
-        secs,
-    )?);
+    runs.push(load(worker.port, "healthz", "/healthz", None, secs)?);
     // warm: the same few hundred shoppers, all cached after the first request each
-    let warm = &users[..WARM_USERS];
-    warm_up(worker.port, warm)?;
-    runs.push(wrk(
+    let mut warm = Shopper::signed_in(&users[..WARM_USERS]);
+    warm_up(worker.port, &mut warm)?;
+    let warm = Shopper::forgetting_cookies(&warm);
+    runs.push(load(
         worker.port,
         "recommendations, warm cache",
         "/v1/recommendations?slot=home&k=8",
-        Some(warm),
-        &lua_dir,
+        Some(&warm),
         secs,
     )?);
-    runs.push(wrk(
+    runs.push(load(
         worker.port,
         "home page (HTML), warm cache",
         "/",
-        Some(warm),
-        &lua_dir,
+        Some(&warm),
         secs,
     )?);
     drop(worker);
@@ -96,27 +82,25 @@ fn run(secs: u32) -> Result<(), String> {
         &state.join("kv"),
         &[("ORIGIN_URL", ""), ("PROFILE_TTL_SECS", "0")],
     )?;
-    runs.push(wrk(
+    runs.push(load(
         cold_worker.port,
         "healthz (cold worker)",
         "/healthz",
         None,
-        &lua_dir,
         secs,
     )?);
-    runs.push(wrk(
+    runs.push(load(
         cold_worker.port,
         "recommendations, cold (KV read each)",
         "/v1/recommendations?slot=home&k=8",
-        Some(&users),
-        &lua_dir,
+        Some(&Shopper::signed_in(&users)),
         secs,
     )?);
     drop(cold_worker);
 
     println!();
     println!(
-        "edge load on workerd via `wrangler dev`, wrk -c{CONNECTIONS} -t1 -d{secs}s, loopback, {} cores",
+        "edge load on workerd via `wrangler dev`, {CONNECTIONS} connections closed-loop, {secs} s per run, loopback, {} cores",
         cores()
     );
     print_runs(&runs);
@@ -131,7 +115,7 @@ fn run(secs: u32) -> Result<(), String> {
         "cold recommendations p50 / healthz p50 (same worker) = {:.2}x",
         p50(4) / p50(3)
     );
-    let standalone = standalone(&bundle, &state, &users, &lua_dir, secs)?;
+    let standalone = standalone(&bundle, &state, &users, secs)?;
     if runs.iter().any(|r| r.requests == 0) {
         return Err("a run completed no requests".into());
     }
@@ -159,13 +143,12 @@ fn run(secs: u32) -> Result<(), String> {
 /// Requests per route for the CPU-time samples.
 const CPU_SAMPLES: usize = 1500;
 
-/// The worker on standalone workerd: wrk against an empty route and the personalized ones,
+/// The worker on standalone workerd: load against an empty route and the personalized ones,
 /// and the CPU time per request; returns the figures as JSON.
 fn standalone(
     bundle: &Path,
     state: &Path,
     users: &[String],
-    lua_dir: &Path,
     secs: u32,
 ) -> Result<serde_json::Value, String> {
     println!("==> standalone workerd: seeding {} profiles", users.len());
@@ -175,64 +158,79 @@ fn standalone(
         &[("ORIGIN_URL", ""), ("METRICS_TOKEN", METRICS_TOKEN)],
     )?;
     seed(wd.port, users)?;
-    let warm = &users[..WARM_USERS];
-    warm_up(wd.port, warm)?;
+    // browsers: each echoes the session cookie its first answer set, as a shopper's does
+    let mut warm = Shopper::signed_in(&users[..WARM_USERS]);
+    warm_up(wd.port, &mut warm)?;
+    // the same shoppers on a first visit: no cookie yet, so each answer signs a new one
+    let first_visit = Shopper::forgetting_cookies(&warm);
+    let with_cookie = warm.iter().filter(|s| s.cookie.is_some()).count();
+    println!(
+        "    {with_cookie} of {} shoppers hold a session cookie",
+        warm.len()
+    );
+    if with_cookie == 0 {
+        return Err("no answer set a session cookie (is USER_KEY_SECRET set?)".into());
+    }
     const EMPTY: &str = "/v1/nothing-here";
     const RECS: &str = "/v1/recommendations?slot=home&k=8";
-    let runs = [
-        wrk(
-            wd.port,
-            "workerd: empty route (404, wrk's non-2xx)",
-            EMPTY,
-            None,
-            lua_dir,
-            secs,
-        )?,
-        wrk(
-            wd.port,
-            "workerd: recommendations, warm cache",
-            RECS,
-            Some(warm),
-            lua_dir,
-            secs,
-        )?,
-        wrk(
-            wd.port,
-            "workerd: home page (HTML), warm cache",
-            "/",
-            Some(warm),
-            lua_dir,
-            secs,
-        )?,
-    ];
+    // the routes take turns, a second each, so the machine's noise falls on all of them alike
+    let runs = load_interleaved(
+        wd.port,
+        &[
+            // the same requests as the personalized runs' but for the path, so the client's
+            // work and the bytes sent are the same in the baseline
+            (
+                "workerd: empty route (404, counted as non-2xx)",
+                EMPTY,
+                &warm,
+            ),
+            ("workerd: recommendations, warm cache", RECS, &warm),
+            ("workerd: home page (HTML), warm cache", "/", &warm),
+            (
+                "workerd: recommendations, warm cache, no session cookie",
+                RECS,
+                &first_visit,
+            ),
+        ],
+        secs,
+    )?;
     // CPU per request: one request at a time, workerd's CPU clock read around each. Warmed
-    // again first: with longer runs the wrk runs above outlast the profile TTL (30 s), and the
+    // again first: with longer runs the load runs above outlast the profile TTL (30 s), and the
     // "warm cache" requests would then read KV and count its round trip as their CPU time; the
     // worker's own miss counter shows that none did.
-    warm_up(wd.port, warm)?;
+    warm_up(wd.port, &mut warm)?;
     let misses_before = profile_cache_misses(wd.port)?;
     println!("==> standalone workerd: CPU time per request, {CPU_SAMPLES} each, alternating");
-    let tokens: Vec<String> = warm.iter().map(|u| tests::bearer(u)).collect();
     let mut empty_us = Vec::with_capacity(CPU_SAMPLES);
     let mut recs_us = Vec::with_capacity(CPU_SAMPLES);
+    let mut first_visit_us = Vec::with_capacity(CPU_SAMPLES);
     let cpu = || {
         wd.cpu_ns()
             .ok_or("workerd's CPU time is not readable (/proc)")
     };
+    // one kept-alive connection, as a browser's: the figures are per request, not per
+    // connection accepted and closed
+    let mut conn = tests::load::Conn::open(wd.port).map_err(|e| e.to_string())?;
+    let empty_requests = requests(wd.port, EMPTY, &warm);
+    let recs_requests = requests(wd.port, RECS, &warm);
+    let first_visit_requests = requests(wd.port, RECS, &first_visit);
     for i in 0..CPU_SAMPLES {
-        let before = cpu()?;
-        let r = http(wd.port, "GET", EMPTY, &[], b"").map_err(|e| e.to_string())?;
-        empty_us.push((cpu()? - before) as f64 / 1000.0);
-        if r.status != 404 {
-            return Err(format!("the empty route answered {}", r.status));
-        }
-        let token = &tokens[i % tokens.len()];
-        let before = cpu()?;
-        let r = http(wd.port, "GET", RECS, &[("authorization", token)], b"")
-            .map_err(|e| e.to_string())?;
-        recs_us.push((cpu()? - before) as f64 / 1000.0);
-        if r.status != 200 {
-            return Err(format!("recommendations answered {}", r.status));
+        for (request, samples, want) in [
+            (&empty_requests, &mut empty_us, 404),
+            (&recs_requests, &mut recs_us, 200),
+            (&first_visit_requests, &mut first_visit_us, 200),
+        ] {
+            let before = cpu()?;
+            let answer = conn
+                .exchange(&request[i % request.len()])
+                .map_err(|e| e.to_string())?;
+            samples.push((cpu()? - before) as f64 / 1000.0);
+            if answer.status != want {
+                return Err(format!("{RECS} or {EMPTY} answered {}", answer.status));
+            }
+            if answer.close {
+                conn = tests::load::Conn::open(wd.port).map_err(|e| e.to_string())?;
+            }
         }
     }
     let kv_reads = profile_cache_misses(wd.port)? - misses_before;
@@ -245,9 +243,15 @@ fn standalone(
         "empty_p99_us": pct(&mut empty_us, 0.99),
         "recs_p50_us": pct(&mut recs_us, 0.5),
         "recs_p99_us": pct(&mut recs_us, 0.99),
+        "empty_mean_us": mean(&empty_us),
+        "recs_mean_us": mean(&recs_us),
+        "first_visit_p50_us": pct(&mut first_visit_us, 0.5),
+        "first_visit_p99_us": pct(&mut first_visit_us, 0.99),
     });
     println!();
-    println!("standalone workerd, wrk -c{CONNECTIONS} -t1 -d{secs}s");
+    println!(
+        "standalone workerd, {CONNECTIONS} connections closed-loop, the routes in turns of 1 s, {secs} s each"
+    );
     print_runs(&runs);
     let p50_ratio = runs[1].p50_ms / runs[0].p50_ms;
     let p99_ratio = runs[1].p99_ms / runs[0].p99_ms;
@@ -260,6 +264,17 @@ fn standalone(
         num(&cpu_figures["empty_p99_us"]),
         num(&cpu_figures["recs_p50_us"]),
         num(&cpu_figures["recs_p99_us"]),
+    );
+    println!(
+        "  means: empty route {:.0} us, recommendations {:.0} us",
+        num(&cpu_figures["empty_mean_us"]),
+        num(&cpu_figures["recs_mean_us"]),
+    );
+    println!(
+        "  without a session cookie (each answer signs a new one): p50 {:.0} us p99 {:.0} us; load p50 {:.2}x the empty route",
+        num(&cpu_figures["first_visit_p50_us"]),
+        num(&cpu_figures["first_visit_p99_us"]),
+        runs[3].p50_ms / runs[0].p50_ms,
     );
     if runs.iter().any(|r| r.requests == 0) {
         return Err("a standalone workerd run completed no requests".into());
@@ -275,11 +290,14 @@ fn standalone(
     }))
 }
 
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
 fn num(v: &serde_json::Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
-/// One request per shopper, so each is in the isolate's cache before a warm run.
 /// `METRICS_TOKEN` of the standalone worker, for `/v1/metrics`.
 const METRICS_TOKEN: &str = "edge-load-metrics";
 
@@ -304,16 +322,66 @@ fn profile_cache_misses(port: u16) -> Result<u64, String> {
         })
 }
 
-fn warm_up(port: u16, users: &[String]) -> Result<(), String> {
-    for u in users {
-        http(
+/// What one signed-in shopper's browser sends: the bearer token the site issued and, once
+/// the edge answered it, the session cookie that answer set (browsers echo it back; without
+/// it every answer signs a new record).
+#[derive(Clone)]
+struct Shopper {
+    token: String,
+    cookie: Option<String>,
+}
+
+impl Shopper {
+    fn signed_in(users: &[String]) -> Vec<Shopper> {
+        users
+            .iter()
+            .map(|u| Shopper {
+                token: tests::bearer(u),
+                cookie: None,
+            })
+            .collect()
+    }
+
+    fn forgetting_cookies(shoppers: &[Shopper]) -> Vec<Shopper> {
+        shoppers
+            .iter()
+            .map(|s| Shopper {
+                cookie: None,
+                ..s.clone()
+            })
+            .collect()
+    }
+
+    fn headers(&self) -> Vec<(&str, &str)> {
+        let mut h = vec![("authorization", self.token.as_str())];
+        if let Some(c) = &self.cookie {
+            h.push(("cookie", c.as_str()));
+        }
+        h
+    }
+}
+
+/// One request per shopper, so each is in the isolate's cache before a warm run; keeps the
+/// session cookie each answer set, as the shopper's browser would.
+fn warm_up(port: u16, shoppers: &mut [Shopper]) -> Result<(), String> {
+    let prefix = format!("{}=", shared::session::COOKIE);
+    for s in shoppers {
+        let r = http(
             port,
             "GET",
             "/v1/recommendations?slot=home&k=8",
-            &[("authorization", &tests::bearer(u))],
+            &s.headers(),
             b"",
         )
         .map_err(|e| e.to_string())?;
+        if let Some(set) = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .find_map(|(_, v)| v.starts_with(&prefix).then_some(v))
+        {
+            s.cookie = set.split(';').next().map(str::to_owned);
+        }
     }
     Ok(())
 }
@@ -358,109 +426,94 @@ fn seed(port: u16, users: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn wrk(
+/// One closed-loop run (`tests::load`) of `CONNECTIONS` connections for `secs` seconds
+/// against `path`, each request with the next shopper's headers (`None`: no headers).
+fn load(
     port: u16,
     name: &'static str,
     path: &str,
-    users: Option<&[String]>,
-    lua_dir: &Path,
+    users: Option<&[Shopper]>,
     secs: u32,
 ) -> Result<Run, String> {
     println!("==> {name}: {path}");
-    let mut cmd = Command::new("wrk");
-    cmd.args([
-        "-t1",
-        "-c",
+    let requests = match users {
+        Some(users) => requests(port, path, users),
+        None => vec![tests::load::get_request(port, path, &[])],
+    };
+    let run = tests::load::closed_loop(
+        port,
         CONNECTIONS,
-        "-d",
-        &format!("{secs}s"),
-        "--latency",
-    ]);
-    let mut script = PERCENTILES_LUA.to_owned();
-    if let Some(users) = users {
-        // rotate the shopper per request
-        // each shopper signed in with its own token, as the site would have issued
-        let list: Vec<String> = users
-            .iter()
-            .map(|u| format!("{:?}", tests::bearer(u)))
-            .collect();
-        script += &format!(
-            "local users = {{{}}}\nlocal i = 0\nrequest = function()\n  i = i % #users + 1\n  return wrk.format(\"GET\", {path:?}, {{[\"authorization\"] = users[i]}})\nend\n",
-            list.join(",")
-        );
-    }
-    let file = lua_dir.join(format!(
-        "{}.lua",
-        name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
-    ));
-    std::fs::write(&file, script).map_err(|e| e.to_string())?;
-    cmd.arg("-s").arg(&file);
-    cmd.arg(format!("http://127.0.0.1:{port}{path}"));
-    let out = cmd
-        .output()
-        .map_err(|e| format!("could not run wrk (run `cargo xtask setup`): {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "wrk failed: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    parse_wrk(name, &text).ok_or_else(|| format!("could not read wrk's output:\n{text}"))
+        std::time::Duration::from_secs(secs.into()),
+        &requests,
+    )
+    .map_err(|e| format!("{name}: {e}"))?;
+    Ok(summary(name, &run))
 }
 
-fn parse_wrk(name: &'static str, text: &str) -> Option<Run> {
-    let ms = |v: &str| -> Option<f64> {
-        let v = v.trim();
-        if let Some(x) = v.strip_suffix("us") {
-            x.parse::<f64>().ok().map(|x| x / 1000.0)
-        } else if let Some(x) = v.strip_suffix("ms") {
-            x.parse().ok()
-        } else if let Some(x) = v.strip_suffix('s') {
-            x.parse::<f64>().ok().map(|x| x * 1000.0)
-        } else {
-            None
-        }
-    };
-    let field = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(str::trim))
-    };
-    let requests = text
-        .lines()
-        .find(|l| l.contains("requests in"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let errors = text
-        .lines()
-        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
-        .map(|l| {
-            l.split(|c: char| !c.is_ascii_digit())
-                .filter_map(|n| n.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum();
-    let curve = text
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix("pct ")?.split_whitespace();
-            let p: f64 = w.next()?.parse().ok()?;
-            let us: f64 = w.next()?.parse().ok()?;
-            Some((p, us / 1000.0))
-        })
+/// `routes` (name, path, shoppers) in turns of one second, `secs` turns each.
+fn load_interleaved(
+    port: u16,
+    routes: &[(&'static str, &str, &[Shopper])],
+    secs: u32,
+) -> Result<Vec<Run>, String> {
+    for (name, path, _) in routes {
+        println!("==> {name}: {path}");
+    }
+    println!("    in turns of 1 s, {secs} each");
+    let sets: Vec<Vec<Vec<u8>>> = routes
+        .iter()
+        .map(|(_, path, users)| requests(port, path, users))
         .collect();
-    Some(Run {
-        name,
-        curve,
-        rps: field("Requests/sec:")?.parse().ok()?,
-        p50_ms: ms(field("50%")?)?,
-        p99_ms: ms(field("99%")?)?,
-        requests,
-        errors,
-    })
+    let runs = tests::load::interleaved(
+        port,
+        CONNECTIONS,
+        std::time::Duration::from_secs(1),
+        secs,
+        &sets,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(routes
+        .iter()
+        .zip(&runs)
+        .map(|((name, _, _), run)| summary(name, run))
+        .collect())
 }
+
+/// Each shopper's request for `path`, with its browser's headers.
+fn requests(port: u16, path: &str, users: &[Shopper]) -> Vec<Vec<u8>> {
+    users
+        .iter()
+        .map(|u| tests::load::get_request(port, path, &u.headers()))
+        .collect()
+}
+
+fn summary(name: &'static str, run: &tests::load::LoadRun) -> Run {
+    println!(
+        "    {name}: {} answers, {} not 2xx, {} connection errors; mean latency x rate = {:.2} of {CONNECTIONS} connections busy",
+        run.answers,
+        run.non_2xx,
+        run.transport_errors,
+        run.busy_connections()
+    );
+    let curve = CURVE_PERCENTILES
+        .iter()
+        .map(|&p| (p, run.quantile_ms(p / 100.0)))
+        .collect();
+    Run {
+        name,
+        rps: run.rps(),
+        p50_ms: run.quantile_ms(0.5),
+        p99_ms: run.quantile_ms(0.99),
+        requests: run.answers,
+        errors: run.non_2xx + run.transport_errors,
+        curve,
+    }
+}
+
+/// The latency distribution kept for the report's plot, at these percentiles.
+const CURVE_PERCENTILES: [f64; 16] = [
+    1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 97.0, 99.0, 99.5, 99.9,
+];
 
 /// The runs as a Markdown table.
 fn print_runs(runs: &[Run]) {

@@ -300,7 +300,7 @@ fn bench(extra: &[String]) -> Result<()> {
         .cwd(root())
         .run()?;
     step(
-        "edge: load on workerd (wrk against wrangler dev, then standalone workerd with CPU time per request; about two minutes)",
+        "edge: load on workerd (a closed-loop client against wrangler dev, then standalone workerd with CPU time per request; about two minutes)",
     );
     on_the_bundle(bin("edge-load")).arg("8").run()?;
     step(

@@ -19,7 +19,6 @@ const APT_PACKAGES: &[&str] = &[
     // librdkafka with TLS and SASL/SCRAM (rdkafka's `ssl` feature)
     "libssl-dev",
     "chromium",
-    "wrk",
     "fonts-dejavu-core",
     // `promtool`, which checks and unit-tests the alerting rules in ops/prometheus
     "prometheus",
