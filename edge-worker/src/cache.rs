@@ -19,6 +19,7 @@ use shared::fold::fold;
 use shared::ids::Secs;
 use shared::keys::UserKey;
 use shared::profile::{EventTag, Profile};
+use shared::session;
 use shared::wire;
 
 /// Bookkeeping per entry besides its payload: key, timestamps, LRU links, map slot, allocator
@@ -37,6 +38,10 @@ pub struct Entry {
     /// The base version the local events were taken over: a newer base holds at most as many
     /// of them as it advanced past it.
     local_since: u64,
+    /// The session record (its tag, and when it was issued) known to show exactly this entry:
+    /// issued from it, or checked equal to it. Any change to the entry forgets it, so a
+    /// browser echoing that record needs neither the record decoded nor a new one signed.
+    shown: Option<([u8; session::TAG_LEN], u64)>,
     bytes: usize,
 }
 
@@ -48,6 +53,7 @@ impl Entry {
             fetched_at_ms,
             local: Vec::new(),
             local_since: 0,
+            shown: None,
             bytes: 0,
         };
         e.set_base(stored, fetched_at_ms);
@@ -86,6 +92,15 @@ impl Entry {
         self.base
             .as_deref()
             .and_then(|b| wire::decode_stored(b).ok())
+    }
+
+    /// Whether the session record with `tag` shows exactly this entry and is still within
+    /// its age at `now_s`. Compared in constant time: the tag is a MAC.
+    pub fn shows_record(&self, tag: &[u8; session::TAG_LEN], now_s: u64) -> bool {
+        self.shown.is_some_and(|(mine, issued_s)| {
+            let same = mine.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+            same && now_s.saturating_sub(issued_s) <= session::MAX_AGE_S
+        })
     }
 
     /// Whether the base is a tombstone (the shopper was erased).
@@ -339,6 +354,14 @@ impl ProfileCache {
         self.lru.peek(key).map(|e| (e.base(), e.local.clone()))
     }
 
+    /// Notes that the session record `tag`, issued at `issued_s`, shows `key`'s entry as it
+    /// is now (not a change: the entry keeps its place and what it holds).
+    pub fn mark_shown(&mut self, key: &UserKey, tag: [u8; session::TAG_LEN], issued_s: u64) {
+        if let Some(e) = self.lru.peek_mut(key) {
+            e.shown = Some((tag, issued_s));
+        }
+    }
+
     /// Whether `key` holds a not-yet-synced local event with this id.
     pub fn has_local(&self, key: &UserKey, id: &str) -> bool {
         self.lru
@@ -389,6 +412,8 @@ impl ProfileCache {
             None => Entry::new(None, now_ms),
         };
         let mut entry = entry;
+        // whatever changes, no record is known to show the entry any more
+        entry.shown = None;
         f(&mut entry);
         entry.recount();
         self.bytes += entry.bytes;

@@ -45,7 +45,8 @@ pub const MAX_AGE_S: u64 = 24 * 3600;
 /// record's layout (postcard of [`Session`], which holds a `Profile`): a record of another
 /// layout fails its tag and is ignored, never misread (v2: `Profile::folded`).
 const CONTEXT: &[u8] = b"edgewise/session/v2\0";
-const TAG_LEN: usize = 16;
+/// Bytes of the HMAC-SHA-256 a record is signed with (its first 16).
+pub const TAG_LEN: usize = 16;
 
 /// One of the shopper's own events, without the user (the record is bound to them).
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -89,6 +90,18 @@ pub struct Session {
 impl Session {
     /// The cookie value, signed; oldest events and then the base left out until it fits.
     pub fn encode(&self, secret: &[u8]) -> String {
+        self.encode_reporting(secret).0
+    }
+
+    /// [`Session::encode`], and whether the value holds the whole record (nothing was left
+    /// out to fit).
+    pub fn encode_reporting(&self, secret: &[u8]) -> (String, bool) {
+        if self.events.len() <= MAX_EVENTS {
+            let value = self.encode_as_is(secret);
+            if value.len() <= MAX_COOKIE_LEN {
+                return (value, true);
+            }
+        }
         let mut s = self.clone();
         if s.events.len() > MAX_EVENTS {
             s.events.drain(..s.events.len() - MAX_EVENTS);
@@ -96,14 +109,14 @@ impl Session {
         loop {
             let value = s.encode_as_is(secret);
             if value.len() <= MAX_COOKIE_LEN {
-                return value;
+                return (value, false);
             }
             if !s.events.is_empty() {
                 s.events.remove(0);
             } else if s.base.is_some() {
                 s.base = None;
             } else {
-                return value;
+                return (value, false);
             }
         }
     }
@@ -135,6 +148,19 @@ impl Session {
         let fresh = s.issued_s <= now_s + 300 && now_s.saturating_sub(s.issued_s) <= MAX_AGE_S;
         (s.user == *user && fresh).then_some(s)
     }
+}
+
+/// The tag a cookie value ends with, unverified: enough to recognise a record this isolate
+/// issued or already checked (see the edge's profile cache), never to trust a new one.
+pub fn tag_of(value: &str) -> Option<[u8; TAG_LEN]> {
+    let (_, sig) = value.rsplit_once('.')?;
+    let mut buf = [0u8; TAG_LEN + 8];
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode_slice(sig, &mut buf)
+        .ok()?;
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(buf.get(..TAG_LEN).filter(|_| n == TAG_LEN)?);
+    Some(tag)
 }
 
 fn tag(secret: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {

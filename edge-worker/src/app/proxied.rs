@@ -124,7 +124,7 @@ impl App {
         req: &HttpRequest,
         who: &Identity,
         stitched: Option<(Outbound, String)>,
-        shown: Option<&shared::session::Session>,
+        shown: Option<&super::session::Incoming>,
         now_ms: u64,
         handled: &mut Handled,
     ) {

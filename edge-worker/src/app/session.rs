@@ -6,21 +6,45 @@ use super::App;
 use crate::http::HttpRequest;
 use crate::identity::Identity;
 use shared::delta::Stored;
-use shared::session::{self, MAX_AGE_S, OwnEvent, Session};
+use shared::session::{self, MAX_AGE_S, OwnEvent, Session, TAG_LEN};
+
+/// The session record a request carried.
+pub(super) struct Incoming<'r> {
+    value: &'r str,
+    tag: [u8; TAG_LEN],
+    /// The record, verified and decoded; `None` when it was recognised instead (the record
+    /// this isolate's entry is known to show: adopting it again would change nothing).
+    record: Option<Session>,
+}
 
 impl App {
     /// Seeds this isolate's cache from the request's session cookie, when it carries a valid
     /// record for `who`. Returns the record, to tell later whether it changed.
-    pub(super) fn adopt_session(
+    pub(super) fn adopt_session<'r>(
         &self,
-        req: &HttpRequest,
+        req: &'r HttpRequest,
         who: &Identity,
         now_ms: u64,
-    ) -> Option<Session> {
+    ) -> Option<Incoming<'r>> {
         let secret = self.config.user_key_secret.as_deref()?;
         let key = self.key_of(who)?;
         let name = session::cookie_name(matches!(who, Identity::User(_)));
         let value = crate::token::cookie(req.header("cookie")?, name)?;
+        let tag = session::tag_of(value)?;
+        // a browser echoing the record its last answer here set, nothing changed since: the
+        // usual request, answered without verifying, decoding or adopting the record again
+        if self
+            .cache
+            .borrow()
+            .peek(&key)
+            .is_some_and(|e| e.shows_record(&tag, now_ms / 1000))
+        {
+            return Some(Incoming {
+                value,
+                tag,
+                record: None,
+            });
+        }
         let record = Session::decode(secret, value, &key, now_ms / 1000)?;
         let user = who.user_id();
         let events = record
@@ -32,7 +56,11 @@ impl App {
         self.cache
             .borrow_mut()
             .adopt(key, record.base.as_ref(), events, now_ms);
-        Some(record)
+        Some(Incoming {
+            value,
+            tag,
+            record: Some(record),
+        })
     }
 
     /// The `Set-Cookie` value carrying what this answer showed `who`, when it differs from
@@ -41,15 +69,42 @@ impl App {
         &self,
         req: &HttpRequest,
         who: &Identity,
-        incoming: Option<&Session>,
+        incoming: Option<&Incoming>,
         now_ms: u64,
     ) -> Option<String> {
         let secret = self.config.user_key_secret.as_deref()?;
         let key = self.key_of(who)?;
+        let now_s = now_ms / 1000;
+        if incoming.is_some_and(|i| {
+            self.cache
+                .borrow()
+                .peek(&key)
+                .is_some_and(|e| e.shows_record(&i.tag, now_s))
+        }) {
+            return None;
+        }
+        // recognised when the request came, but the entry changed since: read it now
+        let decoded;
+        let incoming = match incoming {
+            Some(Incoming {
+                record: Some(r),
+                tag,
+                ..
+            }) => Some((r, *tag)),
+            Some(Incoming {
+                value,
+                tag,
+                record: None,
+            }) => {
+                decoded = Session::decode(secret, value, &key, now_s);
+                decoded.as_ref().map(|r| (r, *tag))
+            }
+            None => None,
+        };
         let (mut base, events) = self.cache.borrow().session_state(&key)?;
         // never behind what the shopper was shown (the entry may have been evicted or dropped
         // while KV was read); a tombstone wins a tie
-        if let Some(old) = incoming.and_then(|r| r.base.as_ref()) {
+        if let Some(old) = incoming.and_then(|(r, _)| r.base.as_ref()) {
             let newer = base.as_ref().is_none_or(|b| {
                 old.version() > b.version()
                     || (old.version() == b.version()
@@ -62,22 +117,30 @@ impl App {
         }
         let events: Vec<OwnEvent> = events.iter().map(OwnEvent::of).collect();
         let unchanged = match incoming {
-            Some(old) => old.base == base && old.events == events,
+            Some((old, _)) => old.base == base && old.events == events,
             None => base.is_none() && events.is_empty(),
         };
         if unchanged {
+            if let Some((old, tag)) = incoming {
+                self.cache.borrow_mut().mark_shown(&key, tag, old.issued_s);
+            }
             return None;
         }
         let record = Session {
             user: key,
-            issued_s: now_ms / 1000,
+            issued_s: now_s,
             base,
             events,
         };
+        let (value, whole) = record.encode_reporting(secret);
+        // a record cut to fit a cookie does not show the entry: it is sent again next time
+        if whole && let Some(tag) = session::tag_of(&value) {
+            self.cache.borrow_mut().mark_shown(&key, tag, now_s);
+        }
         Some(format!(
             "{}={}; Path=/; Max-Age={MAX_AGE_S}; HttpOnly; SameSite=Lax{}",
             session::cookie_name(matches!(who, Identity::User(_))),
-            record.encode(secret),
+            value,
             if self.cookie_secure(req) {
                 "; Secure"
             } else {

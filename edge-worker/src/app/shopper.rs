@@ -329,7 +329,13 @@ impl App {
         let rec_ms = clock.now_ms() - t0;
         body.tier = Some(tier.as_str());
         body.profile_version = Some(found.version);
-        let mut reply = Reply::bytes_json(200, serde_json::to_vec(&body).unwrap_or_default());
+        // sized for eight items up front: growing from serde_json's 128 bytes took eight
+        // reallocations and copies per answer
+        let mut json = Vec::with_capacity(256 * body.items.len().max(1));
+        if serde_json::to_writer(&mut json, &body).is_err() {
+            json.clear();
+        }
+        let mut reply = Reply::bytes_json(200, json);
         tier_headers(&mut reply, tier, &found, rec_ms);
         reply.headers.push(no_store());
         Ok(reply)
@@ -696,7 +702,12 @@ pub(super) fn recommend<'s>(
 ) -> (Recs<'s>, Tier) {
     match Recommender::new(&site.catalog, &site.rules) {
         Ok(r) => {
-            let rec = r.recommend(profile, ctx);
+            // the recommender is built per request (the site is replaced under it), its buffers
+            // are not: they live as long as the isolate
+            let rec = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+                Ok(mut scratch) => r.recommend_with(&mut scratch, profile, ctx),
+                Err(_) => r.recommend(profile, ctx),
+            });
             let catalog = &site.catalog;
             let recs = Recs {
                 items: rec
@@ -731,6 +742,9 @@ pub(super) fn recommend<'s>(
 }
 
 thread_local! {
+    /// The recommender's working buffers, kept for the isolate's life (one request at a time
+    /// runs the recommender, which never awaits).
+    static SCRATCH: std::cell::RefCell<shared::recommend::Scratch> = Default::default();
     /// The bundled store, built the first time an isolate needs it and kept for its life.
     static BUNDLED: &'static Site = Box::leak(Box::new(Site::bundled()));
 }

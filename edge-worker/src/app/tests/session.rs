@@ -228,3 +228,52 @@ fn a_retried_event_counts_once() {
         1
     );
 }
+
+/// A browser echoing the record its last answer here set is recognised by the record's tag:
+/// no new cookie, and nothing of the cookie is believed beyond what the isolate already
+/// holds — a record edited under that tag (one more camera) adds nothing. Once the shopper's
+/// entry changes, the echoed record is read again and a new one sent.
+#[test]
+fn an_echoed_record_is_recognised_and_one_edited_under_its_tag_believed_for_nothing() {
+    use shared::session::{OwnEvent, Session};
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let w = World::new();
+    let mut browser = Browser::default();
+    browser.post_event(&w.app, &w, "alice", "a1", ADD_CAMERA);
+    let issued = browser.session.clone().expect("a session");
+    let reply = browser.send(&w.app, &w, HttpRequest::get("/v1/me"), "alice");
+    assert!(reply.header("set-cookie").is_none(), "{:?}", reply.headers);
+    assert_eq!(reply.body_json()["profile"]["cart"][0]["quantity"], 1);
+
+    // the same tag over a payload claiming a second camera
+    let (payload, tag) = issued.split_once('.').unwrap();
+    let mut record: Session =
+        postcard::from_bytes(&base64::Engine::decode(&b64, payload).unwrap()).unwrap();
+    let mut more = record.events[0].clone();
+    more.id = "a2".into();
+    record.events.push(OwnEvent { ..more });
+    let edited = format!(
+        "{}.{tag}",
+        base64::Engine::encode(&b64, postcard::to_allocvec(&record).unwrap())
+    );
+    for isolate in [&w.app, &App::new(config())] {
+        let mut mallory = Browser {
+            session: Some(edited.clone()),
+        };
+        let shown = mallory.me(isolate, &w, "alice");
+        assert!(
+            shown.is_null() || shown["cart"][0]["quantity"] == 1,
+            "{shown}"
+        );
+    }
+
+    // origin's profile arrives: the entry changed, so the echoed record no longer shows it
+    let a1 = event("alice", 1, ADD_CAMERA);
+    w.sync(vec![snapshot("alice", &profile_of("alice", &[a1]))]);
+    let mut echoing = Browser {
+        session: Some(issued.clone()),
+    };
+    let reply = echoing.send(&w.app, &w, HttpRequest::get("/v1/me"), "alice");
+    assert!(reply.header("set-cookie").is_some(), "{:?}", reply.headers);
+    assert_ne!(echoing.session.as_deref(), Some(issued.as_str()));
+}
