@@ -126,6 +126,11 @@ pub struct App {
     /// When the last config check started; `None` until an isolate's first request makes
     /// its first (every later one runs off the request path, see [`App::config_refresh_due`]).
     config_checked_ms: Cell<Option<u64>>,
+    /// The shopper whose profile a new isolate's first request read from KV alongside its
+    /// first config check, and how long that read took: the request's own lookup then finds
+    /// the profile cached and reports the read as its own (see [`App::first_config_check`]).
+    /// Taken by the next lookup, whoever's, so it never outlives the request it was made for.
+    prefetched: Cell<Option<(UserKey, f64)>>,
     /// A config check has completed without a failed read.
     config_loaded: Cell<bool>,
     /// What the last check that took in a document cost.
@@ -197,6 +202,7 @@ impl App {
             in_flight: RefCell::default(),
             writing: RefCell::default(),
             config_checked_ms: Cell::new(None),
+            prefetched: Cell::new(None),
             config_loaded: Cell::new(false),
             config_load: Cell::new(None),
             tokens_refused: RefCell::default(),

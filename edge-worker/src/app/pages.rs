@@ -24,7 +24,8 @@ impl App {
         mint: impl FnOnce() -> [u8; 16],
     ) -> Handled {
         let who = self.page_identity(req, now_ms, mint);
-        self.first_config_check(store, clock).await;
+        self.first_config_check(store, clock, self.key_of(&who), now_ms)
+            .await;
         let site = self.site();
         let current = req.path.strip_prefix("/p/").map(str::to_owned);
         let item = match &current {

@@ -69,7 +69,8 @@ impl App {
         mint: impl FnOnce() -> [u8; 16],
     ) -> PagePersonalization {
         let who = self.page_identity(req, now_ms, mint);
-        self.first_config_check(store, clock).await;
+        self.first_config_check(store, clock, self.key_of(&who), now_ms)
+            .await;
         let shown = self.adopt_session(req, &who, now_ms);
         let stitched = self.stitch(store, req, &who, now_ms).await;
         let key = self.key_of(&who);

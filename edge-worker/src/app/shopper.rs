@@ -49,7 +49,8 @@ impl App {
         mint: impl FnOnce() -> [u8; 16],
     ) -> Result<Handled, EdgeError> {
         let who = self.identify(req, now_ms, mint)?;
-        self.first_config_check(store, clock).await;
+        self.first_config_check(store, clock, self.key_of(&who), now_ms)
+            .await;
         // what the shopper was last shown, wherever that was (`shared::session`)
         let shown = self.adopt_session(req, &who, now_ms);
         // before the route, so what it answers already shows the joined profile
@@ -246,41 +247,16 @@ impl App {
             kv_ms: 0.0,
         };
         let Some(key) = key else { return out };
+        // read (and counted as a miss) alongside this isolate's first config check
+        let prefetched = self.prefetched.take().filter(|(k, _)| *k == key);
         let fetched = self.cache.borrow_mut().get(&key).map(|e| e.fetched_at_ms());
         let mut kv_failed = false;
-        if fetched.is_none_or(|t| now_ms.saturating_sub(t) > self.config.profile_ttl_ms) {
-            let t0 = clock.now_ms();
-            let got = store.get(&key.kv_key()).await;
-            out.kv_ms = clock.now_ms() - t0;
-            {
-                let mut m = self.metrics.borrow_mut();
-                m.cache_misses += 1;
-                m.kv_read(
-                    out.kv_ms,
-                    match &got {
-                        Ok(_) => KvOutcome::Ok,
-                        Err(StoreError::Timeout(_)) => KvOutcome::Timeout,
-                        Err(_) => KvOutcome::Error,
-                    },
-                );
-            }
-            match got {
-                Ok(value) => {
-                    let stored = value.and_then(|(bytes, _)| decode_stored(&key, &bytes));
-                    self.cache.borrow_mut().put_fetched(key, stored, now_ms);
-                }
-                Err(e) => {
-                    // A read slower than KV_TIMEOUT_MS is the tier ladder doing its job, and the
-                    // tier header says so on every answer; anything else is worth a look.
-                    if !matches!(e, StoreError::Timeout(_)) {
-                        log::warn(&format!(
-                            "KV read of {} failed; serving the cached profile, if any: {e}",
-                            key.kv_key()
-                        ));
-                    }
-                    kv_failed = true;
-                }
-            }
+        if let Some((_, kv_ms)) = prefetched.filter(|_| fetched.is_some()) {
+            out.kv_ms = kv_ms;
+        } else if fetched.is_none_or(|t| now_ms.saturating_sub(t) > self.config.profile_ttl_ms) {
+            let (kv_ms, read) = self.read_profile(store, clock, key, now_ms).await;
+            out.kv_ms = kv_ms;
+            kv_failed = !read;
         } else {
             self.metrics.borrow_mut().cache_hits += 1;
         }
@@ -306,6 +282,50 @@ impl App {
             (Some(_), false) => Tier::Fresh,
         };
         out
+    }
+
+    /// Reads the shopper's profile from KV into the cache, counting a cache miss: how long
+    /// the read took, and whether it answered (a failed one leaves the cache as it was).
+    pub(super) async fn read_profile<S: Store>(
+        &self,
+        store: &S,
+        clock: &dyn Clock,
+        key: UserKey,
+        now_ms: u64,
+    ) -> (f64, bool) {
+        let t0 = clock.now_ms();
+        let got = store.get(&key.kv_key()).await;
+        let kv_ms = clock.now_ms() - t0;
+        {
+            let mut m = self.metrics.borrow_mut();
+            m.cache_misses += 1;
+            m.kv_read(
+                kv_ms,
+                match &got {
+                    Ok(_) => KvOutcome::Ok,
+                    Err(StoreError::Timeout(_)) => KvOutcome::Timeout,
+                    Err(_) => KvOutcome::Error,
+                },
+            );
+        }
+        match got {
+            Ok(value) => {
+                let stored = value.and_then(|(bytes, _)| decode_stored(&key, &bytes));
+                self.cache.borrow_mut().put_fetched(key, stored, now_ms);
+                (kv_ms, true)
+            }
+            Err(e) => {
+                // A read slower than KV_TIMEOUT_MS is the tier ladder doing its job, and the
+                // tier header says so on every answer; anything else is worth a look.
+                if !matches!(e, StoreError::Timeout(_)) {
+                    log::warn(&format!(
+                        "KV read of {} failed; serving the cached profile, if any: {e}",
+                        key.kv_key()
+                    ));
+                }
+                (kv_ms, false)
+            }
+        }
     }
 
     async fn recommendations<S: Store>(

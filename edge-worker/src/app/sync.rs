@@ -396,9 +396,31 @@ impl App {
     /// On a request: the isolate's first config check is made before it answers, so a new
     /// isolate does not answer from the bundled demo store while KV holds the published one
     /// (its reads wait up to `CONFIG_TIMEOUT_MS`, not a profile read's `KV_TIMEOUT_MS`).
-    pub(super) async fn first_config_check<S: Store>(&self, store: &S, clock: &dyn Clock) {
-        if self.config_checked_ms.get().is_none() {
-            self.refresh_site(store, clock).await;
+    ///
+    /// The shopper's profile (`key`) is read at the same time: a new isolate's cache holds
+    /// nothing, so its first answer would otherwise wait for a second KV round trip after the
+    /// documents. The request's lookup finds the profile cached and applies the erasure fence
+    /// this check loaded, as it does to every read; a failed read is simply made again there.
+    pub(super) async fn first_config_check<S: Store>(
+        &self,
+        store: &S,
+        clock: &dyn Clock,
+        key: Option<UserKey>,
+        now_ms: u64,
+    ) {
+        if self.config_checked_ms.get().is_some() {
+            return;
+        }
+        let Some(key) = key else {
+            return self.refresh_site(store, clock).await;
+        };
+        let (_, (kv_ms, read)) = futures_util::future::join(
+            self.refresh_site(store, clock),
+            self.read_profile(store, clock, key, now_ms),
+        )
+        .await;
+        if read {
+            self.prefetched.set(Some((key, kv_ms)));
         }
     }
 

@@ -327,3 +327,94 @@ fn a_damaged_catalog_image_is_refused_and_the_active_catalog_kept() {
     let logged = log::take().join("\n");
     assert!(logged.contains("version 8 in KV is unusable"), "{logged}");
 }
+
+/// A store whose reads wait until opened, noting each key as its read starts.
+struct HeldReads {
+    inner: MemoryStore,
+    held: Cell<bool>,
+    started: RefCell<Vec<String>>,
+}
+
+impl Store for HeldReads {
+    async fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, StoreError> {
+        self.started.borrow_mut().push(key.to_owned());
+        std::future::poll_fn(|_| {
+            if self.held.get() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        self.inner.put(key, value, version).await
+    }
+}
+
+/// A new isolate's first personalized answer waits for one KV round trip, not two: the
+/// shopper's profile is read together with the published documents, and not read again once
+/// they are in. The erasure fence those documents bring still applies to it (see
+/// `erasure::a_write_from_before_the_erasure_that_lands_after_it_is_read_as_erased_everywhere`).
+#[test]
+fn a_new_isolates_first_answer_reads_the_profile_with_the_documents() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![
+        snapshot("alice", &p),
+        catalog_doc(5, DEMO_CATALOG_JSON),
+    ]);
+    let store = HeldReads {
+        inner: MemoryStore::new(),
+        held: Cell::new(true),
+        started: RefCell::default(),
+    };
+    for (k, (v, meta)) in w.store.entries() {
+        store.inner.insert_raw(&k, v, meta);
+    }
+    let app = App::new(config());
+    let mut req = HttpRequest::get("/v1/recommendations");
+    req.query = "slot=home".into();
+    req.headers = vec![("authorization".into(), bearer("alice").into())];
+    let mut first = Box::pin(app.handle(&store, &w.clock, &req, || [1; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    let profile_key = key("alice").kv_key();
+    let mut waiting = store.started.borrow().clone();
+    waiting.sort();
+    let mut expected = vec![
+        CATALOG_KEY.to_owned(),
+        RULES_KEY.to_owned(),
+        ERASURES_KEY.to_owned(),
+        profile_key.clone(),
+    ];
+    expected.sort();
+    assert_eq!(waiting, expected, "all four reads wait on KV at once");
+
+    store.held.set(false);
+    let Poll::Ready(done) = first.as_mut().poll(&mut cx) else {
+        panic!("the reads were answered")
+    };
+    assert_eq!(done.reply.status, 200);
+    assert_eq!(done.reply.header("x-edgewise-tier"), Some("fresh"));
+    assert_eq!(done.reply.header("x-edgewise-profile-version"), Some("1"));
+    assert_eq!(store.inner.reads(), 4, "the profile was not read again");
+    assert_eq!(app.healthz().body_json()["catalog_version"], 5);
+    let m = app.metrics.borrow();
+    assert_eq!(
+        (m.cache_misses, m.cache_hits),
+        (1, 0),
+        "one miss, counted once"
+    );
+    drop(m);
+
+    // a later shopper's read is the lookup's own, as ever
+    let mut later = req.clone();
+    later.headers = vec![("authorization".into(), bearer("bob").into())];
+    let reads = store.inner.reads();
+    let reply = run(app.handle(&store, &w.clock, &later, || [2; 16])).reply;
+    assert_eq!(reply.status, 200);
+    assert_eq!(store.inner.reads(), reads + 1);
+}
