@@ -401,6 +401,11 @@ impl App {
     /// nothing, so its first answer would otherwise wait for a second KV round trip after the
     /// documents. The request's lookup finds the profile cached and applies the erasure fence
     /// this check loaded, as it does to every read; a failed read is simply made again there.
+    ///
+    /// Requests that reach a new isolate while its first check is in flight (a busy site's
+    /// new isolates get several at once) wait for that check rather than answer from the
+    /// bundled store; if the request making it goes away (its client left), the next one
+    /// makes it.
     pub(super) async fn first_config_check<S: Store>(
         &self,
         store: &S,
@@ -408,7 +413,20 @@ impl App {
         key: Option<UserKey>,
         now_ms: u64,
     ) {
-        if self.config_checked_ms.get().is_some() {
+        while !self.first_check_done.get() && self.config_checked_ms.get().is_some() {
+            std::future::poll_fn(|cx| {
+                if self.first_check_done.get() || self.config_checked_ms.get().is_none() {
+                    return std::task::Poll::Ready(());
+                }
+                let mut waiters = self.first_check_waiters.borrow_mut();
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            })
+            .await;
+        }
+        if self.first_check_done.get() {
             return;
         }
         let Some(key) = key else {
@@ -434,6 +452,10 @@ impl App {
             return;
         }
         self.config_checked_ms.set(Some(now_ms));
+        let mut first_check = (!self.first_check_done.get()).then(|| FirstCheck {
+            app: self,
+            finished: false,
+        });
         let first = !self.config_loaded.get();
         let active = {
             let site = self.site();
@@ -591,6 +613,29 @@ impl App {
                 compile_ms: done - decoded_at,
                 catalog_bytes,
             }));
+        }
+        if let Some(check) = first_check.as_mut() {
+            check.finished = true;
+        }
+    }
+}
+
+/// An isolate's first config check in flight: when it ends, the requests waiting for it go
+/// on; when it is dropped unfinished (its request went away), the next request makes it.
+struct FirstCheck<'a> {
+    app: &'a App,
+    finished: bool,
+}
+
+impl Drop for FirstCheck<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            self.app.first_check_done.set(true);
+        } else {
+            self.app.config_checked_ms.set(None);
+        }
+        for waiter in self.app.first_check_waiters.take() {
+            waiter.wake();
         }
     }
 }

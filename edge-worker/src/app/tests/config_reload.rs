@@ -418,3 +418,72 @@ fn a_new_isolates_first_answer_reads_the_profile_with_the_documents() {
     assert_eq!(reply.status, 200);
     assert_eq!(store.inner.reads(), reads + 1);
 }
+
+/// Requests that reach a new isolate while its first config check waits on KV wait for that
+/// check, and answer from the published catalog, not the bundled one; if the request making
+/// the check goes away, the next request makes it.
+#[test]
+fn requests_during_a_new_isolates_first_check_wait_for_it() {
+    let w = World::new();
+    // the published catalog sells an item the bundled one does not
+    let published = DEMO_CATALOG_JSON.replace("cam-001", "cam-901");
+    assert_ne!(published, DEMO_CATALOG_JSON);
+    w.sync(vec![catalog_doc(5, &published)]);
+    let fresh_store = || {
+        let store = HeldReads {
+            inner: MemoryStore::new(),
+            held: Cell::new(true),
+            started: RefCell::default(),
+        };
+        for (k, (v, meta)) in w.store.entries() {
+            store.inner.insert_raw(&k, v, meta);
+        }
+        store
+    };
+    let page = HttpRequest::get("/p/cam-901");
+    let mut cx = Context::from_waker(Waker::noop());
+
+    let store = fresh_store();
+    let app = App::new(config());
+    let mint = || [1; 16];
+    let mut first = Box::pin(app.handle(&store, &w.clock, &page, mint));
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    let mut second = Box::pin(app.handle(&store, &w.clock, &page, mint));
+    assert!(
+        second.as_mut().poll(&mut cx).is_pending(),
+        "waits for the first check instead of answering from the bundled store"
+    );
+    assert_eq!(
+        store.started.borrow().len(),
+        4,
+        "one check (three documents and the first shopper's profile), nothing else yet"
+    );
+    store.held.set(false);
+    for (n, request) in [first, second].iter_mut().enumerate() {
+        let Poll::Ready(done) = request.as_mut().poll(&mut cx) else {
+            panic!("request {n} did not finish once KV answered");
+        };
+        assert_eq!(done.reply.status, 200, "request {n}");
+    }
+
+    // the request making the check goes away: the next one makes it
+    let store = fresh_store();
+    let app = App::new(config());
+    let mut gone = Box::pin(app.handle(&store, &w.clock, &page, || [1; 16]));
+    assert!(gone.as_mut().poll(&mut cx).is_pending());
+    let mut next = Box::pin(app.handle(&store, &w.clock, &page, || [2; 16]));
+    assert!(next.as_mut().poll(&mut cx).is_pending());
+    drop(gone);
+    let reads = store.started.borrow().len();
+    assert!(next.as_mut().poll(&mut cx).is_pending());
+    assert!(
+        store.started.borrow().len() > reads,
+        "the waiting request started the check again"
+    );
+    store.held.set(false);
+    let Poll::Ready(done) = next.as_mut().poll(&mut cx) else {
+        panic!("the request did not finish once KV answered");
+    };
+    assert_eq!(done.reply.status, 200);
+    assert_eq!(app.healthz().body_json()["catalog_version"], 5);
+}
