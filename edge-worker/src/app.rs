@@ -133,9 +133,6 @@ pub struct App {
     prefetched: Cell<Option<(UserKey, f64)>>,
     /// The isolate's first config check has finished (whether its reads answered or not).
     first_check_done: Cell<bool>,
-    /// Requests that arrived while the first check was in flight, waiting for it (see
-    /// [`App::first_config_check`]).
-    first_check_waiters: RefCell<Vec<std::task::Waker>>,
     /// A config check has completed without a failed read.
     config_loaded: Cell<bool>,
     /// What the last check that took in a document cost.
@@ -209,7 +206,6 @@ impl App {
             config_checked_ms: Cell::new(None),
             prefetched: Cell::new(None),
             first_check_done: Cell::new(false),
-            first_check_waiters: RefCell::default(),
             config_loaded: Cell::new(false),
             config_load: Cell::new(None),
             tokens_refused: RefCell::default(),

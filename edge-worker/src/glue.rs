@@ -113,6 +113,10 @@ impl Store for Kv {
             .await
             .map_err(|e| StoreError::Backend(e.to_string()))
     }
+
+    async fn pause(&self, ms: u32) {
+        Delay::from(Duration::from_millis(u64::from(ms))).await;
+    }
 }
 
 impl Kv {

@@ -44,6 +44,22 @@ pub trait Store {
 
     async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError>;
 
+    /// Waits about `ms` on the runtime's clock, for a request that waits on another's read (the
+    /// KV binding's runtime cancels a request waiting on nothing of its own as hung). Stores
+    /// without a clock yield once.
+    async fn pause(&self, _ms: u32) {
+        let mut yielded = false;
+        std::future::poll_fn(|cx| {
+            if yielded {
+                return std::task::Poll::Ready(());
+            }
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        })
+        .await;
+    }
+
     /// Up to `limit` keys starting with `prefix`. Only the erasure sweep lists; stores that
     /// never hold pending erasures need not support it.
     async fn list(&self, _prefix: &str, _limit: usize) -> Result<Vec<String>, StoreError> {

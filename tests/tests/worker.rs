@@ -997,8 +997,9 @@ fn on_standalone_workerd_the_worker_serves_personalizes_and_proxies() {
 }
 
 /// A new isolate whose KV holds a published catalog (stored compiled, as the edge stores it)
-/// answers its very first request from that catalog, never from the bundled demo store; and
-/// a catalog of the largest size a catalog may have (100k items) with 500 rules loads.
+/// answers its very first requests from that catalog (those arriving together included), never
+/// from the bundled demo store; and a catalog of the largest size a catalog may have (100k
+/// items) with 500 rules loads.
 #[test]
 fn a_new_isolate_answers_its_first_request_from_the_published_catalog_even_at_100k_items() {
     use shared::protocol::{CATALOG_KEY, RULES_KEY, document_version_key};
@@ -1025,27 +1026,41 @@ fn a_new_isolate_answers_its_first_request_from_the_published_catalog_even_at_10
     }
     let dir = tests::temp_dir("worker-cold-100k");
     let w = tests::workerd::Workerd::start_cold(&bundle, &dir, &[], kv).expect("workerd");
-    let auth = tests::bearer("cold-shopper");
-    let r = http(
-        w.port,
-        "GET",
-        "/v1/recommendations?slot=home&k=8",
-        &[("authorization", auth.as_str())],
-        b"",
-    )
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    let skus: Vec<String> = json(&r)["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["sku"].as_str().unwrap().to_owned())
+    // several shoppers at once, as a busy site sends them to a new isolate: those arriving
+    // while the first request's config check is in flight wait for it too
+    let port = w.port;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let shoppers: Vec<_> = (0..4)
+        .map(|n| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let auth = tests::bearer(&format!("cold-shopper-{n}"));
+                start.wait();
+                http(
+                    port,
+                    "GET",
+                    "/v1/recommendations?slot=home&k=8",
+                    &[("authorization", auth.as_str())],
+                    b"",
+                )
+            })
+        })
         .collect();
-    assert!(
-        !skus.is_empty() && skus.iter().all(|s| s.starts_with("sku-")),
-        "the first answer is not from the published catalog: {skus:?}\n{}",
-        w.log()
-    );
+    for (n, shopper) in shoppers.into_iter().enumerate() {
+        let r = shopper.join().unwrap().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let skus: Vec<String> = json(&r)["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["sku"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(
+            !skus.is_empty() && skus.iter().all(|s| s.starts_with("sku-")),
+            "shopper {n}'s first answer is not from the published catalog: {skus:?}\n{}",
+            w.log()
+        );
+    }
     let h = json(&http(w.port, "GET", "/healthz", &[], b"").unwrap());
     assert_eq!(h["catalog_version"], 3, "{h}");
     assert_eq!(h["catalog_items"], items, "{h}");

@@ -413,18 +413,22 @@ impl App {
         key: Option<UserKey>,
         now_ms: u64,
     ) {
-        while !self.first_check_done.get() && self.config_checked_ms.get().is_some() {
-            std::future::poll_fn(|cx| {
-                if self.first_check_done.get() || self.config_checked_ms.get().is_none() {
-                    return std::task::Poll::Ready(());
-                }
-                let mut waiters = self.first_check_waiters.borrow_mut();
-                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    waiters.push(cx.waker().clone());
-                }
-                std::task::Poll::Pending
-            })
-            .await;
+        // Looked at again every FIRST_CHECK_POLL_MS on this request's own timer: the Workers
+        // runtime cancels a request that waits on nothing of its own (no I/O, no timer) as
+        // hung, so waiting for a waker another request's read would wake is not an option.
+        while !self.first_check_done.get()
+            && let Some(started) = self.config_checked_ms.get()
+        {
+            // A check whose reads all time out ends within CONFIG_TIMEOUT_MS; one still
+            // unfinished after twice that belongs to a request the runtime stopped running
+            // without dropping it. This request makes the check itself.
+            let limit = 2 * u64::from(self.config.config_timeout_ms);
+            if (clock.now_ms() as u64).saturating_sub(started) > limit {
+                log::warn("config check: the first one was abandoned; made again");
+                self.config_checked_ms.set(None);
+                break;
+            }
+            store.pause(FIRST_CHECK_POLL_MS).await;
         }
         if self.first_check_done.get() {
             return;
@@ -620,6 +624,10 @@ impl App {
     }
 }
 
+/// How often a request that reached a new isolate during its first config check looks whether
+/// that check has ended.
+const FIRST_CHECK_POLL_MS: u32 = 2;
+
 /// An isolate's first config check in flight: when it ends, the requests waiting for it go
 /// on; when it is dropped unfinished (its request went away), the next request makes it.
 struct FirstCheck<'a> {
@@ -631,11 +639,9 @@ impl Drop for FirstCheck<'_> {
     fn drop(&mut self) {
         if self.finished {
             self.app.first_check_done.set(true);
-        } else {
+        } else if !self.app.first_check_done.get() {
+            // (not once another request's check has finished: later checks are timed from it)
             self.app.config_checked_ms.set(None);
-        }
-        for waiter in self.app.first_check_waiters.take() {
-            waiter.wake();
         }
     }
 }

@@ -487,3 +487,44 @@ fn requests_during_a_new_isolates_first_check_wait_for_it() {
     assert_eq!(done.reply.status, 200);
     assert_eq!(app.healthz().body_json()["catalog_version"], 5);
 }
+
+/// A first check that never ends (its request stopped running, not dropped: the runtime
+/// cancelled it) does not hold the isolate: past twice the document timeout, a waiting
+/// request makes the check itself.
+#[test]
+fn a_first_check_that_never_ends_is_made_again_by_a_waiting_request() {
+    let w = World::new();
+    let published = DEMO_CATALOG_JSON.replace("cam-001", "cam-901");
+    w.sync(vec![catalog_doc(5, &published)]);
+    let store = HeldReads {
+        inner: MemoryStore::new(),
+        held: Cell::new(true),
+        started: RefCell::default(),
+    };
+    for (k, (v, meta)) in w.store.entries() {
+        store.inner.insert_raw(&k, v, meta);
+    }
+    let page = HttpRequest::get("/p/cam-901");
+    let mut cx = Context::from_waker(Waker::noop());
+    let app = App::new(config());
+    let mut stuck = Box::pin(app.handle(&store, &w.clock, &page, || [1; 16]));
+    assert!(stuck.as_mut().poll(&mut cx).is_pending());
+    let mut next = Box::pin(app.handle(&store, &w.clock, &page, || [2; 16]));
+    for _ in 0..3 {
+        assert!(next.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(store.started.borrow().len(), 4, "waiting, not reading");
+    w.advance(2 * u64::from(app.config().config_timeout_ms) + 1);
+    assert!(next.as_mut().poll(&mut cx).is_pending());
+    assert!(store.started.borrow().len() > 4, "made the check again");
+    store.held.set(false);
+    let Poll::Ready(done) = next.as_mut().poll(&mut cx) else {
+        panic!("the request did not finish once KV answered");
+    };
+    assert_eq!(done.reply.status, 200);
+    // the stuck request, dropped at last, changes nothing: checks go on every interval
+    drop(stuck);
+    assert_eq!(app.healthz().body_json()["catalog_version"], 5);
+    assert!(!app.config_refresh_due(w.now()));
+    assert!(app.config_refresh_due(w.now() + app.config().config_check_ms));
+}
