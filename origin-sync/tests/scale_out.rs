@@ -435,3 +435,119 @@ async fn a_standby_replica_restores_only_the_tail() {
     let status = a.terminate();
     assert!(status.success(), "a's SIGTERM exit: {status}");
 }
+
+/// The partitions an instance's log reports it owned, at each assignment or revocation.
+fn ownership_history(dir: &Path, name: &str) -> Vec<Vec<i64>> {
+    let text = std::fs::read_to_string(dir.join(name).join("origin-sync.log")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("partitions assigned") || l.contains("partitions revoked"))
+        .filter_map(|l| {
+            let set = l.split("owned=").nth(1)?;
+            let set = &set[set.find('{')? + 1..set.find('}')?];
+            let mut owned: Vec<i64> = set
+                .split(',')
+                .filter_map(|p| p.trim().parse().ok())
+                .collect();
+            owned.sort_unstable();
+            Some(owned)
+        })
+        .collect()
+}
+
+/// Waits until the instances' last reported ownerships cover every partition once.
+async fn until_all_owned(dir: &Path, names: &[&str]) -> Vec<Vec<i64>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last: Vec<Vec<i64>> = names
+            .iter()
+            .map(|n| ownership_history(dir, n).pop().unwrap_or_default())
+            .collect();
+        let mut all: Vec<i64> = last.iter().flatten().copied().collect();
+        all.sort_unstable();
+        if all == (0..i64::from(PARTITIONS)).collect::<Vec<_>>() {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were not all owned once: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Static membership (`kafka.instance_id`): every instance restarted in turn while events
+/// stream in, each back within the session timeout, moves no partition (the other instance
+/// is never assigned one of the restarted one's, and each ends owning what it owned), and the
+/// edge still ends equal to the reference fold.
+///
+/// Not run: the tests' broker (tansu 0.6.0) never completes a group of static members (two
+/// instances with `instance_id`: one is assigned its half, the other nothing for 60 s, every
+/// time). Kept for the day the tests run on a broker that has static membership (the
+/// harness starts tansu; pointing it at another broker is not built yet).
+#[ignore = "tansu 0.6.0 never completes a group of static members"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_with_static_membership_moves_no_partition() {
+    let Some(tansu) = group_broker("rolling") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("rolling");
+    let events = traffic(1000, 30_000, "r", 43);
+    let want = reference(&events);
+    let messages: Vec<_> = events.iter().map(outgoing).collect();
+    let brokers = tansu.brokers();
+    let started = Instant::now();
+    let static_member = |name: &str| {
+        let (config, log) = instance(
+            &tansu,
+            &edge,
+            &dir,
+            name,
+            &format!("instance_id = \"rolling-{name}\""),
+        );
+        Binary::start(&config, &log)
+    };
+    let mut running = HashMap::new();
+    for name in ["a", "b"] {
+        running.insert(name, static_member(name));
+    }
+    let before = until_all_owned(&dir, &["a", "b"]).await;
+    eprintln!("{:.1?}: owned {before:?}", started.elapsed());
+    let producer = tokio::spawn(async move {
+        for chunk in messages.chunks(1000) {
+            produce(&brokers, chunk).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    for (i, name) in ["a", "b"].into_iter().enumerate() {
+        let other = ["b", "a"][i];
+        let seen_by_other = ownership_history(&dir, other).len();
+        let status = running.remove(name).expect("running").terminate();
+        assert!(status.success(), "{name}'s SIGTERM exit: {status}");
+        eprintln!("{:.1?}: {name} stopped", started.elapsed());
+        running.insert(name, static_member(name));
+        eprintln!("{:.1?}: {name} started again", started.elapsed());
+        let after = until_all_owned(&dir, &["a", "b"]).await;
+        assert_eq!(after, before, "after {name}'s restart");
+        // the other instance was never handed one of the restarted one's partitions
+        for owned in &ownership_history(&dir, other)[seen_by_other..] {
+            assert!(
+                owned.iter().all(|p| before[1 - i].contains(p)),
+                "{other} owned {owned:?} while {name} restarted (its own: {:?})",
+                before[1 - i]
+            );
+        }
+    }
+    producer.await.expect("producer task");
+    converge(&edge, &want, Duration::from_secs(120)).await;
+    eprintln!(
+        "{:.1?}: the edge equals the reference: {} shoppers, {} events",
+        started.elapsed(),
+        want.len(),
+        events.len()
+    );
+    for (name, bin) in running {
+        let status = bin.terminate();
+        assert!(status.success(), "{name}'s SIGTERM exit: {status}");
+    }
+}
