@@ -830,8 +830,10 @@ async fn throughput_phase(
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        // tansu takes seconds to form a group of two (its JoinGroup pauses 3 s), during which
+        // the first instance alone consumes: a quarter of the events is still a steady run
         anyhow::ensure!(
-            at_from < n * 0.5,
+            at_from < n * 0.75,
             "{instances} instances: {at_from} of {n} events consumed before the group settled; use more --events"
         );
         loop {
