@@ -1,7 +1,7 @@
 //! The handlers end to end over an in-memory store, one file per area: `pages`, `shopper`,
-//! `sync`, `config_reload`, `erasure`, `identity` and `bad_input`. This file is their shared harness: a
-//! [`World`] (one isolate, its KV and a clock the test moves), and the profiles, events and
-//! sync frames the tests build.
+//! `sync`, `config_reload`, `erasure`, `identity` and `bad_input`. This file is their shared
+//! harness: a [`World`] (one isolate, its KV and a clock the test moves), a KV whose reads can
+//! be held ([`HeldReads`]), and the profiles, events and sync frames the tests build.
 
 mod bad_input;
 mod config_reload;
@@ -181,6 +181,52 @@ impl World {
         let r = self.signed_sync(&encode_batch(&SyncBatch { items }, Codec::Lz4));
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         r.body_json()
+    }
+}
+
+/// A store whose reads wait while `held` is set (KV slow), noting each key as its read starts.
+struct HeldReads {
+    inner: MemoryStore,
+    held: Cell<bool>,
+    started: RefCell<Vec<String>>,
+}
+
+impl HeldReads {
+    /// Holding, over an empty store.
+    fn new() -> HeldReads {
+        HeldReads::copy_of(&MemoryStore::new())
+    }
+
+    /// Holding, over a copy of what `store` holds.
+    fn copy_of(store: &MemoryStore) -> HeldReads {
+        let inner = MemoryStore::new();
+        for (k, (v, meta)) in store.entries() {
+            inner.insert_raw(&k, v, meta);
+        }
+        HeldReads {
+            inner,
+            held: Cell::new(true),
+            started: RefCell::default(),
+        }
+    }
+}
+
+impl Store for HeldReads {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.started.borrow_mut().push(key.to_owned());
+        std::future::poll_fn(|_| {
+            if self.held.get() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        self.inner.put(key, value, version).await
     }
 }
 

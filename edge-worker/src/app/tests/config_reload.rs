@@ -328,32 +328,6 @@ fn a_damaged_catalog_image_is_refused_and_the_active_catalog_kept() {
     assert!(logged.contains("version 8 in KV is unusable"), "{logged}");
 }
 
-/// A store whose reads wait until opened, noting each key as its read starts.
-struct HeldReads {
-    inner: MemoryStore,
-    held: Cell<bool>,
-    started: RefCell<Vec<String>>,
-}
-
-impl Store for HeldReads {
-    async fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, StoreError> {
-        self.started.borrow_mut().push(key.to_owned());
-        std::future::poll_fn(|_| {
-            if self.held.get() {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
-        self.inner.get(key).await
-    }
-
-    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
-        self.inner.put(key, value, version).await
-    }
-}
-
 /// A new isolate's first personalized answer waits for one KV round trip, not two: the
 /// shopper's profile is read together with the published documents, and not read again once
 /// they are in. The erasure fence those documents bring still applies to it (see
@@ -366,14 +340,7 @@ fn a_new_isolates_first_answer_reads_the_profile_with_the_documents() {
         snapshot("alice", &p),
         catalog_doc(5, DEMO_CATALOG_JSON),
     ]);
-    let store = HeldReads {
-        inner: MemoryStore::new(),
-        held: Cell::new(true),
-        started: RefCell::default(),
-    };
-    for (k, (v, meta)) in w.store.entries() {
-        store.inner.insert_raw(&k, v, meta);
-    }
+    let store = HeldReads::copy_of(&w.store);
     let app = App::new(config());
     let mut req = HttpRequest::get("/v1/recommendations");
     req.query = "slot=home".into();
@@ -429,17 +396,7 @@ fn requests_during_a_new_isolates_first_check_wait_for_it() {
     let published = DEMO_CATALOG_JSON.replace("cam-001", "cam-901");
     assert_ne!(published, DEMO_CATALOG_JSON);
     w.sync(vec![catalog_doc(5, &published)]);
-    let fresh_store = || {
-        let store = HeldReads {
-            inner: MemoryStore::new(),
-            held: Cell::new(true),
-            started: RefCell::default(),
-        };
-        for (k, (v, meta)) in w.store.entries() {
-            store.inner.insert_raw(&k, v, meta);
-        }
-        store
-    };
+    let fresh_store = || HeldReads::copy_of(&w.store);
     let page = HttpRequest::get("/p/cam-901");
     let mut cx = Context::from_waker(Waker::noop());
 
@@ -496,14 +453,7 @@ fn a_first_check_that_never_ends_is_made_again_by_a_waiting_request() {
     let w = World::new();
     let published = DEMO_CATALOG_JSON.replace("cam-001", "cam-901");
     w.sync(vec![catalog_doc(5, &published)]);
-    let store = HeldReads {
-        inner: MemoryStore::new(),
-        held: Cell::new(true),
-        started: RefCell::default(),
-    };
-    for (k, (v, meta)) in w.store.entries() {
-        store.inner.insert_raw(&k, v, meta);
-    }
+    let store = HeldReads::copy_of(&w.store);
     let page = HttpRequest::get("/p/cam-901");
     let mut cx = Context::from_waker(Waker::noop());
     let app = App::new(config());

@@ -316,37 +316,10 @@ fn a_retry_that_overtakes_a_running_kv_write_is_told_to_come_back() {
     assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
 }
 
-/// A store whose reads wait until opened.
-struct GatedStore {
-    inner: MemoryStore,
-    closed: Cell<bool>,
-}
-
-impl Store for GatedStore {
-    async fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, StoreError> {
-        std::future::poll_fn(|_| {
-            if self.closed.get() {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
-        self.inner.get(key).await
-    }
-
-    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
-        self.inner.put(key, value, version).await
-    }
-}
-
 #[test]
 fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
     let app = App::new(config());
-    let store = GatedStore {
-        inner: MemoryStore::new(),
-        closed: Cell::new(true),
-    };
+    let store = HeldReads::new();
     let clock = TestClock(Cell::new(NOW_MS as f64));
     let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
     let frame = encode_batch(
@@ -377,7 +350,7 @@ fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
     assert_ne!(retry.reply.status, 409, "not applied yet");
     // the first attempt then fails
     store.inner.set_failing(true);
-    store.closed.set(false);
+    store.held.set(false);
     let Poll::Ready(h) = first.as_mut().poll(&mut cx) else {
         panic!("pending")
     };
@@ -402,11 +375,11 @@ fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
     let mut req = req.clone();
     req.headers[1].1 = auth::sign(SYNC_SECRET.as_bytes(), ts, &frame);
     req.body = frame;
-    store.closed.set(true);
+    store.held.set(true);
     let mut cancelled = Box::pin(app.handle(&store, &clock, &req, || [1; 16]));
     assert!(cancelled.as_mut().poll(&mut cx).is_pending());
     drop(cancelled);
-    store.closed.set(false);
+    store.held.set(false);
     assert_eq!(
         run(app.handle(&store, &clock, &req, || [1; 16]))
             .reply
