@@ -454,7 +454,9 @@ fn ownership_history(dir: &Path, name: &str) -> Vec<Vec<i64>> {
         .collect()
 }
 
-/// Waits until the instances' last reported ownerships cover every partition once.
+/// Waits until the instances' last reported ownerships cover every partition once, each
+/// instance owning some (an instance that just joined owns nothing until the group has
+/// rebalanced, while the others' ownership still covers everything).
 async fn until_all_owned(dir: &Path, names: &[&str]) -> Vec<Vec<i64>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -464,7 +466,9 @@ async fn until_all_owned(dir: &Path, names: &[&str]) -> Vec<Vec<i64>> {
             .collect();
         let mut all: Vec<i64> = last.iter().flatten().copied().collect();
         all.sort_unstable();
-        if all == (0..i64::from(PARTITIONS)).collect::<Vec<_>>() {
+        if all == (0..i64::from(PARTITIONS)).collect::<Vec<_>>()
+            && last.iter().all(|owned| !owned.is_empty())
+        {
             return last;
         }
         assert!(
@@ -550,4 +554,273 @@ async fn a_rolling_restart_with_static_membership_moves_no_partition() {
         let status = bin.terminate();
         assert!(status.success(), "{name}'s SIGTERM exit: {status}");
     }
+}
+
+/// A gauge or counter from an instance's `/metrics` (None: not answering yet).
+async fn metric(base: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// An instance SIGKILLed in the middle of restoring a partition (a chunk of the changelog
+/// applied, the rest not) and started again on the same store restores it again and goes on:
+/// the edge ends equal to the reference fold of every event, before and after, with no
+/// version going down on the way. Catches a restore position that outlives the records it
+/// covers (a crash would then skip them: the shoppers' next events fold onto an older state
+/// and their versions fall short) and records applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
+    use origin_sync::changelog::RESTORE_CHUNK;
+    // One partition, no compaction during the test: the changelog keeps every change, so the
+    // restore is more than one chunk (one store transaction) long.
+    let Some(tansu) = with_topics(Tansu::start("restore-kill"), 1) else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("restore-kill");
+    let events = traffic(30_000, 66_000, "k", 53);
+    let want = reference(&events);
+    let (first, second) = events.split_at(60_000);
+    let started = Instant::now();
+    produce(
+        &tansu.brokers(),
+        &first.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let a = start(&tansu, &edge, &dir, "a");
+    converge(&edge, &reference(first), Duration::from_secs(120)).await;
+    eprintln!(
+        "{:.1?}: a folded the first {} events",
+        started.elapsed(),
+        first.len()
+    );
+    let mut watch = Monotonic {
+        seen: HashMap::new(),
+        regressions: Vec::new(),
+    };
+    watch.look(&edge);
+
+    // b joins, a leaves: b restores the partition from the changelog a wrote
+    let (b_cfg, b_log) = instance(&tansu, &edge, &dir, "b", "");
+    let b = Binary::start(&b_cfg, &b_log);
+    let b_base = base(&dir, "b");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&b_base, "edgewise_restores_total").await.is_none() {
+        assert!(Instant::now() < deadline, "b did not answer /metrics");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+    eprintln!("{:.1?}: a stopped", started.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let applied_before_kill = loop {
+        let applied = metric(&b_base, "edgewise_restore_records_total")
+            .await
+            .unwrap_or(0.0);
+        if applied >= RESTORE_CHUNK as f64 {
+            break applied;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b did not apply a chunk of the changelog within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    b.sigkill();
+    eprintln!(
+        "{:.1?}: b SIGKILLed while restoring, {applied_before_kill} records applied",
+        started.elapsed()
+    );
+    assert!(
+        applied_before_kill < 2.0 * RESTORE_CHUNK as f64 && restores(&dir, "b").is_empty(),
+        "b's restore got past its first chunk before the kill (the test needs a longer \
+         changelog): {applied_before_kill} records applied, {:?}",
+        restores(&dir, "b")
+    );
+
+    // b again, on the store it left: it restores the rest, then consumes
+    let b = Binary::start(&b_cfg, &b_log);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while restores(&dir, "b").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "b did not restore the partition after its restart"
+        );
+        watch.during(&edge, Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{:.1?}: b restored again: {:?}",
+        started.elapsed(),
+        restores(&dir, "b")
+    );
+    produce(
+        &tansu.brokers(),
+        &second.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while mismatches(&edge, &want) > 0 && Instant::now() < deadline {
+        watch.during(&edge, Duration::from_millis(200)).await;
+    }
+    converge(&edge, &want, Duration::from_secs(1)).await;
+    eprintln!(
+        "{:.1?}: the edge equals the reference: {} shoppers, {} events",
+        started.elapsed(),
+        want.len(),
+        events.len()
+    );
+    assert!(
+        watch.regressions.is_empty(),
+        "versions went down at the edge: {:?}",
+        watch.regressions
+    );
+    let status = b.terminate();
+    assert!(status.success(), "b's SIGTERM exit: {status}");
+}
+
+/// A zombie: an instance frozen (SIGSTOP) while it consumes, past the session timeout, so the
+/// group gives its partitions to the other instance, which restores them and goes on; then
+/// it wakes (SIGCONT) with a batch in hand, believing it still owns them. Whatever the zombie
+/// writes before it learns otherwise (store, changelog, edge) must not count an event twice,
+/// lose one, or move a version back: the edge ends equal to the reference fold.
+///
+/// Not run: the tests' broker (tansu 0.6.0) never removes a member that stops heartbeating
+/// while its connection stays open: when the frozen instance's session expires, the other
+/// is revoked everything and assigned nothing for 60 s, every run (also with
+/// `max.poll.interval.ms` at 12 s). A killed instance (connection closed) is handled; see
+/// the first test. Kept for a broker with Kafka's session expiry.
+#[ignore = "tansu 0.6.0 does not expire a silent member whose connection stays open"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_that_wakes_after_its_partitions_moved_changes_nothing() {
+    let Some(tansu) = group_broker("zombie") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("zombie");
+    let events = traffic(2000, 40_000, "z", 59);
+    let want = reference(&events);
+    let messages: Vec<_> = events.iter().map(outgoing).collect();
+    let brokers = tansu.brokers();
+    let started = Instant::now();
+    let a = start(&tansu, &edge, &dir, "a");
+    let b = start(&tansu, &edge, &dir, "b");
+    until_all_owned(&dir, &["a", "b"]).await;
+    let producer = tokio::spawn(async move {
+        for chunk in messages.chunks(1000) {
+            produce(&brokers, chunk).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut watch = Monotonic {
+        seen: HashMap::new(),
+        regressions: Vec::new(),
+    };
+    watch.during(&edge, Duration::from_secs(3)).await;
+    let a_owned = ownership_history(&dir, "a").pop().unwrap_or_default();
+    assert!(!a_owned.is_empty(), "a owned nothing before it was frozen");
+    a.pause();
+    eprintln!("{:.1?}: a frozen, owning {a_owned:?}", started.elapsed());
+    // past the session timeout (6 s): b is given every partition and restores a's
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ownership_history(&dir, "b").pop().unwrap_or_default().len() < PARTITIONS as usize {
+        assert!(
+            Instant::now() < deadline,
+            "b was not given a's partitions while a was frozen"
+        );
+        watch.during(&edge, Duration::from_millis(200)).await;
+    }
+    eprintln!("{:.1?}: b owns every partition", started.elapsed());
+    watch.during(&edge, Duration::from_secs(2)).await;
+    a.resume();
+    eprintln!("{:.1?}: a woke up", started.elapsed());
+    producer.await.expect("producer task");
+    eprintln!("{:.1?}: every event produced", started.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while mismatches(&edge, &want) > 0 && Instant::now() < deadline {
+        watch.during(&edge, Duration::from_millis(200)).await;
+    }
+    converge(&edge, &want, Duration::from_secs(1)).await;
+    eprintln!(
+        "{:.1?}: the edge equals the reference: {} shoppers, {} events",
+        started.elapsed(),
+        want.len(),
+        events.len()
+    );
+    assert!(
+        watch.regressions.is_empty(),
+        "versions went down at the edge: {:?}",
+        watch.regressions
+    );
+    for (name, bin) in [("a", a), ("b", b)] {
+        let status = bin.terminate();
+        assert!(status.success(), "{name}'s SIGTERM exit: {status}");
+    }
+}
+
+/// The broker restarts in the middle of a handover (one instance just stopped, the other
+/// being given its partitions and restoring them) while events stream in: consumption,
+/// restore and changelog writes resume against the restarted broker, and the edge ends equal
+/// to the reference fold with no version going down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_during_a_handover_loses_nothing() {
+    let Some(mut tansu) = group_broker("broker-restart") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("broker-restart");
+    let events = traffic(2000, 30_000, "br", 61);
+    let want = reference(&events);
+    let messages: Vec<_> = events.iter().map(outgoing).collect();
+    let brokers = tansu.brokers();
+    let started = Instant::now();
+    let a = start(&tansu, &edge, &dir, "a");
+    let b = start(&tansu, &edge, &dir, "b");
+    until_all_owned(&dir, &["a", "b"]).await;
+    let producer = tokio::spawn(async move {
+        for chunk in messages.chunks(1000) {
+            produce(&brokers, chunk).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut watch = Monotonic {
+        seen: HashMap::new(),
+        regressions: Vec::new(),
+    };
+    watch.during(&edge, Duration::from_secs(2)).await;
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+    eprintln!("{:.1?}: a stopped", started.elapsed());
+    tansu.restart().expect("the broker starts again");
+    eprintln!("{:.1?}: the broker restarted", started.elapsed());
+    producer.await.expect("producer task");
+    eprintln!("{:.1?}: every event produced", started.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while mismatches(&edge, &want) > 0 && Instant::now() < deadline {
+        watch.during(&edge, Duration::from_millis(200)).await;
+    }
+    converge(&edge, &want, Duration::from_secs(1)).await;
+    eprintln!(
+        "{:.1?}: the edge equals the reference: {} shoppers, {} events; b's restores: {:?}",
+        started.elapsed(),
+        want.len(),
+        events.len(),
+        restores(&dir, "b")
+    );
+    assert!(
+        restores(&dir, "b").iter().any(|r| r.records > 0),
+        "b restored none of a's changelog: the partitions did not move"
+    );
+    assert!(
+        watch.regressions.is_empty(),
+        "versions went down at the edge: {:?}",
+        watch.regressions
+    );
+    let status = b.terminate();
+    assert!(status.success(), "b's SIGTERM exit: {status}");
 }

@@ -157,6 +157,17 @@ impl Binary {
         kill_group(&mut self.child, Signal::SIGKILL);
     }
 
+    /// SIGSTOP: the process stays, does nothing, answers nobody (a long GC pause, a
+    /// frozen VM) until [`Binary::resume`].
+    pub fn pause(&self) {
+        origin_sync::testkit::signal_group(self.child.id(), Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Binary::pause`].
+    pub fn resume(&self) {
+        origin_sync::testkit::signal_group(self.child.id(), Signal::SIGCONT);
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         kill_group(&mut self.child, Signal::SIGTERM);
