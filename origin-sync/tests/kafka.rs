@@ -248,6 +248,18 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
         "the restarted service consumed only the new messages"
     );
     assert_eq!(mismatches(&edge, &want), 0);
+    // the edge's profiles are origin's, byte for byte: every patch found its base (version
+    // and digest), none was answered "resend"
+    let (applied, resent) = edge.deltas_applied_and_resent();
+    let shoppers = reference(&all).len() as u64;
+    assert!(
+        applied > shoppers,
+        "{applied} deltas applied for {shoppers} shoppers: no patch after the first snapshots"
+    );
+    assert_eq!(
+        resent, 0,
+        "patches the edge could not place ({applied} applied)"
+    );
     service.stop().await;
 }
 

@@ -36,6 +36,10 @@ pub enum Change {
         from: u64,
         steps: u32,
         advance: u32,
+        /// The digest of the profile it was made from (format 3 on; `None` in older frames):
+        /// the version alone does not name a profile when two writers folded different
+        /// events into the same version (see [`BaseDigest`]).
+        base: Option<BaseDigest>,
         #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_OPS>")]
         ops: Vec<Op>,
     },
@@ -43,6 +47,36 @@ pub enum Change {
     Snapshot(Profile),
     /// Erased at `version`: nothing at or below it may bring the profile back.
     Tombstone { version: u64 },
+}
+
+/// A 32-bit digest (FNV-1a over the profile's postcard encoding, which is canonical: no maps,
+/// no floats) of the profile a patch was made from. A version counts events, not which ones:
+/// an instance that lost its partitions without knowing it yet (paused past its session
+/// timeout) can fold a batch the new owner splits differently, and both reach version v with
+/// different events. Whichever v the edge took first, the other writer's v is a duplicate
+/// there, and its next patch "from v" would apply onto the other's content. With the digest
+/// the edge refuses that patch as a gap and origin sends the snapshot.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct BaseDigest(pub [u8; 4]);
+
+impl BaseDigest {
+    pub fn of(p: &Profile) -> BaseDigest {
+        /// Hashes the encoding as postcard writes it: no buffer.
+        struct Fnv(u32);
+        impl postcard::ser_flavors::Flavor for Fnv {
+            type Output = u32;
+            fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+                self.0 = (self.0 ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+                Ok(())
+            }
+            fn finalize(self) -> postcard::Result<u32> {
+                Ok(self.0)
+            }
+        }
+        // writing to a hash cannot fail: no buffer to fill, and a profile is plain data
+        let hash = postcard::serialize_with_flavor(p, Fnv(0x811c_9dc5)).unwrap_or(0);
+        BaseDigest(hash.to_le_bytes())
+    }
 }
 
 /// One field-level change. Variant order is the wire order: append only.
@@ -131,8 +165,9 @@ impl Change {
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApplyError {
-    /// The patch was made from a version this side does not hold: refetch the snapshot.
-    #[error("version gap: holding {have}, patch is from {from}")]
+    /// The patch was made from a version (or, at that version, a profile) this side does not
+    /// hold: refetch the snapshot.
+    #[error("version gap: holding {have}, patch is from {from} (or from other content at it)")]
     Gap { have: u64, from: u64 },
     /// The change is malformed (bad counts, or it would break a profile invariant).
     #[error("invalid delta: {0}")]
@@ -158,6 +193,7 @@ pub fn apply(held: &mut Option<Stored>, change: &Change) -> Result<Applied, Appl
             from,
             steps,
             advance,
+            base,
             ops,
         } => {
             if *steps == 0 {
@@ -172,7 +208,11 @@ pub fn apply(held: &mut Option<Stored>, change: &Change) -> Result<Applied, Appl
             // There is no patch onto nothing: a profile's first change is a snapshot, because
             // version 0 does not pin down a base (a new profile already has its bucket).
             let base = match held {
-                Some(Stored::Profile(p)) if p.version == *from => p.clone(),
+                Some(Stored::Profile(p))
+                    if p.version == *from && base.is_none_or(|b| BaseDigest::of(p) == b) =>
+                {
+                    p.clone()
+                }
                 _ => return Err(ApplyError::Gap { have, from: *from }),
             };
             let next = patched(base, to, *advance, ops)?;
@@ -371,6 +411,7 @@ pub fn diff(old: &Profile, new: &Profile) -> Change {
         from: old.version,
         steps,
         advance,
+        base: Some(BaseDigest::of(old)),
         ops,
     }
 }
@@ -518,6 +559,74 @@ mod tests {
         assert_eq!(behind, Some(Stored::Profile(older)));
     }
 
+    /// Two writers that folded different events into the same version (a zombie and the new
+    /// owner of its partition): a patch made from one writer's profile does not apply onto
+    /// the other's, though their versions agree. A patch without a digest (format 2) still
+    /// goes by version alone.
+    #[test]
+    fn a_patch_from_other_content_at_the_same_version_is_a_gap() {
+        let base = history();
+        let (mut ours, mut theirs) = (base.clone(), base.clone());
+        fold(
+            &mut ours,
+            &ev(
+                30,
+                r#""type":"add_to_cart","item":"cam-001","category":"cameras","price":499"#,
+            ),
+        );
+        fold(
+            &mut theirs,
+            &ev(
+                31,
+                r#""type":"product_view","item":"sd-128","category":"storage""#,
+            ),
+        );
+        assert_eq!(ours.version, theirs.version);
+        assert_ne!(BaseDigest::of(&ours), BaseDigest::of(&theirs));
+        let mut next = ours.clone();
+        fold(
+            &mut next,
+            &ev(
+                32,
+                r#""type":"product_view","item":"tripod-1","category":"tripods""#,
+            ),
+        );
+        let change = diff(&ours, &next);
+        let mut held = Some(Stored::Profile(theirs.clone()));
+        assert_eq!(
+            apply(&mut held, &change),
+            Err(ApplyError::Gap {
+                have: theirs.version,
+                from: theirs.version
+            })
+        );
+        assert_eq!(held, Some(Stored::Profile(theirs.clone())));
+        // on its own base it applies
+        let mut held = Some(Stored::Profile(ours.clone()));
+        assert_eq!(apply(&mut held, &change), Ok(Applied::Updated));
+        assert_eq!(held, Some(Stored::Profile(next)));
+        // format 2's patch carries no digest: the version decides, as it did
+        let Change::Patch {
+            from,
+            steps,
+            advance,
+            ops,
+            ..
+        } = change
+        else {
+            panic!("expected a patch")
+        };
+        let unchecked = Change::Patch {
+            from,
+            steps,
+            advance,
+            base: None,
+            ops,
+        };
+        let mut held = Some(Stored::Profile(theirs));
+        assert_eq!(apply(&mut held, &unchecked), Ok(Applied::Updated));
+    }
+
     #[test]
     fn versions_only_move_forward() {
         let p = history();
@@ -567,6 +676,7 @@ mod tests {
             from: 0,
             steps: 1,
             advance: 0,
+            base: None,
             ops: vec![Op::Views(1)],
         };
         let mut nothing = None;
@@ -611,6 +721,7 @@ mod tests {
             from: p.version,
             steps: 1,
             advance: 0,
+            base: None,
             ops,
         };
         assert_eq!(
@@ -627,6 +738,7 @@ mod tests {
             from: p.version,
             steps: 1,
             advance: 0,
+            base: None,
             ops: interests,
         };
         assert_eq!(
@@ -656,6 +768,7 @@ mod tests {
                 from,
                 steps,
                 advance: 0,
+                base: None,
                 ops,
             };
             assert!(matches!(
@@ -669,6 +782,7 @@ mod tests {
             from,
             steps: 1,
             advance: u32::MAX,
+            base: None,
             ops: vec![],
         };
         assert!(apply(&mut held, &overflow).is_err());

@@ -19,13 +19,19 @@
 //! decoders keep reading the previous one ([`v1`]) so values already in KV and frames from an
 //! origin-sync not yet upgraded keep working through a rolling deploy (edge first).
 //!
-//! Format 2 added `Profile::folded` (and the patch ops that carry it).
+//! Format 2 added `Profile::folded` (and the patch ops that carry it). Format 3 added the
+//! digest of a patch's base profile (`delta::BaseDigest`) to sync frames; stored values did
+//! not change and are still written as format 2 ([`STORED_VERSION`]), so edges of either
+//! build read each other's KV values through a rolling deploy.
 
 use crate::delta::{Delta, Stored};
 use serde::{Deserialize, Serialize};
 
-/// Version of every format this module writes. Decoders also read [`v1::VERSION`].
-pub const FORMAT_VERSION: u8 = 2;
+/// Version of the sync frames this module writes. Decoders also read [`v2::VERSION`] and
+/// [`v1::VERSION`].
+pub const FORMAT_VERSION: u8 = 3;
+/// Version of the stored values this module writes (their encoding is format 2's).
+pub const STORED_VERSION: u8 = v2::VERSION;
 /// Largest sync frame accepted, compressed.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Largest body a frame may inflate to: bounds memory against decompression bombs.
@@ -159,14 +165,15 @@ pub fn decode_batch(frame: &[u8]) -> Result<SyncBatch, WireError> {
         return Err(WireError::TooLarge(frame.len(), MAX_FRAME_BYTES));
     }
     let (&version, rest) = frame.split_first().ok_or(WireError::Empty)?;
-    if version != FORMAT_VERSION && version != v1::VERSION {
+    if ![FORMAT_VERSION, v2::VERSION, v1::VERSION].contains(&version) {
         return Err(WireError::Version(version));
     }
     let body = read_body(rest, MAX_BODY_BYTES)?;
-    if version == v1::VERSION {
-        return exact::<v1::SyncBatch>(&body).map(Into::into);
+    match version {
+        v1::VERSION => exact::<v1::SyncBatch>(&body).map(Into::into),
+        v2::VERSION => exact::<v2::SyncBatch>(&body).map(Into::into),
+        _ => exact(&body),
     }
-    exact(&body)
 }
 
 /// Decodes all of `bytes` as one `T`: trailing bytes are an error, so each value has exactly
@@ -184,7 +191,7 @@ fn exact<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
 
 /// Encodes what is stored under a user key.
 pub fn encode_stored(stored: &Stored) -> Vec<u8> {
-    let mut out = vec![FORMAT_VERSION];
+    let mut out = vec![STORED_VERSION];
     // Cannot fail for these types; see `encode_batch`.
     out.extend(postcard::to_allocvec(stored).unwrap_or_default());
     out
@@ -197,7 +204,7 @@ pub fn decode_stored(bytes: &[u8]) -> Result<Stored, WireError> {
     }
     let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
     let stored: Stored = match version {
-        FORMAT_VERSION => exact(body)?,
+        STORED_VERSION => exact(body)?,
         v1::VERSION => exact::<v1::Stored>(body)?.into(),
         other => return Err(WireError::Version(other)),
     };
@@ -206,6 +213,83 @@ pub fn decode_stored(bytes: &[u8]) -> Result<Stored, WireError> {
             .map_err(|why| WireError::Malformed(why.to_owned()))?;
     }
     Ok(stored)
+}
+
+/// Format 2's sync frames, read and never written: format 3's but for the patch's base
+/// digest, which a format-2 patch does not carry (the edge then checks its base by version
+/// alone, as it did). Stored values are still written in format 2 ([`STORED_VERSION`]).
+pub mod v2 {
+    use crate::delta::{MAX_OPS, Op};
+    use crate::keys::UserKey;
+    use serde::Deserialize;
+
+    pub const VERSION: u8 = 2;
+
+    #[derive(Debug, Deserialize)]
+    pub struct SyncBatch {
+        #[serde(deserialize_with = "crate::bounded::vec::<_, _, { super::MAX_BATCH_ITEMS }>")]
+        items: Vec<SyncItem>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    enum SyncItem {
+        Delta(Delta),
+        Config(super::ConfigDoc),
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Delta {
+        user: UserKey,
+        change: Change,
+    }
+
+    #[derive(Debug, Deserialize)]
+    enum Change {
+        Patch {
+            from: u64,
+            steps: u32,
+            advance: u32,
+            #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_OPS>")]
+            ops: Vec<Op>,
+        },
+        Snapshot(crate::Profile),
+        Tombstone {
+            version: u64,
+        },
+    }
+
+    impl From<SyncBatch> for super::SyncBatch {
+        fn from(b: SyncBatch) -> Self {
+            use crate::delta::{Change as C, Delta as D};
+            let items = b
+                .items
+                .into_iter()
+                .map(|item| match item {
+                    SyncItem::Config(doc) => super::SyncItem::Config(doc),
+                    SyncItem::Delta(d) => super::SyncItem::Delta(D {
+                        user: d.user,
+                        change: match d.change {
+                            Change::Patch {
+                                from,
+                                steps,
+                                advance,
+                                ops,
+                            } => C::Patch {
+                                from,
+                                steps,
+                                advance,
+                                base: None,
+                                ops,
+                            },
+                            Change::Snapshot(p) => C::Snapshot(p),
+                            Change::Tombstone { version } => C::Tombstone { version },
+                        },
+                    }),
+                })
+                .collect();
+            super::SyncBatch { items }
+        }
+    }
 }
 
 /// Format 1, read and never written: the same as format 2 but for `Profile::folded`, which a
@@ -346,6 +430,7 @@ pub mod v1 {
                                 from,
                                 steps,
                                 advance,
+                                base: None,
                                 ops,
                             },
                             Change::Snapshot(p) => C::Snapshot(p.into()),
@@ -438,7 +523,7 @@ fn read_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delta::{Change, Op};
+    use crate::delta::{BaseDigest, Change, Op};
     use crate::ids::{CategoryId, ItemId, Secs};
     use crate::keys::UserKey;
     use crate::profile::{CartLine, Profile, Score};
@@ -450,6 +535,7 @@ mod tests {
                 from: 5,
                 steps: 1,
                 advance: 300,
+                base: Some(BaseDigest([1, 2, 3, 4])),
                 ops: vec![
                     Op::InterestNow {
                         category: CategoryId(0x1234),
@@ -473,11 +559,12 @@ mod tests {
         };
         let frame = encode_batch(&batch, Codec::None);
         let expected: Vec<u8> = [
-            vec![2, 0],                            // format version, codec none
+            vec![3, 0],                            // format version, codec none
             vec![1, 0],                            // one item, SyncItem::Delta
             vec![0xab; 12],                        // user key
             vec![0, 5, 1],                         // Change::Patch, from 5, steps 1
             vec![0xac, 0x02],                      // advance 300 (varint)
+            vec![1, 1, 2, 3, 4],                   // base digest: Some, 4 bytes
             vec![2],                               // two ops
             vec![0, 0x34, 0x12, 0, 0, 0xc0, 0x01], // InterestNow cat 0x1234, score 192
             vec![5, 0xef, 0xbe, 0xad, 0xde, 1],    // Cart item 0xdeadbeef qty 1
@@ -485,10 +572,26 @@ mod tests {
         .concat();
         assert_eq!(frame, expected);
         assert_eq!(decode_batch(&frame), Ok(batch.clone()));
-        // format 1 (an origin-sync not yet upgraded) is still read
-        let mut v1 = frame.clone();
-        v1[0] = 1;
-        assert_eq!(decode_batch(&v1), Ok(batch));
+        // formats 1 and 2 (an origin-sync not yet upgraded) are still read: the same patch
+        // without a base digest
+        let mut old = expected.clone();
+        old.drain(21..26);
+        let mut without_base = batch.clone();
+        if let Some(SyncItem::Delta(Delta {
+            change: Change::Patch { base, .. },
+            ..
+        })) = without_base.items.first_mut()
+        {
+            *base = None;
+        }
+        for version in [1, 2] {
+            old[0] = version;
+            assert_eq!(
+                decode_batch(&old),
+                Ok(without_base.clone()),
+                "format {version}"
+            );
+        }
 
         // the other change kinds and a config document
         let tomb = SyncItem::Delta(Delta {
@@ -507,7 +610,7 @@ mod tests {
             Codec::None,
         );
         let expected: Vec<u8> = [
-            vec![2, 0, 2],          // format version, codec none, two items
+            vec![3, 0, 2],          // format version, codec none, two items
             vec![0],                // SyncItem::Delta
             vec![7; 12],            // user key
             vec![2, 9],             // Change::Tombstone, version 9
@@ -677,7 +780,7 @@ mod tests {
     #[test]
     fn rejects_bad_frames() {
         assert_eq!(decode_batch(&[]), Err(WireError::Empty));
-        assert_eq!(decode_batch(&[3, 0]), Err(WireError::Version(3)));
+        assert_eq!(decode_batch(&[4, 0]), Err(WireError::Version(4)));
         assert_eq!(decode_batch(&[0, 0]), Err(WireError::Version(0)));
         assert_eq!(decode_batch(&[1, 9]), Err(WireError::Codec(9)));
         // a bomb: claims 4 GiB uncompressed

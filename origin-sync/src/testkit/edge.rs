@@ -340,6 +340,16 @@ impl TestEdge {
         rx.recv().ok()
     }
 
+    /// Deltas the edge applied, and those it answered with "resend" (a patch whose base it
+    /// does not hold: by version, or by content at that version).
+    pub fn deltas_applied_and_resent(&self) -> (u64, u64) {
+        self.inspect(|app, _| {
+            let m = app.metrics();
+            (m.deltas_applied, m.deltas_resend)
+        })
+        .unwrap_or_default()
+    }
+
     /// Writes the edge made to its KV.
     pub fn kv_writes(&self) -> u64 {
         self.inspect(|_, store| store.writes()).unwrap_or(0)

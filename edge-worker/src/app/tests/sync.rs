@@ -76,6 +76,7 @@ fn an_invalid_patch_names_its_shopper_for_a_snapshot() {
             from: full.version,
             steps: 1,
             advance: 0,
+            base: None,
             ops: vec![shared::delta::Op::Cart(shared::profile::CartLine {
                 item: shared::ids::ItemId(2),
                 quantity: 1,
