@@ -873,6 +873,108 @@ mod tests {
         store.settle(sink, &sinks, &report, 0).expect("settle")
     }
 
+    /// A zombie and its partition's new owner, simulated with two stores: from one shared
+    /// version each folds a different event into the same next version, the zombie's
+    /// reaches the edge first, the owner's is a duplicate there (acknowledged), and the
+    /// owner's next patch is made from its own content at that version. The edge's rules
+    /// (`delta::apply`, as `/v1/sync` runs them: a duplicate is acknowledged, a gap answered
+    /// "resend") must end with the owner's profile, not a patch applied onto the zombie's.
+    #[test]
+    fn an_owners_patch_is_not_applied_onto_a_zombies_profile_of_the_same_version() {
+        use shared::delta::{Applied, ApplyError, apply};
+        let event = |id: &str, ts: u64, body: &str| {
+            shared::event::parse_event(
+                format!(r#"{{"event_id":"{id}","user_id":"z","ts":{ts},{body}}}"#).as_bytes(),
+            )
+            .expect("valid")
+        };
+        let first = event("e1", 1_764_000_001_000, r#""type":"page_view""#);
+        let zombies = event(
+            "e2",
+            1_764_000_002_000,
+            r#""type":"add_to_cart","item":"cam-001","category":"cameras","price":499"#,
+        );
+        let owners = event(
+            "e3",
+            1_764_000_003_000,
+            r#""type":"product_view","item":"sd-128","category":"storage""#,
+        );
+        let window = Window {
+            reorder_ms: 0,
+            max_events: 0,
+        };
+        let (zombie, owner) = (open("zombie-a", window), open("zombie-b", window));
+        let mut edge: Option<Stored> = None;
+        // the edge's answer to one prepared change: acknowledged, or "resend"
+        let send = |store: &Store, edge: &mut Option<Stored>| -> Result<Applied, ApplyError> {
+            let items = store.prepare(SINK, &outbox_keys(store)).expect("prepare");
+            assert_eq!(items.len(), 1);
+            let outcome = apply(edge, &items[0].delta.change);
+            let resend: Vec<UserKey> = match outcome {
+                Err(ApplyError::Gap { .. }) => vec![items[0].delta.user],
+                _ => Vec::new(),
+            };
+            // as the sender reports a sync reply: the batch answered, with its resend list
+            settle(store, SINK, &[SINK], &items, &resend);
+            outcome
+        };
+        for store in [&zombie, &owner] {
+            store
+                .apply_batch(&records(std::slice::from_ref(&first), "a", 0))
+                .expect("batch");
+        }
+        assert_eq!(send(&zombie, &mut edge), Ok(Applied::Updated));
+        assert_eq!(send(&owner, &mut edge), Ok(Applied::Duplicate));
+
+        // the same version, different events
+        zombie
+            .apply_batch(&records(std::slice::from_ref(&zombies), "a", 1))
+            .expect("batch");
+        owner
+            .apply_batch(&records(std::slice::from_ref(&owners), "b", 0))
+            .expect("batch");
+        assert_eq!(send(&zombie, &mut edge), Ok(Applied::Updated));
+        assert_eq!(send(&owner, &mut edge), Ok(Applied::Duplicate));
+        assert_ne!(
+            zombie.current("z").expect("read"),
+            owner.current("z").expect("read")
+        );
+
+        // the owner folds the zombie's event too; its patch from its own version 2 is refused
+        owner
+            .apply_batch(&records(std::slice::from_ref(&zombies), "a", 1))
+            .expect("batch");
+        let patch = owner.prepare(SINK, &outbox_keys(&owner)).expect("prepare");
+        let Change::Patch {
+            from,
+            steps,
+            advance,
+            ref ops,
+            ..
+        } = patch[0].delta.change
+        else {
+            panic!("expected a patch: {:?}", patch[0].delta.change)
+        };
+        // without the digest (wire format 2) the patch would apply onto the zombie's content
+        let mut unchecked = edge.clone();
+        let blind = Change::Patch {
+            from,
+            steps,
+            advance,
+            base: None,
+            ops: ops.clone(),
+        };
+        assert_eq!(apply(&mut unchecked, &blind), Ok(Applied::Updated));
+        assert_ne!(unchecked, owner.current("z").expect("read"));
+        // with it the edge answers "resend", and the snapshot that follows is the owner's
+        assert!(matches!(
+            send(&owner, &mut edge),
+            Err(ApplyError::Gap { .. })
+        ));
+        assert_eq!(send(&owner, &mut edge), Ok(Applied::Updated));
+        assert_eq!(edge, owner.current("z").expect("read"));
+    }
+
     /// Each sink progresses on its own: an entry leaves the outbox only when every sink
     /// acknowledged or quarantined its user, and a quarantined change can be put back.
     #[test]
