@@ -197,6 +197,96 @@ pub async fn tail_standby(
 /// How often a standby replica catches up.
 const STANDBY_EVERY: Duration = Duration::from_secs(2);
 
+/// Every `every`, reads what was appended to the changelog partitions this instance owns (and
+/// has restored) since it last looked, and re-logs each shopper whose last record there is
+/// behind its state (`Applier::Audit`). Nothing but a zombie writes such a record: an
+/// instance paused past its session timeout, or cut off from the group, that wakes up
+/// believing it still owns the partition and writes its batch in flight. The broker fences
+/// nothing without transactions, and compaction keeps a key's last record: left there, the
+/// stale state would be what the next restore starts that shopper from. The cost is reading
+/// back this instance's own changelog writes once.
+pub async fn audit(
+    shared: Arc<Shared>,
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for p in shared.store.settled() {
+            let s = shared.clone();
+            let audited = tokio::task::spawn_blocking(move || audit_partition(&s, p)).await;
+            match audited {
+                Ok(Ok((read, relogged))) if relogged > 0 => {
+                    shared
+                        .metrics
+                        .changelog_relogged
+                        .fetch_add(relogged, Relaxed);
+                    tracing::warn!(
+                        partition = p,
+                        shoppers = relogged,
+                        records = read,
+                        "changelog records behind this owner's state (a stale writer's); re-logging those shoppers"
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, partition = p, "changelog audit failed"),
+                Err(e) => tracing::warn!(error = %e, partition = p, "changelog audit task failed"),
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+/// One audit of `partition`: returns (records read, shoppers re-logged). A shopper whose
+/// record in the audited range is behind this store is re-logged only when no later record
+/// of theirs follows it (this instance's own newer write, appended after the range's end was
+/// read) and no change of theirs was on its way (an unlogged mark). The marks are read
+/// before the new end: a newer write of the owner's that the store held when the range was
+/// compared was marked until the broker had it, so it is either marked then or below that
+/// end, and is never taken for a stale writer's.
+fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), PipelineError> {
+    let report = read_into_store(shared, partition, Applier::Audit)?;
+    let stale = report.restored.touched;
+    if stale.is_empty() {
+        return Ok((report.restored.read, 0));
+    }
+    let pending = shared.store.unlogged_keys()?;
+    let cfg = &shared.config.kafka;
+    let topic = cfg.changelog_topic.as_str();
+    let reader = crate::kafka::reader(cfg)?;
+    let (_, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    let mut later = std::collections::HashSet::new();
+    if high > report.to {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(report.to))?;
+        reader.assign(&tpl)?;
+        let mut bytes = 0;
+        read_chunks(
+            &reader,
+            topic,
+            partition,
+            report.to,
+            high,
+            &mut bytes,
+            |chunk, _, _| {
+                later.extend(chunk.into_iter().map(|r| r.key));
+                true
+            },
+        )?;
+    }
+    let stale: Vec<UserKey> = stale
+        .into_iter()
+        .filter(|k| !later.contains(k.0.as_slice()) && !pending.contains(k))
+        .collect();
+    let relogged = shared.store.relog(&stale, now_ms())?;
+    Ok((report.restored.read, relogged))
+}
+
 /// Reads changelog partition `partition` from this store's position to the end the broker
 /// reports now, applying it as `applier`.
 fn read_into_store(
@@ -244,6 +334,7 @@ fn read_into_store(
                 total.read += r.read;
                 total.applied += r.applied;
                 total.behind += r.behind;
+                total.stale += r.stale;
                 total.unreadable += r.unreadable;
                 total.touched.extend(r.touched);
             }

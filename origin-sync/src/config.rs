@@ -83,6 +83,11 @@ pub struct KafkaConfig {
     /// own by tailing their changelog partitions, so a fail-over to it restores only the tail.
     /// Costs a copy of every partition's state on this instance's disk.
     pub standby: bool,
+    /// With `assignment = "group"`: how often (ms) an owner reads back what was appended to
+    /// its partitions' changelog and re-logs shoppers whose last record is behind its state
+    /// (a zombie's write; `changelog::audit`). Costs reading its own changelog writes once.
+    /// 0: never.
+    pub changelog_audit_ms: u64,
     /// How origin-sync talks to the brokers: TLS and SASL, as production clusters require.
     pub security: KafkaSecurity,
     /// Consumption counts as stalled (`/readyz` 503, `edgewise_consumer_stalled` 1) after
@@ -279,6 +284,7 @@ impl Default for KafkaConfig {
             changelog_topic: "edgewise_profile_changelog".into(),
             instance_id: None,
             standby: false,
+            changelog_audit_ms: 30_000,
             max_batch: 20000,
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,

@@ -104,6 +104,9 @@ pub struct Metrics {
     pub changelog_pending: AtomicU64,
     /// Changelog records a standby replica applied (`kafka.standby`).
     pub standby_records: AtomicU64,
+    /// Shoppers an owner re-logged because the last changelog record of theirs was behind
+    /// its state (a zombie's write; see `changelog::audit`).
+    pub changelog_relogged: AtomicU64,
 }
 
 const MAX_SAMPLES: usize = 1_000_000;
@@ -249,7 +252,7 @@ impl Metrics {
         let now = crate::clock::now_ms();
         let ready = AtomicU64::new(u64::from(self.readiness(now).is_ok()));
         let stalled = AtomicU64::new(u64::from(self.stalled(now)));
-        let counters: [(&str, &str, &AtomicU64); 31] = [
+        let counters: [(&str, &str, &AtomicU64); 32] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -395,6 +398,11 @@ impl Metrics {
                 "edgewise_standby_records_total",
                 "changelog records applied to this instance's warm copies of partitions it does not own",
                 &self.standby_records,
+            ),
+            (
+                "edgewise_changelog_relogged_total",
+                "shoppers re-logged because their last changelog record was behind this owner's state (a stale writer's)",
+                &self.changelog_relogged,
             ),
             (
                 "edgewise_catalog_id_collisions",

@@ -149,6 +149,10 @@ impl Owner {
         }
         let owned: Vec<i32> = self.owned.iter().copied().collect();
         let published = shared.store.publishes();
+        // restoring first: a partition is never seen owned and not restoring before its
+        // restore is done (the changelog audit reads only restored ones)
+        let restoring: Vec<i32> = self.restoring.iter().copied().collect();
+        shared.store.set_restoring(&restoring);
         shared.store.set_owned(&owned);
         if shared.store.publishes() && !published {
             // partition 0 arrived: this instance publishes the documents from now on

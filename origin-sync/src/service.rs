@@ -174,6 +174,13 @@ pub async fn run(
         };
         let owner = crate::ownership::Owner::new(membership, rebalances, changelog.clone());
         let follow = tokio::spawn(crate::erasures::follow(shared.clone(), shutdown.clone()));
+        if shared.config.kafka.changelog_audit_ms > 0 {
+            tokio::spawn(crate::changelog::audit(
+                shared.clone(),
+                Duration::from_millis(shared.config.kafka.changelog_audit_ms),
+                shutdown.clone(),
+            ));
+        }
         if shared.config.kafka.standby {
             tokio::spawn(crate::changelog::tail_standby(
                 shared.clone(),

@@ -44,8 +44,9 @@ fn instance(
     (path, own.join("origin-sync.log"))
 }
 
+/// An instance that audits its partitions' changelog every second (in production: 30 s).
 fn start(tansu: &Tansu, edge: &TestEdge, dir: &Path, name: &str) -> Binary {
-    let (config, log) = instance(tansu, edge, dir, name, "");
+    let (config, log) = instance(tansu, edge, dir, name, "changelog_audit_ms = 1000");
     Binary::start(&config, &log)
 }
 
@@ -234,6 +235,15 @@ async fn instances_killed_stopped_and_added_lose_nothing_and_count_nothing_twice
         "versions went down at the edge: {:?}",
         watch.regressions
     );
+    // no zombie here (a was killed, b stopped): the audits found nothing to re-log, though
+    // they ran under the stream and across the handovers
+    for name in ["c", "d"] {
+        assert_eq!(
+            metric(&base(&dir, name), "edgewise_changelog_relogged_total").await,
+            Some(0.0),
+            "{name} re-logged shoppers with no stale writer"
+        );
+    }
     for (name, bin) in [("c", c), ("d", d)] {
         let status = bin.terminate();
         assert!(status.success(), "{name}'s SIGTERM exit: {status}");
@@ -823,4 +833,131 @@ async fn a_broker_restart_during_a_handover_loses_nothing() {
     );
     let status = b.terminate();
     assert!(status.success(), "b's SIGTERM exit: {status}");
+}
+
+/// Every record of changelog partition `partition`, in order, as (key, value).
+fn changelog_records(brokers: &str, partition: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::Consumer as _;
+    let cfg = origin_sync::config::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let reader = origin_sync::kafka::reader(&cfg).expect("reader");
+    let topic = cfg.changelog_topic.as_str();
+    let (low, high) = reader
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .expect("watermarks");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(low))
+        .expect("tpl");
+    reader.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut next = low;
+    while next < high {
+        assert!(
+            Instant::now() < deadline,
+            "changelog read stalled at {next} of {high}"
+        );
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(200))
+            && m.offset() >= next
+        {
+            next = m.offset() + 1;
+            out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+/// A zombie's changelog write, made by hand: an instance owns every partition and has folded
+/// a stream; an older record of one of its shoppers (as an instance that lost the partition
+/// without knowing it would write) is appended to the changelog. The owner's audit re-logs
+/// that shopper, so the last record of the key is the owner's state again (what compaction
+/// keeps, and a later restore starts from), and counts it in
+/// `edgewise_changelog_relogged_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_relogs_a_shopper_whose_last_changelog_record_is_a_zombies() {
+    let Some(tansu) = with_topics(Tansu::start("audit"), 1) else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("audit");
+    let events = traffic(50, 2000, "au", 67);
+    let want = reference(&events);
+    let (cfg, log) = instance(&tansu, &edge, &dir, "a", "changelog_audit_ms = 300");
+    let a = Binary::start(&cfg, &log);
+    // in two parts: every shopper's state is logged more than once
+    let (first, second) = events.split_at(1000);
+    for (part, until) in [(first, reference(first)), (second, want.clone())] {
+        produce(
+            &tansu.brokers(),
+            &part.iter().map(outgoing).collect::<Vec<_>>(),
+        )
+        .await;
+        converge(&edge, &until, Duration::from_secs(60)).await;
+    }
+    let a_base = base(&dir, "a");
+    // the audits have read a's own records: nothing re-logged
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric(&a_base, "edgewise_changelog_relogged_total").await,
+        Some(0.0)
+    );
+
+    // a shopper with several records: its first is behind its last
+    let log_now = changelog_records(&tansu.brokers(), 0);
+    let mut by_key: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    for (k, v) in &log_now {
+        by_key.entry(k.clone()).or_default().push(v.clone());
+    }
+    let (key, values) = by_key
+        .iter()
+        .filter(|(_, vs)| vs.len() > 1 && vs[0] != vs[vs.len() - 1])
+        .max_by_key(|(_, vs)| vs.len())
+        .expect("a shopper logged more than once");
+    let (stale, owners) = (values[0].clone(), values[values.len() - 1].clone());
+    let producer = origin_sync::kafka::producer(&origin_sync::config::KafkaConfig {
+        brokers: tansu.brokers(),
+        ..Default::default()
+    })
+    .expect("producer");
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to("edgewise_profile_changelog")
+                .partition(0)
+                .key(key.as_slice())
+                .payload(stale.as_slice()),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the zombie's record is appended");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = changelog_records(&tansu.brokers(), 0)
+            .into_iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v);
+        if last.as_deref() == Some(owners.as_slice()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the zombie's record is still the shopper's last in the changelog after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        metric(&a_base, "edgewise_changelog_relogged_total").await,
+        Some(1.0)
+    );
+    // nothing else changed: the edge still equals the reference
+    assert_eq!(mismatches(&edge, &want), 0);
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
 }

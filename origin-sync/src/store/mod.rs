@@ -190,6 +190,8 @@ pub struct Store {
     partitioned: bool,
     /// The partition numbers this instance owns (partitioned only).
     owned: std::sync::Mutex<std::collections::BTreeSet<i32>>,
+    /// Of those, the ones whose restore has not finished (partitioned only).
+    restoring: std::sync::Mutex<std::collections::BTreeSet<i32>>,
     /// Held while changelog records are applied: an owner's restore and a standby's tail of
     /// the same partition never interleave.
     applying: std::sync::Mutex<()>,
@@ -231,6 +233,7 @@ impl Store {
             window,
             partitioned: false,
             owned: std::sync::Mutex::default(),
+            restoring: std::sync::Mutex::default(),
             applying: std::sync::Mutex::default(),
         })
     }

@@ -40,6 +40,13 @@ pub(super) const STANDBY: TableDefinition<&[u8], i32> = TableDefinition::new("st
 pub enum Applier {
     Owner,
     Standby,
+    /// The owner, once restored, reading what was appended to its partitions' changelog since
+    /// it last looked: it applies nothing, and re-logs each shopper whose last record there is
+    /// behind its own state. Such a record is a zombie's (an instance that lost the partition
+    /// without knowing it yet, still writing); left last, compaction would keep it and drop
+    /// the owner's newer one, and a later restore would start that shopper from the stale
+    /// state while consuming from the owner's committed offsets: the events between lost.
+    Audit,
 }
 
 /// Which input a user's state has folded: its partition and, per topic, the next offset.
@@ -166,6 +173,9 @@ pub struct Restored {
     pub applied: u64,
     /// Records behind the local state (a stale writer's, or this store's own, read again).
     pub behind: u64,
+    /// Of those, the ones an audit found behind and different (in `touched`: to re-log
+    /// unless a later record of theirs follows; see `changelog::audit`).
+    pub stale: u64,
     pub unreadable: u64,
     pub touched: Vec<UserKey>,
 }
@@ -289,7 +299,8 @@ impl Store {
     ) -> Result<Restored, StoreError> {
         let _one_at_a_time = self.applying.lock();
         let mut out = Restored::default();
-        if applier == Applier::Standby && self.owned().contains(&partition) {
+        let owned = self.owned().contains(&partition);
+        if (applier == Applier::Standby && owned) || (applier == Applier::Audit && !owned) {
             return Ok(out);
         }
         let mut tx = self.db.begin_write()?;
@@ -346,21 +357,27 @@ impl Store {
                     Some(bytes) => UserState::decode_unfolded(bytes)?.erased(),
                     None => None,
                 };
-                if let Some((_, at)) = erased_here
-                    && theirs.erased().is_none_or(|(_, their_at)| their_at < at)
-                {
-                    out.behind += 1;
-                    continue;
-                }
                 let local: Option<Stamp> = match stamps_t.get(k)? {
                     Some(g) => Some(decode(g.value(), "stamp")?),
                     None => None,
                 };
-                if local
+                let erasure_newer_here = erased_here.is_some_and(|(_, at)| {
+                    theirs.erased().is_none_or(|(_, their_at)| their_at < at)
+                });
+                let further_here = local
                     .as_ref()
-                    .is_some_and(|l| l.covers(&value.stamp) && *l != value.stamp)
-                {
+                    .is_some_and(|l| l.covers(&value.stamp) && *l != value.stamp);
+                if erasure_newer_here || further_here {
                     out.behind += 1;
+                    if applier == Applier::Audit && here.is_some() {
+                        out.stale += 1;
+                        out.touched.push(key);
+                    }
+                    continue;
+                }
+                if applier == Applier::Audit {
+                    // ahead of this store (or a shopper it has not seen): the owner folds
+                    // those events itself, and its own record follows
                     continue;
                 }
                 users_t.insert(k, &*state)?;
@@ -381,6 +398,44 @@ impl Store {
         }
         tx.commit()?;
         Ok(out)
+    }
+
+    /// The users with a change not yet on the changelog (an unlogged mark).
+    pub fn unlogged_keys(&self) -> Result<std::collections::HashSet<UserKey>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(UNLOGGED)?;
+        let mut keys = std::collections::HashSet::new();
+        for row in t.iter()? {
+            keys.insert(user_key(row?.0.value(), "unlogged")?);
+        }
+        Ok(keys)
+    }
+
+    /// Marks `keys` to be logged again at their current state (the sweep of
+    /// `changelog::write` produces them), except those already marked: their newer change is
+    /// on its way. Returns how many were marked.
+    pub fn relog(&self, keys: &[UserKey], now_ms: u64) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut marked = 0;
+        {
+            let users_t = tx.open_table(USERS)?;
+            let mut unlogged_t = tx.open_table(UNLOGGED)?;
+            for k in keys {
+                let k = k.0.as_slice();
+                if unlogged_t.get(k)?.is_some() {
+                    continue;
+                }
+                let Some(state) = users_t.get(k)? else {
+                    continue;
+                };
+                let version = UserState::decode(state.value())?.current_version();
+                drop(state);
+                unlogged_t.insert(k, (version, now_ms))?;
+                marked += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(marked)
     }
 
     /// Puts the users a standby replica applied for `partition` in the outbox (the partition
@@ -465,6 +520,25 @@ impl Store {
         } else {
             super::documents::Versions::Counted
         }
+    }
+
+    /// Of the partitions this instance owns, those whose restore has not finished
+    /// (`ownership.rs` sets it before the owned set, so an owned partition missing from it
+    /// is restored).
+    pub fn set_restoring(&self, partitions: &[i32]) {
+        if let Ok(mut restoring) = self.restoring.lock() {
+            restoring.clear();
+            restoring.extend(partitions);
+        }
+    }
+
+    /// The partitions this instance owns and has restored.
+    pub fn settled(&self) -> Vec<i32> {
+        let restoring = self.restoring.lock().map(|r| r.clone()).unwrap_or_default();
+        self.owned()
+            .into_iter()
+            .filter(|p| !restoring.contains(p))
+            .collect()
     }
 
     /// The partition numbers this instance owns.
@@ -681,6 +755,91 @@ mod tests {
             )
             .expect("junk");
         assert_eq!((junk.applied, junk.unreadable), (0, 3));
+    }
+
+    /// The owner's audit of its partition's changelog: a shopper whose last record there is
+    /// behind its state (a zombie's) is marked to be logged again, at its current version;
+    /// the owner's own latest records and records ahead of it (events it has yet to fold)
+    /// change nothing; a partition it does not own is not audited.
+    #[test]
+    fn an_audit_relogs_shoppers_whose_last_record_is_a_stale_writers() {
+        use std::collections::BTreeSet;
+        let events = traffic(4, 120, 19);
+        let recs = records(&events, 0);
+        let owner = open("audit-owner");
+        owner.set_owned(&[0]);
+        let early = owner.apply_batch(&recs[..40]).expect("fold").logged;
+        let latest = owner.apply_batch(&recs[40..80]).expect("fold").logged;
+        let marks: Vec<(UserKey, u64)> = early
+            .iter()
+            .chain(&latest)
+            .map(|l| (l.key, l.version))
+            .collect();
+        owner.mark_logged(&marks).expect("the broker has them");
+
+        // its own latest records: nothing to do
+        let r = owner
+            .apply_log(0, &as_read(&latest), 10, 5, Applier::Audit, true)
+            .expect("audit");
+        assert_eq!((r.read, r.applied, r.stale), (latest.len() as u64, 0, 0));
+        assert!(r.touched.is_empty());
+
+        // a stale writer appends the earlier states after them
+        let before: Vec<_> = (0..4)
+            .map(|u| owner.current(&format!("p-u{u}")).expect("read"))
+            .collect();
+        let r = owner
+            .apply_log(0, &as_read(&early), 20, 5, Applier::Audit, true)
+            .expect("audit");
+        let early_keys: BTreeSet<UserKey> = early.iter().map(|l| l.key).collect();
+        let latest_keys: BTreeSet<UserKey> = latest.iter().map(|l| l.key).collect();
+        let stale: BTreeSet<UserKey> = early_keys.intersection(&latest_keys).copied().collect();
+        assert!(!stale.is_empty());
+        assert_eq!((r.applied, r.stale), (0, stale.len() as u64));
+        assert_eq!(r.touched.iter().copied().collect::<BTreeSet<_>>(), stale);
+        assert_eq!(
+            owner.relog(&r.touched, 5).expect("relog"),
+            stale.len() as u64
+        );
+        // marked already: not again
+        assert_eq!(owner.relog(&r.touched, 6).expect("relog"), 0);
+        let again: BTreeSet<UserKey> = owner
+            .unlogged()
+            .expect("unlogged")
+            .iter()
+            .map(|l| l.key)
+            .collect();
+        assert_eq!(again, stale);
+        for l in owner.unlogged().expect("unlogged") {
+            let current = latest.iter().find(|m| m.key == l.key).expect("latest");
+            assert_eq!(
+                (l.version, &l.value),
+                (current.version, &current.value),
+                "re-logged at the owner's state"
+            );
+        }
+        assert_eq!(owner.changelog_position(0).expect("position"), 20);
+
+        // records ahead of the owner (a writer that folded the events it has yet to consume)
+        let ahead = open("audit-ahead");
+        ahead.set_owned(&[0]);
+        let further = ahead.apply_batch(&recs).expect("fold").logged;
+        let r = owner
+            .apply_log(0, &as_read(&further), 30, 5, Applier::Audit, true)
+            .expect("audit");
+        assert_eq!((r.applied, r.stale), (0, 0));
+        let after: Vec<_> = (0..4)
+            .map(|u| owner.current(&format!("p-u{u}")).expect("read"))
+            .collect();
+        assert_eq!(after, before, "an audit applies nothing");
+
+        // not owned (revoked meanwhile): nothing read, the position stays
+        owner.set_owned(&[]);
+        let r = owner
+            .apply_log(0, &as_read(&early), 40, 5, Applier::Audit, true)
+            .expect("audit");
+        assert_eq!(r.read, 0);
+        assert_eq!(owner.changelog_position(0).expect("position"), 30);
     }
 
     /// A change is unlogged until the broker has its record; a mark for an older version does
