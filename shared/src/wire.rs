@@ -219,32 +219,39 @@ pub fn decode_stored(bytes: &[u8]) -> Result<Stored, WireError> {
 /// digest, which a format-2 patch does not carry (the edge then checks its base by version
 /// alone, as it did). Stored values are still written in format 2 ([`STORED_VERSION`]).
 pub mod v2 {
+    pub const VERSION: u8 = 2;
+
+    pub type SyncBatch = super::before_digest::SyncBatch<crate::Profile>;
+}
+
+/// Sync frames before format 3, generic over the profile they carry (format 1's or 2's):
+/// patches without a base digest.
+mod before_digest {
     use crate::delta::{MAX_OPS, Op};
     use crate::keys::UserKey;
     use serde::Deserialize;
 
-    pub const VERSION: u8 = 2;
-
     #[derive(Debug, Deserialize)]
-    pub struct SyncBatch {
+    #[serde(bound(deserialize = "P: Deserialize<'de>"))]
+    pub struct SyncBatch<P> {
         #[serde(deserialize_with = "crate::bounded::vec::<_, _, { super::MAX_BATCH_ITEMS }>")]
-        items: Vec<SyncItem>,
+        items: Vec<SyncItem<P>>,
     }
 
     #[derive(Debug, Deserialize)]
-    enum SyncItem {
-        Delta(Delta),
+    enum SyncItem<P> {
+        Delta(Delta<P>),
         Config(super::ConfigDoc),
     }
 
     #[derive(Debug, Deserialize)]
-    struct Delta {
+    struct Delta<P> {
         user: UserKey,
-        change: Change,
+        change: Change<P>,
     }
 
     #[derive(Debug, Deserialize)]
-    enum Change {
+    enum Change<P> {
         Patch {
             from: u64,
             steps: u32,
@@ -252,14 +259,14 @@ pub mod v2 {
             #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_OPS>")]
             ops: Vec<Op>,
         },
-        Snapshot(crate::Profile),
+        Snapshot(P),
         Tombstone {
             version: u64,
         },
     }
 
-    impl From<SyncBatch> for super::SyncBatch {
-        fn from(b: SyncBatch) -> Self {
+    impl<P: Into<crate::Profile>> From<SyncBatch<P>> for super::SyncBatch {
+        fn from(b: SyncBatch<P>) -> Self {
             use crate::delta::{Change as C, Delta as D};
             let items = b
                 .items
@@ -281,7 +288,7 @@ pub mod v2 {
                                 base: None,
                                 ops,
                             },
-                            Change::Snapshot(p) => C::Snapshot(p),
+                            Change::Snapshot(p) => C::Snapshot(p.into()),
                             Change::Tombstone { version } => C::Tombstone { version },
                         },
                     }),
@@ -297,9 +304,7 @@ pub mod v2 {
 /// it did before). Format 1's patch ops are a prefix of format 2's, so only the types that
 /// hold a whole profile are mirrored here.
 pub mod v1 {
-    use crate::delta::{MAX_OPS, Op};
     use crate::ids::Secs;
-    use crate::keys::UserKey;
     use crate::profile::{CartLine, Consent, Interest, PurchaseRecord, Segments};
     use serde::{Deserialize, Serialize};
 
@@ -377,71 +382,7 @@ pub mod v1 {
         }
     }
 
-    #[derive(Debug, Deserialize)]
-    pub struct SyncBatch {
-        #[serde(deserialize_with = "crate::bounded::vec::<_, _, { super::MAX_BATCH_ITEMS }>")]
-        items: Vec<SyncItem>,
-    }
-
-    #[derive(Debug, Deserialize)]
-    enum SyncItem {
-        Delta(Delta),
-        Config(super::ConfigDoc),
-    }
-
-    #[derive(Debug, Deserialize)]
-    struct Delta {
-        user: UserKey,
-        change: Change,
-    }
-
-    #[derive(Debug, Deserialize)]
-    enum Change {
-        Patch {
-            from: u64,
-            steps: u32,
-            advance: u32,
-            #[serde(deserialize_with = "crate::bounded::vec::<_, _, MAX_OPS>")]
-            ops: Vec<Op>,
-        },
-        Snapshot(Profile),
-        Tombstone {
-            version: u64,
-        },
-    }
-
-    impl From<SyncBatch> for super::SyncBatch {
-        fn from(b: SyncBatch) -> Self {
-            use crate::delta::{Change as C, Delta as D};
-            let items = b
-                .items
-                .into_iter()
-                .map(|item| match item {
-                    SyncItem::Config(doc) => super::SyncItem::Config(doc),
-                    SyncItem::Delta(d) => super::SyncItem::Delta(D {
-                        user: d.user,
-                        change: match d.change {
-                            Change::Patch {
-                                from,
-                                steps,
-                                advance,
-                                ops,
-                            } => C::Patch {
-                                from,
-                                steps,
-                                advance,
-                                base: None,
-                                ops,
-                            },
-                            Change::Snapshot(p) => C::Snapshot(p.into()),
-                            Change::Tombstone { version } => C::Tombstone { version },
-                        },
-                    }),
-                })
-                .collect();
-            super::SyncBatch { items }
-        }
-    }
+    pub type SyncBatch = super::before_digest::SyncBatch<Profile>;
 }
 
 /// First bytes of a compiled catalog image: tells it apart from a catalog's JSON form (which
