@@ -159,39 +159,31 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<RestoreReport, Pipelin
 pub async fn tail_standby(
     shared: Arc<Shared>,
     partitions: usize,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(STANDBY_EVERY) => {}
-        }
-        let owned = shared.store.owned();
-        for p in (0..partitions as i32).filter(|p| !owned.contains(p)) {
-            let s = shared.clone();
-            let read =
-                tokio::task::spawn_blocking(move || read_into_store(&s, p, Applier::Standby)).await;
-            match read {
-                Ok(Ok(r)) if r.restored.read > 0 => {
-                    shared
-                        .metrics
-                        .standby_records
-                        .fetch_add(r.restored.read, Relaxed);
-                    tracing::debug!(
-                        partition = p,
-                        records = r.restored.read,
-                        "standby copy caught up"
-                    );
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, partition = p, "standby read failed"),
-                Err(e) => tracing::warn!(error = %e, partition = p, "standby task failed"),
+    let not_owned = move |s: &Shared| {
+        let owned = s.store.owned();
+        (0..partitions as i32)
+            .filter(|p| !owned.contains(p))
+            .collect()
+    };
+    let read =
+        |s: &Shared, p: i32| read_into_store(s, p, Applier::Standby).map(|r| r.restored.read);
+    each_partition(
+        &shared,
+        STANDBY_EVERY,
+        shutdown,
+        "standby read",
+        not_owned,
+        read,
+        |s, p, read| {
+            if read > 0 {
+                s.metrics.standby_records.fetch_add(read, Relaxed);
+                tracing::debug!(partition = p, records = read, "standby copy caught up");
             }
-            if *shutdown.borrow() {
-                return;
-            }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 /// How often a standby replica catches up.
@@ -208,32 +200,45 @@ const STANDBY_EVERY: Duration = Duration::from_secs(2);
 pub async fn audit(
     shared: Arc<Shared>,
     every: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let settled = |s: &Shared| s.store.settled();
+    each_partition(&shared, every, shutdown, "changelog audit", settled, audit_partition, |s, p, (read, relogged)| {
+        if relogged > 0 {
+            s.metrics.changelog_relogged.fetch_add(relogged, Relaxed);
+            tracing::warn!(
+                partition = p,
+                shoppers = relogged,
+                records = read,
+                "changelog records behind this owner's state (a stale writer's); re-logging those shoppers"
+            );
+        }
+    })
+    .await;
+}
+
+/// Every `every` until shutdown: `work` on each of the partitions `which` names, one at a
+/// time on the blocking pool; `done` sees each result, failures are logged as `what`.
+async fn each_partition<R: Send + 'static>(
+    shared: &Arc<Shared>,
+    every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    what: &'static str,
+    which: impl Fn(&Shared) -> Vec<i32>,
+    work: fn(&Shared, i32) -> Result<R, PipelineError>,
+    done: impl Fn(&Shared, i32, R),
 ) {
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        for p in shared.store.settled() {
+        for p in which(shared) {
             let s = shared.clone();
-            let audited = tokio::task::spawn_blocking(move || audit_partition(&s, p)).await;
-            match audited {
-                Ok(Ok((read, relogged))) if relogged > 0 => {
-                    shared
-                        .metrics
-                        .changelog_relogged
-                        .fetch_add(relogged, Relaxed);
-                    tracing::warn!(
-                        partition = p,
-                        shoppers = relogged,
-                        records = read,
-                        "changelog records behind this owner's state (a stale writer's); re-logging those shoppers"
-                    );
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, partition = p, "changelog audit failed"),
-                Err(e) => tracing::warn!(error = %e, partition = p, "changelog audit task failed"),
+            match tokio::task::spawn_blocking(move || work(&s, p)).await {
+                Ok(Ok(r)) => done(shared, p, r),
+                Ok(Err(e)) => tracing::warn!(error = %e, partition = p, "{what} failed"),
+                Err(e) => tracing::warn!(error = %e, partition = p, "{what} task failed"),
             }
             if *shutdown.borrow() {
                 return;
@@ -334,7 +339,6 @@ fn read_into_store(
                 total.read += r.read;
                 total.applied += r.applied;
                 total.behind += r.behind;
-                total.stale += r.stale;
                 total.unreadable += r.unreadable;
                 total.touched.extend(r.touched);
             }

@@ -173,10 +173,9 @@ pub struct Restored {
     pub applied: u64,
     /// Records behind the local state (a stale writer's, or this store's own, read again).
     pub behind: u64,
-    /// Of those, the ones an audit found behind and different (in `touched`: to re-log
-    /// unless a later record of theirs follows; see `changelog::audit`).
-    pub stale: u64,
     pub unreadable: u64,
+    /// The users applied (owner, standby); for an audit, those whose record was behind and
+    /// different: to re-log unless a later record of theirs follows (`changelog::audit`).
     pub touched: Vec<UserKey>,
 }
 
@@ -370,7 +369,6 @@ impl Store {
                 if erasure_newer_here || further_here {
                     out.behind += 1;
                     if applier == Applier::Audit && here.is_some() {
-                        out.stale += 1;
                         out.touched.push(key);
                     }
                     continue;
@@ -781,7 +779,10 @@ mod tests {
         let r = owner
             .apply_log(0, &as_read(&latest), 10, 5, Applier::Audit, true)
             .expect("audit");
-        assert_eq!((r.read, r.applied, r.stale), (latest.len() as u64, 0, 0));
+        assert_eq!(
+            (r.read, r.applied, r.touched.len()),
+            (latest.len() as u64, 0, 0)
+        );
         assert!(r.touched.is_empty());
 
         // a stale writer appends the earlier states after them
@@ -795,7 +796,7 @@ mod tests {
         let latest_keys: BTreeSet<UserKey> = latest.iter().map(|l| l.key).collect();
         let stale: BTreeSet<UserKey> = early_keys.intersection(&latest_keys).copied().collect();
         assert!(!stale.is_empty());
-        assert_eq!((r.applied, r.stale), (0, stale.len() as u64));
+        assert_eq!((r.applied, r.touched.len()), (0, stale.len()));
         assert_eq!(r.touched.iter().copied().collect::<BTreeSet<_>>(), stale);
         assert_eq!(
             owner.relog(&r.touched, 5).expect("relog"),
@@ -827,7 +828,7 @@ mod tests {
         let r = owner
             .apply_log(0, &as_read(&further), 30, 5, Applier::Audit, true)
             .expect("audit");
-        assert_eq!((r.applied, r.stale), (0, 0));
+        assert_eq!((r.applied, r.touched.len()), (0, 0));
         let after: Vec<_> = (0..4)
             .map(|u| owner.current(&format!("p-u{u}")).expect("read"))
             .collect();
