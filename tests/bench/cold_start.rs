@@ -12,8 +12,9 @@
 //! For comparison, the 10k catalog is also measured in its JSON form (what KV held before
 //! images: every new isolate parsed and compiled it).
 //!
-//! Usage: `cold-start [SAMPLES]` with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench` does
-//! both). Writes `cold-start.json` into `EDGEWISE_BENCH_OUT` when set.
+//! Usage: `cold-start [SAMPLES [ITEMS...]]` with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask
+//! bench` does both); with ITEMS, only the image cases of those catalog sizes (for comparing
+//! two bundles while working on the load path). Writes `cold-start.json` into `EDGEWISE_BENCH_OUT` when set.
 
 use shared::catalog::{Catalog, toml_to_json};
 use shared::delta::Stored;
@@ -34,7 +35,11 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    if let Err(e) = run(samples.max(1)) {
+    let only: Vec<usize> = std::env::args()
+        .skip(2)
+        .map(|s| s.parse().unwrap_or(0))
+        .collect();
+    if let Err(e) = run(samples.max(1), &only) {
         eprintln!("cold-start: {e}");
         std::process::exit(1);
     }
@@ -49,15 +54,19 @@ struct Published {
     profile: Vec<u8>,
 }
 
-fn run(samples: usize) -> Result<(), String> {
+fn run(samples: usize, only: &[usize]) -> Result<(), String> {
     let bundle =
         worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
     let state = temp_dir("cold-start");
     let mut cases = Vec::new();
     for items in [320usize, 10_000, 100_000] {
-        cases.push(publish(items, true)?);
+        if only.is_empty() || only.contains(&items) {
+            cases.push(publish(items, true)?);
+        }
     }
-    cases.push(publish(10_000, false)?);
+    if only.is_empty() {
+        cases.push(publish(10_000, false)?);
+    }
 
     let mut figures = Vec::new();
     for case in &cases {
@@ -132,9 +141,14 @@ fn run(samples: usize) -> Result<(), String> {
             phase("decode_ms"),
             phase("compile_ms"),
         );
+        let mut decodes: Vec<f64> = phases
+            .iter()
+            .filter_map(|p| p["decode_ms"].as_f64())
+            .collect();
+        decodes.sort_by(f64::total_cmp);
         println!(
             "    inside the worker (p50): markers {markers:.1} ms, documents {documents:.1} ms, \
-             decode {decode:.1} ms, compile {compile:.1} ms"
+             decode {decode:.1} ms, compile {compile:.1} ms; decode per sample {decodes:?}"
         );
         figures.push(serde_json::json!({
             "label": case.label, "items": case.items, "kv_bytes": case.catalog_bytes.len(),
