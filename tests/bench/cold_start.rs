@@ -157,6 +157,7 @@ fn run(samples: usize, only: &[usize]) -> Result<(), String> {
             "beyond_empty_ms": f50 - e50, "rss_beyond_idle_bytes": rss50,
             "markers_ms": markers, "documents_ms": documents, "decode_ms": decode,
             "compile_ms": compile,
+            "decode_min_ms": decodes.first(), "decode_max_ms": decodes.last(),
             "samples": samples,
         }));
     }

@@ -306,7 +306,7 @@ fn bench(extra: &[String]) -> Result<()> {
     step(
         "edge: cold isolates on standalone workerd with catalogs of 320, 10k and 100k items (a new workerd per sample)",
     );
-    on_the_bundle(bin("cold-start")).arg("5").run()?;
+    on_the_bundle(bin("cold-start")).arg("9").run()?;
     step(
         "proxy mode: the demo site's pages direct, passed through and personalized (TTFB, last byte)",
     );
