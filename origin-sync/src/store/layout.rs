@@ -6,13 +6,17 @@
 //! same write transaction that records the new version (all or nothing, and at most once).
 //!
 //! * layout 1: profiles in wire format 1 (users, sink marks, the older shared `acked` values);
-//! * layout 2: profiles carry `folded` (wire format 2).
+//! * layout 2: profiles carry `folded` (wire format 2);
+//! * layout 3: a user's value carries their stamp ahead of their state
+//!   (`partitions::user_value`); the `stamps` table is emptied into it. The state itself is
+//!   still layout 2's ([`STATE_LAYOUT`], what changelog records carry).
 //!
 //! There is no downgrade: an older origin-sync must not open a store this one has upgraded.
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use shared::wire::v1;
 
+use super::partitions::{STAMPS, user_value_raw};
 use super::sinks::{SINK_MARKS, SinkMark};
 use super::state::UserState;
 use super::{ACKED, StoreError, USERS, decode, encode};
@@ -23,7 +27,12 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 type SinkAndKey = (String, Vec<u8>);
 
 /// The layout this build writes.
-pub(super) const LAYOUT: u64 = 2;
+pub(super) const LAYOUT: u64 = 3;
+
+/// The layout of a user's state encoding, which changelog records name: unchanged by layout 3
+/// (which changed what surrounds the state), so instances before and after it read each
+/// other's changelog records during a rolling upgrade.
+pub(super) const STATE_LAYOUT: u64 = 2;
 
 /// Brings the store to [`LAYOUT`]; returns how many records were rewritten.
 pub(super) fn upgrade(tx: &WriteTransaction) -> Result<u64, StoreError> {
@@ -40,45 +49,58 @@ pub(super) fn upgrade(tx: &WriteTransaction) -> Result<u64, StoreError> {
         _ => {}
     }
     let mut rewritten = 0;
+    let from = layout.unwrap_or(0);
     {
         let mut users = tx.open_table(USERS)?;
+        let mut stamps = tx.open_table(STAMPS)?;
         let old: Vec<(Vec<u8>, Vec<u8>)> = users
             .iter()?
             .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
             .collect::<Result<_, _>>()?;
         for (k, v) in old {
-            let state = UserState::decode_layout1(&v)?;
-            users.insert(k.as_slice(), encode(&state).as_slice())?;
+            let state = if from < 2 {
+                encode(&UserState::decode_layout1(&v)?)
+            } else {
+                v
+            };
+            let stamp = stamps.remove(k.as_slice())?.map(|g| g.value().to_vec());
+            users.insert(
+                k.as_slice(),
+                user_value_raw(stamp.as_deref().unwrap_or_default(), &state).as_slice(),
+            )?;
             rewritten += 1;
         }
     }
-    {
-        let mut marks = tx.open_table(SINK_MARKS)?;
-        let old: Vec<(SinkAndKey, Vec<u8>)> = marks
-            .iter()?
-            .map(|r| {
-                r.map(|(k, v)| {
-                    let (sink, key) = k.value();
-                    ((sink.to_owned(), key.to_vec()), v.value().to_vec())
+    tx.delete_table(STAMPS)?;
+    if from < 2 {
+        {
+            let mut marks = tx.open_table(SINK_MARKS)?;
+            let old: Vec<(SinkAndKey, Vec<u8>)> = marks
+                .iter()?
+                .map(|r| {
+                    r.map(|(k, v)| {
+                        let (sink, key) = k.value();
+                        ((sink.to_owned(), key.to_vec()), v.value().to_vec())
+                    })
                 })
-            })
-            .collect::<Result<_, _>>()?;
-        for ((sink, key), v) in old {
-            let mark = SinkMark::decode_layout1(&v)?;
-            marks.insert((sink.as_str(), key.as_slice()), encode(&mark).as_slice())?;
-            rewritten += 1;
+                .collect::<Result<_, _>>()?;
+            for ((sink, key), v) in old {
+                let mark = SinkMark::decode_layout1(&v)?;
+                marks.insert((sink.as_str(), key.as_slice()), encode(&mark).as_slice())?;
+                rewritten += 1;
+            }
         }
-    }
-    {
-        let mut acked = tx.open_table(ACKED)?;
-        let old: Vec<(Vec<u8>, Vec<u8>)> = acked
-            .iter()?
-            .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
-            .collect::<Result<_, _>>()?;
-        for (k, v) in old {
-            let stored: shared::delta::Stored = decode::<v1::Stored>(&v, "acked")?.into();
-            acked.insert(k.as_slice(), encode(&stored).as_slice())?;
-            rewritten += 1;
+        {
+            let mut acked = tx.open_table(ACKED)?;
+            let old: Vec<(Vec<u8>, Vec<u8>)> = acked
+                .iter()?
+                .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
+                .collect::<Result<_, _>>()?;
+            for (k, v) in old {
+                let stored: shared::delta::Stored = decode::<v1::Stored>(&v, "acked")?.into();
+                acked.insert(k.as_slice(), encode(&stored).as_slice())?;
+                rewritten += 1;
+            }
         }
     }
     meta.insert("layout", LAYOUT)?;
@@ -170,6 +192,64 @@ mod tests {
         let tx = store.db.begin_write().expect("tx");
         assert_eq!(upgrade(&tx).expect("upgrade"), 0);
         tx.commit().expect("commit");
+        drop(store);
+        let _ = std::fs::remove_file(&file);
+    }
+
+    /// A store of layout 2 (stamps in a table of their own) opens with each stamp moved into
+    /// its user's value: same state, same stamp, the table gone, and at most once. An erasure
+    /// afterwards keeps the stamp (it is not input of the user's partition).
+    #[test]
+    fn a_layout_2_store_moves_its_stamps_into_the_users_values() {
+        let file = path("stamps");
+        let key = UserKey::derive(SECRET, "u1");
+        let mut state = UserState::fresh(&key);
+        state.insert(&add("e0", 1_800_000_000_000), None, WINDOW);
+        let stamp = crate::store::Stamp {
+            partition: 3,
+            next: vec![("cart_events".into(), 42)],
+        };
+        {
+            let db = redb::Database::create(&file).expect("db");
+            let tx = db.begin_write().expect("tx");
+            {
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("layout", 2)
+                    .expect("insert");
+                tx.open_table(USERS)
+                    .expect("users")
+                    .insert(key.0.as_slice(), encode(&state).as_slice())
+                    .expect("insert");
+                tx.open_table(STAMPS)
+                    .expect("stamps")
+                    .insert(key.0.as_slice(), encode(&stamp).as_slice())
+                    .expect("insert");
+            }
+            tx.commit().expect("commit");
+        }
+        let store = Store::open(&file, SECRET, WINDOW)
+            .expect("the layout 2 store opens")
+            .partitioned();
+        assert_eq!(store.stamp("u1").expect("reads"), Some(stamp.clone()));
+        assert_eq!(
+            store.current("u1").expect("reads").map(|s| s.version()),
+            Some(1)
+        );
+        {
+            let tx = store.db.begin_read().expect("read");
+            assert!(tx.open_table(STAMPS).is_err(), "the stamps table is gone");
+        }
+        let tx = store.db.begin_write().expect("tx");
+        assert_eq!(upgrade(&tx).expect("upgrade"), 0);
+        tx.commit().expect("commit");
+
+        store.erase("u1", 1_800_000_005_000).expect("erased");
+        assert!(matches!(
+            store.current("u1").expect("reads"),
+            Some(Stored::Tombstone { .. })
+        ));
+        assert_eq!(store.stamp("u1").expect("reads"), Some(stamp));
         drop(store);
         let _ = std::fs::remove_file(&file);
     }

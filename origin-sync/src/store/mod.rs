@@ -214,7 +214,6 @@ impl Store {
         tx.open_table(sinks::SINK_MARKS)?;
         tx.open_table(sinks::SINK_DOCUMENTS)?;
         tx.open_table(sinks::QUARANTINE)?;
-        tx.open_table(partitions::STAMPS)?;
         tx.open_table(partitions::UNLOGGED)?;
         tx.open_table(partitions::CHANGELOG_POS)?;
         tx.open_table(partitions::STANDBY)?;
@@ -256,7 +255,6 @@ impl Store {
             let mut offsets_t = tx.open_table(OFFSETS)?;
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
-            let mut stamps_t = tx.open_table(partitions::STAMPS)?;
             let mut unlogged_t = tx.open_table(partitions::UNLOGGED)?;
             let mut next: HashMap<(String, i32), i64> = HashMap::new();
             let mut users: Loaded = HashMap::new();
@@ -279,7 +277,7 @@ impl Store {
                 let key = self.user_key(&ev.user);
                 if self.partitioned {
                     // folded by whoever wrote this state (another owner, before a handover)
-                    let stamp = load_stamp(&mut stamps, &stamps_t, key, r.partition)?;
+                    let stamp = load_stamp(&mut stamps, &users_t, key, r.partition)?;
                     if stamp.next_of(&r.topic) > r.offset {
                         out.redelivered += 1;
                         continue;
@@ -296,7 +294,7 @@ impl Store {
                         anonymous,
                         absorbed: None,
                     } if self.user_key(anonymous) != key
-                        && self.joinable(&mut stamps, &stamps_t, anonymous, r.partition)? =>
+                        && self.joinable(&mut stamps, &users_t, anonymous, r.partition)? =>
                     {
                         let anon = self.user_key(anonymous);
                         load(&mut users, &users_t, anon)?;
@@ -358,19 +356,22 @@ impl Store {
                     continue;
                 }
                 let encoded = encode(&state);
-                users_t.insert(key.0.as_slice(), encoded.as_slice())?;
-                if self.partitioned
-                    && let Some(stamp) = stamps.get(&key)
-                {
+                // every user a partitioned batch writes has its stamp in the working set
+                // (`load_stamp`, `joinable`); a static assignment keeps none
+                let stamp = stamps.get(&key).filter(|_| self.partitioned);
+                users_t.insert(
+                    key.0.as_slice(),
+                    partitions::user_value(stamp, &encoded).as_slice(),
+                )?;
+                if let Some(stamp) = stamp {
                     let version = state.current_version();
-                    stamps_t.insert(key.0.as_slice(), encode(stamp).as_slice())?;
                     unlogged_t.insert(key.0.as_slice(), (version, crate::clock::now_ms()))?;
                     out.logged.push(Logged {
                         partition: stamp.partition,
                         key,
                         version,
                         value: LogValue {
-                            layout: layout::LAYOUT,
+                            layout: layout::STATE_LAYOUT,
                             stamp: stamp.clone(),
                             state: encoded,
                         }
@@ -483,7 +484,7 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
-            let state: UserState = UserState::decode(v.value())?;
+            let state = partitions::state_of(v.value())?;
             if state.erased().is_some() {
                 out.push((k.value().to_vec(), v.value().to_vec()));
             }
@@ -512,7 +513,7 @@ impl Store {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(USERS)?;
         match t.get(key.0.as_slice())? {
-            Some(g) => Ok(Some(UserState::decode(g.value())?.current())),
+            Some(g) => Ok(Some(partitions::state_of(g.value())?.current())),
             None => Ok(None),
         }
     }
@@ -541,7 +542,7 @@ impl Store {
     fn joinable(
         &self,
         stamps: &mut HashMap<UserKey, Stamp>,
-        stamps_t: &redb::Table<&[u8], &[u8]>,
+        users_t: &redb::Table<&[u8], &[u8]>,
         anonymous: &str,
         partition: i32,
     ) -> Result<bool, StoreError> {
@@ -551,9 +552,13 @@ impl Store {
         let anon = self.user_key(anonymous);
         if let std::collections::hash_map::Entry::Vacant(e) = stamps.entry(anon) {
             // kept in the working set: a joined visitor's retirement is logged with its stamp
-            match stamps_t.get(anon.0.as_slice())? {
-                Some(g) => {
-                    e.insert(decode(g.value(), "stamp")?);
+            let stamp = match users_t.get(anon.0.as_slice())? {
+                Some(g) => partitions::stamp_of(g.value())?,
+                None => None,
+            };
+            match stamp {
+                Some(stamp) => {
+                    e.insert(stamp);
                 }
                 None => return Ok(false),
             }
@@ -566,13 +571,13 @@ impl Store {
 /// partition count changed, moving the user) starts over on `partition`.
 fn load_stamp<'a>(
     stamps: &'a mut HashMap<UserKey, Stamp>,
-    stamps_t: &redb::Table<&[u8], &[u8]>,
+    users_t: &redb::Table<&[u8], &[u8]>,
     key: UserKey,
     partition: i32,
 ) -> Result<&'a mut Stamp, StoreError> {
     if let std::collections::hash_map::Entry::Vacant(v) = stamps.entry(key) {
-        let stored: Option<Stamp> = match stamps_t.get(key.0.as_slice())? {
-            Some(g) => Some(decode(g.value(), "stamp")?),
+        let stored = match users_t.get(key.0.as_slice())? {
+            Some(g) => partitions::stamp_of(g.value())?,
             None => None,
         };
         v.insert(stored.unwrap_or_default());
@@ -596,7 +601,7 @@ fn load(
 ) -> Result<(), StoreError> {
     if let std::collections::hash_map::Entry::Vacant(v) = users.entry(key) {
         let state = match users_t.get(key.0.as_slice())? {
-            Some(g) => UserState::decode(g.value())?,
+            Some(g) => partitions::state_of(g.value())?,
             None => UserState::fresh(&key),
         };
         let version = state.current_version();
@@ -613,9 +618,13 @@ fn erase_in(
     key: UserKey,
     at_ms: u64,
 ) -> Result<(u64, bool), StoreError> {
-    let old: Option<UserState> = match users_t.get(key.0.as_slice())? {
-        Some(g) => Some(UserState::decode(g.value())?),
-        None => None,
+    // the stamp stays: an erasure is not input of the user's partition
+    let (old, stamp): (Option<UserState>, Vec<u8>) = match users_t.get(key.0.as_slice())? {
+        Some(g) => {
+            let (stamp, state) = partitions::split_user(g.value())?;
+            (Some(UserState::decode(state)?), stamp.to_vec())
+        }
+        None => (None, Vec::new()),
     };
     // An erasure at or before the last one's time covers nothing that erasure did not: what
     // the user did since is newer than both. So a replayed or retried request (its time is the
@@ -629,7 +638,10 @@ fn erase_in(
     // the next erasure epoch: the version the edge's own tombstone has (see `EPOCH_SHIFT`)
     let version = shared::delta::tombstone_version(had);
     let state = UserState::tombstone(&key, version, at_ms);
-    users_t.insert(key.0.as_slice(), encode(&state).as_slice())?;
+    users_t.insert(
+        key.0.as_slice(),
+        partitions::user_value_raw(&stamp, &encode(&state)).as_slice(),
+    )?;
     outbox_t.insert(
         key.0.as_slice(),
         encode(&Pending::at(at_ms, at_ms)).as_slice(),

@@ -17,7 +17,7 @@ use shared::delta::{Delta, Stored};
 use shared::keys::UserKey;
 use shared::wire::{ConfigDoc, ConfigKind};
 
-use super::state::{UserState, change_for};
+use super::state::change_for;
 use super::{ACKED, OUTBOX, Oldest, OutItem, Pending, Store, StoreError, USERS, decode, encode};
 
 /// `(sink, user key)` → [`SinkMark`].
@@ -141,7 +141,7 @@ impl Store {
             let Some(state) = users_t.get(key.0.as_slice())? else {
                 continue;
             };
-            let current = UserState::decode(state.value())?.current();
+            let current = super::partitions::state_of(state.value())?.current();
             let mark = Self::mark(&marks_t, &acked_t, sink, key)?;
             if mark.settles(&current) {
                 continue;
@@ -212,7 +212,7 @@ impl Store {
                 .chain(report.cleanup.iter().copied());
             for key in touched {
                 let current = match users_t.get(key.0.as_slice())? {
-                    Some(g) => Some(UserState::decode(g.value())?.current()),
+                    Some(g) => Some(super::partitions::state_of(g.value())?.current()),
                     None => None,
                 };
                 let Some(current) = current else {
