@@ -25,6 +25,8 @@ use super::{ACKED, StoreError, USERS, decode, encode};
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// A sink mark's key, owned.
 type SinkAndKey = (String, Vec<u8>);
+/// A key and its value, owned.
+type Row = (Vec<u8>, Vec<u8>);
 
 /// The layout this build writes.
 pub(super) const LAYOUT: u64 = 3;
@@ -52,18 +54,15 @@ pub(super) fn upgrade(tx: &WriteTransaction) -> Result<u64, StoreError> {
     let from = layout.unwrap_or(0);
     {
         let mut users = tx.open_table(USERS)?;
-        let mut stamps = tx.open_table(STAMPS)?;
-        let old: Vec<(Vec<u8>, Vec<u8>)> = users
-            .iter()?
-            .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
-            .collect::<Result<_, _>>()?;
-        for (k, v) in old {
+        let stamps = tx.open_table(STAMPS)?;
+        for (k, v) in byte_rows(&users)? {
             let state = if from < 2 {
                 encode(&UserState::decode_layout1(&v)?)
             } else {
                 v
             };
-            let stamp = stamps.remove(k.as_slice())?.map(|g| g.value().to_vec());
+            // the whole table goes below
+            let stamp = stamps.get(k.as_slice())?.map(|g| g.value().to_vec());
             users.insert(
                 k.as_slice(),
                 user_value_raw(stamp.as_deref().unwrap_or_default(), &state).as_slice(),
@@ -92,11 +91,7 @@ pub(super) fn upgrade(tx: &WriteTransaction) -> Result<u64, StoreError> {
         }
         {
             let mut acked = tx.open_table(ACKED)?;
-            let old: Vec<(Vec<u8>, Vec<u8>)> = acked
-                .iter()?
-                .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
-                .collect::<Result<_, _>>()?;
-            for (k, v) in old {
+            for (k, v) in byte_rows(&acked)? {
                 let stored: shared::delta::Stored = decode::<v1::Stored>(&v, "acked")?.into();
                 acked.insert(k.as_slice(), encode(&stored).as_slice())?;
                 rewritten += 1;
@@ -105,6 +100,15 @@ pub(super) fn upgrade(tx: &WriteTransaction) -> Result<u64, StoreError> {
     }
     meta.insert("layout", LAYOUT)?;
     Ok(rewritten)
+}
+
+/// Every row of a bytes-to-bytes table, owned (so the table can be rewritten while they are
+/// read).
+fn byte_rows(table: &redb::Table<&[u8], &[u8]>) -> Result<Vec<Row>, StoreError> {
+    Ok(table
+        .iter()?
+        .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?)
 }
 
 #[cfg(test)]

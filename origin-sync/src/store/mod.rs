@@ -357,8 +357,8 @@ impl Store {
                 }
                 let encoded = encode(&state);
                 // every user a partitioned batch writes has its stamp in the working set
-                // (`load_stamp`, `joinable`); a static assignment keeps none
-                let stamp = stamps.get(&key).filter(|_| self.partitioned);
+                // (`load_stamp`, `joinable`); a static assignment loads none
+                let stamp = stamps.get(&key);
                 users_t.insert(
                     key.0.as_slice(),
                     partitions::user_value(stamp, &encoded).as_slice(),
@@ -552,16 +552,15 @@ impl Store {
         let anon = self.user_key(anonymous);
         if let std::collections::hash_map::Entry::Vacant(e) = stamps.entry(anon) {
             // kept in the working set: a joined visitor's retirement is logged with its stamp
-            let stamp = match users_t.get(anon.0.as_slice())? {
-                Some(g) => partitions::stamp_of(g.value())?,
-                None => None,
+            let Some(stamp) = users_t
+                .get(anon.0.as_slice())?
+                .map(|g| partitions::stamp_of(g.value()))
+                .transpose()?
+                .flatten()
+            else {
+                return Ok(false);
             };
-            match stamp {
-                Some(stamp) => {
-                    e.insert(stamp);
-                }
-                None => return Ok(false),
-            }
+            e.insert(stamp);
         }
         Ok(stamps.get(&anon).is_some_and(|s| s.partition == partition))
     }

@@ -79,12 +79,19 @@ pub(super) fn split_user(value: &[u8]) -> Result<(&[u8], &[u8]), StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("user record: {e}")))
 }
 
+/// A users-table value's stamp, if it has one, and its state bytes.
+pub(super) fn stamped(value: &[u8]) -> Result<(Option<Stamp>, &[u8]), StoreError> {
+    let (stamp, state) = split_user(value)?;
+    let stamp = match stamp {
+        [] => None,
+        bytes => Some(decode(bytes, "stamp")?),
+    };
+    Ok((stamp, state))
+}
+
 /// A users-table value's stamp, if it has one.
 pub(super) fn stamp_of(value: &[u8]) -> Result<Option<Stamp>, StoreError> {
-    match split_user(value)?.0 {
-        [] => Ok(None),
-        bytes => decode(bytes, "stamp").map(Some),
-    }
+    Ok(stamped(value)?.0)
 }
 
 /// A users-table value's state.
@@ -250,8 +257,7 @@ impl Store {
             let Some(value) = users_t.get(k.value())? else {
                 continue;
             };
-            let (Some(stamp), (_, state)) = (stamp_of(value.value())?, split_user(value.value())?)
-            else {
+            let (Some(stamp), state) = stamped(value.value())? else {
                 continue;
             };
             if partitions.is_some_and(|ps| !ps.contains(&stamp.partition)) {
@@ -382,8 +388,11 @@ impl Store {
                     continue;
                 };
                 let stored = users_t.get(k)?.map(|g| g.value().to_vec());
-                let (here, local) = match &stored {
-                    Some(value) => (Some(split_user(value)?.1), stamp_of(value)?),
+                let (local, here) = match &stored {
+                    Some(value) => {
+                        let (stamp, state) = stamped(value)?;
+                        (stamp, Some(state))
+                    }
                     None => (None, None),
                 };
                 if here == Some(&*state) {
