@@ -219,9 +219,16 @@ impl Workerd {
             .map(|(k, v)| format!("(name = {}, text = {})", capnp_str(k), capnp_str(v)))
             .chain(["(name = \"EDGEWISE\", kvNamespace = \"kv\")".to_owned()])
             .collect();
+        // for profiling, e.g. `--perf-basic-prof` so `perf` names the JIT's (and wasm's) code
+        let v8_flags: Vec<String> = std::env::var("EDGEWISE_WORKERD_V8_FLAGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(capnp_str)
+            .collect();
         let config = format!(
             "using Workerd = import \"/workerd/workerd.capnp\";\n\
              const config :Workerd.Config = (\n\
+               v8Flags = [{v8_flags}],\n\
                services = [\n\
                  (name = \"main\", worker = .edge),\n\
                  (name = \"kv\", external = (address = \"127.0.0.1:{kv}\", http = ())),\n\
@@ -243,6 +250,7 @@ impl Workerd {
             js = capnp_str("index.js"),
             wasm = capnp_str("index_bg.wasm"),
             bindings = bindings.join(", "),
+            v8_flags = v8_flags.join(", "),
         );
         // capnp's `embed` reads paths relative to the config: the bundle is copied beside it
         for file in ["index.js", "index_bg.wasm"] {
@@ -272,6 +280,11 @@ impl Workerd {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(Workerd { port, kv, service })
+    }
+
+    /// workerd's process id.
+    pub fn pid(&self) -> u32 {
+        self.service.pid()
     }
 
     /// workerd's resident memory now, in bytes (`VmRSS`).

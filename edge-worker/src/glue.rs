@@ -4,18 +4,36 @@
 
 use crate::app::App;
 use crate::config::EdgeConfig;
-use crate::http::{Clock, EdgeError, HttpRequest, Outbound, Reply, body_limit, origin_retry_ms};
+use crate::http::{
+    Clock, EdgeError, HttpRequest, Outbound, Reply, body_limit, origin_retry_ms, path_and_query,
+    split_head,
+};
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
 use shared::protocol::KvMetadata;
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
 use std::time::Duration;
+use worker::wasm_bindgen::prelude::*;
 use worker::{
-    Context, Delay, Env, Fetch, Headers, Method, Request, RequestInit, Response, Result,
-    ScheduleContext, ScheduledEvent, console_error, console_warn, event, js_sys, kv::KvStore,
-    wasm_bindgen::JsValue,
+    Context, Delay, Env, Fetch, Headers, Method, Request, RequestInit, Result, ScheduleContext,
+    ScheduledEvent, console_error, console_warn, event, js_sys, kv::KvStore, wasm_bindgen::JsValue,
+    web_sys,
 };
+
+#[wasm_bindgen(module = "/src/exchange.js")]
+extern "C" {
+    /// `METHOD\nURL\nname\nvalue...`: the request's head in one crossing.
+    #[wasm_bindgen(js_name = requestHead)]
+    fn request_head(request: &web_sys::Request) -> String;
+    /// The answer, its headers given as `name\nvalue...` in one crossing.
+    #[wasm_bindgen(catch)]
+    fn respond(
+        status: u16,
+        body: &[u8],
+        head: &str,
+    ) -> std::result::Result<web_sys::Response, JsValue>;
+}
 
 /// The KV namespace binding (see `wrangler.toml`).
 const KV_BINDING: &str = "EDGEWISE";
@@ -57,7 +75,10 @@ impl Clock for JsClock {
 }
 
 struct Kv {
-    kv: Option<KvStore>,
+    env: Env,
+    /// Looked up on first use: most answers (a cached profile) never touch KV, and the lookup
+    /// costs several calls into JS.
+    kv: OnceCell<Option<KvStore>>,
     timeout_ms: u32,
     /// For published documents (`CONFIG_TIMEOUT_MS`); see [`Store::get_document`].
     document_timeout_ms: u32,
@@ -80,7 +101,7 @@ impl Store for Kv {
         value: &[u8],
         version: u64,
     ) -> std::result::Result<(), StoreError> {
-        let kv = self.kv.as_ref().ok_or_else(no_binding)?;
+        let kv = self.binding()?;
         let backend = |e: worker::kv::KvError| StoreError::Backend(e.to_string());
         kv.put_bytes(key, value)
             .map_err(backend)?
@@ -123,7 +144,8 @@ impl Kv {
     /// The KV binding as the isolate's settings read it (timeouts, `cacheTtl`).
     fn of(env: &Env, app: &App) -> Kv {
         Kv {
-            kv: env.kv(KV_BINDING).ok(),
+            env: env.clone(),
+            kv: OnceCell::new(),
             timeout_ms: app.config().kv_timeout_ms,
             document_timeout_ms: app.config().config_timeout_ms,
             cache_ttl_s: app.config().kv_cache_ttl_s,
@@ -150,7 +172,15 @@ impl Kv {
     }
 
     fn binding(&self) -> std::result::Result<&KvStore, StoreError> {
-        self.kv.as_ref().ok_or_else(no_binding)
+        self.kv
+            .get_or_init(|| self.env.kv(KV_BINDING).ok())
+            .as_ref()
+            .ok_or_else(no_binding)
+    }
+
+    /// The binding, for work that outlives this value (`wait_until`).
+    fn store(&self) -> Option<KvStore> {
+        self.binding().ok().cloned()
     }
 }
 
@@ -162,31 +192,39 @@ fn no_binding() -> StoreError {
 
 mod forward;
 
+// The runtime's request and response as they are (not workers-rs' `Request`/`Response`, whose
+// conversions read every header through its own call and parse the URL again): the head
+// crosses once each way (`exchange.js`).
 #[event(fetch)]
-async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
+async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys::Response> {
     let app = app(&env);
-    let url = req.url()?;
+    let head = request_head(&raw);
+    let (method, url, headers) = split_head(&head);
+    let (path, query) = path_and_query(url);
     // proxy mode: everything but Edgewise's own routes goes to the site, streamed
     if let Some(proxy) = app.config().proxy.clone() {
-        let route = proxy.route(req.method().as_ref(), url.path());
+        let route = proxy.route(method, path);
         if route != crate::proxy::Route::Edgewise {
+            let req = Request::from(raw);
+            let url = req.url()?;
             let store = Kv::of(&env, &app);
-            return forward::forward(req, &proxy, &url, route, app.clone(), store, &ctx).await;
+            return forward::forward(req, &proxy, &url, route, app.clone(), store, &ctx)
+                .await
+                .map(web_sys::Response::from);
         }
     }
-    let limit = body_limit(url.path());
-    let length = req
-        .headers()
-        .get("content-length")?
-        .and_then(|n| n.parse::<u64>().ok());
+    let limit = body_limit(path);
+    let length = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, n)| n.parse::<u64>().ok());
     if let Some(len) = length.filter(|n| *n > limit) {
         return into_response(too_large(len, limit));
     }
-    let method = req.method().to_string();
-    let body = if matches!(method.as_str(), "GET" | "HEAD") {
+    let body = if matches!(method, "GET" | "HEAD") {
         Vec::new()
     } else {
-        match read_body(&mut req, limit).await {
+        match read_body(&mut Request::from(raw), limit).await {
             Ok(body) => body,
             Err(Some(len)) => return into_response(too_large(len, limit)),
             // the handler then answers as for an empty body; the cause was logged
@@ -194,13 +232,12 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         }
     };
     let request = HttpRequest {
-        method,
-        path: url.path().to_owned(),
-        query: url.query().unwrap_or("").to_owned(),
-        headers: req
-            .headers()
-            .entries()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        method: method.to_owned(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
             .collect(),
         body,
     };
@@ -210,16 +247,26 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         write_point(&env, point);
     }
     if !handled.outbound.is_empty() {
-        ctx.wait_until(send_all(handled.outbound, store.kv.clone()));
+        ctx.wait_until(send_all(handled.outbound, store.store()));
     }
     refresh_config_after(&app, store, &ctx);
     into_response(handled.reply)
 }
 
+thread_local! {
+    /// Whether the Analytics Engine binding exists: bindings do not change during an
+    /// isolate's life, so a missing one is not looked up on every answer.
+    static METRICS_BOUND: Cell<bool> = const { Cell::new(true) };
+}
+
 /// Writes a data point to the Analytics Engine dataset, if one is bound. The write does not
 /// wait for anything; a failure is logged, never the answer's.
 fn write_point(env: &Env, point: crate::metrics::DataPoint) {
+    if !METRICS_BOUND.get() {
+        return;
+    }
     let Ok(dataset) = env.analytics_engine(METRICS_BINDING) else {
+        METRICS_BOUND.set(false);
         return;
     };
     let built = worker::AnalyticsEngineDataPointBuilder::new()
@@ -301,7 +348,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
             "edgewise: sending {} erasures origin has not acknowledged yet",
             outbound.len()
         );
-        send_all(outbound, store.kv.clone()).await;
+        send_all(outbound, store.store()).await;
     }
 }
 
@@ -382,16 +429,22 @@ async fn send(o: &Outbound) -> Result<(u16, Option<String>)> {
     Ok((resp.status_code(), resp.headers().get("retry-after")?))
 }
 
-fn into_response(reply: Reply) -> Result<Response> {
-    let mut resp = Response::from_bytes(reply.body)?.with_status(reply.status);
-    let headers = resp.headers_mut();
-    headers.set("content-type", reply.content_type)?;
-    for (k, v) in reply.headers {
-        if k.eq_ignore_ascii_case("set-cookie") {
-            headers.append(k, &v)?;
-        } else {
-            headers.set(k, &v)?;
+fn into_response(reply: Reply) -> Result<web_sys::Response> {
+    let mut head = String::with_capacity(256);
+    for (name, value) in std::iter::once(("content-type", reply.content_type))
+        .chain(reply.headers.iter().map(|(k, v)| (*k, v.as_str())))
+    {
+        // a line break would split the head; HTTP forbids it in a header anyway
+        if value.contains(['\n', '\r']) {
+            console_error!("edgewise: dropped header {name}: its value holds a line break");
+            continue;
         }
+        if !head.is_empty() {
+            head.push('\n');
+        }
+        head.push_str(name);
+        head.push('\n');
+        head.push_str(value);
     }
-    Ok(resp)
+    respond(reply.status, &reply.body, &head).map_err(worker::Error::from)
 }

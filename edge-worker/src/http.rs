@@ -49,6 +49,29 @@ pub fn origin_retry_ms(attempt: u32, outcome: Option<(u16, Option<&str>)>) -> Op
 /// Largest body of routes that take none worth reading (`DELETE /v1/me`, pages, unknown).
 pub const MAX_OTHER_BODY: u64 = 4 * 1024;
 
+/// The glue's request head (`METHOD\nURL\nname\nvalue...`, one text from the runtime) as
+/// method, URL and header pairs.
+pub fn split_head(head: &str) -> (&str, &str, Vec<(&str, &str)>) {
+    let mut lines = head.split('\n');
+    let method = lines.next().unwrap_or("GET");
+    let url = lines.next().unwrap_or("/");
+    let mut headers = Vec::new();
+    while let (Some(name), Some(value)) = (lines.next(), lines.next()) {
+        headers.push((name, value));
+    }
+    (method, url, headers)
+}
+
+/// The path and query (without `?`) of a URL the runtime serialized (WHATWG): the path starts
+/// at the first `/` after the authority and is never empty for http(s); `?` and `#` inside it
+/// are percent-encoded, so the first of either ends it.
+pub fn path_and_query(url: &str) -> (&str, &str) {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.find('/').map_or("/", |i| &rest[i..]);
+    let rest = rest.split_once('#').map_or(rest, |(before, _)| before);
+    rest.split_once('?').unwrap_or((rest, ""))
+}
+
 /// The most body bytes a request to `path` may carry. The glue stops reading there, whether or
 /// not the request said its length: a chunked upload without `Content-Length` is cut off and
 /// answered 413 after at most this many bytes, so a hostile client costs an isolate no more.
@@ -456,6 +479,35 @@ impl Query {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_request_head_splits_into_method_url_and_headers() {
+        let (method, url, headers) = super::split_head(
+            "POST\nhttps://shop.example/v1/events?x=1\ncookie\na=b; c=d\nx-empty\n",
+        );
+        assert_eq!(method, "POST");
+        assert_eq!(url, "https://shop.example/v1/events?x=1");
+        assert_eq!(headers, vec![("cookie", "a=b; c=d"), ("x-empty", "")]);
+        // no headers at all; a name without its value line is dropped
+        assert_eq!(super::split_head("GET\nhttp://h/").2, vec![]);
+        assert_eq!(super::split_head("GET\nhttp://h/\ndangling").2, vec![]);
+    }
+
+    #[test]
+    fn path_and_query_come_from_a_serialized_url() {
+        use super::path_and_query as pq;
+        assert_eq!(
+            pq("https://shop.example/v1/recommendations?slot=home&k=8"),
+            ("/v1/recommendations", "slot=home&k=8")
+        );
+        assert_eq!(pq("http://127.0.0.1:8787/"), ("/", ""));
+        assert_eq!(pq("https://shop.example"), ("/", ""));
+        assert_eq!(pq("https://shop.example/a%3Fb?q=1#frag"), ("/a%3Fb", "q=1"));
+        assert_eq!(pq("https://shop.example/p#f?not-a-query"), ("/p", ""));
+        assert_eq!(pq("https://shop.example/p?"), ("/p", ""));
+        // a user:pass@ or a port never holds a `/`, so the path still starts after them
+        assert_eq!(pq("https://u:p@shop.example:8443/x/y?z"), ("/x/y", "z"));
+    }
+
     use super::*;
 
     fn parsed(query: &str) -> Result<Query, String> {

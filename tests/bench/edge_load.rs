@@ -5,7 +5,8 @@
 //! route (an unknown path: the worker's 404, no KV, no recommender), with the CPU time workerd
 //! spends per request measured from its threads' `schedstat` around one request at a time.
 //!
-//! Usage: `edge-load [SECONDS_PER_RUN]` with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench`
+//! Usage: `edge-load [--workerd-only] [SECONDS_PER_RUN]` (`--workerd-only`: the standalone
+//! half alone; `EDGEWISE_PROFILE_ROUTES=1`: each of its routes alone first, to profile) with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench`
 //! does both). Prints a table and the ratios; exits non-zero if a run fails outright.
 
 use shared::catalog::Catalog;
@@ -35,14 +36,28 @@ struct Run {
 }
 
 fn main() {
-    let secs: u32 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    if let Err(e) = run(secs) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let workerd_only = args.iter().any(|a| a == "--workerd-only");
+    let secs: u32 = args.iter().find_map(|s| s.parse().ok()).unwrap_or(10);
+    let outcome = if workerd_only {
+        workerd_only_run(secs)
+    } else {
+        run(secs)
+    };
+    if let Err(e) = outcome {
         eprintln!("edge-load: {e}");
         std::process::exit(1);
     }
+}
+
+/// `--workerd-only`: only the standalone workerd half, printed (nothing written), for
+/// comparing builds of the worker quickly.
+fn workerd_only_run(secs: u32) -> Result<(), String> {
+    let bundle =
+        worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
+    let state = temp_dir("edge-load");
+    let users: Vec<String> = (0..USERS).map(|n| format!("load-u{n}")).collect();
+    standalone(&bundle, &state, &users, secs).map(drop)
 }
 
 fn run(secs: u32) -> Result<(), String> {
@@ -173,6 +188,18 @@ fn standalone(
     }
     const EMPTY: &str = "/v1/nothing-here";
     const RECS: &str = "/v1/recommendations?slot=home&k=8";
+    if std::env::var_os("EDGEWISE_PROFILE_ROUTES").is_some() {
+        // each route alone for SECONDS first, announced, for a profiler attached to workerd
+        // (`EDGEWISE_WORKERD_V8_FLAGS=--perf-basic-prof` names the JIT's code)
+        for path in [EMPTY, RECS] {
+            println!("==> alone: {path} (workerd pid {})", wd.pid());
+            let alone = requests(wd.port, path, &warm);
+            let period = std::time::Duration::from_secs(u64::from(secs));
+            tests::load::interleaved(wd.port, CONNECTIONS, period, 1, &[alone])
+                .map_err(|e| e.to_string())?;
+            println!("==> done: {path}");
+        }
+    }
     // the routes take turns, a second each, so the machine's noise falls on all of them alike
     let runs = load_interleaved(
         wd.port,

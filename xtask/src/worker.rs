@@ -55,8 +55,14 @@ pub fn build() -> Result<PathBuf> {
         bail!("worker-build finished but {} is missing", entry.display());
     }
     // worker-build keeps the name section (function names, ~200 KB raw): useful for
-    // debugging, dead weight on the wire. Strip it and other debug sections.
+    // debugging, dead weight on the wire. Strip it and other debug sections, unless asked to
+    // keep them (`EDGEWISE_KEEP_WASM_NAMES=1`: profiles of workerd then name the functions).
     let wasm = out.join("index_bg.wasm");
+    if std::env::var_os("EDGEWISE_KEEP_WASM_NAMES").is_some() {
+        std::fs::write(&stamp, format!("{print}-named"))?;
+        report_bundle_size(&out)?;
+        return Ok(out);
+    }
     Cmd::new(node_bin(".bin/wasm-opt"))
         .args([
             "--strip-debug",

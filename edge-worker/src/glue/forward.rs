@@ -172,7 +172,7 @@ pub async fn forward(
     let outbound = std::mem::take(&mut shopper.outbound);
     let page = rewrite(status, out, body, shopper, ctx)?;
     if !outbound.is_empty() {
-        ctx.wait_until(send_all(outbound, store.kv.clone()));
+        ctx.wait_until(send_all(outbound, store.store()));
     }
     super::refresh_config_after(&app, store, ctx);
     Ok(page)
