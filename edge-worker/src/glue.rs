@@ -5,7 +5,7 @@
 use crate::app::App;
 use crate::config::EdgeConfig;
 use crate::http::{
-    Clock, EdgeError, HttpRequest, Outbound, Reply, body_limit, origin_retry_ms, path_and_query,
+    Clock, EdgeError, HttpRequest, Outbound, Reply, UrlParts, body_limit, origin_retry_ms,
     split_head,
 };
 use crate::store::{Store, StoreError, Versioned};
@@ -200,15 +200,15 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
     let app = app(&env);
     let head = request_head(&raw);
     let (method, url, headers) = split_head(&head);
-    let (path, query) = path_and_query(url);
+    let url = UrlParts::of(url);
+    let (path, query) = (url.path, url.query);
     // proxy mode: everything but Edgewise's own routes goes to the site, streamed
     if let Some(proxy) = app.config().proxy.clone() {
         let route = proxy.route(method, path);
         if route != crate::proxy::Route::Edgewise {
-            let req = Request::from(raw);
-            let url = req.url()?;
             let store = Kv::of(&env, &app);
-            return forward::forward(req, &proxy, &url, route, app.clone(), store, &ctx)
+            let incoming = lower_case(&headers);
+            return forward::forward(raw, incoming, &proxy, url, route, app.clone(), store, &ctx)
                 .await
                 .map(web_sys::Response::from);
         }
@@ -235,10 +235,7 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
         method: method.to_owned(),
         path: path.to_owned(),
         query: query.to_owned(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
-            .collect(),
+        headers: lower_case(&headers),
         body,
     };
     let store = Kv::of(&env, &app);
@@ -251,6 +248,15 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
     }
     refresh_config_after(&app, store, &ctx);
     into_response(handled.reply)
+}
+
+/// The request's headers as the app takes them (the runtime gives names in lower case
+/// already; this is what makes it so either way).
+fn lower_case(headers: &[(&str, &str)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+        .collect()
 }
 
 thread_local! {

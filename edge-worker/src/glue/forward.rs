@@ -8,7 +8,7 @@
 use super::{JsClock, Kv, mint, send_all};
 use crate::app::App;
 use crate::app::proxied::PagePersonalization;
-use crate::http::HttpRequest;
+use crate::http::{HttpRequest, UrlParts};
 use crate::proxy::{self, ProxyConfig, Route};
 use std::rc::Rc;
 use worker::js_sys::{self, Reflect};
@@ -17,7 +17,7 @@ use worker::wasm_bindgen::{JsCast, JsValue};
 use worker::wasm_bindgen_futures::JsFuture;
 use worker::{
     Cache, Context, Fetch, Headers, Request, RequestInit, RequestRedirect, Response, ResponseBody,
-    Result, Url, console_error, console_warn, web_sys,
+    Result, console_error, console_warn, web_sys,
 };
 
 #[wasm_bindgen(module = "/src/rewrite.js")]
@@ -37,27 +37,20 @@ const SDK_SRC: &str = "/sdk.js";
 /// The site origin's answer to `req`, streamed, personalized when `route` allows and the answer
 /// is an HTML page. A site that does not answer at all gets a 502 that says so (a site that
 /// answers with an error passes its own through).
+#[allow(clippy::too_many_arguments)]
 pub async fn forward(
-    req: Request,
+    raw: web_sys::Request,
+    incoming: Vec<(String, String)>,
     proxy: &ProxyConfig,
-    url: &Url,
+    url: UrlParts<'_>,
     route: Route,
     app: Rc<App>,
     store: Kv,
     ctx: &Context,
 ) -> Result<Response> {
-    let incoming: Vec<(String, String)> = req
-        .headers()
-        .entries()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect();
-    let host = match (url.host_str(), url.port()) {
-        (Some(h), Some(p)) => format!("{h}:{p}"),
-        (Some(h), None) => h.to_owned(),
-        (None, _) => String::new(),
-    };
+    let req = Request::from(raw);
     let headers = Headers::new();
-    for (k, v) in proxy::request_headers(&incoming, &host, url.scheme()) {
+    for (k, v) in proxy::request_headers(&incoming, url.host, url.scheme) {
         headers.append(&k, &v)?;
     }
     let method = req.method();
@@ -70,7 +63,7 @@ pub async fn forward(
     if !readable && let Some(body) = req.inner().body() {
         init.with_body(Some(body.into()));
     }
-    let target = proxy.upstream_url(url.path(), url.query().unwrap_or(""));
+    let target = proxy.upstream_url(url.path, url.query);
     let fetch = Fetch::Request(Request::new_with_init(&target, &init)?);
     let personalize = route == Route::Personalized && method == worker::Method::Get;
     // A personalized page may come from the edge's cache: the site's copy is the same for
@@ -101,8 +94,8 @@ pub async fn forward(
         }
         let request = HttpRequest {
             method: "GET".into(),
-            path: url.path().to_owned(),
-            query: url.query().unwrap_or("").to_owned(),
+            path: url.path.to_owned(),
+            query: url.query.to_owned(),
             headers: incoming.clone(),
             body: Vec::new(),
         };
