@@ -266,7 +266,7 @@ impl App {
                 Ok(self.healthz().into())
             }
             ("GET", "/sdk.js") => Ok(storefront::sdk().into()),
-            ("POST", route::SYNC) => Ok(self.sync(store, req, now_ms).await),
+            ("POST", route::SYNC) => Ok(self.sync(store, clock, req, now_ms).await),
             ("GET", "/v1/metrics") => self.metrics_page(req).map(Handled::from),
             (_, route::SYNC) => Err(EdgeError::MethodNotAllowed { allow: "POST" }),
             ("GET" | "HEAD", _) if is_page(&req.path) => {

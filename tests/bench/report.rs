@@ -80,6 +80,15 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
     let topology = load(dir, "topology.json")?;
 
     let (fp50, fp99) = (num(&system["fresh_p50_ms"]), num(&system["fresh_p99_ms"]));
+    // the edge's own account of when it had the change, when the run has it (else the poll's)
+    let edge_account = |v: &Value, fallback: (f64, f64)| match (
+        v["fresh_edge_p50_ms"].as_f64(),
+        v["fresh_edge_p99_ms"].as_f64(),
+    ) {
+        (Some(a), Some(b)) => (a, b, true),
+        _ => (fallback.0, fallback.1, false),
+    };
+    let (ep50, ep99, by_edge) = edge_account(&system, (fp50, fp99));
     let (rp50, rp99) = (num(&system["raw_p50_ms"]), num(&system["raw_p99_ms"]));
     let runs = edge["runs"].as_array().cloned().unwrap_or_default();
     let run_p50 = |i: usize| num(&runs.get(i).map_or(Value::Null, |r| r["p50_ms"].clone()));
@@ -101,29 +110,52 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
     md += &format!("**Machine:** {}.\n\n", machine());
     md += "| figure | measured | baseline, same run | ratio | target | |\n";
     md += "| --- | ---: | ---: | ---: | --- | --- |\n";
+    let account = if by_edge {
+        ", by the edge's own account"
+    } else {
+        ""
+    };
     md += &format!(
-        "| freshness: event produced to Kafka → visible at the edge, p50 / p99 ({} events at {}/s) | {fp50:.1} / {fp99:.1} ms | raw broker produce → consume p50 / p99: {rp50:.1} / {rp99:.1} ms | p99 {:.1}× | p99 ≤ 50 ms | {} |\n",
+        "| freshness: event produced to Kafka → visible at the edge{account}, p50 / p99 ({} events at {}/s) | {ep50:.1} / {ep99:.1} ms | raw broker produce → consume p50 / p99: {rp50:.1} / {rp99:.1} ms | p99 {:.2}× | p99 ≤ 50 ms | {} |\n",
         system["events"],
         system["rate"],
-        fp99 / rp99,
-        verdict(fp99 <= 50.0)
+        ep99 / rp99,
+        verdict(ep99 <= 50.0)
     );
     md += &format!(
         "| | | | | p99 ≤ 5× the raw broker's | {} |\n",
-        verdict(fp99 / rp99 <= 5.0)
+        verdict(ep99 / rp99 <= 5.0)
     );
+    if by_edge {
+        md += &format!(
+            "| the same at the successful poll's answer (an upper bound: + up to one poll interval and the poll's round trip) | {fp50:.1} / {fp99:.1} ms | | p99 {:.1}× | | |\n",
+            fp99 / rp99
+        );
+    }
     // the same on standalone workerd, when the run measured it
     if let Some(wd) = system.get("workerd") {
         let (wp50, wp99) = (num(&wd["fresh_p50_ms"]), num(&wd["fresh_p99_ms"]));
+        let (we50, we99, wd_by_edge) = edge_account(wd, (wp50, wp99));
         md += &format!(
-            "| the same on standalone workerd (no wrangler in the path), p50 / p99 | {wp50:.1} / {wp99:.1} ms | the same raw broker | p99 {:.1}× | p99 ≤ 25 ms | {} |\n",
-            wp99 / rp99,
-            verdict(wp99 <= 25.0)
+            "| the same on standalone workerd (no wrangler in the path){}, p50 / p99 | {we50:.1} / {we99:.1} ms | the same raw broker | p99 {:.2}× | p99 ≤ 25 ms | {} |\n",
+            if wd_by_edge {
+                ", by the edge's own account"
+            } else {
+                ""
+            },
+            we99 / rp99,
+            verdict(we99 <= 25.0)
         );
         md += &format!(
             "| | | | | p99 ≤ 3× the raw broker's | {} |\n",
-            verdict(wp99 / rp99 <= 3.0)
+            verdict(we99 / rp99 <= 3.0)
         );
+        if wd_by_edge {
+            md += &format!(
+                "| the same at the successful poll's answer (upper bound) | {wp50:.1} / {wp99:.1} ms | | p99 {:.1}× | | |\n",
+                wp99 / rp99
+            );
+        }
     }
     md += &format!(
         "| edge under load ({} connections, closed loop): personalized recommendations, warm cache, p50 | {:.2} ms | `/healthz` p50: {:.2} ms | {warm:.2}× | ≤ 1.25× | {} |\n",
@@ -191,10 +223,13 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
         "- **Freshness** (`system-bench`): the whole local stack as `cargo xtask dev` runs it \
          (tansu with SQLite, origin-sync, the worker on workerd through `wrangler dev`). One new \
          shopper per add-to-cart event, produced to Kafka at a steady rate; a thread per event \
-         polls the edge's `GET /v1/me` every {} ms until the profile is there. A sample ends \
-         when the successful poll's answer arrives, so it is an upper bound: it includes that \
-         poll's round trip through `wrangler dev` and up to one poll interval. Taken at the \
-         successful poll's request instead (a lower bound), p50 / p99 are {:.1} / {:.1} ms. The \
+         polls the edge's `GET /v1/me` every {} ms until the profile is there. The edge's own \
+         account is the successful poll's answer time minus the profile's age at the edge \
+         (`profile_age_ms`: how long before that request the isolate took the change, on its \
+         clock, which is this machine's): when the edge had it, without the poll's interval, \
+         still late by the answer's way back. The poll's answer time is an upper bound: it adds \
+         that poll's round trip through `wrangler dev` and up to one poll interval. Taken at the \
+         successful poll's request instead, p50 / p99 are {:.1} / {:.1} ms. The \
          polls put the shopper in the edge's cache first, so this is what a shopper already \
          browsing sees. The raw broker baseline produces to and consumes from a topic of its \
          own on the same broker, at the same rate, with origin-sync's client settings.\n",

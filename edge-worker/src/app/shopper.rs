@@ -496,6 +496,9 @@ impl App {
             &json!({
                 "user_key": key.map(|k| k.to_hex()),
                 "profile_version": found.version,
+                // how long ago this isolate took its copy (a sync, or a KV read): with the
+                // request's time, when the profile became visible here
+                "profile_age_ms": found.age_ms,
                 "tier": found.tier.as_str(),
                 "pending_local_events": pending,
                 "profile": found.profile.as_ref().map(|p| profile_json(p, &site.catalog)),

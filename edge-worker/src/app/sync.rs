@@ -31,13 +31,16 @@ impl App {
     pub(super) async fn sync<S: Store>(
         &self,
         store: &S,
+        clock: &dyn Clock,
         req: &HttpRequest,
         now_ms: u64,
     ) -> Handled {
         // Dropped at the end, or when the request is cancelled mid-batch: unless the batch
         // took effect (200), its signature is forgotten so origin's retry is not a "replay".
         let mut recorded = None;
-        let answer = self.sync_checked(store, req, now_ms, &mut recorded).await;
+        let answer = self
+            .sync_checked(store, clock, req, now_ms, &mut recorded)
+            .await;
         if let Some(r) = recorded.as_mut() {
             r.took_effect = answer.is_ok();
         }
@@ -75,6 +78,7 @@ impl App {
     async fn sync_checked<'a, S: Store>(
         &'a self,
         store: &S,
+        clock: &dyn Clock,
         req: &HttpRequest,
         now_ms: u64,
         recorded: &mut Option<Recorded<'a>>,
@@ -209,7 +213,7 @@ impl App {
                             {
                                 let mut cache = self.cache.borrow_mut();
                                 if cache.peek(&key).is_some() {
-                                    cache.put_fetched(key, Some(stored), now_ms);
+                                    cache.put_fetched(key, Some(stored), clock.now_ms() as u64);
                                 }
                             }
                         }
@@ -222,10 +226,13 @@ impl App {
                             // request be dropped), the entry forgets its base, so reads go back
                             // to KV, and origin's retry applies again.
                             let mut write = Writing::start(self, key);
+                            // when this isolate took the value, after the KV read above: the
+                            // entry's age (`/v1/me`'s `profile_age_ms`) counts from here
+                            let taken_ms = clock.now_ms() as u64;
                             {
                                 let mut cache = self.cache.borrow_mut();
                                 if cache.peek(&key).is_some() {
-                                    cache.put_fetched(key, Some(stored.clone()), now_ms);
+                                    cache.put_fetched(key, Some(stored.clone()), taken_ms);
                                 }
                             }
                             match store.put(&kv_key, &bytes, version).await {
@@ -255,7 +262,7 @@ impl App {
                             {
                                 let mut cache = self.cache.borrow_mut();
                                 if cache.peek(&key).is_some() {
-                                    cache.put_fetched(key, Some(stored), now_ms);
+                                    cache.put_fetched(key, Some(stored), taken_ms);
                                 }
                             }
                             if applied == Applied::Updated {

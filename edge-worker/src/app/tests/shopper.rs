@@ -228,3 +228,18 @@ fn kv_errors_are_logged_unless_they_are_timeouts_and_pages_are_served_either_way
         "{logged}"
     );
 }
+
+#[test]
+fn v1_me_says_how_long_ago_the_isolate_took_the_shoppers_profile() {
+    let w = World::new();
+    // a browsing shopper: the isolate has cached "no profile yet"
+    let before = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(before["profile_version"], 0);
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    w.advance(250);
+    let me = w.get("/v1/me", &alice()).body_json();
+    assert_eq!(me["profile_version"], 1);
+    // the sync took it 250 ms before this request: request time - age = when it was visible
+    assert_eq!(me["profile_age_ms"], 250);
+}
