@@ -515,52 +515,47 @@ mod tests {
 
     #[test]
     fn url_parts_come_from_a_serialized_url() {
-        let parts = |url| {
-            let p = super::UrlParts::of(url);
-            (p.scheme, p.host, p.path, p.query)
-        };
-        assert_eq!(
-            parts("https://shop.example/v1/recommendations?slot=home&k=8"),
+        for (url, want) in [
             (
-                "https",
-                "shop.example",
-                "/v1/recommendations",
-                "slot=home&k=8"
-            )
-        );
-        assert_eq!(
-            parts("http://127.0.0.1:8787/"),
-            ("http", "127.0.0.1:8787", "/", "")
-        );
-        assert_eq!(
-            parts("https://shop.example"),
-            ("https", "shop.example", "/", "")
-        );
-        assert_eq!(
-            parts("https://shop.example?q"),
-            ("https", "shop.example", "/", "q")
-        );
-        assert_eq!(
-            parts("https://shop.example/a%3Fb?q=1#frag"),
-            ("https", "shop.example", "/a%3Fb", "q=1")
-        );
-        assert_eq!(
-            parts("https://shop.example/p#f?no"),
-            ("https", "shop.example", "/p", "")
-        );
-        assert_eq!(
-            parts("https://shop.example/p?"),
-            ("https", "shop.example", "/p", "")
-        );
-        // user info is not part of the host; a port and an IPv6 literal are
-        assert_eq!(
-            parts("https://u:p@shop.example:8443/x/y?z"),
-            ("https", "shop.example:8443", "/x/y", "z")
-        );
-        assert_eq!(
-            parts("http://[::1]:9000/a"),
-            ("http", "[::1]:9000", "/a", "")
-        );
+                "https://shop.example/v1/recommendations?slot=home&k=8",
+                (
+                    "https",
+                    "shop.example",
+                    "/v1/recommendations",
+                    "slot=home&k=8",
+                ),
+            ),
+            (
+                "http://127.0.0.1:8787/",
+                ("http", "127.0.0.1:8787", "/", ""),
+            ),
+            ("https://shop.example", ("https", "shop.example", "/", "")),
+            (
+                "https://shop.example?q",
+                ("https", "shop.example", "/", "q"),
+            ),
+            (
+                "https://shop.example/a%3Fb?q=1#frag",
+                ("https", "shop.example", "/a%3Fb", "q=1"),
+            ),
+            (
+                "https://shop.example/p#f?no",
+                ("https", "shop.example", "/p", ""),
+            ),
+            (
+                "https://shop.example/p?",
+                ("https", "shop.example", "/p", ""),
+            ),
+            // user info is not part of the host; a port and an IPv6 literal are
+            (
+                "https://u:p@shop.example:8443/x/y?z",
+                ("https", "shop.example:8443", "/x/y", "z"),
+            ),
+            ("http://[::1]:9000/a", ("http", "[::1]:9000", "/a", "")),
+        ] {
+            let p = super::UrlParts::of(url);
+            assert_eq!((p.scheme, p.host, p.path, p.query), want, "{url}");
+        }
     }
 
     use super::*;
