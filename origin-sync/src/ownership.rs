@@ -116,9 +116,20 @@ impl Owner {
             }
             Control::Rebalanced(Rebalanced::Revoked(ps)) => {
                 metrics.rebalances.fetch_add(1, Relaxed);
-                let tpl = event_partitions(shared, &ps, None);
-                if let Err(e) = events.incremental_unassign(&tpl) {
-                    tracing::debug!(error = %e, "unassigning revoked partitions");
+                // Only what the event consumer was given: a partition still restoring was never
+                // assigned to it, and librdkafka refuses the whole unassign when one partition
+                // is not in its assignment, leaving the others assigned (a later assign of
+                // them then failed and stopped consumption).
+                let consumed: Vec<i32> = ps
+                    .iter()
+                    .copied()
+                    .filter(|p| self.owned.contains(p) && !self.restoring.contains(p))
+                    .collect();
+                if !consumed.is_empty() {
+                    let tpl = event_partitions(shared, &consumed, None);
+                    if let Err(e) = events.incremental_unassign(&tpl) {
+                        tracing::warn!(error = %e, partitions = ?consumed, "unassigning revoked partitions");
+                    }
                 }
                 for p in &ps {
                     self.owned.remove(p);

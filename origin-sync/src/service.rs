@@ -201,6 +201,14 @@ pub async fn run(
     let consumed =
         pipeline::consume(shared.clone(), consumer, producer, group, shutdown.clone()).await;
     metrics.ready.store(0, Relaxed);
+    if let Err(e) = &consumed {
+        // said now, not after the flush: and whatever ended consumption ends the rest too
+        // (the erasure follower, the sender, HTTP wait for the stop signal), so the process
+        // exits with the error and its partitions move on, instead of staying in the group
+        // as a member that consumes nothing
+        tracing::error!(error = %e, "consumption stopped on an error; stopping");
+    }
+    let _ = stop.send(true);
     tracing::info!("consumer stopped; flushing");
     if let Some((writer, stop, polling, follow)) = membership {
         match follow.await {
