@@ -201,43 +201,52 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
     let head = request_head(&raw);
     let (method, url, headers) = split_head(&head);
     let url = UrlParts::of(url);
-    let (path, query) = (url.path, url.query);
+    // the body, when there is one, is read below, after the checks that need no body
+    let mut request = HttpRequest {
+        method: method.to_owned(),
+        path: url.path.to_owned(),
+        query: url.query.to_owned(),
+        // the runtime gives names in lower case already; this makes it so either way
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+            .collect(),
+        body: Vec::new(),
+    };
     // proxy mode: everything but Edgewise's own routes goes to the site, streamed
     if let Some(proxy) = app.config().proxy.clone() {
-        let route = proxy.route(method, path);
+        let route = proxy.route(method, url.path);
         if route != crate::proxy::Route::Edgewise {
             let store = Kv::of(&env, &app);
-            let incoming = lower_case(&headers);
-            return forward::forward(raw, incoming, &proxy, url, route, app.clone(), store, &ctx)
-                .await
-                .map(web_sys::Response::from);
+            return forward::forward(
+                raw,
+                request.headers,
+                &proxy,
+                url,
+                route,
+                app.clone(),
+                store,
+                &ctx,
+            )
+            .await
+            .map(web_sys::Response::from);
         }
     }
-    let limit = body_limit(path);
-    let length = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, n)| n.parse::<u64>().ok());
+    let limit = body_limit(url.path);
+    let length = request
+        .header("content-length")
+        .and_then(|n| n.parse::<u64>().ok());
     if let Some(len) = length.filter(|n| *n > limit) {
         return into_response(too_large(len, limit));
     }
-    let body = if matches!(method, "GET" | "HEAD") {
-        Vec::new()
-    } else {
-        match read_body(&mut Request::from(raw), limit).await {
+    if !matches!(method, "GET" | "HEAD") {
+        request.body = match read_body(&mut Request::from(raw), limit).await {
             Ok(body) => body,
             Err(Some(len)) => return into_response(too_large(len, limit)),
             // the handler then answers as for an empty body; the cause was logged
             Err(None) => Vec::new(),
-        }
-    };
-    let request = HttpRequest {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        query: query.to_owned(),
-        headers: lower_case(&headers),
-        body,
-    };
+        };
+    }
     let store = Kv::of(&env, &app);
     let mut handled = app.handle(&store, &JsClock, &request, mint).await;
     if let Some(point) = handled.metric.take() {
@@ -248,15 +257,6 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
     }
     refresh_config_after(&app, store, &ctx);
     into_response(handled.reply)
-}
-
-/// The request's headers as the app takes them (the runtime gives names in lower case
-/// already; this is what makes it so either way).
-fn lower_case(headers: &[(&str, &str)]) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
-        .collect()
 }
 
 thread_local! {

@@ -5,9 +5,10 @@
 //! route (an unknown path: the worker's 404, no KV, no recommender), with the CPU time workerd
 //! spends per request measured from its threads' `schedstat` around one request at a time.
 //!
-//! Usage: `edge-load [--workerd-only] [SECONDS_PER_RUN]` (`--workerd-only`: the standalone
-//! half alone; `EDGEWISE_PROFILE_ROUTES=1`: each of its routes alone first, to profile) with `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench`
-//! does both). Prints a table and the ratios; exits non-zero if a run fails outright.
+//! Usage: `edge-load [--workerd-only] [SECONDS_PER_RUN]` with `EDGEWISE_WORKER_BUNDLE` set
+//! (`cargo xtask bench` does both). `--workerd-only`: the standalone half alone;
+//! `EDGEWISE_PROFILE_ROUTES=1`: each of its routes alone first, to profile. Prints a table and
+//! the ratios; exits non-zero if a run fails outright.
 
 use shared::catalog::Catalog;
 use shared::delta::{Change, Delta};
