@@ -6,7 +6,12 @@
 //! broker acknowledges them → only then are the batch's input offsets committed to the group.
 //! So a new owner that restores the changelog to its end and starts at the committed offsets
 //! misses nothing; what it consumes again is skipped by the users' stamps.
+//!
+//! The group's committed offset of changelog partition N is its *acknowledged watermark*
+//! ([`Watermarks`]): every record below it reached every sink, so a new owner resends only
+//! the shoppers whose records lie at or above it.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -19,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use shared::keys::UserKey;
 use tokio::sync::mpsc;
 
-use crate::kafka::Membership;
+use crate::kafka::{Ends, Membership};
 use crate::pipeline::{PipelineError, Shared, blocking, now_ms};
 use crate::store::{Applier, LogRecord, Logged, Restored, StoreError};
 
@@ -29,6 +34,10 @@ use crate::store::{Applier, LogRecord, Logged, Restored, StoreError};
 pub struct Commit {
     pub logged: Vec<Logged>,
     pub offsets: Vec<(String, i32, i64)>,
+    /// Changelog partitions just restored here, with the end each was read to: every record
+    /// below it is acknowledged (below the previous watermark) or in this store's outbox,
+    /// so it is a watermark sample even before this instance writes there.
+    pub restored: Ends,
 }
 
 /// Writes each batch's records, in order, then commits its offsets; marks the records logged
@@ -43,6 +52,7 @@ pub async fn write(
     let topic = shared.config.kafka.changelog_topic.clone();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watermarks = Watermarks::default();
     loop {
         let commit = tokio::select! {
             c = commits.recv() => match c {
@@ -50,6 +60,7 @@ pub async fn write(
                 None => break,
             },
             _ = sweep.tick() => {
+                commit_watermarks(&shared, &membership, &mut watermarks).await?;
                 // changes no batch carries (an erasure of an owned user), or whose batch's
                 // records failed and were retried past: produced from the store
                 let store = shared.store.clone();
@@ -63,17 +74,29 @@ pub async fn write(
                     continue;
                 }
                 shared.metrics.changelog_pending.fetch_add(logged.len() as u64, Relaxed);
-                Commit { logged, offsets: Vec::new() }
+                Commit { logged, ..Commit::default() }
             }
         };
         let n = commit.logged.len() as u64;
         let mut delay = 50;
-        while let Err(e) = produce(&producer, &topic, &commit.logged).await {
-            shared.metrics.progress.failed(now_ms());
-            tracing::warn!(error = %e, topic = %topic, "changelog produce failed; retrying");
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            delay = (delay * 2).min(5000);
+        let ends = loop {
+            match produce(&producer, &topic, &commit.logged).await {
+                Ok(ends) => break ends,
+                Err(e) => {
+                    shared.metrics.progress.failed(now_ms());
+                    tracing::warn!(error = %e, topic = %topic, "changelog produce failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    delay = (delay * 2).min(5000);
+                }
+            }
+        };
+        let mut ends = ends;
+        for (&p, &to) in &commit.restored {
+            let end = ends.entry(p).or_insert(to);
+            *end = (*end).max(to);
         }
+        // read after the broker took them: every outbox entry of these records is older
+        watermarks.delivered(&ends, crate::clock::monotonic_ms());
         shared.metrics.progress.recovered();
         shared.metrics.changelog_records.fetch_add(n, Relaxed);
         shared.metrics.changelog_pending.fetch_sub(
@@ -97,12 +120,13 @@ pub async fn write(
     Ok(())
 }
 
-/// Produces `logged` to its partitions and waits until the broker has every record.
+/// Produces `logged` to its partitions and waits until the broker has every record; where
+/// they ended, per partition.
 pub async fn produce(
     producer: &FutureProducer,
     topic: &str,
     logged: &[Logged],
-) -> Result<(), KafkaError> {
+) -> Result<Ends, KafkaError> {
     let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(logged.len());
     for l in logged {
         loop {
@@ -125,8 +149,140 @@ pub async fn produce(
     crate::kafka::await_all(&mut pending).await
 }
 
-/// How often changes marked unlogged for longer than this are looked for.
+/// How often changes marked unlogged for longer than this are looked for, and the
+/// acknowledged watermarks moved.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The acknowledged watermark of each changelog partition this instance writes, committed as
+/// the group's offset of that partition: every record below it has been acknowledged by every
+/// sink (or quarantined), so a new owner puts only what lies at or above it in its outbox
+/// (`Store::apply_changelog`) instead of sending every shopper of the partition again (a
+/// handover of 100k shoppers would otherwise rewrite 100k KV values).
+///
+/// Decided by time, on one clock (`clock::monotonic_ms`): once the broker has taken this
+/// instance's records of partition N up to offset E, a sample (t, E) is kept with t read
+/// after the delivery, so every outbox entry of those records was stored before t. When the
+/// oldest change still in the outbox was stored after t (`Store::outbox_oldest_stored`), every
+/// record below E has been acknowledged, and E may be committed. One outbox holds every
+/// partition's shoppers, so one that is stuck holds back every partition's watermark: late,
+/// never wrong. A commit goes through the group membership, so a member the group has
+/// expelled (a zombie) cannot commit one.
+#[derive(Debug, Default)]
+pub struct Watermarks {
+    /// Per partition, samples (t, end), oldest first, at most [`MAX_SAMPLES`].
+    samples: BTreeMap<i32, VecDeque<(u64, i64)>>,
+    /// Per partition, the watermark committed last.
+    committed: BTreeMap<i32, i64>,
+}
+
+/// Samples kept per partition; past that the newest absorbs the next (a later time for a
+/// further end: still true, only later to pass).
+const MAX_SAMPLES: usize = 64;
+
+impl Watermarks {
+    /// The broker has this instance's records of each partition up to `ends`, read at `now`.
+    pub fn delivered(&mut self, ends: &Ends, now: u64) {
+        for (&p, &end) in ends {
+            if self.committed.get(&p).is_some_and(|c| *c >= end) {
+                continue;
+            }
+            let q = self.samples.entry(p).or_default();
+            let full = q.len() >= MAX_SAMPLES;
+            match q.back_mut() {
+                Some((_, e)) if *e >= end => {}
+                Some(last) if full => *last = (now, end),
+                _ => q.push_back((now, end)),
+            }
+        }
+    }
+
+    /// The time of the oldest sample (`None`: nothing to move): an outbox entry stored at or
+    /// before it holds every watermark where it is.
+    pub fn oldest_sample(&self) -> Option<u64> {
+        self.samples
+            .values()
+            .filter_map(|q| q.front())
+            .map(|s| s.0)
+            .min()
+    }
+
+    /// The watermarks that move, now that the oldest change in the outbox was stored at
+    /// `oldest_stored` (`None`: the outbox is empty), for the partitions in `owned` (the
+    /// others' samples are dropped: a partition that left is its new owner's to mark).
+    pub fn advance(&mut self, oldest_stored: Option<u64>, owned: &[i32]) -> Vec<(i32, i64)> {
+        self.samples.retain(|p, _| owned.contains(p));
+        self.committed.retain(|p, _| owned.contains(p));
+        let mut moved = Vec::new();
+        for (&p, q) in &mut self.samples {
+            let mut mark = None;
+            while let Some(&(t, end)) = q.front() {
+                if oldest_stored.is_some_and(|o| o <= t) {
+                    break;
+                }
+                mark = Some(end);
+                q.pop_front();
+            }
+            if let Some(m) = mark
+                && self.committed.get(&p).is_none_or(|c| *c < m)
+            {
+                self.committed.insert(p, m);
+                moved.push((p, m));
+            }
+        }
+        moved
+    }
+}
+
+/// Moves the acknowledged watermarks of the partitions owned here, committing them through
+/// the group membership.
+async fn commit_watermarks(
+    shared: &Arc<Shared>,
+    membership: &Membership,
+    watermarks: &mut Watermarks,
+) -> Result<(), PipelineError> {
+    let Some(enough) = watermarks.oldest_sample() else {
+        return Ok(());
+    };
+    let store = shared.store.clone();
+    let oldest = blocking(move || store.outbox_oldest_stored(enough)).await?;
+    // owned read after the outbox: a revoked partition leaves `owned` before its outbox
+    // entries are released, so entries gone from under a sample are never taken for acked
+    let owned = shared.store.owned();
+    let moved = watermarks.advance(oldest, &owned);
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let topic = &shared.config.kafka.changelog_topic;
+    let mut tpl = TopicPartitionList::new();
+    for (p, mark) in &moved {
+        let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*mark));
+    }
+    if let Err(e) = membership.commit(&tpl, CommitMode::Async) {
+        tracing::debug!(error = %e, "acknowledged watermark commit failed; a new owner resends more");
+    }
+    Ok(())
+}
+
+/// The acknowledged watermark of changelog partition `partition` (0 when none was committed):
+/// what its new owner need not send again.
+pub fn acknowledged(
+    shared: &Shared,
+    membership: &Membership,
+    partition: i32,
+) -> Result<i64, PipelineError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&shared.config.kafka.changelog_topic, partition);
+    let got = membership.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(
+        match got
+            .find_partition(&shared.config.kafka.changelog_topic, partition)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(n)) if n >= 0 => n,
+            _ => 0,
+        },
+    )
+}
 
 /// Records applied per store transaction while restoring.
 pub const RESTORE_CHUNK: usize = 20_000;
@@ -137,6 +293,8 @@ pub struct RestoreReport {
     pub partition: i32,
     pub from: i64,
     pub to: i64,
+    /// The acknowledged watermark it was read with: records below it were not resent.
+    pub acked_below: i64,
     pub bytes: u64,
     pub restored: Restored,
     pub took: Duration,
@@ -144,11 +302,20 @@ pub struct RestoreReport {
 
 /// Restores changelog partition `partition` into the store, from the position the store read
 /// it to before (a local copy left by an earlier ownership is rolled forward) to the end the
-/// broker reports now. Blocking: run it on the blocking pool.
-pub fn restore(shared: &Shared, partition: i32) -> Result<RestoreReport, PipelineError> {
-    let mut report = read_into_store(shared, partition, Applier::Owner)?;
+/// broker reports now. What it applies goes to the outbox unless it lies below `acked_below`,
+/// the partition's acknowledged watermark ([`acknowledged`]). Blocking: run it on the
+/// blocking pool.
+pub fn restore(
+    shared: &Shared,
+    partition: i32,
+    acked_below: i64,
+) -> Result<RestoreReport, PipelineError> {
+    let mut report = read_into_store(shared, partition, Applier::Owner, acked_below)?;
     // what a standby replica here applied of this partition was never sent from here
-    let standby = shared.store.pend_standby(partition, now_ms())?;
+    let standby = shared
+        .store
+        .pend_standby(partition, acked_below, now_ms())?;
+    report.restored.resent += standby.len() as u64;
     report.restored.touched.extend(standby);
     Ok(report)
 }
@@ -168,7 +335,7 @@ pub async fn tail_standby(
             .collect()
     };
     let read =
-        |s: &Shared, p: i32| read_into_store(s, p, Applier::Standby).map(|r| r.restored.read);
+        |s: &Shared, p: i32| read_into_store(s, p, Applier::Standby, 0).map(|r| r.restored.read);
     each_partition(
         &shared,
         STANDBY_EVERY,
@@ -255,7 +422,7 @@ async fn each_partition<R: Send + 'static>(
 /// compared was marked until the broker had it, so it is either marked then or below that
 /// end, and is never taken for a stale writer's.
 fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), PipelineError> {
-    let report = read_into_store(shared, partition, Applier::Audit)?;
+    let report = read_into_store(shared, partition, Applier::Audit, 0)?;
     let stale = report.restored.touched;
     if stale.is_empty() {
         return Ok((report.restored.read, 0));
@@ -293,11 +460,13 @@ fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), Pipeli
 }
 
 /// Reads changelog partition `partition` from this store's position to the end the broker
-/// reports now, applying it as `applier`.
+/// reports now, applying it as `applier` (an owner's records below `acked_below` go to no
+/// outbox).
 fn read_into_store(
     shared: &Shared,
     partition: i32,
     applier: Applier,
+    acked_below: i64,
 ) -> Result<RestoreReport, PipelineError> {
     let started = Instant::now();
     let cfg = &shared.config.kafka;
@@ -310,6 +479,7 @@ fn read_into_store(
         partition,
         from,
         to: high,
+        acked_below,
         ..RestoreReport::default()
     };
     if from >= high {
@@ -330,14 +500,21 @@ fn read_into_store(
                 // only the last chunk's commit waits for the disk: a crash before it loses
                 // the earlier chunks and their position together, and the restore reads
                 // them again
-                let r = shared
-                    .store
-                    .apply_log(partition, &chunk, next, now_ms(), applier, last)?;
+                let r = shared.store.apply_log(
+                    partition,
+                    &chunk,
+                    next,
+                    acked_below,
+                    now_ms(),
+                    applier,
+                    last,
+                )?;
                 if applier == Applier::Owner {
                     shared.metrics.restore_records.fetch_add(r.read, Relaxed);
                 }
                 total.read += r.read;
                 total.applied += r.applied;
+                total.resent += r.resent;
                 total.behind += r.behind;
                 total.unreadable += r.unreadable;
                 total.touched.extend(r.touched);
@@ -398,7 +575,11 @@ fn read_chunks(
                     let key = m.key().unwrap_or_default().to_vec();
                     let value = m.payload().map(<[u8]>::to_vec);
                     *bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
-                    chunk.push(LogRecord { key, value });
+                    chunk.push(LogRecord {
+                        offset: m.offset(),
+                        key,
+                        value,
+                    });
                 }
                 next >= high
             }
@@ -458,4 +639,67 @@ pub async fn check_topic<C: ConsumerContext + 'static>(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(of: &[(i32, i64)]) -> Ends {
+        of.iter().copied().collect()
+    }
+
+    /// A watermark moves to a delivery's end once everything stored before it has left the
+    /// outbox, and never past a delivery whose records may still be in flight.
+    #[test]
+    fn a_watermark_follows_the_outbox_and_never_passes_what_is_in_flight() {
+        let mut w = Watermarks::default();
+        w.delivered(&ends(&[(0, 10), (1, 4)]), 100);
+        w.delivered(&ends(&[(0, 25)]), 200);
+        assert_eq!(w.oldest_sample(), Some(100));
+        // a change stored at 100 or before is still in the outbox: nothing moves
+        assert_eq!(w.advance(Some(100), &[0, 1]), vec![]);
+        // the oldest pending change was stored after the first delivery, not after the second
+        assert_eq!(w.advance(Some(150), &[0, 1]), vec![(0, 10), (1, 4)]);
+        // nothing new: nothing to commit again
+        assert_eq!(w.advance(Some(150), &[0, 1]), vec![]);
+        // the outbox empty: everything delivered is acknowledged
+        assert_eq!(w.advance(None, &[0, 1]), vec![(0, 25)]);
+        // an end at or below what was sampled adds nothing
+        w.delivered(&ends(&[(0, 20)]), 300);
+        assert_eq!(w.oldest_sample(), None, "nothing left to move");
+        assert_eq!(w.advance(None, &[0, 1]), vec![]);
+    }
+
+    /// A partition that left this instance is its new owner's to mark: its samples go, and
+    /// a revoked partition's outbox entries, released, never move its watermark here.
+    #[test]
+    fn a_partition_no_longer_owned_gets_no_watermark() {
+        let mut w = Watermarks::default();
+        w.delivered(&ends(&[(0, 10), (1, 10)]), 100);
+        assert_eq!(w.advance(None, &[1]), vec![(1, 10)]);
+        // partition 0 comes back: its old samples are gone
+        w.delivered(&ends(&[(1, 12)]), 200);
+        assert_eq!(w.advance(None, &[0, 1]), vec![(1, 12)]);
+    }
+
+    /// The samples per partition are bounded: past the limit the newest takes the later
+    /// end at the later time, which only makes the watermark later to move.
+    #[test]
+    fn samples_are_bounded_and_merged_late_not_early() {
+        let mut w = Watermarks::default();
+        for i in 0..(MAX_SAMPLES as u64 + 10) {
+            w.delivered(&ends(&[(0, i as i64 + 1)]), 1000 + i);
+        }
+        assert_eq!(w.samples[&0].len(), MAX_SAMPLES);
+        let last = 1000 + MAX_SAMPLES as u64 + 9;
+        assert_eq!(w.samples[&0].back(), Some(&(last, MAX_SAMPLES as i64 + 10)));
+        // stored before the merged sample's time: the last end cannot pass yet
+        let moved = w.advance(Some(last), &[0]);
+        assert_eq!(moved, vec![(0, MAX_SAMPLES as i64 - 1)]);
+        assert_eq!(
+            w.advance(Some(last + 1), &[0]),
+            vec![(0, MAX_SAMPLES as i64 + 10)]
+        );
+    }
 }

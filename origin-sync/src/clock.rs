@@ -1,6 +1,7 @@
 //! Wall-clock time, the one place origin-sync (and the tests and benchmarks built on it) reads
 //! it. `shared` takes time as an argument and never reads a clock.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Unix time in milliseconds (0 if the clock is before 1970).
@@ -18,4 +19,13 @@ pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Unix time in milliseconds that never goes backwards within this process (a wall clock
+/// stepped back reads as standing still): for ordering "stored before" against "sampled
+/// after", which the changelog's acknowledged watermark relies on.
+pub fn monotonic_ms() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ms();
+    LAST.fetch_max(now, Ordering::Relaxed).max(now)
 }

@@ -206,15 +206,22 @@ pub async fn produce_all(
             await_all(&mut pending).await?;
         }
     }
-    await_all(&mut pending).await
+    await_all(&mut pending).await.map(drop)
 }
 
-/// Waits for every delivery; the first failure, if any.
-pub(crate) async fn await_all(pending: &mut Vec<DeliveryFuture>) -> Result<(), KafkaError> {
+/// Per partition, the offset after the last record delivered there.
+pub type Ends = std::collections::BTreeMap<i32, i64>;
+
+/// Waits for every delivery: where they ended, or the first failure.
+pub(crate) async fn await_all(pending: &mut Vec<DeliveryFuture>) -> Result<Ends, KafkaError> {
     let mut first_err = None;
+    let mut ends = Ends::new();
     for f in pending.drain(..) {
         match f.await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(d)) => {
+                let end = ends.entry(d.partition).or_insert(0);
+                *end = (*end).max(d.offset + 1);
+            }
             Ok(Err((e, _))) => {
                 first_err.get_or_insert(e);
             }
@@ -223,7 +230,7 @@ pub(crate) async fn await_all(pending: &mut Vec<DeliveryFuture>) -> Result<(), K
             }
         }
     }
-    first_err.map_or(Ok(()), Err)
+    first_err.map_or(Ok(ends), Err)
 }
 
 #[cfg(test)]

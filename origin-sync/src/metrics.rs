@@ -95,6 +95,8 @@ pub struct Metrics {
     pub restoring_partitions: AtomicU64,
     pub restores: AtomicU64,
     pub restore_records: AtomicU64,
+    /// Restored shoppers sent to the sinks again (at or above the acknowledged watermark).
+    pub restore_resent: AtomicU64,
     pub restore_bytes: AtomicU64,
     pub restore_micros: AtomicU64,
     /// Rebalances that assigned or revoked partitions of this instance.
@@ -252,7 +254,7 @@ impl Metrics {
         let now = crate::clock::now_ms();
         let ready = AtomicU64::new(u64::from(self.readiness(now).is_ok()));
         let stalled = AtomicU64::new(u64::from(self.stalled(now)));
-        let counters: [(&str, &str, &AtomicU64); 32] = [
+        let counters: [(&str, &str, &AtomicU64); 33] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -373,6 +375,11 @@ impl Metrics {
                 "edgewise_restore_records_total",
                 "changelog records read while restoring",
                 &self.restore_records,
+            ),
+            (
+                "edgewise_restore_resent_total",
+                "restored shoppers sent to the sinks again (their changelog record at or above the partition's acknowledged watermark)",
+                &self.restore_resent,
             ),
             (
                 "edgewise_restore_bytes_total",

@@ -197,6 +197,9 @@ impl Owner {
             .restore_micros
             .fetch_add(report.took.as_micros() as u64, Relaxed);
         metrics.restore_bytes.fetch_add(report.bytes, Relaxed);
+        metrics
+            .restore_resent
+            .fetch_add(report.restored.resent, Relaxed);
         let secs = report.took.as_secs_f64();
         tracing::info!(
             partition = report.partition,
@@ -204,6 +207,8 @@ impl Owner {
             to = report.to,
             records = report.restored.read,
             applied = report.restored.applied,
+            acked_below = report.acked_below,
+            resent = report.restored.resent,
             behind = report.restored.behind,
             unreadable = report.restored.unreadable,
             seconds = secs,
@@ -224,14 +229,16 @@ impl Owner {
             metrics
                 .changelog_pending
                 .fetch_add(unlogged.len() as u64, Relaxed);
-            let _ = self
-                .changelog
-                .send(crate::changelog::Commit {
-                    logged: unlogged,
-                    offsets: Vec::new(),
-                })
-                .await;
         }
+        // the restore's end is a watermark sample even if nothing is ever written here
+        let _ = self
+            .changelog
+            .send(crate::changelog::Commit {
+                logged: unlogged,
+                restored: [(p, report.to)].into_iter().collect(),
+                ..Default::default()
+            })
+            .await;
         let tpl = event_partitions(shared, &[p], Some(starts));
         events.incremental_assign(&tpl)?;
         if let Ok(mut lag) = metrics.partitions.lock() {
@@ -254,7 +261,8 @@ impl Owner {
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             let result = tokio::task::spawn_blocking(move || {
-                let report = restore(&shared, p)?;
+                let acked_below = crate::changelog::acknowledged(&shared, &membership, p)?;
+                let report = restore(&shared, p, acked_below)?;
                 let starts = committed(&shared, &membership, p)?;
                 Ok((report, starts))
             })

@@ -496,6 +496,7 @@ async fn finish(
         let commit = crate::changelog::Commit {
             logged: outcome.logged,
             offsets: outcome.offsets,
+            ..Default::default()
         };
         return Ok(changelog.send(commit).await.is_ok());
     }

@@ -293,9 +293,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(scratch());
     if args.apply_only {
         let logged = changelog_of(args.restore_users)?;
-        let rate = apply_only(&logged)?;
+        let rate = apply_only(&logged, 0)?;
+        let acked = apply_only_acked(&logged)?;
         println!(
-            "  apply only: {rate:>10.0} records/s  ({} shoppers from memory into an empty store)",
+            "  apply only: {rate:>10.0} records/s, {acked:.0} nothing resent  ({} shoppers from memory into an empty store)",
             logged.len()
         );
         return Ok(());
@@ -364,12 +365,17 @@ fn changelog_of(users: usize) -> anyhow::Result<Vec<Logged>> {
     Ok(last.into_values().collect())
 }
 
-/// One restore measured on one broker.
+/// One restore measured on one broker: every shopper resent (no acknowledged watermark: the
+/// partition's first handover, or an owner that died before its sinks acknowledged
+/// anything), then the same records with the watermark at the changelog's end (a handover
+/// after the edge caught up: nothing resent).
 struct RestoreRun {
     read: u64,
     applied: u64,
     bytes: u64,
     seconds: f64,
+    /// With the acknowledged watermark at the end.
+    acked_seconds: f64,
     /// The broker's read of the same records, nothing applied (records/s).
     raw: f64,
 }
@@ -379,13 +385,18 @@ impl RestoreRun {
         self.read as f64 / self.seconds
     }
 
+    fn acked_rate(&self) -> f64 {
+        self.read as f64 / self.acked_seconds
+    }
+
     fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / 1e6 / self.seconds
     }
 }
 
 /// Writes `logged` as changelog partition 0 on `tansu`, reads it back raw (the baseline), then
-/// restores it into an empty store as a new owner does.
+/// restores it into an empty store as a new owner does, without and with an acknowledged
+/// watermark.
 async fn restore_from(tansu: &Tansu, logged: &[Logged], label: &str) -> anyhow::Result<RestoreRun> {
     create_topics(tansu, "rs", 1)?;
     let kafka = KafkaConfig {
@@ -425,7 +436,32 @@ async fn restore_from(tansu: &Tansu, logged: &[Logged], label: &str) -> anyhow::
     })
     .await??;
 
-    // the restore itself, into an empty store
+    let every = restore_into_empty(tansu, label, 0).await?;
+    let acked = restore_into_empty(tansu, &format!("{label}-acked"), n).await?;
+    anyhow::ensure!(
+        every.restored.resent == every.restored.applied && acked.restored.resent == 0,
+        "resent {} of {} without a watermark, {} with it at the end",
+        every.restored.resent,
+        every.restored.applied,
+        acked.restored.resent
+    );
+    Ok(RestoreRun {
+        read: every.restored.read,
+        applied: every.restored.applied,
+        bytes: every.bytes,
+        seconds: every.took.as_secs_f64(),
+        acked_seconds: acked.took.as_secs_f64(),
+        raw,
+    })
+}
+
+/// Restores changelog partition 0 of "rs" into an empty store, with `acked_below` as the
+/// partition's acknowledged watermark.
+async fn restore_into_empty(
+    tansu: &Tansu,
+    label: &str,
+    acked_below: i64,
+) -> anyhow::Result<origin_sync::changelog::RestoreReport> {
     let path = scratch().join(format!("restored-{label}.redb"));
     let config = Config::from_parts(
         &format!(
@@ -449,16 +485,11 @@ async fn restore_from(tansu: &Tansu, logged: &[Logged], label: &str) -> anyhow::
     });
     let s = shared.clone();
     let report =
-        tokio::task::spawn_blocking(move || origin_sync::changelog::restore(&s, 0)).await??;
+        tokio::task::spawn_blocking(move || origin_sync::changelog::restore(&s, 0, acked_below))
+            .await??;
     drop(shared);
     let _ = std::fs::remove_file(&path);
-    Ok(RestoreRun {
-        read: report.restored.read,
-        applied: report.restored.applied,
-        bytes: report.bytes,
-        seconds: report.took.as_secs_f64(),
-        raw,
-    })
+    Ok(report)
 }
 
 async fn restore_phase(tansu: &Tansu, args: &Args) -> anyhow::Result<serde_json::Value> {
@@ -477,27 +508,31 @@ async fn restore_phase(tansu: &Tansu, args: &Args) -> anyhow::Result<serde_json:
     let memory = restore_from(&memory_broker, &logged, "memory").await?;
     memory_broker.stop();
     // our side alone: the same records applied from memory into another empty store
-    let apply_only = apply_only(&logged)?;
+    let apply_only = apply_only(&logged, 0)?;
+    let apply_acked = apply_only_acked(&logged)?;
     for (run, broker) in [(&sqlite, "SQLite"), (&memory, "in memory")] {
         println!(
-            "  restore, tansu {broker:<9}: {:>8.0} records/s  {:>6.1} MB/s  {:.2} s for {} shoppers ({} applied); the broker's read alone {:>8.0} records/s → {:.2}×",
+            "  restore, tansu {broker:<9}: {:>8.0} records/s  {:>6.1} MB/s  {:.2} s for {} shoppers ({} applied), {:>8.0} records/s nothing resent; the broker's read alone {:>8.0} records/s → {:.2}×",
             run.rate(),
             run.mb_per_s(),
             run.seconds,
             run.read,
             run.applied,
+            run.acked_rate(),
             run.raw,
             run.rate() / run.raw
         );
     }
     println!(
-        "  apply only:       {apply_only:>10.0} records/s  (the same records from memory into an empty store: origin-sync's own ceiling)"
+        "  apply only:       {apply_only:>10.0} records/s, {apply_acked:.0} nothing resent  (the same records from memory into an empty store: origin-sync's own ceiling)"
     );
     let figures = |run: &RestoreRun| {
         serde_json::json!({
             "seconds": run.seconds,
             "records_per_s": run.rate(),
             "mb_per_s": run.mb_per_s(),
+            "acked_records_per_s": run.acked_rate(),
+            "acked_seconds": run.acked_seconds,
             "read_only_records_per_s": run.raw,
         })
     };
@@ -507,22 +542,32 @@ async fn restore_phase(tansu: &Tansu, args: &Args) -> anyhow::Result<serde_json:
         "seconds": sqlite.seconds,
         "records_per_s": sqlite.rate(),
         "mb_per_s": sqlite.mb_per_s(),
+        "acked_records_per_s": sqlite.acked_rate(),
         "read_only_records_per_s": sqlite.raw,
         "in_memory_broker": figures(&memory),
         "apply_only_records_per_s": apply_only,
+        "apply_only_acked_records_per_s": apply_acked,
     }))
 }
 
-/// Applies `logged` from memory into an empty store, in the restore's chunks: origin-sync's
-/// own ceiling for a restore. Returns records/s.
-fn apply_only(logged: &[Logged]) -> anyhow::Result<f64> {
+/// [`apply_only`] with the acknowledged watermark past every record: nothing resent.
+fn apply_only_acked(logged: &[Logged]) -> anyhow::Result<f64> {
+    apply_only(logged, logged.len() as i64)
+}
+
+/// Applies `logged` from memory into an empty store, in the restore's chunks, with
+/// `acked_below` as the acknowledged watermark: origin-sync's own ceiling for a restore.
+/// Returns records/s.
+fn apply_only(logged: &[Logged], acked_below: i64) -> anyhow::Result<f64> {
     let path = scratch().join("applied.redb");
     std::fs::create_dir_all(scratch())?;
     let _ = std::fs::remove_file(&path);
     let store = empty_store(&path)?;
     let records: Vec<origin_sync::store::LogRecord> = logged
         .iter()
-        .map(|l| origin_sync::store::LogRecord {
+        .enumerate()
+        .map(|(i, l)| origin_sync::store::LogRecord {
+            offset: i as i64,
             key: l.key.0.to_vec(),
             value: Some(l.value.clone()),
         })
@@ -533,7 +578,8 @@ fn apply_only(logged: &[Logged]) -> anyhow::Result<f64> {
     for (i, chunk) in records.chunks(per).enumerate() {
         // as a restore commits: only the last chunk waits for the disk
         let last = i + 1 == chunks;
-        store.apply_log(0, chunk, ((i + 1) * per) as i64, 1, Applier::Owner, last)?;
+        let next = ((i + 1) * per) as i64;
+        store.apply_log(0, chunk, next, acked_below, 1, Applier::Owner, last)?;
     }
     let rate = records.len() as f64 / t.elapsed().as_secs_f64();
     drop(store);

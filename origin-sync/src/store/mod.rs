@@ -119,32 +119,51 @@ struct Pending {
     oldest_ts_ms: u64,
     /// Added in layout 2; a layout-1 entry (the event time alone) reads as both.
     oldest_arrived_ms: u64,
+    /// When this store wrote the oldest pending change, by this process's monotonic clock
+    /// (`clock::monotonic_ms`): what the changelog's acknowledged watermark is decided by
+    /// (`changelog::Watermarks`). Added after layout 2 without a layout change (an older build
+    /// reads the first two fields and ignores it); an entry without it reads 0, "as old as
+    /// can be", which only holds the watermark back until that entry retires.
+    oldest_stored_ms: u64,
 }
 
 impl Pending {
+    /// A change stored now.
     fn at(ts_ms: u64, arrived_ms: u64) -> Pending {
         Pending {
             oldest_ts_ms: ts_ms,
             oldest_arrived_ms: arrived_ms,
+            oldest_stored_ms: crate::clock::monotonic_ms(),
         }
     }
 
+    /// This entry and a change stored now.
     fn merge(self, ts_ms: u64, arrived_ms: u64) -> Pending {
-        Pending::at(
-            self.oldest_ts_ms.min(ts_ms),
-            self.oldest_arrived_ms.min(arrived_ms),
-        )
+        Pending {
+            oldest_ts_ms: self.oldest_ts_ms.min(ts_ms),
+            oldest_arrived_ms: self.oldest_arrived_ms.min(arrived_ms),
+            oldest_stored_ms: self.oldest_stored_ms,
+        }
     }
 
-    /// Reads either layout: 2 (two varints), or 1 (the event time alone), written before.
+    /// Reads any layout: three varints (now), two (layout 2: stored at an unknown time), or
+    /// the event time alone (layout 1).
     fn decode(bytes: &[u8]) -> Result<Pending, StoreError> {
-        match postcard::from_bytes::<Pending>(bytes) {
-            Ok(p) => Ok(p),
+        if let Ok(p) = postcard::from_bytes::<Pending>(bytes) {
+            return Ok(p);
+        }
+        let (ts, arrived) = match postcard::from_bytes::<(u64, u64)>(bytes) {
+            Ok(two) => two,
             Err(_) => {
                 let ts: u64 = decode(bytes, "outbox")?;
-                Ok(Pending::at(ts, ts))
+                (ts, ts)
             }
-        }
+        };
+        Ok(Pending {
+            oldest_ts_ms: ts,
+            oldest_arrived_ms: arrived,
+            oldest_stored_ms: 0,
+        })
     }
 
     fn oldest(self) -> Oldest {
@@ -217,6 +236,7 @@ impl Store {
         tx.open_table(partitions::UNLOGGED)?;
         tx.open_table(partitions::CHANGELOG_POS)?;
         tx.open_table(partitions::STANDBY)?;
+        tx.open_table(partitions::STANDBY_AT)?;
         let upgraded = layout::upgrade(&tx)?;
         tx.commit()?;
         if upgraded > 0 {
@@ -470,6 +490,27 @@ impl Store {
             out.push((UserKey(key), p.oldest_ts_ms));
         }
         Ok(out)
+    }
+
+    /// The oldest `clock::monotonic_ms` at which a change still in the outbox was stored
+    /// (`None`: the outbox is empty): every change stored before it has been acknowledged by
+    /// every sink (or quarantined). One pass over the outbox, which holds what is in flight
+    /// or behind; it stops at the first entry stored at or before `enough` (the caller can do
+    /// nothing with an older answer), so an outbox that is large because a sink is down is
+    /// not read through every second.
+    pub fn outbox_oldest_stored(&self, enough: u64) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OUTBOX)?;
+        let mut oldest = None;
+        for row in t.iter()? {
+            let stored = Pending::decode(row?.1.value())?.oldest_stored_ms;
+            let o = oldest.map_or(stored, |o: u64| o.min(stored));
+            oldest = Some(o);
+            if o <= enough {
+                break;
+            }
+        }
+        Ok(oldest)
     }
 
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
@@ -744,6 +785,32 @@ mod tests {
         max_events: 8,
     };
 
+    /// The outbox knows when its oldest pending change was stored, on the monotonic clock
+    /// the changelog's watermark samples are read on; a merge keeps the oldest.
+    #[test]
+    fn the_outbox_says_when_its_oldest_pending_change_was_stored() {
+        let store = open("oldest-stored", SMALL_WINDOW);
+        assert_eq!(store.outbox_oldest_stored(0).expect("empty"), None);
+        let catalog = Catalog::demo().expect("demo");
+        let events: Vec<Event> = Traffic::new(&catalog, 3, "o", 1_732_960_000_000, 10, 5)
+            .take(40)
+            .collect();
+        let recs = records(&events, "a", 0);
+        let before = crate::clock::monotonic_ms();
+        store.apply_batch(&recs[..20]).expect("first");
+        let after_first = crate::clock::monotonic_ms();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        store.apply_batch(&recs[20..]).expect("second");
+        let oldest = store
+            .outbox_oldest_stored(0)
+            .expect("oldest")
+            .expect("pending");
+        assert!(
+            (before..=after_first).contains(&oldest),
+            "{oldest} not within the first batch's {before}..={after_first}"
+        );
+    }
+
     fn outbox_keys(store: &Store) -> Vec<UserKey> {
         store
             .outbox()
@@ -865,8 +932,21 @@ mod tests {
                 broker_ms: 1_700_000_000_123
             }
         );
-        let now = Pending::decode(&encode(&Pending::at(5, 7))).expect("layout 2");
+        let two = Pending::decode(&encode(&(5u64, 7u64))).expect("layout 2");
+        assert_eq!(
+            (
+                two.oldest_ts_ms,
+                two.oldest_arrived_ms,
+                two.oldest_stored_ms
+            ),
+            (5, 7, 0)
+        );
+        let now = Pending::decode(&encode(&Pending::at(5, 7))).expect("with the stored time");
         assert_eq!((now.oldest_ts_ms, now.oldest_arrived_ms), (5, 7));
+        assert!(now.oldest_stored_ms > 0);
+        // an older build reads the first two fields of a new entry
+        let older: (u64, u64) = decode(&encode(&now), "outbox").expect("older build");
+        assert_eq!(older, (5, 7));
     }
 
     const SINK: &str = "edge";

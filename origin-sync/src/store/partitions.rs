@@ -30,9 +30,15 @@ pub(super) const STAMPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("s
 pub(super) const UNLOGGED: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("unlogged");
 /// Changelog partition → the next changelog offset this store has applied.
 pub(super) const CHANGELOG_POS: TableDefinition<i32, i64> = TableDefinition::new("changelog_pos");
-/// `UserKey` → its partition: users a standby replica applied (not owned: not sent). When the
-/// partition arrives they go to the outbox, since what the owner's sinks acknowledged is
-/// unknown here.
+/// `UserKey` → (its partition, the changelog offset of the record applied): users a standby
+/// replica applied (not owned: not sent). When the partition arrives, those whose record lies
+/// at or above the partition's acknowledged watermark go to the outbox (below it, every sink
+/// has them from the owner).
+pub(super) const STANDBY_AT: TableDefinition<&[u8], (i32, i64)> =
+    TableDefinition::new("standby_at");
+/// `UserKey` → its partition, as builds before `STANDBY_AT` listed standby users: read (and
+/// emptied) when their partition arrives, every one of them sent, since their offset is
+/// unknown. Nothing writes it any more.
 pub(super) const STANDBY: TableDefinition<&[u8], i32> = TableDefinition::new("standby");
 
 /// Who applies changelog records: the partition's new owner (what changed goes to the sinks),
@@ -203,6 +209,8 @@ pub struct Logged {
 /// One record read back from the changelog.
 #[derive(Clone, Debug)]
 pub struct LogRecord {
+    /// Where it sits in its changelog partition.
+    pub offset: i64,
     pub key: Vec<u8>,
     /// None: a tombstone or an unreadable value (skipped; counted by the caller).
     pub value: Option<Vec<u8>>,
@@ -212,12 +220,15 @@ pub struct LogRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Restored {
     pub read: u64,
-    /// Records that replaced the local state (now in the outbox, to be sent again).
+    /// Records that replaced the local state.
     pub applied: u64,
+    /// Of those, the ones at or above the partition's acknowledged watermark: in the outbox,
+    /// to be sent again (what is below it every sink acknowledged from its previous owner).
+    pub resent: u64,
     /// Records behind the local state (a stale writer's, or this store's own, read again).
     pub behind: u64,
     pub unreadable: u64,
-    /// The users applied (owner, standby); for an audit, those whose record was behind and
+    /// The users put in the outbox (owner); for an audit, those whose record was behind and
     /// different: to re-log unless a later record of theirs follows (`changelog::audit`).
     pub touched: Vec<UserKey>,
 }
@@ -312,17 +323,27 @@ impl Store {
 
     /// Applies changelog records of `partition` and moves its position to `next`, in one
     /// transaction. A record replaces the local state unless the local stamp covers it (the
-    /// local state is as far or further); what it replaces goes to the outbox, since this
-    /// store cannot know what the sinks got from the previous owner (the edge's version rules
-    /// make sending it again harmless).
+    /// local state is as far or further); what it replaces goes to the outbox unless it lies
+    /// below `acked_below`, the partition's acknowledged watermark (every sink acknowledged
+    /// it from the previous owner, `changelog::Watermarks`). Above it this store cannot know
+    /// what the sinks got, and the edge's version rules make sending it again harmless.
     pub fn apply_changelog(
         &self,
         partition: i32,
         records: &[LogRecord],
         next: i64,
+        acked_below: i64,
         now_ms: u64,
     ) -> Result<Restored, StoreError> {
-        self.apply_log(partition, records, next, now_ms, Applier::Owner, true)
+        self.apply_log(
+            partition,
+            records,
+            next,
+            acked_below,
+            now_ms,
+            Applier::Owner,
+            true,
+        )
     }
 
     /// [`Store::apply_changelog`] by `applier`. A standby's records go to no outbox, and are
@@ -330,11 +351,13 @@ impl Store {
     /// running: the owner's changes are the ones that count). Not `durable`: the commit does
     /// not wait for the disk, and a crash before the next durable commit (any of the store's)
     /// loses these records together with the position they moved, so they are read again.
+    #[allow(clippy::too_many_arguments)] // the two positions and the clock are the chunk's
     pub fn apply_log(
         &self,
         partition: i32,
         records: &[LogRecord],
         next: i64,
+        acked_below: i64,
         now_ms: u64,
         applier: Applier,
         durable: bool,
@@ -352,23 +375,23 @@ impl Store {
         {
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
-            let mut standby_t = tx.open_table(STANDBY)?;
+            let mut standby_t = tx.open_table(STANDBY_AT)?;
             let mut pos_t = tx.open_table(CHANGELOG_POS)?;
             // the last record of a key in this chunk is the one that counts; applied in key
             // order, which is the B-trees' (sequential leaves: about twice as fast as random)
-            let mut last: std::collections::BTreeMap<&[u8], &[u8]> = Default::default();
+            let mut last: std::collections::BTreeMap<&[u8], (&[u8], i64)> = Default::default();
             for r in records {
                 out.read += 1;
                 match &r.value {
                     Some(v) => {
-                        last.insert(r.key.as_slice(), v.as_slice());
+                        last.insert(r.key.as_slice(), (v.as_slice(), r.offset));
                     }
                     None => out.unreadable += 1,
                 }
             }
             // an owner's new outbox entry is the same for every record: encoded once
             let fresh_pending = encode(&Pending::at(now_ms, now_ms));
-            for (k, v) in last {
+            for (k, (v, offset)) in last {
                 let (Ok(key), Ok(value)) = (user_key(k, "changelog"), LogValueRef::parse(v)) else {
                     out.unreadable += 1;
                     continue;
@@ -426,9 +449,13 @@ impl Store {
                 users_t.insert(k, user_value(Some(&value.stamp), &state).as_slice())?;
                 out.applied += 1;
                 if applier == Applier::Standby {
-                    standby_t.insert(k, partition)?;
+                    standby_t.insert(k, (partition, offset))?;
                     continue;
                 }
+                if offset < acked_below {
+                    continue;
+                }
+                out.resent += 1;
                 let merged = match outbox_t.get(k)? {
                     Some(g) => Some(encode(&Pending::decode(g.value())?.merge(now_ms, now_ms))),
                     None => None,
@@ -481,23 +508,41 @@ impl Store {
     }
 
     /// Puts the users a standby replica applied for `partition` in the outbox (the partition
-    /// is now owned here). Returns them.
-    pub fn pend_standby(&self, partition: i32, now_ms: u64) -> Result<Vec<UserKey>, StoreError> {
+    /// is now owned here) when their record lies at or above `acked_below`, the partition's
+    /// acknowledged watermark; forgets the others. Returns those put in the outbox.
+    pub fn pend_standby(
+        &self,
+        partition: i32,
+        acked_below: i64,
+        now_ms: u64,
+    ) -> Result<Vec<UserKey>, StoreError> {
         let _one_at_a_time = self.applying.lock();
         let tx = self.db.begin_write()?;
         let mut keys = Vec::new();
         {
-            let mut standby_t = tx.open_table(STANDBY)?;
+            let mut standby_t = tx.open_table(STANDBY_AT)?;
+            let mut older_t = tx.open_table(STANDBY)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
             let mut gone = Vec::new();
             for row in standby_t.iter()? {
-                let (k, p) = row?;
-                if p.value() == partition {
-                    gone.push(k.value().to_vec());
+                let (k, at) = row?;
+                let (p, offset) = at.value();
+                if p == partition {
+                    gone.push((k.value().to_vec(), offset >= acked_below));
                 }
             }
-            for k in gone {
+            for row in older_t.iter()? {
+                let (k, p) = row?;
+                if p.value() == partition {
+                    gone.push((k.value().to_vec(), true));
+                }
+            }
+            for (k, send) in gone {
                 standby_t.remove(k.as_slice())?;
+                older_t.remove(k.as_slice())?;
+                if !send {
+                    continue;
+                }
                 let pending = match outbox_t.get(k.as_slice())? {
                     Some(g) => Pending::decode(g.value())?.merge(now_ms, now_ms),
                     None => Pending::at(now_ms, now_ms),
@@ -689,7 +734,9 @@ mod tests {
     fn as_read(logged: &[Logged]) -> Vec<LogRecord> {
         logged
             .iter()
-            .map(|l| LogRecord {
+            .enumerate()
+            .map(|(i, l)| LogRecord {
+                offset: i as i64,
                 key: l.key.0.to_vec(),
                 value: Some(l.value.clone()),
             })
@@ -713,6 +760,42 @@ mod tests {
     /// committed offset is only 1000 (it died before committing more). The new owner restores
     /// the changelog, then consumes from 1000: events 1000..1500 are recognised by the stamps
     /// and skipped, so every shopper's version is exactly their event count.
+    /// A new owner puts in its outbox only the shoppers whose last record lies at or above the
+    /// partition's acknowledged watermark: below it the previous owner's sinks have them.
+    #[test]
+    fn a_restore_resends_only_what_lies_at_or_above_the_acknowledged_watermark() {
+        let events = traffic(6, 600, 13);
+        let old = open("acked-old-owner");
+        let logged = old.apply_batch(&records(&events, 1)).expect("fold").logged;
+        assert_eq!(logged.len(), 6, "one record per shopper");
+        let read = as_read(&logged);
+        let new = open("acked-new-owner");
+        let r = new.apply_changelog(1, &read, 6, 4, 5).expect("restore");
+        assert_eq!((r.applied, r.resent), (6, 2), "records 4 and 5 are resent");
+        let mut resent: Vec<UserKey> = new
+            .outbox()
+            .expect("outbox")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        resent.sort();
+        let mut want: Vec<UserKey> = logged[4..].iter().map(|l| l.key).collect();
+        want.sort();
+        assert_eq!(resent, want);
+        assert_eq!(r.touched.len(), 2);
+        // every state is restored all the same
+        for u in 0..6 {
+            assert!(
+                profile(&new, &format!("p-u{u}")).is_some(),
+                "p-u{u} restored"
+            );
+        }
+        // a watermark of 0 (none committed) resends everyone
+        let fresh = open("acked-fresh-owner");
+        let all = fresh.apply_changelog(1, &read, 6, 0, 5).expect("restore");
+        assert_eq!((all.applied, all.resent), (6, 6));
+    }
+
     #[test]
     fn a_new_owner_skips_what_the_restored_state_already_folded() {
         let events = traffic(4, 2000, 7);
@@ -724,7 +807,7 @@ mod tests {
         }
         let new = open("new-owner");
         let restored = new
-            .apply_changelog(3, &as_read(&logged), logged.len() as i64, 5)
+            .apply_changelog(3, &as_read(&logged), logged.len() as i64, 0, 5)
             .expect("restore");
         assert_eq!(restored.applied, 4, "one state per shopper");
         assert_eq!(new.changelog_position(3).expect("pos"), logged.len() as i64);
@@ -755,15 +838,15 @@ mod tests {
         let late = writer.apply_batch(&recs[100..]).expect("fold").logged;
         let reader = open("reader");
         let first = reader
-            .apply_changelog(0, &as_read(&late), 1, 1)
+            .apply_changelog(0, &as_read(&late), 1, 0, 1)
             .expect("late first");
         assert_eq!(first.applied, 1);
         let stale = reader
-            .apply_changelog(0, &as_read(&early), 2, 1)
+            .apply_changelog(0, &as_read(&early), 2, 0, 1)
             .expect("early after");
         assert_eq!((stale.applied, stale.behind), (0, 1));
         let again = reader
-            .apply_changelog(0, &as_read(&late), 3, 1)
+            .apply_changelog(0, &as_read(&late), 3, 0, 1)
             .expect("read again");
         assert_eq!((again.applied, again.behind), (0, 1));
         let user = "p-u0";
@@ -785,19 +868,23 @@ mod tests {
                 0,
                 &[
                     LogRecord {
+                        offset: 0,
                         key: vec![1; 12],
                         value: Some(vec![LOG_FORMAT, 0xff, 0xff]),
                     },
                     LogRecord {
+                        offset: 1,
                         key: vec![2; 3],
                         value: Some(late[0].value.clone()),
                     },
                     LogRecord {
+                        offset: 2,
                         key: vec![3; 12],
                         value: None,
                     },
                 ],
                 4,
+                0,
                 1,
             )
             .expect("junk");
@@ -826,7 +913,7 @@ mod tests {
 
         // its own latest records: nothing to do
         let r = owner
-            .apply_log(0, &as_read(&latest), 10, 5, Applier::Audit, true)
+            .apply_log(0, &as_read(&latest), 10, 0, 5, Applier::Audit, true)
             .expect("audit");
         assert_eq!(
             (r.read, r.applied, r.touched.len()),
@@ -839,7 +926,7 @@ mod tests {
             .map(|u| owner.current(&format!("p-u{u}")).expect("read"))
             .collect();
         let r = owner
-            .apply_log(0, &as_read(&early), 20, 5, Applier::Audit, true)
+            .apply_log(0, &as_read(&early), 20, 0, 5, Applier::Audit, true)
             .expect("audit");
         let early_keys: BTreeSet<UserKey> = early.iter().map(|l| l.key).collect();
         let latest_keys: BTreeSet<UserKey> = latest.iter().map(|l| l.key).collect();
@@ -875,7 +962,7 @@ mod tests {
         ahead.set_owned(&[0]);
         let further = ahead.apply_batch(&recs).expect("fold").logged;
         let r = owner
-            .apply_log(0, &as_read(&further), 30, 5, Applier::Audit, true)
+            .apply_log(0, &as_read(&further), 30, 0, 5, Applier::Audit, true)
             .expect("audit");
         assert_eq!((r.applied, r.touched.len()), (0, 0));
         let after: Vec<_> = (0..4)
@@ -886,7 +973,7 @@ mod tests {
         // not owned (revoked meanwhile): nothing read, the position stays
         owner.set_owned(&[]);
         let r = owner
-            .apply_log(0, &as_read(&early), 40, 5, Applier::Audit, true)
+            .apply_log(0, &as_read(&early), 40, 0, 5, Applier::Audit, true)
             .expect("audit");
         assert_eq!(r.read, 0);
         assert_eq!(owner.changelog_position(0).expect("position"), 30);
@@ -954,7 +1041,7 @@ mod tests {
         let reader = open("erasure-reader");
         reader.erase("p-u0", 1_900_000_000_000).expect("erase");
         let r = reader
-            .apply_changelog(0, &as_read(&logged), 1, 1)
+            .apply_changelog(0, &as_read(&logged), 1, 0, 1)
             .expect("restore");
         assert_eq!((r.applied, r.behind), (0, 1));
         assert!(matches!(
@@ -972,7 +1059,7 @@ mod tests {
         let logged = writer.unlogged().expect("unlogged");
         assert_eq!(logged.len(), 1, "owned: the owner logs the tombstone");
         let r = reader
-            .apply_changelog(0, &as_read(&logged), 2, 1)
+            .apply_changelog(0, &as_read(&logged), 2, 0, 1)
             .expect("restore");
         assert_eq!(r.applied, 1);
     }
@@ -992,10 +1079,12 @@ mod tests {
             .apply_changelog(
                 0,
                 &[LogRecord {
+                    offset: 0,
                     key: vec![1; 12],
                     value: Some(value),
                 }],
                 1,
+                0,
                 1,
             )
             .expect_err("refused");
@@ -1027,6 +1116,7 @@ mod tests {
                 );
                 let state = UserState::decode(&v.state).expect("state");
                 LogRecord {
+                    offset: 0,
                     key: l.key.0.to_vec(),
                     value: Some(
                         LogValue {
@@ -1040,7 +1130,9 @@ mod tests {
             })
             .collect();
         let new = open("layout1-reader");
-        let r = new.apply_changelog(2, &as_layout1, 3, 1).expect("restore");
+        let r = new
+            .apply_changelog(2, &as_layout1, 3, 0, 1)
+            .expect("restore");
         assert_eq!((r.applied, r.unreadable), (3, 0));
         // layout 1 kept no event tags of the folded base (`Profile::folded`): all else is equal
         let untagged = |mut p: Profile| {
@@ -1102,7 +1194,7 @@ mod tests {
             .logged;
         let replica = open("standby-replica");
         let r = replica
-            .apply_log(2, &as_read(&logged), 3, 1, Applier::Standby, true)
+            .apply_log(2, &as_read(&logged), 3, 0, 1, Applier::Standby, true)
             .expect("standby");
         assert_eq!(r.applied, 3);
         assert!(r.touched.is_empty(), "nothing sent");
@@ -1114,13 +1206,46 @@ mod tests {
             .expect("nothing");
         assert!(more.logged.is_empty());
         let skipped = replica
-            .apply_log(2, &as_read(&logged), 4, 1, Applier::Standby, true)
+            .apply_log(2, &as_read(&logged), 4, 0, 1, Applier::Standby, true)
             .expect("standby of an owned partition");
         assert_eq!(skipped.read, 0, "not applied: the owner's restore counts");
-        let pending = replica.pend_standby(2, 1).expect("pend");
+        let pending = replica.pend_standby(2, 0, 1).expect("pend");
         assert_eq!(pending.len(), 3);
         assert_eq!(replica.outbox_len().expect("len"), 3);
-        assert!(replica.pend_standby(2, 1).expect("again").is_empty());
+        assert!(replica.pend_standby(2, 0, 1).expect("again").is_empty());
+    }
+
+    /// A standby's users are sent on takeover only when the record it applied lies at or
+    /// above the partition's acknowledged watermark; an entry an older build listed (no
+    /// offset) is always sent.
+    #[test]
+    fn a_standby_copy_resends_only_what_lies_at_or_above_the_watermark() {
+        let events = traffic(3, 90, 23);
+        let writer = open("standby-acked-writer");
+        let logged = writer
+            .apply_batch(&records(&events, 2))
+            .expect("fold")
+            .logged;
+        assert_eq!(logged.len(), 3);
+        let replica = open("standby-acked-replica");
+        replica
+            .apply_log(2, &as_read(&logged), 3, 0, 1, Applier::Standby, true)
+            .expect("standby");
+        // an entry of an older build's table, for a fourth shopper
+        let tx = replica.db.begin_write().expect("tx");
+        tx.open_table(STANDBY)
+            .expect("older table")
+            .insert([9u8; 12].as_slice(), 2)
+            .expect("listed");
+        tx.commit().expect("commit");
+        replica.set_owned(&[2]);
+        // records at offsets 0, 1, 2: the watermark at 2 leaves the last one to send
+        let mut pending = replica.pend_standby(2, 2, 1).expect("pend");
+        pending.sort();
+        let mut want = vec![logged[2].key, UserKey([9; 12])];
+        want.sort();
+        assert_eq!(pending, want);
+        assert!(replica.pend_standby(2, 0, 1).expect("again").is_empty());
     }
 
     #[test]
