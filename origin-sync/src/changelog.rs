@@ -66,8 +66,11 @@ pub async fn write(
                 let store = shared.store.clone();
                 let by = now_ms().saturating_sub(SWEEP_EVERY.as_millis() as u64);
                 let logged = blocking(move || {
-                    let owned = store.owned();
-                    store.unlogged_of(Some(&owned), by)
+                    // not a partition still restoring: its restore writes its marks after it
+                    // is done (and a record written before that would be a watermark sample
+                    // older than the restore's outbox entries)
+                    let settled = store.settled();
+                    store.unlogged_of(Some(&settled), by)
                 })
                 .await?;
                 if logged.is_empty() {
@@ -155,7 +158,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The acknowledged watermark of each changelog partition this instance writes, committed as
 /// the group's offset of that partition: every record below it has been acknowledged by every
-/// sink (or quarantined), so a new owner puts only what lies at or above it in its outbox
+/// sink (or quarantined: `replay` logs a change it puts back again, above the watermark), so a
+/// new owner puts only what lies at or above it in its outbox
 /// (`Store::apply_changelog`) instead of sending every shopper of the partition again (a
 /// handover of 100k shoppers would otherwise rewrite 100k KV values).
 ///
@@ -173,6 +177,8 @@ pub struct Watermarks {
     samples: BTreeMap<i32, VecDeque<(u64, i64)>>,
     /// Per partition, the watermark committed last.
     committed: BTreeMap<i32, i64>,
+    /// `Store::revocations` when the samples were last checked.
+    revocations: u64,
 }
 
 /// Samples kept per partition; past that the newest absorbs the next (a later time for a
@@ -207,11 +213,25 @@ impl Watermarks {
     }
 
     /// The watermarks that move, now that the oldest change in the outbox was stored at
-    /// `oldest_stored` (`None`: the outbox is empty), for the partitions in `owned` (the
-    /// others' samples are dropped: a partition that left is its new owner's to mark).
-    pub fn advance(&mut self, oldest_stored: Option<u64>, owned: &[i32]) -> Vec<(i32, i64)> {
-        self.samples.retain(|p, _| owned.contains(p));
-        self.committed.retain(|p, _| owned.contains(p));
+    /// `oldest_stored` (`None`: the outbox is empty), for the partitions in `settled` (owned
+    /// and restored; the others' samples are dropped: a partition that left is its new
+    /// owner's to mark, one restoring gets its sample when the restore is done). After a
+    /// revocation (`revocations` moved) every sample is dropped: a partition may have left
+    /// and come back since, its outbox entries released in between.
+    pub fn advance(
+        &mut self,
+        oldest_stored: Option<u64>,
+        settled: &[i32],
+        revocations: u64,
+    ) -> Vec<(i32, i64)> {
+        if revocations != self.revocations {
+            self.revocations = revocations;
+            self.samples.clear();
+            self.committed.clear();
+            return Vec::new();
+        }
+        self.samples.retain(|p, _| settled.contains(p));
+        self.committed.retain(|p, _| settled.contains(p));
         let mut moved = Vec::new();
         for (&p, q) in &mut self.samples {
             let mut mark = None;
@@ -245,17 +265,23 @@ async fn commit_watermarks(
     };
     let store = shared.store.clone();
     let oldest = blocking(move || store.outbox_oldest_stored(enough)).await?;
-    // owned read after the outbox: a revoked partition leaves `owned` before its outbox
-    // entries are released, so entries gone from under a sample are never taken for acked
-    let owned = shared.store.owned();
-    let moved = watermarks.advance(oldest, &owned);
-    if moved.is_empty() {
-        return Ok(());
-    }
+    // read after the outbox: a revoked partition leaves `owned` (and counts a revocation)
+    // before its outbox entries are released, so entries gone from under a sample are never
+    // taken for acknowledged
+    let settled = shared.store.settled();
+    let moved = watermarks.advance(oldest, &settled, shared.store.revocations());
     let topic = &shared.config.kafka.changelog_topic;
+    // and only what the group assigns this member now (the service's view lags a rebalance
+    // by a batch)
+    let assigned = membership.assignment().unwrap_or_default();
     let mut tpl = TopicPartitionList::new();
     for (p, mark) in &moved {
-        let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*mark));
+        if assigned.find_partition(topic, *p).is_some() {
+            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*mark));
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(());
     }
     if let Err(e) = membership.commit(&tpl, CommitMode::Async) {
         tracing::debug!(error = %e, "acknowledged watermark commit failed; a new owner resends more");
@@ -658,17 +684,17 @@ mod tests {
         w.delivered(&ends(&[(0, 25)]), 200);
         assert_eq!(w.oldest_sample(), Some(100));
         // a change stored at 100 or before is still in the outbox: nothing moves
-        assert_eq!(w.advance(Some(100), &[0, 1]), vec![]);
+        assert_eq!(w.advance(Some(100), &[0, 1], 0), vec![]);
         // the oldest pending change was stored after the first delivery, not after the second
-        assert_eq!(w.advance(Some(150), &[0, 1]), vec![(0, 10), (1, 4)]);
+        assert_eq!(w.advance(Some(150), &[0, 1], 0), vec![(0, 10), (1, 4)]);
         // nothing new: nothing to commit again
-        assert_eq!(w.advance(Some(150), &[0, 1]), vec![]);
+        assert_eq!(w.advance(Some(150), &[0, 1], 0), vec![]);
         // the outbox empty: everything delivered is acknowledged
-        assert_eq!(w.advance(None, &[0, 1]), vec![(0, 25)]);
+        assert_eq!(w.advance(None, &[0, 1], 0), vec![(0, 25)]);
         // an end at or below what was sampled adds nothing
         w.delivered(&ends(&[(0, 20)]), 300);
         assert_eq!(w.oldest_sample(), None, "nothing left to move");
-        assert_eq!(w.advance(None, &[0, 1]), vec![]);
+        assert_eq!(w.advance(None, &[0, 1], 0), vec![]);
     }
 
     /// A partition that left this instance is its new owner's to mark: its samples go, and
@@ -677,10 +703,22 @@ mod tests {
     fn a_partition_no_longer_owned_gets_no_watermark() {
         let mut w = Watermarks::default();
         w.delivered(&ends(&[(0, 10), (1, 10)]), 100);
-        assert_eq!(w.advance(None, &[1]), vec![(1, 10)]);
+        assert_eq!(w.advance(None, &[1], 0), vec![(1, 10)]);
         // partition 0 comes back: its old samples are gone
         w.delivered(&ends(&[(1, 12)]), 200);
-        assert_eq!(w.advance(None, &[0, 1]), vec![(1, 12)]);
+        assert_eq!(w.advance(None, &[0, 1], 0), vec![(1, 12)]);
+    }
+
+    /// A revocation voids every sample taken before it, even of a partition owned again
+    /// (its outbox entries were released in between).
+    #[test]
+    fn a_revocation_voids_the_samples_taken_before_it() {
+        let mut w = Watermarks::default();
+        w.delivered(&ends(&[(0, 10)]), 100);
+        assert_eq!(w.advance(None, &[0], 1), vec![], "revoked and back");
+        assert_eq!(w.advance(None, &[0], 1), vec![], "nothing sampled since");
+        w.delivered(&ends(&[(0, 12)]), 200);
+        assert_eq!(w.advance(None, &[0], 1), vec![(0, 12)]);
     }
 
     /// The samples per partition are bounded: past the limit the newest takes the later
@@ -695,10 +733,10 @@ mod tests {
         let last = 1000 + MAX_SAMPLES as u64 + 9;
         assert_eq!(w.samples[&0].back(), Some(&(last, MAX_SAMPLES as i64 + 10)));
         // stored before the merged sample's time: the last end cannot pass yet
-        let moved = w.advance(Some(last), &[0]);
+        let moved = w.advance(Some(last), &[0], 0);
         assert_eq!(moved, vec![(0, MAX_SAMPLES as i64 - 1)]);
         assert_eq!(
-            w.advance(Some(last + 1), &[0]),
+            w.advance(Some(last + 1), &[0], 0),
             vec![(0, MAX_SAMPLES as i64 + 10)]
         );
     }

@@ -25,7 +25,29 @@ pub fn now_us() -> u64 {
 /// stepped back reads as standing still): for ordering "stored before" against "sampled
 /// after", which the changelog's acknowledged watermark relies on.
 pub fn monotonic_ms() -> u64 {
-    static LAST: AtomicU64 = AtomicU64::new(0);
     let now = now_ms();
-    LAST.fetch_max(now, Ordering::Relaxed).max(now)
+    MONOTONIC.fetch_max(now, Ordering::Relaxed).max(now)
+}
+
+/// [`monotonic_ms`] reads `ms` or later from now on (a time an earlier process stored).
+pub fn monotonic_not_below(ms: u64) {
+    MONOTONIC.fetch_max(ms, Ordering::Relaxed);
+}
+
+/// The latest time [`monotonic_ms`] has given (or been told not to go below).
+static MONOTONIC: AtomicU64 = AtomicU64::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_monotonic_clock_never_goes_below_what_it_was_told() {
+        // (a store opened in this test process may seed it as well; only "not below" holds)
+        let ahead = now_ms() + 60_000;
+        monotonic_not_below(ahead);
+        let first = monotonic_ms();
+        assert!(first >= ahead);
+        assert!(monotonic_ms() >= first);
+    }
 }

@@ -106,6 +106,8 @@ impl Owner {
         match control {
             Control::Rebalanced(Rebalanced::Assigned(ps)) => {
                 metrics.rebalances.fetch_add(1, Relaxed);
+                // revoked and given back before its release ran: nothing to release
+                self.released.retain(|q| !ps.contains(q));
                 for p in ps {
                     if self.owned.insert(p) {
                         self.restoring.insert(p);
@@ -229,6 +231,11 @@ impl Owner {
             metrics
                 .changelog_pending
                 .fetch_add(unlogged.len() as u64, Relaxed);
+            // and to the sinks: their outbox entries left with the partition (or the crash
+            // came before the sinks had them)
+            let store = shared.store.clone();
+            let keys: Vec<_> = unlogged.iter().map(|l| l.key).collect();
+            blocking(move || store.pend(&keys, crate::pipeline::now_ms())).await?;
         }
         // the restore's end is a watermark sample even if nothing is ever written here
         let _ = self

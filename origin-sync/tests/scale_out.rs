@@ -538,6 +538,67 @@ async fn a_graceful_handover_resends_nothing_the_edge_acknowledged() {
     assert!(status.success(), "a's SIGTERM exit: {status}");
 }
 
+/// The other side: what the edge has not acknowledged is sent again. With the edge refusing
+/// every push, 20 new shoppers' changes are folded and logged but never acknowledged; the
+/// owner stops, and the new owner resends those (and only about those: the 300 shoppers the
+/// edge had lie below the watermark), and the edge has everything once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_resends_what_the_edge_had_not_acknowledged() {
+    let Some(tansu) = group_broker("scale-unacked") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-unacked");
+    let first = traffic(300, 3000, "k", 57);
+    let second = traffic(20, 400, "late", 59);
+    let mut all = first.clone();
+    all.extend(second.iter().cloned());
+    let a = start(&tansu, &edge, &dir, "a");
+    let b = start(&tansu, &edge, &dir, "b");
+    until_all_owned(&dir, &["a", "b"]).await;
+    produce(
+        &tansu.brokers(),
+        &first.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    converge(&edge, &reference(&first), Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    edge.set_down(true);
+    produce(
+        &tansu.brokers(),
+        &second.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    // folded and logged, never acknowledged
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = restores(&dir, "a").len();
+    let status = b.terminate();
+    assert!(status.success(), "b's SIGTERM exit: {status}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let taken = loop {
+        let taken: Vec<_> = restores(&dir, "a").into_iter().skip(before).collect();
+        if taken.len() >= 3 {
+            break taken;
+        }
+        assert!(Instant::now() < deadline, "a took over {taken:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("a took over: {taken:?}");
+    let resent: u64 = taken.iter().map(|r| r.resent).sum();
+    assert!(
+        resent > 0,
+        "nothing sent again though the edge had acknowledged none of it"
+    );
+    assert!(
+        resent <= 20,
+        "{resent} shoppers sent again: more than the 20 the edge lacked"
+    );
+    edge.set_down(false);
+    converge(&edge, &reference(&all), Duration::from_secs(90)).await;
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+}
+
 /// The partitions an instance's log reports it owned, at each assignment or revocation.
 fn ownership_history(dir: &Path, name: &str) -> Vec<Vec<i64>> {
     let text = std::fs::read_to_string(dir.join(name).join("origin-sync.log")).unwrap_or_default();

@@ -214,6 +214,9 @@ pub struct Store {
     /// Held while changelog records are applied: an owner's restore and a standby's tail of
     /// the same partition never interleave.
     applying: std::sync::Mutex<()>,
+    /// How many times a partition left `owned` (partitioned only): the changelog's watermark
+    /// samples taken before a revocation are void, even if the partition came back since.
+    revocations: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -246,7 +249,7 @@ impl Store {
                 "store upgraded to the current layout"
             );
         }
-        Ok(Store {
+        let store = Store {
             db,
             user_key_secret: user_key_secret.to_vec(),
             window,
@@ -254,7 +257,24 @@ impl Store {
             owned: std::sync::Mutex::default(),
             restoring: std::sync::Mutex::default(),
             applying: std::sync::Mutex::default(),
-        })
+            revocations: std::sync::atomic::AtomicU64::new(0),
+        };
+        // A wall clock stepped back across a restart must not make this process's changes
+        // look older than what an earlier one left pending (the acknowledged watermark
+        // compares them): the monotonic clock starts past every stored time.
+        crate::clock::monotonic_not_below(store.outbox_newest_stored()?);
+        Ok(store)
+    }
+
+    /// The newest time an outbox entry says its oldest change was stored (0: none).
+    fn outbox_newest_stored(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OUTBOX)?;
+        let mut newest = 0;
+        for row in t.iter()? {
+            newest = newest.max(Pending::decode(row?.1.value())?.oldest_stored_ms);
+        }
+        Ok(newest)
     }
 
     /// Keeps what moving partitions between instances needs (`partitions.rs`).
@@ -682,10 +702,13 @@ fn erase_in(
         key.0.as_slice(),
         partitions::user_value_raw(&stamp, &encode(&state)).as_slice(),
     )?;
-    outbox_t.insert(
-        key.0.as_slice(),
-        encode(&Pending::at(at_ms, at_ms)).as_slice(),
-    )?;
+    // merged: an older change still pending keeps its stored time (the changelog's
+    // acknowledged watermark must not pass it)
+    let pending = match outbox_t.get(key.0.as_slice())? {
+        Some(g) => Pending::decode(g.value())?.merge(at_ms, at_ms),
+        None => Pending::at(at_ms, at_ms),
+    };
+    outbox_t.insert(key.0.as_slice(), encode(&pending).as_slice())?;
     Ok((version, true))
 }
 

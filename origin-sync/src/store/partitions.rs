@@ -233,6 +233,20 @@ pub struct Restored {
     pub touched: Vec<UserKey>,
 }
 
+/// Puts `key` in the outbox as changed now, keeping an older pending change's times.
+fn pend_in(
+    outbox_t: &mut redb::Table<&[u8], &[u8]>,
+    key: &[u8],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let pending = match outbox_t.get(key)? {
+        Some(g) => Pending::decode(g.value())?.merge(now_ms, now_ms),
+        None => Pending::at(now_ms, now_ms),
+    };
+    outbox_t.insert(key, encode(&pending).as_slice())?;
+    Ok(())
+}
+
 pub(super) fn user_key(bytes: &[u8], what: &str) -> Result<UserKey, StoreError> {
     <[u8; 12]>::try_from(bytes)
         .map(UserKey)
@@ -418,8 +432,17 @@ impl Store {
                     }
                     None => (None, None),
                 };
+                // An owner sends again what lies at or above the watermark even where this
+                // store is as far or further (a copy left here by an earlier ownership): its
+                // outbox entries were released when the partition left.
+                let resend_here = applier == Applier::Owner && offset >= acked_below;
                 if here == Some(&*state) {
                     out.behind += 1;
+                    if resend_here {
+                        pend_in(&mut outbox_t, k, now_ms)?;
+                        out.resent += 1;
+                        out.touched.push(key);
+                    }
                     continue;
                 }
                 // erasure wins: every instance reads the whole erasure log before consuming,
@@ -437,6 +460,11 @@ impl Store {
                 if erasure_newer_here || further_here {
                     out.behind += 1;
                     if applier == Applier::Audit && here.is_some() {
+                        out.touched.push(key);
+                    }
+                    if resend_here {
+                        pend_in(&mut outbox_t, k, now_ms)?;
+                        out.resent += 1;
                         out.touched.push(key);
                     }
                     continue;
@@ -507,6 +535,20 @@ impl Store {
         Ok(marked)
     }
 
+    /// Puts `keys` in the outbox (a partition that came back: what its earlier ownership here
+    /// folded but never logged had its outbox entries released with it).
+    pub fn pend(&self, keys: &[UserKey], now_ms: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut outbox_t = tx.open_table(OUTBOX)?;
+            for k in keys {
+                pend_in(&mut outbox_t, &k.0, now_ms)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Puts the users a standby replica applied for `partition` in the outbox (the partition
     /// is now owned here) when their record lies at or above `acked_below`, the partition's
     /// acknowledged watermark; forgets the others. Returns those put in the outbox.
@@ -543,11 +585,7 @@ impl Store {
                 if !send {
                     continue;
                 }
-                let pending = match outbox_t.get(k.as_slice())? {
-                    Some(g) => Pending::decode(g.value())?.merge(now_ms, now_ms),
-                    None => Pending::at(now_ms, now_ms),
-                };
-                outbox_t.insert(k.as_slice(), encode(&pending).as_slice())?;
+                pend_in(&mut outbox_t, &k, now_ms)?;
                 keys.push(user_key(&k, "standby")?);
             }
         }
@@ -558,6 +596,14 @@ impl Store {
     /// Gives up the outbox entries of users of `partitions` (revoked: their new owner sends
     /// them). Returns how many left.
     pub fn release(&self, partitions: &[i32]) -> Result<u64, StoreError> {
+        // one that came back before its release ran is owned again: its entries stay
+        let owned = self.owned();
+        let partitions: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| !owned.contains(p))
+            .collect();
+        let partitions = partitions.as_slice();
         if partitions.is_empty() {
             return Ok(0);
         }
@@ -589,9 +635,18 @@ impl Store {
     /// of one of their users is logged by this instance, the owner.
     pub fn set_owned(&self, partitions: &[i32]) {
         if let Ok(mut owned) = self.owned.lock() {
+            if owned.iter().any(|p| !partitions.contains(p)) {
+                self.revocations
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             owned.clear();
             owned.extend(partitions);
         }
+    }
+
+    /// How many times a partition has left `owned` so far.
+    pub fn revocations(&self) -> u64 {
+        self.revocations.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether this instance publishes the catalog, rules and erasure fence: the only one, or
@@ -760,6 +815,40 @@ mod tests {
     /// committed offset is only 1000 (it died before committing more). The new owner restores
     /// the changelog, then consumes from 1000: events 1000..1500 are recognised by the stamps
     /// and skipped, so every shopper's version is exactly their event count.
+    /// A partition that comes back to a store that still holds its own copy: the records
+    /// read are "behind" (the same states), yet those at or above the watermark go to the
+    /// outbox again, since their entries were released when the partition left; a release
+    /// that runs after the partition came back releases nothing.
+    #[test]
+    fn a_returning_owner_resends_its_own_copy_above_the_watermark() {
+        let events = traffic(4, 400, 29);
+        let store = open("returning-owner").partitioned();
+        store.set_owned(&[1]);
+        let logged = store
+            .apply_batch(&records(&events, 1))
+            .expect("fold")
+            .logged;
+        assert_eq!(logged.len(), 4);
+        assert_eq!(store.outbox_len().expect("len"), 4);
+        // revoked, then given back before the release ran
+        store.set_owned(&[]);
+        store.set_owned(&[1]);
+        assert_eq!(store.revocations(), 1);
+        assert_eq!(store.release(&[1]).expect("release"), 0, "owned again");
+        assert_eq!(store.outbox_len().expect("len"), 4);
+        // revoked for good: released
+        store.set_owned(&[]);
+        assert_eq!(store.release(&[1]).expect("release"), 4);
+        assert_eq!(store.outbox_len().expect("len"), 0);
+        // back, restoring its own records: the watermark at 3 leaves the last to send
+        store.set_owned(&[1]);
+        let r = store
+            .apply_changelog(1, &as_read(&logged), 4, 3, 5)
+            .expect("restore");
+        assert_eq!((r.applied, r.behind, r.resent), (0, 4, 1));
+        assert_eq!(store.outbox_len().expect("len"), 1);
+    }
+
     /// A new owner puts in its outbox only the shoppers whose last record lies at or above the
     /// partition's acknowledged watermark: below it the previous owner's sinks have them.
     #[test]

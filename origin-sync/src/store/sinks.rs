@@ -371,6 +371,8 @@ impl Store {
             let mut marks_t = tx.open_table(SINK_MARKS)?;
             let mut docs_t = tx.open_table(SINK_DOCUMENTS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
+            let users_t = tx.open_table(USERS)?;
+            let mut unlogged_t = tx.open_table(super::partitions::UNLOGGED)?;
             let mut picked = Vec::new();
             for row in quarantine_t.iter()? {
                 let (k, v) = row?;
@@ -390,6 +392,18 @@ impl Store {
                         if outbox_t.get(key.0.as_slice())?.is_none() {
                             let pending = Pending::at(now_ms, now_ms);
                             outbox_t.insert(key.0.as_slice(), encode(&pending).as_slice())?;
+                        }
+                        // With several instances the changelog's acknowledged watermark took
+                        // the quarantined change for settled: logged again, the user's record
+                        // lies above it, so a new owner sends them too.
+                        if self.partitioned
+                            && unlogged_t.get(key.0.as_slice())?.is_none()
+                            && let Some(value) = users_t.get(key.0.as_slice())?
+                        {
+                            let version =
+                                super::partitions::state_of(value.value())?.current_version();
+                            drop(value);
+                            unlogged_t.insert(key.0.as_slice(), (version, now_ms))?;
                         }
                     }
                     Subject::Document(kind) => {
