@@ -44,9 +44,13 @@ fn instance(
     (path, own.join("origin-sync.log"))
 }
 
-/// An instance that audits its partitions' changelog every second (in production: 30 s).
+/// Config for an instance that audits its partitions' changelog every second (in
+/// production: 30 s).
+const AUDITED: &str = "changelog_audit_ms = 1000";
+
+/// An instance that audits its partitions' changelog every second.
 fn start(tansu: &Tansu, edge: &TestEdge, dir: &Path, name: &str) -> Binary {
-    let (config, log) = instance(tansu, edge, dir, name, "changelog_audit_ms = 1000");
+    let (config, log) = instance(tansu, edge, dir, name, AUDITED);
     Binary::start(&config, &log)
 }
 
@@ -453,6 +457,32 @@ async fn a_missing_or_mispartitioned_changelog_is_refused_at_start() {
 /// changelog's tail), and the edge still ends equal to the reference. (Stopped, not killed:
 /// with two members, tansu 0.6.0 sometimes hands nobody the partitions after a member's
 /// session times out; the three-instance test above kills one.)
+/// Instances a and b (each with `extra` config), each owning part of the partitions before
+/// `first` is produced, so each writes the changelog of its own; returns once the edge has
+/// `first` and a few seconds more have passed (acknowledged watermarks move every second,
+/// standby copies catch up every 2 s).
+async fn pair_with_first_delivered(
+    tansu: &Tansu,
+    edge: &TestEdge,
+    dir: &Path,
+    extra: &str,
+    first: &[shared::event::Event],
+) -> (Binary, Binary) {
+    let (a_cfg, a_log) = instance(tansu, edge, dir, "a", extra);
+    let a = Binary::start(&a_cfg, &a_log);
+    let (b_cfg, b_log) = instance(tansu, edge, dir, "b", extra);
+    let b = Binary::start(&b_cfg, &b_log);
+    until_all_owned(dir, &["a", "b"]).await;
+    produce(
+        &tansu.brokers(),
+        &first.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    converge(edge, &reference(first), Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_replica_restores_only_the_tail() {
     let Some(tansu) = group_broker("scale-standby") else {
@@ -463,18 +493,7 @@ async fn a_standby_replica_restores_only_the_tail() {
     let events = traffic(300, 6000, "w", 47);
     let want = reference(&events);
     let (first, second) = events.split_at(4000);
-    produce(
-        &tansu.brokers(),
-        &first.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
-    let (a_cfg, a_log) = instance(&tansu, &edge, &dir, "a", "standby = true");
-    let a = Binary::start(&a_cfg, &a_log);
-    let (b_cfg, b_log) = instance(&tansu, &edge, &dir, "b", "standby = true");
-    let b = Binary::start(&b_cfg, &b_log);
-    converge(&edge, &reference(first), Duration::from_secs(90)).await;
-    // a few standby rounds (every 2 s) after the last change
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (a, b) = pair_with_first_delivered(&tansu, &edge, &dir, "standby = true", first).await;
     let before = restores(&dir, "a").len();
     let status = b.terminate();
     assert!(status.success(), "b's SIGTERM exit: {status}");
@@ -520,18 +539,7 @@ async fn a_graceful_handover_resends_nothing_the_edge_acknowledged() {
     let events = traffic(300, 6000, "k", 53);
     let want = reference(&events);
     let (first, second) = events.split_at(4000);
-    let a = start(&tansu, &edge, &dir, "a");
-    let b = start(&tansu, &edge, &dir, "b");
-    // both own partitions before anything is produced, so each writes the changelog of its own
-    until_all_owned(&dir, &["a", "b"]).await;
-    produce(
-        &tansu.brokers(),
-        &first.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
-    converge(&edge, &reference(first), Duration::from_secs(90)).await;
-    // the edge's acknowledgements settle the outbox; a watermark moves every second
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (a, b) = pair_with_first_delivered(&tansu, &edge, &dir, AUDITED, first).await;
     let before = restores(&dir, "a").len();
     let status = b.terminate();
     assert!(status.success(), "b's SIGTERM exit: {status}");
@@ -575,16 +583,7 @@ async fn a_handover_resends_what_the_edge_had_not_acknowledged() {
     let second = traffic(20, 400, "late", 59);
     let mut all = first.clone();
     all.extend(second.iter().cloned());
-    let a = start(&tansu, &edge, &dir, "a");
-    let b = start(&tansu, &edge, &dir, "b");
-    until_all_owned(&dir, &["a", "b"]).await;
-    produce(
-        &tansu.brokers(),
-        &first.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
-    converge(&edge, &reference(&first), Duration::from_secs(90)).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (a, b) = pair_with_first_delivered(&tansu, &edge, &dir, AUDITED, &first).await;
     edge.set_down(true);
     produce(
         &tansu.brokers(),
