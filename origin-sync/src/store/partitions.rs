@@ -162,20 +162,44 @@ fn log_body(bytes: &[u8]) -> Result<&[u8], StoreError> {
     }
 }
 
-/// [`LogValue`] as the restore reads it: the state borrowed from the record, not copied.
-/// Postcard writes a `Vec<u8>` and a `&[u8]` alike (a length, then the bytes).
-#[derive(Deserialize)]
+/// [`LogValue`] as the restore reads it: the stamp's and the state's bytes borrowed from the
+/// record, not decoded and encoded again (a users value is those same stamp bytes,
+/// length-prefixed, then the state: [`user_value_raw`]). Postcard writes a `Vec<u8>` and a
+/// `&[u8]` alike (a length, then the bytes).
 struct LogValueRef<'a> {
     layout: u64,
-    stamp: Stamp,
-    #[serde(borrow)]
+    /// [`Stamp`] in postcard, as it stands in the record.
+    stamp: &'a [u8],
     state: &'a [u8],
+}
+
+/// A [`Stamp`] read in place, to find where it ends (its topic names borrowed).
+#[derive(Deserialize)]
+struct StampRef<'a> {
+    _partition: i32,
+    #[serde(borrow)]
+    _next: Vec<(&'a str, i64)>,
 }
 
 impl<'a> LogValueRef<'a> {
     fn parse(bytes: &'a [u8]) -> Result<LogValueRef<'a>, StoreError> {
-        postcard::from_bytes(log_body(bytes)?)
-            .map_err(|e| StoreError::Corrupt(format!("changelog record: {e}")))
+        let corrupt = |e: postcard::Error| StoreError::Corrupt(format!("changelog record: {e}"));
+        let (layout, after_layout) =
+            postcard::take_from_bytes::<u64>(log_body(bytes)?).map_err(corrupt)?;
+        let (_, after_stamp) =
+            postcard::take_from_bytes::<StampRef>(after_layout).map_err(corrupt)?;
+        let stamp = &after_layout[..after_layout.len() - after_stamp.len()];
+        let (state, _) = postcard::take_from_bytes::<&[u8]>(after_stamp).map_err(corrupt)?;
+        Ok(LogValueRef {
+            layout,
+            stamp,
+            state,
+        })
+    }
+
+    /// The stamp, decoded (to compare with a local one).
+    fn stamp(&self) -> Result<Stamp, StoreError> {
+        decode(self.stamp, "changelog record's stamp")
     }
 
     /// The state in this build's store layout: an older instance's record (a rolling upgrade
@@ -454,9 +478,13 @@ impl Store {
                 let erasure_newer_here = erased_here.is_some_and(|(_, at)| {
                     theirs.erased().is_none_or(|(_, their_at)| their_at < at)
                 });
-                let further_here = local
-                    .as_ref()
-                    .is_some_and(|l| l.covers(&value.stamp) && *l != value.stamp);
+                let further_here = match &local {
+                    Some(l) => {
+                        let theirs = value.stamp()?;
+                        l.covers(&theirs) && *l != theirs
+                    }
+                    None => false,
+                };
                 if erasure_newer_here || further_here {
                     out.behind += 1;
                     if applier == Applier::Audit && here.is_some() {
@@ -474,7 +502,7 @@ impl Store {
                     // those events itself, and its own record follows
                     continue;
                 }
-                users_t.insert(k, user_value(Some(&value.stamp), &state).as_slice())?;
+                users_t.insert(k, user_value_raw(value.stamp, &state).as_slice())?;
                 out.applied += 1;
                 if applier == Applier::Standby {
                     standby_t.insert(k, (partition, offset))?;
