@@ -1092,6 +1092,70 @@ mod tests {
         assert_eq!(edge, owner.current("z").expect("read"));
     }
 
+    /// An erasure of a shopper whose change is still pending keeps that change's stored time
+    /// (the changelog's acknowledged watermark must not pass it).
+    #[test]
+    fn an_erasure_keeps_a_pending_changes_stored_time() {
+        let catalog = Catalog::demo().expect("demo");
+        let events: Vec<Event> = Traffic::new(&catalog, 1, "x", 1_732_960_000_000, 10, 3)
+            .take(5)
+            .collect();
+        let store = open("erase-pending", SMALL_WINDOW);
+        store.apply_batch(&records(&events, "a", 0)).expect("batch");
+        let stored = store.outbox_oldest_stored(0).expect("oldest");
+        assert!(stored.is_some());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let (_, _, erased) = store
+            .erase(&events[0].user, crate::clock::now_ms())
+            .expect("erase");
+        assert!(erased);
+        assert_eq!(store.outbox_len().expect("len"), 1);
+        assert_eq!(store.outbox_oldest_stored(0).expect("oldest"), stored);
+    }
+
+    /// With several instances, a quarantined change put back by `replay` is logged again:
+    /// the changelog's acknowledged watermark took it for settled, and its new record lies
+    /// above the watermark, so a new owner sends it too.
+    #[test]
+    fn a_requeued_quarantined_change_is_logged_again_where_partitions_move() {
+        let catalog = Catalog::demo().expect("demo");
+        let events: Vec<Event> = Traffic::new(&catalog, 2, "r", 1_732_960_000_000, 10, 7)
+            .take(20)
+            .collect();
+        let store = open("requeue-logged", SMALL_WINDOW).partitioned();
+        store.set_owned(&[0]);
+        let outcome = store.apply_batch(&records(&events, "a", 0)).expect("batch");
+        let marks: Vec<(UserKey, u64)> =
+            outcome.logged.iter().map(|l| (l.key, l.version)).collect();
+        store.mark_logged(&marks).expect("logged");
+        assert!(store.unlogged_keys().expect("unlogged").is_empty());
+        let keys = outbox_keys(&store);
+        let items = store.prepare("kv", &keys).expect("prepare");
+        assert_eq!(items.len(), 2);
+        let quarantined = [(
+            items[0].clone(),
+            "http_413".to_owned(),
+            "too big".to_owned(),
+        )];
+        let report = SinkReport {
+            acked: &items[1..],
+            quarantined: &quarantined,
+            ..SinkReport::default()
+        };
+        store
+            .settle("kv", &["kv".to_owned()], &report, 5)
+            .expect("settle");
+        assert_eq!(store.outbox_len().expect("len"), 0);
+        assert_eq!(
+            store.requeue_quarantined(|_, _| true, 9).expect("requeue"),
+            1
+        );
+        assert_eq!(
+            store.unlogged_keys().expect("unlogged"),
+            [items[0].delta.user].into_iter().collect()
+        );
+    }
+
     /// Each sink progresses on its own: an entry leaves the outbox only when every sink
     /// acknowledged or quarantined its user, and a quarantined change can be put back.
     #[test]
