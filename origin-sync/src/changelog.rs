@@ -299,15 +299,11 @@ pub fn acknowledged(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&shared.config.kafka.changelog_topic, partition);
     let got = membership.committed_offsets(tpl, Duration::from_secs(10))?;
-    Ok(
-        match got
-            .find_partition(&shared.config.kafka.changelog_topic, partition)
-            .map(|e| e.offset())
-        {
-            Some(Offset::Offset(n)) if n >= 0 => n,
-            _ => 0,
-        },
-    )
+    Ok(crate::kafka::committed_next(
+        &got,
+        &shared.config.kafka.changelog_topic,
+        partition,
+    ))
 }
 
 /// Records applied per store transaction while restoring.

@@ -121,6 +121,15 @@ pub fn reader(config: &KafkaConfig) -> Result<Reader, KafkaError> {
 
 pub type Reader = BaseConsumer<ReaderContext>;
 
+/// The next offset `got` (a group's committed offsets) holds for `topic` partition `p`; 0 when
+/// the group committed none.
+pub fn committed_next(got: &TopicPartitionList, topic: &str, p: i32) -> i64 {
+    match got.find_partition(topic, p).map(|e| e.offset()) {
+        Some(rdkafka::Offset::Offset(n)) if n >= 0 => n,
+        _ => 0,
+    }
+}
+
 /// The restore reader's context: reaching a partition's end is how a restore knows it is
 /// done, not an error worth a log line.
 #[derive(Debug)]

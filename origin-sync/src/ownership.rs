@@ -296,10 +296,7 @@ fn committed(
         .topics
         .iter()
         .map(|t| {
-            let next = match got.find_partition(t, p).map(|e| e.offset()) {
-                Some(Offset::Offset(n)) if n >= 0 => n,
-                _ => 0,
-            };
+            let next = crate::kafka::committed_next(&got, t, p);
             (t.clone(), next)
         })
         .collect())

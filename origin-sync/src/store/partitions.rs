@@ -427,8 +427,6 @@ impl Store {
                     None => out.unreadable += 1,
                 }
             }
-            // an owner's new outbox entry is the same for every record: encoded once
-            let fresh_pending = encode(&Pending::at(now_ms, now_ms));
             for (k, (v, offset)) in last {
                 let (Ok(key), Ok(value)) = (user_key(k, "changelog"), LogValueRef::parse(v)) else {
                     out.unreadable += 1;
@@ -511,12 +509,8 @@ impl Store {
                 if offset < acked_below {
                     continue;
                 }
+                pend_in(&mut outbox_t, k, now_ms)?;
                 out.resent += 1;
-                let merged = match outbox_t.get(k)? {
-                    Some(g) => Some(encode(&Pending::decode(g.value())?.merge(now_ms, now_ms))),
-                    None => None,
-                };
-                outbox_t.insert(k, merged.as_deref().unwrap_or(&fresh_pending))?;
                 out.touched.push(key);
             }
             pos_t.insert(partition, next)?;
