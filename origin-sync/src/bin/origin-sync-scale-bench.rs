@@ -54,8 +54,9 @@ struct Args {
     /// Partitions per topic in the handover and throughput phases.
     #[arg(long, default_value_t = 6)]
     partitions: u32,
-    /// Graceful handover rounds (each: one instance stops, then joins again).
-    #[arg(long, default_value_t = 2)]
+    /// Graceful handover rounds (each: one instance stops, then joins again; even rounds stop
+    /// a follower, odd rounds the group's leader).
+    #[arg(long, default_value_t = 4)]
     rounds: usize,
     /// Also write the figures to this file as JSON (for the benchmark report).
     #[arg(long)]
@@ -63,6 +64,9 @@ struct Args {
     /// Only the restore phase.
     #[arg(long)]
     restore_only: bool,
+    /// Only the handover phase.
+    #[arg(long)]
+    handover_only: bool,
     /// Only origin-sync's side of a restore: the changelog applied from memory, no broker
     /// (for profiling the apply).
     #[arg(long)]
@@ -304,6 +308,10 @@ async fn main() -> anyhow::Result<()> {
     let mut tansu = Tansu::start("scale-bench").context("starting tansu")?;
     let edge = Arc::new(TestEdge::start(DEV_SYNC_SECRET).await?);
     println!("origin-sync scale-out bench (tansu, SQLite storage)");
+    if args.handover_only {
+        handover_phase(&tansu, &edge, &args).await?;
+        return Ok(());
+    }
     let restore = restore_phase(&tansu, &args).await?;
     if args.restore_only {
         return Ok(());
@@ -715,6 +723,50 @@ async fn until(
     Ok(())
 }
 
+/// Pauses of one kind of graceful move: per moved partition, the longest still (ms), and the
+/// group's and origin-sync's parts of each move.
+#[derive(Default)]
+struct Moves {
+    stills: Vec<f64>,
+    parts: Vec<(f64, f64)>,
+}
+
+impl Moves {
+    fn figures(&self, kind: &str) -> serde_json::Value {
+        let mut stills = self.stills.clone();
+        stills.sort_by(f64::total_cmp);
+        let mut group: Vec<f64> = self.parts.iter().map(|p| p.0).collect();
+        let mut own: Vec<f64> = self.parts.iter().map(|p| p.1).collect();
+        group.sort_by(f64::total_cmp);
+        own.sort_by(f64::total_cmp);
+        println!(
+            "  handover, {kind}: p50 {:.0} ms, p99 {:.0} ms over {} moved partitions; the group's part p50 {:.0} / p99 {:.0} ms, origin-sync's p50 {:.0} / p99 {:.0} ms",
+            percentile(&stills, 0.5),
+            percentile(&stills, 0.99),
+            stills.len(),
+            percentile(&group, 0.5),
+            percentile(&group, 0.99),
+            percentile(&own, 0.5),
+            percentile(&own, 0.99),
+        );
+        serde_json::json!({
+            "ms": self.stills,
+            "p50_ms": percentile(&stills, 0.5),
+            "p99_ms": percentile(&stills, 0.99),
+            "rebalance_p50_ms": percentile(&group, 0.5),
+            "rebalance_p99_ms": percentile(&group, 0.99),
+            "restore_p50_ms": percentile(&own, 0.5),
+            "restore_p99_ms": percentile(&own, 0.99),
+        })
+    }
+}
+
+/// Graceful moves of three kinds, told apart because tansu 0.6.0 treats them differently: a
+/// follower stops (the leader rejoins at once), the group's leader stops (the leader is cleared,
+/// the survivor rejoins at once and leads), and an instance joins (tansu holds the JoinGroup of
+/// a member that is not the leader for 3 s, in each of cooperative rebalancing's two rounds).
+/// Rounds alternate: even rounds stop the follower, odd rounds the leader; each stopped
+/// instance then joins again.
 async fn handover_phase(
     tansu: &Tansu,
     edge: &Arc<TestEdge>,
@@ -722,8 +774,13 @@ async fn handover_phase(
 ) -> anyhow::Result<serde_json::Value> {
     create_topics(tansu, "ho", args.partitions)?;
     let probes = Probes::start(tansu, edge, "ho", args.partitions)?;
+    // a forms the group alone first, so it is the leader and b a follower
     let a = Instance::start(tansu, edge, "ho", "a")?;
-    let mut b = Instance::start(tansu, edge, "ho", "b")?;
+    until("a owning every partition", Duration::from_secs(60), || {
+        a.owned().len() == args.partitions as usize
+    })
+    .await?;
+    let b = Instance::start(tansu, edge, "ho", "b")?;
     until("every probe at the edge", Duration::from_secs(60), || {
         probes.all_moving(Duration::from_millis(200))
     })
@@ -732,61 +789,74 @@ async fn handover_phase(
     let steady = probes
         .longest_stills(Instant::now(), Duration::from_secs(2))
         .await;
-    let mut graceful = Vec::new();
-    let mut parts = Vec::new();
+    let (mut follower_stops, mut leader_stops, mut joins) =
+        (Moves::default(), Moves::default(), Moves::default());
     let window = Duration::from_secs(20);
+    let mut pair = [a, b]; // [leader, follower]
     for round in 0..args.rounds {
-        // b stops: its partitions move to a
-        let moved = b.owned();
+        let (stopping, staying, moves) = if round % 2 == 0 {
+            (1, 0, &mut follower_stops)
+        } else {
+            (0, 1, &mut leader_stops)
+        };
+        let moved = pair[stopping].owned();
         let (from, wall) = (Instant::now(), now_ms_of_day());
-        b.signal(Signal::SIGTERM)?;
+        pair[stopping].signal(Signal::SIGTERM)?;
         let stills = probes.longest_stills(from, window).await;
-        graceful.extend(moved.iter().map(|p| stills[*p as usize]));
-        parts.extend(handover_parts(&a.log, wall, &moved));
-        // b joins again (same store): some of a's partitions move to it
-        let before = a.owned();
+        moves
+            .stills
+            .extend(moved.iter().map(|p| stills[*p as usize]));
+        moves
+            .parts
+            .extend(handover_parts(&pair[staying].log, wall, &moved));
+        // it joins again (same store): some of the other's partitions move to it
+        let before = pair[staying].owned();
         let (from, wall) = (Instant::now(), now_ms_of_day());
-        b = Instance::start(tansu, edge, "ho", "b")?;
+        let name = pair[stopping].name.clone();
+        pair[stopping] = Instance::start(tansu, edge, "ho", &name)?;
         let stills = probes.longest_stills(from, window).await;
-        let gone: BTreeSet<i32> = before.difference(&a.owned()).copied().collect();
-        graceful.extend(gone.iter().map(|p| stills[*p as usize]));
-        parts.extend(handover_parts(&b.log, wall, &gone));
+        let gone: BTreeSet<i32> = before.difference(&pair[staying].owned()).copied().collect();
+        joins
+            .stills
+            .extend(gone.iter().map(|p| stills[*p as usize]));
+        joins
+            .parts
+            .extend(handover_parts(&pair[stopping].log, wall, &gone));
         println!(
-            "  handover round {}: stop moved {moved:?}, join moved {gone:?}",
-            round + 1
+            "  handover round {}: {} stopped ({}), moved {moved:?}; it joined again, moved {gone:?}",
+            round + 1,
+            name,
+            if stopping == 0 {
+                "the leader"
+            } else {
+                "a follower"
+            },
         );
+        // a leader that left is succeeded by the instance that stayed
+        if stopping == 0 {
+            pair.swap(0, 1);
+        }
     }
-    // SIGKILL: b's partitions wait for the session timeout (6 s) before a gets them
-    let moved = b.owned();
+    // SIGKILL: the follower's partitions wait for the session timeout (6 s) before the
+    // leader gets them
+    let [leader, mut follower] = pair;
+    let moved = follower.owned();
     let from = Instant::now();
-    b.signal(Signal::SIGKILL)?;
+    follower.signal(Signal::SIGKILL)?;
     let stills = probes.longest_stills(from, Duration::from_secs(30)).await;
     let killed: Vec<f64> = moved.iter().map(|p| stills[*p as usize]).collect();
     probes.stop().await;
-    drop(a);
-    let mut sorted = graceful.clone();
-    sorted.sort_by(f64::total_cmp);
+    drop(leader);
     let mut ksorted = killed.clone();
     ksorted.sort_by(f64::total_cmp);
     let steady_max = steady.iter().copied().fold(0.0, f64::max);
     println!(
-        "  handover, graceful: p50 {:.0} ms, p99 {:.0} ms over {} moved partitions (a probe event every {} ms; steady, nothing moving: longest still {steady_max:.0} ms)",
-        percentile(&sorted, 0.5),
-        percentile(&sorted, 0.99),
-        sorted.len(),
+        "  (a probe event every {} ms; steady, nothing moving: longest still {steady_max:.0} ms)",
         PROBE_EVERY.as_millis()
     );
-    let mut group_part: Vec<f64> = parts.iter().map(|p| p.0).collect();
-    let mut own_part: Vec<f64> = parts.iter().map(|p| p.1).collect();
-    group_part.sort_by(f64::total_cmp);
-    own_part.sort_by(f64::total_cmp);
-    println!(
-        "    the group's part (SIGTERM or start → assigned; the stopping instance still serves part of it) p50 {:.0} ms, p99 {:.0} ms; origin-sync's part (assigned → restored) p50 {:.0} ms, p99 {:.0} ms",
-        percentile(&group_part, 0.5),
-        percentile(&group_part, 0.99),
-        percentile(&own_part, 0.5),
-        percentile(&own_part, 0.99)
-    );
+    let follower_stops = follower_stops.figures("graceful, a follower stops");
+    let leader_stops = leader_stops.figures("graceful, the leader stops");
+    let joins = joins.figures("graceful, an instance joins");
     println!(
         "  handover, SIGKILL: p50 {:.0} ms, p99 {:.0} ms over {} partitions (session.timeout.ms 6000 included)",
         percentile(&ksorted, 0.5),
@@ -796,13 +866,9 @@ async fn handover_phase(
     Ok(serde_json::json!({
         "probe_every_ms": PROBE_EVERY.as_millis() as u64,
         "steady_longest_still_ms": steady_max,
-        "graceful_ms": graceful,
-        "graceful_p50_ms": percentile(&sorted, 0.5),
-        "graceful_p99_ms": percentile(&sorted, 0.99),
-        "graceful_rebalance_p50_ms": percentile(&group_part, 0.5),
-        "graceful_rebalance_p99_ms": percentile(&group_part, 0.99),
-        "graceful_restore_p50_ms": percentile(&own_part, 0.5),
-        "graceful_restore_p99_ms": percentile(&own_part, 0.99),
+        "follower_stops": follower_stops,
+        "leader_stops": leader_stops,
+        "joins": joins,
         "sigkill_ms": killed,
         "sigkill_p50_ms": percentile(&ksorted, 0.5),
         "sigkill_p99_ms": percentile(&ksorted, 0.99),
