@@ -169,7 +169,7 @@ fn retire(local: &mut Vec<Event>, advanced: u64, base: Option<&Profile>) {
         .filter(|(_, e)| sec(e) == seen.0)
         .map(|(i, e)| (e.ts_ms, i))
         .collect();
-    same.sort_unstable();
+    shared::sort::sort_unstable(&mut same);
     let budget = usize::try_from(advanced.saturating_sub(earlier)).unwrap_or(usize::MAX);
     let gone: std::collections::BTreeSet<usize> =
         same.into_iter().take(budget).map(|(_, i)| i).collect();
@@ -341,7 +341,7 @@ impl ProfileCache {
                 retire(&mut fresh, e.version - since, held.profile());
             }
             e.local.extend(fresh);
-            e.local.sort_by_key(|l| l.ts_ms);
+            shared::sort::sort_by_key_stable(&mut e.local, |l| l.ts_ms);
             if e.local.len() > MAX_LOCAL_EVENTS {
                 let extra = e.local.len() - MAX_LOCAL_EVENTS;
                 e.local.drain(..extra);

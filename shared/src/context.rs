@@ -239,7 +239,7 @@ impl Facts {
         self.bucket = p.bucket;
         self.cart_items
             .extend(p.cart.iter().take(PROFILE_SCAN_LIMIT).map(|l| l.item));
-        self.cart_items.sort_unstable();
+        crate::sort::sort_unstable(&mut self.cart_items);
         self.cart_items.dedup();
         for id in &self.cart_items {
             if let Some(it) = catalog.item(*id)

@@ -90,7 +90,7 @@ impl ErasureFence {
         self.floors.retain(|_, f| f.at_ms >= horizon);
         if self.floors.len() > MAX_FENCE_ENTRIES {
             let mut times: Vec<u64> = self.floors.values().map(|f| f.at_ms).collect();
-            times.sort_unstable();
+            crate::sort::sort_unstable(&mut times);
             let cut = times[self.floors.len() - MAX_FENCE_ENTRIES];
             self.floors.retain(|_, f| f.at_ms >= cut);
             // equal times at the cut: drop by key order until within bounds

@@ -103,10 +103,12 @@ pub fn fold(profile: &mut Profile, event: &Event) {
 /// [`fold`] itself does not deduplicate; exactly-once across batches is origin-sync's job.
 pub fn fold_all<'a>(profile: &mut Profile, events: impl IntoIterator<Item = &'a Event>) {
     let mut events: Vec<&Event> = events.into_iter().collect();
-    events.sort_by(|a, b| {
+    // a total order up to identical events, which are interchangeable
+    crate::sort::sort_unstable_by(&mut events, |a, b| {
         a.order_key()
             .cmp(&b.order_key())
             .then_with(|| a.to_json_bytes().cmp(&b.to_json_bytes()))
+            .is_lt()
     });
     events.dedup_by(|later, earlier| later.order_key() == earlier.order_key());
     for e in events {

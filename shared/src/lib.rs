@@ -22,6 +22,7 @@ pub mod protocol;
 pub mod recommend;
 pub mod rules;
 pub mod session;
+pub mod sort;
 pub mod synthetic;
 pub mod traffic;
 pub mod wire;

@@ -237,7 +237,10 @@ impl Profile {
             .iter()
             .map(|i| (i.category, i.score_at(now)))
             .collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // categories are distinct: a total order
+        crate::sort::sort_unstable_by(&mut v, |a, b| {
+            b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)).is_lt()
+        });
         v
     }
 
@@ -297,7 +300,7 @@ pub(crate) fn cart_of(skus: &[&str]) -> Vec<CartLine> {
             quantity: 1,
         })
         .collect();
-    cart.sort_by_key(|l| l.item);
+    crate::sort::sort_by_key_stable(&mut cart, |l| l.item);
     cart
 }
 

@@ -158,7 +158,7 @@ impl SyncReply {
             .chain(&self.invalid_keys)
             .copied()
             .collect();
-        keys.sort();
+        crate::sort::sort_unstable(&mut keys);
         keys.dedup();
         keys
     }

@@ -356,7 +356,7 @@ fn build_items(
             .iter()
             .filter_map(|t| tag_names.get(t.as_str()).copied())
             .collect();
-        item_tags.sort_unstable();
+        crate::sort::sort_unstable(&mut item_tags);
         item_tags.dedup();
         items.push(
             &it.sku,

@@ -13,12 +13,14 @@ use crate::ids::{CategoryId, Fnv1a64};
 /// All item indexes, most popular first, ties by SKU (a total order, the same everywhere).
 pub(super) fn popularity_order(items: &Items) -> Vec<u32> {
     let mut popular: Vec<u32> = (0..items.len()).map(|i| i as u32).collect();
-    popular.sort_by(
-        |a, b| match (items.get(*a as usize), items.get(*b as usize)) {
+    // a total order: the unstable sort gives the one result
+    crate::sort::sort_unstable_by(&mut popular, |a, b| {
+        match (items.get(*a as usize), items.get(*b as usize)) {
             (Some(x), Some(y)) => popularity_cmp(x, y),
             _ => a.cmp(b),
-        },
-    );
+        }
+        .is_lt()
+    });
     popular
 }
 
@@ -163,7 +165,7 @@ fn build_category_index(categories: &[Category]) -> Vec<(CategoryId, u16)> {
         .enumerate()
         .map(|(i, c)| (c.id, u16::try_from(i).unwrap_or(u16::MAX)))
         .collect();
-    category_index.sort_unstable();
+    crate::sort::sort_unstable(&mut category_index);
     category_index
 }
 

@@ -124,10 +124,8 @@ pub(super) fn compile(raw: RawRules, catalog: &Catalog) -> Result<CompiledRules,
         }
         rules.push(compile_rule(r, &cx)?);
     }
-    rules.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then_with(|| a.name.cmp(&b.name))
+    crate::sort::sort_by_key_stable(&mut rules, |r| {
+        (std::cmp::Reverse(r.priority), r.name.clone())
     });
     Ok(CompiledRules::pack(rules, catalog.fingerprint()))
 }
@@ -251,7 +249,7 @@ fn compile_rule(r: &RawRule, cx: &RuleCx<'_>) -> Result<Rule, RulesError> {
                 _ => return Err(cx.err("when.country", RuleProblem::BadCountry(c.clone()))),
             }
         }
-        codes.sort_unstable();
+        crate::sort::sort_unstable(&mut codes);
         codes.dedup();
         checks.push(Check::Country(codes.into_boxed_slice()));
     }
@@ -342,9 +340,9 @@ fn compile_rule(r: &RawRule, cx: &RuleCx<'_>) -> Result<Rule, RulesError> {
         for s in &x.items {
             exclude_items.push(cx.item("exclude.items", s)?);
         }
-        exclude_categories.sort_unstable();
+        crate::sort::sort_unstable(&mut exclude_categories);
         exclude_categories.dedup();
-        exclude_items.sort_unstable();
+        crate::sort::sort_unstable(&mut exclude_items);
         exclude_items.dedup();
     }
 

@@ -136,7 +136,7 @@ impl<K: Ord + Copy> Postings<K> {
     fn build(n: usize, entries: Vec<(K, u32)>) -> Postings<K> {
         let mut checked = Bits::zeros(n);
         let mut entries = entries;
-        entries.sort_unstable();
+        crate::sort::sort_unstable(&mut entries);
         entries.dedup();
         let mut by_key: Vec<(K, Box<[u32]>)> = Vec::new();
         let mut i = 0;
