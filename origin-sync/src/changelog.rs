@@ -93,11 +93,13 @@ pub async fn write(
                 }
             }
         };
-        let mut ends = ends;
-        for (&p, &to) in &commit.restored {
-            let end = ends.entry(p).or_insert(to);
-            *end = (*end).max(to);
-        }
+        // Samples only of partitions owned and restored now, and of those just restored: a
+        // batch folded before a revocation may be delivered after it, even after the
+        // partition came back, whose restore then puts the users the release dropped back in
+        // the outbox, stored later than that sample's time. (Delivered before the revocation
+        // shows, its sample is voided by the revocation.)
+        let (settled, owned) = (shared.store.settled(), shared.store.owned());
+        let ends = sampled(ends, &commit.restored, &settled, &owned);
         // read after the broker took them: every outbox entry of these records is older
         watermarks.delivered(&ends, crate::clock::monotonic_ms());
         shared.metrics.progress.recovered();
@@ -121,6 +123,17 @@ pub async fn write(
         blocking(move || store.mark_logged(&marks)).await?;
     }
     Ok(())
+}
+
+/// What a delivery samples: the ends the broker took of the partitions `settled` here (owned
+/// and restored), and the ends `restored` of those just restored and still `owned`.
+fn sampled(mut delivered: Ends, restored: &Ends, settled: &[i32], owned: &[i32]) -> Ends {
+    delivered.retain(|p, _| settled.contains(p));
+    for (&p, &to) in restored.iter().filter(|(p, _)| owned.contains(p)) {
+        let end = delivered.entry(p).or_insert(to);
+        *end = (*end).max(to);
+    }
+    delivered
 }
 
 /// Produces `logged` to its partitions and waits until the broker has every record; where
@@ -214,14 +227,16 @@ impl Watermarks {
 
     /// The watermarks that move, now that the oldest change in the outbox was stored at
     /// `oldest_stored` (`None`: the outbox is empty), for the partitions in `settled` (owned
-    /// and restored; the others' samples are dropped: a partition that left is its new
-    /// owner's to mark, one restoring gets its sample when the restore is done). After a
-    /// revocation (`revocations` moved) every sample is dropped: a partition may have left
-    /// and come back since, its outbox entries released in between.
+    /// and restored). The samples of partitions not `owned` are dropped (one that left is its
+    /// new owner's to mark); those of a partition owned but not settled wait (its restore's
+    /// end, sampled just before the restore shows done). After a revocation (`revocations`
+    /// moved) every sample is dropped: a partition may have left and come back since, its
+    /// outbox entries released in between.
     pub fn advance(
         &mut self,
         oldest_stored: Option<u64>,
         settled: &[i32],
+        owned: &[i32],
         revocations: u64,
     ) -> Vec<(i32, i64)> {
         if revocations != self.revocations {
@@ -230,10 +245,13 @@ impl Watermarks {
             self.committed.clear();
             return Vec::new();
         }
-        self.samples.retain(|p, _| settled.contains(p));
-        self.committed.retain(|p, _| settled.contains(p));
+        self.samples.retain(|p, _| owned.contains(p));
+        self.committed.retain(|p, _| owned.contains(p));
         let mut moved = Vec::new();
         for (&p, q) in &mut self.samples {
+            if !settled.contains(&p) {
+                continue;
+            }
             let mut mark = None;
             while let Some(&(t, end)) = q.front() {
                 if oldest_stored.is_some_and(|o| o <= t) {
@@ -268,8 +286,8 @@ async fn commit_watermarks(
     // read after the outbox: a revoked partition leaves `owned` (and counts a revocation)
     // before its outbox entries are released, so entries gone from under a sample are never
     // taken for acknowledged
-    let settled = shared.store.settled();
-    let moved = watermarks.advance(oldest, &settled, shared.store.revocations());
+    let (settled, owned) = (shared.store.settled(), shared.store.owned());
+    let moved = watermarks.advance(oldest, &settled, &owned, shared.store.revocations());
     let topic = &shared.config.kafka.changelog_topic;
     // and only what the group assigns this member now (the service's view lags a rebalance
     // by a batch)
@@ -481,6 +499,18 @@ fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), Pipeli
     Ok((report.restored.read, relogged))
 }
 
+/// Where a read of a changelog partition starts, from this store's `position` in it. An owner's
+/// restore starts no later than the acknowledged watermark: this store may have read past it
+/// in an earlier ownership (or as a standby) and released the outbox entries of what lies in
+/// between when the partition left; only records the restore reads again go back to the
+/// outbox, and a local copy as far along costs one comparison each ("behind").
+fn read_from(applier: Applier, position: i64, acked_below: i64) -> i64 {
+    match applier {
+        Applier::Owner => position.min(acked_below),
+        Applier::Standby | Applier::Audit => position,
+    }
+}
+
 /// Reads changelog partition `partition` from this store's position to the end the broker
 /// reports now, applying it as `applier` (an owner's records below `acked_below` go to no
 /// outbox).
@@ -496,7 +526,7 @@ fn read_into_store(
     let reader = crate::kafka::reader(cfg)?;
     let (low, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
     let stored = shared.store.changelog_position(partition)?;
-    let from = stored.max(low);
+    let from = read_from(applier, stored, acked_below).max(low);
     let mut report = RestoreReport {
         partition,
         from,
@@ -680,17 +710,20 @@ mod tests {
         w.delivered(&ends(&[(0, 25)]), 200);
         assert_eq!(w.oldest_sample(), Some(100));
         // a change stored at 100 or before is still in the outbox: nothing moves
-        assert_eq!(w.advance(Some(100), &[0, 1], 0), vec![]);
+        assert_eq!(w.advance(Some(100), &[0, 1], &[0, 1], 0), vec![]);
         // the oldest pending change was stored after the first delivery, not after the second
-        assert_eq!(w.advance(Some(150), &[0, 1], 0), vec![(0, 10), (1, 4)]);
+        assert_eq!(
+            w.advance(Some(150), &[0, 1], &[0, 1], 0),
+            vec![(0, 10), (1, 4)]
+        );
         // nothing new: nothing to commit again
-        assert_eq!(w.advance(Some(150), &[0, 1], 0), vec![]);
+        assert_eq!(w.advance(Some(150), &[0, 1], &[0, 1], 0), vec![]);
         // the outbox empty: everything delivered is acknowledged
-        assert_eq!(w.advance(None, &[0, 1], 0), vec![(0, 25)]);
+        assert_eq!(w.advance(None, &[0, 1], &[0, 1], 0), vec![(0, 25)]);
         // an end at or below what was sampled adds nothing
         w.delivered(&ends(&[(0, 20)]), 300);
         assert_eq!(w.oldest_sample(), None, "nothing left to move");
-        assert_eq!(w.advance(None, &[0, 1], 0), vec![]);
+        assert_eq!(w.advance(None, &[0, 1], &[0, 1], 0), vec![]);
     }
 
     /// A partition that left this instance is its new owner's to mark: its samples go, and
@@ -699,10 +732,10 @@ mod tests {
     fn a_partition_no_longer_owned_gets_no_watermark() {
         let mut w = Watermarks::default();
         w.delivered(&ends(&[(0, 10), (1, 10)]), 100);
-        assert_eq!(w.advance(None, &[1], 0), vec![(1, 10)]);
+        assert_eq!(w.advance(None, &[1], &[1], 0), vec![(1, 10)]);
         // partition 0 comes back: its old samples are gone
         w.delivered(&ends(&[(1, 12)]), 200);
-        assert_eq!(w.advance(None, &[0, 1], 0), vec![(1, 12)]);
+        assert_eq!(w.advance(None, &[0, 1], &[0, 1], 0), vec![(1, 12)]);
     }
 
     /// A revocation voids every sample taken before it, even of a partition owned again
@@ -711,10 +744,60 @@ mod tests {
     fn a_revocation_voids_the_samples_taken_before_it() {
         let mut w = Watermarks::default();
         w.delivered(&ends(&[(0, 10)]), 100);
-        assert_eq!(w.advance(None, &[0], 1), vec![], "revoked and back");
-        assert_eq!(w.advance(None, &[0], 1), vec![], "nothing sampled since");
+        assert_eq!(w.advance(None, &[0], &[0], 1), vec![], "revoked and back");
+        assert_eq!(
+            w.advance(None, &[0], &[0], 1),
+            vec![],
+            "nothing sampled since"
+        );
         w.delivered(&ends(&[(0, 12)]), 200);
-        assert_eq!(w.advance(None, &[0], 1), vec![(0, 12)]);
+        assert_eq!(w.advance(None, &[0], &[0], 1), vec![(0, 12)]);
+    }
+
+    /// A partition owned but still restoring keeps its samples (its restore's end is sampled
+    /// just before the restore shows done) and moves once restored; one no longer owned loses
+    /// them.
+    #[test]
+    fn a_restoring_partition_keeps_its_sample_until_restored() {
+        let mut w = Watermarks::default();
+        w.delivered(&ends(&[(0, 10), (1, 7)]), 100);
+        assert_eq!(w.advance(None, &[], &[0, 1], 0), vec![], "both restoring");
+        assert_eq!(w.advance(None, &[0], &[0], 0), vec![(0, 10)], "1 left");
+        assert_eq!(
+            w.advance(None, &[0, 1], &[0, 1], 0),
+            vec![],
+            "1's sample went"
+        );
+    }
+
+    /// A delivery samples only partitions owned and restored here, and the ends of restores
+    /// of partitions still owned: a batch folded before a revocation and delivered after it
+    /// says nothing of the partition's outbox entries, released meanwhile (and maybe pended
+    /// again, later, by the partition's next restore).
+    #[test]
+    fn a_delivery_samples_only_what_this_instance_owns_now() {
+        let delivered = ends(&[(0, 10), (1, 20), (2, 30)]);
+        let restored = ends(&[(2, 35), (3, 40)]);
+        // 0 settled, 1 revoked, 2 just restored (not yet shown done), 3 revoked mid-restore
+        let got = sampled(delivered, &restored, &[0], &[0, 2]);
+        assert_eq!(got, ends(&[(0, 10), (2, 35)]));
+    }
+
+    /// An owner's restore reads from no later than the acknowledged watermark, whatever this
+    /// store's position: a copy left here by an earlier ownership read past it, and the outbox
+    /// entries of what lies in between left with the partition. A standby or an audit reads
+    /// on from where it was.
+    #[test]
+    fn an_owner_restore_reads_from_the_watermark_or_earlier() {
+        assert_eq!(read_from(Applier::Owner, 500, 120), 120);
+        assert_eq!(read_from(Applier::Owner, 80, 120), 80);
+        assert_eq!(
+            read_from(Applier::Owner, 500, 0),
+            0,
+            "no watermark: all of it"
+        );
+        assert_eq!(read_from(Applier::Standby, 500, 120), 500);
+        assert_eq!(read_from(Applier::Audit, 500, 120), 500);
     }
 
     /// The samples per partition are bounded: past the limit the newest takes the later
@@ -729,10 +812,10 @@ mod tests {
         let last = 1000 + MAX_SAMPLES as u64 + 9;
         assert_eq!(w.samples[&0].back(), Some(&(last, MAX_SAMPLES as i64 + 10)));
         // stored before the merged sample's time: the last end cannot pass yet
-        let moved = w.advance(Some(last), &[0], 0);
+        let moved = w.advance(Some(last), &[0], &[0], 0);
         assert_eq!(moved, vec![(0, MAX_SAMPLES as i64 - 1)]);
         assert_eq!(
-            w.advance(Some(last + 1), &[0], 0),
+            w.advance(Some(last + 1), &[0], &[0], 0),
             vec![(0, MAX_SAMPLES as i64 + 10)]
         );
     }

@@ -7,7 +7,7 @@
 //! Ownership comes from the group membership consumer ([`crate::kafka::membership`]), polled
 //! on a thread of its own so that heartbeats and rebalances never wait for a batch.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -28,17 +28,26 @@ type RestoreResult = Result<(RestoreReport, Vec<(String, i64)>), PipelineError>;
 #[derive(Debug)]
 pub enum Control {
     Rebalanced(Rebalanced),
-    Restored(i32, Box<RestoreResult>),
+    /// Partition, the assignment it was restored for ([`Owner::handle`] ignores a restore of
+    /// an earlier one), the outcome.
+    Restored(i32, u64, Box<RestoreResult>),
 }
+
+type RestoredMessage = (i32, u64, Box<RestoreResult>);
 
 pub struct Owner {
     membership: Arc<Membership>,
     changelog: crate::pipeline::Changelog,
     rebalances: mpsc::UnboundedReceiver<Rebalanced>,
-    restored_tx: mpsc::UnboundedSender<(i32, Box<RestoreResult>)>,
-    restored_rx: mpsc::UnboundedReceiver<(i32, Box<RestoreResult>)>,
+    restored_tx: mpsc::UnboundedSender<RestoredMessage>,
+    restored_rx: mpsc::UnboundedReceiver<RestoredMessage>,
     owned: BTreeSet<i32>,
     restoring: BTreeSet<i32>,
+    /// Per owned partition, which assignment of it this is (counted across all partitions):
+    /// a restore started for an earlier assignment, revoked while it ran, may finish while
+    /// the partition's next restore runs, with that assignment's watermark and offsets.
+    assignment: BTreeMap<i32, u64>,
+    assignments: u64,
     released: Vec<i32>,
 }
 
@@ -83,6 +92,8 @@ impl Owner {
             restored_rx,
             owned: BTreeSet::new(),
             restoring: BTreeSet::new(),
+            assignment: BTreeMap::new(),
+            assignments: 0,
             released: Vec::new(),
         }
     }
@@ -91,7 +102,7 @@ impl Owner {
     pub async fn next(&mut self) -> Control {
         tokio::select! {
             Some(r) = self.rebalances.recv() => Control::Rebalanced(r),
-            Some((p, r)) = self.restored_rx.recv() => Control::Restored(p, r),
+            Some((p, assignment, r)) = self.restored_rx.recv() => Control::Restored(p, assignment, r),
             else => std::future::pending().await,
         }
     }
@@ -111,7 +122,9 @@ impl Owner {
                 for p in ps {
                     if self.owned.insert(p) {
                         self.restoring.insert(p);
-                        self.spawn_restore(shared, p, Duration::ZERO);
+                        self.assignments += 1;
+                        self.assignment.insert(p, self.assignments);
+                        self.spawn_restore(shared, p, self.assignments, Duration::ZERO);
                     }
                 }
                 tracing::info!(owned = ?self.owned, restoring = ?self.restoring, "partitions assigned");
@@ -136,6 +149,7 @@ impl Owner {
                 for p in &ps {
                     self.owned.remove(p);
                     self.restoring.remove(p);
+                    self.assignment.remove(p);
                 }
                 if let Ok(mut lag) = metrics.partitions.lock() {
                     lag.retain(|(_, p), _| !ps.contains(p));
@@ -143,9 +157,10 @@ impl Owner {
                 self.released.extend(ps);
                 tracing::info!(owned = ?self.owned, "partitions revoked");
             }
-            Control::Restored(p, result) => {
-                if !self.restoring.contains(&p) {
-                    // revoked while restoring: what was restored stays as a local copy
+            Control::Restored(p, assignment, result) => {
+                if !self.restoring.contains(&p) || self.assignment.get(&p) != Some(&assignment) {
+                    // revoked while restoring (and maybe assigned again since, its own restore
+                    // running): what was restored stays as a local copy
                     return Ok(());
                 }
                 match *result {
@@ -155,7 +170,7 @@ impl Owner {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, partition = p, "restore failed; retrying in 1 s");
-                        self.spawn_restore(shared, p, Duration::from_secs(1));
+                        self.spawn_restore(shared, p, assignment, Duration::from_secs(1));
                     }
                 }
             }
@@ -261,7 +276,7 @@ impl Owner {
         Ok(())
     }
 
-    fn spawn_restore(&self, shared: &Arc<Shared>, p: i32, after: Duration) {
+    fn spawn_restore(&self, shared: &Arc<Shared>, p: i32, assignment: u64, after: Duration) {
         let shared = shared.clone();
         let membership = self.membership.clone();
         let tx = self.restored_tx.clone();
@@ -269,13 +284,18 @@ impl Owner {
             tokio::time::sleep(after).await;
             let result = tokio::task::spawn_blocking(move || {
                 let acked_below = crate::changelog::acknowledged(&shared, &membership, p)?;
-                let report = restore(&shared, p, acked_below)?;
+                // Before the restore reads the changelog's end: offsets are committed only
+                // once their batch's records are on the changelog, so whatever these say was
+                // folded is below that end. Read after it, they could include a batch the
+                // previous owner delivered meanwhile, whose records the restore missed and
+                // whose events would then never be folded here.
                 let starts = committed(&shared, &membership, p)?;
+                let report = restore(&shared, p, acked_below)?;
                 Ok((report, starts))
             })
             .await
             .unwrap_or_else(|e| Err(PipelineError::Setup(format!("restore task failed: {e}"))));
-            let _ = tx.send((p, Box::new(result)));
+            let _ = tx.send((p, assignment, Box::new(result)));
         });
     }
 }

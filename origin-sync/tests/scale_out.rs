@@ -620,6 +620,72 @@ async fn a_handover_resends_what_the_edge_had_not_acknowledged() {
     assert!(status.success(), "a's SIGTERM exit: {status}");
 }
 
+/// A partition that comes back to an instance that owned it before: that instance's store read
+/// the partition's changelog past the acknowledged watermark then (its audit reads its own
+/// writes), and the outbox entries of what lies between left with the partition. With the edge
+/// refusing every push, 20 new shoppers are folded by a alone; b joins (some of a's partitions
+/// move to it, their entries released at a) and stops again: the partitions come back to a,
+/// whose restore must send those shoppers again, since nobody else will. Before restores read
+/// from the watermark (not from the store's further position), they were never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_back_at_its_earlier_owner_resends_what_the_edge_lacks() {
+    let Some(tansu) = group_broker("scale-back") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-back");
+    let first = traffic(300, 3000, "m", 61);
+    let second = traffic(20, 400, "back", 63);
+    let mut all = first.clone();
+    all.extend(second.iter().cloned());
+    let a = start(&tansu, &edge, &dir, "a");
+    until_all_owned(&dir, &["a"]).await;
+    produce(
+        &tansu.brokers(),
+        &first.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    converge(&edge, &reference(&first), Duration::from_secs(90)).await;
+    edge.set_down(true);
+    produce(
+        &tansu.brokers(),
+        &second.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    // folded, logged and audited by a (its store's position past them), never acknowledged
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let b = start(&tansu, &edge, &dir, "b");
+    let owned = until_all_owned(&dir, &["a", "b"]).await;
+    let moved = owned[1].len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while restores(&dir, "b").len() < moved {
+        assert!(Instant::now() < deadline, "b never restored its partitions");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = restores(&dir, "a").len();
+    let status = b.terminate();
+    assert!(status.success(), "b's SIGTERM exit: {status}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let back = loop {
+        let back: Vec<_> = restores(&dir, "a").into_iter().skip(before).collect();
+        if back.len() >= moved {
+            break back;
+        }
+        assert!(Instant::now() < deadline, "a took back {back:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("a took back: {back:?}");
+    let resent: u64 = back.iter().map(|r| r.resent).sum();
+    assert!(
+        resent > 0,
+        "a sent nothing again of the partitions it took back, though the edge lacked some"
+    );
+    edge.set_down(false);
+    converge(&edge, &reference(&all), Duration::from_secs(90)).await;
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+}
+
 /// The partitions an instance's log reports it owned, at each assignment or revocation.
 fn ownership_history(dir: &Path, name: &str) -> Vec<Vec<i64>> {
     let text = std::fs::read_to_string(dir.join(name).join("origin-sync.log")).unwrap_or_default();
