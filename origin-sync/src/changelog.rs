@@ -38,6 +38,10 @@ pub struct Commit {
     /// below it is acknowledged (below the previous watermark) or in this store's outbox,
     /// so it is a watermark sample even before this instance writes there.
     pub restored: Ends,
+    /// `Store::revocations` when the restore's result was taken: after another revocation,
+    /// the partition may have left and come back, its entries released, and these ends say
+    /// nothing.
+    pub revocations: u64,
 }
 
 /// Writes each batch's records, in order, then commits its offsets; marks the records logged
@@ -99,7 +103,12 @@ pub async fn write(
         // the outbox, stored later than that sample's time. (Delivered before the revocation
         // shows, its sample is voided by the revocation.)
         let (settled, owned) = (shared.store.settled(), shared.store.owned());
-        let ends = sampled(ends, &commit.restored, &settled, &owned);
+        let restored = if commit.revocations == shared.store.revocations() {
+            commit.restored.clone()
+        } else {
+            Ends::default()
+        };
+        let ends = sampled(ends, &restored, &settled, &owned);
         // read after the broker took them: every outbox entry of these records is older
         watermarks.delivered(&ends, crate::clock::monotonic_ms());
         shared.metrics.progress.recovered();
@@ -126,10 +135,17 @@ pub async fn write(
 }
 
 /// What a delivery samples: the ends the broker took of the partitions `settled` here (owned
-/// and restored), and the ends `restored` of those just restored and still `owned`.
+/// and restored) or just `restored` and still `owned` (the records a restore's owner wrote
+/// with it, left off the changelog by a crash, are in the outbox already), and the ends of
+/// those restores.
 fn sampled(mut delivered: Ends, restored: &Ends, settled: &[i32], owned: &[i32]) -> Ends {
-    delivered.retain(|p, _| settled.contains(p));
-    for (&p, &to) in restored.iter().filter(|(p, _)| owned.contains(p)) {
+    let restored: Ends = restored
+        .iter()
+        .filter(|(p, _)| owned.contains(p))
+        .map(|(p, to)| (*p, *to))
+        .collect();
+    delivered.retain(|p, _| settled.contains(p) || restored.contains_key(p));
+    for (&p, &to) in &restored {
         let end = delivered.entry(p).or_insert(to);
         *end = (*end).max(to);
     }
@@ -338,6 +354,9 @@ pub struct RestoreReport {
     pub bytes: u64,
     pub restored: Restored,
     pub took: Duration,
+    /// The partition's reread marks when the restore started (`Store::reread_mark`): covered
+    /// once its result is taken, unless another was made meanwhile.
+    pub reread_marks: u64,
 }
 
 /// Restores changelog partition `partition` into the store, from the position the store read
@@ -350,11 +369,17 @@ pub fn restore(
     partition: i32,
     acked_below: i64,
 ) -> Result<RestoreReport, PipelineError> {
-    let mut report = read_into_store(shared, partition, Applier::Owner, acked_below)?;
-    // what a standby replica here applied of this partition was never sent from here
+    let (marks, reread) = shared.store.reread_mark(partition)?;
+    let mut report = read_into_store(shared, partition, Applier::Owner, acked_below, reread)?;
+    report.reread_marks = marks;
+    // what a standby replica here applied of this partition was never sent from here (the
+    // restore may have sent some of them again already)
     let standby = shared
         .store
         .pend_standby(partition, acked_below, now_ms())?;
+    let sent: std::collections::HashSet<UserKey> =
+        report.restored.touched.iter().copied().collect();
+    let standby: Vec<UserKey> = standby.into_iter().filter(|k| !sent.contains(k)).collect();
     report.restored.resent += standby.len() as u64;
     report.restored.touched.extend(standby);
     Ok(report)
@@ -374,8 +399,9 @@ pub async fn tail_standby(
             .filter(|p| !owned.contains(p))
             .collect()
     };
-    let read =
-        |s: &Shared, p: i32| read_into_store(s, p, Applier::Standby, 0).map(|r| r.restored.read);
+    let read = |s: &Shared, p: i32| {
+        read_into_store(s, p, Applier::Standby, 0, false).map(|r| r.restored.read)
+    };
     each_partition(
         &shared,
         STANDBY_EVERY,
@@ -462,7 +488,7 @@ async fn each_partition<R: Send + 'static>(
 /// compared was marked until the broker had it, so it is either marked then or below that
 /// end, and is never taken for a stale writer's.
 fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), PipelineError> {
-    let report = read_into_store(shared, partition, Applier::Audit, 0)?;
+    let report = read_into_store(shared, partition, Applier::Audit, 0, false)?;
     let stale = report.restored.touched;
     if stale.is_empty() {
         return Ok((report.restored.read, 0));
@@ -500,25 +526,28 @@ fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), Pipeli
 }
 
 /// Where a read of a changelog partition starts, from this store's `position` in it. An owner's
-/// restore starts no later than the acknowledged watermark: this store may have read past it
-/// in an earlier ownership (or as a standby) and released the outbox entries of what lies in
-/// between when the partition left; only records the restore reads again go back to the
-/// outbox, and a local copy as far along costs one comparison each ("behind").
-fn read_from(applier: Applier, position: i64, acked_below: i64) -> i64 {
+/// restore of a partition marked to be read again (`reread`: its outbox entries were released
+/// when it left this instance, or a restore of it failed or was overtaken) starts no later than
+/// the acknowledged watermark: this store may have read past it, and what lies in between is
+/// missing from the outbox; only records the restore reads again go back to the outbox, and a
+/// local copy as far along costs one comparison each ("behind"). Otherwise the outbox kept
+/// them (a restart on this store), and the restore reads on.
+fn read_from(applier: Applier, position: i64, acked_below: i64, reread: bool) -> i64 {
     match applier {
-        Applier::Owner => position.min(acked_below),
-        Applier::Standby | Applier::Audit => position,
+        Applier::Owner if reread => position.min(acked_below),
+        Applier::Owner | Applier::Standby | Applier::Audit => position,
     }
 }
 
-/// Reads changelog partition `partition` from this store's position to the end the broker
-/// reports now, applying it as `applier` (an owner's records below `acked_below` go to no
-/// outbox).
+/// Reads changelog partition `partition` from this store's position (see [`read_from`] for an
+/// owner's `reread`) to the end the broker reports now, applying it as `applier` (an owner's
+/// records below `acked_below` go to no outbox).
 fn read_into_store(
     shared: &Shared,
     partition: i32,
     applier: Applier,
     acked_below: i64,
+    reread: bool,
 ) -> Result<RestoreReport, PipelineError> {
     let started = Instant::now();
     let cfg = &shared.config.kafka;
@@ -526,7 +555,7 @@ fn read_into_store(
     let reader = crate::kafka::reader(cfg)?;
     let (low, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
     let stored = shared.store.changelog_position(partition)?;
-    let from = read_from(applier, stored, acked_below).max(low);
+    let from = read_from(applier, stored, acked_below, reread).max(low);
     let mut report = RestoreReport {
         partition,
         from,
@@ -781,23 +810,23 @@ mod tests {
         // 0 settled, 1 revoked, 2 just restored (not yet shown done), 3 revoked mid-restore
         let got = sampled(delivered, &restored, &[0], &[0, 2]);
         assert_eq!(got, ends(&[(0, 10), (2, 35)]));
+        // a restored partition's own records in the same delivery count too
+        let got = sampled(ends(&[(2, 50)]), &ends(&[(2, 35)]), &[], &[2]);
+        assert_eq!(got, ends(&[(2, 50)]));
     }
 
-    /// An owner's restore reads from no later than the acknowledged watermark, whatever this
-    /// store's position: a copy left here by an earlier ownership read past it, and the outbox
-    /// entries of what lies in between left with the partition. A standby or an audit reads
-    /// on from where it was.
+    /// An owner's restore of a partition released here reads from no later than the
+    /// acknowledged watermark, whatever this store's position: a copy left by an earlier
+    /// ownership read past it, and the outbox entries of what lies in between left with the
+    /// partition. Not released (a restart), or a standby or an audit, reads on.
     #[test]
-    fn an_owner_restore_reads_from_the_watermark_or_earlier() {
-        assert_eq!(read_from(Applier::Owner, 500, 120), 120);
-        assert_eq!(read_from(Applier::Owner, 80, 120), 80);
-        assert_eq!(
-            read_from(Applier::Owner, 500, 0),
-            0,
-            "no watermark: all of it"
-        );
-        assert_eq!(read_from(Applier::Standby, 500, 120), 500);
-        assert_eq!(read_from(Applier::Audit, 500, 120), 500);
+    fn an_owner_restore_after_a_release_reads_from_the_watermark_or_earlier() {
+        assert_eq!(read_from(Applier::Owner, 500, 120, true), 120);
+        assert_eq!(read_from(Applier::Owner, 80, 120, true), 80);
+        assert_eq!(read_from(Applier::Owner, 500, 0, true), 0, "no watermark");
+        assert_eq!(read_from(Applier::Owner, 500, 120, false), 500);
+        assert_eq!(read_from(Applier::Standby, 500, 120, true), 500);
+        assert_eq!(read_from(Applier::Audit, 500, 120, true), 500);
     }
 
     /// The samples per partition are bounded: past the limit the newest takes the later

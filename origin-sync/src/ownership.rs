@@ -159,17 +159,48 @@ impl Owner {
             }
             Control::Restored(p, assignment, result) => {
                 if !self.restoring.contains(&p) || self.assignment.get(&p) != Some(&assignment) {
-                    // revoked while restoring (and maybe assigned again since, its own restore
-                    // running): what was restored stays as a local copy
+                    // Revoked while restoring (and maybe assigned again since): what was
+                    // restored stays as a local copy, but what it put in the outbox, failed or
+                    // not, nothing announced. Elsewhere now, the partition's entries are
+                    // released. Back here, the next restore reads it again from the watermark
+                    // (one running now starts over when it ends), and meanwhile the sinks page
+                    // the outbox: an entry no one sends would hold back every watermark.
+                    if self.owned.contains(&p) {
+                        let store = shared.store.clone();
+                        blocking(move || store.mark_reread(p)).await?;
+                        crate::sender::page_outbox(&shared.touched).await;
+                    } else {
+                        self.released.push(p);
+                    }
                     return Ok(());
                 }
                 match *result {
                     Ok((report, starts)) => {
+                        let store = shared.store.clone();
+                        let (marks, _) = blocking(move || store.reread_mark(p)).await?;
+                        if marks != report.reread_marks {
+                            // marked while it ran (a release that raced the assignment, a
+                            // restore it overtook): what that stands for may lie below where
+                            // it started
+                            tracing::info!(
+                                partition = p,
+                                "marked to be read again while restoring; restoring again"
+                            );
+                            self.spawn_restore(shared, p, assignment, Duration::ZERO);
+                            return Ok(());
+                        }
+                        let store = shared.store.clone();
+                        let covered = report.reread_marks;
+                        blocking(move || store.cover_reread(p, covered)).await?;
                         self.restoring.remove(&p);
                         self.restored(shared, events, report, &starts).await?;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, partition = p, "restore failed; retrying in 1 s");
+                        // what it put in the outbox before failing was never announced: the
+                        // retry reads from the watermark
+                        let store = shared.store.clone();
+                        blocking(move || store.mark_reread(p)).await?;
                         self.spawn_restore(shared, p, assignment, Duration::from_secs(1));
                     }
                 }
@@ -258,6 +289,7 @@ impl Owner {
             .send(crate::changelog::Commit {
                 logged: unlogged,
                 restored: [(p, report.to)].into_iter().collect(),
+                revocations: shared.store.revocations(),
                 ..Default::default()
             })
             .await;

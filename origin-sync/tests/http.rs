@@ -662,9 +662,15 @@ async fn ingest_is_budgeted_per_source() {
         .expect("ascii")
         .parse()
         .expect("seconds");
-    assert_eq!(wait, 2, "40 events at 20/s");
+    // 40 events at 20/s: 2 s, or 1 s when the first post took long enough to earn some back
+    // (a loaded machine)
+    assert!(
+        (1..=2).contains(&wait),
+        "40 events at 20/s: retry after {wait} s"
+    );
     let j: serde_json::Value = r.json().await.expect("json");
-    assert!(j["error"].as_str().expect("error").contains("retry in 2 s"));
+    let error = j["error"].as_str().expect("error");
+    assert!(error.contains(&format!("retry in {wait} s")), "{error}");
     tokio::time::sleep(Duration::from_secs(wait)).await;
     let r = post(&events[50..90]).await.expect("ingest");
     assert_eq!(r.status(), 202, "after Retry-After the batch is taken");

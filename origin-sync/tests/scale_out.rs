@@ -624,9 +624,10 @@ async fn a_handover_resends_what_the_edge_had_not_acknowledged() {
 /// the partition's changelog past the acknowledged watermark then (its audit reads its own
 /// writes), and the outbox entries of what lies between left with the partition. With the edge
 /// refusing every push, 20 new shoppers are folded by a alone; b joins (some of a's partitions
-/// move to it, their entries released at a) and stops again: the partitions come back to a,
-/// whose restore must send those shoppers again, since nobody else will. Before restores read
-/// from the watermark (not from the store's further position), they were never sent.
+/// move to it, their entries released at a after its next batch) and stops again: the
+/// partitions come back to a, whose restore must send those shoppers again, since nobody else
+/// will (b's outbox stopped with b). Before a restore after a release read from the watermark
+/// (not from the store's further position), they never reached the edge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_back_at_its_earlier_owner_resends_what_the_edge_lacks() {
     let Some(tansu) = group_broker("scale-back") else {
@@ -636,8 +637,10 @@ async fn a_partition_back_at_its_earlier_owner_resends_what_the_edge_lacks() {
     let dir = scratch("scale-back");
     let first = traffic(300, 3000, "m", 61);
     let second = traffic(20, 400, "back", 63);
+    let nudge = traffic(30, 60, "nudge", 65);
     let mut all = first.clone();
     all.extend(second.iter().cloned());
+    all.extend(nudge.iter().cloned());
     let a = start(&tansu, &edge, &dir, "a");
     until_all_owned(&dir, &["a"]).await;
     produce(
@@ -662,6 +665,20 @@ async fn a_partition_back_at_its_earlier_owner_resends_what_the_edge_lacks() {
         assert!(Instant::now() < deadline, "b never restored its partitions");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // a releases the moved partitions' outbox entries after its next batch: give it one
+    produce(
+        &tansu.brokers(),
+        &nudge.iter().map(outgoing).collect::<Vec<_>>(),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while released(&dir, "a") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a never released b's partitions' entries"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let before = restores(&dir, "a").len();
     let status = b.terminate();
     assert!(status.success(), "b's SIGTERM exit: {status}");
@@ -684,6 +701,18 @@ async fn a_partition_back_at_its_earlier_owner_resends_what_the_edge_lacks() {
     converge(&edge, &reference(&all), Duration::from_secs(90)).await;
     let status = a.terminate();
     assert!(status.success(), "a's SIGTERM exit: {status}");
+}
+
+/// How many outbox entries an instance's log reports it released, in all.
+fn released(dir: &Path, name: &str) -> u64 {
+    let text = std::fs::read_to_string(dir.join(name).join("origin-sync.log")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("outbox entries left to their new owner"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("released=")?.parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// The partitions an instance's log reports it owned, at each assignment or revocation.

@@ -240,6 +240,7 @@ impl Store {
         tx.open_table(partitions::CHANGELOG_POS)?;
         tx.open_table(partitions::STANDBY)?;
         tx.open_table(partitions::STANDBY_AT)?;
+        tx.open_table(partitions::RELEASED)?;
         let upgraded = layout::upgrade(&tx)?;
         tx.commit()?;
         if upgraded > 0 {

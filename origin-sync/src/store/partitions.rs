@@ -30,6 +30,14 @@ pub(super) const STAMPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("s
 pub(super) const UNLOGGED: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("unlogged");
 /// Changelog partition → the next changelog offset this store has applied.
 pub(super) const CHANGELOG_POS: TableDefinition<i32, i64> = TableDefinition::new("changelog_pos");
+/// Changelog partition → (reread marks, marks a finished restore covered). A mark means the
+/// partition's outbox entries may be missing what this store read of its changelog: a
+/// [`Store::release`] dropped them when it left this instance (the store may have read past
+/// its acknowledged watermark then), or a restore failed or was overtaken after putting some
+/// in the outbox unannounced. While a mark is not covered, the next restore here reads from the
+/// watermark (`changelog::restore`); a restore covers the marks it saw when it started, so a
+/// mark made while it ran is read again by another.
+pub(super) const RELEASED: TableDefinition<i32, (u64, u64)> = TableDefinition::new("released");
 /// `UserKey` → (its partition, the changelog offset of the record applied): users a standby
 /// replica applied (not owned: not sent). When the partition arrives, those whose record lies
 /// at or above the partition's acknowledged watermark go to the outbox (below it, every sink
@@ -359,6 +367,42 @@ impl Store {
         Ok(t.get(partition)?.map_or(0, |g| g.value()))
     }
 
+    /// `partition`'s reread marks so far, and whether a restore has yet to cover them (see
+    /// [`RELEASED`]).
+    pub fn reread_mark(&self, partition: i32) -> Result<(u64, bool), StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(RELEASED)?;
+        let (marks, covered) = t.get(partition)?.map_or((0, 0), |g| g.value());
+        Ok((marks, marks > covered))
+    }
+
+    /// Marks `partition` to be read again from its acknowledged watermark by its next restore
+    /// here (a restore failed, or one of an earlier assignment ended after putting entries in
+    /// the outbox).
+    pub fn mark_reread(&self, partition: i32) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(RELEASED)?;
+            let (marks, covered) = t.get(partition)?.map_or((0, 0), |g| g.value());
+            t.insert(partition, (marks + 1, covered))?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A restore of `partition` that started when its marks were `marks` is done: what they
+    /// stood for is back in the outbox. A mark made since stays uncovered.
+    pub fn cover_reread(&self, partition: i32, marks: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(RELEASED)?;
+            let (now, covered) = t.get(partition)?.map_or((0, 0), |g| g.value());
+            t.insert(partition, (now, covered.max(marks.min(now))))?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Applies changelog records of `partition` and moves its position to `next`, in one
     /// transaction. A record replaces the local state unless the local stamp covers it (the
     /// local state is as far or further); what it replaces goes to the outbox unless it lies
@@ -513,7 +557,10 @@ impl Store {
                 out.resent += 1;
                 out.touched.push(key);
             }
-            pos_t.insert(partition, next)?;
+            // never backwards: a restore reading again from the watermark passes what this
+            // store has applied, and one of an earlier assignment may still be running
+            let at = pos_t.get(partition)?.map_or(0, |g| g.value());
+            pos_t.insert(partition, next.max(at))?;
         }
         tx.commit()?;
         Ok(out)
@@ -634,6 +681,7 @@ impl Store {
         {
             let users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
+            let mut marks_t = tx.open_table(RELEASED)?;
             let mut gone = Vec::new();
             for row in outbox_t.iter()? {
                 let (k, _) = row?;
@@ -641,11 +689,17 @@ impl Store {
                     && let Some(stamp) = stamp_of(value.value())?
                     && partitions.contains(&stamp.partition)
                 {
-                    gone.push(k.value().to_vec());
+                    gone.push((k.value().to_vec(), stamp.partition));
                 }
             }
-            for k in gone {
+            let mut marked = Vec::new();
+            for (k, partition) in gone {
                 outbox_t.remove(k.as_slice())?;
+                if !marked.contains(&partition) {
+                    marked.push(partition);
+                    let (marks, covered) = marks_t.get(partition)?.map_or((0, 0), |g| g.value());
+                    marks_t.insert(partition, (marks + 1, covered))?;
+                }
                 released += 1;
             }
         }
@@ -869,6 +923,50 @@ mod tests {
             .expect("restore");
         assert_eq!((r.applied, r.behind, r.resent), (0, 4, 1));
         assert_eq!(store.outbox_len().expect("len"), 1);
+    }
+
+    /// A release marks the partition, so its next restore here reads from the watermark
+    /// (what it dropped may lie below this store's position); a release that dropped nothing
+    /// marks nothing, and a finished restore covers the marks it started with, not one made
+    /// while it ran. The position never goes back, even when a restore reads again from below
+    /// it.
+    #[test]
+    fn a_release_marks_the_partition_until_its_next_restore() {
+        let events = traffic(4, 400, 31);
+        let store = open("release-mark").partitioned();
+        store.set_owned(&[1]);
+        let logged = store
+            .apply_batch(&records(&events, 1))
+            .expect("fold")
+            .logged;
+        let read = as_read(&logged);
+        store
+            .apply_changelog(1, &read, 4, 0, 5)
+            .expect("audit-like read");
+        assert_eq!(store.changelog_position(1).expect("position"), 4);
+        assert_eq!(store.reread_mark(1).expect("mark"), (0, false));
+        store.set_owned(&[]);
+        assert_eq!(store.release(&[2]).expect("release"), 0);
+        assert_eq!(
+            store.reread_mark(2).expect("mark"),
+            (0, false),
+            "nothing dropped"
+        );
+        assert_eq!(store.release(&[1]).expect("release"), 4);
+        assert_eq!(store.reread_mark(1).expect("mark"), (1, true));
+        // back: read again from the watermark (0), the position stays where it was
+        store.set_owned(&[1]);
+        let r = store
+            .apply_changelog(1, &read[..2], 2, 0, 6)
+            .expect("restore");
+        assert_eq!((r.behind, r.resent), (2, 2));
+        assert_eq!(store.changelog_position(1).expect("position"), 4);
+        // marked again while that restore ran (it started at mark 1): only 1 is covered
+        store.mark_reread(1).expect("mark");
+        store.cover_reread(1, 1).expect("cover");
+        assert_eq!(store.reread_mark(1).expect("mark"), (2, true));
+        store.cover_reread(1, 2).expect("cover");
+        assert_eq!(store.reread_mark(1).expect("mark"), (2, false));
     }
 
     /// A new owner puts in its outbox only the shoppers whose last record lies at or above the
