@@ -732,6 +732,14 @@ struct Moves {
 }
 
 impl Moves {
+    /// The partitions `moved` to the instance logging to `log` since `wall` (ms of the day):
+    /// each one's longest still, and the group's and origin-sync's parts of its move.
+    fn record(&mut self, moved: &BTreeSet<i32>, stills: &[f64], log: &std::path::Path, wall: f64) {
+        self.stills
+            .extend(moved.iter().map(|p| stills[*p as usize]));
+        self.parts.extend(handover_parts(log, wall, moved));
+    }
+
     fn figures(&self, kind: &str) -> serde_json::Value {
         let mut stills = self.stills.clone();
         stills.sort_by(f64::total_cmp);
@@ -803,12 +811,7 @@ async fn handover_phase(
         let (from, wall) = (Instant::now(), now_ms_of_day());
         pair[stopping].signal(Signal::SIGTERM)?;
         let stills = probes.longest_stills(from, window).await;
-        moves
-            .stills
-            .extend(moved.iter().map(|p| stills[*p as usize]));
-        moves
-            .parts
-            .extend(handover_parts(&pair[staying].log, wall, &moved));
+        moves.record(&moved, &stills, &pair[staying].log, wall);
         // it joins again (same store): some of the other's partitions move to it
         let before = pair[staying].owned();
         let (from, wall) = (Instant::now(), now_ms_of_day());
@@ -816,12 +819,7 @@ async fn handover_phase(
         pair[stopping] = Instance::start(tansu, edge, "ho", &name)?;
         let stills = probes.longest_stills(from, window).await;
         let gone: BTreeSet<i32> = before.difference(&pair[staying].owned()).copied().collect();
-        joins
-            .stills
-            .extend(gone.iter().map(|p| stills[*p as usize]));
-        joins
-            .parts
-            .extend(handover_parts(&pair[stopping].log, wall, &gone));
+        joins.record(&gone, &stills, &pair[stopping].log, wall);
         println!(
             "  handover round {}: {} stopped ({}), moved {moved:?}; it joined again, moved {gone:?}",
             round + 1,
