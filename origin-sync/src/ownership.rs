@@ -167,7 +167,9 @@ impl Owner {
                     // the outbox: an entry no one sends would hold back every watermark.
                     if self.owned.contains(&p) {
                         let store = shared.store.clone();
-                        blocking(move || store.mark_reread(p)).await?;
+                        if let Err(e) = blocking(move || store.mark_reread(p)).await {
+                            tracing::warn!(error = %e, partition = p, "marking an overtaken restore's partition to be read again");
+                        }
                         crate::sender::page_outbox(&shared.touched).await;
                     } else {
                         self.released.push(p);
@@ -186,6 +188,9 @@ impl Owner {
                                 partition = p,
                                 "marked to be read again while restoring; restoring again"
                             );
+                            // what this run put in the outbox below a watermark that rose
+                            // meanwhile is not read again: the sinks page the outbox for it
+                            crate::sender::page_outbox(&shared.touched).await;
                             self.spawn_restore(shared, p, assignment, Duration::ZERO);
                             return Ok(());
                         }
@@ -196,11 +201,8 @@ impl Owner {
                         self.restored(shared, events, report, &starts).await?;
                     }
                     Err(e) => {
+                        // marked to be read again from the watermark (`spawn_restore`)
                         tracing::warn!(error = %e, partition = p, "restore failed; retrying in 1 s");
-                        // what it put in the outbox before failing was never announced: the
-                        // retry reads from the watermark
-                        let store = shared.store.clone();
-                        blocking(move || store.mark_reread(p)).await?;
                         self.spawn_restore(shared, p, assignment, Duration::from_secs(1));
                     }
                 }
@@ -322,7 +324,14 @@ impl Owner {
                 // previous owner delivered meanwhile, whose records the restore missed and
                 // whose events would then never be folded here.
                 let starts = committed(&shared, &membership, p)?;
-                let report = restore(&shared, p, acked_below)?;
+                let report = restore(&shared, p, acked_below).inspect_err(|_| {
+                    // what it put in the outbox before failing was never announced: the retry
+                    // reads from the watermark (a store that cannot take the mark is failing
+                    // anyway; the retry says so again)
+                    if let Err(e) = shared.store.mark_reread(p) {
+                        tracing::warn!(error = %e, partition = p, "marking a failed restore to be read again");
+                    }
+                })?;
                 Ok((report, starts))
             })
             .await

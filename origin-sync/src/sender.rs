@@ -147,8 +147,8 @@ struct Lane {
 }
 
 /// Asks every sink to page through the outbox: entries were put there that no touched list
-/// names (a restore overtaken by its partition's next assignment). An empty list on the
-/// touched channel is that request.
+/// names (a restore overtaken by its partition's next assignment, or run again). An empty list
+/// on the touched channel is that request.
 pub async fn page_outbox(touched: &mpsc::Sender<Vec<UserKey>>) {
     let _ = touched.send(Vec::new()).await;
 }
@@ -157,6 +157,9 @@ fn fan_out(lanes: &[Lane], keys: &[UserKey]) {
     if keys.is_empty() {
         for lane in lanes {
             lane.behind.store(true, Relaxed);
+            // wakes a worker idle in its wait (it takes nothing and pages); a full lane's
+            // worker is busy and sees the flag on its next round
+            let _ = lane.tx.try_send(Vec::new());
         }
         return;
     }
@@ -804,8 +807,8 @@ fn jitter(max: Duration) -> Duration {
 mod tests {
     use super::*;
 
-    /// An empty touched list asks every sink to page the outbox, and is not passed on as a
-    /// list; a list with keys goes to every lane.
+    /// An empty touched list asks every sink to page the outbox, and wakes each lane's worker
+    /// with an empty list; a list with keys goes to every lane.
     #[test]
     fn an_empty_touched_list_makes_every_sink_page_the_outbox() {
         let (a, mut a_rx) = mpsc::channel(4);
@@ -818,9 +821,11 @@ mod tests {
         assert!(lanes.iter().all(|l| !l.behind.load(Relaxed)));
         fan_out(&lanes, &[]);
         assert!(lanes.iter().all(|l| l.behind.load(Relaxed)));
-        assert_eq!(a_rx.try_recv().expect("keys"), vec![UserKey([1; 12])]);
-        assert_eq!(b_rx.try_recv().expect("keys"), vec![UserKey([1; 12])]);
-        assert!(a_rx.try_recv().is_err() && b_rx.try_recv().is_err());
+        for rx in [&mut a_rx, &mut b_rx] {
+            assert_eq!(rx.try_recv().expect("keys"), vec![UserKey([1; 12])]);
+            assert_eq!(rx.try_recv().expect("wake"), Vec::<UserKey>::new());
+            assert!(rx.try_recv().is_err());
+        }
     }
 
     #[test]
