@@ -103,12 +103,13 @@ pub async fn write(
         // the outbox, stored later than that sample's time. (Delivered before the revocation
         // shows, its sample is voided by the revocation.)
         let (settled, owned) = (shared.store.settled(), shared.store.owned());
+        let no_restores = Ends::default();
         let restored = if commit.revocations == shared.store.revocations() {
-            commit.restored.clone()
+            &commit.restored
         } else {
-            Ends::default()
+            &no_restores
         };
-        let ends = sampled(ends, &restored, &settled, &owned);
+        let ends = sampled(ends, restored, &settled, &owned);
         // read after the broker took them: every outbox entry of these records is older
         watermarks.delivered(&ends, crate::clock::monotonic_ms());
         shared.metrics.progress.recovered();

@@ -240,7 +240,7 @@ impl Store {
         tx.open_table(partitions::CHANGELOG_POS)?;
         tx.open_table(partitions::STANDBY)?;
         tx.open_table(partitions::STANDBY_AT)?;
-        tx.open_table(partitions::RELEASED)?;
+        tx.open_table(partitions::REREAD_MARKS)?;
         let upgraded = layout::upgrade(&tx)?;
         tx.commit()?;
         if upgraded > 0 {

@@ -37,7 +37,15 @@ pub(super) const CHANGELOG_POS: TableDefinition<i32, i64> = TableDefinition::new
 /// in the outbox unannounced. While a mark is not covered, the next restore here reads from the
 /// watermark (`changelog::restore`); a restore covers the marks it saw when it started, so a
 /// mark made while it ran is read again by another.
-pub(super) const RELEASED: TableDefinition<i32, (u64, u64)> = TableDefinition::new("released");
+pub(super) const REREAD_MARKS: TableDefinition<i32, (u64, u64)> =
+    TableDefinition::new("reread_marks");
+
+/// Adds a reread mark to `partition` ([`REREAD_MARKS`]).
+fn add_reread_mark(t: &mut redb::Table<i32, (u64, u64)>, partition: i32) -> Result<(), StoreError> {
+    let (marks, covered) = t.get(partition)?.map_or((0, 0), |g| g.value());
+    t.insert(partition, (marks + 1, covered))?;
+    Ok(())
+}
 /// `UserKey` → (its partition, the changelog offset of the record applied): users a standby
 /// replica applied (not owned: not sent). When the partition arrives, those whose record lies
 /// at or above the partition's acknowledged watermark go to the outbox (below it, every sink
@@ -368,10 +376,10 @@ impl Store {
     }
 
     /// `partition`'s reread marks so far, and whether a restore has yet to cover them (see
-    /// [`RELEASED`]).
+    /// [`REREAD_MARKS`]).
     pub fn reread_mark(&self, partition: i32) -> Result<(u64, bool), StoreError> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(RELEASED)?;
+        let t = tx.open_table(REREAD_MARKS)?;
         let (marks, covered) = t.get(partition)?.map_or((0, 0), |g| g.value());
         Ok((marks, marks > covered))
     }
@@ -382,9 +390,7 @@ impl Store {
     pub fn mark_reread(&self, partition: i32) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
-            let mut t = tx.open_table(RELEASED)?;
-            let (marks, covered) = t.get(partition)?.map_or((0, 0), |g| g.value());
-            t.insert(partition, (marks + 1, covered))?;
+            add_reread_mark(&mut tx.open_table(REREAD_MARKS)?, partition)?;
         }
         tx.commit()?;
         Ok(())
@@ -395,7 +401,7 @@ impl Store {
     pub fn cover_reread(&self, partition: i32, marks: u64) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
-            let mut t = tx.open_table(RELEASED)?;
+            let mut t = tx.open_table(REREAD_MARKS)?;
             let (now, covered) = t.get(partition)?.map_or((0, 0), |g| g.value());
             t.insert(partition, (now, covered.max(marks.min(now))))?;
         }
@@ -681,7 +687,7 @@ impl Store {
         {
             let users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
-            let mut marks_t = tx.open_table(RELEASED)?;
+            let mut marks_t = tx.open_table(REREAD_MARKS)?;
             let mut gone = Vec::new();
             for row in outbox_t.iter()? {
                 let (k, _) = row?;
@@ -692,13 +698,11 @@ impl Store {
                     gone.push((k.value().to_vec(), stamp.partition));
                 }
             }
-            let mut marked = Vec::new();
+            let mut marked = std::collections::BTreeSet::new();
             for (k, partition) in gone {
                 outbox_t.remove(k.as_slice())?;
-                if !marked.contains(&partition) {
-                    marked.push(partition);
-                    let (marks, covered) = marks_t.get(partition)?.map_or((0, 0), |g| g.value());
-                    marks_t.insert(partition, (marks + 1, covered))?;
+                if marked.insert(partition) {
+                    add_reread_mark(&mut marks_t, partition)?;
                 }
                 released += 1;
             }
