@@ -273,18 +273,34 @@ pub struct Restored {
     pub touched: Vec<UserKey>,
 }
 
-/// Puts `key` in the outbox as changed now, keeping an older pending change's times.
-fn pend_in(
-    outbox_t: &mut redb::Table<&[u8], &[u8]>,
-    key: &[u8],
+/// Puts users in one transaction's outbox as changed now, keeping an older pending change's
+/// times. The entry for "changed now" is encoded once: a restore puts up to a chunk of users
+/// in the outbox, mostly users without an entry, so each costs one B-tree walk (the insert
+/// hands back what it replaced; only then is the merged entry written over it).
+struct Pender {
     now_ms: u64,
-) -> Result<(), StoreError> {
-    let pending = match outbox_t.get(key)? {
-        Some(g) => Pending::decode(g.value())?.merge(now_ms, now_ms),
-        None => Pending::at(now_ms, now_ms),
-    };
-    outbox_t.insert(key, encode(&pending).as_slice())?;
-    Ok(())
+    fresh: Vec<u8>,
+}
+
+impl Pender {
+    fn new(now_ms: u64) -> Pender {
+        Pender {
+            now_ms,
+            fresh: encode(&Pending::at(now_ms, now_ms)),
+        }
+    }
+
+    fn pend(&self, outbox_t: &mut redb::Table<&[u8], &[u8]>, key: &[u8]) -> Result<(), StoreError> {
+        let older = match outbox_t.insert(key, self.fresh.as_slice())? {
+            Some(g) => Some(Pending::decode(g.value())?),
+            None => None,
+        };
+        if let Some(older) = older {
+            let merged = older.merge(self.now_ms, self.now_ms);
+            outbox_t.insert(key, encode(&merged).as_slice())?;
+        }
+        Ok(())
+    }
 }
 
 pub(super) fn user_key(bytes: &[u8], what: &str) -> Result<UserKey, StoreError> {
@@ -465,6 +481,7 @@ impl Store {
             let mut outbox_t = tx.open_table(OUTBOX)?;
             let mut standby_t = tx.open_table(STANDBY_AT)?;
             let mut pos_t = tx.open_table(CHANGELOG_POS)?;
+            let pender = Pender::new(now_ms);
             // the last record of a key in this chunk is the one that counts; applied in key
             // order, which is the B-trees' (sequential leaves: about twice as fast as random)
             let mut last: std::collections::BTreeMap<&[u8], (&[u8], i64)> = Default::default();
@@ -511,7 +528,7 @@ impl Store {
                 if here == Some(&*state) {
                     out.behind += 1;
                     if resend_here {
-                        pend_in(&mut outbox_t, k, now_ms)?;
+                        pender.pend(&mut outbox_t, k)?;
                         out.resent += 1;
                         out.touched.push(key);
                     }
@@ -539,7 +556,7 @@ impl Store {
                         out.touched.push(key);
                     }
                     if resend_here {
-                        pend_in(&mut outbox_t, k, now_ms)?;
+                        pender.pend(&mut outbox_t, k)?;
                         out.resent += 1;
                         out.touched.push(key);
                     }
@@ -559,7 +576,7 @@ impl Store {
                 if offset < acked_below {
                     continue;
                 }
-                pend_in(&mut outbox_t, k, now_ms)?;
+                pender.pend(&mut outbox_t, k)?;
                 out.resent += 1;
                 out.touched.push(key);
             }
@@ -616,8 +633,9 @@ impl Store {
         let tx = self.db.begin_write()?;
         {
             let mut outbox_t = tx.open_table(OUTBOX)?;
+            let pender = Pender::new(now_ms);
             for k in keys {
-                pend_in(&mut outbox_t, &k.0, now_ms)?;
+                pender.pend(&mut outbox_t, &k.0)?;
             }
         }
         tx.commit()?;
@@ -640,6 +658,7 @@ impl Store {
             let mut standby_t = tx.open_table(STANDBY_AT)?;
             let mut older_t = tx.open_table(STANDBY)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
+            let pender = Pender::new(now_ms);
             let mut gone = Vec::new();
             for row in standby_t.iter()? {
                 let (k, at) = row?;
@@ -660,7 +679,7 @@ impl Store {
                 if !send {
                     continue;
                 }
-                pend_in(&mut outbox_t, &k, now_ms)?;
+                pender.pend(&mut outbox_t, &k)?;
                 keys.push(user_key(&k, "standby")?);
             }
         }
@@ -971,6 +990,35 @@ mod tests {
         assert_eq!(store.reread_mark(1).expect("mark"), (2, true));
         store.cover_reread(1, 2).expect("cover");
         assert_eq!(store.reread_mark(1).expect("mark"), (2, false));
+    }
+
+    /// A restore that puts in the outbox a shopper whose change is still pending keeps that
+    /// change's stored time: the watermark must not pass it because a restore touched the user.
+    #[test]
+    fn a_restore_keeps_a_pending_changes_stored_time() {
+        let events = traffic(3, 300, 17);
+        let store = open("restore-keeps-pending").partitioned();
+        store.set_owned(&[1]);
+        let logged = store
+            .apply_batch(&records(&events, 1))
+            .expect("fold")
+            .logged;
+        let stored = store.outbox_oldest_stored(0).expect("oldest");
+        assert!(stored.is_some());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        // its own records read again from a watermark of 0: every shopper resent
+        let r = store
+            .apply_changelog(1, &as_read(&logged), 3, 0, 5)
+            .expect("restore");
+        assert_eq!(r.resent, 3);
+        assert_eq!(store.outbox_len().expect("len"), 3);
+        assert_eq!(store.outbox_oldest_stored(0).expect("oldest"), stored);
+        // a user without an entry gets one stored now
+        let other = open("restore-fresh-entry");
+        other
+            .apply_changelog(1, &as_read(&logged), 3, 0, 5)
+            .expect("restore");
+        assert!(other.outbox_oldest_stored(0).expect("oldest") > stored);
     }
 
     /// A new owner puts in its outbox only the shoppers whose last record lies at or above the
