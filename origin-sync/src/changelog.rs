@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::kafka::{Ends, Membership};
 use crate::pipeline::{PipelineError, Shared, blocking, now_ms};
-use crate::store::{Applier, LogRecord, Logged, Restored, StoreError};
+use crate::store::{Applier, LogRecord, Logged, Restored, Revocations, StoreError};
 
 /// One batch's changelog records and the input offsets that may be committed once the broker
 /// has them.
@@ -38,10 +38,10 @@ pub struct Commit {
     /// below it is acknowledged (below the previous watermark) or in this store's outbox,
     /// so it is a watermark sample even before this instance writes there.
     pub restored: Ends,
-    /// `Store::revocations` when the restore's result was taken: after another revocation,
-    /// the partition may have left and come back, its entries released, and these ends say
-    /// nothing.
-    pub revocations: u64,
+    /// `Store::revocations` when the restore's result was taken: after another revocation of
+    /// a restored partition, it may have left and come back, its entries released, and its
+    /// end says nothing.
+    pub revocations: Revocations,
 }
 
 /// Writes each batch's records, in order, then commits its offsets; marks the records logged
@@ -103,13 +103,12 @@ pub async fn write(
         // the outbox, stored later than that sample's time. (Delivered before the revocation
         // shows, its sample is voided by the revocation.)
         let (settled, owned) = (shared.store.settled(), shared.store.owned());
-        let no_restores = Ends::default();
-        let restored = if commit.revocations == shared.store.revocations() {
-            &commit.restored
-        } else {
-            &no_restores
-        };
-        let ends = sampled(ends, restored, &settled, &owned);
+        let restored = unrevoked(
+            &commit.restored,
+            &commit.revocations,
+            &shared.store.revocations(),
+        );
+        let ends = sampled(ends, &restored, &settled, &owned);
         // read after the broker took them: every outbox entry of these records is older
         watermarks.delivered(&ends, crate::clock::monotonic_ms());
         shared.metrics.progress.recovered();
@@ -133,6 +132,16 @@ pub async fn write(
         blocking(move || store.mark_logged(&marks)).await?;
     }
     Ok(())
+}
+
+/// The restore ends of partitions not revoked since the ends were taken (`then`), by the
+/// revocation counts `now`.
+fn unrevoked(restored: &Ends, then: &Revocations, now: &Revocations) -> Ends {
+    restored
+        .iter()
+        .filter(|(p, _)| then.get(p) == now.get(p))
+        .map(|(p, to)| (*p, *to))
+        .collect()
 }
 
 /// What a delivery samples: the ends the broker took of the partitions `settled` here (owned
@@ -208,7 +217,7 @@ pub struct Watermarks {
     /// Per partition, the watermark committed last.
     committed: BTreeMap<i32, i64>,
     /// `Store::revocations` when the samples were last checked.
-    revocations: u64,
+    revocations: Revocations,
 }
 
 /// Samples kept per partition; past that the newest absorbs the next (a later time for a
@@ -246,21 +255,22 @@ impl Watermarks {
     /// `oldest_stored` (`None`: the outbox is empty), for the partitions in `settled` (owned
     /// and restored). The samples of partitions not `owned` are dropped (one that left is its
     /// new owner's to mark); those of a partition owned but not settled wait (its restore's
-    /// end, sampled just before the restore shows done). After a revocation (`revocations`
-    /// moved) every sample is dropped: a partition may have left and come back since, its
-    /// outbox entries released in between.
+    /// end, sampled just before the restore shows done). A partition revoked since the last
+    /// call (its count in `revocations` moved) loses its samples, even if owned again: it may
+    /// have left and come back, its outbox entries released in between. Another partition's
+    /// revocation changes nothing here: a release drops only its own partition's entries.
     pub fn advance(
         &mut self,
         oldest_stored: Option<u64>,
         settled: &[i32],
         owned: &[i32],
-        revocations: u64,
+        revocations: &Revocations,
     ) -> Vec<(i32, i64)> {
-        if revocations != self.revocations {
-            self.revocations = revocations;
-            self.samples.clear();
-            self.committed.clear();
-            return Vec::new();
+        if *revocations != self.revocations {
+            let changed = |p: &i32| revocations.get(p) != self.revocations.get(p);
+            self.samples.retain(|p, _| !changed(p));
+            self.committed.retain(|p, _| !changed(p));
+            self.revocations = revocations.clone();
         }
         self.samples.retain(|p, _| owned.contains(p));
         self.committed.retain(|p, _| owned.contains(p));
@@ -304,7 +314,7 @@ async fn commit_watermarks(
     // before its outbox entries are released, so entries gone from under a sample are never
     // taken for acknowledged
     let (settled, owned) = (shared.store.settled(), shared.store.owned());
-    let moved = watermarks.advance(oldest, &settled, &owned, shared.store.revocations());
+    let moved = watermarks.advance(oldest, &settled, &owned, &shared.store.revocations());
     let topic = &shared.config.kafka.changelog_topic;
     // and only what the group assigns this member now (the service's view lags a rebalance
     // by a batch)
@@ -727,6 +737,10 @@ pub async fn check_topic<C: ConsumerContext + 'static>(
 mod tests {
     use super::*;
 
+    fn revoked(counts: &[(i32, u64)]) -> Revocations {
+        counts.iter().copied().collect()
+    }
+
     fn ends(of: &[(i32, i64)]) -> Ends {
         of.iter().copied().collect()
     }
@@ -740,20 +754,29 @@ mod tests {
         w.delivered(&ends(&[(0, 25)]), 200);
         assert_eq!(w.oldest_sample(), Some(100));
         // a change stored at 100 or before is still in the outbox: nothing moves
-        assert_eq!(w.advance(Some(100), &[0, 1], &[0, 1], 0), vec![]);
+        assert_eq!(
+            w.advance(Some(100), &[0, 1], &[0, 1], &revoked(&[])),
+            vec![]
+        );
         // the oldest pending change was stored after the first delivery, not after the second
         assert_eq!(
-            w.advance(Some(150), &[0, 1], &[0, 1], 0),
+            w.advance(Some(150), &[0, 1], &[0, 1], &revoked(&[])),
             vec![(0, 10), (1, 4)]
         );
         // nothing new: nothing to commit again
-        assert_eq!(w.advance(Some(150), &[0, 1], &[0, 1], 0), vec![]);
+        assert_eq!(
+            w.advance(Some(150), &[0, 1], &[0, 1], &revoked(&[])),
+            vec![]
+        );
         // the outbox empty: everything delivered is acknowledged
-        assert_eq!(w.advance(None, &[0, 1], &[0, 1], 0), vec![(0, 25)]);
+        assert_eq!(
+            w.advance(None, &[0, 1], &[0, 1], &revoked(&[])),
+            vec![(0, 25)]
+        );
         // an end at or below what was sampled adds nothing
         w.delivered(&ends(&[(0, 20)]), 300);
         assert_eq!(w.oldest_sample(), None, "nothing left to move");
-        assert_eq!(w.advance(None, &[0, 1], &[0, 1], 0), vec![]);
+        assert_eq!(w.advance(None, &[0, 1], &[0, 1], &revoked(&[])), vec![]);
     }
 
     /// A partition that left this instance is its new owner's to mark: its samples go, and
@@ -762,26 +785,43 @@ mod tests {
     fn a_partition_no_longer_owned_gets_no_watermark() {
         let mut w = Watermarks::default();
         w.delivered(&ends(&[(0, 10), (1, 10)]), 100);
-        assert_eq!(w.advance(None, &[1], &[1], 0), vec![(1, 10)]);
+        assert_eq!(w.advance(None, &[1], &[1], &revoked(&[])), vec![(1, 10)]);
         // partition 0 comes back: its old samples are gone
         w.delivered(&ends(&[(1, 12)]), 200);
-        assert_eq!(w.advance(None, &[0, 1], &[0, 1], 0), vec![(1, 12)]);
+        assert_eq!(
+            w.advance(None, &[0, 1], &[0, 1], &revoked(&[])),
+            vec![(1, 12)]
+        );
     }
 
-    /// A revocation voids every sample taken before it, even of a partition owned again
-    /// (its outbox entries were released in between).
+    /// A revocation voids the samples of its partition taken before it, even when the
+    /// partition is owned again (its outbox entries were released in between); another
+    /// partition's samples stay (a release drops only its own partition's entries).
     #[test]
-    fn a_revocation_voids_the_samples_taken_before_it() {
+    fn a_revocation_voids_the_samples_of_its_partition_taken_before_it() {
         let mut w = Watermarks::default();
-        w.delivered(&ends(&[(0, 10)]), 100);
-        assert_eq!(w.advance(None, &[0], &[0], 1), vec![], "revoked and back");
+        w.delivered(&ends(&[(0, 10), (1, 20)]), 100);
         assert_eq!(
-            w.advance(None, &[0], &[0], 1),
+            w.advance(None, &[0, 1], &[0, 1], &revoked(&[(0, 1)])),
+            vec![(1, 20)],
+            "0 revoked and back; 1 stayed"
+        );
+        assert_eq!(
+            w.advance(None, &[0, 1], &[0, 1], &revoked(&[(0, 1)])),
             vec![],
             "nothing sampled since"
         );
-        w.delivered(&ends(&[(0, 12)]), 200);
-        assert_eq!(w.advance(None, &[0], &[0], 1), vec![(0, 12)]);
+        w.delivered(&ends(&[(0, 12), (1, 22)]), 200);
+        assert_eq!(
+            w.advance(None, &[0, 1], &[0, 1], &revoked(&[(0, 1)])),
+            vec![(0, 12), (1, 22)]
+        );
+        // 1 revoked and back: its newer sample goes, 0's stays
+        w.delivered(&ends(&[(0, 14), (1, 24)]), 300);
+        assert_eq!(
+            w.advance(None, &[0, 1], &[0, 1], &revoked(&[(0, 1), (1, 1)])),
+            vec![(0, 14)]
+        );
     }
 
     /// A partition owned but still restoring keeps its samples (its restore's end is sampled
@@ -791,10 +831,18 @@ mod tests {
     fn a_restoring_partition_keeps_its_sample_until_restored() {
         let mut w = Watermarks::default();
         w.delivered(&ends(&[(0, 10), (1, 7)]), 100);
-        assert_eq!(w.advance(None, &[], &[0, 1], 0), vec![], "both restoring");
-        assert_eq!(w.advance(None, &[0], &[0], 0), vec![(0, 10)], "1 left");
         assert_eq!(
-            w.advance(None, &[0, 1], &[0, 1], 0),
+            w.advance(None, &[], &[0, 1], &revoked(&[])),
+            vec![],
+            "both restoring"
+        );
+        assert_eq!(
+            w.advance(None, &[0], &[0], &revoked(&[])),
+            vec![(0, 10)],
+            "1 left"
+        );
+        assert_eq!(
+            w.advance(None, &[0, 1], &[0, 1], &revoked(&[])),
             vec![],
             "1's sample went"
         );
@@ -814,6 +862,28 @@ mod tests {
         // a restored partition's own records in the same delivery count too
         let got = sampled(ends(&[(2, 50)]), &ends(&[(2, 35)]), &[], &[2]);
         assert_eq!(got, ends(&[(2, 50)]));
+    }
+
+    /// A restore's end counts only while its partition has not been revoked since the end
+    /// was taken; another partition's revocation leaves it.
+    #[test]
+    fn a_restore_end_counts_until_its_partition_is_revoked() {
+        let restored = ends(&[(0, 10), (1, 20)]);
+        let then = revoked(&[(1, 2)]);
+        assert_eq!(unrevoked(&restored, &then, &then), restored);
+        assert_eq!(
+            unrevoked(&restored, &then, &revoked(&[(1, 2), (2, 1)])),
+            restored,
+            "another partition revoked"
+        );
+        assert_eq!(
+            unrevoked(&restored, &then, &revoked(&[(0, 1), (1, 2)])),
+            ends(&[(1, 20)])
+        );
+        assert_eq!(
+            unrevoked(&restored, &then, &revoked(&[(1, 3)])),
+            ends(&[(0, 10)])
+        );
     }
 
     /// An owner's restore of a partition released here reads from no later than the
@@ -842,10 +912,10 @@ mod tests {
         let last = 1000 + MAX_SAMPLES as u64 + 9;
         assert_eq!(w.samples[&0].back(), Some(&(last, MAX_SAMPLES as i64 + 10)));
         // stored before the merged sample's time: the last end cannot pass yet
-        let moved = w.advance(Some(last), &[0], &[0], 0);
+        let moved = w.advance(Some(last), &[0], &[0], &revoked(&[]));
         assert_eq!(moved, vec![(0, MAX_SAMPLES as i64 - 1)]);
         assert_eq!(
-            w.advance(Some(last + 1), &[0], &[0], 0),
+            w.advance(Some(last + 1), &[0], &[0], &revoked(&[])),
             vec![(0, MAX_SAMPLES as i64 + 10)]
         );
     }

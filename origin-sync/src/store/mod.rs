@@ -21,7 +21,7 @@ mod partitions;
 mod sinks;
 mod state;
 
-pub use partitions::{Applier, LogRecord, LogValue, Logged, Restored, Stamp};
+pub use partitions::{Applier, LogRecord, LogValue, Logged, Restored, Revocations, Stamp};
 pub use sinks::{Quarantined, Settled, SinkReport, Subject};
 
 pub use state::Window;
@@ -214,9 +214,10 @@ pub struct Store {
     /// Held while changelog records are applied: an owner's restore and a standby's tail of
     /// the same partition never interleave.
     applying: std::sync::Mutex<()>,
-    /// How many times a partition left `owned` (partitioned only): the changelog's watermark
-    /// samples taken before a revocation are void, even if the partition came back since.
-    revocations: std::sync::atomic::AtomicU64,
+    /// How many times each partition left `owned` (partitioned only): the changelog's
+    /// watermark samples of a partition taken before its revocation are void, even if it came
+    /// back since.
+    revocations: std::sync::Mutex<partitions::Revocations>,
 }
 
 impl Store {
@@ -258,7 +259,7 @@ impl Store {
             owned: std::sync::Mutex::default(),
             restoring: std::sync::Mutex::default(),
             applying: std::sync::Mutex::default(),
-            revocations: std::sync::atomic::AtomicU64::new(0),
+            revocations: std::sync::Mutex::default(),
         };
         // A wall clock stepped back across a restart must not make this process's changes
         // look older than what an earlier one left pending (the acknowledged watermark

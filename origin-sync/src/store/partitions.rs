@@ -273,6 +273,9 @@ pub struct Restored {
     pub touched: Vec<UserKey>,
 }
 
+/// Per partition, how many times it left this instance (`Store::revocations`).
+pub type Revocations = std::collections::BTreeMap<i32, u64>;
+
 /// Puts users in one transaction's outbox as changed now, keeping an older pending change's
 /// times. The entry for "changed now" is encoded once: a restore puts up to a chunk of users
 /// in the outbox, mostly users without an entry, so each costs one B-tree walk (the insert
@@ -734,18 +737,23 @@ impl Store {
     /// of one of their users is logged by this instance, the owner.
     pub fn set_owned(&self, partitions: &[i32]) {
         if let Ok(mut owned) = self.owned.lock() {
-            if owned.iter().any(|p| !partitions.contains(p)) {
-                self.revocations
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Ok(mut revocations) = self.revocations.lock() {
+                for p in owned.iter().filter(|p| !partitions.contains(p)) {
+                    *revocations.entry(*p).or_default() += 1;
+                }
             }
             owned.clear();
             owned.extend(partitions);
         }
     }
 
-    /// How many times a partition has left `owned` so far.
-    pub fn revocations(&self) -> u64 {
-        self.revocations.load(std::sync::atomic::Ordering::SeqCst)
+    /// How many times each partition has left `owned` so far (a partition never revoked has
+    /// no entry).
+    pub fn revocations(&self) -> Revocations {
+        self.revocations
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// Whether this instance publishes the catalog, rules and erasure fence: the only one, or
@@ -932,7 +940,7 @@ mod tests {
         // revoked, then given back before the release ran
         store.set_owned(&[]);
         store.set_owned(&[1]);
-        assert_eq!(store.revocations(), 1);
+        assert_eq!(store.revocations(), [(1, 1)].into());
         assert_eq!(store.release(&[1]).expect("release"), 0, "owned again");
         assert_eq!(store.outbox_len().expect("len"), 4);
         // revoked for good: released
