@@ -297,6 +297,114 @@ async fn instances_killed_stopped_and_added_lose_nothing_and_count_nothing_twice
     );
 }
 
+/// A seeded schedule of faults while events stream in: instances SIGKILLed, stopped and
+/// started again on their own stores (a partition back at a store that owned it before, a
+/// crash's unlogged marks, a restore cut short), and the edge down for a while (outbox
+/// entries pile up, watermarks stall, releases drop entries nobody acknowledged). At least
+/// one instance always runs. The edge ends equal to the reference fold and no version went
+/// down. The seed is printed and taken from `EDGEWISE_CHAOS_SEED` to replay a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_schedule_of_kills_stops_restarts_and_edge_outages_loses_nothing() {
+    let Some(tansu) = group_broker("scale-chaos") else {
+        return;
+    };
+    let seed = std::env::var("EDGEWISE_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| origin_sync::pipeline::now_ms());
+    eprintln!("chaos seed {seed} (EDGEWISE_CHAOS_SEED={seed} replays this schedule)");
+    let mut rng = Xorshift(seed | 1);
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-chaos");
+    let events = traffic(1500, 60_000, "x", seed);
+    let want = reference(&events);
+    let started = Instant::now();
+    let producer = stream(&tansu, &events, 1000, Duration::from_millis(250));
+    let names = ["a", "b", "c"];
+    let mut running: Vec<Option<Binary>> = names
+        .iter()
+        .map(|n| Some(start(&tansu, &edge, &dir, n)))
+        .collect();
+    let mut watch = Monotonic::new();
+    let mut schedule = Vec::new();
+    let mut edge_down = false;
+    for _ in 0..14 {
+        watch
+            .during(&edge, Duration::from_millis(1500 + rng.below(2500)))
+            .await;
+        let up: Vec<usize> = (0..names.len()).filter(|i| running[*i].is_some()).collect();
+        let down: Vec<usize> = (0..names.len()).filter(|i| running[*i].is_none()).collect();
+        // what can happen now, weighted: an instance killed or stopped (one stays), a
+        // stopped one started again, the edge's state flipped
+        let mut can = vec!["edge"];
+        if up.len() > 1 {
+            can.extend(["kill", "kill", "stop", "stop"]);
+        }
+        if !down.is_empty() {
+            can.extend(["start", "start", "start"]);
+        }
+        let step = match can[rng.below(can.len() as u64) as usize] {
+            "kill" | "stop" if rng.below(2) == 0 => {
+                let i = up[rng.below(up.len() as u64) as usize];
+                running[i].take().expect("running").sigkill();
+                format!("{} SIGKILLed", names[i])
+            }
+            "kill" | "stop" => {
+                let i = up[rng.below(up.len() as u64) as usize];
+                let status = running[i].take().expect("running").terminate();
+                assert!(status.success(), "{}'s SIGTERM exit: {status}", names[i]);
+                format!("{} stopped", names[i])
+            }
+            "start" => {
+                let i = down[rng.below(down.len() as u64) as usize];
+                running[i] = Some(start(&tansu, &edge, &dir, names[i]));
+                format!("{} started again", names[i])
+            }
+            _ => {
+                edge_down = !edge_down;
+                edge.set_down(edge_down);
+                format!("edge {}", if edge_down { "down" } else { "up" })
+            }
+        };
+        eprintln!("{:.1?}: {step}", started.elapsed());
+        schedule.push(step);
+    }
+    edge.set_down(false);
+    producer.await.expect("producer task");
+    eprintln!(
+        "{:.1?}: every event produced; schedule {schedule:?}",
+        started.elapsed()
+    );
+    watch
+        .until_reference(&edge, &want, Duration::from_secs(180))
+        .await;
+    eprintln!(
+        "{:.1?}: the edge equals the reference (seed {seed}): {} shoppers, {} events",
+        started.elapsed(),
+        want.len(),
+        events.len()
+    );
+    for (name, bin) in names.iter().zip(running) {
+        if let Some(bin) = bin {
+            let status = bin.terminate();
+            assert!(status.success(), "{name}'s SIGTERM exit: {status}");
+        }
+    }
+}
+
+/// A small seeded generator: the schedule replays from its seed.
+struct Xorshift(u64);
+
+impl Xorshift {
+    /// A number in `0..n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
 /// An erasure taken by any instance reaches the owner of the shopper's partition (every
 /// instance follows the erasure log): the owner's later events for that shopper start a
 /// fresh profile above the tombstone, which the edge takes. Then the partition moves (its
