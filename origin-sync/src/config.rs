@@ -79,6 +79,11 @@ pub struct KafkaConfig {
     /// instance, stable across its restarts (e.g. the host or pod name). Unset: dynamic
     /// membership.
     pub instance_id: Option<String>,
+    /// How long (ms) the group waits for a silent member before moving its partitions: what a
+    /// killed instance's partitions wait (`session.timeout.ms`; brokers accept 6000 to
+    /// 1800000 by default). With `instance_id`, set it above an instance's restart time
+    /// (e.g. 30000): a static member back within it keeps its partitions.
+    pub session_timeout_ms: u64,
     /// With `assignment = "group"`: keep a warm copy of the partitions this instance does not
     /// own by tailing their changelog partitions, so a fail-over to it restores only the tail.
     /// Costs a copy of every partition's state on this instance's disk.
@@ -283,6 +288,7 @@ impl Default for KafkaConfig {
             erasure_topic: "erasures".into(),
             changelog_topic: "edgewise_profile_changelog".into(),
             instance_id: None,
+            session_timeout_ms: 6000,
             standby: false,
             changelog_audit_ms: 30_000,
             max_batch: 20000,
@@ -533,6 +539,12 @@ impl Config {
                 "must be 1 to 249 characters, unique per instance and stable across its restarts",
             );
         }
+        if !(1000..=3_600_000).contains(&self.kafka.session_timeout_ms) {
+            return bad(
+                "kafka.session_timeout_ms",
+                "must be between 1000 and 3600000 (and within the broker's group.min/max.session.timeout.ms)",
+            );
+        }
         if !(1..=100_000).contains(&self.kafka.max_batch) {
             return bad("kafka.max_batch", "must be between 1 and 100000");
         }
@@ -724,5 +736,9 @@ mod tests {
         assert!(e.to_string().contains("sync.max_outbox"), "{e}");
         let e = Config::from_parts("[sinks]\nedge_urls = [\"ftp://x\"]\n", env(&[])).unwrap_err();
         assert!(e.to_string().contains("http://"), "{e}");
+        let e = Config::from_parts("[kafka]\nsession_timeout_ms = 500\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("kafka.session_timeout_ms"), "{e}");
+        let c = Config::from_parts("[kafka]\nsession_timeout_ms = 30000\n", env(&[])).unwrap();
+        assert_eq!(c.kafka.session_timeout_ms, 30000);
     }
 }

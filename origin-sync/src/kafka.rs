@@ -35,7 +35,7 @@ fn consumer_config(config: &KafkaConfig, group_id: &str) -> ClientConfig {
         .set("fetch.min.bytes", "1")
         // bounded prefetch: memory stays flat while consumption is paused
         .set("queued.max.messages.kbytes", "32768")
-        .set("session.timeout.ms", "6000")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", "1000")
         .set("log_level", "3");
     c

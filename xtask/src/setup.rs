@@ -5,7 +5,7 @@
 //! registries (crates.io, npm, Debian): worker-build's own downloader is bypassed by pointing
 //! it at the wasm-bindgen, esbuild and wasm-opt installed here.
 
-use crate::util::{Cmd, node_bin, root, step};
+use crate::util::{Cmd, cargo_bin_dir, cargo_tool, node_bin, root, step};
 use anyhow::{Context, Result, bail};
 use std::time::Instant;
 
@@ -39,6 +39,7 @@ pub fn run() -> Result<()> {
     for tool in cargo_tools()? {
         cargo_install(&tool)?;
     }
+    tansu()?;
     npm_packages()?;
     println!("    setup complete in {:.1?}", started.elapsed());
     Ok(())
@@ -141,12 +142,6 @@ fn cargo_tools() -> Result<Vec<CargoTool>> {
             features: "",
             why: "builds the worker bundle",
         },
-        CargoTool {
-            krate: "tansu",
-            version: "0.6.0".into(),
-            features: "dynostore,libsql",
-            why: "the Kafka-protocol broker of the local stack and tests",
-        },
     ])
 }
 
@@ -190,6 +185,145 @@ fn cargo_install(tool: &CargoTool) -> Result<()> {
         started.elapsed()
     );
     Ok(())
+}
+
+/// The tansu release the local stack and the tests run, as the Kafka-protocol broker.
+const TANSU_VERSION: &str = "0.6.0";
+
+/// Fixes to tansu-broker's group coordinator (static membership; the file's header says what
+/// and why), applied to the copy the `tansu` binary is built with.
+const TANSU_BROKER_PATCH: &str = include_str!("../patches/tansu-broker-0.6.0.patch");
+
+/// The `tansu` binary: tansu's command line over a patched tansu-broker. `cargo install`
+/// cannot patch a crate it installs from the registry, so the binary is built from a small
+/// package of our own (tansu's `main`) whose manifest patches tansu-broker with a copy of
+/// the released source that has `TANSU_BROKER_PATCH` applied. A stamp beside the binary
+/// names the patch it was built with; another patch (or none) builds it again.
+fn tansu() -> Result<()> {
+    let stamp_path = cargo_bin_dir().join(".tansu-edgewise-patch");
+    let stamp = format!(
+        "tansu {TANSU_VERSION}, tansu-broker patch {:016x}\n",
+        fnv1a(TANSU_BROKER_PATCH.as_bytes())
+    );
+    if cargo_tool("tansu").is_file()
+        && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
+    {
+        println!(
+            "    ok    tansu {TANSU_VERSION} (group coordinator patched for static membership)"
+        );
+        return Ok(());
+    }
+    println!(
+        "    cargo building tansu {TANSU_VERSION} with its group coordinator patched (the Kafka-protocol broker of the local stack and tests); this compiles from source and takes minutes"
+    );
+    let started = Instant::now();
+    let work = std::env::temp_dir().join(format!("edgewise-tansu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("src")).context("creating tansu's build directory")?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(work.join(name), text).with_context(|| format!("writing {name}"))
+    };
+    write("src/main.rs", TANSU_MAIN)?;
+    // the released tansu-broker, fetched through cargo (crates.io only) and unpacked
+    write("Cargo.toml", &tansu_manifest(false))?;
+    Cmd::new("cargo")
+        .args(["fetch", "--quiet"])
+        .cwd(&work)
+        .run()?;
+    let broker = format!("tansu-broker-{TANSU_VERSION}");
+    let krate = registry_crate(&format!("{broker}.crate")).with_context(|| {
+        format!("cargo fetched {broker} but its .crate is not in the registry cache")
+    })?;
+    Cmd::new("tar")
+        .arg("xzf")
+        .arg(&krate)
+        .arg("-C")
+        .arg(&work)
+        .run()?;
+    write("tansu-broker.patch", TANSU_BROKER_PATCH)?;
+    Cmd::new("git")
+        .args(["apply", "--whitespace=nowarn", "../tansu-broker.patch"])
+        .cwd(work.join(&broker))
+        .run()
+        .context("the tansu-broker patch does not apply to the released source")?;
+    write("Cargo.toml", &tansu_manifest(true))?;
+    let target = work.join("target");
+    Cmd::new("cargo")
+        .args(["install", "--force", "--path"])
+        .arg(&work)
+        .arg("--target-dir")
+        .arg(&target)
+        // outside the workspace, so our rust-toolchain.toml and profiles do not apply
+        .cwd(&work)
+        .run()?;
+    std::fs::write(&stamp_path, stamp)
+        .with_context(|| format!("writing {}", stamp_path.display()))?;
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "    done  tansu {TANSU_VERSION} (patched) in {:.0?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// tansu's own `main` (tansu 0.6.0, `src/bin/tansu.rs`, Apache-2.0), without the hints it
+/// prints for client commands' errors.
+const TANSU_MAIN: &str = r#"//! The `tansu` broker command: tansu 0.6.0's command line over a patched tansu-broker.
+#[tokio::main]
+async fn main() -> tansu_cli::Result<tansu_sans_io::ErrorCode> {
+    let _guard = tansu_broker::otel::init(tansu_broker::TracingFormat::Text)?;
+    tansu_cli::Cli::main().await
+}
+"#;
+
+/// The build package's manifest: tansu's own dependencies and storage features (SQLite and
+/// memory), and with `patched`, tansu-broker replaced by the patched copy beside it.
+fn tansu_manifest(patched: bool) -> String {
+    let v = TANSU_VERSION;
+    let mut m = format!(
+        r#"[package]
+name = "edgewise-tansu"
+version = "{v}"
+edition = "2024"
+publish = false
+
+[[bin]]
+name = "tansu"
+path = "src/main.rs"
+
+[dependencies]
+tansu-broker = {{ version = "={v}", default-features = false, features = ["dynostore", "libsql"] }}
+tansu-cli = {{ version = "={v}", default-features = false, features = ["dynostore", "libsql"] }}
+tansu-storage = {{ version = "={v}", default-features = false, features = ["dynostore", "libsql"] }}
+tansu-schema = {{ version = "={v}", default-features = false }}
+tansu-sans-io = {{ version = "={v}", default-features = false }}
+tokio = {{ version = "1", features = ["full"] }}
+
+[workspace]
+"#
+    );
+    if patched {
+        m.push_str(&format!(
+            "\n[patch.crates-io]\ntansu-broker = {{ path = \"tansu-broker-{v}\" }}\n"
+        ));
+    }
+    m
+}
+
+/// A `.crate` file in cargo's registry cache (`$CARGO_HOME/registry/cache/<index>/`).
+fn registry_crate(name: &str) -> Option<std::path::PathBuf> {
+    let cache = cargo_bin_dir().parent()?.join("registry/cache");
+    std::fs::read_dir(cache)
+        .ok()?
+        .filter_map(|index| Some(index.ok()?.path().join(name)))
+        .find(|p| p.is_file())
+}
+
+/// FNV-1a, 64 bits: names a patch's content in the stamp (not a security boundary).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn npm_packages() -> Result<()> {
