@@ -716,7 +716,9 @@ fn scale_out_section(dir: &Path) -> String {
          or the leader was the one that left and the broker cleared it), so a stop measures \
          origin-sync. An instance that joins is a follower with an id in the second JoinGroup \
          of each of cooperative rebalancing's two rounds, so every join waits at least 3 s at \
-         this broker, whatever the client does (static members are held 3 s on every join too); \
+         this broker, whatever the client does (static members are held 3 s on every join too; \
+         the broker here is tansu with `xtask/patches/tansu-broker-0.6.0.patch`, static \
+         membership fixed, dynamic members as released); \
          origin-sync's own part of a join stays at p99 {:.0} ms. Apache Kafka has no such hold \
          outside `group.initial.rebalance.delay.ms`, which applies to an empty group only. A new owner sends \
          again only the shoppers whose changelog records lie at or above the partition's \
