@@ -127,11 +127,33 @@ pub async fn write(
                 tracing::debug!(error = %e, "offset commit failed; a new owner starts earlier");
             }
         }
-        let marks: Vec<(UserKey, u64)> = commit.logged.iter().map(|l| (l.key, l.version)).collect();
+        let marks = delivered_marks(&commit.logged, &commit.restored, &settled, &owned);
         let store = shared.store.clone();
         blocking(move || store.mark_logged(&marks)).await?;
     }
     Ok(())
+}
+
+/// The unlogged marks a delivery clears: every record's, except those of partitions owned
+/// here but still restoring (unless this is that restore's own commit). Such a batch was
+/// folded before the partition left; its users' outbox entries left with it, and the
+/// partition's new restore may have read the changelog's end before these records got
+/// there. Kept, the marks make the restore's last step put those users in the outbox and log
+/// them again (a record twice is harmless); cleared, nobody would send them until their next
+/// event, and a later sample would move the watermark past them.
+fn delivered_marks(
+    logged: &[Logged],
+    restored: &Ends,
+    settled: &[i32],
+    owned: &[i32],
+) -> Vec<(UserKey, u64)> {
+    let restoring =
+        |p: &i32| owned.contains(p) && !settled.contains(p) && !restored.contains_key(p);
+    logged
+        .iter()
+        .filter(|l| !restoring(&l.partition))
+        .map(|l| (l.key, l.version))
+        .collect()
 }
 
 /// The restore ends of partitions not revoked since the ends were taken (`then`), by the
@@ -862,6 +884,32 @@ mod tests {
         // a restored partition's own records in the same delivery count too
         let got = sampled(ends(&[(2, 50)]), &ends(&[(2, 35)]), &[], &[2]);
         assert_eq!(got, ends(&[(2, 50)]));
+    }
+
+    /// A delivery leaves the unlogged marks of a partition that is restoring here again (its
+    /// batch was folded before the partition left, its outbox entries released): the restore's
+    /// last step sends those users. Its own restore's commit, and every other partition's
+    /// records, clear theirs.
+    #[test]
+    fn a_delivery_keeps_the_marks_of_a_partition_restoring_again() {
+        let logged: Vec<Logged> = [(0, 1), (1, 2), (2, 3), (3, 4)]
+            .into_iter()
+            .map(|(partition, n)| Logged {
+                partition,
+                key: UserKey([n; 12]),
+                version: u64::from(n),
+                value: Vec::new(),
+            })
+            .collect();
+        let keys =
+            |marks: Vec<(UserKey, u64)>| -> Vec<u64> { marks.into_iter().map(|m| m.1).collect() };
+        // 0 settled, 1 restoring, 2 not owned (its marks go: its new owner folds again), 3
+        // restoring with this commit its restore's
+        let marks = delivered_marks(&logged, &ends(&[(3, 40)]), &[0], &[0, 1, 3]);
+        assert_eq!(keys(marks), vec![1, 3, 4]);
+        // everything settled: every mark goes
+        let marks = delivered_marks(&logged, &Ends::default(), &[0, 1, 2, 3], &[0, 1, 2, 3]);
+        assert_eq!(keys(marks), vec![1, 2, 3, 4]);
     }
 
     /// A restore's end counts only while its partition has not been revoked since the end

@@ -201,12 +201,17 @@ const TANSU_BROKER_PATCH: &str = include_str!("../patches/tansu-broker-0.6.0.pat
 /// names the patch it was built with; another patch (or none) builds it again.
 fn tansu() -> Result<()> {
     let stamp_path = cargo_bin_dir().join(".tansu-edgewise-patch");
-    let stamp = format!(
-        "tansu {TANSU_VERSION}, tansu-broker patch {:016x}\n",
-        fnv1a(TANSU_BROKER_PATCH.as_bytes())
-    );
+    // names the patch and the binary it was written for: another patch, or a `tansu`
+    // installed over it since, builds it again
+    let stamp = || {
+        let bytes = std::fs::metadata(cargo_tool("tansu")).map_or(0, |m| m.len());
+        format!(
+            "tansu {TANSU_VERSION}, tansu-broker patch {:016x}, binary {bytes} bytes\n",
+            fnv1a(TANSU_BROKER_PATCH.as_bytes())
+        )
+    };
     if cargo_tool("tansu").is_file()
-        && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
+        && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp())
     {
         println!(
             "    ok    tansu {TANSU_VERSION} (group coordinator patched for static membership)"
@@ -219,6 +224,20 @@ fn tansu() -> Result<()> {
     let started = Instant::now();
     let work = std::env::temp_dir().join(format!("edgewise-tansu-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
+    let built = build_tansu(&work);
+    let _ = std::fs::remove_dir_all(&work);
+    built?;
+    std::fs::write(&stamp_path, stamp())
+        .with_context(|| format!("writing {}", stamp_path.display()))?;
+    println!(
+        "    done  tansu {TANSU_VERSION} (patched) in {:.0?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Builds and installs the patched `tansu` in `work` (a scratch directory).
+fn build_tansu(work: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(work.join("src")).context("creating tansu's build directory")?;
     let write = |name: &str, text: &str| {
         std::fs::write(work.join(name), text).with_context(|| format!("writing {name}"))
@@ -228,7 +247,7 @@ fn tansu() -> Result<()> {
     write("Cargo.toml", &tansu_manifest(false))?;
     Cmd::new("cargo")
         .args(["fetch", "--quiet"])
-        .cwd(&work)
+        .cwd(work)
         .run()?;
     let broker = format!("tansu-broker-{TANSU_VERSION}");
     let krate = registry_crate(&format!("{broker}.crate")).with_context(|| {
@@ -238,7 +257,7 @@ fn tansu() -> Result<()> {
         .arg("xzf")
         .arg(&krate)
         .arg("-C")
-        .arg(&work)
+        .arg(work)
         .run()?;
     write("tansu-broker.patch", TANSU_BROKER_PATCH)?;
     Cmd::new("git")
@@ -250,20 +269,12 @@ fn tansu() -> Result<()> {
     let target = work.join("target");
     Cmd::new("cargo")
         .args(["install", "--force", "--path"])
-        .arg(&work)
+        .arg(work)
         .arg("--target-dir")
         .arg(&target)
         // outside the workspace, so our rust-toolchain.toml and profiles do not apply
-        .cwd(&work)
-        .run()?;
-    std::fs::write(&stamp_path, stamp)
-        .with_context(|| format!("writing {}", stamp_path.display()))?;
-    let _ = std::fs::remove_dir_all(&work);
-    println!(
-        "    done  tansu {TANSU_VERSION} (patched) in {:.0?}",
-        started.elapsed()
-    );
-    Ok(())
+        .cwd(work)
+        .run()
 }
 
 /// tansu's own `main` (tansu 0.6.0, `src/bin/tansu.rs`, Apache-2.0), without the hints it
