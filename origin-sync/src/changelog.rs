@@ -912,6 +912,62 @@ mod tests {
         assert_eq!(keys(marks), vec![1, 2, 3, 4]);
     }
 
+    /// The whole window on a real store: a batch of partition 1 folded, the partition revoked
+    /// (its outbox entries released) and assigned here again; its restore reads the changelog
+    /// before the batch's records get there, and the batch is delivered while the partition
+    /// still restores. The restore's last step must still find those users to send and log.
+    #[test]
+    fn a_batch_delivered_while_its_partition_restores_again_is_sent_by_the_restore() {
+        use crate::store::{Record, Store, Window};
+        let path = std::env::temp_dir().join(format!(
+            "origin-sync-changelog-{}-lagging-writer",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let window = Window {
+            reorder_ms: 0,
+            max_events: 1,
+        };
+        let store = Store::open(&path, b"dev-user-key-secret", window)
+            .expect("store")
+            .partitioned();
+        let catalog = shared::catalog::Catalog::demo().expect("demo");
+        let records: Vec<Record> =
+            shared::traffic::Traffic::new(&catalog, 3, "w", 1_732_960_000_000, 10, 7)
+                .take(30)
+                .enumerate()
+                .map(|(i, e)| Record {
+                    topic: "t".into(),
+                    partition: 1,
+                    offset: i as i64,
+                    event: Some(e),
+                    arrived_ms: Some(1),
+                })
+                .collect();
+        store.set_owned(&[1]);
+        let batch = store.apply_batch(&records).expect("fold").logged;
+        assert_eq!(batch.len(), 3);
+        // revoked: released; then assigned again, restoring (nothing on the changelog yet)
+        store.set_owned(&[]);
+        assert_eq!(store.release(&[1]).expect("release"), 3);
+        store.set_restoring(&[1]);
+        store.set_owned(&[1]);
+        store
+            .apply_changelog(1, &[], 0, 0, 5)
+            .expect("restore reads nothing");
+        // the lagging writer delivers the batch now
+        let marks = delivered_marks(&batch, &Ends::default(), &store.settled(), &store.owned());
+        store.mark_logged(&marks).expect("marks");
+        // the restore's last step
+        let unlogged = store.unlogged_of(Some(&[1]), u64::MAX).expect("unlogged");
+        assert_eq!(
+            unlogged.len(),
+            3,
+            "the batch's users are sent and logged again"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
     /// A restore's end counts only while its partition has not been revoked since the end
     /// was taken; another partition's revocation leaves it.
     #[test]
