@@ -263,6 +263,18 @@ impl Watermarks {
         }
     }
 
+    /// Drops what is known of the partitions revoked since the last call (their count in
+    /// `revocations` moved). Called with no samples kept too, so that a sample taken after a
+    /// revocation is not dropped for it later.
+    pub fn revoked(&mut self, revocations: &Revocations) {
+        if *revocations != self.revocations {
+            let changed = |p: &i32| revocations.get(p) != self.revocations.get(p);
+            self.samples.retain(|p, _| !changed(p));
+            self.committed.retain(|p, _| !changed(p));
+            self.revocations = revocations.clone();
+        }
+    }
+
     /// The time of the oldest sample (`None`: nothing to move): an outbox entry stored at or
     /// before it holds every watermark where it is.
     pub fn oldest_sample(&self) -> Option<u64> {
@@ -288,12 +300,7 @@ impl Watermarks {
         owned: &[i32],
         revocations: &Revocations,
     ) -> Vec<(i32, i64)> {
-        if *revocations != self.revocations {
-            let changed = |p: &i32| revocations.get(p) != self.revocations.get(p);
-            self.samples.retain(|p, _| !changed(p));
-            self.committed.retain(|p, _| !changed(p));
-            self.revocations = revocations.clone();
-        }
+        self.revoked(revocations);
         self.samples.retain(|p, _| owned.contains(p));
         self.committed.retain(|p, _| owned.contains(p));
         let mut moved = Vec::new();
@@ -328,6 +335,8 @@ async fn commit_watermarks(
     watermarks: &mut Watermarks,
 ) -> Result<(), PipelineError> {
     let Some(enough) = watermarks.oldest_sample() else {
+        // nothing sampled, so nothing taken before these revocations to drop later
+        watermarks.revoked(&shared.store.revocations());
         return Ok(());
     };
     let store = shared.store.clone();
@@ -966,6 +975,18 @@ mod tests {
             "the batch's users are sent and logged again"
         );
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// Revocations seen while nothing was sampled do not void a sample taken after them.
+    #[test]
+    fn a_sample_taken_after_a_revocation_seen_idle_counts() {
+        let mut w = Watermarks::default();
+        w.revoked(&revoked(&[(0, 1)]));
+        w.delivered(&ends(&[(0, 10)]), 100);
+        assert_eq!(
+            w.advance(None, &[0], &[0], &revoked(&[(0, 1)])),
+            vec![(0, 10)]
+        );
     }
 
     /// A restore's end counts only while its partition has not been revoked since the end
