@@ -194,6 +194,10 @@ const TANSU_VERSION: &str = "0.6.0";
 /// and why), applied to the copy the `tansu` binary is built with.
 const TANSU_BROKER_PATCH: &str = include_str!("../patches/tansu-broker-0.6.0.patch");
 
+/// The build package's dependency versions, as tested (`cargo install --locked`): a fresh
+/// machine builds the same broker months later, not whatever crates.io resolves to then.
+const TANSU_BUILD_LOCK: &str = include_str!("../patches/tansu-build.Cargo.lock");
+
 /// The `tansu` binary: tansu's command line over a patched tansu-broker. `cargo install`
 /// cannot patch a crate it installs from the registry, so the binary is built from a small
 /// package of our own (tansu's `main`) whose manifest patches tansu-broker with a copy of
@@ -206,8 +210,9 @@ fn tansu() -> Result<()> {
     let stamp = || {
         let bytes = std::fs::metadata(cargo_tool("tansu")).map_or(0, |m| m.len());
         format!(
-            "tansu {TANSU_VERSION}, tansu-broker patch {:016x}, binary {bytes} bytes\n",
-            fnv1a(TANSU_BROKER_PATCH.as_bytes())
+            "tansu {TANSU_VERSION}, tansu-broker patch {:016x}, lock {:016x}, binary {bytes} bytes\n",
+            fnv1a(TANSU_BROKER_PATCH.as_bytes()),
+            fnv1a(TANSU_BUILD_LOCK.as_bytes())
         )
     };
     if cargo_tool("tansu").is_file()
@@ -266,9 +271,10 @@ fn build_tansu(work: &std::path::Path) -> Result<()> {
         .run()
         .context("the tansu-broker patch does not apply to the released source")?;
     write("Cargo.toml", &tansu_manifest(true))?;
+    write("Cargo.lock", TANSU_BUILD_LOCK)?;
     let target = work.join("target");
     Cmd::new("cargo")
-        .args(["install", "--force", "--path"])
+        .args(["install", "--force", "--locked", "--path"])
         .arg(work)
         .arg("--target-dir")
         .arg(&target)
