@@ -127,7 +127,9 @@ pub async fn write(
                 tracing::debug!(error = %e, "offset commit failed; a new owner starts earlier");
             }
         }
-        let marks = delivered_marks(&commit.logged, &commit.restored, &settled, &owned);
+        // the restore ends still standing: a restore's commit delivered after its partition
+        // left (and came back) clears nothing of that partition
+        let marks = delivered_marks(&commit.logged, &restored, &settled, &owned);
         let store = shared.store.clone();
         blocking(move || store.mark_logged(&marks)).await?;
     }

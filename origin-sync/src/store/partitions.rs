@@ -363,8 +363,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Marks changes as acknowledged by the broker: each unlogged mark goes if it is still
-    /// for that version (a later change keeps its own mark).
+    /// Marks changes as acknowledged by the broker: each unlogged mark goes if it is for that
+    /// version or an earlier one (a later change keeps its own mark; a mark left by a batch
+    /// whose partition left and came back, its state since replaced by a newer owner's, goes
+    /// with the next record of the user's current state instead of being logged again every
+    /// sweep).
     pub fn mark_logged(&self, logged: &[(UserKey, u64)]) -> Result<(), StoreError> {
         if logged.is_empty() {
             return Ok(());
@@ -375,10 +378,10 @@ impl Store {
         {
             let mut t = tx.open_table(UNLOGGED)?;
             for (key, version) in logged {
-                let same = t
+                let covered = t
                     .get(key.0.as_slice())?
-                    .is_some_and(|g| g.value().0 == *version);
-                if same {
+                    .is_some_and(|g| g.value().0 <= *version);
+                if covered {
                     t.remove(key.0.as_slice())?;
                 }
             }
@@ -1269,6 +1272,14 @@ mod tests {
         let marks: Vec<(UserKey, u64)> = second.iter().map(|l| (l.key, l.version)).collect();
         store.mark_logged(&marks).expect("mark");
         assert!(store.unlogged().expect("unlogged").is_empty());
+        // a record of a later version than the mark's (the state replaced by a newer owner's
+        // since) clears it too: otherwise the sweep would log the user again every second
+        let other = open("unlogged-newer");
+        let marked = other.apply_batch(&recs[..20]).expect("fold").logged;
+        assert!(!marked.is_empty());
+        let newer: Vec<(UserKey, u64)> = marked.iter().map(|l| (l.key, l.version + 5)).collect();
+        other.mark_logged(&newer).expect("mark");
+        assert!(other.unlogged().expect("unlogged").is_empty());
     }
 
     /// Giving up a partition drops its users' outbox entries and no one else's.
