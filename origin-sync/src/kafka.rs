@@ -36,7 +36,10 @@ fn consumer_config(config: &KafkaConfig, group_id: &str) -> ClientConfig {
         // bounded prefetch: memory stays flat while consumption is paused
         .set("queued.max.messages.kbytes", "32768")
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
-        .set("heartbeat.interval.ms", "1000")
+        .set(
+            "heartbeat.interval.ms",
+            config.heartbeat_interval_ms.to_string(),
+        )
         .set("log_level", "3");
     c
 }

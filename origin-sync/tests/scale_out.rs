@@ -1110,12 +1110,10 @@ async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
 /// writes before it learns otherwise (store, changelog, edge) must not count an event twice,
 /// lose one, or move a version back: the edge ends equal to the reference fold.
 ///
-/// Not run: the tests' broker (tansu 0.6.0) never removes a member that stops heartbeating
-/// while its connection stays open: when the frozen instance's session expires, the other
-/// is revoked everything and assigned nothing for 60 s, every run (also with
-/// `max.poll.interval.ms` at 12 s). A killed instance (connection closed) is handled; see
-/// the first test. Kept for a broker with Kafka's session expiry.
-#[ignore = "tansu 0.6.0 does not expire a silent member whose connection stays open"]
+/// Needs the tests' broker to expire a silent member and replace a silent leader: tansu
+/// 0.6.0 as released carried an evicted leader into the next generation, after which every
+/// SyncGroup was refused (the other instance revoked everything and assigned nothing);
+/// `xtask/patches/tansu-broker-0.6.0.patch` fixes that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_instance_that_wakes_after_its_partitions_moved_changes_nothing() {
     let Some(tansu) = group_broker("zombie") else {

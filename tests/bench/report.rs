@@ -709,18 +709,15 @@ fn scale_out_section(dir: &Path) -> String {
          | throughput, one instance, once the group settled ({} events, {} partitions) | {:.0} events/s | raw consume: {raw:.0} events/s | {:.2}× | | |\n\
          | throughput, two instances | {:.0} events/s | the same raw consume | {:.2}× | | |\n\n\
          On this machine two cores carry the broker, every instance and the sink, so a second \
-         instance adds processes, not cores: the broker's own read rate bounds both. tansu 0.6.0 \
-         holds a JoinGroup for a fixed 3 s (`PAUSE_MS`, a constant in its group coordinator, no \
-         setting changes it) when the member already has an id and is not the group's leader. \
-         When an instance stops, the one that stays rejoins without that hold (it is the leader, \
-         or the leader was the one that left and the broker cleared it), so a stop measures \
-         origin-sync. An instance that joins is a follower with an id in the second JoinGroup \
-         of each of cooperative rebalancing's two rounds, so every join waits at least 3 s at \
-         this broker, whatever the client does (static members are held 3 s on every join too; \
-         the broker here is tansu with `xtask/patches/tansu-broker-0.6.0.patch`, static \
-         membership fixed, dynamic members as released); \
-         origin-sync's own part of a join stays at p99 {:.0} ms. Apache Kafka has no such hold \
-         outside `group.initial.rebalance.delay.ms`, which applies to an empty group only. A new owner sends \
+         instance adds processes, not cores: the broker's own read rate bounds both. The broker \
+         is tansu 0.6.0 with `xtask/patches/tansu-broker-0.6.0.patch`: a follower's JoinGroup \
+         is no longer held a fixed 3 s (its SyncGroup waits for the leader's assignment \
+         instead), which took a join from ~3.1 to ~2.1 s. What remains of a join is the \
+         broker's, not origin-sync's (its part stays at p99 {:.0} ms): tansu lets the leader \
+         complete a generation without waiting for the other members to rejoin, so a joining \
+         member's first SyncGroup is often for a generation already gone, and librdkafka sends \
+         a member's JoinGroups at most once a second. Apache Kafka holds every JoinGroup of a \
+         rebalance until all members have rejoined, so one generation serves each round. A new owner sends \
          again only the shoppers whose changelog records lie at or above the partition's \
          acknowledged watermark (the group's committed offset of the changelog partition, moved \
          by the owner once every sink acknowledged what lies below): after a handover in steady \

@@ -771,8 +771,9 @@ impl Moves {
 
 /// Graceful moves of three kinds, told apart because tansu 0.6.0 treats them differently: a
 /// follower stops (the leader rejoins at once), the group's leader stops (the leader is cleared,
-/// the survivor rejoins at once and leads), and an instance joins (tansu holds the JoinGroup of
-/// a member that is not the leader for 3 s, in each of cooperative rebalancing's two rounds).
+/// the survivor rejoins at once and leads), and an instance joins (a follower in both of
+/// cooperative rebalancing's rounds; tansu completes a generation without waiting for every
+/// member, so a joining member often syncs into a generation already gone and joins again).
 /// Rounds alternate: even rounds stop the follower, odd rounds the leader; each stopped
 /// instance then joins again.
 async fn handover_phase(
@@ -940,7 +941,7 @@ async fn throughput_phase(
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        // tansu takes seconds to form a group of two (its JoinGroup pauses 3 s), during which
+        // tansu takes seconds to form a group of two (two rounds, a stale generation), during which
         // the first instance alone consumes: a quarter of the events is still a steady run
         anyhow::ensure!(
             at_from < n * 0.75,
