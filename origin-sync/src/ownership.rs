@@ -107,6 +107,16 @@ impl Owner {
         }
     }
 
+    /// Tells the store which partitions this instance owns and which of them are restoring.
+    fn tell_store(&self, shared: &Shared) {
+        let owned: Vec<i32> = self.owned.iter().copied().collect();
+        // restoring first: a partition is never seen owned and not restoring before its
+        // restore is done (the changelog audit reads only restored ones)
+        let restoring: Vec<i32> = self.restoring.iter().copied().collect();
+        shared.store.set_restoring(&restoring);
+        shared.store.set_owned(&owned);
+    }
+
     pub async fn handle(
         &mut self,
         shared: &Arc<Shared>,
@@ -114,18 +124,26 @@ impl Owner {
         control: Control,
     ) -> Result<(), PipelineError> {
         let metrics = &shared.metrics;
+        let published = shared.store.publishes();
         match control {
             Control::Rebalanced(Rebalanced::Assigned(ps)) => {
                 metrics.rebalances.fetch_add(1, Relaxed);
                 // revoked and given back before its release ran: nothing to release
                 self.released.retain(|q| !ps.contains(q));
+                let mut arrived = Vec::new();
                 for p in ps {
                     if self.owned.insert(p) {
                         self.restoring.insert(p);
                         self.assignments += 1;
                         self.assignment.insert(p, self.assignments);
-                        self.spawn_restore(shared, p, self.assignments, Duration::ZERO);
+                        arrived.push((p, self.assignments));
                     }
+                }
+                // the store knows them owned and restoring before their restores run, so
+                // nothing a restore does (its commit's delivered marks) sees them elsewhere
+                self.tell_store(shared);
+                for (p, assignment) in arrived {
+                    self.spawn_restore(shared, p, assignment, Duration::ZERO);
                 }
                 tracing::info!(owned = ?self.owned, restoring = ?self.restoring, "partitions assigned");
             }
@@ -208,13 +226,7 @@ impl Owner {
                 }
             }
         }
-        let owned: Vec<i32> = self.owned.iter().copied().collect();
-        let published = shared.store.publishes();
-        // restoring first: a partition is never seen owned and not restoring before its
-        // restore is done (the changelog audit reads only restored ones)
-        let restoring: Vec<i32> = self.restoring.iter().copied().collect();
-        shared.store.set_restoring(&restoring);
-        shared.store.set_owned(&owned);
+        self.tell_store(shared);
         if shared.store.publishes() && !published {
             // partition 0 arrived: this instance publishes the documents from now on
             shared.documents.send_modify(|v| *v += 1);
