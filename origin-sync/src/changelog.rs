@@ -912,15 +912,15 @@ mod tests {
                 value: Vec::new(),
             })
             .collect();
-        let keys =
+        let versions =
             |marks: Vec<(UserKey, u64)>| -> Vec<u64> { marks.into_iter().map(|m| m.1).collect() };
         // 0 settled, 1 restoring, 2 not owned (its marks go: its new owner folds again), 3
         // restoring with this commit its restore's
         let marks = delivered_marks(&logged, &ends(&[(3, 40)]), &[0], &[0, 1, 3]);
-        assert_eq!(keys(marks), vec![1, 3, 4]);
+        assert_eq!(versions(marks), vec![1, 3, 4]);
         // everything settled: every mark goes
         let marks = delivered_marks(&logged, &Ends::default(), &[0, 1, 2, 3], &[0, 1, 2, 3]);
-        assert_eq!(keys(marks), vec![1, 2, 3, 4]);
+        assert_eq!(versions(marks), vec![1, 2, 3, 4]);
     }
 
     /// The whole window on a real store: a batch of partition 1 folded, the partition revoked

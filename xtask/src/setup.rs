@@ -5,7 +5,7 @@
 //! registries (crates.io, npm, Debian): worker-build's own downloader is bypassed by pointing
 //! it at the wasm-bindgen, esbuild and wasm-opt installed here.
 
-use crate::util::{Cmd, cargo_bin_dir, cargo_tool, node_bin, root, step};
+use crate::util::{Cmd, Fnv1a, cargo_bin_dir, cargo_tool, node_bin, root, step};
 use anyhow::{Context, Result, bail};
 use std::time::Instant;
 
@@ -190,8 +190,9 @@ fn cargo_install(tool: &CargoTool) -> Result<()> {
 /// The tansu release the local stack and the tests run, as the Kafka-protocol broker.
 const TANSU_VERSION: &str = "0.6.0";
 
-/// Fixes to tansu-broker's group coordinator (static membership; the file's header says what
-/// and why), applied to the copy the `tansu` binary is built with.
+/// Fixes to tansu-broker's group coordinator (static membership, leader replacement, a
+/// follower's sync; the file's header says what and why), applied to the copy the `tansu`
+/// binary is built with.
 const TANSU_BROKER_PATCH: &str = include_str!("../patches/tansu-broker-0.6.0.patch");
 
 /// The build package's dependency versions, as tested (`cargo install --locked`): a fresh
@@ -211,8 +212,8 @@ fn tansu() -> Result<()> {
         let bytes = std::fs::metadata(cargo_tool("tansu")).map_or(0, |m| m.len());
         format!(
             "tansu {TANSU_VERSION}, tansu-broker patch {:016x}, lock {:016x}, binary {bytes} bytes\n",
-            fnv1a(TANSU_BROKER_PATCH.as_bytes()),
-            fnv1a(TANSU_BUILD_LOCK.as_bytes())
+            Fnv1a::of(TANSU_BROKER_PATCH.as_bytes()),
+            Fnv1a::of(TANSU_BUILD_LOCK.as_bytes())
         )
     };
     if cargo_tool("tansu").is_file()
@@ -334,13 +335,6 @@ fn registry_crate(name: &str) -> Option<std::path::PathBuf> {
         .ok()?
         .filter_map(|index| Some(index.ok()?.path().join(name)))
         .find(|p| p.is_file())
-}
-
-/// FNV-1a, 64 bits: names a patch's content in the stamp (not a security boundary).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 fn npm_packages() -> Result<()> {

@@ -5,6 +5,32 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
+/// FNV-1a, 64 bits, fed in pieces (the hash of their concatenation): names content in the
+/// worker's fingerprint and tansu's stamp (not a security boundary).
+pub struct Fnv1a(u64);
+
+impl Fnv1a {
+    pub fn new() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn of(bytes: &[u8]) -> u64 {
+        let mut h = Fnv1a::new();
+        h.feed(bytes);
+        h.0
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// The workspace root (the xtask crate lives one level below it).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -5,7 +5,7 @@
 //! download them) and skip the whole build when a fingerprint of its inputs is unchanged, so
 //! `wrangler dev`, the tests and the benchmarks all reuse one build.
 
-use crate::util::{Cmd, cargo_tool, node_bin, root, step};
+use crate::util::{Cmd, Fnv1a, cargo_tool, node_bin, root, step};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
@@ -90,18 +90,12 @@ fn fingerprint() -> Result<String> {
     }
     files.extend(INPUT_FILES.iter().map(|f| root().join(f)));
     files.sort();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
+    let mut h = Fnv1a::new();
     for f in files {
-        feed(f.to_string_lossy().as_bytes());
-        feed(&std::fs::read(&f).unwrap_or_default());
+        h.feed(f.to_string_lossy().as_bytes());
+        h.feed(&std::fs::read(&f).unwrap_or_default());
     }
-    Ok(format!("{h:016x}"))
+    Ok(format!("{:016x}", h.finish()))
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
