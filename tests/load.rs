@@ -147,6 +147,136 @@ pub fn interleaved(
     Ok(merged)
 }
 
+/// An open-loop run: `connections` kept-alive connections send `requests` at `rate` requests
+/// per second in all, each connection on a fixed schedule of its own (its share of the rate,
+/// offset from the others'), whatever the answers take. A closed loop at full speed keeps the
+/// server saturated, so its latencies are queueing, and comparing two routes' compares their
+/// throughputs; at a rate the server carries, a latency is what an answer takes under load.
+/// Latencies are timed from each request's first byte written, as in [`closed_loop`]; a
+/// request due while its connection still waited for the previous answer is sent as soon as
+/// that answer is read and counted in [`PacedRun::late`] (enough connections keep it rare).
+pub fn paced(
+    port: u16,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+    requests: &[Vec<u8>],
+) -> io::Result<PacedRun> {
+    if requests.is_empty() || connections == 0 || rate <= 0.0 {
+        return Err(io::Error::other(
+            "a paced run needs requests, connections and a rate",
+        ));
+    }
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let per_connection: Vec<io::Result<(LoadRun, u64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..connections)
+            .map(|c| {
+                let first_due = started + interval.mul_f64(c as f64 / connections as f64);
+                let schedule = Schedule {
+                    first_due,
+                    interval,
+                };
+                s.spawn(move || {
+                    let mut late = 0;
+                    let run = connection_loop(
+                        port,
+                        deadline,
+                        requests,
+                        c,
+                        connections,
+                        Some((schedule, &mut late)),
+                    )?;
+                    Ok((run, late))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a load connection panicked")))
+            })
+            .collect()
+    });
+    let mut run = PacedRun {
+        run: LoadRun {
+            answers: 0,
+            non_2xx: 0,
+            transport_errors: 0,
+            latencies_ms: Vec::new(),
+            elapsed: started.elapsed(),
+        },
+        late: 0,
+    };
+    for r in per_connection {
+        let (r, late) = r?;
+        run.run.answers += r.answers;
+        run.run.non_2xx += r.non_2xx;
+        run.run.transport_errors += r.transport_errors;
+        run.run.latencies_ms.extend(r.latencies_ms);
+        run.late += late;
+    }
+    run.run.latencies_ms.sort_by(f64::total_cmp);
+    Ok(run)
+}
+
+/// What a [`paced`] run measured.
+#[derive(Debug, Clone)]
+pub struct PacedRun {
+    pub run: LoadRun,
+    /// Requests sent after their due time because the connection was still waiting for the
+    /// previous answer.
+    pub late: u64,
+}
+
+/// [`interleaved`] for [`paced`] runs: the routes take turns of `slice`, `rounds` times.
+pub fn interleaved_paced(
+    port: u16,
+    connections: usize,
+    rate: f64,
+    slice: Duration,
+    rounds: u32,
+    routes: &[Vec<Vec<u8>>],
+) -> io::Result<Vec<PacedRun>> {
+    let mut merged: Vec<PacedRun> = routes
+        .iter()
+        .map(|_| PacedRun {
+            run: LoadRun {
+                answers: 0,
+                non_2xx: 0,
+                transport_errors: 0,
+                latencies_ms: Vec::new(),
+                elapsed: Duration::ZERO,
+            },
+            late: 0,
+        })
+        .collect();
+    for _ in 0..rounds {
+        for (route, total) in routes.iter().zip(merged.iter_mut()) {
+            let p = paced(port, connections, rate, slice, route)?;
+            total.run.answers += p.run.answers;
+            total.run.non_2xx += p.run.non_2xx;
+            total.run.transport_errors += p.run.transport_errors;
+            total.run.latencies_ms.extend(p.run.latencies_ms);
+            total.run.elapsed += p.run.elapsed;
+            total.late += p.late;
+        }
+    }
+    for p in &mut merged {
+        p.run.latencies_ms.sort_by(f64::total_cmp);
+    }
+    Ok(merged)
+}
+
+/// When a paced connection's requests are due.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    first_due: Instant,
+    interval: Duration,
+}
+
 /// Connections failing in a row before the run gives up (the server is gone).
 const MAX_CONSECUTIVE_FAILURES: u32 = 20;
 
@@ -156,6 +286,19 @@ fn one_connection(
     requests: &[Vec<u8>],
     first: usize,
     step: usize,
+) -> io::Result<LoadRun> {
+    connection_loop(port, deadline, requests, first, step, None)
+}
+
+/// One connection's requests until `deadline`: back to back, or on `paced`'s schedule
+/// (counting the requests sent late).
+fn connection_loop(
+    port: u16,
+    deadline: Instant,
+    requests: &[Vec<u8>],
+    first: usize,
+    step: usize,
+    mut paced: Option<(Schedule, &mut u64)>,
 ) -> io::Result<LoadRun> {
     let mut run = LoadRun {
         answers: 0,
@@ -167,7 +310,21 @@ fn one_connection(
     let mut next = first % requests.len();
     let mut conn: Option<Conn> = None;
     let mut failures = 0;
+    let mut sent_count: u32 = 0;
     while Instant::now() < deadline {
+        if let Some((schedule, late)) = paced.as_mut() {
+            let due = schedule.first_due + schedule.interval * sent_count;
+            if due >= deadline {
+                break;
+            }
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            } else if now - due > schedule.interval / 2 {
+                **late += 1;
+            }
+            sent_count += 1;
+        }
         let c = match conn.as_mut() {
             Some(c) => c,
             None => conn.insert(Conn::open(port)?),

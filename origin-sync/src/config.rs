@@ -86,8 +86,7 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u64,
     /// How often (ms) this instance tells the group it is alive (`heartbeat.interval.ms`):
     /// also how soon a member learns that a rebalance began, so every moved partition's pause
-    /// grows with it (measured here: 300 instead of 1000 changed no handover's pause, which
-    /// the broker and restore dominate). Below `session_timeout_ms`.
+    /// grows with it. Below `session_timeout_ms`.
     pub heartbeat_interval_ms: u64,
     /// With `assignment = "group"`: keep a warm copy of the partitions this instance does not
     /// own by tailing their changelog partitions, so a fail-over to it restores only the tail.
@@ -294,7 +293,7 @@ impl Default for KafkaConfig {
             changelog_topic: "edgewise_profile_changelog".into(),
             instance_id: None,
             session_timeout_ms: 6000,
-            heartbeat_interval_ms: 1000,
+            heartbeat_interval_ms: 300,
             standby: false,
             changelog_audit_ms: 30_000,
             max_batch: 20000,

@@ -95,16 +95,21 @@ pub fn membership(
     topic: &str,
 ) -> Result<(Membership, tokio::sync::mpsc::UnboundedReceiver<Rebalanced>), KafkaError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let consumer: Membership =
+        membership_config(config).create_with_context(MembershipContext { events: tx })?;
+    consumer.subscribe(&[topic])?;
+    Ok((consumer, rx))
+}
+
+/// The membership consumer's settings: `heartbeat.interval.ms` as configured (a rebalance is
+/// learnt from a heartbeat's answer, so every moved partition waits for one).
+fn membership_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = consumer_config(config, &config.group_id);
-    c.set("partition.assignment.strategy", "cooperative-sticky")
-        // a rebalance is learnt from a heartbeat's answer: frequent ones shorten handovers
-        .set("heartbeat.interval.ms", "300");
+    c.set("partition.assignment.strategy", "cooperative-sticky");
     if let Some(id) = &config.instance_id {
         c.set("group.instance.id", id);
     }
-    let consumer: Membership = c.create_with_context(MembershipContext { events: tx })?;
-    consumer.subscribe(&[topic])?;
-    Ok((consumer, rx))
+    c
 }
 
 /// A consumer that reads assigned partitions to their end and commits nothing (restoring a
@@ -246,7 +251,7 @@ pub(crate) async fn await_all(pending: &mut Vec<DeliveryFuture>) -> Result<Ends,
 }
 
 #[cfg(test)]
-mod security_tests {
+mod tests {
     use super::*;
     use crate::config::{KafkaSecurity, SecurityProtocol};
     use rdkafka::producer::FutureProducer;
@@ -325,5 +330,23 @@ mod security_tests {
             KafkaSecurity::default().properties(),
             vec![("security.protocol", "plaintext".to_owned())]
         );
+    }
+
+    #[test]
+    fn the_membership_heartbeats_as_configured() {
+        let mut config = KafkaConfig {
+            heartbeat_interval_ms: 700,
+            instance_id: Some("a".into()),
+            ..KafkaConfig::default()
+        };
+        let c = membership_config(&config);
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("700"));
+        assert_eq!(c.get("group.instance.id"), Some("a"));
+        assert_eq!(
+            c.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        config.instance_id = None;
+        assert_eq!(membership_config(&config).get("group.instance.id"), None);
     }
 }

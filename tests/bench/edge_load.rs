@@ -156,6 +156,12 @@ fn run(secs: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// The paced runs' rate, as a share of the personalized route's closed-loop rate.
+const PACED_SHARE: f64 = 0.5;
+/// Connections of the paced runs: enough that each waits between its requests, so few are
+/// sent late.
+const PACED_CONNECTIONS: usize = 8;
+
 /// Requests per route for the CPU-time samples.
 const CPU_SAMPLES: usize = 1500;
 
@@ -230,6 +236,25 @@ fn standalone(
         ],
         secs,
     )?;
+    // The same two routes at a rate the worker carries: half what the closed loop drew from
+    // the personalized route, offered to both.
+    let rate = (runs[1].rps * PACED_SHARE).max(100.0);
+    println!(
+        "==> standalone workerd: {rate:.0} requests/s offered to each route ({:.0}% of the personalized route's closed-loop rate), {PACED_CONNECTIONS} connections",
+        PACED_SHARE * 100.0
+    );
+    let paced_runs = tests::load::interleaved_paced(
+        wd.port,
+        PACED_CONNECTIONS,
+        rate,
+        std::time::Duration::from_secs(1),
+        secs,
+        &[
+            requests(wd.port, EMPTY, &warm),
+            requests(wd.port, RECS, &warm),
+        ],
+    )
+    .map_err(|e| e.to_string())?;
     let kv_reads_in_load = profile_cache_misses(wd.port)? - misses_before_load;
     println!("    profile reads from KV during the load: {kv_reads_in_load} (a warm cache: 0)");
     // CPU per request: one request at a time, workerd's CPU clock read around each. Warmed
@@ -315,10 +340,54 @@ fn standalone(
         num(&cpu_figures["first_visit_p99_us"]),
         runs[3].p50_ms / runs[0].p50_ms,
     );
-    if runs.iter().any(|r| r.requests == 0) {
+    let paced: Vec<serde_json::Value> = [
+        "workerd: empty route, paced",
+        "workerd: recommendations, warm cache, paced",
+    ]
+    .iter()
+    .zip(&paced_runs)
+    .map(|(name, p)| {
+        serde_json::json!({
+            "name": name, "rps": p.run.rps(), "p50_ms": p.run.quantile_ms(0.5),
+            "p99_ms": p.run.quantile_ms(0.99), "requests": p.run.answers,
+            "late": p.late, "errors": p.run.transport_errors,
+        })
+    })
+    .collect();
+    println!();
+    println!(
+        "standalone workerd, {rate:.0} requests/s offered to each route ({PACED_CONNECTIONS} connections, open loop), the routes in turns of 1 s, {secs} s each"
+    );
+    println!("| run | req/s | p50 ms | p99 ms | requests | sent late |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for p in &paced {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            p["name"].as_str().unwrap_or(""),
+            num(&p["rps"]),
+            num(&p["p50_ms"]),
+            num(&p["p99_ms"]),
+            p["requests"],
+            p["late"],
+        );
+    }
+    let paced_p50_ratio = num(&paced[1]["p50_ms"]) / num(&paced[0]["p50_ms"]);
+    let paced_p99_ratio = num(&paced[1]["p99_ms"]) / num(&paced[0]["p99_ms"]);
+    println!(
+        "recommendations / empty route at that rate: p50 {paced_p50_ratio:.2}x (target <= 1.25x), p99 {paced_p99_ratio:.2}x (target <= 1.5x)"
+    );
+    if runs.iter().any(|r| r.requests == 0) || paced_runs.iter().any(|p| p.run.answers == 0) {
         return Err("a standalone workerd run completed no requests".into());
     }
     Ok(serde_json::json!({
+        "paced": {
+            "rate": rate,
+            "share": PACED_SHARE,
+            "connections": PACED_CONNECTIONS,
+            "runs": paced,
+            "recs_over_empty_p50": paced_p50_ratio,
+            "recs_over_empty_p99": paced_p99_ratio,
+        },
         "runs": runs.iter().map(|r| serde_json::json!({
             "name": r.name, "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
             "requests": r.requests, "errors": r.errors,
