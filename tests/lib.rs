@@ -121,8 +121,9 @@ pub fn percentile(xs: &mut [f64], q: f64) -> f64 {
     xs[((xs.len() - 1) as f64 * q).round() as usize]
 }
 
+/// A loopback port nothing listens on now (see `origin_sync::testkit::free_port`).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    origin_sync::testkit::free_port()
 }
 
 /// A response: status, headers (lowercased names) and body.

@@ -666,6 +666,9 @@ fn read_into_store(
         read
     })?;
     report.took = started.elapsed();
+    // Closing a consumer waits for its fetch in flight (measured: 0.5 ms mostly, 100 ms at
+    // times), which the partition's handover need not wait for.
+    std::thread::spawn(move || drop(reader));
     Ok(report)
 }
 
