@@ -30,6 +30,24 @@ pub struct LoadRun {
 }
 
 impl LoadRun {
+    fn empty(elapsed: Duration) -> LoadRun {
+        LoadRun {
+            answers: 0,
+            non_2xx: 0,
+            transport_errors: 0,
+            latencies_ms: Vec::new(),
+            elapsed,
+        }
+    }
+
+    /// Adds `other`'s answers, errors and latencies (unsorted), not its time.
+    fn add(&mut self, other: LoadRun) {
+        self.answers += other.answers;
+        self.non_2xx += other.non_2xx;
+        self.transport_errors += other.transport_errors;
+        self.latencies_ms.extend(other.latencies_ms);
+    }
+
     pub fn rps(&self) -> f64 {
         self.answers as f64 / self.elapsed.as_secs_f64()
     }
@@ -91,20 +109,9 @@ pub fn closed_loop(
             })
             .collect()
     });
-    let elapsed = started.elapsed();
-    let mut run = LoadRun {
-        answers: 0,
-        non_2xx: 0,
-        transport_errors: 0,
-        latencies_ms: Vec::new(),
-        elapsed,
-    };
+    let mut run = LoadRun::empty(started.elapsed());
     for r in per_connection {
-        let r = r?;
-        run.answers += r.answers;
-        run.non_2xx += r.non_2xx;
-        run.transport_errors += r.transport_errors;
-        run.latencies_ms.extend(r.latencies_ms);
+        run.add(r?);
     }
     run.latencies_ms.sort_by(f64::total_cmp);
     Ok(run)
@@ -123,22 +130,13 @@ pub fn interleaved(
 ) -> io::Result<Vec<LoadRun>> {
     let mut merged: Vec<LoadRun> = routes
         .iter()
-        .map(|_| LoadRun {
-            answers: 0,
-            non_2xx: 0,
-            transport_errors: 0,
-            latencies_ms: Vec::new(),
-            elapsed: Duration::ZERO,
-        })
+        .map(|_| LoadRun::empty(Duration::ZERO))
         .collect();
     for _ in 0..rounds {
         for (route, total) in routes.iter().zip(merged.iter_mut()) {
             let run = closed_loop(port, connections, slice, route)?;
-            total.answers += run.answers;
-            total.non_2xx += run.non_2xx;
-            total.transport_errors += run.transport_errors;
-            total.latencies_ms.extend(run.latencies_ms);
             total.elapsed += run.elapsed;
+            total.add(run);
         }
     }
     for run in &mut merged {
@@ -152,9 +150,10 @@ pub fn interleaved(
 /// offset from the others'), whatever the answers take. A closed loop at full speed keeps the
 /// server saturated, so its latencies are queueing, and comparing two routes' compares their
 /// throughputs; at a rate the server carries, a latency is what an answer takes under load.
-/// Latencies are timed from each request's first byte written, as in [`closed_loop`]; a
-/// request due while its connection still waited for the previous answer is sent as soon as
-/// that answer is read and counted in [`PacedRun::late`] (enough connections keep it rare).
+/// Latencies are timed from each request's first byte written, as in [`closed_loop`], so they
+/// leave out how late a request left: one sent more than half its connection's interval after
+/// its due time (the connection still waited for an answer, or the client's thread woke late)
+/// is counted in [`PacedRun::late`].
 pub fn paced(
     port: u16,
     connections: usize,
@@ -162,7 +161,7 @@ pub fn paced(
     duration: Duration,
     requests: &[Vec<u8>],
 ) -> io::Result<PacedRun> {
-    if requests.is_empty() || connections == 0 || rate <= 0.0 {
+    if requests.is_empty() || connections == 0 || !(rate.is_finite() && rate > 0.0) {
         return Err(io::Error::other(
             "a paced run needs requests, connections and a rate",
         ));
@@ -201,21 +200,12 @@ pub fn paced(
             .collect()
     });
     let mut run = PacedRun {
-        run: LoadRun {
-            answers: 0,
-            non_2xx: 0,
-            transport_errors: 0,
-            latencies_ms: Vec::new(),
-            elapsed: started.elapsed(),
-        },
+        run: LoadRun::empty(started.elapsed()),
         late: 0,
     };
     for r in per_connection {
         let (r, late) = r?;
-        run.run.answers += r.answers;
-        run.run.non_2xx += r.non_2xx;
-        run.run.transport_errors += r.transport_errors;
-        run.run.latencies_ms.extend(r.latencies_ms);
+        run.run.add(r);
         run.late += late;
     }
     run.run.latencies_ms.sort_by(f64::total_cmp);
@@ -226,8 +216,8 @@ pub fn paced(
 #[derive(Debug, Clone)]
 pub struct PacedRun {
     pub run: LoadRun,
-    /// Requests sent after their due time because the connection was still waiting for the
-    /// previous answer.
+    /// Requests sent more than half an interval after their due time (their connection still
+    /// waited for an answer, or the client's thread woke late).
     pub late: u64,
 }
 
@@ -243,24 +233,15 @@ pub fn interleaved_paced(
     let mut merged: Vec<PacedRun> = routes
         .iter()
         .map(|_| PacedRun {
-            run: LoadRun {
-                answers: 0,
-                non_2xx: 0,
-                transport_errors: 0,
-                latencies_ms: Vec::new(),
-                elapsed: Duration::ZERO,
-            },
+            run: LoadRun::empty(Duration::ZERO),
             late: 0,
         })
         .collect();
     for _ in 0..rounds {
         for (route, total) in routes.iter().zip(merged.iter_mut()) {
             let p = paced(port, connections, rate, slice, route)?;
-            total.run.answers += p.run.answers;
-            total.run.non_2xx += p.run.non_2xx;
-            total.run.transport_errors += p.run.transport_errors;
-            total.run.latencies_ms.extend(p.run.latencies_ms);
             total.run.elapsed += p.run.elapsed;
+            total.run.add(p.run);
             total.late += p.late;
         }
     }

@@ -667,8 +667,13 @@ fn read_into_store(
     })?;
     report.took = started.elapsed();
     // Closing a consumer waits for its fetch in flight (measured: 0.5 ms mostly, 100 ms at
-    // times), which the partition's handover need not wait for.
-    std::thread::spawn(move || drop(reader));
+    // times), which a partition's handover need not wait for; the others close it here (and
+    // so does an owner's restore when no thread can be started: the closure is dropped).
+    if applier == Applier::Owner {
+        let _ = std::thread::Builder::new()
+            .name("restore-close".into())
+            .spawn(move || drop(reader));
+    }
     Ok(report)
 }
 

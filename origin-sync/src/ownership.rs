@@ -59,10 +59,12 @@ pub fn poll_membership(membership: Arc<Membership>, stop: Arc<AtomicBool>, is_st
     while !stop.load(Relaxed) {
         // every partition is paused: a poll only serves the group protocol
         let _ = membership.poll(Duration::from_millis(100));
-        // librdkafka's group state machine runs on its main thread, which wakes for a request
-        // of the application's or a timer (its shortest: 500 ms) and not for the clock: a due
-        // heartbeat or a rejoin after its 1 s join backoff waited up to another second. A
-        // request to the group (a read of the assignment) wakes it at every poll.
+        // librdkafka's group state machine runs on its main thread, which wakes for ops (broker
+        // responses, the application's requests) and timers (1 s; 500 ms once assigned), not
+        // when its join backoff ends: a joiner's rejoin after its 1 s backoff waited up to
+        // another second. A request to the group (a read of the assignment, answered at once
+        // in every state) wakes it at every poll. Never after the consumer is closed: a
+        // terminated group drops requests unanswered.
         let _ = membership.assignment();
     }
     if !is_static {

@@ -158,8 +158,7 @@ fn run(secs: u32) -> Result<(), String> {
 
 /// The paced runs' rate, as a share of the personalized route's closed-loop rate.
 const PACED_SHARE: f64 = 0.5;
-/// Connections of the paced runs: enough that each waits between its requests, so few are
-/// sent late.
+/// Connections of the paced runs: enough that each mostly waits between its requests.
 const PACED_CONNECTIONS: usize = 8;
 
 /// Requests per route for the CPU-time samples.
@@ -181,7 +180,7 @@ fn standalone(
             ("ORIGIN_URL", ""),
             ("METRICS_TOKEN", METRICS_TOKEN),
             // "warm cache" for the whole run: with the default 30 s, every shopper's entry
-            // expired once during the turns (4 routes x SECONDS), and its next answer waited
+            // expired once during the turns (6 runs x SECONDS), and its next answer waited
             // for a KV read, a few tenths of a percent of the answers, all in the tail
             ("PROFILE_TTL_SECS", "600"),
         ],
@@ -350,7 +349,7 @@ fn standalone(
         serde_json::json!({
             "name": name, "rps": p.run.rps(), "p50_ms": p.run.quantile_ms(0.5),
             "p99_ms": p.run.quantile_ms(0.99), "requests": p.run.answers,
-            "late": p.late, "errors": p.run.transport_errors,
+            "late": p.late, "errors": p.run.transport_errors, "non_2xx": p.run.non_2xx,
         })
     })
     .collect();
@@ -378,6 +377,12 @@ fn standalone(
     );
     if runs.iter().any(|r| r.requests == 0) || paced_runs.iter().any(|p| p.run.answers == 0) {
         return Err("a standalone workerd run completed no requests".into());
+    }
+    if paced_runs[1].run.non_2xx > 0 {
+        return Err(format!(
+            "{} paced recommendations were not answered 2xx",
+            paced_runs[1].run.non_2xx
+        ));
     }
     Ok(serde_json::json!({
         "paced": {

@@ -599,8 +599,11 @@ fn standalone_section(edge: &Value) -> String {
         md += &format!(
             "\nThe same empty route and warm recommendations, open loop: {:.0} requests/s offered \
              to each ({:.0}% of what the closed loop drew from the personalized route, a load the \
-             worker carries), over {} connections each on its own fixed schedule; a request due \
-             while its connection still waited for an answer is sent late (counted).\n\n\
+             worker carries), over {} connections each on its own fixed schedule. Latencies are timed from \
+             a request's first byte written, so they leave out how late it left: one sent more \
+             than half its connection's interval after its due time (the connection still \
+             waited for an answer, or the client's thread woke late on the busy cores) is \
+             counted as sent late.\n\n\
              | run | req/s | p50 | p99 | sent late |\n| --- | ---: | ---: | ---: | ---: |\n",
             num(&paced["rate"]),
             num(&paced["share"]) * 100.0,
@@ -664,12 +667,13 @@ fn standalone_section(edge: &Value) -> String {
            and the answer's heads across as one text each took ~23 µs of CPU off both routes \
            (two builds alternated): the ratios did not fall, the added cost stayed ~45 µs. That \
            added cost is what Edgewise controls: recommending, serializing, the answer's extra \
-           headers. The open-loop runs show the ratio is not the saturation's: at half the \
-           personalized route's rate an answer waits little behind others, and the ratio is the \
-           two answers' own times, where the personalized one's extra ~50 µs of CPU weighs on an \
-           empty answer of ~0.2 ms. Of that extra CPU, the answer's Edgewise headers (tier, \
-           profile version and age, the KV and recommend timings) took ~11 µs (a build without them, measured \
-           and not kept: they are the API); handing the runtime every header in one sequence \
+           headers. The open-loop runs show the ratio is not only the saturation's: at a rate \
+           the worker carries an answer waits little behind others, and the ratio is the two \
+           answers' own times, where the personalized one's extra CPU (above) and what its \
+           larger answer costs the runtime, the kernel and the client weigh on an empty answer \
+           of a fraction of a millisecond. Of that extra CPU, the answer's Edgewise headers \
+           (tier, profile version and age, the KV and recommend timings) took ~11 µs of ~50 µs \
+           (a build without them, measured once and not kept: they are the API); handing the runtime every header in one sequence \
            instead of one Headers call each saved nothing.\n\n";
     md
 }
@@ -757,14 +761,14 @@ fn scale_out_section(dir: &Path) -> String {
          On this machine two cores carry the broker, every instance and the sink, so a second \
          instance adds processes, not cores: the broker's own read rate bounds both. The broker \
          is tansu 0.6.0 with `xtask/patches/tansu-broker-0.6.0.patch` (its group coordinator \
-         made to behave as Kafka's where handovers depend on it). A join moves a partition in \
+         made to behave as Kafka's where these tests depend on it). A join moves a partition in \
          two rounds (cooperative-sticky: revoked from its owner in the first, assigned in the \
-         second), and librdkafka sends a member's JoinGroups at most once a second, so the \
+         second), and librdkafka sends a joining member's JoinGroups at most once a second, so the \
          joiner's second JoinGroup, and the partitions it takes, wait about a second after its \
          first; then the restore (origin-sync's part, p99 {:.0} ms, mostly the broker's read). \
-         librdkafka runs the group protocol on its main thread, which wakes for the \
-         application's requests and for timers (500 ms at best), not when a backoff ends: a \
-         rejoin came up to a second late until origin-sync's membership thread began asking \
+         librdkafka runs the group protocol on its main thread, which wakes for ops (broker \
+         responses, the application's requests) and timers (1 s; 500 ms once assigned), not when \
+         a backoff ends: a joiner's rejoin came up to a second late until origin-sync's membership thread began asking \
          for its assignment at every poll (100 ms), which took a join from ~2.1 to ~1.1-1.4 s. A new owner sends \
          again only the shoppers whose changelog records lie at or above the partition's \
          acknowledged watermark (the group's committed offset of the changelog partition, moved \

@@ -772,8 +772,8 @@ impl Moves {
 /// Graceful moves of three kinds, told apart because tansu 0.6.0 treats them differently: a
 /// follower stops (the leader rejoins at once), the group's leader stops (the leader is cleared,
 /// the survivor rejoins at once and leads), and an instance joins (a follower in both of
-/// cooperative rebalancing's rounds; tansu completes a generation without waiting for every
-/// member, so a joining member often syncs into a generation already gone and joins again).
+/// cooperative rebalancing's rounds: its partitions are assigned in the second, which it
+/// joins a second after the first, as librdkafka spaces a member's JoinGroups).
 /// Rounds alternate: even rounds stop the follower, odd rounds the leader; each stopped
 /// instance then joins again.
 async fn handover_phase(
@@ -941,7 +941,7 @@ async fn throughput_phase(
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        // tansu takes seconds to form a group of two (two rounds, a stale generation), during which
+        // forming a group of two takes a second or more (two rounds a second apart), during which
         // the first instance alone consumes: a quarter of the events is still a steady run
         anyhow::ensure!(
             at_from < n * 0.75,

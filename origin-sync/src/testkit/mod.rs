@@ -71,26 +71,32 @@ pub fn find_tansu() -> Option<PathBuf> {
 }
 
 /// A loopback port nothing listens on now, for a service a test starts later. Taken below
-/// Linux's ephemeral range (32768-60999 by default): a port the kernel handed out for `:0` is
-/// free only until it hands it out again, as the local end of any process's next outgoing
-/// connection (a Kafka client's, a broker's), and the service then failed to start with
-/// "Address already in use". Below the range only an explicit bind takes a port, so the pick
-/// is random (parallel tests pick apart) and checked by binding it.
+/// Linux's ephemeral range (`ip_local_port_range`, 32768-60999 by default): a port the kernel
+/// handed out for `:0` is free only until it hands it out again, as the local end of any
+/// process's next outgoing connection (a Kafka client's, a broker's), and the service then
+/// failed to start with "Address already in use". Below the range only an explicit bind takes
+/// a port, so the pick is random (parallel tests pick apart) and checked by binding it.
 pub fn free_port() -> Result<u16, std::io::Error> {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     static PICKS: AtomicU64 = AtomicU64::new(0);
-    const LOW: u64 = 20_000;
-    const SPAN: u64 = 32_768 - LOW;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32_768);
+    let low = ephemeral_low.saturating_sub(12_768).max(10_000);
+    let span = ephemeral_low.saturating_sub(low);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::from(d.subsec_nanos()));
-    let mut x = nanos ^ (u64::from(std::process::id()) << 20) ^ PICKS.fetch_add(1, Relaxed);
-    for _ in 0..200 {
+    // never zero, which xorshift would keep
+    let mut x = (nanos ^ (u64::from(std::process::id()) << 20) ^ PICKS.fetch_add(1, Relaxed)) | 1;
+    // a range moved too low to pick from: whatever the kernel gives
+    for _ in 0..if span >= 1_000 { 200 } else { 0 } {
         // xorshift: the next candidate
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let port = (LOW + x % SPAN) as u16;
+        let port = u16::try_from(low + x % span).unwrap_or(0);
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }
@@ -403,7 +409,7 @@ mod tests {
     fn free_ports_lie_below_the_ephemeral_range_and_are_free() {
         let ports: Vec<u16> = (0..50).map(|_| super::free_port().expect("port")).collect();
         for &port in &ports {
-            assert!((20_000..32_768).contains(&port), "{port}");
+            assert!((10_000..32_768).contains(&port), "{port}");
             std::net::TcpListener::bind(("127.0.0.1", port)).expect("free");
         }
         let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
