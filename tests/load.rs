@@ -95,11 +95,42 @@ pub fn closed_loop(
             "a load run needs requests and connections",
         ));
     }
+    run_connections(port, connections, duration, requests, None).map(|(run, _)| run)
+}
+
+/// `connections` connections for `duration`, back to back or each on its share of a schedule
+/// of one request every `interval` / `connections`; returns the merged run and the requests
+/// sent late.
+fn run_connections(
+    port: u16,
+    connections: usize,
+    duration: Duration,
+    requests: &[Vec<u8>],
+    interval: Option<Duration>,
+) -> io::Result<(LoadRun, u64)> {
     let started = Instant::now();
     let deadline = started + duration;
-    let per_connection: Vec<io::Result<LoadRun>> = std::thread::scope(|s| {
+    let per_connection: Vec<io::Result<(LoadRun, u64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..connections)
-            .map(|c| s.spawn(move || one_connection(port, deadline, requests, c, connections)))
+            .map(|c| {
+                // connection c's requests fall between the others', evenly
+                let schedule = interval.map(|interval| Schedule {
+                    first_due: started + interval.mul_f64(c as f64 / connections as f64),
+                    interval,
+                });
+                s.spawn(move || {
+                    let mut late = 0;
+                    let run = connection_loop(
+                        port,
+                        deadline,
+                        requests,
+                        c,
+                        connections,
+                        schedule.map(|schedule| (schedule, &mut late)),
+                    )?;
+                    Ok((run, late))
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -110,11 +141,14 @@ pub fn closed_loop(
             .collect()
     });
     let mut run = LoadRun::empty(started.elapsed());
+    let mut late = 0;
     for r in per_connection {
-        run.add(r?);
+        let (r, l) = r?;
+        run.add(r);
+        late += l;
     }
     run.latencies_ms.sort_by(f64::total_cmp);
-    Ok(run)
+    Ok((run, late))
 }
 
 /// Runs several request sets ("routes") against `port` in turns of `slice` each, `rounds`
@@ -167,49 +201,8 @@ pub fn paced(
         ));
     }
     let interval = Duration::from_secs_f64(connections as f64 / rate);
-    let started = Instant::now();
-    let deadline = started + duration;
-    let per_connection: Vec<io::Result<(LoadRun, u64)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..connections)
-            .map(|c| {
-                let first_due = started + interval.mul_f64(c as f64 / connections as f64);
-                let schedule = Schedule {
-                    first_due,
-                    interval,
-                };
-                s.spawn(move || {
-                    let mut late = 0;
-                    let run = connection_loop(
-                        port,
-                        deadline,
-                        requests,
-                        c,
-                        connections,
-                        Some((schedule, &mut late)),
-                    )?;
-                    Ok((run, late))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("a load connection panicked")))
-            })
-            .collect()
-    });
-    let mut run = PacedRun {
-        run: LoadRun::empty(started.elapsed()),
-        late: 0,
-    };
-    for r in per_connection {
-        let (r, late) = r?;
-        run.run.add(r);
-        run.late += late;
-    }
-    run.run.latencies_ms.sort_by(f64::total_cmp);
-    Ok(run)
+    run_connections(port, connections, duration, requests, Some(interval))
+        .map(|(run, late)| PacedRun { run, late })
 }
 
 /// What a [`paced`] run measured.
@@ -260,16 +253,6 @@ struct Schedule {
 
 /// Connections failing in a row before the run gives up (the server is gone).
 const MAX_CONSECUTIVE_FAILURES: u32 = 20;
-
-fn one_connection(
-    port: u16,
-    deadline: Instant,
-    requests: &[Vec<u8>],
-    first: usize,
-    step: usize,
-) -> io::Result<LoadRun> {
-    connection_loop(port, deadline, requests, first, step, None)
-}
 
 /// One connection's requests until `deadline`: back to back, or on `paced`'s schedule
 /// (counting the requests sent late).
