@@ -162,19 +162,35 @@ pub fn interleaved(
     rounds: u32,
     routes: &[Vec<Vec<u8>>],
 ) -> io::Result<Vec<LoadRun>> {
-    let mut merged: Vec<LoadRun> = routes
+    let merged = take_turns(rounds, routes, |route| {
+        closed_loop(port, connections, slice, route).map(|run| PacedRun { run, late: 0 })
+    })?;
+    Ok(merged.into_iter().map(|p| p.run).collect())
+}
+
+/// `rounds` turns over `routes`, each run by `run`; one merged run per route.
+fn take_turns(
+    rounds: u32,
+    routes: &[Vec<Vec<u8>>],
+    mut run: impl FnMut(&[Vec<u8>]) -> io::Result<PacedRun>,
+) -> io::Result<Vec<PacedRun>> {
+    let mut merged: Vec<PacedRun> = routes
         .iter()
-        .map(|_| LoadRun::empty(Duration::ZERO))
+        .map(|_| PacedRun {
+            run: LoadRun::empty(Duration::ZERO),
+            late: 0,
+        })
         .collect();
     for _ in 0..rounds {
         for (route, total) in routes.iter().zip(merged.iter_mut()) {
-            let run = closed_loop(port, connections, slice, route)?;
-            total.elapsed += run.elapsed;
-            total.add(run);
+            let p = run(route)?;
+            total.run.elapsed += p.run.elapsed;
+            total.run.add(p.run);
+            total.late += p.late;
         }
     }
-    for run in &mut merged {
-        run.latencies_ms.sort_by(f64::total_cmp);
+    for p in &mut merged {
+        p.run.latencies_ms.sort_by(f64::total_cmp);
     }
     Ok(merged)
 }
@@ -223,25 +239,9 @@ pub fn interleaved_paced(
     rounds: u32,
     routes: &[Vec<Vec<u8>>],
 ) -> io::Result<Vec<PacedRun>> {
-    let mut merged: Vec<PacedRun> = routes
-        .iter()
-        .map(|_| PacedRun {
-            run: LoadRun::empty(Duration::ZERO),
-            late: 0,
-        })
-        .collect();
-    for _ in 0..rounds {
-        for (route, total) in routes.iter().zip(merged.iter_mut()) {
-            let p = paced(port, connections, rate, slice, route)?;
-            total.run.elapsed += p.run.elapsed;
-            total.run.add(p.run);
-            total.late += p.late;
-        }
-    }
-    for p in &mut merged {
-        p.run.latencies_ms.sort_by(f64::total_cmp);
-    }
-    Ok(merged)
+    take_turns(rounds, routes, |route| {
+        paced(port, connections, rate, slice, route)
+    })
 }
 
 /// When a paced connection's requests are due.
@@ -264,13 +264,8 @@ fn connection_loop(
     step: usize,
     mut paced: Option<(Schedule, &mut u64)>,
 ) -> io::Result<LoadRun> {
-    let mut run = LoadRun {
-        answers: 0,
-        non_2xx: 0,
-        transport_errors: 0,
-        latencies_ms: Vec::with_capacity(64 * 1024),
-        elapsed: Duration::ZERO,
-    };
+    let mut run = LoadRun::empty(Duration::ZERO);
+    run.latencies_ms.reserve(64 * 1024);
     let mut next = first % requests.len();
     let mut conn: Option<Conn> = None;
     let mut failures = 0;

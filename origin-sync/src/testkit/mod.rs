@@ -90,8 +90,9 @@ pub fn free_port() -> Result<u16, std::io::Error> {
         .map_or(0, |d| u64::from(d.subsec_nanos()));
     // never zero, which xorshift would keep
     let mut x = (nanos ^ (u64::from(std::process::id()) << 20) ^ PICKS.fetch_add(1, Relaxed)) | 1;
-    // a range moved too low to pick from: whatever the kernel gives
-    for _ in 0..if span >= 1_000 { 200 } else { 0 } {
+    // (a range moved too low to pick from: none)
+    let tries = if span >= 1_000 { 200 } else { 0 };
+    for _ in 0..tries {
         // xorshift: the next candidate
         x ^= x << 13;
         x ^= x >> 7;
@@ -101,7 +102,7 @@ pub fn free_port() -> Result<u16, std::io::Error> {
             return Ok(port);
         }
     }
-    // a crowded range: whatever the kernel gives
+    // nothing free below the range: whatever the kernel gives
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
