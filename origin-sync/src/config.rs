@@ -88,6 +88,14 @@ pub struct KafkaConfig {
     /// also how soon a member learns that a rebalance began, so every moved partition's pause
     /// grows with it. Below `session_timeout_ms`.
     pub heartbeat_interval_ms: u64,
+    /// With `assignment = "group"`: how long (ms) this instance goes on folding a partition
+    /// a rebalance takes from it before it lets go. With the classic group protocol the
+    /// partition's new owner gets it only in the rebalance's second round, which a joining
+    /// member (librdkafka) cannot start before a second after its first JoinGroup; folding
+    /// the partition meanwhile takes about this much off its pause. Longer than that wait
+    /// only delays the new owner. Never applied when this instance leaves or lost its
+    /// partitions (a session expired). 0: let go at once. At most 5000.
+    pub revoke_grace_ms: u64,
     /// With `assignment = "group"`: keep a warm copy of the partitions this instance does not
     /// own by tailing their changelog partitions, so a fail-over to it restores only the tail.
     /// Costs a copy of every partition's state on this instance's disk.
@@ -294,6 +302,7 @@ impl Default for KafkaConfig {
             instance_id: None,
             session_timeout_ms: 6000,
             heartbeat_interval_ms: 300,
+            revoke_grace_ms: 800,
             standby: false,
             changelog_audit_ms: 30_000,
             max_batch: 20000,
@@ -558,6 +567,12 @@ impl Config {
                 "must be at least 100 and below kafka.session_timeout_ms (Kafka advises a third of it)",
             );
         }
+        if self.kafka.revoke_grace_ms > 5000 {
+            return bad(
+                "kafka.revoke_grace_ms",
+                "must be at most 5000 (a rebalance waits for it; 800 fits within librdkafka's 1 s rejoin)",
+            );
+        }
         if !(1..=100_000).contains(&self.kafka.max_batch) {
             return bad("kafka.max_batch", "must be between 1 and 100000");
         }
@@ -762,5 +777,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kafka.heartbeat_interval_ms, 2500);
+        let e = Config::from_parts("[kafka]\nrevoke_grace_ms = 5001\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("kafka.revoke_grace_ms"), "{e}");
+        let c = Config::from_parts("[kafka]\nrevoke_grace_ms = 0\n", env(&[])).unwrap();
+        assert_eq!(c.kafka.revoke_grace_ms, 0);
     }
 }

@@ -1,7 +1,10 @@
 //! Kafka clients, configured for latency (librdkafka's defaults add hundreds of milliseconds),
 //! and a produce helper that awaits every delivery.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -57,11 +60,53 @@ pub enum Rebalanced {
 #[derive(Debug)]
 pub struct MembershipContext {
     events: tokio::sync::mpsc::UnboundedSender<Rebalanced>,
+    /// `kafka.revoke_grace_ms`.
+    revoke_grace: Duration,
+    /// Set when this instance is leaving: a revocation then lets go at once.
+    leaving: Arc<AtomicBool>,
+}
+
+impl MembershipContext {
+    /// Holds a revocation (the partitions are still this instance's, the event consumer still
+    /// folds them) for the revoke grace, unless this instance is leaving or lost them.
+    ///
+    /// Why it is safe: with the classic protocol a revoked partition goes to no one in the
+    /// round that revoked it; the group assigns it in the next round, which waits for this
+    /// member's next JoinGroup, sent only once the callback returned. With cooperative-sticky
+    /// a member that revokes rejoins at once, while a joining member's second JoinGroup
+    /// leaves a second after its first (librdkafka's `rkcg_join_intvl`): the partition's new
+    /// owner could not have started earlier anyway. A lost assignment (session expired,
+    /// fenced) may be someone else's already: no grace.
+    fn hold_revocation(&self, consumer: &BaseConsumer<Self>) {
+        if !consumer.assignment_lost() {
+            hold(self.revoke_grace, &self.leaving);
+        }
+    }
+}
+
+/// Waits `grace`, or until `leaving` is set (checked every 10 ms).
+fn hold(grace: Duration, leaving: &AtomicBool) {
+    let until = Instant::now() + grace;
+    while !leaving.load(Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
 }
 
 impl ClientContext for MembershipContext {}
 
 impl ConsumerContext for MembershipContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance
+            && tpl.count() > 0
+        {
+            self.hold_revocation(consumer);
+        }
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let numbers =
             |tpl: &TopicPartitionList| tpl.elements().iter().map(|e| e.partition()).collect();
@@ -90,13 +135,21 @@ pub type Membership = BaseConsumer<MembershipContext>;
 /// and a shopper's events with them.) Cooperative incremental rebalancing, so partitions that
 /// stay put never pause; static membership when `kafka.instance_id` is set. Its offsets are
 /// the group's: the event topics' offsets are committed through it.
+///
+/// `leaving` is set when this instance leaves the group: its revocations then skip
+/// `kafka.revoke_grace_ms`.
 pub fn membership(
     config: &KafkaConfig,
     topic: &str,
+    leaving: Arc<AtomicBool>,
 ) -> Result<(Membership, tokio::sync::mpsc::UnboundedReceiver<Rebalanced>), KafkaError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let consumer: Membership =
-        membership_config(config).create_with_context(MembershipContext { events: tx })?;
+        membership_config(config).create_with_context(MembershipContext {
+            events: tx,
+            revoke_grace: Duration::from_millis(config.revoke_grace_ms),
+            leaving,
+        })?;
     consumer.subscribe(&[topic])?;
     Ok((consumer, rx))
 }
@@ -348,5 +401,40 @@ mod tests {
         );
         config.instance_id = None;
         assert_eq!(membership_config(&config).get("group.instance.id"), None);
+    }
+
+    /// A revocation is held for the grace, and let go at once when the instance is leaving,
+    /// even in the middle of the grace (a graceful stop never waits for it).
+    #[test]
+    fn a_revocation_is_held_for_the_grace_unless_leaving() {
+        let leaving = Arc::new(AtomicBool::new(false));
+        let grace = Duration::from_millis(300);
+        let t = Instant::now();
+        hold(grace, &leaving);
+        assert!(t.elapsed() >= grace, "held {:?}", t.elapsed());
+
+        let long = Duration::from_secs(30);
+        let setter = {
+            let leaving = leaving.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                leaving.store(true, Relaxed);
+            })
+        };
+        let t = Instant::now();
+        hold(long, &leaving);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "held {:?}",
+            t.elapsed()
+        );
+        setter.join().unwrap();
+        let t = Instant::now();
+        hold(long, &leaving);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "held {:?}",
+            t.elapsed()
+        );
     }
 }

@@ -455,9 +455,15 @@ pub fn guard_static(
     let guard_config = crate::config::KafkaConfig {
         group_id: format!("{}-static-guard", config.group_id),
         instance_id: None,
+        // it folds nothing: a partition it gives up goes at once
+        revoke_grace_ms: 0,
         ..config.clone()
     };
-    let (membership, mut rebalances) = match crate::kafka::membership(&guard_config, &topic) {
+    let (membership, mut rebalances) = match crate::kafka::membership(
+        &guard_config,
+        &topic,
+        stop.clone(),
+    ) {
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(error = %e, "cannot join the consumer group to check that this static instance is alone");

@@ -156,8 +156,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     let (group, membership) = if grouped {
-        let (membership, rebalances) =
-            crate::kafka::membership(&shared.config.kafka, &shared.config.kafka.changelog_topic)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (membership, rebalances) = crate::kafka::membership(
+            &shared.config.kafka,
+            &shared.config.kafka.changelog_topic,
+            stop.clone(),
+        )?;
         let membership = Arc::new(membership);
         let (changelog, commits) = mpsc::channel(8);
         let writer = tokio::spawn(crate::changelog::write(
@@ -166,7 +170,6 @@ pub async fn run(
             producer.clone(),
             commits,
         ));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let polling = {
             let (m, stop) = (membership.clone(), stop.clone());
             let is_static = shared.config.kafka.instance_id.is_some();
