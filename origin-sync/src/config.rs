@@ -89,12 +89,13 @@ pub struct KafkaConfig {
     /// grows with it. Below `session_timeout_ms`.
     pub heartbeat_interval_ms: u64,
     /// With `assignment = "group"`: how long (ms) this instance goes on folding a partition
-    /// a rebalance takes from it before it lets go. With the classic group protocol the
-    /// partition's new owner gets it only in the rebalance's second round, which a joining
-    /// member (librdkafka) cannot start before a second after its first JoinGroup; folding
-    /// the partition meanwhile takes about this much off its pause. Longer than that wait
-    /// only delays the new owner. Never applied when this instance leaves or lost its
-    /// partitions (a session expired). 0: let go at once. At most 5000.
+    /// a rebalance takes from it before it lets go. The partition's new owner gets it only in
+    /// the rebalance's second round, which also waits for the joining member's second
+    /// JoinGroup (librdkafka sends it a second after its first); folding the partition
+    /// meanwhile takes about this much off its pause. Free while this plus
+    /// `heartbeat_interval_ms` stays under ~1.1 s (warned at start above that); beyond, it
+    /// delays the new owner. Never applied once this instance stopped consuming or when its
+    /// partitions were lost (session expired). 0: let go at once. At most 5000.
     pub revoke_grace_ms: u64,
     /// With `assignment = "group"`: keep a warm copy of the partitions this instance does not
     /// own by tailing their changelog partitions, so a fail-over to it restores only the tail.
@@ -570,7 +571,7 @@ impl Config {
         if self.kafka.revoke_grace_ms > 5000 {
             return bad(
                 "kafka.revoke_grace_ms",
-                "must be at most 5000 (a rebalance waits for it; 800 fits within librdkafka's 1 s rejoin)",
+                "must be at most 5000 (a rebalance waits for it; with heartbeat_interval_ms 300, 800 ends before a joining instance rejoins)",
             );
         }
         if !(1..=100_000).contains(&self.kafka.max_batch) {

@@ -62,7 +62,7 @@ pub struct MembershipContext {
     events: tokio::sync::mpsc::UnboundedSender<Rebalanced>,
     /// `kafka.revoke_grace_ms`.
     revoke_grace: Duration,
-    /// Set when this instance is leaving: a revocation then lets go at once.
+    /// Set once this instance stopped consuming: a revocation then lets go at once.
     leaving: Arc<AtomicBool>,
 }
 
@@ -72,11 +72,12 @@ impl MembershipContext {
     ///
     /// Why it is safe: with the classic protocol a revoked partition goes to no one in the
     /// round that revoked it; the group assigns it in the next round, which waits for this
-    /// member's next JoinGroup, sent only once the callback returned. With cooperative-sticky
-    /// a member that revokes rejoins at once, while a joining member's second JoinGroup
-    /// leaves a second after its first (librdkafka's `rkcg_join_intvl`): the partition's new
-    /// owner could not have started earlier anyway. A lost assignment (session expired,
-    /// fenced) may be someone else's already: no grace.
+    /// member's JoinGroup after the revocation, sent only once the callback returned. Why it
+    /// costs nothing (up to a point): that round also waits for a joining member's second
+    /// JoinGroup, which librdkafka sends a second after its first (`rkcg_join_intvl`), so the
+    /// new owner could not have started earlier while the hold ends before that (see
+    /// `kafka.revoke_grace_ms`). A lost assignment (session expired, fenced) may be someone
+    /// else's already: no grace.
     fn hold_revocation(&self, consumer: &BaseConsumer<Self>) {
         if !consumer.assignment_lost() {
             hold(self.revoke_grace, &self.leaving);
@@ -136,8 +137,8 @@ pub type Membership = BaseConsumer<MembershipContext>;
 /// stay put never pause; static membership when `kafka.instance_id` is set. Its offsets are
 /// the group's: the event topics' offsets are committed through it.
 ///
-/// `leaving` is set when this instance leaves the group: its revocations then skip
-/// `kafka.revoke_grace_ms`.
+/// `leaving` is set once this instance stopped consuming (before it leaves the group): its
+/// revocations then skip `kafka.revoke_grace_ms`.
 pub fn membership(
     config: &KafkaConfig,
     topic: &str,

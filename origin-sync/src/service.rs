@@ -12,6 +12,12 @@ use crate::pipeline::{self, PipelineError, Shared};
 use crate::sink::{self, EdgeSink, KvSink, Sink};
 use crate::store::{Store, StoreError, Window};
 
+/// How long a held revocation may last, with the heartbeat's wait before it, and still end
+/// before a joining member's second JoinGroup: librdkafka sends it a second after its first,
+/// and the holding member learns of the rebalance up to one heartbeat after that first one
+/// (then the first round's own answers, ~0.1 s on the tests' broker).
+const REVOKE_GRACE_FREE_MS: u64 = 1100;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
@@ -156,11 +162,24 @@ pub async fn run(
         shutdown.clone(),
     ));
     let (group, membership) = if grouped {
+        let kafka = &shared.config.kafka;
+        if kafka.revoke_grace_ms + kafka.heartbeat_interval_ms > REVOKE_GRACE_FREE_MS {
+            tracing::warn!(
+                revoke_grace_ms = kafka.revoke_grace_ms,
+                heartbeat_interval_ms = kafka.heartbeat_interval_ms,
+                "kafka.revoke_grace_ms plus kafka.heartbeat_interval_ms is above {REVOKE_GRACE_FREE_MS} ms: \
+                 a revocation held that long may outlast a joining instance's wait and delay the \
+                 partitions it takes; lower kafka.revoke_grace_ms"
+            );
+        }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // set once consumption ended: a revocation then lets go at once (nothing folds the
+        // partition any more); `stop`, later, ends the membership itself
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (membership, rebalances) = crate::kafka::membership(
             &shared.config.kafka,
             &shared.config.kafka.changelog_topic,
-            stop.clone(),
+            leaving.clone(),
         )?;
         let membership = Arc::new(membership);
         let (changelog, commits) = mpsc::channel(8);
@@ -193,7 +212,7 @@ pub async fn run(
         }
         (
             Some(pipeline::Group { owner, changelog }),
-            Some((writer, stop, polling, follow)),
+            Some((writer, stop, leaving, polling, follow)),
         )
     } else {
         (None, None)
@@ -204,6 +223,9 @@ pub async fn run(
     let consumed =
         pipeline::consume(shared.clone(), consumer, producer, group, shutdown.clone()).await;
     metrics.ready.store(0, Relaxed);
+    if let Some((_, _, leaving, _, _)) = &membership {
+        leaving.store(true, Relaxed);
+    }
     if let Err(e) = &consumed {
         // said now, not after the flush: and whatever ended consumption ends the rest too
         // (the erasure follower, the sender, HTTP wait for the stop signal), so the process
@@ -213,19 +235,19 @@ pub async fn run(
     }
     let _ = stop.send(true);
     tracing::info!("consumer stopped; flushing");
-    if let Some((writer, stop, polling, follow)) = membership {
+    if let Some((writer, stop, _, polling, follow)) = membership {
         match follow.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "following the erasure log stopped"),
             Err(e) => tracing::warn!(error = %e, "the erasure-log task failed"),
             Ok(Ok(())) => {}
         }
         // the changelog has every folded batch before the group learns this instance left
-        let written = writer
-            .await
-            .map_err(|e| ServiceError::Task(e.to_string()))?;
+        let written = writer.await;
+        // even when the writer failed: the membership thread ends, and the group learns
+        // this instance left
         stop.store(true, Relaxed);
         let _ = tokio::task::spawn_blocking(move || polling.join()).await;
-        written?;
+        written.map_err(|e| ServiceError::Task(e.to_string()))??;
     }
     drop(shared);
     let sent = sender
