@@ -93,8 +93,8 @@ pub struct KafkaConfig {
     /// the rebalance's second round, which also waits for the joining member's second
     /// JoinGroup (librdkafka sends it a second after its first); folding the partition
     /// meanwhile takes about this much off its pause. Free while this plus
-    /// `heartbeat_interval_ms` stays under ~1.1 s (warned at start above that); beyond, it
-    /// delays the new owner. Never applied once this instance stopped consuming or when its
+    /// `heartbeat_interval_ms` stays under ~0.9 s (warned at start above that); beyond, it
+    /// delays the new owner (on tansu, by a whole extra round). Never applied once this instance stopped consuming or when its
     /// partitions were lost (session expired). 0: let go at once. At most 5000.
     pub revoke_grace_ms: u64,
     /// With `assignment = "group"`: keep a warm copy of the partitions this instance does not
@@ -303,7 +303,7 @@ impl Default for KafkaConfig {
             instance_id: None,
             session_timeout_ms: 6000,
             heartbeat_interval_ms: 300,
-            revoke_grace_ms: 800,
+            revoke_grace_ms: 600,
             standby: false,
             changelog_audit_ms: 30_000,
             max_batch: 20000,
@@ -571,7 +571,7 @@ impl Config {
         if self.kafka.revoke_grace_ms > 5000 {
             return bad(
                 "kafka.revoke_grace_ms",
-                "must be at most 5000 (a rebalance waits for it; with heartbeat_interval_ms 300, 800 ends before a joining instance rejoins)",
+                "must be at most 5000 (a rebalance waits for it; with heartbeat_interval_ms 300, 600 ends before a joining instance rejoins)",
             );
         }
         if !(1..=100_000).contains(&self.kafka.max_batch) {

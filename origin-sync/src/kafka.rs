@@ -414,7 +414,12 @@ mod tests {
         hold(grace, &leaving);
         assert!(t.elapsed() >= grace, "held {:?}", t.elapsed());
 
-        let long = Duration::from_secs(30);
+        // cut short by `leaving` mid-hold, then not held at all once it is set
+        let held_long = |leaving: &AtomicBool| {
+            let t = Instant::now();
+            hold(Duration::from_secs(30), leaving);
+            t.elapsed()
+        };
         let setter = {
             let leaving = leaving.clone();
             std::thread::spawn(move || {
@@ -422,20 +427,11 @@ mod tests {
                 leaving.store(true, Relaxed);
             })
         };
-        let t = Instant::now();
-        hold(long, &leaving);
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "held {:?}",
-            t.elapsed()
-        );
+        let mid_hold = held_long(&leaving);
         setter.join().unwrap();
-        let t = Instant::now();
-        hold(long, &leaving);
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "held {:?}",
-            t.elapsed()
-        );
+        let after = held_long(&leaving);
+        for held in [mid_hold, after] {
+            assert!(held < Duration::from_secs(10), "held {held:?}");
+        }
     }
 }

@@ -771,7 +771,7 @@ fn scale_out_section(dir: &Path) -> String {
          a backoff ends: a joiner's rejoin came up to a second late until origin-sync's membership thread began asking \
          for its assignment at every poll (100 ms), which took a join from ~2.1 to ~1.1-1.4 s. \
          Since the new owner cannot have a revoked partition before that second round, its \
-         previous owner goes on folding it for `kafka.revoke_grace_ms` (800 ms) before letting \
+         previous owner goes on folding it for `kafka.revoke_grace_ms` (600 ms) before letting \
          go, so a join's pause is about the group's part less the grace, plus the restore (1.1-1.4 \
          s before the grace). A new owner sends \
          again only the shoppers whose changelog records lie at or above the partition's \
