@@ -191,7 +191,7 @@ fn cargo_install(tool: &CargoTool) -> Result<()> {
 const TANSU_VERSION: &str = "0.6.0";
 
 /// Fixes to tansu-broker's group coordinator (static membership, leader replacement, a
-/// follower's sync; the file's header says what and why), applied to the copy the `tansu`
+/// follower's sync, eviction starting a new generation; the file's header says what and why), applied to the copy the `tansu`
 /// binary is built with.
 const TANSU_BROKER_PATCH: &str = include_str!("../patches/tansu-broker-0.6.0.patch");
 
@@ -220,7 +220,7 @@ fn tansu() -> Result<()> {
         && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp())
     {
         println!(
-            "    ok    tansu {TANSU_VERSION} (group coordinator patched: static membership, leader replacement, follower sync)"
+            "    ok    tansu {TANSU_VERSION} (group coordinator patched: static membership, leader replacement, follower sync, eviction)"
         );
         return Ok(());
     }
