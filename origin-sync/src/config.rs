@@ -94,8 +94,9 @@ pub struct KafkaConfig {
     /// JoinGroup (librdkafka sends it a second after its first); folding the partition
     /// meanwhile takes about this much off its pause. Free while this plus
     /// `heartbeat_interval_ms` stays under ~0.9 s (warned at start above that); beyond, it
-    /// delays the new owner (on tansu, by a whole extra round). Never applied once this instance stopped consuming or when its
-    /// partitions were lost (session expired). 0: let go at once. At most 5000.
+    /// delays the new owner (on tansu, by a whole extra round). Never applied once this
+    /// instance stopped consuming or when its partitions were lost (session expired). 0: let
+    /// go at once. At most 5000.
     pub revoke_grace_ms: u64,
     /// With `assignment = "group"`: keep a warm copy of the partitions this instance does not
     /// own by tailing their changelog partitions, so a fail-over to it restores only the tail.

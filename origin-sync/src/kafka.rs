@@ -85,6 +85,13 @@ impl MembershipContext {
     }
 }
 
+/// How long a held revocation may last, with the heartbeat's wait before it, and still end
+/// before a joining member's second JoinGroup: librdkafka sends it a second after its first,
+/// and the holding member learns of the rebalance up to one heartbeat after that first one
+/// (then the first round's own answers, ~0.1 s on the tests' broker; measured, 800 ms with a
+/// 300 ms heartbeat outlasted it once in 8 joins). Above it, [`membership`] warns.
+const REVOKE_GRACE_FREE_MS: u64 = 900;
+
 /// Waits `grace`, or until `leaving` is set (checked every 10 ms).
 fn hold(grace: Duration, leaving: &AtomicBool) {
     let until = Instant::now() + grace;
@@ -144,6 +151,17 @@ pub fn membership(
     topic: &str,
     leaving: Arc<AtomicBool>,
 ) -> Result<(Membership, tokio::sync::mpsc::UnboundedReceiver<Rebalanced>), KafkaError> {
+    if config.revoke_grace_ms > 0
+        && config.revoke_grace_ms + config.heartbeat_interval_ms > REVOKE_GRACE_FREE_MS
+    {
+        tracing::warn!(
+            revoke_grace_ms = config.revoke_grace_ms,
+            heartbeat_interval_ms = config.heartbeat_interval_ms,
+            "kafka.revoke_grace_ms plus kafka.heartbeat_interval_ms is above {REVOKE_GRACE_FREE_MS} ms: \
+             a revocation held that long may outlast a joining instance's wait and delay the \
+             partitions it takes; lower kafka.revoke_grace_ms"
+        );
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let consumer: Membership =
         membership_config(config).create_with_context(MembershipContext {

@@ -12,12 +12,19 @@ use crate::pipeline::{self, PipelineError, Shared};
 use crate::sink::{self, EdgeSink, KvSink, Sink};
 use crate::store::{Store, StoreError, Window};
 
-/// How long a held revocation may last, with the heartbeat's wait before it, and still end
-/// before a joining member's second JoinGroup: librdkafka sends it a second after its first,
-/// and the holding member learns of the rebalance up to one heartbeat after that first one
-/// (then the first round's own answers, ~0.1 s on the tests' broker; measured, 800 ms with a
-/// 300 ms heartbeat outlasted it once in 8 joins).
-const REVOKE_GRACE_FREE_MS: u64 = 900;
+/// What `assignment = "group"` runs beside consumption, and stops after it.
+struct GroupTasks {
+    /// The changelog writer: every folded batch is on the changelog before the group learns
+    /// this instance left.
+    writer: tokio::task::JoinHandle<Result<(), PipelineError>>,
+    /// Ends the membership thread (`polling`), which then leaves the group.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once consumption ended: a revocation then lets go at once (nothing folds the
+    /// partition any more; `kafka.revoke_grace_ms`).
+    leaving: Arc<std::sync::atomic::AtomicBool>,
+    polling: std::thread::JoinHandle<()>,
+    follow: tokio::task::JoinHandle<Result<(), PipelineError>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -163,19 +170,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let (group, membership) = if grouped {
-        let kafka = &shared.config.kafka;
-        if kafka.revoke_grace_ms + kafka.heartbeat_interval_ms > REVOKE_GRACE_FREE_MS {
-            tracing::warn!(
-                revoke_grace_ms = kafka.revoke_grace_ms,
-                heartbeat_interval_ms = kafka.heartbeat_interval_ms,
-                "kafka.revoke_grace_ms plus kafka.heartbeat_interval_ms is above {REVOKE_GRACE_FREE_MS} ms: \
-                 a revocation held that long may outlast a joining instance's wait and delay the \
-                 partitions it takes; lower kafka.revoke_grace_ms"
-            );
-        }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // set once consumption ended: a revocation then lets go at once (nothing folds the
-        // partition any more); `stop`, later, ends the membership itself
         let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (membership, rebalances) = crate::kafka::membership(
             &shared.config.kafka,
@@ -213,7 +208,13 @@ pub async fn run(
         }
         (
             Some(pipeline::Group { owner, changelog }),
-            Some((writer, stop, leaving, polling, follow)),
+            Some(GroupTasks {
+                writer,
+                stop,
+                leaving,
+                polling,
+                follow,
+            }),
         )
     } else {
         (None, None)
@@ -224,8 +225,8 @@ pub async fn run(
     let consumed =
         pipeline::consume(shared.clone(), consumer, producer, group, shutdown.clone()).await;
     metrics.ready.store(0, Relaxed);
-    if let Some((_, _, leaving, _, _)) = &membership {
-        leaving.store(true, Relaxed);
+    if let Some(tasks) = &membership {
+        tasks.leaving.store(true, Relaxed);
     }
     if let Err(e) = &consumed {
         // said now, not after the flush: and whatever ended consumption ends the rest too
@@ -236,7 +237,14 @@ pub async fn run(
     }
     let _ = stop.send(true);
     tracing::info!("consumer stopped; flushing");
-    if let Some((writer, stop, _, polling, follow)) = membership {
+    if let Some(GroupTasks {
+        writer,
+        stop,
+        polling,
+        follow,
+        ..
+    }) = membership
+    {
         match follow.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "following the erasure log stopped"),
             Err(e) => tracing::warn!(error = %e, "the erasure-log task failed"),
