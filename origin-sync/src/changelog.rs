@@ -620,31 +620,13 @@ fn read_into_store(
     let (chunks, applying) = std::sync::mpsc::sync_channel::<(Vec<LogRecord>, i64, bool)>(1);
     std::thread::scope(|scope| {
         let applier_thread = scope.spawn(move || -> Result<Restored, StoreError> {
-            let mut total = Restored::default();
-            for (chunk, next, last) in applying {
-                // only the last chunk's commit waits for the disk: a crash before it loses
-                // the earlier chunks and their position together, and the restore reads
-                // them again
-                let r = shared.store.apply_log(
-                    partition,
-                    &chunk,
-                    next,
-                    acked_below,
-                    now_ms(),
-                    applier,
-                    last,
-                )?;
-                if applier == Applier::Owner {
-                    shared.metrics.restore_records.fetch_add(r.read, Relaxed);
-                }
-                total.read += r.read;
-                total.applied += r.applied;
-                total.resent += r.resent;
-                total.behind += r.behind;
-                total.unreadable += r.unreadable;
-                total.touched.extend(r.touched);
-            }
-            Ok(total)
+            shared
+                .store
+                .apply_chunks(partition, applying, acked_below, now_ms, applier, |r| {
+                    if applier == Applier::Owner {
+                        shared.metrics.restore_records.fetch_add(r.read, Relaxed);
+                    }
+                })
         });
         let read = read_chunks(
             &reader,

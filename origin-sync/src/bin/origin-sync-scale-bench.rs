@@ -580,15 +580,19 @@ fn apply_only(logged: &[Logged], acked_below: i64) -> anyhow::Result<f64> {
             value: Some(l.value.clone()),
         })
         .collect();
-    let t = Instant::now();
     let per = origin_sync::changelog::RESTORE_CHUNK;
-    let chunks = records.len().div_ceil(per);
-    for (i, chunk) in records.chunks(per).enumerate() {
-        // as a restore commits: only the last chunk waits for the disk
-        let last = i + 1 == chunks;
-        let next = ((i + 1) * per) as i64;
-        store.apply_log(0, chunk, next, acked_below, 1, Applier::Owner, last)?;
-    }
+    let count = records.len().div_ceil(per);
+    // as a restore applies them (only the last chunk's commit waits for the disk)
+    let chunks: Vec<_> = records
+        .chunks(per)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let next = ((i + 1) * per).min(records.len()) as i64;
+            (chunk.to_vec(), next, i + 1 == count)
+        })
+        .collect();
+    let t = Instant::now();
+    store.apply_chunks(0, chunks, acked_below, || 1, Applier::Owner, |_| {})?;
     let rate = records.len() as f64 / t.elapsed().as_secs_f64();
     drop(store);
     let _ = std::fs::remove_file(&path);

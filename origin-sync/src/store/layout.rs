@@ -10,6 +10,8 @@
 //! * layout 3: a user's value carries their stamp ahead of their state
 //!   (`partitions::user_value`); the `stamps` table is emptied into it. The state itself is
 //!   still layout 2's ([`STATE_LAYOUT`], what changelog records carry).
+//! * layout 4: the outbox in fixed-width rows (`OUTBOX`, table `outbox_fixed`); the postcard
+//!   entries of table `outbox` are moved into it.
 //!
 //! There is no downgrade: an older origin-sync must not open a store this one has upgraded.
 
@@ -19,7 +21,7 @@ use shared::wire::v1;
 use super::partitions::{STAMPS, user_value_raw};
 use super::sinks::{SINK_MARKS, SinkMark};
 use super::state::UserState;
-use super::{ACKED, StoreError, USERS, decode, encode};
+use super::{ACKED, OUTBOX, Pending, StoreError, USERS, decode, encode};
 
 /// `"layout"` → the layout the store's records are in.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -27,9 +29,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 type SinkAndKey = (String, Vec<u8>);
 /// A key and its value, owned.
 type Row = (Vec<u8>, Vec<u8>);
+/// The outbox of layouts 1 to 3: `UserKey` → [`Pending`] in postcard.
+const OUTBOX_POSTCARD: TableDefinition<&[u8], &[u8]> = TableDefinition::new("outbox");
 
 /// The layout this build writes.
-pub(super) const LAYOUT: u64 = 3;
+pub(super) const LAYOUT: u64 = 4;
 
 /// The layout of a user's state encoding, which changelog records name: unchanged by layout 3
 /// (which changed what surrounds the state), so instances before and after it read each
@@ -52,7 +56,7 @@ pub(super) fn upgrade(tx: &WriteTransaction) -> Result<u64, StoreError> {
     }
     let mut rewritten = 0;
     let from = layout.unwrap_or(0);
-    {
+    if from < 3 {
         let mut users = tx.open_table(USERS)?;
         let stamps = tx.open_table(STAMPS)?;
         for (k, v) in byte_rows(&users)? {
@@ -71,6 +75,16 @@ pub(super) fn upgrade(tx: &WriteTransaction) -> Result<u64, StoreError> {
         }
     }
     tx.delete_table(STAMPS)?;
+    {
+        let old = tx.open_table(OUTBOX_POSTCARD)?;
+        let mut outbox = tx.open_table(OUTBOX)?;
+        for (k, v) in byte_rows(&old)? {
+            let key = super::partitions::user_key(&k, "outbox")?;
+            outbox.insert(&key.0, Pending::decode(&v)?)?;
+            rewritten += 1;
+        }
+    }
+    tx.delete_table(OUTBOX_POSTCARD)?;
     if from < 2 {
         {
             let mut marks = tx.open_table(SINK_MARKS)?;
@@ -254,6 +268,75 @@ mod tests {
             Some(Stored::Tombstone { .. })
         ));
         assert_eq!(store.stamp("u1").expect("reads"), Some(stamp));
+        drop(store);
+        let _ = std::fs::remove_file(&file);
+    }
+
+    /// A store of layout 3 (the outbox in postcard) opens with its outbox entries in
+    /// fixed-width rows, of each earlier entry encoding, times kept; users untouched; at most
+    /// once.
+    #[test]
+    fn a_layout_3_store_moves_its_outbox_into_fixed_width_rows() {
+        let file = path("outbox");
+        let keys: Vec<UserKey> = ["u1", "u2", "u3"]
+            .iter()
+            .map(|u| UserKey::derive(SECRET, u))
+            .collect();
+        let mut state = UserState::fresh(&keys[0]);
+        state.insert(&add("e0", 1_800_000_000_000), None, WINDOW);
+        let value = user_value_raw(&[], &encode(&state));
+        {
+            let db = redb::Database::create(&file).expect("db");
+            let tx = db.begin_write().expect("tx");
+            {
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("layout", 3)
+                    .expect("insert");
+                tx.open_table(USERS)
+                    .expect("users")
+                    .insert(keys[0].0.as_slice(), value.as_slice())
+                    .expect("insert");
+                let mut old = tx.open_table(OUTBOX_POSTCARD).expect("outbox");
+                let layout_1 = encode(&1_700_000_000_001u64);
+                let layout_2 = encode(&(1_700_000_000_002u64, 1_700_000_000_020u64));
+                let layout_3 = encode(&(1_700_000_000_003u64, 1_700_000_000_030u64, 77u64));
+                for (key, entry) in keys.iter().zip([layout_1, layout_2, layout_3]) {
+                    old.insert(key.0.as_slice(), entry.as_slice())
+                        .expect("insert");
+                }
+            }
+            tx.commit().expect("commit");
+        }
+        let store = Store::open(&file, SECRET, WINDOW).expect("the layout 3 store opens");
+        let mut outbox = store.outbox().expect("outbox");
+        outbox.sort_by_key(|(_, ts)| *ts);
+        let mut expected = vec![
+            (keys[0], 1_700_000_000_001),
+            (keys[1], 1_700_000_000_002),
+            (keys[2], 1_700_000_000_003),
+        ];
+        expected.sort_by_key(|(_, ts)| *ts);
+        assert_eq!(outbox, expected);
+        // the entries of layouts 1 and 2 were stored at an unknown time: as old as can be
+        assert_eq!(store.outbox_oldest_stored(0).expect("oldest"), Some(0));
+        {
+            let tx = store.db.begin_read().expect("read");
+            let users = tx.open_table(USERS).expect("users");
+            let got = users.get(keys[0].0.as_slice()).expect("get").expect("kept");
+            assert_eq!(
+                got.value(),
+                value.as_slice(),
+                "a user's value is not rewritten"
+            );
+            assert!(
+                tx.open_table(OUTBOX_POSTCARD).is_err(),
+                "the postcard outbox is gone"
+            );
+        }
+        let tx = store.db.begin_write().expect("tx");
+        assert_eq!(upgrade(&tx).expect("upgrade"), 0);
+        tx.commit().expect("commit");
         drop(store);
         let _ = std::fs::remove_file(&file);
     }

@@ -134,10 +134,10 @@ impl Store {
         let acked_t = tx.open_table(ACKED)?;
         let mut items = Vec::new();
         for key in keys {
-            let Some(pending) = outbox_t.get(key.0.as_slice())? else {
+            let Some(pending) = outbox_t.get(&key.0)? else {
                 continue;
             };
-            let pending = Pending::decode(pending.value())?;
+            let pending = pending.value();
             let Some(state) = users_t.get(key.0.as_slice())? else {
                 continue;
             };
@@ -216,7 +216,7 @@ impl Store {
                     None => None,
                 };
                 let Some(current) = current else {
-                    outbox_t.remove(key.0.as_slice())?;
+                    outbox_t.remove(&key.0)?;
                     continue;
                 };
                 if !Self::mark(&marks_t, &acked_t, sink, &key)?.settles(&current) {
@@ -230,9 +230,8 @@ impl Store {
                         break;
                     }
                 }
-                if everywhere && let Some(g) = outbox_t.remove(key.0.as_slice())? {
-                    out.retired
-                        .push((key, Pending::decode(g.value())?.oldest()));
+                if everywhere && let Some(g) = outbox_t.remove(&key.0)? {
+                    out.retired.push((key, g.value().oldest()));
                 }
             }
         }
@@ -253,13 +252,12 @@ impl Store {
         let t = tx.open_table(OUTBOX)?;
         let mut out = Vec::new();
         let rows = match &after {
-            Some(k) => t.range::<&[u8]>(k.0.as_slice()..)?,
+            Some(k) => t.range::<&[u8; 12]>(&k.0..)?,
             None => t.iter()?,
         };
         for row in rows {
             let (k, _) = row?;
-            let key = <[u8; 12]>::try_from(k.value())
-                .map_err(|_| StoreError::Corrupt("outbox key".into()))?;
+            let key = *k.value();
             if Some(UserKey(key)) == after {
                 continue;
             }
@@ -389,9 +387,8 @@ impl Store {
                             (sink, key.0.as_slice()),
                             encode(&SinkMark::default()).as_slice(),
                         )?;
-                        if outbox_t.get(key.0.as_slice())?.is_none() {
-                            let pending = Pending::at(now_ms, now_ms);
-                            outbox_t.insert(key.0.as_slice(), encode(&pending).as_slice())?;
+                        if outbox_t.get(&key.0)?.is_none() {
+                            outbox_t.insert(&key.0, Pending::at(now_ms, now_ms))?;
                         }
                         // With several instances the changelog's acknowledged watermark took
                         // the quarantined change for settled: logged again, the user's record
