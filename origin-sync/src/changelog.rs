@@ -555,9 +555,9 @@ fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), Pipeli
             report.to,
             high,
             &mut bytes,
-            |chunk, _, _| {
+            |chunk, _, _, _| {
                 later.extend(chunk.into_iter().map(|r| r.key));
-                true
+                Handoff::Taken
             },
         )?;
     }
@@ -616,8 +616,11 @@ fn read_into_store(
     reader.assign(&tpl)?;
     // Reading and applying overlap: this thread polls the broker while another applies the
     // previous chunk (one store transaction each), so a restore runs at the slower of the two
-    // rates, not at their sum.
-    let (chunks, applying) = std::sync::mpsc::sync_channel::<(Vec<LogRecord>, i64, bool)>(1);
+    // rates, not at their sum. A rendezvous channel: a chunk is offered as soon as it has
+    // `HANDOFF_MIN` records and taken only if the applier is idle, so the applier starts
+    // after a few records instead of a whole chunk, and chunks grow to `RESTORE_CHUNK` only
+    // while it is busy.
+    let (chunks, applying) = std::sync::mpsc::sync_channel::<(Vec<LogRecord>, i64, bool)>(0);
     std::thread::scope(|scope| {
         let applier_thread = scope.spawn(move || -> Result<Restored, StoreError> {
             shared
@@ -635,7 +638,20 @@ fn read_into_store(
             from,
             high,
             &mut report.bytes,
-            |c, n, l| chunks.send((c, n, l)).is_ok(),
+            |c, n, l, wait| {
+                use std::sync::mpsc::TrySendError;
+                if wait {
+                    return match chunks.send((c, n, l)) {
+                        Ok(()) => Handoff::Taken,
+                        Err(_) => Handoff::Stop,
+                    };
+                }
+                match chunks.try_send((c, n, l)) {
+                    Ok(()) => Handoff::Taken,
+                    Err(TrySendError::Full((c, ..))) => Handoff::Busy(c),
+                    Err(TrySendError::Disconnected(_)) => Handoff::Stop,
+                }
+            },
         );
         drop(chunks);
         let applied = applier_thread.join().map_err(|_| {
@@ -659,9 +675,22 @@ fn read_into_store(
     Ok(report)
 }
 
-/// Polls changelog partition `partition` from `from` to `high`, handing `deliver` chunks of
-/// up to [`RESTORE_CHUNK`] records with the offset after them and whether it is the last.
-/// Stops early when `deliver` returns false (the applier gave up).
+/// What the consumer of [`read_chunks`] did with a chunk.
+enum Handoff {
+    Taken,
+    /// Not taken (offered without waiting, and the consumer was busy): handed back, to grow.
+    Busy(Vec<LogRecord>),
+    /// The consumer gave up: stop reading.
+    Stop,
+}
+
+/// Records a chunk has before it is offered to a consumer that is idle (`Handoff`).
+const HANDOFF_MIN: usize = 1_000;
+
+/// Polls changelog partition `partition` from `from` to `high`, offering `deliver` chunks with
+/// the offset after them, whether it is the last and whether `deliver` must wait to take it:
+/// a chunk of [`HANDOFF_MIN`] records or more is offered without waiting (and grows while the
+/// consumer is busy), one of [`RESTORE_CHUNK`] records, or the last, waits.
 fn read_chunks(
     reader: &crate::kafka::Reader,
     topic: &str,
@@ -669,7 +698,7 @@ fn read_chunks(
     from: i64,
     high: i64,
     bytes: &mut u64,
-    mut deliver: impl FnMut(Vec<LogRecord>, i64, bool) -> bool,
+    mut deliver: impl FnMut(Vec<LogRecord>, i64, bool, bool) -> Handoff,
 ) -> Result<(), PipelineError> {
     let mut chunk: Vec<LogRecord> = Vec::with_capacity(RESTORE_CHUNK);
     let mut next = from;
@@ -716,10 +745,14 @@ fn read_chunks(
             }
             None => false,
         };
-        if at_end || chunk.len() >= RESTORE_CHUNK {
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(RESTORE_CHUNK));
-            if !deliver(full, next, at_end) {
-                return Ok(());
+        let wait = at_end || chunk.len() >= RESTORE_CHUNK;
+        // offered every few hundred records: an offer to a busy consumer costs a lock
+        if wait || (chunk.len() >= HANDOFF_MIN && chunk.len().is_multiple_of(256)) {
+            let offered = std::mem::take(&mut chunk);
+            match deliver(offered, next, at_end, wait) {
+                Handoff::Taken => chunk = Vec::with_capacity(RESTORE_CHUNK),
+                Handoff::Busy(back) => chunk = back,
+                Handoff::Stop => return Ok(()),
             }
         }
         if at_end {

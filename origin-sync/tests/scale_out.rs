@@ -1006,7 +1006,6 @@ async fn metric(base: &str, name: &str) -> Option<f64> {
 /// and their versions fall short) and records applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
-    use origin_sync::changelog::RESTORE_CHUNK;
     // One partition, no compaction during the test: the changelog keeps every change, so the
     // restore is more than one chunk (one store transaction) long.
     let Some(tansu) = with_topics(Tansu::start("restore-kill"), 1) else {
@@ -1050,7 +1049,9 @@ async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
         let applied = metric(&b_base, "edgewise_restore_records_total")
             .await
             .unwrap_or(0.0);
-        if applied >= RESTORE_CHUNK as f64 {
+        // the first chunk is small: the applier takes what the reader has as soon as it is
+        // idle (a thousand records or so), so this is early in the restore
+        if applied > 0.0 {
             break applied;
         }
         assert!(
@@ -1065,9 +1066,9 @@ async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
         started.elapsed()
     );
     assert!(
-        applied_before_kill < 2.0 * RESTORE_CHUNK as f64 && restores(&dir, "b").is_empty(),
-        "b's restore got past its first chunk before the kill (the test needs a longer \
-         changelog): {applied_before_kill} records applied, {:?}",
+        restores(&dir, "b").is_empty(),
+        "b's restore ended before the kill (the test needs a longer changelog): \
+         {applied_before_kill} records applied, {:?}",
         restores(&dir, "b")
     );
 

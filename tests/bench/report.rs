@@ -11,6 +11,9 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 const PLOT: &str = "docs/bench-latency.png";
+/// The largest bundle Workers Free deploys (3 MB after compression; Paid: 10 MB). What the
+/// size costs at run time is measured where it is paid: a new isolate's first answer.
+const BUNDLE_LIMIT_BYTES: u64 = 3_000_000;
 const SIM_PLOT: &str = "docs/sim-visibility.png";
 /// Debian's `fonts-dejavu-core`, installed by `cargo xtask setup`.
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -205,10 +208,11 @@ fn run(dir: &Path, root: &Path) -> Result<(), String> {
         verdict(kv <= 0.1)
     );
     md += &format!(
-        "| worker bundle (wasm + JS), gzip | {:.0} KB | raw: {:.0} KB | | ≤ 400 KB | {} |\n\n",
+        "| worker bundle (wasm + JS), gzip | {:.0} KB | raw: {:.0} KB | | ≤ {} KB (Workers Free's limit, compressed; what it costs a new isolate: \"Cold isolates on standalone workerd\" below) | {} |\n\n",
         gz / 1000.0,
         num(&bundle["raw_bytes"]) / 1000.0,
-        verdict(gz <= 400_000.0)
+        BUNDLE_LIMIT_BYTES / 1000,
+        verdict(gz <= BUNDLE_LIMIT_BYTES as f64)
     );
     md += &format!("![latency distributions]({PLOT})\n\n");
     md += &standalone_section(&edge);

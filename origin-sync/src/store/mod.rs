@@ -21,9 +21,7 @@ mod partitions;
 mod sinks;
 mod state;
 
-pub use partitions::{
-    Applier, ChunkEnd, LogRecord, LogValue, Logged, Restored, Revocations, Stamp,
-};
+pub use partitions::{Applier, LogRecord, LogValue, Logged, Restored, Revocations, Stamp};
 pub use sinks::{Quarantined, Settled, SinkReport, Subject};
 
 pub use state::Window;

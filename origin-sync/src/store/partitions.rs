@@ -57,19 +57,6 @@ pub(super) const STANDBY_AT: TableDefinition<&[u8], (i32, i64)> =
 /// unknown. Nothing writes it any more.
 pub(super) const STANDBY: TableDefinition<&[u8], i32> = TableDefinition::new("standby");
 
-/// How a chunk of changelog records ends its transaction ([`Store::apply_log`]).
-#[derive(Clone, Copy, Debug)]
-pub enum ChunkEnd<'a> {
-    /// The partition's position moves to `next` and an owner's resends go to the outbox,
-    /// with `owed`: those an owner's earlier chunks of the same restore left to this one.
-    Last { next: i64, owed: &'a [UserKey] },
-    /// An owner's chunk before a restore's last: its users are applied, nothing else moves.
-    /// What it owes the outbox is in its result's `touched`, for the last chunk; a crash
-    /// before that reads it again from the position, which did not move, and a record found
-    /// applied already is owed again (it is at or above the watermark, as before).
-    Early,
-}
-
 /// Who applies changelog records: the partition's new owner (what changed goes to the sinks),
 /// or a standby replica keeping a warm copy (nothing is sent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -461,7 +448,7 @@ impl Store {
         self.apply_log(
             partition,
             records,
-            ChunkEnd::Last { next, owed: &[] },
+            next,
             acked_below,
             now_ms,
             Applier::Owner,
@@ -471,9 +458,8 @@ impl Store {
 
     /// Applies a partition's changelog chunk by chunk as `applier` ([`Store::apply_log`]),
     /// `chunks` giving each with the offset after it and whether it is the last: a restore.
-    /// An owner's chunks before the last apply their users only; what they owe the outbox
-    /// and the position they reached move with the last chunk, in its transaction, the only
-    /// one that waits for the disk. `on_chunk` sees each chunk's result (progress).
+    /// Only the last chunk's commit waits for the disk. `on_chunk` sees each chunk's result
+    /// (progress).
     pub fn apply_chunks(
         &self,
         partition: i32,
@@ -485,19 +471,15 @@ impl Store {
     ) -> Result<Restored, StoreError> {
         let mut total = Restored::default();
         for (chunk, next, last) in chunks {
-            let end = match applier {
-                Applier::Owner if !last => ChunkEnd::Early,
-                // an owner's `touched` is what it owes the outbox (an audit's, what to re-log)
-                Applier::Owner => ChunkEnd::Last {
-                    next,
-                    owed: &total.touched,
-                },
-                Applier::Standby | Applier::Audit => ChunkEnd::Last { next, owed: &[] },
-            };
-            // an owner's early chunks are this restore's own progress, read again after a
-            // crash; a standby's or an audit's commit their position as they go (a crash
-            // before the next durable commit of the store loses both together)
-            let r = self.apply_log(partition, &chunk, end, acked_below, now_ms(), applier, last)?;
+            let r = self.apply_log(
+                partition,
+                &chunk,
+                next,
+                acked_below,
+                now_ms(),
+                applier,
+                last,
+            )?;
             on_chunk(&r);
             total.read += r.read;
             total.applied += r.applied;
@@ -509,18 +491,17 @@ impl Store {
         Ok(total)
     }
 
-    /// [`Store::apply_changelog`] by `applier`, ending as `end` says. A standby's records go
-    /// to no outbox, and are not applied at all once the partition is owned here (its owner's
-    /// restore has run or is running: the owner's changes are the ones that count). Not
-    /// `durable`: the commit does not wait for the disk, and a crash before the next durable
-    /// commit (any of the store's) loses these records together with the position they moved,
-    /// so they are read again.
-    #[allow(clippy::too_many_arguments)] // the positions and the clock are the chunk's
+    /// [`Store::apply_changelog`] by `applier`. A standby's records go to no outbox, and are
+    /// not applied at all once the partition is owned here (its owner's restore has run or is
+    /// running: the owner's changes are the ones that count). Not `durable`: the commit does
+    /// not wait for the disk, and a crash before the next durable commit (any of the store's)
+    /// loses these records together with the position they moved, so they are read again.
+    #[allow(clippy::too_many_arguments)] // the two positions and the clock are the chunk's
     pub fn apply_log(
         &self,
         partition: i32,
         records: &[LogRecord],
-        end: ChunkEnd<'_>,
+        next: i64,
         acked_below: i64,
         now_ms: u64,
         applier: Applier,
@@ -541,10 +522,7 @@ impl Store {
             let mut outbox_t = tx.open_table(OUTBOX)?;
             let mut standby_t = tx.open_table(STANDBY_AT)?;
             let mut pos_t = tx.open_table(CHANGELOG_POS)?;
-            // what goes to the outbox, put there after the users in one pass in key order:
-            // with a restore's earlier chunks (`owed`) that is a few sorted runs merged, not
-            // an insert into the middle of a leaf per shopper
-            let mut owe: Vec<UserKey> = Vec::new();
+            let pender = Pender::new(now_ms);
             // the last record of a key in this chunk is the one that counts; applied in key
             // order, which is the B-trees' (sequential leaves: about twice as fast as random)
             let mut last: std::collections::BTreeMap<&[u8], (&[u8], i64)> = Default::default();
@@ -591,7 +569,7 @@ impl Store {
                 if here == Some(&*state) {
                     out.behind += 1;
                     if resend_here {
-                        owe.push(key);
+                        pender.pend(&mut outbox_t, &key.0)?;
                         out.resent += 1;
                         out.touched.push(key);
                     }
@@ -619,7 +597,7 @@ impl Store {
                         out.touched.push(key);
                     }
                     if resend_here {
-                        owe.push(key);
+                        pender.pend(&mut outbox_t, &key.0)?;
                         out.resent += 1;
                         out.touched.push(key);
                     }
@@ -639,26 +617,14 @@ impl Store {
                 if offset < acked_below {
                     continue;
                 }
-                owe.push(key);
+                pender.pend(&mut outbox_t, &key.0)?;
                 out.resent += 1;
                 out.touched.push(key);
             }
-            if let ChunkEnd::Last { next, owed } = end {
-                if !owed.is_empty() {
-                    owe.extend_from_slice(owed);
-                    owe.sort_unstable_by_key(|k| k.0);
-                    owe.dedup();
-                }
-                let pender = Pender::new(now_ms);
-                for k in &owe {
-                    pender.pend(&mut outbox_t, &k.0)?;
-                }
-                // never backwards: a restore reading again from the watermark passes what
-                // this store has applied, and one of an earlier assignment may still be
-                // running
-                let at = pos_t.get(partition)?.map_or(0, |g| g.value());
-                pos_t.insert(partition, next.max(at))?;
-            }
+            // never backwards: a restore reading again from the watermark passes what this
+            // store has applied, and one of an earlier assignment may still be running
+            let at = pos_t.get(partition)?.map_or(0, |g| g.value());
+            pos_t.insert(partition, next.max(at))?;
         }
         tx.commit()?;
         Ok(out)
@@ -1256,18 +1222,7 @@ mod tests {
 
         // its own latest records: nothing to do
         let r = owner
-            .apply_log(
-                0,
-                &as_read(&latest),
-                ChunkEnd::Last {
-                    next: 10,
-                    owed: &[],
-                },
-                0,
-                5,
-                Applier::Audit,
-                true,
-            )
+            .apply_log(0, &as_read(&latest), 10, 0, 5, Applier::Audit, true)
             .expect("audit");
         assert_eq!(
             (r.read, r.applied, r.touched.len()),
@@ -1280,18 +1235,7 @@ mod tests {
             .map(|u| owner.current(&format!("p-u{u}")).expect("read"))
             .collect();
         let r = owner
-            .apply_log(
-                0,
-                &as_read(&early),
-                ChunkEnd::Last {
-                    next: 20,
-                    owed: &[],
-                },
-                0,
-                5,
-                Applier::Audit,
-                true,
-            )
+            .apply_log(0, &as_read(&early), 20, 0, 5, Applier::Audit, true)
             .expect("audit");
         let early_keys: BTreeSet<UserKey> = early.iter().map(|l| l.key).collect();
         let latest_keys: BTreeSet<UserKey> = latest.iter().map(|l| l.key).collect();
@@ -1327,18 +1271,7 @@ mod tests {
         ahead.set_owned(&[0]);
         let further = ahead.apply_batch(&recs).expect("fold").logged;
         let r = owner
-            .apply_log(
-                0,
-                &as_read(&further),
-                ChunkEnd::Last {
-                    next: 30,
-                    owed: &[],
-                },
-                0,
-                5,
-                Applier::Audit,
-                true,
-            )
+            .apply_log(0, &as_read(&further), 30, 0, 5, Applier::Audit, true)
             .expect("audit");
         assert_eq!((r.applied, r.touched.len()), (0, 0));
         let after: Vec<_> = (0..4)
@@ -1349,18 +1282,7 @@ mod tests {
         // not owned (revoked meanwhile): nothing read, the position stays
         owner.set_owned(&[]);
         let r = owner
-            .apply_log(
-                0,
-                &as_read(&early),
-                ChunkEnd::Last {
-                    next: 40,
-                    owed: &[],
-                },
-                0,
-                5,
-                Applier::Audit,
-                true,
-            )
+            .apply_log(0, &as_read(&early), 40, 0, 5, Applier::Audit, true)
             .expect("audit");
         assert_eq!(r.read, 0);
         assert_eq!(owner.changelog_position(0).expect("position"), 30);
@@ -1589,15 +1511,7 @@ mod tests {
             .logged;
         let replica = open("standby-replica");
         let r = replica
-            .apply_log(
-                2,
-                &as_read(&logged),
-                ChunkEnd::Last { next: 3, owed: &[] },
-                0,
-                1,
-                Applier::Standby,
-                true,
-            )
+            .apply_log(2, &as_read(&logged), 3, 0, 1, Applier::Standby, true)
             .expect("standby");
         assert_eq!(r.applied, 3);
         assert!(r.touched.is_empty(), "nothing sent");
@@ -1609,15 +1523,7 @@ mod tests {
             .expect("nothing");
         assert!(more.logged.is_empty());
         let skipped = replica
-            .apply_log(
-                2,
-                &as_read(&logged),
-                ChunkEnd::Last { next: 4, owed: &[] },
-                0,
-                1,
-                Applier::Standby,
-                true,
-            )
+            .apply_log(2, &as_read(&logged), 4, 0, 1, Applier::Standby, true)
             .expect("standby of an owned partition");
         assert_eq!(skipped.read, 0, "not applied: the owner's restore counts");
         let pending = replica.pend_standby(2, 0, 1).expect("pend");
@@ -1640,15 +1546,7 @@ mod tests {
         assert_eq!(logged.len(), 3);
         let replica = open("standby-acked-replica");
         replica
-            .apply_log(
-                2,
-                &as_read(&logged),
-                ChunkEnd::Last { next: 3, owed: &[] },
-                0,
-                1,
-                Applier::Standby,
-                true,
-            )
+            .apply_log(2, &as_read(&logged), 3, 0, 1, Applier::Standby, true)
             .expect("standby");
         // an entry of an older build's table, for a fourth shopper
         let tx = replica.db.begin_write().expect("tx");
