@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::kafka::{Ends, Membership};
 use crate::pipeline::{PipelineError, Shared, blocking, now_ms};
-use crate::store::{Applier, LogRecord, Logged, Restored, Revocations, StoreError};
+use crate::store::{Applier, LogRecord, Logged, PreparedRecord, Restored, Revocations, StoreError};
 
 /// One batch's changelog records and the input offsets that may be committed once the broker
 /// has them.
@@ -555,8 +555,9 @@ fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), Pipeli
             report.to,
             high,
             &mut bytes,
-            |chunk, _, _, _| {
-                later.extend(chunk.into_iter().map(|r| r.key));
+            |r| r.key,
+            |keys, _, _, _| {
+                later.extend(keys);
                 Handoff::Taken
             },
         )?;
@@ -620,7 +621,10 @@ fn read_into_store(
     // `HANDOFF_MIN` records and taken only if the applier is idle, so the applier starts
     // after a few records instead of a whole chunk, and chunks grow to `RESTORE_CHUNK` only
     // while it is busy.
-    let (chunks, applying) = std::sync::mpsc::sync_channel::<(Vec<LogRecord>, i64, bool)>(0);
+    // The reading thread also prepares each record (`PreparedRecord`: checked, decoded, laid
+    // out for the store), so the applier only looks up, compares and writes: it is a restore's
+    // limit, the reader is mostly idle.
+    let (chunks, applying) = std::sync::mpsc::sync_channel::<(Vec<PreparedRecord>, i64, bool)>(0);
     std::thread::scope(|scope| {
         let applier_thread = scope.spawn(move || -> Result<Restored, StoreError> {
             shared
@@ -638,6 +642,7 @@ fn read_into_store(
             from,
             high,
             &mut report.bytes,
+            PreparedRecord::new,
             |c, n, l, wait| {
                 use std::sync::mpsc::TrySendError;
                 if wait {
@@ -676,10 +681,10 @@ fn read_into_store(
 }
 
 /// What the consumer of [`read_chunks`] did with a chunk.
-enum Handoff {
+enum Handoff<T> {
     Taken,
     /// Not taken (offered without waiting, and the consumer was busy): handed back, to grow.
-    Busy(Vec<LogRecord>),
+    Busy(Vec<T>),
     /// The consumer gave up: stop reading.
     Stop,
 }
@@ -687,20 +692,22 @@ enum Handoff {
 /// Records a chunk has before it is offered to a consumer that is idle (`Handoff`).
 const HANDOFF_MIN: usize = 1_000;
 
-/// Polls changelog partition `partition` from `from` to `high`, offering `deliver` chunks with
-/// the offset after them, whether it is the last and whether `deliver` must wait to take it:
+/// Polls changelog partition `partition` from `from` to `high`, offering `deliver` chunks of
+/// what `make` turns each record into, with the offset after them, whether it is the last and whether `deliver` must wait to take it:
 /// a chunk of [`HANDOFF_MIN`] records or more is offered without waiting (and grows while the
 /// consumer is busy), one of [`RESTORE_CHUNK`] records, or the last, waits.
-fn read_chunks(
+#[allow(clippy::too_many_arguments)] // where to read, and what to do with it
+fn read_chunks<T>(
     reader: &crate::kafka::Reader,
     topic: &str,
     partition: i32,
     from: i64,
     high: i64,
     bytes: &mut u64,
-    mut deliver: impl FnMut(Vec<LogRecord>, i64, bool, bool) -> Handoff,
+    mut make: impl FnMut(LogRecord) -> T,
+    mut deliver: impl FnMut(Vec<T>, i64, bool, bool) -> Handoff<T>,
 ) -> Result<(), PipelineError> {
-    let mut chunk: Vec<LogRecord> = Vec::with_capacity(RESTORE_CHUNK);
+    let mut chunk: Vec<T> = Vec::with_capacity(RESTORE_CHUNK);
     let mut next = from;
     let mut idle_since = Instant::now();
     // An end-of-partition event below `high` is believed only once a poll after it brings
@@ -719,11 +726,11 @@ fn read_chunks(
                     let key = m.key().unwrap_or_default().to_vec();
                     let value = m.payload().map(<[u8]>::to_vec);
                     *bytes += (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
-                    chunk.push(LogRecord {
+                    chunk.push(make(LogRecord {
                         offset: m.offset(),
                         key,
                         value,
-                    });
+                    }));
                 }
                 next >= high
             }

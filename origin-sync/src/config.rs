@@ -109,6 +109,11 @@ pub struct KafkaConfig {
     pub changelog_audit_ms: u64,
     /// How origin-sync talks to the brokers: TLS and SASL, as production clusters require.
     pub security: KafkaSecurity,
+    /// librdkafka's `debug` contexts, comma-separated (e.g. `"cgrp"` for the group protocol,
+    /// `"cgrp,fetch"`), logged under the target `librdkafka` at debug level (so with
+    /// `RUST_LOG=info,librdkafka=debug`): for diagnosing, verbose. Empty (the default): only
+    /// librdkafka's errors.
+    pub librdkafka_debug: String,
     /// Consumption counts as stalled (`/readyz` 503, `edgewise_consumer_stalled` 1) after
     /// this long without folding a batch while messages wait, or while a step keeps failing
     /// (consuming, writing a dead letter). 0: never.
@@ -305,6 +310,7 @@ impl Default for KafkaConfig {
             session_timeout_ms: 6000,
             heartbeat_interval_ms: 300,
             revoke_grace_ms: 600,
+            librdkafka_debug: String::new(),
             standby: false,
             changelog_audit_ms: 30_000,
             max_batch: 20000,

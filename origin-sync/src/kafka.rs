@@ -14,12 +14,19 @@ use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 
-/// What every client shares: the brokers, and TLS/SASL as configured.
+/// What every client shares: the brokers, TLS/SASL as configured, and what librdkafka logs
+/// (its errors; everything of `kafka.librdkafka_debug`'s contexts when set).
 fn client(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
     for (name, value) in config.security.properties() {
         c.set(name, value);
+    }
+    if config.librdkafka_debug.is_empty() {
+        c.set("log_level", "3");
+    } else {
+        c.set("debug", &config.librdkafka_debug)
+            .set("log_level", "7");
     }
     c
 }
@@ -42,8 +49,7 @@ fn consumer_config(config: &KafkaConfig, group_id: &str) -> ClientConfig {
         .set(
             "heartbeat.interval.ms",
             config.heartbeat_interval_ms.to_string(),
-        )
-        .set("log_level", "3");
+        );
     c
 }
 
@@ -195,7 +201,6 @@ pub fn reader(config: &KafkaConfig) -> Result<Reader, KafkaError> {
         .set("fetch.wait.max.ms", "50")
         .set("max.partition.fetch.bytes", "16777216")
         .set("fetch.max.bytes", "67108864")
-        .set("log_level", "3")
         .create_with_context(ReaderContext)
 }
 
@@ -234,7 +239,6 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .set("acks", "all")
         .set("message.timeout.ms", "30000")
         .set("queue.buffering.max.messages", "100000")
-        .set("log_level", "3")
         .create()
 }
 

@@ -581,19 +581,22 @@ fn apply_only(logged: &[Logged], acked_below: i64) -> anyhow::Result<f64> {
         })
         .collect();
     let per = origin_sync::changelog::RESTORE_CHUNK;
-    let count = records.len().div_ceil(per);
-    // as a restore applies them (only the last chunk's commit waits for the disk)
-    let chunks: Vec<_> = records
-        .chunks(per)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let next = ((i + 1) * per).min(records.len()) as i64;
-            (chunk.to_vec(), next, i + 1 == count)
-        })
-        .collect();
+    let total = records.len();
+    let count = total.div_ceil(per);
+    let owned: Vec<Vec<origin_sync::store::LogRecord>> =
+        records.chunks(per).map(<[_]>::to_vec).collect();
     let t = Instant::now();
+    // as a restore applies them, preparing included (a restore prepares on its reading thread)
+    let chunks = owned.into_iter().enumerate().map(|(i, chunk)| {
+        let next = ((i + 1) * per).min(total) as i64;
+        let prepared = chunk
+            .into_iter()
+            .map(origin_sync::store::PreparedRecord::new)
+            .collect();
+        (prepared, next, i + 1 == count)
+    });
     store.apply_chunks(0, chunks, acked_below, || 1, Applier::Owner, |_| {})?;
-    let rate = records.len() as f64 / t.elapsed().as_secs_f64();
+    let rate = total as f64 / t.elapsed().as_secs_f64();
     drop(store);
     let _ = std::fs::remove_file(&path);
     Ok(rate)

@@ -21,7 +21,9 @@ mod partitions;
 mod sinks;
 mod state;
 
-pub use partitions::{Applier, LogRecord, LogValue, Logged, Restored, Revocations, Stamp};
+pub use partitions::{
+    Applier, LogRecord, LogValue, Logged, PreparedRecord, Restored, Revocations, Stamp,
+};
 pub use sinks::{Quarantined, Settled, SinkReport, Subject};
 
 pub use state::Window;

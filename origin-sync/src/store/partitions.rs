@@ -229,12 +229,18 @@ impl<'a> LogValueRef<'a> {
             1 => Ok(std::borrow::Cow::Owned(encode(&UserState::decode_layout1(
                 self.state,
             )?))),
-            newer => Err(StoreError::Corrupt(format!(
-                "changelog record of store layout {newer} from a newer origin-sync; this build \
-                 reads up to {LAYOUT}: upgrade this instance"
-            ))),
+            newer => Err(newer_layout(newer)),
         }
     }
+}
+
+/// A changelog record of a store layout this build does not know.
+fn newer_layout(layout: u64) -> StoreError {
+    StoreError::Corrupt(format!(
+        "changelog record of store layout {layout} from a newer origin-sync; this build reads \
+         up to {}: upgrade this instance",
+        super::layout::STATE_LAYOUT
+    ))
 }
 
 /// One change for the changelog: where it goes and what it says.
@@ -254,6 +260,80 @@ pub struct LogRecord {
     pub key: Vec<u8>,
     /// None: a tombstone or an unreadable value (skipped; counted by the caller).
     pub value: Option<Vec<u8>>,
+}
+
+/// A changelog record read, checked and laid out as the users table stores it, by whichever
+/// thread reads it (a restore's reading thread): the work that needs no store, so that the
+/// applying thread, one per restore and its limit, only looks up, compares and writes.
+#[derive(Debug)]
+pub struct PreparedRecord {
+    offset: i64,
+    key: Vec<u8>,
+    ready: Readiness,
+}
+
+#[derive(Debug)]
+enum Readiness {
+    /// No value: a tombstone (counted unreadable; an earlier record of the key still counts).
+    Tombstone,
+    /// A value that does not read as a shopper's whole state (counted, skipped).
+    Unreadable,
+    /// A record of this newer store layout: the restore stops (`LogValueRef::state_in_layout`).
+    Newer(u64),
+    Ready(Box<Ready>),
+}
+
+/// A readable record's parts.
+#[derive(Debug)]
+struct Ready {
+    key: UserKey,
+    /// The users-table value: the record's stamp, then its state in this build's layout.
+    value: Vec<u8>,
+    /// Where the state starts in `value`.
+    state_at: usize,
+    stamp: Stamp,
+    /// The state's erasure (`UserState::erased`).
+    erased: Option<(u64, u64)>,
+}
+
+impl PreparedRecord {
+    pub fn new(record: LogRecord) -> PreparedRecord {
+        let ready = match &record.value {
+            None => Readiness::Tombstone,
+            Some(v) => Self::ready(&record.key, v),
+        };
+        PreparedRecord {
+            offset: record.offset,
+            key: record.key,
+            ready,
+        }
+    }
+
+    fn ready(key: &[u8], bytes: &[u8]) -> Readiness {
+        let (Ok(key), Ok(value)) = (user_key(key, "changelog"), LogValueRef::parse(bytes)) else {
+            return Readiness::Unreadable;
+        };
+        let state = match value.state_in_layout() {
+            Ok(state) => state,
+            Err(_) if value.layout > super::layout::STATE_LAYOUT => {
+                return Readiness::Newer(value.layout);
+            }
+            Err(_) => return Readiness::Unreadable,
+        };
+        // Read without replaying the window (the restore never needs the profile): a check
+        // that the record is whole, and its erasure.
+        let (Ok(theirs), Ok(stamp)) = (UserState::decode_unfolded(&state), value.stamp()) else {
+            return Readiness::Unreadable;
+        };
+        let value_bytes = user_value_raw(value.stamp, &state);
+        Readiness::Ready(Box::new(Ready {
+            key,
+            state_at: value_bytes.len() - state.len(),
+            value: value_bytes,
+            stamp,
+            erased: theirs.erased(),
+        }))
+    }
 }
 
 /// What applying changelog records did.
@@ -463,7 +543,7 @@ impl Store {
     pub fn apply_chunks(
         &self,
         partition: i32,
-        chunks: impl IntoIterator<Item = (Vec<LogRecord>, i64, bool)>,
+        chunks: impl IntoIterator<Item = (Vec<PreparedRecord>, i64, bool)>,
         acked_below: i64,
         now_ms: impl Fn() -> u64,
         applier: Applier,
@@ -471,7 +551,7 @@ impl Store {
     ) -> Result<Restored, StoreError> {
         let mut total = Restored::default();
         for (chunk, next, last) in chunks {
-            let r = self.apply_log(
+            let r = self.apply_prepared(
                 partition,
                 &chunk,
                 next,
@@ -507,6 +587,31 @@ impl Store {
         applier: Applier,
         durable: bool,
     ) -> Result<Restored, StoreError> {
+        let prepared: Vec<PreparedRecord> =
+            records.iter().cloned().map(PreparedRecord::new).collect();
+        self.apply_prepared(
+            partition,
+            &prepared,
+            next,
+            acked_below,
+            now_ms,
+            applier,
+            durable,
+        )
+    }
+
+    /// [`Store::apply_log`] of records prepared already.
+    #[allow(clippy::too_many_arguments)] // as apply_log's
+    pub fn apply_prepared(
+        &self,
+        partition: i32,
+        records: &[PreparedRecord],
+        next: i64,
+        acked_below: i64,
+        now_ms: u64,
+        applier: Applier,
+        durable: bool,
+    ) -> Result<Restored, StoreError> {
         let _one_at_a_time = self.applying.lock();
         let mut out = Restored::default();
         let owned = self.owned().contains(&partition);
@@ -525,35 +630,28 @@ impl Store {
             let pender = Pender::new(now_ms);
             // the last record of a key in this chunk is the one that counts; applied in key
             // order, which is the B-trees' (sequential leaves: about twice as fast as random)
-            let mut last: std::collections::BTreeMap<&[u8], (&[u8], i64)> = Default::default();
+            let mut last: std::collections::BTreeMap<&[u8], &PreparedRecord> = Default::default();
             for r in records {
                 out.read += 1;
-                match &r.value {
-                    Some(v) => {
-                        last.insert(r.key.as_slice(), (v.as_slice(), r.offset));
+                match r.ready {
+                    Readiness::Tombstone => out.unreadable += 1,
+                    _ => {
+                        last.insert(r.key.as_slice(), r);
                     }
-                    None => out.unreadable += 1,
                 }
             }
-            for (k, (v, offset)) in last {
-                let (Ok(key), Ok(value)) = (user_key(k, "changelog"), LogValueRef::parse(v)) else {
-                    out.unreadable += 1;
-                    continue;
-                };
-                let state = match value.state_in_layout() {
-                    Ok(state) => state,
-                    Err(newer) if value.layout > super::layout::STATE_LAYOUT => return Err(newer),
-                    Err(_) => {
+            for (k, r) in last {
+                let offset = r.offset;
+                let ready = match &r.ready {
+                    Readiness::Ready(ready) => ready,
+                    Readiness::Newer(layout) => return Err(newer_layout(*layout)),
+                    Readiness::Tombstone | Readiness::Unreadable => {
                         out.unreadable += 1;
                         continue;
                     }
                 };
-                // Read without replaying the window (the restore never needs the profile): a
-                // check that the record is whole, and its erasure.
-                let Ok(theirs) = UserState::decode_unfolded(&state) else {
-                    out.unreadable += 1;
-                    continue;
-                };
+                let key = ready.key;
+                let state = &ready.value[ready.state_at..];
                 let stored = users_t.get(k)?.map(|g| g.value().to_vec());
                 let (local, here) = match &stored {
                     Some(value) => {
@@ -566,7 +664,7 @@ impl Store {
                 // store is as far or further (a copy left here by an earlier ownership): its
                 // outbox entries were released when the partition left.
                 let resend_here = applier == Applier::Owner && offset >= acked_below;
-                if here == Some(&*state) {
+                if here == Some(state) {
                     out.behind += 1;
                     if resend_here {
                         pender.pend(&mut outbox_t, &key.0)?;
@@ -581,16 +679,11 @@ impl Store {
                     Some(bytes) => UserState::decode_unfolded(bytes)?.erased(),
                     None => None,
                 };
-                let erasure_newer_here = erased_here.is_some_and(|(_, at)| {
-                    theirs.erased().is_none_or(|(_, their_at)| their_at < at)
-                });
-                let further_here = match &local {
-                    Some(l) => {
-                        let theirs = value.stamp()?;
-                        l.covers(&theirs) && *l != theirs
-                    }
-                    None => false,
-                };
+                let erasure_newer_here = erased_here
+                    .is_some_and(|(_, at)| ready.erased.is_none_or(|(_, their_at)| their_at < at));
+                let further_here = local
+                    .as_ref()
+                    .is_some_and(|l| l.covers(&ready.stamp) && *l != ready.stamp);
                 if erasure_newer_here || further_here {
                     out.behind += 1;
                     if applier == Applier::Audit && here.is_some() {
@@ -608,7 +701,7 @@ impl Store {
                     // those events itself, and its own record follows
                     continue;
                 }
-                users_t.insert(k, user_value_raw(value.stamp, &state).as_slice())?;
+                users_t.insert(k, ready.value.as_slice())?;
                 out.applied += 1;
                 if applier == Applier::Standby {
                     standby_t.insert(k, (partition, offset))?;

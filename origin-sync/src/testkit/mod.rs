@@ -129,7 +129,9 @@ pub fn kill_group(child: &mut Child, signal: Signal) {
 
 /// Runs the service binary `bin` with `config` (`origin-sync --config … run`) in its own
 /// process group, its log appended to `log`: how the tests and the scale-out bench run
-/// instances.
+/// instances. `EDGEWISE_SERVICE_LOG` replaces their log filter (`RUST_LOG`), e.g.
+/// `info,librdkafka=debug` with `ORIGIN_SYNC__KAFKA__LIBRDKAFKA_DEBUG=cgrp` to see the group
+/// protocol.
 pub fn spawn_service(bin: &Path, config: &Path, log: &Path) -> std::io::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -139,7 +141,10 @@ pub fn spawn_service(bin: &Path, config: &Path, log: &Path) -> std::io::Result<C
         .arg("--config")
         .arg(config)
         .arg("run")
-        .env("RUST_LOG", "info,rdkafka=warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("EDGEWISE_SERVICE_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(out)
         .process_group(0)
