@@ -220,7 +220,7 @@ fn tansu() -> Result<()> {
         && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp())
     {
         println!(
-            "    ok    tansu {TANSU_VERSION} (group coordinator patched: static membership, leader replacement, follower sync, eviction)"
+            "    ok    tansu {TANSU_VERSION} (group coordinator patched: static membership, leader replacement, follower sync, eviction, sticky rejoin)"
         );
         return Ok(());
     }
