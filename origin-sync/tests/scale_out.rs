@@ -25,6 +25,50 @@ fn group_broker(name: &str) -> Option<Tansu> {
     )
 }
 
+/// The premise of the suite's restores: its broker compacts the changelog, as production
+/// brokers do. Thirty changes of each of ten keys leave each key's last change alone within a
+/// few maintenance runs (tansu compacts on SQLite only, at its maintenance interval: 2 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tests_broker_compacts_the_changelog() {
+    let Some(tansu) = group_broker("scale-compaction") else {
+        return;
+    };
+    let topic = origin_sync::config::KafkaConfig::default().changelog_topic;
+    let changes: Vec<origin_sync::kafka::Outgoing> = (0..300)
+        .map(|i| origin_sync::kafka::Outgoing {
+            topic: topic.clone(),
+            key: format!("key-{}", i % 10).into_bytes(),
+            payload: format!("change {i}").into_bytes(),
+            headers: Vec::new(),
+        })
+        .collect();
+    produce(&tansu.brokers(), &changes).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kept: Vec<(Vec<u8>, Vec<u8>)> = (0..PARTITIONS as i32)
+            .flat_map(|p| changelog_records(&tansu.brokers(), p))
+            .collect();
+        if kept.len() == 10 {
+            for (key, value) in &kept {
+                let key = String::from_utf8_lossy(key);
+                let n: usize = key["key-".len()..].parse().expect("a key of this test");
+                assert_eq!(
+                    String::from_utf8_lossy(value),
+                    format!("change {}", 290 + n),
+                    "{key} kept a change other than its last"
+                );
+            }
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changelog was not compacted within 30 s: {} records of 10 keys",
+            kept.len()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// One instance's config file (its own store and port, the group's assignment) and log.
 fn instance(
     tansu: &Tansu,
