@@ -109,7 +109,8 @@ struct Lookup {
     version: u64,
     tier: Tier,
     age_ms: Option<u64>,
-    kv_ms: f64,
+    /// How long this request waited for KV, when it read it.
+    kv_ms: Option<f64>,
 }
 
 /// One isolate's state.

@@ -17,6 +17,9 @@ pub struct Recs<'a> {
     pub items: Vec<RecItem<'a>>,
     pub offer: Option<OfferView<'a>>,
     pub personalized: bool,
+    /// How long ago this isolate took the profile (ms), as `/v1/me` says it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_age_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile_version: Option<u64>,
     /// Names of the rules that fired, highest priority first.

@@ -615,15 +615,13 @@ fn read_into_store(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
     reader.assign(&tpl)?;
-    // Reading and applying overlap: this thread polls the broker while another applies the
-    // previous chunk (one store transaction each), so a restore runs at the slower of the two
-    // rates, not at their sum. A rendezvous channel: a chunk is offered as soon as it has
-    // `HANDOFF_MIN` records and taken only if the applier is idle, so the applier starts
-    // after a few records instead of a whole chunk, and chunks grow to `RESTORE_CHUNK` only
-    // while it is busy.
-    // The reading thread also prepares each record (`PreparedRecord`: checked, decoded, laid
-    // out for the store), so the applier only looks up, compares and writes: it is a restore's
-    // limit, the reader is mostly idle.
+    // Reading and applying overlap: this thread polls the broker and prepares each record
+    // (`PreparedRecord`: checked, decoded, laid out for the store) while another applies the
+    // previous chunk in one store transaction, looking up, comparing and writing only: the
+    // applier is a restore's limit, so it does nothing the reader can do. A rendezvous channel
+    // hands chunks over: one is offered from `HANDOFF_MIN` records on and taken only if the
+    // applier is idle, so the applier starts after a few records, and chunks grow to
+    // `RESTORE_CHUNK` only while it is busy.
     let (chunks, applying) = std::sync::mpsc::sync_channel::<(Vec<PreparedRecord>, i64, bool)>(0);
     std::thread::scope(|scope| {
         let applier_thread = scope.spawn(move || -> Result<Restored, StoreError> {

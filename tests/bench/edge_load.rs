@@ -2,8 +2,10 @@
 //! closed-loop client (`tests::load`, which times every request itself): personalized recommendations with a warm cache and with a cold one (every request
 //! reads KV), against `/healthz` on the same worker in the same run, through `wrangler dev`;
 //! then on standalone workerd (`tests::workerd`, no Node proxy in the path) against an empty
-//! route (an unknown path: the worker's 404, no KV, no recommender), with the CPU time workerd
-//! spends per request measured from its threads' `schedstat` around one request at a time.
+//! route (an unknown path: the worker's 404, no KV, no recommender): saturated (a closed loop,
+//! whose latency is queueing), paced (an open loop at half the personalized route's capacity)
+//! and one request at a time on a kept-alive connection, where each answer's latency is its
+//! own and workerd's CPU time per request is read from its threads' `schedstat` around it.
 //!
 //! Usage: `edge-load [--workerd-only] [SECONDS_PER_RUN]` with `EDGEWISE_WORKER_BUNDLE` set
 //! (`cargo xtask bench` does both). `--workerd-only`: the standalone half alone;
@@ -162,7 +164,7 @@ const PACED_SHARE: f64 = 0.5;
 const PACED_CONNECTIONS: usize = 8;
 
 /// Requests per route for the CPU-time samples.
-const CPU_SAMPLES: usize = 1500;
+const CPU_SAMPLES: usize = 3000;
 
 /// The worker on standalone workerd: load against an empty route and the personalized ones,
 /// and the CPU time per request; returns the figures as JSON.
@@ -256,7 +258,8 @@ fn standalone(
     .map_err(|e| e.to_string())?;
     let kv_reads_in_load = profile_cache_misses(wd.port)? - misses_before_load;
     println!("    profile reads from KV during the load: {kv_reads_in_load} (a warm cache: 0)");
-    // CPU per request: one request at a time, workerd's CPU clock read around each. Warmed
+    // One request at a time: each answer's latency as the client saw it (nothing queued before
+    // it) and workerd's CPU clock read around it. Warmed
     // again first: with longer runs the load runs above outlast the profile TTL (30 s), and the
     // "warm cache" requests would then read KV and count its round trip as their CPU time; the
     // worker's own miss counter shows that none did.
@@ -266,6 +269,10 @@ fn standalone(
     let mut empty_us = Vec::with_capacity(CPU_SAMPLES);
     let mut recs_us = Vec::with_capacity(CPU_SAMPLES);
     let mut first_visit_us = Vec::with_capacity(CPU_SAMPLES);
+    // the same requests' latency, as the client saw it: one at a time, so nothing queued
+    let mut empty_lat_us = Vec::with_capacity(CPU_SAMPLES);
+    let mut recs_lat_us = Vec::with_capacity(CPU_SAMPLES);
+    let mut first_visit_lat_us = Vec::with_capacity(CPU_SAMPLES);
     let cpu = || {
         wd.cpu_ns()
             .ok_or("workerd's CPU time is not readable (/proc)")
@@ -277,15 +284,22 @@ fn standalone(
     let recs_requests = requests(wd.port, RECS, &warm);
     let first_visit_requests = requests(wd.port, RECS, &first_visit);
     for i in 0..CPU_SAMPLES {
-        for (request, samples, want) in [
-            (&empty_requests, &mut empty_us, 404),
-            (&recs_requests, &mut recs_us, 200),
-            (&first_visit_requests, &mut first_visit_us, 200),
+        for (request, samples, latencies, want) in [
+            (&empty_requests, &mut empty_us, &mut empty_lat_us, 404),
+            (&recs_requests, &mut recs_us, &mut recs_lat_us, 200),
+            (
+                &first_visit_requests,
+                &mut first_visit_us,
+                &mut first_visit_lat_us,
+                200,
+            ),
         ] {
             let before = cpu()?;
+            let sent = std::time::Instant::now();
             let answer = conn
                 .exchange(&request[i % request.len()])
                 .map_err(|e| e.to_string())?;
+            latencies.push(sent.elapsed().as_secs_f64() * 1e6);
             samples.push((cpu()? - before) as f64 / 1000.0);
             if answer.status != want {
                 return Err(format!("{RECS} or {EMPTY} answered {}", answer.status));
@@ -310,7 +324,17 @@ fn standalone(
         "recs_mean_us": mean(&recs_us),
         "first_visit_p50_us": pct(&mut first_visit_us, 0.5),
         "first_visit_p99_us": pct(&mut first_visit_us, 0.99),
+        "empty_latency_p50_us": pct(&mut empty_lat_us, 0.5),
+        "empty_latency_p99_us": pct(&mut empty_lat_us, 0.99),
+        "recs_latency_p50_us": pct(&mut recs_lat_us, 0.5),
+        "recs_latency_p99_us": pct(&mut recs_lat_us, 0.99),
+        "first_visit_latency_p50_us": pct(&mut first_visit_lat_us, 0.5),
     });
+    // each answer's own time, nothing queued before it
+    let alone_p50_ratio =
+        num(&cpu_figures["recs_latency_p50_us"]) / num(&cpu_figures["empty_latency_p50_us"]);
+    let alone_p99_ratio =
+        num(&cpu_figures["recs_latency_p99_us"]) / num(&cpu_figures["empty_latency_p99_us"]);
     println!();
     println!(
         "standalone workerd, {CONNECTIONS} connections closed-loop, the routes in turns of 1 s, {secs} s each"
@@ -319,7 +343,15 @@ fn standalone(
     let p50_ratio = runs[1].p50_ms / runs[0].p50_ms;
     let p99_ratio = runs[1].p99_ms / runs[0].p99_ms;
     println!(
-        "recommendations / empty route: p50 {p50_ratio:.2}x (target <= 1.25x), p99 {p99_ratio:.2}x (target <= 1.5x)"
+        "recommendations / empty route: p50 {p50_ratio:.2}x (target <= 1.25x), p99 {p99_ratio:.2}x (target <= 1.5x); throughput {:.2}x",
+        runs[0].rps / runs[1].rps
+    );
+    println!(
+        "one request at a time on a kept-alive connection (nothing queued): empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us: p50 {alone_p50_ratio:.2}x, p99 {alone_p99_ratio:.2}x",
+        num(&cpu_figures["empty_latency_p50_us"]),
+        num(&cpu_figures["empty_latency_p99_us"]),
+        num(&cpu_figures["recs_latency_p50_us"]),
+        num(&cpu_figures["recs_latency_p99_us"]),
     );
     println!(
         "CPU time per request (workerd, all threads): empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us (target p99 <= 1 ms)",
@@ -399,6 +431,8 @@ fn standalone(
         })).collect::<Vec<_>>(),
         "recs_over_empty_p50": p50_ratio,
         "recs_over_empty_p99": p99_ratio,
+        "alone_recs_over_empty_p50": alone_p50_ratio,
+        "alone_recs_over_empty_p99": alone_p99_ratio,
         "cpu": cpu_figures,
     }))
 }

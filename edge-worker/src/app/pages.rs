@@ -6,7 +6,7 @@
 //! `storefront`'s.
 
 use super::App;
-use super::shopper::{country_of, device_of, recommend, seed, tier_headers};
+use super::shopper::{age_header, country_of, device_of, recommend, seed, tier_headers};
 use crate::http::{Clock, Handled, HttpRequest, Reply, no_store};
 use crate::store::Store;
 use crate::storefront;
@@ -62,9 +62,7 @@ impl App {
         ctx.device = device_of(req);
         ctx.country = country_of(req);
         ctx.current_item = item.map(|i| i.id());
-        let t0 = clock.now_ms();
         let (recs, tier) = recommend(&site, found.profile.as_ref(), &ctx, found.tier);
-        let rec_ms = clock.now_ms() - t0;
         let cart: Vec<shared::ids::ItemId> = found
             .profile
             .as_ref()
@@ -84,7 +82,8 @@ impl App {
                 html.into_bytes()
             },
         };
-        tier_headers(&mut reply, tier, &found, rec_ms);
+        tier_headers(&mut reply, tier, &found);
+        age_header(&mut reply, &found);
         let mut handled: Handled = reply.into();
         self.page_cookies(req, &who, stitched, shown.as_ref(), now_ms, &mut handled);
         handled

@@ -11,7 +11,7 @@
 //! page with thousands of placeholders (by mistake or by an attacker who can write to it)
 //! costs at most that many recommender runs; the rest keep the site's own content.
 
-use super::shopper::{country_of, device_of, recommend, seed, tier_headers};
+use super::shopper::{age_header, country_of, device_of, recommend, seed, tier_headers};
 use super::{App, Site, Tier};
 use crate::http::{Clock, Handled, HttpRequest, Outbound, Reply};
 use crate::identity::Identity;
@@ -77,7 +77,8 @@ impl App {
         let found = self.lookup(store, clock, key, now_ms).await;
         self.count_answer(Some(found.tier.as_str()));
         let mut reply = Reply::json(200, &serde_json::Value::Null);
-        tier_headers(&mut reply, found.tier, &found, 0.0);
+        tier_headers(&mut reply, found.tier, &found);
+        age_header(&mut reply, &found);
         let mut handled: Handled = reply.into();
         self.page_cookies(req, &who, stitched, shown.as_ref(), now_ms, &mut handled);
         PagePersonalization {

@@ -244,7 +244,7 @@ impl App {
             version: 0,
             tier: Tier::Popular,
             age_ms: None,
-            kv_ms: 0.0,
+            kv_ms: None,
         };
         let Some(key) = key else { return out };
         // read (and counted as a miss) alongside this isolate's first config check
@@ -252,10 +252,10 @@ impl App {
         let fetched = self.cache.borrow_mut().get(&key).map(|e| e.fetched_at_ms());
         let mut kv_failed = false;
         if let Some((_, kv_ms)) = prefetched.filter(|_| fetched.is_some()) {
-            out.kv_ms = kv_ms;
+            out.kv_ms = Some(kv_ms);
         } else if fetched.is_none_or(|t| now_ms.saturating_sub(t) > self.config.profile_ttl_ms) {
             let (kv_ms, read) = self.read_profile(store, clock, key, now_ms).await;
-            out.kv_ms = kv_ms;
+            out.kv_ms = Some(kv_ms);
             kv_failed = !read;
         } else {
             self.metrics.borrow_mut().cache_hits += 1;
@@ -344,11 +344,10 @@ impl App {
         ctx.seed = seed(key, now_ms);
         ctx.device = query.device.unwrap_or_else(|| device_of(req));
         ctx.country = ctx.country.or_else(|| country_of(req));
-        let t0 = clock.now_ms();
         let (mut body, tier) = recommend(&site, found.profile.as_ref(), &ctx, found.tier);
-        let rec_ms = clock.now_ms() - t0;
         body.tier = Some(tier.as_str());
         body.profile_version = Some(found.version);
+        body.profile_age_ms = found.age_ms;
         // sized for eight items up front: growing from serde_json's 128 bytes took eight
         // reallocations and copies per answer
         let mut json = Vec::with_capacity(256 * body.items.len().max(1));
@@ -356,7 +355,7 @@ impl App {
             json.clear();
         }
         let mut reply = Reply::bytes_json(200, json);
-        tier_headers(&mut reply, tier, &found, rec_ms);
+        tier_headers(&mut reply, tier, &found);
         reply.headers.push(no_store());
         Ok(reply)
     }
@@ -577,23 +576,33 @@ impl App {
     }
 }
 
-pub(super) fn tier_headers(reply: &mut Reply, tier: Tier, found: &Lookup, rec_ms: f64) {
+/// What every personalized answer says about how it was personalized: its tier, the profile's
+/// version and, when the answer read KV, how long that took (`server-timing`, to which
+/// [`App::handle`] adds the total). Nothing else is timed: Workers' clock stands still while
+/// code runs (it moves across I/O), so a recommender's time would always read 0.
+pub(super) fn tier_headers(reply: &mut Reply, tier: Tier, found: &Lookup) {
     reply
         .headers
         .push(("x-edgewise-tier", tier.as_str().into()));
     reply
         .headers
         .push(("x-edgewise-profile-version", found.version.to_string()));
+    if let Some(kv_ms) = found.kv_ms {
+        reply
+            .headers
+            .push(("server-timing", format!("kv;dur={kv_ms:.1}")));
+    }
+}
+
+/// A page also says how old the profile it used is, in seconds (`x-edgewise-profile-age`):
+/// the JSON API says it in its body instead (`profile_age_ms`), one header less per answer.
+pub(super) fn age_header(reply: &mut Reply, found: &Lookup) {
     if let Some(age) = found.age_ms {
         reply.headers.push((
             "x-edgewise-profile-age",
             format!("{:.1}", age as f64 / 1000.0),
         ));
     }
-    reply.headers.push((
-        "server-timing",
-        format!("kv;dur={:.1}, rec;dur={rec_ms:.1}", found.kv_ms),
-    ));
 }
 
 fn signed(

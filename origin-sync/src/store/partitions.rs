@@ -353,6 +353,18 @@ pub struct Restored {
     pub touched: Vec<UserKey>,
 }
 
+impl std::ops::AddAssign for Restored {
+    /// Two chunks' counts as one restore's.
+    fn add_assign(&mut self, r: Restored) {
+        self.read += r.read;
+        self.applied += r.applied;
+        self.resent += r.resent;
+        self.behind += r.behind;
+        self.unreadable += r.unreadable;
+        self.touched.extend(r.touched);
+    }
+}
+
 /// Per partition, how many times it left this instance (`Store::revocations`).
 pub type Revocations = std::collections::BTreeMap<i32, u64>;
 
@@ -561,12 +573,7 @@ impl Store {
                 last,
             )?;
             on_chunk(&r);
-            total.read += r.read;
-            total.applied += r.applied;
-            total.resent += r.resent;
-            total.behind += r.behind;
-            total.unreadable += r.unreadable;
-            total.touched.extend(r.touched);
+            total += r;
         }
         Ok(total)
     }

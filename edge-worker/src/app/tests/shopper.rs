@@ -21,6 +21,17 @@ fn a_synced_profile_personalizes_recommendations_with_tier_headers() {
     assert_eq!(r.header("x-edgewise-tier"), Some("fresh"));
     assert_eq!(r.header("x-edgewise-profile-version"), Some("1"));
     assert!(r.header("server-timing").unwrap().contains("kv;dur="));
+    // the next answer finds the profile cached: no KV wait to report, and the profile's age
+    // is in the body (pages carry it as a header)
+    let again = w.get("/v1/recommendations?slot=home&k=6", &alice());
+    let timing = again.header("server-timing").unwrap();
+    assert!(timing.starts_with("total;dur="), "{timing}");
+    assert_eq!(again.header("x-edgewise-profile-age"), None);
+    assert!(again.body_json()["profile_age_ms"].is_u64());
+    assert_eq!(again.body_json()["profile_version"], 1);
+    let page = w.get("/", &alice());
+    assert_eq!(page.header("x-edgewise-tier"), Some("fresh"));
+    assert!(page.header("x-edgewise-profile-age").is_some());
     let (skus, offer) = skus_and_offer(&r);
     assert_eq!(offer.as_deref(), Some("cam-accessories-10"));
     assert_eq!(skus[0], "kit-cam-starter", "the rule pins the starter kit");
