@@ -309,6 +309,29 @@ fn standalone(
             }
         }
     }
+    // The same two routes one at a time again with every core kept awake: on an otherwise
+    // idle machine each request first wakes a sleeping core (both routes pay it, which pulls
+    // their ratio towards 1), and a busy production machine does not.
+    println!("==> standalone workerd: the same, one at a time, with the cores kept awake");
+    let (mut empty_awake_us, mut recs_awake_us) = {
+        let _awake = CoresAwake::start(cores())?;
+        let mut empty = Vec::with_capacity(CPU_SAMPLES);
+        let mut recs = Vec::with_capacity(CPU_SAMPLES);
+        for i in 0..CPU_SAMPLES {
+            for (request, latencies) in [(&empty_requests, &mut empty), (&recs_requests, &mut recs)]
+            {
+                let sent = std::time::Instant::now();
+                let answer = conn
+                    .exchange(&request[i % request.len()])
+                    .map_err(|e| e.to_string())?;
+                latencies.push(sent.elapsed().as_secs_f64() * 1e6);
+                if answer.close {
+                    conn = tests::load::Conn::open(wd.port).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        (empty, recs)
+    };
     let kv_reads = profile_cache_misses(wd.port)? - misses_before;
     println!("    profile reads from KV during it: {kv_reads} of {CPU_SAMPLES} (a warm cache: 0)");
     let pct = tests::percentile;
@@ -329,7 +352,15 @@ fn standalone(
         "recs_latency_p50_us": pct(&mut recs_lat_us, 0.5),
         "recs_latency_p99_us": pct(&mut recs_lat_us, 0.99),
         "first_visit_latency_p50_us": pct(&mut first_visit_lat_us, 0.5),
+        "empty_awake_p50_us": pct(&mut empty_awake_us, 0.5),
+        "empty_awake_p99_us": pct(&mut empty_awake_us, 0.99),
+        "recs_awake_p50_us": pct(&mut recs_awake_us, 0.5),
+        "recs_awake_p99_us": pct(&mut recs_awake_us, 0.99),
     });
+    let awake_p50_ratio =
+        num(&cpu_figures["recs_awake_p50_us"]) / num(&cpu_figures["empty_awake_p50_us"]);
+    let awake_p99_ratio =
+        num(&cpu_figures["recs_awake_p99_us"]) / num(&cpu_figures["empty_awake_p99_us"]);
     // each answer's own time, nothing queued before it
     let alone_p50_ratio =
         num(&cpu_figures["recs_latency_p50_us"]) / num(&cpu_figures["empty_latency_p50_us"]);
@@ -352,6 +383,13 @@ fn standalone(
         num(&cpu_figures["empty_latency_p99_us"]),
         num(&cpu_figures["recs_latency_p50_us"]),
         num(&cpu_figures["recs_latency_p99_us"]),
+    );
+    println!(
+        "the same with the cores kept awake: empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us: p50 {awake_p50_ratio:.2}x, p99 {awake_p99_ratio:.2}x",
+        num(&cpu_figures["empty_awake_p50_us"]),
+        num(&cpu_figures["empty_awake_p99_us"]),
+        num(&cpu_figures["recs_awake_p50_us"]),
+        num(&cpu_figures["recs_awake_p99_us"]),
     );
     println!(
         "CPU time per request (workerd, all threads): empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us (target p99 <= 1 ms)",
@@ -433,8 +471,52 @@ fn standalone(
         "recs_over_empty_p99": p99_ratio,
         "alone_recs_over_empty_p50": alone_p50_ratio,
         "alone_recs_over_empty_p99": alone_p99_ratio,
+        "awake_recs_over_empty_p50": awake_p50_ratio,
+        "awake_recs_over_empty_p99": awake_p99_ratio,
         "cpu": cpu_figures,
     }))
+}
+
+/// Busy loops at the lowest priority there is (`SCHED_IDLE`, through `chrt`; else `nice 19`),
+/// one per core, so no core sleeps while they run; anything else that wants a core preempts
+/// them at once. Stopped when dropped, and by `timeout` after a minute should this process
+/// die first.
+struct CoresAwake(Vec<std::process::Child>);
+
+impl CoresAwake {
+    fn start(n: usize) -> Result<CoresAwake, String> {
+        let spin = ["timeout", "60", "sh", "-c", "while :; do :; done"];
+        let mut children = Vec::with_capacity(n);
+        for _ in 0..n {
+            let child = std::process::Command::new("chrt")
+                .args(["--idle", "0"])
+                .args(spin)
+                .spawn()
+                .or_else(|_| {
+                    std::process::Command::new("nice")
+                        .args(["-n", "19"])
+                        .args(spin)
+                        .spawn()
+                })
+                .map_err(|e| format!("could not start a spinning process (chrt or nice): {e}"))?;
+            children.push(child);
+        }
+        // let them reach their cores before anything is timed
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Ok(CoresAwake(children))
+    }
+}
+
+impl Drop for CoresAwake {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        for c in &mut self.0 {
+            // `timeout` passes SIGTERM on to the loop (SIGKILL would leave the loop running)
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
 }
 
 fn mean(xs: &[f64]) -> f64 {

@@ -633,18 +633,28 @@ fn standalone_section(edge: &Value) -> String {
         num(&w["alone_recs_over_empty_p50"]),
         num(&w["alone_recs_over_empty_p99"]),
     );
+    let (awake50, awake99) = (
+        num(&w["awake_recs_over_empty_p50"]),
+        num(&w["awake_recs_over_empty_p99"]),
+    );
     md += &format!(
         "\nOne request at a time on a kept-alive connection ({} of each route, alternating): \
          nothing waits before an answer, so its latency is its own (the client's write to its \
          last byte read, on loopback); workerd's CPU time is read around the same requests.\n\n\
          | run | p50 | p99 |\n| --- | ---: | ---: |\n\
          | workerd: empty route, one at a time | {:.0} µs | {:.0} µs |\n\
-         | workerd: recommendations, warm cache, one at a time | {:.0} µs | {:.0} µs |\n",
+         | workerd: recommendations, warm cache, one at a time | {:.0} µs | {:.0} µs |\n\
+         | the same, every core kept awake: empty route | {:.0} µs | {:.0} µs |\n\
+         | the same, every core kept awake: recommendations | {:.0} µs | {:.0} µs |\n",
         cpu["samples"],
         num(&cpu["empty_latency_p50_us"]),
         num(&cpu["empty_latency_p99_us"]),
         num(&cpu["recs_latency_p50_us"]),
         num(&cpu["recs_latency_p99_us"]),
+        num(&cpu["empty_awake_p50_us"]),
+        num(&cpu["empty_awake_p99_us"]),
+        num(&cpu["recs_awake_p50_us"]),
+        num(&cpu["recs_awake_p99_us"]),
     );
     let paced_rows = if paced.is_object() {
         let (p50, p99) = (
@@ -670,6 +680,7 @@ fn standalone_section(edge: &Value) -> String {
          | recommendations ÷ empty route, 4 connections closed loop (saturated), p99 | {p99:.2}× | ≤ 1.5× | {} |\n\
          {paced_rows}\
          | the same, one request at a time on an otherwise idle machine, p50 / p99 | {alone50:.2}× / {alone99:.2}× | | |\n\
+         | the same, one request at a time, every core kept awake, p50 / p99 | {awake50:.2}× / {awake99:.2}× | | |\n\
          | throughput, empty route ÷ recommendations (closed loop) | {throughput:.2}× | | |\n\
          | CPU per request, empty route, p50 / p99 | {:.0} / {:.0} µs | | |\n\
          | CPU per request, recommendations, p50 / p99 | {:.0} / {cpu_p99:.0} µs | p99 ≤ 1 ms | {} |\n\
@@ -693,13 +704,12 @@ fn standalone_section(edge: &Value) -> String {
            ~11700. The \
            open loop at half the personalized route's capacity puts that route at ~50% \
            utilization and the empty one at ~35%, and waiting grows faster than utilization, \
-           so it reads above the costs' ratio. One request at a time nothing waits, yet the \
-           ratio (~1.2×) is not the answers' own either: on an otherwise idle machine every \
-           request first wakes the runtime's idle CPU, up to ~100 µs both routes pay: with two \
-           lowest-priority spinning processes keeping the cores awake the same requests took \
-           85–135 µs (empty route) and 117–175 µs (recommendations), 1.29–1.38× in four runs. \
-           A busy production machine does not pay that wake-up. So a personalized answer costs \
-           ~1.4× a 404 of the same runtime wherever its cores are busy. Of what it adds, its \
+           so it reads above the costs' ratio. One request at a time nothing waits, yet on an \
+           otherwise idle machine the ratio is not the answers' own either: every request first \
+           wakes a sleeping core, which both routes pay and which pulls the ratio towards 1. \
+           With a spinning process at the lowest priority on every core (`SCHED_IDLE`: anything \
+           else preempts it), no core sleeps, as on a busy production machine, and the same \
+           requests show what the answers themselves cost. Of what a personalized answer adds, its \
            Edgewise headers (tier, profile version, cache control, the KV timing) are ~8 µs and \
            its larger body ~3 µs (builds without them, measured and not kept: they are the \
            API); the wasm ~22 µs (recommending ~9, serializing ~2, the profile cache's lookup \
