@@ -333,7 +333,9 @@ fn standalone(
         (empty, recs)
     };
     let kv_reads = profile_cache_misses(wd.port)? - misses_before;
-    println!("    profile reads from KV during it: {kv_reads} of {CPU_SAMPLES} (a warm cache: 0)");
+    println!(
+        "    profile reads from KV during the one-at-a-time requests: {kv_reads} (a warm cache: 0)"
+    );
     let pct = tests::percentile;
     let cpu_figures = serde_json::json!({
         "kv_reads_in_load": kv_reads_in_load,
@@ -377,26 +379,29 @@ fn standalone(
         "recommendations / empty route: p50 {p50_ratio:.2}x (target <= 1.25x), p99 {p99_ratio:.2}x (target <= 1.5x); throughput {:.2}x",
         runs[0].rps / runs[1].rps
     );
+    // "empty route p50 .. p99 ..; recommendations p50 .. p99 .." from the figures named
+    // `{empty}_p50_us`, `{empty}_p99_us`, `{recs}_p50_us`, `{recs}_p99_us`
+    let both = |empty: &str, recs: &str| {
+        let f = |name: String| num(&cpu_figures[name.as_str()]);
+        format!(
+            "empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us",
+            f(format!("{empty}_p50_us")),
+            f(format!("{empty}_p99_us")),
+            f(format!("{recs}_p50_us")),
+            f(format!("{recs}_p99_us")),
+        )
+    };
     println!(
-        "one request at a time on a kept-alive connection (nothing queued): empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us: p50 {alone_p50_ratio:.2}x, p99 {alone_p99_ratio:.2}x",
-        num(&cpu_figures["empty_latency_p50_us"]),
-        num(&cpu_figures["empty_latency_p99_us"]),
-        num(&cpu_figures["recs_latency_p50_us"]),
-        num(&cpu_figures["recs_latency_p99_us"]),
+        "one request at a time on a kept-alive connection (nothing queued): {}: p50 {alone_p50_ratio:.2}x, p99 {alone_p99_ratio:.2}x",
+        both("empty_latency", "recs_latency"),
     );
     println!(
-        "the same with the cores kept awake: empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us: p50 {awake_p50_ratio:.2}x, p99 {awake_p99_ratio:.2}x",
-        num(&cpu_figures["empty_awake_p50_us"]),
-        num(&cpu_figures["empty_awake_p99_us"]),
-        num(&cpu_figures["recs_awake_p50_us"]),
-        num(&cpu_figures["recs_awake_p99_us"]),
+        "the same with the cores kept awake: {}: p50 {awake_p50_ratio:.2}x, p99 {awake_p99_ratio:.2}x",
+        both("empty_awake", "recs_awake"),
     );
     println!(
-        "CPU time per request (workerd, all threads): empty route p50 {:.0} us p99 {:.0} us; recommendations p50 {:.0} us p99 {:.0} us (target p99 <= 1 ms)",
-        num(&cpu_figures["empty_p50_us"]),
-        num(&cpu_figures["empty_p99_us"]),
-        num(&cpu_figures["recs_p50_us"]),
-        num(&cpu_figures["recs_p99_us"]),
+        "CPU time per request (workerd, all threads): {} (target p99 <= 1 ms)",
+        both("empty", "recs"),
     );
     println!(
         "  means: empty route {:.0} us, recommendations {:.0} us",
