@@ -155,6 +155,38 @@ mod tests {
         .expect("valid")
     }
 
+    /// Writes a store as an older release left it: `layout` in `meta` (none before layout 2),
+    /// one user's value as given, and whatever else `more` writes, in one transaction.
+    fn write_old_store(
+        file: &std::path::Path,
+        layout: Option<u64>,
+        key: &UserKey,
+        value: &[u8],
+        more: impl FnOnce(&redb::WriteTransaction),
+    ) {
+        let db = redb::Database::create(file).expect("db");
+        let tx = db.begin_write().expect("tx");
+        if let Some(layout) = layout {
+            tx.open_table(META)
+                .expect("meta")
+                .insert("layout", layout)
+                .expect("insert");
+        }
+        tx.open_table(USERS)
+            .expect("users")
+            .insert(key.0.as_slice(), value)
+            .expect("insert");
+        more(&tx);
+        tx.commit().expect("commit");
+    }
+
+    /// Opening again upgrades nothing: the upgrade ran at most once.
+    fn assert_upgraded_once(store: &Store) {
+        let tx = store.db.begin_write().expect("tx");
+        assert_eq!(upgrade(&tx).expect("upgrade"), 0);
+        tx.commit().expect("commit");
+    }
+
     /// A store written by the previous release (profiles in wire format 1, no `meta` table)
     /// opens, is rewritten in the current layout once, and reads as it did.
     #[test]
@@ -170,22 +202,13 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(before.cart.len(), 1);
-        {
-            let db = redb::Database::create(&file).expect("db");
-            let tx = db.begin_write().expect("tx");
-            {
-                let mut users = tx.open_table(USERS).expect("users");
-                users
-                    .insert(key.0.as_slice(), state.encode_layout1().as_slice())
-                    .expect("insert");
-                let mut acked = tx.open_table(ACKED).expect("acked");
-                let old = v1::Stored::Profile((&before).into());
-                acked
-                    .insert(key.0.as_slice(), encode(&old).as_slice())
-                    .expect("insert");
-            }
-            tx.commit().expect("commit");
-        }
+        write_old_store(&file, None, &key, &state.encode_layout1(), |tx| {
+            let old = v1::Stored::Profile((&before).into());
+            tx.open_table(ACKED)
+                .expect("acked")
+                .insert(key.0.as_slice(), encode(&old).as_slice())
+                .expect("insert");
+        });
 
         let store = Store::open(&file, SECRET, WINDOW).expect("the old store opens");
         match store.current("u1").expect("reads") {
@@ -207,9 +230,7 @@ mod tests {
         drop((value, acked, tx));
 
         // at most once: the second open rewrites nothing
-        let tx = store.db.begin_write().expect("tx");
-        assert_eq!(upgrade(&tx).expect("upgrade"), 0);
-        tx.commit().expect("commit");
+        assert_upgraded_once(&store);
         drop(store);
         let _ = std::fs::remove_file(&file);
     }
@@ -227,25 +248,12 @@ mod tests {
             partition: 3,
             next: vec![("cart_events".into(), 42)],
         };
-        {
-            let db = redb::Database::create(&file).expect("db");
-            let tx = db.begin_write().expect("tx");
-            {
-                tx.open_table(META)
-                    .expect("meta")
-                    .insert("layout", 2)
-                    .expect("insert");
-                tx.open_table(USERS)
-                    .expect("users")
-                    .insert(key.0.as_slice(), encode(&state).as_slice())
-                    .expect("insert");
-                tx.open_table(STAMPS)
-                    .expect("stamps")
-                    .insert(key.0.as_slice(), encode(&stamp).as_slice())
-                    .expect("insert");
-            }
-            tx.commit().expect("commit");
-        }
+        write_old_store(&file, Some(2), &key, &encode(&state), |tx| {
+            tx.open_table(STAMPS)
+                .expect("stamps")
+                .insert(key.0.as_slice(), encode(&stamp).as_slice())
+                .expect("insert");
+        });
         let store = Store::open(&file, SECRET, WINDOW)
             .expect("the layout 2 store opens")
             .partitioned();
@@ -258,9 +266,7 @@ mod tests {
             let tx = store.db.begin_read().expect("read");
             assert!(tx.open_table(STAMPS).is_err(), "the stamps table is gone");
         }
-        let tx = store.db.begin_write().expect("tx");
-        assert_eq!(upgrade(&tx).expect("upgrade"), 0);
-        tx.commit().expect("commit");
+        assert_upgraded_once(&store);
 
         store.erase("u1", 1_800_000_005_000).expect("erased");
         assert!(matches!(
@@ -285,29 +291,16 @@ mod tests {
         let mut state = UserState::fresh(&keys[0]);
         state.insert(&add("e0", 1_800_000_000_000), None, WINDOW);
         let value = user_value_raw(&[], &encode(&state));
-        {
-            let db = redb::Database::create(&file).expect("db");
-            let tx = db.begin_write().expect("tx");
-            {
-                tx.open_table(META)
-                    .expect("meta")
-                    .insert("layout", 3)
+        write_old_store(&file, Some(3), &keys[0], &value, |tx| {
+            let mut old = tx.open_table(OUTBOX_POSTCARD).expect("outbox");
+            let layout_1 = encode(&1_700_000_000_001u64);
+            let layout_2 = encode(&(1_700_000_000_002u64, 1_700_000_000_020u64));
+            let layout_3 = encode(&(1_700_000_000_003u64, 1_700_000_000_030u64, 77u64));
+            for (key, entry) in keys.iter().zip([layout_1, layout_2, layout_3]) {
+                old.insert(key.0.as_slice(), entry.as_slice())
                     .expect("insert");
-                tx.open_table(USERS)
-                    .expect("users")
-                    .insert(keys[0].0.as_slice(), value.as_slice())
-                    .expect("insert");
-                let mut old = tx.open_table(OUTBOX_POSTCARD).expect("outbox");
-                let layout_1 = encode(&1_700_000_000_001u64);
-                let layout_2 = encode(&(1_700_000_000_002u64, 1_700_000_000_020u64));
-                let layout_3 = encode(&(1_700_000_000_003u64, 1_700_000_000_030u64, 77u64));
-                for (key, entry) in keys.iter().zip([layout_1, layout_2, layout_3]) {
-                    old.insert(key.0.as_slice(), entry.as_slice())
-                        .expect("insert");
-                }
             }
-            tx.commit().expect("commit");
-        }
+        });
         let store = Store::open(&file, SECRET, WINDOW).expect("the layout 3 store opens");
         let mut outbox = store.outbox().expect("outbox");
         outbox.sort_by_key(|(_, ts)| *ts);
@@ -334,9 +327,7 @@ mod tests {
                 "the postcard outbox is gone"
             );
         }
-        let tx = store.db.begin_write().expect("tx");
-        assert_eq!(upgrade(&tx).expect("upgrade"), 0);
-        tx.commit().expect("commit");
+        assert_upgraded_once(&store);
         drop(store);
         let _ = std::fs::remove_file(&file);
     }
