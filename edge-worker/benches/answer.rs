@@ -1,6 +1,6 @@
 //! The edge's answer path natively: `App::handle` for a signed-in shopper's
-//! `/v1/recommendations` (HS256 token, a synthetic shopper's profile in the cache: what a browsing shopper's requests
-//! cost) and for an empty route (an unknown path), per request, best of five runs. Native
+//! `/v1/recommendations` (HS256 token and the session cookie its last answer set, a synthetic shopper's profile in
+//! the cache: what a browsing shopper's requests cost) and for an empty route (an unknown path), per request, best of five runs. Native
 //! code, so a lower bound for the wasm build; the standalone workerd figures in `edge-load`
 //! are the real ones. Run with `cargo bench -p edge-worker --bench answer` (part of
 //! `cargo xtask bench`).
@@ -79,10 +79,16 @@ fn main() {
     recs.query = "slot=home&k=8".into();
     recs.headers = vec![("authorization".into(), format!("Bearer {token}"))];
     let empty = HttpRequest::get("/v1/nothing-here");
-    match run(app.handle(&store, &Fixed, &recs, || [1; 16])) {
-        Some(h) if h.reply.status == 200 && h.reply.header("x-edgewise-tier") == Some("fresh") => {}
+    let cookie = match run(app.handle(&store, &Fixed, &recs, || [1; 16])) {
+        Some(h) if h.reply.status == 200 && h.reply.header("x-edgewise-tier") == Some("fresh") => h
+            .reply
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next().map(str::to_owned)),
         other => panic!("the recommendations request failed: {other:?}"),
-    }
+    };
+    // the browser echoes the session record the answer set, as the load benchmark's do
+    let cookie = cookie.expect("the first answer sets the shopper's session cookie");
+    recs.headers.push(("cookie".into(), cookie));
     let n = 20_000;
     let r = per_request(&app, &store, &recs, n);
     let e = per_request(&app, &store, &empty, n);

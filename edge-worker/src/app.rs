@@ -84,6 +84,8 @@ pub struct Site {
     pub rules_version: u64,
     /// Kept to compile the rules again against the next catalog.
     rules_source: Rc<str>,
+    /// The recommended items' JSON, kept as long as `catalog` is active.
+    pub item_json: Rc<storefront::ItemJson>,
 }
 
 impl Site {
@@ -98,6 +100,7 @@ impl Site {
             catalog_version: 0,
             rules_version: 0,
             rules_source: Rc::from(DEMO_RULES_JSON),
+            item_json: Rc::default(),
         }
     }
 }

@@ -7,6 +7,9 @@
 use crate::http::Reply;
 use serde::Serialize;
 use shared::catalog::{Catalog, Item};
+use shared::ids::ItemId;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write;
 
 /// One recommendation as every surface shows it: `/v1/recommendations` serializes it as it is
@@ -30,7 +33,7 @@ pub struct Recs<'a> {
 }
 
 /// A recommended item: what the API shows of it, and why it is there.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize)]
 pub struct RecItem<'a> {
     /// The category's slug.
     pub category: &'a str,
@@ -40,6 +43,9 @@ pub struct RecItem<'a> {
     pub price: f64,
     pub reason: &'static str,
     pub sku: &'a str,
+    /// The catalog's id of the item (not shown: the SKU is its name in the API).
+    #[serde(skip)]
+    pub id: ItemId,
 }
 
 impl<'a> RecItem<'a> {
@@ -52,7 +58,119 @@ impl<'a> RecItem<'a> {
             price: view.price,
             reason,
             sku: view.sku,
+            id: item.id(),
         }
+    }
+}
+
+impl Recs<'_> {
+    /// The answer of `/v1/recommendations`: byte for byte what serde_json writes for it
+    /// (tested), with each item's JSON from `items`, rendered once per catalog.
+    pub fn write_json(&self, out: &mut Vec<u8>, items: &ItemJson) {
+        out.extend_from_slice(b"{\"items\":[");
+        for (i, item) in self.items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            items.write(item, out);
+        }
+        out.extend_from_slice(b"],\"offer\":");
+        json_into(out, &self.offer);
+        out.extend_from_slice(b",\"personalized\":");
+        json_into(out, &self.personalized);
+        if let Some(age) = self.profile_age_ms {
+            out.extend_from_slice(b",\"profile_age_ms\":");
+            json_into(out, &age);
+        }
+        if let Some(version) = self.profile_version {
+            out.extend_from_slice(b",\"profile_version\":");
+            json_into(out, &version);
+        }
+        out.extend_from_slice(b",\"rules\":");
+        json_into(out, &self.rules);
+        out.extend_from_slice(b",\"slot\":");
+        json_into(out, self.slot);
+        if let Some(tier) = self.tier {
+            out.extend_from_slice(b",\"tier\":");
+            json_into(out, tier);
+        }
+        out.push(b'}');
+    }
+}
+
+/// `value` as JSON at the end of `out` (writing to a `Vec` cannot fail; the types here have no
+/// map keys that could).
+fn json_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
+/// Most items whose JSON an [`ItemJson`] keeps (a few hundred bytes each): a big catalog is
+/// not rendered whole into an isolate's memory, only the items it recommends.
+const ITEM_JSON_ENTRIES: usize = 4096;
+
+/// Each recommended item's JSON but for its reason, rendered the first time the item is
+/// answered and kept as long as its catalog is active: escaping the item's four strings and
+/// formatting its price was the largest part of writing an answer, and an isolate answers
+/// the same few hundred items thousands of times between catalog updates. When full it
+/// starts over.
+#[derive(Debug, Default)]
+pub struct ItemJson {
+    rendered: RefCell<HashMap<ItemId, RenderedItem>>,
+}
+
+/// One item's JSON without its reason's value: `text[..reason_at]` ends with `"reason":`.
+#[derive(Debug)]
+struct RenderedItem {
+    text: Box<str>,
+    reason_at: usize,
+    /// Two SKUs may share an id (`Catalog::id_collisions`): an entry serves its own SKU only.
+    sku: Box<str>,
+}
+
+impl RenderedItem {
+    fn of(item: &RecItem<'_>) -> Option<RenderedItem> {
+        const EMPTY_REASON: &str = "\"reason\":\"\"";
+        let text = serde_json::to_string(&RecItem {
+            reason: "",
+            ..*item
+        })
+        .ok()?;
+        // every quote inside a value is escaped, so the key and its empty value occur once
+        let at = text.find(EMPTY_REASON)?;
+        let reason_at = at + EMPTY_REASON.len() - 2;
+        let text = [&text[..reason_at], &text[at + EMPTY_REASON.len()..]].concat();
+        Some(RenderedItem {
+            text: text.into(),
+            reason_at,
+            sku: item.sku.into(),
+        })
+    }
+
+    fn write(&self, reason: &str, out: &mut Vec<u8>) {
+        let (head, tail) = self.text.split_at(self.reason_at);
+        out.extend_from_slice(head.as_bytes());
+        json_into(out, reason);
+        out.extend_from_slice(tail.as_bytes());
+    }
+}
+
+impl ItemJson {
+    /// `item` as JSON at the end of `out`.
+    fn write(&self, item: &RecItem<'_>, out: &mut Vec<u8>) {
+        let mut rendered = self.rendered.borrow_mut();
+        if let Some(kept) = rendered.get(&item.id).filter(|r| *r.sku == *item.sku) {
+            kept.write(item.reason, out);
+            return;
+        }
+        let Some(fresh) = RenderedItem::of(item) else {
+            json_into(out, item);
+            return;
+        };
+        fresh.write(item.reason, out);
+        if rendered.len() >= ITEM_JSON_ENTRIES {
+            rendered.clear();
+        }
+        rendered.insert(item.id, fresh);
     }
 }
 
@@ -430,6 +548,100 @@ mod template_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An item with whatever JSON must escape in each of its strings.
+    fn awkward(sku: &'static str, id: u32) -> RecItem<'static> {
+        RecItem {
+            category: "c\"at\\",
+            image: Some("/img/\u{1}x\u{7f}.svg"),
+            name: "Caf\u{e9} \"r\u{e9}sum\u{e9}\" \n\t</script> \u{1f4f7}",
+            price: 1234.5,
+            reason: "cart_accessory",
+            sku,
+            id: ItemId(id),
+        }
+    }
+
+    #[test]
+    fn the_answer_is_what_serde_json_writes() {
+        let catalog = Catalog::demo().unwrap();
+        let demo: Vec<RecItem<'_>> = catalog
+            .popular()
+            .take(8)
+            .zip(
+                ["cart_accessory", "interest", "popular", "pinned", "rule"]
+                    .iter()
+                    .cycle(),
+            )
+            .map(|(it, reason)| RecItem::of(&catalog, it, reason))
+            .collect();
+        let mut no_image = awkward("plain", 7);
+        no_image.image = None;
+        no_image.price = 0.1 + 0.2;
+        let answers = [
+            Recs::default(),
+            Recs {
+                items: demo.clone(),
+                personalized: true,
+                profile_age_ms: Some(1234),
+                profile_version: Some(u64::MAX),
+                rules: vec!["cart-accessories", "we\"ird \\ rule"],
+                slot: "home",
+                tier: Some("fresh"),
+                ..Recs::default()
+            },
+            Recs {
+                items: vec![awkward("s\"k\u{2028}u", 1), no_image, demo[0]],
+                offer: Some(OfferView {
+                    id: "o\"1",
+                    text: "10% <off> \u{0}",
+                }),
+                profile_version: Some(0),
+                slot: "product",
+                tier: Some("popular"),
+                ..Recs::default()
+            },
+        ];
+        let item_json = ItemJson::default();
+        // twice: rendering the items, then from what was kept
+        for round in 0..2 {
+            for recs in &answers {
+                let mut out = Vec::new();
+                recs.write_json(&mut out, &item_json);
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    serde_json::to_string(recs).unwrap(),
+                    "round {round}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kept_item_json_serves_its_own_sku_and_reason_only() {
+        let item_json = ItemJson::default();
+        let write = |item: RecItem<'_>| {
+            let mut out = Vec::new();
+            item_json.write(&item, &mut out);
+            assert_eq!(out, serde_json::to_vec(&item).unwrap());
+        };
+        let first = awkward("first", 42);
+        write(first);
+        // another SKU with the same id (a collision the catalog reports): its own JSON
+        write(awkward("second", 42));
+        write(first);
+        // the same item for another reason
+        write(RecItem {
+            reason: "popular",
+            ..first
+        });
+        // more items than are kept: it starts over and stays right
+        for id in 0..(ITEM_JSON_ENTRIES as u32 + 10) {
+            write(awkward("many", id));
+        }
+        assert!(item_json.rendered.borrow().len() <= ITEM_JSON_ENTRIES);
+        write(first);
+    }
 
     #[test]
     fn escapes_everything_that_could_break_out() {

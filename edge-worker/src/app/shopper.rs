@@ -351,9 +351,12 @@ impl App {
         // sized for eight items up front: growing from serde_json's 128 bytes took eight
         // reallocations and copies per answer
         let mut json = Vec::with_capacity(256 * body.items.len().max(1));
-        if serde_json::to_writer(&mut json, &body).is_err() {
-            json.clear();
-        }
+        // the static tier's items are the bundled store's (`recommend`), not the active one's
+        let item_json = match tier {
+            Tier::Static => &bundled_site().item_json,
+            _ => &site.item_json,
+        };
+        body.write_json(&mut json, item_json);
         let mut reply = Reply::bytes_json(200, json);
         tier_headers(&mut reply, tier, &found);
         reply.headers.push(no_store());

@@ -371,7 +371,14 @@ impl App {
                 version: rules_version,
                 source,
             })?;
+        // the items' JSON stays good as long as their catalog does
+        let item_json = if Rc::ptr_eq(&compiled_catalog, &current.catalog) {
+            current.item_json.clone()
+        } else {
+            Rc::default()
+        };
         *self.site.borrow_mut() = Rc::new(Site {
+            item_json,
             catalog: compiled_catalog,
             rules: compiled_rules,
             catalog_version,

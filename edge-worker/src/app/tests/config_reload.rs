@@ -303,6 +303,37 @@ fn a_rules_only_update_keeps_the_same_catalog() {
     let after = w.app.site();
     assert_eq!(after.rules_version, 9);
     assert!(Rc::ptr_eq(&before.catalog, &after.catalog));
+    // and so is the items' JSON rendered from it
+    assert!(Rc::ptr_eq(&before.item_json, &after.item_json));
+}
+
+/// The items' JSON kept for answers goes with its catalog: the next catalog's names and
+/// prices are answered at once, the SKUs unchanged.
+#[test]
+fn answers_show_a_new_catalog_s_items_as_it_has_them() {
+    let w = World::new();
+    w.sync(vec![catalog_doc(5, DEMO_CATALOG_JSON)]);
+    let recs = "/v1/recommendations?slot=home&k=8";
+    let items = |r: Reply| r.body_json()["items"].as_array().cloned().unwrap();
+    let before = items(w.get(recs, &[]));
+    assert!(!before.is_empty());
+    let mut renamed: Value = serde_json::from_str(DEMO_CATALOG_JSON).unwrap();
+    for item in renamed["item"].as_array_mut().unwrap() {
+        let name = format!("Renamed {}", item["name"].as_str().unwrap());
+        item["name"] = name.into();
+        item["price"] = 1.5.into();
+    }
+    w.sync(vec![catalog_doc(6, &renamed.to_string())]);
+    let after = items(w.get(recs, &[]));
+    assert_eq!(after.len(), before.len());
+    for (old, new) in before.iter().zip(&after) {
+        assert_eq!(new["sku"], old["sku"]);
+        assert_eq!(
+            new["name"],
+            format!("Renamed {}", old["name"].as_str().unwrap())
+        );
+        assert_eq!(new["price"], 1.5);
+    }
 }
 
 /// KV written before catalog images (the JSON form, no marker) is still read.
