@@ -698,25 +698,28 @@ fn standalone_section(edge: &Value) -> String {
     );
     md += "Four connections in a closed loop keep workerd's one request thread busy, so those \
            latencies are mostly queueing and each ratio follows the two routes' costs per \
-           request (their throughputs, above): it grows when the work both routes share (the \
-           runtime's, the glue's) gets cheaper, and so with the machine: earlier runs read 1.37× \
-           where the empty route ran 8489 requests/s, later ones 1.45–1.65× where it ran \
-           ~11700. The \
-           open loop at half the personalized route's capacity puts that route at ~50% \
-           utilization and the empty one at ~35%, and waiting grows faster than utilization, \
-           so it reads above the costs' ratio. One request at a time nothing waits, yet on an \
-           otherwise idle machine the ratio is not the answers' own either: every request first \
-           wakes a sleeping core, which both routes pay and which pulls the ratio towards 1. \
-           With a spinning process at the lowest priority on every core (`SCHED_IDLE`: anything \
-           else preempts it), no core sleeps, as on a busy production machine, and the same \
-           requests show what the answers themselves cost. Of what a personalized answer adds, its \
-           Edgewise headers (tier, profile version, cache control, the KV timing) are ~8 µs and \
-           its larger body ~3 µs (builds without them, measured and not kept: they are the \
-           API); the wasm ~22 µs (recommending ~9, serializing ~2, the profile cache's lookup \
-           and decode ~2, the handler ~2; perf on workerd with V8's `--perf-basic-prof`). \
-           The profile's age left the JSON answer's headers for its body (`profile_age_ms`), \
-           and `server-timing` reports only KV waits and the total (Workers' clock stands \
-           still while code runs): ~3 µs less.\n\n";
+           request (their throughputs, above); it moves from run to run and with the machine: \
+           three 8-second runs of one build read 1.12–1.34× at p50 and 2.39–2.59× at p99 (the \
+           client shares the two cores with workerd, and the costlier route leaves it less of \
+           them), earlier builds' runs 1.37–1.65× and 1.47×. The open loop at half the \
+           personalized route's capacity puts that route at ~50% utilization and the empty one \
+           at ~35%, and waiting grows faster than utilization, so it reads above the costs' \
+           ratio. One request at a time nothing waits, yet on an otherwise idle machine the \
+           ratio is not the answers' own either: every request first wakes a sleeping core, \
+           which both routes pay and which pulls the ratio towards 1. With a spinning process at \
+           the lowest priority on every core (`SCHED_IDLE`: anything else preempts it), no core \
+           sleeps, as on a busy production machine, and the same requests show what the answers \
+           themselves cost (the same three runs: 1.26–1.33× at p50, 1.13–1.25× at p99). Of what \
+           a personalized answer adds, from builds that stop it at a step, alternated with this \
+           one and not kept: identifying the shopper and reading the session cookie ~4 µs; the \
+           recommender ~10 µs (answering the catalog's bestsellers instead: 42 → 31 µs, \
+           kept-awake ratio 1.29× → 1.17×; under V8 with warm caches it takes 4.6 µs at this \
+           catalog's size, so most of it is the cold caches a request meets); its three Edgewise \
+           headers (tier, profile version, cache control) ~2.5 µs. Each item's JSON is rendered \
+           once per catalog and kept (`ItemJson`): 1–2 µs less (natively 3.8 → 2.8 µs per \
+           answer). The profile's age left the JSON answer's headers for its body \
+           (`profile_age_ms`), and `server-timing` reports only KV waits and the total (Workers' \
+           clock stands still while code runs): ~3 µs less.\n\n";
     md
 }
 
