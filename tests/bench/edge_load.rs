@@ -7,6 +7,10 @@
 //! and one request at a time on a kept-alive connection, where each answer's latency is its
 //! own and workerd's CPU time per request is read from its threads' `schedstat` around it.
 //!
+//! The standalone half runs in three fresh workerd processes one after the other
+//! (`EDGEWISE_WORKERD_PROCESSES`), and each ratio is read as the median of the three: they move
+//! more between processes than between the turns of one.
+//!
 //! Usage: `edge-load [--workerd-only] [SECONDS_PER_RUN]` with `EDGEWISE_WORKER_BUNDLE` set
 //! (`cargo xtask bench` does both). `--workerd-only`: the standalone half alone;
 //! `EDGEWISE_PROFILE_ROUTES=1`: each of its routes alone first, to profile. Prints a table and
@@ -60,7 +64,7 @@ fn workerd_only_run(secs: u32) -> Result<(), String> {
         worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
     let state = temp_dir("edge-load");
     let users: Vec<String> = (0..USERS).map(|n| format!("load-u{n}")).collect();
-    standalone(&bundle, &state, &users, secs).map(drop)
+    standalone_processes(&bundle, &state, &users, secs).map(drop)
 }
 
 fn run(secs: u32) -> Result<(), String> {
@@ -133,7 +137,7 @@ fn run(secs: u32) -> Result<(), String> {
         "cold recommendations p50 / healthz p50 (same worker) = {:.2}x",
         p50(4) / p50(3)
     );
-    let standalone = standalone(&bundle, &state, &users, secs)?;
+    let standalone = standalone_processes(&bundle, &state, &users, secs)?;
     if runs.iter().any(|r| r.requests == 0) {
         return Err("a run completed no requests".into());
     }
@@ -165,6 +169,103 @@ const PACED_CONNECTIONS: usize = 8;
 
 /// Requests per route for the CPU-time samples.
 const CPU_SAMPLES: usize = 3000;
+
+/// How many workerd processes the standalone half runs, one after the other
+/// (`EDGEWISE_WORKERD_PROCESSES`, 1 to 9, default 3): its ratios move more between processes
+/// than between the turns of one (where the machine's noise falls on both routes alike), so
+/// each is read as the median of the processes'.
+fn workerd_processes() -> Result<usize, String> {
+    const VAR: &str = "EDGEWISE_WORKERD_PROCESSES";
+    match std::env::var(VAR) {
+        Err(_) => Ok(3),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=9).contains(n))
+            .ok_or_else(|| format!("{VAR}={v:?}: expected a number of processes from 1 to 9")),
+    }
+}
+
+/// The ratios read across processes: (group, key) in a process's figures ("" for the top).
+const ACROSS: [(&str, &str); 8] = [
+    ("", "recs_over_empty_p50"),
+    ("", "recs_over_empty_p99"),
+    ("paced", "recs_over_empty_p50"),
+    ("paced", "recs_over_empty_p99"),
+    ("", "alone_recs_over_empty_p50"),
+    ("", "alone_recs_over_empty_p99"),
+    ("", "awake_recs_over_empty_p50"),
+    ("", "awake_recs_over_empty_p99"),
+];
+
+/// [`standalone`] in [`workerd_processes`] fresh processes: the first one's figures, and under
+/// `across` each ratio of [`ACROSS`] from every process with their median (keyed
+/// `group.key`, or `key` for the top level).
+fn standalone_processes(
+    bundle: &Path,
+    state: &Path,
+    users: &[String],
+    secs: u32,
+) -> Result<serde_json::Value, String> {
+    let n = workerd_processes()?;
+    let mut each = Vec::with_capacity(n);
+    for i in 0..n {
+        if n > 1 {
+            println!("==> standalone workerd: process {} of {n}", i + 1);
+        }
+        each.push(standalone(
+            bundle,
+            &state.join(format!("process-{i}")),
+            users,
+            secs,
+        )?);
+    }
+    let mut figures = each.first().cloned().ok_or("no workerd process ran")?;
+    if n > 1 {
+        println!();
+        println!("the ratios across {n} workerd processes, median (each):");
+        let mut across = serde_json::Map::new();
+        for (group, key) in ACROSS {
+            let values: Vec<f64> = each
+                .iter()
+                .map(|w| {
+                    num(if group.is_empty() {
+                        &w[key]
+                    } else {
+                        &w[group][key]
+                    })
+                })
+                .collect();
+            let median = median(&values);
+            let name = if group.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{group}.{key}")
+            };
+            let list: Vec<String> = values.iter().map(|v| format!("{v:.2}x")).collect();
+            println!("  {name}: {median:.2}x ({})", list.join(", "));
+            across.insert(
+                name,
+                serde_json::json!({ "median": median, "each": values }),
+            );
+        }
+        figures["processes"] = n.into();
+        figures["across"] = across.into();
+    }
+    Ok(figures)
+}
+
+/// The middle value (the mean of the two middle ones for an even count); NaN for none.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
 
 /// The worker on standalone workerd: load against an empty route and the personalized ones,
 /// and the CPU time per request; returns the figures as JSON.

@@ -565,6 +565,27 @@ fn topology_section(t: &Value) -> String {
 }
 
 /// The edge on standalone workerd (`edge-load`'s second half), when it ran.
+/// A ratio of the standalone figures by its name in `across` (`key`, or `group.key`): the
+/// median over the workerd processes with their range, when several ran; else the one's.
+fn ratio(w: &Value, name: &str) -> (f64, String) {
+    if let Some(a) = w["across"].get(name) {
+        let each: Vec<f64> = a["each"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(num)
+            .collect();
+        let lo = each.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = each.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        return (num(&a["median"]), format!(" ({lo:.2}–{hi:.2}×)"));
+    }
+    let single = match name.split_once('.') {
+        Some((group, key)) => &w[group][key],
+        None => &w[name],
+    };
+    (num(single), String::new())
+}
+
 fn standalone_section(edge: &Value) -> String {
     let Some(w) = edge.get("workerd").filter(|w| w.is_object()) else {
         return String::new();
@@ -625,18 +646,12 @@ fn standalone_section(edge: &Value) -> String {
         }
     }
     let cpu = &w["cpu"];
-    let (p50, p99) = (
-        num(&w["recs_over_empty_p50"]),
-        num(&w["recs_over_empty_p99"]),
-    );
-    let (alone50, alone99) = (
-        num(&w["alone_recs_over_empty_p50"]),
-        num(&w["alone_recs_over_empty_p99"]),
-    );
-    let (awake50, awake99) = (
-        num(&w["awake_recs_over_empty_p50"]),
-        num(&w["awake_recs_over_empty_p99"]),
-    );
+    let (p50, p50_range) = ratio(w, "recs_over_empty_p50");
+    let (p99, p99_range) = ratio(w, "recs_over_empty_p99");
+    let (alone50, alone50_range) = ratio(w, "alone_recs_over_empty_p50");
+    let (alone99, alone99_range) = ratio(w, "alone_recs_over_empty_p99");
+    let (awake50, awake50_range) = ratio(w, "awake_recs_over_empty_p50");
+    let (awake99, awake99_range) = ratio(w, "awake_recs_over_empty_p99");
     md += &format!(
         "\nOne request at a time on a kept-alive connection ({} of each route, alternating): \
          nothing waits before an answer, so its latency is its own (the client's write to its \
@@ -657,13 +672,11 @@ fn standalone_section(edge: &Value) -> String {
         num(&cpu["recs_awake_p99_us"]),
     );
     let paced_rows = if paced.is_object() {
-        let (p50, p99) = (
-            num(&paced["recs_over_empty_p50"]),
-            num(&paced["recs_over_empty_p99"]),
-        );
+        let (p50, p50_range) = ratio(w, "paced.recs_over_empty_p50");
+        let (p99, p99_range) = ratio(w, "paced.recs_over_empty_p99");
         format!(
-            "| the same at {:.0} requests/s offered (open loop), p50 | {p50:.2}× | ≤ 1.25× | {} |\n\
-             | the same at {:.0} requests/s offered (open loop), p99 | {p99:.2}× | ≤ 1.5× | {} |\n",
+            "| the same at {:.0} requests/s offered (open loop), p50 | {p50:.2}×{p50_range} | ≤ 1.25× | {} |\n\
+             | the same at {:.0} requests/s offered (open loop), p99 | {p99:.2}×{p99_range} | ≤ 1.5× | {} |\n",
             num(&paced["rate"]),
             verdict(p50 <= 1.25),
             num(&paced["rate"]),
@@ -672,15 +685,23 @@ fn standalone_section(edge: &Value) -> String {
     } else {
         String::new()
     };
+    if let Some(n) = w["processes"].as_u64() {
+        md += &format!(
+            "\nThe tables are the first of {n} workerd processes run one after the other; each \
+             ratio below is the median of the {n} processes' (their range in brackets): the \
+             ratios move more between processes than between the turns of one, where the \
+             machine's noise falls on both routes alike.\n"
+        );
+    }
     let cpu_p99 = num(&cpu["recs_p99_us"]);
     let throughput = num(&w["runs"][0]["rps"]) / num(&w["runs"][1]["rps"]);
     md += &format!(
         "\n| figure | measured | target | |\n| --- | ---: | --- | --- |\n\
-         | recommendations ÷ empty route, 4 connections closed loop (saturated), p50 | {p50:.2}× | ≤ 1.25× | {} |\n\
-         | recommendations ÷ empty route, 4 connections closed loop (saturated), p99 | {p99:.2}× | ≤ 1.5× | {} |\n\
+         | recommendations ÷ empty route, 4 connections closed loop (saturated), p50 | {p50:.2}×{p50_range} | ≤ 1.25× | {} |\n\
+         | recommendations ÷ empty route, 4 connections closed loop (saturated), p99 | {p99:.2}×{p99_range} | ≤ 1.5× | {} |\n\
          {paced_rows}\
-         | the same, one request at a time on an otherwise idle machine, p50 / p99 | {alone50:.2}× / {alone99:.2}× | | |\n\
-         | the same, one request at a time, every core kept awake, p50 / p99 | {awake50:.2}× / {awake99:.2}× | | |\n\
+         | the same, one request at a time on an otherwise idle machine, p50 / p99 | {alone50:.2}×{alone50_range} / {alone99:.2}×{alone99_range} | | |\n\
+         | the same, one request at a time, every core kept awake, p50 / p99 | {awake50:.2}×{awake50_range} / {awake99:.2}×{awake99_range} | | |\n\
          | throughput, empty route ÷ recommendations (closed loop) | {throughput:.2}× | | |\n\
          | CPU per request, empty route, p50 / p99 | {:.0} / {:.0} µs | | |\n\
          | CPU per request, recommendations, p50 / p99 | {:.0} / {cpu_p99:.0} µs | p99 ≤ 1 ms | {} |\n\
@@ -696,30 +717,50 @@ fn standalone_section(edge: &Value) -> String {
         num(&cpu["first_visit_p99_us"]),
         num(&cpu["recs_p50_us"]) - num(&cpu["empty_p50_us"]),
     );
-    md += "Four connections in a closed loop keep workerd's one request thread busy, so those \
-           latencies are mostly queueing and each ratio follows the two routes' costs per \
-           request (their throughputs, above); it moves from run to run and with the machine: \
-           three 8-second runs of one build read 1.12–1.34× at p50 and 2.39–2.59× at p99 (the \
-           client shares the two cores with workerd, and the costlier route leaves it less of \
-           them), earlier builds' runs 1.37–1.65× and 1.47×. The open loop at half the \
-           personalized route's capacity puts that route at ~50% utilization and the empty one \
-           at ~35%, and waiting grows faster than utilization, so it reads above the costs' \
-           ratio. One request at a time nothing waits, yet on an otherwise idle machine the \
-           ratio is not the answers' own either: every request first wakes a sleeping core, \
-           which both routes pay and which pulls the ratio towards 1. With a spinning process at \
-           the lowest priority on every core (`SCHED_IDLE`: anything else preempts it), no core \
-           sleeps, as on a busy production machine, and the same requests show what the answers \
-           themselves cost (the same three runs: 1.26–1.33× at p50, 1.13–1.25× at p99). Of what \
-           a personalized answer adds, from builds that stop it at a step, alternated with this \
-           one and not kept: identifying the shopper and reading the session cookie ~4 µs; the \
-           recommender ~10 µs (answering the catalog's bestsellers instead: 42 → 31 µs, \
-           kept-awake ratio 1.29× → 1.17×; under V8 with warm caches it takes 4.6 µs at this \
-           catalog's size, so most of it is the cold caches a request meets); its three Edgewise \
-           headers (tier, profile version, cache control) ~2.5 µs. Each item's JSON is rendered \
-           once per catalog and kept (`ItemJson`): 1–2 µs less (natively 3.8 → 2.8 µs per \
-           answer). The profile's age left the JSON answer's headers for its body \
-           (`profile_age_ms`), and `server-timing` reports only KV waits and the total (Workers' \
-           clock stands still while code runs): ~3 µs less.\n\n";
+    // how far the saturated ratios and the awake one moved between the processes, if several
+    let spread = |name: &str| {
+        let (_, range) = ratio(w, name);
+        range
+            .trim()
+            .trim_start_matches('(')
+            .trim_end_matches(')')
+            .to_owned()
+    };
+    let moved = if w["across"].is_object() {
+        format!(
+            ": above, {} at p50 and {} at p99 for one build, where one request at a time with \
+             the cores awake reads {}",
+            spread("recs_over_empty_p50"),
+            spread("recs_over_empty_p99"),
+            spread("awake_recs_over_empty_p50"),
+        )
+    } else {
+        String::new()
+    };
+    md += &format!(
+        "Four connections in a closed loop keep workerd's one request thread busy, so those \
+         latencies are mostly queueing and each ratio follows the two routes' costs per request \
+         (their throughputs, above); it moves between processes and with the machine (the \
+         client shares the two cores with workerd, and the costlier route leaves it less of \
+         them){moved}. The open loop at half the personalized route's capacity puts that route \
+         at ~50% utilization and the empty one at ~35%, and waiting grows faster than \
+         utilization, so it reads above the costs' ratio. One request at a time nothing waits, \
+         yet on an otherwise idle machine the ratio is not the answers' own either: every \
+         request first wakes a sleeping core, which both routes pay and which pulls the ratio \
+         towards 1. With a spinning process at the lowest priority on every core \
+         (`SCHED_IDLE`: anything else preempts it), no core sleeps, as on a busy production \
+         machine, and the same requests show what the answers themselves cost. Of what a \
+         personalized answer adds, from builds that stop it at a step, alternated with this one \
+         and not kept: identifying the shopper and reading the session cookie ~4 µs; the \
+         recommender ~10 µs (answering the catalog's bestsellers instead: 42 → 31 µs, \
+         kept-awake ratio 1.29× → 1.17×; under V8 with warm caches it takes 4.6 µs at this \
+         catalog's size, so most of it is the cold caches a request meets); its three Edgewise \
+         headers (tier, profile version, cache control) ~2.5 µs. Each item's JSON is rendered \
+         once per catalog and kept (`ItemJson`): 1–2 µs less (natively 3.8 → 2.8 µs per \
+         answer). The profile's age left the JSON answer's headers for its body \
+         (`profile_age_ms`), and `server-timing` reports only KV waits and the total (Workers' \
+         clock stands still while code runs): ~3 µs less.\n\n"
+    );
     md
 }
 
