@@ -599,8 +599,8 @@ fn standalone_section(edge: &Value) -> String {
          request at a time on a kept-alive connection, so it includes parsing HTTP and the \
          runtime's own work for a request (the empty route's figure); the difference between \
          the routes is Edgewise's. Shoppers send their bearer token and, as a browser does, \
-         the session cookie their first answer set; the run without it is a first visit, whose \
-         every answer signs a new cookie.",
+         the session cookie their first answer set; the run without it is a first visit of 500 \
+         other shoppers, cached as well, whose every answer signs a new cookie.",
     );
     if let Some(n) = w["cpu"]["kv_reads_in_load"].as_u64() {
         md += &format!(
@@ -752,8 +752,8 @@ fn standalone_section(edge: &Value) -> String {
          machine, and the same requests show what the answers themselves cost. Of what a \
          personalized answer adds, from builds that stop it at a step, alternated with this one \
          and not kept: identifying the shopper and reading the session cookie ~4 µs; the \
-         recommender ~10 µs (answering the catalog's bestsellers instead: 42 → 31 µs, \
-         kept-awake ratio 1.29× → 1.17×; under V8 with warm caches it takes 4.6 µs at this \
+         recommender ~10 µs (a build answering the catalog's bestsellers instead: 10–11 µs \
+         less, kept-awake ratio 1.29× → 1.17×; under V8 with warm caches it takes 4.6 µs at this \
          catalog's size, so most of it is the cold caches a request meets); its three Edgewise \
          headers (tier, profile version, cache control) ~2.5 µs. Each item's JSON is rendered \
          once per catalog and kept (`ItemJson`): 1–2 µs less (natively 3.8 → 2.8 µs per \
