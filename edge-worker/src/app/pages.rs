@@ -24,8 +24,8 @@ impl App {
         mint: impl FnOnce() -> [u8; 16],
     ) -> Handled {
         let who = self.page_identity(req, now_ms, mint);
-        self.first_config_check(store, clock, self.key_of(&who), now_ms)
-            .await;
+        let key = self.key_of(&who);
+        self.first_config_check(store, clock, key, now_ms).await;
         let site = self.site();
         let current = req.path.strip_prefix("/p/").map(str::to_owned);
         let item = match &current {
@@ -44,10 +44,9 @@ impl App {
             None => None,
         };
         // what the shopper was last shown, wherever that was (`shared::session`)
-        let shown = self.adopt_session(req, &who, now_ms);
+        let shown = self.adopt_session(req, &who, key, now_ms);
         // a visitor who just signed in: their cart joins the signed-in one on this very page
-        let stitched = self.stitch(store, req, &who, now_ms).await;
-        let key = self.key_of(&who);
+        let stitched = self.stitch(store, req, &who, key, now_ms).await;
         let found = self.lookup(store, clock, key, now_ms).await;
         let mut ctx = RequestContext::new(
             if item.is_some() {
@@ -85,7 +84,14 @@ impl App {
         tier_headers(&mut reply, tier, &found);
         age_header(&mut reply, &found);
         let mut handled: Handled = reply.into();
-        self.page_cookies(req, &who, stitched, shown.as_ref(), now_ms, &mut handled);
+        self.page_cookies(
+            req,
+            (&who, key),
+            stitched,
+            shown.as_ref(),
+            now_ms,
+            &mut handled,
+        );
         handled
     }
 }

@@ -18,6 +18,7 @@ use crate::identity::Identity;
 use crate::store::Store;
 use crate::storefront;
 use shared::ids::Secs;
+use shared::keys::UserKey;
 use shared::profile::Profile;
 use shared::recommend::RequestContext;
 use shared::rules::Slot;
@@ -69,18 +70,24 @@ impl App {
         mint: impl FnOnce() -> [u8; 16],
     ) -> PagePersonalization {
         let who = self.page_identity(req, now_ms, mint);
-        self.first_config_check(store, clock, self.key_of(&who), now_ms)
-            .await;
-        let shown = self.adopt_session(req, &who, now_ms);
-        let stitched = self.stitch(store, req, &who, now_ms).await;
         let key = self.key_of(&who);
+        self.first_config_check(store, clock, key, now_ms).await;
+        let shown = self.adopt_session(req, &who, key, now_ms);
+        let stitched = self.stitch(store, req, &who, key, now_ms).await;
         let found = self.lookup(store, clock, key, now_ms).await;
         self.count_answer(Some(found.tier.as_str()));
         let mut reply = Reply::json(200, &serde_json::Value::Null);
         tier_headers(&mut reply, found.tier, &found);
         age_header(&mut reply, &found);
         let mut handled: Handled = reply.into();
-        self.page_cookies(req, &who, stitched, shown.as_ref(), now_ms, &mut handled);
+        self.page_cookies(
+            req,
+            (&who, key),
+            stitched,
+            shown.as_ref(),
+            now_ms,
+            &mut handled,
+        );
         PagePersonalization {
             headers: handled.reply.headers,
             outbound: handled.outbound,
@@ -120,11 +127,11 @@ impl App {
 
     /// The cookies a page's answer sets, and what it tells origin: a newly minted visitor's id,
     /// a sign-in's join (`identify`, the visitor's cookies cleared), the session record when
-    /// what the shopper was shown changed.
+    /// what the shopper was shown changed: for who asked, with their profile's key.
     pub(super) fn page_cookies(
         &self,
         req: &HttpRequest,
-        who: &Identity,
+        (who, key): (&Identity, Option<UserKey>),
         stitched: Option<(Outbound, String)>,
         shown: Option<&super::session::Incoming>,
         now_ms: u64,
@@ -144,7 +151,7 @@ impl App {
                 .push(("set-cookie", self.visitor_record_clear(req)));
             handled.outbound.push(identify);
         }
-        if let Some(cookie) = self.session_cookie(req, who, shown, now_ms) {
+        if let Some(cookie) = self.session_cookie(req, who, key, shown, now_ms) {
             handled.reply.headers.push(("set-cookie", cookie));
         }
     }

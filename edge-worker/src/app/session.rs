@@ -6,6 +6,7 @@ use super::App;
 use crate::http::HttpRequest;
 use crate::identity::Identity;
 use shared::delta::Stored;
+use shared::keys::UserKey;
 use shared::session::{self, MAX_AGE_S, OwnEvent, Session, TAG_LEN};
 
 /// The session record a request carried.
@@ -24,10 +25,11 @@ impl App {
         &self,
         req: &'r HttpRequest,
         who: &Identity,
+        key: Option<UserKey>,
         now_ms: u64,
     ) -> Option<Incoming<'r>> {
         let secret = self.config.user_key_secret.as_deref()?;
-        let key = self.key_of(who)?;
+        let key = key?;
         let name = session::cookie_name(matches!(who, Identity::User(_)));
         let value = crate::token::cookie(req.header("cookie")?, name)?;
         let tag = session::tag_of(value)?;
@@ -69,11 +71,12 @@ impl App {
         &self,
         req: &HttpRequest,
         who: &Identity,
+        key: Option<UserKey>,
         incoming: Option<&Incoming>,
         now_ms: u64,
     ) -> Option<String> {
         let secret = self.config.user_key_secret.as_deref()?;
-        let key = self.key_of(who)?;
+        let key = key?;
         let now_s = now_ms / 1000;
         if incoming.is_some_and(|i| {
             self.cache

@@ -49,21 +49,22 @@ impl App {
         mint: impl FnOnce() -> [u8; 16],
     ) -> Result<Handled, EdgeError> {
         let who = self.identify(req, now_ms, mint)?;
-        self.first_config_check(store, clock, self.key_of(&who), now_ms)
-            .await;
+        // derived once: every step below reads the same shopper's entry
+        let key = self.key_of(&who);
+        self.first_config_check(store, clock, key, now_ms).await;
         // what the shopper was last shown, wherever that was (`shared::session`)
-        let shown = self.adopt_session(req, &who, now_ms);
+        let shown = self.adopt_session(req, &who, key, now_ms);
         // before the route, so what it answers already shows the joined profile
-        let stitched = self.stitch(store, req, &who, now_ms).await;
+        let stitched = self.stitch(store, req, &who, key, now_ms).await;
         let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
         let routed = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/v1/recommendations") => self
-                .recommendations(store, clock, req, &who, now_ms)
+                .recommendations(store, clock, req, key, now_ms)
                 .await
                 .map(Handled::from),
-            ("POST", "/v1/events") => self.events(store, req, &who, now_ms).await,
-            ("GET", "/v1/me") => Ok(self.me(store, &who, now_ms).await.into()),
-            ("DELETE", "/v1/me") => self.erase(store, req, &who, now_ms).await,
+            ("POST", "/v1/events") => self.events(store, req, &who, key, now_ms).await,
+            ("GET", "/v1/me") => Ok(self.me(store, key, now_ms).await.into()),
+            ("DELETE", "/v1/me") => self.erase(store, req, &who, key, now_ms).await,
             (_, "/v1/recommendations") => not_allowed("GET"),
             (_, "/v1/events") => not_allowed("POST"),
             (_, "/v1/me") => not_allowed("GET, DELETE"),
@@ -82,7 +83,7 @@ impl App {
             let cookie = self.set_cookie(req, &who);
             set_header(&mut handled.reply, "set-cookie", cookie);
         }
-        if let Some(cookie) = self.session_cookie(req, &who, shown.as_ref(), now_ms) {
+        if let Some(cookie) = self.session_cookie(req, &who, key, shown.as_ref(), now_ms) {
             handled.reply.headers.push(("set-cookie", cookie));
         }
         Ok(handled)
@@ -136,6 +137,7 @@ impl App {
         store: &S,
         req: &HttpRequest,
         who: &Identity,
+        key: Option<UserKey>,
         now_ms: u64,
     ) -> Option<(Outbound, String)> {
         let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret)
@@ -143,7 +145,7 @@ impl App {
             return None;
         };
         let anonymous = identity::signed_in_visitor(who, req.header("cookie"))?;
-        let key = self.key_of(who)?;
+        let key = key?;
         let visitor = self.key_of(&Identity::User(anonymous.clone()));
         let mut event = Event {
             id: format!(
@@ -164,17 +166,15 @@ impl App {
             None
         } else {
             // the visitor's session record: what they did at other isolates joins too
-            self.adopt_session(
-                req,
-                &Identity::Visitor {
-                    id: anonymous
-                        .strip_prefix("v-")
-                        .unwrap_or(&anonymous)
-                        .to_owned(),
-                    minted: false,
-                },
-                now_ms,
-            );
+            let visitor_identity = Identity::Visitor {
+                id: anonymous
+                    .strip_prefix("v-")
+                    .unwrap_or(&anonymous)
+                    .to_owned(),
+                minted: false,
+            };
+            let record_key = self.key_of(&visitor_identity);
+            self.adopt_session(req, &visitor_identity, record_key, now_ms);
             self.lookup(store, &Frozen(now_ms), visitor, now_ms)
                 .await
                 .profile
@@ -219,6 +219,8 @@ impl App {
         }
     }
 
+    /// The key of `who`'s profile (none without `USER_KEY_SECRET`). The handlers derive it
+    /// once per request and pass it along.
     pub(super) fn key_of(&self, who: &Identity) -> Option<UserKey> {
         let secret = self.config.user_key_secret.as_deref()?;
         let id = who.user_id();
@@ -333,13 +335,12 @@ impl App {
         store: &S,
         clock: &dyn Clock,
         req: &HttpRequest,
-        who: &Identity,
+        key: Option<UserKey>,
         now_ms: u64,
     ) -> Result<Reply, EdgeError> {
         let query = Query::parse(&req.query)?;
         let site = self.site();
         let mut ctx = query.context(&site.catalog, now_ms)?;
-        let key = self.key_of(who);
         let found = self.lookup(store, clock, key, now_ms).await;
         ctx.seed = seed(key, now_ms);
         ctx.device = query.device.unwrap_or_else(|| device_of(req));
@@ -371,6 +372,7 @@ impl App {
         store: &S,
         req: &HttpRequest,
         who: &Identity,
+        key: Option<UserKey>,
         now_ms: u64,
     ) -> Result<Handled, EdgeError> {
         if req.body.len() > MAX_EVENTS_BODY {
@@ -405,7 +407,7 @@ impl App {
                     .as_deref()
                     .map(|secret| UserKey::derive(secret, &format!("ip:{ip}")))
             }
-            _ => self.key_of(who),
+            _ => key,
         };
         if let Some(key) = budget {
             let n = items.len() as u32;
@@ -435,7 +437,7 @@ impl App {
                 Err(e) => rejected.push(json!({ "index": index, "reason": e.to_string() })),
             }
         }
-        if let Some(key) = self.key_of(who).filter(|_| !good.is_empty()) {
+        if let Some(key) = key.filter(|_| !good.is_empty()) {
             // Load the base first so the local events fold over what origin knows.
             let cached = self.cache.borrow().peek(&key).is_some();
             if !cached {
@@ -486,8 +488,7 @@ impl App {
         })
     }
 
-    async fn me<S: Store>(&self, store: &S, who: &Identity, now_ms: u64) -> Reply {
-        let key = self.key_of(who);
+    async fn me<S: Store>(&self, store: &S, key: Option<UserKey>, now_ms: u64) -> Reply {
         let found = self.lookup(store, &Frozen(now_ms), key, now_ms).await;
         let pending = key
             .and_then(|k| self.cache.borrow().peek(&k).map(|e| e.local_events()))
@@ -515,9 +516,10 @@ impl App {
         store: &S,
         req: &HttpRequest,
         who: &Identity,
+        key: Option<UserKey>,
         now_ms: u64,
     ) -> Result<Handled, EdgeError> {
-        let Some(key) = self.key_of(who) else {
+        let Some(key) = key else {
             return Err(EdgeError::Unconfigured {
                 feature: "erasure",
                 secret: "USER_KEY_SECRET",
