@@ -84,14 +84,7 @@ impl App {
         tier_headers(&mut reply, tier, &found);
         age_header(&mut reply, &found);
         let mut handled: Handled = reply.into();
-        self.page_cookies(
-            req,
-            (&who, key),
-            stitched,
-            shown.as_ref(),
-            now_ms,
-            &mut handled,
-        );
+        self.page_cookies(req, (&who, key), stitched, shown, now_ms, &mut handled);
         handled
     }
 }

@@ -80,14 +80,7 @@ impl App {
         tier_headers(&mut reply, found.tier, &found);
         age_header(&mut reply, &found);
         let mut handled: Handled = reply.into();
-        self.page_cookies(
-            req,
-            (&who, key),
-            stitched,
-            shown.as_ref(),
-            now_ms,
-            &mut handled,
-        );
+        self.page_cookies(req, (&who, key), stitched, shown, now_ms, &mut handled);
         PagePersonalization {
             headers: handled.reply.headers,
             outbound: handled.outbound,
@@ -133,7 +126,7 @@ impl App {
         req: &HttpRequest,
         (who, key): (&Identity, Option<UserKey>),
         stitched: Option<(Outbound, String)>,
-        shown: Option<&super::session::Incoming>,
+        shown: Option<super::session::Incoming>,
         now_ms: u64,
         handled: &mut Handled,
     ) {
@@ -151,7 +144,7 @@ impl App {
                 .push(("set-cookie", self.visitor_record_clear(req)));
             handled.outbound.push(identify);
         }
-        if let Some(cookie) = self.session_cookie(req, who, key, shown, now_ms) {
+        if let Some(cookie) = self.session_cookie(req, who, key, shown.as_ref(), now_ms) {
             handled.reply.headers.push(("set-cookie", cookie));
         }
     }
