@@ -25,6 +25,16 @@ use crate::{
     Service, free_port, root, spawn_service,
 };
 
+/// One figure of edge-load's standalone run, by the name its cross-process median goes by in
+/// edge-load's JSON and in the report: `key` at the top of a process's figures, `group.key`
+/// inside one of its groups (`paced.recs_over_empty_p50`).
+pub fn standalone_figure<'a>(figures: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    match name.split_once('.') {
+        Some((group, key)) => &figures[group][key],
+        None => &figures[name],
+    }
+}
+
 /// One stored value: its bytes and its metadata (JSON text).
 type Entry = (Vec<u8>, Option<String>);
 

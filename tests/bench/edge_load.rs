@@ -187,21 +187,21 @@ fn workerd_processes() -> Result<usize, String> {
     }
 }
 
-/// The ratios read across processes: (group, key) in a process's figures ("" for the top).
-const ACROSS: [(&str, &str); 8] = [
-    ("", "recs_over_empty_p50"),
-    ("", "recs_over_empty_p99"),
-    ("paced", "recs_over_empty_p50"),
-    ("paced", "recs_over_empty_p99"),
-    ("", "alone_recs_over_empty_p50"),
-    ("", "alone_recs_over_empty_p99"),
-    ("", "awake_recs_over_empty_p50"),
-    ("", "awake_recs_over_empty_p99"),
+/// The ratios read across processes, by their names in a process's figures
+/// ([`tests::workerd::standalone_figure`]).
+const ACROSS: [&str; 8] = [
+    "recs_over_empty_p50",
+    "recs_over_empty_p99",
+    "paced.recs_over_empty_p50",
+    "paced.recs_over_empty_p99",
+    "alone_recs_over_empty_p50",
+    "alone_recs_over_empty_p99",
+    "awake_recs_over_empty_p50",
+    "awake_recs_over_empty_p99",
 ];
 
 /// [`standalone`] in [`workerd_processes`] fresh processes: the first one's figures, and under
-/// `across` each ratio of [`ACROSS`] from every process with their median (keyed
-/// `group.key`, or `key` for the top level).
+/// `across` each ratio of [`ACROSS`] from every process with their median, by its name.
 fn standalone_processes(
     bundle: &Path,
     state: &Path,
@@ -226,27 +226,16 @@ fn standalone_processes(
         println!();
         println!("the ratios across {n} workerd processes, median (each):");
         let mut across = serde_json::Map::new();
-        for (group, key) in ACROSS {
+        for name in ACROSS {
             let values: Vec<f64> = each
                 .iter()
-                .map(|w| {
-                    num(if group.is_empty() {
-                        &w[key]
-                    } else {
-                        &w[group][key]
-                    })
-                })
+                .map(|w| num(tests::workerd::standalone_figure(w, name)))
                 .collect();
             let median = median(&values);
-            let name = if group.is_empty() {
-                key.to_owned()
-            } else {
-                format!("{group}.{key}")
-            };
             let list: Vec<String> = values.iter().map(|v| format!("{v:.2}x")).collect();
             println!("  {name}: {median:.2}x ({})", list.join(", "));
             across.insert(
-                name,
+                name.to_owned(),
                 serde_json::json!({ "median": median, "each": values }),
             );
         }

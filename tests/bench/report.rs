@@ -564,11 +564,21 @@ fn topology_section(t: &Value) -> String {
     md
 }
 
-/// The edge on standalone workerd (`edge-load`'s second half), when it ran.
-/// A ratio of the standalone figures by its name in `across` (`key`, or `group.key`): the
-/// median over the workerd processes with their range, when several ran; else the one's.
-fn ratio(w: &Value, name: &str) -> (f64, String) {
-    if let Some(a) = w["across"].get(name) {
+/// A ratio of the standalone figures by its name (`key`, or `group.key`): the median over the
+/// workerd processes with their lowest and highest, when several ran; else the one's.
+struct Ratio {
+    median: f64,
+    range: Option<(f64, f64)>,
+}
+
+impl Ratio {
+    fn of(w: &Value, name: &str) -> Ratio {
+        let Some(a) = w["across"].get(name) else {
+            return Ratio {
+                median: num(tests::workerd::standalone_figure(w, name)),
+                range: None,
+            };
+        };
         let each: Vec<f64> = a["each"]
             .as_array()
             .into_iter()
@@ -577,15 +587,25 @@ fn ratio(w: &Value, name: &str) -> (f64, String) {
             .collect();
         let lo = each.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = each.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        return (num(&a["median"]), format!(" ({lo:.2}–{hi:.2}×)"));
+        Ratio {
+            median: num(&a["median"]),
+            range: Some((lo, hi)),
+        }
     }
-    let single = match name.split_once('.') {
-        Some((group, key)) => &w[group][key],
-        None => &w[name],
-    };
-    (num(single), String::new())
+
+    /// `1.12–1.39×`, when several processes ran.
+    fn range(&self) -> Option<String> {
+        self.range.map(|(lo, hi)| format!("{lo:.2}–{hi:.2}×"))
+    }
+
+    /// The median, and the range in brackets to write after it (empty for one process).
+    fn shown(&self) -> (f64, String) {
+        let range = self.range().map(|r| format!(" ({r})"));
+        (self.median, range.unwrap_or_default())
+    }
 }
 
+/// The edge on standalone workerd (`edge-load`'s second half), when it ran.
 fn standalone_section(edge: &Value) -> String {
     let Some(w) = edge.get("workerd").filter(|w| w.is_object()) else {
         return String::new();
@@ -646,12 +666,12 @@ fn standalone_section(edge: &Value) -> String {
         }
     }
     let cpu = &w["cpu"];
-    let (p50, p50_range) = ratio(w, "recs_over_empty_p50");
-    let (p99, p99_range) = ratio(w, "recs_over_empty_p99");
-    let (alone50, alone50_range) = ratio(w, "alone_recs_over_empty_p50");
-    let (alone99, alone99_range) = ratio(w, "alone_recs_over_empty_p99");
-    let (awake50, awake50_range) = ratio(w, "awake_recs_over_empty_p50");
-    let (awake99, awake99_range) = ratio(w, "awake_recs_over_empty_p99");
+    let (p50, p50_range) = Ratio::of(w, "recs_over_empty_p50").shown();
+    let (p99, p99_range) = Ratio::of(w, "recs_over_empty_p99").shown();
+    let (alone50, alone50_range) = Ratio::of(w, "alone_recs_over_empty_p50").shown();
+    let (alone99, alone99_range) = Ratio::of(w, "alone_recs_over_empty_p99").shown();
+    let (awake50, awake50_range) = Ratio::of(w, "awake_recs_over_empty_p50").shown();
+    let (awake99, awake99_range) = Ratio::of(w, "awake_recs_over_empty_p99").shown();
     md += &format!(
         "\nOne request at a time on a kept-alive connection ({} of each route, alternating): \
          nothing waits before an answer, so its latency is its own (the client's write to its \
@@ -672,8 +692,8 @@ fn standalone_section(edge: &Value) -> String {
         num(&cpu["recs_awake_p99_us"]),
     );
     let paced_rows = if paced.is_object() {
-        let (p50, p50_range) = ratio(w, "paced.recs_over_empty_p50");
-        let (p99, p99_range) = ratio(w, "paced.recs_over_empty_p99");
+        let (p50, p50_range) = Ratio::of(w, "paced.recs_over_empty_p50").shown();
+        let (p99, p99_range) = Ratio::of(w, "paced.recs_over_empty_p99").shown();
         format!(
             "| the same at {:.0} requests/s offered (open loop), p50 | {p50:.2}×{p50_range} | ≤ 1.25× | {} |\n\
              | the same at {:.0} requests/s offered (open loop), p99 | {p99:.2}×{p99_range} | ≤ 1.5× | {} |\n",
@@ -718,14 +738,7 @@ fn standalone_section(edge: &Value) -> String {
         num(&cpu["recs_p50_us"]) - num(&cpu["empty_p50_us"]),
     );
     // how far the saturated ratios and the awake one moved between the processes, if several
-    let spread = |name: &str| {
-        let (_, range) = ratio(w, name);
-        range
-            .trim()
-            .trim_start_matches('(')
-            .trim_end_matches(')')
-            .to_owned()
-    };
+    let spread = |name: &str| Ratio::of(w, name).range().unwrap_or_default();
     let moved = if w["across"].is_object() {
         format!(
             ": above, {} at p50 and {} at p99 for one build, where one request at a time with \
