@@ -22,11 +22,14 @@ use shared::profile::{EventTag, Profile};
 use shared::session;
 use shared::wire;
 
-/// Bookkeeping per entry besides its payload: key, timestamps, LRU links, map slot, allocator
-/// rounding. About 130 bytes measured natively (`benches/cache_memory.rs`); less on wasm32.
-pub const ENTRY_OVERHEAD: usize = 128;
+/// Bookkeeping per entry besides its payload: key, timestamps, the session records it is known
+/// to show, LRU links, map slot, allocator rounding. About 160 bytes measured natively
+/// (`benches/cache_memory.rs`); less on wasm32.
+pub const ENTRY_OVERHEAD: usize = 160;
 /// Most local events kept per shopper; older ones are dropped first (origin has them).
 pub const MAX_LOCAL_EVENTS: usize = 32;
+/// Session records recognised per entry (see `Entry::shown`).
+const SHOWN_RECORDS: usize = 2;
 
 #[derive(Debug)]
 pub struct Entry {
@@ -38,10 +41,13 @@ pub struct Entry {
     /// The base version the local events were taken over: a newer base holds at most as many
     /// of them as it advanced past it.
     local_since: u64,
-    /// The session record (its tag, and when it was issued) known to show exactly this entry:
-    /// issued from it, or checked equal to it. Any change to the entry forgets it, so a
-    /// browser echoing that record needs neither the record decoded nor a new one signed.
-    shown: Option<([u8; session::TAG_LEN], u64)>,
+    /// The session records (each one's tag, and when it was issued) known to show exactly
+    /// this entry: issued from it, or checked equal to it; the latest first. Any change to the
+    /// entry forgets them, so a browser echoing one needs neither the record decoded nor a new
+    /// one signed. Two, not one: a shopper on two devices holds two records of the same
+    /// entry (issued at different times), and with one slot each device's request would
+    /// verify and adopt its record again, displacing the other's.
+    shown: [Option<([u8; session::TAG_LEN], u64)>; SHOWN_RECORDS],
     bytes: usize,
 }
 
@@ -53,7 +59,7 @@ impl Entry {
             fetched_at_ms,
             local: Vec::new(),
             local_since: 0,
-            shown: None,
+            shown: [None; SHOWN_RECORDS],
             bytes: 0,
         };
         e.set_base(stored, fetched_at_ms);
@@ -97,10 +103,18 @@ impl Entry {
     /// Whether the session record with `tag` shows exactly this entry and is still within
     /// its age at `now_s`. Compared in constant time: the tag is a MAC.
     pub fn shows_record(&self, tag: &[u8; session::TAG_LEN], now_s: u64) -> bool {
-        self.shown.is_some_and(|(mine, issued_s)| {
-            let same = mine.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-            same && now_s.saturating_sub(issued_s) <= session::MAX_AGE_S
+        self.shown.iter().flatten().any(|(mine, issued_s)| {
+            same_tag(mine, tag) && now_s.saturating_sub(*issued_s) <= session::MAX_AGE_S
         })
+    }
+
+    /// Whether a session record's base `b` replaces this entry's: it is newer, or a
+    /// tombstone of the same version (erasure wins a tie).
+    fn takes_base(&self, b: &Stored) -> bool {
+        let tombstone_wins = b.version() == self.version
+            && matches!(b, Stored::Tombstone { .. })
+            && !self.is_tombstone();
+        b.version() > self.version || tombstone_wins
     }
 
     /// Whether the base is a tombstone (the shopper was erased).
@@ -142,6 +156,11 @@ impl Entry {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+}
+
+/// Whether two session record tags are equal, compared in constant time (a tag is a MAC).
+fn same_tag(a: &[u8; session::TAG_LEN], b: &[u8; session::TAG_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Retires the local events a new base holds.
@@ -310,20 +329,26 @@ impl ProfileCache {
     /// value there is still picked up when due — and their own events join the local ones
     /// (once each; those the base already holds retire as usual).
     pub fn adopt(&mut self, key: UserKey, base: Option<&Stored>, events: Vec<Event>, now_ms: u64) {
-        let cached = self.lru.peek(&key).is_some();
+        let cached = self.lru.peek(&key);
+        // a record holding nothing the entry does not (another device's record of the same
+        // entry, say): the entry stays as it is, and so do the records known to show it
+        if cached.is_some_and(|e| {
+            !base.is_some_and(|b| e.takes_base(b))
+                && events
+                    .iter()
+                    .all(|ev| e.local.iter().any(|l| l.id == ev.id))
+        }) {
+            return;
+        }
+        let cached = cached.is_some();
         self.modify(key, now_ms, |e| {
             if !cached {
                 // never read here: leave it due for a KV read
                 e.fetched_at_ms = 0;
             }
-            if let Some(b) = base {
-                let tombstone_wins = b.version() == e.version
-                    && matches!(b, Stored::Tombstone { .. })
-                    && !e.is_tombstone();
-                if b.version() > e.version || tombstone_wins {
-                    let fetched = e.fetched_at_ms;
-                    e.set_base(Some(b), fetched);
-                }
+            if let Some(b) = base.filter(|b| e.takes_base(b)) {
+                let fetched = e.fetched_at_ms;
+                e.set_base(Some(b), fetched);
             }
             // the record's events were taken over its base: a newer cached base holds at most as
             // many of them as it advanced past that one
@@ -358,7 +383,14 @@ impl ProfileCache {
     /// is now (not a change: the entry keeps its place and what it holds).
     pub fn mark_shown(&mut self, key: &UserKey, tag: [u8; session::TAG_LEN], issued_s: u64) {
         if let Some(e) = self.lru.peek_mut(key) {
-            e.shown = Some((tag, issued_s));
+            // latest first: this record's earlier place (if any) or the oldest makes room
+            let at = e
+                .shown
+                .iter()
+                .position(|s| s.is_some_and(|(mine, _)| same_tag(&mine, &tag)))
+                .unwrap_or(SHOWN_RECORDS - 1);
+            e.shown[..=at].rotate_right(1);
+            e.shown[0] = Some((tag, issued_s));
         }
     }
 
@@ -413,7 +445,7 @@ impl ProfileCache {
         };
         let mut entry = entry;
         // whatever changes, no record is known to show the entry any more
-        entry.shown = None;
+        entry.shown = [None; SHOWN_RECORDS];
         f(&mut entry);
         entry.recount();
         self.bytes += entry.bytes;

@@ -235,8 +235,6 @@ fn a_retried_event_counts_once() {
 /// entry changes, the echoed record is read again and a new one sent.
 #[test]
 fn an_echoed_record_is_recognised_and_one_edited_under_its_tag_believed_for_nothing() {
-    use shared::session::{OwnEvent, Session};
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let w = World::new();
     let mut browser = Browser::default();
     browser.post_event(&w.app, &w, "alice", "a1", ADD_CAMERA);
@@ -246,16 +244,7 @@ fn an_echoed_record_is_recognised_and_one_edited_under_its_tag_believed_for_noth
     assert_eq!(reply.body_json()["profile"]["cart"][0]["quantity"], 1);
 
     // the same tag over a payload claiming a second camera
-    let (payload, tag) = issued.split_once('.').unwrap();
-    let mut record: Session =
-        postcard::from_bytes(&base64::Engine::decode(&b64, payload).unwrap()).unwrap();
-    let mut more = record.events[0].clone();
-    more.id = "a2".into();
-    record.events.push(OwnEvent { ..more });
-    let edited = format!(
-        "{}.{tag}",
-        base64::Engine::encode(&b64, postcard::to_allocvec(&record).unwrap())
-    );
+    let edited = edited_under_its_tag(&issued);
     for isolate in [&w.app, &App::new(config())] {
         let mut mallory = Browser {
             session: Some(edited.clone()),
@@ -276,4 +265,81 @@ fn an_echoed_record_is_recognised_and_one_edited_under_its_tag_believed_for_noth
     let reply = echoing.send(&w.app, &w, HttpRequest::get("/v1/me"), "alice");
     assert!(reply.header("set-cookie").is_some(), "{:?}", reply.headers);
     assert_ne!(echoing.session.as_deref(), Some(issued.as_str()));
+}
+
+/// A shopper on two devices holds two records of the same entry (issued at different times):
+/// each device's echo is recognised, not only the latest device's. Shown by records edited
+/// under each tag: recognised, they are not read (no new cookie, the one camera stays one);
+/// read, they would fail verification and be answered with a new record.
+#[test]
+fn a_shopper_on_two_devices_has_both_records_recognised() {
+    let w = World::new();
+    let mut phone = Browser::default();
+    phone.post_event(&w.app, &w, "alice", "a1", ADD_CAMERA);
+    w.advance(2_000);
+    let mut laptop = Browser::default();
+    assert_eq!(laptop.me(&w.app, &w, "alice")["cart"][0]["quantity"], 1);
+    let (phone_record, laptop_record) = (phone.session.clone(), laptop.session.clone());
+    assert!(phone_record.is_some() && laptop_record.is_some());
+    assert_ne!(phone_record, laptop_record, "issued at different seconds");
+    // each device's own record, alternately: both recognised, neither replaced
+    for _ in 0..2 {
+        for device in [&mut phone, &mut laptop] {
+            let reply = device.send(&w.app, &w, HttpRequest::get("/v1/me"), "alice");
+            assert!(reply.header("set-cookie").is_none(), "{:?}", reply.headers);
+        }
+    }
+    assert_eq!(
+        (phone.session.clone(), laptop.session.clone()),
+        (phone_record.clone(), laptop_record.clone())
+    );
+    // each tag over an edited payload (a second camera): recognised by its tag, so not read
+    for issued in [phone_record, laptop_record] {
+        let mut forged = Browser {
+            session: Some(edited_under_its_tag(&issued.unwrap())),
+        };
+        let reply = forged.send(&w.app, &w, HttpRequest::get("/v1/me"), "alice");
+        assert!(reply.header("set-cookie").is_none(), "{:?}", reply.headers);
+        assert_eq!(reply.body_json()["profile"]["cart"][0]["quantity"], 1);
+    }
+    // an isolate that issued neither: each is read once, found to show what it holds, and
+    // recognised from then on (reading one leaves the other's recognition in place)
+    let other = App::new(config());
+    for device in [&mut phone, &mut laptop] {
+        assert_eq!(device.me(&other, &w, "alice")["cart"][0]["quantity"], 1);
+    }
+    for issued in [phone.session.clone(), laptop.session.clone()] {
+        let mut forged = Browser {
+            session: Some(edited_under_its_tag(&issued.unwrap())),
+        };
+        let reply = forged.send(&other, &w, HttpRequest::get("/v1/me"), "alice");
+        assert!(reply.header("set-cookie").is_none(), "{:?}", reply.headers);
+    }
+    // a third record of the entry displaces the oldest recognised one (the phone's)
+    w.advance(2_000);
+    let mut tablet = Browser::default();
+    tablet.me(&w.app, &w, "alice");
+    let before = phone.session.clone();
+    let reply = phone.send(&w.app, &w, HttpRequest::get("/v1/me"), "alice");
+    assert!(reply.header("set-cookie").is_none(), "{:?}", reply.headers);
+    assert_eq!(
+        phone.session, before,
+        "read, found equal, and recognised again"
+    );
+}
+
+/// A session record (`payload.tag`) claiming a second camera under its own tag.
+fn edited_under_its_tag(issued: &str) -> String {
+    use shared::session::Session;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (payload, tag) = issued.split_once('.').unwrap();
+    let mut record: Session =
+        postcard::from_bytes(&base64::Engine::decode(&b64, payload).unwrap()).unwrap();
+    let mut more = record.events[0].clone();
+    more.id = "a2".into();
+    record.events.push(more);
+    format!(
+        "{}.{tag}",
+        base64::Engine::encode(&b64, postcard::to_allocvec(&record).unwrap())
+    )
 }
