@@ -108,6 +108,23 @@ impl Entry {
         })
     }
 
+    /// Whether what a KV read returned (`None`: no value) changes this entry: it replaces
+    /// the base when its version is not older (a tombstone wins a tie with a profile of the
+    /// same version), unless it is the very base, over which the local events were taken.
+    fn changed_by_read(&self, stored: Option<&Stored>) -> bool {
+        let version = stored.map_or(0, Stored::version);
+        let tombstone_wins = version == self.version
+            && matches!(stored, Some(Stored::Profile(_)))
+            && self.is_tombstone();
+        if version < self.version || tombstone_wins {
+            return false;
+        }
+        let same = version == self.version
+            && (stored.is_none() || self.local_since == version)
+            && self.base.as_deref() == stored.map(wire::encode_stored).as_deref();
+        !same
+    }
+
     /// Whether a session record's base `b` replaces this entry's: it is newer, or a
     /// tombstone of the same version (erasure wins a tie).
     fn takes_base(&self, b: &Stored) -> bool {
@@ -286,13 +303,18 @@ impl ProfileCache {
     /// Records what KV returned for `key` (`None`: no value). Never moves a cached base
     /// backwards: KV is eventually consistent and may lag what `/v1/sync` already delivered.
     pub fn put_fetched(&mut self, key: UserKey, stored: Option<Stored>, now_ms: u64) {
-        let fetched_version = stored.as_ref().map_or(0, Stored::version);
-        let fetched_profile = matches!(stored, Some(Stored::Profile(_)));
+        // KV holding what the entry already does (the usual read once the TTL ran out) or
+        // older: only the time of the read changes, and the session records known to show
+        // the entry still do (else every shopper's next request after a read would verify
+        // and adopt their cookie again)
+        if let Some(e) = self.lru.peek_mut(&key)
+            && !e.changed_by_read(stored.as_ref())
+        {
+            e.fetched_at_ms = now_ms;
+            return;
+        }
         self.modify(key, now_ms, |e| {
-            // A tombstone wins a tie with a profile of the same version.
-            let tombstone_wins =
-                fetched_version == e.version && fetched_profile && e.is_tombstone();
-            if fetched_version >= e.version && !tombstone_wins {
+            if e.changed_by_read(stored.as_ref()) {
                 e.set_base(stored.as_ref(), now_ms);
             } else {
                 e.fetched_at_ms = now_ms;
@@ -492,6 +514,34 @@ mod tests {
             .as_bytes(),
         )
         .unwrap()
+    }
+
+    /// A KV read returning the entry's own base (its TTL ran out, nothing changed), or an
+    /// older one (KV lagging a sync), keeps the session records known to show the entry and
+    /// only moves the time of the read; a newer base forgets them.
+    #[test]
+    fn a_read_that_changes_nothing_keeps_the_records_known_to_show_the_entry() {
+        let mut c = ProfileCache::new(10, usize::MAX);
+        let shown = |c: &ProfileCache, tag| c.peek(&key(1)).unwrap().shows_record(tag, 100);
+        let (phone, laptop) = ([1u8; session::TAG_LEN], [2u8; session::TAG_LEN]);
+        c.put_fetched(key(1), Some(profile(3)), 0);
+        c.mark_shown(&key(1), phone, 90);
+        c.mark_shown(&key(1), laptop, 95);
+        for (read, at) in [(profile(3), 30_000), (profile(2), 60_000)] {
+            c.put_fetched(key(1), Some(read), at);
+            assert!(shown(&c, &phone) && shown(&c, &laptop));
+            let e = c.peek(&key(1)).unwrap();
+            assert_eq!((e.version(), e.fetched_at_ms()), (3, at));
+        }
+        c.put_fetched(key(1), Some(profile(4)), 90_000);
+        assert!(!shown(&c, &phone) && !shown(&c, &laptop));
+        assert_eq!(c.peek(&key(1)).unwrap().version(), 4);
+        // a third record displaces the oldest of two
+        let tablet = [3u8; session::TAG_LEN];
+        for tag in [phone, laptop, tablet] {
+            c.mark_shown(&key(1), tag, 99);
+        }
+        assert!(!shown(&c, &phone) && shown(&c, &laptop) && shown(&c, &tablet));
     }
 
     /// A page view and an add to cart in the same second: origin's profile with the first only
