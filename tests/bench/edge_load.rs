@@ -306,9 +306,18 @@ fn standalone(
             println!("==> alone: {path} (workerd pid {})", wd.pid());
             let alone = requests(wd.port, path, &warm);
             let period = std::time::Duration::from_secs(u64::from(secs));
-            tests::load::interleaved(wd.port, CONNECTIONS, period, 1, &[alone])
+            let cpu_before = wd.cpu_ns();
+            let runs = tests::load::interleaved(wd.port, CONNECTIONS, period, 1, &[alone])
                 .map_err(|e| e.to_string())?;
-            println!("==> done: {path}");
+            // the profile's share of a function times this is its time per request
+            let answers = runs.first().map_or(0, |r| r.answers);
+            let cpu_us = cpu_before
+                .zip(wd.cpu_ns())
+                .map(|(b, a)| (a - b) as f64 / 1000.0 / answers.max(1) as f64);
+            println!(
+                "==> done: {path}: {answers} answers, workerd's CPU per answer {} µs",
+                cpu_us.map_or("?".into(), |us| format!("{us:.1}"))
+            );
         }
     }
     let misses_before_load = profile_cache_misses(wd.port)?;
