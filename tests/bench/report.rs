@@ -774,6 +774,18 @@ fn standalone_section(edge: &Value) -> String {
          (`profile_age_ms`), and `server-timing` reports only KV waits and the total (Workers' \
          clock stands still while code runs): ~3 µs less.\n\n"
     );
+    md += "Under that saturated load a personalized answer costs workerd more than it does one at \
+         a time: a profile of each route alone, 4 connections closed loop \
+         (`EDGEWISE_PROFILE_ROUTES=1` with `perf` attached; edge-load prints workerd's CPU per \
+         answer of each), read 104 µs per answer for the empty route and 156 µs for \
+         recommendations, 51 µs more where one at a time it is 26–28 µs. By the profile, ~19 µs \
+         of the difference is wasm (the recommender ~9 µs), ~23 µs workerd and V8 (headers, \
+         allocation, handles), and ~9 µs the kernel's: writing the answer to loopback delivers \
+         it and wakes the client in the same call, and the client waits asleep more often while \
+         the costlier route is served. A client on another machine would not be charged that \
+         share. Pinning the client to one core and workerd to the other (tried by hand, three \
+         processes, not kept) brings the saturated p50 to 1.34×, the two routes' throughput \
+         ratio, and leaves p99 at 2.18×: the tail is not only the two sharing a core.\n\n";
     md
 }
 
