@@ -37,7 +37,12 @@ pub fn build() -> Result<PathBuf> {
         return Ok(out);
     }
     let stamp = out.join(".fingerprint");
-    let print = fingerprint()?;
+    // a bundle that keeps its function names is another build of the same inputs
+    let named = std::env::var_os("EDGEWISE_KEEP_WASM_NAMES").is_some();
+    let print = match fingerprint()? {
+        print if named => format!("{print}-named"),
+        print => print,
+    };
     if entry.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(print.as_str()) {
         println!("==> worker bundle is up to date ({})", out.display());
         return Ok(out);
@@ -58,8 +63,8 @@ pub fn build() -> Result<PathBuf> {
     // debugging, dead weight on the wire. Strip it and other debug sections, unless asked to
     // keep them (`EDGEWISE_KEEP_WASM_NAMES=1`: profiles of workerd then name the functions).
     let wasm = out.join("index_bg.wasm");
-    if std::env::var_os("EDGEWISE_KEEP_WASM_NAMES").is_some() {
-        std::fs::write(&stamp, format!("{print}-named"))?;
+    if named {
+        std::fs::write(&stamp, &print)?;
         report_bundle_size(&out)?;
         return Ok(out);
     }
