@@ -125,6 +125,11 @@ impl Entry {
         !same
     }
 
+    /// Whether a local event with this id is held (not yet in a base).
+    fn holds_local(&self, id: &str) -> bool {
+        self.local.iter().any(|l| l.id == id)
+    }
+
     /// Whether a session record's base `b` replaces this entry's: it is newer, or a
     /// tombstone of the same version (erasure wins a tie).
     fn takes_base(&self, b: &Stored) -> bool {
@@ -313,13 +318,8 @@ impl ProfileCache {
             e.fetched_at_ms = now_ms;
             return;
         }
-        self.modify(key, now_ms, |e| {
-            if e.changed_by_read(stored.as_ref()) {
-                e.set_base(stored.as_ref(), now_ms);
-            } else {
-                e.fetched_at_ms = now_ms;
-            }
-        });
+        // not cached (any read is news), or changed by this one
+        self.modify(key, now_ms, |e| e.set_base(stored.as_ref(), now_ms));
     }
 
     /// Applies a synced change to the cached entry, if any, under the version rules.
@@ -355,10 +355,7 @@ impl ProfileCache {
         // a record holding nothing the entry does not (another device's record of the same
         // entry, say): the entry stays as it is, and so do the records known to show it
         if cached.is_some_and(|e| {
-            !base.is_some_and(|b| e.takes_base(b))
-                && events
-                    .iter()
-                    .all(|ev| e.local.iter().any(|l| l.id == ev.id))
+            !base.is_some_and(|b| e.takes_base(b)) && events.iter().all(|ev| e.holds_local(&ev.id))
         }) {
             return;
         }
@@ -382,7 +379,7 @@ impl ProfileCache {
             }
             let mut fresh: Vec<Event> = events
                 .into_iter()
-                .filter(|ev| !e.local.iter().any(|l| l.id == ev.id))
+                .filter(|ev| !e.holds_local(&ev.id))
                 .collect();
             if let Some(held) = e.base().filter(|_| e.version > since) {
                 retire(&mut fresh, e.version - since, held.profile());
@@ -418,9 +415,7 @@ impl ProfileCache {
 
     /// Whether `key` holds a not-yet-synced local event with this id.
     pub fn has_local(&self, key: &UserKey, id: &str) -> bool {
-        self.lru
-            .peek(key)
-            .is_some_and(|e| e.local.iter().any(|l| l.id == id))
+        self.lru.peek(key).is_some_and(|e| e.holds_local(id))
     }
 
     /// Adds the shopper's own event (read-your-writes), once per event id (a retried post or

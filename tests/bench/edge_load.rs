@@ -231,7 +231,7 @@ fn standalone_processes(
                 .iter()
                 .map(|w| num(tests::workerd::standalone_figure(w, name)))
                 .collect();
-            let median = median(&values);
+            let median = tests::percentile(&mut values.clone(), 0.5);
             let list: Vec<String> = values.iter().map(|v| format!("{v:.2}x")).collect();
             println!("  {name}: {median:.2}x ({})", list.join(", "));
             across.insert(
@@ -243,17 +243,6 @@ fn standalone_processes(
         figures["across"] = across.into();
     }
     Ok(figures)
-}
-
-/// The middle value (the mean of the two middle ones for an even count); NaN for none.
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 /// The worker on standalone workerd: load against an empty route and the personalized ones,
