@@ -160,22 +160,6 @@ pub struct App {
     isolate: String,
 }
 
-/// A duration as `server-timing` writes it (`12.3`), without `str::parse::<f64>`: the float
-/// parser would add ~17 KB to the bundle for this one use.
-fn tenths(ms: &str) -> f64 {
-    let (whole, frac) = ms.trim().split_once('.').unwrap_or((ms.trim(), "0"));
-    let digit = |s: &str| {
-        s.bytes()
-            .take(1)
-            .map(|b| b.wrapping_sub(b'0'))
-            .find(|d| *d < 10)
-    };
-    match whole.parse::<u64>() {
-        Ok(w) => w as f64 + f64::from(digit(frac).unwrap_or(0)) / 10.0,
-        Err(_) => 0.0,
-    }
-}
-
 /// The route in a metric's dimensions: a small fixed set, whatever the path.
 fn route_label(req: &HttpRequest) -> &'static str {
     match req.path.as_str() {
@@ -294,39 +278,36 @@ impl App {
                 self.metrics.borrow_mut().sync_apply_ms.observe(total);
             }
         }
+        let kv_ms = handled.served.and_then(|s| s.kv_ms);
         if handled.metric.is_none() {
-            let tier = handled.reply.header("x-edgewise-tier").map(str::to_owned);
-            self.count_answer(tier.as_deref());
-            let kv_ms = handled
-                .reply
-                .header("server-timing")
-                .and_then(|t| t.split("kv;dur=").nth(1))
-                .and_then(|t| t.split(',').next())
-                .map_or(0.0, tenths);
+            let tier = handled.served.map(|s| s.tier);
+            self.count_answer(tier);
             handled.metric = Some(crate::metrics::DataPoint::answer(
                 route_label(req),
-                tier.as_deref(),
+                tier,
                 handled.reply.status,
-                kv_ms,
+                kv_ms.unwrap_or(0.0),
                 total,
             ));
         }
-        let timing = match handled.reply.header("server-timing") {
-            Some(t) => format!("{t}, total;dur={total:.1}"),
+        // only KV waits and the total: Workers' clock stands still while code runs (it moves
+        // across I/O), so a recommender's time would always read 0
+        let timing = match kv_ms {
+            Some(kv) => format!("kv;dur={kv:.1}, total;dur={total:.1}"),
             None => format!("total;dur={total:.1}"),
         };
         set_header(&mut handled.reply, "server-timing", timing);
         handled
     }
 
-    /// Counts an answer under the tier that served it (`x-edgewise-tier`), if one did.
-    pub(crate) fn count_answer(&self, tier: Option<&str>) {
+    /// Counts an answer under the tier that served it, if one did.
+    pub(crate) fn count_answer(&self, tier: Option<Tier>) {
+        let Some(tier) = tier else { return };
         let i = match tier {
-            Some("fresh") => 0,
-            Some("stale") => 1,
-            Some("popular") => 2,
-            Some("static") => 3,
-            _ => return,
+            Tier::Fresh => 0,
+            Tier::Stale => 1,
+            Tier::Popular => 2,
+            Tier::Static => 3,
         };
         if let Some(n) = self.metrics.borrow_mut().answers.get_mut(i) {
             *n += 1;

@@ -199,6 +199,16 @@ pub struct Handled {
     pub outbound: Vec<Outbound>,
     /// What the glue writes to Workers Analytics Engine about this request, if bound.
     pub metric: Option<crate::metrics::DataPoint>,
+    /// How a personalized answer was served, for [`App::handle`](crate::app::App::handle)'s
+    /// counters, data point and `server-timing` (kept typed: not read back from the headers).
+    pub served: Option<Served>,
+}
+
+/// What serving a personalized answer took: its tier, and how long it waited for KV if it read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Served {
+    pub tier: crate::app::Tier,
+    pub kv_ms: Option<f64>,
 }
 
 impl From<Reply> for Handled {
@@ -207,6 +217,7 @@ impl From<Reply> for Handled {
             reply,
             outbound: Vec::new(),
             metric: None,
+            served: None,
         }
     }
 }

@@ -312,24 +312,25 @@ pub struct Gauges {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataPoint {
     pub index: &'static str,
-    pub blobs: Vec<String>,
+    pub blobs: Vec<&'static str>,
     pub doubles: Vec<f64>,
 }
 
 impl DataPoint {
     /// An answer: `blobs` [kind, route, tier, status class], `doubles` [1, KV ms, total ms].
-    pub fn answer(route: &str, tier: Option<&str>, status: u16, kv_ms: f64, total_ms: f64) -> Self {
+    pub fn answer(
+        route: &'static str,
+        tier: Option<crate::app::Tier>,
+        status: u16,
+        kv_ms: f64,
+        total_ms: f64,
+    ) -> Self {
+        let class = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .get(usize::from(status / 100).wrapping_sub(1))
+            .unwrap_or(&"other");
         DataPoint {
             index: "answer",
-            blobs: vec![
-                "answer".into(),
-                route.into(),
-                tier.unwrap_or("none").into(),
-                ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                    .get(usize::from(status / 100).saturating_sub(1))
-                    .unwrap_or(&"other")
-                    .to_string(),
-            ],
+            blobs: vec!["answer", route, tier.map_or("none", |t| t.as_str()), class],
             doubles: vec![1.0, kv_ms, total_ms],
         }
     }
@@ -337,10 +338,10 @@ impl DataPoint {
     /// A sync batch: `blobs` [kind, "applied" or the refusal reason], `doubles` [1, applied,
     /// duplicates, resend, invalid, documents]; [`App::handle`](crate::app::App::handle) adds
     /// the time the batch took to apply.
-    pub fn sync(outcome: &str, items: [u64; 5]) -> Self {
+    pub fn sync(outcome: &'static str, items: [u64; 5]) -> Self {
         DataPoint {
             index: "sync",
-            blobs: vec!["sync".into(), outcome.into()],
+            blobs: vec!["sync", outcome],
             doubles: std::iter::once(1.0)
                 .chain(items.iter().map(|n| *n as f64))
                 .collect(),

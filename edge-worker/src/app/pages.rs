@@ -81,9 +81,9 @@ impl App {
                 html.into_bytes()
             },
         };
-        tier_headers(&mut reply, tier, &found);
         age_header(&mut reply, &found);
         let mut handled: Handled = reply.into();
+        tier_headers(&mut handled, tier, &found);
         self.page_cookies(req, (&who, key), stitched, shown, now_ms, &mut handled);
         handled
     }

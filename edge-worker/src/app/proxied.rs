@@ -75,11 +75,11 @@ impl App {
         let shown = self.adopt_session(req, &who, key, now_ms);
         let stitched = self.stitch(store, req, &who, key, now_ms).await;
         let found = self.lookup(store, clock, key, now_ms).await;
-        self.count_answer(Some(found.tier.as_str()));
+        self.count_answer(Some(found.tier));
         let mut reply = Reply::json(200, &serde_json::Value::Null);
-        tier_headers(&mut reply, found.tier, &found);
         age_header(&mut reply, &found);
         let mut handled: Handled = reply.into();
+        tier_headers(&mut handled, found.tier, &found);
         self.page_cookies(req, (&who, key), stitched, shown, now_ms, &mut handled);
         PagePersonalization {
             headers: handled.reply.headers,

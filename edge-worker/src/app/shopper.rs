@@ -7,7 +7,7 @@
 
 use super::{App, Lookup, MAX_EVENTS_BODY, Site, Tier, decode_stored, read_profile};
 use crate::http::{
-    Clock, EdgeError, Handled, HttpRequest, Outbound, Query, Reply, no_store, set_header,
+    Clock, EdgeError, Handled, HttpRequest, Outbound, Query, Reply, Served, no_store, set_header,
 };
 use crate::identity::{self, Identity, IdentityError, SignedIn};
 use crate::log;
@@ -58,10 +58,9 @@ impl App {
         let stitched = self.stitch(store, req, &who, key, now_ms).await;
         let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
         let routed = match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/v1/recommendations") => self
-                .recommendations(store, clock, req, key, now_ms)
-                .await
-                .map(Handled::from),
+            ("GET", "/v1/recommendations") => {
+                self.recommendations(store, clock, req, key, now_ms).await
+            }
             ("POST", "/v1/events") => self.events(store, req, &who, key, now_ms).await,
             ("GET", "/v1/me") => Ok(self.me(store, key, now_ms).await.into()),
             ("DELETE", "/v1/me") => self.erase(store, req, &who, key, now_ms).await,
@@ -337,7 +336,7 @@ impl App {
         req: &HttpRequest,
         key: Option<UserKey>,
         now_ms: u64,
-    ) -> Result<Reply, EdgeError> {
+    ) -> Result<Handled, EdgeError> {
         let query = Query::parse(&req.query)?;
         let site = self.site();
         let mut ctx = query.context(&site.catalog, now_ms)?;
@@ -358,10 +357,10 @@ impl App {
             _ => &site.item_json,
         };
         body.write_json(&mut json, item_json);
-        let mut reply = Reply::bytes_json(200, json);
-        tier_headers(&mut reply, tier, &found);
-        reply.headers.push(no_store());
-        Ok(reply)
+        let mut handled = Handled::from(Reply::bytes_json(200, json));
+        tier_headers(&mut handled, tier, &found);
+        handled.reply.headers.push(no_store());
+        Ok(handled)
     }
 
     /// `POST /v1/events`. A batch with some bad events is answered 400 naming them, and its
@@ -482,9 +481,8 @@ impl App {
             )
         };
         Ok(Handled {
-            reply,
             outbound,
-            metric: None,
+            ..Handled::from(reply)
         })
     }
 
@@ -574,29 +572,23 @@ impl App {
             ));
         }
         Ok(Handled {
-            reply,
             outbound,
-            metric: None,
+            ..Handled::from(reply)
         })
     }
 }
 
-/// What every personalized answer says about how it was personalized: its tier, the profile's
-/// version and, when the answer read KV, how long that took (`server-timing`, to which
-/// [`App::handle`] adds the total). Nothing else is timed: Workers' clock stands still while
-/// code runs (it moves across I/O), so a recommender's time would always read 0.
-pub(super) fn tier_headers(reply: &mut Reply, tier: Tier, found: &Lookup) {
-    reply
-        .headers
-        .push(("x-edgewise-tier", tier.as_str().into()));
-    reply
-        .headers
-        .push(("x-edgewise-profile-version", found.version.to_string()));
-    if let Some(kv_ms) = found.kv_ms {
-        reply
-            .headers
-            .push(("server-timing", format!("kv;dur={kv_ms:.1}")));
-    }
+/// What every personalized answer says about how it was personalized: its tier and the
+/// profile's version; and, for [`App::handle`]'s counters and `server-timing`, the tier and
+/// how long the answer waited for KV if it read ([`Served`]).
+pub(super) fn tier_headers(handled: &mut Handled, tier: Tier, found: &Lookup) {
+    let headers = &mut handled.reply.headers;
+    headers.push(("x-edgewise-tier", tier.as_str().into()));
+    headers.push(("x-edgewise-profile-version", found.version.to_string()));
+    handled.served = Some(Served {
+        tier,
+        kv_ms: found.kv_ms,
+    });
 }
 
 /// A page also says how old the profile it used is, in seconds (`x-edgewise-profile-age`):

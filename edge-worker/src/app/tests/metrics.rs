@@ -134,12 +134,3 @@ fn the_edge_dashboard_queries_only_exposed_metrics() {
     }
     assert!(queried >= 10, "the dashboard queries {queried} series");
 }
-
-#[test]
-fn server_timing_durations_are_read_without_a_float_parser() {
-    assert_eq!(super::super::tenths("12.3"), 12.3);
-    assert_eq!(super::super::tenths("0.0"), 0.0);
-    assert_eq!(super::super::tenths("7"), 7.0);
-    assert_eq!(super::super::tenths(" 4.56"), 4.5);
-    assert_eq!(super::super::tenths("x"), 0.0);
-}
