@@ -290,8 +290,9 @@ impl App {
         if let Some((version, source)) = fence
             && version >= self.fence_version.get()
         {
-            publish(store, ConfigKind::Erasures, source.as_bytes(), version).await?;
-            answer.config += 1;
+            if publish(store, ConfigKind::Erasures, source.as_bytes(), version).await? {
+                answer.config += 1;
+            }
         }
         let catalog_version = catalog.as_ref().map(|(v, _)| *v);
         let rules_doc = rules.clone();
@@ -306,14 +307,16 @@ impl App {
                     {
                         // Stored compiled: other isolates decode it instead of compiling it.
                         let image = wire::encode_catalog(&site.catalog);
-                        publish(store, ConfigKind::Catalog, &image, version).await?;
-                        answer.config += 1;
+                        if publish(store, ConfigKind::Catalog, &image, version).await? {
+                            answer.config += 1;
+                        }
                     }
                     if let Some((version, source)) = rules_doc
                         && version >= site.rules_version
                     {
-                        publish(store, ConfigKind::Rules, source.as_bytes(), version).await?;
-                        answer.config += 1;
+                        if publish(store, ConfigKind::Rules, source.as_bytes(), version).await? {
+                            answer.config += 1;
+                        }
                     }
                 }
                 // origin logs and reports it; the active documents stay
@@ -702,11 +705,26 @@ async fn publish<S: Store>(
     kind: ConfigKind,
     bytes: &[u8],
     version: u64,
-) -> Result<(), EdgeError> {
-    for (key, value) in [
-        (document_key(kind), bytes),
-        (document_version_key(kind), &[][..]),
-    ] {
+) -> Result<bool, EdgeError> {
+    // An isolate that has not checked KV lately (a new one has version 0) takes any version as
+    // newer than its own, so a late or resent batch would move KV back to an older document
+    // for every isolate after it. KV has no compare-and-set: the marker is read first, which
+    // leaves only the window in which this location's KV has not yet seen the newer marker.
+    let marker = document_version_key(kind);
+    let held = store
+        .get_document(marker)
+        .await
+        .map_err(|source| EdgeError::KvRead {
+            key: marker.to_owned(),
+            then: "retry the batch",
+            source,
+        })?;
+    if let Some((_, Some(stored))) = held
+        && stored >= version
+    {
+        return Ok(false);
+    }
+    for (key, value) in [(document_key(kind), bytes), (marker, &[][..])] {
         store
             .put(key, value, version)
             .await
@@ -716,7 +734,7 @@ async fn publish<S: Store>(
                 source,
             })?;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// How soon a config check whose KV read failed or timed out is made again.

@@ -86,6 +86,48 @@ fn a_late_older_config_document_never_replaces_a_newer_one_in_kv() {
     assert_eq!(bytes, rules.as_bytes());
 }
 
+/// A new isolate (or one that has not checked KV lately) takes any version as newer than its
+/// own: a late or resent batch reaching it must still not move KV back for everyone else.
+#[test]
+fn a_late_older_config_document_at_an_isolate_that_never_saw_the_newer_one_leaves_kv_alone() {
+    let w = World::new();
+    let doc = |kind, version, source: &str| {
+        SyncItem::Config(ConfigDoc {
+            kind,
+            version,
+            source: source.into(),
+        })
+    };
+    let newer = format!("{DEMO_RULES_JSON}\n");
+    let older = format!("{DEMO_RULES_JSON}\n\n");
+    let fence = r#"{"erased": []}"#;
+    let out = w.sync(vec![
+        doc(ConfigKind::Rules, 7, &newer),
+        doc(ConfigKind::Erasures, 5, fence),
+    ]);
+    assert_eq!(out["config"], 2, "{out}");
+    // the same KV, a new isolate: it has loaded nothing yet
+    let World { store, clock, .. } = w;
+    let fresh = World {
+        app: App::new(config()),
+        store,
+        clock,
+    };
+    let out = fresh.sync(vec![
+        doc(ConfigKind::Rules, 6, &older),
+        doc(ConfigKind::Erasures, 4, fence),
+    ]);
+    assert_eq!(out["config"], 0, "nothing older is stored: {out}");
+    let (bytes, version) = fresh.store.raw(RULES_KEY).unwrap();
+    assert_eq!((bytes.as_slice(), version), (newer.as_bytes(), Some(7)));
+    let (_, version) = fresh.store.raw(shared::protocol::ERASURES_KEY).unwrap();
+    assert_eq!(version, Some(5), "the erasure fence moved back");
+    // a newer one still goes through
+    let out = fresh.sync(vec![doc(ConfigKind::Rules, 8, &older)]);
+    assert_eq!(out["config"], 1, "{out}");
+    assert_eq!(fresh.store.raw(RULES_KEY).unwrap().1, Some(8));
+}
+
 /// `/v1/sync` never stores a bad document, so one in KV was written some other way: the
 /// isolate keeps what it serves, and says why.
 #[test]
