@@ -289,10 +289,9 @@ impl App {
         // stored for other isolates unless older than the one this isolate has
         if let Some((version, source)) = fence
             && version >= self.fence_version.get()
+            && publish(store, ConfigKind::Erasures, source.as_bytes(), version).await?
         {
-            if publish(store, ConfigKind::Erasures, source.as_bytes(), version).await? {
-                answer.config += 1;
-            }
+            answer.config += 1;
         }
         let catalog_version = catalog.as_ref().map(|(v, _)| *v);
         let rules_doc = rules.clone();
@@ -313,10 +312,9 @@ impl App {
                     }
                     if let Some((version, source)) = rules_doc
                         && version >= site.rules_version
+                        && publish(store, ConfigKind::Rules, source.as_bytes(), version).await?
                     {
-                        if publish(store, ConfigKind::Rules, source.as_bytes(), version).await? {
-                            answer.config += 1;
-                        }
+                        answer.config += 1;
                     }
                 }
                 // origin logs and reports it; the active documents stay
