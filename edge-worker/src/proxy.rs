@@ -57,6 +57,24 @@ impl PathPattern {
     }
 }
 
+/// A comma-separated list of cookie names (`SITE_SESSION_COOKIES`).
+fn cookie_names(list: &str) -> Result<Vec<String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            let token = n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if token && n.len() <= 64 {
+                Ok(n.to_owned())
+            } else {
+                Err(format!("{n:?} is not a cookie name"))
+            }
+        })
+        .collect()
+}
+
 /// A comma-separated list of patterns.
 pub fn parse_patterns(s: &str) -> Result<Vec<PathPattern>, String> {
     s.split(',')
@@ -74,6 +92,9 @@ pub struct ProxyConfig {
     pub personalized: Vec<PathPattern>,
     /// Always passed through untouched, checked before `personalized` (default: none).
     pub pass_through: Vec<PathPattern>,
+    /// The site's own sign-in cookies (`SITE_SESSION_COOKIES`): a request carrying one is the
+    /// shopper's own page, never answered from nor stored in the edge's shared copy.
+    pub session_cookies: Vec<String>,
 }
 
 impl ProxyConfig {
@@ -100,6 +121,8 @@ impl ProxyConfig {
             site_origin: origin,
             personalized: list("PERSONALIZED_PATHS", "/*")?,
             pass_through: list("PASS_THROUGH_PATHS", "")?,
+            session_cookies: cookie_names(&var("SITE_SESSION_COOKIES").unwrap_or_default())
+                .map_err(|e| format!("SITE_SESSION_COOKIES: {e}"))?,
         }))
     }
 
@@ -117,6 +140,15 @@ impl ProxyConfig {
         } else {
             Route::PassThrough
         }
+    }
+
+    /// Whether the request carries one of the site's sign-in cookies.
+    pub fn has_session_cookie(&self, cookie_header: Option<&str>) -> bool {
+        cookie_header.is_some_and(|h| {
+            self.session_cookies
+                .iter()
+                .any(|name| crate::token::cookie(h, name).is_some_and(|v| !v.is_empty()))
+        })
     }
 
     /// The site origin's URL for a request's path and query.

@@ -505,6 +505,7 @@ fn proxy_worker(name: &str, personalized: &str) -> Option<(tests::site::Site, Se
             ("ORIGIN_URL", ""),
             ("SITE_ORIGIN", &origin),
             ("PERSONALIZED_PATHS", personalized),
+            ("SITE_SESSION_COOKIES", "shop_session"),
         ],
     )?;
     Some((site, w, origin))
@@ -754,6 +755,17 @@ fn in_proxy_mode_a_cacheable_page_is_fetched_once_and_personalized_for_each_shop
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-edgewise-site-cache"), Some("off"));
     assert_eq!(asked("/shared.html"), fetched + 1);
+    // signed in with the site's own session cookie (SITE_SESSION_COOKIES): the same
+    let r = http(
+        w.port,
+        "GET",
+        "/shared.html",
+        &[("cookie", "theme=dark; shop_session=s3cr3t")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.header("x-edgewise-site-cache"), Some("off"));
+    assert_eq!(asked("/shared.html"), fetched + 2);
     // no caching headers: every page from the site
     for _ in 0..2 {
         let r = http(w.port, "GET", "/p/cam-001", &[], b"").unwrap();

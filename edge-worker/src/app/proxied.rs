@@ -60,6 +60,35 @@ pub struct PagePersonalization {
 }
 
 impl App {
+    /// Whether a request carries a credential, so the site may answer it for this shopper
+    /// alone: `Authorization`, the token where `JWT_FROM` says it is, the trusted identity
+    /// header, or one of the site's sign-in cookies (`SITE_SESSION_COOKIES`). Such a request is
+    /// never answered from the edge's shared copy of a page, nor is its answer stored there,
+    /// whatever the page's `Cache-Control` says: a site that marks a signed-in page cacheable
+    /// by mistake must not hand one shopper's account page to the next.
+    pub fn carries_credentials(&self, headers: &[(String, String)]) -> bool {
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let config = &self.config;
+        header("authorization").is_some()
+            || config
+                .token
+                .as_ref()
+                .is_some_and(|t| t.source().find(header).is_some())
+            || config
+                .trusted_user_header
+                .as_deref()
+                .is_some_and(|h| header(h).is_some())
+            || config
+                .proxy
+                .as_ref()
+                .is_some_and(|p| p.has_session_cookie(header("cookie")))
+    }
+
     /// Identifies the shopper and looks their profile up, as a storefront page does.
     pub async fn personalize_page<S: Store>(
         &self,

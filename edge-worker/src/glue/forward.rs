@@ -68,10 +68,9 @@ pub async fn forward(
     let personalize = route == Route::Personalized && method == worker::Method::Get;
     // A personalized page may come from the edge's cache: the site's copy is the same for
     // every shopper (kept only when HTTP says a shared cache may), the shopper's blocks are
-    // added after it. A signed-in request is never answered from it.
-    let cache_key =
-        (personalize && !incoming.iter().any(|(k, _)| k == "authorization") && !NO_CACHE.get())
-            .then(|| target.clone());
+    // added after it. A request with a credential is never answered from it, nor stored.
+    let cache_key = (personalize && !app.carries_credentials(&incoming) && !NO_CACHE.get())
+        .then(|| target.clone());
     let site = async {
         if let Some(key) = &cache_key {
             match Cache::default().get(key.as_str(), false).await {

@@ -264,3 +264,50 @@ fn the_cart_page_and_popular_now_follow_the_shoppers_cart() {
         "{cart}"
     );
 }
+
+/// The edge's shared copy of a site page serves only requests without a credential: the
+/// site's answer to a signed-in shopper may be theirs alone even when it says it may be kept
+/// (a site's mistake must not hand one shopper's account page to the next).
+#[test]
+fn a_request_with_any_credential_never_shares_the_sites_page() {
+    let w = World::with(config_with(&[
+        ("SITE_ORIGIN", "https://origin.shop.example"),
+        ("JWT_FROM", "cookie:site_jwt"),
+        ("TRUSTED_USER_HEADER", "X-Shop-User"),
+        ("SITE_SESSION_COOKIES", "sessionid, remember_me"),
+    ]));
+    let carries = |headers: &[(&str, &str)]| {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        w.app.carries_credentials(&headers)
+    };
+    assert!(!carries(&[]));
+    assert!(!carries(&[(
+        "cookie",
+        "_ga=GA1.2; theme=dark; ew_vid=00ff"
+    )]));
+    assert!(
+        !carries(&[("cookie", "sessionid=")]),
+        "an empty cookie is no session"
+    );
+    assert!(carries(&[("authorization", "Bearer anything")]));
+    assert!(carries(&[("cookie", "theme=dark; site_jwt=eyJ.x.y")]));
+    assert!(carries(&[("x-shop-user", "alice")]));
+    assert!(carries(&[("cookie", "sessionid=abc")]));
+    assert!(carries(&[("cookie", "a=1; remember_me=1")]));
+}
+
+#[test]
+fn site_session_cookie_names_are_checked() {
+    let bad = crate::proxy::ProxyConfig::from_vars(|k| match k {
+        "SITE_ORIGIN" => Some("https://origin.shop.example".into()),
+        "SITE_SESSION_COOKIES" => Some("sessionid, bad name".into()),
+        _ => None,
+    });
+    assert_eq!(
+        bad.unwrap_err(),
+        "SITE_SESSION_COOKIES: \"bad name\" is not a cookie name"
+    );
+}
