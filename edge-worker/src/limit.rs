@@ -1,8 +1,8 @@
 //! Per-shopper rate limits: a token bucket per key, in this isolate's memory.
 //!
-//! `POST /v1/events` takes one token per event. A browser's SDK sends a few events a second
-//! at most; a script posting thousands is refused with 429 and `Retry-After` before it costs a
-//! parse, a cache write or a forward to origin. The buckets are per isolate, so a client spread
+//! `POST /v1/events` takes one token per event, `DELETE /v1/me` twenty. A browser's SDK sends a
+//! few events a second at most; a script posting thousands is refused with 429 and
+//! `Retry-After` before it costs a parse, a cache write or a forward to origin. The buckets are per isolate, so a client spread
 //! over many isolates gets more in total: this bounds what one client costs one isolate, and
 //! Cloudflare's rate-limiting rules in front of the worker bound the rest.
 

@@ -396,25 +396,7 @@ impl App {
                 limit: MAX_BATCH_EVENTS,
             });
         }
-        // A client without a visitor cookie is a new visitor on every request: its budget is
-        // its address's instead, or dropping the cookie would reset it.
-        let budget = match who {
-            Identity::Visitor { minted: true, .. } => {
-                let ip = req.header("cf-connecting-ip").unwrap_or("unknown");
-                self.config
-                    .user_key_secret
-                    .as_deref()
-                    .map(|secret| UserKey::derive(secret, &format!("ip:{ip}")))
-            }
-            _ => key,
-        };
-        if let Some(key) = budget {
-            let n = items.len() as u32;
-            self.events_limit
-                .borrow_mut()
-                .take(key, n, now_ms)
-                .map_err(|retry_after_secs| EdgeError::RateLimited { retry_after_secs })?;
-        }
+        self.take_budget(req, who, key, items.len() as u32, now_ms)?;
         let user = who.user_id();
         let mut good = Vec::new();
         let mut rejected = Vec::new();
@@ -509,6 +491,54 @@ impl App {
         reply
     }
 
+    /// What an erasure takes from the write budget, in events: it costs three KV operations
+    /// and a request to origin, and a shopper makes one rarely.
+    const ERASURE_WEIGHT: u32 = 20;
+
+    /// Takes `n` from the write budgets a request pays from (`EVENTS_PER_SEC`, `EVENTS_BURST`).
+    /// A signed-in shopper, or a visitor with a profile or events here, pays from their own. A
+    /// visitor id costs a browser nothing to make up: a visitor minted for this request, or one
+    /// nothing was ever written for, also pays from its address's budget (`cf-connecting-ip`),
+    /// or a new id per request (or no cookie at all) would reset the limit every time.
+    fn take_budget(
+        &self,
+        req: &HttpRequest,
+        who: &Identity,
+        key: Option<UserKey>,
+        n: u32,
+        now_ms: u64,
+    ) -> Result<(), EdgeError> {
+        let unproven = match who {
+            Identity::Visitor { minted: true, .. } => true,
+            // held but empty: a lookup for an id nobody ever wrote to leaves such an entry
+            Identity::Visitor { .. } => key.is_none_or(|k| {
+                self.cache
+                    .borrow()
+                    .peek(&k)
+                    .is_none_or(|e| e.base().is_none() && e.local_events() == 0)
+            }),
+            _ => false,
+        };
+        let address = unproven
+            .then(|| {
+                let ip = req.header("cf-connecting-ip").unwrap_or("unknown");
+                let secret = self.config.user_key_secret.as_deref()?;
+                Some(UserKey::derive(secret, &format!("ip:{ip}")))
+            })
+            .flatten();
+        let own = match who {
+            Identity::Visitor { minted: true, .. } => None,
+            _ => key,
+        };
+        let mut limit = self.events_limit.borrow_mut();
+        for budget in [address, own].into_iter().flatten() {
+            limit
+                .take(budget, n, now_ms)
+                .map_err(|retry_after_secs| EdgeError::RateLimited { retry_after_secs })?;
+        }
+        Ok(())
+    }
+
     async fn erase<S: Store>(
         &self,
         store: &S,
@@ -523,6 +553,23 @@ impl App {
                 secret: "USER_KEY_SECRET",
             });
         };
+        let reply = |version: u64| {
+            let mut reply = Reply::json(202, &json!({ "erased": true, "version": version }));
+            if matches!(who, Identity::Visitor { .. }) {
+                reply.headers.push((
+                    "set-cookie",
+                    identity::visitor_clear_cookie(self.cookie_secure(req)),
+                ));
+            }
+            reply
+        };
+        // A visitor minted for this very request has nothing anywhere to erase: answered
+        // without a write, so a cookieless flood cannot fill KV with tombstones or push real
+        // erasures out of the fence (it keeps the newest `MAX_FENCE_ENTRIES`).
+        if matches!(who, Identity::Visitor { minted: true, .. }) {
+            return Ok(reply(0).into());
+        }
+        self.take_budget(req, who, Some(key), Self::ERASURE_WEIGHT, now_ms)?;
         const THEN: &str = "the erasure was not stored, retry it";
         // The tombstone must outrank what this edge holds, in the cache *and* in KV (the cache
         // may lag what other isolates synced; KV may lag this isolate's own writes).
@@ -564,16 +611,9 @@ impl App {
                 })?;
             outbound.push(erasure_request(origin, secret, key, now_ms, now_ms));
         }
-        let mut reply = Reply::json(202, &json!({ "erased": true, "version": version }));
-        if matches!(who, Identity::Visitor { .. }) {
-            reply.headers.push((
-                "set-cookie",
-                identity::visitor_clear_cookie(self.cookie_secure(req)),
-            ));
-        }
         Ok(Handled {
             outbound,
-            ..Handled::from(reply)
+            ..Handled::from(reply(version))
         })
     }
 }

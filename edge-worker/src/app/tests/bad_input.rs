@@ -209,3 +209,40 @@ fn requests_to_origin_are_retried_when_origin_says_later() {
     }
     assert_eq!(origin_retry_ms(ORIGIN_ATTEMPTS - 1, None), None);
 }
+
+/// A visitor id costs nothing to make up: a new one per request does not reset the limit,
+/// since a visitor this isolate has never seen pays from its address's budget too.
+#[test]
+fn made_up_visitor_ids_do_not_escape_the_events_limit() {
+    let w = World::with(config_with(&[
+        ("EVENTS_PER_SEC", "1"),
+        ("EVENTS_BURST", "30"),
+    ]));
+    let mut accepted = 0;
+    for n in 0..10u32 {
+        let body = format!(
+            r#"[{{"event_id":"m{n}","type":"page_view"}},{{"event_id":"n{n}","type":"page_view"}},{{"event_id":"o{n}","type":"page_view"}},{{"event_id":"p{n}","type":"page_view"}},{{"event_id":"q{n}","type":"page_view"}}]"#
+        );
+        let cookie = format!("ew_vid={:032x}", n + 1);
+        let headers = [
+            ("cf-connecting-ip", "203.0.113.50"),
+            ("cookie", cookie.as_str()),
+        ];
+        match w.post("/v1/events", &headers, body.as_bytes()).reply.status {
+            202 => accepted += 1,
+            429 => {}
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(
+        accepted, 6,
+        "30 events of the address's burst, 5 per request"
+    );
+    // a visitor whose events the isolate holds pays from their own budget
+    let known = [
+        ("cf-connecting-ip", "203.0.113.50"),
+        ("cookie", "ew_vid=00000000000000000000000000000001"),
+    ];
+    let body = br#"{"event_id":"k1","type":"page_view"}"#;
+    assert_eq!(w.post("/v1/events", &known, body).reply.status, 202);
+}

@@ -387,3 +387,53 @@ fn origins_tombstone_reaches_kv_after_the_fence_did() {
         (Stored::Tombstone { version: t }, Some(t))
     );
 }
+
+/// Erasing costs KV writes, a request to origin and a place in the erasure fence (which keeps
+/// the newest entries only): a visitor minted for the request has nothing to erase and writes
+/// nothing, and visitor ids made up per request pay from their address's budget.
+#[test]
+fn a_flood_of_erasures_writes_nothing_for_new_visitors_and_is_limited_by_address() {
+    let w = World::with(config_with(&[
+        ("EVENTS_PER_SEC", "1"),
+        ("EVENTS_BURST", "100"),
+    ]));
+    let delete = |headers: &[(&str, &str)]| {
+        let mut req = HttpRequest::get("/v1/me");
+        req.method = "DELETE".into();
+        req.headers = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        w.send(req)
+    };
+    let from = ("cf-connecting-ip", "198.51.100.7");
+    for _ in 0..50 {
+        let h = delete(&[from]);
+        assert_eq!(h.reply.status, 202);
+        assert!(h.outbound.is_empty(), "nothing to tell origin");
+    }
+    assert_eq!(
+        w.store.writes(),
+        0,
+        "a minted visitor's erasure wrote to KV"
+    );
+    // made-up visitor ids: each is new to this isolate, so the address pays
+    let made_up = |n: u32| format!("ew_vid={n:032x}");
+    let mut accepted = 0;
+    for n in 0..20 {
+        let cookie = made_up(n + 1);
+        match delete(&[from, ("cookie", &cookie)]).reply.status {
+            202 => accepted += 1,
+            429 => {}
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(accepted, 5, "100 events of burst at 20 per erasure");
+    // another address, and a shopper the isolate knows, are not held back
+    let other = [
+        ("cf-connecting-ip", "198.51.100.8"),
+        ("cookie", &made_up(99)),
+    ];
+    assert_eq!(delete(&other).reply.status, 202);
+    assert_eq!(delete(&alice()).reply.status, 202);
+}
