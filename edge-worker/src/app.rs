@@ -39,7 +39,7 @@ mod sync;
 
 /// The HTTP types moved to [`crate::http`]; these paths keep naming them.
 pub use crate::http::{Clock, Handled, HttpRequest, MAX_QUERY, Outbound, Reply};
-use crate::http::{EdgeError, set_header};
+use crate::http::{EdgeError, no_store, set_header};
 pub use shared::protocol::{CATALOG_KEY, ERASURES_KEY, RULES_KEY};
 
 /// Largest `/v1/events` body.
@@ -297,6 +297,13 @@ impl App {
             None => format!("total;dur={total:.1}"),
         };
         set_header(&mut handled.reply, "server-timing", timing);
+        // Whatever answered, a reply that sets a cookie is this client's alone: a 404 or 405
+        // is cacheable by default, and a shared cache keeping one would hand its visitor id
+        // to everyone after.
+        let reply = &mut handled.reply;
+        if reply.header("set-cookie").is_some() && reply.header("cache-control").is_none() {
+            reply.headers.push(no_store());
+        }
         handled
     }
 

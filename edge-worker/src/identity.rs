@@ -41,7 +41,10 @@ impl Identity {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum IdentityError {
-    #[error("the trusted user header must be 1 to 128 printable characters")]
+    #[error(
+        "the trusted user header must be 1 to 128 printable characters, and not a visitor's id \
+         (v- and 32 hex digits)"
+    )]
     BadUserHeader,
     #[error("the ew_vid cookie must be 32 lowercase hex digits; clear it to get a new one")]
     BadVisitorCookie,
@@ -49,9 +52,19 @@ pub enum IdentityError {
     CookieTooLarge,
 }
 
-/// Whether `s` can be a site's user id: 1 to [`MAX_USER_ID`] bytes, no control characters.
+/// Whether `s` can be a site's user id: 1 to [`MAX_USER_ID`] bytes, no control characters,
+/// and not of the form visitors' ids take in events and keys (`v-` and 32 hex digits): a site
+/// that lets users choose their ids would otherwise let one name a visitor's profile.
 pub fn is_user_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_USER_ID && s.chars().all(|c| !c.is_control())
+    !s.is_empty()
+        && s.len() <= MAX_USER_ID
+        && s.chars().all(|c| !c.is_control())
+        && !s.strip_prefix("v-").is_some_and(is_visitor_id)
+}
+
+/// 32 lowercase hex digits: what Edgewise mints for a visitor.
+fn is_visitor_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// How the request named a signed-in shopper, once the token (if any) was checked.
@@ -119,9 +132,7 @@ fn visitor_cookie(header: Option<&str>) -> Result<Option<&str>, IdentityError> {
     }
     match crate::token::cookie(header, VISITOR_COOKIE) {
         None => Ok(None),
-        Some(v) if v.len() == 32 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
-            Ok(Some(v))
-        }
+        Some(v) if is_visitor_id(v) => Ok(Some(v)),
         Some(_) => Err(IdentityError::BadVisitorCookie),
     }
 }
@@ -236,6 +247,13 @@ mod tests {
         };
         assert_eq!(v.user_id(), format!("v-{ID}"));
         assert_eq!(Identity::User(ID.into()).user_id(), ID);
+        // a site id of a visitor's form is no site id: by token or by trusted header
+        assert!(!is_user_id(&v.user_id()));
+        assert!(is_user_id(&format!("v-{}", &ID[1..])) && is_user_id("v-alice"));
+        assert_eq!(
+            resolve(SignedIn::TrustedHeader(&v.user_id()), None, || [0; 16]),
+            Err(IdentityError::BadUserHeader)
+        );
     }
 
     #[test]

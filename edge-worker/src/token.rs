@@ -152,7 +152,7 @@ pub enum TokenError {
     WrongIssuer,
     #[error("the token is not for this audience")]
     WrongAudience,
-    #[error("the token's sub is not a user id (1 to 128 printable characters)")]
+    #[error("the token's sub is not a user id (1 to 128 printable characters, not a visitor's id)")]
     BadSubject,
 }
 

@@ -246,3 +246,31 @@ fn made_up_visitor_ids_do_not_escape_the_events_limit() {
     let body = br#"{"event_id":"k1","type":"page_view"}"#;
     assert_eq!(w.post("/v1/events", &known, body).reply.status, 202);
 }
+
+/// A 404 or 405 may be kept by a shared cache by default: one that gives a new visitor their
+/// id must say no cache may keep it, or every client after would share that visitor.
+#[test]
+fn every_reply_that_sets_a_cookie_is_for_no_cache() {
+    let w = World::new();
+    let mut patch = HttpRequest::get("/v1/me");
+    patch.method = "PATCH".into();
+    for (req, status) in [
+        (HttpRequest::get("/p/no-such-sku"), 404),
+        (HttpRequest::get("/v1"), 404),
+        (patch, 405),
+        (HttpRequest::get("/v1/recommendations"), 200),
+    ] {
+        let path = req.path.clone();
+        let reply = w.send(req).reply;
+        assert_eq!(reply.status, status, "{path}");
+        assert!(
+            reply.header("set-cookie").is_some(),
+            "{path}: a new visitor"
+        );
+        assert_eq!(
+            reply.header("cache-control"),
+            Some("private, no-store"),
+            "{path}"
+        );
+    }
+}
