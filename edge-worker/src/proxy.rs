@@ -176,6 +176,29 @@ pub fn is_edgewise_path(path: &str) -> bool {
     path.starts_with("/v1/") || path == "/sdk.js" || path == "/healthz"
 }
 
+/// Request headers a site may build its page from that the edge's shared copy is not keyed
+/// by (the copy is per URL): a request with one goes to the site and its answer is not kept,
+/// so a crafted `Forwarded: host=evil.example` cannot put its links in everyone's copy.
+/// `X-Forwarded-Host`/`-Proto` are not here: the edge sets them itself.
+const UNKEYED_INPUTS: [&str; 9] = [
+    "forwarded",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-host",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-original-host",
+];
+
+/// Whether the request carries a header in [`UNKEYED_INPUTS`].
+pub fn has_unkeyed_input(headers: &[(String, String)]) -> bool {
+    headers
+        .iter()
+        .any(|(k, _)| UNKEYED_INPUTS.iter().any(|u| k.eq_ignore_ascii_case(u)))
+}
+
 fn hop_by_hop(headers: &[(String, String)]) -> Vec<String> {
     let mut names: Vec<String> = HOP_BY_HOP.iter().map(|h| (*h).to_owned()).collect();
     for (k, v) in headers {
@@ -241,7 +264,7 @@ pub fn without_own_cookies(cookie: &str) -> Option<String> {
 /// When Edgewise changed the body (`personalized`): its length and validators no longer hold
 /// (`Content-Length` and `ETag` go; the runtime frames the body), and it is one shopper's
 /// page, so a shared cache must not keep it (`Cache-Control` gains `private`, the site's
-/// other directives stay).
+/// other directives stay; the CDN-only `CDN-Cache-Control` and `Surrogate-Control` go).
 pub fn response_headers(headers: &[(String, String)], personalized: bool) -> Vec<(String, String)> {
     let drop = hop_by_hop(headers);
     let mut out = Vec::with_capacity(headers.len() + 1);
@@ -254,6 +277,10 @@ pub fn response_headers(headers: &[(String, String)], personalized: bool) -> Vec
         if personalized {
             match name.as_str() {
                 "content-length" | "etag" | "last-modified" => continue,
+                // caches in front (CDNs, Cloudflare's own) follow these over Cache-Control
+                "cdn-cache-control" | "cloudflare-cdn-cache-control" | "surrogate-control" => {
+                    continue;
+                }
                 "cache-control" => {
                     cache_control = true;
                     out.push((name, private(v)));
@@ -481,6 +508,8 @@ mod tests {
             ("Cache-Control", "public, max-age=60, s-maxage=300"),
             ("Connection", "close"),
             ("Set-Cookie", "session=site-1"),
+            ("CDN-Cache-Control", "max-age=600"),
+            ("Surrogate-Control", "max-age=600"),
         ]);
         assert_eq!(
             response_headers(&site, false),
@@ -490,6 +519,8 @@ mod tests {
                 ("etag", "\"v1\""),
                 ("cache-control", "public, max-age=60, s-maxage=300"),
                 ("set-cookie", "session=site-1"),
+                ("cdn-cache-control", "max-age=600"),
+                ("surrogate-control", "max-age=600"),
             ])
         );
         assert_eq!(
@@ -513,6 +544,23 @@ mod tests {
         assert!(!rewritable(302, Some("text/html")));
         assert!(!rewritable(404, Some("text/html")));
         assert!(!rewritable(500, Some("text/html")));
+    }
+
+    #[test]
+    fn headers_the_shared_copy_is_not_keyed_by_keep_a_request_from_it() {
+        assert!(!has_unkeyed_input(&h(&[
+            ("accept", "text/html"),
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-host", "shop.example"),
+        ])));
+        for name in [
+            "Forwarded",
+            "X-Forwarded-Port",
+            "X-Original-URL",
+            "X-HTTP-Method-Override",
+        ] {
+            assert!(has_unkeyed_input(&h(&[(name, "x")])), "{name}");
+        }
     }
 
     #[test]

@@ -766,6 +766,17 @@ fn in_proxy_mode_a_cacheable_page_is_fetched_once_and_personalized_for_each_shop
     .unwrap();
     assert_eq!(r.header("x-edgewise-site-cache"), Some("off"));
     assert_eq!(asked("/shared.html"), fetched + 2);
+    // a header the site may build links from, which the copy is not keyed by: the same
+    let r = http(
+        w.port,
+        "GET",
+        "/shared.html",
+        &[("forwarded", "host=evil.example;proto=https")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.header("x-edgewise-site-cache"), Some("off"));
+    assert_eq!(asked("/shared.html"), fetched + 3);
     // no caching headers: every page from the site
     for _ in 0..2 {
         let r = http(w.port, "GET", "/p/cam-001", &[], b"").unwrap();

@@ -68,9 +68,13 @@ pub async fn forward(
     let personalize = route == Route::Personalized && method == worker::Method::Get;
     // A personalized page may come from the edge's cache: the site's copy is the same for
     // every shopper (kept only when HTTP says a shared cache may), the shopper's blocks are
-    // added after it. A request with a credential is never answered from it, nor stored.
-    let cache_key = (personalize && !app.carries_credentials(&incoming) && !NO_CACHE.get())
-        .then(|| target.clone());
+    // added after it. A request with a credential, or with a header the site may build its
+    // page from that the copy is not keyed by, is never answered from it, nor stored.
+    let cache_key = (personalize
+        && !app.carries_credentials(&incoming)
+        && !proxy::has_unkeyed_input(&incoming)
+        && !NO_CACHE.get())
+    .then(|| target.clone());
     let site = async {
         if let Some(key) = &cache_key {
             match Cache::default().get(key.as_str(), false).await {
