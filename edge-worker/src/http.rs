@@ -238,6 +238,26 @@ pub(crate) fn set_header(reply: &mut Reply, name: &'static str, value: String) {
     reply.headers.push((name, value));
 }
 
+/// Whether a browser sent this request from another site's page. A request that changes a
+/// shopper's profile is refused then: a site's sign-in cookie may be `SameSite=None`, and a
+/// form or `fetch` on any page could otherwise post events into the signed-in shopper's
+/// profile (the response is unreadable to it, the effect is not). Browsers say where a request
+/// came from in `Sec-Fetch-Site`, older ones in `Origin`, compared with `Host`; a client that
+/// sends neither is not a browser acting for a shopper on another site.
+pub fn from_another_site(req: &HttpRequest) -> bool {
+    if let Some(site) = req.header("sec-fetch-site") {
+        return !matches!(site.trim(), "same-origin" | "none");
+    }
+    let (Some(origin), Some(host)) = (req.header("origin"), req.header("host")) else {
+        return false;
+    };
+    let origin_host = origin
+        .split_once("://")
+        .map_or(origin, |(_, rest)| rest)
+        .trim_end_matches('/');
+    !origin_host.eq_ignore_ascii_case(host.trim())
+}
+
 /// Why the edge refused a request or could not complete it. Each variant is one HTTP status
 /// and a body `{"error": "<message>"}`, converted in one place (`From<EdgeError> for Reply`).
 /// A 4xx message says what the caller should change. A 5xx message says what to do (retry);
@@ -262,6 +282,11 @@ pub enum EdgeError {
     /// Answered 429 with `retry-after`.
     #[error("too many events from this shopper; retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    #[error(
+        "a shopper's events and erasure are taken only from the shop's own pages; this request \
+         came from another site"
+    )]
+    CrossSite,
 
     // ---- the query of /v1/recommendations
     #[error("query string is longer than {MAX_QUERY} bytes")]
@@ -351,6 +376,7 @@ impl EdgeError {
             | EdgeError::KvWrite { .. } => 503,
             EdgeError::Catalog { .. } | EdgeError::Rules { .. } => 422,
             EdgeError::RateLimited { .. } => 429,
+            EdgeError::CrossSite => 403,
             EdgeError::Identity(_)
             | EdgeError::QueryTooLong
             | EdgeError::BadEncoding { .. }

@@ -48,6 +48,9 @@ impl App {
         now_ms: u64,
         mint: impl FnOnce() -> [u8; 16],
     ) -> Result<Handled, EdgeError> {
+        if matches!(req.method.as_str(), "POST" | "DELETE") && crate::http::from_another_site(req) {
+            return Err(EdgeError::CrossSite);
+        }
         let who = self.identify(req, now_ms, mint)?;
         // derived once: every step below reads the same shopper's entry
         let key = self.key_of(&who);

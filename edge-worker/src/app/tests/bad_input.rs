@@ -274,3 +274,62 @@ fn every_reply_that_sets_a_cookie_is_for_no_cache() {
         );
     }
 }
+
+/// A page on another site cannot post events into, or erase, the shopper's profile with the
+/// cookies the browser attaches (a site's sign-in cookie may be `SameSite=None`); reading stays
+/// open (another site cannot read the answer without CORS, which the edge never grants).
+#[test]
+fn another_sites_page_cannot_change_a_shoppers_profile() {
+    let w = World::new();
+    let event = |n: u32| format!(r#"{{"event_id":"x{n}","type":"page_view"}}"#).into_bytes();
+    let token = bearer("alice");
+    let from = |extra: &[(&'static str, &'static str)]| {
+        let mut h = vec![("authorization", token), ("host", "shop.example")];
+        h.extend_from_slice(extra);
+        h
+    };
+    let cases: [(&[(&str, &str)], u16); 7] = [
+        (&[("sec-fetch-site", "cross-site")], 403),
+        (&[("sec-fetch-site", "same-site")], 403),
+        (&[("origin", "https://evil.example")], 403),
+        (&[("origin", "null")], 403),
+        (&[("sec-fetch-site", "same-origin")], 202),
+        (&[("origin", "https://shop.example")], 202),
+        (&[], 202),
+    ];
+    for (n, (extra, status)) in cases.into_iter().enumerate() {
+        let r = w.post("/v1/events", &from(extra), &event(n as u32)).reply;
+        assert_eq!(
+            r.status,
+            status,
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        if status == 403 {
+            assert!(
+                r.body_json()["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("another site")
+            );
+        }
+    }
+    let mut erase = HttpRequest::get("/v1/me");
+    erase.method = "DELETE".into();
+    erase.headers = from(&[("sec-fetch-site", "cross-site")])
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(w.send(erase).reply.status, 403);
+    let me = w.get("/v1/me", &from(&[("sec-fetch-site", "same-origin")]));
+    assert_eq!(
+        me.body_json()["profile"]["views"],
+        3,
+        "only the same-origin events"
+    );
+    let read = w.get(
+        "/v1/recommendations",
+        &from(&[("sec-fetch-site", "cross-site")]),
+    );
+    assert_eq!(read.status, 200);
+}
