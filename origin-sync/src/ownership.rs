@@ -106,6 +106,18 @@ impl Owner {
     }
 
     /// The next change (cancel-safe: nothing is lost when another branch of a select wins).
+    /// A change already waiting, without waiting for one: the pipeline checks before each
+    /// batch, so a steady backlog (a message always waiting) never keeps it from a revocation.
+    pub fn try_next(&mut self) -> Option<Control> {
+        if let Ok(r) = self.rebalances.try_recv() {
+            return Some(Control::Rebalanced(r));
+        }
+        self.restored_rx
+            .try_recv()
+            .ok()
+            .map(|(p, assignment, r)| Control::Restored(p, assignment, r))
+    }
+
     pub async fn next(&mut self) -> Control {
         tokio::select! {
             Some(r) = self.rebalances.recv() => Control::Rebalanced(r),

@@ -199,8 +199,31 @@ pub async fn consume(
     shared.metrics.progress.moved(now_ms());
     let mut inflight: Option<Inflight> = None;
     loop {
-        if !wait_for_room(&shared, &mut shutdown).await || *shutdown.borrow() {
-            break;
+        let owner = group.as_mut().map(|g| &mut g.owner);
+        match wait_for_room(&shared, owner, &mut shutdown).await {
+            Room::Ready if !*shutdown.borrow() => {}
+            Room::Ready | Room::Shutdown => break,
+            // Paused for room, the partitions owned still change: a revoked one must be let go
+            // now (its outbox entries released, which may make the room), not after the edge
+            // is back, while the group has long given it to another instance.
+            Room::Control(c) => {
+                if let Some(previous) = inflight.take()
+                    && !finish(
+                        &shared,
+                        &consumer,
+                        group.as_ref().map(|g| &g.changelog),
+                        previous,
+                    )
+                    .await?
+                {
+                    return Ok(());
+                }
+                if let Some(g) = group.as_mut() {
+                    g.owner.handle(&shared, &consumer, c).await?;
+                    crate::ownership::release(&shared, g.owner.take_released()).await?;
+                }
+                continue;
+            }
         }
         let mut batch = Batch::default();
         let (owner, changelog) = match group.as_mut() {
@@ -310,14 +333,26 @@ async fn assign(shared: &Shared, consumer: &Arc<StreamConsumer>) -> Result<(), P
     Ok(())
 }
 
-/// Backpressure: waits while the outbox is full. False when shut down while waiting.
-async fn wait_for_room(shared: &Shared, shutdown: &mut watch::Receiver<bool>) -> bool {
+/// What waiting for room in the outbox ended with.
+enum Room {
+    Ready,
+    Shutdown,
+    /// The partitions owned changed while waiting (`assignment = "group"`).
+    Control(crate::ownership::Control),
+}
+
+/// Backpressure: waits while the outbox is full, or until the partitions owned change.
+async fn wait_for_room(
+    shared: &Shared,
+    mut owner: Option<&mut crate::ownership::Owner>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Room {
     let max_outbox = shared.config.sync.max_outbox as u64;
     let mut paused = false;
     loop {
         let depth = shared.metrics.outbox_depth.load(Relaxed);
         if depth < max_outbox {
-            return true;
+            return Room::Ready;
         }
         if !paused {
             Backpressure {
@@ -327,8 +362,15 @@ async fn wait_for_room(shared: &Shared, shutdown: &mut watch::Receiver<bool>) ->
             .emit(&shared.metrics);
             paused = true;
         }
+        let control = async {
+            match owner.as_deref_mut() {
+                Some(o) => o.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = shutdown.changed() => return false,
+            _ = shutdown.changed() => return Room::Shutdown,
+            c = control => return Room::Control(c),
             _ = shared.room.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
@@ -351,11 +393,17 @@ async fn first_message<'a>(
     shared: &Shared,
     consumer: &'a StreamConsumer,
     inflight: &mut Option<Inflight>,
-    owner: Option<&mut crate::ownership::Owner>,
+    mut owner: Option<&mut crate::ownership::Owner>,
     changelog: Option<&Changelog>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<First<'a>, PipelineError> {
-    if inflight.is_some()
+    // A change of the partitions owned goes first, even with messages waiting: with a steady
+    // backlog a message always is, and a revoked partition would go on being folded here (its
+    // changelog written, its offsets committed, its shoppers pushed) while its new owner
+    // restores and folds it too.
+    let waiting = owner.as_deref_mut().and_then(|o| o.try_next());
+    if waiting.is_none()
+        && inflight.is_some()
         && let Ok(m) = tokio::time::timeout(Duration::ZERO, consumer.recv()).await
     {
         return Ok(First::Message(m));
@@ -364,6 +412,9 @@ async fn first_message<'a>(
         && !finish(shared, consumer, changelog, previous).await?
     {
         return Ok(First::SenderGone);
+    }
+    if let Some(c) = waiting {
+        return Ok(First::Control(c));
     }
     let control = async {
         match owner {

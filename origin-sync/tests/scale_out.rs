@@ -867,6 +867,67 @@ async fn a_partition_back_at_its_earlier_owner_resends_what_the_edge_lacks() {
     assert!(status.success(), "a's SIGTERM exit: {status}");
 }
 
+/// Paused for room (the edge down, the outbox full), an instance still lets go of the
+/// partitions the group gives another: b joins, and a reports the revocation and releases
+/// those partitions' outbox entries at once, instead of holding them until the edge answers
+/// again while b restores and folds them too. Once the edge answers it holds the reference
+/// fold. (Before, a paused instance never looked at the group while it waited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_instance_lets_go_of_the_partitions_the_group_moves() {
+    let Some(tansu) = group_broker("scale-paused") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-paused");
+    let events = traffic(300, 3000, "paused", 61);
+    let small_outbox = |name: &str| {
+        let (config, log) = instance(&tansu, &edge, &dir, name, "");
+        let text = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(
+            &config,
+            text.replace("[sync]\n", "[sync]\nmax_outbox = 50\n"),
+        )
+        .expect("config");
+        Binary::start(&config, &log)
+    };
+    edge.set_down(true);
+    let a = small_outbox("a");
+    until_all_owned(&dir, &["a"]).await;
+    // a second part once the first has filled the outbox: folding it takes a round of the
+    // consumer, which then finds the outbox full and pauses
+    let (first, second) = events.split_at(2500);
+    for part in [first, second] {
+        produce(
+            &tansu.brokers(),
+            &part.iter().map(outgoing).collect::<Vec<_>>(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let log = dir.join("a").join("origin-sync.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("consumption paused")
+    {
+        assert!(Instant::now() < deadline, "a never paused for room");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = small_outbox("b");
+    let owned = until_all_owned(&dir, &["a", "b"]).await;
+    eprintln!("owned while a was paused: {owned:?}");
+    assert!(
+        released(&dir, "a") > 0,
+        "a released no outbox entry of the partitions it lost"
+    );
+    edge.set_down(false);
+    converge(&edge, &reference(&events), Duration::from_secs(90)).await;
+    for (name, instance) in [("a", a), ("b", b)] {
+        let status = instance.terminate();
+        assert!(status.success(), "{name}'s SIGTERM exit: {status}");
+    }
+}
+
 /// How many outbox entries an instance's log reports it released, in all.
 fn released(dir: &Path, name: &str) -> u64 {
     let text = std::fs::read_to_string(dir.join(name).join("origin-sync.log")).unwrap_or_default();

@@ -1443,6 +1443,39 @@ mod tests {
         }
     }
 
+    /// A sink that had a released partition's users pending finds no entry for them when it
+    /// settles its next round: they are done here, never reported as still pending (the sender
+    /// kept them for good, a round every window, and with enough of them stopped paging and
+    /// left consumption paused).
+    #[test]
+    fn a_released_users_round_settles_it_without_keeping_it_pending() {
+        let events = traffic(6, 120, 13);
+        let store = open("release-settle");
+        store.apply_batch(&records(&events, 1)).expect("p1");
+        let keys: Vec<UserKey> = store
+            .outbox()
+            .expect("outbox")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert!(!keys.is_empty());
+        assert!(store.release(&[1]).expect("release") > 0);
+        // the sender's next round: nothing to send for them, each one to clean up
+        assert!(store.prepare("edge", &keys).expect("prepare").is_empty());
+        let report = crate::store::SinkReport {
+            cleanup: &keys,
+            ..crate::store::SinkReport::default()
+        };
+        let settled = store
+            .settle("edge", &["edge".to_owned()], &report, 0)
+            .expect("settle");
+        assert!(
+            settled.still.is_empty(),
+            "{} kept pending",
+            settled.still.len()
+        );
+    }
+
     /// Erasure wins: a record that does not carry a local erasure (its writer had not read it
     /// yet) does not bring the erased profile back.
     #[test]

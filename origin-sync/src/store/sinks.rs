@@ -211,6 +211,14 @@ impl Store {
                 .map(|i| i.delta.user)
                 .chain(report.cleanup.iter().copied());
             for key in touched {
+                // No entry: nothing is pending for this user here any more (its partition was
+                // released to another owner, or another sink's round retired it). Reporting it
+                // `still` would keep it in the sender's memory for good, a round every window:
+                // enough of those and the sender never pages again, and consumption stays
+                // paused for ever.
+                if outbox_t.get(&key.0)?.is_none() {
+                    continue;
+                }
                 let current = match users_t.get(key.0.as_slice())? {
                     Some(g) => Some(super::partitions::state_of(g.value())?.current()),
                     None => None,
