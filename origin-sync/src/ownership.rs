@@ -326,6 +326,11 @@ impl Owner {
                 ..Default::default()
             })
             .await;
+        // from here the restored states' stamps say what was folded, not how far this store
+        // once consumed the partition
+        let store = shared.store.clone();
+        let resume = starts.to_vec();
+        blocking(move || store.resume_at(p, &resume)).await?;
         let tpl = event_partitions(shared, &[p], Some(starts));
         events.incremental_assign(&tpl)?;
         if let Ok(mut lag) = metrics.partitions.lock() {

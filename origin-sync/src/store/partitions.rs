@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use shared::keys::UserKey;
 
 use super::state::UserState;
-use super::{OUTBOX, Pending, Store, StoreError, USERS, decode, encode};
+use super::{OFFSETS, OUTBOX, Pending, Store, StoreError, USERS, decode, encode};
 
 /// `UserKey` → [`Stamp`], until store layout 3 moved each stamp into its user's value
 /// ([`user_value`]); kept to name the table the upgrade empties.
@@ -476,6 +476,25 @@ impl Store {
                 if covered {
                     t.remove(key.0.as_slice())?;
                 }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sets where this store reads partition `partition` of each topic from to where the group
+    /// resumes it (`starts`, its committed offsets), once a restore has run. Below that the
+    /// restored states decide what was folded (each user's stamp), not what this store once
+    /// consumed: a partition back at an earlier owner that had consumed further, before a crash
+    /// or with commits that never landed, would otherwise take the events between the new
+    /// start and its old position for redeliveries and skip them, though the states restored
+    /// from the other owner never folded them.
+    pub fn resume_at(&self, partition: i32, starts: &[(String, i64)]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(OFFSETS)?;
+            for (topic, next) in starts {
+                t.insert((topic.as_str(), partition), *next)?;
             }
         }
         tx.commit()?;
@@ -1234,6 +1253,51 @@ mod tests {
                 "{user}"
             );
         }
+    }
+
+    /// A partition back at an earlier owner that had consumed further than the group committed
+    /// (it crashed before committing, or its commits never landed): the other owner's record
+    /// replaces a shopper's state (it folded further on one topic), and consuming from the
+    /// committed offsets must fold what that state lacks on the other topic, not skip it as
+    /// redelivered because this store once consumed past it.
+    #[test]
+    fn a_partition_back_at_an_owner_that_had_consumed_further_folds_what_the_restore_lacks() {
+        let events = traffic(1, 200, 21);
+        let rec = |topic: &str, i: usize| Record {
+            topic: topic.into(),
+            partition: 0,
+            offset: i as i64,
+            event: Some(events[if topic == "clicks" { i } else { 100 + i }].clone()),
+            arrived_ms: Some(1),
+        };
+        let read = |clicks: std::ops::Range<usize>, cart: std::ops::Range<usize>| -> Vec<Record> {
+            clicks
+                .map(|i| rec("clicks", i))
+                .chain(cart.map(|i| rec("cart", i)))
+                .collect()
+        };
+        let earlier = open("back-earlier");
+        earlier.apply_batch(&read(0..50, 0..50)).expect("fold");
+        // the other owner, from the committed offsets (0): further on clicks, less far on cart
+        let other = open("back-other");
+        let logged = other.apply_batch(&read(0..60, 0..20)).expect("fold").logged;
+        let restored = earlier
+            .apply_changelog(0, &as_read(&logged), logged.len() as i64, 0, 1)
+            .expect("restore");
+        assert_eq!(
+            restored.applied, 1,
+            "the other owner's state replaces this one's"
+        );
+        earlier
+            .resume_at(0, &[("clicks".into(), 60), ("cart".into(), 20)])
+            .expect("resume");
+        let rest = earlier.apply_batch(&read(60..100, 20..100)).expect("fold");
+        assert_eq!(rest.redelivered, 0);
+        assert_eq!(
+            profile(&earlier, "p-u0").map(|p| p.version),
+            Some(200),
+            "every event folded once"
+        );
     }
 
     /// A stale writer's record (behind the local stamp) never rolls the state back, wherever
