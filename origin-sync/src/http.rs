@@ -18,7 +18,7 @@ use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_batch};
 use shared::keys::UserKey;
 use shared::protocol::{ErasureBody, KeyErasureBody, Signed, route};
 
-use crate::kafka::{Outgoing, produce_all};
+use crate::kafka::{Outgoing, produce_all_at};
 use crate::limit::SourceLimiter;
 use crate::metrics::{Emit as _, UserErased};
 use crate::pipeline::{Shared, now_ms};
@@ -107,7 +107,14 @@ async fn ingest(
             Err(e) => rejected.push(json!({"index": index, "reason": e.to_string()})),
         }
     }
-    if let Err(e) = produce_all(&st.producer, &out).await {
+    // The edge accepted these events in the second it signed the request: that, not when
+    // this retry of it arrived, is their time for an erasure's cutoff (the edge's clock too,
+    // as the cutoff is). A retry landing after the shopper's erasure would otherwise be folded
+    // into the new, empty profile: data from before the erasure, back.
+    let accepted_ms = Signed::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+        .ok()
+        .map(|s| (s.timestamp * 1000 + 999).min(now_ms()) as i64);
+    if let Err(e) = produce_all_at(&st.producer, &out, accepted_ms).await {
         tracing::error!(error = %e, "ingest produce failed");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,

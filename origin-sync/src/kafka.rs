@@ -269,6 +269,16 @@ pub async fn produce_all(
     producer: &FutureProducer,
     messages: &[Outgoing],
 ) -> Result<(), KafkaError> {
+    produce_all_at(producer, messages, None).await
+}
+
+/// [`produce_all`], each record stamped with `timestamp_ms` when given (the broker's clock
+/// otherwise: the time the producer sent it).
+pub async fn produce_all_at(
+    producer: &FutureProducer,
+    messages: &[Outgoing],
+    timestamp_ms: Option<i64>,
+) -> Result<(), KafkaError> {
     let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(messages.len().min(10_000));
     for m in messages {
         loop {
@@ -279,10 +289,13 @@ pub async fn produce_all(
                     value: Some(v.as_str()),
                 });
             }
-            let record = FutureRecord::to(&m.topic)
+            let mut record = FutureRecord::to(&m.topic)
                 .key(&m.key)
                 .payload(&m.payload)
                 .headers(headers);
+            if let Some(t) = timestamp_ms {
+                record = record.timestamp(t);
+            }
             match producer.send_result(record) {
                 Ok(f) => {
                     pending.push(f);

@@ -263,6 +263,38 @@ async fn ingest_erasure_and_documents() {
     let r = by_key(accepted_at, k2.to_hex()).await.expect("delete");
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["already"], true, "{j}");
+    // the edge's retry of events it accepted before the erasure, arriving only now: they stay
+    // erased (their time is the second the edge signed them, not their arrival); an event
+    // accepted since is the new profile's first
+    let ingest_at = |ts_secs: u64, id: &str| {
+        let body = serde_json::json!({ "events": [{
+            "event_id": id, "user_id": user2, "type": "page_view", "ts": ts_secs * 1000,
+        }]})
+        .to_string();
+        let mut req = client.post(format!("{base}/ingest"));
+        for (name, value) in Signed::new(secret().as_bytes(), ts_secs, body.as_bytes()).headers() {
+            req = req.header(name, value);
+        }
+        req.body(body).send()
+    };
+    let r = ingest_at(accepted_at / 1000 - 2, "before-erasure")
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202);
+    let r = ingest_at(now(), "after-erasure").await.expect("ingest");
+    assert_eq!(r.status(), 202);
+    let first = shared::delta::tombstone_version(had2) + 1;
+    wait_for(
+        || matches!(edge.get(&k2), Some(Stored::Profile(p)) if p.version >= first),
+        "the event accepted after the erasure",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        matches!(edge.get(&k2), Some(Stored::Profile(p)) if p.version == first),
+        "an event accepted before the erasure came back: {:?}",
+        edge.get(&k2)
+    );
     // both erasures are in the fence origin published to the edge
     wait_for(
         || edge.document_version(ConfigKind::Erasures) == Some(2),
