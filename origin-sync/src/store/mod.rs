@@ -443,8 +443,14 @@ impl Store {
                 if let Some((anon, version)) = joined
                     && let Some(visitor) = users.get_mut(&anon)
                 {
-                    visitor.0 =
-                        UserState::tombstone(&anon, shared::delta::tombstone_version(version), 0);
+                    // an earlier erasure's cutoff stays: what the visitor did before it and
+                    // arrives late is still dropped, not folded into a fresh visitor profile
+                    let cutoff = visitor.0.erased().map_or(0, |(_, at)| at);
+                    visitor.0 = UserState::tombstone(
+                        &anon,
+                        shared::delta::tombstone_version(version),
+                        cutoff,
+                    );
                     visitor.2 = visitor.2.min(ev.ts_ms);
                     visitor.3 = visitor.3.min(arrived);
                     out.identified += 1;
@@ -1396,6 +1402,38 @@ mod tests {
         assert!(matches!(
             store.current(visitor).expect("read"),
             Some(Stored::Profile(p)) if p.cart.len() == 1
+        ));
+    }
+
+    /// A visitor erased earlier, then signed in: retiring the visitor keeps that erasure's
+    /// cutoff, so an event from before the erasure that arrives late is still dropped.
+    #[test]
+    fn a_sign_in_keeps_the_visitors_earlier_erasure_cutoff() {
+        let t0 = 1_732_960_000_000;
+        let visitor = "v-00112233445566778899aabbccddeeff";
+        let event = |id: &str, user: &str, secs: u64, body: &str| {
+            let json = format!(
+                r#"{{"event_id":"{id}","user_id":"{user}","ts":{},{body}}}"#,
+                t0 + secs * 1000
+            );
+            shared::event::parse_event(json.as_bytes()).expect("event")
+        };
+        let store = open("identify-erased", SMALL_WINDOW);
+        store.erase(visitor, t0 + 10_000).expect("erase");
+        let view = r#""type":"page_view""#;
+        let signed_in = format!(r#""type":"identify","anonymous_id":"{visitor}""#);
+        let batch = [
+            event("after", visitor, 20, view),
+            event("in", "alice", 30, &signed_in),
+        ];
+        let out = store.apply_batch(&records(&batch, "c", 0)).expect("batch");
+        assert_eq!(out.identified, 1);
+        let late = [event("before", visitor, 5, view)];
+        let out = store.apply_batch(&records(&late, "c", 2)).expect("batch");
+        assert_eq!(out.erased, 1, "an event from before the erasure is dropped");
+        assert!(matches!(
+            store.current(visitor).expect("read"),
+            Some(Stored::Tombstone { .. })
         ));
     }
 
