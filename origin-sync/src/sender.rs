@@ -656,8 +656,8 @@ impl Worker {
         }
         // refused parts on their own: (part, reason, detail, evidence base, quarantinable)
         let mut refused: Vec<(Part, String, String, u64, bool)> = Vec::new();
-        while let Some((parts, base)) = work.pop() {
-            let batch = to_batch(&parts);
+        while let Some((mut parts, base)) = work.pop() {
+            let mut batch = to_batch(&parts);
             let mut tries = 0u32;
             loop {
                 let started = Instant::now();
@@ -705,6 +705,15 @@ impl Worker {
                             if !self.pause(delay, give_up, lane, open, shutdown).await {
                                 round.stopped = true;
                                 return round;
+                            }
+                            // users whose partition left meanwhile are their new owner's to
+                            // send: a KV write of this older value would land over the new
+                            // owner's (KV keeps the last write, whatever its version)
+                            if self.drop_released(&mut parts).await {
+                                if parts.is_empty() {
+                                    break;
+                                }
+                                batch = to_batch(&parts);
                             }
                             continue;
                         }
@@ -776,6 +785,32 @@ impl Worker {
             self.attempt = self.attempt.saturating_add(1);
         }
         round
+    }
+
+    /// Drops the items whose users have no outbox entry any more (released with their
+    /// partition); whether any went. A store that cannot say keeps them all.
+    async fn drop_released(&self, parts: &mut Vec<Part>) -> bool {
+        let keys: Vec<UserKey> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Item(i) => Some(i.delta.user),
+                Part::Document(_) => None,
+            })
+            .collect();
+        if keys.is_empty() {
+            return false;
+        }
+        let store = self.shared.store.clone();
+        let Ok(held) = blocking(move || store.in_outbox(&keys)).await else {
+            return false;
+        };
+        let mut held = held.into_iter();
+        let before = parts.len();
+        parts.retain(|p| match p {
+            Part::Item(_) => held.next().unwrap_or(true),
+            Part::Document(_) => true,
+        });
+        parts.len() < before
     }
 
     fn failed(&mut self, error: &SinkError, then: &'static str, items: usize, delay: Duration) {
@@ -872,6 +907,124 @@ mod tests {
             self.items.fetch_add(batch.items.len(), Relaxed);
             Box::pin(async { Ok(crate::sink::Ack::default()) })
         }
+    }
+
+    /// Throttles its first push (429, `Retry-After`), then acknowledges; counts the items of
+    /// the pushes it acknowledged, and says when the first arrived.
+    #[derive(Debug, Default)]
+    struct ThrottledOnce {
+        pushes: std::sync::atomic::AtomicUsize,
+        acked_items: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Sink for ThrottledOnce {
+        fn name(&self) -> &str {
+            "throttled-once"
+        }
+
+        fn push<'a>(&'a self, batch: &'a OutBatch) -> crate::sink::PushFuture<'a> {
+            let first = self.pushes.fetch_add(1, Relaxed) == 0;
+            if !first {
+                self.acked_items.fetch_add(batch.items.len(), Relaxed);
+            }
+            Box::pin(async move {
+                if first {
+                    return Err(SinkError::Status {
+                        status: 429,
+                        body: "slow down".into(),
+                        retry_after: Some(Duration::from_millis(300)),
+                    });
+                }
+                Ok(crate::sink::Ack::default())
+            })
+        }
+    }
+
+    /// A push throttled while its users' partition moves to another owner is not retried
+    /// with them: the new owner sends them now, and a late write of these older values would
+    /// land over its own in KV, which keeps the last write whatever its version.
+    #[tokio::test]
+    async fn a_retried_push_leaves_out_the_users_of_a_released_partition() {
+        let dir = std::env::temp_dir().join(format!(
+            "origin-sync-sender-released-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let text = format!(
+            "[store]\npath = \"{}\"\n[sync]\ncoalesce_window_ms = 10\n",
+            dir.join("store.redb").display()
+        );
+        let config = crate::config::Config::from_parts(&text, Vec::new()).expect("config");
+        let store = Arc::new(
+            crate::service::open_store(&config)
+                .expect("store")
+                .partitioned(),
+        );
+        store.set_owned(&[0]);
+        let catalog = shared::catalog::Catalog::demo().expect("demo");
+        let events: Vec<_> =
+            shared::traffic::Traffic::new(&catalog, 5, "r", 1_764_000_000_000, 1, 7)
+                .take(50)
+                .collect();
+        let records: Vec<_> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| crate::store::Record {
+                topic: "t".into(),
+                partition: 0,
+                offset: i as i64,
+                event: Some(e.clone()),
+                arrived_ms: None,
+            })
+            .collect();
+        store.apply_batch(&records).expect("fold");
+        let pending = store.outbox_page(None, 1000).expect("outbox");
+        assert_eq!(pending.len(), 5);
+        let (touched, _touched_rx) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            config,
+            store: store.clone(),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            touched,
+            room: tokio::sync::Notify::new(),
+            documents: watch::channel(0).0,
+        });
+        let sink = Arc::new(ThrottledOnce::default());
+        let worker = Worker {
+            stats: shared.metrics.sink("throttled-once"),
+            documents_to_kv: false,
+            shared: shared.clone(),
+            sink: sink.clone(),
+            sinks: vec!["throttled-once".to_owned()].into(),
+            behind: Arc::new(AtomicBool::new(false)),
+            dirty: Coalescer::new(Duration::from_millis(10)),
+            scan: None,
+            attempt: 0,
+            successes: 0,
+            suspects: HashMap::new(),
+        };
+        let (lane_tx, lane_rx) = mpsc::channel(LANE_CAPACITY);
+        lane_tx.send(pending).await.expect("lane");
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(worker.run(lane_rx, stop_rx));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.pushes.load(Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "nothing pushed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // throttled: the partition leaves before the retry
+        store.set_owned(&[]);
+        assert_eq!(store.release(&[0]).expect("release"), 5);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            sink.acked_items.load(Relaxed),
+            0,
+            "a released user's older value was written after the release"
+        );
+        let _ = stop.send(true);
+        task.await.expect("worker").expect("worker stops");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A sink that fell behind while paging the outbox (users dropped behind its cursor) ends

@@ -157,6 +157,16 @@ impl Store {
         Ok(items)
     }
 
+    /// Which of `keys` still have an outbox entry here (a partition released to another owner
+    /// takes its users' entries with it).
+    pub fn in_outbox(&self, keys: &[UserKey]) -> Result<Vec<bool>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let outbox_t = tx.open_table(OUTBOX)?;
+        keys.iter()
+            .map(|k| Ok(outbox_t.get(&k.0)?.is_some()))
+            .collect()
+    }
+
     /// Records what `sink` acknowledged and quarantined; an outbox entry leaves once its user
     /// is settled for every one of `sinks`.
     pub fn settle(
