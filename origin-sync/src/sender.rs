@@ -290,6 +290,10 @@ struct Round {
     deferred: Vec<(Part, Duration)>,
     /// Shut down before everything was tried: the outbox keeps the rest.
     stopped: bool,
+    /// Left out of a retry, their outbox entries gone (a released partition): not written, so
+    /// they stay pending here and the next round finds out again (the partition may be back,
+    /// its restore having put them in the outbox while this round ran).
+    left_out: Vec<UserKey>,
 }
 
 struct Worker {
@@ -592,7 +596,11 @@ impl Worker {
         }
         let written: Vec<UserKey> = ready
             .into_iter()
-            .filter(|k| !deferred.iter().any(|(d, _)| d == k) && !unsent.contains(k))
+            .filter(|k| {
+                !deferred.iter().any(|(d, _)| d == k)
+                    && !unsent.contains(k)
+                    && !round.left_out.contains(k)
+            })
             .collect();
         self.dirty.delivered(&written, &settled.still);
         let at = Instant::now();
@@ -709,7 +717,7 @@ impl Worker {
                             // users whose partition left meanwhile are their new owner's to
                             // send: a KV write of this older value would land over the new
                             // owner's (KV keeps the last write, whatever its version)
-                            if self.drop_released(&mut parts).await {
+                            if self.drop_released(&mut parts, &mut round.left_out).await {
                                 if parts.is_empty() {
                                     break;
                                 }
@@ -789,7 +797,7 @@ impl Worker {
 
     /// Drops the items whose users have no outbox entry any more (released with their
     /// partition); whether any went. A store that cannot say keeps them all.
-    async fn drop_released(&self, parts: &mut Vec<Part>) -> bool {
+    async fn drop_released(&self, parts: &mut Vec<Part>, left_out: &mut Vec<UserKey>) -> bool {
         let keys: Vec<UserKey> = parts
             .iter()
             .filter_map(|p| match p {
@@ -807,7 +815,13 @@ impl Worker {
         let mut held = held.into_iter();
         let before = parts.len();
         parts.retain(|p| match p {
-            Part::Item(_) => held.next().unwrap_or(true),
+            Part::Item(i) => {
+                let keep = held.next().unwrap_or(true);
+                if !keep {
+                    left_out.push(i.delta.user);
+                }
+                keep
+            }
             Part::Document(_) => true,
         });
         parts.len() < before
