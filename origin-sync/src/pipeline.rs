@@ -207,15 +207,7 @@ pub async fn consume(
             // now (its outbox entries released, which may make the room), not after the edge
             // is back, while the group has long given it to another instance.
             Room::Control(c) => {
-                if let Some(previous) = inflight.take()
-                    && !finish(
-                        &shared,
-                        &consumer,
-                        group.as_ref().map(|g| &g.changelog),
-                        previous,
-                    )
-                    .await?
-                {
+                if !finish_inflight(&shared, &consumer, group.as_ref(), &mut inflight).await? {
                     return Ok(());
                 }
                 if let Some(g) = group.as_mut() {
@@ -260,15 +252,7 @@ pub async fn consume(
         if !dead_letter(&shared, &producer, &batch.rejects, &mut shutdown).await {
             break;
         }
-        if let Some(previous) = inflight.take()
-            && !finish(
-                &shared,
-                &consumer,
-                group.as_ref().map(|g| &g.changelog),
-                previous,
-            )
-            .await?
-        {
+        if !finish_inflight(&shared, &consumer, group.as_ref(), &mut inflight).await? {
             return Ok(());
         }
         if let Some(g) = group.as_mut() {
@@ -331,6 +315,20 @@ async fn assign(shared: &Shared, consumer: &Arc<StreamConsumer>) -> Result<(), P
         }
     }
     Ok(())
+}
+
+/// Finishes the batch still in flight, if one is. False when the sender is gone (shutting
+/// down): nothing more may be folded.
+async fn finish_inflight(
+    shared: &Shared,
+    consumer: &StreamConsumer,
+    group: Option<&Group>,
+    inflight: &mut Option<Inflight>,
+) -> Result<bool, PipelineError> {
+    match inflight.take() {
+        Some(previous) => finish(shared, consumer, group.map(|g| &g.changelog), previous).await,
+        None => Ok(true),
+    }
 }
 
 /// What waiting for room in the outbox ended with.

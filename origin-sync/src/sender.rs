@@ -923,6 +923,56 @@ mod tests {
         }
     }
 
+    /// A store of its own (`[sync]` settings `sync`) with `events` events of `users` shoppers
+    /// folded as partition 0 of one topic, and what a sink worker shares; remove the returned
+    /// directory when done.
+    fn folded(
+        name: &str,
+        sync: &str,
+        users: usize,
+        events: usize,
+        partitioned: bool,
+    ) -> (std::path::PathBuf, Arc<crate::store::Store>, Arc<Shared>) {
+        let dir = std::env::temp_dir().join(format!("origin-sync-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let text = format!(
+            "[store]\npath = \"{}\"\n[sync]\n{sync}\n",
+            dir.join("store.redb").display()
+        );
+        let config = crate::config::Config::from_parts(&text, Vec::new()).expect("config");
+        let mut store = crate::service::open_store(&config).expect("store");
+        if partitioned {
+            store = store.partitioned();
+            store.set_owned(&[0]);
+        }
+        let store = Arc::new(store);
+        let catalog = shared::catalog::Catalog::demo().expect("demo");
+        let records: Vec<_> =
+            shared::traffic::Traffic::new(&catalog, users, name, 1_764_000_000_000, 1, 7)
+                .take(events)
+                .enumerate()
+                .map(|(i, e)| crate::store::Record {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: i as i64,
+                    event: Some(e),
+                    arrived_ms: None,
+                })
+                .collect();
+        store.apply_batch(&records).expect("fold");
+        let (touched, _) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            config,
+            store: store.clone(),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            touched,
+            room: tokio::sync::Notify::new(),
+            documents: watch::channel(0).0,
+        });
+        (dir, store, shared)
+    }
+
     /// Throttles its first push (429, `Retry-After`), then acknowledges; counts the items of
     /// the pushes it acknowledged, and says when the first arrived.
     #[derive(Debug, Default)]
@@ -959,51 +1009,9 @@ mod tests {
     /// land over its own in KV, which keeps the last write whatever its version.
     #[tokio::test]
     async fn a_retried_push_leaves_out_the_users_of_a_released_partition() {
-        let dir = std::env::temp_dir().join(format!(
-            "origin-sync-sender-released-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let text = format!(
-            "[store]\npath = \"{}\"\n[sync]\ncoalesce_window_ms = 10\n",
-            dir.join("store.redb").display()
-        );
-        let config = crate::config::Config::from_parts(&text, Vec::new()).expect("config");
-        let store = Arc::new(
-            crate::service::open_store(&config)
-                .expect("store")
-                .partitioned(),
-        );
-        store.set_owned(&[0]);
-        let catalog = shared::catalog::Catalog::demo().expect("demo");
-        let events: Vec<_> =
-            shared::traffic::Traffic::new(&catalog, 5, "r", 1_764_000_000_000, 1, 7)
-                .take(50)
-                .collect();
-        let records: Vec<_> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| crate::store::Record {
-                topic: "t".into(),
-                partition: 0,
-                offset: i as i64,
-                event: Some(e.clone()),
-                arrived_ms: None,
-            })
-            .collect();
-        store.apply_batch(&records).expect("fold");
+        let (dir, store, shared) = folded("released", "coalesce_window_ms = 10", 5, 50, true);
         let pending = store.outbox_page(None, 1000).expect("outbox");
         assert_eq!(pending.len(), 5);
-        let (touched, _touched_rx) = mpsc::channel(1);
-        let shared = Arc::new(Shared {
-            config,
-            store: store.clone(),
-            metrics: Arc::new(crate::metrics::Metrics::default()),
-            touched,
-            room: tokio::sync::Notify::new(),
-            documents: watch::channel(0).0,
-        });
         let sink = Arc::new(ThrottledOnce::default());
         let worker = Worker {
             stats: shared.metrics.sink("throttled-once"),
@@ -1046,43 +1054,15 @@ mod tests {
     /// consumer is paused and its lane stays empty. It must page again on its own.
     #[tokio::test]
     async fn a_sink_behind_at_the_end_of_a_scan_pages_again() {
-        let dir = std::env::temp_dir().join(format!("origin-sync-sender-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let text = format!(
-            "[store]\npath = \"{}\"\n[sync]\nmax_outbox = 10\ncoalesce_window_ms = 10\n",
-            dir.join("store.redb").display()
+        let (dir, store, shared) = folded(
+            "behind",
+            "max_outbox = 10\ncoalesce_window_ms = 10",
+            30,
+            300,
+            false,
         );
-        let config = crate::config::Config::from_parts(&text, Vec::new()).expect("config");
-        let store = Arc::new(crate::service::open_store(&config).expect("store"));
-        let catalog = shared::catalog::Catalog::demo().expect("demo");
-        let events: Vec<_> =
-            shared::traffic::Traffic::new(&catalog, 30, "b", 1_764_000_000_000, 1, 7)
-                .take(300)
-                .collect();
-        let records: Vec<_> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| crate::store::Record {
-                topic: "t".into(),
-                partition: 0,
-                offset: i as i64,
-                event: Some(e.clone()),
-                arrived_ms: None,
-            })
-            .collect();
-        store.apply_batch(&records).expect("fold");
         let pending = store.outbox_page(None, 1000).expect("outbox");
         assert!(pending.len() > 10, "more users than the sink holds");
-        let (touched, _touched_rx) = mpsc::channel(1);
-        let shared = Arc::new(Shared {
-            config,
-            store: store.clone(),
-            metrics: Arc::new(crate::metrics::Metrics::default()),
-            touched,
-            room: tokio::sync::Notify::new(),
-            documents: watch::channel(0).0,
-        });
         let sink = Arc::new(AckAll::default());
         let worker = Worker {
             stats: shared.metrics.sink("ack-all"),
