@@ -251,7 +251,7 @@ impl App {
                 // report what KV holds (as often as pages check it), not only what this
                 // isolate happened to load: a fresh isolate has served no page yet
                 self.refresh_site(store, clock).await;
-                Ok(self.healthz().into())
+                Ok(self.healthz(req).into())
             }
             ("GET", "/sdk.js") => Ok(storefront::sdk().into()),
             ("POST", route::SYNC) => Ok(self.sync(store, clock, req, now_ms).await),
@@ -324,14 +324,10 @@ impl App {
     /// `GET /v1/metrics`: this isolate's counters in Prometheus' text format, for a bearer of
     /// `METRICS_TOKEN`; no such route while it is unset.
     fn metrics_page(&self, req: &HttpRequest) -> Result<Reply, EdgeError> {
-        let Some(token) = self.config.metrics_token.as_deref() else {
+        if self.config.metrics_token.is_none() {
             return Err(EdgeError::NoRoute);
-        };
-        let given = req
-            .header("authorization")
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !crate::metrics::same_secret(given.as_bytes(), token.as_bytes()) {
+        }
+        if !self.bears_metrics_token(req) {
             return Err(EdgeError::MetricsToken);
         }
         let site = self.site();
@@ -354,15 +350,58 @@ impl App {
         Ok(reply)
     }
 
-    fn healthz(&self) -> Reply {
+    /// Whether the request's bearer token is `METRICS_TOKEN` (an operator's).
+    fn bears_metrics_token(&self, req: &HttpRequest) -> bool {
+        let Some(token) = self.config.metrics_token.as_deref() else {
+            return false;
+        };
+        let given = req
+            .header("authorization")
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .unwrap_or("");
+        crate::metrics::same_secret(given.as_bytes(), token.as_bytes())
+    }
+
+    /// `/healthz`: the status, versions and counts for anyone; what the deployment is made of
+    /// (config problems in words, the identity settings, the site's origin) only for an
+    /// operator: a bearer of `METRICS_TOKEN`, or a request to a loopback host (local
+    /// development; Cloudflare routes requests by their host, so no browser reaches a deployed
+    /// worker as `localhost`). The site's origin told to anyone lets them go around the edge.
+    fn healthz(&self, req: &HttpRequest) -> Reply {
         let site = self.site();
         let (entries, bytes) = self.cache_stats();
+        let operator = self.bears_metrics_token(req)
+            || crate::identity::is_loopback_host(req.header("host").unwrap_or(""));
+        let problems = if operator {
+            json!(self.config.problems)
+        } else {
+            json!(self.config.problems.len())
+        };
+        let identity = if operator {
+            json!({
+                "mode": self.config.identity_mode(),
+                "token": self.config.token.as_ref().map(|t| t.describe()),
+                "trusted_user_header": self.config.trusted_user_header,
+                "tokens_refused": self.tokens_refused.borrow().to_json(),
+            })
+        } else {
+            json!({
+                "mode": self.config.identity_mode(),
+                "tokens_refused": self.tokens_refused.borrow().to_json(),
+            })
+        };
+        // proxy: in front of the site at `site_origin`; standalone: the demo store
+        let mode = match &self.config.proxy {
+            Some(p) if operator => json!({"proxy": {"site_origin": p.site_origin}}),
+            Some(_) => json!({"proxy": {}}),
+            None => json!("standalone"),
+        };
         Reply::json(
             200,
             &json!({
                 "status": if self.config.problems.is_empty() { "ok" } else { "degraded" },
                 "version": env!("CARGO_PKG_VERSION"),
-                "problems": self.config.problems,
+                "problems": problems,
                 "catalog_version": site.catalog_version,
                 "rules_version": site.rules_version,
                 // SKUs whose item ids collide: served, but profiles cannot tell each pair apart
@@ -380,17 +419,8 @@ impl App {
                     "version": self.fence_version.get(),
                     "entries": self.fence.borrow().len(),
                 },
-                "identity": {
-                    "mode": self.config.identity_mode(),
-                    "token": self.config.token.as_ref().map(|t| t.describe()),
-                    "trusted_user_header": self.config.trusted_user_header,
-                    "tokens_refused": self.tokens_refused.borrow().to_json(),
-                },
-                // proxy: in front of the site at `site_origin`; standalone: the demo store
-                "mode": match &self.config.proxy {
-                    Some(p) => json!({"proxy": {"site_origin": p.site_origin}}),
-                    None => json!("standalone"),
-                },
+                "identity": identity,
+                "mode": mode,
                 "routes": [
                     "GET /", "GET /p/{sku}", "GET /sdk.js", "GET /v1/recommendations?slot=&k=",
                     "POST /v1/events", "GET /v1/me", "DELETE /v1/me", "POST /v1/sync", "GET /healthz"

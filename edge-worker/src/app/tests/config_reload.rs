@@ -441,7 +441,10 @@ fn a_new_isolates_first_answer_reads_the_profile_with_the_documents() {
     assert_eq!(done.reply.header("x-edgewise-tier"), Some("fresh"));
     assert_eq!(done.reply.header("x-edgewise-profile-version"), Some("1"));
     assert_eq!(store.inner.reads(), 4, "the profile was not read again");
-    assert_eq!(app.healthz().body_json()["catalog_version"], 5);
+    assert_eq!(
+        app.healthz(&HttpRequest::get("/healthz")).body_json()["catalog_version"],
+        5
+    );
     let m = app.metrics.borrow();
     assert_eq!(
         (m.cache_misses, m.cache_hits),
@@ -515,7 +518,10 @@ fn requests_during_a_new_isolates_first_check_wait_for_it() {
         panic!("the request did not finish once KV answered");
     };
     assert_eq!(done.reply.status, 200);
-    assert_eq!(app.healthz().body_json()["catalog_version"], 5);
+    assert_eq!(
+        app.healthz(&HttpRequest::get("/healthz")).body_json()["catalog_version"],
+        5
+    );
 }
 
 /// A first check that never ends (its request stopped running, not dropped: the runtime
@@ -547,7 +553,10 @@ fn a_first_check_that_never_ends_is_made_again_by_a_waiting_request() {
     assert_eq!(done.reply.status, 200);
     // the stuck request, dropped at last, changes nothing: checks go on every interval
     drop(stuck);
-    assert_eq!(app.healthz().body_json()["catalog_version"], 5);
+    assert_eq!(
+        app.healthz(&HttpRequest::get("/healthz")).body_json()["catalog_version"],
+        5
+    );
     assert!(!app.config_refresh_due(w.now()));
     assert!(app.config_refresh_due(w.now() + app.config().config_check_ms));
 }

@@ -186,7 +186,9 @@ fn the_raw_header_is_believed_only_when_a_trusted_layer_is_declared() {
 
 #[test]
 fn healthz_states_the_identity_mode_and_bad_settings_fail_safe() {
-    let health = World::new().get("/healthz", &[]).body_json();
+    // the settings are shown to an operator (here: local development, a loopback host)
+    let local = [("host", "localhost:8787")];
+    let health = World::new().get("/healthz", &local).body_json();
     assert_eq!(health["identity"]["mode"], "jwt");
     assert_eq!(health["identity"]["token"]["algorithm"], "HS256");
     assert_eq!(health["identity"]["token"]["token_from"], "authorization");
@@ -195,6 +197,12 @@ fn healthz_states_the_identity_mode_and_bad_settings_fail_safe() {
         !health.to_string().contains(TOKEN_SECRET),
         "no key material in healthz"
     );
+    // anyone else sees the mode, not the settings
+    let public = World::new()
+        .get("/healthz", &[("host", "shop.example")])
+        .body_json();
+    assert_eq!(public["identity"]["mode"], "jwt");
+    assert_eq!(public["identity"]["token"], Value::Null);
 
     // the old setting is refused with a pointer to the new ones; nobody is signed in by it
     let w = World::with(config_with(&[("USER_HEADER", "x-edgewise-user")]));
@@ -202,7 +210,7 @@ fn healthz_states_the_identity_mode_and_bad_settings_fail_safe() {
         seen(&w, &[("x-edgewise-user", "alice")]).0,
         key("alice").to_hex()
     );
-    let health = w.get("/healthz", &[]).body_json();
+    let health = w.get("/healthz", &local).body_json();
     assert!(
         health["problems"]
             .to_string()
@@ -218,7 +226,7 @@ fn healthz_states_the_identity_mode_and_bad_settings_fail_safe() {
         ("JWT_FROM", "query:t", "JWT_FROM"),
     ] {
         let w = World::with(config_with(&[(name, value)]));
-        let health = w.get("/healthz", &[]).body_json();
+        let health = w.get("/healthz", &local).body_json();
         assert_eq!(health["identity"]["mode"], "anonymous-only", "{name}");
         assert!(
             health["problems"].to_string().contains(needle),

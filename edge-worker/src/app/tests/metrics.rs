@@ -134,3 +134,45 @@ fn the_edge_dashboard_queries_only_exposed_metrics() {
     }
     assert!(queried >= 10, "the dashboard queries {queried} series");
 }
+
+/// `/healthz` tells anyone the status, versions and counts, and only an operator (a bearer of
+/// `METRICS_TOKEN`, or local development) what the deployment is made of: the site's origin
+/// told to anyone would let them go around the edge, and the config problems in words name
+/// its weak spots.
+#[test]
+fn healthz_shows_the_deployment_only_to_an_operator() {
+    let w = World::with(config_with(&[
+        ("METRICS_TOKEN", METRICS_TOKEN),
+        ("SITE_ORIGIN", "https://origin.shop.example"),
+        ("EVENTS_BURST", "nonsense"),
+    ]));
+    let host = ("host", "shop.example");
+    let public = w.get("/healthz", &[host]).body_json();
+    assert_eq!(public["status"], "degraded");
+    assert_eq!(public["problems"], 1, "how many, not what: {public}");
+    assert!(
+        !public.to_string().contains("origin.shop.example"),
+        "{public}"
+    );
+    let bearer = format!("Bearer {METRICS_TOKEN}");
+    let wrong = w
+        .get(
+            "/healthz",
+            &[host, ("authorization", "Bearer not-the-token")],
+        )
+        .body_json();
+    assert_eq!(wrong, public);
+    let operator = w
+        .get("/healthz", &[host, ("authorization", &bearer)])
+        .body_json();
+    assert_eq!(
+        operator["mode"]["proxy"]["site_origin"],
+        "https://origin.shop.example"
+    );
+    assert!(
+        operator["problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("EVENTS_BURST")),
+        "{operator}"
+    );
+}
