@@ -240,6 +240,13 @@ pub async fn run(
     }
     let _ = stop.send(true);
     tracing::info!("consumer stopped; flushing");
+    // The sinks get what this instance folded before the group learns it left: a KV write of
+    // its value landing after the new owner's would replace the newer one (KV keeps the last
+    // write, whatever its version). The flush is bounded (`sender::FLUSH_FOR`).
+    drop(shared);
+    let sent = sender
+        .await
+        .map_err(|e| ServiceError::Task(e.to_string()))?;
     if let Some(GroupTasks {
         writer,
         stop,
@@ -261,10 +268,6 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || polling.join()).await;
         written.map_err(|e| ServiceError::Task(e.to_string()))??;
     }
-    drop(shared);
-    let sent = sender
-        .await
-        .map_err(|e| ServiceError::Task(e.to_string()))?;
     let _ = docs.await;
     let _ = lag.await;
     let _ = http.await;
