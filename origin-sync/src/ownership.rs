@@ -440,8 +440,6 @@ pub const STATIC_GRACE: Duration = Duration::from_secs(15);
 /// (another member that joins later only gets a warning); one that is not given every
 /// partition within [`STATIC_GRACE`] refuses to run, naming the fix.
 pub struct StaticGuard {
-    /// True once this instance has held every partition (or the check cannot run).
-    held: tokio::sync::watch::Receiver<bool>,
     refused: Arc<std::sync::Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     polling: Option<std::thread::JoinHandle<()>>,
@@ -461,9 +459,7 @@ pub fn guard_static(
 ) -> StaticGuard {
     let refused = Arc::new(std::sync::Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
-    let (held_tx, held) = tokio::sync::watch::channel(false);
     let idle = |refused, stop| StaticGuard {
-        held: tokio::sync::watch::channel(true).1,
         refused,
         stop,
         polling: None,
@@ -543,14 +539,12 @@ pub fn guard_static(
                 }
                 None => return,
             }
-            if owned.len() >= partitions && !incumbent {
+            if owned.len() >= partitions {
                 incumbent = true;
-                let _ = held_tx.send(true);
             }
         }
     });
     StaticGuard {
-        held,
         refused,
         stop,
         polling: Some(polling),
@@ -559,18 +553,6 @@ pub fn guard_static(
 }
 
 impl StaticGuard {
-    /// Waits until this instance has held every partition, or `shutdown` (a refusal sends
-    /// it). Nothing may be consumed before: a second static instance (a new one started
-    /// before the old one stopped) would fold from its own store's offsets and push older
-    /// values to KV for every shopper it reached, until the guard refused it.
-    pub async fn until_held(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-        let mut held = self.held.clone();
-        tokio::select! {
-            _ = held.wait_for(|h| *h) => {}
-            _ = shutdown.wait_for(|s| *s) => {}
-        }
-    }
-
     /// Leaves the group; returns why this instance refused to run, if it did.
     pub async fn finish(self) -> Option<String> {
         self.watching.abort();

@@ -221,9 +221,6 @@ pub async fn run(
     };
     let guard = (!grouped)
         .then(|| crate::ownership::guard_static(&shared.config.kafka, partitions, stop.clone()));
-    if let Some(guard) = &guard {
-        guard.until_held(&mut shutdown.clone()).await;
-    }
     metrics.ready.store(1, Relaxed);
     let consumed =
         pipeline::consume(shared.clone(), consumer, producer, group, shutdown.clone()).await;
