@@ -64,6 +64,11 @@ pub struct KafkaConfig {
     pub batch_linger_ms: u64,
     /// librdkafka `fetch.wait.max.ms`: small for latency.
     pub fetch_wait_max_ms: u64,
+    /// The longest a message waits for the other event topics of its partition to catch up,
+    /// so that a backlog read one topic after another is folded in event time (`merge.rs`).
+    /// It waits only while such a topic has more on the broker and nothing as new delivered;
+    /// 0 folds messages in the order they came.
+    pub merge_wait_ms: u64,
     /// `static`: this one instance reads every partition of the topics from the offsets in its
     /// store (instant restarts, no rebalance waits). `group`: several instances share the
     /// partitions through the consumer group (cooperative rebalancing); a partition's state
@@ -316,6 +321,7 @@ impl Default for KafkaConfig {
             max_batch: 20000,
             batch_linger_ms: 2,
             fetch_wait_max_ms: 1,
+            merge_wait_ms: 500,
             assignment: Assignment::Static,
             security: KafkaSecurity::default(),
             stall_after_ms: 60_000,
@@ -583,6 +589,12 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.kafka.max_batch) {
             return bad("kafka.max_batch", "must be between 1 and 100000");
+        }
+        if self.kafka.merge_wait_ms > 60_000 {
+            return bad(
+                "kafka.merge_wait_ms",
+                "must be at most 60000 (a topic that stopped delivering holds the others back that long)",
+            );
         }
         if self.sync.sync_secret.len() < 8 {
             return bad("sync.sync_secret", "must be at least 8 bytes");

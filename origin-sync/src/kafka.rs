@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -213,6 +213,33 @@ pub fn committed_next(got: &TopicPartitionList, topic: &str, p: i32) -> i64 {
         Some(rdkafka::Offset::Offset(n)) if n >= 0 => n,
         _ => 0,
     }
+}
+
+/// The high watermark of `topic` partition `p` as the consumer's last fetch of it reported,
+/// without asking the broker (None before the first fetch). What the merger compares a
+/// topic's position with (`merge.rs`): asking the broker per batch would cost a round trip.
+#[allow(unsafe_code)]
+pub fn fetched_high<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    p: i32,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the handle is alive for the call (borrowed from `consumer`), `topic` is a valid
+    // C string that outlives it, and librdkafka only writes the two out-parameters, reading its
+    // own cache under its lock; rust-rdkafka has no safe wrapper for this call.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            p,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 /// The restore reader's context: reaching a partition's end is how a restore knows it is

@@ -14,6 +14,7 @@ pub mod erasures;
 pub mod http;
 pub mod kafka;
 pub mod limit;
+pub mod merge;
 pub mod metrics;
 pub mod ownership;
 pub mod pipeline;

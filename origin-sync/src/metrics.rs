@@ -53,6 +53,11 @@ pub struct Metrics {
     pub redelivered: AtomicU64,
     pub duplicates: AtomicU64,
     pub late: AtomicU64,
+    /// Messages waiting in the merger for another event topic of their partition (`merge.rs`).
+    pub merge_held: AtomicU64,
+    /// Messages the merger let go before a topic behind them caught up (waited
+    /// `kafka.merge_wait_ms`, or too many held).
+    pub merge_forced: AtomicU64,
     pub dropped_erased: AtomicU64,
     pub batches: AtomicU64,
     pub fold_micros: AtomicU64,
@@ -254,7 +259,7 @@ impl Metrics {
         let now = crate::clock::now_ms();
         let ready = AtomicU64::new(u64::from(self.readiness(now).is_ok()));
         let stalled = AtomicU64::new(u64::from(self.stalled(now)));
-        let counters: [(&str, &str, &AtomicU64); 33] = [
+        let counters: [(&str, &str, &AtomicU64); 35] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -279,6 +284,16 @@ impl Metrics {
                 "edgewise_late_events_total",
                 "events older than the reorder window",
                 &self.late,
+            ),
+            (
+                "edgewise_merge_held_messages",
+                "messages waiting for another event topic of their partition to catch up",
+                &self.merge_held,
+            ),
+            (
+                "edgewise_merge_forced_total",
+                "messages folded before another event topic of their partition caught up",
+                &self.merge_forced,
             ),
             (
                 "edgewise_erased_events_total",

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::Config;
 use crate::kafka::{Outgoing, produce_all};
+use crate::merge::{Consumed, Fetched, Merger};
 use crate::metrics::{Backpressure, BatchFolded, Emit as _, EventRejected, Metrics};
 use crate::store::{Record, Store, StoreError};
 
@@ -137,7 +138,7 @@ impl Reject {
     }
 }
 
-/// The messages of one store transaction, validated as they are taken.
+/// The messages of one store transaction, validated as they were taken.
 #[derive(Default)]
 struct Batch {
     records: Vec<Record>,
@@ -145,31 +146,121 @@ struct Batch {
 }
 
 impl Batch {
-    fn take(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+    fn of(taken: Vec<Taken>) -> Batch {
+        let mut batch = Batch::default();
+        for t in taken {
+            batch.rejects.extend(t.reject);
+            batch.records.push(t.record);
+        }
+        batch
+    }
+}
+
+/// One consumed message, validated: its record for the store and, if it failed, its dead
+/// letter. What waits in the merger (`merge.rs`).
+struct Taken {
+    record: Record,
+    reject: Option<Reject>,
+}
+
+impl Taken {
+    fn of(m: &rdkafka::message::BorrowedMessage<'_>) -> Taken {
         let payload = m.payload().unwrap_or_default();
         let checked =
             parse_event(payload).and_then(|e| check_topic(m.topic(), &e.kind).map(|()| e));
-        let event = match checked {
-            Ok(e) => Some(e),
-            Err(e) => {
-                self.rejects.push(Reject::new(
+        let (event, reject) = match checked {
+            Ok(e) => (Some(e), None),
+            Err(e) => (
+                None,
+                Some(Reject::new(
                     m.topic(),
                     m.partition(),
                     m.offset(),
                     m.key().unwrap_or_default(),
                     payload,
                     &e.to_string(),
-                ));
-                None
-            }
+                )),
+            ),
         };
-        self.records.push(Record {
-            topic: m.topic().to_owned(),
-            partition: m.partition(),
-            offset: m.offset(),
-            event,
-            arrived_ms: arrived_ms(m),
-        });
+        Taken {
+            record: Record {
+                topic: m.topic().to_owned(),
+                partition: m.partition(),
+                offset: m.offset(),
+                event,
+                arrived_ms: arrived_ms(m),
+            },
+            reject,
+        }
+    }
+}
+
+impl Consumed for Taken {
+    fn topic(&self) -> &str {
+        &self.record.topic
+    }
+    fn partition(&self) -> i32 {
+        self.record.partition
+    }
+    fn offset(&self) -> i64 {
+        self.record.offset
+    }
+    fn event_ms(&self) -> Option<u64> {
+        self.record.event.as_ref().map(|e| e.ts_ms)
+    }
+}
+
+/// What the consumer has fetched of each assigned topic-partition, for the merger.
+struct Positions<'a> {
+    consumer: &'a StreamConsumer,
+    /// Per assigned topic-partition, the next offset to fold (where it started, until
+    /// something of it is received).
+    assigned: &'a std::collections::BTreeMap<(String, i32), (i64, i64)>,
+}
+
+impl Fetched for Positions<'_> {
+    fn behind(&self, topic: &str, partition: i32, next: Option<i64>) -> bool {
+        let Some((folded, _)) = self.assigned.get(&(topic.to_owned(), partition)) else {
+            return false;
+        };
+        let next = next.unwrap_or(*folded);
+        match crate::kafka::fetched_high(self.consumer, topic, partition) {
+            // not fetched yet: whether it has anything is unknown, so it is waited for (as
+            // long as `merge_wait_ms`)
+            None => true,
+            // one offset short is not behind: a transactional producer's commit marker takes
+            // an offset that no message is ever delivered at
+            Some(high) => high - next > 1,
+        }
+    }
+}
+
+/// The merger's records that may leave now, at most `max_batch`, as a batch.
+fn release(shared: &Shared, consumer: &StreamConsumer, merger: &mut Merger<Taken>) -> Batch {
+    let max = shared.config.kafka.max_batch;
+    let taken = match shared.metrics.partitions.lock() {
+        Ok(assigned) => merger.release(
+            max,
+            Instant::now(),
+            &Positions {
+                consumer,
+                assigned: &assigned,
+            },
+        ),
+        Err(_) => Vec::new(),
+    };
+    shared
+        .metrics
+        .merge_held
+        .store(merger.held() as u64, Relaxed);
+    shared.metrics.merge_forced.store(merger.forced(), Relaxed);
+    Batch::of(taken)
+}
+
+/// Forgets what the merger holds of partitions no longer assigned (revoked).
+fn forget_revoked(shared: &Shared, merger: &mut Merger<Taken>) {
+    if let Ok(assigned) = shared.metrics.partitions.lock() {
+        merger.retain(|t, p| assigned.contains_key(&(t.to_owned(), p)));
     }
 }
 
@@ -197,6 +288,12 @@ pub async fn consume(
 ) -> Result<(), PipelineError> {
     assign(&shared, &consumer).await?;
     shared.metrics.progress.moved(now_ms());
+    let cfg = &shared.config.kafka;
+    let mut merger = Merger::new(
+        &cfg.topics,
+        Duration::from_millis(cfg.merge_wait_ms),
+        cfg.max_batch.saturating_mul(2),
+    );
     let mut inflight: Option<Inflight> = None;
     loop {
         let owner = group.as_mut().map(|g| &mut g.owner);
@@ -212,43 +309,54 @@ pub async fn consume(
                 }
                 if let Some(g) = group.as_mut() {
                     g.owner.handle(&shared, &consumer, c).await?;
+                    forget_revoked(&shared, &mut merger);
                     crate::ownership::release(&shared, g.owner.take_released()).await?;
                 }
                 continue;
             }
         }
-        let mut batch = Batch::default();
         let (owner, changelog) = match group.as_mut() {
             Some(g) => (Some(&mut g.owner), Some(&g.changelog)),
             None => (None, None),
         };
-        match first_message(
+        let first = first_message(
             &shared,
             &consumer,
             &mut inflight,
             owner,
             changelog,
             &mut shutdown,
+            merger.deadline(Instant::now()),
         )
-        .await?
-        {
+        .await?;
+        let received = match first {
             First::Control(c) => {
                 if let Some(g) = group.as_mut() {
                     g.owner.handle(&shared, &consumer, c).await?;
+                    forget_revoked(&shared, &mut merger);
                 }
                 continue;
             }
-            First::Message(Ok(m)) => batch.take(&m),
+            First::Message(Ok(m)) => {
+                merger.push(Taken::of(&m), Instant::now());
+                1
+            }
             First::Message(Err(e)) => {
                 shared.metrics.progress.failed(now_ms());
                 tracing::warn!(error = %e, "kafka consume error; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+            First::Merge => 0,
             First::Shutdown => break,
             First::SenderGone => return Ok(()),
+        };
+        fill(&shared, &consumer, &mut merger, received).await;
+        let batch = release(&shared, &consumer, &mut merger);
+        if batch.records.is_empty() {
+            // all of it waits for another topic of its partition to catch up
+            continue;
         }
-        fill(&shared, &consumer, &mut batch).await;
         if !dead_letter(&shared, &producer, &batch.rejects, &mut shutdown).await {
             break;
         }
@@ -260,6 +368,8 @@ pub async fn consume(
         }
         inflight = Some(fold(&shared, batch.records));
     }
+    // what the merger still holds was never folded: its offsets stay where they are, and the
+    // next run (or the partition's next owner) consumes it again
     if let Some(previous) = inflight.take() {
         finish(
             &shared,
@@ -379,6 +489,8 @@ enum First<'a> {
     Message(rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'a>>),
     /// The partitions owned changed (`assignment = "group"`).
     Control(crate::ownership::Control),
+    /// Time to look whether what the merger holds may leave.
+    Merge,
     Shutdown,
     /// The sender stopped (shutting down): nothing more may be folded.
     SenderGone,
@@ -394,6 +506,7 @@ async fn first_message<'a>(
     mut owner: Option<&mut crate::ownership::Owner>,
     changelog: Option<&Changelog>,
     shutdown: &mut watch::Receiver<bool>,
+    merge_at: Option<Instant>,
 ) -> Result<First<'a>, PipelineError> {
     // A change of the partitions owned goes first, even with messages waiting: with a steady
     // backlog a message always is, and a revoked partition would go on being folded here (its
@@ -420,39 +533,52 @@ async fn first_message<'a>(
             None => std::future::pending().await,
         }
     };
+    let merge = async {
+        match merge_at {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
     Ok(tokio::select! {
         biased;
         _ = shutdown.changed() => First::Shutdown,
         c = control => First::Control(c),
         m = consumer.recv() => First::Message(m),
+        () = merge => First::Merge,
     })
 }
 
-/// Takes what is already waiting. Lingers for more only while a burst is under way (more than
-/// one message was waiting), so a lone event at a quiet moment goes straight to the fold
-/// instead of waiting out the linger.
-async fn fill(shared: &Shared, consumer: &StreamConsumer, batch: &mut Batch) {
+/// Takes what is already waiting into the merger, `received` already taken this round.
+/// Lingers for more only while a burst is under way (more than one message was waiting), so a
+/// lone event at a quiet moment goes straight to the fold instead of waiting out the linger.
+async fn fill(
+    shared: &Shared,
+    consumer: &StreamConsumer,
+    merger: &mut Merger<Taken>,
+    mut received: usize,
+) {
     let cfg = &shared.config.kafka;
-    while batch.records.len() < cfg.max_batch {
+    while received < cfg.max_batch {
         match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-            Ok(Ok(m)) => batch.take(&m),
+            Ok(Ok(m)) => merger.push(Taken::of(&m), Instant::now()),
             _ => break,
         }
+        received += 1;
     }
-    let burst = batch.records.len() > 1;
-    if !burst {
+    if received <= 1 {
         return;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.batch_linger_ms);
-    while batch.records.len() < cfg.max_batch {
+    while received < cfg.max_batch {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.take(&m),
+            Ok(Ok(m)) => merger.push(Taken::of(&m), Instant::now()),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "kafka consume error");
                 break;
             }
             Err(_) => break,
         }
+        received += 1;
     }
 }
 

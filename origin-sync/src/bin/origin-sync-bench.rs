@@ -107,7 +107,9 @@ listen = "127.0.0.1:{}"
         edge.url(),
         free_port()?,
     );
-    Ok(Config::from_parts(&text, Vec::new())?)
+    // the service's own overrides apply (`ORIGIN_SYNC__KAFKA__MERGE_WAIT_MS=0`, say), so a
+    // setting is compared with the same run's figures
+    Ok(Config::from_parts(&text, std::env::vars())?)
 }
 
 struct Running {
