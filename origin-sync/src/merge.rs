@@ -176,22 +176,38 @@ impl<T: Consumed> Merger<T> {
                 let Some((t, head_ms, since)) = self.earliest(p) else {
                     break;
                 };
-                let may = self.wait.is_zero()
-                    || head_ms.is_none()
-                    || self.others_past(p, t, head_ms.unwrap_or(0), fetched, &mut asked);
-                if !may {
+                // how far topic `t` may run ahead of the others: every record of it up to
+                // there leaves in one go, without looking at the others per record
+                let bound = if self.wait.is_zero() {
+                    u64::MAX
+                } else {
+                    self.bound(p, t, fetched, &mut asked)
+                };
+                let Some(q) = self.queues.get_mut(&(p, t)) else {
+                    break;
+                };
+                if head_ms.unwrap_or(0) > bound {
                     let overdue = now.saturating_duration_since(since) >= self.wait;
                     if !(overdue || self.held > self.max_held) {
                         break;
                     }
                     self.forced += 1;
+                    if let Some(h) = q.held.pop_front() {
+                        self.held -= 1;
+                        out.push(h.item);
+                    }
+                    continue;
                 }
-                let Some(q) = self.queues.get_mut(&(p, t)) else {
-                    break;
-                };
-                let Some(h) = q.held.pop_front() else { break };
-                self.held -= 1;
-                out.push(h.item);
+                while out.len() < max
+                    && q.held
+                        .front()
+                        .is_some_and(|h| h.item.event_ms().unwrap_or(0) <= bound)
+                {
+                    if let Some(h) = q.held.pop_front() {
+                        self.held -= 1;
+                        out.push(h.item);
+                    }
+                }
             }
         }
         out
@@ -206,29 +222,39 @@ impl<T: Consumed> Merger<T> {
             .min_by_key(|(t, ms, _)| (ms.unwrap_or(0), *t))
     }
 
-    /// Whether every topic of partition `p` but `t` is past `ms`: a head waiting (not earlier,
-    /// as `earliest` chose), an event at least as new already delivered, or nothing more to
-    /// deliver.
-    fn others_past(
+    /// The newest event time topic `t` of partition `p` may leave at: no later than another
+    /// topic's head waiting here, and, for a topic with nothing waiting and more on the
+    /// broker, than the newest event it delivered. A topic with nothing more to deliver does
+    /// not bound it.
+    fn bound(
         &self,
         p: i32,
         t: usize,
-        ms: u64,
         fetched: &impl Fetched,
         asked: &mut BTreeMap<(i32, usize), bool>,
-    ) -> bool {
-        self.topics.iter().enumerate().all(|(i, topic)| {
+    ) -> u64 {
+        let mut bound = u64::MAX;
+        for (i, topic) in self.topics.iter().enumerate() {
             if i == t {
-                return true;
+                continue;
             }
             let q = self.queues.get(&(p, i));
-            if q.is_some_and(|q| !q.held.is_empty() || q.newest_ms >= ms) {
-                return true;
-            }
-            !*asked
-                .entry((p, i))
-                .or_insert_with(|| fetched.behind(topic, p, q.and_then(|q| q.next)))
-        })
+            let this = match q.and_then(|q| q.held.front()) {
+                Some(h) => h.item.event_ms().unwrap_or(0),
+                None => {
+                    let behind = *asked
+                        .entry((p, i))
+                        .or_insert_with(|| fetched.behind(topic, p, q.and_then(|q| q.next)));
+                    if behind {
+                        q.map_or(0, |q| q.newest_ms)
+                    } else {
+                        u64::MAX
+                    }
+                }
+            };
+            bound = bound.min(this);
+        }
+        bound
     }
 }
 

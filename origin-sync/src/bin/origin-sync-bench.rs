@@ -245,10 +245,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let took = t.elapsed().as_secs_f64();
     let pipeline = n as f64 / took;
     let fold_s = m.fold_micros.load(Relaxed) as f64 / 1e6;
+    let batches = m.batches.load(Relaxed);
     run.stop().await?;
     println!("  raw consume:      {raw:>10.0} events/s");
     println!(
-        "  pipeline:         {pipeline:>10.0} events/s  (validate + fold + delta + outbox, one redb transaction per batch; {:.2}s in store transactions)",
+        "  pipeline:         {pipeline:>10.0} events/s  (validate + fold + delta + outbox, one redb transaction per batch; {:.2}s in {batches} store transactions)",
         fold_s
     );
     println!("  ratio:            {:>10.2} × raw consume", pipeline / raw);
