@@ -436,10 +436,19 @@ pub const STATIC_GRACE: Duration = Duration::from_secs(15);
 /// With `assignment = "static"` one instance reads every partition, so a second one would
 /// fold and send everything twice from its own store. Each static instance therefore also
 /// joins a consumer group as a member (`<group_id>-static-guard`, over the first event topic,
-/// every partition paused, nothing consumed through it). An instance that has held every partition keeps running
-/// (another member that joins later only gets a warning); one that is not given every
-/// partition within [`STATIC_GRACE`] refuses to run, naming the fix.
+/// every partition paused, nothing consumed through it), and consumes nothing until that group
+/// has given it every partition ([`StaticGuard::until_held`]). An instance that has held every
+/// partition keeps running (another member that joins later only gets a warning); one that is
+/// not given every partition within [`STATIC_GRACE`] refuses to run, naming the fix.
+///
+/// A dynamic member: a restart after a crash waits for its dead run's session to time out
+/// (`kafka.session_timeout_ms`). As a static member named after its store it would take its
+/// dead run's place at once, but it would then stay a member after a graceful stop, and the
+/// test broker (tansu 0.6) did not give a replacement on another store (the store was lost)
+/// the partitions within 30 s: it was refused.
 pub struct StaticGuard {
+    /// True once this instance has held every partition (or the check cannot run).
+    held: tokio::sync::watch::Receiver<bool>,
     refused: Arc<std::sync::Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     polling: Option<std::thread::JoinHandle<()>>,
@@ -459,7 +468,9 @@ pub fn guard_static(
 ) -> StaticGuard {
     let refused = Arc::new(std::sync::Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
+    let (held_tx, held) = tokio::sync::watch::channel(false);
     let idle = |refused, stop| StaticGuard {
+        held: tokio::sync::watch::channel(true).1,
         refused,
         stop,
         polling: None,
@@ -539,12 +550,14 @@ pub fn guard_static(
                 }
                 None => return,
             }
-            if owned.len() >= partitions {
+            if owned.len() >= partitions && !incumbent {
                 incumbent = true;
+                let _ = held_tx.send(true);
             }
         }
     });
     StaticGuard {
+        held,
         refused,
         stop,
         polling: Some(polling),
@@ -553,6 +566,18 @@ pub fn guard_static(
 }
 
 impl StaticGuard {
+    /// Waits until this instance has held every partition, or `shutdown` (a refusal sends
+    /// it). Nothing may be consumed before: a second static instance (a new one started
+    /// before the old one stopped) would fold from its own store's offsets and push older
+    /// values to KV for every shopper it reached, until the guard refused it.
+    pub async fn until_held(&self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+        let mut held = self.held.clone();
+        tokio::select! {
+            _ = held.wait_for(|h| *h) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+
     /// Leaves the group; returns why this instance refused to run, if it did.
     pub async fn finish(self) -> Option<String> {
         self.watching.abort();

@@ -221,6 +221,14 @@ pub async fn run(
     };
     let guard = (!grouped)
         .then(|| crate::ownership::guard_static(&shared.config.kafka, partitions, stop.clone()));
+    if let Some(guard) = &guard {
+        let waited = std::time::Instant::now();
+        guard.until_held(&mut shutdown.clone()).await;
+        tracing::info!(
+            seconds = waited.elapsed().as_secs_f64(),
+            "this static instance holds every partition of its guard group"
+        );
+    }
     metrics.ready.store(1, Relaxed);
     let consumed =
         pipeline::consume(shared.clone(), consumer, producer, group, shutdown.clone()).await;

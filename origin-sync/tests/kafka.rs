@@ -234,7 +234,21 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
         })
         .collect();
     // in three rounds further apart than the coalescing window, so that shoppers already at
-    // the edge get patches (a backlog folded at once goes out as one snapshot per shopper)
+    // the edge get patches (a backlog folded at once goes out as one snapshot per shopper);
+    // from when the service consumes (its static guard held)
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while service
+        .metrics
+        .ready
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for round in sentinels.chunks(100) {
         produce(
             &tansu.brokers(),
@@ -767,11 +781,20 @@ async fn a_second_static_instance_refuses_to_run() {
     converge(&edge, &reference(&events), Duration::from_secs(60)).await;
 
     let started = std::time::Instant::now();
-    let err = refusal(
+    let second = std::sync::Arc::new(origin_sync::metrics::Metrics::default());
+    let err = refusal_with(
         config(&config_toml(&tansu, &edge, &dir.join("b"), "")),
         Duration::from_secs(60),
+        second.clone(),
     )
     .await;
+    // nothing consumed while the guard waited to be given every partition: it would have
+    // folded from its own (empty) store and pushed older values for every shopper it reached
+    assert_eq!(
+        second.consumed.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the refused instance consumed events"
+    );
     for needle in [
         "another origin-sync instance",
         "assignment = \"group\"",

@@ -128,11 +128,12 @@ impl Drop for InProcess {
 /// Runs the service in this process with `config`, expecting it to refuse to run within
 /// `within`; returns why.
 pub async fn refusal(config: Config, within: Duration) -> String {
-    let run = origin_sync::service::run(
-        config,
-        Arc::new(Metrics::default()),
-        watch::channel(false).1,
-    );
+    refusal_with(config, within, Arc::new(Metrics::default())).await
+}
+
+/// [`refusal`], counting into `metrics` (what it did before it refused).
+pub async fn refusal_with(config: Config, within: Duration, metrics: Arc<Metrics>) -> String {
+    let run = origin_sync::service::run(config, metrics, watch::channel(false).1);
     tokio::time::timeout(within, run)
         .await
         .expect("the service stops by itself")
