@@ -94,6 +94,11 @@ impl Entry {
     }
 
     /// The base as origin published it (`None`: nothing known, or the bytes no longer decode).
+    /// Whether a base (KV's or a sync's value) is held, without decoding it.
+    pub fn has_base(&self) -> bool {
+        self.base.is_some()
+    }
+
     pub fn base(&self) -> Option<Stored> {
         self.base
             .as_deref()

@@ -67,12 +67,7 @@ impl App {
     /// whatever the page's `Cache-Control` says: a site that marks a signed-in page cacheable
     /// by mistake must not hand one shopper's account page to the next.
     pub fn carries_credentials(&self, headers: &[(String, String)]) -> bool {
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
+        let header = |name: &str| crate::http::find_header(headers, name);
         let config = &self.config;
         header("authorization").is_some()
             || config

@@ -518,7 +518,7 @@ impl App {
                 self.cache
                     .borrow()
                     .peek(&k)
-                    .is_none_or(|e| e.base().is_none() && e.local_events() == 0)
+                    .is_none_or(|e| !e.has_base() && e.local_events() == 0)
             }),
             _ => false,
         };

@@ -122,10 +122,7 @@ pub async fn forward(
     };
     let status = upstream.status_code();
     let site_headers: Vec<(String, String)> = upstream.headers().entries().collect();
-    let content_type = site_headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        .map(|(_, v)| v.as_str());
+    let content_type = crate::http::find_header(&site_headers, "content-type");
     if cached == SiteCache::Miss
         && let Some(key) = cache_key
         && proxy::shared_cache_ttl(&incoming, status, &site_headers).is_some()
