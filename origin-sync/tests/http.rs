@@ -29,17 +29,6 @@ fn metric(
     pick(&service.metrics).load(std::sync::atomic::Ordering::Relaxed)
 }
 
-async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// `/ingest` verifies the signature, produces good events and names the bad ones; erasure
 /// answers once durable and leaves a tombstone above every version the profile had; catalog
 /// and rules are published and republished when their file changes.

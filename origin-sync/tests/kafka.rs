@@ -236,19 +236,12 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
     // in three rounds further apart than the coalescing window, so that shoppers already at
     // the edge get patches (a backlog folded at once goes out as one snapshot per shopper);
     // from when the service consumes (its static guard held)
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while service
-        .metrics
-        .ready
-        .load(std::sync::atomic::Ordering::Relaxed)
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the service never got ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ready = service.metrics.clone();
+    wait_for(
+        || ready.ready.load(std::sync::atomic::Ordering::Relaxed) == 1,
+        "the restarted service to consume",
+    )
+    .await;
     for round in sentinels.chunks(100) {
         produce(
             &tansu.brokers(),
@@ -342,18 +335,15 @@ async fn sink_down_pauses_consumption_then_catches_up() {
     .await;
     let service = InProcess::start(cfg);
     let m = service.metrics.clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while m
-        .backpressure_pauses
-        .load(std::sync::atomic::Ordering::Relaxed)
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "consumption never paused for the full outbox"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        || {
+            m.backpressure_pauses
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        },
+        "consumption to pause for the full outbox",
+    )
+    .await;
     let depth = m.outbox_depth.load(std::sync::atomic::Ordering::Relaxed);
     let consumed = m.consumed.load(std::sync::atomic::Ordering::Relaxed);
     assert!(

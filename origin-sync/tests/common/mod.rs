@@ -272,6 +272,15 @@ pub async fn converge(edge: &TestEdge, want: &HashMap<UserKey, Profile>, timeout
     }
 }
 
+/// Waits up to 30 s for `f` to hold; panics naming `what` if it never does.
+pub async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn secret() -> &'static str {
     DEV_SYNC_SECRET
 }
