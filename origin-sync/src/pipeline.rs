@@ -238,17 +238,18 @@ impl Fetched for Positions<'_> {
 /// The merger's records that may leave now, at most `max_batch`, as a batch.
 fn release(shared: &Shared, consumer: &StreamConsumer, merger: &mut Merger<Taken>) -> Batch {
     let max = shared.config.kafka.max_batch;
-    let taken = match shared.metrics.partitions.lock() {
-        Ok(assigned) => merger.release(
-            max,
-            Instant::now(),
-            &Positions {
-                consumer,
-                assigned: &assigned,
-            },
-        ),
-        Err(_) => Vec::new(),
+    // a poisoned lock still holds the positions: consumption must not stop on it
+    let assigned = shared
+        .metrics
+        .partitions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let positions = Positions {
+        consumer,
+        assigned: &assigned,
     };
+    let taken = merger.release(max, Instant::now(), &positions);
+    drop(assigned);
     shared
         .metrics
         .merge_held
@@ -259,9 +260,12 @@ fn release(shared: &Shared, consumer: &StreamConsumer, merger: &mut Merger<Taken
 
 /// Forgets what the merger holds of partitions no longer assigned (revoked).
 fn forget_revoked(shared: &Shared, merger: &mut Merger<Taken>) {
-    if let Ok(assigned) = shared.metrics.partitions.lock() {
-        merger.retain(|t, p| assigned.contains_key(&(t.to_owned(), p)));
-    }
+    let assigned = shared
+        .metrics
+        .partitions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    merger.retain(|t, p| assigned.contains_key(&(t.to_owned(), p)));
 }
 
 /// When the broker took `m`: its timestamp (append time, or the producer's create time:
