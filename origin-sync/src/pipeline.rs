@@ -236,7 +236,7 @@ impl Fetched for Positions<'_> {
 }
 
 /// The merger's records that may leave now, at most `max_batch`, as a batch.
-fn release(shared: &Shared, consumer: &StreamConsumer, merger: &mut Merger<Taken>) -> Batch {
+fn release_merged(shared: &Shared, consumer: &StreamConsumer, merger: &mut Merger<Taken>) -> Batch {
     let max = shared.config.kafka.max_batch;
     // a poisoned lock still holds the positions: consumption must not stop on it
     let assigned = shared
@@ -356,7 +356,7 @@ pub async fn consume(
             First::SenderGone => return Ok(()),
         };
         fill(&shared, &consumer, &mut merger, received).await;
-        let batch = release(&shared, &consumer, &mut merger);
+        let batch = release_merged(&shared, &consumer, &mut merger);
         if batch.records.is_empty() {
             // all of it waits for another topic of its partition to catch up
             continue;

@@ -335,11 +335,7 @@ async fn kv_bulk_requests_follow_the_cloudflare_format() {
     let base = format!("http://{}", cfg.http.listen);
     let events = traffic(10, 300, "k", 21);
     let want = reference(&events);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let service = InProcess::start(cfg);
     let latest = |edge: &TestEdge| {
         let mut latest = std::collections::HashMap::new();
@@ -542,11 +538,7 @@ async fn dashboard_and_alert_rules_query_only_exposed_metrics() {
     let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
     let base = format!("http://{}", cfg.http.listen);
     let events = traffic(4, 60, "g", 5);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let service = InProcess::start(cfg);
     converge(&edge, &reference(&events), Duration::from_secs(30)).await;
     let metrics = metrics_text(&base).await;

@@ -243,11 +243,7 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
     )
     .await;
     for round in sentinels.chunks(100) {
-        produce(
-            &tansu.brokers(),
-            &round.iter().map(outgoing).collect::<Vec<_>>(),
-        )
-        .await;
+        produce_events(&tansu.brokers(), round).await;
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
     let mut all = events.clone();
@@ -328,11 +324,7 @@ async fn sink_down_pauses_consumption_then_catches_up() {
     );
     let events = traffic(300, 6000, "b", 9);
     let want = reference(&events);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let service = InProcess::start(cfg);
     let m = service.metrics.clone();
     wait_for(
@@ -406,11 +398,7 @@ async fn replay_rebuilds_state_from_the_log() {
     let text = config_toml(&tansu, &edge, &dir, "");
     let events = traffic(100, 3000, "p", 17);
     let want = reference(&events);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let service = InProcess::start(config(&text));
     converge(&edge, &want, Duration::from_secs(60)).await;
     service.stop().await;
@@ -448,11 +436,7 @@ async fn edge_resend_is_repaired_with_snapshots() {
     let dir = scratch("resend");
     let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
     let events = traffic(50, 1000, "s", 23);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let service = InProcess::start(cfg);
     converge(&edge, &reference(&events), Duration::from_secs(60)).await;
     // the edge forgets everything (a new KV namespace, say)
@@ -465,11 +449,7 @@ async fn edge_resend_is_repaired_with_snapshots() {
             e
         })
         .collect::<Vec<_>>();
-    produce(
-        &tansu.brokers(),
-        &more.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &more).await;
     let all: Vec<_> = events.iter().chain(more.iter()).cloned().collect();
     converge(&edge, &reference(&all), Duration::from_secs(60)).await;
     service.stop().await;
@@ -487,11 +467,7 @@ async fn consumer_group_assignment_works() {
         "group_id = \"test\"\nassignment = \"group\"",
     );
     let events = traffic(50, 2000, "g", 29);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let service = InProcess::start(config(&text));
     converge(&edge, &reference(&events), Duration::from_secs(60)).await;
     service.stop().await;
@@ -572,11 +548,7 @@ async fn readiness_goes_false_while_consumption_stalls() {
     );
     let base = format!("http://{}", cfg.http.listen);
     let events = traffic(200, 2000, "t", 53);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let service = InProcess::start(cfg);
     let client = reqwest::Client::new();
     let readyz = || async {
@@ -625,11 +597,7 @@ async fn erased_shoppers_stay_erased_when_the_store_is_lost() {
     let text = config_toml(&tansu, &edge, &dir, "");
     let events = traffic(20, 600, "x", 29);
     let mut want = reference(&events);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let cfg = config(&text);
     let base = format!("http://{}", cfg.http.listen);
     let service = InProcess::start(cfg);
@@ -763,11 +731,7 @@ async fn a_second_static_instance_refuses_to_run() {
     let dir = scratch("static-twice");
     let first = InProcess::start(config(&config_toml(&tansu, &edge, &dir.join("a"), "")));
     let events = traffic(20, 400, "st", 31);
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     converge(&edge, &reference(&events), Duration::from_secs(60)).await;
 
     let started = std::time::Instant::now();
@@ -796,22 +760,14 @@ async fn a_second_static_instance_refuses_to_run() {
 
     // the first still consumes
     let more = traffic(20, 400, "st2", 32);
-    produce(
-        &tansu.brokers(),
-        &more.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &more).await;
     converge(&edge, &reference(&more), Duration::from_secs(60)).await;
     first.stop().await;
 
     // a graceful restart of the one instance runs
     let again = InProcess::start(config(&config_toml(&tansu, &edge, &dir.join("a"), "")));
     let last = traffic(20, 200, "st3", 33);
-    produce(
-        &tansu.brokers(),
-        &last.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &last).await;
     converge(&edge, &reference(&last), Duration::from_secs(60)).await;
     tokio::time::sleep(origin_sync::ownership::STATIC_GRACE).await;
     again.stop().await;
@@ -859,11 +815,7 @@ async fn backlog_in_event_time(name: &str, kafka: &str) {
         shared::traffic::Traffic::new(&catalog, 6, "b", 1_764_000_000_000, 20, 41)
             .take(3000)
             .collect();
-    produce(
-        &tansu.brokers(),
-        &events.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &events).await;
     let service = InProcess::start(config(&text));
     converge(&edge, &reference(&events), Duration::from_secs(60)).await;
     let late = service

@@ -475,11 +475,7 @@ async fn an_erasure_reaches_the_owner_and_survives_the_partitions_move() {
     let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("scale-erasure");
     let before = traffic(30, 1500, "e", 43);
-    produce(
-        &tansu.brokers(),
-        &before.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &before).await;
     let a = start(&tansu, &edge, &dir, "a");
     let b = start(&tansu, &edge, &dir, "b");
     converge(&edge, &reference(&before), Duration::from_secs(90)).await;
@@ -505,11 +501,7 @@ async fn an_erasure_reaches_the_owner_and_survives_the_partitions_move() {
     for e in &mut after {
         e.ts_ms = origin_sync::pipeline::now_ms();
     }
-    produce(
-        &tansu.brokers(),
-        &after.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &after).await;
     let fresh_above_tombstone = |k: &UserKey, s: Option<&Stored>| matches!(s, Some(Stored::Profile(p)) if p.version > tombstone(k));
     for k in &erased {
         until_each(&edge, std::slice::from_ref(k), "fresh profiles", |s| {
@@ -536,11 +528,7 @@ async fn an_erasure_reaches_the_owner_and_survives_the_partitions_move() {
     for e in &mut extra {
         e.ts_ms = origin_sync::pipeline::now_ms();
     }
-    produce(
-        &tansu.brokers(),
-        &extra.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &extra).await;
     let shopped_again: std::collections::HashSet<UserKey> =
         extra.iter().map(|e| key(&e.user)).collect();
     let mut want = reference(&[before.clone(), after.clone(), extra.clone()].concat());
@@ -637,11 +625,7 @@ async fn pair_with_first_delivered(
     let (b_cfg, b_log) = instance(tansu, edge, dir, "b", extra);
     let b = Binary::start(&b_cfg, &b_log);
     until_all_owned(dir, &["a", "b"]).await;
-    produce(
-        &tansu.brokers(),
-        &first.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), first).await;
     converge(edge, &reference(first), Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     (a, b)
@@ -661,11 +645,7 @@ async fn a_standby_replica_restores_only_the_tail() {
     let before = restores(&dir, "a").len();
     let status = b.terminate();
     assert!(status.success(), "b's SIGTERM exit: {status}");
-    produce(
-        &tansu.brokers(),
-        &second.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), second).await;
     converge(&edge, &want, Duration::from_secs(90)).await;
     let taken: Vec<_> = restores(&dir, "a").into_iter().skip(before).collect();
     assert!(!taken.is_empty(), "a restored nothing after b was stopped");
@@ -707,11 +687,7 @@ async fn a_graceful_handover_resends_nothing_the_edge_acknowledged() {
     let before = restores(&dir, "a").len();
     let status = b.terminate();
     assert!(status.success(), "b's SIGTERM exit: {status}");
-    produce(
-        &tansu.brokers(),
-        &second.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), second).await;
     converge(&edge, &want, Duration::from_secs(90)).await;
     let taken: Vec<_> = restores(&dir, "a").into_iter().skip(before).collect();
     assert!(!taken.is_empty(), "a restored nothing after b was stopped");
@@ -749,11 +725,7 @@ async fn a_handover_resends_what_the_edge_had_not_acknowledged() {
     all.extend(second.iter().cloned());
     let (a, b) = pair_with_first_delivered(&tansu, &edge, &dir, AUDITED, &first).await;
     edge.set_down(true);
-    produce(
-        &tansu.brokers(),
-        &second.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &second).await;
     // folded and logged, never acknowledged
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = restores(&dir, "a").len();
@@ -807,18 +779,10 @@ async fn a_partition_back_at_its_earlier_owner_resends_what_the_edge_lacks() {
     all.extend(nudge.iter().cloned());
     let a = start(&tansu, &edge, &dir, "a");
     until_all_owned(&dir, &["a"]).await;
-    produce(
-        &tansu.brokers(),
-        &first.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &first).await;
     converge(&edge, &reference(&first), Duration::from_secs(90)).await;
     edge.set_down(true);
-    produce(
-        &tansu.brokers(),
-        &second.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &second).await;
     // folded, logged and audited by a (its store's position past them), never acknowledged
     tokio::time::sleep(Duration::from_secs(4)).await;
     let b = start(&tansu, &edge, &dir, "b");
@@ -830,11 +794,7 @@ async fn a_partition_back_at_its_earlier_owner_resends_what_the_edge_lacks() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // a releases the moved partitions' outbox entries after its next batch: give it one
-    produce(
-        &tansu.brokers(),
-        &nudge.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), &nudge).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while released(&dir, "a") == 0 {
         assert!(
@@ -897,11 +857,7 @@ async fn a_paused_instance_lets_go_of_the_partitions_the_group_moves() {
     // consumer, which then finds the outbox full and pauses
     let (first, second) = events.split_at(2500);
     for part in [first, second] {
-        produce(
-            &tansu.brokers(),
-            &part.iter().map(outgoing).collect::<Vec<_>>(),
-        )
-        .await;
+        produce_events(&tansu.brokers(), part).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let log = dir.join("a").join("origin-sync.log");
@@ -1122,11 +1078,7 @@ async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
     let want = reference(&events);
     let (first, second) = events.split_at(60_000);
     let started = Instant::now();
-    produce(
-        &tansu.brokers(),
-        &first.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), first).await;
     let a = start(&tansu, &edge, &dir, "a");
     converge(&edge, &reference(first), Duration::from_secs(120)).await;
     eprintln!(
@@ -1192,11 +1144,7 @@ async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
         started.elapsed(),
         restores(&dir, "b")
     );
-    produce(
-        &tansu.brokers(),
-        &second.iter().map(outgoing).collect::<Vec<_>>(),
-    )
-    .await;
+    produce_events(&tansu.brokers(), second).await;
     watch
         .until_reference(&edge, &want, Duration::from_secs(120))
         .await;
@@ -1373,11 +1321,7 @@ async fn an_owner_relogs_a_shopper_whose_last_changelog_record_is_a_zombies() {
     // in two parts: every shopper's state is logged more than once
     let (first, second) = events.split_at(1000);
     for (part, until) in [(first, reference(first)), (second, want.clone())] {
-        produce(
-            &tansu.brokers(),
-            &part.iter().map(outgoing).collect::<Vec<_>>(),
-        )
-        .await;
+        produce_events(&tansu.brokers(), part).await;
         converge(&edge, &until, Duration::from_secs(60)).await;
     }
     let a_base = base(&dir, "a");

@@ -216,6 +216,11 @@ pub async fn produce(brokers: &str, messages: &[Outgoing]) {
     }
 }
 
+/// Produces `events` to their topics, each as `/ingest` would.
+pub async fn produce_events(brokers: &str, events: &[Event]) {
+    produce(brokers, &events.iter().map(outgoing).collect::<Vec<_>>()).await;
+}
+
 pub fn key(user: &str) -> UserKey {
     UserKey::derive(DEV_USER_KEY_SECRET.as_bytes(), user)
 }
