@@ -57,7 +57,9 @@ fn consumer_config(config: &KafkaConfig, group_id: &str) -> ClientConfig {
 /// partition numbers it now owns or gave up, reported from librdkafka's rebalance callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rebalanced {
-    Assigned(Vec<i32>),
+    /// The partitions, and the group generation that assigned them: the fencing token of this
+    /// ownership ([`generation`]).
+    Assigned(Vec<i32>, u64),
     Revoked(Vec<i32>),
 }
 
@@ -129,7 +131,19 @@ impl ConsumerContext for MembershipContext {
                 if let Err(e) = consumer.pause(tpl) {
                     tracing::warn!(error = %e, "could not pause the membership consumer");
                 }
-                let _ = self.events.send(Rebalanced::Assigned(numbers(tpl)));
+                let Some(generation) = generation(consumer) else {
+                    // no fencing token, no ownership: without one, this instance's records
+                    // could not outrank a stale owner's, so the partitions stay unowned here
+                    // until the next rebalance (the group reassigns them when this member
+                    // rejoins)
+                    tracing::error!(
+                        "the consumer group's generation could not be read; not taking the assigned partitions"
+                    );
+                    return;
+                };
+                let _ = self
+                    .events
+                    .send(Rebalanced::Assigned(numbers(tpl), generation));
             }
             Rebalance::Revoke(tpl) if tpl.count() > 0 => {
                 let _ = self.events.send(Rebalanced::Revoked(numbers(tpl)));
@@ -240,6 +254,35 @@ pub fn fetched_high<C: ConsumerContext>(
     };
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
         .then_some(high)
+}
+
+/// The generation of the consumer group as `consumer` knows it now: asked in the callback
+/// of an assignment, the generation that assigned it. The group coordinator increments it
+/// every rebalance, and a partition taken from one member is assigned to another only in a
+/// later rebalance than the one that gave it to the first (cooperative: revoked in one,
+/// assigned in the next), so a partition's every new owner holds a greater generation than
+/// any earlier owner, even one that does not know yet that it lost the partition. That makes
+/// it the fencing token of a partition's changelog records (`store::Stamp::epoch`). `None`
+/// when librdkafka has no group metadata (not a group consumer) or no generation yet.
+#[allow(unsafe_code)]
+pub fn generation<C: ConsumerContext>(consumer: &impl Consumer<C>) -> Option<u64> {
+    // SAFETY: the handle is alive for the calls (borrowed from `consumer`). librdkafka
+    // returns either NULL or a metadata object this code owns: the generation is read from it
+    // and it is destroyed once, here. rust-rdkafka's `ConsumerGroupMetadata` has no accessor
+    // for the generation.
+    let generation = unsafe {
+        let metadata =
+            rdkafka::bindings::rd_kafka_consumer_group_metadata(consumer.client().native_ptr());
+        if metadata.is_null() {
+            return None;
+        }
+        let generation =
+            rdkafka::bindings::rd_kafka_consumer_group_metadata_generation_id(metadata);
+        rdkafka::bindings::rd_kafka_consumer_group_metadata_destroy(metadata);
+        generation
+    };
+    // -1: none yet
+    u64::try_from(generation).ok()
 }
 
 /// The restore reader's context: reaching a partition's end is how a restore knows it is

@@ -47,6 +47,9 @@ pub struct Owner {
     /// a restore started for an earlier assignment, revoked while it ran, may finish while
     /// the partition's next restore runs, with that assignment's watermark and offsets.
     assignment: BTreeMap<i32, u64>,
+    /// Per owned partition, the group generation that assigned it: claimed once restored
+    /// (`Store::claim`), the fencing token of this instance's changelog records.
+    generation: BTreeMap<i32, u64>,
     assignments: u64,
     released: Vec<i32>,
 }
@@ -100,6 +103,7 @@ impl Owner {
             owned: BTreeSet::new(),
             restoring: BTreeSet::new(),
             assignment: BTreeMap::new(),
+            generation: BTreeMap::new(),
             assignments: 0,
             released: Vec::new(),
         }
@@ -145,13 +149,14 @@ impl Owner {
         let metrics = &shared.metrics;
         let published = shared.store.publishes();
         match control {
-            Control::Rebalanced(Rebalanced::Assigned(ps)) => {
+            Control::Rebalanced(Rebalanced::Assigned(ps, generation)) => {
                 metrics.rebalances.fetch_add(1, Relaxed);
                 // revoked and given back before its release ran: nothing to release
                 self.released.retain(|q| !ps.contains(q));
                 let mut arrived = Vec::new();
                 for p in ps {
                     if self.owned.insert(p) {
+                        self.generation.insert(p, generation);
                         self.restoring.insert(p);
                         self.assignments += 1;
                         self.assignment.insert(p, self.assignments);
@@ -187,6 +192,7 @@ impl Owner {
                     self.owned.remove(p);
                     self.restoring.remove(p);
                     self.assignment.remove(p);
+                    self.generation.remove(p);
                 }
                 if let Ok(mut lag) = metrics.partitions.lock() {
                     lag.retain(|(_, p), _| !ps.contains(p));
@@ -297,6 +303,24 @@ impl Owner {
             "partition restored from the changelog"
         );
         let p = report.partition;
+        // the fencing token of what this instance writes for the partition from now on
+        let generation = self.generation.get(&p).copied().unwrap_or_default();
+        let store = shared.store.clone();
+        let epoch = blocking(move || store.claim(p, generation)).await?;
+        tracing::info!(partition = p, generation, epoch, "partition claimed");
+        // Users whose last record a stale writer left after a later owner's: compaction
+        // would keep only theirs. Logged again below with what this store keeps.
+        let stale: Vec<_> = report.restored.last_stale.iter().copied().collect();
+        if !stale.is_empty() {
+            let store = shared.store.clone();
+            let n = blocking(move || store.relog(&stale, crate::pipeline::now_ms())).await?;
+            metrics.changelog_relogged.fetch_add(n, Relaxed);
+            tracing::warn!(
+                partition = p,
+                shoppers = n,
+                "changelog records of an earlier owner left after a later owner's; logging those shoppers again"
+            );
+        }
         // what this store folded but the changelog never got (a crash) goes there now, before
         // anything newer: it is ahead of what was just restored
         let store = shared.store.clone();
@@ -535,7 +559,7 @@ pub fn guard_static(
                 }
             };
             match event {
-                Some(Rebalanced::Assigned(ps)) => owned.extend(ps),
+                Some(Rebalanced::Assigned(ps, _)) => owned.extend(ps),
                 Some(Rebalanced::Revoked(ps)) => {
                     for p in ps {
                         owned.remove(&p);

@@ -247,6 +247,7 @@ mod tests {
         let stamp = crate::store::Stamp {
             partition: 3,
             next: vec![("cart_events".into(), 42)],
+            epoch: 0,
         };
         write_old_store(&file, Some(2), &key, &encode(&state), |tx| {
             tx.open_table(STAMPS)

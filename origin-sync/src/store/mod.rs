@@ -275,6 +275,10 @@ pub struct Store {
     /// watermark samples of a partition taken before its revocation are void, even if it came
     /// back since.
     revocations: std::sync::Mutex<partitions::Revocations>,
+    /// Per partition, the epoch of this instance's latest ownership of it (`Store::claim`),
+    /// kept after it leaves: a batch folded late, after a revocation, is stamped with the
+    /// ownership it was consumed under, which a later owner's records outrank.
+    epochs: std::sync::Mutex<BTreeMap<i32, u64>>,
 }
 
 impl Store {
@@ -299,6 +303,7 @@ impl Store {
         tx.open_table(partitions::STANDBY)?;
         tx.open_table(partitions::STANDBY_AT)?;
         tx.open_table(partitions::REREAD_MARKS)?;
+        tx.open_table(partitions::EPOCHS)?;
         let upgraded = layout::upgrade(&tx)?;
         tx.commit()?;
         if upgraded > 0 {
@@ -317,6 +322,7 @@ impl Store {
             restoring: std::sync::Mutex::default(),
             applying: std::sync::Mutex::default(),
             revocations: std::sync::Mutex::default(),
+            epochs: std::sync::Mutex::default(),
         };
         // A wall clock stepped back across a restart must not make this process's changes
         // look older than what an earlier one left pending (the acknowledged watermark
@@ -358,6 +364,7 @@ impl Store {
             let mut next: HashMap<(String, i32), i64> = HashMap::new();
             let mut users: Loaded = HashMap::new();
             let mut stamps: HashMap<UserKey, Stamp> = HashMap::new();
+            let epochs = self.epochs();
             for r in records {
                 let pk = (r.topic.clone(), r.partition);
                 let n = match next.get(&pk) {
@@ -462,8 +469,15 @@ impl Store {
                 }
                 let encoded = encode(&state);
                 // every user a partitioned batch writes has its stamp in the working set
-                // (`load_stamp`, `joinable`); a static assignment loads none
-                let stamp = stamps.get(&key);
+                // (`load_stamp`, `joinable`); a static assignment loads none. Stamped with
+                // this instance's ownership of the partition: what it writes now outranks
+                // every earlier owner's records and loses to every later owner's.
+                let stamp = stamps.get_mut(&key).map(|s| {
+                    if let Some(e) = epochs.get(&s.partition) {
+                        s.epoch = *e;
+                    }
+                    &*s
+                });
                 users_t.insert(
                     key.0.as_slice(),
                     partitions::user_value(stamp, &encoded).as_slice(),
@@ -710,6 +724,7 @@ fn load_stamp<'a>(
         *stamp = Stamp {
             partition,
             next: Vec::new(),
+            epoch: stamp.epoch,
         };
     }
     Ok(stamp)

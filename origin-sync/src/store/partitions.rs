@@ -46,6 +46,15 @@ fn add_reread_mark(t: &mut redb::Table<i32, (u64, u64)>, partition: i32) -> Resu
     t.insert(partition, (marks + 1, covered))?;
     Ok(())
 }
+/// Where the group generation sits in an epoch ([`Store::claim`]): below it, claims of one
+/// generation on one store (a static member's restarts) count up.
+const EPOCH_GENERATION_SHIFT: u32 = 20;
+
+/// Changelog partition → the greatest epoch ([`Stamp::epoch`]) this store has read there or
+/// claimed for it: a claim goes above it even when the group's generation does not (the group
+/// was deleted and recreated, its generations starting over).
+pub(super) const EPOCHS: TableDefinition<i32, u64> = TableDefinition::new("epochs");
+
 /// `UserKey` → (its partition, the changelog offset of the record applied): users a standby
 /// replica applied (not owned: not sent). When the partition arrives, those whose record lies
 /// at or above the partition's acknowledged watermark go to the outbox (below it, every sink
@@ -72,11 +81,24 @@ pub enum Applier {
     Audit,
 }
 
-/// Which input a user's state has folded: its partition and, per topic, the next offset.
+/// Which input a user's state has folded: its partition and, per topic, the next offset; and
+/// which ownership of the partition wrote it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {
     pub partition: i32,
     pub next: Vec<(String, i64)>,
+    /// The fencing token of the ownership that wrote this state ([`Store::claim`]): every
+    /// new owner of a partition holds a greater one than any earlier owner, including one
+    /// that does not know yet that it lost the partition (a zombie). A changelog record of a
+    /// greater epoch wins over local state and over records of smaller epochs, wherever they
+    /// stand in the log. 0: written before fencing existed (or by a static assignment).
+    ///
+    /// Not in the serde form: written after it, as a trailing varint when not 0
+    /// ([`Stamp::to_bytes`], [`LogValue::to_bytes`]), so builds from before it read stamps and
+    /// changelog records with one (postcard leaves trailing bytes alone) and records without
+    /// one read as epoch 0.
+    #[serde(skip)]
+    pub epoch: u64,
 }
 
 /// A users-table value (store layout 3): the user's stamp as length-prefixed postcard bytes
@@ -85,7 +107,7 @@ pub struct Stamp {
 /// from memory went from 119–149k to 128–199k records/s, faster in each of five pairs of
 /// alternating runs (`origin-sync-scale-bench --apply-only`).
 pub(super) fn user_value(stamp: Option<&Stamp>, state: &[u8]) -> Vec<u8> {
-    user_value_raw(&stamp.map(encode).unwrap_or_default(), state)
+    user_value_raw(&stamp.map(Stamp::to_bytes).unwrap_or_default(), state)
 }
 
 /// [`user_value`] from a stamp's bytes as [`split_user`] gave them.
@@ -106,7 +128,7 @@ pub(super) fn stamped(value: &[u8]) -> Result<(Option<Stamp>, &[u8]), StoreError
     let (stamp, state) = split_user(value)?;
     let stamp = match stamp {
         [] => None,
-        bytes => Some(decode(bytes, "stamp")?),
+        bytes => Some(Stamp::from_bytes(bytes, "stamp")?),
     };
     Ok((stamp, state))
 }
@@ -121,7 +143,37 @@ pub(super) fn state_of(value: &[u8]) -> Result<UserState, StoreError> {
     UserState::decode(split_user(value)?.1)
 }
 
+/// Appends `epoch` as a trailing varint, unless it is 0 (see [`Stamp::epoch`]).
+fn push_epoch(out: &mut Vec<u8>, epoch: u64) {
+    if epoch > 0 {
+        out.extend_from_slice(&encode(&epoch));
+    }
+}
+
+/// The epoch trailing a stamp or a changelog record (none: 0).
+fn trailing_epoch(rest: &[u8], what: &str) -> Result<u64, StoreError> {
+    if rest.is_empty() {
+        return Ok(0);
+    }
+    decode(rest, what)
+}
+
 impl Stamp {
+    /// The stamp's bytes: its serde form, then its epoch ([`Stamp::epoch`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = encode(self);
+        push_epoch(&mut out, self.epoch);
+        out
+    }
+
+    /// A stamp from [`Stamp::to_bytes`] (or an older build's, without an epoch).
+    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Stamp, StoreError> {
+        let (mut stamp, rest) = postcard::take_from_bytes::<Stamp>(bytes)
+            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))?;
+        stamp.epoch = trailing_epoch(rest, what)?;
+        Ok(stamp)
+    }
+
     pub fn next_of(&self, topic: &str) -> i64 {
         self.next
             .iter()
@@ -142,7 +194,8 @@ impl Stamp {
     }
 }
 
-/// The changelog's value format: a format byte, then postcard.
+/// The changelog's value format: a format byte, then postcard, then the stamp's epoch when it
+/// has one (a trailing field older builds skip: the format stays 1).
 pub const LOG_FORMAT: u8 = 1;
 
 /// One changelog value: a user's stamp and state in the store's own encoding, with the store
@@ -156,14 +209,20 @@ pub struct LogValue {
 }
 
 impl LogValue {
+    /// The format byte, the record in postcard, then the stamp's epoch ([`Stamp::epoch`]).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = vec![LOG_FORMAT];
         out.extend_from_slice(&encode(self));
+        push_epoch(&mut out, self.stamp.epoch);
         out
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<LogValue, StoreError> {
-        decode(log_body(bytes)?, "changelog record")
+        let what = "changelog record";
+        let (mut value, rest) = postcard::take_from_bytes::<LogValue>(log_body(bytes)?)
+            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))?;
+        value.stamp.epoch = trailing_epoch(rest, what)?;
+        Ok(value)
     }
 }
 
@@ -184,9 +243,11 @@ fn log_body(bytes: &[u8]) -> Result<&[u8], StoreError> {
 /// `&[u8]` alike (a length, then the bytes).
 struct LogValueRef<'a> {
     layout: u64,
-    /// [`Stamp`] in postcard, as it stands in the record.
+    /// [`Stamp`] in postcard, as it stands in the record (without its epoch).
     stamp: &'a [u8],
     state: &'a [u8],
+    /// The stamp's epoch, trailing the record.
+    epoch: u64,
 }
 
 /// A [`Stamp`] read in place, to find where it ends (its topic names borrowed).
@@ -205,17 +266,27 @@ impl<'a> LogValueRef<'a> {
         let (_, after_stamp) =
             postcard::take_from_bytes::<StampRef>(after_layout).map_err(corrupt)?;
         let stamp = &after_layout[..after_layout.len() - after_stamp.len()];
-        let (state, _) = postcard::take_from_bytes::<&[u8]>(after_stamp).map_err(corrupt)?;
+        let (state, rest) = postcard::take_from_bytes::<&[u8]>(after_stamp).map_err(corrupt)?;
         Ok(LogValueRef {
             layout,
             stamp,
             state,
+            epoch: trailing_epoch(rest, "changelog record's epoch")?,
         })
     }
 
     /// The stamp, decoded (to compare with a local one).
     fn stamp(&self) -> Result<Stamp, StoreError> {
-        decode(self.stamp, "changelog record's stamp")
+        let mut stamp: Stamp = decode(self.stamp, "changelog record's stamp")?;
+        stamp.epoch = self.epoch;
+        Ok(stamp)
+    }
+
+    /// The stamp's bytes as a users-table value holds them ([`Stamp::to_bytes`]).
+    fn stamp_bytes(&self) -> Vec<u8> {
+        let mut out = self.stamp.to_vec();
+        push_epoch(&mut out, self.epoch);
+        out
     }
 
     /// The state in this build's store layout: an older instance's record (a rolling upgrade
@@ -267,7 +338,6 @@ pub struct LogRecord {
 /// applying thread, one per restore and its limit, only looks up, compares and writes.
 #[derive(Debug)]
 pub struct PreparedRecord {
-    offset: i64,
     key: Vec<u8>,
     ready: Readiness,
 }
@@ -286,6 +356,8 @@ enum Readiness {
 /// A readable record's parts.
 #[derive(Debug)]
 struct Ready {
+    /// Where the record sits in its changelog partition.
+    offset: i64,
     key: UserKey,
     /// The users-table value: the record's stamp, then its state in this build's layout.
     value: Vec<u8>,
@@ -300,16 +372,15 @@ impl PreparedRecord {
     pub fn new(record: LogRecord) -> PreparedRecord {
         let ready = match &record.value {
             None => Readiness::Tombstone,
-            Some(v) => Self::ready(&record.key, v),
+            Some(v) => Self::ready(record.offset, &record.key, v),
         };
         PreparedRecord {
-            offset: record.offset,
             key: record.key,
             ready,
         }
     }
 
-    fn ready(key: &[u8], bytes: &[u8]) -> Readiness {
+    fn ready(offset: i64, key: &[u8], bytes: &[u8]) -> Readiness {
         let (Ok(key), Ok(value)) = (user_key(key, "changelog"), LogValueRef::parse(bytes)) else {
             return Readiness::Unreadable;
         };
@@ -325,8 +396,9 @@ impl PreparedRecord {
         let (Ok(theirs), Ok(stamp)) = (UserState::decode_unfolded(&state), value.stamp()) else {
             return Readiness::Unreadable;
         };
-        let value_bytes = user_value_raw(value.stamp, &state);
+        let value_bytes = user_value_raw(&value.stamp_bytes(), &state);
         Readiness::Ready(Box::new(Ready {
+            offset,
             key,
             state_at: value_bytes.len() - state.len(),
             value: value_bytes,
@@ -351,6 +423,13 @@ pub struct Restored {
     /// The users put in the outbox (owner); for an audit, those whose record was behind and
     /// different: to re-log unless a later record of theirs follows (`changelog::audit`).
     pub touched: Vec<UserKey>,
+    /// An owner's restore: the users whose last record read is not what this store keeps of
+    /// them (a stale writer's record left after a later owner's). Compaction keeps a key's
+    /// last record only, so they are logged again (`ownership`, once restored).
+    pub last_stale: std::collections::BTreeSet<UserKey>,
+    /// Those whose last record read is what this store keeps (a later chunk's answer for a
+    /// user an earlier chunk found stale).
+    pub last_current: std::collections::BTreeSet<UserKey>,
 }
 
 impl std::ops::AddAssign for Restored {
@@ -362,6 +441,31 @@ impl std::ops::AddAssign for Restored {
         self.behind += r.behind;
         self.unreadable += r.unreadable;
         self.touched.extend(r.touched);
+        // a later chunk's last record of a user is the user's last record
+        for k in &r.last_current {
+            self.last_stale.remove(k);
+        }
+        for k in &r.last_stale {
+            self.last_current.remove(k);
+        }
+        self.last_stale.extend(r.last_stale);
+        self.last_current.extend(r.last_current);
+    }
+}
+
+/// Whether a changelog record stamped `record` replaces local state stamped `local`: a
+/// greater epoch wins (a later owner's; see [`Stamp::epoch`]), a smaller one loses (an earlier
+/// owner's, or a zombie's written late); within one epoch (one ownership, or records from
+/// before fencing) the record wins unless the local stamp is further ahead (covers it and
+/// differs): what one owner folded never goes backwards, whatever order it was logged in.
+fn outranks(record: &Stamp, local: Option<&Stamp>) -> bool {
+    let Some(local) = local else {
+        return true;
+    };
+    match record.epoch.cmp(&local.epoch) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => !(local.covers(record) && local != record),
     }
 }
 
@@ -654,28 +758,35 @@ impl Store {
             let mut standby_t = tx.open_table(STANDBY_AT)?;
             let mut pos_t = tx.open_table(CHANGELOG_POS)?;
             let pender = Pender::new(now_ms);
-            // the last record of a key in this chunk is the one that counts; applied in key
-            // order, which is the B-trees' (sequential leaves: about twice as fast as random)
-            let mut last: std::collections::BTreeMap<&[u8], &PreparedRecord> = Default::default();
+            let mut seen = 0;
+            // Per key, the record that counts: the greatest epoch's, and of those the last
+            // (a later owner's record wins wherever it stands; one owner's later record is its
+            // later state). Applied in key order, which is the B-trees' (sequential leaves:
+            // about twice as fast as random). The key's last record is kept too: what
+            // compaction would leave of the key.
+            let mut best: std::collections::BTreeMap<&[u8], (&Ready, &Ready)> = Default::default();
             for r in records {
                 out.read += 1;
-                match r.ready {
-                    Readiness::Tombstone => out.unreadable += 1,
-                    _ => {
-                        last.insert(r.key.as_slice(), r);
-                    }
-                }
-            }
-            for (k, r) in last {
-                let offset = r.offset;
                 let ready = match &r.ready {
-                    Readiness::Ready(ready) => ready,
+                    Readiness::Ready(ready) => ready.as_ref(),
                     Readiness::Newer(layout) => return Err(newer_layout(*layout)),
                     Readiness::Tombstone | Readiness::Unreadable => {
                         out.unreadable += 1;
                         continue;
                     }
                 };
+                seen = seen.max(ready.stamp.epoch);
+                best.entry(r.key.as_slice())
+                    .and_modify(|(b, last)| {
+                        if ready.stamp.epoch >= b.stamp.epoch {
+                            *b = ready;
+                        }
+                        *last = ready;
+                    })
+                    .or_insert((ready, ready));
+            }
+            for (k, (ready, last)) in best {
+                let offset = ready.offset;
                 let key = ready.key;
                 let state = &ready.value[ready.state_at..];
                 let stored = users_t.get(k)?.map(|g| g.value().to_vec());
@@ -690,8 +801,28 @@ impl Store {
                 // store is as far or further (a copy left here by an earlier ownership): its
                 // outbox entries were released when the partition left.
                 let resend_here = applier == Applier::Owner && offset >= acked_below;
+                let newer = outranks(&ready.stamp, local.as_ref());
+                // what the key's last record says, against what this store keeps of it: a
+                // record behind it left last would be all compaction keeps
+                let note_last = |kept: &[u8], out: &mut Restored| {
+                    if applier == Applier::Owner {
+                        if last.value.as_slice() == kept {
+                            out.last_current.insert(key);
+                        } else {
+                            out.last_stale.insert(key);
+                        }
+                    }
+                };
                 if here == Some(state) {
                     out.behind += 1;
+                    // the same state under a later owner's stamp: that stamp is kept, so a
+                    // stale writer's record of the earlier epoch cannot pass for it
+                    if newer && applier != Applier::Audit && local.as_ref() != Some(&ready.stamp) {
+                        users_t.insert(k, ready.value.as_slice())?;
+                        note_last(&ready.value, &mut out);
+                    } else if let Some(value) = &stored {
+                        note_last(value, &mut out);
+                    }
                     if resend_here {
                         pender.pend(&mut outbox_t, &key.0)?;
                         out.resent += 1;
@@ -707,11 +838,11 @@ impl Store {
                 };
                 let erasure_newer_here = erased_here
                     .is_some_and(|(_, at)| ready.erased.is_none_or(|(_, their_at)| their_at < at));
-                let further_here = local
-                    .as_ref()
-                    .is_some_and(|l| l.covers(&ready.stamp) && *l != ready.stamp);
-                if erasure_newer_here || further_here {
+                if erasure_newer_here || !newer {
                     out.behind += 1;
+                    if let Some(value) = &stored {
+                        note_last(value, &mut out);
+                    }
                     if applier == Applier::Audit && here.is_some() {
                         out.touched.push(key);
                     }
@@ -728,6 +859,7 @@ impl Store {
                     continue;
                 }
                 users_t.insert(k, ready.value.as_slice())?;
+                note_last(&ready.value, &mut out);
                 out.applied += 1;
                 if applier == Applier::Standby {
                     standby_t.insert(k, (partition, offset))?;
@@ -739,6 +871,11 @@ impl Store {
                 pender.pend(&mut outbox_t, &key.0)?;
                 out.resent += 1;
                 out.touched.push(key);
+            }
+            let mut epochs_t = tx.open_table(EPOCHS)?;
+            let known = epochs_t.get(partition)?.map_or(0, |g| g.value());
+            if seen > known {
+                epochs_t.insert(partition, seen)?;
             }
             // never backwards: a restore reading again from the watermark passes what this
             // store has applied, and one of an earlier assignment may still be running
@@ -904,6 +1041,49 @@ impl Store {
             owned.clear();
             owned.extend(partitions);
         }
+    }
+
+    /// Takes the ownership of `partition` the group gave this instance in `generation`,
+    /// once its restore has run: returns the epoch every state this instance writes for it
+    /// carries from now on ([`Stamp::epoch`]).
+    ///
+    /// The epoch is the generation + 1 (0 is "no epoch") in the high bits, so that every later
+    /// generation outranks it, and above every epoch this store has read of the partition's
+    /// changelog or claimed before: a static member restarted within its session keeps its
+    /// generation, and its new run outranks its old one (frozen, it may still write); a group
+    /// deleted and created again starts its generations over, and fencing goes on from the
+    /// changelog's epochs (a new owner whose restore read a zombie's records outranks them;
+    /// one that read none of them ties with them, and within one epoch the stamps decide, as
+    /// before fencing).
+    pub fn claim(&self, partition: i32, generation: u64) -> Result<u64, StoreError> {
+        let base = (generation + 1) << EPOCH_GENERATION_SHIFT;
+        let tx = self.db.begin_write()?;
+        let epoch = {
+            let mut t = tx.open_table(EPOCHS)?;
+            let seen = t.get(partition)?.map_or(0, |g| g.value());
+            if seen >> EPOCH_GENERATION_SHIFT > generation + 1 {
+                tracing::warn!(
+                    partition,
+                    generation,
+                    seen,
+                    "the consumer group's generation is behind the changelog's epochs (was the \
+                     group deleted and created again?): fencing goes on from the changelog's"
+                );
+            }
+            let epoch = base.max(seen + 1);
+            t.insert(partition, epoch)?;
+            epoch
+        };
+        tx.commit()?;
+        if let Ok(mut epochs) = self.epochs.lock() {
+            epochs.insert(partition, epoch);
+        }
+        Ok(epoch)
+    }
+
+    /// Per partition, the epoch of this instance's latest ownership of it.
+    pub fn epochs(&self) -> std::collections::BTreeMap<i32, u64> {
+        self.epochs.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
     /// How many times each partition has left `owned` so far (a partition never revoked has
@@ -1364,6 +1544,226 @@ mod tests {
         assert_eq!((junk.applied, junk.unreadable), (0, 3));
     }
 
+    /// Fencing. A owns the partition (generation 3) and freezes with events prefetched; B takes
+    /// it over (generation 5), restores A's records and folds on; A wakes, folds what it had
+    /// prefetched and writes its records after B's. Whoever restores the partition next keeps
+    /// B's states: a new store reading the log as one chunk (the last record per key would be
+    /// the zombie's) or record by record, and A itself, given the partition back, whose local
+    /// copy is the zombie's state (the restore that once left 158 shoppers 3 events short in
+    /// `scale_out`). Each names the shoppers whose last record is the zombie's, to be logged
+    /// again before compaction leaves only that record.
+    #[test]
+    fn a_later_owners_records_outrank_a_zombies_written_after_them() {
+        use std::collections::BTreeSet;
+        let events = traffic(3, 160, 31);
+        let recs = records(&events, 0);
+        let a = open("fence-a");
+        a.set_owned(&[0]);
+        let a_epoch = a.claim(0, 3).expect("claim");
+        assert_eq!(a_epoch, 4 << EPOCH_GENERATION_SHIFT);
+        let first = a.apply_batch(&recs[..50]).expect("fold").logged;
+        let b = open("fence-b");
+        b.set_owned(&[0]);
+        b.apply_changelog(0, &as_read(&first), first.len() as i64, 0, 1)
+            .expect("restore");
+        let b_epoch = b.claim(0, 5).expect("claim");
+        assert!(b_epoch > a_epoch);
+        let owner = b.apply_batch(&recs[50..120]).expect("fold").logged;
+        let zombie = a.apply_batch(&recs[50..70]).expect("fold").logged;
+        // the broker took them
+        let marks: Vec<(UserKey, u64)> = zombie.iter().map(|l| (l.key, l.version)).collect();
+        a.mark_logged(&marks).expect("logged");
+        let epoch_of = |l: &Logged| LogValue::from_bytes(&l.value).expect("reads").stamp.epoch;
+        assert!(owner.iter().all(|l| epoch_of(l) == b_epoch));
+        assert!(zombie.iter().all(|l| epoch_of(l) == a_epoch));
+        let zombie_keys: BTreeSet<UserKey> = zombie.iter().map(|l| l.key).collect();
+        assert!(!zombie_keys.is_empty());
+        let log: Vec<Logged> = first.iter().chain(&owner).chain(&zombie).cloned().collect();
+        let read = as_read(&log);
+        let end = read.len() as i64;
+
+        let whole = open("fence-whole");
+        let r_whole = whole.apply_changelog(0, &read, end, 0, 1).expect("restore");
+        let single = open("fence-single");
+        let mut r_single = Restored::default();
+        for (i, rec) in read.iter().enumerate() {
+            r_single += single
+                .apply_changelog(0, std::slice::from_ref(rec), i as i64 + 1, 0, 1)
+                .expect("restore");
+        }
+        a.set_owned(&[]);
+        a.set_owned(&[0]);
+        let r_back = a
+            .apply_changelog(0, &read[first.len()..], end, 0, 1)
+            .expect("restore");
+        for (store, r) in [(&whole, &r_whole), (&single, &r_single), (&a, &r_back)] {
+            for u in 0..3 {
+                let user = format!("p-u{u}");
+                assert_eq!(
+                    store.current(&user).expect("read"),
+                    b.current(&user).expect("read"),
+                    "{user}: the later owner's state"
+                );
+                assert_eq!(
+                    store.stamp(&user).expect("stamp"),
+                    b.stamp(&user).expect("stamp")
+                );
+            }
+            assert_eq!(
+                r.last_stale, zombie_keys,
+                "the zombie's last records are named"
+            );
+        }
+        // logged again at the later owner's state and epoch
+        assert_eq!(
+            a.relog(&r_back.last_stale.iter().copied().collect::<Vec<_>>(), 2)
+                .expect("relog"),
+            zombie_keys.len() as u64
+        );
+        for l in a.unlogged_of(Some(&[0]), u64::MAX).expect("unlogged") {
+            if zombie_keys.contains(&l.key) {
+                assert_eq!(epoch_of(&l), b_epoch);
+            }
+        }
+    }
+
+    /// A claim's epoch is above every earlier generation's and every epoch the store has seen
+    /// of the partition: the same generation claimed again (a static member's restart) counts
+    /// up below the next generation; a group whose generations started over goes on above the
+    /// changelog's epochs.
+    #[test]
+    fn a_claim_outranks_every_epoch_the_store_has_seen() {
+        let base = |g: u64| (g + 1) << EPOCH_GENERATION_SHIFT;
+        let s = open("claim");
+        assert_eq!(s.claim(0, 4).expect("claim"), base(4));
+        assert_eq!(s.claim(0, 4).expect("claim"), base(4) + 1);
+        assert!(base(4) + 1 < base(5));
+        assert_eq!(s.claim(0, 9).expect("claim"), base(9));
+        assert_eq!(s.claim(1, 2).expect("claim"), base(2));
+        assert_eq!(s.epochs().get(&0), Some(&base(9)));
+
+        // records of a later owner's epoch read on partition 2, then a claim by a generation
+        // below it (the group was recreated)
+        let other = open("claim-other");
+        other.set_owned(&[2]);
+        other.claim(2, 30).expect("claim");
+        let logged = other
+            .apply_batch(&records(&traffic(1, 5, 3), 2))
+            .expect("fold")
+            .logged;
+        s.apply_changelog(2, &as_read(&logged), 1, 0, 1)
+            .expect("restore");
+        assert_eq!(s.claim(2, 0).expect("claim"), base(30) + 1);
+    }
+
+    /// The same state under a later owner's stamp: the stamp is taken (an earlier owner's
+    /// record of that state must not pass for the later one's), nothing counts as applied.
+    #[test]
+    fn a_later_epochs_stamp_is_taken_for_the_same_state() {
+        let events = traffic(1, 20, 5);
+        let writer = open("same-state-writer");
+        writer.set_owned(&[0]);
+        writer.claim(0, 1).expect("claim");
+        let logged = writer
+            .apply_batch(&records(&events, 0))
+            .expect("fold")
+            .logged;
+        let reader = open("same-state-reader");
+        reader
+            .apply_changelog(0, &as_read(&logged), 1, 0, 1)
+            .expect("restore");
+        let mut later = LogValue::from_bytes(&logged[0].value).expect("reads");
+        later.stamp.epoch += 1 << EPOCH_GENERATION_SHIFT;
+        let relogged = [LogRecord {
+            offset: 1,
+            key: logged[0].key.0.to_vec(),
+            value: Some(later.to_bytes()),
+        }];
+        let r = reader
+            .apply_changelog(0, &relogged, 2, 0, 1)
+            .expect("apply");
+        assert_eq!((r.applied, r.behind), (0, 1));
+        assert_eq!(
+            reader.stamp("p-u0").expect("stamp").map(|s| s.epoch),
+            Some(later.stamp.epoch)
+        );
+    }
+
+    /// The epoch trails a stamp and a changelog record, so a build from before it reads both
+    /// (postcard leaves trailing bytes alone), and theirs read as epoch 0.
+    #[test]
+    fn epochs_trail_stamps_and_records_for_builds_before_them() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct OldStamp {
+            partition: i32,
+            next: Vec<(String, i64)>,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct OldLogValue {
+            layout: u64,
+            stamp: OldStamp,
+            state: Vec<u8>,
+        }
+        let stamp = Stamp {
+            partition: 2,
+            next: vec![("t".into(), 7)],
+            epoch: (5 << EPOCH_GENERATION_SHIFT) + 3,
+        };
+        let old = OldStamp {
+            partition: 2,
+            next: vec![("t".into(), 7)],
+        };
+        let bytes = stamp.to_bytes();
+        assert_eq!(
+            postcard::from_bytes::<OldStamp>(&bytes).expect("old reads"),
+            old
+        );
+        assert_eq!(Stamp::from_bytes(&bytes, "stamp").expect("reads"), stamp);
+        let old_bytes = postcard::to_allocvec(&old).expect("encodes");
+        assert_eq!(
+            Stamp::from_bytes(&old_bytes, "stamp").expect("reads"),
+            Stamp {
+                epoch: 0,
+                ..stamp.clone()
+            }
+        );
+
+        let value = LogValue {
+            layout: super::super::layout::STATE_LAYOUT,
+            stamp: stamp.clone(),
+            state: vec![1, 2, 3],
+        };
+        let record = value.to_bytes();
+        let read_old: OldLogValue = postcard::from_bytes(&record[1..]).expect("old reads");
+        assert_eq!((read_old.stamp, read_old.state), (old, vec![1, 2, 3]));
+        assert_eq!(LogValue::from_bytes(&record).expect("reads").stamp, stamp);
+        let borrowed = LogValueRef::parse(&record).expect("parses");
+        assert_eq!(borrowed.stamp().expect("stamp"), stamp);
+        assert_eq!(borrowed.stamp_bytes(), stamp.to_bytes());
+        assert_eq!(borrowed.state, &[1, 2, 3]);
+
+        let mut older_record = vec![LOG_FORMAT];
+        older_record.extend(postcard::to_allocvec(&read_old_value()).expect("encodes"));
+        assert_eq!(
+            LogValue::from_bytes(&older_record)
+                .expect("reads")
+                .stamp
+                .epoch,
+            0
+        );
+
+        fn read_old_value() -> OldLogValue {
+            OldLogValue {
+                layout: 3,
+                stamp: OldStamp {
+                    partition: 2,
+                    next: vec![("t".into(), 7)],
+                },
+                state: vec![1, 2, 3],
+            }
+        }
+    }
+
     /// The owner's audit of its partition's changelog: a shopper whose last record there is
     /// behind its state (a zombie's) is marked to be logged again, at its current version;
     /// the owner's own latest records and records ahead of it (events it has yet to fold)
@@ -1767,6 +2167,7 @@ mod tests {
         let s = |v: &[(&str, i64)]| Stamp {
             partition: 0,
             next: v.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
+            epoch: 0,
         };
         assert!(s(&[("a", 5), ("b", 3)]).covers(&s(&[("a", 5)])));
         assert!(s(&[("a", 5), ("b", 3)]).covers(&s(&[("b", 3), ("a", 1)])));
