@@ -1300,6 +1300,90 @@ fn changelog_records(brokers: &str, partition: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
     }
     out
 }
+/// Fencing on the real broker. Instance a folds the first half of the traffic and stops; a
+/// record of a zombie is appended after a's: an earlier state of a shopper, under an epoch
+/// below a's and with a stamp ahead of everything (it folded input a never saw). Instance b,
+/// on a store of its own, restores the partition: it keeps a's state (the zombie's record is
+/// last, and before fencing the last record won, with its stamp skipping the shopper's next
+/// events), logs the shopper again so that compaction keeps a's state, and folds the second
+/// half on top: the edge ends equal to the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_keeps_the_later_owners_state_over_a_zombies_record_left_last() {
+    let Some(tansu) = with_topics(Tansu::start("fence"), 1) else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("fence");
+    let events = traffic(40, 1600, "fz", 71);
+    let want = reference(&events);
+    let (first, second) = events.split_at(800);
+    let (cfg, log) = instance(&tansu, &edge, &dir, "a", "");
+    let a = Binary::start(&cfg, &log);
+    // in two parts: shoppers' states are logged more than once
+    for until in [400, 800] {
+        produce_events(&tansu.brokers(), &first[until - 400..until]).await;
+        converge(&edge, &reference(&first[..until]), Duration::from_secs(60)).await;
+    }
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+
+    let log_now = changelog_records(&tansu.brokers(), 0);
+    let mut by_key: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    for (k, v) in &log_now {
+        by_key.entry(k.clone()).or_default().push(v.clone());
+    }
+    let (key, values) = by_key
+        .iter()
+        .filter(|(_, vs)| vs.len() > 1 && vs[0] != vs[vs.len() - 1])
+        .max_by_key(|(_, vs)| vs.len())
+        .expect("a shopper logged more than once");
+    let owners = values[values.len() - 1].clone();
+    let owner = origin_sync::store::LogValue::from_bytes(&owners).expect("a's record reads");
+    assert!(owner.stamp.epoch > 0, "a stamps its records with its epoch");
+    let mut zombie = origin_sync::store::LogValue::from_bytes(&values[0]).expect("reads");
+    zombie.stamp.epoch = owner.stamp.epoch - 1;
+    for (_, next) in &mut zombie.stamp.next {
+        *next += 100_000;
+    }
+    let producer = origin_sync::kafka::producer(&origin_sync::config::KafkaConfig {
+        brokers: tansu.brokers(),
+        ..Default::default()
+    })
+    .expect("producer");
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to("edgewise_profile_changelog")
+                .partition(0)
+                .key(key.as_slice())
+                .payload(zombie.to_bytes().as_slice()),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the zombie's record is appended");
+
+    let (cfg, log) = instance(&tansu, &edge, &dir, "b", "");
+    let b = Binary::start(&cfg, &log);
+    wait_for(
+        || {
+            changelog_records(&tansu.brokers(), 0)
+                .into_iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .is_some_and(|(_, v)| v == owners)
+        },
+        "a's state, logged again by b, as the shopper's last changelog record",
+    )
+    .await;
+    assert_eq!(
+        metric(&base(&dir, "b"), "edgewise_changelog_relogged_total").await,
+        Some(1.0)
+    );
+    produce_events(&tansu.brokers(), second).await;
+    converge(&edge, &want, Duration::from_secs(60)).await;
+    assert_eq!(mismatches(&edge, &want), 0);
+    let status = b.terminate();
+    assert!(status.success(), "b's SIGTERM exit: {status}");
+}
 
 /// A zombie's changelog write, made by hand: an instance owns every partition and has folded
 /// a stream; an older record of one of its shoppers (as an instance that lost the partition
