@@ -6,8 +6,25 @@
 //! HttpOnly, SameSite=Lax cookie that is `Secure` except on loopback hosts (configurable).
 //! Everything here is untrusted text, checked before anything else sees it.
 
-/// The visitor cookie's name.
+/// The visitor cookie's name where cookies cannot be `Secure` (loopback hosts in development,
+/// or `COOKIE_SECURE=false`).
 pub const VISITOR_COOKIE: &str = "ew_vid";
+/// The visitor cookie's name where it is `Secure` (production). The `__Host-` prefix makes
+/// browsers refuse it unless it is Secure, set by this very host and for `Path=/`, with no
+/// `Domain`: a sibling subdomain (or a page on plain HTTP) cannot plant its own visitor id in
+/// a shopper's browser (cookie tossing), which would fold that shopper's browsing into a
+/// profile the planter reads, and, at sign-in, join the planter's visitor profile into the
+/// shopper's. An unprefixed `ew_vid` is not read where cookies are Secure, for that reason.
+pub const SECURE_VISITOR_COOKIE: &str = "__Host-ew_vid";
+
+/// The visitor cookie's name, by whether cookies are `Secure` here.
+pub fn visitor_cookie_name(secure: bool) -> &'static str {
+    if secure {
+        SECURE_VISITOR_COOKIE
+    } else {
+        VISITOR_COOKIE
+    }
+}
 /// Longest `Cookie` header looked at; browsers cap a cookie at 4 KB and headers near 8 KB.
 pub const MAX_COOKIE_HEADER: usize = 8 * 1024;
 /// Longest user id accepted from the site (the event schema's limit).
@@ -46,7 +63,10 @@ pub enum IdentityError {
          (v- and 32 hex digits)"
     )]
     BadUserHeader,
-    #[error("the ew_vid cookie must be 32 lowercase hex digits; clear it to get a new one")]
+    #[error(
+        "the visitor cookie (__Host-ew_vid, or ew_vid on loopback) must be 32 lowercase hex \
+         digits; clear it to get a new one"
+    )]
     BadVisitorCookie,
     #[error("the cookie header is too large")]
     CookieTooLarge,
@@ -78,11 +98,13 @@ pub enum SignedIn<'a> {
     TrustedHeader(&'a str),
 }
 
-/// Resolves the identity of a request. `mint` supplies 16 random bytes when a new visitor id
-/// is needed (`getrandom` in the worker).
+/// Resolves the identity of a request. `secure`: cookies are Secure here (which names the
+/// visitor cookie, [`visitor_cookie_name`]). `mint` supplies 16 random bytes when a new
+/// visitor id is needed (`getrandom` in the worker).
 pub fn resolve(
     signed_in: SignedIn<'_>,
     cookie_header: Option<&str>,
+    secure: bool,
     mint: impl FnOnce() -> [u8; 16],
 ) -> Result<Identity, IdentityError> {
     match signed_in {
@@ -93,7 +115,7 @@ pub fn resolve(
         SignedIn::TrustedHeader(_) => return Err(IdentityError::BadUserHeader),
         SignedIn::No => {}
     }
-    if let Some(id) = visitor_cookie(cookie_header)? {
+    if let Some(id) = visitor_cookie(cookie_header, secure)? {
         return Ok(Identity::Visitor {
             id: id.to_owned(),
             minted: false,
@@ -108,9 +130,13 @@ pub fn resolve(
 /// The anonymous visitor a signed-in request still carries the cookie of (they just signed
 /// in): what that visitor did is to join their profile. `None` for a visitor request, or
 /// without a valid visitor cookie.
-pub fn signed_in_visitor(who: &Identity, cookie_header: Option<&str>) -> Option<String> {
+pub fn signed_in_visitor(
+    who: &Identity,
+    cookie_header: Option<&str>,
+    secure: bool,
+) -> Option<String> {
     match who {
-        Identity::User(_) => visitor_cookie(cookie_header)
+        Identity::User(_) => visitor_cookie(cookie_header, secure)
             .ok()
             .flatten()
             .map(|id| Identity::Visitor {
@@ -123,14 +149,14 @@ pub fn signed_in_visitor(who: &Identity, cookie_header: Option<&str>) -> Option<
 }
 
 /// The visitor id in a `Cookie` header, if there is a valid one.
-fn visitor_cookie(header: Option<&str>) -> Result<Option<&str>, IdentityError> {
+fn visitor_cookie(header: Option<&str>, secure: bool) -> Result<Option<&str>, IdentityError> {
     let Some(header) = header else {
         return Ok(None);
     };
     if header.len() > MAX_COOKIE_HEADER {
         return Err(IdentityError::CookieTooLarge);
     }
-    match crate::token::cookie(header, VISITOR_COOKIE) {
+    match crate::token::cookie(header, visitor_cookie_name(secure)) {
         None => Ok(None),
         Some(v) if is_visitor_id(v) => Ok(Some(v)),
         Some(_) => Err(IdentityError::BadVisitorCookie),
@@ -140,7 +166,8 @@ fn visitor_cookie(header: Option<&str>) -> Result<Option<&str>, IdentityError> {
 /// The `Set-Cookie` value that keeps a visitor id.
 pub fn visitor_set_cookie(id: &str, secure: bool) -> String {
     format!(
-        "{VISITOR_COOKIE}={id}; Path=/; Max-Age={VISITOR_MAX_AGE_SECS}; HttpOnly; SameSite=Lax{}",
+        "{}={id}; Path=/; Max-Age={VISITOR_MAX_AGE_SECS}; HttpOnly; SameSite=Lax{}",
+        visitor_cookie_name(secure),
         if secure { "; Secure" } else { "" }
     )
 }
@@ -148,7 +175,8 @@ pub fn visitor_set_cookie(id: &str, secure: bool) -> String {
 /// The `Set-Cookie` value that removes the visitor id (after erasure).
 pub fn visitor_clear_cookie(secure: bool) -> String {
     format!(
-        "{VISITOR_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
+        "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
+        visitor_cookie_name(secure),
         if secure { "; Secure" } else { "" }
     )
 }
@@ -174,7 +202,7 @@ mod tests {
     fn check(user: Option<&str>, cookie: Option<&str>, expect: Result<Identity, IdentityError>) {
         let signed_in = user.map_or(SignedIn::No, SignedIn::TrustedHeader);
         assert_eq!(
-            resolve(signed_in, cookie, || [0xab; 16]),
+            resolve(signed_in, cookie, false, || [0xab; 16]),
             expect,
             "{user:?} {cookie:?}"
         );
@@ -239,6 +267,40 @@ mod tests {
         );
     }
 
+    /// Where cookies are Secure, the visitor id is read from `__Host-ew_vid` only: a plain
+    /// `ew_vid` may have been planted by a sibling subdomain (cookie tossing) and names no
+    /// one; where they are not (loopback), the prefixed name is not read.
+    #[test]
+    fn a_secure_site_reads_only_the_host_prefixed_visitor_cookie() {
+        let minted = "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd";
+        let resolve_on =
+            |secure: bool, cookie: &str| resolve(SignedIn::No, Some(cookie), secure, || [0xcd; 16]);
+        let planted = format!("ew_vid={ID}");
+        let own = format!("__Host-ew_vid={ID}");
+        assert_eq!(resolve_on(true, &own), visitor(ID, false));
+        assert_eq!(resolve_on(true, &planted), visitor(minted, true));
+        assert_eq!(
+            resolve_on(
+                true,
+                &format!("ew_vid=ffffffffffffffffffffffffffffffff; {own}")
+            ),
+            visitor(ID, false)
+        );
+        assert_eq!(resolve_on(false, &planted), visitor(ID, false));
+        assert_eq!(resolve_on(false, &own), visitor(minted, true));
+        assert_eq!(
+            resolve_on(true, "__Host-ew_vid=zz"),
+            Err(IdentityError::BadVisitorCookie)
+        );
+        // a sign-in joins only the visitor of the cookie this site sets
+        let alice = Identity::User("alice".into());
+        assert_eq!(signed_in_visitor(&alice, Some(&planted), true), None);
+        assert_eq!(
+            signed_in_visitor(&alice, Some(&own), true),
+            Some(format!("v-{ID}"))
+        );
+    }
+
     #[test]
     fn visitor_ids_cannot_collide_with_site_ids() {
         let v = Identity::Visitor {
@@ -251,7 +313,8 @@ mod tests {
         assert!(!is_user_id(&v.user_id()));
         assert!(is_user_id(&format!("v-{}", &ID[1..])) && is_user_id("v-alice"));
         assert_eq!(
-            resolve(SignedIn::TrustedHeader(&v.user_id()), None, || [0; 16]),
+            resolve(SignedIn::TrustedHeader(&v.user_id()), None, true, || [0;
+                16]),
             Err(IdentityError::BadUserHeader)
         );
     }
@@ -260,8 +323,16 @@ mod tests {
     fn cookies() {
         let c = visitor_set_cookie(ID, true);
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax") && c.ends_with("; Secure"));
-        assert!(!visitor_set_cookie(ID, false).contains("Secure"));
-        assert!(visitor_clear_cookie(false).contains("Max-Age=0"));
+        // what browsers require of a __Host- cookie: Secure, Path=/, no Domain
+        assert!(c.starts_with(&format!("__Host-ew_vid={ID};")) && c.contains("; Path=/;"));
+        assert!(!c.contains("Domain"));
+        let dev = visitor_set_cookie(ID, false);
+        assert!(dev.starts_with("ew_vid=") && !dev.contains("Secure"));
+        assert!(
+            visitor_clear_cookie(false).starts_with("ew_vid=; ")
+                && visitor_clear_cookie(false).contains("Max-Age=0")
+        );
+        assert!(visitor_clear_cookie(true).starts_with("__Host-ew_vid=; "));
         for (host, local) in [
             ("localhost:8787", true),
             ("127.0.0.1:8787", true),

@@ -7,8 +7,9 @@
 //! rule is tested natively.
 
 /// Edgewise's own cookies: never sent to the site origin.
-pub const OWN_COOKIES: [&str; 3] = [
+pub const OWN_COOKIES: [&str; 4] = [
     crate::identity::VISITOR_COOKIE,
+    crate::identity::SECURE_VISITOR_COOKIE,
     shared::session::COOKIE,
     shared::session::VISITOR_COOKIE,
 ];
@@ -476,7 +477,7 @@ mod tests {
             ("Transfer-Encoding", "chunked"),
             (
                 "Cookie",
-                "ew_vid=abc; session=site-1; ew_s=x.y; cart=3; ew_sv=z",
+                "ew_vid=abc; session=site-1; ew_s=x.y; cart=3; ew_sv=z; __Host-ew_vid=def",
             ),
             ("Authorization", "Bearer site-token"),
             ("X-Edgewise-Debug", "1"),

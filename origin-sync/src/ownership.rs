@@ -308,18 +308,22 @@ impl Owner {
         let store = shared.store.clone();
         let epoch = blocking(move || store.claim(p, generation)).await?;
         tracing::info!(partition = p, generation, epoch, "partition claimed");
-        // Users whose last record a stale writer left after a later owner's: compaction
-        // would keep only theirs. Logged again below with what this store keeps.
+        // Users whose last record is not what this store keeps (a stale writer's left after a
+        // later owner's, or one without an erasure this store applied): compaction would keep
+        // only that. Logged again below with what this store keeps; those with a change of
+        // their own on its way (unlogged: this store's, further along) are not counted twice.
         let stale: Vec<_> = report.restored.last_stale.iter().copied().collect();
         if !stale.is_empty() {
             let store = shared.store.clone();
             let n = blocking(move || store.relog(&stale, crate::pipeline::now_ms())).await?;
-            metrics.changelog_relogged.fetch_add(n, Relaxed);
-            tracing::warn!(
-                partition = p,
-                shoppers = n,
-                "changelog records of an earlier owner left after a later owner's; logging those shoppers again"
-            );
+            if n > 0 {
+                metrics.changelog_relogged.fetch_add(n, Relaxed);
+                tracing::warn!(
+                    partition = p,
+                    shoppers = n,
+                    "the changelog's last records of these shoppers are behind this store's state (a stale writer's, or missing an erasure); logging them again"
+                );
+            }
         }
         // what this store folded but the changelog never got (a crash) goes there now, before
         // anything newer: it is ahead of what was just restored

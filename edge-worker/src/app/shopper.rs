@@ -126,7 +126,12 @@ impl App {
             (None, Some(h)) => req.header(h).map_or(SignedIn::No, SignedIn::TrustedHeader),
             (None, None) => SignedIn::No,
         };
-        identity::resolve(signed_in, req.header("cookie"), mint)
+        identity::resolve(
+            signed_in,
+            req.header("cookie"),
+            self.cookie_secure(req),
+            mint,
+        )
     }
 
     /// Identity stitching: a signed-in request that still carries a visitor cookie is the
@@ -146,7 +151,8 @@ impl App {
         else {
             return None;
         };
-        let anonymous = identity::signed_in_visitor(who, req.header("cookie"))?;
+        let anonymous =
+            identity::signed_in_visitor(who, req.header("cookie"), self.cookie_secure(req))?;
         let key = key?;
         let visitor = self.key_of(&Identity::User(anonymous.clone()));
         let mut event = Event {

@@ -270,7 +270,7 @@ fn alice() -> [(&'static str, &'static str); 1] {
 }
 
 fn visitor_cookie() -> String {
-    format!("ew_vid={VISITOR}")
+    format!("__Host-ew_vid={VISITOR}")
 }
 
 fn skus_and_offer(r: &Reply) -> (Vec<String>, Option<String>) {

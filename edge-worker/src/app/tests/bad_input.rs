@@ -24,7 +24,7 @@ fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
     let garbage = b"\x01\x01\xff\xff\xff\xff\x0f garbage";
     let garbage_sig = auth::sign(SYNC_SECRET.as_bytes(), w.now() / 1000, garbage);
     let big = vec![b'x'; MAX_EVENTS_BODY + 1];
-    let bad_cookie = [("cookie", "ew_vid=<script>alert(1)</script>")];
+    let bad_cookie = [("cookie", "__Host-ew_vid=<script>alert(1)</script>")];
     let ok = |s: &str| (auth::TIMESTAMP_HEADER, s.to_owned());
     let long_query = format!("/v1/recommendations?{}", "a=b&".repeat(1000));
 
@@ -65,7 +65,7 @@ fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
         ("POST", "/v1/events", vec![], br#"[{"event_id":"z","type":"teleport"}]"#.to_vec(), 400, "unknown event type"),
         ("POST", "/v1/events", vec![], br#"[{"event_id":"z","type":"add_to_cart","item":"cam-001","category":"cameras","price":"free","quantity":1}]"#.to_vec(), 400, "price"),
         ("POST", "/v1/events", vec![], b"[\"\xff\xfe\"]".to_vec(), 400, "not valid JSON"),
-        ("POST", "/v1/events", bad_cookie.iter().map(|(k, v)| (*k, v.to_string())).collect(), b"[]".to_vec(), 400, "ew_vid cookie"),
+        ("POST", "/v1/events", bad_cookie.iter().map(|(k, v)| (*k, v.to_string())).collect(), b"[]".to_vec(), 400, "visitor cookie"),
         ("POST", "/v1/sync", vec![], frame.clone(), 401, "x-edgewise-timestamp"),
         ("POST", "/v1/sync", vec![ok(&ts)], frame.clone(), 401, "malformed signature"),
         ("POST", "/v1/sync", vec![ok(&ts), (auth::SIGNATURE_HEADER, "v1=00".into())], frame.clone(), 401, "malformed signature"),
@@ -87,7 +87,7 @@ fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
         ("GET", "/v1/recommendations?slot=%+1", vec![], vec![], 400, "percent-encoded"),
         ("GET", "/v1/recommendations?country=usa", vec![], vec![], 400, "country"),
         ("GET", long_query.as_str(), vec![], vec![], 400, "longer than"),
-        ("GET", "/v1/recommendations", bad_cookie.iter().map(|(k, v)| (*k, v.to_string())).collect(), vec![], 400, "ew_vid cookie"),
+        ("GET", "/v1/recommendations", bad_cookie.iter().map(|(k, v)| (*k, v.to_string())).collect(), vec![], 400, "visitor cookie"),
         ("GET", "/v1/recommendations", vec![("cookie", "a".repeat(9000))], vec![], 400, "too large"),
         ("PUT", "/v1/me", vec![], vec![], 405, "GET, DELETE"),
         ("GET", "/v1/nope", vec![], vec![], 404, "no such route"),
@@ -130,7 +130,7 @@ fn bad_input_is_a_4xx_with_a_json_error_and_the_cache_survives() {
     assert!(
         page.header("set-cookie")
             .unwrap()
-            .starts_with("ew_vid=1111")
+            .starts_with("__Host-ew_vid=1111")
     );
     assert_eq!(w.get("/p/%3Cscript%3E", &[]).status, 404);
 }
@@ -223,7 +223,7 @@ fn made_up_visitor_ids_do_not_escape_the_events_limit() {
         let body = format!(
             r#"[{{"event_id":"m{n}","type":"page_view"}},{{"event_id":"n{n}","type":"page_view"}},{{"event_id":"o{n}","type":"page_view"}},{{"event_id":"p{n}","type":"page_view"}},{{"event_id":"q{n}","type":"page_view"}}]"#
         );
-        let cookie = format!("ew_vid={:032x}", n + 1);
+        let cookie = format!("__Host-ew_vid={:032x}", n + 1);
         let headers = [
             ("cf-connecting-ip", "203.0.113.50"),
             ("cookie", cookie.as_str()),
@@ -241,7 +241,7 @@ fn made_up_visitor_ids_do_not_escape_the_events_limit() {
     // a visitor whose events the isolate holds pays from their own budget
     let known = [
         ("cf-connecting-ip", "203.0.113.50"),
-        ("cookie", "ew_vid=00000000000000000000000000000001"),
+        ("cookie", "__Host-ew_vid=00000000000000000000000000000001"),
     ];
     let body = br#"{"event_id":"k1","type":"page_view"}"#;
     assert_eq!(w.post("/v1/events", &known, body).reply.status, 202);

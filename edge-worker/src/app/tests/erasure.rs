@@ -418,7 +418,7 @@ fn a_flood_of_erasures_writes_nothing_for_new_visitors_and_is_limited_by_address
         "a minted visitor's erasure wrote to KV"
     );
     // made-up visitor ids: each is new to this isolate, so the address pays
-    let made_up = |n: u32| format!("ew_vid={n:032x}");
+    let made_up = |n: u32| format!("__Host-ew_vid={n:032x}");
     let mut accepted = 0;
     for n in 0..20 {
         let cookie = made_up(n + 1);

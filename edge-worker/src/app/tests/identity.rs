@@ -104,7 +104,7 @@ fn forged_and_invalid_tokens_and_a_raw_user_header_are_anonymous() {
         assert_eq!(r.status, 200, "{what}");
         assert!(
             r.header("set-cookie")
-                .is_some_and(|c| c.starts_with("ew_vid=")),
+                .is_some_and(|c| c.starts_with("__Host-ew_vid=")),
             "{what}"
         );
         assert_ne!(r.header("x-edgewise-tier"), Some("fresh"), "{what}");
@@ -159,7 +159,7 @@ fn a_verified_token_outranks_the_visitor_cookie() {
 #[test]
 fn tokens_come_from_the_configured_cookie() {
     let w = World::with(config_with(&[("JWT_FROM", "cookie:shop_session")]));
-    let cookie = format!("ew_vid={VISITOR}; shop_session={}", token("carol"));
+    let cookie = format!("__Host-ew_vid={VISITOR}; shop_session={}", token("carol"));
     assert_eq!(seen(&w, &[("cookie", &cookie)]).0, key("carol").to_hex());
     // a bearer header is not where this deployment carries tokens
     assert_ne!(seen(&w, &[signed_in("carol")]).0, key("carol").to_hex());

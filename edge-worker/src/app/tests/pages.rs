@@ -11,7 +11,7 @@ fn a_fresh_deployment_with_empty_kv_serves_pages_and_recommendations() {
     assert_eq!(page.header("x-edgewise-profile-version"), Some("0"));
     let cookie = page.header("set-cookie").unwrap();
     assert!(
-        cookie.starts_with("ew_vid=11111111111111111111111111111111;"),
+        cookie.starts_with("__Host-ew_vid=11111111111111111111111111111111;"),
         "{cookie}"
     );
     assert!(

@@ -61,7 +61,7 @@ fn placeholders_get_the_shoppers_blocks_and_unknown_ones_are_left_alone() {
         fresh
             .headers
             .iter()
-            .any(|(k, v)| *k == "set-cookie" && v.starts_with("ew_vid=")),
+            .any(|(k, v)| *k == "set-cookie" && v.starts_with("__Host-ew_vid=")),
         "{:?}",
         fresh.headers
     );
@@ -70,7 +70,7 @@ fn placeholders_get_the_shoppers_blocks_and_unknown_ones_are_left_alone() {
         "popular items"
     );
     // a hostile cookie is a fresh visitor, never a refusal
-    let hostile = personalize(&w, &[("cookie", "ew_vid=<script>")]);
+    let hostile = personalize(&w, &[("cookie", "__Host-ew_vid=<script>")]);
     assert!(hostile.render(&w.clock, "home", "2", "").is_some());
 }
 

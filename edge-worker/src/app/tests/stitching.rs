@@ -52,7 +52,7 @@ fn signing_in_joins_the_visitors_cart_once() {
         first
             .reply
             .header("set-cookie")
-            .is_some_and(|c| c.starts_with("ew_vid=;") && c.contains("Max-Age=0")),
+            .is_some_and(|c| c.starts_with("__Host-ew_vid=;") && c.contains("Max-Age=0")),
         "the visitor cookie is cleared"
     );
     let identify = first
