@@ -371,6 +371,9 @@ impl Owner {
                 break;
             }
         }
+        if shared.config.sinks.kv.is_some() && !report.restored.touched.is_empty() {
+            rewrite_kv_later(shared, p, report.restored.touched);
+        }
         Ok(())
     }
 
@@ -404,6 +407,53 @@ impl Owner {
         });
     }
 }
+
+/// KV is last-writer-wins: a write of the previous owner's still in flight when partition `p`
+/// moved (its sender had it on the wire; a retry would leave the partition's users out) may
+/// land after this owner's writes of the same shoppers, and leave KV an older version until
+/// their next change. So once such a write has ended (the sinks' request timeout, and 2 s for
+/// it to take effect), the shoppers this restore sent again, those no sink had acknowledged
+/// from the previous owner (at or above the acknowledged watermark), are written to KV once
+/// more, unless the partition left meanwhile. One more KV write per such shopper per
+/// handover; shoppers acknowledged everywhere before the move had nothing in flight.
+fn rewrite_kv_later(shared: &Arc<Shared>, p: i32, keys: Vec<shared::keys::UserKey>) {
+    let shared = shared.clone();
+    let revocations = shared.store.revocations().get(&p).copied();
+    let after = Duration::from_millis(shared.config.sync.request_timeout_ms) + KV_LANDS_WITHIN;
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        let store = &shared.store;
+        if !store.owned().contains(&p) || store.revocations().get(&p).copied() != revocations {
+            return;
+        }
+        let store = store.clone();
+        let now = crate::pipeline::now_ms();
+        let rewritten =
+            blocking(move || store.rewrite(crate::sink::KV_SINK_NAME, &keys, p, now)).await;
+        match rewritten {
+            Ok(keys) if !keys.is_empty() => {
+                tracing::info!(
+                    partition = p,
+                    shoppers = keys.len(),
+                    "writing a handover's shoppers to KV again, over any write of the previous owner's that was in flight"
+                );
+                for chunk in keys.chunks(10_000) {
+                    if shared.touched.send(chunk.to_vec()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, partition = p, "rewriting a handover's shoppers to KV")
+            }
+        }
+    });
+}
+
+/// How long after a KV request ends it may still take effect, as far as a handover's rewrite
+/// assumes ([`rewrite_kv_later`]).
+const KV_LANDS_WITHIN: Duration = Duration::from_secs(2);
 
 /// Where partition `p` of each event topic starts: the group's committed offset, or the
 /// beginning. Never past what the changelog holds, since offsets are committed only after

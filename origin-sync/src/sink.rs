@@ -343,9 +343,12 @@ impl KvSink {
     }
 }
 
+/// The KV sink's name (its progress in the store is kept under it).
+pub const KV_SINK_NAME: &str = "cloudflare-kv";
+
 impl Sink for KvSink {
     fn name(&self) -> &str {
-        "cloudflare-kv"
+        KV_SINK_NAME
     }
 
     fn writes_kv(&self) -> bool {

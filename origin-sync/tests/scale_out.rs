@@ -1300,6 +1300,106 @@ fn changelog_records(brokers: &str, partition: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
     }
     out
 }
+/// KV keeps the last write to land. Instance a's KV write of a batch is held on the wire (15 s)
+/// while b joins and takes one of the two partitions, resends its shoppers and folds their
+/// next events; a's held write then lands with the older versions over b's newer ones. Once a
+/// write in flight at the move has ended (the sinks' request timeout, and 2 s), b writes the
+/// shoppers its restore sent again to KV once more: KV ends at every shopper's current
+/// version. (Without that, the shoppers of the moved partition stay at the held write's
+/// versions until their next change.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_write_in_flight_when_its_partition_moves_is_written_over_by_the_new_owner() {
+    let Some(tansu) = with_topics(Tansu::start("kv-move"), 2) else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("kv-move");
+    let events = traffic(30, 1200, "km", 73);
+    let want = reference(&events);
+    let kv_section = format!(
+        "\n[sinks.kv]\naccount_id = \"a\"\nnamespace_id = \"n\"\napi_token = \"t\"\napi_base = \"{}\"\n",
+        edge.kv_base()
+    );
+    let with_kv = |name: &str| {
+        let (cfg, log) = instance(&tansu, &edge, &dir, name, "");
+        // a request may take up to 20 s: the held one (15 s) is in flight, not abandoned
+        let mut text = std::fs::read_to_string(&cfg)
+            .expect("config")
+            .replace("[sync]\n", "[sync]\nrequest_timeout_ms = 20000\n");
+        text.push_str(&kv_section);
+        std::fs::write(&cfg, text).expect("config");
+        (cfg, log)
+    };
+    let kv_behind = |want: &HashMap<UserKey, shared::Profile>| {
+        let kv = edge.kv_versions();
+        want.iter()
+            .filter(|(u, p)| kv.get(*u).copied() != Some(p.version))
+            .count()
+    };
+    let (cfg, log) = with_kv("a");
+    let a = Binary::start(&cfg, &log);
+    produce_events(&tansu.brokers(), &events[..300]).await;
+    let first = reference(&events[..300]);
+    converge(&edge, &first, Duration::from_secs(60)).await;
+    wait_for(|| kv_behind(&first) == 0, "KV at the first part's versions").await;
+
+    edge.inject(
+        origin_sync::testkit::Fault::new(origin_sync::testkit::Api::KvBulk, 200)
+            .hold(Duration::from_secs(15))
+            .times(1),
+    );
+    produce_events(&tansu.brokers(), &events[300..600]).await;
+    wait_for(|| edge.held() == 1, "a's KV write held on the wire").await;
+    let held_at = Instant::now();
+
+    let (cfg, log) = with_kv("b");
+    let b = Binary::start(&cfg, &log);
+    let b_base = base(&dir, "b");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&b_base, "edgewise_owned_partitions").await != Some(1.0)
+        || metric(&b_base, "edgewise_restoring_partitions").await != Some(0.0)
+    {
+        assert!(Instant::now() < deadline, "b took no partition in 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    produce_events(&tansu.brokers(), &events[600..]).await;
+    converge(&edge, &want, Duration::from_secs(60)).await;
+
+    // just before and just after the held write lands: the moved shoppers' KV values went
+    // back to older versions
+    let at = |ms: u64| {
+        tokio::time::sleep(
+            (held_at + Duration::from_millis(ms)).saturating_duration_since(Instant::now()),
+        )
+    };
+    at(14_000).await;
+    let before = edge.kv_versions();
+    at(15_300).await;
+    let after = edge.kv_versions();
+    let went_back = before
+        .iter()
+        .filter(|(u, v)| after.get(*u).is_some_and(|a| a < *v))
+        .count();
+    assert!(
+        went_back > 0,
+        "the held write took no shopper's KV value back: b's newer writes were not before it, \
+         and this run did not make the race it tests"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kv_behind(&want) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} shoppers' KV values still older than their state 30 s after the held write landed",
+            kv_behind(&want)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in [a, b] {
+        let status = i.terminate();
+        assert!(status.success(), "SIGTERM exit: {status}");
+    }
+}
+
 /// Fencing on the real broker. Instance a folds the first half of the traffic and stops; a
 /// record of a zombie is appended after a's: an earlier state of a shopper, under an epoch
 /// below a's and with a stamp ahead of everything (it folded input a never saw). Instance b,

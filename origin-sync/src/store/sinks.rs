@@ -157,6 +157,49 @@ impl Store {
         Ok(items)
     }
 
+    /// Makes `sink` write the current value of each of `keys` still of `partition` again, as
+    /// a snapshot, even where it acknowledged it already: forgets what it acknowledged (not
+    /// what it quarantined) and puts them in the outbox. Returns those. For a last-writer-wins
+    /// sink after a handover: a write of the previous owner's still in flight when the
+    /// partition moved may land after this owner's.
+    pub fn rewrite(
+        &self,
+        sink: &str,
+        keys: &[UserKey],
+        partition: i32,
+        now_ms: u64,
+    ) -> Result<Vec<UserKey>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut out = Vec::new();
+        {
+            let users_t = tx.open_table(USERS)?;
+            let mut outbox_t = tx.open_table(OUTBOX)?;
+            let mut marks_t = tx.open_table(SINK_MARKS)?;
+            let acked_t = tx.open_table(ACKED)?;
+            for key in keys {
+                let still_here = match users_t.get(key.0.as_slice())? {
+                    Some(g) => super::partitions::stamp_of(g.value())?
+                        .is_some_and(|s| s.partition == partition),
+                    None => false,
+                };
+                if !still_here {
+                    continue;
+                }
+                let mut mark = Self::mark(&marks_t, &acked_t, sink, key)?;
+                mark.acked = None;
+                marks_t.insert((sink, key.0.as_slice()), encode(&mark).as_slice())?;
+                let pending = match outbox_t.get(&key.0)? {
+                    Some(g) => g.value().merge(now_ms, now_ms),
+                    None => Pending::at(now_ms, now_ms),
+                };
+                outbox_t.insert(&key.0, pending)?;
+                out.push(*key);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Which of `keys` still have an outbox entry here (a partition released to another owner
     /// takes its users' entries with it).
     pub fn in_outbox(&self, keys: &[UserKey]) -> Result<Vec<bool>, StoreError> {

@@ -48,6 +48,8 @@ struct Shared {
     sync_requests: AtomicU64,
     kv_requests: Mutex<Vec<serde_json::Value>>,
     faults: Mutex<Vec<Fault>>,
+    /// KV bulk requests a fault held (`Fault::hold`) so far.
+    held: AtomicU64,
     /// Every request to `/v1/sync` and the KV bulk API: when, where, and what it was answered.
     log: Mutex<Vec<Answered>>,
 }
@@ -84,6 +86,9 @@ pub struct Fault {
     pub only_with: Option<UserKey>,
     /// How many requests it answers; `None`: until cleared.
     pub times: Option<u32>,
+    /// Instead of answering `status`: holds the request this long, then handles it as usual
+    /// (a write that lands late; KV bulk requests only).
+    pub hold: Option<std::time::Duration>,
 }
 
 impl Fault {
@@ -96,7 +101,14 @@ impl Fault {
             body: None,
             only_with: None,
             times: None,
+            hold: None,
         }
+    }
+
+    /// Holds the matching KV bulk requests for `d`, then handles them as usual.
+    pub fn hold(mut self, d: std::time::Duration) -> Fault {
+        self.hold = Some(d);
+        self
     }
 
     pub fn only_with(mut self, user: UserKey) -> Fault {
@@ -153,6 +165,16 @@ fn kv_users(json: &serde_json::Value) -> Vec<UserKey> {
 impl Shared {
     /// The fault that answers this request, if any (counting it down).
     fn fault_for(&self, api: Api, users: &[UserKey]) -> Option<Response> {
+        // a hold (KV bulk only) answers nothing here
+        self.matching_fault(api, users)?.err()
+    }
+
+    /// The fault this request meets, counted down: a hold (`Ok`), or the answer (`Err`).
+    fn matching_fault(
+        &self,
+        api: Api,
+        users: &[UserKey],
+    ) -> Option<Result<std::time::Duration, Response>> {
         let mut faults = self.faults.lock().ok()?;
         let i = faults.iter().position(|f| {
             f.api == api && f.times != Some(0) && f.only_with.is_none_or(|u| users.contains(&u))
@@ -160,6 +182,9 @@ impl Shared {
         let f = &mut faults[i];
         if let Some(n) = f.times.as_mut() {
             *n -= 1;
+        }
+        if let Some(hold) = f.hold {
+            return Some(Ok(hold));
         }
         let body = f
             .body
@@ -177,7 +202,7 @@ impl Shared {
         {
             response.headers_mut().insert("retry-after", v);
         }
-        Some(response)
+        Some(Err(response))
     }
 
     fn record(&self, api: Api, status: u16, users: Vec<UserKey>) {
@@ -256,6 +281,7 @@ impl TestEdge {
             sync_requests: AtomicU64::new(0),
             kv_requests: Mutex::default(),
             faults: Mutex::default(),
+            held: AtomicU64::new(0),
             log: Mutex::default(),
         });
         let router = Router::new()
@@ -325,6 +351,31 @@ impl TestEdge {
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default()
+    }
+
+    /// KV bulk requests a fault held so far (`Fault::hold`), landed or not.
+    pub fn held(&self) -> u64 {
+        self.shared.held.load(Relaxed)
+    }
+
+    /// What the KV namespace holds of each shopper: the version (`metadata.v`) of the last
+    /// write of their profile key to land, as last-writer-wins KV keeps it.
+    pub fn kv_versions(&self) -> HashMap<UserKey, u64> {
+        let mut out = HashMap::new();
+        for request in self.kv_requests() {
+            for pair in request.as_array().into_iter().flatten() {
+                let user = pair
+                    .get("key")
+                    .and_then(|k| k.as_str())
+                    .and_then(|k| k.strip_prefix(PROFILE_KEY_PREFIX))
+                    .and_then(UserKey::from_hex);
+                let version = pair.pointer("/metadata/v").and_then(|v| v.as_u64());
+                if let (Some(user), Some(version)) = (user, version) {
+                    out.insert(user, version);
+                }
+            }
+        }
+        out
     }
 
     /// Runs `f` on the edge's thread and returns what it returns.
@@ -481,10 +532,35 @@ async fn kv_bulk(State(edge): State<Arc<Shared>>, headers: HeaderMap, body: Byte
         edge.record(Api::KvBulk, 503, users);
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
     }
-    if let Some(r) = edge.fault_for(Api::KvBulk, &users) {
-        edge.record(Api::KvBulk, r.status().as_u16(), users);
-        return r;
+    match edge.matching_fault(Api::KvBulk, &users) {
+        Some(Err(r)) => {
+            edge.record(Api::KvBulk, r.status().as_u16(), users);
+            return r;
+        }
+        Some(Ok(hold)) => {
+            edge.held.fetch_add(1, Relaxed);
+            // on a task of its own: the write lands even if the client gave up meanwhile
+            let edge = edge.clone();
+            let landed = tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                kv_apply(&edge, headers, parsed, users)
+            });
+            return landed
+                .await
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        }
+        None => {}
     }
+    kv_apply(&edge, headers, parsed, users)
+}
+
+/// A KV bulk request as the API takes it: recorded as the namespace's latest write of its keys.
+fn kv_apply(
+    edge: &Shared,
+    headers: HeaderMap,
+    parsed: Option<serde_json::Value>,
+    users: Vec<UserKey>,
+) -> Response {
     let auth_ok = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
