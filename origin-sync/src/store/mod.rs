@@ -467,7 +467,7 @@ impl Store {
                 if state.current_version() == before {
                     continue;
                 }
-                let encoded = encode(&state);
+                let encoded = state.encode();
                 // every user a partitioned batch writes has its stamp in the working set
                 // (`load_stamp`, `joinable`); a static assignment loads none. Stamped with
                 // this instance's ownership of the partition: what it writes now outranks
@@ -526,7 +526,7 @@ impl Store {
         let (version, changed) = {
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
-            erase_in(&mut users_t, &mut outbox_t, key, at_ms)?
+            erase_in(&mut users_t, &mut outbox_t, key, at_ms, self.window)?
         };
         if changed {
             self.log_erasure(&tx, key, version, crate::clock::now_ms())?;
@@ -560,7 +560,8 @@ impl Store {
                     continue;
                 }
                 if let Some((key, at_ms)) = r.erasure {
-                    let (version, did) = erase_in(&mut users_t, &mut outbox_t, key, at_ms)?;
+                    let (version, did) =
+                        erase_in(&mut users_t, &mut outbox_t, key, at_ms, self.window)?;
                     if did {
                         changed.push((key, version, crate::clock::now_ms()));
                     }
@@ -748,13 +749,15 @@ fn load(
     Ok(())
 }
 
-/// Erases `key` at `at_ms` within a write transaction: (the user's version now, whether
-/// anything changed).
+/// Erases `key` at `at_ms` within a write transaction: (the erasure's version, whether
+/// anything changed). What of the reorder window arrived after `at_ms` is folded on the
+/// tombstone again ([`UserState::erased_at`]), above that version.
 fn erase_in(
     users_t: &mut redb::Table<&[u8], &[u8]>,
     outbox_t: &mut redb::Table<&[u8; 12], Pending>,
     key: UserKey,
     at_ms: u64,
+    window: Window,
 ) -> Result<(u64, bool), StoreError> {
     // the stamp stays: an erasure is not input of the user's partition
     let (old, stamp): (Option<UserState>, Vec<u8>) = match users_t.get(key.0.as_slice())? {
@@ -775,10 +778,13 @@ fn erase_in(
     let had = old.as_ref().map_or(0, UserState::current_version);
     // the next erasure epoch: the version the edge's own tombstone has (see `EPOCH_SHIFT`)
     let version = shared::delta::tombstone_version(had);
-    let state = UserState::tombstone(&key, version, at_ms);
+    let state = match &old {
+        Some(old) => old.erased_at(&key, version, at_ms, window),
+        None => UserState::tombstone(&key, version, at_ms),
+    };
     users_t.insert(
         key.0.as_slice(),
-        partitions::user_value_raw(&stamp, &encode(&state)).as_slice(),
+        partitions::user_value_raw(&stamp, &state.encode()).as_slice(),
     )?;
     // merged: an older change still pending keeps its stored time (the changelog's
     // acknowledged watermark must not pass it)
@@ -1493,6 +1499,50 @@ mod tests {
             store.current("h-u0").expect("read"),
             Some(Stored::Profile(_))
         ));
+    }
+
+    /// An erasure that reaches the store after events that arrived after its cutoff were
+    /// folded (the erasure log's follower lagging) keeps those events: the shopper's profile
+    /// is the one an on-time erasure would have left, above the erasure's version, and what
+    /// arrived before the cutoff is gone.
+    #[test]
+    fn an_erasure_applied_late_keeps_what_arrived_after_its_cutoff() {
+        let catalog = Catalog::demo().expect("demo");
+        let t0 = 1_732_960_000_000;
+        let events: Vec<Event> = Traffic::new(&catalog, 1, "l", t0, 10, 13).take(6).collect();
+        let cutoff = t0 + 100_000;
+        let arriving = |evs: &[Event], start: i64, arrived: u64| -> Vec<Record> {
+            let mut recs = records(evs, "a", start);
+            for r in &mut recs {
+                r.arrived_ms = Some(arrived);
+            }
+            recs
+        };
+        let late = open("late-erasure", SMALL_WINDOW);
+        late.apply_batch(&arriving(&events[..3], 0, cutoff - 10))
+            .expect("batch");
+        late.apply_batch(&arriving(&events[3..], 3, cutoff + 10))
+            .expect("batch");
+        let (_, version, changed) = late.erase("l-u0", cutoff).expect("erase");
+        assert!(changed);
+
+        let on_time = open("on-time-erasure", SMALL_WINDOW);
+        on_time
+            .apply_batch(&arriving(&events[..3], 0, cutoff - 10))
+            .expect("batch");
+        on_time.erase("l-u0", cutoff).expect("erase");
+        on_time
+            .apply_batch(&arriving(&events[3..], 3, cutoff + 10))
+            .expect("batch");
+        let (late, on_time) = (
+            late.current("l-u0").expect("read"),
+            on_time.current("l-u0").expect("read"),
+        );
+        assert_eq!(late, on_time);
+        match late {
+            Some(Stored::Profile(p)) => assert_eq!(p.version, version + 3),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Every erasure the store takes (from the edge, or read back from the erasure log) is in

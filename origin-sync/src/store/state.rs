@@ -30,14 +30,21 @@ struct WindowEvent {
     ts_ms: u64,
     id: String,
     kind: EventKind,
+    /// When it reached origin's side (`UserState::insert`), if known: what an erasure applied
+    /// late compares with its cutoff. Not in the serde form: the state's arrivals trail it
+    /// ([`UserState::encode`]), so builds from before them read the state (postcard leaves
+    /// trailing bytes alone) and theirs read as unknown.
+    #[serde(skip)]
+    arrived_ms: Option<u64>,
 }
 
 impl WindowEvent {
-    fn new(ev: &Event) -> Self {
+    fn new(ev: &Event, arrived_ms: Option<u64>) -> Self {
         WindowEvent {
             ts_ms: ev.ts_ms,
             id: ev.id.clone(),
             kind: ev.kind.clone(),
+            arrived_ms,
         }
     }
 
@@ -111,7 +118,7 @@ impl LegacyUserState {
                 .window
                 .iter()
                 .filter_map(|w| shared::event::parse_event(&w.json).ok())
-                .map(|e| WindowEvent::new(&e))
+                .map(|e| WindowEvent::new(&e, None))
                 .collect(),
             frozen: self.frozen,
             seen: self.seen,
@@ -203,7 +210,7 @@ impl UserState {
             Ok(_) => return Insert::Duplicate,
             Err(at) => {
                 let in_order = at == self.window.len();
-                self.window.insert(at, WindowEvent::new(ev));
+                self.window.insert(at, WindowEvent::new(ev, arrived_ms));
                 if in_order {
                     fold(&mut self.current, ev);
                 } else {
@@ -226,8 +233,19 @@ impl UserState {
         Insert::Windowed
     }
 
+    /// The stored form: the state in postcard, then, when any window event's arrival is known,
+    /// the window's arrivals in window order (a trailing field; see `WindowEvent::arrived_ms`).
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut out = super::encode(self);
+        if self.window.iter().any(|w| w.arrived_ms.is_some()) {
+            let arrivals: Vec<Option<u64>> = self.window.iter().map(|w| w.arrived_ms).collect();
+            out.extend_from_slice(&super::encode(&arrivals));
+        }
+        out
+    }
+
     pub(super) fn decode(bytes: &[u8]) -> Result<UserState, StoreError> {
-        let mut state: UserState = decode(bytes, "user")?;
+        let mut state = UserState::decode_unfolded(bytes)?;
         state.refold();
         Ok(state)
     }
@@ -235,7 +253,36 @@ impl UserState {
     /// The stored record as it is, its profile not computed (`current` is empty): for what
     /// needs only the record's own fields, such as its erasure.
     pub(super) fn decode_unfolded(bytes: &[u8]) -> Result<UserState, StoreError> {
-        decode(bytes, "user")
+        let (mut state, rest) = postcard::take_from_bytes::<UserState>(bytes)
+            .map_err(|e| StoreError::Corrupt(format!("user: {e}")))?;
+        if !rest.is_empty() {
+            let arrivals: Vec<Option<u64>> = decode(rest, "user's window arrivals")?;
+            // written with this window, or not at all (a build that dropped them re-encoded
+            // the state, and a later one appended none)
+            if arrivals.len() == state.window.len() {
+                for (w, a) in state.window.iter_mut().zip(arrivals) {
+                    w.arrived_ms = a;
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    /// This state erased at Unix ms `at`, at `version`: a tombstone, with the window's events
+    /// that arrived after `at` folded on it again. Applied late (the erasure log's follower
+    /// lagging, an edge's erasure delivered after an outage), the erasure would otherwise
+    /// drop with the rest what the shopper did after it that was folded before it got here.
+    /// Only the window's events can be put back (what left it is in the base, folded with
+    /// everything before it), and only those whose arrival is known: in doubt (a state an
+    /// older build wrote) the erasure takes the event, never the browser's clock.
+    pub(super) fn erased_at(&self, key: &UserKey, version: u64, at: u64, window: Window) -> Self {
+        let mut state = UserState::tombstone(key, version, at);
+        for w in &self.window {
+            if let Some(arrived) = w.arrived_ms.filter(|a| *a > at) {
+                state.insert(&w.event(), Some(arrived), window);
+            }
+        }
+        state
     }
 
     /// A record of a layout-1 store (`super::layout`), in either of its two forms.
@@ -366,7 +413,7 @@ mod tests {
                 ts_ms: 1_764_000_000_123,
                 kind,
             };
-            let stored = encode(&WindowEvent::new(&ev));
+            let stored = encode(&WindowEvent::new(&ev, None));
             let back: WindowEvent = decode(&stored, "window").expect("decodes");
             assert_eq!(back.event(), ev);
         }
@@ -416,6 +463,68 @@ mod tests {
         assert_eq!(state.current, current);
     }
 
+    /// An erasure applied late keeps what arrived after its cutoff and is still in the window,
+    /// whatever the browser's clock said: the same profile as if the erasure had come on time
+    /// and those events after it. Arrivals survive the stored form; a state without them (an
+    /// older build's) loses its window to the erasure; an older build reads the new form.
+    #[test]
+    fn an_erasure_applied_late_keeps_the_windows_events_that_arrived_after_it() {
+        let window = Window {
+            reorder_ms: 60_000,
+            max_events: 64,
+        };
+        let key = UserKey::derive(b"k", "late-erasure");
+        let ev = |id: &str, ts_ms: u64, item: &str| Event {
+            id: id.into(),
+            user: String::new(),
+            ts_ms,
+            kind: EventKind::AddToCart(Line {
+                item: item.into(),
+                category: "c".into(),
+                price_cents: 100,
+                quantity: 1,
+            }),
+        };
+        let cutoff = 1_000_000;
+        // (event, arrival): two before the cutoff, one after whose browser clock is behind,
+        // two after
+        let events = [
+            (ev("b1", cutoff - 50, "old-1"), cutoff - 40),
+            (ev("b2", cutoff - 20, "old-2"), cutoff - 10),
+            (ev("a0", cutoff - 30, "new-0"), cutoff + 5),
+            (ev("a1", cutoff + 10, "new-1"), cutoff + 20),
+            (ev("a2", cutoff + 30, "new-2"), cutoff + 40),
+        ];
+        let mut state = UserState::fresh(&key);
+        for (e, arrived) in &events {
+            state.insert(e, Some(*arrived), window);
+        }
+        let version = shared::delta::tombstone_version(state.current_version());
+        let mut on_time = UserState::tombstone(&key, version, cutoff);
+        for (e, arrived) in &events[2..] {
+            on_time.insert(e, Some(*arrived), window);
+        }
+        let late = state.erased_at(&key, version, cutoff, window);
+        assert_eq!(late.current(), on_time.current());
+        assert!(late.current_version() > version);
+        assert_eq!(late.erased(), Some((version, cutoff)));
+
+        let stored = UserState::decode(&state.encode()).expect("reads");
+        assert_eq!(
+            stored.erased_at(&key, version, cutoff, window).current(),
+            on_time.current()
+        );
+        // no arrivals stored: the erasure takes the whole window
+        let older: UserState = UserState::decode(&encode(&state)).expect("reads");
+        assert_eq!(
+            older.erased_at(&key, version, cutoff, window).current(),
+            Stored::Tombstone { version }
+        );
+        // what an older build's decode does with the new form
+        let read_by_older: UserState = postcard::from_bytes(&state.encode()).expect("reads");
+        assert_eq!(read_by_older.window.len(), events.len());
+    }
+
     /// The stored forms are pinned: the window's events (postcard of `shared`'s `EventKind`,
     /// which replaced a mirror type with the same layout) and the hash of seen ids, both in
     /// stores already written.
@@ -433,7 +542,7 @@ mod tests {
             }),
         };
         assert_eq!(
-            encode(&WindowEvent::new(&ev)),
+            encode(&WindowEvent::new(&ev, None)),
             [1, 2, b'e', b'1', 2, 1, b'a', 1, b'c', 0xac, 0x02, 2]
         );
         // FNV-1a 64 from the offset basis XOR the timestamp, as written before
