@@ -234,11 +234,17 @@ impl UserState {
     }
 
     /// The stored form: the state in postcard, then, when any window event's arrival is known,
-    /// the window's arrivals in window order (a trailing field; see `WindowEvent::arrived_ms`).
+    /// the window's arrivals in window order (a trailing field; see `WindowEvent::arrived_ms`),
+    /// each as its distance from the event's own time (varints: a few bytes an event where
+    /// the whole time would take seven).
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = super::encode(self);
         if self.window.iter().any(|w| w.arrived_ms.is_some()) {
-            let arrivals: Vec<Option<u64>> = self.window.iter().map(|w| w.arrived_ms).collect();
+            let arrivals: Vec<Option<i64>> = self
+                .window
+                .iter()
+                .map(|w| w.arrived_ms.map(|a| a as i64 - w.ts_ms as i64))
+                .collect();
             out.extend_from_slice(&super::encode(&arrivals));
         }
         out
@@ -256,12 +262,12 @@ impl UserState {
         let (mut state, rest) = postcard::take_from_bytes::<UserState>(bytes)
             .map_err(|e| StoreError::Corrupt(format!("user: {e}")))?;
         if !rest.is_empty() {
-            let arrivals: Vec<Option<u64>> = decode(rest, "user's window arrivals")?;
+            let arrivals: Vec<Option<i64>> = decode(rest, "user's window arrivals")?;
             // written with this window, or not at all (a build that dropped them re-encoded
             // the state, and a later one appended none)
             if arrivals.len() == state.window.len() {
                 for (w, a) in state.window.iter_mut().zip(arrivals) {
-                    w.arrived_ms = a;
+                    w.arrived_ms = a.map(|d| (w.ts_ms as i64).saturating_add(d) as u64);
                 }
             }
         }
