@@ -1300,6 +1300,48 @@ fn changelog_records(brokers: &str, partition: i32) -> Vec<(Vec<u8>, Vec<u8>)> {
     }
     out
 }
+/// Of changelog partition 0, the shopper logged most often whose first and last records
+/// differ: their key and records, oldest first.
+fn a_shopper_logged_more_than_once(brokers: &str) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut by_key: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    for (k, v) in changelog_records(brokers, 0) {
+        by_key.entry(k).or_default().push(v);
+    }
+    by_key
+        .into_iter()
+        .filter(|(_, vs)| vs.len() > 1 && vs[0] != vs[vs.len() - 1])
+        .max_by_key(|(_, vs)| vs.len())
+        .expect("a shopper logged more than once")
+}
+
+/// Appends a record to changelog partition 0, as a zombie would.
+async fn append_to_changelog(brokers: &str, key: &[u8], value: &[u8]) {
+    let producer = origin_sync::kafka::producer(&origin_sync::config::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    })
+    .expect("producer");
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to("edgewise_profile_changelog")
+                .partition(0)
+                .key(key)
+                .payload(value),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the zombie's record is appended");
+}
+
+/// The last record of `key` in changelog partition 0.
+fn last_changelog_record(brokers: &str, key: &[u8]) -> Option<Vec<u8>> {
+    changelog_records(brokers, 0)
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
 /// KV keeps the last write to land. Instance a's KV write of a batch is held on the wire (15 s)
 /// while b joins and takes one of the two partitions, resends its shoppers and folds their
 /// next events; a's held write then lands with the older versions over b's newer ones. Once a
@@ -1427,16 +1469,7 @@ async fn a_restore_keeps_the_later_owners_state_over_a_zombies_record_left_last(
     let status = a.terminate();
     assert!(status.success(), "a's SIGTERM exit: {status}");
 
-    let log_now = changelog_records(&tansu.brokers(), 0);
-    let mut by_key: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
-    for (k, v) in &log_now {
-        by_key.entry(k.clone()).or_default().push(v.clone());
-    }
-    let (key, values) = by_key
-        .iter()
-        .filter(|(_, vs)| vs.len() > 1 && vs[0] != vs[vs.len() - 1])
-        .max_by_key(|(_, vs)| vs.len())
-        .expect("a shopper logged more than once");
+    let (key, values) = a_shopper_logged_more_than_once(&tansu.brokers());
     let owners = values[values.len() - 1].clone();
     let owner = origin_sync::store::LogValue::from_bytes(&owners).expect("a's record reads");
     assert!(owner.stamp.epoch > 0, "a stamps its records with its epoch");
@@ -1445,32 +1478,12 @@ async fn a_restore_keeps_the_later_owners_state_over_a_zombies_record_left_last(
     for (_, next) in &mut zombie.stamp.next {
         *next += 100_000;
     }
-    let producer = origin_sync::kafka::producer(&origin_sync::config::KafkaConfig {
-        brokers: tansu.brokers(),
-        ..Default::default()
-    })
-    .expect("producer");
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to("edgewise_profile_changelog")
-                .partition(0)
-                .key(key.as_slice())
-                .payload(zombie.to_bytes().as_slice()),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("the zombie's record is appended");
+    append_to_changelog(&tansu.brokers(), &key, &zombie.to_bytes()).await;
 
     let (cfg, log) = instance(&tansu, &edge, &dir, "b", "");
     let b = Binary::start(&cfg, &log);
     wait_for(
-        || {
-            changelog_records(&tansu.brokers(), 0)
-                .into_iter()
-                .rev()
-                .find(|(k, _)| k == key)
-                .is_some_and(|(_, v)| v == owners)
-        },
+        || last_changelog_record(&tansu.brokers(), &key).as_ref() == Some(&owners),
         "a's state, logged again by b, as the shopper's last changelog record",
     )
     .await;
@@ -1517,49 +1530,14 @@ async fn an_owner_relogs_a_shopper_whose_last_changelog_record_is_a_zombies() {
     );
 
     // a shopper with several records: its first is behind its last
-    let log_now = changelog_records(&tansu.brokers(), 0);
-    let mut by_key: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
-    for (k, v) in &log_now {
-        by_key.entry(k.clone()).or_default().push(v.clone());
-    }
-    let (key, values) = by_key
-        .iter()
-        .filter(|(_, vs)| vs.len() > 1 && vs[0] != vs[vs.len() - 1])
-        .max_by_key(|(_, vs)| vs.len())
-        .expect("a shopper logged more than once");
+    let (key, values) = a_shopper_logged_more_than_once(&tansu.brokers());
     let (stale, owners) = (values[0].clone(), values[values.len() - 1].clone());
-    let producer = origin_sync::kafka::producer(&origin_sync::config::KafkaConfig {
-        brokers: tansu.brokers(),
-        ..Default::default()
-    })
-    .expect("producer");
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to("edgewise_profile_changelog")
-                .partition(0)
-                .key(key.as_slice())
-                .payload(stale.as_slice()),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("the zombie's record is appended");
-
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let last = changelog_records(&tansu.brokers(), 0)
-            .into_iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v);
-        if last.as_deref() == Some(owners.as_slice()) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the zombie's record is still the shopper's last in the changelog after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    append_to_changelog(&tansu.brokers(), &key, &stale).await;
+    wait_for(
+        || last_changelog_record(&tansu.brokers(), &key).as_ref() == Some(&owners),
+        "the owner's state, logged again by its audit, as the shopper's last changelog record",
+    )
+    .await;
     assert_eq!(
         metric(&a_base, "edgewise_changelog_relogged_total").await,
         Some(1.0)
