@@ -7,11 +7,13 @@
 //! rule is tested natively.
 
 /// Edgewise's own cookies: never sent to the site origin.
-pub const OWN_COOKIES: [&str; 4] = [
+pub const OWN_COOKIES: [&str; 6] = [
     crate::identity::VISITOR_COOKIE,
     crate::identity::SECURE_VISITOR_COOKIE,
     shared::session::COOKIE,
     shared::session::VISITOR_COOKIE,
+    shared::session::SECURE_COOKIE,
+    shared::session::SECURE_VISITOR_COOKIE,
 ];
 
 /// Hop-by-hop headers (RFC 9110, 7.6.1): they describe one connection, not the message, and
@@ -477,7 +479,7 @@ mod tests {
             ("Transfer-Encoding", "chunked"),
             (
                 "Cookie",
-                "ew_vid=abc; session=site-1; ew_s=x.y; cart=3; ew_sv=z; __Host-ew_vid=def",
+                "ew_vid=abc; session=site-1; ew_s=x.y; cart=3; ew_sv=z; __Host-ew_vid=def; __Host-ew_s=a.b; __Host-ew_sv=c",
             ),
             ("Authorization", "Bearer site-token"),
             ("X-Edgewise-Debug", "1"),

@@ -30,9 +30,23 @@ pub const COOKIE: &str = "ew_s";
 /// can join both (the visitor's record is cleared then, with the visitor cookie).
 pub const VISITOR_COOKIE: &str = "ew_sv";
 
-/// The record's cookie name for a signed-in shopper or a visitor.
-pub fn cookie_name(signed_in: bool) -> &'static str {
-    if signed_in { COOKIE } else { VISITOR_COOKIE }
+/// [`COOKIE`] where cookies are `Secure` (production): the `__Host-` prefix makes browsers
+/// refuse it unless this very host set it, Secure, for `Path=/`, with no `Domain`, so a
+/// sibling subdomain cannot plant a cookie of the same name that shadows the shopper's own
+/// (a more specific path is sent first) and costs them their session's guarantees.
+pub const SECURE_COOKIE: &str = "__Host-ew_s";
+/// [`VISITOR_COOKIE`] where cookies are `Secure`.
+pub const SECURE_VISITOR_COOKIE: &str = "__Host-ew_sv";
+
+/// The record's cookie name for a signed-in shopper or a visitor, by whether cookies are
+/// `Secure` here.
+pub fn cookie_name(signed_in: bool, secure: bool) -> &'static str {
+    match (signed_in, secure) {
+        (true, true) => SECURE_COOKIE,
+        (true, false) => COOKIE,
+        (false, true) => SECURE_VISITOR_COOKIE,
+        (false, false) => VISITOR_COOKIE,
+    }
 }
 /// Longest cookie value written or read (browsers keep 4096 bytes per cookie, name included).
 pub const MAX_COOKIE_LEN: usize = 3_000;

@@ -30,7 +30,7 @@ impl App {
     ) -> Option<Incoming<'r>> {
         let secret = self.config.user_key_secret.as_deref()?;
         let key = key?;
-        let name = session::cookie_name(matches!(who, Identity::User(_)));
+        let name = session::cookie_name(matches!(who, Identity::User(_)), self.cookie_secure(req));
         let value = crate::token::cookie(req.header("cookie")?, name)?;
         let tag = session::tag_of(value)?;
         // a browser echoing the record its last answer here set, nothing changed since: the
@@ -142,7 +142,7 @@ impl App {
         }
         Some(format!(
             "{}={}; Path=/; Max-Age={MAX_AGE_S}; HttpOnly; SameSite=Lax{}",
-            session::cookie_name(matches!(who, Identity::User(_))),
+            session::cookie_name(matches!(who, Identity::User(_)), self.cookie_secure(req)),
             value,
             if self.cookie_secure(req) {
                 "; Secure"
@@ -154,14 +154,11 @@ impl App {
 
     /// Clears the visitor's record once the visitor signed in (it joined the signed-in one).
     pub(super) fn visitor_record_clear(&self, req: &HttpRequest) -> String {
+        let secure = self.cookie_secure(req);
         format!(
             "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
-            session::VISITOR_COOKIE,
-            if self.cookie_secure(req) {
-                "; Secure"
-            } else {
-                ""
-            }
+            session::cookie_name(false, secure),
+            if secure { "; Secure" } else { "" }
         )
     }
 }

@@ -14,12 +14,13 @@ impl Browser {
         req.headers
             .push(("authorization".into(), bearer(user).into()));
         if let Some(s) = &self.session {
-            req.headers.push(("cookie".into(), format!("ew_s={s}")));
+            req.headers
+                .push(("cookie".into(), format!("__Host-ew_s={s}")));
         }
         let reply = run(app.handle(&w.store, &w.clock, &req, || [0x33; 16])).reply;
         for (name, value) in &reply.headers {
             if *name == "set-cookie"
-                && let Some(v) = value.strip_prefix("ew_s=")
+                && let Some(v) = value.strip_prefix("__Host-ew_s=")
             {
                 self.session = v.split(';').next().map(str::to_owned);
             }
@@ -342,4 +343,37 @@ fn edited_under_its_tag(issued: &str) -> String {
         "{}.{tag}",
         base64::Engine::encode(&b64, postcard::to_allocvec(&record).unwrap())
     )
+}
+
+/// Where cookies are Secure the record travels as `__Host-ew_s` (Secure, `Path=/`, no
+/// `Domain`: only this host can set it), and a plain `ew_s` planted ahead of it by a sibling
+/// subdomain (a more specific path is sent first) is not read: the shopper's own record still
+/// shows their event at the next isolate.
+#[test]
+fn a_planted_unprefixed_record_does_not_shadow_the_shoppers_own() {
+    let w = World::new();
+    let mut alice_browser = Browser::default();
+    let mut req = HttpRequest::get("/v1/events");
+    req.method = "POST".into();
+    req.body = format!(r#"{{"event_id":"a1","ts":{},{ADD_CAMERA}}}"#, w.now()).into_bytes();
+    let reply = alice_browser.send(&w.app, &w, req, "alice");
+    let set = reply
+        .headers
+        .iter()
+        .find(|(k, v)| *k == "set-cookie" && v.starts_with("__Host-ew_s="))
+        .map(|(_, v)| v.clone())
+        .expect("the record's cookie");
+    assert!(set.contains("; Path=/;") && set.ends_with("; Secure") && !set.contains("Domain"));
+    let own = alice_browser.session.clone().expect("the record");
+
+    let b_isolate = App::new(config());
+    let mut req = HttpRequest::get("/v1/me");
+    req.headers
+        .push(("authorization".into(), bearer("alice").into()));
+    req.headers.push((
+        "cookie".into(),
+        format!("ew_s=planted.record; __Host-ew_s={own}"),
+    ));
+    let reply = run(b_isolate.handle(&w.store, &w.clock, &req, || [0x33; 16])).reply;
+    assert_eq!(reply.body_json()["profile"]["cart"][0]["item"], "cam-001");
 }

@@ -112,7 +112,7 @@ fn signing_in_at_another_isolate_joins_what_the_session_cookie_carries() {
         .find_map(|(k, v)| {
             (*k == "set-cookie")
                 .then_some(v)
-                .filter(|v| v.starts_with("ew_sv="))
+                .filter(|v| v.starts_with("__Host-ew_sv="))
         })
         .and_then(|v| v.split(';').next())
         .expect("the visitor's session record")
@@ -154,8 +154,8 @@ fn browsing_signed_out_keeps_the_signed_in_record_and_signing_in_joins_both() {
     let b = format!(r#"{{"event_id":"mine-0","ts":{},{ADD_CARD}}}"#, w.now());
     let mine = w.post("/v1/events", &[alice], b.as_bytes());
     assert_eq!(mine.reply.status, 202);
-    let alice_record = record(&mine, "ew_s").expect("alice's record");
-    assert!(record(&mine, "ew_sv").is_none());
+    let alice_record = record(&mine, "__Host-ew_s").expect("alice's record");
+    assert!(record(&mine, "__Host-ew_sv").is_none());
 
     let cookie = visitor_cookie();
     let both_cookies = format!("{cookie}; {alice_record}");
@@ -167,10 +167,10 @@ fn browsing_signed_out_keeps_the_signed_in_record_and_signing_in_joins_both() {
     );
     assert_eq!(anon.reply.status, 202);
     assert!(
-        record(&anon, "ew_s").is_none(),
+        record(&anon, "__Host-ew_s").is_none(),
         "alice's record is left alone"
     );
-    let visitor_record = record(&anon, "ew_sv").expect("the visitor's record");
+    let visitor_record = record(&anon, "__Host-ew_sv").expect("the visitor's record");
 
     let other = App::new(config());
     let mut r = HttpRequest::get("/v1/me");
@@ -190,7 +190,7 @@ fn browsing_signed_out_keeps_the_signed_in_record_and_signing_in_joins_both() {
     );
     assert!(
         joined.reply.headers.iter().any(|(k, v)| *k == "set-cookie"
-            && v.starts_with("ew_sv=;")
+            && v.starts_with("__Host-ew_sv=;")
             && v.contains("Max-Age=0")),
         "the visitor's record is cleared"
     );
