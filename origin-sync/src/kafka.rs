@@ -131,16 +131,15 @@ impl ConsumerContext for MembershipContext {
                 if let Err(e) = consumer.pause(tpl) {
                     tracing::warn!(error = %e, "could not pause the membership consumer");
                 }
-                let Some(generation) = generation(consumer) else {
-                    // no fencing token, no ownership: without one, this instance's records
-                    // could not outrank a stale owner's, so the partitions stay unowned here
-                    // until the next rebalance (the group reassigns them when this member
-                    // rejoins)
-                    tracing::error!(
-                        "the consumer group's generation could not be read; not taking the assigned partitions"
+                // never seen unreadable in an assignment's callback; if it were, the claim
+                // still goes above every epoch the store has read (`Store::claim`), and the
+                // partitions are consumed rather than left to no one
+                let generation = generation(consumer).unwrap_or_else(|| {
+                    tracing::warn!(
+                        "the consumer group's generation could not be read; fencing this ownership by the changelog's epochs only"
                     );
-                    return;
-                };
+                    0
+                });
                 let _ = self
                     .events
                     .send(Rebalanced::Assigned(numbers(tpl), generation));
