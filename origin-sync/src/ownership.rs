@@ -417,11 +417,15 @@ impl Owner {
 /// more, unless the partition left meanwhile. One more KV write per such shopper per
 /// handover; shoppers acknowledged everywhere before the move had nothing in flight.
 fn rewrite_kv_later(shared: &Arc<Shared>, p: i32, keys: Vec<shared::keys::UserKey>) {
-    let shared = shared.clone();
     let revocations = shared.store.revocations().get(&p).copied();
     let after = Duration::from_millis(shared.config.sync.request_timeout_ms) + KV_LANDS_WITHIN;
+    // weak while it waits: a service that stopped meanwhile is not kept (nor its store open)
+    let waiting = Arc::downgrade(shared);
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
+        let Some(shared) = waiting.upgrade() else {
+            return;
+        };
         let store = &shared.store;
         if !store.owned().contains(&p) || store.revocations().get(&p).copied() != revocations {
             return;

@@ -1385,12 +1385,18 @@ async fn a_kv_write_in_flight_when_its_partition_moves_is_written_over_by_the_ne
     converge(&edge, &first, Duration::from_secs(60)).await;
     wait_for(|| kv_behind(&first) == 0, "KV at the first part's versions").await;
 
+    // KV throttles while a folds the second part, so that a's next write carries every
+    // shopper of both partitions: that write is held
+    use origin_sync::testkit::{Api, Fault};
+    edge.inject(Fault::new(Api::KvBulk, 429).retry_after("1"));
+    produce_events(&tansu.brokers(), &events[300..600]).await;
+    converge(&edge, &reference(&events[..600]), Duration::from_secs(60)).await;
+    edge.clear_faults();
     edge.inject(
-        origin_sync::testkit::Fault::new(origin_sync::testkit::Api::KvBulk, 200)
+        Fault::new(Api::KvBulk, 200)
             .hold(Duration::from_secs(15))
             .times(1),
     );
-    produce_events(&tansu.brokers(), &events[300..600]).await;
     wait_for(|| edge.held() == 1, "a's KV write held on the wire").await;
     let held_at = Instant::now();
 
