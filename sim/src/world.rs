@@ -453,16 +453,20 @@ pub fn run(p: &Params) -> Report {
         let mut with_cookie;
         let mut req = req;
         let keeps_session = p.design == Design::Session;
+        // the simulated site is not on loopback: the Secure (`__Host-`) names
+        let visitor_name = edge_worker::identity::visitor_cookie_name(true);
+        let session_name = shared::session::cookie_name(true, true);
+        let visitor_session_name = shared::session::cookie_name(false, true);
         if let Some(jar) = jar.as_deref() {
             let mut cookies = Vec::new();
             if let Some(v) = &jar.visitor {
-                cookies.push(format!("{}={v}", edge_worker::identity::VISITOR_COOKIE));
+                cookies.push(format!("{visitor_name}={v}"));
             }
             if let Some(c) = jar.session.as_ref().filter(|_| keeps_session) {
-                cookies.push(format!("{}={c}", shared::session::COOKIE));
+                cookies.push(format!("{session_name}={c}"));
             }
             if let Some(c) = jar.visitor_session.as_ref().filter(|_| keeps_session) {
-                cookies.push(format!("{}={c}", shared::session::VISITOR_COOKIE));
+                cookies.push(format!("{visitor_session_name}={c}"));
             }
             if !cookies.is_empty() {
                 with_cookie = req.clone();
@@ -481,9 +485,9 @@ pub fn run(p: &Params) -> Report {
         seen.handler_ns += t0.elapsed().as_nanos();
         seen.requests += 1;
         if let Some(jar) = jar {
-            let session = format!("{}=", shared::session::COOKIE);
-            let visitor_session = format!("{}=", shared::session::VISITOR_COOKIE);
-            let visitor = format!("{}=", edge_worker::identity::VISITOR_COOKIE);
+            let session = format!("{session_name}=");
+            let visitor_session = format!("{visitor_session_name}=");
+            let visitor = format!("{visitor_name}=");
             for (name, value) in &h.reply.headers {
                 if *name != "set-cookie" {
                     continue;

@@ -526,7 +526,14 @@ impl Store {
         let (version, changed) = {
             let mut users_t = tx.open_table(USERS)?;
             let mut outbox_t = tx.open_table(OUTBOX)?;
-            erase_in(&mut users_t, &mut outbox_t, key, at_ms, self.window)?
+            erase_in(
+                &mut users_t,
+                &mut outbox_t,
+                key,
+                at_ms,
+                self.window,
+                &self.owned_epochs(),
+            )?
         };
         if changed {
             self.log_erasure(&tx, key, version, crate::clock::now_ms())?;
@@ -546,6 +553,7 @@ impl Store {
     /// Applies records of the erasure log (`crate::erasures`) and moves its offsets, in one
     /// transaction. Returns the users whose state changed (already erased as late: no change).
     pub fn apply_erasures(&self, records: &[ErasureRecord]) -> Result<Vec<UserKey>, StoreError> {
+        let owned_epochs = self.owned_epochs();
         let tx = self.db.begin_write()?;
         let mut changed = Vec::new();
         {
@@ -560,8 +568,14 @@ impl Store {
                     continue;
                 }
                 if let Some((key, at_ms)) = r.erasure {
-                    let (version, did) =
-                        erase_in(&mut users_t, &mut outbox_t, key, at_ms, self.window)?;
+                    let (version, did) = erase_in(
+                        &mut users_t,
+                        &mut outbox_t,
+                        key,
+                        at_ms,
+                        self.window,
+                        &owned_epochs,
+                    )?;
                     if did {
                         changed.push((key, version, crate::clock::now_ms()));
                     }
@@ -751,13 +765,16 @@ fn load(
 
 /// Erases `key` at `at_ms` within a write transaction: (the erasure's version, whether
 /// anything changed). What of the reorder window arrived after `at_ms` is folded on the
-/// tombstone again ([`UserState::erased_at`]), above that version.
+/// tombstone again ([`UserState::erased_at`]), above that version. The stamp stays, with the
+/// epoch of this instance's ownership when it owns the user's partition (`owned_epochs`): the
+/// owner wrote this state.
 fn erase_in(
     users_t: &mut redb::Table<&[u8], &[u8]>,
     outbox_t: &mut redb::Table<&[u8; 12], Pending>,
     key: UserKey,
     at_ms: u64,
     window: Window,
+    owned_epochs: &BTreeMap<i32, u64>,
 ) -> Result<(u64, bool), StoreError> {
     // the stamp stays: an erasure is not input of the user's partition
     let (old, stamp): (Option<UserState>, Vec<u8>) = match users_t.get(key.0.as_slice())? {
@@ -782,6 +799,7 @@ fn erase_in(
         Some(old) => old.erased_at(&key, version, at_ms, window),
         None => UserState::tombstone(&key, version, at_ms),
     };
+    let stamp = partitions::restamp(&stamp, owned_epochs)?;
     users_t.insert(
         key.0.as_slice(),
         partitions::user_value_raw(&stamp, &state.encode()).as_slice(),

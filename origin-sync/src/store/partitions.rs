@@ -133,6 +133,25 @@ pub(super) fn stamped(value: &[u8]) -> Result<(Option<Stamp>, &[u8]), StoreError
     Ok((stamp, state))
 }
 
+/// A users-table value's stamp bytes (`stamp`) with the epoch of the ownership in `owned`
+/// of its partition, if any (else as they were).
+pub(super) fn restamp(
+    stamp: &[u8],
+    owned: &std::collections::BTreeMap<i32, u64>,
+) -> Result<Vec<u8>, StoreError> {
+    if stamp.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut s = Stamp::from_bytes(stamp, "stamp")?;
+    match owned.get(&s.partition) {
+        Some(epoch) if *epoch != s.epoch => {
+            s.epoch = *epoch;
+            Ok(s.to_bytes())
+        }
+        _ => Ok(stamp.to_vec()),
+    }
+}
+
 /// A users-table value's stamp, if it has one.
 pub(super) fn stamp_of(value: &[u8]) -> Result<Option<Stamp>, StoreError> {
     Ok(stamped(value)?.0)
@@ -1086,6 +1105,14 @@ impl Store {
         self.epochs.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
+    /// [`Store::epochs`] of the partitions owned now.
+    pub(super) fn owned_epochs(&self) -> std::collections::BTreeMap<i32, u64> {
+        let owned = self.owned();
+        let mut epochs = self.epochs();
+        epochs.retain(|p, _| owned.contains(p));
+        epochs
+    }
+
     /// How many times each partition has left `owned` so far (a partition never revoked has
     /// no entry).
     pub fn revocations(&self) -> Revocations {
@@ -1624,6 +1651,38 @@ mod tests {
             if zombie_keys.contains(&l.key) {
                 assert_eq!(epoch_of(&l), b_epoch);
             }
+        }
+    }
+
+    /// An erasure is the owner's write: the erased state carries the owner's epoch, so a
+    /// stale writer's record of the shopper under an earlier epoch loses to it; an erasure
+    /// applied where the partition is not owned keeps the stamp it found.
+    #[test]
+    fn an_owners_erasure_carries_its_epoch() {
+        let events = traffic(1, 10, 41);
+        let writer = open("erase-epoch-writer");
+        writer.set_owned(&[0]);
+        let first = writer.claim(0, 1).expect("claim");
+        let logged = writer
+            .apply_batch(&records(&events, 0))
+            .expect("fold")
+            .logged;
+        let erase_at = 1_800_000_000_000;
+        for (store, owns, name) in [(true, "owner"), (false, "bystander")]
+            .map(|(owns, name)| (open(&format!("erase-epoch-{name}")), owns, name))
+        {
+            store
+                .apply_changelog(0, &as_read(&logged), 1, 0, 1)
+                .expect("restore");
+            let later = store.claim(0, 5).expect("claim");
+            if !owns {
+                store.set_owned(&[]);
+            } else {
+                store.set_owned(&[0]);
+            }
+            store.erase("p-u0", erase_at).expect("erase");
+            let epoch = store.stamp("p-u0").expect("stamp").expect("some").epoch;
+            assert_eq!(epoch, if owns { later } else { first }, "{name}");
         }
     }
 
