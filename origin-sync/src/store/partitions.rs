@@ -446,9 +446,10 @@ pub struct Restored {
     /// them (a stale writer's record left after a later owner's). Compaction keeps a key's
     /// last record only, so they are logged again (`ownership`, once restored).
     pub last_stale: std::collections::BTreeSet<UserKey>,
-    /// Those whose last record read is what this store keeps (a later chunk's answer for a
-    /// user an earlier chunk found stale).
-    pub last_current: std::collections::BTreeSet<UserKey>,
+    /// Of one chunk, those whose last record read is what this store keeps: a later chunk's
+    /// answer for a user an earlier chunk found stale (merged away by `+=`, which keeps only
+    /// the stale set).
+    pub last_current: Vec<UserKey>,
 }
 
 impl std::ops::AddAssign for Restored {
@@ -460,15 +461,14 @@ impl std::ops::AddAssign for Restored {
         self.behind += r.behind;
         self.unreadable += r.unreadable;
         self.touched.extend(r.touched);
-        // a later chunk's last record of a user is the user's last record
-        for k in &r.last_current {
-            self.last_stale.remove(k);
-        }
-        for k in &r.last_stale {
-            self.last_current.remove(k);
+        // a later chunk's last record of a user is the user's last record (the stale set is
+        // empty but for zombies: nothing to look up in the usual restore)
+        if !self.last_stale.is_empty() {
+            for k in &r.last_current {
+                self.last_stale.remove(k);
+            }
         }
         self.last_stale.extend(r.last_stale);
-        self.last_current.extend(r.last_current);
     }
 }
 
@@ -826,7 +826,7 @@ impl Store {
                 let note_last = |kept: &[u8], out: &mut Restored| {
                     if applier == Applier::Owner {
                         if last.value.as_slice() == kept {
-                            out.last_current.insert(key);
+                            out.last_current.push(key);
                         } else {
                             out.last_stale.insert(key);
                         }
