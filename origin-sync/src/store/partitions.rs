@@ -495,20 +495,20 @@ pub type Revocations = std::collections::BTreeMap<i32, u64>;
 /// times. The entry for "changed now" is encoded once: a restore puts up to a chunk of users
 /// in the outbox, mostly users without an entry, so each costs one B-tree walk (the insert
 /// hands back what it replaced; only then is the merged entry written over it).
-struct Pender {
+pub(super) struct Pender {
     now_ms: u64,
     fresh: Pending,
 }
 
 impl Pender {
-    fn new(now_ms: u64) -> Pender {
+    pub(super) fn new(now_ms: u64) -> Pender {
         Pender {
             now_ms,
             fresh: Pending::at(now_ms, now_ms),
         }
     }
 
-    fn pend(
+    pub(super) fn pend(
         &self,
         outbox_t: &mut redb::Table<&[u8; 12], Pending>,
         key: &[u8; 12],

@@ -176,6 +176,7 @@ impl Store {
             let mut outbox_t = tx.open_table(OUTBOX)?;
             let mut marks_t = tx.open_table(SINK_MARKS)?;
             let acked_t = tx.open_table(ACKED)?;
+            let pender = super::partitions::Pender::new(now_ms);
             for key in keys {
                 let still_here = match users_t.get(key.0.as_slice())? {
                     Some(g) => super::partitions::stamp_of(g.value())?
@@ -188,11 +189,7 @@ impl Store {
                 let mut mark = Self::mark(&marks_t, &acked_t, sink, key)?;
                 mark.acked = None;
                 marks_t.insert((sink, key.0.as_slice()), encode(&mark).as_slice())?;
-                let pending = match outbox_t.get(&key.0)? {
-                    Some(g) => g.value().merge(now_ms, now_ms),
-                    None => Pending::at(now_ms, now_ms),
-                };
-                outbox_t.insert(&key.0, pending)?;
+                pender.pend(&mut outbox_t, &key.0)?;
                 out.push(*key);
             }
         }
