@@ -34,6 +34,10 @@ use crate::store::{Applier, LogRecord, Logged, PreparedRecord, Restored, Revocat
 pub struct Commit {
     pub logged: Vec<Logged>,
     pub offsets: Vec<(String, i32, i64)>,
+    /// The generation each partition was owned under when the batch was folded
+    /// (`Store::owned_at`): `offsets` are committed only for partitions librdkafka still
+    /// holds under it ([`offsets_still_held`]).
+    pub owned_at: std::collections::BTreeMap<i32, u64>,
     /// Changelog partitions just restored here, with the end each was read to: every record
     /// below it is acknowledged (below the previous watermark) or in this store's outbox,
     /// so it is a watermark sample even before this instance writes there.
@@ -117,9 +121,20 @@ pub async fn write(
             n.min(shared.metrics.changelog_pending.load(Relaxed)),
             Relaxed,
         );
-        if !commit.offsets.is_empty() {
+        let held = offsets_still_held(
+            &commit.offsets,
+            &commit.owned_at,
+            &membership.context().assigned_at(),
+        );
+        if held.len() < commit.offsets.len() {
+            tracing::info!(
+                dropped = commit.offsets.len() - held.len(),
+                "not committing the offsets of a batch folded under an ownership lost since (the partition's owner now, here or elsewhere, started from its own)"
+            );
+        }
+        if !held.is_empty() {
             let mut tpl = TopicPartitionList::new();
-            for (t, p, next) in &commit.offsets {
+            for (t, p, next) in held {
                 let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*next));
             }
             if let Err(e) = membership.commit(&tpl, CommitMode::Async) {
@@ -160,6 +175,28 @@ fn delivered_marks(
 
 /// The restore ends of partitions not revoked since the ends were taken (`then`), by the
 /// revocation counts `now`.
+/// The offsets of a batch that may be committed: those of partitions librdkafka holds now
+/// (`now`, [`crate::kafka::MembershipContext::assigned_at`]) under the generation they were
+/// owned under when the batch was folded (`then`).
+///
+/// A commit goes out with the membership librdkafka has when it is sent, not the one the
+/// batch was folded under. An instance that lost a partition without knowing it yet (frozen
+/// past its session: a zombie) and that was given it back, or whose changelog write of the
+/// batch took until after it rejoined, would otherwise commit its zombie batch's offsets
+/// under a valid generation: ahead of what the owner in between folded, whose states the
+/// partition's next restore keeps, so the events between would never be folded. (Sent under
+/// the lost generation, the broker refuses it.)
+pub fn offsets_still_held<'a>(
+    offsets: &'a [(String, i32, i64)],
+    then: &std::collections::BTreeMap<i32, u64>,
+    now: &std::collections::BTreeMap<i32, u64>,
+) -> Vec<&'a (String, i32, i64)> {
+    offsets
+        .iter()
+        .filter(|(_, p, _)| then.get(p).is_some_and(|g| now.get(p) == Some(g)))
+        .collect()
+}
+
 fn unrevoked(restored: &Ends, then: &Revocations, now: &Revocations) -> Ends {
     restored
         .iter()
@@ -352,9 +389,14 @@ async fn commit_watermarks(
     // and only what the group assigns this member now (the service's view lags a rebalance
     // by a batch)
     let assigned = membership.assignment().unwrap_or_default();
+    // and held under the generation the service owns it under: one lost and given back, which
+    // the service has not seen yet, was sampled under the lost ownership (`offsets_still_held`)
+    let (then, now) = (shared.store.owned_at(), membership.context().assigned_at());
     let mut tpl = TopicPartitionList::new();
     for (p, mark) in &moved {
-        if assigned.find_partition(topic, *p).is_some() {
+        if assigned.find_partition(topic, *p).is_some()
+            && then.get(p).is_some_and(|g| now.get(p) == Some(g))
+        {
             let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*mark));
         }
     }
@@ -1039,6 +1081,30 @@ mod tests {
             unrevoked(&restored, &then, &revoked(&[(1, 3)])),
             ends(&[(0, 10)])
         );
+    }
+
+    /// A batch's offsets are committed only for partitions librdkafka holds now under the
+    /// generation they were owned under when it was folded: not one lost since (gone, or
+    /// given back under a later generation), nor one the service did not own then.
+    #[test]
+    fn only_the_offsets_of_partitions_still_held_under_the_folding_generation_are_committed() {
+        let offsets = vec![
+            ("clicks".to_owned(), 0, 100),
+            ("carts".to_owned(), 0, 40),
+            ("clicks".to_owned(), 1, 200),
+            ("clicks".to_owned(), 2, 300),
+            ("clicks".to_owned(), 3, 400),
+        ];
+        let then = [(0, 3), (1, 3), (2, 5)].into();
+        // 0 still held under 3; 1 lost and given back under 8; 2 lost; 3 not owned then
+        let now = [(0, 3), (1, 8), (3, 8)].into();
+        let held: Vec<_> = offsets_still_held(&offsets, &then, &now)
+            .into_iter()
+            .cloned()
+            .collect();
+        assert_eq!(held, offsets[..2].to_vec());
+        assert!(offsets_still_held(&offsets, &then, &then).len() == 4);
+        assert!(offsets_still_held(&offsets, &Default::default(), &now).is_empty());
     }
 
     /// An owner's restore of a partition released here reads from no later than the

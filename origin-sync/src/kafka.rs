@@ -1,6 +1,7 @@
 //! Kafka clients, configured for latency (librdkafka's defaults add hundreds of milliseconds),
 //! and a produce helper that awaits every delivery.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -72,9 +73,26 @@ pub struct MembershipContext {
     revoke_grace: Duration,
     /// Set once this instance stopped consuming: a revocation then lets go at once.
     leaving: Arc<AtomicBool>,
+    /// librdkafka's view of the assignment: each partition held now, with the generation
+    /// that gave it ([`MembershipContext::assigned_at`]).
+    assigned_at: std::sync::Mutex<BTreeMap<i32, u64>>,
 }
 
 impl MembershipContext {
+    /// The partitions librdkafka holds for this member now, each with the generation that
+    /// assigned it. Updated in the rebalance callback, which runs before the member can
+    /// rejoin, so it is ahead of the service's view (`ownership.rs`, one control message
+    /// later): a partition lost and given back shows here under its new generation while the
+    /// service may still be folding a batch it took under the old one. A commit is sent with
+    /// the membership librdkafka has when it goes out, so only this tells a commit of the
+    /// old ownership from one of the new ([`crate::changelog::offsets_still_held`]).
+    pub fn assigned_at(&self) -> BTreeMap<i32, u64> {
+        self.assigned_at
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
     /// Holds a revocation (the partitions are still this instance's, the event consumer still
     /// folds them) for the revoke grace, unless this instance is leaving or lost them.
     ///
@@ -140,12 +158,18 @@ impl ConsumerContext for MembershipContext {
                     );
                     0
                 });
-                let _ = self
-                    .events
-                    .send(Rebalanced::Assigned(numbers(tpl), generation));
+                let numbers: Vec<i32> = numbers(tpl);
+                if let Ok(mut held) = self.assigned_at.lock() {
+                    held.extend(numbers.iter().map(|p| (*p, generation)));
+                }
+                let _ = self.events.send(Rebalanced::Assigned(numbers, generation));
             }
             Rebalance::Revoke(tpl) if tpl.count() > 0 => {
-                let _ = self.events.send(Rebalanced::Revoked(numbers(tpl)));
+                let numbers: Vec<i32> = numbers(tpl);
+                if let Ok(mut held) = self.assigned_at.lock() {
+                    held.retain(|p, _| !numbers.contains(p));
+                }
+                let _ = self.events.send(Rebalanced::Revoked(numbers));
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "consumer group rebalance failed"),
             _ => {}
@@ -187,6 +211,7 @@ pub fn membership(
             events: tx,
             revoke_grace: Duration::from_millis(config.revoke_grace_ms),
             leaving,
+            assigned_at: Default::default(),
         })?;
     consumer.subscribe(&[topic])?;
     Ok((consumer, rx))

@@ -138,6 +138,7 @@ impl Owner {
         let restoring: Vec<i32> = self.restoring.iter().copied().collect();
         shared.store.set_restoring(&restoring);
         shared.store.set_owned(&owned);
+        shared.store.set_owned_at(&self.generation);
     }
 
     pub async fn handle(

@@ -628,18 +628,28 @@ async fn dead_letter(
 fn fold(shared: &Shared, records: Vec<Record>) -> Inflight {
     let n = records.len() as u64;
     let store = shared.store.clone();
-    tokio::task::spawn_blocking(move || {
+    // taken on this task, which also handles revocations: the ownership these records were
+    // consumed under
+    let owned_at = shared.store.owned_at();
+    let task = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let outcome = store.apply_batch(&records);
         (outcome, n, started.elapsed())
-    })
+    });
+    Inflight { task, owned_at }
 }
 
-type Inflight = tokio::task::JoinHandle<(
-    Result<crate::store::BatchOutcome, StoreError>,
-    u64,
-    Duration,
-)>;
+/// A batch being folded.
+struct Inflight {
+    task: tokio::task::JoinHandle<(
+        Result<crate::store::BatchOutcome, StoreError>,
+        u64,
+        Duration,
+    )>,
+    /// The generation each owned partition was held under when the batch was taken
+    /// (`Store::owned_at`): its offsets are committed only while still held under it.
+    owned_at: std::collections::BTreeMap<i32, u64>,
+}
 
 /// Waits for a batch's store transaction, then hands its users to the sender and commits its
 /// offsets to Kafka. False when the sender is gone (shutting down).
@@ -650,6 +660,7 @@ async fn finish(
     inflight: Inflight,
 ) -> Result<bool, PipelineError> {
     let (outcome, n, took) = inflight
+        .task
         .await
         .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?;
     let outcome = outcome?;
@@ -675,6 +686,7 @@ async fn finish(
         let commit = crate::changelog::Commit {
             logged: outcome.logged,
             offsets: outcome.offsets,
+            owned_at: inflight.owned_at,
             ..Default::default()
         };
         return Ok(changelog.send(commit).await.is_ok());

@@ -279,6 +279,10 @@ pub struct Store {
     /// kept after it leaves: a batch folded late, after a revocation, is stamped with the
     /// ownership it was consumed under, which a later owner's records outrank.
     epochs: std::sync::Mutex<BTreeMap<i32, u64>>,
+    /// The group generation that gave each owned partition to this instance, as the service
+    /// sees it (partitioned only): a commit goes out only while librdkafka holds the partition
+    /// under the same one (`changelog.rs`).
+    owned_at: std::sync::Mutex<BTreeMap<i32, u64>>,
 }
 
 impl Store {
@@ -323,6 +327,7 @@ impl Store {
             applying: std::sync::Mutex::default(),
             revocations: std::sync::Mutex::default(),
             epochs: std::sync::Mutex::default(),
+            owned_at: std::sync::Mutex::default(),
         };
         // A wall clock stepped back across a restart must not make this process's changes
         // look older than what an earlier one left pending (the acknowledged watermark

@@ -243,6 +243,12 @@ impl LogValue {
         value.stamp.epoch = trailing_epoch(rest, what)?;
         Ok(value)
     }
+
+    /// The version of the profile the record holds: for tools and diagnoses that look at a
+    /// changelog from outside.
+    pub fn profile_version(&self) -> Result<u64, StoreError> {
+        Ok(super::state::UserState::decode(&self.state)?.current_version())
+    }
 }
 
 /// A changelog value's postcard body, once its format byte is checked.
@@ -1060,6 +1066,19 @@ impl Store {
             owned.clear();
             owned.extend(partitions);
         }
+    }
+
+    /// The group generation each partition this instance owns was given in (`ownership.rs`
+    /// keeps it current, with [`Store::set_owned`]).
+    pub fn set_owned_at(&self, generations: &std::collections::BTreeMap<i32, u64>) {
+        if let Ok(mut at) = self.owned_at.lock() {
+            at.clone_from(generations);
+        }
+    }
+
+    /// [`Store::set_owned_at`]'s generations: the service's view of what it owns.
+    pub fn owned_at(&self) -> std::collections::BTreeMap<i32, u64> {
+        self.owned_at.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// Takes the ownership of `partition` the group gave this instance in `generation`,

@@ -71,6 +71,11 @@ pub struct Answered {
     pub status: u16,
     /// The shoppers the request carried.
     pub users: Vec<UserKey>,
+    /// What a sync request carried of each shopper (`patch 7->8`, `snapshot 8`,
+    /// `tombstone 3`), in order; empty for KV bulk requests.
+    pub deltas: Vec<(UserKey, String)>,
+    /// The shoppers a sync answer asked to be sent again (`resend` and `invalid_keys`).
+    pub resend: Vec<UserKey>,
 }
 
 /// An answer the test edge gives instead of handling a request: fault injection.
@@ -147,6 +152,31 @@ fn sync_users(body: &[u8]) -> Vec<UserKey> {
         .unwrap_or_default()
 }
 
+/// What a sync frame carries of each shopper, for [`Answered::deltas`].
+fn sync_deltas(body: &[u8]) -> Vec<(UserKey, String)> {
+    use shared::delta::Change;
+    let Ok(batch) = shared::wire::decode_batch(body) else {
+        return Vec::new();
+    };
+    batch
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            shared::wire::SyncItem::Delta(d) => Some((
+                d.user,
+                match &d.change {
+                    Change::Patch { from, steps, .. } => {
+                        format!("patch {from}->{}", from + u64::from(*steps))
+                    }
+                    Change::Snapshot(p) => format!("snapshot {}", p.version),
+                    Change::Tombstone { version } => format!("tombstone {version}"),
+                },
+            )),
+            shared::wire::SyncItem::Config(_) => None,
+        })
+        .collect()
+}
+
 /// The shoppers a KV bulk body carries.
 fn kv_users(json: &serde_json::Value) -> Vec<UserKey> {
     json.as_array()
@@ -206,12 +236,25 @@ impl Shared {
     }
 
     fn record(&self, api: Api, status: u16, users: Vec<UserKey>) {
+        self.record_sync(api, status, users, Vec::new(), Vec::new());
+    }
+
+    fn record_sync(
+        &self,
+        api: Api,
+        status: u16,
+        users: Vec<UserKey>,
+        deltas: Vec<(UserKey, String)>,
+        resend: Vec<UserKey>,
+    ) {
         if let Ok(mut log) = self.log.lock() {
             log.push(Answered {
                 api,
                 at: std::time::Instant::now(),
                 status,
                 users,
+                deltas,
+                resend,
             });
         }
     }
@@ -500,7 +543,10 @@ async fn to_edge(
         return (StatusCode::INTERNAL_SERVER_ERROR, "the test edge stopped").into_response();
     };
     if is_sync {
-        edge.record(Api::Sync, reply.status, users);
+        let resend = serde_json::from_slice::<shared::protocol::SyncReply>(&reply.body)
+            .map(|r| [r.resend, r.invalid_keys].concat())
+            .unwrap_or_default();
+        edge.record_sync(Api::Sync, reply.status, users, sync_deltas(&body), resend);
     }
     let mut response = (
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
