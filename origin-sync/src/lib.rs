@@ -11,6 +11,7 @@ pub mod changelog;
 pub mod clock;
 pub mod config;
 pub mod erasures;
+pub mod freeze;
 pub mod http;
 pub mod kafka;
 pub mod limit;

@@ -114,6 +114,9 @@ pub struct Metrics {
     /// Shoppers an owner re-logged because the last changelog record of theirs was behind
     /// its state (a zombie's write; see `changelog::audit`).
     pub changelog_relogged: AtomicU64,
+    /// Times this process was seen not running for half a session timeout or more (see
+    /// `freeze.rs`): the sinks held meanwhile.
+    pub process_freezes: AtomicU64,
 }
 
 const MAX_SAMPLES: usize = 1_000_000;
@@ -259,7 +262,7 @@ impl Metrics {
         let now = crate::clock::now_ms();
         let ready = AtomicU64::new(u64::from(self.readiness(now).is_ok()));
         let stalled = AtomicU64::new(u64::from(self.stalled(now)));
-        let counters: [(&str, &str, &AtomicU64); 35] = [
+        let counters: [(&str, &str, &AtomicU64); 36] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -425,6 +428,11 @@ impl Metrics {
                 "edgewise_changelog_relogged_total",
                 "shoppers re-logged because their last changelog record was behind this owner's state (a stale writer's)",
                 &self.changelog_relogged,
+            ),
+            (
+                "edgewise_process_freezes_total",
+                "times this process did not run for half a session timeout or more (partitions may have moved meanwhile; the sinks held until the membership caught up)",
+                &self.process_freezes,
             ),
             (
                 "edgewise_catalog_id_collisions",

@@ -46,6 +46,8 @@ pub struct Shared {
     pub room: Notify,
     /// Bumped when documents changed (every sink worker watches it).
     pub documents: watch::Sender<u64>,
+    /// Whether this process was just frozen: the sinks hold (`freeze.rs`).
+    pub freeze: Arc<crate::freeze::FreezeWatch>,
 }
 
 /// Runs `f` on the blocking pool (store transactions fsync).
@@ -335,9 +337,13 @@ pub async fn consume(
         .await?;
         let received = match first {
             First::Control(c) => {
+                // no batch is in flight (`first_message` finished it): what a revocation
+                // releases goes now, not with the next batch, which may never come (every
+                // partition left) while the sinks would go on sending it
                 if let Some(g) = group.as_mut() {
                     g.owner.handle(&shared, &consumer, c).await?;
                     forget_revoked(&shared, &mut merger);
+                    crate::ownership::release(&shared, g.owner.take_released()).await?;
                 }
                 continue;
             }

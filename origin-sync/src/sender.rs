@@ -668,6 +668,23 @@ impl Worker {
             let mut batch = to_batch(&parts);
             let mut tries = 0u32;
             loop {
+                if let Some(hold) = self.shared.freeze.holding() {
+                    // this process was just frozen: what it holds may belong to partitions
+                    // that moved meanwhile; once librdkafka and the service know, what left is
+                    // released and dropped here (KV would keep this older value over the new
+                    // owner's)
+                    if !self.pause(hold, give_up, lane, open, shutdown).await {
+                        round.stopped = true;
+                        return round;
+                    }
+                    if self.drop_released(&mut parts, &mut round.left_out).await {
+                        if parts.is_empty() {
+                            break;
+                        }
+                        batch = to_batch(&parts);
+                    }
+                    continue;
+                }
                 let started = Instant::now();
                 let error = match self.sink.push(&batch).await {
                     Ok(ack) => {
@@ -969,6 +986,7 @@ mod tests {
             touched,
             room: tokio::sync::Notify::new(),
             documents: watch::channel(0).0,
+            freeze: Default::default(),
         });
         (dir, store, shared)
     }

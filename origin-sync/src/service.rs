@@ -124,6 +124,21 @@ pub async fn run(
         .stall_after_ms
         .store(config.kafka.stall_after_ms, Relaxed);
     let listen = config.http.listen;
+    // only where partitions move can a freeze have taken any
+    let freeze = Arc::new(
+        if config.kafka.assignment == crate::config::Assignment::Group {
+            crate::freeze::FreezeWatch::for_group(
+                Duration::from_millis(config.kafka.session_timeout_ms),
+                Duration::from_millis(config.kafka.heartbeat_interval_ms),
+            )
+        } else {
+            crate::freeze::FreezeWatch::default()
+        }
+        .counted_in(metrics.clone()),
+    );
+    freeze
+        .start()
+        .map_err(|e| ServiceError::Task(format!("starting the freeze watch: {e}")))?;
     let shared = Arc::new(Shared {
         config,
         store,
@@ -131,6 +146,7 @@ pub async fn run(
         touched: touched_tx,
         room: Notify::new(),
         documents: watch::channel(0).0,
+        freeze,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

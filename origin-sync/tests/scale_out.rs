@@ -1207,7 +1207,14 @@ async fn a_frozen_instance_that_wakes_after_its_partitions_moved_changes_nothing
     while mismatches(&edge, &want) > 0 && Instant::now() < deadline {
         watch.during(&edge, Duration::from_millis(200)).await;
     }
-    explain_mismatches(&edge, &want, &tansu.brokers(), started);
+    explain_mismatches(
+        &edge,
+        &want,
+        &tansu.brokers(),
+        started,
+        &[base(&dir, "a"), base(&dir, "b")],
+    )
+    .await;
     watch
         .until_reference(&edge, &want, Duration::from_secs(1))
         .await;
@@ -1270,13 +1277,15 @@ async fn a_broker_restart_during_a_handover_loses_nothing() {
 
 /// For a few shoppers the edge does not hold as the reference does: every sync delta the
 /// edge was sent of them (seconds since `started`, what, the answer) and every changelog
-/// record of them (partition, epoch, stamp, version). A failure of a scenario that runs
-/// once in a while is diagnosed from this.
-fn explain_mismatches(
+/// record of them (partition, epoch, stamp, version), and what the instances at `bases` say
+/// of their consumption and sinks. A failure of a scenario that fails once in a while is
+/// diagnosed from this.
+async fn explain_mismatches(
     edge: &TestEdge,
     want: &HashMap<UserKey, shared::Profile>,
     brokers: &str,
     started: Instant,
+    bases: &[String],
 ) {
     let held = edge.profiles();
     let wrong: Vec<_> = want
@@ -1286,6 +1295,33 @@ fn explain_mismatches(
         .collect();
     if wrong.is_empty() {
         return;
+    }
+    for base in bases {
+        let text = match reqwest::get(format!("{base}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => format!("no metrics: {e}"),
+        };
+        eprintln!("{base}:");
+        for line in text.lines().filter(|l| {
+            !l.starts_with('#')
+                && [
+                    "lag",
+                    "outbox",
+                    "backlog",
+                    "owned",
+                    "restoring",
+                    "freezes",
+                    "consumed",
+                    "folded",
+                    "backpressure",
+                    "stalled",
+                    "sink_",
+                ]
+                .iter()
+                .any(|w| l.contains(w))
+        }) {
+            eprintln!("  {line}");
+        }
     }
     let answered = edge.answered();
     let logs: Vec<_> = (0..PARTITIONS as i32)
@@ -1407,6 +1443,124 @@ fn last_changelog_record(brokers: &str, key: &[u8]) -> Option<Vec<u8>> {
         .map(|(_, v)| v)
 }
 
+/// An instance with a KV sink (the test edge's KV bulk API) beside the edge, whose sink
+/// requests time out after `request_timeout_ms`.
+fn kv_instance(
+    tansu: &Tansu,
+    edge: &TestEdge,
+    dir: &Path,
+    name: &str,
+    request_timeout_ms: u64,
+) -> (PathBuf, PathBuf) {
+    let (cfg, log) = instance(tansu, edge, dir, name, "");
+    let mut text = std::fs::read_to_string(&cfg).expect("config").replace(
+        "[sync]\n",
+        &format!("[sync]\nrequest_timeout_ms = {request_timeout_ms}\n"),
+    );
+    text.push_str(&format!(
+        "\n[sinks.kv]\naccount_id = \"a\"\nnamespace_id = \"n\"\napi_token = \"t\"\napi_base = \"{}\"\n",
+        edge.kv_base()
+    ));
+    std::fs::write(&cfg, text).expect("config");
+    (cfg, log)
+}
+
+/// How many of `want`'s shoppers KV does not hold at their version.
+fn kv_behind(edge: &TestEdge, want: &HashMap<UserKey, shared::Profile>) -> usize {
+    let kv = edge.kv_versions();
+    want.iter()
+        .filter(|(u, p)| kv.get(*u).copied() != Some(p.version))
+        .count()
+}
+
+/// KV keeps the last write to land, whatever its version. Instance a holds KV writes it could
+/// not make (KV throttled it) when it is frozen past its session; b is given every partition,
+/// restores them, writes their shoppers to KV and folds newer events. When a runs again, its
+/// KV worker's retry is due at once, before a knows that it lost its partitions: it must send
+/// nothing of them (it sees the freeze and holds until the revocation released them). KV
+/// never goes back to a's older versions and ends at every shopper's current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_writes_nothing_it_lost_to_kv_when_it_wakes() {
+    let Some(tansu) = with_topics(Tansu::start("frozen-kv"), 2) else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("frozen-kv");
+    let events = traffic(40, 1500, "fk", 79);
+    let want = reference(&events);
+    let (cfg, log) = kv_instance(&tansu, &edge, &dir, "a", 3000);
+    let a = Binary::start(&cfg, &log);
+    produce_events(&tansu.brokers(), &events[..500]).await;
+    let first = reference(&events[..500]);
+    converge(&edge, &first, Duration::from_secs(60)).await;
+    wait_for(
+        || kv_behind(&edge, &first) == 0,
+        "KV at the first part's versions",
+    )
+    .await;
+
+    // KV throttles a while it folds the second part: a holds those writes, retrying
+    use origin_sync::testkit::{Api, Fault};
+    edge.inject(Fault::new(Api::KvBulk, 429).retry_after("2"));
+    produce_events(&tansu.brokers(), &events[500..1000]).await;
+    let second = reference(&events[..1000]);
+    converge(&edge, &second, Duration::from_secs(60)).await;
+    let pending = kv_behind(&edge, &second);
+    assert!(pending > 0, "a had no KV write left to make when frozen");
+    a.pause();
+    edge.clear_faults();
+    eprintln!("a frozen with {pending} shoppers' KV writes pending");
+
+    let (cfg, log) = kv_instance(&tansu, &edge, &dir, "b", 3000);
+    let b = Binary::start(&cfg, &log);
+    let b_base = base(&dir, "b");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&b_base, "edgewise_owned_partitions").await != Some(2.0)
+        || metric(&b_base, "edgewise_restoring_partitions").await != Some(0.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "b was not given a's partitions while a was frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    produce_events(&tansu.brokers(), &events[1000..]).await;
+    converge(&edge, &want, Duration::from_secs(60)).await;
+    wait_for(
+        || kv_behind(&edge, &want) == 0,
+        "KV at every shopper's version",
+    )
+    .await;
+    // past b's own handover rewrite (request timeout + 2 s after its restore)
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let mut kv = edge.kv_versions();
+    a.resume();
+    let woke = Instant::now();
+    let mut went_back = Vec::new();
+    while woke.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = edge.kv_versions();
+        went_back.extend(
+            now.iter()
+                .filter(|(u, v)| kv.get(*u).is_some_and(|before| *v < before))
+                .map(|(u, v)| (*u, kv[u], *v)),
+        );
+        kv = now;
+    }
+    assert!(
+        went_back.is_empty(),
+        "a wrote older versions over b's once it woke ({} shoppers; e.g. {:?})",
+        went_back.len(),
+        went_back.first()
+    );
+    assert_eq!(kv_behind(&edge, &want), 0, "KV behind the reference");
+    for i in [a, b] {
+        let status = i.terminate();
+        assert!(status.success(), "SIGTERM exit: {status}");
+    }
+}
+
 /// KV keeps the last write to land. Instance a's KV write of a batch is held on the wire (15 s)
 /// while b joins and takes one of the two partitions, resends its shoppers and folds their
 /// next events; a's held write then lands with the older versions over b's newer ones. Once a
@@ -1423,26 +1577,9 @@ async fn a_kv_write_in_flight_when_its_partition_moves_is_written_over_by_the_ne
     let dir = scratch("kv-move");
     let events = traffic(30, 1200, "km", 73);
     let want = reference(&events);
-    let kv_section = format!(
-        "\n[sinks.kv]\naccount_id = \"a\"\nnamespace_id = \"n\"\napi_token = \"t\"\napi_base = \"{}\"\n",
-        edge.kv_base()
-    );
-    let with_kv = |name: &str| {
-        let (cfg, log) = instance(&tansu, &edge, &dir, name, "");
-        // a request may take up to 20 s: the held one (15 s) is in flight, not abandoned
-        let mut text = std::fs::read_to_string(&cfg)
-            .expect("config")
-            .replace("[sync]\n", "[sync]\nrequest_timeout_ms = 20000\n");
-        text.push_str(&kv_section);
-        std::fs::write(&cfg, text).expect("config");
-        (cfg, log)
-    };
-    let kv_behind = |want: &HashMap<UserKey, shared::Profile>| {
-        let kv = edge.kv_versions();
-        want.iter()
-            .filter(|(u, p)| kv.get(*u).copied() != Some(p.version))
-            .count()
-    };
+    // a request may take up to 20 s: the held one (15 s) is in flight, not abandoned
+    let with_kv = |name: &str| kv_instance(&tansu, &edge, &dir, name, 20_000);
+    let kv_behind = |want: &HashMap<UserKey, shared::Profile>| kv_behind(&edge, want);
     let (cfg, log) = with_kv("a");
     let a = Binary::start(&cfg, &log);
     produce_events(&tansu.brokers(), &events[..300]).await;

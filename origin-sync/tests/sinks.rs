@@ -52,6 +52,7 @@ impl Sender {
             touched,
             room: Notify::new(),
             documents: watch::channel(0).0,
+            freeze: Default::default(),
         });
         let task = tokio::spawn(origin_sync::sender::send(
             shared.clone(),
@@ -106,6 +107,7 @@ impl Sender {
             touched,
             room: Notify::new(),
             documents: watch::channel(0).0,
+            freeze: Default::default(),
         });
         let task = tokio::spawn(origin_sync::sender::send(
             shared.clone(),

@@ -490,6 +490,7 @@ async fn restore_into_empty(
         touched,
         room: Notify::new(),
         documents: watch::channel(0).0,
+        freeze: Default::default(),
     });
     let s = shared.clone();
     let report =
