@@ -355,6 +355,17 @@ impl Owner {
                 ..Default::default()
             })
             .await;
+        // a zombie's record the last of some shoppers: consumption starts no later than what
+        // it folded (`Restored::late_next`)
+        let starts = &rewound(starts, &report.restored.late_next);
+        if !report.restored.late_next.is_empty() {
+            tracing::warn!(
+                partition = p,
+                ?starts,
+                late = ?report.restored.late_next,
+                "records an older ownership wrote after a newer one's (a zombie's) count for some shoppers; consuming again from what they folded, in case compaction dropped the newer owner's"
+            );
+        }
         // from here the restored states' stamps say what was folded, not how far this store
         // once consumed the partition
         let store = shared.store.clone();
@@ -407,6 +418,20 @@ impl Owner {
             let _ = tx.send((p, assignment, Box::new(result)));
         });
     }
+}
+
+/// `starts`, each no later than `late` has it for its topic.
+fn rewound(
+    starts: &[(String, i64)],
+    late: &std::collections::BTreeMap<String, i64>,
+) -> Vec<(String, i64)> {
+    starts
+        .iter()
+        .map(|(topic, next)| {
+            let at = late.get(topic).map_or(*next, |l| (*l).min(*next));
+            (topic.clone(), at)
+        })
+        .collect()
 }
 
 /// KV is last-writer-wins: a write of the previous owner's still in flight when partition `p`
@@ -669,5 +694,31 @@ impl StaticGuard {
             let _ = tokio::task::spawn_blocking(move || p.join()).await;
         }
         self.refused.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each topic starts no later than a late record's `next` of it; topics without one, and
+    /// those whose committed offset is already earlier, keep theirs.
+    #[test]
+    fn a_late_record_moves_only_its_topics_start_back() {
+        let starts = vec![
+            ("clicks".to_owned(), 500),
+            ("carts".to_owned(), 40),
+            ("purchases".to_owned(), 9),
+        ];
+        let late = [("clicks".to_owned(), 420), ("carts".to_owned(), 60)].into();
+        assert_eq!(
+            rewound(&starts, &late),
+            vec![
+                ("clicks".to_owned(), 420),
+                ("carts".to_owned(), 40),
+                ("purchases".to_owned(), 9),
+            ]
+        );
+        assert_eq!(rewound(&starts, &Default::default()), starts);
     }
 }

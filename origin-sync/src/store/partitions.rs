@@ -456,6 +456,16 @@ pub struct Restored {
     /// answer for a user an earlier chunk found stale (merged away by `+=`, which keeps only
     /// the stale set).
     pub last_current: Vec<UserKey>,
+    /// The greatest epoch among the records read.
+    pub epoch_read: u64,
+    /// Per event topic, where consumption must start again at the latest so that no event is
+    /// skipped: the least `next` of the shoppers whose record that counts was written *late*,
+    /// by an older ownership after a newer one had written (a zombie's). Compaction keeps a
+    /// key's last record only, so the newer owner's record of such a shopper may be gone,
+    /// while the group's committed offsets say that owner folded past it: consuming from
+    /// there would skip the events it folded into the record that is gone. Empty when no
+    /// record was late.
+    pub late_next: std::collections::BTreeMap<String, i64>,
 }
 
 impl std::ops::AddAssign for Restored {
@@ -475,6 +485,11 @@ impl std::ops::AddAssign for Restored {
             }
         }
         self.last_stale.extend(r.last_stale);
+        self.epoch_read = self.epoch_read.max(r.epoch_read);
+        for (topic, next) in r.late_next {
+            let at = self.late_next.entry(topic).or_insert(next);
+            *at = (*at).min(next);
+        }
     }
 }
 
@@ -711,7 +726,7 @@ impl Store {
     ) -> Result<Restored, StoreError> {
         let mut total = Restored::default();
         for (chunk, next, last) in chunks {
-            let r = self.apply_prepared(
+            let r = self.apply_prepared_after(
                 partition,
                 &chunk,
                 next,
@@ -719,6 +734,7 @@ impl Store {
                 now_ms(),
                 applier,
                 last,
+                total.epoch_read,
             )?;
             on_chunk(&r);
             total += r;
@@ -767,6 +783,32 @@ impl Store {
         applier: Applier,
         durable: bool,
     ) -> Result<Restored, StoreError> {
+        self.apply_prepared_after(
+            partition,
+            records,
+            next,
+            acked_below,
+            now_ms,
+            applier,
+            durable,
+            0,
+        )
+    }
+
+    /// [`Store::apply_prepared`] of a chunk that follows records read of epochs up to
+    /// `epoch_before` (the chunks before it): a record below that epoch was written late.
+    #[allow(clippy::too_many_arguments)] // as apply_log's
+    fn apply_prepared_after(
+        &self,
+        partition: i32,
+        records: &[PreparedRecord],
+        next: i64,
+        acked_below: i64,
+        now_ms: u64,
+        applier: Applier,
+        durable: bool,
+        epoch_before: u64,
+    ) -> Result<Restored, StoreError> {
         let _one_at_a_time = self.applying.lock();
         let mut out = Restored::default();
         let owned = self.owned().contains(&partition);
@@ -789,7 +831,12 @@ impl Store {
             // later state). Applied in key order, which is the B-trees' (sequential leaves:
             // about twice as fast as random). The key's last record is kept too: what
             // compaction would leave of the key.
-            let mut best: std::collections::BTreeMap<&[u8], (&Ready, &Ready)> = Default::default();
+            // With the record that counts: whether it was written late (below an epoch read
+            // before it: an older ownership writing after a newer one had, see
+            // `Restored::late_next`).
+            let mut best: std::collections::BTreeMap<&[u8], (&Ready, &Ready, bool)> =
+                Default::default();
+            let mut running = epoch_before;
             for r in records {
                 out.read += 1;
                 let ready = match &r.ready {
@@ -801,16 +848,30 @@ impl Store {
                     }
                 };
                 seen = seen.max(ready.stamp.epoch);
+                let late = ready.stamp.epoch < running;
+                running = running.max(ready.stamp.epoch);
                 best.entry(r.key.as_slice())
-                    .and_modify(|(b, last)| {
+                    .and_modify(|(b, last, was_late)| {
                         if ready.stamp.epoch >= b.stamp.epoch {
                             *b = ready;
+                            *was_late = late;
                         }
                         *last = ready;
                     })
-                    .or_insert((ready, ready));
+                    .or_insert((ready, ready, late));
             }
-            for (k, (ready, last)) in best {
+            out.epoch_read = running;
+            for (k, (ready, last, late)) in best {
+                if late {
+                    // consumption starts again no later than what this record folded: the
+                    // events after it are folded here again, skipped by the stamps of those
+                    // whose newer state survived (this store's may be further along: its own
+                    // stamp skips what it holds)
+                    for (topic, next) in &ready.stamp.next {
+                        let at = out.late_next.entry(topic.clone()).or_insert(*next);
+                        *at = (*at).min(*next);
+                    }
+                }
                 let offset = ready.offset;
                 let key = ready.key;
                 let state = &ready.value[ready.state_at..];
@@ -1669,6 +1730,104 @@ mod tests {
         for l in a.unlogged_of(Some(&[0]), u64::MAX).expect("unlogged") {
             if zombie_keys.contains(&l.key) {
                 assert_eq!(epoch_of(&l), b_epoch);
+            }
+        }
+    }
+
+    /// Compaction after a zombie wrote leaves each key's last record only: the later owner's
+    /// record of a shopper the zombie wrote after it is gone, and the zombie's older state is
+    /// all a restore finds of them, while the group's committed offsets say the later owner
+    /// folded past it. The zombie's record comes after records of a greater epoch, so it was
+    /// written late: the restore says where consumption must start again (`late_next`), read
+    /// as one chunk or one record per chunk, and consuming from there gives every shopper the
+    /// later owner's state. The log before the zombie wrote has no late record.
+    #[test]
+    fn a_zombies_record_left_alone_by_compaction_moves_consumption_back() {
+        let events = traffic(8, 320, 37);
+        let recs = records(&events, 0);
+        let a = open("late-a");
+        a.set_owned(&[0]);
+        a.claim(0, 3).expect("claim");
+        let first = a.apply_batch(&recs[..100]).expect("fold").logged;
+        let b = open("late-b");
+        b.set_owned(&[0]);
+        b.apply_changelog(0, &as_read(&first), first.len() as i64, 0, 1)
+            .expect("restore");
+        b.claim(0, 5).expect("claim");
+        let owner = b.apply_batch(&recs[100..250]).expect("fold").logged;
+        // the zombie folds a few of the events b folded, and writes after b
+        let zombie = a.apply_batch(&recs[100..104]).expect("fold").logged;
+        let log: Vec<Logged> = first.iter().chain(&owner).chain(&zombie).cloned().collect();
+        let compacted: Vec<Logged> = log
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| !log[i + 1..].iter().any(|m| m.key == l.key))
+            .map(|(_, l)| l.clone())
+            .collect();
+        let zombie_keys: Vec<UserKey> = zombie.iter().map(|l| l.key).collect();
+        assert!(
+            compacted
+                .iter()
+                .any(|l| !zombie_keys.contains(&l.key) && owner.iter().any(|o| o == l)),
+            "a record of b's is left ahead of the zombie's"
+        );
+        let read = as_read(&compacted);
+        let end = read.len() as i64;
+
+        let before = open("late-none");
+        before.set_owned(&[0]);
+        let none = before
+            .apply_changelog(
+                0,
+                &as_read(&[first.clone(), owner.clone()].concat()),
+                end,
+                0,
+                1,
+            )
+            .expect("restore");
+        assert!(none.late_next.is_empty(), "{:?}", none.late_next);
+
+        let whole = open("late-whole");
+        let single = open("late-single");
+        for s in [&whole, &single] {
+            s.set_owned(&[0]);
+        }
+        let r_whole = whole.apply_changelog(0, &read, end, 0, 1).expect("restore");
+        let r_single = single
+            .apply_chunks(
+                0,
+                read.iter()
+                    .enumerate()
+                    .map(|(i, r)| (vec![PreparedRecord::new(r.clone())], i as i64 + 1, false)),
+                0,
+                || 1,
+                Applier::Owner,
+                |_| {},
+            )
+            .expect("restore");
+        for (store, r) in [(&whole, &r_whole), (&single, &r_single)] {
+            let zombies_next = zombie
+                .iter()
+                .map(|l| {
+                    LogValue::from_bytes(&l.value)
+                        .expect("reads")
+                        .stamp
+                        .next_of("t")
+                })
+                .min();
+            assert_eq!(r.late_next.get("t").copied(), zombies_next);
+            // the group's committed offset is past everything b folded
+            let start = r.late_next["t"].min(250);
+            store.resume_at(0, &[("t".into(), start)]).expect("resume");
+            store.claim(0, 7).expect("claim");
+            store.apply_batch(&recs[start as usize..250]).expect("fold");
+            for u in 0..8 {
+                let user = format!("p-u{u}");
+                assert_eq!(
+                    store.current(&user).expect("read"),
+                    b.current(&user).expect("read"),
+                    "{user}: the later owner's state"
+                );
             }
         }
     }
