@@ -667,16 +667,19 @@ impl Worker {
         while let Some((mut parts, base)) = work.pop() {
             let mut batch = to_batch(&parts);
             let mut tries = 0u32;
+            // a retry's delay, waited out at the top of the loop
+            let mut retry_in: Option<Duration> = None;
             loop {
-                if let Some(hold) = self.shared.freeze.holding() {
-                    // this process was just frozen: what it holds may belong to partitions
-                    // that moved meanwhile; once librdkafka and the service know, what left is
-                    // released and dropped here (KV would keep this older value over the new
-                    // owner's)
-                    if !self.pause(hold, give_up, lane, open, shutdown).await {
+                // or a hold: this process was just frozen, and what it holds may belong to
+                // partitions that moved meanwhile (`freeze.rs`)
+                if let Some(delay) = retry_in.take().or_else(|| self.shared.freeze.holding()) {
+                    if !self.pause(delay, give_up, lane, open, shutdown).await {
                         round.stopped = true;
                         return round;
                     }
+                    // users whose partition left meanwhile are their new owner's to send: a
+                    // KV write of this older value would land over the new owner's (KV keeps
+                    // the last write, whatever its version)
                     if self.drop_released(&mut parts, &mut round.left_out).await {
                         if parts.is_empty() {
                             break;
@@ -727,19 +730,7 @@ impl Worker {
                                 None => backoff(&self.shared.config.sync, self.attempt),
                             };
                             self.failed(&error, "retry", parts.len(), delay);
-                            if !self.pause(delay, give_up, lane, open, shutdown).await {
-                                round.stopped = true;
-                                return round;
-                            }
-                            // users whose partition left meanwhile are their new owner's to
-                            // send: a KV write of this older value would land over the new
-                            // owner's (KV keeps the last write, whatever its version)
-                            if self.drop_released(&mut parts, &mut round.left_out).await {
-                                if parts.is_empty() {
-                                    break;
-                                }
-                                batch = to_batch(&parts);
-                            }
+                            retry_in = Some(delay);
                             continue;
                         }
                         ("outage".to_owned(), false)

@@ -726,7 +726,7 @@ impl Store {
     ) -> Result<Restored, StoreError> {
         let mut total = Restored::default();
         for (chunk, next, last) in chunks {
-            let r = self.apply_prepared_after(
+            let r = self.apply_prepared(
                 partition,
                 &chunk,
                 next,
@@ -768,37 +768,15 @@ impl Store {
             now_ms,
             applier,
             durable,
-        )
-    }
-
-    /// [`Store::apply_log`] of records prepared already.
-    #[allow(clippy::too_many_arguments)] // as apply_log's
-    pub fn apply_prepared(
-        &self,
-        partition: i32,
-        records: &[PreparedRecord],
-        next: i64,
-        acked_below: i64,
-        now_ms: u64,
-        applier: Applier,
-        durable: bool,
-    ) -> Result<Restored, StoreError> {
-        self.apply_prepared_after(
-            partition,
-            records,
-            next,
-            acked_below,
-            now_ms,
-            applier,
-            durable,
             0,
         )
     }
 
-    /// [`Store::apply_prepared`] of a chunk that follows records read of epochs up to
-    /// `epoch_before` (the chunks before it): a record below that epoch was written late.
+    /// [`Store::apply_log`] of records prepared already, following records read of epochs up
+    /// to `epoch_before` (the chunks before it, 0 for none): a record below that epoch was
+    /// written late.
     #[allow(clippy::too_many_arguments)] // as apply_log's
-    fn apply_prepared_after(
+    fn apply_prepared(
         &self,
         partition: i32,
         records: &[PreparedRecord],
