@@ -173,8 +173,6 @@ fn delivered_marks(
         .collect()
 }
 
-/// The restore ends of partitions not revoked since the ends were taken (`then`), by the
-/// revocation counts `now`.
 /// The offsets of a batch that may be committed: those of partitions librdkafka holds now
 /// (`now`, [`crate::kafka::MembershipContext::assigned_at`]) under the generation they were
 /// owned under when the batch was folded (`then`).
@@ -197,6 +195,8 @@ pub fn offsets_still_held<'a>(
         .collect()
 }
 
+/// The restore ends of partitions not revoked since the ends were taken (`then`), by the
+/// revocation counts `now`.
 fn unrevoked(restored: &Ends, then: &Revocations, now: &Revocations) -> Ends {
     restored
         .iter()

@@ -1691,8 +1691,16 @@ async fn a_restore_keeps_the_later_owners_state_over_a_zombies_record_left_last(
     let (cfg, log) = instance(&tansu, &edge, &dir, "b", "");
     let b = Binary::start(&cfg, &log);
     wait_for(
-        || last_changelog_record(&tansu.brokers(), &key).as_ref() == Some(&owners),
-        "a's state, logged again by b, as the shopper's last changelog record",
+        || {
+            last_changelog_record(&tansu.brokers(), &key).is_some_and(|last| {
+                let last = origin_sync::store::LogValue::from_bytes(&last).expect("reads");
+                // as b's own: under b's epoch, which is greater
+                last.state == owner.state
+                    && last.stamp.next == owner.stamp.next
+                    && last.stamp.epoch > owner.stamp.epoch
+            })
+        },
+        "a's state, logged again by b under b's epoch, as the shopper's last changelog record",
     )
     .await;
     assert_eq!(

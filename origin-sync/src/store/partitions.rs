@@ -964,22 +964,35 @@ impl Store {
     /// Marks `keys` to be logged again at their current state (the sweep of
     /// `changelog::write` produces them), except those already marked: their newer change is
     /// on its way. Returns how many were marked.
+    ///
+    /// The owner logs them as its own: a state an earlier ownership wrote takes the owner's
+    /// epoch, so that its record, written after the owner's others, is not one written late
+    /// (`Restored::late_next`): a later restore would consume again from that shopper's
+    /// stamp, which for a shopper quiet since may lie far back.
     pub fn relog(&self, keys: &[UserKey], now_ms: u64) -> Result<u64, StoreError> {
+        let owned = self.owned_epochs();
         let tx = self.db.begin_write()?;
         let mut marked = 0;
         {
-            let users_t = tx.open_table(USERS)?;
+            let mut users_t = tx.open_table(USERS)?;
             let mut unlogged_t = tx.open_table(UNLOGGED)?;
             for k in keys {
                 let k = k.0.as_slice();
                 if unlogged_t.get(k)?.is_some() {
                     continue;
                 }
-                let Some(state) = users_t.get(k)? else {
+                let Some(value) = users_t.get(k)?.map(|v| v.value().to_vec()) else {
                     continue;
                 };
-                let version = state_of(state.value())?.current_version();
-                drop(state);
+                let (stamp, state) = stamped(&value)?;
+                let version = UserState::decode(state)?.current_version();
+                if let Some(mut stamp) = stamp
+                    && let Some(&epoch) = owned.get(&stamp.partition)
+                    && epoch > stamp.epoch
+                {
+                    stamp.epoch = epoch;
+                    users_t.insert(k, user_value(Some(&stamp), state).as_slice())?;
+                }
                 unlogged_t.insert(k, (version, now_ms))?;
                 marked += 1;
             }
@@ -1808,6 +1821,56 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The owner logs a shopper again as its own: a state an earlier ownership wrote takes the
+    /// owner's epoch, so its record, written after the owner's others, is not one written
+    /// late, and a later restore does not move consumption back to that shopper's stamp.
+    #[test]
+    fn a_relogged_state_carries_the_owners_epoch() {
+        let events = traffic(6, 120, 43);
+        let recs = records(&events, 0);
+        let a = open("relog-a");
+        a.set_owned(&[0]);
+        let a_epoch = a.claim(0, 1).expect("claim");
+        let first = a.apply_batch(&recs[..100]).expect("fold").logged;
+        let b = open("relog-b");
+        b.set_owned(&[0]);
+        b.apply_changelog(0, &as_read(&first), first.len() as i64, 0, 1)
+            .expect("restore");
+        let b_epoch = b.claim(0, 3).expect("claim");
+        assert!(a_epoch < b_epoch);
+        let owner = b.apply_batch(&recs[100..104]).expect("fold").logged;
+        let quiet = first
+            .iter()
+            .map(|l| l.key)
+            .find(|k| !owner.iter().any(|o| o.key == *k))
+            .expect("a shopper b has not folded since: its state is a's");
+        assert_eq!(b.relog(&[quiet], 2).expect("relog"), 1);
+        let relogged: Vec<Logged> = b
+            .unlogged_of(Some(&[0]), u64::MAX)
+            .expect("unlogged")
+            .into_iter()
+            .filter(|l| l.key == quiet)
+            .collect();
+        assert_eq!(relogged.len(), 1);
+        let epoch = LogValue::from_bytes(&relogged[0].value)
+            .expect("reads")
+            .stamp
+            .epoch;
+        assert_eq!(epoch, b_epoch, "logged again under the owner's epoch");
+        let log: Vec<Logged> = first
+            .iter()
+            .chain(&owner)
+            .chain(&relogged)
+            .cloned()
+            .collect();
+        let c = open("relog-c");
+        c.set_owned(&[0]);
+        let r = c
+            .apply_changelog(0, &as_read(&log), log.len() as i64, 0, 1)
+            .expect("restore");
+        assert!(r.late_next.is_empty(), "{:?}", r.late_next);
     }
 
     /// An erasure is the owner's write: the erased state carries the owner's epoch, so a
