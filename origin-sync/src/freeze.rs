@@ -34,10 +34,8 @@ pub struct FreezeWatch {
     freeze_after: u64,
     /// How long (ms) the sinks hold after one.
     hold_for: u64,
-    /// Freezes seen.
-    pub freezes: AtomicU64,
-    /// Where they are counted for `/metrics` (`edgewise_process_freezes_total`).
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Where the freezes seen are counted (`edgewise_process_freezes_total`).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Default for FreezeWatch {
@@ -57,14 +55,13 @@ impl FreezeWatch {
             hold_until: AtomicU64::new(0),
             freeze_after: u64::try_from(freeze_after.as_millis()).unwrap_or(u64::MAX),
             hold_for: u64::try_from(hold_for.as_millis()).unwrap_or(u64::MAX),
-            freezes: AtomicU64::new(0),
-            metrics: None,
+            metrics: Arc::default(),
         }
     }
 
-    /// Counts the freezes it sees in `metrics` too.
+    /// Counts the freezes it sees in `metrics`.
     pub fn counted_in(mut self, metrics: Arc<crate::metrics::Metrics>) -> FreezeWatch {
-        self.metrics = Some(metrics);
+        self.metrics = metrics;
         self
     }
 
@@ -123,10 +120,7 @@ impl FreezeWatch {
         let until = now.saturating_add(self.hold_for);
         if self.hold_until.fetch_max(until, Relaxed) < now {
             // one freeze, however many saw it
-            self.freezes.fetch_add(1, Relaxed);
-            if let Some(m) = &self.metrics {
-                m.process_freezes.fetch_add(1, Relaxed);
-            }
+            self.metrics.process_freezes.fetch_add(1, Relaxed);
         }
         Some(gap)
     }
@@ -166,7 +160,7 @@ mod tests {
         assert_eq!(w.holding_at(9_000), Some(2_000));
         assert_eq!(w.holding_at(10_500), Some(500));
         assert_eq!(w.holding_at(11_000), None);
-        assert_eq!(w.freezes.load(Relaxed), 1);
+        assert_eq!(w.metrics.process_freezes.load(Relaxed), 1);
     }
 
     /// A sink worker that runs before the ticker after a freeze sees it too (the ticker's
@@ -178,7 +172,7 @@ mod tests {
         assert_eq!(w.holding_at(8_000), Some(2_000));
         assert_eq!(w.tick_at(8_001), Some(7_001));
         assert_eq!(w.holding_at(8_500), Some(1_501));
-        assert_eq!(w.freezes.load(Relaxed), 1);
+        assert_eq!(w.metrics.process_freezes.load(Relaxed), 1);
     }
 
     /// Never ticked (no ticker: a static assignment, a test), or the default watch: no hold.

@@ -137,21 +137,6 @@ impl Fault {
     }
 }
 
-/// The shoppers a sync frame carries (none when it does not decode).
-fn sync_users(body: &[u8]) -> Vec<UserKey> {
-    shared::wire::decode_batch(body)
-        .map(|b| {
-            b.items
-                .iter()
-                .filter_map(|i| match i {
-                    shared::wire::SyncItem::Delta(d) => Some(d.user),
-                    shared::wire::SyncItem::Config(_) => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// What a sync frame carries of each shopper, for [`Answered::deltas`].
 fn sync_deltas(body: &[u8]) -> Vec<(UserKey, String)> {
     use shared::delta::Change;
@@ -508,12 +493,13 @@ async fn to_edge(
     body: Bytes,
 ) -> Response {
     let is_sync = uri.path() == shared::protocol::route::SYNC;
-    let users = if is_sync {
+    let deltas = if is_sync {
         edge.sync_requests.fetch_add(1, Relaxed);
-        sync_users(&body)
+        sync_deltas(&body)
     } else {
         Vec::new()
     };
+    let users: Vec<UserKey> = deltas.iter().map(|(u, _)| *u).collect();
     if edge.down.load(Relaxed) {
         if is_sync {
             edge.record(Api::Sync, 503, users);
@@ -546,7 +532,7 @@ async fn to_edge(
         let resend = serde_json::from_slice::<shared::protocol::SyncReply>(&reply.body)
             .map(|r| [r.resend, r.invalid_keys].concat())
             .unwrap_or_default();
-        edge.record_sync(Api::Sync, reply.status, users, sync_deltas(&body), resend);
+        edge.record_sync(Api::Sync, reply.status, users, deltas, resend);
     }
     let mut response = (
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
