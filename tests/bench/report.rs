@@ -774,18 +774,35 @@ fn standalone_section(edge: &Value) -> String {
          (`profile_age_ms`), and `server-timing` reports only KV waits and the total (Workers' \
          clock stands still while code runs): ~3 µs less.\n\n"
     );
-    md += "Under that saturated load a personalized answer costs workerd more than it does one at \
-         a time: a profile of each route alone, 4 connections closed loop \
-         (`EDGEWISE_PROFILE_ROUTES=1` with `perf` attached; edge-load prints workerd's CPU per \
-         answer of each), read 104 µs per answer for the empty route and 156 µs for \
-         recommendations, 51 µs more where one at a time it is 26–28 µs. By the profile, ~19 µs \
-         of the difference is wasm (the recommender ~9 µs), ~23 µs workerd and V8 (headers, \
-         allocation, handles), and ~9 µs the kernel's: writing the answer to loopback delivers \
-         it and wakes the client in the same call, and the client waits asleep more often while \
-         the costlier route is served. A client on another machine would not be charged that \
-         share. Pinning the client to one core and workerd to the other (tried by hand, three \
-         processes, not kept) brings the saturated p50 to 1.34×, the two routes' throughput \
-         ratio, and leaves p99 at 2.18×: the tail is not only the two sharing a core.\n\n";
+    md += "Where the difference goes. A build that answers the recommendations route with the \
+         bytes and headers of its first personalized answer, computing nothing (tried, not kept: \
+         2 runs of 3 processes, alternated with this build), costs workerd what the empty route \
+         does: 161–168 µs of CPU per request for both, ratios 0.94–1.03× saturated and 1.00× one \
+         at a time, where this build read 30–42 µs more. Headers, body and the write to \
+         loopback are not the cost; the whole difference is Edgewise's code in the wasm. A \
+         profile of each route alone, 4 connections closed loop (`EDGEWISE_PROFILE_ROUTES=1` \
+         with `perf` attached, the bundle built with `EDGEWISE_KEEP_WASM_NAMES=1`), read 148 and \
+         176 µs per answer: ~20 µs more in the wasm (the recommender ~9 µs over this catalog's \
+         320 items and 12 rules; the profile decoded from its compact cache entry ~1.4 µs; the \
+         cache lookups ~1.1 µs; the JSON ~1 µs; the rest spread over identifying the shopper, \
+         the session cookie, the query and allocation), ~7 µs in workerd and V8 on the wasm's \
+         behalf, ~1.5 µs the kernel's. Natively the same answer costs 3.7 µs (`benches/answer`): \
+         in a request the wasm meets caches that workerd's own ~150 µs of work per request has \
+         emptied. Under saturation workerd's own work per request falls (batching: 133 µs for \
+         the empty route at 7500 requests/s with workerd alone on a core) while Edgewise's does \
+         not, so a saturated ratio reads above one at a time. Pinning the client to one core and \
+         workerd to the other (tried by hand, 3 processes) read 1.23–1.40× at p50 and \
+         throughputs 1.26–1.34× apart.\n\n";
+    md += "The tails are the runtime's garbage collector. With V8's `--trace-gc` on workerd \
+         under the closed loop, a scavenge runs about once a second and ~8 MB of what each finds \
+         survive into the old generation, freed only by the next mark-compact; its pause grows \
+         to 20–30 ms. A plain JavaScript worker on the same workerd (no wasm: it reads the \
+         request's head and answers 404) shows the same, so these are workerd's per-request \
+         objects, not Edgewise's. A pause holds every request that arrives during it, so a \
+         route's p99 is decided by how many pauses fell in its turns: runs of the same build \
+         read the open loop's p99 ratio anywhere from 0.2× to 12×, with turns of 1 s as with \
+         turns of 250 ms (tried, not kept). Its p50 and the one-at-a-time figures do not move \
+         with them.\n\n";
     md
 }
 
