@@ -101,6 +101,7 @@ pub async fn write(
                 }
             }
         };
+        crate::crashpoint::reached(crate::crashpoint::CHANGELOG_WRITTEN);
         // Samples only of partitions owned and restored now, and of those just restored: a
         // batch folded before a revocation may be delivered after it, even after the
         // partition came back, whose restore then puts the users the release dropped back in
@@ -141,6 +142,7 @@ pub async fn write(
                 // the users' stamps make starting earlier harmless
                 tracing::debug!(error = %e, "offset commit failed; a new owner starts earlier");
             }
+            crate::crashpoint::reached(crate::crashpoint::OFFSETS_COMMITTED);
         }
         // the restore ends still standing: a restore's commit delivered after its partition
         // left (and came back) clears nothing of that partition

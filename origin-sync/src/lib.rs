@@ -10,6 +10,7 @@
 pub mod changelog;
 pub mod clock;
 pub mod config;
+pub mod crashpoint;
 pub mod erasures;
 pub mod freeze;
 pub mod http;

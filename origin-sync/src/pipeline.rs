@@ -670,6 +670,7 @@ async fn finish(
         .await
         .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?;
     let outcome = outcome?;
+    crate::crashpoint::reached(crate::crashpoint::FOLDED);
     BatchFolded {
         messages: n,
         outcome: &outcome,

@@ -691,6 +691,7 @@ impl Worker {
                 let started = Instant::now();
                 let error = match self.sink.push(&batch).await {
                     Ok(ack) => {
+                        crate::crashpoint::reached(crate::crashpoint::SINK_ACKNOWLEDGED);
                         self.successes += 1;
                         self.attempt = 0;
                         self.stats.config_fault.store(0, Relaxed);

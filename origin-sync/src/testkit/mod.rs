@@ -133,6 +133,16 @@ pub fn kill_group(child: &mut Child, signal: Signal) {
 /// `info,librdkafka=debug` with `ORIGIN_SYNC__KAFKA__LIBRDKAFKA_DEBUG=cgrp` to see the group
 /// protocol.
 pub fn spawn_service(bin: &Path, config: &Path, log: &Path) -> std::io::Result<Child> {
+    spawn_service_with(bin, config, log, &[])
+}
+
+/// [`spawn_service`] with more environment variables (e.g. `crashpoint::ENV`).
+pub fn spawn_service_with(
+    bin: &Path,
+    config: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> std::io::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -145,6 +155,7 @@ pub fn spawn_service(bin: &Path, config: &Path, log: &Path) -> std::io::Result<C
             "RUST_LOG",
             std::env::var("EDGEWISE_SERVICE_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()),
         )
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(out)
         .process_group(0)

@@ -154,6 +154,30 @@ impl Binary {
         Binary { child }
     }
 
+    /// [`Binary::start`] with more environment variables (e.g. `crashpoint::ENV`).
+    pub fn start_with(
+        config_path: &std::path::Path,
+        log: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Binary {
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_origin-sync"));
+        let child = origin_sync::testkit::spawn_service_with(bin, config_path, log, env)
+            .expect("origin-sync starts");
+        Binary { child }
+    }
+
+    /// How the process ended, if it did within `within` on its own.
+    pub fn ended_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn sigkill(mut self) {
         kill_group(&mut self.child, Signal::SIGKILL);
     }
