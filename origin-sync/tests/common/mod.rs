@@ -148,10 +148,7 @@ pub struct Binary {
 
 impl Binary {
     pub fn start(config_path: &std::path::Path, log: &std::path::Path) -> Binary {
-        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_origin-sync"));
-        let child =
-            origin_sync::testkit::spawn_service(bin, config_path, log).expect("origin-sync starts");
-        Binary { child }
+        Binary::start_with(config_path, log, &[])
     }
 
     /// [`Binary::start`] with more environment variables (e.g. `crashpoint::ENV`).
