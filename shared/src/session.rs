@@ -104,16 +104,10 @@ pub struct Session {
 impl Session {
     /// The cookie value, signed; oldest events and then the base left out until it fits.
     pub fn encode(&self, secret: &[u8]) -> String {
-        self.encode_reporting(secret).0
-    }
-
-    /// [`Session::encode`], and whether the value holds the whole record (nothing was left
-    /// out to fit).
-    pub fn encode_reporting(&self, secret: &[u8]) -> (String, bool) {
         if self.events.len() <= MAX_EVENTS {
             let value = self.encode_as_is(secret);
             if value.len() <= MAX_COOKIE_LEN {
-                return (value, true);
+                return value;
             }
         }
         let mut s = self.clone();
@@ -123,14 +117,14 @@ impl Session {
         loop {
             let value = s.encode_as_is(secret);
             if value.len() <= MAX_COOKIE_LEN {
-                return (value, false);
+                return value;
             }
             if !s.events.is_empty() {
                 s.events.remove(0);
             } else if s.base.is_some() {
                 s.base = None;
             } else {
-                return (value, false);
+                return value;
             }
         }
     }

@@ -135,9 +135,12 @@ impl App {
             base,
             events,
         };
-        let (value, whole) = record.encode_reporting(secret);
-        // a record cut to fit a cookie does not show the entry: it is sent again next time
-        if whole && let Some(tag) = session::tag_of(&value) {
+        // A record cut to fit a cookie (a large profile's base left out) is recognised too: it
+        // is the most of this entry a cookie holds, and cutting the same entry again gives the
+        // same record, so sending it again on every answer would only re-sign it (and have the
+        // next request verify it) for nothing. Any change to the entry forgets the tag.
+        let value = record.encode(secret);
+        if let Some(tag) = session::tag_of(&value) {
             self.cache.borrow_mut().mark_shown(&key, tag, now_s);
         }
         Some(format!(

@@ -377,3 +377,44 @@ fn a_planted_unprefixed_record_does_not_shadow_the_shoppers_own() {
     let reply = run(b_isolate.handle(&w.store, &w.clock, &req, || [0x33; 16])).reply;
     assert_eq!(reply.body_json()["profile"]["cart"][0]["item"], "cam-001");
 }
+
+/// A shopper with more own events than a cookie holds (origin has not folded them yet): the
+/// record leaves the oldest out to fit. Cutting the same entry again gives the same record, so
+/// its echo is recognised like any other: no new cookie on every answer (no re-signing, and
+/// no verifying the echo), until the entry changes.
+#[test]
+fn a_record_cut_to_fit_is_recognised_until_the_entry_changes() {
+    let w = World::new();
+    let mut browser = Browser::default();
+    // long event ids (a producer's UUIDs and prefixes): the events outgrow the cookie
+    let n = shared::session::MAX_EVENTS;
+    for i in 0..n {
+        let id = format!("view-{i:02}-{}", "0123456789abcdef".repeat(3));
+        browser.post_event(&w.app, &w, "alice", &id, VIEW_LAPTOP);
+        w.advance(1_000);
+    }
+    let issued = browser.session.clone().expect("a session");
+    let record = shared::session::Session::decode(
+        USER_SECRET.as_bytes(),
+        &issued,
+        &key("alice"),
+        w.now() / 1000,
+    )
+    .expect("our record");
+    assert!(
+        record.events.len() < n,
+        "the record holds every event ({}): nothing was cut",
+        record.events.len()
+    );
+    for _ in 0..3 {
+        let reply = browser.send(&w.app, &w, HttpRequest::get("/v1/me"), "alice");
+        assert!(reply.header("set-cookie").is_none(), "{:?}", reply.headers);
+        assert_eq!(reply.body_json()["profile"]["views"], n);
+    }
+
+    // one more event changes the entry: a new record, recognised in turn
+    browser.post_event(&w.app, &w, "alice", "one-more", ADD_CAMERA);
+    assert_ne!(browser.session.as_deref(), Some(issued.as_str()));
+    let reply = browser.send(&w.app, &w, HttpRequest::get("/v1/me"), "alice");
+    assert!(reply.header("set-cookie").is_none(), "{:?}", reply.headers);
+}
