@@ -192,7 +192,23 @@ impl Workerd {
     /// for `/healthz`.
     pub fn start(bundle: &Path, dir: &Path, vars: &[(&str, &str)]) -> Result<Workerd, String> {
         let kv = KvServer::start().map_err(|e| format!("the KV service: {e}"))?;
-        let mut wd = Workerd::start_cold(bundle, dir, vars, kv)?;
+        let mut wd = Workerd::launch(bundle, dir, vars, kv, None)?;
+        wd.service
+            .wait_healthy("/healthz", Duration::from_secs(30))?;
+        Ok(wd)
+    }
+
+    /// [`Workerd::start`] with `driver` (an ES module's source) as the isolate's main module in
+    /// front of the worker: it imports the worker as `./index.js` and decides what each request
+    /// does, e.g. run the worker's own fetch handler many times inside the isolate.
+    pub fn start_driven(
+        bundle: &Path,
+        dir: &Path,
+        vars: &[(&str, &str)],
+        driver: &str,
+    ) -> Result<Workerd, String> {
+        let kv = KvServer::start().map_err(|e| format!("the KV service: {e}"))?;
+        let mut wd = Workerd::launch(bundle, dir, vars, kv, Some(driver))?;
         wd.service
             .wait_healthy("/healthz", Duration::from_secs(30))?;
         Ok(wd)
@@ -205,6 +221,16 @@ impl Workerd {
         dir: &Path,
         vars: &[(&str, &str)],
         kv: KvServer,
+    ) -> Result<Workerd, String> {
+        Workerd::launch(bundle, dir, vars, kv, None)
+    }
+
+    fn launch(
+        bundle: &Path,
+        dir: &Path,
+        vars: &[(&str, &str)],
+        kv: KvServer,
+        driver: Option<&str>,
     ) -> Result<Workerd, String> {
         let bin = workerd_binary().ok_or("workerd is not installed; run `cargo xtask setup`")?;
         let port = free_port().map_err(|e| e.to_string())?;
@@ -249,6 +275,7 @@ impl Workerd {
              );\n\
              const edge :Workerd.Worker = (\n\
                modules = [\n\
+                 {driver}\
                  (name = \"index.js\", esModule = embed {js}),\n\
                  (name = \"index_bg.wasm\", wasm = embed {wasm}),\n\
                ],\n\
@@ -258,6 +285,12 @@ impl Workerd {
              );\n",
             kv = kv.port,
             js = capnp_str("index.js"),
+            // the first module is the main one
+            driver = if driver.is_some() {
+                "(name = \"driver.js\", esModule = embed \"driver.js\"),\n"
+            } else {
+                ""
+            },
             wasm = capnp_str("index_bg.wasm"),
             bindings = bindings.join(", "),
             v8_flags = v8_flags.join(", "),
@@ -266,6 +299,10 @@ impl Workerd {
         for file in ["index.js", "index_bg.wasm"] {
             std::fs::copy(bundle.join(file), dir.join(file))
                 .map_err(|e| format!("{}: {e}", bundle.join(file).display()))?;
+        }
+        if let Some(source) = driver {
+            std::fs::write(dir.join("driver.js"), source)
+                .map_err(|e| format!("{}: {e}", dir.join("driver.js").display()))?;
         }
         let config_path = dir.join("workerd.capnp");
         std::fs::write(&config_path, config)

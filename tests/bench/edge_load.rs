@@ -11,10 +11,15 @@
 //! (`EDGEWISE_WORKERD_PROCESSES`), and each ratio is read as the median of the three: they move
 //! more between processes than between the turns of one.
 //!
-//! Usage: `edge-load [--workerd-only] [SECONDS_PER_RUN]` with `EDGEWISE_WORKER_BUNDLE` set
-//! (`cargo xtask bench` does both). `--workerd-only`: the standalone half alone;
-//! `EDGEWISE_PROFILE_ROUTES=1`: each of its routes alone first, to profile. Prints a table and
-//! the ratios; exits non-zero if a run fails outright.
+//! Last, the worker's fetch handler in a loop inside its isolate (`in_isolate.js` in front of
+//! it): no HTTP in the path, so two routes' difference is the worker's own cost per answer.
+//!
+//! Usage: `edge-load [--workerd-only | --in-isolate] [SECONDS_PER_RUN | ROUNDS]` with
+//! `EDGEWISE_WORKER_BUNDLE` set (`cargo xtask bench` does both). `--workerd-only`: the
+//! standalone half alone; `--in-isolate`: the in-isolate runs alone, ROUNDS runs per route (a
+//! build compared with another in about a minute); `EDGEWISE_PROFILE_ROUTES=1`: each route
+//! alone first, to profile. Prints a table and the ratios; exits non-zero if a run fails
+//! outright.
 
 use shared::catalog::Catalog;
 use shared::delta::{Change, Delta};
@@ -45,8 +50,11 @@ struct Run {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let workerd_only = args.iter().any(|a| a == "--workerd-only");
+    let in_isolate = args.iter().any(|a| a == "--in-isolate");
     let secs: u32 = args.iter().find_map(|s| s.parse().ok()).unwrap_or(10);
-    let outcome = if workerd_only {
+    let outcome = if in_isolate {
+        in_isolate_run(secs)
+    } else if workerd_only {
         workerd_only_run(secs)
     } else {
         run(secs)
@@ -65,6 +73,158 @@ fn workerd_only_run(secs: u32) -> Result<(), String> {
     let state = temp_dir("edge-load");
     let users: Vec<String> = (0..USERS).map(|n| format!("load-u{n}")).collect();
     standalone_processes(&bundle, &state, &users, secs).map(drop)
+}
+
+/// `--in-isolate`: only the in-isolate figures (`in_isolate`), printed, `rounds` rounds.
+fn in_isolate_run(rounds: u32) -> Result<(), String> {
+    let bundle =
+        worker_bundle().ok_or("EDGEWISE_WORKER_BUNDLE is not set; run `cargo xtask bench`")?;
+    let state = temp_dir("edge-load");
+    let users: Vec<String> = (0..USERS).map(|n| format!("load-u{n}")).collect();
+    in_isolate(&bundle, &state, &users, rounds).map(drop)
+}
+
+/// Answers per in-isolate run.
+const IN_ISOLATE_ANSWERS: u32 = 1000;
+/// In-isolate runs per route in the full benchmark (about a second of the machine each).
+const IN_ISOLATE_ROUNDS: u32 = 30;
+
+/// The worker's fetch handler called in a loop inside the isolate (`in_isolate.js` in front
+/// of the worker): no HTTP server, socket or client in the path, so the difference between two
+/// routes is the worker's own cost (its glue and wasm) per answer. The routes take turns,
+/// `rounds` runs of [`IN_ISOLATE_ANSWERS`] each, the warm shoppers in turns; workerd's CPU time
+/// per answer is read around each run. Returns the figures as JSON.
+fn in_isolate(
+    bundle: &Path,
+    state: &Path,
+    users: &[String],
+    rounds: u32,
+) -> Result<serde_json::Value, String> {
+    println!("==> in the isolate: seeding {} profiles", users.len());
+    let wd = Workerd::start_driven(
+        bundle,
+        &state.join("in-isolate"),
+        &[("ORIGIN_URL", ""), ("PROFILE_TTL_SECS", "600")],
+        include_str!("in_isolate.js"),
+    )?;
+    seed(wd.port, users)?;
+    let mut warm = Shopper::signed_in(&users[..WARM_USERS]);
+    warm_up(wd.port, &mut warm)?;
+    let headers: Vec<serde_json::Value> = warm
+        .iter()
+        .map(|s| {
+            s.headers()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), serde_json::Value::from(v)))
+                .collect()
+        })
+        .collect();
+    let body = serde_json::Value::from(headers).to_string();
+    let r = http(wd.port, "POST", "/__loop/shoppers", &[], body.as_bytes())
+        .map_err(|e| e.to_string())?;
+    if r.status != 200 {
+        return Err(format!(
+            "the in-isolate driver answered {}: {}",
+            r.status,
+            r.text()
+        ));
+    }
+    let routes: [(&str, &str, u16); 3] = [
+        ("empty route", "/v1/nothing-here", 404),
+        ("recommendations", "/v1/recommendations?slot=home&k=8", 200),
+        ("home page (HTML)", "/", 200),
+    ];
+    // one run of a route: workerd's CPU time per answer, in µs
+    let run = |name: &str, path: &str, status: u16| -> Result<Option<f64>, String> {
+        let encoded: String = path
+            .chars()
+            .map(|c| match c {
+                '?' => "%3F".to_owned(),
+                '&' => "%26".to_owned(),
+                '=' => "%3D".to_owned(),
+                c => c.to_string(),
+            })
+            .collect();
+        let before = wd.cpu_ns();
+        let r = http(
+            wd.port,
+            "GET",
+            &format!("/__loop/run?n={IN_ISOLATE_ANSWERS}&path={encoded}"),
+            &[],
+            b"",
+        )
+        .map_err(|e| e.to_string())?;
+        let after = wd.cpu_ns();
+        let counts: serde_json::Value = serde_json::from_slice(&r.body)
+            .map_err(|e| format!("{name}: the driver answered {}: {e}", r.text()))?;
+        if counts[status.to_string()].as_u64() != Some(u64::from(IN_ISOLATE_ANSWERS)) {
+            return Err(format!(
+                "{name}: expected {IN_ISOLATE_ANSWERS} x {status}, got {counts}"
+            ));
+        }
+        if let Some(n) = counts["set_cookie"].as_u64() {
+            println!("    {name}: {n} of {IN_ISOLATE_ANSWERS} answers set a cookie");
+        }
+        Ok(before
+            .zip(after)
+            .map(|(b, a)| (a - b) as f64 / 1000.0 / f64::from(IN_ISOLATE_ANSWERS)))
+    };
+    if std::env::var_os("EDGEWISE_PROFILE_ROUTES").is_some() {
+        // each route alone first, announced, for a profiler attached to workerd
+        for (name, path, status) in routes {
+            println!("==> alone: {name} (workerd pid {})", wd.pid());
+            for _ in 0..rounds {
+                run(name, path, status)?;
+            }
+            println!("==> done: {name}");
+        }
+    }
+    let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); routes.len()];
+    // the first round warms up (V8 tiers the code up) and is not counted
+    for round in 0..=rounds {
+        for (i, (name, path, status)) in routes.iter().enumerate() {
+            if let Some(us) = run(name, path, *status)?
+                && round > 0
+            {
+                cpu_us[i].push(us);
+            }
+        }
+    }
+    let quantile = |v: &[f64], q: f64| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    // a run that a garbage collection of workerd's fell in is slower whatever the route: the
+    // lower quartile is the route's own cost, steady across runs and processes
+    let base = quantile(&cpu_us[0], 0.25);
+    println!(
+        "\nin the isolate: the worker's fetch handler {IN_ISOLATE_ANSWERS} times per run, {rounds} runs per route in turns, {WARM_USERS} shoppers; workerd's CPU time per answer"
+    );
+    println!("| route | p25 µs | median µs | min µs | beyond the empty route (p25) |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let mut figures = serde_json::Map::new();
+    figures.insert("answers_per_run".into(), IN_ISOLATE_ANSWERS.into());
+    figures.insert("runs".into(), rounds.into());
+    figures.insert("shoppers".into(), WARM_USERS.into());
+    let mut by_route = Vec::new();
+    for (i, (name, _, _)) in routes.iter().enumerate() {
+        let p25 = quantile(&cpu_us[i], 0.25);
+        let median = quantile(&cpu_us[i], 0.5);
+        let min = cpu_us[i].iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "| {name} | {p25:.1} | {median:.1} | {min:.1} | {:+.1} µs |",
+            p25 - base
+        );
+        by_route.push(serde_json::json!({
+            "name": name, "cpu_us_p25": p25, "cpu_us_median": median, "cpu_us_min": min,
+            "beyond_empty_us": p25 - base,
+        }));
+    }
+    figures.insert("routes".into(), by_route.into());
+    Ok(figures.into())
 }
 
 fn run(secs: u32) -> Result<(), String> {
@@ -138,6 +298,7 @@ fn run(secs: u32) -> Result<(), String> {
         p50(4) / p50(3)
     );
     let standalone = standalone_processes(&bundle, &state, &users, secs)?;
+    let in_isolate = in_isolate(&bundle, &state, &users, IN_ISOLATE_ROUNDS)?;
     if runs.iter().any(|r| r.requests == 0) {
         return Err("a run completed no requests".into());
     }
@@ -154,6 +315,7 @@ fn run(secs: u32) -> Result<(), String> {
             "home_over_healthz_p50": p50(2) / p50(0),
             "cold_over_healthz_p50": p50(4) / p50(3),
             "workerd": standalone,
+            "in_isolate": in_isolate,
         });
         let path = std::path::Path::new(&dir).join("edge-load.json");
         std::fs::write(&path, figures.to_string())

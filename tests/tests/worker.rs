@@ -1074,6 +1074,73 @@ fn a_new_isolate_answers_its_first_request_from_the_published_catalog_even_at_10
     assert_eq!(h["rules_version"], 3, "{h}");
 }
 
+/// The in-isolate benchmark's driver (`tests/bench/in_isolate.js`, in front of the worker in
+/// one isolate) runs the worker's own handler as a browser's request would reach it: a visitor
+/// echoing their cookies is recognised (no answer re-signs their session record, which a
+/// request without a Host header would, naming its cookies for HTTPS), every answer is the
+/// route's, and anything else passes through to the worker.
+#[test]
+fn the_in_isolate_driver_answers_as_the_worker_does() {
+    let Some(bundle) = standalone_prerequisites() else {
+        return;
+    };
+    let w = tests::workerd::Workerd::start_driven(
+        &bundle,
+        &temp_dir("in-isolate"),
+        &[],
+        include_str!("../bench/in_isolate.js"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let first = http(w.port, "GET", "/v1/recommendations?slot=home&k=4", &[], b"").unwrap();
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), w.log());
+    let visitor = visitor_cookie_of(&first);
+    // the camera makes a session record; the events answer sets it
+    let vid = visitor.trim_start_matches("ew_vid=");
+    let body = format!(
+        r#"{{"event_id":"cam-{vid}","ts":{},"type":"add_to_cart","item":"cam-001","category":"cameras","price":499}}"#,
+        now_ms()
+    );
+    let posted = http(
+        w.port,
+        "POST",
+        "/v1/events",
+        &[("cookie", &visitor)],
+        body.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(posted.status, 202, "{}", posted.text());
+    let session = posted
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .find_map(|(_, v)| {
+            v.starts_with(&format!("{}=", shared::session::VISITOR_COOKIE))
+                .then(|| v.split(';').next().unwrap_or(""))
+        })
+        .unwrap_or_else(|| panic!("a session record: {:?}", posted.headers))
+        .to_owned();
+    let shoppers = serde_json::json!([{ "cookie": format!("{visitor}; {session}") }]).to_string();
+    let r = http(w.port, "POST", "/__loop/shoppers", &[], shoppers.as_bytes()).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (path, status) in [
+        ("/v1/recommendations%3Fslot%3Dhome%26k%3D4", "200"),
+        ("/v1/nothing-here", "404"),
+    ] {
+        let run = json(
+            &http(
+                w.port,
+                "GET",
+                &format!("/__loop/run?n=20&path={path}"),
+                &[],
+                b"",
+            )
+            .unwrap(),
+        );
+        assert_eq!(run[status], 20, "{path}: {run}\n{}", w.log());
+        assert!(run["set_cookie"].is_null(), "{path}: {run}");
+    }
+}
+
 /// The bundle, when it and workerd are there to run it standalone; otherwise says which is
 /// missing (`skip` fails the test under `CI=true`).
 fn standalone_prerequisites() -> Option<std::path::PathBuf> {
