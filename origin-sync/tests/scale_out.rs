@@ -206,8 +206,17 @@ fn stream(
     let messages: Vec<_> = events.iter().map(outgoing).collect();
     let brokers = tansu.brokers();
     tokio::spawn(async move {
-        for chunk in messages.chunks(chunk) {
+        // when each event went out, for a failure's diagnosis (`explain_mismatches`): the
+        // output of a test that passes is not shown
+        let began = Instant::now();
+        for (i, chunk) in messages.chunks(chunk).enumerate() {
             produce(&brokers, chunk).await;
+            eprintln!(
+                "stream {:.1?}: events {}..{} produced",
+                began.elapsed(),
+                i * chunk.len(),
+                (i + 1) * chunk.len()
+            );
             tokio::time::sleep(pause).await;
         }
     })
@@ -1335,6 +1344,7 @@ async fn a_frozen_instance_that_wakes_after_its_partitions_moved_changes_nothing
     }
     explain_mismatches(
         &edge,
+        &events,
         &want,
         &tansu.brokers(),
         started,
@@ -1401,13 +1411,14 @@ async fn a_broker_restart_during_a_handover_loses_nothing() {
     assert!(status.success(), "b's SIGTERM exit: {status}");
 }
 
-/// For a few shoppers the edge does not hold as the reference does: every sync delta the
-/// edge was sent of them (seconds since `started`, what, the answer) and every changelog
+/// For a few shoppers the edge does not hold as the reference does: their events and which
+/// the edge's profile folded, every sync delta the edge was sent of them (seconds since `started`, what, the answer) and every changelog
 /// record of them (partition, epoch, stamp, version), and what the instances at `bases` say
 /// of their consumption and sinks. A failure of a scenario that fails once in a while is
 /// diagnosed from this.
 async fn explain_mismatches(
     edge: &TestEdge,
+    events: &[shared::event::Event],
     want: &HashMap<UserKey, shared::Profile>,
     brokers: &str,
     started: Instant,
@@ -1459,6 +1470,28 @@ async fn explain_mismatches(
             p.version,
             held.get(k).map(Stored::version)
         );
+        // the shopper's events (their place in the stream: `stream`'s lines say when it went
+        // out) and whether the edge's profile folded each: a profile keeps the tags of its last
+        // MAX_FOLDED events, so that is known for those the reference keeps
+        let folded = match held.get(k) {
+            Some(Stored::Profile(held)) => held.folded.clone(),
+            _ => Vec::new(),
+        };
+        for (i, e) in events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| key(&e.user) == *k)
+        {
+            let tag = shared::profile::EventTag::of(&e.id);
+            let seen = if !p.folded.contains(&tag) {
+                "older than the profiles' last folded events"
+            } else if folded.contains(&tag) {
+                "folded at the edge"
+            } else {
+                "NOT FOLDED at the edge"
+            };
+            eprintln!("  event {i} {} {}: {seen}", e.id, e.kind.name());
+        }
         for a in &answered {
             for (_, what) in a.deltas.iter().filter(|(u, _)| u == k) {
                 let resend = if a.resend.contains(k) { " resend" } else { "" };
