@@ -423,15 +423,13 @@ impl ItemTemplate {
         for p in &self.0 {
             match p {
                 Piece::Text(t) => h.push_str(t),
-                Piece::Field(Field::Sku) => h.push_str(&esc(it.sku())),
-                Piece::Field(Field::Name) => h.push_str(&esc(it.name())),
-                Piece::Field(Field::Price) => {
-                    let _ = write!(h, "{:.2}", it.price());
-                }
+                Piece::Field(Field::Sku) => esc_into(h, it.sku()),
+                Piece::Field(Field::Name) => esc_into(h, it.name()),
+                Piece::Field(Field::Price) => push_price(h, it.price()),
                 Piece::Field(Field::Category) => {
-                    h.push_str(&esc(catalog.category_of(it).map_or("", |c| c.name())));
+                    esc_into(h, catalog.category_of(it).map_or("", |c| c.name()));
                 }
-                Piece::Field(Field::Reason) => h.push_str(&esc(reason.unwrap_or(""))),
+                Piece::Field(Field::Reason) => esc_into(h, reason.unwrap_or("")),
             }
         }
     }
@@ -457,17 +455,45 @@ pub fn slot_block(
 }
 
 fn card(h: &mut String, catalog: &Catalog, it: Item<'_>, reason: Option<&str>) {
-    let _ = write!(
-        h,
-        "<li class=\"card\" data-sku=\"{sku}\"{reason}><a href=\"/p/{sku}\"><div class=\"ph\">{initial}</div>\
-         <span class=\"name\">{name}</span></a><span class=\"muted\">{cat}</span><span class=\"price\">${price:.2}</span></li>",
-        sku = esc(it.sku()),
-        reason = reason.map_or(String::new(), |r| format!(" data-reason=\"{}\"", esc(r))),
-        initial = esc(&it.name().chars().next().unwrap_or('?').to_string()),
-        name = esc(it.name()),
-        cat = esc(catalog.category_of(it).map_or("", |c| c.name())),
-        price = it.price(),
-    );
+    // pushed piece by piece (not `write!`): a page writes a card per item, and the formatting
+    // machinery, the escaped copies and the price's float formatting were most of a page's cost
+    h.push_str("<li class=\"card\" data-sku=\"");
+    esc_into(h, it.sku());
+    h.push('"');
+    if let Some(r) = reason {
+        h.push_str(" data-reason=\"");
+        esc_into(h, r);
+        h.push('"');
+    }
+    h.push_str("><a href=\"/p/");
+    esc_into(h, it.sku());
+    h.push_str("\"><div class=\"ph\">");
+    let initial = it.name().chars().next().unwrap_or('?');
+    esc_into(h, initial.encode_utf8(&mut [0; 4]));
+    h.push_str("</div><span class=\"name\">");
+    esc_into(h, it.name());
+    h.push_str("</span></a><span class=\"muted\">");
+    esc_into(h, catalog.category_of(it).map_or("", |c| c.name()));
+    h.push_str("</span><span class=\"price\">$");
+    push_price(h, it.price());
+    h.push_str("</span></li>");
+}
+
+/// `price` with two decimals, as `{:.2}` writes it. A price in whole cents (every catalog
+/// price in practice) is written from integers: the float formatter's exact mode, with its
+/// big-number fallback, cost more than the rest of a card. The double nearest to `c / 100`
+/// lies within far less than half a cent of it, so `{:.2}` rounds it to `c` as well.
+pub fn push_price(h: &mut String, price: f64) {
+    let cents = (price * 100.0).round();
+    if price.is_sign_positive() && cents < 1e15 && cents / 100.0 == price {
+        let cents = cents as u64;
+        let _ = write!(h, "{}.", cents / 100);
+        let frac = (cents % 100) as u8;
+        h.push(char::from(b'0' + frac / 10));
+        h.push(char::from(b'0' + frac % 10));
+    } else {
+        let _ = write!(h, "{price:.2}");
+    }
 }
 
 fn head(title: &str) -> String {
@@ -492,22 +518,108 @@ button{background:#e63946;color:#fff;border:0;border-radius:6px;padding:10px 18p
 /// Escapes text for HTML content and double-quoted attributes.
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
+    esc_into(&mut out, s);
     out
+}
+
+/// [`esc`] at the end of `out`: the runs between characters to escape are copied whole (most
+/// text has none).
+pub fn esc_into(out: &mut String, s: &str) {
+    let mut rest = s;
+    while let Some(at) = rest
+        .bytes()
+        .position(|b| matches!(b, b'&' | b'<' | b'>' | b'"' | b'\''))
+    {
+        let (plain, special) = rest.split_at(at);
+        out.push_str(plain);
+        out.push_str(match special.as_bytes()[0] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            _ => "&#39;",
+        });
+        rest = &special[1..];
+    }
+    out.push_str(rest);
 }
 
 #[cfg(test)]
 mod template_tests {
     use super::*;
+
+    #[test]
+    fn prices_are_written_as_the_float_formatter_writes_them() {
+        let mut values: Vec<f64> = (0..200_000).map(|c| f64::from(c) / 100.0).collect();
+        values.extend([
+            -0.0,
+            -1.5,
+            -0.004,
+            0.005,
+            0.015,
+            1.005,
+            2.675,
+            19.995,
+            0.125,
+            1e-9,
+            123.456,
+            99.999,
+            1e13,
+            9.99e14,
+            1e15,
+            1e20,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            1234567.89,
+            0.1 + 0.2,
+        ]);
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..100_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            values.push((seed % 10_000_000) as f64 / 1000.0);
+            values.push(f64::from_bits(seed));
+        }
+        for v in values {
+            let mut got = String::new();
+            push_price(&mut got, v);
+            assert_eq!(got, format!("{v:.2}"), "{v:e}");
+        }
+    }
+
+    #[test]
+    fn escaping_in_place_escapes_every_special_character_and_keeps_the_rest() {
+        for s in [
+            "",
+            "plain",
+            "<script>alert('x')</script>",
+            "a&b\"c'd<e>f",
+            "&&&",
+            "émoji 🎉 <b>",
+            "\"",
+            "x'",
+        ] {
+            let want: String = s
+                .chars()
+                .map(|c| match c {
+                    '&' => "&amp;".to_owned(),
+                    '<' => "&lt;".to_owned(),
+                    '>' => "&gt;".to_owned(),
+                    '"' => "&quot;".to_owned(),
+                    '\'' => "&#39;".to_owned(),
+                    c => c.to_string(),
+                })
+                .collect();
+            let mut got = String::from("before ");
+            esc_into(&mut got, s);
+            assert_eq!(got, format!("before {want}"));
+            assert_eq!(esc(s), want);
+        }
+    }
 
     #[test]
     fn the_sites_item_template_renders_escaped_fields_and_bad_ones_are_refused() {
