@@ -229,15 +229,15 @@ pub fn page(
                 h,
                 "<article class=\"product\" data-ew-product=\"{sku}\" data-ew-category=\"{cat}\">\
                  <div class=\"ph\">{initial}</div><div><h1>{name}</h1><p class=\"muted\">{cat_name}</p>\
-                 <p class=\"price\">${price:.2}</p><p>{desc}</p>\
-                 <button id=\"ew-add\" data-ew-add=\"{sku}\" data-ew-category=\"{cat}\" data-ew-price=\"{price:.2}\">Add to cart</button>\
+                 <p class=\"price\">${price}</p><p>{desc}</p>\
+                 <button id=\"ew-add\" data-ew-add=\"{sku}\" data-ew-category=\"{cat}\" data-ew-price=\"{price}\">Add to cart</button>\
                  <span id=\"ew-status\" role=\"status\"></span></div></article>",
                 sku = esc(it.sku()),
                 cat = esc(cat_slug),
                 initial = esc(&it.name().chars().next().unwrap_or('?').to_string()),
                 name = esc(it.name()),
                 cat_name = esc(category.map_or("", |c| c.name())),
-                price = it.price(),
+                price = price_text(it.price()),
                 desc = esc(it.description().unwrap_or("")),
             );
             recs_block(&mut h, catalog, recs, tier, "Goes well with");
@@ -296,24 +296,26 @@ pub fn cart_lines(catalog: &Catalog, lines: &[shared::profile::CartLine]) -> Str
         total += line_total;
         let _ = write!(
             h,
-            "<tr data-sku=\"{sku}\"><td><a href=\"/p/{sku}\">{name}</a></td><td>${price:.2}</td>\
+            "<tr data-sku=\"{sku}\"><td><a href=\"/p/{sku}\">{name}</a></td><td>${price}</td>\
              <td><button data-ew-remove=\"{sku}\" data-ew-category=\"{cat}\" data-ew-quantity=\"1\" \
              aria-label=\"One fewer {name}\">\u{2212}</button> <span class=\"ew-qty\">{qty}</span> \
-             <button data-ew-add=\"{sku}\" data-ew-category=\"{cat}\" data-ew-price=\"{price:.2}\" \
-             data-ew-reload aria-label=\"One more {name}\">+</button></td><td>${line_total:.2}</td>\
+             <button data-ew-add=\"{sku}\" data-ew-category=\"{cat}\" data-ew-price=\"{price}\" \
+             data-ew-reload aria-label=\"One more {name}\">+</button></td><td>${line_total}</td>\
              <td><button data-ew-remove=\"{sku}\" data-ew-category=\"{cat}\" data-ew-quantity=\"{qty}\" \
              aria-label=\"Remove {name}\">Remove</button></td></tr>",
             sku = esc(it.sku()),
             name = esc(it.name()),
             cat = esc(catalog.category_of(it).map_or("", |c| c.slug())),
-            price = it.price(),
+            price = price_text(it.price()),
+            line_total = price_text(line_total),
             qty = line.quantity,
         );
     }
     let _ = write!(
         h,
-        "</tbody><tfoot><tr><td colspan=\"3\">Total</td><td class=\"ew-total\">${total:.2}</td>\
-         <td></td></tr></tfoot></table>"
+        "</tbody><tfoot><tr><td colspan=\"3\">Total</td><td class=\"ew-total\">${}</td>\
+         <td></td></tr></tfoot></table>",
+        price_text(total)
     );
     h
 }
@@ -477,6 +479,13 @@ fn card(h: &mut String, catalog: &Catalog, it: Item<'_>, reason: Option<&str>) {
     h.push_str("</span><span class=\"price\">$");
     push_price(h, it.price());
     h.push_str("</span></li>");
+}
+
+/// [`push_price`] as a `String`.
+fn price_text(price: f64) -> String {
+    let mut s = String::with_capacity(12);
+    push_price(&mut s, price);
+    s
 }
 
 /// `price` with two decimals, as `{:.2}` writes it. A price in whole cents (every catalog
