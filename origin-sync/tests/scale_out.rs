@@ -1281,18 +1281,6 @@ async fn an_instance_killed_at_each_point_exactly_once_hangs_on_loses_nothing() 
     }
 }
 
-/// Keeps two events per shopper in the reorder window (`config_toml` keeps every event the
-/// tests send, which catches any event delivered twice as a duplicate by its id).
-fn shrink_reorder_window(config: &Path) {
-    let text = std::fs::read_to_string(config).expect("config");
-    let shrunk = text.replace("max_window_events = 100000", "max_window_events = 2");
-    assert_ne!(
-        text, shrunk,
-        "the tests' config no longer sets max_window_events"
-    );
-    std::fs::write(config, shrunk).expect("config");
-}
-
 /// A zombie: an instance frozen (SIGSTOP) while it consumes, past the session timeout, so the
 /// group gives its partitions to the other instance, which restores them and goes on; then
 /// it wakes (SIGCONT) with a batch in hand, believing it still owns them. Whatever the zombie

@@ -246,6 +246,50 @@ pub fn key(user: &str) -> UserKey {
     UserKey::derive(DEV_USER_KEY_SECRET.as_bytes(), user)
 }
 
+/// Keeps two events per shopper in the reorder window (`config_toml` keeps every event the
+/// tests send, which catches any event delivered twice as a duplicate by its id).
+pub fn shrink_reorder_window(config: &std::path::Path) {
+    let text = std::fs::read_to_string(config).expect("config");
+    let shrunk = text.replace("max_window_events = 100000", "max_window_events = 2");
+    assert_ne!(
+        text, shrunk,
+        "the tests' config no longer sets max_window_events"
+    );
+    std::fs::write(config, shrunk).expect("config");
+}
+
+/// Waits until every shopper's version at the edge is the reference's (what a run with a
+/// small reorder window can promise: events arriving past it fold in another order, so the
+/// content may differ, never the count); panics naming a few that differ on timeout.
+pub async fn converge_versions(
+    edge: &TestEdge,
+    want: &HashMap<UserKey, Profile>,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let held = edge.profiles();
+        let wrong: Vec<_> = want
+            .iter()
+            .filter_map(|(k, p)| {
+                let at_edge = held.get(k).map(Stored::version);
+                (at_edge != Some(p.version)).then_some((*k, p.version, at_edge))
+            })
+            .collect();
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} shoppers' versions differ from the reference (want, edge): {:?}",
+            wrong.len(),
+            want.len(),
+            wrong.iter().take(5).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The independent reference: every user's events folded as a set.
 pub fn reference(events: &[Event]) -> HashMap<UserKey, Profile> {
     let mut by_user: HashMap<&str, Vec<&Event>> = HashMap::new();
