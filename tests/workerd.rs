@@ -191,11 +191,7 @@ impl Workerd {
     /// port with `vars` over the development ones, its config and log under `dir`, and waits
     /// for `/healthz`.
     pub fn start(bundle: &Path, dir: &Path, vars: &[(&str, &str)]) -> Result<Workerd, String> {
-        let kv = KvServer::start().map_err(|e| format!("the KV service: {e}"))?;
-        let mut wd = Workerd::launch(bundle, dir, vars, kv, None)?;
-        wd.service
-            .wait_healthy("/healthz", Duration::from_secs(30))?;
-        Ok(wd)
+        Workerd::start_healthy(bundle, dir, vars, None)
     }
 
     /// [`Workerd::start`] with `driver` (an ES module's source) as the isolate's main module in
@@ -207,8 +203,17 @@ impl Workerd {
         vars: &[(&str, &str)],
         driver: &str,
     ) -> Result<Workerd, String> {
+        Workerd::start_healthy(bundle, dir, vars, Some(driver))
+    }
+
+    fn start_healthy(
+        bundle: &Path,
+        dir: &Path,
+        vars: &[(&str, &str)],
+        driver: Option<&str>,
+    ) -> Result<Workerd, String> {
         let kv = KvServer::start().map_err(|e| format!("the KV service: {e}"))?;
-        let mut wd = Workerd::launch(bundle, dir, vars, kv, Some(driver))?;
+        let mut wd = Workerd::launch(bundle, dir, vars, kv, driver)?;
         wd.service
             .wait_healthy("/healthz", Duration::from_secs(30))?;
         Ok(wd)

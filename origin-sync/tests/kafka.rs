@@ -68,7 +68,6 @@ async fn exactly_once_across_sigkills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_instance_killed_at_each_point_loses_nothing() {
     use origin_sync::crashpoint;
-    use std::os::unix::process::ExitStatusExt;
     for (round, point) in [crashpoint::FOLDED, crashpoint::SINK_ACKNOWLEDGED]
         .into_iter()
         .enumerate()
@@ -94,22 +93,7 @@ async fn a_static_instance_killed_at_each_point_loses_nothing() {
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         });
-        // the third time: past the first batch's and push's special cases
-        let crash_at = format!("{point}@3");
-        let mut bin = Binary::start_with(&cfg_path, &log, &[(crashpoint::ENV, &crash_at)]);
-        let status = bin
-            .ended_within(Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("the instance did not reach {crash_at} within 60 s"));
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "{point}: not killed by the crash point: {status}"
-        );
-        let text = std::fs::read_to_string(&log).expect("log");
-        assert!(
-            text.contains(&format!("crash point {point} reached")),
-            "{point}: the log does not show the crash point"
-        );
+        Binary::run_to_crash(&cfg_path, &log, point);
         let bin = Binary::start(&cfg_path, &log);
         producer.await.expect("producer task");
         converge_versions(&edge, &want, Duration::from_secs(120)).await;

@@ -1216,7 +1216,6 @@ async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_at_each_point_exactly_once_hangs_on_loses_nothing() {
     use origin_sync::crashpoint;
-    use std::os::unix::process::ExitStatusExt;
     for (round, point) in crashpoint::POINTS.iter().enumerate() {
         let name = format!("crash-{point}");
         let Some(tansu) = with_topics(Tansu::start(&name), 2) else {
@@ -1236,23 +1235,7 @@ async fn an_instance_killed_at_each_point_exactly_once_hangs_on_loses_nothing() 
         // after it left the window is not caught as a duplicate there, only by the offsets and
         // stamps this is about
         shrink_reorder_window(&a_cfg);
-        // the third time: past the first batch's and push's special cases (a restore's
-        // first write, the first documents)
-        let crash_at = format!("{point}@3");
-        let mut a = Binary::start_with(&a_cfg, &a_log, &[(crashpoint::ENV, &crash_at)]);
-        let status = a
-            .ended_within(Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("a did not reach {crash_at} within 60 s"));
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "a did not die by the crash point: {status}"
-        );
-        let log = std::fs::read_to_string(&a_log).expect("a's log");
-        assert!(
-            log.contains(&format!("crash point {point} reached")),
-            "a's log does not show the crash point"
-        );
+        Binary::run_to_crash(&a_cfg, &a_log, point);
         eprintln!("{:.1?}: {point}: a killed itself there", started.elapsed());
         let mut watch = Monotonic::new();
         watch.look(&edge);

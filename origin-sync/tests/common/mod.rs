@@ -163,6 +163,32 @@ impl Binary {
         Binary { child }
     }
 
+    /// Starts the binary told to kill itself the third time it reaches crash `point`
+    /// (`origin_sync::crashpoint`: the third, past the first batch's and push's special
+    /// cases, a restore's first write and the first documents), and returns once it did so:
+    /// by SIGKILL, within 60 s, its log naming the point.
+    pub fn run_to_crash(config_path: &std::path::Path, log: &std::path::Path, point: &str) {
+        use std::os::unix::process::ExitStatusExt;
+        let crash_at = format!("{point}@3");
+        let env = [(origin_sync::crashpoint::ENV, crash_at.as_str())];
+        let mut bin = Binary::start_with(config_path, log, &env);
+        let status = bin
+            .ended_within(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("{}: did not reach {crash_at} within 60 s", log.display()));
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "{}: not killed by the crash point: {status}",
+            log.display()
+        );
+        let text = std::fs::read_to_string(log).expect("the instance's log");
+        assert!(
+            text.contains(&format!("crash point {point} reached")),
+            "{}: the log does not show the crash point {point}",
+            log.display()
+        );
+    }
+
     /// How the process ended, if it did within `within` on its own.
     pub fn ended_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
