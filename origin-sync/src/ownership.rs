@@ -357,8 +357,8 @@ impl Owner {
             .await;
         // a zombie's record the last of some shoppers: consumption starts no later than what
         // it folded (`Restored::late_next`)
-        let starts = &rewound(starts, &report.restored.late_next);
-        if !report.restored.late_next.is_empty() {
+        let starts = &report.restored.rewind(starts);
+        if report.restored.late_records > 0 {
             tracing::warn!(
                 partition = p,
                 ?starts,
@@ -418,20 +418,6 @@ impl Owner {
             let _ = tx.send((p, assignment, Box::new(result)));
         });
     }
-}
-
-/// `starts`, each no later than `late` has it for its topic.
-fn rewound(
-    starts: &[(String, i64)],
-    late: &std::collections::BTreeMap<String, i64>,
-) -> Vec<(String, i64)> {
-    starts
-        .iter()
-        .map(|(topic, next)| {
-            let at = late.get(topic).map_or(*next, |l| (*l).min(*next));
-            (topic.clone(), at)
-        })
-        .collect()
 }
 
 /// KV is last-writer-wins: a write of the previous owner's still in flight when partition `p`
@@ -699,10 +685,10 @@ impl StaticGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
 
-    /// Each topic starts no later than a late record's `next` of it; topics without one, and
-    /// those whose committed offset is already earlier, keep theirs.
+    /// Each topic starts no later than a late record's `next` of it; topics every late
+    /// record names but whose committed offset is already earlier keep theirs; a topic some
+    /// late record does not name (its shopper had no event of it then) starts from 0.
     #[test]
     fn a_late_record_moves_only_its_topics_start_back() {
         let starts = vec![
@@ -710,15 +696,44 @@ mod tests {
             ("carts".to_owned(), 40),
             ("purchases".to_owned(), 9),
         ];
-        let late = [("clicks".to_owned(), 420), ("carts".to_owned(), 60)].into();
+        let late = crate::store::Restored {
+            late_next: [("clicks".to_owned(), 420), ("carts".to_owned(), 60)].into(),
+            late_records: 2,
+            late_named: [("clicks".to_owned(), 2), ("carts".to_owned(), 2)].into(),
+            ..Default::default()
+        };
         assert_eq!(
-            rewound(&starts, &late),
+            late.rewind(&starts),
+            vec![
+                ("clicks".to_owned(), 420),
+                ("carts".to_owned(), 40),
+                ("purchases".to_owned(), 0),
+            ]
+        );
+        let all_named = crate::store::Restored {
+            late_named: [
+                ("clicks".to_owned(), 2),
+                ("carts".to_owned(), 2),
+                ("purchases".to_owned(), 2),
+            ]
+            .into(),
+            late_next: [
+                ("clicks".to_owned(), 420),
+                ("carts".to_owned(), 60),
+                ("purchases".to_owned(), 30),
+            ]
+            .into(),
+            late_records: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            all_named.rewind(&starts),
             vec![
                 ("clicks".to_owned(), 420),
                 ("carts".to_owned(), 40),
                 ("purchases".to_owned(), 9),
             ]
         );
-        assert_eq!(rewound(&starts, &Default::default()), starts);
+        assert_eq!(crate::store::Restored::default().rewind(&starts), starts);
     }
 }

@@ -466,6 +466,33 @@ pub struct Restored {
     /// there would skip the events it folded into the record that is gone. Empty when no
     /// record was late.
     pub late_next: std::collections::BTreeMap<String, i64>,
+    /// How many records that count were written late, and per event topic how many of their
+    /// stamps name it. A stamp names only the topics its shopper had events of when it was
+    /// written: one that does not name a topic says that state folded nothing of it, so the
+    /// newer owner's events of it for that shopper may lie anywhere after where it began,
+    /// and the topic is consumed again from its start ([`Restored::rewind`]).
+    pub late_records: u64,
+    pub late_named: std::collections::BTreeMap<String, u64>,
+}
+
+impl Restored {
+    /// `starts` (the group's committed offsets, per event topic), each moved back as far as
+    /// the records written late need: to the least `next` of it their stamps name, or to 0
+    /// (the topic's start) when one of them names it not at all.
+    pub fn rewind(&self, starts: &[(String, i64)]) -> Vec<(String, i64)> {
+        starts
+            .iter()
+            .map(|(topic, next)| {
+                let named = self.late_named.get(topic).copied().unwrap_or(0);
+                let at = if named < self.late_records {
+                    0
+                } else {
+                    self.late_next.get(topic).map_or(*next, |l| (*l).min(*next))
+                };
+                (topic.clone(), at)
+            })
+            .collect()
+    }
 }
 
 impl std::ops::AddAssign for Restored {
@@ -489,6 +516,10 @@ impl std::ops::AddAssign for Restored {
         for (topic, next) in r.late_next {
             let at = self.late_next.entry(topic).or_insert(next);
             *at = (*at).min(next);
+        }
+        self.late_records += r.late_records;
+        for (topic, n) in r.late_named {
+            *self.late_named.entry(topic).or_insert(0) += n;
         }
     }
 }
@@ -845,9 +876,11 @@ impl Store {
                     // events after it are folded here again, skipped by the stamps of those
                     // whose newer state survived (this store's may be further along: its own
                     // stamp skips what it holds)
+                    out.late_records += 1;
                     for (topic, next) in &ready.stamp.next {
                         let at = out.late_next.entry(topic.clone()).or_insert(*next);
                         *at = (*at).min(*next);
+                        *out.late_named.entry(topic.clone()).or_insert(0) += 1;
                     }
                 }
                 let offset = ready.offset;
@@ -1820,6 +1853,92 @@ mod tests {
                     "{user}: the later owner's state"
                 );
             }
+        }
+    }
+
+    /// A zombie's record written late whose shopper had no event of a topic yet names that
+    /// topic not at all in its stamp, while the later owner folded an event of it for them
+    /// (a record compaction took). Consuming that topic from the group's committed offset
+    /// would skip it for good: the restore moves that topic's start to its beginning, and the
+    /// shopper ends in the later owner's state.
+    #[test]
+    fn a_late_record_naming_not_every_topic_moves_the_others_start_back() {
+        let mut events = traffic(8, 320, 37);
+        // "p-x": an event of "t" before the zombie's batch, one in it, one of "u" after it
+        for i in [0usize, 100, 151] {
+            events[i].user = "p-x".into();
+        }
+        let mut next = std::collections::HashMap::new();
+        let recs: Vec<Record> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let topic = if i % 2 == 0 { "t" } else { "u" };
+                let n = next.entry(topic).or_insert(0i64);
+                let offset = *n;
+                *n += 1;
+                Record {
+                    topic: topic.into(),
+                    partition: 0,
+                    offset,
+                    event: Some(e.clone()),
+                    arrived_ms: Some(1),
+                }
+            })
+            .collect();
+        let a = open("late-topic-a");
+        a.set_owned(&[0]);
+        a.claim(0, 3).expect("claim");
+        let first = a.apply_batch(&recs[..100]).expect("fold").logged;
+        let b = open("late-topic-b");
+        b.set_owned(&[0]);
+        b.apply_changelog(0, &as_read(&first), first.len() as i64, 0, 1)
+            .expect("restore");
+        b.claim(0, 5).expect("claim");
+        let owner = b.apply_batch(&recs[100..250]).expect("fold").logged;
+        // the zombie folds p-x's second event only, and writes after b
+        let zombie = a.apply_batch(&recs[100..101]).expect("fold").logged;
+        let log: Vec<Logged> = first.iter().chain(&owner).chain(&zombie).cloned().collect();
+        let compacted: Vec<Logged> = log
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| !log[i + 1..].iter().any(|m| m.key == l.key))
+            .map(|(_, l)| l.clone())
+            .collect();
+        let read = as_read(&compacted);
+        let store = open("late-topic-restore");
+        store.set_owned(&[0]);
+        let r = store
+            .apply_changelog(0, &read, read.len() as i64, 0, 1)
+            .expect("restore");
+        // the group's committed offsets: past everything b folded (125 records of each topic)
+        let committed = [("t".to_owned(), 125), ("u".to_owned(), 125)];
+        let starts = r.rewind(&committed);
+        assert_eq!(starts[1], ("u".to_owned(), 0), "{r:?}");
+        store.resume_at(0, &starts).expect("resume");
+        store.claim(0, 7).expect("claim");
+        let again: Vec<Record> = recs[..250]
+            .iter()
+            .filter(|rec| {
+                starts
+                    .iter()
+                    .any(|(t, s)| *t == rec.topic && rec.offset >= *s)
+            })
+            .map(|rec| Record {
+                topic: rec.topic.clone(),
+                partition: 0,
+                offset: rec.offset,
+                event: rec.event.clone(),
+                arrived_ms: Some(1),
+            })
+            .collect();
+        store.apply_batch(&again).expect("fold");
+        for user in ["p-x", "p-u0", "p-u3", "p-u7"] {
+            assert_eq!(
+                store.current(user).expect("read"),
+                b.current(user).expect("read"),
+                "{user}: the later owner's state (starts {starts:?})"
+            );
         }
     }
 
