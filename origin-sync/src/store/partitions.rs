@@ -1758,6 +1758,46 @@ mod tests {
         }
     }
 
+    /// A zombie and its partition's later owner, simulated with two stores: `a` folds
+    /// `recs[..100]` under epoch 3; `b` restores from a's changelog and folds `recs[100..250]`
+    /// under epoch 5; then the zombie `a` folds `recs[100..zombie_end]` again and writes after
+    /// b. The log as compaction leaves it holds each key's last record only.
+    struct ZombieAfterOwner {
+        b: Store,
+        first: Vec<Logged>,
+        owner: Vec<Logged>,
+        zombie: Vec<Logged>,
+        compacted: Vec<Logged>,
+    }
+
+    fn zombie_after_owner(name: &str, recs: &[Record], zombie_end: usize) -> ZombieAfterOwner {
+        let a = open(&format!("{name}-a"));
+        a.set_owned(&[0]);
+        a.claim(0, 3).expect("claim");
+        let first = a.apply_batch(&recs[..100]).expect("fold").logged;
+        let b = open(&format!("{name}-b"));
+        b.set_owned(&[0]);
+        b.apply_changelog(0, &as_read(&first), first.len() as i64, 0, 1)
+            .expect("restore");
+        b.claim(0, 5).expect("claim");
+        let owner = b.apply_batch(&recs[100..250]).expect("fold").logged;
+        let zombie = a.apply_batch(&recs[100..zombie_end]).expect("fold").logged;
+        let log: Vec<Logged> = first.iter().chain(&owner).chain(&zombie).cloned().collect();
+        let compacted: Vec<Logged> = log
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| !log[i + 1..].iter().any(|m| m.key == l.key))
+            .map(|(_, l)| l.clone())
+            .collect();
+        ZombieAfterOwner {
+            b,
+            first,
+            owner,
+            zombie,
+            compacted,
+        }
+    }
+
     /// Compaction after a zombie wrote leaves each key's last record only: the later owner's
     /// record of a shopper the zombie wrote after it is gone, and the zombie's older state is
     /// all a restore finds of them, while the group's committed offsets say the later owner
@@ -1769,25 +1809,14 @@ mod tests {
     fn a_zombies_record_left_alone_by_compaction_moves_consumption_back() {
         let events = traffic(8, 320, 37);
         let recs = records(&events, 0);
-        let a = open("late-a");
-        a.set_owned(&[0]);
-        a.claim(0, 3).expect("claim");
-        let first = a.apply_batch(&recs[..100]).expect("fold").logged;
-        let b = open("late-b");
-        b.set_owned(&[0]);
-        b.apply_changelog(0, &as_read(&first), first.len() as i64, 0, 1)
-            .expect("restore");
-        b.claim(0, 5).expect("claim");
-        let owner = b.apply_batch(&recs[100..250]).expect("fold").logged;
         // the zombie folds a few of the events b folded, and writes after b
-        let zombie = a.apply_batch(&recs[100..104]).expect("fold").logged;
-        let log: Vec<Logged> = first.iter().chain(&owner).chain(&zombie).cloned().collect();
-        let compacted: Vec<Logged> = log
-            .iter()
-            .enumerate()
-            .filter(|(i, l)| !log[i + 1..].iter().any(|m| m.key == l.key))
-            .map(|(_, l)| l.clone())
-            .collect();
+        let ZombieAfterOwner {
+            b,
+            first,
+            owner,
+            zombie,
+            compacted,
+        } = zombie_after_owner("late", &recs, 104);
         let zombie_keys: Vec<UserKey> = zombie.iter().map(|l| l.key).collect();
         assert!(
             compacted
@@ -1886,25 +1915,8 @@ mod tests {
                 }
             })
             .collect();
-        let a = open("late-topic-a");
-        a.set_owned(&[0]);
-        a.claim(0, 3).expect("claim");
-        let first = a.apply_batch(&recs[..100]).expect("fold").logged;
-        let b = open("late-topic-b");
-        b.set_owned(&[0]);
-        b.apply_changelog(0, &as_read(&first), first.len() as i64, 0, 1)
-            .expect("restore");
-        b.claim(0, 5).expect("claim");
-        let owner = b.apply_batch(&recs[100..250]).expect("fold").logged;
         // the zombie folds p-x's second event only, and writes after b
-        let zombie = a.apply_batch(&recs[100..101]).expect("fold").logged;
-        let log: Vec<Logged> = first.iter().chain(&owner).chain(&zombie).cloned().collect();
-        let compacted: Vec<Logged> = log
-            .iter()
-            .enumerate()
-            .filter(|(i, l)| !log[i + 1..].iter().any(|m| m.key == l.key))
-            .map(|(_, l)| l.clone())
-            .collect();
+        let ZombieAfterOwner { b, compacted, .. } = zombie_after_owner("late-topic", &recs, 101);
         let read = as_read(&compacted);
         let store = open("late-topic-restore");
         store.set_owned(&[0]);
