@@ -190,13 +190,7 @@ fn in_isolate(
             }
         }
     }
-    let quantile = |v: &[f64], q: f64| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let quantile = |v: &[f64], q: f64| tests::percentile(&mut v.to_vec(), q);
     // a run that a garbage collection of workerd's fell in is slower whatever the route: the
     // lower quartile is the route's own cost, steady across runs and processes
     let base = quantile(&cpu_us[0], 0.25);
