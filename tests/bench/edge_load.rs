@@ -107,9 +107,7 @@ fn in_isolate(
         &[("ORIGIN_URL", ""), ("PROFILE_TTL_SECS", "600")],
         include_str!("in_isolate.js"),
     )?;
-    seed(wd.port, users)?;
-    let mut warm = Shopper::signed_in(&users[..WARM_USERS]);
-    warm_up(wd.port, &mut warm)?;
+    let warm = seeded_and_warm(wd.port, users)?;
     let headers: Vec<serde_json::Value> = warm
         .iter()
         .map(|s| {
@@ -136,15 +134,8 @@ fn in_isolate(
     ];
     // one run of a route: workerd's CPU time per answer, in µs
     let run = |name: &str, path: &str, status: u16| -> Result<Option<f64>, String> {
-        let encoded: String = path
-            .chars()
-            .map(|c| match c {
-                '?' => "%3F".to_owned(),
-                '&' => "%26".to_owned(),
-                '=' => "%3D".to_owned(),
-                c => c.to_string(),
-            })
-            .collect();
+        let encoded =
+            percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC);
         let before = wd.cpu_ns();
         let r = http(
             wd.port,
@@ -422,10 +413,7 @@ fn standalone(
             ("PROFILE_TTL_SECS", "600"),
         ],
     )?;
-    seed(wd.port, users)?;
-    // browsers: each echoes the session cookie its first answer set, as a shopper's does
-    let mut warm = Shopper::signed_in(&users[..WARM_USERS]);
-    warm_up(wd.port, &mut warm)?;
+    let mut warm = seeded_and_warm(wd.port, users)?;
     // other shoppers, cached as well, on a first visit: no cookie yet, so each answer signs a
     // new one. Not the same shoppers: a record signed for one would replace the record the
     // isolate knows it showed them, and their next request with their own cookie would verify
@@ -434,14 +422,6 @@ fn standalone(
     let mut first_visit = Shopper::signed_in(&users[WARM_USERS..2 * WARM_USERS]);
     warm_up(wd.port, &mut first_visit)?;
     let first_visit = Shopper::forgetting_cookies(&first_visit);
-    let with_cookie = warm.iter().filter(|s| s.cookie.is_some()).count();
-    println!(
-        "    {with_cookie} of {} shoppers hold a session cookie",
-        warm.len()
-    );
-    if with_cookie == 0 {
-        return Err("no answer set a session cookie (is USER_KEY_SECRET set?)".into());
-    }
     const EMPTY: &str = "/v1/nothing-here";
     const RECS: &str = "/v1/recommendations?slot=home&k=8";
     if std::env::var_os("EDGEWISE_PROFILE_ROUTES").is_some() {
@@ -843,6 +823,25 @@ impl Shopper {
         }
         h
     }
+}
+
+/// Every user's profile synced to the worker on `port`, and the first [`WARM_USERS`] of them
+/// warmed up as signed-in shoppers: each in the isolate's cache, and each holding the session
+/// cookie its first answer set, which a browser echoes back (without one every answer signs a
+/// new record, which is not the warm path the benchmarks measure).
+fn seeded_and_warm(port: u16, users: &[String]) -> Result<Vec<Shopper>, String> {
+    seed(port, users)?;
+    let mut warm = Shopper::signed_in(&users[..WARM_USERS]);
+    warm_up(port, &mut warm)?;
+    let with_cookie = warm.iter().filter(|s| s.cookie.is_some()).count();
+    println!(
+        "    {with_cookie} of {} shoppers hold a session cookie",
+        warm.len()
+    );
+    if with_cookie == 0 {
+        return Err("no answer set a session cookie (is USER_KEY_SECRET set?)".into());
+    }
+    Ok(warm)
 }
 
 /// One request per shopper, so each is in the isolate's cache before a warm run; keeps the
