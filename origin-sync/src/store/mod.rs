@@ -370,7 +370,20 @@ impl Store {
             let mut users: Loaded = HashMap::new();
             let mut stamps: HashMap<UserKey, Stamp> = HashMap::new();
             let epochs = self.epochs();
-            for r in records {
+            // each event's user key once (a keyed hash), and the batch's users read in key
+            // order: the B-tree's pages one after another instead of at random
+            let keys: Vec<Option<UserKey>> = records
+                .iter()
+                .map(|r| r.event.as_ref().map(|ev| self.user_key(&ev.user)))
+                .collect();
+            let mut in_order: Vec<UserKey> = keys.iter().flatten().copied().collect();
+            in_order.sort_unstable_by_key(|key| key.0);
+            in_order.dedup();
+            users.reserve(in_order.len());
+            for key in in_order {
+                load(&mut users, &users_t, key)?;
+            }
+            for (r, key) in records.iter().zip(keys) {
                 let pk = (r.topic.clone(), r.partition);
                 let n = match next.get(&pk) {
                     Some(n) => *n,
@@ -384,8 +397,9 @@ impl Store {
                     continue;
                 }
                 next.insert(pk, r.offset + 1);
-                let Some(ev) = &r.event else { continue };
-                let key = self.user_key(&ev.user);
+                let (Some(ev), Some(key)) = (&r.event, key) else {
+                    continue;
+                };
                 if self.partitioned {
                     // folded by whoever wrote this state (another owner, before a handover)
                     let stamp = load_stamp(&mut stamps, &users_t, key, r.partition)?;
@@ -468,6 +482,10 @@ impl Store {
                     out.identified += 1;
                 }
             }
+            // in key order: each B-tree below is written leaf after leaf instead of at random
+            // (user keys are hashes), which keeps the pages a batch touches few and warm
+            let mut users: Vec<_> = users.into_iter().collect();
+            users.sort_unstable_by_key(|(key, _)| key.0);
             for (key, (state, before, oldest, arrived)) in users {
                 if state.current_version() == before {
                     continue;
