@@ -986,6 +986,67 @@ async fn until_all_owned(dir: &Path, names: &[&str]) -> Vec<Vec<i64>> {
     }
 }
 
+/// Cooperative hand-overs move only what moves: an instance joining takes its share while the
+/// incumbent keeps folding the rest (after its revoke grace for what it gives up), and when the
+/// joiner stops again the incumbent takes those partitions back without letting go of its own.
+/// Events stream in throughout, so both commit offsets while the group rebalances. When the
+/// tests' broker refused those commits (it starts the next generation at the first JoinGroup,
+/// where Kafka takes commits of the current one until every member has rejoined), librdkafka
+/// took the committer's whole assignment as lost: it let go of every partition at once and
+/// restored the ones it kept, and a joiner's partitions paused ~1.4 s instead of ~0.7 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_instance_takes_its_share_while_the_incumbent_keeps_the_rest() {
+    let Some(tansu) = group_broker("scale-join") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-join");
+    let events = traffic(300, 4000, "j", 61);
+    let want = reference(&events);
+    let a = start(&tansu, &edge, &dir, "a");
+    until_all_owned(&dir, &["a"]).await;
+    // a steady trickle to every partition, so the instances commit offsets all along
+    let producer = stream(&tansu, &events, 100, Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // three joins and stops: whether a commit falls within a rebalance is a matter of timing
+    let all: Vec<i64> = (0..i64::from(PARTITIONS)).collect();
+    let mut expected = vec![all.clone()];
+    let mut taken_back = 0;
+    for round in 0..3 {
+        let b = start(&tansu, &edge, &dir, "b");
+        let owned = until_all_owned(&dir, &["a", "b"]).await;
+        eprintln!("round {round}: owned after the join: {owned:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let status = b.terminate();
+        assert!(status.success(), "b's SIGTERM exit: {status}");
+        until_all_owned(&dir, &["a"]).await;
+        expected.push(owned[0].clone());
+        expected.push(all.clone());
+        taken_back += owned[1].len();
+    }
+    producer.await.expect("producer task");
+    converge(&edge, &want, Duration::from_secs(90)).await;
+    let history = ownership_history(&dir, "a");
+    eprintln!("a's ownership: {history:?}");
+    assert!(
+        history.iter().all(|owned| !owned.is_empty()),
+        "the incumbent let go of every partition (its assignment taken as lost): {history:?}"
+    );
+    assert_eq!(
+        history, expected,
+        "the incumbent's ownership did more than give up the joiner's share and take it back"
+    );
+    // the 6 it started with and each share it took back, nothing it kept
+    assert_eq!(
+        restores(&dir, "a").len(),
+        all.len() + taken_back,
+        "the incumbent restored partitions it kept: {:?}",
+        restores(&dir, "a")
+    );
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+}
+
 /// Static membership (`kafka.instance_id`): every instance restarted in turn while events
 /// stream in, each back within the session timeout, moves no partition: the restarted
 /// instance is assigned exactly what it owned before, the other is never assigned one of its
