@@ -409,7 +409,6 @@ impl Store {
                     }
                     stamp.advance(&r.topic, r.offset + 1);
                 }
-                load(&mut users, &users_t, key)?;
                 // a sign-in: the visitor's profile, as it stands now, travels in the event, so
                 // every later refold of this user's window folds the same thing
                 let mut joined = None;
@@ -484,9 +483,15 @@ impl Store {
             }
             // in key order: each B-tree below is written leaf after leaf instead of at random
             // (user keys are hashes), which keeps the pages a batch touches few and warm
-            let mut users: Vec<_> = users.into_iter().collect();
-            users.sort_unstable_by_key(|(key, _)| key.0);
-            for (key, (state, before, oldest, arrived)) in users {
+            // the keys sorted, not the working set: a user's state is hundreds of bytes, and
+            // moving the batch's states into a vector and sorting it copied megabytes per batch
+            let mut order: Vec<UserKey> = users.keys().copied().collect();
+            order.sort_unstable_by_key(|key| key.0);
+            for key in order {
+                let Some((state, before, oldest, arrived)) = users.get(&key) else {
+                    continue;
+                };
+                let (before, oldest, arrived) = (*before, *oldest, *arrived);
                 if state.current_version() == before {
                     continue;
                 }
