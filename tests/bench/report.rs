@@ -963,8 +963,8 @@ fn scale_out_section(dir: &Path) -> String {
          the real edge worker's sync handler as the sink.\n\n\
          | figure | measured | baseline, same run | ratio | target | |\n\
          | --- | ---: | ---: | ---: | --- | --- |\n\
-         | restore a partition of {} shoppers ({:.1} MB) from its changelog into an empty store, every shopper sent again (no acknowledged watermark) | {rate:.0} records/s, {:.1} MB/s, {:.2} s | the broker's read of the same records, nothing applied: {:.0} records/s | {:.2}× | ≥ 200k records/s | {} |\n\
-         | the same restore from tansu serving from memory (the broker's storage not the limit) | {:.0} records/s, {:.1} MB/s, {:.2} s | that broker's read alone: {:.0} records/s | {:.2}× | ≥ 200k records/s | {} |\n\
+         | restore a partition of {} shoppers ({:.1} MB) from its changelog into an empty store, every shopper sent again (no acknowledged watermark) | {rate:.0} records/s, {:.1} MB/s, {:.2} s{} | the broker's read of the same records, nothing applied: {:.0} records/s | {:.2}× | ≥ 200k records/s | {} |\n\
+         | the same restore from tansu serving from memory (the broker's storage not the limit) | {:.0} records/s, {:.1} MB/s, {:.2} s{} | that broker's read alone: {:.0} records/s | {:.2}× | ≥ 200k records/s | {} |\n\
          | the same, after the previous owner's sinks acknowledged everything (the acknowledged watermark at the changelog's end: nothing sent again), tansu in memory | {:.0} records/s | that broker's read alone | {:.2}× | ≥ 200k records/s | {} |\n\
          | the same records applied from memory (origin-sync's own ceiling), every shopper sent again / nothing | {:.0} / {:.0} records/s | | | ≥ 200k records/s | {} |\n\
          {}\
@@ -997,18 +997,21 @@ fn scale_out_section(dir: &Path) -> String {
          read. A restore from memory is bound by its one applying thread (busy throughout, the \
          process at about 1.2 cores; perf), so the reading thread prepares each record (checked, \
          decoded, laid out as stored) and the applier only looks up, compares and writes; \
-         \"apply only\" does both on one thread. Runs of the same build move: 7 runs of the \
-         restore from memory, every shopper resent, 185–229k records/s, median 215k.\n\n",
+         \"apply only\" does both on one thread. Each restore and apply-only figure is the \
+         median of 3 in the run (the restores' range in their rows): runs of one build move, \
+         7 single restores from memory, every shopper resent, read 185–229k records/s.\n\n",
         r["shoppers"],
         num(&r["bytes"]) / 1e6,
         num(&r["mb_per_s"]),
         num(&r["seconds"]),
+        runs_range(&r["records_per_s_runs"]),
         num(&r["read_only_records_per_s"]),
         rate / num(&r["read_only_records_per_s"]),
         verdict(rate >= 200_000.0),
         num(&m["records_per_s"]),
         num(&m["mb_per_s"]),
         num(&m["seconds"]),
+        runs_range(&m["records_per_s_runs"]),
         num(&m["read_only_records_per_s"]),
         num(&m["records_per_s"]) / num(&m["read_only_records_per_s"]),
         verdict(num(&m["records_per_s"]) >= 200_000.0),
