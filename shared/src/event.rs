@@ -9,6 +9,8 @@
 //!  "item":"cam-001","category":"cameras","price":499.0,"quantity":1}
 //! ```
 
+mod fast;
+
 use crate::ids::{MAX_SKU_LEN, MAX_SLUG_LEN, is_sku, is_slug};
 use serde_json::{Map, Value};
 use std::fmt;
@@ -196,6 +198,11 @@ pub fn parse_event(bytes: &[u8]) -> Result<Event, EventError> {
             bytes.len()
         )));
     }
+    // the common types straight into their fields; the rest, and every rejection, the
+    // general way (`fast`)
+    if let Some(event) = fast::parse(bytes) {
+        return Ok(event);
+    }
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| EventError::whole(format!("not valid JSON: {e}")))?;
     Event::from_json(&value)
@@ -247,25 +254,15 @@ impl Event {
             .as_object()
             .ok_or_else(|| EventError::whole("an event must be a JSON object"))?;
         let ty = req_str(obj, "type", 32)?;
-        let allowed: &[&str] = match ty {
-            "page_view" => &[],
-            "product_view" => &["item", "category"],
-            "add_to_cart" => &["item", "category", "price", "quantity"],
-            "remove_from_cart" => &["item", "category", "quantity"],
-            "purchase" => &["item", "category", "price", "quantity", "items"],
-            "search" => &["query", "category"],
-            "consent" => &["personalization"],
-            "identify" => &["anonymous_id"],
-            other => {
-                return Err(EventError::field(
-                    "type",
-                    format!(
-                        "unknown event type {other:?}; expected one of {}",
-                        EVENT_TYPES.join(", ")
-                    ),
-                ));
-            }
-        };
+        let allowed = allowed_fields(ty).ok_or_else(|| {
+            EventError::field(
+                "type",
+                format!(
+                    "unknown event type {ty:?}; expected one of {}",
+                    EVENT_TYPES.join(", ")
+                ),
+            )
+        })?;
         for key in obj.keys() {
             let common = matches!(key.as_str(), "event_id" | "user_id" | "ts" | "type");
             if !common && !allowed.contains(&key.as_str()) {
@@ -279,15 +276,7 @@ impl Event {
         let user = req_user(obj)?;
         let ts_ms = match obj.get("ts") {
             None => return Err(EventError::field("ts", "missing")),
-            Some(v) => v
-                .as_u64()
-                .filter(|t| (MIN_TS_MS..MAX_TS_MS).contains(t))
-                .ok_or_else(|| {
-                    EventError::field(
-                        "ts",
-                        "must be an integer of Unix milliseconds between 2024 and 2100",
-                    )
-                })?,
+            Some(v) => check_ts(v.as_u64())?,
         };
         let kind = match ty {
             "page_view" => EventKind::PageView,
@@ -405,6 +394,33 @@ impl Event {
     }
 }
 
+/// The fields an event of type `ty` may carry besides `event_id`, `user_id`, `ts` and `type`;
+/// `None` for an unknown type.
+fn allowed_fields(ty: &str) -> Option<&'static [&'static str]> {
+    Some(match ty {
+        "page_view" => &[],
+        "product_view" => &["item", "category"],
+        "add_to_cart" => &["item", "category", "price", "quantity"],
+        "remove_from_cart" => &["item", "category", "quantity"],
+        "purchase" => &["item", "category", "price", "quantity", "items"],
+        "search" => &["query", "category"],
+        "consent" => &["personalization"],
+        "identify" => &["anonymous_id"],
+        _ => return None,
+    })
+}
+
+/// A given event time, `None` when it is not an unsigned integer.
+fn check_ts(ts: Option<u64>) -> Result<u64, EventError> {
+    ts.filter(|t| (MIN_TS_MS..MAX_TS_MS).contains(t))
+        .ok_or_else(|| {
+            EventError::field(
+                "ts",
+                "must be an integer of Unix milliseconds between 2024 and 2100",
+            )
+        })
+}
+
 fn cents_to_json(cents: u64) -> Value {
     // Two decimals exactly; f64 holds every cent value we accept exactly enough to round back.
     Value::from(cents as f64 / 100.0)
@@ -417,30 +433,38 @@ fn req_str<'a>(
 ) -> Result<&'a str, EventError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(EventError::field(field, "missing")),
-        Some(Value::String(s)) => {
-            if s.is_empty() {
-                Err(EventError::field(field, "must not be empty"))
-            } else if s.len() > max {
-                Err(EventError::field(
-                    field,
-                    format!("is {} bytes; the limit is {max}", s.len()),
-                ))
-            } else if s.chars().any(char::is_control) {
-                Err(EventError::field(
-                    field,
-                    "must not contain control characters",
-                ))
-            } else {
-                Ok(s)
-            }
-        }
+        Some(Value::String(s)) => check_str(field, s, max),
         Some(_) => Err(EventError::field(field, "must be a string")),
+    }
+}
+
+/// A string field's value: not empty, at most `max` bytes, no control characters.
+fn check_str<'a>(field: &'static str, s: &'a str, max: usize) -> Result<&'a str, EventError> {
+    if s.is_empty() {
+        Err(EventError::field(field, "must not be empty"))
+    } else if s.len() > max {
+        Err(EventError::field(
+            field,
+            format!("is {} bytes; the limit is {max}", s.len()),
+        ))
+    } else if s.chars().any(char::is_control) {
+        Err(EventError::field(
+            field,
+            "must not contain control characters",
+        ))
+    } else {
+        Ok(s)
     }
 }
 
 /// A SKU-shaped token (item, event id): the grammar of [`is_sku`].
 fn req_token<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<&'a str, EventError> {
-    let s = req_str(obj, field, MAX_SKU_LEN)?;
+    check_token(field, req_str(obj, field, MAX_SKU_LEN)?)
+}
+
+/// [`req_token`] of a string already read.
+fn check_token<'a>(field: &'static str, s: &'a str) -> Result<&'a str, EventError> {
+    let s = check_str(field, s, MAX_SKU_LEN)?;
     if is_sku(s) {
         Ok(s)
     } else {
@@ -472,6 +496,11 @@ fn category_value(field: &'static str, v: &Value) -> Result<String, EventError> 
     let s = v
         .as_str()
         .ok_or_else(|| EventError::field(field, "must be a string"))?;
+    check_category(field, s).map(str::to_owned)
+}
+
+/// A category slug's value.
+fn check_category<'a>(field: &'static str, s: &'a str) -> Result<&'a str, EventError> {
     if s.is_empty() || s.len() > MAX_SLUG_LEN {
         return Err(EventError::field(field, "must be 1 to 48 characters"));
     }
@@ -481,7 +510,7 @@ fn category_value(field: &'static str, v: &Value) -> Result<String, EventError> 
             "may contain only lowercase letters, digits, - and _",
         ));
     }
-    Ok(s.to_owned())
+    Ok(s)
 }
 
 fn req_category(obj: &Map<String, Value>, field: &'static str) -> Result<String, EventError> {
@@ -494,12 +523,15 @@ fn req_category(obj: &Map<String, Value>, field: &'static str) -> Result<String,
 fn quantity_value(v: Option<&Value>) -> Result<u16, EventError> {
     match v {
         None => Ok(1),
-        Some(v) => v
-            .as_u64()
-            .filter(|q| (1..=999).contains(q))
-            .map(|q| q as u16)
-            .ok_or_else(|| EventError::field("quantity", "must be an integer from 1 to 999")),
+        Some(v) => check_quantity(v.as_u64()),
     }
+}
+
+/// A given quantity, `None` when it is not an unsigned integer.
+fn check_quantity(q: Option<u64>) -> Result<u16, EventError> {
+    q.filter(|q| (1..=999).contains(q))
+        .map(|q| q as u16)
+        .ok_or_else(|| EventError::field("quantity", "must be an integer from 1 to 999"))
 }
 
 fn quantity(obj: &Map<String, Value>) -> Result<u16, EventError> {
@@ -510,8 +542,12 @@ fn price(obj: &Map<String, Value>) -> Result<u64, EventError> {
     let v = obj
         .get("price")
         .ok_or_else(|| EventError::field("price", "missing"))?;
-    let p = v
-        .as_f64()
+    check_price(v.as_f64())
+}
+
+/// A given price in cents, `None` when it is not a number.
+fn check_price(p: Option<f64>) -> Result<u64, EventError> {
+    let p = p
         .filter(|p| p.is_finite() && (0.0..=10_000_000.0).contains(p))
         .ok_or_else(|| EventError::field("price", "must be a number from 0 to 10000000"))?;
     Ok((p * 100.0).round() as u64)
