@@ -126,16 +126,7 @@ mod tests {
     fn bases() -> Vec<Value> {
         let common = |ty: &str| json!({"event_id": "e-1", "user_id": "u 42", "ts": 1_732_960_000_000u64, "type": ty});
         let mut out = Vec::new();
-        for ty in [
-            "page_view",
-            "product_view",
-            "add_to_cart",
-            "remove_from_cart",
-            "purchase",
-            "search",
-            "consent",
-            "identify",
-        ] {
+        for ty in super::super::EVENT_TYPES {
             let mut v = common(ty);
             let o = v.as_object_mut().unwrap();
             match ty {
