@@ -290,9 +290,10 @@ struct Round {
     deferred: Vec<(Part, Duration)>,
     /// Shut down before everything was tried: the outbox keeps the rest.
     stopped: bool,
-    /// Left out of a retry, their outbox entries gone (a released partition): not written, so
-    /// they stay pending here and the next round finds out again (the partition may be back,
-    /// its restore having put them in the outbox while this round ran).
+    /// Left out of a retry, their outbox entries gone (a released partition) or, after a
+    /// freeze, their state here past what the round held (the partition left and came back):
+    /// not written, so they stay pending here and the next round finds out again (the
+    /// partition may be back, its restore having put them in the outbox while this round ran).
     left_out: Vec<UserKey>,
 }
 
@@ -672,7 +673,12 @@ impl Worker {
             loop {
                 // or a hold: this process was just frozen, and what it holds may belong to
                 // partitions that moved meanwhile (`freeze.rs`)
-                if let Some(delay) = retry_in.take().or_else(|| self.shared.freeze.holding()) {
+                let retry = retry_in.take();
+                let hold = match retry {
+                    Some(_) => None,
+                    None => self.shared.freeze.holding(),
+                };
+                if let Some(delay) = retry.or(hold) {
                     if !self.pause(delay, give_up, lane, open, shutdown).await {
                         round.stopped = true;
                         return round;
@@ -680,7 +686,10 @@ impl Worker {
                     // users whose partition left meanwhile are their new owner's to send: a
                     // KV write of this older value would land over the new owner's (KV keeps
                     // the last write, whatever its version)
-                    if self.drop_released(&mut parts, &mut round.left_out).await {
+                    if self
+                        .drop_released(&mut parts, &mut round.left_out, hold.is_some())
+                        .await
+                    {
                         if parts.is_empty() {
                             break;
                         }
@@ -805,12 +814,19 @@ impl Worker {
     }
 
     /// Drops the items whose users have no outbox entry any more (released with their
-    /// partition); whether any went. A store that cannot say keeps them all.
-    async fn drop_released(&self, parts: &mut Vec<Part>, left_out: &mut Vec<UserKey>) -> bool {
-        let keys: Vec<UserKey> = parts
+    /// partition) and, after a freeze (`frozen`), those whose user's state here moved past
+    /// them (their partition left and came back meanwhile); whether any went. A store that
+    /// cannot say keeps them all.
+    async fn drop_released(
+        &self,
+        parts: &mut Vec<Part>,
+        left_out: &mut Vec<UserKey>,
+        frozen: bool,
+    ) -> bool {
+        let keys: Vec<(UserKey, u64)> = parts
             .iter()
             .filter_map(|p| match p {
-                Part::Item(i) => Some(i.delta.user),
+                Part::Item(i) => Some((i.delta.user, i.delta.change.to_version())),
                 Part::Document(_) => None,
             })
             .collect();
@@ -818,7 +834,15 @@ impl Worker {
             return false;
         }
         let store = self.shared.store.clone();
-        let Ok(held) = blocking(move || store.in_outbox(&keys)).await else {
+        let held = blocking(move || {
+            if frozen {
+                store.current_in_outbox(&keys)
+            } else {
+                store.in_outbox(&keys.iter().map(|(k, _)| *k).collect::<Vec<_>>())
+            }
+        })
+        .await;
+        let Ok(held) = held else {
             return false;
         };
         let mut held = held.into_iter();

@@ -207,6 +207,28 @@ impl Store {
             .collect()
     }
 
+    /// [`Store::in_outbox`] for a sink that was frozen: whether each user still has an outbox
+    /// entry *and* the version held for them is not behind the user's state here. A partition
+    /// that left during the freeze and came back brings its entries back with the state its
+    /// owner in between reached, which a value built before the freeze would move KV back from.
+    pub fn current_in_outbox(&self, held: &[(UserKey, u64)]) -> Result<Vec<bool>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let outbox_t = tx.open_table(OUTBOX)?;
+        let users_t = tx.open_table(USERS)?;
+        held.iter()
+            .map(|(k, version)| {
+                if outbox_t.get(&k.0)?.is_none() {
+                    return Ok(false);
+                }
+                let Some(value) = users_t.get(k.0.as_slice())? else {
+                    return Ok(true);
+                };
+                let (_, state) = super::partitions::stamped(value.value())?;
+                Ok(super::state::UserState::decode(state)?.current_version() <= *version)
+            })
+            .collect()
+    }
+
     /// Records what `sink` acknowledged and quarantined; an outbox entry leaves once its user
     /// is settled for every one of `sinks`.
     pub fn settle(
