@@ -685,11 +685,9 @@ impl Worker {
                     }
                     // users whose partition left meanwhile are their new owner's to send: a
                     // KV write of this older value would land over the new owner's (KV keeps
-                    // the last write, whatever its version)
-                    if self
-                        .drop_released(&mut parts, &mut round.left_out, hold.is_some())
-                        .await
-                    {
+                    // the last write, whatever its version); and one that left and came back
+                    // brought its users' newer states back with it
+                    if self.drop_released(&mut parts, &mut round.left_out).await {
                         if parts.is_empty() {
                             break;
                         }
@@ -813,16 +811,15 @@ impl Worker {
         round
     }
 
-    /// Drops the items whose users have no outbox entry any more (released with their
-    /// partition) and, after a freeze (`frozen`), those whose user's state here moved past
-    /// them (their partition left and came back meanwhile); whether any went. A store that
-    /// cannot say keeps them all.
-    async fn drop_released(
-        &self,
-        parts: &mut Vec<Part>,
-        left_out: &mut Vec<UserKey>,
-        frozen: bool,
-    ) -> bool {
+    /// After a wait (a retry's delay, a hold after a freeze): drops the items whose users have
+    /// no outbox entry any more (released with their partition) and those whose user's state
+    /// here moved past them; whether any went. Either way the item is older than what KV may
+    /// hold by now: the partition went to another owner, which sent newer states, and may have
+    /// come back during the wait (a rolling restart inside a throttled KV's `Retry-After`, a
+    /// frozen instance that rejoined), bringing those states back with it. The dropped users
+    /// stay pending: the next round sends their current state. A store that cannot say keeps
+    /// them all.
+    async fn drop_released(&self, parts: &mut Vec<Part>, left_out: &mut Vec<UserKey>) -> bool {
         let keys: Vec<(UserKey, u64)> = parts
             .iter()
             .filter_map(|p| match p {
@@ -834,14 +831,7 @@ impl Worker {
             return false;
         }
         let store = self.shared.store.clone();
-        let held = blocking(move || {
-            if frozen {
-                store.current_in_outbox(&keys)
-            } else {
-                store.in_outbox(&keys.iter().map(|(k, _)| *k).collect::<Vec<_>>())
-            }
-        })
-        .await;
+        let held = blocking(move || store.current_in_outbox(&keys)).await;
         let Ok(held) = held else {
             return false;
         };

@@ -1783,6 +1783,113 @@ async fn a_frozen_instance_writes_nothing_it_lost_to_kv_when_it_wakes() {
     }
 }
 
+/// KV keeps the last write to land, whatever its version. Instance a's KV write of a batch is
+/// throttled with a `Retry-After` of 15 s (Workers KV allows one write per key per second). In
+/// that wait b joins and takes one of the two partitions, sends its shoppers on and folds their
+/// next events (the edge refusing sync, so b's acknowledged watermark stays behind them); then
+/// b stops and the partition comes back to a, whose restore puts those shoppers in its outbox
+/// again at the states b reached. a's retry, due after that, must not send what it held of
+/// them: older than what b wrote. KV never goes back and ends at every shopper's version.
+/// (With only the outbox entry checked before a retry, shoppers went back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_retry_writes_nothing_older_over_a_partition_that_left_and_came_back_meanwhile() {
+    use origin_sync::testkit::{Api, Fault};
+    let Some(tansu) = with_topics(Tansu::start("kv-back"), 2) else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("kv-back");
+    let events = traffic(40, 1500, "kb", 83);
+    let want = reference(&events);
+    let (cfg, log) = kv_instance(&tansu, &edge, &dir, "a", 3000);
+    let a = Binary::start(&cfg, &log);
+    let a_base = base(&dir, "a");
+    produce_events(&tansu.brokers(), &events[..500]).await;
+    let first = reference(&events[..500]);
+    converge(&edge, &first, Duration::from_secs(60)).await;
+    wait_for(
+        || kv_behind(&edge, &first) == 0,
+        "KV at the first part's versions",
+    )
+    .await;
+
+    // a's next KV write is throttled for 15 s; the edge refuses sync from here on
+    let throttled = |edge: &TestEdge| {
+        edge.answered()
+            .iter()
+            .any(|r| matches!(r.api, Api::KvBulk) && r.status == 429)
+    };
+    edge.inject(Fault::new(Api::KvBulk, 429).retry_after("15").times(1));
+    edge.inject(Fault::new(Api::Sync, 503));
+    produce_events(&tansu.brokers(), &events[500..1000]).await;
+    wait_for(|| throttled(&edge), "a's KV write throttled").await;
+    let throttled_at = Instant::now();
+    eprintln!("a's KV write of the second part throttled for 15 s");
+
+    let (cfg, log) = kv_instance(&tansu, &edge, &dir, "b", 3000);
+    let b = Binary::start(&cfg, &log);
+    let b_base = base(&dir, "b");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&b_base, "edgewise_owned_partitions").await != Some(1.0)
+        || metric(&b_base, "edgewise_restoring_partitions").await != Some(0.0)
+    {
+        assert!(Instant::now() < deadline, "b was not given a partition");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{:.1?}: b restored a partition", throttled_at.elapsed());
+    produce_events(&tansu.brokers(), &events[1000..]).await;
+    // b writes its partition's newest states to KV
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut kv = edge.kv_versions();
+    let status = b.terminate();
+    assert!(status.success(), "b's SIGTERM exit: {status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&a_base, "edgewise_owned_partitions").await != Some(2.0)
+        || metric(&a_base, "edgewise_restoring_partitions").await != Some(0.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a did not get its partition back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = throttled_at.elapsed();
+    eprintln!("{back:.1?}: a restored the partition b left");
+    assert!(
+        back < Duration::from_secs(15),
+        "the partition came back to a after its retry was due ({back:.1?}): the test did not \
+         try what it is for"
+    );
+
+    // a's retry is due 15-16.5 s after the throttle
+    let mut went_back = Vec::new();
+    while throttled_at.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = edge.kv_versions();
+        went_back.extend(
+            now.iter()
+                .filter(|(u, v)| kv.get(*u).is_some_and(|before| *v < before))
+                .map(|(u, v)| (*u, kv[u], *v)),
+        );
+        kv = now;
+    }
+    assert!(
+        went_back.is_empty(),
+        "a's retry wrote older versions over b's ({} shoppers; e.g. {:?})",
+        went_back.len(),
+        went_back.first()
+    );
+    edge.clear_faults();
+    wait_for(
+        || kv_behind(&edge, &want) == 0,
+        "KV at every shopper's version",
+    )
+    .await;
+    converge(&edge, &want, Duration::from_secs(60)).await;
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+}
+
 /// KV keeps the last write to land. Instance a's KV write of a batch is held on the wire (15 s)
 /// while b joins and takes one of the two partitions, resends its shoppers and folds their
 /// next events; a's held write then lands with the older versions over b's newer ones. Once a

@@ -197,20 +197,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Which of `keys` still have an outbox entry here (a partition released to another owner
-    /// takes its users' entries with it).
-    pub fn in_outbox(&self, keys: &[UserKey]) -> Result<Vec<bool>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let outbox_t = tx.open_table(OUTBOX)?;
-        keys.iter()
-            .map(|k| Ok(outbox_t.get(&k.0)?.is_some()))
-            .collect()
-    }
-
-    /// [`Store::in_outbox`] for a sink that was frozen: whether each user still has an outbox
-    /// entry *and* the version held for them is not behind the user's state here. A partition
-    /// that left during the freeze and came back brings its entries back with the state its
-    /// owner in between reached, which a value built before the freeze would move KV back from.
+    /// Whether each held `(user, version)` is still this instance's to send: the user has an
+    /// outbox entry here (a partition released to another owner takes its users' entries with
+    /// it) *and* the version is not behind the user's state here. A partition that left and
+    /// came back brings its entries back with the state its owner in between reached, which a
+    /// value built before would move KV back from.
     pub fn current_in_outbox(&self, held: &[(UserKey, u64)]) -> Result<Vec<bool>, StoreError> {
         let tx = self.db.begin_read()?;
         let outbox_t = tx.open_table(OUTBOX)?;
