@@ -763,6 +763,11 @@ impl Worker {
                         round.stopped = true;
                         return round;
                     }
+                    // as after a retry's wait: the halves are pushed without another
+                    self.drop_released(&mut parts, &mut round.left_out).await;
+                    if parts.is_empty() {
+                        break;
+                    }
                 } else {
                     self.failed(&error, "split", parts.len(), Duration::ZERO);
                 }
