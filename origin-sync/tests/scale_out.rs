@@ -1656,6 +1656,81 @@ fn kv_instance(
     (cfg, log)
 }
 
+/// Waits up to `within` until the instance at `base` owns `n` partitions and restores none;
+/// panics naming `what` otherwise.
+async fn wait_owning(base: &str, n: f64, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while metric(base, "edgewise_owned_partitions").await != Some(n)
+        || metric(base, "edgewise_restoring_partitions").await != Some(0.0)
+    {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Instance a of the KV tests (`extra` added to its `[kafka]` table), with the first
+/// `first` events folded and written to both the edge and KV.
+async fn kv_instance_caught_up(
+    tansu: &Tansu,
+    edge: &TestEdge,
+    dir: &Path,
+    extra: &str,
+    first: &[shared::event::Event],
+) -> Binary {
+    let (cfg, log) = kv_instance(tansu, edge, dir, "a", 3000);
+    let text = std::fs::read_to_string(&cfg).expect("config").replace(
+        "assignment = \"group\"\n",
+        &format!("assignment = \"group\"\n{extra}"),
+    );
+    std::fs::write(&cfg, text).expect("config");
+    let a = Binary::start(&cfg, &log);
+    produce_events(&tansu.brokers(), first).await;
+    let first = reference(first);
+    converge(edge, &first, Duration::from_secs(60)).await;
+    wait_for(
+        || kv_behind(edge, &first) == 0,
+        "KV at the first part's versions",
+    )
+    .await;
+    a
+}
+
+/// KV's versions looked at again and again: every shopper whose version went down between
+/// two looks.
+struct KvWatch {
+    last: HashMap<UserKey, u64>,
+    went_back: Vec<(UserKey, u64, u64)>,
+}
+
+impl KvWatch {
+    fn new(edge: &TestEdge) -> KvWatch {
+        KvWatch {
+            last: edge.kv_versions(),
+            went_back: Vec::new(),
+        }
+    }
+
+    fn look(&mut self, edge: &TestEdge) {
+        let now = edge.kv_versions();
+        let last = &self.last;
+        self.went_back.extend(
+            now.iter()
+                .filter(|(u, v)| last.get(*u).is_some_and(|before| *v < before))
+                .map(|(u, v)| (*u, last[u], *v)),
+        );
+        self.last = now;
+    }
+
+    fn assert_none_went_back(&self, writer: &str) {
+        assert!(
+            self.went_back.is_empty(),
+            "{writer} wrote older versions over newer ones ({} shoppers; e.g. {:?})",
+            self.went_back.len(),
+            self.went_back.first()
+        );
+    }
+}
+
 /// How many of `want`'s shoppers KV does not hold at their version.
 fn kv_behind(edge: &TestEdge, want: &HashMap<UserKey, shared::Profile>) -> usize {
     let kv = edge.kv_versions();
@@ -1683,24 +1758,17 @@ async fn a_frozen_instance_writes_nothing_it_lost_to_kv_when_it_wakes() {
     let dir = scratch("frozen-kv");
     let events = traffic(40, 1500, "fk", 79);
     let want = reference(&events);
-    let (cfg, log) = kv_instance(&tansu, &edge, &dir, "a", 3000);
     // a's hold after a freeze is four heartbeats: 4 s, in which a rejoins and gets a
     // partition back, so it also holds items of a partition that came back
-    let text = std::fs::read_to_string(&cfg).expect("config").replace(
-        "assignment = \"group\"\n",
-        "assignment = \"group\"\nheartbeat_interval_ms = 1000\n",
-    );
-    std::fs::write(&cfg, text).expect("config");
-    let a = Binary::start(&cfg, &log);
-    let a_base = base(&dir, "a");
-    produce_events(&tansu.brokers(), &events[..500]).await;
-    let first = reference(&events[..500]);
-    converge(&edge, &first, Duration::from_secs(60)).await;
-    wait_for(
-        || kv_behind(&edge, &first) == 0,
-        "KV at the first part's versions",
+    let a = kv_instance_caught_up(
+        &tansu,
+        &edge,
+        &dir,
+        "heartbeat_interval_ms = 1000\n",
+        &events[..500],
     )
     .await;
+    let a_base = base(&dir, "a");
 
     // KV throttles a while it folds the second part: a holds those writes, retrying
     use origin_sync::testkit::{Api, Fault};
@@ -1717,16 +1785,13 @@ async fn a_frozen_instance_writes_nothing_it_lost_to_kv_when_it_wakes() {
     let (cfg, log) = kv_instance(&tansu, &edge, &dir, "b", 3000);
     let b = Binary::start(&cfg, &log);
     let b_base = base(&dir, "b");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&b_base, "edgewise_owned_partitions").await != Some(2.0)
-        || metric(&b_base, "edgewise_restoring_partitions").await != Some(0.0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "b was not given a's partitions while a was frozen"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_owning(
+        &b_base,
+        2.0,
+        Duration::from_secs(60),
+        "b was not given a's partitions while a was frozen",
+    )
+    .await;
     // the edge refuses b's sync from here on: b's acknowledged watermark stays behind what it
     // folds, so the partition a gets back is restored with its shoppers sent again, and their
     // outbox entries are back at a while it still holds its old KV writes of them
@@ -1740,10 +1805,9 @@ async fn a_frozen_instance_writes_nothing_it_lost_to_kv_when_it_wakes() {
     // past b's own handover rewrite (request timeout + 2 s after its restore)
     tokio::time::sleep(Duration::from_secs(6)).await;
 
-    let mut kv = edge.kv_versions();
+    let mut kv = KvWatch::new(&edge);
     a.resume();
     let woke = Instant::now();
-    let mut went_back = Vec::new();
     let mut a_owns_again = None;
     while woke.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1754,13 +1818,7 @@ async fn a_frozen_instance_writes_nothing_it_lost_to_kv_when_it_wakes() {
         {
             a_owns_again = Some(woke.elapsed());
         }
-        let now = edge.kv_versions();
-        went_back.extend(
-            now.iter()
-                .filter(|(u, v)| kv.get(*u).is_some_and(|before| *v < before))
-                .map(|(u, v)| (*u, kv[u], *v)),
-        );
-        kv = now;
+        kv.look(&edge);
     }
     eprintln!("a owned a partition again {a_owns_again:.1?} after it woke");
     assert!(
@@ -1768,12 +1826,7 @@ async fn a_frozen_instance_writes_nothing_it_lost_to_kv_when_it_wakes() {
         "a got no partition back within its 4 s hold ({a_owns_again:?}): the test did not \
          try what it is for"
     );
-    assert!(
-        went_back.is_empty(),
-        "a wrote older versions over b's once it woke ({} shoppers; e.g. {:?})",
-        went_back.len(),
-        went_back.first()
-    );
+    kv.assert_none_went_back("a, once it woke,");
     assert_eq!(kv_behind(&edge, &want), 0, "KV behind the reference");
     edge.clear_faults();
     converge(&edge, &want, Duration::from_secs(60)).await;
@@ -1801,17 +1854,8 @@ async fn a_kv_retry_writes_nothing_older_over_a_partition_that_left_and_came_bac
     let dir = scratch("kv-back");
     let events = traffic(40, 1500, "kb", 83);
     let want = reference(&events);
-    let (cfg, log) = kv_instance(&tansu, &edge, &dir, "a", 3000);
-    let a = Binary::start(&cfg, &log);
+    let a = kv_instance_caught_up(&tansu, &edge, &dir, "", &events[..500]).await;
     let a_base = base(&dir, "a");
-    produce_events(&tansu.brokers(), &events[..500]).await;
-    let first = reference(&events[..500]);
-    converge(&edge, &first, Duration::from_secs(60)).await;
-    wait_for(
-        || kv_behind(&edge, &first) == 0,
-        "KV at the first part's versions",
-    )
-    .await;
 
     // a's next KV write is throttled for 15 s; the edge refuses sync from here on
     let throttled = |edge: &TestEdge| {
@@ -1829,30 +1873,27 @@ async fn a_kv_retry_writes_nothing_older_over_a_partition_that_left_and_came_bac
     let (cfg, log) = kv_instance(&tansu, &edge, &dir, "b", 3000);
     let b = Binary::start(&cfg, &log);
     let b_base = base(&dir, "b");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&b_base, "edgewise_owned_partitions").await != Some(1.0)
-        || metric(&b_base, "edgewise_restoring_partitions").await != Some(0.0)
-    {
-        assert!(Instant::now() < deadline, "b was not given a partition");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_owning(
+        &b_base,
+        1.0,
+        Duration::from_secs(30),
+        "b was not given a partition",
+    )
+    .await;
     eprintln!("{:.1?}: b restored a partition", throttled_at.elapsed());
     produce_events(&tansu.brokers(), &events[1000..]).await;
     // b writes its partition's newest states to KV
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut kv = edge.kv_versions();
+    let mut kv = KvWatch::new(&edge);
     let status = b.terminate();
     assert!(status.success(), "b's SIGTERM exit: {status}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&a_base, "edgewise_owned_partitions").await != Some(2.0)
-        || metric(&a_base, "edgewise_restoring_partitions").await != Some(0.0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "a did not get its partition back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_owning(
+        &a_base,
+        2.0,
+        Duration::from_secs(30),
+        "a did not get its partition back",
+    )
+    .await;
     let back = throttled_at.elapsed();
     eprintln!("{back:.1?}: a restored the partition b left");
     assert!(
@@ -1862,23 +1903,11 @@ async fn a_kv_retry_writes_nothing_older_over_a_partition_that_left_and_came_bac
     );
 
     // a's retry is due 15-16.5 s after the throttle
-    let mut went_back = Vec::new();
     while throttled_at.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = edge.kv_versions();
-        went_back.extend(
-            now.iter()
-                .filter(|(u, v)| kv.get(*u).is_some_and(|before| *v < before))
-                .map(|(u, v)| (*u, kv[u], *v)),
-        );
-        kv = now;
+        kv.look(&edge);
     }
-    assert!(
-        went_back.is_empty(),
-        "a's retry wrote older versions over b's ({} shoppers; e.g. {:?})",
-        went_back.len(),
-        went_back.first()
-    );
+    kv.assert_none_went_back("a's retry");
     edge.clear_faults();
     wait_for(
         || kv_behind(&edge, &want) == 0,
@@ -1916,31 +1945,27 @@ async fn a_kv_write_in_flight_when_its_partition_moves_is_written_over_by_the_ne
     converge(&edge, &first, Duration::from_secs(60)).await;
     wait_for(|| kv_behind(&first) == 0, "KV at the first part's versions").await;
 
-    // KV throttles while a folds the second part, so that a's next write carries every
-    // shopper of both partitions: that write is held
+    // a folds the second part in one batch (stopped while it is produced, for less than half
+    // its session), so that its next KV write carries every shopper of both partitions: that
+    // write is held. (Throttling a while it folded did that until a retry learnt to drop the
+    // shoppers whose state moved on meanwhile: what was left of it was whoever did not.)
     use origin_sync::testkit::{Api, Fault};
-    edge.inject(Fault::new(Api::KvBulk, 429).retry_after("1"));
+    a.pause();
     produce_events(&tansu.brokers(), &events[300..600]).await;
-    converge(&edge, &reference(&events[..600]), Duration::from_secs(60)).await;
-    edge.clear_faults();
     edge.inject(
         Fault::new(Api::KvBulk, 200)
             .hold(Duration::from_secs(15))
             .times(1),
     );
+    a.resume();
     wait_for(|| edge.held() == 1, "a's KV write held on the wire").await;
     let held_at = Instant::now();
+    converge(&edge, &reference(&events[..600]), Duration::from_secs(60)).await;
 
     let (cfg, log) = with_kv("b");
     let b = Binary::start(&cfg, &log);
     let b_base = base(&dir, "b");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&b_base, "edgewise_owned_partitions").await != Some(1.0)
-        || metric(&b_base, "edgewise_restoring_partitions").await != Some(0.0)
-    {
-        assert!(Instant::now() < deadline, "b took no partition in 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_owning(&b_base, 1.0, Duration::from_secs(30), "b took no partition").await;
     produce_events(&tansu.brokers(), &events[600..]).await;
     converge(&edge, &want, Duration::from_secs(60)).await;
 
@@ -1959,6 +1984,7 @@ async fn a_kv_write_in_flight_when_its_partition_moves_is_written_over_by_the_ne
         .iter()
         .filter(|(u, v)| after.get(*u).is_some_and(|a| a < *v))
         .count();
+    eprintln!("the held write took {went_back} shoppers' KV values back");
     assert!(
         went_back > 0,
         "the held write took no shopper's KV value back: b's newer writes were not before it, \
