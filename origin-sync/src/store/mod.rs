@@ -1591,6 +1591,47 @@ mod tests {
         }
     }
 
+    /// A document held through a wait is still to be sent only at its current version, and
+    /// only by the publisher: not after a newer version replaced it, nor once partition 0
+    /// (publication) moved to another instance.
+    #[test]
+    fn a_held_document_goes_only_at_its_current_version_from_the_publisher() {
+        use shared::wire::ConfigKind::Erasures;
+        let store = open("held-documents", SMALL_WINDOW).partitioned();
+        store.set_owned(&[0, 1]);
+        let fence_version = |store: &Store| {
+            store
+                .pending_documents("kv")
+                .expect("documents")
+                .into_iter()
+                .find(|d| d.kind == Erasures)
+                .map(|d| d.version)
+                .expect("a fence")
+        };
+        store.erase("alice", 1_732_960_000_000).expect("erase");
+        let first = fence_version(&store);
+        assert_eq!(
+            store.current_documents(&[(Erasures, first)]).expect("read"),
+            [true]
+        );
+        store.erase("bob", 1_732_960_000_001).expect("erase");
+        let second = fence_version(&store);
+        assert!(second > first);
+        assert_eq!(
+            store
+                .current_documents(&[(Erasures, first), (Erasures, second)])
+                .expect("read"),
+            [false, true]
+        );
+        store.set_owned(&[1]);
+        assert_eq!(
+            store
+                .current_documents(&[(Erasures, second)])
+                .expect("read"),
+            [false]
+        );
+    }
+
     /// Every erasure the store takes (from the edge, or read back from the erasure log) is in
     /// the erasure fence document it publishes, in the same transaction; a repeat changes
     /// neither the fence nor its version.

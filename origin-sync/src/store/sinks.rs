@@ -220,6 +220,26 @@ impl Store {
             .collect()
     }
 
+    /// Whether each held `(kind, version)` document is still this instance's to send: it
+    /// publishes (a partitioned store, only while it owns partition 0) and the version is the
+    /// document's current one. A publisher that lost partition 0 during a wait would write an
+    /// older document over its successor's (KV keeps the last write): an erasure fence
+    /// without the erasures taken since. A newer version here is pending, and goes next.
+    pub fn current_documents(&self, held: &[(ConfigKind, u64)]) -> Result<Vec<bool>, StoreError> {
+        if !self.publishes() {
+            return Ok(vec![false; held.len()]);
+        }
+        let current = self.documents()?;
+        Ok(held
+            .iter()
+            .map(|(kind, version)| {
+                current
+                    .iter()
+                    .any(|d| d.kind == *kind && d.version == *version)
+            })
+            .collect())
+    }
+
     /// Records what `sink` acknowledged and quarantined; an outbox entry leaves once its user
     /// is settled for every one of `sinks`.
     pub fn settle(
