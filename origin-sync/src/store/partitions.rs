@@ -112,7 +112,8 @@ pub(super) fn user_value(stamp: Option<&Stamp>, state: &[u8]) -> Vec<u8> {
 
 /// [`user_value`] from a stamp's bytes as [`split_user`] gave them.
 pub(super) fn user_value_raw(stamp: &[u8], state: &[u8]) -> Vec<u8> {
-    let mut out = encode(&stamp);
+    // the stamp's length prefix takes at most 10 bytes
+    let mut out = super::encode_onto(Vec::with_capacity(10 + stamp.len() + state.len()), &stamp);
     out.extend_from_slice(state);
     out
 }
@@ -230,8 +231,9 @@ pub struct LogValue {
 impl LogValue {
     /// The format byte, the record in postcard, then the stamp's epoch ([`Stamp::epoch`]).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = vec![LOG_FORMAT];
-        out.extend_from_slice(&encode(self));
+        let mut start = Vec::with_capacity(super::ENCODE_CAPACITY);
+        start.push(LOG_FORMAT);
+        let mut out = super::encode_onto(start, self);
         push_epoch(&mut out, self.stamp.epoch);
         out
     }
