@@ -687,7 +687,7 @@ impl Worker {
                     // KV write of this older value would land over the new owner's (KV keeps
                     // the last write, whatever its version); and one that left and came back
                     // brought its users' newer states back with it
-                    if self.drop_released(&mut parts, &mut round.left_out).await {
+                    if self.refresh_held(&mut parts, &mut round.left_out).await {
                         if parts.is_empty() {
                             break;
                         }
@@ -763,9 +763,13 @@ impl Worker {
                         round.stopped = true;
                         return round;
                     }
-                    // as after a retry's wait: the halves are pushed without another
-                    self.drop_released(&mut parts, &mut round.left_out).await;
-                    if parts.is_empty() {
+                    // as after a retry's wait: a batch that changed meanwhile is tried again as
+                    // it now is (split, a part left alone would be refused for the error of a
+                    // batch it may not have caused, without a try of its own)
+                    if self.refresh_held(&mut parts, &mut round.left_out).await {
+                        if !parts.is_empty() {
+                            work.push((parts, base));
+                        }
                         break;
                     }
                 } else {
@@ -816,16 +820,19 @@ impl Worker {
         round
     }
 
-    /// After a wait (a retry's delay, a hold after a freeze): drops the items whose users have
-    /// no outbox entry any more (released with their partition) and those whose user's state
-    /// here moved past them; whether any went. Either way the item is older than what KV may
-    /// hold by now: the partition went to another owner, which sent newer states, and may have
-    /// come back during the wait (a rolling restart inside a throttled KV's `Retry-After`, a
-    /// frozen instance that rejoined), bringing those states back with it. The dropped users
-    /// stay pending: the next round sends their current state. Documents likewise: those this
-    /// instance no longer publishes (partition 0 moved) or that a newer version replaced
-    /// (`Store::current_documents`). A store that cannot say keeps them all.
-    async fn drop_released(&self, parts: &mut Vec<Part>, left_out: &mut Vec<UserKey>) -> bool {
+    /// After a wait (a retry's delay, a hold after a freeze, the pause before a split):
+    /// brings the held parts up to date; whether any changed. An item whose user has no outbox
+    /// entry any more (released with their partition) is dropped: the user stays pending, and
+    /// is the new owner's to send. One whose user's state here moved past it is replaced by
+    /// the current state, prepared again for this sink. Either way the held value may be older
+    /// than what KV holds by now: the partition went to another owner, which sent newer states,
+    /// and may have come back during the wait (a rolling restart inside a throttled KV's
+    /// `Retry-After`, a frozen instance that rejoined), bringing those states back with it; and
+    /// a shopper busier than the wait is long is still written, at their latest. Documents
+    /// likewise: one this instance no longer publishes (partition 0 moved) is dropped, one a
+    /// newer version replaced is swapped for it (`Store::current_documents`). A store that
+    /// cannot say keeps them all.
+    async fn refresh_held(&self, parts: &mut Vec<Part>, left_out: &mut Vec<UserKey>) -> bool {
         let mut keys: Vec<(UserKey, u64)> = Vec::new();
         let mut docs: Vec<(ConfigKind, u64)> = Vec::new();
         for p in parts.iter() {
@@ -835,37 +842,72 @@ impl Worker {
             }
         }
         let store = self.shared.store.clone();
-        let held = blocking(move || {
-            let items = if keys.is_empty() {
-                Vec::new()
-            } else {
-                store.current_in_outbox(&keys)?
-            };
-            let docs = if docs.is_empty() {
-                Vec::new()
-            } else {
-                store.current_documents(&docs)?
-            };
-            Ok::<_, StoreError>((items, docs))
+        let sink = self.name().to_owned();
+        let fresh = blocking(move || {
+            let mut items = HashMap::new();
+            if !keys.is_empty() {
+                let current = store.current_in_outbox(&keys)?;
+                let stale: Vec<UserKey> = keys
+                    .iter()
+                    .zip(current)
+                    .filter(|(_, current)| !current)
+                    .map(|((k, _), _)| *k)
+                    .collect();
+                for key in &stale {
+                    items.insert(*key, None);
+                }
+                if !stale.is_empty() {
+                    for item in store.prepare(&sink, &stale)? {
+                        items.insert(item.delta.user, Some(item));
+                    }
+                }
+            }
+            let mut documents = Vec::new();
+            if !docs.is_empty() && store.current_documents(&docs)?.contains(&false) {
+                let current = store.pending_documents(&sink)?;
+                documents = docs
+                    .iter()
+                    .map(|(kind, _)| current.iter().find(|d| d.kind == *kind).cloned())
+                    .collect();
+            }
+            Ok::<_, StoreError>((items, documents))
         })
         .await;
-        let Ok((items, docs)) = held else {
+        let Ok((mut items, documents)) = fresh else {
             return false;
         };
-        let (mut items, mut docs) = (items.into_iter(), docs.into_iter());
-        let before = parts.len();
-        parts.retain(|p| match p {
-            Part::Item(i) => {
-                let keep = items.next().unwrap_or(true);
-                if !keep {
-                    left_out.push(i.delta.user);
-                }
-                keep
+        if items.is_empty() && documents.is_empty() {
+            return false;
+        }
+        let mut documents = documents.into_iter();
+        let before = std::mem::take(parts);
+        let mut changed = false;
+        for part in before {
+            match part {
+                Part::Item(i) => match items.remove(&i.delta.user) {
+                    None => parts.push(Part::Item(i)),
+                    Some(Some(current)) => {
+                        changed = true;
+                        parts.push(Part::Item(current));
+                    }
+                    Some(None) => {
+                        changed = true;
+                        left_out.push(i.delta.user);
+                    }
+                },
+                Part::Document(d) => match documents.next() {
+                    // every document is as held (the store said so)
+                    None => parts.push(Part::Document(d)),
+                    Some(Some(current)) => {
+                        changed |= current.version != d.version;
+                        parts.push(Part::Document(current));
+                    }
+                    // pending no more here: not this instance's to publish, or acknowledged
+                    Some(None) => changed = true,
+                },
             }
-            // left pending: sent at its current version by whoever publishes
-            Part::Document(_) => docs.next().unwrap_or(true),
-        });
-        parts.len() < before
+        }
+        changed
     }
 
     fn failed(&mut self, error: &SinkError, then: &'static str, items: usize, delay: Duration) {
@@ -964,6 +1006,31 @@ mod tests {
         }
     }
 
+    /// Folds events `range` of the traffic of `users` shoppers named `name` into `store`, as
+    /// partition 0 of one topic at their index's offset.
+    fn fold_more(
+        store: &crate::store::Store,
+        name: &str,
+        users: usize,
+        range: std::ops::Range<usize>,
+    ) {
+        let catalog = shared::catalog::Catalog::demo().expect("demo");
+        let records: Vec<_> =
+            shared::traffic::Traffic::new(&catalog, users, name, 1_764_000_000_000, 1, 7)
+                .enumerate()
+                .skip(range.start)
+                .take(range.len())
+                .map(|(i, e)| crate::store::Record {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: i as i64,
+                    event: Some(e),
+                    arrived_ms: None,
+                })
+                .collect();
+        store.apply_batch(&records).expect("fold");
+    }
+
     /// A store of its own (`[sync]` settings `sync`) with `events` events of `users` shoppers
     /// folded as partition 0 of one topic, and what a sink worker shares; remove the returned
     /// directory when done.
@@ -988,20 +1055,7 @@ mod tests {
             store.set_owned(&[0]);
         }
         let store = Arc::new(store);
-        let catalog = shared::catalog::Catalog::demo().expect("demo");
-        let records: Vec<_> =
-            shared::traffic::Traffic::new(&catalog, users, name, 1_764_000_000_000, 1, 7)
-                .take(events)
-                .enumerate()
-                .map(|(i, e)| crate::store::Record {
-                    topic: "t".into(),
-                    partition: 0,
-                    offset: i as i64,
-                    event: Some(e),
-                    arrived_ms: None,
-                })
-                .collect();
-        store.apply_batch(&records).expect("fold");
+        fold_more(&store, name, users, 0..events);
         let (touched, _) = mpsc::channel(1);
         let shared = Arc::new(Shared {
             config,
@@ -1023,6 +1077,8 @@ mod tests {
         acked_items: std::sync::atomic::AtomicUsize,
         /// The versions of the documents it acknowledged.
         acked_documents: std::sync::Mutex<Vec<u64>>,
+        /// The users and versions of the items it acknowledged.
+        acked_versions: std::sync::Mutex<Vec<(UserKey, u64)>>,
     }
 
     impl Sink for ThrottledOnce {
@@ -1038,6 +1094,12 @@ mod tests {
                     .lock()
                     .expect("lock")
                     .extend(batch.documents.iter().map(|d| d.version));
+                self.acked_versions.lock().expect("lock").extend(
+                    batch
+                        .items
+                        .iter()
+                        .map(|i| (i.delta.user, i.delta.change.to_version())),
+                );
             }
             Box::pin(async move {
                 if first {
@@ -1091,6 +1153,62 @@ mod tests {
             sink.acked_items.load(Relaxed),
             0,
             "a released user's older value was written after the release"
+        );
+        let _ = stop.send(true);
+        task.await.expect("worker").expect("worker stops");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A push throttled while its shoppers move on is retried with their current states: the
+    /// older values would land after nothing newer here, but a shopper busier than the wait
+    /// is long would otherwise never be written while the sink throttles.
+    #[tokio::test]
+    async fn a_retried_push_carries_the_current_state_of_a_shopper_who_moved_on() {
+        let (dir, store, shared) = folded("moved-on", "coalesce_window_ms = 10", 5, 50, true);
+        let pending = store.outbox_page(None, 1000).expect("outbox");
+        let sink = Arc::new(ThrottledOnce::default());
+        let worker = Worker {
+            stats: shared.metrics.sink("throttled-once"),
+            documents_to_kv: false,
+            shared: shared.clone(),
+            sink: sink.clone(),
+            sinks: vec!["throttled-once".to_owned()].into(),
+            behind: Arc::new(AtomicBool::new(false)),
+            dirty: Coalescer::new(Duration::from_millis(10)),
+            scan: None,
+            attempt: 0,
+            successes: 0,
+            suspects: HashMap::new(),
+        };
+        let (lane_tx, lane_rx) = mpsc::channel(LANE_CAPACITY);
+        lane_tx.send(pending.clone()).await.expect("lane");
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(worker.run(lane_rx, stop_rx));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.pushes.load(Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "nothing pushed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // throttled: every shopper moves on before the retry (not told to the worker)
+        fold_more(&store, "moved-on", 5, 50..100);
+        let current: HashMap<UserKey, u64> = pending
+            .iter()
+            .map(|k| {
+                let version = store
+                    .prepare("throttled-once", &[*k])
+                    .expect("prepare")
+                    .first()
+                    .map_or(0, |i| i.delta.change.to_version());
+                (*k, version)
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let acked = sink.acked_versions.lock().expect("lock").clone();
+        let first_write: HashMap<UserKey, u64> =
+            acked.iter().rev().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(
+            first_write, current,
+            "the retry wrote what the shoppers had before they moved on"
         );
         let _ = stop.send(true);
         task.await.expect("worker").expect("worker stops");
