@@ -120,7 +120,13 @@ pub async fn follow(
         }
         let s = shared.store.clone();
         let changed = crate::pipeline::blocking(move || s.apply_erasures(&chunk)).await?;
-        if !changed.is_empty() && shared.touched.send(changed).await.is_err() {
+        if changed.is_empty() {
+            continue;
+        }
+        // the erasure fence changed with them (`store::documents`): its publisher sends it now,
+        // not at the next document change
+        shared.documents.send_modify(|v| *v += 1);
+        if shared.touched.send(changed).await.is_err() {
             return Ok(());
         }
     }

@@ -2005,6 +2005,48 @@ async fn a_kv_write_in_flight_when_its_partition_moves_is_written_over_by_the_ne
     }
 }
 
+/// An erasure another instance took reaches the erasure fence this one publishes. Instance a
+/// owns every partition, so it publishes; the erasure is recorded in the erasure log as
+/// another instance's `DELETE /erasures` does, and a applies it from there. Its fence changes
+/// with it and goes to the edge at once (it used to wait for the next document change: the
+/// sinks were told of the fence only when the erasure came through a's own HTTP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_read_from_the_log_goes_out_in_the_publishers_fence() {
+    use shared::wire::ConfigKind;
+    let Some(tansu) = with_topics(Tansu::start("fence-log"), 2) else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("fence-log");
+    let events = traffic(10, 200, "fl", 89);
+    let a = start(&tansu, &edge, &dir, "a");
+    produce_events(&tansu.brokers(), &events).await;
+    converge(&edge, &reference(&events), Duration::from_secs(60)).await;
+    let before = edge.document_version(ConfigKind::Erasures);
+
+    let cfg = origin_sync::config::KafkaConfig {
+        brokers: tansu.brokers(),
+        ..Default::default()
+    };
+    let producer = origin_sync::kafka::producer(&cfg).expect("producer");
+    let user = key(&events[0].user);
+    origin_sync::erasures::record(&producer, "erasures", user, origin_sync::pipeline::now_ms())
+        .await
+        .expect("erasure recorded");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while edge.document_version(ConfigKind::Erasures) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the fence with an erasure read from the log did not reach the edge in 10 s \
+             (edge at {:?})",
+            edge.document_version(ConfigKind::Erasures)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = a.terminate();
+    assert!(status.success(), "SIGTERM exit: {status}");
+}
+
 /// Fencing on the real broker. Instance a folds the first half of the traffic and stops; a
 /// record of a zombie is appended after a's: an earlier state of a shopper, under an epoch
 /// below a's and with a stamp ahead of everything (it folded input a never saw). Instance b,
