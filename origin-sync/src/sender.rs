@@ -192,19 +192,8 @@ pub async fn send(
             tx,
             behind: behind.clone(),
         });
-        let worker = Worker {
-            stats: shared.metrics.sink(sink.name()),
-            documents_to_kv: kv_sink && !sink.writes_kv(),
-            shared: shared.clone(),
-            sink,
-            sinks: names.clone(),
-            behind,
-            dirty: Coalescer::new(Duration::from_millis(shared.config.sync.coalesce_window_ms)),
-            scan: None,
-            attempt: 0,
-            successes: 0,
-            suspects: HashMap::new(),
-        };
+        let documents_to_kv = kv_sink && !sink.writes_kv();
+        let worker = Worker::new(shared.clone(), sink, names.clone(), behind, documents_to_kv);
         workers.push(tokio::spawn(worker.run(rx, shutdown.clone())));
     }
     loop {
@@ -319,6 +308,30 @@ struct Worker {
 }
 
 impl Worker {
+    /// A worker for `sink`, one of `sinks`, that has pushed nothing yet; `behind` is shared
+    /// with its lane.
+    fn new(
+        shared: Arc<Shared>,
+        sink: Arc<dyn Sink>,
+        sinks: Arc<[String]>,
+        behind: Arc<AtomicBool>,
+        documents_to_kv: bool,
+    ) -> Worker {
+        Worker {
+            stats: shared.metrics.sink(sink.name()),
+            documents_to_kv,
+            dirty: Coalescer::new(Duration::from_millis(shared.config.sync.coalesce_window_ms)),
+            shared,
+            sink,
+            sinks,
+            behind,
+            scan: None,
+            attempt: 0,
+            successes: 0,
+            suspects: HashMap::new(),
+        }
+    }
+
     fn name(&self) -> &str {
         self.sink.name()
     }
@@ -1006,6 +1019,18 @@ mod tests {
         }
     }
 
+    /// A worker for `sink`, the only sink.
+    fn alone(shared: &Arc<Shared>, sink: Arc<dyn Sink>, behind: bool) -> Worker {
+        let sinks: Arc<[String]> = vec![sink.name().to_owned()].into();
+        Worker::new(
+            shared.clone(),
+            sink,
+            sinks,
+            Arc::new(AtomicBool::new(behind)),
+            false,
+        )
+    }
+
     /// Folds events `range` of the traffic of `users` shoppers named `name` into `store`, as
     /// partition 0 of one topic at their index's offset.
     fn fold_more(
@@ -1114,6 +1139,43 @@ mod tests {
         }
     }
 
+    /// A worker of a [`ThrottledOnce`] sink, the only sink, started on `keys` and past its
+    /// first push (the throttled one).
+    struct Throttled {
+        sink: Arc<ThrottledOnce>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<Result<(), PipelineError>>,
+        /// Kept open: a closed lane stops the worker.
+        _lane: mpsc::Sender<Vec<UserKey>>,
+    }
+
+    impl Throttled {
+        async fn start(shared: &Arc<Shared>, keys: Vec<UserKey>) -> Throttled {
+            let sink = Arc::new(ThrottledOnce::default());
+            let worker = alone(shared, sink.clone(), false);
+            let (lane, lane_rx) = mpsc::channel(LANE_CAPACITY);
+            lane.send(keys).await.expect("lane");
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(worker.run(lane_rx, stop_rx));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while sink.pushes.load(Relaxed) == 0 {
+                assert!(Instant::now() < deadline, "nothing pushed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Throttled {
+                sink,
+                stop,
+                task,
+                _lane: lane,
+            }
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(true);
+            self.task.await.expect("worker").expect("worker stops");
+        }
+    }
+
     /// A push throttled while its users' partition moves to another owner is not retried
     /// with them: the new owner sends them now, and a late write of these older values would
     /// land over its own in KV, which keeps the last write whatever its version.
@@ -1122,29 +1184,8 @@ mod tests {
         let (dir, store, shared) = folded("released", "coalesce_window_ms = 10", 5, 50, true);
         let pending = store.outbox_page(None, 1000).expect("outbox");
         assert_eq!(pending.len(), 5);
-        let sink = Arc::new(ThrottledOnce::default());
-        let worker = Worker {
-            stats: shared.metrics.sink("throttled-once"),
-            documents_to_kv: false,
-            shared: shared.clone(),
-            sink: sink.clone(),
-            sinks: vec!["throttled-once".to_owned()].into(),
-            behind: Arc::new(AtomicBool::new(false)),
-            dirty: Coalescer::new(Duration::from_millis(10)),
-            scan: None,
-            attempt: 0,
-            successes: 0,
-            suspects: HashMap::new(),
-        };
-        let (lane_tx, lane_rx) = mpsc::channel(LANE_CAPACITY);
-        lane_tx.send(pending).await.expect("lane");
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(worker.run(lane_rx, stop_rx));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while sink.pushes.load(Relaxed) == 0 {
-            assert!(Instant::now() < deadline, "nothing pushed");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let running = Throttled::start(&shared, pending).await;
+        let sink = running.sink.clone();
         // throttled: the partition leaves before the retry
         store.set_owned(&[]);
         assert_eq!(store.release(&[0]).expect("release"), 5);
@@ -1154,8 +1195,7 @@ mod tests {
             0,
             "a released user's older value was written after the release"
         );
-        let _ = stop.send(true);
-        task.await.expect("worker").expect("worker stops");
+        running.stop().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1166,29 +1206,8 @@ mod tests {
     async fn a_retried_push_carries_the_current_state_of_a_shopper_who_moved_on() {
         let (dir, store, shared) = folded("moved-on", "coalesce_window_ms = 10", 5, 50, true);
         let pending = store.outbox_page(None, 1000).expect("outbox");
-        let sink = Arc::new(ThrottledOnce::default());
-        let worker = Worker {
-            stats: shared.metrics.sink("throttled-once"),
-            documents_to_kv: false,
-            shared: shared.clone(),
-            sink: sink.clone(),
-            sinks: vec!["throttled-once".to_owned()].into(),
-            behind: Arc::new(AtomicBool::new(false)),
-            dirty: Coalescer::new(Duration::from_millis(10)),
-            scan: None,
-            attempt: 0,
-            successes: 0,
-            suspects: HashMap::new(),
-        };
-        let (lane_tx, lane_rx) = mpsc::channel(LANE_CAPACITY);
-        lane_tx.send(pending.clone()).await.expect("lane");
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(worker.run(lane_rx, stop_rx));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while sink.pushes.load(Relaxed) == 0 {
-            assert!(Instant::now() < deadline, "nothing pushed");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let running = Throttled::start(&shared, pending.clone()).await;
+        let sink = running.sink.clone();
         // throttled: every shopper moves on before the retry (not told to the worker)
         fold_more(&store, "moved-on", 5, 50..100);
         let current: HashMap<UserKey, u64> = pending
@@ -1210,17 +1229,16 @@ mod tests {
             first_write, current,
             "the retry wrote what the shoppers had before they moved on"
         );
-        let _ = stop.send(true);
-        task.await.expect("worker").expect("worker stops");
+        running.stop().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A document throttled while a newer version replaces it is not retried: KV keeps the
-    /// last write, and an erasure fence without the newer erasure could land over the
-    /// publisher's later write of it (here the same instance's; after a handover, its
-    /// successor's). The newer version goes in the next round.
+    /// A document throttled while a newer version replaces it is not retried, the newer one
+    /// is: KV keeps the last write, and an erasure fence without the newer erasure could land
+    /// over the publisher's later write of it (here the same instance's; after a handover,
+    /// its successor's).
     #[tokio::test]
-    async fn a_retried_push_leaves_out_a_document_a_newer_version_replaced() {
+    async fn a_retried_push_carries_the_version_that_replaced_its_document() {
         use shared::wire::ConfigKind;
         let (dir, store, shared) = folded("replaced-doc", "coalesce_window_ms = 10", 1, 5, true);
         let fence = |store: &crate::store::Store| {
@@ -1233,29 +1251,8 @@ mod tests {
         };
         store.erase("alice", 1_764_000_000_000).expect("erase");
         let first = fence(&store).expect("a fence");
-        let sink = Arc::new(ThrottledOnce::default());
-        let worker = Worker {
-            stats: shared.metrics.sink("throttled-once"),
-            documents_to_kv: false,
-            shared: shared.clone(),
-            sink: sink.clone(),
-            sinks: vec!["throttled-once".to_owned()].into(),
-            behind: Arc::new(AtomicBool::new(false)),
-            dirty: Coalescer::new(Duration::from_millis(10)),
-            scan: None,
-            attempt: 0,
-            successes: 0,
-            suspects: HashMap::new(),
-        };
-        let (lane_tx, lane_rx) = mpsc::channel(LANE_CAPACITY);
-        lane_tx.send(Vec::new()).await.expect("lane");
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(worker.run(lane_rx, stop_rx));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while sink.pushes.load(Relaxed) == 0 {
-            assert!(Instant::now() < deadline, "nothing pushed");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let running = Throttled::start(&shared, Vec::new()).await;
+        let sink = running.sink.clone();
         // throttled: a newer fence replaces the one pushed before the retry
         store.erase("bob", 1_764_000_000_001).expect("erase");
         let second = fence(&store).expect("a fence");
@@ -1271,8 +1268,7 @@ mod tests {
             [second],
             "the replaced fence was written after its replacement was stored"
         );
-        let _ = stop.send(true);
-        task.await.expect("worker").expect("worker stops");
+        running.stop().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1291,20 +1287,9 @@ mod tests {
         let pending = store.outbox_page(None, 1000).expect("outbox");
         assert!(pending.len() > 10, "more users than the sink holds");
         let sink = Arc::new(AckAll::default());
-        let worker = Worker {
-            stats: shared.metrics.sink("ack-all"),
-            documents_to_kv: false,
-            shared: shared.clone(),
-            sink: sink.clone(),
-            sinks: vec!["ack-all".to_owned()].into(),
-            // mid-scan, at the last key, and behind again since the scan started
-            behind: Arc::new(AtomicBool::new(true)),
-            dirty: Coalescer::new(Duration::from_millis(10)),
-            scan: Some(pending.last().copied()),
-            attempt: 0,
-            successes: 0,
-            suspects: HashMap::new(),
-        };
+        // mid-scan, at the last key, and behind again since the scan started
+        let mut worker = alone(&shared, sink.clone(), true);
+        worker.scan = Some(pending.last().copied());
         // the lane stays open and empty, as while the consumer is paused
         let (_lane_tx, lane_rx) = mpsc::channel(LANE_CAPACITY);
         let (stop, stop_rx) = watch::channel(false);

@@ -1668,6 +1668,24 @@ async fn wait_owning(base: &str, n: f64, within: Duration, what: &str) {
     }
 }
 
+/// A KV test's instance `name` started, once it owns `partitions` partitions (restored), and
+/// its HTTP base URL; panics naming `what` if it does not within `within`.
+async fn kv_instance_owning(
+    tansu: &Tansu,
+    edge: &TestEdge,
+    dir: &Path,
+    name: &str,
+    partitions: f64,
+    within: Duration,
+    what: &str,
+) -> (Binary, String) {
+    let (cfg, log) = kv_instance(tansu, edge, dir, name, 3000);
+    let instance = Binary::start(&cfg, &log);
+    let url = base(dir, name);
+    wait_owning(&url, partitions, within, what).await;
+    (instance, url)
+}
+
 /// Instance a of the KV tests (`extra` added to its `[kafka]` table), with the first
 /// `first` events folded and written to both the edge and KV.
 async fn kv_instance_caught_up(
@@ -1782,11 +1800,11 @@ async fn a_frozen_instance_writes_nothing_it_lost_to_kv_when_it_wakes() {
     edge.clear_faults();
     eprintln!("a frozen with {pending} shoppers' KV writes pending");
 
-    let (cfg, log) = kv_instance(&tansu, &edge, &dir, "b", 3000);
-    let b = Binary::start(&cfg, &log);
-    let b_base = base(&dir, "b");
-    wait_owning(
-        &b_base,
+    let (b, _) = kv_instance_owning(
+        &tansu,
+        &edge,
+        &dir,
+        "b",
         2.0,
         Duration::from_secs(60),
         "b was not given a's partitions while a was frozen",
@@ -1870,11 +1888,11 @@ async fn a_kv_retry_writes_nothing_older_over_a_partition_that_left_and_came_bac
     let throttled_at = Instant::now();
     eprintln!("a's KV write of the second part throttled for 15 s");
 
-    let (cfg, log) = kv_instance(&tansu, &edge, &dir, "b", 3000);
-    let b = Binary::start(&cfg, &log);
-    let b_base = base(&dir, "b");
-    wait_owning(
-        &b_base,
+    let (b, _) = kv_instance_owning(
+        &tansu,
+        &edge,
+        &dir,
+        "b",
         1.0,
         Duration::from_secs(30),
         "b was not given a partition",
