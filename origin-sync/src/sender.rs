@@ -776,14 +776,19 @@ impl Worker {
                         round.stopped = true;
                         return round;
                     }
-                    // as after a retry's wait: a batch that changed meanwhile is tried again as
-                    // it now is (split, a part left alone would be refused for the error of a
-                    // batch it may not have caused, without a try of its own)
+                    // as after a retry's wait; a part left alone by it gets tries of its own
+                    // before it can be refused for the error of a batch it may not have caused.
+                    // (A batch whose shoppers only moved on is split as it was: pushed back, a
+                    // busy shopper's batch would never reach its split.)
+                    let count = parts.len();
                     if self.refresh_held(&mut parts, &mut round.left_out).await {
-                        if !parts.is_empty() {
-                            work.push((parts, base));
+                        if parts.is_empty() {
+                            break;
                         }
-                        break;
+                        if parts.len() == 1 && count > 1 {
+                            work.push((parts, base));
+                            break;
+                        }
                     }
                 } else {
                     self.failed(&error, "split", parts.len(), Duration::ZERO);
