@@ -862,21 +862,25 @@ impl Worker {
         let store = self.shared.store.clone();
         let sink = self.name().to_owned();
         let fresh = blocking(move || {
+            // each user's current item for this sink: none once their entry left the outbox
+            // (released with their partition) or nothing is left to send
             let mut items = HashMap::new();
             if !keys.is_empty() {
-                let current = store.current_in_outbox(&keys)?;
-                let stale: Vec<UserKey> = keys
-                    .iter()
-                    .zip(current)
-                    .filter(|(_, current)| !current)
-                    .map(|((k, _), _)| *k)
+                let users: Vec<UserKey> = keys.iter().map(|(k, _)| *k).collect();
+                let mut current: HashMap<UserKey, OutItem> = store
+                    .prepare(&sink, &users)?
+                    .into_iter()
+                    .map(|i| (i.delta.user, i))
                     .collect();
-                for key in &stale {
-                    items.insert(*key, None);
-                }
-                if !stale.is_empty() {
-                    for item in store.prepare(&sink, &stale)? {
-                        items.insert(item.delta.user, Some(item));
+                for (key, held) in &keys {
+                    match current.remove(key) {
+                        None => {
+                            items.insert(*key, None);
+                        }
+                        Some(item) if item.delta.change.to_version() > *held => {
+                            items.insert(*key, Some(item));
+                        }
+                        Some(_) => {}
                     }
                 }
             }

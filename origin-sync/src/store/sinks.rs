@@ -197,29 +197,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether each held `(user, version)` is still this instance's to send: the user has an
-    /// outbox entry here (a partition released to another owner takes its users' entries with
-    /// it) *and* the version is not behind the user's state here. A partition that left and
-    /// came back brings its entries back with the state its owner in between reached, which a
-    /// value built before would move KV back from.
-    pub fn current_in_outbox(&self, held: &[(UserKey, u64)]) -> Result<Vec<bool>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let outbox_t = tx.open_table(OUTBOX)?;
-        let users_t = tx.open_table(USERS)?;
-        held.iter()
-            .map(|(k, version)| {
-                if outbox_t.get(&k.0)?.is_none() {
-                    return Ok(false);
-                }
-                let Some(value) = users_t.get(k.0.as_slice())? else {
-                    return Ok(true);
-                };
-                let (_, state) = super::partitions::stamped(value.value())?;
-                Ok(super::state::UserState::decode(state)?.current_version() <= *version)
-            })
-            .collect()
-    }
-
     /// Whether each held `(kind, version)` document is still this instance's to send: it
     /// publishes (a partitioned store, only while it owns partition 0) and the version is the
     /// document's current one. A publisher that lost partition 0 during a wait would write an
