@@ -1048,6 +1048,17 @@ mod tests {
         users: usize,
         range: std::ops::Range<usize>,
     ) {
+        fold_into(store, name, users, range, 0);
+    }
+
+    /// [`fold_more`] into `partition`.
+    fn fold_into(
+        store: &crate::store::Store,
+        name: &str,
+        users: usize,
+        range: std::ops::Range<usize>,
+        partition: i32,
+    ) {
         let catalog = shared::catalog::Catalog::demo().expect("demo");
         let records: Vec<_> =
             shared::traffic::Traffic::new(&catalog, users, name, 1_764_000_000_000, 1, 7)
@@ -1056,7 +1067,7 @@ mod tests {
                 .take(range.len())
                 .map(|(i, e)| crate::store::Record {
                     topic: "t".into(),
-                    partition: 0,
+                    partition,
                     offset: i as i64,
                     event: Some(e),
                     arrived_ms: None,
@@ -1278,6 +1289,133 @@ mod tests {
             "the replaced fence was written after its replacement was stored"
         );
         running.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Answers 503 (no `Retry-After`) to its first [`SPLIT_AFTER_TRIES`] pushes, running
+    /// `meanwhile` at the last of them (the one after which the batch is split), then
+    /// acknowledges, recording the users and versions it acknowledged.
+    struct DownUntilSplit {
+        pushes: std::sync::atomic::AtomicU32,
+        meanwhile: Box<dyn Fn() + Send + Sync>,
+        acked_versions: std::sync::Mutex<Vec<(UserKey, u64)>>,
+    }
+
+    impl std::fmt::Debug for DownUntilSplit {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("DownUntilSplit").finish_non_exhaustive()
+        }
+    }
+
+    impl Sink for DownUntilSplit {
+        fn name(&self) -> &str {
+            "down-until-split"
+        }
+
+        fn push<'a>(&'a self, batch: &'a OutBatch) -> crate::sink::PushFuture<'a> {
+            let n = self.pushes.fetch_add(1, Relaxed) + 1;
+            if n == SPLIT_AFTER_TRIES {
+                (self.meanwhile)();
+            }
+            if n > SPLIT_AFTER_TRIES {
+                self.acked_versions.lock().expect("lock").extend(
+                    batch
+                        .items
+                        .iter()
+                        .map(|i| (i.delta.user, i.delta.change.to_version())),
+                );
+            }
+            Box::pin(async move {
+                if n <= SPLIT_AFTER_TRIES {
+                    return Err(SinkError::Status {
+                        status: 503,
+                        body: "down".into(),
+                        retry_after: None,
+                    });
+                }
+                Ok(crate::sink::Ack::default())
+            })
+        }
+    }
+
+    /// One round of `sink` (the only sink) over what the outbox holds for `keys`.
+    async fn one_round(shared: &Arc<Shared>, sink: Arc<DownUntilSplit>, keys: &[UserKey]) -> Round {
+        let items = shared.store.prepare(sink.name(), keys).expect("prepare");
+        assert_eq!(items.len(), keys.len());
+        let mut worker = alone(shared, sink, false);
+        let (_lane_tx, mut lane) = mpsc::channel(LANE_CAPACITY);
+        let (_stop, mut shutdown) = watch::channel(false);
+        let mut open = true;
+        worker
+            .deliver(Vec::new(), items, None, &mut lane, &mut open, &mut shutdown)
+            .await
+    }
+
+    const FAST_RETRIES: &str = "coalesce_window_ms = 10\nretry_initial_ms = 20\nretry_max_ms = 40";
+
+    /// The pause before a batch nothing got through with is split is a wait like a retry's:
+    /// shoppers who moved on meanwhile go out at their current states, not the held ones.
+    #[tokio::test]
+    async fn a_batch_split_after_an_outage_carries_the_current_state_of_a_shopper_who_moved_on() {
+        let (dir, store, shared) = folded("split-moved-on", FAST_RETRIES, 5, 50, true);
+        let pending = store.outbox_page(None, 1000).expect("outbox");
+        let moving = store.clone();
+        let sink = Arc::new(DownUntilSplit {
+            pushes: Default::default(),
+            meanwhile: Box::new(move || fold_more(&moving, "split-moved-on", 5, 50..100)),
+            acked_versions: Default::default(),
+        });
+        let round = one_round(&shared, sink.clone(), &pending).await;
+        let current: HashMap<UserKey, u64> = store
+            .prepare(sink.name(), &pending)
+            .expect("prepare")
+            .iter()
+            .map(|i| (i.delta.user, i.delta.change.to_version()))
+            .collect();
+        assert_eq!(current.len(), 5);
+        let written: HashMap<UserKey, u64> = sink
+            .acked_versions
+            .lock()
+            .expect("lock")
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(
+            written, current,
+            "the split halves carried what the shoppers had before they moved on"
+        );
+        assert!(round.deferred.is_empty() && round.left_out.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A batch whose other shoppers' partition left during the pause before its split is down
+    /// to one part: that part gets tries of its own (here the sink is back) instead of being
+    /// refused alone for the error of the batch it was in.
+    #[tokio::test]
+    async fn a_part_left_alone_by_the_pause_before_a_split_gets_tries_of_its_own() {
+        let (dir, store, shared) = folded("split-alone", FAST_RETRIES, 1, 5, true);
+        store.set_owned(&[0, 1]);
+        fold_into(&store, "split-alone-elsewhere", 1, 0..5, 1);
+        let pending = store.outbox_page(None, 1000).expect("outbox");
+        assert_eq!(pending.len(), 2, "one shopper in each partition");
+        let moving = store.clone();
+        let sink = Arc::new(DownUntilSplit {
+            pushes: Default::default(),
+            meanwhile: Box::new(move || {
+                moving.set_owned(&[0]);
+                assert_eq!(moving.release(&[1]).expect("release"), 1);
+            }),
+            acked_versions: Default::default(),
+        });
+        let round = one_round(&shared, sink.clone(), &pending).await;
+        assert_eq!(round.left_out.len(), 1, "the released shopper is left out");
+        assert!(
+            round.deferred.is_empty(),
+            "the part left alone was refused without a try of its own"
+        );
+        assert_eq!(round.acked.len(), 1);
+        assert_ne!(round.acked[0].delta.user, round.left_out[0]);
+        assert_eq!(sink.acked_versions.lock().expect("lock").len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
