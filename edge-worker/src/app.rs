@@ -125,7 +125,8 @@ pub struct App {
     replay: RefCell<ReplayGuard>,
     /// Signatures of `/v1/sync` batches recorded but still being applied.
     in_flight: RefCell<std::collections::HashSet<[u8; 32]>>,
-    /// Profiles whose synced value is in the cache while its KV write is still running.
+    /// Profiles a `/v1/sync` request is applying a change to (from its KV read to its KV
+    /// write), and whose synced value may be in the cache while that write still runs.
     writing: RefCell<std::collections::HashSet<UserKey>>,
     /// When the last config check started; `None` until an isolate's first request makes
     /// its first (every later one runs off the request path, see [`App::config_refresh_due`]).

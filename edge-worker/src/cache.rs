@@ -228,8 +228,8 @@ fn retire(local: &mut Vec<Event>, advanced: u64, base: Option<&Profile>) {
 }
 
 fn local_event_bytes(e: &Event) -> usize {
-    // The struct plus its strings; close enough for a memory bound.
-    std::mem::size_of::<Event>() + e.id.len() + e.user.len() + 48
+    // everything a browser can make large: a purchase's lines are kilobytes
+    std::mem::size_of::<Event>() + e.heap_bytes() + 48
 }
 
 /// What a sync change did to a cached entry.
@@ -667,6 +667,35 @@ mod tests {
         c.get(&key(3));
         c.put_fetched(key(9), Some(profile(1)), 0);
         assert!(c.peek(&key(3)).is_some() && c.peek(&key(4)).is_none());
+    }
+
+    /// A shopper's own events count what they hold: a purchase of 40 lines is kilobytes, and
+    /// counted as a few hundred bytes, a flood of such visitors filled the isolate's memory
+    /// many times over while the cache read as within its bound.
+    #[test]
+    fn a_shoppers_own_events_count_what_they_hold() {
+        let line = r#"{"item":"sku-0123456789-abcdefghij-0123456789-abcdefghij","category":"category-0123456789-abcdefghij-0123456789","price":1,"quantity":1}"#;
+        let lines = vec![line; 40].join(",");
+        let big = shared::event::parse_event(
+            format!(
+                r#"{{"event_id":"p-0","user_id":"u","ts":1800000000000,"type":"purchase","items":[{lines}]}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut c = ProfileCache::new(100, usize::MAX);
+        for n in 0..MAX_LOCAL_EVENTS {
+            let mut e = big.clone();
+            e.id = format!("p-{n}");
+            c.push_local(key(1), e, 0);
+        }
+        // what the events hold on the heap: 40 lines of ~100 bytes of strings each, per event
+        let held = MAX_LOCAL_EVENTS * 40 * 100;
+        assert!(
+            c.bytes() >= held,
+            "{} bytes counted for at least {held} held",
+            c.bytes()
+        );
     }
 
     #[test]

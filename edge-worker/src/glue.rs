@@ -339,8 +339,8 @@ async fn read_body(req: &mut Request, limit: u64) -> std::result::Result<Vec<u8>
     Ok(body)
 }
 
-/// The Cron Trigger (`[triggers] crons` in `wrangler.toml`): sends again every erasure origin
-/// has not acknowledged. Locally: `wrangler dev --test-scheduled`, then
+/// The Cron Trigger (`[triggers] crons` in `wrangler.toml`): sends again every erasure and
+/// parked event batch origin has not acknowledged. Locally: `wrangler dev --test-scheduled`, then
 /// `GET /__scheduled?cron=*+*+*+*+*`.
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
@@ -348,13 +348,16 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     // the sweep runs off the request path: it may wait for KV longer than a page would
     let mut store = Kv::of(&env, &app);
     store.timeout_ms = store.timeout_ms.max(1_000);
-    let outbound = app.sweep_erasures(&store, js_sys::Date::now() as u64).await;
-    if !outbound.is_empty() {
+    let now_ms = js_sys::Date::now() as u64;
+    let erasures = app.sweep_erasures(&store, now_ms).await;
+    let events = app.sweep_events(&store, now_ms).await;
+    if !erasures.is_empty() || !events.is_empty() {
         console_warn!(
-            "edgewise: sending {} erasures origin has not acknowledged yet",
-            outbound.len()
+            "edgewise: sending {} erasures and {} parked event batches origin has not acknowledged yet",
+            erasures.len(),
+            events.len()
         );
-        send_all(outbound, store.store()).await;
+        send_all(erasures.into_iter().chain(events).collect(), store.store()).await;
     }
 }
 
@@ -398,7 +401,7 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
                     attempt += 1;
                 }
                 None => {
-                    match outcome {
+                    match &outcome {
                         Ok((status, _)) => console_error!(
                             "edgewise: origin answered {status} to {} {} (attempt {})",
                             o.method,
@@ -409,11 +412,37 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
                             console_error!("edgewise: could not reach origin at {}: {e}", o.url)
                         }
                     }
+                    // origin may take it later: parked, the Cron sweep sends it from KV
+                    if let (Some((key, record)), Some(kv)) = (&o.if_undelivered, &kv)
+                        && crate::http::origin_may_take_later(answered)
+                    {
+                        match park(kv, key, record).await {
+                            Ok(()) => console_warn!(
+                                "edgewise: parked {key} for the Cron sweep to send to origin"
+                            ),
+                            Err(e) => console_error!(
+                                "edgewise: could not park {key} ({e}); its events are lost"
+                            ),
+                        }
+                    }
                     break;
                 }
             }
         }
     }
+}
+
+/// Writes a request's pending record. Kept a week: a sweep every few minutes has long sent it
+/// by then, and an origin that refused it for good should not keep it forever.
+async fn park(
+    kv: &KvStore,
+    key: &str,
+    record: &[u8],
+) -> std::result::Result<(), worker::kv::KvError> {
+    kv.put_bytes(key, record)?
+        .expiration_ttl(7 * 86_400)
+        .execute()
+        .await
 }
 
 /// The status origin answered, and its `retry-after` header.

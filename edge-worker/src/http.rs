@@ -32,11 +32,7 @@ const MAX_ORIGIN_WAIT_MS: u64 = 8_000;
 /// spent). 429 and 5xx are origin saying "later": `Retry-After` is honoured up to a bound.
 pub fn origin_retry_ms(attempt: u32, outcome: Option<(u16, Option<&str>)>) -> Option<u64> {
     const BACKOFF_MS: [u64; 3] = [100, 500, 2_000];
-    let retryable = match outcome {
-        None => true,
-        Some((status, _)) => status == 408 || status == 429 || status >= 500,
-    };
-    if !retryable || attempt + 1 >= ORIGIN_ATTEMPTS {
+    if !origin_may_take_later(outcome) || attempt + 1 >= ORIGIN_ATTEMPTS {
         return None;
     }
     let asked = outcome
@@ -192,9 +188,24 @@ pub struct Outbound {
     pub url: String,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
-    /// A KV key to delete once origin answered 2xx: the pending-erasure record this request
-    /// delivers, kept until then so the Cron sweep sends it again if it never arrives.
+    /// A KV key to delete once origin answered 2xx: the pending record (an erasure, or a
+    /// parked event batch) this request delivers, kept until then so the Cron sweep sends it
+    /// again if it never arrives.
     pub then_delete: Option<String>,
+    /// A KV key and value to write if the last attempt at this request still left it to
+    /// origin to take later ([`origin_may_take_later`]): the record the Cron sweep sends it
+    /// from then.
+    pub if_undelivered: Option<(String, Vec<u8>)>,
+}
+
+/// Whether an attempt at a request to origin that got `outcome` (an answer's status and
+/// `retry-after`, or `None` for no answer) may succeed later: no answer, 408, 429, 5xx. Any
+/// other 4xx would be refused again.
+pub fn origin_may_take_later(outcome: Option<(u16, Option<&str>)>) -> bool {
+    match outcome {
+        None => true,
+        Some((status, _)) => status == 408 || status == 429 || status >= 500,
+    }
 }
 
 /// What handling a request produced: the reply, and the requests to send to origin after it.

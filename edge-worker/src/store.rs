@@ -77,6 +77,8 @@ pub struct MemoryStore {
     map: RefCell<HashMap<String, Versioned>>,
     failing: Cell<bool>,
     failing_writes: Cell<bool>,
+    /// Writes of keys under this prefix fail.
+    failing_under: RefCell<Option<String>>,
     reads: Cell<u64>,
     writes: Cell<u64>,
     /// Keys read, in order, since the last [`MemoryStore::take_read_keys`]; `None` until the
@@ -97,6 +99,11 @@ impl MemoryStore {
     /// Makes later writes fail (true) while reads still succeed.
     pub fn set_failing_writes(&self, failing: bool) {
         self.failing_writes.set(failing);
+    }
+
+    /// Makes later writes of keys starting with `prefix` fail (`None`: none).
+    pub fn set_failing_writes_under(&self, prefix: Option<&str>) {
+        *self.failing_under.borrow_mut() = prefix.map(str::to_owned);
     }
 
     pub fn reads(&self) -> u64 {
@@ -154,7 +161,12 @@ impl Store for MemoryStore {
 
     async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
         self.writes.set(self.writes.get() + 1);
-        if self.failing.get() || self.failing_writes.get() {
+        let under = self
+            .failing_under
+            .borrow()
+            .as_deref()
+            .is_some_and(|p| key.starts_with(p));
+        if self.failing.get() || self.failing_writes.get() || under {
             return Err(StoreError::Backend("injected failure".into()));
         }
         self.map

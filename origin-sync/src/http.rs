@@ -14,9 +14,9 @@ use axum::routing::{delete, get, post};
 use rdkafka::producer::FutureProducer;
 use serde_json::json;
 use shared::auth::DEFAULT_WINDOW_SECS;
-use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_batch};
+use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_ingest};
 use shared::keys::UserKey;
-use shared::protocol::{ErasureBody, KeyErasureBody, Signed, route};
+use shared::protocol::{self, ErasureBody, KeyErasureBody, Signed, route};
 
 use crate::kafka::{Outgoing, produce_all_at};
 use crate::limit::SourceLimiter;
@@ -57,6 +57,9 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The oldest acceptance time a parked batch may carry (the edge keeps one 7 days).
+const PARKED_FOR_AT_MOST_MS: u64 = 8 * 86_400_000;
+
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": msg.into()}))).into_response()
 }
@@ -81,13 +84,22 @@ async fn ingest(
     if let Some(r) = check_signature(secret, &headers, &body) {
         return r;
     }
-    let results = match parse_batch(&body) {
+    let (results, parked_at) = match parse_ingest(&body) {
         Ok(r) => r,
         Err(e) => {
             st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
             return error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
+    // the edge keeps a parked batch a week; Kafka's time-based retention could drop a message
+    // stamped much older at once
+    if parked_at.is_some_and(|at| at + PARKED_FOR_AT_MOST_MS < now_ms()) {
+        st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "accepted_ms is more than 8 days ago; the batch is too old to ingest",
+        );
+    }
     if let Err(secs) = limit.take(peer.ip(), results.len() as u32, now_ms()) {
         tracing::warn!(%peer, events = results.len(), "ingest budget spent; answered 429");
         let mut r = error(
@@ -111,9 +123,16 @@ async fn ingest(
     // this retry of it arrived, is their time for an erasure's cutoff (the edge's clock too,
     // as the cutoff is). A retry landing after the shopper's erasure would otherwise be folded
     // into the new, empty profile: data from before the erasure, back.
+    // A batch the edge parked (origin was down for every attempt) and sends again from its
+    // Cron sweep says when it was accepted, which may be hours before this signature: that.
+    // Never later than the signature's second, so it can only move a batch earlier (more
+    // of it erased by an erasure since, not less).
     let accepted_ms = Signed::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()))
         .ok()
-        .map(|s| (s.timestamp * 1000 + 999).min(now_ms()) as i64);
+        .map(|s| {
+            let signed = protocol::ingest_accepted_ms(s.timestamp);
+            parked_at.map_or(signed, |at| at.min(signed)).min(now_ms()) as i64
+        });
     if let Err(e) = produce_all_at(&st.producer, &out, accepted_ms).await {
         tracing::error!(error = %e, "ingest produce failed");
         return error(

@@ -59,6 +59,9 @@ pub struct Metrics {
     /// `kafka.merge_wait_ms`, or too many held).
     pub merge_forced: AtomicU64,
     pub dropped_erased: AtomicU64,
+    /// Events whose time was ahead of the broker's by more than `shared::event::MAX_AHEAD_MS`,
+    /// folded at the broker's time instead.
+    pub time_corrected: AtomicU64,
     pub batches: AtomicU64,
     pub fold_micros: AtomicU64,
     pub push_micros: AtomicU64,
@@ -262,7 +265,7 @@ impl Metrics {
         let now = crate::clock::now_ms();
         let ready = AtomicU64::new(u64::from(self.readiness(now).is_ok()));
         let stalled = AtomicU64::new(u64::from(self.stalled(now)));
-        let counters: [(&str, &str, &AtomicU64); 36] = [
+        let counters: [(&str, &str, &AtomicU64); 37] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -272,6 +275,11 @@ impl Metrics {
                 "edgewise_rejected_total",
                 "events dead-lettered",
                 &self.rejected,
+            ),
+            (
+                "edgewise_event_time_corrected_total",
+                "events timed ahead of the broker, folded at the broker's time",
+                &self.time_corrected,
             ),
             (
                 "edgewise_redelivered_total",

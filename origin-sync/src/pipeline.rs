@@ -145,6 +145,7 @@ impl Reject {
 struct Batch {
     records: Vec<Record>,
     rejects: Vec<Reject>,
+    time_corrected: u64,
 }
 
 impl Batch {
@@ -152,6 +153,7 @@ impl Batch {
         let mut batch = Batch::default();
         for t in taken {
             batch.rejects.extend(t.reject);
+            batch.time_corrected += u64::from(t.time_corrected);
             batch.records.push(t.record);
         }
         batch
@@ -163,6 +165,8 @@ impl Batch {
 struct Taken {
     record: Record,
     reject: Option<Reject>,
+    /// Its time was ahead of the broker's and was brought back to it.
+    time_corrected: bool,
 }
 
 impl Taken {
@@ -170,8 +174,17 @@ impl Taken {
         let payload = m.payload().unwrap_or_default();
         let checked =
             parse_event(payload).and_then(|e| check_topic(m.topic(), &e.kind).map(|()| e));
+        let arrived = arrived_ms(m);
+        let mut time_corrected = false;
         let (event, reject) = match checked {
-            Ok(e) => (Some(e), None),
+            Ok(mut e) => {
+                // a producer's clock far ahead: its time would hold back ordering by event
+                // time for the whole partition (the merge follows each topic's newest time, a
+                // shopper's reorder window theirs). The broker's time is the same on every
+                // redelivery, so the fold stays deterministic.
+                time_corrected = arrived.is_some_and(|at| e.clamp_ahead_of(at));
+                (Some(e), None)
+            }
             Err(e) => (
                 None,
                 Some(Reject::new(
@@ -190,9 +203,10 @@ impl Taken {
                 partition: m.partition(),
                 offset: m.offset(),
                 event,
-                arrived_ms: arrived_ms(m),
+                arrived_ms: arrived,
             },
             reject,
+            time_corrected,
         }
     }
 }
@@ -257,7 +271,12 @@ fn release_merged(shared: &Shared, consumer: &StreamConsumer, merger: &mut Merge
         .merge_held
         .store(merger.held() as u64, Relaxed);
     shared.metrics.merge_forced.store(merger.forced(), Relaxed);
-    Batch::of(taken)
+    let batch = Batch::of(taken);
+    shared
+        .metrics
+        .time_corrected
+        .fetch_add(batch.time_corrected, Relaxed);
+    batch
 }
 
 /// Forgets what the merger holds of partitions no longer assigned (revoked).

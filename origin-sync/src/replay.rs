@@ -82,16 +82,21 @@ pub async fn replay(config: &Config) -> anyhow::Result<()> {
             done.insert(key);
             continue;
         }
-        let event = parse_event(m.payload().unwrap_or_default()).ok();
+        let mut event = parse_event(m.payload().unwrap_or_default()).ok();
         if event.is_none() {
             rejected += 1;
+        }
+        let arrived_ms = origin_sync::pipeline::arrived_ms(&m);
+        // as the consumer does: a time far ahead of the broker's is folded at the broker's
+        if let (Some(e), Some(at)) = (event.as_mut(), arrived_ms) {
+            e.clamp_ahead_of(at);
         }
         batch.push(Record {
             topic: key.0.clone(),
             partition: key.1,
             offset: m.offset(),
             event,
-            arrived_ms: origin_sync::pipeline::arrived_ms(&m),
+            arrived_ms,
         });
         if m.offset() + 1 >= *end {
             done.insert(key);

@@ -239,7 +239,9 @@ async fn ingest_erasure_and_documents() {
         .body(body)
         .send()
     };
-    let accepted_at = now() * 1000 - 1_000;
+    // taken by the edge 600 ms into a second; its cutoff is the end of that second
+    let second = now() - 1;
+    let accepted_at = shared::protocol::erasure_cutoff_ms(second * 1000 + 600);
     let r = by_key(accepted_at, k2.to_hex()).await.expect("delete");
     assert_eq!(r.status(), 202);
     let j: serde_json::Value = r.json().await.expect("json");
@@ -253,23 +255,42 @@ async fn ingest_erasure_and_documents() {
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["already"], true, "{j}");
     // the edge's retry of events it accepted before the erasure, arriving only now: they stay
-    // erased (their time is the second the edge signed them, not their arrival); an event
-    // accepted since is the new profile's first
-    let ingest_at = |ts_secs: u64, id: &str| {
-        let body = serde_json::json!({ "events": [{
+    // erased (their time is the second the edge signed them, not their arrival), even one
+    // taken earlier in the erasure's own second; an event accepted since is the new profile's
+    // first
+    let ingest_parked = |ts_secs: u64, id: &str, accepted_ms: Option<u64>| {
+        let mut body = serde_json::json!({ "events": [{
             "event_id": id, "user_id": user2, "type": "page_view", "ts": ts_secs * 1000,
-        }]})
-        .to_string();
+        }]});
+        if let Some(at) = accepted_ms {
+            body["accepted_ms"] = at.into();
+        }
+        let body = body.to_string();
         let mut req = client.post(format!("{base}/ingest"));
         for (name, value) in Signed::new(secret().as_bytes(), ts_secs, body.as_bytes()).headers() {
             req = req.header(name, value);
         }
         req.body(body).send()
     };
-    let r = ingest_at(accepted_at / 1000 - 2, "before-erasure")
+    let ingest_at = |ts_secs: u64, id: &str| ingest_parked(ts_secs, id, None);
+    for (at, id) in [(second - 2, "before-erasure"), (second, "same-second")] {
+        let r = ingest_at(at, id).await.expect("ingest");
+        assert_eq!(r.status(), 202);
+    }
+    // one the edge parked (origin was down) and its Cron sweep sends now, signed now: timed by
+    // when the edge accepted it, before the erasure
+    let r = ingest_parked(now(), "parked", Some(second * 1000 - 5_000))
         .await
         .expect("ingest");
     assert_eq!(r.status(), 202);
+    let r = ingest_parked(
+        now(),
+        "parked-too-long",
+        Some(now() * 1000 - 9 * 86_400_000),
+    )
+    .await
+    .expect("ingest");
+    assert_eq!(r.status(), 400, "a batch older than the edge keeps one");
     let r = ingest_at(now(), "after-erasure").await.expect("ingest");
     assert_eq!(r.status(), 202);
     let first = shared::delta::tombstone_version(had2) + 1;

@@ -874,3 +874,78 @@ async fn backlog_in_event_time(name: &str, kafka: &str) {
     service.stop().await;
     assert_eq!(late, 0, "no event was folded late");
 }
+
+/// A producer whose clock is a year ahead: its event is folded at the broker's time. Kept at
+/// its own time it would be the shopper's newest by a year, and everything the shopper did
+/// afterwards would fold as late, in arrival order (here a purchase given to the broker before
+/// the add it empties leaves the camera in the cart), and decay their interests to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_timed_far_ahead_of_the_broker_is_folded_at_the_brokers_time() {
+    let Some(tansu) = with_topics(Tansu::start("ahead"), 1) else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("ahead");
+    let text = config_toml(&tansu, &edge, &dir, "");
+    let now = origin_sync::clock::now_ms();
+    let event = |id: &str, ts: u64, fields: &str| {
+        shared::event::parse_event(
+            format!(r#"{{"event_id":"{id}","user_id":"ahead","ts":{ts},{fields}}}"#).as_bytes(),
+        )
+        .expect("event")
+    };
+    let year = 365 * 86_400_000;
+    let view = event("v", now + year, r#""type":"page_view""#);
+    let add = event(
+        "a",
+        now - 2_000,
+        r#""type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1"#,
+    );
+    let buy = event(
+        "b",
+        now - 1_000,
+        r#""type":"purchase","item":"cam-001","category":"cameras","price":499,"quantity":1"#,
+    );
+    let cfg = origin_sync::config::KafkaConfig {
+        brokers: tansu.brokers(),
+        ..Default::default()
+    };
+    let producer = origin_sync::kafka::producer(&cfg).expect("producer");
+    let at = |e: &Event, broker_ms: u64| {
+        let m = outgoing(e);
+        let producer = producer.clone();
+        async move {
+            origin_sync::kafka::produce_all_at(&producer, &[m], Some(broker_ms as i64))
+                .await
+                .expect("produce")
+        }
+    };
+    let service = InProcess::start(config(&text));
+    // the view first, on its own: folded before the rest is on the broker
+    at(&view, now - 3_000).await;
+    let mut corrected = view.clone();
+    corrected.ts_ms = now - 3_000;
+    converge(
+        &edge,
+        &reference(std::slice::from_ref(&corrected)),
+        Duration::from_secs(30),
+    )
+    .await;
+    // then the purchase, then the add it empties, a second earlier
+    at(&buy, now - 1_000).await;
+    at(&add, now - 2_000).await;
+    converge(
+        &edge,
+        &reference(&[corrected, add, buy]),
+        Duration::from_secs(30),
+    )
+    .await;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let (late, fixed) = (
+        count(&service.metrics.late),
+        count(&service.metrics.time_corrected),
+    );
+    service.stop().await;
+    assert_eq!(fixed, 1, "one event's time was brought back");
+    assert_eq!(late, 0, "no event was folded late");
+}

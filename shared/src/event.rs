@@ -28,6 +28,31 @@ pub const MIN_TS_MS: u64 = 1_704_067_200_000;
 /// Latest accepted event time: 2100-01-01T00:00:00Z, in Unix milliseconds.
 pub const MAX_TS_MS: u64 = 4_102_444_800_000;
 
+/// How far an event's time may be ahead of the clock that takes it in: a sender's clock a
+/// little fast. Beyond that the time says how wrong the sender's clock is, not when the event
+/// happened, and it would poison ordering by event time: a fold's reorder window, and the
+/// merge of a partition's topics, follow the newest time they have seen, and interests decay
+/// from it.
+pub const MAX_AHEAD_MS: u64 = 60_000;
+
+/// Moves a batch's times back when its latest is more than [`MAX_AHEAD_MS`] past `now_ms`
+/// (the receiving clock): its sender's clock is ahead, by as much for each of its events, so
+/// every event moves back by the same amount (their order stays) and the latest lands at
+/// `now_ms`. Never below [`MIN_TS_MS`]. Returns by how much the times moved (0: not at all).
+pub fn correct_clock_ahead(events: &mut [Event], now_ms: u64) -> u64 {
+    let Some(latest) = events.iter().map(|e| e.ts_ms).max() else {
+        return 0;
+    };
+    if latest <= now_ms.saturating_add(MAX_AHEAD_MS) {
+        return 0;
+    }
+    let by = latest - now_ms;
+    for e in events {
+        e.ts_ms = e.ts_ms.saturating_sub(by).max(MIN_TS_MS);
+    }
+    by
+}
+
 /// A validated event.
 #[derive(Clone, PartialEq, Debug)]
 pub struct Event {
@@ -213,6 +238,16 @@ pub fn parse_event(bytes: &[u8]) -> Result<Event, EventError> {
 /// The outer error is for a batch that cannot be read at all; each element then has its own
 /// result, so one bad event does not cost the good ones in the same batch.
 pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Result<Event, EventError>>, EventError> {
+    parse_ingest(bytes).map(|(events, _)| events)
+}
+
+/// [`parse_batch`], and when the edge accepted the events if the batch says so: the object
+/// form's `accepted_ms` (Unix ms), which the edge adds when it sends a batch again from where
+/// it parked it (`crate::protocol::ingest_body_at`).
+#[allow(clippy::type_complexity)]
+pub fn parse_ingest(
+    bytes: &[u8],
+) -> Result<(Vec<Result<Event, EventError>>, Option<u64>), EventError> {
     let limit = MAX_EVENT_BYTES * MAX_BATCH_EVENTS;
     if bytes.len() > limit {
         return Err(EventError::whole(format!(
@@ -222,16 +257,31 @@ pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Result<Event, EventError>>, Event
     }
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| EventError::whole(format!("not valid JSON: {e}")))?;
+    let mut accepted_ms = None;
     let items = match value {
         Value::Array(items) => items,
-        Value::Object(mut map) => match map.remove("events") {
-            Some(Value::Array(items)) if map.is_empty() => items,
-            _ => {
-                return Err(EventError::whole(
-                    "expected a JSON array of events or {\"events\": [...]}",
-                ));
+        Value::Object(mut map) => {
+            match map.remove("accepted_ms") {
+                None => {}
+                Some(v) => match v.as_u64() {
+                    Some(ms) => accepted_ms = Some(ms),
+                    None => {
+                        return Err(EventError::field(
+                            "accepted_ms",
+                            "must be an integer of Unix milliseconds",
+                        ));
+                    }
+                },
             }
-        },
+            match map.remove("events") {
+                Some(Value::Array(items)) if map.is_empty() => items,
+                _ => {
+                    return Err(EventError::whole(
+                        "expected a JSON array of events or {\"events\": [...]}",
+                    ));
+                }
+            }
+        }
         _ => {
             return Err(EventError::whole(
                 "expected a JSON array of events or {\"events\": [...]}",
@@ -244,10 +294,51 @@ pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Result<Event, EventError>>, Event
             items.len()
         )));
     }
-    Ok(items.iter().map(Event::from_json).collect())
+    Ok((items.iter().map(Event::from_json).collect(), accepted_ms))
 }
 
 impl Event {
+    /// Roughly what the event holds on the heap beyond its own struct: its strings, purchase
+    /// lines and an absorbed profile's encoded size. For memory bounds that count what a
+    /// client can make large (a purchase of 40 lines is kilobytes).
+    pub fn heap_bytes(&self) -> usize {
+        let line = |l: &Line| std::mem::size_of::<Line>() + l.item.len() + l.category.len();
+        let kind = match &self.kind {
+            EventKind::PageView | EventKind::Consent { .. } => 0,
+            EventKind::ProductView { item, category } => item.len() + category.len(),
+            EventKind::AddToCart(l) => line(l),
+            EventKind::RemoveFromCart { item, .. } => item.len(),
+            EventKind::Purchase(lines) => lines.iter().map(line).sum(),
+            EventKind::Search { query, category } => {
+                query.len() + category.as_ref().map_or(0, String::len)
+            }
+            EventKind::Identify {
+                anonymous,
+                absorbed,
+            } => {
+                anonymous.len()
+                    + absorbed.as_ref().map_or(0, |p| {
+                        std::mem::size_of::<crate::Profile>()
+                            + postcard::to_allocvec(p.as_ref()).map_or(0, |v| v.len())
+                    })
+            }
+        };
+        self.id.len() + self.user.len() + kind
+    }
+
+    /// Brings a time more than [`MAX_AHEAD_MS`] past `received_ms` (when a trusted clock took
+    /// the event in: a broker's timestamp) back to `received_ms`; whether it moved. Alone, an
+    /// event gives no other hint of how far its sender's clock was off
+    /// ([`correct_clock_ahead`] for a batch).
+    pub fn clamp_ahead_of(&mut self, received_ms: u64) -> bool {
+        if self.ts_ms > received_ms.saturating_add(MAX_AHEAD_MS) {
+            self.ts_ms = received_ms.max(MIN_TS_MS);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Validates an already-parsed JSON value.
     pub fn from_json(value: &Value) -> Result<Event, EventError> {
         let obj = value
@@ -431,9 +522,14 @@ fn req_str<'a>(
     field: &'static str,
     max: usize,
 ) -> Result<&'a str, EventError> {
+    check_str(field, req_string(obj, field)?, max)
+}
+
+/// A required field that must be a JSON string, its value not yet checked.
+fn req_string<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<&'a str, EventError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(EventError::field(field, "missing")),
-        Some(Value::String(s)) => check_str(field, s, max),
+        Some(Value::String(s)) => Ok(s),
         Some(_) => Err(EventError::field(field, "must be a string")),
     }
 }
@@ -459,7 +555,7 @@ fn check_str<'a>(field: &'static str, s: &'a str, max: usize) -> Result<&'a str,
 
 /// A SKU-shaped token (item, event id): the grammar of [`is_sku`].
 fn req_token<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<&'a str, EventError> {
-    check_token(field, req_str(obj, field, MAX_SKU_LEN)?)
+    check_token(field, req_string(obj, field)?)
 }
 
 /// [`req_token`] of a string already read.
@@ -621,6 +717,57 @@ mod tests {
             Err(e) => e.to_string(),
         };
         assert_eq!(got, expected, "for {json}");
+    }
+
+    fn page_view_at(id: &str, ts_ms: u64) -> Event {
+        Event {
+            id: id.into(),
+            user: "u1".into(),
+            ts_ms,
+            kind: EventKind::PageView,
+        }
+    }
+
+    /// A batch from a clock far ahead moves back as one, its order kept, its latest at the
+    /// receiving clock; one within the allowance is left as sent.
+    #[test]
+    fn a_batch_from_a_clock_ahead_moves_back_as_one() {
+        let now = TS;
+        let ahead = 30 * 24 * 3_600_000;
+        let mut batch = vec![
+            page_view_at("a", now + ahead - 500),
+            page_view_at("b", now + ahead),
+            page_view_at("c", now + ahead - 2_000),
+        ];
+        assert_eq!(correct_clock_ahead(&mut batch, now), ahead);
+        let times: Vec<u64> = batch.iter().map(|e| e.ts_ms).collect();
+        assert_eq!(times, [now - 500, now, now - 2_000]);
+
+        let mut close = vec![page_view_at("a", now + MAX_AHEAD_MS)];
+        assert_eq!(correct_clock_ahead(&mut close, now), 0);
+        assert_eq!(close[0].ts_ms, now + MAX_AHEAD_MS);
+        assert_eq!(correct_clock_ahead(&mut [], now), 0);
+
+        // a batch spanning more than the whole accepted range never goes below it
+        let mut wide = vec![
+            page_view_at("a", MIN_TS_MS + 1),
+            page_view_at("b", MAX_TS_MS - 1),
+        ];
+        correct_clock_ahead(&mut wide, now);
+        assert_eq!(wide[0].ts_ms, MIN_TS_MS);
+        assert_eq!(wide[1].ts_ms, now);
+    }
+
+    #[test]
+    fn one_event_ahead_of_its_broker_time_is_brought_back_to_it() {
+        let mut e = page_view_at("a", TS + MAX_AHEAD_MS + 1);
+        assert!(e.clamp_ahead_of(TS));
+        assert_eq!(e.ts_ms, TS);
+        let mut e = page_view_at("a", TS + MAX_AHEAD_MS);
+        assert!(!e.clamp_ahead_of(TS));
+        assert_eq!(e.ts_ms, TS + MAX_AHEAD_MS);
+        let mut e = page_view_at("a", TS - 5_000);
+        assert!(!e.clamp_ahead_of(TS));
     }
 
     #[test]

@@ -196,6 +196,17 @@ pub fn ingest_body(events: &[Event]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "events": events })).unwrap_or_default()
 }
 
+/// [`ingest_body`] saying when the edge accepted the events: what a batch parked after every
+/// attempt failed is sent again with, however much later, so origin times it (an erasure's
+/// cutoff) as when it was accepted, not when it finally arrived. Read by
+/// [`crate::event::parse_ingest`]; origins older than it refuse the field, so origin is
+/// deployed first.
+pub fn ingest_body_at(events: &[Event], accepted_ms: u64) -> Vec<u8> {
+    let events: Vec<serde_json::Value> = events.iter().map(Event::to_json).collect();
+    serde_json::to_vec(&serde_json::json!({ "events": events, "accepted_ms": accepted_ms }))
+        .unwrap_or_default()
+}
+
 /// The signed body of `DELETE /users/{id}`. The signature covers only the timestamp and the
 /// body, so the body names the user: a captured request cannot be replayed against another
 /// user's path.
@@ -213,6 +224,21 @@ impl ErasureBody {
     pub fn parse(bytes: &[u8]) -> Option<ErasureBody> {
         serde_json::from_slice(bytes).ok()
     }
+}
+
+/// When origin takes the events of an `/ingest` request the edge signed at `signed_secs` (whole
+/// seconds, as the signature carries them) to have been accepted: the last millisecond of that
+/// second. Origin caps it at its own clock.
+pub fn ingest_accepted_ms(signed_secs: u64) -> u64 {
+    signed_secs.saturating_mul(1000).saturating_add(999)
+}
+
+/// The cutoff of an erasure the edge accepts at `now_ms`: the end of that second, the grain
+/// origin times the edge's events at ([`ingest_accepted_ms`]). An event the edge took earlier
+/// in the same second and that reaches origin after the erasure is then still at or before
+/// the cutoff, so erased, not folded into the new, empty profile.
+pub fn erasure_cutoff_ms(now_ms: u64) -> u64 {
+    ingest_accepted_ms(now_ms / 1000)
 }
 
 /// The signed body of `DELETE /erasures/{key}`: the key again (the signature does not cover
@@ -257,6 +283,17 @@ pub const PENDING_ERASURE_PREFIX: &str = "erase:";
 /// The KV key of a pending erasure.
 pub fn pending_erasure_key(key: &UserKey) -> String {
     format!("{PENDING_ERASURE_PREFIX}{}", key.to_hex())
+}
+
+/// KV keys of event batches the edge accepted and could not hand to origin (every attempt
+/// failed): swept by the worker's Cron Trigger, as erasures are, until origin takes them.
+pub const PENDING_EVENTS_PREFIX: &str = "events:";
+
+/// The KV key of a parked event batch: named by its `/ingest` signature (hex), which no other
+/// batch shares. No user id in it.
+pub fn pending_events_key(signature_hex: &str) -> String {
+    let name: String = signature_hex.chars().take(32).collect();
+    format!("{PENDING_EVENTS_PREFIX}{name}")
 }
 
 pub use crate::keys::PROFILE_KEY_PREFIX;
@@ -312,6 +349,33 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_764_500_000;
+
+    /// A parked batch says when it was accepted; origin's reader gets the events and that time,
+    /// and refuses a time that is not one.
+    #[test]
+    fn a_parked_batch_carries_when_it_was_accepted() {
+        let e = crate::event::parse_event(
+            br#"{"event_id":"e1","user_id":"u1","ts":1764500000000,"type":"page_view"}"#,
+        )
+        .expect("event");
+        let body = ingest_body_at(std::slice::from_ref(&e), 1_764_500_000_123);
+        let (events, at) = crate::event::parse_ingest(&body).expect("batch");
+        assert_eq!(events, vec![Ok(e.clone())]);
+        assert_eq!(at, Some(1_764_500_000_123));
+        let (_, at) = crate::event::parse_ingest(&ingest_body(&[e])).expect("batch");
+        assert_eq!(at, None);
+        for bad in [
+            &br#"{"events":[],"accepted_ms":"soon"}"#[..],
+            br#"{"events":[],"accepted_ms":-1}"#,
+            br#"{"events":[],"later":1}"#,
+        ] {
+            assert!(crate::event::parse_ingest(bad).is_err());
+        }
+        assert_eq!(
+            pending_events_key(&"ab".repeat(32)),
+            format!("events:{}", "ab".repeat(16))
+        );
+    }
 
     #[test]
     fn signed_round_trips_through_headers() {

@@ -70,6 +70,31 @@ impl System {
         Some(shared::wire::decode_stored(&value).unwrap())
     }
 
+    /// The keys starting with `prefix` in the KV of edge `n` (1-based).
+    fn kv_keys(&self, n: usize, prefix: &str) -> Vec<String> {
+        let out = std::process::Command::new(root().join("node_modules/.bin/wrangler"))
+            .args(["kv", "key", "list", "--binding", "EDGEWISE", "--local"])
+            .args(["--prefix", prefix])
+            .arg("--persist-to")
+            .arg(self.stack.config.state.join(format!("edge-{n}")))
+            .env("WRANGLER_SEND_METRICS", "false")
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{e}: {}", String::from_utf8_lossy(&out.stdout));
+        });
+        listed
+            .iter()
+            .filter_map(|k| k["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// The raw value of `key` in the KV of edge `n` (1-based).
     fn kv_raw(&self, n: usize, key: &str) -> Option<Vec<u8>> {
         let out = std::process::Command::new(root().join("node_modules/.bin/wrangler"))
@@ -491,6 +516,7 @@ fn erasure_reaches_every_copy_and_stays(sys: &mut System) {
 }
 
 const ERASED_WHILE_DOWN: &str = "down-erased";
+const POSTED_WHILE_DOWN: &str = "down-posted";
 
 fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
     sys.stack.stop_origin();
@@ -515,6 +541,33 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
         DEV_USER_KEY_SECRET,
         ERASED_WHILE_DOWN,
     ));
+    // a shopper's own events at edge A: origin takes none of the attempts, so the batch is
+    // parked in A's KV for the Cron sweep (answered 202 all the same)
+    let now = origin_sync::pipeline::now_ms();
+    let mut posted = traffic(sys, "down-posted", 1, 5, 13);
+    for (i, e) in posted.iter_mut().enumerate() {
+        e.user = POSTED_WHILE_DOWN.to_owned();
+        e.ts_ms = now - 8_000 + i as u64;
+    }
+    let batch = serde_json::to_vec(&posted.iter().map(Event::to_json).collect::<Vec<_>>()).unwrap();
+    let r = http(
+        sys.a,
+        "POST",
+        "/v1/events",
+        &[("authorization", &tests::bearer(POSTED_WHILE_DOWN))],
+        &batch,
+    )
+    .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_for(
+        "the events origin never took parked in edge A's KV",
+        Duration::from_secs(30),
+        || {
+            !sys.kv_keys(1, shared::protocol::PENDING_EVENTS_PREFIX)
+                .is_empty()
+        },
+    )
+    .unwrap();
     // Kafka keeps taking events while origin-sync is down (the site's backend, other edges)
     let events = traffic(sys, "down", 200, 600, 11);
     sys.produce(&events);
@@ -568,10 +621,23 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
         "  erasure accepted while origin-sync was down {:?}: acknowledged {took:?} after the restart",
         down_since.elapsed() - t.elapsed()
     );
+    let took = wait_for(
+        "the parked events acknowledged by origin",
+        Duration::from_secs(20),
+        || {
+            sys.kv_keys(1, shared::protocol::PENDING_EVENTS_PREFIX)
+                .is_empty()
+        },
+    )
+    .unwrap();
+    println!(
+        "  a shopper's events parked while origin-sync was down: taken {took:?} after the restart"
+    );
+    let all: Vec<Event> = events.iter().chain(&posted).cloned().collect();
     converge(
         sys,
         sys.b,
-        &reference(&events, &sys.catalog),
+        &reference(&all, &sys.catalog),
         Duration::from_secs(60),
     );
     println!(

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use shared::catalog::Catalog;
 use shared::context::parse_country;
 use shared::delta::Stored;
-use shared::event::{Event, EventKind, MAX_BATCH_EVENTS};
+use shared::event::{self, Event, EventKind, MAX_BATCH_EVENTS};
 use shared::ids::ItemId;
 use shared::keys::UserKey;
 use shared::profile::Profile;
@@ -167,7 +167,7 @@ impl App {
                 absorbed: None,
             },
         };
-        let body = protocol::ingest_body(std::slice::from_ref(&event));
+        let outbound = ingest_request(origin, secret, std::slice::from_ref(&event), now_ms);
         // once per sign-in at this isolate: a second request racing the cleared cookie must
         // not join the visitor's cart twice here (origin joins it once whatever comes)
         let seen = if self.cache.borrow().has_local(&key, &event.id) {
@@ -199,13 +199,6 @@ impl App {
             };
             self.cache.borrow_mut().push_local(key, event, now_ms);
         }
-        let outbound = signed(
-            secret,
-            "POST",
-            format!("{origin}{}", route::INGEST),
-            body,
-            now_ms,
-        );
         Some((
             outbound,
             identity::visitor_clear_cookie(self.cookie_secure(req)),
@@ -427,6 +420,9 @@ impl App {
                 Err(e) => rejected.push(json!({ "index": index, "reason": e.to_string() })),
             }
         }
+        // A browser's clock may be anywhere: a batch from one far ahead moves back as one (a
+        // time from the future would poison ordering by event time, here and at origin)
+        event::correct_clock_ahead(&mut good, now_ms);
         if let Some(key) = key.filter(|_| !good.is_empty()) {
             // Load the base first so the local events fold over what origin knows.
             let cached = self.cache.borrow().peek(&key).is_some();
@@ -444,13 +440,7 @@ impl App {
             &self.config.sync_secret,
             good.is_empty(),
         ) {
-            outbound.push(signed(
-                secret,
-                "POST",
-                format!("{origin}{}", route::INGEST),
-                protocol::ingest_body(&good),
-                now_ms,
-            ));
+            outbound.push(ingest_request(origin, secret, &good, now_ms));
         }
         let accepted = good.len();
         let reply = if rejected.is_empty() {
@@ -593,6 +583,29 @@ impl App {
         // and the very version origin's own tombstone will carry
         let version = shared::delta::tombstone_version(held);
         let tombstone = Stored::Tombstone { version };
+        // origin's cutoff: the end of this second, the grain `/ingest` times the edge's events
+        // at, so an event taken earlier in this second and delivered late is erased too
+        let cutoff = protocol::erasure_cutoff_ms(now_ms);
+        let origin = match (&self.config.origin_url, &self.config.sync_secret) {
+            (Some(origin), Some(secret)) => Some((origin, secret)),
+            _ => None,
+        };
+        if origin.is_some() {
+            // Durable before anything else: if every attempt to reach origin fails, the Cron
+            // sweep finds this record and sends the erasure again until origin takes it. Were
+            // it written after the tombstone and failed, the edge would hold a tombstone origin
+            // never hears of: every later version from origin sits under it, as a duplicate.
+            let pending = protocol::pending_erasure_key(&key);
+            let record = json!({ "erased_at_ms": cutoff }).to_string();
+            store
+                .put(&pending, record.as_bytes(), 0)
+                .await
+                .map_err(|source| EdgeError::KvWrite {
+                    key: pending,
+                    then: THEN,
+                    source,
+                })?;
+        }
         store
             .put(&kv_key, &wire::encode_stored(&tombstone), version)
             .await
@@ -604,22 +617,10 @@ impl App {
         self.cache.borrow_mut().erase(key, tombstone, now_ms);
         // and fenced: a write from before the erasure that lands later is read as erased here
         self.fence.borrow_mut().raise(key, version, now_ms);
-        let mut outbound = Vec::new();
-        if let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret) {
-            // Durable before it is answered: if every attempt to reach origin fails, the Cron
-            // sweep finds this record and sends the erasure again until origin takes it.
-            let pending = protocol::pending_erasure_key(&key);
-            let record = json!({ "erased_at_ms": now_ms }).to_string();
-            store
-                .put(&pending, record.as_bytes(), 0)
-                .await
-                .map_err(|source| EdgeError::KvWrite {
-                    key: pending,
-                    then: THEN,
-                    source,
-                })?;
-            outbound.push(erasure_request(origin, secret, key, now_ms, now_ms));
-        }
+        let outbound = origin
+            .map(|(origin, secret)| erasure_request(origin, secret, key, cutoff, now_ms))
+            .into_iter()
+            .collect();
         Ok(Handled {
             outbound,
             ..Handled::from(reply(version))
@@ -668,6 +669,32 @@ fn signed(
         headers,
         body,
         then_delete: None,
+        if_undelivered: None,
+    }
+}
+
+/// The signed `/ingest` request for events the edge accepted at `now_ms`. Should origin never
+/// take it (every attempt failed), the glue parks the batch in KV, saying when it was accepted,
+/// and the Cron sweep sends it from there ([`App::sweep_events`]).
+fn ingest_request(origin: &str, secret: &[u8], events: &[Event], now_ms: u64) -> Outbound {
+    let request = signed(
+        secret,
+        "POST",
+        format!("{origin}{}", route::INGEST),
+        protocol::ingest_body(events),
+        now_ms,
+    );
+    let name = request
+        .headers
+        .iter()
+        .find(|(k, _)| *k == shared::auth::SIGNATURE_HEADER)
+        .map_or_else(|| format!("{now_ms}"), |(_, v)| v.clone());
+    Outbound {
+        if_undelivered: Some((
+            protocol::pending_events_key(&name),
+            protocol::ingest_body_at(events, now_ms),
+        )),
+        ..request
     }
 }
 
@@ -737,6 +764,52 @@ impl App {
             // a record that does not say when is erased as of now: later is never too little
             let erased_at_ms = erased_at_ms.unwrap_or(now_ms);
             out.push(erasure_request(origin, secret, key, erased_at_ms, now_ms));
+        }
+        out
+    }
+}
+
+impl App {
+    /// The Cron Trigger's other work: every event batch this deployment accepted and parked
+    /// because origin took none of its attempts, as freshly signed `/ingest` requests carrying
+    /// when the edge accepted them (origin times them by that, so an erasure since still
+    /// erases them), each retiring its record once origin takes it. At most
+    /// [`SWEEP_BATCH`] a run; a record origin refuses for good (4xx) stays, and is logged.
+    pub async fn sweep_events<S: Store>(&self, store: &S, now_ms: u64) -> Vec<Outbound> {
+        let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret)
+        else {
+            return Vec::new();
+        };
+        let keys = match store
+            .list(protocol::PENDING_EVENTS_PREFIX, SWEEP_BATCH)
+            .await
+        {
+            Ok(keys) => keys,
+            Err(e) => {
+                log::warn(&format!("listing parked events failed: {e}"));
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for kv_key in keys {
+            let body = match store.get(&kv_key).await {
+                Ok(Some((bytes, _))) => bytes,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::warn(&format!("reading {kv_key} failed: {e}"));
+                    continue;
+                }
+            };
+            out.push(Outbound {
+                then_delete: Some(kv_key),
+                ..signed(
+                    secret,
+                    "POST",
+                    format!("{origin}{}", route::INGEST),
+                    body,
+                    now_ms,
+                )
+            });
         }
         out
     }

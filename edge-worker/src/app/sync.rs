@@ -176,6 +176,11 @@ impl App {
                     if self.writing.borrow().contains(&key) {
                         return Err(EdgeError::WriteInFlight);
                     }
+                    // Taken from here, before KV is read: another request for this shopper
+                    // that read KV alongside this one (before this one's write landed) would
+                    // apply its change over that older value and could write it last, over
+                    // this one's newer write. It is told to come back instead.
+                    let _claim = Claim::take(self, key);
                     // The cache may lag KV (another isolate synced since it was fetched) and KV may
                     // lag this isolate's own writes: the change applies to the newer of the two.
                     let cached = self.cache.borrow().peek(&key).and_then(|e| e.base());
@@ -751,6 +756,26 @@ impl Drop for Recorded<'_> {
         if !self.took_effect {
             self.app.replay.borrow_mut().forget(&self.sig);
         }
+    }
+}
+
+/// A shopper's change being applied by one `/v1/sync` request, from its KV read to its write;
+/// see `App::writing`.
+struct Claim<'a> {
+    app: &'a App,
+    key: UserKey,
+}
+
+impl<'a> Claim<'a> {
+    fn take(app: &'a App, key: UserKey) -> Claim<'a> {
+        app.writing.borrow_mut().insert(key);
+        Claim { app, key }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.app.writing.borrow_mut().remove(&self.key);
     }
 }
 

@@ -208,6 +208,20 @@ fn requests_to_origin_are_retried_when_origin_says_later() {
         assert_eq!(origin_retry_ms(0, Some((status, None))), None, "{status}");
     }
     assert_eq!(origin_retry_ms(ORIGIN_ATTEMPTS - 1, None), None);
+    // what the last attempt got decides whether a batch is parked for the Cron sweep: not one
+    // origin refused for good, which every sweep would send again to be refused again
+    use crate::http::origin_may_take_later;
+    for later in [
+        None,
+        Some((408, None)),
+        Some((429, Some("5"))),
+        Some((503, None)),
+    ] {
+        assert!(origin_may_take_later(later), "{later:?}");
+    }
+    for status in [200, 400, 401, 413] {
+        assert!(!origin_may_take_later(Some((status, None))), "{status}");
+    }
 }
 
 /// A visitor id costs nothing to make up: a new one per request does not reset the limit,

@@ -25,7 +25,10 @@ fn erasure_removes_the_profile_and_older_updates_cannot_bring_it_back() {
     );
     assert_eq!(
         String::from_utf8_lossy(&h.outbound[0].body),
-        format!(r#"{{"user_key":"{hex}","erased_at_ms":{}}}"#, w.now()),
+        format!(
+            r#"{{"user_key":"{hex}","erased_at_ms":{}}}"#,
+            shared::protocol::erasure_cutoff_ms(w.now())
+        ),
         "the signed body names the key and when the erasure was accepted; never the user id"
     );
     let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
@@ -164,7 +167,9 @@ fn a_failed_erasure_says_retry_and_logs_what_kv_said() {
     );
     let logged = log::take().join("\n");
     assert!(
-        logged.contains("injected failure") && logged.contains(&key("alice").kv_key()),
+        // the first write, the pending record
+        logged.contains("injected failure")
+            && logged.contains(&shared::protocol::pending_erasure_key(&key("alice"))),
         "{logged}"
     );
 
@@ -182,6 +187,40 @@ fn a_failed_erasure_says_retry_and_logs_what_kv_said() {
     w.store.set_failing(false);
     w.store.set_failing_writes(false);
     assert_eq!(erase().status, 202, "the retry goes through");
+}
+
+/// The pending record (what makes origin hear of the erasure, however long it is down) is
+/// written before the tombstone: if it cannot be, nothing is erased and the shopper is told to
+/// retry. Written after, its failure left a tombstone at the edge that origin never heard of,
+/// with every later version from origin under it.
+#[test]
+fn an_erasure_whose_pending_record_cannot_be_written_erases_nothing() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let pending = shared::protocol::pending_erasure_key(&key("alice"));
+    w.store.set_failing_writes_under(Some(&pending));
+    let mut req = HttpRequest::get("/v1/me");
+    req.method = "DELETE".into();
+    req.headers = vec![("authorization".into(), bearer("alice").into())];
+    let h = w.send(req.clone());
+    assert_eq!(h.reply.status, 503, "{:?}", h.reply.body_json());
+    assert!(h.outbound.is_empty());
+    let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
+    assert_eq!(
+        wire::decode_stored(&bytes).unwrap(),
+        Stored::Profile(p),
+        "a tombstone origin will never hear of"
+    );
+    assert_eq!(
+        w.get("/v1/me", &alice()).body_json()["profile"]["cart"][0]["item"],
+        "cam-001"
+    );
+
+    w.store.set_failing_writes_under(None);
+    let h = w.send(req);
+    assert_eq!(h.reply.status, 202, "the retry goes through");
+    assert!(w.store.raw(&pending).is_some());
 }
 
 #[test]
@@ -209,7 +248,10 @@ fn an_accepted_erasure_stays_pending_until_origin_takes_it() {
     let swept = run(w.app.sweep_erasures(&w.store, w.now()));
     assert_eq!(swept.len(), 1);
     let body: Value = serde_json::from_slice(&swept[0].body).unwrap();
-    assert_eq!(body["erased_at_ms"], accepted_at);
+    assert_eq!(
+        body["erased_at_ms"],
+        shared::protocol::erasure_cutoff_ms(accepted_at)
+    );
     assert_eq!(body["user_key"], key("alice").to_hex());
     assert_eq!(swept[0].then_delete.as_deref(), Some(pending.as_str()));
     // freshly signed: the first attempt's signature has left the window

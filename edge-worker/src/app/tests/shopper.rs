@@ -103,6 +103,98 @@ fn the_shoppers_own_events_show_on_the_next_page_and_go_to_origin() {
     assert_eq!(me["profile_version"], 1);
 }
 
+/// A browser whose clock is a month ahead: its batch goes to origin (and into the shopper's own
+/// view) moved back as one, the latest at the edge's time and the order kept. A time from the
+/// future would hold back ordering by event time for the shopper and their partition.
+#[test]
+fn a_batch_from_a_browser_clock_far_ahead_is_moved_back_to_the_edges_time() {
+    let w = World::new();
+    let month = 30 * 86_400_000u64;
+    let t = w.now() + month;
+    let body = format!(
+        r#"[{{"event_id":"f1","type":"page_view","ts":{}}},{{"event_id":"f2","type":"page_view","ts":{t}}}]"#,
+        t - 1_500
+    );
+    let sent = w.post("/v1/events", &alice(), body.as_bytes());
+    assert_eq!(sent.reply.status, 202, "{:?}", sent.reply.body_json());
+    let fwd: Value = serde_json::from_slice(&sent.outbound[0].body).unwrap();
+    let times: Vec<u64> = fwd["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ts"].as_u64().unwrap())
+        .collect();
+    assert_eq!(times, [w.now() - 1_500, w.now()]);
+
+    // a clock a few seconds fast is a clock, not an error: left as sent
+    let body = format!(
+        r#"[{{"event_id":"f3","type":"page_view","ts":{}}}]"#,
+        w.now() + 5_000
+    );
+    let sent = w.post("/v1/events", &alice(), body.as_bytes());
+    let fwd: Value = serde_json::from_slice(&sent.outbound[0].body).unwrap();
+    assert_eq!(fwd["events"][0]["ts"], w.now() + 5_000);
+}
+
+/// Origin took none of the attempts at a batch (down, or answering 5xx): the glue parks it in
+/// KV (`if_undelivered`), and the Cron sweep sends it again later, signed anew and saying when
+/// the edge accepted it (origin times it by that, so an erasure since still erases it); the
+/// request retires the record once origin takes it.
+#[test]
+fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() {
+    let w = World::new();
+    let sent = w.post(
+        "/v1/events",
+        &alice(),
+        br#"[{"event_id":"p1","type":"page_view"}]"#,
+    );
+    assert_eq!(sent.reply.status, 202);
+    let (key, record) = sent.outbound[0]
+        .if_undelivered
+        .clone()
+        .expect("a record to park");
+    assert!(key.starts_with(shared::protocol::PENDING_EVENTS_PREFIX));
+    assert!(!key.contains("alice"), "no user id in KV: {key}");
+    let accepted = w.now();
+    // what the glue does when every attempt failed
+    run(w.store.put(&key, &record, 0)).unwrap();
+
+    w.advance(3_600_000);
+    let swept = run(w.app.sweep_events(&w.store, w.now()));
+    let [again] = swept.as_slice() else {
+        panic!("{swept:?}")
+    };
+    assert_eq!(
+        (again.method, again.url.as_str()),
+        ("POST", "http://origin.test/ingest")
+    );
+    assert_eq!(again.then_delete.as_deref(), Some(key.as_str()));
+    assert_eq!(again.if_undelivered, None, "parked already");
+    let header = |name: &str| {
+        again
+            .headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let ts: u64 = header(auth::TIMESTAMP_HEADER).parse().unwrap();
+    assert_eq!(ts, w.now() / 1000, "signed anew");
+    auth::verify(
+        SYNC_SECRET.as_bytes(),
+        ts,
+        &again.body,
+        &header(auth::SIGNATURE_HEADER),
+        ts,
+        1,
+    )
+    .unwrap();
+    let (events, at) = shared::event::parse_ingest(&again.body).unwrap();
+    assert_eq!(at, Some(accepted));
+    assert_eq!(events[0].as_ref().unwrap().user, "alice");
+    assert_eq!(events[0].as_ref().unwrap().id, "p1");
+}
+
 #[test]
 fn the_user_id_in_an_event_body_is_ignored() {
     let w = World::new();

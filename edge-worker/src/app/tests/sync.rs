@@ -317,6 +317,85 @@ fn a_retry_that_overtakes_a_running_kv_write_is_told_to_come_back() {
     assert_eq!(w.get("/v1/me", &alice()).body_json()["profile_version"], 2);
 }
 
+/// A store whose reads take what KV holds when they start and answer it when the test opens
+/// the gate: two requests' reads of one key in flight together, both from before either wrote.
+struct SnapshotReads<'a> {
+    inner: &'a MemoryStore,
+    open: Cell<bool>,
+}
+
+impl Store for SnapshotReads<'_> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let then = self.inner.get(key).await;
+        std::future::poll_fn(|_| {
+            if self.open.get() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        then
+    }
+
+    async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        self.inner.put(key, value, version).await
+    }
+}
+
+/// Two batches for one shopper in one isolate at once, the newer one first (origin retried an
+/// older batch, or two instances' pushes crossed): the second is told to come back, instead of
+/// applying its change over the value both read and writing it last, over the newer one. KV
+/// keeps the last write, whatever its version.
+#[test]
+fn two_batches_for_one_shopper_at_once_never_write_the_older_last() {
+    let w = World::new();
+    let v1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    let v2 = profile_of(
+        "alice",
+        &[
+            event("alice", 1, VIEW_LAPTOP),
+            event("alice", 2, ADD_CAMERA),
+        ],
+    );
+    let frame = |p: &Profile| {
+        encode_batch(
+            &SyncBatch {
+                items: vec![snapshot("alice", p)],
+            },
+            Codec::Lz4,
+        )
+    };
+    let store = SnapshotReads {
+        inner: &w.store,
+        open: Cell::new(false),
+    };
+    let (newer, older) = (sync_request(&w, &frame(&v2)), sync_request(&w, &frame(&v1)));
+    let mut first = pin!(w.app.handle(&store, &w.clock, &newer, || [0x11; 16]));
+    let mut second = pin!(w.app.handle(&store, &w.clock, &older, || [0x11; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(first.as_mut().poll(&mut cx).is_pending(), "reads KV");
+    let second_now = second.as_mut().poll(&mut cx);
+    store.open.set(true);
+    let Poll::Ready(done) = first.as_mut().poll(&mut cx) else {
+        panic!("the gate is open")
+    };
+    assert_eq!(done.reply.status, 200);
+    let second = match second_now {
+        Poll::Ready(h) => h,
+        Poll::Pending => match second.as_mut().poll(&mut cx) {
+            Poll::Ready(h) => h,
+            Poll::Pending => panic!("the gate is open"),
+        },
+    };
+    assert_eq!(
+        w.store.raw(&key("alice").kv_key()).and_then(|v| v.1),
+        Some(v2.version),
+        "the older batch wrote last"
+    );
+    assert_eq!(second.reply.status, 503, "told to come back");
+}
+
 #[test]
 fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
     let app = App::new(config());
