@@ -773,15 +773,16 @@ impl App {
     /// The Cron Trigger's other work: every event batch this deployment accepted and parked
     /// because origin took none of its attempts, as freshly signed `/ingest` requests carrying
     /// when the edge accepted them (origin times them by that, so an erasure since still
-    /// erases them), each retiring its record once origin takes it. At most
-    /// [`SWEEP_BATCH`] a run; a record origin refuses for good (4xx) stays, and is logged.
+    /// erases them), each retiring its record once origin takes it. At most half of
+    /// [`SWEEP_BATCH`] a run, beside the erasures' whole (KV's operations per invocation); a
+    /// record origin refuses for good (4xx) stays until it expires, and is logged.
     pub async fn sweep_events<S: Store>(&self, store: &S, now_ms: u64) -> Vec<Outbound> {
         let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret)
         else {
             return Vec::new();
         };
         let keys = match store
-            .list(protocol::PENDING_EVENTS_PREFIX, SWEEP_BATCH)
+            .list(protocol::PENDING_EVENTS_PREFIX, SWEEP_BATCH / 2)
             .await
         {
             Ok(keys) => keys,
