@@ -373,15 +373,32 @@ fn mint() -> [u8; 16] {
     bytes
 }
 
+/// Longest one attempt at a request to origin may take: an origin that hangs (rather than
+/// refusing) must not use up `wait_until`'s 30 s on one attempt, before anything is parked.
+const ORIGIN_ATTEMPT_MS: u64 = 5_000;
+
 /// Sends each request to origin, retrying what origin may take later (no answer, 408, 429,
 /// 5xx) as [`origin_retry_ms`] says — honouring `Retry-After` — within `wait_until`'s time.
-/// Other 4xx answers are not retried (they will not change). What still fails is logged; the
+/// Other 4xx answers are not retried (they will not change). A request with a record to park
+/// (`Outbound::if_undelivered`: an event batch) parks it at its first failure that origin may
+/// take later, before the retries that may outlast the worker's time; the Cron sweep sends it
+/// from there unless a retry gets through and deletes it. What still fails is logged; the
 /// shopper's own view already has the events.
 async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
-    for o in outbound {
+    for mut o in outbound {
         let mut attempt = 0;
         loop {
-            let outcome = send(&o).await;
+            let outcome = match select(
+                Box::pin(send(&o)),
+                Delay::from(Duration::from_millis(ORIGIN_ATTEMPT_MS)),
+            )
+            .await
+            {
+                Either::Left((outcome, _)) => outcome,
+                Either::Right(_) => Err(worker::Error::RustError(format!(
+                    "no answer within {ORIGIN_ATTEMPT_MS} ms"
+                ))),
+            };
             let answered = outcome
                 .as_ref()
                 .ok()
@@ -394,6 +411,24 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
                     console_warn!("edgewise: could not delete {key} (it will be sent again): {e}");
                 }
                 break;
+            }
+            // origin may take it later: parked now, so a retry that never ends (the worker's
+            // time runs out, the isolate goes) still leaves it for the Cron sweep
+            if crate::http::origin_may_take_later(answered)
+                && let Some(kv) = &kv
+                && let Some((key, record)) = o.if_undelivered.take()
+            {
+                match park(kv, &key, &record).await {
+                    Ok(()) => {
+                        console_warn!(
+                            "edgewise: parked {key} for the Cron sweep to send to origin"
+                        );
+                        o.then_delete = Some(key);
+                    }
+                    Err(e) => console_error!(
+                        "edgewise: could not park {key} ({e}); it rests on the retries"
+                    ),
+                }
             }
             match origin_retry_ms(attempt, answered) {
                 Some(wait_ms) => {
@@ -410,19 +445,6 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
                         ),
                         Err(e) => {
                             console_error!("edgewise: could not reach origin at {}: {e}", o.url)
-                        }
-                    }
-                    // origin may take it later: parked, the Cron sweep sends it from KV
-                    if let (Some((key, record)), Some(kv)) = (&o.if_undelivered, &kv)
-                        && crate::http::origin_may_take_later(answered)
-                    {
-                        match park(kv, key, record).await {
-                            Ok(()) => console_warn!(
-                                "edgewise: parked {key} for the Cron sweep to send to origin"
-                            ),
-                            Err(e) => console_error!(
-                                "edgewise: could not park {key} ({e}); its events are lost"
-                            ),
                         }
                     }
                     break;

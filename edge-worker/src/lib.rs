@@ -15,6 +15,7 @@ pub mod limit;
 pub mod log;
 pub mod metrics;
 pub mod proxy;
+pub mod seal;
 pub mod store;
 pub mod storefront;
 pub mod token;

@@ -93,7 +93,7 @@ async fn ingest(
     };
     // the edge keeps a parked batch a week; Kafka's time-based retention could drop a message
     // stamped much older at once
-    if parked_at.is_some_and(|at| at + PARKED_FOR_AT_MOST_MS < now_ms()) {
+    if parked_at.is_some_and(|at| at.saturating_add(PARKED_FOR_AT_MOST_MS) < now_ms()) {
         st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
         return error(
             StatusCode::BAD_REQUEST,

@@ -59,7 +59,8 @@ pub struct Metrics {
     /// `kafka.merge_wait_ms`, or too many held).
     pub merge_forced: AtomicU64,
     pub dropped_erased: AtomicU64,
-    /// Events whose time was ahead of the broker's by more than `shared::event::MAX_AHEAD_MS`,
+    /// Events whose time was ahead of the broker's by more than
+    /// `shared::event::MAX_AHEAD_OF_BROKER_MS`,
     /// folded at the broker's time instead.
     pub time_corrected: AtomicU64,
     pub batches: AtomicU64,

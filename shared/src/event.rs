@@ -35,11 +35,23 @@ pub const MAX_TS_MS: u64 = 4_102_444_800_000;
 /// from it.
 pub const MAX_AHEAD_MS: u64 = 60_000;
 
+/// How far an event's time may be ahead of its broker timestamp before origin folds it at that
+/// timestamp ([`Event::clamp_ahead_of`]): what the edge lets through ([`MAX_AHEAD_MS`]) plus
+/// the signature window, the most the edge's clock, which timed the batch, may run ahead of
+/// origin's, which stamps it. The edge's events are then never moved at origin: a move would
+/// change their time between two deliveries of one request (each stamped at origin's clock),
+/// and duplicates are known by time and id.
+pub const MAX_AHEAD_OF_BROKER_MS: u64 = MAX_AHEAD_MS + crate::auth::DEFAULT_WINDOW_SECS * 1000;
+
 /// Moves a batch's times back when its latest is more than [`MAX_AHEAD_MS`] past `now_ms`
 /// (the receiving clock): its sender's clock is ahead, by as much for each of its events, so
 /// every event moves back by the same amount (their order stays) and the latest lands at
 /// `now_ms`. Never below [`MIN_TS_MS`]. Returns by how much the times moved (0: not at all).
-pub fn correct_clock_ahead(events: &mut [Event], now_ms: u64) -> u64 {
+pub fn correct_clock_ahead<'a>(
+    events: impl IntoIterator<Item = &'a mut Event>,
+    now_ms: u64,
+) -> u64 {
+    let mut events: Vec<&mut Event> = events.into_iter().collect();
     let Some(latest) = events.iter().map(|e| e.ts_ms).max() else {
         return 0;
     };
@@ -47,7 +59,7 @@ pub fn correct_clock_ahead(events: &mut [Event], now_ms: u64) -> u64 {
         return 0;
     }
     let by = latest - now_ms;
-    for e in events {
+    for e in &mut events {
         e.ts_ms = e.ts_ms.saturating_sub(by).max(MIN_TS_MS);
     }
     by
@@ -326,12 +338,12 @@ impl Event {
         self.id.len() + self.user.len() + kind
     }
 
-    /// Brings a time more than [`MAX_AHEAD_MS`] past `received_ms` (when a trusted clock took
-    /// the event in: a broker's timestamp) back to `received_ms`; whether it moved. Alone, an
-    /// event gives no other hint of how far its sender's clock was off
+    /// Brings a time more than [`MAX_AHEAD_OF_BROKER_MS`] past `received_ms` (when a trusted
+    /// clock took the event in: a broker's timestamp) back to `received_ms`; whether it moved.
+    /// Alone, an event gives no other hint of how far its sender's clock was off
     /// ([`correct_clock_ahead`] for a batch).
     pub fn clamp_ahead_of(&mut self, received_ms: u64) -> bool {
-        if self.ts_ms > received_ms.saturating_add(MAX_AHEAD_MS) {
+        if self.ts_ms > received_ms.saturating_add(MAX_AHEAD_OF_BROKER_MS) {
             self.ts_ms = received_ms.max(MIN_TS_MS);
             true
         } else {
@@ -746,7 +758,7 @@ mod tests {
         let mut close = vec![page_view_at("a", now + MAX_AHEAD_MS)];
         assert_eq!(correct_clock_ahead(&mut close, now), 0);
         assert_eq!(close[0].ts_ms, now + MAX_AHEAD_MS);
-        assert_eq!(correct_clock_ahead(&mut [], now), 0);
+        assert_eq!(correct_clock_ahead(&mut Vec::new(), now), 0);
 
         // a batch spanning more than the whole accepted range never goes below it
         let mut wide = vec![
@@ -760,12 +772,12 @@ mod tests {
 
     #[test]
     fn one_event_ahead_of_its_broker_time_is_brought_back_to_it() {
-        let mut e = page_view_at("a", TS + MAX_AHEAD_MS + 1);
+        let mut e = page_view_at("a", TS + MAX_AHEAD_OF_BROKER_MS + 1);
         assert!(e.clamp_ahead_of(TS));
         assert_eq!(e.ts_ms, TS);
-        let mut e = page_view_at("a", TS + MAX_AHEAD_MS);
+        let mut e = page_view_at("a", TS + MAX_AHEAD_OF_BROKER_MS);
         assert!(!e.clamp_ahead_of(TS));
-        assert_eq!(e.ts_ms, TS + MAX_AHEAD_MS);
+        assert_eq!(e.ts_ms, TS + MAX_AHEAD_OF_BROKER_MS);
         let mut e = page_view_at("a", TS - 5_000);
         assert!(!e.clamp_ahead_of(TS));
     }

@@ -406,9 +406,13 @@ impl App {
             // The shopper may only write their own events: the user id comes from the request's
             // identity, never from the body. A missing time is the edge's.
             let mut item = item.clone();
+            let mut timed_here = false;
             if let Value::Object(o) = &mut item {
                 o.insert("user_id".into(), user.clone().into());
-                o.entry("ts").or_insert_with(|| now_ms.into());
+                o.entry("ts").or_insert_with(|| {
+                    timed_here = true;
+                    now_ms.into()
+                });
             }
             match Event::from_json(&item) {
                 // only the edge, which verified both identities, may join two profiles
@@ -416,13 +420,21 @@ impl App {
                     "index": index,
                     "reason": "field `type`: identify events are the edge's own (it sends one when a visitor signs in)",
                 })),
-                Ok(e) => good.push(e),
+                Ok(e) => good.push((e, timed_here)),
                 Err(e) => rejected.push(json!({ "index": index, "reason": e.to_string() })),
             }
         }
         // A browser's clock may be anywhere: a batch from one far ahead moves back as one (a
-        // time from the future would poison ordering by event time, here and at origin)
-        event::correct_clock_ahead(&mut good, now_ms);
+        // time from the future would poison ordering by event time, here and at origin); what
+        // the edge timed itself stays at its time
+        let (mut good, timed_here): (Vec<Event>, Vec<bool>) = good.into_iter().unzip();
+        event::correct_clock_ahead(
+            good.iter_mut()
+                .zip(&timed_here)
+                .filter(|(_, here)| !**here)
+                .map(|(e, _)| e),
+            now_ms,
+        );
         if let Some(key) = key.filter(|_| !good.is_empty()) {
             // Load the base first so the local events fold over what origin knows.
             let cached = self.cache.borrow().peek(&key).is_some();
@@ -690,9 +702,14 @@ fn ingest_request(origin: &str, secret: &[u8], events: &[Event], now_ms: u64) ->
         .find(|(k, _)| *k == shared::auth::SIGNATURE_HEADER)
         .map_or_else(|| format!("{now_ms}"), |(_, v)| v.clone());
     Outbound {
+        // sealed: the batch names its shoppers, and KV holds no user id
         if_undelivered: Some((
             protocol::pending_events_key(&name),
-            protocol::ingest_body_at(events, now_ms),
+            crate::seal::seal(
+                secret,
+                name.as_bytes(),
+                &protocol::ingest_body_at(events, now_ms),
+            ),
         )),
         ..request
     }
@@ -794,7 +811,14 @@ impl App {
         let mut out = Vec::new();
         for kv_key in keys {
             let body = match store.get(&kv_key).await {
-                Ok(Some((bytes, _))) => bytes,
+                Ok(Some((bytes, _))) => match crate::seal::open(secret, &bytes) {
+                    Some(body) => body,
+                    None => {
+                        // sealed under another SYNC_SECRET, or changed: it expires unsent
+                        log::warn(&format!("{kv_key} does not open with this SYNC_SECRET"));
+                        continue;
+                    }
+                },
                 Ok(None) => continue,
                 Err(e) => {
                     log::warn(&format!("reading {kv_key} failed: {e}"));
