@@ -1114,6 +1114,14 @@ mod tests {
         (dir, store, shared)
     }
 
+    /// The users and versions of a batch's items.
+    fn versions_of(batch: &OutBatch) -> impl Iterator<Item = (UserKey, u64)> + '_ {
+        batch
+            .items
+            .iter()
+            .map(|i| (i.delta.user, i.delta.change.to_version()))
+    }
+
     /// Throttles its first push (429, `Retry-After`), then acknowledges; counts the items of
     /// the pushes it acknowledged, and says when the first arrived.
     #[derive(Debug, Default)]
@@ -1139,12 +1147,10 @@ mod tests {
                     .lock()
                     .expect("lock")
                     .extend(batch.documents.iter().map(|d| d.version));
-                self.acked_versions.lock().expect("lock").extend(
-                    batch
-                        .items
-                        .iter()
-                        .map(|i| (i.delta.user, i.delta.change.to_version())),
-                );
+                self.acked_versions
+                    .lock()
+                    .expect("lock")
+                    .extend(versions_of(batch));
             }
             Box::pin(async move {
                 if first {
@@ -1318,12 +1324,10 @@ mod tests {
                 (self.meanwhile)();
             }
             if n > SPLIT_AFTER_TRIES {
-                self.acked_versions.lock().expect("lock").extend(
-                    batch
-                        .items
-                        .iter()
-                        .map(|i| (i.delta.user, i.delta.change.to_version())),
-                );
+                self.acked_versions
+                    .lock()
+                    .expect("lock")
+                    .extend(versions_of(batch));
             }
             Box::pin(async move {
                 if n <= SPLIT_AFTER_TRIES {

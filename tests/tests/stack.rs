@@ -70,17 +70,22 @@ impl System {
         Some(shared::wire::decode_stored(&value).unwrap())
     }
 
-    /// The keys starting with `prefix` in the KV of edge `n` (1-based).
-    fn kv_keys(&self, n: usize, prefix: &str) -> Vec<String> {
-        let out = std::process::Command::new(root().join("node_modules/.bin/wrangler"))
-            .args(["kv", "key", "list", "--binding", "EDGEWISE", "--local"])
-            .args(["--prefix", prefix])
-            .arg("--persist-to")
+    /// `wrangler kv key <args>` on the local KV of edge `n` (1-based).
+    fn wrangler_kv(&self, n: usize, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(root().join("node_modules/.bin/wrangler"))
+            .args(["kv", "key"])
+            .args(args)
+            .args(["--binding", "EDGEWISE", "--local", "--persist-to"])
             .arg(self.stack.config.state.join(format!("edge-{n}")))
             .env("WRANGLER_SEND_METRICS", "false")
             .current_dir(root())
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The keys starting with `prefix` in the KV of edge `n` (1-based).
+    fn kv_keys(&self, n: usize, prefix: &str) -> Vec<String> {
+        let out = self.wrangler_kv(n, &["list", "--prefix", prefix]);
         assert!(
             out.status.success(),
             "{}",
@@ -97,14 +102,7 @@ impl System {
 
     /// The raw value of `key` in the KV of edge `n` (1-based).
     fn kv_raw(&self, n: usize, key: &str) -> Option<Vec<u8>> {
-        let out = std::process::Command::new(root().join("node_modules/.bin/wrangler"))
-            .args(["kv", "key", "get", key, "--binding", "EDGEWISE", "--local"])
-            .arg("--persist-to")
-            .arg(self.stack.config.state.join(format!("edge-{n}")))
-            .env("WRANGLER_SEND_METRICS", "false")
-            .current_dir(root())
-            .output()
-            .unwrap();
+        let out = self.wrangler_kv(n, &["get", key]);
         if !out.status.success() || out.stdout.starts_with(b"Value not found") {
             return None;
         }

@@ -257,16 +257,21 @@ impl Store for WriteGatedStore<'_> {
     }
 
     async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
-        std::future::poll_fn(|_| {
-            if self.open.get() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
+        until_open(&self.open).await;
         self.inner.put(key, value, version).await
     }
+}
+
+/// Waits until the test opens `gate`.
+async fn until_open(gate: &Cell<bool>) {
+    std::future::poll_fn(|_| {
+        if gate.get() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 fn sync_request(w: &World, frame: &[u8]) -> HttpRequest {
@@ -327,14 +332,7 @@ struct SnapshotReads<'a> {
 impl Store for SnapshotReads<'_> {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         let then = self.inner.get(key).await;
-        std::future::poll_fn(|_| {
-            if self.open.get() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
+        until_open(&self.open).await;
         then
     }
 
