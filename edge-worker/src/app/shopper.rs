@@ -788,7 +788,8 @@ impl App {
 
 impl App {
     /// The Cron Trigger's other work: every event batch this deployment accepted and parked
-    /// because origin took none of its attempts, as freshly signed `/ingest` requests carrying
+    /// (at its first try origin may take later) that no retry got through since, as freshly
+    /// signed `/ingest` requests carrying
     /// when the edge accepted them (origin times them by that, so an erasure since still
     /// erases them), each retiring its record once origin takes it. At most half of
     /// [`SWEEP_BATCH`] a run, beside the erasures' whole (KV's operations per invocation); a
