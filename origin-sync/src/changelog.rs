@@ -569,7 +569,7 @@ async fn each_partition<R: Send + 'static>(
 }
 
 /// One audit of `partition`: returns (records read, shoppers re-logged). A shopper whose
-/// record in the audited range is behind this store is re-logged only when no later record
+/// last record in the audited range is behind this store is re-logged only when no later record
 /// of theirs follows it (this instance's own newer write, appended after the range's end was
 /// read) and no change of theirs was on its way (an unlogged mark). The marks are read
 /// before the new end: a newer write of the owner's that the store held when the range was
@@ -577,7 +577,7 @@ async fn each_partition<R: Send + 'static>(
 /// end, and is never taken for a stale writer's.
 fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), PipelineError> {
     let report = read_into_store(shared, partition, Applier::Audit, 0, false)?;
-    let stale = report.restored.touched;
+    let stale = report.restored.last_stale;
     if stale.is_empty() {
         return Ok((report.restored.read, 0));
     }

@@ -447,12 +447,13 @@ pub struct Restored {
     /// Records behind the local state (a stale writer's, or this store's own, read again).
     pub behind: u64,
     pub unreadable: u64,
-    /// The users put in the outbox (owner); for an audit, those whose record was behind and
-    /// different: to re-log unless a later record of theirs follows (`changelog::audit`).
+    /// The users put in the outbox (an owner's restore).
     pub touched: Vec<UserKey>,
     /// An owner's restore: the users whose last record read is not what this store keeps of
     /// them (a stale writer's record left after a later owner's). Compaction keeps a key's
-    /// last record only, so they are logged again (`ownership`, once restored).
+    /// last record only, so they are logged again (`ownership`, once restored). An audit:
+    /// those whose last record read is behind this store's state and differs from it, to
+    /// re-log unless a record of theirs follows the range read (`changelog::audit`).
     pub last_stale: std::collections::BTreeSet<UserKey>,
     /// Of one chunk, those whose last record read is what this store keeps: a later chunk's
     /// answer for a user an earlier chunk found stale (merged away by `+=`, which keeps only
@@ -896,6 +897,39 @@ impl Store {
                     }
                     None => (None, None),
                 };
+                // erasure wins: every instance reads the whole erasure log before consuming,
+                // so a local erasure a record does not carry is newer than its writer knew
+                let erased_here = match here {
+                    Some(bytes) => UserState::decode_unfolded(bytes)?.erased(),
+                    None => None,
+                };
+                let erasure_newer_here = |record: &Ready| {
+                    erased_here.is_some_and(|(_, at)| {
+                        record.erased.is_none_or(|(_, their_at)| their_at < at)
+                    })
+                };
+                if applier == Applier::Audit {
+                    // What compaction keeps of a shopper is their last record, whatever its
+                    // epoch: the verdict is on that one (a zombie's record of an earlier
+                    // epoch after this owner's is stale), and a later chunk's verdict replaces
+                    // an earlier one's (`+=`): the owner's own records of a shopper, read
+                    // across chunks, are not taken for a stale writer's.
+                    let Some(kept) = here else {
+                        // a shopper this store has not folded yet: its own record follows
+                        continue;
+                    };
+                    out.behind += 1;
+                    if &last.value[last.state_at..] != kept
+                        && (erasure_newer_here(last) || !outranks(&last.stamp, local.as_ref()))
+                    {
+                        out.last_stale.insert(key);
+                    } else {
+                        // this store's state, or ahead of it (events the owner has yet to
+                        // fold: its own record follows)
+                        out.last_current.push(key);
+                    }
+                    continue;
+                }
                 // An owner sends again what lies at or above the watermark even where this
                 // store is as far or further (a copy left here by an earlier ownership): its
                 // outbox entries were released when the partition left.
@@ -916,7 +950,7 @@ impl Store {
                     out.behind += 1;
                     // the same state under a later owner's stamp: that stamp is kept, so a
                     // stale writer's record of the earlier epoch cannot pass for it
-                    if newer && applier != Applier::Audit && local.as_ref() != Some(&ready.stamp) {
+                    if newer && local.as_ref() != Some(&ready.stamp) {
                         users_t.insert(k, ready.value.as_slice())?;
                         note_last(&ready.value, &mut out);
                     } else if let Some(value) = &stored {
@@ -929,32 +963,16 @@ impl Store {
                     }
                     continue;
                 }
-                // erasure wins: every instance reads the whole erasure log before consuming,
-                // so a local erasure the record does not carry is newer than its writer knew
-                let erased_here = match here {
-                    Some(bytes) => UserState::decode_unfolded(bytes)?.erased(),
-                    None => None,
-                };
-                let erasure_newer_here = erased_here
-                    .is_some_and(|(_, at)| ready.erased.is_none_or(|(_, their_at)| their_at < at));
-                if erasure_newer_here || !newer {
+                if erasure_newer_here(ready) || !newer {
                     out.behind += 1;
                     if let Some(value) = &stored {
                         note_last(value, &mut out);
-                    }
-                    if applier == Applier::Audit && here.is_some() {
-                        out.touched.push(key);
                     }
                     if resend_here {
                         pender.pend(&mut outbox_t, &key.0)?;
                         out.resent += 1;
                         out.touched.push(key);
                     }
-                    continue;
-                }
-                if applier == Applier::Audit {
-                    // ahead of this store (or a shopper it has not seen): the owner folds
-                    // those events itself, and its own record follows
                     continue;
                 }
                 users_t.insert(k, ready.value.as_slice())?;
@@ -2200,10 +2218,9 @@ mod tests {
             .apply_log(0, &as_read(&latest), 10, 0, 5, Applier::Audit, true)
             .expect("audit");
         assert_eq!(
-            (r.read, r.applied, r.touched.len()),
+            (r.read, r.applied, r.last_stale.len()),
             (latest.len() as u64, 0, 0)
         );
-        assert!(r.touched.is_empty());
 
         // a stale writer appends the earlier states after them
         let before: Vec<_> = (0..4)
@@ -2216,14 +2233,12 @@ mod tests {
         let latest_keys: BTreeSet<UserKey> = latest.iter().map(|l| l.key).collect();
         let stale: BTreeSet<UserKey> = early_keys.intersection(&latest_keys).copied().collect();
         assert!(!stale.is_empty());
-        assert_eq!((r.applied, r.touched.len()), (0, stale.len()));
-        assert_eq!(r.touched.iter().copied().collect::<BTreeSet<_>>(), stale);
-        assert_eq!(
-            owner.relog(&r.touched, 5).expect("relog"),
-            stale.len() as u64
-        );
+        assert_eq!(r.applied, 0);
+        assert_eq!(r.last_stale, stale);
+        let flagged: Vec<UserKey> = r.last_stale.iter().copied().collect();
+        assert_eq!(owner.relog(&flagged, 5).expect("relog"), stale.len() as u64);
         // marked already: not again
-        assert_eq!(owner.relog(&r.touched, 6).expect("relog"), 0);
+        assert_eq!(owner.relog(&flagged, 6).expect("relog"), 0);
         let again: BTreeSet<UserKey> = owner
             .unlogged()
             .expect("unlogged")
@@ -2248,7 +2263,7 @@ mod tests {
         let r = owner
             .apply_log(0, &as_read(&further), 30, 0, 5, Applier::Audit, true)
             .expect("audit");
-        assert_eq!((r.applied, r.touched.len()), (0, 0));
+        assert_eq!((r.applied, r.last_stale.len()), (0, 0));
         let after: Vec<_> = (0..4)
             .map(|u| owner.current(&format!("p-u{u}")).expect("read"))
             .collect();
@@ -2261,6 +2276,89 @@ mod tests {
             .expect("audit");
         assert_eq!(r.read, 0);
         assert_eq!(owner.changelog_position(0).expect("position"), 30);
+    }
+
+    /// An audit judges a shopper by their last record in the range read, whatever chunks it
+    /// was read in and whatever epochs: the owner's own records of a shopper, an earlier state
+    /// in one chunk and its latest in the next, are not a stale writer's (a restore-sized
+    /// range read as it grows flagged thousands of shoppers of a single owner, each re-logged);
+    /// a zombie's record of an earlier epoch left after the owner's is, though the owner's
+    /// record outranks it (compaction keeps the zombie's).
+    #[test]
+    fn an_audit_judges_each_shopper_by_the_last_record_read() {
+        use std::collections::BTreeSet;
+        let events = traffic(4, 120, 23);
+        let recs = records(&events, 0);
+        let owner = open("audit-chunks");
+        owner.set_owned(&[0]);
+        let early = owner.apply_batch(&recs[..40]).expect("fold").logged;
+        let latest = owner.apply_batch(&recs[40..80]).expect("fold").logged;
+        let marks: Vec<(UserKey, u64)> = early
+            .iter()
+            .chain(&latest)
+            .map(|l| (l.key, l.version))
+            .collect();
+        owner.mark_logged(&marks).expect("the broker has them");
+        let prepared = |logged: &[Logged], from: usize| -> Vec<PreparedRecord> {
+            logged
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    PreparedRecord::new(LogRecord {
+                        offset: (from + i) as i64,
+                        key: l.key.0.to_vec(),
+                        value: Some(l.value.clone()),
+                    })
+                })
+                .collect()
+        };
+        let chunks = vec![
+            (prepared(&early, 0), early.len() as i64, false),
+            (
+                prepared(&latest, early.len()),
+                (early.len() + latest.len()) as i64,
+                true,
+            ),
+        ];
+        let r = owner
+            .apply_chunks(0, chunks, 0, || 5, Applier::Audit, |_| {})
+            .expect("audit");
+        assert_eq!(r.read, (early.len() + latest.len()) as u64);
+        assert!(
+            r.last_stale.is_empty(),
+            "the owner's own earlier records, followed by its latest: {:?}",
+            r.last_stale
+        );
+
+        // a zombie of the earlier generation wrote the earlier states after the owner (of a
+        // later generation) wrote its own
+        let zombie = open("audit-zombie");
+        zombie.set_owned(&[0]);
+        let zombie_epoch = zombie.claim(0, 0).expect("claim");
+        let stale_writes = zombie.apply_batch(&recs[..40]).expect("fold").logged;
+        let current = open("audit-later-owner");
+        current.set_owned(&[0]);
+        let owner_epoch = current.claim(0, 1).expect("claim");
+        assert!(owner_epoch > zombie_epoch);
+        let own = current.apply_batch(&recs[..80]).expect("fold").logged;
+        let marks: Vec<(UserKey, u64)> = own.iter().map(|l| (l.key, l.version)).collect();
+        current.mark_logged(&marks).expect("the broker has them");
+        let mut range = own.clone();
+        range.extend(stale_writes.iter().cloned());
+        let r = current
+            .apply_log(
+                0,
+                &as_read(&range),
+                range.len() as i64,
+                0,
+                5,
+                Applier::Audit,
+                true,
+            )
+            .expect("audit");
+        let zombies: BTreeSet<UserKey> = stale_writes.iter().map(|l| l.key).collect();
+        assert!(!zombies.is_empty());
+        assert_eq!(r.last_stale, zombies, "left last: the zombie's records");
     }
 
     /// A change is unlogged until the broker has its record; a mark for an older version does

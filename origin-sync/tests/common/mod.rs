@@ -284,15 +284,47 @@ pub fn shrink_reorder_window(config: &std::path::Path) {
     std::fs::write(config, shrunk).expect("config");
 }
 
+/// How long a wait for the edge to converge goes on: while what is left keeps falling to new
+/// lows, up to `stall` after the last one, and never more than [`Progress::CAP`] stalls in
+/// all. A machine slower than the one a timeout was picked on (a loaded CI runner) makes a
+/// pipeline slow, not stuck; one that is stuck is still caught a `stall` after it stopped.
+pub struct Progress {
+    stall: Duration,
+    started: Instant,
+    best: usize,
+    last_low: Instant,
+}
+
+impl Progress {
+    pub const CAP: u32 = 4;
+
+    pub fn new(stall: Duration) -> Progress {
+        let now = Instant::now();
+        Progress {
+            stall,
+            started: now,
+            best: usize::MAX,
+            last_low: now,
+        }
+    }
+
+    /// Whether to go on waiting with `left` still to do.
+    pub fn patient(&mut self, left: usize) -> bool {
+        let now = Instant::now();
+        if left < self.best {
+            self.best = left;
+            self.last_low = now;
+        }
+        now - self.last_low < self.stall && now - self.started < self.stall * Self::CAP
+    }
+}
+
 /// Waits until every shopper's version at the edge is the reference's (what a run with a
 /// small reorder window can promise: events arriving past it fold in another order, so the
-/// content may differ, never the count); panics naming a few that differ on timeout.
-pub async fn converge_versions(
-    edge: &TestEdge,
-    want: &HashMap<UserKey, Profile>,
-    timeout: Duration,
-) {
-    let deadline = Instant::now() + timeout;
+/// content may differ, never the count); panics naming a few that differ once they stopped
+/// getting fewer for `stall` ([`Progress`]).
+pub async fn converge_versions(edge: &TestEdge, want: &HashMap<UserKey, Profile>, stall: Duration) {
+    let mut progress = Progress::new(stall);
     loop {
         let held = edge.profiles();
         let wrong: Vec<_> = want
@@ -306,7 +338,7 @@ pub async fn converge_versions(
             return;
         }
         assert!(
-            Instant::now() < deadline,
+            progress.patient(wrong.len()),
             "{} of {} shoppers' versions differ from the reference (want, edge): {:?}",
             wrong.len(),
             want.len(),
@@ -341,15 +373,16 @@ pub fn mismatches(edge: &TestEdge, want: &HashMap<UserKey, Profile>) -> usize {
         .count()
 }
 
-/// Waits until the edge equals the reference; panics with a diagnosis on timeout.
-pub async fn converge(edge: &TestEdge, want: &HashMap<UserKey, Profile>, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
+/// Waits until the edge equals the reference; panics with a diagnosis once it stopped getting
+/// closer for `stall` ([`Progress`]).
+pub async fn converge(edge: &TestEdge, want: &HashMap<UserKey, Profile>, stall: Duration) {
+    let mut progress = Progress::new(stall);
     loop {
         let bad = mismatches(edge, want);
         if bad == 0 {
             return;
         }
-        if Instant::now() > deadline {
+        if !progress.patient(bad) {
             let held = edge.profiles();
             let example = want
                 .iter()
