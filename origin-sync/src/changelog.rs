@@ -571,10 +571,12 @@ async fn each_partition<R: Send + 'static>(
 /// One audit of `partition`: returns (records read, shoppers re-logged). A shopper whose
 /// last record in the audited range is behind this store is re-logged only when no later record
 /// of theirs follows it (this instance's own newer write, appended after the range's end was
-/// read) and no change of theirs was on its way (an unlogged mark). The marks are read
-/// before the new end: a newer write of the owner's that the store held when the range was
-/// compared was marked until the broker had it, so it is either marked then or below that
-/// end, and is never taken for a stale writer's.
+/// read), no change of theirs was on its way (an unlogged mark), and the store still holds
+/// what it held at the verdict. The marks are read before the new end: a newer write of the
+/// owner's that the store held when the range was compared was marked until the broker had
+/// it, so it is either marked then or below that end; one folded since may have had its
+/// record compacted into a later one past that end, and the unchanged stamp tells it apart.
+/// None of them is taken for a stale writer's.
 fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), PipelineError> {
     let report = read_into_store(shared, partition, Applier::Audit, 0, false)?;
     let stale = report.restored.last_stale;
@@ -606,11 +608,11 @@ fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), Pipeli
             },
         )?;
     }
-    let stale: Vec<UserKey> = stale
-        .into_iter()
-        .filter(|k| !later.contains(k.0.as_slice()) && !pending.contains(k))
-        .collect();
-    let relogged = shared.store.relog(&stale, now_ms())?;
+    let mut audited_at = report.restored.audited_at;
+    audited_at.retain(|k, _| {
+        stale.contains(k) && !later.contains(k.0.as_slice()) && !pending.contains(k)
+    });
+    let relogged = shared.store.relog_unchanged(&audited_at, now_ms())?;
     Ok((report.restored.read, relogged))
 }
 

@@ -6,6 +6,7 @@
 //! a bare machine by running `setup` first. It depends on nothing but `anyhow`, so it builds
 //! in seconds.
 
+mod scratch;
 mod setup;
 mod util;
 mod worker;
@@ -131,9 +132,7 @@ fn test(extra: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
     setup::run()?;
     // Brokers' logs and stores the tests keep for inspection: only the last run's are useful.
-    for scratch in ["target/origin-sync-tests", "target/e2e"] {
-        let _ = std::fs::remove_dir_all(root().join(scratch));
-    }
+    let scratch = scratch::prepare(&root())?;
     if let Some(free) = util::free_bytes(&root())
         && free < TEST_DISK_BYTES
     {
@@ -163,19 +162,32 @@ fn test(extra: &[String]) -> Result<()> {
     // libtest can only call it passed, so the summary below moves it to skipped.
     let skipped_dir = root().join("target/test-skipped");
     let _ = std::fs::remove_dir_all(&skipped_dir);
-    Cmd::new("cargo")
+    let ran = Cmd::new("cargo")
         .args(["test", "--workspace", "--exclude", "edge-worker"])
         .args(extra)
         .env("EDGEWISE_WORKER_BUNDLE", &bundle)
         .env("EDGEWISE_SKIPPED_DIR", &skipped_dir)
         .cwd(root())
-        .run_tests(&mut totals)?;
-    // The worker's own tests run natively; its wasm-only glue is covered by the e2e tests.
-    Cmd::new("cargo")
-        .args(["test", "-p", "edge-worker"])
-        .args(extra)
-        .cwd(root())
-        .run_tests(&mut totals)?;
+        .run_tests(&mut totals)
+        .and_then(|()| {
+            // The worker's own tests run natively; its wasm-only glue is covered by the e2e
+            // tests.
+            Cmd::new("cargo")
+                .args(["test", "-p", "edge-worker"])
+                .args(extra)
+                .cwd(root())
+                .run_tests(&mut totals)
+        });
+    // a failing run's files stay for its diagnosis; a passing run's would only hold memory
+    // when they are on tmpfs
+    if let Err(e) = ran {
+        println!(
+            "    the tests' logs and files: target/origin-sync-tests and target/e2e (in {})",
+            scratch.display()
+        );
+        return Err(e);
+    }
+    scratch::remove(&root());
     let skipped: Vec<String> = std::fs::read_dir(&skipped_dir)
         .map(|entries| {
             entries

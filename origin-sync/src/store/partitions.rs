@@ -455,6 +455,10 @@ pub struct Restored {
     /// those whose last record read is behind this store's state and differs from it, to
     /// re-log unless a record of theirs follows the range read (`changelog::audit`).
     pub last_stale: std::collections::BTreeSet<UserKey>,
+    /// An audit: the stamp this store held of each shopper it found stale, when it did. One
+    /// whose stamp moved since was folded again, and its owner logs that itself
+    /// ([`Store::relog_unchanged`]).
+    pub audited_at: std::collections::BTreeMap<UserKey, Option<Stamp>>,
     /// Of one chunk, those whose last record read is what this store keeps: a later chunk's
     /// answer for a user an earlier chunk found stale (merged away by `+=`, which keeps only
     /// the stale set).
@@ -515,6 +519,7 @@ impl std::ops::AddAssign for Restored {
             }
         }
         self.last_stale.extend(r.last_stale);
+        self.audited_at.extend(r.audited_at);
         self.epoch_read = self.epoch_read.max(r.epoch_read);
         for (topic, next) in r.late_next {
             let at = self.late_next.entry(topic).or_insert(next);
@@ -923,6 +928,7 @@ impl Store {
                         && (erasure_newer_here(last) || !outranks(&last.stamp, local.as_ref()))
                     {
                         out.last_stale.insert(key);
+                        out.audited_at.insert(key, local.clone());
                     } else {
                         // this store's state, or ahead of it (events the owner has yet to
                         // fold: its own record follows)
@@ -1023,14 +1029,40 @@ impl Store {
     /// (`Restored::late_next`): a later restore would consume again from that shopper's
     /// stamp, which for a shopper quiet since may lie far back.
     pub fn relog(&self, keys: &[UserKey], now_ms: u64) -> Result<u64, StoreError> {
+        self.relog_where(keys, now_ms, |_, _| true)
+    }
+
+    /// [`Store::relog`] of the shoppers an audit found stale, each only while this store
+    /// holds the stamp it held at the audit's verdict (`Restored::audited_at`). One folded
+    /// since has a newer record on its way or written after the range the audit read, and a
+    /// record written there may already be compacted into a later one the audit did not see:
+    /// taking such a shopper for a stale writer's re-logged the owner's own shoppers.
+    pub fn relog_unchanged(
+        &self,
+        audited_at: &std::collections::BTreeMap<UserKey, Option<Stamp>>,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let keys: Vec<UserKey> = audited_at.keys().copied().collect();
+        self.relog_where(&keys, now_ms, |k, stamp| {
+            audited_at.get(k).is_some_and(|at| at.as_ref() == stamp)
+        })
+    }
+
+    /// [`Store::relog`] of the `keys` whose stamp `keep` accepts.
+    fn relog_where(
+        &self,
+        keys: &[UserKey],
+        now_ms: u64,
+        keep: impl Fn(&UserKey, Option<&Stamp>) -> bool,
+    ) -> Result<u64, StoreError> {
         let owned = self.owned_epochs();
         let tx = self.db.begin_write()?;
         let mut marked = 0;
         {
             let mut users_t = tx.open_table(USERS)?;
             let mut unlogged_t = tx.open_table(UNLOGGED)?;
-            for k in keys {
-                let k = k.0.as_slice();
+            for key in keys {
+                let k = key.0.as_slice();
                 if unlogged_t.get(k)?.is_some() {
                     continue;
                 }
@@ -1038,6 +1070,9 @@ impl Store {
                     continue;
                 };
                 let (stamp, state) = stamped(&value)?;
+                if !keep(key, stamp.as_ref()) {
+                    continue;
+                }
                 let version = UserState::decode(state)?.current_version();
                 if let Some(mut stamp) = stamp
                     && let Some(&epoch) = owned.get(&stamp.partition)
@@ -2359,6 +2394,26 @@ mod tests {
         let zombies: BTreeSet<UserKey> = stale_writes.iter().map(|l| l.key).collect();
         assert!(!zombies.is_empty());
         assert_eq!(r.last_stale, zombies, "left last: the zombie's records");
+
+        // a shopper folded again since the verdict is its owner's to log (its record may be
+        // past the range read, or compacted into a later one): not re-logged
+        let folded_since = current.apply_batch(&recs[80..81]).expect("fold").logged;
+        let marks: Vec<(UserKey, u64)> = folded_since.iter().map(|l| (l.key, l.version)).collect();
+        current.mark_logged(&marks).expect("the broker has them");
+        let moved: BTreeSet<UserKey> = folded_since.iter().map(|l| l.key).collect();
+        let unchanged: BTreeSet<UserKey> = zombies.difference(&moved).copied().collect();
+        assert!(!moved.is_empty() && !unchanged.is_empty(), "{moved:?}");
+        assert_eq!(
+            current.relog_unchanged(&r.audited_at, 6).expect("relog"),
+            unchanged.len() as u64
+        );
+        let relogged: BTreeSet<UserKey> = current
+            .unlogged()
+            .expect("unlogged")
+            .iter()
+            .map(|l| l.key)
+            .collect();
+        assert_eq!(relogged, unchanged);
     }
 
     /// A change is unlogged until the broker has its record; a mark for an older version does

@@ -76,9 +76,17 @@ pub fn find_tansu() -> Option<PathBuf> {
 /// process's next outgoing connection (a Kafka client's, a broker's), and the service then
 /// failed to start with "Address already in use". Below the range only an explicit bind takes
 /// a port, so the pick is random (parallel tests pick apart) and checked by binding it.
+///
+/// A port is handed out once per process: a service's port is written into its config when
+/// the test sets it up and bound when the service starts, and again at each restart, so it
+/// lies unbound for a while; a test running beside it that picked it meanwhile made the
+/// service fail to start ("Address already in use", once in a full run).
 pub fn free_port() -> Result<u16, std::io::Error> {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     static PICKS: AtomicU64 = AtomicU64::new(0);
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
@@ -98,7 +106,8 @@ pub fn free_port() -> Result<u16, std::io::Error> {
         x ^= x >> 7;
         x ^= x << 17;
         let port = u16::try_from(low + x % span).unwrap_or(0);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
             return Ok(port);
         }
     }
@@ -435,6 +444,10 @@ mod tests {
             std::net::TcpListener::bind(("127.0.0.1", port)).expect("free");
         }
         let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
-        assert!(distinct.len() > 40, "picks repeat: {ports:?}");
+        assert_eq!(
+            distinct.len(),
+            ports.len(),
+            "a port handed out twice: {ports:?}"
+        );
     }
 }
