@@ -2228,6 +2228,24 @@ mod tests {
         }
     }
 
+    /// An owner of partition 0 that folded `recs[..40]`, then `recs[40..80]`, each batch's
+    /// records acknowledged by the broker: (the store, the first batch's records, the second's).
+    fn logged_in_two_batches(name: &str, recs: &[Record]) -> (Store, Vec<Logged>, Vec<Logged>) {
+        let owner = open(name);
+        owner.set_owned(&[0]);
+        let early = owner.apply_batch(&recs[..40]).expect("fold").logged;
+        let latest = owner.apply_batch(&recs[40..80]).expect("fold").logged;
+        acknowledged(&owner, &early);
+        acknowledged(&owner, &latest);
+        (owner, early, latest)
+    }
+
+    /// The broker acknowledged `logged`: their unlogged marks are cleared.
+    fn acknowledged(store: &Store, logged: &[Logged]) {
+        let marks: Vec<(UserKey, u64)> = logged.iter().map(|l| (l.key, l.version)).collect();
+        store.mark_logged(&marks).expect("the broker has them");
+    }
+
     /// The owner's audit of its partition's changelog: a shopper whose last record there is
     /// behind its state (a zombie's) is marked to be logged again, at its current version;
     /// the owner's own latest records and records ahead of it (events it has yet to fold)
@@ -2235,18 +2253,8 @@ mod tests {
     #[test]
     fn an_audit_relogs_shoppers_whose_last_record_is_a_stale_writers() {
         use std::collections::BTreeSet;
-        let events = traffic(4, 120, 19);
-        let recs = records(&events, 0);
-        let owner = open("audit-owner");
-        owner.set_owned(&[0]);
-        let early = owner.apply_batch(&recs[..40]).expect("fold").logged;
-        let latest = owner.apply_batch(&recs[40..80]).expect("fold").logged;
-        let marks: Vec<(UserKey, u64)> = early
-            .iter()
-            .chain(&latest)
-            .map(|l| (l.key, l.version))
-            .collect();
-        owner.mark_logged(&marks).expect("the broker has them");
+        let recs = records(&traffic(4, 120, 19), 0);
+        let (owner, early, latest) = logged_in_two_batches("audit-owner", &recs);
 
         // its own latest records: nothing to do
         let r = owner
@@ -2322,18 +2330,8 @@ mod tests {
     #[test]
     fn an_audit_judges_each_shopper_by_the_last_record_read() {
         use std::collections::BTreeSet;
-        let events = traffic(4, 120, 23);
-        let recs = records(&events, 0);
-        let owner = open("audit-chunks");
-        owner.set_owned(&[0]);
-        let early = owner.apply_batch(&recs[..40]).expect("fold").logged;
-        let latest = owner.apply_batch(&recs[40..80]).expect("fold").logged;
-        let marks: Vec<(UserKey, u64)> = early
-            .iter()
-            .chain(&latest)
-            .map(|l| (l.key, l.version))
-            .collect();
-        owner.mark_logged(&marks).expect("the broker has them");
+        let recs = records(&traffic(4, 120, 23), 0);
+        let (owner, early, latest) = logged_in_two_batches("audit-chunks", &recs);
         let prepared = |logged: &[Logged], from: usize| -> Vec<PreparedRecord> {
             logged
                 .iter()
@@ -2376,8 +2374,7 @@ mod tests {
         let owner_epoch = current.claim(0, 1).expect("claim");
         assert!(owner_epoch > zombie_epoch);
         let own = current.apply_batch(&recs[..80]).expect("fold").logged;
-        let marks: Vec<(UserKey, u64)> = own.iter().map(|l| (l.key, l.version)).collect();
-        current.mark_logged(&marks).expect("the broker has them");
+        acknowledged(&current, &own);
         let mut range = own.clone();
         range.extend(stale_writes.iter().cloned());
         let r = current
@@ -2398,8 +2395,7 @@ mod tests {
         // a shopper folded again since the verdict is its owner's to log (its record may be
         // past the range read, or compacted into a later one): not re-logged
         let folded_since = current.apply_batch(&recs[80..81]).expect("fold").logged;
-        let marks: Vec<(UserKey, u64)> = folded_since.iter().map(|l| (l.key, l.version)).collect();
-        current.mark_logged(&marks).expect("the broker has them");
+        acknowledged(&current, &folded_since);
         let moved: BTreeSet<UserKey> = folded_since.iter().map(|l| l.key).collect();
         let unchanged: BTreeSet<UserKey> = zombies.difference(&moved).copied().collect();
         assert!(!moved.is_empty() && !unchanged.is_empty(), "{moved:?}");
