@@ -330,9 +330,10 @@ impl Monotonic {
 /// Three instances share the group while events stream in; one is SIGKILLed, one stopped
 /// gracefully, one added. The edge ends equal to the reference fold (a lost event, or one
 /// folded twice, shows as a different version: version = the shopper's event count), and no
-/// version the edge held ever went down.
+/// version the edge held ever went down. (The longest test here: its name sorts it among the
+/// first libtest starts, so it does not run alone at the end.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instances_killed_stopped_and_added_lose_nothing_and_count_nothing_twice() {
+async fn a_group_whose_members_are_killed_stopped_and_added_loses_and_doubles_nothing() {
     let Some(tansu) = group_broker("scale-out") else {
         return;
     };
