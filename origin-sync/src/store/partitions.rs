@@ -2428,13 +2428,8 @@ mod tests {
             current.relog_unchanged(&r.audited_at, 6).expect("relog"),
             unchanged.len() as u64 - 1
         );
-        let relogged: BTreeSet<UserKey> = current
-            .unlogged()
-            .expect("unlogged")
-            .iter()
-            .map(|l| l.key)
-            .collect();
-        assert_eq!(relogged, unchanged);
+        let relogged = current.unlogged_keys().expect("unlogged");
+        assert_eq!(relogged, unchanged.iter().copied().collect());
     }
 
     /// A change is unlogged until the broker has its record; a mark for an older version does
