@@ -14,14 +14,16 @@ use axum::routing::{delete, get, post};
 use rdkafka::producer::FutureProducer;
 use serde_json::json;
 use shared::auth::DEFAULT_WINDOW_SECS;
-use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_ingest};
+use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_ingest_batch};
 use shared::keys::UserKey;
 use shared::protocol::{self, ErasureBody, KeyErasureBody, Signed, route};
 
 use crate::kafka::{Outgoing, produce_all_at};
 use crate::limit::SourceLimiter;
 use crate::metrics::{Emit as _, UserErased};
-use crate::pipeline::{Shared, now_ms};
+use crate::pipeline::{
+    DEAD_LETTER_KEY_BYTES, DEAD_LETTER_REASON_CHARS, Shared, now_ms, sha256_hex,
+};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -50,12 +52,15 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .layer(DefaultBodyLimit::max(
-            MAX_EVENT_BYTES * MAX_BATCH_EVENTS + 1024,
-        ))
+        .layer(DefaultBodyLimit::max(MAX_INGEST_BODY))
         .layer(Extension(ingest_limit))
         .with_state(state)
 }
+
+/// The largest `/ingest` body read. A refused one is dead-lettered whole, so it must fit a
+/// Kafka message with its headers under the default limits (1,000,000 bytes at the producer).
+const MAX_INGEST_BODY: usize = MAX_EVENT_BYTES * MAX_BATCH_EVENTS + 1024;
+const _: () = assert!(MAX_INGEST_BODY + 16 * 1024 < 1_000_000);
 
 /// The oldest acceptance time a parked batch may carry (the edge keeps one 7 days).
 const PARKED_FOR_AT_MOST_MS: u64 = 8 * 86_400_000;
@@ -84,24 +89,33 @@ async fn ingest(
     if let Some(r) = check_signature(secret, &headers, &body) {
         return r;
     }
-    let (results, parked_at) = match parse_ingest(&body) {
-        Ok(r) => r,
+    // From here the request is the edge's own, and the edge told the shopper it took these
+    // events: what origin refuses of it (an event type or field this build does not know yet,
+    // the edge deployed first) is kept on the dead-letter topic, or the request fails for the
+    // edge to send again. Unsigned requests never reach the topic.
+    let signed_at = Signed::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+        .ok()
+        .map(|s| protocol::ingest_accepted_ms(s.timestamp));
+    let batch = match parse_ingest_batch(&body) {
+        Ok(b) => b,
         Err(e) => {
-            st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
-            return error(StatusCode::BAD_REQUEST, e.to_string());
+            let reason = format!("the batch was refused: {e}");
+            let letter = IngestDeadLetter::batch(&body, &reason, signed_at);
+            return refuse_whole(&st, letter, reason).await;
         }
     };
     // the edge keeps a parked batch a week; Kafka's time-based retention could drop a message
     // stamped much older at once
-    if parked_at.is_some_and(|at| at.saturating_add(PARKED_FOR_AT_MOST_MS) < now_ms()) {
-        st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
-        return error(
-            StatusCode::BAD_REQUEST,
-            "accepted_ms is more than 8 days ago; the batch is too old to ingest",
-        );
+    if let Some(at) = batch
+        .accepted_ms
+        .filter(|at| at.saturating_add(PARKED_FOR_AT_MOST_MS) < now_ms())
+    {
+        let reason = "accepted_ms is more than 8 days ago; the batch is too old to ingest";
+        let letter = IngestDeadLetter::batch(&body, reason, Some(at));
+        return refuse_whole(&st, letter, reason.to_owned()).await;
     }
-    if let Err(secs) = limit.take(peer.ip(), results.len() as u32, now_ms()) {
-        tracing::warn!(%peer, events = results.len(), "ingest budget spent; answered 429");
+    if let Err(secs) = limit.take(peer.ip(), batch.events.len() as u32, now_ms()) {
+        tracing::warn!(%peer, events = batch.events.len(), "ingest budget spent; answered 429");
         let mut r = error(
             StatusCode::TOO_MANY_REQUESTS,
             format!("too many events from this address; retry in {secs} s"),
@@ -111,14 +125,6 @@ async fn ingest(
         }
         return r;
     }
-    let mut out = Vec::new();
-    let mut rejected = Vec::new();
-    for (index, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(e) => out.push(Outgoing::event(&e)),
-            Err(e) => rejected.push(json!({"index": index, "reason": e.to_string()})),
-        }
-    }
     // The edge accepted these events in the second it signed the request: that, not when
     // this retry of it arrived, is their time for an erasure's cutoff (the edge's clock too,
     // as the cutoff is). A retry landing after the shopper's erasure would otherwise be folded
@@ -127,18 +133,36 @@ async fn ingest(
     // Cron sweep says when it was accepted, which may be hours before this signature: that.
     // Never later than the signature's second, so it can only move a batch earlier (more
     // of it erased by an erasure since, not less).
-    let accepted_ms = Signed::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()))
-        .ok()
-        .map(|s| {
-            let signed = protocol::ingest_accepted_ms(s.timestamp);
-            parked_at.map_or(signed, |at| at.min(signed)).min(now_ms()) as i64
-        });
-    if let Err(e) = produce_all_at(&st.producer, &out, accepted_ms).await {
+    let accepted_ms = signed_at.map(|signed| {
+        batch
+            .accepted_ms
+            .map_or(signed, |at| at.min(signed))
+            .min(now_ms())
+    });
+    let mut out = Vec::new();
+    let mut rejected = Vec::new();
+    let mut letters = Vec::new();
+    for (index, r) in batch.events.iter().enumerate() {
+        match r {
+            Ok(e) => out.push(Outgoing::event(e)),
+            Err(e) => {
+                let reason = e.to_string();
+                if let Some(item) = batch.item(index) {
+                    letters.push(IngestDeadLetter::event(item, index, &reason, accepted_ms));
+                }
+                rejected.push(json!({"index": index, "reason": reason}));
+            }
+        }
+    }
+    if let Err(e) = produce_all_at(&st.producer, &out, accepted_ms.map(|at| at as i64)).await {
         tracing::error!(error = %e, "ingest produce failed");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "events could not be written to Kafka; retry later",
         );
+    }
+    if let Err(r) = dead_letter(&st, &letters).await {
+        return r;
     }
     let m = &st.shared.metrics;
     m.ingest_accepted.fetch_add(out.len() as u64, Relaxed);
@@ -153,12 +177,120 @@ async fn ingest(
         (
             StatusCode::BAD_REQUEST,
             axum::Json(json!({
-                "error": format!("{} events rejected; the other {} were accepted", rejected.len(), out.len()),
+                "error": format!("{} events rejected (kept on the dead-letter topic); the other {} were accepted", rejected.len(), out.len()),
                 "accepted": out.len(),
                 "rejected": rejected,
+                "dead_lettered": letters.len(),
             })),
         )
             .into_response()
+    }
+}
+
+/// An authentic `/ingest` batch refused whole: dead-lettered, then a 400 naming the reason.
+async fn refuse_whole(st: &AppState, letter: IngestDeadLetter, reason: String) -> Response {
+    if let Err(r) = dead_letter(st, std::slice::from_ref(&letter)).await {
+        return r;
+    }
+    st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"error": format!("{reason} (kept on the dead-letter topic)"), "dead_lettered": 1})),
+    )
+        .into_response()
+}
+
+/// Writes the letters, or the 503 that has the edge send the request again: a refusal is
+/// answered only once what it refused is kept.
+async fn dead_letter(st: &AppState, letters: &[IngestDeadLetter]) -> Result<(), Response> {
+    if letters.is_empty() {
+        return Ok(());
+    }
+    let topic = &st.shared.config.kafka.dead_letter_topic;
+    let out: Vec<Outgoing> = letters.iter().map(|l| l.outgoing(topic)).collect();
+    // stamped now, not when the edge accepted them: the topic's retention counts from here
+    if let Err(e) = produce_all_at(&st.producer, &out, None).await {
+        tracing::error!(error = %e, topic = %topic, "ingest dead-letter produce failed");
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "refused events could not be kept on the dead-letter topic; retry later",
+        ));
+    }
+    for l in letters {
+        tracing::warn!(reason = %l.reason, index = ?l.index, "ingest: refused, dead-lettered");
+    }
+    st.shared
+        .metrics
+        .ingest_dead_lettered
+        .fetch_add(letters.len() as u64, Relaxed);
+    Ok(())
+}
+
+/// What an authentic `/ingest` request had refused, for the dead-letter topic
+/// (`docs/CONTRACTS.md`). Unlike a consumed message's dead letter, nothing else holds it, so
+/// the payload is whole: an event's JSON, or the body of a batch refused whole (bounded by
+/// [`MAX_INGEST_BODY`]).
+#[derive(Debug)]
+struct IngestDeadLetter {
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    reason: String,
+    /// The event's place in its batch; `None` for a batch refused whole.
+    index: Option<usize>,
+    accepted_ms: Option<u64>,
+}
+
+impl IngestDeadLetter {
+    fn event(
+        item: &serde_json::Value,
+        index: usize,
+        reason: &str,
+        accepted_ms: Option<u64>,
+    ) -> Self {
+        // keyed as the event would have been, so a replay lands on the shopper's partition
+        let key = item["user_id"]
+            .as_str()
+            .map(|u| u.as_bytes()[..u.len().min(DEAD_LETTER_KEY_BYTES)].to_vec())
+            .unwrap_or_default();
+        IngestDeadLetter {
+            key,
+            payload: serde_json::to_vec(item).unwrap_or_default(),
+            reason: reason.chars().take(DEAD_LETTER_REASON_CHARS).collect(),
+            index: Some(index),
+            accepted_ms,
+        }
+    }
+
+    fn batch(body: &[u8], reason: &str, accepted_ms: Option<u64>) -> Self {
+        IngestDeadLetter {
+            key: Vec::new(),
+            payload: body.to_vec(),
+            reason: reason.chars().take(DEAD_LETTER_REASON_CHARS).collect(),
+            index: None,
+            accepted_ms,
+        }
+    }
+
+    fn outgoing(&self, topic: &str) -> Outgoing {
+        let mut headers = vec![
+            ("edgewise-reason", self.reason.clone()),
+            ("edgewise-source", "ingest".to_owned()),
+            ("edgewise-payload-bytes", self.payload.len().to_string()),
+            ("edgewise-payload-sha256", sha256_hex(&self.payload)),
+            ("edgewise-payload-truncated", "false".to_owned()),
+        ];
+        if let Some(i) = self.index {
+            headers.push(("edgewise-ingest-index", i.to_string()));
+        }
+        if let Some(at) = self.accepted_ms {
+            headers.push(("edgewise-accepted-ms", at.to_string()));
+        }
+        Outgoing {
+            topic: topic.to_owned(),
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers,
+        }
     }
 }
 

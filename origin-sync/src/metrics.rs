@@ -78,6 +78,8 @@ pub struct Metrics {
     pub quarantined: AtomicU64,
     pub ingest_accepted: AtomicU64,
     pub ingest_rejected: AtomicU64,
+    /// Refused parts of authentic `/ingest` requests kept on the dead-letter topic.
+    pub ingest_dead_lettered: AtomicU64,
     pub erasures: AtomicU64,
     /// 1 once the service runs; what `/readyz` answers also needs [`Metrics::readiness`].
     pub ready: AtomicU64,
@@ -266,7 +268,7 @@ impl Metrics {
         let now = crate::clock::now_ms();
         let ready = AtomicU64::new(u64::from(self.readiness(now).is_ok()));
         let stalled = AtomicU64::new(u64::from(self.stalled(now)));
-        let counters: [(&str, &str, &AtomicU64); 37] = [
+        let counters: [(&str, &str, &AtomicU64); 38] = [
             (
                 "edgewise_consumed_total",
                 "messages consumed",
@@ -361,6 +363,11 @@ impl Metrics {
                 "edgewise_ingest_rejected_total",
                 "events rejected on /ingest",
                 &self.ingest_rejected,
+            ),
+            (
+                "edgewise_ingest_dead_lettered_total",
+                "refused events (or batches refused whole) of signed /ingest requests, kept on the dead-letter topic",
+                &self.ingest_dead_lettered,
             ),
             ("edgewise_erasures_total", "users erased", &self.erasures),
             (

@@ -94,12 +94,7 @@ impl Reject {
         payload: &[u8],
         reason: &str,
     ) -> Reject {
-        use sha2::Digest as _;
-        let digest = sha2::Sha256::digest(payload);
-        let sha256 = digest.iter().fold(String::with_capacity(64), |mut s, b| {
-            let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
-            s
-        });
+        let sha256 = sha256_hex(payload);
         Reject {
             topic: topic.to_owned(),
             partition,
@@ -138,6 +133,16 @@ impl Reject {
             headers,
         }
     }
+}
+
+/// A dead letter's `edgewise-payload-sha256`: 64 lowercase hex digits.
+pub fn sha256_hex(payload: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(payload);
+    digest.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+        s
+    })
 }
 
 /// The messages of one store transaction, validated as they were taken.

@@ -80,10 +80,26 @@ async fn ingest_erasure_and_documents() {
             .is_some_and(|e| e.contains("signature") || e.contains("missing"))
     );
 
-    // mixed batch: the good ones are produced, the bad one is named
+    // unsigned garbage never reaches the dead-letter topic (read below: it would be first)
+    let r = client
+        .post(format!("{base}/ingest"))
+        .body(&b"not json"[..])
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 401);
+
+    // mixed batch: the good ones are produced, the bad ones are named and dead-lettered whole.
+    // One is an event type this build does not know (the edge deployed before origin): the
+    // shopper was told it was taken, so it must be kept, keyed by its shopper
     let events = traffic(5, 40, "h", 3);
     let mut items: Vec<serde_json::Value> = events.iter().map(|e| e.to_json()).collect();
     items.insert(7, serde_json::json!({"type": "page_view"}));
+    let from_a_newer_edge = serde_json::json!({
+        "type": "wishlist_add", "event_id": "w1", "user_id": "h-skew",
+        "ts": origin_sync::clock::now_ms(), "item": "cam-1",
+    });
+    items.insert(9, from_a_newer_edge.clone());
     let body = serde_json::to_vec(&serde_json::json!({ "events": items })).expect("json");
     let r = signed(client.post(format!("{base}/ingest")), &body)
         .body(body)
@@ -94,6 +110,48 @@ async fn ingest_erasure_and_documents() {
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["accepted"], 40);
     assert_eq!(j["rejected"][0]["index"], 7);
+    assert_eq!(j["rejected"][1]["index"], 9);
+    assert_eq!(j["dead_lettered"], 2);
+
+    // a signed batch refused whole is dead-lettered whole
+    let garbage = br#"{"events": [ {"type": "page_view" "#.to_vec();
+    let r = signed(client.post(format!("{base}/ingest")), &garbage)
+        .body(garbage.clone())
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 400);
+    let j: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(j["dead_lettered"], 1, "{j}");
+    let dead = read_topic(&tansu.brokers(), "events_dlq", 3).await;
+    let (first, skewed, whole) = (&dead[0], &dead[1], &dead[2]);
+    assert_eq!(first.headers["edgewise-ingest-index"], "7");
+    assert!(first.key.is_empty(), "no user_id, no key");
+    assert_eq!(skewed.headers["edgewise-source"], "ingest");
+    assert_eq!(skewed.headers["edgewise-ingest-index"], "9");
+    assert!(
+        skewed.headers["edgewise-reason"].contains("unknown event type"),
+        "{:?}",
+        skewed.headers
+    );
+    assert_eq!(skewed.key, b"h-skew");
+    let kept: serde_json::Value = serde_json::from_slice(&skewed.payload).expect("json");
+    assert_eq!(kept, from_a_newer_edge, "the event is kept whole");
+    let accepted: u64 = skewed.headers["edgewise-accepted-ms"]
+        .parse()
+        .expect("accepted-ms");
+    assert!(accepted.abs_diff(origin_sync::clock::now_ms()) < 120_000);
+    assert_eq!(whole.payload, garbage);
+    assert!(whole.headers["edgewise-reason"].contains("not valid JSON"));
+    assert!(!whole.headers.contains_key("edgewise-ingest-index"));
+    assert_eq!(
+        whole.headers["edgewise-payload-sha256"],
+        <sha2::Sha256 as sha2::Digest>::digest(&garbage)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    assert_eq!(metric(&service, |m| &m.ingest_dead_lettered), 3);
 
     // all good → 202 with the count (the same events again: duplicates, no effect)
     let body = serde_json::to_vec(&serde_json::json!({

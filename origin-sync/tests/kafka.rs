@@ -241,7 +241,7 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
     // every reject is on the dead-letter topic with reason and source position
     let dead = read_topic(&tansu.brokers(), "events_dlq", n_hostile).await;
     assert_eq!(dead.len(), n_hostile);
-    for (headers, _) in &dead {
+    for Consumed { headers, .. } in &dead {
         for h in [
             "edgewise-reason",
             "edgewise-source-topic",
@@ -256,7 +256,7 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
     }
     assert!(
         dead.iter()
-            .any(|(h, _)| h["edgewise-reason"].contains("limit")),
+            .any(|d| d.headers["edgewise-reason"].contains("limit")),
         "the huge event names the size limit"
     );
     for reason in [
@@ -265,7 +265,7 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
     ] {
         assert!(
             dead.iter()
-                .any(|(h, _)| h["edgewise-reason"].contains(reason)),
+                .any(|d| d.headers["edgewise-reason"].contains(reason)),
             "a dead letter says {reason:?}"
         );
     }
@@ -318,44 +318,6 @@ async fn hostile_events_are_dead_lettered_and_duplicates_count_once() {
         "patches the edge could not place ({applied} applied)"
     );
     service.stop().await;
-}
-
-/// Reads `n` messages (headers, payload) of a topic's partition 0 from the beginning.
-async fn read_topic(
-    brokers: &str,
-    topic: &str,
-    n: usize,
-) -> Vec<(std::collections::HashMap<String, String>, Vec<u8>)> {
-    use rdkafka::Message as _;
-    use rdkafka::consumer::Consumer as _;
-    use rdkafka::message::Headers as _;
-    let cfg = origin_sync::config::KafkaConfig {
-        brokers: brokers.to_owned(),
-        ..Default::default()
-    };
-    let c = origin_sync::kafka::consumer(&cfg, "dlq-reader").expect("consumer");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
-        .expect("tpl");
-    c.assign(&tpl).expect("assign");
-    let mut out = Vec::new();
-    while out.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(20), c.recv())
-            .await
-            .expect("dead letters arrive")
-            .expect("consume");
-        let mut headers = std::collections::HashMap::new();
-        if let Some(hs) = m.headers() {
-            for h in hs.iter() {
-                headers.insert(
-                    h.key.to_owned(),
-                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                );
-            }
-        }
-        out.push((headers, m.payload().unwrap_or_default().to_vec()));
-    }
-    out
 }
 
 /// A sink that stays down pauses consumption with a bounded outbox; when it comes back
@@ -566,7 +528,9 @@ async fn an_oversized_malformed_message_never_stops_consumption() {
     assert!(m.readiness(origin_sync::clock::now_ms()).is_ok());
     service.stop().await;
     let dead = read_topic(&tansu.brokers(), "events_dlq", 1).await;
-    let (headers, payload) = &dead[0];
+    let Consumed {
+        headers, payload, ..
+    } = &dead[0];
     assert_eq!(payload.as_slice(), &bad[..4096]);
     assert_eq!(headers["edgewise-payload-bytes"], "1000000");
     assert_eq!(headers["edgewise-payload-truncated"], "true");

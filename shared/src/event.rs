@@ -260,6 +260,27 @@ pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Result<Event, EventError>>, Event
 pub fn parse_ingest(
     bytes: &[u8],
 ) -> Result<(Vec<Result<Event, EventError>>, Option<u64>), EventError> {
+    parse_ingest_batch(bytes).map(|b| (b.events, b.accepted_ms))
+}
+
+/// A batch read by [`parse_ingest_batch`]: each event's result, the batch's `accepted_ms`, and
+/// the JSON each event came as, so a refused one can be kept as it was sent.
+#[derive(Debug)]
+pub struct IngestBatch {
+    pub events: Vec<Result<Event, EventError>>,
+    pub accepted_ms: Option<u64>,
+    items: Vec<Value>,
+}
+
+impl IngestBatch {
+    /// The JSON the event at `index` came as, or `None` past the batch.
+    pub fn item(&self, index: usize) -> Option<&Value> {
+        self.items.get(index)
+    }
+}
+
+/// [`parse_ingest`], keeping the events' JSON ([`IngestBatch::item`]).
+pub fn parse_ingest_batch(bytes: &[u8]) -> Result<IngestBatch, EventError> {
     let limit = MAX_EVENT_BYTES * MAX_BATCH_EVENTS;
     if bytes.len() > limit {
         return Err(EventError::whole(format!(
@@ -306,7 +327,11 @@ pub fn parse_ingest(
             items.len()
         )));
     }
-    Ok((items.iter().map(Event::from_json).collect(), accepted_ms))
+    Ok(IngestBatch {
+        events: items.iter().map(Event::from_json).collect(),
+        accepted_ms,
+        items,
+    })
 }
 
 impl Event {

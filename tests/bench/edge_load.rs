@@ -873,6 +873,9 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Times a seeding batch answered 503 is sent again.
+const SEED_RETRIES: u32 = 5;
+
 fn seed(port: u16, users: &[String]) -> Result<(), String> {
     let catalog = Catalog::demo().map_err(|e| e.to_string())?;
     let now_ms = origin_sync::clock::now_ms();
@@ -897,7 +900,20 @@ fn seed(port: u16, users: &[String]) -> Result<(), String> {
             },
             Codec::Lz4,
         );
-        let r = tests::signed_sync(port, &frame).map_err(|e| e.to_string())?;
+        // a 503 asks for the batch again (a KV read the worker timed out on, as origin-sync
+        // retries it): a busy machine must not fail the benchmark before it starts
+        let mut r = tests::signed_sync(port, &frame).map_err(|e| e.to_string())?;
+        for attempt in 1..=SEED_RETRIES {
+            if r.status != 503 {
+                break;
+            }
+            println!(
+                "    sync batch {i} answered 503 ({}); again, try {attempt} of {SEED_RETRIES}",
+                r.text().trim()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)));
+            r = tests::signed_sync(port, &frame).map_err(|e| e.to_string())?;
+        }
         if r.status != 200 {
             return Err(format!(
                 "sync batch {i} answered {}: {}",

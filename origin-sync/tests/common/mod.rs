@@ -413,3 +413,49 @@ pub async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
 pub fn secret() -> &'static str {
     DEV_SYNC_SECRET
 }
+
+/// A message read back from a topic.
+#[derive(Debug)]
+pub struct Consumed {
+    pub key: Vec<u8>,
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+/// Reads `n` messages of a topic's partition 0 from the beginning (20 s for each at most).
+pub async fn read_topic(brokers: &str, topic: &str, n: usize) -> Vec<Consumed> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::message::Headers as _;
+    let cfg = origin_sync::config::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let c = origin_sync::kafka::consumer(&cfg, "topic-reader").expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .expect("tpl");
+    c.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(20), c.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} messages on {topic} after 20 s", out.len()))
+            .expect("consume");
+        let mut headers = HashMap::new();
+        if let Some(hs) = m.headers() {
+            for h in hs.iter() {
+                headers.insert(
+                    h.key.to_owned(),
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        out.push(Consumed {
+            key: m.key().unwrap_or_default().to_vec(),
+            headers,
+            payload: m.payload().unwrap_or_default().to_vec(),
+        });
+    }
+    out
+}
