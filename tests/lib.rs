@@ -559,37 +559,76 @@ pub fn serve(port: u16, app: axum::Router) -> std::io::Result<u16> {
 }
 
 /// A loopback HTTP server (axum, on a thread of its own) that records every request and
-/// answers `202 {}`: stands in for origin-sync where a test only checks what the edge sends.
+/// answers `202 {}` (or what [`FakeOrigin::answer`] set): stands in for origin-sync where a
+/// test only checks what the edge sends, or how it takes an answer.
 #[derive(Debug)]
 pub struct FakeOrigin {
     pub port: u16,
     received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    answer: std::sync::Arc<std::sync::Mutex<Answer>>,
 }
+
+/// The status and headers [`FakeOrigin`] answers with.
+type Answer = (u16, Vec<(String, String)>);
 
 impl FakeOrigin {
     pub fn start() -> std::io::Result<FakeOrigin> {
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answer: std::sync::Arc<std::sync::Mutex<Answer>> =
+            std::sync::Arc::new(std::sync::Mutex::new((202, Vec::new())));
         let sink = received.clone();
+        let answering = answer.clone();
         let app = axum::Router::new().fallback(axum::routing::any(
             move |method: axum::http::Method,
                   uri: axum::http::Uri,
                   headers: axum::http::HeaderMap,
                   body: axum::body::Bytes| {
                 let sink = sink.clone();
+                let answering = answering.clone();
                 async move {
                     if let Ok(mut all) = sink.lock() {
                         all.push(Received::of(&method, &uri, &headers, &body));
                     }
-                    (
-                        axum::http::StatusCode::ACCEPTED,
-                        [("content-type", "application/json")],
-                        "{}",
-                    )
+                    let (status, extra) = answering
+                        .lock()
+                        .map(|a| a.clone())
+                        .unwrap_or((500, Vec::new()));
+                    let mut response = axum::http::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json");
+                    for (k, v) in extra {
+                        response = response.header(k, v);
+                    }
+                    response
+                        .body(axum::body::Body::from("{}"))
+                        .unwrap_or_default()
                 }
             },
         ));
         let port = serve(0, app)?;
-        Ok(FakeOrigin { port, received })
+        Ok(FakeOrigin {
+            port,
+            received,
+            answer,
+        })
+    }
+
+    /// Answers every request from now on with `status` and `headers` (and `{}`).
+    pub fn answer(&self, status: u16, headers: &[(&str, &str)]) {
+        if let Ok(mut a) = self.answer.lock() {
+            *a = (
+                status,
+                headers
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            );
+        }
+    }
+
+    /// The requests received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// Waits up to `timeout` for at least `n` requests and returns all received so far.

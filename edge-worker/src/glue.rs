@@ -402,9 +402,19 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
             let answered = outcome
                 .as_ref()
                 .ok()
-                .map(|(status, retry_after)| (*status, retry_after.as_deref()));
-            if answered.is_some_and(|(status, _)| (200..300).contains(&status)) {
-                // origin took it: retire the record that would have it sent again
+                .map(|(status, retry_after, _)| (*status, retry_after.as_deref()));
+            if let Ok((status, _, dead_lettered)) = &outcome
+                && crate::http::origin_settled(*status, *dead_lettered)
+            {
+                if !(200..300).contains(status) {
+                    console_warn!(
+                        "edgewise: origin refused part of {} {} for good and kept it on its dead-letter topic",
+                        o.method,
+                        o.url
+                    );
+                }
+                // origin took it or kept what it refused: retire the record that would have it
+                // sent again
                 if let (Some(key), Some(kv)) = (&o.then_delete, &kv)
                     && let Err(e) = kv.delete(key).await
                 {
@@ -437,7 +447,7 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
                 }
                 None => {
                     match &outcome {
-                        Ok((status, _)) => console_error!(
+                        Ok((status, _, _)) => console_error!(
                             "edgewise: origin answered {status} to {} {} (attempt {})",
                             o.method,
                             o.url,
@@ -467,8 +477,9 @@ async fn park(
         .await
 }
 
-/// The status origin answered, and its `retry-after` header.
-async fn send(o: &Outbound) -> Result<(u16, Option<String>)> {
+/// The status origin answered, its `retry-after` header, and whether it says it kept what it
+/// refused on its dead-letter topic ([`shared::protocol::DEAD_LETTERED_HEADER`]).
+async fn send(o: &Outbound) -> Result<(u16, Option<String>, bool)> {
     let headers = Headers::new();
     for (k, v) in &o.headers {
         headers.set(k, v)?;
@@ -483,7 +494,12 @@ async fn send(o: &Outbound) -> Result<(u16, Option<String>)> {
     }
     let req = Request::new_with_init(&o.url, &init)?;
     let resp = Fetch::Request(req).send().await?;
-    Ok((resp.status_code(), resp.headers().get("retry-after")?))
+    let headers = resp.headers();
+    Ok((
+        resp.status_code(),
+        headers.get("retry-after")?,
+        headers.has(shared::protocol::DEAD_LETTERED_HEADER)?,
+    ))
 }
 
 fn into_response(reply: Reply) -> Result<web_sys::Response> {

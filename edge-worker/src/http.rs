@@ -208,6 +208,16 @@ pub fn origin_may_take_later(outcome: Option<(u16, Option<&str>)>) -> bool {
     }
 }
 
+/// Whether origin is done with a request it answered `status` (with `dead_lettered`: its
+/// answer carried [`shared::protocol::DEAD_LETTERED_HEADER`]): it took it (2xx), or it refused part or
+/// all of it for good and kept that on its dead-letter topic. The request's pending record is
+/// retired then. A refusal origin did not keep (an origin from before dead-lettering, a 401
+/// from a mismatched `SYNC_SECRET` that the operator can still fix) leaves the record to be
+/// sent again until it expires.
+pub fn origin_settled(status: u16, dead_lettered: bool) -> bool {
+    (200..300).contains(&status) || (status == 400 && dead_lettered)
+}
+
 /// What handling a request produced: the reply, and the requests to send to origin after it.
 #[derive(Debug)]
 pub struct Handled {
@@ -553,6 +563,29 @@ impl Query {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn origin_is_done_with_what_it_took_or_kept_as_a_dead_letter() {
+        use super::{origin_may_take_later, origin_settled};
+        for status in [200, 202, 204] {
+            assert!(origin_settled(status, false));
+        }
+        // refused, and kept on origin's dead-letter topic: sending it again would only
+        // produce the batch's good events once more
+        assert!(origin_settled(400, true));
+        // refused and not kept (an older origin), or a secret the operator can still fix: the
+        // parked copy stays
+        assert!(!origin_settled(400, false));
+        assert!(!origin_settled(401, false));
+        assert!(
+            !origin_settled(401, true),
+            "only a 400 says it kept what it refused"
+        );
+        for status in [408, 429, 500, 503] {
+            assert!(!origin_settled(status, false));
+            assert!(origin_may_take_later(Some((status, None))));
+        }
+    }
+
     #[test]
     fn a_request_head_splits_into_method_url_and_headers() {
         let (method, url, headers) = super::split_head(

@@ -176,6 +176,7 @@ async fn ingest(
     } else {
         (
             StatusCode::BAD_REQUEST,
+            [(protocol::DEAD_LETTERED_HEADER, letters.len().to_string())],
             axum::Json(json!({
                 "error": format!("{} events rejected (kept on the dead-letter topic); the other {} were accepted", rejected.len(), out.len()),
                 "accepted": out.len(),
@@ -195,6 +196,7 @@ async fn refuse_whole(st: &AppState, letter: IngestDeadLetter, reason: String) -
     st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
     (
         StatusCode::BAD_REQUEST,
+        [(protocol::DEAD_LETTERED_HEADER, "1")],
         axum::Json(json!({"error": format!("{reason} (kept on the dead-letter topic)"), "dead_lettered": 1})),
     )
         .into_response()

@@ -107,6 +107,8 @@ async fn ingest_erasure_and_documents() {
         .await
         .expect("ingest");
     assert_eq!(r.status(), 400);
+    // what tells the edge to retire a parked copy of this batch rather than send it again
+    assert_eq!(r.headers()[shared::protocol::DEAD_LETTERED_HEADER], "2");
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["accepted"], 40);
     assert_eq!(j["rejected"][0]["index"], 7);
@@ -121,6 +123,7 @@ async fn ingest_erasure_and_documents() {
         .await
         .expect("ingest");
     assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()[shared::protocol::DEAD_LETTERED_HEADER], "1");
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["dead_lettered"], 1, "{j}");
     let dead = read_topic(&tansu.brokers(), "events_dlq", 3).await;

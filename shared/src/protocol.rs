@@ -285,6 +285,11 @@ pub fn pending_erasure_key(key: &UserKey) -> String {
     format!("{PENDING_ERASURE_PREFIX}{}", key.to_hex())
 }
 
+/// The header origin-sync's `/ingest` answers a 400 with when it kept what it refused on its
+/// dead-letter topic (its value: how many letters). The request is settled then: sent again, it
+/// would only produce its accepted events once more.
+pub const DEAD_LETTERED_HEADER: &str = "edgewise-dead-lettered";
+
 /// KV keys of event batches the edge accepted and could not hand to origin (every attempt
 /// failed): swept by the worker's Cron Trigger, as erasures are, until origin takes them.
 pub const PENDING_EVENTS_PREFIX: &str = "events:";

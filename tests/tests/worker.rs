@@ -373,6 +373,81 @@ fn shoppers_events_apply_at_once_reach_origin_signed_and_erasure_is_forwarded() 
     assert_eq!(json(&out)["duplicates"], 1, "{}", out.text());
 }
 
+/// A batch origin could not take is parked and swept again until origin is done with it: a
+/// refusal origin did not keep (an origin from before dead-lettering) leaves it parked, one it
+/// kept on its dead-letter topic retires it, so the sweep stops producing its good events again.
+#[test]
+fn a_parked_batch_is_retired_once_origin_kept_what_it_refused() {
+    let origin = FakeOrigin::start().unwrap();
+    origin.answer(503, &[]);
+    let url = format!("http://127.0.0.1:{}", origin.port);
+    let Some(w) = worker("edge-parked", &[("ORIGIN_URL", &url)]) else {
+        return;
+    };
+    let ingests = || {
+        origin
+            .received()
+            .iter()
+            .filter(|r| r.path == "/ingest")
+            .count()
+    };
+    let wait_for_ingests = |n: usize, what: &str| {
+        let start = std::time::Instant::now();
+        while ingests() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what}: {} of {n} requests to /ingest",
+                ingests()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let vid = "ew_vid=0123456789abcdef0123456789abcdef";
+    let event = br#"{"events":[{"event_id":"pk-1","type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}]}"#;
+    let sent = http(w.port, "POST", "/v1/events", &[("cookie", vid)], event).unwrap();
+    assert_eq!(sent.status, 202, "{}", sent.text());
+    // every attempt answered 503: parked at the first, the retries spent
+    wait_for_ingests(edge_worker::http::ORIGIN_ATTEMPTS as usize, "the attempts");
+    std::thread::sleep(Duration::from_millis(500));
+    let sweep = |then: usize, what: &str| {
+        let r = http(w.port, "GET", "/__scheduled?cron=*+*+*+*+*", &[], b"").unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        wait_for_ingests(then, what);
+    };
+    let attempts = ingests();
+    // refused and not kept: it stays parked, and the next sweep sends it again
+    origin.answer(400, &[]);
+    sweep(attempts + 1, "the first sweep");
+    sweep(
+        attempts + 2,
+        "a refusal origin did not keep leaves the batch parked",
+    );
+    // refused and kept on origin's dead-letter topic: retired
+    origin.answer(400, &[(shared::protocol::DEAD_LETTERED_HEADER, "1")]);
+    sweep(attempts + 3, "the sweep after the refusal it kept");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = http(w.port, "GET", "/__scheduled?cron=*+*+*+*+*", &[], b"").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        ingests(),
+        attempts + 3,
+        "a batch origin kept what it refused of was sent again"
+    );
+    let swept = origin.received();
+    let bodies: Vec<&[u8]> = swept
+        .iter()
+        .filter(|r| r.path == "/ingest")
+        .map(|r| r.body.as_slice())
+        .collect();
+    let last: Value = serde_json::from_slice(bodies[bodies.len() - 1]).unwrap();
+    assert_eq!(last["events"][0]["event_id"], "pk-1", "{last}");
+    assert!(
+        last["accepted_ms"].is_u64(),
+        "swept from where it was parked: {last}"
+    );
+}
+
 /// A real browser: add a camera on the product page, open the home page, see accessories.
 #[test]
 fn in_a_real_browser_adding_a_camera_shows_accessories_on_the_next_page() {

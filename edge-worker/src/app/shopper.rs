@@ -792,8 +792,11 @@ impl App {
     /// signed `/ingest` requests carrying
     /// when the edge accepted them (origin times them by that, so an erasure since still
     /// erases them), each retiring its record once origin takes it. At most half of
-    /// [`SWEEP_BATCH`] a run, beside the erasures' whole (KV's operations per invocation); a
-    /// record origin refuses for good (4xx) stays until it expires, and is logged.
+    /// [`SWEEP_BATCH`] a run, beside the erasures' whole (KV's operations per invocation). A
+    /// record origin refused and kept on its dead-letter topic is retired
+    /// ([`crate::http::origin_settled`]); one it refused without keeping (an origin from before
+    /// dead-lettering, a 401 from a `SYNC_SECRET` still to be fixed) stays until it expires,
+    /// and is logged.
     pub async fn sweep_events<S: Store>(&self, store: &S, now_ms: u64) -> Vec<Outbound> {
         let (Some(origin), Some(secret)) = (&self.config.origin_url, &self.config.sync_secret)
         else {
