@@ -740,6 +740,31 @@ fn erasure_request(
 /// delete, inside Workers' ~1,000 operations per invocation; a backlog takes several sweeps.
 pub const SWEEP_BATCH: usize = 200;
 
+/// Most pending keys one sweep lists, of each kind: KV's largest page, one operation.
+pub const SWEEP_LISTED: usize = 1000;
+
+/// Up to `n` of the listed `keys`, a different choice each minute. KV lists in key order, so
+/// always taking the first `n` would leave every record past them waiting for as long as
+/// those ahead stay, and records origin refuses without keeping stay a week. Ranked by a hash
+/// of the key and the minute, deterministic within one.
+pub(super) fn sweep_pick(mut keys: Vec<String>, n: usize, now_ms: u64) -> Vec<String> {
+    if keys.len() <= n {
+        return keys;
+    }
+    let minute = now_ms / 60_000;
+    let rank = |k: &str| {
+        // FNV-1a over the minute and the key
+        k.bytes()
+            .chain(minute.to_le_bytes())
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+    };
+    keys.sort_by_cached_key(|k| rank(k));
+    keys.truncate(n);
+    keys
+}
+
 impl App {
     /// The Cron Trigger's work: every erasure this deployment accepted that origin has not
     /// acknowledged yet (origin was down, or every attempt after the request failed), as
@@ -751,10 +776,10 @@ impl App {
             return Vec::new();
         };
         let keys = match store
-            .list(protocol::PENDING_ERASURE_PREFIX, SWEEP_BATCH)
+            .list(protocol::PENDING_ERASURE_PREFIX, SWEEP_LISTED)
             .await
         {
-            Ok(keys) => keys,
+            Ok(keys) => sweep_pick(keys, SWEEP_BATCH, now_ms),
             Err(e) => {
                 log::warn(&format!("listing pending erasures failed: {e}"));
                 return Vec::new();
@@ -792,7 +817,8 @@ impl App {
     /// signed `/ingest` requests carrying
     /// when the edge accepted them (origin times them by that, so an erasure since still
     /// erases them), each retiring its record once origin takes it. At most half of
-    /// [`SWEEP_BATCH`] a run, beside the erasures' whole (KV's operations per invocation). A
+    /// [`SWEEP_BATCH`] a run, beside the erasures' whole (KV's operations per invocation), of
+    /// up to [`SWEEP_LISTED`] listed ([`sweep_pick`]). A
     /// record origin refused and kept on its dead-letter topic is retired
     /// ([`crate::http::origin_settled`]); one it refused without keeping (an origin from before
     /// dead-lettering, a 401 from a `SYNC_SECRET` still to be fixed) stays until it expires,
@@ -803,10 +829,10 @@ impl App {
             return Vec::new();
         };
         let keys = match store
-            .list(protocol::PENDING_EVENTS_PREFIX, SWEEP_BATCH / 2)
+            .list(protocol::PENDING_EVENTS_PREFIX, SWEEP_LISTED)
             .await
         {
-            Ok(keys) => keys,
+            Ok(keys) => sweep_pick(keys, SWEEP_BATCH / 2, now_ms),
             Err(e) => {
                 log::warn(&format!("listing parked events failed: {e}"));
                 return Vec::new();

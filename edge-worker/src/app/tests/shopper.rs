@@ -206,6 +206,47 @@ fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() 
     assert!(run(w.app.sweep_events(&w.store, w.now())).is_empty());
 }
 
+/// KV lists in key order. Records origin keeps refusing (a refusal it did not keep stays a
+/// week) must not hold back those listed after them: each sweep picks anew among all listed.
+#[test]
+fn parked_batches_past_the_first_hundred_listed_are_swept_too() {
+    let w = World::new();
+    let sent = w.post(
+        "/v1/events",
+        &alice(),
+        br#"[{"event_id":"s1","type":"page_view"}]"#,
+    );
+    let (_, record) = sent.outbound[0].if_undelivered.clone().unwrap();
+    let keys: Vec<String> = (0..250)
+        .map(|i| format!("{}{i:064x}", shared::protocol::PENDING_EVENTS_PREFIX))
+        .collect();
+    for k in &keys {
+        run(w.store.put(k, &record, 0)).unwrap();
+    }
+    let picked = |w: &World| -> Vec<String> {
+        run(w.app.sweep_events(&w.store, w.now()))
+            .into_iter()
+            .map(|o| o.then_delete.unwrap())
+            .collect()
+    };
+    let first = picked(&w);
+    assert_eq!(first.len(), super::super::shopper::SWEEP_BATCH / 2);
+    assert_eq!(picked(&w), first, "the same choice within a minute");
+    let mut seen: std::collections::BTreeSet<String> = first.into_iter().collect();
+    let mut sweeps = 1;
+    while seen.len() < keys.len() {
+        assert!(
+            sweeps < 30,
+            "{} of {} parked batches swept after {sweeps} sweeps",
+            seen.len(),
+            keys.len()
+        );
+        w.advance(60_000);
+        seen.extend(picked(&w));
+        sweeps += 1;
+    }
+}
+
 #[test]
 fn the_user_id_in_an_event_body_is_ignored() {
     let w = World::new();
