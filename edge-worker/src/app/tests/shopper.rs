@@ -137,6 +137,18 @@ fn a_batch_from_a_browser_clock_far_ahead_is_moved_back_to_the_edges_time() {
     assert_eq!(fwd["events"][0]["ts"], w.now() + 5_000);
 }
 
+/// Alice's page view `id`, accepted: the KV key and record the glue parks if origin takes none
+/// of the attempts at it.
+fn record_to_park(w: &World, id: &str) -> (String, Vec<u8>) {
+    let body = format!(r#"[{{"event_id":"{id}","type":"page_view"}}]"#);
+    let sent = w.post("/v1/events", &alice(), body.as_bytes());
+    assert_eq!(sent.reply.status, 202);
+    sent.outbound[0]
+        .if_undelivered
+        .clone()
+        .expect("a record to park")
+}
+
 /// Origin took none of the attempts at a batch (down, or answering 5xx): the glue parks it in
 /// KV (`if_undelivered`), and the Cron sweep sends it again later, signed anew and saying when
 /// the edge accepted it (origin times it by that, so an erasure since still erases it); the
@@ -144,16 +156,7 @@ fn a_batch_from_a_browser_clock_far_ahead_is_moved_back_to_the_edges_time() {
 #[test]
 fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() {
     let w = World::new();
-    let sent = w.post(
-        "/v1/events",
-        &alice(),
-        br#"[{"event_id":"p1","type":"page_view"}]"#,
-    );
-    assert_eq!(sent.reply.status, 202);
-    let (key, record) = sent.outbound[0]
-        .if_undelivered
-        .clone()
-        .expect("a record to park");
+    let (key, record) = record_to_park(&w, "p1");
     assert!(key.starts_with(shared::protocol::PENDING_EVENTS_PREFIX));
     assert!(!key.contains("alice"), "no user id in KV: {key}");
     assert!(
@@ -211,12 +214,7 @@ fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() 
 #[test]
 fn parked_batches_past_the_first_hundred_listed_are_swept_too() {
     let w = World::new();
-    let sent = w.post(
-        "/v1/events",
-        &alice(),
-        br#"[{"event_id":"s1","type":"page_view"}]"#,
-    );
-    let (_, record) = sent.outbound[0].if_undelivered.clone().unwrap();
+    let (_, record) = record_to_park(&w, "s1");
     let keys: Vec<String> = (0..250)
         .map(|i| format!("{}{i:064x}", shared::protocol::PENDING_EVENTS_PREFIX))
         .collect();
