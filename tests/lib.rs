@@ -635,7 +635,7 @@ impl FakeOrigin {
     pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
         let start = Instant::now();
         loop {
-            let all = self.received.lock().map(|v| v.clone()).unwrap_or_default();
+            let all = self.received();
             if all.len() >= n || start.elapsed() > timeout {
                 return all;
             }
