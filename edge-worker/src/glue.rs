@@ -10,7 +10,7 @@ use crate::http::{
 };
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
-use shared::protocol::KvMetadata;
+use shared::protocol::{KvMetadata, ORIGIN_ATTEMPT_MS};
 use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
 use std::time::Duration;
@@ -372,10 +372,6 @@ fn mint() -> [u8; 16] {
     }
     bytes
 }
-
-/// Longest one attempt at a request to origin may take: an origin that hangs (rather than
-/// refusing) must not use up `wait_until`'s 30 s on one attempt, before anything is parked.
-const ORIGIN_ATTEMPT_MS: u64 = 5_000;
 
 /// Sends each request to origin, retrying what origin may take later (no answer, 408, 429,
 /// 5xx) as [`origin_retry_ms`] says — honouring `Retry-After` — within `wait_until`'s time.

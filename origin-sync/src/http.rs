@@ -4,11 +4,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use rdkafka::producer::FutureProducer;
@@ -69,6 +73,37 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": msg.into()}))).into_response()
 }
 
+/// When Kafka's part of an edge request must be done: [`protocol::ORIGIN_KAFKA_WAIT_MS`] from
+/// now, inside the edge's own wait for the answer.
+fn kafka_deadline() -> Instant {
+    Instant::now() + Duration::from_millis(protocol::ORIGIN_KAFKA_WAIT_MS)
+}
+
+/// Kafka's part of an edge request, given up at `deadline`: its failure, or its lateness, as
+/// the text to log. Given up is not withdrawn: the producer may still deliver it, and the
+/// edge's retry then brings it twice, which the fold and the erasure log take once.
+async fn kafka_by<F>(deadline: Instant, produce: F) -> Result<(), String>
+where
+    F: Future<Output = Result<(), rdkafka::error::KafkaError>>,
+{
+    match tokio::time::timeout_at(deadline, produce).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "Kafka did not acknowledge within {} ms",
+            protocol::ORIGIN_KAFKA_WAIT_MS
+        )),
+    }
+}
+
+/// The answer to an edge request whose part Kafka did not take: the edge sends it again.
+fn kafka_unavailable(msg: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, msg);
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 /// The rejection to answer when the request is not signed with `secret`.
 fn check_signature(secret: &[u8], headers: &HeaderMap, body: &[u8]) -> Option<Response> {
     let signed = Signed::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()));
@@ -85,6 +120,7 @@ async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let deadline = kafka_deadline();
     let secret = st.shared.config.sync.sync_secret.as_bytes();
     if let Some(r) = check_signature(secret, &headers, &body) {
         return r;
@@ -101,7 +137,7 @@ async fn ingest(
         Err(e) => {
             let reason = format!("the batch was refused: {e}");
             let letter = IngestDeadLetter::batch(&body, &reason, signed_at);
-            return refuse_whole(&st, letter, reason).await;
+            return refuse_whole(&st, letter, reason, deadline).await;
         }
     };
     // the edge keeps a parked batch a week; Kafka's time-based retention could drop a message
@@ -112,7 +148,7 @@ async fn ingest(
     {
         let reason = "accepted_ms is more than 8 days ago; the batch is too old to ingest";
         let letter = IngestDeadLetter::batch(&body, reason, Some(at));
-        return refuse_whole(&st, letter, reason.to_owned()).await;
+        return refuse_whole(&st, letter, reason.to_owned(), deadline).await;
     }
     if let Err(secs) = limit.take(peer.ip(), batch.events.len() as u32, now_ms()) {
         tracing::warn!(%peer, events = batch.events.len(), "ingest budget spent; answered 429");
@@ -120,8 +156,8 @@ async fn ingest(
             StatusCode::TOO_MANY_REQUESTS,
             format!("too many events from this address; retry in {secs} s"),
         );
-        if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
-            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(RETRY_AFTER, v);
         }
         return r;
     }
@@ -154,14 +190,12 @@ async fn ingest(
             }
         }
     }
-    if let Err(e) = produce_all_at(&st.producer, &out, accepted_ms.map(|at| at as i64)).await {
+    let produced = produce_all_at(&st.producer, &out, accepted_ms.map(|at| at as i64));
+    if let Err(e) = kafka_by(deadline, produced).await {
         tracing::error!(error = %e, "ingest produce failed");
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "events could not be written to Kafka; retry later",
-        );
+        return kafka_unavailable("events could not be written to Kafka; retry later");
     }
-    if let Err(r) = dead_letter(&st, &letters).await {
+    if let Err(r) = dead_letter(&st, &letters, deadline).await {
         return r;
     }
     let m = &st.shared.metrics;
@@ -189,8 +223,13 @@ async fn ingest(
 }
 
 /// An authentic `/ingest` batch refused whole: dead-lettered, then a 400 naming the reason.
-async fn refuse_whole(st: &AppState, letter: IngestDeadLetter, reason: String) -> Response {
-    if let Err(r) = dead_letter(st, std::slice::from_ref(&letter)).await {
+async fn refuse_whole(
+    st: &AppState,
+    letter: IngestDeadLetter,
+    reason: String,
+    deadline: Instant,
+) -> Response {
+    if let Err(r) = dead_letter(st, std::slice::from_ref(&letter), deadline).await {
         return r;
     }
     st.shared.metrics.ingest_rejected.fetch_add(1, Relaxed);
@@ -204,17 +243,20 @@ async fn refuse_whole(st: &AppState, letter: IngestDeadLetter, reason: String) -
 
 /// Writes the letters, or the 503 that has the edge send the request again: a refusal is
 /// answered only once what it refused is kept.
-async fn dead_letter(st: &AppState, letters: &[IngestDeadLetter]) -> Result<(), Response> {
+async fn dead_letter(
+    st: &AppState,
+    letters: &[IngestDeadLetter],
+    deadline: Instant,
+) -> Result<(), Response> {
     if letters.is_empty() {
         return Ok(());
     }
     let topic = &st.shared.config.kafka.dead_letter_topic;
     let out: Vec<Outgoing> = letters.iter().map(|l| l.outgoing(topic)).collect();
     // stamped now, not when the edge accepted them: the topic's retention counts from here
-    if let Err(e) = produce_all_at(&st.producer, &out, None).await {
+    if let Err(e) = kafka_by(deadline, produce_all_at(&st.producer, &out, None)).await {
         tracing::error!(error = %e, topic = %topic, "ingest dead-letter produce failed");
-        return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
+        return Err(kafka_unavailable(
             "refused events could not be kept on the dead-letter topic; retry later",
         ));
     }
@@ -377,12 +419,10 @@ async fn erase_key(
 async fn store_erasure(st: &AppState, user_key: UserKey, at_ms: u64) -> Response {
     // the erasure log first: once it is there, no lost store or new instance can undo it
     let topic = &st.shared.config.kafka.erasure_topic;
-    if let Err(e) = crate::erasures::record(&st.producer, topic, user_key, at_ms).await {
+    let logged = crate::erasures::record(&st.producer, topic, user_key, at_ms);
+    if let Err(e) = kafka_by(kafka_deadline(), logged).await {
         tracing::error!(error = %e, topic = %topic, "erasure could not be written to the erasure log");
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "erasure could not be recorded; retry",
-        );
+        return kafka_unavailable("erasure could not be recorded; retry");
     }
     let store = st.shared.store.clone();
     let result = tokio::task::spawn_blocking(move || store.erase_key(user_key, at_ms)).await;

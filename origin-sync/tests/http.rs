@@ -772,6 +772,115 @@ async fn ingest_is_budgeted_per_source() {
 }
 
 /// `GET /metrics` of the service at `base`, as text.
+/// With the broker gone, what the edge sends is answered 503 with `Retry-After` inside the
+/// edge's wait for one attempt (`ORIGIN_ATTEMPT_MS`), not after the producer's 30 s: events,
+/// what `/ingest` refuses (kept on the dead-letter topic, or not answered 400), and an
+/// erasure's log record. Once the broker is back the same requests, sent again as the edge
+/// does, are taken, and the events are folded once, though the producer may still have
+/// delivered the first attempt's after origin gave up on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_gone_the_edge_hears_503_before_it_gives_up() {
+    let Some(mut tansu) = broker("outage") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("outage");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let base = format!("http://{}", cfg.http.listen);
+    let service = InProcess::start(cfg);
+    let client = reqwest::Client::new();
+    wait_for(
+        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
+        "http",
+    )
+    .await;
+    let batch = |events: &[shared::event::Event]| {
+        let items: Vec<_> = events.iter().map(|e| e.to_json()).collect();
+        serde_json::to_vec(&serde_json::json!({ "events": items })).expect("json")
+    };
+    let refused = br#"{"events": [{"type": "page_view"}]}"#.to_vec();
+    let erased = r#"{"user_id":"o-erased"}"#;
+    let send = |body: Vec<u8>, path: &str, erase: bool| {
+        let url = format!("{base}{path}");
+        let req = if erase {
+            client.delete(url)
+        } else {
+            client.post(url)
+        };
+        async move {
+            let started = std::time::Instant::now();
+            let r = signed(req, &body)
+                .body(body)
+                .send()
+                .await
+                .expect("answered");
+            (r, started.elapsed())
+        }
+    };
+    let ingest = route::INGEST;
+    let erase = route::erase("o-erased");
+
+    let before = traffic(3, 30, "o", 21);
+    let (r, _) = send(batch(&before), ingest, false).await;
+    assert_eq!(r.status(), 202);
+
+    tokio::task::block_in_place(|| tansu.stop());
+    let during = traffic(3, 30, "p", 22);
+    let attempt = Duration::from_millis(shared::protocol::ORIGIN_ATTEMPT_MS);
+    for (what, body, path, is_erasure) in [
+        ("events", batch(&during), ingest, false),
+        ("a refused event", refused.clone(), ingest, false),
+        (
+            "an erasure",
+            erased.as_bytes().to_vec(),
+            erase.as_str(),
+            true,
+        ),
+    ] {
+        let (r, took) = send(body, path, is_erasure).await;
+        assert_eq!(r.status(), 503, "{what}");
+        assert!(
+            took < attempt,
+            "{what}: answered after {took:?}, when the edge has given up at {attempt:?}"
+        );
+        assert_eq!(r.headers()["retry-after"], "1", "{what}");
+    }
+    assert_eq!(metric(&service, |m| &m.ingest_dead_lettered), 0);
+
+    tokio::task::block_in_place(|| tansu.restart()).expect("broker restarts");
+    // sent again, as the edge does, until taken
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let again = |body: Vec<u8>, path: String, is_erasure: bool, want: u16| {
+        let send = &send;
+        async move {
+            loop {
+                let (r, _) = send(body.clone(), &path, is_erasure).await;
+                if r.status() != 503 {
+                    assert_eq!(r.status(), want, "{}", r.text().await.unwrap_or_default());
+                    return r;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the broker never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    again(batch(&during), ingest.to_owned(), false, 202).await;
+    let r = again(refused, ingest.to_owned(), false, 400).await;
+    assert_eq!(r.headers()[shared::protocol::DEAD_LETTERED_HEADER], "1");
+    again(erased.as_bytes().to_vec(), erase.clone(), true, 202).await;
+    let want = reference(&[before, during].concat());
+    converge(&edge, &want, Duration::from_secs(30)).await;
+    wait_for(
+        || matches!(edge.get(&key("o-erased")), Some(Stored::Tombstone { .. })),
+        "the erasure at the edge",
+    )
+    .await;
+    service.stop().await;
+}
+
 async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
         .await

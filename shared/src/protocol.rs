@@ -285,6 +285,20 @@ pub fn pending_erasure_key(key: &UserKey) -> String {
     format!("{PENDING_ERASURE_PREFIX}{}", key.to_hex())
 }
 
+/// Longest the edge waits for origin's answer to one attempt at a request (an event batch, an
+/// erasure) before it counts the attempt as failed and tries again: an origin that hangs must
+/// not use up `wait_until`'s 30 s on one attempt, before anything is parked.
+pub const ORIGIN_ATTEMPT_MS: u64 = 5_000;
+
+/// Longest origin-sync waits for Kafka to take what an edge request brought (its events, dead
+/// letters, an erasure's log record) before it answers 503 with `Retry-After`: inside the
+/// edge's [`ORIGIN_ATTEMPT_MS`], so with the broker away the edge hears "not taken, send it
+/// again" instead of a silence, and origin holds no request past the edge's interest in it.
+/// What the producer still delivers after the deadline arrives twice at most, by event id
+/// (folded once) or as an idempotent erasure.
+pub const ORIGIN_KAFKA_WAIT_MS: u64 = 4_000;
+const _: () = assert!(ORIGIN_KAFKA_WAIT_MS + 500 <= ORIGIN_ATTEMPT_MS);
+
 /// The header origin-sync's `/ingest` answers a 400 with when it kept what it refused on its
 /// dead-letter topic (its value: how many letters). The request is settled then: sent again, it
 /// would only produce its accepted events once more.
