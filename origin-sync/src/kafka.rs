@@ -337,7 +337,7 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
 }
 
 /// One message to produce.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
     pub topic: String,
     pub key: Vec<u8>,

@@ -11,6 +11,7 @@ pub mod changelog;
 pub mod clock;
 pub mod config;
 pub mod crashpoint;
+pub mod dead_letters;
 pub mod erasures;
 pub mod freeze;
 pub mod http;

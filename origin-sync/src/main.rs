@@ -60,12 +60,31 @@ enum Command {
     Replay,
     /// Mark the catalog and rules for publication again.
     Republish,
+    /// The dead-letter topic after an upgrade: what this build takes now of what an older
+    /// one (or a producer ahead of it) had refused. Runs beside the service.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+        /// Read the topic from its beginning, not from where the last `replay` finished.
+        #[arg(long, global = true)]
+        from_beginning: bool,
+    },
     /// The changes sinks refused for good (run with the service stopped: the store file is
     /// one process's).
     Quarantine {
         #[command(subcommand)]
         action: QuarantineAction,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadLetterAction {
+    /// Count the letters, the events this build would take and, by reason, what it still
+    /// refuses. Changes nothing.
+    List,
+    /// Produce the events this build takes again, to their topics, with their original times;
+    /// then remember where it finished, so the next replay starts there.
+    Replay,
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +170,21 @@ async fn main() -> anyhow::Result<()> {
             .await?
         }
         Command::Replay => replay::replay(&config).await?,
+        Command::DeadLetters {
+            action,
+            from_beginning,
+        } => {
+            use origin_sync::dead_letters::{Mode, run};
+            let mode = match action {
+                DeadLetterAction::List => Mode::List,
+                DeadLetterAction::Replay => Mode::Replay,
+            };
+            let summary = run(&config, mode, from_beginning).await?;
+            print!("{summary}");
+            if mode == Mode::Replay {
+                println!("{} events produced again", summary.events);
+            }
+        }
         Command::Republish => {
             let store = origin_sync::service::open_store(&config)?;
             store.republish_documents()?;

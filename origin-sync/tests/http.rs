@@ -881,6 +881,136 @@ async fn with_the_broker_gone_the_edge_hears_503_before_it_gives_up() {
     service.stop().await;
 }
 
+/// `origin-sync dead-letters`: after an upgrade, what an older build refused and this one
+/// takes is produced again with its original time and folded once; what this build still
+/// refuses is counted by reason and left; a second replay starts where the first finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_this_build_takes_are_replayed_once() {
+    use origin_sync::dead_letters::{Mode, run};
+    use origin_sync::kafka::Outgoing;
+    let Some(tansu) = broker("letters") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("letters");
+    let text = config_toml(&tansu, &edge, &dir, "");
+    let cfg = config(&text);
+    let base = format!("http://{}", cfg.http.listen);
+    let service = InProcess::start(cfg);
+    let client = reqwest::Client::new();
+    wait_for(
+        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
+        "http",
+    )
+    .await;
+    // refused by this build too: a message consumed from an event topic (its letter points at
+    // it) and an event type the edge sent that this build does not know
+    let bad = Outgoing {
+        topic: "customer_clicks".into(),
+        key: b"dl-bad".to_vec(),
+        payload: br#"{"type": "page_view"}"#.to_vec(),
+        headers: Vec::new(),
+    };
+    produce(&tansu.brokers(), &[bad]).await;
+    let unknown = serde_json::to_vec(&serde_json::json!({"events": [{
+        "type": "wishlist_add", "event_id": "w1", "user_id": "dl-skew",
+        "ts": origin_sync::clock::now_ms(), "item": "cam-1",
+    }]}))
+    .expect("json");
+    let r = signed(client.post(format!("{base}/ingest")), &unknown)
+        .body(unknown)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 400);
+    // what an older build refused and this one takes (the test plays that older origin): a
+    // batch the edge sent, kept whole; and a letter whose original retention has removed
+    let good = traffic(2, 12, "dl", 31);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "events": good.iter().map(|e| e.to_json()).collect::<Vec<_>>()
+    }))
+    .expect("json");
+    let accepted = origin_sync::clock::now_ms() - 60_000;
+    let older = Outgoing {
+        topic: "events_dlq".into(),
+        key: Vec::new(),
+        payload: body,
+        headers: vec![
+            (
+                "edgewise-reason",
+                "the batch was refused: an older build".into(),
+            ),
+            ("edgewise-source", "ingest".into()),
+            ("edgewise-accepted-ms", accepted.to_string()),
+        ],
+    };
+    let gone = Outgoing {
+        topic: "events_dlq".into(),
+        key: b"dl-gone".to_vec(),
+        payload: b"{}".to_vec(),
+        headers: vec![
+            ("edgewise-source-topic", "customer_clicks".into()),
+            ("edgewise-source-partition", "0".into()),
+            ("edgewise-source-offset", "1000000".into()),
+        ],
+    };
+    produce(&tansu.brokers(), &[older, gone]).await;
+    let _ = read_topic(&tansu.brokers(), "events_dlq", 4).await;
+    // one of those shoppers has erased since the edge accepted the batch: their events must
+    // stay erased when put back, which only their original time ensures
+    let erased = good[0].user.clone();
+    let body = format!(r#"{{"user_id":"{erased}"}}"#);
+    let r = signed(
+        client.delete(format!("{base}{}", route::erase(&erased))),
+        body.as_bytes(),
+    )
+    .body(body)
+    .send()
+    .await
+    .expect("erase");
+    assert_eq!(r.status(), 202);
+    let kept: Vec<_> = good.iter().filter(|e| e.user != erased).cloned().collect();
+    assert!(kept.len() < good.len() && !kept.is_empty());
+    let erased_at_edge = || matches!(edge.get(&key(&erased)), Some(Stored::Tombstone { .. }));
+    wait_for(erased_at_edge, "the erasure at the edge").await;
+    // past the erasure's cutoff (the end of the second it was signed in): events stamped
+    // with the replay's own time would start the shopper's profile again
+    let cutoff = shared::protocol::erasure_cutoff_ms(origin_sync::clock::now_ms());
+    while origin_sync::clock::now_ms() <= cutoff + 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let listed = run(&config(&text), Mode::List, false).await.expect("list");
+    assert_eq!(listed.letters, 4, "{listed}");
+    assert_eq!(listed.events, 12, "{listed}");
+    let reasons: Vec<&String> = listed.refused.keys().collect();
+    assert_eq!(listed.refused.values().sum::<u64>(), 3, "{listed}");
+    assert!(
+        reasons.iter().any(|r| r.contains("unknown event type"))
+            && reasons
+                .iter()
+                .any(|r| r.contains("no longer in customer_clicks")),
+        "{listed}"
+    );
+    // listing changes nothing
+    let replayed = run(&config(&text), Mode::Replay, false)
+        .await
+        .expect("replay");
+    assert_eq!(replayed, listed);
+    converge(&edge, &reference(&kept), Duration::from_secs(30)).await;
+    assert!(erased_at_edge(), "{:?}", edge.get(&key(&erased)));
+    // the next replay starts where this one finished; from the beginning, all is there again
+    let again = run(&config(&text), Mode::Replay, false)
+        .await
+        .expect("replay");
+    assert_eq!((again.letters, again.events), (0, 0), "{again}");
+    let all = run(&config(&text), Mode::List, true).await.expect("list");
+    assert_eq!(all, listed);
+    converge(&edge, &reference(&kept), Duration::from_secs(5)).await;
+    assert!(erased_at_edge());
+    service.stop().await;
+}
+
 async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
         .await
