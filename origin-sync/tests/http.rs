@@ -1006,6 +1006,21 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     assert_eq!((again.letters, again.events), (0, 0), "{again}");
     let all = run(&config(&text), Mode::List, true).await.expect("list");
     assert_eq!(all, listed);
+    // the command as an operator runs it
+    let cfg_path = dir.join("origin-sync.toml");
+    std::fs::write(&cfg_path, &text).expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .args(["dead-letters", "list", "--from-beginning"])
+        .output()
+        .expect("dead-letters list runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with(&listed.to_string()),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     converge(&edge, &reference(&kept), Duration::from_secs(5)).await;
     assert!(erased_at_edge());
     service.stop().await;
