@@ -5,8 +5,7 @@
 use crate::app::App;
 use crate::config::EdgeConfig;
 use crate::http::{
-    Clock, EdgeError, HttpRequest, Outbound, Reply, UrlParts, body_limit, origin_retry_ms,
-    split_head,
+    Clock, EdgeError, HttpRequest, Outbound, Reply, Sending, UrlParts, body_limit, split_head,
 };
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
@@ -253,7 +252,11 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
         write_point(&env, point);
     }
     if !handled.outbound.is_empty() {
-        ctx.wait_until(send_all(handled.outbound, store.store()));
+        ctx.wait_until(send_all(
+            handled.outbound,
+            store.store(),
+            Sending::AfterAnswer,
+        ));
     }
     refresh_config_after(&app, store, &ctx);
     into_response(handled.reply)
@@ -357,7 +360,12 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
             erasures.len(),
             events.len()
         );
-        send_all(erasures.into_iter().chain(events).collect(), store.store()).await;
+        send_all(
+            erasures.into_iter().chain(events).collect(),
+            store.store(),
+            Sending::Sweep,
+        )
+        .await;
     }
 }
 
@@ -379,9 +387,11 @@ fn mint() -> [u8; 16] {
 /// (`Outbound::if_undelivered`: an event batch) parks it at its first failure that origin may
 /// take later, before the retries that may outlast the worker's time; the Cron sweep sends it
 /// from there unless a retry gets through and deletes it. What still fails is logged; the
-/// shopper's own view already has the events.
-async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
-    for mut o in outbound {
+/// shopper's own view already has the events. A sweep sends once each and stops at an
+/// attempt origin may take later ([`Sending::Sweep`]).
+async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>, sending: Sending) {
+    let total = outbound.len();
+    for (sent, mut o) in outbound.into_iter().enumerate() {
         let mut attempt = 0;
         loop {
             let outcome = match select(
@@ -436,7 +446,7 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
                     ),
                 }
             }
-            match origin_retry_ms(attempt, answered) {
+            match sending.retry_ms(attempt, answered) {
                 Some(wait_ms) => {
                     Delay::from(Duration::from_millis(wait_ms)).await;
                     attempt += 1;
@@ -452,6 +462,13 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>) {
                         Err(e) => {
                             console_error!("edgewise: could not reach origin at {}: {e}", o.url)
                         }
+                    }
+                    if !sending.goes_on(answered) {
+                        console_warn!(
+                            "edgewise: origin is not taking requests now; {} left for the next sweep",
+                            total - sent - 1
+                        );
+                        return;
                     }
                     break;
                 }

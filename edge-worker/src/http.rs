@@ -42,6 +42,35 @@ pub fn origin_retry_ms(attempt: u32, outcome: Option<(u16, Option<&str>)>) -> Op
     Some(asked.unwrap_or(backoff).clamp(backoff, MAX_ORIGIN_WAIT_MS))
 }
 
+/// How requests to origin are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sending {
+    /// What a shopper's request left behind, in `wait_until`'s time: each request retried up
+    /// to [`ORIGIN_ATTEMPTS`] as [`origin_retry_ms`] says.
+    AfterAnswer,
+    /// The Cron sweep's records: one attempt each, and none after an attempt origin may take
+    /// later (no answer, 408, 429, 5xx). What is left stays parked for the next sweep, a
+    /// minute on; a down origin then costs a sweep one timeout, not [`ORIGIN_ATTEMPTS`] per
+    /// record (up to 300 records, beyond a Worker's subrequests per invocation), and sweeps
+    /// stop overlapping and sending the same records.
+    Sweep,
+}
+
+impl Sending {
+    /// [`origin_retry_ms`] for this way of sending: a sweep never retries.
+    pub fn retry_ms(self, attempt: u32, outcome: Option<(u16, Option<&str>)>) -> Option<u64> {
+        match self {
+            Sending::AfterAnswer => origin_retry_ms(attempt, outcome),
+            Sending::Sweep => None,
+        }
+    }
+
+    /// Whether to go on to the next request after one that ended with `outcome`.
+    pub fn goes_on(self, outcome: Option<(u16, Option<&str>)>) -> bool {
+        self == Sending::AfterAnswer || !origin_may_take_later(outcome)
+    }
+}
+
 /// Largest body of routes that take none worth reading (`DELETE /v1/me`, pages, unknown).
 pub const MAX_OTHER_BODY: u64 = 4 * 1024;
 
@@ -583,6 +612,30 @@ mod tests {
         for status in [408, 429, 500, 503] {
             assert!(!origin_settled(status, false));
             assert!(origin_may_take_later(Some((status, None))));
+        }
+    }
+
+    /// A shopper's request is retried; the sweep sends each record once and stops at the
+    /// first that origin may take later, leaving the rest parked for the next sweep.
+    #[test]
+    fn the_sweep_sends_once_and_stops_while_origin_is_not_taking() {
+        use super::Sending::{AfterAnswer, Sweep};
+        let later = [
+            None,
+            Some((503, Some("1"))),
+            Some((429, None)),
+            Some((408, None)),
+        ];
+        for outcome in later {
+            assert!(AfterAnswer.retry_ms(0, outcome).is_some(), "{outcome:?}");
+            assert!(AfterAnswer.goes_on(outcome));
+            assert_eq!(Sweep.retry_ms(0, outcome), None, "{outcome:?}");
+            assert!(!Sweep.goes_on(outcome), "{outcome:?}");
+        }
+        // taken, or refused for good (kept or not): the next record is sent
+        for outcome in [Some((202, None)), Some((400, None)), Some((401, None))] {
+            assert!(Sweep.goes_on(outcome), "{outcome:?}");
+            assert_eq!(AfterAnswer.retry_ms(0, outcome), None);
         }
     }
 

@@ -8,7 +8,7 @@
 use super::{JsClock, Kv, mint, send_all};
 use crate::app::App;
 use crate::app::proxied::PagePersonalization;
-use crate::http::{HttpRequest, UrlParts};
+use crate::http::{HttpRequest, Sending, UrlParts};
 use crate::proxy::{self, ProxyConfig, Route};
 use std::rc::Rc;
 use worker::js_sys::{self, Reflect};
@@ -165,7 +165,7 @@ pub async fn forward(
     let outbound = std::mem::take(&mut shopper.outbound);
     let page = rewrite(status, out, body, shopper, ctx)?;
     if !outbound.is_empty() {
-        ctx.wait_until(send_all(outbound, store.store()));
+        ctx.wait_until(send_all(outbound, store.store(), Sending::AfterAnswer));
     }
     super::refresh_config_after(&app, store, ctx);
     Ok(page)
