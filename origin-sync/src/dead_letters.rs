@@ -9,31 +9,36 @@
 //!
 //! Where the event is taken from depends on the letter (`docs/CONTRACTS.md`):
 //! * an `/ingest` letter (`edgewise-source: ingest`) holds the whole event (or the whole batch
-//!   refused), and `edgewise-accepted-ms` is its time;
+//!   refused), and `edgewise-accepted-ms` is its time (a parked batch's own `accepted_ms`, if
+//!   earlier);
 //! * a consumed message's letter holds only its first 4 KiB, and points at the original
 //!   (`edgewise-source-topic`, `-partition`, `-offset`): the original is read from there,
 //!   whole and with its own timestamp, and produced again to that topic with its key. If
 //!   retention or compaction has removed it, the letter is reported, not guessed from.
 //!
-//! What this build still refuses is counted by reason and left where it is. The tool reads
-//! from where its consumer group (`<kafka.group_id>-dead-letters`) last finished a `replay`
-//! (`--from-beginning`: the start of the topic) to the end the topic had when it started,
-//! and `replay` commits that end only once everything it produced is durable: a replay that
-//! dies part way produces some events again when run again, which the fold takes once (by
-//! event id). It only reads the dead-letter topic and produces events, so it runs beside the
-//! service.
+//! Exactly once, as far as a tool outside the fold can: the consumer group
+//! `<kafka.group_id>-dead-letters` remembers the letter after the last one a replay finished
+//! with, committed after each letter, so a replay that dies produces again at most the letter
+//! it was on; what this build still refuses is put back at the end of the topic (each refused
+//! event its own letter), so the group's position can move past it and the next replay, after
+//! the next upgrade, finds it there. A replay never starts from the beginning while the group
+//! has a position (that would produce again what an earlier replay produced), and never
+//! without `--from-beginning` when it has none (the first replay, or Kafka expired the
+//! group's offsets). Run one replay at a time; it runs beside the service.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
 use shared::event::{Event, EventError, check_topic, parse_event, parse_ingest_batch};
 
 use crate::config::Config;
-use crate::kafka::{Outgoing, produce_all_at};
+use crate::kafka::{Outgoing, produce_all, produce_all_at};
 use crate::pipeline::{PipelineError, now_ms, partitions_of};
 
 /// The oldest time an event is stamped with again: as `/ingest`'s limit for a parked batch,
@@ -41,15 +46,36 @@ use crate::pipeline::{PipelineError, now_ms, partitions_of};
 /// deleted at once).
 pub const OLDEST_REPLAY_MS: u64 = 8 * 86_400_000;
 
-/// The header a replayed message carries: the dead letter it came from
-/// (`<topic>/<partition>/<offset>`), for whoever audits it.
+/// The header a message produced by a replay carries: the dead letter it came from
+/// (`<topic>/<partition>/<offset>`), for whoever audits it. A still-refused letter put back on
+/// the dead-letter topic carries it too.
 pub const REPLAYED_FROM_HEADER: &str = "edgewise-replayed-from";
+
+/// The headers of a dead letter (`docs/CONTRACTS.md`) a letter put back keeps.
+const LETTER_HEADERS: [&str; 11] = [
+    "edgewise-reason",
+    "edgewise-source",
+    "edgewise-ingest-index",
+    "edgewise-accepted-ms",
+    "edgewise-source-topic",
+    "edgewise-source-partition",
+    "edgewise-source-offset",
+    "edgewise-payload-bytes",
+    "edgewise-payload-sha256",
+    "edgewise-payload-truncated",
+    "edgewise-key-bytes",
+];
+
+/// How long a read may go without a message before the run gives up (nothing committed past
+/// what it finished).
+const READ_PATIENCE: Duration = Duration::from_secs(30);
 
 /// One dead letter as read from the topic.
 #[derive(Clone, Debug, Default)]
 pub struct Letter {
     pub partition: i32,
     pub offset: i64,
+    pub key: Vec<u8>,
     pub headers: HashMap<String, String>,
     pub payload: Vec<u8>,
 }
@@ -68,6 +94,7 @@ impl Letter {
         Letter {
             partition: m.partition(),
             offset: m.offset(),
+            key: m.key().unwrap_or_default().to_vec(),
             headers,
             payload: m.payload().unwrap_or_default().to_vec(),
         }
@@ -84,6 +111,42 @@ impl Letter {
         let offset = self.headers.get("edgewise-source-offset")?.parse().ok()?;
         Some((topic.clone(), partition, offset))
     }
+
+    fn from(&self, dead_letter_topic: &str) -> String {
+        format!("{dead_letter_topic}/{}/{}", self.partition, self.offset)
+    }
+
+    /// This letter again, for the end of the dead-letter topic: its payload, key and headers,
+    /// the reason this build gives, and where it was.
+    fn again(&self, dead_letter_topic: &str, reason: &str) -> Outgoing {
+        self.again_with(dead_letter_topic, reason, self.payload.clone(), |_| None)
+    }
+
+    fn again_with(
+        &self,
+        dead_letter_topic: &str,
+        reason: &str,
+        payload: Vec<u8>,
+        replace: impl Fn(&str) -> Option<String>,
+    ) -> Outgoing {
+        let mut headers: Vec<(&'static str, String)> = LETTER_HEADERS
+            .iter()
+            .filter_map(|name| {
+                let value = match *name {
+                    "edgewise-reason" => Some(reason.to_owned()),
+                    other => replace(other).or_else(|| self.headers.get(other).cloned()),
+                };
+                value.map(|v| (*name, v))
+            })
+            .collect();
+        headers.push((REPLAYED_FROM_HEADER, self.from(dead_letter_topic)));
+        Outgoing {
+            topic: dead_letter_topic.to_owned(),
+            key: self.key.clone(),
+            payload,
+            headers,
+        }
+    }
 }
 
 /// What this build makes of a letter now.
@@ -94,12 +157,16 @@ pub struct Judged {
     pub at_ms: Option<u64>,
     /// Why the rest is still refused (one reason per event, or one for the letter).
     pub refused: Vec<String>,
+    /// What is still refused, as letters to put back on the dead-letter topic.
+    pub keep: Vec<Outgoing>,
 }
 
 impl Judged {
-    fn refused(reason: impl Into<String>) -> Judged {
+    fn refused(letter: &Letter, dead_letter_topic: &str, reason: impl Into<String>) -> Judged {
+        let reason = reason.into();
         Judged {
-            refused: vec![reason.into()],
+            keep: vec![letter.again(dead_letter_topic, &reason)],
+            refused: vec![reason],
             ..Judged::default()
         }
     }
@@ -110,37 +177,84 @@ fn too_old(at_ms: u64, now_ms: u64) -> bool {
 }
 
 /// An `/ingest` letter: an event's JSON (`edgewise-ingest-index` present) or a batch refused
-/// whole, to be stamped with `edgewise-accepted-ms`.
+/// whole, to be stamped with `edgewise-accepted-ms`, or the batch's own `accepted_ms` when
+/// earlier (a parked batch sent again: the header then says when it was signed).
 pub fn judge_ingest(letter: &Letter, dead_letter_topic: &str, now_ms: u64) -> Judged {
-    let Some(at_ms) = letter
+    let Some(signed_ms) = letter
         .headers
         .get("edgewise-accepted-ms")
         .and_then(|v| v.parse::<u64>().ok())
     else {
-        return Judged::refused("no edgewise-accepted-ms: its time is unknown");
+        return Judged::refused(
+            letter,
+            dead_letter_topic,
+            "no edgewise-accepted-ms: its time is unknown",
+        );
     };
-    if too_old(at_ms, now_ms) {
-        return Judged::refused("accepted more than 8 days ago: too old to stamp with its time");
-    }
-    let events: Vec<Result<Event, EventError>> =
-        if letter.headers.contains_key("edgewise-ingest-index") {
-            vec![parse_event(&letter.payload)]
+    let per_event = letter.headers.contains_key("edgewise-ingest-index");
+    let (events, items, at_ms): (Vec<Result<Event, EventError>>, Vec<Option<Value>>, u64) =
+        if per_event {
+            (vec![parse_event(&letter.payload)], vec![None], signed_ms)
         } else {
             match parse_ingest_batch(&letter.payload) {
-                Ok(batch) => batch.events,
-                Err(e) => return Judged::refused(e.to_string()),
+                Ok(batch) => {
+                    let items = (0..batch.events.len())
+                        .map(|i| batch.item(i).cloned())
+                        .collect();
+                    let at = batch.accepted_ms.map_or(signed_ms, |a| a.min(signed_ms));
+                    (batch.events, items, at)
+                }
+                Err(e) => return Judged::refused(letter, dead_letter_topic, e.to_string()),
             }
         };
+    if too_old(at_ms, now_ms) {
+        return Judged::refused(
+            letter,
+            dead_letter_topic,
+            "accepted more than 8 days ago: too old to stamp with its time",
+        );
+    }
     let mut judged = Judged {
         at_ms: Some(at_ms),
         ..Judged::default()
     };
-    for e in events {
+    for (index, (e, item)) in events.into_iter().zip(items).enumerate() {
         match e {
-            Ok(e) => judged
-                .take
-                .push(replayed(Outgoing::event(&e), dead_letter_topic, letter)),
-            Err(e) => judged.refused.push(e.to_string()),
+            Ok(e) => {
+                let mut out = Outgoing::event(&e);
+                out.headers
+                    .push((REPLAYED_FROM_HEADER, letter.from(dead_letter_topic)));
+                judged.take.push(out);
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                // of a batch, the event alone, keyed and timed as `/ingest` keeps one
+                let kept = match item {
+                    None => letter.again(dead_letter_topic, &reason),
+                    Some(item) => {
+                        let mut kept = letter.again_with(
+                            dead_letter_topic,
+                            &reason,
+                            serde_json::to_vec(&item).unwrap_or_default(),
+                            |name| match name {
+                                "edgewise-ingest-index" => Some(index.to_string()),
+                                "edgewise-accepted-ms" => Some(at_ms.to_string()),
+                                _ => None,
+                            },
+                        );
+                        kept.key = item["user_id"]
+                            .as_str()
+                            .map(|u| u.as_bytes().to_vec())
+                            .unwrap_or_default();
+                        kept.headers.retain(|(name, _)| {
+                            !name.starts_with("edgewise-payload") && *name != "edgewise-key-bytes"
+                        });
+                        kept
+                    }
+                };
+                judged.keep.push(kept);
+                judged.refused.push(reason);
+            }
         }
     }
     judged
@@ -151,42 +265,36 @@ pub fn judge_original(
     letter: &Letter,
     dead_letter_topic: &str,
     topic: &str,
-    key: &[u8],
-    payload: &[u8],
-    timestamp_ms: Option<u64>,
+    original: &Original,
     now_ms: u64,
 ) -> Judged {
-    let Some(at_ms) = timestamp_ms else {
-        return Judged::refused("the original has no timestamp: its time is unknown");
+    let Some(at_ms) = original.timestamp_ms else {
+        return Judged::refused(
+            letter,
+            dead_letter_topic,
+            "the original has no timestamp: its time is unknown",
+        );
     };
     if too_old(at_ms, now_ms) {
-        return Judged::refused("stamped more than 8 days ago: too old to stamp with its time");
+        return Judged::refused(
+            letter,
+            dead_letter_topic,
+            "stamped more than 8 days ago: too old to stamp with its time",
+        );
     }
-    match parse_event(payload).and_then(|e| check_topic(topic, &e.kind)) {
+    match parse_event(&original.payload).and_then(|e| check_topic(topic, &e.kind)) {
         Ok(()) => Judged {
-            take: vec![replayed(
-                Outgoing {
-                    topic: topic.to_owned(),
-                    key: key.to_vec(),
-                    payload: payload.to_vec(),
-                    headers: Vec::new(),
-                },
-                dead_letter_topic,
-                letter,
-            )],
+            take: vec![Outgoing {
+                topic: topic.to_owned(),
+                key: original.key.clone(),
+                payload: original.payload.clone(),
+                headers: vec![(REPLAYED_FROM_HEADER, letter.from(dead_letter_topic))],
+            }],
             at_ms: Some(at_ms),
-            refused: Vec::new(),
+            ..Judged::default()
         },
-        Err(e) => Judged::refused(e.to_string()),
+        Err(e) => Judged::refused(letter, dead_letter_topic, e.to_string()),
     }
-}
-
-fn replayed(mut out: Outgoing, dead_letter_topic: &str, letter: &Letter) -> Outgoing {
-    out.headers.push((
-        REPLAYED_FROM_HEADER,
-        format!("{dead_letter_topic}/{}/{}", letter.partition, letter.offset),
-    ));
-    out
 }
 
 /// What a run read, took and left.
@@ -221,9 +329,16 @@ pub enum Mode {
     Replay,
 }
 
-/// Reads the dead-letter topic (from the group's last finished position, or the beginning) to
-/// its end as of now, judging every letter; `Mode::Replay` produces what this build takes and
-/// then commits the end.
+/// A partition of the dead-letter topic to read: from `next` to `end` (as of the start).
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    next: i64,
+    end: i64,
+}
+
+/// Reads the dead-letter topic from the group's position (`from_beginning`: its start) to its
+/// end as of now, judging every letter; `Mode::Replay` produces what this build takes, puts
+/// back what it still refuses, and commits the position after each letter.
 pub async fn run(
     config: &Config,
     mode: Mode,
@@ -231,78 +346,158 @@ pub async fn run(
 ) -> Result<Summary, PipelineError> {
     let topic = config.kafka.dead_letter_topic.clone();
     let group = format!("{}-dead-letters", config.kafka.group_id);
-    let consumer = Arc::new(crate::kafka::consumer(&config.kafka, &group)?);
-    let originals = Originals::new(config)?;
-    let producer = crate::kafka::producer(&config.kafka)?;
-    let ends = range(&consumer, &topic, from_beginning).await?;
+    let consumer = Arc::new(crate::kafka::consumer_to_end(&config.kafka, &group)?);
+    let (mut spans, positioned) = spans(&consumer, &topic, from_beginning).await?;
+    if mode == Mode::Replay {
+        match (positioned, from_beginning) {
+            (true, true) => {
+                return Err(PipelineError::Setup(format!(
+                    "an earlier replay left {group} a position in {topic}; from the beginning, \
+                     this one would produce again what that one produced. Run it without \
+                     --from-beginning"
+                )));
+            }
+            (false, false) => {
+                return Err(PipelineError::Setup(format!(
+                    "no earlier replay is on record for {group} (the first replay, or Kafka \
+                     expired the group's offsets: offsets.retention.minutes). If no replay ran \
+                     while {topic} kept its letters, run `dead-letters replay --from-beginning`"
+                )));
+            }
+            _ => {}
+        }
+    }
     let mut summary = Summary::default();
-    if ends.is_empty() {
+    if spans.is_empty() {
         return Ok(summary);
     }
     let mut tpl = TopicPartitionList::new();
-    for (p, (start, _)) in &ends {
-        tpl.add_partition_offset(&topic, *p, Offset::Offset(*start))?;
+    for (p, span) in &spans {
+        tpl.add_partition_offset(&topic, *p, Offset::Offset(span.next))?;
     }
     consumer.assign(&tpl)?;
-    let mut done = std::collections::HashSet::new();
-    while done.len() < ends.len() {
-        let m = match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
-            Ok(m) => m?,
+    let originals = Originals::new(config)?;
+    let producer = crate::kafka::producer(&config.kafka)?;
+    while !spans.is_empty() {
+        let m = match tokio::time::timeout(READ_PATIENCE, consumer.recv()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(KafkaError::PartitionEOF(p))) => {
+                finish(&consumer, &topic, &mut spans, p);
+                continue;
+            }
+            Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
                 return Err(PipelineError::Setup(format!(
-                    "no dead letter from {topic} for 30 s before its end; is the broker up?"
+                    "nothing read from {topic} for {} s before its end; is the broker up?",
+                    READ_PATIENCE.as_secs()
                 )));
             }
         };
-        let Some((_, end)) = ends.get(&m.partition()).copied() else {
+        let p = m.partition();
+        let Some(span) = spans.get(&p).copied() else {
             continue;
         };
-        if m.offset() >= end {
-            done.insert(m.partition());
+        // delivered again (a reassignment), or past the end this run reads to
+        if m.offset() < span.next {
+            continue;
+        }
+        if m.offset() >= span.end {
+            drop(m);
+            finish(&consumer, &topic, &mut spans, p);
             continue;
         }
         let letter = Letter::of(&m);
-        if m.offset() + 1 >= end {
-            done.insert(m.partition());
-        }
         drop(m);
         let judged = judge(&letter, &topic, &originals).await?;
         summary.letters += 1;
         summary.events += judged.take.len() as u64;
-        for reason in judged.refused {
-            *summary.refused.entry(reason).or_default() += 1;
+        for reason in &judged.refused {
+            *summary.refused.entry(reason.clone()).or_default() += 1;
         }
-        if mode == Mode::Replay && !judged.take.is_empty() {
-            let at = judged.at_ms.map(|t| t as i64);
-            produce_all_at(&producer, &judged.take, at).await?;
+        if mode == Mode::Replay {
+            put_back(&producer, &letter, &topic, judged, &mut summary).await?;
+            let mut at = TopicPartitionList::new();
+            at.add_partition_offset(&topic, p, Offset::Offset(letter.offset + 1))?;
+            let c = consumer.clone();
+            tokio::task::spawn_blocking(move || c.commit(&at, CommitMode::Sync))
+                .await
+                .map_err(|e| PipelineError::Setup(e.to_string()))??;
         }
-        if summary.letters.is_multiple_of(1000) {
+        if summary.letters.is_multiple_of(100) {
             tracing::info!(
                 letters = summary.letters,
                 events = summary.events,
                 "dead letters read"
             );
         }
-    }
-    if mode == Mode::Replay {
-        let mut next = TopicPartitionList::new();
-        for (p, (_, end)) in &ends {
-            next.add_partition_offset(&topic, *p, Offset::Offset(*end))?;
+        if let Some(s) = spans.get_mut(&p) {
+            s.next = letter.offset + 1;
+            if s.next >= s.end {
+                finish(&consumer, &topic, &mut spans, p);
+            }
         }
-        let c = consumer.clone();
-        tokio::task::spawn_blocking(move || c.commit(&next, CommitMode::Sync))
-            .await
-            .map_err(|e| PipelineError::Setup(e.to_string()))??;
     }
     Ok(summary)
 }
 
-/// Each partition with letters to read: (first offset, end offset as of now).
-async fn range(
+/// Produces what a letter's judgement takes, with its time, and puts back what it refuses. A
+/// refusal by the broker that will not change (the record's time or size) makes the letter a
+/// refused one; any other failure ends the run before its position moves past the letter.
+async fn put_back(
+    producer: &rdkafka::producer::FutureProducer,
+    letter: &Letter,
+    topic: &str,
+    mut judged: Judged,
+    summary: &mut Summary,
+) -> Result<(), PipelineError> {
+    if !judged.take.is_empty() {
+        let at = judged.at_ms.map(|t| t as i64);
+        match produce_all_at(producer, &judged.take, at).await {
+            Ok(()) => {}
+            Err(e) if refused_for_good(&e) => {
+                let reason = format!("the broker refused it: {e}");
+                summary.events -= judged.take.len() as u64;
+                *summary.refused.entry(reason.clone()).or_default() += 1;
+                judged.keep = vec![letter.again(topic, &reason)];
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !judged.keep.is_empty() {
+        produce_all(producer, &judged.keep).await?;
+    }
+    Ok(())
+}
+
+/// A produce failure the broker will repeat: the record's timestamp, size or form.
+fn refused_for_good(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::InvalidTimestamp
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidMessage
+        )
+    )
+}
+
+/// A partition read to its end: left alone from now on.
+fn finish(consumer: &StreamConsumer, topic: &str, spans: &mut BTreeMap<i32, Span>, partition: i32) {
+    if spans.remove(&partition).is_some() {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let _ = consumer.pause(&tpl);
+    }
+}
+
+/// Each partition with letters to read, and whether the group had a position in any.
+async fn spans(
     consumer: &Arc<StreamConsumer>,
     topic: &str,
     from_beginning: bool,
-) -> Result<BTreeMap<i32, (i64, i64)>, PipelineError> {
+) -> Result<(BTreeMap<i32, Span>, bool), PipelineError> {
     let partitions = partitions_of(consumer, topic).await?;
     let c = consumer.clone();
     let t = topic.to_owned();
@@ -312,21 +507,27 @@ async fn range(
             asked.add_partition(&t, *p);
         }
         let committed = c.committed_offsets(asked, Duration::from_secs(10))?;
+        let mut positioned = false;
         let mut out = BTreeMap::new();
         for p in partitions {
             let (low, high) = c.fetch_watermarks(&t, p, Duration::from_secs(10))?;
-            let finished = committed
+            let position = committed
                 .find_partition(&t, p)
                 .and_then(|e| match e.offset() {
-                    Offset::Offset(n) if !from_beginning => Some(n),
+                    Offset::Offset(n) => Some(n),
                     _ => None,
                 });
-            let start = finished.unwrap_or(low).max(low);
-            if start < high {
-                out.insert(p, (start, high));
+            positioned |= position.is_some();
+            let next = if from_beginning {
+                low
+            } else {
+                position.unwrap_or(low).max(low)
+            };
+            if next < high {
+                out.insert(p, Span { next, end: high });
             }
         }
-        Ok::<_, rdkafka::error::KafkaError>(out)
+        Ok::<_, KafkaError>((out, positioned))
     })
     .await
     .map_err(|e| PipelineError::Setup(e.to_string()))?
@@ -344,29 +545,23 @@ async fn judge(
     }
     let Some((topic, partition, offset)) = letter.original() else {
         return Ok(Judged::refused(
+            letter,
+            dead_letter_topic,
             "not an Edgewise dead letter (no source headers)",
         ));
     };
     Ok(match originals.read(&topic, partition, offset).await? {
-        Some(o) => judge_original(
-            letter,
-            dead_letter_topic,
-            &topic,
-            &o.key,
-            &o.payload,
-            o.timestamp_ms,
-            now,
-        ),
-        None => Judged::refused(format!(
-            "the original is no longer in {topic} (retention or compaction removed it)"
-        )),
+        Ok(o) => judge_original(letter, dead_letter_topic, &topic, &o, now),
+        Err(gone) => Judged::refused(letter, dead_letter_topic, gone),
     })
 }
 
-struct Original {
-    key: Vec<u8>,
-    payload: Vec<u8>,
-    timestamp_ms: Option<u64>,
+/// A consumed message read back from its topic.
+#[derive(Clone, Debug, Default)]
+pub struct Original {
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub timestamp_ms: Option<u64>,
 }
 
 /// Reads single messages back from the event topics, by position.
@@ -382,31 +577,56 @@ impl Originals {
         })
     }
 
-    /// The message at `offset`, or `None` when it is no longer there.
+    /// The message at `offset`, or why it is no longer there (the inner `Err`); the outer one
+    /// is a failure to read, which ends the run.
     async fn read(
         &self,
         topic: &str,
         partition: i32,
         offset: i64,
-    ) -> Result<Option<Original>, PipelineError> {
+    ) -> Result<Result<Original, String>, PipelineError> {
         let c = self.consumer.clone();
         let t = topic.to_owned();
-        let (low, high) = tokio::task::spawn_blocking(move || {
+        let watermarks = tokio::task::spawn_blocking(move || {
             c.fetch_watermarks(&t, partition, Duration::from_secs(10))
         })
         .await
-        .map_err(|e| PipelineError::Setup(e.to_string()))??;
+        .map_err(|e| PipelineError::Setup(e.to_string()))?;
+        let (low, high) = match watermarks {
+            Ok(w) => w,
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::UnknownPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                    )
+                ) =>
+            {
+                return Ok(Err(format!(
+                    "{topic} partition {partition} no longer exists"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if offset < low || offset >= high {
-            return Ok(None);
+            return Ok(Err(format!(
+                "the original is no longer in {topic} (retention or compaction removed it)"
+            )));
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
         self.consumer.assign(&tpl)?;
         loop {
-            let m = match tokio::time::timeout(Duration::from_secs(10), self.consumer.recv()).await
-            {
+            let m = match tokio::time::timeout(READ_PATIENCE, self.consumer.recv()).await {
                 Ok(m) => m?,
-                Err(_) => return Ok(None),
+                Err(_) => {
+                    return Err(PipelineError::Setup(format!(
+                        "reading {topic} partition {partition} at {offset} gave nothing for {} s",
+                        READ_PATIENCE.as_secs()
+                    )));
+                }
             };
             // a message of an earlier assignment may still be queued
             if m.topic() != topic || m.partition() != partition || m.offset() < offset {
@@ -414,9 +634,11 @@ impl Originals {
             }
             // compaction removed it: the next one comes instead
             if m.offset() != offset {
-                return Ok(None);
+                return Ok(Err(format!(
+                    "the original is no longer in {topic} (retention or compaction removed it)"
+                )));
             }
-            return Ok(Some(Original {
+            return Ok(Ok(Original {
                 key: m.key().unwrap_or_default().to_vec(),
                 payload: m.payload().unwrap_or_default().to_vec(),
                 timestamp_ms: m
@@ -451,7 +673,10 @@ mod tests {
     }
 
     fn ingest_letter(payload: Vec<u8>, index: bool, accepted_ms: Option<u64>) -> Letter {
-        let mut headers = HashMap::from([("edgewise-source".to_owned(), "ingest".to_owned())]);
+        let mut headers = HashMap::from([
+            ("edgewise-source".to_owned(), "ingest".to_owned()),
+            ("edgewise-reason".to_owned(), "an older build".to_owned()),
+        ]);
         if index {
             headers.insert("edgewise-ingest-index".into(), "3".into());
         }
@@ -461,9 +686,17 @@ mod tests {
         Letter {
             partition: 0,
             offset: 17,
+            key: b"u1".to_vec(),
             headers,
             payload,
         }
+    }
+
+    fn header<'o>(out: &'o Outgoing, name: &str) -> Option<&'o str> {
+        out.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// An event this build takes goes back to its kind's topic, keyed by its shopper, stamped
@@ -472,7 +705,7 @@ mod tests {
     fn an_ingest_letter_this_build_takes_goes_back_with_its_time() {
         let letter = ingest_letter(event_json("add_to_cart", "u1"), true, Some(NOW - 60_000));
         let j = judge_ingest(&letter, "dlq", NOW);
-        assert!(j.refused.is_empty(), "{j:?}");
+        assert!(j.refused.is_empty() && j.keep.is_empty(), "{j:?}");
         assert_eq!(j.at_ms, Some(NOW - 60_000));
         assert_eq!(j.take.len(), 1);
         assert_eq!(j.take[0].topic, "cart_events");
@@ -483,16 +716,57 @@ mod tests {
         );
     }
 
+    /// A parked batch the edge sent again says when it was accepted, hours before the request
+    /// was signed (which the header holds for a batch refused whole): the earlier time is the
+    /// events' own, or an erasure in between would not drop them.
     #[test]
-    fn what_this_build_still_refuses_stays_with_its_reason() {
-        // still an unknown type
+    fn a_parked_batch_is_stamped_with_when_the_edge_accepted_it() {
+        let batch = format!(
+            r#"{{"events": [{}], "accepted_ms": {}}}"#,
+            String::from_utf8(event_json("page_view", "u2")).expect("utf8"),
+            NOW - 3_600_000
+        );
         let j = judge_ingest(
-            &ingest_letter(event_json("wishlist_add", "u1"), true, Some(NOW)),
+            &ingest_letter(batch.into_bytes(), false, Some(NOW)),
             "dlq",
             NOW,
         );
+        assert_eq!(j.at_ms, Some(NOW - 3_600_000), "{j:?}");
+        assert_eq!(j.take.len(), 1);
+        // a batch's own time is never later than its signature's
+        let batch = format!(
+            r#"{{"events": [{}], "accepted_ms": {NOW}}}"#,
+            String::from_utf8(event_json("page_view", "u2")).expect("utf8"),
+        );
+        let j = judge_ingest(
+            &ingest_letter(batch.into_bytes(), false, Some(NOW - 1_000)),
+            "dlq",
+            NOW,
+        );
+        assert_eq!(j.at_ms, Some(NOW - 1_000));
+    }
+
+    /// What this build still refuses is kept, to be put back on the dead-letter topic: a
+    /// letter whole, or of a batch each refused event alone, keyed and timed as `/ingest` keeps
+    /// one.
+    #[test]
+    fn what_this_build_still_refuses_stays_with_its_reason() {
+        // still an unknown type
+        let letter = ingest_letter(event_json("wishlist_add", "u1"), true, Some(NOW));
+        let j = judge_ingest(&letter, "dlq", NOW);
         assert!(j.take.is_empty());
         assert!(j.refused[0].contains("unknown event type"), "{j:?}");
+        assert_eq!(j.keep.len(), 1);
+        assert_eq!(j.keep[0].topic, "dlq");
+        assert_eq!(j.keep[0].payload, letter.payload);
+        assert_eq!(j.keep[0].key, b"u1");
+        assert_eq!(
+            header(&j.keep[0], "edgewise-reason"),
+            Some(j.refused[0].as_str())
+        );
+        assert_eq!(header(&j.keep[0], REPLAYED_FROM_HEADER), Some("dlq/0/17"));
+        assert_eq!(header(&j.keep[0], "edgewise-ingest-index"), Some("3"));
+        assert_eq!(header(&j.keep[0], "edgewise-source"), Some("ingest"));
         // no time to stamp it with, or too old a one
         for at in [None, Some(NOW - OLDEST_REPLAY_MS - 1)] {
             let j = judge_ingest(
@@ -501,11 +775,13 @@ mod tests {
                 NOW,
             );
             assert!(j.take.is_empty() && j.refused.len() == 1, "{j:?}");
+            assert_eq!(j.keep.len(), 1);
         }
-        // a batch refused whole: the events it now takes go, the rest is counted
+        // a batch refused whole: the events it now takes go, the rest is kept one by one
         let batch = format!(
-            r#"{{"events": [{}, {{"type": "page_view"}}]}}"#,
-            String::from_utf8(event_json("page_view", "u2")).expect("utf8")
+            r#"{{"events": [{}, {{"type": "page_view", "user_id": "u9"}}], "accepted_ms": {}}}"#,
+            String::from_utf8(event_json("page_view", "u2")).expect("utf8"),
+            NOW - 10_000
         );
         let j = judge_ingest(
             &ingest_letter(batch.into_bytes(), false, Some(NOW)),
@@ -515,12 +791,22 @@ mod tests {
         assert_eq!(j.take.len(), 1);
         assert_eq!(j.take[0].topic, "customer_clicks");
         assert_eq!(j.refused.len(), 1);
+        let kept = &j.keep[0];
+        let event: Value = serde_json::from_slice(&kept.payload).expect("json");
+        assert_eq!(event["user_id"], "u9");
+        assert_eq!(kept.key, b"u9");
+        assert_eq!(header(kept, "edgewise-ingest-index"), Some("1"));
+        assert_eq!(
+            header(kept, "edgewise-accepted-ms"),
+            Some((NOW - 10_000).to_string().as_str())
+        );
         let j = judge_ingest(
             &ingest_letter(b"not json".to_vec(), false, Some(NOW)),
             "dlq",
             NOW,
         );
         assert!(j.take.is_empty() && j.refused[0].contains("not valid JSON"));
+        assert_eq!(j.keep[0].payload, b"not json");
     }
 
     /// A consumed message is put back as it was, to the topic it was read from, with its own
@@ -532,31 +818,25 @@ mod tests {
             offset: 4,
             ..Letter::default()
         };
-        let payload = event_json("add_to_cart", "u3");
-        let j = judge_original(
-            &letter,
-            "dlq",
-            "cart_events",
-            b"u3",
-            &payload,
-            Some(NOW - 1_000),
-            NOW,
-        );
+        let original = Original {
+            key: b"u3".to_vec(),
+            payload: event_json("add_to_cart", "u3"),
+            timestamp_ms: Some(NOW - 1_000),
+        };
+        let j = judge_original(&letter, "dlq", "cart_events", &original, NOW);
         assert_eq!(j.at_ms, Some(NOW - 1_000));
         assert_eq!(j.take[0].topic, "cart_events");
-        assert_eq!(j.take[0].payload, payload);
+        assert_eq!(j.take[0].payload, original.payload);
         assert_eq!(j.take[0].key, b"u3");
-        let j = judge_original(
-            &letter,
-            "dlq",
-            "customer_clicks",
-            b"u3",
-            &payload,
-            Some(NOW),
-            NOW,
-        );
+        assert!(j.keep.is_empty());
+        let j = judge_original(&letter, "dlq", "customer_clicks", &original, NOW);
         assert!(j.take.is_empty() && j.refused.len() == 1, "{j:?}");
-        let j = judge_original(&letter, "dlq", "cart_events", b"u3", &payload, None, NOW);
+        assert_eq!(j.keep.len(), 1);
+        let untimed = Original {
+            timestamp_ms: None,
+            ..original
+        };
+        let j = judge_original(&letter, "dlq", "cart_events", &untimed, NOW);
         assert!(j.take.is_empty() && j.refused.len() == 1, "{j:?}");
     }
 }

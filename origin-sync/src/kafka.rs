@@ -36,6 +36,15 @@ pub fn consumer(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, 
     consumer_config(config, group_id).create()
 }
 
+/// [`consumer`] for a reader that stops at the end: reaching the end of a partition is
+/// reported (`KafkaError::PartitionEOF`), so a reader knows it is done even when the last
+/// offsets hold nothing it would be given (retention, transaction markers).
+pub fn consumer_to_end(config: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, KafkaError> {
+    consumer_config(config, group_id)
+        .set("enable.partition.eof", "true")
+        .create()
+}
+
 fn consumer_config(config: &KafkaConfig, group_id: &str) -> ClientConfig {
     let mut c = client(config);
     c.set("group.id", group_id)

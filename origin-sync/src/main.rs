@@ -65,7 +65,8 @@ enum Command {
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
-        /// Read the topic from its beginning, not from where the last `replay` finished.
+        /// Read the topic from its beginning, not from where the last `replay` got to (for
+        /// `replay`: only the first one, when no position is on record).
         #[arg(long, global = true)]
         from_beginning: bool,
     },
@@ -182,7 +183,11 @@ async fn main() -> anyhow::Result<()> {
             let summary = run(&config, mode, from_beginning).await?;
             print!("{summary}");
             if mode == Mode::Replay {
-                println!("{} events produced again", summary.events);
+                let kept: u64 = summary.refused.values().sum();
+                println!(
+                    "{} events produced again; {kept} still refused, put back at the end of the topic",
+                    summary.events
+                );
             }
         }
         Command::Republish => {

@@ -771,7 +771,6 @@ async fn ingest_is_budgeted_per_source() {
     assert_eq!(r.status(), 202, "after Retry-After the batch is taken");
 }
 
-/// `GET /metrics` of the service at `base`, as text.
 /// With the broker gone, what the edge sends is answered 503 with `Retry-After` inside the
 /// edge's wait for one attempt (`ORIGIN_ATTEMPT_MS`), not after the producer's 30 s: events,
 /// what `/ingest` refuses (kept on the dead-letter topic, or not answered 400), and an
@@ -881,6 +880,26 @@ async fn with_the_broker_gone_the_edge_hears_503_before_it_gives_up() {
     service.stop().await;
 }
 
+/// The partitions of `letters_dlq` that hold a letter.
+async fn letter_partitions(brokers: &str) -> std::collections::BTreeSet<i32> {
+    use rdkafka::consumer::Consumer as _;
+    let cfg = origin_sync::config::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let c = origin_sync::kafka::consumer(&cfg, "letter-partitions").expect("consumer");
+    tokio::task::block_in_place(|| {
+        (0..2)
+            .filter(|p| {
+                let (low, high) = c
+                    .fetch_watermarks("letters_dlq", *p, Duration::from_secs(10))
+                    .expect("watermarks");
+                high > low
+            })
+            .collect()
+    })
+}
+
 /// `origin-sync dead-letters`: after an upgrade, what an older build refused and this one
 /// takes is produced again with its original time and folded once; what this build still
 /// refuses is counted by reason and left; a second replay starts where the first finished.
@@ -893,7 +912,13 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     };
     let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("letters");
-    let text = config_toml(&tansu, &edge, &dir, "");
+    // a dead-letter topic of two partitions: the replay reads and positions each
+    tansu.create_topic("letters_dlq", 2).expect("topic");
+    let text = config_toml(&tansu, &edge, &dir, "").replacen(
+        "group_id = \"test\"",
+        "group_id = \"test\"\ndead_letter_topic = \"letters_dlq\"",
+        1,
+    );
     let cfg = config(&text);
     let base = format!("http://{}", cfg.http.listen);
     let service = InProcess::start(cfg);
@@ -932,7 +957,7 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     .expect("json");
     let accepted = origin_sync::clock::now_ms() - 60_000;
     let older = Outgoing {
-        topic: "events_dlq".into(),
+        topic: "letters_dlq".into(),
         key: Vec::new(),
         payload: body,
         headers: vec![
@@ -945,7 +970,7 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
         ],
     };
     let gone = Outgoing {
-        topic: "events_dlq".into(),
+        topic: "letters_dlq".into(),
         key: b"dl-gone".to_vec(),
         payload: b"{}".to_vec(),
         headers: vec![
@@ -955,7 +980,21 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
         ],
     };
     produce(&tansu.brokers(), &[older, gone]).await;
-    let _ = read_topic(&tansu.brokers(), "events_dlq", 4).await;
+    let letters_in = |n: u64| {
+        let text = text.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let listed = run(&config(&text), Mode::List, false).await.expect("list");
+                if listed.letters >= n {
+                    return listed;
+                }
+                assert!(std::time::Instant::now() < deadline, "{listed}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    letters_in(4).await;
     // one of those shoppers has erased since the edge accepted the batch: their events must
     // stay erased when put back, which only their original time ensures
     let erased = good[0].user.clone();
@@ -982,6 +1021,10 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
 
     let listed = run(&config(&text), Mode::List, false).await.expect("list");
     assert_eq!(listed.letters, 4, "{listed}");
+    assert!(
+        letter_partitions(&tansu.brokers()).await.len() == 2,
+        "the letters are on both partitions"
+    );
     assert_eq!(listed.events, 12, "{listed}");
     let reasons: Vec<&String> = listed.refused.keys().collect();
     assert_eq!(listed.refused.values().sum::<u64>(), 3, "{listed}");
@@ -992,32 +1035,41 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
                 .any(|r| r.contains("no longer in customer_clicks")),
         "{listed}"
     );
-    // listing changes nothing
-    let replayed = run(&config(&text), Mode::Replay, false)
+    // the first replay says it is one: with no position on record, the beginning is asked for
+    let e = run(&config(&text), Mode::Replay, false)
+        .await
+        .expect_err("no earlier replay");
+    assert!(e.to_string().contains("--from-beginning"), "{e}");
+    // listing changed nothing
+    let replayed = run(&config(&text), Mode::Replay, true)
         .await
         .expect("replay");
     assert_eq!(replayed, listed);
     converge(&edge, &reference(&kept), Duration::from_secs(30)).await;
     assert!(erased_at_edge(), "{:?}", edge.get(&key(&erased)));
-    // the next replay starts where this one finished; from the beginning, all is there again
+    // the next replay starts where this one finished, which is before what it put back of
+    // what this build still refuses: those letters, and nothing it produced
     let again = run(&config(&text), Mode::Replay, false)
         .await
         .expect("replay");
-    assert_eq!((again.letters, again.events), (0, 0), "{again}");
-    let all = run(&config(&text), Mode::List, true).await.expect("list");
-    assert_eq!(all, listed);
+    assert_eq!((again.letters, again.events), (3, 0), "{again}");
+    assert_eq!(again.refused, listed.refused);
+    let e = run(&config(&text), Mode::Replay, true)
+        .await
+        .expect_err("a position is on record");
+    assert!(e.to_string().contains("without --from-beginning"), "{e}");
     // the command as an operator runs it
     let cfg_path = dir.join("origin-sync.toml");
     std::fs::write(&cfg_path, &text).expect("config");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
         .arg("--config")
         .arg(&cfg_path)
-        .args(["dead-letters", "list", "--from-beginning"])
+        .args(["dead-letters", "list"])
         .output()
         .expect("dead-letters list runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.starts_with(&listed.to_string()),
+        out.status.success() && stdout.starts_with(&again.to_string()),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -1026,6 +1078,7 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     service.stop().await;
 }
 
+/// `GET /metrics` of the service at `base`, as text.
 async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
         .await

@@ -294,8 +294,9 @@ pub const ORIGIN_ATTEMPT_MS: u64 = 5_000;
 /// letters, an erasure's log record) before it answers 503 with `Retry-After`: inside the
 /// edge's [`ORIGIN_ATTEMPT_MS`], so with the broker away the edge hears "not taken, send it
 /// again" instead of a silence, and origin holds no request past the edge's interest in it.
-/// What the producer still delivers after the deadline arrives twice at most, by event id
-/// (folded once) or as an idempotent erasure.
+/// What the producer still delivers after the deadline may arrive more than once, with the
+/// edge's retries: taken once all the same, by event id (folded once) or as an erasure no
+/// later than the last.
 pub const ORIGIN_KAFKA_WAIT_MS: u64 = 4_000;
 const _: () = assert!(ORIGIN_KAFKA_WAIT_MS + 500 <= ORIGIN_ATTEMPT_MS);
 
