@@ -17,14 +17,17 @@
 //!   retention or compaction has removed it, the letter is reported, not guessed from.
 //!
 //! Exactly once, as far as a tool outside the fold can: the consumer group
-//! `<kafka.group_id>-dead-letters` remembers the letter after the last one a replay finished
-//! with, committed after each letter, so a replay that dies produces again at most the letter
-//! it was on; what this build still refuses is put back at the end of the topic (each refused
-//! event its own letter), so the group's position can move past it and the next replay, after
-//! the next upgrade, finds it there. A replay never starts from the beginning while the group
-//! has a position (that would produce again what an earlier replay produced), and never
-//! without `--from-beginning` when it has none (the first replay, or Kafka expired the
-//! group's offsets). Run one replay at a time; it runs beside the service.
+//! `<kafka.group_id>-dead-letters` holds the position after the last letter a replay finished
+//! with, committed after each one, so a replay that dies produces again at most the letter it
+//! was on; what this build still refuses is put back at the end of the topic (each refused
+//! event of a batch its own letter), so the position can move past it and the next replay,
+//! after the next upgrade, finds it there (a copy put back twice by a replay that died is
+//! taken once). Kafka drops a group's offsets after `offsets.retention.minutes`, so a replay
+//! also leaves a record of where it got to at the end of the topic
+//! ([`REPLAY_POSITION_HEADER`]), which a replay whose group has no position goes on from. A
+//! replay never starts from the beginning while either says where the last one got to (it
+//! would produce again what that one produced), and never without `--from-beginning` when
+//! neither does (the first replay). Run one replay at a time; it runs beside the service.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -39,7 +42,7 @@ use shared::event::{Event, EventError, check_topic, parse_event, parse_ingest_ba
 
 use crate::config::Config;
 use crate::kafka::{Outgoing, produce_all, produce_all_at};
-use crate::pipeline::{PipelineError, now_ms, partitions_of};
+use crate::pipeline::{PipelineError, now_ms, partitions_of, sha256_hex};
 
 /// The oldest time an event is stamped with again: as `/ingest`'s limit for a parked batch,
 /// and within any topic retention worth running with (a message stamped past it could be
@@ -50,6 +53,12 @@ pub const OLDEST_REPLAY_MS: u64 = 8 * 86_400_000;
 /// (`<topic>/<partition>/<offset>`), for whoever audits it. A still-refused letter put back on
 /// the dead-letter topic carries it too.
 pub const REPLAYED_FROM_HEADER: &str = "edgewise-replayed-from";
+
+/// The header of the record a replay leaves at the end of the dead-letter topic: where it got
+/// to in each partition (`<partition>:<offset>,...`). The consumer group's position says the
+/// same, but Kafka drops a group's offsets after `offsets.retention.minutes` (7 days by
+/// default); the record stays as long as the letters it is about.
+pub const REPLAY_POSITION_HEADER: &str = "edgewise-replay-position";
 
 /// The headers of a dead letter (`docs/CONTRACTS.md`) a letter put back keeps.
 const LETTER_HEADERS: [&str; 11] = [
@@ -129,11 +138,17 @@ impl Letter {
         payload: Vec<u8>,
         replace: impl Fn(&str) -> Option<String>,
     ) -> Outgoing {
+        // a part of the letter (an event of a batch) is described anew, as `/ingest` would
+        let changed = payload != self.payload;
         let mut headers: Vec<(&'static str, String)> = LETTER_HEADERS
             .iter()
             .filter_map(|name| {
                 let value = match *name {
                     "edgewise-reason" => Some(reason.to_owned()),
+                    "edgewise-payload-bytes" if changed => Some(payload.len().to_string()),
+                    "edgewise-payload-sha256" if changed => Some(sha256_hex(&payload)),
+                    "edgewise-payload-truncated" if changed => Some("false".to_owned()),
+                    "edgewise-key-bytes" if changed => None,
                     other => replace(other).or_else(|| self.headers.get(other).cloned()),
                 };
                 value.map(|v| (*name, v))
@@ -246,9 +261,6 @@ pub fn judge_ingest(letter: &Letter, dead_letter_topic: &str, now_ms: u64) -> Ju
                             .as_str()
                             .map(|u| u.as_bytes().to_vec())
                             .unwrap_or_default();
-                        kept.headers.retain(|(name, _)| {
-                            !name.starts_with("edgewise-payload") && *name != "edgewise-key-bytes"
-                        });
                         kept
                     }
                 };
@@ -336,9 +348,10 @@ struct Span {
     end: i64,
 }
 
-/// Reads the dead-letter topic from the group's position (`from_beginning`: its start) to its
-/// end as of now, judging every letter; `Mode::Replay` produces what this build takes, puts
-/// back what it still refuses, and commits the position after each letter.
+/// Reads the dead-letter topic from the last replay's position (`from_beginning`: its start)
+/// to its end as of now, judging every letter; `Mode::Replay` produces what this build takes,
+/// puts back what it still refuses, commits the position after each letter, and leaves a
+/// record of where it got to at the end of the topic.
 pub async fn run(
     config: &Config,
     mode: Mode,
@@ -347,30 +360,77 @@ pub async fn run(
     let topic = config.kafka.dead_letter_topic.clone();
     let group = format!("{}-dead-letters", config.kafka.group_id);
     let consumer = Arc::new(crate::kafka::consumer_to_end(&config.kafka, &group)?);
-    let (mut spans, positioned) = spans(&consumer, &topic, from_beginning).await?;
+    let extent = extent(&consumer, &topic).await?;
+    let mut positions: BTreeMap<i32, i64> = extent
+        .iter()
+        .filter_map(|(p, e)| e.position.map(|o| (*p, o)))
+        .collect();
+    if positions.is_empty() {
+        positions = last_record(config, &topic, &extent).await?;
+        if !positions.is_empty() {
+            tracing::info!(
+                %group,
+                "the group has no position (Kafka expires a group's offsets); going on from the last replay's record"
+            );
+        }
+    }
+    for (p, at) in &positions {
+        if let Some(e) = extent.get(p)
+            && *at > e.high
+        {
+            return Err(PipelineError::Setup(format!(
+                "the last replay got to offset {at} of {topic} partition {p}, past its end \
+                 ({}): was the topic recreated? Reset {group}'s offsets, or run with \
+                 --from-beginning once no position is on record",
+                e.high
+            )));
+        }
+    }
+    let positioned = !positions.is_empty();
     if mode == Mode::Replay {
         match (positioned, from_beginning) {
             (true, true) => {
                 return Err(PipelineError::Setup(format!(
-                    "an earlier replay left {group} a position in {topic}; from the beginning, \
-                     this one would produce again what that one produced. Run it without \
+                    "an earlier replay got to a position in {topic}; from the beginning, this \
+                     one would produce again what that one produced. Run it without \
                      --from-beginning"
                 )));
             }
             (false, false) => {
                 return Err(PipelineError::Setup(format!(
-                    "no earlier replay is on record for {group} (the first replay, or Kafka \
-                     expired the group's offsets: offsets.retention.minutes). If no replay ran \
-                     while {topic} kept its letters, run `dead-letters replay --from-beginning`"
+                    "no earlier replay is on record for {topic} (the first replay, or one whose \
+                     letters retention has removed). If no replay ran while {topic} kept its \
+                     letters, run `dead-letters replay --from-beginning`"
                 )));
             }
             _ => {}
+        }
+    }
+    let mut spans = BTreeMap::new();
+    for (p, e) in &extent {
+        let next = if from_beginning {
+            e.low
+        } else {
+            positions.get(p).copied().unwrap_or(e.low).max(e.low)
+        };
+        if next < e.high {
+            spans.insert(*p, Span { next, end: e.high });
         }
     }
     let mut summary = Summary::default();
     if spans.is_empty() {
         return Ok(summary);
     }
+    // where this run leaves each partition: its end, for those it reads
+    let reached: BTreeMap<i32, i64> = extent
+        .iter()
+        .map(|(p, e)| {
+            let at = spans
+                .get(p)
+                .map_or_else(|| positions.get(p).copied().unwrap_or(e.low), |s| s.end);
+            (*p, at)
+        })
+        .collect();
     let mut tpl = TopicPartitionList::new();
     for (p, span) in &spans {
         tpl.add_partition_offset(&topic, *p, Offset::Offset(span.next))?;
@@ -378,11 +438,22 @@ pub async fn run(
     consumer.assign(&tpl)?;
     let originals = Originals::new(config)?;
     let producer = crate::kafka::producer(&config.kafka)?;
+    // letters put back twice (a replay died between putting back and committing): the first
+    // copy is taken, the second skipped, or the next replay would take both
+    let mut seen = std::collections::HashSet::new();
+    let mut progress = std::time::Instant::now();
     while !spans.is_empty() {
         let m = match tokio::time::timeout(READ_PATIENCE, consumer.recv()).await {
             Ok(Ok(m)) => m,
             Ok(Err(KafkaError::PartitionEOF(p))) => {
                 finish(&consumer, &topic, &mut spans, p);
+                continue;
+            }
+            // the client says so when a broker connection drops; it reconnects by itself
+            Ok(Err(e @ KafkaError::MessageConsumption(_)))
+                if progress.elapsed() < READ_PATIENCE =>
+            {
+                tracing::warn!(error = %e, %topic, "reading dead letters");
                 continue;
             }
             Ok(Err(e)) => return Err(e.into()),
@@ -393,6 +464,7 @@ pub async fn run(
                 )));
             }
         };
+        progress = std::time::Instant::now();
         let p = m.partition();
         let Some(span) = spans.get(&p).copied() else {
             continue;
@@ -408,27 +480,36 @@ pub async fn run(
         }
         let letter = Letter::of(&m);
         drop(m);
-        let judged = judge(&letter, &topic, &originals).await?;
-        summary.letters += 1;
-        summary.events += judged.take.len() as u64;
-        for reason in &judged.refused {
-            *summary.refused.entry(reason.clone()).or_default() += 1;
+        let again = letter.headers.get(REPLAYED_FROM_HEADER).map(|from| {
+            (
+                from.clone(),
+                letter.key.clone(),
+                sha256_hex(&letter.payload),
+            )
+        });
+        let record = letter.headers.contains_key(REPLAY_POSITION_HEADER);
+        if record || again.is_some_and(|a| !seen.insert(a)) {
+            // a replay's record, or a second copy of a letter put back: nothing to judge
+        } else {
+            let judged = judge(&letter, &topic, &originals).await?;
+            summary.letters += 1;
+            summary.events += judged.take.len() as u64;
+            for reason in &judged.refused {
+                *summary.refused.entry(reason.clone()).or_default() += 1;
+            }
+            if mode == Mode::Replay {
+                put_back(&producer, &letter, &topic, judged, &mut summary).await?;
+            }
+            if summary.letters.is_multiple_of(100) {
+                tracing::info!(
+                    letters = summary.letters,
+                    events = summary.events,
+                    "dead letters read"
+                );
+            }
         }
         if mode == Mode::Replay {
-            put_back(&producer, &letter, &topic, judged, &mut summary).await?;
-            let mut at = TopicPartitionList::new();
-            at.add_partition_offset(&topic, p, Offset::Offset(letter.offset + 1))?;
-            let c = consumer.clone();
-            tokio::task::spawn_blocking(move || c.commit(&at, CommitMode::Sync))
-                .await
-                .map_err(|e| PipelineError::Setup(e.to_string()))??;
-        }
-        if summary.letters.is_multiple_of(100) {
-            tracing::info!(
-                letters = summary.letters,
-                events = summary.events,
-                "dead letters read"
-            );
+            commit(&consumer, &topic, &[(p, letter.offset + 1)]).await?;
         }
         if let Some(s) = spans.get_mut(&p) {
             s.next = letter.offset + 1;
@@ -437,7 +518,150 @@ pub async fn run(
             }
         }
     }
+    if mode == Mode::Replay {
+        let reached: Vec<(i32, i64)> = reached.into_iter().collect();
+        commit(&consumer, &topic, &reached).await?;
+        let value = reached
+            .iter()
+            .map(|(p, o)| format!("{p}:{o}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let record = Outgoing {
+            topic: topic.clone(),
+            key: REPLAY_POSITION_HEADER.as_bytes().to_vec(),
+            payload: Vec::new(),
+            headers: vec![(REPLAY_POSITION_HEADER, value)],
+        };
+        produce_all(&producer, &[record]).await?;
+    }
     Ok(summary)
+}
+
+async fn commit(
+    consumer: &Arc<StreamConsumer>,
+    topic: &str,
+    at: &[(i32, i64)],
+) -> Result<(), PipelineError> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in at {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    }
+    let c = consumer.clone();
+    tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
+        .await
+        .map_err(|e| PipelineError::Setup(e.to_string()))??;
+    Ok(())
+}
+
+/// A partition's offsets now, and the group's position in it.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    low: i64,
+    high: i64,
+    position: Option<i64>,
+}
+
+async fn extent(
+    consumer: &Arc<StreamConsumer>,
+    topic: &str,
+) -> Result<BTreeMap<i32, Extent>, PipelineError> {
+    let partitions = partitions_of(consumer, topic).await?;
+    let c = consumer.clone();
+    let t = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut asked = TopicPartitionList::new();
+        for p in &partitions {
+            asked.add_partition(&t, *p);
+        }
+        let committed = c.committed_offsets(asked, Duration::from_secs(10))?;
+        let mut out = BTreeMap::new();
+        for p in partitions {
+            let (low, high) = c.fetch_watermarks(&t, p, Duration::from_secs(10))?;
+            let position = committed
+                .find_partition(&t, p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(n) => Some(n),
+                    _ => None,
+                });
+            out.insert(
+                p,
+                Extent {
+                    low,
+                    high,
+                    position,
+                },
+            );
+        }
+        Ok::<_, KafkaError>(out)
+    })
+    .await
+    .map_err(|e| PipelineError::Setup(e.to_string()))?
+    .map_err(PipelineError::from)
+}
+
+/// The furthest position the replays' records in the topic name, per partition (empty when
+/// there is none): read through the whole topic, which happens only when the group has no
+/// position.
+async fn last_record(
+    config: &Config,
+    topic: &str,
+    extent: &BTreeMap<i32, Extent>,
+) -> Result<BTreeMap<i32, i64>, PipelineError> {
+    let group = format!("{}-dead-letter-records", config.kafka.group_id);
+    let consumer = crate::kafka::consumer_to_end(&config.kafka, &group)?;
+    let mut open: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for (p, e) in extent {
+        if e.low < e.high {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(e.low))?;
+            open.insert(*p, e.high);
+        }
+    }
+    let mut furthest = BTreeMap::new();
+    if open.is_empty() {
+        return Ok(furthest);
+    }
+    consumer.assign(&tpl)?;
+    while !open.is_empty() {
+        let m = match tokio::time::timeout(READ_PATIENCE, consumer.recv()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+                continue;
+            }
+            Ok(Err(e @ KafkaError::MessageConsumption(_))) => {
+                tracing::warn!(error = %e, %topic, "reading dead letters");
+                continue;
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(PipelineError::Setup(format!(
+                    "nothing read from {topic} for {} s before its end; is the broker up?",
+                    READ_PATIENCE.as_secs()
+                )));
+            }
+        };
+        let p = m.partition();
+        if m.offset() + 1 >= open.get(&p).copied().unwrap_or(0) {
+            open.remove(&p);
+        }
+        let Some(value) = m.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == REPLAY_POSITION_HEADER)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        }) else {
+            continue;
+        };
+        for (p, o) in value.split(',').filter_map(|part| {
+            let (p, o) = part.split_once(':')?;
+            Some((p.parse::<i32>().ok()?, o.parse::<i64>().ok()?))
+        }) {
+            let at = furthest.entry(p).or_insert(o);
+            *at = (*at).max(o);
+        }
+    }
+    Ok(furthest)
 }
 
 /// Produces what a letter's judgement takes, with its time, and puts back what it refuses. A
@@ -447,24 +671,43 @@ async fn put_back(
     producer: &rdkafka::producer::FutureProducer,
     letter: &Letter,
     topic: &str,
-    mut judged: Judged,
+    judged: Judged,
     summary: &mut Summary,
 ) -> Result<(), PipelineError> {
-    if !judged.take.is_empty() {
-        let at = judged.at_ms.map(|t| t as i64);
-        match produce_all_at(producer, &judged.take, at).await {
+    let Judged {
+        take,
+        at_ms,
+        mut keep,
+        ..
+    } = judged;
+    let at = at_ms.map(|t| t as i64);
+    let ingest = letter.headers.get("edgewise-source").map(String::as_str) == Some("ingest");
+    // one event at a time: a refusal for good then concerns that event alone, and what was
+    // produced before it is not put back, to be produced again by the next replay
+    for out in &take {
+        match produce_all_at(producer, std::slice::from_ref(out), at).await {
             Ok(()) => {}
             Err(e) if refused_for_good(&e) => {
                 let reason = format!("the broker refused it: {e}");
-                summary.events -= judged.take.len() as u64;
+                summary.events -= 1;
                 *summary.refused.entry(reason.clone()).or_default() += 1;
-                judged.keep = vec![letter.again(topic, &reason)];
+                keep.push(if ingest {
+                    let mut kept = letter.again_with(topic, &reason, out.payload.clone(), |name| {
+                        (name == "edgewise-accepted-ms")
+                            .then(|| at_ms.map(|t| t.to_string()))
+                            .flatten()
+                    });
+                    kept.key = out.key.clone();
+                    kept
+                } else {
+                    letter.again(topic, &reason)
+                });
             }
             Err(e) => return Err(e.into()),
         }
     }
-    if !judged.keep.is_empty() {
-        produce_all(producer, &judged.keep).await?;
+    if !keep.is_empty() {
+        produce_all(producer, &keep).await?;
     }
     Ok(())
 }
@@ -490,48 +733,6 @@ fn finish(consumer: &StreamConsumer, topic: &str, spans: &mut BTreeMap<i32, Span
         tpl.add_partition(topic, partition);
         let _ = consumer.pause(&tpl);
     }
-}
-
-/// Each partition with letters to read, and whether the group had a position in any.
-async fn spans(
-    consumer: &Arc<StreamConsumer>,
-    topic: &str,
-    from_beginning: bool,
-) -> Result<(BTreeMap<i32, Span>, bool), PipelineError> {
-    let partitions = partitions_of(consumer, topic).await?;
-    let c = consumer.clone();
-    let t = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut asked = TopicPartitionList::new();
-        for p in &partitions {
-            asked.add_partition(&t, *p);
-        }
-        let committed = c.committed_offsets(asked, Duration::from_secs(10))?;
-        let mut positioned = false;
-        let mut out = BTreeMap::new();
-        for p in partitions {
-            let (low, high) = c.fetch_watermarks(&t, p, Duration::from_secs(10))?;
-            let position = committed
-                .find_partition(&t, p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(n) => Some(n),
-                    _ => None,
-                });
-            positioned |= position.is_some();
-            let next = if from_beginning {
-                low
-            } else {
-                position.unwrap_or(low).max(low)
-            };
-            if next < high {
-                out.insert(p, Span { next, end: high });
-            }
-        }
-        Ok::<_, KafkaError>((out, positioned))
-    })
-    .await
-    .map_err(|e| PipelineError::Setup(e.to_string()))?
-    .map_err(PipelineError::from)
 }
 
 async fn judge(
@@ -610,7 +811,12 @@ impl Originals {
             }
             Err(e) => return Err(e.into()),
         };
-        if offset < low || offset >= high {
+        if offset >= high {
+            return Ok(Err(format!(
+                "the letter points past the end of {topic} partition {partition}"
+            )));
+        }
+        if offset < low {
             return Ok(Err(format!(
                 "the original is no longer in {topic} (retention or compaction removed it)"
             )));
@@ -796,6 +1002,16 @@ mod tests {
         assert_eq!(event["user_id"], "u9");
         assert_eq!(kept.key, b"u9");
         assert_eq!(header(kept, "edgewise-ingest-index"), Some("1"));
+        // described as itself, not as the batch it came in
+        assert_eq!(
+            header(kept, "edgewise-payload-bytes"),
+            Some(kept.payload.len().to_string().as_str())
+        );
+        assert_eq!(
+            header(kept, "edgewise-payload-sha256"),
+            Some(sha256_hex(&kept.payload).as_str())
+        );
+        assert_eq!(header(kept, "edgewise-payload-truncated"), Some("false"));
         assert_eq!(
             header(kept, "edgewise-accepted-ms"),
             Some((NOW - 10_000).to_string().as_str())
