@@ -31,17 +31,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use shared::event::{Event, EventError, check_topic, parse_event, parse_ingest_batch};
 
 use crate::config::Config;
-use crate::kafka::{Outgoing, produce_all, produce_all_at};
+use crate::kafka::{Outgoing, headers_of, produce_all, produce_all_at};
 use crate::pipeline::{PipelineError, now_ms, partitions_of, sha256_hex};
 
 /// The oldest time an event is stamped with again: as `/ingest`'s limit for a parked batch,
@@ -91,20 +91,11 @@ pub struct Letter {
 
 impl Letter {
     fn of(m: &BorrowedMessage<'_>) -> Letter {
-        let mut headers = HashMap::new();
-        if let Some(hs) = m.headers() {
-            for h in hs.iter() {
-                headers.insert(
-                    h.key.to_owned(),
-                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                );
-            }
-        }
         Letter {
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().unwrap_or_default().to_vec(),
-            headers,
+            headers: headers_of(m),
             payload: m.payload().unwrap_or_default().to_vec(),
         }
     }
@@ -441,30 +432,15 @@ pub async fn run(
     // letters put back twice (a replay died between putting back and committing): the first
     // copy is taken, the second skipped, or the next replay would take both
     let mut seen = std::collections::HashSet::new();
-    let mut progress = std::time::Instant::now();
+    let mut progress = Instant::now();
     while !spans.is_empty() {
-        let m = match tokio::time::timeout(READ_PATIENCE, consumer.recv()).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(KafkaError::PartitionEOF(p))) => {
+        let m = match read_next(&consumer, &topic, &mut progress).await? {
+            Read::Message(m) => m,
+            Read::Ended(p) => {
                 finish(&consumer, &topic, &mut spans, p);
                 continue;
             }
-            // the client says so when a broker connection drops; it reconnects by itself
-            Ok(Err(e @ KafkaError::MessageConsumption(_)))
-                if progress.elapsed() < READ_PATIENCE =>
-            {
-                tracing::warn!(error = %e, %topic, "reading dead letters");
-                continue;
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(PipelineError::Setup(format!(
-                    "nothing read from {topic} for {} s before its end; is the broker up?",
-                    READ_PATIENCE.as_secs()
-                )));
-            }
         };
-        progress = std::time::Instant::now();
         let p = m.partition();
         let Some(span) = spans.get(&p).copied() else {
             continue;
@@ -535,6 +511,47 @@ pub async fn run(
         produce_all(&producer, &[record]).await?;
     }
     Ok(summary)
+}
+
+/// What reading a partition to its end gives next.
+enum Read<'c> {
+    Message(BorrowedMessage<'c>),
+    /// The partition has nothing more (`enable.partition.eof`).
+    Ended(i32),
+}
+
+/// The next message, or partition end, of a read to the end. Passing client errors (a broker
+/// connection dropped, which the client mends by itself) are waited through until nothing has
+/// come for [`READ_PATIENCE`] since `progress`.
+async fn read_next<'c>(
+    consumer: &'c StreamConsumer,
+    topic: &str,
+    progress: &mut Instant,
+) -> Result<Read<'c>, PipelineError> {
+    loop {
+        match tokio::time::timeout(READ_PATIENCE, consumer.recv()).await {
+            Ok(Ok(m)) => {
+                *progress = Instant::now();
+                return Ok(Read::Message(m));
+            }
+            Ok(Err(KafkaError::PartitionEOF(p))) => {
+                *progress = Instant::now();
+                return Ok(Read::Ended(p));
+            }
+            Ok(Err(e @ KafkaError::MessageConsumption(_)))
+                if progress.elapsed() < READ_PATIENCE =>
+            {
+                tracing::warn!(error = %e, %topic, "reading dead letters");
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(PipelineError::Setup(format!(
+                    "nothing read from {topic} for {} s before its end; is the broker up?",
+                    READ_PATIENCE.as_secs()
+                )));
+            }
+        }
+    }
 }
 
 async fn commit(
@@ -622,35 +639,20 @@ async fn last_record(
         return Ok(furthest);
     }
     consumer.assign(&tpl)?;
+    let mut progress = Instant::now();
     while !open.is_empty() {
-        let m = match tokio::time::timeout(READ_PATIENCE, consumer.recv()).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(KafkaError::PartitionEOF(p))) => {
+        let m = match read_next(&consumer, topic, &mut progress).await? {
+            Read::Message(m) => m,
+            Read::Ended(p) => {
                 open.remove(&p);
                 continue;
-            }
-            Ok(Err(e @ KafkaError::MessageConsumption(_))) => {
-                tracing::warn!(error = %e, %topic, "reading dead letters");
-                continue;
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(PipelineError::Setup(format!(
-                    "nothing read from {topic} for {} s before its end; is the broker up?",
-                    READ_PATIENCE.as_secs()
-                )));
             }
         };
         let p = m.partition();
         if m.offset() + 1 >= open.get(&p).copied().unwrap_or(0) {
             open.remove(&p);
         }
-        let Some(value) = m.headers().and_then(|hs| {
-            hs.iter()
-                .find(|h| h.key == REPLAY_POSITION_HEADER)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        }) else {
+        let Some(value) = headers_of(&m).remove(REPLAY_POSITION_HEADER) else {
             continue;
         };
         for (p, o) in value.split(',').filter_map(|part| {

@@ -345,6 +345,22 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .create()
 }
 
+/// A consumed message's headers by name, their values as text (lossily: Edgewise's own are
+/// text).
+pub fn headers_of<M: rdkafka::Message>(m: &M) -> std::collections::HashMap<String, String> {
+    use rdkafka::message::Headers as _;
+    m.headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    let value = String::from_utf8_lossy(h.value.unwrap_or_default());
+                    (h.key.to_owned(), value.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One message to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {

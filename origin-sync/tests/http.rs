@@ -22,6 +22,25 @@ fn signed(mut req: reqwest::RequestBuilder, body: &[u8]) -> reqwest::RequestBuil
     req
 }
 
+/// The service on `cfg`, started in this process, once its HTTP port takes connections; and
+/// its base URL.
+async fn serving(cfg: origin_sync::config::Config) -> (InProcess, String) {
+    let base = format!("http://{}", cfg.http.listen);
+    let service = InProcess::start(cfg);
+    wait_for(
+        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
+        "http",
+    )
+    .await;
+    (service, base)
+}
+
+/// An `/ingest` body of `events`.
+fn ingest_body(events: &[shared::event::Event]) -> Vec<u8> {
+    let items: Vec<_> = events.iter().map(|e| e.to_json()).collect();
+    serde_json::to_vec(&serde_json::json!({ "events": items })).expect("json")
+}
+
 fn metric(
     service: &InProcess,
     pick: impl Fn(&origin_sync::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
@@ -47,14 +66,8 @@ async fn ingest_erasure_and_documents() {
         rules.display()
     );
     let cfg = config(&config_toml(&tansu, &edge, &dir, &docs));
-    let base = format!("http://{}", cfg.http.listen);
-    let service = InProcess::start(cfg);
+    let (service, base) = serving(cfg).await;
     let client = reqwest::Client::new();
-    wait_for(
-        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
-        "http",
-    )
-    .await;
 
     // health and readiness
     let r = client
@@ -157,10 +170,7 @@ async fn ingest_erasure_and_documents() {
     assert_eq!(metric(&service, |m| &m.ingest_dead_lettered), 3);
 
     // all good → 202 with the count (the same events again: duplicates, no effect)
-    let body = serde_json::to_vec(&serde_json::json!({
-        "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>()
-    }))
-    .expect("json");
+    let body = ingest_body(&events);
     let r = signed(client.post(format!("{base}/ingest")), &body)
         .body(body)
         .send()
@@ -730,19 +740,10 @@ async fn ingest_is_budgeted_per_source() {
         &dir,
         "ingest_events_per_sec = 20\ningest_burst = 50\n",
     ));
-    let base = format!("http://{}", cfg.http.listen);
-    let _service = InProcess::start(cfg);
+    let (_service, base) = serving(cfg).await;
     let client = reqwest::Client::new();
-    wait_for(
-        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
-        "http",
-    )
-    .await;
     let post = |events: &[shared::event::Event]| {
-        let body = serde_json::to_vec(&serde_json::json!({
-            "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>()
-        }))
-        .expect("json");
+        let body = ingest_body(events);
         signed(client.post(format!("{base}/ingest")), &body)
             .body(body)
             .send()
@@ -785,18 +786,8 @@ async fn with_the_broker_gone_the_edge_hears_503_before_it_gives_up() {
     let edge = TestEdge::start(secret()).await.expect("edge");
     let dir = scratch("outage");
     let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
-    let base = format!("http://{}", cfg.http.listen);
-    let service = InProcess::start(cfg);
+    let (service, base) = serving(cfg).await;
     let client = reqwest::Client::new();
-    wait_for(
-        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
-        "http",
-    )
-    .await;
-    let batch = |events: &[shared::event::Event]| {
-        let items: Vec<_> = events.iter().map(|e| e.to_json()).collect();
-        serde_json::to_vec(&serde_json::json!({ "events": items })).expect("json")
-    };
     let refused = br#"{"events": [{"type": "page_view"}]}"#.to_vec();
     let erased = r#"{"user_id":"o-erased"}"#;
     let send = |body: Vec<u8>, path: &str, erase: bool| {
@@ -820,14 +811,14 @@ async fn with_the_broker_gone_the_edge_hears_503_before_it_gives_up() {
     let erase = route::erase("o-erased");
 
     let before = traffic(3, 30, "o", 21);
-    let (r, _) = send(batch(&before), ingest, false).await;
+    let (r, _) = send(ingest_body(&before), ingest, false).await;
     assert_eq!(r.status(), 202);
 
     tokio::task::block_in_place(|| tansu.stop());
     let during = traffic(3, 30, "p", 22);
     let attempt = Duration::from_millis(shared::protocol::ORIGIN_ATTEMPT_MS);
     for (what, body, path, is_erasure) in [
-        ("events", batch(&during), ingest, false),
+        ("events", ingest_body(&during), ingest, false),
         ("a refused event", refused.clone(), ingest, false),
         (
             "an erasure",
@@ -866,7 +857,7 @@ async fn with_the_broker_gone_the_edge_hears_503_before_it_gives_up() {
             }
         }
     };
-    again(batch(&during), ingest.to_owned(), false, 202).await;
+    again(ingest_body(&during), ingest.to_owned(), false, 202).await;
     let r = again(refused, ingest.to_owned(), false, 400).await;
     assert_eq!(r.headers()[shared::protocol::DEAD_LETTERED_HEADER], "1");
     again(erased.as_bytes().to_vec(), erase.clone(), true, 202).await;
@@ -920,14 +911,8 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
         1,
     );
     let cfg = config(&text);
-    let base = format!("http://{}", cfg.http.listen);
-    let service = InProcess::start(cfg);
+    let (service, base) = serving(cfg).await;
     let client = reqwest::Client::new();
-    wait_for(
-        || std::net::TcpStream::connect(base.trim_start_matches("http://")).is_ok(),
-        "http",
-    )
-    .await;
     // refused by this build too: a message consumed from an event topic (its letter points at
     // it) and an event type the edge sent that this build does not know
     let bad = Outgoing {
@@ -951,10 +936,7 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     // what an older build refused and this one takes (the test plays that older origin): a
     // batch the edge sent, kept whole; and a letter pointing where its topic holds nothing
     let good = traffic(2, 12, "dl", 31);
-    let body = serde_json::to_vec(&serde_json::json!({
-        "events": good.iter().map(|e| e.to_json()).collect::<Vec<_>>()
-    }))
-    .expect("json");
+    let body = ingest_body(&good);
     let accepted = origin_sync::clock::now_ms() - 60_000;
     let older = Outgoing {
         topic: "letters_dlq".into(),

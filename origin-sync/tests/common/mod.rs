@@ -426,7 +426,6 @@ pub struct Consumed {
 pub async fn read_topic(brokers: &str, topic: &str, n: usize) -> Vec<Consumed> {
     use rdkafka::Message as _;
     use rdkafka::consumer::Consumer as _;
-    use rdkafka::message::Headers as _;
     let cfg = origin_sync::config::KafkaConfig {
         brokers: brokers.to_owned(),
         ..Default::default()
@@ -442,18 +441,9 @@ pub async fn read_topic(brokers: &str, topic: &str, n: usize) -> Vec<Consumed> {
             .await
             .unwrap_or_else(|_| panic!("{} of {n} messages on {topic} after 20 s", out.len()))
             .expect("consume");
-        let mut headers = HashMap::new();
-        if let Some(hs) = m.headers() {
-            for h in hs.iter() {
-                headers.insert(
-                    h.key.to_owned(),
-                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                );
-            }
-        }
         out.push(Consumed {
             key: m.key().unwrap_or_default().to_vec(),
-            headers,
+            headers: origin_sync::kafka::headers_of(&m),
             payload: m.payload().unwrap_or_default().to_vec(),
         });
     }
