@@ -1029,13 +1029,33 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     assert_eq!(replayed, listed);
     converge(&edge, &reference(&kept), Duration::from_secs(30)).await;
     assert!(erased_at_edge(), "{:?}", edge.get(&key(&erased)));
+    // a letter a replay put back twice (it died between putting back and committing), which
+    // this build now takes: taken once
+    let late = traffic(1, 3, "dl-copy", 33);
+    let copy = Outgoing {
+        topic: "letters_dlq".into(),
+        key: late[0].user.as_bytes().to_vec(),
+        payload: ingest_body(&late),
+        headers: vec![
+            ("edgewise-reason", "an older build".into()),
+            ("edgewise-source", "ingest".into()),
+            ("edgewise-accepted-ms", accepted.to_string()),
+            (
+                origin_sync::dead_letters::REPLAYED_FROM_HEADER,
+                "letters_dlq/0/1".into(),
+            ),
+        ],
+    };
+    produce(&tansu.brokers(), &[copy.clone(), copy]).await;
     // the next replay starts where this one finished, which is before what it put back of
-    // what this build still refuses: those letters, and nothing it produced
+    // what this build still refuses: those letters, the copy once, and nothing it produced
     let again = run(&config(&text), Mode::Replay, false)
         .await
         .expect("replay");
-    assert_eq!((again.letters, again.events), (3, 0), "{again}");
+    assert_eq!((again.letters, again.events), (4, 3), "{again}");
     assert_eq!(again.refused, listed.refused);
+    let kept = [kept, late].concat();
+    converge(&edge, &reference(&kept), Duration::from_secs(30)).await;
     let e = run(&config(&text), Mode::Replay, true)
         .await
         .expect_err("a position is on record");
