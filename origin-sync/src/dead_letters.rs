@@ -50,8 +50,9 @@ use crate::pipeline::{PipelineError, now_ms, partitions_of, sha256_hex};
 pub const OLDEST_REPLAY_MS: u64 = 8 * 86_400_000;
 
 /// The header a message produced by a replay carries: the dead letter it came from
-/// (`<topic>/<partition>/<offset>`), for whoever audits it. A still-refused letter put back on
-/// the dead-letter topic carries it too.
+/// (`<topic>/<partition>/<offset>`; the first one, for a letter put back before), for whoever
+/// audits it. A still-refused letter put back on the dead-letter topic carries it too, which
+/// is how copies of one letter are told apart from other letters.
 pub const REPLAYED_FROM_HEADER: &str = "edgewise-replayed-from";
 
 /// The header of the record a replay leaves at the end of the dead-letter topic: where it got
@@ -112,8 +113,14 @@ impl Letter {
         Some((topic.clone(), partition, offset))
     }
 
+    /// The dead letter this one started as: named by its `edgewise-replayed-from` when it was
+    /// put back by a replay (however many times over), else by its own place. Copies of one
+    /// letter therefore share it, whichever replay put them back.
     fn from(&self, dead_letter_topic: &str) -> String {
-        format!("{dead_letter_topic}/{}/{}", self.partition, self.offset)
+        self.headers
+            .get(REPLAYED_FROM_HEADER)
+            .cloned()
+            .unwrap_or_else(|| format!("{dead_letter_topic}/{}/{}", self.partition, self.offset))
     }
 
     /// This letter again, for the end of the dead-letter topic: its payload, key and headers,
@@ -973,6 +980,14 @@ mod tests {
             Some(j.refused[0].as_str())
         );
         assert_eq!(header(&j.keep[0], REPLAYED_FROM_HEADER), Some("dlq/0/17"));
+        // put back again by a later replay, it still names the letter it started as, so its
+        // copies (a replay that died before committing) are known as copies
+        let mut again = letter.clone();
+        again
+            .headers
+            .insert(REPLAYED_FROM_HEADER.into(), "dlq/0/5".into());
+        let j = judge_ingest(&again, "dlq", NOW);
+        assert_eq!(header(&j.keep[0], REPLAYED_FROM_HEADER), Some("dlq/0/5"));
         assert_eq!(header(&j.keep[0], "edgewise-ingest-index"), Some("3"));
         assert_eq!(header(&j.keep[0], "edgewise-source"), Some("ingest"));
         // no time to stamp it with, or too old a one
