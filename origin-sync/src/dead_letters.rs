@@ -101,6 +101,11 @@ impl Letter {
         }
     }
 
+    /// Whether `/ingest` wrote it (the event, or batch, is in it whole).
+    fn is_ingest(&self) -> bool {
+        self.headers.get("edgewise-source").map(String::as_str) == Some("ingest")
+    }
+
     /// Where a consumed message's letter says its original is.
     pub fn original(&self) -> Option<(String, i32, i64)> {
         let topic = self.headers.get("edgewise-source-topic")?;
@@ -690,7 +695,7 @@ async fn put_back(
         ..
     } = judged;
     let at = at_ms.map(|t| t as i64);
-    let ingest = letter.headers.get("edgewise-source").map(String::as_str) == Some("ingest");
+    let ingest = letter.is_ingest();
     // one event at a time: a refusal for good then concerns that event alone, and what was
     // produced before it is not put back, to be produced again by the next replay
     for out in &take {
@@ -750,7 +755,7 @@ async fn judge(
     originals: &Originals,
 ) -> Result<Judged, PipelineError> {
     let now = now_ms();
-    if letter.headers.get("edgewise-source").map(String::as_str) == Some("ingest") {
+    if letter.is_ingest() {
         return Ok(judge_ingest(letter, dead_letter_topic, now));
     }
     let Some((topic, partition, offset)) = letter.original() else {
