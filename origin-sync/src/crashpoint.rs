@@ -5,7 +5,9 @@
 //! a sink. A process killed between any two must lose nothing and count nothing twice: the
 //! changelog's stamps skip what a restore already holds, a sink takes a delta again by
 //! version. Random kills land between them only by chance; `tests/scale_out.rs` kills an
-//! instance at each on purpose.
+//! instance at each on purpose. `dead-letters replay` has its own: between producing a
+//! letter's events, putting back what it still refuses and committing past it
+//! (`tests/http.rs` kills a replay at each).
 //!
 //! `EDGEWISE_CRASH_AT=<point>[@<n>]` makes the process SIGKILL itself the n-th time (the first
 //! by default) it reaches `<point>`, one of [`POINTS`]. Only builds with the `testkit` feature
@@ -22,12 +24,25 @@ pub const OFFSETS_COMMITTED: &str = "offsets-committed";
 /// A sink took a push of deltas; nothing of that is recorded (outbox, watermark).
 pub const SINK_ACKNOWLEDGED: &str = "sink-acknowledged";
 
-/// Every point, in the order a batch reaches them.
-pub const POINTS: [&str; 4] = [
+/// `dead-letters replay`: a letter's events are produced to their topic; what it still
+/// refuses is not put back, the position not moved past it.
+pub const LETTER_TAKEN: &str = "letter-taken";
+/// `dead-letters replay`: all of a letter is produced (what is taken, and what is put back);
+/// the position is not moved past it.
+pub const LETTER_PUT_BACK: &str = "letter-put-back";
+/// `dead-letters replay`: the position is committed at the end of the run; the record of where
+/// it got to is not written.
+pub const REPLAY_COMMITTED: &str = "replay-committed";
+
+/// Every point: a batch's, in the order it reaches them, then a replay's.
+pub const POINTS: [&str; 7] = [
     FOLDED,
     CHANGELOG_WRITTEN,
     OFFSETS_COMMITTED,
     SINK_ACKNOWLEDGED,
+    LETTER_TAKEN,
+    LETTER_PUT_BACK,
+    REPLAY_COMMITTED,
 ];
 
 /// The environment variable that names the point (and the time it is reached) to die at.

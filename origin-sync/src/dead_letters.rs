@@ -128,6 +128,17 @@ impl Letter {
             .unwrap_or_else(|| format!("{dead_letter_topic}/{}/{}", self.partition, self.offset))
     }
 
+    /// What tells this letter from others and copies of it apart: the letter it started as,
+    /// its key and its payload (a batch's refused events are put back one by one, each with
+    /// the batch's name).
+    fn identity(&self, dead_letter_topic: &str) -> Identity {
+        Identity {
+            from: self.from(dead_letter_topic),
+            key: self.key.clone(),
+            payload_sha256: sha256_hex(&self.payload),
+        }
+    }
+
     /// This letter again, for the end of the dead-letter topic: its payload, key and headers,
     /// the reason this build gives, and where it was.
     fn again(&self, dead_letter_topic: &str, reason: &str) -> Outgoing {
@@ -164,6 +175,29 @@ impl Letter {
             payload,
             headers,
         }
+    }
+}
+
+/// A letter as [`Letter::identity`] tells it apart.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Identity {
+    from: String,
+    key: Vec<u8>,
+    payload_sha256: String,
+}
+
+/// The identity a letter put back will have when read: every letter put back names the letter
+/// it started as.
+fn identity_put_back(out: &Outgoing) -> Identity {
+    Identity {
+        from: out
+            .headers
+            .iter()
+            .find(|(name, _)| *name == REPLAYED_FROM_HEADER)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+        key: out.key.clone(),
+        payload_sha256: sha256_hex(&out.payload),
     }
 }
 
@@ -441,9 +475,11 @@ pub async fn run(
     consumer.assign(&tpl)?;
     let originals = Originals::new(config)?;
     let producer = crate::kafka::producer(&config.kafka)?;
-    // letters put back twice (a replay died between putting back and committing): the first
-    // copy is taken, the second skipped, or the next replay would take both
-    let mut seen = std::collections::HashSet::new();
+    // A letter, or a part of one, once per run: a replay that died between putting back and
+    // committing leaves the letter before the position and its copy after it, and a later
+    // one may have put it back twice. The first met is judged (and what it puts back counted
+    // as met), the others skipped, or the next replay would put back and count each.
+    let mut met = std::collections::HashSet::new();
     let mut progress = Instant::now();
     while !spans.is_empty() {
         let m = match read_next(&consumer, &topic, &mut progress).await? {
@@ -468,16 +504,9 @@ pub async fn run(
         }
         let letter = Letter::of(&m);
         drop(m);
-        let again = letter.headers.get(REPLAYED_FROM_HEADER).map(|from| {
-            (
-                from.clone(),
-                letter.key.clone(),
-                sha256_hex(&letter.payload),
-            )
-        });
         let record = letter.headers.contains_key(REPLAY_POSITION_HEADER);
-        if record || again.is_some_and(|a| !seen.insert(a)) {
-            // a replay's record, or a second copy of a letter put back: nothing to judge
+        if record || !met.insert(letter.identity(&topic)) {
+            // a replay's record, or a copy of a letter already judged: nothing to judge
         } else {
             let judged = judge(&letter, &topic, &originals).await?;
             summary.letters += 1;
@@ -485,8 +514,11 @@ pub async fn run(
             for reason in &judged.refused {
                 *summary.refused.entry(reason.clone()).or_default() += 1;
             }
+            met.extend(judged.keep.iter().map(identity_put_back));
             if mode == Mode::Replay {
-                put_back(&producer, &letter, &topic, judged, &mut summary).await?;
+                let kept = put_back(&producer, &letter, &topic, judged, &mut summary).await?;
+                met.extend(kept.iter().map(identity_put_back));
+                crate::crashpoint::reached(crate::crashpoint::LETTER_PUT_BACK);
             }
             if summary.letters.is_multiple_of(100) {
                 tracing::info!(
@@ -509,6 +541,7 @@ pub async fn run(
     if mode == Mode::Replay {
         let reached: Vec<(i32, i64)> = reached.into_iter().collect();
         commit(&consumer, &topic, &reached).await?;
+        crate::crashpoint::reached(crate::crashpoint::REPLAY_COMMITTED);
         let value = reached
             .iter()
             .map(|(p, o)| format!("{p}:{o}"))
@@ -681,13 +714,14 @@ async fn last_record(
 /// Produces what a letter's judgement takes, with its time, and puts back what it refuses. A
 /// refusal by the broker that will not change (the record's time or size) makes the letter a
 /// refused one; any other failure ends the run before its position moves past the letter.
+/// Returns what it put back.
 async fn put_back(
     producer: &rdkafka::producer::FutureProducer,
     letter: &Letter,
     topic: &str,
     judged: Judged,
     summary: &mut Summary,
-) -> Result<(), PipelineError> {
+) -> Result<Vec<Outgoing>, PipelineError> {
     let Judged {
         take,
         at_ms,
@@ -720,10 +754,11 @@ async fn put_back(
             Err(e) => return Err(e.into()),
         }
     }
+    crate::crashpoint::reached(crate::crashpoint::LETTER_TAKEN);
     if !keep.is_empty() {
         produce_all(producer, &keep).await?;
     }
-    Ok(())
+    Ok(keep)
 }
 
 /// A produce failure the broker will repeat: the record's timestamp, size or form.

@@ -1093,6 +1093,174 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     service.stop().await;
 }
 
+/// A dead letter from `/ingest` as the service writes one: a batch the edge sent, refused whole
+/// (`index`: `None`), or one event of it.
+fn ingest_letter(
+    topic: &str,
+    key: &str,
+    payload: Vec<u8>,
+    index: Option<usize>,
+    accepted_ms: u64,
+) -> origin_sync::kafka::Outgoing {
+    let mut headers = vec![
+        ("edgewise-reason", "refused by an older build".to_owned()),
+        ("edgewise-source", "ingest".to_owned()),
+        ("edgewise-accepted-ms", accepted_ms.to_string()),
+    ];
+    if let Some(i) = index {
+        headers.push(("edgewise-ingest-index", i.to_string()));
+    }
+    origin_sync::kafka::Outgoing {
+        topic: topic.to_owned(),
+        key: key.as_bytes().to_vec(),
+        payload,
+        headers,
+    }
+}
+
+/// `dead-letters replay` SIGKILLed at each of its crash points (a letter's events produced and
+/// nothing put back; all of it produced and the position not moved; the position committed
+/// and the record of it not written), then run again: every event this build takes is folded
+/// exactly once, and what it still refuses is read once per run and left once, whatever copies
+/// the killed replays put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_at_any_step_takes_each_letter_once() {
+    use origin_sync::crashpoint::{ENV, LETTER_PUT_BACK, LETTER_TAKEN, REPLAY_COMMITTED};
+    use origin_sync::dead_letters::{Mode, run};
+    use std::os::unix::process::ExitStatusExt as _;
+    let Some(tansu) = broker("killed-replay") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("killed-replay");
+    // one partition: the letters are read in the order written, so each kill lands on the
+    // letter this test means
+    tansu.create_topic("kills_dlq", 1).expect("topic");
+    let text = config_toml(&tansu, &edge, &dir, "").replacen(
+        "group_id = \"test\"",
+        "group_id = \"test\"\ndead_letter_topic = \"kills_dlq\"",
+        1,
+    );
+    let (service, _) = serving(config(&text)).await;
+    let cfg_path = dir.join("origin-sync.toml");
+    std::fs::write(&cfg_path, &text).expect("config");
+    let accepted = origin_sync::clock::now_ms() - 60_000;
+    let unknown = |user: &str| {
+        serde_json::json!({
+            "type": "wishlist_add", "event_id": format!("{user}-w"), "user_id": user,
+            "ts": accepted, "item": "cam-1",
+        })
+    };
+    // in order: a batch taken whole; an event still refused; a batch of four events taken and
+    // one refused (put back alone); two batches taken whole around another refused event
+    let a = traffic(2, 8, "dk-a", 41);
+    let m = traffic(1, 4, "dk-m", 42);
+    let b = traffic(2, 6, "dk-b", 43);
+    let c = traffic(1, 5, "dk-c", 44);
+    let mut mixed: serde_json::Value = serde_json::from_slice(&ingest_body(&m)).expect("json");
+    mixed["events"]
+        .as_array_mut()
+        .expect("events")
+        .push(unknown("dk-m-1"));
+    let event = |user: &str| serde_json::to_vec(&unknown(user)).expect("json");
+    let letters = [
+        ingest_letter("kills_dlq", "", ingest_body(&a), None, accepted),
+        ingest_letter("kills_dlq", "dk-u1", event("dk-u1"), Some(0), accepted),
+        ingest_letter(
+            "kills_dlq",
+            "",
+            serde_json::to_vec(&mixed).expect("json"),
+            None,
+            accepted,
+        ),
+        ingest_letter("kills_dlq", "", ingest_body(&b), None, accepted),
+        ingest_letter("kills_dlq", "dk-u2", event("dk-u2"), Some(0), accepted),
+        ingest_letter("kills_dlq", "", ingest_body(&c), None, accepted),
+    ];
+    produce(&tansu.brokers(), &letters).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while run(&config(&text), Mode::List, true)
+        .await
+        .expect("list")
+        .letters
+        < 6
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the letters never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // the binary as an operator runs it, told to die at `crash`
+    let dead_letters = |args: &[&str], crash: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"));
+        cmd.arg("--config")
+            .arg(&cfg_path)
+            .arg("dead-letters")
+            .args(args)
+            .env_remove(ENV);
+        if let Some(point) = crash {
+            cmd.env(ENV, point);
+        }
+        let out = tokio::task::block_in_place(|| cmd.output()).expect("dead-letters runs");
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        match crash {
+            Some(point) => assert_eq!(
+                out.status.signal(),
+                Some(9),
+                "not killed at {point}: {shown}"
+            ),
+            None => assert!(out.status.success(), "{shown}"),
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // the first batch done and committed; the refused event judged, not put back
+    dead_letters(
+        &["replay", "--from-beginning"],
+        Some(format!("{LETTER_TAKEN}@2").as_str()),
+    );
+    // the refused event put back and committed past; the mixed batch's events produced and its
+    // refused one put back, the position not moved past it
+    dead_letters(&["replay"], Some(format!("{LETTER_PUT_BACK}@2").as_str()));
+    // from the mixed batch on: it again (its events folded once; its refused event met here
+    // first, so the copy the killed replay left is skipped), the two batches and the refused
+    // event between them, and the first refused event's copy
+    let summary = dead_letters(&["replay"], None);
+    let taken = m.len() + b.len() + c.len();
+    assert!(
+        summary.starts_with(&format!(
+            "5 dead letters read: {taken} events this build takes, 3 still refused"
+        )),
+        "{summary}"
+    );
+    converge(
+        &edge,
+        &reference(&[a, m, b, c].concat()),
+        Duration::from_secs(30),
+    )
+    .await;
+    // what that replay put back, read, put back again and committed; the record not written
+    dead_letters(&["replay"], Some(REPLAY_COMMITTED));
+    let pending = dead_letters(&["list"], None);
+    assert!(
+        pending.starts_with("3 dead letters read: 0 events this build takes, 3 still refused"),
+        "{pending}"
+    );
+    // Kafka expired the group's offsets: the last record is the third replay's, so its copies
+    // and the killed one's are read, each letter once
+    let expired = text.replacen("group_id = \"test\"", "group_id = \"expired\"", 1);
+    let listed = run(&config(&expired), Mode::List, false)
+        .await
+        .expect("list");
+    assert_eq!((listed.letters, listed.events), (3, 0), "{listed}");
+    assert_eq!(listed.refused.values().sum::<u64>(), 3, "{listed}");
+    service.stop().await;
+}
+
 /// `GET /metrics` of the service at `base`, as text.
 async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
