@@ -49,10 +49,13 @@ pub fn app(state: AppState) -> Router {
         http.ingest_events_per_sec,
         http.ingest_burst,
     ));
-    Router::new()
+    let edge = Router::new()
         .route(route::INGEST, post(ingest))
         .route(route::ERASE_ROUTE, delete(erase))
         .route(route::ERASE_KEY_ROUTE, delete(erase_key))
+        .route_layer(axum::middleware::from_fn(within_the_edges_attempt));
+    Router::new()
+        .merge(edge)
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -73,10 +76,54 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": msg.into()}))).into_response()
 }
 
-/// When Kafka's part of an edge request must be done: [`protocol::ORIGIN_KAFKA_WAIT_MS`] from
-/// now, inside the edge's own wait for the answer.
-fn kafka_deadline() -> Instant {
-    Instant::now() + Duration::from_millis(protocol::ORIGIN_KAFKA_WAIT_MS)
+/// When an edge request arrived (its head read): the edge's wait for the answer started about
+/// then, so every deadline of the request counts from it, the reading of its body included.
+#[derive(Clone, Copy, Debug)]
+struct Arrived(Instant);
+
+impl Arrived {
+    /// When Kafka's part of the request must be done: [`protocol::ORIGIN_KAFKA_WAIT_MS`] after
+    /// it arrived, inside the edge's own wait for the answer.
+    fn kafka_deadline(self) -> Instant {
+        self.0 + Duration::from_millis(protocol::ORIGIN_KAFKA_WAIT_MS)
+    }
+}
+
+/// The edge's routes, each answered within the edge's wait for one attempt
+/// ([`protocol::ORIGIN_ATTEMPT_MS`]) from its arrival. Kafka's part has its own, earlier
+/// deadline ([`Arrived::kafka_deadline`]); what this bounds is the rest, above all a body that
+/// trickles in: the signature is checked only once the whole body is read, so without it
+/// anyone reaching the port could hold a connection, and up to `MAX_INGEST_BODY` of memory,
+/// for as long as they send a byte now and then. Past the edge's wait nobody is listening for
+/// the answer; a 408 (which the edge takes as "send it again") ends the request.
+async fn within_the_edges_attempt(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let arrived = Arrived(Instant::now());
+    req.extensions_mut().insert(arrived);
+    let attempt = Duration::from_millis(protocol::ORIGIN_ATTEMPT_MS);
+    match tokio::time::timeout_at(arrived.0 + attempt, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(
+                "an edge request was not done within the edge's wait ({} ms; its body still \
+                 coming?): answered 408",
+                protocol::ORIGIN_ATTEMPT_MS
+            );
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "not done within {} ms of arriving (the edge has given up on it by then); \
+                     send it again",
+                    protocol::ORIGIN_ATTEMPT_MS
+                ),
+            );
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
 }
 
 /// Kafka's part of an edge request, given up at `deadline`: its failure, or its lateness, as
@@ -117,10 +164,11 @@ async fn ingest(
     State(st): State<AppState>,
     Extension(limit): Extension<Arc<SourceLimiter>>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Extension(arrived): Extension<Arrived>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let deadline = kafka_deadline();
+    let deadline = arrived.kafka_deadline();
     let secret = st.shared.config.sync.sync_secret.as_bytes();
     if let Some(r) = check_signature(secret, &headers, &body) {
         return r;
@@ -351,6 +399,7 @@ impl IngestDeadLetter {
 async fn erase(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    Extension(arrived): Extension<Arrived>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -374,7 +423,7 @@ async fn erase(
         );
     }
     let user_key = st.shared.store.user_key(&id);
-    store_erasure(&st, user_key, at_ms).await
+    store_erasure(&st, user_key, at_ms, arrived).await
 }
 
 /// `DELETE /erasures/{key}`, signed, with the body `{"user_key": key, "erased_at_ms": t}`: how
@@ -384,6 +433,7 @@ async fn erase(
 async fn erase_key(
     State(st): State<AppState>,
     Path(key): Path<String>,
+    Extension(arrived): Extension<Arrived>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -411,16 +461,16 @@ async fn erase_key(
             "erased_at_ms is in the future; check the edge's clock",
         );
     }
-    store_erasure(&st, named.user_key, named.erased_at_ms).await
+    store_erasure(&st, named.user_key, named.erased_at_ms, arrived).await
 }
 
 /// Stores an erasure and answers it: 202 once durable (`already`: it changed nothing, being no
 /// later than the user's last erasure), 500 to retry.
-async fn store_erasure(st: &AppState, user_key: UserKey, at_ms: u64) -> Response {
+async fn store_erasure(st: &AppState, user_key: UserKey, at_ms: u64, arrived: Arrived) -> Response {
     // the erasure log first: once it is there, no lost store or new instance can undo it
     let topic = &st.shared.config.kafka.erasure_topic;
     let logged = crate::erasures::record(&st.producer, topic, user_key, at_ms);
-    if let Err(e) = kafka_by(kafka_deadline(), logged).await {
+    if let Err(e) = kafka_by(arrived.kafka_deadline(), logged).await {
         tracing::error!(error = %e, topic = %topic, "erasure could not be written to the erasure log");
         return kafka_unavailable("erasure could not be recorded; retry");
     }

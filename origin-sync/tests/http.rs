@@ -772,6 +772,77 @@ async fn ingest_is_budgeted_per_source() {
     assert_eq!(r.status(), 202, "after Retry-After the batch is taken");
 }
 
+/// A body that trickles in (a chunk every 300 ms, never finished) holds an edge route no longer
+/// than the edge waits for an attempt: answered 408 with `Retry-After` at
+/// `ORIGIN_ATTEMPT_MS`, the connection closed, whether or not a signature ever comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_in_is_cut_off_when_the_edge_has_given_up() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Some(tansu) = broker("trickle") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("trickle");
+    let (_service, base) = serving(config(&config_toml(&tansu, &edge, &dir, ""))).await;
+    let attempt = Duration::from_millis(shared::protocol::ORIGIN_ATTEMPT_MS);
+    let trickle = |head: String| {
+        let addr = base.trim_start_matches("http://").to_owned();
+        async move {
+            let mut conn = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            let started = std::time::Instant::now();
+            conn.write_all(head.as_bytes()).await.expect("head");
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                tokio::select! {
+                    read = conn.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                        // the origin may have closed its side already: a failed write is fine
+                        let _ = conn.write_all(b"1\r\n{\r\n").await;
+                        assert!(started.elapsed() < attempt * 3, "still open after {:?}", started.elapsed());
+                    }
+                }
+            }
+            (
+                started.elapsed(),
+                String::from_utf8_lossy(&answer).into_owned(),
+            )
+        }
+    };
+    let heads = [
+        "POST /ingest HTTP/1.1\r\nhost: origin\r\ntransfer-encoding: chunked\r\n\r\n".to_owned(),
+        format!(
+            "DELETE {} HTTP/1.1\r\nhost: origin\r\ntransfer-encoding: chunked\r\n\r\n",
+            route::erase_key(&key("trickle"))
+        ),
+    ];
+    for head in heads {
+        let (took, answer) = trickle(head.clone()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 408")
+                && answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{head}: {answer}"
+        );
+        assert!(
+            took >= attempt && took < attempt + Duration::from_secs(2),
+            "{head}: answered after {took:?}, the edge waits {attempt:?}"
+        );
+    }
+    // a request whose body comes at once is not held to it in any way that shows
+    let body = ingest_body(&traffic(1, 3, "trickle", 5));
+    let r = signed(reqwest::Client::new().post(format!("{base}/ingest")), &body)
+        .body(body)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 202);
+}
+
 /// With the broker gone, what the edge sends is answered 503 with `Retry-After` inside the
 /// edge's wait for one attempt (`ORIGIN_ATTEMPT_MS`), not after the producer's 30 s: events,
 /// what `/ingest` refuses (kept on the dead-letter topic, or not answered 400), and an
