@@ -42,6 +42,7 @@ use shared::event::{Event, EventError, check_topic, parse_event, parse_ingest_ba
 
 use crate::config::Config;
 use crate::kafka::{Outgoing, headers_of, produce_all, produce_all_at};
+use crate::letter_header;
 use crate::pipeline::{PipelineError, now_ms, partitions_of, sha256_hex};
 
 /// The oldest time an event is stamped with again: as `/ingest`'s limit for a parked batch,
@@ -60,21 +61,6 @@ pub const REPLAYED_FROM_HEADER: &str = "edgewise-replayed-from";
 /// same, but Kafka drops a group's offsets after `offsets.retention.minutes` (7 days by
 /// default); the record stays as long as the letters it is about.
 pub const REPLAY_POSITION_HEADER: &str = "edgewise-replay-position";
-
-/// The headers of a dead letter (`docs/CONTRACTS.md`) a letter put back keeps.
-const LETTER_HEADERS: [&str; 11] = [
-    "edgewise-reason",
-    "edgewise-source",
-    "edgewise-ingest-index",
-    "edgewise-accepted-ms",
-    "edgewise-source-topic",
-    "edgewise-source-partition",
-    "edgewise-source-offset",
-    "edgewise-payload-bytes",
-    "edgewise-payload-sha256",
-    "edgewise-payload-truncated",
-    "edgewise-key-bytes",
-];
 
 /// How long a read may go without a message before the run gives up (nothing committed past
 /// what it finished).
@@ -103,18 +89,23 @@ impl Letter {
 
     /// Whether `/ingest` wrote it (the event, or batch, is in it whole).
     fn is_ingest(&self) -> bool {
-        self.headers.get("edgewise-source").map(String::as_str) == Some("ingest")
+        self.headers.get(letter_header::SOURCE).map(String::as_str)
+            == Some(letter_header::SOURCE_INGEST)
     }
 
     /// Where a consumed message's letter says its original is.
     pub fn original(&self) -> Option<(String, i32, i64)> {
-        let topic = self.headers.get("edgewise-source-topic")?;
+        let topic = self.headers.get(letter_header::SOURCE_TOPIC)?;
         let partition = self
             .headers
-            .get("edgewise-source-partition")?
+            .get(letter_header::SOURCE_PARTITION)?
             .parse()
             .ok()?;
-        let offset = self.headers.get("edgewise-source-offset")?.parse().ok()?;
+        let offset = self
+            .headers
+            .get(letter_header::SOURCE_OFFSET)?
+            .parse()
+            .ok()?;
         Some((topic.clone(), partition, offset))
     }
 
@@ -154,15 +145,15 @@ impl Letter {
     ) -> Outgoing {
         // a part of the letter (an event of a batch) is described anew, as `/ingest` would
         let changed = payload != self.payload;
-        let mut headers: Vec<(&'static str, String)> = LETTER_HEADERS
+        let mut headers: Vec<(&'static str, String)> = letter_header::ALL
             .iter()
             .filter_map(|name| {
                 let value = match *name {
-                    "edgewise-reason" => Some(reason.to_owned()),
-                    "edgewise-payload-bytes" if changed => Some(payload.len().to_string()),
-                    "edgewise-payload-sha256" if changed => Some(sha256_hex(&payload)),
-                    "edgewise-payload-truncated" if changed => Some("false".to_owned()),
-                    "edgewise-key-bytes" if changed => None,
+                    letter_header::REASON => Some(reason.to_owned()),
+                    letter_header::PAYLOAD_BYTES if changed => Some(payload.len().to_string()),
+                    letter_header::PAYLOAD_SHA256 if changed => Some(sha256_hex(&payload)),
+                    letter_header::PAYLOAD_TRUNCATED if changed => Some("false".to_owned()),
+                    letter_header::KEY_BYTES if changed => None,
                     other => replace(other).or_else(|| self.headers.get(other).cloned()),
                 };
                 value.map(|v| (*name, v))
@@ -234,7 +225,7 @@ fn too_old(at_ms: u64, now_ms: u64) -> bool {
 pub fn judge_ingest(letter: &Letter, dead_letter_topic: &str, now_ms: u64) -> Judged {
     let Some(signed_ms) = letter
         .headers
-        .get("edgewise-accepted-ms")
+        .get(letter_header::ACCEPTED_MS)
         .and_then(|v| v.parse::<u64>().ok())
     else {
         return Judged::refused(
@@ -243,7 +234,7 @@ pub fn judge_ingest(letter: &Letter, dead_letter_topic: &str, now_ms: u64) -> Ju
             "no edgewise-accepted-ms: its time is unknown",
         );
     };
-    let per_event = letter.headers.contains_key("edgewise-ingest-index");
+    let per_event = letter.headers.contains_key(letter_header::INGEST_INDEX);
     let (events, items, at_ms): (Vec<Result<Event, EventError>>, Vec<Option<Value>>, u64) =
         if per_event {
             (vec![parse_event(&letter.payload)], vec![None], signed_ms)
@@ -289,8 +280,8 @@ pub fn judge_ingest(letter: &Letter, dead_letter_topic: &str, now_ms: u64) -> Ju
                             &reason,
                             serde_json::to_vec(&item).unwrap_or_default(),
                             |name| match name {
-                                "edgewise-ingest-index" => Some(index.to_string()),
-                                "edgewise-accepted-ms" => Some(at_ms.to_string()),
+                                letter_header::INGEST_INDEX => Some(index.to_string()),
+                                letter_header::ACCEPTED_MS => Some(at_ms.to_string()),
                                 _ => None,
                             },
                         );
@@ -741,7 +732,7 @@ async fn put_back(
                 *summary.refused.entry(reason.clone()).or_default() += 1;
                 keep.push(if ingest {
                     let mut kept = letter.again_with(topic, &reason, out.payload.clone(), |name| {
-                        (name == "edgewise-accepted-ms")
+                        (name == letter_header::ACCEPTED_MS)
                             .then(|| at_ms.map(|t| t.to_string()))
                             .flatten()
                     });
@@ -929,14 +920,20 @@ mod tests {
 
     fn ingest_letter(payload: Vec<u8>, index: bool, accepted_ms: Option<u64>) -> Letter {
         let mut headers = HashMap::from([
-            ("edgewise-source".to_owned(), "ingest".to_owned()),
-            ("edgewise-reason".to_owned(), "an older build".to_owned()),
+            (
+                letter_header::SOURCE.to_owned(),
+                letter_header::SOURCE_INGEST.to_owned(),
+            ),
+            (
+                letter_header::REASON.to_owned(),
+                "an older build".to_owned(),
+            ),
         ]);
         if index {
-            headers.insert("edgewise-ingest-index".into(), "3".into());
+            headers.insert(letter_header::INGEST_INDEX.into(), "3".into());
         }
         if let Some(at) = accepted_ms {
-            headers.insert("edgewise-accepted-ms".into(), at.to_string());
+            headers.insert(letter_header::ACCEPTED_MS.into(), at.to_string());
         }
         Letter {
             partition: 0,
@@ -1016,7 +1013,7 @@ mod tests {
         assert_eq!(j.keep[0].payload, letter.payload);
         assert_eq!(j.keep[0].key, b"u1");
         assert_eq!(
-            header(&j.keep[0], "edgewise-reason"),
+            header(&j.keep[0], letter_header::REASON),
             Some(j.refused[0].as_str())
         );
         assert_eq!(header(&j.keep[0], REPLAYED_FROM_HEADER), Some("dlq/0/17"));
@@ -1028,8 +1025,11 @@ mod tests {
             .insert(REPLAYED_FROM_HEADER.into(), "dlq/0/5".into());
         let j = judge_ingest(&again, "dlq", NOW);
         assert_eq!(header(&j.keep[0], REPLAYED_FROM_HEADER), Some("dlq/0/5"));
-        assert_eq!(header(&j.keep[0], "edgewise-ingest-index"), Some("3"));
-        assert_eq!(header(&j.keep[0], "edgewise-source"), Some("ingest"));
+        assert_eq!(header(&j.keep[0], letter_header::INGEST_INDEX), Some("3"));
+        assert_eq!(
+            header(&j.keep[0], letter_header::SOURCE),
+            Some(letter_header::SOURCE_INGEST)
+        );
         // no time to stamp it with, or too old a one
         for at in [None, Some(NOW - OLDEST_REPLAY_MS - 1)] {
             let j = judge_ingest(
@@ -1058,19 +1058,22 @@ mod tests {
         let event: Value = serde_json::from_slice(&kept.payload).expect("json");
         assert_eq!(event["user_id"], "u9");
         assert_eq!(kept.key, b"u9");
-        assert_eq!(header(kept, "edgewise-ingest-index"), Some("1"));
+        assert_eq!(header(kept, letter_header::INGEST_INDEX), Some("1"));
         // described as itself, not as the batch it came in
         assert_eq!(
-            header(kept, "edgewise-payload-bytes"),
+            header(kept, letter_header::PAYLOAD_BYTES),
             Some(kept.payload.len().to_string().as_str())
         );
         assert_eq!(
-            header(kept, "edgewise-payload-sha256"),
+            header(kept, letter_header::PAYLOAD_SHA256),
             Some(sha256_hex(&kept.payload).as_str())
         );
-        assert_eq!(header(kept, "edgewise-payload-truncated"), Some("false"));
         assert_eq!(
-            header(kept, "edgewise-accepted-ms"),
+            header(kept, letter_header::PAYLOAD_TRUNCATED),
+            Some("false")
+        );
+        assert_eq!(
+            header(kept, letter_header::ACCEPTED_MS),
             Some((NOW - 10_000).to_string().as_str())
         );
         let j = judge_ingest(

@@ -23,6 +23,7 @@ use shared::keys::UserKey;
 use shared::protocol::{self, ErasureBody, KeyErasureBody, Signed, route};
 
 use crate::kafka::{Outgoing, produce_all_at};
+use crate::letter_header;
 use crate::limit::SourceLimiter;
 use crate::metrics::{Emit as _, UserErased};
 use crate::pipeline::{
@@ -365,17 +366,20 @@ impl IngestDeadLetter {
 
     fn outgoing(&self, topic: &str) -> Outgoing {
         let mut headers = vec![
-            ("edgewise-reason", self.reason.clone()),
-            ("edgewise-source", "ingest".to_owned()),
-            ("edgewise-payload-bytes", self.payload.len().to_string()),
-            ("edgewise-payload-sha256", sha256_hex(&self.payload)),
-            ("edgewise-payload-truncated", "false".to_owned()),
+            (letter_header::REASON, self.reason.clone()),
+            (
+                letter_header::SOURCE,
+                letter_header::SOURCE_INGEST.to_owned(),
+            ),
+            (letter_header::PAYLOAD_BYTES, self.payload.len().to_string()),
+            (letter_header::PAYLOAD_SHA256, sha256_hex(&self.payload)),
+            (letter_header::PAYLOAD_TRUNCATED, "false".to_owned()),
         ];
         if let Some(i) = self.index {
-            headers.push(("edgewise-ingest-index", i.to_string()));
+            headers.push((letter_header::INGEST_INDEX, i.to_string()));
         }
         if let Some(at) = self.accepted_ms {
-            headers.push(("edgewise-accepted-ms", at.to_string()));
+            headers.push((letter_header::ACCEPTED_MS, at.to_string()));
         }
         Outgoing {
             topic: topic.to_owned(),

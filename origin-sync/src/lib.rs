@@ -16,6 +16,7 @@ pub mod erasures;
 pub mod freeze;
 pub mod http;
 pub mod kafka;
+pub mod letter_header;
 pub mod limit;
 pub mod merge;
 pub mod metrics;

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::Config;
 use crate::kafka::{Outgoing, produce_all};
+use crate::letter_header;
 use crate::merge::{Consumed, Fetched, Merger};
 use crate::metrics::{Backpressure, BatchFolded, Emit as _, EventRejected, Metrics};
 use crate::store::{Record, Store, StoreError};
@@ -112,19 +113,19 @@ impl Reject {
     /// source position, the whole payload's size and hash (`docs/CONTRACTS.md`).
     pub fn dead_letter(&self, topic: &str) -> Outgoing {
         let mut headers = vec![
-            ("edgewise-reason", self.reason.clone()),
-            ("edgewise-source-topic", self.topic.clone()),
-            ("edgewise-source-partition", self.partition.to_string()),
-            ("edgewise-source-offset", self.offset.to_string()),
-            ("edgewise-payload-bytes", self.len.to_string()),
-            ("edgewise-payload-sha256", self.sha256.clone()),
+            (letter_header::REASON, self.reason.clone()),
+            (letter_header::SOURCE_TOPIC, self.topic.clone()),
+            (letter_header::SOURCE_PARTITION, self.partition.to_string()),
+            (letter_header::SOURCE_OFFSET, self.offset.to_string()),
+            (letter_header::PAYLOAD_BYTES, self.len.to_string()),
+            (letter_header::PAYLOAD_SHA256, self.sha256.clone()),
             (
-                "edgewise-payload-truncated",
+                letter_header::PAYLOAD_TRUNCATED,
                 (self.prefix.len() < self.len).to_string(),
             ),
         ];
         if self.key.len() < self.key_len {
-            headers.push(("edgewise-key-bytes", self.key_len.to_string()));
+            headers.push((letter_header::KEY_BYTES, self.key_len.to_string()));
         }
         Outgoing {
             topic: topic.to_owned(),
@@ -917,16 +918,16 @@ mod tests {
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default()
         };
-        assert_eq!(h("edgewise-payload-bytes"), "1000000");
-        assert_eq!(h("edgewise-payload-truncated"), "true");
-        assert_eq!(h("edgewise-key-bytes"), "5000");
-        assert_eq!(h("edgewise-source-offset"), "42");
+        assert_eq!(h(letter_header::PAYLOAD_BYTES), "1000000");
+        assert_eq!(h(letter_header::PAYLOAD_TRUNCATED), "true");
+        assert_eq!(h(letter_header::KEY_BYTES), "5000");
+        assert_eq!(h(letter_header::SOURCE_OFFSET), "42");
         assert_eq!(
-            h("edgewise-reason").chars().count(),
+            h(letter_header::REASON).chars().count(),
             DEAD_LETTER_REASON_CHARS
         );
         // sha256 of the whole payload, lowercase hex
-        let sha = h("edgewise-payload-sha256");
+        let sha = h(letter_header::PAYLOAD_SHA256);
         assert_eq!(sha.len(), 64);
         assert!(
             sha.bytes()
@@ -938,11 +939,11 @@ mod tests {
         assert!(
             small
                 .headers
-                .contains(&("edgewise-payload-truncated", "false".into()))
+                .contains(&(letter_header::PAYLOAD_TRUNCATED, "false".into()))
         );
         assert!(
             small.headers.contains(&(
-                "edgewise-payload-sha256",
+                letter_header::PAYLOAD_SHA256,
                 "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a".into()
             )),
             "sha256 of {{}}"
