@@ -571,6 +571,9 @@ pub struct FakeOrigin {
 /// The status and headers [`FakeOrigin`] answers with.
 type Answer = (u16, Vec<(String, String)>);
 
+/// The [`Answer`] status that stands for none ([`FakeOrigin::hang`]).
+const HANG: u16 = 0;
+
 impl FakeOrigin {
     pub fn start() -> std::io::Result<FakeOrigin> {
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -593,6 +596,10 @@ impl FakeOrigin {
                         .lock()
                         .map(|a| a.clone())
                         .unwrap_or((500, Vec::new()));
+                    if status == HANG {
+                        // an origin that takes the request and never answers it
+                        tokio::time::sleep(Duration::from_secs(300)).await;
+                    }
                     let mut response = axum::http::Response::builder()
                         .status(status)
                         .header("content-type", "application/json");
@@ -611,6 +618,12 @@ impl FakeOrigin {
             received,
             answer,
         })
+    }
+
+    /// Takes every request from now on and answers none (for 5 minutes, far past any
+    /// caller's wait).
+    pub fn hang(&self) {
+        self.answer(HANG, &[]);
     }
 
     /// Answers every request from now on with `status` and `headers` (and `{}`).

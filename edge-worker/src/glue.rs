@@ -252,6 +252,7 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
         write_point(&env, point);
     }
     if !handled.outbound.is_empty() {
+        park_while_origin_fails(&mut handled.outbound, store.store()).await;
         ctx.wait_until(send_all(
             handled.outbound,
             store.store(),
@@ -260,6 +261,44 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
     }
     refresh_config_after(&app, store, &ctx);
     into_response(handled.reply)
+}
+
+thread_local! {
+    /// Whether this isolate's last attempt at origin ended as one origin may take later (no
+    /// answer, 408, 429, 5xx); see [`park_while_origin_fails`].
+    static ORIGIN_FAILING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Parks every event batch in `outbound` before the answer while this isolate's last attempt
+/// at origin failed. Otherwise a batch is parked at its own first failed attempt, which with
+/// an origin that does not answer comes [`ORIGIN_ATTEMPT_MS`] after the shopper's answer: an
+/// isolate evicted meanwhile (a deploy, memory pressure) loses it, and during an outage every
+/// batch spends that window unparked. Parked first, it is KV's before the 202. No KV write is
+/// added while origin stays down (the attempt would park the batch anyway); what is added is
+/// the write's latency to those answers, and, once origin is back, a write and a delete for
+/// each batch the isolate takes before its next attempt shows it.
+async fn park_while_origin_fails(outbound: &mut [Outbound], kv: Option<KvStore>) {
+    if !ORIGIN_FAILING.get() {
+        return;
+    }
+    let Some(kv) = kv else { return };
+    for o in outbound.iter_mut() {
+        let Some((key, record)) = o.if_undelivered.take() else {
+            continue;
+        };
+        match park(&kv, &key, &record).await {
+            Ok(()) => {
+                console_warn!(
+                    "edgewise: origin's last attempt here failed: parked {key} before answering"
+                );
+                o.then_delete = Some(key);
+            }
+            Err(e) => {
+                console_error!("edgewise: could not park {key} ({e}); parked at its attempt");
+                o.if_undelivered = Some((key, record));
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -409,6 +448,7 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>, sending: Sending
                 .as_ref()
                 .ok()
                 .map(|(status, retry_after, _)| (*status, retry_after.as_deref()));
+            ORIGIN_FAILING.set(crate::http::origin_may_take_later(answered));
             if let Ok((status, _, dead_lettered)) = &outcome
                 && crate::http::origin_settled(*status, *dead_lettered)
             {

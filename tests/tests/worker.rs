@@ -479,6 +479,77 @@ fn a_parked_batch_is_retired_once_origin_kept_what_it_refused() {
     );
 }
 
+/// While origin takes requests and answers none, an isolate that has seen an attempt fail
+/// parks the next batch in KV before its 202: SIGKILLed right after that answer (before the
+/// batch's own attempt could have failed and parked it), and started again on the same KV, the
+/// edge still has the batch, and the Cron sweep delivers both once origin answers again.
+#[test]
+fn a_batch_taken_while_origin_fails_is_parked_before_its_answer() {
+    let origin = FakeOrigin::start().unwrap();
+    origin.hang();
+    let url = format!("http://127.0.0.1:{}", origin.port);
+    let vars = [("ORIGIN_URL", url.as_str())];
+    if worker_bundle().is_none() {
+        skip(
+            "the worker bundle",
+            "run `cargo xtask test`, which builds it first",
+        );
+        return;
+    }
+    let state = temp_dir("edge-park-first");
+    let w = start_worker_with(&state, &vars).unwrap_or_else(|e| panic!("{e}"));
+    let post = |port: u16, id: &str| {
+        let event = format!(
+            r#"{{"events":[{{"event_id":"{id}","type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}}]}}"#
+        );
+        let sent = http(
+            port,
+            "POST",
+            "/v1/events",
+            &[("cookie", "ew_vid=0123456789abcdef0123456789abcdef")],
+            event.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(sent.status, 202, "{}", sent.text());
+    };
+    // the first batch: its attempt gets no answer, and is parked when the edge gives up on it
+    post(w.port, "pf-1");
+    let start = std::time::Instant::now();
+    while !w.log().contains("parked") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the first batch was never parked: {}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // the second: parked before its answer, so nothing of it is left to the isolate
+    post(w.port, "pf-2");
+    w.kill();
+    let w = start_worker_with(&state, &vars).unwrap_or_else(|e| panic!("{e}"));
+    origin.answer(202, &[]);
+    let r = http(w.port, "GET", "/__scheduled?cron=*+*+*+*+*", &[], b"").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let start = std::time::Instant::now();
+    let delivered = |id: &str| {
+        origin.received().iter().any(|r| {
+            r.path == "/ingest"
+                && String::from_utf8_lossy(&r.body).contains(&format!("\"{id}\""))
+                && String::from_utf8_lossy(&r.body).contains("accepted_ms")
+        })
+    };
+    while !(delivered("pf-1") && delivered("pf-2")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "swept from KV: pf-1 {}, pf-2 {} (the isolate was killed before pf-2's attempt \
+             could park it)",
+            delivered("pf-1"),
+            delivered("pf-2")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A real browser: add a camera on the product page, open the home page, see accessories.
 #[test]
 fn in_a_real_browser_adding_a_camera_shows_accessories_on_the_next_page() {

@@ -5,7 +5,7 @@
 //! the runtime's own HTMLRewriter (`rewrite.js`), calling back into
 //! `PagePersonalization::render` for each placeholder.
 
-use super::{JsClock, Kv, mint, send_all};
+use super::{JsClock, Kv, mint, park_while_origin_fails, send_all};
 use crate::app::App;
 use crate::app::proxied::PagePersonalization;
 use crate::http::{HttpRequest, Sending, UrlParts};
@@ -162,7 +162,10 @@ pub async fn forward(
     }
     out.set("x-edgewise-site-cache", cached.as_str())?;
     let mut shopper = shopper;
-    let outbound = std::mem::take(&mut shopper.outbound);
+    let mut outbound = std::mem::take(&mut shopper.outbound);
+    if !outbound.is_empty() {
+        park_while_origin_fails(&mut outbound, store.store()).await;
+    }
     let page = rewrite(status, out, body, shopper, ctx)?;
     if !outbound.is_empty() {
         ctx.wait_until(send_all(outbound, store.store(), Sending::AfterAnswer));
