@@ -34,7 +34,18 @@ pub const LETTER_PUT_BACK: &str = "letter-put-back";
 /// it got to is not written.
 pub const REPLAY_COMMITTED: &str = "replay-committed";
 
-/// Every point: a batch's, in the order it reaches them, then a replay's.
+/// A batch's points, in the order it reaches them: what the service passes.
+pub const BATCH_POINTS: [&str; 4] = [
+    FOLDED,
+    CHANGELOG_WRITTEN,
+    OFFSETS_COMMITTED,
+    SINK_ACKNOWLEDGED,
+];
+
+/// `dead-letters replay`'s points, in the order a letter reaches them.
+pub const REPLAY_POINTS: [&str; 3] = [LETTER_TAKEN, LETTER_PUT_BACK, REPLAY_COMMITTED];
+
+/// Every point one may be told to die at.
 pub const POINTS: [&str; 7] = [
     FOLDED,
     CHANGELOG_WRITTEN,
@@ -103,6 +114,14 @@ pub fn parse(value: &str) -> Result<(&'static str, u64), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_point_is_a_batchs_or_a_replays() {
+        assert_eq!(
+            POINTS.to_vec(),
+            [&BATCH_POINTS[..], &REPLAY_POINTS[..]].concat()
+        );
+    }
 
     #[test]
     fn a_point_is_named_with_an_optional_count() {

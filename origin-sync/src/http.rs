@@ -90,41 +90,64 @@ impl Arrived {
     }
 }
 
-/// The edge's routes, each answered within the edge's wait for one attempt
-/// ([`protocol::ORIGIN_ATTEMPT_MS`]) from its arrival. Kafka's part has its own, earlier
-/// deadline ([`Arrived::kafka_deadline`]); what this bounds is the rest, above all a body that
-/// trickles in: the signature is checked only once the whole body is read, so without it
-/// anyone reaching the port could hold a connection, and up to `MAX_INGEST_BODY` of memory,
-/// for as long as they send a byte now and then. Past the edge's wait nobody is listening for
-/// the answer; a 408 (which the edge takes as "send it again") ends the request.
+/// The edge's routes: their arrival noted ([`Arrived`]) and their body read within the edge's
+/// wait for one attempt ([`protocol::ORIGIN_ATTEMPT_MS`]) from it, before the handler runs.
+/// The signature is checked only once the whole body is read, so without a bound anyone
+/// reaching the port could hold a connection, and up to `MAX_INGEST_BODY` of memory, for as
+/// long as they send a byte now and then. Past the edge's wait nobody is listening for the
+/// answer: a 408 (which the edge takes as "send it again") ends the request. Only the read is
+/// bounded: a handler, once it runs, is never cut off halfway through what it changes (an
+/// erasure's store write and the notices after it); Kafka's part has its own deadline inside
+/// the same wait ([`Arrived::kafka_deadline`]).
 async fn within_the_edges_attempt(
-    mut req: axum::extract::Request,
+    req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let arrived = Arrived(Instant::now());
-    req.extensions_mut().insert(arrived);
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(arrived);
     let attempt = Duration::from_millis(protocol::ORIGIN_ATTEMPT_MS);
-    match tokio::time::timeout_at(arrived.0 + attempt, next.run(req)).await {
-        Ok(response) => response,
+    let read = axum::body::to_bytes(body, MAX_INGEST_BODY);
+    let body = match tokio::time::timeout_at(arrived.0 + attempt, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is larger than {MAX_INGEST_BODY} bytes"),
+                );
+            }
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body could not be read: {e}"),
+            );
+        }
         Err(_) => {
             tracing::warn!(
-                "an edge request was not done within the edge's wait ({} ms; its body still \
-                 coming?): answered 408",
+                "an edge request's body was not read within the edge's wait ({} ms): answered 408",
                 protocol::ORIGIN_ATTEMPT_MS
             );
             let mut r = error(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
-                    "not done within {} ms of arriving (the edge has given up on it by then); \
+                    "the body did not arrive within {} ms (the edge has given up on it by then); \
                      send it again",
                     protocol::ORIGIN_ATTEMPT_MS
                 ),
             );
             r.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            r
+            return r;
         }
-    }
+    };
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(body),
+    ))
+    .await
 }
 
 /// Kafka's part of an edge request, given up at `deadline`: its failure, or its lateness, as

@@ -1293,7 +1293,7 @@ async fn an_instance_killed_mid_restore_restores_again_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_at_each_point_exactly_once_hangs_on_loses_nothing() {
     use origin_sync::crashpoint;
-    for (round, point) in crashpoint::POINTS.iter().enumerate() {
+    for (round, point) in crashpoint::BATCH_POINTS.iter().enumerate() {
         let name = format!("crash-{point}");
         let Some(tansu) = with_topics(Tansu::start(&name), 2) else {
             return;
