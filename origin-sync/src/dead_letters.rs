@@ -29,7 +29,7 @@
 //! would produce again what that one produced), and never without `--from-beginning` when
 //! neither does (the first replay). Run one replay at a time; it runs beside the service.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,15 +119,20 @@ impl Letter {
             .unwrap_or_else(|| format!("{dead_letter_topic}/{}/{}", self.partition, self.offset))
     }
 
-    /// What tells this letter from others and copies of it apart: the letter it started as,
-    /// its key and its payload (a batch's refused events are put back one by one, each with
-    /// the batch's name).
+    /// Whether it holds a batch the edge sent, refused whole: its events are judged, taken and
+    /// put back one by one, each event put back with its place in the batch.
+    fn is_batch(&self) -> bool {
+        self.is_ingest() && !self.headers.contains_key(letter_header::INGEST_INDEX)
+    }
+
+    /// What tells this letter from others, and copies of it alike ([`identity`]).
     fn identity(&self, dead_letter_topic: &str) -> Identity {
-        Identity {
-            from: self.from(dead_letter_topic),
-            key: self.key.clone(),
-            payload_sha256: sha256_hex(&self.payload),
-        }
+        identity(
+            &self.from(dead_letter_topic),
+            self.headers
+                .get(letter_header::INGEST_INDEX)
+                .map(String::as_str),
+        )
     }
 
     /// This letter again, for the end of the dead-letter topic: its payload, key and headers,
@@ -169,27 +174,40 @@ impl Letter {
     }
 }
 
-/// A letter as [`Letter::identity`] tells it apart.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Identity {
-    from: String,
-    key: Vec<u8>,
-    payload_sha256: String,
+/// A letter, or an event of one, as a replay tells them apart: 16 bytes of a hash, so a run
+/// remembers every letter it met in little memory.
+type Identity = [u8; 16];
+
+/// The identity of the letter named `from` (the letter it started as: its own place, or its
+/// `edgewise-replayed-from`), or of the event at `part` of the batch the edge sent (its
+/// `edgewise-ingest-index`). Copies of one letter share it whatever their payload's bytes (an
+/// event of a batch is put back as `/ingest` writes it, or, refused by the broker, as it was
+/// to be produced), and every letter put back says both.
+fn identity(from: &str, part: Option<&str>) -> Identity {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(from.as_bytes());
+    if let Some(part) = part {
+        h.update([0]);
+        h.update(part.as_bytes());
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize()[..16]);
+    id
 }
 
-/// The identity a letter put back will have when read: every letter put back names the letter
-/// it started as.
+/// The identity a letter put back will have when read.
 fn identity_put_back(out: &Outgoing) -> Identity {
-    Identity {
-        from: out
-            .headers
+    let header = |name: &str| {
+        out.headers
             .iter()
-            .find(|(name, _)| *name == REPLAYED_FROM_HEADER)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
-        key: out.key.clone(),
-        payload_sha256: sha256_hex(&out.payload),
-    }
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    identity(
+        header(REPLAYED_FROM_HEADER).unwrap_or_default(),
+        header(letter_header::INGEST_INDEX),
+    )
 }
 
 /// What this build makes of a letter now.
@@ -197,6 +215,8 @@ fn identity_put_back(out: &Outgoing) -> Identity {
 pub struct Judged {
     /// The events it takes, to produce stamped at `at_ms`.
     pub take: Vec<Outgoing>,
+    /// Of a batch letter, each taken event's place in the batch (as `take`).
+    pub take_part: Vec<Option<usize>>,
     pub at_ms: Option<u64>,
     /// Why the rest is still refused (one reason per event, or one for the letter).
     pub refused: Vec<String>,
@@ -205,6 +225,48 @@ pub struct Judged {
 }
 
 impl Judged {
+    /// The identities of a batch letter's events, taken or put back, named `from`: met by the
+    /// run that judges the batch, so a copy of one of them that a killed replay left is not
+    /// judged again.
+    fn parts(&self, from: &str) -> Vec<Identity> {
+        let taken = self
+            .take_part
+            .iter()
+            .flatten()
+            .map(|i| identity(from, Some(&i.to_string())));
+        taken
+            .chain(self.keep.iter().map(identity_put_back))
+            .collect()
+    }
+
+    /// Leaves out a batch letter's events that `met` holds: copies of them, left by a replay
+    /// killed after it put them back, came first (from another partition) and were judged
+    /// then. (`keep` and `refused` go together, one of each per event.)
+    fn without_met(self, from: &str, met: &HashSet<Identity>) -> Judged {
+        let part_met = |i: &Option<usize>| {
+            i.is_some_and(|i| met.contains(&identity(from, Some(&i.to_string()))))
+        };
+        let (take, take_part) = self
+            .take
+            .into_iter()
+            .zip(self.take_part)
+            .filter(|(_, i)| !part_met(i))
+            .unzip();
+        let (keep, refused) = self
+            .keep
+            .into_iter()
+            .zip(self.refused)
+            .filter(|(k, _)| !met.contains(&identity_put_back(k)))
+            .unzip();
+        Judged {
+            take,
+            take_part,
+            at_ms: self.at_ms,
+            refused,
+            keep,
+        }
+    }
+
     fn refused(letter: &Letter, dead_letter_topic: &str, reason: impl Into<String>) -> Judged {
         let reason = reason.into();
         Judged {
@@ -268,6 +330,7 @@ pub fn judge_ingest(letter: &Letter, dead_letter_topic: &str, now_ms: u64) -> Ju
                 out.headers
                     .push((REPLAYED_FROM_HEADER, letter.from(dead_letter_topic)));
                 judged.take.push(out);
+                judged.take_part.push((!per_event).then_some(index));
             }
             Err(e) => {
                 let reason = e.to_string();
@@ -330,6 +393,7 @@ pub fn judge_original(
                 payload: original.payload.clone(),
                 headers: vec![(REPLAYED_FROM_HEADER, letter.from(dead_letter_topic))],
             }],
+            take_part: vec![None],
             at_ms: Some(at_ms),
             ..Judged::default()
         },
@@ -466,10 +530,11 @@ pub async fn run(
     consumer.assign(&tpl)?;
     let originals = Originals::new(config)?;
     let producer = crate::kafka::producer(&config.kafka)?;
-    // A letter, or a part of one, once per run: a replay that died between putting back and
-    // committing leaves the letter before the position and its copy after it, and a later
-    // one may have put it back twice. The first met is judged (and what it puts back counted
-    // as met), the others skipped, or the next replay would put back and count each.
+    // A letter, or an event of a batch, once per run: a replay that died between putting back
+    // and committing leaves the letter before the position and its copy after it, and a later
+    // one may have put it back twice. The first met is judged (a batch's events, taken or put
+    // back, counted as met with it), the others skipped, or this replay would produce, put
+    // back and count each.
     let mut met = std::collections::HashSet::new();
     let mut progress = Instant::now();
     while !spans.is_empty() {
@@ -499,16 +564,19 @@ pub async fn run(
         if record || !met.insert(letter.identity(&topic)) {
             // a replay's record, or a copy of a letter already judged: nothing to judge
         } else {
-            let judged = judge(&letter, &topic, &originals).await?;
+            let mut judged = judge(&letter, &topic, &originals).await?;
+            if letter.is_batch() {
+                let from = letter.from(&topic);
+                judged = judged.without_met(&from, &met);
+                met.extend(judged.parts(&from));
+            }
             summary.letters += 1;
             summary.events += judged.take.len() as u64;
             for reason in &judged.refused {
                 *summary.refused.entry(reason.clone()).or_default() += 1;
             }
-            met.extend(judged.keep.iter().map(identity_put_back));
             if mode == Mode::Replay {
-                let kept = put_back(&producer, &letter, &topic, judged, &mut summary).await?;
-                met.extend(kept.iter().map(identity_put_back));
+                put_back(&producer, &letter, &topic, judged, &mut summary).await?;
                 crate::crashpoint::reached(crate::crashpoint::LETTER_PUT_BACK);
             }
             if summary.letters.is_multiple_of(100) {
@@ -705,16 +773,16 @@ async fn last_record(
 /// Produces what a letter's judgement takes, with its time, and puts back what it refuses. A
 /// refusal by the broker that will not change (the record's time or size) makes the letter a
 /// refused one; any other failure ends the run before its position moves past the letter.
-/// Returns what it put back.
 async fn put_back(
     producer: &rdkafka::producer::FutureProducer,
     letter: &Letter,
     topic: &str,
     judged: Judged,
     summary: &mut Summary,
-) -> Result<Vec<Outgoing>, PipelineError> {
+) -> Result<(), PipelineError> {
     let Judged {
         take,
+        take_part,
         at_ms,
         mut keep,
         ..
@@ -723,7 +791,7 @@ async fn put_back(
     let ingest = letter.is_ingest();
     // one event at a time: a refusal for good then concerns that event alone, and what was
     // produced before it is not put back, to be produced again by the next replay
-    for out in &take {
+    for (out, part) in take.iter().zip(take_part) {
         match produce_all_at(producer, std::slice::from_ref(out), at).await {
             Ok(()) => {}
             Err(e) if refused_for_good(&e) => {
@@ -731,11 +799,13 @@ async fn put_back(
                 summary.events -= 1;
                 *summary.refused.entry(reason.clone()).or_default() += 1;
                 keep.push(if ingest {
-                    let mut kept = letter.again_with(topic, &reason, out.payload.clone(), |name| {
-                        (name == letter_header::ACCEPTED_MS)
-                            .then(|| at_ms.map(|t| t.to_string()))
-                            .flatten()
-                    });
+                    // an event of a batch says its place, as `/ingest` keeps one
+                    let mut kept =
+                        letter.again_with(topic, &reason, out.payload.clone(), |name| match name {
+                            letter_header::ACCEPTED_MS => at_ms.map(|t| t.to_string()),
+                            letter_header::INGEST_INDEX => part.map(|i| i.to_string()),
+                            _ => None,
+                        });
                     kept.key = out.key.clone();
                     kept
                 } else {
@@ -749,7 +819,7 @@ async fn put_back(
     if !keep.is_empty() {
         produce_all(producer, &keep).await?;
     }
-    Ok(keep)
+    Ok(())
 }
 
 /// A produce failure the broker will repeat: the record's timestamp, size or form.
@@ -1001,6 +1071,41 @@ mod tests {
     /// What this build still refuses is kept, to be put back on the dead-letter topic: a
     /// letter whole, or of a batch each refused event alone, keyed and timed as `/ingest` keeps
     /// one.
+    #[test]
+    fn a_batchs_events_are_met_once_whichever_comes_first() {
+        // three events: taken, refused (an unknown type), taken
+        let batch = format!(
+            r#"{{"events": [{}, {}, {}]}}"#,
+            String::from_utf8(event_json("page_view", "u2")).expect("utf8"),
+            String::from_utf8(event_json("wishlist_add", "u3")).expect("utf8"),
+            String::from_utf8(event_json("add_to_cart", "u4")).expect("utf8"),
+        );
+        let letter = ingest_letter(batch.into_bytes(), false, Some(NOW));
+        assert!(letter.is_batch());
+        let from = letter.from("dlq");
+        let j = judge_ingest(&letter, "dlq", NOW);
+        assert_eq!(j.take_part, [Some(0), Some(2)]);
+        assert_eq!(j.keep.len(), 1);
+        // the event put back is known by the batch and its place, as its copies are
+        let part = |i: &str| identity(&from, Some(i));
+        assert_eq!(identity_put_back(&j.keep[0]), part("1"));
+        let mut copy = letter.clone();
+        copy.headers
+            .insert(REPLAYED_FROM_HEADER.into(), from.clone());
+        copy.headers
+            .insert(letter_header::INGEST_INDEX.into(), "1".into());
+        assert_eq!(copy.identity("dlq"), part("1"));
+        assert_ne!(letter.identity("dlq"), part("1"));
+        assert_eq!(j.parts(&from), [part("0"), part("2"), part("1")]);
+        // copies of the first two events came first (another partition, or a replay killed
+        // after producing or putting them back): the batch brings only the third
+        let met = HashSet::from([part("0"), part("1")]);
+        let rest = judge_ingest(&letter, "dlq", NOW).without_met(&from, &met);
+        assert_eq!(rest.take_part, [Some(2)]);
+        assert_eq!(rest.take, j.take[1..]);
+        assert!(rest.keep.is_empty() && rest.refused.is_empty(), "{rest:?}");
+    }
+
     #[test]
     fn what_this_build_still_refuses_stays_with_its_reason() {
         // still an unknown type

@@ -1127,7 +1127,7 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     converge(&edge, &reference(&kept), Duration::from_secs(30)).await;
     assert!(erased_at_edge(), "{:?}", edge.get(&key(&erased)));
     // a letter a replay put back twice (it died between putting back and committing), which
-    // this build now takes: taken once
+    // this build now takes: taken once (named after a place no other letter is at)
     let late = traffic(1, 3, "dl-copy", 33);
     let copy = Outgoing {
         topic: "letters_dlq".into(),
@@ -1139,7 +1139,7 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
             ("edgewise-accepted-ms", accepted.to_string()),
             (
                 origin_sync::dead_letters::REPLAYED_FROM_HEADER,
-                "letters_dlq/0/1".into(),
+                "letters_dlq/1/1000".into(),
             ),
         ],
     };
