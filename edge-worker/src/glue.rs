@@ -276,7 +276,9 @@ thread_local! {
 /// batch spends that window unparked. Parked first, it is KV's before the 202. No KV write is
 /// added while origin stays down (the attempt would park the batch anyway); what is added is
 /// the write's latency to those answers, and, once origin is back, a write and a delete for
-/// each batch the isolate takes before its next attempt shows it.
+/// each batch the isolate takes before its next attempt shows it. A write slower than
+/// [`PARK_BEFORE_ANSWER_MS`] is not waited for: the batch is then parked at its attempt as
+/// well (the same key and value), and its record deleted once origin takes it either way.
 async fn park_while_origin_fails(outbound: &mut [Outbound], kv: Option<KvStore>) {
     if !ORIGIN_FAILING.get() {
         return;
@@ -286,20 +288,40 @@ async fn park_while_origin_fails(outbound: &mut [Outbound], kv: Option<KvStore>)
         let Some((key, record)) = o.if_undelivered.take() else {
             continue;
         };
-        match park(&kv, &key, &record).await {
-            Ok(()) => {
+        // `None`: not written in time
+        let parked = match select(
+            Box::pin(park(&kv, &key, &record)),
+            Delay::from(Duration::from_millis(PARK_BEFORE_ANSWER_MS)),
+        )
+        .await
+        {
+            Either::Left((written, _)) => Some(written),
+            Either::Right(_) => None,
+        };
+        match parked {
+            Some(Ok(())) => {
                 console_warn!(
                     "edgewise: origin's last attempt here failed: parked {key} before answering"
                 );
                 o.then_delete = Some(key);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 console_error!("edgewise: could not park {key} ({e}); parked at its attempt");
+                o.if_undelivered = Some((key, record));
+            }
+            None => {
+                console_warn!(
+                    "edgewise: parking {key} took over {PARK_BEFORE_ANSWER_MS} ms; parked at its attempt"
+                );
+                o.then_delete = Some(key.clone());
                 o.if_undelivered = Some((key, record));
             }
         }
     }
 }
+
+/// Longest a shopper's answer waits for [`park_while_origin_fails`]'s write.
+const PARK_BEFORE_ANSWER_MS: u64 = 500;
 
 thread_local! {
     /// Whether the Analytics Engine binding exists: bindings do not change during an
