@@ -132,6 +132,7 @@ impl Letter {
             self.headers
                 .get(letter_header::INGEST_INDEX)
                 .map(String::as_str),
+            &self.payload,
         )
     }
 
@@ -178,18 +179,26 @@ impl Letter {
 /// remembers every letter it met in little memory.
 type Identity = [u8; 16];
 
-/// The identity of the letter named `from` (the letter it started as: its own place, or its
-/// `edgewise-replayed-from`), or of the event at `part` of the batch the edge sent (its
-/// `edgewise-ingest-index`). Copies of one letter share it whatever their payload's bytes (an
-/// event of a batch is put back as `/ingest` writes it, or, refused by the broker, as it was
-/// to be produced), and every letter put back says both.
-fn identity(from: &str, part: Option<&str>) -> Identity {
+/// The identity of the event at `part` of the batch the edge sent (its
+/// `edgewise-ingest-index`) in the letter named `from` (the letter it started as: its own
+/// place, or its `edgewise-replayed-from`), whatever its payload's bytes (an event of a batch
+/// is put back as `/ingest` writes it, or, refused by the broker, as it was to be produced);
+/// or, without a part, of the letter named `from` with that `payload` (a letter put back whole
+/// keeps its payload; an event an older build put back without its place does not have the
+/// batch's). Every letter put back says all three.
+fn identity(from: &str, part: Option<&str>, payload: &[u8]) -> Identity {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
     h.update(from.as_bytes());
-    if let Some(part) = part {
-        h.update([0]);
-        h.update(part.as_bytes());
+    match part {
+        Some(part) => {
+            h.update([1]);
+            h.update(part.as_bytes());
+        }
+        None => {
+            h.update([0]);
+            h.update(payload);
+        }
     }
     let mut id = [0u8; 16];
     id.copy_from_slice(&h.finalize()[..16]);
@@ -207,6 +216,7 @@ fn identity_put_back(out: &Outgoing) -> Identity {
     identity(
         header(REPLAYED_FROM_HEADER).unwrap_or_default(),
         header(letter_header::INGEST_INDEX),
+        &out.payload,
     )
 }
 
@@ -233,7 +243,7 @@ impl Judged {
             .take_part
             .iter()
             .flatten()
-            .map(|i| identity(from, Some(&i.to_string())));
+            .map(|i| identity(from, Some(&i.to_string()), &[]));
         taken
             .chain(self.keep.iter().map(identity_put_back))
             .collect()
@@ -241,10 +251,17 @@ impl Judged {
 
     /// Leaves out a batch letter's events that `met` holds: copies of them, left by a replay
     /// killed after it put them back, came first (from another partition) and were judged
-    /// then. (`keep` and `refused` go together, one of each per event.)
+    /// then. What is kept of the letter whole (it did not parse, or is too old) is its own,
+    /// met as it was read, and stays. (`keep` and `refused` go together, one of each.)
     fn without_met(self, from: &str, met: &HashSet<Identity>) -> Judged {
         let part_met = |i: &Option<usize>| {
-            i.is_some_and(|i| met.contains(&identity(from, Some(&i.to_string()))))
+            i.is_some_and(|i| met.contains(&identity(from, Some(&i.to_string()), &[])))
+        };
+        let kept_part_met = |k: &Outgoing| {
+            k.headers
+                .iter()
+                .any(|(name, _)| *name == letter_header::INGEST_INDEX)
+                && met.contains(&identity_put_back(k))
         };
         let (take, take_part) = self
             .take
@@ -256,7 +273,7 @@ impl Judged {
             .keep
             .into_iter()
             .zip(self.refused)
-            .filter(|(k, _)| !met.contains(&identity_put_back(k)))
+            .filter(|(k, _)| !kept_part_met(k))
             .unzip();
         Judged {
             take,
@@ -1087,7 +1104,7 @@ mod tests {
         assert_eq!(j.take_part, [Some(0), Some(2)]);
         assert_eq!(j.keep.len(), 1);
         // the event put back is known by the batch and its place, as its copies are
-        let part = |i: &str| identity(&from, Some(i));
+        let part = |i: &str| identity(&from, Some(i), &[]);
         assert_eq!(identity_put_back(&j.keep[0]), part("1"));
         let mut copy = letter.clone();
         copy.headers
@@ -1104,6 +1121,20 @@ mod tests {
         assert_eq!(rest.take_part, [Some(2)]);
         assert_eq!(rest.take, j.take[1..]);
         assert!(rest.keep.is_empty() && rest.refused.is_empty(), "{rest:?}");
+        // a batch refused whole (no time here; or it does not parse, or is too old) is put
+        // back whole, though met as it was read
+        let mut timeless = letter.clone();
+        timeless.headers.remove(letter_header::ACCEPTED_MS);
+        let met = HashSet::from([timeless.identity("dlq")]);
+        let whole = judge_ingest(&timeless, "dlq", NOW).without_met(&from, &met);
+        assert_eq!(whole.keep.len(), 1, "{whole:?}");
+        assert_eq!(whole.keep[0].payload, timeless.payload);
+        assert_eq!(identity_put_back(&whole.keep[0]), timeless.identity("dlq"));
+        // an event an older build put back without its place is not taken for the batch
+        let mut placeless = copy.clone();
+        placeless.headers.remove(letter_header::INGEST_INDEX);
+        placeless.payload = event_json("add_to_cart", "u4");
+        assert_ne!(placeless.identity("dlq"), letter.identity("dlq"));
     }
 
     #[test]

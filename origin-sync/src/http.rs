@@ -96,9 +96,10 @@ impl Arrived {
 /// reaching the port could hold a connection, and up to `MAX_INGEST_BODY` of memory, for as
 /// long as they send a byte now and then. Past the edge's wait nobody is listening for the
 /// answer: a 408 (which the edge takes as "send it again") ends the request. Only the read is
-/// bounded: a handler, once it runs, is never cut off halfway through what it changes (an
-/// erasure's store write and the notices after it); Kafka's part has its own deadline inside
-/// the same wait ([`Arrived::kafka_deadline`]).
+/// bounded, and the handler then runs as a task of its own: once it runs it is never cut off
+/// halfway through what it changes (an erasure's store write and the notices after it), by
+/// this bound or by the client going away; Kafka's part has its own deadline inside the same
+/// wait ([`Arrived::kafka_deadline`]).
 async fn within_the_edges_attempt(
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -143,11 +144,17 @@ async fn within_the_edges_attempt(
             return r;
         }
     };
-    next.run(axum::extract::Request::from_parts(
-        parts,
-        axum::body::Body::from(body),
-    ))
-    .await
+    // a task of its own: a client that goes away (the edge's invocation ended) drops this
+    // future, and the handler would stop at its next wait with part of its work done (an
+    // erasure stored, the edges not told)
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
+    match tokio::spawn(next.run(req)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "an edge request's handler failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal error; retry")
+        }
+    }
 }
 
 /// Kafka's part of an edge request, given up at `deadline`: its failure, or its lateness, as
