@@ -988,6 +988,30 @@ async fn letter_partitions(brokers: &str) -> std::collections::BTreeSet<i32> {
     })
 }
 
+/// A broker with the dead-letter topic `topic` of `partitions`, an edge, a scratch directory,
+/// and the text of a service's config that uses them.
+async fn with_dead_letter_topic(
+    name: &str,
+    topic: &str,
+    partitions: u32,
+) -> Option<(
+    origin_sync::testkit::Tansu,
+    TestEdge,
+    std::path::PathBuf,
+    String,
+)> {
+    let tansu = broker(name)?;
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch(name);
+    tansu.create_topic(topic, partitions).expect("topic");
+    let text = config_toml(&tansu, &edge, &dir, "").replacen(
+        "group_id = \"test\"",
+        &format!("group_id = \"test\"\ndead_letter_topic = \"{topic}\""),
+        1,
+    );
+    Some((tansu, edge, dir, text))
+}
+
 /// `origin-sync dead-letters`: after an upgrade, what an older build refused and this one
 /// takes is produced again with its original time and folded once; what this build still
 /// refuses is counted by reason and left; a second replay starts where the first finished.
@@ -995,18 +1019,11 @@ async fn letter_partitions(brokers: &str) -> std::collections::BTreeSet<i32> {
 async fn dead_letters_this_build_takes_are_replayed_once() {
     use origin_sync::dead_letters::{Mode, run};
     use origin_sync::kafka::Outgoing;
-    let Some(tansu) = broker("letters") else {
+    // a dead-letter topic of two partitions: the replay reads and positions each
+    let Some((tansu, edge, dir, text)) = with_dead_letter_topic("letters", "letters_dlq", 2).await
+    else {
         return;
     };
-    let edge = TestEdge::start(secret()).await.expect("edge");
-    let dir = scratch("letters");
-    // a dead-letter topic of two partitions: the replay reads and positions each
-    tansu.create_topic("letters_dlq", 2).expect("topic");
-    let text = config_toml(&tansu, &edge, &dir, "").replacen(
-        "group_id = \"test\"",
-        "group_id = \"test\"\ndead_letter_topic = \"letters_dlq\"",
-        1,
-    );
     let cfg = config(&text);
     let (service, base) = serving(cfg).await;
     let client = reqwest::Client::new();
@@ -1225,19 +1242,13 @@ async fn a_replay_killed_at_any_step_takes_each_letter_once() {
     use origin_sync::crashpoint::{ENV, LETTER_PUT_BACK, LETTER_TAKEN, REPLAY_COMMITTED};
     use origin_sync::dead_letters::{Mode, run};
     use std::os::unix::process::ExitStatusExt as _;
-    let Some(tansu) = broker("killed-replay") else {
-        return;
-    };
-    let edge = TestEdge::start(secret()).await.expect("edge");
-    let dir = scratch("killed-replay");
     // one partition: the letters are read in the order written, so each kill lands on the
     // letter this test means
-    tansu.create_topic("kills_dlq", 1).expect("topic");
-    let text = config_toml(&tansu, &edge, &dir, "").replacen(
-        "group_id = \"test\"",
-        "group_id = \"test\"\ndead_letter_topic = \"kills_dlq\"",
-        1,
-    );
+    let Some((tansu, edge, dir, text)) =
+        with_dead_letter_topic("killed-replay", "kills_dlq", 1).await
+    else {
+        return;
+    };
     let (service, _) = serving(config(&text)).await;
     let cfg_path = dir.join("origin-sync.toml");
     std::fs::write(&cfg_path, &text).expect("config");
