@@ -740,7 +740,7 @@ async fn ingest_is_budgeted_per_source() {
         &dir,
         "ingest_events_per_sec = 20\ningest_burst = 50\n",
     ));
-    let (_service, base) = serving(cfg).await;
+    let (service, base) = serving(cfg).await;
     let client = reqwest::Client::new();
     let post = |events: &[shared::event::Event]| {
         let body = ingest_body(events);
@@ -770,6 +770,9 @@ async fn ingest_is_budgeted_per_source() {
     tokio::time::sleep(Duration::from_secs(wait)).await;
     let r = post(&events[50..90]).await.expect("ingest");
     assert_eq!(r.status(), 202, "after Retry-After the batch is taken");
+    // stopped while the broker is still there: a consumer closing against a broker that has
+    // gone can wait far longer than the test
+    service.stop().await;
 }
 
 /// A body that trickles in (a chunk every 300 ms, never finished) holds an edge route no longer
