@@ -1015,6 +1015,38 @@ async fn with_dead_letter_topic(
     Some((tansu, edge, dir, text))
 }
 
+/// `origin-sync --config <cfg_path> dead-letters <args>`, the binary as an operator runs it,
+/// told to die at crash point `crash` (and then asserted SIGKILLed there), or else asserted to
+/// succeed; its standard output.
+fn dead_letters_cli(cfg_path: &std::path::Path, args: &[&str], crash: Option<&str>) -> String {
+    use origin_sync::crashpoint::ENV;
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"));
+    cmd.arg("--config")
+        .arg(cfg_path)
+        .arg("dead-letters")
+        .args(args)
+        .env_remove(ENV);
+    if let Some(point) = crash {
+        cmd.env(ENV, point);
+    }
+    let out = tokio::task::block_in_place(|| cmd.output()).expect("dead-letters runs");
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match crash {
+        Some(point) => assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "not killed at {point}: {shown}"
+        ),
+        None => assert!(out.status.success(), "{shown}"),
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `origin-sync dead-letters`: after an upgrade, what an older build refused and this one
 /// takes is produced again with its original time and folded once; what this build still
 /// refuses is counted by reason and left; a second replay starts where the first finished.
@@ -1182,18 +1214,8 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     assert_eq!((pending.letters, pending.events), (3, 0), "{pending}");
     let cfg_path = dir.join("origin-sync.toml");
     std::fs::write(&cfg_path, &text).expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
-        .arg("--config")
-        .arg(&cfg_path)
-        .args(["dead-letters", "list"])
-        .output()
-        .expect("dead-letters list runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.starts_with(&pending.to_string()),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = dead_letters_cli(&cfg_path, &["list"], None);
+    assert!(stdout.starts_with(&pending.to_string()), "{stdout}");
     // Kafka expired the group's offsets (here: a group with none): the replays' record at the
     // end of the topic says where the last one got to
     let expired = text.replacen("group_id = \"test\"", "group_id = \"expired\"", 1);
@@ -1242,9 +1264,8 @@ fn ingest_letter(
 /// the killed replays put back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_killed_at_any_step_takes_each_letter_once() {
-    use origin_sync::crashpoint::{ENV, LETTER_PUT_BACK, LETTER_TAKEN, REPLAY_COMMITTED};
+    use origin_sync::crashpoint::{LETTER_PUT_BACK, LETTER_TAKEN, REPLAY_COMMITTED};
     use origin_sync::dead_letters::{Mode, run};
-    use std::os::unix::process::ExitStatusExt as _;
     // one partition: the letters are read in the order written, so each kill lands on the
     // letter this test means
     let Some((tansu, edge, dir, text)) =
@@ -1302,45 +1323,23 @@ async fn a_replay_killed_at_any_step_takes_each_letter_once() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // the binary as an operator runs it, told to die at `crash`
-    let dead_letters = |args: &[&str], crash: Option<&str>| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"));
-        cmd.arg("--config")
-            .arg(&cfg_path)
-            .arg("dead-letters")
-            .args(args)
-            .env_remove(ENV);
-        if let Some(point) = crash {
-            cmd.env(ENV, point);
-        }
-        let out = tokio::task::block_in_place(|| cmd.output()).expect("dead-letters runs");
-        let shown = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        match crash {
-            Some(point) => assert_eq!(
-                out.status.signal(),
-                Some(9),
-                "not killed at {point}: {shown}"
-            ),
-            None => assert!(out.status.success(), "{shown}"),
-        }
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     // the first batch done and committed; the refused event judged, not put back
-    dead_letters(
+    dead_letters_cli(
+        &cfg_path,
         &["replay", "--from-beginning"],
         Some(format!("{LETTER_TAKEN}@2").as_str()),
     );
     // the refused event put back and committed past; the mixed batch's events produced and its
     // refused one put back, the position not moved past it
-    dead_letters(&["replay"], Some(format!("{LETTER_PUT_BACK}@2").as_str()));
+    dead_letters_cli(
+        &cfg_path,
+        &["replay"],
+        Some(format!("{LETTER_PUT_BACK}@2").as_str()),
+    );
     // from the mixed batch on: it again (its events folded once; its refused event met here
     // first, so the copy the killed replay left is skipped), the two batches and the refused
     // event between them, and the first refused event's copy
-    let summary = dead_letters(&["replay"], None);
+    let summary = dead_letters_cli(&cfg_path, &["replay"], None);
     let taken = m.len() + b.len() + c.len();
     assert!(
         summary.starts_with(&format!(
@@ -1355,8 +1354,8 @@ async fn a_replay_killed_at_any_step_takes_each_letter_once() {
     )
     .await;
     // what that replay put back, read, put back again and committed; the record not written
-    dead_letters(&["replay"], Some(REPLAY_COMMITTED));
-    let pending = dead_letters(&["list"], None);
+    dead_letters_cli(&cfg_path, &["replay"], Some(REPLAY_COMMITTED));
+    let pending = dead_letters_cli(&cfg_path, &["list"], None);
     assert!(
         pending.starts_with("3 dead letters read: 0 events this build takes, 3 still refused"),
         "{pending}"
