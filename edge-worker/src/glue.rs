@@ -5,7 +5,8 @@
 use crate::app::App;
 use crate::config::EdgeConfig;
 use crate::http::{
-    Clock, EdgeError, HttpRequest, Outbound, Reply, Sending, UrlParts, body_limit, split_head,
+    Clock, EdgeError, HttpRequest, OriginSeen, Outbound, Reply, Sending, UrlParts, body_limit,
+    split_head,
 };
 use crate::store::{Store, StoreError, Versioned};
 use futures_util::future::{Either, select};
@@ -252,7 +253,7 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
         write_point(&env, point);
     }
     if !handled.outbound.is_empty() {
-        park_while_origin_fails(&mut handled.outbound, store.store()).await;
+        park_unless_origin_vouched(&mut handled.outbound, store.store()).await;
         ctx.wait_until(send_all(
             handled.outbound,
             store.store(),
@@ -264,23 +265,27 @@ async fn fetch(raw: web_sys::Request, env: Env, ctx: Context) -> Result<web_sys:
 }
 
 thread_local! {
-    /// Whether this isolate's last attempt at origin ended as one origin may take later (no
-    /// answer, 408, 429, 5xx); see [`park_while_origin_fails`].
-    static ORIGIN_FAILING: Cell<bool> = const { Cell::new(false) };
+    /// What this isolate has seen of origin: whether its batches are parked before their
+    /// answer ([`park_unless_origin_vouched`]).
+    static ORIGIN_SEEN: Cell<OriginSeen> = Cell::new(OriginSeen::default());
 }
 
-/// Parks every event batch in `outbound` before the answer while this isolate's last attempt
-/// at origin failed. Otherwise a batch is parked at its own first failed attempt, which with
-/// an origin that does not answer comes [`ORIGIN_ATTEMPT_MS`] after the shopper's answer: an
-/// isolate evicted meanwhile (a deploy, memory pressure) loses it, and during an outage every
-/// batch spends that window unparked. Parked first, it is KV's before the 202. No KV write is
+/// Parks every event batch in `outbound` before the answer unless origin settled one of this
+/// isolate's requests lately ([`OriginSeen`]: not in a new isolate, nor after an attempt that
+/// failed, nor after [`crate::http::ORIGIN_VOUCHED_MS`] without news). Otherwise a batch is
+/// parked only at its own first failed attempt, which with an origin that does not answer
+/// comes [`ORIGIN_ATTEMPT_MS`] after the shopper's answer: an isolate evicted meanwhile (a
+/// deploy, memory pressure) loses it. Parked first, it is KV's before the 202. No KV write is
 /// added while origin stays down (the attempt would park the batch anyway); what is added is
-/// the write's latency to those answers, and, once origin is back, a write and a delete for
-/// each batch the isolate takes before its next attempt shows it. A write slower than
+/// the write's latency to those answers, and, while origin is up, a write and a delete for a
+/// new isolate's first batches and for the first after a quiet spell. A write slower than
 /// [`PARK_BEFORE_ANSWER_MS`] is not waited for: the batch is then parked at its attempt as
 /// well (the same key and value), and its record deleted once origin takes it either way.
-async fn park_while_origin_fails(outbound: &mut [Outbound], kv: Option<KvStore>) {
-    if !ORIGIN_FAILING.get() {
+async fn park_unless_origin_vouched(outbound: &mut [Outbound], kv: Option<KvStore>) {
+    if !ORIGIN_SEEN
+        .get()
+        .park_before_answer(js_sys::Date::now() as u64)
+    {
         return;
     }
     let Some(kv) = kv else { return };
@@ -301,7 +306,7 @@ async fn park_while_origin_fails(outbound: &mut [Outbound], kv: Option<KvStore>)
         match parked {
             Some(Ok(())) => {
                 console_warn!(
-                    "edgewise: origin's last attempt here failed: parked {key} before answering"
+                    "edgewise: origin has not vouched for itself here lately: parked {key} before answering"
                 );
                 o.then_delete = Some(key);
             }
@@ -320,7 +325,7 @@ async fn park_while_origin_fails(outbound: &mut [Outbound], kv: Option<KvStore>)
     }
 }
 
-/// Longest a shopper's answer waits for [`park_while_origin_fails`]'s write.
+/// Longest a shopper's answer waits for [`park_unless_origin_vouched`]'s write.
 const PARK_BEFORE_ANSWER_MS: u64 = 500;
 
 thread_local! {
@@ -470,7 +475,15 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>, sending: Sending
                 .as_ref()
                 .ok()
                 .map(|(status, retry_after, _)| (*status, retry_after.as_deref()));
-            ORIGIN_FAILING.set(crate::http::origin_may_take_later(answered));
+            let mut seen = ORIGIN_SEEN.get();
+            seen.attempt_ended(
+                outcome
+                    .as_ref()
+                    .ok()
+                    .map(|(status, _, dead_lettered)| (*status, *dead_lettered)),
+                js_sys::Date::now() as u64,
+            );
+            ORIGIN_SEEN.set(seen);
             if let Ok((status, _, dead_lettered)) = &outcome
                 && crate::http::origin_settled(*status, *dead_lettered)
             {

@@ -479,12 +479,14 @@ fn a_parked_batch_is_retired_once_origin_kept_what_it_refused() {
     );
 }
 
-/// While origin takes requests and answers none, an isolate that has seen an attempt fail
-/// parks the next batch in KV before its 202: SIGKILLed right after that answer (before the
-/// batch's own attempt could have failed and parked it), and started again on the same KV, the
-/// edge still has the batch, and the Cron sweep delivers both once origin answers again.
+/// An isolate parks a batch in KV before its 202 unless origin settled one of its requests
+/// lately. A new isolate's batch, and the batch after an attempt origin did not answer, are
+/// KV's before their answer: SIGKILLed right after it (before the batch's own attempt could
+/// fail and park it) and started again on the same KV, the edge still has them, and the Cron
+/// sweep delivers them once origin answers. A batch taken while origin vouches for itself is
+/// sent without that write, and parked only when its own attempt fails.
 #[test]
-fn a_batch_taken_while_origin_fails_is_parked_before_its_answer() {
+fn a_batch_is_parked_before_its_answer_unless_origin_vouched_lately() {
     let origin = FakeOrigin::start().unwrap();
     origin.hang();
     let url = format!("http://127.0.0.1:{}", origin.port);
@@ -497,7 +499,6 @@ fn a_batch_taken_while_origin_fails_is_parked_before_its_answer() {
         return;
     }
     let state = temp_dir("edge-park-first");
-    let w = start_worker_with(&state, &vars).unwrap_or_else(|e| panic!("{e}"));
     let post = |port: u16, id: &str| {
         let event = format!(
             r#"{{"events":[{{"event_id":"{id}","type":"add_to_cart","item":"cam-001","category":"cameras","price":499,"quantity":1}}]}}"#
@@ -512,42 +513,86 @@ fn a_batch_taken_while_origin_fails_is_parked_before_its_answer() {
         .unwrap();
         assert_eq!(sent.status, 202, "{}", sent.text());
     };
-    // the first batch: its attempt gets no answer, and is parked when the edge gives up on it
+    // `accepted_ms`: sent from where it was parked, by the sweep
+    let delivered = |id: &str, swept: bool| {
+        origin.received().iter().any(|r| {
+            let body = String::from_utf8_lossy(&r.body);
+            r.path == "/ingest"
+                && body.contains(&format!("\"{id}\""))
+                && body.contains("accepted_ms") == swept
+        })
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool, log: &dyn Fn() -> String| {
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what}: {}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let parked_first = |log: &str| log.matches("before answering").count();
+    // a new isolate has seen nothing of origin: its first batch is KV's before the 202
+    let w = start_worker_with(&state, &vars).unwrap_or_else(|e| panic!("{e}"));
     post(w.port, "pf-1");
-    let start = std::time::Instant::now();
-    while !w.log().contains("parked") {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the first batch was never parked: {}",
-            w.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // the second: parked before its answer, so nothing of it is left to the isolate
+    w.kill();
+    // origin answers: this new isolate's batch is parked first too, then delivered by its
+    // attempt, which retires the record and vouches for origin
+    origin.answer(202, &[]);
+    let w = start_worker_with(&state, &vars).unwrap_or_else(|e| panic!("{e}"));
     post(w.port, "pf-2");
+    wait(
+        "pf-2 delivered by its attempt",
+        &|| delivered("pf-2", false),
+        &|| w.log(),
+    );
+    // (the isolate's log reaches wrangler's output a little later)
+    wait(
+        "pf-2 parked before its answer",
+        &|| parked_first(&w.log()) == 1,
+        &|| w.log(),
+    );
+    // origin vouched: the next batch is not written first; origin no longer answers, so its
+    // attempt parks it when the edge gives up on it
+    origin.hang();
+    post(w.port, "pf-3");
+    wait(
+        "pf-3 parked at its attempt",
+        &|| w.log().contains("for the Cron sweep"),
+        &|| w.log(),
+    );
+    assert_eq!(
+        parked_first(&w.log()),
+        1,
+        "a batch taken while origin vouched was written before its answer: {}",
+        w.log()
+    );
+    // that attempt failed: the next batch is KV's before its answer
+    post(w.port, "pf-4");
     w.kill();
     let w = start_worker_with(&state, &vars).unwrap_or_else(|e| panic!("{e}"));
     origin.answer(202, &[]);
     let r = http(w.port, "GET", "/__scheduled?cron=*+*+*+*+*", &[], b"").unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    let start = std::time::Instant::now();
-    let delivered = |id: &str| {
-        origin.received().iter().any(|r| {
-            r.path == "/ingest"
-                && String::from_utf8_lossy(&r.body).contains(&format!("\"{id}\""))
-                && String::from_utf8_lossy(&r.body).contains("accepted_ms")
-        })
-    };
-    while !(delivered("pf-1") && delivered("pf-2")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "swept from KV: pf-1 {}, pf-2 {} (the isolate was killed before pf-2's attempt \
-             could park it)",
-            delivered("pf-1"),
-            delivered("pf-2")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait(
+        "swept from KV (pf-1 and pf-4 were SIGKILLed before their attempts could park them)",
+        &|| {
+            ["pf-1", "pf-3", "pf-4"]
+                .iter()
+                .all(|id| delivered(id, true))
+        },
+        &|| {
+            format!(
+                "pf-1 {}, pf-3 {}, pf-4 {}",
+                delivered("pf-1", true),
+                delivered("pf-3", true),
+                delivered("pf-4", true)
+            )
+        },
+    );
+    assert!(!delivered("pf-2", true), "pf-2's record was not retired");
 }
 
 /// A real browser: add a camera on the product page, open the home page, see accessories.

@@ -5,7 +5,7 @@
 //! the runtime's own HTMLRewriter (`rewrite.js`), calling back into
 //! `PagePersonalization::render` for each placeholder.
 
-use super::{JsClock, Kv, mint, park_while_origin_fails, send_all};
+use super::{JsClock, Kv, mint, park_unless_origin_vouched, send_all};
 use crate::app::App;
 use crate::app::proxied::PagePersonalization;
 use crate::http::{HttpRequest, Sending, UrlParts};
@@ -164,7 +164,7 @@ pub async fn forward(
     let mut shopper = shopper;
     let mut outbound = std::mem::take(&mut shopper.outbound);
     if !outbound.is_empty() {
-        park_while_origin_fails(&mut outbound, store.store()).await;
+        park_unless_origin_vouched(&mut outbound, store.store()).await;
     }
     let page = rewrite(status, out, body, shopper, ctx)?;
     if !outbound.is_empty() {
