@@ -1371,6 +1371,115 @@ async fn a_replay_killed_at_any_step_takes_each_letter_once() {
     service.stop().await;
 }
 
+/// `dead-letters replay` while the broker restarts under it (SIGKILLed and started again on
+/// its log, mid-replay): the replay rides through the restart, reading every letter once, and
+/// leaves nothing for the next run; every event of every letter is folded at the edge, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_across_a_broker_restart_loses_no_letter() {
+    use origin_sync::crashpoint::ENV;
+    use origin_sync::dead_letters::{Mode, run};
+    const LETTERS: usize = 200;
+    let Some((mut tansu, edge, dir, text)) =
+        with_dead_letter_topic("restart-replay", "restart_dlq", 2).await
+    else {
+        return;
+    };
+    let (service, _) = serving(config(&text)).await;
+    let cfg_path = dir.join("origin-sync.toml");
+    std::fs::write(&cfg_path, &text).expect("config");
+    let accepted = origin_sync::clock::now_ms() - 60_000;
+    let batches: Vec<Vec<shared::event::Event>> = (0..LETTERS)
+        .map(|i| traffic(2, 4, &format!("rr{i}-"), 500 + i as u64))
+        .collect();
+    let letters: Vec<_> = batches
+        .iter()
+        .map(|b| ingest_letter("restart_dlq", "", ingest_body(b), None, accepted))
+        .collect();
+    produce(&tansu.brokers(), &letters).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while run(&config(&text), Mode::List, true)
+        .await
+        .expect("list")
+        .letters
+        < LETTERS as u64
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the letters never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut replay = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .args(["dead-letters", "replay", "--from-beginning"])
+        .env_remove(ENV)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dead-letters replay starts");
+    let started = std::time::Instant::now();
+    // the broker goes once the replay's first events have reached the service
+    while metric(&service, |m| &m.consumed) == 0 {
+        if let Some(status) = replay.try_wait().expect("replay") {
+            let out = replay.wait_with_output().expect("output");
+            panic!(
+                "the replay ended ({status:?} after {:?}) before its events were consumed; give it more letters: {}{}",
+                started.elapsed(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "none of the replay's events was consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let folded_before = metric(&service, |m| &m.consumed);
+    // down for 3 s, as a broker restarting on a real cluster is at least
+    tokio::task::block_in_place(|| {
+        tansu.stop();
+        std::thread::sleep(Duration::from_secs(3));
+        tansu.restart()
+    })
+    .expect("broker restarts");
+    let out = tokio::task::block_in_place(|| replay.wait_with_output()).expect("replay ends");
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "replay across the restart: {:?} after {:?} ({folded_before} events consumed when the broker went):\n{shown}",
+        out.status,
+        started.elapsed()
+    );
+    // a restart of a few seconds is ridden through (the client reconnects, reads and commits
+    // wait for the broker), and every letter is read once
+    assert!(out.status.success(), "{:?}: {shown}", out.status);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!(
+            "{LETTERS} dead letters read: {} events this build takes, 0 still refused",
+            4 * LETTERS
+        )),
+        "{shown}"
+    );
+    let again = dead_letters_cli(&cfg_path, &["replay"], None);
+    assert!(again.starts_with("0 dead letters read"), "{again}");
+    converge(
+        &edge,
+        &reference(&batches.concat()),
+        Duration::from_secs(60),
+    )
+    .await;
+    println!(
+        "events the service met twice (its memory of each shopper drops them): {}",
+        metric(&service, |m| &m.duplicates)
+    );
+    service.stop().await;
+}
+
 /// `GET /metrics` of the service at `base`, as text.
 async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
