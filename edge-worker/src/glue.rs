@@ -270,17 +270,19 @@ thread_local! {
     static ORIGIN_SEEN: Cell<OriginSeen> = Cell::new(OriginSeen::default());
 }
 
-/// Parks every event batch in `outbound` before the answer unless origin settled one of this
-/// isolate's requests lately ([`OriginSeen`]: not in a new isolate, nor after an attempt that
-/// failed, nor after [`crate::http::ORIGIN_VOUCHED_MS`] without news). Otherwise a batch is
-/// parked only at its own first failed attempt, which with an origin that does not answer
-/// comes [`ORIGIN_ATTEMPT_MS`] after the shopper's answer: an isolate evicted meanwhile (a
-/// deploy, memory pressure) loses it. Parked first, it is KV's before the 202. No KV write is
-/// added while origin stays down (the attempt would park the batch anyway); what is added is
-/// the write's latency to those answers, and, while origin is up, a write and a delete for a
-/// new isolate's first batches and for the first after a quiet spell. A write slower than
-/// [`PARK_BEFORE_ANSWER_MS`] is not waited for: the batch is then parked at its attempt as
-/// well (the same key and value), and its record deleted once origin takes it either way.
+/// Parks every event batch in `outbound` before the answer unless origin answered one of this
+/// isolate's requests lately ([`OriginSeen`]: not in a new isolate, nor after an attempt origin
+/// may take later, nor [`crate::http::ORIGIN_VOUCHED_MS`] after the last answer). Otherwise a
+/// batch is parked only at its own first attempt that origin may take later, which with an
+/// origin that does not answer comes [`ORIGIN_ATTEMPT_MS`] after the shopper's answer: an
+/// isolate evicted meanwhile (a deploy, memory pressure) loses it. Parked first, it is KV's
+/// before the 202. No KV write is added while origin stays down (the attempt would park the
+/// batch anyway); what is added is the write's latency to those answers (a page's, in proxy
+/// mode, when a sign-in's identify goes with it), and, while origin is up, a write and a
+/// delete for a new isolate's first batches, for the first after a quiet spell, and for those
+/// after an attempt that failed. The batches of one answer share [`PARK_BEFORE_ANSWER_MS`]: a
+/// write not done by then is not waited for, and the batch is parked at its attempt as well
+/// (the same key and value), its record deleted once origin takes it either way.
 async fn park_unless_origin_vouched(outbound: &mut [Outbound], kv: Option<KvStore>) {
     if !ORIGIN_SEEN
         .get()
@@ -289,14 +291,20 @@ async fn park_unless_origin_vouched(outbound: &mut [Outbound], kv: Option<KvStor
         return;
     }
     let Some(kv) = kv else { return };
+    let deadline = js_sys::Date::now() as u64 + PARK_BEFORE_ANSWER_MS;
     for o in outbound.iter_mut() {
+        let left = deadline.saturating_sub(js_sys::Date::now() as u64);
+        if left == 0 {
+            // the answer has waited long enough: parked at its attempt if that fails
+            continue;
+        }
         let Some((key, record)) = o.if_undelivered.take() else {
             continue;
         };
         // `None`: not written in time
         let parked = match select(
             Box::pin(park(&kv, &key, &record)),
-            Delay::from(Duration::from_millis(PARK_BEFORE_ANSWER_MS)),
+            Delay::from(Duration::from_millis(left)),
         )
         .await
         {
@@ -306,7 +314,7 @@ async fn park_unless_origin_vouched(outbound: &mut [Outbound], kv: Option<KvStor
         match parked {
             Some(Ok(())) => {
                 console_warn!(
-                    "edgewise: origin has not vouched for itself here lately: parked {key} before answering"
+                    "edgewise: origin has not answered here lately: parked {key} before answering"
                 );
                 o.then_delete = Some(key);
             }
@@ -316,7 +324,7 @@ async fn park_unless_origin_vouched(outbound: &mut [Outbound], kv: Option<KvStor
             }
             None => {
                 console_warn!(
-                    "edgewise: parking {key} took over {PARK_BEFORE_ANSWER_MS} ms; parked at its attempt"
+                    "edgewise: parking {key} took longer than the answer waits ({PARK_BEFORE_ANSWER_MS} ms); parked at its attempt"
                 );
                 o.then_delete = Some(key.clone());
                 o.if_undelivered = Some((key, record));
@@ -477,10 +485,7 @@ async fn send_all(outbound: Vec<Outbound>, kv: Option<KvStore>, sending: Sending
                 .map(|(status, retry_after, _)| (*status, retry_after.as_deref()));
             let mut seen = ORIGIN_SEEN.get();
             seen.attempt_ended(
-                outcome
-                    .as_ref()
-                    .ok()
-                    .map(|(status, _, dead_lettered)| (*status, *dead_lettered)),
+                answered.map(|(status, _)| status),
                 js_sys::Date::now() as u64,
             );
             ORIGIN_SEEN.set(seen);

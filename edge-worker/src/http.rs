@@ -247,36 +247,35 @@ pub fn origin_settled(status: u16, dead_lettered: bool) -> bool {
     (200..300).contains(&status) || (status == 400 && dead_lettered)
 }
 
-/// How long origin settling a request (taking it, or keeping what it refused) vouches for it
-/// at an isolate: that long after, the isolate's event batches go to KV before their answer
-/// again ([`OriginSeen`]).
+/// How long an answer from origin vouches for it at an isolate: that long after, the
+/// isolate's event batches go to KV before their answer again ([`OriginSeen`]).
 pub const ORIGIN_VOUCHED_MS: u64 = 30_000;
 
 /// What one isolate has seen of origin, which decides whether an event batch is parked in KV
-/// before the shopper's 202 or only at its first failed attempt. A batch not yet parked lives
-/// only in the isolate's `wait_until`, and an isolate can be evicted at any moment (a deploy,
-/// memory pressure): so a batch waits for KV first unless origin settled one of this isolate's
-/// requests within [`ORIGIN_VOUCHED_MS`]. A new isolate has seen nothing and parks its first
+/// before the shopper's 202 or only at its first attempt that origin may take later. A batch
+/// not yet parked lives only in the isolate's `wait_until`, and an isolate can be evicted at any
+/// moment (a deploy, memory pressure): so a batch waits for KV first unless origin answered one
+/// of this isolate's requests within [`ORIGIN_VOUCHED_MS`], with no attempt since that origin may
+/// take later (no answer, 408, 429, 5xx). A new isolate has seen nothing and parks its first
 /// batches; so does one whose last attempt failed, or that has not heard from origin for a
-/// while (origin may have gone down since). A busy isolate with a healthy origin parks none.
+/// while (origin may have gone down since). A busy isolate with a reachable origin parks none.
+/// Any other answer vouches, a refusal for good included: origin is there and answering, and a
+/// batch it refuses for good is not parked at its attempt either.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OriginSeen {
-    /// Until when (Unix ms) the last settled answer vouches for origin; 0: it does not.
+    /// Until when (Unix ms) the last answer vouches for origin; 0: it does not.
     vouched_until_ms: u64,
 }
 
 impl OriginSeen {
-    /// Takes note of an attempt that ended at `now_ms` with `outcome` (an answer's status and
-    /// whether it said origin kept it as a dead letter; `None`: no answer). Only an answer that
-    /// settles the request vouches: any other (no answer, 5xx, a 401 from a secret the
-    /// operator has yet to fix) leaves batches to be parked first, where the Cron sweep finds
-    /// them.
-    pub fn attempt_ended(&mut self, outcome: Option<(u16, bool)>, now_ms: u64) {
-        self.vouched_until_ms = match outcome {
-            Some((status, dead_lettered)) if origin_settled(status, dead_lettered) => {
-                now_ms.saturating_add(ORIGIN_VOUCHED_MS)
-            }
-            _ => 0,
+    /// Takes note of an attempt that ended at `now_ms` with an answer of `status` (`None`: no
+    /// answer).
+    pub fn attempt_ended(&mut self, status: Option<u16>, now_ms: u64) {
+        let taken_or_refused = status.is_some_and(|s| !origin_may_take_later(Some((s, None))));
+        self.vouched_until_ms = if taken_or_refused {
+            now_ms.saturating_add(ORIGIN_VOUCHED_MS)
+        } else {
+            0
         };
     }
 
@@ -655,10 +654,10 @@ mod tests {
     }
 
     /// A new isolate parks its batches before their answer; one that origin answered parks
-    /// none for [`super::ORIGIN_VOUCHED_MS`]; any attempt origin did not settle, or that long
-    /// without one, and it parks again.
+    /// none for [`super::ORIGIN_VOUCHED_MS`]; after an attempt origin may take later, or that
+    /// long without an answer, it parks again.
     #[test]
-    fn batches_are_parked_before_their_answer_unless_origin_settled_one_lately() {
+    fn batches_are_parked_before_their_answer_unless_origin_answered_lately() {
         use super::{ORIGIN_VOUCHED_MS, OriginSeen};
         let t0 = 1_700_000_000_000;
         let mut seen = OriginSeen::default();
@@ -666,31 +665,25 @@ mod tests {
             seen.park_before_answer(t0),
             "a new isolate has seen nothing"
         );
-        seen.attempt_ended(Some((202, false)), t0);
+        seen.attempt_ended(Some(202), t0);
         assert!(!seen.park_before_answer(t0));
         assert!(!seen.park_before_answer(t0 + ORIGIN_VOUCHED_MS - 1));
         assert!(
             seen.park_before_answer(t0 + ORIGIN_VOUCHED_MS),
             "origin may have gone down since"
         );
-        // a refusal origin kept vouches too: it is up and settling requests
-        seen.attempt_ended(Some((400, true)), t0);
-        assert!(!seen.park_before_answer(t0 + 1));
-        for outcome in [
-            None,
-            Some((503, false)),
-            Some((408, false)),
-            Some((429, false)),
-        ] {
-            seen.attempt_ended(Some((202, false)), t0);
-            seen.attempt_ended(outcome, t0 + 1);
-            assert!(seen.park_before_answer(t0 + 2), "{outcome:?}");
+        // a refusal for good vouches too: origin is up and answering, and what it refuses is
+        // not parked at its attempt either (a wrong secret would otherwise park every batch
+        // for a week of sweeps)
+        for status in [400, 401, 404, 413] {
+            seen.attempt_ended(None, t0);
+            seen.attempt_ended(Some(status), t0);
+            assert!(!seen.park_before_answer(t0 + 1), "{status}");
         }
-        // answered, but not settled: a secret to fix, or an older origin's refusal
-        for outcome in [Some((401, false)), Some((400, false))] {
-            seen.attempt_ended(Some((202, false)), t0);
-            seen.attempt_ended(outcome, t0 + 1);
-            assert!(seen.park_before_answer(t0 + 2), "{outcome:?}");
+        for status in [None, Some(503), Some(500), Some(408), Some(429)] {
+            seen.attempt_ended(Some(202), t0);
+            seen.attempt_ended(status, t0 + 1);
+            assert!(seen.park_before_answer(t0 + 2), "{status:?}");
         }
     }
 

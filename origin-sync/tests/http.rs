@@ -1437,6 +1437,12 @@ async fn a_replay_across_a_broker_restart_loses_no_letter() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let folded_before = metric(&service, |m| &m.consumed);
+    // the replay is under way, far from done, as the broker goes
+    assert!(
+        replay.try_wait().expect("replay").is_none() && folded_before < 4 * LETTERS as u64 / 2,
+        "the replay was near its end before the broker restarted ({folded_before} events \
+         consumed); give it more letters"
+    );
     // down for 3 s, as a broker restarting on a real cluster is at least
     tokio::task::block_in_place(|| {
         tansu.stop();

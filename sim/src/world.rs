@@ -442,14 +442,14 @@ pub fn run(p: &Params) -> Report {
     let mut progress = 0;
     let mut last_ms = START_MS;
 
+    // What each isolate has seen of origin (`http::OriginSeen`, the glue's rule for parking a
+    // batch in KV before its answer), and when origin's answers to its requests in flight
+    // arrive: origin here takes whatever it is sent, a round trip later.
+    let origin_seen: Vec<RefCell<(OriginSeen, VecDeque<u64>)>> = (0..isolates.len())
+        .map(|_| RefCell::new((OriginSeen::default(), VecDeque::new())))
+        .collect();
     // the shopper's browser keeps its cookies and sends them back; today's design is a browser
     // that never returns the session record (the visitor cookie it does)
-    // What each isolate has seen of origin (`http::OriginSeen`, the glue's rule for parking a
-    // batch in KV before its answer), and when origin's answer to its earliest request still
-    // unanswered arrives: origin here takes whatever it is sent, a round trip later.
-    let origin_seen: Vec<Cell<(OriginSeen, Option<u64>)>> = (0..isolates.len())
-        .map(|_| Cell::new((OriginSeen::default(), None)))
-        .collect();
     let handle = |isolate: usize,
                   loc: usize,
                   now: u64,
@@ -495,13 +495,15 @@ pub fn run(p: &Params) -> Report {
         seen.handler_ns += t0.elapsed().as_nanos();
         seen.requests += 1;
         // the glue's park before the answer: a write now and a delete once origin took it
-        let (mut vouch, mut answer_at) = origin_seen[isolate].get();
-        if let Some(t) = answer_at.filter(|t| *t <= now) {
-            vouch.attempt_ended(Some((202, false)), t);
-            answer_at = None;
+        let mut state = origin_seen[isolate].borrow_mut();
+        let (vouch, answers) = &mut *state;
+        while let Some(t) = answers.front().copied().filter(|t| *t <= now) {
+            vouch.attempt_ended(Some(202), t);
+            answers.pop_front();
         }
-        for _ in h.outbound.iter().filter(|o| o.if_undelivered.is_some()) {
-            if vouch.park_before_answer(now) {
+        let parks = vouch.park_before_answer(now);
+        for o in &h.outbound {
+            if parks && o.if_undelivered.is_some() {
                 *kv.borrow_mut()
                     .stats
                     .writes
@@ -509,9 +511,9 @@ pub fn run(p: &Params) -> Report {
                     .or_default() += 2;
                 seen.parked_first += 1;
             }
-            answer_at = answer_at.or(Some(now + 2 * half_rtt));
+            answers.push_back(now + 2 * half_rtt);
         }
-        origin_seen[isolate].set((vouch, answer_at));
+        drop(state);
         if let Some(jar) = jar {
             let session = format!("{session_name}=");
             let visitor_session = format!("{visitor_session_name}=");

@@ -540,7 +540,8 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
         ERASED_WHILE_DOWN,
     ));
     // a shopper's own events at edge A: origin takes none of the attempts, so the batch is
-    // parked in A's KV for the Cron sweep (answered 202 all the same)
+    // parked in A's KV for the Cron sweep (answered 202 all the same), before its answer or at
+    // its first attempt, as A has heard from origin lately or not
     let now = origin_sync::pipeline::now_ms();
     let mut posted = traffic(sys, "down-posted", 1, 5, 13);
     for (i, e) in posted.iter_mut().enumerate() {
