@@ -61,6 +61,11 @@ pub struct EdgeConfig {
     /// Time a proxied page's blocks may take together (`RENDER_BUDGET_MS`) before the rest
     /// come from the popular tier.
     pub render_budget_ms: u32,
+    /// How old a parked event batch must be before the Cron sweep sends it
+    /// (`SWEEP_AFTER_SECS`): younger, its isolate may still be trying it (`wait_until` runs
+    /// 30 s after the answer), or have delivered it with its record's delete not yet seen
+    /// where the sweep runs; sent then as well, origin would get it twice.
+    pub sweep_after_ms: u64,
     pub problems: Vec<String>,
 }
 
@@ -86,6 +91,7 @@ impl Default for EdgeConfig {
             proxy: None,
             slot_item_template: None,
             render_budget_ms: 10,
+            sweep_after_ms: 30_000,
             metrics_token: None,
             problems: Vec::new(),
         }
@@ -153,6 +159,7 @@ impl EdgeConfig {
         let events_per_sec = number("EVENTS_PER_SEC", 10, 1, 10_000);
         let events_burst = number("EVENTS_BURST", 200, 1, 100_000);
         let render_budget = number("RENDER_BUDGET_MS", 10, 0, 10_000);
+        let sweep_after = number("SWEEP_AFTER_SECS", 30, 0, 86_400);
         c.profile_ttl_ms = ttl * 1000;
         c.cache_max_entries = entries as usize;
         c.cache_max_bytes = bytes as usize;
@@ -164,6 +171,7 @@ impl EdgeConfig {
         c.events_per_sec = events_per_sec as u32;
         c.events_burst = events_burst as u32;
         c.render_budget_ms = render_budget as u32;
+        c.sweep_after_ms = sweep_after * 1000;
         match var("COOKIE_SECURE").as_deref() {
             None | Some("auto") => {}
             Some("true") => c.cookie_secure = Some(true),
@@ -306,10 +314,13 @@ mod tests {
             ("ORIGIN_URL", "http://127.0.0.1:8788/"),
             ("PROFILE_TTL_SECS", "5"),
             ("COOKIE_SECURE", "false"),
+            ("SWEEP_AFTER_SECS", "0"),
         ]);
         assert!(c.problems.is_empty(), "{:?}", c.problems);
         assert_eq!(c.origin_url.as_deref(), Some("http://127.0.0.1:8788"));
         assert_eq!(c.profile_ttl_ms, 5000);
+        assert_eq!(c.sweep_after_ms, 0);
+        assert_eq!(EdgeConfig::default().sweep_after_ms, 30_000);
         assert_eq!(c.cookie_secure, Some(false));
         assert_eq!(c.token, None);
         assert_eq!(c.trusted_user_header, None);

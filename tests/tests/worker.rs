@@ -383,7 +383,10 @@ fn a_parked_batch_is_retired_once_origin_kept_what_it_refused() {
     let origin = FakeOrigin::start().unwrap();
     origin.answer(503, &[]);
     let url = format!("http://127.0.0.1:{}", origin.port);
-    let Some(w) = worker("edge-parked", &[("ORIGIN_URL", &url)]) else {
+    let Some(w) = worker(
+        "edge-parked",
+        &[("ORIGIN_URL", &url), ("SWEEP_AFTER_SECS", "0")],
+    ) else {
         return;
     };
     let ingests = || {
@@ -490,7 +493,7 @@ fn a_batch_is_parked_before_its_answer_unless_origin_answered_lately() {
     let origin = FakeOrigin::start().unwrap();
     origin.hang();
     let url = format!("http://127.0.0.1:{}", origin.port);
-    let vars = [("ORIGIN_URL", url.as_str())];
+    let vars = [("ORIGIN_URL", url.as_str()), ("SWEEP_AFTER_SECS", "0")];
     if worker_bundle().is_none() {
         skip(
             "the worker bundle",

@@ -811,9 +811,16 @@ impl App {
     }
 }
 
+/// When a parked batch was accepted (its body's `accepted_ms`), read without its events.
+#[derive(serde::Deserialize)]
+struct Accepted {
+    accepted_ms: Option<u64>,
+}
+
 impl App {
     /// The Cron Trigger's other work: every event batch this deployment accepted and parked
-    /// (at its first try origin may take later) that no retry got through since, as freshly
+    /// (before its answer, or at its first try origin may take later) that no retry got through
+    /// since, once older than `SWEEP_AFTER_SECS` (30 s: past its isolate's own tries), as freshly
     /// signed `/ingest` requests carrying
     /// when the edge accepted them (origin times them by that, so an erasure since still
     /// erases them), each retiring its record once origin takes it. At most half of
@@ -855,6 +862,14 @@ impl App {
                     continue;
                 }
             };
+            // too young: left to its isolate's own tries and to the next sweep
+            // (`EdgeConfig::sweep_after_ms`)
+            let accepted = serde_json::from_slice::<Accepted>(&body)
+                .ok()
+                .and_then(|a| a.accepted_ms);
+            if accepted.is_some_and(|at| now_ms < at.saturating_add(self.config.sweep_after_ms)) {
+                continue;
+            }
             out.push(Outbound {
                 then_delete: Some(kv_key),
                 ..signed(
