@@ -62,9 +62,12 @@ pub struct EdgeConfig {
     /// come from the popular tier.
     pub render_budget_ms: u32,
     /// How old a parked event batch must be before the Cron sweep sends it
-    /// (`SWEEP_AFTER_SECS`): younger, its isolate may still be trying it (`wait_until` runs
-    /// 30 s after the answer), or have delivered it with its record's delete not yet seen
-    /// where the sweep runs; sent then as well, origin would get it twice.
+    /// (`SWEEP_AFTER_SECS`, 30 s): younger, its isolate may well be trying it still
+    /// (`wait_until` runs 30 s from the answer, which comes a little after the batch's
+    /// `accepted_ms`), or have delivered it with its record's delete not yet seen where the
+    /// sweep runs (KV takes up to 60 s); sent then as well, origin gets it twice, and knows it
+    /// only within its memory of the shopper. Longer narrows that further, and delays what an
+    /// outage left parked by as much.
     pub sweep_after_ms: u64,
     pub problems: Vec<String>,
 }

@@ -294,8 +294,10 @@ async fn park_unless_origin_vouched(outbound: &mut [Outbound], kv: Option<KvStor
     let deadline = js_sys::Date::now() as u64 + PARK_BEFORE_ANSWER_MS;
     for o in outbound.iter_mut() {
         let left = deadline.saturating_sub(js_sys::Date::now() as u64);
-        if left == 0 {
-            // the answer has waited long enough: parked at its attempt if that fails
+        if left < PARK_WRITE_AT_LEAST_MS {
+            // the answer has waited long enough: parked at its attempt if that fails (a write
+            // started now would outlive its wait, and could land after origin took the batch
+            // and its record was deleted)
             continue;
         }
         let Some((key, record)) = o.if_undelivered.take() else {
@@ -333,8 +335,10 @@ async fn park_unless_origin_vouched(outbound: &mut [Outbound], kv: Option<KvStor
     }
 }
 
-/// Longest a shopper's answer waits for [`park_unless_origin_vouched`]'s write.
+/// Longest a shopper's answer waits for [`park_unless_origin_vouched`]'s writes.
 const PARK_BEFORE_ANSWER_MS: u64 = 500;
+/// Least time left of [`PARK_BEFORE_ANSWER_MS`] for another write to be started.
+const PARK_WRITE_AT_LEAST_MS: u64 = 50;
 
 thread_local! {
     /// Whether the Analytics Engine binding exists: bindings do not change during an

@@ -549,6 +549,7 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
         e.ts_ms = now - 8_000 + i as u64;
     }
     let batch = serde_json::to_vec(&posted.iter().map(Event::to_json).collect::<Vec<_>>()).unwrap();
+    let posted_at = Instant::now();
     let r = http(
         sys.a,
         "POST",
@@ -604,8 +605,13 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
         "no pending erasure record"
     );
     // down for longer than a shopper's request may go on in `wait_until` (30 s): what reaches
-    // origin now is the Cron sweep's doing, not a retry's
-    std::thread::sleep(Duration::from_secs(35).saturating_sub(down_since.elapsed()));
+    // origin now is the Cron sweep's doing, not a retry's; and the parked batch is old enough
+    // for the sweep to send it (`SWEEP_AFTER_SECS`, 30 s)
+    std::thread::sleep(
+        Duration::from_secs(35)
+            .saturating_sub(down_since.elapsed())
+            .max(Duration::from_secs(31).saturating_sub(posted_at.elapsed())),
+    );
 
     let t = Instant::now();
     sys.restart_origin();

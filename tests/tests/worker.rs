@@ -482,7 +482,7 @@ fn a_parked_batch_is_retired_once_origin_kept_what_it_refused() {
     );
 }
 
-/// An isolate parks a batch in KV before its 202 unless origin settled one of its requests
+/// An isolate parks a batch in KV before its 202 unless origin answered one of its requests
 /// lately. A new isolate's batch, and the batch after an attempt origin did not answer, are
 /// KV's before their answer: SIGKILLed right after it (before the batch's own attempt could
 /// fail and park it) and started again on the same KV, the edge still has them, and the Cron
@@ -547,6 +547,8 @@ fn a_batch_is_parked_before_its_answer_unless_origin_answered_lately() {
     origin.answer(202, &[]);
     let w = start_worker_with(&state, &vars).unwrap_or_else(|e| panic!("{e}"));
     let before = parked_first(&w.log());
+    let parked_at_attempt = |log: &str| log.matches("for the Cron sweep").count();
+    let before_attempts = parked_at_attempt(&w.log());
     post(w.port, "pf-2");
     wait(
         "pf-2 delivered by its attempt",
@@ -560,14 +562,14 @@ fn a_batch_is_parked_before_its_answer_unless_origin_answered_lately() {
         &|| w.log(),
     );
     // origin records a request as it arrives: a moment for its answer to reach the worker
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     // origin answered: the next batch is not written first; origin no longer answers, so its
     // attempt parks it when the edge gives up on it
     origin.hang();
     post(w.port, "pf-3");
     wait(
         "pf-3 parked at its attempt",
-        &|| w.log().contains("for the Cron sweep"),
+        &|| parked_at_attempt(&w.log()) > before_attempts,
         &|| w.log(),
     );
     assert_eq!(

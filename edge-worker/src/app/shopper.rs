@@ -820,7 +820,7 @@ struct Accepted {
 impl App {
     /// The Cron Trigger's other work: every event batch this deployment accepted and parked
     /// (before its answer, or at its first try origin may take later) that no retry got through
-    /// since, once older than `SWEEP_AFTER_SECS` (30 s: past its isolate's own tries), as freshly
+    /// since, once `SWEEP_AFTER_SECS` old (30 s: about its isolate's own tries), as freshly
     /// signed `/ingest` requests carrying
     /// when the edge accepted them (origin times them by that, so an erasure since still
     /// erases them), each retiring its record once origin takes it. At most half of

@@ -170,6 +170,12 @@ fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() 
     // its isolate's own tries may still be under way, or its delete not yet seen: not yet
     w.advance(29_999);
     assert!(run(w.app.sweep_events(&w.store, w.now())).is_empty());
+    w.advance(1);
+    assert_eq!(
+        run(w.app.sweep_events(&w.store, w.now())).len(),
+        1,
+        "30 s old"
+    );
     w.advance(3_600_000);
     let swept = run(w.app.sweep_events(&w.store, w.now()));
     let [again] = swept.as_slice() else {
@@ -204,6 +210,24 @@ fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() 
     assert_eq!(at, Some(accepted));
     assert_eq!(events[0].as_ref().unwrap().user, "alice");
     assert_eq!(events[0].as_ref().unwrap().id, "p1");
+
+    // a record that does not say when it was accepted (from an older edge) is sent at once
+    let events = shared::event::parse_ingest(&again.body)
+        .unwrap()
+        .0
+        .into_iter()
+        .map(Result::unwrap)
+        .map(|e| e.to_json())
+        .collect::<Vec<_>>();
+    let undated = serde_json::to_vec(&serde_json::json!({ "events": events })).unwrap();
+    let sealed = crate::seal::seal(SYNC_SECRET.as_bytes(), key.as_bytes(), &undated);
+    run(w.store.put(&key, &sealed, 0)).unwrap();
+    let swept = run(w.app.sweep_events(&w.store, w.now()));
+    assert_eq!(
+        swept.len(),
+        1,
+        "an undated record is sent, never taken as young"
+    );
 
     // a record that does not open (another deployment's secret, a changed byte) is not sent
     let mut changed = record.clone();
