@@ -1015,6 +1015,24 @@ async fn with_dead_letter_topic(
     Some((tansu, edge, dir, text))
 }
 
+/// Waits until `dead-letters list` (from the topic's start) reads `n` letters.
+async fn letters_listed(text: &str, n: u64) {
+    use origin_sync::dead_letters::{Mode, run};
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while run(&config(text), Mode::List, true)
+        .await
+        .expect("list")
+        .letters
+        < n
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the letters never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// `origin-sync --config <cfg_path> dead-letters <args>`, the binary as an operator runs it,
 /// told to die at crash point `crash` (and then asserted SIGKILLed there), or else asserted to
 /// succeed; its standard output.
@@ -1310,19 +1328,7 @@ async fn a_replay_killed_at_any_step_takes_each_letter_once() {
         ingest_letter("kills_dlq", "", ingest_body(&c), None, accepted),
     ];
     produce(&tansu.brokers(), &letters).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while run(&config(&text), Mode::List, true)
-        .await
-        .expect("list")
-        .letters
-        < 6
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the letters never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    letters_listed(&text, 6).await;
     // the first batch done and committed; the refused event judged, not put back
     dead_letters_cli(
         &cfg_path,
@@ -1377,7 +1383,6 @@ async fn a_replay_killed_at_any_step_takes_each_letter_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_across_a_broker_restart_loses_no_letter() {
     use origin_sync::crashpoint::ENV;
-    use origin_sync::dead_letters::{Mode, run};
     const LETTERS: usize = 200;
     let Some((mut tansu, edge, dir, text)) =
         with_dead_letter_topic("restart-replay", "restart_dlq", 2).await
@@ -1396,19 +1401,7 @@ async fn a_replay_across_a_broker_restart_loses_no_letter() {
         .map(|b| ingest_letter("restart_dlq", "", ingest_body(b), None, accepted))
         .collect();
     produce(&tansu.brokers(), &letters).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while run(&config(&text), Mode::List, true)
-        .await
-        .expect("list")
-        .letters
-        < LETTERS as u64
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the letters never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    letters_listed(&text, LETTERS as u64).await;
     let mut replay = std::process::Command::new(env!("CARGO_BIN_EXE_origin-sync"))
         .arg("--config")
         .arg(&cfg_path)
