@@ -991,8 +991,8 @@ async fn letter_partitions(brokers: &str) -> std::collections::BTreeSet<i32> {
     })
 }
 
-/// A broker with the dead-letter topic `topic` of `partitions`, an edge, a scratch directory,
-/// and the text of a service's config that uses them.
+/// A broker with the dead-letter topic `topic` of `partitions`, an edge, and a service's config
+/// that uses them: written to a file (its path, for the binary) and as text.
 async fn with_dead_letter_topic(
     name: &str,
     topic: &str,
@@ -1012,7 +1012,9 @@ async fn with_dead_letter_topic(
         &format!("group_id = \"test\"\ndead_letter_topic = \"{topic}\""),
         1,
     );
-    Some((tansu, edge, dir, text))
+    let cfg_path = dir.join("origin-sync.toml");
+    std::fs::write(&cfg_path, &text).expect("config");
+    Some((tansu, edge, cfg_path, text))
 }
 
 /// Waits until `dead-letters list` (from the topic's start) reads `n` letters.
@@ -1073,7 +1075,8 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     use origin_sync::dead_letters::{Mode, run};
     use origin_sync::kafka::Outgoing;
     // a dead-letter topic of two partitions: the replay reads and positions each
-    let Some((tansu, edge, dir, text)) = with_dead_letter_topic("letters", "letters_dlq", 2).await
+    let Some((tansu, edge, cfg_path, text)) =
+        with_dead_letter_topic("letters", "letters_dlq", 2).await
     else {
         return;
     };
@@ -1230,8 +1233,6 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
     // the command as an operator runs it: what the last replay put back
     let pending = run(&config(&text), Mode::List, false).await.expect("list");
     assert_eq!((pending.letters, pending.events), (3, 0), "{pending}");
-    let cfg_path = dir.join("origin-sync.toml");
-    std::fs::write(&cfg_path, &text).expect("config");
     let stdout = dead_letters_cli(&cfg_path, &["list"], None);
     assert!(stdout.starts_with(&pending.to_string()), "{stdout}");
     // Kafka expired the group's offsets (here: a group with none): the replays' record at the
@@ -1286,14 +1287,12 @@ async fn a_replay_killed_at_any_step_takes_each_letter_once() {
     use origin_sync::dead_letters::{Mode, run};
     // one partition: the letters are read in the order written, so each kill lands on the
     // letter this test means
-    let Some((tansu, edge, dir, text)) =
+    let Some((tansu, edge, cfg_path, text)) =
         with_dead_letter_topic("killed-replay", "kills_dlq", 1).await
     else {
         return;
     };
     let (service, _) = serving(config(&text)).await;
-    let cfg_path = dir.join("origin-sync.toml");
-    std::fs::write(&cfg_path, &text).expect("config");
     let accepted = origin_sync::clock::now_ms() - 60_000;
     let unknown = |user: &str| {
         serde_json::json!({
@@ -1384,14 +1383,12 @@ async fn a_replay_killed_at_any_step_takes_each_letter_once() {
 async fn a_replay_across_a_broker_restart_loses_no_letter() {
     use origin_sync::crashpoint::ENV;
     const LETTERS: usize = 200;
-    let Some((mut tansu, edge, dir, text)) =
+    let Some((mut tansu, edge, cfg_path, text)) =
         with_dead_letter_topic("restart-replay", "restart_dlq", 2).await
     else {
         return;
     };
     let (service, _) = serving(config(&text)).await;
-    let cfg_path = dir.join("origin-sync.toml");
-    std::fs::write(&cfg_path, &text).expect("config");
     let accepted = origin_sync::clock::now_ms() - 60_000;
     let batches: Vec<Vec<shared::event::Event>> = (0..LETTERS)
         .map(|i| traffic(2, 4, &format!("rr{i}-"), 500 + i as u64))
