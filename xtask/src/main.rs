@@ -109,7 +109,7 @@ fn dev(extra: &[String]) -> Result<()> {
         .args(["-p", "tests", "--bin", "edgewise-stack"])
         .cwd(root())
         .run()?;
-    let runner = root().join("target/debug/edgewise-stack");
+    let runner = util::cargo_target_dir().join("debug/edgewise-stack");
     // Replace this process: Ctrl-C then reaches the runner alone, which stops what it started
     // in order instead of racing a parent that already exited.
     use std::os::unix::process::CommandExt as _;
@@ -284,7 +284,7 @@ fn bench(extra: &[String]) -> Result<()> {
         .args(["-p", "edgewise-sim", "--bin", "edge-topology"])
         .cwd(root())
         .run()?;
-    let bin = |name: &str| root().join("target/native").join(name);
+    let bin = |name: &str| util::cargo_target_dir().join("native").join(name);
     // the benchmarks that run the worker: this bundle, no rebuild, figures into `out`
     let on_the_bundle = |program: std::path::PathBuf| {
         Cmd::new(program)

@@ -25,6 +25,8 @@ const TMPFS_ROOM: u64 = 4_000_000_000;
 /// machine has one with room. Returns where they live.
 pub fn prepare(root: &Path) -> anyhow::Result<PathBuf> {
     remove(root);
+    // absent when cargo builds elsewhere (`CARGO_TARGET_DIR`)
+    std::fs::create_dir_all(root.join("target"))?;
     let tmpfs = Path::new(TMPFS);
     let on_tmpfs = tmpfs.is_dir()
         && crate::util::free_bytes(tmpfs).is_some_and(|free| free >= TMPFS_ROOM)

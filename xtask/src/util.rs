@@ -39,6 +39,27 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Where cargo writes build output: the checkout's `target/` unless `CARGO_TARGET_DIR` or a
+/// cargo config (`build.target-dir`) moves it, as `cargo metadata` resolves both. The tests'
+/// scratch directories stay under the checkout's `target/` whatever this says.
+pub fn cargo_target_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let asked = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["metadata", "--no-deps", "--format-version", "1"])
+            .current_dir(root())
+            .stderr(Stdio::inherit())
+            .output();
+        asked
+            .ok()
+            .filter(|out| out.status.success())
+            .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+            .and_then(|meta| meta["target_directory"].as_str().map(PathBuf::from))
+            .unwrap_or_else(|| root().join("target"))
+    })
+    .clone()
+}
+
 /// Prints a progress line.
 pub fn step(msg: &str) {
     println!("==> {msg}");
@@ -209,6 +230,25 @@ impl TestTotals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_target_dir_is_where_cargo_built_this_test() {
+        // <target>/debug/deps/xtask-<hash>: where this binary is, wherever CARGO_TARGET_DIR
+        // or a cargo config put it
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let built_in = exe
+            .ancestors()
+            .nth(3)
+            .expect("<target>/<profile>/deps/<binary>");
+        assert_eq!(
+            cargo_target_dir()
+                .canonicalize()
+                .expect("the target dir exists"),
+            built_in
+                .canonicalize()
+                .expect("the binary's target dir exists")
+        );
+    }
 
     #[test]
     fn sums_libtest_summaries() {

@@ -5,7 +5,7 @@
 //! download them) and skip the whole build when a fingerprint of its inputs is unchanged, so
 //! `wrangler dev`, the tests and the benchmarks all reuse one build.
 
-use crate::util::{Cmd, Fnv1a, cargo_tool, node_bin, root, step};
+use crate::util::{Cmd, Fnv1a, cargo_target_dir, cargo_tool, node_bin, root, step};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
@@ -166,7 +166,7 @@ pub fn wasm_bench(out: Option<&std::path::Path>) -> Result<()> {
         .args(["--target", "wasm32-unknown-unknown"])
         .cwd(root())
         .run()?;
-    let wasm = root().join("target/wasm32-unknown-unknown/release/wasm_bench.wasm");
+    let wasm = cargo_target_dir().join("wasm32-unknown-unknown/release/wasm_bench.wasm");
     let script = root().join("xtask/wasm-bench/bench.mjs");
     for (items, file) in [
         ("10000", "wasm-recommend.json"),
@@ -228,7 +228,7 @@ pub fn codec_sizes() -> Result<()> {
         // not a codec: what compiling an HTML rewriter in (instead of the runtime's) would add
         ("lol_html", "lol_html"),
     ];
-    let dir = root().join("target/wasm32-unknown-unknown/release");
+    let dir = cargo_target_dir().join("wasm32-unknown-unknown/release");
     for (name, feature) in probes {
         let mut cmd = Cmd::new("cargo").args([
             "build",
