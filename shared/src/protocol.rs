@@ -309,11 +309,24 @@ pub const DEAD_LETTERED_HEADER: &str = "edgewise-dead-lettered";
 /// failed): swept by the worker's Cron Trigger, as erasures are, until origin takes them.
 pub const PENDING_EVENTS_PREFIX: &str = "events:";
 
-/// The KV key of a parked event batch: named by its `/ingest` signature (hex), which no other
-/// batch shares. No user id in it.
-pub fn pending_events_key(signature_hex: &str) -> String {
+/// The KV key of a parked event batch the edge accepted at `accepted_ms`: that time, then the
+/// batch's `/ingest` signature (hex), which no other batch shares. The Cron sweep reads the
+/// time from the name ([`pending_events_accepted_ms`]) and leaves a young batch alone without
+/// reading it: a read of a record whose isolate is about to delete it could be served again
+/// from the location's cache after the delete, and the batch sent twice. No user id in it.
+pub fn pending_events_key(accepted_ms: u64, signature_hex: &str) -> String {
     let name: String = signature_hex.chars().take(32).collect();
-    format!("{PENDING_EVENTS_PREFIX}{name}")
+    format!("{PENDING_EVENTS_PREFIX}{accepted_ms}.{name}")
+}
+
+/// When the batch parked under `key` was accepted, as its name says; `None` for a name
+/// without it (an edge from before times were in names: its record's body says).
+pub fn pending_events_accepted_ms(key: &str) -> Option<u64> {
+    let (ms, _) = key.strip_prefix(PENDING_EVENTS_PREFIX)?.split_once('.')?;
+    if ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ms.parse().ok()
 }
 
 pub use crate::keys::PROFILE_KEY_PREFIX;
@@ -391,10 +404,19 @@ mod tests {
         ] {
             assert!(crate::event::parse_ingest(bad).is_err());
         }
-        assert_eq!(
-            pending_events_key(&"ab".repeat(32)),
-            format!("events:{}", "ab".repeat(16))
-        );
+        let key = pending_events_key(1_764_500_000_123, &"ab".repeat(32));
+        assert_eq!(key, format!("events:1764500000123.{}", "ab".repeat(16)));
+        assert_eq!(pending_events_accepted_ms(&key), Some(1_764_500_000_123));
+        // an older edge's name, and names that say no time
+        for undated in [
+            format!("events:{}", "ab".repeat(16)),
+            format!("events:.{}", "ab".repeat(16)),
+            format!("events:-1.{}", "ab".repeat(16)),
+            format!("events:99999999999999999999.{}", "ab".repeat(16)),
+            format!("erase:1.{}", "ab".repeat(16)),
+        ] {
+            assert_eq!(pending_events_accepted_ms(&undated), None, "{undated}");
+        }
     }
 
     #[test]

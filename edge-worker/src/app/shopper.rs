@@ -704,7 +704,7 @@ fn ingest_request(origin: &str, secret: &[u8], events: &[Event], now_ms: u64) ->
     Outbound {
         // sealed: the batch names its shoppers, and KV holds no user id
         if_undelivered: Some((
-            protocol::pending_events_key(&name),
+            protocol::pending_events_key(now_ms, &name),
             crate::seal::seal(
                 secret,
                 name.as_bytes(),
@@ -839,7 +839,14 @@ impl App {
             .list(protocol::PENDING_EVENTS_PREFIX, SWEEP_LISTED)
             .await
         {
-            Ok(keys) => sweep_pick(keys, SWEEP_BATCH / 2, now_ms),
+            // young by its name: not even read (`protocol::pending_events_key`)
+            Ok(keys) => sweep_pick(
+                keys.into_iter()
+                    .filter(|k| !self.too_young(protocol::pending_events_accepted_ms(k), now_ms))
+                    .collect(),
+                SWEEP_BATCH / 2,
+                now_ms,
+            ),
             Err(e) => {
                 log::warn(&format!("listing parked events failed: {e}"));
                 return Vec::new();
@@ -862,12 +869,11 @@ impl App {
                     continue;
                 }
             };
-            // too young: left to its isolate's own tries and to the next sweep
-            // (`EdgeConfig::sweep_after_ms`)
+            // an older edge's record, named without its time: its body says
             let accepted = serde_json::from_slice::<Accepted>(&body)
                 .ok()
                 .and_then(|a| a.accepted_ms);
-            if accepted.is_some_and(|at| now_ms < at.saturating_add(self.config.sweep_after_ms)) {
+            if self.too_young(accepted, now_ms) {
                 continue;
             }
             out.push(Outbound {
@@ -882,6 +888,14 @@ impl App {
             });
         }
         out
+    }
+}
+
+impl App {
+    /// Whether a batch parked at `accepted_ms` is left to its isolate's own tries and to the
+    /// next sweep (`EdgeConfig::sweep_after_ms`); one that does not say when is never young.
+    fn too_young(&self, accepted_ms: Option<u64>, now_ms: u64) -> bool {
+        accepted_ms.is_some_and(|at| now_ms < at.saturating_add(self.config.sweep_after_ms))
     }
 }
 

@@ -167,9 +167,13 @@ fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() 
     // what the glue does when every attempt failed
     run(w.store.put(&key, &record, 0)).unwrap();
 
-    // its isolate's own tries may still be under way, or its delete not yet seen: not yet
+    // its isolate's own tries may still be under way, or its delete not yet seen: not yet,
+    // and not read (its name says when), so no location caches it
     w.advance(29_999);
+    w.store.take_read_keys();
     assert!(run(w.app.sweep_events(&w.store, w.now())).is_empty());
+    let read = w.store.take_read_keys();
+    assert!(!read.contains(&key), "a young batch read: {read:?}");
     w.advance(1);
     assert_eq!(
         run(w.app.sweep_events(&w.store, w.now())).len(),
@@ -211,7 +215,8 @@ fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() 
     assert_eq!(events[0].as_ref().unwrap().user, "alice");
     assert_eq!(events[0].as_ref().unwrap().id, "p1");
 
-    // a record that does not say when it was accepted (from an older edge) is sent at once
+    // an older edge's record, its name without the time: its body says when, and one that
+    // does not say is sent at once, never taken as young
     let events = shared::event::parse_ingest(&again.body)
         .unwrap()
         .0
@@ -219,9 +224,22 @@ fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() 
         .map(Result::unwrap)
         .map(|e| e.to_json())
         .collect::<Vec<_>>();
-    let undated = serde_json::to_vec(&serde_json::json!({ "events": events })).unwrap();
-    let sealed = crate::seal::seal(SYNC_SECRET.as_bytes(), key.as_bytes(), &undated);
-    run(w.store.put(&key, &sealed, 0)).unwrap();
+    let old_key = format!(
+        "{}{}",
+        shared::protocol::PENDING_EVENTS_PREFIX,
+        "cd".repeat(16)
+    );
+    let put_old = |body: serde_json::Value| {
+        let body = serde_json::to_vec(&body).unwrap();
+        let sealed = crate::seal::seal(SYNC_SECRET.as_bytes(), old_key.as_bytes(), &body);
+        w.store.clear();
+        run(w.store.put(&old_key, &sealed, 0)).unwrap();
+    };
+    put_old(serde_json::json!({ "events": events, "accepted_ms": w.now() - 29_999 }));
+    assert!(run(w.app.sweep_events(&w.store, w.now())).is_empty());
+    put_old(serde_json::json!({ "events": events, "accepted_ms": w.now() - 30_000 }));
+    assert_eq!(run(w.app.sweep_events(&w.store, w.now())).len(), 1);
+    put_old(serde_json::json!({ "events": events }));
     let swept = run(w.app.sweep_events(&w.store, w.now()));
     assert_eq!(
         swept.len(),
@@ -232,6 +250,7 @@ fn events_origin_never_took_are_parked_and_swept_with_when_they_were_accepted() 
     // a record that does not open (another deployment's secret, a changed byte) is not sent
     let mut changed = record.clone();
     *changed.last_mut().unwrap() ^= 1;
+    w.store.clear();
     run(w.store.put(&key, &changed, 0)).unwrap();
     assert!(run(w.app.sweep_events(&w.store, w.now())).is_empty());
 }
