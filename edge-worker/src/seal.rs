@@ -3,9 +3,11 @@
 //! and authenticated (ChaCha20-Poly1305) under a key derived from `SYNC_SECRET`, and only an
 //! edge of the same deployment opens it again, to send it to origin.
 //!
-//! The nonce is derived from what the record is named by (its `/ingest` signature, unique per
-//! body and second), so two different records never share one, without a random source on
-//! the request path.
+//! The nonce is derived from the record's KV key: the millisecond the batch was accepted
+//! (which its sealed body carries) and its `/ingest` signature (of its events and second), so
+//! two different records never share one, without a random source on the request path. (The
+//! signature alone was not enough: the same events posted twice in one second are two records,
+//! their `accepted_ms` apart.)
 
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};

@@ -15,7 +15,6 @@ use std::time::Duration;
 use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::producer::FutureProducer;
-use shared::keys::UserKey;
 use shared::protocol::KeyErasureBody;
 
 use crate::config::Config;
@@ -23,16 +22,13 @@ use crate::kafka::{Outgoing, produce_all};
 use crate::pipeline::{PipelineError, static_assignment};
 use crate::store::{ErasureRecord, Store};
 
-/// The message that records an erasure.
-pub fn message(topic: &str, user_key: UserKey, erased_at_ms: u64) -> Outgoing {
+/// The message that records an erasure (with the edge's tombstone version, when it said: a
+/// store rebuilt from the log must reach the version the edges hold).
+pub fn message(topic: &str, erasure: &KeyErasureBody) -> Outgoing {
     Outgoing {
         topic: topic.to_owned(),
-        key: user_key.to_hex().into_bytes(),
-        payload: KeyErasureBody {
-            user_key,
-            erased_at_ms,
-        }
-        .to_json_bytes(),
+        key: erasure.user_key.to_hex().into_bytes(),
+        payload: erasure.to_json_bytes(),
         headers: Vec::new(),
     }
 }
@@ -42,10 +38,9 @@ pub fn message(topic: &str, user_key: UserKey, erased_at_ms: u64) -> Outgoing {
 pub async fn record(
     producer: &FutureProducer,
     topic: &str,
-    user_key: UserKey,
-    erased_at_ms: u64,
+    erasure: &KeyErasureBody,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    produce_all(producer, &[message(topic, user_key, erased_at_ms)]).await
+    produce_all(producer, &[message(topic, erasure)]).await
 }
 
 /// How many records a catch-up read and how many of them erased something.
@@ -101,8 +96,7 @@ pub async fn follow(
             topic: topic.clone(),
             partition: m.partition(),
             offset: m.offset(),
-            erasure: KeyErasureBody::parse(m.payload().unwrap_or_default())
-                .map(|b| (b.user_key, b.erased_at_ms)),
+            erasure: KeyErasureBody::parse(m.payload().unwrap_or_default()),
         };
         match first {
             Ok(m) => chunk.push(take(&m)),
@@ -175,7 +169,7 @@ pub async fn catch_up(config: &Config, store: &Arc<Store>) -> Result<CatchUp, Pi
             topic: topic.clone(),
             partition: p,
             offset: m.offset(),
-            erasure: body.map(|b| (b.user_key, b.erased_at_ms)),
+            erasure: body,
         });
         out.read += 1;
         if m.offset() + 1 >= end {
@@ -212,13 +206,24 @@ async fn apply(store: &Arc<Store>, chunk: Vec<ErasureRecord>) -> Result<u64, Pip
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::keys::UserKey;
 
     #[test]
     fn a_record_is_the_edge_erasure_body_keyed_by_the_user_key() {
         let key = UserKey([7; 12]);
-        let m = message("erasures", key, 1_764_000_000_123);
+        let erasure = KeyErasureBody {
+            user_key: key,
+            erased_at_ms: 1_764_000_000_123,
+            tombstone_version: Some(2 << shared::delta::EPOCH_SHIFT),
+        };
+        let m = message("erasures", &erasure);
         assert_eq!(m.key, key.to_hex().into_bytes());
-        let body = KeyErasureBody::parse(&m.payload).expect("parses");
-        assert_eq!((body.user_key, body.erased_at_ms), (key, 1_764_000_000_123));
+        assert_eq!(KeyErasureBody::parse(&m.payload), Some(erasure));
+        // a record from before the edge said its version
+        let older = format!(r#"{{"user_key":"{}","erased_at_ms":5}}"#, key.to_hex());
+        assert_eq!(
+            KeyErasureBody::parse(older.as_bytes()).map(|b| b.tombstone_version),
+            Some(None)
+        );
     }
 }

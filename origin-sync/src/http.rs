@@ -19,7 +19,6 @@ use rdkafka::producer::FutureProducer;
 use serde_json::json;
 use shared::auth::DEFAULT_WINDOW_SECS;
 use shared::event::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, parse_ingest_batch};
-use shared::keys::UserKey;
 use shared::protocol::{self, ErasureBody, KeyErasureBody, Signed, route};
 
 use crate::kafka::{Outgoing, produce_all_at};
@@ -456,8 +455,12 @@ async fn erase(
             "the signed body must name the user in the path: {\"user_id\": \"<id>\"}",
         );
     }
-    let user_key = st.shared.store.user_key(&id);
-    store_erasure(&st, user_key, at_ms, arrived).await
+    let erasure = KeyErasureBody {
+        user_key: st.shared.store.user_key(&id),
+        erased_at_ms: at_ms,
+        tombstone_version: None,
+    };
+    store_erasure(&st, erasure, arrived).await
 }
 
 /// `DELETE /erasures/{key}`, signed, with the body `{"user_key": key, "erased_at_ms": t}`: how
@@ -495,21 +498,39 @@ async fn erase_key(
             "erased_at_ms is in the future; check the edge's clock",
         );
     }
-    store_erasure(&st, named.user_key, named.erased_at_ms, arrived).await
+    // the start of an erasure epoch, as the edge's tombstone is; anything else is not an edge's
+    if named
+        .tombstone_version
+        .is_some_and(|v| v == 0 || v % (1 << shared::delta::EPOCH_SHIFT) != 0)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "tombstone_version must be a tombstone's version: a nonzero multiple of 2^40",
+        );
+    }
+    store_erasure(&st, named, arrived).await
 }
 
 /// Stores an erasure and answers it: 202 once durable (`already`: it changed nothing, being no
 /// later than the user's last erasure), 500 to retry.
-async fn store_erasure(st: &AppState, user_key: UserKey, at_ms: u64, arrived: Arrived) -> Response {
+async fn store_erasure(st: &AppState, erasure: KeyErasureBody, arrived: Arrived) -> Response {
     // the erasure log first: once it is there, no lost store or new instance can undo it
     let topic = &st.shared.config.kafka.erasure_topic;
-    let logged = crate::erasures::record(&st.producer, topic, user_key, at_ms);
+    let logged = crate::erasures::record(&st.producer, topic, &erasure);
     if let Err(e) = kafka_by(arrived.kafka_deadline(), logged).await {
         tracing::error!(error = %e, topic = %topic, "erasure could not be written to the erasure log");
         return kafka_unavailable("erasure could not be recorded; retry");
     }
     let store = st.shared.store.clone();
-    let result = tokio::task::spawn_blocking(move || store.erase_key(user_key, at_ms)).await;
+    let KeyErasureBody {
+        user_key,
+        erased_at_ms,
+        tombstone_version,
+    } = erasure;
+    let result = tokio::task::spawn_blocking(move || {
+        store.erase_key(user_key, erased_at_ms, tombstone_version)
+    })
+    .await;
     match result {
         Ok(Ok((key, version, changed))) => {
             if changed {

@@ -313,6 +313,22 @@ async fn ingest_erasure_and_documents() {
     // taken by the edge 600 ms into a second; its cutoff is the end of that second
     let second = now() - 1;
     let accepted_at = shared::protocol::erasure_cutoff_ms(second * 1000 + 600);
+    // a tombstone version that is no tombstone's is no edge's
+    for v in [0u64, 5, (1 << shared::delta::EPOCH_SHIFT) + 1] {
+        let body = serde_json::json!({
+            "user_key": k2.to_hex(), "erased_at_ms": accepted_at, "tombstone_version": v,
+        })
+        .to_string();
+        let r = signed(
+            client.delete(format!("{base}/erasures/{}", k2.to_hex())),
+            body.as_bytes(),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("delete");
+        assert_eq!(r.status(), 400, "{v}");
+    }
     let r = by_key(accepted_at, k2.to_hex()).await.expect("delete");
     assert_eq!(r.status(), 202);
     let j: serde_json::Value = r.json().await.expect("json");

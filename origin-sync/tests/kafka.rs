@@ -623,6 +623,7 @@ async fn erased_shoppers_stay_erased_when_the_store_is_lost() {
         let body = shared::protocol::KeyErasureBody {
             user_key: *k,
             erased_at_ms: origin_sync::pipeline::now_ms(),
+            tombstone_version: None,
         }
         .to_json_bytes();
         let mut req = client.delete(format!("{base}/erasures/{}", k.to_hex()));

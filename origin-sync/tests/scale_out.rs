@@ -114,6 +114,7 @@ async fn erase(base: &str, user: UserKey) {
     let body = shared::protocol::KeyErasureBody {
         user_key: user,
         erased_at_ms: origin_sync::pipeline::now_ms(),
+        tombstone_version: None,
     }
     .to_json_bytes();
     let client = reqwest::Client::new();
@@ -2079,7 +2080,12 @@ async fn an_erasure_read_from_the_log_goes_out_in_the_publishers_fence() {
     };
     let producer = origin_sync::kafka::producer(&cfg).expect("producer");
     let user = key(&events[0].user);
-    origin_sync::erasures::record(&producer, "erasures", user, origin_sync::pipeline::now_ms())
+    let erasure = shared::protocol::KeyErasureBody {
+        user_key: user,
+        erased_at_ms: origin_sync::pipeline::now_ms(),
+        tombstone_version: None,
+    };
+    origin_sync::erasures::record(&producer, "erasures", &erasure)
         .await
         .expect("erasure recorded");
     let deadline = Instant::now() + Duration::from_secs(10);

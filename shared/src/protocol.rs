@@ -250,6 +250,14 @@ pub struct KeyErasureBody {
     #[serde(with = "key_hex")]
     pub user_key: UserKey,
     pub erased_at_ms: u64,
+    /// The tombstone version the edge wrote for this erasure (the start of an erasure epoch,
+    /// [`crate::delta::tombstone_version`] of what it held). Origin's tombstone is never below
+    /// it: a second erasure in the same second has the first one's cutoff, which origin would
+    /// otherwise take as that erasure again, leaving the edge an epoch ahead and every later
+    /// version from origin under its tombstone. Absent from an older edge's request and from
+    /// the erasure log's older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tombstone_version: Option<u64>,
 }
 
 impl KeyErasureBody {

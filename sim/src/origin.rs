@@ -95,16 +95,19 @@ impl Origin {
     }
 
     /// An erasure the edge accepted at `at_ms`. A repeat (no later) changes nothing.
-    pub fn erase(&mut self, key: UserKey, at_ms: u64) {
+    pub fn erase(&mut self, key: UserKey, at_ms: u64, at_least: Option<u64>) {
         let rec = self.users.entry(key).or_default();
-        if rec.erased_at_ms.is_some_and(|t| at_ms <= t) {
+        let held = rec.current.as_ref().map_or(0, Stored::version);
+        let at_least = at_least.unwrap_or(0);
+        // origin-sync's rule (`store::erase_in`): the same erasure again changes nothing,
+        // unless the edge's tombstone for it is above what this holds
+        if rec.erased_at_ms.is_some_and(|t| at_ms <= t) && at_least <= held {
             return;
         }
-        let held = rec.current.as_ref().map_or(0, Stored::version);
         rec.current = Some(Stored::Tombstone {
-            version: tombstone_version(held),
+            version: tombstone_version(held).max(at_least),
         });
-        rec.erased_at_ms = Some(at_ms);
+        rec.erased_at_ms = Some(rec.erased_at_ms.map_or(at_ms, |t| t.max(at_ms)));
         self.touched.insert(key);
     }
 

@@ -871,7 +871,7 @@ pub fn run(p: &Params) -> Report {
             }
             Ev::OriginErase(body) => {
                 if let Some(b) = KeyErasureBody::parse(&body) {
-                    origin.erase(b.user_key, b.erased_at_ms);
+                    origin.erase(b.user_key, b.erased_at_ms, b.tombstone_version);
                 }
             }
         }

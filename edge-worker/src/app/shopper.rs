@@ -608,7 +608,8 @@ impl App {
             // it written after the tombstone and failed, the edge would hold a tombstone origin
             // never hears of: every later version from origin sits under it, as a duplicate.
             let pending = protocol::pending_erasure_key(&key);
-            let record = json!({ "erased_at_ms": cutoff }).to_string();
+            let record =
+                json!({ "erased_at_ms": cutoff, "tombstone_version": version }).to_string();
             store
                 .put(&pending, record.as_bytes(), 0)
                 .await
@@ -630,7 +631,14 @@ impl App {
         // and fenced: a write from before the erasure that lands later is read as erased here
         self.fence.borrow_mut().raise(key, version, now_ms);
         let outbound = origin
-            .map(|(origin, secret)| erasure_request(origin, secret, key, cutoff, now_ms))
+            .map(|(origin, secret)| {
+                let erasure = KeyErasureBody {
+                    user_key: key,
+                    erased_at_ms: cutoff,
+                    tombstone_version: Some(version),
+                };
+                erasure_request(origin, secret, &erasure, now_ms)
+            })
             .into_iter()
             .collect();
         Ok(Handled {
@@ -701,38 +709,28 @@ fn ingest_request(origin: &str, secret: &[u8], events: &[Event], now_ms: u64) ->
         .iter()
         .find(|(k, _)| *k == shared::auth::SIGNATURE_HEADER)
         .map_or_else(|| format!("{now_ms}"), |(_, v)| v.clone());
+    // the name says the millisecond the sealed body carries (`accepted_ms`) and the signature
+    // of its events: no two different records share it, nor so the nonce derived from it
+    let kv_key = protocol::pending_events_key(now_ms, &name);
+    let sealed = crate::seal::seal(
+        secret,
+        kv_key.as_bytes(),
+        &protocol::ingest_body_at(events, now_ms),
+    );
     Outbound {
         // sealed: the batch names its shoppers, and KV holds no user id
-        if_undelivered: Some((
-            protocol::pending_events_key(now_ms, &name),
-            crate::seal::seal(
-                secret,
-                name.as_bytes(),
-                &protocol::ingest_body_at(events, now_ms),
-            ),
-        )),
+        if_undelivered: Some((kv_key, sealed)),
         ..request
     }
 }
 
-/// The signed request that delivers the erasure of `key`, accepted at `erased_at_ms`, and
-/// retires its pending record once origin took it.
-fn erasure_request(
-    origin: &str,
-    secret: &[u8],
-    key: UserKey,
-    erased_at_ms: u64,
-    now_ms: u64,
-) -> Outbound {
-    let url = format!("{origin}{}", route::erase_key(&key));
-    let body = KeyErasureBody {
-        user_key: key,
-        erased_at_ms,
-    }
-    .to_json_bytes();
+/// The signed request that delivers `erasure` (its key, when it was accepted, the tombstone
+/// version the edge wrote), and retires its pending record once origin took it.
+fn erasure_request(origin: &str, secret: &[u8], erasure: &KeyErasureBody, now_ms: u64) -> Outbound {
+    let url = format!("{origin}{}", route::erase_key(&erasure.user_key));
     Outbound {
-        then_delete: Some(protocol::pending_erasure_key(&key)),
-        ..signed(secret, "DELETE", url, body, now_ms)
+        then_delete: Some(protocol::pending_erasure_key(&erasure.user_key)),
+        ..signed(secret, "DELETE", url, erasure.to_json_bytes(), now_ms)
     }
 }
 
@@ -793,19 +791,23 @@ impl App {
             else {
                 continue;
             };
-            let erased_at_ms = match store.get(&kv_key).await {
-                Ok(Some((bytes, _))) => serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v["erased_at_ms"].as_u64()),
+            let record = match store.get(&kv_key).await {
+                Ok(Some((bytes, _))) => serde_json::from_slice::<Value>(&bytes).unwrap_or_default(),
                 Ok(None) => continue,
                 Err(e) => {
                     log::warn(&format!("reading {kv_key} failed: {e}"));
                     continue;
                 }
             };
-            // a record that does not say when is erased as of now: later is never too little
-            let erased_at_ms = erased_at_ms.unwrap_or(now_ms);
-            out.push(erasure_request(origin, secret, key, erased_at_ms, now_ms));
+            let erasure = KeyErasureBody {
+                user_key: key,
+                // a record that does not say when is erased as of now: later is never too
+                // little
+                erased_at_ms: record["erased_at_ms"].as_u64().unwrap_or(now_ms),
+                // an older edge's record does not say
+                tombstone_version: record["tombstone_version"].as_u64(),
+            };
+            out.push(erasure_request(origin, secret, &erasure, now_ms));
         }
         out
     }

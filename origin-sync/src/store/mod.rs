@@ -554,11 +554,20 @@ impl Store {
     /// Returns the tombstone's version.
     /// Erases `user_id` at `at_ms`: (key, version now, whether anything changed).
     pub fn erase(&self, user_id: &str, at_ms: u64) -> Result<(UserKey, u64, bool), StoreError> {
-        self.erase_key(self.user_key(user_id), at_ms)
+        self.erase_key(self.user_key(user_id), at_ms, None)
     }
 
     /// [`Store::erase`] of the user with this key (the edge names users by key only).
-    pub fn erase_key(&self, key: UserKey, at_ms: u64) -> Result<(UserKey, u64, bool), StoreError> {
+    ///
+    /// `at_least`: the tombstone version the edge wrote for this erasure, if it said
+    /// ([`shared::protocol::KeyErasureBody::tombstone_version`]); the tombstone is never below
+    /// it.
+    pub fn erase_key(
+        &self,
+        key: UserKey,
+        at_ms: u64,
+        at_least: Option<u64>,
+    ) -> Result<(UserKey, u64, bool), StoreError> {
         let tx = self.db.begin_write()?;
         let (version, changed) = {
             let mut users_t = tx.open_table(USERS)?;
@@ -568,6 +577,7 @@ impl Store {
                 &mut outbox_t,
                 key,
                 at_ms,
+                at_least,
                 self.window,
                 &self.owned_epochs(),
             )?
@@ -604,12 +614,14 @@ impl Store {
                 if r.offset < next {
                     continue;
                 }
-                if let Some((key, at_ms)) = r.erasure {
+                if let Some(e) = &r.erasure {
+                    let key = e.user_key;
                     let (version, did) = erase_in(
                         &mut users_t,
                         &mut outbox_t,
                         key,
-                        at_ms,
+                        e.erased_at_ms,
+                        e.tombstone_version,
                         self.window,
                         &owned_epochs,
                     )?;
@@ -810,6 +822,7 @@ fn erase_in(
     outbox_t: &mut redb::Table<&[u8; 12], Pending>,
     key: UserKey,
     at_ms: u64,
+    at_least: Option<u64>,
     window: Window,
     owned_epochs: &BTreeMap<i32, u64>,
 ) -> Result<(u64, bool), StoreError> {
@@ -821,17 +834,24 @@ fn erase_in(
         }
         None => (None, Vec::new()),
     };
+    let had = old.as_ref().map_or(0, UserState::current_version);
+    let at_least = at_least.unwrap_or(0);
     // An erasure at or before the last one's time covers nothing that erasure did not: what
     // the user did since is newer than both. So a replayed or retried request (its time is the
     // time it was signed), or the erasure log read again, changes nothing, even after a restart.
-    if let Some(old) = &old
-        && old.erased().is_some_and(|(_, at)| at_ms <= at)
-    {
-        return Ok((old.current_version(), false));
+    // Unless the edge wrote a tombstone above what this holds: a second erasure in the same
+    // second has the first one's time, and the edge made it a new epoch (as it does every
+    // erasure); left below it, every later version from here would sit under the edge's
+    // tombstone, read there as a duplicate.
+    let last = old.as_ref().and_then(UserState::erased).map(|(_, at)| at);
+    if last.is_some_and(|at| at_ms <= at) && at_least <= had {
+        return Ok((had, false));
     }
-    let had = old.as_ref().map_or(0, UserState::current_version);
-    // the next erasure epoch: the version the edge's own tombstone has (see `EPOCH_SHIFT`)
-    let version = shared::delta::tombstone_version(had);
+    let at_ms = last.map_or(at_ms, |at| at.max(at_ms));
+    // the next erasure epoch: the version the edge's own tombstone has (see `EPOCH_SHIFT`),
+    // or the edge's, where it erased more often than reached here (its pending record of the
+    // first of two erasures replaced by the second's before origin took it)
+    let version = shared::delta::tombstone_version(had).max(at_least);
     let state = match &old {
         Some(old) => old.erased_at(&key, version, at_ms, window),
         None => UserState::tombstone(&key, version, at_ms),
@@ -858,7 +878,7 @@ pub struct ErasureRecord {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    pub erasure: Option<(UserKey, u64)>,
+    pub erasure: Option<shared::protocol::KeyErasureBody>,
 }
 
 #[cfg(test)]
@@ -1390,6 +1410,71 @@ mod tests {
         );
     }
 
+    /// The edge makes every erasure a new epoch; a second one in the same second has the first
+    /// one's cutoff. Told the edge's tombstone version, origin reaches it, so the edge does not
+    /// hold a tombstone every later version from origin sits under; the same erasure again (a
+    /// retry, the log read again) still changes nothing.
+    #[test]
+    fn a_second_erasure_in_the_same_second_reaches_the_edges_tombstone() {
+        let epoch = |n: u64| n << shared::delta::EPOCH_SHIFT;
+        let store = open("erase-twice", SMALL_WINDOW);
+        let key = store.user_key("twice");
+        let at = 1_732_960_000_999;
+        assert_eq!(
+            store.erase_key(key, at, Some(epoch(1))).unwrap().1,
+            epoch(1)
+        );
+        let (_, v, changed) = store.erase_key(key, at, Some(epoch(2))).unwrap();
+        assert_eq!(
+            (v, changed),
+            (epoch(2), true),
+            "the edge's second tombstone"
+        );
+        assert_eq!(
+            store.current("twice").unwrap(),
+            Some(Stored::Tombstone { version: epoch(2) })
+        );
+        for retry in [Some(epoch(2)), Some(epoch(1)), None] {
+            assert_eq!(
+                store.erase_key(key, at, retry).unwrap(),
+                (key, epoch(2), false),
+                "{retry:?}"
+            );
+        }
+        // an edge that erased twice before origin heard of either (its pending record of the
+        // first replaced by the second's): one erasure here, at the edge's version
+        let other = store.user_key("twice-offline");
+        assert_eq!(
+            store
+                .erase_key(other, at + 5_000, Some(epoch(2)))
+                .unwrap()
+                .1,
+            epoch(2)
+        );
+        // and a lagging edge's version is no floor: origin's own next epoch
+        assert_eq!(
+            store
+                .erase_key(other, at + 9_000, Some(epoch(1)))
+                .unwrap()
+                .1,
+            epoch(3)
+        );
+        // an erasure's time never moves back: a same-second repeat keeps the cutoff
+        assert_eq!(
+            store.erase_key(key, at - 10, Some(epoch(3))).unwrap().1,
+            epoch(3)
+        );
+        let late = shared::event::parse_event(
+            br#"{"event_id":"late","user_id":"twice","ts":1732960000999,"type":"page_view"}"#,
+        )
+        .unwrap();
+        let applied = store.apply_batch(&records(&[late], "a", 0)).unwrap();
+        assert_eq!(
+            applied.erased, 1,
+            "an event at the first cutoff stays erased"
+        );
+    }
+
     /// Identity stitching: a visitor's cart of two items joins the profile they sign in to,
     /// once — whether the sign-in event is redelivered, or the shopper signs in again — and
     /// the visitor's own profile is retired.
@@ -1674,7 +1759,11 @@ mod tests {
                 topic: "erasures".into(),
                 partition: 0,
                 offset: 0,
-                erasure: Some((bob, 1_732_960_001_000)),
+                erasure: Some(shared::protocol::KeyErasureBody {
+                    user_key: bob,
+                    erased_at_ms: 1_732_960_001_000,
+                    tombstone_version: None,
+                }),
             }])
             .expect("log");
         assert_eq!(changed, vec![bob]);

@@ -2423,7 +2423,7 @@ mod tests {
         // meanwhile) is logged by the erasure itself, whose record then stands last
         assert!(current.claim(0, 2).expect("claim") > owner_epoch);
         let erased = *unchanged.iter().next().expect("one");
-        current.erase_key(erased, 7).expect("erase");
+        current.erase_key(erased, 7, None).expect("erase");
         assert_eq!(
             current.relog_unchanged(&r.audited_at, 6).expect("relog"),
             unchanged.len() as u64 - 1

@@ -26,10 +26,12 @@ fn erasure_removes_the_profile_and_older_updates_cannot_bring_it_back() {
     assert_eq!(
         String::from_utf8_lossy(&h.outbound[0].body),
         format!(
-            r#"{{"user_key":"{hex}","erased_at_ms":{}}}"#,
-            shared::protocol::erasure_cutoff_ms(w.now())
+            r#"{{"user_key":"{hex}","erased_at_ms":{},"tombstone_version":{}}}"#,
+            shared::protocol::erasure_cutoff_ms(w.now()),
+            1u64 << shared::delta::EPOCH_SHIFT
         ),
-        "the signed body names the key and when the erasure was accepted; never the user id"
+        "the signed body names the key, when the erasure was accepted and the tombstone's \
+         version; never the user id"
     );
     let (bytes, _) = w.store.raw(&key("alice").kv_key()).unwrap();
     let epoch1 = shared::delta::tombstone_version(1);
@@ -253,6 +255,11 @@ fn an_accepted_erasure_stays_pending_until_origin_takes_it() {
         shared::protocol::erasure_cutoff_ms(accepted_at)
     );
     assert_eq!(body["user_key"], key("alice").to_hex());
+    assert_eq!(
+        body["tombstone_version"],
+        shared::delta::tombstone_version(1),
+        "the version the edge wrote, which origin's tombstone must reach"
+    );
     assert_eq!(swept[0].then_delete.as_deref(), Some(pending.as_str()));
     // freshly signed: the first attempt's signature has left the window
     let ts = swept[0]
@@ -271,6 +278,49 @@ fn an_accepted_erasure_stays_pending_until_origin_takes_it() {
     req.method = "DELETE".into();
     req.headers = vec![("authorization".into(), bearer("bob").into())];
     assert_eq!(w.send(req).reply.status, 503);
+}
+
+/// A double click, or a second tab: two erasures in one second. Each is a new epoch here, and
+/// both have the same cutoff at origin, which takes the second as the first again unless told
+/// the edge's version. Each request says it, and so does the pending record the sweep sends
+/// (the second replaced the first's, had origin been down for both).
+#[test]
+fn two_erasures_in_one_second_tell_origin_each_tombstone_version() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let erase = || {
+        let mut req = HttpRequest::get("/v1/me");
+        req.method = "DELETE".into();
+        req.headers = vec![("authorization".into(), bearer("alice").into())];
+        let h = w.send(req);
+        assert_eq!(h.reply.status, 202);
+        let body: Value = serde_json::from_slice(&h.outbound[0].body).unwrap();
+        (
+            h.reply.body_json()["version"].as_u64().unwrap(),
+            body["erased_at_ms"].as_u64().unwrap(),
+            body["tombstone_version"].as_u64(),
+        )
+    };
+    let epoch = |n: u64| n << shared::delta::EPOCH_SHIFT;
+    let first = erase();
+    let second = erase();
+    assert_eq!(first, (epoch(1), first.1, Some(epoch(1))));
+    assert_eq!(
+        second,
+        (epoch(2), first.1, Some(epoch(2))),
+        "the same cutoff"
+    );
+    let swept = run(w.app.sweep_erasures(&w.store, w.now()));
+    let body: Value = serde_json::from_slice(&swept[0].body).unwrap();
+    assert_eq!(body["tombstone_version"], epoch(2));
+    assert_eq!(body["erased_at_ms"], first.1);
+    // an older edge's pending record says no version: sent without one
+    let pending = shared::protocol::pending_erasure_key(&key("alice"));
+    run(w.store.put(&pending, br#"{"erased_at_ms": 5}"#, 0)).unwrap();
+    let swept = run(w.app.sweep_erasures(&w.store, w.now()));
+    let body: Value = serde_json::from_slice(&swept[0].body).unwrap();
+    assert_eq!(body.get("tombstone_version"), None, "{body}");
 }
 
 /// Another isolate over the same KV (`World` owns one isolate and the KV).

@@ -149,6 +149,38 @@ fn record_to_park(w: &World, id: &str) -> (String, Vec<u8>) {
         .expect("a record to park")
 }
 
+/// The same events posted twice in one second (a retried post) are two records, their
+/// `accepted_ms` a millisecond apart under one `/ingest` signature: never under one nonce,
+/// which would give away the keystream of both.
+#[test]
+fn the_same_batch_parked_twice_in_a_second_is_sealed_under_two_nonces() {
+    let w = World::new();
+    let body = format!(
+        r#"[{{"event_id":"twice","type":"page_view","ts":{}}}]"#,
+        w.now()
+    );
+    let park = || {
+        let sent = w.post("/v1/events", &alice(), body.as_bytes());
+        assert_eq!(sent.reply.status, 202);
+        let signature = |o: &crate::http::Outbound| {
+            o.headers
+                .iter()
+                .find(|(k, _)| *k == auth::SIGNATURE_HEADER)
+                .map(|(_, v)| v.clone())
+        };
+        let parked = sent.outbound[0].if_undelivered.clone().expect("a record");
+        (signature(&sent.outbound[0]), parked)
+    };
+    let (first_signature, (first_key, first)) = park();
+    w.advance(1);
+    let (second_signature, (second_key, second)) = park();
+    assert_eq!(w.now() / 1000, (w.now() - 1) / 1000, "one second");
+    assert_eq!(first_signature, second_signature, "one /ingest signature");
+    assert_ne!(first_key, second_key);
+    let nonce = |sealed: &[u8]| sealed[2..14].to_vec();
+    assert_ne!(nonce(&first), nonce(&second));
+}
+
 /// Origin took none of the attempts at a batch (down, or answering 5xx): the glue parks it in
 /// KV (`if_undelivered`), and the Cron sweep sends it again later, signed anew and saying when
 /// the edge accepted it (origin times it by that, so an erasure since still erases it); the
