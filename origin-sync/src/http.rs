@@ -528,16 +528,36 @@ async fn store_erasure(st: &AppState, erasure: KeyErasureBody, arrived: Arrived)
         tombstone_version,
     } = erasure;
     let result = tokio::task::spawn_blocking(move || {
-        store.erase_key(user_key, erased_at_ms, tombstone_version)
+        let erased = store.erase_key(user_key, erased_at_ms, tombstone_version)?;
+        Ok::<_, crate::store::StoreError>((erased, store.erasure_of(user_key)?))
     })
     .await;
     match result {
-        Ok(Ok((key, version, changed))) => {
+        Ok(Ok(((key, version, changed), held))) => {
             if changed {
                 UserErased { version }.emit(&st.shared.metrics);
                 // the erasure fence document changed with it (`store::documents`)
                 st.shared.documents.send_modify(|v| *v += 1);
                 let _ = st.shared.touched.send(vec![key]).await;
+            }
+            // The log is compacted: it keeps the last record of each shopper, and a store
+            // rebuilt from it must reach this store's cutoff and epoch. This request's record
+            // may say less: an earlier erasure delivered late (the later one's cutoff stands),
+            // one without the edge's version (`DELETE /users/{id}`, an older edge), or two
+            // erasures before it (the epoch counts both). So what the store holds goes last.
+            if let Some((held_version, held_at)) = held
+                && (held_at, Some(held_version)) != (erased_at_ms, tombstone_version)
+            {
+                let held = KeyErasureBody {
+                    user_key,
+                    erased_at_ms: held_at,
+                    tombstone_version: Some(held_version),
+                };
+                let logged = crate::erasures::record(&st.producer, topic, &held);
+                if let Err(e) = kafka_by(arrived.kafka_deadline(), logged).await {
+                    tracing::error!(error = %e, topic = %topic, "the erasure log's record of a stored erasure could not be brought up to date");
+                    return kafka_unavailable("erasure stored, its log record not; retry");
+                }
             }
             (
                 StatusCode::ACCEPTED,

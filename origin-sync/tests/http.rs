@@ -987,6 +987,120 @@ async fn with_the_broker_gone_the_edge_hears_503_before_it_gives_up() {
     service.stop().await;
 }
 
+/// The erasure log is compacted: the last record of a shopper is the one kept, and a store
+/// rebuilt from the log must reach the cutoff and the epoch the lost one held. An erasure
+/// delivered after a later one (its cutoff earlier), or one without the edge's tombstone
+/// version, is followed in the log by what the store holds; and a store rebuilt from the last
+/// record alone reaches the tombstone the edge holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_erasure_logs_last_record_of_a_shopper_says_what_the_store_holds() {
+    let Some(tansu) = broker("erasure-log-last") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("erasure-log-last");
+    let cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    let (service, base) = serving(cfg.clone()).await;
+    let client = reqwest::Client::new();
+    let epoch = |n: u64| n << shared::delta::EPOCH_SHIFT;
+    let k = key("log-last");
+    let by_key = |erased_at_ms: u64, version: Option<u64>| {
+        let body = shared::protocol::KeyErasureBody {
+            user_key: k,
+            erased_at_ms,
+            tombstone_version: version,
+        }
+        .to_json_bytes();
+        let req = signed(
+            client.delete(format!("{base}{}", route::erase_key(&k))),
+            &body,
+        );
+        async move {
+            let r = req.body(body).send().await.expect("answered");
+            assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+        }
+    };
+    let later = (now() - 2) * 1000 + 999;
+    let earlier = later - 60_000;
+    by_key(later, Some(epoch(1))).await;
+    // the sweep's late delivery of an erasure from a minute before
+    by_key(earlier, Some(epoch(1))).await;
+    // the same shopper's erasure by id: a second epoch, its version known only once stored
+    let body = r#"{"user_id":"log-last"}"#;
+    let r = signed(
+        client.delete(format!("{base}{}", route::erase("log-last"))),
+        body.as_bytes(),
+    )
+    .body(body)
+    .send()
+    .await
+    .expect("answered");
+    assert_eq!(r.status(), 202);
+    let by_id_at = now() * 1000 + 999;
+
+    let records: Vec<(u64, Option<u64>)> = read_topic(&tansu.brokers(), "erasures", 5)
+        .await
+        .into_iter()
+        .map(|m| {
+            let b = shared::protocol::KeyErasureBody::parse(&m.payload).expect("an erasure");
+            assert_eq!(b.user_key, k);
+            (b.erased_at_ms, b.tombstone_version)
+        })
+        .collect();
+    let [first, late, after_late, by_id, after_by_id] = records.as_slice() else {
+        panic!("{records:?}")
+    };
+    assert_eq!(
+        (*first, *late),
+        ((later, Some(epoch(1))), (earlier, Some(epoch(1))))
+    );
+    assert_eq!(
+        *after_late,
+        (later, Some(epoch(1))),
+        "the later cutoff again, last"
+    );
+    assert_eq!(by_id.1, None);
+    assert!(by_id.0 >= later && by_id.0 <= by_id_at, "{by_id:?}");
+    assert_eq!(
+        *after_by_id,
+        (by_id.0, Some(epoch(2))),
+        "the version it was stored at"
+    );
+    service.stop().await;
+
+    // a store rebuilt from the compacted log, which holds the last record alone, reaches the
+    // tombstone the edge holds
+    let rebuilt = origin_sync::store::Store::open(
+        &dir.join("rebuilt.redb"),
+        b"dev-user-key-secret",
+        origin_sync::store::Window {
+            reorder_ms: 0,
+            max_events: 1,
+        },
+    )
+    .expect("store");
+    rebuilt
+        .apply_erasures(&[origin_sync::store::ErasureRecord {
+            topic: "erasures".into(),
+            partition: 0,
+            offset: 0,
+            erasure: Some(shared::protocol::KeyErasureBody {
+                user_key: k,
+                erased_at_ms: after_by_id.0,
+                tombstone_version: after_by_id.1,
+            }),
+        }])
+        .expect("applied");
+    assert_eq!(
+        rebuilt.erasure_of(k).expect("read"),
+        Some((epoch(2), after_by_id.0))
+    );
+    assert!(matches!(
+        edge.get(&k),
+        Some(Stored::Tombstone { version }) if version == epoch(2)
+    ));
+}
+
 /// The partitions of `letters_dlq` that hold a letter.
 async fn letter_partitions(brokers: &str) -> std::collections::BTreeSet<i32> {
     use rdkafka::consumer::Consumer as _;

@@ -710,6 +710,17 @@ impl Store {
     }
 
     /// The current value stored for a user (tests, tools).
+    /// The last erasure of the user with this key, as this store holds it: (the tombstone's
+    /// version, its cutoff in Unix ms).
+    pub fn erasure_of(&self, key: UserKey) -> Result<Option<(u64, u64)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(USERS)?;
+        match t.get(key.0.as_slice())? {
+            Some(g) => Ok(partitions::state_of(g.value())?.erased()),
+            None => Ok(None),
+        }
+    }
+
     pub fn current(&self, user_id: &str) -> Result<Option<Stored>, StoreError> {
         let key = self.user_key(user_id);
         let tx = self.db.begin_read()?;
