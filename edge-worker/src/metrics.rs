@@ -276,15 +276,18 @@ fn family(
     }
 }
 
-/// Whether a presented token is the configured one, in time that does not depend on where
-/// they first differ.
+/// Whether a presented token is the configured one, in time that depends neither on where
+/// they first differ nor on their lengths.
 pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    // digests first: comparing the bytes themselves would stop at a length mismatch, and
+    // how soon says how long the token is
+    use sha2::Digest as _;
+    let (given, expected) = (sha2::Sha256::digest(given), sha2::Sha256::digest(expected));
+    given
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
 }
 
 /// How a KV read ended.
@@ -352,6 +355,14 @@ impl DataPoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_configured_token_is_the_same_secret() {
+        assert!(same_secret(b"metrics-token", b"metrics-token"));
+        for other in [&b""[..], b"metrics", b"metrics-token!", b"metrics-tokeN"] {
+            assert!(!same_secret(other, b"metrics-token"), "{other:?}");
+        }
+    }
 
     #[test]
     fn kv_reads_land_in_their_buckets_and_the_text_is_cumulative() {

@@ -14,6 +14,10 @@ pub const PROFILE_KEY_PREFIX: &str = "p:";
 
 /// Domain separation, so the same secret can key other hashes without overlap.
 const CONTEXT: &[u8] = b"edgewise/user-key/v1\0";
+/// [`UserKey::of_address`]'s: as long as [`CONTEXT`] and different in it, so no user id, whatever
+/// it holds, hashes to an address's key.
+const ADDRESS_CONTEXT: &[u8] = b"edgewise/address/v1\0\0";
+const _: () = assert!(ADDRESS_CONTEXT.len() == CONTEXT.len());
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct UserKey(pub [u8; 12]);
@@ -23,6 +27,19 @@ impl UserKey {
         let mut mac = crate::auth::hmac_sha256(secret);
         mac.update(CONTEXT);
         mac.update(user_id.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut key = [0u8; 12];
+        key.copy_from_slice(&digest[..12]);
+        UserKey(key)
+    }
+
+    /// The key of a client address's budget (the edge's limit on what unproven shoppers from
+    /// one address may write), in a space of its own: a site whose user ids look like
+    /// `ip:<address>` must not let such a user spend an address's budget.
+    pub fn of_address(secret: &[u8], address: &str) -> UserKey {
+        let mut mac = crate::auth::hmac_sha256(secret);
+        mac.update(ADDRESS_CONTEXT);
+        mac.update(address.as_bytes());
         let digest = mac.finalize().into_bytes();
         let mut key = [0u8; 12];
         key.copy_from_slice(&digest[..12]);
@@ -65,6 +82,12 @@ mod tests {
         assert_eq!(a, UserKey::derive(b"secret", "alice@example.com"));
         assert_ne!(a, UserKey::derive(b"other", "alice@example.com"));
         assert_ne!(a, UserKey::derive(b"secret", "bob@example.com"));
+        // an address's key is no user's, whatever the user id
+        let address = UserKey::of_address(b"secret", "203.0.113.7");
+        assert_eq!(address, UserKey::of_address(b"secret", "203.0.113.7"));
+        for id in ["203.0.113.7", "ip:203.0.113.7"] {
+            assert_ne!(address, UserKey::derive(b"secret", id), "{id}");
+        }
         // pinned by values computed outside this code (Python's hmac): a change would orphan
         // every stored profile
         let golden = [

@@ -534,7 +534,7 @@ impl App {
             .then(|| {
                 let ip = req.header("cf-connecting-ip").unwrap_or("unknown");
                 let secret = self.config.user_key_secret.as_deref()?;
-                Some(UserKey::derive(secret, &format!("ip:{ip}")))
+                Some(UserKey::of_address(secret, ip))
             })
             .flatten();
         let own = match who {
