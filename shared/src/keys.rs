@@ -24,22 +24,20 @@ pub struct UserKey(pub [u8; 12]);
 
 impl UserKey {
     pub fn derive(secret: &[u8], user_id: &str) -> UserKey {
-        let mut mac = crate::auth::hmac_sha256(secret);
-        mac.update(CONTEXT);
-        mac.update(user_id.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        let mut key = [0u8; 12];
-        key.copy_from_slice(&digest[..12]);
-        UserKey(key)
+        UserKey::keyed(secret, CONTEXT, user_id)
     }
 
     /// The key of a client address's budget (the edge's limit on what unproven shoppers from
     /// one address may write), in a space of its own: a site whose user ids look like
     /// `ip:<address>` must not let such a user spend an address's budget.
     pub fn of_address(secret: &[u8], address: &str) -> UserKey {
+        UserKey::keyed(secret, ADDRESS_CONTEXT, address)
+    }
+
+    fn keyed(secret: &[u8], context: &[u8], name: &str) -> UserKey {
         let mut mac = crate::auth::hmac_sha256(secret);
-        mac.update(ADDRESS_CONTEXT);
-        mac.update(address.as_bytes());
+        mac.update(context);
+        mac.update(name.as_bytes());
         let digest = mac.finalize().into_bytes();
         let mut key = [0u8; 12];
         key.copy_from_slice(&digest[..12]);
