@@ -113,8 +113,11 @@ pub enum Op {
 /// tombstone is the first version of the next epoch ([`tombstone_version`]), so it outranks
 /// every version made before the erasure — including those origin had not delivered when the
 /// edge erased — and the edge and origin, each starting from the version it holds, reach the
-/// same tombstone version without asking each other. Events after the erasure count up from
-/// there. 2^40 versions per epoch, 2^24 erasures per shopper.
+/// same tombstone version for one erasure. Not for two that origin cannot tell apart (the same
+/// cutoff, a double click) or of which it heard one: so the edge's erasure request says the
+/// version it wrote, and origin's tombstone is never below it
+/// ([`crate::protocol::KeyErasureBody::tombstone_version`]). Events after the erasure count up
+/// from there. 2^40 versions per epoch, 2^24 erasures per shopper.
 pub const EPOCH_SHIFT: u32 = 40;
 
 /// The erasure epoch of a version: how many erasures made it.
