@@ -56,7 +56,8 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     /// The erasure log: every erasure is written here before it is acknowledged, and read
     /// back at every start and by `replay` (see `erasures.rs`). Create it compacted
-    /// (`cleanup.policy=compact`) with infinite retention; never one of `topics`.
+    /// (`cleanup.policy=compact`: its records are keyed by the erasure, so only copies of one
+    /// are dropped) with infinite retention; never one of `topics`.
     pub erasure_topic: String,
     /// Most messages folded in one store transaction.
     pub max_batch: usize,

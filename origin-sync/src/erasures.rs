@@ -1,6 +1,6 @@
 //! The erasure log: every erasure origin-sync accepts is first written to a compacted Kafka
-//! topic (`kafka.erasure_topic`, keyed by the user key, so compaction keeps the latest erasure
-//! of each shopper), and only then stored and acknowledged. The store is a copy of it: at
+//! topic (`kafka.erasure_topic`, keyed by the erasure, so compaction drops only its copies),
+//! and only then stored and acknowledged. The store is a copy of it: at
 //! every start, and before `replay` folds a single event, origin-sync reads the topic from the
 //! offsets its store holds (all of it, for a new or lost store) and applies what it has not
 //! seen. So a lost store file, `replay`, or a new instance cannot bring an erased shopper back.
@@ -24,10 +24,23 @@ use crate::store::{ErasureRecord, Store};
 
 /// The message that records an erasure (with the edge's tombstone version, when it said: a
 /// store rebuilt from the log must reach the version the edges hold).
+///
+/// Keyed by the erasure itself (user key, cutoff, version), so compaction drops only copies of
+/// one erasure (retries, the log read and written again) and keeps every distinct one. Keyed by
+/// the user alone, the record kept was the last one written, which is not the most: two
+/// instances each taking one of a shopper's erasures write in either order, and one of them
+/// may not have read the other's yet. Applying them all, in any order, reaches the most (an
+/// erasure no later and no higher than what a store holds changes nothing).
 pub fn message(topic: &str, erasure: &KeyErasureBody) -> Outgoing {
+    let key = format!(
+        "{}.{}.{}",
+        erasure.user_key.to_hex(),
+        erasure.erased_at_ms,
+        erasure.tombstone_version.unwrap_or(0)
+    );
     Outgoing {
         topic: topic.to_owned(),
-        key: erasure.user_key.to_hex().into_bytes(),
+        key: key.into_bytes(),
         payload: erasure.to_json_bytes(),
         headers: Vec::new(),
     }
@@ -209,7 +222,7 @@ mod tests {
     use shared::keys::UserKey;
 
     #[test]
-    fn a_record_is_the_edge_erasure_body_keyed_by_the_user_key() {
+    fn a_record_is_the_edge_erasure_body_keyed_by_the_erasure() {
         let key = UserKey([7; 12]);
         let erasure = KeyErasureBody {
             user_key: key,
@@ -217,7 +230,17 @@ mod tests {
             tombstone_version: Some(2 << shared::delta::EPOCH_SHIFT),
         };
         let m = message("erasures", &erasure);
-        assert_eq!(m.key, key.to_hex().into_bytes());
+        assert_eq!(
+            m.key,
+            format!("{}.1764000000123.{}", key.to_hex(), 2u64 << 40).into_bytes()
+        );
+        // another erasure of the same shopper is another key: compaction keeps both
+        let same_second = KeyErasureBody {
+            tombstone_version: Some(3 << shared::delta::EPOCH_SHIFT),
+            ..erasure.clone()
+        };
+        assert_ne!(message("erasures", &same_second).key, m.key);
+        assert_eq!(message("erasures", &erasure.clone()).key, m.key, "a copy");
         assert_eq!(KeyErasureBody::parse(&m.payload), Some(erasure));
         // a record from before the edge said its version
         let older = format!(r#"{{"user_key":"{}","erased_at_ms":5}}"#, key.to_hex());

@@ -987,13 +987,13 @@ async fn with_the_broker_gone_the_edge_hears_503_before_it_gives_up() {
     service.stop().await;
 }
 
-/// The erasure log is compacted: the last record of a shopper is the one kept, and a store
-/// rebuilt from the log must reach the cutoff and the epoch the lost one held. An erasure
-/// delivered after a later one (its cutoff earlier), or one without the edge's tombstone
-/// version, is followed in the log by what the store holds; and a store rebuilt from the last
-/// record alone reaches the tombstone the edge holds.
+/// A store rebuilt from the erasure log must reach the cutoff and the epoch the lost one held.
+/// An erasure delivered after a later one (its cutoff earlier), or one without the edge's
+/// tombstone version, is followed in the log by what the store holds; each distinct erasure
+/// has a key of its own (the log is compacted); and a store rebuilt from the last record alone
+/// reaches the tombstone the edge holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_erasure_logs_last_record_of_a_shopper_says_what_the_store_holds() {
+async fn the_erasure_log_holds_what_the_store_holds_after_each_erasure() {
     let Some(tansu) = broker("erasure-log-last") else {
         return;
     };
@@ -1044,6 +1044,13 @@ async fn the_erasure_logs_last_record_of_a_shopper_says_what_the_store_holds() {
         .map(|m| {
             let b = shared::protocol::KeyErasureBody::parse(&m.payload).expect("an erasure");
             assert_eq!(b.user_key, k);
+            let own_key = format!(
+                "{}.{}.{}",
+                k.to_hex(),
+                b.erased_at_ms,
+                b.tombstone_version.unwrap_or(0)
+            );
+            assert_eq!(String::from_utf8_lossy(&m.key), own_key);
             (b.erased_at_ms, b.tombstone_version)
         })
         .collect();

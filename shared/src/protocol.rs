@@ -288,9 +288,21 @@ mod key_hex {
 /// worker's Cron Trigger until it does).
 pub const PENDING_ERASURE_PREFIX: &str = "erase:";
 
-/// The KV key of a pending erasure.
-pub fn pending_erasure_key(key: &UserKey) -> String {
-    format!("{PENDING_ERASURE_PREFIX}{}", key.to_hex())
+/// The KV key of a pending erasure: the user key, then the tombstone version the edge wrote for
+/// it. One per erasure: a second erasure before origin took the first does not replace the
+/// first's record, and each request retires only its own (the first one's retry getting
+/// through after the second was accepted must not delete the second's record).
+pub fn pending_erasure_key(key: &UserKey, tombstone_version: u64) -> String {
+    format!(
+        "{PENDING_ERASURE_PREFIX}{}.{tombstone_version}",
+        key.to_hex()
+    )
+}
+
+/// The user key a pending erasure's KV key names (an older edge's key is the user key alone).
+pub fn pending_erasure_user(kv_key: &str) -> Option<UserKey> {
+    let rest = kv_key.strip_prefix(PENDING_ERASURE_PREFIX)?;
+    UserKey::from_hex(rest.split_once('.').map_or(rest, |(hex, _)| hex))
 }
 
 /// Longest the edge waits for origin's answer to one attempt at a request (an event batch, an
@@ -317,20 +329,23 @@ pub const DEAD_LETTERED_HEADER: &str = "edgewise-dead-lettered";
 /// failed): swept by the worker's Cron Trigger, as erasures are, until origin takes them.
 pub const PENDING_EVENTS_PREFIX: &str = "events:";
 
-/// The KV key of a parked event batch the edge accepted at `accepted_ms`: that time, then the
-/// batch's `/ingest` signature (hex), which no other batch shares. The Cron sweep reads the
+/// The KV key of a parked event batch the edge accepted at `accepted_ms`: the batch's
+/// `/ingest` signature, which no other batch shares, then that time. The Cron sweep reads the
 /// time from the name ([`pending_events_accepted_ms`]) and leaves a young batch alone without
 /// reading it: a read of a record whose isolate is about to delete it could be served again
-/// from the location's cache after the delete, and the batch sent twice. No user id in it.
+/// from the location's cache after the delete, and the batch sent twice. The signature comes
+/// first because KV lists in key order and a sweep lists one page: names that began with the
+/// time would list the oldest first, and a page of records that stay (sealed under an old
+/// secret, refused without being kept) would hide every newer one. No user id in it.
 pub fn pending_events_key(accepted_ms: u64, signature_hex: &str) -> String {
     let name: String = signature_hex.chars().take(32).collect();
-    format!("{PENDING_EVENTS_PREFIX}{accepted_ms}.{name}")
+    format!("{PENDING_EVENTS_PREFIX}{name}.{accepted_ms}")
 }
 
 /// When the batch parked under `key` was accepted, as its name says; `None` for a name
 /// without it (an edge from before times were in names: its record's body says).
 pub fn pending_events_accepted_ms(key: &str) -> Option<u64> {
-    let (ms, _) = key.strip_prefix(PENDING_EVENTS_PREFIX)?.split_once('.')?;
+    let (_, ms) = key.strip_prefix(PENDING_EVENTS_PREFIX)?.rsplit_once('.')?;
     if ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -413,17 +428,27 @@ mod tests {
             assert!(crate::event::parse_ingest(bad).is_err());
         }
         let key = pending_events_key(1_764_500_000_123, &"ab".repeat(32));
-        assert_eq!(key, format!("events:1764500000123.{}", "ab".repeat(16)));
+        assert_eq!(key, format!("events:{}.1764500000123", "ab".repeat(16)));
         assert_eq!(pending_events_accepted_ms(&key), Some(1_764_500_000_123));
         // an older edge's name, and names that say no time
         for undated in [
             format!("events:{}", "ab".repeat(16)),
-            format!("events:.{}", "ab".repeat(16)),
-            format!("events:-1.{}", "ab".repeat(16)),
-            format!("events:99999999999999999999.{}", "ab".repeat(16)),
-            format!("erase:1.{}", "ab".repeat(16)),
+            format!("events:{}.", "ab".repeat(16)),
+            format!("events:{}.-1", "ab".repeat(16)),
+            format!("events:{}.99999999999999999999", "ab".repeat(16)),
+            format!("erase:{}.1", "ab".repeat(16)),
         ] {
             assert_eq!(pending_events_accepted_ms(&undated), None, "{undated}");
+        }
+        let user = UserKey([0xab; 12]);
+        let erasure = pending_erasure_key(&user, 1 << 40);
+        assert_eq!(erasure, format!("erase:{}.1099511627776", "ab".repeat(12)));
+        assert_ne!(erasure, pending_erasure_key(&user, 2 << 40));
+        for named in [erasure, format!("erase:{}", "ab".repeat(12))] {
+            assert_eq!(pending_erasure_user(&named), Some(user), "{named}");
+        }
+        for not in ["erase:", "erase:zz", "events:abababababababababababab"] {
+            assert_eq!(pending_erasure_user(not), None, "{not}");
         }
     }
 

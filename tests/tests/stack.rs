@@ -535,10 +535,14 @@ fn origin_down_pages_still_served_then_catch_up(sys: &mut System) {
     )
     .unwrap();
     assert_eq!(erased.status, 202, "{}", erased.text());
-    let pending = shared::protocol::pending_erasure_key(&UserKey::derive(
-        DEV_USER_KEY_SECRET,
-        ERASED_WHILE_DOWN,
-    ));
+    let erased_version =
+        serde_json::from_str::<serde_json::Value>(&erased.text()).expect("json")["version"]
+            .as_u64()
+            .expect("the tombstone's version");
+    let pending = shared::protocol::pending_erasure_key(
+        &UserKey::derive(DEV_USER_KEY_SECRET, ERASED_WHILE_DOWN),
+        erased_version,
+    );
     // a shopper's own events at edge A: origin takes none of the attempts, so the batch is
     // parked in A's KV for the Cron sweep (answered 202 all the same), before its answer or at
     // its first attempt, as A has heard from origin lately or not

@@ -607,7 +607,7 @@ impl App {
             // sweep finds this record and sends the erasure again until origin takes it. Were
             // it written after the tombstone and failed, the edge would hold a tombstone origin
             // never hears of: every later version from origin sits under it, as a duplicate.
-            let pending = protocol::pending_erasure_key(&key);
+            let pending = protocol::pending_erasure_key(&key, version);
             let record =
                 json!({ "erased_at_ms": cutoff, "tombstone_version": version }).to_string();
             store
@@ -637,7 +637,8 @@ impl App {
                     erased_at_ms: cutoff,
                     tombstone_version: Some(version),
                 };
-                erasure_request(origin, secret, &erasure, now_ms)
+                let pending = protocol::pending_erasure_key(&key, version);
+                erasure_request(origin, secret, &erasure, pending, now_ms)
             })
             .into_iter()
             .collect();
@@ -725,11 +726,18 @@ fn ingest_request(origin: &str, secret: &[u8], events: &[Event], now_ms: u64) ->
 }
 
 /// The signed request that delivers `erasure` (its key, when it was accepted, the tombstone
-/// version the edge wrote), and retires its pending record once origin took it.
-fn erasure_request(origin: &str, secret: &[u8], erasure: &KeyErasureBody, now_ms: u64) -> Outbound {
+/// version the edge wrote), and retires its pending record (KV key `pending`) once origin took
+/// it.
+fn erasure_request(
+    origin: &str,
+    secret: &[u8],
+    erasure: &KeyErasureBody,
+    pending: String,
+    now_ms: u64,
+) -> Outbound {
     let url = format!("{origin}{}", route::erase_key(&erasure.user_key));
     Outbound {
-        then_delete: Some(protocol::pending_erasure_key(&erasure.user_key)),
+        then_delete: Some(pending),
         ..signed(secret, "DELETE", url, erasure.to_json_bytes(), now_ms)
     }
 }
@@ -785,10 +793,7 @@ impl App {
         };
         let mut out = Vec::new();
         for kv_key in keys {
-            let Some(key) = kv_key
-                .strip_prefix(protocol::PENDING_ERASURE_PREFIX)
-                .and_then(UserKey::from_hex)
-            else {
+            let Some(key) = protocol::pending_erasure_user(&kv_key) else {
                 continue;
             };
             let record = match store.get(&kv_key).await {
@@ -807,7 +812,7 @@ impl App {
                 // an older edge's record does not say
                 tombstone_version: record["tombstone_version"].as_u64(),
             };
-            out.push(erasure_request(origin, secret, &erasure, now_ms));
+            out.push(erasure_request(origin, secret, &erasure, kv_key, now_ms));
         }
         out
     }

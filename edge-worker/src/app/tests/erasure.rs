@@ -171,7 +171,10 @@ fn a_failed_erasure_says_retry_and_logs_what_kv_said() {
     assert!(
         // the first write, the pending record
         logged.contains("injected failure")
-            && logged.contains(&shared::protocol::pending_erasure_key(&key("alice"))),
+            && logged.contains(&shared::protocol::pending_erasure_key(
+                &key("alice"),
+                shared::delta::tombstone_version(1)
+            )),
         "{logged}"
     );
 
@@ -200,7 +203,8 @@ fn an_erasure_whose_pending_record_cannot_be_written_erases_nothing() {
     let w = World::new();
     let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
     w.sync(vec![snapshot("alice", &p)]);
-    let pending = shared::protocol::pending_erasure_key(&key("alice"));
+    let pending =
+        shared::protocol::pending_erasure_key(&key("alice"), shared::delta::tombstone_version(1));
     w.store.set_failing_writes_under(Some(&pending));
     let mut req = HttpRequest::get("/v1/me");
     req.method = "DELETE".into();
@@ -236,7 +240,8 @@ fn an_accepted_erasure_stays_pending_until_origin_takes_it() {
     req.headers = vec![("authorization".into(), bearer("alice").into())];
     let h = w.send(req);
     assert_eq!(h.reply.status, 202);
-    let pending = shared::protocol::pending_erasure_key(&key("alice"));
+    let pending =
+        shared::protocol::pending_erasure_key(&key("alice"), shared::delta::tombstone_version(1));
     assert_eq!(h.outbound[0].then_delete.as_deref(), Some(pending.as_str()));
     assert!(
         w.store.raw(&pending).is_some(),
@@ -311,16 +316,37 @@ fn two_erasures_in_one_second_tell_origin_each_tombstone_version() {
         (epoch(2), first.1, Some(epoch(2))),
         "the same cutoff"
     );
-    let swept = run(w.app.sweep_erasures(&w.store, w.now()));
-    let body: Value = serde_json::from_slice(&swept[0].body).unwrap();
-    assert_eq!(body["tombstone_version"], epoch(2));
-    assert_eq!(body["erased_at_ms"], first.1);
-    // an older edge's pending record says no version: sent without one
-    let pending = shared::protocol::pending_erasure_key(&key("alice"));
+    // one pending record each: the second did not replace the first's, and each request
+    // retires its own (the first's retry getting through later must not retire the second)
+    let mut swept: Vec<(Value, String)> = run(w.app.sweep_erasures(&w.store, w.now()))
+        .into_iter()
+        .map(|o| {
+            let body: Value = serde_json::from_slice(&o.body).unwrap();
+            (body["tombstone_version"].clone(), o.then_delete.unwrap())
+        })
+        .collect();
+    swept.sort_by_key(|(v, _)| v.as_u64());
+    let pending = |n: u64| shared::protocol::pending_erasure_key(&key("alice"), epoch(n));
+    assert_eq!(
+        swept,
+        vec![
+            (Value::from(epoch(1)), pending(1)),
+            (Value::from(epoch(2)), pending(2))
+        ]
+    );
+    // an older edge's pending record (named by the user key alone) says no version: sent
+    // without one, and retired by its own name
+    w.store.clear();
+    let pending = format!(
+        "{}{}",
+        shared::protocol::PENDING_ERASURE_PREFIX,
+        key("alice").to_hex()
+    );
     run(w.store.put(&pending, br#"{"erased_at_ms": 5}"#, 0)).unwrap();
     let swept = run(w.app.sweep_erasures(&w.store, w.now()));
     let body: Value = serde_json::from_slice(&swept[0].body).unwrap();
     assert_eq!(body.get("tombstone_version"), None, "{body}");
+    assert_eq!(swept[0].then_delete.as_deref(), Some(pending.as_str()));
 }
 
 /// Another isolate over the same KV (`World` owns one isolate and the KV).
