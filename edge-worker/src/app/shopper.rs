@@ -597,7 +597,12 @@ impl App {
         let tombstone = Stored::Tombstone { version };
         // origin's cutoff: the end of this second, the grain `/ingest` times the edge's events
         // at, so an event taken earlier in this second and delivered late is erased too
-        let cutoff = protocol::erasure_cutoff_ms(now_ms);
+        let erasure = KeyErasureBody {
+            user_key: key,
+            erased_at_ms: protocol::erasure_cutoff_ms(now_ms),
+            tombstone_version: Some(version),
+        };
+        let pending = protocol::pending_erasure_key(&key, version);
         let origin = match (&self.config.origin_url, &self.config.sync_secret) {
             (Some(origin), Some(secret)) => Some((origin, secret)),
             _ => None,
@@ -607,14 +612,16 @@ impl App {
             // sweep finds this record and sends the erasure again until origin takes it. Were
             // it written after the tombstone and failed, the edge would hold a tombstone origin
             // never hears of: every later version from origin sits under it, as a duplicate.
-            let pending = protocol::pending_erasure_key(&key, version);
-            let record =
-                json!({ "erased_at_ms": cutoff, "tombstone_version": version }).to_string();
+            let record = json!({
+                "erased_at_ms": erasure.erased_at_ms,
+                "tombstone_version": version,
+            })
+            .to_string();
             store
                 .put(&pending, record.as_bytes(), 0)
                 .await
                 .map_err(|source| EdgeError::KvWrite {
-                    key: pending,
+                    key: pending.clone(),
                     then: THEN,
                     source,
                 })?;
@@ -631,15 +638,7 @@ impl App {
         // and fenced: a write from before the erasure that lands later is read as erased here
         self.fence.borrow_mut().raise(key, version, now_ms);
         let outbound = origin
-            .map(|(origin, secret)| {
-                let erasure = KeyErasureBody {
-                    user_key: key,
-                    erased_at_ms: cutoff,
-                    tombstone_version: Some(version),
-                };
-                let pending = protocol::pending_erasure_key(&key, version);
-                erasure_request(origin, secret, &erasure, pending, now_ms)
-            })
+            .map(|(origin, secret)| erasure_request(origin, secret, &erasure, pending, now_ms))
             .into_iter()
             .collect();
         Ok(Handled {
@@ -896,9 +895,7 @@ impl App {
         }
         out
     }
-}
 
-impl App {
     /// Whether a batch parked at `accepted_ms` is left to its isolate's own tries and to the
     /// next sweep (`EdgeConfig::sweep_after_ms`); one that does not say when is never young.
     fn too_young(&self, accepted_ms: Option<u64>, now_ms: u64) -> bool {
