@@ -78,6 +78,8 @@ pub enum Applier {
     /// without knowing it yet, still writing); left last, compaction would keep it and drop
     /// the owner's newer one, and a later restore would start that shopper from the stale
     /// state while consuming from the owner's committed offsets: the events between lost.
+    /// The position never moves past a record of a later owner's epoch: that says this
+    /// instance is the zombie (`Restored::ahead`), and its next restore must apply it.
     Audit,
 }
 
@@ -480,6 +482,11 @@ pub struct Restored {
     /// and the topic is consumed again from its start ([`Restored::rewind`]).
     pub late_records: u64,
     pub late_named: std::collections::BTreeMap<String, u64>,
+    /// An audit: the records read of an epoch above this instance's claim of the partition
+    /// (a later owner's: this instance is a zombie). The audit applies nothing, so while any
+    /// are read this store's changelog position stays where it was: the next restore reads
+    /// them again and applies them.
+    pub ahead: u64,
 }
 
 impl Restored {
@@ -526,6 +533,7 @@ impl std::ops::AddAssign for Restored {
             *at = (*at).min(next);
         }
         self.late_records += r.late_records;
+        self.ahead += r.ahead;
         for (topic, n) in r.late_named {
             *self.late_named.entry(topic).or_insert(0) += n;
         }
@@ -765,6 +773,9 @@ impl Store {
     ) -> Result<Restored, StoreError> {
         let mut total = Restored::default();
         for (chunk, next, last) in chunks {
+            // once an audit read records ahead of this store, no later chunk moves the
+            // position past them (it never moves backwards: 0 keeps it)
+            let next = if total.ahead > 0 { 0 } else { next };
             let r = self.apply_prepared(
                 partition,
                 &chunk,
@@ -832,6 +843,7 @@ impl Store {
         if (applier == Applier::Standby && owned) || (applier == Applier::Audit && !owned) {
             return Ok(out);
         }
+        let claimed = self.epochs().get(&partition).copied().unwrap_or(0);
         let mut tx = self.db.begin_write()?;
         if !durable {
             tx.set_durability(redb::Durability::None);
@@ -920,6 +932,18 @@ impl Store {
                     // epoch after this owner's is stale), and a later chunk's verdict replaces
                     // an earlier one's (`+=`): the owner's own records of a shopper, read
                     // across chunks, are not taken for a stale writer's.
+                    // A record of an epoch above this instance's claim is a later owner's:
+                    // this instance is the zombie (it woke after its partition moved, and
+                    // the group has yet to tell it). Nothing is applied, so the position
+                    // must not pass it: the restore when the partition comes back starts
+                    // there, and would never apply it. (Only that: a record of an older
+                    // writer, or of this ownership, needs nothing from this store's next
+                    // restore, and holding the position for one, say of a shopper erased
+                    // here before any event of theirs, would make every audit read on from
+                    // there.)
+                    if ready.stamp.epoch > claimed {
+                        out.ahead += 1;
+                    }
                     let Some(kept) = here else {
                         // a shopper this store has not folded yet: its own record follows
                         continue;
@@ -1004,6 +1028,7 @@ impl Store {
             // never backwards: a restore reading again from the watermark passes what this
             // store has applied, and one of an earlier assignment may still be running
             let at = pos_t.get(partition)?.map_or(0, |g| g.value());
+            let next = if out.ahead > 0 { at } else { next };
             pos_t.insert(partition, next.max(at))?;
         }
         tx.commit()?;
@@ -2322,6 +2347,72 @@ mod tests {
             .expect("audit");
         assert_eq!(r.read, 0);
         assert_eq!(owner.changelog_position(0).expect("position"), 30);
+    }
+
+    /// A zombie's audit (an instance that woke after its partition moved, before the group
+    /// told it) reads the later owner's records: it applies none of them and leaves its
+    /// position before them, whatever chunks they come in, so when the partition comes back
+    /// its restore applies them. Moving the position past them (as the audit did) made that
+    /// restore start after them: the later owner's folds were lost (`scale_out`'s frozen
+    /// instance, 2 of 2000 shoppers two events short).
+    #[test]
+    fn a_zombies_audit_leaves_the_later_owners_records_to_its_next_restore() {
+        let recs = records(&traffic(3, 160, 37), 0);
+        let a = open("zombie-audit-a");
+        a.set_owned(&[0]);
+        a.claim(0, 3).expect("claim");
+        let first = a.apply_batch(&recs[..50]).expect("fold").logged;
+        acknowledged(&a, &first);
+        let at = first.len() as i64;
+        a.apply_log(0, &as_read(&first), at, 0, 1, Applier::Audit, true)
+            .expect("its own records");
+        assert_eq!(a.changelog_position(0).expect("position"), at);
+
+        let b = open("zombie-audit-b");
+        b.set_owned(&[0]);
+        b.apply_changelog(0, &as_read(&first), at, 0, 1)
+            .expect("restore");
+        b.claim(0, 5).expect("claim");
+        let owner = as_read(&b.apply_batch(&recs[50..160]).expect("fold").logged);
+        let (one, two) = owner.split_at(owner.len() / 2);
+        let end = at + owner.len() as i64;
+
+        // a, frozen past its session, wakes still believing it owns partition 0
+        let prepared = |rs: &[LogRecord]| rs.iter().cloned().map(PreparedRecord::new).collect();
+        // the later owner's records, then a chunk with none ahead (a's own, again)
+        let chunks = vec![
+            (prepared(one), at + one.len() as i64, false),
+            (prepared(&as_read(&first)), end + at, true),
+        ];
+        let r = a
+            .apply_chunks(0, chunks, 0, || 2, Applier::Audit, |_| {})
+            .expect("audit");
+        assert!(r.ahead > 0 && r.applied == 0 && r.last_stale.is_empty());
+        assert_eq!(a.changelog_position(0).expect("position"), at);
+        let r = a
+            .apply_log(0, two, end, 0, 2, Applier::Audit, true)
+            .expect("audit");
+        assert!(r.ahead > 0);
+        assert_eq!(a.changelog_position(0).expect("position"), at);
+
+        // the group moves the partition away and back: the restore reads from the position
+        a.set_owned(&[]);
+        a.set_owned(&[0]);
+        a.claim(0, 7).expect("claim");
+        a.apply_changelog(0, &owner, end, end, 3).expect("restore");
+        for u in 0..3 {
+            let user = format!("p-u{u}");
+            assert_eq!(
+                a.current(&user).expect("read"),
+                b.current(&user).expect("read"),
+                "{user}: the later owner's folds"
+            );
+        }
+        assert_eq!(a.changelog_position(0).expect("position"), end);
+        let r = a
+            .apply_log(0, &owner, end, 0, 4, Applier::Audit, true)
+            .expect("audit");
+        assert_eq!(r.ahead, 0, "restored: nothing ahead any more");
     }
 
     /// An audit judges a shopper by their last record in the range read, whatever chunks it
