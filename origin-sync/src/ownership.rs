@@ -393,6 +393,7 @@ impl Owner {
         let shared = shared.clone();
         let membership = self.membership.clone();
         let tx = self.restored_tx.clone();
+        let generation = self.generation.get(&p).copied().unwrap_or_default();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             let result = tokio::task::spawn_blocking(move || {
@@ -403,14 +404,17 @@ impl Owner {
                 // previous owner delivered meanwhile, whose records the restore missed and
                 // whose events would then never be folded here.
                 let starts = committed(&shared, &membership, p)?;
-                let report = restore(&shared, p, acked_below).inspect_err(|_| {
+                let mark_failed = |_: &PipelineError| {
                     // what it put in the outbox before failing was never announced: the retry
                     // reads from the watermark (a store that cannot take the mark is failing
                     // anyway; the retry says so again)
                     if let Err(e) = shared.store.mark_reread(p) {
                         tracing::warn!(error = %e, partition = p, "marking a failed restore to be read again");
                     }
-                })?;
+                };
+                let report = restore(&shared, p, acked_below).inspect_err(mark_failed)?;
+                confirm_membership(&shared, &membership, p, generation, acked_below)
+                    .inspect_err(mark_failed)?;
                 Ok((report, starts))
             })
             .await
@@ -418,6 +422,46 @@ impl Owner {
             let _ = tx.send((p, assignment, Box::new(result)));
         });
     }
+}
+
+/// Before a claim of partition `p` under `generation` that would outrank a later generation's
+/// epoch ([`Store::claim_outruns`]): commits the partition's acknowledged watermark again
+/// (`acked_below`, what it was) synchronously, which the group's coordinator accepts only from
+/// a current member of that generation. Otherwise the claim is what a zombie makes whose
+/// restore read the later owner's records in the moments between waking up and hearing it
+/// lost the partition: it would outrank that owner, whose folds every later restore would
+/// then lose to the zombie's records. Refused, the restore fails and is retried, by which
+/// time the group has told this instance (its result is then dropped). A group deleted and
+/// created again passes, and fencing goes on from the changelog's epochs.
+///
+/// [`Store::claim_outruns`]: crate::store::Store::claim_outruns
+fn confirm_membership(
+    shared: &Shared,
+    membership: &Membership,
+    p: i32,
+    generation: u64,
+    acked_below: i64,
+) -> Result<(), PipelineError> {
+    if !shared.store.claim_outruns(p, generation)? {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(
+        &shared.config.kafka.changelog_topic,
+        p,
+        Offset::Offset(acked_below),
+    )?;
+    membership
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .map_err(|e| PipelineError::NotClaimed {
+            partition: p,
+            reason: format!(
+                "its changelog holds a later generation's records than this assignment's \
+                 ({generation}), and the group refused this member's commit ({e}): this \
+                 instance may have lost the partition while it was stopped"
+            ),
+        })?;
+    Ok(())
 }
 
 /// KV is last-writer-wins: a write of the previous owner's still in flight when partition `p`

@@ -31,6 +31,10 @@ pub enum PipelineError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("kafka setup: {0}")]
     Setup(String),
+    /// The group refused this member's commit where claiming a partition would outrank a
+    /// later generation's owner: this instance may have lost the partition without knowing.
+    #[error("partition {partition}: not claimed: {reason}")]
+    NotClaimed { partition: i32, reason: String },
 }
 
 pub use crate::clock::now_ms;

@@ -2215,3 +2215,94 @@ async fn an_owner_relogs_a_shopper_whose_last_changelog_record_is_a_zombies() {
     let status = a.terminate();
     assert!(status.success(), "a's SIGTERM exit: {status}");
 }
+
+/// The generations a claim's log lines report for an instance, in order.
+fn claimed_generations(dir: &Path, name: &str) -> Vec<u64> {
+    let text = std::fs::read_to_string(dir.join(name).join("origin-sync.log")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("partition claimed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("generation=")?.parse().ok())
+        })
+        .collect()
+}
+
+/// Waits until an instance's log reports `n` claims in all (its restores done).
+async fn until_claimed(dir: &Path, name: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while claimed_generations(dir, name).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not claim {n} partitions in all within 60 s: {:?}",
+            claimed_generations(dir, name)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A consumer group deleted and created again starts its generations over, below the epochs
+/// its changelog holds. Claiming above a later generation's epoch is what a zombie would do,
+/// so the instance first confirms its membership with the group (a commit the coordinator
+/// takes only from a current member): here it is one, the claim goes through, and what is
+/// produced afterwards reaches the edge (a confirmation that failed would restore the
+/// partitions again every second and fold nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_created_again_claims_its_partitions_after_confirming_its_membership() {
+    let Some(tansu) = group_broker("scale-regroup") else {
+        return;
+    };
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("scale-regroup");
+    let events = traffic(200, 3000, "rg", 67);
+    let want = reference(&events);
+    let (first, second) = events.split_at(1500);
+    let (config, log) = instance(&tansu, &edge, &dir, "a", AUDITED);
+    // a few generations in the first group: each start is a new one
+    for run in 1..=3 {
+        let a = Binary::start(&config, &log);
+        until_claimed(&dir, "a", run * PARTITIONS as usize).await;
+        let status = a.terminate();
+        assert!(status.success(), "a's SIGTERM exit: {status}");
+    }
+    let a = Binary::start(&config, &log);
+    until_claimed(&dir, "a", 4 * PARTITIONS as usize).await;
+    produce_events(&tansu.brokers(), first).await;
+    converge(&edge, &reference(first), Duration::from_secs(90)).await;
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+    let before = claimed_generations(&dir, "a");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("group_id = \"test\"", "group_id = \"test-again\""),
+    )
+    .expect("config");
+
+    let a = Binary::start(&config, &log);
+    until_claimed(&dir, "a", before.len() + PARTITIONS as usize).await;
+    produce_events(&tansu.brokers(), second).await;
+    converge(&edge, &want, Duration::from_secs(90)).await;
+    let after: Vec<u64> = claimed_generations(&dir, "a")
+        .into_iter()
+        .skip(before.len())
+        .collect();
+    let earlier = before.iter().copied().max().unwrap_or_default();
+    assert_eq!(
+        after.len(),
+        PARTITIONS as usize,
+        "claims in the new group: {after:?}"
+    );
+    assert!(
+        after.iter().all(|g| g + 1 < earlier),
+        "the new group's generations {after:?} are not below the first group's {earlier}: nothing confirmed"
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("generation is behind the changelog's epochs"),
+        "the claims did not go above the changelog's epochs"
+    );
+    assert!(!text.contains("not claimed"), "a confirmation was refused");
+    let status = a.terminate();
+    assert!(status.success(), "a's SIGTERM exit: {status}");
+}

@@ -1287,6 +1287,19 @@ impl Store {
         Ok(epoch)
     }
 
+    /// Whether claiming `partition` under `generation` would go above an epoch of a later
+    /// generation than that one (read from its changelog, or claimed here before): what a
+    /// group deleted and created again does, and what a zombie does whose restore, run or
+    /// retried after it woke, read a later owner's records before the group told it the
+    /// partition was gone. The claim would outrank that owner; the caller confirms its
+    /// membership with the group first.
+    pub fn claim_outruns(&self, partition: i32, generation: u64) -> Result<bool, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(EPOCHS)?;
+        let seen = t.get(partition)?.map_or(0, |g| g.value());
+        Ok(seen >> EPOCH_GENERATION_SHIFT > generation + 1)
+    }
+
     /// Per partition, the epoch of this instance's latest ownership of it.
     pub fn epochs(&self) -> std::collections::BTreeMap<i32, u64> {
         self.epochs.lock().map(|e| e.clone()).unwrap_or_default()
@@ -2143,8 +2156,16 @@ mod tests {
             .apply_batch(&records(&traffic(1, 5, 3), 2))
             .expect("fold")
             .logged;
+        assert!(!s.claim_outruns(2, 0).expect("read"), "nothing seen yet");
         s.apply_changelog(2, &as_read(&logged), 1, 0, 1)
             .expect("restore");
+        // such a claim is to be confirmed with the group first (a zombie's would be refused);
+        // one at that generation (a static member's restart) or a later one is not
+        assert!(s.claim_outruns(2, 0).expect("read"));
+        assert!(s.claim_outruns(2, 29).expect("read"));
+        assert!(!s.claim_outruns(2, 30).expect("read"));
+        assert!(!s.claim_outruns(2, 31).expect("read"));
+        assert!(!s.claim_outruns(0, 9).expect("read"), "its own claim");
         assert_eq!(s.claim(2, 0).expect("claim"), base(30) + 1);
     }
 
