@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 /// How often the ticker looks at the clock.
 pub const TICK: Duration = Duration::from_millis(50);
 
-#[derive(Debug)]
+/// How long (ms) a sink waits before asking again whether the service has caught up.
+const CATCH_UP_POLL: u64 = 100;
+
 pub struct FreezeWatch {
     origin: Instant,
     /// Milliseconds since `origin` at the ticker's last tick; 0 until it first ticks.
@@ -36,6 +38,21 @@ pub struct FreezeWatch {
     hold_for: u64,
     /// Where the freezes seen are counted (`edgewise_process_freezes_total`).
     metrics: Arc<crate::metrics::Metrics>,
+    /// Whether the service has caught up with the group, and for how long (ms) at most a hold
+    /// past its time waits for it ([`FreezeWatch::caught_up_when`]).
+    caught_up: std::sync::OnceLock<(CaughtUp, u64)>,
+}
+
+type CaughtUp = Box<dyn Fn() -> bool + Send + Sync>;
+
+impl std::fmt::Debug for FreezeWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FreezeWatch")
+            .field("freeze_after", &self.freeze_after)
+            .field("hold_for", &self.hold_for)
+            .field("hold_until", &self.hold_until)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for FreezeWatch {
@@ -56,7 +73,23 @@ impl FreezeWatch {
             freeze_after: u64::try_from(freeze_after.as_millis()).unwrap_or(u64::MAX),
             hold_for: u64::try_from(hold_for.as_millis()).unwrap_or(u64::MAX),
             metrics: Arc::default(),
+            caught_up: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Past its time, a hold goes on while `caught_up` says no, for at most `at_most` more.
+    /// The time covers librdkafka's first heartbeat after the freeze; what follows is the
+    /// service's part: a revocation handled (its view of what it owns equal to librdkafka's)
+    /// and released (the outbox entries of what left dropped), which waits for the batch in
+    /// flight, itself maybe waiting on a changelog write retried since the freeze. A sink that
+    /// sent in between would write its older states over the new owner's in KV.
+    pub fn caught_up_when(
+        &self,
+        caught_up: impl Fn() -> bool + Send + Sync + 'static,
+        at_most: Duration,
+    ) {
+        let at_most = u64::try_from(at_most.as_millis()).unwrap_or(u64::MAX);
+        let _ = self.caught_up.set((Box::new(caught_up), at_most));
     }
 
     /// Counts the freezes it sees in `metrics`.
@@ -134,7 +167,12 @@ impl FreezeWatch {
     fn holding_at(&self, now: u64) -> Option<u64> {
         self.frozen(self.last_tick.load(Relaxed), now);
         let until = self.hold_until.load(Relaxed);
-        (now < until).then(|| until - now)
+        if now < until {
+            return Some(until - now);
+        }
+        // past its time (0: never frozen), still waiting for the service to catch up
+        let (caught_up, at_most) = self.caught_up.get()?;
+        (until > 0 && now < until.saturating_add(*at_most) && !caught_up()).then_some(CATCH_UP_POLL)
     }
 }
 
@@ -173,6 +211,47 @@ mod tests {
         assert_eq!(w.tick_at(8_001), Some(7_001));
         assert_eq!(w.holding_at(8_500), Some(1_501));
         assert_eq!(w.metrics.process_freezes.load(Relaxed), 1);
+    }
+
+    /// Past its time, a hold goes on while the service has not caught up with the group (a
+    /// revocation not handled or not released yet), for at most the bound given; without a
+    /// freeze nothing asks.
+    #[test]
+    fn a_hold_waits_for_the_service_to_catch_up_at_most_so_long() {
+        use std::sync::atomic::AtomicBool;
+        let w = watch();
+        let caught_up = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(AtomicU64::new(0));
+        let (c, a) = (caught_up.clone(), asked.clone());
+        w.caught_up_when(
+            move || {
+                a.fetch_add(1, Relaxed);
+                c.load(Relaxed)
+            },
+            Duration::from_millis(5_000),
+        );
+        w.tick_at(1_000);
+        assert_eq!(w.holding_at(1_040), None);
+        assert_eq!(asked.load(Relaxed), 0, "no freeze, no question");
+        assert_eq!(w.tick_at(9_000), Some(8_000));
+        // the ticker runs on meanwhile
+        let at = |t: u64| {
+            w.tick_at(t);
+            w.holding_at(t)
+        };
+        assert_eq!(at(10_999), Some(1));
+        assert_eq!(at(11_000), Some(CATCH_UP_POLL));
+        assert_eq!(at(13_000), Some(CATCH_UP_POLL));
+        assert_eq!(at(15_999), Some(CATCH_UP_POLL));
+        assert_eq!(at(16_000), None, "at most 5 s more");
+        assert_eq!(w.metrics.process_freezes.load(Relaxed), 1);
+        caught_up.store(true, Relaxed);
+        assert_eq!(w.holding_at(16_001), None);
+        assert!(asked.load(Relaxed) > 0);
+
+        // the next freeze: caught up at once, the hold ends with its time
+        assert_eq!(w.tick_at(30_000), Some(14_000));
+        assert_eq!(at(32_000), None, "caught up: the sinks go on");
     }
 
     /// Never ticked (no ticker: a static assignment, a test), or the default watch: no hold.

@@ -206,6 +206,20 @@ pub async fn run(
             let is_static = shared.config.kafka.instance_id.is_some();
             std::thread::spawn(move || crate::ownership::poll_membership(m, stop, is_static))
         };
+        {
+            // weak: the watch lives in `shared`, and must keep neither it nor the membership
+            let (s, m) = (Arc::downgrade(&shared), Arc::downgrade(&membership));
+            shared.freeze.caught_up_when(
+                move || match (s.upgrade(), m.upgrade()) {
+                    (Some(s), Some(m)) => {
+                        use rdkafka::consumer::Consumer as _;
+                        s.store.owned_at() == m.context().assigned_at() && !s.store.releasing()
+                    }
+                    _ => true,
+                },
+                Duration::from_millis(shared.config.kafka.session_timeout_ms),
+            );
+        }
         let owner = crate::ownership::Owner::new(membership, rebalances, changelog.clone());
         let follow = tokio::spawn(crate::erasures::follow(shared.clone(), shutdown.clone()));
         if shared.config.kafka.changelog_audit_ms > 0 {

@@ -284,6 +284,9 @@ pub struct Store {
     /// watermark samples of a partition taken before its revocation are void, even if it came
     /// back since.
     revocations: std::sync::Mutex<partitions::Revocations>,
+    /// Partitions that left `owned` and whose outbox entries are not released yet
+    /// (`Store::release`): the sinks may still hold their users' older states.
+    unreleased: std::sync::Mutex<std::collections::BTreeSet<i32>>,
     /// Per partition, the epoch of this instance's latest ownership of it (`Store::claim`),
     /// kept after it leaves: a batch folded late, after a revocation, is stamped with the
     /// ownership it was consumed under, which a later owner's records outrank.
@@ -335,6 +338,7 @@ impl Store {
             restoring: std::sync::Mutex::default(),
             applying: std::sync::Mutex::default(),
             revocations: std::sync::Mutex::default(),
+            unreleased: std::sync::Mutex::default(),
             epochs: std::sync::Mutex::default(),
             owned_at: std::sync::Mutex::default(),
         };

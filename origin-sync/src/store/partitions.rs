@@ -1181,6 +1181,19 @@ impl Store {
     /// Gives up the outbox entries of users of `partitions` (revoked: their new owner sends
     /// them). Returns how many left.
     pub fn release(&self, partitions: &[i32]) -> Result<u64, StoreError> {
+        let released = self.release_entries(partitions)?;
+        if let Ok(mut unreleased) = self.unreleased.lock() {
+            unreleased.retain(|p| !partitions.contains(p));
+        }
+        Ok(released)
+    }
+
+    /// Whether a partition that left is still to be released ([`Store::release`]).
+    pub fn releasing(&self) -> bool {
+        self.unreleased.lock().map_or(true, |u| !u.is_empty())
+    }
+
+    fn release_entries(&self, partitions: &[i32]) -> Result<u64, StoreError> {
         // one that came back before its release ran is owned again: its entries stay
         let owned = self.owned();
         let partitions: Vec<i32> = partitions
@@ -1230,6 +1243,11 @@ impl Store {
                 for p in owned.iter().filter(|p| !partitions.contains(p)) {
                     *revocations.entry(*p).or_default() += 1;
                 }
+            }
+            if let Ok(mut unreleased) = self.unreleased.lock() {
+                unreleased.extend(owned.iter().filter(|p| !partitions.contains(p)));
+                // back before its release ran: its entries stay (`release`)
+                unreleased.retain(|p| !partitions.contains(p));
             }
             owned.clear();
             owned.extend(partitions);
@@ -2576,6 +2594,24 @@ mod tests {
     }
 
     /// Giving up a partition drops its users' outbox entries and no one else's.
+    /// A partition that left is to be released until `release` ran for it, or it came back
+    /// (the sinks hold after a freeze until nothing is: `freeze.rs`).
+    #[test]
+    fn a_partition_that_left_is_releasing_until_released_or_back() {
+        let store = open("releasing");
+        store.set_owned(&[0, 1, 2]);
+        assert!(!store.releasing());
+        store.set_owned(&[0]);
+        assert!(store.releasing());
+        store.release(&[1]).expect("release");
+        assert!(store.releasing(), "2 is still to be released");
+        store.set_owned(&[0, 2]);
+        assert!(!store.releasing(), "2 came back before its release");
+        store.set_owned(&[]);
+        store.release(&[0, 2]).expect("release");
+        assert!(!store.releasing());
+    }
+
     #[test]
     fn release_leaves_other_partitions_outbox_entries() {
         let events = traffic(6, 120, 13);
