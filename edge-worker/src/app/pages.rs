@@ -47,7 +47,7 @@ impl App {
         let shown = self.adopt_session(req, &who, key, now_ms);
         // a visitor who just signed in: their cart joins the signed-in one on this very page
         let stitched = self.stitch(store, req, &who, key, now_ms).await;
-        let found = self.lookup(store, clock, key, now_ms).await;
+        let found = self.lookup(store, clock, key, shown.as_ref(), now_ms).await;
         let mut ctx = RequestContext::new(
             if item.is_some() {
                 Slot::Product

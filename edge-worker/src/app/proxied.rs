@@ -98,7 +98,7 @@ impl App {
         self.first_config_check(store, clock, key, now_ms).await;
         let shown = self.adopt_session(req, &who, key, now_ms);
         let stitched = self.stitch(store, req, &who, key, now_ms).await;
-        let found = self.lookup(store, clock, key, now_ms).await;
+        let found = self.lookup(store, clock, key, shown.as_ref(), now_ms).await;
         self.count_answer(Some(found.tier));
         let mut reply = Reply::json(200, &serde_json::Value::Null);
         age_header(&mut reply, &found);

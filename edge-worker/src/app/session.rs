@@ -16,6 +16,8 @@ pub(super) struct Incoming<'r> {
     /// The record, verified and decoded; `None` when it was recognised instead (the record
     /// this isolate's entry is known to show: adopting it again would change nothing).
     record: Option<Session>,
+    /// Whose record it is (`Identity::user_id`): the user its events are taken over for.
+    user: String,
 }
 
 impl App {
@@ -45,24 +47,65 @@ impl App {
                 value,
                 tag,
                 record: None,
+                user: who.user_id(),
             });
         }
         let record = Session::decode(secret, value, &key, now_ms / 1000)?;
         let user = who.user_id();
-        let events = record
-            .events
-            .iter()
-            .cloned()
-            .map(|e| e.into_event(user.clone()))
-            .collect();
-        self.cache
-            .borrow_mut()
-            .adopt(key, record.base.as_ref(), events, now_ms);
+        self.adopt_record(key, &record, &user, now_ms);
         Some(Incoming {
             value,
             tag,
             record: Some(record),
+            user,
         })
+    }
+
+    fn adopt_record(&self, key: UserKey, record: &Session, user: &str, now_ms: u64) {
+        let events = record
+            .events
+            .iter()
+            .cloned()
+            .map(|e| e.into_event(user.to_owned()))
+            .collect();
+        self.cache
+            .borrow_mut()
+            .adopt(key, record.base.as_ref(), events, now_ms);
+    }
+
+    /// Takes the request's record (`incoming`, for `key`) again where `key`'s entry no
+    /// longer shows it: after the request waited on KV, the entry may have been dropped
+    /// meanwhile (pushed out by other requests, a sync gap) and rebuilt from what KV gave,
+    /// older than what the shopper was shown. A record this request adopted is taken again
+    /// as it is (nothing new: nothing changes); one recognised on arrival is decoded only now.
+    pub(super) fn readopt(&self, incoming: Option<&Incoming>, key: UserKey, now_ms: u64) {
+        let Some(incoming) = incoming else {
+            return;
+        };
+        let now_s = now_ms / 1000;
+        if self
+            .cache
+            .borrow()
+            .peek(&key)
+            .is_some_and(|e| e.shows_record(&incoming.tag, now_s))
+        {
+            return;
+        }
+        let decoded;
+        let record = match &incoming.record {
+            Some(r) => r,
+            None => {
+                let Some(secret) = self.config.user_key_secret.as_deref() else {
+                    return;
+                };
+                decoded = Session::decode(secret, incoming.value, &key, now_s);
+                let Some(r) = &decoded else {
+                    return;
+                };
+                r
+            }
+        };
+        self.adopt_record(key, record, &incoming.user, now_ms);
     }
 
     /// The `Set-Cookie` value carrying what this answer showed `who`, when it differs from
@@ -98,6 +141,7 @@ impl App {
                 value,
                 tag,
                 record: None,
+                ..
             }) => {
                 decoded = Session::decode(secret, value, &key, now_s);
                 decoded.as_ref().map(|r| (r, *tag))

@@ -5,6 +5,7 @@
 //! Answers that show a shopper's data (recommendations, `/v1/me`) carry `private, no-store`:
 //! no browser or shared cache may keep them.
 
+use super::session::Incoming;
 use super::{App, Lookup, MAX_EVENTS_BODY, Site, Tier, decode_stored, read_profile};
 use crate::http::{
     Clock, EdgeError, Handled, HttpRequest, Outbound, Query, Reply, Served, no_store, set_header,
@@ -62,10 +63,14 @@ impl App {
         let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
         let routed = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/v1/recommendations") => {
-                self.recommendations(store, clock, req, key, now_ms).await
+                self.recommendations(store, clock, req, key, shown.as_ref(), now_ms)
+                    .await
             }
-            ("POST", "/v1/events") => self.events(store, req, &who, key, now_ms).await,
-            ("GET", "/v1/me") => Ok(self.me(store, key, now_ms).await.into()),
+            ("POST", "/v1/events") => {
+                self.events(store, req, &who, key, shown.as_ref(), now_ms)
+                    .await
+            }
+            ("GET", "/v1/me") => Ok(self.me(store, key, shown.as_ref(), now_ms).await.into()),
             ("DELETE", "/v1/me") => self.erase(store, req, &who, key, now_ms).await,
             (_, "/v1/recommendations") => not_allowed("GET"),
             (_, "/v1/events") => not_allowed("POST"),
@@ -182,8 +187,8 @@ impl App {
                 minted: false,
             };
             let record_key = self.key_of(&visitor_identity);
-            self.adopt_session(req, &visitor_identity, record_key, now_ms);
-            self.lookup(store, &Frozen(now_ms), visitor, now_ms)
+            let record = self.adopt_session(req, &visitor_identity, record_key, now_ms);
+            self.lookup(store, &Frozen(now_ms), visitor, record.as_ref(), now_ms)
                 .await
                 .profile
         };
@@ -192,7 +197,10 @@ impl App {
             // base is brought up to date first (KV when due, and the erasure fence): a join
             // pushed over a base from before their erasure would be wiped with it when the
             // tombstone is read next
-            self.lookup(store, &Frozen(now_ms), Some(key), now_ms).await;
+            // (the route's own lookup takes the shopper's session record again, if this read
+            // let the entry go)
+            self.lookup(store, &Frozen(now_ms), Some(key), None, now_ms)
+                .await;
             event.kind = EventKind::Identify {
                 anonymous,
                 absorbed: Some(Box::new(profile)),
@@ -234,12 +242,14 @@ impl App {
         Some(key)
     }
 
-    /// The shopper's profile through the tiers: cache within TTL → KV → stale cache → none.
+    /// The shopper's profile through the tiers: cache within TTL → KV → stale cache → none;
+    /// never behind what the request's session record (`shown`) says they were shown.
     pub(super) async fn lookup<S: Store>(
         &self,
         store: &S,
         clock: &dyn Clock,
         key: Option<UserKey>,
+        shown: Option<&Incoming<'_>>,
         now_ms: u64,
     ) -> Lookup {
         let mut out = Lookup {
@@ -263,6 +273,9 @@ impl App {
         } else {
             self.metrics.borrow_mut().cache_hits += 1;
         }
+        // this request (or another, meanwhile) waited on KV: the entry may have been dropped
+        // and rebuilt from an older value than the session record's
+        self.readopt(shown, key, now_ms);
         // A value from before a recent erasure (a write that landed after the tombstone, or
         // one cached before this isolate heard of it) is read as the tombstone.
         if let Some(floor) = self.fence.borrow().floor(&key) {
@@ -337,12 +350,13 @@ impl App {
         clock: &dyn Clock,
         req: &HttpRequest,
         key: Option<UserKey>,
+        shown: Option<&Incoming<'_>>,
         now_ms: u64,
     ) -> Result<Handled, EdgeError> {
         let query = Query::parse(&req.query)?;
         let site = self.site();
         let mut ctx = query.context(&site.catalog, now_ms)?;
-        let found = self.lookup(store, clock, key, now_ms).await;
+        let found = self.lookup(store, clock, key, shown, now_ms).await;
         ctx.seed = seed(key, now_ms);
         ctx.device = query.device.unwrap_or_else(|| device_of(req));
         ctx.country = ctx.country.or_else(|| country_of(req));
@@ -374,6 +388,7 @@ impl App {
         req: &HttpRequest,
         who: &Identity,
         key: Option<UserKey>,
+        shown: Option<&Incoming<'_>>,
         now_ms: u64,
     ) -> Result<Handled, EdgeError> {
         if req.body.len() > MAX_EVENTS_BODY {
@@ -439,7 +454,8 @@ impl App {
             // Load the base first so the local events fold over what origin knows.
             let cached = self.cache.borrow().peek(&key).is_some();
             if !cached {
-                self.lookup(store, &Frozen(now_ms), Some(key), now_ms).await;
+                self.lookup(store, &Frozen(now_ms), Some(key), shown, now_ms)
+                    .await;
             }
             let mut cache = self.cache.borrow_mut();
             for e in &good {
@@ -479,8 +495,16 @@ impl App {
         })
     }
 
-    async fn me<S: Store>(&self, store: &S, key: Option<UserKey>, now_ms: u64) -> Reply {
-        let found = self.lookup(store, &Frozen(now_ms), key, now_ms).await;
+    async fn me<S: Store>(
+        &self,
+        store: &S,
+        key: Option<UserKey>,
+        shown: Option<&Incoming<'_>>,
+        now_ms: u64,
+    ) -> Reply {
+        let found = self
+            .lookup(store, &Frozen(now_ms), key, shown, now_ms)
+            .await;
         let pending = key
             .and_then(|k| self.cache.borrow().peek(&k).map(|e| e.local_events()))
             .unwrap_or(0);
