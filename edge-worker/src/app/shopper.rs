@@ -159,6 +159,10 @@ impl App {
         let anonymous =
             identity::signed_in_visitor(who, req.header("cookie"), self.cookie_secure(req))?;
         let key = key?;
+        // an event to origin, paid for like one: a script sending a new made-up visitor
+        // cookie with every signed-in request would otherwise make an `/ingest` request (and
+        // a KV read) each time for free. Over budget, the cookie stays for a later request.
+        self.take_budget(req, who, Some(key), 1, now_ms).ok()?;
         let visitor = self.key_of(&Identity::User(anonymous.clone()));
         let mut event = Event {
             id: format!(

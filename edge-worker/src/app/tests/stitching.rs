@@ -195,3 +195,41 @@ fn browsing_signed_out_keeps_the_signed_in_record_and_signing_in_joins_both() {
         "the visitor's record is cleared"
     );
 }
+
+/// Stitching sends origin an event, and pays for it from the signed-in shopper's write
+/// budget: a script sending a new made-up visitor cookie with every request gets no more
+/// `identify` events out than its budget allows (each was an `/ingest` request and a KV read);
+/// over budget, the cookie stays, and is stitched on a later request.
+#[test]
+fn stitching_pays_from_the_shoppers_write_budget() {
+    let w = World::with(config_with(&[
+        ("EVENTS_PER_SEC", "1"),
+        ("EVENTS_BURST", "3"),
+    ]));
+    let identifies = |cookie: &str| {
+        let handled = w.send({
+            let mut r = HttpRequest::get("/v1/recommendations");
+            r.headers = [("cookie", cookie), signed_in("mallory")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            r
+        });
+        let cleared = handled
+            .reply
+            .header("set-cookie")
+            .is_some_and(|c| c.starts_with("__Host-ew_vid=;"));
+        (handled.outbound.len(), cleared)
+    };
+    let made_up = |n: u32| format!("__Host-ew_vid={n:032x}");
+    for n in 0..3 {
+        assert_eq!(identifies(&made_up(n)), (1, true), "within the burst");
+    }
+    assert_eq!(
+        identifies(&made_up(3)),
+        (0, false),
+        "over budget: kept for later"
+    );
+    w.advance(1000);
+    assert_eq!(identifies(&made_up(3)), (1, true));
+}
