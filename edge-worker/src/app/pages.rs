@@ -25,7 +25,12 @@ impl App {
     ) -> Handled {
         let who = self.page_identity(req, now_ms, mint);
         let key = self.key_of(&who);
-        self.first_config_check(store, clock, key, now_ms).await;
+        // a visitor minted for this request has no profile anywhere yet: no KV read for it,
+        // and no cache entry to push a real shopper's out (a flood of cookieless requests
+        // would otherwise empty the cache)
+        let profile_key = key.filter(|_| !who.is_minted());
+        self.first_config_check(store, clock, profile_key, now_ms)
+            .await;
         let site = self.site();
         let current = req.path.strip_prefix("/p/").map(str::to_owned);
         let item = match &current {
@@ -47,7 +52,9 @@ impl App {
         let shown = self.adopt_session(req, &who, key, now_ms);
         // a visitor who just signed in: their cart joins the signed-in one on this very page
         let stitched = self.stitch(store, req, &who, key, now_ms).await;
-        let found = self.lookup(store, clock, key, shown.as_ref(), now_ms).await;
+        let found = self
+            .lookup(store, clock, profile_key, shown.as_ref(), now_ms)
+            .await;
         let mut ctx = RequestContext::new(
             if item.is_some() {
                 Slot::Product

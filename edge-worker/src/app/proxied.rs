@@ -95,10 +95,17 @@ impl App {
     ) -> PagePersonalization {
         let who = self.page_identity(req, now_ms, mint);
         let key = self.key_of(&who);
-        self.first_config_check(store, clock, key, now_ms).await;
+        // a visitor minted for this request has no profile anywhere yet: no KV read for it,
+        // and no cache entry to push a real shopper's out (a flood of cookieless requests
+        // would otherwise empty the cache)
+        let profile_key = key.filter(|_| !who.is_minted());
+        self.first_config_check(store, clock, profile_key, now_ms)
+            .await;
         let shown = self.adopt_session(req, &who, key, now_ms);
         let stitched = self.stitch(store, req, &who, key, now_ms).await;
-        let found = self.lookup(store, clock, key, shown.as_ref(), now_ms).await;
+        let found = self
+            .lookup(store, clock, profile_key, shown.as_ref(), now_ms)
+            .await;
         self.count_answer(Some(found.tier));
         let mut reply = Reply::json(200, &serde_json::Value::Null);
         age_header(&mut reply, &found);

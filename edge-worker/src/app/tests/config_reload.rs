@@ -473,7 +473,9 @@ fn requests_during_a_new_isolates_first_check_wait_for_it() {
     assert_ne!(published, DEMO_CATALOG_JSON);
     w.sync(vec![catalog_doc(5, &published)]);
     let fresh_store = || HeldReads::copy_of(&w.store);
-    let page = HttpRequest::get("/p/cam-901");
+    // a returning visitor's (a just minted one has no profile to read)
+    let mut page = HttpRequest::get("/p/cam-901");
+    page.headers.push(("cookie".into(), visitor_cookie()));
     let mut cx = Context::from_waker(Waker::noop());
 
     let store = fresh_store();
@@ -533,7 +535,8 @@ fn a_first_check_that_never_ends_is_made_again_by_a_waiting_request() {
     let published = DEMO_CATALOG_JSON.replace("cam-001", "cam-901");
     w.sync(vec![catalog_doc(5, &published)]);
     let store = HeldReads::copy_of(&w.store);
-    let page = HttpRequest::get("/p/cam-901");
+    let mut page = HttpRequest::get("/p/cam-901");
+    page.headers.push(("cookie".into(), visitor_cookie()));
     let mut cx = Context::from_waker(Waker::noop());
     let app = App::new(config());
     let mut stuck = Box::pin(app.handle(&store, &w.clock, &page, || [1; 16]));

@@ -115,3 +115,36 @@ fn popular_now_leaves_out_what_is_in_the_cart() {
     assert!(!shown.contains(&first), "{first} is in the cart: {shown:?}");
     assert_eq!(shown.len(), top.len(), "the next one takes its place");
 }
+
+/// A page for a visitor minted by that very request (no cookie: a first visit, a crawler, a
+/// flood) reads no profile from KV and caches none: none can exist yet, and a flood of
+/// cookieless requests would otherwise cost a KV read each and push real shoppers' entries
+/// out of the cache. The visitor's next page, with the cookie, looks their profile up.
+#[test]
+fn a_page_for_a_just_minted_visitor_reads_and_caches_no_profile() {
+    let app = App::new(config());
+    let store = HeldReads::new();
+    store.held.set(false);
+    let clock = TestClock(Cell::new(NOW_MS as f64));
+    let first = run(app.handle(&store, &clock, &HttpRequest::get("/"), || [0x21; 16]));
+    assert_eq!(first.reply.status, 200);
+    let minted = first
+        .reply
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("a visitor cookie")
+        .to_owned();
+    let profile_reads = || {
+        store
+            .started
+            .borrow()
+            .iter()
+            .filter(|k| k.starts_with(shared::keys::PROFILE_KEY_PREFIX))
+            .count()
+    };
+    assert_eq!(profile_reads(), 0, "{:?}", store.started.borrow());
+    let mut again = HttpRequest::get("/");
+    again.headers.push(("cookie".into(), minted));
+    run(app.handle(&store, &clock, &again, || [0x22; 16]));
+    assert_eq!(profile_reads(), 1, "{:?}", store.started.borrow());
+}
