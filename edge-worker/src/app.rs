@@ -128,6 +128,10 @@ pub struct App {
     /// Profiles a `/v1/sync` request is applying a change to (from its KV read to its KV
     /// write), and whose synced value may be in the cache while that write still runs.
     writing: RefCell<std::collections::HashSet<UserKey>>,
+    /// Profiles a request is reading from KV, and how many such reads: a sync that writes one
+    /// meanwhile puts its value in the cache even when no entry is there yet, so that the
+    /// read, ending after it, cannot cache what KV held before for a whole TTL.
+    reading: RefCell<std::collections::HashMap<UserKey, u32>>,
     /// When the last config check started; `None` until an isolate's first request makes
     /// its first (every later one runs off the request path, see [`App::config_refresh_due`]).
     config_checked_ms: Cell<Option<u64>>,
@@ -192,6 +196,7 @@ impl App {
             site: RefCell::new(Rc::new(Site::bundled())),
             in_flight: RefCell::default(),
             writing: RefCell::default(),
+            reading: RefCell::default(),
             config_checked_ms: Cell::new(None),
             prefetched: Cell::new(None),
             first_check_done: Cell::new(false),

@@ -129,6 +129,10 @@ impl App {
         }) {
             return None;
         }
+        // the entry may have been dropped and rebuilt from an older KV value while the
+        // request waited (after its last lookup): it takes the record again first, so the new
+        // record, which this isolate will recognise as showing the entry, does
+        self.readopt(incoming, key, now_ms);
         // recognised when the request came, but the entry changed since: read it now
         let decoded;
         let incoming = match incoming {

@@ -139,6 +139,11 @@ impl App {
         )
     }
 
+    /// Whether a request is reading `key`'s profile from KV now.
+    pub(super) fn is_reading(&self, key: &UserKey) -> bool {
+        self.reading.borrow().contains_key(key)
+    }
+
     /// Identity stitching: a signed-in request that still carries a visitor cookie is the
     /// moment the edge sees both identities. It sends origin an `identify` event (the
     /// visitor's profile joins the signed-in one there, once, and the visitor's is retired),
@@ -201,8 +206,8 @@ impl App {
             // base is brought up to date first (KV when due, and the erasure fence): a join
             // pushed over a base from before their erasure would be wiped with it when the
             // tombstone is read next
-            // (the route's own lookup takes the shopper's session record again, if this read
-            // let the entry go)
+            // (the route takes the shopper's session record again, if this read let the
+            // entry go)
             self.lookup(store, &Frozen(now_ms), Some(key), None, now_ms)
                 .await;
             event.kind = EventKind::Identify {
@@ -314,7 +319,10 @@ impl App {
         now_ms: u64,
     ) -> (f64, bool) {
         let t0 = clock.now_ms();
-        let got = store.get(&key.kv_key()).await;
+        let got = {
+            let _reading = Reading::start(self, key);
+            store.get(&key.kv_key()).await
+        };
         let kv_ms = clock.now_ms() - t0;
         {
             let mut m = self.metrics.borrow_mut();
@@ -455,9 +463,18 @@ impl App {
             now_ms,
         );
         if let Some(key) = key.filter(|_| !good.is_empty()) {
-            // Load the base first so the local events fold over what origin knows.
-            let cached = self.cache.borrow().peek(&key).is_some();
-            if !cached {
+            // Load the base first so the local events fold over what origin knows (and the
+            // erasure fence is applied): an entry only a session record made (never read
+            // here) is not loaded. One that is takes the request's record again, which the
+            // waits before this (stitching's KV reads) may have let go.
+            let loaded = self
+                .cache
+                .borrow()
+                .peek(&key)
+                .is_some_and(|e| e.fetched_at_ms() > 0);
+            if loaded {
+                self.readopt(shown, key, now_ms);
+            } else {
                 self.lookup(store, &Frozen(now_ms), Some(key), shown, now_ms)
                     .await;
             }
@@ -1044,4 +1061,30 @@ fn profile_json(p: &Profile, catalog: &Catalog) -> Value {
         "bucket": p.bucket,
         "personalization": p.consent.personalization(),
     })
+}
+
+/// A profile read from KV in flight ([`App::is_reading`]), until dropped (the read ended, or
+/// its request went away).
+struct Reading<'a> {
+    app: &'a App,
+    key: UserKey,
+}
+
+impl<'a> Reading<'a> {
+    fn start(app: &'a App, key: UserKey) -> Reading<'a> {
+        *app.reading.borrow_mut().entry(key).or_default() += 1;
+        Reading { app, key }
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut reading = self.app.reading.borrow_mut();
+        if let Some(n) = reading.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                reading.remove(&self.key);
+            }
+        }
+    }
 }

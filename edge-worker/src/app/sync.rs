@@ -264,9 +264,11 @@ impl App {
                             // A read that missed the cache while the write ran may have cached
                             // what KV held before it (nothing, for a new shopper), for a whole
                             // TTL: show the written value to it too (versions only move forward).
+                            // And a read still running (it may end after this) gets an
+                            // entry to find.
                             {
                                 let mut cache = self.cache.borrow_mut();
-                                if cache.peek(&key).is_some() {
+                                if cache.peek(&key).is_some() || self.is_reading(&key) {
                                     cache.put_fetched(key, Some(stored), taken_ms);
                                 }
                             }

@@ -189,6 +189,9 @@ struct HeldReads {
     inner: MemoryStore,
     held: Cell<bool>,
     started: RefCell<Vec<String>>,
+    /// Reads take the value when they start, not when they end (what a read in flight while
+    /// a write lands returns).
+    read_first: Cell<bool>,
 }
 
 impl HeldReads {
@@ -207,6 +210,7 @@ impl HeldReads {
             inner,
             held: Cell::new(true),
             started: RefCell::default(),
+            read_first: Cell::new(false),
         }
     }
 }
@@ -214,6 +218,11 @@ impl HeldReads {
 impl Store for HeldReads {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         self.started.borrow_mut().push(key.to_owned());
+        let early = if self.read_first.get() {
+            Some(self.inner.get(key).await)
+        } else {
+            None
+        };
         std::future::poll_fn(|_| {
             if self.held.get() {
                 Poll::Pending
@@ -222,7 +231,10 @@ impl Store for HeldReads {
             }
         })
         .await;
-        self.inner.get(key).await
+        match early {
+            Some(value) => value,
+            None => self.inner.get(key).await,
+        }
     }
 
     async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {

@@ -555,3 +555,143 @@ fn a_flood_of_erasures_writes_nothing_for_new_visitors_and_is_limited_by_address
     assert_eq!(delete(&other).reply.status, 202);
     assert_eq!(delete(&alice()).reply.status, 202);
 }
+
+/// A read of the shopper's profile that started before this isolate applied origin's
+/// tombstone, and ends after its KV write, returns the value from before: it does not cache
+/// that for a whole TTL (the sync put its tombstone in the cache for the read to find).
+#[test]
+fn a_read_in_flight_across_a_synced_tombstone_caches_nothing_older() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let app = App::new(config());
+    let store = HeldReads::copy_of(&w.store);
+    store.held.set(false);
+    // the isolate's first config check done
+    run(app.handle(&store, &w.clock, &HttpRequest::get("/healthz"), || [9; 16]));
+    run(app.handle(
+        &store,
+        &w.clock,
+        &{
+            let mut r = HttpRequest::get("/v1/me");
+            r.headers = vec![("authorization".into(), bearer("bob").into())];
+            r
+        },
+        || [9; 16],
+    ));
+    store.held.set(true);
+    store.read_first.set(true);
+    let mut me = HttpRequest::get("/v1/me");
+    me.headers = vec![("authorization".into(), bearer("alice").into())];
+    let mut page = Box::pin(app.handle(&store, &w.clock, &me, || [9; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(page.as_mut().poll(&mut cx).is_pending(), "reading KV");
+
+    // origin's tombstone, applied here meanwhile
+    store.held.set(false);
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![SyncItem::Delta(Delta {
+                user: key("alice"),
+                change: Change::Tombstone {
+                    version: shared::delta::tombstone_version(p.version),
+                },
+            })],
+        },
+        Codec::Lz4,
+    );
+    let ts = w.now() / 1000;
+    let sync = HttpRequest {
+        method: "POST".into(),
+        path: "/v1/sync".into(),
+        headers: vec![
+            (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
+            (
+                auth::SIGNATURE_HEADER.into(),
+                auth::sign(SYNC_SECRET.as_bytes(), ts, &frame),
+            ),
+        ],
+        body: frame,
+        ..HttpRequest::default()
+    };
+    let synced = run(app.handle(&store, &w.clock, &sync, || [9; 16]));
+    assert_eq!(synced.reply.status, 200);
+
+    let Poll::Ready(h) = page.as_mut().poll(&mut cx) else {
+        panic!("the read is back")
+    };
+    assert_eq!(h.reply.body_json()["profile"], Value::Null, "erased");
+    store.read_first.set(false);
+    w.advance(1000);
+    assert_eq!(
+        run(app.handle(&store, &w.clock, &me, || [9; 16]))
+            .reply
+            .body_json()["profile"],
+        Value::Null,
+        "and stays so"
+    );
+}
+
+/// A shopper erased, then active on another device whose session record is from before the
+/// erasure: that device's new event, posted at an isolate that has no entry for them, shows
+/// there. The entry the old record made was taken for a loaded one, the event pushed over
+/// the record's base, and the tombstone read next wiped it.
+#[test]
+fn an_event_after_an_erasure_posted_with_an_old_session_record_shows() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let with_cookie = |cookie: &Option<String>| {
+        let mut headers: Vec<(String, String)> =
+            vec![("authorization".into(), bearer("alice").into())];
+        if let Some(c) = cookie {
+            headers.push(("cookie".into(), format!("__Host-ew_s={c}")));
+        }
+        headers
+    };
+    let session_of = |reply: &Reply| {
+        reply.headers.iter().find_map(|(n, v)| {
+            (*n == "set-cookie")
+                .then(|| v.strip_prefix("__Host-ew_s="))
+                .flatten()
+                .and_then(|v| v.split(';').next())
+                .map(str::to_owned)
+        })
+    };
+    // the phone's record: version 1 and an own event
+    let mut post = HttpRequest::get("/v1/events");
+    post.method = "POST".into();
+    post.headers = with_cookie(&None);
+    post.body = format!(r#"{{"event_id":"old","ts":{},{ADD_CAMERA}}}"#, w.now()).into_bytes();
+    let phone = session_of(&w.send(post).reply);
+    assert!(phone.is_some());
+    // erased from the laptop, at this isolate
+    let mut erase = HttpRequest::get("/v1/me");
+    erase.method = "DELETE".into();
+    erase.headers = with_cookie(&None);
+    assert_eq!(w.send(erase).reply.status, 202);
+
+    // the phone, at an isolate that never saw alice (its first config check, which reads the
+    // first shopper's profile too, made for another)
+    let b = App::new(config());
+    let mut warm = HttpRequest::get("/v1/me");
+    warm.headers = vec![("authorization".into(), bearer("bob").into())];
+    run(b.handle(&w.store, &w.clock, &warm, || [9; 16]));
+    let mut post = HttpRequest::get("/v1/events");
+    post.method = "POST".into();
+    post.headers = with_cookie(&phone);
+    post.body = format!(r#"{{"event_id":"new","ts":{},{VIEW_LAPTOP}}}"#, w.now()).into_bytes();
+    let posted = run(b.handle(&w.store, &w.clock, &post, || [9; 16]));
+    assert_eq!(posted.reply.status, 202);
+    let mut me = HttpRequest::get("/v1/me");
+    me.headers = with_cookie(&session_of(&posted.reply).or(phone));
+    let shown = run(b.handle(&w.store, &w.clock, &me, || [9; 16]))
+        .reply
+        .body_json()["profile"]
+        .clone();
+    assert_eq!(
+        (shown["views"].clone(), shown["cart"].clone()),
+        (1.into(), json!([])),
+        "the new view, and nothing from before the erasure: {shown}"
+    );
+}

@@ -233,3 +233,62 @@ fn stitching_pays_from_the_shoppers_write_budget() {
     w.advance(1000);
     assert_eq!(identifies(&made_up(3)), (1, true));
 }
+
+/// Signing in at an isolate with little room: the visitor's entry, made while stitching,
+/// pushes the shopper's out, and stitching's read of their profile rebuilds it from KV, which
+/// here lags what the shopper was shown. The events route takes the shopper's session record
+/// again before adding to the entry, so the record the answer sets, which this isolate then
+/// recognises, shows what the shopper was shown: their base and their own events.
+#[test]
+fn signing_in_at_a_full_isolate_keeps_what_the_shoppers_record_shows() {
+    let w = World::new();
+    let p1 = profile_of("alice", &[event("alice", 1, VIEW_LAPTOP)]);
+    w.sync(vec![snapshot("alice", &p1)]);
+    let p2 = profile_of(
+        "alice",
+        &[
+            event("alice", 1, VIEW_LAPTOP),
+            event("alice", 2, ADD_CAMERA),
+        ],
+    );
+    w.sync(vec![snapshot("alice", &p2)]);
+    let alice = signed_in("alice");
+    let b = format!(r#"{{"event_id":"mine-0","ts":{},{ADD_CARD}}}"#, w.now());
+    let mine = w.post("/v1/events", &[alice], b.as_bytes());
+    let alice_record = record(&mine, "__Host-ew_s").expect("alice's record");
+    let cookie = visitor_cookie();
+    let b = format!(r#"{{"event_id":"anon-0","ts":{},{VIEW_LAPTOP}}}"#, w.now());
+    let anon = w.post("/v1/events", &[("cookie", cookie.as_str())], b.as_bytes());
+    let visitor_record = record(&anon, "__Host-ew_sv").expect("the visitor's record");
+    // KV where the next isolate runs still gives version 1
+    w.store.insert_raw(
+        &key("alice").kv_key(),
+        wire::encode_stored(&Stored::Profile(p1.clone())),
+        Some(1),
+    );
+
+    let small = App::new(config_with(&[("CACHE_MAX_ENTRIES", "1")]));
+    let send = |cookies: String, req: HttpRequest| {
+        let mut req = req;
+        req.headers = vec![("cookie".into(), cookies), (alice.0.into(), alice.1.into())];
+        run(small.handle(&w.store, &w.clock, &req, || [0x46; 16]))
+    };
+    // its first config check made for another shopper
+    let mut warm = HttpRequest::get("/v1/me");
+    warm.headers = vec![("authorization".into(), bearer("bob").into())];
+    run(small.handle(&w.store, &w.clock, &warm, || [0x46; 16]));
+
+    let mut post = HttpRequest::get("/v1/events");
+    post.method = "POST".into();
+    post.body = format!(r#"{{"event_id":"new-0","ts":{},{VIEW_LAPTOP}}}"#, w.now()).into_bytes();
+    let posted = send(format!("{cookie}; {alice_record}; {visitor_record}"), post);
+    assert_eq!(posted.reply.status, 202);
+    let record_now = record(&posted, "__Host-ew_s").unwrap_or(alice_record);
+    let me = send(record_now, HttpRequest::get("/v1/me"));
+    assert_eq!(
+        cart_items(&me.reply.body_json()),
+        vec!["cam-001x1", "sd-128x1"],
+        "version 2's camera and the shopper's own card: {}",
+        me.reply.body_json()
+    );
+}
