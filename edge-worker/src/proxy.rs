@@ -164,6 +164,20 @@ impl ProxyConfig {
     }
 }
 
+/// The key the edge keeps its shared copy of a site page under: the URL the browser asked
+/// for, scheme and host included. The site builds its page from them as well as from the
+/// path (the edge sends `X-Forwarded-Proto`/`-Host` from them): keyed by the site's URL
+/// alone, a page fetched over plain `http://`, or through another hostname routed to this
+/// worker, was served to every shopper of the `https://` site, its links and forms pointing
+/// there.
+pub fn shared_copy_key(url: &crate::http::UrlParts) -> String {
+    if url.query.is_empty() {
+        format!("{}://{}{}", url.scheme, url.host, url.path)
+    } else {
+        format!("{}://{}{}?{}", url.scheme, url.host, url.path, url.query)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     /// One of Edgewise's own routes, answered by the worker.
@@ -389,6 +403,26 @@ pub fn shared_cache_ttl(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shared copy of a page is kept per scheme and host as well as per path and query:
+    /// the site builds its links from them (`X-Forwarded-Proto`/`-Host`).
+    #[test]
+    fn the_shared_copy_is_keyed_by_scheme_and_host_too() {
+        use crate::http::UrlParts;
+        let key = |url: &str| shared_copy_key(&UrlParts::of(url));
+        let https = key("https://shop.example/p/cam-001?ref=mail");
+        assert_eq!(https, "https://shop.example/p/cam-001?ref=mail");
+        for other in [
+            "http://shop.example/p/cam-001?ref=mail",
+            "https://evil.shop.example/p/cam-001?ref=mail",
+            "https://shop.example:8443/p/cam-001?ref=mail",
+            "https://shop.example/p/cam-001",
+            "https://shop.example/p/cam-002?ref=mail",
+        ] {
+            assert_ne!(key(other), https, "{other}");
+        }
+        assert_eq!(key("https://shop.example/"), "https://shop.example/");
+    }
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -1,9 +1,12 @@
-/* Edgewise JS SDK: reports the shopper's events to the edge. Views are batched and sent with
-   sendBeacon (they survive navigation); add-to-cart is sent at once with fetch, so the next
-   page already reflects it. Usage: edgewise.track(type, fields). */
+/* Edgewise JS SDK: reports the shopper's events to the edge. Views are batched (sent within a
+   second, or with sendBeacon when the page goes away); add-to-cart is sent at once, with the
+   views still queued, so the next page already reflects it. Posts go one at a time: each
+   answer sets the shopper's session cookie from what the edge holds then, and two in flight
+   at once (at two isolates) would each set theirs, the later answer's record without the
+   other's events. Usage: edgewise.track(type, fields). */
 (function () {
   "use strict";
-  var URL = "/v1/events", queue = [], timer = 0;
+  var URL = "/v1/events", queue = [], timer = 0, last = Promise.resolve();
   function id() {
     return window.crypto && crypto.randomUUID ? crypto.randomUUID()
       : Date.now().toString(36) + "-" + Math.random().toString(36).slice(2);
@@ -14,18 +17,27 @@
     return e;
   }
   function post(events) {
-    return fetch(URL, {
-      method: "POST", credentials: "same-origin", keepalive: true,
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ events: events })
+    var body = JSON.stringify({ events: events });
+    var sent = last.then(function () {
+      return fetch(URL, {
+        method: "POST", credentials: "same-origin", keepalive: true,
+        headers: { "content-type": "application/json" },
+        body: body
+      });
     });
+    last = sent.catch(function () {});
+    return sent;
   }
-  function flush() {
+  /* leaving: the page is going away, and only a beacon is sure to be sent */
+  function flush(leaving) {
     clearTimeout(timer); timer = 0;
     if (!queue.length) return;
-    var body = JSON.stringify({ events: queue.splice(0, 100) });
-    var blob = new Blob([body], { type: "application/json" });
-    if (!(navigator.sendBeacon && navigator.sendBeacon(URL, blob))) post(JSON.parse(body).events);
+    var events = queue.splice(0, 100);
+    if (leaving === true && navigator.sendBeacon) {
+      var blob = new Blob([JSON.stringify({ events: events })], { type: "application/json" });
+      if (navigator.sendBeacon(URL, blob)) return;
+    }
+    post(events);
   }
   var ew = window.edgewise = {
     /* Queues an event; sent within a second or when the page is hidden. */
@@ -33,8 +45,15 @@
       queue.push(event(type, fields || {}));
       if (!timer) timer = setTimeout(flush, 1000);
     },
-    /* Sends an event now; resolves when the edge has applied it. */
-    send: function (type, fields) { return post([event(type, fields || {})]); },
+    /* Sends an event now, with the views still queued; resolves when the edge has applied
+       it. */
+    send: function (type, fields) {
+      clearTimeout(timer); timer = 0;
+      var events = queue.splice(0, 99);
+      events.push(event(type, fields || {}));
+      if (queue.length) timer = setTimeout(flush, 1000);
+      return post(events);
+    },
     addToCart: function (item, category, price, quantity) {
       return ew.send("add_to_cart", { item: item, category: category, price: price, quantity: quantity || 1 });
     },
@@ -43,9 +62,9 @@
     },
     flush: flush
   };
-  addEventListener("pagehide", flush);
+  addEventListener("pagehide", function () { flush(true); });
   document.addEventListener("visibilitychange", function () {
-    if (document.visibilityState === "hidden") flush();
+    if (document.visibilityState === "hidden") flush(true);
   });
   ew.track("page_view");
   var product = document.querySelector("[data-ew-product]");

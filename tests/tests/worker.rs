@@ -977,6 +977,20 @@ fn in_proxy_mode_a_cacheable_page_is_fetched_once_and_personalized_for_each_shop
         assert_eq!(r.header("x-edgewise-site-cache"), Some("hit"));
     }
     assert_eq!(asked("/shared.html"), fetched, "hits cost no site request");
+    // another hostname routed to this worker (or plain http where the site is https): the site
+    // builds its links from it (X-Forwarded-Host/-Proto), so it is another copy
+    let r = http(
+        w.port,
+        "GET",
+        "/shared.html",
+        &[("host", "other.example")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-edgewise-site-cache"), Some("miss"));
+    let fetched = fetched + 1;
+    assert_eq!(asked("/shared.html"), fetched);
     // signed in (the site may answer differently), by a header or by the site's own session
     // cookie (SITE_SESSION_COOKIES); or with a header the site may build links from, which the
     // copy is not keyed by: the site is asked and nothing is kept
@@ -1390,4 +1404,23 @@ fn standalone_prerequisites() -> Option<std::path::PathBuf> {
         return None;
     }
     Some(bundle)
+}
+
+/// The SDK posts one request at a time, an add-to-cart carrying the views still queued
+/// (`tests/browser/sdk_order.mjs`, the SDK in a stub page under Node): two posts in flight at
+/// once each set the session cookie, and the later answer's dropped the other's events
+/// (the stack's browser test saw the cart missing from the next page at another isolate).
+#[test]
+fn the_sdk_posts_one_request_at_a_time() {
+    let out = std::process::Command::new("node")
+        .arg(tests::root().join("tests/browser/sdk_order.mjs"))
+        .current_dir(tests::root())
+        .output()
+        .expect("node runs (a prerequisite: see the README)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

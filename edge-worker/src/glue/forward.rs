@@ -74,7 +74,7 @@ pub async fn forward(
         && !app.carries_credentials(&incoming)
         && !proxy::has_unkeyed_input(&incoming)
         && !NO_CACHE.get())
-    .then(|| target.clone());
+    .then(|| proxy::shared_copy_key(&url));
     let site = async {
         if let Some(key) = &cache_key {
             match Cache::default().get(key.as_str(), false).await {
