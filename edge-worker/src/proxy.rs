@@ -145,9 +145,15 @@ impl ProxyConfig {
         }
     }
 
-    /// Whether the request carries one of the site's sign-in cookies.
+    /// Whether the request carries one of the site's sign-in cookies. Until they are named
+    /// (`SITE_SESSION_COOKIES` unset), any cookie of the site's may be one: a signed-in page
+    /// the site marks cacheable by mistake must not become everyone's copy because nobody
+    /// told the edge which cookie signs in. Only Edgewise's own cookies are known not to.
     pub fn has_session_cookie(&self, cookie_header: Option<&str>) -> bool {
         cookie_header.is_some_and(|h| {
+            if self.session_cookies.is_empty() {
+                return without_own_cookies(h).is_some();
+            }
             self.session_cookies
                 .iter()
                 .any(|name| crate::token::cookie(h, name).is_some_and(|v| !v.is_empty()))

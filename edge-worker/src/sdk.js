@@ -1,9 +1,6 @@
-/* Edgewise JS SDK: reports the shopper's events to the edge. Views are batched (sent within a
-   second, or with sendBeacon when the page goes away); add-to-cart is sent at once, with the
-   views still queued, so the next page already reflects it. Posts go one at a time: each
-   answer sets the shopper's session cookie from what the edge holds then, and two in flight
-   at once (at two isolates) would each set theirs, the later answer's record without the
-   other's events. Usage: edgewise.track(type, fields). */
+/* Edgewise JS SDK: reports the shopper's events to the edge. Views are batched; add-to-cart
+   is sent at once, with them, so the next page reflects it. One post at a time: each answer
+   sets the session cookie (ARCHITECTURE.md). Usage: edgewise.track(type, fields). */
 (function () {
   "use strict";
   var URL = "/v1/events", queue = [], timer = 0, last = Promise.resolve();
@@ -28,7 +25,7 @@
     last = sent.catch(function () {});
     return sent;
   }
-  /* leaving: the page is going away, and only a beacon is sure to be sent */
+  /* leaving: only a beacon is sure to be sent */
   function flush(leaving) {
     clearTimeout(timer); timer = 0;
     if (!queue.length) return;
@@ -45,8 +42,7 @@
       queue.push(event(type, fields || {}));
       if (!timer) timer = setTimeout(flush, 1000);
     },
-    /* Sends an event now, with the views still queued; resolves when the edge has applied
-       it. */
+    /* Sends an event now (and what is queued); resolves once applied. */
     send: function (type, fields) {
       clearTimeout(timer); timer = 0;
       var events = queue.splice(0, 99);

@@ -297,6 +297,20 @@ fn a_request_with_any_credential_never_shares_the_sites_page() {
     assert!(carries(&[("x-shop-user", "alice")]));
     assert!(carries(&[("cookie", "sessionid=abc")]));
     assert!(carries(&[("cookie", "a=1; remember_me=1")]));
+
+    // sign-in cookies not named: any cookie of the site's may be one; Edgewise's own are not
+    let w = World::with(config_with(&[(
+        "SITE_ORIGIN",
+        "https://origin.shop.example",
+    )]));
+    let carries = |cookie: &str| {
+        w.app
+            .carries_credentials(&[("cookie".to_string(), cookie.to_string())])
+    };
+    assert!(carries("theme=dark"));
+    assert!(carries("ew_vid=00ff; shop_login=1"));
+    assert!(!carries("ew_vid=00ff"));
+    assert!(!carries("__Host-ew_vid=00ff; __Host-ew_s=abc"));
 }
 
 #[test]
