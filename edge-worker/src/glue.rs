@@ -601,7 +601,13 @@ async fn send(o: &Outbound) -> Result<(u16, Option<String>, bool)> {
 
 fn into_response(reply: Reply) -> Result<web_sys::Response> {
     let mut head = String::with_capacity(256);
-    for (name, value) in std::iter::once(("content-type", reply.content_type))
+    // nosniff: an error that echoes a request's text is read as JSON, never as a page
+    let own = [
+        ("content-type", reply.content_type),
+        ("x-content-type-options", "nosniff"),
+    ];
+    for (name, value) in own
+        .into_iter()
         .chain(reply.headers.iter().map(|(k, v)| (*k, v.as_str())))
     {
         // a line break would split the head; HTTP forbids it in a header anyway

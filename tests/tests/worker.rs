@@ -259,6 +259,12 @@ fn fresh_kv_serves_pages_then_a_signed_sync_personalizes_and_bad_input_is_refuse
             "{method} {path}: {}",
             r.text()
         );
+        // what the request sent back in an error is never sniffed into a page
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{method} {path}"
+        );
     }
     // a header value no HTTP client sends (a control byte), written by hand
     let head = format!(

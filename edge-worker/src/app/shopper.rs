@@ -671,6 +671,15 @@ impl App {
                     source,
                 })?;
         }
+        // Erased here, and fenced, before the tombstone's KV write: a write from before the
+        // erasure that lands later is read as erased here, and a sync whose KV write is on its
+        // way meanwhile sees the fence once it lands, and writes the tombstone over it. (The
+        // pending record is stored: should the write below fail, origin still hears of the
+        // erasure, and its tombstone reaches KV.)
+        self.cache
+            .borrow_mut()
+            .erase(key, tombstone.clone(), now_ms);
+        self.fence.borrow_mut().raise(key, version, now_ms);
         store
             .put(&kv_key, &wire::encode_stored(&tombstone), version)
             .await
@@ -679,9 +688,6 @@ impl App {
                 then: THEN,
                 source,
             })?;
-        self.cache.borrow_mut().erase(key, tombstone, now_ms);
-        // and fenced: a write from before the erasure that lands later is read as erased here
-        self.fence.borrow_mut().raise(key, version, now_ms);
         let outbound = origin
             .map(|(origin, secret)| erasure_request(origin, secret, &erasure, pending, now_ms))
             .into_iter()

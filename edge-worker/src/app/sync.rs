@@ -261,6 +261,20 @@ impl App {
                                 }
                             }
                             write.done = true;
+                            // The shopper erased at this isolate while the write was on its
+                            // way: the tombstone's write may have landed first, and KV keeps
+                            // the last one. Written again over this one.
+                            let erased = self.fence.borrow().floor(&key).filter(|f| *f > version);
+                            if let Some(floor) = erased {
+                                let tombstone =
+                                    wire::encode_stored(&Stored::Tombstone { version: floor });
+                                if let Err(e) = store.put(&kv_key, &tombstone, floor).await {
+                                    // origin's own tombstone, on its way, settles it
+                                    log::warn(&format!(
+                                        "sync: rewriting the tombstone of {kv_key} over a write that landed after it failed: {e}"
+                                    ));
+                                }
+                            }
                             // A read that missed the cache while the write ran may have cached
                             // what KV held before it (nothing, for a new shopper), for a whole
                             // TTL: show the written value to it too (versions only move forward).

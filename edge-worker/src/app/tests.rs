@@ -192,6 +192,9 @@ struct HeldReads {
     /// Reads take the value when they start, not when they end (what a read in flight while
     /// a write lands returns).
     read_first: Cell<bool>,
+    /// The next write of this key (only that one) waits until `put_released`, and lands then.
+    held_put: RefCell<Option<String>>,
+    put_released: Cell<bool>,
 }
 
 impl HeldReads {
@@ -211,6 +214,8 @@ impl HeldReads {
             held: Cell::new(true),
             started: RefCell::default(),
             read_first: Cell::new(false),
+            held_put: RefCell::new(None),
+            put_released: Cell::new(false),
         }
     }
 }
@@ -238,6 +243,18 @@ impl Store for HeldReads {
     }
 
     async fn put(&self, key: &str, value: &[u8], version: u64) -> Result<(), StoreError> {
+        let hold = self.held_put.borrow().as_deref() == Some(key);
+        if hold {
+            self.held_put.replace(None);
+            std::future::poll_fn(|_| {
+                if self.put_released.get() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
         self.inner.put(key, value, version).await
     }
 }

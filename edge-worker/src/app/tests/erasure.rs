@@ -695,3 +695,83 @@ fn an_event_after_an_erasure_posted_with_an_old_session_record_shows() {
         "the new view, and nothing from before the erasure: {shown}"
     );
 }
+
+/// A synced change whose KV write is still on its way when the shopper erases themselves at
+/// the same isolate, and lands after the tombstone: the tombstone is written again over it,
+/// so KV, which keeps the last write, does not show the erased profile to other isolates
+/// until origin's own tombstone arrives.
+#[test]
+fn a_synced_write_landing_after_an_erasure_is_written_over_by_the_tombstone() {
+    let w = World::new();
+    let e1 = event("alice", 1, VIEW_LAPTOP);
+    let v1 = profile_of("alice", std::slice::from_ref(&e1));
+    let v2 = profile_of("alice", &[e1, event("alice", 2, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &v1)]);
+    let app = App::new(config());
+    let store = HeldReads::copy_of(&w.store);
+    store.held.set(false);
+    let mut me = HttpRequest::get("/v1/me");
+    me.headers = vec![("authorization".into(), bearer("alice").into())];
+    assert_eq!(
+        run(app.handle(&store, &w.clock, &me, || [9; 16]))
+            .reply
+            .body_json()["profile_version"],
+        1
+    );
+
+    // origin's patch 1 → 2: its KV write held on the way
+    let kv_key = key("alice").kv_key();
+    store.held_put.replace(Some(kv_key.clone()));
+    let frame = encode_batch(
+        &SyncBatch {
+            items: vec![SyncItem::Delta(Delta {
+                user: key("alice"),
+                change: diff(&v1, &v2),
+            })],
+        },
+        Codec::Lz4,
+    );
+    let ts = w.now() / 1000;
+    let sync = HttpRequest {
+        method: "POST".into(),
+        path: "/v1/sync".into(),
+        headers: vec![
+            (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
+            (
+                auth::SIGNATURE_HEADER.into(),
+                auth::sign(SYNC_SECRET.as_bytes(), ts, &frame),
+            ),
+        ],
+        body: frame,
+        ..HttpRequest::default()
+    };
+    let mut synced = Box::pin(app.handle(&store, &w.clock, &sync, || [9; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(synced.as_mut().poll(&mut cx).is_pending(), "writing KV");
+
+    // the shopper erases themselves meanwhile
+    let mut erase = me.clone();
+    erase.method = "DELETE".into();
+    let erased = run(app.handle(&store, &w.clock, &erase, || [9; 16]));
+    assert_eq!(erased.reply.status, 202);
+    let tombstone = erased.reply.body_json()["version"].as_u64().unwrap();
+    assert_eq!(store.inner.raw(&kv_key).unwrap().1, Some(tombstone));
+
+    // the synced write lands after the tombstone
+    store.put_released.set(true);
+    let Poll::Ready(done) = synced.as_mut().poll(&mut cx) else {
+        panic!("the write landed")
+    };
+    assert_eq!(done.reply.status, 200);
+    assert_eq!(
+        store.inner.raw(&kv_key).unwrap().1,
+        Some(tombstone),
+        "KV ends at the tombstone"
+    );
+    assert_eq!(
+        run(app.handle(&store, &w.clock, &me, || [9; 16]))
+            .reply
+            .body_json()["profile"],
+        Value::Null
+    );
+}
