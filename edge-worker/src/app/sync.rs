@@ -268,11 +268,23 @@ impl App {
                             if let Some(floor) = erased {
                                 let tombstone =
                                     wire::encode_stored(&Stored::Tombstone { version: floor });
-                                if let Err(e) = store.put(&kv_key, &tombstone, floor).await {
-                                    // origin's own tombstone, on its way, settles it
-                                    log::warn(&format!(
-                                        "sync: rewriting the tombstone of {kv_key} over a write that landed after it failed: {e}"
-                                    ));
+                                match store.put(&kv_key, &tombstone, floor).await {
+                                    Ok(()) => {}
+                                    // Mostly KV's one write per second to the key (the
+                                    // erasure's and this write came just before): origin sends
+                                    // the change again, and it is the tombstone that is written
+                                    // then, in its place (the fence, above)
+                                    Err(e) => {
+                                        if e.is_rate_limited() {
+                                            answer.rate_limited += 1;
+                                        } else {
+                                            log::warn(&format!(
+                                                "sync: rewriting the tombstone of {kv_key} over a write that landed after it failed: {e}"
+                                            ));
+                                        }
+                                        answer.resend.push(key);
+                                        continue;
+                                    }
                                 }
                             }
                             // A read that missed the cache while the write ran may have cached

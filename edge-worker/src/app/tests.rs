@@ -184,6 +184,30 @@ impl World {
     }
 }
 
+/// `POST /v1/sync` of `items`, signed as origin signs it at `now_ms`: for a test that runs it
+/// on an isolate or store of its own.
+fn sync_request(items: Vec<SyncItem>, now_ms: u64) -> HttpRequest {
+    signed_sync_request(&encode_batch(&SyncBatch { items }, Codec::Lz4), now_ms)
+}
+
+/// `POST /v1/sync` of `frame`, signed as origin signs it at `now_ms`.
+fn signed_sync_request(frame: &[u8], now_ms: u64) -> HttpRequest {
+    let ts = now_ms / 1000;
+    HttpRequest {
+        method: "POST".into(),
+        path: "/v1/sync".into(),
+        headers: vec![
+            (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
+            (
+                auth::SIGNATURE_HEADER.into(),
+                auth::sign(SYNC_SECRET.as_bytes(), ts, frame),
+            ),
+        ],
+        body: frame.to_vec(),
+        ..HttpRequest::default()
+    }
+}
+
 /// A store whose reads wait while `held` is set (KV slow), noting each key as its read starts.
 struct HeldReads {
     inner: MemoryStore,
@@ -195,6 +219,9 @@ struct HeldReads {
     /// The next write of this key (only that one) waits until `put_released`, and lands then.
     held_put: RefCell<Option<String>>,
     put_released: Cell<bool>,
+    /// A write of this version is refused, as KV refuses a second write to a key within a
+    /// second.
+    refuse_version: Cell<Option<u64>>,
 }
 
 impl HeldReads {
@@ -216,6 +243,7 @@ impl HeldReads {
             read_first: Cell::new(false),
             held_put: RefCell::new(None),
             put_released: Cell::new(false),
+            refuse_version: Cell::new(None),
         }
     }
 }
@@ -254,6 +282,9 @@ impl Store for HeldReads {
                 }
             })
             .await;
+        }
+        if self.refuse_version.get() == Some(version) {
+            return Err(StoreError::Backend("KV PUT: 429 Too Many Requests".into()));
         }
         self.inner.put(key, value, version).await
     }

@@ -589,31 +589,15 @@ fn a_read_in_flight_across_a_synced_tombstone_caches_nothing_older() {
 
     // origin's tombstone, applied here meanwhile
     store.held.set(false);
-    let frame = encode_batch(
-        &SyncBatch {
-            items: vec![SyncItem::Delta(Delta {
-                user: key("alice"),
-                change: Change::Tombstone {
-                    version: shared::delta::tombstone_version(p.version),
-                },
-            })],
-        },
-        Codec::Lz4,
+    let sync = sync_request(
+        vec![SyncItem::Delta(Delta {
+            user: key("alice"),
+            change: Change::Tombstone {
+                version: shared::delta::tombstone_version(p.version),
+            },
+        })],
+        w.now(),
     );
-    let ts = w.now() / 1000;
-    let sync = HttpRequest {
-        method: "POST".into(),
-        path: "/v1/sync".into(),
-        headers: vec![
-            (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
-            (
-                auth::SIGNATURE_HEADER.into(),
-                auth::sign(SYNC_SECRET.as_bytes(), ts, &frame),
-            ),
-        ],
-        body: frame,
-        ..HttpRequest::default()
-    };
     let synced = run(app.handle(&store, &w.clock, &sync, || [9; 16]));
     assert_eq!(synced.reply.status, 200);
 
@@ -699,79 +683,76 @@ fn an_event_after_an_erasure_posted_with_an_old_session_record_shows() {
 /// A synced change whose KV write is still on its way when the shopper erases themselves at
 /// the same isolate, and lands after the tombstone: the tombstone is written again over it,
 /// so KV, which keeps the last write, does not show the erased profile to other isolates
-/// until origin's own tombstone arrives.
+/// until origin's own tombstone arrives. Should KV refuse that rewrite (one write per second
+/// to a key), origin is asked to send the change again, and its retry writes the tombstone.
 #[test]
 fn a_synced_write_landing_after_an_erasure_is_written_over_by_the_tombstone() {
-    let w = World::new();
-    let e1 = event("alice", 1, VIEW_LAPTOP);
-    let v1 = profile_of("alice", std::slice::from_ref(&e1));
-    let v2 = profile_of("alice", &[e1, event("alice", 2, ADD_CAMERA)]);
-    w.sync(vec![snapshot("alice", &v1)]);
-    let app = App::new(config());
-    let store = HeldReads::copy_of(&w.store);
-    store.held.set(false);
-    let mut me = HttpRequest::get("/v1/me");
-    me.headers = vec![("authorization".into(), bearer("alice").into())];
-    assert_eq!(
-        run(app.handle(&store, &w.clock, &me, || [9; 16]))
-            .reply
-            .body_json()["profile_version"],
-        1
-    );
+    for refused in [false, true] {
+        let w = World::new();
+        let e1 = event("alice", 1, VIEW_LAPTOP);
+        let v1 = profile_of("alice", std::slice::from_ref(&e1));
+        let v2 = profile_of("alice", &[e1, event("alice", 2, ADD_CAMERA)]);
+        w.sync(vec![snapshot("alice", &v1)]);
+        let app = App::new(config());
+        let store = HeldReads::copy_of(&w.store);
+        store.held.set(false);
+        let mut me = HttpRequest::get("/v1/me");
+        me.headers = vec![("authorization".into(), bearer("alice").into())];
+        let me_now = |store: &HeldReads| {
+            run(app.handle(store, &w.clock, &me, || [9; 16]))
+                .reply
+                .body_json()
+        };
+        assert_eq!(me_now(&store)["profile_version"], 1);
 
-    // origin's patch 1 → 2: its KV write held on the way
-    let kv_key = key("alice").kv_key();
-    store.held_put.replace(Some(kv_key.clone()));
-    let frame = encode_batch(
-        &SyncBatch {
-            items: vec![SyncItem::Delta(Delta {
+        // origin's patch 1 → 2: its KV write held on the way
+        let kv_key = key("alice").kv_key();
+        store.held_put.replace(Some(kv_key.clone()));
+        let patch = sync_request(
+            vec![SyncItem::Delta(Delta {
                 user: key("alice"),
                 change: diff(&v1, &v2),
             })],
-        },
-        Codec::Lz4,
-    );
-    let ts = w.now() / 1000;
-    let sync = HttpRequest {
-        method: "POST".into(),
-        path: "/v1/sync".into(),
-        headers: vec![
-            (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
-            (
-                auth::SIGNATURE_HEADER.into(),
-                auth::sign(SYNC_SECRET.as_bytes(), ts, &frame),
-            ),
-        ],
-        body: frame,
-        ..HttpRequest::default()
-    };
-    let mut synced = Box::pin(app.handle(&store, &w.clock, &sync, || [9; 16]));
-    let mut cx = Context::from_waker(Waker::noop());
-    assert!(synced.as_mut().poll(&mut cx).is_pending(), "writing KV");
+            w.now(),
+        );
+        let mut synced = Box::pin(app.handle(&store, &w.clock, &patch, || [9; 16]));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(synced.as_mut().poll(&mut cx).is_pending(), "writing KV");
 
-    // the shopper erases themselves meanwhile
-    let mut erase = me.clone();
-    erase.method = "DELETE".into();
-    let erased = run(app.handle(&store, &w.clock, &erase, || [9; 16]));
-    assert_eq!(erased.reply.status, 202);
-    let tombstone = erased.reply.body_json()["version"].as_u64().unwrap();
-    assert_eq!(store.inner.raw(&kv_key).unwrap().1, Some(tombstone));
+        // the shopper erases themselves meanwhile
+        let mut erase = me.clone();
+        erase.method = "DELETE".into();
+        let erased = run(app.handle(&store, &w.clock, &erase, || [9; 16]));
+        assert_eq!(erased.reply.status, 202);
+        let tombstone = erased.reply.body_json()["version"].as_u64().unwrap();
+        assert_eq!(store.inner.raw(&kv_key).unwrap().1, Some(tombstone));
 
-    // the synced write lands after the tombstone
-    store.put_released.set(true);
-    let Poll::Ready(done) = synced.as_mut().poll(&mut cx) else {
-        panic!("the write landed")
-    };
-    assert_eq!(done.reply.status, 200);
-    assert_eq!(
-        store.inner.raw(&kv_key).unwrap().1,
-        Some(tombstone),
-        "KV ends at the tombstone"
-    );
-    assert_eq!(
-        run(app.handle(&store, &w.clock, &me, || [9; 16]))
-            .reply
-            .body_json()["profile"],
-        Value::Null
-    );
+        // the synced write lands after the tombstone
+        if refused {
+            store.refuse_version.set(Some(tombstone));
+        }
+        store.put_released.set(true);
+        let Poll::Ready(done) = synced.as_mut().poll(&mut cx) else {
+            panic!("the write landed")
+        };
+        assert_eq!(done.reply.status, 200);
+        if refused {
+            let reply: shared::protocol::SyncReply =
+                serde_json::from_slice(&done.reply.body).unwrap();
+            assert_eq!(reply.resend, vec![key("alice")], "{reply:?}");
+            assert_eq!(store.inner.raw(&kv_key).unwrap().1, Some(2));
+            // origin's retry, a second later: a snapshot of what it holds
+            store.refuse_version.set(None);
+            w.advance(1000);
+            let retry = sync_request(vec![snapshot("alice", &v2)], w.now());
+            let retried = run(app.handle(&store, &w.clock, &retry, || [9; 16]));
+            assert_eq!(retried.reply.status, 200);
+        }
+        assert_eq!(
+            store.inner.raw(&kv_key).unwrap().1,
+            Some(tombstone),
+            "KV ends at the tombstone (refused first: {refused})"
+        );
+        assert_eq!(me_now(&store)["profile"], Value::Null);
+    }
 }

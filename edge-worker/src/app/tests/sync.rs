@@ -274,19 +274,6 @@ async fn until_open(gate: &Cell<bool>) {
     .await;
 }
 
-fn sync_request(w: &World, frame: &[u8]) -> HttpRequest {
-    let ts = w.now() / 1000;
-    let sig = auth::sign(SYNC_SECRET.as_bytes(), ts, frame);
-    let mut req = HttpRequest::get("/v1/sync");
-    req.method = "POST".into();
-    req.headers = vec![
-        (auth::TIMESTAMP_HEADER.to_owned(), ts.to_string()),
-        (auth::SIGNATURE_HEADER.to_owned(), sig),
-    ];
-    req.body = frame.to_vec();
-    req
-}
-
 #[test]
 fn a_retry_that_overtakes_a_running_kv_write_is_told_to_come_back() {
     let w = World::new();
@@ -295,15 +282,18 @@ fn a_retry_that_overtakes_a_running_kv_write_is_told_to_come_back() {
         inner: &w.store,
         open: Cell::new(false),
     };
-    let first = sync_request(&w, &frame);
+    let first = signed_sync_request(&frame, w.now());
     let mut running = pin!(w.app.handle(&gated, &w.clock, &first, || [0x11; 16]));
     let mut cx = Context::from_waker(Waker::noop());
     assert!(running.as_mut().poll(&mut cx).is_pending(), "waits on KV");
     // origin timed out and re-sent, signed anew: not "already applied", since KV has not got it
     w.advance(1000);
-    let retry = run(w
-        .app
-        .handle(&gated, &w.clock, &sync_request(&w, &frame), || [0x11; 16]));
+    let retry = run(w.app.handle(
+        &gated,
+        &w.clock,
+        &signed_sync_request(&frame, w.now()),
+        || [0x11; 16],
+    ));
     assert_eq!(
         retry.reply.status,
         503,
@@ -368,7 +358,10 @@ fn two_batches_for_one_shopper_at_once_never_write_the_older_last() {
         inner: &w.store,
         open: Cell::new(false),
     };
-    let (newer, older) = (sync_request(&w, &frame(&v2)), sync_request(&w, &frame(&v1)));
+    let (newer, older) = (
+        signed_sync_request(&frame(&v2), w.now()),
+        signed_sync_request(&frame(&v1), w.now()),
+    );
     let mut first = pin!(w.app.handle(&store, &w.clock, &newer, || [0x11; 16]));
     let mut second = pin!(w.app.handle(&store, &w.clock, &older, || [0x11; 16]));
     let mut cx = Context::from_waker(Waker::noop());
@@ -400,26 +393,7 @@ fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
     let store = HeldReads::new();
     let clock = TestClock(Cell::new(NOW_MS as f64));
     let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
-    let frame = encode_batch(
-        &SyncBatch {
-            items: vec![snapshot("alice", &p)],
-        },
-        Codec::Lz4,
-    );
-    let ts = NOW_MS / 1000;
-    let req = HttpRequest {
-        method: "POST".into(),
-        path: "/v1/sync".into(),
-        headers: vec![
-            (auth::TIMESTAMP_HEADER.into(), ts.to_string()),
-            (
-                auth::SIGNATURE_HEADER.into(),
-                auth::sign(SYNC_SECRET.as_bytes(), ts, &frame),
-            ),
-        ],
-        body: frame,
-        ..HttpRequest::default()
-    };
+    let req = sync_request(vec![snapshot("alice", &p)], NOW_MS);
     let mut first = Box::pin(app.handle(&store, &clock, &req, || [1; 16]));
     let mut cx = Context::from_waker(Waker::noop());
     assert!(first.as_mut().poll(&mut cx).is_pending());
@@ -444,15 +418,7 @@ fn a_retry_while_the_batch_is_still_applying_is_not_acknowledged() {
 
     // a request cancelled mid-batch (the future dropped) does not count as applied either
     let p2 = profile_of("bob", &[event("bob", 1, ADD_CAMERA)]);
-    let frame = encode_batch(
-        &SyncBatch {
-            items: vec![snapshot("bob", &p2)],
-        },
-        Codec::Lz4,
-    );
-    let mut req = req.clone();
-    req.headers[1].1 = auth::sign(SYNC_SECRET.as_bytes(), ts, &frame);
-    req.body = frame;
+    let req = sync_request(vec![snapshot("bob", &p2)], NOW_MS);
     store.held.set(true);
     let mut cancelled = Box::pin(app.handle(&store, &clock, &req, || [1; 16]));
     assert!(cancelled.as_mut().poll(&mut cx).is_pending());
@@ -568,9 +534,12 @@ fn a_write_kv_rate_limits_holds_back_that_shopper_only() {
         inner: &w.store,
         limited: key("alice").kv_key(),
     };
-    let r = run(w
-        .app
-        .handle(&limited, &w.clock, &sync_request(&w, &frame), || [0x12; 16]));
+    let r = run(w.app.handle(
+        &limited,
+        &w.clock,
+        &signed_sync_request(&frame, w.now()),
+        || [0x12; 16],
+    ));
     assert_eq!(r.reply.status, 200, "{}", r.reply.body_json());
     let answer: SyncReply = serde_json::from_slice(&r.reply.body).unwrap();
     assert_eq!((answer.applied, answer.rate_limited), (1, 1));
