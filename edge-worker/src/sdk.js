@@ -1,9 +1,9 @@
 /* Edgewise JS SDK: reports the shopper's events to the edge. Views are batched; add-to-cart
-   is sent at once, with them, so the next page reflects it. One post at a time: each answer
+   is sent at once, after them, so the next page reflects it. One post at a time: each answer
    sets the session cookie (ARCHITECTURE.md). Usage: edgewise.track(type, fields). */
 (function () {
   "use strict";
-  var URL = "/v1/events", queue = [], timer = 0, last = Promise.resolve();
+  var URL = "/v1/events", queue = [], timer = 0, last = Promise.resolve(), busy = 0;
   function id() {
     return window.crypto && crypto.randomUUID ? crypto.randomUUID()
       : Date.now().toString(36) + "-" + Math.random().toString(36).slice(2);
@@ -15,26 +15,24 @@
   }
   function post(events) {
     var body = JSON.stringify({ events: events });
+    busy++;
     var sent = last.then(function () {
       return fetch(URL, {
         method: "POST", credentials: "same-origin", keepalive: true,
-        headers: { "content-type": "application/json" },
-        body: body
+        headers: { "content-type": "application/json" }, body: body
       });
     });
-    last = sent.catch(function () {});
+    last = sent.catch(function () {}).then(function () { busy--; });
     return sent;
   }
-  /* leaving: only a beacon is sure to be sent */
+  /* leaving: a beacon, unless a post is in flight (it would race it) */
   function flush(leaving) {
     clearTimeout(timer); timer = 0;
-    if (!queue.length) return;
-    var events = queue.splice(0, 100);
-    if (leaving === true && navigator.sendBeacon) {
-      var blob = new Blob([JSON.stringify({ events: events })], { type: "application/json" });
-      if (navigator.sendBeacon(URL, blob)) return;
+    while (queue.length) {
+      var events = queue.splice(0, 100);
+      if (!(leaving === true && !busy && navigator.sendBeacon && navigator.sendBeacon(URL,
+        new Blob([JSON.stringify({ events: events })], { type: "application/json" })))) post(events);
     }
-    post(events);
   }
   var ew = window.edgewise = {
     /* Queues an event; sent within a second or when the page is hidden. */
@@ -42,13 +40,10 @@
       queue.push(event(type, fields || {}));
       if (!timer) timer = setTimeout(flush, 1000);
     },
-    /* Sends an event now (and what is queued); resolves once applied. */
+    /* Sends an event now (after what is queued); resolves once applied. */
     send: function (type, fields) {
-      clearTimeout(timer); timer = 0;
-      var events = queue.splice(0, 99);
-      events.push(event(type, fields || {}));
-      if (queue.length) timer = setTimeout(flush, 1000);
-      return post(events);
+      flush();
+      return post([event(type, fields || {})]);
     },
     addToCart: function (item, category, price, quantity) {
       return ew.send("add_to_cart", { item: item, category: category, price: price, quantity: quantity || 1 });

@@ -1,4 +1,4 @@
-// The SDK's posts go one at a time, and an add-to-cart carries the views still queued: each
+// The SDK's posts go one at a time, an add-to-cart right after the views still queued: each
 // answer sets the shopper's session cookie from what the edge holds then, so two posts in
 // flight at once (at two isolates) would leave the cookie of whichever was answered last,
 // without the other's events (the next page at a third isolate lost the cart).
@@ -48,27 +48,41 @@ assert.equal(timers.length, 1);
 timers[0]();
 await settled();
 assert.deepEqual(fetches.map((f) => f.events), [["page_view", "product_view"]]);
-// add to cart while it is in flight: queued behind it, with the view tracked meanwhile
+// add to cart while it is in flight: queued behind it, after the view tracked meanwhile, in a
+// request of its own (a refused view must not make a taken add-to-cart look failed)
 ew.track("search", { query: "tripod" });
 const added = ew.addToCart("cam-001", "cameras", 499);
 await settled();
 assert.equal(fetches.length, 1, "not sent while the views' post is in flight");
 fetches[0].settle.resolve({ ok: true, status: 202 });
 await settled();
-assert.deepEqual(fetches[1].events, ["search", "add_to_cart"]);
-fetches[1].settle.resolve({ ok: true, status: 202 });
+assert.deepEqual(fetches[1].events, ["search"]);
+assert.equal(fetches.length, 2);
+fetches[1].settle.resolve({ ok: false, status: 400 });
+await settled();
+assert.deepEqual(fetches[2].events, ["add_to_cart"]);
+fetches[2].settle.resolve({ ok: true, status: 202 });
 assert.equal((await added).status, 202);
 // a post that fails does not hold the next one
 const removed = ew.removeFromCart("cam-001", "cameras");
 await settled();
-fetches[2].settle.reject(new Error("offline"));
+fetches[3].settle.reject(new Error("offline"));
 await assert.rejects(removed);
 ew.send("purchase", {});
 await settled();
-assert.deepEqual(fetches[3].events, ["purchase"]);
-// the page going away: what is queued leaves in a beacon
+assert.deepEqual(fetches[4].events, ["purchase"]);
+// the page hidden while that post is in flight: no beacon beside it, the views wait their turn
 ew.track("page_view");
 listeners.pagehide();
-assert.equal(beacons.length, 1);
-assert.deepEqual(JSON.parse(beacons[0].text).events.map((e) => e.type), ["page_view"]);
+assert.equal(beacons.length, 0);
+fetches[4].settle.resolve({ ok: true, status: 202 });
+await settled();
+assert.deepEqual(fetches[5].events, ["page_view"]);
+fetches[5].settle.resolve({ ok: true, status: 202 });
+await settled();
+// nothing in flight: what is queued leaves in beacons, 100 events each, none left behind
+for (let i = 0; i < 150; i++) ew.track("page_view");
+listeners.pagehide();
+assert.deepEqual(beacons.map((b) => JSON.parse(b.text).events.length), [100, 50]);
+assert.equal(fetches.length, 6);
 console.log("sdk order: ok");

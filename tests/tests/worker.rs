@@ -1412,7 +1412,7 @@ fn standalone_prerequisites() -> Option<std::path::PathBuf> {
     Some(bundle)
 }
 
-/// The SDK posts one request at a time, an add-to-cart carrying the views still queued
+/// The SDK posts one request at a time, an add-to-cart right after the views still queued
 /// (`tests/browser/sdk_order.mjs`, the SDK in a stub page under Node): two posts in flight at
 /// once each set the session cookie, and the later answer's dropped the other's events
 /// (the stack's browser test saw the cart missing from the next page at another isolate).
