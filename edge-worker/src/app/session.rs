@@ -133,6 +133,8 @@ impl App {
         // request waited (after its last lookup): it takes the record again first, so the new
         // record, which this isolate will recognise as showing the entry, does
         self.readopt(incoming, key, now_ms);
+        // (a record from before an erasure this isolate fenced shows the tombstone)
+        self.apply_fence(key, now_ms);
         // recognised when the request came, but the entry changed since: read it now
         let decoded;
         let incoming = match incoming {

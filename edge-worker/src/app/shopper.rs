@@ -139,6 +139,17 @@ impl App {
         )
     }
 
+    /// A value from before a recent erasure (a write that landed after the tombstone, one
+    /// cached before this isolate heard of it, or a session record's) is read as the tombstone.
+    pub(super) fn apply_fence(&self, key: UserKey, now_ms: u64) {
+        if let Some(floor) = self.fence.borrow().floor(&key) {
+            let mut cache = self.cache.borrow_mut();
+            if cache.peek(&key).is_some_and(|e| e.version() < floor) {
+                cache.put_fetched(key, Some(Stored::Tombstone { version: floor }), now_ms);
+            }
+        }
+    }
+
     /// Whether a request is reading `key`'s profile from KV now.
     pub(super) fn is_reading(&self, key: &UserKey) -> bool {
         self.reading.borrow().contains_key(key)
@@ -285,14 +296,7 @@ impl App {
         // this request (or another, meanwhile) waited on KV: the entry may have been dropped
         // and rebuilt from an older value than the session record's
         self.readopt(shown, key, now_ms);
-        // A value from before a recent erasure (a write that landed after the tombstone, or
-        // one cached before this isolate heard of it) is read as the tombstone.
-        if let Some(floor) = self.fence.borrow().floor(&key) {
-            let mut cache = self.cache.borrow_mut();
-            if cache.peek(&key).is_some_and(|e| e.version() < floor) {
-                cache.put_fetched(key, Some(Stored::Tombstone { version: floor }), now_ms);
-            }
-        }
+        self.apply_fence(key, now_ms);
         let cache = self.cache.borrow();
         if let Some(e) = cache.peek(&key) {
             out.profile = e
@@ -673,9 +677,10 @@ impl App {
         }
         // Erased here, and fenced, before the tombstone's KV write: a write from before the
         // erasure that lands later is read as erased here, and a sync whose KV write is on its
-        // way meanwhile sees the fence once it lands, and writes the tombstone over it. (The
-        // pending record is stored: should the write below fail, origin still hears of the
-        // erasure, and its tombstone reaches KV.)
+        // way meanwhile sees the fence once it lands, and writes the tombstone over it. (With
+        // an origin, the pending record is stored: should the write below fail, origin still
+        // hears of the erasure, and its tombstone reaches KV. Without one, the answer asks for
+        // a retry, which writes it.)
         self.cache
             .borrow_mut()
             .erase(key, tombstone.clone(), now_ms);

@@ -756,3 +756,73 @@ fn a_synced_write_landing_after_an_erasure_is_written_over_by_the_tombstone() {
         assert_eq!(me_now(&store)["profile"], Value::Null);
     }
 }
+
+/// The shopper's entry pushed out of a full cache while their erasure's tombstone is being
+/// written: the answer still carries a session record of the tombstone (the record the request
+/// brought, from before, is taken again and read through the fence), so another isolate, which
+/// knows nothing of the erasure yet, shows the shopper nothing.
+#[test]
+fn an_erasure_answer_carries_the_tombstone_when_the_entry_was_dropped_meanwhile() {
+    let w = World::new();
+    let p = profile_of("alice", &[event("alice", 1, ADD_CAMERA)]);
+    w.sync(vec![snapshot("alice", &p)]);
+    let small = App::new(config_with(&[("CACHE_MAX_ENTRIES", "1")]));
+    let store = HeldReads::copy_of(&w.store);
+    store.held.set(false);
+    let as_alice = |cookie: &Option<String>, mut req: HttpRequest| {
+        req.headers = vec![("authorization".into(), bearer("alice").into())];
+        if let Some(c) = cookie {
+            req.headers
+                .push(("cookie".into(), format!("__Host-ew_s={c}")));
+        }
+        req
+    };
+    let record_of = |reply: &Reply| {
+        reply.headers.iter().find_map(|(n, v)| {
+            (*n == "set-cookie")
+                .then(|| v.strip_prefix("__Host-ew_s="))
+                .flatten()
+                .and_then(|v| v.split(';').next())
+                .map(str::to_owned)
+        })
+    };
+    // a record of version 1, from this isolate
+    let shown = run(small.handle(
+        &store,
+        &w.clock,
+        &as_alice(&None, HttpRequest::get("/v1/me")),
+        || [9; 16],
+    ));
+    let cookie = record_of(&shown.reply);
+    assert!(cookie.is_some());
+
+    store.held_put.replace(Some(key("alice").kv_key()));
+    let mut erase = as_alice(&cookie, HttpRequest::get("/v1/me"));
+    erase.method = "DELETE".into();
+    let mut erasing = Box::pin(small.handle(&store, &w.clock, &erase, || [9; 16]));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(
+        erasing.as_mut().poll(&mut cx).is_pending(),
+        "writing the tombstone"
+    );
+    // bob's request takes the only place meanwhile
+    let mut bob = HttpRequest::get("/v1/me");
+    bob.headers = vec![("authorization".into(), bearer("bob").into())];
+    run(small.handle(&store, &w.clock, &bob, || [9; 16]));
+    store.put_released.set(true);
+    let Poll::Ready(erased) = erasing.as_mut().poll(&mut cx) else {
+        panic!("the tombstone was written")
+    };
+    assert_eq!(erased.reply.status, 202);
+    let after = record_of(&erased.reply).or(cookie);
+
+    // an isolate that has not heard of the erasure, over KV as it was before it
+    let elsewhere = App::new(config());
+    let me = run(elsewhere.handle(
+        &w.store,
+        &w.clock,
+        &as_alice(&after, HttpRequest::get("/v1/me")),
+        || [9; 16],
+    ));
+    assert_eq!(me.reply.body_json()["profile"], Value::Null, "erased");
+}
