@@ -579,6 +579,13 @@ async fn each_partition<R: Send + 'static>(
 /// None of them is taken for a stale writer's.
 fn audit_partition(shared: &Shared, partition: i32) -> Result<(u64, u64), PipelineError> {
     let report = read_into_store(shared, partition, Applier::Audit, 0, false)?;
+    if report.restored.ahead > 0 {
+        tracing::warn!(
+            partition,
+            records = report.restored.ahead,
+            "changelog records of a later epoch than this instance's claim: the partition has an owner after this one, and this instance has not heard yet (a freeze, a cut-off); nothing applied, and its place in the changelog stays before them for the restore when the partition comes back"
+        );
+    }
     let stale = report.restored.last_stale;
     if stale.is_empty() {
         return Ok((report.restored.read, 0));
