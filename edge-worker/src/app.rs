@@ -132,6 +132,9 @@ pub struct App {
     /// meanwhile puts its value in the cache even when no entry is there yet, so that the
     /// read, ending after it, cannot cache what KV held before for a whole TTL.
     reading: RefCell<std::collections::HashMap<UserKey, u32>>,
+    /// When a profile read from KV last failed (ms; 0: never): the events route does not
+    /// wait on KV again for a while, only to load a base before adding an event.
+    profile_read_failed_ms: Cell<u64>,
     /// When the last config check started; `None` until an isolate's first request makes
     /// its first (every later one runs off the request path, see [`App::config_refresh_due`]).
     config_checked_ms: Cell<Option<u64>>,
@@ -197,6 +200,7 @@ impl App {
             in_flight: RefCell::default(),
             writing: RefCell::default(),
             reading: RefCell::default(),
+            profile_read_failed_ms: Cell::new(0),
             config_checked_ms: Cell::new(None),
             prefetched: Cell::new(None),
             first_check_done: Cell::new(false),

@@ -347,6 +347,7 @@ impl App {
                 (kv_ms, true)
             }
             Err(e) => {
+                self.profile_read_failed_ms.set(now_ms);
                 // A read slower than KV_TIMEOUT_MS is the tier ladder doing its job, and the
                 // tier header says so on every answer; anything else is worth a look.
                 if !matches!(e, StoreError::Timeout(_)) {
@@ -476,7 +477,11 @@ impl App {
                 .borrow()
                 .peek(&key)
                 .is_some_and(|e| e.fetched_at_ms() > 0);
-            if loaded {
+            // KV failing a moment ago: the event is not held up by another wait on it (the
+            // next page's lookup reads the base)
+            let kv_failing =
+                now_ms.saturating_sub(self.profile_read_failed_ms.get()) < Self::KV_RETRY_AFTER_MS;
+            if loaded || kv_failing {
                 self.readopt(shown, key, now_ms);
             } else {
                 self.lookup(store, &Frozen(now_ms), Some(key), shown, now_ms)
@@ -554,6 +559,10 @@ impl App {
     /// What an erasure takes from the write budget, in events: it costs three KV operations
     /// and a request to origin, and a shopper makes one rarely.
     const ERASURE_WEIGHT: u32 = 20;
+
+    /// How long after a failed profile read the events route adds events without reading
+    /// the shopper's base first.
+    const KV_RETRY_AFTER_MS: u64 = 1_000;
 
     /// Takes `n` from the write budgets a request pays from (`EVENTS_PER_SEC`, `EVENTS_BURST`).
     /// A signed-in shopper, or a visitor with a profile or events here, pays from their own. A

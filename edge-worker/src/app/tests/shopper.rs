@@ -386,6 +386,36 @@ fn events_accepted_while_kv_failed_do_not_hide_the_profile_once_it_answers() {
     assert_eq!(me["profile"]["cart"][0]["item"], "cam-001", "{me}");
 }
 
+/// While KV fails, a shopper's event posts do not each wait on KV again to load a base that
+/// will not come: after a failed read, the next second's posts add their events at once; then
+/// a post reads again.
+#[test]
+fn event_posts_wait_on_a_failing_kv_once_a_second() {
+    let w = World::new();
+    w.get("/healthz", &[]);
+    w.store.set_failing(true);
+    w.store.take_read_keys();
+    let profile_reads = || {
+        w.store
+            .take_read_keys()
+            .iter()
+            .filter(|k| k.starts_with(shared::keys::PROFILE_KEY_PREFIX))
+            .count()
+    };
+    let post = |id: &str| {
+        let body = format!(r#"{{"event_id":"{id}","ts":{},{VIEW_LAPTOP}}}"#, w.now());
+        w.post("/v1/events", &alice(), body.as_bytes()).reply.status
+    };
+    assert_eq!(post("a"), 202);
+    assert_eq!(profile_reads(), 1);
+    w.advance(500);
+    assert_eq!(post("b"), 202);
+    assert_eq!(profile_reads(), 0, "within a second of the failure");
+    w.advance(600);
+    assert_eq!(post("c"), 202);
+    assert_eq!(profile_reads(), 1, "a second on: read again");
+}
+
 #[test]
 fn the_cache_holds_ten_thousand_profiles_within_its_byte_bound() {
     let w = World::new();
