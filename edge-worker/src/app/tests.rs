@@ -184,6 +184,17 @@ impl World {
     }
 }
 
+/// The signed-in shopper's session record an answer sets (`__Host-ew_s`), if any.
+fn session_record(reply: &Reply) -> Option<String> {
+    reply.headers.iter().find_map(|(n, v)| {
+        (*n == "set-cookie")
+            .then(|| v.strip_prefix("__Host-ew_s="))
+            .flatten()
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned)
+    })
+}
+
 /// `POST /v1/sync` of `items`, signed as origin signs it at `now_ms`: for a test that runs it
 /// on an isolate or store of its own.
 fn sync_request(items: Vec<SyncItem>, now_ms: u64) -> HttpRequest {

@@ -633,21 +633,12 @@ fn an_event_after_an_erasure_posted_with_an_old_session_record_shows() {
         }
         headers
     };
-    let session_of = |reply: &Reply| {
-        reply.headers.iter().find_map(|(n, v)| {
-            (*n == "set-cookie")
-                .then(|| v.strip_prefix("__Host-ew_s="))
-                .flatten()
-                .and_then(|v| v.split(';').next())
-                .map(str::to_owned)
-        })
-    };
     // the phone's record: version 1 and an own event
     let mut post = HttpRequest::get("/v1/events");
     post.method = "POST".into();
     post.headers = with_cookie(&None);
     post.body = format!(r#"{{"event_id":"old","ts":{},{ADD_CAMERA}}}"#, w.now()).into_bytes();
-    let phone = session_of(&w.send(post).reply);
+    let phone = session_record(&w.send(post).reply);
     assert!(phone.is_some());
     // erased from the laptop, at this isolate
     let mut erase = HttpRequest::get("/v1/me");
@@ -668,7 +659,7 @@ fn an_event_after_an_erasure_posted_with_an_old_session_record_shows() {
     let posted = run(b.handle(&w.store, &w.clock, &post, || [9; 16]));
     assert_eq!(posted.reply.status, 202);
     let mut me = HttpRequest::get("/v1/me");
-    me.headers = with_cookie(&session_of(&posted.reply).or(phone));
+    me.headers = with_cookie(&session_record(&posted.reply).or(phone));
     let shown = run(b.handle(&w.store, &w.clock, &me, || [9; 16]))
         .reply
         .body_json()["profile"]
@@ -777,15 +768,6 @@ fn an_erasure_answer_carries_the_tombstone_when_the_entry_was_dropped_meanwhile(
         }
         req
     };
-    let record_of = |reply: &Reply| {
-        reply.headers.iter().find_map(|(n, v)| {
-            (*n == "set-cookie")
-                .then(|| v.strip_prefix("__Host-ew_s="))
-                .flatten()
-                .and_then(|v| v.split(';').next())
-                .map(str::to_owned)
-        })
-    };
     // a record of version 1, from this isolate
     let shown = run(small.handle(
         &store,
@@ -793,7 +775,7 @@ fn an_erasure_answer_carries_the_tombstone_when_the_entry_was_dropped_meanwhile(
         &as_alice(&None, HttpRequest::get("/v1/me")),
         || [9; 16],
     ));
-    let cookie = record_of(&shown.reply);
+    let cookie = session_record(&shown.reply);
     assert!(cookie.is_some());
 
     store.held_put.replace(Some(key("alice").kv_key()));
@@ -814,7 +796,7 @@ fn an_erasure_answer_carries_the_tombstone_when_the_entry_was_dropped_meanwhile(
         panic!("the tombstone was written")
     };
     assert_eq!(erased.reply.status, 202);
-    let after = record_of(&erased.reply).or(cookie);
+    let after = session_record(&erased.reply).or(cookie);
 
     // an isolate that has not heard of the erasure, over KV as it was before it
     let elsewhere = App::new(config());
