@@ -299,6 +299,22 @@ pub enum Assignment {
     Group,
 }
 
+impl KafkaConfig {
+    /// The topic of `topics` that events of `kind` are produced to (by `/ingest`,
+    /// `dead-letters replay` and `simulate`): the one of its kind's role (its name, or a
+    /// deployment's prefix and its name: `shop1.cart_events`), else one of no role, which
+    /// takes every kind ([`Config::validate`] sees to it that one of them is there).
+    pub fn topic_for(&self, kind: &shared::event::EventKind) -> &str {
+        use shared::event::topic_role;
+        let role = kind.default_topic();
+        self.topics
+            .iter()
+            .find(|t| topic_role(t) == Some(role))
+            .or_else(|| self.topics.iter().find(|t| topic_role(t).is_none()))
+            .map_or(role, String::as_str)
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
@@ -531,6 +547,31 @@ impl Config {
         if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.is_empty()) {
             return bad("kafka.topics", "must list at least one non-empty topic");
         }
+        // every kind of event `/ingest` takes is produced to a topic this service reads
+        let catch_all = self
+            .kafka
+            .topics
+            .iter()
+            .any(|t| shared::event::topic_role(t).is_none());
+        for (role, kinds) in shared::event::TOPICS {
+            let served = catch_all
+                || self
+                    .kafka
+                    .topics
+                    .iter()
+                    .any(|t| shared::event::topic_role(t) == Some(role));
+            if !served {
+                return bad(
+                    "kafka.topics",
+                    &format!(
+                        "has no topic for {} events: add `{role}` (or your prefix and it, e.g. \
+                         `shop1.{role}`), or a topic of another name that takes every kind; \
+                         `/ingest` would write them to a topic this service does not read",
+                        kinds.join("/")
+                    ),
+                );
+            }
+        }
         if self.kafka.topics.contains(&self.kafka.dead_letter_topic) {
             return bad(
                 "kafka.dead_letter_topic",
@@ -718,6 +759,40 @@ mod tests {
         assert_eq!(c.sync.coalesce_window_ms, d.sync.coalesce_window_ms);
         assert_eq!(c.store.max_window_events, d.store.max_window_events);
         assert_eq!(c.http.listen, d.http.listen);
+    }
+
+    /// What `/ingest` produces goes to a topic this service reads: a deployment's prefixed
+    /// topics by their role (the bare default names went unread: events taken, never folded),
+    /// a topic of another name for every kind, and a list missing a role is refused.
+    #[test]
+    fn each_kind_of_event_goes_to_a_topic_this_service_reads() {
+        use shared::event::{EventKind, parse_event};
+        let kind = |json: &str| -> EventKind { parse_event(json.as_bytes()).expect("event").kind };
+        let cart = kind(
+            r#"{"event_id":"e","user_id":"u","ts":1764000000000,"type":"add_to_cart","item":"i","category":"c","price":1,"quantity":1}"#,
+        );
+        let view = kind(r#"{"event_id":"e","user_id":"u","ts":1764000000000,"type":"page_view"}"#);
+        let prefixed = Config::from_parts(
+            "[kafka]\ntopics = [\"shop1.customer_clicks\", \"shop1.cart_events\", \"shop1.purchase_events\"]\n",
+            env(&[]),
+        )
+        .expect("valid");
+        assert_eq!(prefixed.kafka.topic_for(&cart), "shop1.cart_events");
+        assert_eq!(prefixed.kafka.topic_for(&view), "shop1.customer_clicks");
+        assert_eq!(Config::default().kafka.topic_for(&cart), "cart_events");
+        let one = Config::from_parts("[kafka]\ntopics = [\"events\"]\n", env(&[])).expect("valid");
+        assert_eq!(one.kafka.topic_for(&cart), "events");
+        assert_eq!(one.kafka.topic_for(&view), "events");
+        let e = Config::from_parts(
+            "[kafka]\ntopics = [\"shop1.customer_clicks\", \"shop1.cart_events\"]\n",
+            env(&[]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no topic for purchase/consent events"),
+            "{e}"
+        );
     }
 
     #[test]

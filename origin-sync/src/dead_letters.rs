@@ -301,7 +301,12 @@ fn too_old(at_ms: u64, now_ms: u64) -> bool {
 /// An `/ingest` letter: an event's JSON (`edgewise-ingest-index` present) or a batch refused
 /// whole, to be stamped with `edgewise-accepted-ms`, or the batch's own `accepted_ms` when
 /// earlier (a parked batch sent again: the header then says when it was signed).
-pub fn judge_ingest(letter: &Letter, dead_letter_topic: &str, now_ms: u64) -> Judged {
+pub fn judge_ingest(
+    letter: &Letter,
+    dead_letter_topic: &str,
+    kafka: &crate::config::KafkaConfig,
+    now_ms: u64,
+) -> Judged {
     let Some(signed_ms) = letter
         .headers
         .get(letter_header::ACCEPTED_MS)
@@ -343,7 +348,7 @@ pub fn judge_ingest(letter: &Letter, dead_letter_topic: &str, now_ms: u64) -> Ju
     for (index, (e, item)) in events.into_iter().zip(items).enumerate() {
         match e {
             Ok(e) => {
-                let mut out = Outgoing::event(&e);
+                let mut out = Outgoing::event(&e, kafka.topic_for(&e.kind));
                 out.headers
                     .push((REPLAYED_FROM_HEADER, letter.from(dead_letter_topic)));
                 judged.take.push(out);
@@ -581,7 +586,7 @@ pub async fn run(
         if record || !met.insert(letter.identity(&topic)) {
             // a replay's record, or a copy of a letter already judged: nothing to judge
         } else {
-            let mut judged = judge(&letter, &topic, &originals).await?;
+            let mut judged = judge(&letter, &topic, &config.kafka, &originals).await?;
             if letter.is_batch() {
                 let from = letter.from(&topic);
                 judged = judged.without_met(&from, &met);
@@ -865,11 +870,12 @@ fn finish(consumer: &StreamConsumer, topic: &str, spans: &mut BTreeMap<i32, Span
 async fn judge(
     letter: &Letter,
     dead_letter_topic: &str,
+    kafka: &crate::config::KafkaConfig,
     originals: &Originals,
 ) -> Result<Judged, PipelineError> {
     let now = now_ms();
     if letter.is_ingest() {
-        return Ok(judge_ingest(letter, dead_letter_topic, now));
+        return Ok(judge_ingest(letter, dead_letter_topic, kafka, now));
     }
     let Some((topic, partition, offset)) = letter.original() else {
         return Ok(Judged::refused(
@@ -986,6 +992,7 @@ impl Originals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::KafkaConfig;
 
     const NOW: u64 = 1_800_000_000_000;
 
@@ -1043,7 +1050,7 @@ mod tests {
     #[test]
     fn an_ingest_letter_this_build_takes_goes_back_with_its_time() {
         let letter = ingest_letter(event_json("add_to_cart", "u1"), true, Some(NOW - 60_000));
-        let j = judge_ingest(&letter, "dlq", NOW);
+        let j = judge_ingest(&letter, "dlq", &KafkaConfig::default(), NOW);
         assert!(j.refused.is_empty() && j.keep.is_empty(), "{j:?}");
         assert_eq!(j.at_ms, Some(NOW - 60_000));
         assert_eq!(j.take.len(), 1);
@@ -1068,6 +1075,7 @@ mod tests {
         let j = judge_ingest(
             &ingest_letter(batch.into_bytes(), false, Some(NOW)),
             "dlq",
+            &KafkaConfig::default(),
             NOW,
         );
         assert_eq!(j.at_ms, Some(NOW - 3_600_000), "{j:?}");
@@ -1080,6 +1088,7 @@ mod tests {
         let j = judge_ingest(
             &ingest_letter(batch.into_bytes(), false, Some(NOW - 1_000)),
             "dlq",
+            &KafkaConfig::default(),
             NOW,
         );
         assert_eq!(j.at_ms, Some(NOW - 1_000));
@@ -1100,7 +1109,7 @@ mod tests {
         let letter = ingest_letter(batch.into_bytes(), false, Some(NOW));
         assert!(letter.is_batch());
         let from = letter.from("dlq");
-        let j = judge_ingest(&letter, "dlq", NOW);
+        let j = judge_ingest(&letter, "dlq", &KafkaConfig::default(), NOW);
         assert_eq!(j.take_part, [Some(0), Some(2)]);
         assert_eq!(j.keep.len(), 1);
         // the event put back is known by the batch and its place, as its copies are
@@ -1117,7 +1126,8 @@ mod tests {
         // copies of the first two events came first (another partition, or a replay killed
         // after producing or putting them back): the batch brings only the third
         let met = HashSet::from([part("0"), part("1")]);
-        let rest = judge_ingest(&letter, "dlq", NOW).without_met(&from, &met);
+        let rest =
+            judge_ingest(&letter, "dlq", &KafkaConfig::default(), NOW).without_met(&from, &met);
         assert_eq!(rest.take_part, [Some(2)]);
         assert_eq!(rest.take, j.take[1..]);
         assert!(rest.keep.is_empty() && rest.refused.is_empty(), "{rest:?}");
@@ -1126,7 +1136,8 @@ mod tests {
         let mut timeless = letter.clone();
         timeless.headers.remove(letter_header::ACCEPTED_MS);
         let met = HashSet::from([timeless.identity("dlq")]);
-        let whole = judge_ingest(&timeless, "dlq", NOW).without_met(&from, &met);
+        let whole =
+            judge_ingest(&timeless, "dlq", &KafkaConfig::default(), NOW).without_met(&from, &met);
         assert_eq!(whole.keep.len(), 1, "{whole:?}");
         assert_eq!(whole.keep[0].payload, timeless.payload);
         assert_eq!(identity_put_back(&whole.keep[0]), timeless.identity("dlq"));
@@ -1141,7 +1152,7 @@ mod tests {
     fn what_this_build_still_refuses_stays_with_its_reason() {
         // still an unknown type
         let letter = ingest_letter(event_json("wishlist_add", "u1"), true, Some(NOW));
-        let j = judge_ingest(&letter, "dlq", NOW);
+        let j = judge_ingest(&letter, "dlq", &KafkaConfig::default(), NOW);
         assert!(j.take.is_empty());
         assert!(j.refused[0].contains("unknown event type"), "{j:?}");
         assert_eq!(j.keep.len(), 1);
@@ -1159,7 +1170,7 @@ mod tests {
         again
             .headers
             .insert(REPLAYED_FROM_HEADER.into(), "dlq/0/5".into());
-        let j = judge_ingest(&again, "dlq", NOW);
+        let j = judge_ingest(&again, "dlq", &KafkaConfig::default(), NOW);
         assert_eq!(header(&j.keep[0], REPLAYED_FROM_HEADER), Some("dlq/0/5"));
         assert_eq!(header(&j.keep[0], letter_header::INGEST_INDEX), Some("3"));
         assert_eq!(
@@ -1171,6 +1182,7 @@ mod tests {
             let j = judge_ingest(
                 &ingest_letter(event_json("add_to_cart", "u1"), true, at),
                 "dlq",
+                &KafkaConfig::default(),
                 NOW,
             );
             assert!(j.take.is_empty() && j.refused.len() == 1, "{j:?}");
@@ -1185,6 +1197,7 @@ mod tests {
         let j = judge_ingest(
             &ingest_letter(batch.into_bytes(), false, Some(NOW)),
             "dlq",
+            &KafkaConfig::default(),
             NOW,
         );
         assert_eq!(j.take.len(), 1);
@@ -1215,6 +1228,7 @@ mod tests {
         let j = judge_ingest(
             &ingest_letter(b"not json".to_vec(), false, Some(NOW)),
             "dlq",
+            &KafkaConfig::default(),
             NOW,
         );
         assert!(j.take.is_empty() && j.refused[0].contains("not valid JSON"));

@@ -258,7 +258,10 @@ async fn ingest(
     let mut letters = Vec::new();
     for (index, r) in batch.events.iter().enumerate() {
         match r {
-            Ok(e) => out.push(Outgoing::event(e)),
+            Ok(e) => out.push(Outgoing::event(
+                e,
+                st.shared.config.kafka.topic_for(&e.kind),
+            )),
             Err(e) => {
                 let reason = e.to_string();
                 if let Some(item) = batch.item(index) {

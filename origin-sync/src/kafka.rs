@@ -371,11 +371,11 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// An event to its kind's default topic, keyed by its user (so a user's events stay in
-    /// one partition, in order).
-    pub fn event(e: &shared::event::Event) -> Outgoing {
+    /// An event to `topic` (`KafkaConfig::topic_for` its kind), keyed by its user (so a
+    /// user's events stay in one partition, in order).
+    pub fn event(e: &shared::event::Event, topic: &str) -> Outgoing {
         Outgoing {
-            topic: e.kind.default_topic().to_owned(),
+            topic: topic.to_owned(),
             key: e.user.as_bytes().to_vec(),
             payload: e.to_json_bytes(),
             headers: Vec::new(),

@@ -259,7 +259,7 @@ async fn simulate(
         for _ in 0..n {
             let Some(mut e) = traffic.next() else { break };
             e.ts_ms = origin_sync::pipeline::now_ms();
-            out.push(Outgoing::event(&e));
+            out.push(Outgoing::event(&e, config.kafka.topic_for(&e.kind)));
         }
         produce_all(&producer, &out).await?;
         sent += out.len() as u64;

@@ -158,17 +158,22 @@ pub const TOPICS: [(&str, &[&str]); 3] = [
     ("purchase_events", &["purchase", "consent"]),
 ];
 
-/// Checks that `kind` belongs on `topic`. A topic is one of [`TOPICS`] when its name is that
-/// name or ends with it after `_`, `.` or `-` (a deployment's prefix, e.g. `shop1.cart_events`);
-/// a topic of any other name is not checked.
-pub fn check_topic(topic: &str, kind: &EventKind) -> Result<(), EventError> {
-    let role = TOPICS.iter().map(|(t, _)| *t).find(|t| {
+/// Which of [`TOPICS`] `topic` is: that name, or one ending with it after `_`, `.` or `-` (a
+/// deployment's prefix, e.g. `shop1.cart_events`); `None` for a topic of any other name.
+pub fn topic_role(topic: &str) -> Option<&'static str> {
+    TOPICS.iter().map(|(t, _)| *t).find(|t| {
         topic == *t
             || topic
                 .strip_suffix(t)
                 .is_some_and(|prefix| prefix.ends_with(['_', '.', '-']))
-    });
-    match role {
+    })
+}
+
+/// Checks that `kind` belongs on `topic`. A topic is one of [`TOPICS`] when its name is that
+/// name or ends with it after `_`, `.` or `-` (a deployment's prefix, e.g. `shop1.cart_events`);
+/// a topic of any other name is not checked.
+pub fn check_topic(topic: &str, kind: &EventKind) -> Result<(), EventError> {
+    match topic_role(topic) {
         Some(role) if role != kind.default_topic() => Err(EventError::field(
             "type",
             format!(

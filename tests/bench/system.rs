@@ -277,7 +277,7 @@ fn freshness(
                 quantity: 1,
             }),
         };
-        let msg = Outgoing::event(&event);
+        let msg = Outgoing::event(&event, event.kind.default_topic());
         let produced = Instant::now();
         let produced_us = unix_us();
         let producer = producer.clone();

@@ -43,7 +43,10 @@ struct System {
 }
 
 fn messages(events: &[Event]) -> Vec<Outgoing> {
-    events.iter().map(Outgoing::event).collect()
+    events
+        .iter()
+        .map(|e| Outgoing::event(e, e.kind.default_topic()))
+        .collect()
 }
 
 impl System {
@@ -485,7 +488,7 @@ fn erasure_reaches_every_copy_and_stays(sys: &mut System) {
     late.user = user.to_owned();
     late.ts_ms = origin_sync::pipeline::now_ms() + 3_600_000;
     let taken_at = origin_sync::pipeline::now_ms() as i64 - 5_000;
-    let m = Outgoing::event(&late);
+    let m = Outgoing::event(&late, late.kind.default_topic());
     sys.rt
         .block_on(
             sys.producer.send(

@@ -81,7 +81,7 @@ fn topics(prefix: &str) -> Vec<String> {
 fn outgoing(prefix: &str, e: &Event) -> Outgoing {
     Outgoing {
         topic: format!("{prefix}_{}", e.kind.default_topic()),
-        ..Outgoing::event(e)
+        ..Outgoing::event(e, "")
     }
 }
 

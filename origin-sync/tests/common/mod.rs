@@ -249,7 +249,8 @@ pub fn traffic(users: usize, n: usize, prefix: &str, seed: u64) -> Vec<Event> {
 }
 
 pub fn outgoing(e: &Event) -> Outgoing {
-    Outgoing::event(e)
+    // the tests' topics are the default ones
+    Outgoing::event(e, e.kind.default_topic())
 }
 
 pub async fn produce(brokers: &str, messages: &[Outgoing]) {
