@@ -746,8 +746,16 @@ impl Worker {
                         if throttled || tries < SPLIT_AFTER_TRIES {
                             let delay = match after {
                                 // honoured, plus a little jitter so instances do not all
-                                // come back in the same instant
-                                Some(a) => *a + jitter(*a / 10),
+                                // come back in the same instant; never less than the first
+                                // retry's delay (`Retry-After: 0`, or a date passed already,
+                                // would retry a throttled sink in a tight loop)
+                                Some(a) => {
+                                    let floor = Duration::from_millis(
+                                        self.shared.config.sync.retry_initial_ms,
+                                    );
+                                    let a = (*a).max(floor);
+                                    a + jitter(a / 10)
+                                }
                                 None => backoff(&self.shared.config.sync, self.attempt),
                             };
                             self.failed(&error, "retry", parts.len(), delay);

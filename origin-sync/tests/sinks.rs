@@ -324,6 +324,33 @@ async fn retry_after_is_honoured() {
     sender.stop().await;
 }
 
+/// A 429 with `Retry-After: 0` (or a date already past) is not a tight loop: the throttled
+/// sink is tried again no sooner than a first retry's delay (`sync.retry_initial_ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_retry_after_still_waits_a_first_retrys_delay() {
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let events = traffic(10, 100, "z", 42);
+    let want = reference(&events);
+    edge.inject(Fault::new(Api::Sync, 429).retry_after("0").times(20));
+    // (the tests' sinks retry first after 20 ms: `retry_initial_ms`)
+    let mut sender = Sender::start("retry-after-zero", &edge_only(&edge), "");
+    sender.fold(&events).await;
+    converge(&edge, &want, Duration::from_secs(30)).await;
+    let log: Vec<_> = edge
+        .answered()
+        .into_iter()
+        .filter(|a| a.api == Api::Sync)
+        .collect();
+    let throttled: Vec<_> = log.iter().filter(|a| a.status == 429).collect();
+    assert_eq!(throttled.len(), 20);
+    let took = throttled[19].at - throttled[0].at;
+    assert!(
+        took >= Duration::from_millis(19 * 20),
+        "20 throttled answers within {took:?}: retried without waiting"
+    );
+    sender.stop().await;
+}
+
 /// The KV sink throttled (Cloudflare's rate limit, with a long `Retry-After`), then refusing
 /// everything, never holds back the edge: each sink has its own progress, and a sink that
 /// falls behind pages through the store's outbox instead of pausing consumption. Once KV
