@@ -184,15 +184,21 @@ impl World {
     }
 }
 
-/// The signed-in shopper's session record an answer sets (`__Host-ew_s`), if any.
+/// The `name=value` of the cookie an answer sets under `name` (one it clears is none).
+fn cookie_set(reply: &Reply, name: &str) -> Option<String> {
+    reply
+        .headers
+        .iter()
+        .filter(|(k, _)| *k == "set-cookie")
+        .find(|(_, v)| v.starts_with(&format!("{name}=")) && !v.contains("Max-Age=0"))
+        .and_then(|(_, v)| v.split(';').next())
+        .map(str::to_owned)
+}
+
+/// The value of the signed-in shopper's session record an answer sets (`__Host-ew_s`).
 fn session_record(reply: &Reply) -> Option<String> {
-    reply.headers.iter().find_map(|(n, v)| {
-        (*n == "set-cookie")
-            .then(|| v.strip_prefix("__Host-ew_s="))
-            .flatten()
-            .and_then(|v| v.split(';').next())
-            .map(str::to_owned)
-    })
+    const NAME: &str = "__Host-ew_s";
+    cookie_set(reply, NAME).map(|c| c[NAME.len() + 1..].to_owned())
 }
 
 /// `POST /v1/sync` of `items`, signed as origin signs it at `now_ms`: for a test that runs it

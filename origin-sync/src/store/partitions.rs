@@ -556,6 +556,12 @@ fn outranks(record: &Stamp, local: Option<&Stamp>) -> bool {
     }
 }
 
+/// Whether `seen`, an epoch read or claimed of a partition, is of a later generation than a
+/// claim under `generation` would be (its epoch's generation part is `generation + 1`).
+fn outruns(seen: u64, generation: u64) -> bool {
+    seen >> EPOCH_GENERATION_SHIFT > generation + 1
+}
+
 /// Per partition, how many times it left this instance (`Store::revocations`).
 pub type Revocations = std::collections::BTreeMap<i32, u64>;
 
@@ -1285,7 +1291,7 @@ impl Store {
         let epoch = {
             let mut t = tx.open_table(EPOCHS)?;
             let seen = t.get(partition)?.map_or(0, |g| g.value());
-            if seen >> EPOCH_GENERATION_SHIFT > generation + 1 {
+            if outruns(seen, generation) {
                 tracing::warn!(
                     partition,
                     generation,
@@ -1315,7 +1321,7 @@ impl Store {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(EPOCHS)?;
         let seen = t.get(partition)?.map_or(0, |g| g.value());
-        Ok(seen >> EPOCH_GENERATION_SHIFT > generation + 1)
+        Ok(outruns(seen, generation))
     }
 
     /// Per partition, the epoch of this instance's latest ownership of it.

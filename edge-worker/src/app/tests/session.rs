@@ -24,14 +24,15 @@ impl Browser {
     fn send(&mut self, app: &App, w: &World, req: HttpRequest, user: &str) -> Reply {
         let req = self.request(req, user);
         let reply = run(app.handle(&w.store, &w.clock, &req, || [0x33; 16])).reply;
-        for (name, value) in &reply.headers {
-            if *name == "set-cookie"
-                && let Some(v) = value.strip_prefix("__Host-ew_s=")
-            {
-                self.session = v.split(';').next().map(str::to_owned);
-            }
-        }
+        self.keep(&reply);
         reply
+    }
+
+    /// Keeps the session record an answer sets, as a browser keeps its cookies.
+    fn keep(&mut self, reply: &Reply) {
+        if let Some(v) = session_record(reply) {
+            self.session = Some(v);
+        }
     }
 
     fn me(&mut self, app: &App, w: &World, user: &str) -> Value {
@@ -487,13 +488,7 @@ fn an_entry_dropped_during_the_kv_read_still_shows_what_the_cookie_says() {
         shown, at_a,
         "the cookie's base (version 2) and the shopper's own event"
     );
-    for (name, value) in &h.reply.headers {
-        if *name == "set-cookie"
-            && let Some(v) = value.strip_prefix("__Host-ew_s=")
-        {
-            alice.session = v.split(';').next().map(str::to_owned);
-        }
-    }
+    alice.keep(&h.reply);
     drop(other);
 
     // again, with the record this isolate now knows its entry shows (recognised, not

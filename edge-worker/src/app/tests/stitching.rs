@@ -132,17 +132,6 @@ fn signing_in_at_another_isolate_joins_what_the_session_cookie_carries() {
     );
 }
 
-/// The record a cookie of a response carries, as `name=value`.
-fn record(h: &Handled, name: &str) -> Option<String> {
-    h.reply
-        .headers
-        .iter()
-        .filter(|(k, _)| *k == "set-cookie")
-        .find(|(_, v)| v.starts_with(&format!("{name}=")) && !v.contains("Max-Age=0"))
-        .and_then(|(_, v)| v.split(';').next())
-        .map(str::to_owned)
-}
-
 /// Signed in, then browsing signed out, then signing in again, all before origin has folded
 /// anything: the signed-in session's record is not overwritten by the visitor's (it has a
 /// cookie of its own), so the sign-in at an isolate that saw none of it shows both the
@@ -154,8 +143,8 @@ fn browsing_signed_out_keeps_the_signed_in_record_and_signing_in_joins_both() {
     let b = format!(r#"{{"event_id":"mine-0","ts":{},{ADD_CARD}}}"#, w.now());
     let mine = w.post("/v1/events", &[alice], b.as_bytes());
     assert_eq!(mine.reply.status, 202);
-    let alice_record = record(&mine, "__Host-ew_s").expect("alice's record");
-    assert!(record(&mine, "__Host-ew_sv").is_none());
+    let alice_record = cookie_set(&mine.reply, "__Host-ew_s").expect("alice's record");
+    assert!(cookie_set(&mine.reply, "__Host-ew_sv").is_none());
 
     let cookie = visitor_cookie();
     let both_cookies = format!("{cookie}; {alice_record}");
@@ -167,10 +156,10 @@ fn browsing_signed_out_keeps_the_signed_in_record_and_signing_in_joins_both() {
     );
     assert_eq!(anon.reply.status, 202);
     assert!(
-        record(&anon, "__Host-ew_s").is_none(),
+        cookie_set(&anon.reply, "__Host-ew_s").is_none(),
         "alice's record is left alone"
     );
-    let visitor_record = record(&anon, "__Host-ew_sv").expect("the visitor's record");
+    let visitor_record = cookie_set(&anon.reply, "__Host-ew_sv").expect("the visitor's record");
 
     let other = App::new(config());
     let mut r = HttpRequest::get("/v1/me");
@@ -255,11 +244,11 @@ fn signing_in_at_a_full_isolate_keeps_what_the_shoppers_record_shows() {
     let alice = signed_in("alice");
     let b = format!(r#"{{"event_id":"mine-0","ts":{},{ADD_CARD}}}"#, w.now());
     let mine = w.post("/v1/events", &[alice], b.as_bytes());
-    let alice_record = record(&mine, "__Host-ew_s").expect("alice's record");
+    let alice_record = cookie_set(&mine.reply, "__Host-ew_s").expect("alice's record");
     let cookie = visitor_cookie();
     let b = format!(r#"{{"event_id":"anon-0","ts":{},{VIEW_LAPTOP}}}"#, w.now());
     let anon = w.post("/v1/events", &[("cookie", cookie.as_str())], b.as_bytes());
-    let visitor_record = record(&anon, "__Host-ew_sv").expect("the visitor's record");
+    let visitor_record = cookie_set(&anon.reply, "__Host-ew_sv").expect("the visitor's record");
     // KV where the next isolate runs still gives version 1
     w.store.insert_raw(
         &key("alice").kv_key(),
@@ -283,7 +272,7 @@ fn signing_in_at_a_full_isolate_keeps_what_the_shoppers_record_shows() {
     post.body = format!(r#"{{"event_id":"new-0","ts":{},{VIEW_LAPTOP}}}"#, w.now()).into_bytes();
     let posted = send(format!("{cookie}; {alice_record}; {visitor_record}"), post);
     assert_eq!(posted.reply.status, 202);
-    let record_now = record(&posted, "__Host-ew_s").unwrap_or(alice_record);
+    let record_now = cookie_set(&posted.reply, "__Host-ew_s").unwrap_or(alice_record);
     let me = send(record_now, HttpRequest::get("/v1/me"));
     assert_eq!(
         cart_items(&me.reply.body_json()),
