@@ -664,6 +664,20 @@ impl Config {
                 "retry_initial_ms must be > 0 and retry_max_ms at least retry_initial_ms",
             );
         }
+        if self.http.ingest_events_per_sec == 0 {
+            return bad("http.ingest_events_per_sec", "must be at least 1");
+        }
+        // a batch is taken from the budget whole: a burst below the largest batch the edge
+        // sends would answer every such batch 429 for ever, and the edge would retry it for ever
+        if (self.http.ingest_burst as usize) < shared::event::MAX_BATCH_EVENTS {
+            return bad(
+                "http.ingest_burst",
+                &format!(
+                    "must be at least {} (an `/ingest` batch's most events; it is taken whole)",
+                    shared::event::MAX_BATCH_EVENTS
+                ),
+            );
+        }
         if self.store.max_window_events == 0 {
             return bad("store.max_window_events", "must be at least 1");
         }
@@ -877,5 +891,11 @@ mod tests {
         assert!(e.to_string().contains("kafka.revoke_grace_ms"), "{e}");
         let c = Config::from_parts("[kafka]\nrevoke_grace_ms = 0\n", env(&[])).unwrap();
         assert_eq!(c.kafka.revoke_grace_ms, 0);
+        let e = Config::from_parts("[http]\ningest_burst = 99\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("http.ingest_burst"), "{e}");
+        let c = Config::from_parts("[http]\ningest_burst = 100\n", env(&[])).unwrap();
+        assert_eq!(c.http.ingest_burst, 100);
+        let e = Config::from_parts("[http]\ningest_events_per_sec = 0\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("http.ingest_events_per_sec"), "{e}");
     }
 }

@@ -754,7 +754,7 @@ async fn ingest_is_budgeted_per_source() {
         &tansu,
         &edge,
         &dir,
-        "ingest_events_per_sec = 20\ningest_burst = 50\n",
+        "ingest_events_per_sec = 40\ningest_burst = 100\n",
     ));
     let (service, base) = serving(cfg).await;
     let client = reqwest::Client::new();
@@ -764,27 +764,27 @@ async fn ingest_is_budgeted_per_source() {
             .body(body)
             .send()
     };
-    let events = traffic(5, 90, "lim", 3);
-    let r = post(&events[..50]).await.expect("ingest");
+    let events = traffic(5, 180, "lim", 3);
+    let r = post(&events[..100]).await.expect("ingest");
     assert_eq!(r.status(), 202, "the burst is taken");
-    let r = post(&events[50..90]).await.expect("ingest");
+    let r = post(&events[100..180]).await.expect("ingest");
     assert_eq!(r.status(), 429);
     let wait: u64 = r.headers()["retry-after"]
         .to_str()
         .expect("ascii")
         .parse()
         .expect("seconds");
-    // 40 events at 20/s: 2 s, or 1 s when the first post took long enough to earn some back
+    // 80 events at 40/s: 2 s, or 1 s when the first post took long enough to earn some back
     // (a loaded machine)
     assert!(
         (1..=2).contains(&wait),
-        "40 events at 20/s: retry after {wait} s"
+        "80 events at 40/s: retry after {wait} s"
     );
     let j: serde_json::Value = r.json().await.expect("json");
     let error = j["error"].as_str().expect("error");
     assert!(error.contains(&format!("retry in {wait} s")), "{error}");
     tokio::time::sleep(Duration::from_secs(wait)).await;
-    let r = post(&events[50..90]).await.expect("ingest");
+    let r = post(&events[100..180]).await.expect("ingest");
     assert_eq!(r.status(), 202, "after Retry-After the batch is taken");
     // stopped while the broker is still there: a consumer closing against a broker that has
     // gone can wait far longer than the test
