@@ -111,9 +111,10 @@ impl SinkError {
                 retry_after,
                 ..
             } => classify_status(*status, *retry_after),
-            SinkError::BadAnswer(_) => Class::Permanent {
-                reason: "bad_answer".into(),
-            },
+            // a 2xx that is not the sink's answer (a proxy's page, a cut body, a KV "success":
+            // false): whether the batch was taken is unknown, and it is not this batch's
+            // fault. Sent again (every write is idempotent by version), never quarantined.
+            SinkError::BadAnswer(_) => Class::Misconfigured,
             SinkError::TooLarge { .. } => Class::Permanent {
                 reason: "too_large".into(),
             },
@@ -428,7 +429,7 @@ mod tests {
         check(422, None, permanent("http_422"));
         assert_eq!(
             SinkError::BadAnswer("html".into()).class(),
-            permanent("bad_answer")
+            Class::Misconfigured
         );
         assert_eq!(SinkError::Unwritten(3).class(), retry(None));
     }

@@ -232,6 +232,39 @@ async fn a_shopper_refused_with_413_is_quarantined_and_the_rest_flow() {
     sender.stop().await;
 }
 
+/// A 2xx that is not the edge's answer (a proxy's page in front of it) says nothing of whether
+/// the batch was taken, and nothing is wrong with the batch: it is sent again, never
+/// quarantined, and arrives once the edge answers for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_that_is_not_the_edges_answer_is_sent_again_and_never_quarantined() {
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let events = traffic(30, 300, "h", 41);
+    let want = reference(&events);
+    let hidden = key("h-u5");
+    assert!(want.contains_key(&hidden));
+    edge.inject(
+        Fault::new(Api::Sync, 200)
+            .body("<html>maintenance</html>")
+            .only_with(hidden),
+    );
+    let mut sender = Sender::start("bad-answer-200", &edge_only(&edge), "");
+    sender.fold(&events).await;
+    converge(
+        &edge,
+        &without(want.clone(), &[hidden]),
+        Duration::from_secs(20),
+    )
+    .await;
+    // long enough for the batch to be split down to the shopper and refused, were it refused
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sender.metrics.quarantined.load(Relaxed), 0);
+    assert!(sender.shared.store.quarantined().expect("list").is_empty());
+    edge.clear_faults();
+    converge(&edge, &want, Duration::from_secs(30)).await;
+    outbox_drains(&sender).await;
+    sender.stop().await;
+}
+
 /// 401 is a configuration fault (a wrong secret would refuse every batch): nothing is ever
 /// quarantined for it. Refused for one shopper only, the others still flow; refused for
 /// everything, readiness says so; once fixed, everything arrives.

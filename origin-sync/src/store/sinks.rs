@@ -72,7 +72,7 @@ pub struct Quarantined {
     pub subject: Subject,
     /// The version refused.
     pub version: u64,
-    /// A short label (`http_413`, `bad_answer`, `too_large`), as in the metric.
+    /// A short label (`http_413`, `too_large`), as in the metric.
     pub reason: String,
     /// The sink's answer, truncated.
     pub detail: String,
