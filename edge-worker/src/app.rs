@@ -151,6 +151,8 @@ pub struct App {
     config_load: Cell<Option<sync::ConfigLoad>>,
     /// `POST /v1/events` budget per shopper.
     events_limit: RefCell<crate::limit::RateLimiter>,
+    /// What all visitors from one address post together (`ADDRESS_EVENTS_*`).
+    address_limit: RefCell<crate::limit::RateLimiter>,
     /// Identity tokens this isolate refused, by reason.
     tokens_refused: RefCell<crate::token::RefusedTokens>,
     /// Recent erasures: what this isolate erased, and origin's published fence (its version
@@ -216,6 +218,10 @@ impl App {
             events_limit: RefCell::new(crate::limit::RateLimiter::new(
                 config.events_per_sec,
                 config.events_burst,
+            )),
+            address_limit: RefCell::new(crate::limit::RateLimiter::new(
+                config.address_events_per_sec,
+                config.address_events_burst,
             )),
             config,
         }

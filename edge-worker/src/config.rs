@@ -44,6 +44,11 @@ pub struct EdgeConfig {
     /// `POST /v1/events` budget per shopper and isolate: events a second, and the burst.
     pub events_per_sec: u32,
     pub events_burst: u32,
+    /// What all visitors from one address may post together, per isolate
+    /// (`ADDRESS_EVENTS_PER_SEC`, `ADDRESS_EVENTS_BURST`): each made-up visitor id that has
+    /// earned a budget of its own still shares this one.
+    pub address_events_per_sec: u32,
+    pub address_events_burst: u32,
     /// Verifies the site's identity tokens (`JWT_*`); `None`: no token names anyone.
     pub token: Option<TokenVerifier>,
     /// A header naming signed-in shoppers that a trusted front layer sets and strips from
@@ -89,6 +94,8 @@ impl Default for EdgeConfig {
             config_timeout_ms: 1_000,
             events_per_sec: 10,
             events_burst: 200,
+            address_events_per_sec: 100,
+            address_events_burst: 1000,
             token: None,
             trusted_user_header: None,
             proxy: None,
@@ -161,6 +168,8 @@ impl EdgeConfig {
         let skew = number("JWT_CLOCK_SKEW_SECS", 30, 0, crate::token::MAX_SKEW_SECS);
         let events_per_sec = number("EVENTS_PER_SEC", 10, 1, 10_000);
         let events_burst = number("EVENTS_BURST", 200, 1, 100_000);
+        let address_per_sec = number("ADDRESS_EVENTS_PER_SEC", 100, 1, 100_000);
+        let address_burst = number("ADDRESS_EVENTS_BURST", 1000, 1, 1_000_000);
         let render_budget = number("RENDER_BUDGET_MS", 10, 0, 10_000);
         let sweep_after = number("SWEEP_AFTER_SECS", 30, 0, 86_400);
         c.profile_ttl_ms = ttl * 1000;
@@ -173,6 +182,8 @@ impl EdgeConfig {
         c.config_timeout_ms = config_timeout as u32;
         c.events_per_sec = events_per_sec as u32;
         c.events_burst = events_burst as u32;
+        c.address_events_per_sec = address_per_sec as u32;
+        c.address_events_burst = address_burst as u32;
         c.render_budget_ms = render_budget as u32;
         c.sweep_after_ms = sweep_after * 1000;
         match var("COOKIE_SECURE").as_deref() {

@@ -193,9 +193,35 @@ pub fn is_loopback_host(host: &str) -> bool {
     matches!(name, "localhost" | "127.0.0.1" | "[::1]") || name.ends_with(".localhost")
 }
 
+/// The block an address budget is kept for: an IPv6 client holds a whole /64 (a home or phone
+/// gets one, and picks a new address in it at will), so it is one budget; an IPv4 address is
+/// its own. Anything else (a missing header is passed as "unknown") is taken as it is.
+pub fn address_block(ip: &str) -> String {
+    match ip.trim().parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Ok(std::net::IpAddr::V6(v6)) => v6.to_canonical().to_string(),
+        Ok(v4) => v4.to_string(),
+        Err(_) => ip.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_client_is_one_budget_per_64() {
+        let a = address_block("2001:db8:1:2:aaaa::1");
+        assert_eq!(a, "2001:db8:1:2::/64");
+        assert_eq!(address_block(" 2001:0db8:1:2:ffff:1:2:3 "), a);
+        assert_ne!(address_block("2001:db8:1:3::1"), a);
+        assert_eq!(address_block("203.0.113.9"), "203.0.113.9");
+        assert_eq!(address_block("::ffff:203.0.113.9"), "203.0.113.9");
+        assert_eq!(address_block("unknown"), "unknown");
+    }
 
     const ID: &str = "0123456789abcdef0123456789abcdef";
 

@@ -55,7 +55,11 @@ impl App {
         let who = self.identify(req, now_ms, mint)?;
         // derived once: every step below reads the same shopper's entry
         let key = self.key_of(&who);
-        self.first_config_check(store, clock, key, now_ms).await;
+        // a visitor minted for this request has no profile anywhere yet: nothing to read from
+        // KV or to cache for it (as for pages: a cookieless flood must cost no KV reads)
+        let profile_key = key.filter(|_| !who.is_minted());
+        self.first_config_check(store, clock, profile_key, now_ms)
+            .await;
         // what the shopper was last shown, wherever that was (`shared::session`)
         let shown = self.adopt_session(req, &who, key, now_ms);
         // before the route, so what it answers already shows the joined profile
@@ -63,14 +67,17 @@ impl App {
         let not_allowed = |allow| Err(EdgeError::MethodNotAllowed { allow });
         let routed = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/v1/recommendations") => {
-                self.recommendations(store, clock, req, key, shown.as_ref(), now_ms)
+                self.recommendations(store, clock, req, &who, key, shown.as_ref(), now_ms)
                     .await
             }
             ("POST", "/v1/events") => {
                 self.events(store, req, &who, key, shown.as_ref(), now_ms)
                     .await
             }
-            ("GET", "/v1/me") => Ok(self.me(store, key, shown.as_ref(), now_ms).await.into()),
+            ("GET", "/v1/me") => Ok(self
+                .me(store, profile_key, shown.as_ref(), now_ms)
+                .await
+                .into()),
             ("DELETE", "/v1/me") => self.erase(store, req, &who, key, now_ms).await,
             (_, "/v1/recommendations") => not_allowed("GET"),
             (_, "/v1/events") => not_allowed("POST"),
@@ -361,11 +368,13 @@ impl App {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // the request's parts `api` derived once
     async fn recommendations<S: Store>(
         &self,
         store: &S,
         clock: &dyn Clock,
         req: &HttpRequest,
+        who: &Identity,
         key: Option<UserKey>,
         shown: Option<&Incoming<'_>>,
         now_ms: u64,
@@ -373,7 +382,9 @@ impl App {
         let query = Query::parse(&req.query)?;
         let site = self.site();
         let mut ctx = query.context(&site.catalog, now_ms)?;
-        let found = self.lookup(store, clock, key, shown, now_ms).await;
+        // (the seed stays the identity's, so the visitor's next answer is ordered alike)
+        let profile_key = key.filter(|_| !who.is_minted());
+        let found = self.lookup(store, clock, profile_key, shown, now_ms).await;
         ctx.seed = seed(key, now_ms);
         ctx.device = query.device.unwrap_or_else(|| device_of(req));
         ctx.country = ctx.country.or_else(|| country_of(req));
@@ -481,7 +492,8 @@ impl App {
             // next page's lookup reads the base)
             let kv_failing =
                 now_ms.saturating_sub(self.profile_read_failed_ms.get()) < Self::KV_RETRY_AFTER_MS;
-            if loaded || kv_failing {
+            // A visitor minted for this request has no base anywhere to load.
+            if loaded || kv_failing || who.is_minted() {
                 self.readopt(shown, key, now_ms);
             } else {
                 self.lookup(store, &Frozen(now_ms), Some(key), shown, now_ms)
@@ -568,7 +580,10 @@ impl App {
     /// A signed-in shopper, or a visitor with a profile or events here, pays from their own. A
     /// visitor id costs a browser nothing to make up: a visitor minted for this request, or one
     /// nothing was ever written for, also pays from its address's budget (`cf-connecting-ip`),
-    /// or a new id per request (or no cookie at all) would reset the limit every time.
+    /// or a new id per request (or no cookie at all) would reset the limit every time. And
+    /// every visitor pays from its address's ceiling (`ADDRESS_EVENTS_*`): made-up ids that each
+    /// earned a budget of their own with one event would otherwise multiply the limit by their
+    /// number (so would more ids than the limiter remembers, each forgotten bucket full again).
     fn take_budget(
         &self,
         req: &HttpRequest,
@@ -588,22 +603,27 @@ impl App {
             }),
             _ => false,
         };
-        let address = unproven
-            .then(|| {
+        let address = match who {
+            Identity::Visitor { .. } => self.config.user_key_secret.as_deref().map(|secret| {
                 let ip = req.header("cf-connecting-ip").unwrap_or("unknown");
-                let secret = self.config.user_key_secret.as_deref()?;
-                Some(UserKey::of_address(secret, ip))
-            })
-            .flatten();
+                UserKey::of_address(secret, &identity::address_block(ip))
+            }),
+            Identity::User(_) => None,
+        };
         let own = match who {
             Identity::Visitor { minted: true, .. } => None,
             _ => key,
         };
+        let refused = |retry_after_secs| EdgeError::RateLimited { retry_after_secs };
+        if let Some(address) = address {
+            self.address_limit
+                .borrow_mut()
+                .take(address, n, now_ms)
+                .map_err(refused)?;
+        }
         let mut limit = self.events_limit.borrow_mut();
-        for budget in [address, own].into_iter().flatten() {
-            limit
-                .take(budget, n, now_ms)
-                .map_err(|retry_after_secs| EdgeError::RateLimited { retry_after_secs })?;
+        for budget in [address.filter(|_| unproven), own].into_iter().flatten() {
+            limit.take(budget, n, now_ms).map_err(refused)?;
         }
         Ok(())
     }

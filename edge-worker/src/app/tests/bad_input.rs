@@ -261,6 +261,60 @@ fn made_up_visitor_ids_do_not_escape_the_events_limit() {
     assert_eq!(w.post("/v1/events", &known, body).reply.status, 202);
 }
 
+/// Made-up ids that each earned a budget of their own (one event from the address's) still
+/// share their address's ceiling: twenty of them post no more than the ceiling allows, where
+/// each alone would have had five times that. An IPv6 client's whole /64 is one address.
+#[test]
+fn made_up_visitor_ids_share_their_addresss_ceiling() {
+    let w = World::with(config_with(&[
+        ("EVENTS_PER_SEC", "1"),
+        ("EVENTS_BURST", "30"),
+        ("ADDRESS_EVENTS_PER_SEC", "1"),
+        ("ADDRESS_EVENTS_BURST", "40"),
+    ]));
+    let post = |ip: &str, id: u32, events: u32| {
+        let body: Vec<String> = (0..events)
+            .map(|e| {
+                format!(
+                    r#"{{"event_id":"c{id}-{e}-{}","type":"page_view"}}"#,
+                    w.now()
+                )
+            })
+            .collect();
+        let cookie = format!("__Host-ew_vid={:032x}", id + 1);
+        let headers = [("cf-connecting-ip", ip), ("cookie", cookie.as_str())];
+        w.post(
+            "/v1/events",
+            &headers,
+            format!("[{}]", body.join(",")).as_bytes(),
+        )
+        .reply
+        .status
+    };
+    let ip = "2001:db8:7:7::1";
+    for id in 0..20 {
+        assert_eq!(post(ip, id, 1), 202, "id {id}'s first event");
+    }
+    // each id holds an event here now (a budget of its own, 29 left); the ceiling has 20
+    let accepted = (0..20).filter(|&id| post(ip, id, 5) == 202).count();
+    assert_eq!(
+        accepted, 4,
+        "20 of the ceiling's 40 events left, 5 per request"
+    );
+    // another address in the same /64 is the same client
+    assert_eq!(post("2001:db8:7:7:ffff::9", 99, 1), 429);
+    // another /64, or a signed-in shopper, is not held back
+    assert_eq!(post("2001:db8:7:8::1", 98, 1), 202);
+    let event = format!(r#"{{"event_id":"alice-c-{}","type":"page_view"}}"#, w.now());
+    let signed_in = [alice()[0], ("cf-connecting-ip", ip)];
+    assert_eq!(
+        w.post("/v1/events", &signed_in, event.as_bytes())
+            .reply
+            .status,
+        202
+    );
+}
+
 /// A 404 or 405 may be kept by a shared cache by default: one that gives a new visitor their
 /// id must say no cache may keep it, or every client after would share that visitor.
 #[test]

@@ -116,24 +116,17 @@ fn popular_now_leaves_out_what_is_in_the_cart() {
     assert_eq!(shown.len(), top.len(), "the next one takes its place");
 }
 
-/// A page for a visitor minted by that very request (no cookie: a first visit, a crawler, a
-/// flood) reads no profile from KV and caches none: none can exist yet, and a flood of
-/// cookieless requests would otherwise cost a KV read each and push real shoppers' entries
-/// out of the cache. The visitor's next page, with the cookie, looks their profile up.
+/// A page or `/v1` answer for a visitor minted by that very request (no cookie: a first visit,
+/// a crawler, a flood) reads no profile from KV and caches none: none can exist yet, and a
+/// flood of cookieless requests would otherwise cost a KV read each and push real shoppers'
+/// entries out of the cache. The visitor's next request, with the cookie, looks their profile
+/// up; a minted visitor's events are still taken and shown on their next request.
 #[test]
-fn a_page_for_a_just_minted_visitor_reads_and_caches_no_profile() {
+fn a_request_for_a_just_minted_visitor_reads_and_caches_no_profile() {
     let app = App::new(config());
     let store = HeldReads::new();
     store.held.set(false);
     let clock = TestClock(Cell::new(NOW_MS as f64));
-    let first = run(app.handle(&store, &clock, &HttpRequest::get("/"), || [0x21; 16]));
-    assert_eq!(first.reply.status, 200);
-    let minted = first
-        .reply
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .expect("a visitor cookie")
-        .to_owned();
     let profile_reads = || {
         store
             .started
@@ -142,9 +135,58 @@ fn a_page_for_a_just_minted_visitor_reads_and_caches_no_profile() {
             .filter(|k| k.starts_with(shared::keys::PROFILE_KEY_PREFIX))
             .count()
     };
-    assert_eq!(profile_reads(), 0, "{:?}", store.started.borrow());
-    let mut again = HttpRequest::get("/");
-    again.headers.push(("cookie".into(), minted));
-    run(app.handle(&store, &clock, &again, || [0x22; 16]));
+    let cookie_of = |h: &Handled| {
+        h.reply
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .expect("a visitor cookie")
+            .to_owned()
+    };
+    let mut events = HttpRequest::get("/v1/events");
+    events.method = "POST".into();
+    events.body = format!(
+        r#"{{"event_id":"minted-1","ts":{NOW_MS},"type":"add_to_cart","item":"CAM-001","category":"cameras","price":1}}"#
+    )
+    .into_bytes();
+    let mut minted = Vec::new();
+    for (n, req) in [
+        HttpRequest::get("/"),
+        HttpRequest::get("/v1/recommendations?slot=home&k=4"),
+        HttpRequest::get("/v1/me"),
+        events,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let first = run(app.handle(&store, &clock, req, || [0x21 + n as u8; 16]));
+        assert!(
+            matches!(first.reply.status, 200 | 202),
+            "{} {}: {}",
+            req.path,
+            first.reply.status,
+            String::from_utf8_lossy(&first.reply.body)
+        );
+        assert_eq!(
+            profile_reads(),
+            0,
+            "{}: {:?}",
+            req.path,
+            store.started.borrow()
+        );
+        minted.push(cookie_of(&first));
+    }
+    assert_eq!(app.cache.borrow().len(), 1, "only the visitor with events");
+    let mut again = HttpRequest::get("/v1/me");
+    again.headers.push(("cookie".into(), minted[3].clone()));
+    let me = run(app.handle(&store, &clock, &again, || [0x30; 16]));
     assert_eq!(profile_reads(), 1, "{:?}", store.started.borrow());
+    assert_eq!(
+        me.reply.body_json()["pending_local_events"],
+        1,
+        "the event is shown"
+    );
+    let mut again = HttpRequest::get("/");
+    again.headers.push(("cookie".into(), minted[0].clone()));
+    run(app.handle(&store, &clock, &again, || [0x31; 16]));
+    assert_eq!(profile_reads(), 2, "{:?}", store.started.borrow());
 }
