@@ -6,7 +6,9 @@
 //! `storefront`'s.
 
 use super::App;
-use super::shopper::{age_header, country_of, device_of, recommend, seed, tier_headers};
+use super::shopper::{
+    age_header, country_of, device_of, profile_key, recommend, seed, tier_headers,
+};
 use crate::http::{Clock, Handled, HttpRequest, Reply, no_store};
 use crate::store::Store;
 use crate::storefront;
@@ -25,10 +27,7 @@ impl App {
     ) -> Handled {
         let who = self.page_identity(req, now_ms, mint);
         let key = self.key_of(&who);
-        // a visitor minted for this request has no profile anywhere yet: no KV read for it,
-        // and no cache entry to push a real shopper's out (a flood of cookieless requests
-        // would otherwise empty the cache)
-        let profile_key = key.filter(|_| !who.is_minted());
+        let profile_key = profile_key(&who, key);
         self.first_config_check(store, clock, profile_key, now_ms)
             .await;
         let site = self.site();

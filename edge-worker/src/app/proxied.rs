@@ -11,7 +11,9 @@
 //! page with thousands of placeholders (by mistake or by an attacker who can write to it)
 //! costs at most that many recommender runs; the rest keep the site's own content.
 
-use super::shopper::{age_header, country_of, device_of, recommend, seed, tier_headers};
+use super::shopper::{
+    age_header, country_of, device_of, profile_key, recommend, seed, tier_headers,
+};
 use super::{App, Site, Tier};
 use crate::http::{Clock, Handled, HttpRequest, Outbound, Reply};
 use crate::identity::Identity;
@@ -95,10 +97,7 @@ impl App {
     ) -> PagePersonalization {
         let who = self.page_identity(req, now_ms, mint);
         let key = self.key_of(&who);
-        // a visitor minted for this request has no profile anywhere yet: no KV read for it,
-        // and no cache entry to push a real shopper's out (a flood of cookieless requests
-        // would otherwise empty the cache)
-        let profile_key = key.filter(|_| !who.is_minted());
+        let profile_key = profile_key(&who, key);
         self.first_config_check(store, clock, profile_key, now_ms)
             .await;
         let shown = self.adopt_session(req, &who, key, now_ms);

@@ -55,10 +55,7 @@ impl App {
         let who = self.identify(req, now_ms, mint)?;
         // derived once: every step below reads the same shopper's entry
         let key = self.key_of(&who);
-        // a visitor minted for this request has no profile anywhere yet: nothing to read from
-        // KV or to cache for it (as for pages: a cookieless flood must cost no KV reads)
-        let profile_key = key.filter(|_| !who.is_minted());
-        self.first_config_check(store, clock, profile_key, now_ms)
+        self.first_config_check(store, clock, profile_key(&who, key), now_ms)
             .await;
         // what the shopper was last shown, wherever that was (`shared::session`)
         let shown = self.adopt_session(req, &who, key, now_ms);
@@ -75,7 +72,7 @@ impl App {
                     .await
             }
             ("GET", "/v1/me") => Ok(self
-                .me(store, profile_key, shown.as_ref(), now_ms)
+                .me(store, &who, key, shown.as_ref(), now_ms)
                 .await
                 .into()),
             ("DELETE", "/v1/me") => self.erase(store, req, &who, key, now_ms).await,
@@ -383,8 +380,9 @@ impl App {
         let site = self.site();
         let mut ctx = query.context(&site.catalog, now_ms)?;
         // (the seed stays the identity's, so the visitor's next answer is ordered alike)
-        let profile_key = key.filter(|_| !who.is_minted());
-        let found = self.lookup(store, clock, profile_key, shown, now_ms).await;
+        let found = self
+            .lookup(store, clock, profile_key(who, key), shown, now_ms)
+            .await;
         ctx.seed = seed(key, now_ms);
         ctx.device = query.device.unwrap_or_else(|| device_of(req));
         ctx.country = ctx.country.or_else(|| country_of(req));
@@ -540,12 +538,13 @@ impl App {
     async fn me<S: Store>(
         &self,
         store: &S,
+        who: &Identity,
         key: Option<UserKey>,
         shown: Option<&Incoming<'_>>,
         now_ms: u64,
     ) -> Reply {
         let found = self
-            .lookup(store, &Frozen(now_ms), key, shown, now_ms)
+            .lookup(store, &Frozen(now_ms), profile_key(who, key), shown, now_ms)
             .await;
         let pending = key
             .and_then(|k| self.cache.borrow().peek(&k).map(|e| e.local_events()))
@@ -989,6 +988,13 @@ impl App {
 }
 
 /// Ties between equal scores vary by shopper and day, never between two requests of a day.
+/// The key to look `who`'s profile up by: none for a visitor minted for this request, who has
+/// no profile anywhere yet. Nothing to read from KV or to cache for them: a flood of cookieless
+/// requests must cost no KV reads, nor push real shoppers' entries out of the cache.
+pub(super) fn profile_key(who: &Identity, key: Option<UserKey>) -> Option<UserKey> {
+    key.filter(|_| !who.is_minted())
+}
+
 pub(super) fn seed(key: Option<UserKey>, now_ms: u64) -> u64 {
     let day = now_ms / 86_400_000;
     let k = key.map_or(0, |k| {

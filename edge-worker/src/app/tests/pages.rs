@@ -173,6 +173,10 @@ fn a_request_for_a_just_minted_visitor_reads_and_caches_no_profile() {
             req.path,
             store.started.borrow()
         );
+        if req.path == "/v1/me" {
+            // still told which key is theirs
+            assert!(first.reply.body_json()["user_key"].is_string());
+        }
         minted.push(cookie_of(&first));
     }
     assert_eq!(app.cache.borrow().len(), 1, "only the visitor with events");
