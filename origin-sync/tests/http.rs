@@ -791,6 +791,64 @@ async fn ingest_is_budgeted_per_source() {
     service.stop().await;
 }
 
+/// A deployment's prefixed topics (`shop1.cart_events`, ...): `/ingest` writes each event to the
+/// configured topic of its kind, which this service reads, so every kind is folded and reaches
+/// the edge; nothing goes to the bare default names, which nothing reads here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_writes_each_kind_to_the_deployments_prefixed_topic() {
+    let Some(tansu) = broker("ingest-prefixed") else {
+        return;
+    };
+    let prefixed: Vec<String> = shared::event::TOPICS
+        .iter()
+        .map(|(role, _)| format!("shop1.{role}"))
+        .collect();
+    for t in &prefixed {
+        tansu.create_topic(t, 2).expect("prefixed topic");
+    }
+    let edge = TestEdge::start(secret()).await.expect("edge");
+    let dir = scratch("ingest-prefixed");
+    let mut cfg = config(&config_toml(&tansu, &edge, &dir, ""));
+    cfg.kafka.topics = prefixed.clone();
+    let (service, base) = serving(cfg).await;
+    let events = traffic(12, 300, "pre", 9);
+    for (role, _) in shared::event::TOPICS {
+        assert!(
+            events.iter().any(|e| e.kind.default_topic() == role),
+            "the traffic holds {role} events"
+        );
+    }
+    let client = reqwest::Client::new();
+    for chunk in events.chunks(shared::event::MAX_BATCH_EVENTS) {
+        let body = ingest_body(chunk);
+        let r = signed(client.post(format!("{base}/ingest")), &body)
+            .body(body)
+            .send()
+            .await
+            .expect("ingest");
+        assert_eq!(r.status(), 202);
+    }
+    converge(&edge, &reference(&events), Duration::from_secs(30)).await;
+    // and the bare names got nothing
+    use rdkafka::consumer::Consumer as _;
+    let bare = origin_sync::config::KafkaConfig {
+        brokers: tansu.brokers(),
+        ..Default::default()
+    };
+    let c = origin_sync::kafka::consumer(&bare, "bare-names").expect("consumer");
+    tokio::task::block_in_place(|| {
+        for (role, _) in shared::event::TOPICS {
+            for p in 0..2 {
+                let (low, high) = c
+                    .fetch_watermarks(role, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                assert_eq!(high - low, 0, "{role}/{p} holds events");
+            }
+        }
+    });
+    service.stop().await;
+}
+
 /// A body that trickles in (a chunk every 300 ms, never finished) holds an edge route no longer
 /// than the edge waits for an attempt: answered 408 with `Retry-After` at
 /// `ORIGIN_ATTEMPT_MS`, the connection closed, whether or not a signature ever comes. A body
