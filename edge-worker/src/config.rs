@@ -169,7 +169,13 @@ impl EdgeConfig {
         let events_per_sec = number("EVENTS_PER_SEC", 10, 1, 10_000);
         let events_burst = number("EVENTS_BURST", 200, 1, 100_000);
         let address_per_sec = number("ADDRESS_EVENTS_PER_SEC", 100, 1, 100_000);
-        let address_burst = number("ADDRESS_EVENTS_BURST", 1000, 1, 1_000_000);
+        // a batch is taken whole: a ceiling below the largest would refuse it for ever
+        let address_burst = number(
+            "ADDRESS_EVENTS_BURST",
+            1000,
+            shared::event::MAX_BATCH_EVENTS as u64,
+            1_000_000,
+        );
         let render_budget = number("RENDER_BUDGET_MS", 10, 0, 10_000);
         let sweep_after = number("SWEEP_AFTER_SECS", 30, 0, 86_400);
         c.profile_ttl_ms = ttl * 1000;

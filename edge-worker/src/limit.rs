@@ -41,6 +41,17 @@ impl RateLimiter {
     /// there will be enough (a request larger than the burst is told when the bucket is full,
     /// and still refused: it can never fit).
     pub fn take(&mut self, key: UserKey, n: u32, now_ms: u64) -> Result<(), u64> {
+        self.settle(key, n, now_ms, true)
+    }
+
+    /// Whether [`RateLimiter::take`] would take `n` now, taking nothing: a request that pays
+    /// from several budgets checks them all first, so one that refuses it leaves the others
+    /// as they were.
+    pub fn check(&mut self, key: UserKey, n: u32, now_ms: u64) -> Result<(), u64> {
+        self.settle(key, n, now_ms, false)
+    }
+
+    fn settle(&mut self, key: UserKey, n: u32, now_ms: u64, take: bool) -> Result<(), u64> {
         let (per_sec, burst) = (self.per_sec, self.burst);
         let bucket = self.buckets.get_or_insert_mut(key, || Bucket {
             tokens: burst,
@@ -51,7 +62,9 @@ impl RateLimiter {
         bucket.at_ms = bucket.at_ms.max(now_ms);
         let n = f64::from(n);
         if n <= bucket.tokens {
-            bucket.tokens -= n;
+            if take {
+                bucket.tokens -= n;
+            }
             return Ok(());
         }
         let missing = n.min(burst) - bucket.tokens;
@@ -87,5 +100,11 @@ mod tests {
         );
         // a clock that steps back takes nothing and gives nothing
         assert!(l.take(key(1), 1, t0).is_ok());
+        // a check takes nothing
+        assert_eq!(l.check(key(3), 100, t0), Ok(()));
+        assert_eq!(l.check(key(3), 100, t0), Ok(()));
+        assert_eq!(l.check(key(3), 101, t0), Err(1));
+        assert_eq!(l.take(key(3), 100, t0), Ok(()));
+        assert_eq!(l.check(key(3), 1, t0), Err(1));
     }
 }

@@ -5,8 +5,8 @@
 //! (or quarantined) it.
 //!
 //! A failed push is classified (`sink::Class`). An outage or a throttle (5xx, 408, 429, a
-//! network error) is retried with backoff and full jitter, honouring `Retry-After`. A refusal
-//! (another 4xx, an answer that does not decode) is split in halves until the items at fault
+//! network error, a 2xx that is not the sink's answer) is retried with backoff and full
+//! jitter, honouring `Retry-After`. A refusal (another 4xx) is split in halves until the items at fault
 //! are alone; such an item is quarantined only once the sink took something else since (the
 //! evidence that it is this item, not the sink, that is wrong), so a sink that refuses
 //! everything — a wrong secret, a format the edge does not speak — quarantines nothing: it

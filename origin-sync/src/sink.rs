@@ -111,10 +111,10 @@ impl SinkError {
                 retry_after,
                 ..
             } => classify_status(*status, *retry_after),
-            // a 2xx that is not the sink's answer (a proxy's page, a cut body, a KV "success":
-            // false): whether the batch was taken is unknown, and it is not this batch's
-            // fault. Sent again (every write is idempotent by version), never quarantined.
-            SinkError::BadAnswer(_) => Class::Misconfigured,
+            // a 2xx that is not the sink's answer (a proxy's page, a KV "success": false):
+            // whether the batch was taken is unknown, so it is sent again as after an outage
+            // (every write is idempotent by version), never quarantined
+            SinkError::BadAnswer(_) => Class::Retry { after: None },
             SinkError::TooLarge { .. } => Class::Permanent {
                 reason: "too_large".into(),
             },
@@ -427,10 +427,7 @@ mod tests {
         check(400, None, permanent("http_400"));
         check(413, None, permanent("http_413"));
         check(422, None, permanent("http_422"));
-        assert_eq!(
-            SinkError::BadAnswer("html".into()).class(),
-            Class::Misconfigured
-        );
+        assert_eq!(SinkError::BadAnswer("html".into()).class(), retry(None));
         assert_eq!(SinkError::Unwritten(3).class(), retry(None));
     }
 

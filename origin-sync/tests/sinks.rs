@@ -233,8 +233,8 @@ async fn a_shopper_refused_with_413_is_quarantined_and_the_rest_flow() {
 }
 
 /// A 2xx that is not the edge's answer (a proxy's page in front of it) says nothing of whether
-/// the batch was taken, and nothing is wrong with the batch: it is sent again, never
-/// quarantined, and arrives once the edge answers for itself.
+/// the batch was taken: it is sent again as after an outage, never quarantined, the rest of
+/// its batch flows, and it arrives once the edge answers for itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_2xx_that_is_not_the_edges_answer_is_sent_again_and_never_quarantined() {
     let edge = TestEdge::start(secret()).await.expect("edge");

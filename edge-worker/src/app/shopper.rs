@@ -182,7 +182,8 @@ impl App {
         // an event to origin, paid for like one: a script sending a new made-up visitor
         // cookie with every signed-in request would otherwise make an `/ingest` request (and
         // a KV read) each time for free. Over budget, the cookie stays for a later request.
-        self.take_budget(req, who, Some(key), 1, now_ms).ok()?;
+        self.take_budget(req, who, Some(key), 1, true, now_ms)
+            .ok()?;
         let visitor = self.key_of(&Identity::User(anonymous.clone()));
         let mut event = Event {
             id: format!(
@@ -439,7 +440,7 @@ impl App {
                 limit: MAX_BATCH_EVENTS,
             });
         }
-        self.take_budget(req, who, key, items.len() as u32, now_ms)?;
+        self.take_budget(req, who, key, items.len() as u32, true, now_ms)?;
         let user = who.user_id();
         let mut good = Vec::new();
         let mut rejected = Vec::new();
@@ -582,13 +583,15 @@ impl App {
     /// or a new id per request (or no cookie at all) would reset the limit every time. And
     /// every visitor pays from its address's ceiling (`ADDRESS_EVENTS_*`): made-up ids that each
     /// earned a budget of their own with one event would otherwise multiply the limit by their
-    /// number (so would more ids than the limiter remembers, each forgotten bucket full again).
+    /// number (so would more ids than the limiter remembers, each forgotten bucket full again);
+    /// unless `pays_ceiling` is false.
     fn take_budget(
         &self,
         req: &HttpRequest,
         who: &Identity,
         key: Option<UserKey>,
         n: u32,
+        pays_ceiling: bool,
         now_ms: u64,
     ) -> Result<(), EdgeError> {
         let unproven = match who {
@@ -613,16 +616,26 @@ impl App {
             Identity::Visitor { minted: true, .. } => None,
             _ => key,
         };
+        let ceiling = address.filter(|_| pays_ceiling);
+        let budgets = [address.filter(|_| unproven), own];
+        let (mut shared, mut limit) = (
+            self.address_limit.borrow_mut(),
+            self.events_limit.borrow_mut(),
+        );
+        // all checked before any is taken: a request one budget refuses costs the others
+        // nothing (a visitor over their own limit must not drain their whole address's ceiling)
         let refused = |retry_after_secs| EdgeError::RateLimited { retry_after_secs };
-        if let Some(address) = address {
-            self.address_limit
-                .borrow_mut()
-                .take(address, n, now_ms)
-                .map_err(refused)?;
+        if let Some(c) = ceiling {
+            shared.check(c, n, now_ms).map_err(refused)?;
         }
-        let mut limit = self.events_limit.borrow_mut();
-        for budget in [address.filter(|_| unproven), own].into_iter().flatten() {
-            limit.take(budget, n, now_ms).map_err(refused)?;
+        for b in budgets.iter().flatten() {
+            limit.check(*b, n, now_ms).map_err(refused)?;
+        }
+        if let Some(c) = ceiling {
+            shared.take(c, n, now_ms).map_err(refused)?;
+        }
+        for b in budgets.iter().flatten() {
+            limit.take(*b, n, now_ms).map_err(refused)?;
         }
         Ok(())
     }
@@ -657,7 +670,9 @@ impl App {
         if matches!(who, Identity::Visitor { minted: true, .. }) {
             return Ok(reply(0).into());
         }
-        self.take_budget(req, who, Some(key), Self::ERASURE_WEIGHT, now_ms)?;
+        // (not from the address's ceiling: what others behind the same address posted must
+        // never keep a shopper from erasing their profile)
+        self.take_budget(req, who, Some(key), Self::ERASURE_WEIGHT, false, now_ms)?;
         const THEN: &str = "the erasure was not stored, retry it";
         // The tombstone must outrank what this edge holds, in the cache *and* in KV (the cache
         // may lag what other isolates synced; KV may lag this isolate's own writes).

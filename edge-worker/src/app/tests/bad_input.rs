@@ -263,16 +263,18 @@ fn made_up_visitor_ids_do_not_escape_the_events_limit() {
 
 /// Made-up ids that each earned a budget of their own (one event from the address's) still
 /// share their address's ceiling: twenty of them post no more than the ceiling allows, where
-/// each alone would have had five times that. An IPv6 client's whole /64 is one address.
+/// each alone would have had five times that. An IPv6 client's whole /64 is one address. A
+/// request another budget refuses takes nothing from the ceiling, and erasing is never held
+/// back by it.
 #[test]
 fn made_up_visitor_ids_share_their_addresss_ceiling() {
     let w = World::with(config_with(&[
         ("EVENTS_PER_SEC", "1"),
         ("EVENTS_BURST", "30"),
         ("ADDRESS_EVENTS_PER_SEC", "1"),
-        ("ADDRESS_EVENTS_BURST", "40"),
+        ("ADDRESS_EVENTS_BURST", "100"),
     ]));
-    let post = |ip: &str, id: u32, events: u32| {
+    let request = |method: &str, ip: &str, id: u32, events: u32| {
         let body: Vec<String> = (0..events)
             .map(|e| {
                 format!(
@@ -281,28 +283,39 @@ fn made_up_visitor_ids_share_their_addresss_ceiling() {
                 )
             })
             .collect();
-        let cookie = format!("__Host-ew_vid={:032x}", id + 1);
-        let headers = [("cf-connecting-ip", ip), ("cookie", cookie.as_str())];
-        w.post(
-            "/v1/events",
-            &headers,
-            format!("[{}]", body.join(",")).as_bytes(),
-        )
-        .reply
-        .status
+        let mut req = HttpRequest::get(if method == "POST" {
+            "/v1/events"
+        } else {
+            "/v1/me"
+        });
+        req.method = method.into();
+        req.headers = vec![
+            ("cf-connecting-ip".into(), ip.into()),
+            ("cookie".into(), format!("__Host-ew_vid={:032x}", id + 1)),
+        ];
+        req.body = format!("[{}]", body.join(",")).into_bytes();
+        w.send(req).reply.status
     };
+    let post = |ip: &str, id: u32, events: u32| request("POST", ip, id, events);
     let ip = "2001:db8:7:7::1";
     for id in 0..20 {
         assert_eq!(post(ip, id, 1), 202, "id {id}'s first event");
     }
-    // each id holds an event here now (a budget of its own, 29 left); the ceiling has 20
-    let accepted = (0..20).filter(|&id| post(ip, id, 5) == 202).count();
+    // 20 of the ceiling's 100 taken. Id 0 alone, over its own budget of 30 (29 left): refused
+    // whatever it tries, and the ceiling keeps its 80
+    for _ in 0..5 {
+        assert_eq!(post(ip, 0, 30), 429);
+    }
+    // each id holds an event here now, a budget of its own with 29 left; the ceiling has 80
+    let accepted = (1..20).filter(|&id| post(ip, id, 5) == 202).count();
     assert_eq!(
-        accepted, 4,
-        "20 of the ceiling's 40 events left, 5 per request"
+        accepted, 16,
+        "80 of the ceiling's events left, 5 per request"
     );
     // another address in the same /64 is the same client
     assert_eq!(post("2001:db8:7:7:ffff::9", 99, 1), 429);
+    // the ceiling empty, a visitor may still erase their profile
+    assert_eq!(request("DELETE", ip, 1, 0), 202);
     // another /64, or a signed-in shopper, is not held back
     assert_eq!(post("2001:db8:7:8::1", 98, 1), 202);
     let event = format!(r#"{{"event_id":"alice-c-{}","type":"page_view"}}"#, w.now());
