@@ -35,6 +35,15 @@ async fn serving(cfg: origin_sync::config::Config) -> (InProcess, String) {
     (service, base)
 }
 
+/// A signed `POST /ingest` of `body` to the service at `base`.
+async fn post_ingest(client: &reqwest::Client, base: &str, body: Vec<u8>) -> reqwest::Response {
+    signed(client.post(format!("{base}/ingest")), &body)
+        .body(body)
+        .send()
+        .await
+        .expect("ingest")
+}
+
 /// An `/ingest` body of `events`.
 fn ingest_body(events: &[shared::event::Event]) -> Vec<u8> {
     let items: Vec<_> = events.iter().map(|e| e.to_json()).collect();
@@ -114,11 +123,7 @@ async fn ingest_erasure_and_documents() {
     });
     items.insert(9, from_a_newer_edge.clone());
     let body = serde_json::to_vec(&serde_json::json!({ "events": items })).expect("json");
-    let r = signed(client.post(format!("{base}/ingest")), &body)
-        .body(body)
-        .send()
-        .await
-        .expect("ingest");
+    let r = post_ingest(&client, &base, body).await;
     assert_eq!(r.status(), 400);
     // what tells the edge to retire a parked copy of this batch rather than send it again
     assert_eq!(r.headers()[shared::protocol::DEAD_LETTERED_HEADER], "2");
@@ -130,11 +135,7 @@ async fn ingest_erasure_and_documents() {
 
     // a signed batch refused whole is dead-lettered whole
     let garbage = br#"{"events": [ {"type": "page_view" "#.to_vec();
-    let r = signed(client.post(format!("{base}/ingest")), &garbage)
-        .body(garbage.clone())
-        .send()
-        .await
-        .expect("ingest");
+    let r = post_ingest(&client, &base, garbage.clone()).await;
     assert_eq!(r.status(), 400);
     assert_eq!(r.headers()[shared::protocol::DEAD_LETTERED_HEADER], "1");
     let j: serde_json::Value = r.json().await.expect("json");
@@ -171,11 +172,7 @@ async fn ingest_erasure_and_documents() {
 
     // all good → 202 with the count (the same events again: duplicates, no effect)
     let body = ingest_body(&events);
-    let r = signed(client.post(format!("{base}/ingest")), &body)
-        .body(body)
-        .send()
-        .await
-        .expect("ingest");
+    let r = post_ingest(&client, &base, body).await;
     assert_eq!(r.status(), 202);
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["accepted"], 40);
@@ -268,11 +265,7 @@ async fn ingest_erasure_and_documents() {
     back.ts_ms = now() * 1000 + 2_000;
     let fresh =
         serde_json::to_vec(&serde_json::json!({ "events": [back.to_json()] })).expect("json");
-    let r = signed(client.post(format!("{base}/ingest")), &fresh)
-        .body(fresh)
-        .send()
-        .await
-        .expect("ingest");
+    let r = post_ingest(&client, &base, fresh).await;
     assert_eq!(r.status(), 202);
     wait_for(
         || matches!(edge.get(&k), Some(Stored::Profile(p)) if p.version == shared::delta::tombstone_version(had) + 1),
@@ -821,11 +814,7 @@ async fn ingest_writes_each_kind_to_the_deployments_prefixed_topic() {
     let client = reqwest::Client::new();
     for chunk in events.chunks(shared::event::MAX_BATCH_EVENTS) {
         let body = ingest_body(chunk);
-        let r = signed(client.post(format!("{base}/ingest")), &body)
-            .body(body)
-            .send()
-            .await
-            .expect("ingest");
+        let r = post_ingest(&client, &base, body).await;
         assert_eq!(r.status(), 202);
     }
     converge(&edge, &reference(&events), Duration::from_secs(30)).await;
@@ -913,11 +902,7 @@ async fn a_body_that_trickles_in_is_cut_off_when_the_edge_has_given_up() {
     }
     let client = reqwest::Client::new();
     let huge = vec![b' '; 900_000];
-    let r = signed(client.post(format!("{base}/ingest")), &huge)
-        .body(huge.clone())
-        .send()
-        .await
-        .expect("ingest");
+    let r = post_ingest(&client, &base, huge.clone()).await;
     assert_eq!(r.status(), 413);
     let mut conn = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
         .await
@@ -937,11 +922,7 @@ async fn a_body_that_trickles_in_is_cut_off_when_the_edge_has_given_up() {
     assert_eq!(&answer, b"HTTP/1.1 413", "chunked");
     // a request whose body comes at once is not held to it in any way that shows
     let body = ingest_body(&traffic(1, 3, "trickle", 5));
-    let r = signed(client.post(format!("{base}/ingest")), &body)
-        .body(body)
-        .send()
-        .await
-        .expect("ingest");
+    let r = post_ingest(&client, &base, body).await;
     assert_eq!(r.status(), 202);
     service.stop().await;
 }
@@ -1292,11 +1273,7 @@ async fn dead_letters_this_build_takes_are_replayed_once() {
         "ts": origin_sync::clock::now_ms(), "item": "cam-1",
     }]}))
     .expect("json");
-    let r = signed(client.post(format!("{base}/ingest")), &unknown)
-        .body(unknown)
-        .send()
-        .await
-        .expect("ingest");
+    let r = post_ingest(&client, &base, unknown).await;
     assert_eq!(r.status(), 400);
     // what an older build refused and this one takes (the test plays that older origin): a
     // batch the edge sent, kept whole; and a letter pointing where its topic holds nothing
