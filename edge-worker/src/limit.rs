@@ -1,4 +1,6 @@
-//! Per-shopper rate limits: a token bucket per key, in this isolate's memory.
+//! Rate limits: a token bucket per key (a shopper's, or an address's), in this isolate's
+//! memory. `App::take_budget` decides which buckets a request pays from; it checks them all
+//! before it takes from any.
 //!
 //! `POST /v1/events` takes one token per event, `DELETE /v1/me` twenty. A browser's SDK sends a
 //! few events a second at most; a script posting thousands is refused with 429 and
