@@ -154,9 +154,12 @@ impl ProxyConfig {
             if self.session_cookies.is_empty() {
                 return without_own_cookies(h).is_some();
             }
+            // every occurrence, not the first: with `session=; session=REAL` (one planted
+            // from a sibling subdomain on a narrower path) a site that reads the last is
+            // signed in
             self.session_cookies
                 .iter()
-                .any(|name| crate::token::cookie(h, name).is_some_and(|v| !v.is_empty()))
+                .any(|name| crate::token::cookies(h, name).any(|v| !v.is_empty()))
         })
     }
 
@@ -202,8 +205,11 @@ pub fn is_edgewise_path(path: &str) -> bool {
 /// Request headers a site may build its page from that the edge's shared copy is not keyed
 /// by (the copy is per URL): a request with one goes to the site and its answer is not kept,
 /// so a crafted `Forwarded: host=evil.example` cannot put its links in everyone's copy.
-/// `X-Forwarded-Host`/`-Proto` are not here: the edge sets them itself.
-const UNKEYED_INPUTS: [&str; 9] = [
+/// `X-Forwarded-Host`/`-Proto` are not here: the edge sets them itself. Nor do the headers
+/// with which page scripts ask for a fragment of a page (htmx, Turbo, pjax, XHR) or another
+/// method: a site answering `GET /` with `HX-Request: true` with a cacheable fragment would
+/// otherwise make that fragment everyone's home page.
+const UNKEYED_INPUTS: [&str; 15] = [
     "forwarded",
     "x-forwarded-port",
     "x-forwarded-prefix",
@@ -212,7 +218,13 @@ const UNKEYED_INPUTS: [&str; 9] = [
     "x-original-url",
     "x-rewrite-url",
     "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
     "x-original-host",
+    "hx-request",
+    "turbo-frame",
+    "x-pjax",
+    "x-requested-with",
 ];
 
 /// Whether the request carries a header in [`UNKEYED_INPUTS`].
@@ -359,7 +371,11 @@ pub fn rewritable(status: u16, content_type: Option<&str>) -> bool {
 /// `Authorization`, `Cache-Control` with `s-maxage` or `max-age` above 0 and none of
 /// `private`, `no-store`, `no-cache`; no `Set-Cookie` (one visitor's cookie must never go to
 /// another); `Vary` at most `Accept-Encoding`. No heuristic freshness: a page without
-/// `Cache-Control` is fetched every time.
+/// `Cache-Control` is fetched every time. The fields a CDN follows ahead of `Cache-Control`
+/// (`CDN-Cache-Control`, `Cloudflare-CDN-Cache-Control`, `Surrogate-Control`; RFC 9213) are
+/// this cache's too: any of them refusing keeps nothing, and their lifetime wins. A body in an
+/// encoding the runtime does not decode (only gzip and br are) is not kept: the copy is stored
+/// decoded, without its `Content-Encoding`, and would be every shopper's garbage.
 pub fn shared_cache_ttl(
     request: &[(String, String)],
     status: u16,
@@ -374,10 +390,36 @@ pub fn shared_cache_ttl(
     }
     let mut max_age = None;
     let mut s_maxage = None;
+    let mut targeted = None;
     for (k, v) in response {
         let name = k.to_ascii_lowercase();
         match name.as_str() {
             "set-cookie" => return None,
+            "content-encoding" => {
+                let decoded = v.split(',').map(str::trim).all(|c| {
+                    ["", "identity", "gzip", "x-gzip", "br"]
+                        .iter()
+                        .any(|ok| c.eq_ignore_ascii_case(ok))
+                });
+                if !decoded {
+                    return None;
+                }
+            }
+            "cdn-cache-control" | "cloudflare-cdn-cache-control" | "surrogate-control" => {
+                for d in v.split(',') {
+                    let (directive, value) = d.split_once('=').unwrap_or((d, ""));
+                    match directive.trim().to_ascii_lowercase().as_str() {
+                        "private" | "no-store" | "no-cache" => return None,
+                        "s-maxage" | "max-age" => {
+                            // the shortest of them, should several say
+                            if let Ok(s) = value.trim().trim_matches('"').parse::<u32>() {
+                                targeted = Some(targeted.map_or(s, |t: u32| t.min(s)));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
             "vary" => {
                 let only_encoding = v
                     .split(',')
@@ -403,7 +445,7 @@ pub fn shared_cache_ttl(
             _ => {}
         }
     }
-    s_maxage.or(max_age).filter(|ttl| *ttl > 0)
+    targeted.or(s_maxage).or(max_age).filter(|ttl| *ttl > 0)
 }
 
 #[cfg(test)]
@@ -601,6 +643,9 @@ mod tests {
             "X-Forwarded-Port",
             "X-Original-URL",
             "X-HTTP-Method-Override",
+            "HX-Request",
+            "Turbo-Frame",
+            "X-Requested-With",
         ] {
             assert!(has_unkeyed_input(&h(&[(name, "x")])), "{name}");
         }
@@ -646,5 +691,35 @@ mod tests {
             shared_cache_ttl(&signed_in, 200, &page("public, max-age=60")),
             None
         );
+        // what a CDN follows first is this cache's too: a refusal there keeps nothing, and its
+        // lifetime wins
+        for (field, value) in [
+            ("CDN-Cache-Control", "no-store"),
+            ("Cloudflare-CDN-Cache-Control", "private"),
+            ("Surrogate-Control", "max-age=60, no-store"),
+            ("CDN-Cache-Control", "max-age=0"),
+        ] {
+            let mut p = page("public, max-age=300");
+            p.push((field.into(), value.into()));
+            assert_eq!(shared_cache_ttl(&none, 200, &p), None, "{field}: {value}");
+        }
+        let mut p = page("public, max-age=300");
+        p.push(("CDN-Cache-Control".into(), "max-age=30".into()));
+        assert_eq!(shared_cache_ttl(&none, 200, &p), Some(30));
+        // stored decoded: only what the runtime decodes
+        for (encoding, kept) in [
+            ("gzip", true),
+            ("br", true),
+            ("zstd", false),
+            ("deflate", false),
+        ] {
+            let mut p = page("public, max-age=60");
+            p.push(("Content-Encoding".into(), encoding.into()));
+            assert_eq!(
+                shared_cache_ttl(&none, 200, &p).is_some(),
+                kept,
+                "{encoding}"
+            );
+        }
     }
 }

@@ -113,7 +113,11 @@ impl TokenSource {
                 scheme.eq_ignore_ascii_case("bearer").then_some(token)?
             }
             TokenSource::Header(name) => header(name)?,
-            TokenSource::Cookie(name) => cookie(header("cookie")?, name)?,
+            // the first that is not empty: an empty one planted ahead of it (`jwt=; jwt=eyJ…`)
+            // must not make a signed-in request anonymous, nor its page everyone's copy
+            TokenSource::Cookie(name) => {
+                cookies(header("cookie")?, name).find(|v| !v.trim().is_empty())?
+            }
         };
         let token = token.trim();
         (!token.is_empty()).then_some(token)
@@ -122,7 +126,16 @@ impl TokenSource {
 
 /// The value of cookie `name` in a `Cookie` header.
 pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    header.split(';').find_map(|pair| {
+    cookies(header, name).next()
+}
+
+/// Every value of cookie `name` in a `Cookie` header, in order: a browser sends one per path
+/// and domain it was set for, and a sibling subdomain can plant one.
+pub fn cookies<'a, 'n>(
+    header: &'a str,
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    header.split(';').filter_map(move |pair| {
         let (n, value) = pair.split_once('=')?;
         (n.trim() == name).then(|| value.trim().trim_matches('"'))
     })

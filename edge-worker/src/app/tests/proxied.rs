@@ -297,6 +297,12 @@ fn a_request_with_any_credential_never_shares_the_sites_page() {
     assert!(carries(&[("x-shop-user", "alice")]));
     assert!(carries(&[("cookie", "sessionid=abc")]));
     assert!(carries(&[("cookie", "a=1; remember_me=1")]));
+    // an empty one ahead of the real one (planted for a narrower path) hides nothing
+    assert!(carries(&[("cookie", "sessionid=; sessionid=abc")]));
+    assert!(carries(&[(
+        "cookie",
+        "site_jwt=; theme=dark; site_jwt=eyJ.x.y"
+    )]));
 
     // sign-in cookies not named: any cookie of the site's may be one; Edgewise's own are not
     let w = World::with(config_with(&[(
