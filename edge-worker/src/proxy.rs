@@ -406,13 +406,12 @@ pub fn shared_cache_ttl(
                 }
             }
             "cdn-cache-control" | "cloudflare-cdn-cache-control" | "surrogate-control" => {
-                for d in v.split(',') {
-                    let (directive, value) = d.split_once('=').unwrap_or((d, ""));
-                    match directive.trim().to_ascii_lowercase().as_str() {
+                for (directive, seconds) in directives(v) {
+                    match directive.as_str() {
                         "private" | "no-store" | "no-cache" => return None,
+                        // the shortest of them, should several say
                         "s-maxage" | "max-age" => {
-                            // the shortest of them, should several say
-                            if let Ok(s) = value.trim().trim_matches('"').parse::<u32>() {
+                            if let Some(s) = seconds {
                                 targeted = Some(targeted.map_or(s, |t: u32| t.min(s)));
                             }
                         }
@@ -431,10 +430,8 @@ pub fn shared_cache_ttl(
                 }
             }
             "cache-control" => {
-                for d in v.split(',') {
-                    let (directive, value) = d.split_once('=').unwrap_or((d, ""));
-                    let seconds = value.trim().trim_matches('"').parse::<u32>().ok();
-                    match directive.trim().to_ascii_lowercase().as_str() {
+                for (directive, seconds) in directives(v) {
+                    match directive.as_str() {
                         "private" | "no-store" | "no-cache" => return None,
                         "s-maxage" => s_maxage = seconds,
                         "max-age" => max_age = seconds,
@@ -446,6 +443,16 @@ pub fn shared_cache_ttl(
         }
     }
     targeted.or(s_maxage).or(max_age).filter(|ttl| *ttl > 0)
+}
+
+/// A cache-control field's directives: each name in lower case, with its value in seconds when
+/// it has one.
+fn directives(field: &str) -> impl Iterator<Item = (String, Option<u32>)> + '_ {
+    field.split(',').map(|d| {
+        let (directive, value) = d.split_once('=').unwrap_or((d, ""));
+        let seconds = value.trim().trim_matches('"').parse::<u32>().ok();
+        (directive.trim().to_ascii_lowercase(), seconds)
+    })
 }
 
 #[cfg(test)]

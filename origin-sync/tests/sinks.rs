@@ -331,6 +331,14 @@ async fn a_401_backs_off_and_never_drops_anything() {
     sender.stop().await;
 }
 
+/// The `/v1/sync` requests `edge` answered so far, in order.
+fn sync_log(edge: &TestEdge) -> Vec<origin_sync::testkit::Answered> {
+    edge.answered()
+        .into_iter()
+        .filter(|a| a.api == Api::Sync)
+        .collect()
+}
+
 /// A 429 with `Retry-After: 2` is honoured: the next request comes no sooner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
@@ -341,11 +349,7 @@ async fn retry_after_is_honoured() {
     let mut sender = Sender::start("retry-after", &edge_only(&edge), "");
     sender.fold(&events).await;
     converge(&edge, &want, Duration::from_secs(20)).await;
-    let log: Vec<_> = edge
-        .answered()
-        .into_iter()
-        .filter(|a| a.api == Api::Sync)
-        .collect();
+    let log = sync_log(&edge);
     let throttled = log.iter().position(|a| a.status == 429).expect("a 429");
     let next = log.get(throttled + 1).expect("a request after the 429");
     let waited = next.at - log[throttled].at;
@@ -369,11 +373,7 @@ async fn a_zero_retry_after_still_waits_a_first_retrys_delay() {
     let mut sender = Sender::start("retry-after-zero", &edge_only(&edge), "");
     sender.fold(&events).await;
     converge(&edge, &want, Duration::from_secs(30)).await;
-    let log: Vec<_> = edge
-        .answered()
-        .into_iter()
-        .filter(|a| a.api == Api::Sync)
-        .collect();
+    let log = sync_log(&edge);
     let throttled: Vec<_> = log.iter().filter(|a| a.status == 429).collect();
     assert_eq!(throttled.len(), 20);
     let took = throttled[19].at - throttled[0].at;
